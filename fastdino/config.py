@@ -1,0 +1,481 @@
+"""Typed, strict configuration: dataclass defaults <- yaml preset <- dotted CLI overrides.
+
+    cfg = load_config("configs/vitl16.yaml", ["optim.lr=1e-3", "data.root=/imgs"])
+
+Every section is a dataclass; every field carries a comment. Loading is strict: an unknown key, a
+value of the wrong type, or a value outside what is allowed raises `ConfigError` naming the dotted
+key and what is allowed. Defaults are the official DINOv3 ImageNet ViT-L recipe (SPEC.md §3.6,
+`vitl_im1k_lin834` column) with the ViT-S/16 backbone; presets in configs/ hold only differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or holds a value outside what is allowed."""
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: allowed is {allowed}")
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, "one of " + " | ".join(choices), value)
+
+
+ARCHS = ("vit_test", "vit_tiny", "vit_small", "vit_small_plus", "vit_base", "vit_large",
+         "vit_huge_plus", "vit_7b")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: str = "vit_small"  # backbone factory in fastdino.models (SPEC.md §2.1)
+    patch_size: int = 16  # patch side in pixels
+    embed_dim: int | None = None  # override of the arch's width (None = the arch's)
+    depth: int | None = None  # override of the arch's number of blocks
+    num_heads: int | None = None  # override of the arch's number of heads
+    ffn_layer: str | None = None  # "mlp" | "swiglu" | "swiglu64"; None = the arch's
+    ffn_ratio: float | None = None  # hidden = ratio * D (SwiGLU: align_up(int(D*r*2/3), align))
+    n_storage_tokens: int = 4  # register tokens after CLS
+    qkv_bias: bool = True  # bias on the fused qkv projection
+    mask_k_bias: bool = True  # zero the key third of the qkv bias with a persistent `bias_mask`
+    layerscale_init: float = 1e-5  # LayerScale gamma init
+    norm_eps: float = 1e-5  # LayerNorm eps
+    drop_path_rate: float = 0.3  # sample-subset stochastic depth rate, uniform over depth
+    rope_base: float = 100.0  # RoPE period base
+    rope_rescale: float | None = 2.0  # train-time coordinate rescale s in [1/r, r]; None = off
+    untie_global_and_local_cls_norm: bool = False  # separate final norm for local-crop CLS/registers
+    attn_impl: str = "auto"  # auto | flash_attn | sdpa | torch
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+
+    def validate(self, p: str = "model") -> None:
+        _choice(self.arch, f"{p}.arch", ARCHS)
+        _check(self.patch_size > 0, f"{p}.patch_size", "a positive integer", self.patch_size)
+        for name in ("embed_dim", "depth", "num_heads"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"{p}.{name}", "null or a positive integer", v)
+        if self.embed_dim is not None and self.num_heads is not None:
+            _check(self.embed_dim % self.num_heads == 0, f"{p}.num_heads",
+                   f"a divisor of embed_dim={self.embed_dim}", self.num_heads)
+        if self.ffn_layer is not None:
+            _choice(self.ffn_layer, f"{p}.ffn_layer", ("mlp", "swiglu", "swiglu32", "swiglu64"))
+        _check(self.ffn_ratio is None or self.ffn_ratio > 0, f"{p}.ffn_ratio", "null or > 0",
+               self.ffn_ratio)
+        _check(self.n_storage_tokens >= 0, f"{p}.n_storage_tokens", "an integer >= 0",
+               self.n_storage_tokens)
+        _check(0.0 <= self.drop_path_rate < 1.0, f"{p}.drop_path_rate", "a float in [0, 1)",
+               self.drop_path_rate)
+        _check(self.norm_eps > 0, f"{p}.norm_eps", "a float > 0", self.norm_eps)
+        _check(self.rope_base > 0, f"{p}.rope_base", "a float > 0", self.rope_base)
+        _check(self.rope_rescale is None or self.rope_rescale >= 1.0, f"{p}.rope_rescale",
+               "null or a float >= 1", self.rope_rescale)
+        _choice(self.attn_impl, f"{p}.attn_impl", ("auto", "flash_attn", "sdpa", "torch"))
+
+
+@dataclass(kw_only=True)
+class HeadConfig:
+    n_prototypes: int = 65536  # K, width of the bias-free last layer
+    hidden_dim: int = 2048  # MLP hidden width
+    bottleneck_dim: int = 256  # width before L2 normalisation
+    nlayers: int = 3  # MLP depth
+    weight_norm_last_layer: bool = False  # DINOv2-style weight-normed prototypes (SPEC.md §10.5)
+
+    def validate(self, p: str) -> None:
+        for name in ("n_prototypes", "hidden_dim", "bottleneck_dim", "nlayers"):
+            v = getattr(self, name)
+            _check(v > 0, f"{p}.{name}", "a positive integer", v)
+
+
+@dataclass(kw_only=True)
+class CropsConfig:
+    global_crops_size: int = 224  # side of the 2 global crops
+    local_crops_size: int = 96  # side of the local crops
+    local_crops_number: int = 8  # local crops per image (> 0 as in DINOv3)
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)  # RandomResizedCrop area range
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    horizontal_flip: bool = True  # p=0.5 flip (off in the 7B recipes)
+    blur_probabilities: str = "intended"  # intended (1.0/0.1/0.5) | official (inverted bug, SPEC §10.1)
+    gram_teacher_crops_size: int | None = None  # Gram-teacher crop side; None = no Gram crops
+    gram_teacher_no_distortions: bool = True  # Gram crops: geometry only, no colour/blur/solarise
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation std
+
+    def validate(self, p: str = "crops") -> None:
+        for name in ("global_crops_size", "local_crops_size"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
+        _check(self.local_crops_number > 0, f"{p}.local_crops_number",
+               "a positive integer (DINOv3 asserts local crops > 0)", self.local_crops_number)
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            _check(0.0 < lo <= hi <= 1.0, f"{p}.{name}", "[lo, hi] with 0 < lo <= hi <= 1",
+                   getattr(self, name))
+        _choice(self.blur_probabilities, f"{p}.blur_probabilities", ("intended", "official"))
+        _check(self.gram_teacher_crops_size is None or self.gram_teacher_crops_size > 0,
+               f"{p}.gram_teacher_crops_size", "null or a positive integer",
+               self.gram_teacher_crops_size)
+        _check(all(s > 0 for s in self.std), f"{p}.std", "three floats > 0", self.std)
+
+
+@dataclass(kw_only=True)
+class DinoConfig:
+    loss_weight: float = 1.0  # w_dino
+    head: HeadConfig = field(default_factory=HeadConfig)
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp (DINOv3) | softmax (DINOv2 EMA centering)
+    center_momentum: float = 0.9  # EMA momentum of the softmax center
+    sk_iterations: int = 3  # Sinkhorn-Knopp iterations
+    student_temp: float = 0.1  # tau_s
+    local_loss_weight: float = 1.0  # w_local (7B Gram stage 0.5; SPEC.md §1.2)
+
+    def validate(self, p: str = "dino") -> None:
+        _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
+        self.head.validate(f"{p}.head")
+        _choice(self.centering, f"{p}.centering", ("sinkhorn_knopp", "softmax"))
+        _check(0.0 <= self.center_momentum < 1.0, f"{p}.center_momentum", "a float in [0, 1)",
+               self.center_momentum)
+        _check(self.sk_iterations > 0, f"{p}.sk_iterations", "a positive integer",
+               self.sk_iterations)
+        _check(self.student_temp > 0, f"{p}.student_temp", "a float > 0", self.student_temp)
+        _check(self.local_loss_weight >= 0, f"{p}.local_loss_weight", "a float >= 0",
+               self.local_loss_weight)
+
+
+@dataclass(kw_only=True)
+class IbotConfig:
+    loss_weight: float = 1.0  # w_ibot
+    head: HeadConfig = field(default_factory=HeadConfig)
+    mask_sample_probability: float = 0.5  # fraction of the 2B global crops that are masked
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # ratios spread evenly in (min, max]
+
+    def validate(self, p: str = "ibot") -> None:
+        _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
+        self.head.validate(f"{p}.head")
+        _check(0.0 <= self.mask_sample_probability <= 1.0, f"{p}.mask_sample_probability",
+               "a float in [0, 1]", self.mask_sample_probability)
+        lo, hi = self.mask_ratio_min_max
+        _check(0.0 <= lo < hi <= 1.0, f"{p}.mask_ratio_min_max", "[lo, hi] with 0 <= lo < hi <= 1",
+               self.mask_ratio_min_max)
+
+
+@dataclass(kw_only=True)
+class KoleoConfig:
+    loss_weight: float = 0.1  # w_koleo, applied to the sum over the 2 global crops
+    distributed: bool = False  # gathered batch split into groups (KoLeoLossDistributed)
+    group_size: int = 16  # group size of the distributed variant (multiple of the local batch)
+
+    def validate(self, p: str = "koleo") -> None:
+        _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
+        _check(self.group_size >= 2, f"{p}.group_size", "an integer >= 2", self.group_size)
+
+
+@dataclass(kw_only=True)
+class GramConfig:
+    use: bool = False  # add the Gram-anchoring loss
+    loss_weight: float = 1.0  # w_gram after its warm-up
+    loss_weight_warmup_iterations: int = 0  # cosine ramp 0 -> loss_weight from `start_iteration`
+    start_iteration: int = 0  # iteration at which the Gram loss is switched on
+    img_level: bool = True  # per-image Grams (True) or one Gram of the flattened rank batch
+    remove_neg: bool = False  # clamp both Grams at 0
+    remove_only_teacher_neg: bool = False  # clamp the teacher Gram at 0 (and student where t<0)
+    ckpt: str | None = None  # Gram teacher weights ({"teacher": state_dict} or a backbone file)
+    ema_teacher: bool = False  # use the EMA teacher itself at the student resolution
+    it_load_ema_teacher: int = -1  # copy the EMA teacher into the Gram teacher at this iteration
+    rep_update: bool = True  # refresh the Gram teacher from the EMA teacher
+    it_first_update: int = 0  # first refresh iteration
+    update_frequency: int = 10000  # refresh period
+    max_updates: int = 3  # refresh at most this many times (official config)
+
+    def validate(self, p: str = "gram") -> None:
+        _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
+        _check(self.update_frequency > 0, f"{p}.update_frequency", "a positive integer",
+               self.update_frequency)
+        _check(not (self.remove_neg and self.remove_only_teacher_neg), f"{p}.remove_neg",
+               "at most one of remove_neg / remove_only_teacher_neg", self.remove_neg)
+        for name in ("loss_weight_warmup_iterations", "start_iteration", "it_first_update",
+                     "max_updates"):
+            _check(getattr(self, name) >= 0, f"{p}.{name}", "an integer >= 0", getattr(self, name))
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3  # base lr before the sqrt scaling rule
+    min_lr: float = 1e-6  # end of the cosine
+    warmup_epochs: float = 10  # linear warm-up from 0, in epochs of `train.epoch_length` iterations
+    weight_decay: float = 0.04  # start of the cosine wd schedule
+    weight_decay_end: float = 0.4  # end of the cosine wd schedule
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW eps
+    clip_grad: float = 3.0  # max grad norm per module (backbone, dino head, ibot head); 0 = off
+    layerwise_decay: float = 0.9  # lr multiplier lambda^(L+1-layer_id)
+    patch_embed_lr_mult: float = 0.2  # extra lr multiplier of patch_embed
+    freeze_last_layer_epochs: float = 1  # last_layer lr = 0 during this many epochs
+    scaling_rule: str = "sqrt_wrt_1024"  # lr <- lr*4*sqrt(global_batch/1024) | none
+
+    def validate(self, p: str = "optim") -> None:
+        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "eps", "clip_grad",
+                     "warmup_epochs", "freeze_last_layer_epochs"):
+            _check(getattr(self, name) >= 0, f"{p}.{name}", "a float >= 0", getattr(self, name))
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"{p}.betas", "two floats in [0, 1)",
+               self.betas)
+        _check(0.0 < self.layerwise_decay <= 1.0, f"{p}.layerwise_decay", "a float in (0, 1]",
+               self.layerwise_decay)
+        _check(self.patch_embed_lr_mult > 0, f"{p}.patch_embed_lr_mult", "a float > 0",
+               self.patch_embed_lr_mult)
+        _choice(self.scaling_rule, f"{p}.scaling_rule", ("sqrt_wrt_1024", "none"))
+
+
+@dataclass(kw_only=True)
+class SchedulesConfig:
+    teacher_temp: float = 0.07  # tau_t after warm-up
+    warmup_teacher_temp: float = 0.04  # tau_t at iteration 0
+    warmup_teacher_temp_epochs: float = 30  # linear tau_t ramp length, in epochs
+    momentum_teacher: float = 0.992  # EMA momentum at iteration 0 (cosine to the final value)
+    final_momentum_teacher: float = 1.0  # EMA momentum at the last iteration
+
+    def validate(self, p: str = "schedules") -> None:
+        _check(self.teacher_temp > 0, f"{p}.teacher_temp", "a float > 0", self.teacher_temp)
+        _check(self.warmup_teacher_temp > 0, f"{p}.warmup_teacher_temp", "a float > 0",
+               self.warmup_teacher_temp)
+        _check(self.warmup_teacher_temp_epochs >= 0, f"{p}.warmup_teacher_temp_epochs",
+               "a float >= 0", self.warmup_teacher_temp_epochs)
+        for name in ("momentum_teacher", "final_momentum_teacher"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{p}.{name}", "a float in [0, 1]",
+                   getattr(self, name))
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str | None = None  # folder of images (recursive); None = the embedded sample images
+    file_list: str | None = None  # optional text file of image paths (one per line)
+    loader: str = "auto"  # auto | torch | dali
+    batch_size_per_gpu: int = 64  # B, images per rank per step
+    num_workers: int = 4  # torch loader worker processes
+    seed: int = 0  # data shuffling / augmentation seed
+
+    def validate(self, p: str = "data") -> None:
+        _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
+        _check(self.batch_size_per_gpu > 0, f"{p}.batch_size_per_gpu", "a positive integer",
+               self.batch_size_per_gpu)
+        _check(self.num_workers >= 0, f"{p}.num_workers", "an integer >= 0", self.num_workers)
+
+
+@dataclass(kw_only=True)
+class KernelsConfig:
+    impl: str = "auto"  # auto (Triton on CUDA, reference elsewhere) | triton | torch
+
+    def validate(self, p: str = "kernels") -> None:
+        _choice(self.impl, f"{p}.impl", ("auto", "triton", "torch"))
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2  # ZeRO stage 0, 1, 2 or 3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    config_file: str | None = None  # user DeepSpeed json; conflicts with this yaml are errors
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+
+    def validate(self, p: str = "deepspeed") -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "0, 1, 2 or 3",
+               self.zero_stage)
+        _choice(self.precision, f"{p}.precision", ("auto", "bf16", "fp32"))
+        _check(self.gradient_accumulation_steps >= 1, f"{p}.gradient_accumulation_steps",
+               "an integer >= 1", self.gradient_accumulation_steps)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = "runs/default"  # checkpoints, metrics and the resolved config go here
+    epochs: int = 100  # schedule length in epochs
+    epoch_length: int = 1250  # iterations per "epoch" (OFFICIAL_EPOCH_LENGTH), not a data pass
+    max_iterations: int | None = None  # stop early (schedules still span epochs*epoch_length)
+    seed: int = 0  # model init / masking / RoPE seed
+    log_every: int = 10  # metrics line period, in iterations
+    checkpoint_every: int = 3750  # checkpoint period, in iterations
+    keep_checkpoints: int = 3  # number of periodic checkpoints kept
+    resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint dir
+    max_consecutive_nan: int = 3  # stop after this many consecutive non-finite steps
+    knn_every: int = 0  # kNN probe period in iterations (0 = off)
+    knn_data: str | None = None  # labelled folder (class subfolders) for the kNN probe
+
+    def validate(self, p: str = "train") -> None:
+        for name in ("epochs", "epoch_length", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "max_consecutive_nan"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
+        _check(self.max_iterations is None or self.max_iterations > 0, f"{p}.max_iterations",
+               "null or a positive integer", self.max_iterations)
+        _check(self.knn_every >= 0, f"{p}.knn_every", "an integer >= 0", self.knn_every)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.epochs * self.epoch_length
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    knn_k: tuple[int, ...] = (10, 20, 100, 200)  # k values of the kNN protocol
+    knn_temperature: float = 0.07  # softmax temperature of the weighted vote
+    batch_size: int = 64  # feature extraction batch
+
+    def validate(self, p: str = "eval") -> None:
+        _check(len(self.knn_k) > 0 and all(k > 0 for k in self.knn_k), f"{p}.knn_k",
+               "a non-empty list of positive integers", self.knn_k)
+        _check(self.knn_temperature > 0, f"{p}.knn_temperature", "a float > 0",
+               self.knn_temperature)
+        _check(self.batch_size > 0, f"{p}.batch_size", "a positive integer", self.batch_size)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    koleo: KoleoConfig = field(default_factory=KoleoConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        ps = self.model.patch_size
+        for key in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
+            v = getattr(self.crops, key)
+            _check(v is None or v % ps == 0, f"crops.{key}",
+                   f"a multiple of model.patch_size={ps}", v)
+        if self.gram.use and self.gram.ckpt is None and not self.gram.ema_teacher:
+            _check(self.gram.it_load_ema_teacher >= 0, "gram.it_load_ema_teacher",
+                   "an iteration >= 0 when gram.use is true and neither gram.ckpt nor "
+                   "gram.ema_teacher gives the Gram teacher", self.gram.it_load_ema_teacher)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: strict merge of nested dicts into the dataclass tree, with type checks.
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' = {value!r} needs exactly {len(args)} values")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is float:
+        if isinstance(value, str):  # yaml 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a float")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"config key '{key}' = {value!r} must be finite")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected true/false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a string")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str) -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config key '{prefix}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in updates.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}': allowed keys here are {', '.join(names)}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _merge(cur, v, key)
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw != "" else None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- yaml file at `path` (if any) <- `overrides` ("a.b=c"); validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        _merge(cfg, data, "")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested, "")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key) as yaml."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,40 @@
+"""The one switch between the Triton kernels and the PyTorch references (config `kernels.impl`).
+
+auto = Triton on CUDA tensors (and on CPU tensors when the Triton interpreter is on), the
+reference elsewhere; triton = Triton or a clear error; torch = always the reference. The choice is
+logged once per op, never made by monkey-patching.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastdino.kernels._utils import can_run_triton
+
+logger = logging.getLogger("fastdino")
+_logged: set[tuple[str, str]] = set()
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
+    """Whether op `op` runs its Triton kernel on tensor `x` under `impl`."""
+    if impl not in IMPLS:
+        raise ValueError(f"kernels.impl = {impl!r} is invalid: allowed is one of {' | '.join(IMPLS)}")
+    if impl == "torch":
+        choice = False
+    elif impl == "triton":
+        if not can_run_triton(x):
+            raise RuntimeError(
+                f"kernels.impl=triton but op '{op}' got a {x.device.type} tensor and Triton cannot "
+                "run there (needs CUDA, or TRITON_INTERPRET=1 set before import on CPU)")
+        choice = True
+    else:
+        choice = x.is_cuda and can_run_triton(x)
+    key = (op, "triton" if choice else "torch")
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("kernels: %s uses the %s implementation", op, key[1])
+    return choice
