@@ -1,0 +1,1 @@
+"""fastdino benchmark and verification harness (`python -m bench`)."""
