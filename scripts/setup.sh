@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with fastdino (editable) and everything the
+# tests and the trainer need, at the versions CI tests with (constraints.txt). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and alone: a CPU wheel where one is provided locally, PyPI's build elsewhere.
+python -m pip install -q -c constraints.txt torch
+python -m pip install -q -c constraints.txt -e ".[train,bench,eval,dev]"
+python -c "import torch, triton, fastdino.kernels; print(f'fastdino ready: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.cuda.is_available()}')"

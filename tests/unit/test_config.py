@@ -1,0 +1,127 @@
+"""The config surface: every preset loads, and bad keys, types and values fail with their name."""
+
+from pathlib import Path
+
+import pytest
+
+from fastdino.config import Config, ConfigError, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"smoke", "vits16", "vitb16", "vitl16", "vit7b16_pretrain", "vit7b16_gram",
+            "vit7b16_highres"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_preset_loads_and_starts_with_a_provenance_header(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert path.read_text().startswith("#"), "presets start with a comment saying where they ran"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_presets_hold_only_differences(path):
+    """A preset key equal to the dataclass default is noise (STYLE.md rule 9) - except `arch`."""
+    import yaml
+
+    default = Config().to_dict()
+
+    def walk(d, ref, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, ref[k], f"{prefix}{k}.")
+            elif ref[k] == (list(v) if isinstance(v, tuple) else v):
+                yield f"{prefix}{k}"
+
+    redundant = list(walk(yaml.safe_load(path.read_text()), default, ""))
+    allowed = {"model.arch", "optim.weight_decay", "schedules.teacher_temp"}
+    assert not [k for k in redundant if k not in allowed], redundant
+
+
+def test_vitl16_matches_the_official_imagenet_recipe():
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "vitl16.yaml")
+    assert cfg.model.arch == "vit_large"
+    assert cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 1e-6
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.4)
+    assert (cfg.schedules.momentum_teacher, cfg.schedules.final_momentum_teacher) == (0.992, 1.0)
+    assert (cfg.schedules.warmup_teacher_temp, cfg.schedules.teacher_temp) == (0.04, 0.07)
+    assert cfg.dino.head.n_prototypes == cfg.ibot.head.n_prototypes == 65536
+    assert cfg.model.drop_path_rate == 0.3 and cfg.optim.layerwise_decay == 0.9
+    assert (cfg.crops.global_crops_size, cfg.crops.local_crops_size) == (224, 96)
+    assert cfg.train.total_iterations == 125_000
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["optim.lr=2e-3", "crops.global_crops_scale=[0.3, 1.0]",
+                             "data.root=/tmp/imgs", "model.rope_rescale=null", "train.epochs=3"])
+    assert cfg.optim.lr == 2e-3
+    assert cfg.crops.global_crops_scale == (0.3, 1.0)
+    assert cfg.data.root == "/tmp/imgs"
+    assert cfg.model.rope_rescale is None
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1e-3", "optim.lrr"),
+    ("nosuchsection.x=1", "nosuchsection"),
+    ("dino.head.prototypes=10", "dino.head.prototypes"),
+])
+def test_unknown_key_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=abc", "optim.lr"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("model.qkv_bias=3", "model.qkv_bias"),
+    ("crops.global_crops_scale=[0.3]", "crops.global_crops_scale"),
+])
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("crops.local_crops_number=-1", "crops.local_crops_number"),
+    ("crops.global_crops_size=100", "crops.global_crops_size"),
+    ("crops.local_crops_size=50", "crops.local_crops_size"),
+    ("schedules.teacher_temp=0", "schedules.teacher_temp"),
+    ("schedules.warmup_teacher_temp=-0.1", "schedules.warmup_teacher_temp"),
+    ("dino.student_temp=0", "dino.student_temp"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("kernels.impl=cuda", "kernels.impl"),
+    ("model.arch=vit_giant", "model.arch"),
+    ("dino.centering=none", "dino.centering"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate"),
+    ("crops.blur_probabilities=sometimes", "crops.blur_probabilities"),
+])
+def test_invalid_value_names_the_key_and_what_is_allowed(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*allowed"):
+        load_config(None, [override])
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_unknown_key_is_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1.0e-3\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match="optim.warmup"):
+        load_config(p)
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "gram.use=true", "gram.it_load_ema_teacher=5"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_gram_needs_a_teacher_source():
+    with pytest.raises(ConfigError, match="gram.it_load_ema_teacher"):
+        load_config(None, ["gram.use=true"])
