@@ -1,0 +1,62 @@
+"""Pre-norm transformer block of DINOv3 (SPEC.md §2.2), list-of-crop-types forward.
+
+    x <- x + ls1 * attn(norm1(x))          (attention per crop type, RoPE per crop type)
+    x <- x + ls2 * mlp(norm2(x))
+
+Pointwise ops (norm1, qkv, proj, norm2, FFN, LayerScale) run once on the tokens of all crop types
+concatenated. In training with drop_path > 0 each branch runs on a random subset of the samples
+of each crop type (drop_path.py); otherwise on all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdino.layers.attention import Rope, SelfAttention
+from fastdino.layers.drop_path import add_residual, sample_subset
+from fastdino.layers.ffn_layers import build_ffn
+from fastdino.layers.layer_scale import LayerScale
+from fastdino.layers.token_cat import cat_keep_shapes, uncat_with_shapes
+
+
+class SelfAttentionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_ratio: float = 4.0, ffn_layer: str = "mlp",
+                 qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True,
+                 mask_k_bias: bool = True, layerscale_init: float = 1e-5, norm_eps: float = 1e-5,
+                 drop_path: float = 0.0, attn_impl: str = "auto", device=None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, device=device)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                                  mask_k_bias=mask_k_bias, attn_impl=attn_impl, device=device)
+        self.ls1 = LayerScale(dim, layerscale_init, device=device)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, device=device)
+        self.mlp = build_ffn(ffn_layer, dim, ffn_ratio, bias=ffn_bias, device=device)
+        self.ls2 = LayerScale(dim, layerscale_init, device=device)
+        self.sample_drop_ratio = drop_path
+
+    def _subsets(self, x_list: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, float]]:
+        if self.training and self.sample_drop_ratio > 0.0:
+            return [sample_subset(x.shape[0], self.sample_drop_ratio, x.device) for x in x_list]
+        return [(None, 1.0)] * len(x_list)
+
+    def forward(self, x_list: list[torch.Tensor], rope_list: list[Rope]) -> list[torch.Tensor]:
+        """x_list: per crop type [B_i, N_i, D]; rope_list: per crop type (sin, cos) or None."""
+        # Attention branch. RoPE has no batch dimension, so it needs no subsetting.
+        subsets = self._subsets(x_list)
+        x_in = [x if idx is None else x[idx] for x, (idx, _) in zip(x_list, subsets, strict=True)]
+        flat, shapes, num_tokens = cat_keep_shapes(x_in)
+        h_list = uncat_with_shapes(self.norm1(flat), shapes, num_tokens)
+        a_list = self.attn.forward_list(h_list, rope_list)
+        a_flat, shapes, num_tokens = cat_keep_shapes(a_list)
+        a_list = uncat_with_shapes(self.ls1(a_flat), shapes, num_tokens)
+        x_list = [add_residual(x, a, idx, s)
+                  for x, a, (idx, s) in zip(x_list, a_list, subsets, strict=True)]
+
+        # FFN branch, with its own independent subsets.
+        subsets = self._subsets(x_list)
+        x_in = [x if idx is None else x[idx] for x, (idx, _) in zip(x_list, subsets, strict=True)]
+        flat, shapes, num_tokens = cat_keep_shapes(x_in)
+        f_list = uncat_with_shapes(self.ls2(self.mlp(self.norm2(flat))), shapes, num_tokens)
+        return [add_residual(x, f, idx, s)
+                for x, f, (idx, s) in zip(x_list, f_list, subsets, strict=True)]

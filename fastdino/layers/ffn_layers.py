@@ -1,0 +1,58 @@
+"""Feed-forward layers of the ViT block (SPEC.md §2.2): MLP and SwiGLU.
+
+MLP:    fc2(GELU_exact(fc1(x)))                  hidden = int(D * ffn_ratio)
+SwiGLU: w3(silu(w1(x)) * w2(x))                  hidden = align_up(int(int(D * r) * 2/3), align)
+Keys match the official ones (`mlp.fc1/fc2`, `mlp.w1/w2/w3`), all with biases.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FFN_LAYERS = ("mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128")
+
+
+def swiglu_hidden_dim(hidden_features: int, align_to: int) -> int:
+    """Official SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of `align_to`."""
+    d = int(hidden_features * 2 / 3)
+    return d + (-d % align_to)
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True,
+                 device=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, device=device)
+        self.act = nn.GELU()  # exact erf GELU, as the official nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True,
+                 align_to: int = 8, device=None) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_dim(hidden_features, align_to)
+        self.w1 = nn.Linear(in_features, hidden, bias=bias, device=device)
+        self.w2 = nn.Linear(in_features, hidden, bias=bias, device=device)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def build_ffn(ffn_layer: str, dim: int, ffn_ratio: float, bias: bool = True,
+              device=None) -> nn.Module:
+    """`ffn_layer` is "mlp" or "swiglu[ALIGN]" (default align 8), as the official ffn_layer_dict."""
+    hidden = int(dim * ffn_ratio)
+    if ffn_layer == "mlp":
+        return Mlp(dim, hidden, bias=bias, device=device)
+    if ffn_layer in FFN_LAYERS:
+        align = int(ffn_layer[len("swiglu"):] or 8)
+        return SwiGLUFFN(dim, hidden, bias=bias, align_to=align, device=device)
+    raise ValueError(f"ffn_layer = {ffn_layer!r} is invalid: allowed is one of "
+                     + " | ".join(FFN_LAYERS))

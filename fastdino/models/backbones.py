@@ -1,0 +1,108 @@
+"""Backbone factories (SPEC.md §2.1) and `build_backbone(cfg.model)`.
+
+| arch           | D    | depth | heads | FFN               | notes                              |
+|----------------|------|-------|-------|-------------------|------------------------------------|
+| vit_test       | 32   | 2     | 2     | MLP x4            | unit tests only                    |
+| vit_tiny       | 192  | 6     | 3     | MLP x4            | CPU smoke runs (~2.8M params)      |
+| vit_small      | 384  | 12    | 6     | MLP x4            | 21.6M                              |
+| vit_small_plus | 384  | 12    | 6     | SwiGLU r6 align 8 | 28.7M                              |
+| vit_base       | 768  | 12    | 12    | MLP x4            | 85.7M                              |
+| vit_large      | 1024 | 24    | 16    | MLP x4            | 303M                               |
+| vit_huge_plus  | 1280 | 32    | 20    | SwiGLU r6 align 8 | 841M                               |
+| vit_7b         | 4096 | 40    | 32    | SwiGLU r3 align64 | 6716M, no qkv bias, local_cls_norm |
+
+Patch 16, 4 storage tokens, LayerScale 1e-5, LN eps 1e-5, RoPE base 100 for all (released models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastdino.models.vision_transformer import DinoVisionTransformer
+
+# arch -> (embed_dim, depth, num_heads, ffn_layer, ffn_ratio, extra official kwargs)
+ARCH_TABLE: dict[str, tuple[int, int, int, str, float, dict[str, Any]]] = {
+    "vit_test": (32, 2, 2, "mlp", 4.0, {}),
+    "vit_tiny": (192, 6, 3, "mlp", 4.0, {}),
+    "vit_small": (384, 12, 6, "mlp", 4.0, {}),
+    "vit_small_plus": (384, 12, 6, "swiglu", 6.0, {}),
+    "vit_base": (768, 12, 12, "mlp", 4.0, {}),
+    "vit_large": (1024, 24, 16, "mlp", 4.0, {}),
+    "vit_huge_plus": (1280, 32, 20, "swiglu", 6.0, {}),
+    "vit_7b": (4096, 40, 32, "swiglu64", 3.0,
+               {"qkv_bias": False, "untie_global_and_local_cls_norm": True}),
+}
+
+
+def _make(arch: str, **kwargs) -> DinoVisionTransformer:
+    D, depth, heads, ffn, ratio, extra = ARCH_TABLE[arch]
+    args = dict(embed_dim=D, depth=depth, num_heads=heads, ffn_layer=ffn, ffn_ratio=ratio,
+                patch_size=16, n_storage_tokens=4, layerscale_init=1e-5, norm_eps=1e-5,
+                rope_base=100.0, rope_rescale=2.0, mask_k_bias=True, **extra)
+    args.update(kwargs)
+    return DinoVisionTransformer(**args)
+
+
+def vit_test(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_test", **kwargs)
+
+
+def vit_tiny(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_tiny", **kwargs)
+
+
+def vit_small(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_small", **kwargs)
+
+
+def vit_small_plus(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_small_plus", **kwargs)
+
+
+def vit_base(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_base", **kwargs)
+
+
+def vit_large(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_large", **kwargs)
+
+
+def vit_huge_plus(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_huge_plus", **kwargs)
+
+
+def vit_7b(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_7b", **kwargs)
+
+
+def build_backbone(model_cfg, *, device=None) -> DinoVisionTransformer:
+    """Backbone of `model_cfg` (a fastdino.config.ModelConfig). None overrides keep the arch's
+    value; every other field of the config is applied as given (so a config's `qkv_bias: true`
+    wins over ViT-7B's official `false`: the 7B presets set it explicitly). On the meta device
+    the model is left uninitialised (call `to_empty` then `init_weights()`)."""
+    if model_cfg.arch not in ARCH_TABLE:
+        raise ValueError(f"model.arch = {model_cfg.arch!r} is invalid: allowed is one of "
+                         + " | ".join(ARCH_TABLE))
+    overrides = {k: getattr(model_cfg, k) for k in
+                 ("embed_dim", "depth", "num_heads", "ffn_layer", "ffn_ratio")
+                 if getattr(model_cfg, k) is not None}
+    model = _make(
+        model_cfg.arch, **overrides,
+        patch_size=model_cfg.patch_size,
+        n_storage_tokens=model_cfg.n_storage_tokens,
+        qkv_bias=model_cfg.qkv_bias,
+        mask_k_bias=model_cfg.mask_k_bias,
+        layerscale_init=model_cfg.layerscale_init,
+        norm_eps=model_cfg.norm_eps,
+        drop_path_rate=model_cfg.drop_path_rate,
+        rope_base=model_cfg.rope_base,
+        rope_rescale=model_cfg.rope_rescale,
+        untie_global_and_local_cls_norm=model_cfg.untie_global_and_local_cls_norm,
+        attn_impl=model_cfg.attn_impl,
+        activation_checkpointing=model_cfg.activation_checkpointing,
+        device=device,
+    )
+    if model_cfg.compile:
+        for blk in model.blocks:
+            blk.compile()  # in place; per block, as the official (compile after AC wrapping)
+    return model

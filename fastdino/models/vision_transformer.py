@@ -1,0 +1,203 @@
+"""DINOv3 vision transformer (SPEC.md §2), with the official module and state-dict names.
+
+Shapes (B images of one crop type, h x w patches, N = h*w, n = n_storage_tokens, D = embed_dim):
+    image [B, 3, H, W] -> patch_embed [B, h, w, D] -> [B, N, D]
+    masked patches (masks [B, N] bool) replaced by mask_token [1, D]
+    tokens [B, 1 + n + N, D] = [CLS, storage tokens, patches (row-major)]
+    blocks (RoPE on the patches, per crop type) -> norm -> outputs dict (forward_features_list)
+
+Build on the meta device, `to_empty`, then `init_weights()` (STYLE.md §8.11); built on a real
+device the constructor initialises by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from fastdino.layers.attention import LinearKMaskedBias
+from fastdino.layers.block import SelfAttentionBlock
+from fastdino.layers.layer_scale import LayerScale
+from fastdino.layers.patch_embed import PatchEmbed
+from fastdino.layers.rope_position_encoding import RopePositionEmbedding
+
+
+def _is_meta(device) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
+class DinoVisionTransformer(nn.Module):
+    def __init__(self, *, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, ffn_ratio: float = 4.0,
+                 ffn_layer: str = "mlp", qkv_bias: bool = True, proj_bias: bool = True,
+                 ffn_bias: bool = True, mask_k_bias: bool = True, layerscale_init: float = 1e-5,
+                 norm_eps: float = 1e-5, drop_path_rate: float = 0.0, n_storage_tokens: int = 4,
+                 rope_base: float = 100.0, rope_rescale: float | None = 2.0,
+                 untie_global_and_local_cls_norm: bool = False, attn_impl: str = "auto",
+                 activation_checkpointing: bool = False, device=None) -> None:
+        super().__init__()
+        self.num_features = self.embed_dim = embed_dim
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.n_storage_tokens = n_storage_tokens
+        self.activation_checkpointing = activation_checkpointing
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, device=device)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, device=device))
+        if n_storage_tokens > 0:
+            self.storage_tokens = nn.Parameter(
+                torch.empty(1, n_storage_tokens, embed_dim, device=device))
+        self.rope_embed = RopePositionEmbedding(embed_dim, num_heads, base=rope_base,
+                                                rescale_coords=rope_rescale, device=device)
+        self.blocks = nn.ModuleList([
+            SelfAttentionBlock(embed_dim, num_heads, ffn_ratio=ffn_ratio, ffn_layer=ffn_layer,
+                               qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
+                               mask_k_bias=mask_k_bias, layerscale_init=layerscale_init,
+                               norm_eps=norm_eps, drop_path=drop_path_rate, attn_impl=attn_impl,
+                               device=device)
+            for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, device=device)
+        # Final norm of the local crops' CLS + storage tokens (list element 1), training only.
+        self.local_cls_norm = (nn.LayerNorm(embed_dim, eps=norm_eps, device=device)
+                               if untie_global_and_local_cls_norm else None)
+        self.head = nn.Identity()
+        self.mask_token = nn.Parameter(torch.empty(1, embed_dim, device=device))
+        if not _is_meta(device):
+            self.init_weights()
+
+    # ----------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official init (SPEC.md §2.2); touches every parameter and buffer."""
+        self.rope_embed._init_weights()
+        nn.init.normal_(self.cls_token, std=0.02)
+        if self.n_storage_tokens > 0:
+            nn.init.normal_(self.storage_tokens, std=0.02)
+        nn.init.zeros_(self.mask_token)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+                if isinstance(m, LinearKMaskedBias):
+                    m.reset_bias_mask()
+            elif isinstance(m, (nn.LayerNorm, LayerScale, PatchEmbed)):
+                m.reset_parameters()
+
+    # -------------------------------------------------------------------------------------- tokens
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None
+                                  ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """image [B, 3, H, W], masks [B, N] bool or None -> tokens [B, 1 + n + N, D], (h, w)."""
+        x = self.patch_embed(x)  # [B, h, w, D]
+        B, h, w, D = x.shape
+        x = x.flatten(1, 2)  # [B, N, D]
+        if masks is not None:
+            if masks.shape != (B, h * w):
+                raise ValueError(f"masks have shape {tuple(masks.shape)}, expected [B, N] = "
+                                 f"[{B}, {h * w}] for a {h}x{w} patch grid")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+            cls_token = self.cls_token
+        else:
+            # Keep mask_token in the graph (zero gradient) so every parameter gets a gradient.
+            cls_token = self.cls_token + 0 * self.mask_token
+        prefix = [cls_token.expand(B, -1, -1)]
+        if self.n_storage_tokens > 0:
+            prefix.append(self.storage_tokens.expand(B, -1, -1))
+        return torch.cat([*prefix, x.to(cls_token.dtype)], dim=1), (h, w)
+
+    def _run_block(self, blk: nn.Module, x_list, rope_list):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x_list, rope_list, use_reentrant=False)
+        return blk(x_list, rope_list)
+
+    def _ropes(self, hw_list: list[tuple[int, int]]):
+        return [self.rope_embed(H=h, W=w) for h, w in hw_list]
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward_features_list(self, x_list: list[torch.Tensor],
+                              masks_list: list[torch.Tensor | None]) -> list[dict]:
+        """One output dict per crop type; element 1 is taken to be the local crops."""
+        if len(x_list) != len(masks_list):
+            raise ValueError(f"forward_features_list got {len(x_list)} crop tensors but "
+                             f"{len(masks_list)} masks (give None for an unmasked crop type)")
+        tokens, hw_list = [], []
+        for x, masks in zip(x_list, masks_list, strict=True):
+            t, hw = self.prepare_tokens_with_masks(x, masks)
+            tokens.append(t)
+            hw_list.append(hw)
+        # Official quirk kept: RoPE is called per block and per crop type, so in training a fresh
+        # rescale is drawn for each; in eval it is deterministic, so compute it once.
+        rope_list = None if self.training else self._ropes(hw_list)
+        for blk in self.blocks:
+            ropes = rope_list if rope_list is not None else self._ropes(hw_list)
+            tokens = self._run_block(blk, tokens, ropes)
+        n_prefix = 1 + self.n_storage_tokens
+        outputs = []
+        for idx, (x, masks) in enumerate(zip(tokens, masks_list, strict=True)):
+            if self.local_cls_norm is not None and self.training and idx == 1:
+                x_norm_cls_reg = self.local_cls_norm(x[:, :n_prefix])
+                x_norm_patch = self.norm(x[:, n_prefix:])
+            else:
+                x_norm = self.norm(x)
+                x_norm_cls_reg, x_norm_patch = x_norm[:, :n_prefix], x_norm[:, n_prefix:]
+            outputs.append({
+                "x_norm_clstoken": x_norm_cls_reg[:, 0],  # [B, D]
+                "x_storage_tokens": x_norm_cls_reg[:, 1:],  # [B, n, D]
+                "x_norm_patchtokens": x_norm_patch,  # [B, N, D]
+                "x_prenorm": x,  # [B, 1 + n + N, D]
+                "masks": masks,
+            })
+        return outputs
+
+    def forward_features(self, x: torch.Tensor | list[torch.Tensor], masks=None):
+        if isinstance(x, torch.Tensor):
+            return self.forward_features_list([x], [masks])[0]
+        return self.forward_features_list(x, masks if masks is not None else [None] * len(x))
+
+    def forward(self, x, masks=None, *, is_training: bool = False):
+        ret = self.forward_features(x, masks)
+        return ret if is_training else self.head(ret["x_norm_clstoken"])
+
+    # ------------------------------------------------------------------------------ intermediates
+    def _get_intermediate_layers_not_chunked(self, x: torch.Tensor, n: int | Sequence[int] = 1
+                                             ) -> list[torch.Tensor]:
+        tokens, (h, w) = self.prepare_tokens_with_masks(x)
+        total = len(self.blocks)
+        take = range(total - n, total) if isinstance(n, int) else n
+        out = []
+        for i, blk in enumerate(self.blocks):
+            tokens = blk([tokens], [self.rope_embed(H=h, W=w)])[0]
+            if i in take:
+                out.append(tokens)
+        if len(out) != len(take):
+            raise ValueError(f"get_intermediate_layers: only {len(out)} of the requested blocks "
+                             f"{list(take)} exist (depth {total})")
+        return out
+
+    def get_intermediate_layers(self, x: torch.Tensor, *, n: int | Sequence[int] = 1,
+                                reshape: bool = False, return_class_token: bool = False,
+                                return_extra_tokens: bool = False, norm: bool = True):
+        """Outputs of the last n blocks (or the listed ones): patch tokens [B, N, D] or, with
+        reshape, [B, D, h, w]; optionally zipped with CLS [B, D] and storage tokens [B, n, D]."""
+        outputs = self._get_intermediate_layers_not_chunked(x, n)
+        if norm:
+            outputs = [self.norm(o) for o in outputs]
+        n_prefix = 1 + self.n_storage_tokens
+        class_tokens = [o[:, 0] for o in outputs]
+        extra_tokens = [o[:, 1:n_prefix] for o in outputs]
+        outputs = [o[:, n_prefix:] for o in outputs]
+        if reshape:
+            B, _, H, W = x.shape
+            h, w = H // self.patch_size, W // self.patch_size
+            outputs = [o.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for o in outputs]
+        if return_class_token and return_extra_tokens:
+            return tuple(zip(outputs, class_tokens, extra_tokens, strict=True))
+        if return_class_token:
+            return tuple(zip(outputs, class_tokens, strict=True))
+        if return_extra_tokens:
+            return tuple(zip(outputs, extra_tokens, strict=True))
+        return tuple(outputs)
