@@ -1,0 +1,90 @@
+"""DINO CLS-token loss (SPEC.md §1.2): soft cross-entropy of every student crop against the
+teacher's normalised global crops (Sinkhorn-Knopp or softmax centering, see teacher_centering.py).
+
+Pairing (crop-major rows, B images per rank): student global crop g ∈ {0, 1} against teacher crop
+1-g only (the diagonal is ignored, as in every official config); every student local crop against
+both teacher crops. Weighting as `compute_losses`: n_g(n_g-1) = 2 global and n_g·n_l = 16 local
+pair terms, dino_loss = (2·global + 16·w_local·local) / 18 at n_l = 8.
+
+impl = torch runs the references of kernels/sinkhorn.py and kernels/dino_loss.py; impl = triton
+runs the fused kernels, which never hold N×K teacher probabilities in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdino.kernels import dino_loss as dl
+from fastdino.kernels.sinkhorn import TeacherTargets
+from fastdino.losses.teacher_centering import TeacherCentering
+
+N_GLOBAL = 2  # global crops per image (the pairing below is written for two)
+
+
+def global_pair_index(batch: int, device: torch.device) -> torch.Tensor:
+    """[2B, 1] int32: student global row g·B + b -> teacher row (1-g)·B + b."""
+    b = torch.arange(batch, device=device, dtype=torch.int32)
+    return torch.cat([b + batch, b]).reshape(-1, 1)
+
+
+def local_pair_index(batch: int, n_local: int, device: torch.device) -> torch.Tensor:
+    """[n_local·B, 2] int32: student local row l·B + b -> teacher rows b and B + b."""
+    b = torch.arange(batch, device=device, dtype=torch.int32)
+    return torch.stack([b, b + batch], dim=1).repeat(n_local, 1)
+
+
+def soft_ce_rows(student_logits: torch.Tensor, targets: TeacherTargets,
+                 teacher_index: torch.Tensor, student_temp: float, fused: bool) -> torch.Tensor:
+    """Per-row loss [R] fp32 through the fused kernel or the reference."""
+    if fused:
+        return dl.dino_soft_ce(student_logits, targets, teacher_index, student_temp)
+    return dl.dino_soft_ce_ref(student_logits, targets.materialize(), teacher_index, student_temp)
+
+
+class DINOLoss(TeacherCentering):
+    """student_temp τ_s; centering "sinkhorn_knopp" | "softmax"; impl "auto" | "triton" | "torch"."""
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_cls_logits: torch.Tensor,
+                        teacher_temp: float) -> TeacherTargets:
+        """Teacher targets of the 2B teacher global-crop CLS logits [2B, K] (no grad).
+        Sinkhorn-Knopp uses n_total = 2B·world."""
+        if teacher_cls_logits.shape[0] % N_GLOBAL:
+            raise ValueError(f"teacher_cls_logits must hold {N_GLOBAL}·B rows (crop-major), got "
+                             f"{teacher_cls_logits.shape[0]}")
+        return self._normalise(teacher_cls_logits, teacher_temp, n_total=None)
+
+    def forward(self, student_global_logits: torch.Tensor,
+                student_local_logits: torch.Tensor | None, targets: TeacherTargets,
+                local_loss_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """student_global_logits [2B, K] (from the masked global crops), student_local_logits
+        [n_l·B, K] (or None / 0 rows), targets from `teacher_targets` ([2B, K])."""
+        two_b, k = student_global_logits.shape
+        if two_b != targets.n_rows or two_b % N_GLOBAL or k != self.out_dim:
+            raise ValueError(f"student_global_logits must be [2B={targets.n_rows}, "
+                             f"K={self.out_dim}], got {tuple(student_global_logits.shape)}")
+        batch = two_b // N_GLOBAL
+        fused = self._use_triton(student_global_logits)
+        dev = student_global_logits.device
+
+        rows_g = soft_ce_rows(student_global_logits, targets, global_pair_index(batch, dev),
+                              self.student_temp, fused)
+        global_loss = rows_g.sum() / (batch * N_GLOBAL * (N_GLOBAL - 1))  # mean of 2 cross pairs
+
+        n_l = 0 if student_local_logits is None else student_local_logits.shape[0] // batch
+        if n_l:
+            if student_local_logits.shape != (n_l * batch, k):
+                raise ValueError(f"student_local_logits must be [n_l·B (B={batch}), K={k}], got "
+                                 f"{tuple(student_local_logits.shape)}")
+            rows_l = soft_ce_rows(student_local_logits, targets,
+                                  local_pair_index(batch, n_l, dev), self.student_temp, fused)
+            local_loss = rows_l.sum() / (batch * n_l * N_GLOBAL)
+        else:
+            local_loss = global_loss.new_zeros(())
+
+        global_terms = N_GLOBAL * (N_GLOBAL - 1)
+        local_terms = N_GLOBAL * n_l
+        dino_loss = (global_terms * global_loss + local_terms * local_loss_weight * local_loss) \
+            / (global_terms + local_terms)
+        return {"dino_global_crops_loss": global_loss, "dino_local_crops_loss": local_loss,
+                "dino_loss": dino_loss}

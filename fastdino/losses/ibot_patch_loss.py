@@ -1,0 +1,47 @@
+"""iBOT masked-patch loss (SPEC.md §1.4): soft cross-entropy of the student's masked patch tokens
+against the teacher's same tokens after Sinkhorn-Knopp (or softmax centering), each token
+weighted by 1/(#masked in its image), normalised by the 2B global-crop images (unmasked images
+count in the denominator): L = -(1/n_images) Σ_t w_t Σ_k q_tk log softmax(z_t/τ_s)_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdino import dist
+from fastdino.kernels.sinkhorn import TeacherTargets
+from fastdino.losses.dino_clstoken_loss import soft_ce_rows
+from fastdino.losses.teacher_centering import TeacherCentering
+
+
+class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (paper name)
+    """student_temp τ_s; centering "sinkhorn_knopp" | "softmax"; impl "auto" | "triton" | "torch"."""
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_patch_logits: torch.Tensor, teacher_temp: float,
+                        n_masked_patches: int | torch.Tensor) -> TeacherTargets:
+        """Targets of the teacher's masked patch logits [M, K] (no grad). Sinkhorn-Knopp uses
+        n_total = all-reduce sum of this rank's `n_masked_patches` (the official SK denominator;
+        in DINOv3 M == n_masked_patches, every row is a real masked token)."""
+        n = torch.as_tensor(n_masked_patches, dtype=torch.float32).reshape(1).clone()
+        n_total = float(dist.all_reduce_sum(n).item())
+        if n_total <= 0:
+            raise ValueError(f"n_masked_patches summed over ranks must be > 0, got {n_total}")
+        return self._normalise(teacher_patch_logits, teacher_temp, n_total=n_total)
+
+    def forward(self, student_patch_logits: torch.Tensor, targets: TeacherTargets,
+                masks_weight: torch.Tensor, n_images: int) -> torch.Tensor:
+        """student_patch_logits [M, K] (masked tokens, same order as the teacher's),
+        masks_weight [M] (1/n_masked of the token's image), n_images = 2B. Returns the scalar."""
+        m, k = student_patch_logits.shape
+        if m != targets.n_rows or k != self.out_dim:
+            raise ValueError(f"student_patch_logits must be [M={targets.n_rows}, K={self.out_dim}]"
+                             f", got {tuple(student_patch_logits.shape)}")
+        if masks_weight.shape != (m,):
+            raise ValueError(f"masks_weight must be [M={m}], got {tuple(masks_weight.shape)}")
+        if n_images < 1:
+            raise ValueError(f"n_images must be >= 1, got {n_images}")
+        fused = self._use_triton(student_patch_logits)
+        index = torch.arange(m, device=student_patch_logits.device, dtype=torch.int32)[:, None]
+        rows = soft_ce_rows(student_patch_logits, targets, index, self.student_temp, fused)
+        return (rows * masks_weight.float()).sum() / n_images
