@@ -1,0 +1,189 @@
+"""The torch training loader: an infinite, rank-sharded, exactly resumable stream of `Batch`es.
+
+Order. The data is an endless sequence of epochs (one epoch = one pass over the sorted file list);
+epoch e visits the images in the permutation seeded by (data.seed, e). Global position p of that
+sequence is epoch p // n, slot p % n. Rank r of W takes positions r, r+W, r+2W, ... (the official
+InfiniteSampler's striding), so within any epoch every slot goes to exactly one rank: the ranks'
+shards are disjoint and together cover the epoch. Step s of rank r holds its samples
+k = s*B .. s*B+B-1, i.e. positions k*W + r.
+
+Randomness. An image's crops are drawn from a Generator seeded by (data.seed, epoch, index); a
+step's iBOT masks from one seeded by (data.seed, step, rank). Nothing depends on worker ids, on
+process history or on global RNG state, so a run resumed at `start_iteration` computes exactly
+the batches an uninterrupted run would have seen, and skips the earlier ones arithmetically
+(no decoding).
+
+Workers. A DataLoader over a map-style dataset whose item `s` is the whole collated Batch of step
+s (`batch_size=None`): each worker builds complete batches, DataLoader keeps them in step order,
+and pin memory calls `Batch.pin_memory`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastdino.config import Config
+from fastdino.data.collate import Batch, collate_fn
+from fastdino.data.datasets import ImageFolderUnlabeled
+from fastdino.data.masking import MaskingGenerator, max_num_patches_for
+from fastdino.data.transforms import DataAugmentationDINO
+
+logger = logging.getLogger("fastdino.data")
+
+# Domain tags keep the seed sequences of the three uses apart.
+_PERMUTATION, _AUGMENTATION, _MASKING = 0, 1, 2
+
+
+def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _AUGMENTATION, epoch, index])
+
+
+def masking_rng(seed: int, step: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _MASKING, step, rank])
+
+
+class ShardedInfiniteOrder:
+    """Which (epoch, dataset index) rank `rank` of `world_size` reads as its k-th sample."""
+
+    def __init__(self, num_images: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.n, self.seed, self.rank, self.world_size = num_images, seed, rank, world_size
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            perm = np.random.default_rng([self.seed, _PERMUTATION, epoch]).permutation(self.n)
+            self._cache = (epoch, perm)
+        return self._cache[1]
+
+    def sample(self, k: int) -> tuple[int, int]:
+        p = k * self.world_size + self.rank  # global position
+        epoch, slot = divmod(p, self.n)
+        return epoch, int(self.permutation(epoch)[slot])
+
+    def step(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        return [self.sample(k) for k in range(step * batch_size, (step + 1) * batch_size)]
+
+
+class MultiCropBatches(Dataset):
+    """Item `step` = the collated `Batch` of that step for one rank."""
+
+    def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int) -> None:
+        self.images = images
+        self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
+        self.augment = DataAugmentationDINO(cfg.crops)
+        self.batch_size = cfg.data.batch_size_per_gpu
+        self.seed, self.rank = cfg.data.seed, rank
+        self.patch_size = cfg.model.patch_size
+        self.mask_probability = cfg.ibot.mask_sample_probability
+        self.ratio_min_max = cfg.ibot.mask_ratio_min_max
+        g = cfg.crops.global_crops_size
+        self.mask_generator = MaskingGenerator(
+            g // self.patch_size, max_num_patches=max_num_patches_for(g, self.patch_size))
+
+    def __len__(self) -> int:  # only for DataLoader's bookkeeping: the stream is endless
+        return 2**62
+
+    def sample(self, epoch: int, index: int) -> dict:
+        image, _used, skipped = self.images.load(index)
+        crops = self.augment(image, augmentation_rng(self.seed, epoch, index))
+        crops["skipped_files"] = skipped
+        return crops
+
+    def __getitem__(self, step: int) -> Batch:
+        samples = [self.sample(e, i) for e, i in self.order.step(step, self.batch_size)]
+        return collate_fn(samples, self.patch_size, masking_rng(self.seed, step, self.rank),
+                          mask_probability=self.mask_probability,
+                          ratio_min_max=self.ratio_min_max, mask_generator=self.mask_generator)
+
+
+class _StepsFrom(Sampler):
+    """start, start+1, ... forever."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(worker_id: int) -> None:
+    # Augmentation never reads global RNG state; seed it anyway so third-party code in a worker is
+    # reproducible, and keep each worker on one thread (workers already give the parallelism).
+    info = torch.utils.data.get_worker_info()
+    torch.manual_seed(info.seed % 2**63)
+    np.random.seed(info.seed % 2**32)
+    torch.set_num_threads(1)
+
+
+class TrainLoader:
+    """Iterator of `Batch`; `iteration` is the step of the next batch (the data position)."""
+
+    def __init__(self, batches: MultiCropBatches, num_workers: int, start_iteration: int,
+                 pin_memory: bool) -> None:
+        self.batches = batches
+        self.iteration = start_iteration
+        self.skipped: set[str] = set()  # unreadable files met so far (reported by all workers)
+        self._loader = DataLoader(
+            batches, batch_size=None, sampler=_StepsFrom(start_iteration), collate_fn=_identity,
+            num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
+            prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+        self._it = iter(self._loader)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.batches.images)
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)
+        self.iteration += 1
+        for path in batch.skipped_files:
+            if path not in self.skipped:
+                self.skipped.add(path)
+                logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
+                               len(self.skipped), self.num_images)
+        return batch
+
+
+def build_dataset(cfg: Config) -> ImageFolderUnlabeled:
+    d = cfg.data
+    if d.root is not None and d.file_list is not None:
+        raise ValueError(f"set only one of data.root={d.root!r} and data.file_list={d.file_list!r}")
+    if d.file_list is not None:
+        return ImageFolderUnlabeled(file_list=d.file_list)
+    if d.root is None:
+        from fastdino.data.sample_data import sample_images_dir
+
+        root = sample_images_dir()
+        logger.info("data.root is not set: using the embedded sample images in %s", root)
+        return ImageFolderUnlabeled(root=root)
+    return ImageFolderUnlabeled(root=Path(d.root).expanduser())
+
+
+def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
+                       start_iteration: int = 0) -> TrainLoader:
+    """Infinite iterator of this rank's `Batch`es, starting at step `start_iteration`."""
+    if cfg.data.loader == "dali":
+        raise RuntimeError("DALI loader not available: fastdino has no DALI pipeline yet; "
+                           "set data.loader=torch (or auto)")
+    images = build_dataset(cfg)
+    logger.info("found %d images in %s (rank %d/%d, %d per step, %d workers, from step %d)",
+                len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
+                cfg.data.num_workers, start_iteration)
+    batches = MultiCropBatches(images, cfg, rank, world_size)
+    return TrainLoader(batches, cfg.data.num_workers, start_iteration,
+                       pin_memory=torch.cuda.is_available())

@@ -1,0 +1,257 @@
+"""DINOv3 multi-crop augmentation (SPEC.md §3.4) with PIL + numpy + torch, no torchvision.
+
+Per image: 2 global crops (RandomResizedCrop scale (0.32, 1), bicubic), nL local crops (scale
+(0.05, 0.32)), each flipped with p=0.5 (if `crops.horizontal_flip`), colour-jittered with p=0.8
+(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order), greyscaled with p=0.2,
+Gaussian-blurred (kernel 9, sigma ~ U[0.1, 2]) with the per-crop probabilities of
+`crops.blur_probabilities`, solarised (threshold 128, p=0.2) on global crop 2 only, normalised.
+
+Blur probabilities (SPEC.md §10.1): "intended" = global 1: 1.0, global 2: 0.1, local: 0.5 (what the
+official code is written to do); "official" = what it does, because its `GaussianBlur` wrapper
+passes 1-p to `RandomApply` (dinov3 issue #286): global 1: never, global 2: 0.9, local: 0.5.
+
+Optional Gram-teacher crops (SPEC.md §1.6): one RandomResizedCrop at max(global, gram) size is drawn
+per global crop; the student's global crop is bicubic-resized from it, the Gram crop is resized to
+`gram_teacher_crops_size`. With `gram_teacher_no_distortions` the student crop is resized *before*
+the distortions (so blur acts at the student resolution) and the Gram crop is only normalised;
+without it the distortions run at the large size and both crops are resized from the result (the
+official code resizes the normalised float tensor; we resize the distorted 8-bit image, a rounding
+difference only).
+
+The ops follow torchvision's PIL code paths: RandomResizedCrop's `get_params` (10 tries, then the
+ratio-clamped centre crop), `ImageEnhance` for brightness / contrast / saturation, an HSV hue shift
+with uint8 wrap-around, `convert("L")` greyscale, `ImageOps.solarize`. The Gaussian blur is a
+separable 9-tap kernel (torchvision's: exp(-x^2/(2 sigma^2)) on x = -4..4, normalised) applied as
+two 1-D convolutions on the float image with reflect padding, rounded back to uint8 (torchvision
+does the same for uint8 inputs).
+
+All randomness comes from one `numpy.random.Generator` per image, which the loader seeds from
+(data.seed, epoch, index): an image's crops are a pure function of that triple (exact resume).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+
+from fastdino.config import CropsConfig
+
+BLUR_PROBABILITIES = {
+    # (global crop 1, global crop 2, local crops)
+    "intended": (1.0, 0.1, 0.5),
+    "official": (0.0, 0.9, 0.5),  # 1 - p of the intended values for the global crops; 0.5 stays
+}
+BICUBIC = Image.Resampling.BICUBIC
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometric ops
+
+
+def random_resized_crop_params(width: int, height: int, scale: tuple[float, float],
+                               ratio: tuple[float, float], rng: np.random.Generator
+                               ) -> tuple[int, int, int, int]:
+    """(top, left, h, w) exactly as torchvision's RandomResizedCrop.get_params, with `rng`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the whole image, clamped to the allowed aspect ratios, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
+                        rng: np.random.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    top, left, h, w = random_resized_crop_params(img.width, img.height, scale, ratio, rng)
+    return img.resize((size, size), BICUBIC, box=(left, top, left + w, top + h))
+
+
+def resize(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize of the shorter side to `size` (torchvision's Resize(int)); no-op if equal."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img.resize(new, BICUBIC)
+
+
+# ------------------------------------------------------------------------------------------------
+# Photometric ops (PIL RGB in, PIL RGB out)
+
+
+def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """torchvision's PIL hue shift: add hue_factor*255 to the H channel of HSV, modulo 256."""
+    h, s, v = img.convert("HSV").split()
+    shift = int(hue_factor * 255) % 256  # = np.uint8(hue_factor*255) with C wrap-around
+    np_h = (np.asarray(h, dtype=np.uint16) + shift).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1) -> Image.Image:
+    """ColorJitter: four factors drawn, applied in a random order (torchvision's fn_idx)."""
+    order = rng.permutation(4)
+    b = rng.uniform(max(0.0, 1 - brightness), 1 + brightness)
+    c = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
+    s = rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
+    h = rng.uniform(-hue, hue)
+    for fn in order:
+        if fn == 0:
+            img = ImageEnhance.Brightness(img).enhance(b)
+        elif fn == 1:
+            img = ImageEnhance.Contrast(img).enhance(c)
+        elif fn == 2:
+            img = ImageEnhance.Color(img).enhance(s)
+        else:
+            img = adjust_hue(img, h)
+    return img
+
+
+def grayscale(img: Image.Image) -> Image.Image:
+    return img.convert("L").convert("RGB")  # 3 identical channels, ITU-R 601-2 luma
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return pdf / pdf.sum()  # [k]
+
+
+def gaussian_blur(img: Image.Image, sigma: float, kernel_size: int = 9) -> Image.Image:
+    """Separable Gaussian blur, reflect padding, on the float image; rounded back to uint8."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # [1,3,H,W]
+    k = gaussian_kernel1d(kernel_size, sigma)
+    pad = kernel_size // 2
+    # Reflect padding needs pad < side; tiny images (a few pixels) fall back to replicate.
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, kernel_size), groups=3)  # along W
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, kernel_size, 1), groups=3)  # along H
+    out = x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(out), "RGB")
+
+
+def solarize(img: Image.Image, threshold: int = 128) -> Image.Image:
+    return ImageOps.solarize(img, threshold)  # pixels >= threshold -> 255 - pixel
+
+
+# ------------------------------------------------------------------------------------------------
+# The multi-crop pipeline
+
+
+@dataclass
+class CropOps:
+    """Which random ops were applied to one crop (returned with `record_ops=True`, for tests)."""
+
+    flip: bool = False
+    jitter: bool = False
+    grayscale: bool = False
+    blur: bool = False
+    solarize: bool = False
+
+
+class DataAugmentationDINO:
+    """PIL RGB image + a numpy Generator -> dict of normalised crops (see module docstring)."""
+
+    def __init__(self, crops: CropsConfig, record_ops: bool = False) -> None:
+        self.crops = crops
+        self.record_ops = record_ops
+        self.blur_p = BLUR_PROBABILITIES[crops.blur_probabilities]
+        self.flip_p = 0.5 if crops.horizontal_flip else 0.0
+        self.gram_size = crops.gram_teacher_crops_size
+        self.global_max_size = max(crops.global_crops_size, self.gram_size or 0)
+        self.mean = torch.tensor(crops.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(crops.std, dtype=torch.float32).view(3, 1, 1)
+
+    def normalize(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3,H,W]
+        return (x.to(torch.float32) / 255.0 - self.mean) / self.std
+
+    def _geometric(self, img: Image.Image, size: int, scale: tuple[float, float],
+                   rng: np.random.Generator, ops: CropOps) -> Image.Image:
+        out = random_resized_crop(img, size, scale, rng)
+        if rng.random() < self.flip_p:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            ops.flip = True
+        return out
+
+    def _distort(self, img: Image.Image, blur_p: float, solarize_p: float,
+                 rng: np.random.Generator, ops: CropOps) -> Image.Image:
+        if rng.random() < 0.8:
+            img = color_jitter(img, rng)
+            ops.jitter = True
+        if rng.random() < 0.2:
+            img = grayscale(img)
+            ops.grayscale = True
+        if rng.random() < blur_p:
+            img = gaussian_blur(img, float(rng.uniform(0.1, 2.0)))
+            ops.blur = True
+        if rng.random() < solarize_p:
+            img = solarize(img, 128)
+            ops.solarize = True
+        return img
+
+    def _global(self, image: Image.Image, crop_idx: int, rng: np.random.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor | None, CropOps]:
+        c, ops = self.crops, CropOps()
+        base = self._geometric(image, self.global_max_size, c.global_crops_scale, rng, ops)
+        blur_p = self.blur_p[crop_idx]
+        solarize_p = 0.2 if crop_idx == 1 else 0.0
+        if self.gram_size is None:
+            return self.normalize(self._distort(base, blur_p, solarize_p, rng, ops)), None, ops
+        if c.gram_teacher_no_distortions:
+            student = self._distort(resize(base, c.global_crops_size), blur_p, solarize_p, rng, ops)
+            gram = resize(base, self.gram_size)
+        else:
+            distorted = self._distort(base, blur_p, solarize_p, rng, ops)
+            student = resize(distorted, c.global_crops_size)
+            gram = resize(distorted, self.gram_size)
+        return self.normalize(student), self.normalize(gram), ops
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict:
+        """{"global_crops": [2 x [3,Hg,Wg]], "local_crops": [nL x [3,Hl,Wl]],
+        "gram_crops": [2 x [3,Hgr,Wgr]] (only with Gram crops), "ops": {...} (record_ops)}"""
+        c = self.crops
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        g1, gram1, ops1 = self._global(image, 0, rng)
+        g2, gram2, ops2 = self._global(image, 1, rng)
+        out: dict = {"global_crops": [g1, g2]}
+        if self.gram_size is not None:
+            out["gram_crops"] = [gram1, gram2]
+        local_crops, local_ops = [], []
+        for _ in range(c.local_crops_number):
+            ops = CropOps()
+            crop = self._geometric(image, c.local_crops_size, c.local_crops_scale, rng, ops)
+            local_crops.append(self.normalize(self._distort(crop, self.blur_p[2], 0.0, rng, ops)))
+            local_ops.append(ops)
+        out["local_crops"] = local_crops
+        if self.record_ops:
+            out["ops"] = {"global": [ops1, ops2], "local": local_ops}
+        return out
