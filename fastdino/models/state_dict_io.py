@@ -1,0 +1,54 @@
+"""Strict loading of a backbone state dict from the files the DINOv3 world produces (SPEC.md §4).
+
+Accepted layouts:
+    {"cls_token": ..., "blocks.0....": ...}                        plain backbone (released files)
+    {"teacher": {"backbone.cls_token": ..., "dino_head....": ...}}  eval snapshots / our exports
+    any of the above with `module.` prefixes (DDP) -- stripped, as the official eval loaders do
+Never a silent partial load: any missing or unexpected key, or shape mismatch, raises and names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+_NON_BACKBONE_PREFIXES = ("dino_head.", "ibot_head.", "dino_loss.", "ibot_patch_loss.")
+
+
+def extract_backbone_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unwrap {"teacher": ...}, strip `module.` / `backbone.` prefixes, drop head and loss keys."""
+    if "teacher" in sd and isinstance(sd["teacher"], Mapping):
+        sd = sd["teacher"]
+    out: dict[str, torch.Tensor] = {}
+    has_backbone_prefix = any(k.removeprefix("module.").startswith("backbone.") for k in sd)
+    for key, value in sd.items():
+        key = key.removeprefix("module.")
+        if has_backbone_prefix:
+            if not key.startswith("backbone."):
+                continue  # heads, loss centers: not part of the backbone
+            key = key.removeprefix("backbone.")
+        elif key.startswith(_NON_BACKBONE_PREFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load `sd` (any layout above) into `backbone` strictly; raise ValueError naming every
+    missing key, unexpected key and shape mismatch."""
+    sd = extract_backbone_state_dict(sd)
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", mismatched)):
+            if items:
+                parts.append(f"{name} ({len(items)}): " + ", ".join(items))
+        raise ValueError("backbone state dict does not match the model: " + "; ".join(parts))
+    backbone.load_state_dict(sd, strict=True)
