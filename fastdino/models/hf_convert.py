@@ -6,7 +6,7 @@
     storage_tokens [1,n,D]                 embeddings.register_tokens
     mask_token [1,D]                       embeddings.mask_token [1,1,D]
     patch_embed.proj.*                     embeddings.patch_embeddings.*
-    rope_embed.periods [d_h/4]             (none: HF recomputes inv_freq = 1/periods from rope_theta)
+    rope_embed.periods [d_h/4]             (none: HF recomputes inv_freq = 1/periods, rope_theta)
     blocks.i.attn.qkv.weight [3D,D]        model.layer.i.attention.{q,k,v}_proj.weight
     blocks.i.attn.qkv.bias * bias_mask     ...{q,v}_proj.bias (k bias dropped: masked to zero)
     blocks.i.attn.proj.*                   model.layer.i.attention.o_proj.*

@@ -4,7 +4,7 @@ Accepted layouts:
     {"cls_token": ..., "blocks.0....": ...}                        plain backbone (released files)
     {"teacher": {"backbone.cls_token": ..., "dino_head....": ...}}  eval snapshots / our exports
     any of the above with `module.` prefixes (DDP) -- stripped, as the official eval loaders do
-Never a silent partial load: any missing or unexpected key, or shape mismatch, raises and names them.
+Never a silent partial load: a missing or unexpected key, or a shape mismatch, raises and names it.
 """
 
 from __future__ import annotations
