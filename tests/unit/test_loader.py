@@ -1,0 +1,140 @@
+"""The torch training loader: Batch contract, corrupt files, errors, sharding, exact resume."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdino.config import load_config
+from fastdino.data.collate import Batch
+from fastdino.data.loader import ShardedInfiniteOrder, build_train_loader
+from fastdino.data.masking import mask_counts
+
+
+def _write_images(folder, n, seed=0):
+    g = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = int(g.integers(40, 70)), int(g.integers(40, 70))
+        arr = g.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i:02d}.{'png' if i % 2 else 'jpg'}")
+    return folder
+
+
+def _cfg(root, *extra):
+    return load_config(None, [f"data.root={root}", "crops.global_crops_size=32",
+                              "crops.local_crops_size=16", "crops.local_crops_number=2",
+                              "model.patch_size=16", "data.batch_size_per_gpu=2",
+                              "data.num_workers=0", *extra])
+
+
+def _assert_equal_batches(a: Batch, b: Batch):
+    for f in dataclasses.fields(Batch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return _write_images(tmp_path_factory.mktemp("imgs"), 7)
+
+
+def test_batch_shapes_and_dtypes(image_dir):
+    loader = build_train_loader(_cfg(image_dir))
+    n_masked = sum(mask_counts(4, 4))  # 2B=4 global crops of 2x2 patches
+    for _ in range(3):
+        b = next(loader)
+        assert b.global_crops.shape == (4, 3, 32, 32) and b.global_crops.dtype == torch.float32
+        assert b.local_crops.shape == (4, 3, 16, 16) and b.local_crops.dtype == torch.float32
+        assert b.masks.shape == (4, 4) and b.masks.dtype == torch.bool
+        assert b.mask_indices.shape == (n_masked,) and b.mask_indices.dtype == torch.long
+        assert b.masks_weight.shape == (n_masked,) and b.masks_weight.dtype == torch.float32
+        assert b.n_masked_patches.tolist() == [n_masked]
+        assert b.gram_crops is None and b.n_images == 2
+    assert loader.iteration == 3 and loader.num_images == 7
+    moved = b.to("cpu")
+    assert isinstance(moved, Batch) and torch.equal(moved.global_crops, b.global_crops)
+
+
+def test_gram_crops_in_batch(image_dir):
+    b = next(build_train_loader(_cfg(image_dir, "crops.gram_teacher_crops_size=48")))
+    assert b.gram_crops.shape == (4, 3, 48, 48) and b.global_crops.shape == (4, 3, 32, 32)
+
+
+def test_crop_major_order(image_dir):
+    # Crop-major: rows 0..B-1 are crop 0 of images 0..B-1, rows B..2B-1 crop 1. Check it with the
+    # per-image crops the dataset computes for this step.
+    loader = build_train_loader(_cfg(image_dir))
+    b = next(loader)
+    ds = loader.batches
+    samples = [ds.sample(e, i) for e, i in ds.order.step(0, 2)]
+    for c in range(2):
+        for j in range(2):
+            assert torch.equal(b.global_crops[c * 2 + j], samples[j]["global_crops"][c])
+            assert torch.equal(b.local_crops[c * 2 + j], samples[j]["local_crops"][c])
+
+
+def test_corrupt_file_is_skipped_and_counted(tmp_path):
+    root = _write_images(tmp_path / "d", 3)
+    (root / "bad.jpg").write_bytes(b"this is not a jpeg" * 10)
+    loader = build_train_loader(_cfg(root, "data.batch_size_per_gpu=4"))
+    b = next(loader)  # 4 samples of a 4-file epoch: the corrupt one is visited
+    assert b.global_crops.shape[0] == 8 and torch.isfinite(b.global_crops).all()
+    assert loader.skipped == {str(root / "bad.jpg")}
+
+
+def test_missing_and_empty_folders_error_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_train_loader(_cfg(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"empty.*\.jpg.*\.webp"):
+        build_train_loader(_cfg(tmp_path / "empty"))
+
+
+def test_dali_is_a_clear_error(image_dir):
+    with pytest.raises(RuntimeError, match="DALI loader not available"):
+        build_train_loader(_cfg(image_dir, "data.loader=dali"))
+
+
+@pytest.mark.parametrize("n,world,batch", [(10, 2, 2), (7, 2, 3), (9, 3, 1)])
+def test_rank_shards_are_disjoint_and_complete_per_epoch(n, world, batch):
+    seen = {}
+    for rank in range(world):
+        order = ShardedInfiniteOrder(n, seed=0, rank=rank, world_size=world)
+        for step in range(4 * n):
+            for epoch, index in order.step(step, batch):
+                seen.setdefault(epoch, []).append((rank, index))
+    for epoch in range(3):
+        indices = [i for _, i in seen[epoch]]
+        assert sorted(indices) == list(range(n))  # complete and without repeats -> disjoint
+    first = [i for _, i in sorted(seen[0])]
+    assert [i for _, i in sorted(seen[1])] != first or n < 3  # a new permutation each epoch
+
+
+def test_ranks_get_different_batches(image_dir):
+    a = next(build_train_loader(_cfg(image_dir), rank=0, world_size=2))
+    b = next(build_train_loader(_cfg(image_dir), rank=1, world_size=2))
+    assert not torch.equal(a.global_crops, b.global_crops)
+
+
+def test_resume_reproduces_the_uninterrupted_batches_bitwise(image_dir):
+    k = 4  # crosses the 7-image epoch boundary (2 images per step)
+    full = build_train_loader(_cfg(image_dir))
+    expected = [next(full) for _ in range(k + 2)]
+    resumed = build_train_loader(_cfg(image_dir), start_iteration=k)
+    assert resumed.iteration == k
+    for want in expected[k:]:
+        _assert_equal_batches(next(resumed), want)
+
+
+def test_worker_processes_give_the_same_stream(image_dir):
+    serial = build_train_loader(_cfg(image_dir))
+    workers = build_train_loader(_cfg(image_dir, "data.num_workers=2"))
+    for _ in range(3):
+        _assert_equal_batches(next(workers), next(serial))
