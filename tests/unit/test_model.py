@@ -38,7 +38,8 @@ def test_list_forward_shapes_with_masks():
         assert out["x_norm_patchtokens"].shape == (b, N, D)
         assert out["x_prenorm"].shape == (b, 1 + n + N, D)
     assert out_g["masks"] is masks and out_l["masks"] is None
-    sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].sum() for o in (out_g, out_l)).backward()
+    loss = sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].sum() for o in (out_g, out_l))
+    loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
