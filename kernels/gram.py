@@ -1,12 +1,46 @@
-"""Gram anchoring loss (DINOv3 `dinov3/loss/gram_loss.py`; SPEC.md §1.6, KERNELS.md §5).
+"""Gram anchoring loss on tensor cores, without P×P matrices in memory (DINOv3
+`dinov3/loss/gram_loss.py`; SPEC.md §1.6, KERNELS.md §5). No public fused anchor exists; the
+target is the bf16 GEMM roofline.
 
     loss = mean over images b and patch pairs (p, q) of (Ĝs[b,p,q] - Ĝt[b,p,q])²
     Ĝs = ŝ ŝᵀ, Ĝt = t̂ t̂ᵀ, ŝ = F.normalize(student, dim=-1), t̂ = F.normalize(teacher, dim=-1)
 
-Shapes: B images, P patches, D channels; student, teacher [B, P, D]. `img_level=False` flattens
-the batch into one (B·P) × (B·P) Gram (the official default; the 7B anchor config is per image).
-Normaliser N = B·P² (per image) or (B·P)² (flattened), the `nn.MSELoss` mean.
-This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.library op ->
+Legend: B images, P patches, D channels; student, teacher [B, P, D]. `img_level=False` flattens
+the batch into one (B·P) × (B·P) Gram, which the kernels see as NB = 1 image of Pe = B·P rows
+(per image: NB = B, Pe = P). Normaliser N = NB·Pe² (`nn.MSELoss` mean). Only the student gets a
+gradient (the Gram teacher is frozen).
+
+Numerics (the danger is cancellation: the student Gram tracks the teacher's, so Ĝs - Ĝt is
+small while each entry is O(1)). A pre-pass normalises both rows in fp32 and writes the
+sum/difference split  F = ŝ + t̂, E = ŝ - t̂  (and ŝ) in the working precision. Then
+    S = ŝŝᵀ - t̂t̂ᵀ = ½ (F Eᵀ + E Fᵀ)
+is formed from products that are each O(|E|): no O(1) terms cancel, so bf16 operands with fp32
+accumulation keep a relative error of ~2⁻⁸ on S itself instead of on the Gram entries.
+
+Two exact forms, picked by `choose_form` (crossover derived from the FLOP counts below):
+- P×P, tiled flash-style (any clamp): tile pairs i ≤ j (off-diagonal tiles count twice),
+  S_ij = ½(F_i E_jᵀ + E_i F_jᵀ), Σ S² into one partial per tile pair, then a fixed-order sum
+  (deterministic loss). Backward recomputes S_ij per tile pair and adds W_ij Â_j to dÂ_i and
+  W_ijᵀ Â_i to dÂ_j with fp32 atomics (the gradient's last bits depend on atomic order, as in
+  FlashAttention-2's dQ). fwd 2·P²·D, bwd 4·P²·D FLOPs per image (6·P²·D in all).
+- D×D (no clamp, P ≫ D): ‖S‖² = ½(⟨FᵀF, EᵀE⟩ + tr(X X)), X = FᵀE, and
+  S ŝ = ¼(F (Xᵀ + EᵀE) + E (FᵀF + X)): fwd 6·P·D², bwd 4·P·D² FLOPs (10·P·D²); keeps three
+  [D, D] fp32 matrices per image for the backward. (Its weak case is a teacher that is a
+  rotation of the student, where FEᵀ is antisymmetric and the two terms cancel.)
+  Chosen when 6·P²·D > 10·P·D², i.e. Pe > 5D/3 (flattened batches and P = 4096 at D = 1024).
+
+Clamp options (P×P only), exactly the official in-place assignments:
+  remove_neg               S = relu(Ĝs) - relu(Ĝt), no gradient where Ĝs < 0;
+  remove_only_teacher_neg  S = Ĝs - Ĝt where Ĝt >= 0, relu(Ĝs) where Ĝt < 0 (zero gradient
+                           where both are negative). Ĝs comes from one more GEMM, Ĝt = Ĝs - S.
+
+Dtypes: bf16/fp16 inputs -> operands in that dtype, fp32 accumulation; fp32 inputs -> fp32
+operands with input_precision="ieee" (exact, CUDA-core speed: feed bf16 for tensor cores).
+Under the Triton interpreter bf16 tiles are upcast before tl.dot (upstream interpreter bug,
+noted 2026-07). Supports any B, P >= 1, D >= 1 (odd sizes masked). Tested under the interpreter
+with triton 3.6 and 3.9; compiled for sm_90 / sm_80 by `compile_specs()`; not yet timed on a GPU.
+
+This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.library ops ->
 `GramFn` -> `gram_loss`.
 """
 
@@ -14,6 +48,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
 
 NORM_EPS = 1e-12  # F.normalize default, as in the official loss
 
@@ -65,7 +103,451 @@ def gram_loss_ref(student: torch.Tensor, teacher: torch.Tensor, img_level: bool 
     return F.mse_loss(g_s, g_t)
 
 
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG = 0, 1, 2
+FORM_PP, FORM_DD = 0, 1
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a @ b with fp32 accumulation. UPCAST: interpreter-only bf16 workaround; IEEE: exact
+    fp32 products (fp32 inputs), otherwise the operand dtype's tensor-core path."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _gram_prep_kernel(
+    A_ptr,  # out [R, D] ŝ, working dtype
+    F_ptr,  # out [R, D] ŝ + t̂
+    E_ptr,  # out [R, D] ŝ - t̂
+    S_ptr,  # in  [R, D] student rows
+    T_ptr,  # in  [R, D] teacher rows
+    D, EPS,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * D
+    offs = tl.arange(0, BLOCK_D)
+    ss = tl.zeros((BLOCK_D,), tl.float32)
+    tt = tl.zeros((BLOCK_D,), tl.float32)
+    for k in range(0, D, BLOCK_D):
+        m = k + offs < D
+        s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+        t = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+        ss += s * s
+        tt += t * t
+    inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), EPS)  # F.normalize: x / max(‖x‖, eps)
+    inv_t = 1.0 / tl.maximum(tl.sqrt(tl.sum(tt, axis=0)), EPS)
+    for k in range(0, D, BLOCK_D):
+        m = k + offs < D
+        a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_s
+        b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_t
+        # the difference is taken in fp32 before rounding: this is what keeps S accurate
+        tl.store(A_ptr + base + k + offs, a.to(A_ptr.dtype.element_ty), mask=m)
+        tl.store(F_ptr + base + k + offs, (a + b).to(F_ptr.dtype.element_ty), mask=m)
+        tl.store(E_ptr + base + k + offs, (a - b).to(E_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+             CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+             UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """S_ij (clamped) and W_ij = dL/dĜs_ij up to 2/N, both fp32 [BLOCK_M, BLOCK_M]."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ok_i = rows_i < P
+    ok_j = rows_j < P
+    acc = tl.zeros((BLOCK_M, BLOCK_M), tl.float32)  # F_i E_jᵀ + E_i F_jᵀ
+    g_s = tl.zeros((BLOCK_M, BLOCK_M), tl.float32)  # Ĝs_ij (clamp modes only)
+    for k in range(0, D, BLOCK_D):
+        d = k + offs_d
+        ok_d = d < D
+        p_i = base + rows_i[:, None] * D + d[None, :]  # [BM, BD]
+        p_jt = base + rows_j[None, :] * D + d[:, None]  # [BD, BM]: rows j loaded transposed
+        m_i = ok_i[:, None] & ok_d[None, :]
+        m_jt = ok_d[:, None] & ok_j[None, :]
+        f_i = tl.load(F_ptr + p_i, mask=m_i, other=0.0)
+        e_i = tl.load(E_ptr + p_i, mask=m_i, other=0.0)
+        f_jt = tl.load(F_ptr + p_jt, mask=m_jt, other=0.0)
+        e_jt = tl.load(E_ptr + p_jt, mask=m_jt, other=0.0)
+        acc = _mma(f_i, e_jt, acc, UPCAST, IEEE)
+        acc = _mma(e_i, f_jt, acc, UPCAST, IEEE)
+        if CLAMP != 0:
+            a_i = tl.load(A_ptr + p_i, mask=m_i, other=0.0)
+            a_jt = tl.load(A_ptr + p_jt, mask=m_jt, other=0.0)
+            g_s = _mma(a_i, a_jt, g_s, UPCAST, IEEE)
+    s = 0.5 * acc
+    w = s
+    if CLAMP == 1:  # remove_neg: relu(Ĝs) - relu(Ĝt); keep the exact S where nothing is clamped
+        g_t = g_s - s
+        s = tl.where((g_s >= 0) & (g_t >= 0), s, tl.maximum(g_s, 0.0) - tl.maximum(g_t, 0.0))
+        w = tl.where(g_s < 0, 0.0, s)
+    if CLAMP == 2:  # remove_only_teacher_neg: where Ĝt < 0 the difference is relu(Ĝs)
+        g_t = g_s - s
+        s = tl.where(g_t < 0, tl.maximum(g_s, 0.0), s)
+        w = s
+    return s, w
+
+
+@triton.jit
+def _gram_pp_fwd_kernel(
+    Partial_ptr,  # out [NB, num_pairs] fp32: Σ S² of each tile pair (×2 off the diagonal)
+    A_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    PairI_ptr, PairJ_ptr,  # in [num_pairs] int32 row-block indices, i <= j
+    P, D, num_pairs,
+    CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    i = tl.load(PairI_ptr + t)
+    j = tl.load(PairJ_ptr + t)
+    base = b.to(tl.int64) * P * D
+    rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+    s, w = _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+                    CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
+    part = tl.sum(tl.sum(s * s, axis=1), axis=0)
+    part = tl.where(i == j, part, 2.0 * part)  # tile (i, j) also stands for (j, i): S symmetric
+    tl.store(Partial_ptr + b.to(tl.int64) * num_pairs + t, part)
+
+
+@triton.jit
+def _gram_pp_bwd_kernel(
+    DA_ptr,  # in/out [NB, Pe, D] fp32, zeroed: Σ_j W_ij Â_j (atomic adds)
+    A_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    PairI_ptr, PairJ_ptr,  # in [num_pairs] int32, i <= j
+    P, D,
+    CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    i = tl.load(PairI_ptr + t)
+    j = tl.load(PairJ_ptr + t)
+    base = b.to(tl.int64) * P * D
+    rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+    s, w = _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+                    CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
+    w = w.to(A_ptr.dtype.element_ty)  # small values: the working dtype's relative error is fine
+    w_t = tl.trans(w)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok_i = rows_i < P
+    ok_j = rows_j < P
+    for k in range(0, D, BLOCK_D):
+        d = k + offs_d
+        ok_d = d < D
+        p_i = base + rows_i[:, None] * D + d[None, :]  # [BM, BD]
+        p_j = base + rows_j[:, None] * D + d[None, :]
+        m_i = ok_i[:, None] & ok_d[None, :]
+        m_j = ok_j[:, None] & ok_d[None, :]
+        a_j = tl.load(A_ptr + p_j, mask=m_j, other=0.0)
+        zero = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        tl.atomic_add(DA_ptr + p_i, _mma(w, a_j, zero, UPCAST, IEEE), mask=m_i, sem="relaxed")
+        if i != j:
+            a_i = tl.load(A_ptr + p_i, mask=m_i, other=0.0)
+            tl.atomic_add(DA_ptr + p_j, _mma(w_t, a_i, zero, UPCAST, IEEE), mask=m_j,
+                          sem="relaxed")
+
+
+@triton.jit
+def _gram_dd_fwd_kernel(
+    G_ptr,  # out [NB, 3, D, D] fp32: FᵀF, EᵀE, X = FᵀE
+    F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    P, D,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pk = tl.program_id(0)
+    pl = tl.program_id(1)
+    b = tl.program_id(2)
+    base = b.to(tl.int64) * P * D
+    ck = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    cl = pl * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    acc_ff = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    acc_ee = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    acc_x = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        r = p0 + offs_p
+        ok_r = r < P
+        p_kt = base + r[None, :] * D + ck[:, None]  # [BK, BP]: columns k, transposed
+        p_l = base + r[:, None] * D + cl[None, :]  # [BP, BK]
+        m_kt = (ck < D)[:, None] & ok_r[None, :]
+        m_l = ok_r[:, None] & (cl < D)[None, :]
+        f_kt = tl.load(F_ptr + p_kt, mask=m_kt, other=0.0)
+        e_kt = tl.load(E_ptr + p_kt, mask=m_kt, other=0.0)
+        f_l = tl.load(F_ptr + p_l, mask=m_l, other=0.0)
+        e_l = tl.load(E_ptr + p_l, mask=m_l, other=0.0)
+        acc_ff = _mma(f_kt, f_l, acc_ff, UPCAST, IEEE)
+        acc_ee = _mma(e_kt, e_l, acc_ee, UPCAST, IEEE)
+        acc_x = _mma(f_kt, e_l, acc_x, UPCAST, IEEE)
+    dd = D.to(tl.int64) * D
+    p_out = b.to(tl.int64) * 3 * dd + ck[:, None] * D + cl[None, :]
+    m_out = (ck < D)[:, None] & (cl < D)[None, :]
+    tl.store(G_ptr + p_out, acc_ff, mask=m_out)
+    tl.store(G_ptr + dd + p_out, acc_ee, mask=m_out)
+    tl.store(G_ptr + 2 * dd + p_out, acc_x, mask=m_out)
+
+
+@triton.jit
+def _gram_dd_bwd_kernel(
+    DA_ptr,  # out [NB, Pe, D] fp32: S ŝ = ¼ (F M1 + E M2)
+    F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    M1_ptr, M2_ptr,  # in [NB, D, D] working dtype: Xᵀ + EᵀE and FᵀF + X
+    P, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    b = tl.program_id(2)
+    base = b.to(tl.int64) * P * D
+    base_m = b.to(tl.int64) * D * D
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        m_a = (rows < P)[:, None] & (kk < D)[None, :]
+        m_m = (kk < D)[:, None] & (cols < D)[None, :]
+        p_a = base + rows[:, None] * D + kk[None, :]  # [BM, BK]
+        p_m = base_m + kk[:, None] * D + cols[None, :]  # [BK, BN]
+        acc = _mma(tl.load(F_ptr + p_a, mask=m_a, other=0.0),
+                   tl.load(M1_ptr + p_m, mask=m_m, other=0.0), acc, UPCAST, IEEE)
+        acc = _mma(tl.load(E_ptr + p_a, mask=m_a, other=0.0),
+                   tl.load(M2_ptr + p_m, mask=m_m, other=0.0), acc, UPCAST, IEEE)
+    m_o = (rows < P)[:, None] & (cols < D)[None, :]
+    tl.store(DA_ptr + base + rows[:, None] * D + cols[None, :], 0.25 * acc, mask=m_o)
+
+
+@triton.jit
+def _gram_norm_bwd_kernel(
+    DS_ptr,  # out [R, D] student gradient, student dtype
+    DA_ptr,  # in  [R, D] fp32 S ŝ (unscaled dL/dŝ)
+    S_ptr,  # in  [R, D] student rows
+    Scale_ptr,  # in  [1] fp32: 4·grad_out / N
+    D, EPS,
+    BLOCK_D: tl.constexpr,
+):
+    """Backward of ŝ = s / max(‖s‖, eps): ds = (g - ŝ (ŝ·g)) / ‖s‖ (or g / eps below eps)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * D
+    offs = tl.arange(0, BLOCK_D)
+    scale = tl.load(Scale_ptr)
+    ss = tl.zeros((BLOCK_D,), tl.float32)
+    sg = tl.zeros((BLOCK_D,), tl.float32)
+    for k in range(0, D, BLOCK_D):
+        m = k + offs < D
+        s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
+        ss += s * s
+        sg += s * g
+    norm = tl.sqrt(tl.sum(ss, axis=0))
+    inv = 1.0 / tl.maximum(norm, EPS)
+    coef = tl.where(norm > EPS, tl.sum(sg, axis=0) * inv * inv, 0.0)  # (ŝ·g) / ‖s‖
+    for k in range(0, D, BLOCK_D):
+        m = k + offs < D
+        s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
+        tl.store(DS_ptr + base + k + offs, (inv * (g - s * coef)).to(DS_ptr.dtype.element_ty),
+                 mask=m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: allocate, pick the form and the fixed tile configuration, launch
+# ------------------------------------------------------------------------------------------------
+
+# Shipped GPU configurations (compile_specs() compiles exactly these). Square P×P tiles so that the
+# tile pairs (i, j), i <= j, partition the symmetric S.
+PP_GPU = dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=3)
+DD_FWD_GPU = dict(BLOCK_K=64, BLOCK_P=32, num_warps=8, num_stages=3)
+DD_BWD_GPU = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    work = _working_dtype(dtype)
+    return dict(UPCAST=is_interpreter() and work != torch.float32, IEEE=work == torch.float32)
+
+
+def _pp_config(pe: int, d: int) -> dict:
+    if not is_interpreter():
+        return dict(PP_GPU)
+    # interpreter: big tiles = few programs (it runs programs one by one)
+    return dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_D=min(128, max(16, next_pow2(d))))
+
+
+def choose_form(pe: int, d: int, clamp: int) -> int:
+    """P×P (fwd+bwd 6·Pe²·D) unless a clamp is off and D×D (10·Pe·D²) is cheaper: Pe > 5D/3."""
+    return FORM_DD if clamp == CLAMP_NONE and 3 * pe > 5 * d else FORM_PP
+
+
+_PAIRS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tile_pairs(num_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-block pairs (i, j) with i <= j, as two int32 tensors [num_blocks·(num_blocks+1)/2]."""
+    key = (num_blocks, str(device))
+    if key not in _PAIRS:
+        ij = torch.triu_indices(num_blocks, num_blocks)
+        _PAIRS[key] = (ij[0].to(device, torch.int32).contiguous(),
+                       ij[1].to(device, torch.int32).contiguous())
+    return _PAIRS[key]
+
+
+def _views(student: torch.Tensor, img_level: bool) -> tuple[int, int, int]:
+    b, p, d = student.shape
+    return (b, p, d) if img_level else (1, b * p, d)
+
+
+def gram_prep(student: torch.Tensor, teacher: torch.Tensor):
+    """[..., D] rows -> ŝ, ŝ + t̂, ŝ - t̂ in the working dtype, same shape, contiguous."""
+    s, t = student.contiguous(), teacher.contiguous().to(student.dtype)
+    d = s.shape[-1]
+    work = _working_dtype(s.dtype)
+    a, f, e = (torch.empty(s.shape, dtype=work, device=s.device) for _ in range(3))
+    rows = s.numel() // max(d, 1)
+    if rows:
+        _gram_prep_kernel[(rows,)](a, f, e, s, t, d, NORM_EPS,
+                                   BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)))
+    return a, f, e
+
+
+def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int):
+    """-> loss (fp32 scalar), ŝ, F, E ([NB, Pe, D] working dtype), mats ([NB, 3, D, D] fp32 for
+    the D×D form, empty for P×P)."""
+    nb, pe, d = _views(student, img_level)
+    a, f, e = (x.view(nb, pe, d) for x in gram_prep(student, teacher))
+    flags = _dot_flags(student.dtype)
+    n = float(nb) * pe * pe
+    if form == FORM_PP:
+        cfg = _pp_config(pe, d)
+        pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
+        partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
+        _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, f, e, pi, pj, pe, d, pi.numel(),
+                                              CLAMP=clamp, **cfg, **flags)
+        loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
+        mats = torch.empty(0, dtype=torch.float32, device=student.device)
+    else:
+        cfg = dict(DD_FWD_GPU) if not is_interpreter() else dict(
+            BLOCK_K=min(64, max(16, next_pow2(d))), BLOCK_P=min(128, max(16, next_pow2(pe))))
+        mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
+        grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
+        _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
+        g_ff, g_ee, x = mats.unbind(1)  # [NB, D, D] each
+        loss = 0.5 * ((g_ff * g_ee).sum() + (x * x.mT).sum()) / n
+    return loss, a, f, e, mats
+
+
+def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torch.Tensor,
+             e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int, form: int):
+    """dL/dstudent [B, P, D] in the student's dtype."""
+    nb, pe, d = _views(student, img_level)
+    flags = _dot_flags(student.dtype)
+    if form == FORM_PP:
+        cfg = _pp_config(pe, d)
+        pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
+        da = torch.zeros(nb, pe, d, dtype=torch.float32, device=student.device)
+        _gram_pp_bwd_kernel[(pi.numel(), nb)](da, a, f, e, pi, pj, pe, d,
+                                              CLAMP=clamp, **cfg, **flags)
+    else:
+        g_ff, g_ee, x = mats.unbind(1)
+        m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
+        m2 = (g_ff + x).to(a.dtype).contiguous()
+        cfg = dict(DD_BWD_GPU) if not is_interpreter() else dict(
+            BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_N=min(64, max(16, next_pow2(d))),
+            BLOCK_K=min(64, max(16, next_pow2(d))))
+        da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
+        grid = (triton.cdiv(pe, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), nb)
+        _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
+    scale = (grad.detach().float() * (4.0 / (float(nb) * pe * pe))).reshape(1)
+    s = student.contiguous()
+    ds = torch.empty_like(s)
+    _gram_norm_bwd_kernel[(nb * pe,)](ds, da, s, scale, d, NORM_EPS,
+                                      BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)))
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library registration (so torch.compile traces the op), autograd, functional API
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastdino::gram_fwd", mutates_args=())
+def _gram_fwd_op(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int,
+                 form: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    return gram_fwd(student, teacher, img_level, clamp, form)
+
+
+@_gram_fwd_op.register_fake
+def _(student, teacher, img_level, clamp, form):
+    nb, pe, d = _views(student, img_level)
+    work = _working_dtype(student.dtype)
+    loss = student.new_empty((), dtype=torch.float32)
+    a, f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(3))
+    mats = student.new_empty((nb, 3, d, d) if form == FORM_DD else (0,), dtype=torch.float32)
+    return loss, a, f, e, mats
+
+
+@torch.library.custom_op("fastdino::gram_bwd", mutates_args=())
+def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torch.Tensor,
+                 e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
+                 form: int) -> torch.Tensor:
+    return gram_bwd(grad, student, a, f, e, mats, img_level, clamp, form)
+
+
+@_gram_bwd_op.register_fake
+def _(grad, student, a, f, e, mats, img_level, clamp, form):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+class GramFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int):
+        loss, a, f, e, mats = torch.ops.fastdino.gram_fwd(student, teacher, img_level, clamp, form)
+        ctx.save_for_backward(student, a, f, e, mats)
+        ctx.cfg = (img_level, clamp, form)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, a, f, e, mats = ctx.saved_tensors
+        ds = torch.ops.fastdino.gram_bwd(grad, student, a, f, e, mats, *ctx.cfg)
+        return ds, None, None, None, None
+
+
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
-              remove_neg: bool = False, remove_only_teacher_neg: bool = False) -> torch.Tensor:
-    """Functional API (placeholder until the Triton path lands: runs the reference)."""
-    return gram_loss_ref(student, teacher, img_level, remove_neg, remove_only_teacher_neg)
+              remove_neg: bool = False, remove_only_teacher_neg: bool = False,
+              form: str = "auto") -> torch.Tensor:
+    """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
+    only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp)."""
+    _check_inputs(student, teacher, remove_neg, remove_only_teacher_neg)
+    clamp = CLAMP_NEG if remove_neg else CLAMP_TEACHER_NEG if remove_only_teacher_neg else CLAMP_NONE
+    nb, pe, d = _views(student, img_level)
+    if form == "auto":
+        form_id = choose_form(pe, d, clamp)
+    elif form in ("pp", "dd"):
+        form_id = FORM_PP if form == "pp" else FORM_DD
+    else:
+        raise ValueError(f"gram_loss: form={form!r} is invalid: allowed is auto | pp | dd")
+    if form_id == FORM_DD and clamp != CLAMP_NONE:
+        raise ValueError("gram_loss: form='dd' cannot apply remove_neg / remove_only_teacher_neg "
+                         "(the clamp needs the P×P entries): use form='pp' or 'auto'")
+    return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id)
