@@ -4,7 +4,10 @@ list[BenchCase]`; the harness discovers it, times every provider and judges pari
 
 from __future__ import annotations
 
+import importlib
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,3 +34,209 @@ class BenchCase:
     reference_dtype: torch.dtype = torch.float32  # dtype of the truth (fp64 for cancellation)
     atol: float = 1e-6  # small absolute slack of the parity rule
     extra: dict[str, Any] = field(default_factory=dict)
+    rtol: float = 1e-5  # fp32 / fp64 cases: max|kernel - truth| <= rtol * max|truth| (+ atol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Discovery: every bench/bench_<op>.py that defines `cases` (bench_step.py is the step benchmark).
+
+BENCH_DIR = Path(__file__).resolve().parent
+NOT_CASE_MODULES = ("bench_step",)
+
+
+def available_ops() -> list[str]:
+    """Op names from the file names alone (nothing imported): bench_<op>.py -> <op>."""
+    return sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py")
+                  if p.stem not in NOT_CASE_MODULES)
+
+
+def load_cases(op: str, quick: bool, on_gpu: bool) -> list[BenchCase]:
+    module = importlib.import_module(f"bench.bench_{op}")
+    if not hasattr(module, "cases"):
+        raise AttributeError(f"bench/bench_{op}.py defines no `cases(quick, on_gpu)`")
+    return list(module.cases(quick=quick, on_gpu=on_gpu))
+
+
+# ------------------------------------------------------------------------------------------------
+# Providers and modes.
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def providers_for(case: BenchCase) -> dict[str, Callable[..., Any]]:
+    """The case's providers plus `torch_compile` = torch.compile(providers["torch"])."""
+    out = dict(case.providers)
+    if "torch_compile" not in out:
+        out["torch_compile"] = torch.compile(case.providers["torch"], dynamic=False)
+    return out
+
+
+def grad_names(case: BenchCase, inputs: dict[str, Any]) -> list[str]:
+    if case.grad_inputs is not None:
+        return list(case.grad_inputs)
+    return [k for k, v in inputs.items() if torch.is_tensor(v) and v.requires_grad]
+
+
+def fresh_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Independent leaf copies (so providers never share .grad or autograd history)."""
+    out = {}
+    for k, v in inputs.items():
+        if torch.is_tensor(v):
+            out[k] = v.detach().clone().requires_grad_(v.requires_grad)
+        else:
+            out[k] = v
+    return out
+
+
+def grad_output_like(out: torch.Tensor) -> torch.Tensor | None:
+    """None for a scalar loss (backward() seeds 1); a fixed-seed randn cotangent otherwise."""
+    if out.numel() == 1:
+        return None
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+
+
+def mode_fn(fn: Callable[..., torch.Tensor], inputs: dict[str, Any], mode: str,
+            grad_out: torch.Tensor | None) -> Callable[[], Any]:
+    """The closure that one timed call runs. `fwd` runs the training forward (grad enabled, so the
+    autograd bookkeeping a training step pays is counted); `bwd` replays the backward of one
+    forward made here (retain_graph); `fwd+bwd` does both per call."""
+    if mode == "fwd":
+        return lambda: fn(**inputs)
+    if mode == "bwd":
+        out = fn(**inputs)
+        return lambda: out.backward(grad_out, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: fn(**inputs).backward(grad_out)
+    raise ValueError(f"unknown mode {mode!r}: allowed is one of {', '.join(MODES)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing.
+
+
+@dataclass
+class Timing:
+    median: float  # ms
+    p20: float
+    p80: float
+    timer: str  # do_bench | do_bench_cudagraph | perf_counter
+
+
+CUDAGRAPH_BELOW_MS = 0.05  # ops under ~50 µs are timed from CUDA-graph replays (launch gaps hidden)
+
+
+def time_gpu(fn: Callable[[], Any], grad_to_none: list[torch.Tensor], quick: bool) -> Timing:
+    """`triton.testing.do_bench`: L2 flushed (256 MB memset) before every call, median / p20 / p80
+    of CUDA-event times. Ops under ~50 µs: `do_bench_cudagraph` (no L2 flush; falls back to
+    do_bench when the op cannot be captured)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    q = [0.5, 0.2, 0.8]
+    warmup, rep = (10, 40) if quick else (25, 100)
+    probe = do_bench(fn, warmup=5, rep=10, grad_to_none=grad_to_none, return_mode="median")
+    if probe < CUDAGRAPH_BELOW_MS:
+        try:
+            ms = do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, quantiles=q)
+            return Timing(*ms, timer="do_bench_cudagraph")
+        except Exception:  # capture refused (host sync, allocator...): events are still right
+            torch.cuda.synchronize()
+    ms = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=q)
+    return Timing(*ms, timer="do_bench")
+
+
+def time_cpu(fn: Callable[[], Any], grad_to_none: list[torch.Tensor], quick: bool) -> Timing:
+    """CPU timing (do_bench needs CUDA): one warm-up call, then calls timed one by one with
+    time.perf_counter until `budget_s` is spent (at least 3, at most `max_reps`); median / p20 /
+    p80 of the per-call times. No cache flush: the CPU path exists for regression tracking of the
+    references and the interpreter, not for roofline numbers."""
+    budget_s, max_reps = (0.2, 5) if quick else (1.0, 50)
+
+    def call() -> float:
+        for t in grad_to_none:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        times.append(call())
+    return Timing(*quantiles_ms(times), timer="perf_counter")
+
+
+def quantiles_ms(times: list[float]) -> tuple[float, float, float]:
+    """Median, p20, p80 with linear interpolation (numpy's default)."""
+    xs = sorted(times)
+
+    def q(p: float) -> float:
+        pos = p * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return q(0.5), q(0.2), q(0.8)
+
+
+def peak_memory_mb(fn: Callable[[], Any]) -> float | None:
+    """Peak allocated bytes of one call above what was allocated before it (CCE's op_mem)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# One case: every provider x mode.
+
+
+@dataclass
+class Measurement:
+    op: str
+    case: str
+    provider: str
+    mode: str
+    dtype: str
+    params: dict[str, Any]
+    timing: Timing | None = None
+    peak_mem_mb: float | None = None
+    error: str | None = None
+
+
+def run_case(case: BenchCase, device: torch.device, modes: tuple[str, ...] = MODES,
+             providers: list[str] | None = None, quick: bool = False) -> list[Measurement]:
+    """Time every provider in every mode. A provider that raises (not importable, OOM at a 7B
+    shape, a kernel bug) yields a row with `error` set; the sweep goes on."""
+    on_gpu = device.type == "cuda"
+    torch._dynamo.reset()  # each case compiles afresh (no recompile-limit fallback to eager)
+    base = case.make_inputs(device, case.dtype)
+    rows = []
+    for mode in modes:
+        for name, fn in providers_for(case).items():
+            if providers is not None and name not in providers:
+                continue
+            row = Measurement(case.op, case.name, name, mode, str(case.dtype).replace("torch.", ""),
+                              case.params)
+            try:
+                inputs = fresh_inputs(base)
+                leaves = [inputs[k] for k in grad_names(case, inputs)]
+                grad_out = None
+                if mode != "fwd":
+                    grad_out = grad_output_like(fn(**fresh_inputs(base)))
+                call = mode_fn(fn, inputs, mode, grad_out)
+                timer = time_gpu if on_gpu else time_cpu
+                row.timing = timer(call, leaves, quick)
+                if on_gpu:
+                    row.peak_mem_mb = peak_memory_mb(call)
+            except Exception as e:  # recorded, printed, and the sweep continues
+                row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                if on_gpu:
+                    torch.cuda.empty_cache()
+            rows.append(row)
+    return rows

@@ -1,0 +1,109 @@
+"""`python -m bench`: kernel microbenchmarks, parity checks, the step benchmark, the compile report.
+
+Works from a bare copy of the repo (no pip install): the repo root goes on sys.path and
+`fastdino.kernels` is mapped to kernels/ (bench/_paths.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._paths import ensure_importable  # noqa: E402
+
+EPILOG = """\
+targets:
+  <op>             one kernel: the cases of bench/bench_<op>.py
+  all              every bench/bench_<op>.py present (a module that fails to import is reported
+                   and skipped)
+  step             end-to-end training-step benchmark (bench/bench_step.py; see `step --help`)
+  compile-report   compile every kernel spec for sm_90 and sm_80 without a GPU and print
+                   registers / spills / shared memory (see `compile-report --help`)
+
+timing:
+  CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 of CUDA-event
+        times); ops under ~50 us use do_bench_cudagraph. Peak memory = max_memory_allocated delta
+        of one call. Metric: model GB/s against a measured 1 GiB device-to-device copy, or
+        TFLOP/s against a measured bf16 GEMM, with the case's byte / FLOP formula.
+  CPU:  Triton runs under its interpreter (TRITON_INTERPRET=1 is set before any kernel module is
+        imported) on the interpreter-sized cases (cases(on_gpu=False)); each call is timed with
+        time.perf_counter after one warm-up (median, p20, p80; no cache flush, no roofline),
+        single-threaded (torch.set_num_threads(1)) so a shared machine gives stable numbers.
+modes: fwd (training forward, grad enabled), bwd (backward of one forward, retain_graph),
+       fwd+bwd.
+providers: torch (the <op>_ref), torch_compile (torch.compile of it), triton (ours), and any
+       named peer a case adds when importable (e.g. liger).
+
+--check: per case, the forward and every gradient of `triton` at the case dtype against `torch`
+  on inputs upcast to the case's reference dtype (the truth). fp32: max|k-truth| <= max(rtol *
+  max|truth|, 2 * max|torch_fp32-truth|) + atol; bf16/fp16: max|k-truth| <= 2 * max|torch_lowp -
+  truth| + atol. Prints PASS/FAIL per quantity; exit code 1 on any failure.
+
+results: JSON lines appended to <out>/<gpu-slug>-<date>.jsonl (schema in bench/results.py),
+  tagged with GPU name, commit (FASTDINO_COMMIT or git), torch and triton versions.
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("target", help="an op name, all, step or compile-report (see below)")
+    p.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
+    p.add_argument("--check", action="store_true", help="parity check instead of timing")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder for the JSONL results (default: bench/results)")
+    p.add_argument("--providers", default=None,
+                   help="comma list to time, e.g. torch,triton (default: all of the case's + "
+                        "torch_compile)")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--cases", default=None, help="only cases whose name contains this text")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda when available")
+    p.add_argument("--no-save", action="store_true", help="print only, append no JSON lines")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("step", "compile-report"):
+        ensure_importable()
+        if argv[0] == "step":
+            from bench.bench_step import main as step_main
+        else:
+            from bench.compile_report import main as step_main
+        return step_main(argv[1:])
+    args = parse_args(argv)
+
+    import torch
+
+    from bench.harness import MODES, available_ops
+
+    ops = available_ops()
+    if args.target != "all" and args.target not in ops:
+        print(f"error: unknown op {args.target!r}: available are {', '.join(ops)}, all, step, "
+              "compile-report", file=sys.stderr)
+        return 2
+    modes = tuple(args.modes.split(","))
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        print(f"error: unknown mode(s) {bad}: allowed is {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    on_gpu = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if not on_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    ensure_importable()
+    from bench.runner import run
+
+    return run(ops if args.target == "all" else [args.target], args, on_gpu)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The sweep behind `python -m bench <op|all> [--check]`: load cases, time or check them, print the
+tables, append the JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import torch
+
+from bench import results
+from bench.harness import load_cases, run_case
+from bench.parity import check_case
+from bench.roofline import Roofline, derived_metric, measure
+
+
+def _cases(ops: list[str], args: argparse.Namespace, on_gpu: bool):
+    """Yield (op, cases or None, error). An op whose module fails to import is reported, not fatal."""
+    for op in ops:
+        try:
+            cases = load_cases(op, quick=args.quick, on_gpu=on_gpu)
+        except Exception as e:
+            traceback.print_exc()
+            yield op, None, f"{type(e).__name__}: {e}"
+            continue
+        if args.cases:
+            cases = [c for c in cases if args.cases in c.name]
+        yield op, cases, None
+
+
+def bench_records(cases, args, device, env, roof: Roofline) -> list[dict]:
+    providers = args.providers.split(",") if args.providers else None
+    records = []
+    for case in cases:
+        rows = run_case(case, device, tuple(args.modes.split(",")), providers, args.quick)
+        by_mode: dict[str, dict[str, float]] = {}
+        for m in rows:
+            if m.timing is not None:
+                by_mode.setdefault(m.mode, {})[m.provider] = m.timing.median
+        for m in rows:
+            metric = None if m.timing is None else derived_metric(case, m.mode, m.timing.median,
+                                                                  roof)
+            sp = results.speedups(by_mode.get(m.mode, {}), m.provider)
+            records.append(results.bench_record(env, m, metric, sp, roof.to_dict()))
+        print(results.format_bench_table(records[-len(rows):]), flush=True)
+        print(flush=True)
+    return records
+
+
+def check_records(cases, env, device) -> list[dict]:
+    records = []
+    for case in cases:
+        try:
+            rows = check_case(case, device)
+        except Exception as e:
+            traceback.print_exc()
+            rows = None
+            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        if rows is None:
+            rec = {"schema": results.SCHEMA_VERSION, "kind": "check", "time": results.now(),
+                   **env, "op": case.op, "case": case.name,
+                   "dtype": str(case.dtype).replace("torch.", ""), "params": case.params,
+                   "provider": "triton", "quantity": "run", "err_kernel": None,
+                   "err_torch": None, "rel_kernel": None, "scale": None, "bound": None,
+                   "passed": False, "note": err}
+            records.append(rec)
+        else:
+            records += [results.check_record(env, r, case.params, "triton") for r in rows]
+        n = 1 if rows is None else len(rows)
+        print(results.format_check_table(records[-n:]), flush=True)
+    return records
+
+
+def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if not on_gpu:
+        # one intra-op thread: on a shared CPU an OpenMP barrier waiting for a descheduled worker
+        # turns a 50 µs op into a 10-25 ms outlier; single-threaded numbers are reproducible
+        torch.set_num_threads(1)
+    env = results.environment()
+    print(f"# bench on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | "
+          f"commit {env['commit']} | interpreter={env['interpreter']}", flush=True)
+    roof = Roofline(None, None)
+    if on_gpu and not args.check:
+        roof = measure(quick=args.quick)
+        print(f"# roofline: D2D copy {roof.copy_gbps:.0f} GB/s (2 x {roof.copy_bytes / 2**30:.0f} "
+              f"GiB / t), bf16 GEMM {roof.gemm_tflops:.0f} TFLOP/s ({roof.gemm_mnk}^3)", flush=True)
+    all_records, failed_ops = [], []
+    for op, cases, err in _cases(ops, args, on_gpu):
+        if cases is None:
+            print(f"# {op}: skipped, module failed to load: {err}", flush=True)
+            failed_ops.append(op)
+            continue
+        if not cases:
+            print(f"# {op}: no cases", flush=True)
+            continue
+        print(f"## {op}: {len(cases)} case(s)", flush=True)
+        if args.check:
+            all_records += check_records(cases, env, device)
+        else:
+            all_records += bench_records(cases, args, device, env, roof)
+    if not args.no_save and all_records:
+        path = results.results_path(args.out, env)
+        results.append_jsonl(path, all_records)
+        print(f"# {len(all_records)} JSON lines appended to {path}", flush=True)
+    if args.check:
+        bad = [r for r in all_records if not r["passed"]]
+        print(f"# check: {len(all_records) - len(bad)} passed, {len(bad)} failed"
+              + (f", {len(failed_ops)} op(s) failed to load" if failed_ops else ""), flush=True)
+        return 1 if bad or failed_ops else 0
+    errors = [r for r in all_records if r["error"]]
+    if errors or failed_ops:
+        print(f"# {len(errors)} measurement(s) raised, {len(failed_ops)} op(s) failed to load",
+              file=sys.stderr)
+        return 1
+    return 0
