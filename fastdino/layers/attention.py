@@ -2,11 +2,13 @@
 
     qkv = LinearKMaskedBias(x)            [B, N, 3D] -> [B, N, 3, H, d_h] -> q, k, v [B, H, N, d_h]
     q, k <- RoPE on the patch tokens only (fp32), prefix (CLS + storage) untouched
-    o = softmax(q k^T / sqrt(d_h)) v      (backend chosen by model.attn_impl)
+    o = softmax(q k^T / sqrt(d_h)) v      (backend chosen by model.attn_impl, attn_backend.py)
     out = proj(o)                         [B, N, D]
 
 List forward (multi-crop): the pointwise qkv / proj matmuls run once on the tokens of all crop
-types concatenated; the attention core runs per crop type (the official `cat_keep_shapes`).
+types concatenated. The attention core runs per crop type (the official `cat_keep_shapes` path),
+or, with a flash-attn backend, once over all crop types packed as variable-length sequences
+(cu_seqlens): the flat token layout [sum_i B_i*N_i, 3D] already is flash-attn's packed layout.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdino.layers.attn_backend import attention, resolve_attn_impl
+from fastdino.layers.attn_backend import (
+    FLASH_BACKENDS,
+    attention,
+    check_attn_impl,
+    select_backend,
+    varlen_attention,
+)
 from fastdino.layers.rope_position_encoding import apply_rope_to_patches
 from fastdino.layers.token_cat import cat_keep_shapes, uncat_with_shapes
 
@@ -54,12 +62,20 @@ class SelfAttention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        check_attn_impl(attn_impl)
         self.num_heads = num_heads
         self.attn_impl = attn_impl
-        self.backend = resolve_attn_impl(attn_impl)
+        # Set by the backbone before its blocks run (so compiled blocks only read a string);
+        # None = choose from the tensors at call time.
+        self.backend: str | None = None
+        # Pack the crop types into one varlen call: None = when the backend is flash-attn.
+        self.pack_crops: bool | None = None
         linear_cls = LinearKMaskedBias if mask_k_bias else nn.Linear
         self.qkv = linear_cls(dim, 3 * dim, bias=qkv_bias, device=device)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device)
+
+    def _backend(self, t: torch.Tensor) -> str:
+        return self.backend or select_backend(self.attn_impl, t.device, t.dtype)
 
     def compute_attention(self, qkv: torch.Tensor, rope: Rope = None) -> torch.Tensor:
         """qkv [B, N, 3D] -> attention output before proj, [B, N, D]."""
@@ -68,12 +84,41 @@ class SelfAttention(nn.Module):
         qkv_bn3hd = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv_bn3hd.unbind(2))  # each [B, H, N, d_h]
         q, k = apply_rope_to_patches(q, k, rope)
-        o_bhnd = attention(q, k, v, self.backend)
+        o_bhnd = attention(q, k, v, self._backend(qkv))
         return o_bhnd.transpose(1, 2).reshape(B, N, D)
+
+    def _packed_attention(self, qkv_flat: torch.Tensor, shapes: list[torch.Size],
+                          rope_list: list[Rope], backend: str) -> torch.Tensor:
+        """qkv_flat [T, 3D] (crop types back to back, T = sum_i B_i*N_i) -> [T, D]."""
+        T, three_d = qkv_flat.shape
+        H = self.num_heads
+        d_h = three_d // 3 // H
+        q_parts, k_parts, lengths = [], [], []
+        offset = 0
+        for shape, rope in zip(shapes, rope_list, strict=True):
+            b, n = shape[0], shape[1]
+            qkv_i = qkv_flat[offset:offset + b * n].view(b, n, 3, H, d_h)
+            q_i, k_i = (qkv_i[:, :, j].transpose(1, 2) for j in (0, 1))  # [b, H, n, d_h]
+            q_i, k_i = apply_rope_to_patches(q_i, k_i, rope)
+            q_parts.append(q_i.transpose(1, 2).reshape(b * n, H, d_h))
+            k_parts.append(k_i.transpose(1, 2).reshape(b * n, H, d_h))
+            lengths += [n] * b
+            offset += b * n
+        q, k = torch.cat(q_parts), torch.cat(k_parts)  # [T, H, d_h]
+        v = qkv_flat.view(T, 3, H, d_h)[:, 2]
+        cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        o = varlen_attention(q, k, v, cu_seqlens.to(qkv_flat.device), max(lengths), backend)
+        return o.reshape(T, H * d_h)
 
     def forward_list(self, x_list: list[torch.Tensor], rope_list: list[Rope]) -> list[torch.Tensor]:
         x_flat, shapes, num_tokens = cat_keep_shapes(x_list)
-        qkv_list = uncat_with_shapes(self.qkv(x_flat), shapes, num_tokens)
+        qkv_flat = self.qkv(x_flat)
+        backend = self._backend(qkv_flat)
+        pack = self.pack_crops if self.pack_crops is not None else backend in FLASH_BACKENDS
+        if pack and len(x_list) > 1:
+            o_flat = self._packed_attention(qkv_flat, shapes, rope_list, backend)
+            return uncat_with_shapes(self.proj(o_flat), shapes, num_tokens)
+        qkv_list = uncat_with_shapes(qkv_flat, shapes, num_tokens)
         o_list = [self.compute_attention(qkv, rope)
                   for qkv, rope in zip(qkv_list, rope_list, strict=True)]
         o_flat, shapes, num_tokens = cat_keep_shapes(o_list)
@@ -83,4 +128,4 @@ class SelfAttention(nn.Module):
         return self.proj(self.compute_attention(self.qkv(x), rope))
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, attn_impl={self.attn_impl} ({self.backend})"
+        return f"num_heads={self.num_heads}, attn_impl={self.attn_impl}"

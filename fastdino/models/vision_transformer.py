@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fastdino.layers.attention import LinearKMaskedBias
+from fastdino.layers.attn_backend import select_backend
 from fastdino.layers.block import SelfAttentionBlock
 from fastdino.layers.layer_scale import LayerScale
 from fastdino.layers.patch_embed import PatchEmbed
@@ -45,6 +46,7 @@ class DinoVisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.n_storage_tokens = n_storage_tokens
         self.activation_checkpointing = activation_checkpointing
+        self.attn_impl = attn_impl
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, device=device)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, device=device))
@@ -114,6 +116,16 @@ class DinoVisionTransformer(nn.Module):
             return torch.utils.checkpoint.checkpoint(blk, x_list, rope_list, use_reentrant=False)
         return blk(x_list, rope_list)
 
+    def _set_attn_backend(self, tokens: torch.Tensor) -> None:
+        """Choose the attention backend for this device / compute dtype once, outside the
+        (possibly compiled) blocks, which then only read `attn.backend`."""
+        dev = tokens.device
+        dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                 else tokens.dtype)
+        backend = select_backend(self.attn_impl, dev, dtype)
+        for blk in self.blocks:
+            blk.attn.backend = backend
+
     def _ropes(self, hw_list: list[tuple[int, int]]):
         return [self.rope_embed(H=h, W=w) for h, w in hw_list]
 
@@ -132,6 +144,7 @@ class DinoVisionTransformer(nn.Module):
         # Official quirk kept: RoPE is called per block and per crop type, so in training a fresh
         # rescale is drawn for each; in eval it is deterministic, so compute it once.
         rope_list = None if self.training else self._ropes(hw_list)
+        self._set_attn_backend(tokens[0])
         for blk in self.blocks:
             ropes = rope_list if rope_list is not None else self._ropes(hw_list)
             tokens = self._run_block(blk, tokens, ropes)
@@ -166,6 +179,7 @@ class DinoVisionTransformer(nn.Module):
     def _get_intermediate_layers_not_chunked(self, x: torch.Tensor, n: int | Sequence[int] = 1
                                              ) -> list[torch.Tensor]:
         tokens, (h, w) = self.prepare_tokens_with_masks(x)
+        self._set_attn_backend(tokens)
         total = len(self.blocks)
         take = range(total - n, total) if isinstance(n, int) else n
         out = []
