@@ -22,8 +22,8 @@ The ops follow torchvision's PIL code paths: RandomResizedCrop's `get_params` (1
 ratio-clamped centre crop), `ImageEnhance` for brightness / contrast / saturation, an HSV hue shift
 with uint8 wrap-around, `convert("L")` greyscale, `ImageOps.solarize`. The Gaussian blur is a
 separable 9-tap kernel (torchvision's: exp(-x^2/(2 sigma^2)) on x = -4..4, normalised) applied as
-two 1-D convolutions on the float image with reflect padding, rounded back to uint8 (torchvision
-does the same for uint8 inputs).
+two 1-D correlations (numpy) on the float image with reflect padding, rounded back to uint8
+(torchvision does the same for uint8 inputs).
 
 All randomness comes from one `numpy.random.Generator` per image, which the loader seeds from
 (data.seed, epoch, index): an image's crops are a pure function of that triple (exact resume).
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from fastdino.config import CropsConfig
@@ -144,17 +143,21 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
 
 
 def gaussian_blur(img: Image.Image, sigma: float, kernel_size: int = 9) -> Image.Image:
-    """Separable Gaussian blur, reflect padding, on the float image; rounded back to uint8."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # [1,3,H,W]
-    k = gaussian_kernel1d(kernel_size, sigma)
+    """Separable Gaussian blur, reflect padding, on the float image; rounded back to uint8.
+
+    Two 1-D passes of 9 shifted multiply-adds in numpy: for crop-sized images this beats
+    `torch.conv2d`, whose per-call overhead dominates on small inputs in loader workers."""
+    x = np.asarray(img, dtype=np.float32)  # [H, W, 3]
+    k = gaussian_kernel1d(kernel_size, sigma).numpy()
     pad = kernel_size // 2
-    # Reflect padding needs pad < side; tiny images (a few pixels) fall back to replicate.
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, kernel_size), groups=3)  # along W
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, kernel_size, 1), groups=3)  # along H
-    out = x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(out), "RGB")
+    # numpy's "reflect" = torch's (edge not repeated); it needs pad < side, so images of a few
+    # pixels fall back to "edge".
+    mode = "reflect" if min(x.shape[:2]) > pad else "edge"
+    x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
+    h, w = x.shape[0] - 2 * pad, x.shape[1] - 2 * pad
+    rows = sum(k[i] * x[:, i:i + w] for i in range(kernel_size))  # along W: [H+2p, W, 3]
+    out = sum(k[i] * rows[i:i + h] for i in range(kernel_size))  # along H: [H, W, 3]
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
 
 
 def solarize(img: Image.Image, threshold: int = 128) -> Image.Image:
@@ -186,12 +189,14 @@ class DataAugmentationDINO:
         self.flip_p = 0.5 if crops.horizontal_flip else 0.0
         self.gram_size = crops.gram_teacher_crops_size
         self.global_max_size = max(crops.global_crops_size, self.gram_size or 0)
-        self.mean = torch.tensor(crops.mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(crops.std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = np.asarray(crops.mean, dtype=np.float32)
+        self.std = np.asarray(crops.std, dtype=np.float32)
 
     def normalize(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3,H,W]
-        return (x.to(torch.float32) / 255.0 - self.mean) / self.std
+        """ToTensor + Normalize: [3, H, W] float32. In numpy: small torch ops cost more in
+        per-call overhead than the arithmetic itself."""
+        x = (np.asarray(img, dtype=np.float32) / 255.0 - self.mean) / self.std  # [H, W, 3]
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
     def _geometric(self, img: Image.Image, size: int, scale: tuple[float, float],
                    rng: np.random.Generator, ops: CropOps) -> Image.Image:
