@@ -1,0 +1,323 @@
+"""The DALI training loader: decode and augment 2 global + N local (+ 2 Gram) crops per image on the
+GPU (CPU-only DALI without CUDA), yielding the same `Batch` stream as the torch loader.
+
+    loader = build_dali_loader(cfg, rank, world_size, start_iteration)   # iterator of Batch
+
+Data flow, per rank:
+  file order   `ShardedInfiniteOrder` (loader.py): the same sorted file list, per-epoch
+               permutation and rank striding as the torch loader, so shards are disjoint, cover
+               each epoch, and resume at `start_iteration` arithmetically.
+  source       `fn.external_source` calls `_Source` per sample in this process: it reads the file's
+               bytes, probes them cheaply (header + truncation, `dali_plan.probe_image`), replaces an
+               unreadable file by the next readable one (the torch loader's rule), and draws the
+               image's crop plan from the torch loader's per-image Generator (`dali_plan.py`).
+               `fn.readers.file` is not used: its shuffling cannot follow our epoch permutation or
+               seed, and it cannot skip a bad file.
+  decode       once per image, `fn.decoders.image` on "mixed" (nvJPEG / hardware JPEG decoder) or
+               "cpu"; every crop is then resized from the decoded image. Decoding per crop with
+               `fn.decoders.image_random_crop` would run the CPU Huffman stage 2+N times per image
+               (DALI#5274: Huffman decoding is what keeps CPU cores busy in "mixed" mode).
+  crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
+  batch        crops concatenated crop-major on the device; iBOT masks drawn on the host per step
+               by the torch loader's `masking_rng(seed, step, rank)` (identical masks), then moved.
+
+Corrupt files. The probe catches non-images and truncated files before DALI sees them. A file that
+passes it but still fails to decode stops the DALI pipeline; the loader then fully decodes (PIL) the
+files of the steps in flight, adds the bad ones to the skip set, and rebuilds the pipeline at the
+current step. Because every choice is a function of (seed, epoch, index, step), the rebuilt
+pipeline yields exactly the batches the broken one would have (with the bad file replaced).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastdino.config import Config
+from fastdino.data import dali_plan as P
+from fastdino.data.collate import Batch
+from fastdino.data.datasets import ImageFolderUnlabeled, decode_rgb
+from fastdino.data.loader import ShardedInfiniteOrder, augmentation_rng, build_dataset, masking_rng
+from fastdino.data.masking import MaskingGenerator, max_num_patches_for, sample_masks
+
+logger = logging.getLogger("fastdino.data")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_loader(requested: str) -> str:
+    """`data.loader` -> "dali" | "torch". auto = DALI when importable and CUDA is present."""
+    if requested in ("dali", "torch"):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"data.loader={requested!r}: allowed are auto, torch, dali")
+    if dali_available() and torch.cuda.is_available():
+        return "dali"
+    return "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: which file, its bytes, its plan
+
+
+@dataclass
+class SampleMeta:
+    epoch: int
+    index: int  # dataset index asked for by the order
+    used: int  # dataset index actually decoded (differs when files were skipped)
+
+
+class _Source:
+    """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta)."""
+
+    def __init__(self, images: ImageFolderUnlabeled, order: ShardedInfiniteOrder, cfg: Config,
+                 start_iteration: int) -> None:
+        self.images, self.order, self.crops = images, order, cfg.crops
+        self.seed, self.batch_size = cfg.data.seed, cfg.data.batch_size_per_gpu
+        self.start_iteration = start_iteration
+
+    def probe(self, index: int) -> tuple[np.ndarray, int, int, int]:
+        """(bytes, width, height, index used): `index` or the next file that passes the probe."""
+        paths, n = self.images.paths, len(self.images.paths)
+        for k in range(n):
+            i = (index + k) % n
+            if paths[i] in self.images.skipped:
+                continue
+            try:
+                return (*P.probe_image(paths[i]), i)
+            except P.UnreadableImage as e:
+                self.images.skipped.add(paths[i])
+                logger.warning("skipping unreadable image %s (%s)", paths[i], e)
+        raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as images")
+
+    def sample(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epoch, index = self.order.sample(step * self.batch_size + slot)
+        data, width, height, used = self.probe(index)
+        # The crops depend on the requested (epoch, index), as in the torch loader.
+        plan = P.plan_image(width, height, self.crops, augmentation_rng(self.seed, epoch, index))
+        return data, plan, np.array([epoch, index, used], dtype=np.int64)
+
+    def __call__(self, info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.sample(self.start_iteration + info.iteration, info.idx_in_batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
+                   debug: bool = False, seed: int = 0):
+    """DALI pipeline of one rank. Outputs: global 1, global 2, local 1..N, [gram 1, gram 2], meta,
+    and with `debug` also the plan [n_crops, N_PARAMS] and the decoded image shape [3]."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastdino.data.dali_ops import CropGraph
+
+    c = cfg.crops
+    on_gpu = device_id is not None
+    gram_size = c.gram_teacher_crops_size
+    global_max = max(c.global_crops_size, gram_size or 0)
+
+    @pipeline_def(enable_conditionals=True)
+    def multicrop():
+        encoded, plan, meta = fn.external_source(
+            source=source, batch=False, num_outputs=3,
+            dtype=[types.UINT8, types.FLOAT, types.INT64])
+        image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
+                                  output_type=types.RGB,
+                                  adjust_orientation=False)  # as PIL's decode in the torch loader
+        g = CropGraph("gpu" if on_gpu else "cpu", c.mean, c.std)
+
+        def distort(x, row):
+            # Each `if` runs its branch only for the samples whose coin says so.
+            if row[P.JITTER] > 0.5:
+                x = g.jitter(x, row)
+            if row[P.GRAY] > 0.5:
+                x = g.grayscale(x)
+            if row[P.BLUR] > 0.5:
+                x = g.blur(x, row)
+            if row[P.SOLARIZE] > 0.5:
+                x = g.solarize(x)
+            return x
+
+        globals_, grams = [], []
+        for k in range(2):
+            row = plan[k]
+            if gram_size is None:
+                globals_.append(g.normalize(distort(g.resize_window(image, row, c.global_crops_size),
+                                                    row), row))
+            elif c.gram_teacher_no_distortions:
+                student = distort(g.resize_window(image, row, c.global_crops_size), row)
+                globals_.append(g.normalize(student, row))
+                grams.append(g.normalize(g.resize_window(image, row, gram_size), row))
+            else:  # distort at the larger size, then resize both (torch loader's order)
+                base = distort(g.resize_window(image, row, global_max), row)
+                for size, out in ((c.global_crops_size, globals_), (gram_size, grams)):
+                    out.append(g.normalize(base if size == global_max else g.resize(base, size),
+                                           row))
+        locals_ = []
+        for i in range(c.local_crops_number):
+            row = plan[2 + i]
+            locals_.append(g.normalize(distort(g.resize_window(image, row, c.local_crops_size),
+                                               row), row))
+        outputs = [*globals_, *locals_, *grams, meta]
+        if debug:
+            outputs += [plan, image.shape()]
+        return tuple(outputs)
+
+    pipe = multicrop(batch_size=cfg.data.batch_size_per_gpu, num_threads=num_threads,
+                     device_id=device_id, seed=seed, prefetch_queue_depth=2)
+    pipe.build()
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------
+# The loader
+
+
+class DALITrainLoader:
+    """Iterator of `Batch`; `iteration` is the step of the next batch (the data position)."""
+
+    def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int,
+                 start_iteration: int, device_id: int | None, debug: bool = False) -> None:
+        self.images, self.cfg, self.rank, self.debug = images, cfg, rank, debug
+        self.device_id = device_id
+        self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
+        self.iteration = start_iteration
+        self.skipped: set[str] = set()  # reported so far (same bookkeeping as TrainLoader)
+        self.last_debug: dict | None = None  # with debug: plan/meta/decoded shape of the last batch
+        ps, gsize = cfg.model.patch_size, cfg.crops.global_crops_size
+        self.mask_generator = MaskingGenerator(gsize // ps,
+                                               max_num_patches=max_num_patches_for(gsize, ps))
+        self._start()
+
+    def _names(self) -> list[str]:
+        c = self.cfg.crops
+        names = ["global0", "global1"] + [f"local{i}" for i in range(c.local_crops_number)]
+        if c.gram_teacher_crops_size is not None:
+            names += ["gram0", "gram1"]
+        names.append("meta")
+        if self.debug:
+            names += ["plan", "image_shape"]
+        return names
+
+    def _start(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        source = _Source(self.images, self.order, self.cfg, self.iteration)
+        # The DALI seed only feeds operators we do not randomise; keep it a function of the run.
+        seed = (self.cfg.data.seed * 1_000_003 + self.rank) % 2**31
+        self.pipe = build_pipeline(source, self.cfg, self.device_id,
+                                   num_threads=max(1, self.cfg.data.num_workers), debug=self.debug,
+                                   seed=seed)
+        self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> "DALITrainLoader":
+        return self
+
+    def _recover(self, error: Exception) -> None:
+        """DALI stopped on a file the probe let through: find it by a full decode of the files
+        of the steps in flight, skip it, and restart the pipeline at the current step."""
+        depth = 3  # prefetch queue (2) + the step being returned
+        found = []
+        for step in range(self.iteration, self.iteration + depth):
+            for k in range(step * self.cfg.data.batch_size_per_gpu,
+                           (step + 1) * self.cfg.data.batch_size_per_gpu):
+                _, index = self.order.sample(k)
+                path = self.images.paths[index]
+                if path in self.images.skipped:
+                    continue
+                try:
+                    decode_rgb(path)
+                except (OSError, ValueError, SyntaxError) as e:
+                    self.images.skipped.add(path)
+                    found.append(path)
+                    logger.warning("skipping image DALI could not decode: %s (%s)", path, e)
+        if not found:
+            raise error
+        del self._it, self.pipe
+        self._start()
+
+    def __next__(self) -> Batch:
+        for _ in range(8):  # each round removes at least one bad file
+            try:
+                out = next(self._it)[0]
+                break
+            except StopIteration:
+                raise
+            except RuntimeError as e:
+                self._recover(e)
+        else:
+            raise RuntimeError("DALI loader: too many undecodable files in a row")
+        batch = self._to_batch(out)
+        self.iteration += 1
+        return batch
+
+    def _to_batch(self, out: dict) -> Batch:
+        c, b = self.cfg.crops, self.cfg.data.batch_size_per_gpu
+        # Crop-major, as `collate_fn`: [all images' crop 0, all images' crop 1, ...]; on device.
+        global_crops = torch.cat([out["global0"], out["global1"]])  # [2B, 3, Hg, Wg]
+        local_crops = torch.cat([out[f"local{i}"] for i in range(c.local_crops_number)])
+        gram_crops = (torch.cat([out["gram0"], out["gram1"]])
+                      if c.gram_teacher_crops_size is not None else None)
+        meta = out["meta"].cpu()  # [B, 3] (epoch, index, used): tiny bookkeeping only
+        skipped = self._skipped_paths(meta)
+        ps = self.cfg.model.patch_size
+        hg, wg = global_crops.shape[-2:]
+        m = sample_masks(2 * b, (hg // ps, wg // ps), masking_rng(self.cfg.data.seed,
+                                                                    self.iteration, self.rank),
+                         mask_probability=self.cfg.ibot.mask_sample_probability,
+                         ratio_min_max=self.cfg.ibot.mask_ratio_min_max,
+                         mask_generator=self.mask_generator)
+        if self.debug:
+            self.last_debug = {"meta": meta, "plan": out["plan"].cpu(),
+                               "image_shape": out["image_shape"].cpu()}
+        nb = self.device.type == "cuda"
+        return Batch(global_crops=global_crops, local_crops=local_crops,
+                     masks=m.masks.to(self.device, non_blocking=nb),
+                     mask_indices=m.mask_indices.to(self.device, non_blocking=nb),
+                     masks_weight=m.masks_weight.to(self.device, non_blocking=nb),
+                     n_masked_patches=m.n_masked_patches.to(self.device, non_blocking=nb),
+                     gram_crops=gram_crops, n_images=b, skipped_files=skipped)
+
+    def _skipped_paths(self, meta: torch.Tensor) -> tuple[str, ...]:
+        paths, n, out = self.images.paths, len(self.images.paths), []
+        for _, index, used in meta.tolist():
+            for k in range((used - index) % n):
+                out.append(paths[(index + k) % n])
+        for path in out:
+            if path not in self.skipped:
+                self.skipped.add(path)
+                logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
+                               len(self.skipped), self.num_images)
+        return tuple(out)
+
+
+def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
+                      start_iteration: int = 0, debug: bool = False) -> DALITrainLoader:
+    """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
+    device when there is one (crops stay on the GPU), CPU-only DALI otherwise."""
+    if not dali_available():
+        raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
+                           "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
+    images = build_dataset(cfg)
+    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d)",
+                len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
+                f"GPU {device_id} (mixed decode)" if device_id is not None else "CPU-only",
+                start_iteration)
+    return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug)

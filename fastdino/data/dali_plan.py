@@ -1,0 +1,125 @@
+"""Host side of the DALI loader: each image's augmentation parameters, drawn on the CPU.
+
+DALI's own random operators cannot be replayed (a seed does not name a crop, DALI#2601) and their
+crop windows cannot be read back (DALI#2576). So every random choice of a crop is drawn here, per
+image, from the same `numpy.random.Generator` the torch loader uses, seeded by (data.seed, epoch,
+index), in the same order as `DataAugmentationDINO` draws it. The DALI graph only *executes* the
+plan. Consequences:
+- an image gets the same crop windows, flips, jitter factors and order, greyscale, blur sigma and
+  solarize decisions under both loaders (tests compare them coin by coin, and pixels);
+- a resumed run sees exactly the crops of an uninterrupted one;
+- the per-sample coin flips are known, so tests measure every augmentation rate directly.
+
+The plan of one image is a float32 array [n_crops, N_PARAMS]; rows are global 1, global 2, then
+the local crops. Columns are the constants below. Jitter is 4 ordered "slots": slot k applies only
+the op order[k] (its factor in its column), the other three of the slot stay neutral (1 or 0), so a
+static DALI graph reproduces torchvision's random per-sample order.
+
+No DALI import here: the plan, the cheap file probe and their tests run without DALI.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from fastdino.config import CropsConfig
+from fastdino.data.transforms import BLUR_PROBABILITIES, random_resized_crop_params
+
+TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER = range(6)
+SLOT0 = 6  # 4 slots x (brightness, contrast, saturation, hue)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+GRAY, BLUR, SIGMA, SOLARIZE = range(SLOT0 + 16, SLOT0 + 20)
+N_PARAMS = SOLARIZE + 1
+NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue shift
+SOLARIZE_P = 0.2  # global crop 2 only
+JITTER_P, GRAY_P = 0.8, 0.2
+BRIGHTNESS_J, CONTRAST_J, SATURATION_J, HUE_J = 0.4, 0.4, 0.2, 0.1
+
+
+def slot(k: int, op: int) -> int:
+    """Column of op `op` (BRIGHTNESS..HUE) in jitter slot k (0..3)."""
+    return SLOT0 + 4 * k + op
+
+
+def _draw_crop(row: np.ndarray, width: int, height: int, scale: tuple[float, float],
+               flip_p: float, blur_p: float, solarize_p: float, rng: np.random.Generator) -> None:
+    """Fill one row, consuming `rng` exactly as DataAugmentationDINO._geometric + _distort."""
+    top, left, h, w = random_resized_crop_params(width, height, scale, (3 / 4, 4 / 3), rng)
+    row[[TOP, LEFT, HEIGHT, WIDTH]] = top, left, h, w
+    row[FLIP] = rng.random() < flip_p
+    for k in range(4):
+        row[[slot(k, op) for op in range(4)]] = NEUTRAL
+    if rng.random() < JITTER_P:
+        row[JITTER] = 1
+        order = rng.permutation(4)  # torchvision ColorJitter's fn_idx
+        b = rng.uniform(1 - BRIGHTNESS_J, 1 + BRIGHTNESS_J)
+        c = rng.uniform(1 - CONTRAST_J, 1 + CONTRAST_J)
+        s = rng.uniform(1 - SATURATION_J, 1 + SATURATION_J)
+        hue = rng.uniform(-HUE_J, HUE_J)
+        factors = (b, c, s, hue)
+        for k, op in enumerate(order):
+            row[slot(k, int(op))] = factors[int(op)]
+    row[GRAY] = rng.random() < GRAY_P
+    if rng.random() < blur_p:
+        row[BLUR] = 1
+        row[SIGMA] = rng.uniform(0.1, 2.0)
+    else:
+        row[SIGMA] = 0.1  # unused (the blur branch is skipped); a valid sigma all the same
+    row[SOLARIZE] = rng.random() < solarize_p
+
+
+def plan_image(width: int, height: int, crops: CropsConfig, rng: np.random.Generator) -> np.ndarray:
+    """[2 + n_local, N_PARAMS] float32: the random choices of every crop of one image."""
+    blur_p = BLUR_PROBABILITIES[crops.blur_probabilities]
+    flip_p = 0.5 if crops.horizontal_flip else 0.0
+    plan = np.zeros((2 + crops.local_crops_number, N_PARAMS), dtype=np.float32)
+    for g in range(2):
+        _draw_crop(plan[g], width, height, crops.global_crops_scale, flip_p, blur_p[g],
+                   SOLARIZE_P if g == 1 else 0.0, rng)
+    for i in range(crops.local_crops_number):
+        _draw_crop(plan[2 + i], width, height, crops.local_crops_scale, flip_p, blur_p[2], 0.0, rng)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Cheap validity probe. DALI's decoders fail the whole pipeline on one bad file, and decoding on the
+# host to check would cost what DALI saves. The probe reads the bytes (DALI needs them anyway),
+# parses the header with PIL (no pixel decoding) and checks that the file is not truncated, the
+# common corruption: a JPEG must end with its EOI marker, a PNG with its IEND chunk, a WebP's RIFF
+# size must match the file, a BMP's declared size must fit. A file corrupt in the middle passes the
+# probe; the loader catches DALI's error for it and recovers (see `dali.py`).
+
+
+class UnreadableImage(ValueError):
+    pass
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    tail = data[-64:]
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise UnreadableImage("JPEG has no end-of-image marker (truncated)")
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise UnreadableImage("PNG has no IEND chunk (truncated)")
+    if fmt == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
+        raise UnreadableImage("WebP is shorter than its RIFF header says (truncated)")
+    if fmt == "BMP" and int.from_bytes(data[2:6], "little") > len(data):
+        raise UnreadableImage("BMP is shorter than its header says (truncated)")
+
+
+def probe_image(path: str) -> tuple[np.ndarray, int, int]:
+    """(encoded bytes as uint8 [n], width, height) of a file that looks decodable; raises
+    UnreadableImage otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
+            width, height, fmt = img.width, img.height, img.format
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+    if width <= 0 or height <= 0:
+        raise UnreadableImage(f"empty image {width}x{height}")
+    _check_complete(data, fmt)
+    return np.frombuffer(data, dtype=np.uint8), width, height
