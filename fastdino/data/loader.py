@@ -176,10 +176,20 @@ def build_dataset(cfg: Config) -> ImageFolderUnlabeled:
 
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                        start_iteration: int = 0) -> TrainLoader:
-    """Infinite iterator of this rank's `Batch`es, starting at step `start_iteration`."""
-    if cfg.data.loader == "dali":
-        raise RuntimeError("DALI loader not available: fastdino has no DALI pipeline yet; "
-                           "set data.loader=torch (or auto)")
+    """Infinite iterator of this rank's `Batch`es, starting at step `start_iteration`.
+
+    data.loader: torch -> this loader; dali -> `fastdino.data.dali` (an error if it cannot run);
+    auto -> DALI when it is importable and CUDA is present, else this loader."""
+    if cfg.data.loader in ("dali", "auto"):
+        try:  # imported lazily: dali.py builds on this module
+            from fastdino.data import dali
+        except ImportError as e:
+            dali, why = None, f"{type(e).__name__}: {e}"
+        if dali is not None and dali.choose_loader(cfg.data.loader) == "dali":
+            return dali.build_dali_loader(cfg, rank, world_size, start_iteration)
+        if cfg.data.loader == "dali":
+            raise RuntimeError(f"DALI loader not available: fastdino.data.dali cannot be imported "
+                               f"({why}); set data.loader=torch or auto")
     images = build_dataset(cfg)
     logger.info("found %d images in %s (rank %d/%d, %d per step, %d workers, from step %d)",
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,

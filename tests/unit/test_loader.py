@@ -1,6 +1,7 @@
 """The torch training loader: Batch contract, corrupt files, errors, sharding, exact resume."""
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from fastdino.config import load_config
 from fastdino.data.collate import Batch
-from fastdino.data.loader import ShardedInfiniteOrder, build_train_loader
+from fastdino.data.loader import ShardedInfiniteOrder, TrainLoader, build_train_loader
 from fastdino.data.masking import mask_counts
 
 
@@ -97,9 +98,21 @@ def test_missing_and_empty_folders_error_clearly(tmp_path):
         build_train_loader(_cfg(tmp_path / "empty"))
 
 
-def test_dali_is_a_clear_error(image_dir):
+def test_dali_unavailable_is_a_clear_error(image_dir, monkeypatch):
+    # Simulate a checkout without the DALI loader module (None in sys.modules -> ImportError).
+    import fastdino.data
+
+    monkeypatch.delattr(fastdino.data, "dali", raising=False)
+    monkeypatch.setitem(sys.modules, "fastdino.data.dali", None)
     with pytest.raises(RuntimeError, match="DALI loader not available"):
         build_train_loader(_cfg(image_dir, "data.loader=dali"))
+    assert isinstance(build_train_loader(_cfg(image_dir, "data.loader=auto")), TrainLoader)
+
+
+def test_auto_without_cuda_is_the_torch_loader(image_dir):
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, auto may pick DALI")
+    assert isinstance(build_train_loader(_cfg(image_dir, "data.loader=auto")), TrainLoader)
 
 
 @pytest.mark.parametrize("n,world,batch", [(10, 2, 2), (7, 2, 3), (9, 3, 1)])
