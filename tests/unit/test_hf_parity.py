@@ -65,11 +65,17 @@ def test_hf_state_dict_round_trip(gated):
         torch.testing.assert_close(back[k], hf_sd[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglu"])
-def test_ours_to_hf_parity_and_round_trip(ffn_layer):
+@pytest.mark.parametrize("ffn_layer, extra", [
+    ("mlp", {}),
+    ("swiglu", {}),
+    ("swiglu64", {"qkv_bias": False, "n_storage_tokens": 0}),  # 7B-like: no qkv bias
+    ("mlp", {"mask_k_bias": False}),  # unmasked key bias (HF key_bias=True)
+], ids=["mlp", "swiglu", "7b_like", "k_bias"])
+def test_ours_to_hf_parity_and_round_trip(ffn_layer, extra):
     torch.manual_seed(0)
     ours = DinoVisionTransformer(embed_dim=64, depth=2, num_heads=4, ffn_layer=ffn_layer,
-                                 ffn_ratio=4.0, n_storage_tokens=4, layerscale_init=0.7).eval()
+                                 ffn_ratio=4.0, layerscale_init=0.7,
+                                 **{"n_storage_tokens": 4, **extra}).eval()
     with torch.no_grad():  # non-trivial weights everywhere, including the (masked) k bias
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -82,8 +88,9 @@ def test_ours_to_hf_parity_and_round_trip(ffn_layer):
                                    rtol=1e-5, atol=1e-5)
     back = from_hf_state_dict(to_hf_state_dict(sd), hf.config)
     assert set(back) == set(sd)
+    load_backbone_state_dict(backbone_from_hf_config(hf.config), back)  # same architecture
     for k, v in sd.items():
-        if k.endswith("attn.qkv.bias"):  # the k third is masked, so it round-trips as zero
+        if k.endswith("attn.qkv.bias") and k + "_mask" in sd:  # masked k third returns as zero
             v = v * sd[k + "_mask"]
         torch.testing.assert_close(back[k], v, rtol=0, atol=0, msg=k)
 
