@@ -1,0 +1,158 @@
+"""Training checkpoints: atomic, rotated, exactly resumable (SPEC.md §4, issue 3 item 6).
+
+    <output_dir>/checkpoints/
+        iter_0000100/                   one checkpoint ("tag")
+            <DeepSpeed files>           student + optimizer (ZeRO partitions), or torch_engine.pt
+            trainer_state.pt            teacher, Gram teacher, loss state (centers), iteration,
+                                        data position, Gram refresh count (rank 0)
+            rng_rank<r>.pt              python / numpy / torch / cuda RNG states of rank r
+        latest                          text file naming the newest complete tag (written last)
+
+Atomicity: everything is written into `checkpoints/.partial/<tag>/`, fsync'ed, then renamed to
+`checkpoints/<tag>` (one rename on one filesystem), and only then `latest` is replaced through a
+temp file + os.replace. A kill at any point leaves either the previous `latest` (pointing to a
+complete checkpoint) or the new one; a stale `.partial` is deleted at the next save.
+Every file we read back is loaded with `torch.load(..., weights_only=True)` (tensors, numbers,
+strings, lists, dicts only: the numpy RNG state is stored as a tensor for that reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdino import dist as fdist
+
+logger = logging.getLogger("fastdino")
+
+TAG_RE = re.compile(r"^iter_(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(dirpath) / f)
+        _fsync_path(Path(dirpath))
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state: dict,
+                    keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(iteration)
+    partial_root = ckpt_dir / ".partial"
+    partial = partial_root / tag
+    if fdist.is_main_process():
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    fdist.barrier()
+    engine.save_checkpoint(str(partial_root), tag)
+    torch.save(rng_state(), partial / f"rng_rank{fdist.get_rank()}.pt")
+    if fdist.is_main_process():
+        torch.save({**trainer_state, "iteration": iteration, "world_size": fdist.get_world_size()},
+                   partial / STATE_FILE)
+    fdist.barrier()
+    final = ckpt_dir / tag
+    if fdist.is_main_process():
+        _fsync_tree(partial)
+        if final.exists():  # e.g. the end-of-run save at a periodic-save iteration
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync_path(ckpt_dir)
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag + "\n")
+        _fsync_path(tmp)
+        os.replace(tmp, ckpt_dir / "latest")
+        _fsync_path(ckpt_dir)
+        _rotate(ckpt_dir, keep)
+        logger.info("checkpoint %s written", final)
+    fdist.barrier()
+    return final
+
+
+def _rotate(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+                  if p.is_dir() and (m := TAG_RE.match(p.name)))
+    for _, p in tags[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name} but {path / STATE_FILE} is missing")
+    return path
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
+    """train.resume: auto (latest in output_dir, if any) | none | a checkpoint directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir)
+    path = Path(resume)
+    if (path / "latest").is_file():
+        return latest_checkpoint(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"train.resume = {resume!r}: no {STATE_FILE} there; give a "
+                                "checkpoint directory (…/checkpoints/iter_N), its parent, auto or none")
+    return path
+
+
+def load_checkpoint(path: Path, engine) -> dict:
+    """Collective. Loads the engine state and this rank's RNG; returns the trainer state."""
+    engine.load_checkpoint(str(path.parent), path.name)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    rng_file = path / f"rng_rank{fdist.get_rank()}.pt"
+    if state.get("world_size") == fdist.get_world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    else:
+        logger.warning("checkpoint %s was written by %s ranks, this run has %d: RNG states not "
+                       "restored (the run continues, but not bit-exactly)", path,
+                       state.get("world_size"), fdist.get_world_size())
+    return state

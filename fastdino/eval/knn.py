@@ -1,0 +1,102 @@
+"""Weighted kNN probe on frozen CLS features (the DINO protocol: cosine similarity, T = 0.07).
+
+    acc = knn_probe(backbone, "labelled/", image_size=224, ks=(10, 20), temperature=0.07)
+    # {"knn_top1_k10": 0.83, "knn_top1_k20": 0.84}
+
+Folder layout: `<root>/train/<class>/*` and `<root>/val/<class>/*`; a folder with class subfolders
+only is split deterministically (every 4th image of each class is a query). Features are the
+L2-normalised `x_norm_clstoken` of the backbone in eval mode on the centre image resized to
+`image_size` and normalised. Vote: for each query, the k most similar training features vote for
+their class with weight exp(sim / T); the class with the largest sum wins (ties: lowest id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fastdino.data.datasets import LabelledImageFolder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3,H,W]
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_size: int,
+                     batch_size: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D] L2-normalised fp32, labels [N] long) of (path, label) samples."""
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    feats, labels = [], []
+    try:
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            x = torch.stack([_to_tensor(Image.open(p), image_size, mean, std) for p, _ in chunk])
+            cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]  # [b, D]
+            feats.append(F.normalize(cls.float(), dim=-1).cpu())
+            labels.extend(label for _, label in chunk)
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats), torch.tensor(labels, dtype=torch.long)
+
+
+def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
+                 test_y: torch.Tensor, ks: tuple[int, ...], temperature: float = 0.07,
+                 chunk: int = 1024) -> dict[int, float]:
+    """Top-1 accuracy of the weighted kNN vote for each k (features already normalised)."""
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    kmax = min(max(ks), train_f.shape[0])
+    correct = {k: 0 for k in ks}
+    for i in range(0, test_f.shape[0], chunk):
+        sim = test_f[i:i + chunk] @ train_f.T  # [q, Ntrain] cosine
+        top_sim, top_idx = sim.topk(kmax, dim=1)  # [q, kmax], sorted descending
+        top_y = train_y[top_idx]  # [q, kmax]
+        w = (top_sim / temperature).exp()
+        for k in ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(top_y.shape[0], n_classes)
+            votes.scatter_add_(1, top_y[:, :kk], w[:, :kk])  # [q, C]
+            correct[k] += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
+    return {k: correct[k] / test_f.shape[0] for k in ks}
+
+
+def split_samples(root: str | Path) -> tuple[list, list]:
+    """(train, query) (path, label) lists from a labelled folder (module docstring)."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = LabelledImageFolder(root / "train"), LabelledImageFolder(root / "val")
+        if train.classes != val.classes:
+            raise ValueError(f"{root}: train classes {train.classes} differ from val classes "
+                             f"{val.classes}")
+        return train.samples, val.samples
+    ds = LabelledImageFolder(root)
+    train, query, seen = [], [], {}
+    for path, label in ds.samples:
+        n = seen.get(label, 0)
+        seen[label] = n + 1
+        (query if n % 4 == 3 else train).append((path, label))
+    return train, query
+
+
+def knn_probe(backbone: nn.Module, root: str | Path, image_size: int,
+              ks: tuple[int, ...] = (10, 20), temperature: float = 0.07, batch_size: int = 64,
+              mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, float]:
+    """{"knn_top1_k<k>": accuracy} on the labelled folder `root`."""
+    train, query = split_samples(root)
+    train_f, train_y = extract_features(backbone, train, image_size, batch_size, mean, std)
+    test_f, test_y = extract_features(backbone, query, image_size, batch_size, mean, std)
+    acc = knn_classify(train_f, train_y, test_f, test_y, ks, temperature)
+    return {f"knn_top1_k{k}": a for k, a in acc.items()}

@@ -1,0 +1,226 @@
+"""SSLMetaArch: student, EMA teacher, Gram teacher and the DINOv3 objective (SPEC.md §1, §3.1).
+
+    arch = SSLMetaArch(cfg, device)              # builds student + teachers + losses
+    engine = build_engine(arch.student, groups, cfg, info)   # parallel.py wraps the student
+    arch.attach(engine)                          # EMA / Gram refresh read the engine's params
+    t = arch.teacher_output(batch, teacher_temp)             # no grad
+    s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+    loss, terms = arch.compute_losses(s, t, batch, sched_values)
+
+Legend: B images per rank, nL local crops, N patches of a global crop, M masked tokens of the
+rank, D width, K prototypes. Crops are crop-major ([crop 0 of all images, crop 1 ...]).
+The teacher and Gram teacher are replicated plain modules in eval mode (no drop-path, no RoPE
+jitter: SPEC.md §9.4), outside the engine. The student forward is `Student.forward`, so that
+DeepSpeed's engine (ZeRO-3 hooks) sees one forward per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdino import dist as fdist
+from fastdino.config import Config
+from fastdino.ema import copy_params, ema_update, gram_refresh_due
+from fastdino.losses.dino_clstoken_loss import DINOLoss
+from fastdino.losses.gram_loss import GramLoss
+from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
+from fastdino.losses.koleo_loss import KoLeoLoss, KoLeoLossDistributed
+from fastdino.models import build_backbone, build_head
+from fastdino.models.state_dict_io import load_backbone_state_dict
+
+logger = logging.getLogger("fastdino")
+
+
+class Student(nn.Module):
+    """backbone + dino_head + ibot_head (official names: the teacher is a copy of this)."""
+
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+
+    def forward(self, global_crops, local_crops, masks, mask_indices) -> dict[str, torch.Tensor]:
+        """Student forward: masked global crops [2B,3,Hg,Wg] + local crops [nL·B,3,Hl,Wl]."""
+        dtype = self.backbone.cls_token.dtype  # bf16 under DeepSpeed bf16, else fp32
+        g, loc = self.backbone.forward_features_list(
+            [global_crops.to(dtype), local_crops.to(dtype)], [masks, None])
+        cls_g, cls_l = g["x_norm_clstoken"], loc["x_norm_clstoken"]  # [2B, D], [nL·B, D]
+        patches = g["x_norm_patchtokens"]  # [2B, N, D]
+        masked = patches.flatten(0, 1).index_select(0, mask_indices)  # [M, D]
+        dino_logits = self.dino_head(torch.cat([cls_g, cls_l]))  # [2B + nL·B, K]
+        return {"global_cls": cls_g,  # [2B, D] pre-head CLS of the masked global crops (KoLeo)
+                "global_patches": patches,  # [2B, N, D] (Gram)
+                "dino_global_logits": dino_logits[:cls_g.shape[0]],  # [2B, K]
+                "dino_local_logits": dino_logits[cls_g.shape[0]:],  # [nL·B, K]
+                "ibot_logits": self.ibot_head(masked)}  # [M, K]
+
+    @torch.no_grad()
+    def teacher_forward(self, global_crops, mask_indices) -> dict[str, torch.Tensor]:
+        """Teacher on the unmasked global crops: CLS logits [2B,K], masked-patch logits [M,K]."""
+        g = self.backbone.forward_features(global_crops)
+        patches = g["x_norm_patchtokens"]  # [2B, N, D]
+        masked = patches.flatten(0, 1).index_select(0, mask_indices)  # [M, D]
+        return {"cls_logits": self.dino_head(g["x_norm_clstoken"]),
+                "patch_logits": self.ibot_head(masked), "patches": patches}
+
+
+def build_student(cfg: Config) -> Student:
+    backbone = build_backbone(cfg.model)
+    dim = backbone.embed_dim
+    return Student(backbone, build_head(cfg.dino.head, dim), build_head(cfg.ibot.head, dim))
+
+
+def _frozen_copy(m: nn.Module) -> nn.Module:
+    m = copy.deepcopy(m).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+class SSLMetaArch:
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        self.student = build_student(cfg).to(device)
+        # The teacher starts as the student (official: teacher.load_state_dict(student)); the
+        # copy is taken before DeepSpeed partitions the student under ZeRO-3.
+        self.teacher = _frozen_copy(self.student)
+        impl = cfg.kernels.impl
+        d = cfg.dino
+        self.dino_loss = DINOLoss(d.head.n_prototypes, d.student_temp, d.centering,
+                                  d.center_momentum, d.sk_iterations, impl).to(device)
+        self.ibot_patch_loss = iBOTPatchLoss(cfg.ibot.head.n_prototypes, d.student_temp,
+                                             d.centering, d.center_momentum, d.sk_iterations,
+                                             impl).to(device)
+        self.koleo_loss = (KoLeoLossDistributed(cfg.koleo.group_size, impl) if cfg.koleo.distributed
+                           else KoLeoLoss(impl))
+        g = cfg.gram
+        self.gram_loss = GramLoss(g.img_level, g.remove_neg, g.remove_only_teacher_neg, impl)
+        # Gram teacher: a frozen backbone copy, or the EMA teacher itself (gram.ema_teacher)
+        self.gram_teacher: nn.Module | None = None
+        self.gram_updates = 0
+        if g.use and not g.ema_teacher:
+            self.gram_teacher = _frozen_copy(self.teacher.backbone)
+            self.gram_ready = g.ckpt is not None
+            if g.ckpt is not None:
+                sd = torch.load(Path(g.ckpt).expanduser(), map_location="cpu", weights_only=True)
+                load_backbone_state_dict(self.gram_teacher, sd)
+        else:
+            self.gram_ready = g.use
+        self.engine = None
+
+    def attach(self, engine) -> None:
+        """The engine that owns the student (its `gathered` is ZeRO-3 aware)."""
+        self.engine = engine
+
+    # ------------------------------------------------------------------------------ teachers
+    @torch.no_grad()
+    def teacher_output(self, batch, teacher_temp: float) -> dict:
+        amp = torch.autocast("cuda", dtype=torch.bfloat16,
+                             enabled=batch.global_crops.is_cuda and self.engine is not None
+                             and self.engine.dtype == torch.bfloat16)
+        with amp:
+            t = self.teacher.teacher_forward(batch.global_crops, batch.mask_indices)
+            out = {"dino_targets": self.dino_loss.teacher_targets(t["cls_logits"].float(),
+                                                                 teacher_temp),
+                   "ibot_targets": self.ibot_patch_loss.teacher_targets(
+                       t["patch_logits"].float(), teacher_temp, batch.n_masked_patches)}
+            if self.cfg.gram.use and self.gram_ready:
+                if self.gram_teacher is None:  # gram.ema_teacher: the EMA teacher's patches
+                    out["gram_patches"] = t["patches"]
+                else:
+                    crops = batch.gram_crops if batch.gram_crops is not None else batch.global_crops
+                    out["gram_patches"] = self.gram_teacher.forward_features(crops)[
+                        "x_norm_patchtokens"]
+                    out["gram_hw"] = tuple(s // self.cfg.model.patch_size for s in crops.shape[-2:])
+        return out
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        ema_update(self.teacher, self.engine.module, momentum, gather=self.engine.gathered)
+
+    @torch.no_grad()
+    def update_gram_teacher(self, it: int) -> bool:
+        """Gram teacher load / refresh from the EMA teacher after step `it` (SPEC.md §1.6)."""
+        g = self.cfg.gram
+        if self.gram_teacher is None:
+            return False
+        load_now = g.it_load_ema_teacher >= 0 and it + 1 == g.it_load_ema_teacher
+        refresh = self.gram_ready and gram_refresh_due(it, g.rep_update, g.it_first_update,
+                                                       g.update_frequency, self.gram_updates,
+                                                       g.max_updates)
+        if load_now or refresh:
+            copy_params(self.gram_teacher, self.teacher.backbone)
+            self.gram_ready = True
+            self.gram_updates += int(refresh)
+            logger.info("Gram teacher %s from the EMA teacher after iteration %d",
+                        "refreshed" if refresh else "loaded", it)
+        return load_now or refresh
+
+    # -------------------------------------------------------------------------------- losses
+    def compute_losses(self, s: dict, t: dict, batch, v) -> tuple[torch.Tensor, dict]:
+        """Total objective of SPEC.md §1.7 and the logged terms (official names, §3.1)."""
+        cfg = self.cfg
+        dino = self.dino_loss(s["dino_global_logits"].float(), s["dino_local_logits"].float(),
+                              t["dino_targets"], local_loss_weight=v.local_loss_weight)
+        ibot = self.ibot_patch_loss(s["ibot_logits"].float(), t["ibot_targets"],
+                                    batch.masks_weight, n_images=batch.global_crops.shape[0])
+        B = batch.n_images
+        cls = s["global_cls"].view(2, B, -1)  # [2, B, D]
+        if cfg.koleo.distributed:
+            koleo = self.koleo_loss(cls[0]) + self.koleo_loss(cls[1])
+        else:
+            koleo = self.koleo_loss(cls).sum()  # per crop, summed over the 2 global crops
+        total = cfg.dino.loss_weight * dino["dino_loss"] + cfg.ibot.loss_weight * ibot \
+            + cfg.koleo.loss_weight * koleo
+        terms = {"dino_local_crops_loss": dino["dino_local_crops_loss"],
+                 "dino_global_crops_loss": dino["dino_global_crops_loss"],
+                 "dino_local_loss_weight": v.local_loss_weight,
+                 "koleo_loss": koleo, "ibot_loss": ibot}
+        if cfg.gram.use:
+            gram = torch.zeros((), device=total.device)
+            if "gram_patches" in t and v.gram_weight > 0:
+                hw = tuple(x // cfg.model.patch_size for x in batch.global_crops.shape[-2:])
+                gram = self.gram_loss(s["global_patches"].float(), t["gram_patches"].float(),
+                                      student_hw=hw, teacher_hw=t.get("gram_hw", hw))
+                total = total + v.gram_weight * gram
+            terms.update(gram_loss=gram, gram_loss_weight=v.gram_weight)
+        terms["total_loss"] = total
+        # collapse indicators (USERS.md §3): teacher entropy, KoLeo nearest-neighbour distances
+        terms["dino_teacher_entropy"] = t["dino_targets"].entropy()
+        terms["ibot_teacher_entropy"] = t["ibot_targets"].entropy()
+        terms.update(self.koleo_loss.last_stats or {})
+        return total, {k: x.detach() if torch.is_tensor(x) else x for k, x in terms.items()}
+
+    # ---------------------------------------------------------------------------- checkpoint
+    def state_for_checkpoint(self) -> dict:
+        st = {"teacher": self.teacher.state_dict(), "gram_updates": self.gram_updates,
+              "gram_ready": self.gram_ready}
+        if self.gram_teacher is not None:
+            st["gram_teacher"] = self.gram_teacher.state_dict()
+        for name in ("dino_loss", "ibot_patch_loss"):
+            loss = getattr(self, name)
+            st[name] = loss.state_dict()
+            st[name + "_pending_center"] = loss._pending_batch_mean  # softmax centering is lazy
+        return st
+
+    def load_from_checkpoint(self, st: dict) -> None:
+        self.teacher.load_state_dict(st["teacher"])
+        self.gram_updates, self.gram_ready = st["gram_updates"], st["gram_ready"]
+        if self.gram_teacher is not None:
+            self.gram_teacher.load_state_dict(st["gram_teacher"])
+        for name in ("dino_loss", "ibot_patch_loss"):
+            loss = getattr(self, name)
+            loss.load_state_dict(st[name])
+            pending = st[name + "_pending_center"]
+            loss._pending_batch_mean = None if pending is None else pending.to(loss.center.device)
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank (all ranks take the same decision)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return fdist.all_reduce_max(bad).item() == 0

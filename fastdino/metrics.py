@@ -1,0 +1,51 @@
+"""Progress display and JSON-lines metrics (SPEC.md §3.1 names, issue 3 item 5).
+
+Rank 0 prints one line every `log_every` iterations:
+    it 120/200 | total_loss 9.812 dino_local 6.01 dino_global 5.87 ibot 4.11 koleo -0.61 |
+    lr 1.2e-04 | 43.1 img/s | ETA 0:01:52
+and appends the same values, plus every other term, as one JSON object per line to
+`<output_dir>/metrics.jsonl` (`iteration`, `time`, official names: lr, wd, mom, last_layer_lr,
+total_loss, dino_local_crops_loss, ..., backbone_grad_norm, ...). Values are averaged over ranks
+by the caller before they reach here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+SHORT = (("total_loss", "total_loss"), ("dino_local_crops_loss", "dino_local"),
+         ("dino_global_crops_loss", "dino_global"), ("ibot_loss", "ibot"),
+         ("koleo_loss", "koleo"), ("gram_loss", "gram"))
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, total_iterations: int, start_iteration: int,
+                 images_per_step: int, enabled: bool, printer=print):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.total, self.enabled, self.printer = total_iterations, enabled, printer
+        self.images_per_step = images_per_step
+        self._t0, self._it0 = time.perf_counter(), start_iteration
+        self._last_t, self._last_it = self._t0, start_iteration
+
+    def log(self, iteration: int, values: dict[str, float]) -> dict:
+        """`iteration` = the number of completed iterations after this step."""
+        now = time.perf_counter()
+        steps = max(1, iteration - self._last_it)
+        img_s = steps * self.images_per_step / max(now - self._last_t, 1e-9)
+        per_it = (now - self._t0) / max(1, iteration - self._it0)
+        eta = datetime.timedelta(seconds=int(per_it * max(0, self.total - iteration)))
+        self._last_t, self._last_it = now, iteration
+        rec = {"iteration": iteration, "time": time.time(), "images_per_second": img_s,
+               **{k: float(v) for k, v in values.items()}}
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            terms = " ".join(f"{short} {values[k]:.4g}" for k, short in SHORT if k in values)
+            lr = values.get("lr", math.nan)
+            self.printer(f"it {iteration}/{self.total} | {terms} | lr {lr:.3g} | "
+                         f"{img_s:.1f} img/s | ETA {eta}")
+        return rec

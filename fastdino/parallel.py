@@ -1,0 +1,329 @@
+"""The student as a DeepSpeed engine (the only file that imports deepspeed), or a plain-torch
+stand-in with the same interface when DeepSpeed is not installed or the process was not started by
+a distributed launcher (`python fastdino/train.py`, e.g. the GPU benchmark machine).
+
+    dist_info = init_distributed()                  # before building anything
+    engine = build_engine(student, groups, cfg, dist_info)
+    out = engine(*inputs)                           # student forward
+    engine.backward(loss)
+    norms = engine.clip_grad_norms(max_norm)        # {"backbone": ..., "dino_head": ..., ...}
+    engine.step()                                   # optimizer step + zero_grad
+    with engine.gathered(params): ...               # full student params (ZeRO-3 safe)
+
+Gradient clipping per module (SPEC.md §3.1 step 5). DeepSpeed clips one global norm inside its
+ZeRO optimizers, so its `gradient_clipping` is set to 0 and we clip per top-level child of the
+student (backbone, dino_head, ibot_head) ourselves, between backward and step:
+- each rank reads only the gradient *fragment it owns* after DeepSpeed's reduce(-scatter):
+  ZeRO-1/2 `param._hp_mapping.get_lp_grad_fragment(...)` (a view into the partition DeepSpeed
+  flattens at step), ZeRO-3 `safe_get_local_grad` (the fp32 partition); the fragments of all
+  ranks are disjoint and cover each gradient once;
+- the per-module sums of squares [n_modules] are all-reduced (SUM) once → exact global norms;
+- each fragment is scaled by min(1, max_norm / (norm + 1e-6)) (torch's clip_grad_norm_ rule) in
+  place (ZeRO-1/2) or through `safe_set_local_grad` (ZeRO-3).
+The norms returned (and logged as `<module>_grad_norm`) are the pre-clip norms, as the official
+`clip_grad_norm_` return value. ZeRO stage 0 (fp32) keeps replicated full `.grad`s: no reduction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdino import dist as fdist
+from fastdino.config import Config, ConfigError
+
+logger = logging.getLogger("fastdino")
+
+try:  # optional: the plain-torch engine below runs without it
+    import deepspeed
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+except ImportError:  # pragma: no cover - exercised on machines without deepspeed
+    deepspeed = None
+
+CLIP_EPS = 1e-6
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    use_deepspeed: bool
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (deepspeed, torchrun) set the rendezvous environment."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_distributed() -> DistInfo:
+    """Start the process group (gloo on CPU, nccl on GPU) when launched by a launcher."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    use_ds = deepspeed is not None and launched_distributed()
+    if use_ds and not fdist.is_enabled():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    elif launched_distributed() and not fdist.is_enabled():
+        # torchrun without deepspeed: plain torch engine, still one process per rank is
+        # not supported (no gradient all-reduce in the plain engine)
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            raise RuntimeError("several ranks need DeepSpeed (pip install deepspeed); the plain "
+                               "torch engine runs one process only")
+    return DistInfo(fdist.get_rank(), fdist.get_world_size(), local_rank, device, use_ds)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if p == "bf16" else torch.float32
+
+
+# ------------------------------------------------------------------------------- DeepSpeed json
+
+
+def build_ds_config(cfg: Config, world_size: int, dtype: torch.dtype) -> dict:
+    """DeepSpeed json from the yaml, merged with the user's `deepspeed.config_file`.
+    A user setting that contradicts the yaml is an error naming both values."""
+    B, gas = cfg.data.batch_size_per_gpu, cfg.deepspeed.gradient_accumulation_steps
+    ours = {
+        "train_micro_batch_size_per_gpu": B,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": B * gas * world_size,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": False},
+        "gradient_clipping": 0.0,  # per-module clipping is ours (module docstring)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.config_file is None:
+        return ours
+    path = Path(cfg.deepspeed.config_file)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file {str(path)!r} does not exist")
+    user = json.loads(path.read_text())
+    checks = [  # (user json path, our value, yaml key that decides it)
+        (("train_micro_batch_size_per_gpu",), B, "data.batch_size_per_gpu"),
+        (("gradient_accumulation_steps",), gas, "deepspeed.gradient_accumulation_steps"),
+        (("train_batch_size",), B * gas * world_size,
+         "data.batch_size_per_gpu x deepspeed.gradient_accumulation_steps x world size"),
+        (("zero_optimization", "stage"), cfg.deepspeed.zero_stage, "deepspeed.zero_stage"),
+        (("bf16", "enabled"), dtype == torch.bfloat16, "deepspeed.precision"),
+        (("fp16", "enabled"), False, "deepspeed.precision (fp16 is not supported)"),
+        (("gradient_clipping",), 0.0, "optim.clip_grad (per-module clipping; leave it 0 here)"),
+    ]
+    for keys, want, yaml_key in checks:
+        node = user
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is not None and node != want:
+            raise ConfigError(
+                f"{path}: '{'.'.join(keys)}' = {node!r} conflicts with the yaml ({yaml_key} "
+                f"gives {want!r}); remove it from the json or change the yaml")
+    for k in ("optimizer", "scheduler"):
+        if k in user:
+            raise ConfigError(f"{path}: section '{k}' is not allowed: fastdino owns the AdamW "
+                              "groups and the schedules (optim.*, schedules.* in the yaml)")
+    merged = json.loads(json.dumps(user))
+    for k, v in ours.items():
+        if isinstance(v, dict):
+            merged.setdefault(k, {}).update(v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _adamw(groups: list[dict], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                             weight_decay=0.0, fused=device.type == "cuda")
+
+
+def build_engine(student: nn.Module, groups: list[dict], cfg: Config, info: DistInfo):
+    """DeepSpeedStudent when running under DeepSpeed, else TorchStudent."""
+    dtype = resolve_precision(cfg, info.device)
+    if info.use_deepspeed:
+        return DeepSpeedStudent(student, groups, cfg, info, dtype)
+    if cfg.deepspeed.config_file is not None:
+        raise ConfigError("deepspeed.config_file is set but this process runs without DeepSpeed "
+                          "(start it with `deepspeed --num_gpus N fastdino/train.py ...`)")
+    return TorchStudent(student, groups, cfg, info, dtype)
+
+
+# ------------------------------------------------------------------------------------ engines
+
+
+class _StudentBase:
+    module: nn.Module
+    dtype: torch.dtype
+    zero_stage: int
+
+    def module_params(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters of each top-level child (backbone, dino_head, ibot_head)."""
+        return {name: [p for p in child.parameters() if p.requires_grad]
+                for name, child in self.module.named_children()}
+
+    def gathered(self, params):
+        """Context in which `params` hold their full values (ZeRO-3 gathers; else a no-op)."""
+        return contextlib.nullcontext()
+
+    def _grad_fragments(self, p: nn.Parameter) -> torch.Tensor | None:
+        return p.grad
+
+    def _set_fragment(self, p: nn.Parameter, frag: torch.Tensor, scaled: torch.Tensor) -> None:
+        frag.copy_(scaled)
+
+    def _fragments_are_partitions(self) -> bool:
+        return False
+
+    def clip_grad_norms(self, max_norm: float) -> dict[str, float]:
+        """Per-module pre-clip grad norms; scales each module's grads to at most `max_norm`
+        (0 = report only)."""
+        mods = self.module_params()
+        frags = {n: [(p, f) for p in ps if (f := self._grad_fragments(p)) is not None]
+                 for n, ps in mods.items()}
+        device = next(self.module.parameters()).device
+        sq = torch.zeros(len(mods), dtype=torch.float64, device=device)
+        for i, n in enumerate(mods):
+            for _, f in frags[n]:
+                sq[i] += f.detach().double().pow(2).sum()
+        if self._fragments_are_partitions():
+            fdist.all_reduce_sum(sq)
+        norms = sq.sqrt()
+        if max_norm > 0:
+            for i, n in enumerate(mods):
+                coef = min(1.0, max_norm / (norms[i].item() + CLIP_EPS))
+                if coef < 1.0:
+                    for p, f in frags[n]:
+                        self._set_fragment(p, f, f * coef)
+        return {n: norms[i].item() for i, n in enumerate(mods)}
+
+    def discard_step(self) -> None:
+        """Step that leaves the parameters unchanged (non-finite gradients): gradients zeroed and
+        lr 0 in every group, then the normal step, so DeepSpeed's internal state stays in sync
+        (only the Adam moments decay by beta1/beta2 and the Adam step count advances)."""
+        for n, ps in self.module_params().items():
+            for p in ps:
+                f = self._grad_fragments(p)
+                if f is not None:
+                    self._set_fragment(p, f, torch.zeros_like(f))
+        for g in self.param_groups:
+            g["lr"] = 0.0
+        self.step()
+
+
+class TorchStudent(_StudentBase):
+    """One process, plain torch AdamW; same interface as DeepSpeedStudent."""
+
+    zero_stage = -1
+
+    def __init__(self, student, groups, cfg, info, dtype):
+        self.module = student.to(info.device)
+        self.dtype = dtype  # bf16: autocast in __call__ (params stay fp32 master weights)
+        self.device = info.device
+        self.optimizer = _adamw(groups, cfg, info.device)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.dtype == torch.bfloat16):
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        if fdist.is_main_process():
+            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       Path(save_dir) / tag / "torch_engine.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        path = Path(load_dir) / tag / "torch_engine.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: was this checkpoint written by the plain "
+                                    "torch engine? (DeepSpeed checkpoints need the deepspeed launcher)")
+        sd = torch.load(path, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(sd["module"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+
+
+class DeepSpeedStudent(_StudentBase):
+    """The student wrapped by `deepspeed.initialize` with our param groups and AdamW."""
+
+    def __init__(self, student, groups, cfg, info, dtype):
+        self.dtype = dtype
+        self.zero_stage = cfg.deepspeed.zero_stage
+        ds_config = build_ds_config(cfg, info.world_size, dtype)
+        student = student.to(info.device)
+        optimizer = _adamw(groups, cfg, info.device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=student, optimizer=optimizer, config=ds_config)
+        self.module = self.engine.module
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.engine.optimizer.param_groups
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def gathered(self, params):
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _fragments_are_partitions(self) -> bool:
+        return self.zero_stage > 0
+
+    def _grad_fragments(self, p):
+        if self.zero_stage == 3:
+            return safe_get_local_grad(p)
+        if self.zero_stage == 0:
+            return p.grad
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # this rank owns no slice of p
+            return None
+        frag = mapping.get_lp_grad_fragment(p._index_in_param_group)
+        addr = mapping.lp_fragment_address
+        if frag.numel() == p.numel() and addr.numel != p.numel():
+            frag = frag.view(-1).narrow(0, addr.start, addr.numel)  # bf16 full-buffer case
+        return frag
+
+    def _set_fragment(self, p, frag, scaled):
+        if self.zero_stage == 3:
+            safe_set_local_grad(p, scaled)
+        else:
+            frag.copy_(scaled)
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")

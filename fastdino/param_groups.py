@@ -1,0 +1,58 @@
+"""Optimizer parameter groups of SPEC.md §3.3 (official `dinov3/train/param_groups.py`).
+
+Per parameter (full name `backbone.*`, `dino_head.*`, `ibot_head.*`):
+- lr multiplier = λ^(L+1−layer_id) with layer_id 0 for patch_embed, cls_token, storage_tokens,
+  mask_token; i+1 for `blocks.i.*`; L+1 for everything else (final norm, local_cls_norm and all head
+  params → multiplier 1). `patch_embed` additionally × `patch_embed_lr_mult` (0.2).
+- wd multiplier 0 for names ending in `bias` or containing `norm` or `gamma` (LayerScale);
+  cls/storage/mask tokens DO get weight decay (SPEC.md §9.7).
+- `is_last_layer` for names containing `last_layer` (lr 0 during the freeze).
+Parameters with equal (lr_multiplier, wd_multiplier, is_last_layer) are fused into one group, in
+first-seen order, so the optimizer sees a few large groups (as the official `fuse_params_groups`).
+Frozen parameters (requires_grad False, e.g. DINOv2 `weight_g`) are left out.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+_LAYER0 = ("patch_embed", "cls_token", "storage_tokens", "mask_token", "pos_embed")
+
+
+def layer_id(name: str, n_blocks: int) -> int:
+    """Layer index of backbone-relative parameter `name` (0 .. n_blocks + 1)."""
+    if name.split(".")[0] in _LAYER0:
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return n_blocks + 1
+
+
+def param_multipliers(full_name: str, n_blocks: int, layerwise_decay: float,
+                      patch_embed_lr_mult: float) -> dict:
+    """{lr_multiplier, wd_multiplier, is_last_layer} of one student parameter."""
+    module, _, name = full_name.partition(".")
+    lid = layer_id(name, n_blocks) if module == "backbone" else n_blocks + 1
+    lr_mult = layerwise_decay ** (n_blocks + 1 - lid)
+    if module == "backbone" and name.startswith("patch_embed"):
+        lr_mult *= patch_embed_lr_mult
+    no_wd = full_name.endswith("bias") or "norm" in full_name or "gamma" in full_name
+    return {"lr_multiplier": lr_mult, "wd_multiplier": 0.0 if no_wd else 1.0,
+            "is_last_layer": "last_layer" in full_name}
+
+
+def build_param_groups(student: nn.Module, n_blocks: int, layerwise_decay: float,
+                       patch_embed_lr_mult: float) -> list[dict]:
+    """Fused groups for `student` (a module with children backbone, dino_head, ibot_head).
+    Each group: {"params", "names", "lr_multiplier", "wd_multiplier", "is_last_layer", "lr",
+    "weight_decay"}; lr and weight_decay are overwritten every step by the schedules."""
+    groups: dict[tuple, dict] = {}
+    for full_name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = param_multipliers(full_name, n_blocks, layerwise_decay, patch_embed_lr_mult)
+        key = (m["lr_multiplier"], m["wd_multiplier"], m["is_last_layer"])
+        g = groups.setdefault(key, {"params": [], "names": [], **m, "lr": 0.0, "weight_decay": 0.0})
+        g["params"].append(p)
+        g["names"].append(full_name)
+    return list(groups.values())

@@ -1,0 +1,116 @@
+"""The per-iteration schedules of SPEC.md §3.2 (v1 `CosineScheduler`, the ImageNet recipes).
+
+    sched = build_schedules(cfg, global_batch_size=B * world_size)
+    v = sched.at(it)   # v.lr, v.wd, v.momentum, v.teacher_temp, v.last_layer_lr, v.gram_weight
+
+Closed-form per iteration (no 1M-entry arrays), value-for-value equal to the official
+`CosineScheduler(base, final, total_iters, warmup_iters, start_warmup_value, freeze_iters)`:
+
+    schedule = zeros(freeze) ++ linspace(start_warmup, base, warmup)   # endpoint included
+               ++ final + ½(base − final)(1 + cos(π·i/n)),  i = 0..n−1, n = total − warmup − freeze
+    schedule[it] = final for it >= total
+
+lr scaling (`optim.scaling_rule: sqrt_wrt_1024`): lr ← lr·4·√(global_batch/1024); as in v1 only the
+peak lr is scaled, not min_lr. "epoch" = `train.epoch_length` iterations, not a pass over the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fastdino.config import Config
+
+
+class CosineScheduler:
+    """Official `dinov3/train/cosine_lr_scheduler.py::CosineScheduler`, evaluated lazily."""
+
+    def __init__(self, base_value: float, final_value: float, total_iters: int,
+                 warmup_iters: int = 0, start_warmup_value: float = 0.0, freeze_iters: int = 0):
+        if warmup_iters + freeze_iters > total_iters:
+            raise ValueError(f"warmup_iters={warmup_iters} + freeze_iters={freeze_iters} exceed "
+                             f"total_iters={total_iters}")
+        self.base, self.final, self.total = base_value, final_value, total_iters
+        self.warmup, self.start_warmup, self.freeze = warmup_iters, start_warmup_value, freeze_iters
+
+    def __getitem__(self, it: int) -> float:
+        if it >= self.total:
+            return self.final
+        if it < self.freeze:
+            return 0.0
+        it -= self.freeze
+        if it < self.warmup:
+            # np.linspace(start, base, warmup) includes both ends
+            if self.warmup == 1:
+                return self.start_warmup
+            return self.start_warmup + (self.base - self.start_warmup) * it / (self.warmup - 1)
+        i, n = it - self.warmup, self.total - self.warmup - self.freeze
+        return self.final + 0.5 * (self.base - self.final) * (1 + math.cos(math.pi * i / n))
+
+
+def cosine_ramp(it: int, start: int, length: int, peak: float) -> float:
+    """0 before `start`, cosine 0 -> peak over `length` iterations, then `peak` (Gram weight)."""
+    if it < start:
+        return 0.0
+    if length <= 0 or it >= start + length:
+        return peak
+    return peak * 0.5 * (1 - math.cos(math.pi * (it - start) / length))
+
+
+def scaled_lr(cfg: Config, global_batch_size: int) -> float:
+    """Peak lr after `optim.scaling_rule` (SPEC.md §3.2)."""
+    if cfg.optim.scaling_rule == "sqrt_wrt_1024":
+        return cfg.optim.lr * 4.0 * math.sqrt(global_batch_size / 1024.0)
+    return cfg.optim.lr
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    lr: float
+    wd: float
+    momentum: float  # EMA momentum m of the teacher: θ_t ← m·θ_t + (1−m)·θ_s
+    teacher_temp: float  # τ_t for DINO and iBOT
+    last_layer_lr: float  # lr of the `last_layer` groups (0 during the freeze)
+    gram_weight: float  # w_gram (0 when gram.use is off)
+    local_loss_weight: float  # w_local of the DINO local term
+
+
+class Schedules:
+    def __init__(self, cfg: Config, global_batch_size: int):
+        ep = cfg.train.epoch_length
+        total = cfg.train.total_iterations
+        warmup = int(cfg.optim.warmup_epochs * ep)
+        lr = scaled_lr(cfg, global_batch_size)
+        self.lr = CosineScheduler(lr, cfg.optim.min_lr, total, warmup_iters=min(warmup, total))
+        self.wd = CosineScheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
+        self.momentum = CosineScheduler(cfg.schedules.momentum_teacher,
+                                        cfg.schedules.final_momentum_teacher, total)
+        tt_warm = int(cfg.schedules.warmup_teacher_temp_epochs * ep)
+        self.teacher_temp = CosineScheduler(cfg.schedules.teacher_temp, cfg.schedules.teacher_temp,
+                                            tt_warm, warmup_iters=tt_warm,
+                                            start_warmup_value=cfg.schedules.warmup_teacher_temp)
+        self.freeze_last_layer = int(cfg.optim.freeze_last_layer_epochs * ep)
+        self.cfg = cfg
+
+    def at(self, it: int) -> ScheduleValues:
+        g = self.cfg.gram
+        gram_w = (cosine_ramp(it, g.start_iteration, g.loss_weight_warmup_iterations, g.loss_weight)
+                  if g.use else 0.0)
+        lr = self.lr[it]
+        return ScheduleValues(
+            lr=lr, wd=self.wd[it], momentum=self.momentum[it], teacher_temp=self.teacher_temp[it],
+            last_layer_lr=0.0 if it < self.freeze_last_layer else lr, gram_weight=gram_w,
+            local_loss_weight=self.cfg.dino.local_loss_weight)
+
+
+def build_schedules(cfg: Config, global_batch_size: int) -> Schedules:
+    return Schedules(cfg, global_batch_size)
+
+
+def apply_to_param_groups(param_groups: list[dict], v: ScheduleValues) -> None:
+    """Write lr·lr_multiplier and wd·wd_multiplier into every optimizer group (SPEC.md §3.1 step 1).
+    Groups are matched by their own keys (never by index: ZeRO may reorder or drop groups)."""
+    for g in param_groups:
+        base_lr = v.last_layer_lr if g["is_last_layer"] else v.lr
+        g["lr"] = base_lr * g["lr_multiplier"]
+        g["weight_decay"] = v.wd * g["wd_multiplier"]
