@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 logger = logging.getLogger("fastdino.data")
@@ -55,10 +56,26 @@ def read_file_list(file_list: str | Path) -> list[str]:
     return paths
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float greyscale (medical, satellite) -> 8-bit "L". PIL's own convert would clip
+    every value above 255 to white. Range: 16-bit modes 0..65535; "I"/"F" 0..255 if the data fits,
+    else 0..65535 if it fits, else 0..max of the image."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        hi = 65535.0
+    else:
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        hi = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    arr = np.nan_to_num(arr, nan=0.0)
+    return Image.fromarray(np.clip(arr * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def decode_rgb(path: str) -> Image.Image:
     """Fully decode `path` as an RGB PIL image (raises on unreadable or corrupt files)."""
     with Image.open(path) as img:
         img.load()  # decode now, so truncated files fail here and not inside a transform
+        if img.mode.startswith("I") or img.mode == "F":
+            return _to_8bit(img).convert("RGB")
         return img.convert("RGB")
 
 
@@ -79,6 +96,7 @@ class ImageFolderUnlabeled:
                 f"no images found in {self.source!r}: allowed extensions are "
                 f"{', '.join(IMAGE_EXTENSIONS)} (case-insensitive), searched recursively")
         self.skipped: set[str] = set()  # paths found unreadable by this process
+        self.log_skipped = True  # the train loader turns this off and reports skips itself
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -99,7 +117,9 @@ class ImageFolderUnlabeled:
             except _DECODE_ERRORS as e:
                 self.skipped.add(path)
                 bad.append(path)
-                logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                if self.log_skipped:
+                    logger.warning("skipping unreadable image %s (%s: %s)", path,
+                                   type(e).__name__, e)
         raise RuntimeError(f"none of the {n} files in {self.source!r} could be decoded as images")
 
 

@@ -77,6 +77,7 @@ class MultiCropBatches(Dataset):
 
     def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int) -> None:
         self.images = images
+        images.log_skipped = False  # workers would each log it; TrainLoader reports once per file
         self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
         self.augment = DataAugmentationDINO(cfg.crops)
         self.batch_size = cfg.data.batch_size_per_gpu

@@ -115,3 +115,10 @@ def test_digits_labelled_dir(tmp_path, monkeypatch):
     assert abs(len(val) - 0.25 * 1797) < 1
     img, _ = train[0]
     assert img.size == (16, 16) and img.mode == "RGB"
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
+    arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.png")  # a 16-bit PNG (medical / satellite data)
+    img, _, _ = ImageFolderUnlabeled(root=tmp_path).load(0)
+    assert np.asarray(img)[0, :, 0].tolist() == [0, 128, 255]
