@@ -1,4 +1,4 @@
-"""Data: image readers, the torch multi-crop pipeline, iBOT masking, the Batch contract, sample data.
+"""Data: image readers, torch multi-crop pipeline, iBOT masking, the Batch contract, sample data.
 
     from fastdino.data import Batch, build_train_loader, sample_images_dir
 """

@@ -75,7 +75,8 @@ class ShardedInfiniteOrder:
 class MultiCropBatches(Dataset):
     """Item `step` = the collated `Batch` of that step for one rank."""
 
-    def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int) -> None:
+    def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int,
+                 world_size: int) -> None:
         self.images = images
         images.log_skipped = False  # workers would each log it; TrainLoader reports once per file
         self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)

@@ -50,7 +50,8 @@ class MaskingGenerator:
         self.min_num_patches = min_num_patches
         # The official default (max_num_patches=None) falls back to num_masking_patches=None; the
         # trainer always passes 0.5*N, and so do we by default.
-        self.max_num_patches = int(0.5 * self.num_patches) if max_num_patches is None else max_num_patches
+        self.max_num_patches = (int(0.5 * self.num_patches) if max_num_patches is None
+                                else max_num_patches)
         max_aspect = max_aspect or 1.0 / min_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastdino.data.masking import (MaskingGenerator, complete_mask_randomly, mask_counts,
-                                   max_num_patches_for, sample_masks)
+from fastdino.data.masking import (
+    MaskingGenerator,
+    complete_mask_randomly,
+    mask_counts,
+    max_num_patches_for,
+    sample_masks,
+)
 
 
 def rng(seed=0):

@@ -9,9 +9,15 @@ from PIL import Image
 from scipy import ndimage
 
 from fastdino.config import CropsConfig
-from fastdino.data.transforms import (DataAugmentationDINO, adjust_hue, gaussian_blur,
-                                      gaussian_kernel1d, random_resized_crop_params, resize,
-                                      solarize)
+from fastdino.data.transforms import (
+    DataAugmentationDINO,
+    adjust_hue,
+    gaussian_blur,
+    gaussian_kernel1d,
+    random_resized_crop_params,
+    resize,
+    solarize,
+)
 
 
 def rng(seed=0):
@@ -43,7 +49,8 @@ def test_random_resized_crop_fallback_is_the_clamped_centre_crop():
     # torchvision's fallback takes h = 1, w = round(1 * 4/3) = 1, centred: left = (100-1)//2.
     assert random_resized_crop_params(100, 1, (0.9, 1.0), (3 / 4, 4 / 3), rng(0)) == (0, 49, 1, 1)
     # A 10x100 column: in_ratio 0.1 < 3/4 -> w = 10, h = round(10 / 0.75) = 13, top = (100-13)//2
-    assert random_resized_crop_params(10, 100, (0.9, 1.0), (3 / 4, 4 / 3), rng(0)) == (43, 0, 13, 10)
+    params = random_resized_crop_params(10, 100, (0.9, 1.0), (3 / 4, 4 / 3), rng(0))
+    assert params == (43, 0, 13, 10)
 
 
 def test_gaussian_kernel_is_torchvisions():
@@ -103,7 +110,7 @@ def test_same_generator_seed_same_crops():
     a = _aug()(noise_image(), rng(7))
     b = _aug()(noise_image(), rng(7))
     c = _aug()(noise_image(), rng(8))
-    assert all(torch.equal(x, y) for x, y in zip(a["global_crops"], b["global_crops"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["global_crops"], b["global_crops"], strict=True))
     assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
@@ -131,7 +138,8 @@ def _rates(aug, n):
     return counts, n_local
 
 
-@pytest.mark.parametrize("mode,g1,g2,loc", [("intended", 1.0, 0.1, 0.5), ("official", 0.0, 0.9, 0.5)])
+@pytest.mark.parametrize("mode,g1,g2,loc",
+                         [("intended", 1.0, 0.1, 0.5), ("official", 0.0, 0.9, 0.5)])
 def test_blur_and_solarize_probabilities(mode, g1, g2, loc):
     n = 400
     aug = DataAugmentationDINO(CropsConfig(global_crops_size=8, local_crops_size=8,
