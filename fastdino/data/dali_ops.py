@@ -131,4 +131,4 @@ def hue_shift_hsv(x, h):
     r2 = m[0] * mx + m[1] * q + m[2] * p + m[3] * p + m[4] * t + m[5] * mx
     g2 = m[0] * t + m[1] * mx + m[2] * mx + m[3] * q + m[4] * p + m[5] * p
     b2 = m[0] * p + m[1] * p + m[2] * t + m[3] * mx + m[4] * mx + m[5] * q
-    return fn.cast(fn.stack(r2, g2, b2, axis=2), dtype=types.UINT8)
+    return fn.cast(fn.stack(r2, g2, b2, axis=2, axis_name="C"), dtype=types.UINT8)
