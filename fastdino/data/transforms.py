@@ -84,7 +84,9 @@ def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
                         rng: np.random.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     top, left, h, w = random_resized_crop_params(img.width, img.height, scale, ratio, rng)
-    return img.resize((size, size), BICUBIC, box=(left, top, left + w, top + h))
+    # crop, then resize, as torchvision's resized_crop does for PIL (PIL's `resize(box=...)` would
+    # let the bicubic filter read pixels outside the box)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
 
 
 def resize(img: Image.Image, size: int) -> Image.Image:
