@@ -18,7 +18,7 @@ Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code
 - the 4 jitter ops run in the planned random order: 4 slots, each running (as a conditional) only
   the op whose factor the plan put there: torchvision's per-sample permutation on a static graph.
   The whole jitter is skipped (a conditional) for the 20% of crops without it.
-- greyscale: `fn.hsv(saturation=0)` (luma, 3 channels); blur: `fn.gaussian_blur` window 9, planned
+- greyscale: ITU-R 601 luma (`fn.color_space_conversion`) on 3 equal channels; blur: `fn.gaussian_blur` window 9, planned
   sigma, reflect-101 border (= torch "reflect"); solarize: x >= 128 -> 255 - x. Each in a
   conditional (`if`), so skipped crops cost nothing.
 - flip and normalisation: `fn.crop_mirror_normalize` at the end (every op above is left/right
@@ -78,7 +78,9 @@ class CropGraph:
         return x
 
     def grayscale(self, x):
-        return fn.hsv(x, saturation=0.0)
+        # Luma replicated to 3 equal channels (fn.hsv(saturation=0) leaves +-1 differences).
+        luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+        return fn.cat(luma, luma, luma, axis=2)
 
     def blur(self, x, row):
         return fn.gaussian_blur(x, window_size=9, sigma=row[P.SIGMA])

@@ -1,0 +1,333 @@
+"""The DALI loader (CPU-only DALI): Batch contract, same plan and pixels as the torch loader,
+augmentation rates, crop statistics, shards, corrupt files, exact resume, loader choice.
+
+The plan tests need no DALI; the pipeline tests are skipped when `nvidia.dali` is not importable
+(CI installs the `dali` extra only where the wheel is available)."""
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdino.config import load_config
+from fastdino.data import dali_plan as P
+from fastdino.data.collate import Batch
+from fastdino.data.loader import augmentation_rng, build_train_loader
+from fastdino.data.masking import mask_counts
+from fastdino.data.transforms import BLUR_PROBABILITIES, DataAugmentationDINO
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAVE_DALI = True
+except ImportError:
+    HAVE_DALI = False
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
+                                "(pip install 'fastdino[dali]'); the plan tests still run")
+
+
+def _write_images(folder, n, seed=0):
+    """Colourful gradients plus noise (so crops, flips and colour ops all change pixels)."""
+    g = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = int(g.integers(40, 72)), int(g.integers(40, 72))
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr = np.stack([xx * 255 // w, yy * 255 // h, 255 - (xx + yy) * 255 // (h + w)], -1)
+        arr = np.clip(arr + g.integers(-25, 26, arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i:02d}.{'png' if i % 3 == 2 else 'jpg'}",
+                                  quality=95)
+    return folder
+
+
+def _cfg(root, *extra, batch=2):
+    return load_config(None, [f"data.root={root}", "crops.global_crops_size=32",
+                              "crops.local_crops_size=16", "crops.local_crops_number=2",
+                              "model.patch_size=16", f"data.batch_size_per_gpu={batch}",
+                              "data.num_workers=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return _write_images(tmp_path_factory.mktemp("dali_imgs"), 7)
+
+
+def _dali(cfg, **kw):
+    from fastdino.data.dali import build_dali_loader
+
+    return build_dali_loader(cfg, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan (no DALI)
+
+
+@pytest.mark.parametrize("extra", [(), ("crops.blur_probabilities=official",),
+                                   ("crops.gram_teacher_crops_size=48",
+                                    "crops.horizontal_flip=false")])
+def test_plan_draws_what_the_torch_augmentation_draws(extra):
+    """Same Generator, same draws: the plan's coins equal the torch transform's recorded ops, and
+    both leave the Generator in the same state (no draw missing or extra)."""
+    cfg = _cfg("/unused", *extra)
+    aug = DataAugmentationDINO(cfg.crops, record_ops=True)
+    for k in range(30):
+        w, h = 40 + 7 * k % 50, 40 + 11 * k % 45
+        image = Image.new("RGB", (w, h), (k * 8 % 256, 100, 50))
+        rng_t, rng_p = augmentation_rng(3, 1, k), augmentation_rng(3, 1, k)
+        ops = aug(image, rng_t)["ops"]
+        plan = P.plan_image(w, h, cfg.crops, rng_p)
+        for row, op in zip(plan, ops["global"] + ops["local"]):
+            assert (row[P.FLIP], row[P.JITTER], row[P.GRAY], row[P.BLUR], row[P.SOLARIZE]) == \
+                (op.flip, op.jitter, op.grayscale, op.blur, op.solarize)
+        assert rng_t.random() == rng_p.random()
+
+
+def test_plan_jitter_slots_hold_each_op_once():
+    cfg = _cfg("/unused")
+    for k in range(50):
+        plan = P.plan_image(64, 48, cfg.crops, augmentation_rng(0, 0, k))
+        for row in plan:
+            slots = row[P.SLOT0:P.SLOT0 + 16].reshape(4, 4)  # [slot, op]
+            changed = slots != np.array(P.NEUTRAL, dtype=np.float32)
+            if row[P.JITTER]:
+                assert (changed.sum(0) == 1).all() and (changed.sum(1) == 1).all()  # permutation
+                b, c, s, hue = (slots[changed.argmax(0)[op], op] for op in range(4))
+                assert 0.6 <= b <= 1.4 and 0.6 <= c <= 1.4 and 0.8 <= s <= 1.2
+                assert -0.1 <= hue <= 0.1
+            else:
+                assert not changed.any()
+
+
+def _binomial_ok(hits, n, p):
+    """|rate - p| within 4.5 standard errors (false alarm ~ 1e-5 per check)."""
+    if p in (0.0, 1.0):
+        return hits == n * p
+    return abs(hits / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("mode", ["intended", "official"])
+def test_plan_rates_within_sampling_error(mode):
+    cfg = _cfg("/unused", f"crops.blur_probabilities={mode}")
+    plans = np.stack([P.plan_image(64, 48, cfg.crops, augmentation_rng(1, 0, k))
+                      for k in range(1500)])  # [n, 4, N_PARAMS]
+    blur = BLUR_PROBABILITIES[mode]
+    expected = {P.FLIP: (0.5,) * 3, P.JITTER: (0.8,) * 3, P.GRAY: (0.2,) * 3,
+                P.BLUR: blur, P.SOLARIZE: (0.0, 0.2, 0.0)}
+    for col, (p1, p2, pl) in expected.items():
+        for rows, p in ((plans[:, 0], p1), (plans[:, 1], p2), (plans[:, 2:].reshape(-1, P.N_PARAMS), pl)):
+            assert _binomial_ok(int(rows[:, col].sum()), len(rows), p), (col, p)
+    sig = plans[..., P.SIGMA][plans[..., P.BLUR] == 1]
+    assert sig.min() >= 0.1 and sig.max() <= 2.0 and abs(sig.mean() - 1.05) < 0.05
+
+
+def test_probe_rejects_non_images_and_truncated_files(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        good, cut = tmp_path / f"good.{fmt}", tmp_path / f"cut.{fmt}"
+        good.write_bytes(buf.getvalue())
+        cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+        data, w, h = P.probe_image(str(good))
+        assert (w, h) == (30, 20) and data.dtype == np.uint8 and len(data) == len(buf.getvalue())
+        with pytest.raises(P.UnreadableImage):
+            P.probe_image(str(cut))
+    for name, content in (("text.jpg", b"not an image"), ("empty.png", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(P.UnreadableImage):
+            P.probe_image(str(tmp_path / name))
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline (CPU-only DALI)
+
+
+@needs_dali
+def test_batch_contract_and_value_ranges(image_dir):
+    cfg = _cfg(image_dir, "crops.gram_teacher_crops_size=48")
+    loader = _dali(cfg)
+    n_masked = sum(mask_counts(4, 4))
+    lo = (0 - torch.tensor(cfg.crops.mean)) / torch.tensor(cfg.crops.std)
+    hi = (1 - torch.tensor(cfg.crops.mean)) / torch.tensor(cfg.crops.std)
+    for _ in range(2):
+        b = next(loader)
+        assert isinstance(b, Batch) and b.n_images == 2
+        assert b.global_crops.shape == (4, 3, 32, 32) and b.global_crops.dtype == torch.float32
+        assert b.local_crops.shape == (4, 3, 16, 16) and b.local_crops.dtype == torch.float32
+        assert b.gram_crops.shape == (4, 3, 48, 48) and b.gram_crops.dtype == torch.float32
+        assert b.masks.shape == (4, 4) and b.masks.dtype == torch.bool
+        assert b.mask_indices.shape == (n_masked,) and b.mask_indices.dtype == torch.long
+        assert b.masks_weight.shape == (n_masked,) and b.n_masked_patches.tolist() == [n_masked]
+        for x in (b.global_crops, b.local_crops, b.gram_crops):
+            per_channel = x.transpose(0, 1).reshape(3, -1)
+            assert (per_channel.min(1).values >= lo.view(3) - 1e-5).all()
+            assert (per_channel.max(1).values <= hi.view(3) + 1e-5).all()
+            assert x.std() > 0.1  # real image content, not a constant
+    assert loader.iteration == 2
+
+
+def _per_crop_mad(a, b):
+    return (a - b).abs().mean((1, 2, 3))
+
+
+@needs_dali
+@pytest.mark.parametrize("extra", [(), ("crops.gram_teacher_crops_size=48",)])
+def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra):
+    """Both loaders execute the same plan: crops with no colour op agree to resampling error,
+    colour-augmented ones to rounding (each op matches PIL within 1 level); masks are identical."""
+    cfg = _cfg(image_dir, *extra, "data.num_workers=0")
+    dali = _dali(cfg, debug=True)
+    torch_loader = build_train_loader(cfg)
+    scale = float(np.mean(cfg.crops.std)) * 255  # normalised units -> 8-bit levels
+    for _ in range(4):
+        d, t = next(dali), next(torch_loader)
+        plan = dali.last_debug["plan"]  # [B, n_crops, N_PARAMS]
+        for key, crops_d, crops_t, rows in (
+                ("global", d.global_crops, t.global_crops, plan[:, :2].transpose(0, 1)),
+                ("local", d.local_crops, t.local_crops, plan[:, 2:].transpose(0, 1))):
+            rows = rows.reshape(-1, P.N_PARAMS)  # crop-major, as the batch
+            plain = (rows[:, [P.JITTER, P.GRAY, P.BLUR, P.SOLARIZE]] == 0).all(1)
+            mad = _per_crop_mad(crops_d, crops_t) * scale
+            assert (mad[plain] < 1.0).all(), (key, mad)
+            assert (mad < 4.0).all(), (key, mad)
+        if d.gram_crops is not None:  # no distortions; one resampling instead of two: looser
+            assert (_per_crop_mad(d.gram_crops, t.gram_crops) * scale < 3.0).all()
+        for f in ("masks", "mask_indices", "masks_weight", "n_masked_patches"):
+            assert torch.equal(getattr(d, f), getattr(t, f)), f
+
+
+@needs_dali
+def test_debug_coins_rates_and_effects(image_dir):
+    """The coins the pipeline acted on (debug output) are the plan's and occur at their rates;
+    greyscaled crops come out with 3 equal channels, others do not."""
+    cfg = _cfg(image_dir, "crops.local_crops_number=4", batch=8)
+    loader = _dali(cfg, debug=True)
+    mean, std = torch.tensor(cfg.crops.mean).view(3, 1, 1), torch.tensor(cfg.crops.std).view(3, 1, 1)
+    rows = []
+    for _ in range(8):
+        b = next(loader)
+        plan, meta = loader.last_debug["plan"], loader.last_debug["meta"]
+        for i, (epoch, index, _used) in enumerate(meta.tolist()):
+            w, h = Image.open(loader.images.paths[index]).size
+            ref = P.plan_image(w, h, cfg.crops, augmentation_rng(cfg.data.seed, epoch, index))
+            assert np.array_equal(plan[i].numpy(), ref)
+        image_major = b.global_crops.view(2, 8, 3, 32, 32).transpose(0, 1).reshape(-1, 3, 32, 32)
+        raw = image_major * std + mean  # back to [0, 1]
+        same = (raw.amax(1) - raw.amin(1)).amax((1, 2)) < 1e-5  # [B*2] image-major
+        gray = plan[:, :2, P.GRAY].reshape(-1) == 1
+        assert torch.equal(same, gray)
+        rows.append(plan)
+    plans = torch.cat(rows).numpy()  # [64 images, 6 crops, N_PARAMS]
+    n = len(plans)
+    for col, p in ((P.FLIP, 0.5), (P.JITTER, 0.8), (P.GRAY, 0.2)):
+        assert _binomial_ok(int(plans[:, :, col].sum()), plans.shape[0] * plans.shape[1], p), col
+    assert plans[:, 0, P.BLUR].sum() == n and _binomial_ok(int(plans[:, 1, P.BLUR].sum()), n, 0.1)
+    assert _binomial_ok(int(plans[:, 2:, P.BLUR].sum()), 4 * n, 0.5)
+    assert _binomial_ok(int(plans[:, 1, P.SOLARIZE].sum()), n, 0.2)
+    assert plans[:, [0, 2, 3, 4, 5], P.SOLARIZE].sum() == 0
+
+
+@needs_dali
+def test_crop_scale_statistics(image_dir):
+    """Windows lie inside the decoded image (DALI's shape = the probed size), with area fractions
+    in the crop type's scale range and aspect ratios in [3/4, 4/3] (up to pixel rounding)."""
+    cfg = _cfg(image_dir, batch=8)
+    loader = _dali(cfg, debug=True)
+    frac = {"global": [], "local": []}
+    for _ in range(6):
+        next(loader)
+        dbg = loader.last_debug
+        for i, (_e, _idx, used) in enumerate(dbg["meta"].tolist()):
+            w, h = Image.open(loader.images.paths[used]).size
+            assert dbg["image_shape"][i].tolist() == [h, w, 3]
+            for c, row in enumerate(dbg["plan"][i].numpy()):
+                top, left, ch, cw = row[[P.TOP, P.LEFT, P.HEIGHT, P.WIDTH]]
+                assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+                assert 3 / 4 - 0.08 <= cw / ch <= 4 / 3 + 0.08
+                frac["global" if c < 2 else "local"].append(ch * cw / (h * w))
+    for kind, (lo, hi) in (("global", cfg.crops.global_crops_scale),
+                           ("local", cfg.crops.local_crops_scale)):
+        f = np.array(frac[kind])
+        assert ((f > lo * 0.85) & (f < hi * 1.1)).mean() > 0.95, (kind, f)
+        assert lo < np.median(f) < hi
+    assert np.median(frac["local"]) < 0.5 * np.median(frac["global"])
+
+
+@needs_dali
+def test_rank_shards_are_disjoint_and_cover_each_epoch(image_dir):
+    cfg = _cfg(image_dir)
+    world, seen = 3, []
+    for rank in range(world):
+        loader = _dali(cfg, rank=rank, world_size=world, debug=True)
+        mine = []
+        for _ in range(4):  # 4 steps x 2 = 8 samples per rank: > one epoch of 7 over 3 ranks
+            next(loader)
+            mine += [tuple(m) for m in loader.last_debug["meta"][:, :2].tolist()]
+        seen.append({m for m in mine if m[0] == 0})  # (epoch, index) of epoch 0
+    assert all(not (seen[a] & seen[b]) for a in range(world) for b in range(a + 1, world))
+    assert set().union(*seen) == {(0, i) for i in range(7)}
+
+
+@needs_dali
+def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch):
+    root = _write_images(tmp_path / "imgs", 5)
+    (root / "a_text.jpg").write_bytes(b"not an image at all")
+    good = (root / "img00.jpg").read_bytes()
+    (root / "b_truncated.jpg").write_bytes(good[: len(good) // 2])
+    cfg = _cfg(root, batch=4)
+    loader = _dali(cfg)
+    for _ in range(4):  # 16 samples > 7 files: every file is met
+        b = next(loader)
+        assert b.global_crops.shape == (8, 3, 32, 32)
+    assert {p.rsplit("/", 1)[1] for p in loader.skipped} == {"a_text.jpg", "b_truncated.jpg"}
+
+    # A file the cheap probe lets through: DALI fails, the loader finds it, skips it, restarts
+    # at the same step and yields what a clean run yields (bad file replaced by the next one).
+    from fastdino.data import dali as dali_mod
+
+    def probe_nothing(path):
+        data = open(path, "rb").read()
+        try:
+            w, h = Image.open(path).size
+        except OSError:
+            w, h = 50, 50  # pretend the header was fine
+        return np.frombuffer(data, dtype=np.uint8), w, h
+
+    monkeypatch.setattr(dali_mod.P, "probe_image", probe_nothing)
+    recovering = _dali(cfg)
+    for _ in range(4):
+        b = next(recovering)
+        assert b.global_crops.shape == (8, 3, 32, 32) and torch.isfinite(b.global_crops).all()
+    assert {"a_text.jpg", "b_truncated.jpg"} <= {p.rsplit("/", 1)[1]
+                                                 for p in recovering.images.skipped}
+
+
+@needs_dali
+def test_resume_yields_exactly_the_uninterrupted_batches(image_dir):
+    cfg = _cfg(image_dir)
+    full = _dali(cfg)
+    batches = [next(full) for _ in range(3)]
+    resumed = next(_dali(cfg, start_iteration=2))
+    for f in dataclasses.fields(Batch):
+        x, y = getattr(batches[2], f.name), getattr(resumed, f.name)
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_auto_picks_dali_only_with_dali_and_cuda(monkeypatch):
+    from fastdino.data import dali as dali_mod
+
+    assert dali_mod.choose_loader("torch") == "torch" and dali_mod.choose_loader("dali") == "dali"
+    for have_dali, have_cuda, expected in ((True, True, "dali"), (True, False, "torch"),
+                                           (False, True, "torch"), (False, False, "torch")):
+        monkeypatch.setattr(dali_mod, "dali_available", lambda: have_dali)
+        monkeypatch.setattr(dali_mod.torch.cuda, "is_available", lambda: have_cuda)
+        assert dali_mod.choose_loader("auto") == expected
+    with pytest.raises(ValueError, match="allowed are auto, torch, dali"):
+        dali_mod.choose_loader("fast")
