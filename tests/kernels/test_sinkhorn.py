@@ -1,0 +1,108 @@
+"""Parity of the streaming Sinkhorn-Knopp and softmax-centering teacher kernels with their
+references (kernels/sinkhorn.py), under the Triton interpreter on CPU (the compiled kernels on a
+GPU). fp32: rtol 1e-5. bf16 logits: the DESIGN.md rule, max|kernel - ref_fp32| <=
+2·max|torch_bf16 - ref_fp32| + atol, where torch_bf16 is the reference fed the same bf16 logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdino.kernels import sinkhorn as sk
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# odd sizes, a single row, a K that is not a multiple of the block, and DINOv3's K = 65,536
+# with few rows (the CLS case the K split exists for), kept small for the interpreter
+SHAPES = [(1, 1000), (3, 1000), (37, 4096), (4, 65536)]
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def _assert_fp32(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # rtol 1e-5 on each entry, with an atol of 1e-5 of the largest entry (the probabilities of
+    # near-empty prototypes are ~1e-30 and carry relative rounding of exp2 vs exp only)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-5,
+                               atol=1e-5 * float(ref.abs().max()) + 1e-12)
+
+
+def _assert_rule(out: torch.Tensor, ref32: torch.Tensor, torch_lowp: torch.Tensor,
+                 atol: float) -> None:
+    err, err_torch = _max_err(out, ref32), _max_err(torch_lowp, ref32)
+    assert err <= 2 * err_torch + atol, f"kernel err {err:.3e} > 2 x torch err {err_torch:.3e}"
+
+
+def _logits(n: int, k: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(n, k, generator=g)).to(DEV)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sinkhorn_parity(n, k, dtype):
+    temp = 0.04
+    t = _logits(n, k)
+    ref32 = sk.sinkhorn_knopp_ref(t, temp)
+    targets = sk.sinkhorn_knopp(t.to(dtype), temp)
+    probs = targets.materialize()
+    ent_ref = sk.TeacherTargets(probs=ref32).entropy()
+    if dtype == torch.float32:
+        _assert_fp32(probs, ref32)
+        torch.testing.assert_close(targets.entropy(), ent_ref, rtol=1e-5, atol=1e-5)
+    else:
+        ref_lowp = sk.sinkhorn_knopp_ref(t.to(dtype), temp)
+        _assert_rule(probs, ref32, ref_lowp, atol=1e-6)
+        _assert_rule(targets.entropy(), ent_ref, sk.TeacherTargets(probs=ref_lowp).entropy(),
+                     atol=1e-5)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(n, device=DEV), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("iters,n_total", [(1, None), (5, 50.0)])
+def test_sinkhorn_iterations_and_n_total(iters, n_total):
+    t = _logits(37, 1000, seed=1)
+    ref = sk.sinkhorn_knopp_ref(t, 0.07, n_iterations=iters, n_total=n_total)
+    _assert_fp32(sk.sinkhorn_knopp(t, 0.07, iters, n_total).materialize(), ref)
+
+
+def test_sinkhorn_huge_logits_stay_finite():
+    temp = 0.04
+    t = _logits(8, 1000, scale=6.0, seed=2)  # |t/τ| up to ~700: exp overflows without the shift
+    assert float((t / temp).abs().max()) > 100
+    targets = sk.sinkhorn_knopp(t, temp)
+    probs = targets.materialize()
+    assert torch.isfinite(probs).all() and torch.isfinite(targets.entropy())
+    # exponents of magnitude ~700 amplify the fp32 rounding of t/τ to ~700·2^-24 ≈ 4e-5 relative
+    # in both implementations, hence rtol 2e-4 here
+    ref = sk.sinkhorn_knopp_ref(t, temp)
+    torch.testing.assert_close(probs, ref, rtol=2e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("n,k", [(3, 1000), (37, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_center_parity(n, k, dtype):
+    temp = 0.04
+    t = _logits(n, k, seed=3)
+    center = 0.3 * _logits(1, k, seed=4)
+    ref32 = sk.softmax_center_ref(t, center, temp)
+    targets, col_sum = sk.softmax_center(t.to(dtype), center, temp)
+    # the fused batch statistic: the column sum of the logits as given (bf16 values, fp32 sum)
+    torch.testing.assert_close(col_sum, sk.center_batch_sum_ref(t.to(dtype)), rtol=1e-5,
+                               atol=1e-5)
+    ent_ref = sk.TeacherTargets(probs=ref32).entropy()
+    if dtype == torch.float32:
+        _assert_fp32(targets.materialize(), ref32)
+        torch.testing.assert_close(targets.entropy(), ent_ref, rtol=1e-5, atol=1e-5)
+    else:
+        ref_lowp = sk.softmax_center_ref(t.to(dtype), center, temp)
+        _assert_rule(targets.materialize(), ref32, ref_lowp, atol=1e-6)
+        _assert_rule(targets.entropy(), ent_ref, sk.TeacherTargets(probs=ref_lowp).entropy(),
+                     atol=1e-5)
+
+
+def test_teacher_ops_opcheck():
+    """The torch.library registrations: fake impls agree with the real ones (torch.compile)."""
+    t = _logits(5, 300, seed=5)
+    cs, rs = torch.zeros(300, device=DEV), torch.zeros(5, device=DEV)
+    torch.library.opcheck(torch.ops.fastdino.teacher_col_reduce.default, (t, cs, rs, 1.0, 1))
+    torch.library.opcheck(torch.ops.fastdino.teacher_row_lse.default, (t, cs, 1.0, True))
