@@ -50,11 +50,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
         self.arch = SSLMetaArch(cfg, self.info.device)
-        torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # drop-path / RoPE jitter per rank
         groups = build_param_groups(self.arch.student, self.arch.student.backbone.n_blocks,
                                     cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
         self.engine = build_engine(self.arch.student, groups, cfg, self.info)
         self.arch.attach(self.engine)
+        # drop-path / RoPE jitter stream per rank, seeded after DeepSpeed's setup (which may draw)
+        torch.manual_seed(cfg.train.seed + 1 + self.info.rank)
         B = cfg.data.batch_size_per_gpu
         self.global_batch = B * self.info.world_size * cfg.deepspeed.gradient_accumulation_steps
         self.sched = build_schedules(cfg, self.global_batch)

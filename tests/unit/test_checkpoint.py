@@ -1,0 +1,102 @@
+"""Atomic, rotated checkpoints and exact RNG / engine round trips (single process, torch engine)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastdino import checkpoint as ck
+from fastdino.config import load_config
+from fastdino.parallel import DistInfo, TorchStudent
+
+
+def _engine():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    groups = [{"params": list(m.parameters()), "lr": 0.1, "weight_decay": 0.0,
+               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}]
+    return TorchStudent(m, groups, load_config(None, []),
+                        DistInfo(0, 1, 0, torch.device("cpu"), False), torch.float32)
+
+
+def _train_step(eng):
+    loss = eng(torch.ones(3, 4)).pow(2).sum()
+    eng.backward(loss)
+    eng.step()
+
+
+def test_save_load_roundtrip_engine_state_and_rng(tmp_path):
+    eng = _engine()
+    _train_step(eng)
+    path = ck.save_checkpoint(tmp_path, 1, eng, {"teacher": {"w": torch.arange(3)},
+                                                 "data_iteration": 1}, keep=3)
+    expect_rand = (random.random(), np.random.rand(), torch.rand(2))
+    _train_step(eng)  # change params, optimizer state and RNG
+    random.random(), np.random.rand(), torch.rand(5)
+    eng2 = _engine()
+    st = ck.load_checkpoint(ck.resolve_resume("auto", tmp_path), eng2)
+    assert path == tmp_path / "iter_0000001" and st["iteration"] == 1
+    assert torch.equal(st["teacher"]["w"], torch.arange(3))
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expect_rand[0] and got[1] == expect_rand[1]
+    assert torch.equal(got[2], expect_rand[2])
+    # the restored engine continues exactly like the original would have from the checkpoint
+    eng3 = _engine()
+    ck.load_checkpoint(path, eng3)
+    _train_step(eng2)
+    _train_step(eng3)
+    for a, b in zip(eng2.module.parameters(), eng3.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rotation_keeps_newest(tmp_path):
+    eng = _engine()
+    for it in (5, 10, 15, 20):
+        ck.save_checkpoint(tmp_path, it, eng, {"data_iteration": it}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000015", "iter_0000020"]
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000020"
+
+
+def test_kill_during_save_keeps_previous_latest(tmp_path, monkeypatch):
+    eng = _engine()
+    ck.save_checkpoint(tmp_path, 5, eng, {"data_iteration": 5}, keep=3)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(ck.os, "rename", killed)  # dies after the files, before publishing
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, 10, eng, {"data_iteration": 10}, keep=3)
+    monkeypatch.undo()
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "iter_0000005"
+    assert not (tmp_path / "iter_0000010").exists()
+    assert (tmp_path / ".partial" / "iter_0000010").exists()  # garbage, never pointed to
+    ck.save_checkpoint(tmp_path, 10, eng, {"data_iteration": 10}, keep=3)  # retry cleans up
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "iter_0000010"
+    assert not (tmp_path / ".partial" / "iter_0000010").exists()
+
+
+def test_resolve_resume_modes(tmp_path):
+    assert ck.resolve_resume("auto", tmp_path) is None
+    assert ck.resolve_resume("none", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
+        ck.resolve_resume(str(tmp_path / "nope"), tmp_path)
+    eng = _engine()
+    ck.save_checkpoint(tmp_path, 3, eng, {"data_iteration": 3}, keep=3)
+    assert ck.resolve_resume(str(tmp_path), tmp_path / "x") == tmp_path / "iter_0000003"
+    assert ck.resolve_resume(str(tmp_path / "iter_0000003"), "x") == tmp_path / "iter_0000003"
+
+
+def test_user_files_are_loaded_weights_only(tmp_path):
+    eng = _engine()
+    path = ck.save_checkpoint(tmp_path, 1, eng, {"data_iteration": 1}, keep=3)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"data_iteration": 1, "x": Evil()}, path / ck.STATE_FILE)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        ck.load_checkpoint(path, _engine())
