@@ -127,6 +127,19 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr, RNE_FIX: tl.constexpr):
+    """Cast fp32 to the working dtype. The GPU rounds to nearest even; the interpreter truncates
+    fp32 -> bf16 (even with fp_downcast_rounding="rtne"; seen 2026-07 in triton 3.6 and 3.9),
+    which shrinks |S| by ~2⁻⁸ on average and biases the loss. RNE_FIX (interpreter + bf16 only)
+    rounds the fp32 bits to nearest even first, so the truncation is exact."""
+    if RNE_FIX:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _gram_prep_kernel(
     A_ptr,  # out [R, D] ŝ, working dtype
     F_ptr,  # out [R, D] ŝ + t̂
@@ -134,7 +147,7 @@ def _gram_prep_kernel(
     S_ptr,  # in  [R, D] student rows
     T_ptr,  # in  [R, D] teacher rows
     D, EPS,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * D
@@ -154,9 +167,9 @@ def _gram_prep_kernel(
         a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_s
         b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_t
         # the difference is taken in fp32 before rounding: this is what keeps S accurate
-        tl.store(A_ptr + base + k + offs, a.to(A_ptr.dtype.element_ty), mask=m)
-        tl.store(F_ptr + base + k + offs, (a + b).to(F_ptr.dtype.element_ty), mask=m)
-        tl.store(E_ptr + base + k + offs, (a - b).to(E_ptr.dtype.element_ty), mask=m)
+        tl.store(A_ptr + base + k + offs, _round(a, A_ptr.dtype.element_ty, RNE_FIX), mask=m)
+        tl.store(F_ptr + base + k + offs, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
+        tl.store(E_ptr + base + k + offs, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
 
 
 @triton.jit
@@ -229,7 +242,7 @@ def _gram_pp_bwd_kernel(
     PairI_ptr, PairJ_ptr,  # in [num_pairs] int32, i <= j
     P, D,
     CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1)
@@ -240,7 +253,7 @@ def _gram_pp_bwd_kernel(
     rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
     s, w = _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
                     CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
-    w = w.to(A_ptr.dtype.element_ty)  # small values: the working dtype's relative error is fine
+    w = _round(w, A_ptr.dtype.element_ty, RNE_FIX)  # small values: a relative rounding is harmless
     w_t = tl.trans(w)
     offs_d = tl.arange(0, BLOCK_D)
     ok_i = rows_i < P
@@ -340,7 +353,7 @@ def _gram_norm_bwd_kernel(
     S_ptr,  # in  [R, D] student rows
     Scale_ptr,  # in  [1] fp32: 4·grad_out / N
     D, EPS,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
     """Backward of ŝ = s / max(‖s‖, eps): ds = (g - ŝ (ŝ·g)) / ‖s‖ (or g / eps below eps)."""
     row = tl.program_id(0).to(tl.int64)
@@ -362,8 +375,8 @@ def _gram_norm_bwd_kernel(
         m = k + offs < D
         s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
-        tl.store(DS_ptr + base + k + offs, (inv * (g - s * coef)).to(DS_ptr.dtype.element_ty),
-                 mask=m)
+        ds = _round(inv * (g - s * coef), DS_ptr.dtype.element_ty, RNE_FIX)
+        tl.store(DS_ptr + base + k + offs, ds, mask=m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,6 +398,10 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
 def _dot_flags(dtype: torch.dtype) -> dict:
     work = _working_dtype(dtype)
     return dict(UPCAST=is_interpreter() and work != torch.float32, IEEE=work == torch.float32)
+
+
+def _rne_fix(dtype: torch.dtype) -> bool:
+    return is_interpreter() and dtype == torch.bfloat16
 
 
 def _pp_config(pe: int, d: int) -> dict:
@@ -426,7 +443,8 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor):
     rows = s.numel() // max(d, 1)
     if rows:
         _gram_prep_kernel[(rows,)](a, f, e, s, t, d, NORM_EPS,
-                                   BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)))
+                                   BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)),
+                                   RNE_FIX=_rne_fix(work))
     return a, f, e
 
 
@@ -465,8 +483,8 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torc
         cfg = _pp_config(pe, d)
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         da = torch.zeros(nb, pe, d, dtype=torch.float32, device=student.device)
-        _gram_pp_bwd_kernel[(pi.numel(), nb)](da, a, f, e, pi, pj, pe, d,
-                                              CLAMP=clamp, **cfg, **flags)
+        _gram_pp_bwd_kernel[(pi.numel(), nb)](da, a, f, e, pi, pj, pe, d, CLAMP=clamp, **cfg,
+                                              **flags, RNE_FIX=_rne_fix(a.dtype))
     else:
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
@@ -481,7 +499,8 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torc
     s = student.contiguous()
     ds = torch.empty_like(s)
     _gram_norm_bwd_kernel[(nb * pe,)](ds, da, s, scale, d, NORM_EPS,
-                                      BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)))
+                                      BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)),
+                                      RNE_FIX=_rne_fix(s.dtype))
     return ds
 
 
