@@ -1,0 +1,130 @@
+"""`python -m bench data`: images/s and CPU cores used by the DALI and torch loaders on the same
+folder at DINOv3 crop settings (2 x 224 + 8 x 96 by default).
+
+    python -m bench data --root /imgs --batch 64 --steps 30 --workers 8
+    python -m bench data --quick            # embedded sample images, small batch, few steps
+
+Both loaders are given the same CPU budget: `--workers` torch DataLoader workers, or `--workers`
+DALI CPU threads. Throughput = images per second over the timed steps (after warm-up), with the
+batch on the GPU when there is one (torch batches are copied there; DALI's are made there).
+CPU cores used = CPU time of this process and its children (user + system) / wall time, read with
+psutil (live worker processes included). Results are appended as JSON lines to
+<out>/<gpu-slug>-<date>.jsonl (kind "data").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cases(quick: bool, on_gpu: bool) -> list:
+    """No kernel cases: this module is a loader benchmark (the op harness skips it)."""
+    return []
+
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(loader, steps: int, warmup: int, device) -> dict[str, Any]:
+    import torch
+
+    def one():
+        b = next(loader)
+        if device.type == "cuda":
+            b = b.to(device)  # no-op for DALI (already there), H2D for torch
+        return b
+
+    for _ in range(warmup):
+        b = one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(steps):
+        b = one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    n = steps * b.n_images
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "cpu_cores_used": cpu / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=None, help="image folder (default: embedded sample images)")
+    p.add_argument("--batch", type=int, default=64, help="images per step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=4, help="torch workers = DALI CPU threads")
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=96)
+    p.add_argument("--local-number", type=int, default=8)
+    p.add_argument("--loaders", default="dali,torch", help="comma list of dali, torch")
+    p.add_argument("--quick", action="store_true", help="batch 8, 3 steps, 1 warm-up")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.steps, args.warmup = 8, 3, 1
+
+    import torch
+
+    from bench import results
+    from fastdino.config import load_config
+    from fastdino.data.dali import build_dali_loader, dali_available
+    from fastdino.data.loader import build_train_loader
+
+    overrides = [f"data.batch_size_per_gpu={args.batch}", f"data.num_workers={args.workers}",
+                 f"crops.global_crops_size={args.global_size}",
+                 f"crops.local_crops_size={args.local_size}",
+                 f"crops.local_crops_number={args.local_number}"]
+    if args.root:
+        overrides.append(f"data.root={args.root}")
+    cfg = load_config(None, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = results.environment()
+    records = []
+    for name in [s.strip() for s in args.loaders.split(",") if s.strip()]:
+        if name == "dali" and not dali_available():
+            print("dali: skipped (NVIDIA DALI is not installed: pip install 'fastdino[dali]')")
+            continue
+        if name not in ("dali", "torch"):
+            raise SystemExit(f"--loaders: unknown loader {name!r}; allowed are dali, torch")
+        build = build_dali_loader if name == "dali" else build_train_loader
+        t0 = time.perf_counter()
+        loader = build(cfg)
+        setup_s = time.perf_counter() - t0
+        m = measure(loader, args.steps, args.warmup, device)
+        del loader
+        print(f"{name:5s}  {m['images_per_s']:8.1f} images/s  {m['cpu_cores_used']:5.2f} CPU cores"
+              f"  ({m['images']} images in {m['wall_s']:.2f} s; setup {setup_s:.1f} s; "
+              f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
+              f"{args.workers} workers/threads, {device.type})")
+        records.append({"schema": 1, "kind": "data", "time": results.now(), **env,
+                        "loader": name, "batch": args.batch, "workers": args.workers,
+                        "crops": [args.global_size, args.local_size, args.local_number],
+                        "root": args.root or "sample", "setup_s": setup_s, **m})
+    by = {r["loader"]: r for r in records}
+    if "dali" in by and "torch" in by:
+        print(f"dali / torch images/s: {by['dali']['images_per_s'] / by['torch']['images_per_s']:.2f}x")
+    if records:
+        path = results.results_path(args.out or Path(__file__).resolve().parent / "results", env)
+        results.append_jsonl(path, records)
+        print(f"results appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
