@@ -140,9 +140,9 @@ def _case(name: str, R: int, K: int, dtype: torch.dtype, shape_from: str) -> Ben
 
 def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     if not on_gpu:  # interpreter-sized: odd K, few rows
-        out = [_case("cpu-odd", 6, 1000, torch.float32, "odd size")]
+        out = [_case("selftest-cpu-odd", 6, 1000, torch.float32, "odd size")]
         if not quick:
-            out.append(_case("cpu-odd-bf16", 6, 1000, torch.bfloat16, "odd size"))
+            out.append(_case("selftest-cpu-odd-bf16", 6, 1000, torch.bfloat16, "odd size"))
         return out
     names = ["vits16"] if quick else ["vits16", "vitl16", "vit7b16"]
     out = []

@@ -1,0 +1,248 @@
+"""The benchmark harness's own logic (bench/): the parity judge, the roofline arithmetic, the JSON
+result schema, the CLI, and `python -m bench` end to end on CPU (Triton interpreter), also from a
+tree where fastdino is not pip-installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import results
+from bench.harness import BenchCase, Measurement, Timing, quantiles_ms, run_case
+from bench.parity import check_case, judge
+from bench.roofline import Roofline, derived_metric, gbps, percent, tflops
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity judge
+
+
+def _truth_and_lowp(n=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(n, generator=g, dtype=torch.float64)
+    lowp = truth.to(torch.bfloat16).double()  # PyTorch's bf16 error = the rounding of the truth
+    return truth, lowp
+
+
+def test_judge_low_precision_rule_2x():
+    truth, lowp = _truth_and_lowp()
+    err = lowp - truth
+    assert err.abs().max() > 0
+    three = truth + 3.0 * err  # a kernel 3x worse than PyTorch at the same precision
+    one_half = truth + 1.5 * err
+    assert not judge(three, lowp, truth, torch.bfloat16, 1e-5, 1e-8)[4]
+    assert judge(one_half, lowp, truth, torch.bfloat16, 1e-5, 1e-8)[4]
+    err_k, err_t, scale, bound, ok, _ = judge(one_half, lowp, truth, torch.bfloat16, 1e-5, 1e-8)
+    assert err_k == pytest.approx(1.5 * err_t) and bound == pytest.approx(2 * err_t + 1e-8)
+
+
+def test_judge_interpreter_truncation_allowance_only_for_lowp_results():
+    truth, lowp = _truth_and_lowp()
+    three = (truth + 3.0 * (lowp - truth))
+    # a bf16-stored result under the interpreter may be one ulp off at the truth's scale
+    assert judge(three.to(torch.bfloat16), lowp, truth, torch.bfloat16, 1e-5, 1e-8,
+                 interpreter=True)[3] > judge(three, lowp, truth, torch.bfloat16, 1e-5, 1e-8,
+                                              interpreter=True)[3]
+    # an fp32 result gets no allowance: 3x still fails under the interpreter
+    assert not judge(three, lowp, truth, torch.bfloat16, 1e-5, 1e-8, interpreter=True)[4]
+
+
+def test_judge_fp32_rtol():
+    truth, _ = _truth_and_lowp()
+    scale = truth.abs().max().item()
+    good = truth + 0.5e-5 * scale
+    bad = truth + 3e-5 * scale
+    same = truth.clone()  # fp32 truth: PyTorch's error is 0, the bar is rtol * max|truth|
+    assert judge(good, same, truth, torch.float32, 1e-5, 0.0)[4]
+    assert not judge(bad, same, truth, torch.float32, 1e-5, 0.0)[4]
+
+
+def test_judge_rejects_nan_and_shape_mismatch():
+    truth, lowp = _truth_and_lowp()
+    bad = truth.clone()
+    bad[7] = float("nan")
+    assert not judge(bad, lowp, truth, torch.bfloat16, 1e-5, 1.0)[4]
+    assert not judge(truth[:-1], lowp, truth, torch.bfloat16, 1e-5, 1.0)[4]
+    assert not judge(None, lowp, truth, torch.bfloat16, 1e-5, 1.0)[4]
+
+
+def _fake_case(kernel_error: float, dtype=torch.bfloat16) -> BenchCase:
+    """y = sum(softmax(x) * w): torch in the working precision; the "kernel" computes the truth in
+    fp64 and adds `kernel_error` x PyTorch's own error, in the forward and in dx."""
+
+    def ref(x, w):
+        return (torch.softmax(x, -1) * w).sum()
+
+    class Fake(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            t = ref(x.double(), w.double())
+            lp = ref(x, w).double()
+            return (t + kernel_error * (lp - t)).to(torch.float64)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            xs = [x.double().detach().requires_grad_(), x.detach().clone().requires_grad_()]
+            with torch.enable_grad():  # backward runs with grad mode off
+                gt, gl = (torch.autograd.grad(ref(xi, w.to(xi.dtype)), xi)[0].double()
+                          for xi in xs)
+            return (g * (gt + kernel_error * (gl - gt))).to(torch.float64), None
+
+    def make_inputs(device, dt):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 333, generator=gen).to(device=device, dtype=dt).requires_grad_()
+        w = torch.randn(8, 333, generator=gen).to(device=device, dtype=dt)
+        return {"x": x, "w": w}
+
+    return BenchCase(op="fake", name="fake", params={}, dtype=dtype, make_inputs=make_inputs,
+                     providers={"torch": ref, "triton": Fake.apply}, reference_dtype=torch.float64,
+                     atol=0.0)
+
+
+def test_check_case_forward_and_gradients():
+    ok = check_case(_fake_case(1.5), torch.device("cpu"))
+    assert [r.quantity for r in ok] == ["forward", "grad:x"]
+    assert all(r.passed for r in ok), ok
+    bad = check_case(_fake_case(3.0), torch.device("cpu"))
+    assert not any(r.passed for r in bad), bad
+
+
+# ------------------------------------------------------------------------------------------------
+# Roofline arithmetic and timing statistics
+
+
+def test_roofline_arithmetic():
+    assert gbps(3_000_000_000, 1.0) == pytest.approx(3000.0)  # 3 GB in 1 ms = 3 TB/s
+    assert tflops(2 * 8192**3, 1.4) == pytest.approx(2 * 8192**3 / 1.4e-3 / 1e12)
+    assert percent(1500.0, 3000.0) == pytest.approx(50.0)
+    assert percent(1.0, None) is None
+    case = BenchCase(op="o", name="c", params={}, dtype=torch.float32, make_inputs=None,
+                     providers={}, bytes_fwd=2_000_000, bytes_bwd=3_000_000, formula="2N / 3N")
+    roof = Roofline(copy_gbps=4000.0, gemm_tflops=800.0)
+    m = derived_metric(case, "fwd+bwd", 0.01, roof)  # 5 MB in 10 us = 500 GB/s
+    assert m["name"] == "GB/s" and m["value"] == pytest.approx(500.0)
+    assert m["pct_roofline"] == pytest.approx(12.5) and m["formula"] == "2N / 3N"
+    case.flops_fwd, case.flops_bwd = 10**9, 2 * 10**9  # FLOPs given: TFLOP/s wins
+    m = derived_metric(case, "bwd", 0.01, roof)
+    assert m["name"] == "TFLOP/s" and m["value"] == pytest.approx(200.0)
+    assert m["pct_roofline"] == pytest.approx(25.0)
+    case.flops_fwd = case.flops_bwd = case.bytes_bwd = None
+    assert derived_metric(case, "bwd", 0.01, roof) is None
+    assert derived_metric(case, "fwd", 0.01, Roofline(None, None))["pct_roofline"] is None
+
+
+def test_quantiles_and_speedups():
+    assert quantiles_ms([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((3.0, 1.8, 4.2))
+    sp = results.speedups({"torch": 2.0, "torch_compile": 1.0, "triton": 0.5}, "triton")
+    assert sp == {"torch": pytest.approx(4.0), "torch_compile": pytest.approx(2.0)}
+    assert results.speedups({"triton": 0.5}, "triton") == {"torch": None, "torch_compile": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Result schema
+
+
+def test_result_schema_roundtrip(tmp_path):
+    env = results.environment()
+    assert set(env) == {"gpu", "device", "commit", "torch", "triton", "python", "interpreter"}
+    m = Measurement("op", "case", "triton", "fwd", "bfloat16", {"R": 3},
+                    Timing(1.0, 0.9, 1.2, "perf_counter"), None, None)
+    metric = {"name": "GB/s", "value": float("nan"), "ceiling": None, "ceiling_name": "x",
+              "pct_roofline": None, "formula": "f"}
+    rec = results.bench_record(env, m, metric, {"torch": 2.0}, Roofline(None, None).to_dict())
+    assert tuple(rec) == results.BENCH_KEYS
+    path = results.results_path(tmp_path, {"gpu": "NVIDIA H100 80GB HBM3"})
+    assert path.name.startswith("nvidia-h100-80gb-hbm3-") and path.suffix == ".jsonl"
+    results.append_jsonl(path, [rec, rec])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    back = json.loads(lines[0])  # strict JSON: the NaN became null
+    assert back["metric"]["value"] is None and back["ms"] == {"median": 1.0, "p20": 0.9, "p80": 1.2}
+    assert back["schema"] == results.SCHEMA_VERSION and back["kind"] == "bench"
+
+
+def test_run_case_times_every_provider_and_mode_on_cpu():
+    case = _fake_case(1.0, dtype=torch.float32)
+    rows = run_case(case, torch.device("cpu"), ("fwd", "fwd+bwd"), ["torch", "triton"], quick=True)
+    assert [(r.provider, r.mode) for r in rows] == [
+        ("torch", "fwd"), ("triton", "fwd"), ("torch", "fwd+bwd"), ("triton", "fwd+bwd")]
+    assert all(r.error is None and r.timing.median > 0 and r.timing.timer == "perf_counter"
+               for r in rows), rows
+    assert all(r.timing.p20 <= r.timing.median <= r.timing.p80 for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI, end to end (subprocesses: the interpreter must be on before kernels are imported)
+
+
+def _bench(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cli_unknown_op_lists_available():
+    proc = _bench("no_such_op")
+    assert proc.returncode == 2
+    assert "unknown op 'no_such_op'" in proc.stderr and "selftest" in proc.stderr, proc.stderr
+
+
+def test_cli_all_quick_end_to_end_on_cpu(tmp_path):
+    """`python -m bench all --quick` on CPU, restricted to the harness self-test case (other ops'
+    cases run in their own tests): a table on stdout and schema-complete JSON lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = _bench("all", "--quick", "--cases", "selftest-cpu", "--providers", "torch,triton",
+                  "--modes", "fwd,fwd+bwd", "--out", str(tmp_path), env=env)
+    assert "selftest" in proc.stdout and "median ms" in proc.stdout, proc.stdout + proc.stderr
+    files = list(tmp_path.glob("cpu-*.jsonl"))
+    assert len(files) == 1, proc.stdout + proc.stderr
+    recs = [json.loads(line) for line in files[0].read_text().splitlines()]
+    mine = [r for r in recs if r["op"] == "selftest"]
+    assert {(r["provider"], r["mode"]) for r in mine} == {
+        ("torch", "fwd"), ("triton", "fwd"), ("torch", "fwd+bwd"), ("triton", "fwd+bwd")}
+    for r in mine:
+        assert tuple(r) == results.BENCH_KEYS and r["error"] is None, r
+        assert r["interpreter"] is True and r["gpu"] == "cpu"
+        assert r["metric"]["name"] == "GB/s" and r["metric"]["value"] > 0
+        assert math.isfinite(r["ms"]["median"])
+
+
+_NO_INSTALL = """
+import runpy, sys
+# drop the editable install's finders: fastdino.kernels must come from bench/_paths.py's shim
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+try:
+    import fastdino.kernels
+    sys.exit("fastdino.kernels imported without the shim: the isolation did not work")
+except ImportError:
+    pass
+for k in [k for k in sys.modules if k.startswith("fastdino")]:
+    del sys.modules[k]
+sys.argv = ["bench", "selftest", "--check", "--no-save"]
+runpy.run_path("MAIN", run_name="__main__")
+"""
+
+
+def test_cli_check_runs_without_pip_install(tmp_path):
+    """The GPU machine gets a bare copy of the tree: with the editable install's finders removed
+    and the cwd outside the repo, bench/__main__.py still imports fastdino.kernels (shim) and
+    `--check` passes on the self-test case."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    script = _NO_INSTALL.replace("MAIN", str(REPO / "bench" / "__main__.py"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
