@@ -1,0 +1,92 @@
+"""fastdino/profile.py: the FLOP model against a hand count and against torch's FlopCounterMode on
+the real modules, the MFU peak table, and the n/a path without a GPU."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastdino.config import HeadConfig, ModelConfig, load_config
+from fastdino.profile import (NvmlSampler, format_report, head_flops, masked_rows,
+                              peak_bf16_tflops, report, step_flops, vit_flops)
+
+
+def test_vit_flops_hand_count():
+    # vit_test: D=32, depth 2, MLP x4 (F=128), patch 16, 4 storage tokens; 32x32 image:
+    # P = 4 patches, T = 1 + 4 + 4 = 9 tokens.
+    #   patch embed  2*4*(3*256)*32              = 196,608
+    #   qkv          2*9*32*96                   =  55,296
+    #   q.k^T + a.v  2 * 2*81*32                 =  10,368
+    #   proj         2*9*32*32                   =  18,432
+    #   MLP          2*9*32*128*2                = 147,456   -> block 231,552
+    #   image = 196,608 + 2 * 231,552 = 659,712; batch 2 -> 1,319,424
+    cfg = ModelConfig(arch="vit_test")
+    assert vit_flops(cfg, 32, 2) == 1_319_424
+    # drop path 0.5 on 2 images: blocks on floor(2*0.5) = 1 image, patch embed on both
+    assert vit_flops(cfg, 32, 2, drop_path_rate=0.5) == 2 * 196_608 + 2 * 231_552
+
+
+def test_vit_flops_swiglu_width():
+    # vit_small_plus: SwiGLU r=6 align 8: F = align_up(int(384*6*2/3), 8) = 1536, 3 matrices
+    plus, small = ModelConfig(arch="vit_small_plus"), ModelConfig(arch="vit_small")
+    T = 1 + 4 + 196
+    diff = vit_flops(plus, 224, 1) - vit_flops(small, 224, 1)
+    assert diff == 12 * 2 * T * 384 * 1536 * (3 - 2)  # one extra FFN matrix per block
+
+
+def test_vit_flops_matches_flop_counter():
+    from fastdino.models.backbones import build_backbone
+
+    # attn_impl=torch: explicit matmuls (FlopCounterMode does not count CPU SDPA's fused op)
+    cfg = ModelConfig(arch="vit_test", drop_path_rate=0.0, attn_impl="torch")
+    model = build_backbone(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.forward_features(x)
+    assert fc.get_total_flops() == vit_flops(cfg, 32, 2)
+
+
+def test_head_flops_matches_flop_counter():
+    from fastdino.models.dino_head import build_head
+
+    hc = HeadConfig(n_prototypes=300, hidden_dim=48, bottleneck_dim=16, nlayers=3)
+    head = build_head(hc, 32)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        head(torch.randn(5, 32))
+    assert fc.get_total_flops() == head_flops(hc, 32, 5)
+    # hand count: 2*5*(32*48 + 48*48 + 48*16 + 16*300)
+    assert head_flops(hc, 32, 5) == 2 * 5 * (1536 + 2304 + 768 + 4800)
+
+
+def test_step_flops_parts():
+    cfg = load_config(None, ["model.arch=vit_test", "data.batch_size_per_gpu=2",
+                             "crops.global_crops_size=32", "crops.local_crops_size=16",
+                             "crops.local_crops_number=2", "model.drop_path_rate=0.0"])
+    f = step_flops(cfg)
+    assert f["masked_rows"] == masked_rows(2, 4, 0.5, (0.1, 0.5))
+    # n = int(2*2*0.5) = 2 masked crops of 4 patches, ratios 0.3 and 0.5 -> int(1.2) + int(2) = 3
+    assert f["masked_rows"] == 3
+    teacher = vit_flops(cfg.model, 32, 4) + head_flops(cfg.dino.head, 32, 4) + \
+        head_flops(cfg.ibot.head, 32, 3)
+    assert f["teacher_fwd"] == teacher
+    student = vit_flops(cfg.model, 32, 4) + vit_flops(cfg.model, 16, 4) + \
+        head_flops(cfg.dino.head, 32, 8) + head_flops(cfg.ibot.head, 32, 3)
+    assert f["student_fwd_bwd"] == 3 * student
+    assert f["gram_teacher_fwd"] == 0 and f["total"] == 3 * student + teacher
+
+
+def test_peak_table_and_na_report():
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("some cpu") is None
+    cfg = load_config(None, ["model.arch=vit_test"])
+    s = NvmlSampler(enabled=False)
+    assert not s.available and s.summary() is None
+    r = report(cfg, 4, 2.0, {"backward": 1.0, "student_forward": 0.4}, 0, s,
+               torch.device("cpu"), True)
+    assert r["images_per_s_per_gpu"] == cfg.data.batch_size_per_gpu / 0.5
+    assert r["phases_s"]["backward"] == 0.25 and abs(r["phases_s"]["other"] - 0.15) < 1e-12
+    assert r["mfu"] is None and r["nvml"] is None
+    text = format_report(r)
+    assert "GPU util %         n/a" in text and "power W            n/a" in text
