@@ -145,12 +145,16 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, engine) -> dict:
-    """Collective. Loads the engine state and this rank's RNG; returns the trainer state."""
+    """Collective. Loads the engine state; returns the trainer state, with this rank's RNG states
+    under "rng" (None if the world size changed). The caller restores them with `set_rng_state`
+    as the very last thing before the first step (building a DataLoader iterator draws from the
+    global torch RNG, so restoring earlier would shift the stream)."""
     engine.load_checkpoint(str(path.parent), path.name)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     rng_file = path / f"rng_rank{fdist.get_rank()}.pt"
+    state["rng"] = None
     if state.get("world_size") == fdist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
     else:
         logger.warning("checkpoint %s was written by %s ranks, this run has %d: RNG states not "
                        "restored (the run continues, but not bit-exactly)", path,

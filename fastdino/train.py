@@ -24,7 +24,7 @@ import math
 import torch
 
 from fastdino import dist as fdist
-from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from fastdino.config import Config, load_config, save_config
 from fastdino.data import build_train_loader
 from fastdino.meta_arch import SSLMetaArch, all_finite
@@ -62,12 +62,12 @@ class Trainer:
         self.total = cfg.train.total_iterations
         self.max_it = min(self.total, cfg.train.max_iterations or self.total)
         self.ckpt_dir = self.out / "checkpoints"
-        self.start_iteration = 0
+        self.start_iteration, self.resume_rng = 0, None
         resume = resolve_resume(cfg.train.resume, self.ckpt_dir)
         if resume is not None:
             st = load_checkpoint(resume, self.engine)
             self.arch.load_from_checkpoint(st)
-            self.start_iteration = st["data_iteration"]
+            self.start_iteration, self.resume_rng = st["data_iteration"], st["rng"]
             logger.info("resumed from %s at iteration %d", resume, self.start_iteration)
 
     # ---------------------------------------------------------------------------------- the step
@@ -106,6 +106,8 @@ class Trainer:
         loader = build_train_loader(cfg, info.rank, info.world_size, self.start_iteration)
         metrics = MetricsLogger(self.out, self.max_it, self.start_iteration, self.global_batch,
                                 fdist.is_main_process(), printer=logger.info)
+        if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
+            set_rng_state(self.resume_rng)
         history, bad = [], 0
         it = self.start_iteration
         while it < self.max_it:

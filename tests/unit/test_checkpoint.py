@@ -37,6 +37,7 @@ def test_save_load_roundtrip_engine_state_and_rng(tmp_path):
     random.random(), np.random.rand(), torch.rand(5)
     eng2 = _engine()
     st = ck.load_checkpoint(ck.resolve_resume("auto", tmp_path), eng2)
+    ck.set_rng_state(st["rng"])
     assert path == tmp_path / "iter_0000001" and st["iteration"] == 1
     assert torch.equal(st["teacher"]["w"], torch.arange(3))
     got = (random.random(), np.random.rand(), torch.rand(2))
