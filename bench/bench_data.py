@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--local-number", type=int, default=8)
     p.add_argument("--loaders", default="dali,torch", help="comma list of dali, torch")
+    p.add_argument("--fast-hue", action="store_true",
+                   help="DALI: fn.hsv YIQ hue rotation instead of the exact PIL HSV shift")
     p.add_argument("--quick", action="store_true", help="batch 8, 3 steps, 1 warm-up")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name not in ("dali", "torch"):
             raise SystemExit(f"--loaders: unknown loader {name!r}; allowed are dali, torch")
-        build = build_dali_loader if name == "dali" else build_train_loader
         t0 = time.perf_counter()
-        loader = build(cfg)
+        loader = (build_dali_loader(cfg, exact_hue=not args.fast_hue) if name == "dali"
+                  else build_train_loader(cfg))
         setup_s = time.perf_counter() - t0
         m = measure(loader, args.steps, args.warmup, device)
         del loader
@@ -113,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
               f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
               f"{args.workers} workers/threads, {device.type})")
         records.append({"schema": 1, "kind": "data", "time": results.now(), **env,
-                        "loader": name, "batch": args.batch, "workers": args.workers,
+                        "loader": name, "exact_hue": not args.fast_hue, "batch": args.batch,
+                        "workers": args.workers,
                         "crops": [args.global_size, args.local_size, args.local_number],
                         "root": args.root or "sample", "setup_s": setup_s, **m})
     by = {r["loader"]: r for r in records}
     if "dali" in by and "torch" in by:
-        print(f"dali / torch images/s: {by['dali']['images_per_s'] / by['torch']['images_per_s']:.2f}x")
+        ratio = by["dali"]["images_per_s"] / by["torch"]["images_per_s"]
+        print(f"dali / torch images/s: {ratio:.2f}x")
     if records:
         path = results.results_path(args.out or Path(__file__).resolve().parent / "results", env)
         results.append_jsonl(path, records)

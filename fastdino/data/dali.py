@@ -8,8 +8,8 @@ Data flow, per rank:
                permutation and rank striding as the torch loader, so shards are disjoint, cover
                each epoch, and resume at `start_iteration` arithmetically.
   source       `fn.external_source` calls `_Source` per sample in this process: it reads the file's
-               bytes, probes them cheaply (header + truncation, `dali_plan.probe_image`), replaces an
-               unreadable file by the next readable one (the torch loader's rule), and draws the
+               bytes, probes them cheaply (header + truncation, `dali_plan.probe_image`), replaces
+               an unreadable file by the next readable one (the torch loader's rule), and draws the
                image's crop plan from the torch loader's per-image Generator (`dali_plan.py`).
                `fn.readers.file` is not used: its shuffling cannot follow our epoch permutation or
                seed, and it cannot skip a bad file.
@@ -97,7 +97,8 @@ class _Source:
             except P.UnreadableImage as e:
                 self.images.skipped.add(paths[i])
                 logger.warning("skipping unreadable image %s (%s)", paths[i], e)
-        raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as images")
+        raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as "
+                           "images")
 
     def sample(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         epoch, index = self.order.sample(step * self.batch_size + slot)
@@ -115,7 +116,7 @@ class _Source:
 
 
 def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
-                   debug: bool = False, seed: int = 0):
+                   debug: bool = False, seed: int = 0, exact_hue: bool = True):
     """DALI pipeline of one rank. Outputs: global 1, global 2, local 1..N, [gram 1, gram 2], meta,
     and with `debug` also the plan [n_crops, N_PARAMS] and the decoded image shape [3]."""
     from nvidia.dali import fn, pipeline_def, types
@@ -135,7 +136,7 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
         image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                   output_type=types.RGB,
                                   adjust_orientation=False)  # as PIL's decode in the torch loader
-        g = CropGraph("gpu" if on_gpu else "cpu", c.mean, c.std)
+        g = CropGraph("gpu" if on_gpu else "cpu", c.mean, c.std, exact_hue)
 
         def distort(x, row):
             # Each `if` runs its branch only for the samples whose coin says so.
@@ -153,8 +154,8 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
         for k in range(2):
             row = plan[k]
             if gram_size is None:
-                globals_.append(g.normalize(distort(g.resize_window(image, row, c.global_crops_size),
-                                                    row), row))
+                crop = g.resize_window(image, row, c.global_crops_size)
+                globals_.append(g.normalize(distort(crop, row), row))
             elif c.gram_teacher_no_distortions:
                 student = distort(g.resize_window(image, row, c.global_crops_size), row)
                 globals_.append(g.normalize(student, row))
@@ -188,10 +189,13 @@ class DALITrainLoader:
     """Iterator of `Batch`; `iteration` is the step of the next batch (the data position)."""
 
     def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int,
-                 start_iteration: int, device_id: int | None, debug: bool = False) -> None:
+                 start_iteration: int, device_id: int | None, debug: bool = False,
+                 exact_hue: bool = True) -> None:
         self.images, self.cfg, self.rank, self.debug = images, cfg, rank, debug
+        self.exact_hue = exact_hue
         self.device_id = device_id
-        self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        self.device = (torch.device("cuda", device_id) if device_id is not None
+                       else torch.device("cpu"))
         self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
         self.iteration = start_iteration
         self.skipped: set[str] = set()  # reported so far (same bookkeeping as TrainLoader)
@@ -219,7 +223,7 @@ class DALITrainLoader:
         seed = (self.cfg.data.seed * 1_000_003 + self.rank) % 2**31
         self.pipe = build_pipeline(source, self.cfg, self.device_id,
                                    num_threads=max(1, self.cfg.data.num_workers), debug=self.debug,
-                                   seed=seed)
+                                   seed=seed, exact_hue=self.exact_hue)
         self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
 
     @property
@@ -308,7 +312,8 @@ class DALITrainLoader:
 
 
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
-                      start_iteration: int = 0, debug: bool = False) -> DALITrainLoader:
+                      start_iteration: int = 0, debug: bool = False,
+                      exact_hue: bool = True) -> DALITrainLoader:
     """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
     device when there is one (crops stay on the GPU), CPU-only DALI otherwise."""
     if not dali_available():
@@ -320,4 +325,5 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
                 f"GPU {device_id} (mixed decode)" if device_id is not None else "CPU-only",
                 start_iteration)
-    return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug)
+    return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
+                           exact_hue)

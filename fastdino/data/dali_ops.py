@@ -18,9 +18,9 @@ Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code
 - the 4 jitter ops run in the planned random order: 4 slots, each running (as a conditional) only
   the op whose factor the plan put there: torchvision's per-sample permutation on a static graph.
   The whole jitter is skipped (a conditional) for the 20% of crops without it.
-- greyscale: ITU-R 601 luma (`fn.color_space_conversion`) on 3 equal channels; blur: `fn.gaussian_blur` window 9, planned
-  sigma, reflect-101 border (= torch "reflect"); solarize: x >= 128 -> 255 - x. Each in a
-  conditional (`if`), so skipped crops cost nothing.
+- greyscale: ITU-R 601 luma (`fn.color_space_conversion`) on 3 equal channels; blur:
+  `fn.gaussian_blur` window 9, planned sigma, reflect-101 border (= torch "reflect"); solarize:
+  x >= 128 -> 255 - x. Each in a conditional (`if`), so skipped crops cost nothing.
 - flip and normalisation: `fn.crop_mirror_normalize` at the end (every op above is left/right
   symmetric, so flipping last equals flipping first), CHW float32, (x/255 - mean)/std.
 """
@@ -36,8 +36,12 @@ from fastdino.data import dali_plan as P
 class CropGraph:
     """Builds the ops of a crop; `dev(node)` moves a CPU per-sample scalar to the image's device."""
 
-    def __init__(self, device: str, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, device: str, mean: tuple[float, ...], std: tuple[float, ...],
+                 exact_hue: bool = True) -> None:
         self.device = device  # "cpu" | "gpu": where the decoded images are
+        # exact_hue=False: fn.hsv's YIQ rotation (one fused op) instead of the ~80 elementwise ops
+        # of the exact PIL HSV shift; 3.5x faster DALI pipeline on CPU, ~25 levels off at |h| = 0.1.
+        self.exact_hue = exact_hue
         self.mean = [255.0 * m for m in mean]
         self.std = [255.0 * s for s in std]
 
@@ -74,7 +78,10 @@ class CropGraph:
             if s != 1.0:
                 x = fn.hsv(x, saturation=s)
             if h != 0.0:
-                x = hue_shift_hsv(x, self.dev(h))
+                if self.exact_hue:
+                    x = hue_shift_hsv(x, self.dev(h))
+                else:
+                    x = fn.hsv(x, hue=h * 360.0)
         return x
 
     def grayscale(self, x):
