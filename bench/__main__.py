@@ -23,6 +23,7 @@ targets:
   step             end-to-end training-step benchmark (bench/bench_step.py; see `step --help`)
   compile-report   compile every kernel spec for sm_90 and sm_80 without a GPU and print
                    registers / spills / shared memory (see `compile-report --help`)
+  data             data-loader throughput, DALI vs torch (bench/bench_data.py; `data --help`)
 
 timing:
   CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 of CUDA-event
@@ -48,6 +49,11 @@ results: JSON lines appended to <out>/<gpu-slug>-<date>.jsonl (schema in bench/r
 """
 
 
+# targets that are scripts of their own (their own --help), not kernel-case sweeps
+SCRIPTS = {"step": "bench.bench_step", "compile-report": "bench.compile_report",
+           "data": "bench.bench_data"}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.splitlines()[0],
@@ -70,13 +76,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("step", "compile-report"):
+    if argv and argv[0] in SCRIPTS:
         ensure_importable()
-        if argv[0] == "step":
-            from bench.bench_step import main as step_main
-        else:
-            from bench.compile_report import main as step_main
-        return step_main(argv[1:])
+        import importlib
+
+        return importlib.import_module(SCRIPTS[argv[0]]).main(argv[1:])
     args = parse_args(argv)
 
     import torch
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ops = available_ops()
     if args.target != "all" and args.target not in ops:
-        print(f"error: unknown op {args.target!r}: available are {', '.join(ops)}, all, step, "
-              "compile-report", file=sys.stderr)
+        print(f"error: unknown op {args.target!r}: available are {', '.join(ops)}, all, "
+              f"{', '.join(SCRIPTS)}", file=sys.stderr)
         return 2
     modes = tuple(args.modes.split(","))
     bad = [m for m in modes if m not in MODES]

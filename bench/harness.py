@@ -41,7 +41,7 @@ class BenchCase:
 # Discovery: every bench/bench_<op>.py that defines `cases` (bench_step.py is the step benchmark).
 
 BENCH_DIR = Path(__file__).resolve().parent
-NOT_CASE_MODULES = ("bench_step",)
+NOT_CASE_MODULES = ("bench_step", "bench_data")  # scripts with their own main()
 
 
 def available_ops() -> list[str]:
