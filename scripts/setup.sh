@@ -11,5 +11,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and alone: a CPU wheel where one is provided locally, PyPI's build elsewhere.
 python -m pip install -q -c constraints.txt torch
-python -m pip install -q -c constraints.txt -e ".[train,bench,eval,dev]"
+python -m pip install -q -c constraints.txt -e ".[train,bench,eval,dali,dev]"
 python -c "import torch, triton, fastdino.kernels; print(f'fastdino ready: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.cuda.is_available()}')"
