@@ -111,22 +111,22 @@ def _rope_tables(Cos_ptr, Sin_ptr, n, n_prefix, t_ok, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rotate_part(Dst_ptr, dst_off, Src_ptr, src_off, mask, c1, c2, s1, s2, keep,
-                 HALF: tl.constexpr):
-    """Dst[:h] = x1*c1 - x2*s1, Dst[h:] = x2*c2 + x1*s2 in fp32 (x = Src); `keep` rows copied."""
-    x1 = tl.load(Src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(Src_ptr + src_off + HALF, mask=mask, other=0.0).to(tl.float32)
+def _rotate_part(dst, src, mask, c1, c2, s1, s2, keep, HALF: tl.constexpr):
+    """dst[:h] = x1*c1 - x2*s1, dst[h:] = x2*c2 + x1*s2 in fp32 (x = src; dst, src: pointer
+    tiles of the first half); `keep` rows copied unchanged."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     y1 = tl.where(keep, x1, x1 * c1 - x2 * s1)
     y2 = tl.where(keep, x2, x2 * c2 + x1 * s2)
-    tl.store(Dst_ptr + dst_off, y1.to(Dst_ptr.dtype.element_ty), mask=mask)
-    tl.store(Dst_ptr + dst_off + HALF, y2.to(Dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, y1.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _copy_part(Dst_ptr, dst_off, Src_ptr, src_off, mask, HALF: tl.constexpr):
+def _copy_part(dst, src, mask, HALF: tl.constexpr):
     for j in tl.static_range(2):
-        x = tl.load(Src_ptr + src_off + j * HALF, mask=mask, other=0.0)
-        tl.store(Dst_ptr + dst_off + j * HALF, x.to(Dst_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(src + j * HALF, mask=mask, other=0.0)
+        tl.store(dst + j * HALF, x.to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -151,15 +151,16 @@ def _rope_fwd_kernel(
     keep = is_patch == 0
     i = tl.arange(0, HALF)[None, None, :]
     mask = t_ok[:, None, None] & (h < H)[None, :, None]
-    src = (b * stride_qkv_b + n.to(tl.int64) * stride_qkv_n)[:, None, None] \
-        + (h * (2 * HALF))[None, :, None] + i  # [BLOCK_T, BLOCK_H, HALF] into the q third
-    dst = (b * stride_o_b + n.to(tl.int64) * stride_o_n)[:, None, None] \
-        + (h.to(tl.int64) * stride_o_h)[None, :, None] + i
+    n64 = n.to(tl.int64)
+    # pointer tiles [BLOCK_T, BLOCK_H, HALF]: int64 per-token offsets + int32 offsets in a row
+    src = QKV_ptr + (b * stride_qkv_b + n64 * stride_qkv_n)[:, None, None] \
+        + (h * (2 * HALF))[None, :, None] + i  # q third
+    dst = Out_ptr + (b * stride_o_b + n64 * stride_o_n)[:, None, None] \
+        + (h * stride_o_h)[None, :, None] + i
     D = H * 2 * HALF
-    _rotate_part(Out_ptr, dst, QKV_ptr, src, mask, c1, c2, s1, s2, keep, HALF)  # q
-    _rotate_part(Out_ptr + stride_o_part, dst, QKV_ptr + D, src, mask, c1, c2, s1, s2, keep,
-                 HALF)  # k
-    _copy_part(Out_ptr + 2 * stride_o_part, dst, QKV_ptr + 2 * D, src, mask, HALF)  # v
+    _rotate_part(dst, src, mask, c1, c2, s1, s2, keep, HALF)  # q
+    _rotate_part(dst + stride_o_part, src + D, mask, c1, c2, s1, s2, keep, HALF)  # k
+    _copy_part(dst + 2 * stride_o_part, src + 2 * D, mask, HALF)  # v
 
 
 @triton.jit
@@ -188,17 +189,20 @@ def _rope_bwd_kernel(
     i = tl.arange(0, HALF)[None, None, :]
     mask = t_ok[:, None, None] & (h < H)[None, :, None]
     D = H * 2 * HALF
-    dst = (t.to(tl.int64) * (3 * D))[:, None, None] + (h * (2 * HALF))[None, :, None] + i
-    hh = h.to(tl.int64)[None, :, None]
     n64 = n.to(tl.int64)
-    dq = (b * stride_dq_b + n64 * stride_dq_n)[:, None, None] + hh * stride_dq_h + i
-    dk = (b * stride_dk_b + n64 * stride_dk_n)[:, None, None] + hh * stride_dk_h + i
-    dv = (b * stride_dv_b + n64 * stride_dv_n)[:, None, None] + hh * stride_dv_h + i
+    dst = DQKV_ptr + (t.to(tl.int64) * (3 * D))[:, None, None] \
+        + (h * (2 * HALF))[None, :, None] + i  # the q third of d(qkv)
+    dq = DQ_ptr + (b * stride_dq_b + n64 * stride_dq_n)[:, None, None] \
+        + (h * stride_dq_h)[None, :, None] + i
+    dk = DK_ptr + (b * stride_dk_b + n64 * stride_dk_n)[:, None, None] \
+        + (h * stride_dk_h)[None, :, None] + i
+    dv = DV_ptr + (b * stride_dv_b + n64 * stride_dv_n)[:, None, None] \
+        + (h * stride_dv_h)[None, :, None] + i
     # the transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]]: the forward rotation with
     # (s1, s2) -> (-s2, -s1), i.e. the sine negated (and its halves swapped, equal for DINOv3)
-    _rotate_part(DQKV_ptr, dst, DQ_ptr, dq, mask, c1, c2, -s2, -s1, keep, HALF)
-    _rotate_part(DQKV_ptr + D, dst, DK_ptr, dk, mask, c1, c2, -s2, -s1, keep, HALF)
-    _copy_part(DQKV_ptr + 2 * D, dst, DV_ptr, dv, mask, HALF)
+    _rotate_part(dst, dq, mask, c1, c2, -s2, -s1, keep, HALF)
+    _rotate_part(dst + D, dk, mask, c1, c2, -s2, -s1, keep, HALF)
+    _copy_part(dst + 2 * D, dv, mask, HALF)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,12 +211,14 @@ def _rope_bwd_kernel(
 
 
 def _gpu_config(H: int, d_h: int) -> dict:
-    """GPU launch config: all heads of a token in one program up to 1024 elements per half-row
-    (d_h 128: 16 heads per program), ~2048 elements per half tile, 4 warps: 16 fp32 values per
-    thread per tensor, no spills (compile_specs)."""
+    """GPU launch config: 4 tokens x up to 512 / d_h heads per program (d_h 64: 8 heads, 128: 4),
+    so a half tile holds 1024 values: 8 fp32 values per thread and tensor on 4 warps. 16 per
+    thread took 160-200 registers on sm_90 (fewer resident programs, fewer loads in flight for this
+    memory-bound pass); 8 take 64-80. Wider head blocks at d_h 128 made ptxas use a small stack
+    on one arch or the other (cuobjdump, triton 3.9), this shape does not (compile_specs)."""
     half = d_h // 2
-    block_h = min(next_pow2(H), max(1, 1024 // half))
-    return dict(HALF=half, BLOCK_T=max(1, 2048 // (block_h * half)), BLOCK_H=block_h, num_warps=4)
+    block_h = min(next_pow2(H), max(1, 512 // d_h))
+    return dict(HALF=half, BLOCK_T=max(1, 1024 // (block_h * half)), BLOCK_H=block_h, num_warps=4)
 
 
 def _config(H: int, d_h: int, num_tokens: int) -> dict:
