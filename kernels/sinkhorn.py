@@ -372,7 +372,7 @@ def _(t, col_shift, inv_temp, with_colsum):
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3,
-                   n_total: int | float | None = None) -> TeacherTargets:
+                   n_total: int | float | torch.Tensor | None = None) -> TeacherTargets:
     """Sinkhorn-Knopp in 2·iters + 1 streaming reads of the teacher logits [N, K]; returns the
     factorised targets (the logits are kept by reference, not copied). Collectives: 1 K-vector
     all-reduce MAX + iters K-vector all-reduce SUMs, through fastdino.dist."""
@@ -382,7 +382,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     t = teacher_logits.contiguous()
     n, k = t.shape
     inv_temp = 1.0 / teacher_temp
-    n_total = float(n * dist.get_world_size() if n_total is None else n_total)
+    if n_total is None:
+        n_total = float(n * dist.get_world_size())
+    elif not torch.is_tensor(n_total):
+        n_total = float(n_total)  # a 0-d tensor (iBOT's all-reduced count) is used as is
     ops = torch.ops.fastdino
     zeros_n = torch.zeros(n, device=t.device, dtype=torch.float32)
     # exact overflow guard: per-prototype max over the global batch (SPEC.md §10.2)

@@ -23,10 +23,14 @@ class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (paper name)
         """Targets of the teacher's masked patch logits [M, K] (no grad). Sinkhorn-Knopp uses
         n_total = all-reduce sum of this rank's `n_masked_patches` (the official SK denominator;
         in DINOv3 M == n_masked_patches, every row is a real masked token)."""
-        n = torch.as_tensor(n_masked_patches, dtype=torch.float32).reshape(1).clone()
-        n_total = float(dist.all_reduce_sum(n).item())
-        if n_total <= 0:
-            raise ValueError(f"n_masked_patches summed over ranks must be > 0, got {n_total}")
+        if dist.get_world_size() == 1 and not torch.is_tensor(n_masked_patches):
+            n_total = float(n_masked_patches)  # nothing to reduce, nothing on device
+        else:
+            # a device tensor (NCCL reduces CUDA tensors) and no .item(): no host sync, no graph
+            # break; the SK divides by it as a 0-d tensor, as the official code does
+            n_total = torch.as_tensor(n_masked_patches, dtype=torch.float32,
+                                      device=teacher_patch_logits.device).reshape(()).clone()
+            n_total = dist.all_reduce_sum(n_total)
         return self._normalise(teacher_patch_logits, teacher_temp, n_total=n_total)
 
     def forward(self, student_patch_logits: torch.Tensor, targets: TeacherTargets,

@@ -63,7 +63,7 @@ class TeacherCentering(nn.Module):
 
     @torch.no_grad()
     def _normalise(self, teacher_logits: torch.Tensor, teacher_temp: float,
-                   n_total: float | None) -> sk.TeacherTargets:
+                   n_total: float | torch.Tensor | None) -> sk.TeacherTargets:
         if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.out_dim:
             raise ValueError(f"teacher logits must be [N, K={self.out_dim}], got "
                              f"{tuple(teacher_logits.shape)}")

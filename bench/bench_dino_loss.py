@@ -1,0 +1,131 @@
+"""DINO CLS and iBOT patch loss benchmark cases (KERNELS.md §2-3, issue 5): teacher
+normalisation (Sinkhorn-Knopp, 3 iterations) plus the student soft cross-entropy, as one
+training-step call: `teacher_targets` then the loss, differentiated in the student logits.
+
+    providers: torch = DINOLoss / iBOTPatchLoss(impl="torch") (the references of
+               kernels/sinkhorn.py and kernels/dino_loss.py); torch_compile (added by the
+               harness); triton = the same modules with impl="triton" (fused kernels)
+    model bytes (the minimum the op must touch, e = element size of the logits):
+        fwd  (N_t + R)·K·e       read the teacher and the student logits once
+        bwd  (N_t + 2R)·K·e      read both again, write dS
+    The Triton path actually reads the teacher 2·iters + 1 = 7 times for Sinkhorn-Knopp
+    (KERNELS.md §3.3) plus once per student pass; the model GB/s states how close the whole op
+    gets to the one-read minimum, not the per-kernel bandwidth.
+
+Shapes come from bench/registry.py: DINO rows R = (2 + n_local)·B student CLS against N_t = 2B
+teacher rows, K = dino_K; iBOT R = N_t = ibot_rows masked tokens, K = ibot_K, with the exact
+per-image counts of the v3 collate (the weights 1/n_masked) and n_images = 2B.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.harness import BenchCase
+from bench.registry import DinoShape, get
+from fastdino.losses.dino_clstoken_loss import DINOLoss
+from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
+
+TEACHER_TEMP = 0.07  # τ_t after warm-up (SPEC.md §1.3)
+MODELS = ("vits16", "vitl16", "vit7b16")
+FORMULA = "fwd (N_t+R)·K·e, bwd (N_t+2R)·K·e (read teacher + student; bwd also writes dS)"
+
+
+def _randn(shape: tuple[int, ...], seed: int, device, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def masked_counts(shape: DinoShape) -> list[int]:
+    """Masked tokens per image of the 2B global crops, as the v3 collate draws them (SPEC.md
+    §1.4): half the images masked with ratios linspace(0.1, 0.5)[1:], the others 0."""
+    n_imgs = int(2 * shape.batch_per_gpu * 0.5)
+    n, step = shape.global_patches, (0.5 - 0.1) / n_imgs
+    counts = [int(n * (0.1 + step * (i + 1))) for i in range(n_imgs)]
+    return counts + [0] * (2 * shape.batch_per_gpu - n_imgs)
+
+
+def _dino_case(name: str, b: int, n_local: int, k: int, dtype: torch.dtype,
+               shape_from: str) -> BenchCase:
+    n_t, r = 2 * b, (2 + n_local) * b
+
+    def make_inputs(device, dt):
+        return {"teacher": _randn((n_t, k), 0, device, dt),
+                "student_global": _randn((n_t, k), 1, device, dt).requires_grad_(),
+                "student_local": _randn((n_local * b, k), 2, device, dt).requires_grad_()}
+
+    def provider(impl: str):
+        loss = DINOLoss(k, impl=impl)
+
+        def run(teacher, student_global, student_local):
+            targets = loss.teacher_targets(teacher, TEACHER_TEMP)
+            return loss(student_global, student_local, targets)["dino_loss"]
+        return run
+
+    e = torch.finfo(dtype).bits // 8
+    return BenchCase(
+        op="dino_loss", name=name,
+        params={"loss": "dino", "B": b, "n_local": n_local, "R": r, "N_t": n_t, "K": k,
+                "centering": "sinkhorn_knopp", "shape_from": shape_from},
+        dtype=dtype, make_inputs=make_inputs,
+        providers={"torch": provider("torch"), "triton": provider("triton")},
+        grad_inputs=["student_global", "student_local"],
+        bytes_fwd=(n_t + r) * k * e, bytes_bwd=(n_t + 2 * r) * k * e, formula=FORMULA,
+        atol=1e-5)
+
+
+def _ibot_case(name: str, counts: list[int], k: int, dtype: torch.dtype,
+               shape_from: str) -> BenchCase:
+    m, n_images = sum(counts), len(counts)
+
+    def make_inputs(device, dt):
+        w = torch.cat([torch.full((c,), 1.0 / c) for c in counts if c]).to(device)
+        return {"teacher": _randn((m, k), 3, device, dt),
+                "student": _randn((m, k), 4, device, dt).requires_grad_(),
+                "masks_weight": w}
+
+    def provider(impl: str):
+        loss = iBOTPatchLoss(k, impl=impl)
+
+        def run(teacher, student, masks_weight):
+            targets = loss.teacher_targets(teacher, TEACHER_TEMP, m)
+            return loss(student, targets, masks_weight, n_images=n_images)
+        return run
+
+    e = torch.finfo(dtype).bits // 8
+    return BenchCase(
+        op="dino_loss", name=name,
+        params={"loss": "ibot", "R": m, "N_t": m, "K": k, "n_images": n_images,
+                "centering": "sinkhorn_knopp", "shape_from": shape_from},
+        dtype=dtype, make_inputs=make_inputs,
+        providers={"torch": provider("torch"), "triton": provider("triton")},
+        grad_inputs=["student"], bytes_fwd=2 * m * k * e, bytes_bwd=3 * m * k * e,
+        formula=FORMULA, atol=1e-5)
+
+
+def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
+    if not on_gpu:  # interpreter-sized: odd K, few rows, the same code paths
+        out = []
+        for dt in ([torch.float32] if quick else [torch.float32, torch.bfloat16]):
+            tag = str(dt).replace("torch.", "")
+            out.append(_dino_case(f"dino-cpu-odd-{tag}", 2, 2, 1000, dt, "odd size"))
+            out.append(_ibot_case(f"ibot-cpu-odd-{tag}", [4, 0, 3, 0], 1000, dt, "odd size"))
+        return out
+    # models whose loss shapes coincide (ViT-S and ViT-L share B, crops and K) are run once
+    same: dict[tuple, list[str]] = {}
+    for model in (("vitl16",) if quick else MODELS):
+        s = get(model)
+        key = (s.batch_per_gpu, s.n_local, s.dino_K, s.ibot_K, s.global_patches)
+        same.setdefault(key, []).append(model)
+    out = []
+    for models in same.values():
+        s, label = get(models[-1]), "=".join(models)
+        counts = masked_counts(s)
+        assert sum(counts) == s.ibot_rows, (label, sum(counts), s.ibot_rows)
+        for dt in dtypes:
+            tag = str(dt).replace("torch.", "")
+            out.append(_dino_case(f"{s.name}-dino-{tag}", s.batch_per_gpu, s.n_local, s.dino_K,
+                                  dt, label))
+            out.append(_ibot_case(f"{s.name}-ibot-{tag}", counts, s.ibot_K, dt, label))
+    return out
