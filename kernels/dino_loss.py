@@ -157,7 +157,7 @@ def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
 # ------------------------------------------------------------------------------------------------
 
 _WARPS = 8
-_GPU_BLOCK_K = 4096
+_GPU_BLOCK_K = 2048
 _NUM_SMS = 132  # only sets how finely K is split, never correctness
 
 
