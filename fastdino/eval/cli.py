@@ -1,0 +1,199 @@
+"""`fastdino eval knn | linear | seg | pca ...` (fastdino.cli dispatches `fastdino eval` here).
+
+    fastdino eval knn    --weights runs/smoke --data DIGITS_DIR
+    fastdino eval linear --weights vits16.pth --arch vit_small --data /imagenet_subset
+    fastdino eval seg    --weights hf_dinov3_folder/ --data /seg_folder --crop 512
+    fastdino eval pca    --weights runs/smoke IMAGE... --out pca/
+
+`--weights` is a training run / checkpoint folder, an exported .pth / .safetensors backbone, a
+Hugging Face DINOv3ViTModel folder, or `random` (fastdino.eval.weights). The architecture comes
+from `--arch` or `--config` (preset name or yaml), else from the run's config.yaml or the Hugging
+Face config.json. Results print as a table and, with `--json FILE`, are written as JSON.
+Also runnable as `python -m fastdino.eval.cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("fastdino.eval")
+
+
+def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--weights", required=True,
+                   help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
+                        "DINOv3ViTModel folder, or 'random'")
+    g.add_argument("--arch", default=None, help="factory name, e.g. vit_small (overrides --config)")
+    g.add_argument("--config", default=None, help="preset name in configs/ or a yaml file")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="init seed for --weights random, and "
+                   "the probes' seed")
+    if features:
+        f = p.add_argument_group("features")
+        f.add_argument("--data", required=True, help="labelled folder: train/<class>/ + "
+                       "val/<class>/, or <class>/ (with --split-file, or every 4th image is val)")
+        f.add_argument("--split-file", default=None,
+                       help="lines 'train <class>/<file>' or 'val <class>/<file>' under --data")
+        f.add_argument("--image-size", type=int, default=224,
+                       help="centre crop (resize to 256/224 of it first); a multiple of 16")
+        f.add_argument("--batch-size", type=int, default=64, help="extraction batch")
+        f.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+        f.add_argument("--cache-dir", default=None,
+                       help="feature cache (default $FASTDINO_CACHE/features); 'none' disables")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdino eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("knn", help="weighted kNN on L2-normalised CLS (SPEC.md §6)",
+                       formatter_class=fmt)
+    _add_common(p)
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+
+    p = sub.add_parser("linear", help="linear probes (one per lr) on CLS + mean patch",
+                       formatter_class=fmt)
+    _add_common(p)
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="base lrs (x batch/256); default the official 13, 1e-5 .. 0.1")
+    p.add_argument("--iterations", type=int, default=12500, help="official: 10 x 1250")
+    p.add_argument("--probe-batch-size", type=int, default=128)
+
+    p = sub.add_parser("seg", help="dense linear probe (BN + 1x1 conv), mIoU",
+                       formatter_class=fmt)
+    _add_common(p, features=False)
+    p.add_argument("--data", required=True, help="folder with images/ + masks/ (or train/ and "
+                   "val/ each holding them); masks: integer PNGs, 255 = ignore")
+    p.add_argument("--num-classes", type=int, default=None, help="default: max mask id + 1")
+    p.add_argument("--crop", type=int, default=512, help="training crop = sliding window")
+    p.add_argument("--iterations", type=int, default=2000, help="official ADE20k: 40000")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--num-workers", type=int, default=4)
+
+    p = sub.add_parser("pca", help="3-component PCA of patch features -> RGB PNGs (SPEC.md §8)",
+                       formatter_class=fmt)
+    _add_common(p, features=False)
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resolution", type=int, default=448, help="image height (multiple of 16)")
+    p.add_argument("--shared", action="store_true", help="one PCA basis across all images")
+    p.add_argument("--fg", choices=("threshold", "none"), default="threshold",
+                   help="foreground = first component > --threshold, background black")
+    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--color", choices=("sigmoid", "minmax"), default="sigmoid",
+                   help="sigmoid(2 x whitened projection) as the official notebook, or min-max")
+    return parser
+
+
+def _cache_dir(arg: str | None) -> Path | None:
+    if arg == "none":
+        return None
+    if arg is not None:
+        return Path(arg)
+    from fastdino.data.sample_data import cache_dir
+    return cache_dir() / "features"
+
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastdino.eval.weights import load_eval_backbone
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone, info = load_eval_backbone(args.weights, args.arch, args.config, device, args.seed)
+    result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,
+                    "arch": info.arch}
+    progress = not args.quiet
+
+    if args.cmd in ("knn", "linear"):
+        from fastdino.eval.features import BackboneExtractor
+        from fastdino.eval.knn_protocol import labelled_splits
+
+        train, val, classes = labelled_splits(args.data, args.split_file)
+        extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
+                                      args.num_workers, progress)
+        key = {"weights": info.digest, "arch": info.arch, "image_size": args.image_size}
+        cache = _cache_dir(args.cache_dir)
+        result.update(data=str(args.data), image_size=args.image_size, classes=classes)
+        if args.cmd == "knn":
+            from fastdino.eval.knn_protocol import knn_eval
+            res = knn_eval(extractor, train, val, ks=args.k, temperature=args.temperature,
+                           cache_dir=cache, cache_key=key, n_classes=len(classes))
+            result.update(res)
+            rows = [(f"k={k} (used {res[f'k{k}']['k_used']})",
+                     f"top1 {100 * res[f'k{k}']['top1']:6.2f}  top5 "
+                     f"{100 * res[f'k{k}']['top5']:6.2f}") for k in args.k]
+            _print_table(f"kNN (T={args.temperature}) on {args.data}: {len(train)} train, "
+                         f"{len(val)} val, {len(classes)} classes, chance "
+                         f"{100 / len(classes):.1f}%", rows)
+        else:
+            from fastdino.eval.features import cached_features
+            from fastdino.eval.linear import OFFICIAL_LRS, linear_features, train_linear_probes
+            x = {}
+            for name, samples in (("train", train), ("val", val)):
+                x[name] = linear_features(cached_features(extractor, [p for p, _ in samples],
+                                                          cache, key))
+            y = {name: torch.tensor([lab for _, lab in s]) for name, s in
+                 (("train", train), ("val", val))}
+            res = train_linear_probes(x["train"], y["train"], x["val"], y["val"], len(classes),
+                                      lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,
+                                      batch_size=args.probe_batch_size, seed=args.seed,
+                                      device=device, classes=classes)
+            result.update(res)
+            rows = [(f"lr {lr:g}", f"top1 {100 * a:6.2f}") for lr, a in res["per_lr"].items()]
+            rows.append(("best", f"lr {res['best']['lr']:g}: top1 "
+                                 f"{100 * res['best']['top1']:.2f} (train "
+                                 f"{100 * res['best']['train_top1']:.2f})"))
+            rows += [(f"confused {c['true']} -> {c['pred']}",
+                      f"{c['count']} ({100 * c['frac_of_true']:.1f}% of {c['true']})")
+                     for c in res["confused"]]
+            _print_table(f"linear probe on {args.data}: {len(train)} train, {len(val)} val",
+                         rows)
+    elif args.cmd == "seg":
+        from fastdino.eval.seg import seg_eval, seg_splits
+        train, val = seg_splits(args.data)
+        res = seg_eval(backbone, train, val, n_classes=args.num_classes, crop=args.crop,
+                       iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                       num_workers=args.num_workers, seed=args.seed, progress=progress)
+        result.update(res)
+        rows = [("mIoU", f"{100 * res['miou']:.2f}"),
+                ("pixel acc", f"{100 * res['pixel_acc']:.2f}")]
+        rows += [(f"IoU class {i}", "-" if v is None else f"{100 * v:.2f}")
+                 for i, v in enumerate(res["iou"])]
+        _print_table(f"linear seg on {args.data}: {len(train)} train, {len(val)} val, window "
+                     f"{res['window']} stride {res['stride']}", rows)
+    else:
+        from fastdino.eval.pca import write_pca_images
+        files = write_pca_images(backbone, args.images, args.out, resolution=args.resolution,
+                                 shared=args.shared, fg=args.fg, threshold=args.threshold,
+                                 color=args.color)
+        result.update(files=[str(f) for f in files], color=args.color, fg=args.fg)
+        print("\n".join(str(f) for f in files))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

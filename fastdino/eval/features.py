@@ -1,0 +1,143 @@
+"""Frozen-backbone features for the probes: the eval transform, batched extraction, a disk cache.
+
+    extractor = BackboneExtractor(backbone, image_size=224, batch_size=64)
+    feats = cached_features(extractor, paths, cache_dir, key={"weights": info.digest, ...})
+    feats["cls"]         [N, D]  x_norm_clstoken (last block + final norm), fp32, not normalised
+    feats["patch_mean"]  [N, D]  mean of x_norm_patchtokens over the patches, fp32
+
+Transform (SPEC.md §6, the official kNN/linear eval): resize the shorter side to 256/224 of the
+crop (bicubic), centre-crop `image_size` x `image_size`, ImageNet normalisation. Decoding runs in
+DataLoader workers; the forward runs under bf16 autocast on CUDA (fp32 on CPU). The progress
+bar (tqdm) shows on a terminal and stays quiet in logs.
+
+Cache: one file per (weights digest, architecture, image size, data file list with sizes and
+mtimes, transform version) under `cache_dir`, written atomically (temp + rename) and read with
+`torch.load(weights_only=True)`. Anything that could change the features changes the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fastdino.data.datasets import decode_rgb
+from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger("fastdino.eval")
+
+TRANSFORM_VERSION = "resize256-center224-bicubic-imagenet-v1"
+# An extractor maps image paths to {"cls": [N, D], "patch_mean": [N, D]} (tests use stubs).
+Extractor = Callable[[Sequence[str]], dict[str, torch.Tensor]]
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> round(size * 256 / 224) (bicubic), then the centre size x size crop."""
+    short = round(size * 256 / 224)
+    w, h = img.size
+    scale = short / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_normalized_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] fp32, ImageNet-normalised."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+    x = x.permute(2, 0, 1)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str], image_size: int):
+        self.paths, self.image_size = list(paths), image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_normalized_tensor(resize_center_crop(decode_rgb(self.paths[i]), self.image_size))
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (the released models run in bf16), a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class BackboneExtractor:
+    """Callable: image paths -> {"cls", "patch_mean"} of a frozen backbone (module docstring)."""
+
+    def __init__(self, backbone: nn.Module, image_size: int = 224, batch_size: int = 64,
+                 num_workers: int = 0, progress: bool = True):
+        patch = backbone.patch_size
+        if image_size % patch != 0:
+            raise ValueError(f"--image-size {image_size} is invalid: allowed is a multiple of the "
+                             f"patch size {patch}")
+        self.backbone, self.image_size = backbone, image_size
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+
+    @torch.no_grad()
+    def __call__(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        self.backbone.eval()
+        device = next(self.backbone.parameters()).device
+        loader = torch.utils.data.DataLoader(
+            _EvalImages(paths, self.image_size), batch_size=self.batch_size,
+            num_workers=self.num_workers, pin_memory=device.type == "cuda")
+        cls, patch_mean = [], []
+        bar = tqdm(loader, desc=f"features {self.image_size}px", unit="batch",
+                   disable=None if self.progress else True)
+        for x in bar:
+            with autocast_for(device):
+                out = self.backbone.forward_features(x.to(device, non_blocking=True))
+            cls.append(out["x_norm_clstoken"].float().cpu())  # [b, D]
+            patch_mean.append(out["x_norm_patchtokens"].float().mean(1).cpu())  # [b, D]
+        return {"cls": torch.cat(cls), "patch_mean": torch.cat(patch_mean)}
+
+
+def files_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 over (path, size, mtime_ns) of every file, in order: an edited, added, removed or
+    reordered image changes it."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_key(key: dict, paths: Sequence[str]) -> str:
+    full = {**key, "files": files_fingerprint(paths), "n_files": len(paths),
+            "transform": TRANSFORM_VERSION}
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_features(extractor: Extractor, paths: Sequence[str], cache_dir: str | Path | None,
+                    key: dict) -> dict[str, torch.Tensor]:
+    """extractor(paths), read from / written to `cache_dir` (None: no cache). `key` must name
+    everything about the extractor that changes its output (weights digest, arch, image size)."""
+    if cache_dir is None:
+        return extractor(paths)
+    cache_dir = Path(cache_dir)
+    name = cache_key(key, paths)
+    file = cache_dir / f"{name}.pt"
+    if file.is_file():
+        feats = torch.load(file, map_location="cpu", weights_only=True)
+        logger.info("features: cache hit %s (%d images)", file, len(paths))
+        return feats
+    feats = extractor(paths)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
+    torch.save({k: v.contiguous() for k, v in feats.items()}, tmp)
+    os.replace(tmp, file)  # atomic: a reader sees the old state or the complete file
+    logger.info("features: cached %s (%d images)", file, len(paths))
+    return feats

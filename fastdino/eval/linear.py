@@ -1,0 +1,120 @@
+"""Linear probe on frozen, cached features (SPEC.md §6, dinov3/eval/linear.py), many lrs at once.
+
+    res = train_linear_probes(x_train, y_train, x_val, y_val, n_classes)
+    # res["best"] = {"lr": 0.02, "top1": 0.97}; res["per_lr"] = {lr: top1}; res["confused"] = [...]
+
+Features: last-block CLS ⊕ mean patch token ([N, 2D], `linear_features`), not normalised (as the
+official probe). One linear classifier per learning rate, all held in one batched weight
+W [L, F, C] and trained together on the same batches: a step costs one einsum for all L heads.
+SGD, momentum 0.9, no weight decay, lr = base_lr * batch_size / 256 (the official scaling),
+cosine decay to 0 over `iterations` steps (default 12,500 = the official 10 "epochs" of 1,250
+iterations; reshuffled passes over the train set), capped at `max_epochs` (100) passes for
+small sets. Gradients are written out (softmax - one-hot), no autograd: a step is 2 einsums.
+Init N(0, 0.01), bias 0 (official).
+
+Not done here (the cached features are fixed): the official random-resized-crop + flip training
+augmentation. On a small set this makes the probe somewhat optimistic on train, not on val. The
+best lr is chosen on val and the same val top-1 is reported (no separate test split), as the
+official probe does when it is given one eval set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+# dinov3/eval/linear.py: 13 base learning rates, scaled by batch/256
+OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+
+
+def linear_features(feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """{"cls": [N, D], "patch_mean": [N, D]} -> [N, 2D]."""
+    return torch.cat([feats["cls"], feats["patch_mean"]], dim=1).float()
+
+
+def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """[C, C] counts, rows = true class, columns = predicted class."""
+    idx = y.long() * n_classes + pred.long()
+    return torch.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def most_confused(conf: torch.Tensor, top: int = 5, classes: Sequence[str] | None = None
+                  ) -> list[dict]:
+    """The `top` largest off-diagonal cells: {"true", "pred", "count", "frac_of_true"}."""
+    off = conf.clone()
+    off.fill_diagonal_(0)
+    flat = off.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)[:top]
+    n = conf.shape[0]
+    names = classes if classes is not None else [str(i) for i in range(n)]
+    out = []
+    for i in order.tolist():
+        if flat[i] == 0:
+            break
+        t, p = divmod(i, n)
+        out.append({"true": names[t], "pred": names[p], "count": int(flat[i]),
+                    "frac_of_true": float(flat[i] / conf[t].sum().clamp(min=1))})
+    return out
+
+
+@torch.no_grad()
+def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                        y_val: torch.Tensor, n_classes: int, *,
+                        lrs: Sequence[float] = OFFICIAL_LRS, iterations: int = 12500,
+                        max_epochs: float | None = 100, batch_size: int = 128,
+                        momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
+                        classes: Sequence[str] | None = None) -> dict:
+    """Train one linear head per lr on (x_train [N, F], y_train [N]); evaluate all on val."""
+    device = torch.device(device)
+    x_train, y_train = x_train.float().to(device), y_train.long().to(device)
+    x_val, y_val = x_val.float().to(device), y_val.long().to(device)
+    n, f = x_train.shape
+    L = len(lrs)
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(L, f, n_classes, generator=gen) * 0.01).to(device)  # [L, F, C]
+    bias = torch.zeros(L, n_classes, device=device)  # [L, C]
+    buf_w, buf_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    base = torch.tensor(lrs, dtype=torch.float32, device=device) * batch_size / 256  # [L]
+    # a small train set does not need 12.5k steps: cap at `max_epochs` passes
+    total = iterations if max_epochs is None else min(
+        iterations, max(1, math.ceil(max_epochs * n / batch_size)))
+    step = 0
+    while step < total:  # reshuffled passes over the train set until `iterations` steps
+        order = torch.randperm(n, generator=gen).to(device)
+        for i in range(0, n, batch_size):
+            if step >= total:
+                break
+            idx = order[i:i + batch_size]
+            xb, yb = x_train[idx], y_train[idx]  # [B, F], [B]
+            logits = torch.einsum("bf,lfc->lbc", xb, weight) + bias[:, None]  # [L, B, C]
+            # d(mean CE)/d logits = (softmax - onehot) / B, for each head independently
+            g = torch.softmax(logits, dim=-1)
+            g[:, torch.arange(len(yb), device=device), yb] -= 1.0
+            g /= len(yb)
+            gw = torch.einsum("bf,lbc->lfc", xb, g)  # [L, F, C]
+            gb = g.sum(1)  # [L, C]
+            lr = base * 0.5 * (1 + math.cos(math.pi * step / total))  # [L] cosine to 0
+            buf_w.mul_(momentum).add_(gw)
+            buf_b.mul_(momentum).add_(gb)
+            weight.sub_(lr[:, None, None] * buf_w)
+            bias.sub_(lr[:, None] * buf_b)
+            step += 1
+    val_logits = torch.einsum("nf,lfc->lnc", x_val, weight) + bias[:, None]  # [L, Nv, C]
+    top1 = (val_logits.argmax(-1) == y_val).float().mean(1)  # [L]
+    train_logits = torch.einsum("nf,lfc->lnc", x_train, weight) + bias[:, None]
+    train_top1 = (train_logits.argmax(-1) == y_train).float().mean(1)
+    # best on val; ties -> the smaller lr (first in the list)
+    best = int(torch.argmax(top1).item())
+    pred = val_logits[best].argmax(-1)
+    conf = confusion_matrix(pred.cpu(), y_val.cpu(), n_classes)
+    return {
+        "best": {"lr": float(lrs[best]), "top1": float(top1[best]),
+                 "train_top1": float(train_top1[best])},
+        "per_lr": {float(lr): float(a) for lr, a in zip(lrs, top1.tolist(), strict=True)},
+        "confused": most_confused(conf, 5, classes),
+        "confusion": conf.tolist(),
+        "iterations": total, "epochs": total * batch_size / n, "batch_size": batch_size,
+        "n_train": n, "n_val": int(x_val.shape[0]), "feature_dim": f,
+    }

@@ -1,0 +1,282 @@
+"""Dense linear probe for semantic segmentation (SPEC.md §6, ADE20k "linear" config), with mIoU.
+
+    res = seg_eval(backbone, train_pairs, val_pairs, n_classes=3, crop=512, iterations=2000)
+    # {"miou": 0.41, "iou": [...], "pixel_acc": 0.83, ...}
+
+Data: `<folder>/images/<stem>.<jpg|png|...>` + `<folder>/masks/<stem>.png` (integer class ids,
+PNG mode L / P / I; 255 = ignore). Splits: `<root>/train/` and `<root>/val/` each laid out like
+that, or one folder split deterministically (every 4th image, by sorted stem, is val).
+
+Head (official linear config): last-layer patch tokens after the backbone's final norm
+[B, D, h, w] -> BatchNorm2d -> Dropout2d(0.1) -> 1x1 conv -> C logits at patch resolution,
+bilinearly upsampled to the crop. Frozen backbone (bf16 autocast on CUDA), head in fp32.
+Training: random scale jitter 0.5-2 of "shorter side = crop", random crop x crop (image padded
+with 0, mask with 255), horizontal flip; AdamW lr 1e-3, wd 1e-3, linear warmup over the first
+3.75% of iterations (1.5k of the official 40k), then cosine to 0; cross-entropy, ignore 255.
+Inference (official): the image resized so its shorter side is the crop, then sliding windows of
+crop x crop with stride round(2/3 crop) (512 / 341), logits averaged where windows overlap,
+bilinearly resized to the mask's size, argmax. mIoU = mean over classes that occur in the ground
+truth or the prediction of TP / (TP + FP + FN), from one confusion matrix over all val pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fastdino.data.datasets import IMAGE_EXTENSIONS, decode_rgb
+from fastdino.eval.features import autocast_for, to_normalized_tensor
+
+IGNORE = 255
+Pairs = list[tuple[str, str]]  # (image path, mask path)
+
+
+# ------------------------------------------------------------------------------------------ data
+def list_pairs(folder: str | Path) -> Pairs:
+    """(image, mask) pairs of `folder/images` and `folder/masks`, matched by stem, sorted."""
+    folder = Path(folder)
+    img_dir, mask_dir = folder / "images", folder / "masks"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise FileNotFoundError(f"segmentation folder {str(folder)!r} needs images/ and masks/ "
+                                "subfolders (masks: integer PNGs with the images' stems)")
+    images = sorted(p for p in img_dir.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
+    masks = {p.stem: p for p in mask_dir.glob("*.png")}
+    missing = [p.name for p in images if p.stem not in masks]
+    if missing:
+        raise FileNotFoundError(f"{mask_dir}: no mask PNG for {len(missing)} image(s): "
+                                + ", ".join(missing[:5]))
+    if not images:
+        raise FileNotFoundError(f"{img_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [(str(p), str(masks[p.stem])) for p in images]
+
+
+def seg_splits(root: str | Path) -> tuple[Pairs, Pairs]:
+    """(train, val) pairs: `root/train` + `root/val`, or `root` split every 4th image to val."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return list_pairs(root / "train"), list_pairs(root / "val")
+    pairs = list_pairs(root)
+    if len(pairs) < 2:
+        raise ValueError(f"{root}: a single folder needs at least 2 images to split train/val")
+    train = [p for i, p in enumerate(pairs) if i % 4 != 3]
+    val = [p for i, p in enumerate(pairs) if i % 4 == 3]
+    return train, val
+
+
+def load_mask(path: str) -> np.ndarray:
+    """[H, W] int64 class ids of an integer mask PNG."""
+    with Image.open(path) as m:
+        if m.mode not in ("L", "P", "I", "I;16", "1"):
+            raise ValueError(f"mask {path!r} has PIL mode {m.mode!r}: allowed are integer PNGs "
+                             "(L, P, I, I;16), one class id per pixel (255 = ignore)")
+        return np.asarray(m, dtype=np.int64)
+
+
+def count_classes(pairs: Pairs) -> int:
+    masks = (load_mask(m) for _, m in pairs)
+    return max(int(np.where(m == IGNORE, -1, m).max()) for m in masks) + 1
+
+
+def _resize_short(img: Image.Image, short: int, resample) -> Image.Image:
+    w, h = img.size
+    s = short / min(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
+
+
+class SegTrainSet(torch.utils.data.Dataset):
+    """Random scale jitter + crop + flip of (image, mask): [3, crop, crop] fp32, [crop, crop]."""
+
+    def __init__(self, pairs: Pairs, crop: int, scale_range=(0.5, 2.0), flip: bool = True):
+        self.pairs, self.crop, self.scale_range, self.flip = pairs, crop, scale_range, flip
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img_path, mask_path = self.pairs[i]
+        img, mask = decode_rgb(img_path), Image.fromarray(load_mask(mask_path).astype(np.int32))
+        if img.size != mask.size:
+            raise ValueError(f"{img_path} is {img.size} but its mask {mask_path} is {mask.size}")
+        lo, hi = self.scale_range
+        short = round(self.crop * (lo + (hi - lo) * float(torch.rand(()))))
+        img = _resize_short(img, short, Image.Resampling.BILINEAR)
+        mask = _resize_short(mask, short, Image.Resampling.NEAREST)
+        x = to_normalized_tensor(img)  # [3, H, W]
+        y = torch.from_numpy(np.asarray(mask, dtype=np.int64))  # [H, W]
+        H, W = y.shape
+        ph, pw = max(0, self.crop - H), max(0, self.crop - W)
+        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        y = F.pad(y, (0, pw, 0, ph), value=IGNORE)
+        top = int(torch.randint(0, y.shape[0] - self.crop + 1, ()))
+        left = int(torch.randint(0, y.shape[1] - self.crop + 1, ()))
+        x = x[:, top:top + self.crop, left:left + self.crop]
+        y = y[top:top + self.crop, left:left + self.crop]
+        if self.flip and float(torch.rand(())) < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return x.contiguous(), y.contiguous()
+
+
+# ------------------------------------------------------------------------------------------ model
+class LinearSegHead(nn.Module):
+    """[B, D, h, w] patch features -> [B, C, h, w] logits (BN + dropout + 1x1 conv)."""
+
+    def __init__(self, embed_dim: int, n_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(embed_dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv = nn.Conv2d(embed_dim, n_classes, kernel_size=1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.dropout(self.bn(feats)))
+
+
+@torch.no_grad()
+def patch_feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """image [B, 3, H, W] -> last-layer normed patch tokens [B, D, H/p, W/p], fp32."""
+    with autocast_for(x.device):
+        feats = backbone.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+    return feats.float()
+
+
+def seg_logits(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """image [B, 3, H, W] -> logits [B, C, H, W] (head at patch resolution, upsampled)."""
+    logits = head(patch_feature_map(backbone, x))
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def sliding_window_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor,
+                          window: int, stride: int, n_classes: int) -> torch.Tensor:
+    """mmseg-style slide inference: img [B, 3, H, W] -> logits [B, C, H, W], the mean over every
+    window covering a pixel. Windows start every `stride` pixels, the last one flush with the
+    border; an image smaller than the window is zero-padded (and the padding cropped off)."""
+    B, _, H, W = img.shape
+    ph, pw = max(0, window - H), max(0, window - W)
+    x = F.pad(img, (0, pw, 0, ph)) if ph or pw else img
+    Hp, Wp = x.shape[-2:]
+    n_h = max(Hp - window + stride - 1, 0) // stride + 1
+    n_w = max(Wp - window + stride - 1, 0) // stride + 1
+    out = x.new_zeros(B, n_classes, Hp, Wp, dtype=torch.float32)
+    count = x.new_zeros(1, 1, Hp, Wp, dtype=torch.float32)
+    for i in range(n_h):
+        for j in range(n_w):
+            y0, x0 = min(i * stride, Hp - window), min(j * stride, Wp - window)
+            out[:, :, y0:y0 + window, x0:x0 + window] += logits_fn(
+                x[:, :, y0:y0 + window, x0:x0 + window]).float()
+            count[:, :, y0:y0 + window, x0:x0 + window] += 1
+    assert bool((count > 0).all()), "sliding windows left a pixel uncovered"
+    return (out / count)[:, :, :H, :W]
+
+
+# ------------------------------------------------------------------------------------------ metric
+def seg_confusion(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """[C, C] pixel counts (rows = ground truth, columns = prediction), IGNORE pixels dropped."""
+    keep = target != IGNORE
+    t, p = target[keep].long(), pred[keep].long()
+    if bool(((t < 0) | (t >= n_classes)).any()):
+        raise ValueError(f"mask holds class ids outside 0..{n_classes - 1} (and {IGNORE} = "
+                         "ignore): pass --num-classes")
+    return torch.bincount(t * n_classes + p, minlength=n_classes ** 2).reshape(n_classes,
+                                                                               n_classes)
+
+
+def miou_from_confusion(conf: torch.Tensor) -> dict:
+    """{"miou", "iou" (per class, None where the class is in neither gt nor prediction),
+    "pixel_acc"} from a [C, C] confusion matrix."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp  # TP + FP + FN
+    valid = union > 0
+    iou = torch.where(valid, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    return {"miou": float(iou[valid].mean()) if bool(valid.any()) else float("nan"),
+            "iou": [None if math.isnan(v) else v for v in iou.tolist()],
+            "pixel_acc": float(tp.sum() / conf.sum().clamp(min=1))}
+
+
+# ------------------------------------------------------------------------------------------ probe
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: int,
+                   iterations: int, batch_size: int = 16, lr: float = 1e-3,
+                   weight_decay: float = 1e-3, num_workers: int = 0, seed: int = 0,
+                   scale_range=(0.5, 2.0), flip: bool = True, progress: bool = True
+                   ) -> LinearSegHead:
+    from tqdm.auto import tqdm
+
+    device = next(backbone.parameters()).device
+    backbone.eval()
+    torch.manual_seed(seed)
+    head = LinearSegHead(backbone.embed_dim, n_classes).to(device).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, round(iterations * 1.5 / 40))
+    loader = torch.utils.data.DataLoader(
+        SegTrainSet(train, crop, scale_range, flip), batch_size=min(batch_size, len(train)),
+        shuffle=True, drop_last=True, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed))
+    step = 0
+    bar = tqdm(total=iterations, desc="seg head", unit="it", disable=None if progress else True)
+    while step < iterations:
+        for x, y in loader:
+            if step >= iterations:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr * _lr_factor(step, iterations, warmup)
+            logits = seg_logits(backbone, head, x.to(device))  # [B, C, crop, crop]
+            loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: int, *,
+                 crop: int, stride: int | None = None) -> dict:
+    device = next(backbone.parameters()).device
+    stride = stride or round(crop * 2 / 3)
+    head.eval()
+    conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    for img_path, mask_path in val:
+        target = torch.from_numpy(load_mask(mask_path))  # [H, W]
+        img = _resize_short(decode_rgb(img_path), crop, Image.Resampling.BILINEAR)
+        x = to_normalized_tensor(img)[None].to(device)  # [1, 3, h, w]
+        logits = sliding_window_logits(lambda w: seg_logits(backbone, head, w), x, crop, stride,
+                                       n_classes)
+        logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
+        conf += seg_confusion(logits[0].argmax(0).cpu(), target, n_classes)
+    res = miou_from_confusion(conf)
+    res.update(window=crop, stride=stride, n_val=len(val))
+    return res
+
+
+def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | None = None,
+             crop: int = 512, iterations: int = 2000, batch_size: int = 16, lr: float = 1e-3,
+             num_workers: int = 0, seed: int = 0, scale_range: Sequence[float] = (0.5, 2.0),
+             progress: bool = True) -> dict:
+    """Train the linear head on `train`, report mIoU on `val` (module docstring)."""
+    if crop % backbone.patch_size != 0:
+        raise ValueError(f"--crop {crop} is invalid: allowed is a multiple of the patch size "
+                         f"{backbone.patch_size}")
+    n_classes = n_classes or count_classes(train + val)
+    head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
+                          batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
+                          scale_range=tuple(scale_range), progress=progress)
+    res = evaluate_seg(backbone, head, val, n_classes, crop=crop)
+    res.update(n_classes=n_classes, n_train=len(train), iterations=iterations)
+    return res

@@ -1,0 +1,219 @@
+"""Backbone loading for evaluation: one `--weights` argument, every file the DINOv3 world produces.
+
+    backbone, info = load_eval_backbone("runs/smoke", arch=None, config=None)
+    # info.source = "training checkpoint runs/smoke/checkpoints/iter_0000200", info.digest = "3f…"
+
+`--weights` may be
+    a training run / checkpoint directory   <out>/, <out>/checkpoints/ (its `latest`) or
+                                            <out>/checkpoints/iter_N/: the EMA teacher's backbone
+                                            from trainer_state.pt (SPEC.md §4)
+    an exported backbone file               .pth / .pt (plain official keys, or {"teacher": ...}
+                                            with `backbone.` / `module.` prefixes) or .safetensors
+    a Hugging Face DINOv3ViTModel folder    config.json + *.safetensors (converted by hf_convert)
+    "random"                                the architecture's own init under `seed` (baselines)
+
+The architecture comes from `arch` (a factory name such as vit_small), or from `config` (a preset
+name such as `smoke` or a yaml path: its `model:` section); for a training run with neither, from
+the run's own config.yaml; for a Hugging Face folder with neither, from its config.json. Loading is
+strict (fastdino.models.load_backbone_state_dict): a missing, unexpected or mis-shaped key raises
+and names the key, never a partial load. User files are read with `torch.load(weights_only=True)`
+or safetensors, so loading never runs code from them.
+
+`info.digest` hashes the loaded backbone tensors (names, shapes, dtypes, bytes), so the feature
+cache is keyed by the weights themselves: the same weights exported as .pth or .safetensors hit
+the same cache entry, and any changed tensor misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdino.config import ModelConfig, load_config
+from fastdino.models.backbones import ARCH_TABLE, build_backbone
+from fastdino.models.state_dict_io import load_backbone_state_dict
+
+logger = logging.getLogger("fastdino.eval")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+TRAINER_STATE = "trainer_state.pt"  # fastdino.checkpoint.STATE_FILE
+
+
+@dataclass
+class WeightsInfo:
+    source: str  # human-readable: what was loaded from where
+    digest: str  # sha256 of the backbone tensors (cache key)
+    arch: str  # description of the architecture (cache key, reports)
+
+
+def resolve_model_config(arch: str | None = None, config: str | Path | None = None
+                         ) -> ModelConfig | None:
+    """ModelConfig from a factory name (`arch`) or a preset (`config`: name in configs/ or a yaml
+    path); None when neither is given. `arch` overrides the preset's `model.arch`."""
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            path = CONFIG_DIR / f"{config}.yaml"
+        if not path.is_file():
+            presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"--config {str(config)!r} is neither a yaml file nor a preset "
+                                    f"name: presets are {', '.join(presets)}")
+        model_cfg = load_config(path).model
+    elif arch is not None:
+        model_cfg = ModelConfig()
+    else:
+        return None
+    if arch is not None:
+        if arch not in ARCH_TABLE:
+            raise ValueError(f"--arch {arch!r} is invalid: allowed is one of "
+                             + " | ".join(ARCH_TABLE))
+        model_cfg.arch = arch
+    model_cfg.drop_path_rate = 0.0  # eval: no stochastic depth, no checkpointing, no compile
+    model_cfg.activation_checkpointing = False
+    model_cfg.compile = False
+    return model_cfg
+
+
+def describe_arch(backbone: nn.Module) -> str:
+    """Architecture summary from the module itself (every shape-relevant hyperparameter)."""
+    shapes = sorted((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
+    h = hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]
+    return (f"D{backbone.embed_dim}-L{backbone.n_blocks}-H{backbone.num_heads}-"
+            f"p{backbone.patch_size}-reg{backbone.n_storage_tokens}-{h}")
+
+
+def state_dict_digest(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint tag dir holding trainer_state.pt for a run / checkpoints / tag dir."""
+    for cand in (path, path / "checkpoints"):
+        if (cand / TRAINER_STATE).is_file():
+            return cand
+        latest = cand / "latest"
+        if latest.is_file():
+            tag = cand / latest.read_text().strip()
+            if not (tag / TRAINER_STATE).is_file():
+                raise FileNotFoundError(f"{latest} names {tag.name} but {tag / TRAINER_STATE} "
+                                        "is missing")
+            return tag
+    return None
+
+
+def _run_config(ckpt: Path) -> Path | None:
+    """The config.yaml the trainer saved next to checkpoints/ (`<out>/config.yaml`)."""
+    for cand in (ckpt, ckpt.parent, ckpt.parent.parent):
+        if (cand / "config.yaml").is_file():
+            return cand / "config.yaml"
+    return None
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(f"--weights {str(path)!r}: unknown file type {path.suffix!r}; allowed are "
+                     ".pth / .pt / .bin / .ckpt (torch) and .safetensors")
+
+
+def _load_hf_folder(path: Path):
+    """(our state dict, transformers config) from a DINOv3ViTModel folder."""
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise ImportError("loading a Hugging Face folder needs transformers: pip install "
+                          "'fastdino[interop]'") from e
+    from safetensors.torch import load_file
+
+    from fastdino.models.hf_convert import from_hf_state_dict
+
+    hf_config = AutoConfig.from_pretrained(str(path))  # reads config.json only, runs no code
+    if hf_config.model_type != "dinov3_vit":
+        raise ValueError(f"--weights {str(path)!r}: config.json has model_type "
+                         f"{hf_config.model_type!r}; allowed is 'dinov3_vit' (DINOv3ViTModel)")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"--weights {str(path)!r}: config.json but no *.safetensors "
+                                "(save the model with safe_serialization=True)")
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf_sd.update(load_file(str(f), device="cpu"))
+    # A DINOv3ViTModel saved by itself has no prefix; one saved inside a wrapper may carry one.
+    hf_sd = {k.removeprefix("dinov3_vit.").removeprefix("backbone."): v for k, v in hf_sd.items()}
+    return from_hf_state_dict(hf_sd, hf_config), hf_config
+
+
+def load_eval_backbone(weights: str | Path, arch: str | None = None,
+                       config: str | Path | None = None, device: str | torch.device = "cpu",
+                       seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """(backbone in eval mode on `device`, WeightsInfo). See the module docstring."""
+    model_cfg = resolve_model_config(arch, config)
+    weights = str(weights)
+    hf_config = None
+    if weights == "random":
+        if model_cfg is None:
+            raise ValueError("--weights random needs --arch or --config to know what to build")
+        torch.manual_seed(seed)
+        sd, source = None, f"random init (seed {seed})"
+    else:
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--weights {weights!r} does not exist: give a training run "
+                                    "or checkpoint folder, a .pth/.safetensors backbone, a "
+                                    "Hugging Face DINOv3ViTModel folder, or 'random'")
+        if path.is_dir() and (path / "config.json").is_file():
+            sd, hf_config = _load_hf_folder(path)
+            source = f"Hugging Face DINOv3ViTModel {path}"
+        elif path.is_dir():
+            ckpt = _find_checkpoint(path)
+            if ckpt is None:
+                raise FileNotFoundError(
+                    f"--weights {weights!r} is a folder with neither {TRAINER_STATE} (a "
+                    "checkpoint), checkpoints/latest (a training run) nor config.json (Hugging "
+                    "Face)")
+            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+            if "teacher" not in state:
+                raise KeyError(f"{ckpt / TRAINER_STATE} has no 'teacher' entry "
+                               f"(keys: {', '.join(sorted(state))})")
+            sd, source = {"teacher": state["teacher"]}, f"training checkpoint {ckpt} (teacher)"
+            if model_cfg is None and (run_cfg := _run_config(ckpt)) is not None:
+                model_cfg = resolve_model_config(config=run_cfg)
+                source += f", architecture from {run_cfg}"
+        else:
+            sd, source = _load_file(path), f"backbone file {path}"
+    # With weights to load, build on the meta device (no init cost for a large model): the strict
+    # load below writes every parameter and buffer, or raises.
+    build_on = None if sd is None else "meta"
+    if model_cfg is not None:
+        backbone = build_backbone(model_cfg, device=build_on)
+    elif hf_config is not None:
+        from fastdino.models.hf_convert import backbone_from_hf_config
+        backbone = backbone_from_hf_config(hf_config, device=build_on)
+    else:
+        raise ValueError(f"--weights {weights!r}: the architecture is unknown; pass --arch "
+                         f"(one of {' | '.join(ARCH_TABLE)}) or --config (a preset or yaml)")
+    if sd is not None:
+        backbone = backbone.to_empty(device="cpu")
+        try:
+            load_backbone_state_dict(backbone, sd)
+        except ValueError as e:
+            raise ValueError(f"--weights {weights!r} does not fit the architecture "
+                             f"{describe_arch(backbone)} ({source}): {e}") from None
+    backbone.eval().requires_grad_(False)
+    info = WeightsInfo(source=source, digest=state_dict_digest(backbone.state_dict()),
+                       arch=describe_arch(backbone))
+    logger.info("eval backbone: %s [%s]", source, info.arch)
+    return backbone.to(device), info
