@@ -1,0 +1,126 @@
+"""Parity of the Triton Gram loss (kernels/gram.py) against the fp64 reference, forward and
+student gradient, under the DESIGN.md rule: max|kernel - ref64| <= 2·max|torch_lowp - ref64| + atol,
+where torch_lowp is `gram_loss_ref` computed in the input precision. Correlated inputs
+(t = s + small noise) are where cancellation bites; independent ones are the easy case."""
+
+import pytest
+import torch
+
+from fastdino.kernels import gram
+from fastdino.kernels.gram import gram_loss, gram_loss_ref
+from fastdino.losses.gram_loss import GramLoss
+
+# (form, clamp kwargs): the tiled P×P form with each clamp option, and the D×D form (no clamp)
+VARIANTS = {
+    "pp": ("pp", {}),
+    "pp-remove_neg": ("pp", {"remove_neg": True}),
+    "pp-remove_only_teacher_neg": ("pp", {"remove_only_teacher_neg": True}),
+    "dd": ("dd", {}),
+}
+# odd sizes and a real one (196 = ViT/16 at 224 px); D = 7 leaves most of a tile masked
+SHAPES = [(1, 5, 7), (3, 5, 64), (3, 37, 7), (1, 37, 64), (1, 196, 64)]
+
+
+def make_inputs(shape, dtype, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, generator=g)
+    t = s + noise * torch.randn(*shape, generator=g) if noise else torch.randn(*shape, generator=g)
+    return s.to(dtype), t.to(dtype)
+
+
+def loss_and_grad(fn, s, t, **kw):
+    s = s.detach().clone().requires_grad_()
+    loss = fn(s, t, **kw)
+    loss.backward()
+    return loss.detach().double(), s.grad.double()
+
+
+def check_parity(s, t, img_level, variant, atol_rel):
+    form, clamp = VARIANTS[variant]
+    ref_l, ref_g = loss_and_grad(gram_loss_ref, s.double(), t.double(), img_level=img_level, **clamp)
+    low_l, low_g = loss_and_grad(gram_loss_ref, s, t, img_level=img_level,
+                                 compute_dtype=s.dtype, **clamp)
+    k_l, k_g = loss_and_grad(gram_loss, s, t, img_level=img_level, form=form, **clamp)
+    assert k_l.dtype == ref_l.dtype and torch.isfinite(k_g).all()
+    err_l, base_l = (k_l - ref_l).abs().item(), (low_l - ref_l).abs().item()
+    assert err_l <= 2 * base_l + atol_rel * ref_l.abs().item() + 1e-12, (err_l, base_l, ref_l.item())
+    err_g, base_g = (k_g - ref_g).abs().max().item(), (low_g - ref_g).abs().max().item()
+    assert err_g <= 2 * base_g + atol_rel * ref_g.abs().max().item(), (err_g, base_g)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("img_level", [True, False], ids=["per_image", "flattened"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity_fp32_correlated(shape, img_level, variant):
+    s, t = make_inputs(shape, torch.float32, noise=1e-2)
+    check_parity(s, t, img_level, variant, atol_rel=1e-5)
+
+
+# every variant × mode × input kind at one odd shape, and the cancellation-heavy case at P = 196
+BF16_CASES = [((3, 37, 64), lvl, noise) for lvl in (True, False) for noise in (1e-2, 1e-3, None)] + [
+    ((1, 196, 64), True, 1e-3)]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape,img_level,noise", BF16_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{'img' if c[1] else 'flat'}-{c[2]}"
+                              for c in BF16_CASES])
+def test_parity_bf16(shape, img_level, noise, variant):
+    s, t = make_inputs(shape, torch.bfloat16, noise=noise, seed=1)
+    check_parity(s, t, img_level, variant, atol_rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["pp", "dd"])
+def test_parity_fp32_independent_and_zero_row(variant):
+    # a zero student row takes F.normalize's eps branch (gradient g / eps)
+    s, t = make_inputs((2, 37, 7), torch.float32, noise=None, seed=2)
+    s[1, 3] = 0.0
+    check_parity(s, t, True, variant, atol_rel=1e-5)
+
+
+def test_choose_form_rule():
+    # P×P costs 6·P²·D, D×D 10·P·D²: D×D exactly when 3·P > 5·D and no clamp is set
+    assert gram.choose_form(196, 1024, gram.CLAMP_NONE) == gram.FORM_PP  # ViT-L 224
+    assert gram.choose_form(256, 4096, gram.CLAMP_NONE) == gram.FORM_PP  # 7B 256
+    assert gram.choose_form(1024, 1024, gram.CLAMP_NONE) == gram.FORM_PP
+    assert gram.choose_form(4096, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # high-res
+    assert gram.choose_form(64 * 196, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # flattened batch
+    assert gram.choose_form(4096, 1024, gram.CLAMP_NEG) == gram.FORM_PP  # clamps need P×P
+    assert gram.choose_form(1707, 1024, gram.CLAMP_NONE) == gram.FORM_DD
+    assert gram.choose_form(1706, 1024, gram.CLAMP_NONE) == gram.FORM_PP
+
+
+def test_dd_form_rejects_clamp():
+    s, t = make_inputs((1, 5, 7), torch.float32, noise=None)
+    with pytest.raises(ValueError, match="form='dd'"):
+        gram_loss(s, t, remove_neg=True, form="dd")
+
+
+def test_loss_is_deterministic_and_module_dispatches_to_triton():
+    s, t = make_inputs((2, 37, 64), torch.bfloat16, noise=1e-2, seed=3)
+    a = gram_loss(s, t)
+    b = gram_loss(s, t)
+    assert torch.equal(a, b)  # per-tile partials summed in a fixed order
+    triton_loss = GramLoss(impl="triton")(s, t)
+    torch_loss = GramLoss(impl="torch")(s, t)
+    assert torch.equal(triton_loss, a)
+    assert triton_loss.item() == pytest.approx(torch_loss.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("form", [gram.FORM_PP, gram.FORM_DD])
+def test_opcheck_custom_ops(form):
+    s, t = make_inputs((1, 20, 16), torch.float32, noise=1e-2)
+    torch.library.opcheck(torch.ops.fastdino.gram_fwd.default, (s, t, True, 0, form))
+    _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form)
+    torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
+                          (torch.ones(()), s, *saved, True, 0, form))
+
+
+def test_compiled_matches_eager():
+    s, t = make_inputs((2, 20, 16), torch.float32, noise=1e-2, seed=4)
+    fn = torch.compile(lambda x, y: gram_loss(x, y, remove_neg=True), backend="aot_eager",
+                       fullgraph=True)
+    eager_l, eager_g = loss_and_grad(lambda x, y: gram_loss(x, y, remove_neg=True), s, t)
+    comp_l, comp_g = loss_and_grad(fn, s, t)
+    assert torch.equal(comp_l, eager_l)
+    torch.testing.assert_close(comp_g, eager_g, rtol=1e-6, atol=1e-12)
