@@ -141,13 +141,14 @@ def _round(x, dtype: tl.constexpr, RNE_FIX: tl.constexpr):
 
 @triton.jit
 def _gram_prep_kernel(
-    A_ptr,  # out [R, D] ŝ, working dtype
+    A_ptr,  # out [R, D] ŝ, working dtype (its "hi" part)
+    Lo_ptr,  # out [R, D] ŝ - hi, working dtype (clamp modes only: an accurate Ĝs sign)
     F_ptr,  # out [R, D] ŝ + t̂
     E_ptr,  # out [R, D] ŝ - t̂
     S_ptr,  # in  [R, D] student rows
     T_ptr,  # in  [R, D] teacher rows
     D, EPS,
-    BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr,
+    BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr, WRITE_LO: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * D
@@ -167,13 +168,17 @@ def _gram_prep_kernel(
         a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_s
         b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_t
         # the difference is taken in fp32 before rounding: this is what keeps S accurate
-        tl.store(A_ptr + base + k + offs, _round(a, A_ptr.dtype.element_ty, RNE_FIX), mask=m)
+        hi = _round(a, A_ptr.dtype.element_ty, RNE_FIX)
+        tl.store(A_ptr + base + k + offs, hi, mask=m)
+        if WRITE_LO:
+            lo = _round(a - hi.to(tl.float32), Lo_ptr.dtype.element_ty, RNE_FIX)
+            tl.store(Lo_ptr + base + k + offs, lo, mask=m)
         tl.store(F_ptr + base + k + offs, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
         tl.store(E_ptr + base + k + offs, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
 
 
 @triton.jit
-def _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+def _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
              CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """S_ij (clamped) and W_ij = dL/dĜs_ij up to 2/N, both fp32 [BLOCK_M, BLOCK_M]."""
@@ -199,6 +204,11 @@ def _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
             a_i = tl.load(A_ptr + p_i, mask=m_i, other=0.0)
             a_jt = tl.load(A_ptr + p_jt, mask=m_jt, other=0.0)
             g_s = _mma(a_i, a_jt, g_s, UPCAST, IEEE)
+            if not IEEE:  # bf16x2: Ĝs = hi hiᵀ + hi loᵀ + lo hiᵀ, so the clamp masks match fp32
+                lo_i = tl.load(Lo_ptr + p_i, mask=m_i, other=0.0)
+                lo_jt = tl.load(Lo_ptr + p_jt, mask=m_jt, other=0.0)
+                g_s = _mma(a_i, lo_jt, g_s, UPCAST, IEEE)
+                g_s = _mma(lo_i, a_jt, g_s, UPCAST, IEEE)
     s = 0.5 * acc
     w = s
     if CLAMP == 1:  # remove_neg: relu(Ĝs) - relu(Ĝt); keep the exact S where nothing is clamped
@@ -215,7 +225,7 @@ def _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
 @triton.jit
 def _gram_pp_fwd_kernel(
     Partial_ptr,  # out [NB, num_pairs] fp32: Σ S² of each tile pair (×2 off the diagonal)
-    A_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    A_ptr, Lo_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
     PairI_ptr, PairJ_ptr,  # in [num_pairs] int32 row-block indices, i <= j
     P, D, num_pairs,
     CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -228,7 +238,7 @@ def _gram_pp_fwd_kernel(
     base = b.to(tl.int64) * P * D
     rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-    s, w = _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
                     CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
     part = tl.sum(tl.sum(s * s, axis=1), axis=0)
     part = tl.where(i == j, part, 2.0 * part)  # tile (i, j) also stands for (j, i): S symmetric
@@ -238,7 +248,7 @@ def _gram_pp_fwd_kernel(
 @triton.jit
 def _gram_pp_bwd_kernel(
     DA_ptr,  # in/out [NB, Pe, D] fp32, zeroed: Σ_j W_ij Â_j (atomic adds)
-    A_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    A_ptr, Lo_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
     PairI_ptr, PairJ_ptr,  # in [num_pairs] int32, i <= j
     P, D,
     CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -251,7 +261,7 @@ def _gram_pp_bwd_kernel(
     base = b.to(tl.int64) * P * D
     rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-    s, w = _pp_tile(A_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
                     CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
     w = _round(w, A_ptr.dtype.element_ty, RNE_FIX)  # small values: a relative rounding is harmless
     w_t = tl.trans(w)
@@ -434,33 +444,41 @@ def _views(student: torch.Tensor, img_level: bool) -> tuple[int, int, int]:
     return (b, p, d) if img_level else (1, b * p, d)
 
 
-def gram_prep(student: torch.Tensor, teacher: torch.Tensor):
-    """[..., D] rows -> ŝ, ŝ + t̂, ŝ - t̂ in the working dtype, same shape, contiguous."""
+def _needs_lo(dtype: torch.dtype, clamp: int) -> bool:
+    return clamp != CLAMP_NONE and _working_dtype(dtype) != torch.float32
+
+
+def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool):
+    """[..., D] rows -> ŝ, lo(ŝ) (empty unless write_lo), ŝ + t̂, ŝ - t̂ in the working dtype."""
     s, t = student.contiguous(), teacher.contiguous().to(student.dtype)
     d = s.shape[-1]
     work = _working_dtype(s.dtype)
     a, f, e = (torch.empty(s.shape, dtype=work, device=s.device) for _ in range(3))
+    lo = torch.empty(s.shape if write_lo else (0,), dtype=work, device=s.device)
     rows = s.numel() // max(d, 1)
     if rows:
-        _gram_prep_kernel[(rows,)](a, f, e, s, t, d, NORM_EPS,
+        _gram_prep_kernel[(rows,)](a, lo if write_lo else a, f, e, s, t, d, NORM_EPS,
                                    BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)),
-                                   RNE_FIX=_rne_fix(work))
-    return a, f, e
+                                   RNE_FIX=_rne_fix(work), WRITE_LO=write_lo)
+    return a, lo, f, e
 
 
 def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int):
-    """-> loss (fp32 scalar), ŝ, F, E ([NB, Pe, D] working dtype), mats ([NB, 3, D, D] fp32 for
-    the D×D form, empty for P×P)."""
+    """-> loss (fp32 scalar), ŝ, lo(ŝ), F, E ([NB, Pe, D] working dtype; lo empty unless a clamp
+    runs on bf16/fp16), mats ([NB, 3, D, D] fp32 for the D×D form, empty for P×P)."""
     nb, pe, d = _views(student, img_level)
-    a, f, e = (x.view(nb, pe, d) for x in gram_prep(student, teacher))
+    write_lo = _needs_lo(student.dtype, clamp)
+    a, lo, f, e = gram_prep(student, teacher, write_lo)
+    a, f, e = (x.view(nb, pe, d) for x in (a, f, e))
+    lo = lo.view(nb, pe, d) if write_lo else lo
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
     if form == FORM_PP:
         cfg = _pp_config(pe, d)
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
-        _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, f, e, pi, pj, pe, d, pi.numel(),
-                                              CLAMP=clamp, **cfg, **flags)
+        _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
+                                              pe, d, pi.numel(), CLAMP=clamp, **cfg, **flags)
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
         mats = torch.empty(0, dtype=torch.float32, device=student.device)
     else:
@@ -471,11 +489,12 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
         g_ff, g_ee, x = mats.unbind(1)  # [NB, D, D] each
         loss = 0.5 * ((g_ff * g_ee).sum() + (x * x.mT).sum()) / n
-    return loss, a, f, e, mats
+    return loss, a, lo, f, e, mats
 
 
-def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torch.Tensor,
-             e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int, form: int):
+def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
+             f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
+             form: int):
     """dL/dstudent [B, P, D] in the student's dtype."""
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
@@ -483,8 +502,9 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torc
         cfg = _pp_config(pe, d)
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         da = torch.zeros(nb, pe, d, dtype=torch.float32, device=student.device)
-        _gram_pp_bwd_kernel[(pi.numel(), nb)](da, a, f, e, pi, pj, pe, d, CLAMP=clamp, **cfg,
-                                              **flags, RNE_FIX=_rne_fix(a.dtype))
+        lo_arg = lo if _needs_lo(student.dtype, clamp) else a
+        _gram_pp_bwd_kernel[(pi.numel(), nb)](da, a, lo_arg, f, e, pi, pj, pe, d, CLAMP=clamp,
+                                              **cfg, **flags, RNE_FIX=_rne_fix(a.dtype))
     else:
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
@@ -511,7 +531,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torc
 @torch.library.custom_op("fastdino::gram_fwd", mutates_args=())
 def _gram_fwd_op(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int,
                  form: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor]:
+                                     torch.Tensor, torch.Tensor]:
     return gram_fwd(student, teacher, img_level, clamp, form)
 
 
@@ -521,34 +541,34 @@ def _(student, teacher, img_level, clamp, form):
     work = _working_dtype(student.dtype)
     loss = student.new_empty((), dtype=torch.float32)
     a, f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(3))
+    lo = student.new_empty((nb, pe, d) if _needs_lo(student.dtype, clamp) else (0,), dtype=work)
     mats = student.new_empty((nb, 3, d, d) if form == FORM_DD else (0,), dtype=torch.float32)
-    return loss, a, f, e, mats
+    return loss, a, lo, f, e, mats
 
 
 @torch.library.custom_op("fastdino::gram_bwd", mutates_args=())
-def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, f: torch.Tensor,
-                 e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
+def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
+                 f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
                  form: int) -> torch.Tensor:
-    return gram_bwd(grad, student, a, f, e, mats, img_level, clamp, form)
+    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form)
 
 
 @_gram_bwd_op.register_fake
-def _(grad, student, a, f, e, mats, img_level, clamp, form):
+def _(grad, student, a, lo, f, e, mats, img_level, clamp, form):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 class GramFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int):
-        loss, a, f, e, mats = torch.ops.fastdino.gram_fwd(student, teacher, img_level, clamp, form)
-        ctx.save_for_backward(student, a, f, e, mats)
+        loss, *saved = torch.ops.fastdino.gram_fwd(student, teacher, img_level, clamp, form)
+        ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
         ctx.cfg = (img_level, clamp, form)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        student, a, f, e, mats = ctx.saved_tensors
-        ds = torch.ops.fastdino.gram_bwd(grad, student, a, f, e, mats, *ctx.cfg)
+        ds = torch.ops.fastdino.gram_bwd(grad, *ctx.saved_tensors, *ctx.cfg)
         return ds, None, None, None, None
 
 
