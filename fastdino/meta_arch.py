@@ -42,12 +42,17 @@ class Student(nn.Module):
     def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+        self.compute_dtype = torch.float32  # set to bf16 by the DeepSpeed engine in bf16 mode
 
     def forward(self, global_crops, local_crops, masks, mask_indices) -> dict[str, torch.Tensor]:
         """Student forward: masked global crops [2B,3,Hg,Wg] + local crops [nL·B,3,Hl,Wl]."""
-        dtype = self.backbone.cls_token.dtype  # bf16 under DeepSpeed bf16, else fp32
-        g, loc = self.backbone.forward_features_list(
-            [global_crops.to(dtype), local_crops.to(dtype)], [masks, None])
+        # Call the backbone as a module (not a method): under ZeRO-3 its pre-forward hook gathers
+        # its own parameters (cls/storage/mask tokens). Touching them from here instead would
+        # register them as "external" parameters of this module on the first step after a
+        # checkpoint load and break DeepSpeed's prefetch trace.
+        dtype = self.compute_dtype
+        g, loc = self.backbone([global_crops.to(dtype), local_crops.to(dtype)], [masks, None],
+                               is_training=True)
         cls_g, cls_l = g["x_norm_clstoken"], loc["x_norm_clstoken"]  # [2B, D], [nL·B, D]
         patches = g["x_norm_patchtokens"]  # [2B, N, D]
         masked = patches.flatten(0, 1).index_select(0, mask_indices)  # [M, D]

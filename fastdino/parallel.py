@@ -273,6 +273,7 @@ class DeepSpeedStudent(_StudentBase):
         self.zero_stage = cfg.deepspeed.zero_stage
         ds_config = build_ds_config(cfg, info.world_size, dtype)
         student = student.to(info.device)
+        student.compute_dtype = dtype  # DeepSpeed casts the module to bf16: cast inputs too
         optimizer = _adamw(groups, cfg, info.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=ds_config)
