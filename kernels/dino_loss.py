@@ -19,7 +19,6 @@ registration → autograd Function → functional API.
 from __future__ import annotations
 
 import torch
-
 from fastdino.kernels.sinkhorn import TeacherTargets
 
 # ------------------------------------------------------------------------------------------------
@@ -64,7 +63,6 @@ def dino_soft_ce_ref(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -77,7 +75,7 @@ def _teacher_probs(t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, row, cols, cma
     """Σ_{j<J} p[tidx[row, j], cols] (fp32 [BLOCK_K]); tidx = -1 contributes 0."""
     a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
     ti = tl.load(tidx_ptr + row * J)
-    ok = cmask & ((cols * 0 + ti) >= 0)  # broadcast first: a scalar & vector mask trips the interpreter
+    ok = cmask & ((cols * 0 + ti) >= 0)  # broadcast first: scalar & vector trips the interpreter
     tr = tl.maximum(ti, 0).to(tl.int64)
     b2 = tl.load(row_shift_ptr + tr) * 1.4426950408889634
     t = tl.load(t_ptr + tr * stride_t + cols, mask=ok, other=0.0).to(tl.float32)
@@ -101,7 +99,6 @@ def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
     row = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     s_row = s_ptr + row * stride_s
-    zscale = inv_ts * 1.4426950408889634
     tscale = inv_tt * 1.4426950408889634
     m = float("-inf")
     d = 0.0

@@ -29,7 +29,6 @@ torch.library registration → functional API (no autograd: teacher targets carr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +152,6 @@ def center_batch_sum_ref(teacher_logits: torch.Tensor) -> torch.Tensor:
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -389,11 +387,13 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     ops = torch.ops.fastdino
     zeros_n = torch.zeros(n, device=t.device, dtype=torch.float32)
     # exact overflow guard: per-prototype max over the global batch (SPEC.md §10.2)
-    col_shift = dist.all_reduce_max(ops.teacher_col_reduce(t, zeros_n[:0], zeros_n, inv_temp,
+    # (the shift vectors are not read in MODE_MAX; real tensors are passed because the CUDA
+    # launcher rejects the null data pointer of an empty one)
+    col_shift = dist.all_reduce_max(ops.teacher_col_reduce(t, zeros_n, zeros_n, inv_temp,
                                                            _MODE_MAX))
     row_shift = zeros_n
     tiny = torch.finfo(torch.float32).tiny  # a prototype no sample reaches: no log(0)
-    for it in range(n_iterations):
+    for _ in range(n_iterations):
         col_sum = dist.all_reduce_sum(ops.teacher_col_reduce(t, col_shift, row_shift, inv_temp,
                                                              _MODE_SUMEXP))
         col_shift = col_shift + torch.log(col_sum.clamp_min(tiny) * (k / n_total))

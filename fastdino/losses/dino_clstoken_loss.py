@@ -42,7 +42,7 @@ def soft_ce_rows(student_logits: torch.Tensor, targets: TeacherTargets,
 
 
 class DINOLoss(TeacherCentering):
-    """student_temp τ_s; centering "sinkhorn_knopp" | "softmax"; impl "auto" | "triton" | "torch"."""
+    """τ_s = student_temp; centering: sinkhorn_knopp | softmax; impl: auto | triton | torch."""
 
     @torch.no_grad()
     def teacher_targets(self, teacher_cls_logits: torch.Tensor,

@@ -15,7 +15,7 @@ from fastdino.losses.teacher_centering import TeacherCentering
 
 
 class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (paper name)
-    """student_temp τ_s; centering "sinkhorn_knopp" | "softmax"; impl "auto" | "triton" | "torch"."""
+    """τ_s = student_temp; centering: sinkhorn_knopp | softmax; impl: auto | triton | torch."""
 
     @torch.no_grad()
     def teacher_targets(self, teacher_patch_logits: torch.Tensor, teacher_temp: float,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastdino.kernels import dino_loss as dl
 from fastdino.kernels import sinkhorn as sk
+
 from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
 
@@ -138,10 +138,11 @@ def _dino_pair(centering: str, b: int, n_l: int, k: int, dtype: torch.dtype, see
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
 def test_dino_loss_module_triton_matches_torch(centering):
     res = _dino_pair(centering, b=3, n_l=2, k=1000, dtype=torch.float32, seed=10)
-    for (out_t, grads_t, ent_t), (out_r, grads_r, ent_r) in zip(res["triton"], res["torch"]):
+    pairs = zip(res["triton"], res["torch"], strict=True)
+    for (out_t, grads_t, ent_t), (out_r, grads_r, ent_r) in pairs:
         for key in out_r:
             _assert_fp32(out_t[key], out_r[key])
-        for a, e in zip(grads_t, grads_r):
+        for a, e in zip(grads_t, grads_r, strict=True):
             _assert_fp32(a, e)
         torch.testing.assert_close(ent_t, ent_r, rtol=1e-5, atol=1e-5)
 
@@ -152,7 +153,7 @@ def test_dino_loss_dinov3_prototypes():
     (out_t, grads_t, _), (out_r, grads_r, _) = res["triton"][0], res["torch"][0]
     for key in out_r:
         _assert_fp32(out_t[key], out_r[key])
-    for a, e in zip(grads_t, grads_r):
+    for a, e in zip(grads_t, grads_r, strict=True):
         _assert_fp32(a, e)
 
 
@@ -215,5 +216,5 @@ def test_dino_loss_traces_under_torch_compile():
     grads_c = torch.autograd.grad(loss_c, (sgc, slc))
     loss_e, *grads_e = step(sg, sl)
     _assert_fp32(loss_c, loss_e)
-    for a, e in zip(grads_c, grads_e):
+    for a, e in zip(grads_c, grads_e, strict=True):
         _assert_fp32(a, e)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastdino.kernels import sinkhorn as sk
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

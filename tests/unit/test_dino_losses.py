@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from fastdino.kernels.sinkhorn import TeacherTargets, sinkhorn_knopp_ref, softmax_center_ref
+
 from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
 
@@ -148,7 +148,7 @@ def test_dino_pairing_and_weights_against_a_loop(local_weight):
                                    atol=1e-6)
     grads = torch.autograd.grad(out["dino_loss"], (sg, sl))
     grads_loop = torch.autograd.grad(total, (sg, sl))
-    for a, e in zip(grads, grads_loop):
+    for a, e in zip(grads, grads_loop, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
 
 
