@@ -1,0 +1,84 @@
+"""parallel.py without launching ranks: the DeepSpeed json merge / conflict rules, and the
+per-module clipping of the plain torch engine against torch.nn.utils.clip_grad_norm_."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fastdino.config import ConfigError, load_config
+from fastdino.parallel import DistInfo, TorchStudent, build_ds_config
+
+
+def _cfg(tmp_path, user: dict | None, *over):
+    extra = []
+    if user is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(user))
+        extra = [f"deepspeed.config_file={tmp_path / 'ds.json'}"]
+    return load_config(None, ["data.batch_size_per_gpu=8", "deepspeed.zero_stage=2", *extra,
+                              *over])
+
+
+def test_ds_config_from_yaml(tmp_path):
+    ds = build_ds_config(_cfg(tmp_path, None), world_size=4, dtype=torch.bfloat16)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
+    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.0 and "optimizer" not in ds
+
+
+def test_user_json_is_merged(tmp_path):
+    user = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 12345},
+            "train_micro_batch_size_per_gpu": 8, "comms_logger": {"enabled": False}}
+    ds = build_ds_config(_cfg(tmp_path, user), world_size=2, dtype=torch.float32)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}
+    assert ds["comms_logger"] == {"enabled": False} and ds["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("user,names", [
+    ({"zero_optimization": {"stage": 3}}, ("zero_optimization.stage", "3", "deepspeed.zero_stage",
+                                           "2")),
+    ({"train_micro_batch_size_per_gpu": 16}, ("train_micro_batch_size_per_gpu", "16",
+                                              "data.batch_size_per_gpu", "8")),
+    ({"bf16": {"enabled": True}}, ("bf16.enabled", "True", "deepspeed.precision", "False")),
+    ({"gradient_clipping": 1.0}, ("gradient_clipping", "1.0", "optim.clip_grad")),
+    ({"optimizer": {"type": "Adam"}}, ("optimizer", "not allowed")),
+])
+def test_conflicting_user_json_names_both_values(tmp_path, user, names):
+    with pytest.raises(ConfigError) as e:
+        build_ds_config(_cfg(tmp_path, user), world_size=2, dtype=torch.float32)
+    for n in names:
+        assert n in str(e.value), (n, str(e.value))
+
+
+class _Student(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = nn.Linear(6, 5), nn.Linear(5, 4), \
+            nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.backbone(x)
+        return self.dino_head(h).pow(2).sum() * 10 + self.ibot_head(h).sum() * 1e-3
+
+
+def test_torch_engine_per_module_clip_matches_torch():
+    torch.manual_seed(0)
+    m = _Student()
+    ref = _Student()
+    ref.load_state_dict(m.state_dict())
+    groups = [{"params": list(m.parameters()), "lr": 0.0, "weight_decay": 0.0,
+               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}]
+    eng = TorchStudent(m, groups, load_config(None, []),
+                       DistInfo(0, 1, 0, torch.device("cpu"), False), torch.float32)
+    x = torch.randn(7, 6)
+    eng.backward(eng(x))
+    ref(x).backward()
+    norms = eng.clip_grad_norms(0.5)
+    for name in ("backbone", "dino_head", "ibot_head"):
+        mod = getattr(ref, name)
+        n = torch.nn.utils.clip_grad_norm_(mod.parameters(), 0.5)
+        assert norms[name] == pytest.approx(float(n), rel=1e-6)
+        for a, b in zip(getattr(m, name).parameters(), mod.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    assert norms["dino_head"] > 0.5 > norms["ibot_head"]  # one clipped, one left alone
