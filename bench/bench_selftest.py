@@ -148,6 +148,6 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     out = []
     for n in names:
         s = get(n)
-        for dt in (torch.float32, torch.bfloat16):
+        for dt in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)):
             out.append(_case(f"{n}-dino", s.dino_student_rows, s.dino_K, dt, n))
     return out

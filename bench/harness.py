@@ -139,8 +139,11 @@ def time_gpu(fn: Callable[[], Any], grad_to_none: list[torch.Tensor], quick: boo
         try:
             ms = do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, quantiles=q)
             return Timing(*ms, timer="do_bench_cudagraph")
-        except Exception:  # capture refused (host sync, allocator...): events are still right
-            torch.cuda.synchronize()
+        except Exception:  # capture refused (host sync, allocator...): plain events below
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError:
+                pass
     ms = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=q)
     return Timing(*ms, timer="do_bench")
 

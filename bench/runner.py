@@ -87,6 +87,7 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
         print(f"# roofline: D2D copy {roof.copy_gbps:.0f} GB/s (2 x {roof.copy_bytes / 2**30:.0f} "
               f"GiB / t), bf16 GEMM {roof.gemm_tflops:.0f} TFLOP/s ({roof.gemm_mnk}^3)", flush=True)
     all_records, failed_ops = [], []
+    path = results.results_path(args.out, env)
     for op, cases, err in _cases(ops, args, on_gpu):
         if cases is None:
             print(f"# {op}: skipped, module failed to load: {err}", flush=True)
@@ -96,13 +97,15 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
             print(f"# {op}: no cases", flush=True)
             continue
         print(f"## {op}: {len(cases)} case(s)", flush=True)
-        if args.check:
-            all_records += check_records(cases, env, device)
-        else:
-            all_records += bench_records(cases, args, device, env, roof)
+        for case in cases:  # one case at a time, saved as it ends (a timeout keeps what ran)
+            if args.check:
+                recs = check_records([case], env, device)
+            else:
+                recs = bench_records([case], args, device, env, roof)
+            if not args.no_save:
+                results.append_jsonl(path, recs)
+            all_records += recs
     if not args.no_save and all_records:
-        path = results.results_path(args.out, env)
-        results.append_jsonl(path, all_records)
         print(f"# {len(all_records)} JSON lines appended to {path}", flush=True)
     if args.check:
         bad = [r for r in all_records if not r["passed"]]

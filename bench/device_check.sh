@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine (DESIGN.md "Benchmarks, profiling and GPU checks").
+#
+#   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
+#
+# From a bare copy of the repo (no pip install, no network): prints the environment, runs
+# tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check` (every kernel's
+# parity at DINOv3 shapes), `python -m bench all --quick` (the kernel benchmarks) and
+# `python -m bench step --quick` (ViT-S/16 and ViT-B/16 training steps, Triton vs torch kernels).
+# Every stage runs under `timeout`, with a share of --budget (default 480 s) trimmed so the whole
+# script ends inside it. Writes at most 8 files to --out (default bench/results/):
+#   env.txt pytest.log check.log bench.log step.log step.json summary.txt <gpu-slug>-<date>.jsonl
+# Installs nothing; skips what is missing with a message. Without a GPU it still runs (CPU
+# interpreter cases, smoke-sized step), which is how it is tested.
+set -u
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$REPO/bench/results"
+BUDGET=480
+PY="${PYTHON:-python3}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --python) PY="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY)" >&2; exit 2 ;;
+  esac
+done
+case "$BUDGET" in ''|*[!0-9]*) echo "device_check.sh: --budget '$BUDGET' must be whole seconds" >&2; exit 2 ;; esac
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+START=$SECONDS
+cd "$REPO"
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c "import torch" 2>/dev/null; then
+  say "FATAL: $PY with torch not found (set PYTHON=... or --python)"; exit 1
+fi
+
+# ---- imports without a pip install: fastdino.kernels is the kernels/ folder (pyproject's
+# package-dir). If the package is not installed, a link farm in a temp dir gives Python the
+# installed layout (fastdino/* + fastdino/kernels -> kernels/), put first on PYTHONPATH; Python
+# runs with -P so the repo root (cwd) does not shadow it.
+PYFLAGS=""
+if (cd / && "$PY" -c "import fastdino.kernels" 2>/dev/null); then
+  IMPORTS="installed package"
+else
+  FARM="$(mktemp -d)/site"
+  mkdir -p "$FARM/fastdino"
+  for f in "$REPO"/fastdino/*; do ln -s "$f" "$FARM/fastdino/$(basename "$f")"; done
+  ln -s "$REPO/kernels" "$FARM/fastdino/kernels"
+  export PYTHONPATH="$FARM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  PYFLAGS="-P"
+  IMPORTS="link farm $FARM (not installed)"
+fi
+run_py() { "$PY" $PYFLAGS "$@"; }
+
+# ---- budget: each stage gets min(its share, what is left minus the floors of later stages)
+remaining() { echo $(( BUDGET - (SECONDS - START) )); }
+stage_timeout() {  # $1 = share in % of the budget, $2 = seconds reserved for the later stages
+  local share=$(( BUDGET * $1 / 100 )) left=$(( $(remaining) - $2 ))
+  [ "$left" -lt "$share" ] && share=$left
+  echo "$share"
+}
+run_stage() {  # name, timeout, log, command... (a program: timeout cannot run shell functions)
+  local name="$1" t="$2" log="$3"; shift 3
+  if [ "$t" -lt 15 ]; then
+    say "$(printf '%-8s SKIPPED: budget exhausted (%ss left)' "$name" "$(remaining)")"; return
+  fi
+  local t0=$SECONDS
+  echo "\$ $*   (timeout ${t}s)" >> "$log"
+  timeout --signal=TERM --kill-after=10 "$t" "$@" >> "$log" 2>&1
+  local rc=$?
+  local how="rc=$rc"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && how="TIMEOUT after ${t}s (partial results kept)"
+  say "$(printf '%-8s %-40s %4ss  %s' "$name" "$how" $(( SECONDS - t0 )) "$(basename "$log")")"
+}
+
+# ---- 0. environment
+{
+  echo "date: $(date -u +%FT%TZ)   budget: ${BUDGET}s   imports: $IMPORTS"
+  echo "commit: ${FASTDINO_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
+  command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found (no NVIDIA driver)"
+  run_py - <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, "| sm", f"{p.major}{p.minor}", "| SMs", p.multi_processor_count,
+          "| memory GiB", round(p.total_memory / 2**30, 1))
+for mod, pkg in (("triton", "triton"), ("flash_attn", "flash-attn"), ("deepspeed", "deepspeed"),
+                 ("pynvml", "nvidia-ml-py"), ("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"),
+                 ("nvidia.dali", "nvidia-dali")):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{pkg}: {getattr(m, '__version__', 'present')}")
+    except Exception as e:
+        print(f"{pkg}: not available ({type(e).__name__}) -> the stages that need it skip")
+import fastdino.kernels, fastdino
+print("fastdino from", fastdino.__file__, "| kernels from", fastdino.kernels.__file__)
+EOF
+} > "$OUT/env.txt" 2>&1
+say "env      $(grep -m1 '^gpu ' "$OUT/env.txt" || echo 'no GPU')  | $(grep -m1 '^python' "$OUT/env.txt")"
+DEEPSPEED=$(grep -q '^deepspeed: not available' "$OUT/env.txt" && echo no || echo yes)
+
+# ---- 1. GPU tests and kernel parity tests (compile checks run in CI, not here)
+if run_py -c "import pytest" 2>/dev/null; then
+  run_stage pytest "$(stage_timeout 24 90)" "$OUT/pytest.log" \
+    "$PY" $PYFLAGS -m pytest tests/gpu tests/kernels -q -rs -p no:cacheprovider \
+      --ignore=tests/kernels/test_compile.py
+else
+  say "pytest   SKIPPED: pytest not installed"
+fi
+
+# ---- 2. parity of every kernel at DINOv3 shapes (CUDA) / interpreter shapes (CPU)
+run_stage check "$(stage_timeout 18 60)" "$OUT/check.log" "$PY" $PYFLAGS -m bench all --check --out "$OUT"
+
+# ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
+run_stage bench "$(stage_timeout 33 30)" "$OUT/bench.log" "$PY" $PYFLAGS -m bench all --quick --out "$OUT"
+
+# ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
+[ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
+run_stage step "$(stage_timeout 100 5)" "$OUT/step.log" \
+  "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
+
+# ---- summary: parity verdicts and the step table
+{
+  echo "check:  $(grep -c ' PASS' "$OUT/check.log" 2>/dev/null) PASS, $(grep -c ' FAIL' "$OUT/check.log" 2>/dev/null) FAIL"
+  grep ' FAIL' "$OUT/check.log" 2>/dev/null | head -20
+  echo "pytest: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest.log" 2>/dev/null | tail -1)"
+  sed -n '/^model    impl/,$p' "$OUT/step.log" 2>/dev/null | head -8
+  echo "total $(( SECONDS - START ))s of ${BUDGET}s budget; files in $OUT:"; ls "$OUT"
+} | tee -a "$SUMMARY"
+exit 0
