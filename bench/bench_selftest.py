@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastdino.kernels._utils import CompileSpec, next_pow2
 
 from bench.harness import BenchCase
 from bench.registry import get
-from fastdino.kernels._utils import CompileSpec, next_pow2
 
 
 def softmax_ce_ref(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vits16,vitb16", help="registry names (configs/<name>.yaml)")
     p.add_argument("--impls", default=None,
-                   help="kernels.impl values to compare (default: triton,torch on GPU, torch on CPU)")
+                   help="kernels.impl values to compare (default: triton,torch on GPU, torch on "
+                        "CPU)")
     p.add_argument("--quick", action="store_true", help="5 timed steps after 2 warm-up (else 20/5)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (overrides --quick)")
     p.add_argument("--loader", action="store_true", help="real data loader every step")

@@ -39,7 +39,8 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 def kernel_modules() -> list[str]:
-    return sorted(p.stem for p in (REPO_ROOT / "kernels").glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in (REPO_ROOT / "kernels").glob("*.py")
+                  if not p.stem.startswith("_"))
 
 
 def _import(ref: str):

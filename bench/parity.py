@@ -15,7 +15,8 @@ The rule, per quantity (err_x = max|x - truth|, scale = max|truth|):
     bf16 / fp16 cases:  err_kernel <= 2 * err_torch + atol
                         (+ one ulp of the dtype at the truth's scale under the Triton
                         interpreter, whose fp32 -> bf16/fp16 casts truncate; see bound_for)
-A NaN or Inf in the kernel's result where the truth is finite always fails; so does a shape mismatch.
+A NaN or Inf in the kernel's result where the truth is finite always fails; so does a shape
+mismatch.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from fastdino.kernels._utils import is_interpreter
 
 from bench.harness import BenchCase, fresh_inputs, grad_names
-from fastdino.kernels._utils import is_interpreter
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 FACTOR = 2.0  # kernel error may be at most this multiple of PyTorch's at the same precision
@@ -117,7 +118,7 @@ def _run(fn, inputs: dict[str, Any], names: list[str], ref_dtype: torch.dtype):
             torch.ones(o.shape, dtype=ref_dtype)
         cot.append(g.to(device=o.device, dtype=o.dtype))
     leaves = [inputs[n] for n in names]
-    diff = [(o, g) for o, g in zip(outs, cot) if o.requires_grad]
+    diff = [(o, g) for o, g in zip(outs, cot, strict=True) if o.requires_grad]
     grads = [None] * len(leaves)
     if leaves and diff:
         grads = torch.autograd.grad([o for o, _ in diff], leaves, [g for _, g in diff],
@@ -136,8 +137,9 @@ def check_case(case: BenchCase, device: torch.device, provider: str = "triton") 
     dtype = str(case.dtype).replace("torch.", "")
     rows = []
     quantities = [(f"forward[{i}]" if len(t_out) > 1 else "forward", k, l, t)
-                  for i, (k, l, t) in enumerate(zip(k_out, l_out, t_out))]
-    quantities += [(f"grad:{n}", k, l, t) for n, k, l, t in zip(names, k_grad, l_grad, t_grad)]
+                  for i, (k, l, t) in enumerate(zip(k_out, l_out, t_out, strict=False))]
+    quantities += [(f"grad:{n}", k, l, t) for n, k, l, t in zip(names, k_grad, l_grad, t_grad,
+                                                               strict=True)]
     if len(k_out) != len(t_out):
         rows.append(ParityRow(case.op, case.name, "forward", dtype, float("nan"), float("nan"),
                               0.0, 0.0, False, f"{len(k_out)} outputs, truth has {len(t_out)}"))

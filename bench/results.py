@@ -98,7 +98,8 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def bench_record(env: dict[str, Any], m: Any, metric: dict | None, speedups: dict[str, float | None],
+def bench_record(env: dict[str, Any], m: Any, metric: dict | None,
+                 speedups: dict[str, float | None],
                  roof: dict[str, Any]) -> dict[str, Any]:
     t = m.timing
     rec = {"schema": SCHEMA_VERSION, "kind": "bench", "time": now(), **env, "op": m.op,

@@ -49,20 +49,24 @@ def measure(quick: bool = False) -> Roofline:
     from triton.testing import do_bench
 
     n = 2**28  # fp32 elements = 1 GiB, far beyond L2
-    src = torch.randn(n, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    nbytes = src.numel() * src.element_size()
-    copy = gbps(2 * nbytes, ms)
-    del src, dst
+    nbytes = 4 * n
+    copy = gbps(2 * nbytes, _time_copy(n, do_bench))
     m = 4096 if quick else 8192
-    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
-    gemm = tflops(2 * m**3, ms)
-    del a, b
+    gemm = tflops(2 * m**3, _time_gemm(m, do_bench))
     torch.cuda.empty_cache()
     return Roofline(copy, gemm, nbytes, m)
+
+
+def _time_copy(n: int, do_bench) -> float:
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    return do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+
+
+def _time_gemm(m: int, do_bench) -> float:
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    return do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
 
 
 def derived_metric(case: Any, mode: str, ms: float, roof: Roofline) -> dict[str, Any] | None:
@@ -74,7 +78,8 @@ def derived_metric(case: Any, mode: str, ms: float, roof: Roofline) -> dict[str,
     if all(f is not None for f in flops):
         value = tflops(sum(flops), ms)
         return {"name": "TFLOP/s", "value": value, "ceiling": roof.gemm_tflops,
-                "ceiling_name": "measured bf16 GEMM", "pct_roofline": percent(value, roof.gemm_tflops),
+                "ceiling_name": "measured bf16 GEMM",
+                "pct_roofline": percent(value, roof.gemm_tflops),
                 "formula": case.formula}
     if all(b is not None for b in nbytes):
         value = gbps(sum(nbytes), ms)

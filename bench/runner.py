@@ -16,7 +16,8 @@ from bench.roofline import Roofline, derived_metric, measure
 
 
 def _cases(ops: list[str], args: argparse.Namespace, on_gpu: bool):
-    """Yield (op, cases or None, error). An op whose module fails to import is reported, not fatal."""
+    """Yield (op, cases or None, error): an op whose module fails to import is reported, not
+    fatal."""
     for op in ops:
         try:
             cases = load_cases(op, quick=args.quick, on_gpu=on_gpu)

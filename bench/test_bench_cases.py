@@ -12,8 +12,14 @@ from bench._paths import ensure_importable
 
 ensure_importable()
 
-from bench.harness import (available_ops, fresh_inputs, grad_names,  # noqa: E402
-                           grad_output_like, load_cases, mode_fn)
+from bench.harness import (  # noqa: E402
+    available_ops,
+    fresh_inputs,
+    grad_names,
+    grad_output_like,
+    load_cases,
+    mode_fn,
+)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

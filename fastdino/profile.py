@@ -67,7 +67,8 @@ def arch_dims(model_cfg) -> dict[str, Any]:
     from fastdino.models.backbones import ARCH_TABLE
 
     if model_cfg.arch not in ARCH_TABLE:
-        raise ValueError(f"model.arch = {model_cfg.arch!r}: allowed is one of {', '.join(ARCH_TABLE)}")
+        raise ValueError(f"model.arch = {model_cfg.arch!r}: allowed is one of "
+                         f"{', '.join(ARCH_TABLE)}")
     D, depth, _, ffn, ratio, _ = ARCH_TABLE[model_cfg.arch]
     D = model_cfg.embed_dim or D
     depth = model_cfg.depth or depth
@@ -102,7 +103,8 @@ def vit_flops(model_cfg, image_size: int, batch: int, drop_path_rate: float = 0.
 
 def head_flops(head_cfg, in_dim: int, rows: int) -> int:
     """Forward FLOPs of a DINOHead (MLP + bias-free last layer) on `rows` rows."""
-    H, bn, K, n = head_cfg.hidden_dim, head_cfg.bottleneck_dim, head_cfg.n_prototypes, head_cfg.nlayers
+    H, bn = head_cfg.hidden_dim, head_cfg.bottleneck_dim
+    K, n = head_cfg.n_prototypes, head_cfg.nlayers
     mlp = in_dim * bn if n == 1 else in_dim * H + (n - 2) * H * H + H * bn
     return 2 * rows * (mlp + bn * K)
 
@@ -301,8 +303,10 @@ def format_report(r: dict[str, Any]) -> str:
     for k, v in r["phases_s"].items():
         lines.append(f"    {k:<16} {v * 1e3:>8.2f}  {100 * v / r['step_s']:>5.1f} %")
     n = r["nvml"]
-    for key, label, spec in (("util_pct", "GPU util %", ".0f"), ("mem_used_mib", "memory MiB", ".0f"),
-                             ("power_w", "power W", ".0f"), ("sm_clock_mhz", "SM clock MHz", ".0f")):
+    for key, label, spec in (("util_pct", "GPU util %", ".0f"),
+                             ("mem_used_mib", "memory MiB", ".0f"),
+                             ("power_w", "power W", ".0f"),
+                             ("sm_clock_mhz", "SM clock MHz", ".0f")):
         if n is None:
             lines.append(f"  {label:<18} n/a")
         else:
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed-batch", action="store_true",
                    help="reuse the first batch every step (measures compute, not the loader)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size_per_gpu=32")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted config overrides, e.g. data.batch_size_per_gpu=32")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")

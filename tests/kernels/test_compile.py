@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import triton
 import triton.language as tl
+from fastdino.kernels._utils import CompileSpec
 
 from bench.compile_report import collect_specs, problems
-from fastdino.kernels._utils import CompileSpec
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHS = (90, 80)

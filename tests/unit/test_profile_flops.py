@@ -7,8 +7,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastdino.config import HeadConfig, ModelConfig, load_config
-from fastdino.profile import (NvmlSampler, format_report, head_flops, masked_rows,
-                              peak_bf16_tflops, report, step_flops, vit_flops)
+from fastdino.profile import (
+    NvmlSampler,
+    format_report,
+    head_flops,
+    masked_rows,
+    peak_bf16_tflops,
+    report,
+    step_flops,
+    vit_flops,
+)
 
 
 def test_vit_flops_hand_count():
