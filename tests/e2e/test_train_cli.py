@@ -86,3 +86,24 @@ def test_nan_guard_stops_with_checkpoint(tmp_path, monkeypatch, caplog):
     st = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     assert st["data_iteration"] == 5
     assert all(torch.isfinite(v).all() for v in st["teacher"].values())
+
+
+def test_gram_teacher_load_refresh_and_loss(tmp_path):
+    """Gram anchoring through the trainer (SPEC.md §1.6): the Gram teacher is copied from the EMA
+    teacher after iteration 0, refreshed once after iteration 1 (first update 2, every 2, max 1),
+    fed 96 px Gram crops (6x6 grid resized to the student's 4x4), and the weighted loss enters."""
+    out = tmp_path / "run"
+    run_py(["--config", str(SMOKE), *FAST, f"train.output_dir={out}", "train.max_iterations=4",
+            "gram.use=true", "gram.it_load_ema_teacher=1", "gram.it_first_update=2",
+            "gram.update_frequency=2", "gram.max_updates=1", "crops.gram_teacher_crops_size=96",
+            "gram.loss_weight=1.5"])
+    m = read_metrics(out)
+    assert m[0]["gram_loss"] == 0.0  # iteration 0: no Gram teacher yet
+    assert all(r["gram_loss"] > 0 and r["gram_loss_weight"] == 1.5 for r in m[1:])
+    st = torch.load(out / "checkpoints" / "iter_0000004" / "trainer_state.pt", weights_only=True)
+    assert st["gram_updates"] == 1 and st["gram_ready"] is True
+    gram, teacher = st["gram_teacher"], st["teacher"]
+    assert set(gram) == {k.removeprefix("backbone.") for k in teacher if k.startswith("backbone.")}
+    # refreshed after iteration 1, so it lags the EMA teacher that kept moving until iteration 3
+    assert not torch.equal(gram["blocks.0.attn.qkv.weight"],
+                           teacher["backbone.blocks.0.attn.qkv.weight"])
