@@ -178,10 +178,11 @@ def _gram_prep_kernel(
 
 
 @triton.jit
-def _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+def _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, rows_i, rows_j, P, D,
              CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """S_ij (clamped) and W_ij = dL/dĜs_ij up to 2/N, both fp32 [BLOCK_M, BLOCK_M]."""
+    """S_ij (clamped) and W_ij = dL/dĜs_ij up to 2/N, both fp32 [BLOCK_M, BLOCK_M]. The pointers
+    already point at this image, so the tile offsets stay int32 (int64 offset tensors spill)."""
     offs_d = tl.arange(0, BLOCK_D)
     ok_i = rows_i < P
     ok_j = rows_j < P
@@ -190,8 +191,8 @@ def _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
     for k in range(0, D, BLOCK_D):
         d = k + offs_d
         ok_d = d < D
-        p_i = base + rows_i[:, None] * D + d[None, :]  # [BM, BD]
-        p_jt = base + rows_j[None, :] * D + d[:, None]  # [BD, BM]: rows j loaded transposed
+        p_i = rows_i[:, None] * D + d[None, :]  # [BM, BD]
+        p_jt = rows_j[None, :] * D + d[:, None]  # [BD, BM]: rows j loaded transposed
         m_i = ok_i[:, None] & ok_d[None, :]
         m_jt = ok_d[:, None] & ok_j[None, :]
         f_i = tl.load(F_ptr + p_i, mask=m_i, other=0.0)
@@ -236,9 +237,13 @@ def _gram_pp_fwd_kernel(
     i = tl.load(PairI_ptr + t)
     j = tl.load(PairJ_ptr + t)
     base = b.to(tl.int64) * P * D
+    A_ptr += base
+    Lo_ptr += base
+    F_ptr += base
+    E_ptr += base
     rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, rows_i, rows_j, P, D,
                     CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
     part = tl.sum(tl.sum(s * s, axis=1), axis=0)
     part = tl.where(i == j, part, 2.0 * part)  # tile (i, j) also stands for (j, i): S symmetric
@@ -259,9 +264,14 @@ def _gram_pp_bwd_kernel(
     i = tl.load(PairI_ptr + t)
     j = tl.load(PairJ_ptr + t)
     base = b.to(tl.int64) * P * D
+    A_ptr += base
+    Lo_ptr += base
+    F_ptr += base
+    E_ptr += base
+    DA_ptr += base
     rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, base, rows_i, rows_j, P, D,
+    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, rows_i, rows_j, P, D,
                     CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
     w = _round(w, A_ptr.dtype.element_ty, RNE_FIX)  # small values: a relative rounding is harmless
     w_t = tl.trans(w)
@@ -271,8 +281,8 @@ def _gram_pp_bwd_kernel(
     for k in range(0, D, BLOCK_D):
         d = k + offs_d
         ok_d = d < D
-        p_i = base + rows_i[:, None] * D + d[None, :]  # [BM, BD]
-        p_j = base + rows_j[:, None] * D + d[None, :]
+        p_i = rows_i[:, None] * D + d[None, :]  # [BM, BD]
+        p_j = rows_j[:, None] * D + d[None, :]
         m_i = ok_i[:, None] & ok_d[None, :]
         m_j = ok_j[:, None] & ok_d[None, :]
         a_j = tl.load(A_ptr + p_j, mask=m_j, other=0.0)
@@ -295,7 +305,8 @@ def _gram_dd_fwd_kernel(
     pk = tl.program_id(0)
     pl = tl.program_id(1)
     b = tl.program_id(2)
-    base = b.to(tl.int64) * P * D
+    F_ptr += b.to(tl.int64) * P * D
+    E_ptr += b.to(tl.int64) * P * D
     ck = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     cl = pl * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_p = tl.arange(0, BLOCK_P)
@@ -305,8 +316,8 @@ def _gram_dd_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         r = p0 + offs_p
         ok_r = r < P
-        p_kt = base + r[None, :] * D + ck[:, None]  # [BK, BP]: columns k, transposed
-        p_l = base + r[:, None] * D + cl[None, :]  # [BP, BK]
+        p_kt = r[None, :] * D + ck[:, None]  # [BK, BP]: columns k, transposed
+        p_l = r[:, None] * D + cl[None, :]  # [BP, BK]
         m_kt = (ck < D)[:, None] & ok_r[None, :]
         m_l = ok_r[:, None] & (cl < D)[None, :]
         f_kt = tl.load(F_ptr + p_kt, mask=m_kt, other=0.0)
@@ -317,7 +328,8 @@ def _gram_dd_fwd_kernel(
         acc_ee = _mma(e_kt, e_l, acc_ee, UPCAST, IEEE)
         acc_x = _mma(f_kt, e_l, acc_x, UPCAST, IEEE)
     dd = D.to(tl.int64) * D
-    p_out = b.to(tl.int64) * 3 * dd + ck[:, None] * D + cl[None, :]
+    G_ptr += b.to(tl.int64) * 3 * dd
+    p_out = ck[:, None] * D + cl[None, :]
     m_out = (ck < D)[:, None] & (cl < D)[None, :]
     tl.store(G_ptr + p_out, acc_ff, mask=m_out)
     tl.store(G_ptr + dd + p_out, acc_ee, mask=m_out)
@@ -336,8 +348,11 @@ def _gram_dd_bwd_kernel(
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     b = tl.program_id(2)
-    base = b.to(tl.int64) * P * D
-    base_m = b.to(tl.int64) * D * D
+    F_ptr += b.to(tl.int64) * P * D
+    E_ptr += b.to(tl.int64) * P * D
+    DA_ptr += b.to(tl.int64) * P * D
+    M1_ptr += b.to(tl.int64) * D * D
+    M2_ptr += b.to(tl.int64) * D * D
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -346,14 +361,14 @@ def _gram_dd_bwd_kernel(
         kk = k0 + offs_k
         m_a = (rows < P)[:, None] & (kk < D)[None, :]
         m_m = (kk < D)[:, None] & (cols < D)[None, :]
-        p_a = base + rows[:, None] * D + kk[None, :]  # [BM, BK]
-        p_m = base_m + kk[:, None] * D + cols[None, :]  # [BK, BN]
+        p_a = rows[:, None] * D + kk[None, :]  # [BM, BK]
+        p_m = kk[:, None] * D + cols[None, :]  # [BK, BN]
         acc = _mma(tl.load(F_ptr + p_a, mask=m_a, other=0.0),
                    tl.load(M1_ptr + p_m, mask=m_m, other=0.0), acc, UPCAST, IEEE)
         acc = _mma(tl.load(E_ptr + p_a, mask=m_a, other=0.0),
                    tl.load(M2_ptr + p_m, mask=m_m, other=0.0), acc, UPCAST, IEEE)
     m_o = (rows < P)[:, None] & (cols < D)[None, :]
-    tl.store(DA_ptr + base + rows[:, None] * D + cols[None, :], 0.25 * acc, mask=m_o)
+    tl.store(DA_ptr + rows[:, None] * D + cols[None, :], 0.25 * acc, mask=m_o)
 
 
 @triton.jit
@@ -393,12 +408,31 @@ def _gram_norm_bwd_kernel(
 # Launchers: allocate, pick the form and the fixed tile configuration, launch
 # ------------------------------------------------------------------------------------------------
 
-# Shipped GPU configurations (compile_specs() compiles exactly these). Square P×P tiles so that the
-# tile pairs (i, j), i <= j, partition the symmetric S.
-PP_GPU = dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=3)
-DD_FWD_GPU = dict(BLOCK_K=64, BLOCK_P=32, num_warps=8, num_stages=3)
-DD_BWD_GPU = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks
+# Shipped GPU configurations (compile_specs() compiles exactly these; shared memory per stage is
+# tiles × tile bytes, kept under sm_80's 163 KB). P×P tiles are square so that the tile pairs
+# (i, j), i <= j, partition the symmetric S.
+def _pp_gpu(work: torch.dtype, clamp: int) -> dict:
+    if work == torch.float32:  # 4 (6 with a clamp) fp32 tiles of 64×32: 32 / 48 KB per stage
+        return dict(BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=2)
+    if clamp != CLAMP_NONE:  # 8 half tiles (F, E, ŝ, lo for rows i and j) of 64×32: 32 KB
+        return dict(BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3)  # 4 tiles of 64×64: 32 KB
+
+
+def _dd_fwd_gpu(work: torch.dtype) -> dict:  # 3 fp32 accumulators of 64×64 over 8 warps
+    return dict(BLOCK_K=64, BLOCK_P=32, num_warps=8, num_stages=3)
+
+
+def _dd_bwd_gpu(work: torch.dtype) -> dict:
+    block_k = 32 if work == torch.float32 else 64
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+
+
+ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this
+
+
+def _row_block(d: int) -> int:
+    return ROW_BLOCK_D if not is_interpreter() else min(ROW_BLOCK_D, next_pow2(d))
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -414,9 +448,9 @@ def _rne_fix(dtype: torch.dtype) -> bool:
     return is_interpreter() and dtype == torch.bfloat16
 
 
-def _pp_config(pe: int, d: int) -> dict:
+def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int) -> dict:
     if not is_interpreter():
-        return dict(PP_GPU)
+        return _pp_gpu(work, clamp)
     # interpreter: big tiles = few programs (it runs programs one by one)
     return dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_D=min(128, max(16, next_pow2(d))))
 
@@ -458,7 +492,7 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool):
     rows = s.numel() // max(d, 1)
     if rows:
         _gram_prep_kernel[(rows,)](a, lo if write_lo else a, f, e, s, t, d, NORM_EPS,
-                                   BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)),
+                                   BLOCK_D=_row_block(d),
                                    RNE_FIX=_rne_fix(work), WRITE_LO=write_lo)
     return a, lo, f, e
 
@@ -474,7 +508,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
     if form == FORM_PP:
-        cfg = _pp_config(pe, d)
+        cfg = _pp_config(pe, d, a.dtype, clamp)
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
@@ -482,7 +516,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
         mats = torch.empty(0, dtype=torch.float32, device=student.device)
     else:
-        cfg = dict(DD_FWD_GPU) if not is_interpreter() else dict(
+        cfg = _dd_fwd_gpu(a.dtype) if not is_interpreter() else dict(
             BLOCK_K=min(64, max(16, next_pow2(d))), BLOCK_P=min(128, max(16, next_pow2(pe))))
         mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
@@ -499,7 +533,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
     if form == FORM_PP:
-        cfg = _pp_config(pe, d)
+        cfg = _pp_config(pe, d, a.dtype, clamp)
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         da = torch.zeros(nb, pe, d, dtype=torch.float32, device=student.device)
         lo_arg = lo if _needs_lo(student.dtype, clamp) else a
@@ -509,7 +543,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
         m2 = (g_ff + x).to(a.dtype).contiguous()
-        cfg = dict(DD_BWD_GPU) if not is_interpreter() else dict(
+        cfg = _dd_bwd_gpu(a.dtype) if not is_interpreter() else dict(
             BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_N=min(64, max(16, next_pow2(d))),
             BLOCK_K=min(64, max(16, next_pow2(d))))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
@@ -519,7 +553,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     s = student.contiguous()
     ds = torch.empty_like(s)
     _gram_norm_bwd_kernel[(nb * pe,)](ds, da, s, scale, d, NORM_EPS,
-                                      BLOCK_D=min(ROW_BLOCK_D, next_pow2(d)),
+                                      BLOCK_D=_row_block(d),
                                       RNE_FIX=_rne_fix(s.dtype))
     return ds
 
@@ -590,3 +624,49 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
         raise ValueError("gram_loss: form='dd' cannot apply remove_neg / remove_only_teacher_neg "
                          "(the clamp needs the P×P entries): use form='pp' or 'auto'")
     return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/kernels/test_compile.py: sm_90 and sm_80, no spills)
+# ------------------------------------------------------------------------------------------------
+
+_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every jit kernel at each launch configuration the GPU launchers above can pick."""
+    specs = []
+
+    def add(name, fn, sig, cfg, **constexprs):
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        specs.append(CompileSpec(name=name, fn=fn, signature=sig, constexprs={**cfg, **constexprs},
+                                 num_warps=warps, num_stages=stages))
+
+    for dtype, ty in _TY.items():
+        half = dtype != torch.float32
+        dots = dict(UPCAST=False, IEEE=not half)
+        w = f"*{ty}"
+        for write_lo in ((False, True) if half else (False,)):
+            add(f"gram_prep[{ty},lo={write_lo}]", _gram_prep_kernel,
+                {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
+                 "D": "i32", "EPS": "fp32"},
+                dict(BLOCK_D=ROW_BLOCK_D), RNE_FIX=False, WRITE_LO=write_lo)
+        for clamp in (CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG):
+            cfg = _pp_gpu(dtype, clamp)
+            ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "PairI_ptr": "*i32",
+                   "PairJ_ptr": "*i32", "P": "i32", "D": "i32"}
+            add(f"gram_pp_fwd[{ty},clamp={clamp}]", _gram_pp_fwd_kernel,
+                {"Partial_ptr": "*fp32", **ins, "num_pairs": "i32"}, cfg, CLAMP=clamp, **dots)
+            add(f"gram_pp_bwd[{ty},clamp={clamp}]", _gram_pp_bwd_kernel,
+                {"DA_ptr": "*fp32", **ins}, cfg, CLAMP=clamp, **dots, RNE_FIX=False)
+        add(f"gram_dd_fwd[{ty}]", _gram_dd_fwd_kernel,
+            {"G_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "P": "i32", "D": "i32"},
+            _dd_fwd_gpu(dtype), **dots)
+        add(f"gram_dd_bwd[{ty}]", _gram_dd_bwd_kernel,
+            {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M1_ptr": w, "M2_ptr": w, "P": "i32",
+             "D": "i32"}, _dd_bwd_gpu(dtype), **dots)
+        add(f"gram_norm_bwd[{ty}]", _gram_norm_bwd_kernel,
+            {"DS_ptr": w, "DA_ptr": "*fp32", "S_ptr": w, "Scale_ptr": "*fp32", "D": "i32",
+             "EPS": "fp32"}, dict(BLOCK_D=ROW_BLOCK_D), RNE_FIX=False)
+    return specs

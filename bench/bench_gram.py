@@ -1,0 +1,78 @@
+"""Gram anchoring loss (kernels/gram.py) against its reference, forward and student backward.
+
+Shapes come from the DINOv3 registry: the student's global crops (2·B per rank) with the patch
+grid of the global crop (ViT-L 224: P = 196, D = 1024; 7B 256: P = 256, D = 4096), per image and
+batch-flattened (one (2B·P)² Gram), and high-resolution anchoring at ViT-L width (P = 1024 and
+4096, i.e. 512 and 1024 px crops) per image, with fewer crops so that the reference's two fp32
+P×P Grams per image fit in memory (the kernel itself needs O(P·D)).
+
+Matmul-bound: the metric is TFLOP/s over the FLOPs the kernel's chosen form executes
+(`gram.choose_form`): P×P tiles use the symmetry, fwd 2·NB·Pe²·D (two GEMMs on half the tile
+pairs), bwd 4·NB·Pe²·D (recompute + gradient GEMM); D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D².
+The fp32 reference computes 4·NB·Pe²·D in the forward on CUDA cores.
+
+Inputs are correlated (t = s + 0.1·noise: the student tracks its Gram teacher), bf16 on GPU; the
+truth is the fp64 reference (cancellation), the parity rule DESIGN.md's 2× rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from fastdino.kernels.gram import CLAMP_NONE, FORM_DD, choose_form, gram_loss, gram_loss_ref
+
+from bench.harness import BenchCase
+from bench.registry import get
+
+
+def _flops(nb: int, pe: int, d: int) -> tuple[int, int, str]:
+    if choose_form(pe, d, CLAMP_NONE) == FORM_DD:
+        return 6 * nb * pe * d * d, 4 * nb * pe * d * d, "D×D"
+    return 2 * nb * pe * pe * d, 4 * nb * pe * pe * d, "P×P"
+
+
+def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.dtype,
+          shape_from: str) -> BenchCase:
+    nb, pe = (crops, p) if img_level else (1, crops * p)
+    fwd, bwd, form = _flops(nb, pe, d)
+
+    def make_inputs(device: torch.device, dt: torch.dtype) -> dict:
+        g = torch.Generator().manual_seed(0)
+        s = torch.randn(crops, p, d, generator=g)
+        t = s + 0.1 * torch.randn(crops, p, d, generator=g)
+        return {"student": s.to(device=device, dtype=dt).requires_grad_(),
+                "teacher": t.to(device=device, dtype=dt), "img_level": img_level}
+
+    return BenchCase(
+        op="gram_loss", name=name,
+        params={"crops": crops, "P": p, "D": d, "img_level": img_level, "form": form,
+                "shape_from": shape_from},
+        dtype=dtype, make_inputs=make_inputs,
+        providers={"torch": gram_loss_ref, "triton": gram_loss},
+        grad_inputs=["student"],
+        flops_fwd=fwd, flops_bwd=bwd,
+        formula="P×P: fwd 2·NB·Pe²·D, bwd 4·NB·Pe²·D; D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D² "
+                "(NB = crops, Pe = P per image; NB = 1, Pe = crops·P flattened)",
+        reference_dtype=torch.float64,
+        atol=1e-7,
+    )
+
+
+def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
+    if not on_gpu:  # interpreter-sized: 2 crops of a 6x6 grid, 64 channels
+        out = [_case("cpu-tiny-img", 2, 36, 64, True, torch.float32, "tiny"),
+               _case("cpu-tiny-flat", 2, 36, 64, False, torch.float32, "tiny")]
+        if not quick:
+            out.append(_case("cpu-tiny-img-bf16", 2, 36, 64, True, torch.bfloat16, "tiny"))
+        return out
+    vitl, v7b = get("vitl16"), get("vit7b16")
+    out = []
+    for s in ([vitl] if quick else [vitl, v7b]):
+        crops = 2 * s.batch_per_gpu
+        for img_level in (True, False):
+            out.append(_case(f"{s.name}-{s.global_size}-{'img' if img_level else 'flat'}", crops,
+                             s.global_patches, s.embed_dim, img_level, torch.bfloat16, s.name))
+    hr = [(512, 32), (1024, 8)] if not quick else [(1024, 8)]
+    for side, crops in hr:  # high-res anchoring at ViT-L width; crops sized for the reference
+        out.append(_case(f"vitl16-{side}-img", crops, (side // vitl.patch) ** 2, vitl.embed_dim,
+                         True, torch.bfloat16, f"vitl16 at {side} px"))
+    return out
