@@ -55,7 +55,7 @@ def most_confused(conf: torch.Tensor, top: int = 5, classes: Sequence[str] | Non
             break
         t, p = divmod(i, n)
         out.append({"true": names[t], "pred": names[p], "count": int(flat[i]),
-                    "frac_of_true": float(flat[i] / conf[t].sum().clamp(min=1))})
+                    "frac_of_true": int(flat[i]) / max(1, int(conf[t].sum()))})
     return out
 
 

@@ -1,0 +1,61 @@
+"""`fastdino eval ...` end to end on a small real labelled set (scikit-learn digits), and pca."""
+
+import json
+import shutil
+
+import pytest
+
+from fastdino.eval.cli import main
+
+pytest.importorskip("sklearn", reason="the digits sample set is the eval extra")
+
+
+@pytest.fixture(scope="module")
+def digits_subset(tmp_path_factory):
+    """3 digits x (12 train, 4 val) of fastdino's embedded digits set (32 px RGB PNGs)."""
+    from fastdino.data.sample_data import digits_labelled_dir
+    src = digits_labelled_dir()
+    dst = tmp_path_factory.mktemp("digits")
+    for split, n in (("train", 12), ("val", 4)):
+        for digit in ("0", "1", "7"):
+            (dst / split / digit).mkdir(parents=True)
+            for f in sorted((src / split / digit).iterdir())[:n]:
+                shutil.copy(f, dst / split / digit / f.name)
+    return dst
+
+
+def test_knn_then_linear_share_the_feature_cache(digits_subset, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    common = ["--weights", "random", "--arch", "vit_test", "--data", str(digits_subset),
+              "--image-size", "32", "--num-workers", "0", "--cache-dir", str(cache), "--quiet"]
+    assert main(["knn", *common, "--json", str(tmp_path / "knn.json")]) == 0
+    res = json.loads((tmp_path / "knn.json").read_text())
+    assert res["classes"] == ["0", "1", "7"] and (res["n_train"], res["n_val"]) == (36, 12)
+    assert res["k100"]["k_used"] == res["k200"]["k_used"] == 36
+    assert all(0.0 <= res[f"k{k}"]["top1"] <= 1.0 for k in (10, 20, 100, 200))
+    assert len(list(cache.glob("*.pt"))) == 2  # train and val
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fastdino.eval"):
+        assert main(["linear", *common, "--iterations", "30",
+                     "--json", str(tmp_path / "lin.json")]) == 0
+    assert caplog.text.count("cache hit") == 2  # no second extraction
+    lin = json.loads((tmp_path / "lin.json").read_text())
+    assert lin["feature_dim"] == 64 and len(lin["per_lr"]) == 13  # CLS + patch mean; 13 lrs
+    assert lin["best"]["top1"] == max(lin["per_lr"].values())
+
+
+def test_pca_command_writes_images(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 30), (10, 10, 200)).save(tmp_path / "b.jpg")
+    assert main(["pca", "--weights", "random", "--arch", "vit_test", str(tmp_path / "a.png"),
+                 str(tmp_path / "b.jpg"), "--out", str(tmp_path / "out"), "--resolution", "32",
+                 "--shared", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_pca.png", "a_side.png", "b_pca.png", "b_side.png", "grid.png"]
+
+
+def test_bad_weights_exit_with_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["knn", "--weights", str(tmp_path / "none.pth"), "--arch", "vit_test",
+              "--data", str(tmp_path)])

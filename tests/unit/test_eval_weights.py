@@ -1,0 +1,151 @@
+"""fastdino.eval.weights: every --weights source loads exactly, and a mismatch is a clear error."""
+
+import pickle
+
+import pytest
+import torch
+
+from fastdino.config import load_config, save_config
+from fastdino.eval.weights import (
+    CONFIG_DIR,
+    load_eval_backbone,
+    resolve_model_config,
+    state_dict_digest,
+)
+from fastdino.models import build_backbone, vit_test
+
+
+def _perturbed_vit_test(seed=0):
+    """vit_test with every tensor random (so a wrong or skipped key shows in the outputs)."""
+    torch.manual_seed(seed)
+    m = vit_test().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    return m
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(a.forward_features(x)["x_norm_patchtokens"],
+                                   b.forward_features(x)["x_norm_patchtokens"])
+
+
+def test_plain_pth_safetensors_and_teacher_layouts_load_the_same(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = _perturbed_vit_test()
+    sd = ref.state_dict()
+    torch.save(sd, tmp_path / "plain.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "plain.safetensors"))
+    teacher = {f"backbone.{k}": v for k, v in sd.items()}
+    teacher["dino_head.mlp.0.weight"] = torch.zeros(4, 32)  # heads are not part of the backbone
+    torch.save({"teacher": teacher}, tmp_path / "teacher_checkpoint.pth")
+    digests = set()
+    for name in ("plain.pth", "plain.safetensors", "teacher_checkpoint.pth"):
+        model, info = load_eval_backbone(tmp_path / name, arch="vit_test")
+        _same(model, ref)
+        assert not model.training
+        digests.add(info.digest)
+    # the cache key is the weights, not the file format
+    assert digests == {state_dict_digest(sd)}
+
+
+def test_training_run_folder_uses_teacher_and_run_config(tmp_path):
+    cfg = load_config(CONFIG_DIR / "smoke.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    torch.manual_seed(3)
+    backbone = build_backbone(cfg.model)  # the smoke arch: D 64, depth 4 (not vit_test's 32 / 2)
+    teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    teacher["ibot_head.last_layer.weight"] = torch.zeros(8, 64)
+    tag = tmp_path / "checkpoints" / "iter_0000010"
+    tag.mkdir(parents=True)
+    torch.save({"teacher": teacher, "iteration": 10}, tag / "trainer_state.pt")
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000010\n")
+    for weights in (tmp_path, tmp_path / "checkpoints", tag):  # run, checkpoints/, tag folder
+        model, info = load_eval_backbone(weights)  # no --arch: the run's config.yaml
+        assert model.embed_dim == 64 and model.n_blocks == 4
+        assert "iter_0000010" in info.source
+        _same(model.eval(), backbone.eval())
+    with pytest.raises(ValueError, match="shape mismatches"):  # the wrong --arch is an error
+        load_eval_backbone(tmp_path, arch="vit_test")
+
+
+def test_hugging_face_folder_converts_with_output_parity(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the interop extra")
+    hf_cfg = transformers.DINOv3ViTConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_register_tokens=4, layerscale_value=1e-5, rope_theta=100.0, image_size=32,
+        patch_size=16)
+    torch.manual_seed(0)
+    hf = transformers.DINOv3ViTModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state[:, 5:]  # patches after [CLS, 4 registers]
+    for arch in (None, "vit_test"):  # from config.json, or checked against a named arch
+        model, info = load_eval_backbone(tmp_path / "hf", arch=arch)
+        assert "Hugging Face" in info.source
+        with torch.no_grad():
+            out = model.forward_features(x)["x_norm_patchtokens"]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit the architecture"):
+        load_eval_backbone(tmp_path / "hf", arch="vit_tiny")
+
+
+def test_mismatches_are_errors_never_partial_loads(tmp_path):
+    sd = _perturbed_vit_test().state_dict()
+    torch.save(sd, tmp_path / "full.pth")
+    with pytest.raises(ValueError, match=r"does not fit the architecture D192.*shape mismatches"):
+        load_eval_backbone(tmp_path / "full.pth", arch="vit_tiny")  # 32-d weights, 192-d model
+    partial = dict(sd)
+    del partial["blocks.1.attn.qkv.weight"]
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks\.1\.attn\.qkv\.weight"):
+        load_eval_backbone(tmp_path / "partial.pth", arch="vit_test")
+    extra = {**sd, "blocks.2.norm1.weight": torch.ones(32)}
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): blocks\.2\.norm1\.weight"):
+        load_eval_backbone(tmp_path / "extra.pth", arch="vit_test")
+    with pytest.raises(ValueError, match="architecture is unknown"):
+        load_eval_backbone(tmp_path / "full.pth")  # a bare file says nothing about its arch
+    with pytest.raises(ValueError, match="--arch 'vit_huge'.*vit_test"):
+        load_eval_backbone(tmp_path / "full.pth", arch="vit_huge")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_eval_backbone(tmp_path / "nope.pth", arch="vit_test")
+
+
+class _NotATensor:
+    pass
+
+
+def test_files_are_read_with_weights_only(tmp_path):
+    torch.save({"cls_token": _NotATensor()}, tmp_path / "code.pth")
+    with pytest.raises(pickle.UnpicklingError):
+        load_eval_backbone(tmp_path / "code.pth", arch="vit_test")
+
+
+def test_random_init_is_seeded_and_needs_an_arch():
+    a, ia = load_eval_backbone("random", arch="vit_test", seed=1)
+    b, ib = load_eval_backbone("random", arch="vit_test", seed=1)
+    c, ic = load_eval_backbone("random", arch="vit_test", seed=2)
+    assert ia.digest == ib.digest != ic.digest
+    _same(a, b)
+    with pytest.raises(ValueError, match="needs --arch or --config"):
+        load_eval_backbone("random")
+
+
+def test_preset_names_resolve_and_unknown_presets_list_the_choices():
+    assert resolve_model_config(config="smoke").embed_dim == 64
+    cfg = resolve_model_config(config=CONFIG_DIR / "smoke.yaml", arch="vit_test")
+    assert cfg.arch == "vit_test" and cfg.embed_dim == 64  # --arch overrides only the arch
+    with pytest.raises(FileNotFoundError, match="presets are .*smoke"):
+        resolve_model_config(config="no_such_preset")
