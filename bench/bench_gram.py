@@ -53,7 +53,9 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
         formula="P×P: fwd 2·NB·Pe²·D, bwd 4·NB·Pe²·D; D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D² "
                 "(NB = crops, Pe = P per image; NB = 1, Pe = crops·P flattened)",
         reference_dtype=torch.float64,
-        atol=1e-7,
+        # bf16 operands: the kernel's S carries ~2⁻⁸ relative error, ~1e-7 of a ~3e-4 loss here,
+        # while the harness' torch baseline upcasts to fp32 (the official .float()): hence atol
+        atol=1e-7 if dtype == torch.float32 else 1e-6,
     )
 
 
