@@ -140,7 +140,8 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
         return latest_checkpoint(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"train.resume = {resume!r}: no {STATE_FILE} there; give a "
-                                "checkpoint directory (…/checkpoints/iter_N), its parent, auto or none")
+                                "checkpoint directory (…/checkpoints/iter_N), its parent, auto "
+                                "or none")
     return path
 
 

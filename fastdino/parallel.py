@@ -213,7 +213,7 @@ class _StudentBase:
         """Step that leaves the parameters unchanged (non-finite gradients): gradients zeroed and
         lr 0 in every group, then the normal step, so DeepSpeed's internal state stays in sync
         (only the Adam moments decay by beta1/beta2 and the Adam step count advances)."""
-        for n, ps in self.module_params().items():
+        for ps in self.module_params().values():
             for p in ps:
                 f = self._grad_fragments(p)
                 if f is not None:
@@ -252,14 +252,16 @@ class TorchStudent(_StudentBase):
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         if fdist.is_main_process():
-            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+            torch.save({"module": self.module.state_dict(),
+                        "optimizer": self.optimizer.state_dict()},
                        Path(save_dir) / tag / "torch_engine.pt")
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
         path = Path(load_dir) / tag / "torch_engine.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: was this checkpoint written by the plain "
-                                    "torch engine? (DeepSpeed checkpoints need the deepspeed launcher)")
+                                    "torch engine? (DeepSpeed checkpoints need the deepspeed "
+                                    "launcher)")
         sd = torch.load(path, map_location=self.device, weights_only=True)
         self.module.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])

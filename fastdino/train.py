@@ -138,14 +138,15 @@ class Trainer:
 
     def save(self, it: int) -> Path:
         state = {**self.arch.state_for_checkpoint(), "data_iteration": it}
-        return save_checkpoint(self.ckpt_dir, it, self.engine, state, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.ckpt_dir, it, self.engine, state,
+                               self.cfg.train.keep_checkpoints)
 
     def _average(self, values: dict) -> dict:
         keys = sorted(values)
         vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
                            device=self.info.device)
         vec = fdist.all_reduce_mean(vec).tolist()
-        out = dict(zip(keys, vec))
+        out = dict(zip(keys, vec, strict=True))
         out.update(local_batch_size=self.cfg.data.batch_size_per_gpu,
                    global_batch_size=self.global_batch)
         return out

@@ -6,9 +6,7 @@ official key names; the kNN probe is logged."""
 import math
 import shutil
 
-import pytest
 import torch
-
 from trainer_helpers import FAST, SMOKE, read_metrics, run_py
 
 
@@ -60,7 +58,8 @@ def test_corrupt_image_is_skipped_and_knn_probe_logged_and_export(tmp_path):
     backbone = build_backbone(load_config(SMOKE).model)
     load_backbone_state_dict(backbone, sd)  # strict: every key and shape matches
     st = torch.load(out / "checkpoints" / "iter_0000004" / "trainer_state.pt", weights_only=True)
-    assert torch.equal(sd["blocks.0.attn.qkv.weight"], st["teacher"]["backbone.blocks.0.attn.qkv.weight"])
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"],
+                       st["teacher"]["backbone.blocks.0.attn.qkv.weight"])
 
 
 def test_nan_guard_stops_with_checkpoint(tmp_path, monkeypatch, caplog):

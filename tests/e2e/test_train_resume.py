@@ -10,7 +10,6 @@ import math
 import shutil
 
 import pytest
-
 from trainer_helpers import FAST, SMOKE, TRAIN, read_metrics, run_ds, run_py
 
 KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss",

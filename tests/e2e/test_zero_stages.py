@@ -11,7 +11,6 @@ import json
 import math
 
 import pytest
-
 from trainer_helpers import REPO, run_ds
 
 WORKER = REPO / "tests" / "e2e" / "zero_check_worker.py"

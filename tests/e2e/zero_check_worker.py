@@ -86,7 +86,8 @@ def main() -> int:
                 for n, p in arch.teacher.named_parameters())
     result = {"rank": rank, "stage": cfg.deepspeed.zero_stage, "losses": losses,
               "init_err": init_err, "ema_err": ema_err, "teacher_moved": moved,
-              "clip_rel_err": max(clip_errors), "n_clip_checks": len(clip_errors), "n_clipped": n_clipped[0],
+              "clip_rel_err": max(clip_errors), "n_clip_checks": len(clip_errors),
+              "n_clipped": n_clipped[0],
               "momentum": [trainer.sched.at(i).momentum for i in range(n_steps)]}
     Path(args.out, f"result_rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()

@@ -48,7 +48,7 @@ def test_save_load_roundtrip_engine_state_and_rng(tmp_path):
     ck.load_checkpoint(path, eng3)
     _train_step(eng2)
     _train_step(eng3)
-    for a, b in zip(eng2.module.parameters(), eng3.module.parameters()):
+    for a, b in zip(eng2.module.parameters(), eng3.module.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -38,15 +38,15 @@ def test_ema_momentum_one_keeps_teacher_and_zero_copies_student():
     t, s = _pair()
     before = [p.detach().clone() for p in t.parameters()]
     ema_update(t, s, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(before, t.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, t.parameters(), strict=True))
     ema_update(t, s, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters(), strict=True))
 
 
 def test_copy_params_and_name_mismatch_error():
     t, s = _pair()
     copy_params(t, s)
-    assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters(), strict=True))
     with pytest.raises(ValueError, match="parameter names differ"):
         ema_update(nn.Linear(5, 7), s, 0.5)
 

@@ -11,7 +11,7 @@ from fastdino.eval.knn import knn_classify, split_samples
 def knn_loop(train_f, train_y, test_f, k, T, n_classes):
     preds = []
     for q in test_f:
-        sims = [(float(q @ f), int(y)) for f, y in zip(train_f, train_y)]
+        sims = [(float(q @ f), int(y)) for f, y in zip(train_f, train_y, strict=True)]
         sims.sort(key=lambda x: -x[0])
         votes = [0.0] * n_classes
         for s, y in sims[:k]:

@@ -79,6 +79,6 @@ def test_torch_engine_per_module_clip_matches_torch():
         mod = getattr(ref, name)
         n = torch.nn.utils.clip_grad_norm_(mod.parameters(), 0.5)
         assert norms[name] == pytest.approx(float(n), rel=1e-6)
-        for a, b in zip(getattr(m, name).parameters(), mod.parameters()):
+        for a, b in zip(getattr(m, name).parameters(), mod.parameters(), strict=True):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
     assert norms["dino_head"] > 0.5 > norms["ibot_head"]  # one clipped, one left alone
