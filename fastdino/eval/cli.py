@@ -1,6 +1,6 @@
 """`fastdino eval knn | linear | seg | pca ...` (fastdino.cli dispatches `fastdino eval` here).
 
-    fastdino eval knn    --weights runs/smoke --data DIGITS_DIR
+    fastdino eval knn    --weights runs/smoke --data digits --image-size 64
     fastdino eval linear --weights vits16.pth --arch vit_small --data /imagenet_subset
     fastdino eval seg    --weights hf_dinov3_folder/ --data /seg_folder --crop 512
     fastdino eval pca    --weights runs/smoke IMAGE... --out pca/
@@ -38,7 +38,8 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
     if features:
         f = p.add_argument_group("features")
         f.add_argument("--data", required=True, help="labelled folder: train/<class>/ + "
-                       "val/<class>/, or <class>/ (with --split-file, or every 4th image is val)")
+                       "val/<class>/, or <class>/ (with --split-file, or every 4th image is val); "
+                       "'digits' = the embedded scikit-learn digits set (32 px, 10 classes)")
         f.add_argument("--split-file", default=None,
                        help="lines 'train <class>/<file>' or 'val <class>/<file>' under --data")
         f.add_argument("--image-size", type=int, default=224,
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         from fastdino.eval.features import BackboneExtractor
         from fastdino.eval.knn_protocol import labelled_splits
 
+        if args.data == "digits":
+            from fastdino.data.sample_data import digits_labelled_dir
+            args.data = str(digits_labelled_dir())
         train, val, classes = labelled_splits(args.data, args.split_file)
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
                                       args.num_workers, progress)

@@ -74,6 +74,11 @@ def test_training_run_folder_uses_teacher_and_run_config(tmp_path):
         _same(model.eval(), backbone.eval())
     with pytest.raises(ValueError, match="shape mismatches"):  # the wrong --arch is an error
         load_eval_backbone(tmp_path, arch="vit_test")
+    # the trainer's `fastdino export` output (.pth and .safetensors) loads to the same backbone
+    from fastdino.export import export_backbone
+    for path in export_backbone(tmp_path, tmp_path / "exported" / "teacher"):
+        model, _ = load_eval_backbone(path, config=tmp_path / "config.yaml")
+        _same(model, backbone.eval())
 
 
 def test_hugging_face_folder_converts_with_output_parity(tmp_path):
