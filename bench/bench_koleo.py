@@ -12,10 +12,10 @@ chosen for ops under 50 µs) so that launch overhead counts as in a compiled, gr
 from __future__ import annotations
 
 import torch
+from fastdino.kernels.koleo import koleo_loss, koleo_loss_ref
 
 from bench.harness import BenchCase
 from bench.registry import get
-from fastdino.kernels.koleo import koleo_loss, koleo_loss_ref
 
 GATHER_RANKS = (4, 64)  # W of the gathered batches: 4 x 64 = 256, 64 x 64 = 4096 rows
 
@@ -56,7 +56,8 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
         if not quick:
             out.append(_case("koleo-cpu-odd-bf16", 2, 17, 96, torch.bfloat16, "odd size"))
         return out
-    # D from the ViT-S / ViT-L / ViT-7B embed dims; per-rank B from the 7B (16) and S/L (64) recipes;
+    # D from the ViT-S / ViT-L / ViT-7B embed dims; per-rank B from the 7B (16) and S/L (64)
+    # recipes;
     # gathered B = W x 64 for W in GATHER_RANKS
     dims = [get(m).embed_dim for m in ("vits16", "vitl16", "vit7b16")]
     per_rank = sorted({get("vit7b16").batch_per_gpu, get("vitl16").batch_per_gpu})

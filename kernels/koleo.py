@@ -37,24 +37,25 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
 
 
 def _check_query(n: int, query_start: int, query_len: int | None) -> int:
     if n < 2:
-        raise ValueError(f"KoLeo needs at least 2 rows per group (a neighbour besides itself), got n={n}")
+        raise ValueError(f"KoLeo needs at least 2 rows per group (a neighbour besides itself), "
+                         f"got n={n}")
     nq = n - query_start if query_len is None else query_len
     if query_start < 0 or nq < 1 or query_start + nq > n:
-        raise ValueError(f"KoLeo query rows [{query_start}, {query_start}+{nq}) must lie inside the "
-                         f"group's {n} rows")
+        raise ValueError(f"KoLeo query rows [{query_start}, {query_start}+{nq}) must lie inside "
+                         f"the group's {n} rows")
     return nq
 
 
 def koleo_loss_ref(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,
                    query_len: int | None = None, fp32_log: bool = False,
                    return_details: bool = False):
-    """The official KoLeo math, batched over groups, in the input dtype (the single source of truth).
+    """The official KoLeo math, batched over groups, in the input dtype (the single source of
+    truth).
 
     Naive math, per group and query row i:
         x̂ = x / max(‖x‖, eps)                      (F.normalize)
@@ -70,7 +71,8 @@ def koleo_loss_ref(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,
     if squeeze:
         x = x.unsqueeze(0)
     if x.dim() != 3:
-        raise ValueError(f"koleo_loss_ref: x must be [n, D] or [G, n, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"koleo_loss_ref: x must be [n, D] or [G, n, D], got shape "
+                         f"{tuple(x.shape)}")
     G, n, D = x.shape
     nq = _check_query(n, query_start, query_len)
     xh = F.normalize(x, p=2, dim=-1, eps=eps)  # [G, n, D]
@@ -235,7 +237,8 @@ def _koleo_bwd_kernel(
     xh_j = xh_j.to(tl.float32) * r_j[:, None]
     gscale = tl.load(DLoss_ptr + g) * (-1.0 / nq)
 
-    # sum over the query rows i that chose j as their neighbour: acc = sum_i s_i v_i, pu = sum_i s_i u_i
+    # sum over the query rows i that chose j as their neighbour:
+    # acc = sum_i s_i v_i, pu = sum_i s_i u_i
     acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
     pu = tl.zeros([BLOCK_J], dtype=tl.float32)
     offs_i = tl.arange(0, BLOCK_I)
@@ -343,8 +346,9 @@ def _no_fma() -> dict:
 
 def _check_x(x: torch.Tensor) -> None:
     if x.dim() != 3 or x.dtype not in _DTYPES or x.stride(-1) != 1:
-        raise ValueError(f"koleo kernel: x must be a [G, n, D] fp32/bf16 tensor with contiguous last "
-                         f"dim, got shape {tuple(x.shape)}, dtype {x.dtype}, strides {x.stride()}")
+        raise ValueError(f"koleo kernel: x must be a [G, n, D] fp32/bf16 tensor with contiguous "
+                         f"last dim, got shape {tuple(x.shape)}, dtype {x.dtype}, "
+                         f"strides {x.stride()}")
 
 
 def koleo_fwd(x: torch.Tensor, eps: float, query_start: int, query_len: int):

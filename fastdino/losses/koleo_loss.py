@@ -38,7 +38,8 @@ def _stats(d: torch.Tensor) -> dict[str, torch.Tensor]:
 class KoLeoLoss(nn.Module):
     """Per rank, per crop KoLeo.
 
-    loss = -mean_i log(‖x̂_i - x̂_nn(i) + eps‖ + eps), x̂ = x / max(‖x‖, eps), nn(i) = argmax_{j≠i} x̂_i·x̂_j
+    loss = -mean_i log(‖x̂_i - x̂_nn(i) + eps‖ + eps)
+    x̂ = x / max(‖x‖, eps), nn(i) = argmax_{j≠i} x̂_i·x̂_j
     x: [B, D] -> scalar; [G, B, D] -> [G] (one loss per group, e.g. both global crops in one call).
     The reference runs in the input dtype (bf16 allowed, as the official code); the Triton kernel
     accumulates in fp32 and returns fp32. `last_stats` holds the detached min / mean nearest-
@@ -77,8 +78,8 @@ class KoLeoLossDistributed(nn.Module):
     def __init__(self, group_size: int = 16, impl: str = "auto", eps: float = 1e-8):
         super().__init__()
         if group_size < 2:
-            raise ValueError(f"KoLeoLossDistributed: group_size={group_size} is invalid: allowed is "
-                             "an integer >= 2")
+            raise ValueError(f"KoLeoLossDistributed: group_size={group_size} is invalid: "
+                             "allowed is an integer >= 2")
         self.group_size = group_size
         self.impl = impl
         self.eps = eps
@@ -96,13 +97,14 @@ class KoLeoLossDistributed(nn.Module):
             raise ValueError(f"KoLeoLossDistributed: x must be [B, D], got shape {tuple(x.shape)}")
         B, gs = x.shape[0], self.group_size
         if gs % B != 0:
-            raise ValueError(f"KoLeoLossDistributed: group_size={gs} must be a multiple of the local "
-                             f"batch size B={B}")
+            raise ValueError(f"KoLeoLossDistributed: group_size={gs} must be a multiple of the "
+                             f"local batch size B={B}")
         world, rank = dist.get_world_size(), dist.get_rank()
         if (world * B) % gs != 0:
             raise ValueError(f"KoLeoLossDistributed: the global batch W*B={world}*{B}={world * B} "
                              f"must be divisible by group_size={gs}")
-        all_x = dist.all_gather_autograd(x)  # [W*B, D]; normalising after the gather is the same math
+        # [W*B, D]; normalising after the gather is the same math as before it
+        all_x = dist.all_gather_autograd(x)
         ranks_per_group = gs // B
         group, rank_in_group = rank // ranks_per_group, rank % ranks_per_group
         x_group = all_x[group * gs:(group + 1) * gs].unsqueeze(0)  # [1, gs, D]

@@ -42,7 +42,8 @@ def _worker(rank: int, port: int, out_dir: str, group_size: int, impl: str) -> N
 
 # group_size = B: each rank is its own group; = W*B: neighbours cross ranks. The Triton path runs
 # under the interpreter in the workers (each spawn costs seconds, so only the crossing case).
-@pytest.mark.parametrize("impl,group_size", [("torch", B), ("torch", WORLD * B), ("triton", WORLD * B)])
+@pytest.mark.parametrize("impl,group_size",
+                         [("torch", B), ("torch", WORLD * B), ("triton", WORLD * B)])
 def test_distributed_koleo_matches_single_process(tmp_path, group_size, impl):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), group_size, impl), nprocs=WORLD)
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
@@ -59,7 +60,8 @@ def test_distributed_koleo_matches_single_process(tmp_path, group_size, impl):
     for grp in range(WORLD // ranks_per_group):
         rows = slice(grp * group_size, (grp + 1) * group_size)
         group_loss = KoLeoLoss(impl="torch")(x[rows])  # mean over the group's rows
-        per_rank = [res[r]["loss"] for r in range(grp * ranks_per_group, (grp + 1) * ranks_per_group)]
+        ranks = range(grp * ranks_per_group, (grp + 1) * ranks_per_group)
+        per_rank = [res[r]["loss"] for r in ranks]
         torch.testing.assert_close(torch.stack(per_rank).mean(), group_loss.detach(),
                                    rtol=1e-5, atol=1e-6)
         # each rank backpropagates its own mean: the sum over ranks is ranks_per_group x group mean

@@ -5,10 +5,14 @@ kernels run under the Triton interpreter (tests/kernels/conftest.py)."""
 
 import pytest
 import torch
-
 from fastdino.kernels._utils import can_run_triton
-from fastdino.kernels.koleo import (_koleo_bwd_op, _koleo_fwd_op, koleo_fwd, koleo_loss,
-                                    koleo_loss_ref)
+from fastdino.kernels.koleo import (
+    _koleo_bwd_op,
+    _koleo_fwd_op,
+    koleo_fwd,
+    koleo_loss,
+    koleo_loss_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not can_run_triton(torch.empty(0, device=DEVICE)),
@@ -87,7 +91,7 @@ def test_deterministic_across_runs():
     x, w = _inputs(1, 200, 16, torch.float32, seed=2)  # several row blocks
     a = _run(koleo_loss, x, w, 0, None)
     b = _run(koleo_loss, x, w, 0, None)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def test_two_dim_input_returns_a_scalar():

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from fastdino.kernels.koleo import koleo_loss_ref
+
 from fastdino.losses.koleo_loss import KoLeoLoss, KoLeoLossDistributed
 
 EPS = 1e-8
@@ -86,7 +86,8 @@ def test_last_stats_are_nn_distances():
     assert koleo.last_stats is None
     koleo(x)
     stats = koleo.last_stats
-    assert stats["koleo_nn_dist_min"].item() == pytest.approx(2 * math.sin(math.radians(15)), abs=1e-6)
+    chord = 2 * math.sin(math.radians(15))  # the 30-degree gap
+    assert stats["koleo_nn_dist_min"].item() == pytest.approx(chord, abs=1e-6)
     assert not stats["koleo_nn_dist_mean"].requires_grad
 
 
