@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "knn":
             from fastdino.eval.knn_protocol import knn_eval
             res = knn_eval(extractor, train, val, ks=args.k, temperature=args.temperature,
-                           cache_dir=cache, cache_key=key, n_classes=len(classes))
+                           cache_dir=cache, cache_key=key, n_classes=len(classes),
+                           device=device)
             result.update(res)
             rows = [(f"k={k} (used {res[f'k{k}']['k_used']})",
                      f"top1 {100 * res[f'k{k}']['top1']:6.2f}  top5 "

@@ -71,10 +71,12 @@ def labelled_splits(root: str | Path, split_file: str | Path | None = None
 
 
 def knn_scores(train_f: torch.Tensor, train_y: torch.Tensor, query_f: torch.Tensor, k: int,
-               temperature: float, n_classes: int, chunk: int = 4096) -> torch.Tensor:
+               temperature: float, n_classes: int, chunk: int | None = None) -> torch.Tensor:
     """Class scores [Q, C] of the softmax-weighted vote of the k nearest training features
-    (features L2-normalised: train_f [N, D], train_y [N] long, query_f [Q, D])."""
+    (features L2-normalised: train_f [N, D], train_y [N] long, query_f [Q, D]). Queries go in
+    chunks whose [q, N] similarity block stays near 1 GiB (ImageNet: N = 1.28M)."""
     k = min(k, train_f.shape[0])
+    chunk = chunk or max(1, min(4096, 2**28 // train_f.shape[0]))
     out = []
     for i in range(0, query_f.shape[0], chunk):
         sim = query_f[i:i + chunk] @ train_f.T  # [q, N] cosine similarities
@@ -94,9 +96,12 @@ def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, k: int) -> float:
 
 def knn_from_features(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor,
                       val_y: torch.Tensor, ks: Sequence[int] = (10, 20, 100, 200),
-                      temperature: float = 0.07, n_classes: int | None = None) -> dict:
+                      temperature: float = 0.07, n_classes: int | None = None,
+                      device: str | torch.device = "cpu") -> dict:
     """{"k<k>": {"top1", "top5"}, "best_k"} from raw (un-normalised) CLS features."""
-    train_f, val_f = F.normalize(train_f.float(), dim=-1), F.normalize(val_f.float(), dim=-1)
+    train_f = F.normalize(train_f.float().to(device), dim=-1)
+    val_f = F.normalize(val_f.float().to(device), dim=-1)
+    train_y, val_y = train_y.to(device), val_y.to(device)
     if n_classes is None:
         n_classes = int(max(train_y.max(), val_y.max())) + 1
     res: dict = {}
@@ -112,8 +117,9 @@ def knn_from_features(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch
 def knn_eval(extractor: Extractor, train: Samples, val: Samples, *,
              ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
              cache_dir: str | Path | None = None, cache_key: dict | None = None,
-             n_classes: int | None = None) -> dict:
-    """Extract (or read cached) CLS features of train and val, then the kNN protocol."""
+             n_classes: int | None = None, device: str | torch.device = "cpu") -> dict:
+    """Extract (or read cached) CLS features of train and val, then the kNN protocol (the
+    similarity search on `device`)."""
     key = cache_key or {}
     feats = {}
     for name, samples in (("train", train), ("val", val)):
@@ -121,6 +127,6 @@ def knn_eval(extractor: Extractor, train: Samples, val: Samples, *,
     train_y = torch.tensor([y for _, y in train], dtype=torch.long)
     val_y = torch.tensor([y for _, y in val], dtype=torch.long)
     res = knn_from_features(feats["train"], train_y, feats["val"], val_y, ks, temperature,
-                            n_classes)
+                            n_classes, device)
     res.update(n_train=len(train), n_val=len(val), temperature=temperature)
     return res

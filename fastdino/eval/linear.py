@@ -59,6 +59,14 @@ def most_confused(conf: torch.Tensor, top: int = 5, classes: Sequence[str] | Non
     return out
 
 
+def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             chunk: int = 8192) -> torch.Tensor:
+    """argmax class of every head: x [N, F] -> [L, N] (chunked: [L, N, C] logits of an
+    ImageNet-sized train set would not fit in memory)."""
+    return torch.cat([(torch.einsum("nf,lfc->lnc", x[i:i + chunk], weight)
+                       + bias[:, None]).argmax(-1) for i in range(0, x.shape[0], chunk)], dim=1)
+
+
 @torch.no_grad()
 def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                         y_val: torch.Tensor, n_classes: int, *,
@@ -101,13 +109,12 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
             weight.sub_(lr[:, None, None] * buf_w)
             bias.sub_(lr[:, None] * buf_b)
             step += 1
-    val_logits = torch.einsum("nf,lfc->lnc", x_val, weight) + bias[:, None]  # [L, Nv, C]
-    top1 = (val_logits.argmax(-1) == y_val).float().mean(1)  # [L]
-    train_logits = torch.einsum("nf,lfc->lnc", x_train, weight) + bias[:, None]
-    train_top1 = (train_logits.argmax(-1) == y_train).float().mean(1)
+    val_pred = _predict(x_val, weight, bias)  # [L, Nv]
+    top1 = (val_pred == y_val).float().mean(1)  # [L]
+    train_top1 = (_predict(x_train, weight, bias) == y_train).float().mean(1)
     # best on val; ties -> the smaller lr (first in the list)
     best = int(torch.argmax(top1).item())
-    pred = val_logits[best].argmax(-1)
+    pred = val_pred[best]
     conf = confusion_matrix(pred.cpu(), y_val.cpu(), n_classes)
     return {
         "best": {"lr": float(lrs[best]), "top1": float(top1[best]),

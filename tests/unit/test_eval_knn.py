@@ -78,6 +78,9 @@ def test_top1_agrees_with_the_training_probe_and_top5_counts_ties_low_id_first()
     theirs = knn_classify(train_f, train_y, val_f, val_y, ks=(1, 10, 20), temperature=0.07)
     for k in (1, 10, 20):
         assert ours[f"k{k}"]["top1"] == pytest.approx(theirs[k])
+    # query chunking (used for large train sets) does not change the scores
+    torch.testing.assert_close(knn_scores(train_f, train_y, val_f, 10, 0.07, 7, chunk=7),
+                               knn_scores(train_f, train_y, val_f, 10, 0.07, 7))
     scores = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     assert topk_accuracy(scores, torch.tensor([0, 2]), 1) == 1.0  # tie -> lowest id
     assert topk_accuracy(scores, torch.tensor([1, 1]), 1) == 0.0
