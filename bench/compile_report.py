@@ -153,6 +153,28 @@ def _full_signature(spec: Any) -> dict[str, str]:
     return sig
 
 
+_TASKS: list[tuple[str, Any, int]] = []  # (module, spec, arch), inherited by forked workers
+
+
+def _compile_task(i: int) -> dict[str, Any]:
+    module, spec, cc = _TASKS[i]
+    return {**compile_one(spec, cc), "module": module}
+
+
+def compile_all(specs: list[tuple[str, Any]], archs: list[int], jobs: int) -> list[dict[str, Any]]:
+    """Every spec x arch, in order. With jobs > 1 the compiles run in forked worker processes
+    (specs hold jit functions, which do not pickle: workers inherit them by fork and get indices);
+    serial when fork is unavailable."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    _TASKS[:] = [(m, s, cc) for m, s in specs for cc in archs]
+    if jobs > 1 and len(_TASKS) > 1 and "fork" in mp.get_all_start_methods():
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(_compile_task, range(len(_TASKS))))
+    return [_compile_task(i) for i in range(len(_TASKS))]
+
+
 def problems(res: dict[str, Any]) -> list[str]:
     """Why a compiled spec is not shippable (empty = fine)."""
     if res.get("error"):
@@ -195,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="only specs whose name contains this text")
     p.add_argument("--no-kernels", action="store_true",
                    help="skip kernels/*.py (compile only the --module specs)")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel compiles (forked processes; default: CPU count, at most 8)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw)
@@ -212,12 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     specs, errors = collect_specs(args.module, kernels=not args.no_kernels)
     if args.only:
         specs = [(m, s) for m, s in specs if args.only in s.name]
-    rows = []
-    for module, spec in specs:
-        for cc in args.arch:
-            r = compile_one(spec, cc)
-            r["module"] = module
-            rows.append(r)
+    rows = compile_all(specs, args.arch, args.jobs)
     print(format_table(rows))
     for ref, err in errors:
         print(f"import error in {ref}: {err}")

@@ -91,7 +91,8 @@ def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for r in records:
-            f.write(json.dumps(_clean(r), sort_keys=False) + "\n")
+            # default=str: a case's params may hold a dtype or a tuple-keyed value
+            f.write(json.dumps(_clean(r), sort_keys=False, default=str) + "\n")
 
 
 def now() -> str:
