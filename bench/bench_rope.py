@@ -16,10 +16,10 @@ packed [3, ...] tensor, so no provider pays an extra stack.
 from __future__ import annotations
 
 import torch
+from fastdino.kernels.rope import rope_qkv, rope_ref
 
 from bench.harness import BenchCase
 from bench.registry import get
-from fastdino.kernels.rope import rope_qkv, rope_ref
 from fastdino.layers.rope_position_encoding import RopePositionEmbedding
 
 

@@ -18,10 +18,12 @@ Shapes: qkv [B, N, 3*H*d_h] (last dim contiguous; the q | k | v thirds each [H, 
 official reshape); cos, sin [N - n_prefix, d_h] (the train-time RoPE rescale only changes these
 tables, so it needs nothing here; tables are used in fp32). Output layouts:
     "bhnd": q, k, v each [B, H, N, d_h] (SDPA), written as one packed [3, B, H, N, d_h] tensor
-    "bnhd": q, k, v each [B, N, H, d_h] (flash-attn, varlen after a reshape), packed [3, B, N, H, d_h]
+    "bnhd": q, k, v each [B, N, H, d_h] (flash-attn; varlen after a reshape), packed
+            [3, B, N, H, d_h]
 Supports: fp32 and bf16 (computed in fp32, rounded once), d_h a multiple of 4 with d_h/2 a power
 of two (16 .. 256), any B, N, H, n_prefix >= 0. No gradient to cos/sin (they carry no weights).
-Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no GPU run yet).
+Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no spills); on
+H200 (triton 3.6, torch 2.11, 2026-11-26): tests/kernels/test_rope.py and `bench rope --check`.
 Limits: a standalone pass costs one read + one write of q, k, v; the bigger win (KERNELS.md §6.2)
 is fusing the rotation into the qkv GEMM epilogue or the attention prologue, not done here.
 """
@@ -31,7 +33,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
 
 LAYOUTS = ("bhnd", "bnhd")
@@ -42,7 +43,8 @@ def _check_args(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
                 n_prefix: int, layout: str) -> tuple[int, int, int]:
     """(B, N, d_h) after checking every argument; errors name the bad input and what is allowed."""
     if layout not in LAYOUTS:
-        raise ValueError(f"rope: layout={layout!r} is invalid: allowed is one of {', '.join(LAYOUTS)}")
+        raise ValueError(f"rope: layout={layout!r} is invalid: allowed is one of "
+                         f"{', '.join(LAYOUTS)}")
     if qkv.dim() != 3:
         raise ValueError(f"rope: qkv must be [B, N, 3*H*d_h], got shape {tuple(qkv.shape)}")
     B, N, three_d = qkv.shape
@@ -210,21 +212,28 @@ def _rope_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_config(H: int, d_h: int) -> dict:
-    """GPU launch config: 4 tokens x up to 512 / d_h heads per program (d_h 64: 8 heads, 128: 4),
-    so a half tile holds 1024 values: 8 fp32 values per thread and tensor on 4 warps. 16 per
-    thread took 160-200 registers on sm_90 (fewer resident programs, fewer loads in flight for this
-    memory-bound pass); 8 take 64-80. Wider head blocks at d_h 128 made ptxas use a small stack
-    on one arch or the other (cuobjdump, triton 3.9), this shape does not (compile_specs)."""
+def _gpu_config(H: int, d_h: int, token_major: bool = False) -> dict:
+    """GPU launch config. A half tile holds 1024 values (8 fp32 values per thread and tensor on 4
+    warps): 16 per thread took 160-200 registers on sm_90 (fewer resident programs, fewer loads in
+    flight for this memory-bound pass), 8 take 64-140 (cuobjdump, triton 3.9). BLOCK_H is the
+    largest power of two dividing H (no masked lanes: ViT-S has 6 heads, ViT-B 12), at most
+    512 / d_h (wider head blocks at d_h 128 made ptxas use a small stack); BLOCK_T fills the tile.
+    `token_major` (at most 2 heads, more tokens) is for reading tensors whose tokens are adjacent
+    within a head ([B, H, N, d_h] memory): each program then reads runs of 1-2 KB per head instead
+    of one head row per token. Measured on H200 (launchers alone, bf16, all 8 bench_rope shapes;
+    copy roofline 4.24 TB/s): forward 2.9-3.5 TB/s, backward 3.0-3.6 TB/s from either gradient
+    memory order. The previous rule (next_pow2(H) heads, masked lanes for ViT-S/B) was within
+    +-6% everywhere except ViT-S global, where its backward reached only 1.5-2.2 TB/s."""
     half = d_h // 2
-    block_h = min(next_pow2(H), max(1, 512 // d_h))
+    block_h = min(H & -H, 2 if token_major else max(1, 512 // d_h))
     return dict(HALF=half, BLOCK_T=max(1, 1024 // (block_h * half)), BLOCK_H=block_h, num_warps=4)
 
 
-def _config(H: int, d_h: int, num_tokens: int) -> dict:
+def _config(H: int, d_h: int, num_tokens: int, token_major: bool = False) -> dict:
     """Fixed heuristic (no autotune: it cannot run under the interpreter)."""
-    cfg = _gpu_config(H, d_h)
+    cfg = _gpu_config(H, d_h, token_major)
     if is_interpreter():  # the interpreter pays per op, not per element: few, big programs
+        cfg["BLOCK_H"] = next_pow2(H) if H * d_h <= 1024 else cfg["BLOCK_H"]
         tile = cfg["BLOCK_H"] * cfg["HALF"]
         cfg["BLOCK_T"] = max(1, min(next_pow2(num_tokens), 16384 // tile))
     return cfg
@@ -267,7 +276,8 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Te
              sin: torch.Tensor, n_prefix: int, layout: str = "bhnd") -> torch.Tensor:
     """dq, dk, dv in the output layout -> d(qkv) [B, N, 3*H*d_h] (contiguous, dq's dtype)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"rope: layout={layout!r} is invalid: allowed is one of {', '.join(LAYOUTS)}")
+        raise ValueError(f"rope: layout={layout!r} is invalid: allowed is one of "
+                         f"{', '.join(LAYOUTS)}")
     B, H, N, d_h = dq.shape if layout == "bhnd" else (dq.shape[0], dq.shape[2], dq.shape[1],
                                                        dq.shape[3])
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
@@ -275,7 +285,11 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Te
     cos, sin = _check_kernel_inputs(dqkv, cos, sin, d_h)
     if dqkv.numel() == 0:
         return dqkv
-    cfg = _config(H, d_h, B * N)
+    # gradients in [B, H, N, d_h] memory (SDPA's math/efficient paths, the harness): token-major
+    # tiles; in [B, N, H, d_h] memory (flash-attn, and SDPA's flash path, which returns
+    # transposes): whole token rows, as the forward
+    sb, sn, sh = _strides_bnh(dq, layout)
+    cfg = _config(H, d_h, B * N, token_major=sn < sh)
     grid = (triton.cdiv(B * N, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
     _rope_bwd_kernel[grid](
         dqkv, dq, dk, dv, cos, sin, B * N, N, n_prefix, H,
@@ -358,18 +372,12 @@ _SHIPPED_HEADS = ((6, 64), (12, 64), (16, 64), (32, 128))
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Both kernels at each launch configuration the GPU heuristic picks for the shipped models."""
+    """Both kernels at each launch configuration the GPU heuristic picks for the shipped models
+    (the forward always takes whole token rows; the backward both tile orders)."""
+    ints = {k: "i32" for k in ("num_tokens", "N", "n_prefix", "H")}
     specs, seen = [], set()
     for H, d_h in _SHIPPED_HEADS:
-        for dtype, ty in _TY.items():
-            cfg = _gpu_config(H, d_h)
-            warps = cfg.pop("num_warps")
-            key = (ty, tuple(cfg.items()))
-            if key in seen:
-                continue
-            seen.add(key)
-            tag = f"d_h={d_h},BLOCK_T={cfg['BLOCK_T']},BLOCK_H={cfg['BLOCK_H']},{ty}"
-            ints = {k: "i32" for k in ("num_tokens", "N", "n_prefix", "H")}
+        for ty in _TY.values():
             fwd_sig = {"Out_ptr": f"*{ty}", "QKV_ptr": f"*{ty}", "Cos_ptr": "*fp32",
                        "Sin_ptr": "*fp32", **ints, "stride_qkv_b": "i32", "stride_qkv_n": "i32",
                        "stride_o_part": "i32", "stride_o_b": "i32", "stride_o_n": "i32",
@@ -377,8 +385,16 @@ def compile_specs() -> list[CompileSpec]:
             bwd_sig = {"DQKV_ptr": f"*{ty}", "DQ_ptr": f"*{ty}", "DK_ptr": f"*{ty}",
                        "DV_ptr": f"*{ty}", "Cos_ptr": "*fp32", "Sin_ptr": "*fp32", **ints,
                        **{f"stride_d{g}_{a}": "i32" for g in "qkv" for a in "bnh"}}
-            specs.append(CompileSpec(f"rope_fwd[{tag}]", _rope_fwd_kernel, fwd_sig, cfg,
-                                     num_warps=warps, num_stages=1))
-            specs.append(CompileSpec(f"rope_bwd[{tag}]", _rope_bwd_kernel, bwd_sig, cfg,
-                                     num_warps=warps, num_stages=1))
+            kernels = [("fwd", _rope_fwd_kernel, fwd_sig, False),
+                       ("bwd", _rope_bwd_kernel, bwd_sig, False),
+                       ("bwd", _rope_bwd_kernel, bwd_sig, True)]
+            for kind, fn, sig, token_major in kernels:
+                cfg = _gpu_config(H, d_h, token_major)
+                warps = cfg.pop("num_warps")
+                tag = f"d_h={d_h},BLOCK_T={cfg['BLOCK_T']},BLOCK_H={cfg['BLOCK_H']},{ty}"
+                if (kind, tag) in seen:
+                    continue
+                seen.add((kind, tag))
+                specs.append(CompileSpec(f"rope_{kind}[{tag}]", fn, sig, cfg, num_warps=warps,
+                                         num_stages=1))
     return specs

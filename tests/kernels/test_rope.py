@@ -6,10 +6,10 @@ under the Triton interpreter (tests/kernels/conftest.py)."""
 
 import pytest
 import torch
-
-from bench.parity import judge
 from fastdino.kernels._utils import can_run_triton, is_interpreter
 from fastdino.kernels.rope import _rope_bwd_op, _rope_fwd_op, rope_bwd, rope_qkv, rope_ref
+
+from bench.parity import judge
 from fastdino.layers.attention import SelfAttention
 from fastdino.layers.attn_backend import attention_ref
 from fastdino.layers.rope_position_encoding import RopePositionEmbedding, apply_rope_to_patches
@@ -52,8 +52,12 @@ def _fwd_bwd(fn, qkv, cos, sin, H, n_prefix, layout, cot, dtype=None):
     """(q, k, v, d qkv) of `fn` on a copy of qkv cast to `dtype`; cotangents cast to q's dtype."""
     x = qkv.detach().to(dtype or qkv.dtype).requires_grad_(True)
     outs = fn(x, cos, sin, H, n_prefix, layout)
-    torch.autograd.backward(outs, [c.to(o.dtype) for c, o in zip(cot, outs)])
+    torch.autograd.backward(outs, [c.to(o.dtype) for c, o in zip(cot, outs, strict=True)])
     return [o.detach() for o in outs] + [x.grad]
+
+
+def _close(name, got, want, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -63,9 +67,9 @@ def test_fp32_matches_reference(B, H, d_h, n_prefix, grid, layout):
     cos, sin = _tables(H, d_h, grid)
     got = _fwd_bwd(rope_qkv, qkv, cos, sin, H, n_prefix, layout, cot)
     ref = _fwd_bwd(rope_ref, qkv, cos, sin, H, n_prefix, layout, cot)
-    for name, k, r in zip(("q", "k", "v", "dqkv"), got, ref):
+    for name, k, r in zip(("q", "k", "v", "dqkv"), got, ref, strict=True):
         assert k.shape == r.shape and k.is_contiguous(), name
-        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        _close(name, k, r)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -79,11 +83,11 @@ def test_bf16_within_twice_the_torch_bf16_error(B, H, d_h, n_prefix, grid, layou
     truth = _fwd_bwd(rope_ref, qkv, cos, sin, H, n_prefix, layout, cot, torch.float32)
     lowp = _fwd_bwd(rope_ref, qkv, cos, sin, H, n_prefix, layout, cot)
     got = _fwd_bwd(rope_qkv, qkv, cos, sin, H, n_prefix, layout, cot)
-    for name, k, lp, t in zip(("q", "k", "v", "dqkv"), got, lowp, truth):
+    for name, k, lp, t in zip(("q", "k", "v", "dqkv"), got, lowp, truth, strict=True):
         assert k.dtype == torch.bfloat16, name
         err_k, err_t, _, bound, ok, note = judge(k, lp, t, torch.bfloat16, 0.0, 1e-6,
                                                  is_interpreter())
-        assert ok, f"{name}: kernel error {err_k:.3g} > bound {bound:.3g} (torch {err_t:.3g}) {note}"
+        assert ok, f"{name}: error {err_k:.3g} > bound {bound:.3g} (torch {err_t:.3g}) {note}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -104,9 +108,8 @@ def test_matches_the_model_rope_path(dtype, train):
     got = _fwd_bwd(rope_qkv, qkv, cos, sin, H, n_prefix, "bhnd", cot)
     ref = _fwd_bwd(model_path, qkv, cos, sin, H, n_prefix, "bhnd", cot)
     ulp = torch.finfo(dtype).eps if dtype == torch.bfloat16 else 1e-6
-    for name, k, r in zip(("q", "k", "v", "dqkv"), got, ref):
-        torch.testing.assert_close(k.float(), r.float(), rtol=1e-5 if ulp < 1e-3 else ulp,
-                                   atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for name, k, r in zip(("q", "k", "v", "dqkv"), got, ref, strict=True):
+        _close(name, k.float(), r.float(), rtol=max(1e-5, ulp))
 
 
 def test_drop_in_for_the_attention_layer():
@@ -161,7 +164,7 @@ def test_strided_qkv_and_gradients():
     cot = torch.randn(3, B, N, H, d_h, device=DEVICE).transpose(2, 3)  # bhnd views, strided
     got = _fwd_bwd(rope_qkv, big[:, 2:], cos, sin, H, n_prefix, "bhnd", cot)
     ref = _fwd_bwd(rope_ref, big[:, 2:], cos, sin, H, n_prefix, "bhnd", cot)
-    for k, r in zip(got, ref):
+    for k, r in zip(got, ref, strict=True):
         torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
 
 
@@ -198,7 +201,7 @@ def test_traces_under_torch_compile():
                        fullgraph=True)
     got = _fwd_bwd(lambda x, *a: fn(x), qkv, cos, sin, H, n_prefix, "bhnd", cot)
     ref = _fwd_bwd(rope_ref, qkv, cos, sin, H, n_prefix, "bhnd", cot)
-    for k, r in zip(got, ref):
+    for k, r in zip(got, ref, strict=True):
         torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
 
 
@@ -217,3 +220,21 @@ def test_errors_name_the_bad_input():
         rope_qkv(qkv, cos.requires_grad_(), sin, 2, 5)
     with pytest.raises(ValueError, match="d_h=24"):  # d_h/2 not a power of two: reference only
         rope_qkv(torch.randn(1, 9, 3 * 24, device=DEVICE), *_tables(1, 24, (2, 2)), 1, 5)
+
+
+@pytest.mark.parametrize("H", [6, 3])
+def test_gpu_launch_configs_split_heads_and_tokens(H, monkeypatch):
+    # the GPU heuristic (several head blocks, H not a power of two, token-major backward tiles for
+    # [B, H, N, d_h] gradients, head-major for [B, N, H, d_h] ones) run under the interpreter
+    import fastdino.kernels.rope as rope_mod
+
+    monkeypatch.setattr(rope_mod, "is_interpreter", lambda: False)
+    assert rope_mod._config(H, 16, 10**6)["BLOCK_H"] < H
+    B, d_h, n_prefix, grid = 2, 16, 5, (3, 3)
+    for layout in LAYOUTS:
+        qkv, cot = _inputs(B, H, d_h, n_prefix, grid, torch.float32, layout)
+        cos, sin = _tables(H, d_h, grid)
+        got = _fwd_bwd(rope_qkv, qkv, cos, sin, H, n_prefix, layout, cot)
+        ref = _fwd_bwd(rope_ref, qkv, cos, sin, H, n_prefix, layout, cot)
+        for name, k, r in zip(("q", "k", "v", "dqkv"), got, ref, strict=True):
+            _close(name, k, r)
