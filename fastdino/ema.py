@@ -7,6 +7,12 @@ are read inside `gathered(params)` (parallel.py): under ZeRO-3 this all-gathers 
 the duration of the block (read only, `modifier_rank=None`), so the EMA never reads an empty
 placeholder; under ZeRO-0/1/2 (and the torch engine) parameters are already full after the step.
 Gathering goes chunk by chunk (about `chunk_numel` elements) to bound the transient memory.
+
+Precision: the teacher is fp32. In fp32 runs the EMA reads exactly the student's parameters (the
+ZeRO e2e test checks equality with DeepSpeed's fp32 master copy). Under DeepSpeed bf16 the module
+holds bf16 compute weights and the fp32 master lives in the optimizer partitions; the EMA reads
+the bf16 weights (each value within bf16 rounding, ~2^-8 relative, of the master), not the master
+as the official FSDP code does. Reading the fp32 partitions shard-locally is a possible follow-up.
 """
 
 from __future__ import annotations

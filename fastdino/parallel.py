@@ -153,6 +153,11 @@ def _adamw(groups: list[dict], cfg: Config, device: torch.device) -> torch.optim
 def build_engine(student: nn.Module, groups: list[dict], cfg: Config, info: DistInfo):
     """DeepSpeedStudent when running under DeepSpeed, else TorchStudent."""
     dtype = resolve_precision(cfg, info.device)
+    if cfg.deepspeed.gradient_accumulation_steps != 1:
+        # the step would need micro-batches with one clip / step / EMA per optimizer step
+        raise ConfigError("deepspeed.gradient_accumulation_steps = "
+                          f"{cfg.deepspeed.gradient_accumulation_steps} is not supported by the "
+                          "trainer yet: allowed is 1 (raise data.batch_size_per_gpu or add ranks)")
     if info.use_deepspeed:
         return DeepSpeedStudent(student, groups, cfg, info, dtype)
     if cfg.deepspeed.config_file is not None:
