@@ -63,10 +63,10 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     if not on_gpu:  # interpreter-sized: ViT-S heads, a 3x3 grid with 4 registers, 2 crops
         s = get("vits16")
         d_h = s.embed_dim // s.num_heads
-        out = [_case("cpu-vits16-tiny", 2, 3, 1 + s.n_storage_tokens, s.num_heads, d_h,
+        out = [_case("rope-cpu-vits16-tiny", 2, 3, 1 + s.n_storage_tokens, s.num_heads, d_h,
                      torch.float32, "vits16 heads, tiny grid")]
         if not quick:
-            out.append(_case("cpu-vits16-tiny-bf16", 2, 3, 1 + s.n_storage_tokens, s.num_heads,
+            out.append(_case("rope-cpu-vits16-tiny-bf16", 2, 3, 1 + s.n_storage_tokens, s.num_heads,
                              d_h, torch.bfloat16, "vits16 heads, tiny grid"))
         return out
     names = ["vitl16"] if quick else ["vits16", "vitb16", "vitl16", "vit7b16"]
