@@ -134,14 +134,14 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def format_bench_table(records: list[dict[str, Any]]) -> str:
-    head = (f"{'op':<12} {'case':<18} {'dtype':<8} {'mode':<7} {'provider':<13} "
+    head = (f"{'op':<12} {'case':<24} {'dtype':<8} {'mode':<7} {'provider':<13} "
             f"{'median ms':>10} {'p20-p80 ms':>17} {'metric':>16} {'%roof':>6} {'x torch':>8} "
             f"{'x compile':>9} {'peak MB':>9}")
     lines = [head, "-" * len(head)]
     formulas: dict[tuple[str, str], str] = {}
     for r in records:
         if r["error"]:
-            lines.append(f"{r['op']:<12} {r['case']:<18} {r['dtype']:<8} {r['mode']:<7} "
+            lines.append(f"{r['op']:<12} {r['case']:<24} {r['dtype']:<8} {r['mode']:<7} "
                          f"{r['provider']:<13} error: {r['error']}")
             continue
         ms, met = r["ms"], r["metric"]
@@ -150,7 +150,7 @@ def format_bench_table(records: list[dict[str, Any]]) -> str:
         if met is not None and met["formula"]:
             formulas[(r["op"], r["case"])] = f"{met['name']}: {met['formula']}"
         lines.append(
-            f"{r['op']:<12} {r['case']:<18} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "
+            f"{r['op']:<12} {r['case']:<24} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "
             f"{ms['median']:>10.4f} {ms['p20']:>8.4f}-{ms['p80']:<8.4f} {metric:>16} "
             f"{_fmt(pct, '.0f'):>6} {_fmt(r['speedup_vs_torch'], '.2f'):>8} "
             f"{_fmt(r['speedup_vs_torch_compile'], '.2f'):>9} {_fmt(r['peak_mem_mb'], '.1f'):>9}")
@@ -161,13 +161,13 @@ def format_bench_table(records: list[dict[str, Any]]) -> str:
 
 
 def format_check_table(records: list[dict[str, Any]]) -> str:
-    head = (f"{'op':<12} {'case':<18} {'dtype':<8} {'quantity':<14} {'max|k-truth|':>13} "
+    head = (f"{'op':<12} {'case':<24} {'dtype':<8} {'quantity':<20} {'max|k-truth|':>13} "
             f"{'max|torch-truth|':>16} {'rel':>9} {'bound':>10}  result")
     lines = [head, "-" * len(head)]
     for r in records:
         ok = "PASS" if r["passed"] else "FAIL"
         lines.append(
-            f"{r['op']:<12} {r['case']:<18} {r['dtype']:<8} {r['quantity']:<14} "
+            f"{r['op']:<12} {r['case']:<24} {r['dtype']:<8} {r['quantity']:<20} "
             f"{_fmt(r['err_kernel'], '.3e'):>13} {_fmt(r['err_torch'], '.3e'):>16} "
             f"{_fmt(r['rel_kernel'], '.2e'):>9} {_fmt(r['bound'], '.3e'):>10}  {ok}"
             + (f" ({r['note']})" if r["note"] else ""))
