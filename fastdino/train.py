@@ -126,12 +126,11 @@ class Trainer:
                         f"train.max_consecutive_nan={cfg.train.max_consecutive_nan}): stopping. "
                         f"The parameters of the last good step are saved in {path}. Try a lower "
                         "optim.lr, a lower teacher temperature, or check the data.")
-                continue
-            bad = 0
-            if it % cfg.train.log_every == 0 or it == self.max_it:
-                values = self._average(values)
-                values.update(self._knn(it))
-                history.append(metrics.log(it, values))
+            else:
+                bad = 0
+            knn = self._knn(it)  # collective; {} unless due
+            if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
+                history.append(metrics.log(it, {**self._average(values), **knn}))
             if it % cfg.train.checkpoint_every == 0 or it == self.max_it:
                 self.save(it)
         return history
