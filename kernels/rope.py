@@ -23,9 +23,12 @@ tables, so it needs nothing here; tables are used in fp32). Output layouts:
 Supports: fp32 and bf16 (computed in fp32, rounded once), d_h a multiple of 4 with d_h/2 a power
 of two (16 .. 256), any B, N, H, n_prefix >= 0. No gradient to cos/sin (they carry no weights).
 Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no spills); on
-H200 (triton 3.6, torch 2.11, 2026-11-26): tests/kernels/test_rope.py and `bench rope --check`.
+H200 (triton 3.6, torch 2.11, 2026-11-26): tests/kernels/test_rope.py and `bench rope --check`
+(all 8 shapes), then the launch configs below checked again against rope_ref on the same shapes.
 Limits: a standalone pass costs one read + one write of q, k, v; the bigger win (KERNELS.md §6.2)
-is fusing the rotation into the qkv GEMM epilogue or the attention prologue, not done here.
+is fusing the rotation into the qkv GEMM epilogue or the attention prologue, not done here. Host
+cost: the custom op + RoPEFn take ~40 us of CPU per direction, the kernels 50-200 us of GPU at
+ViT-S..7B shapes, so eager timings with a backward (bench "bwd", "fwd+bwd") are host-bound there.
 """
 
 from __future__ import annotations
