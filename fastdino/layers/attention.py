@@ -25,6 +25,7 @@ from fastdino.layers.attn_backend import (
     varlen_attention,
 )
 from fastdino.layers.rope_position_encoding import apply_rope_to_patches
+from fastdino.layers.select import use_triton
 from fastdino.layers.token_cat import cat_keep_shapes, uncat_with_shapes
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
@@ -70,6 +71,8 @@ class SelfAttention(nn.Module):
         self.backend: str | None = None
         # Pack the crop types into one varlen call: None = when the backend is flash-attn.
         self.pack_crops: bool | None = None
+        # kernels.impl for the fused RoPE (kernels/rope.py); set by the backbone from the config
+        self.kernels_impl: str = "torch"
         linear_cls = LinearKMaskedBias if mask_k_bias else nn.Linear
         self.qkv = linear_cls(dim, 3 * dim, bias=qkv_bias, device=device)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device)
@@ -81,9 +84,15 @@ class SelfAttention(nn.Module):
         """qkv [B, N, 3D] -> attention output before proj, [B, N, D]."""
         B, N, three_d = qkv.shape
         D = three_d // 3
-        qkv_bn3hd = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv_bn3hd.unbind(2))  # each [B, H, N, d_h]
-        q, k = apply_rope_to_patches(q, k, rope)
+        if rope is not None and use_triton(self.kernels_impl, qkv, "rope"):
+            from fastdino.kernels.rope import rope_qkv  # imports Triton only when used
+
+            sin, cos = rope
+            q, k, v = rope_qkv(qkv, cos, sin, self.num_heads, N - sin.shape[0])  # [B, H, N, d_h]
+        else:
+            qkv_bn3hd = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads)
+            q, k, v = (t.transpose(1, 2) for t in qkv_bn3hd.unbind(2))  # each [B, H, N, d_h]
+            q, k = apply_rope_to_patches(q, k, rope)
         o_bhnd = attention(q, k, v, self._backend(qkv))
         return o_bhnd.transpose(1, 2).reshape(B, N, D)
 
@@ -93,19 +102,29 @@ class SelfAttention(nn.Module):
         T, three_d = qkv_flat.shape
         H = self.num_heads
         d_h = three_d // 3 // H
-        q_parts, k_parts, lengths = [], [], []
+        q_parts, k_parts, v_parts, lengths = [], [], [], []
+        fused = (all(r is not None for r in rope_list)
+                 and use_triton(self.kernels_impl, qkv_flat, "rope"))
         offset = 0
         for shape, rope in zip(shapes, rope_list, strict=True):
             b, n = shape[0], shape[1]
-            qkv_i = qkv_flat[offset:offset + b * n].view(b, n, 3, H, d_h)
-            q_i, k_i = (qkv_i[:, :, j].transpose(1, 2) for j in (0, 1))  # [b, H, n, d_h]
-            q_i, k_i = apply_rope_to_patches(q_i, k_i, rope)
-            q_parts.append(q_i.transpose(1, 2).reshape(b * n, H, d_h))
-            k_parts.append(k_i.transpose(1, 2).reshape(b * n, H, d_h))
+            if fused:
+                from fastdino.kernels.rope import rope_qkv  # imports Triton only when used
+
+                sin, cos = rope
+                qkv_i = qkv_flat[offset:offset + b * n].view(b, n, three_d)
+                q_i, k_i, v_i = rope_qkv(qkv_i, cos, sin, H, n - sin.shape[0], layout="bnhd")
+                v_parts.append(v_i.reshape(b * n, H, d_h))  # each [b, n, H, d_h] -> [b*n, H, d_h]
+            else:
+                qkv_i = qkv_flat[offset:offset + b * n].view(b, n, 3, H, d_h)
+                q_i, k_i = (qkv_i[:, :, j].transpose(1, 2) for j in (0, 1))  # [b, H, n, d_h]
+                q_i, k_i = (t.transpose(1, 2) for t in apply_rope_to_patches(q_i, k_i, rope))
+            q_parts.append(q_i.reshape(b * n, H, d_h))
+            k_parts.append(k_i.reshape(b * n, H, d_h))
             lengths += [n] * b
             offset += b * n
         q, k = torch.cat(q_parts), torch.cat(k_parts)  # [T, H, d_h]
-        v = qkv_flat.view(T, 3, H, d_h)[:, 2]
+        v = torch.cat(v_parts) if fused else qkv_flat.view(T, 3, H, d_h)[:, 2]
         cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         o = varlen_attention(q, k, v, cu_seqlens.to(qkv_flat.device), max(lengths), backend)
         return o.reshape(T, H * d_h)

@@ -75,11 +75,12 @@ def vit_7b(**kwargs) -> DinoVisionTransformer:
     return _make("vit_7b", **kwargs)
 
 
-def build_backbone(model_cfg, *, device=None) -> DinoVisionTransformer:
+def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch") -> DinoVisionTransformer:
     """Backbone of `model_cfg` (a fastdino.config.ModelConfig). None overrides keep the arch's
     value; every other field of the config is applied as given (so a config's `qkv_bias: true`
     wins over ViT-7B's official `false`: the 7B presets set it explicitly). On the meta device
-    the model is left uninitialised (call `to_empty` then `init_weights()`)."""
+    the model is left uninitialised (call `to_empty` then `init_weights()`). `kernels_impl`
+    (config `kernels.impl`) picks the fused Triton RoPE (kernels/rope.py) or the reference."""
     if model_cfg.arch not in ARCH_TABLE:
         raise ValueError(f"model.arch = {model_cfg.arch!r} is invalid: allowed is one of "
                          + " | ".join(ARCH_TABLE))
@@ -102,6 +103,8 @@ def build_backbone(model_cfg, *, device=None) -> DinoVisionTransformer:
         activation_checkpointing=model_cfg.activation_checkpointing,
         device=device,
     )
+    for blk in model.blocks:
+        blk.attn.kernels_impl = kernels_impl
     if model_cfg.compile:
         for blk in model.blocks:
             blk.compile()  # in place; per block, as the official (compile after AC wrapping)
