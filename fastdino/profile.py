@@ -338,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                  *args.overrides]
     cfg = load_config(args.config, overrides)
     r = profile(cfg, args.steps, args.warmup, args.fixed_batch)
+    from fastdino import dist as fdist
+
+    if not fdist.is_main_process():  # under a launcher every rank measures; rank 0 reports
+        return 0
     print(format_report(r))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
