@@ -2,17 +2,16 @@
 
     θ_t ← m·θ_t + (1 − m)·θ_s      over every parameter of backbone + both heads (buffers not EMA'd)
 
-The teachers are plain replicated modules outside the DeepSpeed engine. The student's parameters
-are read inside `gathered(params)` (parallel.py): under ZeRO-3 this all-gathers the full values for
-the duration of the block (read only, `modifier_rank=None`), so the EMA never reads an empty
-placeholder; under ZeRO-0/1/2 (and the torch engine) parameters are already full after the step.
-Gathering goes chunk by chunk (about `chunk_numel` elements) to bound the transient memory.
-
-Precision: the teacher is fp32. In fp32 runs the EMA reads exactly the student's parameters (the
-ZeRO e2e test checks equality with DeepSpeed's fp32 master copy). Under DeepSpeed bf16 the module
-holds bf16 compute weights and the fp32 master lives in the optimizer partitions; the EMA reads
-the bf16 weights (each value within bf16 rounding, ~2^-8 relative, of the master), not the master
-as the official FSDP code does. Reading the fp32 partitions shard-locally is a possible follow-up.
+The teachers are plain replicated fp32 modules outside the DeepSpeed engine. The student's values
+come from `full_values(params)` (parallel.py), a context yielding the *full fp32* value of each
+parameter, never an empty ZeRO-3 placeholder:
+- plain torch engine, DeepSpeed fp32 ZeRO-0/1/2: the module parameters themselves (replicated and
+  equal to the optimizer's values after the step);
+- DeepSpeed fp32 ZeRO-3: the parameters inside `GatheredParameters` (read only);
+- DeepSpeed bf16 (any stage): the module holds bf16 compute weights, so each rank contributes the
+  fp32 master slices its optimizer owns and one all-reduce assembles them (exactly the master,
+  as the official FSDP EMA reads the fp32 shards).
+Chunk by chunk (about `chunk_numel` elements) to bound the transient memory.
 """
 
 from __future__ import annotations
@@ -23,11 +22,13 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-Gather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
+FullValues = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
 
-def _no_gather(params):
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def module_values(params: list[nn.Parameter]):
+    """Default `full_values`: the parameters as they are (one process, replicated params)."""
+    yield [p.detach() for p in params]
 
 
 def _chunks(pairs: list[tuple[torch.Tensor, nn.Parameter]], chunk_numel: int
@@ -54,23 +55,22 @@ def _paired(teacher: nn.Module, student: nn.Module) -> list[tuple[torch.Tensor, 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
-               gather: Gather = _no_gather, chunk_numel: int = 1 << 26) -> None:
+               full_values: FullValues = module_values, chunk_numel: int = 1 << 26) -> None:
     """teacher ← momentum·teacher + (1 − momentum)·student, parameter by parameter."""
     for chunk in _chunks(_paired(teacher, student), chunk_numel):
-        with gather([s for _, s in chunk]):
+        with full_values([s for _, s in chunk]) as values:
             t = [t for t, _ in chunk]
-            s = [s.detach().to(t[0].dtype) for _, s in chunk]
             torch._foreach_mul_(t, momentum)
-            torch._foreach_add_(t, s, alpha=1.0 - momentum)
+            torch._foreach_add_(t, [v.to(t[0].dtype) for v in values], alpha=1.0 - momentum)
 
 
 @torch.no_grad()
-def copy_params(dst: nn.Module, src: nn.Module, gather: Gather = _no_gather,
+def copy_params(dst: nn.Module, src: nn.Module, full_values: FullValues = module_values,
                 chunk_numel: int = 1 << 26) -> None:
     """dst ← src, parameter by parameter (teacher init from the student, Gram refresh)."""
     for chunk in _chunks(_paired(dst, src), chunk_numel):
-        with gather([s for _, s in chunk]):
-            torch._foreach_copy_([t for t, _ in chunk], [s.detach() for _, s in chunk])
+        with full_values([s for _, s in chunk]) as values:
+            torch._foreach_copy_([t for t, _ in chunk], [v.to(chunk[0][0].dtype) for v in values])
 
 
 def gram_refresh_due(it: int, rep_update: bool, it_first_update: int, update_frequency: int,

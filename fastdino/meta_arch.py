@@ -119,8 +119,11 @@ class SSLMetaArch:
         self.engine = None
 
     def attach(self, engine) -> None:
-        """The engine that owns the student (its `gathered` is ZeRO-3 aware)."""
+        """The engine that owns the student (its `full_values` is ZeRO-3 / bf16 aware). Under
+        DeepSpeed bf16 the fp32 master is the bf16-rounded init: the teacher starts from it."""
         self.engine = engine
+        if engine.dtype == torch.bfloat16 and getattr(engine, "zero_stage", -1) >= 0:
+            copy_params(self.teacher, engine.module, full_values=engine.full_values)
 
     # ------------------------------------------------------------------------------ teachers
     @torch.no_grad()
@@ -146,7 +149,8 @@ class SSLMetaArch:
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        ema_update(self.teacher, self.engine.module, momentum, gather=self.engine.gathered)
+        ema_update(self.teacher, self.engine.module, momentum,
+                   full_values=self.engine.full_values)
 
     @torch.no_grad()
     def update_gram_teacher(self, it: int) -> bool:

@@ -8,7 +8,7 @@ a distributed launcher (`python fastdino/train.py`, e.g. the GPU benchmark machi
     engine.backward(loss)
     norms = engine.clip_grad_norms(max_norm)        # {"backbone": ..., "dino_head": ..., ...}
     engine.step()                                   # optimizer step + zero_grad
-    with engine.gathered(params): ...               # full student params (ZeRO-3 safe)
+    with engine.full_values(params) as vals: ...    # full fp32 student values (ZeRO-3 / bf16)
 
 Gradient clipping per module (SPEC.md §3.1 step 5). DeepSpeed clips one global norm inside its
 ZeRO optimizers, so its `gradient_clipping` is set to 0 and we clip per top-level child of the
@@ -38,12 +38,13 @@ from torch import nn
 
 from fastdino import dist as fdist
 from fastdino.config import Config, ConfigError
+from fastdino.ema import module_values
 
 logger = logging.getLogger("fastdino")
 
 try:  # optional: the plain-torch engine below runs without it
     import deepspeed
-    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 except ImportError:  # pragma: no cover - exercised on machines without deepspeed
     deepspeed = None
 
@@ -179,9 +180,9 @@ class _StudentBase:
         return {name: [p for p in child.parameters() if p.requires_grad]
                 for name, child in self.module.named_children()}
 
-    def gathered(self, params):
-        """Context in which `params` hold their full values (ZeRO-3 gathers; else a no-op)."""
-        return contextlib.nullcontext()
+    def full_values(self, params):
+        """Context yielding the full fp32 value of each of `params` (see ema.py)."""
+        return module_values(params)
 
     def _grad_fragments(self, p: nn.Parameter) -> torch.Tensor | None:
         return p.grad
@@ -278,6 +279,7 @@ class DeepSpeedStudent(_StudentBase):
     def __init__(self, student, groups, cfg, info, dtype):
         self.dtype = dtype
         self.zero_stage = cfg.deepspeed.zero_stage
+        self.device = info.device
         ds_config = build_ds_config(cfg, info.world_size, dtype)
         student = student.to(info.device)
         student.compute_dtype = dtype  # DeepSpeed casts the module to bf16: cast inputs too
@@ -299,10 +301,53 @@ class DeepSpeedStudent(_StudentBase):
     def step(self) -> None:
         self.engine.step()
 
-    def gathered(self, params):
+    def full_values(self, params):
+        if self.dtype == torch.bfloat16 and self.zero_stage > 0:
+            return self._master_values(list(params))
         if self.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-        return contextlib.nullcontext()
+            return self._gathered_values(list(params))
+        return module_values(params)
+
+    @contextlib.contextmanager
+    def _gathered_values(self, params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # read only
+            yield [p.detach() for p in params]
+
+    def _owned_master_slice(self, p) -> tuple[int, torch.Tensor] | None:
+        """(offset in the flattened param, fp32 master slice this rank's optimizer owns)."""
+        if self.zero_stage == 3:
+            part = safe_get_local_fp32_param(p)
+            if part is None:
+                return None
+            start = part.numel() * p._z3_optimizer._get_param_partition_rank(p)
+            n = min(part.numel(), p.ds_numel - start)  # the last partition is padded
+            return (start, part.view(-1)[:n]) if n > 0 else None
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment().view(-1)
+
+    @contextlib.contextmanager
+    def _master_values(self, params):
+        """The fp32 masters of `params`: owned slices placed in a zero buffer, summed over ranks
+        (each element has exactly one owner, so the sum is exact)."""
+        numels = [p.ds_numel if self.zero_stage == 3 else p.numel() for p in params]
+        flat = torch.zeros(sum(numels), dtype=torch.float32, device=self.device)
+        offset = 0
+        for p, n in zip(params, numels, strict=True):
+            owned = self._owned_master_slice(p) if p.requires_grad else None
+            if owned is not None:
+                start, vals = owned
+                flat[offset + start: offset + start + vals.numel()].copy_(vals)
+            elif not p.requires_grad:  # frozen params are not in the optimizer: replicated
+                with self._gathered_values([p]) if self.zero_stage == 3 else \
+                        contextlib.nullcontext():
+                    if fdist.is_main_process():
+                        flat[offset: offset + n].copy_(p.detach().reshape(-1))
+            offset += n
+        fdist.all_reduce_sum(flat)
+        shapes = [p.ds_shape if self.zero_stage == 3 else p.shape for p in params]
+        yield [v.view(s) for v, s in zip(flat.split(numels), shapes, strict=True)]
 
     def _fragments_are_partitions(self) -> bool:
         return self.zero_stage > 0

@@ -3,6 +3,10 @@
 (read independently through DeepSpeed's fp32 master copy, see zero_check_worker.py); the
 per-module clipping reports the full-gradient norms and clips each module to max_norm.
 
+Under bf16 (ZeRO-1 bf16 is DeepSpeed's separate BF16_Optimizer) the EMA must read the fp32 master,
+not the bf16 compute weights: the teacher still equals the EMA of the fp32 masters exactly; the
+clipping check then carries bf16 rounding of the gradients (tolerance 2e-3 instead of 1e-4).
+
 A high lr with no warm-up, a small clip and momentum 0.6 make every check non-trivial: the
 student moves, the teacher moves, and most module gradients are clipped.
 """
@@ -17,9 +21,10 @@ WORKER = REPO / "tests" / "e2e" / "zero_check_worker.py"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_ema_and_clipping(stage, tmp_path):
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")])
+def test_zero_stage_ema_and_clipping(stage, precision, tmp_path):
     run_ds(WORKER, ["--out", str(tmp_path), f"deepspeed.zero_stage={stage}",
+                    f"deepspeed.precision={precision}",
                     "train.max_iterations=3", "optim.warmup_epochs=0", "optim.lr=0.01",
                     "optim.clip_grad=0.05", "schedules.momentum_teacher=0.6",
                     "schedules.final_momentum_teacher=0.6"])
@@ -29,9 +34,9 @@ def test_zero_stage_ema_and_clipping(stage, tmp_path):
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
         assert r["init_err"] == 0.0  # teacher starts as the student
         assert r["teacher_moved"] > 1e-4  # the check below is not vacuous
-        assert r["ema_err"] <= 1e-6, r  # fp32 on CPU: same values, same order of operations
+        assert r["ema_err"] <= 1e-6, r  # fp32 teacher and masters: same values, same operations
         assert r["n_clip_checks"] == 2 * 3 * 3  # (report, clip) x 3 modules x 3 steps
         assert r["n_clipped"] > 0
         # norms agree with the full-gradient norms; post-clip norm = max_norm·n/(n + 1e-6)
-        assert r["clip_rel_err"] < 1e-4, r
+        assert r["clip_rel_err"] < (1e-4 if precision == "fp32" else 2e-3), r
     assert res[0]["losses"][-1] < res[0]["losses"][0]  # it trains

@@ -22,11 +22,12 @@ def test_ema_matches_formula_for_any_chunking(chunk_numel):
     t0 = {n: p.detach().clone() for n, p in t.named_parameters()}
     gathered = []
 
-    def gather(params):  # records what would be gathered under ZeRO-3
+    @contextlib.contextmanager
+    def full_values(params):  # records the chunks; yields values as a ZeRO engine would
         gathered.append(len(params))
-        return contextlib.nullcontext()
+        yield [p.detach().clone() for p in params]
 
-    ema_update(t, s, 0.9, gather=gather, chunk_numel=chunk_numel)
+    ema_update(t, s, 0.9, full_values=full_values, chunk_numel=chunk_numel)
     for n, p in t.named_parameters():
         expect = 0.9 * t0[n] + 0.1 * dict(s.named_parameters())[n].detach()
         torch.testing.assert_close(p.detach(), expect, rtol=0, atol=1e-7)
