@@ -27,10 +27,11 @@ targets:
 
 timing:
   CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 of CUDA-event
-        times); ops under ~50 us of device time (probed from a CUDA graph
-        when the event time is under 1 ms: short ops are host-bound) use do_bench_cudagraph. Peak memory = max_memory_allocated delta
-        of one call. Metric: model GB/s against a measured 1 GiB device-to-device copy, or
-        TFLOP/s against a measured bf16 GEMM, with the case's byte / FLOP formula.
+        times); ops under ~50 us of device time (probed from a CUDA graph when the event
+        time is under 1 ms: short ops are host-bound) use do_bench_cudagraph. Peak memory =
+        max_memory_allocated delta of one call. Metric: model GB/s against a measured 1 GiB
+        device-to-device copy, or TFLOP/s against a measured bf16 GEMM, with the case's byte /
+        FLOP formula.
   CPU:  Triton runs under its interpreter (TRITON_INTERPRET=1 is set before any kernel module is
         imported) on the interpreter-sized cases (cases(on_gpu=False)); each call is timed with
         time.perf_counter after one warm-up (median, p20, p80; no cache flush, no roofline),
