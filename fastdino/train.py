@@ -4,7 +4,8 @@ or `python fastdino/train.py ...` (one process, plain torch engine; see parallel
 The step (DESIGN.md "One training step"), in `Trainer.step`:
     schedules -> teacher forward (no grad) -> student forward -> DINO + iBOT + KoLeo + Gram
     -> engine.backward -> per-module clip -> engine.step -> EMA -> Gram refresh
-`Trainer.train` adds around it: data, NaN/Inf guard, metrics, kNN probe, checkpoints.
+`Trainer.train` adds around it: data, NaN/Inf guard, metrics, kNN probe, checkpoints, and at the
+end the teacher backbone exported to <output_dir>/teacher_backbone.{pth,safetensors}.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fastdino import dist as fdist
 from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from fastdino.config import Config, load_config, save_config
 from fastdino.data import build_train_loader
+from fastdino.export import export_backbone
 from fastdino.meta_arch import SSLMetaArch, all_finite
 from fastdino.metrics import MetricsLogger
 from fastdino.parallel import build_engine, init_distributed
@@ -132,7 +134,13 @@ class Trainer:
             if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
                 history.append(metrics.log(it, {**self._average(values), **knn}))
             if it % cfg.train.checkpoint_every == 0 or it == self.max_it:
-                self.save(it)
+                path = self.save(it)
+        if self.start_iteration >= self.max_it:
+            logger.info("nothing to do: the checkpoint is at iteration %d, train.max_iterations / "
+                        "the schedule end is %d", self.start_iteration, self.max_it)
+        elif fdist.is_main_process():  # the teacher backbone, official keys (fastdino export)
+            for f in export_backbone(path, self.out / "teacher_backbone"):
+                logger.info("exported the teacher backbone to %s", f)
         return history
 
     def save(self, it: int) -> Path:

@@ -52,6 +52,8 @@ def test_corrupt_image_is_skipped_and_knn_probe_logged_and_export(tmp_path):
 
     sd2 = load_file(str(tmp_path / "tb.safetensors"))
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    sd3 = load_file(str(out / "teacher_backbone.safetensors"))  # written at the end of training
+    assert sd.keys() == sd3.keys() and all(torch.equal(sd[k], sd3[k]) for k in sd)
     assert {"cls_token", "storage_tokens", "mask_token", "patch_embed.proj.weight",
             "blocks.0.ls1.gamma", "norm.weight"} <= set(sd)
     assert not any(k.startswith(("backbone.", "dino_head", "ibot_head")) for k in sd)
