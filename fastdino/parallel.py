@@ -202,18 +202,26 @@ class _StudentBase:
         device = next(self.module.parameters()).device
         sq = torch.zeros(len(mods), dtype=torch.float64, device=device)
         for i, n in enumerate(mods):
-            for _, f in frags[n]:
-                sq[i] += f.detach().double().pow(2).sum()
+            if frags[n]:  # fp32 norms of each fragment, then the sum of squares in fp64
+                fn = torch._foreach_norm([f.detach() for _, f in frags[n]], 2, dtype=torch.float32)
+                sq[i] = torch.stack(fn).double().pow(2).sum()
         if self._fragments_are_partitions():
             fdist.all_reduce_sum(sq)
-        norms = sq.sqrt()
+        norms = sq.sqrt().tolist()  # one host sync
         if max_norm > 0:
             for i, n in enumerate(mods):
-                coef = min(1.0, max_norm / (norms[i].item() + CLIP_EPS))
-                if coef < 1.0:
-                    for p, f in frags[n]:
-                        self._set_fragment(p, f, f * coef)
-        return {n: norms[i].item() for i, n in enumerate(mods)}
+                coef = min(1.0, max_norm / (norms[i] + CLIP_EPS))
+                if coef < 1.0 and frags[n]:
+                    self._scale_fragments(frags[n], coef)
+        return dict(zip(mods, norms, strict=True))
+
+    def _scale_fragments(self, frags: list[tuple[nn.Parameter, torch.Tensor]], coef: float) -> None:
+        fs = [f for _, f in frags]  # views into the optimizer's grads: scaled in place
+        if all(f.dtype == torch.float32 for f in fs):
+            torch._foreach_mul_(fs, coef)
+        else:  # the foreach scalar would be rounded to bf16 (~2^-9): scale in fp32 instead
+            for f in fs:
+                f.copy_(f.float().mul_(coef))
 
     def discard_step(self) -> None:
         """Step that leaves the parameters unchanged (non-finite gradients): gradients zeroed and
@@ -371,6 +379,13 @@ class DeepSpeedStudent(_StudentBase):
             safe_set_local_grad(p, scaled)
         else:
             frag.copy_(scaled)
+
+    def _scale_fragments(self, frags, coef):
+        if self.zero_stage == 3:  # local fp32 partitions may be copies: write them back
+            for p, f in frags:
+                safe_set_local_grad(p, f * coef)
+        else:
+            super()._scale_fragments(frags, coef)
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
