@@ -182,34 +182,37 @@ def _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, rows_i, rows_j, P, D,
              CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """S_ij (clamped) and W_ij = dL/dĜs_ij up to 2/N, both fp32 [BLOCK_M, BLOCK_M]. The pointers
-    already point at this image, so the tile offsets stay int32 (int64 offset tensors spill)."""
+    already point at this image, so the tile offsets stay int32 (int64 offset tensors spill).
+    Rows j are loaded row-major like rows i and transposed in registers (tl.trans): transposed
+    loads are not vectorised and cost registers for their addresses."""
     offs_d = tl.arange(0, BLOCK_D)
-    ok_i = rows_i < P
-    ok_j = rows_j < P
+    ok_i = (rows_i < P)[:, None]
+    ok_j = (rows_j < P)[:, None]
+    p_i = rows_i[:, None] * D + offs_d[None, :]  # [BM, BD] at k = 0, advanced by BLOCK_D
+    p_j = rows_j[:, None] * D + offs_d[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_M), tl.float32)  # F_i E_jᵀ + E_i F_jᵀ
     g_s = tl.zeros((BLOCK_M, BLOCK_M), tl.float32)  # Ĝs_ij (clamp modes only)
     for k in range(0, D, BLOCK_D):
-        d = k + offs_d
-        ok_d = d < D
-        p_i = rows_i[:, None] * D + d[None, :]  # [BM, BD]
-        p_jt = rows_j[None, :] * D + d[:, None]  # [BD, BM]: rows j loaded transposed
-        m_i = ok_i[:, None] & ok_d[None, :]
-        m_jt = ok_d[:, None] & ok_j[None, :]
+        ok_d = (k + offs_d < D)[None, :]
+        m_i = ok_i & ok_d
+        m_j = ok_j & ok_d
         f_i = tl.load(F_ptr + p_i, mask=m_i, other=0.0)
+        e_j = tl.load(E_ptr + p_j, mask=m_j, other=0.0)
+        acc = _mma(f_i, tl.trans(e_j), acc, UPCAST, IEEE)
         e_i = tl.load(E_ptr + p_i, mask=m_i, other=0.0)
-        f_jt = tl.load(F_ptr + p_jt, mask=m_jt, other=0.0)
-        e_jt = tl.load(E_ptr + p_jt, mask=m_jt, other=0.0)
-        acc = _mma(f_i, e_jt, acc, UPCAST, IEEE)
-        acc = _mma(e_i, f_jt, acc, UPCAST, IEEE)
+        f_j = tl.load(F_ptr + p_j, mask=m_j, other=0.0)
+        acc = _mma(e_i, tl.trans(f_j), acc, UPCAST, IEEE)
         if CLAMP != 0:
             a_i = tl.load(A_ptr + p_i, mask=m_i, other=0.0)
-            a_jt = tl.load(A_ptr + p_jt, mask=m_jt, other=0.0)
-            g_s = _mma(a_i, a_jt, g_s, UPCAST, IEEE)
+            a_j = tl.load(A_ptr + p_j, mask=m_j, other=0.0)
+            g_s = _mma(a_i, tl.trans(a_j), g_s, UPCAST, IEEE)
             if not IEEE:  # bf16x2: Ĝs = hi hiᵀ + hi loᵀ + lo hiᵀ, so the clamp masks match fp32
+                lo_j = tl.load(Lo_ptr + p_j, mask=m_j, other=0.0)
+                g_s = _mma(a_i, tl.trans(lo_j), g_s, UPCAST, IEEE)
                 lo_i = tl.load(Lo_ptr + p_i, mask=m_i, other=0.0)
-                lo_jt = tl.load(Lo_ptr + p_jt, mask=m_jt, other=0.0)
-                g_s = _mma(a_i, lo_jt, g_s, UPCAST, IEEE)
-                g_s = _mma(lo_i, a_jt, g_s, UPCAST, IEEE)
+                g_s = _mma(lo_i, tl.trans(a_j), g_s, UPCAST, IEEE)
+        p_i += BLOCK_D
+        p_j += BLOCK_D
     s = 0.5 * acc
     w = s
     if CLAMP == 1:  # remove_neg: relu(Ĝs) - relu(Ĝt); keep the exact S where nothing is clamped
@@ -252,17 +255,20 @@ def _gram_pp_fwd_kernel(
 
 @triton.jit
 def _gram_pp_bwd_kernel(
-    DA_ptr,  # in/out [NB, Pe, D] fp32, zeroed: Σ_j W_ij Â_j (atomic adds)
+    DA_ptr,  # out [NB, Pe, D] fp32: Σ_j W_ij Â_j, each program writes only its rows i
     A_ptr, Lo_ptr, F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
-    PairI_ptr, PairJ_ptr,  # in [num_pairs] int32, i <= j
     P, D,
-    CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    """One program per row block i: for every column block j in order, recompute S_ij (and the
+    clamp's Ĝs_ij) and add W_ij Â_j into its own rows of dÂ. No atomics and a fixed order over j,
+    so the gradient is bitwise reproducible; the price is S recomputed for j < i as well (bwd
+    6·Pe²·D FLOPs instead of 4). dÂ_i lives in global memory (it is [BLOCK_M, D] with D up to
+    4096): each j reads it back and adds, which is the traffic the atomics had, without their
+    contention on the same rows."""
+    i = tl.program_id(0)
     b = tl.program_id(1)
-    i = tl.load(PairI_ptr + t)
-    j = tl.load(PairJ_ptr + t)
     base = b.to(tl.int64) * P * D
     A_ptr += base
     Lo_ptr += base
@@ -270,28 +276,24 @@ def _gram_pp_bwd_kernel(
     E_ptr += base
     DA_ptr += base
     rows_i = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-    s, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, rows_i, rows_j, P, D,
-                    CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
-    w = _round(w, A_ptr.dtype.element_ty, RNE_FIX)  # small values: a relative rounding is harmless
-    w_t = tl.trans(w)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok_i = rows_i < P
-    ok_j = rows_j < P
-    for k in range(0, D, BLOCK_D):
-        d = k + offs_d
-        ok_d = d < D
-        p_i = rows_i[:, None] * D + d[None, :]  # [BM, BD]
-        p_j = rows_j[:, None] * D + d[None, :]
-        m_i = ok_i[:, None] & ok_d[None, :]
-        m_j = ok_j[:, None] & ok_d[None, :]
-        a_j = tl.load(A_ptr + p_j, mask=m_j, other=0.0)
-        zero = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        tl.atomic_add(DA_ptr + p_i, _mma(w, a_j, zero, UPCAST, IEEE), mask=m_i, sem="relaxed")
-        if i != j:
-            a_i = tl.load(A_ptr + p_i, mask=m_i, other=0.0)
-            tl.atomic_add(DA_ptr + p_j, _mma(w_t, a_i, zero, UPCAST, IEEE), mask=m_j,
-                          sem="relaxed")
+    offs_n = tl.arange(0, BLOCK_N)  # the gradient's D loop has its own width
+    ok_i = (rows_i < P)[:, None]
+    p_i = rows_i[:, None] * D + offs_n[None, :]  # [BM, BN] at k = 0
+    for j in range(0, tl.cdiv(P, BLOCK_M)):
+        rows_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        _, w = _pp_tile(A_ptr, Lo_ptr, F_ptr, E_ptr, rows_i, rows_j, P, D,
+                        CLAMP, BLOCK_M, BLOCK_D, UPCAST, IEEE)
+        w = _round(w, A_ptr.dtype.element_ty, RNE_FIX)  # small values: a relative rounding is fine
+        ok_j = (rows_j < P)[:, None]
+        p_j = rows_j[:, None] * D + offs_n[None, :]
+        # the rows of dÂ_i that column block j - 1 stored were stored by other threads than the
+        # ones that read them below (the dot layouts differ): a block barrier makes them visible
+        tl.debug_barrier()
+        for k in range(0, D, BLOCK_N):
+            ok_d = (k + offs_n < D)[None, :]
+            a_j = tl.load(A_ptr + p_j + k, mask=ok_j & ok_d, other=0.0)
+            prev = tl.load(DA_ptr + p_i + k, mask=ok_i & ok_d & (j > 0), other=0.0)
+            tl.store(DA_ptr + p_i + k, _mma(w, a_j, prev, UPCAST, IEEE), mask=ok_i & ok_d)
 
 
 @triton.jit
@@ -408,27 +410,44 @@ def _gram_norm_bwd_kernel(
 # Launchers: allocate, pick the form and the fixed tile configuration, launch
 # ------------------------------------------------------------------------------------------------
 
-# Shipped GPU configurations (compile_specs() compiles exactly these; shared memory per stage is
-# tiles × tile bytes, kept under sm_80's 163 KB). P×P tiles are square so that the tile pairs
-# (i, j), i <= j, partition the symmetric S.
-def _pp_gpu(work: torch.dtype, clamp: int) -> dict:
-    if work == torch.float32:  # 4 (6 with a clamp) fp32 tiles of 64×32: 32 / 48 KB per stage
-        return dict(BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=2)
-    if clamp != CLAMP_NONE:  # 8 half tiles (F, E, ŝ, lo for rows i and j) of 64×32: 32 KB
-        return dict(BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3)  # 4 tiles of 64×64: 32 KB
+# Shipped GPU configurations (compile_specs() compiles exactly these for sm_90 and sm_80; none may
+# spill). Measured with `python -m bench compile-report --module fastdino.kernels.gram` (which
+# compiles without the runtime's divisibility specialisation, i.e. the odd-D path with scalar
+# loads) and with 16-byte aligned pointers and D % 16 == 0 (the path real D takes): the numbers
+# in the comments are sm_80 registers, unaligned / aligned (255 is the cap). What drives them:
+# - fp32 operands use input_precision="ieee", i.e. FMA dots, which hold a whole K slice of both
+#   operands per thread: K (BLOCK_D, BLOCK_P, BLOCK_K) is 16 for fp32, whatever the row tile.
+# - On sm_80 Triton lays warps along M only (8 warps on 64 rows: 16-row MMAs, half the warps
+#   repeating the other half's tile) when dots in a loop share any value (its "chained dot" rule);
+#   every warp then holds whole B tiles, so it is the D step, not the row tile, that sets the
+#   register count. (BLOCK_M stays 64: the symmetric tile pairs need square tiles, 128×128 fp32
+#   accumulators alone take 64 registers per accumulator.)
+# - num_stages only matters on the aligned path (the unaligned loads are not cp.async).
+def _pp_gpu(work: torch.dtype, clamp: int, bwd: bool = False) -> dict:
+    """BLOCK_D: the D step of S_ij (and Ĝs_ij); bwd also BLOCK_N: the D step of dÂ_i += W_ij Â_j."""
+    if work == torch.float32:  # fwd 160/116 (clamp 178/128), bwd 186/114 (clamp 204/128)
+        cfg, block_n = dict(BLOCK_M=64, BLOCK_D=16, num_warps=8, num_stages=2), 16
+    elif clamp != CLAMP_NONE:  # 6 operand tiles per step: fwd 182/122, bwd 234/180
+        cfg, block_n = dict(BLOCK_M=64, BLOCK_D=16, num_warps=8, num_stages=3), 32
+    else:  # fwd 127/80, bwd 204/128
+        cfg, block_n = dict(BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=3), 32
+    if bwd:
+        cfg["BLOCK_N"] = block_n
+    return cfg
 
 
 def _dd_fwd_gpu(work: torch.dtype) -> dict:  # 3 fp32 accumulators of 64×64 over 8 warps
-    return dict(BLOCK_K=64, BLOCK_P=32, num_warps=8, num_stages=3)
+    block_p = 16 if work == torch.float32 else 32  # fp32 128/146, half 183/188
+    return dict(BLOCK_K=64, BLOCK_P=block_p, num_warps=8, num_stages=3)
 
 
 def _dd_bwd_gpu(work: torch.dtype) -> dict:
-    block_k = 32 if work == torch.float32 else 64
+    block_k = 16 if work == torch.float32 else 32  # fp32 154/80, half 142/128
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
 
 
 ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this
+ROW_WARPS = 8  # 4 elements a thread (with 4 warps triton 3.6 puts 8 B on the stack for fp16 prep)
 
 
 def _row_block(d: int) -> int:
@@ -448,11 +467,14 @@ def _rne_fix(dtype: torch.dtype) -> bool:
     return is_interpreter() and dtype == torch.bfloat16
 
 
-def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int) -> dict:
+def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int, bwd: bool = False) -> dict:
     if not is_interpreter():
-        return _pp_gpu(work, clamp)
+        return _pp_gpu(work, clamp, bwd)
     # interpreter: big tiles = few programs (it runs programs one by one)
-    return dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_D=min(128, max(16, next_pow2(d))))
+    cfg = dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_D=min(128, max(16, next_pow2(d))))
+    if bwd:
+        cfg["BLOCK_N"] = cfg["BLOCK_D"]
+    return cfg
 
 
 def choose_form(pe: int, d: int, clamp: int) -> int:
@@ -492,7 +514,7 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool):
     rows = s.numel() // max(d, 1)
     if rows:
         _gram_prep_kernel[(rows,)](a, lo if write_lo else a, f, e, s, t, d, NORM_EPS,
-                                   BLOCK_D=_row_block(d),
+                                   BLOCK_D=_row_block(d), num_warps=ROW_WARPS,
                                    RNE_FIX=_rne_fix(work), WRITE_LO=write_lo)
     return a, lo, f, e
 
@@ -533,12 +555,12 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
     if form == FORM_PP:
-        cfg = _pp_config(pe, d, a.dtype, clamp)
-        pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
-        da = torch.zeros(nb, pe, d, dtype=torch.float32, device=student.device)
+        cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True)
+        da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         lo_arg = lo if _needs_lo(student.dtype, clamp) else a
-        _gram_pp_bwd_kernel[(pi.numel(), nb)](da, a, lo_arg, f, e, pi, pj, pe, d, CLAMP=clamp,
-                                              **cfg, **flags, RNE_FIX=_rne_fix(a.dtype))
+        grid = (triton.cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
+        _gram_pp_bwd_kernel[grid](da, a, lo_arg, f, e, pe, d, CLAMP=clamp, **cfg, **flags,
+                                  RNE_FIX=_rne_fix(a.dtype))
     else:
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
@@ -553,7 +575,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     s = student.contiguous()
     ds = torch.empty_like(s)
     _gram_norm_bwd_kernel[(nb * pe,)](ds, da, s, scale, d, NORM_EPS,
-                                      BLOCK_D=_row_block(d),
+                                      BLOCK_D=_row_block(d), num_warps=ROW_WARPS,
                                       RNE_FIX=_rne_fix(s.dtype))
     return ds
 
@@ -651,15 +673,17 @@ def compile_specs() -> list[CompileSpec]:
             add(f"gram_prep[{ty},lo={write_lo}]", _gram_prep_kernel,
                 {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
                  "D": "i32", "EPS": "fp32"},
-                dict(BLOCK_D=ROW_BLOCK_D), RNE_FIX=False, WRITE_LO=write_lo)
+                dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=write_lo)
         for clamp in (CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG):
             cfg = _pp_gpu(dtype, clamp)
-            ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "PairI_ptr": "*i32",
-                   "PairJ_ptr": "*i32", "P": "i32", "D": "i32"}
+            ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w}
             add(f"gram_pp_fwd[{ty},clamp={clamp}]", _gram_pp_fwd_kernel,
-                {"Partial_ptr": "*fp32", **ins, "num_pairs": "i32"}, cfg, CLAMP=clamp, **dots)
+                {"Partial_ptr": "*fp32", **ins, "PairI_ptr": "*i32", "PairJ_ptr": "*i32",
+                 "P": "i32", "D": "i32", "num_pairs": "i32"}, cfg, CLAMP=clamp, **dots)
             add(f"gram_pp_bwd[{ty},clamp={clamp}]", _gram_pp_bwd_kernel,
-                {"DA_ptr": "*fp32", **ins}, cfg, CLAMP=clamp, **dots, RNE_FIX=False)
+                {"DA_ptr": "*fp32", **ins, "P": "i32", "D": "i32"}, _pp_gpu(dtype, clamp, True),
+                CLAMP=clamp, **dots,
+                RNE_FIX=False)
         add(f"gram_dd_fwd[{ty}]", _gram_dd_fwd_kernel,
             {"G_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "P": "i32", "D": "i32"},
             _dd_fwd_gpu(dtype), **dots)
@@ -668,5 +692,5 @@ def compile_specs() -> list[CompileSpec]:
              "D": "i32"}, _dd_bwd_gpu(dtype), **dots)
         add(f"gram_norm_bwd[{ty}]", _gram_norm_bwd_kernel,
             {"DS_ptr": w, "DA_ptr": "*fp32", "S_ptr": w, "Scale_ptr": "*fp32", "D": "i32",
-             "EPS": "fp32"}, dict(BLOCK_D=ROW_BLOCK_D), RNE_FIX=False)
+             "EPS": "fp32"}, dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False)
     return specs
