@@ -20,14 +20,15 @@ accumulation keep a relative error of ~2⁻⁸ on S itself instead of on the Gra
 Two exact forms, picked by `choose_form` (crossover derived from the FLOP counts below):
 - P×P, tiled flash-style (any clamp): tile pairs i ≤ j (off-diagonal tiles count twice),
   S_ij = ½(F_i E_jᵀ + E_i F_jᵀ), Σ S² into one partial per tile pair, then a fixed-order sum
-  (deterministic loss). Backward recomputes S_ij per tile pair and adds W_ij Â_j to dÂ_i and
-  W_ijᵀ Â_i to dÂ_j with fp32 atomics (the gradient's last bits depend on atomic order, as in
-  FlashAttention-2's dQ). fwd 2·P²·D, bwd 4·P²·D FLOPs per image (6·P²·D in all).
+  (deterministic loss). Backward: one program per row block i walks every column block j in
+  order, recomputes S_ij and adds W_ij Â_j into its own rows of dÂ (no atomics: the gradient is
+  bitwise reproducible; S is recomputed for j < i too). fwd 2·P²·D, bwd 6·P²·D FLOPs per image
+  (8·P²·D in all).
 - D×D (no clamp, P ≫ D): ‖S‖² = ½(⟨FᵀF, EᵀE⟩ + tr(X X)), X = FᵀE, and
   S ŝ = ¼(F (Xᵀ + EᵀE) + E (FᵀF + X)): fwd 6·P·D², bwd 4·P·D² FLOPs (10·P·D²); keeps three
   [D, D] fp32 matrices per image for the backward. (Its weak case is a teacher that is a
   rotation of the student, where FEᵀ is antisymmetric and the two terms cancel.)
-  Chosen when 6·P²·D > 10·P·D², i.e. Pe > 5D/3 (flattened batches and P = 4096 at D = 1024).
+  Chosen when 8·P²·D > 10·P·D², i.e. Pe > 5D/4 (flattened batches and P = 4096 at D = 1024).
 
 Clamp options (P×P only), exactly the official in-place assignments:
   remove_neg               S = relu(Ĝs) - relu(Ĝt), no gradient where Ĝs < 0;
@@ -38,7 +39,8 @@ Dtypes: bf16/fp16 inputs -> operands in that dtype, fp32 accumulation; fp32 inpu
 operands with input_precision="ieee" (exact, CUDA-core speed: feed bf16 for tensor cores).
 Under the Triton interpreter bf16 tiles are upcast before tl.dot (upstream interpreter bug,
 noted 2026-07). Supports any B, P >= 1, D >= 1 (odd sizes masked). Tested under the interpreter
-with triton 3.6 and 3.9; compiled for sm_90 / sm_80 by `compile_specs()`; not yet timed on a GPU.
+with triton 3.6 and 3.9; every shipped configuration compiles for sm_90 / sm_80 without spills
+(`compile_specs()`, tile choices explained at `_pp_gpu`); not yet timed on a GPU.
 
 This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.library ops ->
 `GramFn` -> `gram_loss`.
@@ -50,7 +52,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
 
 NORM_EPS = 1e-12  # F.normalize default, as in the official loss
@@ -477,9 +478,18 @@ def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int, bwd: bool = False
     return cfg
 
 
+def _dd_config(pe: int, d: int, work: torch.dtype, bwd: bool = False) -> dict:
+    if not is_interpreter():
+        return _dd_bwd_gpu(work) if bwd else _dd_fwd_gpu(work)
+    block_d = min(64, max(16, next_pow2(d)))
+    if bwd:
+        return dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_N=block_d, BLOCK_K=block_d)
+    return dict(BLOCK_K=block_d, BLOCK_P=min(128, max(16, next_pow2(pe))))
+
+
 def choose_form(pe: int, d: int, clamp: int) -> int:
-    """P×P (fwd+bwd 6·Pe²·D) unless a clamp is off and D×D (10·Pe·D²) is cheaper: Pe > 5D/3."""
-    return FORM_DD if clamp == CLAMP_NONE and 3 * pe > 5 * d else FORM_PP
+    """P×P (fwd+bwd 8·Pe²·D) unless a clamp is off and D×D (10·Pe·D²) is cheaper: Pe > 5D/4."""
+    return FORM_DD if clamp == CLAMP_NONE and 4 * pe > 5 * d else FORM_PP
 
 
 _PAIRS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -538,8 +548,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
         mats = torch.empty(0, dtype=torch.float32, device=student.device)
     else:
-        cfg = _dd_fwd_gpu(a.dtype) if not is_interpreter() else dict(
-            BLOCK_K=min(64, max(16, next_pow2(d))), BLOCK_P=min(128, max(16, next_pow2(pe))))
+        cfg = _dd_config(pe, d, a.dtype)
         mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
         _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
@@ -565,9 +574,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
         m2 = (g_ff + x).to(a.dtype).contiguous()
-        cfg = _dd_bwd_gpu(a.dtype) if not is_interpreter() else dict(
-            BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_N=min(64, max(16, next_pow2(d))),
-            BLOCK_K=min(64, max(16, next_pow2(d))))
+        cfg = _dd_config(pe, d, a.dtype, bwd=True)
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), nb)
         _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
@@ -634,7 +641,8 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp)."""
     _check_inputs(student, teacher, remove_neg, remove_only_teacher_neg)
-    clamp = CLAMP_NEG if remove_neg else CLAMP_TEACHER_NEG if remove_only_teacher_neg else CLAMP_NONE
+    clamp = (CLAMP_NEG if remove_neg else CLAMP_TEACHER_NEG if remove_only_teacher_neg
+             else CLAMP_NONE)
     nb, pe, d = _views(student, img_level)
     if form == "auto":
         form_id = choose_form(pe, d, clamp)

@@ -5,9 +5,10 @@ where torch_lowp is `gram_loss_ref` computed in the input precision. Correlated 
 
 import pytest
 import torch
-
 from fastdino.kernels import gram
+from fastdino.kernels._utils import is_interpreter
 from fastdino.kernels.gram import gram_loss, gram_loss_ref
+
 from fastdino.losses.gram_loss import GramLoss
 
 # (form, clamp kwargs): the tiled P×P form with each clamp option, and the D×D form (no clamp)
@@ -37,13 +38,15 @@ def loss_and_grad(fn, s, t, **kw):
 
 def check_parity(s, t, img_level, variant, atol_rel):
     form, clamp = VARIANTS[variant]
-    ref_l, ref_g = loss_and_grad(gram_loss_ref, s.double(), t.double(), img_level=img_level, **clamp)
+    ref_l, ref_g = loss_and_grad(gram_loss_ref, s.double(), t.double(), img_level=img_level,
+                                 **clamp)
     low_l, low_g = loss_and_grad(gram_loss_ref, s, t, img_level=img_level,
                                  compute_dtype=s.dtype, **clamp)
     k_l, k_g = loss_and_grad(gram_loss, s, t, img_level=img_level, form=form, **clamp)
     assert k_l.dtype == ref_l.dtype and torch.isfinite(k_g).all()
     err_l, base_l = (k_l - ref_l).abs().item(), (low_l - ref_l).abs().item()
-    assert err_l <= 2 * base_l + atol_rel * ref_l.abs().item() + 1e-12, (err_l, base_l, ref_l.item())
+    assert err_l <= 2 * base_l + atol_rel * ref_l.abs().item() + 1e-12, (err_l, base_l,
+                                                                         ref_l.item())
     err_g, base_g = (k_g - ref_g).abs().max().item(), (low_g - ref_g).abs().max().item()
     assert err_g <= 2 * base_g + atol_rel * ref_g.abs().max().item(), (err_g, base_g)
 
@@ -57,8 +60,8 @@ def test_parity_fp32_correlated(shape, img_level, variant):
 
 
 # every variant × mode × input kind at one odd shape, and the cancellation-heavy case at P = 196
-BF16_CASES = [((3, 37, 64), lvl, noise) for lvl in (True, False) for noise in (1e-2, 1e-3, None)] + [
-    ((1, 196, 64), True, 1e-3)]
+BF16_CASES = [((3, 37, 64), lvl, noise) for lvl in (True, False)
+              for noise in (1e-2, 1e-3, None)] + [((1, 196, 64), True, 1e-3)]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -78,16 +81,58 @@ def test_parity_fp32_independent_and_zero_row(variant):
     check_parity(s, t, True, variant, atol_rel=1e-5)
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """Run the launchers' shipped GPU tile configurations (gram._pp_gpu, _dd_fwd_gpu, _dd_bwd_gpu)
+    under the interpreter too. Its own configurations take D in one step and rows in one or a few
+    blocks; the GPU ones take D = 80 in steps of 16 or 32 (the last one ragged), and dÂ's D loop
+    (BLOCK_N) differs from S's (BLOCK_D). On a GPU the launchers pick these anyway."""
+    if is_interpreter():
+        monkeypatch.setattr(gram, "_pp_config",
+                            lambda pe, d, work, clamp, bwd=False: gram._pp_gpu(work, clamp, bwd))
+        monkeypatch.setattr(gram, "_dd_config", lambda pe, d, work, bwd=False: (
+            gram._dd_bwd_gpu(work) if bwd else gram._dd_fwd_gpu(work)))
+
+
+# 2 images of 75 rows (per image: a full 64-row block and an 11-row one; flattened: 3 blocks)
+GPU_TILE_SHAPE = (2, 75, 80)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_at_gpu_tile_configs(gpu_tiles, dtype, variant):
+    s, t = make_inputs(GPU_TILE_SHAPE, dtype, noise=1e-2, seed=5)
+    for img_level in (True, False):
+        check_parity(s, t, img_level, variant, atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("variant", ["pp", "pp-remove_neg"])
+def test_backward_is_bitwise_deterministic(gpu_tiles, variant):
+    # the P×P backward has one program per row block of dÂ that adds the column blocks in a fixed
+    # order (no atomics), so two runs agree bit for bit. On a GPU the shape is big enough for many
+    # programs to run at once (where atomics would reorder the adds); the interpreter runs them
+    # one by one, so there it checks the shipped tiles' loop structure, not the scheduling.
+    shape = (4, 256, 256) if torch.cuda.is_available() else GPU_TILE_SHAPE
+    s, t = make_inputs(shape, torch.bfloat16, noise=1e-2, seed=6)
+    if torch.cuda.is_available():
+        s, t = s.cuda(), t.cuda()
+    form, clamp = VARIANTS[variant]
+    grads = [loss_and_grad(gram_loss, s, t, img_level=False, form=form, **clamp)[1]
+             for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_choose_form_rule():
-    # P×P costs 6·P²·D, D×D 10·P·D²: D×D exactly when 3·P > 5·D and no clamp is set
+    # P×P costs 8·P²·D (fwd 2, deterministic bwd 6), D×D 10·P·D²: D×D exactly when 4·P > 5·D
+    # and no clamp is set
     assert gram.choose_form(196, 1024, gram.CLAMP_NONE) == gram.FORM_PP  # ViT-L 224
     assert gram.choose_form(256, 4096, gram.CLAMP_NONE) == gram.FORM_PP  # 7B 256
     assert gram.choose_form(1024, 1024, gram.CLAMP_NONE) == gram.FORM_PP
     assert gram.choose_form(4096, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # high-res
     assert gram.choose_form(64 * 196, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # flattened batch
     assert gram.choose_form(4096, 1024, gram.CLAMP_NEG) == gram.FORM_PP  # clamps need P×P
-    assert gram.choose_form(1707, 1024, gram.CLAMP_NONE) == gram.FORM_DD
-    assert gram.choose_form(1706, 1024, gram.CLAMP_NONE) == gram.FORM_PP
+    assert gram.choose_form(1281, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # 5·1024/4 = 1280
+    assert gram.choose_form(1280, 1024, gram.CLAMP_NONE) == gram.FORM_PP
 
 
 def test_dd_form_rejects_clamp():
