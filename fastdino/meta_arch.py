@@ -110,7 +110,8 @@ class SSLMetaArch:
         self.gram_updates = 0
         if g.use and not g.ema_teacher:
             self.gram_teacher = _frozen_copy(self.teacher.backbone)
-            self.gram_ready = g.ckpt is not None
+            # it_load_ema_teacher = 0: the Gram teacher is the initial teacher
+            self.gram_ready = g.ckpt is not None or g.it_load_ema_teacher == 0
             if g.ckpt is not None:
                 sd = torch.load(Path(g.ckpt).expanduser(), map_location="cpu", weights_only=True)
                 load_backbone_state_dict(self.gram_teacher, sd)
@@ -124,6 +125,8 @@ class SSLMetaArch:
         self.engine = engine
         if engine.dtype == torch.bfloat16 and getattr(engine, "zero_stage", -1) >= 0:
             copy_params(self.teacher, engine.module, full_values=engine.full_values)
+            if self.gram_teacher is not None and self.cfg.gram.ckpt is None:
+                copy_params(self.gram_teacher, self.teacher.backbone)
 
     # ------------------------------------------------------------------------------ teachers
     @torch.no_grad()
