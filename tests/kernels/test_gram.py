@@ -59,9 +59,10 @@ def test_parity_fp32_correlated(shape, img_level, variant):
     check_parity(s, t, img_level, variant, atol_rel=1e-5)
 
 
-# every variant × mode × input kind at one odd shape, and the cancellation-heavy case at P = 196
+# every variant × mode at one odd shape, correlated (1e-3: heavy cancellation) and independent, and
+# the cancellation-heavy case at P = 196 (noise 1e-2 in bf16: test_parity_at_gpu_tile_configs)
 BF16_CASES = [((3, 37, 64), lvl, noise) for lvl in (True, False)
-              for noise in (1e-2, 1e-3, None)] + [((1, 196, 64), True, 1e-3)]
+              for noise in (1e-3, None)] + [((1, 196, 64), True, 1e-3)]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
