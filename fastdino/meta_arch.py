@@ -74,7 +74,7 @@ class Student(nn.Module):
 
 
 def build_student(cfg: Config) -> Student:
-    backbone = build_backbone(cfg.model)
+    backbone = build_backbone(cfg.model, kernels_impl=cfg.kernels.impl)
     dim = backbone.embed_dim
     return Student(backbone, build_head(cfg.dino.head, dim), build_head(cfg.ibot.head, dim))
 

@@ -140,7 +140,10 @@ class TrainLoader:
         self._loader = DataLoader(
             batches, batch_size=None, sampler=_StepsFrom(start_iteration), collate_fn=_identity,
             num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
-            prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+            prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
+            # A private generator: starting the iterator must not draw from the global torch RNG
+            # (model init, RoPE jitter and drop path read it, and resume restores it exactly).
+            generator=torch.Generator().manual_seed(start_iteration))
         self._it = iter(self._loader)
 
     @property

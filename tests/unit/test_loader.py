@@ -151,3 +151,22 @@ def test_worker_processes_give_the_same_stream(image_dir):
     workers = build_train_loader(_cfg(image_dir, "data.num_workers=2"))
     for _ in range(3):
         _assert_equal_batches(next(workers), next(serial))
+
+
+def test_starting_the_loader_leaves_the_global_torch_rng_alone(tmp_path):
+    """Model init and RoPE/drop-path draws come from the global RNG, and resume restores it: the
+    loader must not consume from it when its iterator starts (it has a private generator)."""
+    import torch
+
+    from fastdino.config import load_config
+    from fastdino.data.loader import build_train_loader
+    from fastdino.data.sample_data import sample_images_dir
+
+    cfg = load_config(None, [f"data.root={sample_images_dir()}", "data.num_workers=0",
+                             "data.batch_size_per_gpu=2", "crops.global_crops_size=32",
+                             "crops.local_crops_size=16", "crops.local_crops_number=1"])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_train_loader(cfg, rank=0, world_size=1, start_iteration=0)
+    assert torch.equal(torch.rand(3), expected)
