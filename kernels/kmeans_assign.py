@@ -18,8 +18,9 @@ fp16); fp32 operands with input_precision="ieee" (exact products, CUDA-core spee
 near-tied assignments). Under the Triton interpreter half-precision tiles are upcast before tl.dot
 (upstream bf16 interpreter bug, noted 2026-05; the products of half inputs are exact in fp32, so
 the result is unchanged).
-Gradient: dist2 is differentiable (the k-means objective, a.e.): d dist2_i / d x_i = 2 (x_i - c_idx),
-d / d c_j = -Σ_{i: idx_i = j} 2 (x_i - c_j); computed in PyTorch (O(N·D) gather / index_add).
+Gradient: dist2 is differentiable (the k-means objective, a.e.):
+d dist2_i / d x_i = 2 (x_i - c_idx), d / d c_j = -Σ_{i: idx_i = j} 2 (x_i - c_j); computed in
+PyTorch (O(N·D) gather / index_add).
 Tested: triton 3.6 and 3.9 under the CPU interpreter; every shipped configuration compiles for
 sm_90 / sm_80 without spills (`compile_specs()`); not yet timed on a GPU.
 Limits: near-ties (two centroids within fp32 rounding of each other) may resolve to a different
