@@ -1,0 +1,126 @@
+"""`curate embed`: the CLS embedding of every image of a folder, L2-normalised, on disk.
+
+    embed_folder("/imgs", backbone, "E/", image_size=224, batch_size=256)
+    E/files.txt        one absolute image path per line (row i of the matrix = line i)
+    E/embeddings.npy   [N, D] fp16, np.lib.format.open_memmap (np.load(..., mmap_mode="r"))
+    E/progress.json    {"done": rows on disk, "key": what was embedded how, "complete": bool}
+    E/skipped.txt      images that could not be decoded (their rows are NaN: no cluster)
+
+Transform: the evaluation one (fastdino.eval.features: resize to 256/224 of the crop, centre crop,
+ImageNet normalisation); bf16 autocast on CUDA. Resumable: rows are flushed to the memory map
+before progress.json is rewritten (atomically), so after an interruption a rerun with the same
+folder and weights continues at the first row not on disk; a different folder listing, weights or
+image size is refused rather than mixed into the same matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fastdino.data.datasets import decode_rgb, list_images
+from fastdino.eval.features import autocast_for, resize_center_crop, to_normalized_tensor
+
+logger = logging.getLogger("fastdino.curation")
+
+FILES, EMBEDDINGS, PROGRESS, SKIPPED = "files.txt", "embeddings.npy", "progress.json", "skipped.txt"
+# what decode_rgb raises on a corrupt or truncated file (as fastdino.data.datasets skips them)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class _Images(torch.utils.data.Dataset):
+    """(image tensor, ok): an unreadable file gives zeros and ok=False (never fatal)."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            img = decode_rgb(self.paths[i])
+        except DECODE_ERRORS:
+            return torch.zeros(3, self.image_size, self.image_size), False
+        return to_normalized_tensor(resize_center_crop(img, self.image_size)), True
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)  # atomic: a reader sees the old or the new progress, never half
+
+
+def read_files(out: str | Path) -> list[str]:
+    return (Path(out) / FILES).read_text().splitlines()
+
+
+@torch.no_grad()
+def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: dict,
+                 image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
+                 progress: bool = True) -> Path:
+    """Embed every image under `data` into `out` (module docstring); returns the matrix path.
+    `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [os.path.abspath(p) for p in list_images(data)]
+    if not paths:
+        raise FileNotFoundError(f"--data {str(data)!r} holds no images")
+    device = next(backbone.parameters()).device
+    dim = int(backbone.embed_dim)
+    full_key = {**key, "image_size": image_size, "n": len(paths), "dim": dim}
+    state_file, matrix = out / PROGRESS, out / EMBEDDINGS
+    done = 0
+    if state_file.is_file() and matrix.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("key") != full_key or read_files(out) != paths:
+            raise ValueError(f"{out} holds embeddings of other images, weights or image size "
+                             f"({state.get('key')} vs {full_key}): use a new --out folder")
+        done = int(state["done"])
+        emb = np.lib.format.open_memmap(matrix, mode="r+")
+        logger.info("embed: resuming at row %d of %d", done, len(paths))
+    else:
+        (out / FILES).write_text("".join(p + "\n" for p in paths))
+        emb = np.lib.format.open_memmap(matrix, mode="w+", dtype=np.float16,
+                                        shape=(len(paths), dim))
+        _write_json(state_file, {"done": 0, "key": full_key, "complete": False})
+    skipped_file = out / SKIPPED
+    skipped = skipped_file.read_text().splitlines() if skipped_file.is_file() else []
+
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(_Images(paths[done:], image_size),
+                                         batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    bar = tqdm(total=len(paths), initial=done, desc="embed", unit="img",
+               disable=None if progress else True)
+    row = done
+    for x, ok in loader:
+        with autocast_for(device):
+            cls = backbone.forward_features(x.to(device, non_blocking=True))["x_norm_clstoken"]
+        e = F.normalize(cls.float(), dim=-1).cpu()  # [b, D]
+        e[~ok] = float("nan")  # unreadable image: no embedding
+        b = len(e)
+        emb[row:row + b] = e.numpy().astype(np.float16)
+        emb.flush()  # rows on disk before the progress file says so
+        bad = [paths[row + i] for i in np.nonzero(~ok.numpy())[0]]
+        if bad:
+            skipped += bad
+            skipped_file.write_text("".join(p + "\n" for p in skipped))
+            logger.warning("embed: %d unreadable image(s), e.g. %s", len(bad), bad[0])
+        row += b
+        _write_json(state_file, {"done": row, "key": full_key, "complete": row == len(paths)})
+        bar.update(b)
+    bar.close()
+    if row == len(paths):  # also when resuming a finished run
+        _write_json(state_file, {"done": row, "key": full_key, "complete": True})
+    return matrix
