@@ -61,8 +61,8 @@ class Rows:
 
     def _load(self, a: int, b: int) -> torch.Tensor:
         x = self.data[a:b]
-        if not torch.is_tensor(x):
-            x = torch.from_numpy(np.ascontiguousarray(x))
+        if not torch.is_tensor(x):  # a read-only memmap slice: copy it into memory
+            x = torch.from_numpy(np.array(x))
         return x.to(self.device, self.dtype, non_blocking=True)
 
     def _read_chunks(self, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
