@@ -85,7 +85,7 @@ def kmeans_plusplus(rows: Rows, k: int, rng: np.random.Generator,
 
 
 def _draw_rows(weights: list[torch.Tensor], ids: list[torch.Tensor], rows: Rows, t: int,
-               rng: np.random.Generator) -> torch.Tensor:
+               rng: np.random.Generator, uniform: bool = False) -> torch.Tensor:
     """t rows drawn with probability ∝ weight, globally over ranks -> [t, D] fp32 on every rank.
     weights / ids: this rank's per-chunk weights (fp64) and global row ids."""
     w = torch.cat(weights) if weights else torch.zeros(0, dtype=torch.float64, device=rows.device)
@@ -94,9 +94,12 @@ def _draw_rows(weights: list[torch.Tensor], ids: list[torch.Tensor], rows: Rows,
     pots[rank] = w.sum()
     dist.all_reduce_sum(pots)  # every rank's potential
     cum = torch.cumsum(pots, 0).cpu().numpy()
-    if cum[-1] <= 0:
-        raise ValueError("k-means++: every remaining point coincides with a chosen centre: fewer "
-                         "distinct points than clusters")
+    if cum[-1] <= 0 and uniform:
+        raise ValueError("k-means: no finite embedding to cluster")
+    if cum[-1] <= 0:  # every point sits on a chosen centre: fewer distinct points than clusters
+        logger.warning("k-means++: fewer distinct points than clusters (e.g. a backbone whose "
+                       "embeddings do not depend on the image): drawing duplicate centres")
+        return _draw_rows([torch.ones_like(wi) for wi in weights], ids, rows, t, rng, True)
     u = rng.random(t) * cum[-1]  # identical on every rank
     owner = np.minimum(np.searchsorted(cum, u, side="right"), world - 1)
     out = torch.zeros(t, rows.dim, dtype=torch.float32, device=rows.device)

@@ -117,7 +117,8 @@ def size_summary(levels: Sequence[KMeansResult], picked: np.ndarray) -> list[dic
 def _stats(s: np.ndarray) -> dict:
     nz = s[s > 0]
     return {"total": int(s.sum()), "nonempty": int(len(nz)),
-            "min": int(nz.min()) if len(nz) else 0, "median": float(np.median(nz)) if len(nz) else 0.0,
+            "min": int(nz.min()) if len(nz) else 0,
+            "median": float(np.median(nz)) if len(nz) else 0.0,
             "max": int(s.max(initial=0)),
             # max / mean over non-empty clusters: 1 = perfectly flat
             "max_over_mean": float(nz.max() / nz.mean()) if len(nz) else 0.0}

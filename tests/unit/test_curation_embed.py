@@ -1,0 +1,94 @@
+"""`curate embed` resumes after an interruption (same matrix as an uninterrupted run, only the
+missing batches recomputed), marks unreadable images, refuses to mix runs; and the whole
+pipeline `curate embed -> cluster -> sample` runs on the embedded sample images on CPU and writes
+a file list that training's reader (ImageFolderUnlabeled(file_list=...)) loads."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdino.curation.cli import main
+from fastdino.curation.embed import embed_folder, read_files
+from fastdino.data.datasets import ImageFolderUnlabeled
+from fastdino.eval.weights import load_eval_backbone
+
+
+def _images(root, n=10):
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        arr = rng.integers(0, 255, size=(40 + i, 36, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / ("sub" if i % 2 else ".") / f"img{i:02d}.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_embed_resumes_after_interruption(tmp_path):
+    data = _images(tmp_path / "imgs")
+    backbone, info = load_eval_backbone("random", arch="vit_test")
+    key = {"weights": info.digest}
+    ref = np.load(embed_folder(data, backbone, tmp_path / "full", key, image_size=32,
+                               batch_size=3, progress=False))
+    calls = {"n": 0}
+    forward = backbone.forward_features
+
+    def flaky(x):  # the job dies during the 3rd batch
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Interrupt
+        return forward(x)
+
+    backbone.forward_features = flaky
+    with pytest.raises(_Interrupt):
+        embed_folder(data, backbone, tmp_path / "E", key, image_size=32, batch_size=3,
+                     progress=False)
+    state = json.loads((tmp_path / "E" / "progress.json").read_text())
+    assert state["done"] == 6 and not state["complete"]
+    calls["n"] = -100  # no more failures; count the batches the rerun computes
+    embed_folder(data, backbone, tmp_path / "E", key, image_size=32, batch_size=3,
+                 progress=False)
+    assert calls["n"] == -100 + 2  # 11 images: rows 6..10 = 2 batches of 3, nothing recomputed
+    got = np.load(tmp_path / "E" / "embeddings.npy")
+    assert got.dtype == np.float16 and got.shape == (11, 32)
+    np.testing.assert_allclose(got, ref, atol=1e-3, equal_nan=True)
+    files = read_files(tmp_path / "E")
+    bad = files.index(str(data / "broken.jpg"))
+    assert np.isnan(got[bad]).all() and np.isfinite(np.delete(got, bad, 0)).all()
+    np.testing.assert_allclose(np.linalg.norm(np.delete(got, bad, 0).astype(np.float32), axis=1),
+                               1.0, atol=2e-3)
+    assert (tmp_path / "E" / "skipped.txt").read_text().strip() == str(data / "broken.jpg")
+    assert json.loads((tmp_path / "E" / "progress.json").read_text())["complete"]
+    with pytest.raises(ValueError, match="other images, weights or image size"):
+        embed_folder(data, backbone, tmp_path / "E", key, image_size=48, batch_size=3,
+                     progress=False)
+
+
+def test_pipeline_on_sample_images_writes_a_training_file_list(tmp_path, capsys):
+    from fastdino.data import sample_images_dir
+
+    data = sample_images_dir()
+    E, C, LIST = tmp_path / "E", tmp_path / "C", tmp_path / "curated.txt"
+    assert main(["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test",
+                 "--out", str(E), "--image-size", "32", "--batch-size", "8", "--num-workers",
+                 "0", "--device", "cpu", "--quiet"]) == 0
+    n = len(read_files(E))
+    assert main(["cluster", str(E), "--levels", "2", "--clusters", "6,2",
+                 "--resampling-steps", "2", "--sample-size", "2,2", "--iters", "10",
+                 "--device", "cpu", "--out", str(C)]) == 0
+    assert main(["sample", str(C), "--n", "8", "--out", str(LIST)]) == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out
+    ds = ImageFolderUnlabeled(file_list=LIST)
+    assert len(ds) == 8 == len(set(ds.paths))
+    assert set(ds.paths) <= set(read_files(E))
+    img, _, _ = ds.load(0)
+    assert img.size[0] > 0
+    summary = json.loads((tmp_path / "curated.txt.summary.json").read_text())
+    assert summary["n"] == 8 and summary["levels"][0]["before"]["total"] == n
+    assert summary["levels"][-1]["after"]["total"] == 8
