@@ -115,17 +115,20 @@ def sinkhorn_knopp_ref(teacher_logits: torch.Tensor, teacher_temp: float, n_iter
     Q = torch.exp(x - shift).t()  # [K, N]: the paper's layout
     K = Q.shape[0]
     B = float(Q.shape[1] * dist.get_world_size()) if n_total is None else n_total
-    eps = torch.finfo(Q.dtype).eps
+    # Guard against 0/0 only. After the shift every prototype row holds an exp(0) = 1, so its
+    # sum is >= 1/sum_Q > 0, and legitimately tiny (~1/(N·K) for a prototype one sample
+    # reaches, below fp32 eps once N·K > 8e6): clamping at eps would skip its normalisation.
+    tiny = torch.finfo(Q.dtype).tiny
 
     sum_Q = dist.all_reduce_sum(torch.sum(Q))  # make the matrix sum to 1 (cancelled below)
-    Q /= sum_Q.clamp_min(eps)
+    Q /= sum_Q.clamp_min(tiny)
     for _ in range(n_iterations):
         # each prototype's total weight must be 1/K (sums over samples of every rank)
         sum_of_rows = dist.all_reduce_sum(torch.sum(Q, dim=1, keepdim=True))
-        Q /= sum_of_rows.clamp_min(eps)
+        Q /= sum_of_rows.clamp_min(tiny)
         Q /= K
         # each sample's total weight must be 1/B (a sample lives on one rank: local sum)
-        Q /= torch.sum(Q, dim=0, keepdim=True).clamp_min(eps)
+        Q /= torch.sum(Q, dim=0, keepdim=True).clamp_min(tiny)
         Q /= B
     Q *= B  # columns sum to 1: an assignment
     return Q.t()
