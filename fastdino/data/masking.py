@@ -69,8 +69,10 @@ class MaskingGenerator:
             lo = self.min_num_patches
             target_area = lo + (max_mask_patches - lo) * rng.random()
             aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
-            h = int(round(math.sqrt(target_area / aspect_ratio)))
-            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            # BEiT / DINOv3 orientation: aspect = rows / columns (matters when the aspect range
+            # is not symmetric around 1)
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
             if w < self.width and h < self.height:
                 top = int(rng.integers(0, self.height - h + 1))  # randint(0, H-h), inclusive
                 left = int(rng.integers(0, self.width - w + 1))

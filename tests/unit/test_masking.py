@@ -123,3 +123,20 @@ def test_complete_mask_randomly_only_adds():
 def test_no_masked_images_when_probability_zero():
     m = sample_masks(4, (2, 2), rng(0), mask_probability=0.0)
     assert m.mask_indices.numel() == 0 and int(m.n_masked_patches) == 0
+
+
+def test_block_orientation_follows_the_aspect_ratio_as_beit():
+    """BEiT / DINOv3 `_mask`: h = round(sqrt(area·aspect)) rows, w = round(sqrt(area/aspect))
+    columns. With the default symmetric log-aspect range the orientation cannot be seen; an
+    aspect range above 1 must give blocks taller (more rows) than wide."""
+    gen = MaskingGenerator((14, 14), max_num_patches=98, min_aspect=2.0, max_aspect=3.0)
+    tall = 0
+    for s in range(20):
+        mask = np.zeros((14, 14), dtype=bool)
+        if gen._mask(mask, 98, rng(s)) == 0:
+            continue
+        rows, cols = np.nonzero(mask)
+        n_rows, n_cols = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert n_rows >= n_cols, (s, n_rows, n_cols)
+        tall += n_rows > n_cols
+    assert tall >= 10
