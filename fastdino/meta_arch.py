@@ -3,7 +3,7 @@
     arch = SSLMetaArch(cfg, device)              # builds student + teachers + losses
     engine = build_engine(arch.student, groups, cfg, info)   # parallel.py wraps the student
     arch.attach(engine)                          # EMA / Gram refresh read the engine's params
-    t = arch.teacher_output(batch, teacher_temp)             # no grad
+    t = arch.teacher_output(batch, teacher_temp, need_gram=w_gram > 0)  # no grad
     s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
     loss, terms = arch.compute_losses(s, t, batch, sched_values)
 
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdino import dist as fdist
 from fastdino.config import Config
 from fastdino.ema import copy_params, ema_update, gram_refresh_due
 from fastdino.losses.dino_clstoken_loss import DINOLoss
@@ -130,7 +129,10 @@ class SSLMetaArch:
 
     # ------------------------------------------------------------------------------ teachers
     @torch.no_grad()
-    def teacher_output(self, batch, teacher_temp: float) -> dict:
+    def teacher_output(self, batch, teacher_temp: float, need_gram: bool = True) -> dict:
+        """Teacher targets; with `need_gram` (w_gram > 0) also the Gram teacher's patches. The
+        Gram teacher forward (2x the student resolution in the 7B recipe) is skipped while
+        w_gram is 0: its loss would not be added."""
         amp = torch.autocast("cuda", dtype=torch.bfloat16,
                              enabled=batch.global_crops.is_cuda and self.engine is not None
                              and self.engine.dtype == torch.bfloat16)
@@ -140,7 +142,7 @@ class SSLMetaArch:
                                                                  teacher_temp),
                    "ibot_targets": self.ibot_patch_loss.teacher_targets(
                        t["patch_logits"].float(), teacher_temp, batch.n_masked_patches)}
-            if self.cfg.gram.use and self.gram_ready:
+            if self.cfg.gram.use and self.gram_ready and need_gram:
                 if self.gram_teacher is None:  # gram.ema_teacher: the EMA teacher's patches
                     out["gram_patches"] = t["patches"]
                 else:
@@ -184,15 +186,16 @@ class SSLMetaArch:
         B = batch.n_images
         cls = s["global_cls"].view(2, B, -1)  # [2, B, D]
         if cfg.koleo.distributed:
-            koleo = self.koleo_loss(cls[0]) + self.koleo_loss(cls[1])
+            koleo_sum = self.koleo_loss(cls[0]) + self.koleo_loss(cls[1])
         else:
-            koleo = self.koleo_loss(cls).sum()  # per crop, summed over the 2 global crops
+            koleo_sum = self.koleo_loss(cls).sum()  # per crop, summed over the 2 global crops
+        # official: koleo_loss = Σ_g KoLeo_g / n_g is logged, w·n_g·koleo_loss = w·Σ_g is added
         total = cfg.dino.loss_weight * dino["dino_loss"] + cfg.ibot.loss_weight * ibot \
-            + cfg.koleo.loss_weight * koleo
+            + cfg.koleo.loss_weight * koleo_sum
         terms = {"dino_local_crops_loss": dino["dino_local_crops_loss"],
                  "dino_global_crops_loss": dino["dino_global_crops_loss"],
                  "dino_local_loss_weight": v.local_loss_weight,
-                 "koleo_loss": koleo, "ibot_loss": ibot}
+                 "koleo_loss": koleo_sum / 2, "ibot_loss": ibot}
         if cfg.gram.use:
             gram = torch.zeros((), device=total.device)
             if "gram_patches" in t and v.gram_weight > 0:
@@ -231,8 +234,3 @@ class SSLMetaArch:
             pending = st[name + "_pending_center"]
             loss._pending_batch_mean = None if pending is None else pending.to(loss.center.device)
 
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank (all ranks take the same decision)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    return fdist.all_reduce_max(bad).item() == 0

@@ -6,7 +6,7 @@ a distributed launcher (`python fastdino/train.py`, e.g. the GPU benchmark machi
     engine = build_engine(student, groups, cfg, dist_info)
     out = engine(*inputs)                           # student forward
     engine.backward(loss)
-    norms = engine.clip_grad_norms(max_norm)        # {"backbone": ..., "dino_head": ..., ...}
+    norms = engine.clip_grad_norms(max_norm, loss)  # {"backbone": ..., "dino_head": ..., ...}
     engine.step()                                   # optimizer step + zero_grad
     with engine.full_values(params) as vals: ...    # full fp32 student values (ZeRO-3 / bf16)
 
@@ -193,21 +193,30 @@ class _StudentBase:
     def _fragments_are_partitions(self) -> bool:
         return False
 
-    def clip_grad_norms(self, max_norm: float) -> dict[str, float]:
+    def clip_grad_norms(self, max_norm: float, finite_check: torch.Tensor | None = None
+                        ) -> dict[str, float]:
         """Per-module pre-clip grad norms; scales each module's grads to at most `max_norm`
-        (0 = report only)."""
+        (0 = report only). `finite_check` (e.g. the loss): if it is non-finite on any rank, every
+        norm returned is NaN and nothing is scaled (the caller discards the step). It rides on
+        the norms' reduction and their single host read: no separate sync for the loss."""
         mods = self.module_params()
         frags = {n: [(p, f) for p in ps if (f := self._grad_fragments(p)) is not None]
                  for n, ps in mods.items()}
         device = next(self.module.parameters()).device
-        sq = torch.zeros(len(mods), dtype=torch.float64, device=device)
+        sq = torch.zeros(len(mods) + 1, dtype=torch.float64, device=device)  # [modules, flag]
         for i, n in enumerate(mods):
             if frags[n]:  # fp32 norms of each fragment, then the sum of squares in fp64
                 fn = torch._foreach_norm([f.detach() for _, f in frags[n]], 2, dtype=torch.float32)
                 sq[i] = torch.stack(fn).double().pow(2).sum()
+        if finite_check is not None:
+            sq[-1] = (~torch.isfinite(finite_check.detach())).any().double()
         if self._fragments_are_partitions():
-            fdist.all_reduce_sum(sq)
-        norms = sq.sqrt().tolist()  # one host sync
+            fdist.all_reduce_sum(sq)  # disjoint fragments: sums of squares add; flags count
+        elif finite_check is not None and fdist.get_world_size() > 1:
+            fdist.all_reduce_max(sq)  # replicated grads: equal sums; flag = any rank
+        *norms, bad = sq.sqrt().tolist()  # one host sync
+        if bad > 0:
+            return dict.fromkeys(mods, float("nan"))
         if max_norm > 0:
             for i, n in enumerate(mods):
                 coef = min(1.0, max_norm / (norms[i] + CLIP_EPS))

@@ -29,7 +29,7 @@ from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from fastdino.config import Config, load_config, save_config
 from fastdino.data import build_train_loader
 from fastdino.export import export_backbone
-from fastdino.meta_arch import SSLMetaArch, all_finite
+from fastdino.meta_arch import SSLMetaArch
 from fastdino.metrics import MetricsLogger
 from fastdino.parallel import build_engine, init_distributed
 from fastdino.param_groups import build_param_groups
@@ -80,24 +80,29 @@ class Trainer:
         v = self.sched.at(it)
         apply_to_param_groups(engine.param_groups, v)
         with timer("teacher_forward"):
-            t = arch.teacher_output(batch, v.teacher_temp)
+            t = arch.teacher_output(batch, v.teacher_temp, need_gram=v.gram_weight > 0)
         with timer("student_forward"):
             s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
         with timer("losses"):
             loss, terms = arch.compute_losses(s, t, batch, v)
-        if not all_finite(loss):
-            return None
         with timer("backward"):
+            # no host read of the loss here: its finiteness (all ranks) comes back with the
+            # clip norms, the step's single sync; a non-finite step is discarded below
             engine.backward(loss)
-        norms = engine.clip_grad_norms(cfg.optim.clip_grad)
-        if not all(math.isfinite(n) for n in norms.values()):
-            engine.discard_step()
-            return None
-        with timer("optimizer"):
-            engine.step()
+        norms = engine.clip_grad_norms(cfg.optim.clip_grad, finite_check=loss)
+        ok = all(math.isfinite(n) for n in norms.values())
+        if ok:
+            with timer("optimizer"):
+                engine.step()
+        else:
+            engine.discard_step()  # parameters unchanged
         with timer("ema"):
-            arch.update_teacher(v.momentum)
+            if ok:
+                arch.update_teacher(v.momentum)
+            # the Gram load / refresh is due by iteration (official train.py), skipped or not
             arch.update_gram_teacher(it)
+        if not ok:
+            return None
         return {"lr": v.lr, "wd": v.wd, "mom": v.momentum, "last_layer_lr": v.last_layer_lr,
                 "teacher_temp": v.teacher_temp, **terms,
                 **{f"{name}_grad_norm": n for name, n in norms.items()}}

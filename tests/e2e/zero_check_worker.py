@@ -48,9 +48,9 @@ def main() -> int:
     clip_errors, n_clipped = [], [0]
     orig_clip = engine.clip_grad_norms
 
-    def checked_clip(max_norm):
+    def checked_clip(max_norm, *args, **kwargs):
         before = full_grad_norms(engine)
-        norms = orig_clip(max_norm)
+        norms = orig_clip(max_norm, *args, **kwargs)
         after = full_grad_norms(engine)
         for n in norms:
             clip_errors.append(abs(norms[n] - before[n]) / before[n])

@@ -1,0 +1,114 @@
+"""One `Trainer.step` in process on the tiny smoke model (SPEC.md §1.7, §1.6, §3.1): the total
+objective rebuilt from the logged terms, the logged KoLeo value, Gram-teacher work and scheduling.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdino.config import load_config
+from fastdino.data import build_train_loader
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+SMALL = ["data.num_workers=0", "data.batch_size_per_gpu=4", "model.depth=2", "data.loader=torch",
+         "dino.head.n_prototypes=128", "ibot.head.n_prototypes=128", "kernels.impl=torch"]
+
+
+def make_trainer(tmp_path, *overrides):
+    from fastdino.train import Trainer
+
+    cfg = load_config(SMOKE, [*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.resume=none",
+                              *overrides])
+    trainer = Trainer(cfg)
+    batch = next(build_train_loader(cfg, 0, 1, 0)).to(trainer.info.device)
+    return trainer, batch
+
+
+def test_total_objective_from_logged_terms(tmp_path):
+    """L = (16/18)·w_local·L_local + (2/18)·L_global + 0.1·Σ_g KoLeo_g + L_iBOT (SPEC.md §1.7),
+    with `koleo_loss` logged as the official metric: the MEAN over the 2 global crops
+    (ssl_meta_arch.compute_losses: sum / n_global_crops, added as w·n_global·koleo_loss).
+    smoke has 2 local crops: local terms 2·2 = 4, global terms 2, so 4/6 and 2/6 here."""
+    trainer, batch = make_trainer(tmp_path, "dino.local_loss_weight=0.5")
+    v = trainer.step(0, batch)
+    n_l = trainer.cfg.crops.local_crops_number
+    local_terms, global_terms = 2 * n_l, 2
+    dino = (local_terms * 0.5 * v["dino_local_crops_loss"]
+            + global_terms * v["dino_global_crops_loss"]) / (local_terms + global_terms)
+    expected = dino + 0.1 * 2 * v["koleo_loss"] + 1.0 * v["ibot_loss"]
+    assert float(v["total_loss"]) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    assert v["dino_local_loss_weight"] == 0.5
+
+
+def _nan_losses(monkeypatch):
+    from fastdino import meta_arch
+
+    real = meta_arch.SSLMetaArch.compute_losses
+
+    def poisoned(self, s, t, batch, v):
+        loss, terms = real(self, s, t, batch, v)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(meta_arch.SSLMetaArch, "compute_losses", poisoned)
+
+
+def test_gram_teacher_load_happens_even_if_that_step_is_skipped(tmp_path, monkeypatch):
+    """The Gram-teacher load / refresh is a function of the iteration (official train.py loads
+    before iteration `it_load_ema_teacher` whatever the loss was): a non-finite step at
+    it_load - 1 must not lose the load for the rest of the run."""
+    trainer, batch = make_trainer(tmp_path, "gram.use=true", "gram.it_load_ema_teacher=1",
+                                  "gram.it_first_update=2", "gram.update_frequency=2",
+                                  "gram.max_updates=1")
+    arch = trainer.arch
+    assert not arch.gram_ready
+    _nan_losses(monkeypatch)
+    assert trainer.step(0, batch) is None  # skipped
+    assert arch.gram_ready, "Gram teacher never loaded: the step before it_load was skipped"
+    assert trainer.step(1, batch) is None  # skipped, and a refresh is due after iteration 1
+    assert arch.gram_updates == 1
+
+
+def test_gram_teacher_not_run_while_its_weight_is_zero(tmp_path):
+    """Before gram.start_iteration w_gram = 0, the loss is not added: the Gram teacher forward
+    (2x resolution in the 7B recipe) must not run either. From then on it runs once a step."""
+    trainer, batch = make_trainer(tmp_path, "gram.use=true", "gram.it_load_ema_teacher=0",
+                                  "gram.start_iteration=2", "gram.loss_weight=1.0")
+    gt = trainer.arch.gram_teacher
+    calls = {"n": 0}
+    real = gt.forward_features
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    gt.forward_features = counted
+    v0 = trainer.step(0, batch)
+    assert v0["gram_loss_weight"] == 0.0 and calls["n"] == 0
+    v3 = trainer.step(3, batch)
+    assert v3["gram_loss_weight"] == 1.0 and calls["n"] == 1
+    assert float(v3["gram_loss"]) > 0
+
+
+def test_step_host_syncs(tmp_path, monkeypatch):
+    """A step that is not logged reads device values on the host once (the clip norms, which
+    also carry the loss's finiteness), not twice (SPEC.md §3.1 step 5/6)."""
+    trainer, batch = make_trainer(tmp_path)
+    trainer.step(0, batch)  # warm-up (lazy init may read values)
+    counts = {"n": 0}
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _real=real, **k):
+            # fastdino's own reads only: CPU torch's single-tensor Adam reads its step counts
+            # (the fused CUDA AdamW used on GPU does not)
+            if "fastdino" in Path(sys._getframe(1).f_code.co_filename).parts:
+                counts["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    trainer.step(1, batch)
+    assert counts["n"] == 1
