@@ -122,6 +122,7 @@ def _cluster(a: argparse.Namespace) -> int:
         if distributed:
             import torch.distributed as tdist
 
+            tdist.barrier()  # no rank tears the group down while another has a pending op
             tdist.destroy_process_group()
     return 0
 

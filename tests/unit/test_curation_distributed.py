@@ -25,6 +25,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         res = kmeans(rows, 5, np.random.default_rng(3), n_iters=30)
         torch.save({"c": res.centroids, "a": torch.from_numpy(res.assignment),
                     "inertia": res.inertia}, f"{out}.{rank}")
+        tdist.barrier()  # no rank tears gloo down while the other has a pending op
     finally:
         tdist.destroy_process_group()
 
