@@ -118,11 +118,11 @@ def _cluster(a: argparse.Namespace) -> int:
                 print(f"level {i}: {len(s)} clusters, sizes min {s.min()} median "
                       f"{np.median(s):.0f} max {s.max()}")
             print(f"wrote {a.out}")
+        dist.barrier()  # no rank tears the group down while another has a pending op
     finally:
         if distributed:
             import torch.distributed as tdist
 
-            tdist.barrier()  # no rank tears the group down while another has a pending op
             tdist.destroy_process_group()
     return 0
 
