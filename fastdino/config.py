@@ -34,8 +34,16 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, "one of " + " | ".join(choices), value)
 
 
-ARCHS = ("vit_test", "vit_tiny", "vit_small", "vit_small_plus", "vit_base", "vit_large",
-         "vit_huge_plus", "vit_7b")
+ARCHS = (
+    "vit_test",
+    "vit_tiny",
+    "vit_small",
+    "vit_small_plus",
+    "vit_base",
+    "vit_large",
+    "vit_huge_plus",
+    "vit_7b",
+)
 
 
 @dataclass(kw_only=True)
@@ -55,8 +63,15 @@ class ModelConfig:
     drop_path_rate: float = 0.3  # sample-subset stochastic depth rate, uniform over depth
     rope_base: float = 100.0  # RoPE period base
     rope_rescale: float | None = 2.0  # train-time coordinate rescale s in [1/r, r]; None = off
-    untie_global_and_local_cls_norm: bool = False  # separate final norm for local-crop CLS/registers
+    untie_global_and_local_cls_norm: bool = (
+        False  # separate final norm for local-crop CLS/registers
+    )
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | torch
+    # Continued pretraining: initialise the student (hence the EMA and Gram teachers) from these
+    # weights: an exported backbone (.pth / .safetensors, official keys), a Hugging Face
+    # DINOv3ViTModel folder, or a fastdino run / checkpoint (its teacher, DINO and iBOT heads too).
+    # Strict: a key or shape mismatch is an error. A resumed run's checkpoint takes precedence.
+    pretrained_weights: str | None = None
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block
 
@@ -67,21 +82,47 @@ class ModelConfig:
             v = getattr(self, name)
             _check(v is None or v > 0, f"{p}.{name}", "null or a positive integer", v)
         if self.embed_dim is not None and self.num_heads is not None:
-            _check(self.embed_dim % self.num_heads == 0, f"{p}.num_heads",
-                   f"a divisor of embed_dim={self.embed_dim}", self.num_heads)
+            _check(
+                self.embed_dim % self.num_heads == 0,
+                f"{p}.num_heads",
+                f"a divisor of embed_dim={self.embed_dim}",
+                self.num_heads,
+            )
         if self.ffn_layer is not None:
             _choice(self.ffn_layer, f"{p}.ffn_layer", ("mlp", "swiglu", "swiglu32", "swiglu64"))
-        _check(self.ffn_ratio is None or self.ffn_ratio > 0, f"{p}.ffn_ratio", "null or > 0",
-               self.ffn_ratio)
-        _check(self.n_storage_tokens >= 0, f"{p}.n_storage_tokens", "an integer >= 0",
-               self.n_storage_tokens)
-        _check(0.0 <= self.drop_path_rate < 1.0, f"{p}.drop_path_rate", "a float in [0, 1)",
-               self.drop_path_rate)
+        _check(
+            self.ffn_ratio is None or self.ffn_ratio > 0,
+            f"{p}.ffn_ratio",
+            "null or > 0",
+            self.ffn_ratio,
+        )
+        _check(
+            self.n_storage_tokens >= 0,
+            f"{p}.n_storage_tokens",
+            "an integer >= 0",
+            self.n_storage_tokens,
+        )
+        _check(
+            0.0 <= self.drop_path_rate < 1.0,
+            f"{p}.drop_path_rate",
+            "a float in [0, 1)",
+            self.drop_path_rate,
+        )
         _check(self.norm_eps > 0, f"{p}.norm_eps", "a float > 0", self.norm_eps)
         _check(self.rope_base > 0, f"{p}.rope_base", "a float > 0", self.rope_base)
-        _check(self.rope_rescale is None or self.rope_rescale >= 1.0, f"{p}.rope_rescale",
-               "null or a float >= 1", self.rope_rescale)
+        _check(
+            self.rope_rescale is None or self.rope_rescale >= 1.0,
+            f"{p}.rope_rescale",
+            "null or a float >= 1",
+            self.rope_rescale,
+        )
         _choice(self.attn_impl, f"{p}.attn_impl", ("auto", "flash_attn", "sdpa", "torch"))
+        _check(
+            self.pretrained_weights is None or self.pretrained_weights.strip() != "",
+            f"{p}.pretrained_weights",
+            "null or a path",
+            self.pretrained_weights,
+        )
 
 
 @dataclass(kw_only=True)
@@ -106,7 +147,9 @@ class CropsConfig:
     global_crops_scale: tuple[float, float] = (0.32, 1.0)  # RandomResizedCrop area range
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     horizontal_flip: bool = True  # p=0.5 flip (off in the 7B recipes)
-    blur_probabilities: str = "intended"  # intended (1.0/0.1/0.5) | official (inverted bug, SPEC §10.1)
+    blur_probabilities: str = (
+        "intended"  # intended (1.0/0.1/0.5) | official (inverted bug, SPEC §10.1)
+    )
     gram_teacher_crops_size: int | None = None  # Gram-teacher crop side; None = no Gram crops
     gram_teacher_no_distortions: bool = True  # Gram crops: geometry only, no colour/blur/solarise
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean
@@ -114,17 +157,30 @@ class CropsConfig:
 
     def validate(self, p: str = "crops") -> None:
         for name in ("global_crops_size", "local_crops_size"):
-            _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
-        _check(self.local_crops_number > 0, f"{p}.local_crops_number",
-               "a positive integer (DINOv3 asserts local crops > 0)", self.local_crops_number)
+            _check(
+                getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name)
+            )
+        _check(
+            self.local_crops_number > 0,
+            f"{p}.local_crops_number",
+            "a positive integer (DINOv3 asserts local crops > 0)",
+            self.local_crops_number,
+        )
         for name in ("global_crops_scale", "local_crops_scale"):
             lo, hi = getattr(self, name)
-            _check(0.0 < lo <= hi <= 1.0, f"{p}.{name}", "[lo, hi] with 0 < lo <= hi <= 1",
-                   getattr(self, name))
+            _check(
+                0.0 < lo <= hi <= 1.0,
+                f"{p}.{name}",
+                "[lo, hi] with 0 < lo <= hi <= 1",
+                getattr(self, name),
+            )
         _choice(self.blur_probabilities, f"{p}.blur_probabilities", ("intended", "official"))
-        _check(self.gram_teacher_crops_size is None or self.gram_teacher_crops_size > 0,
-               f"{p}.gram_teacher_crops_size", "null or a positive integer",
-               self.gram_teacher_crops_size)
+        _check(
+            self.gram_teacher_crops_size is None or self.gram_teacher_crops_size > 0,
+            f"{p}.gram_teacher_crops_size",
+            "null or a positive integer",
+            self.gram_teacher_crops_size,
+        )
         _check(all(s > 0 for s in self.std), f"{p}.std", "three floats > 0", self.std)
 
 
@@ -142,13 +198,22 @@ class DinoConfig:
         _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
         self.head.validate(f"{p}.head")
         _choice(self.centering, f"{p}.centering", ("sinkhorn_knopp", "softmax"))
-        _check(0.0 <= self.center_momentum < 1.0, f"{p}.center_momentum", "a float in [0, 1)",
-               self.center_momentum)
-        _check(self.sk_iterations > 0, f"{p}.sk_iterations", "a positive integer",
-               self.sk_iterations)
+        _check(
+            0.0 <= self.center_momentum < 1.0,
+            f"{p}.center_momentum",
+            "a float in [0, 1)",
+            self.center_momentum,
+        )
+        _check(
+            self.sk_iterations > 0, f"{p}.sk_iterations", "a positive integer", self.sk_iterations
+        )
         _check(self.student_temp > 0, f"{p}.student_temp", "a float > 0", self.student_temp)
-        _check(self.local_loss_weight >= 0, f"{p}.local_loss_weight", "a float >= 0",
-               self.local_loss_weight)
+        _check(
+            self.local_loss_weight >= 0,
+            f"{p}.local_loss_weight",
+            "a float >= 0",
+            self.local_loss_weight,
+        )
 
 
 @dataclass(kw_only=True)
@@ -161,11 +226,19 @@ class IbotConfig:
     def validate(self, p: str = "ibot") -> None:
         _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
         self.head.validate(f"{p}.head")
-        _check(0.0 <= self.mask_sample_probability <= 1.0, f"{p}.mask_sample_probability",
-               "a float in [0, 1]", self.mask_sample_probability)
+        _check(
+            0.0 <= self.mask_sample_probability <= 1.0,
+            f"{p}.mask_sample_probability",
+            "a float in [0, 1]",
+            self.mask_sample_probability,
+        )
         lo, hi = self.mask_ratio_min_max
-        _check(0.0 <= lo < hi <= 1.0, f"{p}.mask_ratio_min_max", "[lo, hi] with 0 <= lo < hi <= 1",
-               self.mask_ratio_min_max)
+        _check(
+            0.0 <= lo < hi <= 1.0,
+            f"{p}.mask_ratio_min_max",
+            "[lo, hi] with 0 <= lo < hi <= 1",
+            self.mask_ratio_min_max,
+        )
 
 
 @dataclass(kw_only=True)
@@ -198,12 +271,24 @@ class GramConfig:
 
     def validate(self, p: str = "gram") -> None:
         _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
-        _check(self.update_frequency > 0, f"{p}.update_frequency", "a positive integer",
-               self.update_frequency)
-        _check(not (self.remove_neg and self.remove_only_teacher_neg), f"{p}.remove_neg",
-               "at most one of remove_neg / remove_only_teacher_neg", self.remove_neg)
-        for name in ("loss_weight_warmup_iterations", "start_iteration", "it_first_update",
-                     "max_updates"):
+        _check(
+            self.update_frequency > 0,
+            f"{p}.update_frequency",
+            "a positive integer",
+            self.update_frequency,
+        )
+        _check(
+            not (self.remove_neg and self.remove_only_teacher_neg),
+            f"{p}.remove_neg",
+            "at most one of remove_neg / remove_only_teacher_neg",
+            self.remove_neg,
+        )
+        for name in (
+            "loss_weight_warmup_iterations",
+            "start_iteration",
+            "it_first_update",
+            "max_updates",
+        ):
             _check(getattr(self, name) >= 0, f"{p}.{name}", "an integer >= 0", getattr(self, name))
 
 
@@ -223,15 +308,35 @@ class OptimConfig:
     scaling_rule: str = "sqrt_wrt_1024"  # lr <- lr*4*sqrt(global_batch/1024) | none
 
     def validate(self, p: str = "optim") -> None:
-        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "eps", "clip_grad",
-                     "warmup_epochs", "freeze_last_layer_epochs"):
+        for name in (
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "weight_decay_end",
+            "eps",
+            "clip_grad",
+            "warmup_epochs",
+            "freeze_last_layer_epochs",
+        ):
             _check(getattr(self, name) >= 0, f"{p}.{name}", "a float >= 0", getattr(self, name))
-        _check(all(0.0 <= b < 1.0 for b in self.betas), f"{p}.betas", "two floats in [0, 1)",
-               self.betas)
-        _check(0.0 < self.layerwise_decay <= 1.0, f"{p}.layerwise_decay", "a float in (0, 1]",
-               self.layerwise_decay)
-        _check(self.patch_embed_lr_mult > 0, f"{p}.patch_embed_lr_mult", "a float > 0",
-               self.patch_embed_lr_mult)
+        _check(
+            all(0.0 <= b < 1.0 for b in self.betas),
+            f"{p}.betas",
+            "two floats in [0, 1)",
+            self.betas,
+        )
+        _check(
+            0.0 < self.layerwise_decay <= 1.0,
+            f"{p}.layerwise_decay",
+            "a float in (0, 1]",
+            self.layerwise_decay,
+        )
+        _check(
+            self.patch_embed_lr_mult > 0,
+            f"{p}.patch_embed_lr_mult",
+            "a float > 0",
+            self.patch_embed_lr_mult,
+        )
         _choice(self.scaling_rule, f"{p}.scaling_rule", ("sqrt_wrt_1024", "none"))
 
 
@@ -245,13 +350,25 @@ class SchedulesConfig:
 
     def validate(self, p: str = "schedules") -> None:
         _check(self.teacher_temp > 0, f"{p}.teacher_temp", "a float > 0", self.teacher_temp)
-        _check(self.warmup_teacher_temp > 0, f"{p}.warmup_teacher_temp", "a float > 0",
-               self.warmup_teacher_temp)
-        _check(self.warmup_teacher_temp_epochs >= 0, f"{p}.warmup_teacher_temp_epochs",
-               "a float >= 0", self.warmup_teacher_temp_epochs)
+        _check(
+            self.warmup_teacher_temp > 0,
+            f"{p}.warmup_teacher_temp",
+            "a float > 0",
+            self.warmup_teacher_temp,
+        )
+        _check(
+            self.warmup_teacher_temp_epochs >= 0,
+            f"{p}.warmup_teacher_temp_epochs",
+            "a float >= 0",
+            self.warmup_teacher_temp_epochs,
+        )
         for name in ("momentum_teacher", "final_momentum_teacher"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"{p}.{name}", "a float in [0, 1]",
-                   getattr(self, name))
+            _check(
+                0.0 <= getattr(self, name) <= 1.0,
+                f"{p}.{name}",
+                "a float in [0, 1]",
+                getattr(self, name),
+            )
 
 
 @dataclass(kw_only=True)
@@ -265,8 +382,12 @@ class DataConfig:
 
     def validate(self, p: str = "data") -> None:
         _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
-        _check(self.batch_size_per_gpu > 0, f"{p}.batch_size_per_gpu", "a positive integer",
-               self.batch_size_per_gpu)
+        _check(
+            self.batch_size_per_gpu > 0,
+            f"{p}.batch_size_per_gpu",
+            "a positive integer",
+            self.batch_size_per_gpu,
+        )
         _check(self.num_workers >= 0, f"{p}.num_workers", "an integer >= 0", self.num_workers)
 
 
@@ -286,11 +407,14 @@ class DeepSpeedConfig:
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
 
     def validate(self, p: str = "deepspeed") -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "0, 1, 2 or 3",
-               self.zero_stage)
+        _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "0, 1, 2 or 3", self.zero_stage)
         _choice(self.precision, f"{p}.precision", ("auto", "bf16", "fp32"))
-        _check(self.gradient_accumulation_steps >= 1, f"{p}.gradient_accumulation_steps",
-               "an integer >= 1", self.gradient_accumulation_steps)
+        _check(
+            self.gradient_accumulation_steps >= 1,
+            f"{p}.gradient_accumulation_steps",
+            "an integer >= 1",
+            self.gradient_accumulation_steps,
+        )
 
 
 @dataclass(kw_only=True)
@@ -309,11 +433,23 @@ class TrainConfig:
     knn_data: str | None = None  # labelled folder (class subfolders) for the kNN probe
 
     def validate(self, p: str = "train") -> None:
-        for name in ("epochs", "epoch_length", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "max_consecutive_nan"):
-            _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
-        _check(self.max_iterations is None or self.max_iterations > 0, f"{p}.max_iterations",
-               "null or a positive integer", self.max_iterations)
+        for name in (
+            "epochs",
+            "epoch_length",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_consecutive_nan",
+        ):
+            _check(
+                getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name)
+            )
+        _check(
+            self.max_iterations is None or self.max_iterations > 0,
+            f"{p}.max_iterations",
+            "null or a positive integer",
+            self.max_iterations,
+        )
         _check(self.knn_every >= 0, f"{p}.knn_every", "an integer >= 0", self.knn_every)
 
     @property
@@ -328,10 +464,15 @@ class EvalConfig:
     batch_size: int = 64  # feature extraction batch
 
     def validate(self, p: str = "eval") -> None:
-        _check(len(self.knn_k) > 0 and all(k > 0 for k in self.knn_k), f"{p}.knn_k",
-               "a non-empty list of positive integers", self.knn_k)
-        _check(self.knn_temperature > 0, f"{p}.knn_temperature", "a float > 0",
-               self.knn_temperature)
+        _check(
+            len(self.knn_k) > 0 and all(k > 0 for k in self.knn_k),
+            f"{p}.knn_k",
+            "a non-empty list of positive integers",
+            self.knn_k,
+        )
+        _check(
+            self.knn_temperature > 0, f"{p}.knn_temperature", "a float > 0", self.knn_temperature
+        )
         _check(self.batch_size > 0, f"{p}.batch_size", "a positive integer", self.batch_size)
 
 
@@ -357,12 +498,17 @@ class Config:
         ps = self.model.patch_size
         for key in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
             v = getattr(self.crops, key)
-            _check(v is None or v % ps == 0, f"crops.{key}",
-                   f"a multiple of model.patch_size={ps}", v)
+            _check(
+                v is None or v % ps == 0, f"crops.{key}", f"a multiple of model.patch_size={ps}", v
+            )
         if self.gram.use and self.gram.ckpt is None and not self.gram.ema_teacher:
-            _check(self.gram.it_load_ema_teacher >= 0, "gram.it_load_ema_teacher",
-                   "an iteration >= 0 when gram.use is true and neither gram.ckpt nor "
-                   "gram.ema_teacher gives the Gram teacher", self.gram.it_load_ema_teacher)
+            _check(
+                self.gram.it_load_ema_teacher >= 0,
+                "gram.it_load_ema_teacher",
+                "an iteration >= 0 when gram.use is true and neither gram.ckpt nor "
+                "gram.ema_teacher gives the Gram teacher",
+                self.gram.it_load_ema_teacher,
+            )
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -404,7 +550,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"config key '{key}' = {value!r} needs exactly {len(args)} values")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if tp is float:
         if isinstance(value, str):  # yaml 1.1 reads "1e-3" (no dot) as a string
             try:
@@ -412,21 +558,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a float")
+            raise ConfigError(
+                f"config key '{key}' = {value!r} has the wrong type: expected a float"
+            )
         if not math.isfinite(float(value)):
             raise ConfigError(f"config key '{key}' = {value!r} must be finite")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected an integer")
+            raise ConfigError(
+                f"config key '{key}' = {value!r} has the wrong type: expected an integer"
+            )
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected true/false")
+            raise ConfigError(
+                f"config key '{key}' = {value!r} has the wrong type: expected true/false"
+            )
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a string")
+            raise ConfigError(
+                f"config key '{key}' = {value!r} has the wrong type: expected a string"
+            )
         return value
     raise ConfigError(f"config key '{key}': unsupported field type {tp}")
 
@@ -439,7 +593,9 @@ def _merge(obj: Any, updates: dict, prefix: str) -> None:
     for k, v in updates.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            raise ConfigError(f"unknown config key '{key}': allowed keys here are {', '.join(names)}")
+            raise ConfigError(
+                f"unknown config key '{key}': allowed keys here are {', '.join(names)}"
+            )
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             _merge(cur, v, key)
@@ -457,7 +613,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Defaults <- yaml file at `path` (if any) <- `overrides` ("a.b=c"); validated."""
     cfg = Config()
     if path is not None:

@@ -78,6 +78,36 @@ def build_student(cfg: Config) -> Student:
     return Student(backbone, build_head(cfg.dino.head, dim), build_head(cfg.ibot.head, dim))
 
 
+def load_pretrained(student: Student, weights: str) -> None:
+    """Continued pretraining (`model.pretrained_weights`): the backbone strictly from `weights`
+    (any source fastdino.eval.weights.read_weights knows); the DINO / iBOT heads too when the
+    source carries them (a fastdino run or checkpoint, or a {"teacher": ...} file with
+    `dino_head.` / `ibot_head.` keys), strictly as well. Released backbones carry no heads: the
+    heads then keep their fresh init, which is logged."""
+    from fastdino.eval.weights import read_weights
+
+    sd, source, _, _ = read_weights(weights)
+    try:
+        load_backbone_state_dict(student.backbone, sd)
+    except ValueError as e:
+        raise ValueError(f"model.pretrained_weights={weights!r} ({source}) does not fit "
+                         f"model.arch: {e}") from None
+    flat = sd["teacher"] if isinstance(sd.get("teacher"), dict) else sd
+    loaded = []
+    for name in ("dino_head", "ibot_head"):
+        head_sd = {k.removeprefix(f"{name}."): v for k, v in flat.items()
+                   if k.startswith(f"{name}.")}
+        if head_sd:
+            try:
+                getattr(student, name).load_state_dict(head_sd, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"model.pretrained_weights={weights!r}: the {name} does not fit "
+                                 f"the configured head: {e}") from None
+            loaded.append(name)
+    logger.info("initialised the student from %s: backbone%s", source,
+                "".join(f", {n}" for n in loaded) or " (no heads in the file: fresh heads)")
+
+
 def _frozen_copy(m: nn.Module) -> nn.Module:
     m = copy.deepcopy(m).eval()
     for p in m.parameters():
@@ -89,7 +119,10 @@ class SSLMetaArch:
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
         torch.manual_seed(cfg.train.seed)  # same init on every rank
-        self.student = build_student(cfg).to(device)
+        self.student = build_student(cfg)
+        if cfg.model.pretrained_weights is not None:
+            load_pretrained(self.student, cfg.model.pretrained_weights)
+        self.student = self.student.to(device)
         # The teacher starts as the student (official: teacher.load_state_dict(student)); the
         # copy is taken before DeepSpeed partitions the student under ZeRO-3.
         self.teacher = _frozen_copy(self.student)

@@ -156,6 +156,34 @@ def _load_hf_folder(path: Path):
     return from_hf_state_dict(hf_sd, hf_config), hf_config
 
 
+def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
+    """(state dict, description, Hugging Face config or None, the run's config.yaml or None) of
+    a training run / checkpoint folder (its EMA teacher, as {"teacher": ...} with the heads), an
+    exported backbone file, or a Hugging Face DINOv3ViTModel folder. Used by evaluation
+    (`--weights`) and by training (`model.pretrained_weights`)."""
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"weights {str(weights)!r}: the path does not exist; give a training run "
+                                "or checkpoint folder, a .pth/.safetensors backbone, a "
+                                "Hugging Face DINOv3ViTModel folder, or 'random'")
+    if path.is_dir() and (path / "config.json").is_file():
+        sd, hf_config = _load_hf_folder(path)
+        return sd, f"Hugging Face DINOv3ViTModel {path}", hf_config, None
+    if path.is_dir():
+        ckpt = _find_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"weights {str(weights)!r}: a folder with neither {TRAINER_STATE} (a checkpoint), "
+                "checkpoints/latest (a training run) nor config.json (Hugging Face)")
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        if "teacher" not in state:
+            raise KeyError(f"{ckpt / TRAINER_STATE} has no 'teacher' entry "
+                           f"(keys: {', '.join(sorted(state))})")
+        return ({"teacher": state["teacher"]}, f"training checkpoint {ckpt} (teacher)", None,
+                _run_config(ckpt))
+    return _load_file(path), f"backbone file {path}", None, None
+
+
 def load_eval_backbone(weights: str | Path, arch: str | None = None,
                        config: str | Path | None = None, device: str | torch.device = "cpu",
                        seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
@@ -169,31 +197,10 @@ def load_eval_backbone(weights: str | Path, arch: str | None = None,
         torch.manual_seed(seed)
         sd, source = None, f"random init (seed {seed})"
     else:
-        path = Path(weights).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"--weights {weights!r} does not exist: give a training run "
-                                    "or checkpoint folder, a .pth/.safetensors backbone, a "
-                                    "Hugging Face DINOv3ViTModel folder, or 'random'")
-        if path.is_dir() and (path / "config.json").is_file():
-            sd, hf_config = _load_hf_folder(path)
-            source = f"Hugging Face DINOv3ViTModel {path}"
-        elif path.is_dir():
-            ckpt = _find_checkpoint(path)
-            if ckpt is None:
-                raise FileNotFoundError(
-                    f"--weights {weights!r} is a folder with neither {TRAINER_STATE} (a "
-                    "checkpoint), checkpoints/latest (a training run) nor config.json (Hugging "
-                    "Face)")
-            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
-            if "teacher" not in state:
-                raise KeyError(f"{ckpt / TRAINER_STATE} has no 'teacher' entry "
-                               f"(keys: {', '.join(sorted(state))})")
-            sd, source = {"teacher": state["teacher"]}, f"training checkpoint {ckpt} (teacher)"
-            if model_cfg is None and (run_cfg := _run_config(ckpt)) is not None:
-                model_cfg = resolve_model_config(config=run_cfg)
-                source += f", architecture from {run_cfg}"
-        else:
-            sd, source = _load_file(path), f"backbone file {path}"
+        sd, source, hf_config, run_cfg = read_weights(weights)
+        if model_cfg is None and run_cfg is not None:
+            model_cfg = resolve_model_config(config=run_cfg)
+            source += f", architecture from {run_cfg}"
     # With weights to load, build on the meta device (no init cost for a large model): the strict
     # load below writes every parameter and buffer, or raises.
     build_on = None if sd is None else "meta"
