@@ -51,8 +51,9 @@ class WeightsInfo:
     arch: str  # description of the architecture (cache key, reports)
 
 
-def resolve_model_config(arch: str | None = None, config: str | Path | None = None
-                         ) -> ModelConfig | None:
+def resolve_model_config(
+    arch: str | None = None, config: str | Path | None = None
+) -> ModelConfig | None:
     """ModelConfig from a factory name (`arch`) or a preset (`config`: name in configs/ or a yaml
     path); None when neither is given. `arch` overrides the preset's `model.arch`."""
     if config is not None:
@@ -61,8 +62,10 @@ def resolve_model_config(arch: str | None = None, config: str | Path | None = No
             path = CONFIG_DIR / f"{config}.yaml"
         if not path.is_file():
             presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise FileNotFoundError(f"--config {str(config)!r} is neither a yaml file nor a preset "
-                                    f"name: presets are {', '.join(presets)}")
+            raise FileNotFoundError(
+                f"--config {str(config)!r} is neither a yaml file nor a preset "
+                f"name: presets are {', '.join(presets)}"
+            )
         model_cfg = load_config(path).model
     elif arch is not None:
         model_cfg = ModelConfig()
@@ -70,8 +73,9 @@ def resolve_model_config(arch: str | None = None, config: str | Path | None = No
         return None
     if arch is not None:
         if arch not in ARCH_TABLE:
-            raise ValueError(f"--arch {arch!r} is invalid: allowed is one of "
-                             + " | ".join(ARCH_TABLE))
+            raise ValueError(
+                f"--arch {arch!r} is invalid: allowed is one of " + " | ".join(ARCH_TABLE)
+            )
         model_cfg.arch = arch
     model_cfg.drop_path_rate = 0.0  # eval: no stochastic depth, no checkpointing, no compile
     model_cfg.activation_checkpointing = False
@@ -83,8 +87,10 @@ def describe_arch(backbone: nn.Module) -> str:
     """Architecture summary from the module itself (every shape-relevant hyperparameter)."""
     shapes = sorted((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
     h = hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]
-    return (f"D{backbone.embed_dim}-L{backbone.n_blocks}-H{backbone.num_heads}-"
-            f"p{backbone.patch_size}-reg{backbone.n_storage_tokens}-{h}")
+    return (
+        f"D{backbone.embed_dim}-L{backbone.n_blocks}-H{backbone.num_heads}-"
+        f"p{backbone.patch_size}-reg{backbone.n_storage_tokens}-{h}"
+    )
 
 
 def state_dict_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -105,8 +111,9 @@ def _find_checkpoint(path: Path) -> Path | None:
         if latest.is_file():
             tag = cand / latest.read_text().strip()
             if not (tag / TRAINER_STATE).is_file():
-                raise FileNotFoundError(f"{latest} names {tag.name} but {tag / TRAINER_STATE} "
-                                        "is missing")
+                raise FileNotFoundError(
+                    f"{latest} names {tag.name} but {tag / TRAINER_STATE} is missing"
+                )
             return tag
     return None
 
@@ -122,11 +129,14 @@ def _run_config(ckpt: Path) -> Path | None:
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path), device="cpu")
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"--weights {str(path)!r}: unknown file type {path.suffix!r}; allowed are "
-                     ".pth / .pt / .bin / .ckpt (torch) and .safetensors")
+    raise ValueError(
+        f"--weights {str(path)!r}: unknown file type {path.suffix!r}; allowed are "
+        ".pth / .pt / .bin / .ckpt (torch) and .safetensors"
+    )
 
 
 def _load_hf_folder(path: Path):
@@ -134,20 +144,25 @@ def _load_hf_folder(path: Path):
     try:
         from transformers import AutoConfig
     except ImportError as e:  # pragma: no cover - optional extra
-        raise ImportError("loading a Hugging Face folder needs transformers: pip install "
-                          "'fastdino[interop]'") from e
+        raise ImportError(
+            "loading a Hugging Face folder needs transformers: pip install 'fastdino[interop]'"
+        ) from e
     from safetensors.torch import load_file
 
     from fastdino.models.hf_convert import from_hf_state_dict
 
     hf_config = AutoConfig.from_pretrained(str(path))  # reads config.json only, runs no code
     if hf_config.model_type != "dinov3_vit":
-        raise ValueError(f"--weights {str(path)!r}: config.json has model_type "
-                         f"{hf_config.model_type!r}; allowed is 'dinov3_vit' (DINOv3ViTModel)")
+        raise ValueError(
+            f"--weights {str(path)!r}: config.json has model_type "
+            f"{hf_config.model_type!r}; allowed is 'dinov3_vit' (DINOv3ViTModel)"
+        )
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"--weights {str(path)!r}: config.json but no *.safetensors "
-                                "(save the model with safe_serialization=True)")
+        raise FileNotFoundError(
+            f"--weights {str(path)!r}: config.json but no *.safetensors "
+            "(save the model with safe_serialization=True)"
+        )
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
         hf_sd.update(load_file(str(f), device="cpu"))
@@ -163,9 +178,11 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
     (`--weights`) and by training (`model.pretrained_weights`)."""
     path = Path(weights).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"weights {str(weights)!r}: the path does not exist; give a training run "
-                                "or checkpoint folder, a .pth/.safetensors backbone, a "
-                                "Hugging Face DINOv3ViTModel folder, or 'random'")
+        raise FileNotFoundError(
+            f"weights {str(weights)!r}: the path does not exist; give a training run "
+            "or checkpoint folder, a .pth/.safetensors backbone, a "
+            "Hugging Face DINOv3ViTModel folder, or 'random'"
+        )
     if path.is_dir() and (path / "config.json").is_file():
         sd, hf_config = _load_hf_folder(path)
         return sd, f"Hugging Face DINOv3ViTModel {path}", hf_config, None
@@ -174,19 +191,29 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
         if ckpt is None:
             raise FileNotFoundError(
                 f"weights {str(weights)!r}: a folder with neither {TRAINER_STATE} (a checkpoint), "
-                "checkpoints/latest (a training run) nor config.json (Hugging Face)")
+                "checkpoints/latest (a training run) nor config.json (Hugging Face)"
+            )
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
         if "teacher" not in state:
-            raise KeyError(f"{ckpt / TRAINER_STATE} has no 'teacher' entry "
-                           f"(keys: {', '.join(sorted(state))})")
-        return ({"teacher": state["teacher"]}, f"training checkpoint {ckpt} (teacher)", None,
-                _run_config(ckpt))
+            raise KeyError(
+                f"{ckpt / TRAINER_STATE} has no 'teacher' entry (keys: {', '.join(sorted(state))})"
+            )
+        return (
+            {"teacher": state["teacher"]},
+            f"training checkpoint {ckpt} (teacher)",
+            None,
+            _run_config(ckpt),
+        )
     return _load_file(path), f"backbone file {path}", None, None
 
 
-def load_eval_backbone(weights: str | Path, arch: str | None = None,
-                       config: str | Path | None = None, device: str | torch.device = "cpu",
-                       seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+def load_eval_backbone(
+    weights: str | Path,
+    arch: str | None = None,
+    config: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[nn.Module, WeightsInfo]:
     """(backbone in eval mode on `device`, WeightsInfo). See the module docstring."""
     model_cfg = resolve_model_config(arch, config)
     weights = str(weights)
@@ -208,19 +235,25 @@ def load_eval_backbone(weights: str | Path, arch: str | None = None,
         backbone = build_backbone(model_cfg, device=build_on)
     elif hf_config is not None:
         from fastdino.models.hf_convert import backbone_from_hf_config
+
         backbone = backbone_from_hf_config(hf_config, device=build_on)
     else:
-        raise ValueError(f"--weights {weights!r}: the architecture is unknown; pass --arch "
-                         f"(one of {' | '.join(ARCH_TABLE)}) or --config (a preset or yaml)")
+        raise ValueError(
+            f"--weights {weights!r}: the architecture is unknown; pass --arch "
+            f"(one of {' | '.join(ARCH_TABLE)}) or --config (a preset or yaml)"
+        )
     if sd is not None:
         backbone = backbone.to_empty(device="cpu")
         try:
             load_backbone_state_dict(backbone, sd)
         except ValueError as e:
-            raise ValueError(f"--weights {weights!r} does not fit the architecture "
-                             f"{describe_arch(backbone)} ({source}): {e}") from None
+            raise ValueError(
+                f"--weights {weights!r} does not fit the architecture "
+                f"{describe_arch(backbone)} ({source}): {e}"
+            ) from None
     backbone.eval().requires_grad_(False)
-    info = WeightsInfo(source=source, digest=state_dict_digest(backbone.state_dict()),
-                       arch=describe_arch(backbone))
+    info = WeightsInfo(
+        source=source, digest=state_dict_digest(backbone.state_dict()), arch=describe_arch(backbone)
+    )
     logger.info("eval backbone: %s [%s]", source, info.arch)
     return backbone.to(device), info

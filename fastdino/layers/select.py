@@ -22,14 +22,17 @@ IMPLS = ("auto", "triton", "torch")
 def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
     """Whether op `op` runs its Triton kernel on tensor `x` under `impl`."""
     if impl not in IMPLS:
-        raise ValueError(f"kernels.impl = {impl!r} is invalid: allowed is one of {' | '.join(IMPLS)}")
+        raise ValueError(
+            f"kernels.impl = {impl!r} is invalid: allowed is one of {' | '.join(IMPLS)}"
+        )
     if impl == "torch":
         choice = False
     elif impl == "triton":
         if not can_run_triton(x):
             raise RuntimeError(
                 f"kernels.impl=triton but op '{op}' got a {x.device.type} tensor and Triton cannot "
-                "run there (needs CUDA, or TRITON_INTERPRET=1 set before import on CPU)")
+                "run there (needs CUDA, or TRITON_INTERPRET=1 set before import on CPU)"
+            )
         choice = True
     else:
         choice = x.is_cuda and can_run_triton(x)

@@ -21,28 +21,38 @@ from fastdino.kernels import gram as gram_kernels
 from fastdino.layers.select import IMPLS, use_triton
 
 
-def resize_teacher_grid(teacher: torch.Tensor, teacher_hw: tuple[int, int],
-                        student_hw: tuple[int, int]) -> torch.Tensor:
+def resize_teacher_grid(
+    teacher: torch.Tensor, teacher_hw: tuple[int, int], student_hw: tuple[int, int]
+) -> torch.Tensor:
     """teacher [B, ht·wt, D] -> [B, h·w, D]: bicubic, align_corners=False, antialias=False
     (the official `get_gram_teacher_output`), computed in fp32 and cast back."""
     b, p_t, d = teacher.shape
     ht, wt = teacher_hw
     h, w = student_hw
     if ht * wt != p_t:
-        raise ValueError(f"GramLoss: teacher_hw={tuple(teacher_hw)} gives {ht * wt} patches but the "
-                         f"teacher has {p_t}")
+        raise ValueError(
+            f"GramLoss: teacher_hw={tuple(teacher_hw)} gives {ht * wt} patches but the "
+            f"teacher has {p_t}"
+        )
     grid = teacher.float().transpose(1, 2).reshape(b, d, ht, wt)  # [B, D, ht, wt]
     grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
     return grid.reshape(b, d, h * w).transpose(1, 2).to(teacher.dtype)  # [B, h·w, D]
 
 
 class GramLoss(nn.Module):
-    def __init__(self, img_level: bool = True, remove_neg: bool = False,
-                 remove_only_teacher_neg: bool = False, impl: str = "auto"):
+    def __init__(
+        self,
+        img_level: bool = True,
+        remove_neg: bool = False,
+        remove_only_teacher_neg: bool = False,
+        impl: str = "auto",
+    ):
         super().__init__()
         if remove_neg and remove_only_teacher_neg:
-            raise ValueError("GramLoss: remove_neg and remove_only_teacher_neg are exclusive; "
-                             "allowed is at most one of them")
+            raise ValueError(
+                "GramLoss: remove_neg and remove_only_teacher_neg are exclusive; "
+                "allowed is at most one of them"
+            )
         if impl not in IMPLS:
             raise ValueError(f"GramLoss: impl={impl!r} is invalid: allowed is one of {IMPLS}")
         self.img_level = img_level
@@ -51,31 +61,50 @@ class GramLoss(nn.Module):
         self.impl = impl
 
     def extra_repr(self) -> str:
-        return (f"img_level={self.img_level}, remove_neg={self.remove_neg}, "
-                f"remove_only_teacher_neg={self.remove_only_teacher_neg}, impl={self.impl}")
+        return (
+            f"img_level={self.img_level}, remove_neg={self.remove_neg}, "
+            f"remove_only_teacher_neg={self.remove_only_teacher_neg}, impl={self.impl}"
+        )
 
-    def forward(self, student_patches: torch.Tensor, teacher_patches: torch.Tensor,
-                student_hw: tuple[int, int] | None = None,
-                teacher_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student_patches: torch.Tensor,
+        teacher_patches: torch.Tensor,
+        student_hw: tuple[int, int] | None = None,
+        teacher_hw: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """student_patches [B, P, D] (P = h·w), teacher_patches [B, Pt, D] (Pt = ht·wt) -> scalar.
 
         The teacher grid is resized to the student grid when the two differ; both hw may be
         omitted when the patch counts already agree.
         """
         if student_patches.dim() != 3 or teacher_patches.dim() != 3:
-            raise ValueError("GramLoss: student_patches and teacher_patches must be [B, P, D]; got "
-                             f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}")
+            raise ValueError(
+                "GramLoss: student_patches and teacher_patches must be [B, P, D]; got "
+                f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}"
+            )
         teacher = teacher_patches.detach()
         if student_hw is not None and student_hw[0] * student_hw[1] != student_patches.shape[1]:
-            raise ValueError(f"GramLoss: student_hw={tuple(student_hw)} does not match "
-                             f"{student_patches.shape[1]} student patches")
-        if teacher_hw is not None and student_hw is not None and tuple(teacher_hw) != tuple(student_hw):
+            raise ValueError(
+                f"GramLoss: student_hw={tuple(student_hw)} does not match "
+                f"{student_patches.shape[1]} student patches"
+            )
+        if (
+            teacher_hw is not None
+            and student_hw is not None
+            and tuple(teacher_hw) != tuple(student_hw)
+        ):
             teacher = resize_teacher_grid(teacher, teacher_hw, student_hw)
         elif teacher.shape[1] != student_patches.shape[1]:
-            raise ValueError(f"GramLoss: teacher has {teacher.shape[1]} patches, student "
-                             f"{student_patches.shape[1]}: pass student_hw and teacher_hw to resize")
-        kwargs = dict(img_level=self.img_level, remove_neg=self.remove_neg,
-                      remove_only_teacher_neg=self.remove_only_teacher_neg)
+            raise ValueError(
+                f"GramLoss: teacher has {teacher.shape[1]} patches, student "
+                f"{student_patches.shape[1]}: pass student_hw and teacher_hw to resize"
+            )
+        kwargs = dict(
+            img_level=self.img_level,
+            remove_neg=self.remove_neg,
+            remove_only_teacher_neg=self.remove_only_teacher_neg,
+        )
         if use_triton(self.impl, student_patches, "gram_loss"):
             return gram_kernels.gram_loss(student_patches, teacher, **kwargs)
         return gram_kernels.gram_loss_ref(student_patches, teacher, **kwargs)

@@ -36,8 +36,9 @@ def _worker(rank: int, port: int, out_dir: str, group_size: int, impl: str) -> N
         loss = KoLeoLossDistributed(group_size=group_size, impl=impl)(x)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": x.grad}, os.path.join(out_dir, f"{rank}.pt"))
-        # every rank done with the group before any tears it down: a rank destroying gloo while
-        # the other still has a pending op aborts it ('terminate called without an active exception')
+        # every rank done with the group before any tears it down: a rank destroying gloo
+        # while the other still has a pending op aborts it ('terminate called without an
+        # active exception')
         tdist.barrier()
     finally:
         tdist.destroy_process_group()

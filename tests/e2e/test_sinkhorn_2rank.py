@@ -53,8 +53,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res = {impl: _run(**mine, rank=rank, impl=impl, ibot_rows=M_IBOT[rank])
                for impl in ("torch", "triton")}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        # every rank done with the group before any tears it down: a rank destroying gloo while
-        # the other still has a pending op aborts it ('terminate called without an active exception')
+        # every rank done with the group before any tears it down: a rank destroying gloo
+        # while the other still has a pending op aborts it ('terminate called without an
+        # active exception')
         tdist.barrier()
     finally:
         tdist.destroy_process_group()

@@ -259,9 +259,9 @@ def test_backbone_with_fused_rope_matches_the_reference_backbone():
     masks[0, :3] = True
     outs = [m.forward_features_list([g, l], [masks, None]) for m in (fused, ref)]
     for key in ("x_norm_clstoken", "x_norm_patchtokens"):
-        for a, b in zip(outs[0], outs[1]):
+        for a, b in zip(outs[0], outs[1], strict=True):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    for m, o in zip((fused, ref), outs):
+    for o in outs:
         sum(d["x_norm_patchtokens"].square().sum() for d in o).backward()
-    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

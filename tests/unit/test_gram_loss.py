@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastdino.kernels.gram import gram_loss_ref
+
 from fastdino.losses.gram_loss import GramLoss, resize_teacher_grid
 
 R2 = 1 / math.sqrt(2)
@@ -20,7 +20,9 @@ def t64(rows):
 def test_identical_inputs_give_zero():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
-    scale = torch.rand(3, 7, 1, generator=g, dtype=torch.float64) + 0.5  # per-row scale: normalised away
+    scale = (
+        torch.rand(3, 7, 1, generator=g, dtype=torch.float64) + 0.5
+    )  # per-row scale: normalised away
     for img_level in (True, False):
         loss = GramLoss(img_level=img_level, impl="torch")(s, s * scale)
         assert loss.item() == pytest.approx(0.0, abs=1e-14)
@@ -65,7 +67,9 @@ def test_remove_neg_semantics(s_rows, t_rows, none, neg, only_t):
     s, t = t64([s_rows]), t64([t_rows])
     assert gram_loss_ref(s, t).item() == pytest.approx(none, abs=1e-14)
     assert gram_loss_ref(s, t, remove_neg=True).item() == pytest.approx(neg, abs=1e-14)
-    assert gram_loss_ref(s, t, remove_only_teacher_neg=True).item() == pytest.approx(only_t, abs=1e-14)
+    assert gram_loss_ref(s, t, remove_only_teacher_neg=True).item() == pytest.approx(
+        only_t, abs=1e-14
+    )
 
 
 def test_remove_neg_blocks_gradient_of_clamped_student_entries():
@@ -93,13 +97,20 @@ def test_bicubic_resize_of_a_2x_teacher_grid():
     teacher = grid.flatten(2).transpose(1, 2)  # [B, 4hw, D]
 
     def student_from(**kw):
-        return F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, **kw) \
-            .flatten(2).transpose(1, 2)  # [B, hw, D]
+        return (
+            F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, **kw)
+            .flatten(2)
+            .transpose(1, 2)
+        )  # [B, hw, D]
 
     loss_fn = GramLoss(impl="torch")
-    exact = loss_fn(student_from(antialias=False), teacher, student_hw=(h, w), teacher_hw=(2 * h, 2 * w))
+    exact = loss_fn(
+        student_from(antialias=False), teacher, student_hw=(h, w), teacher_hw=(2 * h, 2 * w)
+    )
     assert exact.item() == pytest.approx(0.0, abs=1e-10)
-    other = loss_fn(student_from(antialias=True), teacher, student_hw=(h, w), teacher_hw=(2 * h, 2 * w))
+    other = loss_fn(
+        student_from(antialias=True), teacher, student_hw=(h, w), teacher_hw=(2 * h, 2 * w)
+    )
     assert other.item() > 1e-4
     assert resize_teacher_grid(teacher, (2 * h, 2 * w), (h, w)).shape == (b, h * w, d)
 
