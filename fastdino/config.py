@@ -261,6 +261,7 @@ class GramConfig:
     img_level: bool = True  # per-image Grams (True) or one Gram of the flattened rank batch
     remove_neg: bool = False  # clamp both Grams at 0
     remove_only_teacher_neg: bool = False  # clamp the teacher Gram at 0 (and student where t<0)
+    tokens_used: str = "all"  # all | masked | unmasked student patches (masked/unmasked: not img_level)
     ckpt: str | None = None  # Gram teacher weights ({"teacher": state_dict} or a backbone file)
     ema_teacher: bool = False  # use the EMA teacher itself at the student resolution
     it_load_ema_teacher: int = -1  # copy the EMA teacher into the Gram teacher at this iteration
@@ -282,6 +283,13 @@ class GramConfig:
             f"{p}.remove_neg",
             "at most one of remove_neg / remove_only_teacher_neg",
             self.remove_neg,
+        )
+        _choice(self.tokens_used, f"{p}.tokens_used", ("all", "masked", "unmasked"))
+        _check(
+            self.tokens_used == "all" or not self.img_level,
+            f"{p}.tokens_used",
+            "'all' when img_level is true (masked / unmasked need img_level: false)",
+            self.tokens_used,
         )
         for name in (
             "loss_weight_warmup_iterations",
@@ -394,6 +402,8 @@ class DataConfig:
 @dataclass(kw_only=True)
 class KernelsConfig:
     impl: str = "auto"  # auto (Triton on CUDA, reference elsewhere) | triton | torch
+    # LayerNorm + residual + LayerScale and SwiGLU in Triton; off until a GPU benchmark shows a win
+    fuse_pointwise: bool = False
 
     def validate(self, p: str = "kernels") -> None:
         _choice(self.impl, f"{p}.impl", ("auto", "triton", "torch"))
