@@ -261,7 +261,7 @@ class GramConfig:
     img_level: bool = True  # per-image Grams (True) or one Gram of the flattened rank batch
     remove_neg: bool = False  # clamp both Grams at 0
     remove_only_teacher_neg: bool = False  # clamp the teacher Gram at 0 (and student where t<0)
-    tokens_used: str = "all"  # all | masked | unmasked student patches (masked/unmasked: not img_level)
+    tokens_used: str = "all"  # all | masked | unmasked student patches (the last two: no img_level)
     ckpt: str | None = None  # Gram teacher weights ({"teacher": state_dict} or a backbone file)
     ema_teacher: bool = False  # use the EMA teacher itself at the student resolution
     it_load_ema_teacher: int = -1  # copy the EMA teacher into the Gram teacher at this iteration
