@@ -6,11 +6,13 @@
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
 # kernel's parity on its quick cases), `python -m bench all --quick` (the kernel benchmarks) and
-# `python -m bench step --quick` (ViT-S/16 and ViT-B/16 training steps, Triton vs torch kernels).
+# `python -m bench step --quick` (ViT-S/16 and ViT-B/16 training steps, Triton vs torch kernels)
+# and, when deepspeed imports (carry `.whl` made by scripts/device_wheels.sh), a short ZeRO-2 bf16
+# training run of ViT-S/16 through the trainer (logged into step.log).
 # Every stage runs under `timeout`, with a share of --budget (default 480 s) trimmed so the whole
 # script ends inside it. Writes at most 8 files to --out (default bench/results/):
 #   env.txt pytest.log check.log bench.log step.log step.json summary.txt <gpu-slug>-<date>.jsonl
-# Installs nothing; skips what is missing with a message. Without a GPU it still runs (CPU
+# Installs nothing into the image (carried wheels go to a temp dir); skips what is missing. Without a GPU it still runs (CPU
 # interpreter cases, smoke-sized step), which is how it is tested.
 set -u
 
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY)" >&2; exit 2 ;;
   esac
 done
@@ -60,6 +62,20 @@ else
 fi
 run_py() { "$PY" $PYFLAGS "$@"; }
 
+# ---- carried wheels (scripts/device_wheels.sh fills .whl/: deepspeed + the pydantic/hjson it
+# needs): installed into a temp --target dir, never into the image, and put on PYTHONPATH
+WHEELS="none carried (scripts/device_wheels.sh makes them)"
+if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  SITE="$(mktemp -d)/wheels"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+      "$REPO"/.whl/*.whl > "$SITE.log" 2>&1; then
+    export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
+    WHEELS="$(cd "$REPO/.whl" && ls *.whl | tr '\n' ' ')-> $SITE"
+  else
+    WHEELS="install FAILED: $(tail -3 "$SITE.log" | tr '\n' ' ')"
+  fi
+fi
+
 # ---- budget: each stage gets min(its share, what is left minus the floors of later stages)
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
 stage_timeout() {  # $1 = share in % of the budget, $2 = seconds reserved for the later stages
@@ -84,6 +100,7 @@ run_stage() {  # name, timeout, log, command... (a program: timeout cannot run s
 # ---- 0. environment
 {
   echo "date: $(date -u +%FT%TZ)   budget: ${BUDGET}s   imports: $IMPORTS"
+  echo "wheels: $WHEELS"
   echo "commit: ${FASTDINO_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
   command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found (no NVIDIA driver)"
   run_py - <<'EOF'
@@ -108,6 +125,9 @@ EOF
 } > "$OUT/env.txt" 2>&1
 say "env      $(grep -m1 '^gpu ' "$OUT/env.txt" || echo 'no GPU')  | $(grep -m1 '^python' "$OUT/env.txt")"
 DEEPSPEED=$(grep -q '^deepspeed: not available' "$OUT/env.txt" && echo no || echo yes)
+CUDA=$(grep -q '^gpu ' "$OUT/env.txt" && echo yes || echo no)
+DS_FLOOR=0  # seconds kept for stage 5 when it will run
+[ "$DEEPSPEED" = yes ] && [ "$CUDA" = yes ] && DS_FLOOR=60
 
 # ---- 1. GPU tests and kernel parity tests (compile checks run in CI, not here)
 if run_py -c "import pytest" 2>/dev/null; then
@@ -127,8 +147,22 @@ run_stage bench "$(stage_timeout 33 30)" "$OUT/bench.log" "$PY" $PYFLAGS -m benc
 
 # ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
 [ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
-run_stage step "$(stage_timeout 100 5)" "$OUT/step.log" \
+run_stage step "$(stage_timeout 100 $(( 5 + DS_FLOOR )))" "$OUT/step.log" \
   "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
+
+# ---- 5. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
+# as the deepspeed launcher would (its env vars), ViT-S/16 on the embedded sample images; the log
+# goes to step.log (the file count is capped). Needs deepspeed, e.g. from the carried wheels.
+if [ "$DS_FLOOR" -gt 0 ]; then
+  echo "## stage ds: deepspeed single-rank ZeRO-2 training of vits16" >> "$OUT/step.log"
+  run_stage ds "$(stage_timeout 100 0)" "$OUT/step.log" \
+    env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
+    "$PY" $PYFLAGS fastdino/train.py --config configs/vits16.yaml train.max_iterations=12 \
+      train.log_every=4 train.checkpoint_every=1000000 data.batch_size_per_gpu=32 \
+      data.num_workers=8 deepspeed.zero_stage=2 "train.output_dir=$(mktemp -d)/ds"
+else
+  say "ds       SKIPPED: needs deepspeed (carry .whl from scripts/device_wheels.sh) and a GPU"
+fi
 
 # ---- summary: parity verdicts and the step table
 {
@@ -136,6 +170,7 @@ run_stage step "$(stage_timeout 100 5)" "$OUT/step.log" \
   grep ' FAIL' "$OUT/check.log" 2>/dev/null | head -20
   echo "pytest: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest.log" 2>/dev/null | tail -1)"
   sed -n '/^model    impl/,$p' "$OUT/step.log" 2>/dev/null | head -8
+  sed -n '/^## stage ds/,$p' "$OUT/step.log" 2>/dev/null | grep -E ' it [0-9]+/|Error|error' | tail -4
   echo "total $(( SECONDS - START ))s of ${BUDGET}s budget; files in $OUT:"; ls "$OUT"
 } | tee -a "$SUMMARY"
 exit 0
