@@ -136,7 +136,8 @@ class SSLMetaArch:
         self.koleo_loss = (KoLeoLossDistributed(cfg.koleo.group_size, impl) if cfg.koleo.distributed
                            else KoLeoLoss(impl))
         g = cfg.gram
-        self.gram_loss = GramLoss(g.img_level, g.remove_neg, g.remove_only_teacher_neg, impl)
+        self.gram_loss = GramLoss(g.img_level, g.remove_neg, g.remove_only_teacher_neg, impl,
+                                  tokens_used=g.tokens_used)
         # Gram teacher: a frozen backbone copy, or the EMA teacher itself (gram.ema_teacher)
         self.gram_teacher: nn.Module | None = None
         self.gram_updates = 0
@@ -234,7 +235,8 @@ class SSLMetaArch:
             if "gram_patches" in t and v.gram_weight > 0:
                 hw = tuple(x // cfg.model.patch_size for x in batch.global_crops.shape[-2:])
                 gram = self.gram_loss(s["global_patches"].float(), t["gram_patches"].float(),
-                                      student_hw=hw, teacher_hw=t.get("gram_hw", hw))
+                                      student_hw=hw, teacher_hw=t.get("gram_hw", hw),
+                                      masks=batch.masks, mask_indices=batch.mask_indices)
                 total = total + v.gram_weight * gram
             terms.update(gram_loss=gram, gram_loss_weight=v.gram_weight)
         terms["total_loss"] = total

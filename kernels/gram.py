@@ -71,10 +71,33 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor,
                          "allowed is at most one of them")
 
 
+def _check_rows(rows: torch.Tensor | None, img_level: bool) -> None:
+    if rows is None:
+        return
+    if img_level:
+        raise ValueError("gram loss: rows (tokens_used masked | unmasked) need img_level=False: "
+                         "a row subset has no per-image Gram (official: only with img_level false)")
+    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"gram loss: rows must be a 1-D integer tensor of flat indices into the "
+                         f"B·P patches; got {rows.dtype} {tuple(rows.shape)}")
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, P, D] -> [1, N_sel, D]: the patches at flat indices `rows` into B·P, in that order
+    (official `x[masks]` for rows = masks.flatten().nonzero()). A gather; its backward scatters
+    the gradient back to the selected rows (the others get 0)."""
+    return x.flatten(0, 1).index_select(0, rows.to(x.device, torch.long))[None]
+
+
 def gram_loss_ref(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
                   remove_neg: bool = False, remove_only_teacher_neg: bool = False,
-                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  compute_dtype: torch.dtype | None = None,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """The official math, in pure PyTorch. student, teacher [B, P, D] -> scalar.
+
+    rows (img_level=False only; `gram.tokens_used` masked | unmasked): [N_sel] flat indices into
+    the B·P patches; only those rows form the flattened Gram, and the MSE mean runs over its
+    N_sel² entries (official: `student_patches[masks]` before the loss). N_sel = 0 gives 0.
 
     Computes in `compute_dtype` (default: the input dtype promoted to at least fp32, i.e. the
     official `.float()`; pass torch.float64 inputs for an fp64 truth, or compute_dtype=bf16 for
@@ -87,6 +110,11 @@ def gram_loss_ref(student: torch.Tensor, teacher: torch.Tensor, img_level: bool 
       teacher is negative the difference is relu(Ĝs); elsewhere it is Ĝs - Ĝt.
     """
     _check_inputs(student, teacher, remove_neg, remove_only_teacher_neg)
+    _check_rows(rows, img_level)
+    if rows is not None:
+        if rows.numel() == 0:  # official: MSE of empty Grams is nan; nothing to anchor is 0
+            return (student.sum() * 0).to(compute_dtype or torch.float32)
+        student, teacher = select_rows(student, rows), select_rows(teacher, rows)
     dt = compute_dtype or torch.promote_types(student.dtype, torch.float32)
     s = F.normalize(student.to(dt), dim=-1, eps=NORM_EPS)  # [B, P, D]
     t = F.normalize(teacher.to(dt), dim=-1, eps=NORM_EPS)
@@ -637,10 +665,20 @@ class GramFn(torch.autograd.Function):
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
               remove_neg: bool = False, remove_only_teacher_neg: bool = False,
-              form: str = "auto") -> torch.Tensor:
+              form: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
-    only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp)."""
+    only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
+
+    rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
+    `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the
+    kernels, so Pe = N_sel and the normaliser is N_sel² (not (B·P)²); the gather's backward
+    scatters dŝ back to the selected rows."""
     _check_inputs(student, teacher, remove_neg, remove_only_teacher_neg)
+    _check_rows(rows, img_level)
+    if rows is not None:
+        if rows.numel() == 0:
+            return (student.sum() * 0).float()
+        student, teacher = select_rows(student, rows), select_rows(teacher, rows)
     clamp = (CLAMP_NEG if remove_neg else CLAMP_TEACHER_NEG if remove_only_teacher_neg
              else CLAMP_NONE)
     nb, pe, d = _views(student, img_level)

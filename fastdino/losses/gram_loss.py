@@ -9,6 +9,11 @@ Naive math (per image b, img_level=True):
 
 With img_level=False the B·P patches of the batch form one Gram (N = (B·P)²). Only the student
 gets a gradient: the Gram teacher is frozen.
+
+tokens_used (img_level=False only): all | masked | unmasked. With masked (unmasked) only the
+patches where the iBOT mask of the global crops is True (False) enter the flattened Gram, the
+teacher's at the same positions (official `get_gram_teacher_output`: `patches[masks]` after the
+teacher grid is resized), and the mean runs over N_sel² entries, N_sel = #selected patches.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from torch import nn
 
 from fastdino.kernels import gram as gram_kernels
 from fastdino.layers.select import IMPLS, use_triton
+
+TOKENS_USED = ("all", "masked", "unmasked")
 
 
 def resize_teacher_grid(
@@ -46,8 +53,19 @@ class GramLoss(nn.Module):
         remove_neg: bool = False,
         remove_only_teacher_neg: bool = False,
         impl: str = "auto",
+        tokens_used: str = "all",
     ):
         super().__init__()
+        if tokens_used not in TOKENS_USED:
+            raise ValueError(
+                f"GramLoss: tokens_used={tokens_used!r} is invalid: allowed is one of "
+                f"{' | '.join(TOKENS_USED)}"
+            )
+        if tokens_used != "all" and img_level:
+            raise ValueError(
+                f"GramLoss: tokens_used={tokens_used!r} needs img_level=False (a subset of patches "
+                "has no per-image Gram); allowed with img_level=True is only 'all'"
+            )
         if remove_neg and remove_only_teacher_neg:
             raise ValueError(
                 "GramLoss: remove_neg and remove_only_teacher_neg are exclusive; "
@@ -59,11 +77,13 @@ class GramLoss(nn.Module):
         self.remove_neg = remove_neg
         self.remove_only_teacher_neg = remove_only_teacher_neg
         self.impl = impl
+        self.tokens_used = tokens_used
 
     def extra_repr(self) -> str:
         return (
             f"img_level={self.img_level}, remove_neg={self.remove_neg}, "
-            f"remove_only_teacher_neg={self.remove_only_teacher_neg}, impl={self.impl}"
+            f"remove_only_teacher_neg={self.remove_only_teacher_neg}, impl={self.impl}, "
+            f"tokens_used={self.tokens_used}"
         )
 
     def forward(
@@ -72,11 +92,16 @@ class GramLoss(nn.Module):
         teacher_patches: torch.Tensor,
         student_hw: tuple[int, int] | None = None,
         teacher_hw: tuple[int, int] | None = None,
+        masks: torch.Tensor | None = None,
+        mask_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """student_patches [B, P, D] (P = h·w), teacher_patches [B, Pt, D] (Pt = ht·wt) -> scalar.
 
         The teacher grid is resized to the student grid when the two differ; both hw may be
-        omitted when the patch counts already agree.
+        omitted when the patch counts already agree. masks [B, P] bool (the iBOT masks of the
+        global crops, same order as the B student images) is needed for tokens_used masked |
+        unmasked; mask_indices [M] (= masks.flatten().nonzero(), the Batch field) is optional and
+        spares the device -> host read that counting the selected patches otherwise costs.
         """
         if student_patches.dim() != 3 or teacher_patches.dim() != 3:
             raise ValueError(
@@ -104,7 +129,35 @@ class GramLoss(nn.Module):
             img_level=self.img_level,
             remove_neg=self.remove_neg,
             remove_only_teacher_neg=self.remove_only_teacher_neg,
+            rows=self._rows(student_patches, masks, mask_indices),
         )
         if use_triton(self.impl, student_patches, "gram_loss"):
             return gram_kernels.gram_loss(student_patches, teacher, **kwargs)
         return gram_kernels.gram_loss_ref(student_patches, teacher, **kwargs)
+
+    def _rows(
+        self, student: torch.Tensor, masks: torch.Tensor | None, mask_indices: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Flat indices into the B·P patches that tokens_used selects, ascending (the order of
+        the official boolean indexing), or None for all."""
+        if self.tokens_used == "all":
+            return None
+        if masks is None:
+            raise ValueError(
+                f"GramLoss: tokens_used={self.tokens_used!r} needs masks [B, P] (the iBOT masks "
+                "of the global crops); got none"
+            )
+        if masks.dtype != torch.bool or tuple(masks.shape) != tuple(student.shape[:2]):
+            raise ValueError(
+                f"GramLoss: masks must be bool [B, P] = {tuple(student.shape[:2])}; got "
+                f"{masks.dtype} {tuple(masks.shape)}"
+            )
+        flat = masks.reshape(-1)
+        if mask_indices is None:  # counting needs the values on the host: one sync
+            return (flat if self.tokens_used == "masked" else ~flat).nonzero().reshape(-1)
+        if self.tokens_used == "masked":
+            return mask_indices
+        # unmasked: the count is known from the shapes; a stable sort puts the False positions
+        # first, in ascending order, without reading the mask on the host
+        n_unmasked = flat.numel() - mask_indices.numel()
+        return torch.sort(flat.to(torch.uint8), stable=True).indices[:n_unmasked]
