@@ -128,11 +128,13 @@ class SSLMetaArch:
         self.teacher = _frozen_copy(self.student)
         impl = cfg.kernels.impl
         d = cfg.dino
+        # softmax centers move once per optimizer step (update_centers), not per micro-batch
         self.dino_loss = DINOLoss(d.head.n_prototypes, d.student_temp, d.centering,
-                                  d.center_momentum, d.sk_iterations, impl).to(device)
+                                  d.center_momentum, d.sk_iterations, impl,
+                                  defer_center_update=True).to(device)
         self.ibot_patch_loss = iBOTPatchLoss(cfg.ibot.head.n_prototypes, d.student_temp,
                                              d.centering, d.center_momentum, d.sk_iterations,
-                                             impl).to(device)
+                                             impl, defer_center_update=True).to(device)
         self.koleo_loss = (KoLeoLossDistributed(cfg.koleo.group_size, impl) if cfg.koleo.distributed
                            else KoLeoLoss(impl))
         g = cfg.gram
@@ -190,6 +192,19 @@ class SSLMetaArch:
     def update_teacher(self, momentum: float) -> None:
         ema_update(self.teacher, self.engine.module, momentum,
                    full_values=self.engine.full_values)
+
+    @torch.no_grad()
+    def update_centers(self) -> None:
+        """Softmax centering: fold the teacher means recorded over this optimizer step's
+        micro-batches into the centers (once per step, after the EMA; collective). No-op under
+        Sinkhorn-Knopp."""
+        self.dino_loss.apply_center_update()
+        self.ibot_patch_loss.apply_center_update()
+
+    def discard_center_updates(self) -> None:
+        """A skipped step leaves the centers unchanged."""
+        self.dino_loss.discard_center_update()
+        self.ibot_patch_loss.discard_center_update()
 
     @torch.no_grad()
     def update_gram_teacher(self, it: int) -> bool:
@@ -255,7 +270,8 @@ class SSLMetaArch:
         for name in ("dino_loss", "ibot_patch_loss"):
             loss = getattr(self, name)
             st[name] = loss.state_dict()
-            st[name + "_pending_center"] = loss._pending_batch_mean  # softmax centering is lazy
+            # None between optimizer steps (the trainer folds it in at every step's end)
+            st[name + "_pending_center"] = loss.pending_center_state()
         return st
 
     def load_from_checkpoint(self, st: dict) -> None:
@@ -266,6 +282,8 @@ class SSLMetaArch:
         for name in ("dino_loss", "ibot_patch_loss"):
             loss = getattr(self, name)
             loss.load_state_dict(st[name])
-            pending = st[name + "_pending_center"]
-            loss._pending_batch_mean = None if pending is None else pending.to(loss.center.device)
+            loss.load_pending_center_state(st[name + "_pending_center"])
+        # checkpoints of the lazy update hold the last step's mean: fold it in now (the lazy
+        # update did at the next call, before the center was used); collective, all ranks load
+        self.update_centers()
 

@@ -2,9 +2,19 @@
 Sinkhorn-Knopp (DINOv3 default) or DINOv2 softmax centering with a lazily applied EMA center.
 
 The center is a [1, K] buffer (zeros and unused under Sinkhorn-Knopp, kept so state dicts match
-the official ones). Softmax centering uses the center of the *previous* call and then records
-this batch's mean, applied at the next call: exactly DINOv2's asynchronous update, made
-synchronous through fastdino.dist (no torch.distributed import here).
+the official ones). Softmax centering uses the center of the *previous* step and then records
+this batch's mean for the EMA c <- m·c + (1-m)·mean:
+- default (`defer_center_update=False`): the recorded mean is folded in at the next call, exactly
+  DINOv2's asynchronous update, made synchronous through fastdino.dist (no torch.distributed
+  import here);
+- `defer_center_update=True` (the trainer, for gradient accumulation: USERS.md §2, LightlyTrain
+  #968, LightlySSL PR#2062): calls only record; the center stays fixed across the micro-batches
+  of one optimizer step, and the owner calls `apply_center_update()` once per optimizer step
+  (or `discard_center_update()` when the step is skipped). The mean folded in is the mean over
+  the step's micro-batches of each micro-batch's row mean, averaged over ranks: with equal rows
+  per micro-batch and rank (static shapes: 2B CLS rows, a config-fixed masked count M) it is the
+  mean over all teacher rows of the global batch, as one big batch would give.
+The rank average is one all-reduce per update (at `apply_center_update`), not one per call.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ CENTERINGS = ("sinkhorn_knopp", "softmax")
 class TeacherCentering(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1,
                  centering: str = "sinkhorn_knopp", center_momentum: float = 0.9,
-                 sk_iterations: int = 3, impl: str = "auto"):
+                 sk_iterations: int = 3, impl: str = "auto", defer_center_update: bool = False):
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering = {centering!r} is invalid: allowed is one of "
@@ -41,9 +51,12 @@ class TeacherCentering(nn.Module):
         self.center_momentum = center_momentum
         self.sk_iterations = sk_iterations
         self.impl = impl
+        self.defer_center_update = defer_center_update
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # batch mean [1, K] waiting to be folded into the center at the next call (softmax only)
-        self._pending_batch_mean: torch.Tensor | None = None
+        # softmax only: sum [1, K] of this rank's per-call row means not yet folded into the
+        # center, and the number of calls summed (their mean is all-reduced at the update)
+        self._pending_sum: torch.Tensor | None = None
+        self._pending_calls = 0
 
     def extra_repr(self) -> str:
         return (f"out_dim={self.out_dim}, student_temp={self.student_temp}, "
@@ -55,11 +68,34 @@ class TeacherCentering(nn.Module):
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
-        """center <- m·center + (1-m)·batch_mean of the previous call (no-op if none pending)."""
-        if self._pending_batch_mean is not None:
-            m = self.center_momentum
-            self.center.mul_(m).add_(self._pending_batch_mean, alpha=1.0 - m)
-            self._pending_batch_mean = None
+        """center <- m·center + (1-m)·batch_mean, batch_mean = the mean of the row means recorded
+        since the last update, averaged over ranks (no-op if none pending). Collective when
+        something is pending (every rank has the same pending state: they make the same calls)."""
+        if self._pending_sum is None:
+            return
+        batch_mean = dist.all_reduce_mean(self._pending_sum / self._pending_calls)
+        m = self.center_momentum
+        self.center.mul_(m).add_(batch_mean.to(self.center.dtype), alpha=1.0 - m)
+        self.discard_center_update()
+
+    def discard_center_update(self) -> None:
+        """Forget the recorded means (a skipped optimizer step leaves the center unchanged)."""
+        self._pending_sum, self._pending_calls = None, 0
+
+    def pending_center_state(self) -> tuple[torch.Tensor, int] | None:
+        """(sum of this rank's recorded row means [1, K], number of calls), or None."""
+        return None if self._pending_sum is None else (self._pending_sum, self._pending_calls)
+
+    def load_pending_center_state(self, state: tuple[torch.Tensor, int] | torch.Tensor | None
+                                  ) -> None:
+        """Inverse of `pending_center_state`; a bare [1, K] tensor (checkpoints written before
+        the deferred update: the rank-averaged mean of the last call) counts as one call."""
+        if state is None:
+            self.discard_center_update()
+            return
+        total, calls = (state, 1) if torch.is_tensor(state) else state
+        self._pending_sum = total.to(self.center.device, torch.float32).reshape(1, -1).clone()
+        self._pending_calls = int(calls)
 
     @torch.no_grad()
     def _normalise(self, teacher_logits: torch.Tensor, teacher_temp: float,
@@ -75,15 +111,17 @@ class TeacherCentering(nn.Module):
                 return sk.sinkhorn_knopp(teacher_logits, teacher_temp, self.sk_iterations, n_total)
             return sk.TeacherTargets(probs=sk.sinkhorn_knopp_ref(
                 teacher_logits, teacher_temp, self.sk_iterations, n_total))
-        # softmax centering: previous center, then record this batch's mean for the next call
-        self.apply_center_update()
+        # softmax centering: the center of the previous step, then record this batch's mean
+        if not self.defer_center_update:
+            self.apply_center_update()
         if fused:
             targets, col_sum = sk.softmax_center(teacher_logits, self.center, teacher_temp)
         else:
             targets = sk.TeacherTargets(
                 probs=sk.softmax_center_ref(teacher_logits, self.center, teacher_temp))
             col_sum = sk.center_batch_sum_ref(teacher_logits)
-        # mean over this rank's rows, averaged over ranks (DINOv2: sum / (N_local · world))
-        batch_mean = dist.all_reduce_mean(col_sum / teacher_logits.shape[0])
-        self._pending_batch_mean = batch_mean.reshape(1, -1).to(self.center.dtype)
+        # mean over this rank's rows; averaged over ranks at the update (DINOv2: sum / (N·world))
+        row_mean = (col_sum.float() / teacher_logits.shape[0]).reshape(1, -1)
+        self._pending_sum = row_mean if self._pending_sum is None else self._pending_sum + row_mean
+        self._pending_calls += 1
         return targets
