@@ -4,9 +4,11 @@ a distributed launcher (`python fastdino/train.py`, e.g. the GPU benchmark machi
 
     dist_info = init_distributed()                  # before building anything
     engine = build_engine(student, groups, cfg, dist_info)
-    out = engine(*inputs)                           # student forward
-    engine.backward(loss)
-    norms = engine.clip_grad_norms(max_norm, loss)  # {"backbone": ..., "dino_head": ..., ...}
+    for i in range(gas):                            # deepspeed.gradient_accumulation_steps
+        engine.set_accumulation_boundary(i == gas - 1)
+        out = engine(*inputs_i)                     # student forward on micro-batch i
+        engine.backward(loss_i)                     # gradients of loss_i / gas, accumulated
+    norms = engine.clip_grad_norms(max_norm, losses)  # {"backbone": ..., "dino_head": ..., ...}
     engine.step()                                   # optimizer step + zero_grad
     with engine.full_values(params) as vals: ...    # full fp32 student values (ZeRO-3 / bf16)
 
@@ -22,6 +24,18 @@ student (backbone, dino_head, ibot_head) ourselves, between backward and step:
   place (ZeRO-1/2) or through `safe_set_local_grad` (ZeRO-3).
 The norms returned (and logged as `<module>_grad_norm`) are the pre-clip norms, as the official
 `clip_grad_norm_` return value. ZeRO stage 0 (fp32) keeps replicated full `.grad`s: no reduction.
+
+Gradient accumulation (gas micro-batches per optimizer step). DeepSpeed: `engine.backward`
+divides the loss by gas (`scale_wrt_gas=True`, its default); the boundary is set explicitly
+before every micro-batch (`set_gradient_accumulation_boundary`, DeepSpeed's documented pattern),
+so `engine.step()` is called once per optimizer step and the boundary never depends on
+DeepSpeed's micro-step counter (which a checkpoint does not restore). Off the boundary ZeRO-0/1
+(and the bf16 optimizer) only accumulate locally; ZeRO-2/3 reduce-scatter every micro-batch into
+the owned partition (DeepSpeed's design: the full gradient is never kept). On the boundary, after
+the last backward and before `step`, the fragments read above hold the reduced gradient summed
+over the micro-batches: the clip sees exactly what the optimizer will use. The plain torch engine
+is one process (no gradient all-reduce at all): its `backward` divides by gas and `.grad`s
+accumulate until `step` clears them.
 """
 
 from __future__ import annotations
@@ -154,11 +168,6 @@ def _adamw(groups: list[dict], cfg: Config, device: torch.device) -> torch.optim
 def build_engine(student: nn.Module, groups: list[dict], cfg: Config, info: DistInfo):
     """DeepSpeedStudent when running under DeepSpeed, else TorchStudent."""
     dtype = resolve_precision(cfg, info.device)
-    if cfg.deepspeed.gradient_accumulation_steps != 1:
-        # the step would need micro-batches with one clip / step / EMA per optimizer step
-        raise ConfigError("deepspeed.gradient_accumulation_steps = "
-                          f"{cfg.deepspeed.gradient_accumulation_steps} is not supported by the "
-                          "trainer yet: allowed is 1 (raise data.batch_size_per_gpu or add ranks)")
     if info.use_deepspeed:
         return DeepSpeedStudent(student, groups, cfg, info, dtype)
     if cfg.deepspeed.config_file is not None:
@@ -255,6 +264,7 @@ class TorchStudent(_StudentBase):
         self.module = student.to(info.device)
         self.dtype = dtype  # bf16: autocast in __call__ (params stay fp32 master weights)
         self.device = info.device
+        self.gas = cfg.deepspeed.gradient_accumulation_steps
         self.optimizer = _adamw(groups, cfg, info.device)
 
     @property
@@ -266,8 +276,12 @@ class TorchStudent(_StudentBase):
                             enabled=self.dtype == torch.bfloat16):
             return self.module(*args, **kwargs)
 
+    def set_accumulation_boundary(self, is_last: bool) -> None:
+        """Nothing to do: one process, no gradient reduction to schedule."""
+
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        # as DeepSpeed's scale_wrt_gas: the accumulated gradient is that of the mean loss
+        (loss / self.gas if self.gas > 1 else loss).backward()
 
     def step(self) -> None:
         self.optimizer.step()
@@ -312,8 +326,13 @@ class DeepSpeedStudent(_StudentBase):
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    def set_accumulation_boundary(self, is_last: bool) -> None:
+        """Before each micro-batch: True on the last one of the optimizer step (gradients are
+        reduced / finalised for the clip and the step), False before (accumulate)."""
+        self.engine.set_gradient_accumulation_boundary(is_last)
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # divides by gas (scale_wrt_gas=True)
 
     def step(self) -> None:
         self.engine.step()

@@ -2,8 +2,9 @@
 or `python fastdino/train.py ...` (one process, plain torch engine; see parallel.py).
 
 The step (DESIGN.md "One training step"), in `Trainer.step`:
-    schedules -> teacher forward (no grad) -> student forward -> DINO + iBOT + KoLeo + Gram
-    -> engine.backward -> per-module clip -> engine.step -> EMA -> Gram refresh
+    schedules -> for each of the gas micro-batches (deepspeed.gradient_accumulation_steps):
+        teacher forward (no grad) -> student forward -> DINO + iBOT + KoLeo + Gram -> backward
+    -> per-module clip -> engine.step -> EMA (+ softmax centers) -> Gram refresh
 `Trainer.train` adds around it: data, NaN/Inf guard, metrics, kNN probe, checkpoints, and at the
 end the teacher backbone exported to <output_dir>/teacher_backbone.{pth,safetensors}.
 """
@@ -28,6 +29,7 @@ from fastdino import dist as fdist
 from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from fastdino.config import Config, load_config, save_config
 from fastdino.data import build_train_loader
+from fastdino.data.collate import Batch
 from fastdino.export import export_backbone
 from fastdino.meta_arch import SSLMetaArch
 from fastdino.metrics import MetricsLogger
@@ -58,72 +60,141 @@ class Trainer:
         self.arch.attach(self.engine)
         # drop-path / RoPE jitter stream per rank, seeded after DeepSpeed's setup (which may draw)
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)
-        B = cfg.data.batch_size_per_gpu
-        self.global_batch = B * self.info.world_size * cfg.deepspeed.gradient_accumulation_steps
+        B, self.gas = cfg.data.batch_size_per_gpu, cfg.deepspeed.gradient_accumulation_steps
+        self.global_batch = B * self.info.world_size * self.gas
         self.sched = build_schedules(cfg, self.global_batch)
         self.total = cfg.train.total_iterations
         self.max_it = min(self.total, cfg.train.max_iterations or self.total)
         self.ckpt_dir = self.out / "checkpoints"
-        self.start_iteration, self.resume_rng = 0, None
+        # start_iteration: optimizer steps done; start_micro_batch: this rank's loader position
+        # (micro-batches consumed, = steps x gas); consecutive_nonfinite: skipped steps in a row
+        self.start_iteration = self.start_micro_batch = self.consecutive_nonfinite = 0
+        self.resume_rng, self._gram_state = None, None
         resume = resolve_resume(cfg.train.resume, self.ckpt_dir)
         if resume is not None:
             st = load_checkpoint(resume, self.engine)
             self.arch.load_from_checkpoint(st)
-            self.start_iteration, self.resume_rng = st["data_iteration"], st["rng"]
+            self.start_iteration, self.resume_rng = st["iteration"], st["rng"]
+            self.start_micro_batch = st["data_iteration"]
+            self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
+            if self.start_micro_batch != self.start_iteration * self.gas:
+                logger.warning("checkpoint %s: %d optimizer steps over %d micro-batches, this run "
+                               "accumulates %d per step: the data continues at micro-batch %d "
+                               "(not bit-exactly the run that wrote it)", resume,
+                               self.start_iteration, self.start_micro_batch, self.gas,
+                               self.start_micro_batch)
             logger.info("resumed from %s at iteration %d", resume, self.start_iteration)
+        self.micro_batch = self.start_micro_batch
 
     # ---------------------------------------------------------------------------------- the step
-    def step(self, it: int, batch) -> dict | None:
-        """One iteration on `batch`; returns the logged values, or None if the step was skipped
-        (non-finite loss or gradients: parameters and teachers unchanged)."""
+    def step(self, it: int, batches) -> dict | None:
+        """Optimizer step `it` on `batches`: the `gas` micro-batches of this rank (a `Batch` when
+        gas = 1). Returns the logged values, or None if the step was skipped (non-finite loss or
+        gradients: parameters, teachers and centers unchanged).
+
+        Gradient accumulation (gas = deepspeed.gradient_accumulation_steps; USERS.md §2, §13):
+        one iteration = one optimizer step = gas micro-batches of B images per rank, global batch
+        B·world·gas (the lr scaling's batch). The schedules are read once, at `it`.
+        - per micro-batch: teacher forward and its normalisation (Sinkhorn-Knopp over that
+          micro-batch, or softmax centering with the center of the previous step: the center
+          does not move inside a step), student forward, losses (KoLeo within the micro-batch,
+          as at that per-GPU batch), backward of loss/gas (DeepSpeed's engine.backward divides
+          by gas, scale_wrt_gas; the torch engine does the same), gradients accumulate;
+        - once per step: per-module clip and the finiteness check of every micro-batch's loss
+          (all ranks: a non-finite micro-batch anywhere discards the whole step), optimizer
+          step, EMA teacher, the softmax centers (EMA of the mean over all micro-batches' teacher
+          outputs), Gram-teacher load / refresh, logged values averaged over micro-batches.
+        With the official v3 settings (Sinkhorn-Knopp, per-rank KoLeo) gas micro-batches are not
+        one big batch: SK and KoLeo see B images at a time, as on a gas-times-smaller machine."""
         cfg, arch, engine, timer = self.cfg, self.arch, self.engine, self.timer
+        gas = self.gas
+        if isinstance(batches, Batch):
+            batches = [batches]
         v = self.sched.at(it)
         apply_to_param_groups(engine.param_groups, v)
-        with timer("teacher_forward"):
-            t = arch.teacher_output(batch, v.teacher_temp, need_gram=v.gram_weight > 0)
-        with timer("student_forward"):
-            s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
-        with timer("losses"):
-            loss, terms = arch.compute_losses(s, t, batch, v)
-        with timer("backward"):
-            # no host read of the loss here: its finiteness (all ranks) comes back with the
-            # clip norms, the step's single sync; a non-finite step is discarded below
-            engine.backward(loss)
-        norms = engine.clip_grad_norms(cfg.optim.clip_grad, finite_check=loss)
-        ok = all(math.isfinite(n) for n in norms.values())
+        self._log_gram_state(it, v)
+        losses, sums, n = [], {}, 0
+        for batch in batches:
+            if n == gas:
+                raise ValueError(f"step {it}: more than deepspeed.gradient_accumulation_steps="
+                                 f"{gas} micro-batches given")
+            engine.set_accumulation_boundary(n == gas - 1)
+            with timer("teacher_forward"):
+                t = arch.teacher_output(batch, v.teacher_temp, need_gram=v.gram_weight > 0)
+            with timer("student_forward"):
+                s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+            with timer("losses"):
+                loss, terms = arch.compute_losses(s, t, batch, v)
+            with timer("backward"):
+                # no host read of the loss here: its finiteness (all ranks) comes back with the
+                # clip norms, the step's single sync; a non-finite step is discarded below
+                engine.backward(loss)  # gradients of loss / gas, accumulated
+            del s, t
+            losses.append(loss.detach())
+            for k, x in terms.items():  # tensors summed on device; schedule floats kept
+                sums[k] = x if k not in sums else (sums[k] + x if torch.is_tensor(x) else x)
+            n += 1
+        if n != gas:
+            raise ValueError(f"step {it}: {n} micro-batches given, deepspeed."
+                             f"gradient_accumulation_steps={gas} expected")
+        norms = engine.clip_grad_norms(cfg.optim.clip_grad, finite_check=torch.stack(losses))
+        ok = all(math.isfinite(x) for x in norms.values())
         if ok:
             with timer("optimizer"):
                 engine.step()
         else:
-            engine.discard_step()  # parameters unchanged
+            engine.discard_step()  # parameters unchanged, gradients cleared
         with timer("ema"):
             if ok:
                 arch.update_teacher(v.momentum)
+                arch.update_centers()  # softmax centering; no-op under Sinkhorn-Knopp
+            else:
+                arch.discard_center_updates()
             # the Gram load / refresh is due by iteration (official train.py), skipped or not
             arch.update_gram_teacher(it)
         if not ok:
             return None
+        terms = {k: x / gas if torch.is_tensor(x) else x for k, x in sums.items()}
         return {"lr": v.lr, "wd": v.wd, "mom": v.momentum, "last_layer_lr": v.last_layer_lr,
                 "teacher_temp": v.teacher_temp, **terms,
-                **{f"{name}_grad_norm": n for name, n in norms.items()}}
+                **{f"{name}_grad_norm": x for name, x in norms.items()}}
+
+    def _log_gram_state(self, it: int, v) -> None:
+        """Say once, and again when it changes, why gram_loss is logged as 0."""
+        g = self.cfg.gram
+        if not g.use:
+            return
+        if not self.arch.gram_ready:
+            # (config.validate: without gram.ckpt / ema_teacher, it_load_ema_teacher >= 0)
+            state = ("gram_loss is logged as 0: the Gram teacher is not loaded yet (copied "
+                     "from the EMA teacher after iteration "
+                     f"{g.it_load_ema_teacher - 1}, gram.it_load_ema_teacher)")
+        elif v.gram_weight == 0:
+            state = (f"gram_loss is logged as 0: its weight is 0 at iteration {it} (gram."
+                     f"start_iteration={g.start_iteration}); the Gram teacher does not run")
+        else:
+            state = "gram_loss enters the objective"
+        if state != self._gram_state:
+            logger.info("%s", state)
+            self._gram_state = state
 
     # -------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
         cfg, info = self.cfg, self.info
-        loader = build_train_loader(cfg, info.rank, info.world_size, self.start_iteration)
+        loader = build_train_loader(cfg, info.rank, info.world_size, self.start_micro_batch)
+        self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
         metrics = MetricsLogger(self.out, self.max_it, self.start_iteration, self.global_batch,
                                 fdist.is_main_process(), printer=logger.info)
         if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
             set_rng_state(self.resume_rng)
-        history, bad = [], 0
+        history = []
         it = self.start_iteration
         while it < self.max_it:
-            with self.timer("data_wait"):
-                batch = next(loader).to(info.device)
-            values = self.step(it, batch)
+            values = self.step(it, self._micro_batches(loader))
             it += 1
             if values is None:
-                bad += 1
+                self.consecutive_nonfinite += 1
+                bad = self.consecutive_nonfinite  # persisted in checkpoints: survives a resume
                 logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a "
                                "row)", it - 1, bad)
                 if bad >= cfg.train.max_consecutive_nan:
@@ -134,7 +205,7 @@ class Trainer:
                         f"The parameters of the last good step are saved in {path}. Try a lower "
                         "optim.lr, a lower teacher temperature, or check the data.")
             else:
-                bad = 0
+                self.consecutive_nonfinite = 0
             knn = self._knn(it)  # collective; {} unless due
             if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
                 history.append(metrics.log(it, {**self._average(values), **knn}))
@@ -148,8 +219,18 @@ class Trainer:
                 logger.info("exported the teacher backbone to %s", f)
         return history
 
+    def _micro_batches(self, loader):
+        """The next `gas` batches of `loader`, moved to the device one at a time (lazily: the
+        step consumes them one after the other)."""
+        for _ in range(self.gas):
+            with self.timer("data_wait"):
+                batch = next(loader).to(self.info.device)
+            self.micro_batch += 1
+            yield batch
+
     def save(self, it: int) -> Path:
-        state = {**self.arch.state_for_checkpoint(), "data_iteration": it}
+        state = {**self.arch.state_for_checkpoint(), "data_iteration": self.micro_batch,
+                 "consecutive_nonfinite": self.consecutive_nonfinite}
         return save_checkpoint(self.ckpt_dir, it, self.engine, state,
                                self.cfg.train.keep_checkpoints)
 
