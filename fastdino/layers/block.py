@@ -6,6 +6,12 @@
 Pointwise ops (norm1, qkv, proj, norm2, FFN, LayerScale) run once on the tokens of all crop types
 concatenated. In training with drop_path > 0 each branch runs on a random subset of the samples
 of each crop type (drop_path.py); otherwise on all of them.
+
+With config `kernels.fuse_pointwise` (off by default) and no active drop path (eval, or rate 0),
+the middle of the block, ls1 + residual add + norm2, runs as one Triton kernel
+(kernels/layernorm_residual.py) returning both the new residual stream and norm2's output. With
+drop path active the attention branch is added to a random, rescaled subset of the samples and
+the FFN branch reads another subset, so the rows do not line up: the unfused path runs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from fastdino.layers.attention import Rope, SelfAttention
 from fastdino.layers.drop_path import add_residual, sample_subset
 from fastdino.layers.ffn_layers import build_ffn
 from fastdino.layers.layer_scale import LayerScale
+from fastdino.layers.select import use_fused_pointwise
 from fastdino.layers.token_cat import cat_keep_shapes, uncat_with_shapes
 
 
@@ -34,6 +41,15 @@ class SelfAttentionBlock(nn.Module):
         self.mlp = build_ffn(ffn_layer, dim, ffn_ratio, bias=ffn_bias, device=device)
         self.ls2 = LayerScale(dim, layerscale_init, device=device)
         self.sample_drop_ratio = drop_path
+        # kernels.impl / kernels.fuse_pointwise; set by the backbone (set_pointwise_fusion)
+        self.kernels_impl: str = "torch"
+        self.fuse_pointwise: bool = False
+
+    def set_pointwise_fusion(self, kernels_impl: str, fuse_pointwise: bool) -> None:
+        """Config `kernels.impl` and `kernels.fuse_pointwise` for this block and its FFN."""
+        self.kernels_impl, self.fuse_pointwise = kernels_impl, fuse_pointwise
+        if hasattr(self.mlp, "fuse_pointwise"):  # SwiGLUFFN (the GELU MLP has no fused op)
+            self.mlp.kernels_impl, self.mlp.fuse_pointwise = kernels_impl, fuse_pointwise
 
     def _subsets(self, x_list: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, float]]:
         if self.training and self.sample_drop_ratio > 0.0:
@@ -49,6 +65,18 @@ class SelfAttentionBlock(nn.Module):
         h_list = uncat_with_shapes(self.norm1(flat), shapes, num_tokens)
         a_list = self.attn.forward_list(h_list, rope_list)
         a_flat, shapes, num_tokens = cat_keep_shapes(a_list)
+        if (all(idx is None for idx, _ in subsets) and use_fused_pointwise(
+                self.kernels_impl, self.fuse_pointwise, a_flat, "layernorm_residual")):
+            from fastdino.kernels.layernorm_residual import layernorm_residual
+
+            # No drop path: x_in is x_list, so `flat` [T, D] is the residual stream of every crop
+            # type. y = flat + ls1(a) and h = norm2(y) in one pass; norm2 returns fp32 under
+            # autocast (its LayerNorm is an fp32 op there), y's dtype otherwise.
+            norm_dtype = (torch.float32 if torch.is_autocast_enabled(flat.device.type)
+                          else flat.dtype)
+            y, h = layernorm_residual(flat, a_flat, self.ls1.gamma, self.norm2.weight,
+                                      self.norm2.bias, self.norm2.eps, out_dtype=norm_dtype)
+            return uncat_with_shapes(y + self.ls2(self.mlp(h)).to(y.dtype), shapes, num_tokens)
         a_list = uncat_with_shapes(self.ls1(a_flat), shapes, num_tokens)
         x_list = [add_residual(x, a, idx, s)
                   for x, a, (idx, s) in zip(x_list, a_list, subsets, strict=True)]

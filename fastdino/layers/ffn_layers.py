@@ -3,6 +3,8 @@
 MLP:    fc2(GELU_exact(fc1(x)))                  hidden = int(D * ffn_ratio)
 SwiGLU: w3(silu(w1(x)) * w2(x))                  hidden = align_up(int(int(D * r) * 2/3), align)
 Keys match the official ones (`mlp.fc1/fc2`, `mlp.w1/w2/w3`), all with biases.
+With config `kernels.fuse_pointwise` (off by default) SwiGLU's gate silu(w1(x)) * w2(x) runs as
+one Triton kernel (kernels/swiglu.py) where `kernels.impl` allows Triton.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastdino.layers.select import use_fused_pointwise
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128")
 
@@ -40,9 +44,17 @@ class SwiGLUFFN(nn.Module):
         self.w1 = nn.Linear(in_features, hidden, bias=bias, device=device)
         self.w2 = nn.Linear(in_features, hidden, bias=bias, device=device)
         self.w3 = nn.Linear(hidden, in_features, bias=bias, device=device)
+        # kernels.impl / kernels.fuse_pointwise; set by the backbone from the config
+        self.kernels_impl: str = "torch"
+        self.fuse_pointwise: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+        x1, x2 = self.w1(x), self.w2(x)  # each [..., hidden]
+        if use_fused_pointwise(self.kernels_impl, self.fuse_pointwise, x1, "swiglu"):
+            from fastdino.kernels.swiglu import swiglu  # imports Triton only when used
+
+            return self.w3(swiglu(x1, x2))
+        return self.w3(F.silu(x1) * x2)
 
 
 def build_ffn(ffn_layer: str, dim: int, ffn_ratio: float, bias: bool = True,

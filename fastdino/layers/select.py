@@ -41,3 +41,10 @@ def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
         _logged.add(key)
         logger.info("kernels: %s uses the %s implementation", op, key[1])
     return choice
+
+
+def use_fused_pointwise(impl: str, fuse_pointwise: bool, x: torch.Tensor, op: str) -> bool:
+    """Whether the opt-in pointwise fusion `op` (config `kernels.fuse_pointwise`: LayerNorm +
+    residual + LayerScale, SwiGLU) runs its Triton kernel on `x`: the flag is on and
+    `use_triton(impl, x, op)` holds. Off (the default): the unfused PyTorch code, untouched."""
+    return fuse_pointwise and use_triton(impl, x, op)

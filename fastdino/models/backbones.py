@@ -75,12 +75,16 @@ def vit_7b(**kwargs) -> DinoVisionTransformer:
     return _make("vit_7b", **kwargs)
 
 
-def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch") -> DinoVisionTransformer:
+def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
+                   fuse_pointwise: bool = False) -> DinoVisionTransformer:
     """Backbone of `model_cfg` (a fastdino.config.ModelConfig). None overrides keep the arch's
     value; every other field of the config is applied as given (so a config's `qkv_bias: true`
     wins over ViT-7B's official `false`: the 7B presets set it explicitly). On the meta device
     the model is left uninitialised (call `to_empty` then `init_weights()`). `kernels_impl`
-    (config `kernels.impl`) picks the fused Triton RoPE (kernels/rope.py) or the reference."""
+    (config `kernels.impl`) picks the fused Triton RoPE (kernels/rope.py) or the reference;
+    `fuse_pointwise` (config `kernels.fuse_pointwise`, off by default) also routes each block's
+    ls1 + residual + norm2 (kernels/layernorm_residual.py) and SwiGLU gate (kernels/swiglu.py)
+    through Triton where `kernels_impl` allows it."""
     if model_cfg.arch not in ARCH_TABLE:
         raise ValueError(f"model.arch = {model_cfg.arch!r} is invalid: allowed is one of "
                          + " | ".join(ARCH_TABLE))
@@ -105,6 +109,7 @@ def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch") -> Di
     )
     for blk in model.blocks:
         blk.attn.kernels_impl = kernels_impl
+        blk.set_pointwise_fusion(kernels_impl, fuse_pointwise)
     if model_cfg.compile:
         for blk in model.blocks:
             blk.compile()  # in place; per block, as the official (compile after AC wrapping)
