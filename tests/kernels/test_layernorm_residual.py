@@ -87,6 +87,15 @@ def test_low_precision_within_twice_the_torch_error(T, D, combo):
         assert ok, f"{name}: error {err_k:.3g} > bound {bound:.3g} (torch {err_t:.3g}) {note}"
 
 
+def test_normalises_the_stream_as_stored():
+    # bf16 stream, fp32 LayerNorm output: out is LayerNorm of the rounded y the kernel returns
+    # (what the unfused block normalises), not of the unrounded fp32 sum
+    ts, _ = _inputs(4, 384, BF16, BF16, F32)
+    y, out = layernorm_residual(*ts, out_dtype=F32)
+    want = torch.nn.functional.layer_norm(y.float(), (384,), ts[3], ts[4], 1e-5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_matches_the_unfused_block_math():
     # what the block computes today: y = x + ls1(a) (LayerScale, then the residual add), then
     # norm2 = nn.LayerNorm; fp32, so only summation order differs
