@@ -285,11 +285,253 @@ def _koleo_bwd_kernel(
              dx.to(DX_ptr.dtype.element_ty), mask=m_j)
 
 
+# ---- the split path (large groups): norms, column-split search, merge + distances, sorted bwd --
+
+
+@triton.jit
+def _koleo_rinv_kernel(
+    Rinv_ptr,  # [G, n] fp32 out: 1 / max(‖x_j‖, eps)
+    X_ptr,  # [G, n, D] in
+    stride_x_g, stride_x_row,
+    n, D,
+    eps,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # features per tile
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n
+    offs_k = tl.arange(0, BLOCK_K)
+    sq = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        xv = tl.load(X_ptr + g * stride_x_g + rows[:, None] * stride_x_row + kk[None, :],
+                     mask=row_ok[:, None] & (kk < D)[None, :], other=0.0).to(tl.float32)
+        sq += xv * xv
+    rinv = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=1)), eps)
+    tl.store(Rinv_ptr + g * n + rows, rinv, mask=row_ok)
+
+
+@triton.jit
+def _koleo_search_kernel(
+    BestV_ptr,  # [G, S, nq] fp32 out: this split's max of x_i·x_j / ‖x_j‖
+    BestJ_ptr,  # [G, S, nq] int32 out: its (first) argmax, group-local
+    X_ptr,  # [G, n, D] in
+    Rinv_ptr,  # [G, n] fp32 in
+    stride_x_g, stride_x_row,
+    n, D, q0, nq,
+    cols_per_split,  # a multiple of BLOCK_N
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # candidate columns per tile
+    BLOCK_K: tl.constexpr,  # features per tile
+    UPCAST: tl.constexpr,  # upcast bf16 tiles before tl.dot (interpreter bug, 2026-05)
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dot (TF32 would flip near-tied argmaxes)
+    ALIGNED: tl.constexpr,  # D % BLOCK_K == 0, x and its row strides 16-byte aligned
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    S = tl.num_programs(1)
+    x_g = X_ptr + g * stride_x_g
+    qi = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query-local
+    rows = q0 + qi  # group-local
+    row_ok = qi < nq
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    c_lo = pid_s * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, n)
+
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    best_j = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for n0 in range(c_lo, c_hi, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < c_hi
+        # a plain GEMM main loop: no norm work in it (the norms come from _koleo_rinv_kernel)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            pa = x_g + rows[:, None] * stride_x_row + kk[None, :]
+            pb = x_g + cols[:, None] * stride_x_row + kk[None, :]
+            if ALIGNED:
+                # what the JIT would infer from 16-divisible arguments, stated in the kernel so
+                # the ahead-of-time compile (compile_specs) builds the same 16-byte cp.async
+                # pipeline as the runtime one; no K mask
+                pa = tl.max_contiguous(tl.multiple_of(pa, [1, 16]), [1, BLOCK_K])
+                pb = tl.max_contiguous(tl.multiple_of(pb, [1, 16]), [1, BLOCK_K])
+                a = tl.load(pa, mask=row_ok[:, None], other=0.0)
+                b = tl.load(pb, mask=col_ok[:, None], other=0.0)
+            else:
+                k_ok = (kk < D)[None, :]
+                a = tl.load(pa, mask=row_ok[:, None] & k_ok, other=0.0)
+                b = tl.load(pb, mask=col_ok[:, None] & k_ok, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        rinv_j = tl.load(Rinv_ptr + g * n + cols, mask=col_ok, other=0.0)
+        s = acc * rinv_j[None, :]
+        s = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), s, float("-inf"))
+        tile_max, tile_arg = tl.max(s, axis=1, return_indices=True)
+        upd = tile_max > best  # strict: the first maximum wins
+        best = tl.where(upd, tile_max, best)
+        best_j = tl.where(upd, n0 + tile_arg, best_j)
+    out = (g * S + pid_s) * nq + qi
+    tl.store(BestV_ptr + out, best, mask=row_ok)
+    tl.store(BestJ_ptr + out, best_j, mask=row_ok)
+
+
+@triton.jit
+def _koleo_finish_kernel(
+    Partial_ptr,  # [G, num_blocks] fp32 out: per-row-block sums of -log(d + eps)
+    Nn_ptr,  # [G, nq] int64 out
+    Dist_ptr,  # [G, nq] fp32 out
+    T_ptr,  # [G, nq] fp32 out
+    U_ptr,  # [G, nq] fp32 out
+    BestV_ptr,  # [G, S, nq] fp32 in
+    BestJ_ptr,  # [G, S, nq] int32 in
+    Rinv_ptr,  # [G, n] fp32 in
+    X_ptr,  # [G, n, D] in
+    stride_x_g, stride_x_row,
+    n, D, q0, nq, S,
+    eps,
+    BLOCK_R: tl.constexpr,  # query rows per program
+    BLOCK_K: tl.constexpr,  # features per tile
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    num_blocks = tl.num_programs(0)
+    x_g = X_ptr + g * stride_x_g
+    qi = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = qi < nq
+    rows = q0 + qi
+    # merge the splits in column order with a strict '>': the first maximum wins, as in one scan
+    best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    best_j = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for s in range(0, S):
+        v = tl.load(BestV_ptr + (g * S + s) * nq + qi, mask=row_ok, other=float("-inf"))
+        j = tl.load(BestJ_ptr + (g * S + s) * nq + qi, mask=row_ok, other=0)
+        upd = v > best
+        best = tl.where(upd, v, best)
+        best_j = tl.where(upd, j, best_j)
+
+    # v_i = x̂_i - x̂_nn + eps, d_i, t_i, u_i: the same pass as the fused kernel's step 3
+    rinv_i = tl.load(Rinv_ptr + g * n + rows, mask=row_ok, other=0.0)
+    best_r = tl.load(Rinv_ptr + g * n + best_j, mask=row_ok, other=0.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    dsq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    t = tl.zeros([BLOCK_R], dtype=tl.float32)
+    u = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        m = row_ok[:, None] & (kk < D)[None, :]
+        xi = tl.load(x_g + rows[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
+        xn = tl.load(x_g + best_j[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
+        xi = xi.to(tl.float32) * rinv_i[:, None]
+        xn = xn.to(tl.float32) * best_r[:, None]
+        v = tl.where(m, xi - xn + eps, 0.0)
+        dsq += tl.sum(v * v, axis=1)
+        t += tl.sum(xi * v, axis=1)
+        u += tl.sum(xn * v, axis=1)
+    d = tl.sqrt(dsq)
+    q = g * nq + qi
+    tl.store(Nn_ptr + q, best_j.to(tl.int64), mask=row_ok)
+    tl.store(Dist_ptr + q, d, mask=row_ok)
+    tl.store(T_ptr + q, t, mask=row_ok)
+    tl.store(U_ptr + q, u, mask=row_ok)
+    tl.store(Partial_ptr + g * num_blocks + pid,
+             tl.sum(tl.where(row_ok, -tl.log(d + eps), 0.0), axis=0))
+
+
+@triton.jit
+def _koleo_bwd_sorted_kernel(
+    DX_ptr,  # [G, n, D] out, x's dtype
+    DLoss_ptr,  # [G] fp32 in
+    X_ptr,  # [G, n, D] in
+    Rinv_ptr,  # [G, n] fp32 in
+    Nn_ptr,  # [G, nq] int64 in
+    Dist_ptr,  # [G, nq] fp32 in
+    T_ptr,  # [G, nq] fp32 in
+    U_ptr,  # [G, nq] fp32 in
+    Perm_ptr,  # [G, nq] int64 in: query rows sorted by their neighbour (stable: i ascending)
+    SortedNn_ptr,  # [G, nq] int64 in: Nn in that order (non-decreasing)
+    Seg_ptr,  # [G, num_j_blocks + 1] int32 in: first sorted position of each BLOCK_J row block
+    stride_x_g, stride_x_row,
+    n, D, q0, nq,
+    eps,
+    BLOCK_J: tl.constexpr,  # output rows per program
+    BLOCK_C: tl.constexpr,  # choosers per step
+    BLOCK_D: tl.constexpr,  # features per program
+):
+    pid_j = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    num_j = tl.num_programs(0)
+    x_g = X_ptr + g * stride_x_g
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < n
+    kk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_ok = kk < D
+    m_j = j_ok[:, None] & k_ok[None, :]
+    r_j = tl.load(Rinv_ptr + g * n + j, mask=j_ok, other=0.0)
+    xh_j = tl.load(x_g + j[:, None] * stride_x_row + kk[None, :], mask=m_j, other=0.0)
+    xh_j = xh_j.to(tl.float32) * r_j[:, None]
+    gscale = tl.load(DLoss_ptr + g) * (-1.0 / nq)
+
+    # this row block's choosers are one contiguous run [lo, hi) of the sorted list
+    lo = tl.load(Seg_ptr + g * (num_j + 1) + pid_j)
+    hi = tl.load(Seg_ptr + g * (num_j + 1) + pid_j + 1)
+    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    pu = tl.zeros([BLOCK_J], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for p0 in range(lo, hi, BLOCK_C):
+        p = p0 + offs_c
+        p_ok = p < hi
+        i = tl.load(Perm_ptr + g * nq + p, mask=p_ok, other=0).to(tl.int32)  # query-local
+        jn = tl.load(SortedNn_ptr + g * nq + p, mask=p_ok, other=-1).to(tl.int32)
+        d_i = tl.load(Dist_ptr + g * nq + i, mask=p_ok, other=1.0)
+        u_i = tl.load(U_ptr + g * nq + i, mask=p_ok, other=0.0)
+        s_i = tl.where(p_ok & (d_i > 0), gscale / ((d_i + eps) * d_i), 0.0)
+        r_i = tl.load(Rinv_ptr + g * n + q0 + i, mask=p_ok, other=0.0)
+        r_n = tl.load(Rinv_ptr + g * n + jn, mask=p_ok, other=0.0)
+        m_c = p_ok[:, None] & k_ok[None, :]
+        xi = tl.load(x_g + (q0 + i)[:, None] * stride_x_row + kk[None, :], mask=m_c, other=0.0)
+        xn = tl.load(x_g + jn[:, None] * stride_x_row + kk[None, :], mask=m_c, other=0.0)
+        v = tl.where(m_c, xi.to(tl.float32) * r_i[:, None] - xn.to(tl.float32) * r_n[:, None]
+                     + eps, 0.0)  # [BLOCK_C, BLOCK_D], the forward's v_i bit for bit
+        hit = jn[None, :] == j[:, None]  # [BLOCK_J, BLOCK_C]: chooser c chose output row j
+        # exact 0/1 segment matrix: the IEEE dot adds each row's s_i v_i in fp32, in sorted order
+        acc = tl.dot(hit.to(tl.float32), s_i[:, None] * v, acc, input_precision="ieee")
+        pu += tl.sum(tl.where(hit, (s_i * u_i)[None, :], 0.0), axis=1)
+
+    # j's own term when j is a query row (as the fused backward)
+    is_q = j_ok & (j >= q0) & (j < q0 + nq)
+    jq = g * nq + (j - q0)
+    nn_j = tl.load(Nn_ptr + jq, mask=is_q, other=0).to(tl.int32)
+    d_j = tl.load(Dist_ptr + jq, mask=is_q, other=1.0)
+    t_j = tl.load(T_ptr + jq, mask=is_q, other=0.0)
+    s_j = tl.where(is_q & (d_j > 0), gscale / ((d_j + eps) * d_j), 0.0)
+    r_nj = tl.load(Rinv_ptr + g * n + nn_j, mask=is_q, other=0.0)
+    m_q = is_q[:, None] & k_ok[None, :]
+    xn_j = tl.load(x_g + nn_j[:, None] * stride_x_row + kk[None, :], mask=m_q, other=0.0)
+    v_j = tl.where(m_q, xh_j - xn_j.to(tl.float32) * r_nj[:, None] + eps, 0.0)
+
+    dxh = s_j[:, None] * v_j - acc
+    proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
+    dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
+    tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
+             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
+
+
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: path choice, tile configs
 # ----------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.bfloat16)
+PATHS = ("auto", "fused", "split")
 
 
 def _clamp_pow2(v: int, lo: int, hi: int) -> int:
@@ -297,24 +539,25 @@ def _clamp_pow2(v: int, lo: int, hi: int) -> int:
 
 
 def _gpu_fwd_config(block_m: int, dtype: torch.dtype) -> dict:
-    """Tile sizes checked spill-free for sm_90 and sm_80 (cuobjdump, triton 3.6 and 3.9): 32-wide
-    K tiles and 8 warps for bf16 (64-wide K or 4 warps spill); the IEEE fp32 dot runs on FMA
-    units and needs small tiles (32 x 16) and no software pipelining (triton 3.6 spills)."""
-    if dtype == torch.bfloat16:  # 128-wide column tiles for the 4k group: 1.4x faster on H200
+    """Fused forward tile sizes checked spill-free for sm_90 and sm_80 (cuobjdump, triton 3.6 and
+    3.9): 32-wide K tiles and 8 warps for bf16 (64-wide K or 4 warps spill, the column-norm work in
+    the main loop holds the B tile in registers too); the IEEE fp32 dot runs on FMA units and needs
+    small tiles (32 x 16) and no software pipelining (triton 3.6 spills)."""
+    if dtype == torch.bfloat16:
         return dict(BLOCK_M=block_m, BLOCK_N=128 if block_m == 64 else 64, BLOCK_K=32,
                     num_warps=8, num_stages=3)
     return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=16, num_warps=4 if block_m == 16 else 8,
                 num_stages=1)
 
 
-# the row-block sizes the GPU heuristic can pick, per dtype (fp32 stops at 32: 64 spills)
+# the row-block sizes the fused GPU heuristic can pick, per dtype (fp32 stops at 32: 64 spills)
 _GPU_BLOCK_M = {torch.bfloat16: (16, 32, 64), torch.float32: (16, 32)}
 
 
 def _fwd_config(nq: int, n: int, D: int, dtype: torch.dtype) -> dict:
-    """Fixed heuristic (autotune cannot run under the interpreter). Small groups: one row block
-    per group (no counter). Larger ones: 32-row blocks up to 1024 query rows for more programs, 64
-    above for bf16 (the gathered 4k batch, where tensor-core efficiency matters more)."""
+    """Fused forward, fixed heuristic (autotune cannot run under the interpreter). Small groups:
+    one row block per group (no counter). Larger ones: 32-row blocks up to 1024 query rows, 64
+    above for bf16."""
     if is_interpreter():  # big tiles: the interpreter pays per op, not per element
         return dict(BLOCK_M=_clamp_pow2(nq, 16, 64), BLOCK_N=_clamp_pow2(n, 16, 64),
                     BLOCK_K=_clamp_pow2(D, 16, 128), num_warps=4, num_stages=1)
@@ -322,6 +565,128 @@ def _fwd_config(nq: int, n: int, D: int, dtype: torch.dtype) -> dict:
         return _gpu_fwd_config(16 if nq <= 16 else 32, dtype)
     block_m = _clamp_pow2(nq, 16, 64) if nq <= 64 else (32 if nq <= 1024 else 64)
     return _gpu_fwd_config(block_m, dtype)
+
+
+# Split search tiles, keyed (dtype, BLOCK_M, aligned). bf16 aligned (D % 64 == 0 and 16-byte rows:
+# every DINOv3 width): the usual tensor-core GEMM tiles, 128 x 128 x 64, 8 warps (two warpgroups on
+# sm_90), 3 stages of 16-byte cp.async (96 KB of shared memory); 64-row blocks (one warpgroup) when
+# there are few query rows (the distributed variant's local rows), so no half-empty 128-row tile.
+# Unaligned bf16 (odd D): masked K tiles cannot be vectorised, the operands go through registers;
+# 64 x 64 x 32 tiles, unpipelined, are what compiles spill-free. fp32: the IEEE dot's FMA tiles
+# of the fused kernel.
+_GPU_SEARCH = {
+    (torch.bfloat16, 128, True): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8,
+                                      num_stages=3),
+    (torch.bfloat16, 64, True): dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4,
+                                     num_stages=3),
+    (torch.bfloat16, 64, False): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                      num_stages=1),
+    (torch.float32, 32, True): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=1),
+    (torch.float32, 32, False): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8,
+                                     num_stages=1),
+}
+# rows x features per program of the O(n·D) passes (norms, merge + distances)
+_GPU_ROWS = dict(BLOCK_R=16, BLOCK_K=128, num_warps=8, num_stages=2)
+# sorted backward: 16 output rows (the smallest tl.dot M: the segment matrix costs 2·BLOCK_J FLOP
+# per chooser and feature) x 128 features, 16 choosers per step; 8 warps, 1 stage (4 warps or 2
+# stages spill under triton 3.6 or 3.9)
+_GPU_BWD_SORTED = dict(BLOCK_J=16, BLOCK_C=16, BLOCK_D=128, num_warps=8, num_stages=1)
+
+
+def _aligned_rows(x: torch.Tensor) -> bool:
+    """x's base and row strides are 16-byte aligned (cp.async / vector loads need it)."""
+    es = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in x.stride()[:2])
+
+
+def _search_config(nq: int, n: int, D: int, dtype: torch.dtype, aligned_rows: bool) -> dict:
+    """Split search tiles plus ALIGNED (D a multiple of BLOCK_K and 16-byte aligned rows)."""
+    if is_interpreter():  # a few column tiles per group, so the splits and their merge run
+        cfg = dict(BLOCK_M=_clamp_pow2(nq, 16, 64), BLOCK_N=_clamp_pow2(triton.cdiv(n, 4), 16, 64),
+                   BLOCK_K=_clamp_pow2(D, 16, 128), num_warps=4, num_stages=1)
+        return dict(cfg, ALIGNED=aligned_rows and D % cfg["BLOCK_K"] == 0)
+    if dtype == torch.float32:
+        aligned = aligned_rows and D % 16 == 0
+        return dict(_GPU_SEARCH[(dtype, 32, aligned)], ALIGNED=aligned)
+    aligned = aligned_rows and D % 64 == 0
+    bm = 128 if aligned and nq > 1024 else 64
+    return dict(_GPU_SEARCH[(dtype, bm, aligned)], ALIGNED=aligned)
+
+
+def _rows_config(D: int) -> dict:
+    if is_interpreter():
+        return dict(BLOCK_R=64, BLOCK_K=_clamp_pow2(D, 16, 128), num_warps=4, num_stages=1)
+    return dict(_GPU_ROWS)
+
+
+def _bwd_sorted_config(D: int) -> dict:
+    if is_interpreter():
+        return dict(BLOCK_J=16, BLOCK_C=16, BLOCK_D=_clamp_pow2(D, 16, 128), num_warps=4,
+                    num_stages=1)
+    return dict(_GPU_BWD_SORTED)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 64  # interpreter: enough "SMs" that test shapes get one split per column tile
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(G: int, nq: int, n: int, cfg: dict, sms: int) -> tuple[int, int]:
+    """(S, cols_per_split): enough column splits that the grid G x row blocks x S fills the SMs
+    once (one wave: a second, partial wave would cost as much as a full one), each split a whole
+    number of column tiles and none empty."""
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    s = max(1, min(tiles, sms // (G * triton.cdiv(nq, cfg["BLOCK_M"]))))
+    per = triton.cdiv(tiles, s)
+    return triton.cdiv(tiles, per), per * cfg["BLOCK_N"]
+
+
+# The path model (H200 numbers; the header derives them). Times in seconds.
+_LAUNCH_S = 3e-6  # one more kernel (or torch op) in the chain, inside a CUDA graph
+_FUSED_FLOPS = {torch.bfloat16: 1.2e12, torch.float32: 0.12e12}  # per fused-forward program
+_SPLIT_FLOPS = {torch.bfloat16: 4.0e12, torch.float32: 0.12e12}  # per split-search program / SM
+_FUSED_BWD_STEP_S = 0.45e-6  # one chooser tile of the fused backward (2 programs per SM)
+_HBM_BPS = 4.0e12
+
+
+def _fused_fwd_s(G, nq, n, D, dtype, sms) -> float:
+    bm = _fwd_config(nq, n, D, dtype)["BLOCK_M"]
+    waves = triton.cdiv(G * triton.cdiv(nq, bm), sms)
+    return waves * 2 * bm * n * D / _FUSED_FLOPS[dtype]
+
+
+def _split_fwd_s(G, nq, n, D, dtype, sms) -> float:
+    cfg = _search_config(nq, n, D, dtype, True)
+    s, cols = _splits(G, nq, n, cfg, sms)
+    waves = triton.cdiv(G * triton.cdiv(nq, cfg["BLOCK_M"]) * s, sms)
+    es = torch.finfo(dtype).bits // 8
+    passes = G * (n + 2 * nq) * D * es / _HBM_BPS  # norms + distances
+    return 3 * _LAUNCH_S + passes + waves * 2 * cfg["BLOCK_M"] * cols * D / _SPLIT_FLOPS[dtype]
+
+
+def _fused_bwd_s(G, nq, n, D, sms) -> float:
+    progs = G * triton.cdiv(n, _GPU_BWD["BLOCK_J"]) * triton.cdiv(D, _GPU_BWD["BLOCK_D"])
+    return triton.cdiv(progs, 2 * sms) * triton.cdiv(nq, _GPU_BWD["BLOCK_I"]) * _FUSED_BWD_STEP_S
+
+
+def _sorted_bwd_s(G, nq, n, D, dtype) -> float:
+    es = torch.finfo(dtype).bits // 8
+    return 3 * _LAUNCH_S + G * (3 * nq + 2 * n) * D * es / _HBM_BPS
+
+
+def _pick(path: str, G: int, nq: int, n: int, D: int, dtype: torch.dtype,
+          device: torch.device) -> tuple[bool, bool]:
+    """(split forward?, sorted backward?) for `path` ('fused' / 'split' force both)."""
+    if path not in PATHS:
+        raise ValueError(f"koleo: path={path!r} is invalid: allowed is one of {PATHS}")
+    if path != "auto":
+        return path == "split", path == "split"
+    if is_interpreter():  # the model is a GPU model; tests force 'split' explicitly
+        return False, False
+    sms = _num_sms(device)
+    return (_split_fwd_s(G, nq, n, D, dtype, sms) < _fused_fwd_s(G, nq, n, D, dtype, sms),
+            _sorted_bwd_s(G, nq, n, D, dtype) < _fused_bwd_s(G, nq, n, D, sms))
 
 
 # BLOCK_D 128 (vs 64): 1.7x faster at B=4096 on H200 (fewer programs re-scanning the nn indices);
@@ -351,41 +716,111 @@ def _check_x(x: torch.Tensor) -> None:
                          f"strides {x.stride()}")
 
 
-def koleo_fwd(x: torch.Tensor, eps: float, query_start: int, query_len: int):
-    """x [G, n, D] -> (loss [G] fp32, nn [G, nq] int64, d, t, u [G, nq] fp32, rinv [G, n] fp32)."""
-    _check_x(x)
-    G, n, D = x.shape
-    nq = _check_query(n, query_start, query_len)
-    cfg = _fwd_config(nq, n, D, x.dtype)
-    num_blocks = triton.cdiv(nq, cfg["BLOCK_M"])
+def _fwd_outputs(x: torch.Tensor, nq: int):
+    G, n, _ = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
-    loss = torch.empty(G, **f32)
     nn_idx = torch.empty(G, nq, device=x.device, dtype=torch.int64)
     d, t, u = (torch.empty(G, nq, **f32) for _ in range(3))
-    rinv = torch.empty(G, n, **f32)
+    return nn_idx, d, t, u, torch.empty(G, n, **f32)
+
+
+def _fwd_fused(x: torch.Tensor, eps: float, q0: int, nq: int):
+    """One launch: search, distances and the loss (a counter orders the cross-block sum)."""
+    G, n, D = x.shape
+    cfg = _fwd_config(nq, n, D, x.dtype)
+    num_blocks = triton.cdiv(nq, cfg["BLOCK_M"])
+    loss = torch.empty(G, device=x.device, dtype=torch.float32)
+    nn_idx, d, t, u, rinv = _fwd_outputs(x, nq)
     single = num_blocks == 1
-    partial = loss if single else torch.empty(G, num_blocks, **f32)
+    partial = loss if single else torch.empty(G, num_blocks, device=x.device, dtype=torch.float32)
     count = loss if single else torch.zeros(G, device=x.device, dtype=torch.int32)
     _koleo_fwd_kernel[(num_blocks, G)](
         loss, nn_idx, d, t, u, rinv, partial, count, x, x.stride(0), x.stride(1),
-        n, D, query_start, nq, eps,
+        n, D, q0, nq, eps,
         SINGLE=single, UPCAST=is_interpreter() and x.dtype == torch.bfloat16,
         IEEE=x.dtype == torch.float32, **_no_fma(), **cfg)
     return loss, nn_idx, d, t, u, rinv
 
 
-def koleo_bwd(dloss: torch.Tensor, x: torch.Tensor, rinv: torch.Tensor, nn_idx: torch.Tensor,
-              d: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: float, query_start: int,
-              query_len: int) -> torch.Tensor:
-    """dloss [G] -> dx [G, n, D] in x's dtype."""
+def _fwd_split(x: torch.Tensor, eps: float, q0: int, nq: int, cfg: dict | None = None,
+               splits: int | None = None):
+    """Norms, column-split search, merge + distances, loss sum (4 launches). `cfg` / `splits`
+    override the heuristic (tests: a tie across splits)."""
     G, n, D = x.shape
-    cfg = _bwd_config(query_len, n, D)
+    cfg = dict(cfg or _search_config(nq, n, D, x.dtype, _aligned_rows(x)))
+    cfg.setdefault("ALIGNED", False)
+    if splits is None:
+        s, cols = _splits(G, nq, n, cfg, _num_sms(x.device))
+    else:
+        tiles = triton.cdiv(n, cfg["BLOCK_N"])
+        cols = triton.cdiv(tiles, max(1, min(splits, tiles))) * cfg["BLOCK_N"]
+        s = triton.cdiv(n, cols)
+    rc = _rows_config(D)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    nn_idx, d, t, u, rinv = _fwd_outputs(x, nq)
+    fma = _no_fma()
+    _koleo_rinv_kernel[(triton.cdiv(n, rc["BLOCK_R"]), G)](
+        rinv, x, x.stride(0), x.stride(1), n, D, eps, **fma, **rc)
+    best_v = torch.empty(G, s, nq, **f32)
+    best_j = torch.empty(G, s, nq, device=x.device, dtype=torch.int32)
+    _koleo_search_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), s, G)](
+        best_v, best_j, x, rinv, x.stride(0), x.stride(1), n, D, q0, nq, cols,
+        UPCAST=is_interpreter() and x.dtype == torch.bfloat16, IEEE=x.dtype == torch.float32,
+        **fma, **cfg)  # cfg holds ALIGNED
+    num_blocks = triton.cdiv(nq, rc["BLOCK_R"])
+    partial = torch.empty(G, num_blocks, **f32)
+    _koleo_finish_kernel[(num_blocks, G)](
+        partial, nn_idx, d, t, u, best_v, best_j, rinv, x, x.stride(0), x.stride(1),
+        n, D, q0, nq, s, eps, **fma, **rc)
+    loss = partial.sum(dim=1) / nq  # fixed-order reduction: deterministic
+    return loss, nn_idx, d, t, u, rinv
+
+
+def koleo_fwd(x: torch.Tensor, eps: float, query_start: int, query_len: int, path: str = "auto"):
+    """x [G, n, D] -> (loss [G] fp32, nn [G, nq] int64, d, t, u [G, nq] fp32, rinv [G, n] fp32)."""
+    _check_x(x)
+    G, n, D = x.shape
+    nq = _check_query(n, query_start, query_len)
+    split, _ = _pick(path, G, nq, n, D, x.dtype, x.device)
+    return (_fwd_split if split else _fwd_fused)(x, eps, query_start, nq)
+
+
+def _bwd_fused(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq):
+    G, n, D = x.shape
+    cfg = _bwd_config(nq, n, D)
     dx = torch.empty_like(x)
     grid = (triton.cdiv(n, cfg["BLOCK_J"]), triton.cdiv(D, cfg["BLOCK_D"]), G)
     _koleo_bwd_kernel[grid](
-        dx, dloss.float().contiguous(), x, rinv, nn_idx, d, t, u, x.stride(0), x.stride(1),
-        n, D, query_start, query_len, eps, IEEE=x.dtype == torch.float32, **_no_fma(), **cfg)
+        dx, dloss, x, rinv, nn_idx, d, t, u, x.stride(0), x.stride(1),
+        n, D, q0, nq, eps, IEEE=x.dtype == torch.float32, **_no_fma(), **cfg)
     return dx
+
+
+def _bwd_sorted(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq):
+    """Stable sort of the neighbour indices (the chooser lists, i ascending within each j), the
+    first sorted position of each BLOCK_J row block, then one O(n·D) kernel."""
+    G, n, D = x.shape
+    cfg = _bwd_sorted_config(D)
+    bj = cfg["BLOCK_J"]
+    sorted_nn, perm = torch.sort(nn_idx, dim=1, stable=True)
+    starts = torch.arange(0, n + bj, bj, device=x.device).clamp_(max=n)  # [num_j + 1]
+    seg = torch.searchsorted(sorted_nn, starts.expand(G, -1).contiguous(), out_int32=True)
+    dx = torch.empty_like(x)
+    grid = (triton.cdiv(n, bj), triton.cdiv(D, cfg["BLOCK_D"]), G)
+    _koleo_bwd_sorted_kernel[grid](
+        dx, dloss, x, rinv, nn_idx, d, t, u, perm, sorted_nn, seg, x.stride(0), x.stride(1),
+        n, D, q0, nq, eps, **_no_fma(), **cfg)
+    return dx
+
+
+def koleo_bwd(dloss: torch.Tensor, x: torch.Tensor, rinv: torch.Tensor, nn_idx: torch.Tensor,
+              d: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: float, query_start: int,
+              query_len: int, path: str = "auto") -> torch.Tensor:
+    """dloss [G] -> dx [G, n, D] in x's dtype."""
+    G, n, D = x.shape
+    _, sorted_bwd = _pick(path, G, query_len, n, D, x.dtype, x.device)
+    fn = _bwd_sorted if sorted_bwd else _bwd_fused
+    return fn(dloss.float().contiguous(), x, rinv, nn_idx, d, t, u, eps, query_start, query_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,14 +829,14 @@ def koleo_bwd(dloss: torch.Tensor, x: torch.Tensor, rinv: torch.Tensor, nn_idx: 
 
 
 @torch.library.custom_op("fastdino::koleo_fwd", mutates_args=())
-def _koleo_fwd_op(x: torch.Tensor, eps: float, query_start: int, query_len: int
+def _koleo_fwd_op(x: torch.Tensor, eps: float, query_start: int, query_len: int, path: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor]:
-    return koleo_fwd(x, eps, query_start, query_len)
+    return koleo_fwd(x, eps, query_start, query_len, path)
 
 
 @_koleo_fwd_op.register_fake
-def _(x, eps, query_start, query_len):
+def _(x, eps, query_start, query_len, path):
     G, n, _ = x.shape
     f32 = dict(device=x.device, dtype=torch.float32)
     return (x.new_empty(G, dtype=torch.float32),
@@ -413,12 +848,12 @@ def _(x, eps, query_start, query_len):
 @torch.library.custom_op("fastdino::koleo_bwd", mutates_args=())
 def _koleo_bwd_op(dloss: torch.Tensor, x: torch.Tensor, rinv: torch.Tensor, nn_idx: torch.Tensor,
                   d: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: float, query_start: int,
-                  query_len: int) -> torch.Tensor:
-    return koleo_bwd(dloss, x, rinv, nn_idx, d, t, u, eps, query_start, query_len)
+                  query_len: int, path: str) -> torch.Tensor:
+    return koleo_bwd(dloss, x, rinv, nn_idx, d, t, u, eps, query_start, query_len, path)
 
 
 @_koleo_bwd_op.register_fake
-def _(dloss, x, rinv, nn_idx, d, t, u, eps, query_start, query_len):
+def _(dloss, x, rinv, nn_idx, d, t, u, eps, query_start, query_len, path):
     return torch.empty_like(x)
 
 
@@ -429,30 +864,34 @@ def _(dloss, x, rinv, nn_idx, d, t, u, eps, query_start, query_len):
 
 class KoLeoFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps, query_start, query_len):
-        loss, nn_idx, d, t, u, rinv = _koleo_fwd_op(x, eps, query_start, query_len)
+    def forward(ctx, x, eps, query_start, query_len, path):
+        loss, nn_idx, d, t, u, rinv = _koleo_fwd_op(x, eps, query_start, query_len, path)
         ctx.save_for_backward(x, rinv, nn_idx, d, t, u)
-        ctx.args = (eps, query_start, query_len)
+        ctx.args = (eps, query_start, query_len, path)
         ctx.mark_non_differentiable(nn_idx, d)
         return loss, nn_idx, d
 
     @staticmethod
     def backward(ctx, dloss, _dnn, _dd):
         x, rinv, nn_idx, d, t, u = ctx.saved_tensors
-        return _koleo_bwd_op(dloss, x, rinv, nn_idx, d, t, u, *ctx.args), None, None, None
+        return _koleo_bwd_op(dloss, x, rinv, nn_idx, d, t, u, *ctx.args), None, None, None, None
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,
-               query_len: int | None = None, return_details: bool = False):
+               query_len: int | None = None, return_details: bool = False, path: str = "auto"):
     """KoLeo with the Triton kernels; same arguments and results as `koleo_loss_ref`, except that
     the loss is fp32 whatever the input dtype, and d (in details) carries no gradient.
-    x: [G, n, D] -> loss [G]; [n, D] -> scalar."""
+    x: [G, n, D] -> loss [G]; [n, D] -> scalar. `path`: 'auto' (the cost model in the header),
+    'fused' (one-launch forward, masked chooser backward) or 'split' (column-split forward,
+    sorted chooser backward); every path gives the same neighbours and the same math."""
     squeeze = x.dim() == 2
     x3 = x.unsqueeze(0) if squeeze else x
     if x3.dim() != 3:
         raise ValueError(f"koleo_loss: x must be [n, D] or [G, n, D], got shape {tuple(x.shape)}")
+    if path not in PATHS:
+        raise ValueError(f"koleo_loss: path={path!r} is invalid: allowed is one of {PATHS}")
     nq = _check_query(x3.shape[1], query_start, query_len)
-    loss, nn_idx, d = KoLeoFn.apply(x3.contiguous(), eps, query_start, nq)
+    loss, nn_idx, d = KoLeoFn.apply(x3.contiguous(), eps, query_start, nq, path)
     if squeeze:
         loss, nn_idx, d = loss[0], nn_idx[0], d[0]
     return (loss, nn_idx, d) if return_details else loss
@@ -465,31 +904,53 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
+def _spec(name: str, fn, sig: dict, cfg: dict, **constexprs) -> CompileSpec:
+    cfg = dict(cfg)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    return CompileSpec(name=name, fn=fn, signature=sig, constexprs=dict(**cfg, **constexprs),
+                       num_warps=warps, num_stages=stages)
+
+
 def compile_specs() -> list[CompileSpec]:
     """Every jit kernel at each launch configuration the GPU heuristics above can pick."""
     specs = []
+    xs = {"stride_x_g": "i32", "stride_x_row": "i32"}
     for dtype, ty in _TY.items():
         ieee = dtype == torch.float32
+        # fused path
         sig = {"Loss_ptr": "*fp32", "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32",
                "U_ptr": "*fp32", "Rinv_ptr": "*fp32", "Partial_ptr": "*fp32", "Count_ptr": "*i32",
-               "X_ptr": f"*{ty}", "stride_x_g": "i32", "stride_x_row": "i32", "n": "i32",
-               "D": "i32", "q0": "i32", "nq": "i32", "eps": "fp32"}
+               "X_ptr": f"*{ty}", **xs, "n": "i32", "D": "i32", "q0": "i32", "nq": "i32",
+               "eps": "fp32"}
         for block_m in _GPU_BLOCK_M[dtype]:
-            cfg = _gpu_fwd_config(block_m, dtype)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             for single in (True, False):
-                specs.append(CompileSpec(
-                    name=f"koleo_fwd[BLOCK_M={block_m},{ty},single={single}]",
-                    fn=_koleo_fwd_kernel, signature=sig,
-                    constexprs=dict(**cfg, SINGLE=single, UPCAST=False, IEEE=ieee),
-                    num_warps=warps, num_stages=stages))
-        bwd = dict(_GPU_BWD)
-        warps, stages = bwd.pop("num_warps"), bwd.pop("num_stages")
+                specs.append(_spec(f"koleo_fwd[BLOCK_M={block_m},{ty},single={single}]",
+                                   _koleo_fwd_kernel, sig, _gpu_fwd_config(block_m, dtype),
+                                   SINGLE=single, UPCAST=False, IEEE=ieee))
+        sig = {"DX_ptr": f"*{ty}", "DLoss_ptr": "*fp32", "X_ptr": f"*{ty}", "Rinv_ptr": "*fp32",
+               "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32", "U_ptr": "*fp32", **xs,
+               "n": "i32", "D": "i32", "q0": "i32", "nq": "i32", "eps": "fp32"}
+        specs.append(_spec(f"koleo_bwd[{ty}]", _koleo_bwd_kernel, sig, _GPU_BWD, IEEE=ieee))
+        # split path
+        sig = {"Rinv_ptr": "*fp32", "X_ptr": f"*{ty}", **xs, "n": "i32", "D": "i32",
+               "eps": "fp32"}
+        specs.append(_spec(f"koleo_rinv[{ty}]", _koleo_rinv_kernel, sig, _GPU_ROWS))
+        sig = {"BestV_ptr": "*fp32", "BestJ_ptr": "*i32", "X_ptr": f"*{ty}", "Rinv_ptr": "*fp32",
+               **xs, "n": "i32", "D": "i32", "q0": "i32", "nq": "i32", "cols_per_split": "i32"}
+        for (dt, bm, aligned), cfg in _GPU_SEARCH.items():
+            if dt == dtype:
+                specs.append(_spec(f"koleo_search[BLOCK_M={bm},{ty},aligned={aligned}]",
+                                   _koleo_search_kernel, sig, cfg, UPCAST=False, IEEE=ieee,
+                                   ALIGNED=aligned))
+        sig = {"Partial_ptr": "*fp32", "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32",
+               "U_ptr": "*fp32", "BestV_ptr": "*fp32", "BestJ_ptr": "*i32", "Rinv_ptr": "*fp32",
+               "X_ptr": f"*{ty}", **xs, "n": "i32", "D": "i32", "q0": "i32", "nq": "i32",
+               "S": "i32", "eps": "fp32"}
+        specs.append(_spec(f"koleo_finish[{ty}]", _koleo_finish_kernel, sig, _GPU_ROWS))
         sig = {"DX_ptr": f"*{ty}", "DLoss_ptr": "*fp32", "X_ptr": f"*{ty}", "Rinv_ptr": "*fp32",
                "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32", "U_ptr": "*fp32",
-               "stride_x_g": "i32", "stride_x_row": "i32", "n": "i32", "D": "i32", "q0": "i32",
-               "nq": "i32", "eps": "fp32"}
-        specs.append(CompileSpec(name=f"koleo_bwd[{ty}]", fn=_koleo_bwd_kernel, signature=sig,
-                                 constexprs=dict(**bwd, IEEE=ieee), num_warps=warps,
-                                 num_stages=stages))
+               "Perm_ptr": "*i64", "SortedNn_ptr": "*i64", "Seg_ptr": "*i32", **xs, "n": "i32",
+               "D": "i32", "q0": "i32", "nq": "i32", "eps": "fp32"}
+        specs.append(_spec(f"koleo_bwd_sorted[{ty}]", _koleo_bwd_sorted_kernel, sig,
+                           _GPU_BWD_SORTED))
     return specs

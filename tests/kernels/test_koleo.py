@@ -103,10 +103,10 @@ def test_two_dim_input_returns_a_scalar():
 
 def test_custom_ops_pass_opcheck():
     x, _ = _inputs(2, 6, 8, torch.float32)
-    torch.library.opcheck(_koleo_fwd_op, (x, 1e-8, 0, 6))
+    torch.library.opcheck(_koleo_fwd_op, (x, 1e-8, 0, 6, "auto"))
     loss, nn_idx, d, t, u, rinv = koleo_fwd(x, 1e-8, 0, 6)
     torch.library.opcheck(_koleo_bwd_op, (torch.ones(2, device=DEVICE), x, rinv, nn_idx, d, t, u,
-                                          1e-8, 0, 6))
+                                          1e-8, 0, 6, "auto"))
 
 
 def test_traces_under_torch_compile():
