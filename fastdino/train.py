@@ -62,6 +62,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)
         B, self.gas = cfg.data.batch_size_per_gpu, cfg.deepspeed.gradient_accumulation_steps
         self.global_batch = B * self.info.world_size * self.gas
+        if self.gas > 1:
+            logger.info("gradient accumulation: %d micro-batches of %d images per rank per "
+                        "optimizer step, global batch %d", self.gas, B, self.global_batch)
         self.sched = build_schedules(cfg, self.global_batch)
         self.total = cfg.train.total_iterations
         self.max_it = min(self.total, cfg.train.max_iterations or self.total)
@@ -110,6 +113,9 @@ class Trainer:
         gas = self.gas
         if isinstance(batches, Batch):
             batches = [batches]
+        if isinstance(batches, (list, tuple)) and len(batches) != gas:  # before any work
+            raise ValueError(f"step {it}: {len(batches)} micro-batches given, deepspeed."
+                             f"gradient_accumulation_steps={gas} expected")
         v = self.sched.at(it)
         apply_to_param_groups(engine.param_groups, v)
         self._log_gram_state(it, v)

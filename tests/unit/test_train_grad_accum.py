@@ -235,3 +235,13 @@ def test_log_says_why_gram_loss_is_zero(tmp_path, caplog):
         caplog.clear()
         v = trainer.step(2, mbs)
         assert float(v["gram_loss"]) > 0 and "gram_loss enters the objective" in caplog.text
+
+
+def test_wrong_number_of_micro_batches_is_an_error_before_any_work(tmp_path):
+    trainer = make_trainer(tmp_path, "run", f"data.batch_size_per_gpu={B}",
+                           "deepspeed.gradient_accumulation_steps=2")
+    student0 = params(trainer.engine.module)
+    with pytest.raises(ValueError, match="1 micro-batches given, deepspeed.gradient_accumulation"):
+        trainer.step(0, micro_batches(1)[0])
+    assert all(p.grad is None for p in trainer.engine.module.parameters())
+    assert_close_dicts(params(trainer.engine.module), student0, 0, 0, "student")
