@@ -1,0 +1,159 @@
+"""Parity of the KoLeo split path (kernels/koleo.py, issue 6): the column-split forward (norms,
+split search, merge + distances) and the O(n·D) sorted-chooser backward, forced with
+path="split" at interpreter-sized shapes (the GPU picks them only for large groups). Same rules as
+test_koleo.py: fp32 vs an fp64 reference, bf16 within 2x the torch bf16 error, plus the merge
+across column splits with exact ties, a hub row chosen by most rows (its chooser list spans many
+steps), duplicate rows, determinism and the path model's choice at the benchmark shapes."""
+
+import pytest
+import torch
+from fastdino.kernels._utils import can_run_triton
+from fastdino.kernels.koleo import (
+    _fwd_fused,
+    _fwd_split,
+    _pick_auto,
+    koleo_loss,
+    koleo_loss_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not can_run_triton(torch.empty(0, device=DEVICE)),
+                                reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+
+# (G, n, D, query_start, query_len): n = 2 (one split), several splits with a ragged last one
+# (n = 200, 4 column tiles of 64 under the interpreter), odd D (unaligned, masked K), D = 384
+# (aligned: the hinted, unmasked K loads), groups with a query window (the distributed variant)
+SHAPES = [
+    (1, 2, 7, 0, None),
+    (1, 200, 16, 0, None),
+    (2, 100, 33, 10, 50),
+    (1, 130, 384, 0, None),
+]
+
+
+def _inputs(G, n, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(G, n, D, generator=g).to(DEVICE, dtype)  # continuous data: no ties
+    w = torch.randn(G, generator=g).to(DEVICE)  # upstream gradient per group
+    return x, w
+
+
+def _run(fn, x, w, q0, nq, dtype=None, **kw):
+    """(loss [G], nn [G, nq], d [G, nq], dx) of `fn` on a copy of x (cast to `dtype`)."""
+    xi = x.detach().to(dtype or x.dtype).requires_grad_(True)
+    loss, nn_idx, d = fn(xi, query_start=q0, query_len=nq, return_details=True, **kw)
+    (loss.float() * w).sum().backward()
+    return loss.detach().double(), nn_idx, d.detach().double(), xi.grad.double()
+
+
+def _split(x, **kw):
+    return koleo_loss(x, path="split", **kw)
+
+
+@pytest.mark.parametrize("G,n,D,q0,nq", SHAPES)
+def test_split_fp32_matches_fp64_reference(G, n, D, q0, nq):
+    x, w = _inputs(G, n, D, torch.float32)
+    loss, nn_idx, d, dx = _run(_split, x, w, q0, nq)
+    loss_r, nn_r, d_r, dx_r = _run(koleo_loss_ref, x, w.double(), q0, nq, torch.float64)
+    assert torch.equal(nn_idx.cpu(), nn_r.cpu())
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d, d_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-5 * dx_r.abs().max().item())
+
+
+@pytest.mark.parametrize("G,n,D,q0,nq", SHAPES[1:])
+def test_split_bf16_within_twice_the_torch_bf16_error(G, n, D, q0, nq):
+    x, w = _inputs(G, n, D, torch.bfloat16)
+    loss, nn_idx, _, dx = _run(_split, x, w, q0, nq)
+    loss_t, _, _, dx_t = _run(koleo_loss_ref, x, w, q0, nq)
+    loss_r, nn_r, _, dx_r = _run(koleo_loss_ref, x, w.double(), q0, nq, torch.float64)
+    assert torch.equal(nn_idx.cpu(), nn_r.cpu())
+    err, err_t = (loss - loss_r).abs().max(), (loss_t - loss_r).abs().max()
+    assert err <= 2 * err_t + 1e-5, (err, err_t)
+    gerr, gerr_t = (dx - dx_r).abs().max(), (dx_t - dx_r).abs().max()
+    assert gerr <= 2 * gerr_t + 1e-5 * dx_r.abs().max(), (gerr, gerr_t)
+
+
+def test_split_and_fused_paths_agree():
+    # same neighbours, same per-row scalars; the gradient of the sorted backward equals the masked
+    # chooser product's (both fp32 sums of the same s_i v_i, in different orders)
+    x, w = _inputs(2, 120, 40, torch.float32, seed=3)
+    a = _run(_split, x, w, 0, None)
+    b = _run(koleo_loss, x, w, 0, None, path="fused")
+    assert torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-6 * b[3].abs().max().item())
+
+
+@pytest.mark.parametrize("splits", [1, 3, 6])
+def test_ties_across_splits_resolve_to_the_lowest_index(splits):
+    # ±1 entries in D = 16: every norm is 4, every x̂ entry ±0.25 and every dot a multiple of 1/16,
+    # all exact in fp32 in any summation order, so tied candidates tie bit for bit. Rows 0..31 are
+    # repeated at 32..63 and 64..95: each row's two other copies tie at cosine 1, and with 16-column
+    # tiles in 1, 3 or 6 splits they lie in different column tiles (1 split: the in-program running
+    # max) or different splits (the merge); the first copy must win (torch.argmax's rule, which the
+    # fp64 reference follows).
+    g = torch.Generator().manual_seed(4)
+    third = torch.randint(0, 2, (1, 32, 16), generator=g).float() * 2 - 1
+    x = torch.cat([third, third, third], dim=1).to(DEVICE)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    _, nn_split, d, *_ = _fwd_split(x, 1e-8, 0, 96, cfg=cfg, splits=splits)
+    _, nn_fused, *_ = _fwd_fused(x, 1e-8, 0, 96)
+    _, nn_ref, _ = koleo_loss_ref(x.double(), return_details=True)
+    assert torch.equal(nn_split.cpu(), nn_ref.cpu())
+    assert torch.equal(nn_split.cpu(), nn_fused.cpu())
+    first = torch.arange(32)
+    expect = torch.cat([first + 32, first, first])  # row i: i+32; rows i+32 and i+64: i
+    assert torch.equal(nn_split[0].cpu(), expect)
+    torch.testing.assert_close(d.double().cpu(), torch.full((1, 96), 1e-8 * 4, dtype=torch.float64),
+                               rtol=1e-3, atol=0)
+
+
+def test_hub_row_chosen_by_most_rows():
+    # row 0 = c, rows 1.. = c + small noise: in D = 128 every noisy row is ~sqrt(2) times closer
+    # to c than to any other noisy row, so (nearly) every row's neighbour is row 0, whose chooser
+    # list (sorted, stable) spans several 16-chooser steps of one backward program
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(1, 1, 128, generator=g)
+    x = torch.cat([c, c + 0.1 * torch.randn(1, 99, 128, generator=g)], dim=1).to(DEVICE)
+    w = torch.ones(1, device=DEVICE)
+    loss, nn_idx, d, dx = _run(_split, x, w, 0, None)
+    loss_r, nn_r, _, dx_r = _run(koleo_loss_ref, x, w.double(), 0, None, torch.float64)
+    assert (nn_r[0] == 0).sum() > 64
+    assert torch.equal(nn_idx.cpu(), nn_r.cpu())
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-5 * dx_r.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_duplicate_rows_stay_finite(dtype):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 24, generator=g)
+    x = torch.cat([base, base, torch.zeros(1, 24)]).to(DEVICE, dtype).requires_grad_(True)
+    loss, nn_idx, d = koleo_loss(x, return_details=True, path="split")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert nn_idx[:40].tolist() == list(range(40, 80))
+    torch.testing.assert_close(d[:80].double().cpu(), torch.full((80,), 1e-8 * 24**0.5,
+                               dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_split_deterministic_across_runs():
+    x, w = _inputs(1, 200, 16, torch.float32, seed=2)
+    a = _run(_split, x, w, 0, None)
+    b = _run(_split, x, w, 0, None)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_path_model_at_the_benchmark_shapes():
+    # H200 (132 SMs), bf16: the gathered 4096-row group takes the split forward and the sorted
+    # backward at every ViT width; the per-rank groups (2 crops x 16 rows) keep the one-launch
+    # kernels
+    for D in (384, 1024, 4096):
+        assert _pick_auto(1, 4096, 4096, D, torch.bfloat16, 132) == (True, True)
+        assert _pick_auto(2, 16, 16, D, torch.bfloat16, 132) == (False, False)
+
+
+def test_bad_path_is_rejected():
+    with pytest.raises(ValueError, match="path="):
+        koleo_loss(torch.randn(4, 8, device=DEVICE), path="fast")
