@@ -18,9 +18,10 @@ normalises the residual stream as stored, exactly what the unfused block does):
     dx = dy + dLN,  dh = dx*gamma,  dgamma = sum_rows(dx*h),  dweight = sum_rows(dout*xhat),
     dbias = sum_rows(dout)
 Shapes: x, h [..., D] (last dim contiguous; flattened to T rows); gamma, weight, bias [D].
-Dtypes: x, h, params fp32 or bf16 in any mix (all computed in fp32); y in x's dtype, out in
-`out_dtype` (the block passes fp32 under autocast, whose LayerNorm returns fp32, else y's dtype);
-every gradient in its input's dtype. D up to 16384 (a row lives in registers).
+Dtypes: x, h, params fp32 or bf16 in any mix (all computed in fp32); y and out in x's dtype,
+written as one packed [2, T, D] tensor (y = [0], out = [1]; returned as two views, or packed);
+every gradient in its input's dtype. D up to 16384 (a row lives in registers). Under autocast
+nn.LayerNorm returns fp32, so the block fuses there only when its stream is fp32 (fp32 params).
 Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no spills) at
 the shipped widths. Not yet timed on a GPU (2026-11-26): kernels.fuse_pointwise stays off until
 `python -m bench layernorm_residual` shows a win over PyTorch at ViT widths (Liger's LayerNorm
@@ -57,16 +58,16 @@ def _check_args(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor, weight: t
 
 def layernorm_residual_ref(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,
                            weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                           out_dtype: torch.dtype | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           packed: bool = False):
     """The reference (single source of truth), computed in fp32:
-    y = (x + gamma*h) rounded to x's dtype; out = LayerNorm(y)*weight + bias in `out_dtype`
-    (default y's dtype). x, h [..., D]; gamma, weight, bias [D] -> (y, out), both [..., D]."""
+    y = (x + gamma*h) rounded to x's dtype; out = LayerNorm(y)*weight + bias in x's dtype.
+    x, h [..., D]; gamma, weight, bias [D] -> (y, out), both [..., D] (`packed`: stacked,
+    [2, ..., D])."""
     _check_args(x, h, gamma, weight, bias)
     y = (x.float() + gamma.float() * h.float()).to(x.dtype)
     out = torch.nn.functional.layer_norm(y.float(), (x.shape[-1],), weight.float(), bias.float(),
-                                         eps)
-    return y, out.to(out_dtype or y.dtype)
+                                         eps).to(x.dtype)
+    return torch.stack((y, out)) if packed else (y, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def layernorm_residual_ref(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
 @triton.jit
 def _layernorm_residual_fwd_kernel(
     Y_ptr,  # [T, D] out, x's dtype: the residual stream x + gamma*h
-    Out_ptr,  # [T, D] out, out_dtype: LayerNorm(y)*weight + bias
+    Out_ptr,  # [T, D] out, x's dtype: LayerNorm(y)*weight + bias
     Mean_ptr,  # [T] fp32 out
     Rstd_ptr,  # [T] fp32 out
     X_ptr,  # [T, D] in, rows strided, channels contiguous
@@ -240,27 +241,24 @@ def _check_kernel_inputs(*tensors: torch.Tensor, D: int) -> None:
 
 
 def layernorm_residual_fwd(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,
-                           weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                           out_dtype: torch.dtype):
-    """x, h [..., D] -> (y [T, D] x's dtype, out [T, D] out_dtype, mean [T], rstd [T] fp32)."""
+                           weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """x, h [..., D] -> (packed [2, T, D] in x's dtype: y, out; mean [T], rstd [T] fp32)."""
     D = _check_args(x, h, gamma, weight, bias)
     _check_kernel_inputs(x, h, gamma, weight, bias, D=D)
-    if out_dtype not in _DTYPES:
-        raise ValueError(f"layernorm_residual: out_dtype must be fp32 or bf16, got {out_dtype}")
     x2, h2 = _rows(x, D), _rows(h, D)
     T = x2.shape[0]
-    y = torch.empty(T, D, device=x.device, dtype=x.dtype)
-    out = torch.empty(T, D, device=x.device, dtype=out_dtype)
+    yo = torch.empty(2, T, D, device=x.device, dtype=x.dtype)
+    y, out = yo[0], yo[1]
     mean = torch.empty(T, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if T == 0:
-        return y, out, mean, rstd
+        return yo, mean, rstd
     cfg = _config(D, T)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]),)
     _layernorm_residual_fwd_kernel[grid](
         y, out, mean, rstd, x2, h2, gamma.contiguous(), weight.contiguous(), bias.contiguous(),
         T, D, y.stride(0), out.stride(0), x2.stride(0), h2.stride(0), eps, **cfg)
-    return y, out, mean, rstd
+    return yo, mean, rstd
 
 
 def layernorm_residual_bwd(dy: torch.Tensor, dout: torch.Tensor, y: torch.Tensor,
@@ -294,18 +292,17 @@ def layernorm_residual_bwd(dy: torch.Tensor, dout: torch.Tensor, y: torch.Tensor
 
 @torch.library.custom_op("fastdino::layernorm_residual_fwd", mutates_args=())
 def _layernorm_residual_fwd_op(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,
-                               weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                               out_dtype: torch.dtype
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm_residual_fwd(x, h, gamma, weight, bias, eps, out_dtype)
+                               weight: torch.Tensor, bias: torch.Tensor, eps: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layernorm_residual_fwd(x, h, gamma, weight, bias, eps)
 
 
 @_layernorm_residual_fwd_op.register_fake
-def _(x, h, gamma, weight, bias, eps, out_dtype):
+def _(x, h, gamma, weight, bias, eps):
     D = _check_args(x, h, gamma, weight, bias)
     T = x.numel() // D if D else 0
     stat = x.new_empty(T, dtype=torch.float32)
-    return (x.new_empty(T, D), x.new_empty(T, D, dtype=out_dtype), stat, torch.empty_like(stat))
+    return x.new_empty(2, T, D), stat, torch.empty_like(stat)
 
 
 @torch.library.custom_op("fastdino::layernorm_residual_bwd", mutates_args=())
@@ -330,34 +327,37 @@ def _(dy, dout, y, h, gamma, weight, bias, mean, rstd):
 
 
 class LayerNormResidualFn(torch.autograd.Function):
-    """(x, h, gamma, weight, bias) -> (y, out), both [T, D]; gradients to all five tensors."""
+    """(x, h, gamma, weight, bias) [T, D] -> packed [2, T, D] (`packed`) or its two views (y, out);
+    gradients to all five tensors."""
 
     @staticmethod
-    def forward(ctx, x, h, gamma, weight, bias, eps, out_dtype):
-        y, out, mean, rstd = _layernorm_residual_fwd_op(x, h, gamma, weight, bias, eps,
-                                                        out_dtype)
-        ctx.save_for_backward(y, h, gamma, weight, bias, mean, rstd)
-        ctx.x_shape = x.shape
-        return y, out
+    def forward(ctx, x, h, gamma, weight, bias, eps, packed):
+        yo, mean, rstd = _layernorm_residual_fwd_op(x, h, gamma, weight, bias, eps)
+        ctx.save_for_backward(yo, h, gamma, weight, bias, mean, rstd)
+        ctx.args = (x.shape, packed)
+        return yo if packed else yo.unbind(0)
 
     @staticmethod
-    def backward(ctx, dy, dout):
-        y, h, gamma, weight, bias, mean, rstd = ctx.saved_tensors
+    def backward(ctx, *grads):
+        yo, h, gamma, weight, bias, mean, rstd = ctx.saved_tensors
+        x_shape, packed = ctx.args
+        dy, dout = grads[0].unbind(0) if packed else grads
         dx, dh, dgamma, dweight, dbias = _layernorm_residual_bwd_op(
-            dy, dout, y, h, gamma, weight, bias, mean, rstd)
-        return dx.view(ctx.x_shape), dh.view(ctx.x_shape), dgamma, dweight, dbias, None, None
+            dy, dout, yo[0], h, gamma, weight, bias, mean, rstd)
+        return dx.view(x_shape), dh.view(x_shape), dgamma, dweight, dbias, None, None
 
 
 def layernorm_residual(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,
                        weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                       out_dtype: torch.dtype | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       packed: bool = False):
     """The Triton path of `layernorm_residual_ref` (same arguments, same results):
-    x, h [..., D] -> (y = x + gamma*h, out = LayerNorm(y)*weight + bias), both [..., D]."""
+    x, h [..., D] -> (y = x + gamma*h, out = LayerNorm(y)*weight + bias), both [..., D] in x's
+    dtype, views of one [2, ..., D] tensor (returned itself when `packed`)."""
     _check_args(x, h, gamma, weight, bias)
-    y, out = LayerNormResidualFn.apply(x, h, gamma, weight, bias, float(eps),
-                                       out_dtype or x.dtype)
-    return y.view(x.shape), out.view(x.shape)
+    yo = LayerNormResidualFn.apply(x, h, gamma, weight, bias, float(eps), packed)
+    if packed:
+        return yo.view(2, *x.shape)
+    return yo[0].view(x.shape), yo[1].view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,10 +366,10 @@ def layernorm_residual(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,
 
 # ViT-S/B/L, ViT-H+ and 7B widths; SwiGLU and MLP blocks alike
 _SHIPPED_D = (384, 768, 1024, 1280, 4096)
-_COMBOS = (  # (x and y, h, params, out): bf16 training, autocast (fp32 stream), fp32
-    ("bf16", "bf16", "bf16", "bf16"),
-    ("fp32", "bf16", "fp32", "fp32"),
-    ("fp32", "fp32", "fp32", "fp32"),
+_COMBOS = (  # (x, y and out; h; params): bf16 training, autocast (fp32 stream), fp32
+    ("bf16", "bf16", "bf16"),
+    ("fp32", "bf16", "fp32"),
+    ("fp32", "fp32", "fp32"),
 )
 
 
@@ -377,7 +377,8 @@ def compile_specs() -> list[CompileSpec]:
     """Both kernels at the GPU launch config of each shipped width and dtype combination."""
     specs, seen = [], set()
     for D in _SHIPPED_D:
-        for tx, th, tp, to in _COMBOS:
+        for tx, th, tp in _COMBOS:
+            to = tx
             fwd_sig = {"Y_ptr": f"*{tx}", "Out_ptr": f"*{to}", "Mean_ptr": "*fp32",
                        "Rstd_ptr": "*fp32", "X_ptr": f"*{tx}", "H_ptr": f"*{th}",
                        "Gamma_ptr": f"*{tp}", "W_ptr": f"*{tp}", "B_ptr": f"*{tp}", "T": "i32",
@@ -394,7 +395,7 @@ def compile_specs() -> list[CompileSpec]:
                 cfg = _gpu_config(D, bwd=kind == "bwd")
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 name = (f"layernorm_residual_{kind}[BLOCK_M={cfg['BLOCK_M']},"
-                        f"BLOCK_D={cfg['BLOCK_D']},warps={warps},x={tx},h={th},p={tp},o={to}]")
+                        f"BLOCK_D={cfg['BLOCK_D']},warps={warps},x={tx},h={th},p={tp}]")
                 if name not in seen:
                     seen.add(name)
                     specs.append(CompileSpec(name, fn, sig, cfg, num_warps=warps,

@@ -65,17 +65,18 @@ class SelfAttentionBlock(nn.Module):
         h_list = uncat_with_shapes(self.norm1(flat), shapes, num_tokens)
         a_list = self.attn.forward_list(h_list, rope_list)
         a_flat, shapes, num_tokens = cat_keep_shapes(a_list)
-        if (all(idx is None for idx, _ in subsets) and use_fused_pointwise(
+        # The kernel returns norm2's output in the stream's dtype; under autocast nn.LayerNorm
+        # returns fp32, so there it fuses only an fp32 stream (fp32 params, the usual case).
+        same_dtype = flat.dtype == torch.float32 or not torch.is_autocast_enabled(
+            flat.device.type)
+        if (same_dtype and all(idx is None for idx, _ in subsets) and use_fused_pointwise(
                 self.kernels_impl, self.fuse_pointwise, a_flat, "layernorm_residual")):
             from fastdino.kernels.layernorm_residual import layernorm_residual
 
             # No drop path: x_in is x_list, so `flat` [T, D] is the residual stream of every crop
-            # type. y = flat + ls1(a) and h = norm2(y) in one pass; norm2 returns fp32 under
-            # autocast (its LayerNorm is an fp32 op there), y's dtype otherwise.
-            norm_dtype = (torch.float32 if torch.is_autocast_enabled(flat.device.type)
-                          else flat.dtype)
+            # type. y = flat + ls1(a) and h = norm2(y) in one pass.
             y, h = layernorm_residual(flat, a_flat, self.ls1.gamma, self.norm2.weight,
-                                      self.norm2.bias, self.norm2.eps, out_dtype=norm_dtype)
+                                      self.norm2.bias, self.norm2.eps)
             return uncat_with_shapes(y + self.ls2(self.mlp(h)).to(y.dtype), shapes, num_tokens)
         a_list = uncat_with_shapes(self.ls1(a_flat), shapes, num_tokens)
         x_list = [add_residual(x, a, idx, s)
