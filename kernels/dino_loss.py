@@ -50,103 +50,159 @@ def dino_soft_ce_ref(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton kernels. Grid (student rows R, K splits): one program streams one student row's K slice
-# and the same slice of its (at most 2) teacher rows, forming p = exp2(t·inv_tt·log2e -
-# col_shift·log2e - row_shift·log2e) on the fly; the splits are merged by an LSE merge, so the
-# few-row DINO case still fills the GPU. fp32 accumulation, int64 row offsets.
-#
-# Bytes (model HBM traffic, e = element size of the logits):
-#   forward  R·K·e (student) + R·J·K·e (teacher rows; hits L2 when rows are shared) + 4K (shift)
-#   backward R·K·e (read s) + R·J·K·e (teacher) + R·K·e (write dS)
-# Nothing N×K or R×K is allocated besides dS; extra memory is O(R·splits + K).
+# Triton kernels. Grid (K splits, student row blocks): one program streams BLOCK_R student rows'
+# K slice and the same slice of their (at most 2 each) teacher rows, forming p = exp2(t·inv_tt·
+# log2e - col_shift·log2e - row_shift·log2e) on the fly (one col_shift tile serves BLOCK_R rows).
+# Accumulators are elementwise [BLOCK_R, BLOCK_K] and reduced once after the loop; the loop is a
+# `tl.range` with STAGES, so Triton pipelines the loads (cp.async) STAGES-1 tiles ahead. The K
+# splits (few-row DINO cases) are merged by an LSE merge in _soft_ce_merge_kernel (fixed order,
+# deterministic); with one split the forward writes its results directly. fp32 accumulation,
+# int64 row offsets. Traffic and launch numbers: see the table in the module header.
 # ------------------------------------------------------------------------------------------------
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
+from fastdino.kernels.sinkhorn import _lse_update  # noqa: E402
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+MAX_SPLITS = 64  # K splits: the merge kernel reads them as one [rows, 64] tile
 
 
 @triton.jit
-def _teacher_probs(t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, row, cols, cmask, stride_t,
-                   tscale, J: tl.constexpr):
-    """Σ_{j<J} p[tidx[row, j], cols] (fp32 [BLOCK_K]); tidx = -1 contributes 0."""
-    a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
-    ti = tl.load(tidx_ptr + row * J)
-    ok = cmask & ((cols * 0 + ti) >= 0)  # broadcast first: scalar & vector trips the interpreter
+def _teacher_row(row_shift_ptr, tidx_ptr, rows, rmask, stride_t, SLOT: tl.constexpr,
+                 J: tl.constexpr):
+    """For each student row: (int64 offset of teacher row tidx[row, SLOT], its row_shift in log2
+    units, valid). tidx = -1 (no pair) and rows past R are invalid (p = 0)."""
+    ti = tl.load(tidx_ptr + rows.to(tl.int64) * J + SLOT, mask=rmask, other=-1)
+    ok = ti >= 0
     tr = tl.maximum(ti, 0).to(tl.int64)
-    b2 = tl.load(row_shift_ptr + tr) * 1.4426950408889634
-    t = tl.load(t_ptr + tr * stride_t + cols, mask=ok, other=0.0).to(tl.float32)
-    p = tl.where(ok, tl.exp2(t * tscale - a2 - b2), 0.0)
-    if J == 2:
-        ti1 = tl.load(tidx_ptr + row * J + 1)
-        ok1 = cmask & ((cols * 0 + ti1) >= 0)
-        tr1 = tl.maximum(ti1, 0).to(tl.int64)
-        b21 = tl.load(row_shift_ptr + tr1) * 1.4426950408889634
-        t1 = tl.load(t_ptr + tr1 * stride_t + cols, mask=ok1, other=0.0).to(tl.float32)
-        p += tl.where(ok1, tl.exp2(t1 * tscale - a2 - b21), 0.0)
-    return p
+    b2 = tl.load(row_shift_ptr + tr, mask=ok, other=0.0) * 1.4426950408889634
+    return tr * stride_t, b2, ok
 
 
 @triton.jit
-def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, m_ptr, d_ptr,
-                             dot_ptr, psum_ptr, K, stride_s, stride_t, inv_ts, inv_tt,
-                             k_per_split, n_splits, J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partials of one (row, K split): online max m and d = Σ exp2(z2 - m) of z2 = s·inv_ts·log2e,
-    dot = Σ_k p_k·z_k (natural z = s·inv_ts) and psum = Σ_k p_k."""
-    row = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    s_row = s_ptr + row * stride_s
+def _teacher_p(t_ptr, off, b2, ok, cols, cmask, a2, tscale):
+    """p [BLOCK_R, BLOCK_K] fp32 of one teacher slot (0 where invalid or masked)."""
+    m2d = ok[:, None] & cmask[None, :]
+    t = tl.load(t_ptr + off[:, None] + cols[None, :], mask=m2d, other=0.0).to(tl.float32)
+    return tl.where(m2d, tl.exp2(t * tscale - a2[None, :] - b2[:, None]), 0.0)
+
+
+@triton.jit
+def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, part_ptr,
+                             out_ptr, R, K, stride_s, stride_t, inv_ts, inv_tt, k_per_split,
+                             n_splits, J: tl.constexpr, FINALIZE: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """Per (row, K split): max m and d = Σ exp2(z2 - m) of z2 = s·inv_ts·log2e, dot = Σ_k p_k·z_k
+    (natural z = s·inv_ts) and psum = Σ_k p_k. FINALIZE (one split): out [3, R] = (loss, lse,
+    psum) directly; else the partials go to part [4, R, n_splits]."""
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    s_off = rows.to(tl.int64) * stride_s
     tscale = inv_tt * 1.4426950408889634
-    m = float("-inf")
-    d = 0.0
-    dot = tl.zeros([BLOCK_K], tl.float32)
-    psum = tl.zeros([BLOCK_K], tl.float32)
+    off0, b20, ok0 = _teacher_row(row_shift_ptr, tidx_ptr, rows, rmask, stride_t, 0, J)
+    if J == 2:
+        off1, b21, ok1 = _teacher_row(row_shift_ptr, tidx_ptr, rows, rmask, stride_t, 1, J)
+    m = tl.full([BLOCK_R, BLOCK_K], -1.0e30, tl.float32)
+    d = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+    dot = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+    psum = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     k_lo = pid_s * k_per_split
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+    for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
-        z = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * inv_ts
-        z2 = tl.where(cmask, z * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=0))
-        d = d * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new), axis=0)
-        m = m_new
-        p = _teacher_probs(t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, row, cols, cmask,
-                           stride_t, tscale, J)
+        z = tl.load(s_ptr + s_off[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32) * inv_ts
+        m, d = _lse_update(m, d, tl.where(cmask[None, :], z * 1.4426950408889634,
+                                          float("-inf")))
+        a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        p = _teacher_p(t_ptr, off0, b20, ok0, cols, cmask, a2, tscale)
+        if J == 2:
+            p += _teacher_p(t_ptr, off1, b21, ok1, cols, cmask, a2, tscale)
         dot += p * z
         psum += p
-    out = row * n_splits + pid_s
-    tl.store(m_ptr + out, m)
-    tl.store(d_ptr + out, d)
-    tl.store(dot_ptr + out, tl.sum(dot, axis=0))
-    tl.store(psum_ptr + out, tl.sum(psum, axis=0))
+    m_r = tl.max(m, axis=1)
+    d_r = tl.sum(d * tl.exp2(m - m_r[:, None]), axis=1)
+    dot_r = tl.sum(dot, axis=1)
+    psum_r = tl.sum(psum, axis=1)
+    if FINALIZE:
+        lse = 0.6931471805599453 * (m_r + tl.log2(d_r))
+        tl.store(out_ptr + rows, lse * psum_r - dot_r, mask=rmask)
+        tl.store(out_ptr + R + rows, lse, mask=rmask)
+        tl.store(out_ptr + 2 * R + rows, psum_r, mask=rmask)
+    else:
+        o = rows.to(tl.int64) * n_splits + pid_s
+        plane = R.to(tl.int64) * n_splits
+        tl.store(part_ptr + o, m_r, mask=rmask)
+        tl.store(part_ptr + plane + o, d_r, mask=rmask)
+        tl.store(part_ptr + 2 * plane + o, dot_r, mask=rmask)
+        tl.store(part_ptr + 3 * plane + o, psum_r, mask=rmask)
 
 
 @triton.jit
-def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, lse2_ptr,
-                             coef_ptr, g_ptr, ds_ptr, K, stride_s, stride_t, stride_ds, inv_ts,
-                             inv_tt, k_per_split, J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dS[row, k] = (coef·softmax(z)_k - g·Σ_j p_jk)·inv_ts, coef = g·Σ_k Σ_j p_jk, recomputed
-    in tiles from the saved row LSE (log2 units): no probability is stored."""
-    row = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    s_row = s_ptr + row * stride_s
+def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    """LSE merge of the K-split partials [4, R, n_splits] (n_splits <= BLOCK_S) in a fixed order:
+    out [3, R] = (loss = lse·psum - dot, lse, psum)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    splits = tl.arange(0, BLOCK_S)
+    mask = rmask[:, None] & (splits < n_splits)[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
+    plane = R.to(tl.int64) * n_splits
+    m = tl.load(part_ptr + offs, mask=mask, other=-1.0e30)
+    m_r = tl.max(m, axis=1)
+    d_r = tl.sum(tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+                 * tl.exp2(m - m_r[:, None]), axis=1)
+    dot_r = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), axis=1)
+    psum_r = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), axis=1)
+    lse = 0.6931471805599453 * (m_r + tl.log2(d_r))
+    tl.store(out_ptr + rows, lse * psum_r - dot_r, mask=rmask)
+    tl.store(out_ptr + R + rows, lse, mask=rmask)
+    tl.store(out_ptr + 2 * R + rows, psum_r, mask=rmask)
+
+
+@triton.jit
+def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, stats_ptr,
+                             g_ptr, ds_ptr, R, K, stride_s, stride_t, stride_ds, stride_g, inv_ts,
+                             inv_tt, k_per_split, J: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """dS[row, k] = (g·psum·softmax(z)_k - g·Σ_j p_jk)·inv_ts, recomputed in tiles from the saved
+    row (lse, psum) = stats[1:3] (natural units): no probability is stored. g may be a broadcast
+    (stride_g = 0)."""
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    s_off = rows64 * stride_s
+    ds_off = rows64 * stride_ds
     zscale = inv_ts * 1.4426950408889634
     tscale = inv_tt * 1.4426950408889634
-    lse2 = tl.load(lse2_ptr + row)
-    coef = tl.load(coef_ptr + row)
-    g = tl.load(g_ptr + row)
+    g = tl.load(g_ptr + rows64 * stride_g, mask=rmask, other=0.0)
+    lse2 = tl.load(stats_ptr + R + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    coef = g * tl.load(stats_ptr + 2 * R + rows, mask=rmask, other=0.0)
+    off0, b20, ok0 = _teacher_row(row_shift_ptr, tidx_ptr, rows, rmask, stride_t, 0, J)
+    if J == 2:
+        off1, b21, ok1 = _teacher_row(row_shift_ptr, tidx_ptr, rows, rmask, stride_t, 1, J)
     k_lo = pid_s * k_per_split
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+    for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
-        z2 = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * zscale
-        p = _teacher_probs(t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, row, cols, cmask,
-                           stride_t, tscale, J)
-        ds = (coef * tl.exp2(z2 - lse2) - g * p) * inv_ts
-        tl.store(ds_ptr + row * stride_ds + cols, ds.to(ds_ptr.dtype.element_ty), mask=cmask)
+        m2d = rmask[:, None] & cmask[None, :]
+        z2 = tl.load(s_ptr + s_off[:, None] + cols[None, :], mask=m2d,
+                     other=0.0).to(tl.float32) * zscale
+        a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        p = _teacher_p(t_ptr, off0, b20, ok0, cols, cmask, a2, tscale)
+        if J == 2:
+            p += _teacher_p(t_ptr, off1, b21, ok1, cols, cmask, a2, tscale)
+        ds = (coef[:, None] * tl.exp2(z2 - lse2[:, None]) - g[:, None] * p) * inv_ts
+        tl.store(ds_ptr + ds_off[:, None] + cols[None, :], ds.to(ds_ptr.dtype.element_ty),
+                 mask=m2d)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,22 +210,28 @@ def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
 # ------------------------------------------------------------------------------------------------
 
 _WARPS = 8
-_GPU_BLOCK_K = 2048
+_STAGES = 4  # tl.range pipelining depth: 3 tiles in flight per program
+_MERGE_WARPS = 4
+_MERGE_BLOCK_R = 32
+# (BLOCK_R, BLOCK_K) per logits dtype: 8 elements per thread at 8 warps (4 accumulators each)
+_GPU_BLOCK = {torch.bfloat16: (8, 256), torch.float32: (8, 256)}
 _NUM_SMS = 132  # only sets how finely K is split, never correctness
 
 
-def _config(r: int, k: int, x: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_K, k_per_split, n_splits): split K until the grid holds ~4 programs per SM."""
+def _config(r: int, k: int, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_K, k_per_split, n_splits): split K until the grid holds ~8 programs per
+    SM (>= 2 resident waves), at most MAX_SPLITS."""
     if is_interpreter():  # the interpreter pays per program: few of them, still some splits
-        block_k, target = min(2048, next_pow2(k)), 8
+        block_r, block_k, target = min(4, next_pow2(r)), min(1024, next_pow2(k)), 8
     else:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda \
             else _NUM_SMS
-        block_k, target = min(_GPU_BLOCK_K, next_pow2(k)), 4 * sms
+        (block_r, block_k), target = _GPU_BLOCK[x.dtype], 8 * sms
     k_blocks = triton.cdiv(k, block_k)
-    n_splits = max(1, min(k_blocks, triton.cdiv(target, max(r, 1))))
+    want = triton.cdiv(target, triton.cdiv(max(r, 1), block_r))
+    n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
     k_per_split = triton.cdiv(k_blocks, n_splits) * block_k
-    return block_k, k_per_split, triton.cdiv(k, k_per_split)
+    return block_r, block_k, k_per_split, triton.cdiv(k, k_per_split)
 
 
 def _check_inputs(s, t, col_shift, row_shift, tidx):
@@ -187,73 +249,84 @@ def _check_inputs(s, t, col_shift, row_shift, tidx):
                          f"{tuple(tidx.shape)}")
 
 
+def _prep(s, t, col_shift, row_shift, tidx):
+    """Contiguous operands, int32 index, fp32 shifts (no copy when already so)."""
+    if tidx.dtype != torch.int32:
+        tidx = tidx.to(torch.int32)
+    return (s.contiguous(), t.contiguous(), col_shift.float().contiguous(),
+            row_shift.float().contiguous(), tidx.contiguous())
+
+
 def dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
-    """-> (row_loss [R], lse [R] (natural units), psum [R]) fp32."""
+    """-> stats [3, R] fp32: (row_loss, lse (natural units), psum)."""
     _check_inputs(s, t, col_shift, row_shift, tidx)
-    s, t = s.contiguous(), t.contiguous()
-    tidx = tidx.to(torch.int32).contiguous()
+    s, t, col_shift, row_shift, tidx = _prep(s, t, col_shift, row_shift, tidx)
     r, k = s.shape
-    block_k, k_per_split, n_splits = _config(r, k, s)
-    f32 = dict(device=s.device, dtype=torch.float32)
-    m, d = torch.empty(r, n_splits, **f32), torch.empty(r, n_splits, **f32)
-    dot, psum = torch.empty(r, n_splits, **f32), torch.empty(r, n_splits, **f32)
-    if r:
-        _dino_soft_ce_fwd_kernel[(r, n_splits)](
-            s, t, col_shift.float().contiguous(), row_shift.float().contiguous(), tidx, m, d,
-            dot, psum, k, s.stride(0), t.stride(0), float(inv_ts), float(inv_tt), k_per_split,
-            n_splits, J=tidx.shape[1], BLOCK_K=block_k, num_warps=_WARPS)
-    # LSE merge of the K splits (log2 units), then loss = LSE·Σp - Σ p·z
-    m_all = m.amax(dim=1, keepdim=True)
-    lse = LN2 * (m_all.squeeze(1) + torch.log2((d * torch.exp2(m - m_all)).sum(dim=1)))
-    psum = psum.sum(dim=1)
-    return lse * psum - dot.sum(dim=1), lse, psum
+    out = torch.empty(3, r, device=s.device, dtype=torch.float32)
+    if not r:
+        return out
+    block_r, block_k, k_per_split, n_splits = _config(r, k, s)
+    finalize = n_splits == 1
+    part = out if finalize else torch.empty(4, r, n_splits, device=s.device,
+                                            dtype=torch.float32)
+    _dino_soft_ce_fwd_kernel[(n_splits, triton.cdiv(r, block_r))](
+        s, t, col_shift, row_shift, tidx, part, out, r, k, s.stride(0), t.stride(0),
+        float(inv_ts), float(inv_tt), k_per_split, n_splits, J=tidx.shape[1], FINALIZE=finalize,
+        BLOCK_R=block_r, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
+        num_stages=_STAGES)
+    if not finalize:
+        _soft_ce_merge_kernel[(triton.cdiv(r, _MERGE_BLOCK_R),)](
+            part, out, r, n_splits, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
+            num_warps=_MERGE_WARPS)
+    return out
 
 
-def dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, lse, psum, inv_ts, inv_tt):
-    """-> dS [R, K] in the student's dtype."""
-    s, t = s.contiguous(), t.contiguous()
-    tidx = tidx.to(torch.int32).contiguous()
+def dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt):
+    """-> dS [R, K] in the student's dtype. stats: the forward's [3, R]."""
+    s, t, col_shift, row_shift, tidx = _prep(s, t, col_shift, row_shift, tidx)
     r, k = s.shape
-    block_k, k_per_split, n_splits = _config(r, k, s)
     ds = torch.empty_like(s)
-    g = grad_row.float().contiguous()
-    if r:
-        _dino_soft_ce_bwd_kernel[(r, n_splits)](
-            s, t, col_shift.float().contiguous(), row_shift.float().contiguous(), tidx,
-            (lse * LOG2E).contiguous(), (g * psum).contiguous(), g, ds, k, s.stride(0),
-            t.stride(0), ds.stride(0), float(inv_ts), float(inv_tt), k_per_split, J=tidx.shape[1],
-            BLOCK_K=block_k, num_warps=_WARPS)
+    if not r:
+        return ds
+    g = grad_row if grad_row.dtype == torch.float32 else grad_row.float()
+    stats = stats.contiguous()
+    block_r, block_k, k_per_split, n_splits = _config(r, k, s)
+    _dino_soft_ce_bwd_kernel[(n_splits, triton.cdiv(r, block_r))](
+        s, t, col_shift, row_shift, tidx, stats, g, ds, r, k, s.stride(0), t.stride(0),
+        ds.stride(0), g.stride(0), float(inv_ts), float(inv_tt), k_per_split, J=tidx.shape[1],
+        BLOCK_R=block_r, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
+        num_stages=_STAGES)
     return ds
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library registration (fake impls: shapes only, so torch.compile traces through)
+# torch.library registration (fake impls: shapes only, so torch.compile traces through). In eager
+# mode the autograd Function calls the launchers directly: a custom-op dispatch costs ~7 µs of
+# host time, and the DINO CLS loss is host-bound (see the header table).
 # ------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastdino::dino_soft_ce_fwd", mutates_args=())
 def _dino_soft_ce_fwd_op(s: torch.Tensor, t: torch.Tensor, col_shift: torch.Tensor,
                          row_shift: torch.Tensor, tidx: torch.Tensor, inv_ts: float,
-                         inv_tt: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         inv_tt: float) -> torch.Tensor:
     return dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt)
 
 
 @_dino_soft_ce_fwd_op.register_fake
 def _(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
-    r = s.shape[0]
-    return tuple(s.new_empty(r, dtype=torch.float32) for _ in range(3))
+    return s.new_empty(3, s.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastdino::dino_soft_ce_bwd", mutates_args=())
 def _dino_soft_ce_bwd_op(grad_row: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                          col_shift: torch.Tensor, row_shift: torch.Tensor, tidx: torch.Tensor,
-                         lse: torch.Tensor, psum: torch.Tensor, inv_ts: float,
-                         inv_tt: float) -> torch.Tensor:
-    return dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, lse, psum, inv_ts, inv_tt)
+                         stats: torch.Tensor, inv_ts: float, inv_tt: float) -> torch.Tensor:
+    return dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt)
 
 
 @_dino_soft_ce_bwd_op.register_fake
-def _(grad_row, s, t, col_shift, row_shift, tidx, lse, psum, inv_ts, inv_tt):
+def _(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt):
     return torch.empty_like(s)
 
 
@@ -265,17 +338,18 @@ def _(grad_row, s, t, col_shift, row_shift, tidx, lse, psum, inv_ts, inv_tt):
 class DinoSoftCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
-        loss, lse, psum = torch.ops.fastdino.dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx,
-                                                              inv_ts, inv_tt)
-        ctx.save_for_backward(s, t, col_shift, row_shift, tidx, lse, psum)
+        fwd = torch.ops.fastdino.dino_soft_ce_fwd if torch.compiler.is_compiling() \
+            else dino_soft_ce_fwd
+        stats = fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt)
+        ctx.save_for_backward(s, t, col_shift, row_shift, tidx, stats)
         ctx.temps = (inv_ts, inv_tt)
-        return loss
+        return stats[0]
 
     @staticmethod
     def backward(ctx, grad_row):
-        s, t, col_shift, row_shift, tidx, lse, psum = ctx.saved_tensors
-        ds = torch.ops.fastdino.dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, lse,
-                                                 psum, *ctx.temps)
+        bwd = torch.ops.fastdino.dino_soft_ce_bwd if torch.compiler.is_compiling() \
+            else dino_soft_ce_bwd
+        ds = bwd(grad_row, *ctx.saved_tensors, *ctx.temps)
         return ds, None, None, None, None, None, None
 
 
@@ -296,24 +370,35 @@ def dino_soft_ce(student_logits: torch.Tensor, targets: TeacherTargets,
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for dt in ("bf16", "fp32"):
+    for torch_dt, dt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        br, bk = _GPU_BLOCK[torch_dt]
+        base = {"s_ptr": f"*{dt}", "t_ptr": f"*{dt}", "col_shift_ptr": "*fp32",
+                "row_shift_ptr": "*fp32", "tidx_ptr": "*i32"}
         for j in (1, 2):
-            base = {"s_ptr": f"*{dt}", "t_ptr": f"*{dt}", "col_shift_ptr": "*fp32",
-                    "row_shift_ptr": "*fp32", "tidx_ptr": "*i32"}
+            for fin in (False, True):
+                specs.append(CompileSpec(
+                    name=f"dino_soft_ce_fwd[J={j},FIN={int(fin)},BLOCK={br}x{bk},{dt}]",
+                    fn=_dino_soft_ce_fwd_kernel,
+                    signature={**base, "part_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32",
+                               "K": "i32", "stride_s": "i32", "stride_t": "i32",
+                               "inv_ts": "fp32", "inv_tt": "fp32", "k_per_split": "i32",
+                               "n_splits": "i32"},
+                    constexprs={"J": j, "FINALIZE": fin, "BLOCK_R": br, "BLOCK_K": bk,
+                                "STAGES": _STAGES},
+                    num_warps=_WARPS, num_stages=_STAGES))
             specs.append(CompileSpec(
-                name=f"dino_soft_ce_fwd[J={j},BLOCK_K={_GPU_BLOCK_K},{dt}]",
-                fn=_dino_soft_ce_fwd_kernel,
-                signature={**base, "m_ptr": "*fp32", "d_ptr": "*fp32", "dot_ptr": "*fp32",
-                           "psum_ptr": "*fp32", "K": "i32", "stride_s": "i32",
-                           "stride_t": "i32", "inv_ts": "fp32", "inv_tt": "fp32",
-                           "k_per_split": "i32", "n_splits": "i32"},
-                constexprs={"J": j, "BLOCK_K": _GPU_BLOCK_K}, num_warps=_WARPS))
-            specs.append(CompileSpec(
-                name=f"dino_soft_ce_bwd[J={j},BLOCK_K={_GPU_BLOCK_K},{dt}]",
+                name=f"dino_soft_ce_bwd[J={j},BLOCK={br}x{bk},{dt}]",
                 fn=_dino_soft_ce_bwd_kernel,
-                signature={**base, "lse2_ptr": "*fp32", "coef_ptr": "*fp32", "g_ptr": "*fp32",
-                           "ds_ptr": f"*{dt}", "K": "i32", "stride_s": "i32",
-                           "stride_t": "i32", "stride_ds": "i32", "inv_ts": "fp32",
+                signature={**base, "stats_ptr": "*fp32", "g_ptr": "*fp32", "ds_ptr": f"*{dt}",
+                           "R": "i32", "K": "i32", "stride_s": "i32", "stride_t": "i32",
+                           "stride_ds": "i32", "stride_g": "i32", "inv_ts": "fp32",
                            "inv_tt": "fp32", "k_per_split": "i32"},
-                constexprs={"J": j, "BLOCK_K": _GPU_BLOCK_K}, num_warps=_WARPS))
+                constexprs={"J": j, "BLOCK_R": br, "BLOCK_K": bk, "STAGES": _STAGES},
+                num_warps=_WARPS, num_stages=_STAGES))
+    specs.append(CompileSpec(
+        name=f"dino_soft_ce_merge[BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",
+        fn=_soft_ce_merge_kernel,
+        signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "n_splits": "i32"},
+        constexprs={"BLOCK_R": _MERGE_BLOCK_R, "BLOCK_S": MAX_SPLITS},
+        num_warps=_MERGE_WARPS))
     return specs

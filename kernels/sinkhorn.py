@@ -151,7 +151,15 @@ def center_batch_sum_ref(teacher_logits: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Triton kernels. All exponentials are exp2 with log2(e) folded into the scale; accumulation in
 # fp32 whatever the logits' dtype; row offsets in int64 (N·K reaches 2^31 at iBOT shapes).
+#
+# Structure (why, see the performance table in the module header): every streaming loop keeps
+# *elementwise* accumulators [BLOCK_N, BLOCK_K] and reduces them across rows / columns once, after
+# the loop: no cross-warp reduction (shared memory + barrier) per tile, so the warps of a program
+# never wait on each other while streaming. Online log-sum-exp updates use one exp2 per element
+# (`_lse_update`): a running max starting at the finite _M0, so that no inf - inf is formed.
 # ------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -159,61 +167,106 @@ from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # no
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-_MODE_MAX = 0  # column pass: max_b t[b, k]·inv_temp
-_MODE_SUMEXP = 1  # column pass: Σ_b exp(t[b, k]·inv_temp - col_shift[k] - row_shift[b])
+_M0 = -1.0e30  # initial running max (log2 units): finite, below any real logit / temperature
+_TINY = 1.1754943508222875e-38  # fp32 tiny: a prototype no sample reaches gets no log(0)
+_MODE_LSE = 0  # column pass 1: col_shift = LSE_b(t[b, k]·inv_temp) + log(K/N_total)
+_MODE_SUMEXP = 1  # column pass i > 1: col_shift += log Σ_b exp(t·inv_temp - col_shift - row_shift)
+MAX_SPLITS = 64  # K splits of a row pass: the merge kernel reads them as one [rows, 64] tile
 
 
 @triton.jit
-def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, out_ptr, N, K, stride_t,
-                        inv_temp, rows_per_split, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """One program: BLOCK_K prototypes × one slice of rows; writes a partial [BLOCK_K] of the
-    column max (MODE 0) or of the column sum of exp (MODE 1) to out[pid_split, cols]."""
+def _lse_update(m, d, x):
+    """Online Σ exp2(x) = d·exp2(m), elementwise, one exp2 per element: the larger of (m, x)
+    becomes the max and the other side is scaled by exp2(-|x - m|). x = -inf adds nothing."""
+    gt = x > m
+    e = tl.exp2(tl.where(gt, m - x, x - m))
+    return tl.maximum(m, x), tl.where(gt, d * e + 1.0, d + e)
+
+
+@triton.jit
+def _lse_update_s1(m, d, s1, x, xv):
+    """`_lse_update` that also carries s1 = Σ exp2(x - m)·x (xv = x, or 0 where x = -inf)."""
+    gt = x > m
+    e = tl.exp2(tl.where(gt, m - x, x - m))
+    d_new = tl.where(gt, d * e + 1.0, d + e)
+    s1_new = tl.where(gt, s1 * e + xv, s1 + e * xv)
+    return tl.maximum(m, x), d_new, s1_new
+
+
+@triton.jit
+def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_m_ptr, out_d_ptr,
+                        N, K, stride_t, inv_temp, MODE: tl.constexpr, FINALIZE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """One program: BLOCK_K prototypes × all N rows (no row split, so FINALIZE can write the new
+    col_shift in place when there is nothing to all-reduce).
+    MODE 0 (first pass; the per-prototype max is fused in): column LSE of y = t·inv_temp in log2
+    units (m, d). MODE 1: s = Σ_b exp(y - col_shift[k] - row_shift[b]).
+    FINALIZE: col_shift <- LSE (MODE 0) or col_shift + log(max(s, tiny)) (MODE 1), + log(K/N_tot)
+    (read from log_scale_ptr: N_tot may be a device tensor). Else the raw (m, d) / s go to out_*.
+    Rows are walked last to first: the row pass before this one ended on the last row blocks,
+    so the first tiles read here may still sit in L2."""
     pid_k = tl.program_id(0)
-    pid_s = tl.program_id(1)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
-    if MODE == 0:
-        acc = tl.full([BLOCK_K], float("-inf"), tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_K], tl.float32)
-        a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
     scale = inv_temp * 1.4426950408889634
-    row_lo = pid_s * rows_per_split
-    for r0 in range(row_lo, row_lo + rows_per_split, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
+    d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
+    a2 = a * 1.4426950408889634
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    for i in tl.range(0, n_blocks, num_stages=STAGES):
+        rows = (n_blocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         m2d = rmask[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-        t = tl.load(t_ptr + offs, mask=m2d, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=m2d,
+                    other=0.0).to(tl.float32)
         if MODE == 0:
-            acc = tl.maximum(acc, tl.max(tl.where(m2d, t * inv_temp, float("-inf")), axis=0))
+            m, d = _lse_update(m, d, tl.where(m2d, t * scale, float("-inf")))
         else:
             b2 = tl.load(row_shift_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-            e = tl.exp2(t * scale - a2[None, :] - b2[:, None])
-            acc += tl.sum(tl.where(m2d, e, 0.0), axis=0)
-    tl.store(out_ptr + pid_s.to(tl.int64) * K + cols, acc, mask=cmask)
+            d += tl.where(m2d, tl.exp2(t * scale - a2[None, :] - b2[:, None]), 0.0)
+    if MODE == 0:
+        m_c = tl.max(m, axis=0)
+        d_c = tl.sum(d * tl.exp2(m - m_c[None, :]), axis=0)
+        if FINALIZE:
+            res = 0.6931471805599453 * (m_c + tl.log2(d_c)) + tl.load(log_scale_ptr)
+            tl.store(col_shift_ptr + cols, res, mask=cmask)
+        else:
+            tl.store(out_m_ptr + cols, m_c, mask=cmask)
+            tl.store(out_d_ptr + cols, d_c, mask=cmask)
+    else:
+        s = tl.sum(d, axis=0)
+        if FINALIZE:
+            res = a + tl.log(tl.maximum(s, 1.1754943508222875e-38)) + tl.load(log_scale_ptr)
+            tl.store(col_shift_ptr + cols, res, mask=cmask)
+        else:
+            tl.store(out_d_ptr + cols, s, mask=cmask)
 
 
 @triton.jit
-def _teacher_row_kernel(t_ptr, col_shift_ptr, m_ptr, d_ptr, s1_ptr, colsum_ptr, N, K, stride_t,
-                        inv_temp, k_per_split, n_splits, WITH_COLSUM: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: BLOCK_N rows × one K slice. Online, in log2 units, over y2 = (t·inv_temp -
-    col_shift)·log2(e): running max m, d = Σ exp2(y2 - m) and s1 = Σ exp2(y2 - m)·y2 (the
-    entropy's E_p[y]). Partials go to [N, n_splits]; WITH_COLSUM also atomically adds the raw
-    column sums of t to colsum[K] (the softmax center's batch statistic, fused in this read)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+def _teacher_row_kernel(t_ptr, col_shift_ptr, m_ptr, d_ptr, s1_ptr, row_shift_ptr, entropy_ptr,
+                        colsum_ptr, N, K, stride_t, inv_temp, k_per_split, n_splits,
+                        WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
+                        FINALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STAGES: tl.constexpr):
+    """One program: BLOCK_N rows × one K slice (grid axis 0 = the slice, so consecutive programs
+    share rows and the pass ends on the last row blocks). Online, in log2 units, over y2 =
+    (t·inv_temp - col_shift)·log2(e): max m, d = Σ exp2(y2 - m) and (ENTROPY) s1 = Σ exp2(y2 -
+    m)·y2. FINALIZE (one slice): row_shift = LSE (nats) and entropy written directly; else the
+    partials (m, d, s1) go to [N, n_splits] for _row_merge_kernel. WITH_COLSUM also atomically
+    adds the column sums of t to colsum[K] (the softmax center's batch statistic, fused in this
+    read; the order of the atomic adds is not fixed)."""
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     row_off = rows.to(tl.int64)[:, None] * stride_t
     scale = inv_temp * 1.4426950408889634
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    d = tl.zeros([BLOCK_N], tl.float32)
-    s1 = tl.zeros([BLOCK_N], tl.float32)
+    m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
+    d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    s1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     k_lo = pid_s * k_per_split
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+    for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
         m2d = rmask[:, None] & cmask[None, :]
@@ -223,25 +276,66 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, m_ptr, d_ptr, s1_ptr, colsum_ptr, 
         a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
         # masked columns -> -inf (weight 0); masked rows stay finite (never stored)
         y2 = tl.where(cmask[None, :], t * scale - a2[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(y2, axis=1))
-        alpha = tl.exp2(m - m_new)
-        e = tl.exp2(y2 - m_new[:, None])
-        d = d * alpha + tl.sum(e, axis=1)
-        # e·y2 with e = 0 where y2 = -inf (p = 0 targets) must give 0, not nan
-        s1 = s1 * alpha + tl.sum(e * tl.where(y2 > float("-inf"), y2, 0.0), axis=1)
-        m = m_new
-    out = rows.to(tl.int64) * n_splits + pid_s
-    tl.store(m_ptr + out, m, mask=rmask)
-    tl.store(d_ptr + out, d, mask=rmask)
-    tl.store(s1_ptr + out, s1, mask=rmask)
+        if ENTROPY:
+            # e·y2 with e = 0 where y2 = -inf (p = 0 targets) must give 0, not nan
+            m, d, s1 = _lse_update_s1(m, d, s1, y2, tl.where(cmask[None, :], y2, 0.0))
+        else:
+            m, d = _lse_update(m, d, y2)
+    m_r = tl.max(m, axis=1)
+    w = tl.exp2(m - m_r[:, None])
+    d_r = tl.sum(d * w, axis=1)
+    if ENTROPY:
+        s1_r = tl.sum(s1 * w, axis=1)
+    else:
+        s1_r = d_r * 0.0
+    if FINALIZE:
+        lse2 = m_r + tl.log2(d_r)
+        tl.store(row_shift_ptr + rows, 0.6931471805599453 * lse2, mask=rmask)
+        if ENTROPY:
+            tl.store(entropy_ptr + rows, 0.6931471805599453 * (lse2 - s1_r / d_r), mask=rmask)
+    else:
+        out = rows.to(tl.int64) * n_splits + pid_s
+        tl.store(m_ptr + out, m_r, mask=rmask)
+        tl.store(d_ptr + out, d_r, mask=rmask)
+        if ENTROPY:
+            tl.store(s1_ptr + out, s1_r, mask=rmask)
+
+
+@triton.jit
+def _row_merge_kernel(m_ptr, d_ptr, s1_ptr, row_shift_ptr, entropy_ptr, N, n_splits,
+                      ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """LSE merge of the K-split partials [N, n_splits] (n_splits <= BLOCK_S), fixed order:
+    row_shift (nats) and entropy [N]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    splits = tl.arange(0, BLOCK_S)
+    mask = (rows < N)[:, None] & (splits < n_splits)[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
+    m = tl.load(m_ptr + offs, mask=mask, other=-1.0e30)
+    m_r = tl.max(m, axis=1)
+    w = tl.exp2(m - m_r[:, None])
+    d_r = tl.sum(tl.load(d_ptr + offs, mask=mask, other=0.0) * w, axis=1)
+    lse2 = m_r + tl.log2(d_r)
+    tl.store(row_shift_ptr + rows, 0.6931471805599453 * lse2, mask=rows < N)
+    if ENTROPY:
+        s1_r = tl.sum(tl.load(s1_ptr + offs, mask=mask, other=0.0) * w, axis=1)
+        tl.store(entropy_ptr + rows, 0.6931471805599453 * (lse2 - s1_r / d_r), mask=rows < N)
 
 
 # ------------------------------------------------------------------------------------------------
 # Launch heuristics (fixed configs: autotune cannot run under the interpreter, and a fixed
-# config is what compile_specs() can check for spills).
+# config is what compile_specs() can check for spills). See the header table for the numbers.
 # ------------------------------------------------------------------------------------------------
 
-_NUM_SMS = 132  # H100 SXM; only sets how finely rows / K are split, never correctness
+_NUM_SMS = 132  # H100 / H200 SXM; only sets how finely rows / K are split, never correctness
+# (BLOCK_N, BLOCK_K) per logits dtype: 8 fp32 elements per thread at 8 warps (bf16 tiles twice
+# as long), 3 tiles in flight per program through the STAGES pipeline (compile-report numbers
+# in the header table)
+_COL_BLOCK = {torch.bfloat16: (32, 128), torch.float32: (16, 128)}
+_ROW_BLOCK = {torch.bfloat16: (16, 256), torch.float32: (8, 256)}
+_STAGES = 4
+_MERGE_BLOCK_R = 32
+_WARPS = 8
+_MERGE_WARPS = 4
 
 
 def _num_sms(x: torch.Tensor) -> int:
@@ -251,38 +345,34 @@ def _num_sms(x: torch.Tensor) -> int:
 
 
 def _target_programs(x: torch.Tensor) -> int:
-    """Programs wanted in a grid: ~4 per SM on a GPU; a handful under the interpreter, which
-    pays per program (still > 1 so that the split-and-merge paths are exercised)."""
-    return 8 if is_interpreter() else 4 * _num_sms(x)
+    """Programs wanted in a split grid: ~8 per SM on a GPU (>= 2 resident waves, so the last
+    wave's tail is a small fraction); a handful under the interpreter, which pays per program
+    (still > 1 so that the split-and-merge paths are exercised)."""
+    return 8 if is_interpreter() else 8 * _num_sms(x)
 
 
-def _col_config(n: int, k: int, x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, rows_per_split, n_splits) of the column pass."""
+def _col_config(t: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the column pass; grid = cdiv(K, BLOCK_K) programs, each over all N
+    rows (K = 65,536 -> 512 programs, 3.9 per SM)."""
+    n, k = t.shape
     if is_interpreter():  # few, large programs: the interpreter pays per program
-        block_n, block_k = min(16, next_pow2(n)), min(2048, next_pow2(k))
-    else:
-        block_n, block_k = 16, 256
-    col_blocks = triton.cdiv(k, block_k)
-    row_blocks = triton.cdiv(n, block_n)
-    n_splits = max(1, min(row_blocks, triton.cdiv(_target_programs(x), col_blocks)))
-    rows_per_split = triton.cdiv(row_blocks, n_splits) * block_n
-    return block_n, block_k, rows_per_split, triton.cdiv(n, rows_per_split)
+        return min(16, next_pow2(n)), min(2048, next_pow2(k))
+    return _COL_BLOCK[t.dtype]
 
 
-def _row_config(n: int, k: int, x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, k_per_split, n_splits) of the row pass: few rows (DINO: 2B) are
-    split along K so the grid still fills the GPU; the splits are merged by an LSE merge."""
+def _row_config(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, k_per_split, n_splits) of the row pass: few rows (DINO: 2B) are split
+    along K so the grid still fills the GPU; the splits are merged by _row_merge_kernel."""
+    n, k = t.shape
     if is_interpreter():
-        block_n, block_k = min(8, next_pow2(n)), min(2048, next_pow2(k))
+        block_n, block_k = min(8, next_pow2(n)), min(1024, next_pow2(k))
     else:
-        block_n, block_k = 4, 1024
+        block_n, block_k = _ROW_BLOCK[t.dtype]
     k_blocks = triton.cdiv(k, block_k)
-    n_splits = max(1, min(k_blocks, triton.cdiv(_target_programs(x), triton.cdiv(n, block_n))))
+    want = triton.cdiv(_target_programs(t), triton.cdiv(n, block_n))
+    n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
     k_per_split = triton.cdiv(k_blocks, n_splits) * block_k
     return block_n, block_k, k_per_split, triton.cdiv(k, k_per_split)
-
-
-_WARPS = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,74 +386,105 @@ def _check_teacher(t: torch.Tensor) -> None:
                          f"{tuple(t.shape)} {t.dtype}")
 
 
-def teacher_col_reduce(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.Tensor,
-                       inv_temp: float, mode: int) -> torch.Tensor:
-    """[K] fp32, this rank's rows only: mode 0 -> max_b t·inv_temp; mode 1 ->
-    Σ_b exp(t·inv_temp - col_shift[k] - row_shift[b])."""
+def teacher_col_pass(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.Tensor,
+                     log_scale: torch.Tensor, inv_temp: float, mode: int,
+                     finalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column pass over this rank's rows. finalize: col_shift [K] fp32 is updated in place
+    (MODE 0: overwritten with the column LSE + log_scale; MODE 1: += log Σ_b p + log_scale) and
+    two empty tensors are returned. Else col_shift is read only and the raw statistics are
+    returned: MODE 0 (max, Σ exp2(y2 - max)) in log2 units, MODE 1 (empty, Σ_b exp(...)).
+    log_scale: [1] fp32, log(K / N_total)."""
     _check_teacher(t)
     t = t.contiguous()
     n, k = t.shape
-    block_n, block_k, rows_per_split, n_splits = _col_config(n, k, t)
-    part = torch.empty(n_splits, k, device=t.device, dtype=torch.float32)
-    grid = (triton.cdiv(k, block_k), n_splits)
-    _teacher_col_kernel[grid](t, col_shift, row_shift, part, n, k, t.stride(0), float(inv_temp),
-                              rows_per_split, MODE=mode, BLOCK_N=block_n, BLOCK_K=block_k,
-                              num_warps=_WARPS)
-    return part.amax(dim=0) if mode == _MODE_MAX else part.sum(dim=0)
+    block_n, block_k = _col_config(t)
+    f32 = dict(device=t.device, dtype=torch.float32)
+    out_m = torch.empty(k if (mode == _MODE_LSE and not finalize) else 0, **f32)
+    out_d = torch.empty(0 if finalize else k, **f32)
+    # a real pointer for arguments the mode does not read (a null data pointer is rejected)
+    _teacher_col_kernel[(triton.cdiv(k, block_k),)](
+        t, col_shift, row_shift, log_scale, out_m if out_m.numel() else col_shift,
+        out_d if out_d.numel() else col_shift, n, k, t.stride(0), float(inv_temp), MODE=mode,
+        FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
+        num_stages=_STAGES)
+    return out_m, out_d
 
 
-def teacher_row_lse(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float,
-                    with_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row b: LSE_k(t[b]·inv_temp - col_shift) [N] and the entropy (nats) [N] of the
-    softmax it normalises; plus the column sum of t [K] when `with_colsum` (else empty)."""
+def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, with_colsum: bool,
+                     entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row b: LSE_k(t[b]·inv_temp - col_shift) [N] (nats) and, when `entropy`, the entropy
+    (nats) [N] of the softmax it normalises (else an empty tensor); plus the column sum of t [K]
+    when `with_colsum` (else empty). One launch when the row blocks alone fill the GPU, else a
+    K-split launch and a merge launch."""
     _check_teacher(t)
     t = t.contiguous()
     n, k = t.shape
-    block_n, block_k, k_per_split, n_splits = _row_config(n, k, t)
-    m = torch.empty(n, n_splits, device=t.device, dtype=torch.float32)
-    d, s1 = torch.empty_like(m), torch.empty_like(m)
-    colsum = torch.zeros(k if with_colsum else 0, device=t.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, block_n), n_splits)
-    _teacher_row_kernel[grid](t, col_shift, m, d, s1, colsum if with_colsum else m, n, k,
-                              t.stride(0), float(inv_temp), k_per_split, n_splits,
-                              WITH_COLSUM=with_colsum, BLOCK_N=block_n, BLOCK_K=block_k,
-                              num_warps=_WARPS)
-    # LSE merge of the K splits, in log2 units
-    m_all = m.amax(dim=1, keepdim=True)
-    w = torch.exp2(m - m_all)
-    d_all = (d * w).sum(dim=1)
-    lse2 = m_all.squeeze(1) + torch.log2(d_all)
-    entropy = LN2 * (lse2 - (s1 * w).sum(dim=1) / d_all)
-    return LN2 * lse2, entropy, colsum
+    block_n, block_k, k_per_split, n_splits = _row_config(t)
+    f32 = dict(device=t.device, dtype=torch.float32)
+    out = torch.empty(2 if entropy else 1, n, **f32)  # row_shift, entropy
+    row_shift, ent = out[0], (out[1] if entropy else out[:0, 0])
+    colsum = torch.zeros(k if with_colsum else 0, **f32)
+    finalize = n_splits == 1
+    # partials (m, d, s1) [N, n_splits]; unread under FINALIZE (real pointers all the same)
+    part = out[:1] if finalize else torch.empty(3 if entropy else 2, n, n_splits, **f32)
+    grid = (n_splits, triton.cdiv(n, block_n))
+    _teacher_row_kernel[grid](t, col_shift, part[0], part[min(1, len(part) - 1)], part[-1],
+                              row_shift, out[-1],
+                              colsum if with_colsum else out, n, k, t.stride(0), float(inv_temp),
+                              k_per_split, n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy,
+                              FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k,
+                              STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
+    if not finalize:
+        _row_merge_kernel[(triton.cdiv(n, _MERGE_BLOCK_R),)](
+            part[0], part[1], part[-1], row_shift, out[-1], n, n_splits, ENTROPY=entropy,
+            BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS, num_warps=_MERGE_WARPS)
+    return row_shift, ent, colsum
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library registration (fake impls give shapes, so torch.compile traces through)
+# torch.library registration (fake impls give shapes, so torch.compile traces through). In eager
+# mode the functional API calls the launchers directly: a custom-op dispatch costs ~7 µs of host
+# time, and the DINO CLS teacher (L2-resident, ~10 launches) is host-bound.
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastdino::teacher_col_reduce", mutates_args=())
-def _teacher_col_reduce_op(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.Tensor,
-                           inv_temp: float, mode: int) -> torch.Tensor:
-    return teacher_col_reduce(t, col_shift, row_shift, inv_temp, mode)
+@torch.library.custom_op("fastdino::teacher_col_pass", mutates_args=("col_shift",))
+def _teacher_col_pass_op(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.Tensor,
+                         log_scale: torch.Tensor, inv_temp: float, col_mode: int,
+                         finalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # (`col_mode`, not `mode`: the dispatcher's mode redirection owns a `mode` keyword)
+    return teacher_col_pass(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize)
 
 
-@_teacher_col_reduce_op.register_fake
-def _(t, col_shift, row_shift, inv_temp, mode):
-    return t.new_empty(t.shape[1], dtype=torch.float32)
+@_teacher_col_pass_op.register_fake
+def _(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize):
+    k = t.shape[1]
+    f = dict(dtype=torch.float32)
+    return (t.new_empty(k if (col_mode == _MODE_LSE and not finalize) else 0, **f),
+            t.new_empty(0 if finalize else k, **f))
 
 
-@torch.library.custom_op("fastdino::teacher_row_lse", mutates_args=())
-def _teacher_row_lse_op(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float,
-                        with_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return teacher_row_lse(t, col_shift, inv_temp, with_colsum)
+@torch.library.custom_op("fastdino::teacher_row_pass", mutates_args=())
+def _teacher_row_pass_op(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float,
+                         with_colsum: bool, entropy: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_shift, ent, colsum = teacher_row_pass(t, col_shift, inv_temp, with_colsum, entropy)
+    return row_shift.clone(), ent.clone(), colsum  # outputs of a custom op may not alias
 
 
-@_teacher_row_lse_op.register_fake
-def _(t, col_shift, inv_temp, with_colsum):
+@_teacher_row_pass_op.register_fake
+def _(t, col_shift, inv_temp, with_colsum, entropy):
     n, k = t.shape
     f = dict(dtype=torch.float32)
-    return t.new_empty(n, **f), t.new_empty(n, **f), t.new_empty(k if with_colsum else 0, **f)
+    return (t.new_empty(n, **f), t.new_empty(n if entropy else 0, **f),
+            t.new_empty(k if with_colsum else 0, **f))
+
+
+def _ops():
+    """The registered ops while torch.compile traces, the plain launchers otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fastdino.teacher_col_pass, torch.ops.fastdino.teacher_row_pass
+    return teacher_col_pass, teacher_row_pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,33 +495,43 @@ def _(t, col_shift, inv_temp, with_colsum):
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3,
                    n_total: int | float | torch.Tensor | None = None) -> TeacherTargets:
-    """Sinkhorn-Knopp in 2·iters + 1 streaming reads of the teacher logits [N, K]; returns the
-    factorised targets (the logits are kept by reference, not copied). Collectives: 1 K-vector
-    all-reduce MAX + iters K-vector all-reduce SUMs, through fastdino.dist."""
+    """Sinkhorn-Knopp in 2·iters streaming reads of the teacher logits [N, K] (the per-prototype
+    max is fused into the first column pass); returns the factorised targets (the logits are kept
+    by reference, not copied). Collectives (world > 1): 1 K-vector all-reduce MAX + iters
+    K-vector all-reduce SUMs, through fastdino.dist; with one rank each column pass updates
+    col_shift in place and nothing is reduced on the host."""
     _check_teacher(teacher_logits)
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     t = teacher_logits.contiguous()
     n, k = t.shape
     inv_temp = 1.0 / teacher_temp
+    world = dist.get_world_size()
+    dev = t.device
     if n_total is None:
-        n_total = float(n * dist.get_world_size())
-    elif not torch.is_tensor(n_total):
-        n_total = float(n_total)  # a 0-d tensor (iBOT's all-reduced count) is used as is
-    ops = torch.ops.fastdino
-    zeros_n = torch.zeros(n, device=t.device, dtype=torch.float32)
-    # exact overflow guard: per-prototype max over the global batch (SPEC.md §10.2)
-    # (the shift vectors are not read in MODE_MAX; real tensors are passed because the CUDA
-    # launcher rejects the null data pointer of an empty one)
-    col_shift = dist.all_reduce_max(ops.teacher_col_reduce(t, zeros_n, zeros_n, inv_temp,
-                                                           _MODE_MAX))
-    row_shift = zeros_n
-    tiny = torch.finfo(torch.float32).tiny  # a prototype no sample reaches: no log(0)
-    for _ in range(n_iterations):
-        col_sum = dist.all_reduce_sum(ops.teacher_col_reduce(t, col_shift, row_shift, inv_temp,
-                                                             _MODE_SUMEXP))
-        col_shift = col_shift + torch.log(col_sum.clamp_min(tiny) * (k / n_total))
-        row_shift, entropy, _ = ops.teacher_row_lse(t, col_shift, inv_temp, False)
+        n_total = float(n * world)
+    if torch.is_tensor(n_total):  # a 0-d device tensor (iBOT's all-reduced count): no host sync
+        log_scale = torch.log(k / n_total.float().reshape(1))
+    else:
+        log_scale = torch.full((1,), math.log(k / float(n_total)), device=dev, dtype=torch.float32)
+    col_pass, row_pass = _ops()
+    finalize = world == 1
+    col_shift = torch.empty(k, device=dev, dtype=torch.float32)
+    row_shift = torch.zeros(n, device=dev, dtype=torch.float32)  # not read by the first pass
+    entropy = None
+    for it in range(n_iterations):
+        mode = _MODE_LSE if it == 0 else _MODE_SUMEXP
+        out_m, out_d = col_pass(t, col_shift, row_shift, log_scale, inv_temp, mode, finalize)
+        if not finalize:  # the prototype statistics are sums over every rank's samples
+            if mode == _MODE_LSE:  # exact overflow guard: global per-prototype max (§10.2)
+                m_glob = dist.all_reduce_max(out_m.clone())
+                s = dist.all_reduce_sum(out_d * torch.exp2(out_m - m_glob))
+                col_shift = LN2 * m_glob + torch.log(s) + log_scale
+            else:
+                s = dist.all_reduce_sum(out_d)
+                col_shift = col_shift + torch.log(s.clamp_min(_TINY)) + log_scale
+        last = it == n_iterations - 1
+        row_shift, entropy, _ = row_pass(t, col_shift, inv_temp, False, last)
     return TeacherTargets(logits=t, inv_temp=inv_temp, col_shift=col_shift, row_shift=row_shift,
                           row_entropy=entropy)
 
@@ -414,7 +545,7 @@ def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor,
     t = teacher_logits.contiguous()
     inv_temp = 1.0 / teacher_temp
     col_shift = center.reshape(-1).float() * inv_temp
-    row_shift, entropy, col_sum = torch.ops.fastdino.teacher_row_lse(t, col_shift, inv_temp, True)
+    row_shift, entropy, col_sum = _ops()[1](t, col_shift, inv_temp, True, True)
     targets = TeacherTargets(logits=t, inv_temp=inv_temp, col_shift=col_shift,
                              row_shift=row_shift, row_entropy=entropy)
     return targets, col_sum
@@ -425,27 +556,48 @@ def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor,
 # ------------------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+# (WITH_COLSUM, ENTROPY) pairs the launchers use: SK inner passes, SK last pass, centering
+_ROW_VARIANTS = ((False, False), (False, True), (True, True))
 
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for dt in ("bf16", "fp32"):
-        for mode in (_MODE_MAX, _MODE_SUMEXP):
-            specs.append(CompileSpec(
-                name=f"sk_teacher_col[MODE={mode},BLOCK_N=16,BLOCK_K=256,{dt}]",
-                fn=_teacher_col_kernel,
-                signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "row_shift_ptr": "*fp32",
-                           "out_ptr": "*fp32", "N": "i32", "K": "i32", "stride_t": "i32",
-                           "inv_temp": "fp32", "rows_per_split": "i32"},
-                constexprs={"MODE": mode, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=_WARPS))
-        for colsum in (False, True):
-            specs.append(CompileSpec(
-                name=f"sk_teacher_row[COLSUM={colsum},BLOCK_N=4,BLOCK_K=1024,{dt}]",
-                fn=_teacher_row_kernel,
-                signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "m_ptr": "*fp32",
-                           "d_ptr": "*fp32", "s1_ptr": "*fp32", "colsum_ptr": "*fp32",
-                           "N": "i32", "K": "i32", "stride_t": "i32", "inv_temp": "fp32",
-                           "k_per_split": "i32", "n_splits": "i32"},
-                constexprs={"WITH_COLSUM": colsum, "BLOCK_N": 4, "BLOCK_K": 1024},
-                num_warps=_WARPS))
+    for torch_dt, dt in _TRITON_DTYPE.items():
+        bn, bk = _COL_BLOCK[torch_dt]
+        for mode in (_MODE_LSE, _MODE_SUMEXP):
+            for fin in (False, True):
+                specs.append(CompileSpec(
+                    name=f"sk_teacher_col[MODE={mode},FIN={int(fin)},BLOCK={bn}x{bk},{dt}]",
+                    fn=_teacher_col_kernel,
+                    signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32",
+                               "row_shift_ptr": "*fp32", "log_scale_ptr": "*fp32",
+                               "out_m_ptr": "*fp32", "out_d_ptr": "*fp32", "N": "i32",
+                               "K": "i32", "stride_t": "i32", "inv_temp": "fp32"},
+                    constexprs={"MODE": mode, "FINALIZE": fin, "BLOCK_N": bn, "BLOCK_K": bk,
+                                "STAGES": _STAGES},
+                    num_warps=_WARPS, num_stages=_STAGES))
+        rn, rk = _ROW_BLOCK[torch_dt]
+        for colsum, ent in _ROW_VARIANTS:
+            for fin in (False, True):
+                specs.append(CompileSpec(
+                    name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},FIN={int(fin)},"
+                         f"BLOCK={rn}x{rk},{dt}]",
+                    fn=_teacher_row_kernel,
+                    signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "m_ptr": "*fp32",
+                               "d_ptr": "*fp32", "s1_ptr": "*fp32", "row_shift_ptr": "*fp32",
+                               "entropy_ptr": "*fp32", "colsum_ptr": "*fp32", "N": "i32",
+                               "K": "i32", "stride_t": "i32", "inv_temp": "fp32",
+                               "k_per_split": "i32", "n_splits": "i32"},
+                    constexprs={"WITH_COLSUM": colsum, "ENTROPY": ent, "FINALIZE": fin,
+                                "BLOCK_N": rn, "BLOCK_K": rk, "STAGES": _STAGES},
+                    num_warps=_WARPS, num_stages=_STAGES))
+    for ent in (False, True):
+        specs.append(CompileSpec(
+            name=f"sk_row_merge[ENT={int(ent)},BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",
+            fn=_row_merge_kernel,
+            signature={"m_ptr": "*fp32", "d_ptr": "*fp32", "s1_ptr": "*fp32",
+                       "row_shift_ptr": "*fp32", "entropy_ptr": "*fp32", "N": "i32",
+                       "n_splits": "i32"},
+            constexprs={"ENTROPY": ent, "BLOCK_R": _MERGE_BLOCK_R, "BLOCK_S": MAX_SPLITS},
+            num_warps=_MERGE_WARPS))
     return specs

@@ -189,9 +189,9 @@ def test_soft_ce_opcheck():
     idx = _index(3, 2, 2, seed=42)
     torch.library.opcheck(torch.ops.fastdino.dino_soft_ce_fwd.default,
                           (s, t, cs, rs, idx, 10.0, 1.0))
-    lse, psum = _randn(3, seed=43), _randn(3, seed=44)
+    stats = _randn(3, 3, seed=43)  # (loss, lse, psum) rows
     torch.library.opcheck(torch.ops.fastdino.dino_soft_ce_bwd.default,
-                          (_randn(3, seed=45), s, t, cs, rs, idx, lse, psum, 10.0, 1.0))
+                          (_randn(3, seed=45), s, t, cs, rs, idx, stats, 10.0, 1.0))
 
 
 def test_dino_loss_traces_under_torch_compile():

@@ -103,5 +103,12 @@ def test_teacher_ops_opcheck():
     """The torch.library registrations: fake impls agree with the real ones (torch.compile)."""
     t = _logits(5, 300, seed=5)
     cs, rs = torch.zeros(300, device=DEV), torch.zeros(5, device=DEV)
-    torch.library.opcheck(torch.ops.fastdino.teacher_col_reduce.default, (t, cs, rs, 1.0, 1))
-    torch.library.opcheck(torch.ops.fastdino.teacher_row_lse.default, (t, cs, 1.0, True))
+    log_scale = torch.zeros(1, device=DEV)
+    for mode in (sk._MODE_LSE, sk._MODE_SUMEXP):
+        torch.library.opcheck(torch.ops.fastdino.teacher_col_pass.default,
+                              (t, cs, rs, log_scale, 1.0, mode, False))
+    torch.library.opcheck(torch.ops.fastdino.teacher_col_pass.default,
+                          (t, cs.clone(), rs, log_scale, 1.0, sk._MODE_SUMEXP, True))
+    for colsum, ent in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.fastdino.teacher_row_pass.default,
+                              (t, cs, 1.0, colsum, ent))
