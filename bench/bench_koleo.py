@@ -3,8 +3,14 @@ into one launch (G = 2 groups of B rows), and one gathered group of W·B rows (t
 variant's upper bound, where the op becomes GEMM-bound).
 
     fwd FLOPs = 2·G·B·B·D (the x·xᵀ tiles; the argmax, distance and log are O(G·B·D))
-    bwd FLOPs = 2·G·B·B·D (the chooser sum as a masked tile product, as the kernel runs it)
+    bwd bytes = 4·G·B·D·es (the split path's sorted-chooser backward: own rows, their neighbours
+                and the chooser rows read, dx written; O(n·D), memory-bound). The fused path's
+                masked chooser product at B <= 256 is launch-bound: its time, not a metric, counts.
 
+Providers: `triton` is koleo_loss with path="auto" (the cost model in kernels/koleo.py picks fused
+or split per half; `extra.path_auto` records the choice on this GPU); the gathered cases also time
+`triton_fused` (the one-launch kernels forced) so one run compares both paths on the same GPU, and
+the 4096-row case the `gemm_bf16` peer (x·xᵀ + sum), the issue's yardstick.
 At B <= 256 the op is launch-bound: the harness times it with CUDA graphs (do_bench_cudagraph,
 chosen for ops under 50 µs) so that launch overhead counts as in a compiled, graph-captured step.
 """
@@ -12,7 +18,7 @@ chosen for ops under 50 µs) so that launch overhead counts as in a compiled, gr
 from __future__ import annotations
 
 import torch
-from fastdino.kernels.koleo import koleo_loss, koleo_loss_ref
+from fastdino.kernels.koleo import _pick_auto, koleo_loss, koleo_loss_ref
 
 from bench.harness import BenchCase
 from bench.registry import get
@@ -25,14 +31,28 @@ def _gemm_peer(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, x.transpose(1, 2)).float().sum(dim=(1, 2))
 
 
+def _fused(x: torch.Tensor) -> torch.Tensor:
+    return koleo_loss(x, path="fused")
+
+
+def _path_auto(G: int, B: int, D: int, dtype: torch.dtype) -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    split, sorted_bwd = _pick_auto(G, B, B, D, dtype, sms)
+    return f"fwd {'split' if split else 'fused'}, bwd {'sorted' if sorted_bwd else 'fused'}"
+
+
 def _case(name: str, G: int, B: int, D: int, dtype: torch.dtype, shape_from: str,
-          gemm_peer: bool = False) -> BenchCase:
+          gemm_peer: bool = False, fused_peer: bool = False) -> BenchCase:
     def make_inputs(device: torch.device, dt: torch.dtype) -> dict:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(G, B, D, generator=g).to(device=device, dtype=dt)  # no ties
         return {"x": x.requires_grad_()}
 
     providers = {"torch": koleo_loss_ref, "triton": koleo_loss}
+    if fused_peer:
+        providers["triton_fused"] = _fused
     if gemm_peer:
         providers["gemm_bf16"] = _gemm_peer
     es = torch.finfo(dtype).bits // 8
@@ -40,11 +60,11 @@ def _case(name: str, G: int, B: int, D: int, dtype: torch.dtype, shape_from: str
     return BenchCase(
         op="koleo", name=name, params={"G": G, "B": B, "D": D, "shape_from": shape_from},
         dtype=dtype, make_inputs=make_inputs, providers=providers, grad_inputs=["x"],
-        bytes_fwd=G * B * D * es, bytes_bwd=2 * G * B * D * es,
-        flops_fwd=flops, flops_bwd=flops,
-        formula="fwd 2·G·B²·D FLOP (x·xᵀ tiles); bwd 2·G·B²·D (masked chooser product)",
+        bytes_bwd=4 * G * B * D * es, flops_fwd=flops,
+        formula="fwd 2·G·B²·D FLOP (x·xᵀ tiles); bwd 4·G·B·D·es bytes (sorted choosers)",
         atol=1e-5,
-        extra={"timing": "launch-bound at B <= 256: compare with CUDA graphs (do_bench_cudagraph), "
+        extra={"path_auto": _path_auto(G, B, D, dtype),
+               "timing": "launch-bound at B <= 256: compare with CUDA graphs (do_bench_cudagraph), "
                          "the harness picks them for ops under 50 µs",
                "gemm_bf16": "peer = one bf16 x·xᵀ GEMM of the same shape (+ sum), the issue's "
                             "B = 4096 yardstick" if gemm_peer else None})
@@ -72,5 +92,5 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
         for B in gathered:
             big = B >= 4096
             out.append(_case(f"koleo-gathered{B}-D{D}", 1 if big else 2, B, D, torch.bfloat16,
-                             f"gathered W={B // b64} x {b64}", gemm_peer=big))
+                             f"gathered W={B // b64} x {b64}", gemm_peer=big, fused_peer=True))
     return out

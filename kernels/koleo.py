@@ -1,8 +1,9 @@
 """KoLeo (Kozachenko-Leonenko) nearest-neighbour loss for batches of independent groups.
 
 What it fuses: the ~20 small kernels of the reference (normalize, mm, diagonal fill, argmax,
-gather, pairwise distance, log, mean and their backwards) into one forward launch and one backward
-launch for all groups at once.
+gather, pairwise distance, log, mean and their backwards) into one forward and one backward launch
+for small groups (the "fused" path), and into 4 + 4 launches with no n x n matrix and an O(n·D)
+backward for large ones (the "split" path).
 Derived from: facebookresearch/dinov3 `dinov3/loss/koleo_loss.py` (SPEC.md §1.5, KERNELS.md §4);
 the running max/argmax over column tiles follows the tiled nearest-neighbour pattern of
 denix56/pytorch_cluster (no code copied).
@@ -10,25 +11,86 @@ Shapes: G groups (crops x groups), n rows per group, D features. The loss is tak
 "query" rows [q0, q0 + nq) of each group (all rows for KoLeoLoss, the local rank's rows for
 KoLeoLossDistributed); the neighbour search runs over all n rows of the group.
 Supports: fp32 and bf16 inputs, fp32 accumulation, any n >= 2 and D >= 1 (odd sizes masked).
-Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no GPU run yet).
-Limits: ties in the argmax (duplicate rows) may pick a different neighbour than torch (the loss is
-then the same, the gradient goes to a different copy). fp32 inputs use IEEE fp32 dots (exact
-parity, slow on tensor-core GPUs); bf16 inputs use bf16 tensor cores forward and TF32 for the
-backward gather.
+Tested: Triton 3.6 and 3.9 under the CPU interpreter (both paths, tests/kernels/test_koleo*.py);
+every shipped configuration compiled for sm_90 / sm_80 without spills; the fused path measured on
+an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt); the split path not yet run on
+a GPU (its times below are the model's).
+Limits: ties in the argmax resolve to the lowest column index on both paths (torch.argmax's rule),
+but a near-tie can still flip against torch because the dots are summed in another order (the loss
+is then the same, the gradient goes to a different copy). fp32 inputs use IEEE fp32 dots (exact
+parity, slow on tensor-core GPUs); bf16 inputs use bf16 tensor cores for the search.
 
-Forward, per (row block, group) program: 1) (no separate pass: every norm comes from step 2's
-column tiles, so x̂_i and x̂_nn share one rounding); 2) for each column tile, tl.dot over D tiles
-gives x_i·x_j, scaled by 1/‖x_j‖, diagonal and padding masked with -inf, running max/argmax per
-row (never an n x n matrix); 3) one pass over D gives v_i = x̂_i - x̂_nn + eps, d_i = ‖v_i‖ and
-the two projections t_i = <x̂_i, v_i>, u_i = <x̂_nn, v_i> the backward needs; 4) the row block's
-partial sum of -log(d + eps); when a group spans several row blocks the last program to finish
-(atomic counter) sums the partials in block order: deterministic.
-Backward, per (row block j, D tile, group) program, each program owning its output rows:
-    dx̂_j = s_j v_j - sum_{i: nn(i)=j} s_i v_i,   s_i = dL_g * (-1/nq) / ((d_i + eps) d_i)
-    <x̂_j, dx̂_j> = s_j t_j - sum_{i: nn(i)=j} s_i u_i            (no reduction over D needed)
-    dx_j = (dx̂_j - x̂_j <x̂_j, dx̂_j>) / max(‖x_j‖, eps)        (projection off when clamped)
-The sum over choosers i is a masked [BLOCK_J, BLOCK_I] x [BLOCK_I, BLOCK_D] tl.dot over gathered
-v_i tiles: no atomics, deterministic.
+Math shared by both paths (per group; s_i = dL_g · (-1/nq) / ((d_i + eps) d_i)):
+    x̂ = x · rinv, rinv_j = 1/max(‖x_j‖, eps); nn(i) = argmax_{j≠i} x_i·x_j·rinv_j (the positive
+    factor rinv_i does not move the argmax); v_i = x̂_i - x̂_nn + eps (eps on the difference, as
+    PairwiseDistance), d_i = ‖v_i‖, t_i = <x̂_i, v_i>, u_i = <x̂_nn, v_i>
+    dx̂_j = s_j v_j - Σ_{i: nn(i)=j} s_i v_i
+    <x̂_j, dx̂_j> = s_j t_j - Σ_{i: nn(i)=j} s_i u_i              (no reduction over D needed)
+    dx_j = (dx̂_j - x̂_j <x̂_j, dx̂_j>) · rinv_j                  (projection off when ‖x_j‖ <= eps)
+x̂_i and x̂_nn use the same stored rinv, and x_i·r_i - x_nn·r_nn is computed without FMA, so
+duplicate rows give v = eps exactly, as F.normalize + pdist do.
+
+Fused path (one launch each way), per (row block, group) program:
+  fwd: for each column tile, tl.dot over D tiles gives x_i·x_j, the tile's column norms are summed
+  from the same B tiles, scaled, diagonal/padding masked with -inf, running max/argmax (strict '>':
+  the first maximum wins); then one pass over D for d, t, u; the row block's partial loss, summed
+  in block order by the last program (atomic counter): deterministic.
+  bwd, per (row block j, D tile, group): the chooser sum as a masked [BLOCK_J, BLOCK_I] x
+  [BLOCK_I, BLOCK_D] tl.dot over gathered v_i tiles, scanning all nq neighbour indices.
+  Cost: fwd 2·G·nq·n·D FLOP on G·nq/BLOCK_M programs (≤ 64 at n = 4096: half the SMs of an H200);
+  bwd re-scans nq indices and loads whole 16-row chooser tiles in each of (n/32)(D/128) programs:
+  O(n²·D/32) loads, latency-bound at ~0.45 µs per 16-chooser step (H200).
+
+Split path (large groups):
+  1. _koleo_rinv_kernel: rinv for all G·n rows. Reads G·n·D·es bytes.
+  2. _koleo_search_kernel, grid (nq/BLOCK_M, S, G): program (m, s, g) scans the column range
+     [s·C, (s+1)·C) (C a multiple of BLOCK_N) with a pure GEMM main loop (bf16 128x128x64 tiles, 8
+     warps, 3 stages of 16-byte cp.async; no norm work in it) and a max/argmax epilogue per column
+     tile; it writes its (max, argmax) per row to [G, S, nq]. S = min(column tiles, SMs //
+     (G·nq/BLOCK_M)): one full wave (n = 4096: 32 row blocks x 4 splits = 128 programs on 132 SMs).
+     FLOPs 2·G·nq·n·D; bytes: x re-read per row block and split, from L2 (x is ≤ 32 MB).
+  3. _koleo_finish_kernel: merges the S candidates in column order with a strict '>' (a tie
+     across splits keeps the lowest index, exactly as one scan would), then d, t, u and the row
+     block's partial loss. Reads 2·G·nq·D·es + 8·G·S·nq bytes. 4. torch sum of the partials / nq.
+  bwd (_koleo_bwd_sorted_kernel): a stable torch.sort of nn per group gives the chooser lists
+  (i ascending within each j), torch.searchsorted the first sorted position of each BLOCK_J=16 row
+  block; program (row block, D tile, group) walks its own contiguous run of choosers in steps of
+  16, recomputes s_i v_i from x rows and the saved d, u, rinv (the forward's v bit for bit) and
+  adds them to its rows with an exact 0/1 segment matrix through an IEEE tl.dot (fp32 sums in
+  sorted order: deterministic, no atomics). Bytes ≈ G·(3·nq + 2·n)·D·es (own rows, their
+  neighbours, chooser rows; the choosers' neighbours are the program's own rows, cached) plus
+  2·16 FMA-FLOP per chooser slot and feature (~1.5·n slots). A hub chosen by k rows costs its
+  program k/16 steps (still O(n·D) in total).
+
+Why the fused forward was 6x a GEMM at n = 4096, D = 4096 (H200: 1.66 ms vs 0.26 ms): 4096/64 = 64
+programs on 132 SMs (half the GPU idle, each program 2.1 GFLOP in series), and a main loop that is
+not a GEMM: every program recomputes all 4096 column norms from its B tiles (bf16 -> fp32, square,
+cross-lane row sums on CUDA cores, the B tile pulled from shared memory into registers each step),
+with 32-wide K tiles and a 64x128 tile per 8 warps (half the operand reuse of 128x128). Measured:
+137 GFLOP / 1.66 ms / 64 programs = 1.3 TFLOP/s per busy SM against ~4 for a GEMM tile loop (x3),
+times 2 for the idle SMs. Pipelining was not the cause at D = 4096 (the JIT sees 16-divisible
+arguments and pipelines), but the ahead-of-time compile of compile_specs() did not (no
+divisibility attributes: masked K loads, 2-byte loads, no cp.async); the split search states the
+alignment in the kernel (ALIGNED: pointer hints, no K mask) so the AOT compile is the runtime one.
+
+Path choice (path="auto"; "fused" / "split" force both halves): a model with H200 constants, each
+half takes the split/sorted kernel only when predicted 1.25x faster (_pick_auto):
+  fused fwd  = waves · 2·BLOCK_M·n·D / 1.2 TFLOP/s per program      (bf16; measured above)
+  split fwd  = 3 launches · 3 µs + (n + 2nq)·D·es / 4 TB/s + waves · 2·BLOCK_M·C·D / 4 TFLOP/s
+  fused bwd  = ceil(programs / 2·SMs) · (nq/16) · 0.45 µs            (H200 bwd at n = 4096)
+  sorted bwd = 3 launches · 3 µs + G·(3nq + 2n)·D·es / 4 TB/s
+Result (bf16, 132 SMs; "fwd/bwd" = split/sorted chosen): per-rank groups (B = 16, 64 x 2 crops)
+stay fused both ways (B = 64, D = 4096 is a near tie, 28 vs 27 µs, kept by the margin); gathered
+256-row groups: split fwd at D = 4096 only, fused bwd; 2 x 512 rows: mixed by D; one group of
+1024+ rows: split + sorted at every width; the distributed variant (nq = 64 local rows in a group
+of 4096): split fwd (32 column splits), fused bwd (4 chooser steps). Expected at n = 4096, G = 1
+(model, H200) against the measured bf16 GEMM peer (x·xᵀ + sum; its bwd is 2 GEMMs):
+    D      fwd model (GEMM)       bwd model (GEMM)      fwd+bwd model (GEMM)  (old kernels)
+    384    37 µs  (103 µs)        13 µs  (208 µs)       50 µs  (420 µs)       (0.76 ms)
+    1024   82 µs  (129 µs)        20 µs  (176 µs)       102 µs (319 µs)       (0.90 ms)
+    4096   303 µs (258 µs)        51 µs  (478 µs)       354 µs (730 µs)       (3.42 ms)
+The 4 TFLOP/s per SM of the search is an assumption (~530 TFLOP/s on 128 SMs, the measured cuBLAS
+bf16 GEMM is 683 at 8192³); a GPU run of bench/bench_koleo.py checks it.
 """
 
 from __future__ import annotations
@@ -540,9 +602,8 @@ def _clamp_pow2(v: int, lo: int, hi: int) -> int:
 
 def _gpu_fwd_config(block_m: int, dtype: torch.dtype) -> dict:
     """Fused forward tile sizes checked spill-free for sm_90 and sm_80 (cuobjdump, triton 3.6 and
-    3.9): 32-wide K tiles and 8 warps for bf16 (64-wide K or 4 warps spill, the column-norm work in
-    the main loop holds the B tile in registers too); the IEEE fp32 dot runs on FMA units and needs
-    small tiles (32 x 16) and no software pipelining (triton 3.6 spills)."""
+    3.9): 32-wide K tiles and 8 warps for bf16 (64-wide K or 4 warps spill); the IEEE fp32 dot runs
+    on FMA units and needs small tiles (32 x 16) and no software pipelining (triton 3.6 spills)."""
     if dtype == torch.bfloat16:
         return dict(BLOCK_M=block_m, BLOCK_N=128 if block_m == 64 else 64, BLOCK_K=32,
                     num_warps=8, num_stages=3)
