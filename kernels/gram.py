@@ -48,6 +48,8 @@ This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -439,40 +441,78 @@ def _gram_norm_bwd_kernel(
 # Launchers: allocate, pick the form and the fixed tile configuration, launch
 # ------------------------------------------------------------------------------------------------
 
-# Shipped GPU configurations (compile_specs() compiles exactly these for sm_90 and sm_80; none may
-# spill). Measured with `python -m bench compile-report --module fastdino.kernels.gram` (which
-# compiles without the runtime's divisibility specialisation, i.e. the odd-D path with scalar
-# loads) and with 16-byte aligned pointers and D % 16 == 0 (the path real D takes): the numbers
-# in the comments are sm_80 registers, unaligned / aligned (255 is the cap). What drives them:
+# Shipped GPU configurations, per architecture (compile_specs() compiles each for sm_90 and sm_80;
+# none may spill). Register counts in the comments are per thread, "sm_90 tiles on sm_90 / sm_80
+# tiles on sm_80" (255 is the cap), triton 3.9 (3.6 the same or lower unless noted), on the path
+# real launches take: 16-byte aligned pointers and D % 16 == 0, which the runtime specialises on
+# and compile_specs() declares (cp.async pipelined loads; tests/kernels/test_gram_compile.py).
+# The odd-D path (scalar loads, what a report without the hints compiles) takes more: up to 254
+# for the sm_80 P×P backward, still without spills. What drives the choices:
 # - fp32 operands use input_precision="ieee", i.e. FMA dots, which hold a whole K slice of both
-#   operands per thread: K (BLOCK_D, BLOCK_P, BLOCK_K) is 16 for fp32, whatever the row tile.
-# - On sm_80 Triton lays warps along M only (8 warps on 64 rows: 16-row MMAs, half the warps
-#   repeating the other half's tile) when dots in a loop share any value (its "chained dot" rule);
-#   every warp then holds whole B tiles, so it is the D step, not the row tile, that sets the
-#   register count. (BLOCK_M stays 64: the symmetric tile pairs need square tiles, 128×128 fp32
-#   accumulators alone take 64 registers per accumulator.)
-# - num_stages only matters on the aligned path (the unaligned loads are not cp.async).
-def _pp_gpu(work: torch.dtype, clamp: int, bwd: bool = False) -> dict:
+#   operands per thread: K (BLOCK_D, BLOCK_P, BLOCK_K) is 16 for fp32, whatever the row tile. FMA
+#   dots have no MMA fragments to duplicate: the same tiles on both architectures.
+# - Warps on an MMA tile. When the dots of a loop share a value (here: every P×P and D×D
+#   kernel: two dots into one accumulator, or a dot result feeding the next dot) Triton's "chained
+#   dot" rule lays ALL warps along M (warpsPerCTA = [num_warps, 1]). On sm_80 (mma.sync,
+#   m16n8k16) a warp covers 16 rows, so on a 64-row tile only 64/16 = 4 warps have distinct
+#   fragments: 8 warps compute every fragment twice (the same mma.sync count per warp as with 4
+#   warps, twice the warps; read from the TTGIR/PTX). So bf16/fp16 tiles on sm_80 use
+#   num_warps = BLOCK_M / 16 = 4 (`_mma_v2_warps`); each warp's registers are what they were with
+#   8 (same 16-row slice and whole B tile per warp), the block has half the threads.
+#   tests/kernels/test_gram_compile.py reads the MMA layouts of the shipped sm_80 tiles and fails
+#   on any repeated fragment. BLOCK_M stays 64: the symmetric tile pairs need square tiles, and
+#   128×128 fp32 accumulators take 64 registers per accumulator per thread even over 8 warps.
+# - sm_90 (wgmma) keeps 8 warps, as measured so far. Note: there too the first dot of each P×P
+#   chain (and of the D×D backward) gets warpsPerCTA [8, 1] on 64 rows, i.e. its fragments are
+#   computed by both warpgroups, and its accumulator is converted to the second dot's [4, 2]
+#   layout every step; 4 warps give one [4, 1] layout and fewer wgmma (pp fwd: 4 vs 6 per step).
+#   To be decided by a GPU timing (bench/bench_gram.py), not changed blind.
+# - num_stages only matters on the aligned path (unaligned loads are not cp.async).
+def _mma_v2_warps(block_m: int) -> int:
+    """Warps for a chained-dot tile on sm_80: one per 16-row mma.sync slice of BLOCK_M."""
+    return block_m // 16
+
+
+def _pp_gpu(work: torch.dtype, clamp: int, bwd: bool = False, arch: int = 90) -> dict:
     """BLOCK_D: the D step of S_ij (and Ĝs_ij); bwd also BLOCK_N: the D step of dÂ_i += W_ij Â_j."""
-    if work == torch.float32:  # fwd 160/116 (clamp 178/128), bwd 186/114 (clamp 204/128)
+    if work == torch.float32:  # fwd 116/116 (clamp 128/128), bwd 114/114 (clamp 128/128)
         cfg, block_n = dict(BLOCK_M=64, BLOCK_D=16, num_warps=8, num_stages=2), 16
-    elif clamp != CLAMP_NONE:  # 6 operand tiles per step: fwd 182/122, bwd 234/180
+    elif clamp != CLAMP_NONE:  # 6 operand tiles per step: fwd 90/120, bwd 138/168
         cfg, block_n = dict(BLOCK_M=64, BLOCK_D=16, num_warps=8, num_stages=3), 32
-    else:  # fwd 127/80, bwd 204/128
+        if arch < 90:  # 4 warps with a 32-wide dÂ step: 254 registers (no spill yet); 16 wide
+            block_n = 16
+    else:  # fwd 74/78, bwd 100/168
         cfg, block_n = dict(BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=3), 32
+    if work != torch.float32 and arch < 90:
+        cfg["num_warps"] = _mma_v2_warps(cfg["BLOCK_M"])
     if bwd:
         cfg["BLOCK_N"] = block_n
     return cfg
 
 
-def _dd_fwd_gpu(work: torch.dtype) -> dict:  # 3 fp32 accumulators of 64×64 over 8 warps
-    block_p = 16 if work == torch.float32 else 32  # fp32 128/146, half 183/188
-    return dict(BLOCK_K=64, BLOCK_P=block_p, num_warps=8, num_stages=3)
+def _dd_fwd_gpu(work: torch.dtype, arch: int = 90) -> dict:  # 3 fp32 accumulators of 64×64
+    block_p = 16 if work == torch.float32 else 32  # fp32 128/146, half 74/168
+    warps = _mma_v2_warps(64) if work != torch.float32 and arch < 90 else 8
+    return dict(BLOCK_K=64, BLOCK_P=block_p, num_warps=warps, num_stages=3)
 
 
-def _dd_bwd_gpu(work: torch.dtype) -> dict:
-    block_k = 16 if work == torch.float32 else 32  # fp32 154/80, half 142/128
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+def _dd_bwd_gpu(work: torch.dtype, arch: int = 90) -> dict:
+    block_k = 16 if work == torch.float32 else 32  # fp32 80/80, half 74/96 (3.6: 74/128)
+    warps = _mma_v2_warps(64) if work != torch.float32 and arch < 90 else 8
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+
+
+def device_arch(device: torch.device) -> int:
+    """The tile family for a device: 90 (wgmma: sm_90 and newer) or 80 (mma.sync: sm_80..89)."""
+    if device.type != "cuda":
+        return 90  # interpreter: its own tiles, the arch is unused
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(index)
+    return 90 if major >= 9 else 80
 
 
 ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this
@@ -496,9 +536,10 @@ def _rne_fix(dtype: torch.dtype) -> bool:
     return is_interpreter() and dtype == torch.bfloat16
 
 
-def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int, bwd: bool = False) -> dict:
+def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int, bwd: bool = False,
+               arch: int = 90) -> dict:
     if not is_interpreter():
-        return _pp_gpu(work, clamp, bwd)
+        return _pp_gpu(work, clamp, bwd, arch)
     # interpreter: big tiles = few programs (it runs programs one by one)
     cfg = dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_D=min(128, max(16, next_pow2(d))))
     if bwd:
@@ -506,9 +547,9 @@ def _pp_config(pe: int, d: int, work: torch.dtype, clamp: int, bwd: bool = False
     return cfg
 
 
-def _dd_config(pe: int, d: int, work: torch.dtype, bwd: bool = False) -> dict:
+def _dd_config(pe: int, d: int, work: torch.dtype, bwd: bool = False, arch: int = 90) -> dict:
     if not is_interpreter():
-        return _dd_bwd_gpu(work) if bwd else _dd_fwd_gpu(work)
+        return _dd_bwd_gpu(work, arch) if bwd else _dd_fwd_gpu(work, arch)
     block_d = min(64, max(16, next_pow2(d)))
     if bwd:
         return dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_N=block_d, BLOCK_K=block_d)
@@ -568,7 +609,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
     if form == FORM_PP:
-        cfg = _pp_config(pe, d, a.dtype, clamp)
+        cfg = _pp_config(pe, d, a.dtype, clamp, arch=device_arch(student.device))
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
@@ -576,7 +617,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
         mats = torch.empty(0, dtype=torch.float32, device=student.device)
     else:
-        cfg = _dd_config(pe, d, a.dtype)
+        cfg = _dd_config(pe, d, a.dtype, arch=device_arch(student.device))
         mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
         _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
@@ -592,7 +633,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
     if form == FORM_PP:
-        cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True)
+        cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True, arch=device_arch(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         lo_arg = lo if _needs_lo(student.dtype, clamp) else a
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
@@ -602,7 +643,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
         m2 = (g_ff + x).to(a.dtype).contiguous()
-        cfg = _dd_config(pe, d, a.dtype, bwd=True)
+        cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=device_arch(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), nb)
         _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
@@ -701,15 +742,34 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+# Arguments every real launch passes 16-divisible (ints) or 16-byte aligned (pointers), which
+# triton's runtime specialises on (tt.divisibility = 16): every tensor is freshly allocated or
+# made contiguous by the launchers, and D is a multiple of 16 for every shipped model (384 ...
+# 4096). P, Pe and the pair count are not (196 patches at 224 px). Declared on each spec as
+# `divisible_by_16`, so a compile report that honours it (ASTSource attrs) compiles the code the
+# GPU runs; without it the report compiles the odd-D path (scalar, unpipelined loads).
+_DIV16_INTS = ("D",)
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Every jit kernel at each launch configuration the GPU launchers above can pick."""
+    """Every jit kernel at each launch configuration the GPU launchers above can pick: the sm_90
+    tiles, and the sm_80 tiles where they differ (named `tiles=sm80`)."""
     specs = []
 
     def add(name, fn, sig, cfg, **constexprs):
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
-        specs.append(CompileSpec(name=name, fn=fn, signature=sig, constexprs={**cfg, **constexprs},
-                                 num_warps=warps, num_stages=stages))
+        spec = CompileSpec(name=name, fn=fn, signature=sig, constexprs={**cfg, **constexprs},
+                           num_warps=warps, num_stages=stages)
+        # an attribute, not a constructor argument: older CompileSpec records have no such field
+        spec.divisible_by_16 = tuple(n for n, ty in sig.items()
+                                     if ty.startswith("*") or n in _DIV16_INTS)
+        specs.append(spec)
+
+    def per_arch(name, pick, *args):
+        """(name, cfg) for the sm_90 tiles, plus the sm_80 tiles when they differ."""
+        sm90, sm80 = pick(*args, arch=90), pick(*args, arch=80)
+        return [(name, sm90)] + ([(name[:-1] + ",tiles=sm80]", sm80)] if sm80 != sm90 else [])
 
     for dtype, ty in _TY.items():
         half = dtype != torch.float32
@@ -720,22 +780,23 @@ def compile_specs() -> list[CompileSpec]:
                 {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
                  "D": "i32", "EPS": "fp32"},
                 dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=write_lo)
+        ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w}
         for clamp in (CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG):
-            cfg = _pp_gpu(dtype, clamp)
-            ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w}
-            add(f"gram_pp_fwd[{ty},clamp={clamp}]", _gram_pp_fwd_kernel,
-                {"Partial_ptr": "*fp32", **ins, "PairI_ptr": "*i32", "PairJ_ptr": "*i32",
-                 "P": "i32", "D": "i32", "num_pairs": "i32"}, cfg, CLAMP=clamp, **dots)
-            add(f"gram_pp_bwd[{ty},clamp={clamp}]", _gram_pp_bwd_kernel,
-                {"DA_ptr": "*fp32", **ins, "P": "i32", "D": "i32"}, _pp_gpu(dtype, clamp, True),
-                CLAMP=clamp, **dots,
-                RNE_FIX=False)
-        add(f"gram_dd_fwd[{ty}]", _gram_dd_fwd_kernel,
-            {"G_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "P": "i32", "D": "i32"},
-            _dd_fwd_gpu(dtype), **dots)
-        add(f"gram_dd_bwd[{ty}]", _gram_dd_bwd_kernel,
-            {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M1_ptr": w, "M2_ptr": w, "P": "i32",
-             "D": "i32"}, _dd_bwd_gpu(dtype), **dots)
+            for name, cfg in per_arch(f"gram_pp_fwd[{ty},clamp={clamp}]", _pp_gpu, dtype, clamp):
+                add(name, _gram_pp_fwd_kernel,
+                    {"Partial_ptr": "*fp32", **ins, "PairI_ptr": "*i32", "PairJ_ptr": "*i32",
+                     "P": "i32", "D": "i32", "num_pairs": "i32"}, cfg, CLAMP=clamp, **dots)
+            for name, cfg in per_arch(f"gram_pp_bwd[{ty},clamp={clamp}]", _pp_gpu, dtype, clamp,
+                                      True):
+                add(name, _gram_pp_bwd_kernel, {"DA_ptr": "*fp32", **ins, "P": "i32", "D": "i32"},
+                    cfg, CLAMP=clamp, **dots, RNE_FIX=False)
+        for name, cfg in per_arch(f"gram_dd_fwd[{ty}]", _dd_fwd_gpu, dtype):
+            add(name, _gram_dd_fwd_kernel,
+                {"G_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "P": "i32", "D": "i32"}, cfg, **dots)
+        for name, cfg in per_arch(f"gram_dd_bwd[{ty}]", _dd_bwd_gpu, dtype):
+            add(name, _gram_dd_bwd_kernel,
+                {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M1_ptr": w, "M2_ptr": w, "P": "i32",
+                 "D": "i32"}, cfg, **dots)
         add(f"gram_norm_bwd[{ty}]", _gram_norm_bwd_kernel,
             {"DS_ptr": w, "DA_ptr": "*fp32", "S_ptr": w, "Scale_ptr": "*fp32", "D": "i32",
              "EPS": "fp32"}, dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False)

@@ -6,7 +6,6 @@ where torch_lowp is `gram_loss_ref` computed in the input precision. Correlated 
 import pytest
 import torch
 from fastdino.kernels import gram
-from fastdino.kernels._utils import is_interpreter
 from fastdino.kernels.gram import gram_loss, gram_loss_ref
 
 from fastdino.losses.gram_loss import GramLoss
@@ -82,31 +81,54 @@ def test_parity_fp32_independent_and_zero_row(variant):
     check_parity(s, t, True, variant, atol_rel=1e-5)
 
 
-@pytest.fixture
-def gpu_tiles(monkeypatch):
+@pytest.fixture(params=[90, 80], ids=["sm90_tiles", "sm80_tiles"])
+def gpu_tiles(request, monkeypatch):
     """Run the launchers' shipped GPU tile configurations (gram._pp_gpu, _dd_fwd_gpu, _dd_bwd_gpu)
-    under the interpreter too. Its own configurations take D in one step and rows in one or a few
-    blocks; the GPU ones take D = 80 in steps of 16 or 32 (the last one ragged), and dÂ's D loop
-    (BLOCK_N) differs from S's (BLOCK_D). On a GPU the launchers pick these anyway."""
-    if is_interpreter():
-        monkeypatch.setattr(gram, "_pp_config",
-                            lambda pe, d, work, clamp, bwd=False: gram._pp_gpu(work, clamp, bwd))
-        monkeypatch.setattr(gram, "_dd_config", lambda pe, d, work, bwd=False: (
-            gram._dd_bwd_gpu(work) if bwd else gram._dd_fwd_gpu(work)))
+    of sm_90 or sm_80, whatever the device: under the interpreter (its own configurations take D
+    in one step and rows in one or a few blocks; the GPU ones take D = 80 in steps of 16 or 32,
+    the last one ragged, and dÂ's D loop (BLOCK_N) differs from S's (BLOCK_D)), and on a GPU, so
+    that one card checks both tile sets."""
+    arch = request.param
+    monkeypatch.setattr(gram, "_pp_config", lambda pe, d, work, clamp, bwd=False, **_:
+                        gram._pp_gpu(work, clamp, bwd, arch))
+    monkeypatch.setattr(gram, "_dd_config", lambda pe, d, work, bwd=False, **_: (
+        gram._dd_bwd_gpu(work, arch) if bwd else gram._dd_fwd_gpu(work, arch)))
+    return arch
 
 
 # 2 images of 75 rows (per image: a full 64-row block and an 11-row one; flattened: 3 blocks)
 GPU_TILE_SHAPE = (2, 75, 80)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def _blocks(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+
+
+def _sm80_blocks_differ(variant: str) -> bool:
+    form, clamp = VARIANTS[variant]
+    c = gram.CLAMP_NEG if clamp.get("remove_neg") else (
+        gram.CLAMP_TEACHER_NEG if clamp else gram.CLAMP_NONE)
+    pick = ((lambda a, bwd: gram._pp_gpu(torch.bfloat16, c, bwd, a)) if form == "pp" else
+            (lambda a, bwd: (gram._dd_bwd_gpu if bwd else gram._dd_fwd_gpu)(torch.bfloat16, a)))
+    return any(_blocks(pick(80, bwd)) != _blocks(pick(90, bwd)) for bwd in (False, True))
+
+
+# fp32 (FMA dots) ships the same tiles on both architectures: sm_80's only for bf16. Under the
+# interpreter warps do not exist, so sm_80 tiles run only where their block sizes differ.
+TILE_CASES = [(90, dt, v) for dt in (torch.float32, torch.bfloat16) for v in VARIANTS]
+TILE_CASES += [(80, torch.bfloat16, v) for v in VARIANTS
+               if torch.cuda.is_available() or _sm80_blocks_differ(v)]
+
+
+@pytest.mark.parametrize("gpu_tiles,dtype,variant", TILE_CASES, indirect=["gpu_tiles"],
+                         ids=[f"sm{a}_tiles-{str(d)[6:]}-{v}" for a, d, v in TILE_CASES])
 def test_parity_at_gpu_tile_configs(gpu_tiles, dtype, variant):
     s, t = make_inputs(GPU_TILE_SHAPE, dtype, noise=1e-2, seed=5)
     for img_level in (True, False):
         check_parity(s, t, img_level, variant, atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
 
 
+@pytest.mark.parametrize("gpu_tiles", [90], indirect=True, ids=["sm90_tiles"])
 @pytest.mark.parametrize("variant", ["pp", "pp-remove_neg"])
 def test_backward_is_bitwise_deterministic(gpu_tiles, variant):
     # the P×P backward has one program per row block of dÂ that adds the column blocks in a fixed
