@@ -119,7 +119,8 @@ def masked_rows(batch: int, n_patches: int, probability: float, ratio_min_max) -
 
 
 def step_flops(cfg) -> dict[str, int]:
-    """FLOPs of one training step on one GPU (see the module docstring), by part."""
+    """FLOPs of one training step (an optimizer step: gas micro-batches) on one GPU (see the
+    module docstring), by part."""
     B, c, m = cfg.data.batch_size_per_gpu, cfg.crops, cfg.model
     D = arch_dims(m)["D"]
     n_glob, n_loc = 2 * B, c.local_crops_number * B
@@ -134,7 +135,9 @@ def step_flops(cfg) -> dict[str, int]:
     gram = 0
     if cfg.gram.use:
         gram = vit_flops(m, c.gram_teacher_crops_size or c.global_crops_size, n_glob)
-    parts = {"student_fwd_bwd": 3 * student_fwd, "teacher_fwd": teacher, "gram_teacher_fwd": gram}
+    gas = cfg.deepspeed.gradient_accumulation_steps  # every micro-batch pays the same
+    parts = {"student_fwd_bwd": 3 * student_fwd * gas, "teacher_fwd": teacher * gas,
+             "gram_teacher_fwd": gram * gas}
     parts["total"] = sum(parts.values())
     parts["masked_rows"] = M
     return parts
@@ -239,7 +242,8 @@ def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False) ->
     sampler = NvmlSampler(device.index or 0 if on_gpu else 0, enabled=on_gpu)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batch, skipped, t0 = None, 0, time.perf_counter()
+    gas = cfg.deepspeed.gradient_accumulation_steps  # micro-batches per optimizer step
+    batches, skipped, t0 = None, 0, time.perf_counter()
     for it in range(warmup + steps):
         if it == warmup:
             if device.type == "cuda":
@@ -248,9 +252,9 @@ def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False) ->
             sampler.start()
             t0 = time.perf_counter()
         with timer("data_wait"):
-            if batch is None or not fixed_batch:
-                batch = next(loader).to(device)
-        if trainer.step(it, batch) is None and it >= warmup:
+            if batches is None or not fixed_batch:
+                batches = [next(loader).to(device) for _ in range(gas)]
+        if trainer.step(it, batches) is None and it >= warmup:
             skipped += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -275,7 +279,10 @@ def report(cfg, steps: int, wall: float, totals: dict[str, float], skipped: int,
                   "local": [cfg.crops.local_crops_number, cfg.crops.local_crops_size]},
         "kernels_impl": cfg.kernels.impl, "precision": cfg.deepspeed.precision,
         "fixed_batch": fixed_batch, "steps": steps, "skipped_steps": skipped,
-        "step_s": step_s, "images_per_s_per_gpu": cfg.data.batch_size_per_gpu / step_s,
+        "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
+        "step_s": step_s,
+        "images_per_s_per_gpu": (cfg.data.batch_size_per_gpu
+                                 * cfg.deepspeed.gradient_accumulation_steps / step_s),
         "phases_s": phases, "flops_per_step": flops, "achieved_tflops": achieved,
         "peak_bf16_tflops": peak, "mfu": None if peak is None else achieved / peak,
         "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30

@@ -3,6 +3,8 @@ the real modules, the MFU peak table, and the n/a path without a GPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -98,3 +100,15 @@ def test_peak_table_and_na_report():
     assert r["mfu"] is None and r["nvml"] is None
     text = format_report(r)
     assert "GPU util %         n/a" in text and "power W            n/a" in text
+
+
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+
+
+def test_step_flops_scale_with_gradient_accumulation():
+    """One optimizer step of gas micro-batches does gas times the work of one micro-batch."""
+    cfg1 = load_config(SMOKE, [])
+    cfg2 = load_config(SMOKE, ["deepspeed.gradient_accumulation_steps=3"])
+    f1, f3 = step_flops(cfg1), step_flops(cfg2)
+    for part in ("student_fwd_bwd", "teacher_fwd", "total"):
+        assert f3[part] == 3 * f1[part], part
