@@ -168,11 +168,16 @@ def _adamw(groups: list[dict], cfg: Config, device: torch.device) -> torch.optim
 def build_engine(student: nn.Module, groups: list[dict], cfg: Config, info: DistInfo):
     """DeepSpeedStudent when running under DeepSpeed, else TorchStudent."""
     dtype = resolve_precision(cfg, info.device)
+    gas = cfg.deepspeed.gradient_accumulation_steps
     if info.use_deepspeed:
+        logger.info("engine: DeepSpeed ZeRO-%d, %s, %d rank(s), gradient accumulation %d",
+                    cfg.deepspeed.zero_stage, dtype, info.world_size, gas)
         return DeepSpeedStudent(student, groups, cfg, info, dtype)
     if cfg.deepspeed.config_file is not None:
         raise ConfigError("deepspeed.config_file is set but this process runs without DeepSpeed "
                           "(start it with `deepspeed --num_gpus N fastdino/train.py ...`)")
+    logger.info("engine: plain torch (one process, no DeepSpeed), %s, gradient accumulation %d",
+                dtype, gas)
     return TorchStudent(student, groups, cfg, info, dtype)
 
 
