@@ -170,7 +170,7 @@ fi
   grep ' FAIL' "$OUT/check.log" 2>/dev/null | head -20
   echo "pytest: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest.log" 2>/dev/null | tail -1)"
   sed -n '/^model    impl/,$p' "$OUT/step.log" 2>/dev/null | head -8
-  sed -n '/^## stage ds/,$p' "$OUT/step.log" 2>/dev/null | grep -E ' it [0-9]+/|Error|error' | tail -4
+  sed -n '/^## stage ds/,$p' "$OUT/step.log" 2>/dev/null | grep -E 'engine:| it [0-9]+/|Error|error' | tail -5
   echo "total $(( SECONDS - START ))s of ${BUDGET}s budget; files in $OUT:"; ls "$OUT"
 } | tee -a "$SUMMARY"
 exit 0
