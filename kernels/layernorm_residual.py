@@ -20,7 +20,8 @@ normalises the residual stream as stored, exactly what the unfused block does):
 Shapes: x, h [..., D] (last dim contiguous; flattened to T rows); gamma, weight, bias [D].
 Dtypes: x, h, params fp32 or bf16 in any mix (all computed in fp32); y and out in x's dtype,
 written as one packed [2, T, D] tensor (y = [0], out = [1]; returned as two views, or packed);
-every gradient in its input's dtype. D up to 16384 (a row lives in registers). Under autocast
+every gradient in its input's dtype. D up to 4096 (a row lives in registers; wider rows
+would need a chunked row loop). Under autocast
 nn.LayerNorm returns fp32, so the block fuses there only when its stream is fp32 (fp32 params).
 Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no spills) at
 the shipped widths. Not yet timed on a GPU (2026-11-26): kernels.fuse_pointwise stays off until
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
 
-MAX_D = 16384
+MAX_D = 4096  # the widest shipped model (7B); wider rows are not compile-checked
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -146,9 +147,11 @@ def _layernorm_residual_bwd_kernel(
     c = cols[None, :]
     gamma = tl.load(Gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc_gamma = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # [BLOCK_M, BLOCK_D] accumulators, reduced over the rows once at the end (a row reduction
+    # per iteration re-lays the tile out and cost registers)
+    acc_gamma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(pid * BLOCK_M, T, tl.num_programs(0) * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < T
@@ -159,8 +162,8 @@ def _layernorm_residual_bwd_kernel(
         y = tl.load(Y_ptr + r * stride_y + c, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(DOut_ptr + r * stride_do + c, mask=mask, other=0.0).to(tl.float32)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        acc_w += tl.sum(dout * xhat, axis=0)
-        acc_b += tl.sum(dout, axis=0)
+        acc_w += dout * xhat
+        acc_b += dout
         g = dout * w
         mean_g = tl.sum(g, axis=1) / D
         mean_gx = tl.sum(g * xhat, axis=1) / D
@@ -170,11 +173,11 @@ def _layernorm_residual_bwd_kernel(
         tl.store(DX_ptr + r * stride_dx + c, dx.to(DX_ptr.dtype.element_ty), mask=mask)
         tl.store(DH_ptr + r * stride_dh + c, (dx * gamma).to(DH_ptr.dtype.element_ty), mask=mask)
         h = tl.load(H_ptr + r * stride_h + c, mask=mask, other=0.0).to(tl.float32)
-        acc_gamma += tl.sum(dx * h, axis=0)
+        acc_gamma += dx * h
     p = pid.to(tl.int64) * D + cols
-    tl.store(PGamma_ptr + p, acc_gamma, mask=col_ok)
-    tl.store(PW_ptr + p, acc_w, mask=col_ok)
-    tl.store(PB_ptr + p, acc_b, mask=col_ok)
+    tl.store(PGamma_ptr + p, tl.sum(acc_gamma, axis=0), mask=col_ok)
+    tl.store(PW_ptr + p, tl.sum(acc_w, axis=0), mask=col_ok)
+    tl.store(PB_ptr + p, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,14 +189,14 @@ def _gpu_config(D: int, bwd: bool = False) -> dict:
     """GPU launch config: whole rows of BLOCK_D = next_pow2(D) channels. Forward: a tile of ~2048
     values on 4 warps (several rows per program at ViT-S/B widths, so a program moves a few KB;
     8 warps from D > 1024), 16 values per thread and tensor, 45-98 registers on sm_90. Backward:
-    a tile of ~1024 values (it holds 5 row tensors and 3 fp32 accumulator rows; 2048 took 150-205
-    registers at D <= 1024), 4-8 warps: 64-114 registers, 195-204 at D = 4096 (8 warps; 16 warps
-    cap a thread at 128 registers and spilled on sm_90). cuobjdump, triton 3.9. One pipeline
+    a tile of ~1024 values with 4 values per thread and tensor (8-32 warps): it holds 5 row
+    tensors and 3 fp32 accumulator rows, 48-75 registers (sm_90 / sm_80, triton 3.6 and 3.9); 8
+    and 16 values per thread took 110-255 and spilled at D = 4096 (cuobjdump). One pipeline
     stage: the backward's row loop gains nothing from prefetching whole rows into registers."""
     block_d = next_pow2(D)
     if bwd:
         block_m = max(1, 1024 // block_d)
-        warps = min(8, max(4, block_m * block_d // 256))
+        warps = min(32, max(4, block_m * block_d // 128))
     else:
         block_m = max(1, 2048 // block_d)
         warps = 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
@@ -214,7 +217,8 @@ def _num_sms(index: int) -> int:
 
 
 def _bwd_programs(T: int, device: torch.device, cfg: dict) -> int:
-    """Size of the backward's fixed grid: 32 warps' worth of programs per SM (4-8 programs), each
+    """Size of the backward's fixed grid: 32 warps' worth of programs per SM (1-4 programs; at
+    ~64 registers a thread that is the most an SM holds), each
     striding over the row blocks; each writes 3 partial rows of D fp32 (~2% of the traffic at
     DINOv3 token counts). Under the interpreter 2 programs, so the partial-sum path is exercised.
     The grid depends only on T and the GPU, so the reduction order (and the bits) are fixed."""
@@ -237,7 +241,7 @@ def _check_kernel_inputs(*tensors: torch.Tensor, D: int) -> None:
                              f"{t.dtype}")
     if D > MAX_D:
         raise ValueError(f"layernorm_residual kernel: D={D} > {MAX_D} (a row must fit in "
-                         "registers); use kernels.fuse_pointwise=false")
+                         "registers); set kernels.fuse_pointwise=false")
 
 
 def layernorm_residual_fwd(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,

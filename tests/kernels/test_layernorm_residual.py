@@ -192,6 +192,9 @@ def test_errors_name_the_bad_input():
         layernorm_residual(x, h, gamma, weight, bias[:3])
     with pytest.raises(ValueError, match="fp32 or bf16"):
         layernorm_residual(x.double(), h.double(), gamma, weight, bias)
+    wide = [torch.zeros(1, 4097, device=DEVICE)] * 2 + [torch.zeros(4097, device=DEVICE)] * 3
+    with pytest.raises(ValueError, match="4096"):
+        layernorm_residual(*wide)
 
 
 # ------------------------------------------------------------------------------ the block
