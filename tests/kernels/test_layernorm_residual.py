@@ -331,14 +331,14 @@ def test_backbone_threads_the_flag():
     cfg = load_config(None, ["model.arch=vit_test", "model.drop_path_rate=0.0",
                              "model.ffn_layer=swiglu", "model.rope_rescale=null"])
     torch.manual_seed(0)
-    fused = build_backbone(cfg.model, kernels_impl="triton", fuse_pointwise=True)
-    ref = build_backbone(cfg.model, kernels_impl="triton")
+    fused = build_backbone(cfg.model, device=DEVICE, kernels_impl="triton", fuse_pointwise=True)
+    ref = build_backbone(cfg.model, device=DEVICE, kernels_impl="triton")
     ref.load_state_dict(fused.state_dict())
     assert all(b.fuse_pointwise and b.mlp.fuse_pointwise for b in fused.blocks)
     assert not any(b.fuse_pointwise or b.mlp.fuse_pointwise for b in ref.blocks)
     for m in (fused, ref):
         m.eval()
-    g = torch.randn(2, 3, 32, 32)
+    g = torch.randn(2, 3, 32, 32, device=DEVICE)
     outs = [m.forward_features_list([g], [None])[0] for m in (fused, ref)]
     for key in ("x_norm_clstoken", "x_norm_patchtokens"):
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-6)
