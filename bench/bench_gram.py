@@ -32,27 +32,33 @@ def _flops(nb: int, pe: int, d: int) -> tuple[int, int, str]:
 
 
 def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.dtype,
-          shape_from: str) -> BenchCase:
-    nb, pe = (crops, p) if img_level else (1, crops * p)
+          shape_from: str, n_sel: int | None = None) -> BenchCase:
+    """n_sel: gram.tokens_used masked | unmasked, i.e. only n_sel of the crops·P patches enter
+    the flattened Gram (rows gathered before the kernels; Pe = n_sel)."""
+    nb, pe = (crops, p) if img_level else (1, crops * p if n_sel is None else n_sel)
     fwd, bwd, form = _flops(nb, pe, d)
 
     def make_inputs(device: torch.device, dt: torch.dtype) -> dict:
         g = torch.Generator().manual_seed(0)
         s = torch.randn(crops, p, d, generator=g)
         t = s + 0.1 * torch.randn(crops, p, d, generator=g)
-        return {"student": s.to(device=device, dtype=dt).requires_grad_(),
-                "teacher": t.to(device=device, dtype=dt), "img_level": img_level}
+        out = {"student": s.to(device=device, dtype=dt).requires_grad_(),
+               "teacher": t.to(device=device, dtype=dt), "img_level": img_level}
+        if n_sel is not None:  # which patches does not change the cost: a random sorted subset
+            out["rows"] = torch.randperm(crops * p, generator=g)[:n_sel].sort().values.to(device)
+        return out
 
     return BenchCase(
         op="gram_loss", name=name,
         params={"crops": crops, "P": p, "D": d, "img_level": img_level, "form": form,
-                "shape_from": shape_from},
+                "shape_from": shape_from, "rows": n_sel},
         dtype=dtype, make_inputs=make_inputs,
         providers={"torch": gram_loss_ref, "triton": gram_loss},
         grad_inputs=["student"],
         flops_fwd=fwd, flops_bwd=bwd,
         formula="P×P: fwd 2·NB·Pe²·D, bwd 6·NB·Pe²·D; D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D² "
-                "(NB = crops, Pe = P per image; NB = 1, Pe = crops·P flattened)",
+                "(NB = crops, Pe = P per image; NB = 1, Pe = crops·P flattened, or the "
+                "selected rows with tokens_used masked | unmasked)",
         reference_dtype=torch.float64,
         # bf16 operands: the kernel's S carries ~2⁻⁸ relative error, ~1e-7 of a ~3e-4 loss here,
         # while the harness' torch baseline upcasts to fp32 (the official .float()): hence atol
@@ -63,7 +69,8 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
 def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     if not on_gpu:  # interpreter-sized: 2 crops of a 6x6 grid, 64 channels
         out = [_case("cpu-tiny-img", 2, 36, 64, True, torch.float32, "tiny"),
-               _case("cpu-tiny-flat", 2, 36, 64, False, torch.float32, "tiny")]
+               _case("cpu-tiny-flat", 2, 36, 64, False, torch.float32, "tiny"),
+               _case("cpu-tiny-masked", 2, 36, 64, False, torch.float32, "tiny", n_sel=20)]
         if not quick:
             out.append(_case("cpu-tiny-img-bf16", 2, 36, 64, True, torch.bfloat16, "tiny"))
         return out
@@ -74,6 +81,14 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
         for img_level in (True, False):
             out.append(_case(f"{s.name}-{s.global_size}-{'img' if img_level else 'flat'}", crops,
                              s.global_patches, s.embed_dim, img_level, torch.bfloat16, s.name))
+    # tokens_used: the iBOT-masked patches of the 2B global crops (the v3 collate's exact count)
+    # and the rest, flattened (img_level false)
+    crops, n_all = 2 * vitl.batch_per_gpu, 2 * vitl.batch_per_gpu * vitl.global_patches
+    sel = [("masked", vitl.ibot_rows)] + ([] if quick else [("unmasked", n_all - vitl.ibot_rows)])
+    for kind, n_sel in sel:
+        out.append(_case(f"vitl16-{vitl.global_size}-{kind}", crops, vitl.global_patches,
+                         vitl.embed_dim, False, torch.bfloat16, f"vitl16, tokens_used {kind}",
+                         n_sel=n_sel))
     hr = [(512, 32), (1024, 8)] if not quick else [(1024, 8)]
     for side, crops in hr:  # high-res anchoring at ViT-L width; crops sized for the reference
         out.append(_case(f"vitl16-{side}-img", crops, (side // vitl.patch) ** 2, vitl.embed_dim,

@@ -35,12 +35,45 @@ Clamp options (P×P only), exactly the official in-place assignments:
   remove_only_teacher_neg  S = Ĝs - Ĝt where Ĝt >= 0, relu(Ĝs) where Ĝt < 0 (zero gradient
                            where both are negative). Ĝs comes from one more GEMM, Ĝt = Ĝs - S.
 
+Selected rows (`gram.tokens_used: masked | unmasked`, img_level=False only; official
+`get_gram_teacher_output`: `patches[masks]` for student and Gram teacher, after the teacher grid
+is resized): `rows` [N_sel] flat indices into the B·P patches are gathered (index_select) into
+one [1, N_sel, D] image before the kernels, so NB = 1, Pe = N_sel and the normaliser is N_sel²,
+not (B·P)² (KERNELS.md §5.3); the gather's backward scatters dŝ back, unselected rows get 0.
+GramLoss builds `rows` from the Batch's mask_indices (masked) or a stable sort of the masks
+(unmasked) without a device -> host read. N_sel = 0 gives 0 (the official mean of an empty
+Gram is nan).
+
+Cost model (w = bytes of a working-dtype element, 2 for bf16; in = input element bytes; R = NB·Pe
+rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
+  prep       reads 2·R·D·in, writes 3·R·D·w (4 with a clamp on bf16/fp16: lo(ŝ))   memory-bound
+  P×P fwd    T(T+1)/2 tile pairs per image, each reads F_i, E_i, F_j, E_j (4·BM·D·w; 8 with a
+             clamp): ≈ 2·NB·Pe²·D·w/BM bytes for 2·NB·Pe²·D FLOPs, BM/w = 32 FLOP/B (bf16)
+  P×P bwd    T² pairs, each reads F, E of both blocks and Â_j (5·BM·D·w) and read-modify-writes
+             dÂ_i in fp32 (8·BM·D): 18·BM·D B per 6·BM²·D FLOPs, BM/3 ≈ 21 FLOP/B (bf16)
+  D×D fwd    (D/BK)² blocks per image, each streams F, E at its two column blocks:
+             4·NB·Pe·D²·w/BK bytes for 6·NB·Pe·D² FLOPs, 1.5·BK/w = 48 FLOP/B; writes 3·NB·D²·4
+  D×D bwd    reads F, E rows per column block and M1, M2 per row block: 2·NB·Pe·D²·w·(1/BN +
+             1/BM) bytes for 4·NB·Pe·D² FLOPs (32 FLOP/B at 64×64 tiles); writes R·D·4
+  norm bwd   reads R·D·(in + 4), writes R·D·in                                 memory-bound
+All below the H100 ridge from HBM (989 TFLOP/s / 3.35 TB/s ≈ 295 FLOP/B): the tiles reach tensor-
+core speed only because the re-reads hit L2 (one image's F, E are 2·Pe·D·w bytes: 4 MiB at the 7B
+shape P = 256, D = 4096, against 50 MB of L2). The P×P backward's fp32 dÂ_i (1 MiB per program at
+D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo), D×D also 3·NB·D²·4.
+
+Tiles (explained at `_pp_gpu`): 64-row square tiles. sm_90 (wgmma): 8 warps. sm_80 (mma.sync):
+bf16/fp16 tiles run 4 warps, one per 16-row MMA slice, because the dots of every loop here are
+"chained" and Triton lays all warps along M (8 would compute each fragment twice); picked per
+device by `device_arch`. fp32 (FMA dots): the same tiles on both.
+
 Dtypes: bf16/fp16 inputs -> operands in that dtype, fp32 accumulation; fp32 inputs -> fp32
 operands with input_precision="ieee" (exact, CUDA-core speed: feed bf16 for tensor cores).
 Under the Triton interpreter bf16 tiles are upcast before tl.dot (upstream interpreter bug,
 noted 2026-07). Supports any B, P >= 1, D >= 1 (odd sizes masked). Tested under the interpreter
-with triton 3.6 and 3.9; every shipped configuration compiles for sm_90 / sm_80 without spills
-(`compile_specs()`, tile choices explained at `_pp_gpu`); not yet timed on a GPU.
+with triton 3.6 and 3.9 (both tile sets); every shipped configuration compiles for sm_90 / sm_80
+without spills, on the path real launches take (aligned pointers, D % 16 == 0: declared per spec
+as `divisible_by_16`, tests/kernels/test_gram_compile.py) and on the odd-D path (bench
+compile-report as it stands); not yet timed on a GPU.
 
 This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.library ops ->
 `GramFn` -> `gram_loss`.
