@@ -300,7 +300,7 @@ def test_block_falls_back_while_drop_path_is_active(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_flag_off_or_impl_torch_never_imports_the_path(monkeypatch):
+def test_flag_off_or_impl_torch_never_calls_the_kernel(monkeypatch):
     import fastdino.kernels.layernorm_residual as mod
 
     monkeypatch.setattr(mod, "layernorm_residual", None)  # calling it would raise TypeError

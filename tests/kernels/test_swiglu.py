@@ -125,9 +125,15 @@ def test_errors_name_the_bad_input():
 
 
 @pytest.mark.parametrize("align", [8, 64])
-def test_ffn_with_fusion_equals_ffn_without(align):
+def test_ffn_with_fusion_equals_ffn_without(align, monkeypatch):
     # SwiGLUFFN (w1, w2 separate, as DINOv3) with kernels.fuse_pointwise on vs off: output and
-    # every gradient; the swiglu64 rounding of the 7B (hidden 88 -> 128 here)
+    # every gradient; the swiglu64 rounding of the 7B (hidden 88 -> 128 here); the kernel runs
+    # exactly when the flag is on
+    import fastdino.kernels.swiglu as mod
+
+    calls = []
+    orig = mod.SwiGLUFn.apply
+    monkeypatch.setattr(mod.SwiGLUFn, "apply", lambda *a: calls.append(1) or orig(*a))
     torch.manual_seed(0)
     ffn = SwiGLUFFN(32, 128, align_to=align, device=DEVICE)
     x = torch.randn(2, 5, 32, device=DEVICE)
@@ -140,6 +146,7 @@ def test_ffn_with_fusion_equals_ffn_without(align):
         out = ffn(xi)
         out.backward(cot)
         results.append([out.detach(), xi.grad] + [p.grad.clone() for p in ffn.parameters()])
+    assert len(calls) == 1  # the fused pass called the kernel, the unfused pass did not
     assert ffn.w1.out_features == swiglu_hidden_dim(128, align)
     for k, r in zip(*results, strict=True):
         torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
