@@ -4,6 +4,7 @@ flattened Gram of the selected patches only, MSE mean over N_sel² entries (offi
 are worked out by hand or by an explicit fp64 double loop, never by the code under test."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,37 @@ def test_errors_name_the_bad_input():
         loss_fn(s, t)
     with pytest.raises(ValueError, match=r"bool \[B, P\]"):
         loss_fn(s, t, masks=m.flatten())
+
+
+@pytest.mark.parametrize("tokens_used", ["masked", "unmasked"])
+def test_trainer_step_selects_by_the_batch_masks(tmp_path, monkeypatch, tokens_used):
+    """meta_arch wiring: one Trainer.step with gram.tokens_used; the logged gram_loss equals the
+    explicit fp64 loss of exactly the patches the batch's iBOT masks select (or leave)."""
+    from fastdino.config import load_config
+    from fastdino.data import build_train_loader
+    from fastdino.train import Trainer
+
+    seen = {}
+    real = GramLoss.forward
+
+    def spy(self, student, teacher, *args, **kwargs):
+        seen.update(student=student.detach().clone(), teacher=teacher.detach().clone(),
+                    masks=kwargs.get("masks"), loss_fn=self)
+        return real(self, student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(GramLoss, "forward", spy)
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, ["data.num_workers=0", "data.batch_size_per_gpu=2", "model.depth=1",
+                              "data.loader=torch", "dino.head.n_prototypes=64",
+                              "ibot.head.n_prototypes=64", "kernels.impl=torch",
+                              f"train.output_dir={tmp_path / 'run'}", "train.resume=none",
+                              "gram.use=true", "gram.ema_teacher=true", "gram.img_level=false",
+                              f"gram.tokens_used={tokens_used}"])
+    trainer = Trainer(cfg)
+    batch = next(build_train_loader(cfg, 0, 1, 0)).to(trainer.info.device)
+    logged = trainer.step(0, batch)
+    assert seen["loss_fn"].tokens_used == tokens_used
+    assert torch.equal(seen["masks"], batch.masks) and batch.masks.any() and (~batch.masks).any()
+    sel = batch.masks if tokens_used == "masked" else ~batch.masks
+    expected = _explicit_fp64(seen["student"], seen["teacher"], sel.tolist())
+    assert float(logged["gram_loss"]) == pytest.approx(expected, rel=1e-4)
