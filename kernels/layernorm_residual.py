@@ -20,9 +20,9 @@ normalises the residual stream as stored, exactly what the unfused block does):
 Shapes: x, h [..., D] (last dim contiguous; flattened to T rows); gamma, weight, bias [D].
 Dtypes: x, h, params fp32 or bf16 in any mix (all computed in fp32); y and out in x's dtype,
 written as one packed [2, T, D] tensor (y = [0], out = [1]; returned as two views, or packed);
-every gradient in its input's dtype. D up to 4096 (a row lives in registers; wider rows
-would need a chunked row loop). Under autocast
-nn.LayerNorm returns fp32, so the block fuses there only when its stream is fp32 (fp32 params).
+every gradient in its input's dtype. D up to 4096 (a row lives in registers; wider rows would
+need a chunked row loop). Under autocast nn.LayerNorm returns fp32, so the block fuses there only
+when its stream is fp32 (fp32 params).
 Tested: Triton 3.6 and 3.9 under the CPU interpreter; compiled for sm_90 / sm_80 (no spills) at
 the shipped widths. Not yet timed on a GPU (2026-11-26): kernels.fuse_pointwise stays off until
 `python -m bench layernorm_residual` shows a win over PyTorch at ViT widths (Liger's LayerNorm
