@@ -74,7 +74,10 @@ class SelfAttentionBlock(nn.Module):
             from fastdino.kernels.layernorm_residual import layernorm_residual
 
             # No drop path: x_in is x_list, so `flat` [T, D] is the residual stream of every crop
-            # type. y = flat + ls1(a) and h = norm2(y) in one pass.
+            # type. y = flat + ls1(a) and h = norm2(y) in one pass. The [D] parameters of ls1 and
+            # norm2 are read without calling those modules: under ZeRO-3 that relies on them
+            # staying unpartitioned (DeepSpeed's default stage3_param_persistence_threshold, 1e5
+            # elements, keeps every [D] parameter whole).
             y, h = layernorm_residual(flat, a_flat, self.ls1.gamma, self.norm2.weight,
                                       self.norm2.bias, self.norm2.eps)
             return uncat_with_shapes(y + self.ls2(self.mlp(h)).to(y.dtype), shapes, num_tokens)
