@@ -46,7 +46,8 @@ Split path (large groups):
   2. _koleo_search_kernel, grid (nq/BLOCK_M, S, G): program (m, s, g) scans the column range
      [s·C, (s+1)·C) (C a multiple of BLOCK_N) with a pure GEMM main loop (bf16 128x128x64 tiles, 8
      warps, 3 stages of 16-byte cp.async; no norm work in it) and a max/argmax epilogue per column
-     tile; it writes its (max, argmax) per row to [G, S, nq]. S = min(column tiles, SMs //
+     tile, the column and K loops flattened into one software pipeline (tl.range(flatten=True));
+     it writes its (max, argmax) per row to [G, S, nq]. S = min(column tiles, SMs //
      (G·nq/BLOCK_M)): one full wave (n = 4096: 32 row blocks x 4 splits = 128 programs on 132 SMs).
      FLOPs 2·G·nq·n·D; bytes: x re-read per row block and split, from L2 (x is ≤ 32 MB).
   3. _koleo_finish_kernel: merges the S candidates in column order with a strict '>' (a tie
@@ -406,7 +407,10 @@ def _koleo_search_kernel(
 
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_j = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for n0 in range(c_lo, c_hi, BLOCK_N):
+    # flatten: the compiler fuses the column and K loops into one software pipeline, so the
+    # cp.async prologue/drain is paid once per program, not once per column tile (D = 384: 6 K
+    # steps per tile)
+    for n0 in tl.range(c_lo, c_hi, BLOCK_N, flatten=True):
         cols = n0 + offs_n
         col_ok = cols < c_hi
         # a plain GEMM main loop: no norm work in it (the norms come from _koleo_rinv_kernel)
