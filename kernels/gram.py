@@ -536,7 +536,8 @@ def _dd_bwd_gpu(work: torch.dtype, arch: int = 90) -> dict:
 
 
 def device_arch(device: torch.device) -> int:
-    """The tile family for a device: 90 (wgmma: sm_90 and newer) or 80 (mma.sync: sm_80..89)."""
+    """The tile family for a device: 90 (warpgroup MMA: sm_90, sm_100) or 80 (per-warp mma.sync:
+    sm_80..89 and consumer Blackwell sm_120, which has no wgmma)."""
     if device.type != "cuda":
         return 90  # interpreter: its own tiles, the arch is unused
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
@@ -545,7 +546,7 @@ def device_arch(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _cuda_arch(index: int) -> int:
     major, _ = torch.cuda.get_device_capability(index)
-    return 90 if major >= 9 else 80
+    return 90 if major in (9, 10) else 80
 
 
 ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this

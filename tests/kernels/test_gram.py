@@ -158,6 +158,19 @@ def test_choose_form_rule():
     assert gram.choose_form(1280, 1024, gram.CLAMP_NONE) == gram.FORM_PP
 
 
+@pytest.mark.parametrize("capability,family", [((8, 0), 80), ((8, 6), 80), ((8, 9), 80),
+                                               ((9, 0), 90), ((10, 0), 90), ((12, 0), 80)])
+def test_device_arch_picks_the_mma_family(monkeypatch, capability, family):
+    # per-warp mma.sync parts (A100, RTX 30/40, consumer Blackwell) get the sm_80 tiles,
+    # warpgroup-MMA parts (H100, B200) the sm_90 ones
+    gram._cuda_arch.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    try:
+        assert gram.device_arch(torch.device("cuda", 0)) == family
+    finally:
+        gram._cuda_arch.cache_clear()
+
+
 def test_dd_form_rejects_clamp():
     s, t = make_inputs((1, 5, 7), torch.float32, noise=None)
     with pytest.raises(ValueError, match="form='dd'"):
