@@ -73,7 +73,8 @@ class Student(nn.Module):
 
 
 def build_student(cfg: Config) -> Student:
-    backbone = build_backbone(cfg.model, kernels_impl=cfg.kernels.impl)
+    backbone = build_backbone(cfg.model, kernels_impl=cfg.kernels.impl,
+                              fuse_pointwise=cfg.kernels.fuse_pointwise)
     dim = backbone.embed_dim
     return Student(backbone, build_head(cfg.dino.head, dim), build_head(cfg.ibot.head, dim))
 

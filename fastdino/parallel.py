@@ -323,6 +323,10 @@ class DeepSpeedStudent(_StudentBase):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
+        if self.zero_stage == 3:  # fused blocks read ls1 / norm2 params without calling them
+            for m in self.module.modules():
+                for p in getattr(m, "external_parameters", list)():
+                    deepspeed.zero.register_external_parameter(m, p)
 
     @property
     def param_groups(self) -> list[dict]:

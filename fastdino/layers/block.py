@@ -51,6 +51,15 @@ class SelfAttentionBlock(nn.Module):
         if hasattr(self.mlp, "fuse_pointwise"):  # SwiGLUFFN (the GELU MLP has no fused op)
             self.mlp.kernels_impl, self.mlp.fuse_pointwise = kernels_impl, fuse_pointwise
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters the fused path reads without calling their module (ls1's gamma, norm2's
+        weight and bias). ZeRO-3 gathers a parameter when its owning module runs, so these
+        must be registered with this block (parallel.py does), or they could be read while
+        partitioned once a config lowers DeepSpeed's persistence threshold below D."""
+        if not self.fuse_pointwise:
+            return []
+        return [*self.ls1.parameters(), *self.norm2.parameters()]
+
     def _subsets(self, x_list: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, float]]:
         if self.training and self.sample_drop_ratio > 0.0:
             return [sample_subset(x.shape[0], self.sample_drop_ratio, x.device) for x in x_list]

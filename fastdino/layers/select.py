@@ -37,7 +37,9 @@ def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
     else:
         choice = x.is_cuda and can_run_triton(x)
     key = (op, "triton" if choice else "torch")
-    if key not in _logged:
+    # no logging while dynamo traces: a logger call there is a graph break that stays in the
+    # compiled block; the eager calls around it (or the next eager step) log the choice instead
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         logger.info("kernels: %s uses the %s implementation", op, key[1])
     return choice

@@ -347,3 +347,12 @@ def test_backbone_threads_the_flag():
     for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_block_declares_the_parameters_it_reads_outside_their_modules():
+    """ZeRO-3 gathers a parameter when its owning module runs; the fused path reads ls1 and norm2
+    without running them, so the block lists exactly those for parallel.py to register."""
+    blk = _block(fuse=True)
+    want = {id(p) for p in (blk.ls1.gamma, blk.norm2.weight, blk.norm2.bias)}
+    assert {id(p) for p in blk.external_parameters()} == want
+    assert _block(fuse=False).external_parameters() == []
