@@ -159,6 +159,7 @@ def center_batch_sum_ref(teacher_logits: torch.Tensor) -> torch.Tensor:
 # (`_lse_update`): a running max starting at the finite _M0, so that no inf - inf is formed.
 # ------------------------------------------------------------------------------------------------
 
+import itertools  # noqa: E402
 import math  # noqa: E402
 
 import triton  # noqa: E402
@@ -171,23 +172,25 @@ _M0 = -1.0e30  # initial running max (log2 units): finite, below any real logit 
 _TINY = 1.1754943508222875e-38  # fp32 tiny: a prototype no sample reaches gets no log(0)
 _MODE_LSE = 0  # column pass 1: col_shift = LSE_b(t[b, k]·inv_temp) + log(K/N_total)
 _MODE_SUMEXP = 1  # column pass i > 1: col_shift += log Σ_b exp(t·inv_temp - col_shift - row_shift)
-MAX_SPLITS = 64  # K splits of a row pass: the merge kernel reads them as one [rows, 64] tile
+MAX_SPLITS = 128  # K splits of a row pass: the merge kernel reads them as one [rows, 128] tile
 
 
 @triton.jit
 def _lse_update(m, d, x):
-    """Online Σ exp2(x) = d·exp2(m), elementwise, one exp2 per element: the larger of (m, x)
-    becomes the max and the other side is scaled by exp2(-|x - m|). x = -inf adds nothing."""
+    """Online Σ exp(x) = d·exp(m), elementwise, one exp2 per element: the larger of (m, x)
+    becomes the max and the other side is scaled by exp(-|x - m|). x = -inf adds nothing.
+    Natural units: log2(e) multiplies the (small) difference, never a large logit, so no
+    rounding of a ~100-magnitude term is amplified by the cancellation t/τ - shift."""
     gt = x > m
-    e = tl.exp2(tl.where(gt, m - x, x - m))
+    e = tl.exp2(tl.where(gt, m - x, x - m) * 1.4426950408889634)
     return tl.maximum(m, x), tl.where(gt, d * e + 1.0, d + e)
 
 
 @triton.jit
 def _lse_update_s1(m, d, s1, x, xv):
-    """`_lse_update` that also carries s1 = Σ exp2(x - m)·x (xv = x, or 0 where x = -inf)."""
+    """`_lse_update` that also carries s1 = Σ exp(x - m)·x (xv = x, or 0 where x = -inf)."""
     gt = x > m
-    e = tl.exp2(tl.where(gt, m - x, x - m))
+    e = tl.exp2(tl.where(gt, m - x, x - m) * 1.4426950408889634)
     d_new = tl.where(gt, d * e + 1.0, d + e)
     s1_new = tl.where(gt, s1 * e + xv, s1 + e * xv)
     return tl.maximum(m, x), d_new, s1_new
@@ -199,8 +202,8 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """One program: BLOCK_K prototypes × all N rows (no row split, so FINALIZE can write the new
     col_shift in place when there is nothing to all-reduce).
-    MODE 0 (first pass; the per-prototype max is fused in): column LSE of y = t·inv_temp in log2
-    units (m, d). MODE 1: s = Σ_b exp(y - col_shift[k] - row_shift[b]).
+    MODE 0 (first pass; the per-prototype max is fused in): column LSE of y = t·inv_temp as
+    (m, d), LSE = m + log d. MODE 1: s = Σ_b exp(y - col_shift[k] - row_shift[b]).
     FINALIZE: col_shift <- LSE (MODE 0) or col_shift + log(max(s, tiny)) (MODE 1), + log(K/N_tot)
     (read from log_scale_ptr: N_tot may be a device tensor). Else the raw (m, d) / s go to out_*.
     Rows are walked last to first: the row pass before this one ended on the last row blocks,
@@ -208,11 +211,10 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
     pid_k = tl.program_id(0)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
-    scale = inv_temp * 1.4426950408889634
     m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
     d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
-    a2 = a * 1.4426950408889634
+    if MODE == 1:  # (MODE 0 never reads col_shift: it may be uninitialised)
+        a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     for i in tl.range(0, n_blocks, num_stages=STAGES):
         rows = (n_blocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -221,15 +223,16 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
         t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=m2d,
                     other=0.0).to(tl.float32)
         if MODE == 0:
-            m, d = _lse_update(m, d, tl.where(m2d, t * scale, float("-inf")))
+            m, d = _lse_update(m, d, tl.where(m2d, t * inv_temp, float("-inf")))
         else:
-            b2 = tl.load(row_shift_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-            d += tl.where(m2d, tl.exp2(t * scale - a2[None, :] - b2[:, None]), 0.0)
+            b = tl.load(row_shift_ptr + rows, mask=rmask, other=0.0)
+            x = (t * inv_temp - a[None, :] - b[:, None]) * 1.4426950408889634
+            d += tl.where(m2d, tl.exp2(x), 0.0)
     if MODE == 0:
         m_c = tl.max(m, axis=0)
-        d_c = tl.sum(d * tl.exp2(m - m_c[None, :]), axis=0)
+        d_c = tl.sum(d * tl.exp2((m - m_c[None, :]) * 1.4426950408889634), axis=0)
         if FINALIZE:
-            res = 0.6931471805599453 * (m_c + tl.log2(d_c)) + tl.load(log_scale_ptr)
+            res = m_c + tl.log(d_c) + tl.load(log_scale_ptr)
             tl.store(col_shift_ptr + cols, res, mask=cmask)
         else:
             tl.store(out_m_ptr + cols, m_c, mask=cmask)
@@ -244,16 +247,15 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
 
 
 @triton.jit
-def _teacher_row_kernel(t_ptr, col_shift_ptr, m_ptr, d_ptr, s1_ptr, row_shift_ptr, entropy_ptr,
-                        colsum_ptr, N, K, stride_t, inv_temp, k_per_split, n_splits,
+def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, K, stride_t,
+                        inv_temp, k_per_split, n_splits,
                         WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
                         FINALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         STAGES: tl.constexpr):
     """One program: BLOCK_N rows × one K slice (grid axis 0 = the slice, so consecutive programs
-    share rows and the pass ends on the last row blocks). Online, in log2 units, over y2 =
-    (t·inv_temp - col_shift)·log2(e): max m, d = Σ exp2(y2 - m) and (ENTROPY) s1 = Σ exp2(y2 -
-    m)·y2. FINALIZE (one slice): row_shift = LSE (nats) and entropy written directly; else the
-    partials (m, d, s1) go to [N, n_splits] for _row_merge_kernel. WITH_COLSUM also atomically
+    share rows and the pass ends on the last row blocks). Online over y = t·inv_temp -
+    col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y. FINALIZE (one slice): out [2, N] = (row_shift = LSE in nats, entropy) written
+    directly; else the partials (m, d, s1) go to part [3, N, n_splits] for _row_merge_kernel. WITH_COLSUM also atomically
     adds the column sums of t to colsum[K] (the softmax center's batch statistic, fused in this
     read; the order of the atomic adds is not fixed)."""
     pid_s = tl.program_id(0)
@@ -261,7 +263,6 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, m_ptr, d_ptr, s1_ptr, row_shift_pt
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     row_off = rows.to(tl.int64)[:, None] * stride_t
-    scale = inv_temp * 1.4426950408889634
     m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
     d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     s1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -273,52 +274,54 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, m_ptr, d_ptr, s1_ptr, row_shift_pt
         t = tl.load(t_ptr + row_off + cols[None, :], mask=m2d, other=0.0).to(tl.float32)
         if WITH_COLSUM:
             tl.atomic_add(colsum_ptr + cols, tl.sum(t, axis=0), mask=cmask)
-        a2 = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
         # masked columns -> -inf (weight 0); masked rows stay finite (never stored)
-        y2 = tl.where(cmask[None, :], t * scale - a2[None, :], float("-inf"))
+        y = tl.where(cmask[None, :], t * inv_temp - a[None, :], float("-inf"))
         if ENTROPY:
-            # e·y2 with e = 0 where y2 = -inf (p = 0 targets) must give 0, not nan
-            m, d, s1 = _lse_update_s1(m, d, s1, y2, tl.where(cmask[None, :], y2, 0.0))
+            # e·y with e = 0 where y = -inf (p = 0 targets) must give 0, not nan
+            m, d, s1 = _lse_update_s1(m, d, s1, y, tl.where(cmask[None, :], y, 0.0))
         else:
-            m, d = _lse_update(m, d, y2)
+            m, d = _lse_update(m, d, y)
     m_r = tl.max(m, axis=1)
-    w = tl.exp2(m - m_r[:, None])
+    w = tl.exp2((m - m_r[:, None]) * 1.4426950408889634)
     d_r = tl.sum(d * w, axis=1)
     if ENTROPY:
         s1_r = tl.sum(s1 * w, axis=1)
     else:
         s1_r = d_r * 0.0
     if FINALIZE:
-        lse2 = m_r + tl.log2(d_r)
-        tl.store(row_shift_ptr + rows, 0.6931471805599453 * lse2, mask=rmask)
+        lse = m_r + tl.log(d_r)
+        tl.store(out_ptr + rows, lse, mask=rmask)
         if ENTROPY:
-            tl.store(entropy_ptr + rows, 0.6931471805599453 * (lse2 - s1_r / d_r), mask=rmask)
+            tl.store(out_ptr + N + rows, lse - s1_r / d_r, mask=rmask)
     else:
-        out = rows.to(tl.int64) * n_splits + pid_s
-        tl.store(m_ptr + out, m_r, mask=rmask)
-        tl.store(d_ptr + out, d_r, mask=rmask)
+        o = rows.to(tl.int64) * n_splits + pid_s
+        plane = N.to(tl.int64) * n_splits
+        tl.store(part_ptr + o, m_r, mask=rmask)
+        tl.store(part_ptr + plane + o, d_r, mask=rmask)
         if ENTROPY:
-            tl.store(s1_ptr + out, s1_r, mask=rmask)
+            tl.store(part_ptr + 2 * plane + o, s1_r, mask=rmask)
 
 
 @triton.jit
-def _row_merge_kernel(m_ptr, d_ptr, s1_ptr, row_shift_ptr, entropy_ptr, N, n_splits,
-                      ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """LSE merge of the K-split partials [N, n_splits] (n_splits <= BLOCK_S), fixed order:
-    row_shift (nats) and entropy [N]."""
+def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, ENTROPY: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """LSE merge of the K-split partials part [3, N, n_splits] (n_splits <= BLOCK_S), fixed
+    order: out [2, N] = (row_shift in nats, entropy)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     splits = tl.arange(0, BLOCK_S)
     mask = (rows < N)[:, None] & (splits < n_splits)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
-    m = tl.load(m_ptr + offs, mask=mask, other=-1.0e30)
+    plane = N.to(tl.int64) * n_splits
+    m = tl.load(part_ptr + offs, mask=mask, other=-1.0e30)
     m_r = tl.max(m, axis=1)
-    w = tl.exp2(m - m_r[:, None])
-    d_r = tl.sum(tl.load(d_ptr + offs, mask=mask, other=0.0) * w, axis=1)
-    lse2 = m_r + tl.log2(d_r)
-    tl.store(row_shift_ptr + rows, 0.6931471805599453 * lse2, mask=rows < N)
+    w = tl.exp2((m - m_r[:, None]) * 1.4426950408889634)
+    d_r = tl.sum(tl.load(part_ptr + plane + offs, mask=mask, other=0.0) * w, axis=1)
+    lse = m_r + tl.log(d_r)
+    tl.store(out_ptr + rows, lse, mask=rows < N)
     if ENTROPY:
-        s1_r = tl.sum(tl.load(s1_ptr + offs, mask=mask, other=0.0) * w, axis=1)
-        tl.store(entropy_ptr + rows, 0.6931471805599453 * (lse2 - s1_r / d_r), mask=rows < N)
+        s1_r = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0) * w, axis=1)
+        tl.store(out_ptr + N + rows, lse - s1_r / d_r, mask=rows < N)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,13 +330,15 @@ def _row_merge_kernel(m_ptr, d_ptr, s1_ptr, row_shift_ptr, entropy_ptr, N, n_spl
 # ------------------------------------------------------------------------------------------------
 
 _NUM_SMS = 132  # H100 / H200 SXM; only sets how finely rows / K are split, never correctness
+_INTERP_TARGET = 8  # programs per split grid under the interpreter (tests raise it)
 # (BLOCK_N, BLOCK_K) per logits dtype: 8 fp32 elements per thread at 8 warps (bf16 tiles twice
 # as long), 3 tiles in flight per program through the STAGES pipeline (compile-report numbers
 # in the header table)
 _COL_BLOCK = {torch.bfloat16: (32, 128), torch.float32: (16, 128)}
 _ROW_BLOCK = {torch.bfloat16: (16, 256), torch.float32: (8, 256)}
 _STAGES = 4
-_MERGE_BLOCK_R = 32
+_SMALL_N = 64  # row pass: at most this many rows -> BLOCK_N = 8 (more programs for few rows)
+_MERGE_BLOCK_R = 16
 _WARPS = 8
 _MERGE_WARPS = 4
 
@@ -348,7 +353,7 @@ def _target_programs(x: torch.Tensor) -> int:
     """Programs wanted in a split grid: ~8 per SM on a GPU (>= 2 resident waves, so the last
     wave's tail is a small fraction); a handful under the interpreter, which pays per program
     (still > 1 so that the split-and-merge paths are exercised)."""
-    return 8 if is_interpreter() else 8 * _num_sms(x)
+    return _INTERP_TARGET if is_interpreter() else 8 * _num_sms(x)
 
 
 def _col_config(t: torch.Tensor) -> tuple[int, int]:
@@ -368,6 +373,8 @@ def _row_config(t: torch.Tensor) -> tuple[int, int, int, int]:
         block_n, block_k = min(8, next_pow2(n)), min(1024, next_pow2(k))
     else:
         block_n, block_k = _ROW_BLOCK[t.dtype]
+        if n <= _SMALL_N:  # 7B DINO: 32 teacher rows; 8-row blocks double the row blocks
+            block_n = 8
     k_blocks = triton.cdiv(k, block_k)
     want = triton.cdiv(_target_programs(t), triton.cdiv(n, block_n))
     n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
@@ -387,58 +394,57 @@ def _check_teacher(t: torch.Tensor) -> None:
 
 
 def teacher_col_pass(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.Tensor,
-                     log_scale: torch.Tensor, inv_temp: float, mode: int,
-                     finalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     log_scale: torch.Tensor, inv_temp: float, mode: int, finalize: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Column pass over this rank's rows. finalize: col_shift [K] fp32 is updated in place
     (MODE 0: overwritten with the column LSE + log_scale; MODE 1: += log Σ_b p + log_scale) and
-    two empty tensors are returned. Else col_shift is read only and the raw statistics are
-    returned: MODE 0 (max, Σ exp2(y2 - max)) in log2 units, MODE 1 (empty, Σ_b exp(...)).
-    log_scale: [1] fp32, log(K / N_total)."""
+    (None, None) is returned. Else col_shift is read only and the raw statistics [K] are
+    returned: MODE 0 (max, Σ exp(y - max)) of y = t·inv_temp, MODE 1 (None, Σ_b exp(...)).
+    row_shift [N] is read in MODE 1 only. log_scale: [1] fp32, log(K / N_total)."""
     _check_teacher(t)
     t = t.contiguous()
     n, k = t.shape
     block_n, block_k = _col_config(t)
-    f32 = dict(device=t.device, dtype=torch.float32)
-    out_m = torch.empty(k if (mode == _MODE_LSE and not finalize) else 0, **f32)
-    out_d = torch.empty(0 if finalize else k, **f32)
-    # a real pointer for arguments the mode does not read (a null data pointer is rejected)
+    out_m = out_d = None
+    if not finalize:
+        stats = torch.empty(2 if mode == _MODE_LSE else 1, k, device=t.device,
+                            dtype=torch.float32)
+        out_m, out_d = (stats[0], stats[1]) if mode == _MODE_LSE else (None, stats[0])
+    # unread pointer arguments get a real tensor (the launcher rejects a null data pointer)
     _teacher_col_kernel[(triton.cdiv(k, block_k),)](
-        t, col_shift, row_shift, log_scale, out_m if out_m.numel() else col_shift,
-        out_d if out_d.numel() else col_shift, n, k, t.stride(0), float(inv_temp), MODE=mode,
+        t, col_shift, row_shift, log_scale, col_shift if out_m is None else out_m,
+        col_shift if out_d is None else out_d, n, k, t.stride(0), float(inv_temp), MODE=mode,
         FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
         num_stages=_STAGES)
     return out_m, out_d
 
 
 def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, with_colsum: bool,
-                     entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                             torch.Tensor | None]:
     """Per row b: LSE_k(t[b]·inv_temp - col_shift) [N] (nats) and, when `entropy`, the entropy
-    (nats) [N] of the softmax it normalises (else an empty tensor); plus the column sum of t [K]
-    when `with_colsum` (else empty). One launch when the row blocks alone fill the GPU, else a
-    K-split launch and a merge launch."""
+    (nats) [N] of the softmax it normalises (else None); plus the column sum of t [K] when
+    `with_colsum` (else None). One launch when the row blocks alone fill the GPU, else a K-split
+    launch and a merge launch."""
     _check_teacher(t)
     t = t.contiguous()
     n, k = t.shape
     block_n, block_k, k_per_split, n_splits = _row_config(t)
     f32 = dict(device=t.device, dtype=torch.float32)
-    out = torch.empty(2 if entropy else 1, n, **f32)  # row_shift, entropy
-    row_shift, ent = out[0], (out[1] if entropy else out[:0, 0])
-    colsum = torch.zeros(k if with_colsum else 0, **f32)
+    out = torch.empty(2 if entropy else 1, n, **f32)  # (row_shift, entropy)
+    colsum = torch.zeros(k, **f32) if with_colsum else None
     finalize = n_splits == 1
-    # partials (m, d, s1) [N, n_splits]; unread under FINALIZE (real pointers all the same)
-    part = out[:1] if finalize else torch.empty(3 if entropy else 2, n, n_splits, **f32)
-    grid = (n_splits, triton.cdiv(n, block_n))
-    _teacher_row_kernel[grid](t, col_shift, part[0], part[min(1, len(part) - 1)], part[-1],
-                              row_shift, out[-1],
-                              colsum if with_colsum else out, n, k, t.stride(0), float(inv_temp),
-                              k_per_split, n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy,
-                              FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k,
-                              STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
+    part = out if finalize else torch.empty(3 if entropy else 2, n, n_splits, **f32)
+    _teacher_row_kernel[(n_splits, triton.cdiv(n, block_n))](
+        t, col_shift, part, out, out if colsum is None else colsum, n, k, t.stride(0),
+        float(inv_temp), k_per_split, n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy,
+        FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
+        num_stages=_STAGES)
     if not finalize:
         _row_merge_kernel[(triton.cdiv(n, _MERGE_BLOCK_R),)](
-            part[0], part[1], part[-1], row_shift, out[-1], n, n_splits, ENTROPY=entropy,
-            BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS, num_warps=_MERGE_WARPS)
-    return row_shift, ent, colsum
+            part, out, n, n_splits, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
+            num_warps=_MERGE_WARPS)
+    return out[0], (out[1] if entropy else None), colsum
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +459,8 @@ def _teacher_col_pass_op(t: torch.Tensor, col_shift: torch.Tensor, row_shift: to
                          log_scale: torch.Tensor, inv_temp: float, col_mode: int,
                          finalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # (`col_mode`, not `mode`: the dispatcher's mode redirection owns a `mode` keyword)
-    return teacher_col_pass(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize)
+    out = teacher_col_pass(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize)
+    return tuple(t.new_empty(0, dtype=torch.float32) if x is None else x.clone() for x in out)
 
 
 @_teacher_col_pass_op.register_fake
@@ -468,8 +475,9 @@ def _(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize):
 def _teacher_row_pass_op(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float,
                          with_colsum: bool, entropy: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    row_shift, ent, colsum = teacher_row_pass(t, col_shift, inv_temp, with_colsum, entropy)
-    return row_shift.clone(), ent.clone(), colsum  # outputs of a custom op may not alias
+    out = teacher_row_pass(t, col_shift, inv_temp, with_colsum, entropy)
+    # outputs of a custom op may not alias each other; None (not asked for) -> empty
+    return tuple(t.new_empty(0, dtype=torch.float32) if x is None else x.clone() for x in out)
 
 
 @_teacher_row_pass_op.register_fake
@@ -478,6 +486,12 @@ def _(t, col_shift, inv_temp, with_colsum, entropy):
     f = dict(dtype=torch.float32)
     return (t.new_empty(n, **f), t.new_empty(n if entropy else 0, **f),
             t.new_empty(k if with_colsum else 0, **f))
+
+
+def _update_in_kernel(world: int) -> bool:
+    """Whether the column passes update col_shift themselves (nothing to all-reduce). A function
+    so that the tests can run the multi-rank host path on one process."""
+    return world == 1
 
 
 def _ops():
@@ -515,9 +529,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     else:
         log_scale = torch.full((1,), math.log(k / float(n_total)), device=dev, dtype=torch.float32)
     col_pass, row_pass = _ops()
-    finalize = world == 1
+    finalize = _update_in_kernel(world)
     col_shift = torch.empty(k, device=dev, dtype=torch.float32)
-    row_shift = torch.zeros(n, device=dev, dtype=torch.float32)  # not read by the first pass
+    row_shift = col_shift  # not read by the first (MODE_LSE) pass: any real pointer
     entropy = None
     for it in range(n_iterations):
         mode = _MODE_LSE if it == 0 else _MODE_SUMEXP
@@ -525,8 +539,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         if not finalize:  # the prototype statistics are sums over every rank's samples
             if mode == _MODE_LSE:  # exact overflow guard: global per-prototype max (§10.2)
                 m_glob = dist.all_reduce_max(out_m.clone())
-                s = dist.all_reduce_sum(out_d * torch.exp2(out_m - m_glob))
-                col_shift = LN2 * m_glob + torch.log(s) + log_scale
+                s = dist.all_reduce_sum(out_d * torch.exp(out_m - m_glob))
+                col_shift = m_glob + torch.log(s) + log_scale
             else:
                 s = dist.all_reduce_sum(out_d)
                 col_shift = col_shift + torch.log(s.clamp_min(_TINY)) + log_scale
@@ -576,28 +590,26 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs={"MODE": mode, "FINALIZE": fin, "BLOCK_N": bn, "BLOCK_K": bk,
                                 "STAGES": _STAGES},
                     num_warps=_WARPS, num_stages=_STAGES))
-        rn, rk = _ROW_BLOCK[torch_dt]
-        for colsum, ent in _ROW_VARIANTS:
-            for fin in (False, True):
-                specs.append(CompileSpec(
-                    name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},FIN={int(fin)},"
-                         f"BLOCK={rn}x{rk},{dt}]",
-                    fn=_teacher_row_kernel,
-                    signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "m_ptr": "*fp32",
-                               "d_ptr": "*fp32", "s1_ptr": "*fp32", "row_shift_ptr": "*fp32",
-                               "entropy_ptr": "*fp32", "colsum_ptr": "*fp32", "N": "i32",
-                               "K": "i32", "stride_t": "i32", "inv_temp": "fp32",
-                               "k_per_split": "i32", "n_splits": "i32"},
-                    constexprs={"WITH_COLSUM": colsum, "ENTROPY": ent, "FINALIZE": fin,
-                                "BLOCK_N": rn, "BLOCK_K": rk, "STAGES": _STAGES},
-                    num_warps=_WARPS, num_stages=_STAGES))
+        rn0, rk = _ROW_BLOCK[torch_dt]
+        # row blocks: the dtype's BLOCK_N, and 8 for at most _SMALL_N rows
+        for (colsum, ent), fin, rn in itertools.product(_ROW_VARIANTS, (False, True),
+                                                        sorted({rn0, 8})):
+            specs.append(CompileSpec(
+                name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},FIN={int(fin)},"
+                     f"BLOCK={rn}x{rk},{dt}]",
+                fn=_teacher_row_kernel,
+                signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "part_ptr": "*fp32",
+                           "out_ptr": "*fp32", "colsum_ptr": "*fp32", "N": "i32", "K": "i32",
+                           "stride_t": "i32", "inv_temp": "fp32", "k_per_split": "i32",
+                           "n_splits": "i32"},
+                constexprs={"WITH_COLSUM": colsum, "ENTROPY": ent, "FINALIZE": fin,
+                            "BLOCK_N": rn, "BLOCK_K": rk, "STAGES": _STAGES},
+                num_warps=_WARPS, num_stages=_STAGES))
     for ent in (False, True):
         specs.append(CompileSpec(
             name=f"sk_row_merge[ENT={int(ent)},BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",
             fn=_row_merge_kernel,
-            signature={"m_ptr": "*fp32", "d_ptr": "*fp32", "s1_ptr": "*fp32",
-                       "row_shift_ptr": "*fp32", "entropy_ptr": "*fp32", "N": "i32",
-                       "n_splits": "i32"},
+            signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "n_splits": "i32"},
             constexprs={"ENTROPY": ent, "BLOCK_R": _MERGE_BLOCK_R, "BLOCK_S": MAX_SPLITS},
             num_warps=_MERGE_WARPS))
     return specs

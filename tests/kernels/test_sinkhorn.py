@@ -112,3 +112,30 @@ def test_teacher_ops_opcheck():
     for colsum, ent in ((True, True), (False, False)):
         torch.library.opcheck(torch.ops.fastdino.teacher_row_pass.default,
                               (t, cs, 1.0, colsum, ent))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sinkhorn_multirank_host_path(monkeypatch, dtype):
+    """The path taken with several ranks (column statistics returned raw, merged and all-reduced
+    on the host, col_shift updated there) on one process: same targets as the in-kernel update."""
+    t = _logits(37, 4096, seed=7).to(dtype)
+    in_kernel = sk.sinkhorn_knopp(t, 0.04)
+    monkeypatch.setattr(sk, "_update_in_kernel", lambda world: False)
+    host = sk.sinkhorn_knopp(t, 0.04)
+    _assert_fp32(host.materialize(), in_kernel.materialize())
+    torch.testing.assert_close(host.row_entropy, in_kernel.row_entropy, rtol=1e-5, atol=1e-5)
+    _assert_fp32(host.materialize(), sk.sinkhorn_knopp_ref(t.float(), 0.04)) \
+        if dtype == torch.float32 else None
+
+
+def test_sinkhorn_max_splits(monkeypatch):
+    """Few rows and a large grid target: the row pass splits K MAX_SPLITS ways and the merge
+    kernel reads a full [rows, MAX_SPLITS] tile."""
+    monkeypatch.setattr(sk, "_INTERP_TARGET", 10**6)
+    t = _logits(4, 130900, seed=8)  # 128 K blocks of 1024 (interpreter): 128 splits
+    assert sk._row_config(t)[3] == sk.MAX_SPLITS
+    targets = sk.sinkhorn_knopp(t, 0.04)
+    ref = sk.sinkhorn_knopp_ref(t, 0.04)
+    _assert_fp32(targets.materialize(), ref)
+    torch.testing.assert_close(targets.entropy(), sk.TeacherTargets(probs=ref).entropy(),
+                               rtol=1e-5, atol=1e-5)
