@@ -2,8 +2,8 @@
 
 What it fuses: the ~20 small kernels of the reference (normalize, mm, diagonal fill, argmax,
 gather, pairwise distance, log, mean and their backwards) into one forward and one backward launch
-for small groups (the "fused" path), and into 4 + 4 launches with no n x n matrix and an O(n·D)
-backward for large ones (the "split" path).
+for small groups (the "fused" path), and into 4 + 4 launches with no n x n matrix, half the
+FLOPs when every row is a query, and an O(n·D) backward for large ones (the "split" path).
 Derived from: facebookresearch/dinov3 `dinov3/loss/koleo_loss.py` (SPEC.md §1.5, KERNELS.md §4);
 the running max/argmax over column tiles follows the tiled nearest-neighbour pattern of
 denix56/pytorch_cluster (no code copied).
@@ -43,16 +43,24 @@ Fused path (one launch each way), per (row block, group) program:
 
 Split path (large groups):
   1. _koleo_rinv_kernel: rinv for all G·n rows. Reads G·n·D·es bytes.
-  2. _koleo_search_kernel, grid (nq/BLOCK_M, S, G): program (m, s, g) scans the column range
+  2a. _koleo_search_sym_kernel, when every row is a query (q0 = 0, nq = n) and the model says
+     the tiles fill the GPU: grid (nb, nb, G), nb = n/128, programs with I > J exit at once;
+     program (I, J), I <= J, computes one 128x128 tile of x_I·x_Jᵀ over all of D (same GEMM
+     loop) and takes both its row maxima (rows of I over the columns of J, scaled by rinv_J) and,
+     off the diagonal, its column maxima (rows of J over the columns of I, scaled by rinv_I): the
+     candidate of row r from column block c lands in [G, nb, n] at (c, r). FLOPs n²·D per group
+     (+ n·128·D for the diagonal tiles), half of 2b; n = 4096: 528 tiles = 4 waves on 132 SMs.
+  2b. _koleo_search_kernel (otherwise), grid (nq/BLOCK_M, S, G): program (m, s, g) scans the range
      [s·C, (s+1)·C) (C a multiple of BLOCK_N) with a pure GEMM main loop (bf16 128x128x64 tiles, 8
      warps, 3 stages of 16-byte cp.async; no norm work in it) and a max/argmax epilogue per column
      tile, the column and K loops flattened into one software pipeline (tl.range(flatten=True));
      it writes its (max, argmax) per row to [G, S, nq]. S = min(column tiles, SMs //
      (G·nq/BLOCK_M)): one full wave (n = 4096: 32 row blocks x 4 splits = 128 programs on 132 SMs).
      FLOPs 2·G·nq·n·D; bytes: x re-read per row block and split, from L2 (x is ≤ 32 MB).
-  3. _koleo_finish_kernel: merges the S candidates in column order with a strict '>' (a tie
-     across splits keeps the lowest index, exactly as one scan would), then d, t, u and the row
-     block's partial loss. Reads 2·G·nq·D·es + 8·G·S·nq bytes. 4. torch sum of the partials / nq.
+  3. _koleo_finish_kernel: merges the S (or nb) candidates in column order with a strict '>' (a
+     tie across splits or tiles keeps the lowest index, exactly as one scan would; tl.max breaks
+     ties inside a tile to the lowest index too), then d, t, u and the row block's partial
+     loss. Reads 2·G·nq·D·es + 8·G·S·nq bytes. 4. torch sum of the partials / nq.
   bwd (_koleo_bwd_sorted_kernel): a stable torch.sort of nn per group gives the chooser lists
   (i ascending within each j), torch.searchsorted the first sorted position of each BLOCK_J=16 row
   block; program (row block, D tile, group) walks its own contiguous run of choosers in steps of
@@ -77,21 +85,26 @@ alignment in the kernel (ALIGNED: pointer hints, no K mask) so the AOT compile i
 Path choice (path="auto"; "fused" / "split" force both halves): a model with H200 constants, each
 half takes the split/sorted kernel only when predicted 1.25x faster (_pick_auto):
   fused fwd  = waves · 2·BLOCK_M·n·D / 1.2 TFLOP/s per program      (bf16; measured above)
-  split fwd  = 3 launches · 3 µs + (n + 2nq)·D·es / 4 TB/s + waves · 2·BLOCK_M·C·D / 4 TFLOP/s
+  split fwd  = 3 launches · 3 µs + (n + 2nq)·D·es / 4 TB/s + search, the faster of
+               column splits: waves · 2·BLOCK_M·C·D / 4 TFLOP/s per SM
+               symmetric (nq = n): ceil(G·nb(nb+1)/2 / SMs) · 2·128²·D / 4 TFLOP/s per SM
   fused bwd  = ceil(programs / 2·SMs) · (nq/16) · 0.45 µs            (H200 bwd at n = 4096)
   sorted bwd = 3 launches · 3 µs + G·(3nq + 2n)·D·es / 4 TB/s
-Result (bf16, 132 SMs; "fwd/bwd" = split/sorted chosen): per-rank groups (B = 16, 64 x 2 crops)
-stay fused both ways (B = 64, D = 4096 is a near tie, 28 vs 27 µs, kept by the margin); gathered
-256-row groups: split fwd at D = 4096 only, fused bwd; 2 x 512 rows: mixed by D; one group of
-1024+ rows: split + sorted at every width; the distributed variant (nq = 64 local rows in a group
-of 4096): split fwd (32 column splits), fused bwd (4 chooser steps). Expected at n = 4096, G = 1
-(model, H200) against the measured bf16 GEMM peer (x·xᵀ + sum; its bwd is 2 GEMMs):
+Result (bf16, 132 SMs; split/sorted chosen where named): per-rank groups (B = 16, 64 x 2 crops)
+stay fused both ways; gathered 2 x 256 rows: split fwd (column splits) at D = 4096 only, fused
+bwd; 2 x 512 rows: split fwd at D >= 1024, sorted bwd at D = 384 and 4096; one group of 1024+ rows:
+split + sorted at every width, the symmetric search from 4096 rows (at 1024 rows its 36 tiles
+leave SMs idle: column splits); the distributed variant (nq = 64 local rows of a 4096-row group):
+column-split fwd (32 splits), fused bwd (4 chooser steps). Expected at n = 4096, G = 1 (model,
+H200) against the measured bf16 GEMM peer (x·xᵀ + sum; its bwd is 2 GEMMs):
     D      fwd model (GEMM)       bwd model (GEMM)      fwd+bwd model (GEMM)  (old kernels)
-    384    37 µs  (103 µs)        13 µs  (208 µs)       50 µs  (420 µs)       (0.76 ms)
-    1024   82 µs  (129 µs)        20 µs  (176 µs)       102 µs (319 µs)       (0.90 ms)
-    4096   303 µs (258 µs)        51 µs  (478 µs)       354 µs (730 µs)       (3.42 ms)
-The 4 TFLOP/s per SM of the search is an assumption (~530 TFLOP/s on 128 SMs, the measured cuBLAS
-bf16 GEMM is 683 at 8192³); a GPU run of bench/bench_koleo.py checks it.
+    384    24 µs  (103 µs)        13 µs  (208 µs)       37 µs  (420 µs)       (0.76 ms)
+    1024   49 µs  (129 µs)        20 µs  (176 µs)       69 µs  (319 µs)       (0.90 ms)
+    4096   168 µs (258 µs)        51 µs  (478 µs)       219 µs (730 µs)       (3.42 ms)
+The 4 TFLOP/s per SM of the search is an assumption (~530 TFLOP/s on 132 SMs; the measured cuBLAS
+bf16 GEMM is 683 at 8192³); at D = 384 a symmetric tile is only 6 K steps, so its pipeline fill
+and the two-sided epilogue may cost ~1.5x the model there. A GPU run of bench/bench_koleo.py
+checks all of it (the gathered cases also time the forced fused path: triton_fused).
 """
 
 from __future__ import annotations
@@ -451,6 +464,75 @@ def _koleo_search_kernel(
 
 
 @triton.jit
+def _koleo_search_sym_kernel(
+    BestV_ptr,  # [G, nb, n] fp32 out: row r's max over the columns of block c, at [g, c, r]
+    BestJ_ptr,  # [G, nb, n] int32 out: its (first) argmax, group-local
+    X_ptr,  # [G, n, D] in
+    Rinv_ptr,  # [G, n] fp32 in
+    stride_x_g, stride_x_row,
+    n, D,
+    BLOCK: tl.constexpr,  # rows = columns per tile
+    BLOCK_K: tl.constexpr,  # features per tile
+    UPCAST: tl.constexpr,  # upcast bf16 tiles before tl.dot (interpreter bug, 2026-05)
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dot
+    ALIGNED: tl.constexpr,  # D % BLOCK_K == 0, x and its row strides 16-byte aligned
+):
+    # every row is a query (q0 = 0, nq = n): x·xᵀ is symmetric, so only tiles (I, J) with I <= J
+    # are computed; a tile gives the row maxima of block I over the columns of J and, off the
+    # diagonal, the row maxima of block J over the columns of I (its column maxima): half the FLOPs
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_j >= pid_i:
+        g = tl.program_id(2).to(tl.int64)
+        nb = tl.num_programs(0)
+        x_g = X_ptr + g * stride_x_g
+        offs = tl.arange(0, BLOCK)
+        ri = pid_i * BLOCK + offs
+        rj = pid_j * BLOCK + offs
+        ri_ok = ri < n
+        rj_ok = rj < n
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            pa = x_g + ri[:, None] * stride_x_row + kk[None, :]
+            pb = x_g + rj[:, None] * stride_x_row + kk[None, :]
+            if ALIGNED:  # see _koleo_search_kernel
+                pa = tl.max_contiguous(tl.multiple_of(pa, [1, 16]), [1, BLOCK_K])
+                pb = tl.max_contiguous(tl.multiple_of(pb, [1, 16]), [1, BLOCK_K])
+                a = tl.load(pa, mask=ri_ok[:, None], other=0.0)
+                b = tl.load(pb, mask=rj_ok[:, None], other=0.0)
+            else:
+                k_ok = (kk < D)[None, :]
+                a = tl.load(pa, mask=ri_ok[:, None] & k_ok, other=0.0)
+                b = tl.load(pb, mask=rj_ok[:, None] & k_ok, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        rinv_i = tl.load(Rinv_ptr + g * n + ri, mask=ri_ok, other=0.0)
+        rinv_j = tl.load(Rinv_ptr + g * n + rj, mask=rj_ok, other=0.0)
+        # rows of I against the columns of J (the diagonal masked on the diagonal tile)
+        s = acc * rinv_j[None, :]
+        s = tl.where(rj_ok[None, :] & (rj[None, :] != ri[:, None]), s, float("-inf"))
+        v, arg = tl.max(s, axis=1, return_indices=True)  # ties: the lowest column
+        out = (g * nb + pid_j) * n
+        tl.store(BestV_ptr + out + ri, v, mask=ri_ok)
+        tl.store(BestJ_ptr + out + ri, pid_j * BLOCK + arg, mask=ri_ok)
+        if pid_j != pid_i:
+            # rows of J against the columns of I: the same dots, scaled by the candidates' norms
+            s = acc * rinv_i[:, None]
+            s = tl.where(ri_ok[:, None], s, float("-inf"))
+            v, arg = tl.max(s, axis=0, return_indices=True)
+            out = (g * nb + pid_i) * n
+            tl.store(BestV_ptr + out + rj, v, mask=rj_ok)
+            tl.store(BestJ_ptr + out + rj, pid_i * BLOCK + arg, mask=rj_ok)
+
+
+@triton.jit
 def _koleo_finish_kernel(
     Partial_ptr,  # [G, num_blocks] fp32 out: per-row-block sums of -log(d + eps)
     Nn_ptr,  # [G, nq] int64 out
@@ -653,6 +735,13 @@ _GPU_SEARCH = {
     (torch.float32, 32, False): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8,
                                      num_stages=1),
 }
+# Symmetric search tiles (every row a query), keyed (dtype, aligned): one square tile per program.
+_GPU_SEARCH_SYM = {
+    (torch.bfloat16, True): dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (torch.bfloat16, False): dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=1),
+    (torch.float32, True): dict(BLOCK=32, BLOCK_K=16, num_warps=8, num_stages=1),
+    (torch.float32, False): dict(BLOCK=32, BLOCK_K=16, num_warps=8, num_stages=1),
+}
 # rows x features per program of the O(n·D) passes (norms, merge + distances)
 _GPU_ROWS = dict(BLOCK_R=16, BLOCK_K=128, num_warps=8, num_stages=2)
 # sorted backward: 16 output rows (the smallest tl.dot M: the segment matrix costs 2·BLOCK_J FLOP
@@ -683,6 +772,19 @@ def _gpu_search_config(nq: int, D: int, dtype: torch.dtype, aligned_rows: bool) 
     aligned = aligned_rows and D % 64 == 0
     bm = 128 if aligned and nq > 1024 else 64
     return dict(_GPU_SEARCH[(dtype, bm, aligned)], ALIGNED=aligned)
+
+
+def _search_sym_config(n: int, D: int, dtype: torch.dtype, aligned_rows: bool) -> dict:
+    if is_interpreter():  # >= 4 blocks per group, so off-diagonal tiles and their merge run
+        cfg = dict(BLOCK=_clamp_pow2(triton.cdiv(n, 4), 16, 64), BLOCK_K=_clamp_pow2(D, 16, 128),
+                   num_warps=4, num_stages=1)
+        return dict(cfg, ALIGNED=aligned_rows and D % cfg["BLOCK_K"] == 0)
+    return _gpu_search_sym_config(D, dtype, aligned_rows)
+
+
+def _gpu_search_sym_config(D: int, dtype: torch.dtype, aligned_rows: bool) -> dict:
+    aligned = aligned_rows and D % (16 if dtype == torch.float32 else 64) == 0
+    return dict(_GPU_SEARCH_SYM[(dtype, aligned)], ALIGNED=aligned)
 
 
 def _rows_config(D: int) -> dict:
@@ -729,13 +831,33 @@ def _fused_fwd_s(G, nq, n, D, dtype, sms) -> float:
     return waves * 2 * bm * n * D / _FUSED_FLOPS[dtype]
 
 
-def _split_fwd_s(G, nq, n, D, dtype, sms) -> float:
+def _sym_search_s(G, n, D, dtype, sms) -> float:
+    """Symmetric search: one BLOCK x BLOCK tile per program, tiles I <= J only."""
+    b = _gpu_search_sym_config(D, dtype, True)["BLOCK"]
+    nb = triton.cdiv(n, b)
+    return triton.cdiv(G * nb * (nb + 1) // 2, sms) * 2 * b * b * D / _SPLIT_FLOPS[dtype]
+
+
+def _cols_search_s(G, nq, n, D, dtype, sms) -> float:
+    """Column-split search: G x row blocks x S programs, one wave."""
     cfg = _gpu_search_config(nq, D, dtype, True)
     s, cols = _splits(G, nq, n, cfg, sms)
     waves = triton.cdiv(G * triton.cdiv(nq, cfg["BLOCK_M"]) * s, sms)
+    return waves * 2 * cfg["BLOCK_M"] * cols * D / _SPLIT_FLOPS[dtype]
+
+
+def _prefer_sym(G, n, D, dtype, sms) -> bool:
+    """Every row a query: the symmetric search unless it has too few tiles to fill the GPU."""
+    return _sym_search_s(G, n, D, dtype, sms) <= _cols_search_s(G, n, n, D, dtype, sms)
+
+
+def _split_fwd_s(G, nq, n, D, dtype, sms) -> float:
     es = torch.finfo(dtype).bits // 8
-    passes = G * (n + 2 * nq) * D * es / _HBM_BPS  # norms + distances
-    return 3 * _LAUNCH_S + passes + waves * 2 * cfg["BLOCK_M"] * cols * D / _SPLIT_FLOPS[dtype]
+    passes = 3 * _LAUNCH_S + G * (n + 2 * nq) * D * es / _HBM_BPS  # norms + distances
+    search = _cols_search_s(G, nq, n, D, dtype, sms)
+    if nq == n:
+        search = min(search, _sym_search_s(G, n, D, dtype, sms))
+    return passes + search
 
 
 def _fused_bwd_s(G, nq, n, D, sms) -> float:
@@ -822,30 +944,48 @@ def _fwd_fused(x: torch.Tensor, eps: float, q0: int, nq: int):
 
 
 def _fwd_split(x: torch.Tensor, eps: float, q0: int, nq: int, cfg: dict | None = None,
-               splits: int | None = None):
-    """Norms, column-split search, merge + distances, loss sum (4 launches). `cfg` / `splits`
-    override the heuristic (tests: a tie across splits)."""
+               splits: int | None = None, symmetric: bool | None = None):
+    """Norms, search (symmetric tiles when every row is a query, else column splits), merge +
+    distances, loss sum (4 launches). `cfg` / `splits` / `symmetric` override the heuristic
+    (tests: ties across splits and tiles)."""
     G, n, D = x.shape
-    cfg = dict(cfg or _search_config(nq, n, D, x.dtype, _aligned_rows(x)))
-    cfg.setdefault("ALIGNED", False)
-    if splits is None:
-        s, cols = _splits(G, nq, n, cfg, _num_sms(x.device))
-    else:
-        tiles = triton.cdiv(n, cfg["BLOCK_N"])
-        cols = triton.cdiv(tiles, max(1, min(splits, tiles))) * cfg["BLOCK_N"]
-        s = triton.cdiv(n, cols)
+    sym = symmetric
+    if sym is None:  # the interpreter takes it whenever it can (tests force the column splits)
+        sym = q0 == 0 and nq == n and (
+            is_interpreter() or _prefer_sym(G, n, D, x.dtype, _num_sms(x.device)))
+    if sym and (q0 != 0 or nq != n):
+        raise ValueError(f"koleo: the symmetric search needs every row as a query, got "
+                         f"query rows [{q0}, {q0 + nq}) of {n}")
     rc = _rows_config(D)
     f32 = dict(device=x.device, dtype=torch.float32)
     nn_idx, d, t, u, rinv = _fwd_outputs(x, nq)
     fma = _no_fma()
+    upcast, ieee = is_interpreter() and x.dtype == torch.bfloat16, x.dtype == torch.float32
     _koleo_rinv_kernel[(triton.cdiv(n, rc["BLOCK_R"]), G)](
         rinv, x, x.stride(0), x.stride(1), n, D, eps, **fma, **rc)
-    best_v = torch.empty(G, s, nq, **f32)
-    best_j = torch.empty(G, s, nq, device=x.device, dtype=torch.int32)
-    _koleo_search_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), s, G)](
-        best_v, best_j, x, rinv, x.stride(0), x.stride(1), n, D, q0, nq, cols,
-        UPCAST=is_interpreter() and x.dtype == torch.bfloat16, IEEE=x.dtype == torch.float32,
-        **fma, **cfg)  # cfg holds ALIGNED
+    if sym:
+        cfg = dict(cfg or _search_sym_config(n, D, x.dtype, _aligned_rows(x)))
+        cfg.setdefault("ALIGNED", False)
+        s = triton.cdiv(n, cfg["BLOCK"])
+        best_v = torch.empty(G, s, n, **f32)
+        best_j = torch.empty(G, s, n, device=x.device, dtype=torch.int32)
+        _koleo_search_sym_kernel[(s, s, G)](
+            best_v, best_j, x, rinv, x.stride(0), x.stride(1), n, D, UPCAST=upcast, IEEE=ieee,
+            **fma, **cfg)
+    else:
+        cfg = dict(cfg or _search_config(nq, n, D, x.dtype, _aligned_rows(x)))
+        cfg.setdefault("ALIGNED", False)
+        if splits is None:
+            s, cols = _splits(G, nq, n, cfg, _num_sms(x.device))
+        else:
+            tiles = triton.cdiv(n, cfg["BLOCK_N"])
+            cols = triton.cdiv(tiles, max(1, min(splits, tiles))) * cfg["BLOCK_N"]
+            s = triton.cdiv(n, cols)
+        best_v = torch.empty(G, s, nq, **f32)
+        best_j = torch.empty(G, s, nq, device=x.device, dtype=torch.int32)
+        _koleo_search_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), s, G)](
+            best_v, best_j, x, rinv, x.stride(0), x.stride(1), n, D, q0, nq, cols,
+            UPCAST=upcast, IEEE=ieee, **fma, **cfg)  # cfg holds ALIGNED
     num_blocks = triton.cdiv(nq, rc["BLOCK_R"])
     partial = torch.empty(G, num_blocks, **f32)
     _koleo_finish_kernel[(num_blocks, G)](
@@ -1020,6 +1160,13 @@ def compile_specs() -> list[CompileSpec]:
             if dt == dtype:
                 specs.append(_spec(f"koleo_search[BLOCK_M={bm},{ty},aligned={aligned}]",
                                    _koleo_search_kernel, sig, cfg, UPCAST=False, IEEE=ieee,
+                                   ALIGNED=aligned))
+        sig = {"BestV_ptr": "*fp32", "BestJ_ptr": "*i32", "X_ptr": f"*{ty}", "Rinv_ptr": "*fp32",
+               **xs, "n": "i32", "D": "i32"}
+        for (dt, aligned), cfg in _GPU_SEARCH_SYM.items():
+            if dt == dtype:
+                specs.append(_spec(f"koleo_search_sym[{ty},aligned={aligned}]",
+                                   _koleo_search_sym_kernel, sig, cfg, UPCAST=False, IEEE=ieee,
                                    ALIGNED=aligned))
         sig = {"Partial_ptr": "*fp32", "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32",
                "U_ptr": "*fp32", "BestV_ptr": "*fp32", "BestJ_ptr": "*i32", "Rinv_ptr": "*fp32",

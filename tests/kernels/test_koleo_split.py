@@ -20,13 +20,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not can_run_triton(torch.empty(0, device=DEVICE)),
                                 reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
 
-# (G, n, D, query_start, query_len): n = 2 (one split), several splits with a ragged last one
-# (n = 200, 4 column tiles of 64 under the interpreter), odd D (unaligned, masked K), D = 384
-# (aligned: the hinted, unmasked K loads), groups with a query window (the distributed variant)
+# (G, n, D, query_start, query_len). Every row a query: the symmetric search (n = 2: one tile;
+# n = 200: 4 x 4 tiles of 64, a ragged last one; 3 groups). A query window (the distributed
+# variant): the column-split search (4 column tiles under the interpreter). Odd D: unaligned,
+# masked K; D = 16, 64, 384: aligned, the hinted unmasked K loads.
 SHAPES = [
     (1, 2, 7, 0, None),
     (1, 200, 16, 0, None),
+    (3, 70, 48, 0, None),
     (2, 100, 33, 10, 50),
+    (1, 150, 64, 20, 100),
     (1, 130, 384, 0, None),
 ]
 
@@ -75,9 +78,16 @@ def test_split_bf16_within_twice_the_torch_bf16_error(G, n, D, q0, nq):
 
 
 def test_split_and_fused_paths_agree():
-    # same neighbours, same per-row scalars; the gradient of the sorted backward equals the masked
-    # chooser product's (both fp32 sums of the same s_i v_i, in different orders)
+    # same neighbours, same per-row scalars from the fused, the column-split and the symmetric
+    # forward; the gradient of the sorted backward equals the masked chooser product's (both fp32
+    # sums of the same s_i v_i, in different orders)
     x, w = _inputs(2, 120, 40, torch.float32, seed=3)
+    fused = _fwd_fused(x, 1e-8, 0, 120)
+    for sym in (False, True):
+        out = _fwd_split(x, 1e-8, 0, 120, symmetric=sym)
+        assert torch.equal(out[1], fused[1])
+        for u, v in zip(out, fused, strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
     a = _run(_split, x, w, 0, None)
     b = _run(koleo_loss, x, w, 0, None, path="fused")
     assert torch.equal(a[1], b[1])
@@ -85,19 +95,25 @@ def test_split_and_fused_paths_agree():
     torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-6 * b[3].abs().max().item())
 
 
-@pytest.mark.parametrize("splits", [1, 3, 6])
-def test_ties_across_splits_resolve_to_the_lowest_index(splits):
+@pytest.mark.parametrize("search", ["splits=1", "splits=3", "splits=6", "sym16", "sym32"])
+def test_ties_across_splits_resolve_to_the_lowest_index(search):
     # ±1 entries in D = 16: every norm is 4, every x̂ entry ±0.25 and every dot a multiple of 1/16,
     # all exact in fp32 in any summation order, so tied candidates tie bit for bit. Rows 0..31 are
     # repeated at 32..63 and 64..95: each row's two other copies tie at cosine 1, and with 16-column
     # tiles in 1, 3 or 6 splits they lie in different column tiles (1 split: the in-program running
     # max) or different splits (the merge); the first copy must win (torch.argmax's rule, which the
-    # fp64 reference follows).
+    # fp64 reference follows). The symmetric search with 16- or 32-row tiles puts the copies in
+    # different tiles, one found as a row maximum of tile (I, J) and one as a column maximum.
     g = torch.Generator().manual_seed(4)
     third = torch.randint(0, 2, (1, 32, 16), generator=g).float() * 2 - 1
     x = torch.cat([third, third, third], dim=1).to(DEVICE)
-    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    _, nn_split, d, *_ = _fwd_split(x, 1e-8, 0, 96, cfg=cfg, splits=splits)
+    if search.startswith("sym"):
+        cfg = dict(BLOCK=int(search[3:]), BLOCK_K=16, num_warps=4, num_stages=1)
+        _, nn_split, d, *_ = _fwd_split(x, 1e-8, 0, 96, cfg=cfg, symmetric=True)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        _, nn_split, d, *_ = _fwd_split(x, 1e-8, 0, 96, cfg=cfg, splits=int(search[7:]),
+                                        symmetric=False)
     _, nn_fused, *_ = _fwd_fused(x, 1e-8, 0, 96)
     _, nn_ref, _ = koleo_loss_ref(x.double(), return_details=True)
     assert torch.equal(nn_split.cpu(), nn_ref.cpu())
