@@ -12,6 +12,40 @@ Teacher rows are addressed by an index map `teacher_index` [R, J] (-1 = no pair)
 row is copied; the weights (1/(2B), 1/n_masked, ...) are applied to the per-row losses by the
 caller, whose gradient arrives here as grad_row [R].
 
+Performance model (issue 5; 132 SMs on H100 / H200; e = element size of the logits). HBM bytes:
+forward R·K·e (read s) + N·K·e (teacher rows, iBOT; the DINO teacher, 16.8 MB bf16, stays in
+L2 and is counted 0); backward 2·R·K·e (read s, write dS) + the same teacher bytes. µs = bytes
+at 100 % of 4.2 TB/s (H200) / 3.35 TB/s (H100); the target is >= 80 % of the measured copy.
+
+| bf16 student | R × K (J)          | grid: blocks × splits | fwd MB / µs H200, H100 | bwd MB / µs |
+|--------------|--------------------|-----------------------|------------------------|-------------|
+| ViT-L DINO g | 128 × 65,536 (1)   | 16 × 64 = 1024 (7.8)  | 16.8 / 4.0, 5.0        | 34 / 8, 10  |
+| ViT-L DINO l | 512 × 65,536 (2)   | 64 × 16 = 1024 (7.8)  | 67 / 16, 20            | 134 / 32, 40|
+| ViT-L iBOT   | 3,771 × 65,536 (1) | 472 × 3 = 1416 (10.7) | 989 / 235, 295         | 1483/353,443|
+| 7B DINO g    | 32 × 262,144 (1)   | 4 × 128 = 512 (3.9)   | 16.8 / 4.0, 5.0        | 34 / 8, 10  |
+| 7B DINO l    | 128 × 262,144 (2)  | 16 × 64 = 1024 (7.8)  | 67 / 16, 20            | 134 / 32, 40|
+| 7B iBOT      | 1,274 × 98,304 (1) | 160 × 7 = 1120 (8.5)  | 501 / 119, 150         | 751/179, 224|
+(programs per SM in brackets) (fp32: 4 × 256 row tiles, twice the bytes, ~2× the programs.)
+
+- Passes over B×K per training step: teacher 6 (kernels/sinkhorn.py) + student forward 2 (s, t)
+  + backward 3 (s, t, dS) = 11, against a minimum of 5 student + 5 teacher for this
+  factorisation (the last SK row pass could be folded into the forward; not done). ViT-L iBOT
+  bf16 at roofline: 5.4 GB -> 1.29 ms (H200) / 1.62 ms (H100); ~1.5 / 1.9 ms at 85 %.
+- DINO CLS (all variants) moves < 0.25 GB and is bound by host time, not HBM: one call is
+  SK (9 launches) + 2 × forward (kernel + merge) + 2 × backward = 15 Triton launches (~12 µs of
+  host time each) and ~20 small torch ops, ~0.3 ms per fwd+bwd, against ~60-80 µs of device
+  time. Hence: no custom-op dispatch outside torch.compile, no torch-side merges, and merges
+  in a fixed-order Triton kernel (deterministic, no atomics).
+- Launch config: BLOCK_R × BLOCK_K = 8 × 256 (bf16) / 4 × 256 (fp32), num_warps 8, num_stages =
+  STAGES = 4 through `tl.range` (3 tiles of s and t in flight per program, 27 KB shared bf16),
+  elementwise accumulators (m, d, dot, psum) reduced once after the loop. Triton 3.6 sm_90 at
+  the launch specialisation: forward 72 (J=1) / 90 (J=2) registers, backward 40 / 60, no spills.
+  One col_shift tile [BLOCK_K] fp32 serves BLOCK_R rows (at one row per program the col_shift
+  reads from L2 would equal the logits' HBM bytes).
+- torch.compile of `dino_soft_ce_ref` (not measured): log_softmax over s (1-2 reads), the
+  gathered q [R, J, K] and q.sum in fp32 (written, then re-read in the backward), dS: roughly
+  8-10 bf16-equivalent passes over R×K for the student alone; eager ~25.
+
 Order (DESIGN.md kernel contract): reference → Triton kernels → launchers → torch.library
 registration → autograd Function → functional API.
 """

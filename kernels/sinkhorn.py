@@ -18,10 +18,45 @@ kernel (kernels/dino_loss.py) evaluates on the fly instead of reading an N×K pr
   exact overflow guard of SPEC.md §10.2. The final ×N_total is built into P.
 
 Streaming passes over the teacher logits (N×K elements of `t` read, nothing N×K written):
-SK = 1 (prototype max) + iters × (1 prototype sums + 1 row LSE) = 2·iters + 1 = 7 reads at 3
-iterations; softmax centering = 1 read (row LSE with the center's batch column sum fused).
-Bytes: (2·iters + 1)·N·K·elsize for SK, N·K·elsize + 4K for centering, plus O(N + K) vectors.
-The teacher entropy (a collapse indicator) is accumulated in the last row pass for free.
+SK = iters × (1 column pass + 1 row pass) = 2·iters = 6 reads at 3 iterations: the per-prototype
+max is fused into the first column pass (an online column LSE), so no separate max pass.
+Softmax centering = 1 read (row LSE with the center's batch column sum fused). The teacher
+entropy (a collapse indicator) is accumulated in the last row pass for free. Extra memory:
+O(N·splits + K) fp32 vectors.
+
+Performance model (issue 5; 132 SMs on H100 / H200; e = element size; one pass = N·K·e bytes;
+times are one pass at 100 % of 4.2 TB/s (H200, measured D2D copy 4244 GB/s) / 3.35 TB/s (H100
+peak); the target is >= 80 % of the measured copy bandwidth):
+
+| bf16 teacher | N × K          | pass MB | column grid | row grid (blocks×splits) | µs H200/H100 |
+|--------------|----------------|---------|-------------|--------------------------|--------------|
+| ViT-L DINO   | 128 × 65,536   | 16.8    | 512 (3.9)   | 8 × 128 = 1024 (7.8)     | 4.0/5.0 (*)  |
+| ViT-L iBOT   | 3,771 × 65,536 | 494     | 512 (3.9)   | 236 × 5 = 1180 (8.9)     | 118/148      |
+| 7B DINO      | 32 × 262,144   | 16.8    | 2048 (15.5) | 4 × 128 = 512 (3.9)      | 4.0/5.0 (*)  |
+| 7B iBOT      | 1,274 × 98,304 | 250     | 768 (5.8)   | 80 × 14 = 1120 (8.5)     | 60/75        |
+(programs per SM in brackets; (*) L2-resident after the first pass; fp32 logits: twice the
+bytes and time, same grids but for 8-row row blocks.)
+
+- SK total = 6 passes: ViT-L iBOT 2.97 GB -> 0.71 ms (H200) / 0.89 ms (H100) at roofline, ~0.83 /
+  1.04 ms at 85 %; the DINO teachers (16.8 MB, L2-resident) are launch-bound: 3 column launches +
+  3 × (row + merge) launches, ~10-15 µs of host time each, ~0.1 ms per SK call.
+- Launch configs: column pass BLOCK_N × BLOCK_K = 32 × 128 (bf16) / 16 × 128 (fp32), row pass
+  16 × 256 (bf16) / 8 × 256 (fp32, and any dtype at N <= 64), merge 16 × 128; num_warps 8
+  (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles (24 KB bf16 per
+  program) in flight. Compiled at the launch specialisation (K, strides divisible by 16),
+  triton 3.6 sm_90: column 58-64 registers / 25 KB shared (4 programs per SM), row 40-98
+  registers / 15-28 KB, no spills (`python -m bench compile-report` compiles without the
+  divisibility hint, so it shows the unvectorised variant: more registers, no pipelining).
+- Minimum: with exact SK every column (row) normalisation needs the complete previous row
+  (column) normalisation: each is a global barrier over all of t, so 2·iters reads is the floor
+  of a streaming SK (the column sums of iteration i+1 weight each sample by its row LSE of
+  iteration i, known only once the whole row is read, so they cannot ride in that row pass).
+  The one further saving is the last row pass, which could be folded into the student forward
+  (iBOT: 1 of 11 passes of the whole loss); not done.
+- torch.compile of `sinkhorn_knopp_ref` (not measured): amax + global sum + 3 × (column sum +
+  row sum) = 8 reductions over N×K, each a read of t (or of a materialised fp32 Q, 2× the bytes),
+  plus the final Q [N, K] fp32 it writes and the loss reads back; eager: ~25 fp32 element-wise
+  passes.
 
 Order of this file (DESIGN.md kernel contract): references → Triton kernels → launchers →
 torch.library registration → functional API (no autograd: teacher targets carry no gradient).
@@ -254,8 +289,10 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, 
                         STAGES: tl.constexpr):
     """One program: BLOCK_N rows × one K slice (grid axis 0 = the slice, so consecutive programs
     share rows and the pass ends on the last row blocks). Online over y = t·inv_temp -
-    col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y. FINALIZE (one slice): out [2, N] = (row_shift = LSE in nats, entropy) written
-    directly; else the partials (m, d, s1) go to part [3, N, n_splits] for _row_merge_kernel. WITH_COLSUM also atomically
+    col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y. FINALIZE (one
+    slice): out [2, N] = (row_shift = LSE in nats, entropy) written directly; else the
+    partials (m, d, s1) go to part [3, N, n_splits] for _row_merge_kernel. WITH_COLSUM also
+    atomically
     adds the column sums of t to colsum[K] (the softmax center's batch statistic, fused in this
     read; the order of the atomic adds is not fixed)."""
     pid_s = tl.program_id(0)
