@@ -18,7 +18,8 @@ a GPU (its times below are the model's).
 Limits: ties in the argmax resolve to the lowest column index on both paths (torch.argmax's rule),
 but a near-tie can still flip against torch because the dots are summed in another order (the loss
 is then the same, the gradient goes to a different copy). fp32 inputs use IEEE fp32 dots (exact
-parity, slow on tensor-core GPUs); bf16 inputs use bf16 tensor cores for the search.
+parity, slow on tensor-core GPUs); bf16 inputs use bf16 tensor cores for the search, TF32 for the
+fused backward's chooser product and IEEE fp32 sums in the sorted backward.
 
 Math shared by both paths (per group; s_i = dL_g · (-1/nq) / ((d_i + eps) d_i)):
     x̂ = x · rinv, rinv_j = 1/max(‖x_j‖, eps); nn(i) = argmax_{j≠i} x_i·x_j·rinv_j (the positive
