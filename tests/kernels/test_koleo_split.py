@@ -164,27 +164,33 @@ def test_split_deterministic_across_runs():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="GPU-sized group (4096 rows): minutes under the CPU interpreter")
 @pytest.mark.parametrize("D", [384, 4096])
-def test_gathered_4096_rows_on_gpu(D):
-    # the benchmark's gathered group at the shipped GPU tiles (128x128x64 search, 4 column splits,
-    # sorted backward), path="auto"; rows come in close pairs (x_2k+1 = x_2k + 0.01·noise) so every
-    # neighbour is known and far from a near-tie: nn(2k) = 2k+1 and nn(2k+1) = 2k
+@pytest.mark.parametrize("window", [None, (1024, 64)])
+def test_gathered_4096_rows_on_gpu(D, window):
+    # the benchmark's gathered group at the shipped GPU tiles, path="auto": every row a query
+    # (symmetric 128x128x64 search, sorted backward) or a 64-row query window as the distributed
+    # variant (column-split search with 32 splits, fused backward). Rows come in close pairs
+    # (x_2k+1 = x_2k + 0.01·noise) so every neighbour is known and far from a near-tie:
+    # nn(2k) = 2k+1 and nn(2k+1) = 2k
     g = torch.Generator().manual_seed(6)
     base = torch.randn(1, 2048, 1, D, generator=g)
     pairs = torch.cat([base, base + 0.01 * torch.randn(1, 2048, 1, D, generator=g)], dim=2)
     x = pairs.reshape(1, 4096, D).to(DEVICE, torch.bfloat16)
     w = torch.ones(1, device=DEVICE)
-    assert _pick_auto(1, 4096, 4096, D, torch.bfloat16,
-                      torch.cuda.get_device_properties(0).multi_processor_count) == (True, True)
-    loss, nn_idx, _, dx = _run(koleo_loss, x, w, 0, None)
-    loss_t, _, _, dx_t = _run(koleo_loss_ref, x, w, 0, None)
-    loss_r, nn_r, _, dx_r = _run(koleo_loss_ref, x, w.double(), 0, None, torch.float64)
-    assert torch.equal(nn_idx.cpu(), torch.arange(4096).view(2048, 2).flip(1).reshape(1, 4096))
+    q0, nq = window or (0, None)
+    if window is None:
+        assert _pick_auto(1, 4096, 4096, D, torch.bfloat16,
+                          torch.cuda.get_device_properties(0).multi_processor_count) == (True, True)
+    loss, nn_idx, _, dx = _run(koleo_loss, x, w, q0, nq)
+    loss_t, _, _, dx_t = _run(koleo_loss_ref, x, w, q0, nq)
+    loss_r, nn_r, _, dx_r = _run(koleo_loss_ref, x, w.double(), q0, nq, torch.float64)
+    expect = torch.arange(4096).view(2048, 2).flip(1).reshape(1, 4096)
+    assert torch.equal(nn_idx.cpu(), expect[:, q0:q0 + (nq or 4096)])
     assert torch.equal(nn_idx.cpu(), nn_r.cpu())
     err, err_t = (loss - loss_r).abs().max(), (loss_t - loss_r).abs().max()
     assert err <= 2 * err_t + 1e-5, (err, err_t)
     gerr, gerr_t = (dx - dx_r).abs().max(), (dx_t - dx_r).abs().max()
     assert gerr <= 2 * gerr_t + 1e-5 * dx_r.abs().max(), (gerr, gerr_t)
-    again = _run(koleo_loss, x, w, 0, None)
+    again = _run(koleo_loss, x, w, q0, nq)
     assert torch.equal(again[3], dx) and torch.equal(again[0], loss)  # deterministic
 
 
