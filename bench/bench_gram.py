@@ -18,6 +18,8 @@ truth is the fp64 reference (cancellation), the parity rule DESIGN.md's 2× rule
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from fastdino.kernels.gram import CLAMP_NONE, FORM_DD, choose_form, gram_loss, gram_loss_ref
 
@@ -32,7 +34,7 @@ def _flops(nb: int, pe: int, d: int) -> tuple[int, int, str]:
 
 
 def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.dtype,
-          shape_from: str, n_sel: int | None = None) -> BenchCase:
+          shape_from: str, n_sel: int | None = None, tiles_ab: bool = False) -> BenchCase:
     """n_sel: gram.tokens_used masked | unmasked, i.e. only n_sel of the crops·P patches enter
     the flattened Gram (rows gathered before the kernels; Pe = n_sel)."""
     nb, pe = (crops, p) if img_level else (1, crops * p if n_sel is None else n_sel)
@@ -48,12 +50,17 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
             out["rows"] = torch.randperm(crops * p, generator=g)[:n_sel].sort().values.to(device)
         return out
 
+    providers = {"torch": gram_loss_ref, "triton": gram_loss}
+    if tiles_ab and dtype != torch.float32:
+        # A/B on one card: the 4-warp sm_80 tiles where the launcher picks sm_90's 8 warps (whose
+        # first chained dot repeats its fragments across both warpgroups; kernels/gram.py _pp_gpu)
+        providers["triton_sm80_tiles"] = functools.partial(gram_loss, tiles="sm80")
     return BenchCase(
         op="gram_loss", name=name,
         params={"crops": crops, "P": p, "D": d, "img_level": img_level, "form": form,
                 "shape_from": shape_from, "rows": n_sel},
         dtype=dtype, make_inputs=make_inputs,
-        providers={"torch": gram_loss_ref, "triton": gram_loss},
+        providers=providers,
         grad_inputs=["student"],
         flops_fwd=fwd, flops_bwd=bwd,
         formula="P×P: fwd 2·NB·Pe²·D, bwd 6·NB·Pe²·D; D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D² "
@@ -80,7 +87,8 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
         crops = 2 * s.batch_per_gpu
         for img_level in (True, False):
             out.append(_case(f"{s.name}-{s.global_size}-{'img' if img_level else 'flat'}", crops,
-                             s.global_patches, s.embed_dim, img_level, torch.bfloat16, s.name))
+                             s.global_patches, s.embed_dim, img_level, torch.bfloat16, s.name,
+                             tiles_ab=True))
     # tokens_used: the iBOT-masked patches of the 2B global crops (the v3 collate's exact count)
     # and the rest, flattened (img_level false)
     crops, n_all = 2 * vitl.batch_per_gpu, 2 * vitl.batch_per_gpu * vitl.global_patches

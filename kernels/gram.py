@@ -174,6 +174,7 @@ def gram_loss_ref(student: torch.Tensor, teacher: torch.Tensor, img_level: bool 
 
 CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG = 0, 1, 2
 FORM_PP, FORM_DD = 0, 1
+TILES = {"auto": 0, "sm90": 90, "sm80": 80}  # gram_loss(tiles=...) -> the launchers' arch (0: own)
 
 
 @triton.jit
@@ -632,7 +633,8 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool):
     return a, lo, f, e
 
 
-def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int):
+def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int,
+             arch: int = 0):
     """-> loss (fp32 scalar), ŝ, lo(ŝ), F, E ([NB, Pe, D] working dtype; lo empty unless a clamp
     runs on bf16/fp16), mats ([NB, 3, D, D] fp32 for the D×D form, empty for P×P)."""
     nb, pe, d = _views(student, img_level)
@@ -643,7 +645,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
     if form == FORM_PP:
-        cfg = _pp_config(pe, d, a.dtype, clamp, arch=device_arch(student.device))
+        cfg = _pp_config(pe, d, a.dtype, clamp, arch=arch or device_arch(student.device))
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
@@ -651,7 +653,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
         mats = torch.empty(0, dtype=torch.float32, device=student.device)
     else:
-        cfg = _dd_config(pe, d, a.dtype, arch=device_arch(student.device))
+        cfg = _dd_config(pe, d, a.dtype, arch=arch or device_arch(student.device))
         mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
         _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
@@ -662,12 +664,13 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
 
 def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
              f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-             form: int):
+             form: int, arch: int = 0):
     """dL/dstudent [B, P, D] in the student's dtype."""
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
     if form == FORM_PP:
-        cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True, arch=device_arch(student.device))
+        cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True,
+                         arch=arch or device_arch(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         lo_arg = lo if _needs_lo(student.dtype, clamp) else a
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
@@ -677,7 +680,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
         m2 = (g_ff + x).to(a.dtype).contiguous()
-        cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=device_arch(student.device))
+        cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=arch or device_arch(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), nb)
         _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
@@ -696,13 +699,13 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
 
 @torch.library.custom_op("fastdino::gram_fwd", mutates_args=())
 def _gram_fwd_op(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int,
-                 form: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor]:
-    return gram_fwd(student, teacher, img_level, clamp, form)
+                 form: int, arch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gram_fwd(student, teacher, img_level, clamp, form, arch)
 
 
 @_gram_fwd_op.register_fake
-def _(student, teacher, img_level, clamp, form):
+def _(student, teacher, img_level, clamp, form, arch):
     nb, pe, d = _views(student, img_level)
     work = _working_dtype(student.dtype)
     loss = student.new_empty((), dtype=torch.float32)
@@ -715,34 +718,38 @@ def _(student, teacher, img_level, clamp, form):
 @torch.library.custom_op("fastdino::gram_bwd", mutates_args=())
 def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
                  f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-                 form: int) -> torch.Tensor:
-    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form)
+                 form: int, arch: int) -> torch.Tensor:
+    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch)
 
 
 @_gram_bwd_op.register_fake
-def _(grad, student, a, lo, f, e, mats, img_level, clamp, form):
+def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 class GramFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int):
-        loss, *saved = torch.ops.fastdino.gram_fwd(student, teacher, img_level, clamp, form)
+    def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int):
+        loss, *saved = torch.ops.fastdino.gram_fwd(student, teacher, img_level, clamp, form, arch)
         ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
-        ctx.cfg = (img_level, clamp, form)
+        ctx.cfg = (img_level, clamp, form, arch)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         ds = torch.ops.fastdino.gram_bwd(grad, *ctx.saved_tensors, *ctx.cfg)
-        return ds, None, None, None, None
+        return ds, None, None, None, None, None
 
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
               remove_neg: bool = False, remove_only_teacher_neg: bool = False,
-              form: str = "auto", rows: torch.Tensor | None = None) -> torch.Tensor:
+              form: str = "auto", rows: torch.Tensor | None = None,
+              tiles: str = "auto") -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
+    tiles: auto (the device's architecture, `device_arch`) | sm90 | sm80: which shipped GPU
+    tile set to launch; forcing one is for A/B timings and tests (e.g. sm80's 4-warp tiles on an
+    H100, see `_pp_gpu`). Under the interpreter its own tiles run regardless.
 
     rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
     `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the
@@ -750,6 +757,8 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     scatters dŝ back to the selected rows."""
     _check_inputs(student, teacher, remove_neg, remove_only_teacher_neg)
     _check_rows(rows, img_level)
+    if tiles not in TILES:
+        raise ValueError(f"gram_loss: tiles={tiles!r} is invalid: allowed is auto | sm90 | sm80")
     if rows is not None:
         if rows.numel() == 0:
             return (student.sum() * 0).float()
@@ -766,7 +775,7 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     if form_id == FORM_DD and clamp != CLAMP_NONE:
         raise ValueError("gram_loss: form='dd' cannot apply remove_neg / remove_only_teacher_neg "
                          "(the clamp needs the P×P entries): use form='pp' or 'auto'")
-    return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id)
+    return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id, TILES[tiles])
 
 
 # ------------------------------------------------------------------------------------------------

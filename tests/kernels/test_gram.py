@@ -10,6 +10,8 @@ from fastdino.kernels.gram import gram_loss, gram_loss_ref
 
 from fastdino.losses.gram_loss import GramLoss
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # (form, clamp kwargs): the tiled P×P form with each clamp option, and the D×D form (no clamp)
 VARIANTS = {
     "pp": ("pp", {}),
@@ -171,6 +173,15 @@ def test_device_arch_picks_the_mma_family(monkeypatch, capability, family):
         gram._cuda_arch.cache_clear()
 
 
+def test_tiles_choice_is_validated_and_forced_tiles_agree():
+    s, t = make_inputs((1, 20, 16), torch.float32, noise=1e-2)
+    with pytest.raises(ValueError, match="tiles"):
+        gram_loss(s, t, tiles="sm75")
+    # under the interpreter both run its own tiles; on a GPU the two shipped sets (same math)
+    a, b = (gram_loss(s.to(DEV), t.to(DEV), tiles=x) for x in ("sm90", "sm80"))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
 def test_dd_form_rejects_clamp():
     s, t = make_inputs((1, 5, 7), torch.float32, noise=None)
     with pytest.raises(ValueError, match="form='dd'"):
@@ -191,10 +202,10 @@ def test_loss_is_deterministic_and_module_dispatches_to_triton():
 @pytest.mark.parametrize("form", [gram.FORM_PP, gram.FORM_DD])
 def test_opcheck_custom_ops(form):
     s, t = make_inputs((1, 20, 16), torch.float32, noise=1e-2)
-    torch.library.opcheck(torch.ops.fastdino.gram_fwd.default, (s, t, True, 0, form))
-    _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form)
+    torch.library.opcheck(torch.ops.fastdino.gram_fwd.default, (s, t, True, 0, form, 0))
+    _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form, 0)
     torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
-                          (torch.ones(()), s, *saved, True, 0, form))
+                          (torch.ones(()), s, *saved, True, 0, form, 0))
 
 
 def test_compiled_matches_eager():
