@@ -64,7 +64,8 @@ D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo),
 Tiles (explained at `_pp_gpu`): 64-row square tiles. sm_90 (wgmma): 8 warps. sm_80 (mma.sync):
 bf16/fp16 tiles run 4 warps, one per 16-row MMA slice, because the dots of every loop here are
 "chained" and Triton lays all warps along M (8 would compute each fragment twice); picked per
-device by `device_arch`. fp32 (FMA dots): the same tiles on both.
+device by `device_arch` (gram_loss(tiles=...) forces one set, for A/B timings). fp32 (FMA dots):
+the same tiles on both.
 
 Dtypes: bf16/fp16 inputs -> operands in that dtype, fp32 accumulation; fp32 inputs -> fp32
 operands with input_precision="ieee" (exact, CUDA-core speed: feed bf16 for tensor cores).
@@ -500,7 +501,8 @@ def _gram_norm_bwd_kernel(
 #   chain (and of the D×D backward) gets warpsPerCTA [8, 1] on 64 rows, i.e. its fragments are
 #   computed by both warpgroups, and its accumulator is converted to the second dot's [4, 2]
 #   layout every step; 4 warps give one [4, 1] layout and fewer wgmma (pp fwd: 4 vs 6 per step).
-#   To be decided by a GPU timing (bench/bench_gram.py), not changed blind.
+#   To be decided by a GPU timing, not changed blind: `python -m bench gram --quick` times the
+#   bf16 cases with the provider triton_sm80_tiles (these 4-warp tiles) next to triton.
 # - num_stages only matters on the aligned path (unaligned loads are not cp.async).
 def _mma_v2_warps(block_m: int) -> int:
     """Warps for a chained-dot tile on sm_80: one per 16-row mma.sync slice of BLOCK_M."""
