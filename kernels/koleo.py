@@ -12,7 +12,9 @@ Shapes: G groups (crops x groups), n rows per group, D features. The loss is tak
 KoLeoLossDistributed); the neighbour search runs over all n rows of the group.
 Supports: fp32 and bf16 inputs, fp32 accumulation, any n >= 2 and D >= 1 (odd sizes masked).
 Tested: Triton 3.6 and 3.9 under the CPU interpreter (both paths, tests/kernels/test_koleo*.py);
-every shipped configuration compiled for sm_90 / sm_80 without spills; the fused path measured on
+every shipped configuration compiled for sm_90 / sm_80 without spills, both as compile_specs()
+gives it and as the JIT specializes it at run time (bench/koleo_compile_runtime.py: 16-divisible
+arguments marked, which turns on the cp.async pipelines); the fused path measured on
 an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt); the split path not yet run on
 a GPU (its times below are the model's).
 Limits: ties in the argmax resolve to the lowest column index on both paths (torch.argmax's rule),
