@@ -127,7 +127,7 @@ def _teacher_p(t_ptr, off, b, ok, cols, cmask, a, inv_tt):
     return tl.where(m2d, tl.exp2(x), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['R', 'n_splits'])
 def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, part_ptr,
                              out_ptr, R, K, stride_s, stride_t, inv_ts, inv_tt, k_per_split,
                              n_splits, J: tl.constexpr, FINALIZE: tl.constexpr,
@@ -171,14 +171,14 @@ def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
         tl.store(out_ptr + 2 * R + rows, psum_r, mask=rmask)
     else:
         o = rows.to(tl.int64) * n_splits + pid_s
-        plane = R.to(tl.int64) * n_splits
+        plane = R * n_splits  # i32: R·n_splits < 2^31 (a [4, R, n_splits] fp32 buffer)
         tl.store(part_ptr + o, m_r, mask=rmask)
         tl.store(part_ptr + plane + o, d_r, mask=rmask)
         tl.store(part_ptr + 2 * plane + o, dot_r, mask=rmask)
         tl.store(part_ptr + 3 * plane + o, psum_r, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['R', 'n_splits'])
 def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
                           BLOCK_S: tl.constexpr):
     """LSE merge of the K-split partials [4, R, n_splits] (n_splits <= BLOCK_S) in a fixed order:
@@ -188,7 +188,7 @@ def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
     splits = tl.arange(0, BLOCK_S)
     mask = rmask[:, None] & (splits < n_splits)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
-    plane = R.to(tl.int64) * n_splits
+    plane = R * n_splits  # i32: R·n_splits < 2^31 (a [4, R, n_splits] fp32 buffer)
     m = tl.load(part_ptr + offs, mask=mask, other=-1.0e30)
     m_r = tl.max(m, axis=1)
     d_r = tl.sum(tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
@@ -201,7 +201,7 @@ def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
     tl.store(out_ptr + 2 * R + rows, psum_r, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['R'])
 def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, stats_ptr,
                              g_ptr, ds_ptr, R, K, stride_s, stride_t, stride_ds, stride_g, inv_ts,
                              inv_tt, k_per_split, J: tl.constexpr, BLOCK_R: tl.constexpr,

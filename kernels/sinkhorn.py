@@ -231,7 +231,7 @@ def _lse_update_s1(m, d, s1, x, xv):
     return tl.maximum(m, x), d_new, s1_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_m_ptr, out_d_ptr,
                         N, K, stride_t, inv_temp, MODE: tl.constexpr, FINALIZE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
@@ -281,7 +281,7 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
             tl.store(out_d_ptr + cols, s, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'n_splits'])
 def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, K, stride_t,
                         inv_temp, k_per_split, n_splits,
                         WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
@@ -333,14 +333,14 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, 
             tl.store(out_ptr + N + rows, lse - s1_r / d_r, mask=rmask)
     else:
         o = rows.to(tl.int64) * n_splits + pid_s
-        plane = N.to(tl.int64) * n_splits
+        plane = N * n_splits  # i32: N·n_splits < 2^31 (a [4, N, n_splits] fp32 buffer)
         tl.store(part_ptr + o, m_r, mask=rmask)
         tl.store(part_ptr + plane + o, d_r, mask=rmask)
         if ENTROPY:
             tl.store(part_ptr + 2 * plane + o, s1_r, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'n_splits'])
 def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, ENTROPY: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """LSE merge of the K-split partials part [3, N, n_splits] (n_splits <= BLOCK_S), fixed
@@ -349,7 +349,7 @@ def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, ENTROPY: tl.constexpr,
     splits = tl.arange(0, BLOCK_S)
     mask = (rows < N)[:, None] & (splits < n_splits)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
-    plane = N.to(tl.int64) * n_splits
+    plane = N * n_splits  # i32: N·n_splits < 2^31 (a [4, N, n_splits] fp32 buffer)
     m = tl.load(part_ptr + offs, mask=mask, other=-1.0e30)
     m_r = tl.max(m, axis=1)
     w = tl.exp2((m - m_r[:, None]) * 1.4426950408889634)
