@@ -5,12 +5,18 @@ training-step call: `teacher_targets` then the loss, differentiated in the stude
     providers: torch = DINOLoss / iBOTPatchLoss(impl="torch") (the references of
                kernels/sinkhorn.py and kernels/dino_loss.py); torch_compile (added by the
                harness); triton = the same modules with impl="triton" (fused kernels)
-    model bytes (the minimum the op must touch, e = element size of the logits):
+    GB/s = model bytes / time, against the measured D2D copy (QuACK's "model memory
+    throughput"), e = element size of the logits:
         fwd  (N_t + R)·K·e       read the teacher and the student logits once
         bwd  (N_t + 2R)·K·e      read both again, write dS
-    The Triton path actually reads the teacher 2·iters + 1 = 7 times for Sinkhorn-Knopp
-    (KERNELS.md §3.3) plus once per student pass; the model GB/s states how close the whole op
-    gets to the one-read minimum, not the per-kernel bandwidth.
+    What the Triton path actually moves from HBM is recorded next to it in params
+    (bytes_fwd_triton / bytes_bwd_triton; GB/s of the kernels themselves = those / time):
+        iBOT fwd (6·N_t + N_t + R)·K·e: 6 Sinkhorn-Knopp passes over the teacher
+                 (kernels/sinkhorn.py) + the student forward (s and t); bwd = the model bytes
+        DINO fwd = the model bytes, bwd 2R·K·e: its teacher (2B × K, 16.8 MB bf16) stays in L2
+                 after the first pass (do_bench flushes L2 before every call: that read is HBM)
+    so the iBOT forward can reach at most 2/8 of the copy bandwidth in model GB/s, the
+    backward and the DINO case all of it.
 
 Shapes come from bench/registry.py: DINO rows R = (2 + n_local)·B student CLS against N_t = 2B
 teacher rows, K = dino_K; iBOT R = N_t = ibot_rows masked tokens, K = ibot_K, with the exact
@@ -27,8 +33,10 @@ from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
 
 TEACHER_TEMP = 0.07  # τ_t after warm-up (SPEC.md §1.3)
+SK_PASSES = 6  # streaming reads of the teacher by the Triton Sinkhorn-Knopp (3 iterations)
 MODELS = ("vits16", "vitl16", "vit7b16")
-FORMULA = "fwd (N_t+R)·K·e, bwd (N_t+2R)·K·e (read teacher + student; bwd also writes dS)"
+FORMULA = ("model bytes fwd (N_t+R)·K·e, bwd (N_t+2R)·K·e (read teacher + student; bwd also "
+           "writes dS); Triton HBM bytes in params.bytes_*_triton")
 
 
 def _randn(shape: tuple[int, ...], seed: int, device, dtype) -> torch.Tensor:
@@ -66,7 +74,8 @@ def _dino_case(name: str, b: int, n_local: int, k: int, dtype: torch.dtype,
     return BenchCase(
         op="dino_loss", name=name,
         params={"loss": "dino", "B": b, "n_local": n_local, "R": r, "N_t": n_t, "K": k,
-                "centering": "sinkhorn_knopp", "shape_from": shape_from},
+                "centering": "sinkhorn_knopp", "shape_from": shape_from,
+                "bytes_fwd_triton": (n_t + r) * k * e, "bytes_bwd_triton": 2 * r * k * e},
         dtype=dtype, make_inputs=make_inputs,
         providers={"torch": provider("torch"), "triton": provider("triton")},
         grad_inputs=["student_global", "student_local"],
@@ -96,7 +105,8 @@ def _ibot_case(name: str, counts: list[int], k: int, dtype: torch.dtype,
     return BenchCase(
         op="dino_loss", name=name,
         params={"loss": "ibot", "R": m, "N_t": m, "K": k, "n_images": n_images,
-                "centering": "sinkhorn_knopp", "shape_from": shape_from},
+                "centering": "sinkhorn_knopp", "shape_from": shape_from,
+                "bytes_fwd_triton": (SK_PASSES + 2) * m * k * e, "bytes_bwd_triton": 3 * m * k * e},
         dtype=dtype, make_inputs=make_inputs,
         providers={"torch": provider("torch"), "triton": provider("triton")},
         grad_inputs=["student"], bytes_fwd=2 * m * k * e, bytes_bwd=3 * m * k * e,
