@@ -413,7 +413,7 @@ def _row_config(t: torch.Tensor) -> tuple[int, int, int, int]:
         if n <= _SMALL_N:  # 7B DINO: 32 teacher rows; 8-row blocks double the row blocks
             block_n = 8
     k_blocks = triton.cdiv(k, block_k)
-    want = triton.cdiv(_target_programs(t), triton.cdiv(n, block_n))
+    want = triton.cdiv(_target_programs(t), max(1, triton.cdiv(n, block_n)))
     n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
     k_per_split = triton.cdiv(k_blocks, n_splits) * block_k
     return block_n, block_k, k_per_split, triton.cdiv(k, k_per_split)
@@ -471,6 +471,8 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     out = torch.empty(2 if entropy else 1, n, **f32)  # (row_shift, entropy)
     colsum = torch.zeros(k, **f32) if with_colsum else None
     finalize = n_splits == 1
+    if n == 0:  # nothing to normalise (and no empty grid to launch)
+        return out[0], (out[1] if entropy else None), colsum
     part = out if finalize else torch.empty(3 if entropy else 2, n, n_splits, **f32)
     _teacher_row_kernel[(n_splits, triton.cdiv(n, block_n))](
         t, col_shift, part, out, out if colsum is None else colsum, n, k, t.stride(0),

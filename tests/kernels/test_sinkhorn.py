@@ -139,3 +139,10 @@ def test_sinkhorn_max_splits(monkeypatch):
     _assert_fp32(targets.materialize(), ref)
     torch.testing.assert_close(targets.entropy(), sk.TeacherTargets(probs=ref).entropy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_sinkhorn_no_rows():
+    """A rank with no teacher rows (e.g. no masked patch) gets empty targets, not a crash."""
+    targets = sk.sinkhorn_knopp(_logits(0, 300, seed=9), 0.04, n_total=4.0)
+    assert targets.row_shift.shape == (0,) and targets.col_shift.shape == (300,)
+    assert targets.materialize().shape == (0, 300)
