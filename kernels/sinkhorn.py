@@ -203,7 +203,7 @@ from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # no
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-_M0 = -1.0e30  # initial running max (log2 units): finite, below any real logit / temperature
+_M0 = -1.0e30  # initial running max (the kernels spell it out): finite, below any t/τ
 _TINY = 1.1754943508222875e-38  # fp32 tiny: a prototype no sample reaches gets no log(0)
 _MODE_LSE = 0  # column pass 1: col_shift = LSE_b(t[b, k]·inv_temp) + log(K/N_total)
 _MODE_SUMEXP = 1  # column pass i > 1: col_shift += log Σ_b exp(t·inv_temp - col_shift - row_shift)
@@ -292,9 +292,8 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, 
     col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y. FINALIZE (one
     slice): out [2, N] = (row_shift = LSE in nats, entropy) written directly; else the
     partials (m, d, s1) go to part [3, N, n_splits] for _row_merge_kernel. WITH_COLSUM also
-    atomically
-    adds the column sums of t to colsum[K] (the softmax center's batch statistic, fused in this
-    read; the order of the atomic adds is not fixed)."""
+    atomically adds the column sums of t to colsum[K] (the softmax center's batch statistic,
+    fused in this read; the order of the atomic adds is not fixed)."""
     pid_s = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -333,7 +332,7 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, 
             tl.store(out_ptr + N + rows, lse - s1_r / d_r, mask=rmask)
     else:
         o = rows.to(tl.int64) * n_splits + pid_s
-        plane = N * n_splits  # i32: N·n_splits < 2^31 (a [4, N, n_splits] fp32 buffer)
+        plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
         tl.store(part_ptr + o, m_r, mask=rmask)
         tl.store(part_ptr + plane + o, d_r, mask=rmask)
         if ENTROPY:
@@ -349,7 +348,7 @@ def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, ENTROPY: tl.constexpr,
     splits = tl.arange(0, BLOCK_S)
     mask = (rows < N)[:, None] & (splits < n_splits)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
-    plane = N * n_splits  # i32: N·n_splits < 2^31 (a [4, N, n_splits] fp32 buffer)
+    plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
     m = tl.load(part_ptr + offs, mask=mask, other=-1.0e30)
     m_r = tl.max(m, axis=1)
     w = tl.exp2((m - m_r[:, None]) * 1.4426950408889634)
