@@ -4,7 +4,8 @@
 
 Each `kernels/<op>.py` (not starting with `_`) that defines `compile_specs()` returns
 `fastdino.kernels._utils.CompileSpec` records; every spec is compiled with
-`triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))`. The
+`triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))`
+(attrs: the spec's `divisible_by_16` arguments, specialised as a real launch would be). The
 cubin's resource usage (registers, stack frame, local memory) is read with the `cuobjdump`
 shipped inside the triton wheel (`--dump-resource-usage`); shared memory comes from the compiled
 kernel's metadata. A spec has a problem when it does not compile, when it uses stack or local
@@ -116,11 +117,13 @@ def compile_one(spec: Any, cc: int) -> dict[str, Any]:
 
     res: dict[str, Any] = {"name": spec.name, "arch": cc, "num_warps": spec.num_warps,
                            "num_stages": spec.num_stages, "shared_limit": SHARED_LIMIT[cc],
+                           "div16": list(getattr(spec, "divisible_by_16", ()) or ()),
                            "error": None}
     t0 = time.perf_counter()
     try:
         sig = _full_signature(spec)
-        src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs))
+        src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs),
+                        attrs=divisibility_attrs(spec, sig))
         kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                 options={"num_warps": spec.num_warps,
                                          "num_stages": spec.num_stages})
@@ -130,6 +133,21 @@ def compile_one(spec: Any, cc: int) -> dict[str, Any]:
         res["error"] = f"{type(e).__name__}: {str(e).strip()[:500]}"
     res["compile_s"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+def divisibility_attrs(spec: Any, sig: dict[str, str]) -> dict[tuple[int], list] | None:
+    """ASTSource attrs marking the spec's `divisible_by_16` arguments as triton's JIT marks them
+    at a real launch ({(arg index,): [["tt.divisibility", 16]]}; same form in triton 3.6 and
+    3.9). An unknown or constexpr name is an error naming it."""
+    names = tuple(getattr(spec, "divisible_by_16", ()) or ())
+    if not names:
+        return None
+    order = list(spec.fn.arg_names)
+    for n in names:
+        if n not in sig or sig[n] == "constexpr" or sig[n].startswith("fp"):
+            raise ValueError(f"spec {spec.name}: divisible_by_16 names {n!r}, which is not a "
+                             "pointer or integer argument of the kernel")
+    return {(order.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
 def _full_signature(spec: Any) -> dict[str, str]:

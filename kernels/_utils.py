@@ -41,6 +41,10 @@ class CompileSpec:
 
     `signature` maps every non-constexpr argument name to a Triton type string ("*fp32", "*bf16",
     "i32", "i64", "fp32"); `constexprs` maps every constexpr argument name to its value.
+    `divisible_by_16` names the pointer / int arguments that every real launch passes 16-byte
+    aligned / divisible by 16: triton's JIT specialises on that (tt.divisibility = 16: vector
+    loads, the load pipeline), so the ahead-of-time compile declares it too, and reports the
+    registers and shared memory of the code the GPU runs. Empty: the unspecialised kernel.
     """
 
     name: str  # e.g. "dino_loss_fwd[BLOCK_K=4096,bf16]"
@@ -49,3 +53,4 @@ class CompileSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple[str, ...] = ()

@@ -48,10 +48,15 @@ def _overflow_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr,
     tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
 
 
+SCALE_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "alpha": "fp32"}
+
+
 def compile_specs() -> list[CompileSpec]:
-    return [CompileSpec("selftest_scale[BLOCK=1024,fp32]", _scale_kernel,
-                        {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "alpha": "fp32"},
-                        {"BLOCK": 1024}, num_warps=4, num_stages=3)]
+    return [CompileSpec("selftest_scale[BLOCK=1024,fp32]", _scale_kernel, SCALE_SIG,
+                        {"BLOCK": 1024}, num_warps=4, num_stages=3),
+            CompileSpec("selftest_scale[BLOCK=1024,fp32,div16]", _scale_kernel, SCALE_SIG,
+                        {"BLOCK": 1024}, num_warps=4, num_stages=3,
+                        divisible_by_16=("x_ptr", "y_ptr", "n"))]
 
 
 def bad_compile_specs() -> list[CompileSpec]:
@@ -107,3 +112,22 @@ def test_problems_logic():
     assert problems({**ok, "local": 4})
     assert problems({**ok, "shared": 227 * 1024 + 1})
     assert problems({**ok, "error": "CompilationError: x"})[0].startswith("compile error")
+
+
+def test_divisibility_is_declared_as_the_jit_does(report):
+    """`divisible_by_16` becomes ASTSource attrs {(arg index,): [["tt.divisibility", 16]]} (the
+    form triton's JIT uses); the compiled row records it; a float, constexpr or unknown name is an
+    error naming it."""
+    from bench.compile_report import _full_signature, divisibility_attrs
+
+    plain, div = compile_specs()
+    assert divisibility_attrs(plain, _full_signature(plain)) is None
+    attrs = divisibility_attrs(div, _full_signature(div))
+    assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]],
+                     (2,): [["tt.divisibility", 16]]}
+    for arch in ARCHS:
+        assert report["by_key"][(div.name, arch)]["div16"] == ["x_ptr", "y_ptr", "n"]
+    for bad in ("alpha", "BLOCK", "nope"):
+        spec = CompileSpec("s", _scale_kernel, SCALE_SIG, {"BLOCK": 8}, divisible_by_16=(bad,))
+        with pytest.raises(ValueError, match=repr(bad)):
+            divisibility_attrs(spec, _full_signature(spec))
