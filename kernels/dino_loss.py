@@ -85,12 +85,11 @@ def dino_soft_ce_ref(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels. Grid (K splits, student row blocks): one program streams BLOCK_R student rows'
-# K slice and the same slice of their (at most 2 each) teacher rows, forming p = exp2(t·inv_tt·
-# log2e - col_shift·log2e - row_shift·log2e) on the fly (one col_shift tile serves BLOCK_R rows).
-# Accumulators are elementwise [BLOCK_R, BLOCK_K] and reduced once after the loop; the loop is a
-# `tl.range` with STAGES, so Triton pipelines the loads (cp.async) STAGES-1 tiles ahead. The K
-# splits (few-row DINO cases) are merged by an LSE merge in _soft_ce_merge_kernel (fixed order,
-# deterministic); with one split the forward writes its results directly. fp32 accumulation,
+# K slice and the same slice of their (at most 2 each) teacher rows, forming p = exp(t·inv_tt -
+# col_shift - row_shift) on the fly (one col_shift tile serves BLOCK_R rows). Accumulators are
+# elementwise [BLOCK_R, BLOCK_K] and reduced once after the loop; the loop is a `tl.range` with
+# STAGES, so Triton pipelines the loads (cp.async) STAGES-1 tiles ahead. The K splits are merged
+# by an LSE merge in _soft_ce_merge_kernel (fixed order, deterministic). fp32 accumulation,
 # int64 row offsets. Traffic and launch numbers: see the table in the module header.
 # ------------------------------------------------------------------------------------------------
 
@@ -129,12 +128,12 @@ def _teacher_p(t_ptr, off, b, ok, cols, cmask, a, inv_tt):
 
 @triton.jit(do_not_specialize=['R', 'n_splits'])
 def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, part_ptr,
-                             out_ptr, R, K, stride_s, stride_t, inv_ts, inv_tt, k_per_split,
-                             n_splits, J: tl.constexpr, FINALIZE: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                             R, K, stride_s, stride_t, inv_ts, inv_tt, k_per_split, n_splits,
+                             J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                             STAGES: tl.constexpr):
     """Per (row, K split): max m and d = Σ exp(z - m) of z = s·inv_ts, dot = Σ_k p_k·z_k and
-    psum = Σ_k p_k. FINALIZE (one split): out [3, R] = (loss, lse,
-    psum) directly; else the partials go to part [4, R, n_splits]."""
+    psum = Σ_k p_k, to part [4, R, n_splits] for _soft_ce_merge_kernel (always a merge launch:
+    at the issue's shapes the K split is there anyway, for the tail of the last wave)."""
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -164,18 +163,12 @@ def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
     d_r = tl.sum(d * tl.exp2((m - m_r[:, None]) * 1.4426950408889634), axis=1)
     dot_r = tl.sum(dot, axis=1)
     psum_r = tl.sum(psum, axis=1)
-    if FINALIZE:
-        lse = m_r + tl.log(d_r)
-        tl.store(out_ptr + rows, lse * psum_r - dot_r, mask=rmask)
-        tl.store(out_ptr + R + rows, lse, mask=rmask)
-        tl.store(out_ptr + 2 * R + rows, psum_r, mask=rmask)
-    else:
-        o = rows.to(tl.int64) * n_splits + pid_s
-        plane = R * n_splits  # i32: R·n_splits < 2^31 (a [4, R, n_splits] fp32 buffer)
-        tl.store(part_ptr + o, m_r, mask=rmask)
-        tl.store(part_ptr + plane + o, d_r, mask=rmask)
-        tl.store(part_ptr + 2 * plane + o, dot_r, mask=rmask)
-        tl.store(part_ptr + 3 * plane + o, psum_r, mask=rmask)
+    o = rows.to(tl.int64) * n_splits + pid_s
+    plane = R * n_splits  # i32: R·n_splits < 2^31 (a [4, R, n_splits] fp32 buffer)
+    tl.store(part_ptr + o, m_r, mask=rmask)
+    tl.store(part_ptr + plane + o, d_r, mask=rmask)
+    tl.store(part_ptr + 2 * plane + o, dot_r, mask=rmask)
+    tl.store(part_ptr + 3 * plane + o, psum_r, mask=rmask)
 
 
 @triton.jit(do_not_specialize=['R', 'n_splits'])
@@ -301,18 +294,14 @@ def dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
     if not r:
         return out
     block_r, block_k, k_per_split, n_splits = _config(r, k, s)
-    finalize = n_splits == 1
-    part = out if finalize else torch.empty(4, r, n_splits, device=s.device,
-                                            dtype=torch.float32)
+    part = torch.empty(4, r, n_splits, device=s.device, dtype=torch.float32)
     _dino_soft_ce_fwd_kernel[(n_splits, triton.cdiv(r, block_r))](
-        s, t, col_shift, row_shift, tidx, part, out, r, k, s.stride(0), t.stride(0),
-        float(inv_ts), float(inv_tt), k_per_split, n_splits, J=tidx.shape[1], FINALIZE=finalize,
-        BLOCK_R=block_r, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
-        num_stages=_STAGES)
-    if not finalize:
-        _soft_ce_merge_kernel[(triton.cdiv(r, _MERGE_BLOCK_R),)](
-            part, out, r, n_splits, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
-            num_warps=_MERGE_WARPS)
+        s, t, col_shift, row_shift, tidx, part, r, k, s.stride(0), t.stride(0), float(inv_ts),
+        float(inv_tt), k_per_split, n_splits, J=tidx.shape[1], BLOCK_R=block_r, BLOCK_K=block_k,
+        STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
+    _soft_ce_merge_kernel[(triton.cdiv(r, _MERGE_BLOCK_R),)](
+        part, out, r, n_splits, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
+        num_warps=_MERGE_WARPS)
     return out
 
 
@@ -410,17 +399,14 @@ def compile_specs() -> list[CompileSpec]:
         base = {"s_ptr": f"*{dt}", "t_ptr": f"*{dt}", "col_shift_ptr": "*fp32",
                 "row_shift_ptr": "*fp32", "tidx_ptr": "*i32"}
         for j in (1, 2):
-            for fin in (False, True):
-                specs.append(CompileSpec(
-                    name=f"dino_soft_ce_fwd[J={j},FIN={int(fin)},BLOCK={br}x{bk},{dt}]",
-                    fn=_dino_soft_ce_fwd_kernel,
-                    signature={**base, "part_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32",
-                               "K": "i32", "stride_s": "i32", "stride_t": "i32",
-                               "inv_ts": "fp32", "inv_tt": "fp32", "k_per_split": "i32",
-                               "n_splits": "i32"},
-                    constexprs={"J": j, "FINALIZE": fin, "BLOCK_R": br, "BLOCK_K": bk,
-                                "STAGES": _STAGES},
-                    num_warps=_WARPS, num_stages=_STAGES))
+            specs.append(CompileSpec(
+                name=f"dino_soft_ce_fwd[J={j},BLOCK={br}x{bk},{dt}]",
+                fn=_dino_soft_ce_fwd_kernel,
+                signature={**base, "part_ptr": "*fp32", "R": "i32", "K": "i32",
+                           "stride_s": "i32", "stride_t": "i32", "inv_ts": "fp32",
+                           "inv_tt": "fp32", "k_per_split": "i32", "n_splits": "i32"},
+                constexprs={"J": j, "BLOCK_R": br, "BLOCK_K": bk, "STAGES": _STAGES},
+                num_warps=_WARPS, num_stages=_STAGES))
             specs.append(CompileSpec(
                 name=f"dino_soft_ce_bwd[J={j},BLOCK={br}x{bk},{dt}]",
                 fn=_dino_soft_ce_bwd_kernel,

@@ -282,16 +282,15 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
 
 
 @triton.jit(do_not_specialize=['N', 'n_splits'])
-def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, K, stride_t,
+def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride_t,
                         inv_temp, k_per_split, n_splits,
                         WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
-                        FINALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """One program: BLOCK_N rows × one K slice (grid axis 0 = the slice, so consecutive programs
     share rows and the pass ends on the last row blocks). Online over y = t·inv_temp -
-    col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y. FINALIZE (one
-    slice): out [2, N] = (row_shift = LSE in nats, entropy) written directly; else the
-    partials (m, d, s1) go to part [3, N, n_splits] for _row_merge_kernel. WITH_COLSUM also
+    col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y, written as partials
+    part [3, N, n_splits] for _row_merge_kernel (always a merge launch: at the issue's shapes
+    the row pass is split anyway, for the tail of the last wave). WITH_COLSUM also
     atomically adds the column sums of t to colsum[K] (the softmax center's batch statistic,
     fused in this read; the order of the atomic adds is not fixed)."""
     pid_s = tl.program_id(0)
@@ -321,22 +320,12 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, out_ptr, colsum_ptr, N, 
     m_r = tl.max(m, axis=1)
     w = tl.exp2((m - m_r[:, None]) * 1.4426950408889634)
     d_r = tl.sum(d * w, axis=1)
+    o = rows.to(tl.int64) * n_splits + pid_s
+    plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
+    tl.store(part_ptr + o, m_r, mask=rmask)
+    tl.store(part_ptr + plane + o, d_r, mask=rmask)
     if ENTROPY:
-        s1_r = tl.sum(s1 * w, axis=1)
-    else:
-        s1_r = d_r * 0.0
-    if FINALIZE:
-        lse = m_r + tl.log(d_r)
-        tl.store(out_ptr + rows, lse, mask=rmask)
-        if ENTROPY:
-            tl.store(out_ptr + N + rows, lse - s1_r / d_r, mask=rmask)
-    else:
-        o = rows.to(tl.int64) * n_splits + pid_s
-        plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
-        tl.store(part_ptr + o, m_r, mask=rmask)
-        tl.store(part_ptr + plane + o, d_r, mask=rmask)
-        if ENTROPY:
-            tl.store(part_ptr + 2 * plane + o, s1_r, mask=rmask)
+        tl.store(part_ptr + 2 * plane + o, tl.sum(s1 * w, axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=['N', 'n_splits'])
@@ -460,8 +449,7 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
                                              torch.Tensor | None]:
     """Per row b: LSE_k(t[b]·inv_temp - col_shift) [N] (nats) and, when `entropy`, the entropy
     (nats) [N] of the softmax it normalises (else None); plus the column sum of t [K] when
-    `with_colsum` (else None). One launch when the row blocks alone fill the GPU, else a K-split
-    launch and a merge launch."""
+    `with_colsum` (else None). A (K-split) row launch and a merge launch."""
     _check_teacher(t)
     t = t.contiguous()
     n, k = t.shape
@@ -469,19 +457,16 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     f32 = dict(device=t.device, dtype=torch.float32)
     out = torch.empty(2 if entropy else 1, n, **f32)  # (row_shift, entropy)
     colsum = torch.zeros(k, **f32) if with_colsum else None
-    finalize = n_splits == 1
     if n == 0:  # nothing to normalise (and no empty grid to launch)
         return out[0], (out[1] if entropy else None), colsum
-    part = out if finalize else torch.empty(3 if entropy else 2, n, n_splits, **f32)
+    part = torch.empty(3 if entropy else 2, n, n_splits, **f32)
     _teacher_row_kernel[(n_splits, triton.cdiv(n, block_n))](
-        t, col_shift, part, out, out if colsum is None else colsum, n, k, t.stride(0),
+        t, col_shift, part, out if colsum is None else colsum, n, k, t.stride(0),
         float(inv_temp), k_per_split, n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy,
-        FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
-        num_stages=_STAGES)
-    if not finalize:
-        _row_merge_kernel[(triton.cdiv(n, _MERGE_BLOCK_R),)](
-            part, out, n, n_splits, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
-            num_warps=_MERGE_WARPS)
+        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
+    _row_merge_kernel[(triton.cdiv(n, _MERGE_BLOCK_R),)](
+        part, out, n, n_splits, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
+        num_warps=_MERGE_WARPS)
     return out[0], (out[1] if entropy else None), colsum
 
 
@@ -630,18 +615,15 @@ def compile_specs() -> list[CompileSpec]:
                     num_warps=_WARPS, num_stages=_STAGES))
         rn0, rk = _ROW_BLOCK[torch_dt]
         # row blocks: the dtype's BLOCK_N, and 8 for at most _SMALL_N rows
-        for (colsum, ent), fin, rn in itertools.product(_ROW_VARIANTS, (False, True),
-                                                        sorted({rn0, 8})):
+        for (colsum, ent), rn in itertools.product(_ROW_VARIANTS, sorted({rn0, 8})):
             specs.append(CompileSpec(
-                name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},FIN={int(fin)},"
-                     f"BLOCK={rn}x{rk},{dt}]",
+                name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},BLOCK={rn}x{rk},{dt}]",
                 fn=_teacher_row_kernel,
                 signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "part_ptr": "*fp32",
-                           "out_ptr": "*fp32", "colsum_ptr": "*fp32", "N": "i32", "K": "i32",
-                           "stride_t": "i32", "inv_temp": "fp32", "k_per_split": "i32",
-                           "n_splits": "i32"},
-                constexprs={"WITH_COLSUM": colsum, "ENTROPY": ent, "FINALIZE": fin,
-                            "BLOCK_N": rn, "BLOCK_K": rk, "STAGES": _STAGES},
+                           "colsum_ptr": "*fp32", "N": "i32", "K": "i32", "stride_t": "i32",
+                           "inv_temp": "fp32", "k_per_split": "i32", "n_splits": "i32"},
+                constexprs={"WITH_COLSUM": colsum, "ENTROPY": ent, "BLOCK_N": rn,
+                            "BLOCK_K": rk, "STAGES": _STAGES},
                 num_warps=_WARPS, num_stages=_STAGES))
     for ent in (False, True):
         specs.append(CompileSpec(
