@@ -554,7 +554,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     col_pass, row_pass = _ops()
     finalize = _update_in_kernel(world)
     col_shift = torch.empty(k, device=dev, dtype=torch.float32)
-    row_shift = col_shift  # not read by the first (MODE_LSE) pass: any real pointer
+    row_shift = log_scale  # not read by the first (MODE_LSE) pass: any real pointer that is
+    # not col_shift (a mutated argument must not alias another one under torch.compile)
     entropy = None
     for it in range(n_iterations):
         mode = _MODE_LSE if it == 0 else _MODE_SUMEXP
