@@ -132,7 +132,7 @@ def test_sinkhorn_max_splits(monkeypatch):
     """Few rows and a large grid target: the row pass splits K MAX_SPLITS ways and the merge
     kernel reads a full [rows, MAX_SPLITS] tile."""
     monkeypatch.setattr(sk, "_INTERP_TARGET", 10**6)
-    t = _logits(4, 130900, seed=8)  # 128 K blocks of 1024 (interpreter): 128 splits
+    t = _logits(4, 131072, seed=8)  # 128 K blocks of 1024 (interpreter): 128 splits
     assert sk._row_config(t)[3] == sk.MAX_SPLITS
     targets = sk.sinkhorn_knopp(t, 0.04)
     ref = sk.sinkhorn_knopp_ref(t, 0.04)
