@@ -39,7 +39,8 @@ at 100 % of 4.2 TB/s (H200) / 3.35 TB/s (H100); the target is >= 80 % of the mea
 - Launch config: BLOCK_R × BLOCK_K = 8 × 256 (bf16) / 4 × 256 (fp32), num_warps 8, num_stages =
   STAGES = 4 through `tl.range` (3 tiles of s and t in flight per program, 27 KB shared bf16),
   elementwise accumulators (m, d, dot, psum) reduced once after the loop. Triton 3.6 sm_90 at
-  the launch specialisation: forward 72 (J=1) / 90 (J=2) registers, backward 40 / 60, no spills.
+  the launch specialisation: forward 72 (J=1) / 90 (J=2) registers, backward 40 / 60, no spills;
+  PTX: every streamed tile is a 16-byte cp.async.cg, dS a 16-byte st.global.v4.
   One col_shift tile [BLOCK_K] fp32 serves BLOCK_R rows (at one row per program the col_shift
   reads from L2 would equal the logits' HBM bytes).
 - torch.compile of `dino_soft_ce_ref` (not measured): log_softmax over s (1-2 reads), the

@@ -45,8 +45,10 @@ bytes and time, same grids but for 8-row row blocks.)
   (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles (24 KB bf16 per
   program) in flight. Compiled at the launch specialisation (K, strides divisible by 16),
   triton 3.6 sm_90: column 58-64 registers / 25 KB shared (4 programs per SM), row 40-98
-  registers / 15-28 KB, no spills (`python -m bench compile-report` compiles without the
-  divisibility hint, so it shows the unvectorised variant: more registers, no pipelining).
+  registers / 15-28 KB, no spills, t tiles as 16-byte cp.async.cg (PTX). `python -m bench
+  compile-report` compiles without the divisibility hint, so it shows the unvectorised
+  variant (more registers, no pipelining); tests/kernels/test_dino_loss_gpu.py checks the real
+  launch on a GPU.
 - Minimum: with exact SK every column (row) normalisation needs the complete previous row
   (column) normalisation: each is a global barrier over all of t, so 2·iters reads is the floor
   of a streaming SK (the column sums of iteration i+1 weight each sample by its row LSE of
