@@ -30,25 +30,24 @@ peak); the target is >= 80 % of the measured copy bandwidth):
 
 | bf16 teacher | N × K          | pass MB | column grid | row grid (blocks×splits) | µs H200/H100 |
 |--------------|----------------|---------|-------------|--------------------------|--------------|
-| ViT-L DINO   | 128 × 65,536   | 16.8    | 512 (3.9)   | 8 × 128 = 1024 (7.8)     | 4.0/5.0 (*)  |
-| ViT-L iBOT   | 3,771 × 65,536 | 494     | 512 (3.9)   | 236 × 5 = 1180 (8.9)     | 118/148      |
+| ViT-L DINO   | 128 × 65,536   | 16.8    | 512 (3.9)   | 16 × 64 = 1024 (7.8)     | 4.0/5.0 (*)  |
+| ViT-L iBOT   | 3,771 × 65,536 | 494     | 512 (3.9)   | 472 × 3 = 1416 (10.7)    | 118/148      |
 | 7B DINO      | 32 × 262,144   | 16.8    | 2048 (15.5) | 4 × 128 = 512 (3.9)      | 4.0/5.0 (*)  |
-| 7B iBOT      | 1,274 × 98,304 | 250     | 768 (5.8)   | 80 × 14 = 1120 (8.5)     | 60/75        |
+| 7B iBOT      | 1,274 × 98,304 | 250     | 768 (5.8)   | 160 × 7 = 1120 (8.5)     | 60/75        |
 (programs per SM in brackets; (*) L2-resident after the first pass; fp32 logits: twice the
-bytes and time, same grids but for 8-row row blocks.)
+bytes and time, same grids.)
 
 - SK total = 6 passes: ViT-L iBOT 2.97 GB -> 0.71 ms (H200) / 0.89 ms (H100) at roofline, ~0.83 /
   1.04 ms at 85 %; the DINO teachers (16.8 MB, L2-resident) are launch-bound: 3 column launches +
   3 × (row + merge) launches, ~10-15 µs of host time each, ~0.1 ms per SK call.
 - Launch configs: column pass BLOCK_N × BLOCK_K = 32 × 128 (bf16) / 16 × 128 (fp32), row pass
-  16 × 256 (bf16) / 8 × 256 (fp32, and any dtype at N <= 64), merge 16 × 128; num_warps 8
+  8 × 256 (16 rows spill under triton 3.9), merge 16 × 128; num_warps 8
   (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles (24 KB bf16 per
   program) in flight. Compiled at the launch specialisation (K, strides divisible by 16),
-  triton 3.6 sm_90: column 58-64 registers / 25 KB shared (4 programs per SM), row 40-98
-  registers / 15-28 KB, no spills, t tiles as 16-byte cp.async.cg (PTX). `python -m bench
-  compile-report` compiles without the divisibility hint, so it shows the unvectorised
-  variant (more registers, no pipelining); tests/kernels/test_dino_loss_gpu.py checks the real
-  launch on a GPU.
+  triton 3.6 sm_90: column 58-64 registers / 25 KB shared (4 programs per SM), row 40-64
+  registers / 15-31 KB (4-6 programs per SM), no spills (3.6 and 3.9, sm_90 and sm_80), t tiles
+  as 16-byte cp.async.cg (PTX); compile_specs() declare that specialisation
+  (divisible_by_16) and tests/kernels/test_dino_loss_gpu.py checks the real launch on a GPU.
 - Minimum: with exact SK every column (row) normalisation needs the complete previous row
   (column) normalisation: each is a global barrier over all of t, so 2·iters reads is the floor
   of a streaming SK (the column sums of iteration i+1 weight each sample by its row LSE of
@@ -196,7 +195,7 @@ def center_batch_sum_ref(teacher_logits: torch.Tensor) -> torch.Tensor:
 # (`_lse_update`): a running max starting at the finite _M0, so that no inf - inf is formed.
 # ------------------------------------------------------------------------------------------------
 
-import itertools  # noqa: E402
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import triton  # noqa: E402
@@ -362,9 +361,8 @@ _INTERP_TARGET = 8  # programs per split grid under the interpreter (tests raise
 # as long), 3 tiles in flight per program through the STAGES pipeline (compile-report numbers
 # in the header table)
 _COL_BLOCK = {torch.bfloat16: (32, 128), torch.float32: (16, 128)}
-_ROW_BLOCK = {torch.bfloat16: (16, 256), torch.float32: (8, 256)}
+_ROW_BLOCK = {torch.bfloat16: (8, 256), torch.float32: (8, 256)}  # 16 rows bf16: spills (3.9)
 _STAGES = 4
-_SMALL_N = 64  # row pass: at most this many rows -> BLOCK_N = 8 (more programs for few rows)
 _MERGE_BLOCK_R = 16
 _WARPS = 8
 _MERGE_WARPS = 4
@@ -400,8 +398,6 @@ def _row_config(t: torch.Tensor) -> tuple[int, int, int, int]:
         block_n, block_k = min(8, next_pow2(n)), min(1024, next_pow2(k))
     else:
         block_n, block_k = _ROW_BLOCK[t.dtype]
-        if n <= _SMALL_N:  # 7B DINO: 32 teacher rows; 8-row blocks double the row blocks
-            block_n = 8
     k_blocks = triton.cdiv(k, block_k)
     want = triton.cdiv(_target_programs(t), max(1, triton.cdiv(n, block_n)))
     n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
@@ -600,6 +596,14 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _ROW_VARIANTS = ((False, False), (False, True), (True, True))
 
 
+def _div16(signature: dict[str, str]) -> tuple[str, ...]:
+    """Arguments every training launch passes 16-aligned / divisible by 16 (the JIT specialises
+    on it: vector loads and the cp.async pipeline): the pointers, K, stride_t and k_per_split (a
+    multiple of BLOCK_K). Not N / n_splits (not specialised)."""
+    return tuple(a for a in signature if a.endswith("_ptr") or a in ("K", "stride_t",
+                                                                     "k_per_split"))
+
+
 def compile_specs() -> list[CompileSpec]:
     specs = []
     for torch_dt, dt in _TRITON_DTYPE.items():
@@ -616,9 +620,8 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs={"MODE": mode, "FINALIZE": fin, "BLOCK_N": bn, "BLOCK_K": bk,
                                 "STAGES": _STAGES},
                     num_warps=_WARPS, num_stages=_STAGES))
-        rn0, rk = _ROW_BLOCK[torch_dt]
-        # row blocks: the dtype's BLOCK_N, and 8 for at most _SMALL_N rows
-        for (colsum, ent), rn in itertools.product(_ROW_VARIANTS, sorted({rn0, 8})):
+        rn, rk = _ROW_BLOCK[torch_dt]
+        for colsum, ent in _ROW_VARIANTS:
             specs.append(CompileSpec(
                 name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},BLOCK={rn}x{rk},{dt}]",
                 fn=_teacher_row_kernel,
@@ -635,4 +638,4 @@ def compile_specs() -> list[CompileSpec]:
             signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "n_splits": "i32"},
             constexprs={"ENTROPY": ent, "BLOCK_R": _MERGE_BLOCK_R, "BLOCK_S": MAX_SPLITS},
             num_warps=_MERGE_WARPS))
-    return specs
+    return [dataclasses.replace(sp, divisible_by_16=_div16(sp.signature)) for sp in specs]

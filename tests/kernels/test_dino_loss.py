@@ -234,7 +234,7 @@ def test_soft_ce_max_splits(monkeypatch):
     itself ~3e-5 off, so a plain rtol 1e-5 against it would test the reference."""
     monkeypatch.setattr(dl, "_INTERP_TARGET", 10**6)
     r, n, k = 3, 2, 131072  # 128 K blocks of 1024 (interpreter): 128 splits
-    assert dl._config(r, k, torch.empty(0))[3] == dl.MAX_SPLITS
+    assert dl._config(r, k, torch.empty(0), 2)[3] == dl.MAX_SPLITS
     s, t = _randn(r, k, seed=60, scale=2.0), _randn(n, k, seed=61)
     idx, w = _index(r, n, 2, seed=62), _randn(r, seed=63)
     targets = sk.sinkhorn_knopp(t, TAU_T)

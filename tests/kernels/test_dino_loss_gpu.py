@@ -36,7 +36,7 @@ def test_soft_ce_kernels_pipelined(dtype, j):
     t = torch.randn(n, K, device="cuda", dtype=dtype)
     cs, rs = torch.zeros(K, device="cuda"), torch.zeros(n, device="cuda")
     tidx = torch.randint(0, n, (r, j), device="cuda", dtype=torch.int32)
-    block_r, block_k, k_per_split, n_splits = dl._config(r, K, s)
+    block_r, block_k, k_per_split, n_splits = dl._config(r, K, s, j)
     grid = (n_splits, triton.cdiv(r, block_r))
     e = s.element_size()
     part = torch.empty(4, r, n_splits, device="cuda")

@@ -40,7 +40,7 @@ def gpu_heuristics(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name,r,n,k,j", _shapes())
 def test_student_grid_fills_gpu(name, r, n, k, j, dtype):
-    block_r, block_k, k_per_split, n_splits = dl._config(r, k, torch.empty(0, dtype=dtype))
+    block_r, block_k, k_per_split, n_splits = dl._config(r, k, torch.empty(0, dtype=dtype), j)
     programs = n_splits * triton.cdiv(r, block_r)
     assert programs >= 2 * SMS, (name, programs)
     assert 1 <= n_splits <= dl.MAX_SPLITS
