@@ -103,8 +103,6 @@ import triton.language as tl  # noqa: E402
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
 from fastdino.kernels.sinkhorn import _lse_update  # noqa: E402
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_SPLITS = 128  # K splits: the merge kernel reads them as one [rows, 128] tile
 
 

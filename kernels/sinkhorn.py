@@ -202,8 +202,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 _M0 = -1.0e30  # initial running max (the kernels spell it out): finite, below any t/τ
 _TINY = 1.1754943508222875e-38  # fp32 tiny: a prototype no sample reaches gets no log(0)
 _MODE_LSE = 0  # column pass 1: col_shift = LSE_b(t[b, k]·inv_temp) + log(K/N_total)
