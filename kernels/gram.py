@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
 
 NORM_EPS = 1e-12  # F.normalize default, as in the official loss
 
@@ -732,14 +732,15 @@ def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch):
 class GramFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int):
-        loss, *saved = torch.ops.fastdino.gram_fwd(student, teacher, img_level, clamp, form, arch)
+        fwd = eager_or_op(torch.ops.fastdino.gram_fwd, gram_fwd)
+        loss, *saved = fwd(student, teacher, img_level, clamp, form, arch)
         ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
         ctx.cfg = (img_level, clamp, form, arch)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        ds = torch.ops.fastdino.gram_bwd(grad, *ctx.saved_tensors, *ctx.cfg)
+        ds = eager_or_op(torch.ops.fastdino.gram_bwd, gram_bwd)(grad, *ctx.saved_tensors, *ctx.cfg)
         return ds, None, None, None, None, None
 
 

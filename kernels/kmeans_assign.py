@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REF_BLOCK_ELEMS = 1 << 26  # reference: rows per chunk so that chunk × k <= 64M distances
@@ -222,7 +222,7 @@ def _(x, c):
 class KMeansAssignFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c):
-        idx, dist2 = _kmeans_assign_op(x, c)
+        idx, dist2 = eager_or_op(_kmeans_assign_op, kmeans_assign_fwd)(x, c)
         ctx.save_for_backward(x, c, idx)
         ctx.mark_non_differentiable(idx)
         return idx, dist2

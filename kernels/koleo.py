@@ -116,7 +116,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
 
 
 def _check_query(n: int, query_start: int, query_len: int | None) -> int:
@@ -1087,7 +1087,8 @@ def _(dloss, x, rinv, nn_idx, d, t, u, eps, query_start, query_len, path):
 class KoLeoFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps, query_start, query_len, path):
-        loss, nn_idx, d, t, u, rinv = _koleo_fwd_op(x, eps, query_start, query_len, path)
+        loss, nn_idx, d, t, u, rinv = eager_or_op(_koleo_fwd_op, koleo_fwd)(
+            x, eps, query_start, query_len, path)
         ctx.save_for_backward(x, rinv, nn_idx, d, t, u)
         ctx.args = (eps, query_start, query_len, path)
         ctx.mark_non_differentiable(nn_idx, d)
@@ -1096,7 +1097,8 @@ class KoLeoFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss, _dnn, _dd):
         x, rinv, nn_idx, d, t, u = ctx.saved_tensors
-        return _koleo_bwd_op(dloss, x, rinv, nn_idx, d, t, u, *ctx.args), None, None, None, None
+        dx = eager_or_op(_koleo_bwd_op, koleo_bwd)(dloss, x, rinv, nn_idx, d, t, u, *ctx.args)
+        return dx, None, None, None, None
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,

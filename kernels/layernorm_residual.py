@@ -38,7 +38,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
 
 MAX_D = 4096  # the widest shipped model (7B); wider rows are not compile-checked
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -336,7 +336,8 @@ class LayerNormResidualFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, gamma, weight, bias, eps, packed):
-        yo, mean, rstd = _layernorm_residual_fwd_op(x, h, gamma, weight, bias, eps)
+        fwd = eager_or_op(_layernorm_residual_fwd_op, layernorm_residual_fwd)
+        yo, mean, rstd = fwd(x, h, gamma, weight, bias, eps)
         ctx.save_for_backward(yo, h, gamma, weight, bias, mean, rstd)
         ctx.args = (x.shape, packed)
         return yo if packed else yo.unbind(0)
@@ -346,7 +347,8 @@ class LayerNormResidualFn(torch.autograd.Function):
         yo, h, gamma, weight, bias, mean, rstd = ctx.saved_tensors
         x_shape, packed = ctx.args
         dy, dout = grads[0].unbind(0) if packed else grads
-        dx, dh, dgamma, dweight, dbias = _layernorm_residual_bwd_op(
+        dx, dh, dgamma, dweight, dbias = eager_or_op(
+            _layernorm_residual_bwd_op, layernorm_residual_bwd)(
             dy, dout, yo[0], h, gamma, weight, bias, mean, rstd)
         return dx.view(x_shape), dh.view(x_shape), dgamma, dweight, dbias, None, None
 

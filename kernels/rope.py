@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
 
 LAYOUTS = ("bhnd", "bnhd")
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -340,7 +340,7 @@ class RoPEFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, num_heads, n_prefix, layout, packed):
-        out = _rope_fwd_op(qkv, cos, sin, num_heads, n_prefix, layout)
+        out = eager_or_op(_rope_fwd_op, rope_fwd)(qkv, cos, sin, num_heads, n_prefix, layout)
         ctx.save_for_backward(cos, sin)
         ctx.args = (n_prefix, layout, packed)
         return out if packed else out.unbind(0)
@@ -350,7 +350,7 @@ class RoPEFn(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         n_prefix, layout, packed = ctx.args
         dq, dk, dv = grads[0].unbind(0) if packed else grads
-        dqkv = _rope_bwd_op(dq, dk, dv, cos, sin, n_prefix, layout)
+        dqkv = eager_or_op(_rope_bwd_op, rope_bwd)(dq, dk, dv, cos, sin, n_prefix, layout)
         return dqkv, None, None, None, None, None, None
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -212,12 +212,12 @@ class SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2):
         ctx.save_for_backward(x1, x2)
-        return _swiglu_fwd_op(x1, x2).view(x1.shape)
+        return eager_or_op(_swiglu_fwd_op, swiglu_fwd)(x1, x2).view(x1.shape)
 
     @staticmethod
     def backward(ctx, dout):
         x1, x2 = ctx.saved_tensors
-        dx1, dx2 = _swiglu_bwd_op(dout, x1, x2)
+        dx1, dx2 = eager_or_op(_swiglu_bwd_op, swiglu_bwd)(dout, x1, x2)
         return dx1.view(x1.shape), dx2.view(x2.shape)
 
 
