@@ -12,6 +12,8 @@ runs the fused kernels, which never hold N×K teacher probabilities in memory.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from fastdino.kernels import dino_loss as dl
@@ -21,12 +23,16 @@ from fastdino.losses.teacher_centering import TeacherCentering
 N_GLOBAL = 2  # global crops per image (the pairing below is written for two)
 
 
+# The pairings depend on (B, n_local, device) only: built once, not with ~8 small ops (host time
+# and launches) per step. Read-only: the loss never writes them.
+@lru_cache(maxsize=32)
 def global_pair_index(batch: int, device: torch.device) -> torch.Tensor:
     """[2B, 1] int32: student global row g·B + b -> teacher row (1-g)·B + b."""
     b = torch.arange(batch, device=device, dtype=torch.int32)
     return torch.cat([b + batch, b]).reshape(-1, 1)
 
 
+@lru_cache(maxsize=32)
 def local_pair_index(batch: int, n_local: int, device: torch.device) -> torch.Tensor:
     """[n_local·B, 2] int32: student local row l·B + b -> teacher rows b and B + b."""
     b = torch.arange(batch, device=device, dtype=torch.int32)
@@ -65,7 +71,7 @@ class DINOLoss(TeacherCentering):
                              f"K={self.out_dim}], got {tuple(student_global_logits.shape)}")
         batch = two_b // N_GLOBAL
         fused = self._use_triton(student_global_logits)
-        dev = student_global_logits.device
+        dev = student_global_logits.device  # hashable: the pairing cache key
 
         rows_g = soft_ce_rows(student_global_logits, targets, global_pair_index(batch, dev),
                               self.student_temp, fused)

@@ -239,3 +239,14 @@ def test_sk_leaves_center_zero_and_entropy_is_mean_row_entropy():
     assert 0 < float(h) < math.log(31)
     # the factorised form the fused kernels consume gives back the same probabilities
     torch.testing.assert_close(TeacherTargets(probs=p).factorised().materialize(), p)
+
+
+def test_pair_indices_are_the_official_pairing_and_built_once():
+    from fastdino.losses.dino_clstoken_loss import global_pair_index, local_pair_index
+
+    cpu = torch.device("cpu")
+    g = global_pair_index(3, cpu)
+    assert g.flatten().tolist() == [3, 4, 5, 0, 1, 2]  # global crop g of image b -> crop 1-g
+    loc = local_pair_index(3, 2, cpu)
+    assert loc.tolist() == [[0, 3], [1, 4], [2, 5]] * 2  # each local crop -> both teacher crops
+    assert global_pair_index(3, cpu) is g and local_pair_index(3, 2, cpu) is loc  # cached
