@@ -73,7 +73,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available")
     p.add_argument("--no-save", action="store_true", help="print only, append no JSON lines")
-    return p.parse_args(argv)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock budget for the whole run: each op gets an equal share of "
+                        "what is left when it starts (time an op leaves unused goes to the "
+                        "later ones); cases past an op's share are skipped and counted")
+    args = p.parse_args(argv)
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

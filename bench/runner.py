@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 
 import torch
@@ -73,6 +74,24 @@ def check_records(cases, env, device) -> list[dict]:
     return records
 
 
+class OpBudget:
+    """Fair shares of a wall-clock budget over ops run in order: an op starting with T seconds
+    left and n ops to go (itself included) may start cases until T/n from now. A case already
+    running is never cut (the caller's `timeout` is the hard stop)."""
+
+    def __init__(self, seconds: float | None, n_ops: int, clock=time.monotonic):
+        self.clock, self.n_left = clock, n_ops
+        self.end = None if seconds is None else clock() + seconds
+
+    def start_op(self) -> float:
+        """Deadline (clock time) for starting this op's cases; +inf without a budget."""
+        if self.end is None:
+            return float("inf")
+        now, n = self.clock(), max(1, self.n_left)
+        self.n_left -= 1
+        return now + max(0.0, self.end - now) / n
+
+
 def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     if not on_gpu:
@@ -87,9 +106,11 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
         roof = measure(quick=args.quick)
         print(f"# roofline: D2D copy {roof.copy_gbps:.0f} GB/s (2 x {roof.copy_bytes / 2**30:.0f} "
               f"GiB / t), bf16 GEMM {roof.gemm_tflops:.0f} TFLOP/s ({roof.gemm_mnk}^3)", flush=True)
-    all_records, failed_ops = [], []
+    all_records, failed_ops, over_budget = [], [], 0
     path = results.results_path(args.out, env)
+    budget = OpBudget(getattr(args, "time_budget", None), len(ops))
     for op, cases, err in _cases(ops, args, on_gpu):
+        deadline = budget.start_op()
         if cases is None:
             print(f"# {op}: skipped, module failed to load: {err}", flush=True)
             failed_ops.append(op)
@@ -98,7 +119,13 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
             print(f"# {op}: no cases", flush=True)
             continue
         print(f"## {op}: {len(cases)} case(s)", flush=True)
-        for case in cases:  # one case at a time, saved as it ends (a timeout keeps what ran)
+        for i, case in enumerate(cases):  # one at a time, saved as it ends (a timeout keeps them)
+            if budget.clock() > deadline:
+                left = len(cases) - i
+                over_budget += left
+                print(f"# {op}: {left} case(s) skipped: over this op's share of --time-budget",
+                      flush=True)
+                break
             if args.check:
                 recs = check_records([case], env, device)
             else:
@@ -108,6 +135,8 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
             all_records += recs
     if not args.no_save and all_records:
         print(f"# {len(all_records)} JSON lines appended to {path}", flush=True)
+    if over_budget:
+        print(f"# {over_budget} case(s) skipped by --time-budget", flush=True)
     if args.check:
         bad = [r for r in all_records if not r["passed"]]
         print(f"# check: {len(all_records) - len(bad)} passed, {len(bad)} failed"

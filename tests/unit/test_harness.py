@@ -249,3 +249,29 @@ def test_cli_check_runs_without_pip_install(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
+
+
+def test_op_budget_fair_shares_roll_unused_time_forward():
+    from bench.runner import OpBudget
+
+    t = [100.0]
+    b = OpBudget(90.0, 3, clock=lambda: t[0])
+    assert b.start_op() == pytest.approx(130.0)  # 90 s left, 3 ops: 30 s
+    t[0] = 110.0  # the first op used 10 s of its 30
+    assert b.start_op() == pytest.approx(150.0)  # 80 s left, 2 ops: 40 s
+    t[0] = 185.0  # the second overran (a case is never cut): 5 s left for the last
+    assert b.start_op() == pytest.approx(190.0)
+    t[0] = 200.0  # past the end: deadline is now (no case starts)
+    assert b.start_op() == pytest.approx(200.0)
+    assert OpBudget(None, 3).start_op() == math.inf
+
+
+def test_cli_time_budget_skips_and_counts_cases(tmp_path):
+    """A budget too small for any case: every case of every op is skipped and counted, nothing is
+    timed, and a non-positive budget is a usage error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = _bench("selftest", "--quick", "--time-budget", "1e-9", "--no-save", env=env)
+    assert "skipped: over this op's share of --time-budget" in proc.stdout, proc.stdout
+    assert "median ms" not in proc.stdout, proc.stdout
+    bad = _bench("selftest", "--time-budget", "0", env=env)
+    assert bad.returncode == 2 and "--time-budget must be > 0" in bad.stderr
