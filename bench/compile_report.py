@@ -186,7 +186,8 @@ def compile_all(specs: list[tuple[str, Any]], archs: list[int], jobs: int) -> li
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    _TASKS[:] = [(m, s, cc) for m, s in specs for cc in archs]
+    _TASKS[:] = [(m, s, cc) for m, s in specs for cc in archs
+                 if cc in getattr(s, "archs", (90, 80))]
     if jobs > 1 and len(_TASKS) > 1 and "fork" in mp.get_all_start_methods():
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
             return list(pool.map(_compile_task, range(len(_TASKS))))

@@ -4,6 +4,7 @@ every kernel at each shipped launch configuration for sm_90 and sm_80 without a 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,6 +32,22 @@ def can_run_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and is_interpreter())
 
 
+def arch_family(device: torch.device) -> int:
+    """The launch-config family of a device: 90 (warpgroup MMA: sm_90, sm_100) or 80 (per-warp
+    mma.sync: sm_80..89 and consumer Blackwell sm_120, which has no wgmma). CPU (the
+    interpreter): 90, unused there."""
+    if device.type != "cuda":
+        return 90
+    return _cuda_arch_family(device.index if device.index is not None
+                             else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_family(index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(index)
+    return 90 if major in (9, 10) else 80
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -54,6 +71,9 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     divisible_by_16: tuple[str, ...] = ()
+    # the GPU families whose launcher picks this configuration (`arch_family`): the compile
+    # report and test compile it for these only
+    archs: tuple[int, ...] = (90, 80)
 
 
 def eager_or_op(op: Callable[..., Any], launcher: Callable[..., Any]) -> Callable[..., Any]:

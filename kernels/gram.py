@@ -82,13 +82,18 @@ This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.l
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
+from fastdino.kernels._utils import (
+    CompileSpec,
+    _cuda_arch_family,
+    arch_family,
+    eager_or_op,
+    is_interpreter,
+    next_pow2,
+)
 
 NORM_EPS = 1e-12  # F.normalize default, as in the official loss
 
@@ -538,18 +543,10 @@ def _dd_bwd_gpu(work: torch.dtype, arch: int = 90) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=warps, num_stages=3)
 
 
-def device_arch(device: torch.device) -> int:
-    """The tile family for a device: 90 (warpgroup MMA: sm_90, sm_100) or 80 (per-warp mma.sync:
-    sm_80..89 and consumer Blackwell sm_120, which has no wgmma)."""
-    if device.type != "cuda":
-        return 90  # interpreter: its own tiles, the arch is unused
-    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_arch(index: int) -> int:
-    major, _ = torch.cuda.get_device_capability(index)
-    return 90 if major in (9, 10) else 80
+# The tile family for a device: 90 (warpgroup MMA: sm_90, sm_100) or 80 (per-warp mma.sync:
+# sm_80..89 and consumer Blackwell sm_120, which has no wgmma); shared with the other kernels.
+device_arch = arch_family
+_cuda_arch = _cuda_arch_family  # its per-device cache
 
 
 ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this

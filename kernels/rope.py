@@ -36,7 +36,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
+from fastdino.kernels._utils import (
+    CompileSpec,
+    arch_family,
+    eager_or_op,
+    is_interpreter,
+    next_pow2,
+)
 
 LAYOUTS = ("bhnd", "bnhd")
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -215,7 +221,8 @@ def _rope_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_config(H: int, d_h: int, token_major: bool = False) -> dict:
+def _gpu_config(H: int, d_h: int, token_major: bool = False, fp32: bool = False,
+                arch: int = 90) -> dict:
     """GPU launch config. A half tile holds 1024 values (8 fp32 values per thread and tensor on 4
     warps): 16 per thread took 160-200 registers on sm_90 (fewer resident programs, fewer loads in
     flight for this memory-bound pass), 8 take 64-140 (cuobjdump, triton 3.9). BLOCK_H is the
@@ -226,15 +233,24 @@ def _gpu_config(H: int, d_h: int, token_major: bool = False) -> dict:
     of one head row per token. Measured on H200 (launchers alone, bf16, all 8 bench_rope shapes;
     copy roofline 4.24 TB/s): forward 2.9-3.5 TB/s, backward 3.0-3.6 TB/s from either gradient
     memory order. The previous rule (next_pow2(H) heads, masked lanes for ViT-S/B) was within
-    +-6% everywhere except ViT-S global, where its backward reached only 1.5-2.2 TB/s."""
+    +-6% everywhere except ViT-S global, where its backward reached only 1.5-2.2 TB/s.
+    Compiled with the runtime's 16-divisibility (16-byte vector loads), ptxas spilled one 64-bit
+    register (8 B of stack) in some 4-warp backward configs at 64 registers: bf16 on sm_80 under
+    triton 3.6, fp32 on sm_80 under 3.9 (bench compile-report). So the measured sm_90 bf16 tiles
+    keep 4 warps; sm_80 runs the same tile on 8 warps (40 registers, no stack, both tritons);
+    fp32 (not a speed path) a half-height tile on 8 warps (32 registers)."""
     half = d_h // 2
     block_h = min(H & -H, 2 if token_major else max(1, 512 // d_h))
-    return dict(HALF=half, BLOCK_T=max(1, 1024 // (block_h * half)), BLOCK_H=block_h, num_warps=4)
+    block_t = max(1, 1024 // (block_h * half))
+    if fp32:
+        return dict(HALF=half, BLOCK_T=max(1, block_t // 2), BLOCK_H=block_h, num_warps=8)
+    return dict(HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if arch == 90 else 8)
 
 
-def _config(H: int, d_h: int, num_tokens: int, token_major: bool = False) -> dict:
+def _config(H: int, d_h: int, num_tokens: int, token_major: bool = False,
+            fp32: bool = False, arch: int = 90) -> dict:
     """Fixed heuristic (no autotune: it cannot run under the interpreter)."""
-    cfg = _gpu_config(H, d_h, token_major)
+    cfg = _gpu_config(H, d_h, token_major, fp32, arch)
     if is_interpreter():  # the interpreter pays per op, not per element: few, big programs
         cfg["BLOCK_H"] = next_pow2(H) if H * d_h <= 1024 else cfg["BLOCK_H"]
         tile = cfg["BLOCK_H"] * cfg["HALF"]
@@ -267,7 +283,8 @@ def rope_fwd(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
                       dtype=qkv.dtype)
     if out.numel() == 0:
         return out
-    cfg = _config(num_heads, d_h, B * N)
+    cfg = _config(num_heads, d_h, B * N, fp32=qkv.dtype == torch.float32,
+                  arch=arch_family(qkv.device))
     grid = (triton.cdiv(B * N, cfg["BLOCK_T"]), triton.cdiv(num_heads, cfg["BLOCK_H"]))
     _rope_fwd_kernel[grid](
         out, qkv, cos, sin, B * N, N, n_prefix, num_heads, qkv.stride(0), qkv.stride(1),
@@ -292,7 +309,8 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Te
     # tiles; in [B, N, H, d_h] memory (flash-attn, and SDPA's flash path, which returns
     # transposes): whole token rows, as the forward
     sb, sn, sh = _strides_bnh(dq, layout)
-    cfg = _config(H, d_h, B * N, token_major=sn < sh)
+    cfg = _config(H, d_h, B * N, token_major=sn < sh, fp32=dq.dtype == torch.float32,
+                  arch=arch_family(dq.device))
     grid = (triton.cdiv(B * N, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
     _rope_bwd_kernel[grid](
         dqkv, dq, dk, dv, cos, sin, B * N, N, n_prefix, H,
@@ -374,6 +392,14 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _SHIPPED_HEADS = ((6, 64), (12, 64), (16, 64), (32, 128))
 
 
+def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
+    """What a real launch passes 16-divisible (triton specialises on it): every pointer (fresh
+    allocations, or q/k/v planes of a packed buffer at offsets of B·N·H·d_h elements) and every
+    stride (multiples of d_h = 64 for the shipped heads); not the token / prefix / head counts
+    (201 tokens, 5 prefix tokens at 224 px)."""
+    return tuple(n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride_"))
+
+
 def compile_specs() -> list[CompileSpec]:
     """Both kernels at each launch configuration the GPU heuristic picks for the shipped models
     (the forward always takes whole token rows; the backward both tile orders)."""
@@ -392,12 +418,19 @@ def compile_specs() -> list[CompileSpec]:
                        ("bwd", _rope_bwd_kernel, bwd_sig, False),
                        ("bwd", _rope_bwd_kernel, bwd_sig, True)]
             for kind, fn, sig, token_major in kernels:
-                cfg = _gpu_config(H, d_h, token_major)
-                warps = cfg.pop("num_warps")
-                tag = f"d_h={d_h},BLOCK_T={cfg['BLOCK_T']},BLOCK_H={cfg['BLOCK_H']},{ty}"
-                if (kind, tag) in seen:
-                    continue
-                seen.add((kind, tag))
-                specs.append(CompileSpec(f"rope_{kind}[{tag}]", fn, sig, cfg, num_warps=warps,
-                                         num_stages=1))
+                by_cfg: dict[tuple, list[int]] = {}  # one spec per distinct config, its archs
+                for arch in (90, 80):
+                    cfg = _gpu_config(H, d_h, token_major, fp32=ty == "fp32", arch=arch)
+                    by_cfg.setdefault(tuple(sorted(cfg.items())), []).append(arch)
+                for key, archs in by_cfg.items():
+                    cfg = dict(key)
+                    warps = cfg.pop("num_warps")
+                    tag = (f"d_h={d_h},BLOCK_T={cfg['BLOCK_T']},BLOCK_H={cfg['BLOCK_H']},{ty}"
+                           f",warps={warps}")
+                    if (kind, tag) in seen:
+                        continue
+                    seen.add((kind, tag))
+                    specs.append(CompileSpec(f"rope_{kind}[{tag}]", fn, sig, cfg,
+                                             num_warps=warps, num_stages=1,
+                                             divisible_by_16=_aligned(sig), archs=tuple(archs)))
     return specs

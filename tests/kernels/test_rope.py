@@ -265,3 +265,36 @@ def test_backbone_with_fused_rope_matches_the_reference_backbone():
         sum(d["x_norm_patchtokens"].square().sum() for d in o).backward()
     for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_gpu_config_is_a_compiled_spec_for_its_arch():
+    """The launch config the launcher picks for each shipped head shape, dtype, tile order and GPU
+    family is a compile spec listed for that family (so the compile report checks exactly what
+    runs); sm_80 and fp32 take the 8-warp tiles."""
+    from fastdino.kernels import rope
+
+    specs = rope.compile_specs()
+    for H, d_h in rope._SHIPPED_HEADS:
+        for fp32 in (False, True):
+            for token_major in (False, True):
+                for arch in (90, 80):
+                    cfg = rope._gpu_config(H, d_h, token_major, fp32, arch)
+                    match = [s for s in specs if s.num_warps == cfg["num_warps"]
+                             and all(s.constexprs[k] == v for k, v in cfg.items()
+                                     if k != "num_warps")
+                             and (",fp32," if fp32 else ",bf16,") in s.name]
+                    assert any(arch in s.archs for s in match), (H, d_h, fp32, token_major, arch)
+                    assert cfg["num_warps"] == (4 if arch == 90 and not fp32 else 8)
+
+
+def test_launch_uses_the_device_family(monkeypatch):
+    from fastdino.kernels import rope
+
+    seen = []
+    real = rope._gpu_config
+    monkeypatch.setattr(rope, "_gpu_config", lambda *a, **k: seen.append(a) or real(*a, **k))
+    monkeypatch.setattr(rope, "arch_family", lambda device: 80)
+    qkv = torch.randn(1, 5, 3 * 2 * 16, device=DEVICE)
+    sin, cos = torch.randn(4, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE)
+    rope.rope_fwd(qkv, cos, sin, 2, 1)
+    assert seen and seen[-1][-1] == 80
