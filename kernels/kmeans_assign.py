@@ -262,5 +262,10 @@ def compile_specs() -> list[CompileSpec]:
             name=f"kmeans_assign[{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},{ty}]",
             fn=_kmeans_assign_kernel, signature=sig,
             constexprs=dict(**cfg, UPCAST=False, IEEE=dtype == torch.float32),
-            num_warps=warps, num_stages=stages))
+            num_warps=warps, num_stages=stages,
+            # what real launches pass 16-divisible (triton specialises on it): pointers (fresh
+            # tensors or row chunks of embeddings), D and the row strides (embedding widths
+            # 384..4096); not the point / centroid counts
+            divisible_by_16=("Idx_ptr", "Dist_ptr", "X_ptr", "C_ptr", "Cn_ptr", "D",
+                             "stride_x_row", "stride_c_row")))
     return specs

@@ -379,6 +379,14 @@ _COMBOS = (  # (x, y and out; h; params): bf16 training, autocast (fp32 stream),
 )
 
 
+def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
+    """Arguments real launches pass 16-divisible (triton specialises on them, so the compile
+    report declares them): pointers (fresh tensors; `out` at an offset of T·D elements in the
+    packed [2, T, D] result), D and the row strides (widths 384..4096); not T."""
+    return tuple(n for n, ty in sig.items() if ty.startswith("*") or n == "D"
+                 or n.startswith("stride_"))
+
+
 def compile_specs() -> list[CompileSpec]:
     """Both kernels at the GPU launch config of each shipped width and dtype combination."""
     specs, seen = [], set()
@@ -405,5 +413,5 @@ def compile_specs() -> list[CompileSpec]:
                 if name not in seen:
                     seen.add(name)
                     specs.append(CompileSpec(name, fn, sig, cfg, num_warps=warps,
-                                             num_stages=stages))
+                                             num_stages=stages, divisible_by_16=_aligned(sig)))
     return specs

@@ -237,6 +237,15 @@ def swiglu(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 _SHIPPED_H = (1536, 5120, 8192)
 
 
+def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
+    """Arguments real launches pass 16-divisible (triton specialises on them, so the compile
+    report declares them): pointers (fresh tensors, or x2 at an offset of H elements in the
+    packed [T, 2H] projection), H and the row strides (the shipped hidden sizes are multiples of
+    64); not the token count T."""
+    return tuple(n for n, ty in sig.items() if ty.startswith("*") or n == "H"
+                 or n.startswith("stride_"))
+
+
 def compile_specs() -> list[CompileSpec]:
     specs, seen = [], set()
     for H in _SHIPPED_H:
@@ -255,5 +264,6 @@ def compile_specs() -> list[CompileSpec]:
             for kind, fn, sig in (("fwd", _swiglu_fwd_kernel, fwd_sig),
                                   ("bwd", _swiglu_bwd_kernel, bwd_sig)):
                 specs.append(CompileSpec(f"swiglu_{kind}[{tag}]", fn, sig, dict(cfg),
-                                         num_warps=warps, num_stages=stages))
+                                         num_warps=warps, num_stages=stages,
+                                         divisible_by_16=_aligned(sig)))
     return specs
