@@ -74,6 +74,8 @@ class ModelConfig:
     pretrained_weights: str | None = None
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no codegen, debug)
+    compile_fallback: bool = True  # a block whose compile fails runs eagerly (warned), no stop
 
     def validate(self, p: str = "model") -> None:
         _choice(self.arch, f"{p}.arch", ARCHS)

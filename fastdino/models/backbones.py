@@ -111,6 +111,21 @@ def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
         blk.attn.kernels_impl = kernels_impl
         blk.set_pointwise_fusion(kernels_impl, fuse_pointwise)
     if model_cfg.compile:
-        for blk in model.blocks:
-            blk.compile()  # in place; per block, as the official (compile after AC wrapping)
+        compile_blocks(model, model_cfg.compile_backend, model_cfg.compile_fallback)
     return model
+
+
+def compile_blocks(model: DinoVisionTransformer, backend: str, fallback: bool) -> None:
+    """torch.compile each block in place (per block, as the official code: after the activation
+    checkpointing wrap, so the recomputation is compiled too). With `fallback` a block whose
+    compile fails runs eagerly with a warning instead of stopping the run (dynamo's
+    suppress_errors: a process-wide switch; the math is the same either way)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"model.compile_backend = {backend!r} is not a torch.compile backend: "
+                         f"allowed is one of {' | '.join(sorted(known))}")
+    torch._dynamo.config.suppress_errors = fallback
+    for blk in model.blocks:
+        blk.compile(backend=backend)
