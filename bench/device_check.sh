@@ -129,11 +129,20 @@ CUDA=$(grep -q '^gpu ' "$OUT/env.txt" && echo yes || echo no)
 DS_FLOOR=0  # seconds kept for stage 5 when it will run
 [ "$DEEPSPEED" = yes ] && [ "$CUDA" = yes ] && DS_FLOOR=60
 
-# ---- 1. GPU tests and kernel parity tests (compile checks run in CI, not here)
+# ---- 1. GPU tests and kernel parity tests (compile checks run in CI, not here); the files with
+# GPU-only cases first (files listed in that order), in case the stage times out
+FIRST="tests/kernels/test_dino_loss_gpu.py tests/kernels/test_koleo_split.py"
+KFILES="$FIRST"
+for f in tests/kernels/test_*.py; do
+  case " $FIRST tests/kernels/test_compile.py tests/kernels/test_gram_compile.py " in
+    *" $f "*) ;;
+    *) KFILES="$KFILES $f" ;;
+  esac
+done
 if run_py -c "import pytest" 2>/dev/null; then
+  # shellcheck disable=SC2086  # KFILES is a list of paths without spaces
   run_stage pytest "$(stage_timeout 22 90)" "$OUT/pytest.log" \
-    "$PY" $PYFLAGS -m pytest tests/gpu tests/kernels -q -rs -p no:cacheprovider \
-      --ignore=tests/kernels/test_compile.py
+    "$PY" $PYFLAGS -m pytest tests/gpu $KFILES -q -rs -p no:cacheprovider
 else
   say "pytest   SKIPPED: pytest not installed"
 fi
