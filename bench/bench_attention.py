@@ -12,8 +12,8 @@ Shapes (bench/registry.py, B = batch_per_gpu images: 64 for ViT-S/B/L, 16 for 7B
                           (eval-mode sin/cos of the 14² and 6² grids), bf16 autocast over the fp32
                           residual stream (as the backbone runs it), LayerScale gamma = 1 (at the
                           init value 1e-5 the attention branch would be invisible to --check)
-Inputs of the op cases are the fused qkv projection output [crops, N, 3·D] (the op cases:
-`qkv_flat` [T, 3·D] for multicrop), split into q, k, v views exactly as the layer does
+The op cases take the fused qkv projection output, [crops, N, 3·D] (multicrop: `qkv_flat`
+[T, 3·D], the crop types back to back), split into q, k, v views exactly as the layer does
 (attention.py), so every provider pays the layer's layout and its dqkv assembly.
 
 FLOP count (the FlashAttention papers' convention, flash-attention
@@ -46,6 +46,7 @@ Providers (a backend the device cannot run is left out and named in `params.unsu
                     multicrop: varlen when flash-attn is there); the block runs attn_impl=auto
                     with kernels_impl=triton (fused Triton RoPE)
     sdpa_triton     (block) attn_impl=sdpa + kernels_impl=triton
+    flash_attn      (block) attn_impl=flash_attn: the crop types packed into one varlen call
 `extra["check_providers"]` lists every provider that --check should judge against `torch` (the
 harness judges "triton"; tests/unit/test_bench_attention.py judges them all on CPU).
 """
@@ -245,7 +246,8 @@ def _crop_types(s: DinoShape, images: int, global_grid: int | None = None,
     prefix = 1 + s.n_storage_tokens
     g = global_grid or s.global_size // s.patch
     loc = local_grid or s.local_size // s.patch
-    return {"global": (2 * images, prefix + g * g), "local": (s.n_local * images, prefix + loc * loc)}
+    return {"global": (2 * images, prefix + g * g),
+            "local": (s.n_local * images, prefix + loc * loc)}
 
 
 def _atol(dtype: torch.dtype) -> float:
@@ -438,9 +440,13 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
 
 
 def summarize(records: list[dict]) -> str:
-    """Table of the attention bench rows of a results JSONL: TFLOP/s and % of the FA3 anchor."""
+    """Table of the attention bench rows of a results JSONL: TFLOP/s and % of the FA3 anchor
+    (a forward number: the verdict against the 60 % target is given on fwd rows only; bwd and
+    fwd+bwd rows show their % of the same forward anchor for reference). Block rows count the
+    whole block's matmuls, so they get no FA3 percentage. The anchor is H100 SXM; an H200 has
+    the same bf16 peak, so a compute-bound attention compares, but say which card it was."""
     lines = [f"{'case':28s} {'provider':18s} {'mode':8s} {'ms':>9s} {'TFLOP/s':>8s} "
-             f"{'% FA3':>6s}  target"]
+             f"{'% FA3':>6s}  target {TARGET_FRACTION:.0%} of FA3 fwd"]
     for r in records:
         if r.get("kind") != "bench" or r.get("op") != "attention" or not r.get("ms"):
             continue
@@ -448,7 +454,8 @@ def summarize(records: list[dict]) -> str:
         tf = m.get("value")
         ref = p.get("fa3_ref_tflops")
         pct = 100 * tf / ref if tf and ref and p.get("kind") != "block" else None
-        ok = "" if pct is None else ("MET" if pct >= 100 * TARGET_FRACTION else "below")
+        ok = "" if pct is None or r["mode"] != "fwd" else (
+            "MET" if pct >= 100 * TARGET_FRACTION else "below")
         lines.append(f"{r['case']:28s} {r['provider']:18s} {r['mode']:8s} "
                      f"{r['ms']['median']:9.3f} {tf or 0:8.1f} "
                      f"{'' if pct is None else f'{pct:6.1f}':>6s}  {ok}")

@@ -32,7 +32,8 @@ def test_attention_flops_hand_count():
     fwd, bwd = ba.attention_flops([(2, 201)], 6, 64)
     assert fwd == 124_111_872
     assert bwd == 310_279_680
-    # crop types add: 8 local sequences of 41 tokens, 6 heads: 8·6·4·41²·64 = 192·1681·64 = 20,656,128
+    # crop types add: 8 local sequences of 41 tokens, 6 heads:
+    # 8·6·4·41²·64 = 192·1681·64 = 20,656,128
     fwd2, _ = ba.attention_flops([(2, 201), (8, 41)], 6, 64)
     assert fwd2 == 124_111_872 + 20_656_128
 
@@ -210,10 +211,12 @@ def _rec(op, case, provider, mode, ms, tflops, params):
 def test_summaries():
     p = {"kind": "op", **ba.fa3_reference(64)}
     txt = ba.summarize([_rec("attention", "vitl16-op-global", "flash_attn", "fwd", 0.1, 137.9, p),
-                        _rec("attention", "vitl16-op-global", "sdpa", "fwd", 0.2, 59.1, p)])
+                        _rec("attention", "vitl16-op-global", "sdpa", "fwd", 0.2, 59.1, p),
+                        _rec("attention", "vitl16-op-global", "sdpa", "bwd", 0.2, 59.1, p)])
     lines = txt.splitlines()
     assert "70.0" in lines[1] and "MET" in lines[1]  # 137.9 / 197 = 70 %
     assert "30.0" in lines[2] and "below" in lines[2]
+    assert "30.0" in lines[3] and "below" not in lines[3]  # the anchor is a forward number
     sp = {"images": 64}
     txt = bs.summarize([_rec("student", "vits16-student", "sdpa", "fwd+bwd", 130.0, 1, sp),
                         _rec("student", "vits16-student", "triton", "fwd+bwd", 100.0, 1, sp)])
