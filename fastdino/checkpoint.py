@@ -90,7 +90,8 @@ def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state:
     engine.save_checkpoint(str(partial_root), tag)
     torch.save(rng_state(), partial / f"rng_rank{fdist.get_rank()}.pt")
     if fdist.is_main_process():
-        torch.save({**trainer_state, "iteration": iteration, "world_size": fdist.get_world_size()},
+        torch.save({**trainer_state, "iteration": iteration, "world_size": fdist.get_world_size(),
+                    "micro_batch_size": getattr(engine, "micro_batch_size", None)},
                    partial / STATE_FILE)
     fdist.barrier()
     final = ckpt_dir / tag
@@ -149,15 +150,60 @@ def load_checkpoint(path: Path, engine) -> dict:
     """Collective. Loads the engine state; returns the trainer state, with this rank's RNG states
     under "rng" (None if the world size changed). The caller restores them with `set_rng_state`
     as the very last thing before the first step (building a DataLoader iterator draws from the
-    global torch RNG, so restoring earlier would shift the stream)."""
-    engine.load_checkpoint(str(path.parent), path.name)
+    global torch RNG, so restoring earlier would shift the stream).
+
+    Another number of ranks than the writer's (USERS.md §5): the engine re-partitions the ZeRO
+    state (parallel.py: DeepSpeed universal checkpoint; student weights, AdamW moments and step
+    count carry over), the teachers and loss state are replicated anyway, and the data position
+    is remapped by `remap_data_position`. Not restored: the RNG streams (per rank) — the run
+    continues correctly but not bit-exactly as any run of fixed size would."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    saved, world = state.get("world_size"), fdist.get_world_size()
+    engine.load_checkpoint(str(path.parent), path.name, saved_world_size=saved)
     rng_file = path / f"rng_rank{fdist.get_rank()}.pt"
     state["rng"] = None
-    if state.get("world_size") == fdist.get_world_size() and rng_file.is_file():
+    if saved == world and rng_file.is_file():
         state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
     else:
         logger.warning("checkpoint %s was written by %s ranks, this run has %d: RNG states not "
-                       "restored (the run continues, but not bit-exactly)", path,
-                       state.get("world_size"), fdist.get_world_size())
+                       "restored (the run continues, but not bit-exactly)", path, saved, world)
+    if saved is not None and saved != world and "data_iteration" in state:
+        state["data_iteration"] = remap_data_position(
+            state["data_iteration"], saved, state.get("micro_batch_size"), world,
+            getattr(engine, "micro_batch_size", None), path)
     return state
+
+
+def remap_data_position(micro_batches: int, saved_world: int, saved_batch: int | None,
+                        world: int, batch: int | None, path: Path | str = "checkpoint") -> int:
+    """This rank's loader position (micro-batches) that continues a run of `saved_world` ranks
+    x `saved_batch` images at `micro_batches`, on `world` ranks x `batch` images.
+
+    The loader's image stream does not depend on the world size (data/loader.py: epoch
+    permutations seeded by (data.seed, epoch); rank r of W reads global positions k*W + r, so
+    after s micro-batches of B images the W ranks together have read exactly positions
+    0 .. s*B*W - 1). Continuing at the same global image count G = s*B*W is therefore exact
+    when B'*W' divides G: every image is seen as often as in an uninterrupted run. Otherwise the
+    run restarts at the micro-batch boundary before G, and up to B'*W' - 1 images of the last
+    global batch are seen a second time. What cannot carry over: which rank / micro-batch an image
+    lands in (batch composition for Sinkhorn-Knopp, KoLeo, iBOT masks), and the global batch
+    B'*W'*gas (the lr scaling uses the new one; schedules stay indexed by iteration)."""
+    if saved_batch is None:  # checkpoints written before the field existed
+        saved_batch = batch
+    if batch is None:
+        batch = saved_batch
+    if batch is None:
+        raise ValueError(f"{path}: cannot remap the data position from {saved_world} to {world} "
+                         "ranks without the micro-batch size")
+    images = micro_batches * saved_batch * saved_world
+    per_step = batch * world
+    new, rest = divmod(images, per_step)
+    if rest:
+        logger.warning("%s: %d images seen by %d ranks x %d per micro-batch is not a multiple of "
+                       "%d ranks x %d: the data continues at global image %d (%d images of the "
+                       "last global batch are seen again)", path, images, saved_world, saved_batch,
+                       world, batch, new * per_step, rest)
+    logger.info("%s: data position %d micro-batches x %d ranks x %d images -> %d micro-batches "
+                "x %d ranks x %d images (global image %d)", path, micro_batches, saved_world,
+                saved_batch, new, world, batch, new * per_step)
+    return new

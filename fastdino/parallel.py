@@ -292,18 +292,24 @@ class TorchStudent(_StudentBase):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    micro_batch_size = None  # not known here (and one process: the world size never changes)
+
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         if fdist.is_main_process():
             torch.save({"module": self.module.state_dict(),
                         "optimizer": self.optimizer.state_dict()},
-                       Path(save_dir) / tag / "torch_engine.pt")
+                       Path(save_dir) / tag / TORCH_ENGINE_FILE)
 
-    def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        path = Path(load_dir) / tag / "torch_engine.pt"
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None) -> None:
+        path = Path(load_dir) / tag / TORCH_ENGINE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: was this checkpoint written by the plain "
-                                    "torch engine? (DeepSpeed checkpoints need the deepspeed "
-                                    "launcher)")
+            if any(path.parent.glob("*model_states.pt")):
+                raise RuntimeError(
+                    f"{path.parent} was written by the DeepSpeed engine ({saved_world_size or '?'} "
+                    "rank(s)); this run uses the plain torch engine (`python fastdino/train.py`). "
+                    "Resume it under DeepSpeed, with any number of ranks: `deepspeed --num_gpus N "
+                    "fastdino/train.py ...` (N=1 works)")
+            raise FileNotFoundError(f"{path} not found: not a checkpoint of the plain torch engine")
         sd = torch.load(path, map_location=self.device, weights_only=True)
         self.module.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])
@@ -424,11 +430,106 @@ class DeepSpeedStudent(_StudentBase):
         else:
             super()._scale_fragments(frags, coef)
 
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per rank per micro-batch (recorded in checkpoints for the data position)."""
+        return self.engine.train_micro_batch_size_per_gpu()
+
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
 
-    def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None) -> None:
+        """Collective. Same data-parallel size as the writer (or ZeRO-0: replicated optimizer
+        state): DeepSpeed's own loader. Another size: DeepSpeed refuses ZeRO-1/2/3 partitions
+        written by another world size (ZeRORuntimeException, 0.19: elastic_checkpoint does not
+        lift it), so the checkpoint is converted once into a universal checkpoint (per-parameter
+        fp32 master, exp_avg, exp_avg_sq, step: `<ckpt>/universal/`, see `universal_checkpoint`)
+        and loaded with DeepSpeed's universal loader, which re-partitions it for this world."""
+        ckpt = Path(load_dir) / tag
+        if not any(ckpt.glob("*model_states.pt")):
+            if (ckpt / TORCH_ENGINE_FILE).is_file():
+                raise RuntimeError(
+                    f"{ckpt} was written by the plain torch engine (one process, `python "
+                    "fastdino/train.py`); this run uses the DeepSpeed engine. Resume it with "
+                    "`python fastdino/train.py ...` (the plain torch engine), or start afresh")
+            raise FileNotFoundError(f"{ckpt}: no DeepSpeed checkpoint files (*model_states.pt)")
+        world = fdist.get_world_size()
+        if saved_world_size in (None, world) or self.zero_stage == 0:
+            path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
+            return
+        uni = universal_checkpoint(ckpt, self.device)
+        logger.info("checkpoint %s was written by %d ranks, this run has %d: loading its universal "
+                    "form %s (ZeRO-%d partitions rebuilt for %d ranks)", ckpt, saved_world_size,
+                    world, uni, self.zero_stage, world)
+        cfg = self.engine._config  # DeepSpeed reads the flag at load time only
+        before = cfg.load_universal_checkpoint
+        cfg.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(str(uni.parent), tag=uni.name,
+                                                  load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            cfg.load_universal_checkpoint = before
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
+            raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {uni}")
+        self._load_buffers(ckpt)
+
+    def _load_buffers(self, ckpt: Path) -> None:
+        """The universal loader restores parameters only: buffers (RoPE periods, qkv bias masks)
+        are read from the original checkpoint's module state (full on every rank's file)."""
+        f = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))[0]
+        sd = torch.load(f, map_location="cpu", weights_only=True)["module"]
+        with torch.no_grad():
+            for name, buf in self.module.named_buffers():
+                if name in sd:
+                    buf.copy_(sd[name].to(buf.dtype))
+
+
+TORCH_ENGINE_FILE = "torch_engine.pt"
+UNIVERSAL_DIR = "universal"
+
+
+def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
+    """Collective. `<ckpt>/universal`: DeepSpeed's universal form of the ZeRO checkpoint `ckpt`
+    (deepspeed.checkpoint.ds_to_universal), converted by rank 0 the first time and reused after.
+    Atomic: written into `<ckpt>/.universal.partial/`, then renamed (its presence = complete).
+    Every rank must see `ckpt` (a filesystem shared by the ranks, as for any ZeRO checkpoint)."""
+    out = ckpt / UNIVERSAL_DIR
+    err = ""
+    if fdist.is_main_process() and not out.is_dir():
+        try:
+            _convert_to_universal(ckpt, out)
+        except Exception as e:  # every rank raises below, none hangs in the barrier
+            err = f"{type(e).__name__}: {e}"
+            logger.error("universal conversion of %s failed: %s", ckpt, err)
+    failed = fdist.all_reduce_max(torch.tensor([1.0 if err else 0.0], device=device))
+    if failed.item() > 0:
+        raise RuntimeError(
+            f"could not convert {ckpt} (written by another number of ranks) into a universal "
+            f"checkpoint in {out}: {err or 'failed on rank 0 (see its log)'}. The directory must be "
+            "writable (copy the checkpoint directory somewhere writable and resume from there), "
+            "or resume with the number of ranks that wrote it")
+    return out
+
+
+def _convert_to_universal(ckpt: Path, out: Path) -> None:
+    import argparse
+    import io
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    partial = ckpt / ".universal.partial"
+    if partial.exists():  # a conversion killed half-way
+        shutil.rmtree(partial)
+    args = argparse.Namespace(  # ds_to_universal's own options; one worker: no process pool
+        input_folder=str(ckpt), output_folder=str(partial / UNIVERSAL_DIR), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True)  # our engine does not record UNIVERSAL_CHECKPOINT_INFO
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+        ds_to_universal.main(args)
+    os.rename(partial / UNIVERSAL_DIR, out)  # it also wrote partial/latest_universal: dropped
+    shutil.rmtree(partial)
