@@ -161,13 +161,14 @@ def format_bench_table(records: list[dict[str, Any]]) -> str:
 
 
 def format_check_table(records: list[dict[str, Any]]) -> str:
-    head = (f"{'op':<12} {'case':<24} {'dtype':<8} {'quantity':<20} {'max|k-truth|':>13} "
-            f"{'max|torch-truth|':>16} {'rel':>9} {'bound':>10}  result")
+    head = (f"{'op':<12} {'case':<24} {'provider':<18} {'dtype':<8} {'quantity':<20} "
+            f"{'max|k-truth|':>13} {'max|torch-truth|':>16} {'rel':>9} {'bound':>10}  result")
     lines = [head, "-" * len(head)]
     for r in records:
         ok = "PASS" if r["passed"] else "FAIL"
         lines.append(
-            f"{r['op']:<12} {r['case']:<24} {r['dtype']:<8} {r['quantity']:<20} "
+            f"{r['op']:<12} {r['case']:<24} {r.get('provider', 'triton'):<18} {r['dtype']:<8} "
+            f"{r['quantity']:<20} "
             f"{_fmt(r['err_kernel'], '.3e'):>13} {_fmt(r['err_torch'], '.3e'):>16} "
             f"{_fmt(r['rel_kernel'], '.2e'):>9} {_fmt(r['bound'], '.3e'):>10}  {ok}"
             + (f" ({r['note']})" if r["note"] else ""))

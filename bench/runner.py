@@ -51,26 +51,29 @@ def bench_records(cases, args, device, env, roof: Roofline) -> list[dict]:
 
 
 def check_records(cases, env, device) -> list[dict]:
+    """Parity rows of every case: the provider `triton` against the reference, or each provider a
+    case names in `extra["check_providers"]` (e.g. every attention backend)."""
     records = []
     for case in cases:
-        try:
-            rows = check_case(case, device)
-        except Exception as e:
-            traceback.print_exc()
-            rows = None
-            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        if rows is None:
-            rec = {"schema": results.SCHEMA_VERSION, "kind": "check", "time": results.now(),
-                   **env, "op": case.op, "case": case.name,
-                   "dtype": str(case.dtype).replace("torch.", ""), "params": case.params,
-                   "provider": "triton", "quantity": "run", "err_kernel": None,
-                   "err_torch": None, "rel_kernel": None, "scale": None, "bound": None,
-                   "passed": False, "note": err}
-            records.append(rec)
-        else:
-            records += [results.check_record(env, r, case.params, "triton") for r in rows]
-        n = 1 if rows is None else len(rows)
-        print(results.format_check_table(records[-n:]), flush=True)
+        for provider in (case.extra or {}).get("check_providers", ["triton"]):
+            try:
+                rows = check_case(case, device, provider=provider)
+            except Exception as e:
+                traceback.print_exc()
+                rows = None
+                err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if rows is None:
+                rec = {"schema": results.SCHEMA_VERSION, "kind": "check", "time": results.now(),
+                       **env, "op": case.op, "case": case.name,
+                       "dtype": str(case.dtype).replace("torch.", ""), "params": case.params,
+                       "provider": provider, "quantity": "run", "err_kernel": None,
+                       "err_torch": None, "rel_kernel": None, "scale": None, "bound": None,
+                       "passed": False, "note": err}
+                records.append(rec)
+            else:
+                records += [results.check_record(env, r, case.params, provider) for r in rows]
+            n = 1 if rows is None else len(rows)
+            print(results.format_check_table(records[-n:]), flush=True)
     return records
 
 

@@ -121,6 +121,22 @@ def test_check_case_forward_and_gradients(monkeypatch):
     assert not any(r.passed for r in bad), bad
 
 
+def test_check_records_judges_every_named_provider(monkeypatch):
+    """`extra["check_providers"]` makes --check judge each named provider (e.g. every attention
+    backend), one record per provider and quantity, a wrong one failing on its own."""
+    from bench.runner import check_records
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = _fake_case(1.5)
+    case.providers["wrong"] = _fake_case(3.0).providers["triton"]
+    case.extra["check_providers"] = ["triton", "wrong"]
+    recs = check_records([case], results.environment(), torch.device("cpu"))
+    verdict = {(r["provider"], r["quantity"]): r["passed"] for r in recs}
+    assert verdict == {("triton", "forward"): True, ("triton", "grad:x"): True,
+                       ("wrong", "forward"): False, ("wrong", "grad:x"): False}
+    assert "wrong" in results.format_check_table(recs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Roofline arithmetic and timing statistics
 
