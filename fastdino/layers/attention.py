@@ -13,6 +13,8 @@ or, with a flash-attn backend, once over all crop types packed as variable-lengt
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,15 @@ from fastdino.layers.select import use_triton
 from fastdino.layers.token_cat import cat_keep_shapes, uncat_with_shapes
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
+
+
+@functools.lru_cache(maxsize=64)
+def packed_cu_seqlens(crops: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """[1 + sum_i B_i] int32 sequence starts of the packed crop types ((B_i, N_i) each): built
+    once per step shape and device, not on the host with a host-to-device copy in every layer of
+    every step (which also kept the step out of CUDA-graph capture). Read-only."""
+    lengths = [n for b, n in crops for _ in range(b)]
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
 
 class LinearKMaskedBias(nn.Linear):
@@ -125,8 +136,8 @@ class SelfAttention(nn.Module):
             offset += b * n
         q, k = torch.cat(q_parts), torch.cat(k_parts)  # [T, H, d_h]
         v = torch.cat(v_parts) if fused else qkv_flat.view(T, 3, H, d_h)[:, 2]
-        cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        o = varlen_attention(q, k, v, cu_seqlens.to(qkv_flat.device), max(lengths), backend)
+        cu_seqlens = packed_cu_seqlens(tuple((s[0], s[1]) for s in shapes), qkv_flat.device)
+        o = varlen_attention(q, k, v, cu_seqlens, max(lengths), backend)
         return o.reshape(T, H * d_h)
 
     def forward_list(self, x_list: list[torch.Tensor], rope_list: list[Rope]) -> list[torch.Tensor]:

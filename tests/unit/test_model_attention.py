@@ -125,3 +125,12 @@ def test_flash_attn_is_never_imported_at_module_import(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_packed_cu_seqlens_are_the_sequence_starts_and_built_once():
+    from fastdino.layers.attention import packed_cu_seqlens
+
+    cpu = torch.device("cpu")
+    cu = packed_cu_seqlens(((2, 5), (3, 2)), cpu)  # 2 crops of 5 tokens, then 3 of 2
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 10, 12, 14, 16]
+    assert packed_cu_seqlens(((2, 5), (3, 2)), cpu) is cu
