@@ -466,6 +466,7 @@ class DeepSpeedStudent(_StudentBase):
                     world, uni, self.zero_stage, world)
         cfg = self.engine._config  # DeepSpeed reads the flag at load time only
         before = cfg.load_universal_checkpoint
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         cfg.load_universal_checkpoint = True
         try:
             path, _ = self.engine.load_checkpoint(str(uni.parent), tag=uni.name,
@@ -475,7 +476,27 @@ class DeepSpeedStudent(_StudentBase):
             cfg.load_universal_checkpoint = before
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {uni}")
+        # DeepSpeed 0.19.8's ZeRO-3 universal loader copies group 0's keys into every param
+        # group: our per-group lr_multiplier / wd_multiplier / is_last_layer would all become
+        # those of group 0. They are a function of the model and config (lr and weight_decay are
+        # rewritten from the schedules every step), so ours are put back, for every stage.
+        for g, mine in zip(self.param_groups, groups, strict=True):
+            g.update(mine)
+        self._fix_adam_steps()
         self._load_buffers(ckpt)
+
+    def _fix_adam_steps(self) -> None:
+        """DeepSpeed 0.19.8's ZeRO-3 universal loader gives every sub-group's AdamW state the
+        *same* `step` tensor, which torch's AdamW then increments in place once per sub-group
+        per step (2 -> 16 after one step with 14 groups: wrong bias corrections). Each state
+        gets its own step tensor, placed as torch's AdamW keeps it (on the parameter's device
+        when fused / capturable, else a CPU float32 scalar)."""
+        base = self.engine.optimizer.optimizer  # torch AdamW under the ZeRO optimizer
+        on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+        for p, st in base.state.items():
+            if "step" in st:
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32,
+                                          device=p.device if on_device else "cpu")
 
     def _load_buffers(self, ckpt: Path) -> None:
         """The universal loader restores parameters only: buffers (RoPE periods, qkv bias masks)
@@ -509,8 +530,8 @@ def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
     if failed.item() > 0:
         raise RuntimeError(
             f"could not convert {ckpt} (written by another number of ranks) into a universal "
-            f"checkpoint in {out}: {err or 'failed on rank 0 (see its log)'}. The directory must be "
-            "writable (copy the checkpoint directory somewhere writable and resume from there), "
+            f"checkpoint in {out}: {err or 'failed on rank 0 (see its log)'}. The directory must "
+            "be writable (copy the checkpoint directory somewhere writable and resume from there), "
             "or resume with the number of ranks that wrote it")
     return out
 

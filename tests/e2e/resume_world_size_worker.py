@@ -8,8 +8,9 @@ the full fp32 master / AdamW moment of each parameter, assembled from every rank
 independently of the checkpoint code under test:
 - with --dump-at-load: DIR/at_load.pt right after `Trainer(cfg)` (i.e. after the resume);
 - always: DIR/at_end.pt after `trainer.train()` (the state of the run's last checkpoint).
-Each file: {"master", "exp_avg", "exp_avg_sq", "module": {param name: tensor}, "steps": [AdamW
-step counts of every rank's param groups], "start_iteration", "start_micro_batch", "world"}.
+Each file: {"master", "exp_avg", "exp_avg_sq", "module": {param name: tensor}, "steps": (min, max)
+of the AdamW step counts over every rank's param groups, "groups": the param groups' settings other
+than lr / weight_decay (multipliers, betas, ...), "start_iteration", "start_micro_batch", "world"}.
 """
 
 import argparse
@@ -55,7 +56,9 @@ def dump(trainer, path: Path) -> None:
     steps = _steps(engine) or [float("nan")]  # (min, max) over all ranks' groups
     lo = -fdist.all_reduce_max(torch.tensor([-min(steps)], dtype=torch.float64)).item()
     hi = fdist.all_reduce_max(torch.tensor([max(steps)], dtype=torch.float64)).item()
-    out.update(steps=[lo, hi], start_iteration=trainer.start_iteration,
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "weight_decay")}
+              for g in engine.param_groups]  # lr / wd: rewritten from the schedules each step
+    out.update(steps=[lo, hi], groups=groups, start_iteration=trainer.start_iteration,
                start_micro_batch=trainer.start_micro_batch, world=fdist.get_world_size())
     if fdist.is_main_process():
         torch.save(out, path)
