@@ -27,9 +27,15 @@ from fastdino.train import Trainer
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW: under the ZeRO optimizer (ZeRO-1/2/3), or DeepSpeed's own (ZeRO-0 fp32)."""
+    opt = engine.engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
 def _steps(engine) -> list[float]:
     """The AdamW step count of every param group this rank's base optimizer holds state for."""
-    base = engine.engine.optimizer.optimizer  # DeepSpeed ZeRO optimizer -> torch AdamW
+    base = _base_optimizer(engine)
     return [float(st["step"]) for st in base.state.values() if "step" in st]
 
 
@@ -46,10 +52,13 @@ def dump(trainer, path: Path) -> None:
         zero._lazy_init_hp_params_optimizer_state()
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     out = {"master": {}, "exp_avg": {}, "exp_avg_sq": {}, "module": {}}
+    base = _base_optimizer(engine)
     for n, p in named:
-        out["master"][n] = safe_get_full_fp32_param(p).detach().cpu().clone()
+        master = safe_get_full_fp32_param(p)  # None under ZeRO-0: replicated fp32 params
+        out["master"][n] = (p if master is None else master).detach().cpu().clone()
         for k in ("exp_avg", "exp_avg_sq"):
-            out[k][n] = safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+            v = base.state[p][k] if master is None else safe_get_full_optimizer_state(p, k)
+            out[k][n] = v.detach().cpu().clone()
     with engine.full_values([p for _, p in named]) as vals:
         out["module"] = {n: v.detach().float().cpu().clone()
                          for (n, _), v in zip(named, vals, strict=True)}
