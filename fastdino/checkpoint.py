@@ -48,7 +48,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
             _fsync_path(Path(dirpath) / f)
@@ -96,7 +96,7 @@ def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state:
     fdist.barrier()
     final = ckpt_dir / tag
     if fdist.is_main_process():
-        _fsync_tree(partial)
+        fsync_tree(partial)
         if final.exists():  # e.g. the end-of-run save at a periodic-save iteration
             shutil.rmtree(final)
         os.rename(partial, final)

@@ -40,10 +40,13 @@ accumulate until `step` clears them.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,18 +304,44 @@ class TorchStudent(_StudentBase):
                        Path(save_dir) / tag / TORCH_ENGINE_FILE)
 
     def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None) -> None:
-        path = Path(load_dir) / tag / TORCH_ENGINE_FILE
-        if not path.is_file():
-            if any(path.parent.glob("*model_states.pt")):
-                raise RuntimeError(
-                    f"{path.parent} was written by the DeepSpeed engine ({saved_world_size or '?'} "
-                    "rank(s)); this run uses the plain torch engine (`python fastdino/train.py`). "
-                    "Resume it under DeepSpeed, with any number of ranks: `deepspeed --num_gpus N "
-                    "fastdino/train.py ...` (N=1 works)")
-            raise FileNotFoundError(f"{path} not found: not a checkpoint of the plain torch engine")
-        sd = torch.load(path, map_location=self.device, weights_only=True)
-        self.module.load_state_dict(sd["module"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        """Its own checkpoint (torch_engine.pt), or a DeepSpeed one written by any number of ranks:
+        ZeRO-0 holds the full AdamW state in its model file; ZeRO-1/2/3 partitions are read
+        through their universal form (`universal_checkpoint`, needs deepspeed installed)."""
+        ckpt = Path(load_dir) / tag
+        path = ckpt / TORCH_ENGINE_FILE
+        if path.is_file():
+            sd = torch.load(path, map_location=self.device, weights_only=True)
+            self.module.load_state_dict(sd["module"])
+            self.optimizer.load_state_dict(sd["optimizer"])
+            return
+        model_files = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))
+        if not model_files:
+            raise FileNotFoundError(f"{ckpt}: neither {TORCH_ENGINE_FILE} (plain torch engine) nor "
+                                    "DeepSpeed checkpoint files (*model_states.pt)")
+        logger.info("checkpoint %s was written by the DeepSpeed engine (%s rank(s)); this run uses "
+                    "the plain torch engine", ckpt, saved_world_size or "?")
+        if not any(ckpt.glob("*optim_states.pt")):  # ZeRO-0: replicated, full AdamW state
+            sd = torch.load(model_files[0], map_location=self.device, weights_only=True)
+            self.module.load_state_dict(sd["module"])
+            self.optimizer.load_state_dict(sd["optimizer"])
+            return
+        if deepspeed is None:
+            raise RuntimeError(
+                f"{ckpt} was written by the DeepSpeed engine ({saved_world_size or '?'} rank(s), "
+                "ZeRO partitions); this run uses the plain torch engine and reading the "
+                "partitions needs DeepSpeed: pip install deepspeed, or resume with `deepspeed "
+                "--num_gpus N fastdino/train.py ...`")
+        zero = universal_checkpoint(ckpt, self.device) / "zero"
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                p.copy_(_read_universal(zero / name, "fp32").reshape(p.shape))
+                if p.requires_grad:
+                    self.optimizer.state[p] = {
+                        "step": adam_step_tensor(_read_universal(zero / name, "step"), p,
+                                                 self.optimizer),
+                        **{k: _read_universal(zero / name, k).reshape(p.shape).to(p)
+                           for k in ("exp_avg", "exp_avg_sq")}}
+        load_buffers(self.module, ckpt)
 
 
 class DeepSpeedStudent(_StudentBase):
@@ -446,24 +475,32 @@ class DeepSpeedStudent(_StudentBase):
         fp32 master, exp_avg, exp_avg_sq, step: `<ckpt>/universal/`, see `universal_checkpoint`)
         and loaded with DeepSpeed's universal loader, which re-partitions it for this world."""
         ckpt = Path(load_dir) / tag
-        if not any(ckpt.glob("*model_states.pt")):
-            if (ckpt / TORCH_ENGINE_FILE).is_file():
-                raise RuntimeError(
-                    f"{ckpt} was written by the plain torch engine (one process, `python "
-                    "fastdino/train.py`); this run uses the DeepSpeed engine. Resume it with "
-                    "`python fastdino/train.py ...` (the plain torch engine), or start afresh")
-            raise FileNotFoundError(f"{ckpt}: no DeepSpeed checkpoint files (*model_states.pt)")
+        from_torch = (ckpt / TORCH_ENGINE_FILE).is_file()  # the plain torch engine wrote it
+        if not from_torch and not any(ckpt.glob("*model_states.pt")):
+            raise FileNotFoundError(f"{ckpt}: neither DeepSpeed checkpoint files "
+                                    f"(*model_states.pt) nor {TORCH_ENGINE_FILE} (torch engine)")
         world = fdist.get_world_size()
-        if saved_world_size in (None, world) or self.zero_stage == 0:
+        if from_torch and self.zero_stage == 0:  # DeepSpeed steps our torch AdamW itself
+            sd = torch.load(ckpt / TORCH_ENGINE_FILE, map_location=self.device, weights_only=True)
+            self.module.load_state_dict(sd["module"])
+            base = self.engine.optimizer
+            if not isinstance(base, torch.optim.Optimizer):
+                raise RuntimeError(f"{ckpt} was written by the plain torch engine; this run's "
+                                   f"DeepSpeed ZeRO-0 optimizer ({type(base).__name__}) cannot "
+                                   "take its AdamW state: resume with deepspeed.zero_stage>=1")
+            base.load_state_dict(sd["optimizer"])
+            return
+        if not from_torch and (saved_world_size in (None, world) or self.zero_stage == 0):
             path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
             return
         uni = universal_checkpoint(ckpt, self.device)
-        logger.info("checkpoint %s was written by %d ranks, this run has %d: loading its universal "
-                    "form %s (ZeRO-%d partitions rebuilt for %d ranks)", ckpt, saved_world_size,
-                    world, uni, self.zero_stage, world)
+        logger.info("checkpoint %s was written by %s, this run has %d DeepSpeed rank(s): loading "
+                    "its universal form %s (ZeRO-%d partitions built for %d ranks)", ckpt,
+                    "the plain torch engine" if from_torch else f"{saved_world_size} ranks", world,
+                    uni, self.zero_stage, world)
         cfg = self.engine._config  # DeepSpeed reads the flag at load time only
         before = cfg.load_universal_checkpoint
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
@@ -483,74 +520,152 @@ class DeepSpeedStudent(_StudentBase):
         for g, mine in zip(self.param_groups, groups, strict=True):
             g.update(mine)
         self._fix_adam_steps()
-        self._load_buffers(ckpt)
+        load_buffers(self.module, ckpt)
 
     def _fix_adam_steps(self) -> None:
         """DeepSpeed 0.19.8's ZeRO-3 universal loader gives every sub-group's AdamW state the
         *same* `step` tensor, which torch's AdamW then increments in place once per sub-group
         per step (2 -> 16 after one step with 14 groups: wrong bias corrections). Each state
-        gets its own step tensor, placed as torch's AdamW keeps it (on the parameter's device
-        when fused / capturable, else a CPU float32 scalar)."""
+        gets its own step tensor."""
         base = self.engine.optimizer.optimizer  # torch AdamW under the ZeRO optimizer
-        on_device = base.defaults.get("fused") or base.defaults.get("capturable")
         for p, st in base.state.items():
             if "step" in st:
-                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32,
-                                          device=p.device if on_device else "cpu")
-
-    def _load_buffers(self, ckpt: Path) -> None:
-        """The universal loader restores parameters only: buffers (RoPE periods, qkv bias masks)
-        are read from the original checkpoint's module state (full on every rank's file)."""
-        f = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))[0]
-        sd = torch.load(f, map_location="cpu", weights_only=True)["module"]
-        with torch.no_grad():
-            for name, buf in self.module.named_buffers():
-                if name in sd:
-                    buf.copy_(sd[name].to(buf.dtype))
+                st["step"] = adam_step_tensor(st["step"], p, base)
 
 
 TORCH_ENGINE_FILE = "torch_engine.pt"
 UNIVERSAL_DIR = "universal"
+_MODEL_FILES = ("mp_rank_00_model_states.pt",  # what DeepSpeed's universal loader reads:
+                "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
+
+
+def adam_step_tensor(value, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A fresh AdamW `step`, placed as torch keeps it: on the parameter's device when fused /
+    capturable, else a CPU float32 scalar."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return torch.tensor(float(value), dtype=torch.float32,
+                        device=param.device if on_device else "cpu")
+
+
+def _module_state(ckpt: Path) -> dict:
+    """The full module state (weights + buffers) of a checkpoint written by either engine
+    (DeepSpeed's model file: ZeRO-3 keeps only the buffers full there)."""
+    if (ckpt / TORCH_ENGINE_FILE).is_file():
+        return torch.load(ckpt / TORCH_ENGINE_FILE, map_location="cpu", weights_only=True)["module"]
+    f = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))[0]
+    return torch.load(f, map_location="cpu", weights_only=True)["module"]
+
+
+def load_buffers(module: nn.Module, ckpt: Path) -> None:
+    """The universal loader restores parameters only: buffers (RoPE periods, qkv bias masks)
+    are read from the original checkpoint's module state."""
+    sd = _module_state(ckpt)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in sd:
+                buf.copy_(sd[name].to(buf.dtype))
+
+
+def _read_universal(param_dir: Path, key: str) -> torch.Tensor:
+    """One state of one parameter in a universal checkpoint: ZeRO-1/2 files hold {"param": full
+    tensor, "cat_dim": 0}, ZeRO-3 files the flat tensor, step.pt a scalar tensor."""
+    f = param_dir / f"{key}.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing: the universal checkpoint has no {key!r} for "
+                                f"parameter {param_dir.name!r} (model and checkpoint differ?)")
+    obj = torch.load(f, map_location="cpu", weights_only=True)
+    return obj["param"] if isinstance(obj, dict) else obj
 
 
 def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
-    """Collective. `<ckpt>/universal`: DeepSpeed's universal form of the ZeRO checkpoint `ckpt`
-    (deepspeed.checkpoint.ds_to_universal), converted by rank 0 the first time and reused after.
-    Atomic: written into `<ckpt>/.universal.partial/`, then renamed (its presence = complete).
-    Every rank must see `ckpt` (a filesystem shared by the ranks, as for any ZeRO checkpoint)."""
+    """Collective. `<ckpt>/universal`: DeepSpeed's universal form of checkpoint `ckpt`
+    (per parameter: fp32 master, exp_avg, exp_avg_sq, step), which DeepSpeed's universal loader
+    partitions for any number of ranks. Written by rank 0 the first time, reused after:
+    a ZeRO checkpoint through deepspeed.checkpoint.ds_to_universal, a plain torch one
+    (torch_engine.pt) by `_universal_from_torch`. Atomic: written into
+    `<ckpt>/.universal.partial/`, fsync'ed, renamed (its presence = complete); derived data
+    (delete it to convert again). Every rank must see `ckpt` (a shared filesystem)."""
+    from fastdino.checkpoint import fsync_tree
+
     out = ckpt / UNIVERSAL_DIR
     err = ""
     if fdist.is_main_process() and not out.is_dir():
+        partial = ckpt / ".universal.partial"
         try:
-            _convert_to_universal(ckpt, out)
-        except Exception as e:  # every rank raises below, none hangs in the barrier
+            if partial.exists():  # a conversion killed half-way
+                shutil.rmtree(partial)
+            if (ckpt / TORCH_ENGINE_FILE).is_file():
+                _universal_from_torch(ckpt, partial / UNIVERSAL_DIR)
+            else:
+                _convert_to_universal(ckpt, partial / UNIVERSAL_DIR)
+            fsync_tree(partial)
+            os.rename(partial / UNIVERSAL_DIR, out)
+            shutil.rmtree(partial)  # ds_to_universal also wrote partial/latest_universal
+        except Exception as e:  # every rank raises below, none hangs in a collective
             err = f"{type(e).__name__}: {e}"
             logger.error("universal conversion of %s failed: %s", ckpt, err)
     failed = fdist.all_reduce_max(torch.tensor([1.0 if err else 0.0], device=device))
     if failed.item() > 0:
         raise RuntimeError(
-            f"could not convert {ckpt} (written by another number of ranks) into a universal "
-            f"checkpoint in {out}: {err or 'failed on rank 0 (see its log)'}. The directory must "
-            "be writable (copy the checkpoint directory somewhere writable and resume from there), "
-            "or resume with the number of ranks that wrote it")
+            f"could not convert {ckpt} (written by another number of ranks or the other engine) "
+            f"into a universal checkpoint in {out}: {err or 'failed on rank 0 (see its log)'}. "
+            "The directory must be writable (copy the checkpoint directory somewhere writable "
+            "and resume from there), or resume with the ranks and engine that wrote it")
     return out
 
 
 def _convert_to_universal(ckpt: Path, out: Path) -> None:
-    import argparse
-    import io
-    import shutil
-
     from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
 
-    partial = ckpt / ".universal.partial"
-    if partial.exists():  # a conversion killed half-way
-        shutil.rmtree(partial)
     args = argparse.Namespace(  # ds_to_universal's own options; one worker: no process pool
-        input_folder=str(ckpt), output_folder=str(partial / UNIVERSAL_DIR), num_extract_workers=1,
+        input_folder=str(ckpt), output_folder=str(out), num_extract_workers=1,
         num_merge_workers=1, keep_temp_folder=False, strict=True,
         inject_missing_state=True)  # our engine does not record UNIVERSAL_CHECKPOINT_INFO
     with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
         ds_to_universal.main(args)
-    os.rename(partial / UNIVERSAL_DIR, out)  # it also wrote partial/latest_universal: dropped
-    shutil.rmtree(partial)
+    # ZeRO-3 output has no per-parameter step.pt (its loader reads the step from
+    # optimizer_state.pt, a pickle of DeepSpeed objects): add it, so that a plain-torch reader
+    # (weights_only) and a ZeRO-1/2 reader find it as in ZeRO-1/2 output
+    zero = out / "zero"
+    dirs = [d for d in zero.iterdir()  # (buffers have a directory too: fp32.pt only)
+            if (d / "exp_avg.pt").is_file() and not (d / "step.pt").exists()]
+    if dirs:
+        sd = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        step = torch.tensor(float(sd[OPTIMIZER_STATE_DICT]["state"][0]["step"]))
+        for d in dirs:
+            torch.save(step, d / "step.pt")
+
+
+def _universal_from_torch(ckpt: Path, out: Path) -> None:
+    """Universal form of the plain torch engine's torch_engine.pt: the files DeepSpeed's
+    universal loaders read (ZeRO-1/2: base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir,
+    ZeRO-3: stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), as ds_to_universal writes
+    them. A parameter torch's AdamW never stepped (no gradient yet) gets zero moments; every
+    parameter gets the largest step (DeepSpeed steps all partitions together)."""
+    from deepspeed.checkpoint.constants import CAT_DIM, OPTIMIZER_STATE_DICT, PARAM
+
+    sd = torch.load(ckpt / TORCH_ENGINE_FILE, map_location="cpu", weights_only=True)
+    module, optim = sd["module"], sd["optimizer"]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
+    step = max((float(st["step"]) for st in optim["state"].values() if "step" in st), default=0.0)
+    zero = out / "zero"
+    for g in optim["param_groups"]:
+        for name, idx in zip(g["names"], g["params"], strict=True):
+            st, w = optim["state"].get(idx, {}), module[name].float()
+            (zero / name).mkdir(parents=True)
+            torch.save({PARAM: w, CAT_DIM: 0}, zero / name / "fp32.pt")
+            for k in ("exp_avg", "exp_avg_sq"):
+                v = st[k].float() if k in st else torch.zeros_like(w)
+                torch.save({PARAM: v, CAT_DIM: 0}, zero / name / f"{k}.pt")
+            torch.save(torch.tensor(step), zero / name / "step.pt")
+    torch.save({"ds_version": deepspeed.__version__, "clip_grad": 0.0, "dynamic_loss_scale": False,
+                "overflow": False, "param_groups": groups,
+                OPTIMIZER_STATE_DICT: {"state": {0: {"step": torch.tensor(step)}},
+                                       "param_groups": groups}},
+               zero / "optimizer_state.pt")
+    meta = {"module": module, "dp_world_size": 1, "mp_world_size": 1, "global_steps": int(step),
+            "global_samples": 0, "skipped_steps": 0, "ds_version": deepspeed.__version__,
+            "optimizer": None, "lr_scheduler": None, "data_sampler": None, "random_ltd": None}
+    for f in _MODEL_FILES:
+        torch.save(meta, out / f)

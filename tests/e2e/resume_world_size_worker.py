@@ -1,6 +1,7 @@
 """Worker of tests/e2e/test_resume_world_size.py, started as
     deepspeed --num_gpus N tests/e2e/resume_world_size_worker.py --out DIR [--dump-at-load]
         [config overrides...]
+or with `python` instead of `deepspeed --num_gpus N` (the plain torch engine, one process).
 
 Runs the real Trainer (configs/smoke.yaml) and writes what the optimizer holds, read through
 DeepSpeed's own collective getters (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`:
@@ -28,7 +29,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch AdamW: under the ZeRO optimizer (ZeRO-1/2/3), or DeepSpeed's own (ZeRO-0 fp32)."""
+    """The torch AdamW: under the ZeRO optimizer (ZeRO-1/2/3), DeepSpeed's own (ZeRO-0 fp32), or
+    the plain torch engine's."""
+    if not hasattr(engine, "engine"):  # TorchStudent
+        return engine.optimizer
     opt = engine.engine.optimizer
     return getattr(opt, "optimizer", opt)
 
@@ -42,7 +46,7 @@ def _steps(engine) -> list[float]:
 def dump(trainer, path: Path) -> None:
     """Collective (every rank calls the getters); rank 0 writes."""
     engine = trainer.engine
-    zero = engine.engine.optimizer
+    zero = getattr(getattr(engine, "engine", None), "optimizer", None)
     if hasattr(zero, "_hp_optimizer_states_linked"):
         # ZeRO-1/2 (DeepSpeed 0.19.8): the first optimizer step links every param's moment
         # fragments right after stepping param group 0, when the other groups' AdamW state is
@@ -54,7 +58,7 @@ def dump(trainer, path: Path) -> None:
     out = {"master": {}, "exp_avg": {}, "exp_avg_sq": {}, "module": {}}
     base = _base_optimizer(engine)
     for n, p in named:
-        master = safe_get_full_fp32_param(p)  # None under ZeRO-0: replicated fp32 params
+        master = safe_get_full_fp32_param(p)  # None: ZeRO-0 / torch engine, replicated fp32 params
         out["master"][n] = (p if master is None else master).detach().cpu().clone()
         for k in ("exp_avg", "exp_avg_sq"):
             v = base.state[p][k] if master is None else safe_get_full_optimizer_state(p, k)
@@ -89,8 +93,9 @@ def main() -> int:
         dump(trainer, out / "at_load.pt")
     trainer.train()
     dump(trainer, out / "at_end.pt")
-    fdist.barrier()
-    torch.distributed.destroy_process_group()
+    if fdist.is_enabled():
+        fdist.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

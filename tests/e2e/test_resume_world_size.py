@@ -8,13 +8,16 @@ the writer's optimizer held at the save, read by the worker through DeepSpeed's 
 getters (full fp32 masters and AdamW moments assembled from every rank's partition); the same
 getters read the resumed run right after the load. Equal bit for bit: masters, module values,
 exp_avg, exp_avg_sq, the param groups' settings; the AdamW step count is 2 at the load and 3
-after the next step; the data continues at the same global image count."""
+after the next step; the data continues at the same global image count. The plain torch engine
+(one process, `python fastdino/train.py`) reads and writes checkpoints the other side can resume
+too."""
 
 import subprocess
+import sys
 
 import pytest
 import torch
-from trainer_helpers import REPO, _env, _free_port, deepspeed_launcher, read_metrics, run_py
+from trainer_helpers import REPO, _env, _free_port, deepspeed_launcher, read_metrics
 
 from fastdino.checkpoint import remap_data_position
 from fastdino.data.loader import ShardedInfiniteOrder
@@ -23,27 +26,38 @@ WORKER = REPO / "tests" / "e2e" / "resume_world_size_worker.py"
 
 
 def _launch(n_ranks: int, args: list[str]) -> None:
-    cmd = [deepspeed_launcher(), "--num_gpus", str(n_ranks), "--master_port", str(_free_port()),
-           str(WORKER), *args]
+    """n_ranks DeepSpeed ranks, or 0: `python` (the plain torch engine, one process)."""
+    launcher = ([deepspeed_launcher(), "--num_gpus", str(n_ranks), "--master_port",
+                 str(_free_port())] if n_ranks else [sys.executable])
+    cmd = [*launcher, str(WORKER), *args]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
                              f"{p.stderr[-4000:]}")
 
 
-def _write_then_resume(tmp_path, stage: int, writer_ranks: int, reader_ranks: int):
-    w, r = tmp_path / "writer", tmp_path / "reader"
-    common = [f"deepspeed.zero_stage={stage}", "train.checkpoint_every=2"]
-    _launch(writer_ranks, ["--out", str(w), *common, "train.max_iterations=2"])
-    ckpts = w / "run" / "checkpoints"
-    _launch(reader_ranks, ["--out", str(r), "--dump-at-load", *common, "train.max_iterations=3",
+def _load(f):
+    return torch.load(f, weights_only=True)
+
+
+def _resume(tmp_path, name: str, stage: int, ckpts, reader_ranks: int):
+    r = tmp_path / name
+    _launch(reader_ranks, ["--out", str(r), "--dump-at-load", f"deepspeed.zero_stage={stage}",
+                           "train.checkpoint_every=2", "train.max_iterations=3",
                            f"train.resume={ckpts}"])
-    load = (lambda f: torch.load(f, weights_only=True))
-    return ckpts, load(w / "at_end.pt"), load(r / "at_load.pt"), load(r / "at_end.pt"), r / "run"
+    return _load(r / "at_load.pt"), _load(r / "at_end.pt"), r / "run"
+
+
+def _write(tmp_path, stage: int, writer_ranks: int):
+    w = tmp_path / "writer"
+    _launch(writer_ranks, ["--out", str(w), f"deepspeed.zero_stage={stage}",
+                           "train.checkpoint_every=2", "train.max_iterations=2"])
+    return w / "run" / "checkpoints", _load(w / "at_end.pt")
 
 
 def _check(saved, loaded, after, run_dir, writer_ranks, reader_ranks):
-    assert (saved["world"], loaded["world"]) == (writer_ranks, reader_ranks)
+    """writer_ranks / reader_ranks: 0 = the plain torch engine (one process)."""
+    assert (saved["world"], loaded["world"]) == (max(writer_ranks, 1), max(reader_ranks, 1))
     for key in ("master", "module", "exp_avg", "exp_avg_sq"):
         assert saved[key].keys() == loaded[key].keys() and len(saved[key]) > 0, key
         for name, ref in saved[key].items():
@@ -55,30 +69,36 @@ def _check(saved, loaded, after, run_dir, writer_ranks, reader_ranks):
     assert after["steps"] == [3.0, 3.0]  # every group's AdamW step advanced by exactly one
     assert loaded["start_iteration"] == 2
     # 2 micro-batches x writer_ranks x 8 images seen; the reader continues at that image count
-    assert loaded["start_micro_batch"] == 2 * writer_ranks // reader_ranks
+    assert loaded["start_micro_batch"] == 2 * max(writer_ranks, 1) // max(reader_ranks, 1)
     metrics = read_metrics(run_dir)
     assert [m["iteration"] for m in metrics] == [3]
     assert torch.isfinite(torch.tensor(metrics[0]["total_loss"]))
 
 
-def test_zero2_two_ranks_resume_on_one(tmp_path):
-    ckpts, saved, loaded, after, run_dir = _write_then_resume(tmp_path, 2, 2, 1)
-    _check(saved, loaded, after, run_dir, 2, 1)
+def test_zero2_two_ranks_resume_on_one_and_on_the_torch_engine(tmp_path):
+    ckpts, saved = _write(tmp_path, 2, 2)
+    _check(saved, *_resume(tmp_path, "one_rank", 2, ckpts, 1), 2, 1)
     assert (ckpts / "iter_0000002" / "universal" / "zero").is_dir()  # converted once, kept
     assert not (ckpts / "iter_0000002" / ".universal.partial").exists()
-    # the plain torch engine (one process, no DeepSpeed) cannot read it: the error names both
-    p = run_py(["--config", str(REPO / "configs" / "smoke.yaml"), "data.num_workers=0",
-                f"train.output_dir={tmp_path / 'torch'}", f"train.resume={ckpts}"], check=False)
-    assert p.returncode != 0
-    assert "DeepSpeed engine (2 rank(s))" in p.stderr and "plain torch engine" in p.stderr
+    # the same checkpoint on the plain torch engine (`python fastdino/train.py`), which reads the
+    # universal form kept above
+    _check(saved, *_resume(tmp_path, "torch_engine", 2, ckpts, 0), 2, 0)
 
 
 @pytest.mark.slow
 def test_zero3_one_rank_resume_on_two(tmp_path):
     """ZeRO-3 also exercises the fixes for DeepSpeed 0.19.8's ZeRO-3 universal loader (group 0's
     settings copied into every param group; one step tensor shared by all sub-groups)."""
-    _, saved, loaded, after, run_dir = _write_then_resume(tmp_path, 3, 1, 2)
-    _check(saved, loaded, after, run_dir, 1, 2)
+    ckpts, saved = _write(tmp_path, 3, 1)
+    _check(saved, *_resume(tmp_path, "two_ranks", 3, ckpts, 2), 1, 2)
+
+
+@pytest.mark.slow
+def test_torch_engine_resume_on_two_zero3_ranks(tmp_path):
+    """A one-process plain-torch run (torch_engine.pt) continued by 2 DeepSpeed ranks: its
+    universal form is written by fastdino (parallel._universal_from_torch)."""
+    ckpts, saved = _write(tmp_path, 3, 0)  # the stage is ignored by the torch engine
+    _check(saved, *_resume(tmp_path, "two_ranks", 3, ckpts, 2), 0, 2)
 
 
 # ------------------------------------------------------------------- the data position (no ranks)
