@@ -6,6 +6,8 @@
             trainer_state.pt            teacher, Gram teacher, loss state (centers), iteration,
                                         data position, Gram refresh count (rank 0)
             rng_rank<r>.pt              python / numpy / torch / cuda RNG states of rank r
+            universal/                  only after a resume with another rank count or engine:
+                                        DeepSpeed's universal form (parallel.universal_checkpoint)
         latest                          text file naming the newest complete tag (written last)
 
 Atomicity: everything is written into `checkpoints/.partial/<tag>/`, fsync'ed, then renamed to

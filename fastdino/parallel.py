@@ -473,7 +473,9 @@ class DeepSpeedStudent(_StudentBase):
         written by another world size (ZeRORuntimeException, 0.19: elastic_checkpoint does not
         lift it), so the checkpoint is converted once into a universal checkpoint (per-parameter
         fp32 master, exp_avg, exp_avg_sq, step: `<ckpt>/universal/`, see `universal_checkpoint`)
-        and loaded with DeepSpeed's universal loader, which re-partitions it for this world."""
+        and loaded with DeepSpeed's universal loader, which re-partitions it for this world.
+        A plain torch engine checkpoint (torch_engine.pt, one process): ZeRO-0 loads its AdamW
+        state directly, ZeRO-1/2/3 through a universal form written from it."""
         ckpt = Path(load_dir) / tag
         from_torch = (ckpt / TORCH_ENGINE_FILE).is_file()  # the plain torch engine wrote it
         if not from_torch and not any(ckpt.glob("*model_states.pt")):
