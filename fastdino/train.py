@@ -80,7 +80,9 @@ class Trainer:
             self.start_iteration, self.resume_rng = st["iteration"], st["rng"]
             self.start_micro_batch = st["data_iteration"]
             self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
-            if self.start_micro_batch != self.start_iteration * self.gas:
+            same_ranks = st.get("world_size", self.info.world_size) == self.info.world_size
+            # (another rank count: load_checkpoint remapped the data position and logged it)
+            if same_ranks and self.start_micro_batch != self.start_iteration * self.gas:
                 logger.warning("checkpoint %s: %d optimizer steps over %d micro-batches, this run "
                                "accumulates %d per step: the data continues at micro-batch %d "
                                "(not bit-exactly the run that wrote it)", resume,
