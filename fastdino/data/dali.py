@@ -116,15 +116,20 @@ class _Source:
 
 
 def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
-                   debug: bool = False, seed: int = 0, exact_hue: bool = True):
+                   debug: bool = False, seed: int = 0, exact_hue: bool = True,
+                   host_jitter: bool | None = None):
     """DALI pipeline of one rank. Outputs: global 1, global 2, local 1..N, [gram 1, gram 2], meta,
-    and with `debug` also the plan [n_crops, N_PARAMS] and the decoded image shape [3]."""
+    and with `debug` also the plan [n_crops, N_PARAMS] and the decoded image shape [3].
+    host_jitter: None = on the CPU graph only (see the module docstring); False = the GPU graph's
+    DALI jitter ops on the CPU too (tests use it to check those ops against PIL without a GPU)."""
     from nvidia.dali import fn, pipeline_def, types
 
     from fastdino.data.dali_ops import CropGraph
 
     c = cfg.crops
     on_gpu = device_id is not None
+    if host_jitter is None:
+        host_jitter = not on_gpu
     gram_size = c.gram_teacher_crops_size
     global_max = max(c.global_crops_size, gram_size or 0)
 
@@ -136,7 +141,7 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
         image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                   output_type=types.RGB,
                                   adjust_orientation=False)  # as PIL's decode in the torch loader
-        g = CropGraph("gpu" if on_gpu else "cpu", c.mean, c.std, exact_hue)
+        g = CropGraph("gpu" if on_gpu else "cpu", c.mean, c.std, exact_hue, host_jitter)
 
         def distort(x, row):
             # Each `if` runs its branch only for the samples whose coin says so.
@@ -190,9 +195,9 @@ class DALITrainLoader:
 
     def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int,
                  start_iteration: int, device_id: int | None, debug: bool = False,
-                 exact_hue: bool = True) -> None:
+                 exact_hue: bool = True, host_jitter: bool | None = None) -> None:
         self.images, self.cfg, self.rank, self.debug = images, cfg, rank, debug
-        self.exact_hue = exact_hue
+        self.exact_hue, self.host_jitter = exact_hue, host_jitter
         self.device_id = device_id
         self.device = (torch.device("cuda", device_id) if device_id is not None
                        else torch.device("cpu"))
@@ -223,7 +228,8 @@ class DALITrainLoader:
         seed = (self.cfg.data.seed * 1_000_003 + self.rank) % 2**31
         self.pipe = build_pipeline(source, self.cfg, self.device_id,
                                    num_threads=max(1, self.cfg.data.num_workers), debug=self.debug,
-                                   seed=seed, exact_hue=self.exact_hue)
+                                   seed=seed, exact_hue=self.exact_hue,
+                                   host_jitter=self.host_jitter)
         self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
 
     @property
@@ -313,7 +319,8 @@ class DALITrainLoader:
 
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
-                      exact_hue: bool = True) -> DALITrainLoader:
+                      exact_hue: bool = True,
+                      host_jitter: bool | None = None) -> DALITrainLoader:
     """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
     device when there is one (crops stay on the GPU), CPU-only DALI otherwise."""
     if not dali_available():
@@ -326,4 +333,4 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                 f"GPU {device_id} (mixed decode)" if device_id is not None else "CPU-only",
                 start_iteration)
     return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
-                           exact_hue)
+                           exact_hue, host_jitter)

@@ -27,18 +27,27 @@ Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code
 
 from __future__ import annotations
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
+from PIL import Image, ImageEnhance
 
 from fastdino.data import dali_plan as P
+from fastdino.data.transforms import adjust_hue
 
 
 class CropGraph:
     """Builds the ops of a crop; `dev(node)` moves a CPU per-sample scalar to the image's device."""
 
     def __init__(self, device: str, mean: tuple[float, ...], std: tuple[float, ...],
-                 exact_hue: bool = True) -> None:
+                 exact_hue: bool = True, host_jitter: bool = False) -> None:
         self.device = device  # "cpu" | "gpu": where the decoded images are
+        # host_jitter (CPU graph only): ColorJitter as one fn.python_function running the torch
+        # loader's PIL ops, instead of ~16 conditionals x 1-4 DALI ops per crop (see dali.py).
+        if host_jitter and device != "cpu":
+            raise ValueError("host_jitter=True needs device='cpu' (the PIL ops run on the host); "
+                             f"got device={device!r}")
+        self.host_jitter = host_jitter
         # exact_hue=False: fn.hsv's YIQ rotation (one fused op) instead of the ~80 elementwise ops
         # of the exact PIL HSV shift; 3.5x faster DALI pipeline on CPU, ~25 levels off at |h| = 0.1.
         self.exact_hue = exact_hue
@@ -68,6 +77,8 @@ class CropGraph:
     def jitter(self, x, row):
         """ColorJitter in the planned order: slot k applies the one op whose factor is set in it
         (each op is a conditional, so a sample runs exactly its 4 ops, once each)."""
+        if self.host_jitter:
+            return fn.python_function(x, row, function=pil_jitter, output_layouts="HWC")
         for k in range(4):
             b, c = row[P.slot(k, P.BRIGHTNESS)], row[P.slot(k, P.CONTRAST)]
             s, h = row[P.slot(k, P.SATURATION)], row[P.slot(k, P.HUE)]
@@ -102,6 +113,25 @@ class CropGraph:
         mirror = fn.cast(row[P.FLIP], dtype=types.INT32)
         return fn.crop_mirror_normalize(x, mirror=mirror, mean=self.mean, std=self.std,
                                         dtype=types.FLOAT, output_layout="CHW")
+
+
+_PIL_OPS = (lambda im, v: ImageEnhance.Brightness(im).enhance(v),
+            lambda im, v: ImageEnhance.Contrast(im).enhance(v),
+            lambda im, v: ImageEnhance.Color(im).enhance(v),
+            adjust_hue)
+
+
+def pil_jitter(x: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """CPU graph's ColorJitter: the torch loader's PIL ops, in the plan's slot order, on one
+    sample ([H,W,3] uint8; row [N_PARAMS]). Same rule as `CropGraph.jitter`: slot k applies each op
+    whose factor differs from neutral (exactly one per slot)."""
+    im = Image.fromarray(np.ascontiguousarray(x))
+    for k in range(4):
+        for op in range(4):
+            v = float(row[P.slot(k, op)])
+            if v != P.NEUTRAL[op]:
+                im = _PIL_OPS[op](im, v)
+    return np.asarray(im)
 
 
 def hue_shift_hsv(x, h):

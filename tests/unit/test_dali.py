@@ -57,8 +57,10 @@ def image_dir(tmp_path_factory):
 
 
 def _dali(cfg, exact_hue=False, **kw):
-    """The fast-hue graph (fn.hsv) where pixels of hue-shifted crops are not compared: it builds
-    and runs ~3x faster on CPU. The parity and contract tests use the exact hue."""
+    """CPU-only DALI runs the CPU graph (host_jitter: PIL ColorJitter in fn.python_function),
+    where exact_hue does not matter. With host_jitter=False it runs the GPU graph's DALI jitter
+    ops on the CPU; exact_hue=False there is the fast-hue graph (fn.hsv), ~3x faster to build and
+    run; the parity test uses the exact hue."""
     from fastdino.data.dali import build_dali_loader
 
     return build_dali_loader(cfg, exact_hue=exact_hue, **kw)
@@ -178,12 +180,15 @@ def _per_crop_mad(a, b):
 
 
 @needs_dali
-@pytest.mark.parametrize("extra", [(), ("crops.gram_teacher_crops_size=48",)])
-def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra):
+@pytest.mark.parametrize("extra,host_jitter", [((), None),
+                                               (("crops.gram_teacher_crops_size=48",), None),
+                                               ((), False)])
+def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra, host_jitter):
     """Both loaders execute the same plan: crops with no colour op agree to resampling error,
-    colour-augmented ones to rounding (each op matches PIL within 1 level); masks are identical."""
+    colour-augmented ones to rounding (each op matches PIL within 1 level); masks are identical.
+    host_jitter=False checks the GPU graph's DALI jitter ops (exact hue) against PIL on the CPU."""
     cfg = _cfg(image_dir, *extra, "data.num_workers=0")
-    dali = _dali(cfg, exact_hue=True, debug=True)
+    dali = _dali(cfg, exact_hue=True, debug=True, host_jitter=host_jitter)
     torch_loader = build_train_loader(cfg)
     scale = float(np.mean(cfg.crops.std)) * 255  # normalised units -> 8-bit levels
     for _ in range(4):
