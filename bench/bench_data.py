@@ -5,7 +5,8 @@ folder at DINOv3 crop settings (2 x 224 + 8 x 96 by default).
     python -m bench data --quick            # embedded sample images, small batch, few steps
 
 Both loaders are given the same CPU budget: `--workers` torch DataLoader workers, or `--workers`
-DALI CPU threads. Throughput = images per second over the timed steps (after warm-up), with the
+DALI CPU threads. Throughput = images per second over the timed steps (after warm-up; steady
+state, see `measure`: the second-half rate is printed as a check), with the
 batch on the GPU when there is one (torch batches are copied there; DALI's are made there).
 CPU cores used = CPU time of this process and its children (user + system) / wall time, read with
 psutil (live worker processes included). Results are appended as JSON lines to
@@ -39,6 +40,13 @@ def _cpu_seconds() -> float:
 
 
 def measure(loader, steps: int, warmup: int, device) -> dict[str, Any]:
+    """Steady-state throughput: `warmup` untimed steps (workers / DALI threads started), then
+    `steps` timed ones. Neither loader can bank batches during warm-up: the consumer here is
+    faster than either producer, so their prefetch queues (torch: prefetch_factor x workers,
+    DALI: prefetch_queue_depth) stay near empty. As a check, the rate over the second half
+    of the timed steps is reported too; a first half inflated by prefetched batches would show as a
+    lower second-half rate. torch batches arrive in rounds of `workers` (each worker makes a whole
+    batch), so use a number of steps that is a multiple of --workers."""
     import torch
 
     def one():
@@ -52,14 +60,23 @@ def measure(loader, steps: int, warmup: int, device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    for _ in range(steps):
+    half = steps // 2
+    t_half = t0
+    for k in range(steps):
+        if k == half:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_half = time.perf_counter()
         b = one()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    wall = t1 - t0
     cpu = _cpu_seconds() - cpu0
     n = steps * b.n_images
-    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "cpu_cores_used": cpu / wall}
+    return {"images": n, "wall_s": wall, "images_per_s": n / wall,
+            "images_per_s_2nd_half": (steps - half) * b.n_images / (t1 - t_half),
+            "cpu_cores_used": cpu / wall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(loader, args.steps, args.warmup, device)
         del loader
         print(f"{name:5s}  {m['images_per_s']:8.1f} images/s  {m['cpu_cores_used']:5.2f} CPU cores"
+              f"  (2nd half {m['images_per_s_2nd_half']:.1f} images/s)"
               f"  ({m['images']} images in {m['wall_s']:.2f} s; setup {setup_s:.1f} s; "
               f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
               f"{args.workers} workers/threads, {device.type})")
+        if abs(m["images_per_s_2nd_half"] / m["images_per_s"] - 1) > 0.25:
+            print(f"{name:5s}  not steady state (halves differ by >25%): use more --steps, a "
+                  "multiple of --workers")
         records.append({"schema": 1, "kind": "data", "time": results.now(), **env,
                         "loader": name, "exact_hue": not args.fast_hue, "batch": args.batch,
                         "workers": args.workers,

@@ -15,6 +15,8 @@ Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code
   scaling I, Q by s is that blend). Hue: PIL's 8-bit HSV shift, re-implemented with elementwise
   DALI arithmetic (`hue_shift_hsv`), not `fn.hsv(hue=)`, whose YIQ rotation is off by ~25 levels
   (mean) at |h| = 0.1. Each matches the PIL op within 1 level (rounding) on test images.
+- CPU graph only (`host_jitter`, see dali.py): the whole ColorJitter is one `fn.python_function`
+  calling `pil_jitter` (the torch loader's PIL ops) per sample; everything else is as below.
 - the 4 jitter ops run in the planned random order: 4 slots, each running (as a conditional) only
   the op whose factor the plan put there: torchvision's per-sample permutation on a static graph.
   The whole jitter is skipped (a conditional) for the 20% of crops without it.
