@@ -12,9 +12,9 @@ Shapes: G groups (crops x groups), n rows per group, D features. The loss is tak
 KoLeoLossDistributed); the neighbour search runs over all n rows of the group.
 Supports: fp32 and bf16 inputs, fp32 accumulation, any n >= 2 and D >= 1 (odd sizes masked).
 Tested: Triton 3.6 and 3.9 under the CPU interpreter (both paths, tests/kernels/test_koleo*.py);
-every shipped configuration compiled for sm_90 / sm_80 without spills, both as compile_specs()
-gives it and as the JIT specializes it at run time (bench/koleo_compile_runtime.py: 16-divisible
-arguments marked, which turns on the cp.async pipelines); the fused path measured on
+every shipped configuration compiled for sm_90 / sm_80 without spills, with the arguments the
+JIT specializes at run time declared 16-divisible (CompileSpec.divisible_by_16, which turns on the
+cp.async pipelines); the fused path measured on
 an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt); the split path not yet run on
 a GPU (its times below are the model's).
 Limits: ties in the argmax resolve to the lowest column index on both paths (torch.argmax's rule),
@@ -751,6 +751,9 @@ _GPU_ROWS = dict(BLOCK_R=16, BLOCK_K=128, num_warps=8, num_stages=2)
 # per chooser and feature) x 128 features, 16 choosers per step; 8 warps, 1 stage (4 warps or 2
 # stages spill under triton 3.6 or 3.9)
 _GPU_BWD_SORTED = dict(BLOCK_J=16, BLOCK_C=16, BLOCK_D=128, num_warps=8, num_stages=1)
+# fp32 rows: 64-wide D tiles. With the runtime's 16-divisibility, 128 wide spilled 8 B on sm_90
+# under triton 3.6 (64 registers); 64 wide takes 58 registers, no stack, on both tritons.
+_GPU_BWD_SORTED_FP32 = {**_GPU_BWD_SORTED, "BLOCK_D": 64}
 
 
 def _aligned_rows(x: torch.Tensor) -> bool:
@@ -796,11 +799,11 @@ def _rows_config(D: int) -> dict:
     return dict(_GPU_ROWS)
 
 
-def _bwd_sorted_config(D: int) -> dict:
+def _bwd_sorted_config(D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     if is_interpreter():
         return dict(BLOCK_J=16, BLOCK_C=16, BLOCK_D=_clamp_pow2(D, 16, 128), num_warps=4,
                     num_stages=1)
-    return dict(_GPU_BWD_SORTED)
+    return dict(_GPU_BWD_SORTED_FP32 if dtype == torch.float32 else _GPU_BWD_SORTED)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1022,7 +1025,7 @@ def _bwd_sorted(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq):
     """Stable sort of the neighbour indices (the chooser lists, i ascending within each j), the
     first sorted position of each BLOCK_J row block, then one O(n·D) kernel."""
     G, n, D = x.shape
-    cfg = _bwd_sorted_config(D)
+    cfg = _bwd_sorted_config(D, x.dtype)
     bj = cfg["BLOCK_J"]
     sorted_nn, perm = torch.sort(nn_idx, dim=1, stable=True)
     starts = torch.arange(0, n + bj, bj, device=x.device).clamp_(max=n)  # [num_j + 1]
@@ -1129,10 +1132,18 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def _spec(name: str, fn, sig: dict, cfg: dict, **constexprs) -> CompileSpec:
+    """A spec with the divisibility real launches get (triton's JIT specialises on it; the
+    compile report declares it): pointers are fresh or contiguous tensors (16-byte aligned);
+    D (384..4096) and the row / group strides are multiples of 16, except on the `aligned=False`
+    configurations, which exist for the other widths. Group sizes and query windows vary (16,
+    64, 4096 rows; windows at rank offsets), so n, q0, nq, S are not declared."""
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    wide = "aligned=False" not in name
+    div16 = tuple(k for k, ty in sig.items()
+                  if ty.startswith("*") or (wide and (k == "D" or k.startswith("stride_"))))
     return CompileSpec(name=name, fn=fn, signature=sig, constexprs=dict(**cfg, **constexprs),
-                       num_warps=warps, num_stages=stages)
+                       num_warps=warps, num_stages=stages, divisible_by_16=div16)
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -1183,5 +1194,5 @@ def compile_specs() -> list[CompileSpec]:
                "Perm_ptr": "*i64", "SortedNn_ptr": "*i64", "Seg_ptr": "*i32", **xs, "n": "i32",
                "D": "i32", "q0": "i32", "nq": "i32", "eps": "fp32"}
         specs.append(_spec(f"koleo_bwd_sorted[{ty}]", _koleo_bwd_sorted_kernel, sig,
-                           _GPU_BWD_SORTED))
+                           _GPU_BWD_SORTED_FP32 if ieee else _GPU_BWD_SORTED))
     return specs
