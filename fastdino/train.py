@@ -33,7 +33,7 @@ from fastdino.data.collate import Batch
 from fastdino.export import export_backbone
 from fastdino.meta_arch import SSLMetaArch
 from fastdino.metrics import MetricsLogger
-from fastdino.parallel import build_engine, init_distributed
+from fastdino.parallel import build_engine, init_distributed, shutdown_distributed
 from fastdino.param_groups import build_param_groups
 from fastdino.schedules import apply_to_param_groups, build_schedules
 from fastdino.timing import NullTimer
@@ -290,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:  # every rank takes this decision together
         logger.error("%s", e)
         rc = 2
-    if fdist.is_enabled():  # ZeRO-3 can abort at exit without this (DESIGN.md)
-        fdist.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return rc
 
 

@@ -93,9 +93,9 @@ def main() -> int:
         dump(trainer, out / "at_load.pt")
     trainer.train()
     dump(trainer, out / "at_end.pt")
-    if fdist.is_enabled():
-        fdist.barrier()
-        torch.distributed.destroy_process_group()
+    from fastdino.parallel import shutdown_distributed
+
+    shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return 0
 
 

@@ -226,8 +226,9 @@ def worker() -> int:
     _zero_trainer(out / "resumed", "auto", args.stage).train()  # a second engine, same group
     result.update(_equivalence(out, rank, world, args.stage))
     (out / f"result_rank{rank}.json").write_text(json.dumps({"rank": rank, **result}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    from fastdino.parallel import shutdown_distributed
+
+    shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return 0
 
 

@@ -35,14 +35,24 @@ def _env() -> dict:
 
 
 def run_ds(script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()),
+    """2 CPU ranks under the deepspeed launcher; the result carries `master_port`."""
+    port = _free_port()
+    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(port),
            str(script), *args]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=timeout)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
                              f"{p.stderr[-4000:]}")
+    p.master_port = port
     return p
+
+
+def leaked_shm_buffers(port: int) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers of the launch on `port` still in /dev/shm."""
+    shm = Path("/dev/shm")
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
+    return sorted(f.name for f in shm.glob(prefix + "*")) if shm.is_dir() else []
 
 
 def run_py(args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -90,8 +90,9 @@ def main() -> int:
               "n_clipped": n_clipped[0],
               "momentum": [trainer.sched.at(i).momentum for i in range(n_steps)]}
     Path(args.out, f"result_rank{rank}.json").write_text(json.dumps(result))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    from fastdino.parallel import shutdown_distributed
+
+    shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return 0
 
 
