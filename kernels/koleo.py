@@ -285,6 +285,30 @@ def _koleo_fwd_kernel(
 
 
 @triton.jit
+def _store_dx(DX_ptr, Nn_ptr, Dist_ptr, T_ptr, Rinv_ptr, x_g, stride_x_g, stride_x_row, g, n, q0,
+              nq, j, j_ok, kk, k_ok, m_j, xh_j, r_j, acc, pu, gscale, eps):
+    """The end both backward kernels share: row j's own term s_j v_j when j is a query row,
+    dx̂_j = s_j v_j - Σ_choosers (acc), its projection through the normalisation (choosers'
+    part in pu) and the store of dx_j (math in the file header)."""
+    is_q = j_ok & (j >= q0) & (j < q0 + nq)
+    jq = g * nq + (j - q0)
+    nn_j = tl.load(Nn_ptr + jq, mask=is_q, other=0).to(tl.int32)
+    d_j = tl.load(Dist_ptr + jq, mask=is_q, other=1.0)
+    t_j = tl.load(T_ptr + jq, mask=is_q, other=0.0)
+    s_j = tl.where(is_q & (d_j > 0), gscale / ((d_j + eps) * d_j), 0.0)
+    r_nj = tl.load(Rinv_ptr + g * n + nn_j, mask=is_q, other=0.0)
+    m_q = is_q[:, None] & k_ok[None, :]
+    xn_j = tl.load(x_g + nn_j[:, None] * stride_x_row + kk[None, :], mask=m_q, other=0.0)
+    v_j = tl.where(m_q, xh_j - xn_j.to(tl.float32) * r_nj[:, None] + eps, 0.0)
+
+    dxh = s_j[:, None] * v_j - acc
+    proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
+    dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
+    tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
+             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
+
+
+@triton.jit
 def _koleo_bwd_kernel(
     DX_ptr,  # [G, n, D] out, x's dtype
     DLoss_ptr,  # [G] fp32 in: upstream gradient of each group's loss
@@ -345,23 +369,9 @@ def _koleo_bwd_kernel(
                 acc = tl.dot(w, v, acc)
             pu += tl.sum(w * u_i[None, :], axis=1)
 
-    # j's own term when j is a query row
-    is_q = j_ok & (j >= q0) & (j < q0 + nq)
-    jq = g * nq + (j - q0)
-    nn_j = tl.load(Nn_ptr + jq, mask=is_q, other=0).to(tl.int32)
-    d_j = tl.load(Dist_ptr + jq, mask=is_q, other=1.0)
-    t_j = tl.load(T_ptr + jq, mask=is_q, other=0.0)
-    s_j = tl.where(is_q & (d_j > 0), gscale / ((d_j + eps) * d_j), 0.0)
-    r_nj = tl.load(Rinv_ptr + g * n + nn_j, mask=is_q, other=0.0)
-    m_q = is_q[:, None] & k_ok[None, :]
-    xn_j = tl.load(x_g + nn_j[:, None] * stride_x_row + kk[None, :], mask=m_q, other=0.0)
-    v_j = tl.where(m_q, xh_j - xn_j.to(tl.float32) * r_nj[:, None] + eps, 0.0)
-
-    dxh = s_j[:, None] * v_j - acc
-    proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
-    dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
-    tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
-             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
+    # j's own term when j is a query row, then dx
+    _store_dx(DX_ptr, Nn_ptr, Dist_ptr, T_ptr, Rinv_ptr, x_g, stride_x_g, stride_x_row, g, n,
+              q0, nq, j, j_ok, kk, k_ok, m_j, xh_j, r_j, acc, pu, gscale, eps)
 
 
 # ---- the split path (large groups): norms, column-split search, merge + distances, sorted bwd --
@@ -658,23 +668,9 @@ def _koleo_bwd_sorted_kernel(
         acc = tl.dot(hit.to(tl.float32), s_i[:, None] * v, acc, input_precision="ieee")
         pu += tl.sum(tl.where(hit, (s_i * u_i)[None, :], 0.0), axis=1)
 
-    # j's own term when j is a query row (as the fused backward)
-    is_q = j_ok & (j >= q0) & (j < q0 + nq)
-    jq = g * nq + (j - q0)
-    nn_j = tl.load(Nn_ptr + jq, mask=is_q, other=0).to(tl.int32)
-    d_j = tl.load(Dist_ptr + jq, mask=is_q, other=1.0)
-    t_j = tl.load(T_ptr + jq, mask=is_q, other=0.0)
-    s_j = tl.where(is_q & (d_j > 0), gscale / ((d_j + eps) * d_j), 0.0)
-    r_nj = tl.load(Rinv_ptr + g * n + nn_j, mask=is_q, other=0.0)
-    m_q = is_q[:, None] & k_ok[None, :]
-    xn_j = tl.load(x_g + nn_j[:, None] * stride_x_row + kk[None, :], mask=m_q, other=0.0)
-    v_j = tl.where(m_q, xh_j - xn_j.to(tl.float32) * r_nj[:, None] + eps, 0.0)
-
-    dxh = s_j[:, None] * v_j - acc
-    proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
-    dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
-    tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
-             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
+    # j's own term when j is a query row, then dx (as the fused backward)
+    _store_dx(DX_ptr, Nn_ptr, Dist_ptr, T_ptr, Rinv_ptr, x_g, stride_x_g, stride_x_row, g, n,
+              q0, nq, j, j_ok, kk, k_ok, m_j, xh_j, r_j, acc, pu, gscale, eps)
 
 
 # ----------------------------------------------------------------------------------------------
