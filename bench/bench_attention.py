@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -64,6 +63,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from bench import results
 from bench.harness import BenchCase
 from bench.registry import DinoShape, get
 from fastdino.layers.attn_backend import (
@@ -471,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="summarise attention rows of bench results")
     p.add_argument("--summary", required=True, metavar="FILE.jsonl")
     args = p.parse_args(argv)
-    with open(args.summary) as f:
-        print(summarize([json.loads(line) for line in f if line.strip()]))
+    print(summarize(results.read_jsonl(args.summary)))
     return 0
 
 

@@ -36,12 +36,12 @@ Providers (attn_impl, kernels_impl):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import nullcontext
 
 import torch
 
+from bench import results
 from bench.harness import BenchCase
 from bench.registry import DinoShape, get
 from fastdino.config import ModelConfig
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="summarise student rows of bench results")
     p.add_argument("--summary", required=True, metavar="FILE.jsonl")
     args = p.parse_args(argv)
-    with open(args.summary) as f:
-        print(summarize([json.loads(line) for line in f if line.strip()]))
+    print(summarize(results.read_jsonl(args.summary)))
     return 0
 
 

@@ -95,6 +95,12 @@ def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(_clean(r), sort_keys=False, default=str) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a results file (one JSON object per non-empty line)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
