@@ -17,13 +17,15 @@ from bench._paths import ensure_importable  # noqa: E402
 
 EPILOG = """\
 targets:
-  <op>             one kernel: the cases of bench/bench_<op>.py
+  <op>             one kernel: the cases of bench/bench_<op>.py; op1,op2,... several
   all              every bench/bench_<op>.py present (a module that fails to import is reported
                    and skipped)
   step             end-to-end training-step benchmark (bench/bench_step.py; see `step --help`)
   compile-report   compile every kernel spec for sm_90 and sm_80 without a GPU and print
                    registers / spills / shared memory (see `compile-report --help`)
   data             data-loader throughput, DALI vs torch (bench/bench_data.py; `data --help`)
+  profile          where one call of an op's case spends its time: host vs device µs, kernel
+                   launches and host syncs per call, top kernels (`profile --help`)
 
 timing:
   CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 of CUDA-event
@@ -53,14 +55,14 @@ results: JSON lines appended to <out>/<gpu-slug>-<date>.jsonl (schema in bench/r
 
 # targets that are scripts of their own (their own --help), not kernel-case sweeps
 SCRIPTS = {"step": "bench.bench_step", "compile-report": "bench.compile_report",
-           "data": "bench.bench_data"}
+           "data": "bench.bench_data", "profile": "bench.profile_op"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("target", help="an op name, all, step or compile-report (see below)")
+    p.add_argument("target", help="an op name (or a comma list), all, or a script target (see below)")
     p.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
     p.add_argument("--check", action="store_true", help="parity check instead of timing")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
@@ -97,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.harness import MODES, available_ops
 
     ops = available_ops()
-    if args.target != "all" and args.target not in ops:
-        print(f"error: unknown op {args.target!r}: available are {', '.join(ops)}, all, "
-              f"{', '.join(SCRIPTS)}", file=sys.stderr)
+    wanted = ops if args.target == "all" else args.target.split(",")
+    unknown = [op for op in wanted if op not in ops]
+    if unknown:
+        print(f"error: unknown op(s) {', '.join(map(repr, unknown))}: available are "
+              f"{', '.join(ops)}, all, {', '.join(SCRIPTS)}", file=sys.stderr)
         return 2
     modes = tuple(args.modes.split(","))
     bad = [m for m in modes if m not in MODES]
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_importable()
     from bench.runner import run
 
-    return run(ops if args.target == "all" else [args.target], args, on_gpu)
+    return run(wanted, args, on_gpu)
 
 
 if __name__ == "__main__":

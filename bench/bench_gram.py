@@ -52,9 +52,9 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
 
     providers = {"torch": gram_loss_ref, "triton": gram_loss}
     if tiles_ab and dtype != torch.float32:
-        # A/B on one card: the 4-warp sm_80 tiles where the launcher picks sm_90's 8 warps (whose
-        # first chained dot repeats its fragments across both warpgroups; kernels/gram.py _pp_gpu)
-        providers["triton_sm80_tiles"] = functools.partial(gram_loss, tiles="sm80")
+        # A/B on one card: the 8-warp sm90 tiles next to the 4-warp set the launcher picks (the
+        # 8-warp first chained dot repeats its fragments across both warpgroups; gram._pp_gpu)
+        providers["triton_sm90_tiles"] = functools.partial(gram_loss, tiles="sm90")
     return BenchCase(
         op="gram_loss", name=name,
         params={"crops": crops, "P": p, "D": d, "img_level": img_level, "form": form,

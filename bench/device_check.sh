@@ -2,6 +2,15 @@
 # The one prepared script for a GPU machine (DESIGN.md "Benchmarks, profiling and GPU checks").
 #
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
+#                              [--stages LIST] [--ops LIST] [--tests FILES]
+#
+# --stages  comma list of pytest,check,bench,profile,step,ds (default: all of them). A follow-up
+#           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
+# --ops     comma list of bench ops for check / bench / profile (default: every op for check
+#           and bench; dino_loss,koleo for profile, the ops whose timings are not explained by
+#           their bytes).
+# --tests   space-separated test files for pytest (default: tests/gpu + every tests/kernels file
+#           that runs kernels, GPU-only cases first).
 #
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
@@ -12,6 +21,7 @@
 # Every stage runs under `timeout`, with a share of --budget (default 480 s) trimmed so the whole
 # script ends inside it. Writes at most 8 files to --out (default bench/results/):
 #   env.txt pytest.log check.log bench.log step.log step.json summary.txt <gpu-slug>-<date>.jsonl
+# (profile.log replaces step.json when the profile stage runs: 8 files at most come back)
 # Installs nothing into the image (carried wheels go to a temp dir); skips what is missing. Without a GPU it still runs (CPU
 # interpreter cases, smoke-sized step), which is how it is tested.
 set -u
@@ -20,15 +30,26 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$REPO/bench/results"
 BUDGET=480
 PY="${PYTHON:-python3}"
+ALL_STAGES="pytest,check,bench,profile,step,ds"
+STAGES="$ALL_STAGES"
+OPS=""
+TESTS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY)" >&2; exit 2 ;;
+    --stages) STAGES="$2"; shift 2 ;;
+    --ops) OPS="$2"; shift 2 ;;
+    --tests) TESTS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES)" >&2; exit 2 ;;
   esac
 done
+for st in ${STAGES//,/ }; do
+  case ",$ALL_STAGES," in *",$st,"*) ;; *) echo "device_check.sh: unknown stage '$st' in --stages (allowed: $ALL_STAGES)" >&2; exit 2 ;; esac
+done
+want() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 case "$BUDGET" in ''|*[!0-9]*) echo "device_check.sh: --budget '$BUDGET' must be whole seconds" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -76,12 +97,20 @@ if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
   fi
 fi
 
-# ---- budget: each stage gets min(its share, what is left minus the floors of later stages)
+# ---- budget: rolling shares. A stage gets weight / (the weights of it and of every later selected
+# stage) of what is left, so time a stage leaves unused goes to the later ones, and a run of a
+# few stages (--stages) splits the whole budget among them.
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
-stage_timeout() {  # $1 = share in % of the budget, $2 = seconds reserved for the later stages
-  local share=$(( BUDGET * $1 / 100 )) left=$(( $(remaining) - $2 ))
-  [ "$left" -lt "$share" ] && share=$left
-  echo "$share"
+ORDER="pytest check bench profile step ds"
+weight() { case "$1" in pytest) echo 22 ;; check) echo 14 ;; bench) echo 36 ;; profile) echo 8 ;;
+  step) echo 14 ;; ds) echo 6 ;; esac; }
+stage_timeout() {  # $1 = stage name
+  local total=0 seen=no st
+  for st in $ORDER; do
+    [ "$st" = "$1" ] && seen=yes
+    [ "$seen" = yes ] && want "$st" && total=$(( total + $(weight "$st") ))
+  done
+  echo $(( $(remaining) * $(weight "$1") / (total > 0 ? total : 1) ))
 }
 run_stage() {  # name, timeout, log, command... (a program: timeout cannot run shell functions)
   local name="$1" t="$2" log="$3"; shift 3
@@ -126,64 +155,90 @@ EOF
 say "env      $(grep -m1 '^gpu ' "$OUT/env.txt" || echo 'no GPU')  | $(grep -m1 '^python' "$OUT/env.txt")"
 DEEPSPEED=$(grep -q '^deepspeed: not available' "$OUT/env.txt" && echo no || echo yes)
 CUDA=$(grep -q '^gpu ' "$OUT/env.txt" && echo yes || echo no)
-DS_FLOOR=0  # seconds kept for stage 5 when it will run
-[ "$DEEPSPEED" = yes ] && [ "$CUDA" = yes ] && DS_FLOOR=60
+# the ds stage needs deepspeed and a GPU: without them it is not selected (its share goes to the
+# other stages)
+if want ds && { [ "$DEEPSPEED" = no ] || [ "$CUDA" = no ]; }; then
+  say "ds       SKIPPED: needs deepspeed (carry .whl from scripts/device_wheels.sh) and a GPU"
+  STAGES="${STAGES//ds/}"
+fi
+BENCH_TARGET="${OPS:-all}"
+PROFILE_OPS="${OPS:-dino_loss,koleo}"
 
 # ---- 1. GPU tests and kernel parity tests (compile checks run in CI, not here); the files with
 # GPU-only cases first (files listed in that order), in case the stage times out
-FIRST="tests/kernels/test_dino_loss_gpu.py tests/kernels/test_koleo_split.py"
-KFILES="$FIRST"
-for f in tests/kernels/test_*.py; do
-  case " $FIRST tests/kernels/test_compile.py tests/kernels/test_gram_compile.py " in
-    *" $f "*) ;;
-    *) KFILES="$KFILES $f" ;;
-  esac
-done
-if run_py -c "import pytest" 2>/dev/null; then
-  # shellcheck disable=SC2086  # KFILES is a list of paths without spaces
-  run_stage pytest "$(stage_timeout 22 90)" "$OUT/pytest.log" \
-    "$PY" $PYFLAGS -m pytest tests/gpu $KFILES -q -rs -p no:cacheprovider
-else
-  say "pytest   SKIPPED: pytest not installed"
+if [ -z "$TESTS" ]; then
+  FIRST="tests/kernels/test_dino_loss_gpu.py tests/kernels/test_koleo_split.py"
+  TESTS="tests/gpu $FIRST"
+  for f in tests/kernels/test_*.py; do
+    case " $FIRST tests/kernels/test_compile.py tests/kernels/test_gram_compile.py " in
+      *" $f "*) ;;
+      *) TESTS="$TESTS $f" ;;
+    esac
+  done
+fi
+if want pytest; then
+  if run_py -c "import pytest" 2>/dev/null; then
+    # shellcheck disable=SC2086  # TESTS is a list of paths without spaces
+    run_stage pytest "$(stage_timeout pytest)" "$OUT/pytest.log" \
+      "$PY" $PYFLAGS -m pytest $TESTS -q -rfEs --tb=short -p no:cacheprovider
+  else
+    say "pytest   SKIPPED: pytest not installed"
+  fi
 fi
 
 # ---- 2. parity of every kernel at DINOv3 shapes (CUDA) / interpreter shapes (CPU)
 # --quick: every op gets checked inside the share (the full sweep holds e.g. k-means at 1M x 100k)
 # --time-budget (the stage's timeout less start-up and one case's overrun) gives every op its
 # share, so the last ops are not starved by a slow first one
-T=$(stage_timeout 15 60)
-run_stage check "$T" "$OUT/check.log" "$PY" $PYFLAGS -m bench all --check --quick --out "$OUT" \
-  --time-budget $(( T > 40 ? T - 20 : 20 ))
+if want check; then
+  T=$(stage_timeout check)
+  run_stage check "$T" "$OUT/check.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --check --quick \
+    --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
+fi
 
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
-T=$(stage_timeout 40 30)
-run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench all --quick --out "$OUT" \
-  --time-budget $(( T > 40 ? T - 20 : 20 ))
+if want bench; then
+  T=$(stage_timeout bench)
+  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --quick \
+    --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
+fi
+
+# ---- 3b. where the time of the ops whose timings their bytes do not explain goes (host vs device,
+# launches, syncs, top kernels); appended to bench.log (the file count is capped)
+if want profile; then
+  echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
+  run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
+    bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
+    profile --quick --providers triton,torch_compile --modes fwd,bwd
+fi
 
 # ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
-[ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
-run_stage step "$(stage_timeout 100 $(( 5 + DS_FLOOR )))" "$OUT/step.log" \
-  "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
+if want step; then
+  [ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
+  run_stage step "$(stage_timeout step)" "$OUT/step.log" \
+    "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
+fi
 
 # ---- 5. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
 # as the deepspeed launcher would (its env vars), ViT-S/16 on the embedded sample images; the log
 # goes to step.log (the file count is capped). Needs deepspeed, e.g. from the carried wheels.
-if [ "$DS_FLOOR" -gt 0 ]; then
+if want ds; then
   echo "## stage ds: deepspeed single-rank ZeRO-2 training of vits16" >> "$OUT/step.log"
-  run_stage ds "$(stage_timeout 100 0)" "$OUT/step.log" \
+  run_stage ds "$(stage_timeout ds)" "$OUT/step.log" \
     env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
     "$PY" $PYFLAGS fastdino/train.py --config configs/vits16.yaml train.max_iterations=12 \
       train.log_every=4 train.checkpoint_every=1000000 data.batch_size_per_gpu=32 \
       data.num_workers=8 deepspeed.zero_stage=2 "train.output_dir=$(mktemp -d)/ds"
-else
-  say "ds       SKIPPED: needs deepspeed (carry .whl from scripts/device_wheels.sh) and a GPU"
 fi
 
 # ---- summary: parity verdicts and the step table
 {
-  echo "check:  $(grep -c ' PASS' "$OUT/check.log" 2>/dev/null) PASS, $(grep -c ' FAIL' "$OUT/check.log" 2>/dev/null) FAIL"
-  grep ' FAIL' "$OUT/check.log" 2>/dev/null | head -20
+  if [ -f "$OUT/check.log" ]; then
+    echo "check:  $(grep -c ' PASS' "$OUT/check.log") PASS, $(grep -c ' FAIL' "$OUT/check.log") FAIL"
+    grep ' FAIL' "$OUT/check.log" | head -20
+  fi
   echo "pytest: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest.log" 2>/dev/null | tail -1)"
+  grep -E '^FAILED|^ERROR' "$OUT/pytest.log" 2>/dev/null | head -20
   sed -n '/^model    impl/,$p' "$OUT/step.log" 2>/dev/null | head -8
   sed -n '/^## stage ds/,$p' "$OUT/step.log" 2>/dev/null | grep -E 'engine:| it [0-9]+/|Error|error' | tail -5
   echo "total $(( SECONDS - START ))s of ${BUDGET}s budget; files in $OUT:"; ls "$OUT"

@@ -4,6 +4,7 @@ list[BenchCase]`; the harness discovers it, times every provider and judges pari
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,17 @@ def grad_output_like(out: torch.Tensor) -> torch.Tensor | None:
         return None
     g = torch.Generator().manual_seed(1234)
     return torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+
+
+def _replay_context(mode: str, provider: str):
+    """The `bwd` mode replays one backward (retain_graph), which a compiled backward with donated
+    buffers refuses (it frees saved activations it owns). That mode's torch_compile provider is
+    recompiled and timed without donation; fwd and fwd+bwd keep the memory-saving default a
+    training step gets."""
+    if mode == "bwd" and provider == "torch_compile":
+        torch._dynamo.reset()
+        return torch._functorch.config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
 
 
 def mode_fn(fn: Callable[..., torch.Tensor], inputs: dict[str, Any], mode: str,
@@ -234,6 +246,19 @@ class Measurement:
     error: str | None = None
 
 
+def _measure(case: BenchCase, fn: Callable[..., Any], base: dict[str, Any], mode: str,
+             on_gpu: bool, quick: bool) -> tuple[Timing, float | None]:
+    """(timing, peak MB on a GPU) of one provider in one mode, on fresh copies of the inputs."""
+    inputs = fresh_inputs(base)
+    leaves = [inputs[k] for k in grad_names(case, inputs)]
+    grad_out = None
+    if mode != "fwd":
+        grad_out = grad_output_like(fn(**fresh_inputs(base)))
+    call = mode_fn(fn, inputs, mode, grad_out)
+    timing = (time_gpu if on_gpu else time_cpu)(call, leaves, quick)
+    return timing, (peak_memory_mb(call) if on_gpu else None)
+
+
 def run_case(case: BenchCase, device: torch.device, modes: tuple[str, ...] = MODES,
              providers: list[str] | None = None, quick: bool = False) -> list[Measurement]:
     """Time every provider in every mode. A provider that raises (not importable, OOM at a 7B
@@ -249,16 +274,8 @@ def run_case(case: BenchCase, device: torch.device, modes: tuple[str, ...] = MOD
             row = Measurement(case.op, case.name, name, mode, str(case.dtype).replace("torch.", ""),
                               case.params)
             try:
-                inputs = fresh_inputs(base)
-                leaves = [inputs[k] for k in grad_names(case, inputs)]
-                grad_out = None
-                if mode != "fwd":
-                    grad_out = grad_output_like(fn(**fresh_inputs(base)))
-                call = mode_fn(fn, inputs, mode, grad_out)
-                timer = time_gpu if on_gpu else time_cpu
-                row.timing = timer(call, leaves, quick)
-                if on_gpu:
-                    row.peak_mem_mb = peak_memory_mb(call)
+                with _replay_context(mode, name):
+                    row.timing, row.peak_mem_mb = _measure(case, fn, base, mode, on_gpu, quick)
             except Exception as e:  # recorded, printed, and the sweep continues
                 row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 if on_gpu:

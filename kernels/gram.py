@@ -61,11 +61,11 @@ core speed only because the re-reads hit L2 (one image's F, E are 2·Pe·D·w by
 shape P = 256, D = 4096, against 50 MB of L2). The P×P backward's fp32 dÂ_i (1 MiB per program at
 D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo), D×D also 3·NB·D²·4.
 
-Tiles (explained at `_pp_gpu`): 64-row square tiles. sm_90 (wgmma): 8 warps. sm_80 (mma.sync):
-bf16/fp16 tiles run 4 warps, one per 16-row MMA slice, because the dots of every loop here are
-"chained" and Triton lays all warps along M (8 would compute each fragment twice); picked per
-device by `device_arch` (gram_loss(tiles=...) forces one set, for A/B timings). fp32 (FMA dots):
-the same tiles on both.
+Tiles (explained at `_pp_gpu`): 64-row square tiles. bf16/fp16 tiles run 4 warps, one per
+16-row MMA slice, because the dots of every loop here are "chained" and Triton lays all warps
+along M (on sm_80 8 warps would compute each fragment twice; on sm_90 the 8-warp set was slower,
+timed on an H200), on every GPU (`auto_tiles`; gram_loss(tiles=...) forces the 8-warp sm90 set
+for A/B timings). fp32 (FMA dots): the same tiles in both sets.
 
 Dtypes: bf16/fp16 inputs -> operands in that dtype, fp32 accumulation; fp32 inputs -> fp32
 operands with input_precision="ieee" (exact, CUDA-core speed: feed bf16 for tensor cores).
@@ -502,12 +502,14 @@ def _gram_norm_bwd_kernel(
 #   tests/kernels/test_gram_compile.py reads the MMA layouts of the shipped sm_80 tiles and fails
 #   on any repeated fragment. BLOCK_M stays 64: the symmetric tile pairs need square tiles, and
 #   128×128 fp32 accumulators take 64 registers per accumulator per thread even over 8 warps.
-# - sm_90 (wgmma) keeps 8 warps, as measured so far. Note: there too the first dot of each P×P
+# - sm_90 (wgmma): the same 4-warp tiles (`auto_tiles`). With 8 warps the first dot of each P×P
 #   chain (and of the D×D backward) gets warpsPerCTA [8, 1] on 64 rows, i.e. its fragments are
 #   computed by both warpgroups, and its accumulator is converted to the second dot's [4, 2]
 #   layout every step; 4 warps give one [4, 1] layout and fewer wgmma (pp fwd: 4 vs 6 per step).
-#   To be decided by a GPU timing, not changed blind: `python -m bench gram --quick` times the
-#   bf16 cases with the provider triton_sm80_tiles (these 4-warp tiles) next to triton.
+#   Timed on an H200 (bench/results/nvidia-h200-2026-11-26-check1/, ViT-L bf16 fwd / bwd ms):
+#   P×P per image 0.244 / 0.501 with 4 warps against 0.335 / 0.800 with 8; D×D flattened
+#   0.446 / 0.619 against 0.460 / 1.266. The 8-warp set stays as `tiles="sm90"` for A/B timings
+#   (`python -m bench gram` times it as the provider triton_sm90_tiles).
 # - num_stages only matters on the aligned path (unaligned loads are not cp.async).
 def _mma_v2_warps(block_m: int) -> int:
     """Warps for a chained-dot tile on sm_80: one per 16-row mma.sync slice of BLOCK_M."""
@@ -547,6 +549,14 @@ def _dd_bwd_gpu(work: torch.dtype, arch: int = 90) -> dict:
 # sm_80..89 and consumer Blackwell sm_120, which has no wgmma); shared with the other kernels.
 device_arch = arch_family
 _cuda_arch = _cuda_arch_family  # its per-device cache
+
+
+def auto_tiles(device: torch.device) -> int:
+    """The tile set `tiles="auto"` launches: the 4-warp set (named sm80) on every GPU. It is the
+    only correct choice for per-warp mma.sync parts (no fragment computed twice) and it was also
+    the faster one on sm_90 in every bf16 case timed (the comment above `_mma_v2_warps`); fp32
+    tiles are the same in both sets. `device_arch` still names the family (other kernels use it)."""
+    return 80
 
 
 ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this
@@ -644,7 +654,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
     if form == FORM_PP:
-        cfg = _pp_config(pe, d, a.dtype, clamp, arch=arch or device_arch(student.device))
+        cfg = _pp_config(pe, d, a.dtype, clamp, arch=arch or auto_tiles(student.device))
         pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
@@ -652,7 +662,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
         mats = torch.empty(0, dtype=torch.float32, device=student.device)
     else:
-        cfg = _dd_config(pe, d, a.dtype, arch=arch or device_arch(student.device))
+        cfg = _dd_config(pe, d, a.dtype, arch=arch or auto_tiles(student.device))
         mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
         _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
@@ -669,7 +679,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     flags = _dot_flags(student.dtype)
     if form == FORM_PP:
         cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True,
-                         arch=arch or device_arch(student.device))
+                         arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         lo_arg = lo if _needs_lo(student.dtype, clamp) else a
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
@@ -679,7 +689,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         g_ff, g_ee, x = mats.unbind(1)
         m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
         m2 = (g_ff + x).to(a.dtype).contiguous()
-        cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=arch or device_arch(student.device))
+        cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (triton.cdiv(pe, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), nb)
         _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
@@ -747,9 +757,10 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
               tiles: str = "auto") -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
-    tiles: auto (the device's architecture, `device_arch`) | sm90 | sm80: which shipped GPU
-    tile set to launch; forcing one is for A/B timings and tests (e.g. sm80's 4-warp tiles on an
-    H100, see `_pp_gpu`). Under the interpreter its own tiles run regardless.
+    tiles: auto (`auto_tiles`: the 4-warp sm80 set, the faster one on sm_90 too) | sm90 | sm80:
+    which shipped GPU tile set to launch; forcing one is for A/B timings and tests (e.g. the
+    8-warp sm90 set on an H100, see `_pp_gpu`). Under the interpreter its own tiles run
+    regardless.
 
     rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
     `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the

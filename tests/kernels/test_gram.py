@@ -27,7 +27,7 @@ def make_inputs(shape, dtype, noise, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(*shape, generator=g)
     t = s + noise * torch.randn(*shape, generator=g) if noise else torch.randn(*shape, generator=g)
-    return s.to(dtype), t.to(dtype)
+    return s.to(DEV, dtype), t.to(DEV, dtype)  # built on the CPU (same numbers on every device)
 
 
 def loss_and_grad(fn, s, t, **kw):
@@ -139,8 +139,6 @@ def test_backward_is_bitwise_deterministic(gpu_tiles, variant):
     # one by one, so there it checks the shipped tiles' loop structure, not the scheduling.
     shape = (4, 256, 256) if torch.cuda.is_available() else GPU_TILE_SHAPE
     s, t = make_inputs(shape, torch.bfloat16, noise=1e-2, seed=6)
-    if torch.cuda.is_available():
-        s, t = s.cuda(), t.cuda()
     form, clamp = VARIANTS[variant]
     grads = [loss_and_grad(gram_loss, s, t, img_level=False, form=form, **clamp)[1]
              for _ in range(2)]
@@ -178,7 +176,7 @@ def test_tiles_choice_is_validated_and_forced_tiles_agree():
     with pytest.raises(ValueError, match="tiles"):
         gram_loss(s, t, tiles="sm75")
     # under the interpreter both run its own tiles; on a GPU the two shipped sets (same math)
-    a, b = (gram_loss(s.to(DEV), t.to(DEV), tiles=x) for x in ("sm90", "sm80"))
+    a, b = (gram_loss(s, t, tiles=x) for x in ("sm90", "sm80"))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
 
 
@@ -205,7 +203,7 @@ def test_opcheck_custom_ops(form):
     torch.library.opcheck(torch.ops.fastdino.gram_fwd.default, (s, t, True, 0, form, 0))
     _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form, 0)
     torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
-                          (torch.ones(()), s, *saved, True, 0, form, 0))
+                          (torch.ones((), device=DEV), s, *saved, True, 0, form, 0))
 
 
 def test_compiled_matches_eager():

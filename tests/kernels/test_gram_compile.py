@@ -5,8 +5,9 @@ file adds what a real launch adds and checks what the tile choice in kernels/gra
 - the runtime's divisibility specialisation: pointers 16-byte aligned and D % 16 == 0
   (`spec.divisible_by_16`, passed as ASTSource attrs exactly as triton's JIT does), so registers,
   spills and shared memory are those of the pipelined, vectorised code the GPU runs;
-- each spec on the architecture whose launcher picks it (`tiles=sm80` specs on sm_80, the others
-  on sm_90, and on sm_80 too where sm_80 has no tiles of its own);
+- each spec on the architectures whose launcher can pick it (`tiles=sm80` specs, the 4-warp set
+  `auto_tiles` launches, on sm_90 and sm_80; the 8-warp sm_90 set (forced by tiles="sm90") on
+  sm_90, and on sm_80 too where sm_80 has no tiles of its own);
 - on sm_80, no two warps compute the same MMA fragments: for every dot of M×N rows×columns with
   warpsPerCTA [wm, wn] and mma.sync m16n8, wm·16 <= M and wn·8 <= N (the TTGIR's layouts).
 bf16 and fp32 (fp16 ships bf16's tiles). The compile runs in one subprocess with TRITON_INTERPRET
@@ -38,9 +39,9 @@ def _specs():
 
 def _targets(spec, names: set[str]) -> list[int]:
     """The architectures whose launcher picks this spec's tiles."""
-    if spec.name.endswith(",tiles=sm80]"):
-        return [80]
-    return [90] if spec.name[:-1] + ",tiles=sm80]" in names else [90, 80]
+    if spec.name.endswith(",tiles=sm80]"):  # the 4-warp set: auto on every GPU
+        return [90, 80]
+    return [90] if spec.name[:-1] + ",tiles=sm80]" in names else [90, 80]  # 8 warps: forced
 
 
 def _mma_dots(ttgir: str) -> list[dict]:

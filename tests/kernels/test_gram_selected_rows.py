@@ -10,6 +10,8 @@ from fastdino.kernels.gram import gram_loss, gram_loss_ref
 
 from fastdino.losses.gram_loss import GramLoss
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 VARIANTS = {"pp": ("pp", {}), "pp-remove_neg": ("pp", {"remove_neg": True}), "dd": ("dd", {})}
 
 
@@ -18,7 +20,7 @@ def _inputs(shape, dtype, seed):
     s = torch.randn(*shape, generator=g)
     t = s + 1e-2 * torch.randn(*shape, generator=g)  # correlated: the cancellation case
     masks = torch.rand(shape[:2], generator=g) < 0.45
-    return s.to(dtype), t.to(dtype), masks
+    return s.to(DEV, dtype), t.to(DEV, dtype), masks.to(DEV)  # same numbers on every device
 
 
 def _loss_and_grad(fn, s, t, **kw):
@@ -67,8 +69,8 @@ def test_module_triton_matches_torch_with_masks():
 def test_rows_with_img_level_is_an_error_and_empty_rows_give_zero():
     s, t, _ = _inputs((1, 8, 16), torch.float32, seed=13)
     with pytest.raises(ValueError, match="img_level=False"):
-        gram_loss(s, t, img_level=True, rows=torch.tensor([0, 1]))
+        gram_loss(s, t, img_level=True, rows=torch.tensor([0, 1], device=DEV))
     s.requires_grad_()
-    loss = gram_loss(s, t, img_level=False, rows=torch.zeros(0, dtype=torch.long))
+    loss = gram_loss(s, t, img_level=False, rows=torch.zeros(0, dtype=torch.long, device=DEV))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(s.grad == 0)

@@ -213,7 +213,10 @@ def _bench(*args, env=None, timeout=600):
 def test_cli_unknown_op_lists_available():
     proc = _bench("no_such_op")
     assert proc.returncode == 2
-    assert "unknown op 'no_such_op'" in proc.stderr and "selftest" in proc.stderr, proc.stderr
+    assert "unknown op(s) 'no_such_op'" in proc.stderr and "selftest" in proc.stderr, proc.stderr
+    # a comma list runs several ops; one unknown name in it is named and nothing runs
+    proc = _bench("selftest,nope", "--quick")
+    assert proc.returncode == 2 and "'nope'" in proc.stderr and "'selftest'" not in proc.stderr
 
 
 def test_cli_all_quick_end_to_end_on_cpu(tmp_path):
