@@ -209,7 +209,7 @@ if want profile; then
   echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
   run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
     bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
-    profile --quick --providers triton,torch_compile --modes fwd,bwd
+    profile --quick --providers triton --modes fwd,bwd
 fi
 
 # ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
