@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("target", help="an op name (or a comma list), all, or a script target (see below)")
+    p.add_argument("target", help="an op (or a comma list of ops), all, or a script (see below)")
     p.add_argument("--quick", action="store_true", help="fewer cases and shorter timing")
     p.add_argument("--check", action="store_true", help="parity check instead of timing")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),

@@ -100,7 +100,7 @@ import dataclasses  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
+from fastdino.kernels._utils import CompileSpec, cdiv, is_interpreter, next_pow2  # noqa: E402
 from fastdino.kernels.sinkhorn import _lse_update  # noqa: E402
 
 MAX_SPLITS = 128  # K splits: the merge kernel reads them as one [rows, 128] tile
@@ -260,11 +260,11 @@ def _config(r: int, k: int, x: torch.Tensor, j: int) -> tuple[int, int, int, int
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda \
             else _NUM_SMS
         (block_r, block_k), target = _GPU_BLOCK[(x.dtype, j)], 8 * sms
-    k_blocks = triton.cdiv(k, block_k)
-    want = triton.cdiv(target, triton.cdiv(max(r, 1), block_r))
+    k_blocks = cdiv(k, block_k)
+    want = cdiv(target, cdiv(max(r, 1), block_r))
     n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
-    k_per_split = triton.cdiv(k_blocks, n_splits) * block_k
-    return block_r, block_k, k_per_split, triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(k_blocks, n_splits) * block_k
+    return block_r, block_k, k_per_split, cdiv(k, k_per_split)
 
 
 def _check_inputs(s, t, col_shift, row_shift, tidx):
@@ -300,11 +300,11 @@ def dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
         return out
     block_r, block_k, k_per_split, n_splits = _config(r, k, s, tidx.shape[1])
     part = torch.empty(4, r, n_splits, device=s.device, dtype=torch.float32)
-    _dino_soft_ce_fwd_kernel[(n_splits, triton.cdiv(r, block_r))](
+    _dino_soft_ce_fwd_kernel[(n_splits, cdiv(r, block_r))](
         s, t, col_shift, row_shift, tidx, part, r, k, s.stride(0), t.stride(0), float(inv_ts),
         float(inv_tt), k_per_split, n_splits, J=tidx.shape[1], BLOCK_R=block_r, BLOCK_K=block_k,
         STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
-    _soft_ce_merge_kernel[(triton.cdiv(r, _MERGE_BLOCK_R),)](
+    _soft_ce_merge_kernel[(cdiv(r, _MERGE_BLOCK_R),)](
         part, out, r, n_splits, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
         num_warps=_MERGE_WARPS)
     return out
@@ -320,7 +320,7 @@ def dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, 
     g = grad_row if grad_row.dtype == torch.float32 else grad_row.float()
     stats = stats.contiguous()
     block_r, block_k, k_per_split, n_splits = _config(r, k, s, tidx.shape[1])
-    _dino_soft_ce_bwd_kernel[(n_splits, triton.cdiv(r, block_r))](
+    _dino_soft_ce_bwd_kernel[(n_splits, cdiv(r, block_r))](
         s, t, col_shift, row_shift, tidx, stats, g, ds, r, k, s.stride(0), t.stride(0),
         ds.stride(0), g.stride(0), float(inv_ts), float(inv_tt), k_per_split, J=tidx.shape[1],
         BLOCK_R=block_r, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,

@@ -90,6 +90,7 @@ from fastdino.kernels._utils import (
     CompileSpec,
     _cuda_arch_family,
     arch_family,
+    cdiv,
     eager_or_op,
     is_interpreter,
     next_pow2,
@@ -655,7 +656,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     n = float(nb) * pe * pe
     if form == FORM_PP:
         cfg = _pp_config(pe, d, a.dtype, clamp, arch=arch or auto_tiles(student.device))
-        pi, pj = _tile_pairs(triton.cdiv(pe, cfg["BLOCK_M"]), student.device)
+        pi, pj = _tile_pairs(cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
                                               pe, d, pi.numel(), CLAMP=clamp, **cfg, **flags)
@@ -664,7 +665,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     else:
         cfg = _dd_config(pe, d, a.dtype, arch=arch or auto_tiles(student.device))
         mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
-        grid = (triton.cdiv(d, cfg["BLOCK_K"]), triton.cdiv(d, cfg["BLOCK_K"]), nb)
+        grid = (cdiv(d, cfg["BLOCK_K"]), cdiv(d, cfg["BLOCK_K"]), nb)
         _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
         g_ff, g_ee, x = mats.unbind(1)  # [NB, D, D] each
         loss = 0.5 * ((g_ff * g_ee).sum() + (x * x.mT).sum()) / n
@@ -682,7 +683,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
                          arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         lo_arg = lo if _needs_lo(student.dtype, clamp) else a
-        grid = (triton.cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
+        grid = (cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
         _gram_pp_bwd_kernel[grid](da, a, lo_arg, f, e, pe, d, CLAMP=clamp, **cfg, **flags,
                                   RNE_FIX=_rne_fix(a.dtype))
     else:
@@ -691,7 +692,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         m2 = (g_ff + x).to(a.dtype).contiguous()
         cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
-        grid = (triton.cdiv(pe, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), nb)
+        grid = (cdiv(pe, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_N"]), nb)
         _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
     scale = (grad.detach().float() * (4.0 / (float(nb) * pe * pe))).reshape(1)
     s = student.contiguous()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REF_BLOCK_ELEMS = 1 << 26  # reference: rows per chunk so that chunk × k <= 64M distances
@@ -190,7 +190,7 @@ def kmeans_assign_fwd(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, t
         return idx, dist2
     cn = c.float().square().sum(1).contiguous()  # [k] fp32, O(k·D)
     cfg = _config(N, K, D, x.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
+    grid = (cdiv(N, cfg["BLOCK_M"]),)
     _kmeans_assign_kernel[grid](
         idx, dist2, x, c, cn, N, K, D, x.stride(0), c.stride(0),
         UPCAST=is_interpreter() and x.dtype != torch.float32, IEEE=x.dtype == torch.float32,

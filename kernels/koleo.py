@@ -116,7 +116,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 
 def _check_query(n: int, query_start: int, query_len: int | None) -> int:
@@ -761,7 +761,7 @@ def _aligned_rows(x: torch.Tensor) -> bool:
 def _search_config(nq: int, n: int, D: int, dtype: torch.dtype, aligned_rows: bool) -> dict:
     """Split search tiles plus ALIGNED (D a multiple of BLOCK_K and 16-byte aligned rows)."""
     if is_interpreter():  # a few column tiles per group, so the splits and their merge run
-        cfg = dict(BLOCK_M=_clamp_pow2(nq, 16, 64), BLOCK_N=_clamp_pow2(triton.cdiv(n, 4), 16, 64),
+        cfg = dict(BLOCK_M=_clamp_pow2(nq, 16, 64), BLOCK_N=_clamp_pow2(cdiv(n, 4), 16, 64),
                    BLOCK_K=_clamp_pow2(D, 16, 128), num_warps=4, num_stages=1)
         return dict(cfg, ALIGNED=aligned_rows and D % cfg["BLOCK_K"] == 0)
     return _gpu_search_config(nq, D, dtype, aligned_rows)
@@ -778,7 +778,7 @@ def _gpu_search_config(nq: int, D: int, dtype: torch.dtype, aligned_rows: bool) 
 
 def _search_sym_config(n: int, D: int, dtype: torch.dtype, aligned_rows: bool) -> dict:
     if is_interpreter():  # >= 4 blocks per group, so off-diagonal tiles and their merge run
-        cfg = dict(BLOCK=_clamp_pow2(triton.cdiv(n, 4), 16, 64), BLOCK_K=_clamp_pow2(D, 16, 128),
+        cfg = dict(BLOCK=_clamp_pow2(cdiv(n, 4), 16, 64), BLOCK_K=_clamp_pow2(D, 16, 128),
                    num_warps=4, num_stages=1)
         return dict(cfg, ALIGNED=aligned_rows and D % cfg["BLOCK_K"] == 0)
     return _gpu_search_sym_config(D, dtype, aligned_rows)
@@ -812,10 +812,10 @@ def _splits(G: int, nq: int, n: int, cfg: dict, sms: int) -> tuple[int, int]:
     """(S, cols_per_split): enough column splits that the grid G x row blocks x S fills the SMs
     once (one wave: a second, partial wave would cost as much as a full one), each split a whole
     number of column tiles and none empty."""
-    tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    s = max(1, min(tiles, sms // (G * triton.cdiv(nq, cfg["BLOCK_M"]))))
-    per = triton.cdiv(tiles, s)
-    return triton.cdiv(tiles, per), per * cfg["BLOCK_N"]
+    tiles = cdiv(n, cfg["BLOCK_N"])
+    s = max(1, min(tiles, sms // (G * cdiv(nq, cfg["BLOCK_M"]))))
+    per = cdiv(tiles, s)
+    return cdiv(tiles, per), per * cfg["BLOCK_N"]
 
 
 # The path model (H200 numbers; the header derives them). Times in seconds.
@@ -829,22 +829,22 @@ _GAIN = 1.25
 
 def _fused_fwd_s(G, nq, n, D, dtype, sms) -> float:
     bm = _gpu_fused_block_m(nq, dtype)
-    waves = triton.cdiv(G * triton.cdiv(nq, bm), sms)
+    waves = cdiv(G * cdiv(nq, bm), sms)
     return waves * 2 * bm * n * D / _FUSED_FLOPS[dtype]
 
 
 def _sym_search_s(G, n, D, dtype, sms) -> float:
     """Symmetric search: one BLOCK x BLOCK tile per program, tiles I <= J only."""
     b = _gpu_search_sym_config(D, dtype, True)["BLOCK"]
-    nb = triton.cdiv(n, b)
-    return triton.cdiv(G * nb * (nb + 1) // 2, sms) * 2 * b * b * D / _SPLIT_FLOPS[dtype]
+    nb = cdiv(n, b)
+    return cdiv(G * nb * (nb + 1) // 2, sms) * 2 * b * b * D / _SPLIT_FLOPS[dtype]
 
 
 def _cols_search_s(G, nq, n, D, dtype, sms) -> float:
     """Column-split search: G x row blocks x S programs, one wave."""
     cfg = _gpu_search_config(nq, D, dtype, True)
     s, cols = _splits(G, nq, n, cfg, sms)
-    waves = triton.cdiv(G * triton.cdiv(nq, cfg["BLOCK_M"]) * s, sms)
+    waves = cdiv(G * cdiv(nq, cfg["BLOCK_M"]) * s, sms)
     return waves * 2 * cfg["BLOCK_M"] * cols * D / _SPLIT_FLOPS[dtype]
 
 
@@ -863,8 +863,8 @@ def _split_fwd_s(G, nq, n, D, dtype, sms) -> float:
 
 
 def _fused_bwd_s(G, nq, n, D, sms) -> float:
-    progs = G * triton.cdiv(n, _GPU_BWD["BLOCK_J"]) * triton.cdiv(D, _GPU_BWD["BLOCK_D"])
-    return triton.cdiv(progs, 2 * sms) * triton.cdiv(nq, _GPU_BWD["BLOCK_I"]) * _FUSED_BWD_STEP_S
+    progs = G * cdiv(n, _GPU_BWD["BLOCK_J"]) * cdiv(D, _GPU_BWD["BLOCK_D"])
+    return cdiv(progs, 2 * sms) * cdiv(nq, _GPU_BWD["BLOCK_I"]) * _FUSED_BWD_STEP_S
 
 
 def _sorted_bwd_s(G, nq, n, D, dtype) -> float:
@@ -931,7 +931,7 @@ def _fwd_fused(x: torch.Tensor, eps: float, q0: int, nq: int):
     """One launch: search, distances and the loss (a counter orders the cross-block sum)."""
     G, n, D = x.shape
     cfg = _fwd_config(nq, n, D, x.dtype)
-    num_blocks = triton.cdiv(nq, cfg["BLOCK_M"])
+    num_blocks = cdiv(nq, cfg["BLOCK_M"])
     loss = torch.empty(G, device=x.device, dtype=torch.float32)
     nn_idx, d, t, u, rinv = _fwd_outputs(x, nq)
     single = num_blocks == 1
@@ -963,12 +963,12 @@ def _fwd_split(x: torch.Tensor, eps: float, q0: int, nq: int, cfg: dict | None =
     nn_idx, d, t, u, rinv = _fwd_outputs(x, nq)
     fma = _no_fma()
     upcast, ieee = is_interpreter() and x.dtype == torch.bfloat16, x.dtype == torch.float32
-    _koleo_rinv_kernel[(triton.cdiv(n, rc["BLOCK_R"]), G)](
+    _koleo_rinv_kernel[(cdiv(n, rc["BLOCK_R"]), G)](
         rinv, x, x.stride(0), x.stride(1), n, D, eps, **fma, **rc)
     if sym:
         cfg = dict(cfg or _search_sym_config(n, D, x.dtype, _aligned_rows(x)))
         cfg.setdefault("ALIGNED", False)
-        s = triton.cdiv(n, cfg["BLOCK"])
+        s = cdiv(n, cfg["BLOCK"])
         best_v = torch.empty(G, s, n, **f32)
         best_j = torch.empty(G, s, n, device=x.device, dtype=torch.int32)
         _koleo_search_sym_kernel[(s, s, G)](
@@ -980,15 +980,15 @@ def _fwd_split(x: torch.Tensor, eps: float, q0: int, nq: int, cfg: dict | None =
         if splits is None:
             s, cols = _splits(G, nq, n, cfg, _num_sms(x.device))
         else:
-            tiles = triton.cdiv(n, cfg["BLOCK_N"])
-            cols = triton.cdiv(tiles, max(1, min(splits, tiles))) * cfg["BLOCK_N"]
-            s = triton.cdiv(n, cols)
+            tiles = cdiv(n, cfg["BLOCK_N"])
+            cols = cdiv(tiles, max(1, min(splits, tiles))) * cfg["BLOCK_N"]
+            s = cdiv(n, cols)
         best_v = torch.empty(G, s, nq, **f32)
         best_j = torch.empty(G, s, nq, device=x.device, dtype=torch.int32)
-        _koleo_search_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), s, G)](
+        _koleo_search_kernel[(cdiv(nq, cfg["BLOCK_M"]), s, G)](
             best_v, best_j, x, rinv, x.stride(0), x.stride(1), n, D, q0, nq, cols,
             UPCAST=upcast, IEEE=ieee, **fma, **cfg)  # cfg holds ALIGNED
-    num_blocks = triton.cdiv(nq, rc["BLOCK_R"])
+    num_blocks = cdiv(nq, rc["BLOCK_R"])
     partial = torch.empty(G, num_blocks, **f32)
     _koleo_finish_kernel[(num_blocks, G)](
         partial, nn_idx, d, t, u, best_v, best_j, rinv, x, x.stride(0), x.stride(1),
@@ -1010,7 +1010,7 @@ def _bwd_fused(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq):
     G, n, D = x.shape
     cfg = _bwd_config(nq, n, D)
     dx = torch.empty_like(x)
-    grid = (triton.cdiv(n, cfg["BLOCK_J"]), triton.cdiv(D, cfg["BLOCK_D"]), G)
+    grid = (cdiv(n, cfg["BLOCK_J"]), cdiv(D, cfg["BLOCK_D"]), G)
     _koleo_bwd_kernel[grid](
         dx, dloss, x, rinv, nn_idx, d, t, u, x.stride(0), x.stride(1),
         n, D, q0, nq, eps, IEEE=x.dtype == torch.float32, **_no_fma(), **cfg)
@@ -1027,7 +1027,7 @@ def _bwd_sorted(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq):
     starts = torch.arange(0, n + bj, bj, device=x.device).clamp_(max=n)  # [num_j + 1]
     seg = torch.searchsorted(sorted_nn, starts.expand(G, -1).contiguous(), out_int32=True)
     dx = torch.empty_like(x)
-    grid = (triton.cdiv(n, bj), triton.cdiv(D, cfg["BLOCK_D"]), G)
+    grid = (cdiv(n, bj), cdiv(D, cfg["BLOCK_D"]), G)
     _koleo_bwd_sorted_kernel[grid](
         dx, dloss, x, rinv, nn_idx, d, t, u, perm, sorted_nn, seg, x.stride(0), x.stride(1),
         n, D, q0, nq, eps, **_no_fma(), **cfg)

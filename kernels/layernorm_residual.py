@@ -38,7 +38,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 MAX_D = 4096  # the widest shipped model (7B); wider rows are not compile-checked
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -222,7 +222,7 @@ def _bwd_programs(T: int, device: torch.device, cfg: dict) -> int:
     striding over the row blocks; each writes 3 partial rows of D fp32 (~2% of the traffic at
     DINOv3 token counts). Under the interpreter 2 programs, so the partial-sum path is exercised.
     The grid depends only on T and the GPU, so the reduction order (and the bits) are fixed."""
-    blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    blocks = cdiv(T, cfg["BLOCK_M"])
     if device.type != "cuda":
         return max(1, min(blocks, 2))
     return max(1, min(blocks, _num_sms(device.index or 0) * (32 // cfg["num_warps"])))
@@ -258,7 +258,7 @@ def layernorm_residual_fwd(x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor
     if T == 0:
         return yo, mean, rstd
     cfg = _config(D, T)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]),)
+    grid = (cdiv(T, cfg["BLOCK_M"]),)
     _layernorm_residual_fwd_kernel[grid](
         y, out, mean, rstd, x2, h2, gamma.contiguous(), weight.contiguous(), bias.contiguous(),
         T, D, y.stride(0), out.stride(0), x2.stride(0), h2.stride(0), eps, **cfg)

@@ -39,6 +39,7 @@ import triton.language as tl
 from fastdino.kernels._utils import (
     CompileSpec,
     arch_family,
+    cdiv,
     eager_or_op,
     is_interpreter,
     next_pow2,
@@ -285,7 +286,7 @@ def rope_fwd(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
         return out
     cfg = _config(num_heads, d_h, B * N, fp32=qkv.dtype == torch.float32,
                   arch=arch_family(qkv.device))
-    grid = (triton.cdiv(B * N, cfg["BLOCK_T"]), triton.cdiv(num_heads, cfg["BLOCK_H"]))
+    grid = (cdiv(B * N, cfg["BLOCK_T"]), cdiv(num_heads, cfg["BLOCK_H"]))
     _rope_fwd_kernel[grid](
         out, qkv, cos, sin, B * N, N, n_prefix, num_heads, qkv.stride(0), qkv.stride(1),
         out.stride(0), *_strides_bnh(out[0], layout), **cfg)
@@ -311,7 +312,7 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Te
     sb, sn, sh = _strides_bnh(dq, layout)
     cfg = _config(H, d_h, B * N, token_major=sn < sh, fp32=dq.dtype == torch.float32,
                   arch=arch_family(dq.device))
-    grid = (triton.cdiv(B * N, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]))
+    grid = (cdiv(B * N, cfg["BLOCK_T"]), cdiv(H, cfg["BLOCK_H"]))
     _rope_bwd_kernel[grid](
         dqkv, dq, dk, dv, cos, sin, B * N, N, n_prefix, H,
         *_strides_bnh(dq, layout), *_strides_bnh(dk, layout), *_strides_bnh(dv, layout), **cfg)

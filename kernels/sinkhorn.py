@@ -200,7 +200,7 @@ import math  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fastdino.kernels._utils import CompileSpec, is_interpreter, next_pow2  # noqa: E402
+from fastdino.kernels._utils import CompileSpec, cdiv, is_interpreter, next_pow2  # noqa: E402
 
 _M0 = -1.0e30  # initial running max (the kernels spell it out): finite, below any t/τ
 _TINY = 1.1754943508222875e-38  # fp32 tiny: a prototype no sample reaches gets no log(0)
@@ -396,11 +396,11 @@ def _row_config(t: torch.Tensor) -> tuple[int, int, int, int]:
         block_n, block_k = min(8, next_pow2(n)), min(1024, next_pow2(k))
     else:
         block_n, block_k = _ROW_BLOCK[t.dtype]
-    k_blocks = triton.cdiv(k, block_k)
-    want = triton.cdiv(_target_programs(t), max(1, triton.cdiv(n, block_n)))
+    k_blocks = cdiv(k, block_k)
+    want = cdiv(_target_programs(t), max(1, cdiv(n, block_n)))
     n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
-    k_per_split = triton.cdiv(k_blocks, n_splits) * block_k
-    return block_n, block_k, k_per_split, triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(k_blocks, n_splits) * block_k
+    return block_n, block_k, k_per_split, cdiv(k, k_per_split)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def teacher_col_pass(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.
                             dtype=torch.float32)
         out_m, out_d = (stats[0], stats[1]) if mode == _MODE_LSE else (None, stats[0])
     # unread pointer arguments get a real tensor (the launcher rejects a null data pointer)
-    _teacher_col_kernel[(triton.cdiv(k, block_k),)](
+    _teacher_col_kernel[(cdiv(k, block_k),)](
         t, col_shift, row_shift, log_scale, col_shift if out_m is None else out_m,
         col_shift if out_d is None else out_d, n, k, t.stride(0), float(inv_temp), MODE=mode,
         FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
@@ -456,11 +456,11 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     if n == 0:  # nothing to normalise (and no empty grid to launch)
         return out[0], (out[1] if entropy else None), colsum
     part = torch.empty(3 if entropy else 2, n, n_splits, **f32)
-    _teacher_row_kernel[(n_splits, triton.cdiv(n, block_n))](
+    _teacher_row_kernel[(n_splits, cdiv(n, block_n))](
         t, col_shift, part, out if colsum is None else colsum, n, k, t.stride(0),
         float(inv_temp), k_per_split, n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy,
         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
-    _row_merge_kernel[(triton.cdiv(n, _MERGE_BLOCK_R),)](
+    _row_merge_kernel[(cdiv(n, _MERGE_BLOCK_R),)](
         part, out, n, n_splits, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
         num_warps=_MERGE_WARPS)
     return out[0], (out[1] if entropy else None), colsum

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, eager_or_op, is_interpreter, next_pow2
+from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -148,7 +148,7 @@ def swiglu_fwd(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     cfg = _config(H, T)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(H, cfg["BLOCK_N"]))
+    grid = (cdiv(T, cfg["BLOCK_M"]), cdiv(H, cfg["BLOCK_N"]))
     _swiglu_fwd_kernel[grid](out, a, b, T, H, a.stride(0), b.stride(0), **cfg)
     return out
 
@@ -166,7 +166,7 @@ def swiglu_bwd(dout: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
     if dx1.numel() == 0:
         return dx1, dx2
     cfg = _config(H, T)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(H, cfg["BLOCK_N"]))
+    grid = (cdiv(T, cfg["BLOCK_M"]), cdiv(H, cfg["BLOCK_N"]))
     _swiglu_bwd_kernel[grid](dx1, dx2, g, a, b, T, H, g.stride(0), a.stride(0), b.stride(0),
                              **cfg)
     return dx1, dx2

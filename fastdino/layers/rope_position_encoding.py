@@ -40,21 +40,34 @@ class RopePositionEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         self._init_weights()
 
-    def forward(self, *, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sin, cos), each [H*W, head_dim] fp32, for an H x W patch grid."""
+    def forward(self, *, H: int, W: int, n_draws: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sin, cos), each [H*W, head_dim] fp32, for an H x W patch grid. With `n_draws`, each
+        [n_draws, H*W, head_dim]: that many independent rescale draws in one go (training), or
+        the one deterministic table repeated as a view (eval, no rescale). The student wants a
+        fresh draw per block (SPEC.md §9.4); asking for all blocks at once costs ~10 small ops
+        per crop type instead of ~15 per block and crop type (host time: every one of them is a
+        launch on the critical path of an eager step)."""
         dd = {"device": self.periods.device, "dtype": torch.float32}
         coords_h = torch.arange(0.5, H, **dd) / H
         coords_w = torch.arange(0.5, W, **dd) / W
         coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1)  # [H,W,2]
         coords = 2.0 * coords.flatten(0, 1) - 1.0  # [HW, 2] in (-1, 1)
-        if self.training and self.rescale_coords is not None:
+        k = 1 if n_draws is None else n_draws
+        rescale = self.training and self.rescale_coords is not None
+        if rescale:
             log_r = math.log(self.rescale_coords)
-            s = torch.empty(1, **dd).uniform_(-log_r, log_r).exp()
-            coords = coords * s
+            s = torch.empty(k, **dd).uniform_(-log_r, log_r).exp()
+            coords = coords * s[:, None, None]  # [k, HW, 2], the same products as one by one
         # periods may have been cast to bf16 by a wrapper; the official rounding quirk is then kept.
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]
-        angles = angles.flatten(1, 2).tile(2)  # [HW, 2, d_h/4] -> [HW, d_h/2] -> [HW, d_h]
-        return torch.sin(angles), torch.cos(angles)
+        angles = 2 * math.pi * coords[..., None] / self.periods.float()  # [(k,) HW, 2, d_h/4]
+        angles = angles.flatten(-2).tile(2)  # -> [(k,) HW, d_h/2] -> [(k,) HW, d_h]
+        sin, cos = torch.sin(angles), torch.cos(angles)
+        if n_draws is None:
+            return (sin[0], cos[0]) if rescale else (sin, cos)
+        if not rescale:
+            sin, cos = (t.expand(k, *t.shape) for t in (sin, cos))
+        return sin, cos
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}, rescale_coords={self.rescale_coords}"

@@ -142,11 +142,16 @@ class DinoVisionTransformer(nn.Module):
             tokens.append(t)
             hw_list.append(hw)
         # Official quirk kept: RoPE is called per block and per crop type, so in training a fresh
-        # rescale is drawn for each; in eval it is deterministic, so compute it once.
-        rope_list = None if self.training else self._ropes(hw_list)
+        # rescale is drawn for each (all blocks' draws made at once per crop type); in eval it is
+        # deterministic, so compute it once.
+        if self.training:
+            tables = [self.rope_embed(H=h, W=w, n_draws=len(self.blocks)) for h, w in hw_list]
+            block_ropes = [[(sin[i], cos[i]) for sin, cos in tables]
+                           for i in range(len(self.blocks))]
+        else:
+            block_ropes = [self._ropes(hw_list)] * len(self.blocks)
         self._set_attn_backend(tokens[0])
-        for blk in self.blocks:
-            ropes = rope_list if rope_list is not None else self._ropes(hw_list)
+        for blk, ropes in zip(self.blocks, block_ropes, strict=True):
             tokens = self._run_block(blk, tokens, ropes)
         n_prefix = 1 + self.n_storage_tokens
         outputs = []

@@ -56,8 +56,11 @@ def test_fp32_exact_indices(N, k, D):
     assert idx.dtype == torch.int64 and dist2.dtype == torch.float32
     torch.testing.assert_close(idx.cpu(), ref_idx, rtol=0, atol=0)
     torch.testing.assert_close(dist2.cpu(), ref_dist2, rtol=1e-5, atol=1e-5 * scale.max().item())
-    # and both against the fp64 truth of the math
-    torch.testing.assert_close(dist2.cpu().double(), best, rtol=1e-5, atol=1e-4)
+    # and against the fp64 truth of the math: the expansion ‖x‖² - 2x·c + ‖c‖² in fp32 cancels
+    # terms of size ‖x‖² + ‖c‖², so its error scales with those, not with the distance (on an
+    # H200 a D = 384 row was off by 2.1e-5 of its distance, 2e-7 of its scale)
+    err = (dist2.cpu().double() - best).abs()
+    assert bool((err <= 1e-5 * scale + 1e-5 * best).all()), (err / scale).max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

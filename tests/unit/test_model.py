@@ -1,5 +1,7 @@
 """Behaviour of the DINOv3 backbone (fastdino.models.vision_transformer), on the tiny vit_test."""
 
+import math
+
 import pytest
 import torch
 
@@ -81,10 +83,37 @@ def test_rope_rescale_only_in_training_and_per_block_per_crop_type():
         a = model.forward_features_list([g, l], [None, None])
         b = model.forward_features_list([g, l], [None, None])
     assert not torch.allclose(a[0]["x_norm_clstoken"], b[0]["x_norm_clstoken"])
-    assert len(draws) == 2 * model.n_blocks * 2  # train: per block, per crop type
-    global_sins = [sin for sin, _ in draws[0::2]]  # crop types alternate within a block
-    for i in range(len(global_sins) - 1):
-        assert not torch.allclose(global_sins[i], global_sins[i + 1])
+    # train: one call per crop type per forward, holding one table per block
+    assert len(draws) == 2 * 2
+    for sin, cos in draws:
+        assert sin.shape[0] == cos.shape[0] == model.n_blocks
+        for i in range(model.n_blocks - 1):  # a fresh rescale per block
+            assert not torch.allclose(sin[i], sin[i + 1])
+
+
+def test_rope_draws_in_one_go_match_one_at_a_time():
+    """n_draws tables are bit-identical to the official one-draw formula at each draw's rescale."""
+    from fastdino.layers.rope_position_encoding import RopePositionEmbedding
+    rope = RopePositionEmbedding(64, 4, rescale_coords=2.0)
+    rope._init_weights()
+    rope.train()
+    torch.manual_seed(3)
+    sin_k, cos_k = rope(H=3, W=5, n_draws=4)
+    assert sin_k.shape == cos_k.shape == (4, 15, 16)
+    torch.manual_seed(3)
+    s = torch.empty(4).uniform_(-math.log(2.0), math.log(2.0)).exp()  # the same 4 draws
+    ch, cw = (torch.arange(0.5, n) / n for n in (3, 5))
+    coords = 2.0 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+    for i in range(4):  # the official module, one draw: coords * s, then the angles
+        angles = 2 * math.pi * (coords * s[i])[:, :, None] / rope.periods[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)
+        assert torch.equal(sin_k[i], torch.sin(angles)) and torch.equal(cos_k[i], torch.cos(angles))
+    # eval: the deterministic table, repeated as a view
+    rope.eval()
+    sin_e, cos_e = rope(H=3, W=5, n_draws=4)
+    sin_1, cos_1 = rope(H=3, W=5)
+    assert sin_e.shape == (4, 15, 16) and all(torch.equal(sin_e[i], sin_1) for i in range(4))
+    assert all(torch.equal(cos_e[i], cos_1) for i in range(4))
 
 
 def test_rope_leaves_prefix_untouched_and_keeps_norms():
