@@ -10,10 +10,11 @@ Per case, provider and mode (the same call the timing harness times, bench/harne
   kernels/call    GPU kernel launches (memsets and copies included)
   syncs/call      host-device synchronisations (cudaStreamSynchronize, cudaDeviceSynchronize,
                   device-to-host copies): each one stalls the host until the GPU drains
-then the top N GPU kernels by device time and the top N top-level host ops by CPU time (count and
-µs per call). host > device means the op is host-bound: fewer launches and host ops (fusion, CUDA
-graphs) pay, faster kernels do not. Without CUDA only the host side is printed (the interpreter's
-numbers mean nothing: a smoke test of the script).
+then the top N GPU kernels by device time, the top N top-level host ops by CPU time and the top N
+Python functions by own time under cProfile (count and µs per call). host > device means the op
+is host-bound: fewer launches and host ops (fusion, CUDA graphs) pay, faster kernels do not.
+Without CUDA only the host side is printed (the interpreter's numbers mean nothing: a smoke test
+of the script).
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ def _host_and_wall_us(call, n: int, cuda: bool) -> tuple[float, float]:
     return host, (time.perf_counter() - t0) / n * 1e6
 
 
+def _python_top(call, n: int, top: int) -> list[tuple[str, float, float]]:
+    """(function, calls, own µs) per op call of the Python functions with the most own time
+    (cProfile: inflates every Python call, so the ranking counts, not the absolute µs)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        call()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [(f"{os.path.basename(f)}:{line}({name})", nc / n, tt / n * 1e6)
+            for (f, line, name), (_, nc, tt, _, _) in rows]
+
+
 def profile_call(call, n: int, top: int, cuda: bool) -> dict:
     """Host, wall and device time per call, launches and syncs per call, the top kernels."""
     import torch
@@ -92,7 +110,7 @@ def profile_call(call, n: int, top: int, cuda: bool) -> dict:
     def per_call(d):
         ranked = sorted(d.items(), key=lambda kv: -kv[1][1])
         return [(name, c / n, t / n) for name, (c, t) in ranked]
-    return {"host_us": host, "wall_us": wall,
+    return {"host_us": host, "wall_us": wall, "python": _python_top(call, n, top),
             "device_us": sum(v[1] for v in kernels.values()) / n if cuda else None,
             "kernels": launches / n if cuda else None, "syncs": syncs / n,
             "host_ops": sum(c for c, _ in host_ops.values()) / n,
@@ -109,6 +127,8 @@ def format_profile(op: str, case: str, provider: str, mode: str, r: dict) -> str
         lines.append(f"    {us:9.1f} µs device x{count:<5.1f} {name[:110]}")
     for name, count, us in r["top_host"]:
         lines.append(f"    {us:9.1f} µs host   x{count:<5.1f} {name[:110]}")
+    for name, count, us in r["python"]:
+        lines.append(f"    {us:9.1f} µs python x{count:<5.1f} {name[:110]}")
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
 """Result records: the environment tag, one JSON line per measurement / parity quantity appended to
 `<out>/<gpu-slug>-<date>.jsonl`, and the stdout tables.
 
-Schema (SCHEMA_VERSION 1), every line:
+Schema (SCHEMA_VERSION 2; version 1 lines lack graph_ms), every line:
     schema, kind ("bench" | "check"), time (UTC ISO), gpu, device, commit, torch, triton, python,
     interpreter (bool), op, case, dtype, params
-kind=bench adds: provider, mode, ms {median, p20, p80}, timer, metric {name, value, ceiling,
-    ceiling_name, pct_roofline, formula} | null, peak_mem_mb, speedup_vs_torch,
+kind=bench adds: provider, mode, ms {median, p20, p80}, timer, graph_ms (CUDA-graph device time
+    of one call when probed, else null; schema 2), metric {name, value, ceiling, ceiling_name,
+    pct_roofline, formula} | null, peak_mem_mb, speedup_vs_torch,
     speedup_vs_torch_compile, roofline {copy_gbps, gemm_tflops, copy_bytes, gemm_mnk}, error
 kind=check adds: provider, quantity, err_kernel, err_torch, rel_kernel, scale, bound, passed, note
 """
@@ -24,11 +25,11 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BENCH_KEYS = ("schema", "kind", "time", "gpu", "device", "commit", "torch", "triton", "python",
               "interpreter", "op", "case", "dtype", "params", "provider", "mode", "ms", "timer",
-              "metric", "peak_mem_mb", "speedup_vs_torch", "speedup_vs_torch_compile", "roofline",
-              "error")
+              "graph_ms", "metric", "peak_mem_mb", "speedup_vs_torch",
+              "speedup_vs_torch_compile", "roofline", "error")
 CHECK_KEYS = ("schema", "kind", "time", "gpu", "device", "commit", "torch", "triton", "python",
               "interpreter", "op", "case", "dtype", "params", "provider", "quantity", "err_kernel",
               "err_torch", "rel_kernel", "scale", "bound", "passed", "note")
@@ -113,7 +114,8 @@ def bench_record(env: dict[str, Any], m: Any, metric: dict | None,
            "case": m.case, "dtype": m.dtype, "params": m.params, "provider": m.provider,
            "mode": m.mode,
            "ms": None if t is None else {"median": t.median, "p20": t.p20, "p80": t.p80},
-           "timer": None if t is None else t.timer, "metric": metric,
+           "timer": None if t is None else t.timer,
+           "graph_ms": None if t is None else t.graph_ms, "metric": metric,
            "peak_mem_mb": m.peak_mem_mb,
            "speedup_vs_torch": speedups.get("torch"),
            "speedup_vs_torch_compile": speedups.get("torch_compile"),
@@ -141,7 +143,8 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def format_bench_table(records: list[dict[str, Any]]) -> str:
     head = (f"{'op':<12} {'case':<24} {'dtype':<8} {'mode':<7} {'provider':<13} "
-            f"{'median ms':>10} {'p20-p80 ms':>17} {'metric':>16} {'%roof':>6} {'x torch':>8} "
+            f"{'median ms':>10} {'p20-p80 ms':>17} {'graph ms':>9} {'metric':>16} {'%roof':>6} "
+            f"{'x torch':>8} "
             f"{'x compile':>9} {'peak MB':>9}")
     lines = [head, "-" * len(head)]
     formulas: dict[tuple[str, str], str] = {}
@@ -157,7 +160,8 @@ def format_bench_table(records: list[dict[str, Any]]) -> str:
             formulas[(r["op"], r["case"])] = f"{met['name']}: {met['formula']}"
         lines.append(
             f"{r['op']:<12} {r['case']:<24} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "
-            f"{ms['median']:>10.4f} {ms['p20']:>8.4f}-{ms['p80']:<8.4f} {metric:>16} "
+            f"{ms['median']:>10.4f} {ms['p20']:>8.4f}-{ms['p80']:<8.4f} "
+            f"{_fmt(r.get('graph_ms'), '.4f'):>9} {metric:>16} "
             f"{_fmt(pct, '.0f'):>6} {_fmt(r['speedup_vs_torch'], '.2f'):>8} "
             f"{_fmt(r['speedup_vs_torch_compile'], '.2f'):>9} {_fmt(r['peak_mem_mb'], '.1f'):>9}")
     if formulas:

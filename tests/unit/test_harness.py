@@ -189,6 +189,18 @@ def test_result_schema_roundtrip(tmp_path):
     back = json.loads(lines[0])  # strict JSON: the NaN became null
     assert back["metric"]["value"] is None and back["ms"] == {"median": 1.0, "p20": 0.9, "p80": 1.2}
     assert back["schema"] == results.SCHEMA_VERSION and back["kind"] == "bench"
+    assert back["graph_ms"] is None  # a CPU timing has no CUDA-graph probe
+
+
+def test_table_shows_the_graph_device_time_next_to_the_event_time():
+    env = results.environment()
+    m = Measurement("op", "case", "triton", "fwd", "bfloat16", {},
+                    Timing(1.7, 1.6, 1.8, "do_bench", graph_ms=0.31), None, None)
+    rec = results.bench_record(env, m, None, {}, Roofline(None, None).to_dict())
+    assert rec["graph_ms"] == 0.31
+    head, _, row = results.format_bench_table([rec]).splitlines()
+    col = head.index("graph ms")
+    assert row[col - 1:col + len("graph ms")].strip() == "0.3100", (head, row)
 
 
 def test_run_case_times_every_provider_and_mode_on_cpu():
@@ -208,6 +220,18 @@ def test_run_case_times_every_provider_and_mode_on_cpu():
 def _bench(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def test_cli_profile_prints_host_times_and_top_ops_on_cpu():
+    # the GPU numbers (device µs, launches) need CUDA; on CPU the host side and the top-level ops
+    proc = _bench("profile", "selftest", "--quick", "--calls", "2", "--modes", "fwd", "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("selftest "))
+    assert "triton fwd: host" in line and "device n/a (no CUDA)" in line, line
+    assert "top-level host ops/call" in line
+    assert " µs host " in proc.stdout  # the top host ops are listed
+    bad = _bench("profile", "no_such_op")
+    assert bad.returncode == 2 and "unknown op 'no_such_op'" in bad.stderr
 
 
 def test_cli_unknown_op_lists_available():
