@@ -102,7 +102,7 @@ fi
 # few stages (--stages) splits the whole budget among them.
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
 ORDER="pytest check bench profile step ds"
-weight() { case "$1" in pytest) echo 22 ;; check) echo 14 ;; bench) echo 36 ;; profile) echo 8 ;;
+weight() { case "$1" in pytest) echo 22 ;; check) echo 12 ;; bench) echo 34 ;; profile) echo 12 ;;
   step) echo 14 ;; ds) echo 6 ;; esac; }
 stage_timeout() {  # $1 = stage name
   local total=0 seen=no st
