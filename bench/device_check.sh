@@ -22,6 +22,8 @@
 # script ends inside it. Writes at most 8 files to --out (default bench/results/):
 #   env.txt pytest.log check.log bench.log step.log step.json summary.txt <gpu-slug>-<date>.jsonl
 # (profile.log replaces step.json when the profile stage runs: 8 files at most come back)
+# The device tool's copy of the tree may carry stale git metadata: name the commit in the command,
+# `FASTDINO_COMMIT=<hash> bash bench/device_check.sh ...`, or env.txt and the JSONL record the stale one.
 # Installs nothing into the image (carried wheels go to a temp dir); skips what is missing. Without a GPU it still runs (CPU
 # interpreter cases, smoke-sized step), which is how it is tested.
 set -u
