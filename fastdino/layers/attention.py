@@ -140,19 +140,25 @@ class SelfAttention(nn.Module):
         o = varlen_attention(q, k, v, cu_seqlens, max(lengths), backend)
         return o.reshape(T, H * d_h)
 
-    def forward_list(self, x_list: list[torch.Tensor], rope_list: list[Rope]) -> list[torch.Tensor]:
-        x_flat, shapes, num_tokens = cat_keep_shapes(x_list)
-        qkv_flat = self.qkv(x_flat)
+    def forward_flat(self, h_flat: torch.Tensor, shapes: list[torch.Size],
+                     rope_list: list[Rope]) -> torch.Tensor:
+        """h_flat [T, D]: the (normed) tokens of every crop type back to back, crop type i of
+        shape shapes[i] = [B_i, N_i, D] -> proj output [T, D]. The block keeps its residual
+        stream in this layout, so only the attention core sees the crop types apart."""
+        qkv_flat = self.qkv(h_flat)
         backend = self._backend(qkv_flat)
         pack = self.pack_crops if self.pack_crops is not None else backend in FLASH_BACKENDS
-        if pack and len(x_list) > 1:
-            o_flat = self._packed_attention(qkv_flat, shapes, rope_list, backend)
-            return uncat_with_shapes(self.proj(o_flat), shapes, num_tokens)
+        if pack and len(shapes) > 1:
+            return self.proj(self._packed_attention(qkv_flat, shapes, rope_list, backend))
+        num_tokens = [s[:-1].numel() for s in shapes]
         qkv_list = uncat_with_shapes(qkv_flat, shapes, num_tokens)
         o_list = [self.compute_attention(qkv, rope)
                   for qkv, rope in zip(qkv_list, rope_list, strict=True)]
-        o_flat, shapes, num_tokens = cat_keep_shapes(o_list)
-        return uncat_with_shapes(self.proj(o_flat), shapes, num_tokens)
+        return self.proj(cat_keep_shapes(o_list)[0])
+
+    def forward_list(self, x_list: list[torch.Tensor], rope_list: list[Rope]) -> list[torch.Tensor]:
+        x_flat, shapes, num_tokens = cat_keep_shapes(x_list)
+        return uncat_with_shapes(self.forward_flat(x_flat, shapes, rope_list), shapes, num_tokens)
 
     def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
         return self.proj(self.compute_attention(self.qkv(x), rope))

@@ -69,27 +69,11 @@ class SelfAttentionBlock(nn.Module):
         """x_list: per crop type [B_i, N_i, D]; rope_list: per crop type (sin, cos) or None."""
         # Attention branch. RoPE has no batch dimension, so it needs no subsetting.
         subsets = self._subsets(x_list)
+        if all(idx is None for idx, _ in subsets):
+            return self._forward_flat(x_list, rope_list)
         x_in = [x if idx is None else x[idx] for x, (idx, _) in zip(x_list, subsets, strict=True)]
         flat, shapes, num_tokens = cat_keep_shapes(x_in)
-        h_list = uncat_with_shapes(self.norm1(flat), shapes, num_tokens)
-        a_list = self.attn.forward_list(h_list, rope_list)
-        a_flat, shapes, num_tokens = cat_keep_shapes(a_list)
-        # The kernel returns norm2's output in the stream's dtype; under autocast nn.LayerNorm
-        # returns fp32, so there it fuses only an fp32 stream (fp32 params, the usual case).
-        same_dtype = flat.dtype == torch.float32 or not torch.is_autocast_enabled(
-            flat.device.type)
-        if (same_dtype and all(idx is None for idx, _ in subsets) and use_fused_pointwise(
-                self.kernels_impl, self.fuse_pointwise, a_flat, "layernorm_residual")):
-            from fastdino.kernels.layernorm_residual import layernorm_residual
-
-            # No drop path: x_in is x_list, so `flat` [T, D] is the residual stream of every crop
-            # type. y = flat + ls1(a) and h = norm2(y) in one pass. The [D] parameters of ls1 and
-            # norm2 are read without calling those modules: under ZeRO-3 that relies on them
-            # staying unpartitioned (DeepSpeed's default stage3_param_persistence_threshold, 1e5
-            # elements, keeps every [D] parameter whole).
-            y, h = layernorm_residual(flat, a_flat, self.ls1.gamma, self.norm2.weight,
-                                      self.norm2.bias, self.norm2.eps)
-            return uncat_with_shapes(y + self.ls2(self.mlp(h)).to(y.dtype), shapes, num_tokens)
+        a_flat = self.attn.forward_flat(self.norm1(flat), shapes, rope_list)
         a_list = uncat_with_shapes(self.ls1(a_flat), shapes, num_tokens)
         x_list = [add_residual(x, a, idx, s)
                   for x, a, (idx, s) in zip(x_list, a_list, subsets, strict=True)]
@@ -101,3 +85,31 @@ class SelfAttentionBlock(nn.Module):
         f_list = uncat_with_shapes(self.ls2(self.mlp(self.norm2(flat))), shapes, num_tokens)
         return [add_residual(x, f, idx, s)
                 for x, f, (idx, s) in zip(x_list, f_list, subsets, strict=True)]
+
+    def _forward_flat(self, x_list: list[torch.Tensor], rope_list: list[Rope]
+                      ) -> list[torch.Tensor]:
+        """No drop path (eval, the teacher, or rate 0): every branch reads every row, so the
+        residual stream stays one [T, D] tensor through the block (one concatenation in, one for
+        the attention outputs; views out), instead of splitting and re-concatenating the crop
+        types around every pointwise step. Bit-identical to the per-crop-type path: LayerNorm,
+        the linears and the adds are row-wise."""
+        flat, shapes, num_tokens = cat_keep_shapes(x_list)
+        a_flat = self.attn.forward_flat(self.norm1(flat), shapes, rope_list)
+        # The kernel returns norm2's output in the stream's dtype; under autocast nn.LayerNorm
+        # returns fp32, so there it fuses only an fp32 stream (fp32 params, the usual case).
+        same_dtype = flat.dtype == torch.float32 or not torch.is_autocast_enabled(
+            flat.device.type)
+        if same_dtype and use_fused_pointwise(self.kernels_impl, self.fuse_pointwise, a_flat,
+                                              "layernorm_residual"):
+            from fastdino.kernels.layernorm_residual import layernorm_residual
+
+            # y = flat + ls1(a) and h = norm2(y) in one pass. The [D] parameters of ls1 and norm2
+            # are read without calling those modules: under ZeRO-3 that relies on them staying
+            # unpartitioned (DeepSpeed's default stage3_param_persistence_threshold, 1e5
+            # elements, keeps every [D] parameter whole).
+            y, h = layernorm_residual(flat, a_flat, self.ls1.gamma, self.norm2.weight,
+                                      self.norm2.bias, self.norm2.eps)
+        else:
+            y = flat + self.ls1(a_flat).to(flat.dtype)
+            h = self.norm2(y)
+        return uncat_with_shapes(y + self.ls2(self.mlp(h)).to(y.dtype), shapes, num_tokens)
