@@ -38,13 +38,16 @@ peak); the target is >= 80 % of the measured copy bandwidth):
 bytes and time, same grids.)
 
 - SK total = 6 passes: ViT-L iBOT 2.97 GB -> 0.71 ms (H200) / 0.89 ms (H100) at roofline, ~0.83 /
-  1.04 ms at 85 %; the DINO teachers (16.8 MB, L2-resident) are launch-bound: 3 column launches +
+  1.04 ms at 85 %. Measured on the H200 (2026-11-26, bench profile): column passes 141 µs each
+  (83 % of the copy bandwidth), row passes 177 µs (66 %) with an elementwise running max; the
+  row pass now keeps per-row statistics updated once per tile (fewer ALU operations per
+  element), not yet re-timed; the DINO teachers (16.8 MB, L2-resident) are launch-bound: 3 column launches +
   3 × (row + merge) launches, ~10-15 µs of host time each, ~0.1 ms per SK call.
 - Launch configs: column pass BLOCK_N × BLOCK_K = 32 × 128 (bf16) / 16 × 128 (fp32), row pass
   8 × 256 (16 rows spill under triton 3.9), merge 16 × 128; num_warps 8
   (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles (24 KB bf16 per
   program) in flight. Compiled at the launch specialisation (K, strides divisible by 16),
-  triton 3.6 sm_90: column 58-64 registers / 25 KB shared (4 programs per SM), row 40-64
+  triton 3.6 sm_90: column 58-64 registers / 25 KB shared (4 programs per SM), row 30-48
   registers / 15-31 KB (4-6 programs per SM), no spills (3.6 and 3.9, sm_90 and sm_80), t tiles
   as 16-byte cp.async.cg (PTX); compile_specs() declare that specialisation
   (divisible_by_16) and tests/kernels/test_dino_loss_gpu.py checks the real launch on a GPU.
@@ -221,16 +224,6 @@ def _lse_update(m, d, x):
     return tl.maximum(m, x), tl.where(gt, d * e + 1.0, d + e)
 
 
-@triton.jit
-def _lse_update_s1(m, d, s1, x, xv):
-    """`_lse_update` that also carries s1 = Σ exp(x - m)·x (xv = x, or 0 where x = -inf)."""
-    gt = x > m
-    e = tl.exp2(tl.where(gt, m - x, x - m) * 1.4426950408889634)
-    d_new = tl.where(gt, d * e + 1.0, d + e)
-    s1_new = tl.where(gt, s1 * e + xv, s1 + e * xv)
-    return tl.maximum(m, x), d_new, s1_new
-
-
 @triton.jit(do_not_specialize=['N'])
 def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_m_ptr, out_d_ptr,
                         N, K, stride_t, inv_temp, MODE: tl.constexpr, FINALIZE: tl.constexpr,
@@ -298,9 +291,14 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     row_off = rows.to(tl.int64)[:, None] * stride_t
-    m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
-    d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    s1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    # Row statistics as [BLOCK_N] vectors, updated once per tile (the FlashAttention softmax
+    # recurrence): per element one max-reduce step, one subtract, one scale, one exp2 and one
+    # sum-reduce step, against ~11 ALU operations for an elementwise running max
+    # (`_lse_update`), which kept this pass at 66 % of HBM bandwidth on an H200 while the
+    # column passes (a fixed shift, no max) reached 83 % (nvidia-h200-2026-11-26-check2).
+    m = tl.full([BLOCK_N], -1.0e30, tl.float32)
+    d = tl.zeros([BLOCK_N], tl.float32)
+    s1 = tl.zeros([BLOCK_N], tl.float32)
     k_lo = pid_s * k_per_split
     for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -312,20 +310,21 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
         a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
         # masked columns -> -inf (weight 0); masked rows stay finite (never stored)
         y = tl.where(cmask[None, :], t * inv_temp - a[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, axis=1))
+        alpha = tl.exp2((m - m_new) * 1.4426950408889634)
+        # natural units scaled by log2(e) after the subtraction (y and m are ~100 and cancel)
+        e = tl.exp2((y - m_new[:, None]) * 1.4426950408889634)
+        d = d * alpha + tl.sum(e, axis=1)
         if ENTROPY:
             # e·y with e = 0 where y = -inf (p = 0 targets) must give 0, not nan
-            m, d, s1 = _lse_update_s1(m, d, s1, y, tl.where(cmask[None, :], y, 0.0))
-        else:
-            m, d = _lse_update(m, d, y)
-    m_r = tl.max(m, axis=1)
-    w = tl.exp2((m - m_r[:, None]) * 1.4426950408889634)
-    d_r = tl.sum(d * w, axis=1)
+            s1 = s1 * alpha + tl.sum(e * tl.where(cmask[None, :], y, 0.0), axis=1)
+        m = m_new
     o = rows.to(tl.int64) * n_splits + pid_s
     plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
-    tl.store(part_ptr + o, m_r, mask=rmask)
-    tl.store(part_ptr + plane + o, d_r, mask=rmask)
+    tl.store(part_ptr + o, m, mask=rmask)
+    tl.store(part_ptr + plane + o, d, mask=rmask)
     if ENTROPY:
-        tl.store(part_ptr + 2 * plane + o, tl.sum(s1 * w, axis=1), mask=rmask)
+        tl.store(part_ptr + 2 * plane + o, s1, mask=rmask)
 
 
 @triton.jit(do_not_specialize=['N', 'n_splits'])
