@@ -41,8 +41,10 @@ bytes and time, same grids.)
   1.04 ms at 85 %. Measured on the H200 (2026-11-26, bench profile): column passes 141 µs each
   (83 % of the copy bandwidth), row passes 177 µs (66 %) with an elementwise running max; the
   row pass now keeps per-row statistics updated once per tile (fewer ALU operations per
-  element), not yet re-timed; the DINO teachers (16.8 MB, L2-resident) are launch-bound: 3 column launches +
-  3 × (row + merge) launches, ~10-15 µs of host time each, ~0.1 ms per SK call.
+  element), not yet re-timed. The DINO teachers (16.8 MB, L2-resident) are launch-bound: 3
+  column launches + 3 × (row + merge) launches; the whole DINO CLS loss forward (SK and the
+  student cross-entropy, 22 launches) measured 186 µs of GPU time under ~660 µs of host time
+  on the H200 machine (`python -m bench profile dino_loss`).
 - Launch configs: column pass BLOCK_N × BLOCK_K = 32 × 128 (bf16) / 16 × 128 (fp32), row pass
   8 × 256 (16 rows spill under triton 3.9), merge 16 × 128; num_warps 8
   (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles (24 KB bf16 per
