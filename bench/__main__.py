@@ -30,7 +30,8 @@ targets:
 timing:
   CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 of CUDA-event
         times); ops under ~50 us of device time (probed from a CUDA graph when the event
-        time is under 1 ms: short ops are host-bound) use do_bench_cudagraph. Peak memory =
+        time is under 5 ms: short ops are host-bound) use do_bench_cudagraph; the probe's device
+        time is the `graph ms` column (median >> graph ms: host-bound). Peak memory =
         max_memory_allocated delta of one call. Metric: model GB/s against a measured 1 GiB
         device-to-device copy, or TFLOP/s against a measured bf16 GEMM, with the case's byte /
         FLOP formula.
