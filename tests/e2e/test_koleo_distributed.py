@@ -3,20 +3,13 @@ concatenated group: same loss, same gradients reaching every rank's rows (includ
 flow to a neighbour living on the other rank through the all-gather's backward)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
+from spawn_ranks import free_port, mark_done, spawn_ranks
 
 WORLD, B, D = 2, 3, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs() -> torch.Tensor:
@@ -40,6 +33,7 @@ def _worker(rank: int, port: int, out_dir: str, group_size: int, impl: str) -> N
         # while the other still has a pending op aborts it ('terminate called without an
         # active exception')
         tdist.barrier()
+        mark_done(out_dir, rank)
     finally:
         tdist.destroy_process_group()
 
@@ -49,7 +43,7 @@ def _worker(rank: int, port: int, out_dir: str, group_size: int, impl: str) -> N
 @pytest.mark.parametrize("impl,group_size",
                          [("torch", B), ("torch", WORLD * B), ("triton", WORLD * B)])
 def test_distributed_koleo_matches_single_process(tmp_path, group_size, impl):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), group_size, impl), nprocs=WORLD)
+    spawn_ranks(_worker, (free_port(), str(tmp_path), group_size, impl), WORLD, str(tmp_path))
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
 
     from fastdino.losses.koleo_loss import KoLeoLoss

@@ -7,11 +7,10 @@ kernels (under the interpreter on CPU), whose K-vector sums and max go through f
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn_ranks import free_port, mark_done, spawn_ranks
 
 K, TAU_T = 300, 0.04
 N_DINO = 4  # teacher CLS rows per rank (2B, B = 2)
@@ -57,20 +56,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # while the other still has a pending op aborts it ('terminate called without an
         # active exception')
         tdist.barrier()
+        mark_done(out_dir, rank)
     finally:
         tdist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sk2")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, (2, free_port(), str(out)), 2, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -62,8 +62,8 @@ def test_flat_stream_matches_per_crop_type(mode):
     for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
     w = [torch.randn(o.shape) for o in out]
-    grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, w)), x_list)
-    grads_ref = torch.autograd.grad(sum((r * c).sum() for r, c in zip(ref, w)), ref_in)
+    grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, w, strict=True)), x_list)
+    grads_ref = torch.autograd.grad(sum((r * c).sum() for r, c in zip(ref, w, strict=True)), ref_in)
     for g, gr in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
 
@@ -80,7 +80,7 @@ def test_drop_path_subsets_match_per_crop_type(monkeypatch):
     torch.manual_seed(5)
     out = blk(x_list, ropes)
     assert len(drawn) == 4  # 2 branches x 2 crop types
-    assert any(idx.numel() < x.shape[0] for (idx, _), x in zip(drawn, x_list * 2))
+    assert any(idx.numel() < x.shape[0] for (idx, _), x in zip(drawn, x_list * 2, strict=True))
     ref = _reference(blk, x_list, ropes, subsets=[drawn[:2], drawn[2:]])
     for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
