@@ -72,6 +72,16 @@ class Student(nn.Module):
                 "patch_logits": self.ibot_head(masked), "patches": patches}
 
 
+def loss_logits(x: torch.Tensor) -> torch.Tensor:
+    """Student logits as the DINO / iBOT losses take them: bf16 and fp32 as they are (both the
+    Triton kernels and the references compute in fp32, upcasting on load, which is exact, and
+    write the gradient in the input's dtype, rounded once as a .float() copy's backward would
+    round it), anything else upcast. A .float() copy of bf16 logits costs a [rows, K] fp32 write
+    and read each way and keeps the copy alive for the backward: 1 GB for the iBOT logits at ViT-L
+    shapes (3,771 × 65,536)."""
+    return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+
+
 def build_student(cfg: Config) -> Student:
     backbone = build_backbone(cfg.model, kernels_impl=cfg.kernels.impl,
                               fuse_pointwise=cfg.kernels.fuse_pointwise)
@@ -229,9 +239,10 @@ class SSLMetaArch:
     def compute_losses(self, s: dict, t: dict, batch, v) -> tuple[torch.Tensor, dict]:
         """Total objective of SPEC.md §1.7 and the logged terms (official names, §3.1)."""
         cfg = self.cfg
-        dino = self.dino_loss(s["dino_global_logits"].float(), s["dino_local_logits"].float(),
+        dino = self.dino_loss(loss_logits(s["dino_global_logits"]),
+                              loss_logits(s["dino_local_logits"]),
                               t["dino_targets"], local_loss_weight=v.local_loss_weight)
-        ibot = self.ibot_patch_loss(s["ibot_logits"].float(), t["ibot_targets"],
+        ibot = self.ibot_patch_loss(loss_logits(s["ibot_logits"]), t["ibot_targets"],
                                     batch.masks_weight, n_images=batch.global_crops.shape[0])
         B = batch.n_images
         cls = s["global_cls"].view(2, B, -1)  # [2, B, D]

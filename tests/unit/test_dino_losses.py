@@ -250,3 +250,44 @@ def test_pair_indices_are_the_official_pairing_and_built_once():
     loc = local_pair_index(3, 2, cpu)
     assert loc.tolist() == [[0, 3], [1, 4], [2, 5]] * 2  # each local crop -> both teacher crops
     assert global_pair_index(3, cpu) is g and local_pair_index(3, 2, cpu) is loc  # cached
+
+
+# -------------------------------------------------------- bf16 logits (meta_arch.loss_logits)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16_logits_need_no_fp32_copy(impl):
+    """meta_arch.loss_logits hands bf16 student logits to the losses as they are: same loss as the
+    .float() copy the losses used to get (both paths upcast on load), and the same gradient up to
+    the one bf16 rounding of dS (exact for the reference; the Triton store rounds under the
+    interpreter without round-to-nearest-even, so one bf16 ulp there)."""
+    from fastdino.meta_arch import loss_logits
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest)
+    g = torch.Generator().manual_seed(7)
+    B, n_l, K, M = 2, 2, 300, 5
+    t_cls = torch.randn(2 * B, K, generator=g).to(dev)
+    s_all = torch.randn((2 + n_l) * B, K, generator=g).bfloat16().to(dev)
+    t_patch = torch.randn(M, K, generator=g).to(dev)
+    s_patch = torch.randn(M, K, generator=g).bfloat16().to(dev)
+    weights = torch.full((M,), 1.0 / M, device=dev)
+    assert loss_logits(s_all).dtype == torch.bfloat16
+    assert loss_logits(s_all.half()).dtype == torch.float32  # what the kernels do not take
+
+    def run(prepare):
+        s = s_all.clone().requires_grad_()
+        p = s_patch.clone().requires_grad_()
+        dino, ibot = DINOLoss(K, impl=impl), iBOTPatchLoss(K, impl=impl)
+        d = dino(prepare(s[:2 * B]), prepare(s[2 * B:]), dino.teacher_targets(t_cls, 0.05))
+        i = ibot(prepare(p), ibot.teacher_targets(t_patch, 0.05, M), weights, n_images=2 * B)
+        (d["dino_loss"] + i).backward()
+        return d["dino_loss"].detach(), i.detach(), s.grad, p.grad
+
+    new, old = run(loss_logits), run(lambda x: x.float())
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+    for a, b in zip(new[2:], old[2:], strict=True):
+        assert a.dtype == b.dtype == torch.bfloat16
+        if impl == "torch":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-6)
