@@ -185,10 +185,12 @@ class SSLMetaArch:
                              and self.engine.dtype == torch.bfloat16)
         with amp:
             t = self.teacher.teacher_forward(batch.global_crops, batch.mask_indices)
-            out = {"dino_targets": self.dino_loss.teacher_targets(t["cls_logits"].float(),
+            # bf16 teacher logits as they are (loss_logits): the SK / centering passes and the
+            # student kernels read them 6-8 times, at half the bytes of an fp32 copy
+            out = {"dino_targets": self.dino_loss.teacher_targets(loss_logits(t["cls_logits"]),
                                                                  teacher_temp),
                    "ibot_targets": self.ibot_patch_loss.teacher_targets(
-                       t["patch_logits"].float(), teacher_temp, batch.n_masked_patches)}
+                       loss_logits(t["patch_logits"]), teacher_temp, batch.n_masked_patches)}
             if self.cfg.gram.use and self.gram_ready and need_gram:
                 if self.gram_teacher is None:  # gram.ema_teacher: the EMA teacher's patches
                     out["gram_patches"] = t["patches"]
