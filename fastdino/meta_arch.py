@@ -263,7 +263,8 @@ class SSLMetaArch:
             gram = torch.zeros((), device=total.device)
             if "gram_patches" in t and v.gram_weight > 0:
                 hw = tuple(x // cfg.model.patch_size for x in batch.global_crops.shape[-2:])
-                gram = self.gram_loss(s["global_patches"].float(), t["gram_patches"].float(),
+                dt = torch.bfloat16 if cfg.gram.compute_dtype == "bf16" else torch.float32
+                gram = self.gram_loss(s["global_patches"].to(dt), t["gram_patches"].to(dt),
                                       student_hw=hw, teacher_hw=t.get("gram_hw", hw),
                                       masks=batch.masks, mask_indices=batch.mask_indices)
                 total = total + v.gram_weight * gram

@@ -133,3 +133,37 @@ def test_trainer_step_selects_by_the_batch_masks(tmp_path, monkeypatch, tokens_u
     sel = batch.masks if tokens_used == "masked" else ~batch.masks
     expected = _explicit_fp64(seen["student"], seen["teacher"], sel.tolist())
     assert float(logged["gram_loss"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("compute_dtype,dtype", [("fp32", torch.float32),
+                                                 ("bf16", torch.bfloat16)])
+def test_gram_compute_dtype_sets_the_patches_dtype(tmp_path, monkeypatch, compute_dtype, dtype):
+    """gram.compute_dtype: the student and teacher patches enter the Gram loss in that dtype
+    (fp32, the official cast, by default; bf16 for the tensor-core kernels) and the step's loss
+    is finite either way; other values are rejected by name."""
+    from fastdino.config import load_config
+    from fastdino.data import build_train_loader
+    from fastdino.losses.gram_loss import GramLoss
+    from fastdino.train import Trainer
+
+    seen = {}
+    real = GramLoss.forward
+
+    def spy(self, student, teacher, *args, **kwargs):
+        seen.update(student=student.dtype, teacher=teacher.dtype)
+        return real(self, student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(GramLoss, "forward", spy)
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    overrides = ["data.num_workers=0", "data.batch_size_per_gpu=2", "model.depth=1",
+                 "data.loader=torch", "dino.head.n_prototypes=64", "ibot.head.n_prototypes=64",
+                 "kernels.impl=torch", f"train.output_dir={tmp_path / 'run'}",
+                 "train.resume=none", "gram.use=true", "gram.ema_teacher=true"]
+    cfg = load_config(smoke, overrides + [f"gram.compute_dtype={compute_dtype}"])
+    trainer = Trainer(cfg)
+    batch = next(build_train_loader(cfg, 0, 1, 0)).to(trainer.info.device)
+    logged = trainer.step(0, batch)
+    assert seen == {"student": dtype, "teacher": dtype}
+    assert torch.isfinite(torch.as_tensor(float(logged["gram_loss"])))
+    with pytest.raises(ValueError, match="gram.compute_dtype"):
+        load_config(smoke, overrides + ["gram.compute_dtype=fp16"])
