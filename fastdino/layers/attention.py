@@ -64,7 +64,10 @@ class LinearKMaskedBias(nn.Linear):
             self.bias_mask[o // 3: 2 * o // 3].fill_(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias * self.bias_mask.to(self.bias.dtype) if self.bias is not None else None
+        if self.bias is None:
+            return F.linear(x, self.weight)
+        mask = self.bias_mask
+        bias = self.bias * (mask if mask.dtype == self.bias.dtype else mask.to(self.bias.dtype))
         return F.linear(x, self.weight, bias)
 
 

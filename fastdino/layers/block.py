@@ -110,6 +110,7 @@ class SelfAttentionBlock(nn.Module):
             y, h = layernorm_residual(flat, a_flat, self.ls1.gamma, self.norm2.weight,
                                       self.norm2.bias, self.norm2.eps)
         else:
-            y = flat + self.ls1(a_flat).to(flat.dtype)
+            y = add_residual(flat, self.ls1(a_flat), None, 1.0)
             h = self.norm2(y)
-        return uncat_with_shapes(y + self.ls2(self.mlp(h)).to(y.dtype), shapes, num_tokens)
+        return uncat_with_shapes(add_residual(y, self.ls2(self.mlp(h)), None, 1.0), shapes,
+                                 num_tokens)

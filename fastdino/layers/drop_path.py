@@ -21,6 +21,8 @@ def sample_subset(b: int, drop_ratio: float, device: torch.device
 def add_residual(x: torch.Tensor, residual: torch.Tensor, indices: torch.Tensor | None,
                  scale: float) -> torch.Tensor:
     """x [b, N, D] + residual [b or subset, N, D] (scattered to `indices`, times `scale`)."""
+    if residual.dtype != x.dtype:  # (a same-dtype .to() is still a dispatched op: host time)
+        residual = residual.to(x.dtype)
     if indices is None:
-        return x + residual.to(x.dtype)
-    return torch.index_add(x, dim=0, index=indices, source=residual.to(x.dtype), alpha=scale)
+        return x + residual
+    return torch.index_add(x, dim=0, index=indices, source=residual, alpha=scale)

@@ -146,8 +146,9 @@ class DinoVisionTransformer(nn.Module):
         # deterministic, so compute it once.
         if self.training:
             tables = [self.rope_embed(H=h, W=w, n_draws=len(self.blocks)) for h, w in hw_list]
-            block_ropes = [[(sin[i], cos[i]) for sin, cos in tables]
-                           for i in range(len(self.blocks))]
+            # per crop type: one unbind per table (not a select per block: host ops)
+            per_crop = [list(zip(sin.unbind(0), cos.unbind(0), strict=True)) for sin, cos in tables]
+            block_ropes = [list(ropes) for ropes in zip(*per_crop, strict=True)]
         else:
             block_ropes = [self._ropes(hw_list)] * len(self.blocks)
         self._set_attn_backend(tokens[0])
