@@ -26,6 +26,9 @@ from fastdino.layers.layer_scale import LayerScale
 from fastdino.layers.select import use_fused_pointwise
 from fastdino.layers.token_cat import cat_keep_shapes, uncat_with_shapes
 
+# per branch (attention, FFN), per crop type: (sample indices or None, residual scale)
+Subsets = tuple[list[tuple[torch.Tensor | None, float]], list[tuple[torch.Tensor | None, float]]]
+
 
 class SelfAttentionBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, ffn_ratio: float = 4.0, ffn_layer: str = "mlp",
@@ -65,10 +68,16 @@ class SelfAttentionBlock(nn.Module):
             return [sample_subset(x.shape[0], self.sample_drop_ratio, x.device) for x in x_list]
         return [(None, 1.0)] * len(x_list)
 
-    def forward(self, x_list: list[torch.Tensor], rope_list: list[Rope]) -> list[torch.Tensor]:
-        """x_list: per crop type [B_i, N_i, D]; rope_list: per crop type (sin, cos) or None."""
+    def forward(self, x_list: list[torch.Tensor], rope_list: list[Rope],
+                subsets: Subsets | None = None) -> list[torch.Tensor]:
+        """x_list: per crop type [B_i, N_i, D]; rope_list: per crop type (sin, cos) or None.
+        subsets: the drop-path draws (attention branch, FFN branch), each per crop type
+        (indices, scale), made by the caller (the backbone draws every block's at once, and
+        activation checkpointing then recomputes with the same ones); None: drawn here when drop
+        path is active."""
         # Attention branch. RoPE has no batch dimension, so it needs no subsetting.
-        subsets = self._subsets(x_list)
+        subsets_ffn = None if subsets is None else subsets[1]
+        subsets = self._subsets(x_list) if subsets is None else subsets[0]
         if all(idx is None for idx, _ in subsets):
             return self._forward_flat(x_list, rope_list)
         x_in = [x if idx is None else x[idx] for x, (idx, _) in zip(x_list, subsets, strict=True)]
@@ -79,7 +88,7 @@ class SelfAttentionBlock(nn.Module):
                   for x, a, (idx, s) in zip(x_list, a_list, subsets, strict=True)]
 
         # FFN branch, with its own independent subsets.
-        subsets = self._subsets(x_list)
+        subsets = self._subsets(x_list) if subsets_ffn is None else subsets_ffn
         x_in = [x if idx is None else x[idx] for x, (idx, _) in zip(x_list, subsets, strict=True)]
         flat, shapes, num_tokens = cat_keep_shapes(x_in)
         f_list = uncat_with_shapes(self.ls2(self.mlp(self.norm2(flat))), shapes, num_tokens)

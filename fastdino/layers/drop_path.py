@@ -11,11 +11,27 @@ from __future__ import annotations
 import torch
 
 
+def subset_size(b: int, drop_ratio: float) -> int:
+    return max(int(b * (1 - drop_ratio)), 1)
+
+
 def sample_subset(b: int, drop_ratio: float, device: torch.device
                   ) -> tuple[torch.Tensor, float]:
     """(indices [subset] of the samples that run the branch, residual scale b / subset)."""
-    subset = max(int(b * (1 - drop_ratio)), 1)
+    subset = subset_size(b, drop_ratio)
     return torch.randperm(b, device=device)[:subset], b / subset
+
+
+def draw_subsets(b: int, drop_ratio: float, n: int, device: torch.device
+                 ) -> list[tuple[torch.Tensor, float]]:
+    """n independent `sample_subset` draws in one go: the first `subset` positions of n random
+    permutations (argsort of iid uniforms: every subset equally likely, as randperm's). The
+    backbone draws every block's subsets this way, 3 ops per crop type instead of a randperm
+    and a slice per block, branch and crop type (launches on the critical path of a
+    host-bound step)."""
+    subset = subset_size(b, drop_ratio)
+    idx = torch.rand(n, b, device=device).argsort(dim=1)[:, :subset]
+    return [(i, b / subset) for i in idx.unbind(0)]
 
 
 def add_residual(x: torch.Tensor, residual: torch.Tensor, indices: torch.Tensor | None,

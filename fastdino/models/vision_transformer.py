@@ -21,6 +21,7 @@ from torch import nn
 from fastdino.layers.attention import LinearKMaskedBias
 from fastdino.layers.attn_backend import select_backend
 from fastdino.layers.block import SelfAttentionBlock
+from fastdino.layers.drop_path import draw_subsets
 from fastdino.layers.layer_scale import LayerScale
 from fastdino.layers.patch_embed import PatchEmbed
 from fastdino.layers.rope_position_encoding import RopePositionEmbedding
@@ -111,10 +112,24 @@ class DinoVisionTransformer(nn.Module):
             prefix.append(self.storage_tokens.expand(B, -1, -1))
         return torch.cat([*prefix, x.to(cls_token.dtype)], dim=1), (h, w)
 
-    def _run_block(self, blk: nn.Module, x_list, rope_list):
+    def _run_block(self, blk: nn.Module, x_list, rope_list, subsets=None):
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, x_list, rope_list, use_reentrant=False)
-        return blk(x_list, rope_list)
+            return torch.utils.checkpoint.checkpoint(blk, x_list, rope_list, subsets,
+                                                     use_reentrant=False)
+        return blk(x_list, rope_list, subsets)
+
+    def _drop_path_subsets(self, tokens: list[torch.Tensor]) -> list:
+        """Every block's drop-path subsets (attention and FFN branch, per crop type), drawn in
+        one go per crop type (`draw_subsets`) when training with one drop rate for all blocks;
+        else None per block (each block draws its own, or none)."""
+        ratios = {blk.sample_drop_ratio for blk in self.blocks}
+        n = len(self.blocks)
+        if not self.training or len(ratios) != 1 or ratios == {0.0}:
+            return [None] * n
+        ratio = ratios.pop()
+        per_crop = [draw_subsets(t.shape[0], ratio, 2 * n, t.device) for t in tokens]
+        return [([crop[2 * i] for crop in per_crop], [crop[2 * i + 1] for crop in per_crop])
+                for i in range(n)]
 
     def _set_attn_backend(self, tokens: torch.Tensor) -> None:
         """Choose the attention backend for this device / compute dtype once, outside the
@@ -152,8 +167,9 @@ class DinoVisionTransformer(nn.Module):
         else:
             block_ropes = [self._ropes(hw_list)] * len(self.blocks)
         self._set_attn_backend(tokens[0])
-        for blk, ropes in zip(self.blocks, block_ropes, strict=True):
-            tokens = self._run_block(blk, tokens, ropes)
+        block_subsets = self._drop_path_subsets(tokens)
+        for blk, ropes, subsets in zip(self.blocks, block_ropes, block_subsets, strict=True):
+            tokens = self._run_block(blk, tokens, ropes, subsets)
         n_prefix = 1 + self.n_storage_tokens
         outputs = []
         for idx, (x, masks) in enumerate(zip(tokens, masks_list, strict=True)):

@@ -84,3 +84,60 @@ def test_drop_path_subsets_match_per_crop_type(monkeypatch):
     ref = _reference(blk, x_list, ropes, subsets=[drawn[:2], drawn[2:]])
     for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    # the same subsets handed in by the caller (the backbone's pre-drawn ones): same output,
+    # nothing drawn
+    given = blk(x_list, ropes, subsets=(drawn[:2], drawn[2:]))
+    assert len(drawn) == 4
+    for o, r in zip(given, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
+def test_draw_subsets_are_uniform_subsets_of_the_right_size():
+    from fastdino.layers.drop_path import draw_subsets, subset_size
+
+    torch.manual_seed(0)
+    draws = draw_subsets(10, 0.3, 400, torch.device("cpu"))
+    assert len(draws) == 400 and subset_size(10, 0.3) == 7
+    counts = torch.zeros(10)
+    for idx, scale in draws:
+        assert idx.shape == (7,) and scale == 10 / 7
+        assert idx.unique().numel() == 7 and 0 <= int(idx.min()) and int(idx.max()) < 10
+        counts[idx] += 1
+    # every sample kept with probability 0.7: 280 of 400 expected, sd ~9
+    assert (counts - 280).abs().max() < 50, counts
+    assert len({tuple(i.tolist()) for i, _ in draws}) > 300  # independent draws
+
+
+def test_backbone_hands_each_block_its_own_predrawn_subsets(monkeypatch):
+    """Training with drop path: the backbone draws every block's subsets at once and hands each
+    block its own (attention and FFN branch, per crop type, sizes and scales of sample_subset);
+    in eval it draws none. (test_drop_path_subsets_match_per_crop_type checks that a block runs
+    exactly the subsets it is given.)"""
+    from fastdino.config import ModelConfig
+    from fastdino.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone(ModelConfig(arch="vit_test", drop_path_rate=0.5,
+                                       layerscale_init=1.0)).train()
+    received = []
+    for blk in model.blocks:
+        orig = blk.forward
+
+        def spy(x_list, rope_list, subsets=None, _orig=orig):
+            received.append(subsets)
+            return _orig(x_list, rope_list, subsets)
+        monkeypatch.setattr(blk, "forward", spy)
+    g = torch.randn(4, 3, 32, 32)
+    loc = torch.randn(6, 3, 16, 16)
+    model.forward_features_list([g, loc], [None, None])
+    assert len(received) == len(model.blocks)
+    flat = [idx for attn, ffn in received for branch in (attn, ffn) for idx, _ in branch]
+    assert all(idx is not None for idx in flat)
+    for attn, ffn in received:  # int(4 * 0.5), int(6 * 0.5) samples; scale b / subset
+        assert [(idx.numel(), s) for idx, s in attn] == [(2, 2.0), (3, 2.0)]
+        assert [(idx.numel(), s) for idx, s in ffn] == [(2, 2.0), (3, 2.0)]
+    # eval: no subsets drawn, every block runs every sample
+    received.clear()
+    model.eval()
+    model.forward_features_list([g, loc], [None, None])
+    assert received == [None] * len(model.blocks)
