@@ -42,10 +42,12 @@ def test_hand_values(tokens_used, expected):
 
 
 def _explicit_fp64(s, t, mask):
-    """The definition, one entry at a time: mean over selected (p, q) of (ŝp·ŝq - t̂p·t̂q)²."""
+    """The definition, one entry at a time: mean over selected (p, q) of (ŝp·ŝq - t̂p·t̂q)², with
+    x̂ = x / max(‖x‖, 1e-12) as F.normalize (a zero row, e.g. a masked patch that drop path
+    skipped in every block of a one-block model at init, normalises to 0, not nan)."""
     rows = [(b, p) for b in range(s.shape[0]) for p in range(s.shape[1]) if mask[b][p]]
-    s_hat = [[(x / x.norm()).tolist() for x in img] for img in s.double()]
-    t_hat = [[(x / x.norm()).tolist() for x in img] for img in t.double()]
+    s_hat = [[(x / x.norm().clamp_min(1e-12)).tolist() for x in img] for img in s.double()]
+    t_hat = [[(x / x.norm().clamp_min(1e-12)).tolist() for x in img] for img in t.double()]
     total = 0.0
     for (b1, p1), (b2, p2) in itertools.product(rows, rows):
         gs = sum(a * c for a, c in zip(s_hat[b1][p1], s_hat[b2][p2], strict=True))
