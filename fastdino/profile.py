@@ -4,10 +4,15 @@
 Runs `warmup + steps` iterations of the real `Trainer.step` (one process, the engine the trainer
 picks) and reports:
 - images/s per GPU = B / (wall time of the timed steps / steps), an image being its 2 global +
-  n_local local crops; the wall time includes the phase synchronisations below;
-- the step-time breakdown from `fastdino.timing.PhaseTimer(sync=True)` (phases recorded by the
-  trainer: data_wait, teacher_forward, student_forward, losses, backward, optimizer, ema; "other"
-  is the rest: schedules, gradient clipping, Python);
+  n_local local crops; the timed steps run as training runs them, without synchronisations
+  between phases (the host enqueues ahead of the GPU across phases, which is what a host-bound
+  step lives on);
+- the step-time breakdown from `phase_steps` more steps under
+  `fastdino.timing.PhaseTimer(sync=True)` (a CUDA synchronisation at every phase boundary; phases
+  recorded by the trainer: data_wait, teacher_forward, student_forward, losses, backward,
+  optimizer, ema; "other" is the rest: schedules, gradient clipping, Python), as ms per step of
+  those synchronised steps (`phase_step_s`, at least `step_s`). On CPU nothing needs
+  synchronising: the timed steps give the breakdown;
 - achieved TFLOP/s and MFU from the FLOP model below, MFU against the GPU's dense bf16 peak
   (datasheet, PEAK_BF16_TFLOPS);
 - GPU utilisation, memory, power and SM clock sampled by pynvml (nvidia-ml-py) every 100 ms in a
@@ -227,47 +232,67 @@ class NvmlSampler:
 # The run
 
 
-def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False) -> dict[str, Any]:
-    """Run warmup + steps training iterations of `cfg` and measure them. `fixed_batch` reuses the
-    first batch for every step (compute only: data_wait is then ~0)."""
+def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False,
+            phase_steps: int | None = None) -> dict[str, Any]:
+    """Run warmup + steps training iterations of `cfg` and measure them (then, on a GPU,
+    `phase_steps` (default min(steps, 5)) synchronised ones for the phase breakdown).
+    `fixed_batch` reuses the first batch for every step (compute only: data_wait is then ~0)."""
     from fastdino.data import build_train_loader
     from fastdino.timing import PhaseTimer
     from fastdino.train import Trainer
 
-    timer = PhaseTimer(sync=True)
+    timer = PhaseTimer(sync=False)
     trainer = Trainer(cfg, timer=timer)
     device = trainer.info.device
     loader = build_train_loader(cfg, trainer.info.rank, trainer.info.world_size, 0)
     on_gpu = device.type == "cuda"
     sampler = NvmlSampler(device.index or 0 if on_gpu else 0, enabled=on_gpu)
-    if device.type == "cuda":
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     gas = cfg.deepspeed.gradient_accumulation_steps  # micro-batches per optimizer step
-    batches, skipped, t0 = None, 0, time.perf_counter()
-    for it in range(warmup + steps):
-        if it == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timer.reset()
-            sampler.start()
-            t0 = time.perf_counter()
-        with timer("data_wait"):
-            if batches is None or not fixed_batch:
-                batches = [next(loader).to(device) for _ in range(gas)]
-        if trainer.step(it, batches) is None and it >= warmup:
-            skipped += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
+    state = {"batches": None, "skipped": 0}
+
+    def run(first: int, n: int, count_skips: bool) -> float:
+        """n steps from iteration `first`; their wall time (GPU drained at both ends)."""
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for it in range(first, first + n):
+            with timer("data_wait"):
+                if state["batches"] is None or not fixed_batch:
+                    state["batches"] = [next(loader).to(device) for _ in range(gas)]
+            if trainer.step(it, state["batches"]) is None and count_skips:
+                state["skipped"] += 1
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    run(0, warmup, count_skips=False)
+    timer.reset()
+    sampler.start()
+    wall = run(warmup, steps, count_skips=True)
     sampler.stop()
-    return report(cfg, steps, wall, timer.totals, skipped, sampler, device, fixed_batch)
+    phase_wall, n_phase = wall, steps
+    if on_gpu:  # the breakdown needs a synchronisation at every phase boundary: separate steps
+        n_phase = max(1, min(steps, 5) if phase_steps is None else phase_steps)
+        timer.reset()
+        timer.sync = True
+        phase_wall = run(warmup + steps, n_phase, count_skips=False)
+        timer.sync = False
+    return report(cfg, steps, wall, timer.totals, state["skipped"], sampler, device, fixed_batch,
+                  phase_wall / n_phase, n_phase)
 
 
 def report(cfg, steps: int, wall: float, totals: dict[str, float], skipped: int,
-           sampler: NvmlSampler | None, device: torch.device, fixed_batch: bool) -> dict[str, Any]:
+           sampler: NvmlSampler | None, device: torch.device, fixed_batch: bool,
+           phase_step_s: float | None = None, phase_steps: int | None = None) -> dict[str, Any]:
+    """`totals`: phase seconds over `phase_steps` steps of `phase_step_s` each (default: the
+    timed steps themselves)."""
     step_s = wall / steps
-    phases = {k: totals.get(k, 0.0) / steps for k in PHASES}
-    phases["other"] = max(0.0, step_s - sum(phases.values()))
+    phase_step_s = step_s if phase_step_s is None else phase_step_s
+    phase_steps = steps if phase_steps is None else phase_steps
+    phases = {k: totals.get(k, 0.0) / phase_steps for k in PHASES}
+    phases["other"] = max(0.0, phase_step_s - sum(phases.values()))
     flops = step_flops(cfg)
     achieved = flops["total"] / step_s / 1e12
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -280,7 +305,7 @@ def report(cfg, steps: int, wall: float, totals: dict[str, float], skipped: int,
         "kernels_impl": cfg.kernels.impl, "precision": cfg.deepspeed.precision,
         "fixed_batch": fixed_batch, "steps": steps, "skipped_steps": skipped,
         "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
-        "step_s": step_s,
+        "step_s": step_s, "phase_step_s": phase_step_s, "phase_steps": phase_steps,
         "images_per_s_per_gpu": (cfg.data.batch_size_per_gpu
                                  * cfg.deepspeed.gradient_accumulation_steps / step_s),
         "phases_s": phases, "flops_per_step": flops, "achieved_tflops": achieved,
@@ -306,9 +331,10 @@ def format_report(r: dict[str, Any]) -> str:
              f"  MFU                {na(r['mfu'] and 100 * r['mfu'], '.1f')} % of "
              f"{na(r['peak_bf16_tflops'], '.0f')} TFLOP/s bf16 peak",
              f"  peak memory        {na(r['peak_mem_gib'], '.2f')} GiB",
-             "  phase              ms/step   share"]
+             f"  phase              ms/step   share   ({r['phase_steps']} steps synchronised at "
+             f"every phase: {r['phase_step_s'] * 1e3:.1f} ms/step)"]
     for k, v in r["phases_s"].items():
-        lines.append(f"    {k:<16} {v * 1e3:>8.2f}  {100 * v / r['step_s']:>5.1f} %")
+        lines.append(f"    {k:<16} {v * 1e3:>8.2f}  {100 * v / r['phase_step_s']:>5.1f} %")
     n = r["nvml"]
     for key, label, spec in (("util_pct", "GPU util %", ".0f"),
                              ("mem_used_mib", "memory MiB", ".0f"),

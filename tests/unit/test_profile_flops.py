@@ -100,6 +100,12 @@ def test_peak_table_and_na_report():
     assert r["mfu"] is None and r["nvml"] is None
     text = format_report(r)
     assert "GPU util %         n/a" in text and "power W            n/a" in text
+    # a breakdown from 2 separate synchronised steps of 0.8 s: phases per such step, shares of it
+    r = report(cfg, 4, 2.0, {"backward": 1.0, "student_forward": 0.4}, 0, s,
+               torch.device("cpu"), True, phase_step_s=0.8, phase_steps=2)
+    assert r["step_s"] == 0.5 and r["images_per_s_per_gpu"] == cfg.data.batch_size_per_gpu / 0.5
+    assert r["phases_s"]["backward"] == 0.5 and abs(r["phases_s"]["other"] - 0.1) < 1e-12
+    assert "backward           500.00   62.5 %" in format_report(r)
 
 
 SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
