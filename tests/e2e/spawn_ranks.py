@@ -11,16 +11,9 @@ a missing marker, fails the test as before.
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mark_done(out_dir: str, rank: int) -> None:

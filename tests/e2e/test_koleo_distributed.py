@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 import torch.distributed as tdist
-from spawn_ranks import free_port, mark_done, spawn_ranks
+from spawn_ranks import mark_done, spawn_ranks
+from trainer_helpers import _free_port
 
 WORLD, B, D = 2, 3, 10
 
@@ -43,7 +44,7 @@ def _worker(rank: int, port: int, out_dir: str, group_size: int, impl: str) -> N
 @pytest.mark.parametrize("impl,group_size",
                          [("torch", B), ("torch", WORLD * B), ("triton", WORLD * B)])
 def test_distributed_koleo_matches_single_process(tmp_path, group_size, impl):
-    spawn_ranks(_worker, (free_port(), str(tmp_path), group_size, impl), WORLD, str(tmp_path))
+    spawn_ranks(_worker, (_free_port(), str(tmp_path), group_size, impl), WORLD, str(tmp_path))
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
 
     from fastdino.losses.koleo_loss import KoLeoLoss

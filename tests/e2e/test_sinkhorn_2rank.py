@@ -10,7 +10,8 @@ import os
 
 import pytest
 import torch
-from spawn_ranks import free_port, mark_done, spawn_ranks
+from spawn_ranks import mark_done, spawn_ranks
+from trainer_helpers import _free_port
 
 K, TAU_T = 300, 0.04
 N_DINO = 4  # teacher CLS rows per rank (2B, B = 2)
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sk2")
-    spawn_ranks(_worker, (2, free_port(), str(out)), 2, str(out))
+    spawn_ranks(_worker, (2, _free_port(), str(out)), 2, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
