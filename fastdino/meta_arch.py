@@ -73,12 +73,12 @@ class Student(nn.Module):
 
 
 def loss_logits(x: torch.Tensor) -> torch.Tensor:
-    """Student logits as the DINO / iBOT losses take them: bf16 and fp32 as they are (both the
-    Triton kernels and the references compute in fp32, upcasting on load, which is exact, and
-    write the gradient in the input's dtype, rounded once as a .float() copy's backward would
-    round it), anything else upcast. A .float() copy of bf16 logits costs a [rows, K] fp32 write
-    and read each way and keeps the copy alive for the backward: 1 GB for the iBOT logits at ViT-L
-    shapes (3,771 × 65,536)."""
+    """Logits as the DINO / iBOT losses (student) and the teacher normalisation take them: bf16
+    and fp32 as they are (both the Triton kernels and the references compute in fp32, upcasting
+    on load, which is exact, and write the student gradient in the input's dtype, rounded once as
+    a .float() copy's backward would round it), anything else upcast. A .float() copy of bf16
+    logits costs a [rows, K] fp32 write and read each way and keeps the copy alive for the
+    backward: 1 GB for the iBOT logits at ViT-L shapes (3,771 × 65,536)."""
     return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
 
 

@@ -141,9 +141,6 @@ class DinoVisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.backend = backend
 
-    def _ropes(self, hw_list: list[tuple[int, int]]):
-        return [self.rope_embed(H=h, W=w) for h, w in hw_list]
-
     # ------------------------------------------------------------------------------------- forward
     def forward_features_list(self, x_list: list[torch.Tensor],
                               masks_list: list[torch.Tensor | None]) -> list[dict]:
@@ -157,15 +154,12 @@ class DinoVisionTransformer(nn.Module):
             tokens.append(t)
             hw_list.append(hw)
         # Official quirk kept: RoPE is called per block and per crop type, so in training a fresh
-        # rescale is drawn for each (all blocks' draws made at once per crop type); in eval it is
-        # deterministic, so compute it once.
-        if self.training:
-            tables = [self.rope_embed(H=h, W=w, n_draws=len(self.blocks)) for h, w in hw_list]
-            # per crop type: one unbind per table (not a select per block: host ops)
-            per_crop = [list(zip(sin.unbind(0), cos.unbind(0), strict=True)) for sin, cos in tables]
-            block_ropes = [list(ropes) for ropes in zip(*per_crop, strict=True)]
-        else:
-            block_ropes = [self._ropes(hw_list)] * len(self.blocks)
+        # rescale is drawn for each (all blocks' draws made at once per crop type); in eval the
+        # one deterministic table comes back repeated as a view (rope_embed's n_draws).
+        tables = [self.rope_embed(H=h, W=w, n_draws=len(self.blocks)) for h, w in hw_list]
+        # per crop type: one unbind per table (not a select per block: host ops)
+        per_crop = [list(zip(sin.unbind(0), cos.unbind(0), strict=True)) for sin, cos in tables]
+        block_ropes = [list(ropes) for ropes in zip(*per_crop, strict=True)]
         self._set_attn_backend(tokens[0])
         block_subsets = self._drop_path_subsets(tokens)
         for blk, ropes, subsets in zip(self.blocks, block_ropes, block_subsets, strict=True):
