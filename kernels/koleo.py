@@ -374,6 +374,165 @@ def _koleo_bwd_kernel(
               q0, nq, j, j_ok, kk, k_ok, m_j, xh_j, r_j, acc, pu, gscale, eps)
 
 
+# ---- the small-group path (n <= SMALL_MAX_N: DINOv3's per-rank groups): split-K, one launch ----
+
+
+@triton.jit
+def _koleo_small_fwd_kernel(
+    Loss_ptr,  # [G] fp32 out: mean of -log(d + eps) over the query rows
+    Nn_ptr,  # [G, nq] int64 out
+    Dist_ptr,  # [G, nq] fp32 out
+    T_ptr,  # [G, nq] fp32 out
+    U_ptr,  # [G, nq] fp32 out
+    Rinv_ptr,  # [G, n] fp32 out
+    Part_ptr,  # [G, RB, KS, BLOCK_M, NP] fp32 scratch: partial dots of each K split
+    Csq_ptr,  # [G, RB, KS, NP] fp32 scratch: partial column sums of squares of each K split
+    LossPart_ptr,  # [G, RB] fp32 scratch: per-row-block sums of -log(d + eps)
+    Count_ptr,  # [G·RB + G] int32: zero on entry, left zero on exit (the finishers reset them)
+    X_ptr,  # [G, n, D] in, fp32 or bf16, last dim contiguous
+    stride_x_g, stride_x_row,
+    n, D, q0, nq,
+    KS,  # K splits (programs along axis 1)
+    k_per_split,  # features per split, a multiple of BLOCK_K
+    eps,
+    BLOCK_M: tl.constexpr,  # query rows per program (16: the smallest tl.dot M)
+    BLOCK_N: tl.constexpr,  # candidate columns per tile
+    BLOCK_K: tl.constexpr,  # features per dot step
+    BLOCK_D: tl.constexpr,  # features per step of the distance pass
+    UPCAST: tl.constexpr,  # upcast bf16 tiles before tl.dot (interpreter bug, 2026-05)
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dot (TF32 would flip near-tied argmaxes)
+):
+    # grid (RB, KS, G). Every program computes the dots of its BLOCK_M query rows with all n
+    # columns over its K split [k_lo, k_hi) and the columns' partial squared norms, and stores
+    # them; the last of the KS programs of a row block to arrive (atomic counter) sums the KS
+    # partials in split order (deterministic), takes the max/argmax, runs the distance pass over
+    # D for its rows and stores the row block's loss partial; the last row block of a group to
+    # arrive sums those in block order. The counters are reset by the program that consumed them.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    RB = tl.num_programs(0)
+    G = tl.num_programs(2)
+    NP = tl.cdiv(n, BLOCK_N) * BLOCK_N
+    x_g = X_ptr + g * stride_x_g
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    qi = pid_m * BLOCK_M + offs_m  # query-local
+    rows = q0 + qi  # group-local
+    row_ok = qi < nq
+    blk = g * RB + pid_m  # this row block's id in [0, G·RB)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, D)
+
+    # 1) partial dots and column norms over this program's K split, one column tile at a time
+    part = Part_ptr + (blk * KS + pid_k) * (BLOCK_M * NP)
+    csqp = Csq_ptr + (blk * KS + pid_k) * NP
+    for n0 in range(0, n, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        csq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = (kk < k_hi)[None, :]
+            a = tl.load(x_g + rows[:, None] * stride_x_row + kk[None, :],
+                        mask=row_ok[:, None] & k_ok, other=0.0)
+            b = tl.load(x_g + cols[:, None] * stride_x_row + kk[None, :],
+                        mask=col_ok[:, None] & k_ok, other=0.0)
+            b32 = b.to(tl.float32)
+            csq += tl.sum(b32 * b32, axis=1)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b32
+            if IEEE:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        tl.store(part + offs_m[:, None] * NP + cols[None, :], acc)  # padded: no mask
+        tl.store(csqp + cols, csq)
+
+    # 2) the last program of the row block finishes it
+    tl.debug_barrier()  # every thread's partial stores precede the (acq_rel) counter increment
+    ticket = KS - 1
+    if KS > 1:
+        ticket = tl.atomic_add(Count_ptr + blk, 1)
+    if ticket == KS - 1:
+        if KS > 1:
+            tl.atomic_xchg(Count_ptr + blk, 0)  # all KS arrived: reset for the next call
+        best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        best_j = tl.zeros([BLOCK_M], dtype=tl.int32)
+        part0 = Part_ptr + blk * KS * (BLOCK_M * NP)
+        csq0 = Csq_ptr + blk * KS * NP
+        for n0 in range(0, n, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < n
+            dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            csq = tl.zeros([BLOCK_N], dtype=tl.float32)
+            # the splits in order, 4 loads issued per step (independent: one round trip, not 4);
+            # volatile: written by other SMs, so the (incoherent) L1 must not serve them
+            for s0 in range(0, KS, 4):
+                for s1 in tl.static_range(4):
+                    s = s0 + s1
+                    ok = col_ok & (offs_n * 0 + s < KS)  # a vector (the interpreter)
+                    dots += tl.load(part0 + s * (BLOCK_M * NP) + offs_m[:, None] * NP
+                                    + cols[None, :], mask=ok[None, :], other=0.0, volatile=True)
+                    csq += tl.load(csq0 + s * NP + cols, mask=ok, other=0.0, volatile=True)
+            rinv_j = 1.0 / tl.maximum(tl.sqrt(csq), eps)
+            # every row block's finisher writes the same norms bit for bit (a benign race); the
+            # distance pass reads its own back, so x̂_i and x̂_nn share one rounding (duplicates)
+            tl.store(Rinv_ptr + g * n + cols, rinv_j, mask=col_ok)
+            sc = dots * rinv_j[None, :]
+            sc = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), sc, float("-inf"))
+            tile_max, tile_arg = tl.max(sc, axis=1, return_indices=True)
+            upd = tile_max > best  # strict: the first maximum wins, as torch.argmax
+            best = tl.where(upd, tile_max, best)
+            best_j = tl.where(upd, n0 + tile_arg, best_j)
+        tl.debug_barrier()  # this program's Rinv stores are visible to all its threads
+
+        # 3) v_i = x̂_i - x̂_nn + eps, d_i, t_i, u_i (as the fused kernel), wide D steps
+        rinv_i = tl.load(Rinv_ptr + g * n + rows, mask=row_ok, other=0.0)
+        best_r = tl.load(Rinv_ptr + g * n + best_j, mask=row_ok, other=0.0)
+        offs_d = tl.arange(0, BLOCK_D)
+        dsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        u = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            kk = k0 + offs_d
+            m = row_ok[:, None] & (kk < D)[None, :]
+            xi = tl.load(x_g + rows[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
+            xn = tl.load(x_g + best_j[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
+            xi = xi.to(tl.float32) * rinv_i[:, None]
+            xn = xn.to(tl.float32) * best_r[:, None]
+            v = tl.where(m, xi - xn + eps, 0.0)
+            dsq += tl.sum(v * v, axis=1)
+            t += tl.sum(xi * v, axis=1)
+            u += tl.sum(xn * v, axis=1)
+        d = tl.sqrt(dsq)
+        q = g * nq + qi
+        tl.store(Nn_ptr + q, best_j.to(tl.int64), mask=row_ok)
+        tl.store(Dist_ptr + q, d, mask=row_ok)
+        tl.store(T_ptr + q, t, mask=row_ok)
+        tl.store(U_ptr + q, u, mask=row_ok)
+
+        # 4) the group's mean over its row blocks, summed in block order by the last to arrive
+        partial = tl.sum(tl.where(row_ok, -tl.log(d + eps), 0.0), axis=0)
+        if RB == 1:
+            tl.store(Loss_ptr + g, partial / nq)
+        else:
+            tl.store(LossPart_ptr + blk, partial)
+            tl.debug_barrier()
+            cnt = Count_ptr + G * RB + g
+            done = tl.atomic_add(cnt, 1)
+            if done == RB - 1:
+                tl.atomic_xchg(cnt, 0)
+                acc_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for b0 in range(0, RB, BLOCK_M):
+                    acc_p += tl.load(LossPart_ptr + g * RB + b0 + offs_m,
+                                     mask=b0 + offs_m < RB, other=0.0, volatile=True)
+                tl.store(Loss_ptr + g, tl.sum(acc_p, axis=0) / nq)
+
+
 # ---- the split path (large groups): norms, column-split search, merge + distances, sorted bwd --
 
 
@@ -678,7 +837,7 @@ def _koleo_bwd_sorted_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.bfloat16)
-PATHS = ("auto", "fused", "split")
+PATHS = ("auto", "small", "fused", "split")
 
 
 def _clamp_pow2(v: int, lo: int, hi: int) -> int:
@@ -873,15 +1032,21 @@ def _sorted_bwd_s(G, nq, n, D, dtype) -> float:
 
 
 def _pick(path: str, G: int, nq: int, n: int, D: int, dtype: torch.dtype,
-          device: torch.device) -> tuple[bool, bool]:
-    """(split forward?, sorted backward?) for `path` ('fused' / 'split' force both)."""
+          device: torch.device) -> tuple[str, str]:
+    """(forward kernel, backward kernel) for `path`: forward 'small' | 'fused' | 'split', backward
+    'small' | 'fused' | 'sorted'. 'small' / 'fused' / 'split' force both halves. 'auto': groups of
+    at most SMALL_MAX_N rows take the small path both ways (split-K forward, one-step chooser
+    backward: latency-bound sizes, where spreading the work over programs is what counts); larger
+    ones the H200 model of _pick_auto (the interpreter: the fused kernels; tests force 'split')."""
     if path not in PATHS:
         raise ValueError(f"koleo: path={path!r} is invalid: allowed is one of {PATHS}")
+    if path == "small" or (path == "auto" and n <= SMALL_MAX_N):
+        return "small", "small"
     if path != "auto":
-        return path == "split", path == "split"
-    if is_interpreter():  # the model is a GPU model; tests force 'split' explicitly
-        return False, False
-    return _pick_auto(G, nq, n, D, dtype, _num_sms(device))
+        return path, "sorted" if path == "split" else "fused"
+    split, sorted_bwd = (False, False) if is_interpreter() else _pick_auto(
+        G, nq, n, D, dtype, _num_sms(device))
+    return "split" if split else "fused", "sorted" if sorted_bwd else "fused"
 
 
 def _pick_auto(G: int, nq: int, n: int, D: int, dtype: torch.dtype, sms: int
@@ -997,18 +1162,124 @@ def _fwd_split(x: torch.Tensor, eps: float, q0: int, nq: int, cfg: dict | None =
     return loss, nn_idx, d, t, u, rinv
 
 
+# ---- the small-group path: configs, the K-split heuristic, the self-resetting counters ----
+
+SMALL_MAX_N = 256  # path="auto" takes the small path for groups of at most this many rows
+_SMALL_TARGET_PROGRAMS = 128  # K splits until G·RB·KS reaches about one wave (132 SMs on H200)
+_SMALL_MIN_K = 128  # no split narrower than this many features (its partial tile costs more)
+_SMALL_MAX_KS = 16  # the finisher reads KS partial tiles: bounded
+
+
+def _gpu_small_fwd_config(dtype: torch.dtype) -> dict:
+    """Small forward tiles checked spill-free for sm_90 / sm_80 under triton 3.6 and 3.9: 16 query
+    rows (one mma.sync M tile) x 64 columns x 64 features for bf16, the fused kernel's FMA tiles
+    for the IEEE fp32 dot; 256-wide distance steps (D = 1024: 4 round trips, not 32)."""
+    if dtype == torch.bfloat16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_D=256, num_warps=8, num_stages=1)
+
+
+def _small_fwd_config(G: int, nq: int, n: int, D: int, dtype: torch.dtype,
+                      splits: int | None = None) -> dict:
+    """Tiles plus the K split (KS, k_per_split). The heuristic: K splits of at least
+    _SMALL_MIN_K features until the grid G x RB x KS reaches ~one wave, at most _SMALL_MAX_KS
+    (B = 64, D = 1024, G = 2: RB = 4, KS = 8, 64 programs; B = 16: KS = 3 / 8 / 16 at D = 384 /
+    1024 / 4096). `splits` overrides KS (tests). The interpreter uses 16-wide K steps and
+    32-column tiles so that test shapes exercise several splits, tiles and row blocks."""
+    if is_interpreter():
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_D=_clamp_pow2(D, 16, 128),
+                   num_warps=4, num_stages=1)
+        ks = splits if splits is not None else min(4, cdiv(D, 16))
+    else:
+        cfg = _gpu_small_fwd_config(dtype)
+        rb = cdiv(nq, cfg["BLOCK_M"])
+        ks = splits if splits is not None else max(1, min(
+            cdiv(D, _SMALL_MIN_K), _SMALL_TARGET_PROGRAMS // (G * rb), _SMALL_MAX_KS))
+    bk = cfg["BLOCK_K"]
+    per = cdiv(cdiv(D, max(1, ks)), bk) * bk  # a whole number of K steps per split
+    return dict(cfg, KS=cdiv(D, per), k_per_split=per)  # no empty split
+
+
+# The small path's backward is _koleo_bwd_kernel with all of a small group's choosers in one or a
+# few tiles: BLOCK_I = 64 choosers per step (one step up to B = 64, 4 at 256), 32 output rows and
+# 64 features per program (B = 64, D = 1024, G = 2: 2 x 16 x 2 = 64 programs, each one step,
+# against the large-group config's 32 programs of 4 steps), no pipelining (one step); 8 warps
+# (4 take ~195 registers). fp32: the IEEE dot runs on FMA units from registers, and 64 choosers
+# spill (sm_90 and sm_80, both tritons): 16 per step, as the large-group config.
+_GPU_SMALL_BWD = {
+    torch.bfloat16: dict(BLOCK_J=32, BLOCK_I=64, BLOCK_D=64, num_warps=8, num_stages=1),
+    torch.float32: dict(BLOCK_J=32, BLOCK_I=16, BLOCK_D=64, num_warps=8, num_stages=1),
+}
+
+
+def _small_bwd_config(nq: int, n: int, D: int, dtype: torch.dtype) -> dict:
+    if is_interpreter():  # several row blocks and chooser tiles at test sizes
+        return dict(BLOCK_J=16, BLOCK_I=32, BLOCK_D=_clamp_pow2(D, 16, 64), num_warps=4,
+                    num_stages=1)
+    return dict(_GPU_SMALL_BWD[dtype])
+
+
+# Counters of the small forward, cached per (device, stream): every launch leaves them zero (the
+# program that consumes a counter resets it), so no memset runs per call (it would be one more
+# node in a CUDA graph, ~1-2 µs against a ~5 µs op). One buffer per stream: launches on one stream
+# are ordered, so they never share a counter concurrently. While a CUDA graph is being captured a
+# fresh zeroed buffer is used instead (its memset is captured and replayed with the graph): a
+# buffer first allocated inside a capture is never zeroed outside it.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _small_counters(device: torch.device, size: int) -> torch.Tensor:
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            key = None
+        else:
+            key = (str(device), torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (str(device), 0)
+    buf = _COUNTERS.get(key) if key is not None else None
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 64), device=device, dtype=torch.int32)
+        if key is not None:
+            _COUNTERS[key] = buf
+    return buf
+
+
+def _fwd_small(x: torch.Tensor, eps: float, q0: int, nq: int, splits: int | None = None):
+    """One launch: split-K dots, finish by the last split of each row block (see the kernel)."""
+    G, n, D = x.shape
+    cfg = _small_fwd_config(G, nq, n, D, x.dtype, splits)
+    ks, per = cfg.pop("KS"), cfg.pop("k_per_split")
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    rb = cdiv(nq, bm)
+    np_ = cdiv(n, bn) * bn
+    loss = torch.empty(G, device=x.device, dtype=torch.float32)
+    nn_idx, d, t, u, rinv = _fwd_outputs(x, nq)
+    n_part, n_csq = G * rb * ks * bm * np_, G * rb * ks * np_
+    scratch = torch.empty(n_part + n_csq + G * rb, device=x.device, dtype=torch.float32)
+    part, csq, loss_part = scratch.split([n_part, n_csq, G * rb])  # 64-byte aligned views
+    count = _small_counters(x.device, G * rb + G)
+    _koleo_small_fwd_kernel[(rb, ks, G)](
+        loss, nn_idx, d, t, u, rinv, part, csq, loss_part, count, x, x.stride(0), x.stride(1),
+        n, D, q0, nq, ks, per, eps,
+        UPCAST=is_interpreter() and x.dtype == torch.bfloat16, IEEE=x.dtype == torch.float32,
+        **_no_fma(), **cfg)
+    return loss, nn_idx, d, t, u, rinv
+
+
 def koleo_fwd(x: torch.Tensor, eps: float, query_start: int, query_len: int, path: str = "auto"):
     """x [G, n, D] -> (loss [G] fp32, nn [G, nq] int64, d, t, u [G, nq] fp32, rinv [G, n] fp32)."""
     _check_x(x)
     G, n, D = x.shape
     nq = _check_query(n, query_start, query_len)
-    split, _ = _pick(path, G, nq, n, D, x.dtype, x.device)
-    return (_fwd_split if split else _fwd_fused)(x, eps, query_start, nq)
+    kind, _ = _pick(path, G, nq, n, D, x.dtype, x.device)
+    fn = {"small": _fwd_small, "fused": _fwd_fused, "split": _fwd_split}[kind]
+    return fn(x, eps, query_start, nq)
 
 
-def _bwd_fused(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq):
+def _bwd_fused(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq, small=False):
+    """The masked chooser product (_koleo_bwd_kernel); `small`: the small path's tiles."""
     G, n, D = x.shape
-    cfg = _bwd_config(nq, n, D)
+    cfg = _small_bwd_config(nq, n, D, x.dtype) if small else _bwd_config(nq, n, D)
     dx = torch.empty_like(x)
     grid = (cdiv(n, cfg["BLOCK_J"]), cdiv(D, cfg["BLOCK_D"]), G)
     _koleo_bwd_kernel[grid](
@@ -1039,9 +1310,11 @@ def koleo_bwd(dloss: torch.Tensor, x: torch.Tensor, rinv: torch.Tensor, nn_idx: 
               query_len: int, path: str = "auto") -> torch.Tensor:
     """dloss [G] -> dx [G, n, D] in x's dtype."""
     G, n, D = x.shape
-    _, sorted_bwd = _pick(path, G, query_len, n, D, x.dtype, x.device)
-    fn = _bwd_sorted if sorted_bwd else _bwd_fused
-    return fn(dloss.float().contiguous(), x, rinv, nn_idx, d, t, u, eps, query_start, query_len)
+    _, kind = _pick(path, G, query_len, n, D, x.dtype, x.device)
+    args = (dloss.float().contiguous(), x, rinv, nn_idx, d, t, u, eps, query_start, query_len)
+    if kind == "sorted":
+        return _bwd_sorted(*args)
+    return _bwd_fused(*args, small=kind == "small")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1104,9 +1377,11 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,
                query_len: int | None = None, return_details: bool = False, path: str = "auto"):
     """KoLeo with the Triton kernels; same arguments and results as `koleo_loss_ref`, except that
     the loss is fp32 whatever the input dtype, and d (in details) carries no gradient.
-    x: [G, n, D] -> loss [G]; [n, D] -> scalar. `path`: 'auto' (the cost model in the header),
-    'fused' (one-launch forward, masked chooser backward) or 'split' (column-split forward,
-    sorted chooser backward); every path gives the same neighbours and the same math."""
+    x: [G, n, D] -> loss [G]; [n, D] -> scalar. `path`: 'auto' (small path up to SMALL_MAX_N
+    rows per group, above it the cost model in the header), 'small' (split-K one-launch forward,
+    one-step chooser backward), 'fused' (one-launch forward with one program per row block,
+    masked chooser backward) or 'split' (column-split forward, sorted chooser backward); every
+    path gives the same neighbours (up to near-ties) and the same math."""
     squeeze = x.dim() == 2
     x3 = x.unsqueeze(0) if squeeze else x
     if x3.dim() != 3:
@@ -1136,8 +1411,10 @@ def _spec(name: str, fn, sig: dict, cfg: dict, **constexprs) -> CompileSpec:
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     wide = "aligned=False" not in name
+    # k_per_split: a whole number of 16- or 64-wide K steps
     div16 = tuple(k for k, ty in sig.items()
-                  if ty.startswith("*") or (wide and (k == "D" or k.startswith("stride_"))))
+                  if ty.startswith("*") or k == "k_per_split"
+                  or (wide and (k == "D" or k.startswith("stride_"))))
     return CompileSpec(name=name, fn=fn, signature=sig, constexprs=dict(**cfg, **constexprs),
                        num_warps=warps, num_stages=stages, divisible_by_16=div16)
 
@@ -1162,6 +1439,16 @@ def compile_specs() -> list[CompileSpec]:
                "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32", "U_ptr": "*fp32", **xs,
                "n": "i32", "D": "i32", "q0": "i32", "nq": "i32", "eps": "fp32"}
         specs.append(_spec(f"koleo_bwd[{ty}]", _koleo_bwd_kernel, sig, _GPU_BWD, IEEE=ieee))
+        # small path: the same backward kernel at the small tiles, and the split-K forward
+        specs.append(_spec(f"koleo_bwd[{ty},small]", _koleo_bwd_kernel, sig,
+                           _GPU_SMALL_BWD[dtype], IEEE=ieee))
+        sig = {"Loss_ptr": "*fp32", "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32",
+               "U_ptr": "*fp32", "Rinv_ptr": "*fp32", "Part_ptr": "*fp32", "Csq_ptr": "*fp32",
+               "LossPart_ptr": "*fp32", "Count_ptr": "*i32", "X_ptr": f"*{ty}", **xs, "n": "i32",
+               "D": "i32", "q0": "i32", "nq": "i32", "KS": "i32", "k_per_split": "i32",
+               "eps": "fp32"}
+        specs.append(_spec(f"koleo_small_fwd[{ty}]", _koleo_small_fwd_kernel, sig,
+                           _gpu_small_fwd_config(dtype), UPCAST=False, IEEE=ieee))
         # split path
         sig = {"Rinv_ptr": "*fp32", "X_ptr": f"*{ty}", **xs, "n": "i32", "D": "i32",
                "eps": "fp32"}
