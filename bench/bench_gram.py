@@ -9,7 +9,8 @@ P×P Grams per image fit in memory (the kernel itself needs O(P·D)).
 Matmul-bound: the metric is TFLOP/s over the FLOPs the kernel's chosen form executes
 (`gram.choose_form`): P×P tiles use the symmetry, fwd 2·NB·Pe²·D (two GEMMs on half the tile
 pairs), bwd 6·NB·Pe²·D (S recomputed on all tile pairs, for a deterministic backward
-without atomics, + the gradient GEMM); D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D².
+without atomics, + the gradient GEMM); D×D: fwd 4·NB·Pe·D² (four GEMMs on the symmetric
+block pairs), bwd 4·NB·Pe·D².
 The fp32 reference computes 4·NB·Pe²·D in the forward on CUDA cores.
 
 Inputs are correlated (t = s + 0.1·noise: the student tracks its Gram teacher), bf16 on GPU; the
@@ -29,7 +30,7 @@ from bench.registry import get
 
 def _flops(nb: int, pe: int, d: int) -> tuple[int, int, str]:
     if choose_form(pe, d, CLAMP_NONE) == FORM_DD:
-        return 6 * nb * pe * d * d, 4 * nb * pe * d * d, "D×D"
+        return 4 * nb * pe * d * d, 4 * nb * pe * d * d, "D×D"
     return 2 * nb * pe * pe * d, 6 * nb * pe * pe * d, "P×P"
 
 
@@ -63,7 +64,8 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
         providers=providers,
         grad_inputs=["student"],
         flops_fwd=fwd, flops_bwd=bwd,
-        formula="P×P: fwd 2·NB·Pe²·D, bwd 6·NB·Pe²·D; D×D: fwd 6·NB·Pe·D², bwd 4·NB·Pe·D² "
+        formula="P×P: fwd 2·NB·Pe²·D, bwd 6·NB·Pe²·D; D×D: fwd 4·NB·Pe·D² (symmetric pairs), "
+                "bwd 4·NB·Pe·D² "
                 "(NB = crops, Pe = P per image; NB = 1, Pe = crops·P flattened, or the "
                 "selected rows with tokens_used masked | unmasked)",
         reference_dtype=torch.float64,

@@ -24,11 +24,18 @@ Two exact forms, picked by `choose_form` (crossover derived from the FLOP counts
   order, recomputes S_ij and adds W_ij Â_j into its own rows of dÂ (no atomics: the gradient is
   bitwise reproducible; S is recomputed for j < i too). fwd 2·P²·D, bwd 6·P²·D FLOPs per image
   (8·P²·D in all).
-- D×D (no clamp, P ≫ D): ‖S‖² = ½(⟨FᵀF, EᵀE⟩ + tr(X X)), X = FᵀE, and
-  S ŝ = ¼(F (Xᵀ + EᵀE) + E (FᵀF + X)): fwd 6·P·D², bwd 4·P·D² FLOPs (10·P·D²); keeps three
-  [D, D] fp32 matrices per image for the backward. (Its weak case is a teacher that is a
-  rotation of the student, where FEᵀ is antisymmetric and the two terms cancel.)
-  Chosen when 8·P²·D > 10·P·D², i.e. Pe > 5D/4 (flattened batches and P = 4096 at D = 1024).
+- D×D (no clamp, P >= D): ‖S‖² = ½(⟨FᵀF, EᵀE⟩ + tr(X X)), X = FᵀE, and
+  S ŝ = ¼(F M1 + E M2), M1 = Xᵀ + EᵀE, M2 = FᵀF + X. The forward runs over the block pairs
+  I <= J of the D×D matrices (both Grams are symmetric): four dots per pair (F_IᵀF_J, E_IᵀE_J,
+  F_IᵀE_J = X[I, J], E_IᵀF_J = X[J, I]ᵀ) on the same four operand tiles give the pair's loss
+  partial and M1, M2 at (I, J) and (J, I) in its epilogue, so no D×D fp32 matrix reaches memory
+  and the backward starts from M1, M2 in the working dtype (before: three fp32 D×D matrices,
+  then ~4 torch passes over them for the loss and for M1, M2: 120 µs fwd + 170 µs bwd of
+  2.0 ms at P = 4096, D = 1024, 8 images, H200 check4). Grids under two waves (ViT-L
+  flattened: 136 pairs) split the rows; a finish launch sums the splits in order
+  (`_dd_splits`). fwd 4·P·D² (+ the diagonal blocks' second half), bwd 4·P·D² FLOPs.
+  (Its weak case is a teacher that is a rotation of the student, where FEᵀ is antisymmetric
+  and the two terms cancel.) Chosen when 8·P²·D >= 8·P·D², i.e. Pe >= D.
 
 Clamp options (P×P only), exactly the official in-place assignments:
   remove_neg               S = relu(Ĝs) - relu(Ĝt), no gradient where Ĝs < 0;
@@ -51,15 +58,16 @@ rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
              clamp): ≈ 2·NB·Pe²·D·w/BM bytes for 2·NB·Pe²·D FLOPs, BM/w = 32 FLOP/B (bf16)
   P×P bwd    T² pairs, each reads F, E of both blocks and Â_j (5·BM·D·w) and read-modify-writes
              dÂ_i in fp32 (8·BM·D): 18·BM·D B per 6·BM²·D FLOPs, BM/3 ≈ 21 FLOP/B (bf16)
-  D×D fwd    (D/BK)² blocks per image, each streams F, E at its two column blocks:
-             4·NB·Pe·D²·w/BK bytes for 6·NB·Pe·D² FLOPs, 1.5·BK/w = 48 FLOP/B; writes 3·NB·D²·4
+  D×D fwd    (D/BK)(D/BK + 1)/2 block pairs per image, each streams F, E at its two column
+             blocks: 2·NB·Pe·D²·w/BK bytes for 4·NB·Pe·D² FLOPs, 2·BK/w = 64 FLOP/B; writes
+             2·NB·D²·w (M1, M2); a row split adds 2 x 64 KB of fp32 scratch per program
   D×D bwd    reads F, E rows per column block and M1, M2 per row block: 2·NB·Pe·D²·w·(1/BN +
              1/BM) bytes for 4·NB·Pe·D² FLOPs (32 FLOP/B at 64×64 tiles); writes R·D·4
   norm bwd   reads R·D·(in + 4), writes R·D·in                                 memory-bound
 All below the H100 ridge from HBM (989 TFLOP/s / 3.35 TB/s ≈ 295 FLOP/B): the tiles reach tensor-
 core speed only because the re-reads hit L2 (one image's F, E are 2·Pe·D·w bytes: 4 MiB at the 7B
 shape P = 256, D = 4096, against 50 MB of L2). The P×P backward's fp32 dÂ_i (1 MiB per program at
-D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo), D×D also 3·NB·D²·4.
+D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo), D×D also 2·NB·D²·w.
 
 Tiles (explained at `_pp_gpu`): 64-row square tiles. bf16/fp16 tiles run 4 warps, one per
 16-row MMA slice, because the dots of every loop here are "chained" and Triton lays all warps
@@ -81,6 +89,8 @@ This file: `gram_loss_ref` (the truth) -> Triton kernels -> launchers -> torch.l
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -369,16 +379,56 @@ def _gram_pp_bwd_kernel(
 
 
 @triton.jit
+def _dd_pair_epilogue(M_ptr, Partial_ptr, ff, ee, x, y, pk, pl, pair, b, D, num_pairs,
+                      BLOCK_K: tl.constexpr, RNE_FIX: tl.constexpr):
+    """Block pair (I, J) = (pk, pl), I <= J, of image b, from its four [BK, BK] fp32 blocks
+    ff = F_IᵀF_J, ee = E_IᵀE_J, x = F_IᵀE_J = X[I, J] and y = E_IᵀF_J = X[J, I]ᵀ:
+    - the loss partial ⟨FᵀF, EᵀE⟩ + tr(X X) restricted to blocks (I, J) and (J, I): both Grams
+      are symmetric and Σ_(I,J) X∘X[J, I]ᵀ = Σ x∘y, so an off-diagonal pair counts twice;
+    - M1 = Xᵀ + EᵀE and M2 = FᵀF + X (what the backward multiplies F and E by) at (I, J) and,
+      transposed, at (J, I): M1[J, I] = (x + ee)ᵀ, M2[J, I] = (ff + y)ᵀ. A diagonal block is
+      written once (its two formulas agree only up to rounding)."""
+    w = tl.where(pk == pl, 1.0, 2.0)
+    part = tl.sum(tl.sum(ff * ee + x * y, axis=1), axis=0)
+    tl.store(Partial_ptr + b * num_pairs + pair, w * part)
+    ck = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    cl = pl * BLOCK_K + tl.arange(0, BLOCK_K)
+    dd = D.to(tl.int64) * D
+    m1_ptr = M_ptr + b.to(tl.int64) * 2 * dd
+    m2_ptr = m1_ptr + dd
+    ty = M_ptr.dtype.element_ty
+    p_ij = ck[:, None] * D + cl[None, :]
+    m_ij = (ck < D)[:, None] & (cl < D)[None, :]
+    tl.store(m1_ptr + p_ij, _round(y + ee, ty, RNE_FIX), mask=m_ij)
+    tl.store(m2_ptr + p_ij, _round(ff + x, ty, RNE_FIX), mask=m_ij)
+    if pk != pl:
+        p_ji = cl[:, None] * D + ck[None, :]
+        m_ji = (cl < D)[:, None] & (ck < D)[None, :]
+        tl.store(m1_ptr + p_ji, _round(tl.trans(x + ee), ty, RNE_FIX), mask=m_ji)
+        tl.store(m2_ptr + p_ji, _round(tl.trans(ff + y), ty, RNE_FIX), mask=m_ji)
+
+
+@triton.jit
 def _gram_dd_fwd_kernel(
-    G_ptr,  # out [NB, 3, D, D] fp32: FᵀF, EᵀE, X = FᵀE
+    Out_ptr,  # SPLIT: [NB, S, num_pairs, 4, BK, BK] fp32 raw blocks; else M [NB, 2, D, D] (M1, M2)
+    Partial_ptr,  # [NB, num_pairs] fp32 loss partials (unused when SPLIT)
     F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
-    P, D,
-    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    PairI_ptr, PairJ_ptr,  # [num_pairs] int32 block pairs I <= J
+    P, D, num_pairs, rows_per_split,
+    SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
-    pk = tl.program_id(0)
-    pl = tl.program_id(1)
-    b = tl.program_id(2)
+    """One program: block pair (I, J), I <= J, of image b over rows [split · rows_per_split, +
+    rows_per_split) of F and E: four dots per row step (F_IᵀF_J, E_IᵀE_J, F_IᵀE_J, E_IᵀF_J) on
+    the same four operand tiles, i.e. 2·Pe·D² MACs per image instead of 3 for full FᵀF, EᵀE
+    and X, and the symmetric halves come for free. Without SPLIT the epilogue finishes the
+    pair; with it the raw blocks go to a scratch buffer that `_gram_dd_finish_kernel` sums in a
+    fixed order (deterministic; for grids too small to fill the GPU)."""
+    pair = tl.program_id(0)
+    b = tl.program_id(1)
+    sp = tl.program_id(2)
+    pk = tl.load(PairI_ptr + pair)
+    pl = tl.load(PairJ_ptr + pair)
     F_ptr += b.to(tl.int64) * P * D
     E_ptr += b.to(tl.int64) * P * D
     ck = pk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -387,11 +437,14 @@ def _gram_dd_fwd_kernel(
     acc_ff = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
     acc_ee = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
     acc_x = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    acc_y = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    p_lo = sp * rows_per_split
+    p_hi = tl.minimum(P, p_lo + rows_per_split)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         r = p0 + offs_p
-        ok_r = r < P
-        p_kt = r[None, :] * D + ck[:, None]  # [BK, BP]: columns k, transposed
-        p_l = r[:, None] * D + cl[None, :]  # [BP, BK]
+        ok_r = r < p_hi
+        p_kt = r[None, :] * D + ck[:, None]  # [BK, BP]: columns of block I, transposed
+        p_l = r[:, None] * D + cl[None, :]  # [BP, BK]: columns of block J
         m_kt = (ck < D)[:, None] & ok_r[None, :]
         m_l = ok_r[:, None] & (cl < D)[None, :]
         f_kt = tl.load(F_ptr + p_kt, mask=m_kt, other=0.0)
@@ -401,20 +454,55 @@ def _gram_dd_fwd_kernel(
         acc_ff = _mma(f_kt, f_l, acc_ff, UPCAST, IEEE)
         acc_ee = _mma(e_kt, e_l, acc_ee, UPCAST, IEEE)
         acc_x = _mma(f_kt, e_l, acc_x, UPCAST, IEEE)
-    dd = D.to(tl.int64) * D
-    G_ptr += b.to(tl.int64) * 3 * dd
-    p_out = ck[:, None] * D + cl[None, :]
-    m_out = (ck < D)[:, None] & (cl < D)[None, :]
-    tl.store(G_ptr + p_out, acc_ff, mask=m_out)
-    tl.store(G_ptr + dd + p_out, acc_ee, mask=m_out)
-    tl.store(G_ptr + 2 * dd + p_out, acc_x, mask=m_out)
+        acc_y = _mma(e_kt, f_l, acc_y, UPCAST, IEEE)
+    if SPLIT:
+        blk = BLOCK_K * BLOCK_K
+        base = ((b.to(tl.int64) * tl.num_programs(2) + sp) * num_pairs + pair) * 4 * blk
+        p_blk = tl.arange(0, BLOCK_K)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        tl.store(Out_ptr + base + p_blk, acc_ff)
+        tl.store(Out_ptr + base + blk + p_blk, acc_ee)
+        tl.store(Out_ptr + base + 2 * blk + p_blk, acc_x)
+        tl.store(Out_ptr + base + 3 * blk + p_blk, acc_y)
+    else:
+        _dd_pair_epilogue(Out_ptr, Partial_ptr, acc_ff, acc_ee, acc_x, acc_y, pk, pl, pair, b, D,
+                          num_pairs, BLOCK_K, RNE_FIX)
+
+
+@triton.jit
+def _gram_dd_finish_kernel(
+    M_ptr,  # out [NB, 2, D, D] working dtype: M1, M2
+    Partial_ptr,  # out [NB, num_pairs] fp32
+    Split_ptr,  # in [NB, S, num_pairs, 4, BK, BK] fp32 from _gram_dd_fwd_kernel (SPLIT)
+    PairI_ptr, PairJ_ptr,
+    D, num_pairs, num_splits,
+    BLOCK_K: tl.constexpr, RNE_FIX: tl.constexpr,
+):
+    """Sums the row splits of one block pair in split order, then the pair epilogue."""
+    pair = tl.program_id(0)
+    b = tl.program_id(1)
+    pk = tl.load(PairI_ptr + pair)
+    pl = tl.load(PairJ_ptr + pair)
+    blk = BLOCK_K * BLOCK_K
+    p_blk = tl.arange(0, BLOCK_K)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    ff = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    ee = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    x = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    y = tl.zeros((BLOCK_K, BLOCK_K), tl.float32)
+    for sp in range(0, num_splits):
+        base = ((b.to(tl.int64) * num_splits + sp) * num_pairs + pair) * 4 * blk
+        ff += tl.load(Split_ptr + base + p_blk)
+        ee += tl.load(Split_ptr + base + blk + p_blk)
+        x += tl.load(Split_ptr + base + 2 * blk + p_blk)
+        y += tl.load(Split_ptr + base + 3 * blk + p_blk)
+    _dd_pair_epilogue(M_ptr, Partial_ptr, ff, ee, x, y, pk, pl, pair, b, D, num_pairs, BLOCK_K,
+                      RNE_FIX)
 
 
 @triton.jit
 def _gram_dd_bwd_kernel(
     DA_ptr,  # out [NB, Pe, D] fp32: S ŝ = ¼ (F M1 + E M2)
     F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
-    M1_ptr, M2_ptr,  # in [NB, D, D] working dtype: Xᵀ + EᵀE and FᵀF + X
+    M_ptr,  # in [NB, 2, D, D] working dtype: M1 = Xᵀ + EᵀE, M2 = FᵀF + X (_dd_pair_epilogue)
     P, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -425,8 +513,8 @@ def _gram_dd_bwd_kernel(
     F_ptr += b.to(tl.int64) * P * D
     E_ptr += b.to(tl.int64) * P * D
     DA_ptr += b.to(tl.int64) * P * D
-    M1_ptr += b.to(tl.int64) * D * D
-    M2_ptr += b.to(tl.int64) * D * D
+    M1_ptr = M_ptr + b.to(tl.int64) * 2 * D * D
+    M2_ptr = M1_ptr + D * D
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -601,9 +689,44 @@ def _dd_config(pe: int, d: int, work: torch.dtype, bwd: bool = False, arch: int 
     return dict(BLOCK_K=block_d, BLOCK_P=min(128, max(16, next_pow2(pe))))
 
 
+DD_FINISH_WARPS = 8  # four 64×64 fp32 blocks: 64 registers a thread for them
+DD_SPLIT_MIN_ROWS = 1024  # a row split streams at least this many rows (its scratch is 64 KB)
+DD_MAX_SPLITS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dd_splits(programs: int, pe: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows_per_split) of the D×D forward's rows. A grid of block pairs × images under
+    two waves leaves SMs idle (ViT-L flattened: 136 pairs on 132 SMs is one full wave and 4
+    programs), so there the rows are split and the raw blocks summed by a finish launch: the
+    split count minimises waves × rows per program, at most DD_MAX_SPLITS and each split
+    DD_SPLIT_MIN_ROWS rows or more. One split off CUDA (the interpreter runs programs one by one;
+    tests force splits through this function)."""
+    if device.type != "cuda":
+        return 1, pe
+    sms = _sm_count(device)
+    if programs >= 2 * sms:
+        return 1, pe
+    best = (cdiv(programs, sms) * pe, 1)
+    for s in range(2, DD_MAX_SPLITS + 1):
+        rows = cdiv(pe, s)
+        if rows < DD_SPLIT_MIN_ROWS:
+            break
+        best = min(best, (cdiv(programs * s, sms) * rows, s))
+    if best[1] == 1:
+        return 1, pe
+    rows = cdiv(cdiv(pe, best[1]), 64) * 64  # whole row steps of every tile set
+    return cdiv(pe, rows), rows
+
+
 def choose_form(pe: int, d: int, clamp: int) -> int:
-    """P×P (fwd+bwd 8·Pe²·D) unless a clamp is off and D×D (10·Pe·D²) is cheaper: Pe > 5D/4."""
-    return FORM_DD if clamp == CLAMP_NONE and 4 * pe > 5 * d else FORM_PP
+    """P×P (fwd+bwd 8·Pe²·D) unless a clamp is off and D×D (8·Pe·D²) is no dearer: Pe >= D (at
+    the tie D×D, whose big square GEMM tiles ran ~4x the P×P form's TFLOP/s on the H200)."""
+    return FORM_DD if clamp == CLAMP_NONE and pe >= d else FORM_PP
 
 
 _PAIRS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -646,7 +769,8 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool):
 def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int,
              arch: int = 0):
     """-> loss (fp32 scalar), ŝ, lo(ŝ), F, E ([NB, Pe, D] working dtype; lo empty unless a clamp
-    runs on bf16/fp16), mats ([NB, 3, D, D] fp32 for the D×D form, empty for P×P)."""
+    runs on bf16/fp16), mats ([NB, 2, D, D] M1, M2 in the working dtype for the D×D form,
+    empty for P×P)."""
     nb, pe, d = _views(student, img_level)
     write_lo = _needs_lo(student.dtype, clamp)
     a, lo, f, e = gram_prep(student, teacher, write_lo)
@@ -661,14 +785,29 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
                                               pe, d, pi.numel(), CLAMP=clamp, **cfg, **flags)
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
-        mats = torch.empty(0, dtype=torch.float32, device=student.device)
+        mats = torch.empty(0, dtype=a.dtype, device=student.device)
     else:
         cfg = _dd_config(pe, d, a.dtype, arch=arch or auto_tiles(student.device))
-        mats = torch.empty(nb, 3, d, d, dtype=torch.float32, device=student.device)
-        grid = (cdiv(d, cfg["BLOCK_K"]), cdiv(d, cfg["BLOCK_K"]), nb)
-        _gram_dd_fwd_kernel[grid](mats, f, e, pe, d, **cfg, **flags)
-        g_ff, g_ee, x = mats.unbind(1)  # [NB, D, D] each
-        loss = 0.5 * ((g_ff * g_ee).sum() + (x * x.mT).sum()) / n
+        bk = cfg["BLOCK_K"]
+        pi, pj = _tile_pairs(cdiv(d, bk), student.device)
+        pairs = pi.numel()
+        splits, rows_per_split = _dd_splits(nb * pairs, pe, student.device)
+        mats = torch.empty(nb, 2, d, d, dtype=a.dtype, device=student.device)  # M1, M2
+        partial = torch.empty(nb, pairs, dtype=torch.float32, device=student.device)
+        rne = _rne_fix(a.dtype)
+        if splits == 1:
+            _gram_dd_fwd_kernel[(pairs, nb, 1)](mats, partial, f, e, pi, pj, pe, d, pairs, pe,
+                                                SPLIT=False, **cfg, **flags, RNE_FIX=rne)
+        else:
+            scratch = torch.empty(nb, splits, pairs, 4, bk, bk, dtype=torch.float32,
+                                  device=student.device)
+            _gram_dd_fwd_kernel[(pairs, nb, splits)](scratch, partial, f, e, pi, pj, pe, d, pairs,
+                                                     rows_per_split, SPLIT=True, **cfg, **flags,
+                                                     RNE_FIX=rne)
+            _gram_dd_finish_kernel[(pairs, nb)](mats, partial, scratch, pi, pj, d, pairs, splits,
+                                                BLOCK_K=bk, RNE_FIX=rne,
+                                                num_warps=DD_FINISH_WARPS)
+        loss = 0.5 * partial.sum() / n  # fixed-order sum of per-pair partials: deterministic
     return loss, a, lo, f, e, mats
 
 
@@ -687,13 +826,10 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         _gram_pp_bwd_kernel[grid](da, a, lo_arg, f, e, pe, d, CLAMP=clamp, **cfg, **flags,
                                   RNE_FIX=_rne_fix(a.dtype))
     else:
-        g_ff, g_ee, x = mats.unbind(1)
-        m1 = (x.mT + g_ee).to(a.dtype).contiguous()  # [NB, D, D]
-        m2 = (g_ff + x).to(a.dtype).contiguous()
         cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (cdiv(pe, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_N"]), nb)
-        _gram_dd_bwd_kernel[grid](da, f, e, m1, m2, pe, d, **cfg, **flags)
+        _gram_dd_bwd_kernel[grid](da, f, e, mats, pe, d, **cfg, **flags)
     scale = (grad.detach().float() * (4.0 / (float(nb) * pe * pe))).reshape(1)
     s = student.contiguous()
     ds = torch.empty_like(s)
@@ -721,7 +857,7 @@ def _(student, teacher, img_level, clamp, form, arch):
     loss = student.new_empty((), dtype=torch.float32)
     a, f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(3))
     lo = student.new_empty((nb, pe, d) if _needs_lo(student.dtype, clamp) else (0,), dtype=work)
-    mats = student.new_empty((nb, 3, d, d) if form == FORM_DD else (0,), dtype=torch.float32)
+    mats = student.new_empty((nb, 2, d, d) if form == FORM_DD else (0,), dtype=work)
     return loss, a, lo, f, e, mats
 
 
@@ -845,12 +981,20 @@ def compile_specs() -> list[CompileSpec]:
                                       True):
                 add(name, _gram_pp_bwd_kernel, {"DA_ptr": "*fp32", **ins, "P": "i32", "D": "i32"},
                     cfg, CLAMP=clamp, **dots, RNE_FIX=False)
-        for name, cfg in per_arch(f"gram_dd_fwd[{ty}]", _dd_fwd_gpu, dtype):
-            add(name, _gram_dd_fwd_kernel,
-                {"G_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "P": "i32", "D": "i32"}, cfg, **dots)
+        pairs = {"PairI_ptr": "*i32", "PairJ_ptr": "*i32"}
+        for split in (False, True):
+            for name, cfg in per_arch(f"gram_dd_fwd[{ty},split={split}]", _dd_fwd_gpu, dtype):
+                add(name, _gram_dd_fwd_kernel,
+                    {"Out_ptr": "*fp32" if split else w, "Partial_ptr": "*fp32", "F_ptr": w,
+                     "E_ptr": w, **pairs, "P": "i32", "D": "i32", "num_pairs": "i32",
+                     "rows_per_split": "i32"}, cfg, SPLIT=split, **dots, RNE_FIX=False)
+        add(f"gram_dd_finish[{ty}]", _gram_dd_finish_kernel,
+            {"M_ptr": w, "Partial_ptr": "*fp32", "Split_ptr": "*fp32", **pairs, "D": "i32",
+             "num_pairs": "i32", "num_splits": "i32"},
+            dict(BLOCK_K=_dd_fwd_gpu(dtype)["BLOCK_K"], num_warps=DD_FINISH_WARPS), RNE_FIX=False)
         for name, cfg in per_arch(f"gram_dd_bwd[{ty}]", _dd_bwd_gpu, dtype):
             add(name, _gram_dd_bwd_kernel,
-                {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M1_ptr": w, "M2_ptr": w, "P": "i32",
+                {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M_ptr": w, "P": "i32",
                  "D": "i32"}, cfg, **dots)
         add(f"gram_norm_bwd[{ty}]", _gram_norm_bwd_kernel,
             {"DS_ptr": w, "DA_ptr": "*fp32", "S_ptr": w, "Scale_ptr": "*fp32", "D": "i32",

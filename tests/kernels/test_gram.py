@@ -146,16 +146,40 @@ def test_backward_is_bitwise_deterministic(gpu_tiles, variant):
 
 
 def test_choose_form_rule():
-    # P×P costs 8·P²·D (fwd 2, deterministic bwd 6), D×D 10·P·D²: D×D exactly when 4·P > 5·D
-    # and no clamp is set
+    # P×P costs 8·P²·D (fwd 2, deterministic bwd 6), D×D 8·P·D² (fwd 4 over the symmetric block
+    # pairs, bwd 4): D×D exactly when P >= D and no clamp is set
     assert gram.choose_form(196, 1024, gram.CLAMP_NONE) == gram.FORM_PP  # ViT-L 224
     assert gram.choose_form(256, 4096, gram.CLAMP_NONE) == gram.FORM_PP  # 7B 256
-    assert gram.choose_form(1024, 1024, gram.CLAMP_NONE) == gram.FORM_PP
+    assert gram.choose_form(1023, 1024, gram.CLAMP_NONE) == gram.FORM_PP
+    assert gram.choose_form(1024, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # ViT-L 512 px
     assert gram.choose_form(4096, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # high-res
     assert gram.choose_form(64 * 196, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # flattened batch
     assert gram.choose_form(4096, 1024, gram.CLAMP_NEG) == gram.FORM_PP  # clamps need P×P
-    assert gram.choose_form(1281, 1024, gram.CLAMP_NONE) == gram.FORM_DD  # 5·1024/4 = 1280
-    assert gram.choose_form(1280, 1024, gram.CLAMP_NONE) == gram.FORM_PP
+
+
+@pytest.mark.parametrize("gpu_tiles", [90, 80], indirect=True, ids=["sm90_tiles", "sm80_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dd_row_splits_match_the_reference(gpu_tiles, dtype, monkeypatch):
+    # the split D×D forward (raw blocks of each row split to a scratch buffer, summed in order by
+    # the finish launch) at 32-row splits: per image 75 rows = 3 splits, the last one ragged;
+    # flattened 150 rows = 5. The D = 80 of GPU_TILE_SHAPE gives 2 column blocks at BLOCK_K = 64,
+    # so the off-diagonal pair's transposed M1 / M2 stores run too.
+    monkeypatch.setattr(gram, "_dd_splits", lambda programs, pe, device: (gram.cdiv(pe, 32), 32))
+    s, t = make_inputs(GPU_TILE_SHAPE, dtype, noise=1e-2, seed=7)
+    for img_level in (True, False):
+        check_parity(s, t, img_level, "dd", atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
+
+
+def test_dd_split_rule(monkeypatch):
+    # rows are split only for grids under two waves; the split count minimises waves × rows per
+    # program (at most DD_MAX_SPLITS, >= DD_SPLIT_MIN_ROWS rows each), rows rounded to 64
+    monkeypatch.setattr(gram, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    # ViT-L flattened: 136 pairs; waves × rows for 1..4 splits = 2·12544, 3·6272, 4·4182, 5·3136
+    assert gram._dd_splits(136, 64 * 196, cuda) == (4, 3136)
+    assert gram._dd_splits(8 * 136, 4096, cuda) == (1, 4096)  # 8 images at 1024 px: 8.2 waves
+    assert gram._dd_splits(136, 1500, cuda) == (1, 1500)  # two splits would stream < 1024 rows
+    assert gram._dd_splits(136, 64 * 196, torch.device("cpu")) == (1, 64 * 196)
 
 
 @pytest.mark.parametrize("capability,family", [((8, 0), 80), ((8, 6), 80), ((8, 9), 80),
