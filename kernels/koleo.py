@@ -399,6 +399,7 @@ def _koleo_small_fwd_kernel(
     BLOCK_N: tl.constexpr,  # candidate columns per tile
     BLOCK_K: tl.constexpr,  # features per dot step
     BLOCK_D: tl.constexpr,  # features per step of the distance pass
+    UNROLL: tl.constexpr,  # partial tiles the finisher loads per step
     UPCAST: tl.constexpr,  # upcast bf16 tiles before tl.dot (interpreter bug, 2026-05)
     IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dot (TF32 would flip near-tied argmaxes)
 ):
@@ -462,6 +463,8 @@ def _koleo_small_fwd_kernel(
             tl.atomic_xchg(Count_ptr + blk, 0)  # all KS arrived: reset for the next call
         best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         best_j = tl.zeros([BLOCK_M], dtype=tl.int32)
+        best_r = tl.zeros([BLOCK_M], dtype=tl.float32)  # rinv of the best column
+        rinv_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # rinv of the query rows
         part0 = Part_ptr + blk * KS * (BLOCK_M * NP)
         csq0 = Csq_ptr + blk * KS * NP
         for n0 in range(0, n, BLOCK_N):
@@ -469,30 +472,32 @@ def _koleo_small_fwd_kernel(
             col_ok = cols < n
             dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             csq = tl.zeros([BLOCK_N], dtype=tl.float32)
-            # the splits in order, 4 loads issued per step (independent: one round trip, not 4);
-            # volatile: written by other SMs, so the (incoherent) L1 must not serve them
-            for s0 in range(0, KS, 4):
-                for s1 in tl.static_range(4):
+            # the splits in order, UNROLL loads issued per step (independent: one round trip,
+            # not UNROLL); volatile: written by other SMs, the (incoherent) L1 must not serve them
+            for s0 in range(0, KS, UNROLL):
+                for s1 in tl.static_range(UNROLL):
                     s = s0 + s1
                     ok = col_ok & (offs_n * 0 + s < KS)  # a vector (the interpreter)
                     dots += tl.load(part0 + s * (BLOCK_M * NP) + offs_m[:, None] * NP
                                     + cols[None, :], mask=ok[None, :], other=0.0, volatile=True)
                     csq += tl.load(csq0 + s * NP + cols, mask=ok, other=0.0, volatile=True)
             rinv_j = 1.0 / tl.maximum(tl.sqrt(csq), eps)
-            # every row block's finisher writes the same norms bit for bit (a benign race); the
-            # distance pass reads its own back, so x̂_i and x̂_nn share one rounding (duplicates)
+            # every row block's finisher writes the same norms bit for bit (a benign race), for
+            # the backward; this program takes its own rows' and neighbours' norms from these
+            # registers (exact masked sums), so x̂_i and x̂_nn share one rounding (duplicates)
             tl.store(Rinv_ptr + g * n + cols, rinv_j, mask=col_ok)
+            rinv_i += tl.sum(tl.where(cols[None, :] == rows[:, None], rinv_j[None, :], 0.0), axis=1)
             sc = dots * rinv_j[None, :]
             sc = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), sc, float("-inf"))
             tile_max, tile_arg = tl.max(sc, axis=1, return_indices=True)
+            tile_r = tl.sum(tl.where(offs_n[None, :] == tile_arg[:, None], rinv_j[None, :], 0.0),
+                            axis=1)
             upd = tile_max > best  # strict: the first maximum wins, as torch.argmax
             best = tl.where(upd, tile_max, best)
             best_j = tl.where(upd, n0 + tile_arg, best_j)
-        tl.debug_barrier()  # this program's Rinv stores are visible to all its threads
+            best_r = tl.where(upd, tile_r, best_r)
 
         # 3) v_i = x̂_i - x̂_nn + eps, d_i, t_i, u_i (as the fused kernel), wide D steps
-        rinv_i = tl.load(Rinv_ptr + g * n + rows, mask=row_ok, other=0.0)
-        best_r = tl.load(Rinv_ptr + g * n + best_j, mask=row_ok, other=0.0)
         offs_d = tl.arange(0, BLOCK_D)
         dsq = tl.zeros([BLOCK_M], dtype=tl.float32)
         t = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -531,6 +536,99 @@ def _koleo_small_fwd_kernel(
                     acc_p += tl.load(LossPart_ptr + g * RB + b0 + offs_m,
                                      mask=b0 + offs_m < RB, other=0.0, volatile=True)
                 tl.store(Loss_ptr + g, tl.sum(acc_p, axis=0) / nq)
+
+
+@triton.jit
+def _chooser_tile(x_g, Nn_ptr, Dist_ptr, U_ptr, Rinv_ptr, stride_x_row, g, n, q0, nq, i0, j, kk,
+                  k_ok, gscale, eps, acc, pu, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+    """acc += Σ_{i in tile, nn(i) = j} s_i v_i, pu += Σ s_i u_i over the query rows
+    [i0, i0 + BLOCK_I) (the masked chooser product of _koleo_bwd_kernel, no skip branch: one
+    basic block, so the compiler can issue its loads together with the caller's)."""
+    ii = i0 + tl.arange(0, BLOCK_I)
+    i_ok = ii < nq
+    nn_i = tl.load(Nn_ptr + g * nq + ii, mask=i_ok, other=-1).to(tl.int32)
+    d_i = tl.load(Dist_ptr + g * nq + ii, mask=i_ok, other=1.0)
+    u_i = tl.load(U_ptr + g * nq + ii, mask=i_ok, other=0.0)
+    r_i = tl.load(Rinv_ptr + g * n + q0 + ii, mask=i_ok, other=0.0)
+    m_i = i_ok[:, None] & k_ok[None, :]
+    xi = tl.load(x_g + (q0 + ii)[:, None] * stride_x_row + kk[None, :], mask=m_i, other=0.0)
+    nn_c = tl.where(i_ok, nn_i, 0)
+    r_n = tl.load(Rinv_ptr + g * n + nn_c, mask=i_ok, other=0.0)
+    xn = tl.load(x_g + nn_c[:, None] * stride_x_row + kk[None, :], mask=m_i, other=0.0)
+    s_i = tl.where(i_ok & (d_i > 0), gscale / ((d_i + eps) * d_i), 0.0)
+    w = tl.where((nn_i[None, :] == j[:, None]) & i_ok[None, :], s_i[None, :], 0.0)
+    v = tl.where(m_i, xi.to(tl.float32) * r_i[:, None] - xn.to(tl.float32) * r_n[:, None] + eps,
+                 0.0)  # [BLOCK_I, BLOCK_D], the forward's v_i bit for bit
+    if IEEE:
+        acc = tl.dot(w, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, v, acc)
+    pu += tl.sum(w * u_i[None, :], axis=1)
+    return acc, pu
+
+
+@triton.jit
+def _koleo_small_bwd_kernel(
+    DX_ptr,  # [G, n, D] out, x's dtype
+    DLoss_ptr,  # [G] fp32 in: upstream gradient of each group's loss
+    X_ptr,  # [G, n, D] in
+    Rinv_ptr,  # [G, n] fp32 in
+    Nn_ptr,  # [G, nq] int64 in
+    Dist_ptr,  # [G, nq] fp32 in
+    T_ptr,  # [G, nq] fp32 in
+    U_ptr,  # [G, nq] fp32 in
+    stride_x_g, stride_x_row,
+    n, D, q0, nq,
+    eps,
+    BLOCK_J: tl.constexpr,  # output rows per program
+    BLOCK_I: tl.constexpr,  # query rows (potential choosers) per tile: all of them when <= it
+    BLOCK_D: tl.constexpr,  # features per program
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dot for the chooser sum (else TF32)
+):
+    # The math and the result of _koleo_bwd_kernel, laid out for latency: every load that does not
+    # depend on a neighbour index (row j's own x, nn_j, d_j, t_j; the first chooser tile's nn_i,
+    # d_i, u_i, x_i) is issued first, then the gathers by nn_j and nn_i together: two round trips
+    # when the group's nq query rows fit one tile (B <= BLOCK_I), where the large-group kernel
+    # takes four (chooser tile, its gathers, then nn_j, its gathers) plus a branch per tile.
+    pid_j = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    x_g = X_ptr + g * stride_x_g
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < n
+    kk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_ok = kk < D
+    m_j = j_ok[:, None] & k_ok[None, :]
+    gscale = tl.load(DLoss_ptr + g) * (-1.0 / nq)
+    # row j's own term: s_j v_j when j is a query row (as _store_dx)
+    r_j = tl.load(Rinv_ptr + g * n + j, mask=j_ok, other=0.0)
+    xh_j = tl.load(x_g + j[:, None] * stride_x_row + kk[None, :], mask=m_j, other=0.0)
+    xh_j = xh_j.to(tl.float32) * r_j[:, None]
+    is_q = j_ok & (j >= q0) & (j < q0 + nq)
+    jq = g * nq + (j - q0)
+    nn_j = tl.load(Nn_ptr + jq, mask=is_q, other=0).to(tl.int32)
+    d_j = tl.load(Dist_ptr + jq, mask=is_q, other=1.0)
+    t_j = tl.load(T_ptr + jq, mask=is_q, other=0.0)
+    r_nj = tl.load(Rinv_ptr + g * n + nn_j, mask=is_q, other=0.0)
+    m_q = is_q[:, None] & k_ok[None, :]
+    xn_j = tl.load(x_g + nn_j[:, None] * stride_x_row + kk[None, :], mask=m_q, other=0.0)
+    # the choosers: the first tile in the same basic block as the loads above, the rest (nq >
+    # BLOCK_I) in a loop
+    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    pu = tl.zeros([BLOCK_J], dtype=tl.float32)
+    acc, pu = _chooser_tile(x_g, Nn_ptr, Dist_ptr, U_ptr, Rinv_ptr, stride_x_row, g, n, q0, nq,
+                            0, j, kk, k_ok, gscale, eps, acc, pu, BLOCK_I, IEEE)
+    for i0 in range(BLOCK_I, nq, BLOCK_I):
+        acc, pu = _chooser_tile(x_g, Nn_ptr, Dist_ptr, U_ptr, Rinv_ptr, stride_x_row, g, n, q0,
+                                nq, i0, j, kk, k_ok, gscale, eps, acc, pu, BLOCK_I, IEEE)
+
+    s_j = tl.where(is_q & (d_j > 0), gscale / ((d_j + eps) * d_j), 0.0)
+    v_j = tl.where(m_q, xh_j - xn_j.to(tl.float32) * r_nj[:, None] + eps, 0.0)
+    dxh = s_j[:, None] * v_j - acc
+    proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
+    dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
+    tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
+             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
 
 
 # ---- the split path (large groups): norms, column-split search, merge + distances, sorted bwd --
@@ -1175,8 +1273,10 @@ def _gpu_small_fwd_config(dtype: torch.dtype) -> dict:
     rows (one mma.sync M tile) x 64 columns x 64 features for bf16, the fused kernel's FMA tiles
     for the IEEE fp32 dot; 256-wide distance steps (D = 1024: 4 round trips, not 32)."""
     if dtype == torch.bfloat16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_D=256, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_D=512, UNROLL=8, num_warps=8,
+                    num_stages=2)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_D=256, UNROLL=8, num_warps=8,
+                num_stages=1)
 
 
 def _small_fwd_config(G: int, nq: int, n: int, D: int, dtype: torch.dtype,
@@ -1188,7 +1288,7 @@ def _small_fwd_config(G: int, nq: int, n: int, D: int, dtype: torch.dtype,
     32-column tiles so that test shapes exercise several splits, tiles and row blocks."""
     if is_interpreter():
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_D=_clamp_pow2(D, 16, 128),
-                   num_warps=4, num_stages=1)
+                   UNROLL=4, num_warps=4, num_stages=1)
         ks = splits if splits is not None else min(4, cdiv(D, 16))
     else:
         cfg = _gpu_small_fwd_config(dtype)
@@ -1277,12 +1377,13 @@ def koleo_fwd(x: torch.Tensor, eps: float, query_start: int, query_len: int, pat
 
 
 def _bwd_fused(dloss, x, rinv, nn_idx, d, t, u, eps, q0, nq, small=False):
-    """The masked chooser product (_koleo_bwd_kernel); `small`: the small path's tiles."""
+    """The masked chooser product: _koleo_bwd_kernel, or `small`: _koleo_small_bwd_kernel (the
+    same math with its loads issued for latency, at the small path's tiles)."""
     G, n, D = x.shape
     cfg = _small_bwd_config(nq, n, D, x.dtype) if small else _bwd_config(nq, n, D)
     dx = torch.empty_like(x)
     grid = (cdiv(n, cfg["BLOCK_J"]), cdiv(D, cfg["BLOCK_D"]), G)
-    _koleo_bwd_kernel[grid](
+    (_koleo_small_bwd_kernel if small else _koleo_bwd_kernel)[grid](
         dx, dloss, x, rinv, nn_idx, d, t, u, x.stride(0), x.stride(1),
         n, D, q0, nq, eps, IEEE=x.dtype == torch.float32, **_no_fma(), **cfg)
     return dx
@@ -1440,7 +1541,7 @@ def compile_specs() -> list[CompileSpec]:
                "n": "i32", "D": "i32", "q0": "i32", "nq": "i32", "eps": "fp32"}
         specs.append(_spec(f"koleo_bwd[{ty}]", _koleo_bwd_kernel, sig, _GPU_BWD, IEEE=ieee))
         # small path: the same backward kernel at the small tiles, and the split-K forward
-        specs.append(_spec(f"koleo_bwd[{ty},small]", _koleo_bwd_kernel, sig,
+        specs.append(_spec(f"koleo_small_bwd[{ty}]", _koleo_small_bwd_kernel, sig,
                            _GPU_SMALL_BWD[dtype], IEEE=ieee))
         sig = {"Loss_ptr": "*fp32", "Nn_ptr": "*i64", "Dist_ptr": "*fp32", "T_ptr": "*fp32",
                "U_ptr": "*fp32", "Rinv_ptr": "*fp32", "Part_ptr": "*fp32", "Csq_ptr": "*fp32",
