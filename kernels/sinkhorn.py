@@ -276,51 +276,128 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
             tl.store(out_d_ptr + cols, s, mask=cmask)
 
 
+# Row-pass kernels. Three ways to keep the per-row statistics (constexpr STATE), chosen per launch
+# by a RowVariant (see _ROW_VARIANTS below; the GPU A/B in bench/bench_sk_pass.py decides):
+#   STATE_TILE  running max per row, updated once per tile (FlashAttention recurrence): per tile
+#               one cross-thread max and one cross-thread sum per row
+#   STATE_ELEM  elementwise running (m, d, s1) [BLOCK_N, BLOCK_K] (`_lse_update`), reduced across
+#               threads once after the loop: no per-tile reduction, ~11 ALU operations per element
+#   STATE_FIXED no running max at all: a per-row upper bound u[b] of y = t·inv_temp - col_shift,
+#               known before the pass, is the shift (as the column passes use row_shift). Exact
+#               from the second SK row pass on (see `sinkhorn_knopp`: u = previous row_shift -
+#               log(K/N_total), every exp(y - u) <= 1 and their row sum >= 1/N_total, so nothing
+#               overflows and the sum never underflows); the first pass and softmax centering have
+#               no such bound and use the variant's `fallback`.
+# FAST (constexpr): unmasked full tiles when K is a multiple of BLOCK_K (EVEN_K: the launcher only
+# sets it then; out-of-range rows are clamped to row N-1, computed and never stored) and exp2 of
+# one FMA per element, y·log2(e) - m·log2(e), with the row constant m·log2(e) rounded once and
+# carried (m is stored as that rounded value / log2(e), so LSE = m + log d stays consistent).
+# FAST = 0 is the row pass as it shipped before the variants (masks, (y - m)·log2(e)).
+_STATE_TILE = 0
+_STATE_ELEM = 1
+_STATE_FIXED = 2
+
+
 @triton.jit(do_not_specialize=['N', 'n_splits'])
 def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride_t,
                         inv_temp, k_per_split, n_splits,
                         WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                        bound_ptr=None, log_scale_ptr=None, STATE: tl.constexpr = 0,
+                        FAST: tl.constexpr = 0):
     """One program: BLOCK_N rows × one K slice (grid axis 0 = the slice, so consecutive programs
-    share rows and the pass ends on the last row blocks). Online over y = t·inv_temp -
-    col_shift: max m, d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y, written as partials
-    part [3, N, n_splits] for _row_merge_kernel (always a merge launch: at the issue's shapes
-    the row pass is split anyway, for the tail of the last wave). WITH_COLSUM also
+    share rows and the pass ends on the last row blocks). Over y = t·inv_temp - col_shift: shift m
+    (STATE_FIXED: m = bound[b]), d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y, written as
+    partials part [3, N, n_splits] for _row_merge_kernel (always a merge launch: at the issue's
+    shapes the row pass is split anyway, for the tail of the last wave). WITH_COLSUM also
     atomically adds the column sums of t to colsum[K] (the softmax center's batch statistic,
-    fused in this read; the order of the atomic adds is not fixed)."""
+    fused in this read; the order of the atomic adds is not fixed). FAST requires K % BLOCK_K ==
+    0 (no column mask at all)."""
+    L2E: tl.constexpr = 1.4426950408889634
     pid_s = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    row_off = rows.to(tl.int64)[:, None] * stride_t
-    # Row statistics as [BLOCK_N] vectors, updated once per tile (the FlashAttention softmax
-    # recurrence): per element one max-reduce step, one subtract, one scale, one exp2 and one
-    # sum-reduce step, against ~11 ALU operations for an elementwise running max
-    # (`_lse_update`), which kept this pass at 66 % of HBM bandwidth on an H200 while the
-    # column passes (a fixed shift, no max) reached 83 % (nvidia-h200-2026-11-26-check2).
-    m = tl.full([BLOCK_N], -1.0e30, tl.float32)
-    d = tl.zeros([BLOCK_N], tl.float32)
-    s1 = tl.zeros([BLOCK_N], tl.float32)
+    if FAST:  # clamped rows: every load in bounds, no mask in the loop (rmask guards the stores)
+        row_off = tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_t
+    else:
+        row_off = rows.to(tl.int64)[:, None] * stride_t
     k_lo = pid_s * k_per_split
-    for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if STATE != 0:  # elementwise, reduced after the loop
+        m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
+        d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        s1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        m = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        d = tl.zeros([BLOCK_N], tl.float32)
+        s1 = tl.zeros([BLOCK_N], tl.float32)
+    if STATE == 2:  # the shift, in log2 units, rounded once
+        u = (tl.load(bound_ptr + rows, mask=rmask, other=0.0) - tl.load(log_scale_ptr)) * L2E
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        m2d = rmask[:, None] & cmask[None, :]
-        t = tl.load(t_ptr + row_off + cols[None, :], mask=m2d, other=0.0).to(tl.float32)
+        if FAST:
+            t = tl.load(t_ptr + row_off + cols[None, :]).to(tl.float32)
+            a = tl.load(col_shift_ptr + cols)
+        else:
+            cmask = cols < K
+            t = tl.load(t_ptr + row_off + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
         if WITH_COLSUM:
-            tl.atomic_add(colsum_ptr + cols, tl.sum(t, axis=0), mask=cmask)
-        a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
-        # masked columns -> -inf (weight 0); masked rows stay finite (never stored)
-        y = tl.where(cmask[None, :], t * inv_temp - a[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(y, axis=1))
-        alpha = tl.exp2((m - m_new) * 1.4426950408889634)
-        # natural units scaled by log2(e) after the subtraction (y and m are ~100 and cancel)
-        e = tl.exp2((y - m_new[:, None]) * 1.4426950408889634)
-        d = d * alpha + tl.sum(e, axis=1)
-        if ENTROPY:
-            # e·y with e = 0 where y = -inf (p = 0 targets) must give 0, not nan
-            s1 = s1 * alpha + tl.sum(e * tl.where(cmask[None, :], y, 0.0), axis=1)
-        m = m_new
+            if FAST:
+                tl.atomic_add(colsum_ptr + cols, tl.sum(tl.where(rmask[:, None], t, 0.0), axis=0))
+            else:
+                tl.atomic_add(colsum_ptr + cols, tl.sum(t, axis=0), mask=cmask)
+        if FAST:
+            y = t * inv_temp - a[None, :]
+        else:
+            # masked columns -> -inf (weight 0); masked rows stay finite (never stored)
+            y = tl.where(cmask[None, :], t * inv_temp - a[None, :], float("-inf"))
+        if STATE == 1:
+            m, d, e_y = _lse_update_y(m, d, s1, y, ENTROPY)
+            s1 = e_y
+        elif STATE == 2:  # elementwise sums, as the column pass: no reduction in the loop
+            e = tl.exp2(y * L2E - u[:, None])
+            d += e
+            if ENTROPY:
+                if FAST:
+                    s1 += e * y
+                else:  # e·y with e = 0 where y = -inf must give 0, not nan
+                    s1 += e * tl.where(cmask[None, :], y, 0.0)
+        elif FAST:
+            m_new = tl.maximum(m, tl.max(y, axis=1) * L2E)  # log2 units
+            alpha = tl.exp2(m - m_new)
+            e = tl.exp2(y * L2E - m_new[:, None])
+            d = d * alpha + tl.sum(e, axis=1)
+            if ENTROPY:
+                s1 = s1 * alpha + tl.sum(e * y, axis=1)
+            m = m_new
+        else:
+            m_new = tl.maximum(m, tl.max(y, axis=1))
+            alpha = tl.exp2((m - m_new) * L2E)
+            # natural units scaled by log2(e) after the subtraction (y and m are ~100 and cancel)
+            e = tl.exp2((y - m_new[:, None]) * L2E)
+            d = d * alpha + tl.sum(e, axis=1)
+            if ENTROPY:
+                # e·y with e = 0 where y = -inf (p = 0 targets) must give 0, not nan
+                s1 = s1 * alpha + tl.sum(e * tl.where(cmask[None, :], y, 0.0), axis=1)
+            m = m_new
+    if STATE == 1:  # one cross-thread reduction per row, after the loop
+        m_r = tl.max(m, axis=1)
+        w = tl.exp2((m - m_r[:, None]) * L2E)
+        d_r = tl.sum(d * w, axis=1)
+        s1 = tl.sum(s1 * w, axis=1)
+        m = m_r
+        d = d_r
+    elif STATE == 2:
+        d = tl.sum(d, axis=1)
+        s1 = tl.sum(s1, axis=1)
+        m = u / L2E  # natural units (the merge's): the shift exp2 subtracted, exactly
+    elif FAST:
+        # back to natural units (the merge's): the shift exp2 subtracted was m/log2(e) exactly
+        # (a division, not a product with an fp32 ln 2: 1e-8 relative on |m| ~ 100 would count)
+        m = m / L2E
     o = rows.to(tl.int64) * n_splits + pid_s
     plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
     tl.store(part_ptr + o, m, mask=rmask)
@@ -329,15 +406,123 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
         tl.store(part_ptr + 2 * plane + o, s1, mask=rmask)
 
 
-@triton.jit(do_not_specialize=['N', 'n_splits'])
-def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, ENTROPY: tl.constexpr,
+@triton.jit
+def _lse_update_y(m, d, s1, y, ENTROPY: tl.constexpr):
+    """`_lse_update` with the entropy sum s1 = Σ exp(y - m)·y carried alongside (rescaled with
+    d). y = -inf adds nothing (its weight is exactly 0; e·y is never formed for it)."""
+    gt = y > m
+    e = tl.exp2(tl.where(gt, m - y, y - m) * 1.4426950408889634)
+    if ENTROPY:
+        yz = tl.where(y == float("-inf"), 0.0, y)
+        s1 = tl.where(gt, s1 * e + yz, s1 + e * yz)
+    return tl.maximum(m, y), tl.where(gt, d * e + 1.0, d + e), s1
+
+
+@triton.jit
+def _lockstep_tile(t_ptr, row_off, cols, cmask, a, inv_temp, EVEN_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] sub-tile of the lockstep kernel: (t fp32, y = t·inv_temp - a with
+    -inf in masked columns)."""
+    if EVEN_K:
+        t = tl.load(t_ptr + row_off + cols[None, :]).to(tl.float32)
+        y = t * inv_temp - a[None, :]
+    else:
+        t = tl.load(t_ptr + row_off + cols[None, :], mask=cmask[None, :], other=0.0
+                    ).to(tl.float32)
+        y = tl.where(cmask[None, :], t * inv_temp - a[None, :], float("-inf"))
+    return t, y
+
+
+@triton.jit
+def _lockstep_sums(y, m2, cmask, ENTROPY: tl.constexpr, EVEN_K: tl.constexpr):
+    """Per row of one sub-tile: Σ exp2(y·log2(e) - m2) and (ENTROPY) Σ exp2(..)·y."""
+    e = tl.exp2(y * 1.4426950408889634 - m2[:, None])
+    d = tl.sum(e, axis=1)
+    s1 = d
+    if ENTROPY:
+        if EVEN_K:
+            s1 = tl.sum(e * y, axis=1)
+        else:  # e·y with e = 0 where y = -inf must give 0, not nan
+            s1 = tl.sum(e * tl.where(cmask[None, :], y, 0.0), axis=1)
+    return d, s1
+
+
+@triton.jit(do_not_specialize=['N', 'n_splits', 'n_groups'])
+def _teacher_row_lockstep_kernel(t_ptr, col_shift_ptr, bound_ptr, log_scale_ptr, part_ptr,
+                                 colsum_ptr, N, K, stride_t, inv_temp, n_splits, n_groups,
+                                 WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
+                                 STATE: tl.constexpr, EVEN_K: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 STAGES: tl.constexpr):
+    """The row pass walked the column pass' way. One program: one K chunk of 2·BLOCK_K columns
+    (grid axis 0, n_splits = cdiv(K, 2·BLOCK_K) <= MAX_SPLITS) × the row blocks g, g + n_groups,
+    g + 2·n_groups, ... (grid axis 1 = g). The programs of a wave read neighbouring chunks of the
+    same rows at the same time, so the memory in flight is a few whole rows (as in the column
+    pass, 83 % of the copy bandwidth) instead of thousands of separate 512-byte row streams; the
+    chunk's col_shift is loaded once, not once per tile. The chunk is two [BLOCK_N, BLOCK_K]
+    sub-tiles (bf16 BLOCK_K = 256 at 8 warps: each warp owns whole rows, so the per-tile row
+    reductions stay warp shuffles; one 512-wide tile spreads a row over 2 warps). Each row
+    block's chunk is a whole statistic: per row one max (STATE_TILE; STATE_FIXED: the bound, no
+    max) and one sum, stored in natural units as part [3, n_splits, N] (split-major: one
+    contiguous store per row block). WITH_COLSUM: the chunk's column sums accumulate
+    elementwise and go out with one atomic add per column per program. EVEN_K: K % (2·BLOCK_K)
+    == 0, no column mask."""
+    L2E: tl.constexpr = 1.4426950408889634
+    pid_s = tl.program_id(0)
+    g = tl.program_id(1)
+    cols0 = pid_s * (2 * BLOCK_K) + tl.arange(0, BLOCK_K)
+    cols1 = cols0 + BLOCK_K
+    cmask0 = cols0 < K
+    cmask1 = cols1 < K
+    if EVEN_K:
+        a0 = tl.load(col_shift_ptr + cols0)
+        a1 = tl.load(col_shift_ptr + cols1)
+    else:
+        a0 = tl.load(col_shift_ptr + cols0, mask=cmask0, other=0.0)
+        a1 = tl.load(col_shift_ptr + cols1, mask=cmask1, other=0.0)
+    lsc = 0.0
+    if STATE == 2:
+        lsc = tl.load(log_scale_ptr)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, n_splits, N] fp32 buffer)
+    for i in tl.range(g, n_blocks, n_groups, num_stages=STAGES):
+        rows = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        # clamped rows: loads in bounds with no row mask (rmask guards the stores)
+        row_off = tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_t
+        t0, y0 = _lockstep_tile(t_ptr, row_off, cols0, cmask0, a0, inv_temp, EVEN_K)
+        t1, y1 = _lockstep_tile(t_ptr, row_off, cols1, cmask1, a1, inv_temp, EVEN_K)
+        if WITH_COLSUM:
+            acc0 += tl.where(rmask[:, None], t0, 0.0)
+            acc1 += tl.where(rmask[:, None], t1, 0.0)
+        if STATE == 2:
+            m2 = (tl.load(bound_ptr + rows, mask=rmask, other=0.0) - lsc) * L2E
+        else:
+            m2 = tl.maximum(tl.max(y0, axis=1), tl.max(y1, axis=1)) * L2E
+        d0, s0 = _lockstep_sums(y0, m2, cmask0, ENTROPY, EVEN_K)
+        d1, s1 = _lockstep_sums(y1, m2, cmask1, ENTROPY, EVEN_K)
+        o = pid_s * N + rows
+        tl.store(part_ptr + o, m2 / L2E, mask=rmask)
+        tl.store(part_ptr + plane + o, d0 + d1, mask=rmask)
+        if ENTROPY:
+            tl.store(part_ptr + 2 * plane + o, s0 + s1, mask=rmask)
+    if WITH_COLSUM:
+        tl.atomic_add(colsum_ptr + cols0, tl.sum(acc0, axis=0), mask=cmask0)
+        tl.atomic_add(colsum_ptr + cols1, tl.sum(acc1, axis=0), mask=cmask1)
+
+
+@triton.jit(do_not_specialize=['N', 'n_splits', 'stride_r', 'stride_s'])
+def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, stride_r, stride_s, ENTROPY: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """LSE merge of the K-split partials part [3, N, n_splits] (n_splits <= BLOCK_S), fixed
-    order: out [2, N] = (row_shift in nats, entropy)."""
+    """LSE merge of the K-split partials (n_splits <= BLOCK_S), fixed order: out [2, N] =
+    (row_shift in nats, entropy). part: 3 planes of N·n_splits, element (row r, split s) at
+    r·stride_r + s·stride_s ([N, n_splits] from _teacher_row_kernel, [n_splits, N] from the
+    lockstep kernel)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     splits = tl.arange(0, BLOCK_S)
     mask = (rows < N)[:, None] & (splits < n_splits)[None, :]
-    offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_r + splits[None, :].to(tl.int64) * stride_s
     plane = N * n_splits  # i32: N·n_splits < 2^31 (a [3, N, n_splits] fp32 buffer)
     m = tl.load(part_ptr + offs, mask=mask, other=-1.0e30)
     m_r = tl.max(m, axis=1)
@@ -390,19 +575,129 @@ def _col_config(t: torch.Tensor) -> tuple[int, int]:
     return _COL_BLOCK[t.dtype]
 
 
-def _row_config(t: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, k_per_split, n_splits) of the row pass: few rows (DINO: 2B) are split
-    along K so the grid still fills the GPU; the splits are merged by _row_merge_kernel."""
+@dataclasses.dataclass(frozen=True)
+class RowVariant:
+    """One launch configuration of the row pass (the GPU A/B of bench/bench_sk_pass.py picks the
+    default, DEFAULT_ROW_VARIANT). state: "tile" | "elem" | "fixed" (the STATE_* comment above
+    the kernels); fast: the FAST / EVEN_K path where K % block_k == 0 (else the masked one);
+    lockstep: _teacher_row_lockstep_kernel (chunk-major) instead of _teacher_row_kernel;
+    programs_per_sm: the grid target (K splits × row blocks, or chunks × row groups); fallback:
+    the variant run where this one cannot (fixed: no row bound given, i.e. the first SK row pass
+    and softmax centering; lockstep: more than MAX_SPLITS chunks)."""
+
+    name: str
+    block_n: int
+    block_k: int
+    state: str = "tile"
+    fast: bool = True
+    lockstep: bool = False
+    num_warps: int = 8
+    stages: int = 4
+    programs_per_sm: int = 8
+    fallback: str | None = None
+
+    def __post_init__(self):
+        if self.state not in ("tile", "elem", "fixed"):
+            raise ValueError(f"RowVariant {self.name}: state {self.state!r}, allowed: tile, elem, "
+                             "fixed")
+        if self.lockstep and self.state == "elem":
+            raise ValueError(f"RowVariant {self.name}: lockstep has no elem state (each tile is a "
+                             "whole statistic)")
+        if self.state == "fixed" and self.fallback is None:
+            raise ValueError(f"RowVariant {self.name}: a fixed-shift variant needs a fallback for "
+                             "passes without a row bound")
+
+
+_ROW_STATE_ID = {"tile": _STATE_TILE, "elem": _STATE_ELEM, "fixed": _STATE_FIXED}
+ROW_VARIANTS: dict[str, RowVariant] = {v.name: v for v in (
+    # the row pass as shipped before the variants: H200 188 µs per pass (62 % of the copy)
+    RowVariant("tile_8x256", 8, 256, fast=False),
+    # hypotheses 3 + 4: no masks on full tiles, exp2 of one FMA per element
+    RowVariant("tile_fast_8x256", 8, 256),
+    # + 4 rows per thread: the pipeline bookkeeping, barrier and the 2 row reductions are paid
+    # per 32 elements of a thread instead of per 8, and each col_shift value loaded serves 32
+    # rows instead of 8 (bf16 [32, 256] at 8 warps: each warp owns whole rows, so the row
+    # reductions stay warp shuffles; 1024-wide tiles spread a row over 4 warps: shared memory)
+    RowVariant("tile_fast_32x256", 32, 256),
+    RowVariant("tile_fast_16x256", 16, 256),
+    # hypothesis 1: elementwise running max, no per-tile cross-thread reduction (H200: the
+    # masked version of this measured 177 µs)
+    RowVariant("elem_fast_8x256", 8, 256, state="elem"),
+    # no running max (as the column passes): shift = the exact bound from the previous pass,
+    # elementwise sums reduced once after the loop
+    RowVariant("fixed_16x256", 16, 256, state="fixed", fallback="tile_fast_16x256"),
+    RowVariant("fixed_32x256", 32, 256, state="fixed", fallback="tile_fast_32x256"),
+    # the column pass' walk: chunk-major, all programs of a wave on the same few rows
+    RowVariant("lockstep_tile_16x256", 16, 256, lockstep=True, programs_per_sm=4,
+               fallback="tile_fast_16x256"),
+    RowVariant("lockstep_fixed_16x256", 16, 256, state="fixed", lockstep=True,
+               programs_per_sm=4, fallback="lockstep_tile_16x256"),
+)}
+DEFAULT_ROW_VARIANT = "fixed_16x256"
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowPlan:
+    variant: RowVariant  # the one that runs (after fallbacks)
+    block_n: int
+    block_k: int
+    k_per_split: int  # lockstep: the chunk, 2·block_k
+    n_splits: int
+    n_groups: int  # lockstep: row groups (grid axis 1); else cdiv(N, block_n)
+    fast: bool  # FAST / EVEN_K: the variant's fast path and K % block_k == 0
+
+
+def row_variant(variant: str | RowVariant | None) -> RowVariant:
+    """The RowVariant named (None: DEFAULT_ROW_VARIANT)."""
+    if isinstance(variant, RowVariant):
+        return variant
+    name = DEFAULT_ROW_VARIANT if variant in (None, "") else variant
+    if name not in ROW_VARIANTS:
+        raise ValueError(f"unknown row-pass variant {name!r}: allowed are "
+                         f"{', '.join(ROW_VARIANTS)}")
+    return ROW_VARIANTS[name]
+
+
+def _row_blocks(v: RowVariant, n: int, k: int) -> tuple[int, int]:
+    if is_interpreter():  # the variant's own tiles, no larger than the matrix (interpreter cost)
+        return min(v.block_n, next_pow2(n)), min(v.block_k, next_pow2(k))
+    return v.block_n, v.block_k
+
+
+def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
+              has_bound: bool = False) -> _RowPlan:
+    """Resolve fallbacks and size the grid: few rows (DINO: 2B) are split along K so the grid
+    still fills the GPU; the splits are merged by _row_merge_kernel."""
     n, k = t.shape
-    if is_interpreter():
-        block_n, block_k = min(8, next_pow2(n)), min(1024, next_pow2(k))
-    else:
-        block_n, block_k = _ROW_BLOCK[t.dtype]
+    v = row_variant(variant)
+    for _ in range(len(ROW_VARIANTS)):
+        block_n, block_k = _row_blocks(v, n, k)
+        if v.state == "fixed" and not has_bound:
+            v = ROW_VARIANTS[v.fallback]
+        elif v.lockstep and cdiv(k, 2 * block_k) > MAX_SPLITS:
+            v = ROW_VARIANTS[v.fallback]
+        else:
+            break
+    target = _INTERP_TARGET if is_interpreter() else v.programs_per_sm * _num_sms(t)
+    n_blocks = max(1, cdiv(n, block_n))
+    if v.lockstep:  # chunks of 2 sub-tiles
+        n_splits = cdiv(k, 2 * block_k)
+        n_groups = max(1, min(n_blocks, cdiv(target, n_splits)))
+        return _RowPlan(v, block_n, block_k, 2 * block_k, n_splits, n_groups,
+                        v.fast and k % (2 * block_k) == 0)
+    fast = v.fast and k % block_k == 0
     k_blocks = cdiv(k, block_k)
-    want = cdiv(_target_programs(t), max(1, cdiv(n, block_n)))
-    n_splits = max(1, min(k_blocks, MAX_SPLITS, want))
+    n_splits = max(1, min(k_blocks, MAX_SPLITS, cdiv(target, n_blocks)))
     k_per_split = cdiv(k_blocks, n_splits) * block_k
-    return block_n, block_k, k_per_split, cdiv(k, k_per_split)
+    return _RowPlan(v, block_n, block_k, k_per_split, cdiv(k, k_per_split), n_blocks, fast)
+
+
+def _row_config(t: torch.Tensor, variant: str | RowVariant | None = None
+                ) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, k_per_split, n_splits) of the row pass' variant (default:
+    DEFAULT_ROW_VARIANT, as run without a row bound)."""
+    p = _row_plan(t, variant)
+    return p.block_n, p.block_k, p.k_per_split, p.n_splits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,28 +738,61 @@ def teacher_col_pass(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.
 
 
 def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, with_colsum: bool,
-                     entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None,
-                                             torch.Tensor | None]:
+                     entropy: bool, variant: str | RowVariant | None = None,
+                     row_bound: torch.Tensor | None = None,
+                     log_scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per row b: LSE_k(t[b]·inv_temp - col_shift) [N] (nats) and, when `entropy`, the entropy
     (nats) [N] of the softmax it normalises (else None); plus the column sum of t [K] when
-    `with_colsum` (else None). A (K-split) row launch and a merge launch."""
+    `with_colsum` (else None). A (K-split) row launch and a merge launch.
+
+    variant: a ROW_VARIANTS name or RowVariant (None: DEFAULT_ROW_VARIANT). row_bound [N] and
+    log_scale [1] (fp32, given together): the fixed-shift variants shift row b by
+    row_bound[b] - log_scale[0], which must bound max_k of y = t[b]·inv_temp - col_shift from above
+    with Σ_k exp(y - bound) far from underflow: exactly what `sinkhorn_knopp` passes from the
+    second row pass on (the previous row_shift and log(K/N_total)); other variants ignore it."""
     _check_teacher(t)
     t = t.contiguous()
     n, k = t.shape
-    block_n, block_k, k_per_split, n_splits = _row_config(t)
+    if (row_bound is None) != (log_scale is None):
+        raise ValueError("row_bound and log_scale go together: got row_bound "
+                         f"{'None' if row_bound is None else tuple(row_bound.shape)}, log_scale "
+                         f"{'None' if log_scale is None else tuple(log_scale.shape)}")
+    if row_bound is not None and (row_bound.shape != (n,) or log_scale.numel() != 1):
+        raise ValueError(f"row_bound must be [N] = [{n}] and log_scale [1], got "
+                         f"{tuple(row_bound.shape)} and {tuple(log_scale.shape)}")
+    plan = _row_plan(t, variant, row_bound is not None)
+    v = plan.variant
     f32 = dict(device=t.device, dtype=torch.float32)
     out = torch.empty(2 if entropy else 1, n, **f32)  # (row_shift, entropy)
     colsum = torch.zeros(k, **f32) if with_colsum else None
     if n == 0:  # nothing to normalise (and no empty grid to launch)
         return out[0], (out[1] if entropy else None), colsum
-    part = torch.empty(3 if entropy else 2, n, n_splits, **f32)
-    _teacher_row_kernel[(n_splits, cdiv(n, block_n))](
-        t, col_shift, part, out if colsum is None else colsum, n, k, t.stride(0),
-        float(inv_temp), k_per_split, n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy,
-        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
+    part = torch.empty(3 if entropy else 2, n, plan.n_splits, **f32)
+    state = _ROW_STATE_ID[v.state]
+    # the fixed shift row_bound - log_scale is formed in the kernel (no extra launch: the DINO
+    # CLS teacher is launch-bound)
+    bound, lsc = (row_bound, log_scale) if state == _STATE_FIXED else (None, None)
+    colsum_arg = out if colsum is None else colsum
+    if v.lockstep:
+        _teacher_row_lockstep_kernel[(plan.n_splits, plan.n_groups)](
+            t, col_shift, col_shift if bound is None else bound,
+            col_shift if lsc is None else lsc, part, colsum_arg, n, k,
+            t.stride(0), float(inv_temp), plan.n_splits, plan.n_groups,
+            WITH_COLSUM=with_colsum, ENTROPY=entropy, STATE=state, EVEN_K=plan.fast,
+            BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, STAGES=v.stages, num_warps=v.num_warps,
+            num_stages=v.stages)
+        strides = (1, n)  # part [P, n_splits, N]: (row, split) strides
+    else:
+        _teacher_row_kernel[(plan.n_splits, plan.n_groups)](
+            t, col_shift, part, colsum_arg, n, k, t.stride(0), float(inv_temp), plan.k_per_split,
+            plan.n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy, BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k, STAGES=v.stages, bound_ptr=bound, log_scale_ptr=lsc, STATE=state,
+            FAST=plan.fast, num_warps=v.num_warps, num_stages=v.stages)
+        strides = (plan.n_splits, 1)  # part [P, N, n_splits]
     _row_merge_kernel[(cdiv(n, _MERGE_BLOCK_R),)](
-        part, out, n, n_splits, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
-        num_warps=_MERGE_WARPS)
+        part, out, n, plan.n_splits, *strides, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R,
+        BLOCK_S=MAX_SPLITS, num_warps=_MERGE_WARPS)
     return out[0], (out[1] if entropy else None), colsum
 
 
@@ -494,15 +822,18 @@ def _(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize):
 
 @torch.library.custom_op("fastdino::teacher_row_pass", mutates_args=())
 def _teacher_row_pass_op(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float,
-                         with_colsum: bool, entropy: bool
+                         with_colsum: bool, entropy: bool, variant: str = "",
+                         row_bound: torch.Tensor | None = None,
+                         log_scale: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = teacher_row_pass(t, col_shift, inv_temp, with_colsum, entropy)
+    out = teacher_row_pass(t, col_shift, inv_temp, with_colsum, entropy, variant or None,
+                           row_bound, log_scale)
     # outputs of a custom op may not alias each other; None (not asked for) -> empty
     return tuple(t.new_empty(0, dtype=torch.float32) if x is None else x.clone() for x in out)
 
 
 @_teacher_row_pass_op.register_fake
-def _(t, col_shift, inv_temp, with_colsum, entropy):
+def _(t, col_shift, inv_temp, with_colsum, entropy, variant="", row_bound=None, log_scale=None):
     n, k = t.shape
     f = dict(dtype=torch.float32)
     return (t.new_empty(n, **f), t.new_empty(n if entropy else 0, **f),
@@ -537,12 +868,18 @@ def _log_scale(value: float, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3,
-                   n_total: int | float | torch.Tensor | None = None) -> TeacherTargets:
+                   n_total: int | float | torch.Tensor | None = None,
+                   row_variant: str | None = None) -> TeacherTargets:
     """Sinkhorn-Knopp in 2·iters streaming reads of the teacher logits [N, K] (the per-prototype
     max is fused into the first column pass); returns the factorised targets (the logits are kept
     by reference, not copied). Collectives (world > 1): 1 K-vector all-reduce MAX + iters
     K-vector all-reduce SUMs, through fastdino.dist; with one rank each column pass updates
-    col_shift in place and nothing is reduced on the host."""
+    col_shift in place and nothing is reduced on the host. row_variant: a ROW_VARIANTS name
+    (None: DEFAULT_ROW_VARIANT). From the second row pass on, the previous row_shift minus
+    log(K/N_total) bounds each row of y = t·inv_temp - col_shift from above, exactly: after the
+    column update, exp(y - bound) = p[b, k] / Σ_b' p[b', k] <= 1 (p: the previous pass'
+    probabilities, rows summing to 1), and its row sum >= 1/N_total; the fixed-shift variants
+    use it as their shift (no running max)."""
     _check_teacher(teacher_logits)
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
@@ -577,21 +914,25 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
                 s = dist.all_reduce_sum(out_d)
                 col_shift = col_shift + torch.log(s.clamp_min(_TINY)) + log_scale
         last = it == n_iterations - 1
-        row_shift, entropy, _ = row_pass(t, col_shift, inv_temp, False, last)
+        bound = (row_shift, log_scale) if it > 0 else (None, None)
+        row_shift, entropy, _ = row_pass(t, col_shift, inv_temp, False, last, row_variant or "",
+                                         *bound)
     return TeacherTargets(logits=t, inv_temp=inv_temp, col_shift=col_shift, row_shift=row_shift,
                           row_entropy=entropy)
 
 
 @torch.no_grad()
 def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor,
-                   teacher_temp: float) -> tuple[TeacherTargets, torch.Tensor]:
+                   teacher_temp: float, row_variant: str | None = None
+                   ) -> tuple[TeacherTargets, torch.Tensor]:
     """softmax((t - c)/τ_t) as factorised targets, in one read of t that also yields this rank's
     column sum of t [K] fp32 (for the center's EMA; atomics: summation order not fixed)."""
     _check_teacher(teacher_logits)
     t = teacher_logits.contiguous()
     inv_temp = 1.0 / teacher_temp
     col_shift = center.reshape(-1).float() * inv_temp
-    row_shift, entropy, col_sum = _ops()[1](t, col_shift, inv_temp, True, True)
+    row_shift, entropy, col_sum = _ops()[1](t, col_shift, inv_temp, True, True,
+                                             row_variant or "")
     targets = TeacherTargets(logits=t, inv_temp=inv_temp, col_shift=col_shift,
                              row_shift=row_shift, row_entropy=entropy)
     return targets, col_sum
@@ -603,18 +944,58 @@ def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor,
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # (WITH_COLSUM, ENTROPY) pairs the launchers use: SK inner passes, SK last pass, centering
-_ROW_VARIANTS = ((False, False), (False, True), (True, True))
+_ROW_FLAGS = ((False, False), (False, True), (True, True))
 
 
 def _div16(signature: dict[str, str]) -> tuple[str, ...]:
     """Arguments every training launch passes 16-aligned / divisible by 16 (the JIT specialises
     on it: vector loads and the cp.async pipeline): the pointers, K, stride_t and k_per_split (a
-    multiple of BLOCK_K). Not N / n_splits (not specialised)."""
+    multiple of BLOCK_K). Not N / n_splits / n_groups / strides of the merge (not specialised)."""
     return tuple(a for a in signature if a.endswith("_ptr") or a in ("K", "stride_t",
                                                                      "k_per_split"))
 
 
+def _row_specs(v: RowVariant, torch_dt: torch.dtype, fast: bool) -> list[CompileSpec]:
+    """The row launches of variant v at one dtype: FAST as at K % block_k == 0 (every DINOv3
+    K), the masked path otherwise; the fixed-shift state only where a bound exists (the SK
+    passes after the first: never with the column sum)."""
+    dt = _TRITON_DTYPE[torch_dt]
+    state = _ROW_STATE_ID[v.state]
+    specs = []
+    for colsum, ent in _ROW_FLAGS:
+        if state == _STATE_FIXED and colsum:
+            continue
+        name = (f"sk_teacher_row[{v.name},FAST={int(fast)},COLSUM={int(colsum)},ENT={int(ent)},"
+                f"{dt}]")
+        common = {"WITH_COLSUM": colsum, "ENTROPY": ent, "BLOCK_N": v.block_n,
+                  "BLOCK_K": v.block_k, "STAGES": v.stages, "STATE": state}
+        if v.lockstep:
+            specs.append(CompileSpec(
+                name=name, fn=_teacher_row_lockstep_kernel,
+                signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "bound_ptr": "*fp32",
+                           "log_scale_ptr": "*fp32", "part_ptr": "*fp32", "colsum_ptr": "*fp32",
+                           "N": "i32", "K": "i32", "stride_t": "i32", "inv_temp": "fp32",
+                           "n_splits": "i32", "n_groups": "i32"},
+                constexprs={**common, "EVEN_K": fast},
+                num_warps=v.num_warps, num_stages=v.stages))
+            continue
+        sig = {"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "part_ptr": "*fp32",
+               "colsum_ptr": "*fp32", "N": "i32", "K": "i32", "stride_t": "i32",
+               "inv_temp": "fp32", "k_per_split": "i32", "n_splits": "i32"}
+        consts = {**common, "FAST": fast}
+        if state == _STATE_FIXED:
+            sig.update(bound_ptr="*fp32", log_scale_ptr="*fp32")
+        else:  # launched with None: specialised away, as the JIT does
+            consts.update(bound_ptr=None, log_scale_ptr=None)
+        specs.append(CompileSpec(name=name, fn=_teacher_row_kernel, signature=sig,
+                                 constexprs=consts, num_warps=v.num_warps, num_stages=v.stages))
+    return specs
+
+
 def compile_specs() -> list[CompileSpec]:
+    """Column and merge kernels at their configs; every row-pass variant at its FAST launch (the
+    A/B runs at K = 65,536) and, for the baseline and the default variant, the masked launch
+    (a K that is not a multiple of BLOCK_K)."""
     specs = []
     for torch_dt, dt in _TRITON_DTYPE.items():
         bn, bk = _COL_BLOCK[torch_dt]
@@ -630,22 +1011,18 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs={"MODE": mode, "FINALIZE": fin, "BLOCK_N": bn, "BLOCK_K": bk,
                                 "STAGES": _STAGES},
                     num_warps=_WARPS, num_stages=_STAGES))
-        rn, rk = _ROW_BLOCK[torch_dt]
-        for colsum, ent in _ROW_VARIANTS:
-            specs.append(CompileSpec(
-                name=f"sk_teacher_row[COLSUM={int(colsum)},ENT={int(ent)},BLOCK={rn}x{rk},{dt}]",
-                fn=_teacher_row_kernel,
-                signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "part_ptr": "*fp32",
-                           "colsum_ptr": "*fp32", "N": "i32", "K": "i32", "stride_t": "i32",
-                           "inv_temp": "fp32", "k_per_split": "i32", "n_splits": "i32"},
-                constexprs={"WITH_COLSUM": colsum, "ENTROPY": ent, "BLOCK_N": rn,
-                            "BLOCK_K": rk, "STAGES": _STAGES},
-                num_warps=_WARPS, num_stages=_STAGES))
+        for v in ROW_VARIANTS.values():
+            if v.fast:
+                specs += _row_specs(v, torch_dt, True)
+            if not v.fast or v.name == DEFAULT_ROW_VARIANT or (
+                    v.name == ROW_VARIANTS[DEFAULT_ROW_VARIANT].fallback):
+                specs += _row_specs(v, torch_dt, False)
     for ent in (False, True):
         specs.append(CompileSpec(
             name=f"sk_row_merge[ENT={int(ent)},BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",
             fn=_row_merge_kernel,
-            signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "n_splits": "i32"},
+            signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "n_splits": "i32",
+                       "stride_r": "i32", "stride_s": "i32"},
             constexprs={"ENTROPY": ent, "BLOCK_R": _MERGE_BLOCK_R, "BLOCK_S": MAX_SPLITS},
             num_warps=_MERGE_WARPS))
     return [dataclasses.replace(sp, divisible_by_16=_div16(sp.signature)) for sp in specs]

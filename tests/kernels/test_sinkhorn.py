@@ -164,3 +164,151 @@ def test_teacher_targets_trace_under_torch_compile(centering):
     compiled = torch.compile(targets, backend="aot_eager", fullgraph=True)
     for a, e in zip(compiled(t), targets(t), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-pass variants (kernels/sinkhorn.py ROW_VARIANTS; the GPU A/B of bench/bench_sk_pass.py picks
+# the default). Each variant runs the whole Sinkhorn-Knopp (first pass: its fallback when it is a
+# fixed-shift one; later passes: itself, with the previous row_shift as the bound) and softmax
+# centering, against the references. K = 4096 runs the FAST / EVEN_K path (K a multiple of every
+# variant's tile), K = 1000 the masked one; N = 37 leaves a partial row block.
+# ------------------------------------------------------------------------------------------------
+
+VARIANTS = list(sk.ROW_VARIANTS)
+
+
+def _check_sk(t32: torch.Tensor, dtype: torch.dtype, temp: float, variant: str) -> None:
+    """The fp32 truth is the reference on the unrounded logits t32 (bf16: the DESIGN.md rule
+    against the reference fed the same bf16 logits, as test_sinkhorn_parity)."""
+    t = t32.to(dtype)
+    ref32 = sk.sinkhorn_knopp_ref(t32, temp)
+    targets = sk.sinkhorn_knopp(t, temp, row_variant=variant)
+    probs = targets.materialize()
+    ent_ref = sk.TeacherTargets(probs=ref32).entropy()
+    if t.dtype == torch.float32:
+        _assert_fp32(probs, ref32)
+        torch.testing.assert_close(targets.entropy(), ent_ref, rtol=1e-5, atol=1e-5)
+    else:
+        ref_lowp = sk.sinkhorn_knopp_ref(t, temp)
+        _assert_rule(probs, ref32, ref_lowp, atol=1e-6)
+        _assert_rule(targets.entropy(), ent_ref, sk.TeacherTargets(probs=ref_lowp).entropy(),
+                     atol=1e-5)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(t.shape[0], device=DEV), rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n,k,dtype", [(37, 4096, torch.float32), (37, 4096, torch.bfloat16),
+                                       (5, 1000, torch.float32)])
+def test_row_variant_sinkhorn_parity(variant, n, k, dtype):
+    t32 = _logits(n, k, seed=20)
+    plan = sk._row_plan(t32, variant, has_bound=True)
+    assert plan.variant.name == variant  # the variant itself runs (no silent fallback)
+    assert plan.fast == (k == 4096 and plan.variant.fast)
+    _check_sk(t32, dtype, 0.04, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_row_variant_softmax_center_parity(variant):
+    """Centering has no row bound: fixed-shift variants run their fallback (column sum fused)."""
+    n, k, temp = 37, 4096, 0.04
+    t32 = _logits(n, k, seed=21)
+    t = t32.to(torch.bfloat16)
+    center = 0.3 * _logits(1, k, seed=22)
+    ref32 = sk.softmax_center_ref(t32, center, temp)
+    targets, col_sum = sk.softmax_center(t, center, temp, row_variant=variant)
+    torch.testing.assert_close(col_sum, sk.center_batch_sum_ref(t), rtol=1e-5, atol=1e-5)
+    ref_lowp = sk.softmax_center_ref(t, center, temp)
+    _assert_rule(targets.materialize(), ref32, ref_lowp, atol=1e-6)
+    _assert_rule(targets.entropy(), sk.TeacherTargets(probs=ref32).entropy(),
+                 sk.TeacherTargets(probs=ref_lowp).entropy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_row_variant_huge_logits_stay_finite(variant):
+    temp = 0.04
+    t = _logits(8, 1024, scale=6.0, seed=23)  # |t/τ| up to ~700 (K = 1024: the FAST path)
+    assert float((t / temp).abs().max()) > 100
+    targets = sk.sinkhorn_knopp(t, temp, row_variant=variant)
+    probs = targets.materialize()
+    assert torch.isfinite(probs).all() and torch.isfinite(targets.entropy())
+    ref = sk.sinkhorn_knopp_ref(t, temp)  # rtol 2e-4: see test_sinkhorn_huge_logits_stay_finite
+    torch.testing.assert_close(probs, ref, rtol=2e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if sk.ROW_VARIANTS[v].state == "fixed"])
+def test_fixed_shift_is_an_exact_bound(variant):
+    """The fixed-shift variants' claim (sinkhorn_knopp's docstring): from the second row pass on,
+    u = previous row_shift - log(K/N_total) bounds y = t·inv_temp - col_shift from above and
+    Σ_k exp(y - u) >= 1/N_total. Checked on the column state of a real run (host path: the
+    column passes return their statistics), with n_total != N (iBOT: the all-reduced count)."""
+    n, k, temp, n_total = 37, 1000, 0.04, 50.0
+    t = _logits(n, k, scale=3.0, seed=24)
+    log_scale = torch.full((1,), float(torch.log(torch.tensor(k / n_total))), device=DEV)
+    col_shift = torch.empty(k, device=DEV)
+    sk.teacher_col_pass(t, col_shift, log_scale, log_scale, 1 / temp, sk._MODE_LSE, True)
+    row_shift, _, _ = sk.teacher_row_pass(t, col_shift, 1 / temp, False, False, "tile_8x256")
+    for _ in range(2):
+        sk.teacher_col_pass(t, col_shift, row_shift, log_scale, 1 / temp, sk._MODE_SUMEXP, True)
+        y = t.double() / temp - col_shift.double()
+        u = (row_shift - log_scale).double()
+        assert float((y.amax(dim=1) - u).max()) <= 1e-4
+        assert float(torch.exp(y - u[:, None]).sum(dim=1).min()) >= 1 / n_total * (1 - 1e-4)
+        fixed, _, _ = sk.teacher_row_pass(t, col_shift, 1 / temp, False, False, variant,
+                                          row_shift, log_scale)
+        ref = torch.logsumexp(y, dim=1).float()
+        torch.testing.assert_close(fixed, ref, rtol=1e-6, atol=2e-5)
+        row_shift = fixed
+
+
+def test_fixed_shift_uses_the_bound():
+    """The fixed-shift kernel really shifts by the bound: a bound 200 nats too high underflows
+    every exp (row LSE -inf), where the running-max variants do not care."""
+    t = _logits(8, 1024, seed=25)
+    cs = torch.zeros(1024, device=DEV)
+    too_high = torch.full((8,), 200.0, device=DEV)
+    zero = torch.zeros(1, device=DEV)
+    ok, _, _ = sk.teacher_row_pass(t, cs, 1.0, False, False, "tile_fast_16x256", too_high, zero)
+    torch.testing.assert_close(ok, torch.logsumexp(t, dim=1), rtol=1e-6, atol=1e-5)
+    for v in ("fixed_16x256", "lockstep_fixed_16x256"):
+        bad, _, _ = sk.teacher_row_pass(t, cs, 1.0, False, False, v, too_high, zero)
+        assert torch.isinf(bad).all() and (bad < 0).all(), v
+
+
+def test_row_variant_fallbacks(monkeypatch):
+    """Fixed-shift variants fall back without a bound; lockstep ones when K needs more than
+    MAX_SPLITS chunks; unknown names are refused with the allowed list."""
+    t = _logits(4, 4096)
+    assert sk._row_plan(t, "fixed_16x256").variant.name == "tile_fast_16x256"
+    assert sk._row_plan(t, "lockstep_fixed_16x256").variant.name == "lockstep_tile_16x256"
+    wide = torch.empty(4, 2 * 256 * (sk.MAX_SPLITS + 1), device="meta")
+    assert sk._row_plan(wide, "lockstep_fixed_16x256", True).variant.name == "tile_fast_16x256"
+    with pytest.raises(ValueError, match="unknown row-pass variant 'nope'.*tile_8x256"):
+        sk.teacher_row_pass(t, torch.zeros(4096, device=DEV), 1.0, False, False, "nope")
+    with pytest.raises(ValueError, match="row_bound and log_scale go together"):
+        sk.teacher_row_pass(t, torch.zeros(4096, device=DEV), 1.0, False, False, None,
+                            torch.zeros(4, device=DEV))
+
+
+def test_lockstep_row_groups(monkeypatch):
+    """Several row groups (grid axis 1) interleave row blocks g, g + n_groups, ...: every row is
+    covered exactly once (a partial last block included)."""
+    monkeypatch.setattr(sk, "_INTERP_TARGET", 64)
+    t = _logits(53, 2048, seed=26).to(torch.bfloat16)
+    plan = sk._row_plan(t, "lockstep_tile_16x256")
+    assert plan.n_groups == 4 and plan.n_splits == 4, plan  # 4 row blocks of 16, 4 chunks
+    y = t.float() * 25.0
+    lse, ent, colsum = sk.teacher_row_pass(t, torch.zeros(2048, device=DEV), 25.0, True, True,
+                                           "lockstep_tile_16x256")
+    torch.testing.assert_close(lse, torch.logsumexp(y, dim=1), rtol=1e-6, atol=1e-5)
+    p = torch.softmax(y, dim=1)
+    torch.testing.assert_close(ent, -torch.special.xlogy(p, p).sum(dim=1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(colsum, t.float().sum(dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_row_op_with_bound_opcheck():
+    t = _logits(5, 512, seed=27)
+    cs = torch.zeros(512, device=DEV)
+    torch.library.opcheck(torch.ops.fastdino.teacher_row_pass.default,
+                          (t, cs, 1.0, False, True, "fixed_16x256",
+                           torch.full((5,), 10.0, device=DEV), torch.zeros(1, device=DEV)))
