@@ -1319,29 +1319,31 @@ def _small_bwd_config(nq: int, n: int, D: int, dtype: torch.dtype) -> dict:
     return dict(_GPU_SMALL_BWD[dtype])
 
 
-# Counters of the small forward, cached per (device, stream): every launch leaves them zero (the
-# program that consumes a counter resets it), so no memset runs per call (it would be one more
-# node in a CUDA graph, ~1-2 µs against a ~5 µs op). One buffer per stream: launches on one stream
-# are ordered, so they never share a counter concurrently. While a CUDA graph is being captured a
-# fresh zeroed buffer is used instead (its memset is captured and replayed with the graph): a
-# buffer first allocated inside a capture is never zeroed outside it.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+# Counters of the small forward, one buffer per device: every launch leaves them zero (the program
+# that consumes a counter resets it), so no memset runs per call (it would be one more node in a
+# CUDA graph, ~1-2 µs against a ~5 µs op). The buffer is created (zeroed) by an eager call and
+# then used by every later call on the device, captured CUDA graphs included (a graph's replays
+# leave it zero too). A capture that finds no buffer takes a fresh zeroed one (its memset is
+# captured and replayed with the graph) and does not keep it: a buffer allocated inside a capture
+# is never zeroed outside it. Restriction: two KoLeo forwards must not run at the same time on
+# two streams of one device (they would share the counters); stream-ordered calls are safe.
+# A buffer outgrown by a larger launch is kept alive (a captured graph may still point at it).
+_COUNTERS: dict[str, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _small_counters(device: torch.device, size: int) -> torch.Tensor:
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            key = None
-        else:
-            key = (str(device), torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (str(device), 0)
-    buf = _COUNTERS.get(key) if key is not None else None
-    if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 64), device=device, dtype=torch.int32)
-        if key is not None:
-            _COUNTERS[key] = buf
-    return buf
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    new = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)  # 16 KB
+    if not capturing:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        _COUNTERS[key] = new
+    return new
 
 
 def _fwd_small(x: torch.Tensor, eps: float, q0: int, nq: int, splits: int | None = None):

@@ -1,14 +1,24 @@
 """Parity of the KoLeo Triton kernels (kernels/koleo.py) with koleo_loss_ref: forward loss,
 neighbour indices, distances and the gradient, fp32 and bf16 (DESIGN.md parity rule), odd shapes,
-batched groups, query windows (the distributed variant) and the multi-row-block path. On CPU the
-kernels run under the Triton interpreter (tests/kernels/conftest.py)."""
+batched groups, query windows (the distributed variant) and the multi-row-block path, on the
+small path (split-K forward, what path="auto" runs for groups of <= SMALL_MAX_N rows) and the
+fused path (one program per row block over all of D). On CPU the kernels run under the Triton
+interpreter (tests/conftest.py); the interpreter's small-path tiles (16 rows, 32 columns, 16-wide
+K steps, up to 4 K splits) make these shapes run several row blocks, column tiles, K splits and
+chooser tiles."""
 
 import pytest
 import torch
 from fastdino.kernels._utils import can_run_triton
 from fastdino.kernels.koleo import (
+    _COUNTERS,
+    SMALL_MAX_N,
+    _fwd_fused,
+    _fwd_small,
     _koleo_bwd_op,
     _koleo_fwd_op,
+    _pick,
+    _small_fwd_config,
     koleo_fwd,
     koleo_loss,
     koleo_loss_ref,
@@ -19,7 +29,8 @@ pytestmark = pytest.mark.skipif(not can_run_triton(torch.empty(0, device=DEVICE)
                                 reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
 
 # (G, n, D, query_start, query_len): odd sizes, D = 384 (ViT-S), groups, a query window as
-# KoLeoLossDistributed uses, and n = 200 (several row blocks: the counter + fixed-order sum path)
+# KoLeoLossDistributed uses, n = 200 (several row blocks: the counters + fixed-order sums), and
+# DINOv3's per-rank groups with D reduced: 2 crops x 64 rows (ViT-L) and 2 x 16 (the 7B recipe)
 SHAPES = [
     (1, 2, 7, 0, None),
     (1, 5, 384, 0, None),
@@ -28,7 +39,10 @@ SHAPES = [
     (1, 64, 384, 0, None),
     (2, 16, 33, 8, 5),
     (1, 200, 16, 0, None),
+    (2, 64, 96, 0, None),
+    (2, 16, 256, 0, None),
 ]
+PATHS = ["small", "fused"]
 
 
 def _inputs(G, n, D, dtype, seed=0):
@@ -46,10 +60,15 @@ def _run(fn, x, w, q0, nq, dtype=None):
     return loss.detach().double(), nn_idx, d.detach().double(), xi.grad.double()
 
 
+def _path(path):
+    return lambda x, **kw: koleo_loss(x, path=path, **kw)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("G,n,D,q0,nq", SHAPES)
-def test_fp32_matches_fp64_reference(G, n, D, q0, nq):
+def test_fp32_matches_fp64_reference(G, n, D, q0, nq, path):
     x, w = _inputs(G, n, D, torch.float32)
-    loss, nn_idx, d, dx = _run(koleo_loss, x, w, q0, nq)
+    loss, nn_idx, d, dx = _run(_path(path), x, w, q0, nq)
     loss_r, nn_r, d_r, dx_r = _run(koleo_loss_ref, x, w.double(), q0, nq, torch.float64)
     assert torch.equal(nn_idx.cpu(), nn_r.cpu())
     torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-6)
@@ -57,12 +76,13 @@ def test_fp32_matches_fp64_reference(G, n, D, q0, nq):
     torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-5 * dx_r.abs().max().item())
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("G,n,D,q0,nq", SHAPES)
-def test_bf16_within_twice_the_torch_bf16_error(G, n, D, q0, nq):
+def test_bf16_within_twice_the_torch_bf16_error(G, n, D, q0, nq, path):
     # DESIGN.md parity rule: max|kernel - ref_fp32| <= 2 max|torch_bf16 - ref_fp32| + atol, where
     # ref_fp32 is the reference on the same bf16 values upcast (here to fp64).
     x, w = _inputs(G, n, D, torch.bfloat16)
-    loss, nn_idx, _, dx = _run(koleo_loss, x, w, q0, nq)
+    loss, nn_idx, _, dx = _run(_path(path), x, w, q0, nq)
     loss_t, _, _, dx_t = _run(koleo_loss_ref, x, w, q0, nq)
     loss_r, nn_r, _, dx_r = _run(koleo_loss_ref, x, w.double(), q0, nq, torch.float64)
     # the kernel's dots accumulate exact bf16 products in fp32: it finds the true neighbours
@@ -73,12 +93,13 @@ def test_bf16_within_twice_the_torch_bf16_error(G, n, D, q0, nq):
     assert gerr <= 2 * gerr_t + 1e-5 * dx_r.abs().max(), (gerr, gerr_t)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_duplicate_rows_stay_finite(dtype):
+def test_duplicate_rows_stay_finite(dtype, path):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(5, 24, generator=g)
     x = torch.cat([base, base, torch.zeros(1, 24)]).to(DEVICE, dtype).requires_grad_(True)
-    loss, nn_idx, d = koleo_loss(x, return_details=True)
+    loss, nn_idx, d = koleo_loss(x, return_details=True, path=path)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     # each copy's neighbour is its twin at d = ‖0 + eps·1‖ = eps·sqrt(D) (eps on the difference)
@@ -87,11 +108,67 @@ def test_duplicate_rows_stay_finite(dtype):
                                dtype=torch.float64), rtol=1e-3, atol=0)
 
 
-def test_deterministic_across_runs():
-    x, w = _inputs(1, 200, 16, torch.float32, seed=2)  # several row blocks
-    a = _run(koleo_loss, x, w, 0, None)
-    b = _run(koleo_loss, x, w, 0, None)
+@pytest.mark.parametrize("path", PATHS)
+def test_deterministic_across_runs(path):
+    x, w = _inputs(2, 80, 48, torch.float32, seed=2)  # several row blocks (and 3 K splits)
+    a = _run(_path(path), x, w, 0, None)
+    b = _run(_path(path), x, w, 0, None)
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_auto_takes_the_small_path_for_small_groups():
+    # the documented choice: groups of <= SMALL_MAX_N rows -> the small kernels both ways (on a
+    # GPU too: the rule does not depend on the device); larger ones -> the model's fused / split
+    # (the interpreter: fused)
+    cpu = torch.device("cpu")
+    for n in (2, 16, 64, SMALL_MAX_N):
+        assert _pick("auto", 2, n, n, 1024, torch.bfloat16, cpu) == ("small", "small")
+    assert _pick("auto", 1, 64, 4096, 1024, torch.bfloat16, cpu) == ("fused", "fused")
+    assert _pick("small", 1, 4096, 4096, 64, torch.float32, cpu) == ("small", "small")
+    assert _pick("split", 2, 16, 16, 64, torch.float32, cpu) == ("split", "sorted")
+
+
+@pytest.mark.parametrize("splits", [1, 3, 6])
+def test_small_path_k_splits_agree_with_the_fused_path(splits):
+    # 1 split (no counter), 3 (one partial-load step), 6 (two steps, the second masked: the
+    # interpreter loads 4 partials per step) over 3 row blocks and 2 column tiles: the same
+    # neighbours and per-row scalars as the fused kernel (fp32 sums in another order)
+    x, _ = _inputs(2, 40, 96, torch.float32, seed=7)
+    assert _small_fwd_config(2, 40, 40, 96, torch.float32, splits)["KS"] == splits
+    small = _fwd_small(x, 1e-8, 0, 40, splits=splits)
+    fused = _fwd_fused(x, 1e-8, 0, 40)
+    assert torch.equal(small[1], fused[1])
+    for a, b in zip(small, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_small_path_ties_resolve_to_the_lowest_index():
+    # ±1 entries in D = 48: every dot and norm is an integer (exact in fp32 in any order, in any
+    # K split), so tied candidates tie bit for bit. Rows 0..31 repeat at 32..63 and 64..95: the two
+    # other copies of a row lie in different 32-column tiles and tie at cosine 1; with 3 K splits
+    # the tie survives the split sums; the first copy must win (torch.argmax's rule)
+    g = torch.Generator().manual_seed(4)
+    third = torch.randint(0, 2, (1, 32, 48), generator=g).float() * 2 - 1
+    x = torch.cat([third, third, third], dim=1).to(DEVICE)
+    _, nn_idx, d, *_ = _fwd_small(x, 1e-8, 0, 96, splits=3)
+    first = torch.arange(32)
+    assert torch.equal(nn_idx[0].cpu(), torch.cat([first + 32, first, first]))
+    _, nn_ref, _ = koleo_loss_ref(x.double(), return_details=True)
+    assert torch.equal(nn_idx.cpu(), nn_ref.cpu())
+    torch.testing.assert_close(d.double().cpu(), torch.full((1, 96), 1e-8 * 48**0.5,
+                               dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_small_path_leaves_its_counters_zero():
+    # the forward's counters are not reset by a memset per call: the programs that consume them
+    # reset them. Several groups, row blocks and K splits, twice (the second call reuses them)
+    x, _ = _inputs(3, 50, 64, torch.float32, seed=8)
+    first = _fwd_small(x, 1e-8, 0, 50, splits=4)
+    bufs = [b for b in _COUNTERS.values()]
+    assert bufs and all(int(b.abs().sum()) == 0 for b in bufs)
+    again = _fwd_small(x, 1e-8, 0, 50, splits=4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(int(b.abs().sum()) == 0 for b in _COUNTERS.values())
 
 
 def test_two_dim_input_returns_a_scalar():
