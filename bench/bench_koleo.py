@@ -7,9 +7,12 @@ variant's upper bound, where the op becomes GEMM-bound).
                 and the chooser rows read, dx written; O(n·D), memory-bound). The fused path's
                 masked chooser product at B <= 256 is launch-bound: its time, not a metric, counts.
 
-Providers: `triton` is koleo_loss with path="auto" (the cost model in kernels/koleo.py picks fused
-or split per half; `extra.path_auto` records the choice on this GPU); the gathered cases also time
-`triton_fused` (the one-launch kernels forced) so one run compares both paths on the same GPU, and
+Providers: `triton` is koleo_loss with path="auto" (groups of <= SMALL_MAX_N rows: the small path,
+split-K forward + one-step chooser backward; larger ones: the cost model in kernels/koleo.py picks
+fused or split per half; `extra.path_auto` records the choice on this GPU). The per-rank cases also
+time `triton_old` (path="fused": the one-program-per-row-block forward and the large-group
+backward tiles, what auto ran there before the small path: the A/B), the gathered cases
+`triton_fused` (the one-launch kernels forced) so one run compares the paths on the same GPU, and
 the 4096-row case the `gemm_bf16` peer (x·xᵀ + sum), the issue's yardstick.
 At B <= 256 the op is launch-bound: the harness times it with CUDA graphs (do_bench_cudagraph,
 chosen for ops under 50 µs) so that launch overhead counts as in a compiled, graph-captured step.
@@ -18,7 +21,7 @@ chosen for ops under 50 µs) so that launch overhead counts as in a compiled, gr
 from __future__ import annotations
 
 import torch
-from fastdino.kernels.koleo import _pick_auto, koleo_loss, koleo_loss_ref
+from fastdino.kernels.koleo import _pick, koleo_loss, koleo_loss_ref
 
 from bench.harness import BenchCase
 from bench.registry import get
@@ -38,13 +41,13 @@ def _fused(x: torch.Tensor) -> torch.Tensor:
 def _path_auto(G: int, B: int, D: int, dtype: torch.dtype) -> str | None:
     if not torch.cuda.is_available():
         return None
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    split, sorted_bwd = _pick_auto(G, B, B, D, dtype, sms)
-    return f"fwd {'split' if split else 'fused'}, bwd {'sorted' if sorted_bwd else 'fused'}"
+    fwd, bwd = _pick("auto", G, B, B, D, dtype, torch.device("cuda"))
+    return f"fwd {fwd}, bwd {bwd}"
 
 
 def _case(name: str, G: int, B: int, D: int, dtype: torch.dtype, shape_from: str,
-          gemm_peer: bool = False, fused_peer: bool = False) -> BenchCase:
+          gemm_peer: bool = False, fused_peer: bool = False, old_peer: bool = False
+          ) -> BenchCase:
     def make_inputs(device: torch.device, dt: torch.dtype) -> dict:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(G, B, D, generator=g).to(device=device, dtype=dt)  # no ties
@@ -53,6 +56,8 @@ def _case(name: str, G: int, B: int, D: int, dtype: torch.dtype, shape_from: str
     providers = {"torch": koleo_loss_ref, "triton": koleo_loss}
     if fused_peer:
         providers["triton_fused"] = _fused
+    if old_peer:
+        providers["triton_old"] = _fused  # the path auto took at B <= 256 before the small one
     if gemm_peer:
         providers["gemm_bf16"] = _gemm_peer
     es = torch.finfo(dtype).bits // 8
@@ -72,9 +77,10 @@ def _case(name: str, G: int, B: int, D: int, dtype: torch.dtype, shape_from: str
 
 def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     if not on_gpu:  # interpreter-sized: odd B and D, both dtypes unless quick
-        out = [_case("koleo-cpu-odd", 2, 17, 96, torch.float32, "odd size")]
+        out = [_case("koleo-cpu-odd", 2, 17, 96, torch.float32, "odd size", old_peer=True)]
         if not quick:
-            out.append(_case("koleo-cpu-odd-bf16", 2, 17, 96, torch.bfloat16, "odd size"))
+            out.append(_case("koleo-cpu-odd-bf16", 2, 17, 96, torch.bfloat16, "odd size",
+                             old_peer=True))
         return out
     # D from the ViT-S / ViT-L / ViT-7B embed dims; per-rank B from the 7B (16) and S/L (64)
     # recipes;
@@ -88,7 +94,8 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     out = []
     for D in dims:
         for B in per_rank:
-            out.append(_case(f"koleo-B{B}-D{D}", 2, B, D, torch.bfloat16, "per rank, 2 crops"))
+            out.append(_case(f"koleo-B{B}-D{D}", 2, B, D, torch.bfloat16, "per rank, 2 crops",
+                             old_peer=True))
         for B in gathered:
             big = B >= 4096
             out.append(_case(f"koleo-gathered{B}-D{D}", 1 if big else 2, B, D, torch.bfloat16,
