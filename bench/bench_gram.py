@@ -54,7 +54,9 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
     providers = {"torch": gram_loss_ref, "triton": gram_loss}
     if tiles_ab and dtype != torch.float32:
         # A/B on one card: the 8-warp sm90 tiles next to the 4-warp set the launcher picks (the
-        # 8-warp first chained dot repeats its fragments across both warpgroups; gram._pp_gpu)
+        # 8-warp first chained dot repeats its fragments across both warpgroups; gram._pp_gpu);
+        # for the D×D backward the sm90 set holds the former 4-warp 64×64 tiles against the
+        # launcher's 128×128 GEMM tiles (gram._dd_bwd_gpu)
         providers["triton_sm90_tiles"] = functools.partial(gram_loss, tiles="sm90")
     return BenchCase(
         op="gram_loss", name=name,
@@ -102,5 +104,5 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     hr = [(512, 32), (1024, 8)] if not quick else [(1024, 8)]
     for side, crops in hr:  # high-res anchoring at ViT-L width; crops sized for the reference
         out.append(_case(f"vitl16-{side}-img", crops, (side // vitl.patch) ** 2, vitl.embed_dim,
-                         True, torch.bfloat16, f"vitl16 at {side} px"))
+                         True, torch.bfloat16, f"vitl16 at {side} px", tiles_ab=True))
     return out
