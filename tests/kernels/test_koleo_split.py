@@ -9,8 +9,11 @@ import pytest
 import torch
 from fastdino.kernels._utils import can_run_triton
 from fastdino.kernels.koleo import (
+    _COUNTERS,
     _fwd_fused,
+    _fwd_small,
     _fwd_split,
+    _pick,
     _pick_auto,
     koleo_loss,
     koleo_loss_ref,
@@ -196,11 +199,72 @@ def test_gathered_4096_rows_on_gpu(D, window):
 
 def test_path_model_at_the_benchmark_shapes():
     # H200 (132 SMs), bf16: the gathered 4096-row group takes the split forward and the sorted
-    # backward at every ViT width; the per-rank groups (2 crops x 16 rows) keep the one-launch
-    # kernels
+    # backward at every ViT width (the model); the per-rank groups (2 crops x 16 or 64 rows) and
+    # the gathered 2 x 256 take the small path (the SMALL_MAX_N rule, before the model)
     for D in (384, 1024, 4096):
         assert _pick_auto(1, 4096, 4096, D, torch.bfloat16, 132) == (True, True)
-        assert _pick_auto(2, 16, 16, D, torch.bfloat16, 132) == (False, False)
+        for B in (16, 64, 256):
+            assert _pick("auto", 2, B, B, D, torch.bfloat16, torch.device(DEVICE)) == (
+                "small", "small")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the shipped GPU tiles at full width: GPU only (the interpreter runs "
+                           "the same kernels at reduced D in test_koleo.py)")
+@pytest.mark.parametrize("D", [384, 1024, 4096])
+@pytest.mark.parametrize("B", [16, 64, 256])
+def test_per_rank_groups_on_gpu(B, D):
+    # DINOv3's per-rank KoLeo (2 crops x B rows) on the small path at the shipped tiles and K
+    # splits (B = 64, D = 1024: 4 row blocks x 8 splits x 2 groups). Rows in close pairs, so the
+    # neighbours are known and far from a near-tie: nn(2k) = 2k+1, nn(2k+1) = 2k
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(2, B // 2, 1, D, generator=g)
+    pairs = torch.cat([base, base + 0.01 * torch.randn(2, B // 2, 1, D, generator=g)], dim=2)
+    x = pairs.reshape(2, B, D).to(DEVICE, torch.bfloat16)
+    w = torch.randn(2, generator=g).to(DEVICE)
+    assert _pick("auto", 2, B, B, D, x.dtype, x.device) == ("small", "small")
+    loss, nn_idx, _, dx = _run(koleo_loss, x, w, 0, None)
+    loss_t, _, _, dx_t = _run(koleo_loss_ref, x, w, 0, None)
+    loss_r, nn_r, _, dx_r = _run(koleo_loss_ref, x, w.double(), 0, None, torch.float64)
+    expect = torch.arange(B).view(B // 2, 2).flip(1).reshape(1, B).expand(2, B)
+    assert torch.equal(nn_idx.cpu(), expect)
+    assert torch.equal(nn_idx.cpu(), nn_r.cpu())
+    err, err_t = (loss - loss_r).abs().max(), (loss_t - loss_r).abs().max()
+    assert err <= 2 * err_t + 1e-5, (err, err_t)
+    gerr, gerr_t = (dx - dx_r).abs().max(), (dx_t - dx_r).abs().max()
+    assert gerr <= 2 * gerr_t + 1e-5 * dx_r.abs().max(), (gerr, gerr_t)
+    # the old fused path agrees; repeated calls are bit-identical and leave the counters zero
+    fused = _fwd_fused(x, 1e-8, 0, B)
+    small = _fwd_small(x, 1e-8, 0, B)
+    assert torch.equal(small[1], fused[1])
+    torch.testing.assert_close(small[0], fused[0], rtol=1e-5, atol=1e-6)
+    again = _run(koleo_loss, x, w, 0, None)
+    assert torch.equal(again[3], dx) and torch.equal(again[0], loss)
+    torch.cuda.synchronize()
+    assert all(int(b.abs().sum()) == 0 for b in _COUNTERS.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_small_path_under_cuda_graph_replay():
+    # the benchmark's timing mode and a graph-captured training step: the counters cached by an
+    # eager call are used inside the graph (no memset captured) and left zero by every replay;
+    # replays give the eager result bit for bit
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 64, 1024, generator=g).to(DEVICE, torch.bfloat16)
+    eager = _fwd_small(x, 1e-8, 0, 64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _fwd_small(x, 1e-8, 0, 64)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _fwd_small(x, 1e-8, 0, 64)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(out, eager, strict=True))
+        assert all(int(b.abs().sum()) == 0 for b in _COUNTERS.values())
 
 
 def test_bad_path_is_rejected():
