@@ -312,8 +312,10 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
     shapes the row pass is split anyway, for the tail of the last wave). WITH_COLSUM also
     atomically adds the column sums of t to colsum[K] (the softmax center's batch statistic,
     fused in this read; the order of the atomic adds is not fixed). FAST requires K % BLOCK_K ==
-    0 (no column mask at all)."""
+    0 (no column mask at all); STATE_ELEM / STATE_FIXED run only FAST (launcher: other K run the
+    masked STATE_TILE)."""
     L2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(FAST or STATE == 0)
     pid_s = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -361,10 +363,7 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
             e = tl.exp2(y * L2E - u[:, None])
             d += e
             if ENTROPY:
-                if FAST:
-                    s1 += e * y
-                else:  # e·y with e = 0 where y = -inf must give 0, not nan
-                    s1 += e * tl.where(cmask[None, :], y, 0.0)
+                s1 += e * y
         elif FAST:
             m_new = tl.maximum(m, tl.max(y, axis=1) * L2E)  # log2 units
             alpha = tl.exp2(m - m_new)
@@ -409,76 +408,41 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
 @triton.jit
 def _lse_update_y(m, d, s1, y, ENTROPY: tl.constexpr):
     """`_lse_update` with the entropy sum s1 = Σ exp(y - m)·y carried alongside (rescaled with
-    d). y = -inf adds nothing (its weight is exactly 0; e·y is never formed for it)."""
+    d); y finite (the unmasked FAST path only)."""
     gt = y > m
     e = tl.exp2(tl.where(gt, m - y, y - m) * 1.4426950408889634)
     if ENTROPY:
-        yz = tl.where(y == float("-inf"), 0.0, y)
-        s1 = tl.where(gt, s1 * e + yz, s1 + e * yz)
+        s1 = tl.where(gt, s1 * e + y, s1 + e * y)
     return tl.maximum(m, y), tl.where(gt, d * e + 1.0, d + e), s1
-
-
-@triton.jit
-def _lockstep_tile(t_ptr, row_off, cols, cmask, a, inv_temp, EVEN_K: tl.constexpr):
-    """One [BLOCK_N, BLOCK_K] sub-tile of the lockstep kernel: (t fp32, y = t·inv_temp - a with
-    -inf in masked columns)."""
-    if EVEN_K:
-        t = tl.load(t_ptr + row_off + cols[None, :]).to(tl.float32)
-        y = t * inv_temp - a[None, :]
-    else:
-        t = tl.load(t_ptr + row_off + cols[None, :], mask=cmask[None, :], other=0.0
-                    ).to(tl.float32)
-        y = tl.where(cmask[None, :], t * inv_temp - a[None, :], float("-inf"))
-    return t, y
-
-
-@triton.jit
-def _lockstep_sums(y, m2, cmask, ENTROPY: tl.constexpr, EVEN_K: tl.constexpr):
-    """Per row of one sub-tile: Σ exp2(y·log2(e) - m2) and (ENTROPY) Σ exp2(..)·y."""
-    e = tl.exp2(y * 1.4426950408889634 - m2[:, None])
-    d = tl.sum(e, axis=1)
-    s1 = d
-    if ENTROPY:
-        if EVEN_K:
-            s1 = tl.sum(e * y, axis=1)
-        else:  # e·y with e = 0 where y = -inf must give 0, not nan
-            s1 = tl.sum(e * tl.where(cmask[None, :], y, 0.0), axis=1)
-    return d, s1
 
 
 @triton.jit(do_not_specialize=['N', 'n_splits', 'n_groups'])
 def _teacher_row_lockstep_kernel(t_ptr, col_shift_ptr, bound_ptr, log_scale_ptr, part_ptr,
                                  colsum_ptr, N, K, stride_t, inv_temp, n_splits, n_groups,
                                  WITH_COLSUM: tl.constexpr, ENTROPY: tl.constexpr,
-                                 STATE: tl.constexpr, EVEN_K: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 STAGES: tl.constexpr):
+                                 STATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """The row pass walked the column pass' way. One program: one K chunk of 2·BLOCK_K columns
-    (grid axis 0, n_splits = cdiv(K, 2·BLOCK_K) <= MAX_SPLITS) × the row blocks g, g + n_groups,
-    g + 2·n_groups, ... (grid axis 1 = g). The programs of a wave read neighbouring chunks of the
-    same rows at the same time, so the memory in flight is a few whole rows (as in the column
-    pass, 83 % of the copy bandwidth) instead of thousands of separate 512-byte row streams; the
-    chunk's col_shift is loaded once, not once per tile. The chunk is two [BLOCK_N, BLOCK_K]
-    sub-tiles (bf16 BLOCK_K = 256 at 8 warps: each warp owns whole rows, so the per-tile row
-    reductions stay warp shuffles; one 512-wide tile spreads a row over 2 warps). Each row
-    block's chunk is a whole statistic: per row one max (STATE_TILE; STATE_FIXED: the bound, no
-    max) and one sum, stored in natural units as part [3, n_splits, N] (split-major: one
-    contiguous store per row block). WITH_COLSUM: the chunk's column sums accumulate
-    elementwise and go out with one atomic add per column per program. EVEN_K: K % (2·BLOCK_K)
-    == 0, no column mask."""
+    (grid axis 0, n_splits = K / (2·BLOCK_K) <= MAX_SPLITS; the launcher runs it only when K is
+    a multiple: no column mask) × the row blocks g, g + n_groups, g + 2·n_groups, ... (grid
+    axis 1 = g). The programs of a wave read neighbouring chunks of the same rows at the same
+    time, so the memory in flight is a few whole rows (as in the column pass, 83 % of the copy
+    bandwidth) instead of thousands of separate 512-byte row streams; the chunk's col_shift is
+    loaded once, not once per tile. The chunk is two [BLOCK_N, BLOCK_K] sub-tiles (bf16 BLOCK_K
+    = 256 at 8 warps: each warp owns whole rows, so the per-tile row reductions stay warp
+    shuffles; one 512-wide tile spreads a row over 2 warps). Each row block's chunk is a whole
+    statistic: per row one max (STATE_TILE; STATE_FIXED: the bound, no max) and one sum,
+    stored in natural units as part [3, n_splits, N] (split-major: one contiguous store per row
+    block). WITH_COLSUM: the chunk's column sums accumulate elementwise and go out with one
+    atomic add per column per program."""
     L2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(STATE != 1)  # no elementwise state: every tile is a whole statistic
     pid_s = tl.program_id(0)
     g = tl.program_id(1)
     cols0 = pid_s * (2 * BLOCK_K) + tl.arange(0, BLOCK_K)
     cols1 = cols0 + BLOCK_K
-    cmask0 = cols0 < K
-    cmask1 = cols1 < K
-    if EVEN_K:
-        a0 = tl.load(col_shift_ptr + cols0)
-        a1 = tl.load(col_shift_ptr + cols1)
-    else:
-        a0 = tl.load(col_shift_ptr + cols0, mask=cmask0, other=0.0)
-        a1 = tl.load(col_shift_ptr + cols1, mask=cmask1, other=0.0)
+    a0 = tl.load(col_shift_ptr + cols0)
+    a1 = tl.load(col_shift_ptr + cols1)
     lsc = 0.0
     if STATE == 2:
         lsc = tl.load(log_scale_ptr)
@@ -491,8 +455,10 @@ def _teacher_row_lockstep_kernel(t_ptr, col_shift_ptr, bound_ptr, log_scale_ptr,
         rmask = rows < N
         # clamped rows: loads in bounds with no row mask (rmask guards the stores)
         row_off = tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_t
-        t0, y0 = _lockstep_tile(t_ptr, row_off, cols0, cmask0, a0, inv_temp, EVEN_K)
-        t1, y1 = _lockstep_tile(t_ptr, row_off, cols1, cmask1, a1, inv_temp, EVEN_K)
+        t0 = tl.load(t_ptr + row_off + cols0[None, :]).to(tl.float32)
+        t1 = tl.load(t_ptr + row_off + cols1[None, :]).to(tl.float32)
+        y0 = t0 * inv_temp - a0[None, :]
+        y1 = t1 * inv_temp - a1[None, :]
         if WITH_COLSUM:
             acc0 += tl.where(rmask[:, None], t0, 0.0)
             acc1 += tl.where(rmask[:, None], t1, 0.0)
@@ -500,16 +466,17 @@ def _teacher_row_lockstep_kernel(t_ptr, col_shift_ptr, bound_ptr, log_scale_ptr,
             m2 = (tl.load(bound_ptr + rows, mask=rmask, other=0.0) - lsc) * L2E
         else:
             m2 = tl.maximum(tl.max(y0, axis=1), tl.max(y1, axis=1)) * L2E
-        d0, s0 = _lockstep_sums(y0, m2, cmask0, ENTROPY, EVEN_K)
-        d1, s1 = _lockstep_sums(y1, m2, cmask1, ENTROPY, EVEN_K)
+        e0 = tl.exp2(y0 * L2E - m2[:, None])
+        e1 = tl.exp2(y1 * L2E - m2[:, None])
         o = pid_s * N + rows
         tl.store(part_ptr + o, m2 / L2E, mask=rmask)
-        tl.store(part_ptr + plane + o, d0 + d1, mask=rmask)
+        tl.store(part_ptr + plane + o, tl.sum(e0, axis=1) + tl.sum(e1, axis=1), mask=rmask)
         if ENTROPY:
-            tl.store(part_ptr + 2 * plane + o, s0 + s1, mask=rmask)
+            tl.store(part_ptr + 2 * plane + o, tl.sum(e0 * y0, axis=1) + tl.sum(e1 * y1, axis=1),
+                     mask=rmask)
     if WITH_COLSUM:
-        tl.atomic_add(colsum_ptr + cols0, tl.sum(acc0, axis=0), mask=cmask0)
-        tl.atomic_add(colsum_ptr + cols1, tl.sum(acc1, axis=0), mask=cmask1)
+        tl.atomic_add(colsum_ptr + cols0, tl.sum(acc0, axis=0))
+        tl.atomic_add(colsum_ptr + cols1, tl.sum(acc1, axis=0))
 
 
 @triton.jit(do_not_specialize=['N', 'n_splits', 'stride_r', 'stride_s'])
@@ -579,7 +546,8 @@ def _col_config(t: torch.Tensor) -> tuple[int, int]:
 class RowVariant:
     """One launch configuration of the row pass (the GPU A/B of bench/bench_sk_pass.py picks the
     default, DEFAULT_ROW_VARIANT). state: "tile" | "elem" | "fixed" (the STATE_* comment above
-    the kernels); fast: the FAST / EVEN_K path where K % block_k == 0 (else the masked one);
+    the kernels); fast: the FAST path, which needs K % block_k == 0 (lockstep: 2·block_k), else
+    the masked tile_8x256 runs (every DINOv3 K is a multiple);
     lockstep: _teacher_row_lockstep_kernel (chunk-major) instead of _teacher_row_kernel;
     programs_per_sm: the grid target (K splits × row blocks, or chunks × row groups); fallback:
     the variant run where this one cannot (fixed: no row bound given, i.e. the first SK row pass
@@ -633,6 +601,9 @@ ROW_VARIANTS: dict[str, RowVariant] = {v.name: v for v in (
     RowVariant("lockstep_fixed_16x256", 16, 256, state="fixed", lockstep=True,
                programs_per_sm=4, fallback="lockstep_tile_16x256"),
 )}
+# every fast variant needs K to be a multiple of its tile (every DINOv3 K is); other K run the
+# shipped masked kernel
+_MASKED_ROW_VARIANT = "tile_8x256"
 DEFAULT_ROW_VARIANT = "fixed_16x256"
 
 
@@ -644,7 +615,7 @@ class _RowPlan:
     k_per_split: int  # lockstep: the chunk, 2·block_k
     n_splits: int
     n_groups: int  # lockstep: row groups (grid axis 1); else cdiv(N, block_n)
-    fast: bool  # FAST / EVEN_K: the variant's fast path and K % block_k == 0
+    fast: bool  # FAST (lockstep: always; its chunks are whole)
 
 
 def row_variant(variant: str | RowVariant | None) -> RowVariant:
@@ -672,7 +643,9 @@ def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
     v = row_variant(variant)
     for _ in range(len(ROW_VARIANTS)):
         block_n, block_k = _row_blocks(v, n, k)
-        if v.state == "fixed" and not has_bound:
+        if v.fast and k % ((2 if v.lockstep else 1) * block_k) != 0:
+            v = ROW_VARIANTS[_MASKED_ROW_VARIANT]  # no variant but the baseline has masks
+        elif v.state == "fixed" and not has_bound:
             v = ROW_VARIANTS[v.fallback]
         elif v.lockstep and cdiv(k, 2 * block_k) > MAX_SPLITS:
             v = ROW_VARIANTS[v.fallback]
@@ -683,9 +656,8 @@ def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
     if v.lockstep:  # chunks of 2 sub-tiles
         n_splits = cdiv(k, 2 * block_k)
         n_groups = max(1, min(n_blocks, cdiv(target, n_splits)))
-        return _RowPlan(v, block_n, block_k, 2 * block_k, n_splits, n_groups,
-                        v.fast and k % (2 * block_k) == 0)
-    fast = v.fast and k % block_k == 0
+        return _RowPlan(v, block_n, block_k, 2 * block_k, n_splits, n_groups, True)
+    fast = v.fast
     k_blocks = cdiv(k, block_k)
     n_splits = max(1, min(k_blocks, MAX_SPLITS, cdiv(target, n_blocks)))
     k_per_split = cdiv(k_blocks, n_splits) * block_k
@@ -779,9 +751,8 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
             t, col_shift, col_shift if bound is None else bound,
             col_shift if lsc is None else lsc, part, colsum_arg, n, k,
             t.stride(0), float(inv_temp), plan.n_splits, plan.n_groups,
-            WITH_COLSUM=with_colsum, ENTROPY=entropy, STATE=state, EVEN_K=plan.fast,
-            BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, STAGES=v.stages, num_warps=v.num_warps,
-            num_stages=v.stages)
+            WITH_COLSUM=with_colsum, ENTROPY=entropy, STATE=state, BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k, STAGES=v.stages, num_warps=v.num_warps, num_stages=v.stages)
         strides = (1, n)  # part [P, n_splits, N]: (row, split) strides
     else:
         _teacher_row_kernel[(plan.n_splits, plan.n_groups)](
@@ -956,9 +927,9 @@ def _div16(signature: dict[str, str]) -> tuple[str, ...]:
 
 
 def _row_specs(v: RowVariant, torch_dt: torch.dtype, fast: bool) -> list[CompileSpec]:
-    """The row launches of variant v at one dtype: FAST as at K % block_k == 0 (every DINOv3
-    K), the masked path otherwise; the fixed-shift state only where a bound exists (the SK
-    passes after the first: never with the column sum)."""
+    """The row launches of variant v at one dtype (FAST: its unmasked path); the fixed-shift
+    state only where a bound exists (the SK passes after the first: never with the column
+    sum)."""
     dt = _TRITON_DTYPE[torch_dt]
     state = _ROW_STATE_ID[v.state]
     specs = []
@@ -976,7 +947,7 @@ def _row_specs(v: RowVariant, torch_dt: torch.dtype, fast: bool) -> list[Compile
                            "log_scale_ptr": "*fp32", "part_ptr": "*fp32", "colsum_ptr": "*fp32",
                            "N": "i32", "K": "i32", "stride_t": "i32", "inv_temp": "fp32",
                            "n_splits": "i32", "n_groups": "i32"},
-                constexprs={**common, "EVEN_K": fast},
+                constexprs=common,
                 num_warps=v.num_warps, num_stages=v.stages))
             continue
         sig = {"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "part_ptr": "*fp32",
@@ -993,9 +964,8 @@ def _row_specs(v: RowVariant, torch_dt: torch.dtype, fast: bool) -> list[Compile
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Column and merge kernels at their configs; every row-pass variant at its FAST launch (the
-    A/B runs at K = 65,536) and, for the baseline and the default variant, the masked launch
-    (a K that is not a multiple of BLOCK_K)."""
+    """Column and merge kernels at their configs; every row-pass variant (FAST, except the masked
+    tile_8x256 that also runs every K the fast ones cannot)."""
     specs = []
     for torch_dt, dt in _TRITON_DTYPE.items():
         bn, bk = _COL_BLOCK[torch_dt]
@@ -1012,11 +982,7 @@ def compile_specs() -> list[CompileSpec]:
                                 "STAGES": _STAGES},
                     num_warps=_WARPS, num_stages=_STAGES))
         for v in ROW_VARIANTS.values():
-            if v.fast:
-                specs += _row_specs(v, torch_dt, True)
-            if not v.fast or v.name == DEFAULT_ROW_VARIANT or (
-                    v.name == ROW_VARIANTS[DEFAULT_ROW_VARIANT].fallback):
-                specs += _row_specs(v, torch_dt, False)
+            specs += _row_specs(v, torch_dt, v.fast)
     for ent in (False, True):
         specs.append(CompileSpec(
             name=f"sk_row_merge[ENT={int(ent)},BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",

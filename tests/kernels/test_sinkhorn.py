@@ -170,8 +170,9 @@ def test_teacher_targets_trace_under_torch_compile(centering):
 # Row-pass variants (kernels/sinkhorn.py ROW_VARIANTS; the GPU A/B of bench/bench_sk_pass.py picks
 # the default). Each variant runs the whole Sinkhorn-Knopp (first pass: its fallback when it is a
 # fixed-shift one; later passes: itself, with the previous row_shift as the bound) and softmax
-# centering, against the references. K = 4096 runs the FAST / EVEN_K path (K a multiple of every
-# variant's tile), K = 1000 the masked one; N = 37 leaves a partial row block.
+# centering, against the references. K = 4096 is a multiple of every variant's tile (their FAST
+# path); K = 1000 is not, and runs the masked baseline tile_8x256 whatever the variant; N = 37
+# leaves a partial row block.
 # ------------------------------------------------------------------------------------------------
 
 VARIANTS = list(sk.ROW_VARIANTS)
@@ -203,8 +204,9 @@ def _check_sk(t32: torch.Tensor, dtype: torch.dtype, temp: float, variant: str) 
 def test_row_variant_sinkhorn_parity(variant, n, k, dtype):
     t32 = _logits(n, k, seed=20)
     plan = sk._row_plan(t32, variant, has_bound=True)
-    assert plan.variant.name == variant  # the variant itself runs (no silent fallback)
-    assert plan.fast == (k == 4096 and plan.variant.fast)
+    # the variant itself runs (no silent fallback), unless K leaves a partial tile
+    assert plan.variant.name == (variant if k == 4096 else "tile_8x256")
+    assert plan.fast == plan.variant.fast
     _check_sk(t32, dtype, 0.04, variant)
 
 
@@ -283,6 +285,9 @@ def test_row_variant_fallbacks(monkeypatch):
     assert sk._row_plan(t, "lockstep_fixed_16x256").variant.name == "lockstep_tile_16x256"
     wide = torch.empty(4, 2 * 256 * (sk.MAX_SPLITS + 1), device="meta")
     assert sk._row_plan(wide, "lockstep_fixed_16x256", True).variant.name == "tile_fast_16x256"
+    odd = torch.empty(4, 4096 + 256, device="meta")  # a multiple of 256, not of 512 (lockstep)
+    assert sk._row_plan(odd, "fixed_16x256", True).variant.name == "fixed_16x256"
+    assert sk._row_plan(odd, "lockstep_fixed_16x256", True).variant.name == "tile_8x256"
     with pytest.raises(ValueError, match="unknown row-pass variant 'nope'.*tile_8x256"):
         sk.teacher_row_pass(t, torch.zeros(4096, device=DEV), 1.0, False, False, "nope")
     with pytest.raises(ValueError, match="row_bound and log_scale go together"):
