@@ -2,8 +2,11 @@
 
 What it fuses: the ~20 small kernels of the reference (normalize, mm, diagonal fill, argmax,
 gather, pairwise distance, log, mean and their backwards) into one forward and one backward launch
-for small groups (the "fused" path), and into 4 + 4 launches with no n x n matrix, half the
-FLOPs when every row is a query, and an O(n·D) backward for large ones (the "split" path).
+for small groups (the "small" path, which auto takes up to SMALL_MAX_N = 256 rows per group: the
+per-rank groups of DINOv3; the older "fused" path, one program per row block, is kept as the A/B
+baseline and for groups above that size when the model picks it), and into 4 + 4 launches with no
+n x n matrix, half the FLOPs when every row is a query, and an O(n·D) backward for large ones
+(the "split" path).
 Derived from: facebookresearch/dinov3 `dinov3/loss/koleo_loss.py` (SPEC.md §1.5, KERNELS.md §4);
 the running max/argmax over column tiles follows the tiled nearest-neighbour pattern of
 denix56/pytorch_cluster (no code copied).
@@ -11,19 +14,20 @@ Shapes: G groups (crops x groups), n rows per group, D features. The loss is tak
 "query" rows [q0, q0 + nq) of each group (all rows for KoLeoLoss, the local rank's rows for
 KoLeoLossDistributed); the neighbour search runs over all n rows of the group.
 Supports: fp32 and bf16 inputs, fp32 accumulation, any n >= 2 and D >= 1 (odd sizes masked).
-Tested: Triton 3.6 and 3.9 under the CPU interpreter (both paths, tests/kernels/test_koleo*.py);
-every shipped configuration compiled for sm_90 / sm_80 without spills, with the arguments the
-JIT specializes at run time declared 16-divisible (CompileSpec.divisible_by_16, which turns on the
-cp.async pipelines); the fused path measured on
-an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt); the split path not yet run on
-a GPU (its times below are the model's).
-Limits: ties in the argmax resolve to the lowest column index on both paths (torch.argmax's rule),
+Tested: Triton 3.6 and 3.9 under the CPU interpreter (all three paths,
+tests/kernels/test_koleo*.py); every shipped configuration compiled for sm_90 / sm_80 without
+spills, with the arguments the JIT specializes at run time declared 16-divisible
+(CompileSpec.divisible_by_16, which turns on the cp.async pipelines); the fused path measured on
+an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt); the small path not yet run on
+a GPU (its numbers below are a latency model: bench/bench_koleo.py's `triton` vs `triton_old`
+rows and the GPU tests in test_koleo_split.py check it).
+Limits: ties in the argmax resolve to the lowest column index on every path (torch.argmax's rule),
 but a near-tie can still flip against torch because the dots are summed in another order (the loss
 is then the same, the gradient goes to a different copy). fp32 inputs use IEEE fp32 dots (exact
 parity, slow on tensor-core GPUs); bf16 inputs use bf16 tensor cores for the search, TF32 for the
-fused backward's chooser product and IEEE fp32 sums in the sorted backward.
+fused and small backwards' chooser product and IEEE fp32 sums in the sorted backward.
 
-Math shared by both paths (per group; s_i = dL_g · (-1/nq) / ((d_i + eps) d_i)):
+Math shared by all paths (per group; s_i = dL_g · (-1/nq) / ((d_i + eps) d_i)):
     x̂ = x · rinv, rinv_j = 1/max(‖x_j‖, eps); nn(i) = argmax_{j≠i} x_i·x_j·rinv_j (the positive
     factor rinv_i does not move the argmax); v_i = x̂_i - x̂_nn + eps (eps on the difference, as
     PairwiseDistance), d_i = ‖v_i‖, t_i = <x̂_i, v_i>, u_i = <x̂_nn, v_i>
@@ -85,8 +89,42 @@ arguments and pipelines), but the ahead-of-time compile of compile_specs() did n
 divisibility attributes: masked K loads, 2-byte loads, no cp.async); the split search states the
 alignment in the kernel (ALIGNED: pointer hints, no K mask) so the AOT compile is the runtime one.
 
-Path choice (path="auto"; "fused" / "split" force both halves): a model with H200 constants, each
-half takes the split/sorted kernel only when predicted 1.25x faster (_pick_auto):
+Small path (n <= SMALL_MAX_N; why the fused path was slow there, H200 bf16, 2 crops x 64 rows,
+D = 1024: 23.3 µs fwd and 33 µs fwd+bwd under CUDA graphs, against 11.3 / 15.4 µs for torch.compile
+of the reference). The fused forward gives one row block to one program: at B = 64 BLOCK_M = 64,
+so the grid is (1, 2) = 2 programs on 132 SMs, each walking D/32 = 32 dependent K steps of its
+search (column norms recomputed in each) and then 32 more of the distance pass: 64 serial
+latency-bound steps, ~0.36 µs each (B = 16: also 2 programs, 2·D/32 steps, 256 at D = 4096; B =
+256: 16 programs, 2 column tiles x D/32 + D/32 steps). Its backward (32 x 128 x 16 tiles, 32
+programs at B = 64) walks nq/16 = 4 chooser tiles, each a branch and two dependent round trips
+(indices, then gathers), then two more for row j's own term: 7.1 µs. The op is 8 MFLOP and 256 KB:
+all of that is latency, not work.
+  fwd (_koleo_small_fwd_kernel, one launch, no memset): grid (RB = nq/16, KS, G); program
+  (m, k, g) computes the 16 x n dots of its rows over the K split [k·C, (k+1)·C) (C >= 128
+  features, KS up to 16, chosen so G·RB·KS ~ 128 programs: B = 64, D = 1024 -> 4 x 8 x 2 = 64
+  programs of 2 K steps; B = 16, D = 4096 -> 1 x 16 x 2 of 4 steps; B = 256, D = 1024 -> 16 x 4 x 2
+  of 4 x 4) and the columns' partial squared norms, stores them (fp32, [G, RB, KS, 16, n]), and
+  takes a ticket on its row block's counter. The last of the KS to arrive (acq_rel atomic) sums
+  the KS partials in split order (8 tiles per load step: one round trip), scales by the column
+  norms, takes the max/argmax (strict '>', as torch.argmax), and runs the distance pass over D in
+  1024-wide steps (one round trip at D <= 1024) for its 16 rows; the last row block of a group sums
+  the row blocks' partial losses in block order. Deterministic (fixed-order sums); the counters
+  live in a per-device buffer that the consuming programs reset to zero (_small_counters), so a
+  CUDA graph holds one kernel node. Critical path: ~2 dependent loads (phase 1) + the ticket +
+  1 (partials) + 1 (distance) + the group ticket + 1, against 64 loop steps before.
+  bwd (_koleo_small_bwd_kernel): the fused backward's math with every chooser of a group in one
+  64-row tile up to B = 64 (a loop of them above), and its loads ordered for latency: the
+  non-gather loads of row j and of the chooser tile first, then all gathers together (2 round
+  trips); grid (n/32, D/64, G): B = 64, D = 1024 -> 2 x 16 x 2 = 64 programs.
+  Expected (model, H200; unmeasured): fwd ~3-5 µs, fwd+bwd ~6-8 µs at B = 64, D = 1024; the
+  issue's target is 2x torch.compile (5.6 / 7.7 µs). The D = 4096 cases are the doubtful ones:
+  the finisher's distance pass is 4 serial 64 KB steps there.
+
+Path choice (path="auto"; "small" / "fused" / "split" force both halves): groups of at most
+SMALL_MAX_N rows take the small path both ways (a fixed rule, _pick: at those sizes the op is
+latency-bound and the model below, fitted at n = 4096, does not apply). Above it, a model with
+H200 constants; each half takes the split/sorted kernel only when predicted 1.25x faster
+(_pick_auto):
   fused fwd  = waves · 2·BLOCK_M·n·D / 1.2 TFLOP/s per program      (bf16; measured above)
   split fwd  = 3 launches · 3 µs + (n + 2nq)·D·es / 4 TB/s + search, the faster of
                column splits: waves · 2·BLOCK_M·C·D / 4 TFLOP/s per SM
@@ -94,8 +132,9 @@ half takes the split/sorted kernel only when predicted 1.25x faster (_pick_auto)
   fused bwd  = ceil(programs / 2·SMs) · (nq/16) · 0.45 µs            (H200 bwd at n = 4096)
   sorted bwd = 3 launches · 3 µs + G·(3nq + 2n)·D·es / 4 TB/s
 Result (bf16, 132 SMs; split/sorted chosen where named): per-rank groups (B = 16, 64 x 2 crops)
-stay fused both ways; gathered 2 x 256 rows: split fwd (column splits) at D = 4096 only, fused
-bwd; 2 x 512 rows: split fwd at D >= 1024, sorted bwd at D = 384 and 4096; one group of 1024+ rows:
+and the gathered 2 x 256 rows take the small path (the rule above; the model alone would keep
+them fused, and at 2 x 256 split the D = 4096 forward); 2 x 512 rows: split fwd at D >= 1024,
+sorted bwd at D = 384 and 4096; one group of 1024+ rows:
 split + sorted at every width, the symmetric search from 4096 rows (at 1024 rows its 36 tiles
 leave SMs idle: column splits); the distributed variant (nq = 64 local rows of a 4096-row group):
 column-split fwd (32 splits), fused bwd (4 chooser steps). Expected at n = 4096, G = 1 (model,
@@ -1269,11 +1308,13 @@ _SMALL_MAX_KS = 16  # the finisher reads KS partial tiles: bounded
 
 
 def _gpu_small_fwd_config(dtype: torch.dtype) -> dict:
-    """Small forward tiles checked spill-free for sm_90 / sm_80 under triton 3.6 and 3.9: 16 query
-    rows (one mma.sync M tile) x 64 columns x 64 features for bf16, the fused kernel's FMA tiles
-    for the IEEE fp32 dot; 256-wide distance steps (D = 1024: 4 round trips, not 32)."""
+    """Small forward tiles checked spill-free for sm_90 / sm_80 under triton 3.6 and 3.9 (bf16:
+    118-229 registers, 8 warps): 16 query rows (one mma.sync M tile) x 64 columns x 64 features for
+    bf16, the fused kernel's FMA tiles for the IEEE fp32 dot; 1024-wide distance steps for bf16
+    (D <= 1024: one round trip; 512 took 98-128 registers but two trips at D = 1024), 256 for
+    fp32; 8 partial tiles per load step (KS <= 8: one round trip)."""
     if dtype == torch.bfloat16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_D=512, UNROLL=8, num_warps=8,
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_D=1024, UNROLL=8, num_warps=8,
                     num_stages=2)
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_D=256, UNROLL=8, num_warps=8,
                 num_stages=1)
