@@ -65,6 +65,18 @@ def _sk_state(t: torch.Tensor, inv_temp: float) -> dict[str, torch.Tensor]:
     return {"col_shift": col.contiguous(), "row_bound": row.contiguous(), "log_scale": log_scale}
 
 
+def _plan_text(t: torch.Tensor, name: str, entropy: bool) -> str:
+    """What variant `name` launches on t (fallbacks resolved; on a GPU after its first launch,
+    with the measured occupancy)."""
+    p = sk._row_plan(t, name, has_bound=True, flags=(False, entropy))
+    v = p.variant
+    occ = sk._OCCUPANCY.get(sk._occupancy_key(v, t, (False, entropy)))
+    return (f"{v.name} {p.block_n}x{p.block_k} fast={int(p.fast)} splits={p.n_splits} "
+            f"k_per_split={p.k_per_split} {'groups' if v.lockstep else 'row_blocks'}={p.n_groups}"
+            f" programs={p.n_splits * p.n_groups} per_sm={occ or 'est ' + str(v.programs_per_sm)}"
+            f"{' one_wave' if v.one_wave else ''}")
+
+
 def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
           shape_from: str) -> BenchCase:
     inv_temp = 1.0 / TEACHER_TEMP
@@ -84,9 +96,17 @@ def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
         return _ForwardOnly.apply(anchor, lse)
 
     def row(variant: str | None):
+        calls = []
+
         def run(t, col_shift, row_bound, log_scale, anchor):
             lse, ent, _ = sk.teacher_row_pass(t, col_shift, inv_temp, False, entropy, variant,
                                               row_bound, log_scale)
+            if t.is_cuda and len(calls) < 2:  # the grid after the occupancy is known (2nd call)
+                calls.append(1)
+                if len(calls) == 2:
+                    print(f"# sk_pass {label} {variant or 'triton'}: "
+                          f"{_plan_text(t, variant or sk.DEFAULT_ROW_VARIANT, entropy)}",
+                          flush=True)
             return _ForwardOnly.apply(anchor, torch.stack((lse, ent)) if entropy else lse)
         return run
 
@@ -96,12 +116,7 @@ def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
         return _ForwardOnly.apply(anchor, s)
 
     meta = torch.empty(n, k, device="meta", dtype=dtype)
-    plans = {}
-    for name in sk.ROW_VARIANTS:
-        p = sk._row_plan(meta, name, has_bound=True)
-        plans[name] = (f"{p.variant.name} {p.block_n}x{p.block_k} fast={int(p.fast)} "
-                       f"splits={p.n_splits} k_per_split={p.k_per_split} "
-                       f"{'groups' if p.variant.lockstep else 'row_blocks'}={p.n_groups}")
+    plans = {name: _plan_text(meta, name, entropy) for name in sk.ROW_VARIANTS}
     providers = {"torch": ref, "triton": row(None)}
     providers.update({f"row:{name}": row(name) for name in sk.ROW_VARIANTS})
     providers["col_mode1"] = col_mode1

@@ -549,9 +549,15 @@ class RowVariant:
     the kernels); fast: the FAST path, which needs K % block_k == 0 (lockstep: 2·block_k), else
     the masked tile_8x256 runs (every DINOv3 K is a multiple);
     lockstep: _teacher_row_lockstep_kernel (chunk-major) instead of _teacher_row_kernel;
-    programs_per_sm: the grid target (K splits × row blocks, or chunks × row groups); fallback:
-    the variant run where this one cannot (fixed: no row bound given, i.e. the first SK row pass
-    and softmax centering; lockstep: more than MAX_SPLITS chunks)."""
+    one_wave: the grid (K splits × row blocks, or chunks × row groups) is the largest that is
+    resident at once, occupancy × SMs, so every program streams from start to end with no
+    partly filled last wave (the column pass' grid is one full wave: 512 programs at 4 per
+    SM); the occupancy is read from the compiled kernel (registers, shared memory) after its
+    first launch, `programs_per_sm` until then. Not one_wave: programs_per_sm × SMs programs
+    or more (the rule the row pass shipped with: 1416 programs = 1.34 waves of 8 per SM at
+    the iBOT shape). fallback: the variant run where this one cannot (fixed: no row bound
+    given, i.e. the first SK row pass and softmax centering; lockstep: more than MAX_SPLITS
+    chunks)."""
 
     name: str
     block_n: int
@@ -561,7 +567,8 @@ class RowVariant:
     lockstep: bool = False
     num_warps: int = 8
     stages: int = 4
-    programs_per_sm: int = 8
+    programs_per_sm: int = 4
+    one_wave: bool = True
     fallback: str | None = None
 
     def __post_init__(self):
@@ -577,29 +584,40 @@ class RowVariant:
 
 
 _ROW_STATE_ID = {"tile": _STATE_TILE, "elem": _STATE_ELEM, "fixed": _STATE_FIXED}
+# programs_per_sm: the occupancy of the launch without entropy compiled for sm_90 by triton 3.6 (the
+# GPU machine's; registers in the header table); the grid uses the measured one after the first
+# launch. Instructions per element: SASS of the inner loop, sm_90, bf16, no entropy.
 ROW_VARIANTS: dict[str, RowVariant] = {v.name: v for v in (
-    # the row pass as shipped before the variants: H200 188 µs per pass (62 % of the copy)
-    RowVariant("tile_8x256", 8, 256, fast=False),
-    # hypotheses 3 + 4: no masks on full tiles, exp2 of one FMA per element
-    RowVariant("tile_fast_8x256", 8, 256),
-    # + 4 rows per thread: the pipeline bookkeeping, barrier and the 2 row reductions are paid
-    # per 32 elements of a thread instead of per 8, and each col_shift value loaded serves 32
-    # rows instead of 8 (bf16 [32, 256] at 8 warps: each warp owns whole rows, so the row
-    # reductions stay warp shuffles; 1024-wide tiles spread a row over 4 warps: shared memory)
-    RowVariant("tile_fast_32x256", 32, 256),
-    RowVariant("tile_fast_16x256", 16, 256),
+    # the row pass as shipped before the variants: H200 188 µs per pass (62 % of the copy);
+    # 17.1 instructions per element (the MODE-1 column pass: 12.1, 83 %)
+    RowVariant("tile_8x256", 8, 256, fast=False, programs_per_sm=8, one_wave=False),
+    # hypotheses 3 + 4: no masks on full tiles, exp2 of one FMA per element (13.8 / element)
+    RowVariant("tile_fast_8x256", 8, 256, programs_per_sm=8),
+    # + 2 or 4 rows per thread: the pipeline bookkeeping, barrier and the 2 row reductions are
+    # paid per 16 / 32 elements of a thread instead of per 8, and each col_shift value loaded
+    # serves 16 / 32 rows instead of 8 (bf16 [BLOCK_N, 256] at 8 warps: each warp owns whole
+    # rows, so the row reductions stay warp shuffles; 1024-wide tiles spread a row over 4 warps
+    # and reduce through shared memory). 11.8 / 10.8 per element
+    RowVariant("tile_fast_16x256", 16, 256, programs_per_sm=6),
+    RowVariant("tile_fast_32x256", 32, 256, programs_per_sm=4),
     # hypothesis 1: elementwise running max, no per-tile cross-thread reduction (H200: the
-    # masked version of this measured 177 µs)
-    RowVariant("elem_fast_8x256", 8, 256, state="elem"),
+    # masked version of this measured 177 µs). 16.5 per element
+    RowVariant("elem_fast_8x256", 8, 256, state="elem", programs_per_sm=5),
     # no running max (as the column passes): shift = the exact bound from the previous pass,
-    # elementwise sums reduced once after the loop
+    # elementwise sums reduced once after the loop. 8.1 / 6.8 per element (32 rows: 104
+    # registers, 2 programs per SM)
     RowVariant("fixed_16x256", 16, 256, state="fixed", fallback="tile_fast_16x256"),
-    RowVariant("fixed_32x256", 32, 256, state="fixed", fallback="tile_fast_32x256"),
-    # the column pass' walk: chunk-major, all programs of a wave on the same few rows
-    RowVariant("lockstep_tile_16x256", 16, 256, lockstep=True, programs_per_sm=4,
+    RowVariant("fixed_32x256", 32, 256, state="fixed", programs_per_sm=2,
+               fallback="tile_fast_32x256"),
+    # the default without the one-wave grid (the shipped rule: >= 8 programs per SM, here 2.2
+    # waves of 4): isolates the grid's share
+    RowVariant("fixed_16x256_many", 16, 256, state="fixed", programs_per_sm=8, one_wave=False,
                fallback="tile_fast_16x256"),
+    # the column pass' walk: chunk-major, all programs of a wave on the same few rows. 11.2 / 9.8
+    # per element (one max + one sum per row per 512 columns, and the stores of the partials)
+    RowVariant("lockstep_tile_16x256", 16, 256, lockstep=True, fallback="tile_fast_16x256"),
     RowVariant("lockstep_fixed_16x256", 16, 256, state="fixed", lockstep=True,
-               programs_per_sm=4, fallback="lockstep_tile_16x256"),
+               fallback="lockstep_tile_16x256"),
 )}
 # every fast variant needs K to be a multiple of its tile (every DINOv3 K is); other K run the
 # shipped masked kernel
@@ -635,10 +653,41 @@ def _row_blocks(v: RowVariant, n: int, k: int) -> tuple[int, int]:
     return v.block_n, v.block_k
 
 
+# programs per SM of a compiled row launch, keyed by _occupancy_key: filled after its first launch
+_OCCUPANCY: dict[tuple, int] = {}
+
+
+def _occupancy_key(v: RowVariant, t: torch.Tensor, flags: tuple[bool, bool]) -> tuple:
+    return (v.name, t.dtype, flags, t.device.index if t.device.type == "cuda" else None)
+
+
+def _programs_per_sm(compiled, num_warps: int, device: torch.device) -> int | None:
+    """Resident programs per SM of a compiled kernel (its registers and shared memory against the
+    device's), or None when the launch did not return one (interpreter)."""
+    n_regs = getattr(compiled, "n_regs", None)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    if not n_regs or shared is None or device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return _occupancy(n_regs, shared, num_warps, getattr(props, "regs_per_multiprocessor", 65536),
+                      getattr(props, "max_threads_per_multi_processor", 2048) // 32,
+                      getattr(props, "shared_memory_per_multiprocessor", 233472))
+
+
+def _occupancy(n_regs: int, shared: int, num_warps: int, regs_sm: int = 65536,
+               warps_sm: int = 64, smem_sm: int = 233472) -> int:
+    """Resident blocks per SM (CUDA occupancy rules of sm_80 / sm_90, at most 32 blocks)."""
+    regs_warp = -(-n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = regs_sm // regs_warp // num_warps
+    by_smem = smem_sm // (shared + 1024)  # 1 KB reserved per block (sm_80+)
+    return max(1, min(by_regs, warps_sm // num_warps, by_smem, 32))
+
+
 def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
-              has_bound: bool = False) -> _RowPlan:
+              has_bound: bool = False, flags: tuple[bool, bool] = (False, False)) -> _RowPlan:
     """Resolve fallbacks and size the grid: few rows (DINO: 2B) are split along K so the grid
-    still fills the GPU; the splits are merged by _row_merge_kernel."""
+    still fills the GPU; the splits are merged by _row_merge_kernel. flags: (WITH_COLSUM,
+    ENTROPY), whose launches differ in registers (one_wave occupancy)."""
     n, k = t.shape
     v = row_variant(variant)
     for _ in range(len(ROW_VARIANTS)):
@@ -649,17 +698,28 @@ def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
             v = ROW_VARIANTS[v.fallback]
         elif v.lockstep and cdiv(k, 2 * block_k) > MAX_SPLITS:
             v = ROW_VARIANTS[v.fallback]
+        elif (v.name != _MASKED_ROW_VARIANT and not is_interpreter()
+              and cdiv(n, block_n) * min(cdiv(k, block_k), MAX_SPLITS) < 2 * _num_sms(t)):
+            # too few rows to fill the GPU with this tile (7B DINO CLS: 32 rows, 16.8 MB,
+            # L2-resident and launch-bound): the shipped 8-row kernel splits them finer
+            v = ROW_VARIANTS[_MASKED_ROW_VARIANT]
         else:
             break
-    target = _INTERP_TARGET if is_interpreter() else v.programs_per_sm * _num_sms(t)
     n_blocks = max(1, cdiv(n, block_n))
+    if is_interpreter():
+        target, one_wave = _INTERP_TARGET, False
+    else:
+        occ = _OCCUPANCY.get(_occupancy_key(v, t, flags), v.programs_per_sm)
+        target, one_wave = occ * _num_sms(t), v.one_wave
+    # one wave: at most `target` programs (floor); else at least `target` (ceil)
+    per = (lambda a, b: a // b) if one_wave else cdiv
     if v.lockstep:  # chunks of 2 sub-tiles
         n_splits = cdiv(k, 2 * block_k)
-        n_groups = max(1, min(n_blocks, cdiv(target, n_splits)))
+        n_groups = max(1, min(n_blocks, per(target, n_splits)))
         return _RowPlan(v, block_n, block_k, 2 * block_k, n_splits, n_groups, True)
     fast = v.fast
     k_blocks = cdiv(k, block_k)
-    n_splits = max(1, min(k_blocks, MAX_SPLITS, cdiv(target, n_blocks)))
+    n_splits = max(1, min(k_blocks, MAX_SPLITS, per(target, n_blocks)))
     k_per_split = cdiv(k_blocks, n_splits) * block_k
     return _RowPlan(v, block_n, block_k, k_per_split, cdiv(k, k_per_split), n_blocks, fast)
 
@@ -733,7 +793,7 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     if row_bound is not None and (row_bound.shape != (n,) or log_scale.numel() != 1):
         raise ValueError(f"row_bound must be [N] = [{n}] and log_scale [1], got "
                          f"{tuple(row_bound.shape)} and {tuple(log_scale.shape)}")
-    plan = _row_plan(t, variant, row_bound is not None)
+    plan = _row_plan(t, variant, row_bound is not None, (with_colsum, entropy))
     v = plan.variant
     f32 = dict(device=t.device, dtype=torch.float32)
     out = torch.empty(2 if entropy else 1, n, **f32)  # (row_shift, entropy)
@@ -747,7 +807,7 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     bound, lsc = (row_bound, log_scale) if state == _STATE_FIXED else (None, None)
     colsum_arg = out if colsum is None else colsum
     if v.lockstep:
-        _teacher_row_lockstep_kernel[(plan.n_splits, plan.n_groups)](
+        compiled = _teacher_row_lockstep_kernel[(plan.n_splits, plan.n_groups)](
             t, col_shift, col_shift if bound is None else bound,
             col_shift if lsc is None else lsc, part, colsum_arg, n, k,
             t.stride(0), float(inv_temp), plan.n_splits, plan.n_groups,
@@ -755,12 +815,17 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
             BLOCK_K=plan.block_k, STAGES=v.stages, num_warps=v.num_warps, num_stages=v.stages)
         strides = (1, n)  # part [P, n_splits, N]: (row, split) strides
     else:
-        _teacher_row_kernel[(plan.n_splits, plan.n_groups)](
+        compiled = _teacher_row_kernel[(plan.n_splits, plan.n_groups)](
             t, col_shift, part, colsum_arg, n, k, t.stride(0), float(inv_temp), plan.k_per_split,
             plan.n_splits, WITH_COLSUM=with_colsum, ENTROPY=entropy, BLOCK_N=plan.block_n,
             BLOCK_K=plan.block_k, STAGES=v.stages, bound_ptr=bound, log_scale_ptr=lsc, STATE=state,
             FAST=plan.fast, num_warps=v.num_warps, num_stages=v.stages)
         strides = (plan.n_splits, 1)  # part [P, N, n_splits]
+    key = _occupancy_key(v, t, (with_colsum, entropy))
+    if v.one_wave and key not in _OCCUPANCY:  # the next launches size their grid by it
+        occ = _programs_per_sm(compiled, v.num_warps, t.device)
+        if occ is not None:
+            _OCCUPANCY[key] = occ
     _row_merge_kernel[(cdiv(n, _MERGE_BLOCK_R),)](
         part, out, n, plan.n_splits, *strides, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R,
         BLOCK_S=MAX_SPLITS, num_warps=_MERGE_WARPS)

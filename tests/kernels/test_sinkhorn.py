@@ -317,3 +317,36 @@ def test_teacher_row_op_with_bound_opcheck():
     torch.library.opcheck(torch.ops.fastdino.teacher_row_pass.default,
                           (t, cs, 1.0, False, True, "fixed_16x256",
                            torch.full((5,), 10.0, device=DEV), torch.zeros(1, device=DEV)))
+
+
+def test_occupancy_rule():
+    """Blocks per SM from registers / shared memory (sm_90: 64K registers, 64 warps, 228 KB)."""
+    assert sk._occupancy(30, 15 * 1024, 8) == 8  # warp-limited (the shipped 8x256 row pass)
+    assert sk._occupancy(58, 27 * 1024, 8) == 4  # 64 registers x 256 threads = 16K
+    assert sk._occupancy(107, 51 * 1024, 8) == 2  # 112 x 256 = 28K
+    assert sk._occupancy(40, 100 * 1024, 8) == 2  # shared-memory-limited
+    assert sk._occupancy(255, 0, 32) == 1  # never 0
+
+
+def test_one_wave_grid_at_the_ibot_shape(monkeypatch):
+    """The GPU grid sizing at 3,771 x 65,536 (132 SMs): one_wave variants launch at most
+    occupancy x SMs programs (no partly filled last wave); the shipped rule >= 8 per SM."""
+    monkeypatch.setattr(sk, "is_interpreter", lambda: False)
+    monkeypatch.setattr(sk, "_OCCUPANCY", {})
+    t = torch.empty(3771, 65536, device="meta", dtype=torch.bfloat16)
+
+    def programs(name, occ=None):
+        if occ is not None:
+            sk._OCCUPANCY[sk._occupancy_key(sk.ROW_VARIANTS[name], t, (False, False))] = occ
+        p = sk._row_plan(t, name, has_bound=True)
+        assert p.variant.name == name
+        return p.n_splits * p.n_groups
+
+    assert programs("tile_8x256") == 472 * 3  # 1.34 waves of 8 per SM (as shipped)
+    assert programs("fixed_16x256") == 236 * 2 <= 4 * 132  # the estimate, 4 per SM
+    assert programs("fixed_16x256", occ=6) == 236 * 3 <= 6 * 132  # after a launch measured 6
+    assert programs("fixed_16x256_many") == 236 * 5  # >= 8 per SM: 2.2 waves of 4
+    assert programs("lockstep_fixed_16x256") == 128 * 4 <= 4 * 132
+    # 7B DINO CLS teacher, 32 rows: 16-row tiles cannot make 2 programs per SM -> the 8-row kernel
+    few = torch.empty(32, 262144, device="meta", dtype=torch.bfloat16)
+    assert sk._row_plan(few, "fixed_16x256", has_bound=True).variant.name == "tile_8x256"
