@@ -94,11 +94,11 @@ D = 1024: 23.3 µs fwd and 33 µs fwd+bwd under CUDA graphs, against 11.3 / 15.4
 of the reference). The fused forward gives one row block to one program: at B = 64 BLOCK_M = 64,
 so the grid is (1, 2) = 2 programs on 132 SMs, each walking D/32 = 32 dependent K steps of its
 search (column norms recomputed in each) and then 32 more of the distance pass: 64 serial
-latency-bound steps, ~0.36 µs each (B = 16: also 2 programs, 2·D/32 steps, 256 at D = 4096; B =
-256: 16 programs, 2 column tiles x D/32 + D/32 steps). Its backward (32 x 128 x 16 tiles, 32
-programs at B = 64) walks nq/16 = 4 chooser tiles, each a branch and two dependent round trips
-(indices, then gathers), then two more for row j's own term: 7.1 µs. The op is 8 MFLOP and 256 KB:
-all of that is latency, not work.
+latency-bound steps, ~0.36 µs each (B = 16: also 2 programs, 2·D/32 steps, 256 at D = 4096;
+B = 256: 32-row blocks, 16 programs, 4 column tiles x D/32 + D/32 steps). Its backward (32 x 128
+x 16 tiles, 32 programs at B = 64) walks nq/16 = 4 chooser tiles, each a branch and two
+dependent round trips (indices, then gathers), then two more for row j's own term: 7.1 µs. The op
+is 8 MFLOP and 256 KB: all of that is latency, not work.
   fwd (_koleo_small_fwd_kernel, one launch, no memset): grid (RB = nq/16, KS, G); program
   (m, k, g) computes the 16 x n dots of its rows over the K split [k·C, (k+1)·C) (C >= 128
   features, KS up to 16, chosen so G·RB·KS ~ 128 programs: B = 64, D = 1024 -> 4 x 8 x 2 = 64
