@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(not can_run_triton(torch.empty(0, device=DEVICE)
                                 reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
 
 # (G, n, D, query_start, query_len): odd sizes, D = 384 (ViT-S), groups, a query window as
-# KoLeoLossDistributed uses, n = 200 (several row blocks: the counters + fixed-order sums), and
+# KoLeoLossDistributed uses (a short one, and 50 rows at offset 20: several row blocks and
+# chooser tiles), n = 200 (several row blocks: the counters + fixed-order sums), and
 # DINOv3's per-rank groups with D reduced: 2 crops x 64 rows (ViT-L) and 2 x 16 (the 7B recipe)
 SHAPES = [
     (1, 2, 7, 0, None),
@@ -38,6 +39,7 @@ SHAPES = [
     (3, 17, 384, 0, None),
     (1, 64, 384, 0, None),
     (2, 16, 33, 8, 5),
+    (1, 100, 40, 20, 50),
     (1, 200, 16, 0, None),
     (2, 64, 96, 0, None),
     (2, 16, 256, 0, None),
