@@ -22,7 +22,7 @@ with `--modes fwd`. --check judges every row provider against `torch` (forward o
 Shapes: bench/registry.py, the ViT-L iBOT teacher (ibot_rows × ibot_K = 3,771 × 65,536); --quick
 is that shape in bf16 alone (one row pass without entropy). The full run adds the last pass (with
 entropy: the providers return [2, N], one small stack launch more), fp32 and the 7B iBOT shape.
-Without a GPU: interpreter-sized (37 × 4096), same code paths.
+Without a GPU: interpreter-sized (37 × 2048), same code paths.
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
 
 def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     if not on_gpu:  # interpreter-sized: K a multiple of every variant's tile, a partial row block
-        out = [_case("cpu", 37, 4096, torch.bfloat16, False, "interpreter size")]
+        out = [_case("cpu", 37, 2048, torch.bfloat16, False, "interpreter size")]
         if not quick:
-            out += [_case("cpu", 37, 4096, torch.float32, True, "interpreter size")]
+            out += [_case("cpu", 37, 2048, torch.float32, True, "interpreter size")]
         return out
     s = get("vitl16")
     out = [_case("vitl16-ibot", s.ibot_rows, s.ibot_K, torch.bfloat16, False, "vitl16")]
