@@ -583,11 +583,11 @@ class RowVariant:
     the kernels); fast: the FAST path, which needs K % block_k == 0 (lockstep: 2·block_k), else
     the masked tile_8x256 runs (every DINOv3 K is a multiple);
     lockstep: _teacher_row_lockstep_kernel (chunk-major) instead of _teacher_row_kernel;
-    one_wave: the grid (K splits × row blocks, or chunks × row groups) is the largest that is
-    resident at once, occupancy × SMs, so every program streams from start to end with no
-    partly filled last wave (the column pass' grid is one full wave: 512 programs at 4 per
-    SM); the occupancy is read from the compiled kernel (registers, shared memory) after its
-    first launch, `programs_per_sm` until then. Not one_wave: programs_per_sm × SMs programs
+    one_wave: the grid (K splits × row blocks, or chunks × row groups) fills its waves of
+    occupancy × SMs resident programs (`_full_waves`: usually one wave), so no partly filled
+    last wave runs alone (the column pass' grid is one full wave: 512 programs at 4 per SM);
+    the occupancy is read from the compiled kernel (registers, shared memory) after its first
+    launch, `programs_per_sm` until then. Not one_wave: programs_per_sm × SMs programs
     or more (the rule the row pass shipped with: 1416 programs = 1.34 waves of 8 per SM at
     the iBOT shape). fallback: the variant run where this one cannot (fixed: no row bound
     given, i.e. the first SK row pass and softmax centering; lockstep: more than MAX_SPLITS
@@ -717,6 +717,19 @@ def _occupancy(n_regs: int, shared: int, num_warps: int, regs_sm: int = 65536,
     return max(1, min(by_regs, warps_sm // num_warps, by_smem, 32))
 
 
+@functools.lru_cache(maxsize=256)
+def _full_waves(unit: int, slots: int, most: int) -> int:
+    """The multiplier s in [1, most] of a grid of unit·s programs: the smallest whose waves over
+    `slots` resident programs are >= 85 % full on average (one wave of 472 on 528 slots is 89 %:
+    every program streams from start to end; 1416 on 1056 is 67 %: the last wave runs a third
+    full), else the fullest."""
+    def fill(s: int) -> float:
+        w = unit * s / slots
+        return w / math.ceil(w)
+    best = max(range(1, most + 1), key=lambda s: (fill(s), -s))
+    return next((s for s in range(1, most + 1) if fill(s) >= 0.85), best)
+
+
 def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
               has_bound: bool = False, flags: tuple[bool, bool] = (False, False)) -> _RowPlan:
     """Resolve fallbacks and size the grid: few rows (DINO: 2B) are split along K so the grid
@@ -745,15 +758,19 @@ def _row_plan(t: torch.Tensor, variant: str | RowVariant | None = None,
     else:
         occ = _OCCUPANCY.get(_occupancy_key(v, t, flags), v.programs_per_sm)
         target, one_wave = occ * _num_sms(t), v.one_wave
-    # one wave: at most `target` programs (floor); else at least `target` (ceil)
-    per = (lambda a, b: a // b) if one_wave else cdiv
     if v.lockstep:  # chunks of 2 sub-tiles
         n_splits = cdiv(k, 2 * block_k)
-        n_groups = max(1, min(n_blocks, per(target, n_splits)))
+        if one_wave:
+            n_groups = _full_waves(n_splits, target, n_blocks)
+        else:
+            n_groups = max(1, min(n_blocks, cdiv(target, n_splits)))
         return _RowPlan(v, block_n, block_k, 2 * block_k, n_splits, n_groups, True)
     fast = v.fast
     k_blocks = cdiv(k, block_k)
-    n_splits = max(1, min(k_blocks, MAX_SPLITS, per(target, n_blocks)))
+    if one_wave:
+        n_splits = _full_waves(n_blocks, target, min(k_blocks, MAX_SPLITS))
+    else:
+        n_splits = max(1, min(k_blocks, MAX_SPLITS, cdiv(target, n_blocks)))
     k_per_split = cdiv(k_blocks, n_splits) * block_k
     return _RowPlan(v, block_n, block_k, k_per_split, cdiv(k, k_per_split), n_blocks, fast)
 

@@ -347,6 +347,10 @@ def test_one_wave_grid_at_the_ibot_shape(monkeypatch):
     assert programs("fixed_16x256", occ=6) == 236 * 3 <= 6 * 132  # after a launch measured 6
     assert programs("fixed_16x256_many") == 236 * 5  # >= 8 per SM: 2.2 waves of 4
     assert programs("lockstep_fixed_16x256") == 128 * 4 <= 4 * 132
+    # 3 per SM (the entropy pass): one wave of 236 would leave 40 % of the slots empty, 2 waves
+    # of 472 too; 3 splits = 708 programs fill 1.79 waves (89 %)
+    assert programs("fixed_16x256", occ=3) == 236 * 3
+    assert sk._full_waves(236, 396, 128) == 3 and sk._full_waves(8, 528, 128) == 57  # 86 %
     # 7B DINO CLS teacher, 32 rows: 16-row tiles cannot make 2 programs per SM -> the 8-row kernel
     few = torch.empty(32, 262144, device="meta", dtype=torch.bfloat16)
     assert sk._row_plan(few, "fixed_16x256", has_bound=True).variant.name == "tile_8x256"
