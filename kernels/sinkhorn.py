@@ -35,8 +35,8 @@ peak); the target is >= 80 % of the measured copy bandwidth):
 | 7B DINO      | 32 × 262,144   | 16.8    | 2048 (15.5) | 4 × 128 = 512 (3.9)      | 4.0/5.0 (*)  |
 | 7B iBOT      | 1,274 × 98,304 | 250     | 768 (5.8)   | 160 × 7 = 1120 (8.5)     | 60/75        |
 (programs per SM in brackets; (*) L2-resident after the first pass; fp32 logits: twice the
-bytes and time, same grids; row grids of tile_8x256; (†) one-wave variants: at most occupancy
-× SMs programs, e.g. fixed_16x256 236 × 2 = 472 at 4 per SM.)
+bytes and time, same grids; row grids of tile_8x256; (†) one_wave variants: waves of occupancy
+× SMs programs >= 85 % full, e.g. fixed_16x256 236 × 3 = 708 at 6 per SM, one wave.)
 
 - SK total = 6 passes: ViT-L iBOT 2.97 GB -> 0.71 ms (H200) / 0.89 ms (H100) at roofline, ~0.83 /
   1.04 ms at 85 %. Measured on the H200 (2026-11-26, bench profile): column passes 141 µs each
@@ -66,9 +66,9 @@ bytes and time, same grids; row grids of tile_8x256; (†) one-wave variants: at
   | tile_fast_16x256      | 2 rows per thread, 1 col_shift load per 16 rows  | 11.8      | 40/40  |
   | tile_fast_32x256      | 4 rows per thread                                | 10.8      | 64/64  |
   | elem_fast_8x256       | elementwise running max (hypothesis 1)           | 16.5      | 44/52  |
-  | fixed_16x256 (default)| no max: shift by the exact previous-pass bound   | 8.1       | 56/77  |
-  | fixed_32x256          | the same, 4 rows per thread (2 programs per SM)  | 6.8       | 104/124|
-  | fixed_16x256_many     | the default on the shipped >= 8-per-SM grid      | 8.1       | 56/77  |
+  | fixed_16x256 (default)| no max: shift by the exact previous-pass bound   | 8.1       | 40/48  |
+  | fixed_32x256          | the same, 4 rows per thread                      | 7.0       | 48/64  |
+  | fixed_16x256_many     | the default on the shipped >= 8-per-SM grid      | 8.1       | 40/48  |
   | lockstep_tile_16x256  | chunk-major walk (column-pass locality), max     | 11.2      | 48/64  |
   | lockstep_fixed_16x256 | chunk-major walk, fixed shift                    | 9.8       | 48/64  |
   Fixed-shift variants run SK row passes 2..iters; the first pass and softmax centering (no
@@ -360,10 +360,13 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
         row_off = rows.to(tl.int64)[:, None] * stride_t
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    if STATE != 0:  # elementwise, reduced after the loop
+    if STATE == 1:  # elementwise, reduced after the loop
         m = tl.full([BLOCK_N, BLOCK_K], -1.0e30, tl.float32)
         d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         s1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    elif STATE == 2:
+        d = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
+        s1 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
     else:
         m = tl.full([BLOCK_N], -1.0e30, tl.float32)
         d = tl.zeros([BLOCK_N], tl.float32)
@@ -393,11 +396,14 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
         if STATE == 1:
             m, d, e_y = _lse_update_y(m, d, s1, y, ENTROPY)
             s1 = e_y
-        elif STATE == 2:  # elementwise sums, as the column pass: no reduction in the loop
+        elif STATE == 2:  # no max, no cross-thread reduction in the loop (as the column pass)
             e = tl.exp2(y * L2E - u[:, None])
-            d += e
+            # each thread's 8 contiguous elements (one 16-byte bf16 vector) summed in registers:
+            # [BLOCK_N, BLOCK_K // 8] accumulators, 1/8 of the registers of elementwise ones
+            # (16 rows: 40 registers instead of 58) for the same number of additions
+            d += tl.sum(tl.reshape(e, [BLOCK_N, BLOCK_K // 8, 8]), axis=2)
             if ENTROPY:
-                s1 += e * y
+                s1 += tl.sum(tl.reshape(e * y, [BLOCK_N, BLOCK_K // 8, 8]), axis=2)
         elif FAST:
             m_new = tl.maximum(m, tl.max(y, axis=1) * L2E)  # log2 units
             alpha = tl.exp2(m - m_new)
@@ -638,11 +644,11 @@ ROW_VARIANTS: dict[str, RowVariant] = {v.name: v for v in (
     # masked version of this measured 177 µs). 16.5 per element
     RowVariant("elem_fast_8x256", 8, 256, state="elem", programs_per_sm=5),
     # no running max (as the column passes): shift = the exact bound from the previous pass,
-    # elementwise sums reduced once after the loop. 8.1 / 6.8 per element (32 rows: 104
-    # registers, 2 programs per SM)
-    RowVariant("fixed_16x256", 16, 256, state="fixed", fallback="tile_fast_16x256"),
-    RowVariant("fixed_32x256", 32, 256, state="fixed", programs_per_sm=2,
-               fallback="tile_fast_32x256"),
+    # sums reduced within each thread per tile (its 8 contiguous elements) and across threads
+    # once after the loop. 8.1 / 7.0 per element
+    RowVariant("fixed_16x256", 16, 256, state="fixed", programs_per_sm=6,
+               fallback="tile_fast_16x256"),
+    RowVariant("fixed_32x256", 32, 256, state="fixed", fallback="tile_fast_32x256"),
     # the default without the one-wave grid (the shipped rule: >= 8 programs per SM, here 2.2
     # waves of 4): isolates the grid's share
     RowVariant("fixed_16x256_many", 16, 256, state="fixed", programs_per_sm=8, one_wave=False,
