@@ -688,8 +688,10 @@ def row_variant(variant: str | RowVariant | None) -> RowVariant:
 
 
 def _row_blocks(v: RowVariant, n: int, k: int) -> tuple[int, int]:
-    if is_interpreter():  # the variant's own tiles, no larger than the matrix (interpreter cost)
-        return min(v.block_n, next_pow2(n)), min(v.block_k, next_pow2(k))
+    if is_interpreter():  # no more rows than the matrix has (interpreter cost); a fast variant
+        # keeps its own BLOCK_K (the GPU's tile, so a K it cannot tile runs the masked kernel)
+        return min(v.block_n, next_pow2(n)), (v.block_k if v.fast else min(v.block_k,
+                                                                            next_pow2(k)))
     return v.block_n, v.block_k
 
 

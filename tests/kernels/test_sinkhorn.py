@@ -285,6 +285,8 @@ def test_row_variant_fallbacks(monkeypatch):
     assert sk._row_plan(t, "lockstep_fixed_16x256").variant.name == "lockstep_tile_16x256"
     wide = torch.empty(4, 2 * 256 * (sk.MAX_SPLITS + 1), device="meta")
     assert sk._row_plan(wide, "lockstep_fixed_16x256", True).variant.name == "tile_fast_16x256"
+    small = _logits(3, 64)  # K below every fast tile: the masked kernel
+    assert sk._row_plan(small, "fixed_16x256", True).variant.name == "tile_8x256"
     odd = torch.empty(4, 4096 + 256, device="meta")  # a multiple of 256, not of 512 (lockstep)
     assert sk._row_plan(odd, "fixed_16x256", True).variant.name == "fixed_16x256"
     assert sk._row_plan(odd, "lockstep_fixed_16x256", True).variant.name == "tile_8x256"
