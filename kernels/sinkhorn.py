@@ -311,7 +311,7 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
 
 
 # Row-pass kernels. Three ways to keep the per-row statistics (constexpr STATE), chosen per launch
-# by a RowVariant (see _ROW_VARIANTS below; the GPU A/B in bench/bench_sk_pass.py decides):
+# by a RowVariant (see ROW_VARIANTS below; the GPU A/B in bench/bench_sk_pass.py decides):
 #   STATE_TILE  running max per row, updated once per tile (FlashAttention recurrence): per tile
 #               one cross-thread max and one cross-thread sum per row
 #   STATE_ELEM  elementwise running (m, d, s1) [BLOCK_N, BLOCK_K] (`_lse_update`), reduced across
@@ -341,9 +341,9 @@ def _teacher_row_kernel(t_ptr, col_shift_ptr, part_ptr, colsum_ptr, N, K, stride
                         FAST: tl.constexpr = 0):
     """One program: BLOCK_N rows × one K slice (grid axis 0 = the slice, so consecutive programs
     share rows and the pass ends on the last row blocks). Over y = t·inv_temp - col_shift: shift m
-    (STATE_FIXED: m = bound[b]), d = Σ exp(y - m) and (ENTROPY) s1 = Σ exp(y - m)·y, written as
-    partials part [3, N, n_splits] for _row_merge_kernel (always a merge launch: at the issue's
-    shapes the row pass is split anyway, for the tail of the last wave). WITH_COLSUM also
+    (STATE_FIXED: m = bound[b] - log_scale[0]), d = Σ exp(y - m) and (ENTROPY) s1 =
+    Σ exp(y - m)·y, written as partials part [3, N, n_splits] for _row_merge_kernel (always a
+    merge launch: at the issue's shapes the row pass is split anyway). WITH_COLSUM also
     atomically adds the column sums of t to colsum[K] (the softmax center's batch statistic,
     fused in this read; the order of the atomic adds is not fixed). FAST requires K % BLOCK_K ==
     0 (no column mask at all); STATE_ELEM / STATE_FIXED run only FAST (launcher: other K run the
