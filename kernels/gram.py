@@ -53,7 +53,7 @@ Gram is nan).
 
 Cost model (w = bytes of a working-dtype element, 2 for bf16; in = input element bytes; R = NB·Pe
 rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
-  prep       reads 2·R·D·in, writes 3·R·D·w (4 with a clamp on bf16/fp16: lo(ŝ))   memory-bound
+  prep       reads 2·R·D·in, writes 3·R·D·w (4 with a clamp on bf16/fp16: lo(ŝ); 2 for D×D)
   P×P fwd    T(T+1)/2 tile pairs per image, each reads F_i, E_i, F_j, E_j (4·BM·D·w; 8 with a
              clamp): ≈ 2·NB·Pe²·D·w/BM bytes for 2·NB·Pe²·D FLOPs, BM/w = 32 FLOP/B (bf16)
   P×P bwd    T² pairs, each reads F, E of both blocks and Â_j (5·BM·D·w) and read-modify-writes
@@ -67,7 +67,8 @@ rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
 All below the H100 ridge from HBM (989 TFLOP/s / 3.35 TB/s ≈ 295 FLOP/B): the tiles reach tensor-
 core speed only because the re-reads hit L2 (one image's F, E are 2·Pe·D·w bytes: 4 MiB at the 7B
 shape P = 256, D = 4096, against 50 MB of L2). The P×P backward's fp32 dÂ_i (1 MiB per program at
-D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo), D×D also 2·NB·D²·w.
+D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo) for P×P; F, E
+(2·R·D·w) and M1, M2 (2·NB·D²·w) for D×D, whose prep writes no ŝ.
 
 Tiles (explained at `_pp_gpu`): 64-row square tiles. bf16/fp16 tiles run 4 warps, one per
 16-row MMA slice, because the dots of every loop here are "chained" and Triton lays all warps
@@ -231,7 +232,9 @@ def _gram_prep_kernel(
     T_ptr,  # in  [R, D] teacher rows
     D, EPS,
     BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr, WRITE_LO: tl.constexpr,
+    WRITE_A: tl.constexpr,
 ):
+    """WRITE_A: the P×P form reads ŝ; the D×D form only F and E (a third less written)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * D
     offs = tl.arange(0, BLOCK_D)
@@ -250,11 +253,12 @@ def _gram_prep_kernel(
         a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_s
         b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_t
         # the difference is taken in fp32 before rounding: this is what keeps S accurate
-        hi = _round(a, A_ptr.dtype.element_ty, RNE_FIX)
-        tl.store(A_ptr + base + k + offs, hi, mask=m)
-        if WRITE_LO:
-            lo = _round(a - hi.to(tl.float32), Lo_ptr.dtype.element_ty, RNE_FIX)
-            tl.store(Lo_ptr + base + k + offs, lo, mask=m)
+        if WRITE_A:
+            hi = _round(a, A_ptr.dtype.element_ty, RNE_FIX)
+            tl.store(A_ptr + base + k + offs, hi, mask=m)
+            if WRITE_LO:
+                lo = _round(a - hi.to(tl.float32), Lo_ptr.dtype.element_ty, RNE_FIX)
+                tl.store(Lo_ptr + base + k + offs, lo, mask=m)
         tl.store(F_ptr + base + k + offs, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
         tl.store(E_ptr + base + k + offs, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
 
@@ -761,18 +765,21 @@ def _needs_lo(dtype: torch.dtype, clamp: int) -> bool:
     return clamp != CLAMP_NONE and _working_dtype(dtype) != torch.float32
 
 
-def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool):
-    """[..., D] rows -> ŝ, lo(ŝ) (empty unless write_lo), ŝ + t̂, ŝ - t̂ in the working dtype."""
+def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
+              write_a: bool = True):
+    """[..., D] rows -> ŝ (empty unless write_a), lo(ŝ) (empty unless write_lo), ŝ + t̂, ŝ - t̂
+    in the working dtype."""
     s, t = student.contiguous(), teacher.contiguous().to(student.dtype)
     d = s.shape[-1]
     work = _working_dtype(s.dtype)
-    a, f, e = (torch.empty(s.shape, dtype=work, device=s.device) for _ in range(3))
+    f, e = (torch.empty(s.shape, dtype=work, device=s.device) for _ in range(2))
+    a = torch.empty(s.shape if write_a else (0,), dtype=work, device=s.device)
     lo = torch.empty(s.shape if write_lo else (0,), dtype=work, device=s.device)
     rows = s.numel() // max(d, 1)
     if rows:
-        _gram_prep_kernel[(rows,)](a, lo if write_lo else a, f, e, s, t, d, NORM_EPS,
-                                   BLOCK_D=_row_block(d), num_warps=ROW_WARPS,
-                                   RNE_FIX=_rne_fix(work), WRITE_LO=write_lo)
+        _gram_prep_kernel[(rows,)](a if write_a else f, lo if write_lo else f, f, e, s, t, d,
+                                   NORM_EPS, BLOCK_D=_row_block(d), num_warps=ROW_WARPS,
+                                   RNE_FIX=_rne_fix(work), WRITE_LO=write_lo, WRITE_A=write_a)
     return a, lo, f, e
 
 
@@ -783,8 +790,9 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     empty for P×P)."""
     nb, pe, d = _views(student, img_level)
     write_lo = _needs_lo(student.dtype, clamp)
-    a, lo, f, e = gram_prep(student, teacher, write_lo)
-    a, f, e = (x.view(nb, pe, d) for x in (a, f, e))
+    a, lo, f, e = gram_prep(student, teacher, write_lo, write_a=form == FORM_PP)
+    f, e = (x.view(nb, pe, d) for x in (f, e))
+    a = a.view(nb, pe, d) if form == FORM_PP else a
     lo = lo.view(nb, pe, d) if write_lo else lo
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
@@ -865,7 +873,8 @@ def _(student, teacher, img_level, clamp, form, arch):
     nb, pe, d = _views(student, img_level)
     work = _working_dtype(student.dtype)
     loss = student.new_empty((), dtype=torch.float32)
-    a, f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(3))
+    f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(2))
+    a = student.new_empty((nb, pe, d) if form == FORM_PP else (0,), dtype=work)
     lo = student.new_empty((nb, pe, d) if _needs_lo(student.dtype, clamp) else (0,), dtype=work)
     mats = student.new_empty((nb, 2, d, d) if form == FORM_DD else (0,), dtype=work)
     return loss, a, lo, f, e, mats
@@ -980,7 +989,13 @@ def compile_specs() -> list[CompileSpec]:
             add(f"gram_prep[{ty},lo={write_lo}]", _gram_prep_kernel,
                 {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
                  "D": "i32", "EPS": "fp32"},
-                dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=write_lo)
+                dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=write_lo,
+                WRITE_A=True)
+        add(f"gram_prep[{ty},dd]", _gram_prep_kernel,
+            {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
+             "D": "i32", "EPS": "fp32"},
+            dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=False,
+            WRITE_A=False)
         ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w}
         for clamp in (CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG):
             for name, cfg in per_arch(f"gram_pp_fwd[{ty},clamp={clamp}]", _pp_gpu, dtype, clamp):
