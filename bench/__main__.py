@@ -72,7 +72,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma list to time, e.g. torch,triton (default: all of the case's + "
                         "torch_compile)")
     p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list of fwd,bwd,fwd+bwd")
-    p.add_argument("--cases", default=None, help="only cases whose name contains this text")
+    p.add_argument("--cases", default=None,
+                   help="only cases whose name contains one of these texts (comma list)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available")
     p.add_argument("--no-save", action="store_true", help="print only, append no JSON lines")

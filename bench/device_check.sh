@@ -2,7 +2,7 @@
 # The one prepared script for a GPU machine (DESIGN.md "Benchmarks, profiling and GPU checks").
 #
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
-#                              [--stages LIST] [--ops LIST] [--tests FILES]
+#                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST]
 #
 # --stages  comma list of pytest,check,bench,profile,step,ds (default: all of them). A follow-up
 #           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
@@ -11,6 +11,8 @@
 #           their bytes).
 # --tests   space-separated test files for pytest (default: tests/gpu + every tests/kernels file
 #           that runs kernels, GPU-only cases first).
+# --cases   comma list of texts: check / bench / profile run only the cases whose name contains
+#           one of them (default: every case).
 #
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
@@ -36,6 +38,7 @@ ALL_STAGES="pytest,check,bench,profile,step,ds"
 STAGES="$ALL_STAGES"
 OPS=""
 TESTS=""
+CASES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -44,8 +47,9 @@ while [ $# -gt 0 ]; do
     --stages) STAGES="$2"; shift 2 ;;
     --ops) OPS="$2"; shift 2 ;;
     --tests) TESTS="$2"; shift 2 ;;
+    --cases) CASES="$2"; shift 2 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES)" >&2; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST)" >&2; exit 2 ;;
   esac
 done
 for st in ${STAGES//,/ }; do
@@ -194,14 +198,14 @@ fi
 # share, so the last ops are not starved by a slow first one
 if want check; then
   T=$(stage_timeout check)
-  run_stage check "$T" "$OUT/check.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --check --quick \
+  run_stage check "$T" "$OUT/check.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --check --quick ${CASES:+--cases "$CASES"} \
     --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
 fi
 
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
 if want bench; then
   T=$(stage_timeout bench)
-  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --quick \
+  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --quick ${CASES:+--cases "$CASES"} \
     --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
 fi
 
@@ -211,7 +215,7 @@ if want profile; then
   echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
   run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
     bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
-    profile --quick --providers triton --modes fwd,bwd
+    profile --quick --providers triton --modes fwd,bwd ${CASES:+--cases "$CASES"}
 fi
 
 # ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels

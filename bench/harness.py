@@ -290,3 +290,8 @@ def run_case(case: BenchCase, device: torch.device, modes: tuple[str, ...] = MOD
                     torch.cuda.empty_cache()
             rows.append(row)
     return rows
+
+
+def case_selected(name: str, spec: str | None) -> bool:
+    """--cases: a comma list of texts; a case runs when its name contains any of them."""
+    return spec is None or any(s and s in name for s in spec.split(","))

@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("op", help="an op of bench/bench_<op>.py, e.g. dino_loss")
-    p.add_argument("--cases", default=None, help="only cases whose name contains this text")
+    p.add_argument("--cases", default=None,
+                   help="only cases whose name contains one of these texts (comma list)")
     p.add_argument("--providers", default="triton", help="comma list (default: triton)")
     p.add_argument("--modes", default="fwd,bwd", help="comma list of fwd,bwd,fwd+bwd")
     p.add_argument("--quick", action="store_true", help="the --quick case list")
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.harness import (
         MODES,
         available_ops,
+        case_selected,
         fresh_inputs,
         grad_output_like,
         load_cases,
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     cases = [c for c in load_cases(args.op, quick=args.quick, on_gpu=cuda)
-             if args.cases is None or args.cases in c.name]
+             if case_selected(c.name, args.cases)]
     if not cases:
         print(f"error: no case of {args.op} matches --cases {args.cases!r}", file=sys.stderr)
         return 2

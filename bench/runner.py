@@ -11,7 +11,7 @@ import traceback
 import torch
 
 from bench import results
-from bench.harness import load_cases, run_case
+from bench.harness import case_selected, load_cases, run_case
 from bench.parity import check_case
 from bench.roofline import Roofline, derived_metric, measure
 
@@ -27,7 +27,7 @@ def _cases(ops: list[str], args: argparse.Namespace, on_gpu: bool):
             yield op, None, f"{type(e).__name__}: {e}"
             continue
         if args.cases:
-            cases = [c for c in cases if args.cases in c.name]
+            cases = [c for c in cases if case_selected(c.name, args.cases)]
         yield op, cases, None
 
 
