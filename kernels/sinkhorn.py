@@ -66,17 +66,26 @@ bytes and time, same grids; row grids of tile_8x256; (†) one_wave variants: wa
   | tile_fast_16x256      | 2 rows per thread, 1 col_shift load per 16 rows  | 11.8      | 40/40  |
   | tile_fast_32x256      | 4 rows per thread                                | 10.8      | 64/64  |
   | elem_fast_8x256       | elementwise running max (hypothesis 1)           | 16.5      | 44/52  |
-  | fixed_16x256 (default)| no max: shift by the exact previous-pass bound   | 8.1       | 40/48  |
-  | fixed_32x256          | the same, 4 rows per thread                      | 7.0       | 48/64  |
+  | fixed_16x256          | no max: shift by the exact previous-pass bound   | 8.1       | 40/48  |
+  | fixed_32x256 (default)| the same, 4 rows per thread                      | 7.0       | 48/64  |
   | fixed_16x256_many     | the default on the shipped >= 8-per-SM grid      | 8.1       | 40/48  |
   | lockstep_tile_16x256  | chunk-major walk (column-pass locality), max     | 11.2      | 48/64  |
   | lockstep_fixed_16x256 | chunk-major walk, fixed shift                    | 9.8       | 48/64  |
   Fixed-shift variants run SK row passes 2..iters; the first pass and softmax centering (no
-  bound) run their fallback (fixed_16x256 -> tile_fast_16x256). Every fast variant needs K a
+  bound) run their fallback (fixed_32x256 -> tile_fast_32x256). Every fast variant needs K a
   multiple of its tile (all DINOv3 K are); other K and the few-row 7B DINO CLS teacher run
-  tile_8x256. The default is a guess from the instruction counts (8.1 < the column pass'
-  12.1), to be replaced by the A/B's winner: set DEFAULT_ROW_VARIANT (and, if a 32-row or
-  lockstep variant wins for the pass without a bound, the default's fallback).
+  tile_8x256. The GPU A/B (`python -m bench sk_pass --quick`, H200, two runs on two machines,
+  bench/results/nvidia-h200-2026-11-26-check{5,6}; one row pass at 3,771 × 65,536 bf16,
+  medians / CUDA-graph device times in µs, copy bandwidth 4221-4247 GB/s):
+    tile_8x256 (what shipped) 186 / 179-180 (63 %), tile_fast_16x256 165-166 / 154,
+    tile_fast_32x256 159-192 / 147-148, elem_fast_8x256 161-178 / 151-170,
+    fixed_16x256 132-165 / 119-135 (78-89 %), fixed_32x256 138-178 / 117-126 (84 % by the
+    cleaner run's median), lockstep_fixed_16x256 146-176 / 135, column pass 139-141 / 128.
+  So the default is fixed_32x256 (the lowest device time in both runs) with tile_fast_32x256
+  for the first pass. In the whole iBOT forward (check6 profile, still with fixed_16x256) the
+  3 row passes take 415 µs
+  (564 µs with tile_8x256-era kernels in check4): SK's 6 passes at 82 % of the copy
+  bandwidth on average.
 - Launch configs: column pass BLOCK_N × BLOCK_K = 32 × 128 (bf16) / 16 × 128 (fp32), row pass
   per variant (above; the same tiles for fp32, twice the shared memory), merge 16 × 128;
   num_warps 8 (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles in
@@ -662,7 +671,7 @@ ROW_VARIANTS: dict[str, RowVariant] = {v.name: v for v in (
 # every fast variant needs K to be a multiple of its tile (every DINOv3 K is); other K run the
 # shipped masked kernel
 _MASKED_ROW_VARIANT = "tile_8x256"
-DEFAULT_ROW_VARIANT = "fixed_16x256"
+DEFAULT_ROW_VARIANT = "fixed_32x256"  # the GPU A/B winner (header)
 
 
 @dataclasses.dataclass(frozen=True)
