@@ -81,8 +81,13 @@ bytes and time, same grids; row grids of tile_8x256; (†) one_wave variants: wa
     tile_fast_32x256 159-192 / 147-148, elem_fast_8x256 161-178 / 151-170,
     fixed_16x256 132-165 / 119-135 (78-89 %), fixed_32x256 138-178 / 117-126 (84 % by the
     cleaner run's median), lockstep_fixed_16x256 146-176 / 135, column pass 139-141 / 128.
-  So the default is fixed_32x256 (the lowest device time in both runs) with tile_fast_32x256
-  for the first pass. In the whole iBOT forward (check6 profile, still with fixed_16x256) the
+  So the default is fixed_32x256 (the lowest device time in both runs). The first row pass
+  has no previous row_shift; teachers of LOOSE_BOUND_MIN_BYTES (64 MiB) or more run it with the
+  fixed shift too, at the exact but loose bound -log(K/N_total), plus one `_row_redo_kernel`
+  launch that recomputes any row whose sum fell > 55 nats under it (none unless a sample is
+  dominated in every column; N two-load programs otherwise, a few µs; not timed on a GPU yet);
+  smaller teachers (DINO CLS, launch-bound) and softmax centering run the fallback
+  tile_fast_32x256. In the whole iBOT forward (check6 profile, still with fixed_16x256) the
   3 row passes take 415 µs
   (564 µs with tile_8x256-era kernels in check4): SK's 6 passes at 82 % of the copy
   bandwidth on average.
@@ -551,6 +556,31 @@ def _row_merge_kernel(part_ptr, out_ptr, N, n_splits, stride_r, stride_s, ENTROP
         tl.store(out_ptr + N + rows, lse - s1_r / d_r, mask=rows < N)
 
 
+@triton.jit(do_not_specialize=['K'])
+def _row_redo_kernel(t_ptr, col_shift_ptr, bound_ptr, log_scale_ptr, out_ptr, K, stride_t,
+                     inv_temp, REDO_BELOW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row, after a fixed-shift pass whose bound may be loose (the first SK
+    row pass): a row whose LSE came out more than -REDO_BELOW nats under its shift lost terms
+    to the exp2 flush (below 2^-126) or underflowed to -inf, so it is recomputed exactly here
+    (running max, one exp2 per element); every other row returns after two loads."""
+    row = tl.program_id(0).to(tl.int64)
+    lse = tl.load(out_ptr + row)
+    shift = tl.load(bound_ptr + row) - tl.load(log_scale_ptr)
+    if lse - shift < REDO_BELOW:  # also -inf (every term flushed: an empty sum)
+        offs = tl.arange(0, BLOCK_K)
+        m = tl.full([BLOCK_K], -1.0e30, tl.float32)
+        d = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs
+            cmask = cols < K
+            t = tl.load(t_ptr + row * stride_t + cols, mask=cmask, other=0.0).to(tl.float32)
+            a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
+            m, d = _lse_update(m, d, tl.where(cmask, t * inv_temp - a, float("-inf")))
+        m_r = tl.max(m, axis=0)
+        d_r = tl.sum(d * tl.exp2((m - m_r) * 1.4426950408889634), axis=0)
+        tl.store(out_ptr + row, m_r + tl.log(d_r))
+
+
 # ------------------------------------------------------------------------------------------------
 # Launch heuristics (fixed configs: autotune cannot run under the interpreter, and a fixed
 # config is what compile_specs() can check for spills). See the header table for the numbers.
@@ -565,6 +595,12 @@ _COL_BLOCK = {torch.bfloat16: (32, 128), torch.float32: (16, 128)}
 _ROW_BLOCK = {torch.bfloat16: (8, 256), torch.float32: (8, 256)}  # 16 rows bf16: spills (3.9)
 _STAGES = 4
 _MERGE_BLOCK_R = 16
+# _row_redo_kernel: redo a row whose LSE is more than 55 nats (2^-79) under its fixed shift.
+# exp2 flushes terms under 2^-126 to 0; K <= 2^18 of them lose at most 2^-108, i.e. < 2^-29 of
+# any sum >= 2^-79: rows above the threshold are exact to fp32 rounding.
+REDO_BELOW = -55.0
+_REDO_BLOCK_K = 1024
+_REDO_WARPS = 4
 _WARPS = 8
 _MERGE_WARPS = 4
 
@@ -840,7 +876,7 @@ def teacher_col_pass(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.
 def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, with_colsum: bool,
                      entropy: bool, variant: str | RowVariant | None = None,
                      row_bound: torch.Tensor | None = None,
-                     log_scale: torch.Tensor | None = None
+                     log_scale: torch.Tensor | None = None, loose_bound: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per row b: LSE_k(t[b]·inv_temp - col_shift) [N] (nats) and, when `entropy`, the entropy
     (nats) [N] of the softmax it normalises (else None); plus the column sum of t [K] when
@@ -850,8 +886,16 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     log_scale [1] (fp32, given together): the fixed-shift variants shift row b by
     row_bound[b] - log_scale[0], which must bound max_k of y = t[b]·inv_temp - col_shift from above
     with Σ_k exp(y - bound) far from underflow: exactly what `sinkhorn_knopp` passes from the
-    second row pass on (the previous row_shift and log(K/N_total)); other variants ignore it."""
+    second row pass on (the previous row_shift and log(K/N_total)); other variants ignore it.
+    loose_bound: the bound is exact but the sum may underflow (the first SK row pass, whose
+    bound -log(K/N_total) assumes every row dominates some column): a fixed-shift pass is then
+    followed by `_row_redo_kernel`, which recomputes exactly the rows that lost terms (none in
+    practice, so one launch of N two-load programs). Not with `entropy` or `with_colsum`."""
     _check_teacher(t)
+    if loose_bound and (entropy or with_colsum or row_bound is None):
+        raise ValueError("loose_bound needs row_bound and log_scale and neither entropy nor "
+                         f"with_colsum (got entropy={entropy}, with_colsum={with_colsum}, "
+                         f"row_bound {'None' if row_bound is None else 'given'})")
     t = t.contiguous()
     n, k = t.shape
     if (row_bound is None) != (log_scale is None):
@@ -897,6 +941,10 @@ def teacher_row_pass(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float, 
     _row_merge_kernel[(cdiv(n, _MERGE_BLOCK_R),)](
         part, out, n, plan.n_splits, *strides, ENTROPY=entropy, BLOCK_R=_MERGE_BLOCK_R,
         BLOCK_S=MAX_SPLITS, num_warps=_MERGE_WARPS)
+    if loose_bound and state == _STATE_FIXED:
+        _row_redo_kernel[(n,)](t, col_shift, bound, lsc, out, k, t.stride(0), float(inv_temp),
+                               REDO_BELOW=REDO_BELOW, BLOCK_K=_REDO_BLOCK_K,
+                               num_warps=_REDO_WARPS)
     return out[0], (out[1] if entropy else None), colsum
 
 
@@ -928,16 +976,17 @@ def _(t, col_shift, row_shift, log_scale, inv_temp, col_mode, finalize):
 def _teacher_row_pass_op(t: torch.Tensor, col_shift: torch.Tensor, inv_temp: float,
                          with_colsum: bool, entropy: bool, variant: str = "",
                          row_bound: torch.Tensor | None = None,
-                         log_scale: torch.Tensor | None = None
+                         log_scale: torch.Tensor | None = None, loose_bound: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = teacher_row_pass(t, col_shift, inv_temp, with_colsum, entropy, variant or None,
-                           row_bound, log_scale)
+                           row_bound, log_scale, loose_bound)
     # outputs of a custom op may not alias each other; None (not asked for) -> empty
     return tuple(t.new_empty(0, dtype=torch.float32) if x is None else x.clone() for x in out)
 
 
 @_teacher_row_pass_op.register_fake
-def _(t, col_shift, inv_temp, with_colsum, entropy, variant="", row_bound=None, log_scale=None):
+def _(t, col_shift, inv_temp, with_colsum, entropy, variant="", row_bound=None, log_scale=None,
+      loose_bound=False):
     n, k = t.shape
     f = dict(dtype=torch.float32)
     return (t.new_empty(n, **f), t.new_empty(n if entropy else 0, **f),
@@ -962,6 +1011,23 @@ def _ops():
 # ------------------------------------------------------------------------------------------------
 
 
+# The first SK row pass runs the fixed shift with the loose bound -log(K/N_total) (and a redo
+# launch for rows it could not resolve) only for teachers that stream from HBM: there it saves
+# the running max' ALU work (~20 µs of ~160 at the ViT-L iBOT shape, H200); the DINO CLS teacher
+# (16.8 MB, L2-resident, host-bound) would only pay the extra launch.
+LOOSE_BOUND_MIN_BYTES = 64 * 2**20
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    """A read-only [n] fp32 zero vector (a view of one buffer per device, grown as needed): no
+    memset launch per call."""
+    buf = _ZEROS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _ZEROS[device] = torch.zeros(max(n, 1024), device=device, dtype=torch.float32)
+    return buf[:n]
+
+
 @functools.lru_cache(maxsize=64)
 def _log_scale(value: float, device: torch.device) -> torch.Tensor:
     """log(K / N_total) as the [1] fp32 device tensor the column passes read, made once per value
@@ -983,7 +1049,11 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     log(K/N_total) bounds each row of y = t·inv_temp - col_shift from above, exactly: after the
     column update, exp(y - bound) = p[b, k] / Σ_b' p[b', k] <= 1 (p: the previous pass'
     probabilities, rows summing to 1), and its row sum >= 1/N_total; the fixed-shift variants
-    use it as their shift (no running max)."""
+    use it as their shift (no running max). The first row pass has the bound -log(K/N_total)
+    too (exp(y - bound) is then a softmax over the samples of column k, <= 1), but no lower
+    bound on its row sums (a sample every column prefers others to): for teachers of
+    LOOSE_BOUND_MIN_BYTES or more it runs the fixed shift with `loose_bound` (an exact redo of
+    any row that lost terms), smaller ones run the variant's fallback."""
     _check_teacher(teacher_logits)
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
@@ -1018,9 +1088,17 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
                 s = dist.all_reduce_sum(out_d)
                 col_shift = col_shift + torch.log(s.clamp_min(_TINY)) + log_scale
         last = it == n_iterations - 1
-        bound = (row_shift, log_scale) if it > 0 else (None, None)
+        loose = it == 0 and not last and t.numel() * t.element_size() >= LOOSE_BOUND_MIN_BYTES
+        if it > 0:
+            bound = (row_shift, log_scale)
+        elif loose:  # row_shift 0: the first row pass' bound is -log(K/N_total), exact but loose
+            zeros = (t.new_zeros(n, dtype=torch.float32) if torch.compiler.is_compiling()
+                     else _zeros(n, dev))
+            bound = (zeros, log_scale)
+        else:
+            bound = (None, None)
         row_shift, entropy, _ = row_pass(t, col_shift, inv_temp, False, last, row_variant or "",
-                                         *bound)
+                                         *bound, loose)
     return TeacherTargets(logits=t, inv_temp=inv_temp, col_shift=col_shift, row_shift=row_shift,
                           row_entropy=entropy)
 
@@ -1116,6 +1194,13 @@ def compile_specs() -> list[CompileSpec]:
                     num_warps=_WARPS, num_stages=_STAGES))
         for v in ROW_VARIANTS.values():
             specs += _row_specs(v, torch_dt, v.fast)
+        specs.append(CompileSpec(
+            name=f"sk_row_redo[BLOCK_K={_REDO_BLOCK_K},{dt}]", fn=_row_redo_kernel,
+            signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32", "bound_ptr": "*fp32",
+                       "log_scale_ptr": "*fp32", "out_ptr": "*fp32", "K": "i32",
+                       "stride_t": "i32", "inv_temp": "fp32"},
+            constexprs={"REDO_BELOW": REDO_BELOW, "BLOCK_K": _REDO_BLOCK_K},
+            num_warps=_REDO_WARPS))
     for ent in (False, True):
         specs.append(CompileSpec(
             name=f"sk_row_merge[ENT={int(ent)},BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",

@@ -277,6 +277,73 @@ def test_fixed_shift_uses_the_bound():
         assert torch.isinf(bad).all() and (bad < 0).all(), v
 
 
+def test_redo_recomputes_the_rows_a_loose_bound_loses():
+    """loose_bound: a fixed-shift pass whose bound is 200 nats too high loses every term (as
+    above); the redo launch recomputes exactly those rows, and leaves rows it resolved alone."""
+    t = _logits(8, 1024, seed=25)
+    cs = torch.zeros(1024, device=DEV)
+    bound = torch.full((8,), 200.0, device=DEV)
+    bound[:3] = t[:3].amax(dim=1)  # rows 0-2: a tight bound, resolved by the fixed pass
+    zero = torch.zeros(1, device=DEV)
+    out, _, _ = sk.teacher_row_pass(t, cs, 1.0, False, False, "fixed_32x256", bound, zero,
+                                    loose_bound=True)
+    torch.testing.assert_close(out, torch.logsumexp(t, dim=1), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="loose_bound"):
+        sk.teacher_row_pass(t, cs, 1.0, False, True, "fixed_32x256", bound, zero,
+                            loose_bound=True)
+
+
+def _spy_loose(monkeypatch) -> list[bool]:
+    """Record the loose_bound argument of every row pass sinkhorn_knopp makes."""
+    seen, real = [], sk.teacher_row_pass
+
+    def spy(*args, **kw):
+        seen.append(args[8] if len(args) > 8 else kw.get("loose_bound", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sk, "teacher_row_pass", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_row_pass_with_the_loose_bound(monkeypatch, dtype):
+    """The first SK row pass with the fixed shift -log(K/N_total), as teachers of
+    LOOSE_BOUND_MIN_BYTES or more run it (forced here): parity with the reference."""
+    monkeypatch.setattr(sk, "LOOSE_BOUND_MIN_BYTES", 0)
+    seen = _spy_loose(monkeypatch)
+    _check_sk(_logits(9, 1024, seed=26), dtype, 0.04, "fixed_32x256")
+    assert seen == [True, False, False]  # the first of 3 row passes ran with the loose bound
+
+
+def _sk_log64(t: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+    """SK in the log domain in fp64 (the factorised form of the module header; the reference
+    works in fp32 and flushes a sample that every prototype prefers others to)."""
+    x = t.double() / temp
+    log_scale = torch.log(torch.tensor(x.shape[1] / x.shape[0], dtype=torch.float64))
+    col = torch.logsumexp(x, dim=0) + log_scale
+    row = torch.logsumexp(x - col, dim=1)
+    for _ in range(iters - 1):
+        col = col + torch.logsumexp(x - col - row[:, None], dim=0) + log_scale
+        row = torch.logsumexp(x - col, dim=1)
+    return torch.exp(x - col - row[:, None])
+
+
+def test_loose_bound_redo_resolves_a_dominated_sample(monkeypatch):
+    """Sample 4 is ~250 nats (t/τ) under every prototype's LSE: under the loose bound its first
+    row sum underflows to 0 and the redo recomputes it; the result matches fp64 SK. With the
+    redo disabled that row comes out wrong (non-finite or far off)."""
+    monkeypatch.setattr(sk, "LOOSE_BOUND_MIN_BYTES", 0)
+    temp = 0.04
+    t = _logits(9, 1024, seed=26)
+    t[4] -= 10.0
+    truth = _sk_log64(t, temp).float()
+    probs = sk.sinkhorn_knopp(t, temp, row_variant="fixed_32x256").materialize()
+    torch.testing.assert_close(probs, truth, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(sk, "REDO_BELOW", float("-inf"))  # no row is ever redone
+    probs = sk.sinkhorn_knopp(t, temp, row_variant="fixed_32x256").materialize()
+    assert not torch.allclose(probs[4], truth[4], rtol=1e-2, atol=1e-4)
+
+
 def test_row_variant_fallbacks(monkeypatch):
     """Fixed-shift variants fall back without a bound; lockstep ones when K needs more than
     MAX_SPLITS chunks; unknown names are refused with the allowed list."""
