@@ -75,7 +75,8 @@ class DINOLoss(TeacherCentering):
 
         rows_g = soft_ce_rows(student_global_logits, targets, global_pair_index(batch, dev),
                               self.student_temp, fused)
-        global_loss = rows_g.sum() / (batch * N_GLOBAL * (N_GLOBAL - 1))  # mean of 2 cross pairs
+        # mean of the 2B cross pairs (one row each): one reduction launch, not a sum and a divide
+        global_loss = rows_g.mean()
 
         n_l = 0 if student_local_logits is None else student_local_logits.shape[0] // batch
         if n_l:
@@ -84,13 +85,16 @@ class DINOLoss(TeacherCentering):
                                  f"{tuple(student_local_logits.shape)}")
             rows_l = soft_ce_rows(student_local_logits, targets,
                                   local_pair_index(batch, n_l, dev), self.student_temp, fused)
-            local_loss = rows_l.sum() / (batch * n_l * N_GLOBAL)
+            local_loss = rows_l.mean() / N_GLOBAL  # each row holds its N_GLOBAL pair terms
         else:
             local_loss = global_loss.new_zeros(())
 
         global_terms = N_GLOBAL * (N_GLOBAL - 1)
         local_terms = N_GLOBAL * n_l
-        dino_loss = (global_terms * global_loss + local_terms * local_loss_weight * local_loss) \
-            / (global_terms + local_terms)
+        # (global_terms·global + local_terms·w·local) / (global_terms + local_terms), in two
+        # launches (an add with alpha and a scale) instead of five: this loss is host-bound
+        dino_loss = torch.add(global_loss, local_loss,
+                              alpha=local_terms * local_loss_weight / global_terms) \
+            * (global_terms / (global_terms + local_terms))
         return {"dino_global_crops_loss": global_loss, "dino_local_crops_loss": local_loss,
                 "dino_loss": dino_loss}
