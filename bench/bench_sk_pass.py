@@ -9,6 +9,12 @@ of the row-pass variants (ROW_VARIANTS) against one MODE-1 column pass as the ya
                col_mode1     one MODE-1 column pass (teacher_col_pass, statistics returned, not
                              finalised): the other half of an SK iteration, 83 % of the copy on an
                              H200 (2026-11-26), the bar the row pass is held to
+               col_mode0     the first column pass (online column LSE: no shift known yet)
+               row_first     the first row pass as sinkhorn_knopp runs it at this shape (on the
+                             state after the first column pass: the loose bound -log(K/N) with
+                             the redo launch for teachers >= LOOSE_BOUND_MIN_BYTES, else the
+                             default's fallback); timed only (--check compares the passes of
+                             the second iteration)
     GB/s = N·K·e / time (one read of the teacher logits; the col_shift / row-bound vectors and
     the [N, splits] partials are not counted), against the measured D2D copy.
 
@@ -58,11 +64,12 @@ def _sk_state(t: torch.Tensor, inv_temp: float) -> dict[str, torch.Tensor]:
     n, k = t.shape
     log_scale = torch.full((1,), math.log(k / n), device=t.device)
     x = t.float() * inv_temp
-    col = torch.logsumexp(x, dim=0) + log_scale
-    row = torch.logsumexp(x - col, dim=1)
-    col = col + torch.log(torch.exp(x - col - row[:, None]).sum(dim=0).clamp_min(sk._TINY))
+    col1 = torch.logsumexp(x, dim=0) + log_scale
+    row = torch.logsumexp(x - col1, dim=1)
+    col = col1 + torch.log(torch.exp(x - col1 - row[:, None]).sum(dim=0).clamp_min(sk._TINY))
     col = col + log_scale
-    return {"col_shift": col.contiguous(), "row_bound": row.contiguous(), "log_scale": log_scale}
+    return {"col_shift": col.contiguous(), "row_bound": row.contiguous(), "log_scale": log_scale,
+            "col_shift1": col1.contiguous()}
 
 
 def _plan_text(t: torch.Tensor, name: str, entropy: bool) -> str:
@@ -87,7 +94,7 @@ def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
         anchor = torch.zeros((), device=device, requires_grad=True)
         return {"t": t, **_sk_state(t, inv_temp), "anchor": anchor}
 
-    def ref(t, col_shift, row_bound, log_scale, anchor):
+    def ref(t, col_shift, row_bound, log_scale, anchor, col_shift1=None):
         y = t.float() * inv_temp - col_shift
         lse = torch.logsumexp(y, dim=1)
         if entropy:
@@ -98,7 +105,7 @@ def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
     def row(variant: str | None):
         calls = []
 
-        def run(t, col_shift, row_bound, log_scale, anchor):
+        def run(t, col_shift, row_bound, log_scale, anchor, col_shift1=None):
             lse, ent, _ = sk.teacher_row_pass(t, col_shift, inv_temp, False, entropy, variant,
                                               row_bound, log_scale)
             if t.is_cuda and len(calls) < 2:  # the grid after the occupancy is known (2nd call)
@@ -110,16 +117,28 @@ def _case(label: str, n: int, k: int, dtype: torch.dtype, entropy: bool,
             return _ForwardOnly.apply(anchor, torch.stack((lse, ent)) if entropy else lse)
         return run
 
-    def col_mode1(t, col_shift, row_bound, log_scale, anchor):
+    def col_mode1(t, col_shift, row_bound, log_scale, anchor, col_shift1=None):
         _, s = sk.teacher_col_pass(t, col_shift, row_bound, log_scale, inv_temp,
                                    sk._MODE_SUMEXP, False)
         return _ForwardOnly.apply(anchor, s)
+
+    def col_mode0(t, col_shift, row_bound, log_scale, anchor, col_shift1=None):
+        m, d = sk.teacher_col_pass(t, col_shift, row_bound, log_scale, inv_temp, sk._MODE_LSE,
+                                   False)
+        return _ForwardOnly.apply(anchor, m + torch.log(d))
+
+    def row_first(t, col_shift, row_bound, log_scale, anchor, col_shift1=None):
+        loose = not entropy and t.numel() * t.element_size() >= sk.LOOSE_BOUND_MIN_BYTES
+        bound = (sk._zeros(t.shape[0], t.device), log_scale) if loose else (None, None)
+        lse, ent, _ = sk.teacher_row_pass(t, col_shift1, inv_temp, False, entropy, None, *bound,
+                                          loose_bound=loose)
+        return _ForwardOnly.apply(anchor, torch.stack((lse, ent)) if entropy else lse)
 
     meta = torch.empty(n, k, device="meta", dtype=dtype)
     plans = {name: _plan_text(meta, name, entropy) for name in sk.ROW_VARIANTS}
     providers = {"torch": ref, "triton": row(None)}
     providers.update({f"row:{name}": row(name) for name in sk.ROW_VARIANTS})
-    providers["col_mode1"] = col_mode1
+    providers.update(col_mode1=col_mode1, col_mode0=col_mode0, row_first=row_first)
     e = torch.finfo(dtype).bits // 8
     tag = str(dtype).replace("torch.", "")
     return BenchCase(
