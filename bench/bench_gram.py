@@ -101,7 +101,7 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
         out.append(_case(f"vitl16-{vitl.global_size}-{kind}", crops, vitl.global_patches,
                          vitl.embed_dim, False, torch.bfloat16, f"vitl16, tokens_used {kind}",
                          n_sel=n_sel))
-    hr = [(512, 32), (1024, 8)] if not quick else [(1024, 8)]
+    hr = [(512, 32), (1024, 8)]  # both in --quick: the P >= 1024 targets
     for side, crops in hr:  # high-res anchoring at ViT-L width; crops sized for the reference
         out.append(_case(f"vitl16-{side}-img", crops, (side // vitl.patch) ** 2, vitl.embed_dim,
                          True, torch.bfloat16, f"vitl16 at {side} px", tiles_ab=True))
