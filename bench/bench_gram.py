@@ -8,9 +8,10 @@ P×P Grams per image fit in memory (the kernel itself needs O(P·D)).
 
 Matmul-bound: the metric is TFLOP/s over the FLOPs the kernel's chosen form executes
 (`gram.choose_form`): P×P tiles use the symmetry, fwd 2·NB·Pe²·D (two GEMMs on half the tile
-pairs), bwd 6·NB·Pe²·D (S recomputed on all tile pairs, for a deterministic backward
-without atomics, + the gradient GEMM); D×D: fwd 4·NB·Pe·D² (four GEMMs on the symmetric
-block pairs), bwd 4·NB·Pe·D².
+pairs), bwd 2·NB·Pe²·D where the forward stores W (Pe <= D: one batched GEMM W ŝ), else
+6·NB·Pe²·D (S recomputed on all tile pairs, for a deterministic backward without atomics, +
+the gradient GEMM; the `triton_pp_recompute` provider times that path where W is stored);
+D×D: fwd 4·NB·Pe·D² (four GEMMs on the symmetric block pairs), bwd 4·NB·Pe·D².
 The fp32 reference computes 4·NB·Pe²·D in the forward on CUDA cores.
 
 Inputs are correlated (t = s + 0.1·noise: the student tracks its Gram teacher), bf16 on GPU; the
@@ -22,7 +23,14 @@ from __future__ import annotations
 import functools
 
 import torch
-from fastdino.kernels.gram import CLAMP_NONE, FORM_DD, choose_form, gram_loss, gram_loss_ref
+from fastdino.kernels.gram import (
+    CLAMP_NONE,
+    FORM_DD,
+    choose_form,
+    gram_loss,
+    gram_loss_ref,
+    stores_w,
+)
 
 from bench.harness import BenchCase
 from bench.registry import get
@@ -31,7 +39,8 @@ from bench.registry import get
 def _flops(nb: int, pe: int, d: int) -> tuple[int, int, str]:
     if choose_form(pe, d, CLAMP_NONE) == FORM_DD:
         return 4 * nb * pe * d * d, 4 * nb * pe * d * d, "D×D"
-    return 2 * nb * pe * pe * d, 6 * nb * pe * pe * d, "P×P"
+    bwd = 2 if stores_w(pe, d) else 6  # one GEMM from the stored W, or S recomputed + GEMM
+    return 2 * nb * pe * pe * d, bwd * nb * pe * pe * d, "P×P"
 
 
 def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.dtype,
@@ -58,6 +67,9 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
         # for the D×D backward the sm90 set holds the former 4-warp 64×64 tiles against the
         # launcher's 128×128 GEMM tiles (gram._dd_bwd_gpu)
         providers["triton_sm90_tiles"] = functools.partial(gram_loss, tiles="sm90")
+    if form == "P×P" and stores_w(pe, d):
+        # A/B: the P×P backward that recomputes S tile by tile (what ran before W was stored)
+        providers["triton_pp_recompute"] = functools.partial(gram_loss, pp_backward="recompute")
     return BenchCase(
         op="gram_loss", name=name,
         params={"crops": crops, "P": p, "D": d, "img_level": img_level, "form": form,
@@ -66,8 +78,8 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
         providers=providers,
         grad_inputs=["student"],
         flops_fwd=fwd, flops_bwd=bwd,
-        formula="P×P: fwd 2·NB·Pe²·D, bwd 6·NB·Pe²·D; D×D: fwd 4·NB·Pe·D² (symmetric pairs), "
-                "bwd 4·NB·Pe·D² "
+        formula="P×P: fwd 2·NB·Pe²·D, bwd 2·NB·Pe²·D (W stored, Pe <= D) or 6·NB·Pe²·D; "
+                "D×D: fwd 4·NB·Pe·D² (symmetric pairs), bwd 4·NB·Pe·D² "
                 "(NB = crops, Pe = P per image; NB = 1, Pe = crops·P flattened, or the "
                 "selected rows with tokens_used masked | unmasked)",
         reference_dtype=torch.float64,

@@ -20,10 +20,16 @@ accumulation keep a relative error of ~2⁻⁸ on S itself instead of on the Gra
 Two exact forms, picked by `choose_form` (crossover derived from the FLOP counts below):
 - P×P, tiled flash-style (any clamp): tile pairs i ≤ j (off-diagonal tiles count twice),
   S_ij = ½(F_i E_jᵀ + E_i F_jᵀ), Σ S² into one partial per tile pair, then a fixed-order sum
-  (deterministic loss). Backward: one program per row block i walks every column block j in
-  order, recomputes S_ij and adds W_ij Â_j into its own rows of dÂ (no atomics: the gradient is
-  bitwise reproducible; S is recomputed for j < i too). fwd 2·P²·D, bwd 6·P²·D FLOPs per image
-  (8·P²·D in all).
+  (deterministic loss). Backward, two ways (`gram_loss(pp_backward=...)`):
+  stored (the default where Pe <= D, `stores_w`: W is then no larger than F or E): the forward
+  also writes W_ij = dL/dĜs (rounded to the working dtype as the MMA operand it becomes) at
+  (i, j) and W_ijᵀ at (j, i), and the backward is one batched GEMM dÂ = W Â (2·P²·D FLOPs, GEMM
+  tiles, deterministic); recompute (Pe > D, or forced): one program per row block i walks every
+  column block j in order, recomputes S_ij and adds W_ij Â_j into its own rows of dÂ (no
+  atomics: the gradient is bitwise reproducible; S is recomputed for j < i too; 6·P²·D FLOPs).
+  fwd 2·P²·D FLOPs per image. At ViT-L 224 px (P = 196, D = 1024, 128 images) the recomputing
+  backward took 0.50 ms against 0.16 ms for the forward (H200, check5); the stored path is not
+  timed on a GPU yet (bench provider `triton_pp_recompute` is the A/B).
 - D×D (no clamp, P >= D): ‖S‖² = ½(⟨FᵀF, EᵀE⟩ + tr(X X)), X = FᵀE, and
   S ŝ = ¼(F M1 + E M2), M1 = Xᵀ + EᵀE, M2 = FᵀF + X. The forward runs over the block pairs
   I <= J of the D×D matrices (both Grams are symmetric): four dots per pair (F_IᵀF_J, E_IᵀE_J,
@@ -56,8 +62,10 @@ rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
   prep       reads 2·R·D·in, writes 3·R·D·w (4 with a clamp on bf16/fp16: lo(ŝ); 2 for D×D)
   P×P fwd    T(T+1)/2 tile pairs per image, each reads F_i, E_i, F_j, E_j (4·BM·D·w; 8 with a
              clamp): ≈ 2·NB·Pe²·D·w/BM bytes for 2·NB·Pe²·D FLOPs, BM/w = 32 FLOP/B (bf16)
-  P×P bwd    T² pairs, each reads F, E of both blocks and Â_j (5·BM·D·w) and read-modify-writes
-             dÂ_i in fp32 (8·BM·D): 18·BM·D B per 6·BM²·D FLOPs, BM/3 ≈ 21 FLOP/B (bf16)
+  P×P bwd    stored W: writes NB·Pe²·w in the forward, reads it and Â once per column tile of
+             the GEMM, writes dÂ in fp32 (R·D·4). Recompute: T² pairs, each reads F, E of both
+             blocks and Â_j (5·BM·D·w) and read-modify-writes dÂ_i in fp32 (8·BM·D): 18·BM·D B
+             per 6·BM²·D FLOPs, BM/3 ≈ 21 FLOP/B (bf16)
   D×D fwd    (D/BK)(D/BK + 1)/2 block pairs per image, each streams F, E at its two column
              blocks: 2·NB·Pe·D²·w/BK bytes for 4·NB·Pe·D² FLOPs, 2·BK/w = 64 FLOP/B; writes
              2·NB·D²·w (M1, M2); a row split adds 2 x 64 KB of fp32 scratch per program
@@ -67,8 +75,9 @@ rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
 All below the H100 ridge from HBM (989 TFLOP/s / 3.35 TB/s ≈ 295 FLOP/B): the tiles reach tensor-
 core speed only because the re-reads hit L2 (one image's F, E are 2·Pe·D·w bytes: 4 MiB at the 7B
 shape P = 256, D = 4096, against 50 MB of L2). The P×P backward's fp32 dÂ_i (1 MiB per program at
-D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo) for P×P; F, E
-(2·R·D·w) and M1, M2 (2·NB·D²·w) for D×D, whose prep writes no ŝ.
+D = 4096) is its weak spot. Saved for the backward: ŝ, F, E (3·R·D·w, + lo) and the stored W
+(NB·Pe²·w <= R·D·w) for P×P; F, E (2·R·D·w) and M1, M2 (2·NB·D²·w) for D×D, whose prep writes
+no ŝ.
 
 Tiles (explained at `_pp_gpu`): 64-row square tiles. bf16/fp16 tiles run 4 warps, one per
 16-row MMA slice, because the dots of every loop here are "chained" and Triton lays all warps
@@ -320,7 +329,12 @@ def _gram_pp_fwd_kernel(
     P, D, num_pairs,
     CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    W_ptr=None,  # out [NB, Pe, Pe] working dtype when STORE_W: W = dL/dĜs up to 2/N
+    STORE_W: tl.constexpr = False, RNE_FIX: tl.constexpr = False,
 ):
+    """One program per tile pair (i <= j): Σ S² of the pair, and with STORE_W the pair's W_ij
+    (rounded to the working dtype, as the recomputing backward rounds it) at (i, j) and, W being
+    symmetric, W_ijᵀ at (j, i)."""
     t = tl.program_id(0)
     b = tl.program_id(1)
     i = tl.load(PairI_ptr + t)
@@ -337,6 +351,48 @@ def _gram_pp_fwd_kernel(
     part = tl.sum(tl.sum(s * s, axis=1), axis=0)
     part = tl.where(i == j, part, 2.0 * part)  # tile (i, j) also stands for (j, i): S symmetric
     tl.store(Partial_ptr + b.to(tl.int64) * num_pairs + t, part)
+    if STORE_W:
+        w = _round(w, W_ptr.dtype.element_ty, RNE_FIX)
+        W_ptr += b.to(tl.int64) * P * P
+        ok_i = rows_i < P
+        ok_j = rows_j < P
+        tl.store(W_ptr + rows_i[:, None] * P + rows_j[None, :], w,
+                 mask=ok_i[:, None] & ok_j[None, :])
+        if i != j:  # a diagonal tile once (its transposed store would race with equal values)
+            tl.store(W_ptr + rows_j[:, None] * P + rows_i[None, :], tl.trans(w),
+                     mask=ok_j[:, None] & ok_i[None, :])
+
+
+@triton.jit
+def _gram_w_grad_kernel(
+    DA_ptr,  # out [NB, Pe, D] fp32: W Â (what _gram_pp_bwd_kernel accumulates)
+    W_ptr,  # in [NB, Pe, Pe] working dtype, from _gram_pp_fwd_kernel (STORE_W)
+    A_ptr,  # in [NB, Pe, D] working dtype: ŝ
+    P, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The P×P backward from a stored W: one batched GEMM, a [BLOCK_M, BLOCK_N] tile of dÂ per
+    program, K = Pe. Deterministic (no atomics) and no S recomputed."""
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    b = tl.program_id(2)
+    W_ptr += b.to(tl.int64) * P * P
+    A_ptr += b.to(tl.int64) * P * D
+    DA_ptr += b.to(tl.int64) * P * D
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        kk = k0 + offs_k
+        w = tl.load(W_ptr + rows[:, None] * P + kk[None, :],
+                    mask=(rows < P)[:, None] & (kk < P)[None, :], other=0.0)
+        a = tl.load(A_ptr + kk[:, None] * D + cols[None, :],
+                    mask=(kk < P)[:, None] & (cols < D)[None, :], other=0.0)
+        acc = _mma(w, a, acc, UPCAST, IEEE)
+    tl.store(DA_ptr + rows[:, None] * D + cols[None, :], acc,
+             mask=(rows < P)[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -648,6 +704,18 @@ def _dd_bwd_gpu(work: torch.dtype, arch: int = 90) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
+def _w_grad_gpu(work: torch.dtype, arch: int = 90) -> dict:
+    """The stored-W backward is a plain batched GEMM (K = Pe): the D×D backward's tiles."""
+    return _dd_bwd_gpu(work, arch)
+
+
+def _w_grad_config(pe: int, d: int, work: torch.dtype, arch: int = 90) -> dict:
+    if not is_interpreter():
+        return _w_grad_gpu(work, arch)
+    return dict(BLOCK_M=min(64, max(16, next_pow2(pe))), BLOCK_N=min(64, max(16, next_pow2(d))),
+                BLOCK_K=min(64, max(16, next_pow2(pe))))
+
+
 # The tile family for a device: 90 (warpgroup MMA: sm_90, sm_100) or 80 (per-warp mma.sync:
 # sm_80..89 and consumer Blackwell sm_120, which has no wgmma); shared with the other kernels.
 device_arch = arch_family
@@ -737,6 +805,14 @@ def _dd_splits(programs: int, pe: int, device: torch.device) -> tuple[int, int]:
     return cdiv(pe, rows), rows
 
 
+def stores_w(pe: int, d: int) -> bool:
+    """The P×P form's default backward (`gram_loss(pp_backward="auto")`): W stored by the
+    forward when it is no larger than F or E (Pe <= D: ViT-L 224 px, 196 × 1024; 7B 256 px),
+    so a batched GEMM replaces the recomputation of S (6·Pe²·D backward FLOPs on chained tiles,
+    0.50 ms at ViT-L 224 px on the H200 in check5) without leaving O(P·D) memory."""
+    return pe <= d
+
+
 def choose_form(pe: int, d: int, clamp: int) -> int:
     """P×P (fwd+bwd 8·Pe²·D) unless a clamp is off and D×D (8·Pe·D²) is no dearer: Pe >= D (at
     the tie D×D, whose big square GEMM tiles ran ~4x the P×P form's TFLOP/s on the H200)."""
@@ -784,10 +860,10 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
 
 
 def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int,
-             arch: int = 0):
+             arch: int = 0, store_w: bool = False):
     """-> loss (fp32 scalar), ŝ, lo(ŝ), F, E ([NB, Pe, D] working dtype; lo empty unless a clamp
-    runs on bf16/fp16), mats ([NB, 2, D, D] M1, M2 in the working dtype for the D×D form,
-    empty for P×P)."""
+    runs on bf16/fp16), mats: for the D×D form [NB, 2, D, D] (M1, M2), for P×P with store_w
+    [NB, Pe, Pe] (W), else empty; working dtype."""
     nb, pe, d = _views(student, img_level)
     write_lo = _needs_lo(student.dtype, clamp)
     a, lo, f, e = gram_prep(student, teacher, write_lo, write_a=form == FORM_PP)
@@ -800,10 +876,13 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         cfg = _pp_config(pe, d, a.dtype, clamp, arch=arch or auto_tiles(student.device))
         pi, pj = _tile_pairs(cdiv(pe, cfg["BLOCK_M"]), student.device)
         partial = torch.empty(nb, pi.numel(), dtype=torch.float32, device=student.device)
+        mats = torch.empty((nb, pe, pe) if store_w else (0,), dtype=a.dtype,
+                           device=student.device)
         _gram_pp_fwd_kernel[(pi.numel(), nb)](partial, a, lo if write_lo else a, f, e, pi, pj,
-                                              pe, d, pi.numel(), CLAMP=clamp, **cfg, **flags)
+                                              pe, d, pi.numel(), CLAMP=clamp, **cfg, **flags,
+                                              W_ptr=mats if store_w else partial,
+                                              STORE_W=store_w, RNE_FIX=_rne_fix(a.dtype))
         loss = partial.sum() / n  # fixed-order sum of per-tile partials: deterministic
-        mats = torch.empty(0, dtype=a.dtype, device=student.device)
     else:
         cfg = _dd_config(pe, d, a.dtype, arch=arch or auto_tiles(student.device))
         bk = cfg["BLOCK_K"]
@@ -835,7 +914,12 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     """dL/dstudent [B, P, D] in the student's dtype."""
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
-    if form == FORM_PP:
+    if form == FORM_PP and mats.numel():  # W stored by the forward: one batched GEMM
+        cfg = _w_grad_config(pe, d, a.dtype, arch=arch or auto_tiles(student.device))
+        da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
+        grid = (cdiv(pe, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_N"]), nb)
+        _gram_w_grad_kernel[grid](da, mats, a, pe, d, **cfg, **flags)
+    elif form == FORM_PP:
         cfg = _pp_config(pe, d, a.dtype, clamp, bwd=True,
                          arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
@@ -863,20 +947,22 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
 
 @torch.library.custom_op("fastdino::gram_fwd", mutates_args=())
 def _gram_fwd_op(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int,
-                 form: int, arch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gram_fwd(student, teacher, img_level, clamp, form, arch)
+                 form: int, arch: int, store_w: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    return gram_fwd(student, teacher, img_level, clamp, form, arch, store_w)
 
 
 @_gram_fwd_op.register_fake
-def _(student, teacher, img_level, clamp, form, arch):
+def _(student, teacher, img_level, clamp, form, arch, store_w=False):
     nb, pe, d = _views(student, img_level)
     work = _working_dtype(student.dtype)
     loss = student.new_empty((), dtype=torch.float32)
     f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(2))
     a = student.new_empty((nb, pe, d) if form == FORM_PP else (0,), dtype=work)
     lo = student.new_empty((nb, pe, d) if _needs_lo(student.dtype, clamp) else (0,), dtype=work)
-    mats = student.new_empty((nb, 2, d, d) if form == FORM_DD else (0,), dtype=work)
+    mats_shape = ((nb, 2, d, d) if form == FORM_DD else (nb, pe, pe) if store_w else (0,))
+    mats = student.new_empty(mats_shape, dtype=work)
     return loss, a, lo, f, e, mats
 
 
@@ -894,9 +980,10 @@ def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch):
 
 class GramFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int):
+    def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int,
+                store_w: bool = False):
         fwd = eager_or_op(torch.ops.fastdino.gram_fwd, gram_fwd)
-        loss, *saved = fwd(student, teacher, img_level, clamp, form, arch)
+        loss, *saved = fwd(student, teacher, img_level, clamp, form, arch, store_w)
         ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
         ctx.cfg = (img_level, clamp, form, arch)
         return loss
@@ -904,19 +991,25 @@ class GramFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ds = eager_or_op(torch.ops.fastdino.gram_bwd, gram_bwd)(grad, *ctx.saved_tensors, *ctx.cfg)
-        return ds, None, None, None, None, None
+        return ds, None, None, None, None, None, None
 
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
               remove_neg: bool = False, remove_only_teacher_neg: bool = False,
               form: str = "auto", rows: torch.Tensor | None = None,
-              tiles: str = "auto") -> torch.Tensor:
+              tiles: str = "auto", pp_backward: str = "auto") -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
     tiles: auto (`auto_tiles`: the 4-warp sm80 set, the faster one on sm_90 too) | sm90 | sm80:
     which shipped GPU tile set to launch; forcing one is for A/B timings and tests (e.g. the
     8-warp sm90 set on an H100, see `_pp_gpu`). Under the interpreter its own tiles run
     regardless.
+
+    pp_backward (P×P form): stored | recompute | auto. stored: the forward also writes
+    W = dL/dĜs ([NB, Pe, Pe] in the working dtype, kept for the backward) and the backward is
+    one batched GEMM W ŝ; recompute: the backward recomputes S tile by tile (no P×P in memory,
+    6·Pe²·D backward FLOPs). auto: stored when Pe <= D (`stores_w`: then W is no larger than
+    F or E, so the memory stays O(P·D) per image), recompute above.
 
     rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
     `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the
@@ -942,7 +1035,13 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     if form_id == FORM_DD and clamp != CLAMP_NONE:
         raise ValueError("gram_loss: form='dd' cannot apply remove_neg / remove_only_teacher_neg "
                          "(the clamp needs the P×P entries): use form='pp' or 'auto'")
-    return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id, TILES[tiles])
+    if pp_backward not in ("auto", "stored", "recompute"):
+        raise ValueError(f"gram_loss: pp_backward={pp_backward!r} is invalid: allowed is auto | "
+                         "stored | recompute")
+    store_w = form_id == FORM_PP and (pp_backward == "stored" or
+                                      (pp_backward == "auto" and stores_w(pe, d)))
+    return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id, TILES[tiles],
+                        store_w)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -998,10 +1097,15 @@ def compile_specs() -> list[CompileSpec]:
             WRITE_A=False)
         ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w}
         for clamp in (CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG):
-            for name, cfg in per_arch(f"gram_pp_fwd[{ty},clamp={clamp}]", _pp_gpu, dtype, clamp):
-                add(name, _gram_pp_fwd_kernel,
-                    {"Partial_ptr": "*fp32", **ins, "PairI_ptr": "*i32", "PairJ_ptr": "*i32",
-                     "P": "i32", "D": "i32", "num_pairs": "i32"}, cfg, CLAMP=clamp, **dots)
+            for store in (False, True):
+                tag = ",store_w" if store else ""
+                for name, cfg in per_arch(f"gram_pp_fwd[{ty},clamp={clamp}{tag}]", _pp_gpu, dtype,
+                                          clamp):
+                    add(name, _gram_pp_fwd_kernel,
+                        {"Partial_ptr": "*fp32", **ins, "PairI_ptr": "*i32", "PairJ_ptr": "*i32",
+                         "P": "i32", "D": "i32", "num_pairs": "i32",
+                         "W_ptr": w if store else "*fp32"}, cfg, CLAMP=clamp, **dots,
+                        STORE_W=store, RNE_FIX=False)
             for name, cfg in per_arch(f"gram_pp_bwd[{ty},clamp={clamp}]", _pp_gpu, dtype, clamp,
                                       True):
                 add(name, _gram_pp_bwd_kernel, {"DA_ptr": "*fp32", **ins, "P": "i32", "D": "i32"},
@@ -1017,6 +1121,9 @@ def compile_specs() -> list[CompileSpec]:
             {"M_ptr": w, "Partial_ptr": "*fp32", "Split_ptr": "*fp32", **pairs, "D": "i32",
              "num_pairs": "i32", "num_splits": "i32"},
             dict(BLOCK_K=_dd_fwd_gpu(dtype)["BLOCK_K"], num_warps=DD_FINISH_WARPS), RNE_FIX=False)
+        for name, cfg in per_arch(f"gram_w_grad[{ty}]", _w_grad_gpu, dtype):
+            add(name, _gram_w_grad_kernel,
+                {"DA_ptr": "*fp32", "W_ptr": w, "A_ptr": w, "P": "i32", "D": "i32"}, cfg, **dots)
         for name, cfg in per_arch(f"gram_dd_bwd[{ty}]", _dd_bwd_gpu, dtype):
             add(name, _gram_dd_bwd_kernel,
                 {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M_ptr": w, "P": "i32",

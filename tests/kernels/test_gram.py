@@ -37,13 +37,14 @@ def loss_and_grad(fn, s, t, **kw):
     return loss.detach().double(), s.grad.double()
 
 
-def check_parity(s, t, img_level, variant, atol_rel):
+def check_parity(s, t, img_level, variant, atol_rel, **kernel_kw):
     form, clamp = VARIANTS[variant]
     ref_l, ref_g = loss_and_grad(gram_loss_ref, s.double(), t.double(), img_level=img_level,
                                  **clamp)
     low_l, low_g = loss_and_grad(gram_loss_ref, s, t, img_level=img_level,
                                  compute_dtype=s.dtype, **clamp)
-    k_l, k_g = loss_and_grad(gram_loss, s, t, img_level=img_level, form=form, **clamp)
+    k_l, k_g = loss_and_grad(gram_loss, s, t, img_level=img_level, form=form, **clamp,
+                             **kernel_kw)
     assert k_l.dtype == ref_l.dtype and torch.isfinite(k_g).all()
     err_l, base_l = (k_l - ref_l).abs().item(), (low_l - ref_l).abs().item()
     assert err_l <= 2 * base_l + atol_rel * ref_l.abs().item() + 1e-12, (err_l, base_l,
@@ -130,9 +131,50 @@ def test_parity_at_gpu_tile_configs(gpu_tiles, dtype, variant):
         check_parity(s, t, img_level, variant, atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
 
 
+PP_VARIANTS = [v for v in VARIANTS if VARIANTS[v][0] == "pp"]
+
+
+@pytest.mark.parametrize("gpu_tiles", [90, 80], indirect=True, ids=["sm90_tiles", "sm80_tiles"])
+@pytest.mark.parametrize("pp_backward", ["stored", "recompute"])
+@pytest.mark.parametrize("variant", PP_VARIANTS)
+def test_pp_backward_paths(gpu_tiles, pp_backward, variant):
+    # the P×P backward from the W the forward stored (its off-diagonal tiles written twice, once
+    # transposed; 2 row blocks of 64 at P = 75) and from recomputed S, at the shipped GPU tiles;
+    # per image (W [2, 75, 75]) and flattened (W [1, 150, 150], 3 row blocks)
+    s, t = make_inputs(GPU_TILE_SHAPE, torch.bfloat16, noise=1e-2, seed=8)
+    for img_level in (True, False):
+        check_parity(s, t, img_level, variant, atol_rel=1e-6, pp_backward=pp_backward)
+
+
+@pytest.mark.parametrize("variant", PP_VARIANTS)
+def test_stored_w_is_the_recomputed_one(variant):
+    # fp32 (exact products): the two backwards agree to rounding, and W really is stored by the
+    # forward (the op's saved output), symmetric
+    s, t = make_inputs((2, 37, 48), torch.float32, noise=1e-2, seed=9)
+    _, g_stored = loss_and_grad(gram_loss, s, t, pp_backward="stored", **VARIANTS[variant][1])
+    _, g_recomp = loss_and_grad(gram_loss, s, t, pp_backward="recompute",
+                                **VARIANTS[variant][1])
+    torch.testing.assert_close(g_stored, g_recomp, rtol=1e-5, atol=1e-9)
+    clamp = {"pp": 0, "pp-remove_neg": gram.CLAMP_NEG,
+             "pp-remove_only_teacher_neg": gram.CLAMP_TEACHER_NEG}[variant]
+    *_, w = torch.ops.fastdino.gram_fwd(s, t, True, clamp, gram.FORM_PP, 0, True)
+    assert w.shape == (2, 37, 37) and w.abs().max() > 0
+    # symmetric up to rounding (within a diagonal tile S_pq and S_qp are separate accumulations)
+    torch.testing.assert_close(w, w.mT, rtol=0, atol=1e-6 * float(w.abs().max()))
+
+
+def test_pp_backward_rule_and_validation():
+    assert gram.stores_w(196, 1024) and gram.stores_w(1024, 1024)  # ViT-L 224 px; P = D
+    assert not gram.stores_w(1025, 1024)  # W would outgrow F and E
+    s, t = make_inputs((1, 5, 7), torch.float32, noise=None)
+    with pytest.raises(ValueError, match="pp_backward"):
+        gram_loss(s, t, pp_backward="cached")
+
+
 @pytest.mark.parametrize("gpu_tiles", [90], indirect=True, ids=["sm90_tiles"])
+@pytest.mark.parametrize("pp_backward", ["recompute", "stored"])
 @pytest.mark.parametrize("variant", ["pp", "pp-remove_neg"])
-def test_backward_is_bitwise_deterministic(gpu_tiles, variant):
+def test_backward_is_bitwise_deterministic(gpu_tiles, variant, pp_backward):
     # the P×P backward has one program per row block of dÂ that adds the column blocks in a fixed
     # order (no atomics), so two runs agree bit for bit. On a GPU the shape is big enough for many
     # programs to run at once (where atomics would reorder the adds); the interpreter runs them
@@ -140,8 +182,8 @@ def test_backward_is_bitwise_deterministic(gpu_tiles, variant):
     shape = (4, 256, 256) if torch.cuda.is_available() else GPU_TILE_SHAPE
     s, t = make_inputs(shape, torch.bfloat16, noise=1e-2, seed=6)
     form, clamp = VARIANTS[variant]
-    grads = [loss_and_grad(gram_loss, s, t, img_level=False, form=form, **clamp)[1]
-             for _ in range(2)]
+    grads = [loss_and_grad(gram_loss, s, t, img_level=False, form=form, **clamp,
+                           pp_backward=pp_backward)[1] for _ in range(2)]
     assert torch.equal(grads[0], grads[1])
 
 
@@ -224,10 +266,12 @@ def test_loss_is_deterministic_and_module_dispatches_to_triton():
 @pytest.mark.parametrize("form", [gram.FORM_PP, gram.FORM_DD])
 def test_opcheck_custom_ops(form):
     s, t = make_inputs((1, 20, 16), torch.float32, noise=1e-2)
-    torch.library.opcheck(torch.ops.fastdino.gram_fwd.default, (s, t, True, 0, form, 0))
-    _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form, 0)
-    torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
-                          (torch.ones((), device=DEV), s, *saved, True, 0, form, 0))
+    for store_w in ((False, True) if form == gram.FORM_PP else (False,)):
+        torch.library.opcheck(torch.ops.fastdino.gram_fwd.default,
+                              (s, t, True, 0, form, 0, store_w))
+        _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form, 0, store_w)
+        torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
+                              (torch.ones((), device=DEV), s, *saved, True, 0, form, 0))
 
 
 def test_compiled_matches_eager():
