@@ -91,6 +91,10 @@ bytes and time, same grids; row grids of tile_8x256; (†) one_wave variants: wa
   3 row passes take 415 µs
   (564 µs with tile_8x256-era kernels in check4): SK's 6 passes at 82 % of the copy
   bandwidth on average.
+- Column passes with K % BLOCK_K == 0 (every DINOv3 K) launch FAST: their first, possibly
+  partial, row block is peeled off with masks and every full block streams without masks or
+  selects (added after the H200 runs above, which timed the masked loop: not timed yet; the
+  sk_pass providers col_mode0 / col_mode1 time it).
 - Launch configs: column pass BLOCK_N × BLOCK_K = 32 × 128 (bf16) / 16 × 128 (fp32), row pass
   per variant (above; the same tiles for fp32, twice the shared memory), merge 16 × 128;
   num_warps 8 (merge 4), num_stages = STAGES = 4 through `tl.range`: cp.async keeps 3 tiles in
@@ -274,10 +278,38 @@ def _lse_update(m, d, x):
     return tl.maximum(m, x), tl.where(gt, d * e + 1.0, d + e)
 
 
+@triton.jit
+def _col_step(m, d, t_ptr, row_shift_ptr, a, rows, cols, N, stride_t, inv_temp,
+              MODE: tl.constexpr, MASKED: tl.constexpr, cmask):
+    """One [BLOCK_N, BLOCK_K] tile of a column pass. MASKED: the tile may hold rows >= N or
+    columns >= K (masked loads, -inf / 0 weights); else every element is in bounds and the
+    selects go (FAST launches: K % BLOCK_K == 0, every row block but the last full)."""
+    ptrs = t_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    if MASKED:
+        rmask = rows < N
+        m2d = rmask[:, None] & cmask[None, :]
+        t = tl.load(ptrs, mask=m2d, other=0.0).to(tl.float32)
+        if MODE == 0:
+            m, d = _lse_update(m, d, tl.where(m2d, t * inv_temp, float("-inf")))
+        else:
+            b = tl.load(row_shift_ptr + rows, mask=rmask, other=0.0)
+            x = (t * inv_temp - a[None, :] - b[:, None]) * 1.4426950408889634
+            d += tl.where(m2d, tl.exp2(x), 0.0)
+    else:
+        t = tl.load(ptrs).to(tl.float32)
+        if MODE == 0:
+            m, d = _lse_update(m, d, t * inv_temp)
+        else:
+            b = tl.load(row_shift_ptr + rows)
+            d += tl.exp2((t * inv_temp - a[None, :] - b[:, None]) * 1.4426950408889634)
+    return m, d
+
+
 @triton.jit(do_not_specialize=['N'])
 def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_m_ptr, out_d_ptr,
                         N, K, stride_t, inv_temp, MODE: tl.constexpr, FINALIZE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                        FAST: tl.constexpr = False):
     """One program: BLOCK_K prototypes × all N rows (no row split, so FINALIZE can write the new
     col_shift in place when there is nothing to all-reduce).
     MODE 0 (first pass; the per-prototype max is fused in): column LSE of y = t·inv_temp as
@@ -285,7 +317,8 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
     FINALIZE: col_shift <- LSE (MODE 0) or col_shift + log(max(s, tiny)) (MODE 1), + log(K/N_tot)
     (read from log_scale_ptr: N_tot may be a device tensor). Else the raw (m, d) / s go to out_*.
     Rows are walked last to first: the row pass before this one ended on the last row blocks,
-    so the first tiles read here may still sit in L2."""
+    so the first tiles read here may still sit in L2. FAST (K % BLOCK_K == 0): that first,
+    possibly partial, row block is peeled off with masks and the full ones stream unmasked."""
     pid_k = tl.program_id(0)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
@@ -293,19 +326,23 @@ def _teacher_col_kernel(t_ptr, col_shift_ptr, row_shift_ptr, log_scale_ptr, out_
     d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if MODE == 1:  # (MODE 0 never reads col_shift: it may be uninitialised)
         a = tl.load(col_shift_ptr + cols, mask=cmask, other=0.0)
+    else:
+        a = tl.zeros([BLOCK_K], tl.float32)  # unread
     n_blocks = tl.cdiv(N, BLOCK_N)
-    for i in tl.range(0, n_blocks, num_stages=STAGES):
-        rows = (n_blocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        m2d = rmask[:, None] & cmask[None, :]
-        t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=m2d,
-                    other=0.0).to(tl.float32)
-        if MODE == 0:
-            m, d = _lse_update(m, d, tl.where(m2d, t * inv_temp, float("-inf")))
-        else:
-            b = tl.load(row_shift_ptr + rows, mask=rmask, other=0.0)
-            x = (t * inv_temp - a[None, :] - b[:, None]) * 1.4426950408889634
-            d += tl.where(m2d, tl.exp2(x), 0.0)
+    if FAST:
+        if n_blocks > 0:
+            rows = (n_blocks - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m, d = _col_step(m, d, t_ptr, row_shift_ptr, a, rows, cols, N, stride_t, inv_temp,
+                             MODE, True, cmask)
+        for i in tl.range(1, n_blocks, num_stages=STAGES):
+            rows = (n_blocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m, d = _col_step(m, d, t_ptr, row_shift_ptr, a, rows, cols, N, stride_t, inv_temp,
+                             MODE, False, cmask)
+    else:
+        for i in tl.range(0, n_blocks, num_stages=STAGES):
+            rows = (n_blocks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m, d = _col_step(m, d, t_ptr, row_shift_ptr, a, rows, cols, N, stride_t, inv_temp,
+                             MODE, True, cmask)
     if MODE == 0:
         m_c = tl.max(m, axis=0)
         d_c = tl.sum(d * tl.exp2((m - m_c[None, :]) * 1.4426950408889634), axis=0)
@@ -869,7 +906,7 @@ def teacher_col_pass(t: torch.Tensor, col_shift: torch.Tensor, row_shift: torch.
         t, col_shift, row_shift, log_scale, col_shift if out_m is None else out_m,
         col_shift if out_d is None else out_d, n, k, t.stride(0), float(inv_temp), MODE=mode,
         FINALIZE=finalize, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
-        num_stages=_STAGES)
+        num_stages=_STAGES, FAST=k % block_k == 0)
     return out_m, out_d
 
 
@@ -1182,16 +1219,18 @@ def compile_specs() -> list[CompileSpec]:
         bn, bk = _COL_BLOCK[torch_dt]
         for mode in (_MODE_LSE, _MODE_SUMEXP):
             for fin in (False, True):
-                specs.append(CompileSpec(
-                    name=f"sk_teacher_col[MODE={mode},FIN={int(fin)},BLOCK={bn}x{bk},{dt}]",
-                    fn=_teacher_col_kernel,
-                    signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32",
-                               "row_shift_ptr": "*fp32", "log_scale_ptr": "*fp32",
-                               "out_m_ptr": "*fp32", "out_d_ptr": "*fp32", "N": "i32",
-                               "K": "i32", "stride_t": "i32", "inv_temp": "fp32"},
-                    constexprs={"MODE": mode, "FINALIZE": fin, "BLOCK_N": bn, "BLOCK_K": bk,
-                                "STAGES": _STAGES},
-                    num_warps=_WARPS, num_stages=_STAGES))
+                for fast in (False, True):
+                    specs.append(CompileSpec(
+                        name=f"sk_teacher_col[MODE={mode},FIN={int(fin)},BLOCK={bn}x{bk},{dt}"
+                             f"{',FAST' if fast else ''}]",
+                        fn=_teacher_col_kernel,
+                        signature={"t_ptr": f"*{dt}", "col_shift_ptr": "*fp32",
+                                   "row_shift_ptr": "*fp32", "log_scale_ptr": "*fp32",
+                                   "out_m_ptr": "*fp32", "out_d_ptr": "*fp32", "N": "i32",
+                                   "K": "i32", "stride_t": "i32", "inv_temp": "fp32"},
+                        constexprs={"MODE": mode, "FINALIZE": fin, "BLOCK_N": bn, "BLOCK_K": bk,
+                                    "STAGES": _STAGES, "FAST": fast},
+                        num_warps=_WARPS, num_stages=_STAGES))
         for v in ROW_VARIANTS.values():
             specs += _row_specs(v, torch_dt, v.fast)
         specs.append(CompileSpec(
