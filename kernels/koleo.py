@@ -216,6 +216,40 @@ def koleo_loss_ref(x: torch.Tensor, eps: float = 1e-8, query_start: int = 0,
 
 
 @triton.jit
+def _nn_distance(x_g, stride_x_row, rows, row_ok, best_j, rinv_i, best_r, D, eps, q_base,
+                 Nn_ptr, Dist_ptr, T_ptr, U_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The distance pass every forward path ends with: per query row, v = x̂_i - x̂_nn + eps (eps
+    on the difference, as PairwiseDistance), d = ‖v‖, t = x̂_i·v, u = x̂_nn·v (what the backward
+    needs), stored at q = q_base + rows (a scalar base: no index vector live across the loop)
+    with the neighbour index; returns d. rinv_i / best_r: the fp32 inverse norms of the rows
+    and of their neighbours."""
+    offs_k = tl.arange(0, BLOCK_K)
+    # fresh [BLOCK_M] accumulators (not zeros_like: rinv_i may carry the layout of the search
+    # tile it was reduced from, which costs the small forward layout conversions and spills)
+    dsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        m = row_ok[:, None] & (kk < D)[None, :]
+        xi = tl.load(x_g + rows[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
+        xn = tl.load(x_g + best_j[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
+        xi = xi.to(tl.float32) * rinv_i[:, None]
+        xn = xn.to(tl.float32) * best_r[:, None]
+        v = tl.where(m, xi - xn + eps, 0.0)
+        dsq += tl.sum(v * v, axis=1)
+        t += tl.sum(xi * v, axis=1)
+        u += tl.sum(xn * v, axis=1)
+    d = tl.sqrt(dsq)
+    q = q_base + rows
+    tl.store(Nn_ptr + q, best_j.to(tl.int64), mask=row_ok)
+    tl.store(Dist_ptr + q, d, mask=row_ok)
+    tl.store(T_ptr + q, t, mask=row_ok)
+    tl.store(U_ptr + q, u, mask=row_ok)
+    return d
+
+
+@triton.jit
 def _koleo_fwd_kernel(
     Loss_ptr,  # [G] fp32 out: mean of -log(d + eps) over the query rows
     Nn_ptr,  # [G, nq] int64 out: group-local index of each query row's neighbour
@@ -285,26 +319,8 @@ def _koleo_fwd_kernel(
     # 3) v_i = x̂_i - x̂_nn + eps (eps on the difference, as PairwiseDistance), d_i, t_i, u_i
     rinv_i = tl.load(Rinv_ptr + g * n + rows, mask=row_ok, other=0.0)
     best_r = tl.load(Rinv_ptr + g * n + best_j, mask=row_ok, other=0.0)
-    dsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    t = tl.zeros([BLOCK_M], dtype=tl.float32)
-    u = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        m = row_ok[:, None] & (kk < D)[None, :]
-        xi = tl.load(x_g + rows[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
-        xn = tl.load(x_g + best_j[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
-        xi = xi.to(tl.float32) * rinv_i[:, None]
-        xn = xn.to(tl.float32) * best_r[:, None]
-        v = tl.where(m, xi - xn + eps, 0.0)
-        dsq += tl.sum(v * v, axis=1)
-        t += tl.sum(xi * v, axis=1)
-        u += tl.sum(xn * v, axis=1)
-    d = tl.sqrt(dsq)
-    q = g * nq + (rows - q0)
-    tl.store(Nn_ptr + q, best_j.to(tl.int64), mask=row_ok)
-    tl.store(Dist_ptr + q, d, mask=row_ok)
-    tl.store(T_ptr + q, t, mask=row_ok)
-    tl.store(U_ptr + q, u, mask=row_ok)
+    d = _nn_distance(x_g, stride_x_row, rows, row_ok, best_j, rinv_i, best_r, D, eps,
+                     g * nq - q0, Nn_ptr, Dist_ptr, T_ptr, U_ptr, BLOCK_M, BLOCK_K)
 
     # 4) mean over the query rows, summed in a fixed order
     partial = tl.sum(tl.where(row_ok, -tl.log(d + eps), 0.0), axis=0)
@@ -537,6 +553,8 @@ def _koleo_small_fwd_kernel(
             best_r = tl.where(upd, tile_r, best_r)
 
         # 3) v_i = x̂_i - x̂_nn + eps, d_i, t_i, u_i (as the fused kernel), wide D steps
+        # inline, not `_nn_distance`: through the helper triton 3.6 allocates this kernel 255
+        # registers on sm_90 and spills 16 B (195 registers inline), whatever the argument order
         offs_d = tl.arange(0, BLOCK_D)
         dsq = tl.zeros([BLOCK_M], dtype=tl.float32)
         t = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -878,27 +896,8 @@ def _koleo_finish_kernel(
     # v_i = x̂_i - x̂_nn + eps, d_i, t_i, u_i: the same pass as the fused kernel's step 3
     rinv_i = tl.load(Rinv_ptr + g * n + rows, mask=row_ok, other=0.0)
     best_r = tl.load(Rinv_ptr + g * n + best_j, mask=row_ok, other=0.0)
-    offs_k = tl.arange(0, BLOCK_K)
-    dsq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    t = tl.zeros([BLOCK_R], dtype=tl.float32)
-    u = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        m = row_ok[:, None] & (kk < D)[None, :]
-        xi = tl.load(x_g + rows[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
-        xn = tl.load(x_g + best_j[:, None] * stride_x_row + kk[None, :], mask=m, other=0.0)
-        xi = xi.to(tl.float32) * rinv_i[:, None]
-        xn = xn.to(tl.float32) * best_r[:, None]
-        v = tl.where(m, xi - xn + eps, 0.0)
-        dsq += tl.sum(v * v, axis=1)
-        t += tl.sum(xi * v, axis=1)
-        u += tl.sum(xn * v, axis=1)
-    d = tl.sqrt(dsq)
-    q = g * nq + qi
-    tl.store(Nn_ptr + q, best_j.to(tl.int64), mask=row_ok)
-    tl.store(Dist_ptr + q, d, mask=row_ok)
-    tl.store(T_ptr + q, t, mask=row_ok)
-    tl.store(U_ptr + q, u, mask=row_ok)
+    d = _nn_distance(x_g, stride_x_row, rows, row_ok, best_j, rinv_i, best_r, D, eps,
+                     g * nq - q0, Nn_ptr, Dist_ptr, T_ptr, U_ptr, BLOCK_R, BLOCK_K)
     tl.store(Partial_ptr + g * num_blocks + pid,
              tl.sum(tl.where(row_ok, -tl.log(d + eps), 0.0), axis=0))
 
