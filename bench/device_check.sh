@@ -4,7 +4,7 @@
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
 #                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST]
 #
-# --stages  comma list of pytest,check,bench,profile,step,ds (default: all of them). A follow-up
+# --stages  comma list of pytest,check,bench,profile,step,data,ds (default: all of them). A follow-up
 #           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
 # --ops     comma list of bench ops for check / bench / profile (default: every op for check
 #           and bench; dino_loss,koleo for profile, the ops whose timings are not explained by
@@ -19,7 +19,9 @@
 # kernel's parity on its quick cases), `python -m bench all --quick` (the kernel benchmarks) and
 # `python -m bench step --quick` (ViT-S/16 and ViT-B/16 training steps, Triton vs torch kernels)
 # and, when deepspeed imports (carry `.whl` made by scripts/device_wheels.sh), a short ZeRO-2 bf16
-# training run of ViT-S/16 through the trainer (logged into step.log).
+# training run of ViT-S/16 through the trainer (logged into step.log); when DALI imports (staged in
+# parts: scripts/device_dali.sh, bench/device_stage.sh), `python -m bench data` (DALI against the
+# torch loader) and the ViT-B/16 step fed by DALI (logged into step.log).
 # Every stage runs under `timeout`, with a share of --budget (default 480 s) trimmed so the whole
 # script ends inside it. Writes at most 8 files to --out (default bench/results/):
 #   env.txt pytest.log check.log bench.log step.log step.json summary.txt <gpu-slug>-<date>.jsonl
@@ -34,7 +36,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$REPO/bench/results"
 BUDGET=480
 PY="${PYTHON:-python3}"
-ALL_STAGES="pytest,check,bench,profile,step,ds"
+ALL_STAGES="pytest,check,bench,profile,step,data,ds"
 STAGES="$ALL_STAGES"
 OPS=""
 TESTS=""
@@ -103,13 +105,26 @@ if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
   fi
 fi
 
+# ---- DALI: carried in parts (scripts/device_dali.sh) and unpacked by bench/device_stage.sh into
+# $FASTDINO_DALI_DIR/site (default /tmp/fastdino-dali): on PYTHONPATH, its codec libraries (nvJPEG
+# and co., found by dlopen) on LD_LIBRARY_PATH
+DALI_DIR="${FASTDINO_DALI_DIR:-/tmp/fastdino-dali}"
+DALI="none staged (scripts/device_dali.sh + bench/device_stage.sh)"
+if [ -f "$DALI_DIR/site.ok" ]; then
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DALI_DIR/site"
+  for d in "$DALI_DIR"/site/nvidia/*/lib "$DALI_DIR"/site/nvidia/*/lib64; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  done
+  DALI="staged in $DALI_DIR/site"
+fi
+
 # ---- budget: rolling shares. A stage gets weight / (the weights of it and of every later selected
 # stage) of what is left, so time a stage leaves unused goes to the later ones, and a run of a
 # few stages (--stages) splits the whole budget among them.
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
-ORDER="pytest check bench profile step ds"
+ORDER="pytest check bench profile step data ds"
 weight() { case "$1" in pytest) echo 22 ;; check) echo 12 ;; bench) echo 34 ;; profile) echo 12 ;;
-  step) echo 14 ;; ds) echo 6 ;; esac; }
+  step) echo 14 ;; data) echo 14 ;; ds) echo 6 ;; esac; }
 stage_timeout() {  # $1 = stage name
   local total=0 seen=no st
   for st in $ORDER; do
@@ -136,6 +151,7 @@ run_stage() {  # name, timeout, log, command... (a program: timeout cannot run s
 {
   echo "date: $(date -u +%FT%TZ)   budget: ${BUDGET}s   imports: $IMPORTS"
   echo "wheels: $WHEELS"
+  echo "dali: $DALI"
   echo "commit: ${FASTDINO_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
   command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found (no NVIDIA driver)"
   run_py - <<'EOF'
@@ -154,6 +170,11 @@ for mod, pkg in (("triton", "triton"), ("flash_attn", "flash-attn"), ("deepspeed
         print(f"{pkg}: {getattr(m, '__version__', 'present')}")
     except Exception as e:
         print(f"{pkg}: not available ({type(e).__name__}) -> the stages that need it skip")
+try:
+    import nvidia.dali
+    print("nvidia-dali from", nvidia.dali.__file__)
+except Exception:
+    pass
 import fastdino.kernels, fastdino
 print("fastdino from", fastdino.__file__, "| kernels from", fastdino.kernels.__file__)
 EOF
@@ -167,11 +188,15 @@ if want ds && { [ "$DEEPSPEED" = no ] || [ "$CUDA" = no ]; }; then
   say "ds       SKIPPED: needs deepspeed (carry .whl from scripts/device_wheels.sh) and a GPU"
   STAGES="${STAGES//ds/}"
 fi
+if want data && grep -q '^nvidia-dali: not available' "$OUT/env.txt"; then
+  say "data     SKIPPED: needs NVIDIA DALI (scripts/device_dali.sh parts, staged by bench/device_stage.sh)"
+  STAGES="${STAGES//data/}"
+fi
 BENCH_TARGET="${OPS:-all}"
 PROFILE_OPS="${OPS:-dino_loss,koleo}"
 
 # ---- 1. GPU tests and kernel parity tests (compile checks run in CI, not here); the files with
-# GPU-only cases first (files listed in that order), in case the stage times out
+# GPU-only cases first (files listed in that order), in case the stage times out (without xdist)
 if [ -z "$TESTS" ]; then
   FIRST="tests/kernels/test_dino_loss_gpu.py tests/kernels/test_koleo_split.py"
   TESTS="tests/gpu $FIRST"
@@ -184,9 +209,20 @@ if [ -z "$TESTS" ]; then
 fi
 if want pytest; then
   if run_py -c "import pytest" 2>/dev/null; then
+    # On the GPU machine the stage is bound by Triton's JIT compiles (~1 s per new shape or
+    # config; 65 tests took 65 s in check6), which are CPU work: pytest-xdist (in the GPU image)
+    # spreads them over worker processes sharing one on-disk Triton cache. Half the cores, at
+    # most 8, and 4 under 100 GiB of GPU memory (every worker holds its own DINOv3-sized tensors).
+    XDIST=""
+    if [ "$CUDA" = yes ] && run_py -c "import xdist" 2>/dev/null; then
+      n=$(( $(nproc) / 2 )); [ "$n" -gt 8 ] && n=8
+      mem=$(grep -m1 '^gpu ' "$OUT/env.txt" | sed -n 's/.*memory GiB \([0-9]*\).*/\1/p')
+      [ "${mem:-0}" -lt 100 ] && [ "$n" -gt 4 ] && n=4
+      [ "$n" -ge 2 ] && XDIST="-n $n"
+    fi
     # shellcheck disable=SC2086  # TESTS is a list of paths without spaces
     run_stage pytest "$(stage_timeout pytest)" "$OUT/pytest.log" \
-      "$PY" $PYFLAGS -m pytest $TESTS -q -rfEs --tb=short -p no:cacheprovider
+      "$PY" $PYFLAGS -m pytest $TESTS -q -rfEs --tb=short -p no:cacheprovider $XDIST
   else
     say "pytest   SKIPPED: pytest not installed"
   fi
@@ -225,7 +261,30 @@ if want step; then
     "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
 fi
 
-# ---- 5. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
+# ---- 5. the data loaders (issue 9): images/s and CPU cores of the DALI (nvJPEG, mixed) and torch
+# loaders on one folder of ImageNet-like JPEGs written here (no dataset is reachable), at the
+# DINOv3 crops, the same CPU budget for both; then the ViT-B/16 step fed by the DALI loader: its
+# data_wait share of the step. Logged into step.log (the file count is capped).
+if want data; then
+  echo "## stage data: python -m bench data, then fastdino.profile with data.loader=dali" >> "$OUT/step.log"
+  if [ "$CUDA" = yes ]; then  # the issue's setting: B = 64, 8 CPU threads / workers, ViT-B/16
+    DATA_ENV=(IMAGES=1024 BATCH=64 STEPS=16 WARMUP=4 WORKERS=8 CFG=configs/vitb16.yaml PSTEPS=10 PWARMUP=3)
+  else  # CPU (how this script is tested): a smoke-sized run of the same commands
+    DATA_ENV=(IMAGES=32 BATCH=8 STEPS=2 WARMUP=1 WORKERS=2 CFG=configs/smoke.yaml PSTEPS=2 PWARMUP=1)
+  fi
+  run_stage data "$(stage_timeout data)" "$OUT/step.log" env "${DATA_ENV[@]}" PY="$PY" \
+    PYFLAGS="$PYFLAGS" RESULTS="$OUT" bash -c '
+    set -e
+    imgs=$("$PY" $PYFLAGS -c "from fastdino.data.sample_data import benchmark_jpeg_dir as b; print(b($IMAGES))")
+    echo "images: $imgs ($(ls "$imgs" | wc -l) files, $(du -sh "$imgs" | cut -f1))"
+    "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
+      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS"
+    "$PY" $PYFLAGS -m fastdino.profile --config "$CFG" --steps "$PSTEPS" --warmup "$PWARMUP" \
+      data.loader=dali "data.root=$imgs" "data.num_workers=$WORKERS" \
+      "train.output_dir=$(mktemp -d)/profile"'
+fi
+
+# ---- 6. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
 # as the deepspeed launcher would (its env vars), ViT-S/16 on the embedded sample images; the log
 # goes to step.log (the file count is capped). Needs deepspeed, e.g. from the carried wheels.
 if want ds; then

@@ -11,24 +11,14 @@ set -eu
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$REPO/.venv/bin/python}"
 [ "${1:-}" = "--python" ] && PY="$2"
-pin() {  # the pinned version of $1 in constraints.txt (names compared case- and _/- blind)
-  local want; want=$(echo "$1" | tr 'A-Z_' 'a-z-')
-  while IFS='=' read -r name _ ver; do
-    [ "$(echo "$name" | tr 'A-Z_' 'a-z-')" = "$want" ] && { echo "$ver"; return; }
-  done < <(grep -E '^[A-Za-z0-9_.-]+==' "$REPO/constraints.txt")
-  echo "device_wheels.sh: $1 is not pinned in constraints.txt" >&2; exit 1
-}
+. "$REPO/scripts/_pins.sh"
 DEST="$REPO/.whl"
 rm -rf "$DEST"; mkdir -p "$DEST"
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps "deepspeed==$(pin deepspeed)" -w "$DEST"
-PLAT=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
-  PLAT+=(--platform "$p")
-done
 # typing_extensions too: pydantic needs a newer one than the image may hold (pure, backward compatible)
 for pkg in hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${PLAT[@]}" -d "$DEST" "$pkg==$(pin "$pkg")"
+    "${MANYLINUX_X86_64[@]}" -d "$DEST" "$pkg==$(pin "$pkg")"
 done
 ls -la "$DEST"
 du -sh "$DEST"

@@ -105,3 +105,39 @@ def digits_labelled_dir(size: int = 32, val_fraction: float = 0.25, seed: int = 
     name = f"digits_{size}px_val{val_fraction:g}_seed{seed}"
     return _build_atomically(cache_dir() / name,
                              lambda d: _write_digits(d, size, val_fraction, seed))
+
+
+def _write_benchmark_jpegs(folder: Path, n: int, seed: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = [Image.fromarray(np.asarray(a)).convert("RGB") for a in _skimage_photos().values()]
+
+    def one(i: int) -> None:
+        rng = np.random.default_rng([seed, i])  # per image: the same folder whatever the threads
+        src = photos[i % len(photos)]
+        w, h = src.size
+        # a random crop of 40-100 % of each side, resized to an ImageNet-typical 500 x 375
+        # (landscape or portrait), quality 90
+        cw, ch = (max(16, int(s * rng.uniform(0.4, 1.0))) for s in (w, h))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out = (500, 375) if rng.random() < 0.75 else (375, 500)
+        img = src.crop((x0, y0, x0 + cw, y0 + ch)).resize(out, Image.Resampling.BILINEAR)
+        img = np.asarray(img)
+        # sensor-like noise: upscaled crops are smoother than photographs, and JPEG decode time
+        # grows with the entropy-coded bytes (~70 KB per image with it; ImageNet's average is ~110)
+        img = np.clip(img + rng.normal(0.0, 10.0, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:06d}.jpg", quality=90)
+
+    # PIL's resize and JPEG encoder release the GIL: threads scale on a many-core GPU machine
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(n)))
+
+
+def benchmark_jpeg_dir(n: int = 2048, seed: int = 0) -> Path:
+    """Folder of `n` ImageNet-like JPEGs (500 x 375 or 375 x 500, quality 90, ~70 KB) cut from
+    the embedded photographs, for loader benchmarks where no dataset can be reached (the GPU
+    machine). Written on first use (~27 ms per image on one core; threads share the work)."""
+    if n < 1:
+        raise ValueError(f"benchmark_jpeg_dir: n={n}, need at least 1 image")
+    return _build_atomically(cache_dir() / f"benchmark_jpegs_{n}_seed{seed}",
+                             lambda d: _write_benchmark_jpegs(d, n, seed))

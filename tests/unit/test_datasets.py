@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fastdino.data.datasets import ImageFolderUnlabeled, LabelledImageFolder
-from fastdino.data.sample_data import digits_labelled_dir, sample_images_dir
+from fastdino.data.sample_data import benchmark_jpeg_dir, digits_labelled_dir, sample_images_dir
 
 
 def _save(path, fmt=None, size=(12, 10), color=(10, 20, 30)):
@@ -122,3 +122,26 @@ def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
     Image.fromarray(arr).save(tmp_path / "deep.png")  # a 16-bit PNG (medical / satellite data)
     img, _, _ = ImageFolderUnlabeled(root=tmp_path).load(0)
     assert np.asarray(img)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_benchmark_jpeg_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "a"))
+    d = benchmark_jpeg_dir(9, seed=3)
+    files = sorted(d.iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.jpg" for i in range(9)]
+    sizes = set()
+    for f in files:
+        with Image.open(f) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            sizes.add(img.size)
+            pixels = np.asarray(img)
+        assert pixels.std() > 10  # content, not a flat fill
+    assert sizes <= {(500, 375), (375, 500)}
+    assert np.mean([f.stat().st_size for f in files]) > 30_000  # noise keeps them photo-sized
+    # per-image seeding: another build (other threads, other order) writes the same bytes
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "b"))
+    d2 = benchmark_jpeg_dir(9, seed=3)
+    assert [f.read_bytes() for f in sorted(d2.iterdir())] == [f.read_bytes() for f in files]
+    assert benchmark_jpeg_dir(9, seed=4) != d2
+    with pytest.raises(ValueError, match="n=0"):
+        benchmark_jpeg_dir(0)
