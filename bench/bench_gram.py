@@ -10,7 +10,8 @@ Matmul-bound: the metric is TFLOP/s over the FLOPs the kernel's chosen form exec
 (`gram.choose_form`): P×P tiles use the symmetry, fwd 2·NB·Pe²·D (two GEMMs on half the tile
 pairs), bwd 2·NB·Pe²·D where the forward stores W (Pe <= D: one batched GEMM W ŝ), else
 6·NB·Pe²·D (S recomputed on all tile pairs, for a deterministic backward without atomics, +
-the gradient GEMM; the `triton_pp_recompute` provider times that path where W is stored);
+the gradient GEMM; the `triton_pp_recompute` provider times that path where W is stored;
+`triton_row_loop` times the two-pass, one-row-per-program normalisation kernels);
 D×D: fwd 4·NB·Pe·D² (four GEMMs on the symmetric block pairs), bwd 4·NB·Pe·D².
 The fp32 reference computes 4·NB·Pe²·D in the forward on CUDA cores.
 
@@ -67,6 +68,11 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
         # for the D×D backward the sm90 set holds the former 4-warp 64×64 tiles against the
         # launcher's 128×128 GEMM tiles (gram._dd_bwd_gpu)
         providers["triton_sm90_tiles"] = functools.partial(gram_loss, tiles="sm90")
+    if tiles_ab and d <= 4096:
+        # A/B: the normalisation pre-pass and its backward as one row per program in two passes
+        # over D (the only row kernels before 2026-11-26) against the launcher's one-pass,
+        # several-rows-per-program kernels (gram._row_config)
+        providers["triton_row_loop"] = functools.partial(gram_loss, row_pass="loop")
     if form == "P×P" and stores_w(pe, d):
         # A/B: the P×P backward that recomputes S tile by tile (what ran before W was stored)
         providers["triton_pp_recompute"] = functools.partial(gram_loss, pp_backward="recompute")

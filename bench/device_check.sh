@@ -2,7 +2,7 @@
 # The one prepared script for a GPU machine (DESIGN.md "Benchmarks, profiling and GPU checks").
 #
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
-#                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST]
+#                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST] [--full]
 #
 # --stages  comma list of pytest,check,bench,profile,step,data,ds (default: all of them). A follow-up
 #           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
@@ -13,6 +13,8 @@
 #           that runs kernels, GPU-only cases first).
 # --cases   comma list of texts: check / bench / profile run only the cases whose name contains
 #           one of them (default: every case).
+# --full    check / bench / profile take every case of the named ops, not only the --quick ones
+#           (e.g. KoLeo's B x D grid: --ops koleo --full); name --ops or --cases with it.
 #
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
@@ -41,6 +43,7 @@ STAGES="$ALL_STAGES"
 OPS=""
 TESTS=""
 CASES=""
+QUICK="--quick"
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -50,8 +53,9 @@ while [ $# -gt 0 ]; do
     --ops) OPS="$2"; shift 2 ;;
     --tests) TESTS="$2"; shift 2 ;;
     --cases) CASES="$2"; shift 2 ;;
+    --full) QUICK=""; shift ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST)" >&2; exit 2 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full)" >&2; exit 2 ;;
   esac
 done
 for st in ${STAGES//,/ }; do
@@ -234,14 +238,14 @@ fi
 # share, so the last ops are not starved by a slow first one
 if want check; then
   T=$(stage_timeout check)
-  run_stage check "$T" "$OUT/check.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --check --quick ${CASES:+--cases "$CASES"} \
+  run_stage check "$T" "$OUT/check.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --check $QUICK ${CASES:+--cases "$CASES"} \
     --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
 fi
 
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
 if want bench; then
   T=$(stage_timeout bench)
-  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" --quick ${CASES:+--cases "$CASES"} \
+  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" $QUICK ${CASES:+--cases "$CASES"} \
     --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
 fi
 
@@ -251,7 +255,7 @@ if want profile; then
   echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
   run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
     bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
-    profile --quick --providers triton --modes fwd,bwd ${CASES:+--cases "$CASES"}
+    profile $QUICK --providers triton --modes fwd,bwd ${CASES:+--cases "$CASES"}
 fi
 
 # ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels

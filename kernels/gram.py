@@ -59,7 +59,8 @@ Gram is nan).
 
 Cost model (w = bytes of a working-dtype element, 2 for bf16; in = input element bytes; R = NB·Pe
 rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
-  prep       reads 2·R·D·in, writes 3·R·D·w (4 with a clamp on bf16/fp16: lo(ŝ); 2 for D×D)
+  prep       reads 2·R·D·in, writes 3·R·D·w (4 with a clamp on bf16/fp16: lo(ŝ); 2 for D×D);
+             D <= 4096: each row read once (kept in registers), else twice (L2)
   P×P fwd    T(T+1)/2 tile pairs per image, each reads F_i, E_i, F_j, E_j (4·BM·D·w; 8 with a
              clamp): ≈ 2·NB·Pe²·D·w/BM bytes for 2·NB·Pe²·D FLOPs, BM/w = 32 FLOP/B (bf16)
   P×P bwd    stored W: writes NB·Pe²·w in the forward, reads it and Â once per column tile of
@@ -71,7 +72,7 @@ rows; BM = 64-row tiles, T = ⌈Pe/BM⌉; BK = 64 D×D blocks):
              2·NB·D²·w (M1, M2); a row split adds 2 x 64 KB of fp32 scratch per program
   D×D bwd    reads F, E rows per column block and M1, M2 per row block: 2·NB·Pe·D²·w·(1/BN +
              1/BM) bytes for 4·NB·Pe·D² FLOPs (32 FLOP/B at 64×64 tiles); writes R·D·4
-  norm bwd   reads R·D·(in + 4), writes R·D·in                                 memory-bound
+  norm bwd   reads R·D·(in + 4), writes R·D·in (as prep: once or twice)       memory-bound
 All below the H100 ridge from HBM (989 TFLOP/s / 3.35 TB/s ≈ 295 FLOP/B): the tiles reach tensor-
 core speed only because the re-reads hit L2 (one image's F, E are 2·Pe·D·w bytes: 4 MiB at the 7B
 shape P = 256, D = 4096, against 50 MB of L2). The P×P backward's fp32 dÂ_i (1 MiB per program at
@@ -232,6 +233,21 @@ def _round(x, dtype: tl.constexpr, RNE_FIX: tl.constexpr):
 
 
 @triton.jit
+def _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, off, m, a, b, RNE_FIX: tl.constexpr,
+                WRITE_LO: tl.constexpr, WRITE_A: tl.constexpr):
+    """Stores of one [BLOCK_R, BLOCK_D] chunk of ŝ (a) and t̂ (b), fp32 in registers."""
+    # the difference is taken in fp32 before rounding: this is what keeps S accurate
+    if WRITE_A:
+        hi = _round(a, A_ptr.dtype.element_ty, RNE_FIX)
+        tl.store(A_ptr + off, hi, mask=m)
+        if WRITE_LO:
+            lo = _round(a - hi.to(tl.float32), Lo_ptr.dtype.element_ty, RNE_FIX)
+            tl.store(Lo_ptr + off, lo, mask=m)
+    tl.store(F_ptr + off, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
+    tl.store(E_ptr + off, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
+
+
+@triton.jit
 def _gram_prep_kernel(
     A_ptr,  # out [R, D] ŝ, working dtype (its "hi" part)
     Lo_ptr,  # out [R, D] ŝ - hi, working dtype (clamp modes only: an accurate Ĝs sign)
@@ -239,37 +255,43 @@ def _gram_prep_kernel(
     E_ptr,  # out [R, D] ŝ - t̂
     S_ptr,  # in  [R, D] student rows
     T_ptr,  # in  [R, D] teacher rows
-    D, EPS,
-    BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr, WRITE_LO: tl.constexpr,
-    WRITE_A: tl.constexpr,
+    R, D, EPS,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr,
+    RNE_FIX: tl.constexpr, WRITE_LO: tl.constexpr, WRITE_A: tl.constexpr,
 ):
-    """WRITE_A: the P×P form reads ŝ; the D×D form only F and E (a third less written)."""
-    row = tl.program_id(0).to(tl.int64)
-    base = row * D
-    offs = tl.arange(0, BLOCK_D)
-    ss = tl.zeros((BLOCK_D,), tl.float32)
-    tt = tl.zeros((BLOCK_D,), tl.float32)
-    for k in range(0, D, BLOCK_D):
-        m = k + offs < D
-        s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
-        ss += s * s
-        tt += t * t
-    inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), EPS)  # F.normalize: x / max(‖x‖, eps)
-    inv_t = 1.0 / tl.maximum(tl.sqrt(tl.sum(tt, axis=0)), EPS)
-    for k in range(0, D, BLOCK_D):
-        m = k + offs < D
-        a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_s
-        b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32) * inv_t
-        # the difference is taken in fp32 before rounding: this is what keeps S accurate
-        if WRITE_A:
-            hi = _round(a, A_ptr.dtype.element_ty, RNE_FIX)
-            tl.store(A_ptr + base + k + offs, hi, mask=m)
-            if WRITE_LO:
-                lo = _round(a - hi.to(tl.float32), Lo_ptr.dtype.element_ty, RNE_FIX)
-                tl.store(Lo_ptr + base + k + offs, lo, mask=m)
-        tl.store(F_ptr + base + k + offs, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
-        tl.store(E_ptr + base + k + offs, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
+    """BLOCK_R rows per program. ONE_PASS (D <= BLOCK_D): each row is read once and stays in
+    registers between its norm and its stores; else two passes over D in BLOCK_D chunks (the
+    second re-reads from L2). WRITE_A: the P×P form reads ŝ; the D×D form only F and E."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = (rows < R)[:, None]
+    base = rows[:, None] * D
+    offs = tl.arange(0, BLOCK_D)[None, :]
+    if ONE_PASS:
+        m = row_ok & (offs < D)
+        s = tl.load(S_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        t = tl.load(T_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        # F.normalize: x / max(‖x‖, eps)
+        inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), EPS)
+        inv_t = 1.0 / tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), EPS)
+        _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, base + offs, m, s * inv_s[:, None],
+                    t * inv_t[:, None], RNE_FIX, WRITE_LO, WRITE_A)
+    else:
+        ss = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        tt = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        for k in range(0, D, BLOCK_D):
+            m = row_ok & (k + offs < D)
+            s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+            t = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+            ss += s * s
+            tt += t * t
+        inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=1)), EPS)
+        inv_t = 1.0 / tl.maximum(tl.sqrt(tl.sum(tt, axis=1)), EPS)
+        for k in range(0, D, BLOCK_D):
+            m = row_ok & (k + offs < D)
+            a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+            _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, base + k + offs, m, a * inv_s[:, None],
+                        b * inv_t[:, None], RNE_FIX, WRITE_LO, WRITE_A)
 
 
 @triton.jit
@@ -599,31 +621,44 @@ def _gram_norm_bwd_kernel(
     DA_ptr,  # in  [R, D] fp32 S ŝ (unscaled dL/dŝ)
     S_ptr,  # in  [R, D] student rows
     Scale_ptr,  # in  [1] fp32: 4·grad_out / N
-    D, EPS,
-    BLOCK_D: tl.constexpr, RNE_FIX: tl.constexpr,
+    R, D, EPS,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr,
+    RNE_FIX: tl.constexpr,
 ):
-    """Backward of ŝ = s / max(‖s‖, eps): ds = (g - ŝ (ŝ·g)) / ‖s‖ (or g / eps below eps)."""
-    row = tl.program_id(0).to(tl.int64)
-    base = row * D
-    offs = tl.arange(0, BLOCK_D)
+    """Backward of ŝ = s / max(‖s‖, eps): ds = (g - ŝ (ŝ·g)) / ‖s‖ (or g / eps below eps).
+    BLOCK_R rows per program; ONE_PASS as in _gram_prep_kernel."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = (rows < R)[:, None]
+    base = rows[:, None] * D
+    offs = tl.arange(0, BLOCK_D)[None, :]
     scale = tl.load(Scale_ptr)
-    ss = tl.zeros((BLOCK_D,), tl.float32)
-    sg = tl.zeros((BLOCK_D,), tl.float32)
-    for k in range(0, D, BLOCK_D):
-        m = k + offs < D
-        s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
-        ss += s * s
-        sg += s * g
-    norm = tl.sqrt(tl.sum(ss, axis=0))
-    inv = 1.0 / tl.maximum(norm, EPS)
-    coef = tl.where(norm > EPS, tl.sum(sg, axis=0) * inv * inv, 0.0)  # (ŝ·g) / ‖s‖
-    for k in range(0, D, BLOCK_D):
-        m = k + offs < D
-        s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
-        ds = _round(inv * (g - s * coef), DS_ptr.dtype.element_ty, RNE_FIX)
-        tl.store(DS_ptr + base + k + offs, ds, mask=m)
+    if ONE_PASS:
+        m = row_ok & (offs < D)
+        s = tl.load(S_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(DA_ptr + base + offs, mask=m, other=0.0) * scale
+        norm = tl.sqrt(tl.sum(s * s, axis=1))
+        inv = 1.0 / tl.maximum(norm, EPS)
+        coef = tl.where(norm > EPS, tl.sum(s * g, axis=1) * inv * inv, 0.0)  # (ŝ·g) / ‖s‖
+        ds = _round(inv[:, None] * (g - s * coef[:, None]), DS_ptr.dtype.element_ty, RNE_FIX)
+        tl.store(DS_ptr + base + offs, ds, mask=m)
+    else:
+        ss = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        sg = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        for k in range(0, D, BLOCK_D):
+            m = row_ok & (k + offs < D)
+            s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
+            ss += s * s
+            sg += s * g
+        norm = tl.sqrt(tl.sum(ss, axis=1))
+        inv = 1.0 / tl.maximum(norm, EPS)
+        coef = tl.where(norm > EPS, tl.sum(sg, axis=1) * inv * inv, 0.0)
+        for k in range(0, D, BLOCK_D):
+            m = row_ok & (k + offs < D)
+            s = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(DA_ptr + base + k + offs, mask=m, other=0.0) * scale
+            ds = _round(inv[:, None] * (g - s * coef[:, None]), DS_ptr.dtype.element_ty, RNE_FIX)
+            tl.store(DS_ptr + base + k + offs, ds, mask=m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -730,12 +765,34 @@ def auto_tiles(device: torch.device) -> int:
     return 80
 
 
-ROW_BLOCK_D = 1024  # prep / norm backward: one row per program, D in chunks of this
-ROW_WARPS = 8  # 4 elements a thread (with 4 warps triton 3.6 puts 8 B on the stack for fp16 prep)
+# Prep and norm backward (memory-bound: each reads and writes every row once). A row that fits
+# in registers (D <= ROW_MAX_ONE_PASS) is read once and stays there between its norm and its
+# stores, and a program takes ROW_ELEMS // BLOCK_D rows (4 at D = 1024: 16 elements of each input
+# per thread in flight, against 4 with one row); wider rows take one row per program and two
+# passes over D in ROW_BLOCK_D chunks, the second re-reading from L2. The latter was the only
+# kernel until 2026-11-26 (prep 90 µs, norm backward 78 µs at P = 4096, 8 images: ~70 % and ~60 %
+# of the copy bandwidth); row_pass="loop" still launches it, for A/B timings.
+ROW_BLOCK_D = 1024
+ROW_WARPS = 8  # 4+ elements a thread (with 4 warps triton 3.6 put 8 B on the stack for fp16 prep)
+ROW_ELEMS = 4096
+ROW_MAX_ONE_PASS = 4096
 
 
-def _row_block(d: int) -> int:
-    return ROW_BLOCK_D if not is_interpreter() else min(ROW_BLOCK_D, next_pow2(d))
+def _row_config(d: int, loop: bool = False) -> dict:
+    """BLOCK_R rows per program, BLOCK_D features per chunk, ONE_PASS, num_warps."""
+    if is_interpreter():  # 64-wide chunks: the test shapes reach both paths, 4-row partial blocks
+        bd = min(64, next_pow2(d))
+        return dict(BLOCK_R=1 if loop else 4, BLOCK_D=bd, ONE_PASS=d <= bd and not loop,
+                    num_warps=4)
+    return _row_gpu(d, loop)
+
+
+def _row_gpu(d: int, loop: bool = False) -> dict:
+    if loop or d > ROW_MAX_ONE_PASS:
+        return dict(BLOCK_R=1, BLOCK_D=ROW_BLOCK_D, ONE_PASS=False, num_warps=ROW_WARPS)
+    bd = next_pow2(d)
+    return dict(BLOCK_R=max(1, min(8, ROW_ELEMS // bd)), BLOCK_D=bd, ONE_PASS=True,
+                num_warps=ROW_WARPS)
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -842,7 +899,7 @@ def _needs_lo(dtype: torch.dtype, clamp: int) -> bool:
 
 
 def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
-              write_a: bool = True):
+              write_a: bool = True, row_loop: bool = False):
     """[..., D] rows -> ŝ (empty unless write_a), lo(ŝ) (empty unless write_lo), ŝ + t̂, ŝ - t̂
     in the working dtype."""
     s, t = student.contiguous(), teacher.contiguous().to(student.dtype)
@@ -853,20 +910,22 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
     lo = torch.empty(s.shape if write_lo else (0,), dtype=work, device=s.device)
     rows = s.numel() // max(d, 1)
     if rows:
-        _gram_prep_kernel[(rows,)](a if write_a else f, lo if write_lo else f, f, e, s, t, d,
-                                   NORM_EPS, BLOCK_D=_row_block(d), num_warps=ROW_WARPS,
-                                   RNE_FIX=_rne_fix(work), WRITE_LO=write_lo, WRITE_A=write_a)
+        cfg = _row_config(d, row_loop)
+        _gram_prep_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
+            a if write_a else f, lo if write_lo else f, f, e, s, t, rows, d, NORM_EPS, **cfg,
+            RNE_FIX=_rne_fix(work), WRITE_LO=write_lo, WRITE_A=write_a)
     return a, lo, f, e
 
 
 def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int,
-             arch: int = 0, store_w: bool = False):
+             arch: int = 0, store_w: bool = False, row_loop: bool = False):
     """-> loss (fp32 scalar), ŝ, lo(ŝ), F, E ([NB, Pe, D] working dtype; lo empty unless a clamp
     runs on bf16/fp16), mats: for the D×D form [NB, 2, D, D] (M1, M2), for P×P with store_w
     [NB, Pe, Pe] (W), else empty; working dtype."""
     nb, pe, d = _views(student, img_level)
     write_lo = _needs_lo(student.dtype, clamp)
-    a, lo, f, e = gram_prep(student, teacher, write_lo, write_a=form == FORM_PP)
+    a, lo, f, e = gram_prep(student, teacher, write_lo, write_a=form == FORM_PP,
+                            row_loop=row_loop)
     f, e = (x.view(nb, pe, d) for x in (f, e))
     a = a.view(nb, pe, d) if form == FORM_PP else a
     lo = lo.view(nb, pe, d) if write_lo else lo
@@ -910,7 +969,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
 
 def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
              f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-             form: int, arch: int = 0):
+             form: int, arch: int = 0, row_loop: bool = False):
     """dL/dstudent [B, P, D] in the student's dtype."""
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
@@ -935,9 +994,10 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
     scale = (grad.detach().float() * (4.0 / (float(nb) * pe * pe))).reshape(1)
     s = student.contiguous()
     ds = torch.empty_like(s)
-    _gram_norm_bwd_kernel[(nb * pe,)](ds, da, s, scale, d, NORM_EPS,
-                                      BLOCK_D=_row_block(d), num_warps=ROW_WARPS,
-                                      RNE_FIX=_rne_fix(s.dtype))
+    cfg = _row_config(d, row_loop)
+    _gram_norm_bwd_kernel[(cdiv(nb * pe, cfg["BLOCK_R"]),)](ds, da, s, scale, nb * pe, d,
+                                                            NORM_EPS, **cfg,
+                                                            RNE_FIX=_rne_fix(s.dtype))
     return ds
 
 
@@ -947,14 +1007,14 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
 
 @torch.library.custom_op("fastdino::gram_fwd", mutates_args=())
 def _gram_fwd_op(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int,
-                 form: int, arch: int, store_w: bool = False
+                 form: int, arch: int, store_w: bool = False, row_loop: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor]:
-    return gram_fwd(student, teacher, img_level, clamp, form, arch, store_w)
+    return gram_fwd(student, teacher, img_level, clamp, form, arch, store_w, row_loop)
 
 
 @_gram_fwd_op.register_fake
-def _(student, teacher, img_level, clamp, form, arch, store_w=False):
+def _(student, teacher, img_level, clamp, form, arch, store_w=False, row_loop=False):
     nb, pe, d = _views(student, img_level)
     work = _working_dtype(student.dtype)
     loss = student.new_empty((), dtype=torch.float32)
@@ -969,35 +1029,36 @@ def _(student, teacher, img_level, clamp, form, arch, store_w=False):
 @torch.library.custom_op("fastdino::gram_bwd", mutates_args=())
 def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
                  f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-                 form: int, arch: int) -> torch.Tensor:
-    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch)
+                 form: int, arch: int, row_loop: bool = False) -> torch.Tensor:
+    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop)
 
 
 @_gram_bwd_op.register_fake
-def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch):
+def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop=False):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 class GramFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int,
-                store_w: bool = False):
+                store_w: bool = False, row_loop: bool = False):
         fwd = eager_or_op(torch.ops.fastdino.gram_fwd, gram_fwd)
-        loss, *saved = fwd(student, teacher, img_level, clamp, form, arch, store_w)
+        loss, *saved = fwd(student, teacher, img_level, clamp, form, arch, store_w, row_loop)
         ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
-        ctx.cfg = (img_level, clamp, form, arch)
+        ctx.cfg = (img_level, clamp, form, arch, row_loop)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         ds = eager_or_op(torch.ops.fastdino.gram_bwd, gram_bwd)(grad, *ctx.saved_tensors, *ctx.cfg)
-        return ds, None, None, None, None, None, None
+        return ds, None, None, None, None, None, None, None
 
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
               remove_neg: bool = False, remove_only_teacher_neg: bool = False,
               form: str = "auto", rows: torch.Tensor | None = None,
-              tiles: str = "auto", pp_backward: str = "auto") -> torch.Tensor:
+              tiles: str = "auto", pp_backward: str = "auto",
+              row_pass: str = "auto") -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
     tiles: auto (`auto_tiles`: the 4-warp sm80 set, the faster one on sm_90 too) | sm90 | sm80:
@@ -1010,6 +1071,10 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     one batched GEMM W ŝ; recompute: the backward recomputes S tile by tile (no P×P in memory,
     6·Pe²·D backward FLOPs). auto: stored when Pe <= D (`stores_w`: then W is no larger than
     F or E, so the memory stays O(P·D) per image), recompute above.
+
+    row_pass: auto | loop: the normalisation pre-pass and its backward as `_row_config` picks
+    (rows that fit in registers read once, several per program) or forced to the one-row,
+    two-pass kernel (A/B timings and tests).
 
     rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
     `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the
@@ -1038,10 +1103,12 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     if pp_backward not in ("auto", "stored", "recompute"):
         raise ValueError(f"gram_loss: pp_backward={pp_backward!r} is invalid: allowed is auto | "
                          "stored | recompute")
+    if row_pass not in ("auto", "loop"):
+        raise ValueError(f"gram_loss: row_pass={row_pass!r} is invalid: allowed is auto | loop")
     store_w = form_id == FORM_PP and (pp_backward == "stored" or
                                       (pp_backward == "auto" and stores_w(pe, d)))
     return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id, TILES[tiles],
-                        store_w)
+                        store_w, row_pass == "loop")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1058,6 +1125,13 @@ _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # `divisible_by_16`, so a compile report that honours it (ASTSource attrs) compiles the code the
 # GPU runs; without it the report compiles the odd-D path (scalar, unpipelined loads).
 _DIV16_INTS = ("D",)
+
+
+# the row-kernel configs the GPU launchers pick at the shipped widths (ViT-S 384, ViT-B 768,
+# ViT-L 1024, ViT-H+ 1280, 7B 4096), and the two-pass kernel (row_pass="loop", D > 4096)
+_ROW_SPECS = list({f"rows={c['BLOCK_R']}x{c['BLOCK_D']}" + ("" if c["ONE_PASS"] else ",loop"): c
+                   for c in [_row_gpu(d) for d in (384, 768, 1024, 1280, 4096)]
+                   + [_row_gpu(1024, loop=True)]}.items())
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -1084,17 +1158,17 @@ def compile_specs() -> list[CompileSpec]:
         half = dtype != torch.float32
         dots = dict(UPCAST=False, IEEE=not half)
         w = f"*{ty}"
-        for write_lo in ((False, True) if half else (False,)):
-            add(f"gram_prep[{ty},lo={write_lo}]", _gram_prep_kernel,
-                {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
-                 "D": "i32", "EPS": "fp32"},
-                dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=write_lo,
-                WRITE_A=True)
-        add(f"gram_prep[{ty},dd]", _gram_prep_kernel,
-            {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
-             "D": "i32", "EPS": "fp32"},
-            dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False, WRITE_LO=False,
-            WRITE_A=False)
+        prep_sig = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
+                    "R": "i32", "D": "i32", "EPS": "fp32"}
+        for rows, cfg in _ROW_SPECS:
+            for write_lo, write_a in (((False, True), (True, True)) if half else
+                                      ((False, True),)) + ((False, False),):
+                tag = "dd" if not write_a else f"lo={write_lo}"
+                add(f"gram_prep[{ty},{tag},{rows}]", _gram_prep_kernel, prep_sig, cfg,
+                    RNE_FIX=False, WRITE_LO=write_lo, WRITE_A=write_a)
+            add(f"gram_norm_bwd[{ty},{rows}]", _gram_norm_bwd_kernel,
+                {"DS_ptr": w, "DA_ptr": "*fp32", "S_ptr": w, "Scale_ptr": "*fp32", "R": "i32",
+                 "D": "i32", "EPS": "fp32"}, cfg, RNE_FIX=False)
         ins = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w}
         for clamp in (CLAMP_NONE, CLAMP_NEG, CLAMP_TEACHER_NEG):
             for store in (False, True):
@@ -1128,7 +1202,4 @@ def compile_specs() -> list[CompileSpec]:
             add(name, _gram_dd_bwd_kernel,
                 {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M_ptr": w, "P": "i32",
                  "D": "i32"}, cfg, **dots)
-        add(f"gram_norm_bwd[{ty}]", _gram_norm_bwd_kernel,
-            {"DS_ptr": w, "DA_ptr": "*fp32", "S_ptr": w, "Scale_ptr": "*fp32", "D": "i32",
-             "EPS": "fp32"}, dict(BLOCK_D=ROW_BLOCK_D, num_warps=ROW_WARPS), RNE_FIX=False)
     return specs

@@ -187,6 +187,38 @@ def test_backward_is_bitwise_deterministic(gpu_tiles, variant, pp_backward):
     assert torch.equal(grads[0], grads[1])
 
 
+# The normalisation pre-pass and its backward (`_row_config`): under the interpreter rows of D <= 64
+# take the one-pass kernel, wider ones the two-pass loop, 4 rows per program (15 rows: a partial
+# block); row_pass="loop" forces one row per program and two passes at every D.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("row_pass", ["auto", "loop"])
+@pytest.mark.parametrize("d", [7, 80], ids=["D7_one_pass", "D80_two_pass"])
+@pytest.mark.parametrize("variant", ["pp-remove_neg", "dd"])
+def test_row_kernels_each_path(variant, d, row_pass, dtype):
+    s, t = make_inputs((3, 5, d), dtype, noise=1e-2, seed=11)
+    for img_level in (True, False):
+        check_parity(s, t, img_level, variant, atol_rel=1e-5 if dtype == torch.float32 else 1e-6,
+                     row_pass=row_pass)
+
+
+# The GPU row configurations themselves (`_row_gpu`), whatever the device: D = 384 runs 8 rows of
+# a 512-wide block (the last 128 columns masked, 13 rows: a partial block), D = 4100 the two-pass
+# loop over 1024-wide chunks (one row per program, the last chunk ragged).
+@pytest.mark.parametrize("shape", [(1, 13, 384), (1, 3, 4100)], ids=["D384", "D4100"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_kernels_at_gpu_configs(shape, dtype, monkeypatch):
+    monkeypatch.setattr(gram, "_row_config", gram._row_gpu)
+    assert gram._row_gpu(shape[-1])["ONE_PASS"] == (shape[-1] <= gram.ROW_MAX_ONE_PASS)
+    s, t = make_inputs(shape, dtype, noise=1e-2, seed=12)
+    check_parity(s, t, True, "pp", atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
+
+
+def test_row_pass_is_validated():
+    s, t = make_inputs((1, 5, 7), torch.float32, noise=0)
+    with pytest.raises(ValueError, match="row_pass='rows'.*auto | loop"):
+        gram_loss(s, t, row_pass="rows")
+
+
 def test_choose_form_rule():
     # P×P costs 8·P²·D (fwd 2, deterministic bwd 6), D×D 8·P·D² (fwd 4 over the symmetric block
     # pairs, bwd 4): D×D exactly when P >= D and no clamp is set
