@@ -233,9 +233,10 @@ def _round(x, dtype: tl.constexpr, RNE_FIX: tl.constexpr):
 
 
 @triton.jit
-def _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, off, m, a, b, RNE_FIX: tl.constexpr,
+def _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, off, off_fe, m, a, b, RNE_FIX: tl.constexpr,
                 WRITE_LO: tl.constexpr, WRITE_A: tl.constexpr):
-    """Stores of one [BLOCK_R, BLOCK_D] chunk of ŝ (a) and t̂ (b), fp32 in registers."""
+    """Stores of one [BLOCK_R, BLOCK_D] chunk of ŝ (a) and t̂ (b), fp32 in registers; off: the
+    chunk's offsets in ŝ and lo, off_fe in F and E."""
     # the difference is taken in fp32 before rounding: this is what keeps S accurate
     if WRITE_A:
         hi = _round(a, A_ptr.dtype.element_ty, RNE_FIX)
@@ -243,28 +244,30 @@ def _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, off, m, a, b, RNE_FIX: tl.constexpr
         if WRITE_LO:
             lo = _round(a - hi.to(tl.float32), Lo_ptr.dtype.element_ty, RNE_FIX)
             tl.store(Lo_ptr + off, lo, mask=m)
-    tl.store(F_ptr + off, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
-    tl.store(E_ptr + off, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
+    tl.store(F_ptr + off_fe, _round(a + b, F_ptr.dtype.element_ty, RNE_FIX), mask=m)
+    tl.store(E_ptr + off_fe, _round(a - b, E_ptr.dtype.element_ty, RNE_FIX), mask=m)
 
 
 @triton.jit
 def _gram_prep_kernel(
     A_ptr,  # out [R, D] ŝ, working dtype (its "hi" part)
     Lo_ptr,  # out [R, D] ŝ - hi, working dtype (clamp modes only: an accurate Ĝs sign)
-    F_ptr,  # out [R, D] ŝ + t̂
-    E_ptr,  # out [R, D] ŝ - t̂
+    F_ptr,  # out [R, D] ŝ + t̂, rows stride_fe apart
+    E_ptr,  # out [R, D] ŝ - t̂, rows stride_fe apart
     S_ptr,  # in  [R, D] student rows
     T_ptr,  # in  [R, D] teacher rows
-    R, D, EPS,
+    R, D, stride_fe, EPS,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr,
     RNE_FIX: tl.constexpr, WRITE_LO: tl.constexpr, WRITE_A: tl.constexpr,
 ):
     """BLOCK_R rows per program. ONE_PASS (D <= BLOCK_D): each row is read once and stays in
     registers between its norm and its stores; else two passes over D in BLOCK_D chunks (the
-    second re-reads from L2). WRITE_A: the P×P form reads ŝ; the D×D form only F and E."""
+    second re-reads from L2). WRITE_A: the P×P form reads ŝ; the D×D form only F and E, which
+    it stores side by side in one [R, 2D] buffer (stride_fe = 2D: the backward's one GEMM)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = (rows < R)[:, None]
     base = rows[:, None] * D
+    base_fe = rows[:, None] * stride_fe
     offs = tl.arange(0, BLOCK_D)[None, :]
     if ONE_PASS:
         m = row_ok & (offs < D)
@@ -273,8 +276,8 @@ def _gram_prep_kernel(
         # F.normalize: x / max(‖x‖, eps)
         inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), EPS)
         inv_t = 1.0 / tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), EPS)
-        _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, base + offs, m, s * inv_s[:, None],
-                    t * inv_t[:, None], RNE_FIX, WRITE_LO, WRITE_A)
+        _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, base + offs, base_fe + offs, m,
+                    s * inv_s[:, None], t * inv_t[:, None], RNE_FIX, WRITE_LO, WRITE_A)
     else:
         ss = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         tt = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
@@ -290,8 +293,8 @@ def _gram_prep_kernel(
             m = row_ok & (k + offs < D)
             a = tl.load(S_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
             b = tl.load(T_ptr + base + k + offs, mask=m, other=0.0).to(tl.float32)
-            _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, base + k + offs, m, a * inv_s[:, None],
-                        b * inv_t[:, None], RNE_FIX, WRITE_LO, WRITE_A)
+            _prep_store(A_ptr, Lo_ptr, F_ptr, E_ptr, base + k + offs, base_fe + k + offs, m,
+                        a * inv_s[:, None], b * inv_t[:, None], RNE_FIX, WRITE_LO, WRITE_A)
 
 
 @triton.jit
@@ -494,9 +497,9 @@ def _dd_pair_epilogue(M_ptr, Partial_ptr, ff, ee, x, y, pk, pl, pair, b, D, num_
 def _gram_dd_fwd_kernel(
     Out_ptr,  # SPLIT: [NB, S, num_pairs, 4, BK, BK] fp32 raw blocks; else M [NB, 2, D, D] (M1, M2)
     Partial_ptr,  # [NB, num_pairs] fp32 loss partials (unused when SPLIT)
-    F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    F_ptr, E_ptr,  # in [NB, Pe, D] working dtype, rows stride_fe apart
     PairI_ptr, PairJ_ptr,  # [num_pairs] int32 block pairs I <= J
-    P, D, num_pairs, rows_per_split,
+    P, D, stride_fe, num_pairs, rows_per_split,
     SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
@@ -511,8 +514,8 @@ def _gram_dd_fwd_kernel(
     sp = tl.program_id(2)
     pk = tl.load(PairI_ptr + pair)
     pl = tl.load(PairJ_ptr + pair)
-    F_ptr += b.to(tl.int64) * P * D
-    E_ptr += b.to(tl.int64) * P * D
+    F_ptr += b.to(tl.int64) * P * stride_fe
+    E_ptr += b.to(tl.int64) * P * stride_fe
     ck = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     cl = pl * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_p = tl.arange(0, BLOCK_P)
@@ -525,8 +528,8 @@ def _gram_dd_fwd_kernel(
     for p0 in range(p_lo, p_hi, BLOCK_P):
         r = p0 + offs_p
         ok_r = r < p_hi
-        p_kt = r[None, :] * D + ck[:, None]  # [BK, BP]: columns of block I, transposed
-        p_l = r[:, None] * D + cl[None, :]  # [BP, BK]: columns of block J
+        p_kt = r[None, :] * stride_fe + ck[:, None]  # [BK, BP]: columns of block I, transposed
+        p_l = r[:, None] * stride_fe + cl[None, :]  # [BP, BK]: columns of block J
         m_kt = (ck < D)[:, None] & ok_r[None, :]
         m_l = ok_r[:, None] & (cl < D)[None, :]
         f_kt = tl.load(F_ptr + p_kt, mask=m_kt, other=0.0)
@@ -583,17 +586,17 @@ def _gram_dd_finish_kernel(
 @triton.jit
 def _gram_dd_bwd_kernel(
     DA_ptr,  # out [NB, Pe, D] fp32: S ŝ = ¼ (F M1 + E M2)
-    F_ptr, E_ptr,  # in [NB, Pe, D] working dtype
+    F_ptr, E_ptr,  # in [NB, Pe, D] working dtype, rows stride_fe apart
     M_ptr,  # in [NB, 2, D, D] working dtype: M1 = Xᵀ + EᵀE, M2 = FᵀF + X (_dd_pair_epilogue)
-    P, D,
+    P, D, stride_fe,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     b = tl.program_id(2)
-    F_ptr += b.to(tl.int64) * P * D
-    E_ptr += b.to(tl.int64) * P * D
+    F_ptr += b.to(tl.int64) * P * stride_fe
+    E_ptr += b.to(tl.int64) * P * stride_fe
     DA_ptr += b.to(tl.int64) * P * D
     M1_ptr = M_ptr + b.to(tl.int64) * 2 * D * D
     M2_ptr = M1_ptr + D * D
@@ -605,7 +608,7 @@ def _gram_dd_bwd_kernel(
         kk = k0 + offs_k
         m_a = (rows < P)[:, None] & (kk < D)[None, :]
         m_m = (kk < D)[:, None] & (cols < D)[None, :]
-        p_a = rows[:, None] * D + kk[None, :]  # [BM, BK]
+        p_a = rows[:, None] * stride_fe + kk[None, :]  # [BM, BK]
         p_m = kk[:, None] * D + cols[None, :]  # [BK, BN]
         acc = _mma(tl.load(F_ptr + p_a, mask=m_a, other=0.0),
                    tl.load(M1_ptr + p_m, mask=m_m, other=0.0), acc, UPCAST, IEEE)
@@ -773,7 +776,8 @@ def auto_tiles(device: torch.device) -> int:
 # kernel until 2026-11-26 (prep 90 µs, norm backward 78 µs at P = 4096, 8 images: ~70 % and ~60 %
 # of the copy bandwidth); row_pass="loop" still launches it, for A/B timings.
 ROW_BLOCK_D = 1024
-ROW_WARPS = 8  # 4+ elements a thread (with 4 warps triton 3.6 put 8 B on the stack for fp16 prep)
+ROW_WARPS = 8  # 4+ elements a thread (with 4 warps triton 3.6 put 8 B on the stack for fp16 prep;
+# 16 warps for 4096-wide rows: with 8, 8 B of stack for fp32 prep on sm_90 under 3.6)
 ROW_ELEMS = 4096
 ROW_MAX_ONE_PASS = 4096
 
@@ -792,7 +796,7 @@ def _row_gpu(d: int, loop: bool = False) -> dict:
         return dict(BLOCK_R=1, BLOCK_D=ROW_BLOCK_D, ONE_PASS=False, num_warps=ROW_WARPS)
     bd = next_pow2(d)
     return dict(BLOCK_R=max(1, min(8, ROW_ELEMS // bd)), BLOCK_D=bd, ONE_PASS=True,
-                num_warps=ROW_WARPS)
+                num_warps=16 if bd >= 4096 else ROW_WARPS)
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -900,34 +904,46 @@ def _needs_lo(dtype: torch.dtype, clamp: int) -> bool:
 
 def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
               write_a: bool = True, row_loop: bool = False):
-    """[..., D] rows -> ŝ (empty unless write_a), lo(ŝ) (empty unless write_lo), ŝ + t̂, ŝ - t̂
-    in the working dtype."""
+    """[..., D] rows -> ŝ (empty unless write_a), lo(ŝ) (empty unless write_lo), F = ŝ + t̂,
+    E = ŝ - t̂ in the working dtype. The P×P form (write_a) gets F and E as two [..., D]
+    tensors; the D×D form one [..., 2D] buffer FE = [F | E] returned as F (E empty), so that
+    its backward is one GEMM FE·[M1; M2] with K = 2D."""
     s, t = student.contiguous(), teacher.contiguous().to(student.dtype)
     d = s.shape[-1]
     work = _working_dtype(s.dtype)
-    f, e = (torch.empty(s.shape, dtype=work, device=s.device) for _ in range(2))
+    if write_a:
+        f, e = (torch.empty(s.shape, dtype=work, device=s.device) for _ in range(2))
+        f_arg, e_arg, stride_fe = f, e, d
+    else:
+        f = torch.empty(*s.shape[:-1], 2 * d, dtype=work, device=s.device)
+        e = torch.empty(0, dtype=work, device=s.device)
+        f_arg, e_arg, stride_fe = f, f[..., d:], 2 * d
     a = torch.empty(s.shape if write_a else (0,), dtype=work, device=s.device)
     lo = torch.empty(s.shape if write_lo else (0,), dtype=work, device=s.device)
     rows = s.numel() // max(d, 1)
     if rows:
         cfg = _row_config(d, row_loop)
         _gram_prep_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
-            a if write_a else f, lo if write_lo else f, f, e, s, t, rows, d, NORM_EPS, **cfg,
-            RNE_FIX=_rne_fix(work), WRITE_LO=write_lo, WRITE_A=write_a)
+            a if write_a else f_arg, lo if write_lo else f_arg, f_arg, e_arg, s, t, rows, d,
+            stride_fe, NORM_EPS, **cfg, RNE_FIX=_rne_fix(work), WRITE_LO=write_lo,
+            WRITE_A=write_a)
     return a, lo, f, e
 
 
 def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clamp: int, form: int,
              arch: int = 0, store_w: bool = False, row_loop: bool = False):
     """-> loss (fp32 scalar), ŝ, lo(ŝ), F, E ([NB, Pe, D] working dtype; lo empty unless a clamp
-    runs on bf16/fp16), mats: for the D×D form [NB, 2, D, D] (M1, M2), for P×P with store_w
-    [NB, Pe, Pe] (W), else empty; working dtype."""
+    runs on bf16/fp16; the D×D form returns FE = [F | E] [NB, Pe, 2D] as F, E empty, and no ŝ),
+    mats: for the D×D form [NB, 2, D, D] (M1, M2), for P×P with store_w [NB, Pe, Pe] (W), else
+    empty; working dtype."""
     nb, pe, d = _views(student, img_level)
     write_lo = _needs_lo(student.dtype, clamp)
     a, lo, f, e = gram_prep(student, teacher, write_lo, write_a=form == FORM_PP,
                             row_loop=row_loop)
-    f, e = (x.view(nb, pe, d) for x in (f, e))
-    a = a.view(nb, pe, d) if form == FORM_PP else a
+    if form == FORM_PP:
+        f, e, a = (x.view(nb, pe, d) for x in (f, e, a))
+    else:
+        f = f.view(nb, pe, 2 * d)
     lo = lo.view(nb, pe, d) if write_lo else lo
     flags = _dot_flags(student.dtype)
     n = float(nb) * pe * pe
@@ -951,15 +967,17 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         mats = torch.empty(nb, 2, d, d, dtype=a.dtype, device=student.device)  # M1, M2
         partial = torch.empty(nb, pairs, dtype=torch.float32, device=student.device)
         rne = _rne_fix(a.dtype)
+        fv, ev = f[..., :d], f[..., d:]  # F and E: rows 2D apart in FE
         if splits == 1:
-            _gram_dd_fwd_kernel[(pairs, nb, 1)](mats, partial, f, e, pi, pj, pe, d, pairs, pe,
-                                                SPLIT=False, **cfg, **flags, RNE_FIX=rne)
+            _gram_dd_fwd_kernel[(pairs, nb, 1)](mats, partial, fv, ev, pi, pj, pe, d, 2 * d,
+                                                pairs, pe, SPLIT=False, **cfg, **flags,
+                                                RNE_FIX=rne)
         else:
             scratch = torch.empty(nb, splits, pairs, 4, bk, bk, dtype=torch.float32,
                                   device=student.device)
-            _gram_dd_fwd_kernel[(pairs, nb, splits)](scratch, partial, f, e, pi, pj, pe, d, pairs,
-                                                     rows_per_split, SPLIT=True, **cfg, **flags,
-                                                     RNE_FIX=rne)
+            _gram_dd_fwd_kernel[(pairs, nb, splits)](scratch, partial, fv, ev, pi, pj, pe, d,
+                                                     2 * d, pairs, rows_per_split, SPLIT=True,
+                                                     **cfg, **flags, RNE_FIX=rne)
             _gram_dd_finish_kernel[(pairs, nb)](mats, partial, scratch, pi, pj, d, pairs, splits,
                                                 BLOCK_K=bk, RNE_FIX=rne,
                                                 num_warps=DD_FINISH_WARPS)
@@ -967,10 +985,25 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     return loss, a, lo, f, e, mats
 
 
+def bmm_f32_available() -> bool:
+    """torch.bmm(..., out_dtype=torch.float32) on bf16/fp16 (aten::bmm.dtype, torch >= 2.8)."""
+    return hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def _bmm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B, M, K] @ y [B, K, N], half precision in, fp32 out: exact products accumulated in
+    fp32, as the Triton GEMMs. cuBLAS on CUDA; elsewhere (CPU tests) the same in fp32 math."""
+    if x.is_cuda:
+        return torch.bmm(x, y, out_dtype=torch.float32)
+    return torch.bmm(x.float(), y.float())
+
+
 def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
              f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-             form: int, arch: int = 0, row_loop: bool = False):
-    """dL/dstudent [B, P, D] in the student's dtype."""
+             form: int, arch: int = 0, row_loop: bool = False, dd_bmm: bool = False):
+    """dL/dstudent [B, P, D] in the student's dtype. dd_bmm (D×D form, bf16/fp16, CUDA): the
+    gradient GEMM FE·[M1; M2] through torch.bmm (cuBLAS, fp32 out) instead of the Triton
+    kernel; see `gram_loss(dd_backward=...)`."""
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
     if form == FORM_PP and mats.numel():  # W stored by the forward: one batched GEMM
@@ -986,12 +1019,17 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         grid = (cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
         _gram_pp_bwd_kernel[grid](da, a, lo_arg, f, e, pe, d, CLAMP=clamp, **cfg, **flags,
                                   RNE_FIX=_rne_fix(a.dtype))
-    else:
-        cfg = _dd_config(pe, d, a.dtype, bwd=True, arch=arch or auto_tiles(student.device))
+    gemm_scale = 1.0  # the Triton GEMMs store ¼ (F M1 + E M2) themselves
+    if form == FORM_DD and dd_bmm:  # f is FE [NB, Pe, 2D]; mats [NB, 2D, D] = [M1; M2]
+        da = _bmm_f32(f, mats.view(nb, 2 * d, d))
+        gemm_scale = 0.25
+    elif form == FORM_DD:
+        cfg = _dd_config(pe, d, f.dtype, bwd=True, arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (cdiv(pe, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_N"]), nb)
-        _gram_dd_bwd_kernel[grid](da, f, e, mats, pe, d, **cfg, **flags)
-    scale = (grad.detach().float() * (4.0 / (float(nb) * pe * pe))).reshape(1)
+        _gram_dd_bwd_kernel[grid](da, f[..., :d], f[..., d:], mats, pe, d, 2 * d, **cfg,
+                                  **flags)
+    scale = (grad.detach().float() * (4.0 * gemm_scale / (float(nb) * pe * pe))).reshape(1)
     s = student.contiguous()
     ds = torch.empty_like(s)
     cfg = _row_config(d, row_loop)
@@ -1018,7 +1056,8 @@ def _(student, teacher, img_level, clamp, form, arch, store_w=False, row_loop=Fa
     nb, pe, d = _views(student, img_level)
     work = _working_dtype(student.dtype)
     loss = student.new_empty((), dtype=torch.float32)
-    f, e = (student.new_empty((nb, pe, d), dtype=work) for _ in range(2))
+    f = student.new_empty((nb, pe, d if form == FORM_PP else 2 * d), dtype=work)
+    e = student.new_empty((nb, pe, d) if form == FORM_PP else (0,), dtype=work)
     a = student.new_empty((nb, pe, d) if form == FORM_PP else (0,), dtype=work)
     lo = student.new_empty((nb, pe, d) if _needs_lo(student.dtype, clamp) else (0,), dtype=work)
     mats_shape = ((nb, 2, d, d) if form == FORM_DD else (nb, pe, pe) if store_w else (0,))
@@ -1029,36 +1068,39 @@ def _(student, teacher, img_level, clamp, form, arch, store_w=False, row_loop=Fa
 @torch.library.custom_op("fastdino::gram_bwd", mutates_args=())
 def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
                  f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-                 form: int, arch: int, row_loop: bool = False) -> torch.Tensor:
-    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop)
+                 form: int, arch: int, row_loop: bool = False, dd_bmm: bool = False
+                 ) -> torch.Tensor:
+    return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop,
+                    dd_bmm)
 
 
 @_gram_bwd_op.register_fake
-def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop=False):
+def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop=False,
+      dd_bmm=False):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 class GramFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int,
-                store_w: bool = False, row_loop: bool = False):
+                store_w: bool = False, row_loop: bool = False, dd_bmm: bool = False):
         fwd = eager_or_op(torch.ops.fastdino.gram_fwd, gram_fwd)
         loss, *saved = fwd(student, teacher, img_level, clamp, form, arch, store_w, row_loop)
         ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
-        ctx.cfg = (img_level, clamp, form, arch, row_loop)
+        ctx.cfg = (img_level, clamp, form, arch, row_loop, dd_bmm)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         ds = eager_or_op(torch.ops.fastdino.gram_bwd, gram_bwd)(grad, *ctx.saved_tensors, *ctx.cfg)
-        return ds, None, None, None, None, None, None, None
+        return ds, None, None, None, None, None, None, None, None
 
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = True,
               remove_neg: bool = False, remove_only_teacher_neg: bool = False,
               form: str = "auto", rows: torch.Tensor | None = None,
               tiles: str = "auto", pp_backward: str = "auto",
-              row_pass: str = "auto") -> torch.Tensor:
+              row_pass: str = "auto", dd_backward: str = "auto") -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
     tiles: auto (`auto_tiles`: the 4-warp sm80 set, the faster one on sm_90 too) | sm90 | sm80:
@@ -1075,6 +1117,11 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     row_pass: auto | loop: the normalisation pre-pass and its backward as `_row_config` picks
     (rows that fit in registers read once, several per program) or forced to the one-row,
     two-pass kernel (A/B timings and tests).
+
+    dd_backward (D×D form): auto | bmm | triton: the backward's GEMM FE·[M1; M2] (K = 2D, fp32
+    out) through torch.bmm (cuBLAS) or the Triton kernel. auto: bmm on CUDA for bf16/fp16
+    inputs where torch has bmm's out_dtype (`bmm_f32_available`), triton otherwise (fp32 inputs
+    keep the Triton kernel's IEEE fp32 dot: torch.bmm would follow the global TF32 switch).
 
     rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
     `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the
@@ -1105,10 +1152,19 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
                          "stored | recompute")
     if row_pass not in ("auto", "loop"):
         raise ValueError(f"gram_loss: row_pass={row_pass!r} is invalid: allowed is auto | loop")
+    if dd_backward not in ("auto", "bmm", "triton"):
+        raise ValueError(f"gram_loss: dd_backward={dd_backward!r} is invalid: allowed is auto | "
+                         "bmm | triton")
+    half = student.dtype in (torch.bfloat16, torch.float16)
+    if dd_backward == "bmm" and not (half and bmm_f32_available()):
+        raise ValueError(f"gram_loss: dd_backward='bmm' needs bf16/fp16 inputs (got "
+                         f"{student.dtype}) and a torch with bmm's out_dtype (>= 2.8)")
+    dd_bmm = dd_backward == "bmm" or (dd_backward == "auto" and half and student.is_cuda
+                                      and bmm_f32_available())
     store_w = form_id == FORM_PP and (pp_backward == "stored" or
                                       (pp_backward == "auto" and stores_w(pe, d)))
     return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id, TILES[tiles],
-                        store_w, row_pass == "loop")
+                        store_w, row_pass == "loop", dd_bmm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1124,7 +1180,7 @@ _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # 4096). P, Pe and the pair count are not (196 patches at 224 px). Declared on each spec as
 # `divisible_by_16`, so a compile report that honours it (ASTSource attrs) compiles the code the
 # GPU runs; without it the report compiles the odd-D path (scalar, unpipelined loads).
-_DIV16_INTS = ("D",)
+_DIV16_INTS = ("D", "stride_fe")  # stride_fe: D or 2D; E = F + D elements (D % 8 == 0: aligned)
 
 
 # the row-kernel configs the GPU launchers pick at the shipped widths (ViT-S 384, ViT-B 768,
@@ -1159,7 +1215,7 @@ def compile_specs() -> list[CompileSpec]:
         dots = dict(UPCAST=False, IEEE=not half)
         w = f"*{ty}"
         prep_sig = {"A_ptr": w, "Lo_ptr": w, "F_ptr": w, "E_ptr": w, "S_ptr": w, "T_ptr": w,
-                    "R": "i32", "D": "i32", "EPS": "fp32"}
+                    "R": "i32", "D": "i32", "stride_fe": "i32", "EPS": "fp32"}
         for rows, cfg in _ROW_SPECS:
             for write_lo, write_a in (((False, True), (True, True)) if half else
                                       ((False, True),)) + ((False, False),):
@@ -1189,7 +1245,8 @@ def compile_specs() -> list[CompileSpec]:
             for name, cfg in per_arch(f"gram_dd_fwd[{ty},split={split}]", _dd_fwd_gpu, dtype):
                 add(name, _gram_dd_fwd_kernel,
                     {"Out_ptr": "*fp32" if split else w, "Partial_ptr": "*fp32", "F_ptr": w,
-                     "E_ptr": w, **pairs, "P": "i32", "D": "i32", "num_pairs": "i32",
+                     "E_ptr": w, **pairs, "P": "i32", "D": "i32", "stride_fe": "i32",
+                     "num_pairs": "i32",
                      "rows_per_split": "i32"}, cfg, SPLIT=split, **dots, RNE_FIX=False)
         add(f"gram_dd_finish[{ty}]", _gram_dd_finish_kernel,
             {"M_ptr": w, "Partial_ptr": "*fp32", "Split_ptr": "*fp32", **pairs, "D": "i32",
@@ -1201,5 +1258,5 @@ def compile_specs() -> list[CompileSpec]:
         for name, cfg in per_arch(f"gram_dd_bwd[{ty}]", _dd_bwd_gpu, dtype):
             add(name, _gram_dd_bwd_kernel,
                 {"DA_ptr": "*fp32", "F_ptr": w, "E_ptr": w, "M_ptr": w, "P": "i32",
-                 "D": "i32"}, cfg, **dots)
+                 "D": "i32", "stride_fe": "i32"}, cfg, **dots)
     return specs

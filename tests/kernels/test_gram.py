@@ -213,6 +213,30 @@ def test_row_kernels_at_gpu_configs(shape, dtype, monkeypatch):
     check_parity(s, t, True, "pp", atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
 
 
+# The D×D backward's GEMM through torch.bmm (cuBLAS on CUDA, fp32 math on the CPU) against the
+# fp64 reference and the Triton GEMM, per image and flattened, at odd and GPU-tile shapes.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 5, 7), GPU_TILE_SHAPE], ids=["3x5x7", "2x75x80"])
+def test_dd_backward_bmm(shape, dtype):
+    s, t = make_inputs(shape, dtype, noise=1e-2, seed=13)
+    for img_level in (True, False):
+        check_parity(s, t, img_level, "dd", atol_rel=1e-6, dd_backward="bmm")
+        _, g_bmm = loss_and_grad(gram_loss, s, t, img_level=img_level, form="dd",
+                                 dd_backward="bmm")
+        _, g_tri = loss_and_grad(gram_loss, s, t, img_level=img_level, form="dd",
+                                 dd_backward="triton")
+        # same products, fp32 sums in another order: one rounding of the output dtype apart
+        assert torch.allclose(g_bmm, g_tri, rtol=2e-2, atol=1e-3 * g_tri.abs().max().item())
+
+
+def test_dd_backward_is_validated():
+    s, t = make_inputs((1, 5, 7), torch.float32, noise=0)
+    with pytest.raises(ValueError, match="dd_backward='gemm' is invalid"):
+        gram_loss(s, t, form="dd", dd_backward="gemm")
+    with pytest.raises(ValueError, match="needs bf16/fp16 inputs"):
+        gram_loss(s, t, form="dd", dd_backward="bmm")  # fp32 keeps the IEEE Triton dot
+
+
 def test_row_pass_is_validated():
     s, t = make_inputs((1, 5, 7), torch.float32, noise=0)
     with pytest.raises(ValueError, match="row_pass='rows'.*auto | loop"):
@@ -299,11 +323,19 @@ def test_loss_is_deterministic_and_module_dispatches_to_triton():
 def test_opcheck_custom_ops(form):
     s, t = make_inputs((1, 20, 16), torch.float32, noise=1e-2)
     for store_w in ((False, True) if form == gram.FORM_PP else (False,)):
-        torch.library.opcheck(torch.ops.fastdino.gram_fwd.default,
-                              (s, t, True, 0, form, 0, store_w))
+        for row_loop in (False, True):
+            torch.library.opcheck(torch.ops.fastdino.gram_fwd.default,
+                                  (s, t, True, 0, form, 0, store_w, row_loop))
         _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form, 0, store_w)
         torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
                               (torch.ones((), device=DEV), s, *saved, True, 0, form, 0))
+    if form == gram.FORM_DD:  # the bmm backward (half precision only) and the FE layout
+        s, t = (x.to(torch.bfloat16) for x in (s, t))
+        _, *saved = torch.ops.fastdino.gram_fwd(s, t, True, 0, form, 0, False)
+        assert saved[2].shape == (1, 20, 32) and saved[3].numel() == 0  # FE = [F | E], no E
+        torch.library.opcheck(torch.ops.fastdino.gram_bwd.default,
+                              (torch.ones((), device=DEV), s, *saved, True, 0, form, 0, False,
+                               True))
 
 
 def test_compiled_matches_eager():
