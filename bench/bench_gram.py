@@ -12,7 +12,8 @@ pairs), bwd 2·NB·Pe²·D where the forward stores W (Pe <= D: one batched GEMM
 6·NB·Pe²·D (S recomputed on all tile pairs, for a deterministic backward without atomics, +
 the gradient GEMM; the `triton_pp_recompute` provider times that path where W is stored;
 `triton_row_loop` times the two-pass, one-row-per-program normalisation kernels;
-`triton_dd_triton_bwd` the D×D backward's GEMM in Triton instead of torch.bmm / cuBLAS);
+`triton_bwd_gemm_triton` the backward's GEMM (D×D, stored-W P×P) in Triton instead of
+torch.bmm / cuBLAS);
 D×D: fwd 4·NB·Pe·D² (four GEMMs on the symmetric block pairs), bwd 4·NB·Pe·D².
 The fp32 reference computes 4·NB·Pe²·D in the forward on CUDA cores.
 
@@ -74,10 +75,11 @@ def _case(name: str, crops: int, p: int, d: int, img_level: bool, dtype: torch.d
         # over D (the only row kernels before 2026-11-26) against the launcher's one-pass,
         # several-rows-per-program kernels (gram._row_config)
         providers["triton_row_loop"] = functools.partial(gram_loss, row_pass="loop")
-    if form == "D×D" and dtype != torch.float32:
-        # A/B: the backward's GEMM FE·[M1; M2] in the Triton kernel (what ran before) against
-        # torch.bmm with fp32 out (cuBLAS), the launcher's default on CUDA
-        providers["triton_dd_triton_bwd"] = functools.partial(gram_loss, dd_backward="triton")
+    if dtype != torch.float32 and (form == "D×D" or stores_w(pe, d)):
+        # A/B: the backward's one GEMM (D×D: FE·[M1; M2]; P×P: W ŝ) in the Triton kernels (what
+        # ran before) against torch.bmm with fp32 out (cuBLAS), the launcher's default on CUDA
+        providers["triton_bwd_gemm_triton"] = functools.partial(gram_loss,
+                                                                backward_gemm="triton")
     if form == "P×P" and stores_w(pe, d):
         # A/B: the P×P backward that recomputes S tile by tile (what ran before W was stored)
         providers["triton_pp_recompute"] = functools.partial(gram_loss, pp_backward="recompute")

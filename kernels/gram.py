@@ -1000,13 +1000,15 @@ def _bmm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
              f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-             form: int, arch: int = 0, row_loop: bool = False, dd_bmm: bool = False):
-    """dL/dstudent [B, P, D] in the student's dtype. dd_bmm (D×D form, bf16/fp16, CUDA): the
-    gradient GEMM FE·[M1; M2] through torch.bmm (cuBLAS, fp32 out) instead of the Triton
-    kernel; see `gram_loss(dd_backward=...)`."""
+             form: int, arch: int = 0, row_loop: bool = False, gemm_bmm: bool = False):
+    """dL/dstudent [B, P, D] in the student's dtype. gemm_bmm (bf16/fp16): the backwards that
+    are one batched GEMM (D×D: FE·[M1; M2]; P×P with a stored W: W ŝ) run torch.bmm (cuBLAS,
+    fp32 out) instead of the Triton kernels; see `gram_loss(backward_gemm=...)`."""
     nb, pe, d = _views(student, img_level)
     flags = _dot_flags(student.dtype)
-    if form == FORM_PP and mats.numel():  # W stored by the forward: one batched GEMM
+    if form == FORM_PP and mats.numel() and gemm_bmm:  # W stored by the forward: W ŝ
+        da = _bmm_f32(mats, a)
+    elif form == FORM_PP and mats.numel():
         cfg = _w_grad_config(pe, d, a.dtype, arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (cdiv(pe, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_N"]), nb)
@@ -1020,7 +1022,7 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         _gram_pp_bwd_kernel[grid](da, a, lo_arg, f, e, pe, d, CLAMP=clamp, **cfg, **flags,
                                   RNE_FIX=_rne_fix(a.dtype))
     gemm_scale = 1.0  # the Triton GEMMs store ¼ (F M1 + E M2) themselves
-    if form == FORM_DD and dd_bmm:  # f is FE [NB, Pe, 2D]; mats [NB, 2D, D] = [M1; M2]
+    if form == FORM_DD and gemm_bmm:  # f is FE [NB, Pe, 2D]; mats [NB, 2D, D] = [M1; M2]
         da = _bmm_f32(f, mats.view(nb, 2 * d, d))
         gemm_scale = 0.25
     elif form == FORM_DD:
@@ -1068,26 +1070,26 @@ def _(student, teacher, img_level, clamp, form, arch, store_w=False, row_loop=Fa
 @torch.library.custom_op("fastdino::gram_bwd", mutates_args=())
 def _gram_bwd_op(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: torch.Tensor,
                  f: torch.Tensor, e: torch.Tensor, mats: torch.Tensor, img_level: bool, clamp: int,
-                 form: int, arch: int, row_loop: bool = False, dd_bmm: bool = False
+                 form: int, arch: int, row_loop: bool = False, gemm_bmm: bool = False
                  ) -> torch.Tensor:
     return gram_bwd(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop,
-                    dd_bmm)
+                    gemm_bmm)
 
 
 @_gram_bwd_op.register_fake
 def _(grad, student, a, lo, f, e, mats, img_level, clamp, form, arch, row_loop=False,
-      dd_bmm=False):
+      gemm_bmm=False):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 class GramFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, img_level: bool, clamp: int, form: int, arch: int,
-                store_w: bool = False, row_loop: bool = False, dd_bmm: bool = False):
+                store_w: bool = False, row_loop: bool = False, gemm_bmm: bool = False):
         fwd = eager_or_op(torch.ops.fastdino.gram_fwd, gram_fwd)
         loss, *saved = fwd(student, teacher, img_level, clamp, form, arch, store_w, row_loop)
         ctx.save_for_backward(student, *saved)  # student, ŝ, lo(ŝ), F, E, mats
-        ctx.cfg = (img_level, clamp, form, arch, row_loop, dd_bmm)
+        ctx.cfg = (img_level, clamp, form, arch, row_loop, gemm_bmm)
         return loss
 
     @staticmethod
@@ -1100,7 +1102,7 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
               remove_neg: bool = False, remove_only_teacher_neg: bool = False,
               form: str = "auto", rows: torch.Tensor | None = None,
               tiles: str = "auto", pp_backward: str = "auto",
-              row_pass: str = "auto", dd_backward: str = "auto") -> torch.Tensor:
+              row_pass: str = "auto", backward_gemm: str = "auto") -> torch.Tensor:
     """The Triton Gram loss: student, teacher [B, P, D] -> fp32 scalar (gradient to the student
     only). form: auto (see `choose_form`) | pp (tiled P×P) | dd (D×D, no clamp).
     tiles: auto (`auto_tiles`: the 4-warp sm80 set, the faster one on sm_90 too) | sm90 | sm80:
@@ -1118,10 +1120,12 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
     (rows that fit in registers read once, several per program) or forced to the one-row,
     two-pass kernel (A/B timings and tests).
 
-    dd_backward (D×D form): auto | bmm | triton: the backward's GEMM FE·[M1; M2] (K = 2D, fp32
-    out) through torch.bmm (cuBLAS) or the Triton kernel. auto: bmm on CUDA for bf16/fp16
-    inputs where torch has bmm's out_dtype (`bmm_f32_available`), triton otherwise (fp32 inputs
-    keep the Triton kernel's IEEE fp32 dot: torch.bmm would follow the global TF32 switch).
+    backward_gemm: auto | bmm | triton: the backwards that are one batched GEMM with fp32 out
+    (D×D: FE·[M1; M2], K = 2D; P×P with a stored W: W ŝ, K = Pe) through torch.bmm (cuBLAS)
+    or the Triton kernels. auto: bmm on CUDA for bf16/fp16 inputs where torch has bmm's
+    out_dtype (`bmm_f32_available`), triton otherwise (fp32 inputs keep the Triton kernels'
+    IEEE fp32 dots: torch.bmm would follow the global TF32 switch). The P×P backward that
+    recomputes S is no GEMM and ignores it.
 
     rows (img_level=False only): [N_sel] flat indices into the B·P patches, as in
     `gram_loss_ref`. The selected rows are gathered into one [1, N_sel, D] image before the
@@ -1152,19 +1156,19 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor, img_level: bool = Tr
                          "stored | recompute")
     if row_pass not in ("auto", "loop"):
         raise ValueError(f"gram_loss: row_pass={row_pass!r} is invalid: allowed is auto | loop")
-    if dd_backward not in ("auto", "bmm", "triton"):
-        raise ValueError(f"gram_loss: dd_backward={dd_backward!r} is invalid: allowed is auto | "
-                         "bmm | triton")
+    if backward_gemm not in ("auto", "bmm", "triton"):
+        raise ValueError(f"gram_loss: backward_gemm={backward_gemm!r} is invalid: allowed is "
+                         "auto | bmm | triton")
     half = student.dtype in (torch.bfloat16, torch.float16)
-    if dd_backward == "bmm" and not (half and bmm_f32_available()):
-        raise ValueError(f"gram_loss: dd_backward='bmm' needs bf16/fp16 inputs (got "
+    if backward_gemm == "bmm" and not (half and bmm_f32_available()):
+        raise ValueError(f"gram_loss: backward_gemm='bmm' needs bf16/fp16 inputs (got "
                          f"{student.dtype}) and a torch with bmm's out_dtype (>= 2.8)")
-    dd_bmm = dd_backward == "bmm" or (dd_backward == "auto" and half and student.is_cuda
-                                      and bmm_f32_available())
+    gemm_bmm = backward_gemm == "bmm" or (backward_gemm == "auto" and half and student.is_cuda
+                                          and bmm_f32_available())
     store_w = form_id == FORM_PP and (pp_backward == "stored" or
                                       (pp_backward == "auto" and stores_w(pe, d)))
     return GramFn.apply(student, teacher.detach(), img_level, clamp, form_id, TILES[tiles],
-                        store_w, row_pass == "loop", dd_bmm)
+                        store_w, row_pass == "loop", gemm_bmm)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -213,28 +213,31 @@ def test_row_kernels_at_gpu_configs(shape, dtype, monkeypatch):
     check_parity(s, t, True, "pp", atol_rel=1e-5 if dtype == torch.float32 else 1e-6)
 
 
-# The D×D backward's GEMM through torch.bmm (cuBLAS on CUDA, fp32 math on the CPU) against the
-# fp64 reference and the Triton GEMM, per image and flattened, at odd and GPU-tile shapes.
+# The backwards that are one GEMM (D×D: FE·[M1; M2]; P×P with a stored W: W ŝ) through torch.bmm
+# (cuBLAS on CUDA, fp32 math on the CPU) against the fp64 reference and the Triton GEMMs, per
+# image and flattened, at odd and GPU-tile shapes.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(3, 5, 7), GPU_TILE_SHAPE], ids=["3x5x7", "2x75x80"])
-def test_dd_backward_bmm(shape, dtype):
+@pytest.mark.parametrize("variant", ["dd", "pp"])
+def test_backward_gemm_bmm(variant, shape, dtype):
     s, t = make_inputs(shape, dtype, noise=1e-2, seed=13)
+    kw = {"pp_backward": "stored"} if variant == "pp" else {}
     for img_level in (True, False):
-        check_parity(s, t, img_level, "dd", atol_rel=1e-6, dd_backward="bmm")
-        _, g_bmm = loss_and_grad(gram_loss, s, t, img_level=img_level, form="dd",
-                                 dd_backward="bmm")
-        _, g_tri = loss_and_grad(gram_loss, s, t, img_level=img_level, form="dd",
-                                 dd_backward="triton")
+        check_parity(s, t, img_level, variant, atol_rel=1e-6, backward_gemm="bmm", **kw)
+        _, g_bmm = loss_and_grad(gram_loss, s, t, img_level=img_level, form=variant,
+                                 backward_gemm="bmm", **kw)
+        _, g_tri = loss_and_grad(gram_loss, s, t, img_level=img_level, form=variant,
+                                 backward_gemm="triton", **kw)
         # same products, fp32 sums in another order: one rounding of the output dtype apart
         assert torch.allclose(g_bmm, g_tri, rtol=2e-2, atol=1e-3 * g_tri.abs().max().item())
 
 
-def test_dd_backward_is_validated():
+def test_backward_gemm_is_validated():
     s, t = make_inputs((1, 5, 7), torch.float32, noise=0)
-    with pytest.raises(ValueError, match="dd_backward='gemm' is invalid"):
-        gram_loss(s, t, form="dd", dd_backward="gemm")
+    with pytest.raises(ValueError, match="backward_gemm='gemm' is invalid"):
+        gram_loss(s, t, form="dd", backward_gemm="gemm")
     with pytest.raises(ValueError, match="needs bf16/fp16 inputs"):
-        gram_loss(s, t, form="dd", dd_backward="bmm")  # fp32 keeps the IEEE Triton dot
+        gram_loss(s, t, form="dd", backward_gemm="bmm")  # fp32 keeps the IEEE Triton dot
 
 
 def test_row_pass_is_validated():
