@@ -3,6 +3,7 @@
 #
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
 #                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST] [--full]
+#                              [--providers LIST]
 #
 # --stages  comma list of pytest,check,bench,profile,step,data,ds (default: all of them). A follow-up
 #           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
@@ -15,6 +16,8 @@
 #           one of them (default: every case).
 # --full    check / bench / profile take every case of the named ops, not only the --quick ones
 #           (e.g. KoLeo's B x D grid: --ops koleo --full); name --ops or --cases with it.
+# --providers  comma list: the bench stage times only these providers of each case (default: all
+#           of them; e.g. skip A/B variants that are already decided).
 #
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
@@ -44,6 +47,7 @@ OPS=""
 TESTS=""
 CASES=""
 QUICK="--quick"
+PROVIDERS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -54,8 +58,9 @@ while [ $# -gt 0 ]; do
     --tests) TESTS="$2"; shift 2 ;;
     --cases) CASES="$2"; shift 2 ;;
     --full) QUICK=""; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full)" >&2; exit 2 ;;
+    --providers) PROVIDERS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full, --providers LIST)" >&2; exit 2 ;;
   esac
 done
 for st in ${STAGES//,/ }; do
@@ -245,7 +250,7 @@ fi
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
 if want bench; then
   T=$(stage_timeout bench)
-  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" $QUICK ${CASES:+--cases "$CASES"} \
+  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" $QUICK ${CASES:+--cases "$CASES"} ${PROVIDERS:+--providers "$PROVIDERS"} \
     --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
 fi
 
