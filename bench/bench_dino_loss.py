@@ -4,7 +4,9 @@ training-step call: `teacher_targets` then the loss, differentiated in the stude
 
     providers: torch = DINOLoss / iBOTPatchLoss(impl="torch") (the references of
                kernels/sinkhorn.py and kernels/dino_loss.py); torch_compile (added by the
-               harness); triton = the same modules with impl="triton" (fused kernels)
+               harness); triton = the same modules with impl="triton" (fused kernels); the DINO
+               case takes the student logits of all crops in one tensor and calls
+               `forward_joint`, as the trainer does (triton_two_calls: `forward` on its views)
     GB/s = model bytes / time, against the measured D2D copy (QuACK's "model memory
     throughput"), e = element size of the logits:
         fwd  (N_t + R)·K·e       read the teacher and the student logits once
@@ -57,17 +59,18 @@ def _dino_case(name: str, b: int, n_local: int, k: int, dtype: torch.dtype,
                shape_from: str) -> BenchCase:
     n_t, r = 2 * b, (2 + n_local) * b
 
-    def make_inputs(device, dt):
+    def make_inputs(device, dt):  # the student's DINO logits of all crops, as the head gives them
         return {"teacher": _randn((n_t, k), 0, device, dt),
-                "student_global": _randn((n_t, k), 1, device, dt).requires_grad_(),
-                "student_local": _randn((n_local * b, k), 2, device, dt).requires_grad_()}
+                "student": _randn((r, k), 1, device, dt).requires_grad_()}
 
-    def provider(impl: str):
+    def provider(impl: str, joint: bool = True):
         loss = DINOLoss(k, impl=impl)
 
-        def run(teacher, student_global, student_local):
+        def run(teacher, student):
             targets = loss.teacher_targets(teacher, TEACHER_TEMP)
-            return loss(student_global, student_local, targets)["dino_loss"]
+            if joint:  # as the trainer calls it
+                return loss.forward_joint(student, targets)["dino_loss"]
+            return loss(student[:n_t], student[n_t:], targets)["dino_loss"]
         return run
 
     e = torch.finfo(dtype).bits // 8
@@ -77,8 +80,11 @@ def _dino_case(name: str, b: int, n_local: int, k: int, dtype: torch.dtype,
                 "centering": "sinkhorn_knopp", "shape_from": shape_from,
                 "bytes_fwd_triton": (n_t + r) * k * e, "bytes_bwd_triton": 2 * r * k * e},
         dtype=dtype, make_inputs=make_inputs,
-        providers={"torch": provider("torch"), "triton": provider("triton")},
-        grad_inputs=["student_global", "student_local"],
+        # triton_two_calls: one soft-CE call per crop type on views of the logits (what the
+        # trainer ran before forward_joint; the views' backward fills a zeroed [R, K] each)
+        providers={"torch": provider("torch"), "triton": provider("triton"),
+                   "triton_two_calls": provider("triton", joint=False)},
+        grad_inputs=["student"],
         bytes_fwd=(n_t + r) * k * e, bytes_bwd=(n_t + 2 * r) * k * e, formula=FORMULA,
         atol=1e-5)
 

@@ -58,8 +58,7 @@ class Student(nn.Module):
         dino_logits = self.dino_head(torch.cat([cls_g, cls_l]))  # [2B + nL·B, K]
         return {"global_cls": cls_g,  # [2B, D] pre-head CLS of the masked global crops (KoLeo)
                 "global_patches": patches,  # [2B, N, D] (Gram)
-                "dino_global_logits": dino_logits[:cls_g.shape[0]],  # [2B, K]
-                "dino_local_logits": dino_logits[cls_g.shape[0]:],  # [nL·B, K]
+                "dino_logits": dino_logits,  # [2B + nL·B, K]: global rows, then local
                 "ibot_logits": self.ibot_head(masked)}  # [M, K]
 
     @torch.no_grad()
@@ -241,9 +240,8 @@ class SSLMetaArch:
     def compute_losses(self, s: dict, t: dict, batch, v) -> tuple[torch.Tensor, dict]:
         """Total objective of SPEC.md §1.7 and the logged terms (official names, §3.1)."""
         cfg = self.cfg
-        dino = self.dino_loss(loss_logits(s["dino_global_logits"]),
-                              loss_logits(s["dino_local_logits"]),
-                              t["dino_targets"], local_loss_weight=v.local_loss_weight)
+        dino = self.dino_loss.forward_joint(loss_logits(s["dino_logits"]), t["dino_targets"],
+                                            local_loss_weight=v.local_loss_weight)
         ibot = self.ibot_patch_loss(loss_logits(s["ibot_logits"]), t["ibot_targets"],
                                     batch.masks_weight, n_images=batch.global_crops.shape[0])
         B = batch.n_images

@@ -7,7 +7,9 @@ both teacher crops. Weighting as `compute_losses`: n_g(n_g-1) = 2 global and n_g
 pair terms, dino_loss = (2·global + 16·w_local·local) / 18 at n_l = 8.
 
 impl = torch runs the references of kernels/sinkhorn.py and kernels/dino_loss.py; impl = triton
-runs the fused kernels, which never hold N×K teacher probabilities in memory.
+runs the fused kernels, which never hold N×K teacher probabilities in memory. The trainer calls
+`forward_joint` with the head's logits of all crops in one tensor: one soft-CE launch for both
+crop types, and no slicing of the head output in the autograd graph.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ def local_pair_index(batch: int, n_local: int, device: torch.device) -> torch.Te
     return torch.stack([b, b + batch], dim=1).repeat(n_local, 1)
 
 
+@lru_cache(maxsize=32)
+def joint_pair_index(batch: int, n_local: int, device: torch.device) -> torch.Tensor:
+    """[2B + n_local·B, 2] int32: the global rows' pairing (second slot -1: no pair), then the
+    local rows', for one soft-CE launch over all the student crops (`DINOLoss.forward_joint`)."""
+    g = global_pair_index(batch, device)
+    return torch.cat([torch.cat([g, torch.full_like(g, -1)], dim=1),
+                      local_pair_index(batch, n_local, device)])
+
+
 def soft_ce_rows(student_logits: torch.Tensor, targets: TeacherTargets,
                  teacher_index: torch.Tensor, student_temp: float, fused: bool) -> torch.Tensor:
     """Per-row loss [R] fp32 through the fused kernel or the reference."""
@@ -65,11 +76,7 @@ class DINOLoss(TeacherCentering):
                 local_loss_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """student_global_logits [2B, K] (from the masked global crops), student_local_logits
         [n_l·B, K] (or None / 0 rows), targets from `teacher_targets` ([2B, K])."""
-        two_b, k = student_global_logits.shape
-        if two_b != targets.n_rows or two_b % N_GLOBAL or k != self.out_dim:
-            raise ValueError(f"student_global_logits must be [2B={targets.n_rows}, "
-                             f"K={self.out_dim}], got {tuple(student_global_logits.shape)}")
-        batch = two_b // N_GLOBAL
+        batch, k = self._check_global(student_global_logits, targets)
         fused = self._use_triton(student_global_logits)
         dev = student_global_logits.device  # hashable: the pairing cache key
 
@@ -88,7 +95,48 @@ class DINOLoss(TeacherCentering):
             local_loss = rows_l.mean() / N_GLOBAL  # each row holds its N_GLOBAL pair terms
         else:
             local_loss = global_loss.new_zeros(())
+        return self._combine(global_loss, local_loss, n_l, local_loss_weight)
 
+    def forward_joint(self, student_logits: torch.Tensor, targets: TeacherTargets,
+                      local_loss_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """The same losses from the student's DINO logits of all crops in one tensor,
+        [2B + n_l·B, K] crop-major (the 2B global rows first), as the head produces them.
+
+        Triton: one soft-CE launch (and one backward) over every row with the joint pairing
+        (`joint_pair_index`), instead of one per crop type; and the gradient reaches the head's
+        output as one tensor: slicing it into global and local views would cost, in the
+        backward, a zero-filled [rows, K] buffer per view and their sum (~0.5 GB of traffic per
+        step at ViT-L shapes, K = 65,536). torch: the two reference calls on the row blocks."""
+        two_b = targets.n_rows
+        if student_logits.dim() != 2 or student_logits.shape[0] < two_b:
+            raise ValueError(f"student_logits must be [2B + n_l·B, K] with the 2B = {two_b} "
+                             f"global rows first, got {tuple(student_logits.shape)}")
+        glob, loc = student_logits[:two_b], student_logits[two_b:]
+        batch, k = self._check_global(glob, targets)
+        if loc.shape[0] % batch:
+            raise ValueError(f"student_logits holds {loc.shape[0]} local rows, not a multiple of "
+                             f"B = {batch}")
+        n_l = loc.shape[0] // batch
+        if not (n_l and self._use_triton(student_logits)):
+            return self.forward(glob, loc if n_l else None, targets, local_loss_weight)
+        rows = soft_ce_rows(student_logits, targets,
+                            joint_pair_index(batch, n_l, student_logits.device),
+                            self.student_temp, fused=True)
+        global_loss = rows[:two_b].mean()
+        local_loss = rows[two_b:].mean() / N_GLOBAL  # each local row holds N_GLOBAL pair terms
+        return self._combine(global_loss, local_loss, n_l, local_loss_weight)
+
+    def _check_global(self, student_global_logits: torch.Tensor,
+                      targets: TeacherTargets) -> tuple[int, int]:
+        two_b, k = student_global_logits.shape
+        if two_b != targets.n_rows or two_b % N_GLOBAL or k != self.out_dim:
+            raise ValueError(f"student_global_logits must be [2B={targets.n_rows}, "
+                             f"K={self.out_dim}], got {tuple(student_global_logits.shape)}")
+        return two_b // N_GLOBAL, k
+
+    @staticmethod
+    def _combine(global_loss: torch.Tensor, local_loss: torch.Tensor, n_l: int,
+                 local_loss_weight: float) -> dict[str, torch.Tensor]:
         global_terms = N_GLOBAL * (N_GLOBAL - 1)
         local_terms = N_GLOBAL * n_l
         # (global_terms·global + local_terms·w·local) / (global_terms + local_terms), in two

@@ -147,6 +147,60 @@ def test_dino_loss_module_triton_matches_torch(centering):
         torch.testing.assert_close(ent_t, ent_r, rtol=1e-5, atol=1e-5)
 
 
+def _soft_ce_inputs(t: torch.Tensor) -> list[str]:
+    """For every DinoSoftCEFn node behind t, the autograd node of its student-logits input."""
+    seen, todo, out = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "DinoSoftCEFnBackward":
+            out.append(type(fn.next_functions[0][0]).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return out
+
+
+@pytest.mark.parametrize("n_l", [2, 0], ids=["2_local", "no_local"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_forward_joint_matches_forward(impl, n_l, monkeypatch):
+    """forward_joint on the head's logits of all crops ([2B + n_l·B, K], global rows first) gives
+    forward's losses and gradient; with Triton in one soft-CE call and no slice of the logits in
+    the autograd graph (each slice's backward is a zero-filled [rows, K] buffer)."""
+    b, k = 3, 300
+    mod = DINOLoss(k, impl=impl).to(DEV)
+    targets = mod.teacher_targets(_randn(2 * b, k, seed=60), TAU_T)
+    x = _randn((2 + n_l) * b, k, seed=61, scale=2.0)
+    calls = []
+    real = dl.dino_soft_ce
+    monkeypatch.setattr(dl, "dino_soft_ce", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    xj = x.clone().requires_grad_(True)
+    joint = mod.forward_joint(xj, targets, local_loss_weight=0.5)
+    joint_calls = len(calls)
+    (gj,) = torch.autograd.grad(joint["dino_loss"], xj)
+    xs = x.clone().requires_grad_(True)
+    sep = mod(xs[:2 * b], xs[2 * b:] if n_l else None, targets, local_loss_weight=0.5)
+    (gs,) = torch.autograd.grad(sep["dino_loss"], xs)
+    for key in sep:
+        _assert_fp32(joint[key], sep[key])
+    _assert_fp32(gj, gs)
+    if impl == "triton":
+        assert joint_calls == 1 and len(calls) == (3 if n_l else 2)
+        if n_l:  # the logits leaf feeds the kernel directly; forward's views slice it
+            assert _soft_ce_inputs(joint["dino_loss"]) == ["AccumulateGrad"]
+            assert _soft_ce_inputs(sep["dino_loss"]) == ["SliceBackward0"] * 2
+
+
+def test_forward_joint_rejects_bad_row_counts():
+    mod = DINOLoss(16, impl="torch")
+    targets = mod.teacher_targets(_randn(4, 16, seed=62), TAU_T)  # B = 2
+    with pytest.raises(ValueError, match="global rows first"):
+        mod.forward_joint(_randn(3, 16, seed=63), targets)
+    with pytest.raises(ValueError, match="3 local rows, not a multiple of B = 2"):
+        mod.forward_joint(_randn(7, 16, seed=63), targets)
+
+
 def test_dino_loss_dinov3_prototypes():
     """The real K = 65,536 with the pairing, B = 2 and 2 local crops (interpreter-sized rows)."""
     res = _dino_pair("sinkhorn_knopp", b=2, n_l=2, k=65536, dtype=torch.float32, seed=20)
