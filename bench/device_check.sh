@@ -3,7 +3,7 @@
 #
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
 #                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST] [--full]
-#                              [--providers LIST]
+#                              [--providers LIST] [--pytest-workers N]
 #
 # --stages  comma list of pytest,check,bench,profile,step,data,ds (default: all of them). A follow-up
 #           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
@@ -18,6 +18,8 @@
 #           (e.g. KoLeo's B x D grid: --ops koleo --full); name --ops or --cases with it.
 # --providers  comma list: the bench stage times only these providers of each case (default: all
 #           of them; e.g. skip A/B variants that are already decided).
+# --pytest-workers  pytest-xdist workers for the pytest stage on a GPU (default: half the cores,
+#           at most 8, 4 under 100 GiB of GPU memory; 0 = one process, the files in order).
 #
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
@@ -48,6 +50,7 @@ TESTS=""
 CASES=""
 QUICK="--quick"
 PROVIDERS=""
+WORKERS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -59,8 +62,9 @@ while [ $# -gt 0 ]; do
     --cases) CASES="$2"; shift 2 ;;
     --full) QUICK=""; shift ;;
     --providers) PROVIDERS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full, --providers LIST)" >&2; exit 2 ;;
+    --pytest-workers) WORKERS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full, --providers LIST, --pytest-workers N)" >&2; exit 2 ;;
   esac
 done
 for st in ${STAGES//,/ }; do
@@ -68,6 +72,7 @@ for st in ${STAGES//,/ }; do
 done
 want() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 case "$BUDGET" in ''|*[!0-9]*) echo "device_check.sh: --budget '$BUDGET' must be whole seconds" >&2; exit 2 ;; esac
+case "$WORKERS" in *[!0-9]*) echo "device_check.sh: --pytest-workers '$WORKERS' must be a whole number (0 = no xdist)" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 SUMMARY="$OUT/summary.txt"
@@ -223,10 +228,11 @@ if want pytest; then
     # spreads them over worker processes sharing one on-disk Triton cache. Half the cores, at
     # most 8, and 4 under 100 GiB of GPU memory (every worker holds its own DINOv3-sized tensors).
     XDIST=""
-    if [ "$CUDA" = yes ] && run_py -c "import xdist" 2>/dev/null; then
+    if [ "$CUDA" = yes ] && [ "$WORKERS" != 0 ] && run_py -c "import xdist" 2>/dev/null; then
       n=$(( $(nproc) / 2 )); [ "$n" -gt 8 ] && n=8
       mem=$(grep -m1 '^gpu ' "$OUT/env.txt" | sed -n 's/.*memory GiB \([0-9]*\).*/\1/p')
       [ "${mem:-0}" -lt 100 ] && [ "$n" -gt 4 ] && n=4
+      [ -n "$WORKERS" ] && n="$WORKERS"
       [ "$n" -ge 2 ] && XDIST="-n $n"
     fi
     # shellcheck disable=SC2086  # TESTS is a list of paths without spaces
