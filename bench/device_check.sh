@@ -11,7 +11,7 @@
 #           and bench; dino_loss,koleo for profile, the ops whose timings are not explained by
 #           their bytes).
 # --tests   space-separated test files for pytest (default: tests/gpu + every tests/kernels file
-#           that runs kernels, GPU-only cases first).
+#           that runs kernels, GPU-only cases first; tests/unit/test_dali.py where DALI imports).
 # --cases   comma list of texts: check / bench / profile run only the cases whose name contains
 #           one of them (default: every case).
 # --full    check / bench / profile take every case of the named ops, not only the --quick ones
@@ -214,6 +214,8 @@ PROFILE_OPS="${OPS:-dino_loss,koleo}"
 if [ -z "$TESTS" ]; then
   FIRST="tests/kernels/test_dino_loss_gpu.py tests/kernels/test_koleo_split.py"
   TESTS="tests/gpu $FIRST"
+  # the DALI loader's tests run its GPU graph where DALI is staged (they take seconds)
+  grep -q '^nvidia-dali: not available' "$OUT/env.txt" || TESTS="tests/unit/test_dali.py $TESTS"
   for f in tests/kernels/test_*.py; do
     case " $FIRST tests/kernels/test_compile.py tests/kernels/test_gram_compile.py " in
       *" $f "*) ;;

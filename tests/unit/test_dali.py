@@ -1,8 +1,10 @@
-"""The DALI loader (CPU-only DALI): Batch contract, same plan and pixels as the torch loader,
-augmentation rates, crop statistics, shards, corrupt files, exact resume, loader choice.
+"""The DALI loader: Batch contract, same plan and pixels as the torch loader, augmentation rates,
+crop statistics, shards, corrupt files, exact resume, loader choice.
 
 The plan tests need no DALI; the pipeline tests are skipped when `nvidia.dali` is not importable
-(CI installs the `dali` extra only where the wheel is available)."""
+(CI installs the `dali` extra only where the wheel is available). Without CUDA they run the
+CPU-only pipeline; on a GPU machine with DALI (bench/device_stage.sh) the same tests run the GPU
+graph (nvJPEG "mixed" decode, DALI's jitter ops), its batches brought to the CPU to compare."""
 
 import dataclasses
 import io
@@ -42,6 +44,20 @@ def _write_images(folder, n, seed=0):
         Image.fromarray(arr).save(folder / f"img{i:02d}.{'png' if i % 3 == 2 else 'jpg'}",
                                   quality=95)
     return folder
+
+
+ON_GPU = torch.cuda.is_available()
+# Plain crops (no colour op) against the torch loader, in 8-bit levels of per-crop mean |diff|:
+# resampling error on the CPU; nvJPEG's chroma upsampling and IDCT differ from libjpeg-turbo's
+# (PIL) by about a level more on the GPU.
+PLAIN_MAD = 2.0 if ON_GPU else 1.0
+
+
+def _cpu(b: Batch) -> Batch:
+    """The batch with every tensor on the CPU (the GPU pipeline's come out on the GPU)."""
+    return dataclasses.replace(b, **{f.name: getattr(b, f.name).cpu()
+                                     for f in dataclasses.fields(b)
+                                     if isinstance(getattr(b, f.name), torch.Tensor)})
 
 
 def _cfg(root, *extra, batch=2):
@@ -160,6 +176,8 @@ def test_batch_contract_and_value_ranges(image_dir):
     hi = (1 - torch.tensor(cfg.crops.mean)) / torch.tensor(cfg.crops.std)
     for _ in range(2):
         b = next(loader)
+        assert b.global_crops.device.type == ("cuda" if ON_GPU else "cpu")
+        b = _cpu(b)
         assert isinstance(b, Batch) and b.n_images == 2
         assert b.global_crops.shape == (4, 3, 32, 32) and b.global_crops.dtype == torch.float32
         assert b.local_crops.shape == (4, 3, 16, 16) and b.local_crops.dtype == torch.float32
@@ -192,15 +210,15 @@ def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra, host_jitter)
     torch_loader = build_train_loader(cfg)
     scale = float(np.mean(cfg.crops.std)) * 255  # normalised units -> 8-bit levels
     for _ in range(4):
-        d, t = next(dali), next(torch_loader)
-        plan = dali.last_debug["plan"]  # [B, n_crops, N_PARAMS]
+        d, t = _cpu(next(dali)), next(torch_loader)
+        plan = dali.last_debug["plan"].cpu()  # [B, n_crops, N_PARAMS]
         for key, crops_d, crops_t, rows in (
                 ("global", d.global_crops, t.global_crops, plan[:, :2].transpose(0, 1)),
                 ("local", d.local_crops, t.local_crops, plan[:, 2:].transpose(0, 1))):
             rows = rows.reshape(-1, P.N_PARAMS)  # crop-major, as the batch
             plain = (rows[:, [P.JITTER, P.GRAY, P.BLUR, P.SOLARIZE]] == 0).all(1)
             mad = _per_crop_mad(crops_d, crops_t) * scale
-            assert (mad[plain] < 1.0).all(), (key, mad)
+            assert (mad[plain] < PLAIN_MAD).all(), (key, mad)
             assert (mad < 4.0).all(), (key, mad)
         if d.gram_crops is not None:  # no distortions; one resampling instead of two: looser
             assert (_per_crop_mad(d.gram_crops, t.gram_crops) * scale < 3.0).all()
@@ -218,8 +236,8 @@ def test_debug_coins_rates_and_effects(image_dir):
     std = torch.tensor(cfg.crops.std).view(3, 1, 1)
     rows = []
     for _ in range(8):
-        b = next(loader)
-        plan, meta = loader.last_debug["plan"], loader.last_debug["meta"]
+        b = _cpu(next(loader))
+        plan, meta = loader.last_debug["plan"].cpu(), loader.last_debug["meta"].cpu()
         for i, (epoch, index, _used) in enumerate(meta.tolist()):
             w, h = Image.open(loader.images.paths[index]).size
             ref = P.plan_image(w, h, cfg.crops, augmentation_rng(cfg.data.seed, epoch, index))
