@@ -136,9 +136,9 @@ fi
 # stage) of what is left, so time a stage leaves unused goes to the later ones, and a run of a
 # few stages (--stages) splits the whole budget among them.
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
-ORDER="pytest check bench profile step data ds"
+ORDER="pytest check data bench profile step ds"
 weight() { case "$1" in pytest) echo 22 ;; check) echo 12 ;; bench) echo 34 ;; profile) echo 12 ;;
-  step) echo 14 ;; data) echo 14 ;; ds) echo 6 ;; esac; }
+  step) echo 14 ;; data) echo 16 ;; ds) echo 6 ;; esac; }
 stage_timeout() {  # $1 = stage name
   local total=0 seen=no st
   for st in $ORDER; do
@@ -255,30 +255,8 @@ if want check; then
     --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
 fi
 
-# ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
-if want bench; then
-  T=$(stage_timeout bench)
-  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" $QUICK ${CASES:+--cases "$CASES"} ${PROVIDERS:+--providers "$PROVIDERS"} \
-    --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
-fi
-
-# ---- 3b. where the time of the ops whose timings their bytes do not explain goes (host vs device,
-# launches, syncs, top kernels); appended to bench.log (the file count is capped)
-if want profile; then
-  echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
-  run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
-    bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
-    profile $QUICK --providers triton --modes fwd,bwd ${CASES:+--cases "$CASES"}
-fi
-
-# ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
-if want step; then
-  [ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
-  run_stage step "$(stage_timeout step)" "$OUT/step.log" \
-    "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
-fi
-
-# ---- 5. the data loaders (issue 9): images/s and CPU cores of the DALI (nvJPEG, mixed) and torch
+# ---- 2b. the data loaders (issue 9; before the kernel timings, which use what it leaves): images/s
+# and CPU cores of the DALI (nvJPEG, mixed) and torch
 # loaders on one folder of ImageNet-like JPEGs written here (no dataset is reachable), at the
 # DINOv3 crops, the same CPU budget for both; then the ViT-B/16 step fed by the DALI loader: its
 # data_wait share of the step. Logged into step.log (the file count is capped).
@@ -304,7 +282,30 @@ if want data; then
       "train.output_dir=$(mktemp -d)/profile"'
 fi
 
-# ---- 6. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
+# ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
+if want bench; then
+  T=$(stage_timeout bench)
+  run_stage bench "$T" "$OUT/bench.log" "$PY" $PYFLAGS -m bench "$BENCH_TARGET" $QUICK ${CASES:+--cases "$CASES"} ${PROVIDERS:+--providers "$PROVIDERS"} \
+    --out "$OUT" --time-budget $(( T > 40 ? T - 20 : 20 ))
+fi
+
+# ---- 3b. where the time of the ops whose timings their bytes do not explain goes (host vs device,
+# launches, syncs, top kernels); appended to bench.log (the file count is capped)
+if want profile; then
+  echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
+  run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
+    bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
+    profile $QUICK --providers triton --modes fwd,bwd ${CASES:+--cases "$CASES"}
+fi
+
+# ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
+if want step; then
+  [ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
+  run_stage step "$(stage_timeout step)" "$OUT/step.log" \
+    "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
+fi
+
+# ---- 5. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
 # as the deepspeed launcher would (its env vars), ViT-S/16 on the embedded sample images; the log
 # goes to step.log (the file count is capped). Needs deepspeed, e.g. from the carried wheels.
 if want ds; then
