@@ -39,7 +39,10 @@ Two exact forms, picked by `choose_form` (crossover derived from the FLOP counts
   then ~4 torch passes over them for the loss and for M1, M2: 120 µs fwd + 170 µs bwd of
   2.0 ms at P = 4096, D = 1024, 8 images, H200 check4). Grids under two waves (ViT-L
   flattened: 136 pairs) split the rows; a finish launch sums the splits in order
-  (`_dd_splits`). fwd 4·P·D² (+ the diagonal blocks' second half), bwd 4·P·D² FLOPs.
+  (`_dd_splits`). The prep stores F and E side by side in one [R, 2D] buffer FE, so the
+  backward is one batched GEMM FE·[M1; M2] (K = 2D, fp32 out) that cuBLAS runs for bf16/fp16
+  on CUDA (`torch.bmm` with out_dtype; `gram_loss(backward_gemm=...)`, as the stored-W P×P
+  backward W Â). fwd 4·P·D² (+ the diagonal blocks' second half), bwd 4·P·D² FLOPs.
   (Its weak case is a teacher that is a rotation of the student, where FEᵀ is antisymmetric
   and the two terms cancel.) Chosen when 8·P²·D >= 8·P·D², i.e. Pe >= D.
 
