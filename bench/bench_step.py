@@ -2,6 +2,7 @@
 breakdown, TFLOP/s and MFU) through `fastdino.profile`, for ViT-S/16 and ViT-B/16 by default.
 
     python -m bench step [--models vits16,vitb16] [--impls triton,torch] [--quick] [--loader]
+    python -m bench step --impls triton,triton+compile     # + each ViT block torch.compiled
 
 Each model runs configs/<model>.yaml with the registry's batch per GPU (bench/registry.py), one
 process, the engine the trainer picks (plain torch when DeepSpeed is absent or not launched), and
@@ -30,12 +31,26 @@ from bench.registry import get
 REPO = Path(__file__).resolve().parent.parent
 
 
+IMPLS = ("triton", "torch")
+
+
+def _parse_impl(impl: str) -> tuple[str, bool]:
+    """'triton' | 'torch', each optionally '+compile' (model.compile=true: every ViT block
+    through torch.compile, fewer launches for the host-bound small models)."""
+    base, plus, suffix = impl.partition("+")
+    if base not in IMPLS or (plus and suffix != "compile"):
+        raise ValueError(f"--impls: {impl!r} is invalid: allowed are triton, torch, each "
+                         "optionally with +compile")
+    return base, bool(plus)
+
+
 def _config(name: str, impl: str, on_gpu: bool):
     from fastdino.config import load_config
 
+    base, compile_blocks = _parse_impl(impl)
     out = tempfile.mkdtemp(prefix=f"bench-step-{name}-")
     common = [f"train.output_dir={out}", "train.resume=none", "train.knn_every=0",
-              f"kernels.impl={impl}"]
+              f"kernels.impl={base}", f"model.compile={str(compile_blocks).lower()}"]
     if not on_gpu:
         return load_config(REPO / "configs" / "smoke.yaml", common)
     s = get(name)
@@ -48,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vits16,vitb16", help="registry names (configs/<name>.yaml)")
     p.add_argument("--impls", default=None,
-                   help="kernels.impl values to compare (default: triton,torch on GPU, torch on "
-                        "CPU)")
+                   help="kernels.impl values to compare, each optionally +compile "
+                        "(model.compile=true), e.g. triton,triton+compile,torch (default: "
+                        "triton,torch on GPU, torch on CPU)")
     p.add_argument("--quick", action="store_true", help="5 timed steps after 2 warm-up (else 20/5)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (overrides --quick)")
     p.add_argument("--loader", action="store_true", help="real data loader every step")
@@ -64,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (5 if args.quick else 20)
     warmup = 2 if args.quick else 5
     impls = (args.impls or ("triton,torch" if on_gpu else "torch")).split(",")
+    for impl in impls:  # fail on a typo before any model is built
+        try:
+            _parse_impl(impl)
+        except ValueError as e:
+            p.error(str(e))
     models = args.models.split(",") if on_gpu else ["smoke"]
     if not on_gpu:
         print("# no GPU: running configs/smoke.yaml (CPU-sized) instead of "
@@ -101,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_summary(runs: list[dict]) -> str:
-    head = f"{'model':<8} {'impl':<7} {'img/s/GPU':>10} {'step ms':>9} {'TFLOP/s':>9} {'MFU %':>6}"
+    head = f"{'model':<8} {'impl':<15} {'img/s/GPU':>10} {'step ms':>9} {'TFLOP/s':>9} {'MFU %':>6}"
     lines = ["", head, "-" * len(head)]
     for r in runs:
         if "error" in r:
-            lines.append(f"{r['model']:<8} {r['impl']:<7} error: {r['error']}")
+            lines.append(f"{r['model']:<8} {r['impl']:<15} error: {r['error']}")
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}"
-        lines.append(f"{r['model']:<8} {r['impl']:<7} {r['images_per_s_per_gpu']:>10.1f} "
+        lines.append(f"{r['model']:<8} {r['impl']:<15} {r['images_per_s_per_gpu']:>10.1f} "
                      f"{r['step_s'] * 1e3:>9.1f} {r['achieved_tflops']:>9.4g} {mfu:>6}")
     return "\n".join(lines)
 

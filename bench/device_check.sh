@@ -3,7 +3,7 @@
 #
 #   bash bench/device_check.sh [--out DIR] [--budget SECONDS] [--python PYTHON]
 #                              [--stages LIST] [--ops LIST] [--tests FILES] [--cases LIST] [--full]
-#                              [--providers LIST] [--pytest-workers N]
+#                              [--providers LIST] [--pytest-workers N] [--step-impls LIST]
 #
 # --stages  comma list of pytest,check,bench,profile,step,data,ds (default: all of them). A follow-up
 #           run on the same lease time names only what it needs (e.g. pytest,profile,bench).
@@ -20,6 +20,8 @@
 #           of them; e.g. skip A/B variants that are already decided).
 # --pytest-workers  pytest-xdist workers for the pytest stage on a GPU (default: half the cores,
 #           at most 8, 4 under 100 GiB of GPU memory; 0 = one process, the files in order).
+# --step-impls  the step stage's `bench step --impls` (default triton,torch; e.g.
+#           triton,triton+compile,torch adds every ViT block through torch.compile).
 #
 # From a bare copy of the repo (no pip install, no network): prints the environment, runs
 # tests/gpu + tests/kernels (kernel parity on CUDA), `python -m bench all --check --quick` (every
@@ -51,6 +53,7 @@ CASES=""
 QUICK="--quick"
 PROVIDERS=""
 WORKERS=""
+STEP_IMPLS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -63,8 +66,9 @@ while [ $# -gt 0 ]; do
     --full) QUICK=""; shift ;;
     --providers) PROVIDERS="$2"; shift 2 ;;
     --pytest-workers) WORKERS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full, --providers LIST, --pytest-workers N)" >&2; exit 2 ;;
+    --step-impls) STEP_IMPLS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (allowed: --out DIR, --budget SECONDS, --python PY, --stages LIST, --ops LIST, --tests FILES, --cases LIST, --full, --providers LIST, --pytest-workers N, --step-impls LIST)" >&2; exit 2 ;;
   esac
 done
 for st in ${STAGES//,/ }; do
@@ -302,7 +306,7 @@ fi
 if want step; then
   [ "$DEEPSPEED" = no ] && echo "# deepspeed not installed: the trainer runs its single-process plain-torch engine" >> "$OUT/step.log"
   run_stage step "$(stage_timeout step)" "$OUT/step.log" \
-    "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 --out "$OUT" --json "$OUT/step.json"
+    "$PY" $PYFLAGS -m bench step --quick --models vits16,vitb16 ${STEP_IMPLS:+--impls "$STEP_IMPLS"} --out "$OUT" --json "$OUT/step.json"
 fi
 
 # ---- 5. the trainer under DeepSpeed on this GPU (ZeRO-2, bf16, Triton kernels): one rank set up
