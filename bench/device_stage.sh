@@ -67,6 +67,12 @@ got="$(cat "${parts[@]}" | sha256sum | cut -d' ' -f1)"
 [ "$got" = "$want" ] || { echo "device_stage.sh: joined archive sha256 $got, manifest $want" >&2; exit 1; }
 rm -rf "$DEST/site"
 t0=$SECONDS
-cat "${parts[@]}" | xz -d -T0 | tar -C "$DEST" -xf - || { echo "device_stage.sh: unpack failed" >&2; exit 1; }
+if command -v xz >/dev/null 2>&1; then
+  cat "${parts[@]}" | xz -d -T0 | tar -C "$DEST" -xf - || { echo "device_stage.sh: unpack failed" >&2; exit 1; }
+else  # no xz binary: Python's lzma + tarfile read the same stream
+  # (our own archive: fully trusted, as tar itself extracts it; the filter argument is 3.11.4+)
+  cat "${parts[@]}" | python3 -c 'import sys, tarfile; kw = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}; tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1], **kw)' "$DEST" \
+    || { echo "device_stage.sh: unpack failed" >&2; exit 1; }
+fi
 touch "$DEST/site.ok"
 echo "COMPLETE: DALI unpacked in $DEST/site ($(du -sh "$DEST/site" | cut -f1), $(( SECONDS - t0 )) s)"
