@@ -130,4 +130,9 @@ def cases(quick: bool, on_gpu: bool) -> list[BenchCase]:
     for side, crops in hr:  # high-res anchoring at ViT-L width; crops sized for the reference
         out.append(_case(f"vitl16-{side}-img", crops, (side // vitl.patch) ** 2, vitl.embed_dim,
                          True, torch.bfloat16, f"vitl16 at {side} px", tiles_ab=True))
+    if not quick:  # batch-flattened at high resolution: 8,192 rows, so that the reference's two
+        # fp32 Grams stay at 2 x 268 MB (the kernel's cost is the D×D form's, linear in the rows)
+        for side, crops in ((512, 8), (1024, 2)):
+            out.append(_case(f"vitl16-{side}-flat", crops, (side // vitl.patch) ** 2,
+                             vitl.embed_dim, False, torch.bfloat16, f"vitl16 at {side} px"))
     return out
