@@ -161,14 +161,15 @@ def _soft_ce_inputs(t: torch.Tensor) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
 @pytest.mark.parametrize("n_l", [2, 0], ids=["2_local", "no_local"])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_forward_joint_matches_forward(impl, n_l, monkeypatch):
+def test_forward_joint_matches_forward(impl, n_l, centering, monkeypatch):
     """forward_joint on the head's logits of all crops ([2B + n_l·B, K], global rows first) gives
     forward's losses and gradient; with Triton in one soft-CE call and no slice of the logits in
     the autograd graph (each slice's backward is a zero-filled [rows, K] buffer)."""
     b, k = 3, 300
-    mod = DINOLoss(k, impl=impl).to(DEV)
+    mod = DINOLoss(k, centering=centering, impl=impl).to(DEV)
     targets = mod.teacher_targets(_randn(2 * b, k, seed=60), TAU_T)
     x = _randn((2 + n_l) * b, k, seed=61, scale=2.0)
     calls = []
