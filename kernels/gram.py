@@ -588,7 +588,7 @@ def _gram_dd_finish_kernel(
 
 @triton.jit
 def _gram_dd_bwd_kernel(
-    DA_ptr,  # out [NB, Pe, D] fp32: S ŝ = ¼ (F M1 + E M2)
+    DA_ptr,  # out [NB, Pe, D] fp32: F M1 + E M2 = 4 S ŝ (the ¼ is in gram_bwd's scale)
     F_ptr, E_ptr,  # in [NB, Pe, D] working dtype, rows stride_fe apart
     M_ptr,  # in [NB, 2, D, D] working dtype: M1 = Xᵀ + EᵀE, M2 = FᵀF + X (_dd_pair_epilogue)
     P, D, stride_fe,
@@ -618,7 +618,7 @@ def _gram_dd_bwd_kernel(
         acc = _mma(tl.load(E_ptr + p_a, mask=m_a, other=0.0),
                    tl.load(M2_ptr + p_m, mask=m_m, other=0.0), acc, UPCAST, IEEE)
     m_o = (rows < P)[:, None] & (cols < D)[None, :]
-    tl.store(DA_ptr + rows[:, None] * D + cols[None, :], 0.25 * acc, mask=m_o)
+    tl.store(DA_ptr + rows[:, None] * D + cols[None, :], acc, mask=m_o)
 
 
 @triton.jit
@@ -905,6 +905,11 @@ def _needs_lo(dtype: torch.dtype, clamp: int) -> bool:
     return clamp != CLAMP_NONE and _working_dtype(dtype) != torch.float32
 
 
+def _fe_views(fe: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F and E of the D×D form's [..., 2D] buffer FE = [F | E] (rows 2D apart)."""
+    return fe[..., :d], fe[..., d:]
+
+
 def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
               write_a: bool = True, row_loop: bool = False):
     """[..., D] rows -> ŝ (empty unless write_a), lo(ŝ) (empty unless write_lo), F = ŝ + t̂,
@@ -920,7 +925,7 @@ def gram_prep(student: torch.Tensor, teacher: torch.Tensor, write_lo: bool,
     else:
         f = torch.empty(*s.shape[:-1], 2 * d, dtype=work, device=s.device)
         e = torch.empty(0, dtype=work, device=s.device)
-        f_arg, e_arg, stride_fe = f, f[..., d:], 2 * d
+        (f_arg, e_arg), stride_fe = _fe_views(f, d), 2 * d
     a = torch.empty(s.shape if write_a else (0,), dtype=work, device=s.device)
     lo = torch.empty(s.shape if write_lo else (0,), dtype=work, device=s.device)
     rows = s.numel() // max(d, 1)
@@ -970,7 +975,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
         mats = torch.empty(nb, 2, d, d, dtype=a.dtype, device=student.device)  # M1, M2
         partial = torch.empty(nb, pairs, dtype=torch.float32, device=student.device)
         rne = _rne_fix(a.dtype)
-        fv, ev = f[..., :d], f[..., d:]  # F and E: rows 2D apart in FE
+        fv, ev = _fe_views(f, d)
         if splits == 1:
             _gram_dd_fwd_kernel[(pairs, nb, 1)](mats, partial, fv, ev, pi, pj, pe, d, 2 * d,
                                                 pairs, pe, SPLIT=False, **cfg, **flags,
@@ -988,6 +993,7 @@ def gram_fwd(student: torch.Tensor, teacher: torch.Tensor, img_level: bool, clam
     return loss, a, lo, f, e, mats
 
 
+@functools.cache
 def bmm_f32_available() -> bool:
     """torch.bmm(..., out_dtype=torch.float32) on bf16/fp16 (aten::bmm.dtype, torch >= 2.8)."""
     return hasattr(torch.ops.aten.bmm, "dtype")
@@ -1024,17 +1030,16 @@ def gram_bwd(grad: torch.Tensor, student: torch.Tensor, a: torch.Tensor, lo: tor
         grid = (cdiv(pe, cfg["BLOCK_M"]), nb)  # one program per row block of dÂ
         _gram_pp_bwd_kernel[grid](da, a, lo_arg, f, e, pe, d, CLAMP=clamp, **cfg, **flags,
                                   RNE_FIX=_rne_fix(a.dtype))
-    gemm_scale = 1.0  # the Triton GEMMs store ¼ (F M1 + E M2) themselves
     if form == FORM_DD and gemm_bmm:  # f is FE [NB, Pe, 2D]; mats [NB, 2D, D] = [M1; M2]
         da = _bmm_f32(f, mats.view(nb, 2 * d, d))
-        gemm_scale = 0.25
     elif form == FORM_DD:
         cfg = _dd_config(pe, d, f.dtype, bwd=True, arch=arch or auto_tiles(student.device))
         da = torch.empty(nb, pe, d, dtype=torch.float32, device=student.device)
         grid = (cdiv(pe, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_N"]), nb)
-        _gram_dd_bwd_kernel[grid](da, f[..., :d], f[..., d:], mats, pe, d, 2 * d, **cfg,
-                                  **flags)
-    scale = (grad.detach().float() * (4.0 * gemm_scale / (float(nb) * pe * pe))).reshape(1)
+        _gram_dd_bwd_kernel[grid](da, *_fe_views(f, d), mats, pe, d, 2 * d, **cfg, **flags)
+    # dL/dŝ = (4/N) S ŝ; the D×D GEMMs give F M1 + E M2 = 4 S ŝ (exact powers of two)
+    scale = (grad.detach().float() * ((1.0 if form == FORM_DD else 4.0) / (float(nb) * pe * pe))
+             ).reshape(1)
     s = student.contiguous()
     ds = torch.empty_like(s)
     cfg = _row_config(d, row_loop)

@@ -54,10 +54,8 @@ PLAIN_MAD = 2.0 if ON_GPU else 1.0
 
 
 def _cpu(b: Batch) -> Batch:
-    """The batch with every tensor on the CPU (the GPU pipeline's come out on the GPU)."""
-    return dataclasses.replace(b, **{f.name: getattr(b, f.name).cpu()
-                                     for f in dataclasses.fields(b)
-                                     if isinstance(getattr(b, f.name), torch.Tensor)})
+    """The batch on the CPU (the GPU pipeline's come out on the GPU); a blocking copy."""
+    return b.to("cpu", non_blocking=False)
 
 
 def _cfg(root, *extra, batch=2):
