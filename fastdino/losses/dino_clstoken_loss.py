@@ -112,7 +112,7 @@ class DINOLoss(TeacherCentering):
             raise ValueError(f"student_logits must be [2B + n_l·B, K] with the 2B = {two_b} "
                              f"global rows first, got {tuple(student_logits.shape)}")
         glob, loc = student_logits[:two_b], student_logits[two_b:]
-        batch, k = self._check_global(glob, targets)
+        batch, _ = self._check_global(glob, targets)
         if loc.shape[0] % batch:
             raise ValueError(f"student_logits holds {loc.shape[0]} local rows, not a multiple of "
                              f"B = {batch}")
