@@ -19,7 +19,7 @@
 # `bash bench/device_stage.sh`, which keeps the parts outside the tree copy (/tmp, alive while the
 # machine stays warm: 30 s after a call) and unpacks the archive once all of them are there;
 # bench/device_check.sh then finds the unpacked tree and its `data` stage runs the DALI loader.
-# bench/README.md gives the sequence of calls.
+# scripts/device_prepare.sh runs this script and prints the sequence of calls.
 set -eu
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$REPO/.venv/bin/python}"
@@ -85,23 +85,4 @@ tar -C "$WORK" -cf - site | xz -T0 -9 > "$WORK/dali.tar.xz"
   done
 } > "$DEST/MANIFEST"
 ls -la "$DEST"
-# the plan of device calls: every part but the last alone; the last with the device_check run
-# when it fits beside the tree and the deepspeed wheels (.whl) under the 64 MiB per call
-mib() { echo $(( ($(cat "$@" 2>/dev/null | wc -c) + 1048575) / 1048576 )); }
-parts=("$DEST"/dali.tar.xz.part*)
-last="${parts[${#parts[@]}-1]}"
-tree=$(cd "$REPO" && mib $(git ls-files))
-whl=$(mib "$REPO"/.whl/*.whl)
-rel() { realpath --relative-to="$REPO" "$1"; }
-echo "${#parts[@]} part(s); the GPU machine goes back 30 s after a call: make the calls back to back."
-for f in "${parts[@]}"; do
-  [ "$f" = "$last" ] && break
-  echo "  call: carry [\"$(rel "$DEST/MANIFEST")\", \"$(rel "$f")\"], command: bash bench/device_stage.sh"
-done
-if [ $(( $(mib "$last") + tree + whl )) -le 62 ]; then
-  echo "  call: carry [\"$(rel "$DEST/MANIFEST")\", \"$(rel "$last")\", \".whl\"], command: bash bench/device_stage.sh && FASTDINO_COMMIT=<hash> bash bench/device_check.sh --out \$OUT ..."
-else
-  echo "  call: carry [\"$(rel "$DEST/MANIFEST")\", \"$(rel "$last")\"], command: bash bench/device_stage.sh"
-  echo "  call: carry [\".whl\"], command: FASTDINO_COMMIT=<hash> bash bench/device_check.sh --out \$OUT ..."
-fi
-echo "(tree $tree MiB, .whl $whl MiB, last part $(mib "$last") MiB; device_check's data stage finds DALI in /tmp/fastdino-dali/site)"
+echo "$(grep -c '^part ' "$DEST/MANIFEST") part(s) in $DEST; bash scripts/device_prepare.sh prints the device calls"
