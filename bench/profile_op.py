@@ -79,6 +79,17 @@ def _python_top(call, n: int, top: int) -> list[tuple[str, float, float]]:
             for (f, line, name), (_, nc, tt, _, _) in rows]
 
 
+def fresh_grads(call, leaves: list):
+    """`call` with the leaves' .grad dropped before each run, as the timed benchmark does
+    (do_bench's grad_to_none): otherwise every backward after the first accumulates into .grad,
+    one add kernel per leaf that neither training (zero_grad) nor the benchmark runs."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        return call()
+    return run
+
+
 def profile_call(call, n: int, top: int, cuda: bool) -> dict:
     """Host, wall and device time per call, launches and syncs per call, the top kernels."""
     import torch
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         available_ops,
         case_selected,
         fresh_inputs,
+        grad_names,
         grad_output_like,
         load_cases,
         mode_fn,
@@ -177,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     inputs = fresh_inputs(base)
                     grad_out = None if mode == "fwd" else grad_output_like(fn(**fresh_inputs(base)))
-                    r = profile_call(mode_fn(fn, inputs, mode, grad_out), args.calls, args.top,
-                                     cuda)
+                    leaves = [inputs[k] for k in grad_names(case, inputs)]
+                    call = fresh_grads(mode_fn(fn, inputs, mode, grad_out), leaves)
+                    r = profile_call(call, args.calls, args.top, cuda)
                     print(format_profile(args.op, case.name, name, mode, r), flush=True)
                 except Exception as e:  # one failing provider does not end the profile
                     print(f"{args.op} {case.name} {name} {mode}: {type(e).__name__}: {e}",

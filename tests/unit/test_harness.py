@@ -234,6 +234,26 @@ def test_cli_profile_prints_host_times_and_top_ops_on_cpu():
     assert bad.returncode == 2 and "unknown op 'no_such_op'" in bad.stderr
 
 
+def test_profile_drops_grads_between_calls():
+    # each profiled backward must see .grad = None, as the timed benchmark does: else every call
+    # after the first adds an accumulation kernel that training never runs
+    from bench.harness import mode_fn
+    from bench.profile_op import fresh_grads
+
+    x = torch.randn(5, requires_grad=True)
+    seen = []
+
+    def fn(x):
+        seen.append(x.grad)
+        return (x * x).sum()
+
+    call = fresh_grads(mode_fn(fn, {"x": x}, "fwd+bwd", None), [x])
+    call()
+    call()
+    assert seen == [None, None]
+    torch.testing.assert_close(x.grad, 2 * x.detach())  # one backward's gradient, not two
+
+
 def test_cli_unknown_op_lists_available():
     proc = _bench("no_such_op")
     assert proc.returncode == 2
