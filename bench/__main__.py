@@ -26,6 +26,9 @@ targets:
   data             data-loader throughput, DALI vs torch (bench/bench_data.py; `data --help`)
   profile          where one call of an op's case spends its time: host vs device µs, kernel
                    launches and host syncs per call, top kernels (`profile --help`)
+  floors           this GPU's latency floors: host µs per launch (Triton, torch), CUDA-graph µs
+                   per kernel node, ns per dependent global load (L2, HBM), µs per last-arriver
+                   ticket: what launch- and latency-bound ops are judged against (bench/floors.py)
 
 timing:
   CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 of CUDA-event
@@ -56,7 +59,7 @@ results: JSON lines appended to <out>/<gpu-slug>-<date>.jsonl (schema in bench/r
 
 # targets that are scripts of their own (their own --help), not kernel-case sweeps
 SCRIPTS = {"step": "bench.bench_step", "compile-report": "bench.compile_report",
-           "data": "bench.bench_data", "profile": "bench.profile_op"}
+           "data": "bench.bench_data", "profile": "bench.profile_op", "floors": "bench.floors"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -294,12 +294,16 @@ if want bench; then
 fi
 
 # ---- 3b. where the time of the ops whose timings their bytes do not explain goes (host vs device,
-# launches, syncs, top kernels); appended to bench.log (the file count is capped)
+# launches, syncs, top kernels), after this GPU's latency floors (`bench floors`, ~10 s: host µs per
+# launch, graph µs per node, ns per dependent load, µs per ticket); appended to bench.log (the file
+# count is capped)
 if want profile; then
-  echo "## stage profile: python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
+  echo "## stage profile: python -m bench floors, then python -m bench profile (ops $PROFILE_OPS)" >> "$OUT/bench.log"
+  # PROFILE_FLAGS is split into words on purpose (no flag value holds a space)
   run_stage profile "$(stage_timeout profile)" "$OUT/bench.log" env PROFILE_OPS="$PROFILE_OPS" \
-    bash -c 'for op in ${PROFILE_OPS//,/ }; do "$0" "$@" "$op"; done' "$PY" $PYFLAGS -m bench \
-    profile $QUICK --providers triton --modes fwd,bwd ${CASES:+--cases "$CASES"}
+    PROFILE_FLAGS="$QUICK --providers triton --modes fwd,bwd ${CASES:+--cases $CASES}" \
+    bash -c '"$0" "$@" floors; for op in ${PROFILE_OPS//,/ }; do "$0" "$@" profile $PROFILE_FLAGS "$op"; done' \
+    "$PY" $PYFLAGS -m bench
 fi
 
 # ---- 4. training-step benchmark, ViT-S/16 and ViT-B/16, Triton vs torch kernels
