@@ -13,6 +13,8 @@ import torch
 from bench import floors
 
 REPO = Path(__file__).resolve().parents[2]
+# the probes run where Triton runs: the GPU when there is one, else the CPU interpreter
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_pointer_chain_is_one_cycle_through_every_line():
@@ -30,15 +32,15 @@ def test_pointer_chain_is_one_cycle_through_every_line():
 
 @pytest.mark.parametrize("steps", [0, 1, 7, 40])
 def test_chase_kernel_follows_the_chain(steps):
-    nxt, start = floors.pointer_chain(32, "cpu", seed=1)
+    nxt, start = floors.pointer_chain(32, DEV, seed=1)
     out = floors.chase(nxt, start, steps)
-    assert int(out[0]) == floors.walk(nxt, start, steps)
+    assert int(out[0]) == floors.walk(nxt.cpu(), start, steps)
 
 
 @pytest.mark.parametrize("programs", [1, 5, 64])
 def test_ticket_kernel_sums_every_program_and_resets_the_counter(programs):
-    count = torch.zeros(1, dtype=torch.int32)
-    vals = torch.zeros(programs)
+    count = torch.zeros(1, dtype=torch.int32, device=DEV)
+    vals = torch.zeros(programs, device=DEV)
     for _ in range(2):  # a second launch relies on the reset
         out = floors.ticket_sum(count, vals, programs)
         assert float(out[0]) == programs * (programs - 1) / 2
@@ -46,9 +48,9 @@ def test_ticket_kernel_sums_every_program_and_resets_the_counter(programs):
 
 
 def test_empty_kernels_launch_and_write_nothing():
-    x = torch.full((256,), 7.0)
+    x = torch.full((256,), 7.0, device=DEV)
     floors._empty_kernel[(3,)](x, 3)
-    ptrs = [torch.full((256,), 7.0) for _ in range(6)]
+    ptrs = [torch.full((256,), 7.0, device=DEV) for _ in range(6)]
     floors._empty_args_kernel[(2,)](*ptrs, 2, 64, 64, 64, 16, 4, 0.5, 1.0, BLOCK=128)
     assert bool((x == 7.0).all()) and all(bool((p == 7.0).all()) for p in ptrs)
 
@@ -84,7 +86,7 @@ def test_measure_runs_every_probe_with_given_timers():
         calls.append("graph")
         return float(len(calls))
 
-    f = floors.measure("cpu", host_us, graph_us, chain_bytes=(("small", 64 * 128),))
+    f = floors.measure(DEV, host_us, graph_us, chain_bytes=(("small", 64 * 128),))
     assert set(f.host_us) == {"triton 1 arg", "triton 14 args", "torch add_ (1 element)",
                               "torch.empty (1 KiB)"}
     assert set(f.graph_node_us) == {"triton empty", "torch add_ (1 element)"}
