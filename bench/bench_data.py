@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import results
     from fastdino.config import load_config
-    from fastdino.data.dali import build_dali_loader, dali_available
+    from fastdino.data.dali import build_dali_loader, dali_available, graph_operators
     from fastdino.data.loader import build_train_loader
 
     overrides = [f"data.batch_size_per_gpu={args.batch}", f"data.num_workers={args.workers}",
@@ -127,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         loader = (build_dali_loader(cfg, exact_hue=not args.fast_hue) if name == "dali"
                   else build_train_loader(cfg))
         setup_s = time.perf_counter() - t0
+        operators = graph_operators(loader.pipe) if name == "dali" else None
         m = measure(loader, args.steps, args.warmup, device)
         del loader
         print(f"{name:5s}  {m['images_per_s']:8.1f} images/s  {m['cpu_cores_used']:5.2f} CPU cores"
               f"  (2nd half {m['images_per_s_2nd_half']:.1f} images/s)"
               f"  ({m['images']} images in {m['wall_s']:.2f} s; setup {setup_s:.1f} s; "
               f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
-              f"{args.workers} workers/threads, {device.type})")
+              f"{args.workers} workers/threads, {device.type}"
+              + (f", {operators} DALI operators" if operators else "") + ")")
         if abs(m["images_per_s_2nd_half"] / m["images_per_s"] - 1) > 0.25:
             print(f"{name:5s}  not steady state (halves differ by >25%): use more --steps, a "
                   "multiple of --workers")
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                         "loader": name, "exact_hue": not args.fast_hue, "batch": args.batch,
                         "workers": args.workers,
                         "crops": [args.global_size, args.local_size, args.local_number],
-                        "root": args.root or "sample", "setup_s": setup_s, **m})
+                        "root": args.root or "sample", "setup_s": setup_s,
+                        "dali_operators": operators, **m})
     by = {r["loader"]: r for r in records}
     if "dali" in by and "torch" in by:
         ratio = by["dali"]["images_per_s"] / by["torch"]["images_per_s"]

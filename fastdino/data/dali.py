@@ -200,6 +200,20 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
     return pipe
 
 
+def graph_operators(pipe) -> int:
+    """Operators in a built pipeline's graph (DALI's executor pays a host cost per operator and
+    step; `bench data` reports it beside the images/s)."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "graph.dot"
+        pipe.save_graph_to_dot_file(str(path))
+        text = path.read_text()
+    return len(set(re.findall(r"(?<!\w)(_\w+?_\d+)(?!\w)", text)))  # "__Resize_12 -> ..."
+
+
 # ------------------------------------------------------------------------------------------------
 # The loader
 

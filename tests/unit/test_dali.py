@@ -356,3 +356,15 @@ def test_auto_picks_dali_only_with_dali_and_cuda(monkeypatch):
         assert dali_mod.choose_loader("auto") == expected
     with pytest.raises(ValueError, match="allowed are auto, torch, dali"):
         dali_mod.choose_loader("fast")
+
+
+@needs_dali
+def test_graph_operators_counts_the_jitter_graphs(image_dir):
+    """`bench data` reports the operator count: the exact jitter graph has ~3x the fast one's."""
+    from fastdino.data.dali import graph_operators
+
+    cfg = _cfg(image_dir)
+    exact = graph_operators(_dali(cfg, exact_hue=True, host_jitter=False).pipe)
+    fast = graph_operators(_dali(cfg, exact_hue=False, host_jitter=False).pipe)
+    host = graph_operators(_dali(cfg).pipe)  # the CPU graph: one python_function per jitter
+    assert host < fast < exact and exact > 2 * fast, (host, fast, exact)
