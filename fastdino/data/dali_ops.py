@@ -247,9 +247,9 @@ def hue_shift_hsv(x, h):
     hf = fn.cast(y - dmath.floor(y), dtype=f32)
     uh = dmath.floor(fn.cast(hf, dtype=f64) * 255.0) * fn.cast(1.0 - gray, dtype=f64)
     us = dmath.floor(fn.cast(cr / (mx + gray), dtype=f64) * 255.0)
-    steps = h * 255.0  # int() truncates toward zero
-    sign = fn.cast(steps >= 0.0, dtype=f64) * 2.0 - 1.0
-    shifted = uh + sign * fn.cast(dmath.floor(dmath.abs(steps)), dtype=f64)
+    steps = fn.cast(h, dtype=f64) * 255.0  # int(hue_factor * 255), the factor a Python float
+    sign = fn.cast(steps >= 0.0, dtype=f64) * 2.0 - 1.0  # int() truncates toward zero
+    shifted = uh + sign * dmath.floor(dmath.abs(steps))
     shifted = shifted - 256.0 * dmath.floor(shifted / 256.0)  # uint8 wrap-around
     # hsv2rgb: i = floor(h * 6.0 / 255.0), f = (float)(h * 6.0 / 255.0 - i), fs = (float)(s / 255.0)
     fh = shifted * 6.0 / 255.0

@@ -138,6 +138,7 @@ def test_jitter_follows_the_plan_order():
         assert np.abs(g.astype(int) - w.astype(int)).mean() > 0.5, order
 
 
+@pytest.mark.filterwarnings("ignore:The external source node:Warning")  # the rows are unused
 def test_grayscale_is_pil_bit_for_bit():
     from PIL import Image
 
