@@ -11,7 +11,8 @@ Providers: `triton` is koleo_loss with path="auto" (groups of <= SMALL_MAX_N row
 split-K forward + one-step chooser backward; larger ones: the cost model in kernels/koleo.py picks
 fused or split per half; `extra.path_auto` records the choice on this GPU). The per-rank cases also
 time `triton_old` (path="fused": the one-program-per-row-block forward and the large-group
-backward tiles, what auto ran there before the small path: the A/B), the gathered cases
+backward tiles, what auto ran there before the small path: the A/B) and `triton_ks1` (the small
+path with one K split: no split-K ticket), the gathered cases
 `triton_fused` (the one-launch kernels forced) so one run compares the paths on the same GPU, and
 the 4096-row case the `gemm_bf16` peer (x·xᵀ + sum), the issue's yardstick.
 At B <= 256 the op is launch-bound: the harness times it with CUDA graphs (do_bench_cudagraph,
@@ -21,6 +22,7 @@ chosen for ops under 50 µs) so that launch overhead counts as in a compiled, gr
 from __future__ import annotations
 
 import torch
+from fastdino.kernels import koleo
 from fastdino.kernels.koleo import _pick, koleo_loss, koleo_loss_ref
 
 from bench.harness import BenchCase
@@ -36,6 +38,17 @@ def _gemm_peer(x: torch.Tensor) -> torch.Tensor:
 
 def _fused(x: torch.Tensor) -> torch.Tensor:
     return koleo_loss(x, path="fused")
+
+
+def _small_one_split(x: torch.Tensor) -> torch.Tensor:
+    """The small path with one K split (koleo.SMALL_SPLITS = 1): no split-K ticket, one program
+    per 16 query rows walks all of D; the A/B of the split-K heuristic at the per-rank shapes."""
+    old = koleo.SMALL_SPLITS
+    koleo.SMALL_SPLITS = 1
+    try:
+        return koleo_loss(x, path="small")
+    finally:
+        koleo.SMALL_SPLITS = old
 
 
 def _path_auto(G: int, B: int, D: int, dtype: torch.dtype) -> str | None:
@@ -58,6 +71,7 @@ def _case(name: str, G: int, B: int, D: int, dtype: torch.dtype, shape_from: str
         providers["triton_fused"] = _fused
     if old_peer:
         providers["triton_old"] = _fused  # the path auto took at B <= 256 before the small one
+        providers["triton_ks1"] = _small_one_split
     if gemm_peer:
         providers["gemm_bf16"] = _gemm_peer
     es = torch.finfo(dtype).bits // 8

@@ -1304,6 +1304,10 @@ SMALL_MAX_N = 256  # path="auto" takes the small path for groups of at most this
 _SMALL_TARGET_PROGRAMS = 128  # K splits until G·RB·KS reaches about one wave (132 SMs on H200)
 _SMALL_MIN_K = 128  # no split narrower than this many features (its partial tile costs more)
 _SMALL_MAX_KS = 16  # the finisher reads KS partial tiles: bounded
+# K splits of the small forward for every launch (None: the heuristic below). For GPU A/B runs
+# only (bench/bench_koleo.py's `triton_ks1`: one split, so no split-K ticket and one program
+# walks all of D): whether the split-K's extra round trips cost more than its parallelism gives.
+SMALL_SPLITS: int | None = None
 
 
 def _gpu_small_fwd_config(dtype: torch.dtype) -> dict:
@@ -1389,7 +1393,7 @@ def _small_counters(device: torch.device, size: int) -> torch.Tensor:
 def _fwd_small(x: torch.Tensor, eps: float, q0: int, nq: int, splits: int | None = None):
     """One launch: split-K dots, finish by the last split of each row block (see the kernel)."""
     G, n, D = x.shape
-    cfg = _small_fwd_config(G, nq, n, D, x.dtype, splits)
+    cfg = _small_fwd_config(G, nq, n, D, x.dtype, SMALL_SPLITS if splits is None else splits)
     ks, per = cfg.pop("KS"), cfg.pop("k_per_split")
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rb = cdiv(nq, bm)

@@ -144,6 +144,24 @@ def test_small_path_k_splits_agree_with_the_fused_path(splits):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_small_splits_override_reaches_the_launch(monkeypatch):
+    # koleo.SMALL_SPLITS (the bench's triton_ks1 A/B) sets the forward's K splits of every call:
+    # one split gives the heuristic's neighbours and loss; unset, the heuristic splits again
+    from fastdino.kernels import koleo
+
+    x, _ = _inputs(2, 40, 96, torch.float32, seed=7)
+    seen = []
+    real = koleo._small_fwd_config
+    monkeypatch.setattr(koleo, "_small_fwd_config",
+                        lambda *a: seen.append(a[-1]) or real(*a))
+    base = koleo_loss(x, path="small", return_details=True)
+    monkeypatch.setattr(koleo, "SMALL_SPLITS", 1)
+    one = koleo_loss(x, path="small", return_details=True)
+    assert seen == [None, 1]
+    assert torch.equal(base[1], one[1])
+    torch.testing.assert_close(base[0], one[0], rtol=1e-6, atol=1e-7)
+
+
 def test_small_path_ties_resolve_to_the_lowest_index():
     # ±1 entries in D = 48: every dot and norm is an integer (exact in fp32 in any order, in any
     # K split), so tied candidates tie bit for bit. Rows 0..31 repeat at 32..63 and 64..95: the two
