@@ -51,6 +51,10 @@ ON_GPU = torch.cuda.is_available()
 # resampling error on the CPU; nvJPEG's chroma upsampling and IDCT differ from libjpeg-turbo's
 # (PIL) by about a level more on the GPU.
 PLAIN_MAD = 2.0 if ON_GPU else 1.0
+# Any crop: the jitter is PIL's exactly (test_dali_jitter.py), so what remains is the resampling
+# difference, amplified by contrast / saturation / the hue (CPU: up to 0.8 seen; 1.9 where Gram
+# crops make the torch loader resample twice); nvJPEG's decode differences on top on the GPU
+JITTER_MAD = 4.0 if ON_GPU else 3.0
 
 
 def _cpu(b: Batch) -> Batch:
@@ -201,8 +205,8 @@ def _per_crop_mad(a, b):
                                                ((), False)])
 def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra, host_jitter):
     """Both loaders execute the same plan: crops with no colour op agree to resampling error,
-    colour-augmented ones to rounding (each op matches PIL within 1 level); masks are identical.
-    host_jitter=False checks the GPU graph's DALI jitter ops (exact hue) against PIL on the CPU."""
+    colour-augmented ones to that error as the (exact) colour ops carry it; masks are identical.
+    host_jitter=False runs the GPU graph's DALI jitter ops on the CPU."""
     cfg = _cfg(image_dir, *extra, "data.num_workers=0")
     dali = _dali(cfg, exact_hue=True, debug=True, host_jitter=host_jitter)
     torch_loader = build_train_loader(cfg)
@@ -217,11 +221,26 @@ def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra, host_jitter)
             plain = (rows[:, [P.JITTER, P.GRAY, P.BLUR, P.SOLARIZE]] == 0).all(1)
             mad = _per_crop_mad(crops_d, crops_t) * scale
             assert (mad[plain] < PLAIN_MAD).all(), (key, mad)
-            assert (mad < 4.0).all(), (key, mad)
+            assert (mad < JITTER_MAD).all(), (key, mad)
         if d.gram_crops is not None:  # no distortions; one resampling instead of two: looser
             assert (_per_crop_mad(d.gram_crops, t.gram_crops) * scale < 3.0).all()
         for f in ("masks", "mask_indices", "masks_weight", "n_masked_patches"):
             assert torch.equal(getattr(d, f), getattr(t, f)), f
+
+
+@needs_dali
+@pytest.mark.skipif(ON_GPU, reason="host_jitter exists in the CPU graph only; on a GPU both "
+                    "loaders would run the same DALI jitter (test_dali_jitter.py pins it to PIL)")
+def test_dali_jitter_graph_equals_the_host_pil_jitter(image_dir):
+    """The GPU graph's jitter ops (host_jitter=False, run here on CPU-only DALI) and the CPU graph's
+    PIL jitter (host_jitter) produce the same batches bit for bit: same plan, same resize, and a
+    ColorJitter / greyscale that reproduces PIL exactly."""
+    cfg = _cfg(image_dir, "data.num_workers=0")
+    ops, pil = _dali(cfg, exact_hue=True, host_jitter=False), _dali(cfg)
+    for _ in range(3):
+        a, b = next(ops), next(pil)
+        for f in ("global_crops", "local_crops"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
 
 
 @needs_dali
