@@ -263,7 +263,8 @@ fi
 # and CPU cores of the DALI (nvJPEG, mixed) and torch
 # loaders on one folder of ImageNet-like JPEGs written here (no dataset is reachable), at the
 # DINOv3 crops, the same CPU budget for both; then the ViT-B/16 step fed by the DALI loader: its
-# data_wait share of the step. Logged into step.log (the file count is capped).
+# data_wait share of the step; then DALI with the fast ColorJitter. Logged into step.log (the file
+# count is capped).
 if want data; then
   echo "## stage data: python -m bench data, then fastdino.profile with data.loader=dali" >> "$OUT/step.log"
   if [ "$CUDA" = yes ]; then  # the issue's setting: B = 64, 8 CPU threads / workers, ViT-B/16
@@ -273,17 +274,19 @@ if want data; then
   fi
   run_stage data "$(stage_timeout data)" "$OUT/step.log" env "${DATA_ENV[@]}" PY="$PY" \
     PYFLAGS="$PYFLAGS" RESULTS="$OUT" bash -c '
-    set -e
-    imgs=$("$PY" $PYFLAGS -c "from fastdino.data.sample_data import benchmark_jpeg_dir as b; print(b($IMAGES))")
+    imgs=$("$PY" $PYFLAGS -c "from fastdino.data.sample_data import benchmark_jpeg_dir as b; print(b($IMAGES))") || exit 1
     echo "images: $imgs ($(ls "$imgs" | wc -l) files, $(du -sh "$imgs" | cut -f1))"
+    # the two targets first (images/s against torch, then the data_wait of the DALI-fed step), the
+    # fast-jitter A/B last; each runs even when an earlier one fails
     "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
-      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS"
-    # the GPU graph's fast ColorJitter (DALI's own ops, 1,784 operators) instead of the exact one (5,284)
-    "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
-      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders dali --fast-hue
+      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" || echo "bench data: rc=$?"
     "$PY" $PYFLAGS -m fastdino.profile --config "$CFG" --steps "$PSTEPS" --warmup "$PWARMUP" \
       data.loader=dali "data.root=$imgs" "data.num_workers=$WORKERS" \
-      "train.output_dir=$(mktemp -d)/profile"'
+      "train.output_dir=$(mktemp -d)/profile" || echo "fastdino.profile (dali): rc=$?"
+    # the fast ColorJitter of the GPU graph (DALI ops only, 1,784 operators; the exact one 5,284)
+    "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
+      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders dali --fast-hue \
+      || echo "bench data --fast-hue: rc=$?"'
 fi
 
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)
