@@ -347,10 +347,13 @@ class DALITrainLoader:
 
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
-                      exact_hue: bool = True,
+                      exact_hue: bool | None = None,
                       host_jitter: bool | None = None) -> DALITrainLoader:
     """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
-    device when there is one (crops stay on the GPU), CPU-only DALI otherwise."""
+    device when there is one (crops stay on the GPU), CPU-only DALI otherwise. exact_hue: the
+    exact ColorJitter graph (None: `data.dali_jitter`)."""
+    if exact_hue is None:
+        exact_hue = cfg.data.dali_jitter == "exact"
     if not dali_available():
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")

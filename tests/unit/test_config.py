@@ -98,6 +98,7 @@ def test_wrong_type_names_the_key(override, key):
     ("dino.centering=none", "dino.centering"),
     ("model.drop_path_rate=1.0", "model.drop_path_rate"),
     ("crops.blur_probabilities=sometimes", "crops.blur_probabilities"),
+    ("data.dali_jitter=approx", "data.dali_jitter"),
 ])
 def test_invalid_value_names_the_key_and_what_is_allowed(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*allowed"):

@@ -385,5 +385,11 @@ def test_graph_operators_counts_the_jitter_graphs(image_dir):
     cfg = _cfg(image_dir)
     exact = graph_operators(_dali(cfg, exact_hue=True, host_jitter=False).pipe)
     fast = graph_operators(_dali(cfg, exact_hue=False, host_jitter=False).pipe)
+    # data.dali_jitter picks the graph when the caller does not
+    from fastdino.data.dali import build_dali_loader
+
+    for jitter, want in (("exact", exact), ("fast", fast)):
+        c = _cfg(image_dir, f"data.dali_jitter={jitter}")
+        assert graph_operators(build_dali_loader(c, host_jitter=False).pipe) == want, jitter
     host = graph_operators(_dali(cfg).pipe)  # the CPU graph: one python_function per jitter
     assert host < fast < exact and exact > 2 * fast, (host, fast, exact)
