@@ -5,8 +5,10 @@ Why: several targets sit at shapes where no kernel streams or multiplies for lon
 B = 64: 15.6 µs of CUDA-graph time for torch.compile's fwd+bwd, so 2x is 7.8 µs for two kernels;
 the DINO CLS loss: ~20 launches under 1.4 ms of host time). Whether such a target is reachable is
 a question of these floors, not of kernel design:
-  host µs / launch   a Triton launch from Python (1 argument, and 14 like our launchers), a tiny
-                     torch op, a torch.empty: what a host-bound op pays per launch
+  host µs / launch   a Triton launch from Python (1 argument, and 14 like our launchers; and the
+                     14-argument kernel through its compiled launcher directly, skipping
+                     JITFunction.run: what a cached launcher would save), a tiny torch op, a
+                     torch.empty: what a host-bound op pays per launch
   graph µs / node    an empty kernel replayed back to back from a CUDA graph (as the bench times
                      small ops): the cost of one more kernel in a fwd+bwd
   ns / round trip    one program walking a random pointer chain (each load's address is the
@@ -190,6 +192,29 @@ def _chain_fit(nbytes: int, dev, graph_us) -> tuple[float, float]:
     return slope * 1e3, intercept
 
 
+_ARGS14 = (1, 65536, 65536, 65536, 4096, 16, 0.5, 1.0)  # n .. shift of _empty_args_kernel
+
+
+def _direct_launch(compiled, args: tuple, dev):
+    """A launch that skips JITFunction.run (argument binding, specialization, cache key, hooks):
+    the compiled kernel's own launcher, as torch inductor calls it. `args`: every parameter in
+    order, constexprs included (what JITFunction.run hands the launcher). What a cached launcher
+    in our launchers would cost per launch; None (with the reason printed) where this triton's
+    CompiledKernel does not take it."""
+    try:
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        runner = compiled[(1, 1, 1)]
+
+        def launch():
+            runner(*args, stream=stream)
+        launch()
+        torch.cuda.synchronize(dev)
+        return launch
+    except Exception as e:  # an API difference between triton versions: report, do not fail
+        print(f"floors: direct launch not measured ({type(e).__name__}: {e})")
+        return None
+
+
 def measure(dev=None, host_us=None, graph_us=None, chain_bytes=CHAIN_BYTES) -> Floors:
     """Every floor on `dev` (default: the current CUDA device). host_us / graph_us: the timers
     (default: wall clock over many launches; do_bench_cudagraph), replaceable so that the CPU
@@ -204,8 +229,7 @@ def measure(dev=None, host_us=None, graph_us=None, chain_bytes=CHAIN_BYTES) -> F
         _empty_kernel[(1,)](x, 1, num_warps=1)
 
     def empty14():
-        _empty_args_kernel[(1,)](*ptrs, 1, 65536, 65536, 65536, 4096, 16, 0.5, 1.0, BLOCK=128,
-                                 num_warps=4)
+        _empty_args_kernel[(1,)](*ptrs, *_ARGS14, BLOCK=128, num_warps=4)
 
     def add1():
         y.add_(1.0)
@@ -213,6 +237,11 @@ def measure(dev=None, host_us=None, graph_us=None, chain_bytes=CHAIN_BYTES) -> F
     host = {"triton 1 arg": host_us(empty1), "triton 14 args": host_us(empty14),
             "torch add_ (1 element)": host_us(add1),
             "torch.empty (1 KiB)": host_us(lambda: torch.empty(256, device=dev))}
+    if dev.type == "cuda":
+        direct = _direct_launch(_empty_args_kernel[(1,)](*ptrs, *_ARGS14, BLOCK=128, num_warps=4),
+                                (*ptrs, *_ARGS14, 128), dev)
+        if direct is not None:
+            host["triton 14 args, direct"] = host_us(direct)
     node = {"triton empty": graph_us(empty1), "torch add_ (1 element)": graph_us(add1)}
     rt, icpt = {}, {}
     for name, nbytes in chain_bytes:
