@@ -13,14 +13,10 @@ import torch
 
 from fastdino.data import dali_plan as P
 
-try:
-    from nvidia.dali import fn, pipeline_def, types
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install "
+                    "'fastdino[dali]')")
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
-pytestmark = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
-                                "(pip install 'fastdino[dali]')")
 ON_GPU = torch.cuda.is_available()
 ORDERS = list(itertools.permutations(range(4)))  # torchvision's fn_idx: all 24
 
