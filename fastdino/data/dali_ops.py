@@ -24,7 +24,7 @@ Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code
   calling `pil_jitter` (the torch loader's PIL ops) per sample; everything else is as below.
 - the 4 jitter ops run in the planned random order, torchvision's per-sample permutation on a
   static graph: slot k runs (as a conditional) only the op whose factor the plan put there. The
-  exact graph splits the order at the hue's slot (`_exact_jitter`: the ~130-operator hue once per
+  exact graph splits the order at the hue's slot (`_exact_jitter`: the ~140-operator hue once per
   crop, not once per slot). The whole jitter is skipped (a conditional) for the 20% of crops
   without it.
 - greyscale: PIL's convert("L") luma (`CropGraph.luma`) on 3 equal channels, exactly; blur:
@@ -137,7 +137,7 @@ class CropGraph:
     def _exact_jitter(self, x, row, pixels: int):
         """PIL's ColorJitter bit for bit. Slot k holds one op; the hue's slot splits the order into
         the ops before it, the hue, and the ops after it, so the graph holds the exact hue
-        (~130 operators) once per crop instead of once per slot, and brightness / contrast /
+        (~140 operators) once per crop instead of once per slot, and brightness / contrast /
         saturation (4-14 operators each) in 7 slots: 4 before, 3 after (slot 0 is never after
         the hue). A crop without a hue factor (h = 0) runs all 4 slots in the 'before' pass."""
         h = [row[P.slot(k, P.HUE)] for k in range(4)]
@@ -257,12 +257,17 @@ def hue_shift_hsv(x, h):
     f = fn.cast(fn.cast(fh - i, dtype=f32), dtype=f64)
     fs = fn.cast(fn.cast(us / 255.0, dtype=f32), dtype=f64)
     v = fn.cast(mx, dtype=f64)
-    p = _round_half_up(v * (1.0 - fs))
-    q = _round_half_up(v * (1.0 - fs * f))
-    t = _round_half_up(v * (1.0 - fs * (1.0 - f)))
-    i = i - 6.0 * dmath.floor(i / 6.0)
-    m = [fn.cast(i == float(k), dtype=f64) for k in range(6)]
-    r2 = m[0] * v + m[1] * q + m[2] * p + m[3] * p + m[4] * t + m[5] * v
-    g2 = m[0] * t + m[1] * v + m[2] * v + m[3] * q + m[4] * p + m[5] * p
-    b2 = m[0] * p + m[1] * p + m[2] * t + m[3] * v + m[4] * v + m[5] * q
+
+    def channel(offset: float):
+        # hsv2rgb's sector table (i % 6 -> which of v, p, q, t each channel takes) as a weight:
+        # the channel is round(v·(1.0 - fs·w)) with w = 0 (v), 1 (p), f (q) or 1 - f (t), and
+        # w = clamp(min(k + f, (4 - k) - f), 0, 1) for k = (i + offset) mod 6 picks it (R: 5,
+        # G: 3, B: 1). Every w is formed as C forms it (f, 1.0 - f, exactly 0 or 1), so each
+        # channel is C's p / q / t / v bit for bit, in fewer operators than the masked selection.
+        k = i + offset
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        w = dmath.clamp(dmath.min(k + f, (4.0 - k) - f), 0.0, 1.0)
+        return _round_half_up(v * (1.0 - fs * w))
+
+    r2, g2, b2 = channel(5.0), channel(3.0), channel(1.0)
     return fn.cast(fn.stack(r2, g2, b2, axis=2, axis_name="C"), dtype=types.UINT8)
