@@ -27,7 +27,7 @@ Data flow, per rank:
                DALI, i.e. CI and machines without CUDA; `host_jitter`): one `fn.python_function`
                per crop running the torch loader's own PIL ops in the plan's slot order.
                Measured on 2 cores (B=8, sample images): the GPU graph's ops run on the CPU at
-               0.93 s per step exact (1.27 s before), 0.21 s fast; earlier (pipe.run()): host
+               0.82 s per step exact (1.27 s before), 0.21 s fast; earlier (pipe.run()): host
                jitter ~65-70 images/s, no jitter at all ~90-110. Same plan, same coins and same
                output contract either way; the GPU graph's jitter ops are checked against PIL on
                the CPU (tests run them with host_jitter=False).
