@@ -391,5 +391,7 @@ def test_graph_operators_counts_the_jitter_graphs(image_dir):
     for jitter, want in (("exact", exact), ("fast", fast)):
         c = _cfg(image_dir, f"data.dali_jitter={jitter}")
         assert graph_operators(build_dali_loader(c, host_jitter=False).pipe) == want, jitter
-    host = graph_operators(_dali(cfg).pipe)  # the CPU graph: one python_function per jitter
-    assert host < fast < exact and exact > 2 * fast, (host, fast, exact)
+    assert exact > 2 * fast, (fast, exact)
+    if not ON_GPU:  # the CPU graph (host_jitter: one python_function per jitter) is CPU-only
+        host = graph_operators(_dali(cfg).pipe)
+        assert host < fast, (host, fast)

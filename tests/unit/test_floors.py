@@ -87,10 +87,13 @@ def test_measure_runs_every_probe_with_given_timers():
         return float(len(calls))
 
     f = floors.measure(DEV, host_us, graph_us, chain_bytes=(("small", 64 * 128),))
-    assert set(f.host_us) == {"triton 1 arg", "triton 14 args", "torch add_ (1 element)",
-                              "torch.empty (1 KiB)"}
+    base = {"triton 1 arg", "triton 14 args", "torch add_ (1 element)", "torch.empty (1 KiB)"}
+    # on a GPU also the compiled launcher called directly (where this triton's API takes it)
+    assert base <= set(f.host_us) <= base | {"triton 14 args, direct"}
+    assert DEV.type == "cuda" or set(f.host_us) == base
     assert set(f.graph_node_us) == {"triton empty", "torch add_ (1 element)"}
-    assert calls.count("host") == 4 and calls.count("graph") == 2 + len(floors.CHAIN_STEPS) + 2
+    assert calls.count("host") == len(f.host_us)
+    assert calls.count("graph") == 2 + len(floors.CHAIN_STEPS) + 2
     # chain timings 3.0 and 4.0 at 16 and 256 steps: slope 1/240 µs = 4.17 ns
     assert f.round_trip_ns["small"] == pytest.approx(1e3 / 240)
     assert f.ticket_us == pytest.approx(1.0)  # 6th graph timing minus the 5th
