@@ -283,7 +283,7 @@ if want data; then
     "$PY" $PYFLAGS -m fastdino.profile --config "$CFG" --steps "$PSTEPS" --warmup "$PWARMUP" \
       data.loader=dali "data.root=$imgs" "data.num_workers=$WORKERS" \
       "train.output_dir=$(mktemp -d)/profile" || echo "fastdino.profile (dali): rc=$?"
-    # the fast ColorJitter of the GPU graph (DALI ops only, 1,795 operators; the exact one 5,105)
+    # the fast ColorJitter of the GPU graph (DALI ops only, 1,795 operators; the exact one 4,995)
     "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
       --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders dali --fast-hue \
       || echo "bench data --fast-hue: rc=$?"'

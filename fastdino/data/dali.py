@@ -21,7 +21,7 @@ Data flow, per rank:
   CPU vs GPU   The two graphs differ in one place, ColorJitter. GPU graph: DALI ops, PIL's bit
                for bit (`dali_ops`: the exact graph; `exact_hue=False` takes DALI's own ops,
                within a level or two, the hue ~17 off), one conditional per (slot, op); cheap as
-               GPU kernels but many operators: 5,105 in the whole graph at 2 x 224 + 8 x 96
+               GPU kernels but many operators: 4,995 in the whole graph at 2 x 224 + 8 x 96
                (6,885 before the exact graph held the hue once per crop; the fast graph 1,795),
                and DALI's executor pays a host cost per operator and step. CPU graph (CPU-only
                DALI, i.e. CI and machines without CUDA; `host_jitter`): one `fn.python_function`

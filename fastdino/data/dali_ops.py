@@ -24,7 +24,7 @@ Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code
   calling `pil_jitter` (the torch loader's PIL ops) per sample; everything else is as below.
 - the 4 jitter ops run in the planned random order, torchvision's per-sample permutation on a
   static graph: slot k runs (as a conditional) only the op whose factor the plan put there. The
-  exact graph splits the order at the hue's slot (`_exact_jitter`: the ~140-operator hue once per
+  exact graph splits the order at the hue's slot (`_exact_jitter`: the ~130-operator hue once per
   crop, not once per slot). The whole jitter is skipped (a conditional) for the 20% of crops
   without it.
 - greyscale: PIL's convert("L") luma (`CropGraph.luma`) on 3 equal channels, exactly; blur:
@@ -42,7 +42,7 @@ from nvidia.dali import math as dmath
 from PIL import Image, ImageEnhance
 
 from fastdino.data import dali_plan as P
-from fastdino.data.transforms import adjust_hue
+from fastdino.data.transforms import adjust_hue_steps
 
 
 class CropGraph:
@@ -137,7 +137,7 @@ class CropGraph:
     def _exact_jitter(self, x, row, pixels: int):
         """PIL's ColorJitter bit for bit. Slot k holds one op; the hue's slot splits the order into
         the ops before it, the hue, and the ops after it, so the graph holds the exact hue
-        (~140 operators) once per crop instead of once per slot, and brightness / contrast /
+        (~130 operators) once per crop instead of once per slot, and brightness / contrast /
         saturation (4-14 operators each) in 7 slots: 4 before, 3 after (slot 0 is never after
         the hue). A crop without a hue factor (h = 0) runs all 4 slots in the 'before' pass."""
         h = [row[P.slot(k, P.HUE)] for k in range(4)]
@@ -146,9 +146,8 @@ class CropGraph:
             hue_by.append(hue_by[-1] | (h[k] != 0.0))
         for k in range(4):
             x = self._slot_ops(x, row, k, pixels, when=hue_by[k] == False)  # noqa: E712 (a node)
-        shift = h[0] + h[1] + h[2] + h[3]  # the one nonzero hue factor
-        if shift != 0.0:
-            x = hue_shift_hsv(x, self.dev(shift))
+        if hue_by[3]:  # a hue factor in some slot: shift by the plan's int(h·255)
+            x = hue_shift_hsv(x, self.dev(row[P.HUE_STEPS]))
         for k in range(1, 4):
             x = self._slot_ops(x, row, k, pixels, when=hue_by[k - 1])
         return x
@@ -194,10 +193,10 @@ class CropGraph:
                                         dtype=types.FLOAT, output_layout="CHW")
 
 
-_PIL_OPS = (lambda im, v: ImageEnhance.Brightness(im).enhance(v),
-            lambda im, v: ImageEnhance.Contrast(im).enhance(v),
-            lambda im, v: ImageEnhance.Color(im).enhance(v),
-            adjust_hue)
+_PIL_OPS = (lambda im, v, row: ImageEnhance.Brightness(im).enhance(v),
+            lambda im, v, row: ImageEnhance.Contrast(im).enhance(v),
+            lambda im, v, row: ImageEnhance.Color(im).enhance(v),
+            lambda im, v, row: adjust_hue_steps(im, int(row[P.HUE_STEPS])))
 
 
 def pil_jitter(x: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -209,7 +208,7 @@ def pil_jitter(x: np.ndarray, row: np.ndarray) -> np.ndarray:
         for op in range(4):
             v = float(row[P.slot(k, op)])
             if v != P.NEUTRAL[op]:
-                im = _PIL_OPS[op](im, v)
+                im = _PIL_OPS[op](im, v, row)
     return np.asarray(im)
 
 
@@ -220,12 +219,13 @@ def _round_half_up(x):
     return r + fn.cast(x - r >= 0.5, dtype=types.FLOAT64)  # x - floor(x) is exact
 
 
-def hue_shift_hsv(x, h):
-    """torchvision's PIL hue shift, bit for bit: RGB -> PIL's 8-bit HSV, H += int(h*255) mod 256,
+def hue_shift_hsv(x, steps):
+    """torchvision's PIL hue shift, bit for bit: RGB -> PIL's 8-bit HSV, H += steps mod 256,
     -> RGB, with the fp32 / double mix of libImaging/Convert.c (rgb2hsv_row, hsv2rgb): its
     `float` variables are fp32, every expression with a double literal (2.0 + rc - bc, h / 6.0 +
     1.0, h * 255.0, v * (1.0 - fs * f), ...) is evaluated in double and rounded back where C
-    assigns it to a float. x: [H,W,3] uint8; h: per-sample hue factor on x's device.
+    assigns it to a float. x: [H,W,3] uint8; steps: per-sample int(hue_factor * 255) (the plan's
+    HUE_STEPS, from the double factor as torchvision computes it) on x's device.
     Elementwise DALI arithmetic only (each operator rounds on its own: no FMA contraction)."""
     f32, f64 = types.FLOAT, types.FLOAT64
     xf = fn.cast(x, dtype=f32)
@@ -247,9 +247,7 @@ def hue_shift_hsv(x, h):
     hf = fn.cast(y - dmath.floor(y), dtype=f32)
     uh = dmath.floor(fn.cast(hf, dtype=f64) * 255.0) * fn.cast(1.0 - gray, dtype=f64)
     us = dmath.floor(fn.cast(cr / (mx + gray), dtype=f64) * 255.0)
-    steps = fn.cast(h, dtype=f64) * 255.0  # int(hue_factor * 255), the factor a Python float
-    sign = fn.cast(steps >= 0.0, dtype=f64) * 2.0 - 1.0  # int() truncates toward zero
-    shifted = uh + sign * dmath.floor(dmath.abs(steps))
+    shifted = uh + fn.cast(steps, dtype=f64)
     shifted = shifted - 256.0 * dmath.floor(shifted / 256.0)  # uint8 wrap-around
     # hsv2rgb: i = floor(h * 6.0 / 255.0), f = (float)(h * 6.0 / 255.0 - i), fs = (float)(s / 255.0)
     fh = shifted * 6.0 / 255.0

@@ -32,7 +32,10 @@ TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER = range(6)
 SLOT0 = 6  # 4 slots x (brightness, contrast, saturation, hue)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 GRAY, BLUR, SIGMA, SOLARIZE = range(SLOT0 + 16, SLOT0 + 20)
-N_PARAMS = SOLARIZE + 1
+# int(hue_factor * 255), the hue shift torchvision applies, from the double factor: the float32
+# factor in its slot decides the order (and that a hue shift runs), this column the shift itself
+HUE_STEPS = SOLARIZE + 1
+N_PARAMS = HUE_STEPS + 1
 NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue shift
 SOLARIZE_P = 0.2  # global crop 2 only
 JITTER_P, GRAY_P = 0.8, 0.2
@@ -62,6 +65,7 @@ def _draw_crop(row: np.ndarray, width: int, height: int, scale: tuple[float, flo
         factors = (b, c, s, hue)
         for k, op in enumerate(order):
             row[slot(k, int(op))] = factors[int(op)]
+        row[HUE_STEPS] = int(hue * 255)  # truncates toward zero, as torchvision's cast
     row[GRAY] = rng.random() < GRAY_P
     if rng.random() < blur_p:
         row[BLUR] = 1

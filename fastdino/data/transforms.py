@@ -107,9 +107,13 @@ def resize(img: Image.Image, size: int) -> Image.Image:
 
 def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     """torchvision's PIL hue shift: add hue_factor*255 to the H channel of HSV, modulo 256."""
+    return adjust_hue_steps(img, int(hue_factor * 255))  # int() truncates, as torchvision's cast
+
+
+def adjust_hue_steps(img: Image.Image, steps: int) -> Image.Image:
+    """The hue shift by `steps` levels of PIL's 8-bit H (modulo 256, C's uint8 wrap-around)."""
     h, s, v = img.convert("HSV").split()
-    shift = int(hue_factor * 255) % 256  # = np.uint8(hue_factor*255) with C wrap-around
-    np_h = (np.asarray(h, dtype=np.uint16) + shift).astype(np.uint8)
+    np_h = (np.asarray(h, dtype=np.uint16) + steps % 256).astype(np.uint8)
     return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
 
 

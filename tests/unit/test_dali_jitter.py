@@ -44,6 +44,7 @@ def _rows(orders, seed: int = 1) -> list[np.ndarray]:
                    g.choice([-1, 1]) * g.uniform(0.03, 0.1))
         for k, op in enumerate(order):
             row[P.slot(k, op)] = factors[op]
+        row[P.HUE_STEPS] = int(factors[P.HUE] * 255)  # from the double factor, as the plan
         row[P.JITTER] = 1
         rows.append(row)
     return rows
