@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from fastdino.kernels._utils import next_pow2
 
 LINE_INT32 = 32  # 128-byte lines: one int32 per line holds the chain
 CHAIN_STEPS = (16, 256)  # the two chain lengths of the round-trip fit
@@ -137,8 +138,7 @@ def chase(nxt: torch.Tensor, start: int, steps: int) -> torch.Tensor:
 def ticket_sum(count: torch.Tensor, vals: torch.Tensor, programs: int) -> torch.Tensor:
     """Launch the ticket kernel on `programs` programs: returns Σ pid; leaves `count` zero."""
     out = torch.empty(1, device=vals.device, dtype=torch.float32)
-    _ticket_kernel[(programs,)](count, vals, out, BLOCK=triton.next_power_of_2(programs),
-                                num_warps=4)
+    _ticket_kernel[(programs,)](count, vals, out, BLOCK=next_pow2(programs), num_warps=4)
     return out
 
 
