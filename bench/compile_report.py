@@ -126,7 +126,9 @@ def compile_one(spec: Any, cc: int) -> dict[str, Any]:
                         attrs=divisibility_attrs(spec, sig))
         kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                 options={"num_warps": spec.num_warps,
-                                         "num_stages": spec.num_stages})
+                                         "num_stages": spec.num_stages,
+                                         "enable_fp_fusion": getattr(spec, "enable_fp_fusion",
+                                                                     True)})
         res.update(resource_usage(kernel.asm["cubin"]))
         res["shared"] = int(kernel.metadata.shared)  # bytes the launch must request
     except Exception as e:

@@ -80,6 +80,8 @@ class CompileSpec:
     # the GPU families whose launcher picks this configuration (`arch_family`): the compile
     # report and test compile it for these only
     archs: tuple[int, ...] = (90, 80)
+    # the launcher's `enable_fp_fusion` (False where a kernel must round every product, as C does)
+    enable_fp_fusion: bool = True
 
 
 def eager_or_op(op: Callable[..., Any], launcher: Callable[..., Any]) -> Callable[..., Any]:
