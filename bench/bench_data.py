@@ -90,15 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--local-number", type=int, default=8)
     p.add_argument("--loaders", default="dali,torch", help="comma list of dali, torch")
-    p.add_argument("--fast-hue", action="store_true",
-                   help="DALI GPU graph: the fast ColorJitter (DALI's own ops, fn.hsv's YIQ hue; "
-                   "~3x fewer operators) instead of the exact one (PIL's bit for bit); no effect "
-                   "on CPU-only DALI, whose jitter runs PIL's ops")
+    p.add_argument("--jitter", choices=("triton", "exact", "fast"), default=None,
+                   help="the DALI loader's photometric ops (data.dali_jitter; default: the "
+                   "config's, triton): triton = the graph crops and resizes, "
+                   "kernels/photometric.py does the rest; exact = all in the DALI graph, PIL's "
+                   "ColorJitter bit for bit; fast = DALI's own jitter ops (~3x fewer operators "
+                   "than exact). exact / fast differ only on the GPU: CPU-only DALI runs PIL's "
+                   "jitter in the graph")
+    p.add_argument("--fast-hue", action="store_true", help="the same as --jitter fast")
     p.add_argument("--quick", action="store_true", help="batch 8, 3 steps, 1 warm-up")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.steps, args.warmup = 8, 3, 1
+    if args.fast_hue:
+        args.jitter = "fast"
 
     import torch
 
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"crops.local_crops_number={args.local_number}"]
     if args.root:
         overrides.append(f"data.root={args.root}")
+    if args.jitter:
+        overrides.append(f"data.dali_jitter={args.jitter}")
     cfg = load_config(None, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = results.environment()
@@ -124,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ("dali", "torch"):
             raise SystemExit(f"--loaders: unknown loader {name!r}; allowed are dali, torch")
         t0 = time.perf_counter()
-        loader = (build_dali_loader(cfg, exact_hue=not args.fast_hue) if name == "dali"
-                  else build_train_loader(cfg))
+        loader = build_dali_loader(cfg) if name == "dali" else build_train_loader(cfg)
         setup_s = time.perf_counter() - t0
         operators = graph_operators(loader.pipe) if name == "dali" else None
         m = measure(loader, args.steps, args.warmup, device)
@@ -135,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
               f"  ({m['images']} images in {m['wall_s']:.2f} s; setup {setup_s:.1f} s; "
               f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
               f"{args.workers} workers/threads, {device.type}"
-              + (f", {operators} DALI operators" if operators else "") + ")")
+              + (f", {operators} DALI operators, photometric {cfg.data.dali_jitter}"
+                 if operators else "") + ")")
         if abs(m["images_per_s_2nd_half"] / m["images_per_s"] - 1) > 0.25:
             print(f"{name:5s}  not steady state (halves differ by >25%): use more --steps, a "
                   "multiple of --workers")
         records.append({"schema": 1, "kind": "data", "time": results.now(), **env,
-                        "loader": name, "exact_hue": not args.fast_hue, "batch": args.batch,
+                        "loader": name, "dali_jitter": cfg.data.dali_jitter,
+                        "exact_hue": cfg.data.dali_jitter == "exact", "batch": args.batch,
                         "workers": args.workers,
                         "crops": [args.global_size, args.local_size, args.local_number],
                         "root": args.root or "sample", "setup_s": setup_s,

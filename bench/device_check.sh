@@ -263,8 +263,8 @@ fi
 # and CPU cores of the DALI (nvJPEG, mixed) and torch
 # loaders on one folder of ImageNet-like JPEGs written here (no dataset is reachable), at the
 # DINOv3 crops, the same CPU budget for both; then the ViT-B/16 step fed by the DALI loader: its
-# data_wait share of the step; then DALI with the fast ColorJitter. Logged into step.log (the file
-# count is capped).
+# data_wait share of the step; then DALI with every op in its graph (exact, fast). Logged into
+# step.log (the file count is capped).
 if want data; then
   echo "## stage data: python -m bench data, then fastdino.profile with data.loader=dali" >> "$OUT/step.log"
   if [ "$CUDA" = yes ]; then  # the issue's setting: B = 64, 8 CPU threads / workers, ViT-B/16
@@ -276,17 +276,20 @@ if want data; then
     PYFLAGS="$PYFLAGS" RESULTS="$OUT" bash -c '
     imgs=$("$PY" $PYFLAGS -c "from fastdino.data.sample_data import benchmark_jpeg_dir as b; print(b($IMAGES))") || exit 1
     echo "images: $imgs ($(ls "$imgs" | wc -l) files, $(du -sh "$imgs" | cut -f1))"
-    # the two targets first (images/s against torch, then the data_wait of the DALI-fed step), the
-    # fast-jitter A/B last; each runs even when an earlier one fails
+    # the two targets first (images/s against torch, then the data_wait of the DALI-fed step),
+    # with the default photometric ops (triton: DALI crops + resizes, kernels/photometric.py does
+    # the rest); then the all-DALI graphs (exact 4,995 operators, fast 1,795) as the A/B; each
+    # runs even when an earlier one fails
     "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
       --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" || echo "bench data: rc=$?"
     "$PY" $PYFLAGS -m fastdino.profile --config "$CFG" --steps "$PSTEPS" --warmup "$PWARMUP" \
       data.loader=dali "data.root=$imgs" "data.num_workers=$WORKERS" \
       "train.output_dir=$(mktemp -d)/profile" || echo "fastdino.profile (dali): rc=$?"
-    # the fast ColorJitter of the GPU graph (DALI ops only, 1,795 operators; the exact one 4,995)
-    "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
-      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders dali --fast-hue \
-      || echo "bench data --fast-hue: rc=$?"'
+    for jitter in exact fast; do
+      "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
+        --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders dali --jitter $jitter \
+        || echo "bench data --jitter $jitter: rc=$?"
+    done'
 fi
 
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)

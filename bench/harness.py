@@ -36,6 +36,7 @@ class BenchCase:
     atol: float = 1e-6  # small absolute slack of the parity rule
     extra: dict[str, Any] = field(default_factory=dict)
     rtol: float = 1e-5  # fp32 / fp64 cases: max|kernel - truth| <= rtol * max|truth| (+ atol)
+    modes: tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")  # ops with no gradient: ("fwd",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def run_case(case: BenchCase, device: torch.device, modes: tuple[str, ...] = MOD
     torch._dynamo.reset()  # each case compiles afresh (no recompile-limit fallback to eager)
     base = case.make_inputs(device, case.dtype)
     rows = []
-    for mode in modes:
+    for mode in [m for m in modes if m in case.modes]:
         for name, fn in providers_for(case).items():
             if providers is not None and name not in providers:
                 continue

@@ -392,16 +392,20 @@ class DataConfig:
     root: str | None = None  # folder of images (recursive); None = the embedded sample images
     file_list: str | None = None  # optional text file of image paths (one per line)
     loader: str = "auto"  # auto | torch | dali
-    # the DALI GPU graph's ColorJitter: exact (torchvision's PIL ops bit for bit) | fast (DALI's
-    # own ops, ~3x fewer graph operators: a level or two off, the hue ~17 levels)
-    dali_jitter: str = "exact"
+    # the DALI loader's photometric ops: triton (the DALI graph only decodes, crops and resizes;
+    # jitter, greyscale, blur, solarize, flip and normalisation run in one kernel launch per crop
+    # size, kernels/photometric.py, the torch loader's ops bit for bit) | exact (all in the DALI
+    # graph, ~4,900 operators; ColorJitter torchvision's PIL ops bit for bit, DALI's blur and
+    # normalisation) | fast (DALI's own jitter ops, ~1,800 operators: a level or two off, the
+    # hue ~17 levels)
+    dali_jitter: str = "triton"
     batch_size_per_gpu: int = 64  # B, images per rank per step
     num_workers: int = 4  # torch loader worker processes
     seed: int = 0  # data shuffling / augmentation seed
 
     def validate(self, p: str = "data") -> None:
         _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
-        _choice(self.dali_jitter, f"{p}.dali_jitter", ("exact", "fast"))
+        _choice(self.dali_jitter, f"{p}.dali_jitter", ("exact", "fast", "triton"))
         _check(
             self.batch_size_per_gpu > 0,
             f"{p}.batch_size_per_gpu",

@@ -18,10 +18,21 @@ Data flow, per rank:
                `fn.decoders.image_random_crop` would run the CPU Huffman stage 2+N times per image
                (DALI#5274: Huffman decoding is what keeps CPU cores busy in "mixed" mode).
   crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
-  CPU vs GPU   The two graphs differ in one place, ColorJitter. GPU graph: DALI ops, PIL's bit
-               for bit (`dali_ops`: the exact graph; `exact_hue=False` takes DALI's own ops,
-               within a level or two, the hue ~17 off), one conditional per (slot, op); cheap as
-               GPU kernels but many operators: 4,995 in the whole graph at 2 x 224 + 8 x 96
+  photometric  data.dali_jitter picks where the photometric ops run.
+               triton (default): the graph ends at crop + resize (116 operators at 2 x 224 +
+               8 x 96) and outputs uint8 HWC crops and the plan; the loader turns the plan into
+               the kernel's per-crop parameters (`dali_plan.photometric_params`) and runs
+               kernels/photometric.py once per crop size: ColorJitter, greyscale, blur, solarize,
+               flip, normalisation, bit for bit the torch loader's ops on the same resized crop
+               (its blur and normalisation included). Gram crops distorted at the large size are
+               distorted first, then resized to both sizes (torch's antialiased bicubic), then
+               flipped and normalised. Tests: test_dali.py checks the batches against the torch
+               loader's own ops on the pipeline's crops, exactly.
+               exact / fast: every op in the DALI graph (below).
+  CPU vs GPU   (exact / fast) The two graphs differ in one place, ColorJitter. GPU graph: DALI
+               ops, PIL's bit for bit (`dali_ops`: the exact graph; `exact_hue=False` takes DALI's
+               own ops, within a level or two, the hue ~17 off), one conditional per (slot, op);
+               cheap as GPU kernels but many operators: 4,995 in the whole graph at 2 x 224 + 8 x 96
                (6,885 before the exact graph held the hue once per crop; the fast graph 1,795),
                and DALI's executor pays a host cost per operator and step. CPU graph (CPU-only
                DALI, i.e. CI and machines without CUDA; `host_jitter`): one `fn.python_function`
@@ -128,13 +139,38 @@ class _Source:
 # The pipeline
 
 
+PHOTOMETRIC = ("dali", "triton")
+
+
+def output_names(cfg: Config, photometric: str = "dali", debug: bool = False) -> list[str]:
+    """The pipeline's outputs, in order. photometric="triton" outputs uint8 HWC crops and always
+    the plan; with Gram crops distorted at the large size (no `gram_teacher_no_distortions`) the
+    two global outputs are those large crops and there is no Gram output (the loader distorts,
+    then resizes them to both sizes)."""
+    c = cfg.crops
+    names = ["global0", "global1"] + [f"local{i}" for i in range(c.local_crops_number)]
+    gram = c.gram_teacher_crops_size is not None
+    if gram and (photometric == "dali" or c.gram_teacher_no_distortions):
+        names += ["gram0", "gram1"]
+    names.append("meta")
+    if debug or photometric == "triton":
+        names.append("plan")
+    if debug:
+        names.append("image_shape")
+    return names
+
+
 def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
                    debug: bool = False, seed: int = 0, exact_hue: bool = True,
-                   host_jitter: bool | None = None):
-    """DALI pipeline of one rank. Outputs: global 1, global 2, local 1..N, [gram 1, gram 2], meta,
-    and with `debug` also the plan [n_crops, N_PARAMS] and the decoded image shape [3].
+                   host_jitter: bool | None = None, photometric: str = "dali"):
+    """DALI pipeline of one rank; outputs in `output_names` order: global 1, global 2, local
+    1..N, [gram 1, gram 2], meta, [the plan [n_crops, N_PARAMS]], [the decoded image shape [3]].
     host_jitter: None = on the CPU graph only (see the module docstring); False = the GPU graph's
-    DALI jitter ops on the CPU too (tests use it to check those ops against PIL without a GPU)."""
+    DALI jitter ops on the CPU too (tests use it to check those ops against PIL without a GPU).
+    photometric="triton": the graph ends at crop + resize (uint8 HWC); the loader runs the
+    photometric ops in kernels/photometric.py."""
+    if photometric not in PHOTOMETRIC:
+        raise ValueError(f"photometric={photometric!r}: allowed are {', '.join(PHOTOMETRIC)}")
     from nvidia.dali import fn, pipeline_def, types
 
     from fastdino.data.dali_ops import CropGraph
@@ -167,6 +203,16 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
             if row[P.SOLARIZE] > 0.5:
                 x = g.solarize(x)
             return x
+
+        if photometric == "triton":  # crop + resize only; the loader does the rest
+            raw = [g.resize_window(image, plan[k], global_max
+                                   if gram_size is not None and not c.gram_teacher_no_distortions
+                                   else c.global_crops_size) for k in range(2)]
+            raw += [g.resize_window(image, plan[2 + i], c.local_crops_size)
+                    for i in range(c.local_crops_number)]
+            if gram_size is not None and c.gram_teacher_no_distortions:
+                raw += [g.resize_window(image, plan[k], gram_size) for k in range(2)]
+            return tuple(raw + [meta, plan] + ([image.shape()] if debug else []))
 
         globals_, grams = [], []
         for k in range(2):
@@ -223,9 +269,10 @@ class DALITrainLoader:
 
     def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int,
                  start_iteration: int, device_id: int | None, debug: bool = False,
-                 exact_hue: bool = True, host_jitter: bool | None = None) -> None:
+                 exact_hue: bool = True, host_jitter: bool | None = None,
+                 photometric: str = "dali") -> None:
         self.images, self.cfg, self.rank, self.debug = images, cfg, rank, debug
-        self.exact_hue, self.host_jitter = exact_hue, host_jitter
+        self.exact_hue, self.host_jitter, self.photometric = exact_hue, host_jitter, photometric
         self.device_id = device_id
         self.device = (torch.device("cuda", device_id) if device_id is not None
                        else torch.device("cpu"))
@@ -239,14 +286,7 @@ class DALITrainLoader:
         self._start()
 
     def _names(self) -> list[str]:
-        c = self.cfg.crops
-        names = ["global0", "global1"] + [f"local{i}" for i in range(c.local_crops_number)]
-        if c.gram_teacher_crops_size is not None:
-            names += ["gram0", "gram1"]
-        names.append("meta")
-        if self.debug:
-            names += ["plan", "image_shape"]
-        return names
+        return output_names(self.cfg, self.photometric, self.debug)
 
     def _start(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -257,7 +297,7 @@ class DALITrainLoader:
         self.pipe = build_pipeline(source, self.cfg, self.device_id,
                                    num_threads=max(1, self.cfg.data.num_workers), debug=self.debug,
                                    seed=seed, exact_hue=self.exact_hue,
-                                   host_jitter=self.host_jitter)
+                                   host_jitter=self.host_jitter, photometric=self.photometric)
         self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
 
     @property
@@ -308,10 +348,13 @@ class DALITrainLoader:
     def _to_batch(self, out: dict) -> Batch:
         c, b = self.cfg.crops, self.cfg.data.batch_size_per_gpu
         # Crop-major, as `collate_fn`: [all images' crop 0, all images' crop 1, ...]; on device.
-        global_crops = torch.cat([out["global0"], out["global1"]])  # [2B, 3, Hg, Wg]
-        local_crops = torch.cat([out[f"local{i}"] for i in range(c.local_crops_number)])
-        gram_crops = (torch.cat([out["gram0"], out["gram1"]])
-                      if c.gram_teacher_crops_size is not None else None)
+        if self.photometric == "triton":
+            global_crops, local_crops, gram_crops = self._photometric(out)
+        else:
+            global_crops = torch.cat([out["global0"], out["global1"]])  # [2B, 3, Hg, Wg]
+            local_crops = torch.cat([out[f"local{i}"] for i in range(c.local_crops_number)])
+            gram_crops = (torch.cat([out["gram0"], out["gram1"]])
+                          if c.gram_teacher_crops_size is not None else None)
         meta = out["meta"].cpu()  # [B, 3] (epoch, index, used): tiny bookkeeping only
         skipped = self._skipped_paths(meta)
         ps = self.cfg.model.patch_size
@@ -332,6 +375,41 @@ class DALITrainLoader:
                      n_masked_patches=m.n_masked_patches.to(self.device, non_blocking=nb),
                      gram_crops=gram_crops, n_images=b, skipped_files=skipped)
 
+    def _photometric(self, out: dict):
+        """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops:
+        kernels/photometric.py on the crops' device, one launch per crop size."""
+        from fastdino.kernels.photometric import FLIP, photometric
+
+        c = self.cfg.crops
+        mean, std = tuple(c.mean), tuple(c.std)
+        plan = out["plan"].cpu().numpy()  # [B, n_crops, N_PARAMS]
+        params = torch.from_numpy(P.photometric_params(plan)).to(self.device)
+        rows = params.transpose(0, 1)  # [n_crops, B, ...]: crop-major, as the crops
+
+        def run(names, first, normalize=True, p=None):
+            x = torch.cat([out[n] for n in names])  # [k·B, H, W, 3] uint8, our own buffer
+            p = rows[first:first + len(names)].reshape(len(x), -1) if p is None else p
+            return photometric(x, p.contiguous(), mean, std, normalize), p
+
+        local_crops, _ = run([f"local{i}" for i in range(c.local_crops_number)], 2)
+        gram_size = c.gram_teacher_crops_size
+        if gram_size is None:
+            return run(["global0", "global1"], 0)[0], local_crops, None
+        if c.gram_teacher_no_distortions:
+            global_crops, p = run(["global0", "global1"], 0)
+            flip_only = torch.zeros_like(p)
+            flip_only[:, FLIP] = p[:, FLIP]
+            return global_crops, local_crops, run(["gram0", "gram1"], 0, p=flip_only)[0]
+        # distorted at max(global, gram) size, then resized to both (the torch loader's order)
+        base, p = run(["global0", "global1"], 0, normalize=False)
+        flip_only = torch.zeros_like(p)
+        flip_only[:, FLIP] = p[:, FLIP]
+        crops = []
+        for size in (c.global_crops_size, gram_size):
+            x = base if size == base.shape[1] else resize_uint8(base, size)
+            crops.append(photometric(x.clone(), flip_only, mean, std))
+        return crops[0], local_crops, crops[1]
+
     def _skipped_paths(self, meta: torch.Tensor) -> tuple[str, ...]:
         paths, n, out = self.images.paths, len(self.images.paths), []
         for _, index, used in meta.tolist():
@@ -345,15 +423,27 @@ class DALITrainLoader:
         return tuple(out)
 
 
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, size, size, 3] uint8, bicubic with antialiasing (torch's, on the
+    crops' device; like DALI's resize, not PIL's to the bit)."""
+    y = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size),
+                                        mode="bicubic", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
                       exact_hue: bool | None = None,
-                      host_jitter: bool | None = None) -> DALITrainLoader:
+                      host_jitter: bool | None = None,
+                      photometric: str | None = None) -> DALITrainLoader:
     """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
     device when there is one (crops stay on the GPU), CPU-only DALI otherwise. exact_hue: the
-    exact ColorJitter graph (None: `data.dali_jitter`)."""
+    exact ColorJitter graph; photometric: "dali" (the graph does every op) or "triton" (the graph
+    crops and resizes, kernels/photometric.py does the rest); None: from `data.dali_jitter`."""
     if exact_hue is None:
         exact_hue = cfg.data.dali_jitter == "exact"
+    if photometric is None:
+        photometric = "triton" if cfg.data.dali_jitter == "triton" else "dali"
     if not dali_available():
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
@@ -364,4 +454,4 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                 f"GPU {device_id} (mixed decode)" if device_id is not None else "CPU-only",
                 start_iteration)
     return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
-                           exact_hue, host_jitter)
+                           exact_hue, host_jitter, photometric)

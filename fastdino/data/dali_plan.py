@@ -88,6 +88,36 @@ def plan_image(width: int, height: int, crops: CropsConfig, rng: np.random.Gener
     return plan
 
 
+def photometric_params(plan: np.ndarray) -> np.ndarray:
+    """Plan rows [..., N_PARAMS] -> the photometric kernel's rows [..., photometric.N_PARAMS]
+    (kernels/photometric.py: op and factor per jitter slot, the hue's factor being HUE_STEPS, the
+    greyscale / blur / solarize / flip flags and the blur taps of the row's sigma, computed as the
+    torch loader computes them). Vectorised: one call per batch."""
+    from fastdino.data.transforms import gaussian_kernels1d
+    from fastdino.kernels import photometric as K
+
+    rows = np.asarray(plan, dtype=np.float32).reshape(-1, N_PARAMS)
+    out = np.zeros((rows.shape[0], K.N_PARAMS), dtype=np.float32)
+    for k in range(4):
+        # slot k holds exactly one op (the others neutral); an all-neutral slot (no jitter) none
+        factors = rows[:, [slot(k, op) for op in range(4)]]
+        active = factors != np.asarray(NEUTRAL, dtype=np.float32)
+        which = active.argmax(1)  # BRIGHTNESS..HUE
+        codes = np.asarray([K.BRIGHTNESS, K.CONTRAST, K.SATURATION, K.HUE])[which]
+        out[:, K.OP0 + k] = np.where(active.any(1), codes, K.NONE)
+        f = factors[np.arange(len(rows)), which]
+        out[:, K.F0 + k] = np.where(which == HUE, rows[:, HUE_STEPS], f)
+    for src, dst in ((GRAY, K.GRAY), (BLUR, K.BLUR), (SOLARIZE, K.SOLARIZE), (FLIP, K.FLIP)):
+        out[:, dst] = rows[:, src] > 0.5
+    blur = rows[:, BLUR] > 0.5
+    if blur.any():
+        import torch
+
+        taps = gaussian_kernels1d(K.KERNEL_SIZE, torch.from_numpy(rows[blur, SIGMA].copy()))
+        out[blur, K.TAP0:K.TAP0 + K.KERNEL_SIZE] = taps.numpy()
+    return out.reshape(*np.shape(plan)[:-1], K.N_PARAMS)
+
+
 # ------------------------------------------------------------------------------------------------
 # Cheap validity probe. DALI's decoders fail the whole pipeline on one bad file, and decoding on the
 # host to check would cost what DALI saves. The probe reads the bytes (DALI needs them anyway),

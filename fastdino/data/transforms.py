@@ -148,6 +148,15 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
     return pdf / pdf.sum()  # [k]
 
 
+def gaussian_kernels1d(kernel_size: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """`gaussian_kernel1d` of each sigma at once: [n] -> [n, k], equal to it row by row (the same
+    fp32 ops element by element; tested), for the GPU loader's blur taps."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigmas.to(torch.float32).view(-1, 1)).pow(2))
+    return pdf / pdf.sum(1, keepdim=True)
+
+
 def gaussian_blur(img: Image.Image, sigma: float, kernel_size: int = 9) -> Image.Image:
     """Separable Gaussian blur, reflect padding, on the float image; rounded back to uint8.
 

@@ -74,14 +74,15 @@ def image_dir(tmp_path_factory):
     return _write_images(tmp_path_factory.mktemp("dali_imgs"), 7)
 
 
-def _dali(cfg, exact_hue=False, **kw):
-    """CPU-only DALI runs the CPU graph (host_jitter: PIL ColorJitter in fn.python_function),
-    where exact_hue does not matter. With host_jitter=False it runs the GPU graph's DALI jitter
-    ops on the CPU; exact_hue=False there is the fast-hue graph (fn.hsv), ~3x faster to build and
-    run; the parity test uses the exact hue."""
+def _dali(cfg, exact_hue=False, photometric="dali", **kw):
+    """The DALI graph doing every op unless photometric="triton" (the default of
+    data.dali_jitter; tests of it say so). CPU-only DALI runs the CPU graph (host_jitter: PIL
+    ColorJitter in fn.python_function), where exact_hue does not matter. With host_jitter=False it
+    runs the GPU graph's DALI jitter ops on the CPU; exact_hue=False there is the fast-hue graph
+    (fn.hsv), ~3x faster to build and run; the parity test uses the exact hue."""
     from fastdino.data.dali import build_dali_loader
 
-    return build_dali_loader(cfg, exact_hue=exact_hue, **kw)
+    return build_dali_loader(cfg, exact_hue=exact_hue, photometric=photometric, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,16 +200,21 @@ def _per_crop_mad(a, b):
     return (a - b).abs().mean((1, 2, 3))
 
 
+GRAM_DISTORTED = ("crops.gram_teacher_crops_size=48", "crops.gram_teacher_no_distortions=false")
+
+
 @needs_dali
-@pytest.mark.parametrize("extra,host_jitter", [((), None),
-                                               (("crops.gram_teacher_crops_size=48",), None),
-                                               ((), False)])
-def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra, host_jitter):
+@pytest.mark.parametrize("extra,host_jitter,photometric", [
+    ((), None, "dali"), (("crops.gram_teacher_crops_size=48",), None, "dali"),
+    ((), False, "dali"), ((), None, "triton"), (("crops.gram_teacher_crops_size=48",), None,
+                                                "triton"), (GRAM_DISTORTED, None, "triton")])
+def test_same_crops_and_masks_as_the_torch_loader(image_dir, extra, host_jitter, photometric):
     """Both loaders execute the same plan: crops with no colour op agree to resampling error,
     colour-augmented ones to that error as the (exact) colour ops carry it; masks are identical.
-    host_jitter=False runs the GPU graph's DALI jitter ops on the CPU."""
+    host_jitter=False runs the GPU graph's DALI jitter ops on the CPU; photometric="triton" the
+    photometric kernel after DALI's crop + resize (Gram crops distorted at the large size too)."""
     cfg = _cfg(image_dir, *extra, "data.num_workers=0")
-    dali = _dali(cfg, exact_hue=True, debug=True, host_jitter=host_jitter)
+    dali = _dali(cfg, exact_hue=True, debug=True, host_jitter=host_jitter, photometric=photometric)
     torch_loader = build_train_loader(cfg)
     scale = float(np.mean(cfg.crops.std)) * 255  # normalised units -> 8-bit levels
     for _ in range(4):
@@ -241,6 +247,65 @@ def test_dali_jitter_graph_equals_the_host_pil_jitter(image_dir):
         a, b = next(ops), next(pil)
         for f in ("global_crops", "local_crops"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+def _torch_loader_ops(crop: np.ndarray, row: np.ndarray, aug: DataAugmentationDINO,
+                      distort: bool = True) -> torch.Tensor:
+    """The torch loader's own photometric ops on a resized crop, driven by the plan row: flip
+    (its geometric step), ColorJitter in the row's order (`pil_jitter`), greyscale, blur with the
+    row's sigma, solarize, normalise."""
+    from fastdino.data import transforms as T
+    from fastdino.data.dali_ops import pil_jitter
+
+    img = Image.fromarray(crop)
+    if row[P.FLIP]:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if distort:
+        if row[P.JITTER]:
+            img = Image.fromarray(pil_jitter(np.asarray(img), row))
+        if row[P.GRAY]:
+            img = T.grayscale(img)
+        if row[P.BLUR]:
+            img = T.gaussian_blur(img, float(row[P.SIGMA]))
+        if row[P.SOLARIZE]:
+            img = T.solarize(img, 128)
+    return aug.normalize(img)
+
+
+@needs_dali
+@pytest.mark.parametrize("extra", [(), ("crops.gram_teacher_crops_size=48",)])
+def test_triton_photometric_is_the_torch_loaders_ops_on_dali_crops(image_dir, extra):
+    """photometric="triton", bit for bit: a second pipeline with the same plans gives the same
+    uint8 crops, and the torch loader's own ops (PIL ColorJitter, greyscale, numpy blur,
+    solarize, normalise) on them give exactly the loader's batch: plan -> kernel parameters,
+    crop-major order, flips, Gram crops (flip + normalise only) all wired right."""
+    from fastdino.data.dali import _Source, build_pipeline, output_names
+    from fastdino.data.loader import ShardedInfiniteOrder, build_dataset
+
+    cfg = _cfg(image_dir, *extra, "data.num_workers=0", batch=3)
+    loader = _dali(cfg, photometric="triton")
+    images = build_dataset(cfg)
+    source = _Source(images, ShardedInfiniteOrder(len(images), cfg.data.seed, 0, 1), cfg, 0)
+    device_id = torch.cuda.current_device() if ON_GPU else None
+    pipe = build_pipeline(source, cfg, device_id, 1, photometric="triton")
+    names = output_names(cfg, "triton")
+    aug = DataAugmentationDINO(cfg.crops)
+    n_local = cfg.crops.local_crops_number
+    for _ in range(3):
+        batch = _cpu(next(loader))
+        outs = dict(zip(names, pipe.run(), strict=True))
+        arr = {k: (v.as_cpu() if hasattr(v, "as_cpu") else v).as_array() for k, v in outs.items()}
+        plan = arr["plan"]  # [B, n_crops, N_PARAMS]
+        for field, crop_names, first, distort in (
+                ("global_crops", ["global0", "global1"], 0, True),
+                ("local_crops", [f"local{i}" for i in range(n_local)], 2, True),
+                ("gram_crops", ["gram0", "gram1"], 0, False)):
+            if getattr(batch, field) is None:
+                continue
+            want = torch.stack([_torch_loader_ops(arr[name][i], plan[i, first + k], aug, distort)
+                                for k, name in enumerate(crop_names)
+                                for i in range(cfg.data.batch_size_per_gpu)])
+            assert torch.equal(getattr(batch, field), want), field
 
 
 @needs_dali
@@ -395,3 +460,8 @@ def test_graph_operators_counts_the_jitter_graphs(image_dir):
     if not ON_GPU:  # the CPU graph (host_jitter: one python_function per jitter) is CPU-only
         host = graph_operators(_dali(cfg).pipe)
         assert host < fast, (host, fast)
+    # photometric="triton": the graph only crops and resizes
+    c = _cfg(image_dir, "data.dali_jitter=triton")
+    triton_loader = build_dali_loader(c)
+    assert triton_loader.photometric == "triton"
+    assert graph_operators(triton_loader.pipe) * 10 < fast, fast

@@ -209,3 +209,15 @@ def test_gram_crops_are_never_distorted():
             return img
     out2 = NoDistort(aug.crops)(img, rng(0))
     assert torch.equal(out2["gram_crops"][0], out2["global_crops"][0])
+
+
+def test_gaussian_kernels1d_equals_gaussian_kernel1d_row_by_row():
+    """The DALI loader's blur taps (one batched call per step) are the torch loader's, to the bit,
+    for double sigmas and their float32 roundings (the plan stores sigma as float32)."""
+    from fastdino.data.transforms import gaussian_kernels1d
+
+    sigmas = np.random.default_rng(0).uniform(0.1, 2.0, 3000)
+    batched = gaussian_kernels1d(9, torch.from_numpy(sigmas.astype(np.float32)))
+    for s, row in zip(sigmas, batched, strict=True):
+        assert torch.equal(row, gaussian_kernel1d(9, float(s)))
+    assert not torch.equal(batched[0], batched[1])
