@@ -84,9 +84,10 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def providers_for(case: BenchCase) -> dict[str, Callable[..., Any]]:
-    """The case's providers plus `torch_compile` = torch.compile(providers["torch"])."""
-    out = dict(case.providers)
-    if "torch_compile" not in out:
+    """The case's providers plus `torch_compile` = torch.compile(providers["torch"]), unless the
+    case maps "torch_compile" to None (not a meaningful baseline there)."""
+    out = {k: v for k, v in case.providers.items() if v is not None}
+    if "torch_compile" not in case.providers:
         out["torch_compile"] = torch.compile(case.providers["torch"], dynamic=False)
     return out
 

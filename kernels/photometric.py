@@ -171,25 +171,26 @@ def _blur_ref(x: torch.Tensor, taps: torch.Tensor, flip: torch.Tensor) -> torch.
 
 
 def _slot_ref(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """One jitter slot: crop n gets op[n] with factor f[n] (every op is computed for the crops
-    that have it; the others pass through)."""
-    n = x.shape[0]
-    fb = f.view(n, 1, 1, 1)
+    """One jitter slot: crop n gets op[n] with factor f[n] (each op computed on the crops that
+    have it only)."""
+    x = x.clone()
     for code in (BRIGHTNESS, CONTRAST, SATURATION, HUE):
-        sel = op == code
-        if not bool(sel.any()):
+        idx = (op == code).nonzero().flatten()
+        if idx.numel() == 0:
             continue
+        xs, fs = x[idx], f[idx]
+        fb = fs.view(-1, 1, 1, 1)
         if code == BRIGHTNESS:  # blend with black: 0 + f·(x - 0) = f·x exactly
-            y = torch.floor(fb * x.to(torch.float32)).clamp(0, 255).to(torch.uint8)
+            y = torch.floor(fb * xs.to(torch.float32)).clamp(0, 255).to(torch.uint8)
         elif code == CONTRAST:  # with the constant image int(mean(L) + 0.5), mean in double
-            total = luma_ref(x).to(torch.float64).sum((1, 2))
-            level = torch.floor(_div(total, x.shape[1] * x.shape[2]) + 0.5)
-            y = _blend_ref(level.to(torch.float32).view(n, 1, 1, 1), x, fb)
+            total = luma_ref(xs).to(torch.float64).sum((1, 2))
+            level = torch.floor(_div(total, xs.shape[1] * xs.shape[2]) + 0.5)
+            y = _blend_ref(level.to(torch.float32).view(-1, 1, 1, 1), xs, fb)
         elif code == SATURATION:  # with L on 3 channels
-            y = _blend_ref(luma_ref(x).to(torch.float32)[..., None], x, fb)
+            y = _blend_ref(luma_ref(xs).to(torch.float32)[..., None], xs, fb)
         else:
-            y = hue_shift_ref(x, f)
-        x = torch.where(sel.view(n, 1, 1, 1), y, x)
+            y = hue_shift_ref(xs, fs)
+        x[idx] = y
     return x
 
 
@@ -203,15 +204,15 @@ def photometric_ref(x: torch.Tensor, params: torch.Tensor, mean: tuple[float, fl
     n = x.shape[0]
     for k in range(4):
         x = _slot_ref(x, p[:, OP0 + k], p[:, F0 + k])
-    gray = p[:, GRAY] > 0.5
-    if bool(gray.any()):
-        x = torch.where(gray.view(n, 1, 1, 1), luma_ref(x).to(torch.uint8)[..., None].expand_as(x),
-                        x)
+    gray = (p[:, GRAY] > 0.5).nonzero().flatten()
+    if gray.numel():
+        x = x.clone()
+        x[gray] = luma_ref(x[gray]).to(torch.uint8)[..., None].expand(-1, -1, -1, 3)
     flip = p[:, FLIP] > 0.5
-    blur = p[:, BLUR] > 0.5
-    if bool(blur.any()):
-        taps = p[:, TAP0:TAP0 + KERNEL_SIZE]
-        x = torch.where(blur.view(n, 1, 1, 1), _blur_ref(x, taps, flip), x)
+    blur = (p[:, BLUR] > 0.5).nonzero().flatten()
+    if blur.numel():
+        x = x.clone()
+        x[blur] = _blur_ref(x[blur], p[blur, TAP0:TAP0 + KERNEL_SIZE], flip[blur])
     solarize = (p[:, SOLARIZE] > 0.5).view(n, 1, 1, 1)
     x = torch.where(solarize & (x >= 128), 255 - x, x)
     if not normalize:
