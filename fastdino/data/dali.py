@@ -7,10 +7,14 @@ Data flow, per rank:
   file order   `ShardedInfiniteOrder` (loader.py): the same sorted file list, per-epoch
                permutation and rank striding as the torch loader, so shards are disjoint, cover
                each epoch, and resume at `start_iteration` arithmetically.
-  source       `fn.external_source` calls `_Source` per sample in this process: it reads the file's
-               bytes, probes them cheaply (header + truncation, `dali_plan.probe_image`), replaces
-               an unreadable file by the next readable one (the torch loader's rule), and draws the
-               image's crop plan from the torch loader's per-image Generator (`dali_plan.py`).
+  source       `fn.external_source` calls `_Source` per sample: it reads the file's bytes, probes
+               them cheaply (header + truncation, `dali_plan.probe_image`), replaces an unreadable
+               file by the next readable one (the torch loader's rule), and draws the image's crop
+               plan from the torch loader's per-image Generator (`dali_plan.py`). ~0.1-0.2 ms of
+               Python per image, so by default (`data.dali_source_workers: 2`) it runs in DALI's
+               spawned worker processes (parallel external source), off the training process's
+               main thread; every value is a function of (seed, step, slot), so the batches are
+               the same either way (tested), and skips come back through the sample's meta.
                `fn.readers.file` is not used: its shuffling cannot follow our epoch permutation or
                seed, and it cannot skip a bad file.
   decode       once per image, `fn.decoders.image` on "mixed" (nvJPEG / hardware JPEG decoder) or
@@ -162,13 +166,18 @@ def output_names(cfg: Config, photometric: str = "dali", debug: bool = False) ->
 
 def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
                    debug: bool = False, seed: int = 0, exact_hue: bool = True,
-                   host_jitter: bool | None = None, photometric: str = "dali"):
+                   host_jitter: bool | None = None, photometric: str = "dali",
+                   source_workers: int = 0):
     """DALI pipeline of one rank; outputs in `output_names` order: global 1, global 2, local
     1..N, [gram 1, gram 2], meta, [the plan [n_crops, N_PARAMS]], [the decoded image shape [3]].
     host_jitter: None = on the CPU graph only (see the module docstring); False = the GPU graph's
     DALI jitter ops on the CPU too (tests use it to check those ops against PIL without a GPU).
     photometric="triton": the graph ends at crop + resize (uint8 HWC); the loader runs the
-    photometric ops in kernels/photometric.py."""
+    photometric ops in kernels/photometric.py.
+    source_workers: processes that run `source` (DALI's parallel external source, spawned: file
+    reads, probes and crop plans off the training process's main thread); 0 = in this process."""
+    if source_workers < 0:
+        raise ValueError(f"source_workers={source_workers}: allowed is an integer >= 0")
     if photometric not in PHOTOMETRIC:
         raise ValueError(f"photometric={photometric!r}: allowed are {', '.join(PHOTOMETRIC)}")
     from nvidia.dali import fn, pipeline_def, types
@@ -186,7 +195,7 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
     def multicrop():
         encoded, plan, meta = fn.external_source(
             source=source, batch=False, num_outputs=3,
-            dtype=[types.UINT8, types.FLOAT, types.INT64])
+            dtype=[types.UINT8, types.FLOAT, types.INT64], parallel=source_workers > 0)
         image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                   output_type=types.RGB,
                                   adjust_orientation=False)  # as PIL's decode in the torch loader
@@ -240,8 +249,11 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
             outputs += [plan, image.shape()]
         return tuple(outputs)
 
+    # spawn, not fork: the training process holds a CUDA context by the time the loader is built
+    workers = ({"py_num_workers": source_workers, "py_start_method": "spawn"}
+               if source_workers else {})
     pipe = multicrop(batch_size=cfg.data.batch_size_per_gpu, num_threads=num_threads,
-                     device_id=device_id, seed=seed, prefetch_queue_depth=2)
+                     device_id=device_id, seed=seed, prefetch_queue_depth=2, **workers)
     pipe.build()
     return pipe
 
@@ -270,9 +282,10 @@ class DALITrainLoader:
     def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int,
                  start_iteration: int, device_id: int | None, debug: bool = False,
                  exact_hue: bool = True, host_jitter: bool | None = None,
-                 photometric: str = "dali") -> None:
+                 photometric: str = "dali", source_workers: int = 0) -> None:
         self.images, self.cfg, self.rank, self.debug = images, cfg, rank, debug
         self.exact_hue, self.host_jitter, self.photometric = exact_hue, host_jitter, photometric
+        self.source_workers = source_workers
         self.device_id = device_id
         self.device = (torch.device("cuda", device_id) if device_id is not None
                        else torch.device("cpu"))
@@ -297,7 +310,8 @@ class DALITrainLoader:
         self.pipe = build_pipeline(source, self.cfg, self.device_id,
                                    num_threads=max(1, self.cfg.data.num_workers), debug=self.debug,
                                    seed=seed, exact_hue=self.exact_hue,
-                                   host_jitter=self.host_jitter, photometric=self.photometric)
+                                   host_jitter=self.host_jitter, photometric=self.photometric,
+                                   source_workers=self.source_workers)
         self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
 
     @property
@@ -435,23 +449,30 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
                       exact_hue: bool | None = None,
                       host_jitter: bool | None = None,
-                      photometric: str | None = None) -> DALITrainLoader:
+                      photometric: str | None = None,
+                      source_workers: int | None = None) -> DALITrainLoader:
     """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
     device when there is one (crops stay on the GPU), CPU-only DALI otherwise. exact_hue: the
     exact ColorJitter graph; photometric: "dali" (the graph does every op) or "triton" (the graph
-    crops and resizes, kernels/photometric.py does the rest); None: from `data.dali_jitter`."""
+    crops and resizes, kernels/photometric.py does the rest); None: from `data.dali_jitter`.
+    source_workers: None = `data.dali_source_workers`."""
     if exact_hue is None:
         exact_hue = cfg.data.dali_jitter == "exact"
     if photometric is None:
         photometric = "triton" if cfg.data.dali_jitter == "triton" else "dali"
+    if source_workers is None:
+        source_workers = cfg.data.dali_source_workers
     if not dali_available():
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
     images = build_dataset(cfg)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-    logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d)",
+    logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d; "
+                "photometric ops: %s; source: %s)",
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
                 f"GPU {device_id} (mixed decode)" if device_id is not None else "CPU-only",
-                start_iteration)
+                start_iteration, photometric if photometric == "triton" else
+                f"DALI graph ({'exact' if exact_hue else 'fast'})",
+                f"{source_workers} worker processes" if source_workers else "this process")
     return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
-                           exact_hue, host_jitter, photometric)
+                           exact_hue, host_jitter, photometric, source_workers)

@@ -74,7 +74,7 @@ def image_dir(tmp_path_factory):
     return _write_images(tmp_path_factory.mktemp("dali_imgs"), 7)
 
 
-def _dali(cfg, exact_hue=False, photometric="dali", **kw):
+def _dali(cfg, exact_hue=False, photometric="dali", source_workers=0, **kw):
     """The DALI graph doing every op unless photometric="triton" (the default of
     data.dali_jitter; tests of it say so). CPU-only DALI runs the CPU graph (host_jitter: PIL
     ColorJitter in fn.python_function), where exact_hue does not matter. With host_jitter=False it
@@ -82,7 +82,8 @@ def _dali(cfg, exact_hue=False, photometric="dali", **kw):
     (fn.hsv), ~3x faster to build and run; the parity test uses the exact hue."""
     from fastdino.data.dali import build_dali_loader
 
-    return build_dali_loader(cfg, exact_hue=exact_hue, photometric=photometric, **kw)
+    return build_dali_loader(cfg, exact_hue=exact_hue, photometric=photometric,
+                             source_workers=source_workers, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +307,32 @@ def test_triton_photometric_is_the_torch_loaders_ops_on_dali_crops(image_dir, ex
                                 for k, name in enumerate(crop_names)
                                 for i in range(cfg.data.batch_size_per_gpu)])
             assert torch.equal(getattr(batch, field), want), field
+
+
+@needs_dali
+def test_source_worker_processes_give_the_same_batches(image_dir):
+    """data.dali_source_workers > 0 (DALI's parallel external source, spawned processes) reads
+    the same files and draws the same plans as the in-process source: identical batches, skips
+    reported the same way (a corrupt file among the images)."""
+    import shutil
+
+    folder = image_dir.parent / "dali_imgs_workers"
+    if not folder.exists():
+        shutil.copytree(image_dir, folder)
+        (folder / "img99_truncated.jpg").write_bytes((folder / "img00.jpg").read_bytes()[:300])
+    cfg = _cfg(folder, "data.num_workers=1", batch=3)
+    inproc, workers = _dali(cfg, photometric="triton"), _dali(cfg, photometric="triton",
+                                                              source_workers=2)
+    assert workers.pipe.py_num_workers == 2
+    skipped = [[], []]
+    for _ in range(4):
+        a, b = _cpu(next(inproc)), _cpu(next(workers))
+        for f in ("global_crops", "local_crops", "masks"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        skipped[0] += a.skipped_files
+        skipped[1] += b.skipped_files
+    assert skipped[0] == skipped[1]
+    assert any("truncated" in s for s in skipped[0])
 
 
 @needs_dali
