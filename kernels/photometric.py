@@ -68,6 +68,11 @@ KERNEL_SIZE = 9
 
 # one pixel per thread: at 2 or 4 per thread ptxas spills a few bytes around the division slow
 # paths (triton 3.6, sm_80 / sm_90); 512 threads per crop keep enough loads in flight
+# the layout as the kernel sees it (triton reads module globals only as constexprs)
+NONE_C, BRIGHTNESS_C, CONTRAST_C, SATURATION_C, HUE_C = map(tl.constexpr, range(5))
+OP0_C, F0_C, TAP0_C, N_PARAMS_C = map(tl.constexpr, (OP0, F0, TAP0, N_PARAMS))
+GRAY_C, BLUR_C, SOLARIZE_C, FLIP_C = map(tl.constexpr, (GRAY, BLUR, SOLARIZE, FLIP))
+
 _PASS_BLOCK = 512
 _WARPS = 16
 
@@ -290,6 +295,22 @@ def _hue(r, g, b, steps):
 
 
 @triton.jit
+def _load_rgb(x_ptr, pix, m):
+    """Pixels `pix` of an HWC uint8 crop as three int32 channel vectors."""
+    r = tl.load(x_ptr + pix * 3, mask=m, other=0).to(tl.int32)
+    g = tl.load(x_ptr + pix * 3 + 1, mask=m, other=0).to(tl.int32)
+    b = tl.load(x_ptr + pix * 3 + 2, mask=m, other=0).to(tl.int32)
+    return r, g, b
+
+
+@triton.jit
+def _store_rgb(x_ptr, pix, m, r, g, b):
+    tl.store(x_ptr + pix * 3, r, mask=m)
+    tl.store(x_ptr + pix * 3 + 1, g, mask=m)
+    tl.store(x_ptr + pix * 3 + 2, b, mask=m)
+
+
+@triton.jit
 def _mirror(j, n, REFLECT):
     """numpy's "reflect" (edge not repeated) for one overhang, or "edge" for tiny images."""
     if REFLECT:
@@ -308,65 +329,55 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
     npix = H * W
     x_ptr = X + n * npix * 3
     o_ptr = Out + n * npix * 3  # also the blur's fp32 [H, W, 3] scratch
-    p_ptr = Params + n * 21  # N_PARAMS
+    p_ptr = Params + n * N_PARAMS_C
     offs = tl.arange(0, BLOCK)
 
     # ---- ColorJitter: slot k applies op OP[k] with factor F[k], one pass each (contrast: two)
     for k in range(0, 4):
-        op = tl.load(p_ptr + k).to(tl.int32)
-        f = tl.load(p_ptr + 4 + k)
+        op = tl.load(p_ptr + OP0_C + k).to(tl.int32)
+        f = tl.load(p_ptr + F0_C + k)
         level = f * 0.0
-        if op == 2:  # contrast: the constant image int(mean(L) + 0.5), an exact integer sum
+        if op == CONTRAST_C:  # the constant image int(mean(L) + 0.5): an exact integer sum
             acc = tl.zeros([BLOCK], tl.int64)
             for start in range(0, npix, BLOCK):
                 pix = start + offs
                 m = pix < npix
-                r = tl.load(x_ptr + pix * 3, mask=m, other=0).to(tl.int32)
-                g = tl.load(x_ptr + pix * 3 + 1, mask=m, other=0).to(tl.int32)
-                b = tl.load(x_ptr + pix * 3 + 2, mask=m, other=0).to(tl.int32)
+                r, g, b = _load_rgb(x_ptr, pix, m)
                 acc += tl.where(m, _luma(r, g, b), 0).to(tl.int64)
             total = tl.sum(acc, axis=0).to(tl.float64)
             level = tl.floor(total / npix.to(tl.float64) + 0.5).to(tl.float32)
-        if op != 0:
+        if op != NONE_C:
             for start in range(0, npix, BLOCK):
                 pix = start + offs
                 m = pix < npix
-                r = tl.load(x_ptr + pix * 3, mask=m, other=0).to(tl.int32)
-                g = tl.load(x_ptr + pix * 3 + 1, mask=m, other=0).to(tl.int32)
-                b = tl.load(x_ptr + pix * 3 + 2, mask=m, other=0).to(tl.int32)
+                r, g, b = _load_rgb(x_ptr, pix, m)
                 rf, gf, bf = r.to(tl.float32), g.to(tl.float32), b.to(tl.float32)
-                if op == 4:
+                if op == HUE_C:
                     rf, gf, bf = _hue(rf, gf, bf, f.to(tl.float64))
                 else:
-                    if op == 1:
+                    if op == BRIGHTNESS_C:
                         d = tl.zeros([BLOCK], tl.float32)
-                    elif op == 2:
+                    elif op == CONTRAST_C:
                         d = tl.zeros([BLOCK], tl.float32) + level
                     else:
                         d = _luma(r, g, b).to(tl.float32)
                     rf, gf, bf = _blend(d, rf, f), _blend(d, gf, f), _blend(d, bf, f)
-                tl.store(x_ptr + pix * 3, rf.to(tl.uint8), mask=m)
-                tl.store(x_ptr + pix * 3 + 1, gf.to(tl.uint8), mask=m)
-                tl.store(x_ptr + pix * 3 + 2, bf.to(tl.uint8), mask=m)
+                _store_rgb(x_ptr, pix, m, rf.to(tl.uint8), gf.to(tl.uint8), bf.to(tl.uint8))
         tl.debug_barrier()
 
     # ---- greyscale: L on 3 channels
-    if tl.load(p_ptr + 8) > 0.5:
+    if tl.load(p_ptr + GRAY_C) > 0.5:
         for start in range(0, npix, BLOCK):
             pix = start + offs
             m = pix < npix
-            r = tl.load(x_ptr + pix * 3, mask=m, other=0).to(tl.int32)
-            g = tl.load(x_ptr + pix * 3 + 1, mask=m, other=0).to(tl.int32)
-            b = tl.load(x_ptr + pix * 3 + 2, mask=m, other=0).to(tl.int32)
+            r, g, b = _load_rgb(x_ptr, pix, m)
             lum = _luma(r, g, b).to(tl.uint8)
-            tl.store(x_ptr + pix * 3, lum, mask=m)
-            tl.store(x_ptr + pix * 3 + 1, lum, mask=m)
-            tl.store(x_ptr + pix * 3 + 2, lum, mask=m)
+            _store_rgb(x_ptr, pix, m, lum, lum, lum)
         tl.debug_barrier()
 
-    flip = tl.load(p_ptr + 11) > 0.5
+    flip = tl.load(p_ptr + FLIP_C) > 0.5
     # ---- blur: a row pass into the fp32 scratch, a column pass back to uint8
-    if tl.load(p_ptr + 9) > 0.5:
+    if tl.load(p_ptr + BLUR_C) > 0.5:
         sign = tl.where(flip, -1, 1)  # a flipped crop sums its row taps in mirrored order
         for start in range(0, npix * 3, BLOCK):
             e = start + offs  # element of [H, W, 3]
@@ -378,7 +389,7 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
             for i in tl.static_range(9):
                 j = _mirror(col + sign * (i - 4), W, reflect)
                 v = tl.load(x_ptr + (row * W + j) * 3 + c, mask=m, other=0).to(tl.float32)
-                acc = acc + tl.load(p_ptr + 12 + i) * v
+                acc = acc + tl.load(p_ptr + TAP0_C + i) * v
             tl.store(o_ptr + e, acc, mask=m)
         tl.debug_barrier()
         for start in range(0, npix * 3, BLOCK):
@@ -391,7 +402,7 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
             for i in tl.static_range(9):
                 j = _mirror(row + (i - 4), H, reflect)
                 v = tl.load(o_ptr + (j * W + col) * 3 + c, mask=m, other=0.0)
-                acc = acc + tl.load(p_ptr + 12 + i) * v
+                acc = acc + tl.load(p_ptr + TAP0_C + i) * v
             # np.round: half to even (acc + 0.5 is exact below 2^22)
             r = tl.floor(acc + 0.5)
             r = tl.where((r - acc == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
@@ -400,7 +411,7 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
         tl.debug_barrier()
 
     # ---- solarize, then normalise + flip (or write the distorted uint8 back)
-    solarize = tl.load(p_ptr + 10) > 0.5
+    solarize = tl.load(p_ptr + SOLARIZE_C) > 0.5
     for start in range(0, npix * 3, BLOCK):
         e = start + offs
         m = e < npix * 3
