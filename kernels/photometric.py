@@ -311,6 +311,12 @@ def _store_rgb(x_ptr, pix, m, r, g, b):
 
 
 @triton.jit
+def _hwc(e, W):
+    """(channel, column, row) of element e of an [H, W, 3] crop."""
+    return e % 3, (e // 3) % W, e // (3 * W)
+
+
+@triton.jit
 def _mirror(j, n, REFLECT):
     """numpy's "reflect" (edge not repeated) for one overhang, or "edge" for tiny images."""
     if REFLECT:
@@ -382,9 +388,7 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
         for start in range(0, npix * 3, BLOCK):
             e = start + offs  # element of [H, W, 3]
             m = e < npix * 3
-            c = e % 3
-            col = (e // 3) % W
-            row = e // (3 * W)
+            c, col, row = _hwc(e, W)
             acc = tl.zeros([BLOCK], tl.float32)
             for i in tl.static_range(9):
                 j = _mirror(col + sign * (i - 4), W, reflect)
@@ -395,9 +399,7 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
         for start in range(0, npix * 3, BLOCK):
             e = start + offs
             m = e < npix * 3
-            c = e % 3
-            col = (e // 3) % W
-            row = e // (3 * W)
+            c, col, row = _hwc(e, W)
             acc = tl.zeros([BLOCK], tl.float32)
             for i in tl.static_range(9):
                 j = _mirror(row + (i - 4), H, reflect)
@@ -418,9 +420,7 @@ def _photometric_kernel(X, Params, Out, H, W, reflect,
         v = tl.load(x_ptr + e, mask=m, other=0).to(tl.int32)
         v = tl.where(solarize, tl.where(v >= 128, 255 - v, v), v)
         if NORMALIZE:
-            c = e % 3
-            col = (e // 3) % W
-            row = e // (3 * W)
+            c, col, row = _hwc(e, W)
             col = tl.where(flip, W - 1 - col, col)
             mean = tl.where(c == 0, mean_r, tl.where(c == 1, mean_g, mean_b))
             std = tl.where(c == 0, std_r, tl.where(c == 1, std_g, std_b))
