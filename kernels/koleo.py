@@ -1562,8 +1562,10 @@ def _spec(name: str, fn, sig: dict, cfg: dict, **constexprs) -> CompileSpec:
     div16 = tuple(k for k, ty in sig.items()
                   if ty.startswith("*") or k == "k_per_split"
                   or (wide and (k == "D" or k.startswith("stride_"))))
+    # every KoLeo launcher launches with _no_fma(): compile what runs
     return CompileSpec(name=name, fn=fn, signature=sig, constexprs=dict(**cfg, **constexprs),
-                       num_warps=warps, num_stages=stages, divisible_by_16=div16)
+                       num_warps=warps, num_stages=stages, divisible_by_16=div16,
+                       enable_fp_fusion=False)
 
 
 def compile_specs() -> list[CompileSpec]:
