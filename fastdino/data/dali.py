@@ -46,8 +46,10 @@ Data flow, per rank:
                jitter ~65-70 images/s, no jitter at all ~90-110. Same plan, same coins and same
                output contract either way; the GPU graph's jitter ops are checked against PIL on
                the CPU (tests run them with host_jitter=False).
-  batch        crops concatenated crop-major on the device; iBOT masks drawn on the host per step
-               by the torch loader's `masking_rng(seed, step, rank)` (identical masks), then moved.
+  batch        crops concatenated crop-major on the device; iBOT masks drawn by the source per
+               step with the torch loader's `masking_rng(seed, step, rank)` (identical masks;
+               ~5-10 ms of Python at B = 64, in the worker processes, once per step each), each
+               image bringing its two rows, assembled and moved here.
 
 Corrupt files. The probe catches non-images and truncated files before DALI sees them. A file that
 passes it but still fails to decode stops the DALI pipeline; the loader then fully decodes (PIL) the
@@ -69,7 +71,12 @@ from fastdino.data import dali_plan as P
 from fastdino.data.collate import Batch
 from fastdino.data.datasets import ImageFolderUnlabeled, decode_rgb
 from fastdino.data.loader import ShardedInfiniteOrder, augmentation_rng, build_dataset, masking_rng
-from fastdino.data.masking import MaskingGenerator, max_num_patches_for, sample_masks
+from fastdino.data.masking import (
+    MaskingGenerator,
+    draw_mask_rows,
+    masks_from_rows,
+    max_num_patches_for,
+)
 
 logger = logging.getLogger("fastdino.data")
 
@@ -105,13 +112,33 @@ class SampleMeta:
 
 
 class _Source:
-    """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta)."""
+    """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta, the
+    image's two rows of the step's iBOT masks)."""
 
     def __init__(self, images: ImageFolderUnlabeled, order: ShardedInfiniteOrder, cfg: Config,
                  start_iteration: int) -> None:
         self.images, self.order, self.crops = images, order, cfg.crops
         self.seed, self.batch_size = cfg.data.seed, cfg.data.batch_size_per_gpu
         self.start_iteration = start_iteration
+        ps, gsize = cfg.model.patch_size, cfg.crops.global_crops_size
+        self.mask_grid = (gsize // ps, gsize // ps)
+        self.mask_args = dict(mask_probability=cfg.ibot.mask_sample_probability,
+                              ratio_min_max=cfg.ibot.mask_ratio_min_max)
+        self.mask_generator = MaskingGenerator(gsize // ps,
+                                               max_num_patches=max_num_patches_for(gsize, ps))
+        self._masks: dict[int, np.ndarray] = {}  # step -> [2B, N], the last few steps
+
+    def step_masks(self, step: int) -> np.ndarray:
+        """The step's [2B, N] iBOT masks, drawn as the torch loader's collate draws them
+        (`masking_rng(seed, step, rank)`): once per step in each process that asks."""
+        if step not in self._masks:
+            if len(self._masks) >= 4:  # steps in flight: prefetch depth + the one being built
+                del self._masks[min(self._masks)]
+            self._masks[step] = draw_mask_rows(
+                2 * self.batch_size, self.mask_grid,
+                masking_rng(self.seed, step, self.order.rank),
+                mask_generator=self.mask_generator, **self.mask_args)
+        return self._masks[step]
 
     def probe(self, index: int) -> tuple[np.ndarray, int, int, int]:
         """(bytes, width, height, index used): `index` or the next file that passes the probe."""
@@ -128,14 +155,16 @@ class _Source:
         raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as "
                            "images")
 
-    def sample(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(self, step: int, slot: int) -> tuple[np.ndarray, ...]:
         epoch, index = self.order.sample(step * self.batch_size + slot)
         data, width, height, used = self.probe(index)
         # The crops depend on the requested (epoch, index), as in the torch loader.
         plan = P.plan_image(width, height, self.crops, augmentation_rng(self.seed, epoch, index))
-        return data, plan, np.array([epoch, index, used], dtype=np.int64)
+        masks = self.step_masks(step)  # rows slot (global crop 1) and B + slot (global crop 2)
+        return (data, plan, np.array([epoch, index, used], dtype=np.int64),
+                masks[[slot, self.batch_size + slot]])
 
-    def __call__(self, info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
         return self.sample(self.start_iteration + info.iteration, info.idx_in_batch)
 
 
@@ -147,16 +176,17 @@ PHOTOMETRIC = ("dali", "triton")
 
 
 def output_names(cfg: Config, photometric: str = "dali", debug: bool = False) -> list[str]:
-    """The pipeline's outputs, in order. photometric="triton" outputs uint8 HWC crops and always
-    the plan; with Gram crops distorted at the large size (no `gram_teacher_no_distortions`) the
-    two global outputs are those large crops and there is no Gram output (the loader distorts,
-    then resizes them to both sizes)."""
+    """The pipeline's outputs, in order: the crops, meta [3] (epoch, index, used), mask_rows
+    [2, N] (the image's rows of the step's iBOT masks), [plan], [image shape].
+    photometric="triton" outputs uint8 HWC crops and always the plan; with Gram crops distorted
+    at the large size (no `gram_teacher_no_distortions`) the two global outputs are those large
+    crops and there is no Gram output (the loader distorts, then resizes them to both sizes)."""
     c = cfg.crops
     names = ["global0", "global1"] + [f"local{i}" for i in range(c.local_crops_number)]
     gram = c.gram_teacher_crops_size is not None
     if gram and (photometric == "dali" or c.gram_teacher_no_distortions):
         names += ["gram0", "gram1"]
-    names.append("meta")
+    names += ["meta", "mask_rows"]
     if debug or photometric == "triton":
         names.append("plan")
     if debug:
@@ -193,9 +223,10 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
 
     @pipeline_def(enable_conditionals=True)
     def multicrop():
-        encoded, plan, meta = fn.external_source(
-            source=source, batch=False, num_outputs=3,
-            dtype=[types.UINT8, types.FLOAT, types.INT64], parallel=source_workers > 0)
+        encoded, plan, meta, mask_rows = fn.external_source(
+            source=source, batch=False, num_outputs=4,
+            dtype=[types.UINT8, types.FLOAT, types.INT64, types.BOOL],
+            parallel=source_workers > 0)
         image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                   output_type=types.RGB,
                                   adjust_orientation=False)  # as PIL's decode in the torch loader
@@ -221,7 +252,7 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
                     for i in range(c.local_crops_number)]
             if gram_size is not None and c.gram_teacher_no_distortions:
                 raw += [g.resize_window(image, plan[k], gram_size) for k in range(2)]
-            return tuple(raw + [meta, plan] + ([image.shape()] if debug else []))
+            return tuple(raw + [meta, mask_rows, plan] + ([image.shape()] if debug else []))
 
         globals_, grams = [], []
         for k in range(2):
@@ -244,7 +275,7 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
             row = plan[2 + i]
             size = c.local_crops_size
             locals_.append(g.normalize(distort(g.resize_window(image, row, size), row, size), row))
-        outputs = [*globals_, *locals_, *grams, meta]
+        outputs = [*globals_, *locals_, *grams, meta, mask_rows]
         if debug:
             outputs += [plan, image.shape()]
         return tuple(outputs)
@@ -293,9 +324,6 @@ class DALITrainLoader:
         self.iteration = start_iteration
         self.skipped: set[str] = set()  # reported so far (same bookkeeping as TrainLoader)
         self.last_debug: dict | None = None  # with debug: plan/meta/decoded shape of the last batch
-        ps, gsize = cfg.model.patch_size, cfg.crops.global_crops_size
-        self.mask_generator = MaskingGenerator(gsize // ps,
-                                               max_num_patches=max_num_patches_for(gsize, ps))
         self._start()
 
     def _names(self) -> list[str]:
@@ -371,13 +399,10 @@ class DALITrainLoader:
                           if c.gram_teacher_crops_size is not None else None)
         meta = out["meta"].cpu()  # [B, 3] (epoch, index, used): tiny bookkeeping only
         skipped = self._skipped_paths(meta)
-        ps = self.cfg.model.patch_size
-        hg, wg = global_crops.shape[-2:]
-        m = sample_masks(2 * b, (hg // ps, wg // ps), masking_rng(self.cfg.data.seed,
-                                                                    self.iteration, self.rank),
-                         mask_probability=self.cfg.ibot.mask_sample_probability,
-                         ratio_min_max=self.cfg.ibot.mask_ratio_min_max,
-                         mask_generator=self.mask_generator)
+        # the step's iBOT masks, drawn by the source (worker processes): image i brought rows
+        # i and B + i (its two global crops, crop-major)
+        rows = out["mask_rows"].cpu()  # [B, 2, N] bool
+        m = masks_from_rows(rows.transpose(0, 1).reshape(2 * b, -1).numpy())
         if self.debug:
             self.last_debug = {"meta": meta, "plan": out["plan"].cpu(),
                                "image_shape": out["image_shape"].cpu()}

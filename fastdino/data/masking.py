@@ -146,15 +146,31 @@ def sample_masks(n_images: int, n_patches_hw: tuple[int, int], generator: np.ran
     `max_num_patches` defaults to 0.5*N; pass `max_num_patches_for(S, p)` for the official
     precedence formula (identical whenever S is a multiple of p).
     """
+    return masks_from_rows(draw_mask_rows(n_images, n_patches_hw, generator, mask_probability,
+                                          ratio_min_max, max_num_patches, mask_generator))
+
+
+def draw_mask_rows(n_images: int, n_patches_hw: tuple[int, int], generator: np.random.Generator,
+                   mask_probability: float = 0.5,
+                   ratio_min_max: tuple[float, float] = (0.1, 0.5),
+                   max_num_patches: int | None = None,
+                   mask_generator: MaskingGenerator | None = None) -> np.ndarray:
+    """The random part of `sample_masks`: [n_images, N] bool, row r = global crop r (crop-major).
+    ~5-10 ms of Python at 2B = 128: the DALI loader draws it in its source worker processes."""
     h, w = n_patches_hw
     n_patches = h * w
     gen = mask_generator or MaskingGenerator((h, w), max_num_patches=max_num_patches)
     rows = [gen(c, generator) for c in mask_counts(n_images, n_patches, mask_probability,
                                                    ratio_min_max)]
     order = generator.permutation(n_images)  # spread the masked images over both crops
-    masks_np = np.stack([rows[i].reshape(-1) for i in order]) if n_images else \
-        np.zeros((0, n_patches), dtype=bool)
-    masks = torch.from_numpy(masks_np)  # [2B, N] bool
+    if not n_images:
+        return np.zeros((0, n_patches), dtype=bool)
+    return np.stack([rows[i].reshape(-1) for i in order])
+
+
+def masks_from_rows(masks_np: np.ndarray) -> Masks:
+    """The deterministic part of `sample_masks`: indices, weights and count from [2B, N] rows."""
+    masks = torch.from_numpy(np.ascontiguousarray(masks_np, dtype=bool))  # [2B, N] bool
     mask_indices = masks.reshape(-1).nonzero().reshape(-1)  # [M]
     per_image = masks.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)  # [2B, 1]
     masks_weight = (1.0 / per_image).expand_as(masks)[masks]  # [M]
