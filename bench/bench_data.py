@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                    "than exact). exact / fast differ only on the GPU: CPU-only DALI runs PIL's "
                    "jitter in the graph")
     p.add_argument("--fast-hue", action="store_true", help="the same as --jitter fast")
+    p.add_argument("--source-workers", type=int, default=None,
+                   help="DALI source processes (data.dali_source_workers; default: the "
+                   "config's, 2; 0 = file reads, plans and masks in this process)")
     p.add_argument("--quick", action="store_true", help="batch 8, 3 steps, 1 warm-up")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.root={args.root}")
     if args.jitter:
         overrides.append(f"data.dali_jitter={args.jitter}")
+    if args.source_workers is not None:
+        overrides.append(f"data.dali_source_workers={args.source_workers}")
     cfg = load_config(None, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = results.environment()
@@ -142,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
               f"  ({m['images']} images in {m['wall_s']:.2f} s; setup {setup_s:.1f} s; "
               f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
               f"{args.workers} workers/threads, {device.type}"
-              + (f", {operators} DALI operators, photometric {cfg.data.dali_jitter}"
-                 if operators else "") + ")")
+              + (f", {operators} DALI operators, photometric {cfg.data.dali_jitter}, "
+                 f"{cfg.data.dali_source_workers} source processes" if operators else "") + ")")
         if abs(m["images_per_s_2nd_half"] / m["images_per_s"] - 1) > 0.25:
             print(f"{name:5s}  not steady state (halves differ by >25%): use more --steps, a "
                   "multiple of --workers")
         records.append({"schema": 1, "kind": "data", "time": results.now(), **env,
                         "loader": name, "dali_jitter": cfg.data.dali_jitter,
-                        "exact_hue": cfg.data.dali_jitter == "exact", "batch": args.batch,
+                        "exact_hue": cfg.data.dali_jitter == "exact",
+                        "dali_source_workers": cfg.data.dali_source_workers, "batch": args.batch,
                         "workers": args.workers,
                         "crops": [args.global_size, args.local_size, args.local_number],
                         "root": args.root or "sample", "setup_s": setup_s,
