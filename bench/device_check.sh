@@ -172,6 +172,8 @@ run_stage() {  # name, timeout, log, command... (a program: timeout cannot run s
   echo "dali: $DALI"
   echo "commit: ${FASTDINO_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
   command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found (no NVIDIA driver)"
+  # loader worker processes (torch DataLoader, DALI's parallel source) pass batches through it
+  echo "cpus: $(nproc)   /dev/shm: $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $2 " total, " $4 " free"}')"
   run_py - <<'EOF'
 import importlib, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
