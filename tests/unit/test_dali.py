@@ -171,10 +171,14 @@ def test_probe_rejects_non_images_and_truncated_files(tmp_path):
 # The pipeline (CPU-only DALI)
 
 
+PHOTOMETRIC = pytest.mark.parametrize("photometric", ["dali", "triton"])
+
+
 @needs_dali
-def test_batch_contract_and_value_ranges(image_dir):
+@PHOTOMETRIC
+def test_batch_contract_and_value_ranges(image_dir, photometric):
     cfg = _cfg(image_dir, "crops.gram_teacher_crops_size=48")
-    loader = _dali(cfg, exact_hue=True)
+    loader = _dali(cfg, exact_hue=True, photometric=photometric)
     n_masked = sum(mask_counts(4, 4))
     lo = (0 - torch.tensor(cfg.crops.mean)) / torch.tensor(cfg.crops.std)
     hi = (1 - torch.tensor(cfg.crops.mean)) / torch.tensor(cfg.crops.std)
@@ -336,11 +340,12 @@ def test_source_worker_processes_give_the_same_batches(image_dir):
 
 
 @needs_dali
-def test_debug_coins_rates_and_effects(image_dir):
+@PHOTOMETRIC
+def test_debug_coins_rates_and_effects(image_dir, photometric):
     """The coins the pipeline acted on (debug output) are the plan's and occur at their rates;
     greyscaled crops come out with 3 equal channels, others do not."""
     cfg = _cfg(image_dir, "crops.local_crops_number=4", batch=8)
-    loader = _dali(cfg, debug=True)
+    loader = _dali(cfg, debug=True, photometric=photometric)
     mean = torch.tensor(cfg.crops.mean).view(3, 1, 1)
     std = torch.tensor(cfg.crops.std).view(3, 1, 1)
     rows = []
@@ -409,13 +414,14 @@ def test_rank_shards_are_disjoint_and_cover_each_epoch(image_dir):
 
 
 @needs_dali
-def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch):
+@PHOTOMETRIC
+def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch, photometric):
     root = _write_images(tmp_path / "imgs", 5)
     (root / "a_text.jpg").write_bytes(b"not an image at all")
     good = (root / "img00.jpg").read_bytes()
     (root / "b_truncated.jpg").write_bytes(good[: len(good) // 2])
     cfg = _cfg(root, batch=4)
-    loader = _dali(cfg)
+    loader = _dali(cfg, photometric=photometric)
     for _ in range(4):  # 16 samples > 7 files: every file is met
         b = next(loader)
         assert b.global_crops.shape == (8, 3, 32, 32)
@@ -434,7 +440,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch):
         return np.frombuffer(data, dtype=np.uint8), w, h
 
     monkeypatch.setattr(dali_mod.P, "probe_image", probe_nothing)
-    recovering = _dali(cfg)
+    recovering = _dali(cfg, photometric=photometric)
     for _ in range(4):
         b = next(recovering)
         assert b.global_crops.shape == (8, 3, 32, 32) and torch.isfinite(b.global_crops).all()
@@ -443,11 +449,12 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 @needs_dali
-def test_resume_yields_exactly_the_uninterrupted_batches(image_dir):
+@PHOTOMETRIC
+def test_resume_yields_exactly_the_uninterrupted_batches(image_dir, photometric):
     cfg = _cfg(image_dir)
-    full = _dali(cfg)
+    full = _dali(cfg, photometric=photometric)
     batches = [next(full) for _ in range(3)]
-    resumed = next(_dali(cfg, start_iteration=2))
+    resumed = next(_dali(cfg, start_iteration=2, photometric=photometric))
     for f in dataclasses.fields(Batch):
         x, y = getattr(batches[2], f.name), getattr(resumed, f.name)
         if isinstance(x, torch.Tensor):
