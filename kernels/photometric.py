@@ -36,10 +36,12 @@ staying in L2 (a 224² crop is 147 KB): each jitter slot is one read-modify-writ
 uint8 crop in place (contrast first reduces the crop's L), greyscale one, the blur a row pass into
 an fp32 scratch (the output buffer) and a column pass back, and the last pass solarizes,
 normalises, flips and writes fp32 CHW. `tl.debug_barrier()` between passes orders them (a CTA
-barrier also orders its threads' global memory accesses). Bytes per crop: 3·H·W·(2 per jitter
-slot + 1 per contrast mean + 2 grey + 5 + 4 blur (uint8 in, fp32 out; fp32 in, uint8 out) + 1 + 4
-final), i.e. ~17-33 bytes per pixel, nearly all L2 traffic; ~0.2 GB per B = 64 step at
-2 x 224 + 8 x 96, against ~3 GB/s of HBM time a step of the exact DALI graph spends.
+barrier also orders its threads' global memory accesses). Bytes per pixel: 6 per jitter slot
+(uint8 read + write), 3 per contrast mean, 6 greyscale, 15 + 15 blur (uint8 -> fp32 scratch ->
+uint8), 15 final (uint8 in, fp32 out): 15 at least (the HBM floor: the crop in, the output out),
+~50 for a typical crop, 78 at most; ~0.55 GB per B = 64 step at 2 x 224 + 8 x 96 (11.1 M pixels),
+nearly all of it L2 traffic. The exact DALI graph moves each jittered crop through ~140 separate
+operators instead (one full read + write each).
 
 Limits: no gradient (a data op). Each program holds a whole crop, so N should be at least a few
 per SM (640 crops at B = 64); a single huge crop runs on one SM. Not timed on a GPU yet.
