@@ -416,10 +416,17 @@ class DALITrainLoader:
 
     def _photometric(self, out: dict):
         """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops:
-        kernels/photometric.py on the crops' device, one launch per crop size."""
-        from fastdino.kernels.photometric import FLIP, photometric
+        kernels/photometric.py on the crops' device, one launch per crop size (its reference where
+        `kernels.impl` picks the reference: on CPU under auto, or impl=torch; the same values)."""
+        from fastdino.kernels.photometric import FLIP, photometric_, photometric_ref
+        from fastdino.layers.select import use_triton
 
         c = self.cfg.crops
+
+        def photometric(x, p, mean, std, normalize=True):
+            kernel = use_triton(self.cfg.kernels.impl, x, "photometric")
+            return (photometric_ if kernel else photometric_ref)(x, p, mean, std, normalize)
+
         mean, std = tuple(c.mean), tuple(c.std)
         plan = out["plan"].cpu().numpy()  # [B, n_crops, N_PARAMS]
         params = torch.from_numpy(P.photometric_params(plan)).to(self.device)

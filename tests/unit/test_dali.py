@@ -205,7 +205,8 @@ def _per_crop_mad(a, b):
     return (a - b).abs().mean((1, 2, 3))
 
 
-GRAM_DISTORTED = ("crops.gram_teacher_crops_size=48", "crops.gram_teacher_no_distortions=false")
+GRAM_DISTORTED = ("crops.gram_teacher_crops_size=48", "crops.gram_teacher_no_distortions=false",
+                  "kernels.impl=triton")  # the kernel's uint8 mode, then resize, then normalise
 
 
 @needs_dali
@@ -287,7 +288,9 @@ def test_triton_photometric_is_the_torch_loaders_ops_on_dali_crops(image_dir, ex
     from fastdino.data.dali import _Source, build_pipeline, output_names
     from fastdino.data.loader import ShardedInfiniteOrder, build_dataset
 
-    cfg = _cfg(image_dir, *extra, "data.num_workers=0", batch=3)
+    # kernels.impl=triton: the kernel itself (the interpreter here, compiled on a GPU); auto
+    # would take its reference on CPU tensors
+    cfg = _cfg(image_dir, *extra, "data.num_workers=0", "kernels.impl=triton", batch=3)
     loader = _dali(cfg, photometric="triton")
     images = build_dataset(cfg)
     source = _Source(images, ShardedInfiniteOrder(len(images), cfg.data.seed, 0, 1), cfg, 0)
