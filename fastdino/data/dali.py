@@ -70,6 +70,7 @@ from fastdino.config import Config
 from fastdino.data import dali_plan as P
 from fastdino.data.collate import Batch
 from fastdino.data.datasets import ImageFolderUnlabeled, decode_rgb
+from fastdino.data.gpu_photometric import RawCrops, finish_crops
 from fastdino.data.loader import ShardedInfiniteOrder, augmentation_rng, build_dataset, masking_rng
 from fastdino.data.masking import (
     MaskingGenerator,
@@ -415,46 +416,24 @@ class DALITrainLoader:
                      gram_crops=gram_crops, n_images=b, skipped_files=skipped)
 
     def _photometric(self, out: dict):
-        """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops:
-        kernels/photometric.py on the crops' device, one launch per crop size (its reference where
-        `kernels.impl` picks the reference: on CPU under auto, or impl=torch; the same values)."""
-        from fastdino.kernels.photometric import FLIP, photometric_, photometric_ref
-        from fastdino.layers.select import use_triton
-
+        """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops
+        (`gpu_photometric.finish_crops`: kernels/photometric.py on the crops' device)."""
         c = self.cfg.crops
-
-        def photometric(x, p, mean, std, normalize=True):
-            kernel = use_triton(self.cfg.kernels.impl, x, "photometric")
-            return (photometric_ if kernel else photometric_ref)(x, p, mean, std, normalize)
-
-        mean, std = tuple(c.mean), tuple(c.std)
         plan = out["plan"].cpu().numpy()  # [B, n_crops, N_PARAMS]
         params = torch.from_numpy(P.photometric_params(plan)).to(self.device)
         rows = params.transpose(0, 1)  # [n_crops, B, ...]: crop-major, as the crops
+        n_local = c.local_crops_number
 
-        def run(names, first, normalize=True, p=None):
-            x = torch.cat([out[n] for n in names])  # [k·B, H, W, 3] uint8, our own buffer
-            p = rows[first:first + len(names)].reshape(len(x), -1) if p is None else p
-            return photometric(x, p.contiguous(), mean, std, normalize), p
+        def cat(names):  # [k·B, H, W, 3] uint8, our own buffer (the kernel works in place)
+            return torch.cat([out[n] for n in names])
 
-        local_crops, _ = run([f"local{i}" for i in range(c.local_crops_number)], 2)
-        gram_size = c.gram_teacher_crops_size
-        if gram_size is None:
-            return run(["global0", "global1"], 0)[0], local_crops, None
-        if c.gram_teacher_no_distortions:
-            global_crops, p = run(["global0", "global1"], 0)
-            flip_only = torch.zeros_like(p)
-            flip_only[:, FLIP] = p[:, FLIP]
-            return global_crops, local_crops, run(["gram0", "gram1"], 0, p=flip_only)[0]
-        # distorted at max(global, gram) size, then resized to both (the torch loader's order)
-        base, p = run(["global0", "global1"], 0, normalize=False)
-        flip_only = torch.zeros_like(p)
-        flip_only[:, FLIP] = p[:, FLIP]
-        crops = []
-        for size in (c.global_crops_size, gram_size):
-            x = base if size == base.shape[1] else resize_uint8(base, size)
-            crops.append(photometric(x.clone(), flip_only, mean, std))
-        return crops[0], local_crops, crops[1]
+        raw = RawCrops(
+            global_crops=cat(["global0", "global1"]),
+            local_crops=cat([f"local{i}" for i in range(n_local)]),
+            gram_crops=cat(["gram0", "gram1"]) if "gram0" in out else None,
+            global_params=rows[:2].reshape(-1, rows.shape[-1]),
+            local_params=rows[2:2 + n_local].reshape(-1, rows.shape[-1]))
+        return finish_crops(raw, self.cfg)
 
     def _skipped_paths(self, meta: torch.Tensor) -> tuple[str, ...]:
         paths, n, out = self.images.paths, len(self.images.paths), []
@@ -467,14 +446,6 @@ class DALITrainLoader:
                 logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
                                len(self.skipped), self.num_images)
         return tuple(out)
-
-
-def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, H, W, 3] uint8 -> [N, size, size, 3] uint8, bicubic with antialiasing (torch's, on the
-    crops' device; like DALI's resize, not PIL's to the bit)."""
-    y = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size),
-                                        mode="bicubic", antialias=True, align_corners=False)
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
