@@ -403,6 +403,11 @@ class DataConfig:
     # external source, spawned), so that ~0.1 ms of Python per image stays off the training
     # process's main thread (6-15 ms per step at B = 64); 0 = in the training process
     dali_source_workers: int = 2
+    # torch loader: where the photometric ops run. cpu: in the workers (PIL / numpy) | gpu: the
+    # workers decode, crop, resize and flip, the trainer's device runs jitter, greyscale, blur,
+    # solarize and normalisation (kernels/photometric.py, the same values bit for bit; Gram crops
+    # distorted at the large size within a level), taking that CPU work off the workers
+    torch_photometric: str = "cpu"
     batch_size_per_gpu: int = 64  # B, images per rank per step
     num_workers: int = 4  # torch loader worker processes
     seed: int = 0  # data shuffling / augmentation seed
@@ -410,6 +415,7 @@ class DataConfig:
     def validate(self, p: str = "data") -> None:
         _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
         _choice(self.dali_jitter, f"{p}.dali_jitter", ("exact", "fast", "triton"))
+        _choice(self.torch_photometric, f"{p}.torch_photometric", ("cpu", "gpu"))
         _check(self.dali_source_workers >= 0, f"{p}.dali_source_workers",
                "an integer >= 0 (0 = in the training process)", self.dali_source_workers)
         _check(

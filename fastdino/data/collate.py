@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastdino.data.gpu_photometric import RawCrops, finish_crops
 from fastdino.data.masking import MaskingGenerator, sample_masks
 
 
@@ -47,6 +48,73 @@ class Batch:
     def pin_memory(self) -> "Batch":
         # Called by DataLoader's pin-memory thread (it looks for a `pin_memory` method).
         return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class RawBatch:
+    """A `Batch` whose crops still need their photometric ops (`gpu_photometric.RawCrops`): what
+    the torch loader's workers make with `data.torch_photometric: gpu`. `finish` -> `Batch`."""
+
+    crops: RawCrops
+    masks: torch.Tensor
+    mask_indices: torch.Tensor
+    masks_weight: torch.Tensor
+    n_masked_patches: torch.Tensor
+    n_images: int
+    skipped_files: tuple[str, ...] = ()
+
+    def _map(self, fn) -> "RawBatch":
+        return RawBatch(crops=fn(self.crops), **{f: fn(getattr(self, f)) for f in _MASK_FIELDS},
+                        n_images=self.n_images, skipped_files=self.skipped_files)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "RawBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "RawBatch":
+        return self._map(lambda t: t.pin_memory())
+
+    def finish(self, cfg) -> Batch:
+        """The photometric ops where the crops are (`gpu_photometric.finish_crops`)."""
+        global_crops, local_crops, gram_crops = finish_crops(self.crops, cfg)
+        return Batch(global_crops=global_crops, local_crops=local_crops, masks=self.masks,
+                     mask_indices=self.mask_indices, masks_weight=self.masks_weight,
+                     n_masked_patches=self.n_masked_patches, gram_crops=gram_crops,
+                     n_images=self.n_images, skipped_files=self.skipped_files)
+
+
+_MASK_FIELDS = ("masks", "mask_indices", "masks_weight", "n_masked_patches")
+
+
+def collate_raw(samples: list[dict], patch_size: int, global_size: int,
+                generator: np.random.Generator, mask_generator: MaskingGenerator,
+                mask_probability: float = 0.5,
+                ratio_min_max: tuple[float, float] = (0.1, 0.5)) -> RawBatch:
+    """Stack per-image `gpu_photometric.geometric_crops` dicts into a crop-major `RawBatch`; the
+    masks as `collate_fn` draws them (on the `global_size` patch grid; the raw global crops can
+    be larger, see `gpu_photometric`)."""
+    if not samples:
+        raise ValueError("collate_raw needs at least one sample")
+    if global_size % patch_size:
+        raise ValueError(f"global crop {global_size} is not a multiple of patch_size={patch_size}")
+
+    def crop_major(key: str, rows: range | None = None):
+        if key == "params":
+            return torch.from_numpy(np.stack([s[key][r] for r in rows for s in samples]))
+        n_crops = len(samples[0][key])
+        return torch.from_numpy(np.stack([s[key][c] for c in range(n_crops) for s in samples]))
+
+    n_local = len(samples[0]["local"])
+    crops = RawCrops(global_crops=crop_major("global"), local_crops=crop_major("local"),
+                     gram_crops=crop_major("gram") if samples[0]["gram"] else None,
+                     global_params=crop_major("params", range(2)),
+                     local_params=crop_major("params", range(2, 2 + n_local)))
+    g = global_size // patch_size
+    m = sample_masks(2 * len(samples), (g, g), generator, mask_probability=mask_probability,
+                     ratio_min_max=ratio_min_max, mask_generator=mask_generator)
+    skipped = tuple(p for s in samples for p in s.get("skipped_files", ()))
+    return RawBatch(crops=crops, masks=m.masks, mask_indices=m.mask_indices,
+                    masks_weight=m.masks_weight, n_masked_patches=m.n_masked_patches,
+                    n_images=len(samples), skipped_files=skipped)
 
 
 def collate_fn(samples: list[dict], patch_size: int, generator: np.random.Generator,

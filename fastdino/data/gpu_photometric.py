@@ -95,3 +95,47 @@ def finish_crops(raw: RawCrops, cfg: Config
         x = base if size == base.shape[1] else resize_uint8(base, size)
         out.append(run(x.clone(), flip_only(raw.global_params)))
     return out[0], local_crops, out[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch loader's worker side: PIL geometry from the plan, the photometric ops left to the GPU
+
+
+def geometric_crops(image, crops, rng) -> dict:
+    """One image's crops as `DataAugmentationDINO` cuts them (same Generator draws, in the same
+    order: the DALI plan, `dali_plan.plan_image`), cropped, resized and flipped with PIL, without
+    the photometric ops: {"global": [2 x uint8 [H, W, 3]], "local": [nL x ...], "gram": [2 x ...]
+    (no-distortion Gram crops only), "params": float32 [2 + nL, photometric.N_PARAMS]} with the
+    flip already applied (the parameters' FLIP is 0). `image`: PIL RGB; `crops`: CropsConfig."""
+    import numpy as np
+    from PIL import Image
+
+    from fastdino.data import dali_plan as P
+    from fastdino.data.transforms import BICUBIC, resize
+    from fastdino.kernels.photometric import FLIP
+
+    plan = P.plan_image(image.width, image.height, crops, rng)
+    gram = crops.gram_teacher_crops_size
+    global_max = max(crops.global_crops_size, gram or 0)
+
+    def window(row, size: int):
+        top, left, h, w = (int(v) for v in row[[P.TOP, P.LEFT, P.HEIGHT, P.WIDTH]])
+        out = image.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if row[P.FLIP] else out
+
+    out = {"global": [], "local": [], "gram": []}
+    for k in range(2):
+        base = window(plan[k], global_max)
+        if gram is not None and crops.gram_teacher_no_distortions:
+            out["global"].append(resize(base, crops.global_crops_size))
+            out["gram"].append(resize(base, gram))
+        else:  # no Gram crops, or Gram crops distorted at the large size (finish_crops resizes)
+            out["global"].append(base)
+    out["local"] = [window(plan[2 + i], crops.local_crops_size)
+                    for i in range(crops.local_crops_number)]
+    for key in ("global", "local", "gram"):
+        out[key] = [np.asarray(im) for im in out[key]]
+    params = P.photometric_params(plan)
+    params[:, FLIP] = 0  # flipped above, before any distortion (the torch loader's order)
+    out["params"] = params
+    return out

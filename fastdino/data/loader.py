@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastdino.config import Config
-from fastdino.data.collate import Batch, collate_fn
+from fastdino.data.collate import Batch, RawBatch, collate_fn, collate_raw
 from fastdino.data.datasets import ImageFolderUnlabeled
+from fastdino.data.gpu_photometric import geometric_crops
 from fastdino.data.masking import MaskingGenerator, max_num_patches_for
 from fastdino.data.transforms import DataAugmentationDINO
 
@@ -81,6 +83,10 @@ class MultiCropBatches(Dataset):
         images.log_skipped = False  # workers would each log it; TrainLoader reports once per file
         self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
         self.augment = DataAugmentationDINO(cfg.crops)
+        self.crops = cfg.crops
+        # data.torch_photometric=gpu: workers do the geometry only (PIL), the trainer's device the
+        # photometric ops (TrainLoader finishes the RawBatch)
+        self.raw = cfg.data.torch_photometric == "gpu"
         self.batch_size = cfg.data.batch_size_per_gpu
         self.seed, self.rank = cfg.data.seed, rank
         self.patch_size = cfg.model.patch_size
@@ -95,12 +101,22 @@ class MultiCropBatches(Dataset):
 
     def sample(self, epoch: int, index: int) -> dict:
         image, _used, skipped = self.images.load(index)
-        crops = self.augment(image, augmentation_rng(self.seed, epoch, index))
+        rng = augmentation_rng(self.seed, epoch, index)
+        if self.raw:
+            crops = geometric_crops(image if image.mode == "RGB" else image.convert("RGB"),
+                                    self.crops, rng)
+        else:
+            crops = self.augment(image, rng)
         crops["skipped_files"] = skipped
         return crops
 
-    def __getitem__(self, step: int) -> Batch:
+    def __getitem__(self, step: int) -> Batch | RawBatch:
         samples = [self.sample(e, i) for e, i in self.order.step(step, self.batch_size)]
+        if self.raw:
+            return collate_raw(samples, self.patch_size, self.crops.global_crops_size,
+                               masking_rng(self.seed, step, self.rank), self.mask_generator,
+                               mask_probability=self.mask_probability,
+                               ratio_min_max=self.ratio_min_max)
         return collate_fn(samples, self.patch_size, masking_rng(self.seed, step, self.rank),
                           mask_probability=self.mask_probability,
                           ratio_min_max=self.ratio_min_max, mask_generator=self.mask_generator)
@@ -133,8 +149,9 @@ class TrainLoader:
     """Iterator of `Batch`; `iteration` is the step of the next batch (the data position)."""
 
     def __init__(self, batches: MultiCropBatches, num_workers: int, start_iteration: int,
-                 pin_memory: bool) -> None:
+                 pin_memory: bool, finish: Callable[[RawBatch], Batch] | None = None) -> None:
         self.batches = batches
+        self.finish = finish  # RawBatch -> Batch (data.torch_photometric=gpu)
         self.iteration = start_iteration
         self.skipped: set[str] = set()  # unreadable files met so far (reported by all workers)
         self._loader = DataLoader(
@@ -155,6 +172,8 @@ class TrainLoader:
 
     def __next__(self) -> Batch:
         batch = next(self._it)
+        if isinstance(batch, RawBatch):
+            batch = self.finish(batch)
         self.iteration += 1
         for path in batch.skipped_files:
             if path not in self.skipped:
@@ -200,5 +219,14 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
                 cfg.data.num_workers, start_iteration)
     batches = MultiCropBatches(images, cfg, rank, world_size)
+    finish = None
+    if cfg.data.torch_photometric == "gpu":
+        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+        logger.info("torch loader: photometric ops on %s (kernels/photometric.py), the workers "
+                    "decode, crop, resize and flip", device)
+
+        def finish(raw: RawBatch) -> Batch:
+            return raw.to(device, non_blocking=True).finish(cfg)
     return TrainLoader(batches, cfg.data.num_workers, start_iteration,
-                       pin_memory=torch.cuda.is_available())
+                       pin_memory=torch.cuda.is_available(), finish=finish)
