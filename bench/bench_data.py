@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                    "than exact). exact / fast differ only on the GPU: CPU-only DALI runs PIL's "
                    "jitter in the graph")
     p.add_argument("--fast-hue", action="store_true", help="the same as --jitter fast")
+    p.add_argument("--torch-photometric", choices=("cpu", "gpu"), default=None,
+                   help="the torch loader's photometric ops (data.torch_photometric; default: "
+                   "the config's, cpu): gpu = the workers cut, resize and flip, "
+                   "kernels/photometric.py does the rest on the GPU")
     p.add_argument("--source-workers", type=int, default=None,
                    help="DALI source processes (data.dali_source_workers; default: the "
                    "config's, 2; 0 = file reads, plans and masks in this process)")
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.root={args.root}")
     if args.jitter:
         overrides.append(f"data.dali_jitter={args.jitter}")
+    if args.torch_photometric:
+        overrides.append(f"data.torch_photometric={args.torch_photometric}")
     if args.source_workers is not None:
         overrides.append(f"data.dali_source_workers={args.source_workers}")
     cfg = load_config(None, overrides)
@@ -148,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
               f"B={args.batch}, {args.global_size}x2 + {args.local_size}x{args.local_number}, "
               f"{args.workers} workers/threads, {device.type}"
               + (f", {operators} DALI operators, photometric {cfg.data.dali_jitter}, "
-                 f"{cfg.data.dali_source_workers} source processes" if operators else "") + ")")
+                 f"{cfg.data.dali_source_workers} source processes" if operators else
+                 f", photometric on {cfg.data.torch_photometric}") + ")")
         if abs(m["images_per_s_2nd_half"] / m["images_per_s"] - 1) > 0.25:
             print(f"{name:5s}  not steady state (halves differ by >25%): use more --steps, a "
                   "multiple of --workers")
         records.append({"schema": 1, "kind": "data", "time": results.now(), **env,
                         "loader": name, "dali_jitter": cfg.data.dali_jitter,
                         "exact_hue": cfg.data.dali_jitter == "exact",
-                        "dali_source_workers": cfg.data.dali_source_workers, "batch": args.batch,
+                        "dali_source_workers": cfg.data.dali_source_workers,
+                        "torch_photometric": cfg.data.torch_photometric, "batch": args.batch,
                         "workers": args.workers,
                         "crops": [args.global_size, args.local_size, args.local_number],
                         "root": args.root or "sample", "setup_s": setup_s,

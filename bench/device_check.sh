@@ -265,8 +265,8 @@ fi
 # and CPU cores of the DALI (nvJPEG, mixed) and torch
 # loaders on one folder of ImageNet-like JPEGs written here (no dataset is reachable), at the
 # DINOv3 crops, the same CPU budget for both; then the ViT-B/16 step fed by the DALI loader: its
-# data_wait share of the step; then DALI with every op in its graph (exact, fast). Logged into
-# step.log (the file count is capped).
+# data_wait share of the step; then DALI with every op in its graph (exact, fast), and the torch
+# loader with its photometric ops on the GPU. Logged into step.log (the file count is capped).
 if want data; then
   echo "## stage data: python -m bench data, then fastdino.profile with data.loader=dali" >> "$OUT/step.log"
   if [ "$CUDA" = yes ]; then  # the issue's setting: B = 64, 8 CPU threads / workers, ViT-B/16
@@ -291,7 +291,11 @@ if want data; then
       "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
         --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders dali --jitter $jitter \
         || echo "bench data --jitter $jitter: rc=$?"
-    done'
+    done
+    # the torch loader with its photometric ops on the GPU (workers: decode, crop, resize, flip)
+    "$PY" $PYFLAGS -m bench data --root "$imgs" --batch "$BATCH" --steps "$STEPS" \
+      --warmup "$WARMUP" --workers "$WORKERS" --out "$RESULTS" --loaders torch \
+      --torch-photometric gpu || echo "bench data --torch-photometric gpu: rc=$?"'
 fi
 
 # ---- 3. kernel benchmarks (quick DINOv3 shapes, every provider, fwd / bwd / fwd+bwd)

@@ -225,6 +225,10 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                   else torch.device("cpu"))
         logger.info("torch loader: photometric ops on %s (kernels/photometric.py), the workers "
                     "decode, crop, resize and flip", device)
+        if device.type != "cuda":
+            logger.warning("data.torch_photometric=gpu without CUDA: the photometric ops run as "
+                           "their PyTorch reference in the main process (slower than "
+                           "data.torch_photometric=cpu, which spreads them over the workers)")
 
         def finish(raw: RawBatch) -> Batch:
             return raw.to(device, non_blocking=True).finish(cfg)
