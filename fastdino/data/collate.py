@@ -97,17 +97,17 @@ def collate_raw(samples: list[dict], patch_size: int, global_size: int,
     if global_size % patch_size:
         raise ValueError(f"global crop {global_size} is not a multiple of patch_size={patch_size}")
 
-    def crop_major(key: str, rows: range | None = None):
-        if key == "params":
-            return torch.from_numpy(np.stack([s[key][r] for r in rows for s in samples]))
+    def crop_major(key: str) -> torch.Tensor:  # crop 0 of every image, then crop 1, ...
         n_crops = len(samples[0][key])
         return torch.from_numpy(np.stack([s[key][c] for c in range(n_crops) for s in samples]))
+
+    def params(rows: range) -> torch.Tensor:  # those crops' parameter rows, in the same order
+        return torch.from_numpy(np.stack([s["params"][r] for r in rows for s in samples]))
 
     n_local = len(samples[0]["local"])
     crops = RawCrops(global_crops=crop_major("global"), local_crops=crop_major("local"),
                      gram_crops=crop_major("gram") if samples[0]["gram"] else None,
-                     global_params=crop_major("params", range(2)),
-                     local_params=crop_major("params", range(2, 2 + n_local)))
+                     global_params=params(range(2)), local_params=params(range(2, 2 + n_local)))
     g = global_size // patch_size
     m = sample_masks(2 * len(samples), (g, g), generator, mask_probability=mask_probability,
                      ratio_min_max=ratio_min_max, mask_generator=mask_generator)
