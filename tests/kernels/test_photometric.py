@@ -278,3 +278,20 @@ print(json.dumps(out))
             assert c[r"\bfma\."] == 0, (key, c)
         else:
             assert c[r"\bfma\."] > 0, (key, c)
+
+
+def test_kernel_hue_on_a_colour_cube():
+    """The kernel's HSV round trip (the fp32 / double mix) against the reference, which equals
+    Pillow on the cube (test above): every 4th level per channel (2^18 colours), three shifts,
+    no other op."""
+    step = 4
+    v = np.arange(0, 256, step, dtype=np.uint8)
+    cube = np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(-1, 64, 64, 3)
+    x = torch.from_numpy(np.ascontiguousarray(cube))
+    for steps in (1, -25, 128):
+        p = torch.zeros(len(x), K.N_PARAMS)
+        p[:, K.OP0], p[:, K.F0] = K.HUE, float(steps)
+        want = K.photometric_ref(x.clone(), p, MEAN, STD, normalize=False)
+        got = K.photometric_(x.clone().to(DEVICE), p.to(DEVICE), MEAN, STD, normalize=False)
+        _assert_equal(got, want, f"hue steps={steps}")
+        assert not torch.equal(want, x)  # the shift moved colours
