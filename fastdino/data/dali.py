@@ -24,14 +24,15 @@ Data flow, per rank:
   crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
   photometric  data.dali_jitter picks where the photometric ops run.
                triton (default): the graph ends at crop + resize (116 operators at 2 x 224 +
-               8 x 96) and outputs uint8 HWC crops and the plan; the loader turns the plan into
-               the kernel's per-crop parameters (`dali_plan.photometric_params`) and runs
-               kernels/photometric.py once per crop size: ColorJitter, greyscale, blur, solarize,
-               flip, normalisation, bit for bit the torch loader's ops on the same resized crop
-               (its blur and normalisation included). Gram crops distorted at the large size are
-               distorted first, then resized to both sizes (torch's antialiased bicubic), then
-               flipped and normalised. Tests: test_dali.py checks the batches against the torch
-               loader's own ops on the pipeline's crops, exactly.
+               8 x 96) and outputs uint8 HWC crops, the plan and the kernel's per-crop
+               parameters (`dali_plan.photometric_params`, made by the source); the loader runs
+               kernels/photometric.py once per crop size (`gpu_photometric.finish_crops`):
+               ColorJitter, greyscale, blur, solarize, flip, normalisation, bit for bit the torch
+               loader's ops on the same resized crop (its blur and normalisation included).
+               Gram crops distorted at the large size are distorted first, then resized to both
+               sizes (torch's antialiased bicubic), then flipped and normalised. Tests:
+               test_dali.py checks the batches against the torch loader's own ops on the
+               pipeline's crops, exactly.
                exact / fast: every op in the DALI graph (below).
   CPU vs GPU   (exact / fast) The two graphs differ in one place, ColorJitter. GPU graph: DALI
                ops, PIL's bit for bit (`dali_ops`: the exact graph; `exact_hue=False` takes DALI's
@@ -114,11 +115,14 @@ class SampleMeta:
 
 class _Source:
     """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta, the
-    image's two rows of the step's iBOT masks)."""
+    image's two rows of the step's iBOT masks[, its crops' photometric kernel parameters])."""
 
     def __init__(self, images: ImageFolderUnlabeled, order: ShardedInfiniteOrder, cfg: Config,
-                 start_iteration: int) -> None:
+                 start_iteration: int, photometric_params: bool = False) -> None:
         self.images, self.order, self.crops = images, order, cfg.crops
+        # photometric="triton": the kernel's per-crop parameters (blur taps included) are made
+        # here too, in the worker processes, not on the training process's main thread
+        self.photometric_params = photometric_params
         self.seed, self.batch_size = cfg.data.seed, cfg.data.batch_size_per_gpu
         self.start_iteration = start_iteration
         ps, gsize = cfg.model.patch_size, cfg.crops.global_crops_size
@@ -162,8 +166,9 @@ class _Source:
         # The crops depend on the requested (epoch, index), as in the torch loader.
         plan = P.plan_image(width, height, self.crops, augmentation_rng(self.seed, epoch, index))
         masks = self.step_masks(step)  # rows slot (global crop 1) and B + slot (global crop 2)
-        return (data, plan, np.array([epoch, index, used], dtype=np.int64),
-                masks[[slot, self.batch_size + slot]])
+        out = (data, plan, np.array([epoch, index, used], dtype=np.int64),
+               masks[[slot, self.batch_size + slot]])
+        return (*out, P.photometric_params(plan)) if self.photometric_params else out
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         return self.sample(self.start_iteration + info.iteration, info.idx_in_batch)
@@ -190,6 +195,8 @@ def output_names(cfg: Config, photometric: str = "dali", debug: bool = False) ->
     names += ["meta", "mask_rows"]
     if debug or photometric == "triton":
         names.append("plan")
+    if photometric == "triton":
+        names.append("params")
     if debug:
         names.append("image_shape")
     return names
@@ -211,6 +218,9 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
         raise ValueError(f"source_workers={source_workers}: allowed is an integer >= 0")
     if photometric not in PHOTOMETRIC:
         raise ValueError(f"photometric={photometric!r}: allowed are {', '.join(PHOTOMETRIC)}")
+    if source.photometric_params != (photometric == "triton"):
+        raise ValueError(f"photometric={photometric!r} needs a source built with "
+                         f"photometric_params={photometric == 'triton'}")
     from nvidia.dali import fn, pipeline_def, types
 
     from fastdino.data.dali_ops import CropGraph
@@ -224,9 +234,11 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
 
     @pipeline_def(enable_conditionals=True)
     def multicrop():
-        encoded, plan, meta, mask_rows = fn.external_source(
-            source=source, batch=False, num_outputs=4,
-            dtype=[types.UINT8, types.FLOAT, types.INT64, types.BOOL],
+        dtypes = [types.UINT8, types.FLOAT, types.INT64, types.BOOL]
+        if photometric == "triton":
+            dtypes.append(types.FLOAT)  # the kernel's parameters [n_crops, photometric.N_PARAMS]
+        encoded, plan, meta, mask_rows, *params = fn.external_source(
+            source=source, batch=False, num_outputs=len(dtypes), dtype=dtypes,
             parallel=source_workers > 0)
         image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                   output_type=types.RGB,
@@ -253,7 +265,8 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
                     for i in range(c.local_crops_number)]
             if gram_size is not None and c.gram_teacher_no_distortions:
                 raw += [g.resize_window(image, plan[k], gram_size) for k in range(2)]
-            return tuple(raw + [meta, mask_rows, plan] + ([image.shape()] if debug else []))
+            return tuple(raw + [meta, mask_rows, plan, *params]
+                         + ([image.shape()] if debug else []))
 
         globals_, grams = [], []
         for k in range(2):
@@ -333,7 +346,8 @@ class DALITrainLoader:
     def _start(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        source = _Source(self.images, self.order, self.cfg, self.iteration)
+        source = _Source(self.images, self.order, self.cfg, self.iteration,
+                         photometric_params=self.photometric == "triton")
         # The DALI seed only feeds operators we do not randomise; keep it a function of the run.
         seed = (self.cfg.data.seed * 1_000_003 + self.rank) % 2**31
         self.pipe = build_pipeline(source, self.cfg, self.device_id,
@@ -419,8 +433,7 @@ class DALITrainLoader:
         """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops
         (`gpu_photometric.finish_crops`: kernels/photometric.py on the crops' device)."""
         c = self.cfg.crops
-        plan = out["plan"].cpu().numpy()  # [B, n_crops, N_PARAMS]
-        params = torch.from_numpy(P.photometric_params(plan)).to(self.device)
+        params = out["params"].to(self.device)  # [B, n_crops, photometric.N_PARAMS], by the source
         rows = params.transpose(0, 1)  # [n_crops, B, ...]: crop-major, as the crops
         n_local = c.local_crops_number
 

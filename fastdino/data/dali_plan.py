@@ -97,7 +97,8 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
     """Plan rows [..., N_PARAMS] -> the photometric kernel's rows [..., photometric.N_PARAMS]
     (kernels/photometric.py: op and factor per jitter slot, the hue's factor being HUE_STEPS, the
     greyscale / blur / solarize / flip flags and the blur taps of the row's sigma, computed as the
-    torch loader computes them). Vectorised: one call per batch."""
+    torch loader computes them). Called per image by the loaders' worker processes (the DALI
+    source, the torch loader's workers); vectorised over rows."""
     from fastdino.data.transforms import gaussian_kernels1d
     from fastdino.kernels import photometric as K
 

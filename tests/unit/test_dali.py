@@ -293,7 +293,8 @@ def test_triton_photometric_is_the_torch_loaders_ops_on_dali_crops(image_dir, ex
     cfg = _cfg(image_dir, *extra, "data.num_workers=0", "kernels.impl=triton", batch=3)
     loader = _dali(cfg, photometric="triton")
     images = build_dataset(cfg)
-    source = _Source(images, ShardedInfiniteOrder(len(images), cfg.data.seed, 0, 1), cfg, 0)
+    source = _Source(images, ShardedInfiniteOrder(len(images), cfg.data.seed, 0, 1), cfg, 0,
+                     photometric_params=True)
     device_id = torch.cuda.current_device() if ON_GPU else None
     pipe = build_pipeline(source, cfg, device_id, 1, photometric="triton")
     names = output_names(cfg, "triton")
