@@ -23,7 +23,7 @@ Data flow, per rank:
                (DALI#5274: Huffman decoding is what keeps CPU cores busy in "mixed" mode).
   crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
   photometric  data.dali_jitter picks where the photometric ops run.
-               triton (default): the graph ends at crop + resize (116 operators at 2 x 224 +
+               triton (default): the graph ends at crop + resize (120 operators at 2 x 224 +
                8 x 96) and outputs uint8 HWC crops, the plan and the kernel's per-crop
                parameters (`dali_plan.photometric_params`, made by the source); the loader runs
                kernels/photometric.py once per crop size (`gpu_photometric.finish_crops`):
