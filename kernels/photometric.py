@@ -446,6 +446,11 @@ def photometric_(x: torch.Tensor, params: torch.Tensor, mean: tuple[float, float
     n, h, w, _ = x.shape
     if out is None:
         out = torch.empty((n, 3, h, w), dtype=torch.float32, device=x.device)
+    elif (out.shape != (n, 3, h, w) or out.dtype != torch.float32 or not out.is_contiguous()
+          or out.device != x.device):
+        raise ValueError(f"photometric_: out must be a contiguous float32 [{n}, 3, {h}, {w}] "
+                         f"tensor on {x.device}, got {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device}")
     if n == 0:
         return out if normalize else x
     reflect = int(min(h, w) > KERNEL_SIZE // 2)
@@ -469,5 +474,7 @@ def compile_specs() -> list[CompileSpec]:
            "reflect": "i32", **{f"{a}_{c}": "fp32" for a in ("mean", "std") for c in "rgb"}}
     return [CompileSpec(f"photometric[NORMALIZE={norm},BLOCK={_PASS_BLOCK}]",
                         _photometric_kernel, sig, {"NORMALIZE": norm, "BLOCK": _PASS_BLOCK},
-                        num_warps=_WARPS, num_stages=1, enable_fp_fusion=False)
+                        num_warps=_WARPS, num_stages=1, enable_fp_fusion=False,
+                        # fresh tensors (the loaders concatenate / stack them): 16-byte aligned
+                        divisible_by_16=("X", "Params", "Out"))
             for norm in (True, False)]

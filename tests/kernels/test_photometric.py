@@ -229,6 +229,9 @@ def test_kernel_works_in_place_and_checks_its_inputs():
         K.photometric_(x.float().to(DEVICE), p.to(DEVICE), MEAN, STD)
     with pytest.raises(ValueError, match=r"float32 \[N, 21\]"):
         K.photometric_(x.clone().to(DEVICE), p[:2].to(DEVICE), MEAN, STD)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        K.photometric_(x.clone().to(DEVICE), p.to(DEVICE), MEAN, STD,
+                       out=torch.empty(3, 3, 8, 8, dtype=torch.float64, device=DEVICE))
     empty = K.photometric_(x[:0].clone().to(DEVICE), p[:0].to(DEVICE), MEAN, STD)
     assert empty.shape == (0, 3, 8, 8)
 
