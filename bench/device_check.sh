@@ -141,8 +141,8 @@ fi
 # few stages (--stages) splits the whole budget among them.
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
 ORDER="pytest check data bench profile step ds"
-weight() { case "$1" in pytest) echo 22 ;; check) echo 12 ;; bench) echo 34 ;; profile) echo 12 ;;
-  step) echo 14 ;; data) echo 16 ;; ds) echo 6 ;; esac; }
+weight() { case "$1" in pytest) echo 22 ;; check) echo 12 ;; bench) echo 32 ;; profile) echo 12 ;;
+  step) echo 14 ;; data) echo 20 ;; ds) echo 6 ;; esac; }
 stage_timeout() {  # $1 = stage name
   local total=0 seen=no st
   for st in $ORDER; do
