@@ -1,9 +1,12 @@
 """The DALI graph of one crop: execute a row of the plan (`dali_plan.py`) on a decoded image.
 
-Used inside a `@pipeline_def(enable_conditionals=True)` function (see `dali.py`). Images are HWC
-uint8 between ops, as PIL keeps them between torchvision's ops (same rounding points). On the GPU
-pipeline `device="gpu"`: images live on the GPU, per-sample parameters are CPU argument inputs (as
-DALI requires) or, where they enter arithmetic with a GPU image, are moved to the GPU first.
+Used inside a `@pipeline_def(enable_conditionals=True)` function (see `dali.py`). With
+`data.dali_jitter: triton` (the loader's default) the graph stops after `resize_window` and
+kernels/photometric.py does the rest; everything below the resize serves `exact` and `fast`.
+Images are HWC uint8 between ops, as PIL keeps them between torchvision's ops (same rounding
+points). On the GPU pipeline `device="gpu"`: images live on the GPU, per-sample parameters are CPU
+argument inputs (as DALI requires) or, where they enter arithmetic with a GPU image, are moved to
+the GPU first.
 
 Ops and how they match the torch loader (`transforms.py`, torchvision's PIL code paths):
 - crop + resize: one `fn.resize` from the planned window (roi) straight to the output size,
