@@ -183,22 +183,22 @@ PHOTOMETRIC = ("dali", "triton")
 
 def output_names(cfg: Config, photometric: str = "dali", debug: bool = False) -> list[str]:
     """The pipeline's outputs, in order: the crops, meta [3] (epoch, index, used), mask_rows
-    [2, N] (the image's rows of the step's iBOT masks), [plan], [image shape].
-    photometric="triton" outputs uint8 HWC crops and always the plan; with Gram crops distorted
-    at the large size (no `gram_teacher_no_distortions`) the two global outputs are those large
-    crops and there is no Gram output (the loader distorts, then resizes them to both sizes)."""
+    [2, N] (the image's rows of the step's iBOT masks), [params], [plan, image shape].
+    photometric="triton" outputs uint8 HWC crops and params [n_crops, photometric.N_PARAMS] (the
+    kernel's); with Gram crops distorted at the large size (no `gram_teacher_no_distortions`) the
+    two global outputs are those large crops and there is no Gram output (the loader distorts,
+    then resizes them to both sizes). debug adds the plan [n_crops, N_PARAMS] and the decoded
+    image's shape [3]."""
     c = cfg.crops
     names = ["global0", "global1"] + [f"local{i}" for i in range(c.local_crops_number)]
     gram = c.gram_teacher_crops_size is not None
     if gram and (photometric == "dali" or c.gram_teacher_no_distortions):
         names += ["gram0", "gram1"]
     names += ["meta", "mask_rows"]
-    if debug or photometric == "triton":
-        names.append("plan")
     if photometric == "triton":
         names.append("params")
     if debug:
-        names.append("image_shape")
+        names += ["plan", "image_shape"]
     return names
 
 
@@ -206,8 +206,7 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
                    debug: bool = False, seed: int = 0, exact_hue: bool = True,
                    host_jitter: bool | None = None, photometric: str = "dali",
                    source_workers: int = 0):
-    """DALI pipeline of one rank; outputs in `output_names` order: global 1, global 2, local
-    1..N, [gram 1, gram 2], meta, [the plan [n_crops, N_PARAMS]], [the decoded image shape [3]].
+    """DALI pipeline of one rank; outputs in `output_names` order.
     host_jitter: None = on the CPU graph only (see the module docstring); False = the GPU graph's
     DALI jitter ops on the CPU too (tests use it to check those ops against PIL without a GPU).
     photometric="triton": the graph ends at crop + resize (uint8 HWC); the loader runs the
@@ -265,8 +264,8 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
                     for i in range(c.local_crops_number)]
             if gram_size is not None and c.gram_teacher_no_distortions:
                 raw += [g.resize_window(image, plan[k], gram_size) for k in range(2)]
-            return tuple(raw + [meta, mask_rows, plan, *params]
-                         + ([image.shape()] if debug else []))
+            return tuple(raw + [meta, mask_rows, *params]
+                         + ([plan, image.shape()] if debug else []))
 
         globals_, grams = [], []
         for k in range(2):

@@ -23,10 +23,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fastdino.config import CropsConfig
-from fastdino.data.transforms import BLUR_PROBABILITIES, random_resized_crop_params
+from fastdino.data.transforms import (
+    BLUR_PROBABILITIES,
+    gaussian_kernels1d,
+    random_resized_crop_params,
+)
 
 TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER = range(6)
 SLOT0 = 6  # 4 slots x (brightness, contrast, saturation, hue)
@@ -99,8 +104,7 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
     greyscale / blur / solarize / flip flags and the blur taps of the row's sigma, computed as the
     torch loader computes them). Called per image by the loaders' worker processes (the DALI
     source, the torch loader's workers); vectorised over rows."""
-    from fastdino.data.transforms import gaussian_kernels1d
-    from fastdino.kernels import photometric as K
+    from fastdino.kernels import photometric as K  # (imports triton: only when asked)
 
     rows = np.asarray(plan, dtype=np.float32).reshape(-1, N_PARAMS)
     out = np.zeros((rows.shape[0], K.N_PARAMS), dtype=np.float32)
@@ -117,8 +121,6 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
         out[:, dst] = rows[:, src] > 0.5
     blur = rows[:, BLUR] > 0.5
     if blur.any():
-        import torch
-
         taps = gaussian_kernels1d(K.KERNEL_SIZE, torch.from_numpy(rows[blur, SIGMA].copy()))
         out[blur, K.TAP0:K.TAP0 + K.KERNEL_SIZE] = taps.numpy()
     return out.reshape(*np.shape(plan)[:-1], K.N_PARAMS)

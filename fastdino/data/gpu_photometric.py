@@ -106,7 +106,8 @@ def geometric_crops(image, crops, rng) -> dict:
     order: the DALI plan, `dali_plan.plan_image`), cropped, resized and flipped with PIL, without
     the photometric ops: {"global": [2 x uint8 [H, W, 3]], "local": [nL x ...], "gram": [2 x ...]
     (no-distortion Gram crops only), "params": float32 [2 + nL, photometric.N_PARAMS]} with the
-    flip already applied (the parameters' FLIP is 0). `image`: PIL RGB; `crops`: CropsConfig."""
+    flip already applied (the parameters' FLIP is 0). `image`: PIL (converted to RGB as
+    `DataAugmentationDINO` converts it); `crops`: CropsConfig."""
     import numpy as np
     from PIL import Image
 
@@ -114,6 +115,8 @@ def geometric_crops(image, crops, rng) -> dict:
     from fastdino.data.transforms import BICUBIC, resize
     from fastdino.kernels.photometric import FLIP
 
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     plan = P.plan_image(image.width, image.height, crops, rng)
     gram = crops.gram_teacher_crops_size
     global_max = max(crops.global_crops_size, gram or 0)

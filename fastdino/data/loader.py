@@ -103,8 +103,7 @@ class MultiCropBatches(Dataset):
         image, _used, skipped = self.images.load(index)
         rng = augmentation_rng(self.seed, epoch, index)
         if self.raw:
-            crops = geometric_crops(image if image.mode == "RGB" else image.convert("RGB"),
-                                    self.crops, rng)
+            crops = geometric_crops(image, self.crops, rng)
         else:
             crops = self.augment(image, rng)
         crops["skipped_files"] = skipped

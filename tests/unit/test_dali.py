@@ -296,8 +296,8 @@ def test_triton_photometric_is_the_torch_loaders_ops_on_dali_crops(image_dir, ex
     source = _Source(images, ShardedInfiniteOrder(len(images), cfg.data.seed, 0, 1), cfg, 0,
                      photometric_params=True)
     device_id = torch.cuda.current_device() if ON_GPU else None
-    pipe = build_pipeline(source, cfg, device_id, 1, photometric="triton")
-    names = output_names(cfg, "triton")
+    pipe = build_pipeline(source, cfg, device_id, 1, debug=True, photometric="triton")
+    names = output_names(cfg, "triton", debug=True)
     aug = DataAugmentationDINO(cfg.crops)
     n_local = cfg.crops.local_crops_number
     for _ in range(3):
