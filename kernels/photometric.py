@@ -47,8 +47,9 @@ Limits: no gradient (a data op). Each program holds a whole crop, so N should be
 per SM (640 crops at B = 64); a single huge crop runs on one SM. Not timed on a GPU yet.
 
 This file: `photometric_ref` (the truth) -> `_photometric_kernel` -> `photometric_` (launcher,
-in place) -> `photometric` (Triton where it can run, the reference elsewhere). No torch.library
-op: it runs in the data loader, outside any compiled graph.
+in place). The loaders pick between the launcher and the reference by `kernels.impl`
+(fastdino/data/gpu_photometric.py `finish_crops`). No torch.library op and no autograd Function:
+a data op, run in the data loader outside any compiled graph, with no gradient.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdino.kernels._utils import CompileSpec, can_run_triton, is_interpreter
+from fastdino.kernels._utils import CompileSpec, is_interpreter
 
 # ---- the per-crop parameters: float32 [N, N_PARAMS], one row per crop
 # Slot k (0..3) applies op OP[k] with factor F[k]: the torch loader's ColorJitter order. The hue's
@@ -458,15 +459,6 @@ def photometric_(x: torch.Tensor, params: torch.Tensor, mean: tuple[float, float
                               *map(float, std), NORMALIZE=normalize, BLOCK=_PASS_BLOCK,
                               num_warps=_WARPS, num_stages=1, **_launch_options())
     return out if normalize else x
-
-
-def photometric(x: torch.Tensor, params: torch.Tensor, mean: tuple[float, float, float],
-                std: tuple[float, float, float], normalize: bool = True) -> torch.Tensor:
-    """The op (see the module docstring); `x` may be modified (it is the working buffer). Triton
-    on CUDA (and under the interpreter), the reference elsewhere: the same values either way."""
-    if can_run_triton(x):
-        return photometric_(x, params, mean, std, normalize)
-    return photometric_ref(x, params, mean, std, normalize)
 
 
 def compile_specs() -> list[CompileSpec]:

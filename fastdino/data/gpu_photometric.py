@@ -38,14 +38,15 @@ class RawCrops:
     global_params: torch.Tensor  # [2B, photometric.N_PARAMS] float32
     local_params: torch.Tensor  # [nL·B, photometric.N_PARAMS] float32
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "RawCrops":
-        return RawCrops(**{f.name: None if (v := getattr(self, f.name)) is None
-                           else v.to(device, non_blocking=non_blocking)
+    def _map(self, fn) -> "RawCrops":  # fn on every tensor (gram_crops may be None)
+        return RawCrops(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v)
                            for f in dataclasses.fields(self)})
 
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "RawCrops":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
     def pin_memory(self) -> "RawCrops":
-        return RawCrops(**{f.name: None if (v := getattr(self, f.name)) is None else v.pin_memory()
-                           for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.pin_memory())
 
 
 def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
