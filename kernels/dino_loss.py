@@ -31,10 +31,14 @@ at 100 % of 4.2 TB/s (H200) / 3.35 TB/s (H100); the target is >= 80 % of the mea
   + backward 3 (s, t, dS) = 11, against a minimum of 5 student + 5 teacher for this
   factorisation (the last SK row pass could be folded into the forward; not done). ViT-L iBOT
   bf16 at roofline: 5.4 GB -> 1.29 ms (H200) / 1.62 ms (H100); ~1.5 / 1.9 ms at 85 %.
-- DINO CLS (all variants) moves < 0.25 GB and is bound by host time, not HBM: one call is
-  SK (9 launches) + 2 × forward (kernel + merge) + 2 × backward = 15 Triton launches (~12 µs of
-  host time each) and ~20 small torch ops, ~0.3 ms per fwd+bwd, against ~60-80 µs of device
-  time. Hence: no custom-op dispatch outside torch.compile, no torch-side merges, and merges
+- DINO CLS (all variants) moves < 0.25 GB and is bound by host time, not HBM. Modelled: SK (9
+  launches) + 2 × forward (kernel + merge) + 2 × backward = 15 Triton launches at ~12 µs of host
+  time each and ~20 small torch ops, ~0.3 ms per fwd+bwd. Measured (H200, triton 3.6, check6,
+  before `DINOLoss.forward_joint` cut the soft-CE launches to 2 + 1): 2.35 ms median fwd+bwd
+  against 0.30 ms of device time (CUDA graph) and 1.24 ms for torch.compile; its profile
+  (check6 bench.log, profiler-inflated) shows ~22 µs of Python per `JITFunction.run` and the
+  rest spread over torch ops, allocations and autograd nodes: the model was ~8x optimistic, and
+  CUDA graphs or fewer launches are the lever, not the kernels. Hence: no custom-op dispatch outside torch.compile, no torch-side merges, and merges
   in a fixed-order Triton kernel (deterministic, no atomics).
 - Launch config: BLOCK_R × BLOCK_K = 8 × 256 (bf16, J=1) / 4 × 256 (bf16 J=2, fp32: 8 rows
   spill on sm_80 / under triton 3.9), num_warps 8, num_stages = STAGES = 4 through `tl.range`

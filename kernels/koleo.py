@@ -18,9 +18,9 @@ Tested: Triton 3.6 and 3.9 under the CPU interpreter (all three paths,
 tests/kernels/test_koleo*.py); every shipped configuration compiled for sm_90 / sm_80 without
 spills, with the arguments the JIT specializes at run time declared 16-divisible
 (CompileSpec.divisible_by_16, which turns on the cp.async pipelines); the fused path measured on
-an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt); the small path not yet run on
-a GPU (its numbers below are a latency model: bench/bench_koleo.py's `triton` vs `triton_old`
-rows and the GPU tests in test_koleo_split.py check it).
+an H200 (bench/results/nvidia-h200-2026-11-26-logs/koleo_bench.txt), the small path too
+(bench/results/nvidia-h200-2026-11-26-check5 and -check6, numbers below; its GPU tests in
+test_koleo_split.py, incl. CUDA-graph replay, passed there).
 Limits: ties in the argmax resolve to the lowest column index on every path (torch.argmax's rule),
 but a near-tie can still flip against torch because the dots are summed in another order (the loss
 is then the same, the gradient goes to a different copy). fp32 inputs use IEEE fp32 dots (exact
@@ -116,9 +116,13 @@ is 8 MFLOP and 256 KB: all of that is latency, not work.
   64-row tile up to B = 64 (a loop of them above), and its loads ordered for latency: the
   non-gather loads of row j and of the chooser tile first, then all gathers together (2 round
   trips); grid (n/32, D/64, G): B = 64, D = 1024 -> 2 x 16 x 2 = 64 programs.
-  Expected (model, H200; unmeasured): fwd ~3-5 µs, fwd+bwd ~6-8 µs at B = 64, D = 1024; the
-  issue's target is 2x torch.compile (5.6 / 7.7 µs). The D = 4096 cases are the doubtful ones:
-  the finisher's distance pass is 4 serial 64 KB steps there.
+  Modelled fwd ~3-5 µs, fwd+bwd ~6-8 µs at B = 64, D = 1024. Measured (H200, CUDA-graph
+  medians, check5 / check6): fwd 9.9 / 9.8 µs, bwd kernel 3.2 µs, fwd+bwd 15.3 / 15.4 µs against
+  15.6 / 15.7 µs for torch.compile (1.02x; the issue's target is 2x) and 32.9 µs for the fused
+  path. So the forward's critical path costs about twice the model (dependent global round trips
+  and the acq_rel tickets, not FLOPs); SMALL_SPLITS = 1 (bench provider `triton_ks1`, no split-K
+  ticket) is the prepared A/B. The D = 4096 cases (never timed) are the doubtful ones: the
+  finisher's distance pass is 4 serial 64 KB steps there.
 
 Path choice (path="auto"; "small" / "fused" / "split" force both halves): groups of at most
 SMALL_MAX_N rows take the small path both ways (a fixed rule, _pick: at those sizes the op is
