@@ -9,8 +9,11 @@ the row's own masked patch), the per-row loss is
 
 (Σ_k p_jk = 1), and its gradient is dloss_i/ds_i = (|J(i)|·softmax(z_i) - Σ_j p_j)/τ_s.
 Teacher rows are addressed by an index map `teacher_index` [R, J] (-1 = no pair), so no teacher
-row is copied; the weights (1/(2B), 1/n_masked, ...) are applied to the per-row losses by the
-caller, whose gradient arrives here as grad_row [R].
+row is copied. Two forms: `dino_soft_ce` returns the per-row losses [R] (the caller applies the
+weights 1/(2B), 1/n_masked, ... and its gradient arrives here as grad_row [R]);
+`dino_soft_ce_sum` takes the weights [G, R] and returns the losses themselves, out [G] =
+scale · weights @ row_loss, summed in the merge launch, and its backward forms each row's
+gradient scale · Σ_g grad_out[g]·weights[g, row] in-kernel (what the DINO and iBOT losses use).
 
 Performance model (issue 5; 132 SMs on H100 / H200; e = element size of the logits). HBM bytes:
 forward R·K·e (read s) + N·K·e (teacher rows, iBOT; the DINO teacher, 16.8 MB bf16, stays in
@@ -31,15 +34,19 @@ at 100 % of 4.2 TB/s (H200) / 3.35 TB/s (H100); the target is >= 80 % of the mea
   + backward 3 (s, t, dS) = 11, against a minimum of 5 student + 5 teacher for this
   factorisation (the last SK row pass could be folded into the forward; not done). ViT-L iBOT
   bf16 at roofline: 5.4 GB -> 1.29 ms (H200) / 1.62 ms (H100); ~1.5 / 1.9 ms at 85 %.
-- DINO CLS (all variants) moves < 0.25 GB and is bound by host time, not HBM. Modelled: SK (9
-  launches) + 2 × forward (kernel + merge) + 2 × backward = 15 Triton launches at ~12 µs of host
-  time each and ~20 small torch ops, ~0.3 ms per fwd+bwd. Measured (H200, triton 3.6, check6,
-  before `DINOLoss.forward_joint` cut the soft-CE launches to 2 + 1): 2.35 ms median fwd+bwd
-  against 0.30 ms of device time (CUDA graph) and 1.24 ms for torch.compile; its profile
-  (check6 bench.log, profiler-inflated) shows ~22 µs of Python per `JITFunction.run` and the
-  rest spread over torch ops, allocations and autograd nodes: the model was ~8x optimistic, and
-  CUDA graphs or fewer launches are the lever, not the kernels. Hence: no custom-op dispatch outside torch.compile, no torch-side merges, and merges
-  in a fixed-order Triton kernel (deterministic, no atomics).
+- DINO CLS (all variants) moves < 0.25 GB and is bound by host time, not HBM. Measured (H200,
+  triton 3.6, check6, with two soft-CE calls and the means in torch): 2.35 ms median fwd+bwd
+  against 0.30 ms of device time (CUDA graph) and 1.24 ms for torch.compile, where a model of
+  ~12 µs per Triton launch had said ~0.3 ms; its profile (check6 bench.log, profiler-inflated)
+  shows ~22 µs of Python per `JITFunction.run` and the rest spread over torch ops, allocations
+  and autograd nodes. So launches and torch ops are what to cut: SK 9 launches, then
+  `forward_joint` through `dino_soft_ce_sum` = 2 launches forward (kernel, one-program merge
+  that also sums the three losses) and 1 backward, with no torch reduction or arithmetic
+  around them (a test counts; the losses' selects leave one select_backward, a [3] zero-fill
+  and copy); before: 2 soft-CE calls (4 + 2 launches), ~5 torch reductions in the forward
+  and ~9 small kernels and 6 autograd nodes in the backward. Not timed on a GPU yet. Hence also: no
+  custom-op dispatch outside torch.compile, and merges in a fixed-order Triton kernel
+  (deterministic, no atomics).
 - Launch config: BLOCK_R × BLOCK_K = 8 × 256 (bf16, J=1) / 4 × 256 (bf16 J=2, fp32: 8 rows
   spill on sm_80 / under triton 3.9), num_warps 8, num_stages = STAGES = 4 through `tl.range`
   (3 tiles of s and t in flight per program, 21-27 KB shared bf16), elementwise accumulators
@@ -90,6 +97,16 @@ def dino_soft_ce_ref(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return -(q.sum(dim=1) * logsm).sum(dim=-1)
 
 
+def dino_soft_ce_sum_ref(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                         teacher_index: torch.Tensor, student_temp: float,
+                         weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The losses as weighted sums of the rows [G] fp32: scale · weights [G, R] @ row_loss (the
+    DINO CLS loss's global / local means and their weighted total, iBOT's 1/n_masked weights),
+    the form `dino_soft_ce_sum` computes without any torch op around the kernels."""
+    rows = dino_soft_ce_ref(student_logits, teacher_probs, teacher_index, student_temp)
+    return scale * (weights.float() @ rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton kernels. Grid (K splits, student row blocks): one program streams BLOCK_R student rows'
 # K slice and the same slice of their (at most 2 each) teacher rows, forming p = exp(t·inv_tt -
@@ -104,7 +121,13 @@ import dataclasses  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fastdino.kernels._utils import CompileSpec, cdiv, is_interpreter, next_pow2  # noqa: E402
+from fastdino.kernels._utils import (  # noqa: E402
+    CompileSpec,
+    cdiv,
+    eager_or_op,
+    is_interpreter,
+    next_pow2,
+)
 
 MAX_SPLITS = 128  # K splits: the merge kernel reads them as one [rows, 128] tile
 
@@ -182,13 +205,10 @@ def _dino_soft_ce_fwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
     tl.store(part_ptr + 3 * plane + o, psum_r, mask=rmask)
 
 
-@triton.jit(do_not_specialize=['R', 'n_splits'])
-def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
-    """LSE merge of the K-split partials [4, R, n_splits] (n_splits <= BLOCK_S) in a fixed order:
-    out [3, R] = (loss = lse·psum - dot, lse, psum)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
+@triton.jit
+def _merge_rows(part_ptr, rows, rmask, R, n_splits, BLOCK_S: tl.constexpr):
+    """LSE merge of rows' K-split partials [4, R, n_splits] (n_splits <= BLOCK_S) in a fixed
+    order: (loss = lse·psum - dot, lse, psum) per row, 0 for rows past R."""
     splits = tl.arange(0, BLOCK_S)
     mask = rmask[:, None] & (splits < n_splits)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_splits + splits[None, :]
@@ -199,20 +219,57 @@ def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
                  * tl.exp2((m - m_r[:, None]) * 1.4426950408889634), axis=1)
     dot_r = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), axis=1)
     psum_r = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), axis=1)
-    lse = m_r + tl.log(d_r)
-    tl.store(out_ptr + rows, lse * psum_r - dot_r, mask=rmask)
+    lse = tl.where(rmask, m_r + tl.log(tl.where(rmask, d_r, 1.0)), 0.0)
+    return lse * psum_r - dot_r, lse, psum_r
+
+
+@triton.jit(do_not_specialize=['R', 'n_splits'])
+def _soft_ce_merge_kernel(part_ptr, out_ptr, R, n_splits, BLOCK_R: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    """Per-row merge, one program per BLOCK_R rows: out [3, R] = (loss, lse, psum)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    loss, lse, psum = _merge_rows(part_ptr, rows, rmask, R, n_splits, BLOCK_S)
+    tl.store(out_ptr + rows, loss, mask=rmask)
     tl.store(out_ptr + R + rows, lse, mask=rmask)
-    tl.store(out_ptr + 2 * R + rows, psum_r, mask=rmask)
+    tl.store(out_ptr + 2 * R + rows, psum, mask=rmask)
 
 
-@triton.jit(do_not_specialize=['R'])
+@triton.jit(do_not_specialize=['R', 'n_splits', 'G'])
+def _soft_ce_merge_sum_kernel(part_ptr, stats_ptr, w_ptr, out_ptr, R, n_splits, G, scale,
+                              BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_S: tl.constexpr):
+    """One program: the per-row merge of every row (stats [3, R], as _soft_ce_merge_kernel) and
+    the loss itself, out [G] = scale · Σ_r w[g, r]·loss_r (w [G, R] fp32, G <= BLOCK_G), summed
+    in a fixed order: the caller's means and weighted sums become no torch op at all, in the
+    forward or (through the same w, _dino_soft_ce_bwd_kernel) in the backward."""
+    gs = tl.arange(0, BLOCK_G)
+    gmask = gs < G
+    acc = tl.zeros([BLOCK_G, BLOCK_R], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        loss, lse, psum = _merge_rows(part_ptr, rows, rmask, R, n_splits, BLOCK_S)
+        tl.store(stats_ptr + rows, loss, mask=rmask)
+        tl.store(stats_ptr + R + rows, lse, mask=rmask)
+        tl.store(stats_ptr + 2 * R + rows, psum, mask=rmask)
+        w = tl.load(w_ptr + gs[:, None].to(tl.int64) * R + rows[None, :],
+                    mask=gmask[:, None] & rmask[None, :], other=0.0)
+        acc += w * loss[None, :]
+    tl.store(out_ptr + gs, tl.sum(acc, axis=1) * scale, mask=gmask)
+
+
+@triton.jit(do_not_specialize=['R', 'G'])
 def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_ptr, stats_ptr,
-                             g_ptr, ds_ptr, R, K, stride_s, stride_t, stride_ds, stride_g, inv_ts,
-                             inv_tt, k_per_split, J: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                             g_ptr, w_ptr, ds_ptr, R, K, stride_s, stride_t, stride_ds, stride_g,
+                             G, scale, inv_ts, inv_tt, k_per_split, BLOCK_G: tl.constexpr,
+                             J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                             STAGES: tl.constexpr):
     """dS[row, k] = (g·psum·softmax(z)_k - g·Σ_j p_jk)·inv_ts, recomputed in tiles from the saved
-    row (lse, psum) = stats[1:3] (natural units): no probability is stored. g may be a broadcast
-    (stride_g = 0)."""
+    row (lse, psum) = stats[1:3] (natural units): no probability is stored. BLOCK_G = 0: g is the
+    per-row gradient g_ptr[row·stride_g] (stride_g = 0: a broadcast); BLOCK_G > 0: the loss was
+    _soft_ce_merge_sum_kernel's out [G] and g_ptr holds its gradient, so g_row = scale ·
+    Σ_g grad[g]·w[g, row]."""
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -220,7 +277,15 @@ def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
     rows64 = rows.to(tl.int64)
     s_off = rows64 * stride_s
     ds_off = rows64 * stride_ds
-    g = tl.load(g_ptr + rows64 * stride_g, mask=rmask, other=0.0)
+    if BLOCK_G == 0:
+        g = tl.load(g_ptr + rows64 * stride_g, mask=rmask, other=0.0)
+    else:
+        gs = tl.arange(0, BLOCK_G)
+        gmask = gs < G
+        gw = tl.load(g_ptr + gs, mask=gmask, other=0.0)
+        w = tl.load(w_ptr + gs[:, None].to(tl.int64) * R + rows64[None, :],
+                    mask=gmask[:, None] & rmask[None, :], other=0.0)
+        g = tl.sum(gw[:, None] * w, axis=0) * scale
     lse = tl.load(stats_ptr + R + rows, mask=rmask, other=0.0)
     coef = g * tl.load(stats_ptr + 2 * R + rows, mask=rmask, other=0.0)
     off0, b0, ok0 = _teacher_row(row_shift_ptr, tidx_ptr, rows, rmask, stride_t, 0, J)
@@ -298,41 +363,97 @@ def _prep(s, t, col_shift, row_shift, tidx):
             row_shift.float().contiguous(), tidx.contiguous())
 
 
-def dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
-    """-> stats [3, R] fp32: (row_loss, lse (natural units), psum)."""
-    _check_inputs(s, t, col_shift, row_shift, tidx)
-    s, t, col_shift, row_shift, tidx = _prep(s, t, col_shift, row_shift, tidx)
+def _fwd_partials(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
+    """The soft-CE forward kernel's K-split partials [4, R, n_splits] (operands prepared)."""
     r, k = s.shape
-    out = torch.empty(3, r, device=s.device, dtype=torch.float32)
-    if not r:
-        return out
     block_r, block_k, k_per_split, n_splits = _config(r, k, s, tidx.shape[1])
     part = torch.empty(4, r, n_splits, device=s.device, dtype=torch.float32)
     _dino_soft_ce_fwd_kernel[(n_splits, cdiv(r, block_r))](
         s, t, col_shift, row_shift, tidx, part, r, k, s.stride(0), t.stride(0), float(inv_ts),
         float(inv_tt), k_per_split, n_splits, J=tidx.shape[1], BLOCK_R=block_r, BLOCK_K=block_k,
         STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
+    return part
+
+
+def dino_soft_ce_fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
+    """-> stats [3, R] fp32: (row_loss, lse (natural units), psum)."""
+    _check_inputs(s, t, col_shift, row_shift, tidx)
+    s, t, col_shift, row_shift, tidx = _prep(s, t, col_shift, row_shift, tidx)
+    r = s.shape[0]
+    out = torch.empty(3, r, device=s.device, dtype=torch.float32)
+    if not r:
+        return out
+    part = _fwd_partials(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt)
     _soft_ce_merge_kernel[(cdiv(r, _MERGE_BLOCK_R),)](
-        part, out, r, n_splits, BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
+        part, out, r, part.shape[2], BLOCK_R=_MERGE_BLOCK_R, BLOCK_S=MAX_SPLITS,
         num_warps=_MERGE_WARPS)
     return out
 
 
-def dino_soft_ce_bwd(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt):
-    """-> dS [R, K] in the student's dtype. stats: the forward's [3, R]."""
+MAX_SUMS = 4  # outputs G of the weighted-sum form (DINO: dino, global, local; iBOT: 1)
+# fp32 elements per partials plane and step of the one-program merge (4096 spilled on sm_80)
+_SUM_TILE = 2048
+_SUM_WARPS = 8
+
+
+def _sum_block_r(n_splits: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_S) of _soft_ce_merge_sum_kernel: BLOCK_S the splits' power of two, and
+    as many rows per step as fit a _SUM_TILE tile (ViT-L iBOT at 3,771 rows x 3 splits: 8 steps
+    of 512 rows; the DINO CLS loss at 640 x 7: 3 of 256)."""
+    block_s = next_pow2(n_splits)
+    return max(16, min(1024, _SUM_TILE // block_s)), block_s
+
+
+def _check_weights(weights: torch.Tensor, r: int) -> torch.Tensor:
+    if weights.dim() != 2 or weights.shape[1] != r or not 1 <= weights.shape[0] <= MAX_SUMS:
+        raise ValueError(f"weights must be [G, R={r}] with 1 <= G <= {MAX_SUMS}, got "
+                         f"{tuple(weights.shape)}")
+    return weights.float().contiguous()
+
+
+def dino_soft_ce_sum_fwd(s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt):
+    """-> (stats [3, R], out [G]) fp32: the per-row stats of dino_soft_ce_fwd and the loss
+    sums out = scale · weights @ row_loss, in two launches (kernel + one-program merge)."""
+    _check_inputs(s, t, col_shift, row_shift, tidx)
+    r = s.shape[0]
+    weights = _check_weights(weights, r)
+    s, t, col_shift, row_shift, tidx = _prep(s, t, col_shift, row_shift, tidx)
+    g = weights.shape[0]
+    stats = torch.empty(3, r, device=s.device, dtype=torch.float32)
+    out = torch.empty(g, device=s.device, dtype=torch.float32)
+    if not r:
+        return stats, out.zero_()
+    part = _fwd_partials(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt)
+    block_r, block_s = _sum_block_r(part.shape[2])
+    _soft_ce_merge_sum_kernel[(1,)](
+        part, stats, weights, out, r, part.shape[2], g, float(scale), BLOCK_G=MAX_SUMS,
+        BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_SUM_WARPS)
+    return stats, out
+
+
+def dino_soft_ce_bwd(grad, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt,
+                     weights=None, scale=1.0):
+    """-> dS [R, K] in the student's dtype. stats: the forward's [3, R]. weights None: grad is
+    the per-row gradient [R] (or a broadcast); else grad [G] is the gradient of
+    dino_soft_ce_sum_fwd's out (scale · weights @ row_loss)."""
     s, t, col_shift, row_shift, tidx = _prep(s, t, col_shift, row_shift, tidx)
     r, k = s.shape
     ds = torch.empty_like(s)
     if not r:
         return ds
-    g = grad_row if grad_row.dtype == torch.float32 else grad_row.float()
+    g = grad if grad.dtype == torch.float32 else grad.float()
+    if weights is None:
+        w, n_sums, block_g = g, 0, 0
+    else:
+        w, n_sums, block_g = _check_weights(weights, r), weights.shape[0], MAX_SUMS
+        g = g.contiguous()
     stats = stats.contiguous()
     block_r, block_k, k_per_split, n_splits = _config(r, k, s, tidx.shape[1])
     _dino_soft_ce_bwd_kernel[(n_splits, cdiv(r, block_r))](
-        s, t, col_shift, row_shift, tidx, stats, g, ds, r, k, s.stride(0), t.stride(0),
-        ds.stride(0), g.stride(0), float(inv_ts), float(inv_tt), k_per_split, J=tidx.shape[1],
-        BLOCK_R=block_r, BLOCK_K=block_k, STAGES=_STAGES, num_warps=_WARPS,
-        num_stages=_STAGES)
+        s, t, col_shift, row_shift, tidx, stats, g, w, ds, r, k, s.stride(0), t.stride(0),
+        ds.stride(0), g.stride(0), n_sums, float(scale), float(inv_ts), float(inv_tt),
+        k_per_split, BLOCK_G=block_g, J=tidx.shape[1], BLOCK_R=block_r, BLOCK_K=block_k,
+        STAGES=_STAGES, num_warps=_WARPS, num_stages=_STAGES)
     return ds
 
 
@@ -367,6 +488,40 @@ def _(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt):
     return torch.empty_like(s)
 
 
+@torch.library.custom_op("fastdino::dino_soft_ce_sum_fwd", mutates_args=())
+def _dino_soft_ce_sum_fwd_op(s: torch.Tensor, t: torch.Tensor, col_shift: torch.Tensor,
+                             row_shift: torch.Tensor, tidx: torch.Tensor, weights: torch.Tensor,
+                             scale: float, inv_ts: float, inv_tt: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    return dino_soft_ce_sum_fwd(s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt)
+
+
+@_dino_soft_ce_sum_fwd_op.register_fake
+def _(s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt):
+    return (s.new_empty(3, s.shape[0], dtype=torch.float32),
+            s.new_empty(weights.shape[0], dtype=torch.float32))
+
+
+def _dino_soft_ce_sum_bwd(grad, s, t, col_shift, row_shift, tidx, stats, weights, scale, inv_ts,
+                          inv_tt):
+    return dino_soft_ce_bwd(grad, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt,
+                            weights=weights, scale=scale)
+
+
+@torch.library.custom_op("fastdino::dino_soft_ce_sum_bwd", mutates_args=())
+def _dino_soft_ce_sum_bwd_op(grad: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                             col_shift: torch.Tensor, row_shift: torch.Tensor,
+                             tidx: torch.Tensor, stats: torch.Tensor, weights: torch.Tensor,
+                             scale: float, inv_ts: float, inv_tt: float) -> torch.Tensor:
+    return _dino_soft_ce_sum_bwd(grad, s, t, col_shift, row_shift, tidx, stats, weights, scale,
+                                 inv_ts, inv_tt)
+
+
+@_dino_soft_ce_sum_bwd_op.register_fake
+def _(grad, s, t, col_shift, row_shift, tidx, stats, weights, scale, inv_ts, inv_tt):
+    return torch.empty_like(s)
+
+
 # ------------------------------------------------------------------------------------------------
 # Autograd and the functional API
 # ------------------------------------------------------------------------------------------------
@@ -375,8 +530,7 @@ def _(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt):
 class DinoSoftCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, col_shift, row_shift, tidx, inv_ts, inv_tt):
-        fwd = torch.ops.fastdino.dino_soft_ce_fwd if torch.compiler.is_compiling() \
-            else dino_soft_ce_fwd
+        fwd = eager_or_op(torch.ops.fastdino.dino_soft_ce_fwd, dino_soft_ce_fwd)
         stats = fwd(s, t, col_shift, row_shift, tidx, inv_ts, inv_tt)
         ctx.save_for_backward(s, t, col_shift, row_shift, tidx, stats)
         ctx.temps = (inv_ts, inv_tt)
@@ -384,10 +538,25 @@ class DinoSoftCEFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_row):
-        bwd = torch.ops.fastdino.dino_soft_ce_bwd if torch.compiler.is_compiling() \
-            else dino_soft_ce_bwd
+        bwd = eager_or_op(torch.ops.fastdino.dino_soft_ce_bwd, dino_soft_ce_bwd)
         ds = bwd(grad_row, *ctx.saved_tensors, *ctx.temps)
         return ds, None, None, None, None, None, None
+
+
+class DinoSoftCESumFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt):
+        fwd = eager_or_op(torch.ops.fastdino.dino_soft_ce_sum_fwd, dino_soft_ce_sum_fwd)
+        stats, out = fwd(s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt)
+        ctx.save_for_backward(s, t, col_shift, row_shift, tidx, stats, weights)
+        ctx.consts = (scale, inv_ts, inv_tt)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        bwd = eager_or_op(torch.ops.fastdino.dino_soft_ce_sum_bwd, _dino_soft_ce_sum_bwd)
+        ds = bwd(grad_out, *ctx.saved_tensors, *ctx.consts)
+        return ds, None, None, None, None, None, None, None, None
 
 
 def dino_soft_ce(student_logits: torch.Tensor, targets: TeacherTargets,
@@ -398,6 +567,20 @@ def dino_soft_ce(student_logits: torch.Tensor, targets: TeacherTargets,
     f = targets.factorised()
     return DinoSoftCEFn.apply(student_logits, f.logits.detach(), f.col_shift, f.row_shift,
                               teacher_index, 1.0 / student_temp, f.inv_temp)
+
+
+def dino_soft_ce_sum(student_logits: torch.Tensor, targets: TeacherTargets,
+                     teacher_index: torch.Tensor, student_temp: float, weights: torch.Tensor,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Fused weighted sums of the per-row soft cross-entropies [G] fp32 (G <= MAX_SUMS),
+    differentiable in `student_logits`; same semantics as `dino_soft_ce_sum_ref`. Three
+    launches per forward and backward in all (kernel + one-program merge; kernel), where the
+    per-row form needs the caller's torch reductions and their autograd nodes besides: the
+    DINO CLS loss is host-bound (module header)."""
+    f = targets.factorised()
+    return DinoSoftCESumFn.apply(student_logits, f.logits.detach(), f.col_shift, f.row_shift,
+                                 teacher_index, weights, float(scale), 1.0 / student_temp,
+                                 f.inv_temp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,19 +611,34 @@ def compile_specs() -> list[CompileSpec]:
                        "k_per_split": "i32", "n_splits": "i32"},
             constexprs={"J": j, "BLOCK_R": br, "BLOCK_K": bk, "STAGES": _STAGES},
             num_warps=_WARPS, num_stages=_STAGES))
-        specs.append(CompileSpec(
-            name=f"dino_soft_ce_bwd[J={j},BLOCK={br}x{bk},{dt}]",
-            fn=_dino_soft_ce_bwd_kernel,
-            signature={**base, "stats_ptr": "*fp32", "g_ptr": "*fp32", "ds_ptr": f"*{dt}",
-                       "R": "i32", "K": "i32", "stride_s": "i32", "stride_t": "i32",
-                       "stride_ds": "i32", "stride_g": "i32", "inv_ts": "fp32",
-                       "inv_tt": "fp32", "k_per_split": "i32"},
-            constexprs={"J": j, "BLOCK_R": br, "BLOCK_K": bk, "STAGES": _STAGES},
-            num_warps=_WARPS, num_stages=_STAGES))
+        for block_g in (0, MAX_SUMS):  # per-row gradient / the weighted sums' gradient
+            specs.append(CompileSpec(
+                name=f"dino_soft_ce_bwd[J={j},BLOCK={br}x{bk},G={block_g},{dt}]",
+                fn=_dino_soft_ce_bwd_kernel,
+                signature={**base, "stats_ptr": "*fp32", "g_ptr": "*fp32", "w_ptr": "*fp32",
+                           "ds_ptr": f"*{dt}", "R": "i32", "K": "i32", "stride_s": "i32",
+                           "stride_t": "i32", "stride_ds": "i32", "stride_g": "i32", "G": "i32",
+                           "scale": "fp32", "inv_ts": "fp32", "inv_tt": "fp32",
+                           "k_per_split": "i32"},
+                constexprs={"BLOCK_G": block_g, "J": j, "BLOCK_R": br, "BLOCK_K": bk,
+                            "STAGES": _STAGES},
+                num_warps=_WARPS, num_stages=_STAGES))
     specs.append(CompileSpec(
         name=f"dino_soft_ce_merge[BLOCK_R={_MERGE_BLOCK_R},BLOCK_S={MAX_SPLITS}]",
         fn=_soft_ce_merge_kernel,
         signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "R": "i32", "n_splits": "i32"},
         constexprs={"BLOCK_R": _MERGE_BLOCK_R, "BLOCK_S": MAX_SPLITS},
         num_warps=_MERGE_WARPS))
+    n_splits = 1
+    while n_splits <= MAX_SPLITS:  # every power of two the split heuristic can give
+        block_r, block_s = _sum_block_r(n_splits)
+        specs.append(CompileSpec(
+            name=f"dino_soft_ce_merge_sum[BLOCK_R={block_r},BLOCK_S={block_s}]",
+            fn=_soft_ce_merge_sum_kernel,
+            signature={"part_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*fp32",
+                       "out_ptr": "*fp32", "R": "i32", "n_splits": "i32", "G": "i32",
+                       "scale": "fp32"},
+            constexprs={"BLOCK_G": MAX_SUMS, "BLOCK_R": block_r, "BLOCK_S": block_s},
+            num_warps=_SUM_WARPS))
+        n_splits *= 2
     return [dataclasses.replace(sp, divisible_by_16=_div16(sp.signature)) for sp in specs]

@@ -50,6 +50,24 @@ def joint_pair_index(batch: int, n_local: int, device: torch.device) -> torch.Te
                       local_pair_index(batch, n_local, device)])
 
 
+@lru_cache(maxsize=32)
+def joint_loss_weights(batch: int, n_local: int, local_loss_weight: float,
+                       device: torch.device) -> torch.Tensor:
+    """[3, 2B + n_local·B] fp32: the rows' weights in (dino_loss, global, local) of
+    `forward_joint`, i.e. `_combine`'s formula over the per-row losses: global = mean of the 2B
+    global rows, local = mean of the local rows / N_GLOBAL (each holds N_GLOBAL pair terms),
+    dino_loss = (gt·global + lt·w·local) / (gt + lt). The fused loss sums them in-kernel."""
+    gt, lt = N_GLOBAL * (N_GLOBAL - 1), N_GLOBAL * n_local
+    w_global, w_local = 1.0 / (N_GLOBAL * batch), 1.0 / (n_local * batch * N_GLOBAL)
+    n_g, n_l = N_GLOBAL * batch, n_local * batch
+    w = torch.zeros(3, n_g + n_l, dtype=torch.float64)
+    w[0, :n_g] = gt / (gt + lt) * w_global
+    w[0, n_g:] = lt * local_loss_weight / (gt + lt) * w_local
+    w[1, :n_g] = w_global
+    w[2, n_g:] = w_local
+    return w.to(device=device, dtype=torch.float32)
+
+
 def soft_ce_rows(student_logits: torch.Tensor, targets: TeacherTargets,
                  teacher_index: torch.Tensor, student_temp: float, fused: bool) -> torch.Tensor:
     """Per-row loss [R] fp32 through the fused kernel or the reference."""
@@ -106,7 +124,10 @@ class DINOLoss(TeacherCentering):
         (`joint_pair_index`), instead of one per crop type; and the gradient reaches the head's
         output as one tensor: slicing it into global and local views would cost, in the
         backward, a zero-filled [rows, K] buffer per view and their sum (~0.5 GB of traffic per
-        step at ViT-L shapes, K = 65,536). torch: the two reference calls on the row blocks."""
+        step at ViT-L shapes, K = 65,536). The three losses are weighted sums of the rows
+        (`joint_loss_weights`) taken in the kernels' merge, so no torch op or autograd node
+        surrounds them (3 launches forward and backward: this loss is host-bound).
+        torch: the two reference calls on the row blocks."""
         two_b = targets.n_rows
         if student_logits.dim() != 2 or student_logits.shape[0] < two_b:
             raise ValueError(f"student_logits must be [2B + n_l·B, K] with the 2B = {two_b} "
@@ -119,12 +140,12 @@ class DINOLoss(TeacherCentering):
         n_l = loc.shape[0] // batch
         if not (n_l and self._use_triton(student_logits)):
             return self.forward(glob, loc if n_l else None, targets, local_loss_weight)
-        rows = soft_ce_rows(student_logits, targets,
-                            joint_pair_index(batch, n_l, student_logits.device),
-                            self.student_temp, fused=True)
-        global_loss = rows[:two_b].mean()
-        local_loss = rows[two_b:].mean() / N_GLOBAL  # each local row holds N_GLOBAL pair terms
-        return self._combine(global_loss, local_loss, n_l, local_loss_weight)
+        dev = student_logits.device
+        out = dl.dino_soft_ce_sum(student_logits, targets, joint_pair_index(batch, n_l, dev),
+                                  self.student_temp,
+                                  joint_loss_weights(batch, n_l, float(local_loss_weight), dev))
+        return {"dino_global_crops_loss": out[1], "dino_local_crops_loss": out[2],
+                "dino_loss": out[0]}
 
     def _check_global(self, student_global_logits: torch.Tensor,
                       targets: TeacherTargets) -> tuple[int, int]:

@@ -6,12 +6,22 @@ count in the denominator): L = -(1/n_images) Σ_t w_t Σ_k q_tk log softmax(z_t/
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from fastdino import dist
+from fastdino.kernels import dino_loss as dl
 from fastdino.kernels.sinkhorn import TeacherTargets
 from fastdino.losses.dino_clstoken_loss import soft_ce_rows
 from fastdino.losses.teacher_centering import TeacherCentering
+
+
+@lru_cache(maxsize=8)
+def own_row_index(m: int, device: torch.device) -> torch.Tensor:
+    """[M, 1] int32: each student token against its own teacher token (M is static per config:
+    built once, not one arange launch per step). Read-only."""
+    return torch.arange(m, device=device, dtype=torch.int32)[:, None]
 
 
 class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (paper name)
@@ -45,7 +55,10 @@ class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (paper name)
             raise ValueError(f"masks_weight must be [M={m}], got {tuple(masks_weight.shape)}")
         if n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {n_images}")
-        fused = self._use_triton(student_patch_logits)
-        index = torch.arange(m, device=student_patch_logits.device, dtype=torch.int32)[:, None]
-        rows = soft_ce_rows(student_patch_logits, targets, index, self.student_temp, fused)
+        index = own_row_index(m, student_patch_logits.device)
+        if self._use_triton(student_patch_logits):
+            # the weighted sum in the kernels' merge: no torch op or autograd node around them
+            return dl.dino_soft_ce_sum(student_patch_logits, targets, index, self.student_temp,
+                                       masks_weight.reshape(1, m), scale=1.0 / n_images).view(())
+        rows = soft_ce_rows(student_patch_logits, targets, index, self.student_temp, fused=False)
         return (rows * masks_weight.float()).sum() / n_images

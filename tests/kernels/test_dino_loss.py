@@ -101,6 +101,118 @@ def test_soft_ce_parity(r, n, k, j, centering, dtype):
         _assert_rule(grad, grad32, grad_lp, atol=1e-4)
 
 
+# (rows, teacher rows, K, J, sums G): one row, several row steps of the one-program merge (its
+# tile is shrunk below), every G up to MAX_SUMS
+SUM_CASES = [(1, 1, 300, 1, 1), (37, 8, 1000, 2, 3), (23, 5, 4096, 1, 4)]
+
+
+@pytest.mark.parametrize("r,n,k,j,g", SUM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_ce_sum_parity(r, n, k, j, g, dtype, monkeypatch):
+    """dino_soft_ce_sum == scale · weights @ (the reference's rows): the [G] sums, the gradient
+    of all of them at once (an arbitrary grad [G]) and of one alone (as the losses' selects give
+    it), under the DESIGN.md rule; the merge walks the rows in several steps."""
+    monkeypatch.setattr(dl, "_SUM_TILE", 64)  # BLOCK_R = 16 rows per step of the merge
+    s32, t32 = _randn(r, k, seed=70, scale=2.0), _randn(n, k, seed=71)
+    idx = _index(r, n, j, seed=72)
+    w = _randn(g, r, seed=73).abs()
+    gout = _randn(g, seed=74)
+
+    def run(fn, dt):
+        x = s32.to(dt).requires_grad_(True)
+        out = fn(x)
+        (g_all,) = torch.autograd.grad(out, x, gout, retain_graph=True)
+        (g_one,) = torch.autograd.grad(out[g - 1], x)
+        return out.detach(), g_all, g_one
+
+    def ref(dt):
+        probs = sk.sinkhorn_knopp_ref(t32.to(dt), TAU_T)
+        return run(lambda x: dl.dino_soft_ce_sum_ref(x, probs, idx, TAU_S, w, scale=0.5), dt)
+
+    targets = sk.sinkhorn_knopp(t32.to(dtype), TAU_T)
+    kern = run(lambda x: dl.dino_soft_ce_sum(x, targets, idx, TAU_S, w, scale=0.5), dtype)
+    assert kern[0].shape == (g,) and kern[1].dtype == dtype
+    if dtype == torch.float32:
+        for a, e in zip(kern, ref(torch.float32), strict=True):
+            _assert_fp32(a, e)
+    else:
+        (out, *grads), (out32, *grads32), (out_lp, *grads_lp) = kern, ref(torch.float32), ref(dtype)
+        _assert_rule(out, out32, out_lp, atol=1e-4)  # fp32 sums
+        for a, e, lp in zip(grads, grads32, grads_lp, strict=True):
+            # bf16 gradients: both are fp32 results rounded to bf16, and an fp32 difference in
+            # the last bits can flip that rounding by one bf16 ulp (2^-7 relative) anywhere
+            _assert_rule(a, e, lp, atol=1e-4 + 2.0**-7 * float(e.abs().max()))
+
+
+def test_soft_ce_sum_rejects_bad_weights():
+    s, targets = _randn(4, 300, seed=75), sk.sinkhorn_knopp(_randn(2, 300, seed=76), TAU_T)
+    idx = _index(4, 2, 1, seed=77)
+    for w in (torch.ones(4, device=DEV), torch.ones(2, 5, device=DEV),
+              torch.ones(dl.MAX_SUMS + 1, 4, device=DEV)):
+        with pytest.raises(ValueError, match=r"weights must be \[G, R=4\]"):
+            dl.dino_soft_ce_sum(s, targets, idx, TAU_S, w)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Triton launches by kernel name, and the torch ops run outside them (the interpreter's own
+    tensor work inside a launch is not the caller's)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.launches, self.ops, self._inside = [], [], 0
+        import triton.runtime.jit as jit
+        targets = [(jit.JITFunction, "run")]
+        if dl.is_interpreter():
+            from triton.runtime.interpreter import InterpretedFunction
+            targets.append((InterpretedFunction, "run"))
+        for cls, name in targets:
+            real = getattr(cls, name)
+
+            def run(fn, *a, _real=real, **kw):
+                self.launches.append(fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__)
+                self._inside += 1
+                try:
+                    return _real(fn, *a, **kw)
+                finally:
+                    self._inside -= 1
+            monkeypatch.setattr(cls, name, run)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._inside:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# reductions and arithmetic a caller would need around per-row losses (means, weights, the
+# weighted total) and their backwards
+_LOSS_ARITHMETIC = {"mean", "sum", "div", "mul", "add", "add_", "sub", "slice_backward", "expand"}
+
+
+def test_dino_and_ibot_losses_launch_only_the_fused_kernels(monkeypatch):
+    """The DINO CLS loss (forward_joint) and the iBOT loss with Triton: forward and backward are
+    the soft-CE kernel, the one-program merge and the backward kernel, with no torch reduction or
+    arithmetic around them (they are host-bound: every launch and autograd node costs)."""
+    b, n_l, k, m = 2, 2, 300, 5
+    dino, ibot = DINOLoss(k, impl="triton").to(DEV), iBOTPatchLoss(k, impl="triton").to(DEV)
+    t_dino = dino.teacher_targets(_randn(2 * b, k, seed=80), TAU_T)
+    t_ibot = ibot.teacher_targets(_randn(m, k, seed=81), TAU_T, n_masked_patches=m)
+    x = _randn((2 + n_l) * b, k, seed=82).requires_grad_(True)
+    y = _randn(m, k, seed=83).requires_grad_(True)
+    weights = torch.full((m,), 0.5, device=DEV)
+    ibot(y, t_ibot, weights, n_images=2 * b)  # first calls: the cached pairings and weights
+    dino.forward_joint(x, t_dino, local_loss_weight=0.5)
+    for run in (lambda: dino.forward_joint(x, t_dino, local_loss_weight=0.5)["dino_loss"],
+                lambda: ibot(y, t_ibot, weights, n_images=2 * b)):
+        with _CountOps(monkeypatch) as count:
+            loss = run()
+            loss.backward()
+        assert count.launches == ["_dino_soft_ce_fwd_kernel", "_soft_ce_merge_sum_kernel",
+                                  "_dino_soft_ce_bwd_kernel"]
+        assert not set(count.ops) & _LOSS_ARITHMETIC, count.ops
+        monkeypatch.undo()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+
+
 def test_soft_ce_consumes_reference_targets():
     """Materialised reference probabilities (p = 0 entries included) through the fused kernel."""
     s = _randn(5, 300, seed=5)
@@ -155,7 +267,7 @@ def _soft_ce_inputs(t: torch.Tensor) -> list[str]:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__ == "DinoSoftCEFnBackward":
+        if type(fn).__name__ in ("DinoSoftCEFnBackward", "DinoSoftCESumFnBackward"):
             out.append(type(fn.next_functions[0][0]).__name__)
         todo.extend(nxt for nxt, _ in fn.next_functions)
     return out
@@ -166,28 +278,38 @@ def _soft_ce_inputs(t: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_forward_joint_matches_forward(impl, n_l, centering, monkeypatch):
     """forward_joint on the head's logits of all crops ([2B + n_l·B, K], global rows first) gives
-    forward's losses and gradient; with Triton in one soft-CE call and no slice of the logits in
-    the autograd graph (each slice's backward is a zero-filled [rows, K] buffer)."""
+    forward's losses and gradient; with Triton in one fused call (the weighted-sum form: the
+    losses come out of the kernels' merge) and no slice of the logits in the autograd graph
+    (each slice's backward is a zero-filled [rows, K] buffer)."""
     b, k = 3, 300
     mod = DINOLoss(k, centering=centering, impl=impl).to(DEV)
     targets = mod.teacher_targets(_randn(2 * b, k, seed=60), TAU_T)
     x = _randn((2 + n_l) * b, k, seed=61, scale=2.0)
     calls = []
-    real = dl.dino_soft_ce
-    monkeypatch.setattr(dl, "dino_soft_ce", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("dino_soft_ce", "dino_soft_ce_sum"):
+        real = getattr(dl, name)
+        monkeypatch.setattr(dl, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n)
+                            or _f(*a, **kw))
 
     xj = x.clone().requires_grad_(True)
     joint = mod.forward_joint(xj, targets, local_loss_weight=0.5)
-    joint_calls = len(calls)
-    (gj,) = torch.autograd.grad(joint["dino_loss"], xj)
+    joint_calls = list(calls)
+    (gj,) = torch.autograd.grad(joint["dino_loss"], xj, retain_graph=True)
+    # every returned loss is differentiable, as forward's: the global and local means too
+    gj_parts = torch.autograd.grad(joint["dino_global_crops_loss"] + 3 * joint[
+        "dino_local_crops_loss"], xj) if n_l else None
     xs = x.clone().requires_grad_(True)
     sep = mod(xs[:2 * b], xs[2 * b:] if n_l else None, targets, local_loss_weight=0.5)
-    (gs,) = torch.autograd.grad(sep["dino_loss"], xs)
+    (gs,) = torch.autograd.grad(sep["dino_loss"], xs, retain_graph=True)
     for key in sep:
         _assert_fp32(joint[key], sep[key])
     _assert_fp32(gj, gs)
+    if n_l:
+        (gs_parts,) = torch.autograd.grad(sep["dino_global_crops_loss"] + 3 * sep[
+            "dino_local_crops_loss"], xs)
+        _assert_fp32(gj_parts[0], gs_parts)
     if impl == "triton":
-        assert joint_calls == 1 and len(calls) == (3 if n_l else 2)
+        assert joint_calls == (["dino_soft_ce_sum"] if n_l else ["dino_soft_ce"] * 1)
         if n_l:  # the logits leaf feeds the kernel directly; forward's views slice it
             assert _soft_ce_inputs(joint["dino_loss"]) == ["AccumulateGrad"]
             assert _soft_ce_inputs(sep["dino_loss"]) == ["SliceBackward0"] * 2
@@ -247,6 +369,11 @@ def test_soft_ce_opcheck():
     stats = _randn(3, 3, seed=43)  # (loss, lse, psum) rows
     torch.library.opcheck(torch.ops.fastdino.dino_soft_ce_bwd.default,
                           (_randn(3, seed=45), s, t, cs, rs, idx, stats, 10.0, 1.0))
+    w = _randn(2, 3, seed=46).abs()
+    torch.library.opcheck(torch.ops.fastdino.dino_soft_ce_sum_fwd.default,
+                          (s, t, cs, rs, idx, w, 0.5, 10.0, 1.0))
+    torch.library.opcheck(torch.ops.fastdino.dino_soft_ce_sum_bwd.default,
+                          (_randn(2, seed=47), s, t, cs, rs, idx, stats, w, 0.5, 10.0, 1.0))
 
 
 def test_dino_loss_traces_under_torch_compile():
@@ -272,6 +399,30 @@ def test_dino_loss_traces_under_torch_compile():
     loss_e, *grads_e = step(sg, sl)
     _assert_fp32(loss_c, loss_e)
     for a, e in zip(grads_c, grads_e, strict=True):
+        _assert_fp32(a, e)
+
+
+def test_fused_sums_trace_under_torch_compile():
+    """The weighted-sum ops (forward_joint's DINO loss, the iBOT loss) trace too: their fake
+    impls and autograd Function under aot_eager, losses and gradients as in eager mode."""
+    k, b, m = 300, 2, 5
+    dino, ibot = DINOLoss(k, impl="triton").to(DEV), iBOTPatchLoss(k, impl="triton").to(DEV)
+    t_dino = dino.teacher_targets(_randn(2 * b, k, seed=53), TAU_T)
+    t_ibot = ibot.teacher_targets(_randn(m, k, seed=54), TAU_T, n_masked_patches=m)
+    weights = torch.full((m,), 0.5, device=DEV)
+
+    def losses(x, y):
+        return (dino.forward_joint(x, t_dino, local_loss_weight=0.5)["dino_loss"]
+                + ibot(y, t_ibot, weights, n_images=2 * b))
+
+    compiled = torch.compile(losses, backend="aot_eager", fullgraph=True)
+    x0, y0 = _randn(4 * b, k, seed=55), _randn(m, k, seed=56)
+    results = []
+    for fn in (compiled, losses):
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        loss = fn(x, y)
+        results.append((loss, *torch.autograd.grad(loss, (x, y))))
+    for a, e in zip(*results, strict=True):
         _assert_fp32(a, e)
 
 

@@ -46,13 +46,15 @@ def test_soft_ce_kernels_pipelined(dtype, j):
         num_warps=dl._WARPS, num_stages=dl._STAGES)
     _pipelined(fwd, (1 + j) * block_r * block_k * e, dl._STAGES)
     stats = dl.dino_soft_ce_fwd(s, t, cs, rs, tidx, 10.0, 25.0)
-    g = torch.ones(r, device="cuda")
     ds = torch.empty_like(s)
-    bwd = dl._dino_soft_ce_bwd_kernel[grid](
-        s, t, cs, rs, tidx, stats, g, ds, r, K, s.stride(0), t.stride(0), ds.stride(0),
-        g.stride(0), 10.0, 25.0, k_per_split, J=j, BLOCK_R=block_r, BLOCK_K=block_k,
-        STAGES=dl._STAGES, num_warps=dl._WARPS, num_stages=dl._STAGES)
-    _pipelined(bwd, (1 + j) * block_r * block_k * e, dl._STAGES)
+    g, w = torch.ones(r, device="cuda"), torch.ones(dl.MAX_SUMS, r, device="cuda")
+    for block_g, grad in ((0, g), (dl.MAX_SUMS, g[:dl.MAX_SUMS])):  # per-row / weighted sums
+        bwd = dl._dino_soft_ce_bwd_kernel[grid](
+            s, t, cs, rs, tidx, stats, grad, w, ds, r, K, s.stride(0), t.stride(0),
+            ds.stride(0), grad.stride(0), dl.MAX_SUMS, 1.0, 10.0, 25.0, k_per_split,
+            BLOCK_G=block_g, J=j, BLOCK_R=block_r, BLOCK_K=block_k, STAGES=dl._STAGES,
+            num_warps=dl._WARPS, num_stages=dl._STAGES)
+        _pipelined(bwd, (1 + j) * block_r * block_k * e, dl._STAGES)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
