@@ -6,7 +6,10 @@ training-step call: `teacher_targets` then the loss, differentiated in the stude
                kernels/sinkhorn.py and kernels/dino_loss.py); torch_compile (added by the
                harness); triton = the same modules with impl="triton" (fused kernels); the DINO
                case takes the student logits of all crops in one tensor and calls
-               `forward_joint`, as the trainer does (triton_two_calls: `forward` on its views)
+               `forward_joint`, as the trainer does (triton_two_calls: `forward` on its views,
+               i.e. two per-row soft-CE calls and the means in torch); the iBOT case's
+               triton_rows runs the per-row form with the weighting in torch (the module's path
+               before `dino_soft_ce_sum`)
     GB/s = model bytes / time, against the measured D2D copy (QuACK's "model memory
     throughput"), e = element size of the logits:
         fwd  (N_t + R)·K·e       read the teacher and the student logits once
@@ -28,11 +31,12 @@ per-image counts of the v3 collate (the weights 1/n_masked) and n_images = 2B.
 from __future__ import annotations
 
 import torch
+from fastdino.kernels import dino_loss as dl
 
 from bench.harness import BenchCase
 from bench.registry import DinoShape, get
 from fastdino.losses.dino_clstoken_loss import DINOLoss
-from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
+from fastdino.losses.ibot_patch_loss import iBOTPatchLoss, own_row_index
 
 TEACHER_TEMP = 0.07  # τ_t after warm-up (SPEC.md §1.3)
 SK_PASSES = 6  # streaming reads of the teacher by the Triton Sinkhorn-Knopp (3 iterations)
@@ -99,11 +103,15 @@ def _ibot_case(name: str, counts: list[int], k: int, dtype: torch.dtype,
                 "student": _randn((m, k), 4, device, dt).requires_grad_(),
                 "masks_weight": w}
 
-    def provider(impl: str):
+    def provider(impl: str, rows: bool = False):
         loss = iBOTPatchLoss(k, impl=impl)
 
         def run(teacher, student, masks_weight):
             targets = loss.teacher_targets(teacher, TEACHER_TEMP, m)
+            if rows:  # per-row losses, weighted and summed in torch (three more kernels)
+                r = dl.dino_soft_ce(student, targets, own_row_index(m, student.device),
+                                    loss.student_temp)
+                return (r * masks_weight.float()).sum() / n_images
             return loss(student, targets, masks_weight, n_images=n_images)
         return run
 
@@ -114,7 +122,8 @@ def _ibot_case(name: str, counts: list[int], k: int, dtype: torch.dtype,
                 "centering": "sinkhorn_knopp", "shape_from": shape_from,
                 "bytes_fwd_triton": (SK_PASSES + 2) * m * k * e, "bytes_bwd_triton": 3 * m * k * e},
         dtype=dtype, make_inputs=make_inputs,
-        providers={"torch": provider("torch"), "triton": provider("triton")},
+        providers={"torch": provider("torch"), "triton": provider("triton"),
+                   "triton_rows": provider("triton", rows=True)},
         grad_inputs=["student"], bytes_fwd=2 * m * k * e, bytes_bwd=3 * m * k * e,
         formula=FORMULA, atol=1e-5)
 
