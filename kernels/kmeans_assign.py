@@ -225,10 +225,13 @@ class KMeansAssignFn(torch.autograd.Function):
         idx, dist2 = eager_or_op(_kmeans_assign_op, kmeans_assign_fwd)(x, c)
         ctx.save_for_backward(x, c, idx)
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # no zero-filled [N] int64 gradient for idx
         return idx, dist2
 
     @staticmethod
     def backward(ctx, _didx, ddist2):
+        if ddist2 is None:
+            return None, None
         x, c, idx = ctx.saved_tensors
         r = 2 * ddist2[:, None] * (x.float() - c.float()[idx])  # [N, D] fp32: d dist2 / d x
         dc = torch.zeros(c.shape, device=c.device, dtype=torch.float32).index_add_(0, idx, -r)

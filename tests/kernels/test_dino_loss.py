@@ -153,42 +153,12 @@ def test_soft_ce_sum_rejects_bad_weights():
             dl.dino_soft_ce_sum(s, targets, idx, TAU_S, w)
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Triton launches by kernel name, and the torch ops run outside them (the interpreter's own
-    tensor work inside a launch is not the caller's)."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.launches, self.ops, self._inside = [], [], 0
-        import triton.runtime.jit as jit
-        targets = [(jit.JITFunction, "run")]
-        if dl.is_interpreter():
-            from triton.runtime.interpreter import InterpretedFunction
-            targets.append((InterpretedFunction, "run"))
-        for cls, name in targets:
-            real = getattr(cls, name)
-
-            def run(fn, *a, _real=real, **kw):
-                self.launches.append(fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__)
-                self._inside += 1
-                try:
-                    return _real(fn, *a, **kw)
-                finally:
-                    self._inside -= 1
-            monkeypatch.setattr(cls, name, run)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self._inside:
-            self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 # reductions and arithmetic a caller would need around per-row losses (means, weights, the
 # weighted total) and their backwards
 _LOSS_ARITHMETIC = {"mean", "sum", "div", "mul", "add", "add_", "sub", "slice_backward", "expand"}
 
 
-def test_dino_and_ibot_losses_launch_only_the_fused_kernels(monkeypatch):
+def test_dino_and_ibot_losses_launch_only_the_fused_kernels(count_launches):
     """The DINO CLS loss (forward_joint) and the iBOT loss with Triton: forward and backward are
     the soft-CE kernel, the one-program merge and the backward kernel, with no torch reduction or
     arithmetic around them (they are host-bound: every launch and autograd node costs)."""
@@ -203,13 +173,12 @@ def test_dino_and_ibot_losses_launch_only_the_fused_kernels(monkeypatch):
     dino.forward_joint(x, t_dino, local_loss_weight=0.5)
     for run in (lambda: dino.forward_joint(x, t_dino, local_loss_weight=0.5)["dino_loss"],
                 lambda: ibot(y, t_ibot, weights, n_images=2 * b)):
-        with _CountOps(monkeypatch) as count:
+        with count_launches() as count:
             loss = run()
             loss.backward()
         assert count.launches == ["_dino_soft_ce_fwd_kernel", "_soft_ce_merge_sum_kernel",
                                   "_dino_soft_ce_bwd_kernel"]
         assert not set(count.ops) & _LOSS_ARITHMETIC, count.ops
-        monkeypatch.undo()
     assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
 
 

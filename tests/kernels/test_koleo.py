@@ -191,6 +191,24 @@ def test_small_path_leaves_its_counters_zero():
     assert all(int(b.abs().sum()) == 0 for b in _COUNTERS.values())
 
 
+@pytest.mark.parametrize("path", ["small", "fused"])
+def test_fwd_bwd_launch_only_the_two_kernels(path, count_launches):
+    """The per-rank KoLeo (2 crops x 64 rows) forward and backward are one kernel each and no
+    torch kernel besides: in particular no zero-filled gradients of the non-differentiable
+    outputs (nn_idx, d), two memsets per backward, i.e. two more nodes of a CUDA-graphed step."""
+    x, _ = _inputs(2, 64, 32, torch.float32, seed=9)
+    x.requires_grad_(True)
+    koleo_loss(x, path=path)  # first call: the counters buffer
+    with count_launches() as count:
+        loss = koleo_loss(x, path=path)
+        (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+    name = "_koleo_small" if path == "small" else "_koleo"
+    assert count.launches == [f"{name}_fwd_kernel", f"{name}_bwd_kernel"]
+    fills = {"zeros", "zeros_like", "zero_", "fill_", "full", "full_like", "new_zeros"}
+    assert not fills & set(count.ops), count.ops
+    assert torch.isfinite(grad).all()
+
+
 def test_two_dim_input_returns_a_scalar():
     x, _ = _inputs(1, 9, 12, torch.float32)
     loss = koleo_loss(x[0])
