@@ -12,8 +12,9 @@ Teacher rows are addressed by an index map `teacher_index` [R, J] (-1 = no pair)
 row is copied. Two forms: `dino_soft_ce` returns the per-row losses [R] (the caller applies the
 weights 1/(2B), 1/n_masked, ... and its gradient arrives here as grad_row [R]);
 `dino_soft_ce_sum` takes the weights [G, R] and returns the losses themselves, out [G] =
-scale · weights @ row_loss, summed in the merge launch, and its backward forms each row's
-gradient scale · Σ_g grad_out[g]·weights[g, row] in-kernel (what the DINO and iBOT losses use).
+scale · weights @ row_loss (as G 0-d tensors), summed in the merge launch, and its backward forms
+each row's gradient scale · Σ_g grad_out[g]·weights[g, row] in-kernel (what the DINO and iBOT
+losses use).
 
 Performance model (issue 5; 132 SMs on H100 / H200; e = element size of the logits). HBM bytes:
 forward R·K·e (read s) + N·K·e (teacher rows, iBOT; the DINO teacher, 16.8 MB bf16, stays in
@@ -41,9 +42,9 @@ at 100 % of 4.2 TB/s (H200) / 3.35 TB/s (H100); the target is >= 80 % of the mea
   shows ~22 µs of Python per `JITFunction.run` and the rest spread over torch ops, allocations
   and autograd nodes. So launches and torch ops are what to cut: SK 9 launches, then
   `forward_joint` through `dino_soft_ce_sum` = 2 launches forward (kernel, one-program merge
-  that also sums the three losses) and 1 backward, with no torch reduction or arithmetic
-  around them (a test counts; the losses' selects leave one select_backward, a [3] zero-fill
-  and copy); before: 2 soft-CE calls (4 + 2 launches), ~5 torch reductions in the forward
+  that also sums the three losses) and 1 backward, with no torch kernel around them (a test
+  counts; the losses are the Function's separate outputs, so no SelectBackward zero-fill);
+  before: 2 soft-CE calls (4 + 2 launches), ~5 torch reductions in the forward
   and ~9 small kernels and 6 autograd nodes in the backward. Not timed on a GPU yet. Hence also: no
   custom-op dispatch outside torch.compile, and merges in a fixed-order Triton kernel
   (deterministic, no atomics).
@@ -544,18 +545,34 @@ class DinoSoftCEFn(torch.autograd.Function):
 
 
 class DinoSoftCESumFn(torch.autograd.Function):
+    """-> the G losses as G 0-d outputs (views of one [G] buffer). Separate outputs, not the [G]
+    tensor: indexing that would put a SelectBackward (a [G] zero-fill and a copy) in front of
+    this backward for each loss used; here an unused loss's gradient stays None (no
+    materialised zeros) and the usual single one (the DINO total) reaches the kernel as it is,
+    with its row of the weights."""
+
     @staticmethod
     def forward(ctx, s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt):
         fwd = eager_or_op(torch.ops.fastdino.dino_soft_ce_sum_fwd, dino_soft_ce_sum_fwd)
         stats, out = fwd(s, t, col_shift, row_shift, tidx, weights, scale, inv_ts, inv_tt)
         ctx.save_for_backward(s, t, col_shift, row_shift, tidx, stats, weights)
         ctx.consts = (scale, inv_ts, inv_tt)
-        return out
+        ctx.set_materialize_grads(False)
+        return out.unbind(0)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grads):
+        s, t, col_shift, row_shift, tidx, stats, weights = ctx.saved_tensors
+        used = [g for g, grad in enumerate(grads) if grad is not None]
+        if not used:
+            return (None,) * 9
+        if len(used) == 1:  # views: no kernel
+            grad, weights = grads[used[0]].reshape(1), weights[used[0]:used[0] + 1]
+        else:
+            zero = grads[used[0]].new_zeros(())
+            grad = torch.stack([zero if g is None else g for g in grads])
         bwd = eager_or_op(torch.ops.fastdino.dino_soft_ce_sum_bwd, _dino_soft_ce_sum_bwd)
-        ds = bwd(grad_out, *ctx.saved_tensors, *ctx.consts)
+        ds = bwd(grad, s, t, col_shift, row_shift, tidx, stats, weights, *ctx.consts)
         return ds, None, None, None, None, None, None, None, None
 
 
@@ -571,12 +588,12 @@ def dino_soft_ce(student_logits: torch.Tensor, targets: TeacherTargets,
 
 def dino_soft_ce_sum(student_logits: torch.Tensor, targets: TeacherTargets,
                      teacher_index: torch.Tensor, student_temp: float, weights: torch.Tensor,
-                     scale: float = 1.0) -> torch.Tensor:
-    """Fused weighted sums of the per-row soft cross-entropies [G] fp32 (G <= MAX_SUMS),
-    differentiable in `student_logits`; same semantics as `dino_soft_ce_sum_ref`. Three
-    launches per forward and backward in all (kernel + one-program merge; kernel), where the
-    per-row form needs the caller's torch reductions and their autograd nodes besides: the
-    DINO CLS loss is host-bound (module header)."""
+                     scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """Fused weighted sums of the per-row soft cross-entropies: a tuple of G 0-d fp32 losses
+    (G <= MAX_SUMS), differentiable in `student_logits`; the values of `dino_soft_ce_sum_ref`
+    (a [G] tensor). Three launches per forward and backward in all (kernel + one-program merge;
+    kernel), where the per-row form needs the caller's torch reductions and their autograd
+    nodes besides: the DINO CLS loss is host-bound (module header)."""
     f = targets.factorised()
     return DinoSoftCESumFn.apply(student_logits, f.logits.detach(), f.col_shift, f.row_shift,
                                  teacher_index, weights, float(scale), 1.0 / student_temp,

@@ -141,11 +141,10 @@ class DINOLoss(TeacherCentering):
         if not (n_l and self._use_triton(student_logits)):
             return self.forward(glob, loc if n_l else None, targets, local_loss_weight)
         dev = student_logits.device
-        out = dl.dino_soft_ce_sum(student_logits, targets, joint_pair_index(batch, n_l, dev),
-                                  self.student_temp,
-                                  joint_loss_weights(batch, n_l, float(local_loss_weight), dev))
-        return {"dino_global_crops_loss": out[1], "dino_local_crops_loss": out[2],
-                "dino_loss": out[0]}
+        dino, glob, loc = dl.dino_soft_ce_sum(
+            student_logits, targets, joint_pair_index(batch, n_l, dev), self.student_temp,
+            joint_loss_weights(batch, n_l, float(local_loss_weight), dev))
+        return {"dino_global_crops_loss": glob, "dino_local_crops_loss": loc, "dino_loss": dino}
 
     def _check_global(self, student_global_logits: torch.Tensor,
                       targets: TeacherTargets) -> tuple[int, int]:

@@ -58,7 +58,9 @@ class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (paper name)
         index = own_row_index(m, student_patch_logits.device)
         if self._use_triton(student_patch_logits):
             # the weighted sum in the kernels' merge: no torch op or autograd node around them
-            return dl.dino_soft_ce_sum(student_patch_logits, targets, index, self.student_temp,
-                                       masks_weight.reshape(1, m), scale=1.0 / n_images).view(())
+            (loss,) = dl.dino_soft_ce_sum(student_patch_logits, targets, index,
+                                          self.student_temp, masks_weight.reshape(1, m),
+                                          scale=1.0 / n_images)
+            return loss
         rows = soft_ce_rows(student_patch_logits, targets, index, self.student_temp, fused=False)
         return (rows * masks_weight.float()).sum() / n_images

@@ -109,29 +109,31 @@ SUM_CASES = [(1, 1, 300, 1, 1), (37, 8, 1000, 2, 3), (23, 5, 4096, 1, 4)]
 @pytest.mark.parametrize("r,n,k,j,g", SUM_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_soft_ce_sum_parity(r, n, k, j, g, dtype, monkeypatch):
-    """dino_soft_ce_sum == scale · weights @ (the reference's rows): the [G] sums, the gradient
-    of all of them at once (an arbitrary grad [G]) and of one alone (as the losses' selects give
-    it), under the DESIGN.md rule; the merge walks the rows in several steps."""
+    """dino_soft_ce_sum == scale · weights @ (the reference's rows): the G sums, the gradient
+    of all of them at once (an arbitrary grad [G]: the backward's stacked path) and of the last
+    one alone (the single-gradient path: its weights row, no zero-filled others), under the
+    DESIGN.md rule; the merge walks the rows in several steps."""
     monkeypatch.setattr(dl, "_SUM_TILE", 64)  # BLOCK_R = 16 rows per step of the merge
     s32, t32 = _randn(r, k, seed=70, scale=2.0), _randn(n, k, seed=71)
     idx = _index(r, n, j, seed=72)
     w = _randn(g, r, seed=73).abs()
     gout = _randn(g, seed=74)
 
-    def run(fn, dt):
+    def run(fn, dt):  # fn: x -> the G losses (a sequence of 0-d tensors)
         x = s32.to(dt).requires_grad_(True)
         out = fn(x)
-        (g_all,) = torch.autograd.grad(out, x, gout, retain_graph=True)
+        assert len(out) == g and all(o.dim() == 0 for o in out)
+        (g_all,) = torch.autograd.grad(list(out), x, list(gout), retain_graph=True)
         (g_one,) = torch.autograd.grad(out[g - 1], x)
-        return out.detach(), g_all, g_one
+        return torch.stack([o.detach() for o in out]), g_all, g_one
 
     def ref(dt):
         probs = sk.sinkhorn_knopp_ref(t32.to(dt), TAU_T)
-        return run(lambda x: dl.dino_soft_ce_sum_ref(x, probs, idx, TAU_S, w, scale=0.5), dt)
+        return run(lambda x: dl.dino_soft_ce_sum_ref(x, probs, idx, TAU_S, w, 0.5).unbind(), dt)
 
     targets = sk.sinkhorn_knopp(t32.to(dtype), TAU_T)
     kern = run(lambda x: dl.dino_soft_ce_sum(x, targets, idx, TAU_S, w, scale=0.5), dtype)
-    assert kern[0].shape == (g,) and kern[1].dtype == dtype
+    assert kern[1].dtype == dtype
     if dtype == torch.float32:
         for a, e in zip(kern, ref(torch.float32), strict=True):
             _assert_fp32(a, e)
@@ -154,8 +156,9 @@ def test_soft_ce_sum_rejects_bad_weights():
 
 
 # reductions and arithmetic a caller would need around per-row losses (means, weights, the
-# weighted total) and their backwards
-_LOSS_ARITHMETIC = {"mean", "sum", "div", "mul", "add", "add_", "sub", "slice_backward", "expand"}
+# weighted total), their backwards, and the zero-fills of indexing a [G] loss vector
+_LOSS_ARITHMETIC = {"mean", "sum", "div", "mul", "add", "add_", "sub", "slice_backward", "expand",
+                    "select_backward", "zeros", "new_zeros", "stack", "fill_", "zero_"}
 
 
 def test_dino_and_ibot_losses_launch_only_the_fused_kernels(count_launches):
