@@ -121,7 +121,9 @@ is 8 MFLOP and 256 KB: all of that is latency, not work.
   15.6 / 15.7 µs for torch.compile (1.02x; the issue's target is 2x) and 32.9 µs for the fused
   path. So the forward's critical path costs about twice the model (dependent global round trips
   and the acq_rel tickets, not FLOPs); SMALL_SPLITS = 1 (bench provider `triton_ks1`, no split-K
-  ticket) is the prepared A/B. The D = 4096 cases (never timed) are the doubtful ones: the
+  ticket) is the prepared A/B. The ~2.3 µs of fwd+bwd beyond the two kernels were mostly two
+  memsets: autograd zero-filled the gradients of nn_idx and d before every backward (since
+  2026-11-27 KoLeoFn leaves them None: ~13 µs expected, untimed). The D = 4096 cases (never timed) are the doubtful ones: the
   finisher's distance pass is 4 serial 64 KB steps there.
 
 Path choice (path="auto"; "small" / "fused" / "split" force both halves): groups of at most
