@@ -123,8 +123,8 @@ is 8 MFLOP and 256 KB: all of that is latency, not work.
   and the acq_rel tickets, not FLOPs); SMALL_SPLITS = 1 (bench provider `triton_ks1`, no split-K
   ticket) is the prepared A/B. The ~2.3 µs of fwd+bwd beyond the two kernels were mostly two
   memsets: autograd zero-filled the gradients of nn_idx and d before every backward (since
-  2026-11-27 KoLeoFn leaves them None: ~13 µs expected, untimed). The D = 4096 cases (never timed) are the doubtful ones: the
-  finisher's distance pass is 4 serial 64 KB steps there.
+  2026-11-27 KoLeoFn leaves them None: ~13 µs expected, untimed). The D = 4096 cases (never
+  timed) are the doubtful ones: the finisher's distance pass is 4 serial 64 KB steps there.
 
 Path choice (path="auto"; "small" / "fused" / "split" force both halves): groups of at most
 SMALL_MAX_N rows take the small path both ways (a fixed rule, _pick: at those sizes the op is
