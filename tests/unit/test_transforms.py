@@ -106,6 +106,23 @@ def test_output_shapes_and_normalisation():
     np.testing.assert_allclose(x[:, 0, 0].numpy(), want, rtol=1e-6)
 
 
+def test_normalize_is_the_float32_arithmetic_bit_for_bit():
+    """The lookup-table normalisation equals ToTensor + Normalize's float32 arithmetic on the HWC
+    image for every uint8 value of every channel (each output depends on (channel, value) only,
+    so this covers all images), channel-major, on an odd-sized image."""
+    crops = CropsConfig(global_crops_size=16, local_crops_size=16, mean=(0.5, 0.41, 0.3),
+                        std=(0.2, 0.27, 0.31))
+    aug = DataAugmentationDINO(crops)
+    g = np.random.default_rng(3)
+    a = np.stack([g.permutation(256), g.permutation(256), np.arange(256)], -1)  # [256, 3]
+    a = np.concatenate([a, a[:5]]).reshape(3, 87, 3).astype(np.uint8)  # 261 pixels, 3 x 87
+    mean, std = np.float32(crops.mean), np.float32(crops.std)
+    want = (a.astype(np.float32) / 255.0 - mean) / std
+    got = aug.normalize(Image.fromarray(a, "RGB"))
+    assert got.shape == (3, 3, 87) and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want.transpose(2, 0, 1))))
+
+
 def test_same_generator_seed_same_crops():
     a = _aug()(noise_image(), rng(7))
     b = _aug()(noise_image(), rng(7))
