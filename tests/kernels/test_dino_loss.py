@@ -306,6 +306,29 @@ def test_dino_loss_dinov3_prototypes():
         _assert_fp32(a, e)
 
 
+def test_fused_sums_at_dinov3_prototypes():
+    """The weighted-sum path at the real K = 65,536 (interpreter-sized rows): forward_joint's
+    three losses and gradient (B = 2, 2 local crops, local weight 0.5) and the iBOT loss (the
+    1/n_masked weights, an image without masked tokens in n_images), against impl=torch."""
+    k, b, n_l = 65536, 2, 2
+    x0 = _randn((2 + n_l) * b, k, seed=21, scale=2.0)
+    counts = torch.tensor([3, 0, 2, 1])
+    w = (1.0 / counts.clamp(min=1).float()).repeat_interleave(counts).to(DEV)
+    y0 = _randn(int(counts.sum()), k, seed=22, scale=2.0)
+    results = {}
+    for impl in ("triton", "torch"):
+        dino, ibot = DINOLoss(k, impl=impl).to(DEV), iBOTPatchLoss(k, impl=impl).to(DEV)
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        out = dino.forward_joint(x, dino.teacher_targets(_randn(2 * b, k, seed=23), TAU_T),
+                                 local_loss_weight=0.5)
+        li = ibot(y, ibot.teacher_targets(_randn(len(y0), k, seed=24), TAU_T,
+                                          n_masked_patches=len(y0)), w, n_images=len(counts))
+        results[impl] = (*(out[key].detach() for key in sorted(out)), li.detach(),
+                         *torch.autograd.grad(out["dino_loss"] + li, (x, y)))
+    for a, e in zip(*results.values(), strict=True):
+        _assert_fp32(a, e)
+
+
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ibot_loss_module_triton_matches_torch(centering, dtype):
