@@ -563,9 +563,8 @@ class DinoSoftCESumFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         s, t, col_shift, row_shift, tidx, stats, weights = ctx.saved_tensors
+        # autograd calls this only when some loss got a gradient: `used` is never empty
         used = [g for g, grad in enumerate(grads) if grad is not None]
-        if not used:
-            return (None,) * 9
         if len(used) == 1:  # views: no kernel
             grad, weights = grads[used[0]].reshape(1), weights[used[0]:used[0] + 1]
         else:

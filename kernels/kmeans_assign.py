@@ -229,9 +229,7 @@ class KMeansAssignFn(torch.autograd.Function):
         return idx, dist2
 
     @staticmethod
-    def backward(ctx, _didx, ddist2):
-        if ddist2 is None:
-            return None, None
+    def backward(ctx, _didx, ddist2):  # ddist2 is never None: idx carries no gradient
         x, c, idx = ctx.saved_tensors
         r = 2 * ddist2[:, None] * (x.float() - c.float()[idx])  # [N, D] fp32: d dist2 / d x
         dc = torch.zeros(c.shape, device=c.device, dtype=torch.float32).index_add_(0, idx, -r)

@@ -1523,9 +1523,7 @@ class KoLeoFn(torch.autograd.Function):
         return loss, nn_idx, d
 
     @staticmethod
-    def backward(ctx, dloss, _dnn, _dd):
-        if dloss is None:  # (not materialised: the loss itself got no gradient)
-            return None, None, None, None, None
+    def backward(ctx, dloss, _dnn, _dd):  # dloss is never None: nn_idx, d carry no gradient
         x, rinv, nn_idx, d, t, u = ctx.saved_tensors
         dx = eager_or_op(_koleo_bwd_op, koleo_bwd)(dloss, x, rinv, nn_idx, d, t, u, *ctx.args)
         return dx, None, None, None, None
