@@ -203,10 +203,20 @@ def output_names(cfg: Config, photometric: str = "dali", debug: bool = False) ->
 
 
 def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
-                   debug: bool = False, seed: int = 0, exact_hue: bool = True,
-                   host_jitter: bool | None = None, photometric: str = "dali",
-                   source_workers: int = 0):
-    """DALI pipeline of one rank; outputs in `output_names` order.
+                   **kw):
+    """`define_pipeline`, built (DALI's backend: needs CUDA when device_id is not None)."""
+    pipe = define_pipeline(source, cfg, device_id, num_threads, **kw)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(source: _Source, cfg: Config, device_id: int | None, num_threads: int,
+                    debug: bool = False, seed: int = 0, exact_hue: bool = True,
+                    host_jitter: bool | None = None, photometric: str = "dali",
+                    source_workers: int = 0):
+    """DALI pipeline of one rank, not built; outputs in `output_names` order. Defining it touches
+    no device, so the GPU graph can be defined and inspected on a CPU-only machine
+    (`pipe._build_graph()` runs DALI's Python-side checks; tests/unit/test_dali.py).
     host_jitter: None = on the CPU graph only (see the module docstring); False = the GPU graph's
     DALI jitter ops on the CPU too (tests use it to check those ops against PIL without a GPU).
     photometric="triton": the graph ends at crop + resize (uint8 HWC); the loader runs the
@@ -296,10 +306,8 @@ def build_pipeline(source: _Source, cfg: Config, device_id: int | None, num_thre
     # spawn, not fork: the training process holds a CUDA context by the time the loader is built
     workers = ({"py_num_workers": source_workers, "py_start_method": "spawn"}
                if source_workers else {})
-    pipe = multicrop(batch_size=cfg.data.batch_size_per_gpu, num_threads=num_threads,
+    return multicrop(batch_size=cfg.data.batch_size_per_gpu, num_threads=num_threads,
                      device_id=device_id, seed=seed, prefetch_queue_depth=2, **workers)
-    pipe.build()
-    return pipe
 
 
 def graph_operators(pipe) -> int:

@@ -504,3 +504,65 @@ def test_graph_operators_counts_the_jitter_graphs(image_dir):
     triton_loader = build_dali_loader(c, source_workers=0)
     assert triton_loader.photometric == "triton"
     assert graph_operators(triton_loader.pipe) * 10 < fast, fast
+
+
+def _graph_ops(pipe) -> list[tuple[str, str, list[str]]]:
+    """(schema name, device, devices of the regular inputs) of each operator of a defined graph.
+    The device is the op's first output's (a graph's operators all have outputs)."""
+    ops = []
+    for op in pipe._ops:
+        spec = op.spec
+        name = str(spec).splitlines()[0].removeprefix("OpSpec for ").rstrip(":").strip()
+        ops.append((name, spec.OutputDevice(0),
+                    [spec.InputDevice(i) for i in range(spec.NumRegularInput())]))
+    return ops
+
+
+@needs_dali
+@pytest.mark.parametrize("extra,photometric,exact_hue", [
+    ((), "dali", False), ((), "dali", True), ((), "triton", True),
+    (("crops.gram_teacher_crops_size=48",), "dali", False),
+    (("crops.gram_teacher_crops_size=48", "crops.gram_teacher_no_distortions=true"), "triton",
+     True)])
+def test_gpu_graph_is_well_formed_without_a_gpu(image_dir, extra, photometric, exact_hue):
+    """The GPU pipeline (mixed nvJPEG decode, device="gpu" ops) cannot be built without CUDA, so
+    CI defines its graph and checks what the first GPU run would otherwise find: DALI's
+    Python-side checks pass while the graph is defined (argument names and types, named
+    arguments and conditional predicates on the CPU, each operator's inputs on a device it
+    accepts); every operator is registered for its device (checked only by the backend, at build:
+    e.g. an image decoder on "gpu" instead of "mixed"); the crops leave on the GPU and only the
+    bookkeeping (meta, mask rows, kernel parameters) on the CPU; and the GPU graph is, operator
+    for operator, the CPU graph that the other tests here check for values."""
+    from nvidia.dali import backend
+
+    from fastdino.data.dali import _Source, define_pipeline, output_names
+    from fastdino.data.loader import ShardedInfiniteOrder, build_dataset
+
+    cfg = _cfg(image_dir, *extra, "data.num_workers=0")
+    images = build_dataset(cfg)
+    source = _Source(images, ShardedInfiniteOrder(len(images), cfg.data.seed, 0, 1), cfg, 0,
+                     photometric_params=photometric == "triton")
+    pipe = define_pipeline(source, cfg, 0, 1, exact_hue=exact_hue, photometric=photometric)
+    pipe._build_graph()  # raises on what DALI checks in Python
+
+    registered = {"cpu": set(backend.RegisteredCPUOps()), "gpu": set(backend.RegisteredGPUOps()),
+                  "mixed": set(backend.RegisteredMixedOps())}
+    ops = _graph_ops(pipe)
+    devices = {name: [] for name in registered["gpu"]}
+    for name, device, inputs in ops:
+        kind = "mixed" if name.startswith("decoders__") and inputs == ["cpu"] else device
+        assert name in registered[kind], f"{name} has no {kind} implementation"
+        devices.setdefault(name, []).append(kind)
+    assert devices["decoders__Image"] == ["mixed"]  # one decode, by nvJPEG
+    outputs = dict(zip(output_names(cfg, photometric), [n.device for n in pipe._graph_outputs],
+                       strict=True))
+    host = {"meta", "mask_rows"} | ({"params"} if photometric == "triton" else set())
+    assert {k for k, d in outputs.items() if d == "cpu"} == host, outputs
+    # the same definition with device_id=None is the graph the CPU tests check for values: the
+    # same operators in the same order, all on the CPU
+    cpu_pipe = define_pipeline(source, cfg, None, 1, exact_hue=exact_hue, photometric=photometric,
+                               host_jitter=False)
+    cpu_pipe._build_graph()
+    cpu_ops = _graph_ops(cpu_pipe)
+    assert {d for _, d, _ in cpu_ops} == {"cpu"}
+    assert [name for name, _, _ in cpu_ops] == [name for name, _, _ in ops]
