@@ -389,8 +389,11 @@ class SchedulesConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    root: str | None = None  # folder of images (recursive); None = the embedded sample images
-    file_list: str | None = None  # optional text file of image paths (one per line)
+    # where the images are: a folder (recursive; the images inside its .tar shards too), an
+    # uncompressed WebDataset .tar shard, or a glob / brace pattern of them
+    # ("/data/train-{0000..0999}.tar", "/data/**/*.jpg"); None = the embedded sample images
+    root: str | None = None
+    file_list: str | None = None  # optional text file of image paths or .tar shards (one per line)
     loader: str = "auto"  # auto | torch | dali
     # the DALI loader's photometric ops: triton (the DALI graph only decodes, crops and resizes;
     # jitter, greyscale, blur, solarize, flip and normalisation run in one kernel launch per crop

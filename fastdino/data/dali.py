@@ -70,7 +70,7 @@ import torch
 from fastdino.config import Config
 from fastdino.data import dali_plan as P
 from fastdino.data.collate import Batch
-from fastdino.data.datasets import ImageFolderUnlabeled, decode_rgb
+from fastdino.data.datasets import ImageFolderUnlabeled
 from fastdino.data.gpu_photometric import RawCrops, finish_crops
 from fastdino.data.loader import ShardedInfiniteOrder, augmentation_rng, build_dataset, masking_rng
 from fastdino.data.masking import (
@@ -153,8 +153,8 @@ class _Source:
             if paths[i] in self.images.skipped:
                 continue
             try:
-                return (*P.probe_image(paths[i]), i)
-            except P.UnreadableImage as e:
+                return (*P.probe_image(self.images.read(i)), i)
+            except (OSError, P.UnreadableImage) as e:
                 self.images.skipped.add(paths[i])
                 logger.warning("skipping unreadable image %s (%s)", paths[i], e)
         raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as "
@@ -384,7 +384,7 @@ class DALITrainLoader:
                 if path in self.images.skipped:
                     continue
                 try:
-                    decode_rgb(path)
+                    self.images.decode(index)
                 except (OSError, ValueError, SyntaxError) as e:
                     self.images.skipped.add(path)
                     found.append(path)

@@ -151,12 +151,10 @@ def _check_complete(data: bytes, fmt: str) -> None:
         raise UnreadableImage("BMP is shorter than its header says (truncated)")
 
 
-def probe_image(path: str) -> tuple[np.ndarray, int, int]:
-    """(encoded bytes as uint8 [n], width, height) of a file that looks decodable; raises
+def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
+    """(the encoded bytes as uint8 [n], width, height) of an image that looks decodable; raises
     UnreadableImage otherwise."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
             width, height, fmt = img.width, img.height, img.format
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

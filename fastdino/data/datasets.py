@@ -1,14 +1,17 @@
-"""Image readers: any folder of images (no labels), or a labelled folder for kNN evaluation.
+"""Image readers: unlabelled images for training, or a labelled folder for kNN evaluation.
 
-`ImageFolderUnlabeled` lists a folder recursively (or reads a text file of paths), keeps the files
-whose extension is one of IMAGE_EXTENSIONS (case-insensitive) and sorts them, so index i names the
-same file on every rank and every run. A file that cannot be decoded is never fatal: `load(i)`
-returns the next readable file in that order (i+1, i+2, ... wrapping around), which is the same
-whichever process asks; the bad path is counted in `skipped` and logged once per process.
+`ImageFolderUnlabeled` takes every image a source names (a folder, recursively; tar shards; glob
+and brace patterns of them: `sources.py`) or a text file lists, keeps the names whose extension is
+one of IMAGE_EXTENSIONS (case-insensitive) and sorts them, so index i names the same image on
+every rank and every run (a file list keeps its own order). An image that cannot be decoded is
+never fatal: `load(i)` returns the next readable one in that order (i+1, i+2, ... wrapping
+around), which is the same whichever process asks; the bad name is counted in `skipped` and
+logged once per process.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -16,14 +19,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastdino.data.sources import (
+    IMAGE_EXTENSIONS,
+    Location,
+    find_images,
+    find_listed_images,
+    read_bytes,
+)
+from fastdino.data.sources import is_image as _is_image
+
 logger = logging.getLogger("fastdino.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def list_images(root: str | Path) -> list[str]:
@@ -32,7 +39,7 @@ def list_images(root: str | Path) -> list[str]:
     if not root.exists():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
-        raise NotADirectoryError(f"data.root {str(root)!r} is not a folder")
+        raise NotADirectoryError(f"{str(root)!r} is not a folder")
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
@@ -70,9 +77,10 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8), "L")
 
 
-def decode_rgb(path: str) -> Image.Image:
-    """Fully decode `path` as an RGB PIL image (raises on unreadable or corrupt files)."""
-    with Image.open(path) as img:
+def decode_rgb(path: str | bytes) -> Image.Image:
+    """Fully decode a file (`path`) or encoded bytes as an RGB PIL image (raises on unreadable or
+    corrupt data)."""
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
         img.load()  # decode now, so truncated files fail here and not inside a transform
         if img.mode.startswith("I") or img.mode == "F":
             return _to_8bit(img).convert("RGB")
@@ -80,23 +88,39 @@ def decode_rgb(path: str) -> Image.Image:
 
 
 class ImageFolderUnlabeled:
-    """All images under `root` (recursive) or listed in `file_list`, in a sorted, fixed order."""
+    """All images that `root` names (a folder, recursively, with the images in its tar shards; a
+    tar shard; an image; a glob / brace pattern of them: `sources.find_images`) or that
+    `file_list` lists, in a fixed order. `paths[i]` is image i's name (a file path, or
+    `<shard>/<member>`), `read(i)` its encoded bytes, `decode(i)` the RGB image."""
 
     def __init__(self, root: str | Path | None = None, file_list: str | Path | None = None) -> None:
         if (root is None) == (file_list is None):
             raise ValueError("ImageFolderUnlabeled needs exactly one of root= or file_list=")
         if root is not None:
             self.source = str(root)
-            self.paths = list_images(root)
+            found = find_images(root)
         else:
             self.source = str(file_list)
-            self.paths = [p for p in read_file_list(file_list) if _is_image(p)]
+            found = find_listed_images(read_file_list(file_list))
+        self.paths: list[str] = [name for name, _ in found]
+        # a file's location is its path (the same str object: no extra memory per image)
+        self.locations: list[Location] = [loc for _, loc in found]
         if not self.paths:
             raise FileNotFoundError(
                 f"no images found in {self.source!r}: allowed extensions are "
-                f"{', '.join(IMAGE_EXTENSIONS)} (case-insensitive), searched recursively")
-        self.skipped: set[str] = set()  # paths found unreadable by this process
+                f"{', '.join(IMAGE_EXTENSIONS)} (case-insensitive), searched recursively, "
+                "inside uncompressed .tar shards too")
+        self.skipped: set[str] = set()  # names found unreadable by this process
         self.log_skipped = True  # the train loader turns this off and reports skips itself
+
+    def read(self, index: int) -> bytes:
+        """Image `index`'s encoded bytes (raises OSError when it cannot be read)."""
+        return read_bytes(self.locations[index])
+
+    def decode(self, index: int) -> Image.Image:
+        """Image `index`, fully decoded as RGB (raises on unreadable or corrupt data)."""
+        loc = self.locations[index]
+        return decode_rgb(loc if isinstance(loc, str) else read_bytes(loc))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,7 +137,7 @@ class ImageFolderUnlabeled:
                 bad.append(path)
                 continue
             try:
-                return decode_rgb(path), i, tuple(bad)
+                return self.decode(i), i, tuple(bad)
             except _DECODE_ERRORS as e:
                 self.skipped.add(path)
                 bad.append(path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,7 +193,7 @@ def build_dataset(cfg: Config) -> ImageFolderUnlabeled:
         root = sample_images_dir()
         logger.info("data.root is not set: using the embedded sample images in %s", root)
         return ImageFolderUnlabeled(root=root)
-    return ImageFolderUnlabeled(root=Path(d.root).expanduser())
+    return ImageFolderUnlabeled(root=d.root)  # a folder, shard or pattern: sources.py
 
 
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,

@@ -1,6 +1,7 @@
 """Image readers and the embedded sample data."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,135 @@ def test_benchmark_jpeg_dir(tmp_path, monkeypatch):
     assert benchmark_jpeg_dir(9, seed=4) != d2
     with pytest.raises(ValueError, match="n=0"):
         benchmark_jpeg_dir(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tar shards and patterns (sources.py)
+
+
+def _png(color, size=(12, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _shard(path, members):
+    """A WebDataset-style shard: members (name, bytes) in this order, uncompressed."""
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_brace_expansion():
+    from fastdino.data.sources import expand_braces
+
+    assert expand_braces("a/train-{0000..0002}.tar") == [
+        "a/train-0000.tar", "a/train-0001.tar", "a/train-0002.tar"]
+    assert expand_braces("{8..10}") == ["8", "9", "10"]
+    assert expand_braces("{08..10}") == ["08", "09", "10"]
+    assert expand_braces("{x,y{1..2}}-{a,b}") == ["x-a", "x-b", "y1-a", "y1-b", "y2-a", "y2-b"]
+    assert expand_braces("plain/path.tar") == ["plain/path.tar"]
+    with pytest.raises(ValueError, match="unbalanced"):
+        expand_braces("train-{0..3.tar")
+
+
+@pytest.fixture
+def index_cache(tmp_path, monkeypatch):
+    """The tar index cache of these tests (not the user's ~/.cache/fastdino)."""
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "tar_index"
+
+
+def test_tar_shards_are_read_in_place_with_their_image_members_only(tmp_path, index_cache):
+    """WebDataset layout: <key>.jpg/.png beside .json/.cls members, which are ignored; each image
+    is read at its offset in the shard (bytes equal to what was stored) and decodes."""
+    colors = {f"{k:03d}": (k * 40, 255 - k * 40, 7) for k in range(5)}
+    _shard(tmp_path / "shards" / "train-0001.tar",
+           [(f"{k}.png", _png(colors[k])) for k in ("003", "004")] +
+           [("003.cls", b"1"), ("003.json", b"{}")])
+    _shard(tmp_path / "shards" / "train-0000.tar",
+           [(f"sub/{k}.png", _png(colors[k])) for k in ("001", "000", "002")] + [("x.txt", b"x")])
+    _save(tmp_path / "shards" / "loose.png", color=(9, 9, 9))
+    ds = ImageFolderUnlabeled(root=tmp_path / "shards")  # a folder: its images and its shards
+    s0, s1 = (str(tmp_path / "shards" / f"train-000{k}.tar") for k in (0, 1))
+    assert ds.paths == [str(tmp_path / "shards" / "loose.png"), f"{s0}/sub/000.png",
+                        f"{s0}/sub/001.png", f"{s0}/sub/002.png", f"{s1}/003.png", f"{s1}/004.png"]
+    for i, name in enumerate(ds.paths[1:], start=1):
+        key = name.rsplit("/", 1)[1][:3]
+        assert ds.read(i) == _png(colors[key])
+        img, used, skipped = ds.load(i)
+        assert used == i and skipped == () and np.asarray(img)[0, 0].tolist() == list(colors[key])
+    # the same images by a shard, a glob, a brace range, and a file list of shards
+    assert ImageFolderUnlabeled(root=s1).paths == ds.paths[4:]
+    assert ImageFolderUnlabeled(root=str(tmp_path / "shards" / "*.tar")).paths == ds.paths[1:]
+    braces = str(tmp_path / "shards" / "train-{0000..0001}.tar")
+    assert ImageFolderUnlabeled(root=braces).paths == ds.paths[1:]
+    lst = tmp_path / "list.txt"
+    lst.write_text("shards/train-0001.tar\nshards/loose.png\n")
+    assert ImageFolderUnlabeled(file_list=lst).paths == ds.paths[4:] + ds.paths[:1]
+
+
+def test_bad_shards_and_patterns(tmp_path, caplog, index_cache):
+    good = _shard(tmp_path / "d" / "a.tar", [("0.png", _png((1, 2, 3)))])
+    (tmp_path / "d" / "b.tar").write_bytes(b"\x01" * 700)  # not a tar: skipped with a warning
+    with caplog.at_level("WARNING", logger="fastdino.data"):
+        ds = ImageFolderUnlabeled(root=tmp_path / "d")
+    assert ds.paths == [f"{good}/0.png"]
+    assert "b.tar" in caplog.text and "unreadable tar shard" in caplog.text
+    # a compressed tar is refused, naming why
+    import tarfile
+
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as tar:
+        tar.add(good, arcname="a.tar")
+    with pytest.raises(ValueError, match="compressed tar"):
+        ImageFolderUnlabeled(root=tmp_path / "c.tar.gz")
+    with pytest.raises(FileNotFoundError, match=r"pattern .*nothing-\*\.tar"):
+        ImageFolderUnlabeled(root=str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(FileNotFoundError, match="x-2.tar"):  # one brace alternative is missing
+        ImageFolderUnlabeled(root=str(tmp_path / "d" / "{a.tar,x-2.tar}"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a folder, an image"):
+        ImageFolderUnlabeled(root=tmp_path / "notes.txt")
+    # a shard cut short after indexing: the member cannot be read whole and is skipped
+    _shard(tmp_path / "e" / "t.tar", [("0.png", _png((5, 5, 5))), ("1.png", _png((6, 6, 6)))])
+    ds = ImageFolderUnlabeled(root=tmp_path / "e")
+    raw = (tmp_path / "e" / "t.tar").read_bytes()
+    (tmp_path / "e" / "t.tar").write_bytes(raw[:ds.locations[1].offset + 10])
+    with pytest.raises(OSError, match="truncated shard"):
+        ds.read(1)
+    img, used, skipped = ds.load(1)
+    assert used == 0 and skipped == (ds.paths[1],) and np.asarray(img)[0, 0].tolist() == [5, 5, 5]
+
+
+def test_shard_index_cache_is_used_and_invalidated(tmp_path, index_cache, monkeypatch):
+    from fastdino.data import sources
+
+    shard = _shard(tmp_path / "s.tar", [("a.png", _png((1, 1, 1))), ("b.png", _png((2, 2, 2)))])
+    first = ImageFolderUnlabeled(root=shard)
+    assert len(list(index_cache.glob("*.json"))) == 1
+
+    def no_tar(path):
+        raise AssertionError("indexed again despite a valid cache")
+
+    monkeypatch.setattr(sources, "index_shard", no_tar)
+    cached = ImageFolderUnlabeled(root=shard)
+    assert cached.paths == first.paths and cached.locations == first.locations
+    assert cached.read(1) == _png((2, 2, 2))
+    monkeypatch.undo()  # (also restores FASTDINO_CACHE: set it again)
+    monkeypatch.setenv("FASTDINO_CACHE", str(index_cache.parent))
+    # the shard rewritten (other size and mtime): the cache is stale and the shard re-indexed
+    _shard(shard, [("c.png", _png((3, 3, 3)))])
+    os.utime(shard, ns=(1, 1))
+    again = ImageFolderUnlabeled(root=shard)
+    assert again.paths == [f"{shard}/c.png"] and again.read(0) == _png((3, 3, 3))
+    # an unwritable cache is not an error, and leaves no temporary file
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("FASTDINO_CACHE", str(blocker))
+    assert ImageFolderUnlabeled(root=shard).paths == again.paths

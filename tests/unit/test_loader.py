@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from data_helpers import pack_shards
 from PIL import Image
 
 from fastdino.config import load_config
@@ -202,3 +203,15 @@ def test_gpu_photometric_with_distorted_gram_crops(image_dir):
         # these images are pixel noise, resampling's worst case: 4 levels at most seen, 0.17 mean
         assert levels.mean() < 1.0 and levels.max() < 8.0, (levels.mean(), levels.max())
         assert levels.max() > 0  # a real difference, bounded
+
+
+def test_tar_shards_give_the_folder_batches(image_dir, tmp_path, monkeypatch):
+    """The same images as WebDataset shards (read in place, in forked workers) give the folder's
+    batches bit for bit: same order, same crops, same masks."""
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))  # the tar index cache
+    shards = pack_shards(image_dir, tmp_path / "shards", per_shard=3)
+    folder = build_train_loader(_cfg(image_dir))
+    packed = build_train_loader(_cfg(str(shards / "part-{0..2}.tar"), "data.num_workers=2"))
+    assert packed.num_images == folder.num_images == 7
+    for _ in range(5):  # past one epoch of 7 images at B = 2
+        _assert_equal_batches(next(packed), next(folder))
