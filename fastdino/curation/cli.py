@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="CLS embeddings of every image (resumable)",
                        formatter_class=fmt)
-    p.add_argument("--data", required=True, help="image folder (recursive)")
+    p.add_argument("--data", required=True,
+                   help="image folder (recursive, with the images in its .tar shards), a tar "
+                        "shard, or a glob / brace pattern of them (as data.root)")
     p.add_argument("--weights", required=True,
                    help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
                         "DINOv3ViTModel folder, or 'random'")

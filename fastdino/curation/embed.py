@@ -1,7 +1,11 @@
 """`curate embed`: the CLS embedding of every image of a folder, L2-normalised, on disk.
 
+The images are found as the trainer's `data.root` finds them (fastdino.data.sources): a folder
+(recursive, with the images inside its .tar shards), a tar shard, or a glob / brace pattern of
+them; a member of a shard is named `<shard>/<member>`, which file lists (data.file_list) accept.
+
     embed_folder("/imgs", backbone, "E/", image_size=224, batch_size=256)
-    E/files.txt        one absolute image path per line (row i of the matrix = line i)
+    E/files.txt        one absolute image name per line (row i of the matrix = line i)
     E/embeddings.npy   [N, D] fp16, np.lib.format.open_memmap (np.load(..., mmap_mode="r"))
     E/progress.json    {"done": rows on disk, "key": what was embedded how, "complete": bool}
     E/skipped.txt      images that could not be decoded (their rows are NaN: no cluster)
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import decode_rgb, list_images
+from fastdino.data.datasets import decode_location
+from fastdino.data.sources import Location, find_images
 from fastdino.eval.features import autocast_for, resize_center_crop, to_normalized_tensor
 
 logger = logging.getLogger("fastdino.curation")
@@ -39,15 +44,15 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class _Images(torch.utils.data.Dataset):
     """(image tensor, ok): an unreadable file gives zeros and ok=False (never fatal)."""
 
-    def __init__(self, paths: list[str], image_size: int):
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, locations: list[Location], image_size: int):
+        self.locations, self.image_size = locations, image_size
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.locations)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            img = decode_rgb(self.paths[i])
+            img = decode_location(self.locations[i])
         except DECODE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False
         return to_normalized_tensor(resize_center_crop(img, self.image_size)), True
@@ -73,9 +78,11 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [os.path.abspath(p) for p in list_images(data)]
-    if not paths:
+    found = find_images(os.path.abspath(os.path.expanduser(str(data))), what="--data")
+    if not found:
         raise FileNotFoundError(f"--data {str(data)!r} holds no images")
+    paths = [name for name, _ in found]  # absolute: the pattern was made absolute first
+    locations = [loc for _, loc in found]
     device = next(backbone.parameters()).device
     dim = int(backbone.embed_dim)
     full_key = {**key, "image_size": image_size, "n": len(paths), "dim": dim}
@@ -98,7 +105,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     skipped = skipped_file.read_text().splitlines() if skipped_file.is_file() else []
 
     backbone.eval()
-    loader = torch.utils.data.DataLoader(_Images(paths[done:], image_size),
+    loader = torch.utils.data.DataLoader(_Images(locations[done:], image_size),
                                          batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     bar = tqdm(total=len(paths), initial=done, desc="embed", unit="img",

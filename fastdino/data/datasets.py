@@ -87,6 +87,11 @@ def decode_rgb(path: str | bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def decode_location(location: Location) -> Image.Image:
+    """The RGB image at a file path or tar member (raises on unreadable or corrupt data)."""
+    return decode_rgb(location if isinstance(location, str) else read_bytes(location))
+
+
 class ImageFolderUnlabeled:
     """All images that `root` names (a folder, recursively, with the images in its tar shards; a
     tar shard; an image; a glob / brace pattern of them: `sources.find_images`) or that
@@ -119,8 +124,7 @@ class ImageFolderUnlabeled:
 
     def decode(self, index: int) -> Image.Image:
         """Image `index`, fully decoded as RGB (raises on unreadable or corrupt data)."""
-        loc = self.locations[index]
-        return decode_rgb(loc if isinstance(loc, str) else read_bytes(loc))
+        return decode_location(self.locations[index])
 
     def __len__(self) -> int:
         return len(self.paths)

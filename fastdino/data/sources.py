@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import tarfile
 import tempfile
@@ -121,7 +122,10 @@ def index_shard(path: str) -> list[tuple[str, Member]]:
     with tarfile.open(path, mode="r:") as tar:  # "r:": no transparent decompression
         for m in tar:
             if m.isfile() and is_image(m.name):
-                out.append((f"{path}/{m.name}", Member(path, m.offset_data, m.size)))
+                # "./a.jpg" (tar run inside the folder) is named "a.jpg", so that a name
+                # round-trips through a file list (`find_listed_images`)
+                name = posixpath.normpath(m.name).lstrip("/")
+                out.append((f"{path}/{name}", Member(path, m.offset_data, m.size)))
     return out
 
 
@@ -255,13 +259,39 @@ def find_images(spec: str | Path, what: str = "data.root") -> list[tuple[str, Lo
     return _index(images, shards)
 
 
+def _member_reference(line: str) -> tuple[str, str] | None:
+    """(shard, member name) when `line` names an image inside an existing tar shard, as the
+    dataset names them (`<shard>/<member>`, e.g. in a file list written by `curate sample`)."""
+    for m in re.finditer(re.escape(SHARD_EXTENSION) + "/", line, flags=re.IGNORECASE):
+        shard = line[:m.end() - 1]
+        if os.path.isfile(shard):
+            return shard, line[m.end():]
+    return None
+
+
 def find_listed_images(lines: list[str]) -> list[tuple[str, Location]]:
-    """(name, location) of the images of a file list's entries (image files and shards; other
-    entries ignored), in the list's order, shards expanded in place (archive order)."""
+    """(name, location) of the images of a file list's entries, in the list's order: image files,
+    shards (expanded in place, their members sorted by name) and single members of shards
+    (`<shard>/<member>`); other entries are ignored. A listed image file that does not exist is
+    kept (it is skipped, and counted, when read); a listed member that its shard does not hold is
+    dropped with a warning (it has no location)."""
     out: list[tuple[str, Location]] = []
+    shards: dict[str, dict[str, Member]] = {}
     for path in lines:
-        if is_shard(path) or _is_compressed_tar(path):
+        if is_shard(path) or _is_compressed_tar(path):  # (a missing one: warned and skipped)
             out += _index([], [path])
-        elif is_image(path):
+        elif not is_image(path):
+            continue
+        elif os.path.isfile(path) or (ref := _member_reference(path)) is None:
             out.append((path, path))
+        else:
+            shard, name = ref
+            if shard not in shards:
+                shards[shard] = {n[len(shard) + 1:]: loc for n, loc in _index([], [shard])}
+            loc = shards[shard].get(posixpath.normpath(name))
+            if loc is None:
+                logger.warning("file list names %s, which %s does not hold: left out", path,
+                               shard)
+                continue
+            out.append((path, loc))
     return out

@@ -92,3 +92,37 @@ def test_pipeline_on_sample_images_writes_a_training_file_list(tmp_path, capsys)
     summary = json.loads((tmp_path / "curated.txt.summary.json").read_text())
     assert summary["n"] == 8 and summary["levels"][0]["before"]["total"] == n
     assert summary["levels"][-1]["after"]["total"] == 8
+
+
+def test_pipeline_on_tar_shards(tmp_path, monkeypatch):
+    """The same images as a tar shard: the same embeddings row for row (a member is decoded from
+    the same bytes), the broken member marked, and the curated file list of `<shard>/<member>`
+    names loads for training, each name giving the image it embedded."""
+    import tarfile
+
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))  # the tar index cache
+    data = _images(tmp_path / "imgs")
+    shard = tmp_path / "shards" / "s-0.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        tar.add(data, arcname=".")  # members "./img00.png", "./sub/img01.png", ...
+    args = ["--weights", "random", "--arch", "vit_test", "--image-size", "32", "--batch-size",
+            "4", "--num-workers", "0", "--device", "cpu", "--quiet"]
+    assert main(["embed", "--data", str(data), "--out", str(tmp_path / "EF"), *args]) == 0
+    pattern = str(tmp_path / "shards" / "s-{0..0}.tar")
+    assert main(["embed", "--data", pattern, "--out", str(tmp_path / "E"), *args]) == 0
+    files, folder_files = read_files(tmp_path / "E"), read_files(tmp_path / "EF")
+    assert files == [f"{shard}/{f[len(str(data)) + 1:]}" for f in folder_files]
+    emb, ref = (np.load(tmp_path / d / "embeddings.npy") for d in ("E", "EF"))
+    np.testing.assert_array_equal(emb, ref)
+    assert (tmp_path / "E" / "skipped.txt").read_text().strip() == f"{shard}/broken.jpg"
+    C, LIST = tmp_path / "C", tmp_path / "curated.txt"
+    assert main(["cluster", str(tmp_path / "E"), "--levels", "1", "--clusters", "3",
+                 "--iters", "5", "--device", "cpu", "--out", str(C)]) == 0
+    assert main(["sample", str(C), "--n", "5", "--out", str(LIST)]) == 0
+    ds = ImageFolderUnlabeled(file_list=LIST)
+    assert len(ds) == 5 and all(p.startswith(f"{shard}/") for p in ds.paths)
+    for i, name in enumerate(ds.paths):
+        img, used, _ = ds.load(i)
+        with Image.open(data / name[len(str(shard)) + 1:]) as want:
+            assert used == i and np.array_equal(np.asarray(img), np.asarray(want.convert("RGB")))

@@ -218,6 +218,12 @@ def test_tar_shards_are_read_in_place_with_their_image_members_only(tmp_path, in
     lst = tmp_path / "list.txt"
     lst.write_text("shards/train-0001.tar\nshards/loose.png\n")
     assert ImageFolderUnlabeled(file_list=lst).paths == ds.paths[4:] + ds.paths[:1]
+    # single members by name (what `curate sample` writes); one the shard does not hold is
+    # dropped with a warning
+    lst.write_text(f"{s1}/004.png\n{s0}/sub/001.png\n{s0}/sub/nope.png\n")
+    listed = ImageFolderUnlabeled(file_list=lst)
+    assert listed.paths == [ds.paths[5], ds.paths[2]]
+    assert listed.read(1) == ds.read(2) == _png(colors["001"])
 
 
 def test_bad_shards_and_patterns(tmp_path, caplog, index_cache):
