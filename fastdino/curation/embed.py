@@ -31,7 +31,8 @@ from PIL import Image
 from torch import nn
 
 from fastdino.data.datasets import decode_location
-from fastdino.data.sources import Location, find_images
+from fastdino.data.packed import PackedLocations, PackedStrings
+from fastdino.data.sources import find_images
 from fastdino.eval.features import autocast_for, resize_center_crop, to_normalized_tensor
 
 logger = logging.getLogger("fastdino.curation")
@@ -42,17 +43,18 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class _Images(torch.utils.data.Dataset):
-    """(image tensor, ok): an unreadable file gives zeros and ok=False (never fatal)."""
+    """(image tensor, ok) of images start, start + 1, ...: an unreadable file gives zeros and
+    ok=False (never fatal). `locations` is packed: the loader's forked workers share it."""
 
-    def __init__(self, locations: list[Location], image_size: int):
-        self.locations, self.image_size = locations, image_size
+    def __init__(self, locations: PackedLocations, start: int, image_size: int):
+        self.locations, self.start, self.image_size = locations, start, image_size
 
     def __len__(self) -> int:
-        return len(self.locations)
+        return len(self.locations) - self.start
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            img = decode_location(self.locations[i])
+            img = decode_location(self.locations[self.start + i])
         except DECODE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False
         return to_normalized_tensor(resize_center_crop(img, self.image_size)), True
@@ -81,8 +83,9 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     found = find_images(os.path.abspath(os.path.expanduser(str(data))), what="--data")
     if not found:
         raise FileNotFoundError(f"--data {str(data)!r} holds no images")
-    paths = [name for name, _ in found]  # absolute: the pattern was made absolute first
-    locations = [loc for _, loc in found]
+    paths = PackedStrings(name for name, _ in found)  # absolute: the pattern was made so
+    locations = PackedLocations(paths, (loc for _, loc in found))
+    del found
     device = next(backbone.parameters()).device
     dim = int(backbone.embed_dim)
     full_key = {**key, "image_size": image_size, "n": len(paths), "dim": dim}
@@ -105,7 +108,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     skipped = skipped_file.read_text().splitlines() if skipped_file.is_file() else []
 
     backbone.eval()
-    loader = torch.utils.data.DataLoader(_Images(locations[done:], image_size),
+    loader = torch.utils.data.DataLoader(_Images(locations, done, image_size),
                                          batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     bar = tqdm(total=len(paths), initial=done, desc="embed", unit="img",

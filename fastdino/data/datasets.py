@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import (
     IMAGE_EXTENSIONS,
     Location,
@@ -107,9 +108,10 @@ class ImageFolderUnlabeled:
         else:
             self.source = str(file_list)
             found = find_listed_images(read_file_list(file_list))
-        self.paths: list[str] = [name for name, _ in found]
-        # a file's location is its path (the same str object: no extra memory per image)
-        self.locations: list[Location] = [loc for _, loc in found]
+        # packed (packed.py): forked loader workers share these instead of copying them
+        self.paths = PackedStrings(name for name, _ in found)
+        self.locations = PackedLocations(self.paths, (loc for _, loc in found))
+        del found
         if not self.paths:
             raise FileNotFoundError(
                 f"no images found in {self.source!r}: allowed extensions are "
