@@ -2,7 +2,10 @@
 
 Rank 0 prints one line every `log_every` iterations:
     it 120/200 | total_loss 9.812 dino_local 6.01 dino_global 5.87 ibot 4.11 koleo -0.61 |
-    lr 1.2e-04 | 43.1 img/s | ETA 0:01:52
+    lr 1.2e-04 | 43.1 img/s | data 3% | ETA 0:01:52
+where "data" is the share of the wall time since the last line that the training loop spent
+waiting for batches (`data_wait_s`, the seconds the caller measured over that window, mean over
+ranks): above a few percent the loader, not the GPU, sets the speed (USERS.md §4, §9).
 and appends the same values, plus every other term, as one JSON object per line to
 `<output_dir>/metrics.jsonl` (`iteration`, `time`, official names: lr, wd, mom, last_layer_lr,
 total_loss, dino_local_crops_loss, ..., backbone_grad_norm, ...). Values are averaged over ranks
@@ -38,14 +41,19 @@ class MetricsLogger:
         img_s = steps * self.images_per_step / max(now - self._last_t, 1e-9)
         per_it = (now - self._t0) / max(1, iteration - self._it0)
         eta = datetime.timedelta(seconds=int(per_it * max(0, self.total - iteration)))
+        window = max(now - self._last_t, 1e-9)
         self._last_t, self._last_it = now, iteration
         rec = {"iteration": iteration, "time": time.time(), "images_per_second": img_s,
                **{k: float(v) for k, v in values.items()}}
+        data = ""
+        if "data_wait_s" in values:
+            rec["data_wait_fraction"] = min(1.0, float(values["data_wait_s"]) / window)
+            data = f" | data {rec['data_wait_fraction']:.0%}"
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             terms = " ".join(f"{short} {values[k]:.4g}" for k, short in SHORT if k in values)
             lr = values.get("lr", math.nan)
             self.printer(f"it {iteration}/{self.total} | {terms} | lr {lr:.3g} | "
-                         f"{img_s:.1f} img/s | ETA {eta}")
+                         f"{img_s:.1f} img/s{data} | ETA {eta}")
         return rec

@@ -22,6 +22,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import logging
 import math
+import time
 
 import torch
 
@@ -90,6 +91,7 @@ class Trainer:
                                self.start_micro_batch)
             logger.info("resumed from %s at iteration %d", resume, self.start_iteration)
         self.micro_batch = self.start_micro_batch
+        self.data_wait_s = 0.0  # host time blocked on the loader since the last log line
 
     # ---------------------------------------------------------------------------------- the step
     def step(self, it: int, batches) -> dict | None:
@@ -196,6 +198,7 @@ class Trainer:
         if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
             set_rng_state(self.resume_rng)
         history = []
+        self.data_wait_s = 0.0
         it = self.start_iteration
         while it < self.max_it:
             values = self.step(it, self._micro_batches(loader))
@@ -216,6 +219,8 @@ class Trainer:
                 self.consecutive_nonfinite = 0
             knn = self._knn(it)  # collective; {} unless due
             if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
+                values["data_wait_s"] = self.data_wait_s  # averaged over ranks below
+                self.data_wait_s = 0.0
                 history.append(metrics.log(it, {**self._average(values), **knn}))
             if it % cfg.train.checkpoint_every == 0 or it == self.max_it:
                 path = self.save(it)
@@ -231,8 +236,12 @@ class Trainer:
         """The next `gas` batches of `loader`, moved to the device one at a time (lazily: the
         step consumes them one after the other)."""
         for _ in range(self.gas):
+            # host time waiting for the batch, unsynchronised: the host blocks here only when the
+            # loader is behind (it runs ahead of the GPU otherwise), so this is the data stall
+            t0 = time.perf_counter()
             with self.timer("data_wait"):
                 batch = next(loader).to(self.info.device)
+            self.data_wait_s += time.perf_counter() - t0
             self.micro_batch += 1
             yield batch
 

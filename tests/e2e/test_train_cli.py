@@ -4,6 +4,7 @@ clear message and a usable checkpoint; `fastdino export` writes the teacher back
 official key names; the kNN probe is logged."""
 
 import math
+import re
 import shutil
 
 import torch
@@ -37,8 +38,10 @@ def test_corrupt_image_is_skipped_and_knn_probe_logged_and_export(tmp_path):
     for name in ("lr", "wd", "mom", "last_layer_lr", "total_loss", "dino_local_crops_loss",
                  "dino_global_crops_loss", "koleo_loss", "ibot_loss", "backbone_grad_norm",
                  "dino_head_grad_norm", "ibot_head_grad_norm", "dino_teacher_entropy",
-                 "koleo_nn_dist_min"):
+                 "koleo_nn_dist_min", "data_wait_s", "data_wait_fraction"):
         assert name in m[-1], name
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 and r["data_wait_s"] >= 0 for r in m)
+    assert re.search(r"img/s \| data \d+% \| ETA", p.stderr)  # the data share, printed
     assert (out / "config.yaml").is_file()
 
     from fastdino.cli import main as cli_main
