@@ -440,7 +440,11 @@ class DALITrainLoader:
         """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops
         (`gpu_photometric.finish_crops`: kernels/photometric.py on the crops' device)."""
         c = self.cfg.crops
-        params = out["params"].to(self.device)  # [B, n_crops, photometric.N_PARAMS], by the source
+        # [B, n_crops, photometric.N_PARAMS], by the source. non_blocking: from pageable memory
+        # that is a staged copy with no device sync; a blocking one would first wait for all the
+        # work queued on the stream (the previous step's optimizer and EMA), a stall that the
+        # trainer would count as data wait
+        params = out["params"].to(self.device, non_blocking=True)
         rows = params.transpose(0, 1)  # [n_crops, B, ...]: crop-major, as the crops
         n_local = c.local_crops_number
 
