@@ -181,11 +181,12 @@ class _Progress:
     """Logs the shard indexing every _LOG_EVERY_S seconds (silent when it is quick)."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.images = total, 0, 0
+        self.total, self.done, self.indexed, self.images = total, 0, 0, 0
         self.t0 = self.last = time.monotonic()
 
-    def step(self, images: int) -> None:
+    def step(self, images: int, ok: bool = True) -> None:
         self.done += 1
+        self.indexed += ok
         self.images += images
         now = time.monotonic()
         if now - self.last >= _LOG_EVERY_S:
@@ -228,10 +229,13 @@ def _index(images: list[str], shards: list[str]) -> list[tuple[str, Location]]:
             members = index_shard_cached(shard)
         except (OSError, tarfile.TarError) as e:
             logger.warning("skipping unreadable tar shard %s (%s: %s)", shard, type(e).__name__, e)
-            progress.step(0)
+            progress.step(0, ok=False)
             continue
         found.update(members)  # a name stored twice in one tar: the later copy, as tar extracts
         progress.step(len(members))
+    if shards:  # said once, so that shards met in a folder walk are not a surprise
+        logger.info("%d images inside %d tar shards (of %d images in all)", progress.images,
+                    progress.indexed, len(found))
     return sorted(found.items())
 
 

@@ -191,7 +191,8 @@ def index_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "tar_index"
 
 
-def test_tar_shards_are_read_in_place_with_their_image_members_only(tmp_path, index_cache):
+def test_tar_shards_are_read_in_place_with_their_image_members_only(tmp_path, index_cache,
+                                                                     caplog):
     """WebDataset layout: <key>.jpg/.png beside .json/.cls members, which are ignored; each image
     is read at its offset in the shard (bytes equal to what was stored) and decodes."""
     colors = {f"{k:03d}": (k * 40, 255 - k * 40, 7) for k in range(5)}
@@ -201,7 +202,9 @@ def test_tar_shards_are_read_in_place_with_their_image_members_only(tmp_path, in
     _shard(tmp_path / "shards" / "train-0000.tar",
            [(f"sub/{k}.png", _png(colors[k])) for k in ("001", "000", "002")] + [("x.txt", b"x")])
     _save(tmp_path / "shards" / "loose.png", color=(9, 9, 9))
-    ds = ImageFolderUnlabeled(root=tmp_path / "shards")  # a folder: its images and its shards
+    with caplog.at_level("INFO", logger="fastdino.data"):
+        ds = ImageFolderUnlabeled(root=tmp_path / "shards")  # a folder: its images and shards
+    assert "5 images inside 2 tar shards (of 6 images in all)" in caplog.text
     s0, s1 = (str(tmp_path / "shards" / f"train-000{k}.tar") for k in (0, 1))
     assert ds.paths == [str(tmp_path / "shards" / "loose.png"), f"{s0}/sub/000.png",
                         f"{s0}/sub/001.png", f"{s0}/sub/002.png", f"{s1}/003.png", f"{s1}/004.png"]
@@ -229,10 +232,11 @@ def test_tar_shards_are_read_in_place_with_their_image_members_only(tmp_path, in
 def test_bad_shards_and_patterns(tmp_path, caplog, index_cache):
     good = _shard(tmp_path / "d" / "a.tar", [("0.png", _png((1, 2, 3)))])
     (tmp_path / "d" / "b.tar").write_bytes(b"\x01" * 700)  # not a tar: skipped with a warning
-    with caplog.at_level("WARNING", logger="fastdino.data"):
+    with caplog.at_level("INFO", logger="fastdino.data"):
         ds = ImageFolderUnlabeled(root=tmp_path / "d")
     assert ds.paths == [f"{good}/0.png"]
     assert "b.tar" in caplog.text and "unreadable tar shard" in caplog.text
+    assert "1 images inside 1 tar shards" in caplog.text  # the unreadable one not counted
     # a compressed tar is refused, naming why
     import tarfile
 
