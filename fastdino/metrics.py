@@ -38,10 +38,10 @@ class MetricsLogger:
         """`iteration` = the number of completed iterations after this step."""
         now = time.perf_counter()
         steps = max(1, iteration - self._last_it)
-        img_s = steps * self.images_per_step / max(now - self._last_t, 1e-9)
+        window = max(now - self._last_t, 1e-9)  # wall time since the previous line
+        img_s = steps * self.images_per_step / window
         per_it = (now - self._t0) / max(1, iteration - self._it0)
         eta = datetime.timedelta(seconds=int(per_it * max(0, self.total - iteration)))
-        window = max(now - self._last_t, 1e-9)
         self._last_t, self._last_it = now, iteration
         rec = {"iteration": iteration, "time": time.time(), "images_per_second": img_s,
                **{k: float(v) for k, v in values.items()}}

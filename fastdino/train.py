@@ -198,7 +198,6 @@ class Trainer:
         if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
             set_rng_state(self.resume_rng)
         history = []
-        self.data_wait_s = 0.0
         it = self.start_iteration
         while it < self.max_it:
             values = self.step(it, self._micro_batches(loader))

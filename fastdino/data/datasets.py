@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,8 @@ from fastdino.data.sources import (
     find_images,
     find_listed_images,
     read_bytes,
+    walk_folder,
 )
-from fastdino.data.sources import is_image as _is_image
 
 logger = logging.getLogger("fastdino.data")
 
@@ -35,17 +34,14 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 
 def list_images(root: str | Path) -> list[str]:
-    """Sorted image paths under `root` (recursive, symlinked folders followed)."""
+    """Sorted image files under the folder `root` (recursive, symlinked folders followed; not the
+    members of tar shards: for labelled evaluation folders)."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is not a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
-    return sorted(found)
+    return sorted(walk_folder(root)[0])
 
 
 def read_file_list(file_list: str | Path) -> list[str]:

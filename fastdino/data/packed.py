@@ -14,6 +14,7 @@ item: one numpy buffer each, which reads never write to.
 from __future__ import annotations
 
 import operator
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -25,8 +26,9 @@ class _Table(Sequence):
     """Sequence plumbing shared by the tables: slices give lists, == compares item by item with
     any sequence (a list included), as a list would; subclasses define `_item(i)`, i in range."""
 
+    @abstractmethod
     def _item(self, i: int):
-        raise NotImplementedError
+        """Item i, 0 <= i < len(self)."""
 
     def _check(self, i) -> int:
         n = len(self)

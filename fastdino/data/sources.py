@@ -195,8 +195,9 @@ class _Progress:
                         self.total, self.images, now - self.t0)
 
 
-def _walk(folder: str) -> tuple[list[str], list[str]]:
-    """(image files, tar shards) under `folder`, recursively."""
+def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(image files, tar shards) under `folder`, recursively (symlinked folders followed), in
+    walk order with sorted subfolders."""
     images, shards = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
@@ -211,7 +212,7 @@ def _walk(folder: str) -> tuple[list[str], list[str]]:
 def _classify(path: str, what: str) -> tuple[list[str], list[str]]:
     """(image files, shards) named by one existing path; raises for anything else."""
     if os.path.isdir(path):
-        return _walk(path)
+        return walk_folder(path)
     if is_image(path):
         return [path], []
     if is_shard(path) or _is_compressed_tar(path):
@@ -246,18 +247,18 @@ def find_images(spec: str | Path, what: str = "data.root") -> list[tuple[str, Lo
     images, shards = [], []
     for piece in expand_braces(spec):
         if _PATTERN_CHARS.search(piece):
-            matches = sorted(glob.glob(piece, recursive=True))
-            if not matches:
+            paths = sorted(glob.glob(piece, recursive=True))
+            if not paths:
                 raise FileNotFoundError(f"{what} pattern {piece!r} matches no file or folder")
-            for m in matches:
-                if os.path.isdir(m) or is_image(m) or is_shard(m) or _is_compressed_tar(m):
-                    i, s = _classify(m, what)
-                    images += i
-                    shards += s
+            # a pattern may also match other files (notes, labels): those are not sources
+            paths = [m for m in paths if os.path.isdir(m) or is_image(m) or is_shard(m)
+                     or _is_compressed_tar(m)]
         elif not os.path.exists(piece):
             raise FileNotFoundError(f"{what} {piece!r} does not exist")
         else:
-            i, s = _classify(piece, what)
+            paths = [piece]
+        for path in paths:
+            i, s = _classify(path, what)
             images += i
             shards += s
     return _index(images, shards)
