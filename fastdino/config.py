@@ -321,6 +321,16 @@ class OptimConfig:
     layerwise_decay: float = 0.9  # lr multiplier lambda^(L+1-layer_id)
     patch_embed_lr_mult: float = 0.2  # extra lr multiplier of patch_embed
     freeze_last_layer_epochs: float = 1  # last_layer lr = 0 during this many epochs
+    # Continued pretraining (README "Continued pretraining"). Head warm-up: the backbone's lr is 0
+    # during this many epochs while the DINO / iBOT heads train against a teacher whose backbone
+    # is the loaded one, so that gradients through fresh heads do not wreck pretrained features.
+    # The backbone's gradients are still computed (AdamW moments warm up, both engines alike).
+    freeze_backbone_epochs: float = 0
+    # Partial fine-tuning: the patch embedding, the cls / storage / mask tokens and the first N
+    # blocks never train (no gradient, no optimizer state, no activations kept for the backward
+    # below block N); -1 = the whole backbone (only the heads train, e.g. to fit heads to a
+    # released backbone). 0 = everything trains.
+    frozen_blocks: int = 0
     scaling_rule: str = "sqrt_wrt_1024"  # lr <- lr*4*sqrt(global_batch/1024) | none
 
     def validate(self, p: str = "optim") -> None:
@@ -333,8 +343,15 @@ class OptimConfig:
             "clip_grad",
             "warmup_epochs",
             "freeze_last_layer_epochs",
+            "freeze_backbone_epochs",
         ):
             _check(getattr(self, name) >= 0, f"{p}.{name}", "a float >= 0", getattr(self, name))
+        _check(
+            self.frozen_blocks >= -1,
+            f"{p}.frozen_blocks",
+            "an integer >= -1 (-1 = the whole backbone, 0 = none, N = embedding + first N blocks)",
+            self.frozen_blocks,
+        )
         _check(
             all(0.0 <= b < 1.0 for b in self.betas),
             f"{p}.betas",

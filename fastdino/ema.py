@@ -56,8 +56,12 @@ def _paired(teacher: nn.Module, student: nn.Module) -> list[tuple[torch.Tensor, 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
                full_values: FullValues = module_values, chunk_numel: int = 1 << 26) -> None:
-    """teacher ← momentum·teacher + (1 − momentum)·student, parameter by parameter."""
-    for chunk in _chunks(_paired(teacher, student), chunk_numel):
+    """teacher ← momentum·teacher + (1 − momentum)·student, parameter by parameter. Frozen
+    student parameters (requires_grad False: `optim.frozen_blocks`, DINOv2 `weight_g`) are
+    skipped: they never change, so the teacher keeps their copy bit for bit (m·x + (1 − m)·x is
+    not always x in floating point) and no gather is spent on them."""
+    pairs = [(t, s) for t, s in _paired(teacher, student) if s.requires_grad]
+    for chunk in _chunks(pairs, chunk_numel):
         with full_values([s for _, s in chunk]) as values:
             t = [t for t, _ in chunk]
             torch._foreach_mul_(t, momentum)

@@ -31,6 +31,7 @@ from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
 from fastdino.losses.koleo_loss import KoLeoLoss, KoLeoLossDistributed
 from fastdino.models import build_backbone, build_head
 from fastdino.models.state_dict_io import load_backbone_state_dict
+from fastdino.param_groups import freeze_layers
 
 logger = logging.getLogger("fastdino")
 
@@ -118,6 +119,25 @@ def load_pretrained(student: Student, weights: str) -> None:
                 "".join(f", {n}" for n in loaded) or " (no heads in the file: fresh heads)")
 
 
+def freeze_backbone_layers(backbone: nn.Module, cfg: Config) -> None:
+    """`optim.frozen_blocks` (requires_grad off, before the engine and the teacher copies) and the
+    log lines that say what continued pretraining will do."""
+    o = cfg.optim
+    n = freeze_layers(backbone, o.frozen_blocks)
+    if n:
+        blocks = "block 0" if o.frozen_blocks == 1 else f"blocks 0-{o.frozen_blocks - 1}"
+        what = ("the whole backbone" if o.frozen_blocks == -1 else
+                f"the patch embedding, the tokens and {blocks}")
+        logger.info("optim.frozen_blocks=%d: %s frozen (%.1fM parameters never train)",
+                    o.frozen_blocks, what, n / 1e6)
+    if o.freeze_backbone_epochs > 0:
+        logger.info("head warm-up: the backbone's lr is 0 for the first %g epochs "
+                    "(optim.freeze_backbone_epochs)", o.freeze_backbone_epochs)
+    if (n or o.freeze_backbone_epochs > 0) and cfg.model.pretrained_weights is None:
+        logger.warning("the backbone is %s but model.pretrained_weights is not set: it holds "
+                       "its random initialisation", "frozen" if n else "held (head warm-up)")
+
+
 def _frozen_copy(m: nn.Module) -> nn.Module:
     m = copy.deepcopy(m).eval()
     for p in m.parameters():
@@ -132,6 +152,7 @@ class SSLMetaArch:
         self.student = build_student(cfg)
         if cfg.model.pretrained_weights is not None:
             load_pretrained(self.student, cfg.model.pretrained_weights)
+        freeze_backbone_layers(self.student.backbone, cfg)
         self.student = self.student.to(device)
         # The teacher starts as the student (official: teacher.load_state_dict(student)); the
         # copy is taken before DeepSpeed partitions the student under ZeRO-3.

@@ -3,6 +3,7 @@
 Rank 0 prints one line every `log_every` iterations:
     it 120/200 | total_loss 9.812 dino_local 6.01 dino_global 5.87 ibot 4.11 koleo -0.61 |
     lr 1.2e-04 | 43.1 img/s | data 3% | ETA 0:01:52
+("lr 1.2e-04 (backbone 0)" during the head warm-up of optim.freeze_backbone_epochs)
 where "data" is the share of the wall time since the last line that the training loop spent
 waiting for batches (`data_wait_s`, the seconds the caller measured over that window, mean over
 ranks): above a few percent the loader, not the GPU, sets the speed (USERS.md §4, §9).
@@ -54,6 +55,8 @@ class MetricsLogger:
                 f.write(json.dumps(rec) + "\n")
             terms = " ".join(f"{short} {values[k]:.4g}" for k, short in SHORT if k in values)
             lr = values.get("lr", math.nan)
-            self.printer(f"it {iteration}/{self.total} | {terms} | lr {lr:.3g} | "
+            # the head warm-up (optim.freeze_backbone_epochs) holds the backbone: say so
+            held = " (backbone 0)" if values.get("backbone_lr", lr) == 0 < lr else ""
+            self.printer(f"it {iteration}/{self.total} | {terms} | lr {lr:.3g}{held} | "
                          f"{img_s:.1f} img/s{data} | ETA {eta}")
         return rec

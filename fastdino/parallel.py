@@ -358,14 +358,16 @@ class TorchStudent(_StudentBase):
         zero = universal_checkpoint(ckpt, self.device) / "zero"
         with torch.no_grad():
             for name, p in self.module.named_parameters():
+                if not p.requires_grad:  # outside the optimizer: see check_frozen_params
+                    continue
                 p.copy_(_read_universal(zero / name, "fp32").reshape(p.shape))
-                if p.requires_grad:
-                    self.optimizer.state[p] = {
-                        "step": adam_step_tensor(_read_universal(zero / name, "step"), p,
-                                                 self.optimizer),
-                        **{k: _read_universal(zero / name, k).reshape(p.shape).to(p)
-                           for k in ("exp_avg", "exp_avg_sq")}}
+                self.optimizer.state[p] = {
+                    "step": adam_step_tensor(_read_universal(zero / name, "step"), p,
+                                             self.optimizer),
+                    **{k: _read_universal(zero / name, k).reshape(p.shape).to(p)
+                       for k in ("exp_avg", "exp_avg_sq")}}
         load_buffers(self.module, ckpt)
+        check_frozen_params(self.module, ckpt)
 
 
 class DeepSpeedStudent(_StudentBase):
@@ -590,6 +592,25 @@ def load_buffers(module: nn.Module, ckpt: Path) -> None:
         for name, buf in module.named_buffers():
             if name in sd:
                 buf.copy_(sd[name].to(buf.dtype))
+
+
+def check_frozen_params(module: nn.Module, ckpt: Path) -> None:
+    """Frozen parameters (`optim.frozen_blocks`, requires_grad False) are not in the optimizer,
+    so a universal checkpoint has no state for them: a run resumed through one keeps the values
+    it was built with (`model.pretrained_weights`, or the seeded init), which are the values
+    they held when the checkpoint was written, as they never train. Checked against the
+    checkpoint's module state where it holds them in full (the torch engine, ZeRO-0/1/2; ZeRO-3
+    keeps partitions there): a run rebuilt from other weights is an error, not a silent mix."""
+    sd = _module_state(ckpt)
+    for name, p in module.named_parameters():
+        saved = sd.get(name)
+        if p.requires_grad or saved is None or saved.numel() != p.numel():
+            continue
+        if not torch.equal(saved.to(p.device, p.dtype).view(p.shape), p.detach()):
+            raise ValueError(
+                f"{ckpt}: frozen parameter {name!r} (optim.frozen_blocks) differs from the "
+                "value this run was built with: resume with the model.pretrained_weights (and "
+                "train.seed) of the run that wrote the checkpoint")
 
 
 def _read_universal(param_dir: Path, key: str) -> torch.Tensor:

@@ -7,9 +7,11 @@ Per parameter (full name `backbone.*`, `dino_head.*`, `ibot_head.*`):
 - wd multiplier 0 for names ending in `bias` or containing `norm` or `gamma` (LayerScale);
   cls/storage/mask tokens DO get weight decay (SPEC.md §9.7).
 - `is_last_layer` for names containing `last_layer` (lr 0 during the freeze).
-Parameters with equal (lr_multiplier, wd_multiplier, is_last_layer) are fused into one group, in
-first-seen order, so the optimizer sees a few large groups (as the official `fuse_params_groups`).
-Frozen parameters (requires_grad False, e.g. DINOv2 `weight_g`) are left out.
+- `is_backbone` for `backbone.*` (lr 0 during the head warm-up, `optim.freeze_backbone_epochs`).
+Parameters with equal (lr_multiplier, wd_multiplier, is_last_layer, is_backbone) are fused into one
+group, in first-seen order, so the optimizer sees a few large groups (as the official
+`fuse_params_groups`). Frozen parameters (requires_grad False: DINOv2 `weight_g`, the layers of
+`optim.frozen_blocks`) are left out.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def layer_id(name: str, n_blocks: int) -> int:
 
 def param_multipliers(full_name: str, n_blocks: int, layerwise_decay: float,
                       patch_embed_lr_mult: float) -> dict:
-    """{lr_multiplier, wd_multiplier, is_last_layer} of one student parameter."""
+    """{lr_multiplier, wd_multiplier, is_last_layer, is_backbone} of one student parameter."""
     module, _, name = full_name.partition(".")
     lid = layer_id(name, n_blocks) if module == "backbone" else n_blocks + 1
     lr_mult = layerwise_decay ** (n_blocks + 1 - lid)
@@ -38,21 +40,41 @@ def param_multipliers(full_name: str, n_blocks: int, layerwise_decay: float,
         lr_mult *= patch_embed_lr_mult
     no_wd = full_name.endswith("bias") or "norm" in full_name or "gamma" in full_name
     return {"lr_multiplier": lr_mult, "wd_multiplier": 0.0 if no_wd else 1.0,
-            "is_last_layer": "last_layer" in full_name}
+            "is_last_layer": "last_layer" in full_name, "is_backbone": module == "backbone"}
 
 
 def build_param_groups(student: nn.Module, n_blocks: int, layerwise_decay: float,
                        patch_embed_lr_mult: float) -> list[dict]:
     """Fused groups for `student` (a module with children backbone, dino_head, ibot_head).
-    Each group: {"params", "names", "lr_multiplier", "wd_multiplier", "is_last_layer", "lr",
-    "weight_decay"}; lr and weight_decay are overwritten every step by the schedules."""
+    Each group: {"params", "names", "lr_multiplier", "wd_multiplier", "is_last_layer",
+    "is_backbone", "lr", "weight_decay"}; lr and weight_decay are overwritten every step by the
+    schedules."""
     groups: dict[tuple, dict] = {}
     for full_name, p in student.named_parameters():
         if not p.requires_grad:
             continue
         m = param_multipliers(full_name, n_blocks, layerwise_decay, patch_embed_lr_mult)
-        key = (m["lr_multiplier"], m["wd_multiplier"], m["is_last_layer"])
+        key = (m["lr_multiplier"], m["wd_multiplier"], m["is_last_layer"], m["is_backbone"])
         g = groups.setdefault(key, {"params": [], "names": [], **m, "lr": 0.0, "weight_decay": 0.0})
         g["params"].append(p)
         g["names"].append(full_name)
     return list(groups.values())
+
+
+def freeze_layers(backbone: nn.Module, frozen_blocks: int) -> int:
+    """`optim.frozen_blocks`: requires_grad off for the layers 0 .. frozen_blocks of `backbone`
+    (layer_id's numbering: 0 = patch embedding and tokens, i + 1 = blocks.i), or for all of it
+    when frozen_blocks = -1 (0: nothing). Returns the number of values frozen."""
+    n_blocks = backbone.n_blocks
+    if frozen_blocks > n_blocks:
+        raise ValueError(f"optim.frozen_blocks={frozen_blocks}: the backbone has {n_blocks} blocks "
+                         f"(allowed: -1 .. {n_blocks})")
+    if frozen_blocks == 0:
+        return 0
+    last = n_blocks + 1 if frozen_blocks == -1 else frozen_blocks
+    n = 0
+    for name, p in backbone.named_parameters():
+        if layer_id(name, n_blocks) <= last:
+            p.requires_grad_(False)
+            n += p.numel()
+    return n

@@ -71,6 +71,7 @@ class ScheduleValues:
     momentum: float  # EMA momentum m of the teacher: θ_t ← m·θ_t + (1−m)·θ_s
     teacher_temp: float  # τ_t for DINO and iBOT
     last_layer_lr: float  # lr of the `last_layer` groups (0 during the freeze)
+    backbone_lr: float  # lr of the backbone groups (0 during the head warm-up)
     gram_weight: float  # w_gram (0 when gram.use is off)
     local_loss_weight: float  # w_local of the DINO local term
 
@@ -90,6 +91,7 @@ class Schedules:
                                             tt_warm, warmup_iters=tt_warm,
                                             start_warmup_value=cfg.schedules.warmup_teacher_temp)
         self.freeze_last_layer = int(cfg.optim.freeze_last_layer_epochs * ep)
+        self.freeze_backbone = int(cfg.optim.freeze_backbone_epochs * ep)
         self.cfg = cfg
 
     def at(self, it: int) -> ScheduleValues:
@@ -99,7 +101,8 @@ class Schedules:
         lr = self.lr[it]
         return ScheduleValues(
             lr=lr, wd=self.wd[it], momentum=self.momentum[it], teacher_temp=self.teacher_temp[it],
-            last_layer_lr=0.0 if it < self.freeze_last_layer else lr, gram_weight=gram_w,
+            last_layer_lr=0.0 if it < self.freeze_last_layer else lr,
+            backbone_lr=0.0 if it < self.freeze_backbone else lr, gram_weight=gram_w,
             local_loss_weight=self.cfg.dino.local_loss_weight)
 
 
@@ -111,6 +114,11 @@ def apply_to_param_groups(param_groups: list[dict], v: ScheduleValues) -> None:
     """Write lr·lr_multiplier and wd·wd_multiplier into every optimizer group (SPEC.md §3.1 step 1).
     Groups are matched by their own keys (never by index: ZeRO may reorder or drop groups)."""
     for g in param_groups:
-        base_lr = v.last_layer_lr if g["is_last_layer"] else v.lr
+        if g["is_last_layer"]:
+            base_lr = v.last_layer_lr
+        elif g["is_backbone"]:
+            base_lr = v.backbone_lr
+        else:
+            base_lr = v.lr
         g["lr"] = base_lr * g["lr_multiplier"]
         g["weight_decay"] = v.wd * g["wd_multiplier"]

@@ -166,6 +166,7 @@ class Trainer:
             return None
         terms = {k: x / gas if torch.is_tensor(x) else x for k, x in sums.items()}
         return {"lr": v.lr, "wd": v.wd, "mom": v.momentum, "last_layer_lr": v.last_layer_lr,
+                "backbone_lr": v.backbone_lr,
                 "teacher_temp": v.teacher_temp, **terms,
                 **{f"{name}_grad_norm": x for name, x in norms.items()}}
 

@@ -66,6 +66,10 @@ def dump(trainer, path: Path) -> None:
     with engine.full_values([p for _, p in named]) as vals:
         out["module"] = {n: v.detach().float().cpu().clone()
                          for (n, _), v in zip(named, vals, strict=True)}
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
+    with engine.full_values([p for _, p in frozen]) as vals:  # optim.frozen_blocks
+        out["frozen"] = {n: v.detach().float().cpu().clone()
+                         for (n, _), v in zip(frozen, vals, strict=True)}
     steps = _steps(engine) or [float("nan")]  # (min, max) over all ranks' groups
     lo = -fdist.all_reduce_max(torch.tensor([-min(steps)], dtype=torch.float64)).item()
     hi = fdist.all_reduce_max(torch.tensor([max(steps)], dtype=torch.float64)).item()

@@ -40,18 +40,18 @@ def _load(f):
     return torch.load(f, weights_only=True)
 
 
-def _resume(tmp_path, name: str, stage: int, ckpts, reader_ranks: int):
+def _resume(tmp_path, name: str, stage: int, ckpts, reader_ranks: int, extra=()):
     r = tmp_path / name
     _launch(reader_ranks, ["--out", str(r), "--dump-at-load", f"deepspeed.zero_stage={stage}",
                            "train.checkpoint_every=2", "train.max_iterations=3",
-                           f"train.resume={ckpts}"])
+                           f"train.resume={ckpts}", *extra])
     return _load(r / "at_load.pt"), _load(r / "at_end.pt"), r / "run"
 
 
-def _write(tmp_path, stage: int, writer_ranks: int):
+def _write(tmp_path, stage: int, writer_ranks: int, extra=()):
     w = tmp_path / "writer"
     _launch(writer_ranks, ["--out", str(w), f"deepspeed.zero_stage={stage}",
-                           "train.checkpoint_every=2", "train.max_iterations=2"])
+                           "train.checkpoint_every=2", "train.max_iterations=2", *extra])
     return w / "run" / "checkpoints", _load(w / "at_end.pt")
 
 
@@ -99,6 +99,22 @@ def test_torch_engine_resume_on_two_zero3_ranks(tmp_path):
     universal form is written by fastdino (parallel._universal_from_torch)."""
     ckpts, saved = _write(tmp_path, 3, 0)  # the stage is ignored by the torch engine
     _check(saved, *_resume(tmp_path, "two_ranks", 3, ckpts, 2), 0, 2)
+
+
+@pytest.mark.slow
+def test_frozen_blocks_resume_on_another_world_size(tmp_path):
+    """optim.frozen_blocks: the frozen layers are outside the optimizer, so the universal form
+    has no state for them; the resumed run (plain torch engine, one DeepSpeed rank) keeps the
+    values it was built with, which must be the writer's, and trains the rest exactly on."""
+    frozen = ["optim.frozen_blocks=1"]
+    ckpts, saved = _write(tmp_path, 3, 2, frozen)
+    assert len(saved["frozen"]) > 0
+    for name, ranks in (("torch_engine", 0), ("one_rank", 1)):
+        loaded, after, run = _resume(tmp_path, name, 3, ckpts, ranks, frozen)
+        _check(saved, loaded, after, run, 2, ranks)
+        for got in (loaded["frozen"], after["frozen"]):
+            assert got.keys() == saved["frozen"].keys()
+            assert all(torch.equal(saved["frozen"][k], got[k]) for k in got), name
 
 
 # ------------------------------------------------------------------- the data position (no ranks)

@@ -40,3 +40,23 @@ def test_zero_stage_ema_and_clipping(stage, precision, tmp_path):
         # norms agree with the full-gradient norms; post-clip norm = max_norm·n/(n + 1e-6)
         assert r["clip_rel_err"] < (1e-4 if precision == "fp32" else 2e-3), r
     assert res[0]["losses"][-1] < res[0]["losses"][0]  # it trains
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (2, "bf16")])
+def test_zero_stage_continued_pretraining_controls(stage, precision, tmp_path):
+    """optim.frozen_blocks under ZeRO partitioning: the embedding and block 0 are outside the
+    optimizer and keep their values in the student and the teacher, bit for bit, while the rest
+    trains and the EMA of the trainable parameters stays exact; optim.freeze_backbone_epochs:
+    the first iteration (the head warm-up: 1/20 of the smoke epoch) leaves the backbone's fp32
+    masters unchanged, the later ones move them."""
+    run_ds(WORKER, ["--out", str(tmp_path), f"deepspeed.zero_stage={stage}",
+                    f"deepspeed.precision={precision}", "train.max_iterations=3",
+                    "optim.warmup_epochs=0", "optim.lr=0.01", "optim.frozen_blocks=1",
+                    "optim.freeze_backbone_epochs=0.05"])
+    for r in (0, 1):
+        res = json.loads((tmp_path / f"result_rank{r}.json").read_text())
+        assert all(math.isfinite(x) for x in res["losses"])
+        assert res["n_frozen"] > 0 and res["frozen_err"] == 0.0, res
+        assert res["warmup_moved"] == [0.0], res  # exactly one warm-up step, nothing moved
+        assert res["teacher_moved"] > 1e-4 and res["ema_err"] <= 1e-6, res

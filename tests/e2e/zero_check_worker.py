@@ -8,16 +8,21 @@ Runs the real Trainer on configs/smoke.yaml for a few steps and checks, on every
   `GatheredParameters` path the trainer uses;
 - clipping: the per-module norms the engine reports equal the norms of the full gradients
   (`safe_get_full_grad`), and after clipping each module's full gradient norm is
-  min(norm, max_norm).
+  min(norm, max_norm);
+- continued pretraining, when configured: the frozen layers (`optim.frozen_blocks`) keep their
+  initial values in the student (read gathered) and the teacher, bit for bit, and the trainable
+  backbone does not move during the head warm-up (`optim.freeze_backbone_epochs`).
 Writes DIR/result_rank<r>.json with the measured errors and the losses.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
@@ -60,32 +65,49 @@ def main() -> int:
 
     engine.clip_grad_norms = checked_clip
 
-    def full_params() -> dict[str, torch.Tensor]:
+    def full_params() -> dict[str, torch.Tensor]:  # the optimizer's (frozen: none there)
         return {n: safe_get_full_fp32_param(p).detach().clone()
-                for n, p in engine.module.named_parameters()}
+                for n, p in engine.module.named_parameters() if p.requires_grad}
+
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
+
+    def frozen_values() -> dict[str, torch.Tensor]:  # the module's own, gathered under ZeRO-3
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen]) if engine.zero_stage == 3 \
+                else contextlib.nullcontext():
+            return {n: p.detach().float().clone() for n, p in frozen}
 
     ref = full_params()  # teacher starts equal to the student
+    frozen0 = frozen_values()
     teacher0 = {n: p.detach().clone() for n, p in arch.teacher.named_parameters()}
     init_err = max((teacher0[n] - ref[n]).abs().max().item() for n in ref)
     loader_cfg = trainer.cfg
     from fastdino.data import build_train_loader
 
     loader = build_train_loader(loader_cfg, rank, trainer.info.world_size, 0)
-    losses = []
+    losses, warmup_moved = [], []
     n_steps = trainer.max_it
     for it in range(n_steps):
+        before = full_params()
         values = trainer.step(it, next(loader))
         assert values is not None, f"step {it} skipped (non-finite)"
         losses.append(float(values["total_loss"]))
         m = trainer.sched.at(it).momentum
-        for n, s in full_params().items():  # independent EMA of the full student params
+        after = full_params()
+        if values["backbone_lr"] == 0.0:  # head warm-up step: the backbone stays
+            warmup_moved.append(max((after[n] - before[n]).abs().max().item()
+                                    for n in after if n.startswith("backbone.")))
+        for n, s in after.items():  # independent EMA of the full student params
             ref[n].mul_(m).add_(s, alpha=1 - m)
-    ema_err = max((p.detach() - ref[n]).abs().max().item()
-                  for n, p in arch.teacher.named_parameters())
+    teacher = dict(arch.teacher.named_parameters())
+    ema_err = max((teacher[n].detach() - ref[n]).abs().max().item() for n in ref)
+    frozen_err = max([(v - frozen0[n]).abs().max().item() for n, v in frozen_values().items()]
+                     + [(teacher[n].detach() - teacher0[n]).abs().max().item() for n in frozen0],
+                     default=0.0)
     moved = max((p.detach() - teacher0[n]).abs().max().item()
                 for n, p in arch.teacher.named_parameters())
     result = {"rank": rank, "stage": cfg.deepspeed.zero_stage, "losses": losses,
               "init_err": init_err, "ema_err": ema_err, "teacher_moved": moved,
+              "n_frozen": len(frozen), "frozen_err": frozen_err, "warmup_moved": warmup_moved,
               "clip_rel_err": max(clip_errors), "n_clip_checks": len(clip_errors),
               "n_clipped": n_clipped[0],
               "momentum": [trainer.sched.at(i).momentum for i in range(n_steps)]}

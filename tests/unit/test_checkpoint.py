@@ -16,7 +16,8 @@ def _engine():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     groups = [{"params": list(m.parameters()), "lr": 0.1, "weight_decay": 0.0,
-               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}]
+               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False,
+               "is_backbone": False}]
     return TorchStudent(m, groups, load_config(None, []),
                         DistInfo(0, 1, 0, torch.device("cpu"), False), torch.float32)
 

@@ -36,3 +36,14 @@ def test_progress_line_images_per_second_data_share_and_eta(tmp_path, clock):
     log.log(30, {"total_loss": 8.0, "lr": 1e-4})
     assert "data" not in lines[-1] and "data_wait_fraction" not in json.loads(
         (tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_progress_line_says_when_the_backbone_is_held(tmp_path, clock):
+    lines = []
+    log = metrics.MetricsLogger(tmp_path, total_iterations=30, start_iteration=0,
+                                images_per_step=8, enabled=True, printer=lines.append)
+    for it, backbone_lr in ((1, 0.0), (2, 1e-4)):
+        clock["t"] += 1.0
+        log.log(it, {"total_loss": 9.5, "lr": 1e-4, "backbone_lr": backbone_lr})
+    assert "| lr 0.0001 (backbone 0) |" in lines[0]
+    assert "| lr 0.0001 |" in lines[1]

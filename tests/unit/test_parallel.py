@@ -68,7 +68,8 @@ def test_torch_engine_per_module_clip_matches_torch():
     ref = _Student()
     ref.load_state_dict(m.state_dict())
     groups = [{"params": list(m.parameters()), "lr": 0.0, "weight_decay": 0.0,
-               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}]
+               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False,
+               "is_backbone": False}]
     eng = TorchStudent(m, groups, load_config(None, []),
                        DistInfo(0, 1, 0, torch.device("cpu"), False), torch.float32)
     x = torch.randn(7, 6)
@@ -82,3 +83,26 @@ def test_torch_engine_per_module_clip_matches_torch():
         for a, b in zip(getattr(m, name).parameters(), mod.parameters(), strict=True):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
     assert norms["dino_head"] > 0.5 > norms["ibot_head"]  # one clipped, one left alone
+
+
+def test_check_frozen_params_refuses_a_run_built_from_other_weights(tmp_path):
+    """A resume through the universal form keeps the frozen layers' built values
+    (optim.frozen_blocks): they must be the checkpoint's, else the run mixes two models."""
+    from fastdino.parallel import TORCH_ENGINE_FILE, check_frozen_params
+
+    torch.manual_seed(0)
+    m = _Student()
+    first = next(m.parameters())
+    first.requires_grad_(False)
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    torch.save({"module": m.state_dict(), "optimizer": {}}, ckpt / TORCH_ENGINE_FILE)
+    check_frozen_params(m, ckpt)  # same values: fine
+    with torch.no_grad():
+        list(m.parameters())[1].add_(1e-3)  # a trained one differs: its value comes from the
+    check_frozen_params(m, ckpt)            # optimizer's universal state, not checked
+    with torch.no_grad():
+        first.mul_(2)
+    name = next(n for n, p in m.named_parameters() if p is first)
+    with pytest.raises(ValueError, match=rf"frozen parameter '{name}'.*pretrained_weights"):
+        check_frozen_params(m, ckpt)

@@ -48,14 +48,40 @@ def test_lr_sqrt_scaling_last_layer_freeze_and_groups():
     assert s.at(49).lr > cfg.optim.min_lr and s.at(50).lr == cfg.optim.min_lr  # min_lr unscaled
     assert [s.at(i).last_layer_lr for i in (0, 19)] == [0.0, 0.0]
     assert s.at(20).last_layer_lr == s.at(20).lr > 0
-    groups = [{"lr_multiplier": 0.5, "wd_multiplier": 0.0, "is_last_layer": False},
-              {"lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": True}]
+    groups = [{"lr_multiplier": 0.5, "wd_multiplier": 0.0, "is_last_layer": False,
+               "is_backbone": True},
+              {"lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": True,
+               "is_backbone": False}]
     v = s.at(12)
     apply_to_param_groups(groups, v)
     assert groups[0]["lr"] == pytest.approx(0.5 * v.lr) and groups[0]["weight_decay"] == 0.0
     assert groups[1]["lr"] == 0.0 and groups[1]["weight_decay"] == pytest.approx(v.wd)
     cfg_none = load_config(None, ["optim.scaling_rule=none", "optim.warmup_epochs=0"])
     assert build_schedules(cfg_none, 64).at(0).lr == pytest.approx(cfg_none.optim.lr)
+
+
+def test_backbone_freeze_head_warmup():
+    """optim.freeze_backbone_epochs: backbone groups at lr 0 (weight decay too, as AdamW scales
+    it by lr) for that many epochs, the heads on the normal schedule; then both alike."""
+    cfg = load_config(None, ["train.epoch_length=10", "train.epochs=5", "optim.warmup_epochs=1",
+                             "optim.freeze_backbone_epochs=1.5",
+                             "optim.freeze_last_layer_epochs=0"])
+    s = build_schedules(cfg, 256)
+    assert [s.at(i).backbone_lr for i in (0, 5, 14)] == [0.0, 0.0, 0.0]
+    assert s.at(14).lr > 0 and s.at(15).backbone_lr == s.at(15).lr > 0
+    groups = [{"lr_multiplier": 0.5, "wd_multiplier": 1.0, "is_last_layer": False,
+               "is_backbone": True},
+              {"lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": False,
+               "is_backbone": False},
+              {"lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": True,
+               "is_backbone": False}]
+    apply_to_param_groups(groups, s.at(12))
+    assert groups[0]["lr"] == 0.0 and groups[0]["weight_decay"] == pytest.approx(s.at(12).wd)
+    assert groups[1]["lr"] == groups[2]["lr"] == pytest.approx(s.at(12).lr)
+    apply_to_param_groups(groups, s.at(15))
+    assert groups[0]["lr"] == pytest.approx(0.5 * s.at(15).lr)
+    default = build_schedules(load_config(None, ["train.epoch_length=10"]), 256)
+    assert default.at(1).backbone_lr == default.at(1).lr > 0  # off by default
 
 
 def test_gram_weight_ramp_and_momentum():
