@@ -309,6 +309,27 @@ class GramConfig:
 
 
 @dataclass(kw_only=True)
+class DistillationConfig:
+    # Distillation (SPEC.md §1.8; the official MultiDistillationMetaArch with one student): the
+    # DINO and iBOT targets come from a frozen teacher instead of the student's own EMA. The
+    # teacher is a fastdino training run or checkpoint (its EMA teacher: backbone and both heads,
+    # architecture from the run's config.yaml; heads fitted to a released backbone by a run with
+    # optim.frozen_blocks=-1 qualify). The student sees unmasked global crops, the iBOT loss is
+    # still taken at the sampled mask positions, there is no Gram loss, and the student's EMA is
+    # still kept: it is what checkpoints hold and what is exported and evaluated.
+    enabled: bool = False
+    teacher: str | None = None  # the teacher run / checkpoint folder
+
+    def validate(self, p: str = "distillation") -> None:
+        _check(
+            not self.enabled or self.teacher is not None,
+            f"{p}.teacher",
+            "a fastdino training run or checkpoint folder when distillation.enabled is true",
+            self.teacher,
+        )
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 1e-3  # base lr before the sqrt scaling rule
     min_lr: float = 1e-6  # end of the cosine
@@ -543,6 +564,7 @@ class Config:
     ibot: IbotConfig = field(default_factory=IbotConfig)
     koleo: KoleoConfig = field(default_factory=KoleoConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -560,6 +582,12 @@ class Config:
             _check(
                 v is None or v % ps == 0, f"crops.{key}", f"a multiple of model.patch_size={ps}", v
             )
+        _check(
+            not (self.distillation.enabled and self.gram.use),
+            "gram.use",
+            "false when distillation.enabled is true (distillation has no Gram loss)",
+            self.gram.use,
+        )
         if self.gram.use and self.gram.ckpt is None and not self.gram.ema_teacher:
             _check(
                 self.gram.it_load_ema_teacher >= 0,

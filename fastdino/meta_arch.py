@@ -4,14 +4,16 @@
     engine = build_engine(arch.student, groups, cfg, info)   # parallel.py wraps the student
     arch.attach(engine)                          # EMA / Gram refresh read the engine's params
     t = arch.teacher_output(batch, teacher_temp, need_gram=w_gram > 0)  # no grad
-    s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+    s = engine(batch.global_crops, batch.local_crops, arch.student_masks(batch),
+               batch.mask_indices)
     loss, terms = arch.compute_losses(s, t, batch, sched_values)
 
 Legend: B images per rank, nL local crops, N patches of a global crop, M masked tokens of the
 rank, D width, K prototypes. Crops are crop-major ([crop 0 of all images, crop 1 ...]).
-The teacher and Gram teacher are replicated plain modules in eval mode (no drop-path, no RoPE
-jitter: SPEC.md §9.4), outside the engine. The student forward is `Student.forward`, so that
-DeepSpeed's engine (ZeRO-3 hooks) sees one forward per step.
+The teacher and Gram teacher (and, in distillation runs, the frozen teacher that gives the targets
+instead of the EMA teacher: fastdino/distillation.py) are replicated plain modules in eval mode (no
+drop-path, no RoPE jitter: SPEC.md §9.4), outside the engine. The student forward is
+`Student.forward`, so that DeepSpeed's engine (ZeRO-3 hooks) sees one forward per step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from fastdino.config import Config
+from fastdino.distillation import build_distillation_teacher
 from fastdino.ema import copy_params, ema_update, gram_refresh_due
 from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.gram_loss import GramLoss
@@ -154,8 +157,15 @@ class SSLMetaArch:
             load_pretrained(self.student, cfg.model.pretrained_weights)
         freeze_backbone_layers(self.student.backbone, cfg)
         self.student = self.student.to(device)
+        # Distillation: a frozen teacher run gives the targets; the student is never masked, so
+        # its mask token never gets a gradient (frozen: no optimizer state for an unused value)
+        self.distillation_teacher: nn.Module | None = None
+        if cfg.distillation.enabled:
+            self.distillation_teacher = build_distillation_teacher(cfg, device)
+            self.student.backbone.mask_token.requires_grad_(False)
         # The teacher starts as the student (official: teacher.load_state_dict(student)); the
-        # copy is taken before DeepSpeed partitions the student under ZeRO-3.
+        # copy is taken before DeepSpeed partitions the student under ZeRO-3. In distillation
+        # runs it is the student's EMA, kept for export and evaluation, not a target.
         self.teacher = _frozen_copy(self.student)
         impl = cfg.kernels.impl
         d = cfg.dino
@@ -204,7 +214,7 @@ class SSLMetaArch:
                              enabled=batch.global_crops.is_cuda and self.engine is not None
                              and self.engine.dtype == torch.bfloat16)
         with amp:
-            t = self.teacher.teacher_forward(batch.global_crops, batch.mask_indices)
+            t = self.target_model.teacher_forward(batch.global_crops, batch.mask_indices)
             # bf16 teacher logits as they are (loss_logits): the SK / centering passes and the
             # student kernels read them 6-8 times, at half the bytes of an fp32 copy
             out = {"dino_targets": self.dino_loss.teacher_targets(loss_logits(t["cls_logits"]),
@@ -220,6 +230,17 @@ class SSLMetaArch:
                         "x_norm_patchtokens"]
                     out["gram_hw"] = tuple(s // self.cfg.model.patch_size for s in crops.shape[-2:])
         return out
+
+    @property
+    def target_model(self) -> nn.Module:
+        """Where the DINO / iBOT targets come from: the EMA teacher, or the distillation
+        teacher."""
+        return self.distillation_teacher if self.distillation_teacher is not None else self.teacher
+
+    def student_masks(self, batch):
+        """The iBOT masks the student's global crops get: none in distillation runs (SPEC.md
+        §1.4: the iBOT loss is still taken at batch.mask_indices, patch-level distillation)."""
+        return None if self.distillation_teacher is not None else batch.masks
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

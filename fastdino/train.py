@@ -28,7 +28,7 @@ import torch
 
 from fastdino import dist as fdist
 from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
-from fastdino.config import Config, load_config, save_config
+from fastdino.config import Config, ConfigError, load_config, save_config
 from fastdino.data import build_train_loader
 from fastdino.data.collate import Batch
 from fastdino.export import export_backbone
@@ -132,7 +132,8 @@ class Trainer:
             with timer("teacher_forward"):
                 t = arch.teacher_output(batch, v.teacher_temp, need_gram=v.gram_weight > 0)
             with timer("student_forward"):
-                s = engine(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+                s = engine(batch.global_crops, batch.local_crops, arch.student_masks(batch),
+                           batch.mask_indices)
             with timer("losses"):
                 loss, terms = arch.compute_losses(s, t, batch, v)
             with timer("backward"):
@@ -289,8 +290,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
+    try:  # a bad key, value or teacher run: its message, not a traceback (same on every rank)
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        logger.error("config error: %s", e)
+        shutdown_distributed()  # no-op unless the process group had started
+        return 2
     if not fdist.is_main_process():
         logger.setLevel(logging.WARNING)
     try:

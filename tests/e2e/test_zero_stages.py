@@ -15,7 +15,7 @@ import json
 import math
 
 import pytest
-from trainer_helpers import REPO, run_ds
+from trainer_helpers import FAST, REPO, SMOKE, run_ds, run_py
 
 WORKER = REPO / "tests" / "e2e" / "zero_check_worker.py"
 
@@ -59,4 +59,22 @@ def test_zero_stage_continued_pretraining_controls(stage, precision, tmp_path):
         assert all(math.isfinite(x) for x in res["losses"])
         assert res["n_frozen"] > 0 and res["frozen_err"] == 0.0, res
         assert res["warmup_moved"] == [0.0], res  # exactly one warm-up step, nothing moved
+        assert res["teacher_moved"] > 1e-4 and res["ema_err"] <= 1e-6, res
+
+
+@pytest.mark.slow
+def test_zero3_distillation(tmp_path):
+    """Distillation under ZeRO-3 on 2 ranks: the frozen teacher (a 1-iteration run of a 3-block
+    model) is replicated outside the engine, the student's unused mask token is frozen and left
+    out of the partitions, and the student's EMA stays the exact EMA of its fp32 masters."""
+    teacher = tmp_path / "teacher"
+    run_py(["--config", str(SMOKE), *FAST, "model.depth=3", "train.max_iterations=1",
+            f"train.output_dir={teacher}"])
+    run_ds(WORKER, ["--out", str(tmp_path), "deepspeed.zero_stage=3", "train.max_iterations=2",
+                    "optim.warmup_epochs=0", "optim.lr=0.01", "distillation.enabled=true",
+                    f"distillation.teacher={teacher}"])
+    for r in (0, 1):
+        res = json.loads((tmp_path / f"result_rank{r}.json").read_text())
+        assert all(math.isfinite(x) for x in res["losses"])
+        assert res["n_frozen"] == 1 and res["frozen_err"] == 0.0, res  # the mask token
         assert res["teacher_moved"] > 1e-4 and res["ema_err"] <= 1e-6, res

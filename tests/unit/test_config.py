@@ -12,12 +12,17 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 def test_presets_exist():
     names = {p.stem for p in CONFIGS}
     assert {"smoke", "vits16", "vitb16", "vitl16", "vit7b16_pretrain", "vit7b16_gram",
-            "vit7b16_highres"} <= names
+            "vit7b16_highres", "vitl16_distill"} <= names
+
+
+def _needed(path: Path) -> list[str]:
+    """What a preset leaves to the command line (the distillation teacher run)."""
+    return ["distillation.teacher=/runs/teacher"] if path.stem.endswith("_distill") else []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_preset_loads_and_starts_with_a_provenance_header(path):
-    cfg = load_config(path)
+    cfg = load_config(path, _needed(path))
     assert isinstance(cfg, Config)
     assert path.read_text().startswith("#"), "presets start with a comment saying where they ran"
 
@@ -52,6 +57,22 @@ def test_vitl16_matches_the_official_imagenet_recipe():
     assert cfg.model.drop_path_rate == 0.3 and cfg.optim.layerwise_decay == 0.9
     assert (cfg.crops.global_crops_size, cfg.crops.local_crops_size) == (224, 96)
     assert cfg.train.total_iterations == 125_000
+
+
+def test_distillation_preset_matches_the_official_example():
+    path = Path(__file__).parents[2] / "configs" / "vitl16_distill.yaml"
+    with pytest.raises(ConfigError, match="distillation.teacher"):  # the teacher is required
+        load_config(path)
+    cfg = load_config(path, _needed(path))
+    assert cfg.distillation.enabled and not cfg.gram.use
+    assert cfg.optim.lr == cfg.optim.min_lr == 5e-5 and cfg.optim.warmup_epochs == 10
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.04)
+    assert (cfg.schedules.momentum_teacher, cfg.schedules.final_momentum_teacher) == (0.994, 1.0)
+    assert cfg.schedules.warmup_teacher_temp == cfg.schedules.teacher_temp == 0.07
+    assert cfg.model.drop_path_rate == 0.0 and cfg.optim.layerwise_decay == 0.99
+    assert cfg.optim.freeze_last_layer_epochs == 0 and not cfg.crops.horizontal_flip
+    assert (cfg.dino.head.n_prototypes, cfg.ibot.head.n_prototypes) == (262144, 98304)
+    assert cfg.train.total_iterations == 25_000
 
 
 def test_overrides_apply_with_types():

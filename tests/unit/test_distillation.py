@@ -1,0 +1,119 @@
+"""Distillation mode (SPEC.md §1.8, fastdino/distillation.py) on tiny models: a 1-iteration
+"teacher run" (3 blocks, wider) is distilled into a 2-block student. The targets are the frozen
+teacher's (not the student's EMA), the student's global crops are unmasked while the iBOT loss is
+taken at the sampled positions, the teacher never moves, the student's EMA still does, and every
+mismatch between teacher and student is an error that names the key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer_step import SMALL, SMOKE, make_trainer
+
+from fastdino.config import ConfigError, load_config
+
+STEP = ["optim.warmup_epochs=0", "optim.lr=0.01", "optim.freeze_last_layer_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A fastdino run of another architecture than the student's: 3 blocks of width 96."""
+    from fastdino.train import Trainer
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = load_config(SMOKE, [*SMALL, "model.depth=3", "model.embed_dim=96", "model.num_heads=3",
+                              f"train.output_dir={out}", "train.resume=none",
+                              "train.max_iterations=1", "train.checkpoint_every=1", *STEP])
+    Trainer(cfg).train()
+    return out
+
+
+def _distill(tmp_path, teacher_run, *extra):
+    return make_trainer(tmp_path, *STEP, "distillation.enabled=true",
+                        f"distillation.teacher={teacher_run}", *extra)
+
+
+def test_targets_come_from_the_frozen_teacher(tmp_path, teacher_run):
+    # softmax centering (center 0 at the start): the targets are softmax(t/τ_t) of whichever
+    # model gave them, so the two teachers' differ (Sinkhorn-Knopp at 4 images is ~uniform)
+    trainer, batch = _distill(tmp_path, teacher_run, "dino.centering=softmax")
+    arch = trainer.arch
+    dt = arch.distillation_teacher
+    assert dt.backbone.n_blocks == 3 and dt.backbone.embed_dim == 96
+    assert arch.student.backbone.n_blocks == 2
+    saved = torch.load(teacher_run / "checkpoints" / "iter_0000001" / "trainer_state.pt",
+                       weights_only=True)["teacher"]
+    assert all(torch.equal(saved[k], v) for k, v in dt.state_dict().items())
+    assert not any(p.requires_grad for p in dt.parameters()) and not dt.training
+    # the targets are the teacher run's
+    t = arch.teacher_output(batch, 0.07)
+    with torch.no_grad():
+        ref = dt.teacher_forward(batch.global_crops, batch.mask_indices)
+        own = arch.teacher.teacher_forward(batch.global_crops, batch.mask_indices)
+    want = arch.dino_loss.teacher_targets(ref["cls_logits"], 0.07).materialize()
+    got = t["dino_targets"].materialize()
+    torch.testing.assert_close(got, want)
+    not_own = arch.dino_loss.teacher_targets(own["cls_logits"], 0.07).materialize()
+    assert (got - not_own).abs().max() > 1e-3  # the student's EMA would give other targets
+    before = {k: v.clone() for k, v in dt.state_dict().items()}
+    ema0 = {k: v.detach().clone() for k, v in arch.teacher.named_parameters()}
+    for it in range(2):
+        v = trainer.step(it, batch)
+        assert torch.isfinite(v["total_loss"]) and v["ibot_loss"] > 0
+    assert all(torch.equal(before[k], x) for k, x in dt.state_dict().items())  # frozen
+    moved = [k for k, x in arch.teacher.named_parameters() if not torch.equal(ema0[k], x)]
+    assert moved  # the student's EMA is still kept
+    # checkpoints hold the student's EMA, not the distillation teacher
+    st = arch.state_for_checkpoint()
+    assert st["teacher"]["backbone.blocks.0.attn.qkv.weight"].shape == \
+        arch.student.backbone.blocks[0].attn.qkv.weight.shape
+
+
+def test_student_is_unmasked_and_ibot_uses_the_sampled_positions(tmp_path, teacher_run,
+                                                                monkeypatch):
+    trainer, batch = _distill(tmp_path, teacher_run)
+    assert batch.mask_indices.numel() > 0 and batch.masks.any()
+    seen = {}
+    student = trainer.arch.student
+    real = type(student).forward
+
+    def spy(self, global_crops, local_crops, masks, mask_indices):
+        seen["masks"], seen["mask_indices"] = masks, mask_indices
+        return real(self, global_crops, local_crops, masks, mask_indices)
+
+    monkeypatch.setattr(type(student), "forward", spy)
+    trainer.step(0, batch)
+    assert seen["masks"] is None
+    assert torch.equal(seen["mask_indices"], batch.mask_indices)
+    # the unused mask token is frozen (no gradient would reach it)
+    assert not student.backbone.mask_token.requires_grad
+
+
+def test_self_distillation_still_masks_the_student(tmp_path):
+    trainer, batch = make_trainer(tmp_path, *STEP)
+    assert trainer.arch.distillation_teacher is None
+    assert trainer.arch.student_masks(batch) is batch.masks
+    assert trainer.arch.target_model is trainer.arch.teacher
+
+
+@pytest.mark.parametrize("override,key", [
+    ("dino.head.n_prototypes=64", "dino.head.n_prototypes=64 but the distillation teacher"),
+    ("ibot.head.n_prototypes=64", "ibot.head.n_prototypes=64 but the distillation teacher"),
+])
+def test_teacher_student_mismatch_is_an_error(tmp_path, teacher_run, override, key):
+    with pytest.raises(ConfigError, match=key + r".* has 128: set"):
+        _distill(tmp_path, teacher_run, override)
+
+
+def test_a_backbone_file_is_not_a_teacher(tmp_path, teacher_run):
+    with pytest.raises(ConfigError, match=r"needs its DINO and iBOT heads.*frozen_blocks=-1"):
+        _distill(tmp_path, teacher_run / "teacher_backbone.pth")
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match=r"distillation.teacher.*when distillation.enabled"):
+        load_config(None, ["distillation.enabled=true"])
+    with pytest.raises(ConfigError, match=r"gram.use.*distillation has no Gram loss"):
+        load_config(None, ["distillation.enabled=true", "distillation.teacher=/x",
+                           "gram.use=true", "gram.it_load_ema_teacher=0"])
+
