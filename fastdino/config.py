@@ -319,8 +319,13 @@ class DistillationConfig:
     # still kept: it is what checkpoints hold and what is exported and evaluated.
     enabled: bool = False
     teacher: str | None = None  # the teacher run / checkpoint folder
+    # dtype the frozen teacher is held in: auto = bf16 when training in bf16 (as the official
+    # FSDP teacher's bf16 parameters: half the memory of fp32, 14 GB for a 7B teacher, and no
+    # per-step weight casts under autocast), fp32 otherwise
+    teacher_dtype: str = "auto"
 
     def validate(self, p: str = "distillation") -> None:
+        _choice(self.teacher_dtype, f"{p}.teacher_dtype", ("auto", "fp32", "bf16"))
         _check(
             not self.enabled or self.teacher is not None,
             f"{p}.teacher",

@@ -56,12 +56,23 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     except RuntimeError as e:
         raise ValueError(f"distillation.teacher={path!r}: the weights of {source} do not fit "
                          f"the architecture of {run_cfg}: {e}") from None
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    dtype = teacher_dtype(cfg, device)
+    teacher = teacher.to(device, dtype).eval().requires_grad_(False)
+    teacher.compute_dtype = dtype  # teacher_forward casts the crops to it
     n = sum(p.numel() for p in teacher.backbone.parameters())
     logger.info("distillation: the targets come from the frozen teacher %s (%s, %.1fM backbone "
-                "parameters); the student's EMA is kept for export and evaluation", source,
-                tcfg.model.arch, n / 1e6)
+                "parameters, held in %s); the student's EMA is kept for export and evaluation",
+                source, tcfg.model.arch, n / 1e6, str(dtype).removeprefix("torch."))
     return teacher
+
+
+def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    from fastdino.parallel import resolve_precision
+
+    d = cfg.distillation.teacher_dtype
+    if d == "auto":
+        return resolve_precision(cfg, device)
+    return torch.bfloat16 if d == "bf16" else torch.float32
 
 
 def _check_compatible(cfg: Config, tcfg: Config, path: str) -> None:

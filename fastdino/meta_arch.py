@@ -67,8 +67,10 @@ class Student(nn.Module):
 
     @torch.no_grad()
     def teacher_forward(self, global_crops, mask_indices) -> dict[str, torch.Tensor]:
-        """Teacher on the unmasked global crops: CLS logits [2B,K], masked-patch logits [M,K]."""
-        g = self.backbone.forward_features(global_crops)
+        """Teacher on the unmasked global crops: CLS logits [2B,K], masked-patch logits [M,K].
+        (compute_dtype: fp32 for the EMA teacher, whose bf16 compute comes from autocast; the
+        dtype a distillation teacher is held in.)"""
+        g = self.backbone.forward_features(global_crops.to(self.compute_dtype))
         patches = g["x_norm_patchtokens"]  # [2B, N, D]
         masked = patches.flatten(0, 1).index_select(0, mask_indices)  # [M, D]
         return {"cls_logits": self.dino_head(g["x_norm_clstoken"]),

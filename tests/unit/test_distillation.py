@@ -117,3 +117,19 @@ def test_config_rules():
         load_config(None, ["distillation.enabled=true", "distillation.teacher=/x",
                            "gram.use=true", "gram.it_load_ema_teacher=0"])
 
+
+
+def test_teacher_held_in_bf16(tmp_path, teacher_run):
+    """distillation.teacher_dtype=bf16 (auto picks it when training in bf16): half the memory,
+    targets within bf16 rounding of the fp32 teacher's; auto on this fp32 run keeps fp32."""
+    fp32, batch = _distill(tmp_path / "a", teacher_run, "dino.centering=softmax")
+    bf16, _ = _distill(tmp_path / "b", teacher_run, "dino.centering=softmax",
+                       "distillation.teacher_dtype=bf16")
+    assert {p.dtype for p in fp32.arch.distillation_teacher.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.arch.distillation_teacher.parameters()} == {torch.bfloat16}
+    want = fp32.arch.teacher_output(batch, 0.07)["dino_targets"].materialize()
+    got = bf16.arch.teacher_output(batch, 0.07)["dino_targets"].materialize()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.05, atol=1e-4)
+    v = bf16.step(0, batch)
+    assert torch.isfinite(v["total_loss"])
