@@ -1,8 +1,9 @@
-"""`fastdino eval knn | linear | seg | pca ...` (fastdino.cli dispatches `fastdino eval` here).
+"""`fastdino eval knn | linear | seg | depth | pca ...` (`fastdino eval` dispatches here).
 
     fastdino eval knn    --weights runs/smoke --data digits --image-size 64
     fastdino eval linear --weights vits16.pth --arch vit_small --data /imagenet_subset
     fastdino eval seg    --weights hf_dinov3_folder/ --data /seg_folder --crop 512
+    fastdino eval depth  --weights runs/vitl16 --data /nyu_folder --eigen-crop
     fastdino eval pca    --weights runs/smoke IMAGE... --out pca/
 
 `--weights` is a training run / checkpoint folder, an exported .pth / .safetensors backbone, a
@@ -83,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=4)
+
+    p = sub.add_parser("depth", help="dense linear depth probe (BN + 1x1 conv to 256 bins), "
+                       "RMSE / AbsRel / delta1", formatter_class=fmt)
+    _add_common(p, features=False)
+    p.add_argument("--data", required=True, help="folder with images/ + depth/ (or train/ and "
+                   "val/ each holding them); depth: 16-bit PNGs or float .npy metres, 0 = none")
+    p.add_argument("--depth-scale", type=float, default=1000.0,
+                   help="PNG value / scale = metres (NYU-v2 mm: 1000, KITTI: 256)")
+    p.add_argument("--crop", type=int, nargs=2, default=[416, 544], metavar=("H", "W"),
+                   help="training crop = sliding window (official NYU: 416 544)")
+    p.add_argument("--iterations", type=int, default=2000, help="official NYU: 38400")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--no-flip-tta", action="store_true",
+                   help="do not average with the flipped image's prediction")
+    p.add_argument("--eigen-crop", action="store_true",
+                   help="evaluate inside the Eigen crop (480 x 640 NYU maps)")
 
     p = sub.add_parser("pca", help="3-component PCA of patch features -> RGB PNGs (SPEC.md §8)",
                        formatter_class=fmt)
@@ -187,6 +206,20 @@ def main(argv: list[str] | None = None) -> int:
                  for i, v in enumerate(res["iou"])]
         _print_table(f"linear seg on {args.data}: {len(train)} train, {len(val)} val, window "
                      f"{res['window']} stride {res['stride']}", rows)
+    elif args.cmd == "depth":
+        from fastdino.eval.depth import depth_eval, depth_splits
+        train, val = depth_splits(args.data)
+        res = depth_eval(backbone, train, val, crop=args.crop, iterations=args.iterations,
+                         batch_size=args.batch_size, lr=args.lr, depth_scale=args.depth_scale,
+                         num_workers=args.num_workers, seed=args.seed,
+                         flip_tta=not args.no_flip_tta, eigen_crop=args.eigen_crop,
+                         progress=progress)
+        result.update(res)
+        rows = [("RMSE (m)", f"{res['rmse']:.4f}"), ("AbsRel", f"{res['abs_rel']:.4f}"),
+                ("log10", f"{res['log10']:.4f}")]
+        rows += [(f"delta{i}", f"{100 * res[f'delta{i}']:.2f}") for i in (1, 2, 3)]
+        _print_table(f"linear depth on {args.data}: {len(train)} train, {res['n_val']} val, "
+                     f"window {res['window']} stride {res['stride']}", rows)
     else:
         from fastdino.eval.pca import write_pca_images
         files = write_pca_images(backbone, args.images, args.out, resolution=args.resolution,

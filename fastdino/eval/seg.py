@@ -5,7 +5,7 @@
 
 Data: `<folder>/images/<stem>.<jpg|png|...>` + `<folder>/masks/<stem>.png` (integer class ids,
 PNG mode L / P / I; 255 = ignore). Splits: `<root>/train/` and `<root>/val/` each laid out like
-that, or one folder split deterministically (every 4th image, by sorted stem, is val).
+that, or one folder split deterministically (every 4th image, by sorted stem, is val): dense.py.
 
 Head (official linear config): last-layer patch tokens after the backbone's final norm
 [B, D, h, w] -> BatchNorm2d -> Dropout2d(0.1) -> 1x1 conv -> C logits at patch resolution,
@@ -22,7 +22,7 @@ truth or the prediction of TP / (TP + FP + FN), from one confusion matrix over a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,43 +31,24 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import IMAGE_EXTENSIONS, decode_rgb
-from fastdino.eval.features import autocast_for, to_normalized_tensor
+from fastdino.data.datasets import decode_rgb
+from fastdino.eval import dense
+from fastdino.eval.dense import Pairs, patch_feature_map, resize_short, sliding_window_logits
+from fastdino.eval.features import to_normalized_tensor
 
 IGNORE = 255
-Pairs = list[tuple[str, str]]  # (image path, mask path)
 
 
 # ------------------------------------------------------------------------------------------ data
 def list_pairs(folder: str | Path) -> Pairs:
     """(image, mask) pairs of `folder/images` and `folder/masks`, matched by stem, sorted."""
-    folder = Path(folder)
-    img_dir, mask_dir = folder / "images", folder / "masks"
-    if not img_dir.is_dir() or not mask_dir.is_dir():
-        raise FileNotFoundError(f"segmentation folder {str(folder)!r} needs images/ and masks/ "
-                                "subfolders (masks: integer PNGs with the images' stems)")
-    images = sorted(p for p in img_dir.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
-    masks = {p.stem: p for p in mask_dir.glob("*.png")}
-    missing = [p.name for p in images if p.stem not in masks]
-    if missing:
-        raise FileNotFoundError(f"{mask_dir}: no mask PNG for {len(missing)} image(s): "
-                                + ", ".join(missing[:5]))
-    if not images:
-        raise FileNotFoundError(f"{img_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return [(str(p), str(masks[p.stem])) for p in images]
+    return dense.list_pairs(folder, "masks", (".png",),
+                            "masks: integer PNGs with the images' stems")
 
 
 def seg_splits(root: str | Path) -> tuple[Pairs, Pairs]:
     """(train, val) pairs: `root/train` + `root/val`, or `root` split every 4th image to val."""
-    root = Path(root)
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return list_pairs(root / "train"), list_pairs(root / "val")
-    pairs = list_pairs(root)
-    if len(pairs) < 2:
-        raise ValueError(f"{root}: a single folder needs at least 2 images to split train/val")
-    train = [p for i, p in enumerate(pairs) if i % 4 != 3]
-    val = [p for i, p in enumerate(pairs) if i % 4 == 3]
-    return train, val
+    return dense.split_pairs(root, list_pairs)
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -82,12 +63,6 @@ def load_mask(path: str) -> np.ndarray:
 def count_classes(pairs: Pairs) -> int:
     masks = (load_mask(m) for _, m in pairs)
     return max(int(np.where(m == IGNORE, -1, m).max()) for m in masks) + 1
-
-
-def _resize_short(img: Image.Image, short: int, resample) -> Image.Image:
-    w, h = img.size
-    s = short / min(w, h)
-    return img.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
 
 
 class SegTrainSet(torch.utils.data.Dataset):
@@ -106,8 +81,8 @@ class SegTrainSet(torch.utils.data.Dataset):
             raise ValueError(f"{img_path} is {img.size} but its mask {mask_path} is {mask.size}")
         lo, hi = self.scale_range
         short = round(self.crop * (lo + (hi - lo) * float(torch.rand(()))))
-        img = _resize_short(img, short, Image.Resampling.BILINEAR)
-        mask = _resize_short(mask, short, Image.Resampling.NEAREST)
+        img = resize_short(img, short, Image.Resampling.BILINEAR)
+        mask = resize_short(mask, short, Image.Resampling.NEAREST)
         x = to_normalized_tensor(img)  # [3, H, W]
         y = torch.from_numpy(np.asarray(mask, dtype=np.int64))  # [H, W]
         H, W = y.shape
@@ -139,41 +114,10 @@ class LinearSegHead(nn.Module):
         return self.conv(self.dropout(self.bn(feats)))
 
 
-@torch.no_grad()
-def patch_feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """image [B, 3, H, W] -> last-layer normed patch tokens [B, D, H/p, W/p], fp32."""
-    with autocast_for(x.device):
-        feats = backbone.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
-    return feats.float()
-
-
 def seg_logits(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """image [B, 3, H, W] -> logits [B, C, H, W] (head at patch resolution, upsampled)."""
     logits = head(patch_feature_map(backbone, x))
     return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def sliding_window_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor,
-                          window: int, stride: int, n_classes: int) -> torch.Tensor:
-    """mmseg-style slide inference: img [B, 3, H, W] -> logits [B, C, H, W], the mean over every
-    window covering a pixel. Windows start every `stride` pixels, the last one flush with the
-    border; an image smaller than the window is zero-padded (and the padding cropped off)."""
-    B, _, H, W = img.shape
-    ph, pw = max(0, window - H), max(0, window - W)
-    x = F.pad(img, (0, pw, 0, ph)) if ph or pw else img
-    Hp, Wp = x.shape[-2:]
-    n_h = max(Hp - window + stride - 1, 0) // stride + 1
-    n_w = max(Wp - window + stride - 1, 0) // stride + 1
-    out = x.new_zeros(B, n_classes, Hp, Wp, dtype=torch.float32)
-    count = x.new_zeros(1, 1, Hp, Wp, dtype=torch.float32)
-    for i in range(n_h):
-        for j in range(n_w):
-            y0, x0 = min(i * stride, Hp - window), min(j * stride, Wp - window)
-            out[:, :, y0:y0 + window, x0:x0 + window] += logits_fn(
-                x[:, :, y0:y0 + window, x0:x0 + window]).float()
-            count[:, :, y0:y0 + window, x0:x0 + window] += 1
-    assert bool((count > 0).all()), "sliding windows left a pixel uncovered"
-    return (out / count)[:, :, :H, :W]
 
 
 # ------------------------------------------------------------------------------------------ metric
@@ -254,7 +198,7 @@ def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: in
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
     for img_path, mask_path in val:
         target = torch.from_numpy(load_mask(mask_path))  # [H, W]
-        img = _resize_short(decode_rgb(img_path), crop, Image.Resampling.BILINEAR)
+        img = resize_short(decode_rgb(img_path), crop, Image.Resampling.BILINEAR)
         x = to_normalized_tensor(img)[None].to(device)  # [1, 3, h, w]
         logits = sliding_window_logits(lambda w: seg_logits(backbone, head, w), x, crop, stride,
                                        n_classes)

@@ -59,3 +59,18 @@ def test_bad_weights_exit_with_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["knn", "--weights", str(tmp_path / "none.pth"), "--arch", "vit_test",
               "--data", str(tmp_path)])
+
+
+def test_depth_command(tmp_path, capsys):
+    from test_eval_depth import _synthetic_depth
+
+    _synthetic_depth(tmp_path / "nyu", n=4)
+    assert main(["depth", "--weights", "random", "--arch", "vit_test", "--data",
+                 str(tmp_path / "nyu"), "--crop", "32", "48", "--iterations", "5",
+                 "--batch-size", "3", "--num-workers", "0", "--no-flip-tta", "--quiet",
+                 "--json", str(tmp_path / "depth.json")]) == 0
+    res = json.loads((tmp_path / "depth.json").read_text())
+    assert res["command"] == "depth" and res["n_train"] == 3 and res["n_val"] == 1
+    assert res["window"] == [32, 48] and res["stride"] == [21, 32] and not res["flip_tta"]
+    assert res["rmse"] > 0 and 0 <= res["delta1"] <= 1
+    assert "RMSE (m)" in capsys.readouterr().out
