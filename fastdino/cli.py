@@ -1,9 +1,9 @@
 """`fastdino train|export|profile|eval|curate ...` (the console script of pyproject.toml).
 
     fastdino train --config configs/smoke.yaml data.root=/imgs     (= python fastdino/train.py)
-    fastdino export --run runs/smoke --out teacher_backbone.safetensors
+    fastdino export --run runs/smoke --out teacher.safetensors [--format hf | --with-heads]
     fastdino profile ...                                            (fastdino/profile.py)
-    fastdino eval knn|linear|seg|pca --weights W --data DIR ...     (fastdino/eval/cli.py)
+    fastdino eval knn|linear|seg|depth|pca --weights W --data DIR ... (fastdino/eval/cli.py)
     fastdino curate embed|cluster|sample ...                        (fastdino/curation/cli.py)
 Multi-GPU training goes through the DeepSpeed launcher: `deepspeed --num_gpus N fastdino/train.py`.
 """
@@ -15,13 +15,27 @@ import sys
 
 
 def _export(argv: list[str]) -> int:
-    from fastdino.export import export_backbone
+    from fastdino import export
 
-    p = argparse.ArgumentParser(prog="fastdino export", description=__doc__)
+    p = argparse.ArgumentParser(prog="fastdino export", description=export.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run dir (its latest checkpoint) or checkpoint dir")
-    p.add_argument("--out", required=True, help="FILE.pth | FILE.safetensors | FILE (both)")
+    p.add_argument("--out", required=True, help="official: FILE.pth | FILE.safetensors | FILE "
+                   "(both); --with-heads: FILE.pth; --format hf: a folder")
+    p.add_argument("--format", choices=("official", "hf"), default="official",
+                   help="official DINOv3 backbone keys, or a Hugging Face DINOv3ViTModel folder")
+    p.add_argument("--with-heads", action="store_true",
+                   help="the whole teacher (backbone + DINO / iBOT heads) in one .pth")
     a = p.parse_args(argv)
-    for path in export_backbone(a.run, a.out):
+    if a.with_heads and a.format == "hf":
+        p.error("--with-heads writes fastdino's own file; Hugging Face folders hold the backbone")
+    if a.format == "hf":
+        paths = export.export_hf(a.run, a.out)
+    elif a.with_heads:
+        paths = export.export_with_heads(a.run, a.out)
+    else:
+        paths = export.export_backbone(a.run, a.out)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

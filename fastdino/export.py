@@ -2,6 +2,11 @@
 state dict with the official DINOv3 key names (SPEC.md §4: `cls_token`, `storage_tokens`,
 `mask_token`, `patch_embed.proj.*`, `rope_embed.periods`, `blocks.{i}.*`, `norm.*`), written as
 `.pth` (torch.save) or `.safetensors` (by the suffix of FILE; both when FILE has no suffix).
+`--with-heads` writes the whole teacher ({"teacher": backbone.*, dino_head.*, ibot_head.*}) to
+one `.pth`, which `model.pretrained_weights` takes with its heads (continued pretraining).
+`--format hf` writes a Hugging Face `DINOv3ViTModel` folder (config.json + model.safetensors),
+the architecture from the run's config.yaml, loaded into transformers' own class strictly before
+it is saved (needs the `interop` extra).
 
 The teacher is replicated, so rank 0's `trainer_state.pt` holds it whole: no ZeRO consolidation
 is needed. Loadable with `fastdino.models.state_dict_io.load_backbone_state_dict` (strict) or the
@@ -44,3 +49,54 @@ def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
         else:
             torch.save(sd, t)
     return targets
+
+
+def teacher_state(run_or_ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The whole EMA teacher (backbone and heads) of a run or checkpoint, and that checkpoint."""
+    from fastdino.eval.weights import read_weights
+
+    sd, source, _, run_cfg = read_weights(run_or_ckpt)
+    if "teacher" not in sd:
+        raise ValueError(f"--run {str(run_or_ckpt)!r} is a {source}, not a training run or "
+                         "checkpoint folder")
+    return sd["teacher"], run_cfg
+
+
+def export_with_heads(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
+    out = Path(out)
+    if out.suffix not in (".pth", ".pt"):
+        raise ValueError(f"--out {str(out)!r}: --with-heads writes one torch file; allowed "
+                         "suffixes are .pth / .pt")
+    teacher, _ = teacher_state(run_or_ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"teacher": {k: v.contiguous().clone() for k, v in teacher.items()}}, out)
+    return [out]
+
+
+def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
+    """A Hugging Face DINOv3ViTModel folder of the run's teacher backbone."""
+    try:
+        from transformers import DINOv3ViTModel
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise ImportError("--format hf needs transformers: pip install 'fastdino[interop]'") from e
+    from fastdino.eval.weights import resolve_model_config
+    from fastdino.models.backbones import build_backbone
+    from fastdino.models.hf_convert import hf_config_from_backbone, to_hf_state_dict
+    from fastdino.models.state_dict_io import load_backbone_state_dict
+
+    teacher, run_cfg = teacher_state(run_or_ckpt)
+    if run_cfg is None:
+        raise FileNotFoundError(f"--run {str(run_or_ckpt)!r}: no config.yaml beside the "
+                                "checkpoints, so the architecture is unknown")
+    backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
+    backbone = backbone.to_empty(device="cpu")
+    load_backbone_state_dict(backbone, {"teacher": teacher})  # strict: the run's own arch
+    model = DINOv3ViTModel(hf_config_from_backbone(backbone)).eval()
+    hf_sd = to_hf_state_dict(backbone.state_dict())
+    missing, unexpected = model.load_state_dict(hf_sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the Hugging Face model does not take the converted teacher: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    return sorted(out.iterdir())

@@ -1,0 +1,67 @@
+"""`fastdino export` of a real (1-iteration) training run: the official backbone file, the whole
+teacher with its heads (which continued pretraining loads, heads included), and a Hugging Face
+DINOv3ViTModel folder whose outputs match the teacher backbone's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer_step import SMALL, SMOKE
+
+from fastdino.cli import main
+from fastdino.config import load_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from fastdino.train import Trainer
+
+    out = tmp_path_factory.mktemp("export") / "run"
+    # LayerScale 0.5, not 1e-5: the blocks must matter for the output comparison to test them
+    cfg = load_config(SMOKE, [*SMALL, f"train.output_dir={out}", "train.resume=none",
+                              "train.max_iterations=1", "optim.warmup_epochs=0", "optim.lr=0.01",
+                              "model.layerscale_init=0.5"])
+    trainer = Trainer(cfg)
+    trainer.train()
+    return out, trainer.arch.teacher
+
+
+def test_with_heads_feeds_continued_pretraining(run, tmp_path, caplog):
+    out, teacher = run
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "t.pth"),
+                 "--with-heads"]) == 0
+    sd = torch.load(tmp_path / "t.pth", weights_only=True)["teacher"]
+    assert any(k.startswith("dino_head.") for k in sd) and any(k.startswith("ibot_head.")
+                                                              for k in sd)
+    from fastdino.meta_arch import build_student, load_pretrained
+
+    cfg = load_config(SMOKE, [*SMALL, "model.layerscale_init=0.5"])
+    student = build_student(cfg)
+    with caplog.at_level("INFO", logger="fastdino"):
+        load_pretrained(student, str(tmp_path / "t.pth"))
+    assert "backbone, dino_head, ibot_head" in caplog.text
+    got = student.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match=r"--with-heads writes one torch file"):
+        main(["export", "--run", str(out), "--out", str(tmp_path / "t.safetensors"),
+              "--with-heads"])
+
+
+def test_hugging_face_folder_matches_the_teacher(run, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the interop extra")
+    out, teacher = run
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf"), "--format",
+                 "hf"]) == 0
+    hf = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "hf").eval()
+    bb = teacher.backbone.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        ref = bb.forward_features(x)
+        got = hf(pixel_values=x).last_hidden_state  # [CLS, registers, patches], final norm
+    n_reg = bb.n_storage_tokens
+    torch.testing.assert_close(got[:, 0], ref["x_norm_clstoken"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[:, 1 + n_reg:], ref["x_norm_patchtokens"], rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(SystemExit):  # argparse: the two options do not combine
+        main(["export", "--run", str(out), "--out", str(tmp_path / "x"), "--format", "hf",
+              "--with-heads"])
