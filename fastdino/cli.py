@@ -5,6 +5,7 @@
     fastdino profile ...                                            (fastdino/profile.py)
     fastdino eval knn|linear|seg|depth|pca --weights W --data DIR ... (fastdino/eval/cli.py)
     fastdino curate embed|cluster|sample ...                        (fastdino/curation/cli.py)
+    fastdino health runs/smoke            (collapse, uniform targets, stalls: fastdino/health.py)
 Multi-GPU training goes through the DeepSpeed launcher: `deepspeed --num_gpus N fastdino/train.py`.
 """
 
@@ -42,7 +43,7 @@ def _export(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("train", "export", "profile", "eval", "curate")
+    commands = ("train", "export", "profile", "eval", "curate", "health")
     if not argv or argv[0] not in commands:
         print(f"usage: fastdino {{{'|'.join(commands)}}} ...\n{__doc__}", file=sys.stderr)
         return 2
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastdino.profile import main as profile_main
 
         return profile_main(rest)
+    if cmd == "health":
+        from fastdino.health import main as health_main
+
+        return health_main(rest)
     if cmd == "eval":
         from fastdino.eval.cli import main as eval_main
 

@@ -5,8 +5,9 @@ The step (DESIGN.md "One training step"), in `Trainer.step`:
     schedules -> for each of the gas micro-batches (deepspeed.gradient_accumulation_steps):
         teacher forward (no grad) -> student forward -> DINO + iBOT + KoLeo + Gram -> backward
     -> per-module clip -> engine.step -> EMA (+ softmax centers) -> Gram refresh
-`Trainer.train` adds around it: data, NaN/Inf guard, metrics, kNN probe, checkpoints, and at the
-end the teacher backbone exported to <output_dir>/teacher_backbone.{pth,safetensors}.
+`Trainer.train` adds around it: data, NaN/Inf guard, metrics and health warnings (health.py), kNN
+probe, checkpoints, and at the end the teacher backbone exported to
+<output_dir>/teacher_backbone.{pth,safetensors}.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fastdino.config import Config, ConfigError, load_config, save_config
 from fastdino.data import build_train_loader
 from fastdino.data.collate import Batch
 from fastdino.export import export_backbone
+from fastdino.health import HealthMonitor
 from fastdino.meta_arch import SSLMetaArch
 from fastdino.metrics import MetricsLogger
 from fastdino.parallel import build_engine, init_distributed, shutdown_distributed
@@ -197,6 +199,7 @@ class Trainer:
         self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
         metrics = MetricsLogger(self.out, self.max_it, self.start_iteration, self.global_batch,
                                 fdist.is_main_process(), printer=logger.info)
+        health = HealthMonitor.from_config(cfg)
         if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
             set_rng_state(self.resume_rng)
         history = []
@@ -223,6 +226,9 @@ class Trainer:
                 values["data_wait_s"] = self.data_wait_s  # averaged over ranks below
                 self.data_wait_s = 0.0
                 history.append(metrics.log(it, {**self._average(values), **knn}))
+                if fdist.is_main_process():  # fastdino/health.py: collapse, stalls, spikes
+                    for f in health.update(it, history[-1]):
+                        (logger.info if f.cleared else logger.warning)("%s", f.message)
             if it % cfg.train.checkpoint_every == 0 or it == self.max_it:
                 path = self.save(it)
         if self.start_iteration >= self.max_it:

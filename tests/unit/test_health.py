@@ -1,0 +1,90 @@
+"""Run-health checks (fastdino/health.py): each condition fires after its patience, only after
+the teacher-temperature warm-up where the start of training looks alike, clears, and the
+`fastdino health` report of a real run finds the uniform Sinkhorn-Knopp targets of a tiny batch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fastdino.health import HealthMonitor, main, report
+
+K = 1024
+LN_K = math.log(K)
+
+
+def _feed(monitor, rows):
+    out = []
+    for it, values in rows:
+        out += monitor.update(it, values)
+    return out
+
+
+def test_uniform_teacher_after_the_warmup_with_patience_then_cleared():
+    m = HealthMonitor(K, warmup_iterations=10)
+    early = _feed(m, [(i, {"dino_teacher_entropy": LN_K}) for i in (2, 4, 6, 8, 10)])
+    assert early == []  # the start of training is uniform by construction: not reported
+    f = _feed(m, [(12, {"dino_teacher_entropy": LN_K}), (14, {"dino_teacher_entropy": LN_K})])
+    assert f == []  # 2 lines < patience 3
+    f = _feed(m, [(16, {"dino_teacher_entropy": 0.995 * LN_K})])
+    assert [x.key for x in f] == ["uniform_teacher"] and not f[0].cleared
+    assert "raise data.batch_size_per_gpu" in f[0].message and m.active == {"uniform_teacher": 16}
+    assert _feed(m, [(18, {"dino_teacher_entropy": LN_K})]) == []  # reported once
+    f = _feed(m, [(20, {"dino_teacher_entropy": 0.6 * LN_K})])
+    assert [(x.key, x.cleared) for x in f] == [("uniform_teacher", True)] and m.active == {}
+
+
+def test_teacher_collapse_and_koleo_duplicates():
+    m = HealthMonitor(K, warmup_iterations=0, patience=1)
+    f = m.update(5, {"dino_teacher_entropy": 0.005 * LN_K, "koleo_nn_dist_min": 3e-6})
+    assert sorted(x.key for x in f) == ["koleo_duplicates", "teacher_collapse"]
+    assert m.update(6, {"dino_teacher_entropy": 0.3 * LN_K, "koleo_nn_dist_min": 0.2})[0].cleared
+    healthy = HealthMonitor(K, warmup_iterations=0, patience=1)
+    assert healthy.update(1, {"dino_teacher_entropy": 0.3 * LN_K, "koleo_nn_dist_min": 0.1,
+                              "data_wait_fraction": 0.02, "backbone_grad_norm": 2.0}) == []
+
+
+def test_grad_spike_against_the_recent_median():
+    m = HealthMonitor(K, warmup_iterations=0)
+    steady = [(i, {"backbone_grad_norm": 2.0 + 0.1 * (i % 3), "dino_head_grad_norm": 1.0})
+              for i in range(10)]
+    assert _feed(m, steady) == []
+    f = m.update(10, {"backbone_grad_norm": 30.0, "dino_head_grad_norm": 1.1})
+    assert [x.key for x in f] == ["grad_spike"]  # at once: a spike has no patience
+    assert "backbone_grad_norm 30" in f[0].message and "dino_head" not in f[0].message
+    assert m.update(11, {"backbone_grad_norm": 2.0, "dino_head_grad_norm": 1.0})[0].cleared
+    # a slow rise (x2.6 over the median window) is no spike: the median follows it
+    m2 = HealthMonitor(K, warmup_iterations=0)
+    assert _feed(m2, [(i, {"backbone_grad_norm": 1.1 ** i}) for i in range(30)]) == []
+
+
+def test_data_stall():
+    m = HealthMonitor(K, warmup_iterations=0)
+    f = _feed(m, [(i, {"data_wait_fraction": 0.6}) for i in range(3)])
+    assert [x.key for x in f] == ["data_stall"] and "data.num_workers" in f[0].message
+    assert _feed(m, [(3, {"data_wait_fraction": float("nan")})]) == []  # not logged: no change
+
+
+def test_report_of_a_tiny_batch_run(tmp_path, capsys):
+    """4 images per step against 128 prototypes: Sinkhorn-Knopp's targets are uniform once the
+    teacher temperature has warmed up (the README's learning check says so)."""
+    from test_trainer_step import SMALL, SMOKE
+
+    from fastdino.config import load_config
+    from fastdino.train import Trainer
+
+    out = tmp_path / "run"
+    cfg = load_config(SMOKE, [*SMALL, f"train.output_dir={out}", "train.resume=none",
+                              "train.max_iterations=8", "train.log_every=1",
+                              "schedules.warmup_teacher_temp_epochs=0.2", "train.epoch_length=10"])
+    Trainer(cfg).train()
+    findings, active, last = report(out)
+    assert last == 8 and "uniform_teacher" in active
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dino_teacher_entropy"] >= 0.99 * math.log(128) for r in rec[2:])
+    assert main([str(out)]) == 1
+    assert "uniform_teacher (since" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="training run folder"):
+        report(tmp_path)
