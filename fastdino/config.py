@@ -406,6 +406,11 @@ class SchedulesConfig:
     warmup_teacher_temp_epochs: float = 30  # linear tau_t ramp length, in epochs
     momentum_teacher: float = 0.992  # EMA momentum at iteration 0 (cosine to the final value)
     final_momentum_teacher: float = 1.0  # EMA momentum at the last iteration
+    # EMA scaling rule for other global batches (Busbridge et al. 2023, "How to scale your EMA"):
+    # with the recipe's global batch here, both momenta m become m^(global batch / this), so the
+    # teacher averages over as many images as in the recipe (0.992 at 2048 -> 0.999 at 256).
+    # null = the momenta as written (official)
+    momentum_reference_batch: int | None = None
 
     def validate(self, p: str = "schedules") -> None:
         _check(self.teacher_temp > 0, f"{p}.teacher_temp", "a float > 0", self.teacher_temp)
@@ -420,6 +425,12 @@ class SchedulesConfig:
             f"{p}.warmup_teacher_temp_epochs",
             "a float >= 0",
             self.warmup_teacher_temp_epochs,
+        )
+        _check(
+            self.momentum_reference_batch is None or self.momentum_reference_batch > 0,
+            f"{p}.momentum_reference_batch",
+            "null or a positive integer (the recipe's global batch)",
+            self.momentum_reference_batch,
         )
         for name in ("momentum_teacher", "final_momentum_teacher"):
             _check(

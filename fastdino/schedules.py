@@ -12,6 +12,9 @@ Closed-form per iteration (no 1M-entry arrays), value-for-value equal to the off
 
 lr scaling (`optim.scaling_rule: sqrt_wrt_1024`): lr ← lr·4·√(global_batch/1024); as in v1 only the
 peak lr is scaled, not min_lr. "epoch" = `train.epoch_length` iterations, not a pass over the data.
+EMA scaling (`schedules.momentum_reference_batch: B_ref`, off by default): both momenta
+m ← m^(global_batch/B_ref) before the cosine (Busbridge et al. 2023): an EMA over the same number
+of images, not of steps, when the global batch differs from the recipe's.
 """
 
 from __future__ import annotations
@@ -64,6 +67,15 @@ def scaled_lr(cfg: Config, global_batch_size: int) -> float:
     return cfg.optim.lr
 
 
+def scaled_momenta(cfg: Config, global_batch_size: int) -> tuple[float, float]:
+    """(start, final) teacher momentum after `schedules.momentum_reference_batch`."""
+    s = cfg.schedules
+    if s.momentum_reference_batch is None:
+        return s.momentum_teacher, s.final_momentum_teacher
+    kappa = global_batch_size / s.momentum_reference_batch
+    return s.momentum_teacher ** kappa, s.final_momentum_teacher ** kappa
+
+
 @dataclass(frozen=True)
 class ScheduleValues:
     lr: float
@@ -84,8 +96,8 @@ class Schedules:
         lr = scaled_lr(cfg, global_batch_size)
         self.lr = CosineScheduler(lr, cfg.optim.min_lr, total, warmup_iters=min(warmup, total))
         self.wd = CosineScheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
-        self.momentum = CosineScheduler(cfg.schedules.momentum_teacher,
-                                        cfg.schedules.final_momentum_teacher, total)
+        m0, m1 = scaled_momenta(cfg, global_batch_size)
+        self.momentum = CosineScheduler(m0, m1, total)
         tt_warm = int(cfg.schedules.warmup_teacher_temp_epochs * ep)
         self.teacher_temp = CosineScheduler(cfg.schedules.teacher_temp, cfg.schedules.teacher_temp,
                                             tt_warm, warmup_iters=tt_warm,

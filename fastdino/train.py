@@ -38,7 +38,7 @@ from fastdino.meta_arch import SSLMetaArch
 from fastdino.metrics import MetricsLogger
 from fastdino.parallel import build_engine, init_distributed, shutdown_distributed
 from fastdino.param_groups import build_param_groups
-from fastdino.schedules import apply_to_param_groups, build_schedules
+from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
 from fastdino.timing import NullTimer
 
 logger = logging.getLogger("fastdino")
@@ -69,6 +69,12 @@ class Trainer:
             logger.info("gradient accumulation: %d micro-batches of %d images per rank per "
                         "optimizer step, global batch %d", self.gas, B, self.global_batch)
         self.sched = build_schedules(cfg, self.global_batch)
+        if cfg.schedules.momentum_reference_batch is not None:
+            s = cfg.schedules
+            m0, m1 = scaled_momenta(cfg, self.global_batch)
+            logger.info("EMA scaling rule: global batch %d vs %d, teacher momentum %g -> %.6g, "
+                        "final %g -> %.6g", self.global_batch, s.momentum_reference_batch,
+                        s.momentum_teacher, m0, s.final_momentum_teacher, m1)
         self.total = cfg.train.total_iterations
         self.max_it = min(self.total, cfg.train.max_iterations or self.total)
         self.ckpt_dir = self.out / "checkpoints"

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fastdino.config import load_config
+from fastdino.config import ConfigError, load_config
 from fastdino.schedules import CosineScheduler, apply_to_param_groups, build_schedules, cosine_ramp
 
 
@@ -91,3 +91,21 @@ def test_gram_weight_ramp_and_momentum():
     s = build_schedules(cfg, 1024)
     assert s.at(0).momentum == pytest.approx(0.992) and s.at(20).momentum == 1.0
     assert s.at(0).gram_weight == 0.0  # gram.use is off
+
+
+def test_ema_scaling_rule():
+    """schedules.momentum_reference_batch: m -> m^(B / B_ref) (Busbridge et al. 2023): the EMA
+    keeps the same weight per image seen; off by default (the official momenta)."""
+    over = ["train.epoch_length=10", "train.epochs=2", "schedules.momentum_teacher=0.992",
+            "schedules.final_momentum_teacher=0.999"]
+    off = build_schedules(load_config(None, over), 256)
+    assert off.at(0).momentum == pytest.approx(0.992)
+    cfg = load_config(None, [*over, "schedules.momentum_reference_batch=2048"])
+    s = build_schedules(cfg, 256)
+    assert s.at(0).momentum == pytest.approx(0.992 ** (1 / 8))
+    assert s.at(20).momentum == pytest.approx(0.999 ** (1 / 8))
+    # 8 steps at batch 256 weigh the old teacher as 1 step at 2048 did
+    assert s.at(0).momentum ** 8 == pytest.approx(0.992)
+    assert build_schedules(cfg, 2048).at(0).momentum == pytest.approx(0.992)  # the recipe's
+    with pytest.raises(ConfigError, match="momentum_reference_batch"):
+        load_config(None, ["schedules.momentum_reference_batch=0"])
