@@ -11,7 +11,7 @@ Each check reads only values the trainer logs (metrics.jsonl). A condition must 
 noisy window stays quiet:
 
 - uniform_teacher: the DINO teacher's mean per-row entropy at >= 99 % of ln K after the teacher
-  temperature warm-up. The targets carry no signal: Sinkhorn-Knopp over too few rows per rank
+  temperature warm-up. The targets carry no signal: Sinkhorn-Knopp over too few rows per step
   (it spreads N rows over K prototypes evenly: N << K gives ~uniform rows), or a teacher that
   stopped discriminating. The DINO loss then teaches nothing.
 - teacher_collapse: the same entropy below 1 % of ln K after the warm-up: every row's target is
@@ -89,8 +89,9 @@ class HealthMonitor:
             c["uniform_teacher"] = (
                 f"uniform_teacher: the DINO targets are uniform (teacher entropy {ent:.3f} of "
                 f"ln K = {ln_k:.3f}) at iteration {it}: they carry no signal. With Sinkhorn-"
-                "Knopp this is too few images per rank for K prototypes (raise "
-                "data.batch_size_per_gpu, or try dino.centering=softmax or fewer prototypes)"
+                "Knopp this is too few images per step for K prototypes (raise "
+                "data.batch_size_per_gpu or the GPU count, or try dino.centering=softmax or "
+                "fewer prototypes)"
             ) if warm and ent >= 0.99 * ln_k else None
             c["teacher_collapse"] = (
                 f"teacher_collapse: the DINO targets are one-hot (teacher entropy {ent:.4f}, "
