@@ -357,6 +357,12 @@ class OptimConfig:
     # below block N); -1 = the whole backbone (only the heads train, e.g. to fit heads to a
     # released backbone). 0 = everything trains.
     frozen_blocks: int = 0
+    # LoRA (layers/lora.py): adapters of this rank on the blocks' linear layers (those of
+    # blocks >= optim.frozen_blocks), which with the heads are all that trains; the backbone's own
+    # weights stay frozen. Exports and evaluation merge them (W + alpha/rank · B·A). 0 = off.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # scale numerator; None = lora_rank (scale 1)
+    lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "w1", "w2", "w3")
     scaling_rule: str = "sqrt_wrt_1024"  # lr <- lr*4*sqrt(global_batch/1024) | none
 
     def validate(self, p: str = "optim") -> None:
@@ -372,6 +378,19 @@ class OptimConfig:
             "freeze_backbone_epochs",
         ):
             _check(getattr(self, name) >= 0, f"{p}.{name}", "a float >= 0", getattr(self, name))
+        _check(self.lora_rank >= 0, f"{p}.lora_rank", "an integer >= 0", self.lora_rank)
+        _check(
+            self.lora_alpha is None or self.lora_alpha > 0,
+            f"{p}.lora_alpha",
+            "null or a float > 0",
+            self.lora_alpha,
+        )
+        _check(
+            not (self.lora_rank > 0 and self.frozen_blocks == -1),
+            f"{p}.frozen_blocks",
+            "not -1 when optim.lora_rank > 0 (-1 freezes every block, adapters included)",
+            self.frozen_blocks,
+        )
         _check(
             self.frozen_blocks >= -1,
             f"{p}.frozen_blocks",

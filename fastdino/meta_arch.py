@@ -28,6 +28,7 @@ from torch import nn
 from fastdino.config import Config
 from fastdino.distillation import build_distillation_teacher
 from fastdino.ema import copy_params, ema_update, gram_refresh_due
+from fastdino.layers.lora import add_lora
 from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.gram_loss import GramLoss
 from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
@@ -125,11 +126,23 @@ def load_pretrained(student: Student, weights: str) -> None:
 
 
 def freeze_backbone_layers(backbone: nn.Module, cfg: Config) -> None:
-    """`optim.frozen_blocks` (requires_grad off, before the engine and the teacher copies) and the
-    log lines that say what continued pretraining will do."""
+    """`optim.frozen_blocks` (requires_grad off) and `optim.lora_rank` (adapters; the rest of the
+    backbone frozen), before the engine and the teacher copies, and the log lines that say what
+    continued pretraining will do."""
     o = cfg.optim
     n = freeze_layers(backbone, o.frozen_blocks)
-    if n:
+    if o.lora_rank > 0:
+        # after the weights are loaded: the adapters start at B = 0, the loaded function exactly
+        before = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+        backbone.requires_grad_(False)
+        k = add_lora(backbone, o.lora_rank, o.lora_alpha or o.lora_rank, tuple(o.lora_targets),
+                     first_block=max(o.frozen_blocks, 0))
+        trained = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+        logger.info("LoRA: rank %d adapters (scale %g) on %d linear layers of the backbone: "
+                    "%.2fM parameters train instead of %.1fM", o.lora_rank,
+                    (o.lora_alpha or o.lora_rank) / o.lora_rank, k, trained / 1e6, before / 1e6)
+        n = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    if n and o.lora_rank == 0:
         blocks = "block 0" if o.frozen_blocks == 1 else f"blocks 0-{o.frozen_blocks - 1}"
         what = ("the whole backbone" if o.frozen_blocks == -1 else
                 f"the patch embedding, the tokens and {blocks}")

@@ -4,6 +4,7 @@ Accepted layouts:
     {"cls_token": ..., "blocks.0....": ...}                        plain backbone (released files)
     {"teacher": {"backbone.cls_token": ..., "dino_head....": ...}}  eval snapshots / our exports
     any of the above with `module.` prefixes (DDP) -- stripped, as the official eval loaders do
+    LoRA layers (`optim.lora_rank` runs) -- merged into plain weights (layers/lora.py)
 Never a silent partial load: a missing or unexpected key, or a shape mismatch, raises and names it.
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from fastdino.layers.lora import merge_lora_state_dict
 
 _NON_BACKBONE_PREFIXES = ("dino_head.", "ibot_head.", "dino_loss.", "ibot_patch_loss.")
 
@@ -32,7 +35,7 @@ def extract_backbone_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
         elif key.startswith(_NON_BACKBONE_PREFIXES):
             continue
         out[key] = value
-    return out
+    return merge_lora_state_dict(out)  # a LoRA run's teacher reads as a plain backbone
 
 
 def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:

@@ -43,16 +43,19 @@ def test_zero_stage_ema_and_clipping(stage, precision, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (2, "bf16")])
-def test_zero_stage_continued_pretraining_controls(stage, precision, tmp_path):
-    """optim.frozen_blocks under ZeRO partitioning: the embedding and block 0 are outside the
+@pytest.mark.parametrize("stage,precision,freeze", [
+    (3, "fp32", "optim.frozen_blocks=1"), (2, "bf16", "optim.frozen_blocks=1"),
+    (3, "bf16", "optim.lora_rank=4")])
+def test_zero_stage_continued_pretraining_controls(stage, precision, freeze, tmp_path):
+    """optim.frozen_blocks / optim.lora_rank under ZeRO partitioning: the frozen weights (the
+    embedding and block 0; with LoRA, all of the backbone but the adapters) are outside the
     optimizer and keep their values in the student and the teacher, bit for bit, while the rest
     trains and the EMA of the trainable parameters stays exact; optim.freeze_backbone_epochs:
     the first iteration (the head warm-up: 1/20 of the smoke epoch) leaves the backbone's fp32
     masters unchanged, the later ones move them."""
     run_ds(WORKER, ["--out", str(tmp_path), f"deepspeed.zero_stage={stage}",
                     f"deepspeed.precision={precision}", "train.max_iterations=3",
-                    "optim.warmup_epochs=0", "optim.lr=0.01", "optim.frozen_blocks=1",
+                    "optim.warmup_epochs=0", "optim.lr=0.01", freeze,
                     "optim.freeze_backbone_epochs=0.05"])
     for r in (0, 1):
         res = json.loads((tmp_path / f"result_rank{r}.json").read_text())
