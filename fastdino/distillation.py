@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastdino.config import Config, ConfigError, load_config
+from fastdino.models.state_dict_io import load_backbone_state_dict
 
 logger = logging.getLogger("fastdino")
 
@@ -51,9 +52,14 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     tcfg.model.activation_checkpointing = False
     tcfg.model.compile = False
     teacher = build_student(tcfg)
-    try:
-        teacher.load_state_dict(sd["teacher"], strict=True)
-    except RuntimeError as e:
+    state = sd["teacher"]
+    try:  # the backbone through the strict loader, which merges a LoRA run's adapters
+        load_backbone_state_dict(teacher.backbone, {"teacher": state})
+        for name in ("dino_head", "ibot_head"):
+            getattr(teacher, name).load_state_dict(
+                {k.removeprefix(f"{name}."): v for k, v in state.items()
+                 if k.startswith(f"{name}.")}, strict=True)
+    except (RuntimeError, ValueError) as e:
         raise ValueError(f"distillation.teacher={path!r}: the weights of {source} do not fit "
                          f"the architecture of {run_cfg}: {e}") from None
     dtype = teacher_dtype(cfg, device)

@@ -133,3 +133,31 @@ def test_teacher_held_in_bf16(tmp_path, teacher_run):
     torch.testing.assert_close(got, want, rtol=0.05, atol=1e-4)
     v = bf16.step(0, batch)
     assert torch.isfinite(v["total_loss"])
+
+
+def test_a_lora_run_is_a_teacher(tmp_path):
+    """A teacher run trained with LoRA adapters (optim.lora_rank) distils as its merged
+    backbone: the frozen teacher is a plain model whose outputs equal the run's teacher."""
+    from fastdino.train import Trainer
+
+    out = tmp_path / "lora_teacher"
+    cfg = load_config(SMOKE, [*SMALL, f"train.output_dir={out}", "train.resume=none",
+                              "train.max_iterations=2", "optim.lora_rank=4", *STEP,
+                              "model.layerscale_init=0.5",  # blocks that matter (init 1e-5)
+                              # EMA momentum 0: the teacher's adapters are the student's, moved
+                              "schedules.momentum_teacher=0", "schedules.final_momentum_teacher=0"])
+    run = Trainer(cfg)
+    run.train()
+    trainer, batch = _distill(tmp_path / "student", out)
+    dt = trainer.arch.distillation_teacher
+    assert not any("lora" in k for k in dt.state_dict())
+    teacher = run.arch.teacher
+    with torch.no_grad():
+        want = teacher.teacher_forward(batch.global_crops, batch.mask_indices)["cls_logits"]
+        got = dt.teacher_forward(batch.global_crops, batch.mask_indices)["cls_logits"]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for n, p in teacher.named_parameters():  # without the adapters: another function
+            if n.endswith("lora_B"):
+                p.zero_()
+        base = teacher.teacher_forward(batch.global_crops, batch.mask_indices)["cls_logits"]
+    assert (base - want).abs().max() > 1e-3
