@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--color", choices=("sigmoid", "minmax"), default="sigmoid",
                    help="sigmoid(2 x whitened projection) as the official notebook, or min-max")
+    p.add_argument("--norms", action="store_true",
+                   help="also <stem>_norms.png + norms.json: token norms before the final norm, "
+                        "high-norm (artifact) tokens in red")
+    p.add_argument("--norm-factor", type=float, default=2.0,
+                   help="high-norm = above this x the image's median token norm")
     return parser
 
 
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         from fastdino.eval.pca import write_pca_images
         files = write_pca_images(backbone, args.images, args.out, resolution=args.resolution,
                                  shared=args.shared, fg=args.fg, threshold=args.threshold,
-                                 color=args.color)
+                                 color=args.color, norms=args.norms,
+                                 norm_factor=args.norm_factor)
         result.update(files=[str(f) for f in files], color=args.color, fg=args.fg)
         print("\n".join(str(f) for f in files))
     if args.json:

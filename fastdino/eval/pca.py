@@ -20,6 +20,11 @@ the border rule above; the colour components are oriented so the third moment (s
 projections is positive (ties: the largest |projection| positive). Both rules are computed from
 the projections, so negating every feature gives exactly the same images.
 
+Token norms (`norms=True`, USERS.md §11: "finding high-norm tokens"): the L2 norm of every patch
+token of the last block before the final norm, as a grey map with the tokens above 2x the image's
+median in red (the artifact tokens of "Vision Transformers Need Registers", Darcet et al. 2024,
+which storage tokens absorb), and their positions in norms.json.
+
 Colour (`color="sigmoid"`, the official notebook): projections whitened (unit variance over the
 fitted patches), colour = sigmoid(2 * projection) per channel. `color="minmax"`: each channel
 min-max scaled over the fitted patches. With `shared=True` one PCA (both stages) is fitted on the
@@ -29,6 +34,7 @@ figures); otherwise each image gets its own.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,6 +185,31 @@ def image_patch_features(backbone: nn.Module, img: Image.Image) -> torch.Tensor:
     return f[0].permute(1, 2, 0).float().cpu()
 
 
+@torch.no_grad()
+def image_token_norms(backbone: nn.Module, img: Image.Image) -> torch.Tensor:
+    """[h, w] L2 norms of the last block's patch tokens before the final norm (where the
+    high-norm "artifact" tokens of Darcet et al. 2024 show; registers absorb them)."""
+    device = next(backbone.parameters()).device
+    x = to_normalized_tensor(img)[None].to(device)
+    backbone.eval()
+    with autocast_for(device):
+        f = backbone.get_intermediate_layers(x, n=1, reshape=True, norm=False)[0]  # [1, D, h, w]
+    return f[0].float().norm(dim=0).cpu()
+
+
+def high_norm_tokens(norms: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
+    """[h, w] bool: tokens whose norm exceeds `factor` x the image's median token norm."""
+    return norms > factor * norms.median()
+
+
+def _norm_map(norms: torch.Tensor, high: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """Grey = norm / max norm, high-norm tokens in red, one block per patch."""
+    g = (norms / norms.max().clamp(min=1e-12)).clamp(0, 1)
+    rgb = torch.stack([g, g, g], -1)
+    rgb[high] = torch.tensor([1.0, 0.0, 0.0])
+    return _to_pil(rgb, size)
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Image files, and the images inside given folders (sorted, non-recursive)."""
     paths: list[Path] = []
@@ -220,16 +251,20 @@ def _grid(rows: list[Image.Image], height: int = 256) -> Image.Image:
 
 def write_pca_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir: str | Path, *,
                      resolution: int = 448, shared: bool = False, fg: str = "threshold",
-                     threshold: float = 0.0, color: str = "sigmoid") -> list[Path]:
+                     threshold: float = 0.0, color: str = "sigmoid", norms: bool = False,
+                     norm_factor: float = 2.0) -> list[Path]:
     """For each input <stem>: <out>/<stem>_pca.png (the PCA map at the resized image's size) and
-    <out>/<stem>_side.png (image | map); with several inputs also <out>/grid.png."""
+    <out>/<stem>_side.png (image | map); with several inputs also <out>/grid.png. With `norms`:
+    <out>/<stem>_norms.png (token norms before the final norm, grey, and in red the tokens above
+    `norm_factor` x the image's median) and <out>/norms.json (per image: median, max, the
+    high-norm tokens' (row, column) patch positions)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(inputs)
     images = [resize_for_pca(decode_rgb(str(p)), resolution, backbone.patch_size) for p in paths]
     feats = [image_patch_features(backbone, img) for img in images]
     maps = pca_rgb(feats, shared=shared, fg=fg, threshold=threshold, color=color)
-    written, sides, used = [], [], set()
+    written, sides, used, report = [], [], set(), {}
     for p, img, m in zip(paths, images, maps, strict=True):
         stem, n = p.stem, 1
         while stem in used:  # two inputs with the same name from different folders
@@ -241,7 +276,23 @@ def write_pca_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
         side.save(out_dir / f"{stem}_side.png")
         written += [out_dir / f"{stem}_pca.png", out_dir / f"{stem}_side.png"]
         sides.append(side)
+        if norms:
+            n = image_token_norms(backbone, img)
+            high = high_norm_tokens(n, norm_factor)
+            _norm_map(n, high, img.size).save(out_dir / f"{stem}_norms.png")
+            written.append(out_dir / f"{stem}_norms.png")
+            report[stem] = {"median": float(n.median()), "max": float(n.max()),
+                            "factor": norm_factor, "n_tokens": n.numel(),
+                            "high_norm": [list(map(int, rc)) for rc in high.nonzero().tolist()]}
+            if report[stem]["high_norm"]:
+                logger.info("pca: %s has %d of %d patch tokens above %gx the median norm (max "
+                            "%.1f, median %.1f): high-norm artifact tokens", stem,
+                            len(report[stem]["high_norm"]), n.numel(), norm_factor,
+                            report[stem]["max"], report[stem]["median"])
     if len(sides) > 1:
         _grid(sides).save(out_dir / "grid.png")
         written.append(out_dir / "grid.png")
+    if norms:
+        (out_dir / "norms.json").write_text(json.dumps(report, indent=1))
+        written.append(out_dir / "norms.json")
     return written

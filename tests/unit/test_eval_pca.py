@@ -8,6 +8,8 @@ from PIL import Image
 from fastdino.eval.pca import (
     border_mask,
     fit_pca,
+    high_norm_tokens,
+    image_token_norms,
     orient_by_border,
     orient_by_skew,
     pca_rgb,
@@ -124,3 +126,41 @@ def test_writer_sizes_grid_and_determinism(tmp_path):
     assert {p.name: p.read_bytes() for p in again} == first
     with pytest.raises(ValueError, match="multiple of the patch size 16"):
         write_pca_images(backbone, inputs, tmp_path / "bad", resolution=40)
+
+
+def test_high_norm_tokens_and_their_map(tmp_path):
+    norms = torch.full((4, 5), 10.0)
+    norms[1, 3] = 35.0  # an artifact token
+    norms[2, 0] = 19.0  # below 2x the median
+    assert high_norm_tokens(norms).nonzero().tolist() == [[1, 3]]
+    assert high_norm_tokens(norms, factor=1.5).nonzero().tolist() == [[1, 3], [2, 0]]
+    backbone, _ = load_eval_backbone("random", arch="vit_test")
+    with torch.no_grad():  # plant one: a huge value in block 1's output at patch (1, 2)
+        hook = backbone.blocks[-1].register_forward_hook(
+            lambda _m, _i, out: _plant(out, backbone.n_storage_tokens))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "img.png")
+    files = write_pca_images(backbone, [tmp_path / "img.png"], tmp_path / "out", resolution=48,
+                             norms=True)
+    n = image_token_norms(backbone, Image.open(tmp_path / "img.png").convert("RGB"))
+    hook.remove()
+    assert sorted(p.name for p in files) == ["img_norms.png", "img_pca.png", "img_side.png",
+                                             "norms.json"]
+    import json
+    rep = json.loads((tmp_path / "out" / "norms.json").read_text())["img"]
+    assert rep["high_norm"] == [[1, 2]] and rep["n_tokens"] == 3 * 4
+    norm_map = np.asarray(Image.open(tmp_path / "out" / "img_norms.png"))
+    assert norm_map.shape == (48, 64, 3)
+    assert tuple(norm_map[16 + 8, 32 + 8]) == (255, 0, 0)  # the planted patch is red
+    assert norm_map[8, 8, 1] == norm_map[8, 8, 0]  # the others grey
+    assert rep["median"] == pytest.approx(float(n.median()), rel=1e-5)
+    assert rep["max"] == pytest.approx(float(n[1, 2]), rel=1e-5)
+
+
+def _plant(out, n_storage):
+    """Block output [B, 1 + n_storage + h*w, D] (or a list of them): token (1, 2) of a 3 x 4
+    grid x 100."""
+    outs = out if isinstance(out, list) else [out]
+    for o in outs:
+        o[:, 1 + n_storage + 1 * 4 + 2] *= 100.0
+    return out
