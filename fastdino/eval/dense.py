@@ -1,6 +1,7 @@
 """What the dense linear probes (seg.py, depth.py) share: (image, target) folder pairs and their
-train / val split, shorter-side resizing, the frozen backbone's patch-feature map, and mmseg-style
-sliding-window inference.
+train / val split, shorter-side resizing, the frozen backbone's patch-feature map, the head's
+training loop (AdamW, linear warm-up over the first 3.75 % of iterations, the official 1.5k of
+40k, then cosine to 0) and mmseg-style sliding-window inference.
 
 Data layout: `<folder>/images/<stem>.<jpg|png|...>` + `<folder>/<targets>/<stem>.<ext>`; splits
 `<root>/train/` and `<root>/val/` each laid out like that, or one folder split deterministically
@@ -9,6 +10,7 @@ Data layout: `<folder>/images/<stem>.<jpg|png|...>` + `<folder>/<targets>/<stem>
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,3 +98,47 @@ def sliding_window_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], img
             count[:, :, y0:y0 + wh, x0:x0 + ww] += 1
     assert bool((count > 0).all()), "sliding windows left a pixel uncovered"
     return (out / count)[:, :, :H, :W]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def fit_head(head: nn.Module, dataset: torch.utils.data.Dataset,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], *,
+             iterations: int,
+             batch_size: int, lr: float, weight_decay: float, clip: float | None = None,
+             num_workers: int = 0, seed: int = 0, desc: str = "head",
+             progress: bool = True) -> nn.Module:
+    """Train `head` (on the device of its parameters) for `iterations` steps of
+    loss_fn(images, targets, step) over shuffled batches of `dataset`; returns it in eval mode."""
+    from tqdm.auto import tqdm
+
+    device = next(head.parameters()).device
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, round(iterations * 1.5 / 40))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    step = 0
+    bar = tqdm(total=iterations, desc=desc, unit="it", disable=None if progress else True)
+    while step < iterations:
+        for x, y in loader:
+            if step >= iterations:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, iterations, warmup)
+            loss = loss_fn(x.to(device), y.to(device), step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), clip)
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return head.eval()

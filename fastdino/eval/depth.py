@@ -30,7 +30,6 @@ share of pixels with max(pred/gt, gt/pred) < 1.25^i.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,47 +171,23 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_D
 
 
 # ------------------------------------------------------------------------------------------ probe
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int],
                      iterations: int, depth_scale: float, batch_size: int = 8, lr: float = 3e-4,
                      weight_decay: float = 1e-4, clip: float = 35.0, num_workers: int = 0,
                      seed: int = 0, progress: bool = True) -> LinearDepthHead:
-    from tqdm.auto import tqdm
-
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
-    head = LinearDepthHead(backbone.embed_dim).to(device).train()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, round(iterations * 1.5 / 40))
-    loader = torch.utils.data.DataLoader(
-        DepthTrainSet(train, crop, depth_scale), batch_size=min(batch_size, len(train)),
-        shuffle=True, drop_last=True, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed))
-    step = 0
-    bar = tqdm(total=iterations, desc="depth head", unit="it", disable=None if progress else True)
-    while step < iterations:
-        for x, y in loader:
-            if step >= iterations:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr * _lr_factor(step, iterations, warmup)
-            pred = depth_map(backbone, head, x.to(device))[:, 0]  # [B, ch, cw]
-            loss = sigloss(pred, y.to(device), warm_up=step < SIGLOSS_WARMUP)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), clip)
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    return head.eval()
+    head = LinearDepthHead(backbone.embed_dim).to(device)
+
+    def loss_fn(x, y, step):
+        pred = depth_map(backbone, head, x)[:, 0]  # [B, ch, cw]
+        return sigloss(pred, y, warm_up=step < SIGLOSS_WARMUP)
+
+    return dense.fit_head(head, DepthTrainSet(train, crop, depth_scale), loss_fn,
+                          iterations=iterations, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, clip=clip, num_workers=num_workers,
+                          seed=seed, desc="depth head", progress=progress)
 
 
 @torch.no_grad()

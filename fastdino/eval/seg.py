@@ -146,47 +146,24 @@ def miou_from_confusion(conf: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ probe
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: int,
                    iterations: int, batch_size: int = 16, lr: float = 1e-3,
                    weight_decay: float = 1e-3, num_workers: int = 0, seed: int = 0,
                    scale_range=(0.5, 2.0), flip: bool = True, progress: bool = True
                    ) -> LinearSegHead:
-    from tqdm.auto import tqdm
-
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
-    head = LinearSegHead(backbone.embed_dim, n_classes).to(device).train()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, round(iterations * 1.5 / 40))
-    loader = torch.utils.data.DataLoader(
-        SegTrainSet(train, crop, scale_range, flip), batch_size=min(batch_size, len(train)),
-        shuffle=True, drop_last=True, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed))
-    step = 0
-    bar = tqdm(total=iterations, desc="seg head", unit="it", disable=None if progress else True)
-    while step < iterations:
-        for x, y in loader:
-            if step >= iterations:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr * _lr_factor(step, iterations, warmup)
-            logits = seg_logits(backbone, head, x.to(device))  # [B, C, crop, crop]
-            loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    return head.eval()
+    head = LinearSegHead(backbone.embed_dim, n_classes).to(device)
+
+    def loss_fn(x, y, _step):
+        logits = seg_logits(backbone, head, x)  # [B, C, crop, crop]
+        return F.cross_entropy(logits, y, ignore_index=IGNORE)
+
+    return dense.fit_head(head, SegTrainSet(train, crop, scale_range, flip), loss_fn,
+                          iterations=iterations, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, num_workers=num_workers, seed=seed,
+                          desc="seg head", progress=progress)
 
 
 @torch.no_grad()
