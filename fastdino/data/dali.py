@@ -492,7 +492,7 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
     if not dali_available():
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
-    images = build_dataset(cfg)
+    images = build_dataset(cfg, ranks=(rank, world_size))  # collective: every rank calls this
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d; "
                 "photometric ops: %s; source: %s)",

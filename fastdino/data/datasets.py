@@ -95,15 +95,18 @@ class ImageFolderUnlabeled:
     `file_list` lists, in a fixed order. `paths[i]` is image i's name (a file path, or
     `<shard>/<member>`), `read(i)` its encoded bytes, `decode(i)` the RGB image."""
 
-    def __init__(self, root: str | Path | None = None, file_list: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, file_list: str | Path | None = None,
+                 ranks: tuple[int, int] | None = None) -> None:
+        """`ranks` = (rank, world size) when every rank builds this dataset at once: the
+        ranks share the first indexing of tar shards (collective; sources.py)."""
         if (root is None) == (file_list is None):
             raise ValueError("ImageFolderUnlabeled needs exactly one of root= or file_list=")
         if root is not None:
             self.source = str(root)
-            found = find_images(root)
+            found = find_images(root, ranks=ranks)
         else:
             self.source = str(file_list)
-            found = find_listed_images(read_file_list(file_list))
+            found = find_listed_images(read_file_list(file_list), ranks=ranks)
         # packed (packed.py): forked loader workers share these instead of copying them
         self.paths = PackedStrings(name for name, _ in found)
         self.locations = PackedLocations(self.paths, (loc for _, loc in found))

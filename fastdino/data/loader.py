@@ -181,19 +181,21 @@ class TrainLoader:
         return batch
 
 
-def build_dataset(cfg: Config) -> ImageFolderUnlabeled:
+def build_dataset(cfg: Config, ranks: tuple[int, int] | None = None) -> ImageFolderUnlabeled:
+    """The training images of `cfg.data`. `ranks` = (rank, world size) when every rank builds
+    it at once (the train loaders): they share the first indexing of tar shards (collective)."""
     d = cfg.data
     if d.root is not None and d.file_list is not None:
         raise ValueError(f"set only one of data.root={d.root!r} and data.file_list={d.file_list!r}")
     if d.file_list is not None:
-        return ImageFolderUnlabeled(file_list=d.file_list)
+        return ImageFolderUnlabeled(file_list=d.file_list, ranks=ranks)
     if d.root is None:
         from fastdino.data.sample_data import sample_images_dir
 
         root = sample_images_dir()
         logger.info("data.root is not set: using the embedded sample images in %s", root)
         return ImageFolderUnlabeled(root=root)
-    return ImageFolderUnlabeled(root=d.root)  # a folder, shard or pattern: sources.py
+    return ImageFolderUnlabeled(root=d.root, ranks=ranks)  # folder, shard or pattern: sources.py
 
 
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
@@ -212,7 +214,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
         if cfg.data.loader == "dali":
             raise RuntimeError(f"DALI loader not available: fastdino.data.dali cannot be imported "
                                f"({why}); set data.loader=torch or auto")
-    images = build_dataset(cfg)
+    images = build_dataset(cfg, ranks=(rank, world_size))  # collective: every rank calls this
     logger.info("found %d images in %s (rank %d/%d, %d per step, %d workers, from step %d)",
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
                 cfg.data.num_workers, start_iteration)

@@ -22,9 +22,12 @@ Indexing reads each member's 512-byte tar header (the data is seeked over): ~30k
 tarfile on one core (measured: 20 shards of 2,000 images + 2,000 .json members, 1.4 s), i.e. ~45 s
 for ImageNet-1k's 1.28M images. So each shard's index is cached, once computed, in
 $FASTDINO_CACHE/tar_index/ (default ~/.cache/fastdino), keyed by the shard's absolute path,
-size and modification time: a restarted or resumed run, and the other ranks of a node that
-started after the first finished, read the cache instead. A cache that cannot be written is
-not an error (the run indexes again next time). Progress is logged on long indexing.
+size and modification time: a restarted or resumed run reads the cache instead. A cache that
+cannot be written is not an error (the run indexes again next time). Progress is logged on long
+indexing. The training dataset is built on every rank at once (`ranks=(rank, world)`): the ranks
+first index every world-th shard each into the cache, meet at a barrier, then read all shards
+through it, so a first run indexes W times faster instead of W times over (a cache a rank cannot
+see, e.g. node-local on another node, costs that rank its own indexing: never a wrong table).
 """
 
 from __future__ import annotations
@@ -222,10 +225,31 @@ def _classify(path: str, what: str) -> tuple[list[str], list[str]]:
                      f"{SHARD_EXTENSION} shard")
 
 
-def _index(images: list[str], shards: list[str]) -> list[tuple[str, Location]]:
+Ranks = tuple[int, int]  # (rank, world size) of a dataset that every rank builds together
+
+
+def _share_indexing(shards: list[str], ranks: Ranks | None) -> None:
+    """Collective over the ranks of `ranks` (module docstring): this rank caches its share."""
+    from fastdino import dist as fdist
+
+    if ranks is None or ranks[1] <= 1 or not fdist.is_enabled() or not shards:
+        return
+    rank, world = ranks
+    for shard in shards[rank::world]:
+        try:
+            index_shard_cached(shard)
+        except (OSError, tarfile.TarError):
+            pass  # warned once, by every rank, in the pass that reads the table
+    fdist.barrier()
+
+
+def _index(images: list[str], shards: list[str], ranks: Ranks | None = None
+           ) -> list[tuple[str, Location]]:
     found: dict[str, Location] = {p: p for p in images}
+    shards = sorted(set(shards))
+    _share_indexing(shards, ranks)
     progress = _Progress(len(shards))
-    for shard in sorted(set(shards)):
+    for shard in shards:
         try:
             members = index_shard_cached(shard)
         except (OSError, tarfile.TarError) as e:
@@ -240,9 +264,11 @@ def _index(images: list[str], shards: list[str]) -> list[tuple[str, Location]]:
     return sorted(found.items())
 
 
-def find_images(spec: str | Path, what: str = "data.root") -> list[tuple[str, Location]]:
+def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None = None
+                ) -> list[tuple[str, Location]]:
     """(name, location) of every image that `spec` (a source or a pattern of sources) names,
-    sorted by name. Raises FileNotFoundError when a path or pattern names nothing that exists."""
+    sorted by name. Raises FileNotFoundError when a path or pattern names nothing that exists.
+    `ranks`: (rank, world) when every rank calls this together (shared first indexing)."""
     spec = os.path.expanduser(str(spec))
     images, shards = [], []
     for piece in expand_braces(spec):
@@ -261,7 +287,7 @@ def find_images(spec: str | Path, what: str = "data.root") -> list[tuple[str, Lo
             i, s = _classify(path, what)
             images += i
             shards += s
-    return _index(images, shards)
+    return _index(images, shards, ranks)
 
 
 def _member_reference(line: str) -> tuple[str, str] | None:
@@ -274,12 +300,18 @@ def _member_reference(line: str) -> tuple[str, str] | None:
     return None
 
 
-def find_listed_images(lines: list[str]) -> list[tuple[str, Location]]:
+def find_listed_images(lines: list[str], ranks: Ranks | None = None
+                       ) -> list[tuple[str, Location]]:
     """(name, location) of the images of a file list's entries, in the list's order: image files,
     shards (expanded in place, their members sorted by name) and single members of shards
     (`<shard>/<member>`); other entries are ignored. A listed image file that does not exist is
     kept (it is skipped, and counted, when read); a listed member that its shard does not hold is
-    dropped with a warning (it has no location)."""
+    dropped with a warning (it has no location). `ranks`: as find_images."""
+    # every shard the list names, indexed once (shared by the ranks) before the list is walked
+    named = [p for p in lines if is_shard(p) or _is_compressed_tar(p)]
+    named += [ref[0] for p in lines if is_image(p) and not os.path.isfile(p)
+              and (ref := _member_reference(p)) is not None]
+    _share_indexing(sorted(set(named)), ranks)
     out: list[tuple[str, Location]] = []
     shards: dict[str, dict[str, Member]] = {}
     for path in lines:
