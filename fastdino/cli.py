@@ -4,7 +4,7 @@
     fastdino export --run runs/smoke --out teacher.safetensors [--format hf | --with-heads]
     fastdino profile ...                                            (fastdino/profile.py)
     fastdino eval knn|linear|seg|depth|pca --weights W --data DIR ... (fastdino/eval/cli.py)
-    fastdino curate embed|cluster|sample ...                        (fastdino/curation/cli.py)
+    fastdino curate embed|cluster|sample|dedup|retrieve|contamination ... (fastdino/curation/cli.py)
     fastdino health runs/smoke            (collapse, uniform targets, stalls: fastdino/health.py)
 Multi-GPU training goes through the DeepSpeed launcher: `deepspeed --num_gpus N fastdino/train.py`.
 """

@@ -1,10 +1,14 @@
-"""`fastdino curate embed | cluster | sample` (SPEC.md §5: curation by hierarchical k-means and
-balanced sampling). Also runnable as `python -m fastdino.curation.cli ...`.
+"""`fastdino curate embed | cluster | sample | dedup | retrieve | contamination` (SPEC.md §5:
+curation by hierarchical k-means and balanced sampling, near-duplicate removal, retrieval around
+seed images, an eval-set contamination check). Also runnable as `python -m fastdino.curation.cli`.
 
     fastdino curate embed   --data /imgs --weights runs/smoke --out E
     fastdino curate cluster E --levels 3 --clusters 100,20,5 --out C
     fastdino curate sample  C --n 5000 --out curated.txt
     fastdino train --config ... data.file_list=curated.txt
+    fastdino curate dedup E --threshold 0.95 --out unique.txt
+    fastdino curate retrieve E --seeds E_seed --k 4 --out retrieved.txt
+    fastdino curate contamination E --eval E_val --out hits.tsv --clean clean.txt
 
 embed: CLS embeddings (L2-normalised, fp16 memory map), resumable (rerun the same command).
 cluster: hierarchical k-means with k-means++ init, Lloyd iterations and resampling steps, streamed
@@ -12,6 +16,9 @@ cluster: hierarchical k-means with k-means++ init, Lloyd iterations and resampli
   otherwise; several GPUs with `torchrun --nproc_per_node G -m fastdino.curation.cli cluster ...`.
 sample: balanced hierarchical sampling (water-filling cap per cluster at every level); writes the
   file list and prints the cluster sizes before and after (also <LIST>.summary.json).
+dedup / retrieve / contamination: exact cosine nearest neighbours of the embeddings, streamed in
+  blocks (fastdino/curation/neighbours.py); the two-set commands refuse embeddings made with
+  other weights or image size.
 """
 
 from __future__ import annotations
@@ -147,6 +154,93 @@ def _sample(a: argparse.Namespace) -> int:
     return 0
 
 
+def _embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
+    """(memory-mapped [N, D] embeddings, image names, the embedding key) of a complete
+    `curate embed` folder."""
+    from fastdino.curation.embed import EMBEDDINGS, PROGRESS, read_files
+
+    d = Path(folder)
+    state_file = d / PROGRESS
+    if not state_file.is_file():
+        raise SystemExit(f"{d} is not a `fastdino curate embed` folder (no {PROGRESS})")
+    state = json.loads(state_file.read_text())
+    if not state.get("complete", False):
+        raise SystemExit(f"{d} is not fully embedded yet: rerun `fastdino curate embed` with the "
+                         "same arguments to finish it")
+    return np.load(d / EMBEDDINGS, mmap_mode="r"), read_files(d), state["key"]
+
+
+def _same_embedding(a: dict, b: dict, names: tuple[str, str]) -> None:
+    """Two embedding sets are comparable only from the same weights and image size."""
+    fields = ("weights", "arch", "image_size")
+    if any(a.get(f) != b.get(f) for f in fields):
+        raise SystemExit(f"{names[0]} and {names[1]} were embedded with other weights or image "
+                         f"size ({ {f: a.get(f) for f in fields} } vs "
+                         f"{ {f: b.get(f) for f in fields} }): embed both with the same --weights "
+                         "and --image-size")
+
+
+def _write_lines(path: str, lines: list[str]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for line in lines))
+    return out
+
+
+def _dedup(a: argparse.Namespace) -> int:
+    from fastdino.curation.neighbours import deduplicate
+
+    emb, files, _ = _embeddings(a.embeddings)
+    keep, dup_of = deduplicate(emb, a.threshold, k=a.k, device=_device(a.device),
+                               chunk=a.chunk_rows, progress=not a.quiet)
+    out = _write_lines(a.out, [files[i] for i in np.nonzero(keep)[0]])
+    removed = np.nonzero(dup_of >= 0)[0]
+    Path(f"{out}.removed.tsv").write_text("".join(f"{files[i]}\t{files[dup_of[i]]}\n"
+                                                 for i in removed))
+    broken = int((~keep & (dup_of < 0)).sum())
+    print(f"{len(files)} images: kept {int(keep.sum())}, removed {len(removed)} near-duplicates "
+          f"(cosine >= {a.threshold}; {out}.removed.tsv), {broken} without an embedding")
+    print(f"wrote {out} (train with data.file_list={out})")
+    return 0
+
+
+def _retrieve(a: argparse.Namespace) -> int:
+    from fastdino.curation.neighbours import retrieve
+
+    pool, files, key = _embeddings(a.embeddings)
+    seeds, _, seed_key = _embeddings(a.seeds)
+    _same_embedding(key, seed_key, (a.embeddings, a.seeds))
+    picked, sims = retrieve(pool, seeds, a.k, a.threshold, device=_device(a.device),
+                            chunk=a.chunk_rows, progress=not a.quiet)
+    out = _write_lines(a.out, [files[i] for i in picked])
+    Path(f"{out}.tsv").write_text("".join(f"{files[i]}\t{s:.4f}\n"
+                                          for i, s in zip(picked, sims, strict=True)))
+    print(f"{len(seeds)} seeds x {a.k} neighbours -> {len(picked)} of {len(files)} pool images "
+          f"(similarities in {out}.tsv)")
+    print(f"wrote {out} (train with data.file_list={out})")
+    return 0
+
+
+def _contamination(a: argparse.Namespace) -> int:
+    from fastdino.curation.neighbours import contamination
+
+    train, files, key = _embeddings(a.embeddings)
+    evaluation, eval_files, eval_key = _embeddings(a.eval)
+    _same_embedding(key, eval_key, (a.embeddings, a.eval))
+    hits = contamination(train, evaluation, a.threshold, k=a.k, device=_device(a.device),
+                         chunk=a.chunk_rows, progress=not a.quiet)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(f"{files[t]}\t{eval_files[e]}\t{s:.4f}\n" for t, e, s in hits))
+    print(f"{len(hits)} of {len(files)} training images near-duplicate one of {len(eval_files)} "
+          f"evaluation images (cosine >= {a.threshold}): {out}")
+    if a.clean:
+        flagged = {t for t, _, _ in hits}
+        clean = _write_lines(a.clean, [f for i, f in enumerate(files) if i not in flagged])
+        print(f"wrote {clean} without them (train with data.file_list={clean})")
+    return 1 if hits and a.fail_on_hits else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="fastdino curate", description=__doc__.split("\n\n")[0],
@@ -201,13 +295,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inside a level-1 cluster: c = closest to the centroid, r = random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="file list to write (data.file_list)")
+
+    def search_options(p, k: int) -> None:
+        p.add_argument("--k", type=int, default=k, help="neighbours searched per row")
+        p.add_argument("--chunk-rows", type=int, default=8192,
+                       help="rows per similarity block (memory: chunk^2 x 4 bytes)")
+        p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("dedup", help="near-duplicate removal by embedding similarity",
+                       formatter_class=fmt)
+    p.add_argument("embeddings", help="folder E written by `curate embed`")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="cosine similarity at which two images are duplicates")
+    p.add_argument("--out", required=True, help="file list of the kept images (+ .removed.tsv)")
+    search_options(p, 16)
+
+    p = sub.add_parser("retrieve", help="the pool images nearest to seed images (LVD-style "
+                       "retrieval)", formatter_class=fmt)
+    p.add_argument("embeddings", help="pool: folder E written by `curate embed`")
+    p.add_argument("--seeds", required=True, help="seed images' folder from `curate embed` "
+                   "(same --weights and --image-size)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep only neighbours at least this similar")
+    p.add_argument("--out", required=True, help="file list of the retrieved images (+ .tsv)")
+    search_options(p, 4)
+
+    p = sub.add_parser("contamination", help="training images that copy evaluation images",
+                       formatter_class=fmt)
+    p.add_argument("embeddings", help="training set: folder E written by `curate embed`")
+    p.add_argument("--eval", required=True, help="evaluation images' folder from `curate embed` "
+                   "(same --weights and --image-size)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="cosine similarity at which a training image copies an eval image")
+    p.add_argument("--out", required=True, help="TSV: training image, eval image, similarity")
+    p.add_argument("--clean", default=None, help="also write the training list without them")
+    p.add_argument("--fail-on-hits", action="store_true", help="exit 1 when any is found")
+    search_options(p, 8)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return {"embed": _embed, "cluster": _cluster, "sample": _sample}[a.cmd](a)
+    return {"embed": _embed, "cluster": _cluster, "sample": _sample, "dedup": _dedup,
+            "retrieve": _retrieve, "contamination": _contamination}[a.cmd](a)
 
 
 if __name__ == "__main__":

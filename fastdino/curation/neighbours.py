@@ -1,0 +1,138 @@
+"""Nearest neighbours between embedding sets, and the curation steps built on them (USERS.md §12,
+SPEC.md §5: DINOv2's LVD-142M dedup and retrieval, DINOv3's "part 2"):
+
+    sims, idx = top_k_cosine(queries, keys, k=8)      # [Q, k] each, best first
+    keep, dup_of = deduplicate(emb, threshold=0.95)   # near-duplicate removal inside one set
+    picked = retrieve(pool, seeds, k=4)               # the pool images nearest to seed images
+    hits = contamination(train, evaluation, 0.9)      # training images that copy eval images
+
+Inputs are the L2-normalised embeddings `curate embed` writes ([N, D] fp16 memory maps), so the
+dot product is the cosine similarity. Rows that are not finite (images that could not be
+decoded) are never neighbours and find none. The search is exact and streamed: queries and keys
+go `chunk` rows at a time through one [q, c] similarity block each, with a running top-k, so
+memory stays O((q + c)·D + q·c) whatever N is. Work: 2·Q·N·D FLOP for the similarities (1M x 1M
+at D = 1024: 2 PFLOP, seconds of bf16 matmul on one H100; hours on a CPU, where 100k x 100k
+takes minutes) plus an O(c) top-k per row and chunk. Ties: equal similarities go to the lower
+key id (exact duplicates tie exactly) unless they straddle the k-th place inside one chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _rows(x: np.ndarray, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """(rows [n, D] in the working dtype with non-finite rows zeroed, finite mask [n])."""
+    t = torch.from_numpy(np.array(x[start:stop], copy=True)).to(device)  # (memmaps: read-only)
+    dtype = t.dtype if device.type == "cuda" and t.dtype in (torch.float16,
+                                                             torch.bfloat16) else torch.float32
+    t = t.to(dtype)
+    ok = torch.isfinite(t).all(dim=1)
+    return torch.where(ok[:, None], t, torch.zeros_like(t)), ok
+
+
+@torch.no_grad()
+def top_k_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *,
+                 device: str | torch.device = "cpu", chunk: int = 8192,
+                 exclude_self: bool = False, progress: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the k key rows of highest cosine similarity: (sims [Q, k] float32,
+    ids [Q, k] int64), best first, ties to the lower id; -inf / -1 where fewer than k keys are
+    finite, and for non-finite queries. `exclude_self`: queries and keys are the same set and a
+    row is not its own neighbour."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    nq, nk = len(queries), len(keys)
+    k_eff = min(k, nk)
+    sims = np.full((nq, k), -np.inf, dtype=np.float32)
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    bar = tqdm(total=nq, desc="neighbours", unit="row", disable=None if progress else True)
+    for q0 in range(0, nq, chunk):
+        q, q_ok = _rows(queries, q0, min(nq, q0 + chunk), device)
+        best_s = torch.full((len(q), k_eff), -torch.inf, device=device)
+        best_i = torch.full((len(q), k_eff), -1, dtype=torch.long, device=device)
+        for c0 in range(0, nk, chunk):
+            c, c_ok = _rows(keys, c0, min(nk, c0 + chunk), device)
+            s = (q @ c.T).float()  # [q, c]
+            s[:, ~c_ok] = -torch.inf
+            if exclude_self:
+                r = torch.arange(q0, q0 + len(q), device=device)[:, None]
+                cols = torch.arange(c0, c0 + len(c), device=device)[None, :]
+                s[r == cols] = -torch.inf
+            # this chunk's best k (O(c) per row), in id order, then merged with the running best
+            # by a stable sort on -sim over 2k entries: equal similarities keep their order, the
+            # running best (lower ids) first, so ties go to the lower id
+            top_s, top_i = torch.topk(s, min(k_eff, len(c)), dim=1)
+            top_i, by_id = torch.sort(top_i, dim=1)
+            top_s = top_s.gather(1, by_id)
+            cand_s = torch.cat([best_s, top_s], dim=1)
+            cand_i = torch.cat([best_i, top_i + c0], dim=1)
+            order = torch.sort(-cand_s, dim=1, stable=True).indices[:, :k_eff]
+            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+        best_s[~q_ok] = -torch.inf
+        best_i[(~q_ok)[:, None].expand_as(best_i) | ~torch.isfinite(best_s)] = -1
+        sims[q0:q0 + len(q), :k_eff] = best_s.cpu().numpy()
+        ids[q0:q0 + len(q), :k_eff] = best_i.cpu().numpy()
+        bar.update(len(q))
+    bar.close()
+    return sims, ids
+
+
+def deduplicate(emb: np.ndarray, threshold: float, k: int = 16, **kw) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """Near-duplicate removal: rows joined by a similarity >= threshold (among each row's k
+    nearest) form groups (connected components, union-find); each group keeps its lowest row.
+    Returns (keep [N] bool, dup_of [N] int64: the kept row a removed row duplicates, -1 for
+    kept rows). Non-finite rows are kept out (keep False, dup_of -1)."""
+    sims, ids = top_k_cosine(emb, emb, k, exclude_self=True, **kw)
+    n = len(emb)
+    parent = np.arange(n)
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    rows, cols = np.nonzero(sims >= threshold)
+    for a, b in zip(rows.tolist(), ids[rows, cols].tolist(), strict=True):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the root is the group's lowest row
+    roots = np.array([find(a) for a in range(n)])
+    finite = np.isfinite(np.asarray(emb, dtype=np.float32)).all(axis=1)
+    keep = (roots == np.arange(n)) & finite
+    dup_of = np.where(keep | ~finite, -1, roots)
+    return keep, dup_of
+
+
+def retrieve(pool: np.ndarray, seeds: np.ndarray, k: int, threshold: float | None = None,
+             **kw) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval-based curation: the union of every seed's k nearest pool rows (with similarity
+    >= threshold when given). Returns (picked pool rows [M] sorted, their best similarity to any
+    seed [M])."""
+    sims, ids = top_k_cosine(seeds, pool, k, **kw)
+    ok = ids >= 0
+    if threshold is not None:
+        ok &= sims >= threshold
+    best = np.full(len(pool), -np.inf, dtype=np.float32)
+    np.maximum.at(best, ids[ok], sims[ok])
+    picked = np.nonzero(np.isfinite(best))[0]
+    return picked, best[picked]
+
+
+def contamination(train: np.ndarray, evaluation: np.ndarray, threshold: float, k: int = 8,
+                  **kw) -> list[tuple[int, int, float]]:
+    """Training rows that near-duplicate an evaluation row (similarity >= threshold among the k
+    nearest of each evaluation row): [(train row, eval row, similarity)], by train row; a
+    training row matched by several evaluation rows is listed once, with its best match."""
+    sims, ids = top_k_cosine(evaluation, train, k, **kw)
+    best: dict[int, tuple[int, float]] = {}
+    for e, j in zip(*np.nonzero(sims >= threshold), strict=True):
+        t, s = int(ids[e, j]), float(sims[e, j])
+        if t not in best or s > best[t][1]:
+            best[t] = (int(e), s)
+    return [(t, e, s) for t, (e, s) in sorted(best.items())]
