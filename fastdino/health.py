@@ -14,8 +14,10 @@ noisy window stays quiet:
   temperature warm-up. The targets carry no signal: Sinkhorn-Knopp over too few rows per step
   (it spreads N rows over K prototypes evenly: N << K gives ~uniform rows), or a teacher that
   stopped discriminating. The DINO loss then teaches nothing.
-- teacher_collapse: the same entropy below 1 % of ln K after the warm-up: every row's target is
-  one prototype (with softmax centering, the classic DINO collapse; v2#272: loss 8 -> 0.05).
+- teacher_collapse: the same entropy below 1 % of ln K after the warm-up and the global DINO loss
+  below 5 % of ln K: every row's target is one prototype and the student matches it (with
+  softmax centering, the classic DINO collapse; v2#272: loss 8 -> 0.05). A sharp teacher alone
+  is healthy, so the loss must have fallen too.
 - koleo_duplicates: the smallest KoLeo nearest-neighbour distance under 1e-4 after the warm-up
   (at init all embeddings are alike): two crops with the same embedding in a group (duplicate
   images, or collapsed features); -log(d + eps) is large.
@@ -93,11 +95,16 @@ class HealthMonitor:
                 "data.batch_size_per_gpu or the GPU count, or try dino.centering=softmax or "
                 "fewer prototypes)"
             ) if warm and ent >= 0.99 * ln_k else None
+            # a sharp teacher is healthy (low per-row entropy); a collapsed one is sharp AND
+            # matched by the student: the DINO loss falls to ~0 (v2#272: 8 -> 0.05)
+            loss = _finite(v.get("dino_global_crops_loss"))
+            matched = loss is not None and loss < 0.05 * ln_k
             c["teacher_collapse"] = (
                 f"teacher_collapse: the DINO targets are one-hot (teacher entropy {ent:.4f}, "
-                f"ln K = {ln_k:.3f}) at iteration {it}: the teacher has collapsed. Lower "
-                "schedules.teacher_temp, raise the teacher momentum, or check the data"
-            ) if warm and ent < 0.01 * ln_k else None
+                f"ln K = {ln_k:.3f}) and the student matches them (DINO loss {loss:.4f}) at "
+                f"iteration {it}: the teacher has collapsed. Lower schedules.teacher_temp, raise "
+                "the teacher momentum, or check the data"
+            ) if warm and ent < 0.01 * ln_k and matched else None
         d = _finite(v.get("koleo_nn_dist_min"))
         if d is not None:  # (at init every embedding is alike: checked after the warm-up)
             c["koleo_duplicates"] = (

@@ -38,9 +38,13 @@ def test_uniform_teacher_after_the_warmup_with_patience_then_cleared():
 
 def test_teacher_collapse_and_koleo_duplicates():
     m = HealthMonitor(K, warmup_iterations=0, patience=1)
-    f = m.update(5, {"dino_teacher_entropy": 0.005 * LN_K, "koleo_nn_dist_min": 3e-6})
+    sharp = {"dino_teacher_entropy": 0.005 * LN_K, "dino_global_crops_loss": 2.5}
+    assert m.update(4, sharp) == []  # sharp targets the student does not match: healthy
+    f = m.update(5, {**sharp, "dino_global_crops_loss": 0.01, "koleo_nn_dist_min": 3e-6})
     assert sorted(x.key for x in f) == ["koleo_duplicates", "teacher_collapse"]
-    assert m.update(6, {"dino_teacher_entropy": 0.3 * LN_K, "koleo_nn_dist_min": 0.2})[0].cleared
+    f = m.update(6, {"dino_teacher_entropy": 0.3 * LN_K, "dino_global_crops_loss": 3.0,
+                     "koleo_nn_dist_min": 0.2})
+    assert all(x.cleared for x in f) and len(f) == 2
     healthy = HealthMonitor(K, warmup_iterations=0, patience=1)
     assert healthy.update(1, {"dino_teacher_entropy": 0.3 * LN_K, "koleo_nn_dist_min": 0.1,
                               "data_wait_fraction": 0.02, "backbone_grad_norm": 2.0}) == []
