@@ -38,9 +38,14 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
                    "the probes' seed")
     if features:
         f = p.add_argument_group("features")
-        f.add_argument("--data", required=True, help="labelled folder: train/<class>/ + "
+        f.add_argument("--data", default=None, help="labelled folder: train/<class>/ + "
                        "val/<class>/, or <class>/ (with --split-file, or every 4th image is val); "
                        "'digits' = the embedded scikit-learn digits set (32 px, 10 classes)")
+        f.add_argument("--train-data", default=None,
+                       help="instead of --data: the training images as data.root takes them "
+                            "(folders of class folders, tar shards with <key>.cls labels, "
+                            "glob / brace patterns)")
+        f.add_argument("--val-data", default=None, help="the validation images, as --train-data")
         f.add_argument("--split-file", default=None,
                        help="lines 'train <class>/<file>' or 'val <class>/<file>' under --data")
         f.add_argument("--image-size", type=int, default=224,
@@ -154,10 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         from fastdino.eval.features import BackboneExtractor
         from fastdino.eval.knn_protocol import labelled_splits
 
+        if (args.data is None) == (args.train_data is None and args.val_data is None) or \
+                (args.data is None and None in (args.train_data, args.val_data)):
+            raise SystemExit("give either --data, or both --train-data and --val-data")
         if args.data == "digits":
             from fastdino.data.sample_data import digits_labelled_dir
             args.data = str(digits_labelled_dir())
-        train, val, classes = labelled_splits(args.data, args.split_file)
+        if args.data is not None:
+            train, val, classes = labelled_splits(args.data, args.split_file)
+        else:
+            from fastdino.eval.knn_protocol import labelled_sources
+            train, val, classes = labelled_sources(args.train_data, args.val_data)
+            args.data = f"{args.train_data} + {args.val_data}"
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
                                       args.num_workers, progress)
         key = {"weights": info.digest, "arch": info.arch, "image_size": args.image_size}

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import decode_rgb
+from fastdino.data.datasets import decode_location
+from fastdino.data.labelled import locate
 from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("fastdino.eval")
@@ -65,7 +66,8 @@ class _EvalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return to_normalized_tensor(resize_center_crop(decode_rgb(self.paths[i]), self.image_size))
+        img = decode_location(locate(self.paths[i]))  # a file, or a `<shard>/<member>` name
+        return to_normalized_tensor(resize_center_crop(img, self.image_size))
 
 
 def autocast_for(device: torch.device):
@@ -106,12 +108,14 @@ class BackboneExtractor:
 
 
 def files_fingerprint(paths: Sequence[str]) -> str:
-    """sha256 over (path, size, mtime_ns) of every file, in order: an edited, added, removed or
-    reordered image changes it."""
+    """sha256 over (path, size, mtime_ns) of every file (a shard member: of its shard, and its
+    offset), in order: an edited, added, removed or reordered image changes it."""
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        loc = locate(p)  # a shard member: its shard's size and mtime, and where it lies in it
+        f, where = (loc, "") if isinstance(loc, str) else (loc.shard, f"|{loc.offset}")
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}{where}\n".encode())
     return h.hexdigest()
 
 

@@ -10,7 +10,8 @@ k is clipped to the number of training images (a k larger than the train set mea
 
 Data: a labelled folder `<root>/train/<class>/*` + `<root>/val/<class>/*`, or `<root>/<class>/*`
 with a split file (lines "train <relative path>" / "val <relative path>", '#' comments), or
-`<root>/<class>/*` alone (every 4th image of each class is a query: fastdino.eval.knn).
+`<root>/<class>/*` alone (every 4th image of each class is a query: fastdino.eval.knn); or two
+labelled sources, WebDataset tar shards with `.cls` members included (`labelled_sources`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,20 @@ def read_split_file(root: str | Path, split_file: str | Path) -> tuple[Samples, 
         raise ValueError(f"--split-file {str(split_file)!r} needs both train and val lines "
                          f"(has {len(train)} train, {len(val)} val)")
     return train, val, classes
+
+
+def labelled_sources(train_spec: str, val_spec: str) -> tuple[Samples, Samples, list[str]]:
+    """(train, val, class names) of two labelled sources (fastdino.data.labelled: class folders,
+    tar shards with `.cls` members, or patterns of them); class ids over both sets' labels."""
+    from fastdino.data.labelled import labelled_images
+
+    train, train_labels = labelled_images(train_spec)
+    val, val_labels = labelled_images(val_spec)
+    unseen = sorted(set(val_labels) - set(train_labels))
+    if unseen:
+        raise ValueError(f"--val-data has classes the training set lacks: {unseen[:10]}")
+    ids = {c: i for i, c in enumerate(train_labels)}
+    return ([(p, ids[c]) for p, c in train], [(p, ids[c]) for p, c in val], train_labels)
 
 
 def labelled_splits(root: str | Path, split_file: str | Path | None = None
