@@ -43,6 +43,11 @@ ARCHS = (
     "vit_large",
     "vit_huge_plus",
     "vit_7b",
+    # DINOv2 backbones (SPEC.md §2.6): patch 14, learned position embedding (configs/dinov2_*)
+    "dinov2_vits14",
+    "dinov2_vitb14",
+    "dinov2_vitl14",
+    "dinov2_vitg14",
 )
 
 
@@ -67,6 +72,12 @@ class ModelConfig:
         False  # separate final norm for local-crop CLS/registers
     )
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | torch
+    # position encoding: rope (DINOv3) | learned (DINOv2's absolute table, bicubically resized
+    # to each crop's grid: layers/pos_embed.py) | null = the arch's (learned for dinov2_*)
+    pos_embed: str | None = None
+    pos_embed_grid: int = 37  # learned: side M of the table (DINOv2: 37 = 518 px / 14)
+    interpolate_offset: float = 0.1  # learned: DINOv2's resize offset (0 for the reg models)
+    interpolate_antialias: bool = False  # learned: antialiased resize (True for reg models)
     # Continued pretraining: initialise the student (hence the EMA and Gram teachers) from these
     # weights: an exported backbone (.pth / .safetensors, official keys), a Hugging Face
     # DINOv3ViTModel folder, or a fastdino run / checkpoint (its teacher, DINO and iBOT heads too).
@@ -119,6 +130,18 @@ class ModelConfig:
             self.rope_rescale,
         )
         _choice(self.attn_impl, f"{p}.attn_impl", ("auto", "flash_attn", "sdpa", "torch"))
+        if self.pos_embed is not None:
+            _choice(self.pos_embed, f"{p}.pos_embed", ("rope", "learned"))
+        _check(self.pos_embed_grid > 0, f"{p}.pos_embed_grid", "a positive integer",
+               self.pos_embed_grid)
+        _check(self.interpolate_offset >= 0, f"{p}.interpolate_offset", "a float >= 0",
+               self.interpolate_offset)
+        if self.arch.startswith("dinov2_"):
+            # the DINOv3-default fields the DINOv2 architecture differs in (the presets set them)
+            for key, want in (("patch_size", 14), ("mask_k_bias", False)):
+                _check(getattr(self, key) == want, f"{p}.{key}",
+                       f"{want} for model.arch={self.arch} (configs/{self.arch}.yaml sets the "
+                       "DINOv2 fields)", getattr(self, key))
         _check(
             self.pretrained_weights is None or self.pretrained_weights.strip() != "",
             f"{p}.pretrained_weights",

@@ -2,6 +2,8 @@
 state dict with the official DINOv3 key names (SPEC.md §4: `cls_token`, `storage_tokens`,
 `mask_token`, `patch_embed.proj.*`, `rope_embed.periods`, `blocks.{i}.*`, `norm.*`), written as
 `.pth` (torch.save) or `.safetensors` (by the suffix of FILE; both when FILE has no suffix).
+A DINOv2-architecture run (`model.arch: dinov2_*`) is written with DINOv2's names
+(`pos_embed`, `register_tokens`, ViT-g's fused `mlp.w12`), which its hub code loads.
 `--with-heads` writes the whole teacher ({"teacher": backbone.*, dino_head.*, ibot_head.*}) to
 one `.pth`, which `model.pretrained_weights` takes with its heads (continued pretraining).
 `--format hf` writes a Hugging Face `DINOv3ViTModel` folder (config.json + model.safetensors),
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastdino.checkpoint import STATE_FILE, resolve_resume
-from fastdino.models.state_dict_io import extract_backbone_state_dict
+from fastdino.models.state_dict_io import extract_backbone_state_dict, to_dinov2_names
 
 
 def teacher_backbone_state_dict(run_or_ckpt: str | Path) -> dict[str, torch.Tensor]:
@@ -37,6 +39,8 @@ def teacher_backbone_state_dict(run_or_ckpt: str | Path) -> dict[str, torch.Tens
 
 def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     sd = teacher_backbone_state_dict(run_or_ckpt)
+    if "pos_embed" in sd:  # a DINOv2-architecture run: the official DINOv2 names
+        sd = to_dinov2_names(sd)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     targets = [out] if out.suffix in (".pth", ".pt", ".safetensors") else \

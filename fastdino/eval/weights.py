@@ -56,6 +56,8 @@ def resolve_model_config(
 ) -> ModelConfig | None:
     """ModelConfig from a factory name (`arch`) or a preset (`config`: name in configs/ or a yaml
     path); None when neither is given. `arch` overrides the preset's `model.arch`."""
+    if config is None and arch is not None and (CONFIG_DIR / f"{arch}.yaml").is_file():
+        config = arch  # an arch with a preset of its name (dinov2_*: patch 14, learned positions)
     if config is not None:
         path = Path(config)
         if not path.is_file():

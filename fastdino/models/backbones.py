@@ -12,6 +12,7 @@
 | vit_7b         | 4096 | 40    | 32    | SwiGLU r3 align64 | 6716M, no qkv bias, local_cls_norm |
 
 Patch 16, 4 storage tokens, LayerScale 1e-5, LN eps 1e-5, RoPE base 100 for all (released models).
+dinov2_vits14 / vitb14 / vitl14 / vitg14: the DINOv2 backbones (patch 14, learned positions).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastdino.models.vision_transformer import DinoVisionTransformer
+
+_DINOV2 = {"patch_size": 14, "n_storage_tokens": 0, "norm_eps": 1e-6, "mask_k_bias": False,
+           "pos_embed": "learned"}
 
 # arch -> (embed_dim, depth, num_heads, ffn_layer, ffn_ratio, extra official kwargs)
 ARCH_TABLE: dict[str, tuple[int, int, int, str, float, dict[str, Any]]] = {
@@ -31,6 +35,13 @@ ARCH_TABLE: dict[str, tuple[int, int, int, str, float, dict[str, Any]]] = {
     "vit_huge_plus": (1280, 32, 20, "swiglu", 6.0, {}),
     "vit_7b": (4096, 40, 32, "swiglu64", 3.0,
                {"qkv_bias": False, "untie_global_and_local_cls_norm": True}),
+    # DINOv2 (SPEC.md §2.6): patch 14, learned absolute positions, no key-bias mask, LN eps 1e-6,
+    # no registers (the _reg4 checkpoints: n_storage_tokens 4, offset 0, antialias); ViT-g's
+    # fused SwiGLU (w12 + w3) with hidden (int(6144·2/3) + 7) // 8 · 8 = 4096
+    "dinov2_vits14": (384, 12, 6, "mlp", 4.0, _DINOV2),
+    "dinov2_vitb14": (768, 12, 12, "mlp", 4.0, _DINOV2),
+    "dinov2_vitl14": (1024, 24, 16, "mlp", 4.0, _DINOV2),
+    "dinov2_vitg14": (1536, 40, 24, "swiglu", 4.0, _DINOV2),
 }
 
 
@@ -38,7 +49,8 @@ def _make(arch: str, **kwargs) -> DinoVisionTransformer:
     D, depth, heads, ffn, ratio, extra = ARCH_TABLE[arch]
     args = dict(embed_dim=D, depth=depth, num_heads=heads, ffn_layer=ffn, ffn_ratio=ratio,
                 patch_size=16, n_storage_tokens=4, layerscale_init=1e-5, norm_eps=1e-5,
-                rope_base=100.0, rope_rescale=2.0, mask_k_bias=True, **extra)
+                rope_base=100.0, rope_rescale=2.0, mask_k_bias=True)
+    args.update(extra)
     args.update(kwargs)
     return DinoVisionTransformer(**args)
 
@@ -75,6 +87,11 @@ def vit_7b(**kwargs) -> DinoVisionTransformer:
     return _make("vit_7b", **kwargs)
 
 
+def dinov2(arch: str, **kwargs) -> DinoVisionTransformer:
+    """A DINOv2 backbone by arch name (dinov2_vits14 ... dinov2_vitg14)."""
+    return _make(arch, **kwargs)
+
+
 def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
                    fuse_pointwise: bool = False) -> DinoVisionTransformer:
     """Backbone of `model_cfg` (a fastdino.config.ModelConfig). None overrides keep the arch's
@@ -105,6 +122,10 @@ def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
         untie_global_and_local_cls_norm=model_cfg.untie_global_and_local_cls_norm,
         attn_impl=model_cfg.attn_impl,
         activation_checkpointing=model_cfg.activation_checkpointing,
+        pos_embed_grid=model_cfg.pos_embed_grid,
+        interpolate_offset=model_cfg.interpolate_offset,
+        interpolate_antialias=model_cfg.interpolate_antialias,
+        **({} if model_cfg.pos_embed is None else {"pos_embed": model_cfg.pos_embed}),
         device=device,
     )
     for blk in model.blocks:

@@ -145,6 +145,9 @@ def hf_config_from_backbone(backbone: DinoVisionTransformer, **overrides):
     """A `DINOv3ViTConfig` describing `backbone` (sizes, biases, eps, RoPE)."""
     from transformers import DINOv3ViTConfig
 
+    if backbone.rope_embed is None:
+        raise ValueError("the Hugging Face export writes DINOv3ViTModel (RoPE); this backbone "
+                         "has DINOv2's learned position embedding: export the official format")
     blk = backbone.blocks[0]
     gated = hasattr(blk.mlp, "w1")
     qkv = blk.attn.qkv

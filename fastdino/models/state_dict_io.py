@@ -5,11 +5,13 @@ Accepted layouts:
     {"teacher": {"backbone.cls_token": ..., "dino_head....": ...}}  eval snapshots / our exports
     any of the above with `module.` prefixes (DDP) -- stripped, as the official eval loaders do
     LoRA layers (`optim.lora_rank` runs) -- merged into plain weights (layers/lora.py)
+    DINOv2 checkpoints (register_tokens, fused w12, chunked blocks) -- renamed (from_dinov2_names)
 Never a silent partial load: a missing or unexpected key, or a shape mismatch, raises and names it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -35,7 +37,48 @@ def extract_backbone_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
         elif key.startswith(_NON_BACKBONE_PREFIXES):
             continue
         out[key] = value
-    return merge_lora_state_dict(out)  # a LoRA run's teacher reads as a plain backbone
+    # a LoRA run's teacher reads as a plain backbone; DINOv2 files as our names
+    return from_dinov2_names(merge_lora_state_dict(out))
+
+
+_CHUNKED_BLOCK = re.compile(r"blocks\.\d+\.(\d+)\.(.+)")
+
+
+def from_dinov2_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2 checkpoint names -> ours (SPEC.md §2.6): `register_tokens` -> `storage_tokens`; the
+    fused SwiGLU `mlp.w12` [2H, D] -> `mlp.w1` (first half: the gate) and `mlp.w2`; FSDP block
+    chunks `blocks.<chunk>.<i>.` -> `blocks.<i>.` (DINOv2's BlockChunk keeps the global index).
+    A no-op on DINOv3 / fastdino names."""
+    out: dict[str, torch.Tensor] = {}
+    chunked = any(_CHUNKED_BLOCK.fullmatch(k) for k in sd)
+    for key, value in sd.items():
+        m = _CHUNKED_BLOCK.fullmatch(key) if chunked else None
+        if m:
+            key = f"blocks.{m.group(1)}.{m.group(2)}"
+        if key == "register_tokens":
+            key = "storage_tokens"
+        if ".mlp.w12." in key:
+            gate, up = value.chunk(2, dim=0)
+            out[key.replace(".w12.", ".w1.")] = gate
+            out[key.replace(".w12.", ".w2.")] = up
+            continue
+        out[key] = value
+    return out
+
+
+def to_dinov2_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names -> the official DINOv2 ones for a learned-position (DINOv2) backbone, the
+    inverse of from_dinov2_names: `storage_tokens` -> `register_tokens`, `mlp.w1` + `mlp.w2` ->
+    the fused `mlp.w12` of its ViT-g (SwiGLUFFNFused)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".mlp.w2." in key:
+            continue  # fused with w1 below
+        if ".mlp.w1." in key:
+            out[key.replace(".w1.", ".w12.")] = torch.cat([value, sd[key.replace(".w1.", ".w2.")]])
+            continue
+        out["register_tokens" if key == "storage_tokens" else key] = value
+    return out
 
 
 def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:

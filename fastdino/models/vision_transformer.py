@@ -5,6 +5,8 @@ Shapes (B images of one crop type, h x w patches, N = h*w, n = n_storage_tokens,
     masked patches (masks [B, N] bool) replaced by mask_token [1, D]
     tokens [B, 1 + n + N, D] = [CLS, storage tokens, patches (row-major)]
     blocks (RoPE on the patches, per crop type) -> norm -> outputs dict (forward_features_list)
+With pos_embed="learned" (DINOv2, SPEC.md §2.6): [CLS, patches] + the interpolated learned table,
+then the storage ("register") tokens inserted after CLS; no RoPE.
 
 Build on the meta device, `to_empty`, then `init_weights()` (STYLE.md §8.11); built on a real
 device the constructor initialises by itself.
@@ -24,6 +26,7 @@ from fastdino.layers.block import SelfAttentionBlock
 from fastdino.layers.drop_path import draw_subsets
 from fastdino.layers.layer_scale import LayerScale
 from fastdino.layers.patch_embed import PatchEmbed
+from fastdino.layers.pos_embed import interpolate_pos_embed
 from fastdino.layers.rope_position_encoding import RopePositionEmbedding
 
 
@@ -39,7 +42,9 @@ class DinoVisionTransformer(nn.Module):
                  norm_eps: float = 1e-5, drop_path_rate: float = 0.0, n_storage_tokens: int = 4,
                  rope_base: float = 100.0, rope_rescale: float | None = 2.0,
                  untie_global_and_local_cls_norm: bool = False, attn_impl: str = "auto",
-                 activation_checkpointing: bool = False, device=None) -> None:
+                 activation_checkpointing: bool = False, pos_embed: str = "rope",
+                 pos_embed_grid: int = 37, interpolate_offset: float = 0.1,
+                 interpolate_antialias: bool = False, device=None) -> None:
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
         self.n_blocks = depth
@@ -54,8 +59,18 @@ class DinoVisionTransformer(nn.Module):
         if n_storage_tokens > 0:
             self.storage_tokens = nn.Parameter(
                 torch.empty(1, n_storage_tokens, embed_dim, device=device))
-        self.rope_embed = RopePositionEmbedding(embed_dim, num_heads, base=rope_base,
-                                                rescale_coords=rope_rescale, device=device)
+        if pos_embed not in ("rope", "learned"):
+            raise ValueError(f"pos_embed={pos_embed!r} is invalid: allowed is rope | learned")
+        # DINOv3: RoPE in every attention (no weights); DINOv2: a learned absolute table added
+        # to the tokens once (layers/pos_embed.py), no RoPE
+        self.rope_embed = (RopePositionEmbedding(embed_dim, num_heads, base=rope_base,
+                                                 rescale_coords=rope_rescale, device=device)
+                           if pos_embed == "rope" else None)
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(
+                torch.empty(1, 1 + pos_embed_grid ** 2, embed_dim, device=device))
+            self.interpolate_offset = interpolate_offset
+            self.interpolate_antialias = interpolate_antialias
         self.blocks = nn.ModuleList([
             SelfAttentionBlock(embed_dim, num_heads, ffn_ratio=ffn_ratio, ffn_layer=ffn_layer,
                                qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
@@ -76,7 +91,10 @@ class DinoVisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Official init (SPEC.md §2.2); touches every parameter and buffer."""
-        self.rope_embed._init_weights()
+        if self.rope_embed is not None:
+            self.rope_embed._init_weights()
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)  # DINOv2's init
         nn.init.normal_(self.cls_token, std=0.02)
         if self.n_storage_tokens > 0:
             nn.init.normal_(self.storage_tokens, std=0.02)
@@ -107,6 +125,14 @@ class DinoVisionTransformer(nn.Module):
         else:
             # Keep mask_token in the graph (zero gradient) so every parameter gets a gradient.
             cls_token = self.cls_token + 0 * self.mask_token
+        if self.rope_embed is None:  # DINOv2: [CLS, patches] + pos_embed, then the registers
+            x = torch.cat([cls_token.expand(B, -1, -1), x.to(cls_token.dtype)], dim=1)
+            x = x + interpolate_pos_embed(self.pos_embed, h, w, self.interpolate_offset,
+                                          self.interpolate_antialias).to(x.dtype)
+            if self.n_storage_tokens > 0:
+                x = torch.cat([x[:, :1], self.storage_tokens.expand(B, -1, -1).to(x.dtype),
+                               x[:, 1:]], dim=1)
+            return x, (h, w)
         prefix = [cls_token.expand(B, -1, -1)]
         if self.n_storage_tokens > 0:
             prefix.append(self.storage_tokens.expand(B, -1, -1))
@@ -156,10 +182,14 @@ class DinoVisionTransformer(nn.Module):
         # Official quirk kept: RoPE is called per block and per crop type, so in training a fresh
         # rescale is drawn for each (all blocks' draws made at once per crop type); in eval the
         # one deterministic table comes back repeated as a view (rope_embed's n_draws).
-        tables = [self.rope_embed(H=h, W=w, n_draws=len(self.blocks)) for h, w in hw_list]
-        # per crop type: one unbind per table (not a select per block: host ops)
-        per_crop = [list(zip(sin.unbind(0), cos.unbind(0), strict=True)) for sin, cos in tables]
-        block_ropes = [list(ropes) for ropes in zip(*per_crop, strict=True)]
+        if self.rope_embed is None:  # learned absolute positions: no rotation in the blocks
+            block_ropes = [[None] * len(tokens) for _ in self.blocks]
+        else:
+            tables = [self.rope_embed(H=h, W=w, n_draws=len(self.blocks)) for h, w in hw_list]
+            # per crop type: one unbind per table (not a select per block: host ops)
+            per_crop = [list(zip(sin.unbind(0), cos.unbind(0), strict=True))
+                        for sin, cos in tables]
+            block_ropes = [list(ropes) for ropes in zip(*per_crop, strict=True)]
         self._set_attn_backend(tokens[0])
         block_subsets = self._drop_path_subsets(tokens)
         for blk, ropes, subsets in zip(self.blocks, block_ropes, block_subsets, strict=True):
@@ -200,7 +230,8 @@ class DinoVisionTransformer(nn.Module):
         take = range(total - n, total) if isinstance(n, int) else n
         out = []
         for i, blk in enumerate(self.blocks):
-            tokens = blk([tokens], [self.rope_embed(H=h, W=w)])[0]
+            rope = None if self.rope_embed is None else self.rope_embed(H=h, W=w)
+            tokens = blk([tokens], [rope])[0]
             if i in take:
                 out.append(tokens)
         if len(out) != len(take):
