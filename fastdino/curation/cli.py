@@ -170,14 +170,17 @@ def _embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
     return np.load(d / EMBEDDINGS, mmap_mode="r"), read_files(d), state["key"]
 
 
-def _same_embedding(a: dict, b: dict, names: tuple[str, str]) -> None:
-    """Two embedding sets are comparable only from the same weights and image size."""
+def _two_sets(first: str, second: str) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+    """Two `curate embed` folders, comparable only from the same weights and image size."""
+    x, x_files, a = _embeddings(first)
+    y, y_files, b = _embeddings(second)
     fields = ("weights", "arch", "image_size")
     if any(a.get(f) != b.get(f) for f in fields):
-        raise SystemExit(f"{names[0]} and {names[1]} were embedded with other weights or image "
+        raise SystemExit(f"{first} and {second} were embedded with other weights or image "
                          f"size ({ {f: a.get(f) for f in fields} } vs "
                          f"{ {f: b.get(f) for f in fields} }): embed both with the same --weights "
                          "and --image-size")
+    return x, x_files, y, y_files
 
 
 def _write_lines(path: str, lines: list[str]) -> Path:
@@ -187,46 +190,48 @@ def _write_lines(path: str, lines: list[str]) -> Path:
     return out
 
 
+def _write_file_list(path: str, names: list[str], suffix: str, side: list[str],
+                     summary: str) -> None:
+    """The training file list `path`, a TSV beside it (`<path><suffix>`) and the report."""
+    out = _write_lines(path, names)
+    _write_lines(f"{out}{suffix}", side)
+    print(summary.format(side=f"{out}{suffix}"))
+    print(f"wrote {out} (train with data.file_list={out})")
+
+
 def _dedup(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import deduplicate
 
     emb, files, _ = _embeddings(a.embeddings)
     keep, dup_of = deduplicate(emb, a.threshold, k=a.k, device=_device(a.device),
                                chunk=a.chunk_rows, progress=not a.quiet)
-    out = _write_lines(a.out, [files[i] for i in np.nonzero(keep)[0]])
     removed = np.nonzero(dup_of >= 0)[0]
-    Path(f"{out}.removed.tsv").write_text("".join(f"{files[i]}\t{files[dup_of[i]]}\n"
-                                                 for i in removed))
     broken = int((~keep & (dup_of < 0)).sum())
-    print(f"{len(files)} images: kept {int(keep.sum())}, removed {len(removed)} near-duplicates "
-          f"(cosine >= {a.threshold}; {out}.removed.tsv), {broken} without an embedding")
-    print(f"wrote {out} (train with data.file_list={out})")
+    _write_file_list(a.out, [files[i] for i in np.nonzero(keep)[0]], ".removed.tsv",
+                     [f"{files[i]}\t{files[dup_of[i]]}" for i in removed],
+                     f"{len(files)} images: kept {int(keep.sum())}, removed {len(removed)} "
+                     f"near-duplicates (cosine >= {a.threshold}; {{side}}), {broken} without "
+                     "an embedding")
     return 0
 
 
 def _retrieve(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import retrieve
 
-    pool, files, key = _embeddings(a.embeddings)
-    seeds, _, seed_key = _embeddings(a.seeds)
-    _same_embedding(key, seed_key, (a.embeddings, a.seeds))
+    pool, files, seeds, _ = _two_sets(a.embeddings, a.seeds)
     picked, sims = retrieve(pool, seeds, a.k, a.threshold, device=_device(a.device),
                             chunk=a.chunk_rows, progress=not a.quiet)
-    out = _write_lines(a.out, [files[i] for i in picked])
-    Path(f"{out}.tsv").write_text("".join(f"{files[i]}\t{s:.4f}\n"
-                                          for i, s in zip(picked, sims, strict=True)))
-    print(f"{len(seeds)} seeds x {a.k} neighbours -> {len(picked)} of {len(files)} pool images "
-          f"(similarities in {out}.tsv)")
-    print(f"wrote {out} (train with data.file_list={out})")
+    _write_file_list(a.out, [files[i] for i in picked], ".tsv",
+                     [f"{files[i]}\t{s:.4f}" for i, s in zip(picked, sims, strict=True)],
+                     f"{len(seeds)} seeds x {a.k} neighbours -> {len(picked)} of {len(files)} "
+                     "pool images (similarities in {side})")
     return 0
 
 
 def _contamination(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import contamination
 
-    train, files, key = _embeddings(a.embeddings)
-    evaluation, eval_files, eval_key = _embeddings(a.eval)
-    _same_embedding(key, eval_key, (a.embeddings, a.eval))
+    train, files, evaluation, eval_files = _two_sets(a.embeddings, a.eval)
     hits = contamination(train, evaluation, a.threshold, k=a.k, device=_device(a.device),
                          chunk=a.chunk_rows, progress=not a.quiet)
     out = Path(a.out)
