@@ -6,9 +6,10 @@ A DINOv2-architecture run (`model.arch: dinov2_*`) is written with DINOv2's name
 (`pos_embed`, `register_tokens`, ViT-g's fused `mlp.w12`), which its hub code loads.
 `--with-heads` writes the whole teacher ({"teacher": backbone.*, dino_head.*, ibot_head.*}) to
 one `.pth`, which `model.pretrained_weights` takes with its heads (continued pretraining).
-`--format hf` writes a Hugging Face `DINOv3ViTModel` folder (config.json + model.safetensors),
-the architecture from the run's config.yaml, loaded into transformers' own class strictly before
-it is saved (needs the `interop` extra).
+`--format hf` writes a Hugging Face `DINOv3ViTModel` folder (config.json + model.safetensors;
+`Dinov2Model` / `Dinov2WithRegistersModel` for a DINOv2-architecture run), the architecture from
+the run's config.yaml, loaded into transformers' own class strictly before it is saved (needs the
+`interop` extra).
 
 The teacher is replicated, so rank 0's `trainer_state.pt` holds it whole: no ZeRO consolidation
 is needed. Loadable with `fastdino.models.state_dict_io.load_backbone_state_dict` (strict) or the
@@ -78,14 +79,15 @@ def export_with_heads(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
 
 
 def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
-    """A Hugging Face DINOv3ViTModel folder of the run's teacher backbone."""
+    """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, or Dinov2 for
+    learned positions)."""
     try:
-        from transformers import DINOv3ViTModel
+        import transformers
     except ImportError as e:  # pragma: no cover - optional extra
         raise ImportError("--format hf needs transformers: pip install 'fastdino[interop]'") from e
     from fastdino.eval.weights import resolve_model_config
+    from fastdino.models import hf_convert, hf_dinov2
     from fastdino.models.backbones import build_backbone
-    from fastdino.models.hf_convert import hf_config_from_backbone, to_hf_state_dict
     from fastdino.models.state_dict_io import load_backbone_state_dict
 
     teacher, run_cfg = teacher_state(run_or_ckpt)
@@ -95,8 +97,15 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
     backbone = backbone.to_empty(device="cpu")
     load_backbone_state_dict(backbone, {"teacher": teacher})  # strict: the run's own arch
-    model = DINOv3ViTModel(hf_config_from_backbone(backbone)).eval()
-    hf_sd = to_hf_state_dict(backbone.state_dict())
+    if backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
+        hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
+        cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
+               else transformers.Dinov2Model)
+        model, hf_sd = cls(hf_config), hf_dinov2.to_hf_dinov2_state_dict(backbone.state_dict())
+    else:
+        model = transformers.DINOv3ViTModel(hf_convert.hf_config_from_backbone(backbone))
+        hf_sd = hf_convert.to_hf_state_dict(backbone.state_dict())
+    model.eval()
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"the Hugging Face model does not take the converted teacher: missing "

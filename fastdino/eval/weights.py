@@ -9,7 +9,9 @@
                                             from trainer_state.pt (SPEC.md §4)
     an exported backbone file               .pth / .pt (plain official keys, or {"teacher": ...}
                                             with `backbone.` / `module.` prefixes) or .safetensors
-    a Hugging Face DINOv3ViTModel folder    config.json + *.safetensors (converted by hf_convert)
+    a Hugging Face model folder             config.json + *.safetensors: DINOv3ViTModel (converted
+                                            by hf_convert), Dinov2Model / Dinov2WithRegistersModel
+                                            (hf_dinov2)
     "random"                                the architecture's own init under `seed` (baselines)
 
 The architecture comes from `arch` (a factory name such as vit_small), or from `config` (a preset
@@ -42,6 +44,7 @@ logger = logging.getLogger("fastdino.eval")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TRAINER_STATE = "trainer_state.pt"  # fastdino.checkpoint.STATE_FILE
+HF_MODEL_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
 
 
 @dataclass
@@ -154,10 +157,11 @@ def _load_hf_folder(path: Path):
     from fastdino.models.hf_convert import from_hf_state_dict
 
     hf_config = AutoConfig.from_pretrained(str(path))  # reads config.json only, runs no code
-    if hf_config.model_type != "dinov3_vit":
+    if hf_config.model_type not in HF_MODEL_TYPES:
         raise ValueError(
             f"--weights {str(path)!r}: config.json has model_type "
-            f"{hf_config.model_type!r}; allowed is 'dinov3_vit' (DINOv3ViTModel)"
+            f"{hf_config.model_type!r}; allowed is one of {', '.join(HF_MODEL_TYPES)} "
+            "(DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel)"
         )
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -168,8 +172,12 @@ def _load_hf_folder(path: Path):
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
         hf_sd.update(load_file(str(f), device="cpu"))
-    # A DINOv3ViTModel saved by itself has no prefix; one saved inside a wrapper may carry one.
+    # A model saved by itself has no prefix; one saved inside a wrapper may carry one.
     hf_sd = {k.removeprefix("dinov3_vit.").removeprefix("backbone."): v for k, v in hf_sd.items()}
+    if hf_config.model_type != "dinov3_vit":
+        from fastdino.models.hf_dinov2 import from_hf_dinov2_state_dict
+
+        return from_hf_dinov2_state_dict(hf_sd), hf_config
     return from_hf_state_dict(hf_sd, hf_config), hf_config
 
 
@@ -235,6 +243,10 @@ def load_eval_backbone(
     build_on = None if sd is None else "meta"
     if model_cfg is not None:
         backbone = build_backbone(model_cfg, device=build_on)
+    elif hf_config is not None and hf_config.model_type != "dinov3_vit":
+        from fastdino.models.hf_dinov2 import backbone_from_hf_dinov2_config
+
+        backbone = backbone_from_hf_dinov2_config(hf_config, device=build_on)
     elif hf_config is not None:
         from fastdino.models.hf_convert import backbone_from_hf_config
 

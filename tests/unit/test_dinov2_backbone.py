@@ -170,3 +170,43 @@ def test_eval_loader_builds_the_dinov2_arch_by_name(tmp_path):
                                      arch="dinov2_vits14")
     assert model.patch_size == 14 and "p14" in info.arch
     assert all(torch.equal(model.state_dict()[k], v) for k, v in bb.state_dict().items())
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hugging_face_dinov2_export_and_import(tmp_path, registers):
+    """`fastdino export --format hf` of a DINOv2-architecture run writes Dinov2Model (or
+    Dinov2WithRegistersModel) whose outputs equal the teacher's at the trained grid; the folder
+    loads back (--weights) to the same backbone, with HF's own resize rule off the grid."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the interop extra")
+    from test_trainer_step import make_trainer
+
+    from fastdino.cli import main
+    from fastdino.eval.weights import load_eval_backbone
+
+    trainer, _ = make_trainer(
+        tmp_path / "run", "model.arch=dinov2_vits14", "model.patch_size=14",
+        "model.mask_k_bias=false", f"model.n_storage_tokens={registers}", "model.embed_dim=32",
+        "model.num_heads=2", "model.ffn_layer=swiglu", "model.pos_embed_grid=4",
+        "model.layerscale_init=0.5", "crops.global_crops_size=56", "crops.local_crops_size=28")
+    trainer.save(1)
+    assert main(["export", "--run", str(trainer.out), "--out", str(tmp_path / "hf"),
+                 "--format", "hf"]) == 0
+    cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    hf = cls.from_pretrained(tmp_path / "hf").eval()
+    bb = trainer.arch.teacher.backbone.eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = bb.forward_features(x)
+        out = hf(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(out[:, 0], ref["x_norm_clstoken"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, 1 + registers:], ref["x_norm_patchtokens"], rtol=1e-4,
+                               atol=1e-4)
+    back, info = load_eval_backbone(tmp_path / "hf")
+    assert "Hugging Face" in info.source and back.n_storage_tokens == registers
+    t = bb.state_dict()
+    assert all(torch.equal(back.state_dict()[k], t[k]) for k in t)
+    y = torch.randn(1, 3, 42, 70)  # off the grid: HF's size rule, which `back` was built with
+    with torch.no_grad():
+        want = hf(pixel_values=y).last_hidden_state[:, 1 + registers:]
+        got = back.forward_features(y)["x_norm_patchtokens"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
