@@ -18,7 +18,7 @@ import os
 import posixpath
 import tarfile
 
-from fastdino.data.sources import Location, find_images, index_shard_cached, is_shard
+from fastdino.data.sources import Location, find_images, index_shard_cached, member_reference
 
 
 def wds_key(member_name: str) -> str:
@@ -39,19 +39,8 @@ def shard_labels(shard: str) -> dict[str, str]:
     return out
 
 
-def _split_member(name: str) -> tuple[str, str] | None:
-    """(shard, member) of a `<shard>.tar/<member>` name whose shard exists."""
-    i = name.lower().find(".tar/")
-    while i >= 0:
-        shard = name[:i + 4]
-        if is_shard(shard) and os.path.isfile(shard):
-            return shard, name[i + 5:]
-        i = name.lower().find(".tar/", i + 1)
-    return None
-
-
 def label_of(name: str) -> str:
-    ref = _split_member(name)
+    ref = member_reference(name)
     if ref is None:  # a loose file: its folder is its class
         return os.path.basename(os.path.dirname(name))
     shard, member = ref
@@ -83,7 +72,7 @@ def locate(name: str) -> Location:
     """The location of an image name: the file itself, or the shard member it names."""
     if os.path.isfile(name):
         return name
-    ref = _split_member(name)
+    ref = member_reference(name)
     if ref is None:
         raise FileNotFoundError(f"{name} is neither a file nor a member of a tar shard")
     loc = _shard_table(ref[0]).get(name)

@@ -290,7 +290,7 @@ def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None =
     return _index(images, shards, ranks)
 
 
-def _member_reference(line: str) -> tuple[str, str] | None:
+def member_reference(line: str) -> tuple[str, str] | None:
     """(shard, member name) when `line` names an image inside an existing tar shard, as the
     dataset names them (`<shard>/<member>`, e.g. in a file list written by `curate sample`)."""
     for m in re.finditer(re.escape(SHARD_EXTENSION) + "/", line, flags=re.IGNORECASE):
@@ -307,20 +307,25 @@ def find_listed_images(lines: list[str], ranks: Ranks | None = None
     (`<shard>/<member>`); other entries are ignored. A listed image file that does not exist is
     kept (it is skipped, and counted, when read); a listed member that its shard does not hold is
     dropped with a warning (it has no location). `ranks`: as find_images."""
-    # every shard the list names, indexed once (shared by the ranks) before the list is walked
-    named = [p for p in lines if is_shard(p) or _is_compressed_tar(p)]
-    named += [ref[0] for p in lines if is_image(p) and not os.path.isfile(p)
-              and (ref := _member_reference(p)) is not None]
-    _share_indexing(sorted(set(named)), ranks)
+    # one pass classifies the entries (a stat per image line), so that every shard the list
+    # names can be indexed once, shared by the ranks, before the second pass builds the table
+    entries: list[tuple[str, str, tuple[str, str] | None]] = []  # (line, kind, (shard, member))
+    for path in lines:
+        if is_shard(path) or _is_compressed_tar(path):
+            entries.append((path, "shard", None))
+        elif is_image(path):
+            ref = None if os.path.isfile(path) else member_reference(path)
+            entries.append((path, "file" if ref is None else "member", ref))
+    named = {path for path, kind, _ in entries if kind == "shard"}
+    named |= {ref[0] for _, kind, ref in entries if kind == "member"}
+    _share_indexing(sorted(named), ranks)
     out: list[tuple[str, Location]] = []
     shards: dict[str, dict[str, Member]] = {}
-    for path in lines:
-        if is_shard(path) or _is_compressed_tar(path):  # (a missing one: warned and skipped)
-            out += _index([], [path])
-        elif not is_image(path):
-            continue
-        elif os.path.isfile(path) or (ref := _member_reference(path)) is None:
+    for path, kind, ref in entries:
+        if kind == "file":  # (a missing one is kept: skipped, and counted, when read)
             out.append((path, path))
+        elif kind == "shard":  # (a missing one: warned and skipped)
+            out += _index([], [path])
         else:
             shard, name = ref
             if shard not in shards:
