@@ -34,7 +34,7 @@ logger = logging.getLogger("fastdino")
 def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     """The frozen teacher of `distillation.teacher`, in eval mode on `device`."""
     from fastdino.eval.weights import read_weights
-    from fastdino.meta_arch import build_student
+    from fastdino.meta_arch import build_student, head_state_dicts
 
     path = cfg.distillation.teacher
     sd, source, _, run_cfg = read_weights(path)
@@ -55,10 +55,9 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     state = sd["teacher"]
     try:  # the backbone through the strict loader, which merges a LoRA run's adapters
         load_backbone_state_dict(teacher.backbone, {"teacher": state})
-        for name in ("dino_head", "ibot_head"):
-            getattr(teacher, name).load_state_dict(
-                {k.removeprefix(f"{name}."): v for k, v in state.items()
-                 if k.startswith(f"{name}.")}, strict=True)
+        heads = head_state_dicts(state)
+        for name in ("dino_head", "ibot_head"):  # both required: a missing one fails strictly
+            getattr(teacher, name).load_state_dict(heads.get(name, {}), strict=True)
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"distillation.teacher={path!r}: the weights of {source} do not fit "
                          f"the architecture of {run_cfg}: {e}") from None

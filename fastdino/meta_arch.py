@@ -95,6 +95,14 @@ def build_student(cfg: Config) -> Student:
     return Student(backbone, build_head(cfg.dino.head, dim), build_head(cfg.ibot.head, dim))
 
 
+def head_state_dicts(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"dino_head": ..., "ibot_head": ...}: the heads' state dicts in a whole-student state
+    dict, prefixes stripped; a head the state dict does not hold is left out."""
+    heads = {name: {k.removeprefix(f"{name}."): v for k, v in flat.items()
+                    if k.startswith(f"{name}.")} for name in ("dino_head", "ibot_head")}
+    return {name: sd for name, sd in heads.items() if sd}
+
+
 def load_pretrained(student: Student, weights: str) -> None:
     """Continued pretraining (`model.pretrained_weights`): the backbone strictly from `weights`
     (any source fastdino.eval.weights.read_weights knows); the DINO / iBOT heads too when the
@@ -111,16 +119,13 @@ def load_pretrained(student: Student, weights: str) -> None:
                          f"model.arch: {e}") from None
     flat = sd["teacher"] if isinstance(sd.get("teacher"), dict) else sd
     loaded = []
-    for name in ("dino_head", "ibot_head"):
-        head_sd = {k.removeprefix(f"{name}."): v for k, v in flat.items()
-                   if k.startswith(f"{name}.")}
-        if head_sd:
-            try:
-                getattr(student, name).load_state_dict(head_sd, strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"model.pretrained_weights={weights!r}: the {name} does not fit "
-                                 f"the configured head: {e}") from None
-            loaded.append(name)
+    for name, head_sd in head_state_dicts(flat).items():
+        try:
+            getattr(student, name).load_state_dict(head_sd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"model.pretrained_weights={weights!r}: the {name} does not fit "
+                             f"the configured head: {e}") from None
+        loaded.append(name)
     logger.info("initialised the student from %s: backbone%s", source,
                 "".join(f", {n}" for n in loaded) or " (no heads in the file: fresh heads)")
 

@@ -46,7 +46,7 @@ _GLOBAL_RENAMES = {
 _DROPPED = ("rope_embed.periods", "local_cls_norm.weight", "local_cls_norm.bias")
 
 
-def _rename_block_key(rest: str, table: dict[str, str]) -> str | None:
+def rename_block_key(rest: str, table: dict[str, str]) -> str | None:
     for src, dst in table.items():
         if rest == src or rest.startswith(src + "."):
             return dst + rest[len(src):]
@@ -80,7 +80,7 @@ def to_hf_state_dict(our_sd: dict[str, torch.Tensor], *, layer_prefix: str = HF_
                     hf[f"{layer_prefix}{m.group(1)}.attention.{name}_proj.bias"] = t
         elif m and m.group(2) == "attn.qkv.bias_mask":
             continue
-        elif m and (dst := _rename_block_key(m.group(2), _BLOCK_RENAMES)) is not None:
+        elif m and (dst := rename_block_key(m.group(2), _BLOCK_RENAMES)) is not None:
             hf[f"{layer_prefix}{m.group(1)}.{dst}"] = value
         else:
             raise KeyError(f"to_hf_state_dict: no Hugging Face name for key {key!r}")
@@ -131,7 +131,7 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], hf_config) -> dict[str, t
                 ones = torch.ones_like(q_b)
                 ours[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([ones, 0 * ones, ones])
         for rest, value in layer.items():
-            dst = _rename_block_key(rest, inverse_block)
+            dst = rename_block_key(rest, inverse_block)
             if dst is None:
                 raise KeyError(f"from_hf_state_dict: no fastdino name for layer {i} key {rest!r}")
             ours[f"blocks.{i}.{dst}"] = value

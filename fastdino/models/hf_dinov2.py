@@ -27,6 +27,7 @@ import re
 import torch
 
 from fastdino.layers.ffn_layers import swiglu_hidden_dim
+from fastdino.models.hf_convert import rename_block_key
 from fastdino.models.vision_transformer import DinoVisionTransformer
 
 _GLOBAL = {"cls_token": "embeddings.cls_token", "storage_tokens": "embeddings.register_tokens",
@@ -38,13 +39,6 @@ _BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj",
           "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
           "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w1": "mlp.gate_proj",
           "mlp.w2": "mlp.up_proj", "mlp.w3": "mlp.down_proj"}
-
-
-def _rename(rest: str, table: dict[str, str]) -> str | None:
-    for src, dst in table.items():
-        if rest == src or rest.startswith(src + "."):
-            return dst + rest[len(src):]
-    return None
 
 
 def to_hf_dinov2_state_dict(our_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,7 +56,7 @@ def to_hf_dinov2_state_dict(our_sd: dict[str, torch.Tensor]) -> dict[str, torch.
                 hf[f"encoder.layer.{m.group(1)}.attention.{name}_proj.{kind}"] = t
         elif m and m.group(2) == "attn.qkv.bias_mask":
             continue
-        elif m and (dst := _rename(m.group(2), _BLOCK)) is not None:
+        elif m and (dst := rename_block_key(m.group(2), _BLOCK)) is not None:
             hf[f"encoder.layer.{m.group(1)}.{dst}"] = value
         else:
             raise KeyError(f"to_hf_dinov2_state_dict: no Hugging Face name for key {key!r}")
@@ -108,7 +102,7 @@ def from_hf_dinov2_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch
             ours[inverse_global[key]] = value
         elif a:
             qkv.setdefault((m.group(1), a.group(2)), {})[a.group(1)] = value
-        elif m and (dst := _rename(m.group(2), inverse_block)) is not None:
+        elif m and (dst := rename_block_key(m.group(2), inverse_block)) is not None:
             ours[f"blocks.{m.group(1)}.{dst}"] = value
         else:
             raise KeyError(f"from_hf_dinov2_state_dict: no fastdino name for key {key!r}")
