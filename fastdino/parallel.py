@@ -366,8 +366,9 @@ class TorchStudent(_StudentBase):
                                              self.optimizer),
                     **{k: _read_universal(zero / name, k).reshape(p.shape).to(p)
                        for k in ("exp_avg", "exp_avg_sq")}}
-        load_buffers(self.module, ckpt)
-        check_frozen_params(self.module, ckpt)
+        module_state = _module_state(ckpt)  # read once (a full model file) for both
+        load_buffers(self.module, ckpt, module_state)
+        check_frozen_params(self.module, ckpt, module_state)
 
 
 class DeepSpeedStudent(_StudentBase):
@@ -584,24 +585,25 @@ def _module_state(ckpt: Path) -> dict:
     return torch.load(f, map_location="cpu", weights_only=True)["module"]
 
 
-def load_buffers(module: nn.Module, ckpt: Path) -> None:
+def load_buffers(module: nn.Module, ckpt: Path, sd: dict | None = None) -> None:
     """The universal loader restores parameters only: buffers (RoPE periods, qkv bias masks)
-    are read from the original checkpoint's module state."""
-    sd = _module_state(ckpt)
+    are read from the original checkpoint's module state (`sd`: already read)."""
+    sd = _module_state(ckpt) if sd is None else sd
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in sd:
                 buf.copy_(sd[name].to(buf.dtype))
 
 
-def check_frozen_params(module: nn.Module, ckpt: Path) -> None:
+def check_frozen_params(module: nn.Module, ckpt: Path, sd: dict | None = None) -> None:
     """Frozen parameters (`optim.frozen_blocks`, requires_grad False) are not in the optimizer,
     so a universal checkpoint has no state for them: a run resumed through one keeps the values
     it was built with (`model.pretrained_weights`, or the seeded init), which are the values
     they held when the checkpoint was written, as they never train. Checked against the
     checkpoint's module state where it holds them in full (the torch engine, ZeRO-0/1/2; ZeRO-3
-    keeps partitions there): a run rebuilt from other weights is an error, not a silent mix."""
-    sd = _module_state(ckpt)
+    keeps partitions there): a run rebuilt from other weights is an error, not a silent mix.
+    `sd`: the checkpoint's module state, when already read."""
+    sd = _module_state(ckpt) if sd is None else sd
     for name, p in module.named_parameters():
         saved = sd.get(name)
         if p.requires_grad or saved is None or saved.numel() != p.numel():
