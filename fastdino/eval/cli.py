@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastdino.eval.features import BackboneExtractor
         from fastdino.eval.knn_protocol import labelled_splits
 
-        if (args.data is None) == (args.train_data is None and args.val_data is None) or \
-                (args.data is None and None in (args.train_data, args.val_data)):
+        sources = (args.train_data, args.val_data)
+        folder_form = args.data is not None and sources == (None, None)
+        sources_form = args.data is None and None not in sources
+        if not (folder_form or sources_form):
             raise SystemExit("give either --data, or both --train-data and --val-data")
         if args.data == "digits":
             from fastdino.data.sample_data import digits_labelled_dir
