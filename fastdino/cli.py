@@ -1,7 +1,7 @@
 """`fastdino train|export|profile|eval|curate ...` (the console script of pyproject.toml).
 
     fastdino train --config configs/smoke.yaml data.root=/imgs     (= python fastdino/train.py)
-    fastdino export --run runs/smoke --out teacher.safetensors [--format hf | --with-heads]
+    fastdino export --run runs/smoke --out teacher.safetensors [--format hf|timm | --with-heads]
     fastdino profile ...                                            (fastdino/profile.py)
     fastdino eval knn|linear|seg|depth|pca --weights W --data DIR ... (fastdino/eval/cli.py)
     fastdino curate embed|cluster|sample|dedup|retrieve|contamination ... (fastdino/curation/cli.py)
@@ -22,16 +22,20 @@ def _export(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run dir (its latest checkpoint) or checkpoint dir")
     p.add_argument("--out", required=True, help="official: FILE.pth | FILE.safetensors | FILE "
-                   "(both); --with-heads: FILE.pth; --format hf: a folder")
-    p.add_argument("--format", choices=("official", "hf"), default="official",
-                   help="official DINOv3 backbone keys, or a Hugging Face DINOv3ViTModel folder")
+                   "(both); --with-heads: FILE.pth; --format hf / timm: a folder")
+    p.add_argument("--format", choices=("official", "hf", "timm"), default="official",
+                   help="official DINOv3 backbone keys, a Hugging Face DINOv3ViTModel folder, or "
+                   "a timm folder (timm.create_model('local-dir:OUT', pretrained=True))")
     p.add_argument("--with-heads", action="store_true",
                    help="the whole teacher (backbone + DINO / iBOT heads) in one .pth")
     a = p.parse_args(argv)
-    if a.with_heads and a.format == "hf":
-        p.error("--with-heads writes fastdino's own file; Hugging Face folders hold the backbone")
+    if a.with_heads and a.format != "official":
+        p.error(f"--with-heads writes fastdino's own file; --format {a.format} folders hold the "
+                "backbone only")
     if a.format == "hf":
         paths = export.export_hf(a.run, a.out)
+    elif a.format == "timm":
+        paths = export.export_timm(a.run, a.out)
     elif a.with_heads:
         paths = export.export_with_heads(a.run, a.out)
     else:

@@ -9,7 +9,8 @@ one `.pth`, which `model.pretrained_weights` takes with its heads (continued pre
 `--format hf` writes a Hugging Face `DINOv3ViTModel` folder (config.json + model.safetensors;
 `Dinov2Model` / `Dinov2WithRegistersModel` for a DINOv2-architecture run), the architecture from
 the run's config.yaml, loaded into transformers' own class strictly before it is saved (needs the
-`interop` extra).
+`interop` extra). `--format timm` writes a timm model folder (config.json + model.safetensors:
+timm's DINOv3 `Eva`, loaded by `timm.create_model("local-dir:OUT", pretrained=True)`).
 
 The teacher is replicated, so rank 0's `trainer_state.pt` holds it whole: no ZeRO consolidation
 is needed. Loadable with `fastdino.models.state_dict_io.load_backbone_state_dict` (strict) or the
@@ -78,15 +79,9 @@ def export_with_heads(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     return [out]
 
 
-def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
-    """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, or Dinov2 for
-    learned positions)."""
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - optional extra
-        raise ImportError("--format hf needs transformers: pip install 'fastdino[interop]'") from e
+def _teacher_backbone(run_or_ckpt: str | Path):
+    """The run's EMA teacher backbone as a module of the run's own architecture (strict load)."""
     from fastdino.eval.weights import resolve_model_config
-    from fastdino.models import hf_convert, hf_dinov2
     from fastdino.models.backbones import build_backbone
     from fastdino.models.state_dict_io import load_backbone_state_dict
 
@@ -96,7 +91,20 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
                                 "checkpoints, so the architecture is unknown")
     backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
     backbone = backbone.to_empty(device="cpu")
-    load_backbone_state_dict(backbone, {"teacher": teacher})  # strict: the run's own arch
+    load_backbone_state_dict(backbone, {"teacher": teacher})
+    return backbone.eval()
+
+
+def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
+    """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, or Dinov2 for
+    learned positions)."""
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise ImportError("--format hf needs transformers: pip install 'fastdino[interop]'") from e
+    from fastdino.models import hf_convert, hf_dinov2
+
+    backbone = _teacher_backbone(run_or_ckpt)
     if backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
         hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
         cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
@@ -113,3 +121,24 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     return sorted(out.iterdir())
+
+
+def export_timm(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
+    """A timm model folder (config.json + model.safetensors, the hub layout) of the run's teacher
+    backbone: `timm.create_model("local-dir:OUT", pretrained=True)` builds timm's DINOv3 Eva with
+    these weights. Needs safetensors only (timm is not imported)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
+
+    backbone = _teacher_backbone(run_or_ckpt)
+    config = timm_config_from_backbone(backbone)
+    sd = {k: v.contiguous() for k, v in to_timm_state_dict(backbone.state_dict()).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"),
+              metadata={"format": "pt", "source": "fastdino teacher backbone"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return [out / "config.json", out / "model.safetensors"]

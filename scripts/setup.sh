@@ -12,4 +12,8 @@ python -m pip install -q --upgrade pip
 # torch first and alone: a CPU wheel where one is provided locally, PyPI's build elsewhere.
 python -m pip install -q -c constraints.txt torch
 python -m pip install -q -c constraints.txt -e ".[train,bench,eval,dali,dev]"
+# timm for the timm-interop parity tests, without its torchvision requirement: PyPI's torchvision
+# is built against CUDA torch and does not import beside the CPU wheel (tests/unit/timm_helpers.py
+# stands in for the names timm imports from it). Not an extra: fastdino itself never imports timm.
+python -m pip install -q -c constraints.txt --no-deps timm
 python -c "import torch, triton, fastdino.kernels; print(f'fastdino ready: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.cuda.is_available()}')"

@@ -12,14 +12,17 @@
     a Hugging Face model folder             config.json + *.safetensors: DINOv3ViTModel (converted
                                             by hf_convert), Dinov2Model / Dinov2WithRegistersModel
                                             (hf_dinov2)
+    a timm model folder                     config.json with `architecture` (vit_*_dinov3*) +
+                                            model.safetensors, as on the hub or from
+                                            `fastdino export --format timm` (timm_convert)
     "random"                                the architecture's own init under `seed` (baselines)
 
 The architecture comes from `arch` (a factory name such as vit_small), or from `config` (a preset
 name such as `smoke` or a yaml path: its `model:` section); for a training run with neither, from
-the run's own config.yaml; for a Hugging Face folder with neither, from its config.json. Loading is
-strict (fastdino.models.load_backbone_state_dict): a missing, unexpected or mis-shaped key raises
-and names the key, never a partial load. User files are read with `torch.load(weights_only=True)`
-or safetensors, so loading never runs code from them.
+the run's own config.yaml; for a Hugging Face or timm folder with neither, from its config.json.
+Loading is strict (fastdino.models.load_backbone_state_dict): a missing, unexpected or mis-shaped
+key raises and names the key, never a partial load. User files are read with
+`torch.load(weights_only=True)` or safetensors, so loading never runs code from them.
 
 `info.digest` hashes the loaded backbone tensors (names, shapes, dtypes, bytes), so the feature
 cache is keyed by the weights themselves: the same weights exported as .pth or .safetensors hit
@@ -29,6 +32,7 @@ the same cache entry, and any changed tensor misses.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,11 +185,30 @@ def _load_hf_folder(path: Path):
     return from_hf_state_dict(hf_sd, hf_config), hf_config
 
 
+def _load_timm_folder(path: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """The state dict (timm names) of a timm model folder; load_backbone_state_dict converts it."""
+    from fastdino.models.timm_convert import TIMM_DINOV3_ARCHS
+
+    if cfg["architecture"] not in TIMM_DINOV3_ARCHS:
+        raise ValueError(
+            f"--weights {str(path)!r}: a timm folder of {cfg['architecture']!r}; allowed are "
+            "timm's DINOv3 models: " + ", ".join(TIMM_DINOV3_ARCHS)
+        )
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return _load_file(path / name)
+    raise FileNotFoundError(
+        f"--weights {str(path)!r}: a timm config.json but neither model.safetensors nor "
+        "pytorch_model.bin"
+    )
+
+
 def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
-    """(state dict, description, Hugging Face config or None, the run's config.yaml or None) of
-    a training run / checkpoint folder (its EMA teacher, as {"teacher": ...} with the heads), an
-    exported backbone file, or a Hugging Face DINOv3ViTModel folder. Used by evaluation
-    (`--weights`) and by training (`model.pretrained_weights`)."""
+    """(state dict, description, the folder's model config or None, the run's config.yaml or
+    None) of a training run / checkpoint folder (its EMA teacher, as {"teacher": ...} with the
+    heads), an exported backbone file, or a Hugging Face (config: a transformers config) or timm
+    (config: its config.json as a dict) model folder. Used by evaluation (`--weights`) and by
+    training (`model.pretrained_weights`)."""
     path = Path(weights).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -194,6 +217,9 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
             "Hugging Face DINOv3ViTModel folder, or 'random'"
         )
     if path.is_dir() and (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        if "architecture" in cfg and "model_type" not in cfg:
+            return _load_timm_folder(path, cfg), f"timm {cfg['architecture']} {path}", cfg, None
         sd, hf_config = _load_hf_folder(path)
         return sd, f"Hugging Face DINOv3ViTModel {path}", hf_config, None
     if path.is_dir():
@@ -227,14 +253,14 @@ def load_eval_backbone(
     """(backbone in eval mode on `device`, WeightsInfo). See the module docstring."""
     model_cfg = resolve_model_config(arch, config)
     weights = str(weights)
-    hf_config = None
+    folder_config = None  # a Hugging Face config, or a timm config.json dict
     if weights == "random":
         if model_cfg is None:
             raise ValueError("--weights random needs --arch or --config to know what to build")
         torch.manual_seed(seed)
         sd, source = None, f"random init (seed {seed})"
     else:
-        sd, source, hf_config, run_cfg = read_weights(weights)
+        sd, source, folder_config, run_cfg = read_weights(weights)
         if model_cfg is None and run_cfg is not None:
             model_cfg = resolve_model_config(config=run_cfg)
             source += f", architecture from {run_cfg}"
@@ -243,14 +269,18 @@ def load_eval_backbone(
     build_on = None if sd is None else "meta"
     if model_cfg is not None:
         backbone = build_backbone(model_cfg, device=build_on)
-    elif hf_config is not None and hf_config.model_type != "dinov3_vit":
+    elif isinstance(folder_config, dict):
+        from fastdino.models.timm_convert import backbone_from_timm_config
+
+        backbone = backbone_from_timm_config(folder_config, device=build_on)
+    elif folder_config is not None and folder_config.model_type != "dinov3_vit":
         from fastdino.models.hf_dinov2 import backbone_from_hf_dinov2_config
 
-        backbone = backbone_from_hf_dinov2_config(hf_config, device=build_on)
-    elif hf_config is not None:
+        backbone = backbone_from_hf_dinov2_config(folder_config, device=build_on)
+    elif folder_config is not None:
         from fastdino.models.hf_convert import backbone_from_hf_config
 
-        backbone = backbone_from_hf_config(hf_config, device=build_on)
+        backbone = backbone_from_hf_config(folder_config, device=build_on)
     else:
         raise ValueError(
             f"--weights {weights!r}: the architecture is unknown; pass --arch "

@@ -41,6 +41,7 @@ class SwiGLUFFN(nn.Module):
                  align_to: int = 8, device=None) -> None:
         super().__init__()
         hidden = swiglu_hidden_dim(hidden_features, align_to)
+        self.align_to = align_to  # read by the timm export (its swiglu_align_to)
         self.w1 = nn.Linear(in_features, hidden, bias=bias, device=device)
         self.w2 = nn.Linear(in_features, hidden, bias=bias, device=device)
         self.w3 = nn.Linear(hidden, in_features, bias=bias, device=device)
@@ -55,6 +56,25 @@ class SwiGLUFFN(nn.Module):
 
             return self.w3(swiglu(x1, x2))
         return self.w3(F.silu(x1) * x2)
+
+
+def ffn_for_width(embed_dim: int, hidden: int, gated: bool,
+                  aligns: tuple[int, ...] = (8, 32, 64, 128)) -> tuple[str, float]:
+    """(ffn_layer, ffn_ratio) whose official width formula gives an FFN of `hidden` channels, for
+    converters that read a width (HF intermediate_size, timm mlp_ratio) instead of a ratio. The
+    plain ratio when float rounding allows (6.0, 4.0, 3.0), else one nudged by half a channel so
+    that int(D * r) lands on the intended integer; SwiGLU tries each alignment in `aligns`."""
+    target = -(-hidden * 3 // 2) if gated else hidden  # int(D * r) must give this
+    for ratio in (target / embed_dim, (target + 0.5) / embed_dim):
+        for align in (aligns if gated else (0,)):
+            width = (swiglu_hidden_dim(int(embed_dim * ratio), align) if gated
+                     else int(embed_dim * ratio))
+            if width == hidden:
+                return ("mlp" if not gated else "swiglu" if align == 8 else f"swiglu{align}",
+                        ratio)
+    kind = f"SwiGLU, align {aligns}" if gated else "MLP"
+    raise ValueError(f"an FFN width of {hidden} is not reachable by the official width formula "
+                     f"for embed_dim={embed_dim} ({kind})")
 
 
 def build_ffn(ffn_layer: str, dim: int, ffn_ratio: float, bias: bool = True,

@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from fastdino.layers.ffn_layers import swiglu_hidden_dim
+from fastdino.layers.ffn_layers import ffn_for_width
 from fastdino.models.vision_transformer import DinoVisionTransformer
 
 HF_LAYER_PREFIX = "model.layer."
@@ -172,23 +172,11 @@ def hf_config_from_backbone(backbone: DinoVisionTransformer, **overrides):
 
 def backbone_from_hf_config(hf_config, **kwargs) -> DinoVisionTransformer:
     """Our backbone with the architecture of a `DINOv3ViTConfig` (weights: `from_hf_state_dict`)."""
-    D, hidden = hf_config.hidden_size, hf_config.intermediate_size
-    # Find an ffn_ratio r (and SwiGLU alignment) that the official width formulas map back to
-    # `hidden`: the plain ratio when float rounding allows (6.0, 4.0, 3.0), else one nudged by
-    # half a channel so that int(D * r) lands on the intended integer.
-    gated = hf_config.use_gated_mlp
-    target = -(-hidden * 3 // 2) if gated else hidden  # int(D * r) must give this
-    choice = None
-    for ratio in (target / D, (target + 0.5) / D):
-        for align in ((8, 32, 64, 128) if gated else (0,)):
-            width = swiglu_hidden_dim(int(D * ratio), align) if gated else int(D * ratio)
-            if width == hidden and choice is None:
-                choice = (ratio, align)
-    if choice is None:
-        raise ValueError(f"backbone_from_hf_config: intermediate_size={hidden} is not reachable "
-                         f"by the official FFN width formula for hidden_size={D}")
-    ratio, align = choice
-    ffn_layer = "mlp" if not gated else ("swiglu" if align == 8 else f"swiglu{align}")
+    D = hf_config.hidden_size
+    try:
+        ffn_layer, ratio = ffn_for_width(D, hf_config.intermediate_size, hf_config.use_gated_mlp)
+    except ValueError as e:
+        raise ValueError(f"backbone_from_hf_config: intermediate_size: {e}") from None
     if hf_config.query_bias != hf_config.value_bias:
         raise ValueError("backbone_from_hf_config: fastdino's fused qkv needs query_bias == "
                          f"value_bias, got {hf_config.query_bias} / {hf_config.value_bias}")

@@ -6,6 +6,8 @@ Accepted layouts:
     any of the above with `module.` prefixes (DDP) -- stripped, as the official eval loaders do
     LoRA layers (`optim.lora_rank` runs) -- merged into plain weights (layers/lora.py)
     DINOv2 checkpoints (register_tokens, fused w12, chunked blocks) -- renamed (from_dinov2_names)
+    timm DINOv3 models (reg_token, gamma_1, q_bias / v_bias) -- renamed, and what timm does not
+        store (mask token, RoPE periods, zero biases) added for the target (models/timm_convert.py)
 Never a silent partial load: a missing or unexpected key, or a shape mismatch, raises and names it.
 """
 
@@ -18,6 +20,11 @@ import torch
 from torch import nn
 
 from fastdino.layers.lora import merge_lora_state_dict
+from fastdino.models.timm_convert import (
+    complete_from_timm,
+    from_timm_state_dict,
+    is_timm_state_dict,
+)
 
 _NON_BACKBONE_PREFIXES = ("dino_head.", "ibot_head.", "dino_loss.", "ibot_patch_loss.")
 
@@ -85,6 +92,8 @@ def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]
     """Load `sd` (any layout above) into `backbone` strictly; raise ValueError naming every
     missing key, unexpected key and shape mismatch."""
     sd = extract_backbone_state_dict(sd)
+    if is_timm_state_dict(sd):
+        sd = complete_from_timm(from_timm_state_dict(sd), backbone)
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

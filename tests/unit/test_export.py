@@ -65,3 +65,35 @@ def test_hugging_face_folder_matches_the_teacher(run, tmp_path):
     with pytest.raises(SystemExit):  # argparse: the two options do not combine
         main(["export", "--run", str(out), "--out", str(tmp_path / "x"), "--format", "hf",
               "--with-heads"])
+
+
+def test_timm_folder_matches_the_teacher(run, tmp_path):
+    """timm's own loader (`local-dir:`, its checkpoint filter, strict) builds the exported model;
+    the folder also loads back as --weights with the teacher's outputs."""
+    from timm_helpers import import_timm
+
+    from fastdino.eval.weights import load_eval_backbone
+
+    timm = import_timm()
+    out, teacher = run
+    folder = tmp_path / "timm"
+    assert main(["export", "--run", str(out), "--out", str(folder), "--format", "timm"]) == 0
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    back, info = load_eval_backbone(folder)
+    assert info.source.startswith("timm vit_")
+    bb = teacher.backbone.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        ref = bb.forward_features(x)
+        got = model.forward_features(x)
+        pooled = model(x)
+        again = back.forward_features(x)
+    n = 1 + bb.n_storage_tokens
+    torch.testing.assert_close(got[:, 0], ref["x_norm_clstoken"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, n:], ref["x_norm_patchtokens"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, ref["x_norm_clstoken"], rtol=1e-5, atol=1e-5)
+    for key in ("x_norm_clstoken", "x_norm_patchtokens"):
+        torch.testing.assert_close(again[key], ref[key], rtol=0, atol=0)
+    with pytest.raises(SystemExit):  # argparse: the two options do not combine
+        main(["export", "--run", str(out), "--out", str(tmp_path / "x"), "--format", "timm",
+              "--with-heads"])
