@@ -549,7 +549,9 @@ class DeepSpeedStudent(_StudentBase):
         for g, mine in zip(self.param_groups, groups, strict=True):
             g.update(mine)
         self._fix_adam_steps()
-        load_buffers(self.module, ckpt)
+        module_state = _module_state(ckpt)  # read once for both
+        load_buffers(self.module, ckpt, module_state)
+        check_frozen_params(self.module, ckpt, module_state)
 
     def _fix_adam_steps(self) -> None:
         """DeepSpeed 0.19.8's ZeRO-3 universal loader gives every sub-group's AdamW state the

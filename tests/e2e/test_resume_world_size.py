@@ -117,6 +117,20 @@ def test_frozen_blocks_resume_on_another_world_size(tmp_path):
             assert all(torch.equal(saved["frozen"][k], got[k]) for k in got), name
 
 
+@pytest.mark.slow
+def test_zero2_universal_resume_refuses_other_frozen_values(tmp_path):
+    """The same on DeepSpeed ZeRO-2 (2 ranks -> 1), and a reader built with another init seed:
+    its frozen layers are not the checkpoint's, so the resume stops and says why instead of
+    training a mix of two models."""
+    frozen = ["optim.frozen_blocks=1"]
+    ckpts, saved = _write(tmp_path, 2, 2, frozen)
+    loaded, after, run = _resume(tmp_path, "one_rank", 2, ckpts, 1, frozen)
+    _check(saved, loaded, after, run, 2, 1)
+    assert all(torch.equal(saved["frozen"][k], loaded["frozen"][k]) for k in saved["frozen"])
+    with pytest.raises(AssertionError, match=r"frozen parameter '[^']+' \(optim.frozen_blocks\)"):
+        _resume(tmp_path, "other_seed", 2, ckpts, 1, [*frozen, "train.seed=1"])
+
+
 # ------------------------------------------------------------------- the data position (no ranks)
 
 
