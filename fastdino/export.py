@@ -23,19 +23,13 @@ from pathlib import Path
 
 import torch
 
-from fastdino.checkpoint import STATE_FILE, resolve_resume
 from fastdino.models.state_dict_io import extract_backbone_state_dict, to_dinov2_names
 
 
 def teacher_backbone_state_dict(run_or_ckpt: str | Path) -> dict[str, torch.Tensor]:
     """Backbone keys of the teacher in a run dir (its latest checkpoint) or a checkpoint dir."""
-    p = Path(run_or_ckpt)
-    ckpt = resolve_resume(str(p / "checkpoints"), p) if (p / "checkpoints").is_dir() else \
-        resolve_resume(str(p), p)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint found under {p}")
-    st = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-    sd = extract_backbone_state_dict({"teacher": st["teacher"]})
+    teacher, _ = teacher_state(run_or_ckpt)
+    sd = extract_backbone_state_dict({"teacher": teacher})
     return {k: v.contiguous().clone() for k, v in sd.items()}
 
 
