@@ -569,6 +569,9 @@ class TrainConfig:
     max_consecutive_nan: int = 3  # stop after this many consecutive non-finite steps
     knn_every: int = 0  # kNN probe period in iterations (0 = off)
     knn_data: str | None = None  # labelled folder (class subfolders) for the kNN probe
+    # with knn_data: the query set, knn_data then the training set; both take labelled shards
+    # (<key>.cls beside <key>.jpg) and patterns as well as class folders (fastdino.data.labelled)
+    knn_val_data: str | None = None
 
     def validate(self, p: str = "train") -> None:
         for name in (
@@ -589,6 +592,8 @@ class TrainConfig:
             self.max_iterations,
         )
         _check(self.knn_every >= 0, f"{p}.knn_every", "an integer >= 0", self.knn_every)
+        _check(self.knn_val_data is None or self.knn_data is not None, f"{p}.knn_val_data",
+               f"null unless {p}.knn_data names the training set", self.knn_val_data)
 
     @property
     def total_iterations(self) -> int:

@@ -285,7 +285,8 @@ class Trainer:
             res = knn_probe(self.arch.teacher.backbone, cfg.train.knn_data,
                             cfg.crops.global_crops_size, ks=cfg.eval.knn_k,
                             temperature=cfg.eval.knn_temperature,
-                            batch_size=cfg.eval.batch_size, mean=cfg.crops.mean, std=cfg.crops.std)
+                            batch_size=cfg.eval.batch_size, mean=cfg.crops.mean, std=cfg.crops.std,
+                            val=cfg.train.knn_val_data)
         fdist.barrier()
         return res
 

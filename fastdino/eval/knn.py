@@ -4,10 +4,14 @@
     # {"knn_top1_k10": 0.83, "knn_top1_k20": 0.84}
 
 Folder layout: `<root>/train/<class>/*` and `<root>/val/<class>/*`; a folder with class subfolders
-only is split deterministically (every 4th image of each class is a query). Features are the
-L2-normalised `x_norm_clstoken` of the backbone in eval mode on the centre image resized to
-`image_size` and normalised. Vote: for each query, the k most similar training features vote for
-their class with weight exp(sim / T); the class with the largest sum wins (ties: lowest id).
+only is split deterministically (every 4th image of each class is a query). With `val` given,
+`root` and `val` are the training and query sources, anything `data.root` takes that carries labels
+(class folders, WebDataset shards with `.cls` members, patterns: fastdino.data.labelled).
+
+Features are the L2-normalised `x_norm_clstoken` of the backbone in eval mode on the centre image
+resized to `image_size` and normalised. Vote: for each query, the k most similar training features
+vote for their class with weight exp(sim / T); the class with the largest sum wins (ties: lowest
+id).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import LabelledImageFolder
+from fastdino.data.datasets import LabelledImageFolder, decode_location
+from fastdino.data.labelled import locate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,7 +49,8 @@ def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_
     try:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            x = torch.stack([_to_tensor(Image.open(p), image_size, mean, std) for p, _ in chunk])
+            x = torch.stack([_to_tensor(decode_location(locate(p)), image_size, mean, std)
+                             for p, _ in chunk])  # a file, or a `<shard>/<member>` name
             cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]  # [b, D]
             feats.append(F.normalize(cls.float(), dim=-1).cpu())
             labels.extend(label for _, label in chunk)
@@ -93,9 +99,15 @@ def split_samples(root: str | Path) -> tuple[list, list]:
 
 def knn_probe(backbone: nn.Module, root: str | Path, image_size: int,
               ks: tuple[int, ...] = (10, 20), temperature: float = 0.07, batch_size: int = 64,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, float]:
-    """{"knn_top1_k<k>": accuracy} on the labelled folder `root`."""
-    train, query = split_samples(root)
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, val: str | None = None) -> dict[str, float]:
+    """{"knn_top1_k<k>": accuracy} on the labelled folder `root`, or with `val`, of the query
+    source `val` against the training source `root` (module docstring)."""
+    if val is None:
+        train, query = split_samples(root)
+    else:
+        from fastdino.eval.knn_protocol import labelled_sources
+
+        train, query, _ = labelled_sources(str(root), val)
     train_f, train_y = extract_features(backbone, train, image_size, batch_size, mean, std)
     test_f, test_y = extract_features(backbone, query, image_size, batch_size, mean, std)
     acc = knn_classify(train_f, train_y, test_f, test_y, ks, temperature)

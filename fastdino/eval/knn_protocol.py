@@ -68,7 +68,8 @@ def labelled_sources(train_spec: str, val_spec: str) -> tuple[Samples, Samples, 
     val, val_labels = labelled_images(val_spec)
     unseen = sorted(set(val_labels) - set(train_labels))
     if unseen:
-        raise ValueError(f"--val-data has classes the training set lacks: {unseen[:10]}")
+        raise ValueError(f"the query set {val_spec!r} has classes the training set {train_spec!r} "
+                         f"lacks: {unseen[:10]}")
     ids = {c: i for i, c in enumerate(train_labels)}
     return ([(p, ids[c]) for p, c in train], [(p, ids[c]) for p, c in val], train_labels)
 

@@ -77,3 +77,23 @@ def test_a_member_without_label_is_named(tmp_path):
         _add(tar, "b.png", b"y")
     with pytest.raises(ValueError, match=r"s.tar/b.png: its shard has no b.cls member"):
         labelled_images(str(tmp_path / "s.tar"))
+
+
+def test_training_knn_probe_reads_shards(digits):
+    """train.knn_data + train.knn_val_data (the periodic probe of a training run) on the labelled
+    shards give the probe's result on the same images as class folders."""
+    import torch
+
+    from fastdino.config import ConfigError, load_config
+    from fastdino.eval.knn import knn_probe
+    from fastdino.models.backbones import vit_test
+
+    torch.manual_seed(0)
+    backbone = vit_test()
+    ks = (5, 10)
+    folder = knn_probe(backbone, digits / "folder", 32, ks=ks)
+    shards = knn_probe(backbone, str(digits / "shards" / "train-*.tar"), 32, ks=ks,
+                       val=str(digits / "shards" / "val-0.tar"))
+    assert shards == folder and set(folder) == {"knn_top1_k5", "knn_top1_k10"}
+    with pytest.raises(ConfigError, match="train.knn_val_data"):
+        load_config(None, ["train.knn_val_data=/some/val"])
