@@ -172,3 +172,31 @@ def test_released_layout_loads_as_weights(timm, tmp_path):
     (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224"}))
     with pytest.raises(ValueError, match="allowed are timm's DINOv3 models"):
         load_eval_backbone(folder)
+
+
+@pytest.mark.parametrize("name, registers", [("vit_small_patch14_dinov2", 0),
+                                             ("vit_small_patch14_reg4_dinov2", 4)])
+def test_dinov2_export_loads_in_timm(timm, name, registers):
+    """A DINOv2-architecture backbone exports the official DINOv2 names (no --format timm: timm's
+    own checkpoint filter for its vit_*_patch14_dinov2 models reads them), as the README says."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from fastdino.models.state_dict_io import to_dinov2_names
+
+    ours = DinoVisionTransformer(
+        embed_dim=64, depth=2, num_heads=4, patch_size=14, pos_embed="learned", pos_embed_grid=4,
+        n_storage_tokens=registers, mask_k_bias=False, norm_eps=1e-6, layerscale_init=0.7,
+        interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=bool(registers),
+    ).eval()
+    _perturb(ours)
+    model = timm.create_model(name, pretrained=False, img_size=56, embed_dim=64, depth=2,
+                              num_heads=4).eval()
+    model.load_state_dict(checkpoint_filter_fn(to_dinov2_names(ours.state_dict()), model),
+                          strict=True)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        out = ours.forward_features(x)
+    torch.testing.assert_close(out["x_norm_clstoken"], ref[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + registers:], rtol=1e-5,
+                               atol=1e-5)
