@@ -80,7 +80,8 @@ class ModelConfig:
     interpolate_antialias: bool = False  # learned: antialiased resize (True for reg models)
     # Continued pretraining: initialise the student (hence the EMA and Gram teachers) from these
     # weights: an exported backbone (.pth / .safetensors, official keys), a Hugging Face
-    # DINOv3ViTModel folder, or a fastdino run / checkpoint (its teacher, DINO and iBOT heads too).
+    # DINOv3ViTModel or timm DINOv3 folder (or file), or a fastdino run / checkpoint (its teacher,
+    # DINO and iBOT heads too).
     # Strict: a key or shape mismatch is an error. A resumed run's checkpoint takes precedence.
     pretrained_weights: str | None = None
     activation_checkpointing: bool = False  # recompute each block in backward

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard, or a glob / brace pattern of them (as data.root)")
     p.add_argument("--weights", required=True,
                    help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
-                        "DINOv3ViTModel folder, or 'random'")
+                        "DINOv3ViTModel or timm DINOv3 folder, or 'random'")
     p.add_argument("--arch", default=None, help="factory name, e.g. vit_small")
     p.add_argument("--config", default=None, help="preset name in configs/ or a yaml file")
     p.add_argument("--out", required=True, help="output folder E")

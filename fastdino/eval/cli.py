@@ -7,9 +7,10 @@
     fastdino eval pca    --weights runs/smoke IMAGE... --out pca/
 
 `--weights` is a training run / checkpoint folder, an exported .pth / .safetensors backbone, a
-Hugging Face DINOv3ViTModel folder, or `random` (fastdino.eval.weights). The architecture comes
-from `--arch` or `--config` (preset name or yaml), else from the run's config.yaml or the Hugging
-Face config.json. Results print as a table and, with `--json FILE`, are written as JSON.
+Hugging Face DINOv3ViTModel or timm DINOv3 folder, or `random` (fastdino.eval.weights). The
+architecture comes from `--arch` or `--config` (preset name or yaml), else from the run's
+config.yaml or the folder's config.json. Results print as a table and, with `--json FILE`, are
+written as JSON.
 Also runnable as `python -m fastdino.eval.cli ...`.
 """
 
@@ -30,7 +31,7 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--weights", required=True,
                    help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
-                        "DINOv3ViTModel folder, or 'random'")
+                        "DINOv3ViTModel or timm DINOv3 folder, or 'random'")
     g.add_argument("--arch", default=None, help="factory name, e.g. vit_small (overrides --config)")
     g.add_argument("--config", default=None, help="preset name in configs/ or a yaml file")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")

@@ -214,7 +214,7 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
         raise FileNotFoundError(
             f"weights {str(weights)!r}: the path does not exist; give a training run "
             "or checkpoint folder, a .pth/.safetensors backbone, a "
-            "Hugging Face DINOv3ViTModel folder, or 'random'"
+            "Hugging Face DINOv3ViTModel or timm DINOv3 folder, or 'random'"
         )
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
