@@ -573,6 +573,9 @@ class TrainConfig:
     # with knn_data: the query set, knn_data then the training set; both take labelled shards
     # (<key>.cls beside <key>.jpg) and patterns as well as class folders (fastdino.data.labelled)
     knn_val_data: str | None = None
+    # signals that stop the run after the current step with a checkpoint (fastdino/stop.py;
+    # SIGUSR1: Slurm's `--signal=USR1@120` warning); [] = the default actions (no checkpoint)
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def validate(self, p: str = "train") -> None:
         for name in (
@@ -595,6 +598,10 @@ class TrainConfig:
         _check(self.knn_every >= 0, f"{p}.knn_every", "an integer >= 0", self.knn_every)
         _check(self.knn_val_data is None or self.knn_data is not None, f"{p}.knn_val_data",
                f"null unless {p}.knn_data names the training set", self.knn_val_data)
+        from fastdino.stop import STOP_SIGNALS
+
+        _check(all(n in STOP_SIGNALS for n in self.stop_signals), f"{p}.stop_signals",
+               "a list of " + ", ".join(STOP_SIGNALS), list(self.stop_signals))
 
     @property
     def total_iterations(self) -> int:

@@ -9,6 +9,7 @@ a distributed launcher (`python fastdino/train.py`, e.g. the GPU benchmark machi
         out = engine(*inputs_i)                     # student forward on micro-batch i
         engine.backward(loss_i)                     # gradients of loss_i / gas, accumulated
     norms = engine.clip_grad_norms(max_norm, losses)  # {"backbone": ..., "dino_head": ..., ...}
+                                                    # (+ flags={"stop": ...}: OR over ranks)
     engine.step()                                   # optimizer step + zero_grad
     with engine.full_values(params) as vals: ...    # full fp32 student values (ZeRO-3 / bf16)
 
@@ -234,28 +235,38 @@ class _StudentBase:
     def _fragments_are_partitions(self) -> bool:
         return False
 
-    def clip_grad_norms(self, max_norm: float, finite_check: torch.Tensor | None = None
-                        ) -> dict[str, float]:
+    def clip_grad_norms(self, max_norm: float, finite_check: torch.Tensor | None = None,
+                        flags: dict[str, bool] | None = None) -> dict[str, float]:
         """Per-module pre-clip grad norms; scales each module's grads to at most `max_norm`
         (0 = report only). `finite_check` (e.g. the loss): if it is non-finite on any rank, every
-        norm returned is NaN and nothing is scaled (the caller discards the step). It rides on
-        the norms' reduction and their single host read: no separate sync for the loss."""
+        norm returned is NaN and nothing is scaled (the caller discards the step). `flags`: host
+        booleans OR-ed over the ranks, written back into the dict (the stop request of
+        fastdino/stop.py). Both ride on the norms' reduction and their single host read: no
+        separate collective or sync."""
         mods = self.module_params()
+        flags = {} if flags is None else flags
         frags = {n: [(p, f) for p in ps if (f := self._grad_fragments(p)) is not None]
                  for n, ps in mods.items()}
         device = next(self.module.parameters()).device
-        sq = torch.zeros(len(mods) + 1, dtype=torch.float64, device=device)  # [modules, flag]
+        # [modules, non-finite flag, host flags]
+        sq = torch.zeros(len(mods) + 1 + len(flags), dtype=torch.float64, device=device)
         for i, n in enumerate(mods):
             if frags[n]:  # fp32 norms of each fragment, then the sum of squares in fp64
                 fn = torch._foreach_norm([f.detach() for _, f in frags[n]], 2, dtype=torch.float32)
                 sq[i] = torch.stack(fn).double().pow(2).sum()
         if finite_check is not None:
-            sq[-1] = (~torch.isfinite(finite_check.detach())).any().double()
+            sq[len(mods)] = (~torch.isfinite(finite_check.detach())).any().double()
+        for j, v in enumerate(flags.values()):
+            if v:  # a scalar fill (no copy from the host, no sync); zero needs nothing
+                sq[len(mods) + 1 + j] = 1.0
         if self._fragments_are_partitions():
             fdist.all_reduce_sum(sq)  # disjoint fragments: sums of squares add; flags count
-        elif finite_check is not None and fdist.get_world_size() > 1:
+        elif (finite_check is not None or flags) and fdist.get_world_size() > 1:
             fdist.all_reduce_max(sq)  # replicated grads: equal sums; flag = any rank
-        *norms, bad = sq.sqrt().tolist()  # one host sync
+        values = sq.sqrt().tolist()  # one host sync
+        norms, bad = values[:len(mods)], values[len(mods)]
+        for key, v in zip(list(flags), values[len(mods) + 1:], strict=True):
+            flags[key] = v > 0
         if bad > 0:
             return dict.fromkeys(mods, float("nan"))
         if max_norm > 0:

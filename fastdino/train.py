@@ -6,7 +6,8 @@ The step (DESIGN.md "One training step"), in `Trainer.step`:
         teacher forward (no grad) -> student forward -> DINO + iBOT + KoLeo + Gram -> backward
     -> per-module clip -> engine.step -> EMA (+ softmax centers) -> Gram refresh
 `Trainer.train` adds around it: data, NaN/Inf guard, metrics and health warnings (health.py), kNN
-probe, checkpoints, and at the end the teacher backbone exported to
+probe, checkpoints, a graceful stop on SIGTERM / SIGUSR1 / Ctrl-C (stop.py: a checkpoint after the
+current step, exit code 128 + the signal's number), and at the end the teacher backbone exported to
 <output_dir>/teacher_backbone.{pth,safetensors}.
 """
 
@@ -39,6 +40,7 @@ from fastdino.metrics import MetricsLogger
 from fastdino.parallel import build_engine, init_distributed, shutdown_distributed
 from fastdino.param_groups import build_param_groups
 from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
+from fastdino.stop import StopOnSignal, exit_code
 from fastdino.timing import NullTimer
 
 logger = logging.getLogger("fastdino")
@@ -100,6 +102,11 @@ class Trainer:
             logger.info("resumed from %s at iteration %d", resume, self.start_iteration)
         self.micro_batch = self.start_micro_batch
         self.data_wait_s = 0.0  # host time blocked on the loader since the last log line
+        # stop.py: this rank's signal (while train() runs), and what the ranks agreed in the
+        # last step's reduction; stopped_by: the signal that ended train() early, if one did
+        self.stop: StopOnSignal | None = None
+        self.stop_agreed = False
+        self.stopped_by: str | None = None
 
     # ---------------------------------------------------------------------------------- the step
     def step(self, it: int, batches) -> dict | None:
@@ -156,7 +163,11 @@ class Trainer:
         if n != gas:
             raise ValueError(f"step {it}: {n} micro-batches given, deepspeed."
                              f"gradient_accumulation_steps={gas} expected")
-        norms = engine.clip_grad_norms(cfg.optim.clip_grad, finite_check=torch.stack(losses))
+        # a stop signal on any rank rides on the same reduction (stop.py)
+        flags = {"stop": self.stop is not None and self.stop.requested is not None}
+        norms = engine.clip_grad_norms(cfg.optim.clip_grad, finite_check=torch.stack(losses),
+                                       flags=flags)
+        self.stop_agreed = flags["stop"]
         ok = all(math.isfinite(x) for x in norms.values())
         if ok:
             with timer("optimizer"):
@@ -210,6 +221,22 @@ class Trainer:
             set_rng_state(self.resume_rng)
         history = []
         it = self.start_iteration
+        with StopOnSignal(cfg.train.stop_signals) as self.stop:
+            path = self._loop(it, loader, metrics, health, history)
+        self.stop = None
+        if self.stopped_by is not None:
+            return history  # not finished: no export (resume, then it comes at the end)
+        if self.start_iteration >= self.max_it:
+            logger.info("nothing to do: the checkpoint is at iteration %d, train.max_iterations / "
+                        "the schedule end is %d", self.start_iteration, self.max_it)
+        elif fdist.is_main_process():  # the teacher backbone, official keys (fastdino export)
+            for f in export_backbone(path, self.out / "teacher_backbone"):
+                logger.info("exported the teacher backbone to %s", f)
+        return history
+
+    def _loop(self, it: int, loader, metrics, health, history: list) -> Path | None:
+        """Steps from `it` to the end (or to an agreed stop); the last checkpoint written."""
+        cfg, path = self.cfg, None
         while it < self.max_it:
             values = self.step(it, self._micro_batches(loader))
             it += 1
@@ -227,7 +254,7 @@ class Trainer:
                         "optim.lr, a lower teacher temperature, or check the data.")
             else:
                 self.consecutive_nonfinite = 0
-            knn = self._knn(it)  # collective; {} unless due
+            knn = {} if self.stop_agreed else self._knn(it)  # collective; {} unless due
             if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
                 values["data_wait_s"] = self.data_wait_s  # averaged over ranks below
                 self.data_wait_s = 0.0
@@ -235,15 +262,17 @@ class Trainer:
                 if fdist.is_main_process():  # fastdino/health.py: collapse, stalls, spikes
                     for f in health.update(it, history[-1]):
                         (logger.info if f.cleared else logger.warning)("%s", f.message)
-            if it % cfg.train.checkpoint_every == 0 or it == self.max_it:
+            if it % cfg.train.checkpoint_every == 0 or it == self.max_it or self.stop_agreed:
                 path = self.save(it)
-        if self.start_iteration >= self.max_it:
-            logger.info("nothing to do: the checkpoint is at iteration %d, train.max_iterations / "
-                        "the schedule end is %d", self.start_iteration, self.max_it)
-        elif fdist.is_main_process():  # the teacher backbone, official keys (fastdino export)
-            for f in export_backbone(path, self.out / "teacher_backbone"):
-                logger.info("exported the teacher backbone to %s", f)
-        return history
+            if self.stop_agreed and it < self.max_it:
+                self.stopped_by = self.stop.requested or "SIGTERM"
+                who = (self.stop.requested if self.stop.requested
+                       else "a stop signal on another rank")
+                logger.warning("stopped by %s at iteration %d of %d: checkpoint %s; the same "
+                               "command continues from it (train.resume=auto)", who, it,
+                               self.max_it, path)
+                break
+        return path
 
     def _micro_batches(self, loader):
         """The next `gas` batches of `loader`, moved to the device one at a time (lazily: the
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.WARNING)
     try:
         trainer.train()
-        rc = 0
+        rc = 0 if trainer.stopped_by is None else exit_code(trainer.stopped_by)
     except NonFiniteLossError as e:  # every rank takes this decision together
         logger.error("%s", e)
         rc = 2

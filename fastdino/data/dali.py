@@ -62,6 +62,7 @@ pipeline yields exactly the batches the broken one would have (with the bad file
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,7 @@ from fastdino.data.masking import (
     masks_from_rows,
     max_num_patches_for,
 )
+from fastdino.stop import ignore_in_worker
 
 logger = logging.getLogger("fastdino.data")
 
@@ -172,6 +174,16 @@ class _Source:
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         return self.sample(self.start_iteration + info.iteration, info.idx_in_batch)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_creator_pid": os.getpid()}
+
+    def __setstate__(self, state: dict) -> None:
+        # unpickled in a parallel external source worker (spawned): the stop signals are the
+        # training process's (fastdino/stop.py), so the worker must not die of Ctrl-C / SIGTERM
+        self.__dict__.update(state)
+        if os.getpid() != state["_creator_pid"]:
+            ignore_in_worker()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from fastdino.data.datasets import ImageFolderUnlabeled
 from fastdino.data.gpu_photometric import geometric_crops
 from fastdino.data.masking import MaskingGenerator, max_num_patches_for
 from fastdino.data.transforms import DataAugmentationDINO
+from fastdino.stop import ignore_in_worker
 
 logger = logging.getLogger("fastdino.data")
 
@@ -141,6 +142,7 @@ def _worker_init(worker_id: int) -> None:
     torch.manual_seed(info.seed % 2**63)
     np.random.seed(info.seed % 2**32)
     torch.set_num_threads(1)
+    ignore_in_worker()  # stop signals are the main process's (fastdino/stop.py)
 
 
 class TrainLoader:

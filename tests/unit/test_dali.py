@@ -582,3 +582,29 @@ def test_gpu_graph_is_well_formed_without_a_gpu(image_dir, extra, photometric, e
     cpu_ops = _graph_ops(cpu_pipe)
     assert {d for _, d, _ in cpu_ops} == {"cpu"}
     assert [name for name, _, _ in cpu_ops] == [name for name, _, _ in ops]
+
+
+@needs_dali
+def test_source_workers_ignore_stop_signals(image_dir):
+    """DALI's parallel external source workers (spawned processes) get a launcher's SIGTERM and a
+    terminal's Ctrl-C too: they leave them to the training process (fastdino/stop.py), which
+    stops after its step with a checkpoint; a dead worker would stall the pipeline instead."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children()}
+    loader = _dali(_cfg(image_dir, batch=2), photometric="triton", source_workers=2)
+    next(loader)
+    workers = [p for p in psutil.Process().children()
+               if p.pid not in before and "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    for w in workers:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(w.pid, sig)
+    time.sleep(0.5)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    for _ in range(3):
+        next(loader)
