@@ -576,6 +576,11 @@ class TrainConfig:
     # signals that stop the run after the current step with a checkpoint (fastdino/stop.py;
     # SIGUSR1: Slurm's `--signal=USR1@120` warning); [] = the default actions (no checkpoint)
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    # PCA maps of the teacher's patch features (and token-norm maps) written with every
+    # checkpoint to <output_dir>/pca/iter_N/ (fastdino eval pca's images, one PCA shared by all):
+    # image files and folders of them, or "sample" (the embedded sample photos); null = off
+    pca_images: tuple[str, ...] | None = None
+    pca_resolution: int = 448  # image height in pixels (a multiple of the patch size is used)
 
     def validate(self, p: str = "train") -> None:
         for name in (
@@ -585,6 +590,7 @@ class TrainConfig:
             "checkpoint_every",
             "keep_checkpoints",
             "max_consecutive_nan",
+            "pca_resolution",
         ):
             _check(
                 getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name)

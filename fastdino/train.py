@@ -58,6 +58,7 @@ class Trainer:
         if fdist.is_main_process():  # the resolved config first, before anything derived
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+        self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.arch = SSLMetaArch(cfg, self.info.device)
         groups = build_param_groups(self.arch.student, self.arch.student.backbone.n_blocks,
                                     cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
@@ -264,6 +265,8 @@ class Trainer:
                         (logger.info if f.cleared else logger.warning)("%s", f.message)
             if it % cfg.train.checkpoint_every == 0 or it == self.max_it or self.stop_agreed:
                 path = self.save(it)
+                if not self.stop_agreed:  # a stop must fit the launcher's grace period
+                    self._pca(it)
             if self.stop_agreed and it < self.max_it:
                 self.stopped_by = self.stop.requested or "SIGTERM"
                 who = (self.stop.requested if self.stop.requested
@@ -293,6 +296,25 @@ class Trainer:
         return save_checkpoint(self.ckpt_dir, it, self.engine, state,
                                self.cfg.train.keep_checkpoints)
 
+    def _pca(self, it: int) -> None:
+        """train.pca_images: the teacher's PCA and token-norm maps of iteration `it` (rank 0). A
+        failure is logged, never fatal: it is a picture, not the run."""
+        if not self.pca_inputs or not fdist.is_main_process():
+            return
+        from fastdino.eval.pca import write_pca_images
+
+        backbone = self.arch.teacher.backbone
+        was_training = backbone.training
+        out = self.out / "pca" / f"iter_{it:07d}"
+        try:
+            write_pca_images(backbone, self.pca_inputs, out, shared=True, norms=True,
+                             resolution=self.cfg.train.pca_resolution)
+            logger.info("PCA maps of the teacher written to %s", out)
+        except Exception as e:  # noqa: BLE001 - e.g. an image removed since the start
+            logger.warning("PCA maps at iteration %d failed: %s: %s", it, type(e).__name__, e)
+        finally:
+            backbone.train(was_training)
+
     def _average(self, values: dict) -> dict:
         keys = sorted(values)
         vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
@@ -318,6 +340,21 @@ class Trainer:
                             val=cfg.train.knn_val_data)
         fdist.barrier()
         return res
+
+
+def _pca_inputs(spec: tuple[str, ...] | None) -> list[Path]:
+    """The image files train.pca_images names ("sample": the embedded photos), or []."""
+    if not spec:
+        return []
+    from fastdino.data.sample_data import sample_images_dir
+    from fastdino.eval.pca import expand_inputs
+
+    items = [sample_images_dir() if s == "sample" else s for s in spec]
+    try:
+        return expand_inputs(items)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'train.pca_images' = {list(spec)!r} is invalid: {e}; "
+                          "allowed are image files, folders of them, or 'sample'") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -112,3 +112,29 @@ def test_step_host_syncs(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, wrapped)
     trainer.step(1, batch)
     assert counts["n"] == 1
+
+
+def test_pca_maps_are_written_with_every_checkpoint(tmp_path):
+    """train.pca_images: the teacher's shared PCA and token-norm maps beside each checkpoint; the
+    teacher's mode is left as it was; a missing input is a config error before any work."""
+    from fastdino.config import ConfigError
+    from fastdino.data.sample_data import sample_images_dir
+
+    photos = sorted(sample_images_dir().iterdir())[:2]
+    trainer, _ = make_trainer(tmp_path, f"train.pca_images=[{photos[0]},{photos[1]}]",
+                              "train.pca_resolution=64", "train.checkpoint_every=1",
+                              "train.max_iterations=2")
+    teacher = trainer.arch.teacher.backbone
+    mode = teacher.training
+    trainer.train()
+    assert teacher.training == mode
+    for it in (1, 2):
+        out = tmp_path / "run" / "pca" / f"iter_{it:07d}"
+        assert {p.name for p in out.iterdir()} >= {"grid.png", "norms.json",
+                                                   f"{photos[0].stem}_pca.png",
+                                                   f"{photos[1].stem}_norms.png"}
+    with pytest.raises(ConfigError, match=r"train.pca_images.*neither an image file"):
+        make_trainer(tmp_path / "bad", "train.pca_images=[/no/such/image.jpg]")
+    from fastdino.train import _pca_inputs
+
+    assert _pca_inputs(("sample",)) == sorted(sample_images_dir().iterdir())
