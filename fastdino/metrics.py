@@ -9,8 +9,9 @@ waiting for batches (`data_wait_s`, the seconds the caller measured over that wi
 ranks): above a few percent the loader, not the GPU, sets the speed (USERS.md §4, §9).
 and appends the same values, plus every other term, as one JSON object per line to
 `<output_dir>/metrics.jsonl` (`iteration`, `time`, official names: lr, wd, mom, last_layer_lr,
-total_loss, dino_local_crops_loss, ..., backbone_grad_norm, ...). Values are averaged over ranks
-by the caller before they reach here.
+total_loss, dino_local_crops_loss, ..., backbone_grad_norm, ...; `<module>_grad_norm` is the norm
+before the per-module clip, `<module>_grad_norm_clipped` what the optimizer stepped with). Values
+are averaged over ranks by the caller before they reach here.
 """
 
 from __future__ import annotations

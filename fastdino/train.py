@@ -37,7 +37,7 @@ from fastdino.export import export_backbone
 from fastdino.health import HealthMonitor
 from fastdino.meta_arch import SSLMetaArch
 from fastdino.metrics import MetricsLogger
-from fastdino.parallel import build_engine, init_distributed, shutdown_distributed
+from fastdino.parallel import CLIP_EPS, build_engine, init_distributed, shutdown_distributed
 from fastdino.param_groups import build_param_groups
 from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
 from fastdino.stop import StopOnSignal, exit_code
@@ -186,10 +186,13 @@ class Trainer:
         if not ok:
             return None
         terms = {k: x / gas if torch.is_tensor(x) else x for k, x in sums.items()}
+        clip = cfg.optim.clip_grad  # the norms are pre-clip; what the optimizer used is logged too
         return {"lr": v.lr, "wd": v.wd, "mom": v.momentum, "last_layer_lr": v.last_layer_lr,
                 "backbone_lr": v.backbone_lr,
                 "teacher_temp": v.teacher_temp, **terms,
-                **{f"{name}_grad_norm": x for name, x in norms.items()}}
+                **{f"{name}_grad_norm": x for name, x in norms.items()},
+                **{f"{name}_grad_norm_clipped": x * min(1.0, clip / (x + CLIP_EPS)) if clip > 0
+                   else x for name, x in norms.items()}}
 
     def _log_gram_state(self, it: int, v) -> None:
         """Say once, and again when it changes, why gram_loss is logged as 0."""

@@ -138,3 +138,28 @@ def test_pca_maps_are_written_with_every_checkpoint(tmp_path):
     from fastdino.train import _pca_inputs
 
     assert _pca_inputs(("sample",)) == sorted(sample_images_dir().iterdir())
+
+
+def test_post_clip_norms_are_what_the_optimizer_used(tmp_path, monkeypatch):
+    """<module>_grad_norm is the norm before the per-module clip (DeepSpeed users' complaint: a
+    pre-clip value is all they see); <module>_grad_norm_clipped the norm of the gradients the
+    optimizer stepped with, measured here just before the step."""
+    trainer, batch = make_trainer(tmp_path, "optim.clip_grad=0.05")
+    engine, measured = trainer.engine, {}
+    real_step = engine.step
+
+    def step():
+        for name, ps in engine.module_params().items():
+            measured[name] = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ps
+                                            if p.grad is not None)).item()
+        real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    v = trainer.step(0, batch)
+    clipped = [n for n in measured if v[f"{n}_grad_norm"] > 0.05]
+    assert clipped  # the clip acted on some module: the two values differ there
+    for name, norm in measured.items():
+        assert v[f"{name}_grad_norm_clipped"] == pytest.approx(norm, rel=1e-5)
+        assert v[f"{name}_grad_norm_clipped"] <= v[f"{name}_grad_norm"] + 1e-12
+    for name in clipped:
+        assert v[f"{name}_grad_norm_clipped"] == pytest.approx(0.05, rel=1e-4)
