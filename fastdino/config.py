@@ -6,6 +6,14 @@ Every section is a dataclass; every field carries a comment. Loading is strict: 
 value of the wrong type, or a value outside what is allowed raises `ConfigError` naming the dotted
 key and what is allowed. Defaults are the official DINOv3 ImageNet ViT-L recipe (SPEC.md §3.6,
 `vitl_im1k_lin834` column) with the ViT-S/16 backbone; presets in configs/ hold only differences.
+
+A yaml may start from another with a top-level `base:` key: a preset name (`base: vitl16` =
+configs/vitl16.yaml) or a yaml path relative to the file. The base is applied first, then the
+file's own keys, then the overrides (chains allowed, loops are an error):
+
+    # my_run.yaml
+    base: vitl16
+    data: {root: /data/my_images}
 """
 
 from __future__ import annotations
@@ -576,6 +584,10 @@ class TrainConfig:
     # signals that stop the run after the current step with a checkpoint (fastdino/stop.py;
     # SIGUSR1: Slurm's `--signal=USR1@120` warning); [] = the default actions (no checkpoint)
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    # every N iterations also <output_dir>/eval/training_N/teacher_checkpoint.pth (the official
+    # eval snapshot: {"teacher": EMA teacher}, never rotated away): what gram.ckpt, --weights and
+    # model.pretrained_weights take, e.g. an early teacher for the Gram stage; 0 = off
+    teacher_snapshot_every: int = 0
     # PCA maps of the teacher's patch features (and token-norm maps) written with every
     # checkpoint to <output_dir>/pca/iter_N/ (fastdino eval pca's images, one PCA shared by all):
     # image files and folders of them, or "sample" (the embedded sample photos); null = off
@@ -602,6 +614,8 @@ class TrainConfig:
             self.max_iterations,
         )
         _check(self.knn_every >= 0, f"{p}.knn_every", "an integer >= 0", self.knn_every)
+        _check(self.teacher_snapshot_every >= 0, f"{p}.teacher_snapshot_every",
+               "an integer >= 0 (0 = off)", self.teacher_snapshot_every)
         _check(self.knn_val_data is None or self.knn_data is not None, f"{p}.knn_val_data",
                f"null unless {p}.knn_data names the training set", self.knn_val_data)
         from fastdino.stop import STOP_SIGNALS
@@ -777,6 +791,39 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _resolve_base(base: Any, path: Path) -> Path:
+    """`base:` of the yaml at `path`: a yaml path relative to it, or a preset name in configs/."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: 'base' = {base!r} is invalid: allowed is a preset name "
+                          "(configs/<name>.yaml) or a yaml path relative to this file")
+    relative = path.parent / base
+    preset = PRESET_DIR / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
+    for cand in (relative, preset):
+        if cand.is_file():
+            return cand
+    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"{path}: 'base' = {base!r} is neither {relative} nor a preset "
+                      f"(configs/: {names})")
+
+
+def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> None:
+    """Apply the yaml at `path` onto `cfg`, its `base:` first."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError("config 'base' chain loops: " + " -> ".join(
+            str(p) for p in (*chain, path)))
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of sections, got {data!r}")
+    if "base" in data:
+        data = dict(data)
+        _apply_file(cfg, _resolve_base(data.pop("base"), path), (*chain, path))
+    _merge(cfg, data, "")
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
@@ -786,8 +833,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        _merge(cfg, data, "")
+        _apply_file(cfg, path, ())
     for item in overrides:
         keys, value = _parse_override(item)
         nested: Any = value

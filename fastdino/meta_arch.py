@@ -281,6 +281,33 @@ class SSLMetaArch:
         self.ibot_patch_loss.discard_center_update()
 
     @torch.no_grad()
+    def _start_gram_stage(self, start: int) -> None:
+        """A checkpoint written without the Gram loss (DINOv3 stage 1) resumed with it (stage 2,
+        SPEC.md §3.7): the Gram teacher is gram.ckpt's (loaded at build), or the resumed EMA
+        teacher when gram.it_load_ema_teacher is at or before the resume iteration (the load
+        "after iteration it_load - 1" already lies in stage 1), or comes later as usual."""
+        g = self.cfg.gram
+        self.gram_updates = 0
+        if g.ckpt is not None:
+            self.gram_ready = True
+            logger.info("Gram stage from iteration %d: the Gram teacher is gram.ckpt %s", start,
+                        g.ckpt)
+            return
+        if g.it_load_ema_teacher < 0 or g.it_load_ema_teacher > start:
+            self.gram_ready = False  # loaded after iteration it_load_ema_teacher - 1
+            return
+        copy_params(self.gram_teacher, self.teacher.backbone)
+        self.gram_ready = True
+        if 0 < g.it_load_ema_teacher < start:
+            logger.warning("gram.it_load_ema_teacher=%d lies before the resume iteration %d and "
+                           "the checkpoint holds no Gram teacher: the Gram teacher is the EMA "
+                           "teacher of iteration %d (for an earlier one, gram.ckpt = that "
+                           "checkpoint's trainer_state.pt)", g.it_load_ema_teacher, start, start)
+        else:
+            logger.info("Gram stage from iteration %d: the Gram teacher is the resumed EMA "
+                        "teacher", start)
+
+    @torch.no_grad()
     def update_gram_teacher(self, it: int) -> bool:
         """Gram teacher load / refresh from the EMA teacher after step `it` (SPEC.md §1.6)."""
         g = self.cfg.gram
@@ -352,8 +379,12 @@ class SSLMetaArch:
     def load_from_checkpoint(self, st: dict) -> None:
         self.teacher.load_state_dict(st["teacher"])
         self.gram_updates, self.gram_ready = st["gram_updates"], st["gram_ready"]
-        if self.gram_teacher is not None:
+        if self.gram_teacher is None:  # Gram off, or gram.ema_teacher: nothing to restore
+            self.gram_ready = self.cfg.gram.use
+        elif "gram_teacher" in st:
             self.gram_teacher.load_state_dict(st["gram_teacher"])
+        else:  # written without the Gram loss: the Gram stage starts here
+            self._start_gram_stage(st["iteration"])
         for name in ("dino_loss", "ibot_patch_loss"):
             loss = getattr(self, name)
             loss.load_state_dict(st[name])

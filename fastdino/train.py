@@ -24,6 +24,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import logging
 import math
+import os
 import time
 
 import torch
@@ -266,6 +267,9 @@ class Trainer:
                 if fdist.is_main_process():  # fastdino/health.py: collapse, stalls, spikes
                     for f in health.update(it, history[-1]):
                         (logger.info if f.cleared else logger.warning)("%s", f.message)
+            every = cfg.train.teacher_snapshot_every
+            if every and it % every == 0 and fdist.is_main_process():
+                self._teacher_snapshot(it)
             if it % cfg.train.checkpoint_every == 0 or it == self.max_it or self.stop_agreed:
                 path = self.save(it)
                 if not self.stop_agreed:  # a stop must fit the launcher's grace period
@@ -298,6 +302,18 @@ class Trainer:
                  "consecutive_nonfinite": self.consecutive_nonfinite}
         return save_checkpoint(self.ckpt_dir, it, self.engine, state,
                                self.cfg.train.keep_checkpoints)
+
+    def _teacher_snapshot(self, it: int) -> Path:
+        """<output_dir>/eval/training_<it>/teacher_checkpoint.pth, the official eval snapshot
+        layout ({"teacher": EMA teacher with backbone. / dino_head. / ibot_head. keys}), written
+        atomically (rank 0: the teacher is replicated)."""
+        out = self.out / "eval" / f"training_{it}"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "teacher_checkpoint.pth.tmp"
+        torch.save({"teacher": self.arch.teacher.state_dict()}, tmp)
+        os.replace(tmp, out / "teacher_checkpoint.pth")
+        logger.info("teacher snapshot %s written", out / "teacher_checkpoint.pth")
+        return out / "teacher_checkpoint.pth"
 
     def _pca(self, it: int) -> None:
         """train.pca_images: the teacher's PCA and token-norm maps of iteration `it` (rank 0). A

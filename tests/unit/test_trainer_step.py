@@ -4,6 +4,7 @@ objective rebuilt from the logged terms, the logged KoLeo value, Gram-teacher wo
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -163,3 +164,39 @@ def test_post_clip_norms_are_what_the_optimizer_used(tmp_path, monkeypatch):
         assert v[f"{name}_grad_norm_clipped"] <= v[f"{name}_grad_norm"] + 1e-12
     for name in clipped:
         assert v[f"{name}_grad_norm_clipped"] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_teacher_snapshots_feed_the_gram_stage(tmp_path, caplog):
+    """train.teacher_snapshot_every writes the official eval snapshots; a later Gram stage takes
+    one as gram.ckpt. The stage transition itself: a checkpoint written without the Gram loss,
+    resumed with it (SPEC.md §3.7), starts the Gram teacher from gram.ckpt, or from the resumed
+    EMA teacher when gram.it_load_ema_teacher is the resume iteration (it crashed on the missing
+    Gram state before, and the load 'after iteration it_load - 1' never came)."""
+    from fastdino.train import Trainer
+
+    run = tmp_path / "run"
+    stage1 = [*SMALL, f"train.output_dir={run}", "train.checkpoint_every=2",
+              "train.teacher_snapshot_every=1"]
+    Trainer(load_config(SMOKE, [*stage1, "train.max_iterations=2"])).train()
+    snap = run / "eval" / "training_1" / "teacher_checkpoint.pth"
+    assert snap.is_file() and (run / "eval" / "training_2" / "teacher_checkpoint.pth").is_file()
+    st1 = torch.load(snap, weights_only=True)["teacher"]
+    gram = ["gram.use=true", "gram.start_iteration=2", "crops.gram_teacher_crops_size=64",
+            "train.max_iterations=3"]
+    with caplog.at_level("INFO", logger="fastdino"):
+        t = Trainer(load_config(SMOKE, [*stage1, *gram, f"gram.ckpt={snap}"]))
+    assert t.start_iteration == 2 and t.arch.gram_ready and "gram.ckpt" in caplog.text
+    for k, v in t.arch.gram_teacher.state_dict().items():
+        assert torch.equal(v, st1[f"backbone.{k}"]), k
+    history = t.train()
+    assert history[-1]["gram_loss"] > 0
+    # the same resume with the EMA teacher of the resume point
+    shutil.rmtree(run / "checkpoints" / "iter_0000003")
+    (run / "checkpoints" / "latest").write_text("iter_0000002\n")
+    t = Trainer(load_config(SMOKE, [*stage1, *gram, "gram.it_load_ema_teacher=2"]))
+    assert t.arch.gram_ready
+    teacher = t.arch.teacher.backbone.state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in t.arch.gram_teacher.state_dict().items())
+    # a load iteration after the resume point waits as usual
+    t = Trainer(load_config(SMOKE, [*stage1, *gram, "gram.it_load_ema_teacher=3"]))
+    assert not t.arch.gram_ready
