@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 def test_presets_exist():
     names = {p.stem for p in CONFIGS}
     assert {"smoke", "vits16", "vitb16", "vitl16", "vit7b16_pretrain", "vit7b16_gram",
-            "vit7b16_highres", "vitl16_distill"} <= names
+            "vit7b16_highres", "vitl16_distill", "vitl16_gram", "vitl16_highres"} <= names
 
 
 def _needed(path: Path) -> list[str]:
@@ -41,7 +41,10 @@ def test_presets_hold_only_differences(path):
             elif ref[k] == (list(v) if isinstance(v, tuple) else v):
                 yield f"{prefix}{k}"
 
-    redundant = list(walk(yaml.safe_load(path.read_text()), default, ""))
+    data = yaml.safe_load(path.read_text())
+    if "base" in data:  # against what the base gives: a key repeating it is the noise
+        default = load_config(path.parent / f"{data.pop('base')}.yaml").to_dict()
+    redundant = list(walk(data, default, ""))
     allowed = {"model.arch", "optim.weight_decay", "schedules.teacher_temp"}
     assert not [k for k in redundant if k not in allowed], redundant
 
@@ -147,3 +150,43 @@ def test_save_then_load_round_trips(tmp_path):
 def test_gram_needs_a_teacher_source():
     with pytest.raises(ConfigError, match="gram.it_load_ema_teacher"):
         load_config(None, ["gram.use=true"])
+
+
+def test_base_applies_a_preset_or_a_file_first(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: vitl16\ndata: {root: /imgs}\noptim: {lr: 2.0e-3}\n")
+    cfg = load_config(tmp_path / "mine.yaml", ["optim.min_lr=1e-7"])
+    ref = load_config(Path(__file__).parents[2] / "configs" / "vitl16.yaml")
+    assert cfg.model.arch == "vit_large" and cfg.train.epochs == ref.train.epochs  # from base
+    assert (cfg.data.root, cfg.optim.lr, cfg.optim.min_lr) == ("/imgs", 2e-3, 1e-7)
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\ntrain: {epochs: 7}\n")  # a chain
+    child = load_config(tmp_path / "child.yaml")
+    assert (child.train.epochs, child.data.root, child.model.arch) == (7, "/imgs", "vit_large")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="chain loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: vitl17\n")
+    with pytest.raises(ConfigError, match=r"'vitl17' is neither .*c.yaml|'vitl17' is neither"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: vitl16\nmodel: {archh: x}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.archh'"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_vitl16_stages_chain():
+    """The ViT-L three-stage recipe: stage 2 continues stage 1's run from its last iteration with
+    the Gram teacher loaded there and constant schedules; stage 3 is a fixed-Gram-teacher run at
+    1.5x its 512 px crops."""
+    d = Path(__file__).parents[2] / "configs"
+    s1, s2, s3 = (load_config(d / f"vitl16{x}.yaml") for x in ("", "_gram", "_highres"))
+    assert s2.model == s1.model and s2.dino.head == s1.dino.head  # the same run, resumed
+    end1 = s1.train.total_iterations
+    assert s2.gram.use and s2.gram.start_iteration == s2.gram.it_load_ema_teacher == end1
+    assert s2.train.total_iterations > end1 and s2.gram.it_first_update > end1
+    for c in (s2, s3):
+        assert c.optim.lr == c.optim.min_lr and c.optim.weight_decay == c.optim.weight_decay_end
+        assert c.schedules.momentum_teacher == c.schedules.final_momentum_teacher == 0.999
+        assert c.schedules.warmup_teacher_temp == c.schedules.teacher_temp
+        assert c.dino.local_loss_weight == 0.5
+    assert s3.gram.it_load_ema_teacher == 0 and not s3.gram.rep_update
+    assert s3.crops.gram_teacher_crops_size == 1.5 * s3.crops.global_crops_size == 768
