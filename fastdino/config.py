@@ -844,6 +844,19 @@ def load_config(
     return cfg
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs between two config dicts (as
+    `Config.to_dict` / a saved config.yaml give them); keys only one side has count as changed."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b, key = old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every key) as yaml."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

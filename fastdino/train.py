@@ -31,7 +31,7 @@ import torch
 
 from fastdino import dist as fdist
 from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
-from fastdino.config import Config, ConfigError, load_config, save_config
+from fastdino.config import Config, ConfigError, config_changes, load_config, save_config
 from fastdino.data import build_train_loader
 from fastdino.data.collate import Batch
 from fastdino.export import export_backbone
@@ -58,6 +58,7 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         if fdist.is_main_process():  # the resolved config first, before anything derived
             self.out.mkdir(parents=True, exist_ok=True)
+            _keep_previous_config(cfg, self.out / "config.yaml")
             save_config(cfg, self.out / "config.yaml")
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.arch = SSLMetaArch(cfg, self.info.device)
@@ -359,6 +360,32 @@ class Trainer:
                             val=cfg.train.knn_val_data)
         fdist.barrier()
         return res
+
+
+def _keep_previous_config(cfg: Config, path: Path) -> None:
+    """A run continued with another config (the next DINOv3 stage, a changed lr): the previous
+    config.yaml is kept as config.<date-time>.yaml and the changed keys are logged."""
+    if not path.is_file():
+        return
+    import yaml
+
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        old = {}
+    changes = config_changes(old, cfg.to_dict())
+    if not changes:
+        return
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    kept = path.with_name(f"config.{stamp}.yaml")
+    while kept.exists():  # two starts within a second
+        n += 1
+        kept = path.with_name(f"config.{stamp}-{n}.yaml")
+    os.replace(path, kept)
+    shown = "; ".join(changes[:20]) + (f"; ... {len(changes) - 20} more" if len(changes) > 20
+                                       else "")
+    logger.info("config changed since the last start of this output_dir (previous one kept as "
+                "%s): %s", kept.name, shown)
 
 
 def _pca_inputs(spec: tuple[str, ...] | None) -> list[Path]:

@@ -200,3 +200,19 @@ def test_teacher_snapshots_feed_the_gram_stage(tmp_path, caplog):
     # a load iteration after the resume point waits as usual
     t = Trainer(load_config(SMOKE, [*stage1, *gram, "gram.it_load_ema_teacher=3"]))
     assert not t.arch.gram_ready
+
+
+def test_a_changed_config_keeps_the_previous_one(tmp_path, caplog):
+    from fastdino.train import Trainer
+
+    over = [*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.resume=none"]
+    Trainer(load_config(SMOKE, over))
+    Trainer(load_config(SMOKE, over))  # the same config: nothing kept, nothing logged
+    assert [p.name for p in (tmp_path / "run").glob("config*.yaml")] == ["config.yaml"]
+    with caplog.at_level("INFO", logger="fastdino"):
+        Trainer(load_config(SMOKE, [*over, "optim.lr=0.5", "gram.use=true",
+                                   "gram.it_load_ema_teacher=1"]))
+    kept = [p for p in (tmp_path / "run").glob("config.*.yaml")]
+    assert len(kept) == 1 and load_config(kept[0]).optim.lr != 0.5
+    assert load_config(tmp_path / "run" / "config.yaml").optim.lr == 0.5
+    assert "gram.use: False -> True" in caplog.text and "optim.lr:" in caplog.text
