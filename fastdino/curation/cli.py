@@ -60,7 +60,7 @@ def _embed(a: argparse.Namespace) -> int:
                                         seed=a.seed)
     path = embed_folder(a.data, backbone, a.out, key={"weights": info.digest, "arch": info.arch},
                         image_size=a.image_size, batch_size=a.batch_size,
-                        num_workers=a.num_workers, progress=not a.quiet)
+                        num_workers=a.num_workers, progress=not a.quiet, patches=a.patches)
     print(f"wrote {path} ({info.source})")
     return 0
 
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="init seed for --weights random")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--patches", action="store_true",
+                   help="also E/patches.npy: [N, h, w, D] fp16 patch tokens (after the final "
+                        "norm) for your own dense heads or retrieval")
 
     p = sub.add_parser("cluster", help="hierarchical k-means with resampling steps",
                        formatter_class=fmt)

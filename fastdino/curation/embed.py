@@ -9,6 +9,9 @@ them; a member of a shard is named `<shard>/<member>`, which file lists (data.fi
     E/embeddings.npy   [N, D] fp16, np.lib.format.open_memmap (np.load(..., mmap_mode="r"))
     E/progress.json    {"done": rows on disk, "key": what was embedded how, "complete": bool}
     E/skipped.txt      images that could not be decoded (their rows are NaN: no cluster)
+    E/patches.npy      with patches=True: [N, h, w, D] fp16 x_norm_patchtokens (after the final
+                       norm, not L2-normalised; h = w = image_size / patch), the patch features
+                       for your own dense heads or retrieval, rows as embeddings.npy
 
 Transform: the evaluation one (fastdino.eval.features: resize to 256/224 of the crop, centre crop,
 ImageNet normalisation); bf16 autocast on CUDA. Resumable: rows are flushed to the memory map
@@ -38,6 +41,7 @@ from fastdino.eval.features import autocast_for, resize_center_crop, to_normaliz
 logger = logging.getLogger("fastdino.curation")
 
 FILES, EMBEDDINGS, PROGRESS, SKIPPED = "files.txt", "embeddings.npy", "progress.json", "skipped.txt"
+PATCHES = "patches.npy"
 # what decode_rgb raises on a corrupt or truncated file (as fastdino.data.datasets skips them)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -73,9 +77,10 @@ def read_files(out: str | Path) -> list[str]:
 @torch.no_grad()
 def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: dict,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, patches: bool = False) -> Path:
     """Embed every image under `data` into `out` (module docstring); returns the matrix path.
-    `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one."""
+    `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one.
+    `patches`: also the patch-token matrix (patches.npy), written and resumed in lockstep."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -89,6 +94,9 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     device = next(backbone.parameters()).device
     dim = int(backbone.embed_dim)
     full_key = {**key, "image_size": image_size, "n": len(paths), "dim": dim}
+    grid = image_size // int(backbone.patch_size)
+    if patches:  # (only then: folders embedded before this option keep their key)
+        full_key["patches"] = [grid, grid]
     state_file, matrix = out / PROGRESS, out / EMBEDDINGS
     done = 0
     if state_file.is_file() and matrix.is_file():
@@ -98,11 +106,15 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
                              f"({state.get('key')} vs {full_key}): use a new --out folder")
         done = int(state["done"])
         emb = np.lib.format.open_memmap(matrix, mode="r+")
+        pat = np.lib.format.open_memmap(out / PATCHES, mode="r+") if patches else None
         logger.info("embed: resuming at row %d of %d", done, len(paths))
     else:
         (out / FILES).write_text("".join(p + "\n" for p in paths))
         emb = np.lib.format.open_memmap(matrix, mode="w+", dtype=np.float16,
                                         shape=(len(paths), dim))
+        pat = (np.lib.format.open_memmap(out / PATCHES, mode="w+", dtype=np.float16,
+                                         shape=(len(paths), grid, grid, dim))
+               if patches else None)
         _write_json(state_file, {"done": 0, "key": full_key, "complete": False})
     skipped_file = out / SKIPPED
     skipped = skipped_file.read_text().splitlines() if skipped_file.is_file() else []
@@ -116,12 +128,17 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     row = done
     for x, ok in loader:
         with autocast_for(device):
-            cls = backbone.forward_features(x.to(device, non_blocking=True))["x_norm_clstoken"]
-        e = F.normalize(cls.float(), dim=-1).cpu()  # [b, D]
+            f = backbone.forward_features(x.to(device, non_blocking=True))
+        e = F.normalize(f["x_norm_clstoken"].float(), dim=-1).cpu()  # [b, D]
         e[~ok] = float("nan")  # unreadable image: no embedding
         b = len(e)
         emb[row:row + b] = e.numpy().astype(np.float16)
         emb.flush()  # rows on disk before the progress file says so
+        if pat is not None:
+            t = f["x_norm_patchtokens"].float().cpu().reshape(b, grid, grid, dim)
+            t[~ok] = float("nan")
+            pat[row:row + b] = t.numpy().astype(np.float16)
+            pat.flush()
         bad = [paths[row + i] for i in np.nonzero(~ok.numpy())[0]]
         if bad:
             skipped += bad

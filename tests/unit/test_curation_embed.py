@@ -126,3 +126,48 @@ def test_pipeline_on_tar_shards(tmp_path, monkeypatch):
         img, used, _ = ds.load(i)
         with Image.open(data / name[len(str(shard)) + 1:]) as want:
             assert used == i and np.array_equal(np.asarray(img), np.asarray(want.convert("RGB")))
+
+
+def test_patch_features_resume_in_lockstep(tmp_path):
+    """--patches: E/patches.npy holds each image's final-normed patch tokens [h, w, D] (NaN for
+    the unreadable one), equal to the backbone on the eval transform, resumed with the CLS rows;
+    a folder embedded without patches is not continued with them."""
+    import torch
+
+    from fastdino.curation.embed import PATCHES
+    from fastdino.data.datasets import decode_location
+    from fastdino.eval.features import resize_center_crop, to_normalized_tensor
+
+    data = _images(tmp_path / "imgs", n=5)
+    backbone, info = load_eval_backbone("random", arch="vit_test")
+    key = {"weights": info.digest}
+    forward, calls = backbone.forward_features, {"n": 0}
+
+    def flaky(x):  # dies on the 2nd batch
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Interrupt
+        return forward(x)
+
+    backbone.forward_features = flaky
+    with pytest.raises(_Interrupt):
+        embed_folder(data, backbone, tmp_path / "E", key, image_size=32, batch_size=2,
+                     progress=False, patches=True)
+    backbone.forward_features = forward
+    embed_folder(data, backbone, tmp_path / "E", key, image_size=32, batch_size=2,
+                 progress=False, patches=True)
+    pat = np.load(tmp_path / "E" / PATCHES)
+    files = read_files(tmp_path / "E")
+    assert pat.shape == (6, 2, 2, 32) and pat.dtype == np.float16
+    for i, name in enumerate(files):
+        if name.endswith("broken.jpg"):
+            assert np.isnan(pat[i]).all()
+            continue
+        x = to_normalized_tensor(resize_center_crop(decode_location(name), 32))[None]
+        with torch.no_grad():
+            want = forward(x)["x_norm_patchtokens"].reshape(2, 2, 32).numpy()
+        np.testing.assert_allclose(pat[i], want, atol=2e-3, rtol=2e-3)
+    embed_folder(data, backbone, tmp_path / "plain", key, image_size=32, progress=False)
+    with pytest.raises(ValueError, match="other images, weights or image size"):
+        embed_folder(data, backbone, tmp_path / "plain", key, image_size=32, progress=False,
+                     patches=True)
