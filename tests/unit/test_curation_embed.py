@@ -29,22 +29,28 @@ class _Interrupt(Exception):
     pass
 
 
+def _dies_on_batch(backbone, n: int) -> dict:
+    """Make the backbone's forward raise on its n-th call (a job killed mid-run); returns the
+    call counter, which the caller may reset, and the real forward under "forward"."""
+    calls = {"n": 0, "forward": backbone.forward_features}
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Interrupt
+        return calls["forward"](x)
+
+    backbone.forward_features = flaky
+    return calls
+
+
 def test_embed_resumes_after_interruption(tmp_path):
     data = _images(tmp_path / "imgs")
     backbone, info = load_eval_backbone("random", arch="vit_test")
     key = {"weights": info.digest}
     ref = np.load(embed_folder(data, backbone, tmp_path / "full", key, image_size=32,
                                batch_size=3, progress=False))
-    calls = {"n": 0}
-    forward = backbone.forward_features
-
-    def flaky(x):  # the job dies during the 3rd batch
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Interrupt
-        return forward(x)
-
-    backbone.forward_features = flaky
+    calls = _dies_on_batch(backbone, 3)
     with pytest.raises(_Interrupt):
         embed_folder(data, backbone, tmp_path / "E", key, image_size=32, batch_size=3,
                      progress=False)
@@ -141,15 +147,7 @@ def test_patch_features_resume_in_lockstep(tmp_path):
     data = _images(tmp_path / "imgs", n=5)
     backbone, info = load_eval_backbone("random", arch="vit_test")
     key = {"weights": info.digest}
-    forward, calls = backbone.forward_features, {"n": 0}
-
-    def flaky(x):  # dies on the 2nd batch
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise _Interrupt
-        return forward(x)
-
-    backbone.forward_features = flaky
+    forward = _dies_on_batch(backbone, 2)["forward"]
     with pytest.raises(_Interrupt):
         embed_folder(data, backbone, tmp_path / "E", key, image_size=32, batch_size=2,
                      progress=False, patches=True)
