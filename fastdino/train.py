@@ -220,6 +220,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         loader = build_train_loader(cfg, info.rank, info.world_size, self.start_micro_batch)
         self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
+        logger.info("%s", schedule_in_data_passes(cfg, self.max_it, self.global_batch,
+                                                  loader.num_images))
         metrics = MetricsLogger(self.out, self.max_it, self.start_iteration, self.global_batch,
                                 fdist.is_main_process(), printer=logger.info)
         health = HealthMonitor.from_config(cfg)
@@ -360,6 +362,21 @@ class Trainer:
                             val=cfg.train.knn_val_data)
         fdist.barrier()
         return res
+
+
+def schedule_in_data_passes(cfg: Config, iterations: int, global_batch: int,
+                            num_images: int) -> str:
+    """The run's length in images seen and passes over the data (USERS.md §1: the official
+    "epoch" is train.epoch_length iterations, not a pass over the data)."""
+    seen = iterations * global_batch
+    per_epoch = cfg.train.epoch_length * global_batch / max(num_images, 1)
+    span = cfg.train.total_iterations
+    stop = (f"; train.max_iterations stops it, the schedules span {span}" if iterations < span
+            else "")
+    return (f"schedule: {iterations} iterations x {global_batch} images = {seen:,} images seen "
+            f"= {seen / max(num_images, 1):.2f} passes over the {num_images:,} images (an "
+            f"'epoch' is train.epoch_length={cfg.train.epoch_length} iterations = "
+            f"{per_epoch:.3g} passes{stop})")
 
 
 def _keep_previous_config(cfg: Config, path: Path) -> None:

@@ -216,3 +216,12 @@ def test_a_changed_config_keeps_the_previous_one(tmp_path, caplog):
     assert len(kept) == 1 and load_config(kept[0]).optim.lr != 0.5
     assert load_config(tmp_path / "run" / "config.yaml").optim.lr == 0.5
     assert "gram.use: False -> True" in caplog.text and "optim.lr:" in caplog.text
+
+
+def test_the_schedule_is_stated_in_data_passes():
+    from fastdino.train import schedule_in_data_passes
+
+    cfg = load_config(SMOKE, ["train.epoch_length=100"])
+    line = schedule_in_data_passes(cfg, 1000, 64, 32000)
+    assert "64,000 images seen = 2.00 passes over the 32,000 images" in line
+    assert "train.epoch_length=100 iterations = 0.2 passes" in line
