@@ -46,6 +46,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -562,7 +563,8 @@ class DeepSpeedStudent(_StudentBase):
         self._fix_adam_steps()
         module_state = _module_state(ckpt)  # read once for both
         load_buffers(self.module, ckpt, module_state)
-        check_frozen_params(self.module, ckpt, module_state)
+        check_frozen_params(self.module, ckpt, module_state,
+                            gather=self._gathered_values if self.zero_stage == 3 else None)
 
     def _fix_adam_steps(self) -> None:
         """DeepSpeed 0.19.8's ZeRO-3 universal loader gives every sub-group's AdamW state the
@@ -608,24 +610,49 @@ def load_buffers(module: nn.Module, ckpt: Path, sd: dict | None = None) -> None:
                 buf.copy_(sd[name].to(buf.dtype))
 
 
-def check_frozen_params(module: nn.Module, ckpt: Path, sd: dict | None = None) -> None:
+def _frozen_in_checkpoint(ckpt: Path, sd: dict) -> dict[str, torch.Tensor]:
+    """Full saved values by name: the module state's (the torch engine, ZeRO-0/1/2 hold every
+    parameter in full there), and for ZeRO-3, whose module state holds placeholders, the frozen
+    parameters reassembled from every rank's `frozen_param_fragments` (zero_to_fp32's rule)."""
+    out = dict(sd)
+    files = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
+                   key=lambda f: int(f.name.split("_")[3]))
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    shapes = (states[0].get("frozen_param_shapes") or {}) if states else {}
+    for name, shape in shapes.items():
+        frags = torch.cat([st["frozen_param_fragments"][name].reshape(-1) for st in states])
+        out[name] = frags[:math.prod(shape)].view(tuple(shape))
+    return out
+
+
+def check_frozen_params(module: nn.Module, ckpt: Path, sd: dict | None = None,
+                        gather=None) -> None:
     """Frozen parameters (`optim.frozen_blocks`, requires_grad False) are not in the optimizer,
     so a universal checkpoint has no state for them: a run resumed through one keeps the values
     it was built with (`model.pretrained_weights`, or the seeded init), which are the values
     they held when the checkpoint was written, as they never train. Checked against the
-    checkpoint's module state where it holds them in full (the torch engine, ZeRO-0/1/2; ZeRO-3
-    keeps partitions there): a run rebuilt from other weights is an error, not a silent mix.
-    `sd`: the checkpoint's module state, when already read."""
-    sd = _module_state(ckpt) if sd is None else sd
-    for name, p in module.named_parameters():
-        saved = sd.get(name)
-        if p.requires_grad or saved is None or saved.numel() != p.numel():
-            continue
-        if not torch.equal(saved.to(p.device, p.dtype).view(p.shape), p.detach()):
-            raise ValueError(
-                f"{ckpt}: frozen parameter {name!r} (optim.frozen_blocks) differs from the "
-                "value this run was built with: resume with the model.pretrained_weights (and "
-                "train.seed) of the run that wrote the checkpoint")
+    checkpoint (`_frozen_in_checkpoint`, every ZeRO stage): a run rebuilt from other weights is
+    an error, not a silent mix. `sd`: the checkpoint's module state, when already read;
+    `gather`: for a partitioned (ZeRO-3) module, a context giving full values (collective)."""
+    saved = _frozen_in_checkpoint(ckpt, _module_state(ckpt) if sd is None else sd)
+    # the frozen parameters the checkpoint holds in full (ZeRO-3's placeholders are not)
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad and n in saved
+              and saved[n].numel() == getattr(p, "ds_numel", p.numel())]
+    partitioned = [(n, p) for n, p in frozen if p.numel() != saved[n].numel()]
+    if partitioned and gather is None:  # nothing to gather them with: not checked
+        frozen = [(n, p) for n, p in frozen if p.numel() == saved[n].numel()]
+        partitioned = []
+    with (gather([p for _, p in partitioned]) if partitioned else contextlib.nullcontext([])) \
+            as full:
+        values = dict(zip([n for n, _ in partitioned], full, strict=True))
+        for name, p in frozen:
+            value = values.get(name, p.detach())
+            if value.numel() != saved[name].numel() or not torch.equal(
+                    saved[name].to(value.device, value.dtype).view(value.shape), value):
+                raise ValueError(
+                    f"{ckpt}: frozen parameter {name!r} (optim.frozen_blocks) differs from the "
+                    "value this run was built with: resume with the model.pretrained_weights "
+                    "(and train.seed) of the run that wrote the checkpoint")
 
 
 def _read_universal(param_dir: Path, key: str) -> torch.Tensor:

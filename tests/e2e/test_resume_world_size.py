@@ -105,7 +105,8 @@ def test_torch_engine_resume_on_two_zero3_ranks(tmp_path):
 def test_frozen_blocks_resume_on_another_world_size(tmp_path):
     """optim.frozen_blocks: the frozen layers are outside the optimizer, so the universal form
     has no state for them; the resumed run (plain torch engine, one DeepSpeed rank) keeps the
-    values it was built with, which must be the writer's, and trains the rest exactly on."""
+    values it was built with, which must be the writer's (checked: a reader built otherwise
+    stops), and trains the rest exactly on."""
     frozen = ["optim.frozen_blocks=1"]
     ckpts, saved = _write(tmp_path, 3, 2, frozen)
     assert len(saved["frozen"]) > 0
@@ -115,6 +116,11 @@ def test_frozen_blocks_resume_on_another_world_size(tmp_path):
         for got in (loaded["frozen"], after["frozen"]):
             assert got.keys() == saved["frozen"].keys()
             assert all(torch.equal(saved["frozen"][k], got[k]) for k in got), name
+    # built with another init seed: ZeRO-3 keeps the frozen values as per-rank fragments, which
+    # the check reassembles (against the plain module, and against ZeRO-3's gathered partitions)
+    for name, ranks in (("torch_engine_seed1", 0), ("one_rank_seed1", 1)):
+        with pytest.raises(AssertionError, match=r"frozen parameter '[^']+' \(optim.frozen_bl"):
+            _resume(tmp_path, name, 3, ckpts, ranks, [*frozen, "train.seed=1"])
 
 
 @pytest.mark.slow
