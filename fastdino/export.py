@@ -73,8 +73,9 @@ def export_with_heads(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     return [out]
 
 
-def _teacher_backbone(run_or_ckpt: str | Path):
-    """The run's EMA teacher backbone as a module of the run's own architecture (strict load)."""
+def _teacher_backbone(run_or_ckpt: str | Path, with_config: bool = False):
+    """The run's EMA teacher backbone as a module of the run's own architecture (strict load);
+    with `with_config`, also the run's resolved Config."""
     from fastdino.eval.weights import resolve_model_config
     from fastdino.models.backbones import build_backbone
     from fastdino.models.state_dict_io import load_backbone_state_dict
@@ -86,6 +87,10 @@ def _teacher_backbone(run_or_ckpt: str | Path):
     backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
     backbone = backbone.to_empty(device="cpu")
     load_backbone_state_dict(backbone, {"teacher": teacher})
+    if with_config:
+        from fastdino.config import load_config
+
+        return backbone.eval(), load_config(run_cfg)
     return backbone.eval()
 
 
@@ -127,8 +132,8 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
 
     from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
 
-    backbone = _teacher_backbone(run_or_ckpt)
-    config = timm_config_from_backbone(backbone)
+    backbone, run_cfg = _teacher_backbone(run_or_ckpt, with_config=True)
+    config = timm_config_from_backbone(backbone, mean=run_cfg.crops.mean, std=run_cfg.crops.std)
     sd = {k: v.contiguous() for k, v in to_timm_state_dict(backbone.state_dict()).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,9 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
 def is_timm_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
-    """True for timm Eva names (`reg_token`, `gamma_1`, `q_bias`): none of them is ours."""
-    return any(k == "reg_token" or k.endswith((".gamma_1", ".attn.q_bias")) for k in sd)
+    """True for timm Eva names (`reg_token`, `gamma_1`, `q_bias`, `fc1_g`): none is ours."""
+    return any(k == "reg_token" or k.endswith((".gamma_1", ".attn.q_bias", ".mlp.fc1_g.weight"))
+               for k in sd)
 
 
 def _rename(rest: str, table: dict[str, str]) -> str:
@@ -167,11 +168,14 @@ def complete_from_timm(sd: dict[str, torch.Tensor], backbone: DinoVisionTransfor
     return sd
 
 
-def timm_config_from_backbone(backbone: DinoVisionTransformer) -> dict:
+def timm_config_from_backbone(backbone: DinoVisionTransformer,
+                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> dict:
     """The config.json of a timm model folder holding `backbone`: the architecture name of the
     registered timm DINOv3 model of the same size (or of the same FFN kind, resized by
     `model_args`), and `model_args` giving every size explicitly so that any fastdino RoPE backbone
-    loads with `timm.create_model("local-dir:FOLDER", pretrained=True)`."""
+    loads with `timm.create_model("local-dir:FOLDER", pretrained=True)`. `mean` / `std`: the
+    normalisation the backbone was trained with (crops.mean / crops.std), which timm's data
+    config hands to its transforms."""
     if backbone.rope_embed is None:
         raise ValueError("timm's DINOv3 models use RoPE; this backbone has DINOv2's learned "
                          "position embedding")
@@ -214,7 +218,7 @@ def timm_config_from_backbone(backbone: DinoVisionTransformer) -> dict:
         "pretrained_cfg": {
             "input_size": [model_args["in_chans"], 224, 224], "fixed_input_size": False,
             "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "num_classes": 0, "pool_size": None, "first_conv": "patch_embed.proj",
             "classifier": "head", "license": "dinov3-license",
         },

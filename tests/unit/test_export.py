@@ -79,6 +79,8 @@ def test_timm_folder_matches_the_teacher(run, tmp_path):
     folder = tmp_path / "timm"
     assert main(["export", "--run", str(out), "--out", str(folder), "--format", "timm"]) == 0
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    run_cfg = load_config(out / "config.yaml")
+    assert model.pretrained_cfg["mean"] == list(run_cfg.crops.mean)  # timm's data config
     back, info = load_eval_backbone(folder)
     assert info.source.startswith("timm vit_")
     bb = teacher.backbone.eval()

@@ -140,6 +140,8 @@ def test_conversion_errors():
         to_timm_state_dict(ours.state_dict())
     with pytest.raises(ValueError, match=r"'vit_base_patch16_224' is not a DINOv3 model"):
         backbone_from_timm_config({"architecture": "vit_base_patch16_224"})
+    cfg = timm_config_from_backbone(_ours("mlp"), mean=(0.43, 0.41, 0.3), std=(0.2, 0.2, 0.2))
+    assert cfg["pretrained_cfg"]["mean"] == [0.43, 0.41, 0.3]  # e.g. the satellite statistics
     with pytest.raises(ValueError, match="LayerNorm eps"):
         timm_config_from_backbone(_ours("mlp", norm_eps=1e-6))
     with pytest.raises(ValueError, match="width of 100 is not reachable"):
