@@ -32,14 +32,12 @@ def _export(argv: list[str]) -> int:
     if a.with_heads and a.format != "official":
         p.error(f"--with-heads writes fastdino's own file; --format {a.format} folders hold the "
                 "backbone only")
-    if a.format == "hf":
-        paths = export.export_hf(a.run, a.out)
-    elif a.format == "timm":
-        paths = export.export_timm(a.run, a.out)
-    elif a.with_heads:
-        paths = export.export_with_heads(a.run, a.out)
-    else:
-        paths = export.export_backbone(a.run, a.out)
+    write = {"hf": export.export_hf, "timm": export.export_timm}.get(
+        a.format, export.export_with_heads if a.with_heads else export.export_backbone)
+    try:
+        paths = write(a.run, a.out)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # a bad --run / --out: no traceback
+        p.error(str(e))
     for path in paths:
         print(f"wrote {path}")
     return 0

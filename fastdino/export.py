@@ -55,6 +55,9 @@ def teacher_state(run_or_ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Pat
     """The whole EMA teacher (backbone and heads) of a run or checkpoint, and that checkpoint."""
     from fastdino.eval.weights import read_weights
 
+    if not Path(run_or_ckpt).expanduser().exists():
+        raise FileNotFoundError(f"--run {str(run_or_ckpt)!r} does not exist: give a training "
+                                "run's output_dir or one of its checkpoints/iter_N folders")
     sd, source, _, run_cfg = read_weights(run_or_ckpt)
     if "teacher" not in sd:
         raise ValueError(f"--run {str(run_or_ckpt)!r} is a {source}, not a training run or "

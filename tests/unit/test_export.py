@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     return out, trainer.arch.teacher
 
 
-def test_with_heads_feeds_continued_pretraining(run, tmp_path, caplog):
+def test_with_heads_feeds_continued_pretraining(run, tmp_path, caplog, capsys):
     out, teacher = run
     assert main(["export", "--run", str(out), "--out", str(tmp_path / "t.pth"),
                  "--with-heads"]) == 0
@@ -42,9 +42,10 @@ def test_with_heads_feeds_continued_pretraining(run, tmp_path, caplog):
     assert "backbone, dino_head, ibot_head" in caplog.text
     got = student.state_dict()
     assert all(torch.equal(got[k], v) for k, v in teacher.state_dict().items())
-    with pytest.raises(ValueError, match=r"--with-heads writes one torch file"):
+    with pytest.raises(SystemExit):  # a usage error, with its reason on stderr
         main(["export", "--run", str(out), "--out", str(tmp_path / "t.safetensors"),
               "--with-heads"])
+    assert "--with-heads writes one torch file" in capsys.readouterr().err
 
 
 def test_hugging_face_folder_matches_the_teacher(run, tmp_path):
@@ -99,3 +100,14 @@ def test_timm_folder_matches_the_teacher(run, tmp_path):
     with pytest.raises(SystemExit):  # argparse: the two options do not combine
         main(["export", "--run", str(out), "--out", str(tmp_path / "x"), "--format", "timm",
               "--with-heads"])
+
+
+def test_a_bad_run_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.pth")])
+    assert e.value.code == 2
+    assert f"--run '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["export", "--run", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pth")])
+    assert "checkpoints/latest (a training run)" in capsys.readouterr().err
