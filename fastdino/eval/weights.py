@@ -8,7 +8,9 @@
                                             <out>/checkpoints/iter_N/: the EMA teacher's backbone
                                             from trainer_state.pt (SPEC.md §4)
     an exported backbone file               .pth / .pt (plain official keys, or {"teacher": ...}
-                                            with `backbone.` / `module.` prefixes) or .safetensors
+                                            with `backbone.` / `module.` prefixes) or .safetensors;
+                                            a teacher snapshot <run>/eval/training_N/
+                                            teacher_checkpoint.pth takes the run's architecture
     a Hugging Face model folder             config.json + *.safetensors: DINOv3ViTModel (converted
                                             by hf_convert), Dinov2Model / Dinov2WithRegistersModel
                                             (hf_dinov2)
@@ -240,7 +242,17 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
             None,
             _run_config(ckpt),
         )
-    return _load_file(path), f"backbone file {path}", None, None
+    return _load_file(path), f"backbone file {path}", None, _snapshot_run_config(path)
+
+
+def _snapshot_run_config(path: Path) -> Path | None:
+    """The run's config.yaml for a teacher snapshot `<run>/eval/training_N/teacher_checkpoint.pth`
+    (train.teacher_snapshot_every), so the snapshot evaluates without --arch; None otherwise."""
+    if (path.name == "teacher_checkpoint.pth" and path.parent.name.startswith("training_")
+            and path.parent.parent.name == "eval"):
+        cfg = path.parents[2] / "config.yaml"
+        return cfg if cfg.is_file() else None
+    return None
 
 
 def load_eval_backbone(

@@ -181,6 +181,11 @@ def test_teacher_snapshots_feed_the_gram_stage(tmp_path, caplog):
     snap = run / "eval" / "training_1" / "teacher_checkpoint.pth"
     assert snap.is_file() and (run / "eval" / "training_2" / "teacher_checkpoint.pth").is_file()
     st1 = torch.load(snap, weights_only=True)["teacher"]
+    from fastdino.eval.weights import load_eval_backbone
+
+    back, info = load_eval_backbone(snap)  # no --arch: the run's config.yaml gives it
+    assert "architecture from" in info.source
+    assert all(torch.equal(v, st1[f"backbone.{k}"]) for k, v in back.state_dict().items())
     gram = ["gram.use=true", "gram.start_iteration=2", "crops.gram_teacher_crops_size=64",
             "train.max_iterations=3"]
     with caplog.at_level("INFO", logger="fastdino"):
