@@ -296,7 +296,9 @@ class GramConfig:
     remove_neg: bool = False  # clamp both Grams at 0
     remove_only_teacher_neg: bool = False  # clamp the teacher Gram at 0 (and student where t<0)
     tokens_used: str = "all"  # all | masked | unmasked student patches (the last two: no img_level)
-    ckpt: str | None = None  # Gram teacher weights ({"teacher": state_dict} or a backbone file)
+    # Gram teacher weights: anything --weights takes (a teacher snapshot, a run or checkpoint, an
+    # official DINOv3 DCP checkpoint, a backbone file, a Hugging Face / timm folder)
+    ckpt: str | None = None
     ema_teacher: bool = False  # use the EMA teacher itself at the student resolution
     it_load_ema_teacher: int = -1  # copy the EMA teacher into the Gram teacher at this iteration
     rep_update: bool = True  # refresh the Gram teacher from the EMA teacher
@@ -351,6 +353,10 @@ class DistillationConfig:
     # still kept: it is what checkpoints hold and what is exported and evaluated.
     enabled: bool = False
     teacher: str | None = None  # the teacher run / checkpoint folder
+    # the teacher's architecture (its model and head sizes: a preset name in configs/ or a yaml)
+    # when distillation.teacher has no config.yaml beside it: an official DINOv3 DCP checkpoint,
+    # a `fastdino export --with-heads` file; overrides the run's own config.yaml when given
+    teacher_config: str | None = None
     # dtype the frozen teacher is held in: auto = bf16 when training in bf16 (as the official
     # FSDP teacher's bf16 parameters: half the memory of fp32, 14 GB for a 7B teacher, and no
     # per-step weight casts under autocast), fp32 otherwise
@@ -792,6 +798,19 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_preset(spec: str | Path, key: str) -> Path:
+    """A yaml path, or the preset of that name in configs/; ConfigError naming `key` if neither."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{spec}.yaml"
+    if preset.is_file():
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config key '{key}' = {str(spec)!r} is invalid: allowed is a yaml file or "
+                      f"a preset name ({names})")
 
 
 def _resolve_base(base: Any, path: Path) -> Path:

@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from fastdino.config import Config, ConfigError, load_config
+from fastdino.config import Config, ConfigError, load_config, resolve_preset
 from fastdino.models.state_dict_io import load_backbone_state_dict
 
 logger = logging.getLogger("fastdino")
@@ -38,12 +38,19 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
 
     path = cfg.distillation.teacher
     sd, source, _, run_cfg = read_weights(path)
-    if "teacher" not in sd or run_cfg is None:
+    if cfg.distillation.teacher_config is not None:
+        run_cfg = resolve_preset(cfg.distillation.teacher_config, "distillation.teacher_config")
+    if "teacher" not in sd:
         raise ConfigError(
             f"distillation.teacher={path!r} is a {source}: a teacher needs its DINO and iBOT "
-            "heads and its architecture, i.e. a fastdino training run or checkpoint folder "
-            "(fit heads to a released backbone first: model.pretrained_weights=<backbone> "
-            "optim.frozen_blocks=-1)")
+            "heads, i.e. a fastdino training run or checkpoint folder, a `fastdino export "
+            "--with-heads` file or an official DINOv3 checkpoint (fit heads to a released "
+            "backbone first: model.pretrained_weights=<backbone> optim.frozen_blocks=-1)")
+    if run_cfg is None:
+        raise ConfigError(
+            f"distillation.teacher={path!r} ({source}) has no config.yaml beside it: give the "
+            "teacher's architecture as distillation.teacher_config (a preset name or a yaml "
+            "with its model and head sizes)")
     tcfg = load_config(run_cfg)
     _check_compatible(cfg, tcfg, path)
     # the student's kernels; no stochastic depth, checkpointing or compile in a frozen model

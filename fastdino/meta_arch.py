@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -208,9 +207,15 @@ class SSLMetaArch:
             self.gram_teacher = _frozen_copy(self.teacher.backbone)
             # it_load_ema_teacher = 0: the Gram teacher is the initial teacher
             self.gram_ready = g.ckpt is not None or g.it_load_ema_teacher == 0
-            if g.ckpt is not None:
-                sd = torch.load(Path(g.ckpt).expanduser(), map_location="cpu", weights_only=True)
-                load_backbone_state_dict(self.gram_teacher, sd)
+            if g.ckpt is not None:  # anything --weights takes: a snapshot, a run, an official
+                from fastdino.eval.weights import read_weights  # DCP checkpoint, HF / timm
+
+                sd, source, _, _ = read_weights(g.ckpt)
+                try:
+                    load_backbone_state_dict(self.gram_teacher, sd)
+                except ValueError as e:
+                    raise ValueError(f"gram.ckpt={g.ckpt!r} ({source}) does not fit model.arch: "
+                                     f"{e}") from None
         else:
             self.gram_ready = g.use
         self.engine = None

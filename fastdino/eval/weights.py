@@ -17,6 +17,9 @@
     a timm model folder                     config.json with `architecture` (vit_*_dinov3*) +
                                             model.safetensors, as on the hub or from
                                             `fastdino export --format timm` (timm_convert)
+    an official DINOv3 checkpoint           a DCP folder (<output_dir>/ckpt/<iteration>/, or the
+                                            output_dir: its latest) or a sharded eval snapshot:
+                                            its teacher (official_dcp; architecture from --arch)
     "random"                                the architecture's own init under `seed` (baselines)
 
 The architecture comes from `arch` (a factory name such as vit_small), or from `config` (a preset
@@ -227,9 +230,15 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
     if path.is_dir():
         ckpt = _find_checkpoint(path)
         if ckpt is None:
+            from fastdino.models.official_dcp import find_official_checkpoint, read_official_teacher
+
+            if find_official_checkpoint(path) is not None:  # the official trainer's DCP
+                sd, dcp_dir = read_official_teacher(path)
+                return sd, f"official DINOv3 checkpoint {dcp_dir} (teacher)", None, None
             raise FileNotFoundError(
                 f"weights {str(weights)!r}: a folder with neither {TRAINER_STATE} (a checkpoint), "
-                "checkpoints/latest (a training run) nor config.json (Hugging Face)"
+                "checkpoints/latest (a training run), config.json (Hugging Face, timm) nor "
+                "an official DINOv3 DCP checkpoint (.metadata, or ckpt/<iteration>/)"
             )
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
         if "teacher" not in state:

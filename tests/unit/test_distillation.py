@@ -161,3 +161,23 @@ def test_a_lora_run_is_a_teacher(tmp_path):
                 p.zero_()
         base = teacher.teacher_forward(batch.global_crops, batch.mask_indices)["cls_logits"]
     assert (base - want).abs().max() > 1e-3
+
+
+def test_a_with_heads_file_and_teacher_config(tmp_path, teacher_run):
+    """A teacher without a config.yaml beside it (a `fastdino export --with-heads` file; an
+    official DINOv3 checkpoint) takes its architecture from distillation.teacher_config, and
+    gives the same frozen teacher as its run folder."""
+    from fastdino.cli import main
+
+    assert main(["export", "--run", str(teacher_run), "--out", str(tmp_path / "t.pth"),
+                 "--with-heads"]) == 0
+    with pytest.raises(ConfigError, match=r"no config.yaml beside it.*teacher_config"):
+        _distill(tmp_path / "a", tmp_path / "t.pth")
+    trainer, _ = _distill(tmp_path / "b", tmp_path / "t.pth",
+                          f"distillation.teacher_config={teacher_run / 'config.yaml'}")
+    ref, _ = _distill(tmp_path / "c", teacher_run)
+    got, want = trainer.arch.distillation_teacher.state_dict(), \
+        ref.arch.distillation_teacher.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ConfigError, match=r"distillation.teacher_config.*preset name"):
+        _distill(tmp_path / "d", tmp_path / "t.pth", "distillation.teacher_config=nope")
