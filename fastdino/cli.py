@@ -28,14 +28,20 @@ def _export(argv: list[str]) -> int:
                    "a timm folder (timm.create_model('local-dir:OUT', pretrained=True))")
     p.add_argument("--with-heads", action="store_true",
                    help="the whole teacher (backbone + DINO / iBOT heads) in one .pth")
+    p.add_argument("--config", default=None,
+                   help="--format hf / timm: the architecture (a preset name or a yaml) when "
+                        "--run has no config.yaml beside it (an official DINOv3 checkpoint)")
     a = p.parse_args(argv)
     if a.with_heads and a.format != "official":
         p.error(f"--with-heads writes fastdino's own file; --format {a.format} folders hold the "
                 "backbone only")
-    write = {"hf": export.export_hf, "timm": export.export_timm}.get(
-        a.format, export.export_with_heads if a.with_heads else export.export_backbone)
+    converted = {"hf": export.export_hf, "timm": export.export_timm}
     try:
-        paths = write(a.run, a.out)
+        if a.format in converted:
+            paths = converted[a.format](a.run, a.out, config=a.config)
+        else:
+            paths = (export.export_with_heads if a.with_heads else export.export_backbone)(
+                a.run, a.out)
     except (FileNotFoundError, ValueError, KeyError) as e:  # a bad --run / --out: no traceback
         p.error(str(e))
     for path in paths:

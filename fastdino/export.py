@@ -76,17 +76,23 @@ def export_with_heads(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     return [out]
 
 
-def _teacher_backbone(run_or_ckpt: str | Path, with_config: bool = False):
-    """The run's EMA teacher backbone as a module of the run's own architecture (strict load);
-    with `with_config`, also the run's resolved Config."""
+def _teacher_backbone(run_or_ckpt: str | Path, with_config: bool = False,
+                      config: str | None = None):
+    """The run's EMA teacher backbone as a module of the run's own architecture (strict load), or
+    of `config` (a preset name or yaml: for sources without a config.yaml, e.g. an official
+    DINOv3 checkpoint); with `with_config`, also that resolved Config."""
+    from fastdino.config import resolve_preset
     from fastdino.eval.weights import resolve_model_config
     from fastdino.models.backbones import build_backbone
     from fastdino.models.state_dict_io import load_backbone_state_dict
 
     teacher, run_cfg = teacher_state(run_or_ckpt)
+    if config is not None:
+        run_cfg = resolve_preset(config, "--config")
     if run_cfg is None:
         raise FileNotFoundError(f"--run {str(run_or_ckpt)!r}: no config.yaml beside the "
-                                "checkpoints, so the architecture is unknown")
+                                "checkpoints, so the architecture is unknown: give --config "
+                                "(a preset name or a yaml)")
     backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
     backbone = backbone.to_empty(device="cpu")
     load_backbone_state_dict(backbone, {"teacher": teacher})
@@ -97,7 +103,7 @@ def _teacher_backbone(run_or_ckpt: str | Path, with_config: bool = False):
     return backbone.eval()
 
 
-def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
+def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = None) -> list[Path]:
     """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, or Dinov2 for
     learned positions)."""
     try:
@@ -106,7 +112,7 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
         raise ImportError("--format hf needs transformers: pip install 'fastdino[interop]'") from e
     from fastdino.models import hf_convert, hf_dinov2
 
-    backbone = _teacher_backbone(run_or_ckpt)
+    backbone = _teacher_backbone(run_or_ckpt, config=config)
     if backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
         hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
         cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
@@ -125,7 +131,8 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     return sorted(out.iterdir())
 
 
-def export_timm(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
+def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = None
+                ) -> list[Path]:
     """A timm model folder (config.json + model.safetensors, the hub layout) of the run's teacher
     backbone: `timm.create_model("local-dir:OUT", pretrained=True)` builds timm's DINOv3 Eva with
     these weights. Needs safetensors only (timm is not imported)."""
@@ -135,7 +142,7 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
 
     from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
 
-    backbone, run_cfg = _teacher_backbone(run_or_ckpt, with_config=True)
+    backbone, run_cfg = _teacher_backbone(run_or_ckpt, with_config=True, config=config)
     config = timm_config_from_backbone(backbone, mean=run_cfg.crops.mean, std=run_cfg.crops.std)
     sd = {k: v.contiguous() for k, v in to_timm_state_dict(backbone.state_dict()).items()}
     out = Path(out)

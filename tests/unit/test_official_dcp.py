@@ -92,3 +92,27 @@ def test_a_checkpoint_without_a_teacher_names_what_it_holds(tmp_path):
              checkpoint_id=str(tmp_path / "ckpt" / "1"))
     with pytest.raises(KeyError, match="no teacher .*top-level names: classifier"):
         read_weights(tmp_path)
+
+
+def test_export_of_an_official_checkpoint(official_run, tmp_path, capsys):
+    """An official run's teacher exported: the official format needs no architecture, the
+    converted formats take it from --config."""
+    from fastdino.cli import main
+
+    out, cfg, teachers = official_run
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "b.pth")]) == 0
+    sd = torch.load(tmp_path / "b.pth", weights_only=True)
+    want = teachers[10].state_dict()
+    assert all(torch.equal(v, want[f"backbone.{k}"]) for k, v in sd.items())
+    with pytest.raises(SystemExit):
+        main(["export", "--run", str(out), "--out", str(tmp_path / "t"), "--format", "timm"])
+    assert "give --config" in capsys.readouterr().err
+    save_config(cfg, tmp_path / "arch.yaml")
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "t"), "--format", "timm",
+                 "--config", str(tmp_path / "arch.yaml")]) == 0
+    back, _ = load_eval_backbone(tmp_path / "t")
+    x = torch.randn(1, 3, 32, 32)
+    ref, _ = load_eval_backbone(out, config=tmp_path / "arch.yaml")
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x)["x_norm_clstoken"],
+                                   ref.forward_features(x)["x_norm_clstoken"], rtol=0, atol=0)
