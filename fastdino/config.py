@@ -188,6 +188,20 @@ class CropsConfig:
     gram_teacher_no_distortions: bool = True  # Gram crops: geometry only, no colour/blur/solarise
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation std
+    # mixed resolutions (the official high-res adaptation, SPEC.md §3.4 / §3.7): [[global, local,
+    # gram, ratio], ...]; each step every rank uses one size triple, drawn with these ratios from
+    # the step's seed (so resumes repeat it); gram is null without Gram crops; the sizes above are
+    # then unused by the loader. [] = one resolution. The torch loader with cpu photometry only.
+    resolution_mix: tuple[tuple[int, int, int | None, float], ...] = ()
+
+    def variants(self) -> list[tuple[CropsConfig, float]]:
+        """(crops config of each resolution, its ratio normalised): one of ratio 1 without a mix."""
+        if not self.resolution_mix:
+            return [(self, 1.0)]
+        total = sum(r for *_, r in self.resolution_mix)
+        return [(dataclasses.replace(self, global_crops_size=g, local_crops_size=lo,
+                                     gram_teacher_crops_size=gr, resolution_mix=()), r / total)
+                for g, lo, gr, r in self.resolution_mix]
 
     def validate(self, p: str = "crops") -> None:
         for name in ("global_crops_size", "local_crops_size"):
@@ -216,6 +230,14 @@ class CropsConfig:
             self.gram_teacher_crops_size,
         )
         _check(all(s > 0 for s in self.std), f"{p}.std", "three floats > 0", self.std)
+        for g, lo, gr, r in self.resolution_mix:
+            _check(g > 0 and lo > 0 and (gr is None or gr > 0) and r > 0,
+                   f"{p}.resolution_mix", "[[global, local, gram or null, ratio], ...] with "
+                   "positive sizes and ratios", list(self.resolution_mix))
+            _check((gr is None) == (self.gram_teacher_crops_size is None),
+                   f"{p}.resolution_mix", "gram sizes set exactly when "
+                   f"{p}.gram_teacher_crops_size is (Gram crops on or off for every resolution)",
+                   list(self.resolution_mix))
 
 
 @dataclass(kw_only=True)
@@ -674,8 +696,16 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         ps = self.model.patch_size
-        for key in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
-            v = getattr(self.crops, key)
+        if self.crops.resolution_mix:
+            _check(self.data.loader != "dali" and self.data.torch_photometric == "cpu",
+                   "crops.resolution_mix", "a mix with data.loader=torch (or auto, which then "
+                   "picks it) and data.torch_photometric=cpu (the DALI graph and the photometric "
+                   "kernel's buffers have one size)", list(self.crops.resolution_mix))
+        # global and Gram crops: whole patches (the iBOT mask grid and the Gram grid); local crops
+        # may leave a remainder, which the patch embedding drops as the official one does (the
+        # official high-res triple (768, 168, 1152): 10 x 10 local patches)
+        for key, v in ((k, getattr(c, k)) for c, _ in self.crops.variants() for k in (
+                "global_crops_size", "gram_teacher_crops_size")):
             _check(
                 v is None or v % ps == 0, f"crops.{key}", f"a multiple of model.patch_size={ps}", v
             )

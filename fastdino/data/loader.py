@@ -38,8 +38,8 @@ from fastdino.stop import ignore_in_worker
 
 logger = logging.getLogger("fastdino.data")
 
-# Domain tags keep the seed sequences of the three uses apart.
-_PERMUTATION, _AUGMENTATION, _MASKING = 0, 1, 2
+# Domain tags keep the seed sequences of the four uses apart.
+_PERMUTATION, _AUGMENTATION, _MASKING, _RESOLUTION = 0, 1, 2, 3
 
 
 def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -82,8 +82,15 @@ class MultiCropBatches(Dataset):
         self.images = images
         images.log_skipped = False  # workers would each log it; TrainLoader reports once per file
         self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
-        self.augment = DataAugmentationDINO(cfg.crops)
-        self.crops = cfg.crops
+        # one (crops, augmentation, mask generator) per resolution of crops.resolution_mix, and
+        # its probability; a single one without a mix
+        variants = cfg.crops.variants()
+        self.ratios = np.array([r for _, r in variants])
+        ps = cfg.model.patch_size
+        self.variants = [(c, DataAugmentationDINO(c), MaskingGenerator(
+            c.global_crops_size // ps,
+            max_num_patches=max_num_patches_for(c.global_crops_size, ps))) for c, _ in variants]
+        self.crops, self.augment, self.mask_generator = self.variants[0]
         # data.torch_photometric=gpu: workers do the geometry only (PIL), the trainer's device the
         # photometric ops (TrainLoader finishes the RawBatch)
         self.raw = cfg.data.torch_photometric == "gpu"
@@ -92,33 +99,41 @@ class MultiCropBatches(Dataset):
         self.patch_size = cfg.model.patch_size
         self.mask_probability = cfg.ibot.mask_sample_probability
         self.ratio_min_max = cfg.ibot.mask_ratio_min_max
-        g = cfg.crops.global_crops_size
-        self.mask_generator = MaskingGenerator(
-            g // self.patch_size, max_num_patches=max_num_patches_for(g, self.patch_size))
 
     def __len__(self) -> int:  # only for DataLoader's bookkeeping: the stream is endless
         return 2**62
 
-    def sample(self, epoch: int, index: int) -> dict:
+    def resolution(self, step: int) -> int:
+        """The crops.resolution_mix entry of `step`: the same on every rank (the data seed and the
+        step, not the rank), and on a resume; 0 without a mix."""
+        if len(self.variants) == 1:
+            return 0
+        return int(np.random.default_rng([self.seed, _RESOLUTION, step]).choice(
+            len(self.variants), p=self.ratios))
+
+    def sample(self, epoch: int, index: int, variant: int = 0) -> dict:
+        crops_cfg, augment, _ = self.variants[variant]
         image, _used, skipped = self.images.load(index)
         rng = augmentation_rng(self.seed, epoch, index)
         if self.raw:
-            crops = geometric_crops(image, self.crops, rng)
+            crops = geometric_crops(image, crops_cfg, rng)
         else:
-            crops = self.augment(image, rng)
+            crops = augment(image, rng)
         crops["skipped_files"] = skipped
         return crops
 
     def __getitem__(self, step: int) -> Batch | RawBatch:
-        samples = [self.sample(e, i) for e, i in self.order.step(step, self.batch_size)]
+        v = self.resolution(step)
+        crops_cfg, _, mask_generator = self.variants[v]
+        samples = [self.sample(e, i, v) for e, i in self.order.step(step, self.batch_size)]
         if self.raw:
-            return collate_raw(samples, self.patch_size, self.crops.global_crops_size,
-                               masking_rng(self.seed, step, self.rank), self.mask_generator,
+            return collate_raw(samples, self.patch_size, crops_cfg.global_crops_size,
+                               masking_rng(self.seed, step, self.rank), mask_generator,
                                mask_probability=self.mask_probability,
                                ratio_min_max=self.ratio_min_max)
         return collate_fn(samples, self.patch_size, masking_rng(self.seed, step, self.rank),
                           mask_probability=self.mask_probability,
-                          ratio_min_max=self.ratio_min_max, mask_generator=self.mask_generator)
+                          ratio_min_max=self.ratio_min_max, mask_generator=mask_generator)
 
 
 class _StepsFrom(Sampler):
@@ -206,7 +221,10 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
 
     data.loader: torch -> this loader; dali -> `fastdino.data.dali` (an error if it cannot run);
     auto -> DALI when it is importable and CUDA is present, else this loader."""
-    if cfg.data.loader in ("dali", "auto"):
+    if cfg.data.loader == "auto" and cfg.crops.resolution_mix:
+        logger.info("data.loader=auto: the torch loader (crops.resolution_mix: one DALI graph "
+                    "has one size)")
+    elif cfg.data.loader in ("dali", "auto"):
         try:  # imported lazily: dali.py builds on this module
             from fastdino.data import dali
         except ImportError as e:

@@ -112,7 +112,7 @@ def test_wrong_type_names_the_key(override, key):
 @pytest.mark.parametrize("override, key", [
     ("crops.local_crops_number=-1", "crops.local_crops_number"),
     ("crops.global_crops_size=100", "crops.global_crops_size"),
-    ("crops.local_crops_size=50", "crops.local_crops_size"),
+    ("crops.gram_teacher_crops_size=50", "crops.gram_teacher_crops_size"),
     ("schedules.teacher_temp=0", "schedules.teacher_temp"),
     ("schedules.warmup_teacher_temp=-0.1", "schedules.warmup_teacher_temp"),
     ("dino.student_temp=0", "dino.student_temp"),

@@ -215,3 +215,45 @@ def test_tar_shards_give_the_folder_batches(image_dir, tmp_path, monkeypatch):
     assert packed.num_images == folder.num_images == 7
     for _ in range(5):  # past one epoch of 7 images at B = 2
         _assert_equal_batches(next(packed), next(folder))
+
+
+MIX = "crops.resolution_mix=[[32,16,48,0.5],[48,16,64,0.3],[64,32,96,0.2]]"
+
+
+def test_resolution_mix_picks_one_triple_per_step_on_every_rank(image_dir):
+    """crops.resolution_mix (the official high-res stage's mixed resolutions): every step is one
+    (global, local, Gram) triple, the same on both ranks, at the given ratios, masks sized for
+    its grid; a resumed loader repeats the uninterrupted one's steps exactly."""
+    cfg = _cfg(image_dir, MIX, "crops.gram_teacher_crops_size=48")
+    ranks = [build_train_loader(cfg, r, 2, 0) for r in range(2)]
+    sizes = []
+    for _ in range(12):
+        a, b = (next(loader) for loader in ranks)
+        triple = (a.global_crops.shape[-1], a.local_crops.shape[-1], a.gram_crops.shape[-1])
+        assert triple == (b.global_crops.shape[-1], b.local_crops.shape[-1],
+                          b.gram_crops.shape[-1])
+        assert a.masks.shape[1] == (triple[0] // 16) ** 2
+        sizes.append(triple)
+    assert set(sizes) <= {(32, 16, 48), (48, 16, 64), (64, 32, 96)} and len(set(sizes)) > 1
+    order = ranks[0].batches  # the draw itself, over many steps: near the ratios
+    counts = np.bincount([order.resolution(s) for s in range(3000)], minlength=3) / 3000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
+    resumed = build_train_loader(cfg, 0, 2, 5)
+    full = build_train_loader(cfg, 0, 2, 0)
+    for _ in range(5):
+        next(full)
+    for _ in range(3):
+        _assert_equal_batches(next(full), next(resumed))
+
+
+def test_resolution_mix_rules(image_dir):
+    from fastdino.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gram sizes set exactly when"):
+        _cfg(image_dir, MIX)  # Gram sizes in the mix but no Gram crops
+    with pytest.raises(ConfigError, match=r"data.loader=torch .* data.torch_photometric=cpu"):
+        _cfg(image_dir, MIX, "crops.gram_teacher_crops_size=48", "data.loader=dali")
+    with pytest.raises(ConfigError, match=r"crops.global_crops_size.*multiple of model.patch"):
+        _cfg(image_dir, "crops.resolution_mix=[[40,16,null,1.0]]")
+    cfg = _cfg(image_dir, "crops.resolution_mix=[[32,16,null,1],[48,32,null,3]]")
+    assert [r for _, r in cfg.crops.variants()] == [0.25, 0.75]

@@ -4,6 +4,7 @@ objective rebuilt from the logged terms, the logged KoLeo value, Gram-teacher wo
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -230,3 +231,26 @@ def test_the_schedule_is_stated_in_data_passes():
     line = schedule_in_data_passes(cfg, 1000, 64, 32000)
     assert "64,000 images seen = 2.00 passes over the 32,000 images" in line
     assert "train.epoch_length=100 iterations = 0.2 passes" in line
+
+
+def test_training_on_a_resolution_mix(tmp_path):
+    """crops.resolution_mix through the trainer: steps of different crop sizes (the ViT, RoPE,
+    the iBOT masks and the Gram teacher follow each step's size), with Gram crops."""
+    trainer, _ = make_trainer(
+        tmp_path, "crops.resolution_mix=[[32,16,48,1],[64,32,96,1]]",
+        "crops.gram_teacher_crops_size=48", "gram.use=true", "gram.it_load_ema_teacher=0",
+        "train.max_iterations=6", "train.log_every=1")
+    batches = trainer.train()
+    assert len(batches) == 6 and all(math.isfinite(m["total_loss"]) for m in batches)
+    assert all(m["gram_loss"] > 0 for m in batches)
+    order = build_train_loader(trainer.cfg, 0, 1, 0).batches
+    assert {order.resolution(s) for s in range(6)} == {0, 1}  # both sizes were trained on
+
+
+def test_local_crops_may_leave_a_patch_remainder(tmp_path):
+    """A local crop that is no multiple of the patch (the official high-res triple's 168 at
+    patch 16) is floored to whole patches by the patch embedding, as the official one does."""
+    trainer, batch = make_trainer(tmp_path, "crops.local_crops_size=40")
+    assert batch.local_crops.shape[-1] == 40
+    v = trainer.step(0, batch)
+    assert math.isfinite(float(v["total_loss"])) and float(v["dino_local_crops_loss"]) > 0
