@@ -125,8 +125,17 @@ def masked_rows(batch: int, n_patches: int, probability: float, ratio_min_max) -
 
 def step_flops(cfg) -> dict[str, int]:
     """FLOPs of one training step (an optimizer step: gas micro-batches) on one GPU (see the
-    module docstring), by part."""
-    B, c, m = cfg.data.batch_size_per_gpu, cfg.crops, cfg.model
+    module docstring), by part; with crops.resolution_mix, the expectation over its triples."""
+    variants = cfg.crops.variants()
+    if len(variants) == 1:
+        return _step_flops_at(cfg, cfg.crops)
+    parts = [(_step_flops_at(cfg, c), r) for c, r in variants]
+    return {k: round(sum(p[k] * r for p, r in parts)) for k in parts[0][0]}
+
+
+def _step_flops_at(cfg, c) -> dict[str, int]:
+    """step_flops at the crop sizes of `c` (a CropsConfig)."""
+    B, m = cfg.data.batch_size_per_gpu, cfg.model
     D = arch_dims(m)["D"]
     n_glob, n_loc = 2 * B, c.local_crops_number * B
     P = (c.global_crops_size // m.patch_size) ** 2

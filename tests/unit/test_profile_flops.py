@@ -118,3 +118,16 @@ def test_step_flops_scale_with_gradient_accumulation():
     f1, f3 = step_flops(cfg1), step_flops(cfg2)
     for part in ("student_fwd_bwd", "teacher_fwd", "total"):
         assert f3[part] == 3 * f1[part], part
+
+
+def test_step_flops_of_a_resolution_mix_is_the_expectation():
+    base = ["model.arch=vit_test", "data.batch_size_per_gpu=2", "crops.local_crops_number=2",
+            "model.drop_path_rate=0.0", "data.loader=torch"]
+    mix = load_config(None, [*base, "crops.resolution_mix=[[32,16,null,1],[64,32,null,3]]"])
+    one, two = (step_flops(load_config(None, [*base, f"crops.global_crops_size={g}",
+                                              f"crops.local_crops_size={lo}"]))
+                for g, lo in ((32, 16), (64, 32)))
+    got = step_flops(mix)
+    for k in ("teacher_fwd", "student_fwd_bwd", "total"):
+        assert got[k] == round(0.25 * one[k] + 0.75 * two[k]), k
+    assert one["total"] < got["total"] < two["total"]
