@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -145,9 +146,61 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def expand_weights(spec: str) -> list[str]:
+    """`--weights` with glob characters: every match, ordered by the last number in the path
+    (iterations: training_2500 before training_12500); otherwise [spec]."""
+    import glob
+    import re
+
+    if spec == "random" or not any(ch in spec for ch in "*?["):
+        return [spec]
+    matches = glob.glob(os.path.expanduser(spec))
+    if not matches:
+        raise SystemExit(f"--weights {spec!r} matches nothing")
+
+    def order(path: str):
+        numbers = re.findall(r"\d+", path)
+        return (int(numbers[-1]) if numbers else -1, path)
+
+    return sorted(matches, key=order)
+
+
+_HEADLINE = {  # (label, value) of one evaluation, for the sweep's summary table
+    "knn": lambda r, a: (f"kNN top1 k={a.k[0]}", f"{100 * r[f'k{a.k[0]}']['top1']:.2f}"),
+    "linear": lambda r, a: ("linear top1 (best lr)", f"{100 * r['best']['top1']:.2f}"),
+    "seg": lambda r, a: ("mIoU", f"{100 * r['miou']:.2f}"),
+    "depth": lambda r, a: ("RMSE (m)", f"{r['rmse']:.4f}"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """One evaluation, or with a --weights pattern (e.g. a run's teacher snapshots
+    'runs/L/eval/training_*/teacher_checkpoint.pth') one per match, the same data and settings,
+    and a summary table; --json then holds the list of results."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    weights = expand_weights(args.weights)
+    if len(weights) == 1:
+        args.weights = weights[0]
+        result = _evaluate(args)
+    else:
+        if args.cmd == "pca":
+            raise SystemExit("eval pca takes one --weights (its images would overwrite each "
+                             "other's): run it per checkpoint with its own --out")
+        result, rows = [], []
+        for w in weights:  # a fresh copy each time: _evaluate fills in some arguments
+            r = _evaluate(argparse.Namespace(**{**vars(args), "weights": w}))
+            result.append(r)
+            label, value = _HEADLINE[args.cmd](r, args)
+            rows.append((w, value))
+        _print_table(f"{args.cmd} over {len(weights)} weights ({label})", rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
     from fastdino.eval.weights import load_eval_backbone
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -249,10 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                                  norm_factor=args.norm_factor)
         result.update(files=[str(f) for f in files], color=args.color, fg=args.fg)
         print("\n".join(str(f) for f in files))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -74,3 +74,33 @@ def test_depth_command(tmp_path, capsys):
     assert res["window"] == [32, 48] and res["stride"] == [21, 32] and not res["flip_tta"]
     assert res["rmse"] > 0 and 0 <= res["delta1"] <= 1
     assert "RMSE (m)" in capsys.readouterr().out
+
+
+def test_knn_over_a_pattern_of_snapshots(digits_subset, tmp_path, capsys):
+    """--weights with a pattern (a run's teacher snapshots): one evaluation per match, ordered by
+    iteration, each equal to evaluating that file alone; a summary table; --json a list."""
+    import torch
+
+    from fastdino.models.backbones import vit_test
+
+    for it, seed in ((12500, 1), (2500, 2)):
+        torch.manual_seed(seed)
+        d = tmp_path / "eval" / f"training_{it}"
+        d.mkdir(parents=True)
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in vit_test().state_dict().items()}},
+                   d / "teacher_checkpoint.pth")
+    common = ["--arch", "vit_test", "--data", str(digits_subset), "--image-size", "32",
+              "--num-workers", "0", "--cache-dir", "none", "--quiet"]
+    pattern = str(tmp_path / "eval" / "training_*" / "teacher_checkpoint.pth")
+    assert main(["knn", "--weights", pattern, *common, "--json", str(tmp_path / "s.json")]) == 0
+    runs = json.loads((tmp_path / "s.json").read_text())
+    assert ["training_2500" in r["weights"] for r in runs] == [True, False]  # by iteration
+    out = capsys.readouterr().out
+    assert "knn over 2 weights" in out and out.index("training_2500") < out.index("training_12500")
+    single = tmp_path / "eval" / "training_12500" / "teacher_checkpoint.pth"
+    assert main(["knn", "--weights", str(single), *common, "--json", str(tmp_path / "1.json")]) == 0
+    alone = json.loads((tmp_path / "1.json").read_text())
+    assert runs[1]["k10"] == alone["k10"] and runs[1]["weights_digest"] == alone["weights_digest"]
+    assert runs[0]["weights_digest"] != runs[1]["weights_digest"]
+    with pytest.raises(SystemExit, match="matches nothing"):
+        main(["knn", "--weights", str(tmp_path / "nope_*"), *common])
