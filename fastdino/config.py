@@ -191,7 +191,8 @@ class CropsConfig:
     # mixed resolutions (the official high-res adaptation, SPEC.md §3.4 / §3.7): [[global, local,
     # gram, ratio], ...]; each step every rank uses one size triple, drawn with these ratios from
     # the step's seed (so resumes repeat it); gram is null without Gram crops; the sizes above are
-    # then unused by the loader. [] = one resolution. The torch loader with cpu photometry only.
+    # then unused by the loader. [] = one resolution. DALI: one pipeline per triple; torch loader:
+    # data.torch_photometric=cpu.
     resolution_mix: tuple[tuple[int, int, int | None, float], ...] = ()
 
     def variants(self) -> list[tuple[CropsConfig, float]]:
@@ -697,10 +698,10 @@ class Config:
             getattr(self, f.name).validate()
         ps = self.model.patch_size
         if self.crops.resolution_mix:
-            _check(self.data.loader != "dali" and self.data.torch_photometric == "cpu",
-                   "crops.resolution_mix", "a mix with data.loader=torch (or auto, which then "
-                   "picks it) and data.torch_photometric=cpu (the DALI graph and the photometric "
-                   "kernel's buffers have one size)", list(self.crops.resolution_mix))
+            _check(self.data.loader == "dali" or self.data.torch_photometric == "cpu",
+                   "crops.resolution_mix", "a mix with the DALI loader (one pipeline per triple) "
+                   "or the torch loader with data.torch_photometric=cpu (its photometric "
+                   "buffers have one size)", list(self.crops.resolution_mix))
         # global and Gram crops: whole patches (the iBOT mask grid and the Gram grid); local crops
         # may leave a remainder, which the patch embedding drops as the official one does (the
         # official high-res triple (768, 168, 1152): 10 x 10 local patches)

@@ -61,8 +61,10 @@ pipeline yields exactly the batches the broken one would have (with the bad file
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +75,14 @@ from fastdino.data import dali_plan as P
 from fastdino.data.collate import Batch
 from fastdino.data.datasets import ImageFolderUnlabeled
 from fastdino.data.gpu_photometric import RawCrops, finish_crops
-from fastdino.data.loader import ShardedInfiniteOrder, augmentation_rng, build_dataset, masking_rng
+from fastdino.data.loader import (
+    ShardedInfiniteOrder,
+    StepsOfResolution,
+    augmentation_rng,
+    build_dataset,
+    masking_rng,
+    resolution_of,
+)
 from fastdino.data.masking import (
     MaskingGenerator,
     draw_mask_rows,
@@ -120,13 +129,17 @@ class _Source:
     image's two rows of the step's iBOT masks[, its crops' photometric kernel parameters])."""
 
     def __init__(self, images: ImageFolderUnlabeled, order: ShardedInfiniteOrder, cfg: Config,
-                 start_iteration: int, photometric_params: bool = False) -> None:
+                 start_iteration: int, photometric_params: bool = False,
+                 steps: Callable[[int], int] | None = None) -> None:
         self.images, self.order, self.crops = images, order, cfg.crops
         # photometric="triton": the kernel's per-crop parameters (blur taps included) are made
         # here too, in the worker processes, not on the training process's main thread
         self.photometric_params = photometric_params
         self.seed, self.batch_size = cfg.data.seed, cfg.data.batch_size_per_gpu
         self.start_iteration = start_iteration
+        # the pipeline's j-th batch is step steps(j): start + j, or (one pipeline per entry of a
+        # crops.resolution_mix) the j-th step of this resolution
+        self.steps = steps if steps is not None else _Consecutive(start_iteration)
         ps, gsize = cfg.model.patch_size, cfg.crops.global_crops_size
         self.mask_grid = (gsize // ps, gsize // ps)
         self.mask_args = dict(mask_probability=cfg.ibot.mask_sample_probability,
@@ -173,7 +186,7 @@ class _Source:
         return (*out, P.photometric_params(plan)) if self.photometric_params else out
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
-        return self.sample(self.start_iteration + info.iteration, info.idx_in_batch)
+        return self.sample(self.steps(info.iteration), info.idx_in_batch)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_creator_pid": os.getpid()}
@@ -340,13 +353,36 @@ def graph_operators(pipe) -> int:
 # The loader
 
 
+class _Consecutive:
+    """j -> start + j (picklable: it goes to the source's worker processes)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __call__(self, j: int) -> int:
+        return self.start + j
+
+
+class _Shifted:
+    """j -> steps(offset + j): a rebuilt pipeline continues where the old one stopped."""
+
+    def __init__(self, steps: Callable[[int], int], offset: int) -> None:
+        self.steps, self.offset = steps, offset
+
+    def __call__(self, j: int) -> int:
+        return self.steps(self.offset + j)
+
+
 class DALITrainLoader:
-    """Iterator of `Batch`; `iteration` is the step of the next batch (the data position)."""
+    """Iterator of `Batch`; `iteration` is the step of the next batch (the data position).
+    `steps` (a crops.resolution_mix's loader of one resolution): its j-th batch is step
+    steps(j) instead of start_iteration + j."""
 
     def __init__(self, images: ImageFolderUnlabeled, cfg: Config, rank: int, world_size: int,
                  start_iteration: int, device_id: int | None, debug: bool = False,
                  exact_hue: bool = True, host_jitter: bool | None = None,
-                 photometric: str = "dali", source_workers: int = 0) -> None:
+                 photometric: str = "dali", source_workers: int = 0,
+                 steps: Callable[[int], int] | None = None) -> None:
         self.images, self.cfg, self.rank, self.debug = images, cfg, rank, debug
         self.exact_hue, self.host_jitter, self.photometric = exact_hue, host_jitter, photometric
         self.source_workers = source_workers
@@ -354,7 +390,8 @@ class DALITrainLoader:
         self.device = (torch.device("cuda", device_id) if device_id is not None
                        else torch.device("cpu"))
         self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
-        self.iteration = start_iteration
+        self.steps = steps if steps is not None else _Consecutive(start_iteration)
+        self.served = 0  # batches this loader has returned
         self.skipped: set[str] = set()  # reported so far (same bookkeeping as TrainLoader)
         self.last_debug: dict | None = None  # with debug: plan/meta/decoded shape of the last batch
         self._start()
@@ -366,7 +403,8 @@ class DALITrainLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         source = _Source(self.images, self.order, self.cfg, self.iteration,
-                         photometric_params=self.photometric == "triton")
+                         photometric_params=self.photometric == "triton",
+                         steps=_Shifted(self.steps, self.served))
         # The DALI seed only feeds operators we do not randomise; keep it a function of the run.
         seed = (self.cfg.data.seed * 1_000_003 + self.rank) % 2**31
         self.pipe = build_pipeline(source, self.cfg, self.device_id,
@@ -375,6 +413,10 @@ class DALITrainLoader:
                                    host_jitter=self.host_jitter, photometric=self.photometric,
                                    source_workers=self.source_workers)
         self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
+
+    @property
+    def iteration(self) -> int:
+        return self.steps(self.served)
 
     @property
     def num_images(self) -> int:
@@ -388,7 +430,7 @@ class DALITrainLoader:
         of the steps in flight, skip it, and restart the pipeline at the current step."""
         depth = 3  # prefetch queue (2) + the step being returned
         found = []
-        for step in range(self.iteration, self.iteration + depth):
+        for step in (self.steps(j) for j in range(self.served, self.served + depth)):
             for k in range(step * self.cfg.data.batch_size_per_gpu,
                            (step + 1) * self.cfg.data.batch_size_per_gpu):
                 _, index = self.order.sample(k)
@@ -418,7 +460,7 @@ class DALITrainLoader:
         else:
             raise RuntimeError("DALI loader: too many undecodable files in a row")
         batch = self._to_batch(out)
-        self.iteration += 1
+        self.served += 1
         return batch
 
     def _to_batch(self, out: dict) -> Batch:
@@ -484,12 +526,40 @@ class DALITrainLoader:
         return tuple(out)
 
 
+class MixedResolutionLoader:
+    """crops.resolution_mix on DALI: one pipeline per (global, local, Gram) triple (a DALI graph
+    has one size), each serving the steps that drew its triple (`loader.StepsOfResolution`);
+    step s comes from the pipeline of `resolution_of(seed, s)`, so the stream is the torch
+    loader's choice of sizes, the same on every rank and on a resume. Each pipeline prefetches
+    its own next batches: memory and threads grow with the number of triples."""
+
+    def __init__(self, loaders: list[DALITrainLoader], seed: int, ratios, start_iteration: int):
+        self.loaders, self.seed, self.ratios = loaders, seed, ratios
+        self.iteration = start_iteration
+        self.skipped: set[str] = set()
+
+    @property
+    def num_images(self) -> int:
+        return self.loaders[0].num_images
+
+    def __iter__(self) -> "MixedResolutionLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        loader = self.loaders[resolution_of(self.seed, self.iteration, self.ratios)]
+        assert loader.iteration == self.iteration  # its next batch is this step's
+        batch = next(loader)
+        self.iteration += 1
+        return batch
+
+
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
                       exact_hue: bool | None = None,
                       host_jitter: bool | None = None,
                       photometric: str | None = None,
-                      source_workers: int | None = None) -> DALITrainLoader:
+                      source_workers: int | None = None
+                      ) -> DALITrainLoader | MixedResolutionLoader:
     """Infinite iterator of this rank's `Batch`es from step `start_iteration`: on the current CUDA
     device when there is one (crops stay on the GPU), CPU-only DALI otherwise. exact_hue: the
     exact ColorJitter graph; photometric: "dali" (the graph does every op) or "triton" (the graph
@@ -513,5 +583,17 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                 start_iteration, photometric if photometric == "triton" else
                 f"DALI graph ({'exact' if exact_hue else 'fast'})",
                 f"{source_workers} worker processes" if source_workers else "this process")
-    return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
-                           exact_hue, host_jitter, photometric, source_workers)
+    variants = cfg.crops.variants()
+    if len(variants) == 1:
+        return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
+                               exact_hue, host_jitter, photometric, source_workers)
+    ratios = np.array([r for _, r in variants])
+    loaders = [DALITrainLoader(images, dataclasses.replace(cfg, crops=crops), rank, world_size,
+                               start_iteration, device_id, debug, exact_hue, host_jitter,
+                               photometric, source_workers,
+                               steps=StepsOfResolution(cfg.data.seed, ratios, k, start_iteration))
+               for k, (crops, _) in enumerate(variants)]
+    logger.info("DALI loader: crops.resolution_mix, one pipeline per triple: %s",
+                ", ".join(f"{c.global_crops_size}/{c.local_crops_size}/"
+                          f"{c.gram_teacher_crops_size} ({r:.0%})" for c, r in variants))
+    return MixedResolutionLoader(loaders, cfg.data.seed, ratios, start_iteration)

@@ -74,6 +74,33 @@ class ShardedInfiniteOrder:
         return [self.sample(k) for k in range(step * batch_size, (step + 1) * batch_size)]
 
 
+def resolution_of(seed: int, step: int, ratios) -> int:
+    """The crops.resolution_mix entry of `step`: drawn from the data seed and the step, not the
+    rank, so every rank and every loader (torch, DALI) picks the same one, and a resume too; 0
+    without a mix."""
+    if len(ratios) == 1:
+        return 0
+    return int(np.random.default_rng([seed, _RESOLUTION, step]).choice(len(ratios), p=ratios))
+
+
+class StepsOfResolution:
+    """j -> the j-th step from `start` (j = 0, 1, ...) whose resolution is entry `k`: the steps a
+    loader of that one resolution serves (DALI keeps one pipeline per entry). Picklable for
+    DALI's worker processes; the scan is memoised."""
+
+    def __init__(self, seed: int, ratios, k: int, start: int) -> None:
+        self.seed, self.ratios, self.k, self.start = seed, list(ratios), k, start
+        self._steps: list[int] = []
+        self._next = start
+
+    def __call__(self, j: int) -> int:
+        while len(self._steps) <= j:
+            if resolution_of(self.seed, self._next, np.asarray(self.ratios)) == self.k:
+                self._steps.append(self._next)
+            self._next += 1
+        return self._steps[j]
+
+
 class MultiCropBatches(Dataset):
     """Item `step` = the collated `Batch` of that step for one rank."""
 
@@ -104,12 +131,8 @@ class MultiCropBatches(Dataset):
         return 2**62
 
     def resolution(self, step: int) -> int:
-        """The crops.resolution_mix entry of `step`: the same on every rank (the data seed and the
-        step, not the rank), and on a resume; 0 without a mix."""
-        if len(self.variants) == 1:
-            return 0
-        return int(np.random.default_rng([self.seed, _RESOLUTION, step]).choice(
-            len(self.variants), p=self.ratios))
+        """The crops.resolution_mix entry of `step` (`resolution_of`)."""
+        return resolution_of(self.seed, step, self.ratios)
 
     def sample(self, epoch: int, index: int, variant: int = 0) -> dict:
         crops_cfg, augment, _ = self.variants[variant]
@@ -221,10 +244,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
 
     data.loader: torch -> this loader; dali -> `fastdino.data.dali` (an error if it cannot run);
     auto -> DALI when it is importable and CUDA is present, else this loader."""
-    if cfg.data.loader == "auto" and cfg.crops.resolution_mix:
-        logger.info("data.loader=auto: the torch loader (crops.resolution_mix: one DALI graph "
-                    "has one size)")
-    elif cfg.data.loader in ("dali", "auto"):
+    if cfg.data.loader in ("dali", "auto"):
         try:  # imported lazily: dali.py builds on this module
             from fastdino.data import dali
         except ImportError as e:

@@ -608,3 +608,30 @@ def test_source_workers_ignore_stop_signals(image_dir):
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     for _ in range(3):
         next(loader)
+
+
+@needs_dali
+def test_resolution_mix_one_pipeline_per_triple(image_dir):
+    """crops.resolution_mix on DALI: each step's batch is the one a single-resolution DALI loader
+    of that step's triple gives at that step (one pipeline per triple, each serving its steps),
+    the sizes follow the torch loader's draw, and a resumed mix continues exactly."""
+    from fastdino.data.loader import resolution_of
+
+    mix = "crops.resolution_mix=[[32,16,null,1],[48,32,null,1]]"
+    cfg = _cfg(image_dir, mix, "data.loader=dali", batch=2)
+    loader = _dali(cfg, photometric="triton")
+    got = [_cpu(next(loader)) for _ in range(6)]
+    choices = [resolution_of(cfg.data.seed, s, loader.ratios) for s in range(6)]
+    assert set(choices) == {0, 1}
+    for s, (b, k) in enumerate(zip(got, choices, strict=True)):
+        g, lo = ((32, 16), (48, 32))[k]
+        assert (b.global_crops.shape[-1], b.local_crops.shape[-1]) == (g, lo)
+        single = _cfg(image_dir, f"crops.global_crops_size={g}", f"crops.local_crops_size={lo}",
+                      batch=2)
+        ref = _cpu(next(_dali(single, photometric="triton", start_iteration=s)))
+        for f in ("global_crops", "local_crops", "masks"):
+            assert torch.equal(getattr(b, f), getattr(ref, f)), (s, f)
+    resumed = _dali(cfg, photometric="triton", start_iteration=3)
+    for s in range(3, 6):
+        b = _cpu(next(resumed))
+        assert torch.equal(b.global_crops, got[s].global_crops), s

@@ -251,8 +251,8 @@ def test_resolution_mix_rules(image_dir):
 
     with pytest.raises(ConfigError, match="gram sizes set exactly when"):
         _cfg(image_dir, MIX)  # Gram sizes in the mix but no Gram crops
-    with pytest.raises(ConfigError, match=r"data.loader=torch .* data.torch_photometric=cpu"):
-        _cfg(image_dir, MIX, "crops.gram_teacher_crops_size=48", "data.loader=dali")
+    with pytest.raises(ConfigError, match=r"DALI loader .* data.torch_photometric=cpu"):
+        _cfg(image_dir, MIX, "crops.gram_teacher_crops_size=48", "data.torch_photometric=gpu")
     with pytest.raises(ConfigError, match=r"crops.global_crops_size.*multiple of model.patch"):
         _cfg(image_dir, "crops.resolution_mix=[[40,16,null,1.0]]")
     cfg = _cfg(image_dir, "crops.resolution_mix=[[32,16,null,1],[48,32,null,3]]")
