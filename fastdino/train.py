@@ -425,6 +425,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="yaml preset, e.g. configs/smoke.yaml")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (the LOCAL_RANK env var is what is used)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (presets, base: chains and overrides applied, "
+                        "every key) as yaml and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/imgs")
     return p.parse_args(argv)
 
@@ -434,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:  # a bad key, value or teacher run: its message, not a traceback (same on every rank)
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         trainer = Trainer(cfg)
     except ConfigError as e:
         logger.error("config error: %s", e)

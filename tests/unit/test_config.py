@@ -190,3 +190,20 @@ def test_vitl16_stages_chain():
         assert c.dino.local_loss_weight == 0.5
     assert s3.gram.it_load_ema_teacher == 0 and not s3.gram.rep_update
     assert s3.crops.gram_teacher_crops_size == 1.5 * s3.crops.global_crops_size == 768
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    """`train.py --print-config`: presets, base: chains and overrides applied, every key, then
+    exit without training; it loads back to the same config."""
+    import yaml
+
+    from fastdino.train import main
+
+    preset = Path(__file__).parents[2] / "configs" / "vitl16_gram.yaml"
+    assert main(["--config", str(preset), "--print-config", "optim.lr=3e-5"]) == 0
+    out = capsys.readouterr().out  # (less DeepSpeed's import-time "[...] Setting accelerator"
+    printed = yaml.safe_load("\n".join(line for line in out.splitlines()  # lines on a CPU box)
+                                        if not line.startswith("[")))
+    want = load_config(preset, ["optim.lr=3e-5"])
+    assert printed == want.to_dict()
+    assert printed["model"]["arch"] == "vit_large" and printed["gram"]["use"] is True
