@@ -306,8 +306,9 @@ class SSLMetaArch:
         if 0 < g.it_load_ema_teacher < start:
             logger.warning("gram.it_load_ema_teacher=%d lies before the resume iteration %d and "
                            "the checkpoint holds no Gram teacher: the Gram teacher is the EMA "
-                           "teacher of iteration %d (for an earlier one, gram.ckpt = that "
-                           "checkpoint's trainer_state.pt)", g.it_load_ema_teacher, start, start)
+                           "teacher of iteration %d (for an earlier one, gram.ckpt = a teacher "
+                           "snapshot, train.teacher_snapshot_every, or an earlier checkpoint "
+                           "folder)", g.it_load_ema_teacher, start, start)
         else:
             logger.info("Gram stage from iteration %d: the Gram teacher is the resumed EMA "
                         "teacher", start)
