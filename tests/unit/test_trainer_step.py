@@ -206,6 +206,11 @@ def test_teacher_snapshots_feed_the_gram_stage(tmp_path, caplog):
     # a load iteration after the resume point waits as usual
     t = Trainer(load_config(SMOKE, [*stage1, *gram, "gram.it_load_ema_teacher=3"]))
     assert not t.arch.gram_ready
+    # one before it cannot be honoured: the resumed EMA teacher, and a warning that says so
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastdino"):
+        t = Trainer(load_config(SMOKE, [*stage1, *gram, "gram.it_load_ema_teacher=1"]))
+    assert t.arch.gram_ready and "lies before the resume iteration 2" in caplog.text
 
 
 def test_a_changed_config_keeps_the_previous_one(tmp_path, caplog):
