@@ -112,3 +112,22 @@ def test_gram_teacher_load_refresh_and_loss(tmp_path):
     # refreshed after iteration 1, so it lags the EMA teacher that kept moving until iteration 3
     assert not torch.equal(gram["blocks.0.attn.qkv.weight"],
                            teacher["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_torchrun_launches_deepspeed_ranks(tmp_path):
+    """`torchrun --nproc_per_node N fastdino/train.py` (USERS.md §2: no Slurm, no DeepSpeed
+    launcher) runs the DeepSpeed engine over the N ranks torchrun started."""
+    import subprocess
+    import sys
+
+    from trainer_helpers import REPO, TRAIN, _env, _free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(TRAIN), "--config", str(SMOKE), *FAST,
+           f"train.output_dir={out}", "train.max_iterations=3"]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "DeepSpeed ZeRO-1, torch.float32, 2 rank(s)" in p.stderr
+    assert [m["iteration"] for m in read_metrics(out)] == [1, 2, 3]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
