@@ -8,11 +8,14 @@ Accepted layouts:
     DINOv2 checkpoints (register_tokens, fused w12, chunked blocks) -- renamed (from_dinov2_names)
     timm DINOv3 models (reg_token, gamma_1, q_bias / v_bias) -- renamed, and what timm does not
         store (mask token, RoPE periods, zero biases) added for the target (models/timm_convert.py)
-Never a silent partial load: a missing or unexpected key, or a shape mismatch, raises and names it.
+Never a silent partial load: a missing or unexpected key, or a shape mismatch, raises and names it
+(the one exception: a missing `mask_token`, a training-only parameter that inference formats drop,
+is set to zeros, the official init, and logged).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 
@@ -25,6 +28,8 @@ from fastdino.models.timm_convert import (
     from_timm_state_dict,
     is_timm_state_dict,
 )
+
+logger = logging.getLogger("fastdino.models")
 
 _NON_BACKBONE_PREFIXES = ("dino_head.", "ibot_head.", "dino_loss.", "ibot_patch_loss.")
 
@@ -95,6 +100,11 @@ def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]
     if is_timm_state_dict(sd):
         sd = complete_from_timm(from_timm_state_dict(sd), backbone)
     expected = backbone.state_dict()
+    if "mask_token" in expected and "mask_token" not in sd:
+        # a training-only parameter that inference formats drop (timm's DINOv2 and DINOv3
+        # models): zeros, the official init; it matters only when continued pretraining masks
+        sd = {**sd, "mask_token": torch.zeros(expected["mask_token"].shape)}
+        logger.info("the weights hold no mask token: set to zeros (the official init)")
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"

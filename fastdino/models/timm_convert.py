@@ -17,11 +17,17 @@ tests/unit/test_timm_parity.py.
     blocks.i.mlp.w1 / w2 / w3              blocks.i.mlp.fc1_g / fc1_x / fc2 (SwiGLU, align_to)
     local_cls_norm.*                       (none: training-only, dropped)
 
+timm's DINOv2 models (`vit_*_patch14_dinov2`) use the official DINOv2 names, except that the
+register models keep `reg_token`, a position table without the CLS slot (its value folded into
+`cls_token`) and, for ViT-g, a packed SwiGLU `mlp.fc1` = [gate; up]: `complete_from_timm` unfolds
+them for a DINOv2-architecture backbone (exact: a zero CLS slot gives the same sum).
+
 timm's models without `_qkvb` have no qkv bias: the released distilled ViT-S/B/L/H+ were trained
 with biases that ended all zero, so timm dropped them. Loading such a file into a backbone with qkv
 biases restores the zeros; loading any timm file gives a zero mask token (the official init: timm
 keeps none) and RoPE periods from the backbone's own base (timm's rope_temperature, 100 for every
-DINOv3 model). `complete_from_timm` does this and nothing else.
+DINOv3 model). `complete_from_timm` does this and nothing else (the mask token: the loader's
+general rule, state_dict_io).
 
 Writing uses only key names and plain json; timm itself is not imported (it needs torchvision).
 """
@@ -142,16 +148,28 @@ def complete_from_timm(sd: dict[str, torch.Tensor], backbone: DinoVisionTransfor
     """Add what a timm file cannot hold (module docstring) for `backbone`; every other key is left
     to the strict load, so a file of another architecture still fails by name."""
     sd = dict(sd)
-    expected = backbone.state_dict()
-    if "mask_token" in expected and "mask_token" not in sd:
-        sd["mask_token"] = torch.zeros(expected["mask_token"].shape)
-        logger.info("timm weights hold no mask token: set to zeros (the official init)")
     rope = backbone.rope_embed
     if rope is not None and "rope_embed.periods" not in sd:
         j = torch.arange(rope.head_dim // 4, dtype=torch.float32)
         sd["rope_embed.periods"] = rope.base ** (2 * j / (rope.head_dim // 2))
+    pos = getattr(backbone, "pos_embed", None)
+    if pos is not None and "pos_embed" in sd and sd["pos_embed"].shape[1] == pos.shape[1] - 1:
+        # timm's DINOv2 register models (no_embed_class): the table has no CLS slot, the CLS
+        # position is folded into cls_token (timm's checkpoint filter adds it there), so a zero
+        # CLS slot gives the same sum, exactly
+        sd["pos_embed"] = torch.cat([sd["pos_embed"].new_zeros(1, 1, pos.shape[2]),
+                                     sd["pos_embed"]], dim=1)
     restored = 0
     for i, block in enumerate(backbone.blocks):
+        fc1 = f"blocks.{i}.mlp.fc1.weight"
+        if hasattr(block.mlp, "w1") and fc1 in sd:  # timm's SwiGLUPacked (DINOv2 ViT-g): fc1
+            for kind in ("weight", "bias"):         # holds [gate; up] as the official w12
+                packed = sd.pop(f"blocks.{i}.mlp.fc1.{kind}", None)
+                if packed is not None:
+                    gate, up = packed.chunk(2, dim=0)
+                    sd[f"blocks.{i}.mlp.w1.{kind}"], sd[f"blocks.{i}.mlp.w2.{kind}"] = gate, up
+                if f"blocks.{i}.mlp.fc2.{kind}" in sd:
+                    sd[f"blocks.{i}.mlp.w3.{kind}"] = sd.pop(f"blocks.{i}.mlp.fc2.{kind}")
         qkv = block.attn.qkv
         key = f"blocks.{i}.attn.qkv.bias"
         if qkv.bias is not None and key not in sd and f"blocks.{i}.attn.qkv.weight" in sd:

@@ -202,3 +202,30 @@ def test_dinov2_export_loads_in_timm(timm, name, registers):
     torch.testing.assert_close(out["x_norm_clstoken"], ref[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + registers:], rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("name, ffn", [("vit_small_patch14_reg4_dinov2", "mlp"),
+                                       ("vit_giant_patch14_reg4_dinov2", "swiglu"),
+                                       ("vit_small_patch14_dinov2", "mlp")])
+def test_timm_dinov2_weights_load(timm, name, ffn):
+    """timm's DINOv2 models into a DINOv2-architecture backbone: the register models' folded CLS
+    position and (ViT-g) packed SwiGLU unfold exactly; the others are the official names."""
+    registers = 4 if "reg4" in name else 0
+    small = dict(img_size=56, embed_dim=64, depth=2, num_heads=4)
+    if ffn == "swiglu":
+        small["mlp_ratio"] = 2.75  # packed [gate; up] of 2 x 88: a multiple of 8, as ours
+    model = timm.create_model(name, pretrained=False, **small).eval()
+    _perturb(model)
+    ours = DinoVisionTransformer(
+        embed_dim=64, depth=2, num_heads=4, patch_size=14, pos_embed="learned", pos_embed_grid=4,
+        n_storage_tokens=registers, mask_k_bias=False, norm_eps=1e-6, ffn_layer=ffn,
+        ffn_ratio=4.0 if ffn == "mlp" else 132 / 64, interpolate_offset=0.0 if registers else 0.1,
+        interpolate_antialias=bool(registers)).eval()
+    load_backbone_state_dict(ours, model.state_dict())
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        out = ours.forward_features(x)
+    torch.testing.assert_close(out["x_norm_clstoken"], ref[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + registers:], rtol=1e-5,
+                               atol=1e-5)
