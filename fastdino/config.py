@@ -710,6 +710,11 @@ class Config:
             _check(
                 v is None or v % ps == 0, f"crops.{key}", f"a multiple of model.patch_size={ps}", v
             )
+        _check(self.koleo.loss_weight == 0 or self.koleo.distributed
+               or self.data.batch_size_per_gpu >= 2, "koleo.loss_weight",
+               "0 when data.batch_size_per_gpu is 1 (KoLeo takes each image's nearest neighbour "
+               "among the rank's images; or raise the batch, or koleo.distributed=true)",
+               self.koleo.loss_weight)
         _check(
             not (self.distillation.enabled and self.gram.use),
             "gram.use",

@@ -207,3 +207,12 @@ def test_print_config_shows_the_resolved_config(capsys):
     want = load_config(preset, ["optim.lr=3e-5"])
     assert printed == want.to_dict()
     assert printed["model"]["arch"] == "vit_large" and printed["gram"]["use"] is True
+
+
+def test_koleo_at_batch_one_is_a_config_error():
+    """v2#314: KoLeo needs a neighbour, so at one image per rank it is NaN / an error mid-run;
+    the config says so at the start, with the ways out."""
+    with pytest.raises(ConfigError, match=r"koleo.loss_weight.*batch_size_per_gpu is 1"):
+        load_config(None, ["data.batch_size_per_gpu=1"])
+    for ok in (["koleo.loss_weight=0"], ["koleo.distributed=true"]):
+        assert load_config(None, ["data.batch_size_per_gpu=1", *ok]).data.batch_size_per_gpu == 1
