@@ -622,6 +622,11 @@ class TrainConfig:
     # image files and folders of them, or "sample" (the embedded sample photos); null = off
     pca_images: tuple[str, ...] | None = None
     pca_resolution: int = 448  # image height in pixels (a multiple of the patch size is used)
+    # metric sinks beside metrics.jsonl (fastdino/loggers.py; the `log` extra): TensorBoard event
+    # files in <output_dir>/tensorboard/; a Weights & Biases run (its id kept for resumes)
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None  # default: W&B's own
 
     def validate(self, p: str = "train") -> None:
         for name in (

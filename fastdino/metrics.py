@@ -11,7 +11,8 @@ and appends the same values, plus every other term, as one JSON object per line 
 `<output_dir>/metrics.jsonl` (`iteration`, `time`, official names: lr, wd, mom, last_layer_lr,
 total_loss, dino_local_crops_loss, ..., backbone_grad_norm, ...; `<module>_grad_norm` is the norm
 before the per-module clip, `<module>_grad_norm_clipped` what the optimizer stepped with). Values
-are averaged over ranks by the caller before they reach here.
+are averaged over ranks by the caller before they reach here. The same records go to the optional
+TensorBoard and W&B sinks (fastdino/loggers.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ SHORT = (("total_loss", "total_loss"), ("dino_local_crops_loss", "dino_local"),
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, total_iterations: int, start_iteration: int,
-                 images_per_step: int, enabled: bool, printer=print):
+                 images_per_step: int, enabled: bool, printer=print, sinks=()):
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.sinks = list(sinks)  # fastdino/loggers.py: TensorBoard, W&B (rank 0)
         self.total, self.enabled, self.printer = total_iterations, enabled, printer
         self.images_per_step = images_per_step
         self._t0, self._it0 = time.perf_counter(), start_iteration
@@ -60,4 +62,10 @@ class MetricsLogger:
             held = " (backbone 0)" if values.get("backbone_lr", lr) == 0 < lr else ""
             self.printer(f"it {iteration}/{self.total} | {terms} | lr {lr:.3g}{held} | "
                          f"{img_s:.1f} img/s{data} | ETA {eta}")
+            for sink in self.sinks:
+                sink.log(iteration, rec)
         return rec
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -61,6 +61,10 @@ class Trainer:
             _keep_previous_config(cfg, self.out / "config.yaml")
             save_config(cfg, self.out / "config.yaml")
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
+        from fastdino.loggers import build_sinks, check_sinks_available
+
+        check_sinks_available(cfg)  # every rank: a missing TensorBoard / W&B stops all alike
+        self.sinks = build_sinks(cfg, self.out) if fdist.is_main_process() else []
         self.arch = SSLMetaArch(cfg, self.info.device)
         groups = build_param_groups(self.arch.student, self.arch.student.backbone.n_blocks,
                                     cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
@@ -223,15 +227,18 @@ class Trainer:
         logger.info("%s", schedule_in_data_passes(cfg, self.max_it, self.global_batch,
                                                   loader.num_images))
         metrics = MetricsLogger(self.out, self.max_it, self.start_iteration, self.global_batch,
-                                fdist.is_main_process(), printer=logger.info)
+                                fdist.is_main_process(), printer=logger.info, sinks=self.sinks)
         health = HealthMonitor.from_config(cfg)
         if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
             set_rng_state(self.resume_rng)
         history = []
         it = self.start_iteration
-        with StopOnSignal(cfg.train.stop_signals) as self.stop:
-            path = self._loop(it, loader, metrics, health, history)
-        self.stop = None
+        try:
+            with StopOnSignal(cfg.train.stop_signals) as self.stop:
+                path = self._loop(it, loader, metrics, health, history)
+        finally:
+            self.stop = None
+            metrics.close()  # flush the TensorBoard / W&B sinks, also on an error
         if self.stopped_by is not None:
             return history  # not finished: no export (resume, then it comes at the end)
         if self.start_iteration >= self.max_it:
