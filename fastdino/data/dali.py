@@ -163,8 +163,7 @@ class _Source:
     def probe(self, index: int) -> tuple[np.ndarray, int, int, int]:
         """(bytes, width, height, index used): `index` or the next file that passes the probe."""
         paths, n = self.images.paths, len(self.images.paths)
-        for k in range(n):
-            i = (index + k) % n
+        for i in self.images.candidates(index):
             if paths[i] in self.images.skipped:
                 continue
             try:
@@ -514,10 +513,9 @@ class DALITrainLoader:
         return finish_crops(raw, self.cfg)
 
     def _skipped_paths(self, meta: torch.Tensor) -> tuple[str, ...]:
-        paths, n, out = self.images.paths, len(self.images.paths), []
+        out = []
         for _, index, used in meta.tolist():
-            for k in range((used - index) % n):
-                out.append(paths[(index + k) % n])
+            out += self.images.between(index, used)
         for path in out:
             if path not in self.skipped:
                 self.skipped.add(path)

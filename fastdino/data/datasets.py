@@ -130,13 +130,23 @@ class ImageFolderUnlabeled:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def candidates(self, index: int):
+        """The indices to try for `index`, in order: it, then the next ones, wrapping around (an
+        unreadable file is replaced by the next readable one)."""
+        n = len(self.paths)
+        return ((index + k) % n for k in range(n))
+
+    def between(self, index: int, used: int) -> list[str]:
+        """The names passed over from `index` to the `used` one (the skipped files)."""
+        n = len(self.paths)
+        return [self.paths[(index + k) % n] for k in range((used - index) % n)]
+
     def load(self, index: int) -> tuple[Image.Image, int, tuple[str, ...]]:
         """(RGB image, index actually used, paths skipped on the way). Raises only if no file of
         the dataset can be decoded."""
         n = len(self.paths)
         bad = []
-        for k in range(n):
-            i = (index + k) % n
+        for i in self.candidates(index):
             path = self.paths[i]
             if path in self.skipped:
                 bad.append(path)
