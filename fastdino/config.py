@@ -549,9 +549,16 @@ class DataConfig:
     batch_size_per_gpu: int = 64  # B, images per rank per step
     num_workers: int = 4  # torch loader worker processes
     seed: int = 0  # data shuffling / augmentation seed
+    # a second source read as homogeneous batches (the DINOv3 paper: 10 % of the steps are
+    # ImageNet-1k batches): each step, with probability homogeneous_ratio (drawn from the seed and
+    # the step, the same on every rank), the whole global batch comes from it (data/mixing.py)
+    homogeneous_root: str | None = None
+    homogeneous_ratio: float = 0.1
 
     def validate(self, p: str = "data") -> None:
         _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
+        _check(0 < self.homogeneous_ratio < 1, f"{p}.homogeneous_ratio",
+               "a share of the steps in (0, 1)", self.homogeneous_ratio)
         _choice(self.dali_jitter, f"{p}.dali_jitter", ("exact", "fast", "triton"))
         _choice(self.torch_photometric, f"{p}.torch_photometric", ("cpu", "gpu"))
         _check(self.dali_source_workers >= 0, f"{p}.dali_source_workers",

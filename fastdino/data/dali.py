@@ -80,6 +80,7 @@ from fastdino.data.loader import (
     StepsOfResolution,
     augmentation_rng,
     build_dataset,
+    build_order,
     masking_rng,
     resolution_of,
 )
@@ -388,7 +389,7 @@ class DALITrainLoader:
         self.device_id = device_id
         self.device = (torch.device("cuda", device_id) if device_id is not None
                        else torch.device("cpu"))
-        self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
+        self.order = build_order(images, cfg, rank, world_size)
         self.steps = steps if steps is not None else _Consecutive(start_iteration)
         self.served = 0  # batches this loader has returned
         self.skipped: set[str] = set()  # reported so far (same bookkeeping as TrainLoader)

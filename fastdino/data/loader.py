@@ -53,15 +53,19 @@ def masking_rng(seed: int, step: int, rank: int) -> np.random.Generator:
 class ShardedInfiniteOrder:
     """Which (epoch, dataset index) rank `rank` of `world_size` reads as its k-th sample."""
 
-    def __init__(self, num_images: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_images: int, seed: int, rank: int = 0, world_size: int = 1,
+                 stream: int = 0) -> None:
+        """`stream` > 0: another permutation sequence from the same seed (a second source)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.n, self.seed, self.rank, self.world_size = num_images, seed, rank, world_size
+        self.stream = stream
         self._cache: tuple[int, np.ndarray] | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, _PERMUTATION, epoch]).permutation(self.n)
+            key = [self.seed, _PERMUTATION, epoch] + ([self.stream] if self.stream else [])
+            perm = np.random.default_rng(key).permutation(self.n)
             self._cache = (epoch, perm)
         return self._cache[1]
 
@@ -101,6 +105,20 @@ class StepsOfResolution:
         return self._steps[j]
 
 
+def build_order(images, cfg: Config, rank: int, world_size: int):
+    """The file order of a rank: ShardedInfiniteOrder, or with data.homogeneous_root (images a
+    mixing.ConcatImages) the mixing.MixedOrder of both sources."""
+    from fastdino.data.mixing import ConcatImages, MixedOrder
+
+    seed = cfg.data.seed
+    if not isinstance(images, ConcatImages):
+        return ShardedInfiniteOrder(len(images), seed, rank, world_size)
+    main = ShardedInfiniteOrder(images.offset, seed, rank, world_size)
+    homo = ShardedInfiniteOrder(len(images) - images.offset, seed, rank, world_size, stream=1)
+    return MixedOrder(main, homo, seed, cfg.data.homogeneous_ratio,
+                      cfg.data.batch_size_per_gpu, images.offset)
+
+
 class MultiCropBatches(Dataset):
     """Item `step` = the collated `Batch` of that step for one rank."""
 
@@ -108,7 +126,7 @@ class MultiCropBatches(Dataset):
                  world_size: int) -> None:
         self.images = images
         images.log_skipped = False  # workers would each log it; TrainLoader reports once per file
-        self.order = ShardedInfiniteOrder(len(images), cfg.data.seed, rank, world_size)
+        self.order = build_order(images, cfg, rank, world_size)
         # one (crops, augmentation, mask generator) per resolution of crops.resolution_mix, and
         # its probability; a single one without a mix
         variants = cfg.crops.variants()
@@ -228,14 +246,23 @@ def build_dataset(cfg: Config, ranks: tuple[int, int] | None = None) -> ImageFol
     if d.root is not None and d.file_list is not None:
         raise ValueError(f"set only one of data.root={d.root!r} and data.file_list={d.file_list!r}")
     if d.file_list is not None:
-        return ImageFolderUnlabeled(file_list=d.file_list, ranks=ranks)
-    if d.root is None:
+        main = ImageFolderUnlabeled(file_list=d.file_list, ranks=ranks)
+    elif d.root is None:
         from fastdino.data.sample_data import sample_images_dir
 
         root = sample_images_dir()
         logger.info("data.root is not set: using the embedded sample images in %s", root)
-        return ImageFolderUnlabeled(root=root)
-    return ImageFolderUnlabeled(root=d.root, ranks=ranks)  # folder, shard or pattern: sources.py
+        main = ImageFolderUnlabeled(root=root)
+    else:
+        main = ImageFolderUnlabeled(root=d.root, ranks=ranks)  # folder, shard or pattern
+    if d.homogeneous_root is None:
+        return main
+    from fastdino.data.mixing import ConcatImages
+
+    homogeneous = ImageFolderUnlabeled(root=d.homogeneous_root, ranks=ranks)
+    logger.info("data.homogeneous_root: %.0f%% of the steps read only %s (%d images)",
+                100 * d.homogeneous_ratio, homogeneous.source, len(homogeneous))
+    return ConcatImages(main, homogeneous)
 
 
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,

@@ -635,3 +635,31 @@ def test_resolution_mix_one_pipeline_per_triple(image_dir):
     for s in range(3, 6):
         b = _cpu(next(resumed))
         assert torch.equal(b.global_crops, got[s].global_crops), s
+
+
+@needs_dali
+def test_homogeneous_batches_on_dali(image_dir, tmp_path):
+    """data.homogeneous_root on DALI: the steps the draw gives read only the second source (the
+    sampled indices lie past the main source's), the others only the main one, as the torch
+    loader's order says."""
+    import shutil
+
+    from fastdino.data.dali import build_dali_loader
+    from fastdino.data.loader import build_dataset, build_order
+
+    second = tmp_path / "second"
+    shutil.copytree(image_dir, second)
+    cfg = _cfg(image_dir, f"data.homogeneous_root={second}", "data.homogeneous_ratio=0.5",
+               batch=2)
+    images = build_dataset(cfg)
+    order = build_order(images, cfg, 0, 1)
+    loader = build_dali_loader(cfg, photometric="triton", debug=True)
+    sources = set()
+    for step in range(8):
+        next(loader)
+        meta = loader.last_debug["meta"]  # [B, 3]: epoch, index, used
+        homo = order.source(step)
+        sources.add(homo)
+        assert ((meta[:, 1] >= images.offset) == bool(homo)).all(), step
+        assert [tuple(r) for r in meta[:, :2].tolist()] == order.step(step, 2)
+    assert sources == {0, 1}
