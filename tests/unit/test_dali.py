@@ -593,8 +593,8 @@ def test_source_workers_ignore_stop_signals(image_dir):
     import signal
     import time
 
-    import psutil
-
+    psutil = pytest.importorskip("psutil", reason="psutil (the bench extra) finds the worker "
+                                 "processes; the GPU image may lack it")
     before = {p.pid for p in psutil.Process().children()}
     loader = _dali(_cfg(image_dir, batch=2), photometric="triton", source_workers=2)
     next(loader)
