@@ -135,7 +135,6 @@ class MultiCropBatches(Dataset):
         self.variants = [(c, DataAugmentationDINO(c), MaskingGenerator(
             c.global_crops_size // ps,
             max_num_patches=max_num_patches_for(c.global_crops_size, ps))) for c, _ in variants]
-        self.crops, self.augment, self.mask_generator = self.variants[0]
         # data.torch_photometric=gpu: workers do the geometry only (PIL), the trainer's device the
         # photometric ops (TrainLoader finishes the RawBatch)
         self.raw = cfg.data.torch_photometric == "gpu"
