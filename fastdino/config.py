@@ -848,17 +848,25 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+def preset_names() -> str:
+    return ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+
+
+def find_preset(spec: str | Path) -> Path | None:
+    """A yaml path, or the preset of that name in configs/; None if neither."""
+    for path in (Path(spec), PRESET_DIR / f"{spec}.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
 def resolve_preset(spec: str | Path, key: str) -> Path:
-    """A yaml path, or the preset of that name in configs/; ConfigError naming `key` if neither."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / f"{spec}.yaml"
-    if preset.is_file():
-        return preset
-    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-    raise ConfigError(f"config key '{key}' = {str(spec)!r} is invalid: allowed is a yaml file or "
-                      f"a preset name ({names})")
+    """find_preset, or a ConfigError naming `key` and the presets."""
+    path = find_preset(spec)
+    if path is None:
+        raise ConfigError(f"config key '{key}' = {str(spec)!r} is invalid: allowed is a yaml file "
+                          f"or a preset name ({preset_names()})")
+    return path
 
 
 def _resolve_base(base: Any, path: Path) -> Path:
@@ -871,9 +879,8 @@ def _resolve_base(base: Any, path: Path) -> Path:
     for cand in (relative, preset):
         if cand.is_file():
             return cand
-    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
     raise ConfigError(f"{path}: 'base' = {base!r} is neither {relative} nor a preset "
-                      f"(configs/: {names})")
+                      f"(configs/: {preset_names()})")
 
 
 def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> None:

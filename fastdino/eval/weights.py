@@ -45,13 +45,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdino.config import ModelConfig, load_config
+from fastdino.config import PRESET_DIR, ModelConfig, find_preset, load_config, preset_names
 from fastdino.models.backbones import ARCH_TABLE, build_backbone
 from fastdino.models.state_dict_io import load_backbone_state_dict
 
 logger = logging.getLogger("fastdino.eval")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = PRESET_DIR  # configs/
 TRAINER_STATE = "trainer_state.pt"  # fastdino.checkpoint.STATE_FILE
 HF_MODEL_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
 
@@ -71,14 +71,11 @@ def resolve_model_config(
     if config is None and arch is not None and (CONFIG_DIR / f"{arch}.yaml").is_file():
         config = arch  # an arch with a preset of its name (dinov2_*: patch 14, learned positions)
     if config is not None:
-        path = Path(config)
-        if not path.is_file():
-            path = CONFIG_DIR / f"{config}.yaml"
-        if not path.is_file():
-            presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        path = find_preset(config)
+        if path is None:
             raise FileNotFoundError(
                 f"--config {str(config)!r} is neither a yaml file nor a preset "
-                f"name: presets are {', '.join(presets)}"
+                f"name: presets are {preset_names()}"
             )
         model_cfg = load_config(path).model
     elif arch is not None:
