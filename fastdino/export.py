@@ -76,12 +76,11 @@ def export_with_heads(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     return [out]
 
 
-def _teacher_backbone(run_or_ckpt: str | Path, with_config: bool = False,
-                      config: str | None = None):
-    """The run's EMA teacher backbone as a module of the run's own architecture (strict load), or
-    of `config` (a preset name or yaml: for sources without a config.yaml, e.g. an official
-    DINOv3 checkpoint); with `with_config`, also that resolved Config."""
-    from fastdino.config import resolve_preset
+def _teacher_backbone(run_or_ckpt: str | Path, config: str | None = None):
+    """(the run's EMA teacher backbone as a module of the run's own architecture (strict load),
+    or of `config`: a preset name or yaml, for sources without a config.yaml, e.g. an official
+    DINOv3 checkpoint; that resolved Config)."""
+    from fastdino.config import load_config, resolve_preset
     from fastdino.eval.weights import resolve_model_config
     from fastdino.models.backbones import build_backbone
     from fastdino.models.state_dict_io import load_backbone_state_dict
@@ -96,11 +95,7 @@ def _teacher_backbone(run_or_ckpt: str | Path, with_config: bool = False,
     backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
     backbone = backbone.to_empty(device="cpu")
     load_backbone_state_dict(backbone, {"teacher": teacher})
-    if with_config:
-        from fastdino.config import load_config
-
-        return backbone.eval(), load_config(run_cfg)
-    return backbone.eval()
+    return backbone.eval(), load_config(run_cfg)
 
 
 def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = None) -> list[Path]:
@@ -112,7 +107,7 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
         raise ImportError("--format hf needs transformers: pip install 'fastdino[interop]'") from e
     from fastdino.models import hf_convert, hf_dinov2
 
-    backbone = _teacher_backbone(run_or_ckpt, config=config)
+    backbone, _ = _teacher_backbone(run_or_ckpt, config=config)
     if backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
         hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
         cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
@@ -142,7 +137,7 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = N
 
     from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
 
-    backbone, run_cfg = _teacher_backbone(run_or_ckpt, with_config=True, config=config)
+    backbone, run_cfg = _teacher_backbone(run_or_ckpt, config=config)
     config = timm_config_from_backbone(backbone, mean=run_cfg.crops.mean, std=run_cfg.crops.std)
     sd = {k: v.contiguous() for k, v in to_timm_state_dict(backbone.state_dict()).items()}
     out = Path(out)
