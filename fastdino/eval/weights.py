@@ -256,8 +256,7 @@ def _snapshot_run_config(path: Path) -> Path | None:
     (train.teacher_snapshot_every), so the snapshot evaluates without --arch; None otherwise."""
     if (path.name == "teacher_checkpoint.pth" and path.parent.name.startswith("training_")
             and path.parent.parent.name == "eval"):
-        cfg = path.parents[2] / "config.yaml"
-        return cfg if cfg.is_file() else None
+        return _run_config(path.parent)  # training_N/, eval/, <run>/
     return None
 
 
