@@ -229,8 +229,9 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
         if ckpt is None:
             from fastdino.models.official_dcp import find_official_checkpoint, read_official_teacher
 
-            if find_official_checkpoint(path) is not None:  # the official trainer's DCP
-                sd, dcp_dir = read_official_teacher(path)
+            dcp_dir = find_official_checkpoint(path)
+            if dcp_dir is not None:  # the official trainer's DCP
+                sd = read_official_teacher(dcp_dir)
                 return sd, f"official DINOv3 checkpoint {dcp_dir} (teacher)", None, None
             raise FileNotFoundError(
                 f"weights {str(weights)!r}: a folder with neither {TRAINER_STATE} (a checkpoint), "

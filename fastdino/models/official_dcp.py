@@ -3,7 +3,8 @@ directories `<output_dir>/ckpt/<iteration>/` holding {"iteration", "model", "opt
 "model" is the whole SSLMetaArch (`student.*`, `teacher.*`, `gram_teacher.*`, `dino_loss.*`, ...),
 and sharded eval snapshots (a DCP of the teacher module: `backbone.*`, `dino_head.*`, ...).
 
-    sd = read_official_teacher(path)   # {"teacher": {"backbone.cls_token": ..., "dino_head...."}}
+    ckpt = find_official_checkpoint(path)   # the DCP folder, or an output_dir's latest
+    sd = read_official_teacher(ckpt)  # {"teacher": {"backbone.cls_token": ..., "dino_head...."}}
 
 so `--weights`, `model.pretrained_weights`, `gram.ckpt` and `distillation.teacher` take an
 official run's teacher (heads included) without unsharding it first (USERS.md §5: v3#215,
@@ -123,10 +124,6 @@ def official_teacher(model: dict[str, torch.Tensor], where: Path) -> dict:
     return {"teacher": teacher}
 
 
-def read_official_teacher(path: Path) -> tuple[dict, Path]:
-    """({"teacher": ...}, the DCP directory read) of an official checkpoint or output_dir."""
-    ckpt = find_official_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path}: neither a DCP checkpoint ({METADATA}) nor an official "
-                                "output_dir with ckpt/<iteration>/ checkpoints")
-    return official_teacher(read_dcp_model(ckpt), ckpt), ckpt
+def read_official_teacher(ckpt: Path) -> dict:
+    """{"teacher": ...} of an official DCP checkpoint directory (find_official_checkpoint)."""
+    return official_teacher(read_dcp_model(ckpt), ckpt)
