@@ -2,15 +2,18 @@
 
     fastdino eval knn    --weights runs/smoke --data digits --image-size 64
     fastdino eval linear --weights vits16.pth --arch vit_small --data /imagenet_subset
-    fastdino eval seg    --weights hf_dinov3_folder/ --data /seg_folder --crop 512
-    fastdino eval depth  --weights runs/vitl16 --data /nyu_folder --eigen-crop
+    fastdino eval seg    --weights hf_dinov3_folder/ --data /ADEChallengeData2016 --crop 512
+    fastdino eval depth  --weights runs/vitl16 --data /datasets/NYU    (official split lists)
     fastdino eval pca    --weights runs/smoke IMAGE... --out pca/
 
 `--weights` is a training run / checkpoint folder, an exported .pth / .safetensors backbone, a
 Hugging Face DINOv3ViTModel or timm DINOv3 folder, or `random` (fastdino.eval.weights). The
 architecture comes from `--arch` or `--config` (preset name or yaml), else from the run's
 config.yaml or the folder's config.json. Results print as a table and, with `--json FILE`, are
-written as JSON.
+written as JSON. seg / depth read the standard benchmarks as downloaded (ADE20K, VOC 2012,
+Cityscapes, NYU-v2), list files or plain folders, and take the benchmark's protocol (classes,
+ADE20K's ignored id 0, NYU's depth scale and Eigen crop) unless a flag says otherwise
+(fastdino.eval.dense_layouts).
 Also runnable as `python -m fastdino.eval.cli ...`.
 """
 
@@ -60,6 +63,13 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_lists(p: argparse.ArgumentParser) -> None:
+    for split in ("train", "val"):
+        p.add_argument(f"--{split}-list", default=None, metavar="FILE",
+                       help=f"{split} pairs, one 'image target' line each, paths relative to "
+                            "--data (give both lists or neither)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdino eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,9 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("seg", help="dense linear probe (BN + 1x1 conv), mIoU",
                        formatter_class=fmt)
     _add_common(p, features=False)
-    p.add_argument("--data", required=True, help="folder with images/ + masks/ (or train/ and "
-                   "val/ each holding them); masks: integer PNGs, 255 = ignore")
-    p.add_argument("--num-classes", type=int, default=None, help="default: max mask id + 1")
+    p.add_argument("--data", required=True, help="ADE20K, Pascal VOC 2012 or Cityscapes as "
+                   "downloaded, or a folder with images/ + masks/ (or train/ and val/ each "
+                   "holding them); masks: integer PNGs, 255 = ignore (dense_layouts.py)")
+    _add_lists(p)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: the benchmark's (ADE20K 150, VOC 21, Cityscapes 19), else the "
+                        "max mask id + 1")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="ignore mask id 0 and shift the others down by one (default: on for "
+                        "ADE20K, off otherwise)")
     p.add_argument("--crop", type=int, default=512, help="training crop = sliding window")
     p.add_argument("--iterations", type=int, default=2000, help="official ADE20k: 40000")
     p.add_argument("--batch-size", type=int, default=16)
@@ -95,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("depth", help="dense linear depth probe (BN + 1x1 conv to 256 bins), "
                        "RMSE / AbsRel / delta1", formatter_class=fmt)
     _add_common(p, features=False)
-    p.add_argument("--data", required=True, help="folder with images/ + depth/ (or train/ and "
-                   "val/ each holding them); depth: 16-bit PNGs or float .npy metres, 0 = none")
-    p.add_argument("--depth-scale", type=float, default=1000.0,
-                   help="PNG value / scale = metres (NYU-v2 mm: 1000, KITTI: 256)")
+    p.add_argument("--data", required=True, help="NYU-v2 in the official DINOv3 / BTS layout "
+                   "(nyu_train.txt + nyu_test.txt), or a folder with images/ + depth/ (or train/ "
+                   "and val/ each holding them); depth: 16-bit PNGs or float .npy metres, 0 = "
+                   "none (dense_layouts.py)")
+    _add_lists(p)
+    p.add_argument("--depth-scale", type=float, default=None,
+                   help="PNG value / scale = metres (NYU-v2 mm: 1000, KITTI: 256; default 1000)")
     p.add_argument("--crop", type=int, nargs=2, default=[416, 544], metavar=("H", "W"),
                    help="training crop = sliding window (official NYU: 416 544)")
     p.add_argument("--iterations", type=int, default=2000, help="official NYU: 38400")
@@ -107,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--no-flip-tta", action="store_true",
                    help="do not average with the flipped image's prediction")
-    p.add_argument("--eigen-crop", action="store_true",
-                   help="evaluate inside the Eigen crop (480 x 640 NYU maps)")
+    p.add_argument("--eigen-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate inside the Eigen crop (480 x 640 NYU maps; default: on for the "
+                        "NYU layout, off otherwise)")
 
     p = sub.add_parser("pca", help="3-component PCA of patch features -> RGB PNGs (SPEC.md §8)",
                        formatter_class=fmt)
@@ -128,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-factor", type=float, default=2.0,
                    help="high-norm = above this x the image's median token norm")
     return parser
+
+
+def _first_set(*values):
+    """The user's flag, else the benchmark layout's protocol, else the default."""
+    return next(v for v in values if v is not None)
 
 
 def _cache_dir(arg: str | None) -> Path | None:
@@ -268,32 +294,40 @@ def _evaluate(args: argparse.Namespace) -> dict:
             _print_table(f"linear probe on {args.data}: {len(train)} train, {len(val)} val",
                          rows)
     elif args.cmd == "seg":
-        from fastdino.eval.seg import seg_eval, seg_splits
-        train, val = seg_splits(args.data)
-        res = seg_eval(backbone, train, val, n_classes=args.num_classes, crop=args.crop,
-                       iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                       num_workers=args.num_workers, seed=args.seed, progress=progress)
-        result.update(res)
+        from fastdino.eval.dense_layouts import seg_data
+        from fastdino.eval.seg import seg_eval
+        data = seg_data(args.data, args.train_list, args.val_list)
+        train, val = data.train, data.val
+        reduce_zero = _first_set(args.reduce_zero_label, data.reduce_zero_label, False)
+        res = seg_eval(backbone, train, val, n_classes=args.num_classes or data.n_classes,
+                       crop=args.crop, iterations=args.iterations, batch_size=args.batch_size,
+                       lr=args.lr, num_workers=args.num_workers, seed=args.seed,
+                       reduce_zero_label=reduce_zero, progress=progress)
+        result.update(res, layout=data.layout)
         rows = [("mIoU", f"{100 * res['miou']:.2f}"),
                 ("pixel acc", f"{100 * res['pixel_acc']:.2f}")]
         rows += [(f"IoU class {i}", "-" if v is None else f"{100 * v:.2f}")
                  for i, v in enumerate(res["iou"])]
-        _print_table(f"linear seg on {args.data}: {len(train)} train, {len(val)} val, window "
-                     f"{res['window']} stride {res['stride']}", rows)
+        _print_table(f"linear seg on {args.data} ({data.layout}): {len(train)} train, "
+                     f"{len(val)} val, window {res['window']} stride {res['stride']}", rows)
     elif args.cmd == "depth":
-        from fastdino.eval.depth import depth_eval, depth_splits
-        train, val = depth_splits(args.data)
+        from fastdino.eval.dense_layouts import depth_data
+        from fastdino.eval.depth import depth_eval
+        data = depth_data(args.data, args.train_list, args.val_list)
+        train, val = data.train, data.val
         res = depth_eval(backbone, train, val, crop=args.crop, iterations=args.iterations,
-                         batch_size=args.batch_size, lr=args.lr, depth_scale=args.depth_scale,
+                         batch_size=args.batch_size, lr=args.lr,
+                         depth_scale=_first_set(args.depth_scale, data.depth_scale, 1000.0),
                          num_workers=args.num_workers, seed=args.seed,
-                         flip_tta=not args.no_flip_tta, eigen_crop=args.eigen_crop,
+                         flip_tta=not args.no_flip_tta,
+                         eigen_crop=_first_set(args.eigen_crop, data.eigen_crop, False),
                          progress=progress)
-        result.update(res)
+        result.update(res, layout=data.layout)
         rows = [("RMSE (m)", f"{res['rmse']:.4f}"), ("AbsRel", f"{res['abs_rel']:.4f}"),
                 ("log10", f"{res['log10']:.4f}")]
         rows += [(f"delta{i}", f"{100 * res[f'delta{i}']:.2f}") for i in (1, 2, 3)]
-        _print_table(f"linear depth on {args.data}: {len(train)} train, {res['n_val']} val, "
-                     f"window {res['window']} stride {res['stride']}", rows)
+        _print_table(f"linear depth on {args.data} ({data.layout}): {len(train)} train, "
+                     f"{res['n_val']} val, window {res['window']} stride {res['stride']}", rows)
     else:
         from fastdino.eval.pca import write_pca_images
         files = write_pca_images(backbone, args.images, args.out, resolution=args.resolution,

@@ -33,6 +33,12 @@ def list_pairs(folder: str | Path, targets: str, exts: tuple[str, ...], hint: st
     if not img_dir.is_dir() or not tgt_dir.is_dir():
         raise FileNotFoundError(f"folder {str(folder)!r} needs images/ and {targets}/ subfolders "
                                 f"({hint})")
+    return stem_pairs(img_dir, tgt_dir, exts)
+
+
+def stem_pairs(img_dir: Path, tgt_dir: Path, exts: tuple[str, ...]) -> Pairs:
+    """(image, target) pairs of the images in `img_dir` and the files of `tgt_dir` with the same
+    stem (the first of `exts` present), sorted by image name; a missing target is an error."""
     images = sorted(p for p in img_dir.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
     found: dict[str, Path] = {}
     for ext in reversed(exts):  # the preferred suffix wins a stem present twice

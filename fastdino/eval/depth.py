@@ -7,7 +7,8 @@ depth metrics (RMSE, AbsRel, log10, δ1..δ3).
 Data: `<folder>/images/<stem>.<jpg|png|...>` + `<folder>/depth/<stem>.png` (16-bit PNG, depth in
 metres = value / depth_scale: 1000 for millimetres as NYU-v2 exports, 256 as KITTI) or
 `<folder>/depth/<stem>.npy` (float metres); 0 or non-finite = no measurement. Splits as the
-segmentation probe (dense.py): `train/` + `val/`, or every 4th image of one folder is val.
+segmentation probe (dense.py): `train/` + `val/`, or every 4th image of one folder is val. The
+CLI also reads NYU-v2 in the official DINOv3 / BTS layout and list files (dense_layouts.py).
 
 Head (official NYU linear config; DINOv2 `BNHead`, classify=True): last-layer patch tokens after
 the backbone's final norm [B, D, h, w] -> BatchNorm2d -> 1x1 conv -> 256 bin logits; bins
@@ -192,13 +193,17 @@ def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int]
 
 @torch.no_grad()
 def evaluate_depth(backbone: nn.Module, head: nn.Module, val: Pairs, *, crop: tuple[int, int],
-                   depth_scale: float, flip_tta: bool = True, eigen_crop: bool = False) -> dict:
+                   depth_scale: float, flip_tta: bool = True, eigen_crop: bool = False,
+                   progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
     device = next(backbone.parameters()).device
     head.eval()
     window = crop
     stride = (round(crop[0] * 2 / 3), round(crop[1] * 2 / 3))
     per_image = []
-    for img_path, depth_path in val:
+    for img_path, depth_path in tqdm(val, desc="depth val", unit="img",
+                                     disable=None if progress else True):
         gt = torch.from_numpy(load_depth(depth_path, depth_scale))  # [H, W]
         x = to_normalized_tensor(decode_rgb(img_path))[None].to(device)  # [1, 3, H, W]
 
@@ -239,6 +244,6 @@ def depth_eval(backbone: nn.Module, train: Pairs, val: Pairs, *,
                             depth_scale=depth_scale, batch_size=batch_size, lr=lr,
                             num_workers=num_workers, seed=seed, progress=progress)
     res = evaluate_depth(backbone, head, val, crop=crop, depth_scale=depth_scale,
-                         flip_tta=flip_tta, eigen_crop=eigen_crop)
+                         flip_tta=flip_tta, eigen_crop=eigen_crop, progress=progress)
     res.update(n_train=len(train), iterations=iterations, crop=list(crop))
     return res

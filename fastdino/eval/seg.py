@@ -6,6 +6,8 @@
 Data: `<folder>/images/<stem>.<jpg|png|...>` + `<folder>/masks/<stem>.png` (integer class ids,
 PNG mode L / P / I; 255 = ignore). Splits: `<root>/train/` and `<root>/val/` each laid out like
 that, or one folder split deterministically (every 4th image, by sorted stem, is val): dense.py.
+The CLI also reads ADE20K, Pascal VOC 2012 and Cityscapes as downloaded, and list files
+(dense_layouts.py). `reduce_zero_label` (ADE20K's protocol): id 0 is ignored, ids 1.. become 0..
 
 Head (official linear config): last-layer patch tokens after the backbone's final norm
 [B, D, h, w] -> BatchNorm2d -> Dropout2d(0.1) -> 1x1 conv -> C logits at patch resolution,
@@ -51,32 +53,39 @@ def seg_splits(root: str | Path) -> tuple[Pairs, Pairs]:
     return dense.split_pairs(root, list_pairs)
 
 
-def load_mask(path: str) -> np.ndarray:
-    """[H, W] int64 class ids of an integer mask PNG."""
+def load_mask(path: str, reduce_zero_label: bool = False) -> np.ndarray:
+    """[H, W] int64 class ids of an integer mask PNG; with `reduce_zero_label` 0 -> IGNORE and
+    every other id minus 1 (IGNORE stays IGNORE), as mmseg's ADE20K loader."""
     with Image.open(path) as m:
         if m.mode not in ("L", "P", "I", "I;16", "1"):
             raise ValueError(f"mask {path!r} has PIL mode {m.mode!r}: allowed are integer PNGs "
                              "(L, P, I, I;16), one class id per pixel (255 = ignore)")
-        return np.asarray(m, dtype=np.int64)
+        mask = np.asarray(m, dtype=np.int64)
+    if reduce_zero_label:
+        mask = np.where((mask == 0) | (mask == IGNORE), IGNORE, mask - 1)
+    return mask
 
 
-def count_classes(pairs: Pairs) -> int:
-    masks = (load_mask(m) for _, m in pairs)
+def count_classes(pairs: Pairs, reduce_zero_label: bool = False) -> int:
+    masks = (load_mask(m, reduce_zero_label) for _, m in pairs)
     return max(int(np.where(m == IGNORE, -1, m).max()) for m in masks) + 1
 
 
 class SegTrainSet(torch.utils.data.Dataset):
     """Random scale jitter + crop + flip of (image, mask): [3, crop, crop] fp32, [crop, crop]."""
 
-    def __init__(self, pairs: Pairs, crop: int, scale_range=(0.5, 2.0), flip: bool = True):
+    def __init__(self, pairs: Pairs, crop: int, scale_range=(0.5, 2.0), flip: bool = True,
+                 reduce_zero_label: bool = False):
         self.pairs, self.crop, self.scale_range, self.flip = pairs, crop, scale_range, flip
+        self.reduce_zero_label = reduce_zero_label
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img_path, mask_path = self.pairs[i]
-        img, mask = decode_rgb(img_path), Image.fromarray(load_mask(mask_path).astype(np.int32))
+        mask = load_mask(mask_path, self.reduce_zero_label)
+        img, mask = decode_rgb(img_path), Image.fromarray(mask.astype(np.int32))
         if img.size != mask.size:
             raise ValueError(f"{img_path} is {img.size} but its mask {mask_path} is {mask.size}")
         lo, hi = self.scale_range
@@ -149,8 +158,8 @@ def miou_from_confusion(conf: torch.Tensor) -> dict:
 def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: int,
                    iterations: int, batch_size: int = 16, lr: float = 1e-3,
                    weight_decay: float = 1e-3, num_workers: int = 0, seed: int = 0,
-                   scale_range=(0.5, 2.0), flip: bool = True, progress: bool = True
-                   ) -> LinearSegHead:
+                   scale_range=(0.5, 2.0), flip: bool = True, reduce_zero_label: bool = False,
+                   progress: bool = True) -> LinearSegHead:
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
@@ -160,7 +169,8 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
         logits = seg_logits(backbone, head, x)  # [B, C, crop, crop]
         return F.cross_entropy(logits, y, ignore_index=IGNORE)
 
-    return dense.fit_head(head, SegTrainSet(train, crop, scale_range, flip), loss_fn,
+    return dense.fit_head(head, SegTrainSet(train, crop, scale_range, flip, reduce_zero_label),
+                          loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, num_workers=num_workers, seed=seed,
                           desc="seg head", progress=progress)
@@ -168,13 +178,17 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
 
 @torch.no_grad()
 def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: int, *,
-                 crop: int, stride: int | None = None) -> dict:
+                 crop: int, stride: int | None = None, reduce_zero_label: bool = False,
+                 progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
     device = next(backbone.parameters()).device
     stride = stride or round(crop * 2 / 3)
     head.eval()
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    for img_path, mask_path in val:
-        target = torch.from_numpy(load_mask(mask_path))  # [H, W]
+    for img_path, mask_path in tqdm(val, desc="seg val", unit="img",
+                                    disable=None if progress else True):
+        target = torch.from_numpy(load_mask(mask_path, reduce_zero_label))  # [H, W]
         img = resize_short(decode_rgb(img_path), crop, Image.Resampling.BILINEAR)
         x = to_normalized_tensor(img)[None].to(device)  # [1, 3, h, w]
         logits = sliding_window_logits(lambda w: seg_logits(backbone, head, w), x, crop, stride,
@@ -182,22 +196,24 @@ def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: in
         logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
         conf += seg_confusion(logits[0].argmax(0).cpu(), target, n_classes)
     res = miou_from_confusion(conf)
-    res.update(window=crop, stride=stride, n_val=len(val))
+    res.update(window=crop, stride=stride, n_val=len(val), reduce_zero_label=reduce_zero_label)
     return res
 
 
 def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | None = None,
              crop: int = 512, iterations: int = 2000, batch_size: int = 16, lr: float = 1e-3,
              num_workers: int = 0, seed: int = 0, scale_range: Sequence[float] = (0.5, 2.0),
-             progress: bool = True) -> dict:
+             reduce_zero_label: bool = False, progress: bool = True) -> dict:
     """Train the linear head on `train`, report mIoU on `val` (module docstring)."""
     if crop % backbone.patch_size != 0:
         raise ValueError(f"--crop {crop} is invalid: allowed is a multiple of the patch size "
                          f"{backbone.patch_size}")
-    n_classes = n_classes or count_classes(train + val)
+    n_classes = n_classes or count_classes(train + val, reduce_zero_label)
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
-                          scale_range=tuple(scale_range), progress=progress)
-    res = evaluate_seg(backbone, head, val, n_classes, crop=crop)
+                          scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,
+                          progress=progress)
+    res = evaluate_seg(backbone, head, val, n_classes, crop=crop,
+                       reduce_zero_label=reduce_zero_label, progress=progress)
     res.update(n_classes=n_classes, n_train=len(train), iterations=iterations)
     return res
