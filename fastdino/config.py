@@ -384,9 +384,16 @@ class DistillationConfig:
     # FSDP teacher's bf16 parameters: half the memory of fp32, 14 GB for a 7B teacher, and no
     # per-step weight casts under autocast), fp32 otherwise
     teacher_dtype: str = "auto"
+    # co-distillation (fastdino/codistill.py): more students trained beside this one from the
+    # same teacher in the same run, sharing its batches and the teacher's forward; each a yaml
+    # (path or preset name) of the keys in which that student differs (model, heads, optim, ...),
+    # written to <train.output_dir>/students/<yaml stem>/
+    students: tuple[str, ...] = ()
 
     def validate(self, p: str = "distillation") -> None:
         _choice(self.teacher_dtype, f"{p}.teacher_dtype", ("auto", "fp32", "bf16"))
+        _check(not self.students or self.enabled, f"{p}.students",
+               "empty unless distillation.enabled is true", list(self.students))
         _check(
             not self.enabled or self.teacher is not None,
             f"{p}.teacher",
@@ -833,6 +840,12 @@ def _merge(obj: Any, updates: dict, prefix: str) -> None:
             _merge(cur, v, key)
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def merge_mapping(cfg: Config, data: dict) -> None:
+    """Apply a nested mapping of config keys onto `cfg` (the strict, type-checked merge of the
+    yaml files; the caller validates)."""
+    _merge(cfg, data, "")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -168,7 +168,10 @@ def _frozen_copy(m: nn.Module) -> nn.Module:
 
 
 class SSLMetaArch:
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device,
+                 distillation_teacher: nn.Module | None = None):
+        """`distillation_teacher`: the frozen teacher when a co-distillation run shares one
+        between its students (codistill.py); built from distillation.teacher otherwise."""
         self.cfg = cfg
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         self.student = build_student(cfg)
@@ -180,7 +183,8 @@ class SSLMetaArch:
         # its mask token never gets a gradient (frozen: no optimizer state for an unused value)
         self.distillation_teacher: nn.Module | None = None
         if cfg.distillation.enabled:
-            self.distillation_teacher = build_distillation_teacher(cfg, device)
+            self.distillation_teacher = (distillation_teacher if distillation_teacher is not None
+                                         else build_distillation_teacher(cfg, device))
             self.student.backbone.mask_token.requires_grad_(False)
         # The teacher starts as the student (official: teacher.load_state_dict(student)); the
         # copy is taken before DeepSpeed partitions the student under ZeRO-3. In distillation

@@ -52,8 +52,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, timer=None):
+    def __init__(self, cfg: Config, timer=None, *, distillation_teacher=None,
+                 name: str | None = None):
+        """`distillation_teacher` / `name`: a student of a co-distillation run (codistill.py):
+        the frozen teacher it shares with the other students, its name in log lines."""
         self.cfg, self.timer = cfg, timer or NullTimer()
+        self.log_prefix = f"[{name}] " if name else ""
         self.info = init_distributed()
         self.out = Path(cfg.train.output_dir)
         if fdist.is_main_process():  # the resolved config first, before anything derived
@@ -65,7 +69,7 @@ class Trainer:
 
         check_sinks_available(cfg)  # every rank: a missing TensorBoard / W&B stops all alike
         self.sinks = build_sinks(cfg, self.out) if fdist.is_main_process() else []
-        self.arch = SSLMetaArch(cfg, self.info.device)
+        self.arch = SSLMetaArch(cfg, self.info.device, distillation_teacher)
         groups = build_param_groups(self.arch.student, self.arch.student.backbone.n_blocks,
                                     cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
         self.engine = build_engine(self.arch.student, groups, cfg, self.info)
@@ -221,78 +225,108 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
-        cfg, info = self.cfg, self.info
-        loader = build_train_loader(cfg, info.rank, info.world_size, self.start_micro_batch)
-        self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
-        logger.info("%s", schedule_in_data_passes(cfg, self.max_it, self.global_batch,
-                                                  loader.num_images))
-        metrics = MetricsLogger(self.out, self.max_it, self.start_iteration, self.global_batch,
-                                fdist.is_main_process(), printer=logger.info, sinks=self.sinks)
-        health = HealthMonitor.from_config(cfg)
-        if self.resume_rng is not None:  # last: the DataLoader iterator above draws a seed
-            set_rng_state(self.resume_rng)
-        history = []
-        it = self.start_iteration
+        loader = self.build_loader()
+        self.open_run(loader.num_images)
+        path = None
         try:
-            with StopOnSignal(cfg.train.stop_signals) as self.stop:
-                path = self._loop(it, loader, metrics, health, history)
+            with StopOnSignal(self.cfg.train.stop_signals) as self.stop:
+                it = self.start_iteration
+                while it < self.max_it and self.stopped_by is None:
+                    values = self.step(it, self._micro_batches(loader))
+                    it += 1
+                    path = self.after_step(it, values) or path
         finally:
             self.stop = None
-            metrics.close()  # flush the TensorBoard / W&B sinks, also on an error
-        if self.stopped_by is not None:
-            return history  # not finished: no export (resume, then it comes at the end)
-        if self.start_iteration >= self.max_it:
-            logger.info("nothing to do: the checkpoint is at iteration %d, train.max_iterations / "
-                        "the schedule end is %d", self.start_iteration, self.max_it)
-        elif fdist.is_main_process():  # the teacher backbone, official keys (fastdino export)
-            for f in export_backbone(path, self.out / "teacher_backbone"):
-                logger.info("exported the teacher backbone to %s", f)
-        return history
+            self.metrics.close()  # flush the TensorBoard / W&B sinks, also on an error
+        return self.finish(path)
 
-    def _loop(self, it: int, loader, metrics, health, history: list) -> Path | None:
-        """Steps from `it` to the end (or to an agreed stop); the last checkpoint written."""
+    # ---------------------------------------------------------------------------------- the run
+    # train() = build_loader, open_run, then step + after_step per iteration, then finish; a
+    # co-distillation run (codistill.py) drives several trainers over one loader the same way.
+    def build_loader(self):
+        """This rank's loader from the resume position. Built in a forked torch RNG: whatever it
+        draws does not shift the training stream (drop-path, RoPE jitter), which is then the same
+        whether this trainer owns the loader or shares another's (co-distillation)."""
+        cfg, info = self.cfg, self.info
+        with torch.random.fork_rng(devices=[]):
+            loader = build_train_loader(cfg, info.rank, info.world_size, self.start_micro_batch)
+        self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
+        return loader
+
+    def open_run(self, num_images: int) -> None:
+        """Metrics, health monitor and history of the run about to start; the resumed RNG last."""
+        cfg = self.cfg
+        logger.info("%s%s", self.log_prefix, schedule_in_data_passes(
+            cfg, self.max_it, self.global_batch, num_images))
+        self.metrics = MetricsLogger(self.out, self.max_it, self.start_iteration,
+                                     self.global_batch, fdist.is_main_process(),
+                                     printer=self._print, sinks=self.sinks)
+        self.health = HealthMonitor.from_config(cfg)
+        self.history: list[dict] = []
+        if self.resume_rng is not None:
+            set_rng_state(self.resume_rng)
+
+    def finish(self, path: Path | None) -> list[dict]:
+        """After the last step: the teacher backbone exported (official keys, fastdino export),
+        unless the run stopped early (it comes at the end of the resumed run)."""
+        if self.stopped_by is not None:
+            return self.history
+        if self.start_iteration >= self.max_it:
+            logger.info("%snothing to do: the checkpoint is at iteration %d, train.max_iterations "
+                        "/ the schedule end is %d", self.log_prefix, self.start_iteration,
+                        self.max_it)
+        elif fdist.is_main_process():
+            for f in export_backbone(path, self.out / "teacher_backbone"):
+                logger.info("%sexported the teacher backbone to %s", self.log_prefix, f)
+        return self.history
+
+    def after_step(self, it: int, values: dict | None) -> Path | None:
+        """Everything after optimizer step `it` - 1 (`it` steps done): the non-finite count,
+        metrics, health, kNN probe, teacher snapshot, checkpoint and the agreed stop (which sets
+        `stopped_by`). Returns the checkpoint written, if one was."""
         cfg, path = self.cfg, None
-        while it < self.max_it:
-            values = self.step(it, self._micro_batches(loader))
-            it += 1
-            if values is None:
-                self.consecutive_nonfinite += 1
-                bad = self.consecutive_nonfinite  # persisted in checkpoints: survives a resume
-                logger.warning("iteration %d: non-finite loss or gradients, step skipped (%d in a "
-                               "row)", it - 1, bad)
-                if bad >= cfg.train.max_consecutive_nan:
-                    path = self.save(it)
-                    raise NonFiniteLossError(
-                        f"{bad} consecutive non-finite steps (iterations {it - bad}..{it - 1}, "
-                        f"train.max_consecutive_nan={cfg.train.max_consecutive_nan}): stopping. "
-                        f"The parameters of the last good step are saved in {path}. Try a lower "
-                        "optim.lr, a lower teacher temperature, or check the data.")
-            else:
-                self.consecutive_nonfinite = 0
-            knn = {} if self.stop_agreed else self._knn(it)  # collective; {} unless due
-            if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
-                values["data_wait_s"] = self.data_wait_s  # averaged over ranks below
-                self.data_wait_s = 0.0
-                history.append(metrics.log(it, {**self._average(values), **knn}))
-                if fdist.is_main_process():  # fastdino/health.py: collapse, stalls, spikes
-                    for f in health.update(it, history[-1]):
-                        (logger.info if f.cleared else logger.warning)("%s", f.message)
-            every = cfg.train.teacher_snapshot_every
-            if every and it % every == 0 and fdist.is_main_process():
-                self._teacher_snapshot(it)
-            if it % cfg.train.checkpoint_every == 0 or it == self.max_it or self.stop_agreed:
+        if values is None:
+            self.consecutive_nonfinite += 1
+            bad = self.consecutive_nonfinite  # persisted in checkpoints: survives a resume
+            logger.warning("%siteration %d: non-finite loss or gradients, step skipped (%d in a "
+                           "row)", self.log_prefix, it - 1, bad)
+            if bad >= cfg.train.max_consecutive_nan:
                 path = self.save(it)
-                if not self.stop_agreed:  # a stop must fit the launcher's grace period
-                    self._pca(it)
-            if self.stop_agreed and it < self.max_it:
-                self.stopped_by = self.stop.requested or "SIGTERM"
-                who = (self.stop.requested if self.stop.requested
-                       else "a stop signal on another rank")
-                logger.warning("stopped by %s at iteration %d of %d: checkpoint %s; the same "
-                               "command continues from it (train.resume=auto)", who, it,
-                               self.max_it, path)
-                break
+                raise NonFiniteLossError(
+                    f"{self.log_prefix}{bad} consecutive non-finite steps (iterations "
+                    f"{it - bad}..{it - 1}, train.max_consecutive_nan="
+                    f"{cfg.train.max_consecutive_nan}): stopping. The parameters of the last good "
+                    f"step are saved in {path}. Try a lower optim.lr, a lower teacher "
+                    "temperature, or check the data.")
+        else:
+            self.consecutive_nonfinite = 0
+        knn = {} if self.stop_agreed else self._knn(it)  # collective; {} unless due
+        if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
+            values["data_wait_s"] = self.data_wait_s  # averaged over ranks below
+            self.data_wait_s = 0.0
+            self.history.append(self.metrics.log(it, {**self._average(values), **knn}))
+            if fdist.is_main_process():  # fastdino/health.py: collapse, stalls, spikes
+                for f in self.health.update(it, self.history[-1]):
+                    (logger.info if f.cleared else logger.warning)("%s%s", self.log_prefix,
+                                                                   f.message)
+        every = cfg.train.teacher_snapshot_every
+        if every and it % every == 0 and fdist.is_main_process():
+            self._teacher_snapshot(it)
+        if it % cfg.train.checkpoint_every == 0 or it == self.max_it or self.stop_agreed:
+            path = self.save(it)
+            if not self.stop_agreed:  # a stop must fit the launcher's grace period
+                self._pca(it)
+        if self.stop_agreed and it < self.max_it:
+            self.stopped_by = (self.stop.requested if self.stop is not None else None) or "SIGTERM"
+            who = (self.stop.requested if self.stop is not None and self.stop.requested
+                   else "a stop signal on another rank")
+            logger.warning("%sstopped by %s at iteration %d of %d: checkpoint %s; the same "
+                           "command continues from it (train.resume=auto)", self.log_prefix, who,
+                           it, self.max_it, path)
         return path
+
+    def _print(self, line: str) -> None:
+        logger.info("%s%s", self.log_prefix, line)
 
     def _micro_batches(self, loader):
         """The next `gas` batches of `loader`, moved to the device one at a time (lazily: the
@@ -301,8 +335,8 @@ class Trainer:
             # host time waiting for the batch, unsynchronised: the host blocks here only when the
             # loader is behind (it runs ahead of the GPU otherwise), so this is the data stall
             t0 = time.perf_counter()
-            with self.timer("data_wait"):
-                batch = next(loader).to(self.info.device)
+            with self.timer("data_wait"), torch.random.fork_rng(devices=[]):
+                batch = next(loader).to(self.info.device)  # (fork: as in build_loader)
             self.data_wait_s += time.perf_counter() - t0
             self.micro_batch += 1
             yield batch
@@ -449,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        trainer = Trainer(cfg)
+        if cfg.distillation.students:  # several students, one teacher forward (codistill.py)
+            from fastdino.codistill import CoDistillation
+            trainer = CoDistillation(cfg)
+        else:
+            trainer = Trainer(cfg)
     except ConfigError as e:
         logger.error("config error: %s", e)
         shutdown_distributed()  # no-op unless the process group had started

@@ -1,0 +1,131 @@
+"""Co-distillation (fastdino/codistill.py): two students of another size than the 3-block teacher
+run, trained in one run over one loader and one teacher forward per batch. Each student's run
+equals the run its own config gives alone, step for step (drop-path on: the students' RNG
+streams must be their own), also across a resume; and the config rules name the bad key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_distillation import STEP, teacher_run  # noqa: F401 - the teacher run fixture
+from test_trainer_step import SMALL, SMOKE
+
+from fastdino.codistill import CoDistillation, common_resume, student_configs
+from fastdino.config import ConfigError, load_config
+
+LOSSES = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss",
+          "koleo_loss", "backbone_grad_norm")
+
+
+def _write_student(path, depth=1, lr=0.02, extra=""):
+    path.write_text(f"model:\n  depth: {depth}\n  drop_path_rate: 0.2\noptim:\n  lr: {lr}\n"
+                    + extra)
+    return path
+
+
+def _cfg(tmp_path, teacher, students=(), *extra):
+    listed = "[" + ", ".join(str(s) for s in students) + "]"
+    return load_config(SMOKE, [*SMALL, *STEP, f"train.output_dir={tmp_path / 'run'}",
+                               "distillation.enabled=true", f"distillation.teacher={teacher}",
+                               f"distillation.students={listed}", "train.log_every=1",
+                               "train.checkpoint_every=2", *extra])
+
+
+def _losses(history):
+    return [(h["iteration"], [h[k] for k in LOSSES]) for h in history]
+
+
+def test_each_student_trains_as_alone_on_one_teacher_forward(tmp_path, teacher_run):  # noqa: F811
+    from fastdino.train import Trainer
+    from fastdino.train import main as train_main
+
+    vitb = _write_student(tmp_path / "vitb.yaml")
+    cfg = _cfg(tmp_path, teacher_run, [vitb], "train.max_iterations=3")
+    students = student_configs(cfg)
+    assert [n for n, _ in students] == ["main", "vitb"]
+    assert students[1][1].train.output_dir == str(tmp_path / "run" / "students" / "vitb")
+    assert students[1][1].model.depth == 1 and cfg.model.depth == 2
+
+    co = CoDistillation(_cfg(tmp_path, teacher_run, [vitb], "train.max_iterations=2"))
+    histories = co.train()
+    assert co.teacher.forwards == 2  # one teacher forward per batch, for both students
+
+    alone = []
+    for name, scfg in students:  # each student's config, run alone to iteration 3
+        scfg.train.output_dir = str(tmp_path / "alone" / name)
+        scfg.train.resume = "none"
+        alone.append(Trainer(scfg).train())
+    for co_h, solo_h in zip(histories, alone, strict=True):
+        assert _losses(co_h) == _losses(solo_h)[:2]
+    assert _losses(alone[0]) != _losses(alone[1])  # two different students (the test can fail)
+
+    # the co-run continued through the CLI (train.resume=auto: both students from iteration 2)
+    over = [*SMALL, *STEP, f"train.output_dir={tmp_path / 'run'}", "distillation.enabled=true",
+            f"distillation.teacher={teacher_run}", f"distillation.students=[{vitb}]",
+            "train.log_every=1", "train.checkpoint_every=2", "train.max_iterations=3"]
+    assert train_main(["--config", str(SMOKE), *over]) == 0
+    for folder, solo_h in ((tmp_path / "run", alone[0]),
+                           (tmp_path / "run" / "students" / "vitb", alone[1])):
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert _losses(lines[-1:]) == _losses(solo_h)[2:]
+        assert (folder / "teacher_backbone.safetensors").is_file()
+        assert (folder / "checkpoints" / "iter_0000003").is_dir()
+        saved = json.loads(json.dumps(load_config(folder / "config.yaml").to_dict()))
+        assert saved["distillation"]["students"] == ([str(vitb)] if folder.name == "run" else [])
+
+
+def test_gradient_accumulation_keeps_every_micro_batch_for_every_student(tmp_path,
+                                                                          teacher_run):  # noqa: F811
+    """gas = 2: each student takes both micro-batches; the teacher runs twice per step."""
+    vitb = _write_student(tmp_path / "vitb.yaml")
+    co = CoDistillation(_cfg(tmp_path, teacher_run, [vitb], "train.max_iterations=1",
+                             "deepspeed.gradient_accumulation_steps=2"))
+    calls = []
+    real = co.teacher.teacher.teacher_forward
+    co.teacher.teacher.teacher_forward = lambda g, m: calls.append(g) or real(g, m)
+    co.train()
+    assert co.teacher.forwards == 2 and len(calls) == 2 and calls[0] is not calls[1]
+
+
+def test_student_config_rules(tmp_path, teacher_run):  # noqa: F811
+    shared = _write_student(tmp_path / "bad.yaml", extra="data:\n  batch_size_per_gpu: 8\n")
+    with pytest.raises(ConfigError, match=r"data.batch_size_per_gpu is shared by all students"):
+        student_configs(_cfg(tmp_path, teacher_run, [shared]))
+    proto = _write_student(tmp_path / "proto.yaml",
+                           extra="dino:\n  head:\n    n_prototypes: 64\n")
+    with pytest.raises(ConfigError, match=r"dino.head.n_prototypes=64 but the teacher.*128"):
+        student_configs(_cfg(tmp_path, teacher_run, [proto]))
+    (tmp_path / "x").mkdir()
+    a, b = _write_student(tmp_path / "s.yaml"), _write_student(tmp_path / "x" / "s.yaml")
+    with pytest.raises(ConfigError, match=r"two students are named 's'"):
+        student_configs(_cfg(tmp_path, teacher_run, [a, b]))
+    with pytest.raises(ConfigError, match=r"is invalid: allowed is a yaml file or a preset"):
+        student_configs(_cfg(tmp_path, teacher_run, [tmp_path / "missing.yaml"]))
+    ok = _write_student(tmp_path / "ok.yaml", extra="train:\n  tensorboard: true\n")
+    (_, scfg), = student_configs(_cfg(tmp_path, teacher_run, [ok],
+                                         "train.wandb_project=p"))[1:]
+    assert scfg.train.tensorboard and scfg.train.wandb_project is None  # W&B: main only
+    with pytest.raises(ConfigError, match=r"distillation.students.*distillation.enabled"):
+        load_config(SMOKE, [f"distillation.students=[{ok}]"])
+
+
+def test_resume_takes_the_latest_iteration_every_student_has(tmp_path, teacher_run):  # noqa: F811
+    vitb = _write_student(tmp_path / "vitb.yaml")
+    students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=auto"))
+    for (_, c), its in zip(students, ([2, 4], [2]), strict=True):
+        for it in its:
+            d = tmp_path / c.train.output_dir / "checkpoints" / f"iter_{it:07d}"
+            d.mkdir(parents=True)
+            torch.save({}, d / "trainer_state.pt")
+    common_resume(students)
+    assert [c.train.resume.rsplit("/", 1)[-1] for _, c in students] == ["iter_0000002"] * 2
+    students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=auto"))
+    (tmp_path / "run" / "students" / "vitb" / "checkpoints" / "iter_0000002" /
+     "trainer_state.pt").unlink()
+    with pytest.raises(ConfigError, match=r"no checkpoint of a common iteration.*main: \[2, 4\]"):
+        common_resume(students)
+    students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=/some/ckpt"))
+    with pytest.raises(ConfigError, match=r"resumes with auto"):
+        common_resume(students)
