@@ -64,10 +64,18 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
 
 
 def _add_lists(p: argparse.ArgumentParser) -> None:
+    """The dense probes' data lists and head checkpoints (seg, depth)."""
     for split in ("train", "val"):
         p.add_argument(f"--{split}-list", default=None, metavar="FILE",
                        help=f"{split} pairs, one 'image target' line each, paths relative to "
                             "--data (give both lists or neither)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="save the head to DIR/head.pt while it trains (and result.json at the "
+                        "end); the same command resumes an interrupted fit, and re-evaluates a "
+                        "finished one without training. With a --weights pattern: one "
+                        "subfolder per match")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="head checkpoint period in iterations (with --output-dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("eval pca takes one --weights (its images would overwrite each "
                              "other's): run it per checkpoint with its own --out")
         result, rows = [], []
-        for w in weights:  # a fresh copy each time: _evaluate fills in some arguments
-            r = _evaluate(argparse.Namespace(**{**vars(args), "weights": w}))
+        for k, w in enumerate(weights):  # a fresh copy each time: _evaluate fills some in
+            one = {**vars(args), "weights": w}
+            if getattr(args, "output_dir", None) is not None:  # one head per backbone
+                one["output_dir"] = str(Path(args.output_dir) / f"{k:03d}_{Path(w).parent.name}")
+            r = _evaluate(argparse.Namespace(**one))
             result.append(r)
             label, value = _HEADLINE[args.cmd](r, args)
             rows.append((w, value))
@@ -302,7 +313,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
         res = seg_eval(backbone, train, val, n_classes=args.num_classes or data.n_classes,
                        crop=args.crop, iterations=args.iterations, batch_size=args.batch_size,
                        lr=args.lr, num_workers=args.num_workers, seed=args.seed,
-                       reduce_zero_label=reduce_zero, progress=progress)
+                       reduce_zero_label=reduce_zero, progress=progress,
+                       output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
+                       weights_digest=info.digest)
         result.update(res, layout=data.layout)
         rows = [("mIoU", f"{100 * res['miou']:.2f}"),
                 ("pixel acc", f"{100 * res['pixel_acc']:.2f}")]
@@ -321,7 +334,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
                          num_workers=args.num_workers, seed=args.seed,
                          flip_tta=not args.no_flip_tta,
                          eigen_crop=_first_set(args.eigen_crop, data.eigen_crop, False),
-                         progress=progress)
+                         progress=progress, output_dir=args.output_dir,
+                         checkpoint_every=args.checkpoint_every, weights_digest=info.digest)
         result.update(res, layout=data.layout)
         rows = [("RMSE (m)", f"{res['rmse']:.4f}"), ("AbsRel", f"{res['abs_rel']:.4f}"),
                 ("log10", f"{res['log10']:.4f}")]
@@ -336,6 +350,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
                                  norm_factor=args.norm_factor)
         result.update(files=[str(f) for f in files], color=args.color, fg=args.fg)
         print("\n".join(str(f) for f in files))
+    if getattr(args, "output_dir", None) is not None:  # seg / depth: beside the head
+        (Path(args.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 

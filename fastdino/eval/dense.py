@@ -21,6 +21,7 @@ from torch import nn
 
 from fastdino.data.datasets import IMAGE_EXTENSIONS
 from fastdino.eval.features import autocast_for
+from fastdino.eval.head_checkpoint import HeadCheckpoint
 
 Pairs = list[tuple[str, str]]  # (image path, target path)
 
@@ -50,6 +51,14 @@ def stem_pairs(img_dir: Path, tgt_dir: Path, exts: tuple[str, ...]) -> Pairs:
     if not images:
         raise FileNotFoundError(f"{img_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return [(str(p), str(found[p.stem])) for p in images]
+
+
+def pairs_digest(pairs: Pairs) -> str:
+    """A short digest of a list of pairs (their paths, in order): which data a head saw."""
+    import hashlib
+
+    h = hashlib.sha256("\n".join(f"{a}\t{b}" for a, b in pairs).encode())
+    return f"{len(pairs)}:{h.hexdigest()[:16]}"
 
 
 def split_pairs(root: str | Path, lister: Callable[[Path], Pairs]) -> tuple[Pairs, Pairs]:
@@ -117,20 +126,24 @@ def fit_head(head: nn.Module, dataset: torch.utils.data.Dataset,
              iterations: int,
              batch_size: int, lr: float, weight_decay: float, clip: float | None = None,
              num_workers: int = 0, seed: int = 0, desc: str = "head",
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, checkpoint: HeadCheckpoint | None = None) -> nn.Module:
     """Train `head` (on the device of its parameters) for `iterations` steps of
-    loss_fn(images, targets, step) over shuffled batches of `dataset`; returns it in eval mode."""
+    loss_fn(images, targets, step) over shuffled batches of `dataset`; returns it in eval mode.
+    `checkpoint`: resume from it and save to it (head_checkpoint.py)."""
     from tqdm.auto import tqdm
 
     device = next(head.parameters()).device
     head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    step = checkpoint.load(head, opt) if checkpoint is not None else 0
+    if step >= iterations:
+        return head.eval()  # a finished fit: evaluated again as it is
     warmup = max(1, round(iterations * 1.5 / 40))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
-        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-    step = 0
-    bar = tqdm(total=iterations, desc=desc, unit="it", disable=None if progress else True)
+        num_workers=num_workers, generator=torch.Generator().manual_seed(seed + step))
+    bar = tqdm(total=iterations, initial=step, desc=desc, unit="it",
+               disable=None if progress else True)
     while step < iterations:
         for x, y in loader:
             if step >= iterations:
@@ -144,6 +157,8 @@ def fit_head(head: nn.Module, dataset: torch.utils.data.Dataset,
                 torch.nn.utils.clip_grad_norm_(head.parameters(), clip)
             opt.step()
             step += 1
+            if checkpoint is not None and checkpoint.due(step, iterations):
+                checkpoint.save(head, opt, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()

@@ -44,6 +44,7 @@ from fastdino.data.datasets import decode_rgb
 from fastdino.eval import dense
 from fastdino.eval.dense import Pairs, patch_feature_map, sliding_window_logits
 from fastdino.eval.features import to_normalized_tensor
+from fastdino.eval.head_checkpoint import HeadCheckpoint
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0  # official NYU config (metres)
 N_BINS = 256
@@ -175,7 +176,8 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_D
 def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int],
                      iterations: int, depth_scale: float, batch_size: int = 8, lr: float = 3e-4,
                      weight_decay: float = 1e-4, clip: float = 35.0, num_workers: int = 0,
-                     seed: int = 0, progress: bool = True) -> LinearDepthHead:
+                     seed: int = 0, progress: bool = True,
+                     checkpoint: HeadCheckpoint | None = None) -> LinearDepthHead:
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
@@ -188,7 +190,8 @@ def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int]
     return dense.fit_head(head, DepthTrainSet(train, crop, depth_scale), loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, clip=clip, num_workers=num_workers,
-                          seed=seed, desc="depth head", progress=progress)
+                          seed=seed, desc="depth head", progress=progress,
+                          checkpoint=checkpoint)
 
 
 @torch.no_grad()
@@ -231,18 +234,27 @@ def depth_eval(backbone: nn.Module, train: Pairs, val: Pairs, *,
                crop: Sequence[int] = (416, 544), iterations: int = 2000, batch_size: int = 8,
                lr: float = 3e-4, depth_scale: float = 1000.0, num_workers: int = 0,
                seed: int = 0, flip_tta: bool = True, eigen_crop: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, output_dir: str | Path | None = None,
+               checkpoint_every: int = 500, weights_digest: str = "") -> dict:
     """Train the linear depth head on `train`, report the depth metrics on `val` (module
-    docstring)."""
+    docstring). With `output_dir` the head is saved there while it trains and resumed from it
+    (head_checkpoint.py; `weights_digest` names the backbone in its key)."""
     crop = tuple(crop)
     if len(crop) != 2 or any(c % backbone.patch_size for c in crop):
         raise ValueError(f"--crop {' '.join(map(str, crop))} is invalid: allowed is H W, both "
                          f"multiples of the patch size {backbone.patch_size}")
     if depth_scale <= 0:
         raise ValueError(f"--depth-scale {depth_scale} is invalid: allowed is a float > 0")
+    ckpt = None
+    if output_dir is not None:
+        key = dict(task="depth", weights=weights_digest, train=dense.pairs_digest(train),
+                   crop=list(crop), iterations=iterations, batch_size=batch_size, lr=lr,
+                   seed=seed, depth_scale=depth_scale)
+        ckpt = HeadCheckpoint(output_dir, key, checkpoint_every)
     head = train_depth_head(backbone, train, crop=crop, iterations=iterations,
                             depth_scale=depth_scale, batch_size=batch_size, lr=lr,
-                            num_workers=num_workers, seed=seed, progress=progress)
+                            num_workers=num_workers, seed=seed, progress=progress,
+                            checkpoint=ckpt)
     res = evaluate_depth(backbone, head, val, crop=crop, depth_scale=depth_scale,
                          flip_tta=flip_tta, eigen_crop=eigen_crop, progress=progress)
     res.update(n_train=len(train), iterations=iterations, crop=list(crop))

@@ -37,6 +37,7 @@ from fastdino.data.datasets import decode_rgb
 from fastdino.eval import dense
 from fastdino.eval.dense import Pairs, patch_feature_map, resize_short, sliding_window_logits
 from fastdino.eval.features import to_normalized_tensor
+from fastdino.eval.head_checkpoint import HeadCheckpoint
 
 IGNORE = 255
 
@@ -159,7 +160,8 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
                    iterations: int, batch_size: int = 16, lr: float = 1e-3,
                    weight_decay: float = 1e-3, num_workers: int = 0, seed: int = 0,
                    scale_range=(0.5, 2.0), flip: bool = True, reduce_zero_label: bool = False,
-                   progress: bool = True) -> LinearSegHead:
+                   progress: bool = True, checkpoint: HeadCheckpoint | None = None
+                   ) -> LinearSegHead:
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
@@ -173,7 +175,7 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
                           loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, num_workers=num_workers, seed=seed,
-                          desc="seg head", progress=progress)
+                          desc="seg head", progress=progress, checkpoint=checkpoint)
 
 
 @torch.no_grad()
@@ -203,16 +205,27 @@ def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: in
 def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | None = None,
              crop: int = 512, iterations: int = 2000, batch_size: int = 16, lr: float = 1e-3,
              num_workers: int = 0, seed: int = 0, scale_range: Sequence[float] = (0.5, 2.0),
-             reduce_zero_label: bool = False, progress: bool = True) -> dict:
-    """Train the linear head on `train`, report mIoU on `val` (module docstring)."""
+             reduce_zero_label: bool = False, progress: bool = True,
+             output_dir: str | Path | None = None, checkpoint_every: int = 500,
+             weights_digest: str = "") -> dict:
+    """Train the linear head on `train`, report mIoU on `val` (module docstring). With
+    `output_dir` the head is saved there while it trains and resumed from it
+    (head_checkpoint.py; `weights_digest` names the backbone in its key)."""
     if crop % backbone.patch_size != 0:
         raise ValueError(f"--crop {crop} is invalid: allowed is a multiple of the patch size "
                          f"{backbone.patch_size}")
     n_classes = n_classes or count_classes(train + val, reduce_zero_label)
+    ckpt = None
+    if output_dir is not None:
+        key = dict(task="seg", weights=weights_digest, train=dense.pairs_digest(train),
+                   n_classes=n_classes, crop=crop, iterations=iterations, batch_size=batch_size,
+                   lr=lr, seed=seed, scale_range=list(scale_range),
+                   reduce_zero_label=reduce_zero_label)
+        ckpt = HeadCheckpoint(output_dir, key, checkpoint_every)
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
                           scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,
-                          progress=progress)
+                          progress=progress, checkpoint=ckpt)
     res = evaluate_seg(backbone, head, val, n_classes, crop=crop,
                        reduce_zero_label=reduce_zero_label, progress=progress)
     res.update(n_classes=n_classes, n_train=len(train), iterations=iterations)
