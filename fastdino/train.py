@@ -110,7 +110,8 @@ class Trainer:
                                "(not bit-exactly the run that wrote it)", resume,
                                self.start_iteration, self.start_micro_batch, self.gas,
                                self.start_micro_batch)
-            logger.info("resumed from %s at iteration %d", resume, self.start_iteration)
+            logger.info("%sresumed from %s at iteration %d", self.log_prefix, resume,
+                        self.start_iteration)
         self.micro_batch = self.start_micro_batch
         self.data_wait_s = 0.0  # host time blocked on the loader since the last log line
         # stop.py: this rank's signal (while train() runs), and what the ranks agreed in the
