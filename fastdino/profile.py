@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import tempfile
 import threading
@@ -251,6 +252,11 @@ def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False,
     from fastdino.train import Trainer
 
     timer = PhaseTimer(sync=False)
+    if cfg.distillation.students:  # codistill.py: the others add their own student steps
+        logging.getLogger("fastdino").warning(
+            "profile: distillation.students is set; this profiles the main student's "
+            "distillation step alone (in the co-distillation run each further student adds its "
+            "forward, backward and optimizer step, the teacher forward is shared)")
     trainer = Trainer(cfg, timer=timer)
     device = trainer.info.device
     loader = build_train_loader(cfg, trainer.info.rank, trainer.info.world_size, 0)
