@@ -125,18 +125,19 @@ def _iterations(ckpt_dir: Path) -> set[int]:
             if (m := TAG_RE.match(p.name)) and (p / STATE_FILE).is_file()}
 
 
-def common_resume(students: list[tuple[str, Config]]) -> None:
-    """train.resume=auto for all: each student resumes from the latest iteration that every
-    student has a checkpoint of (set as its train.resume); none anywhere: a fresh start."""
+def common_resume(students: list[tuple[str, Config]]) -> list[Path | None]:
+    """train.resume=auto for all: the checkpoint of each student at the latest iteration that
+    every student has one of; None for all when no student has any (a fresh start)."""
     resume = students[0][1].train.resume
+    fresh: list[Path | None] = [None] * len(students)
     if resume == "none":
-        return
+        return fresh
     if resume != "auto":
         raise ConfigError(f"train.resume={resume!r}: a co-distillation run resumes with auto (the "
                           "latest iteration every student has) or none")
     have = {name: _iterations(Path(c.train.output_dir) / "checkpoints") for name, c in students}
     if not any(have.values()):
-        return
+        return fresh
     common = set.intersection(*have.values())
     if not common:
         raise ConfigError(
@@ -144,8 +145,7 @@ def common_resume(students: list[tuple[str, Config]]) -> None:
             + "; ".join(f"{n}: {sorted(its) or 'none'}" for n, its in have.items())
             + "): remove the students' checkpoints to start over, or train.resume=none")
     it = max(common)
-    for _, c in students:
-        c.train.resume = str(Path(c.train.output_dir) / "checkpoints" / f"iter_{it:07d}")
+    return [Path(c.train.output_dir) / "checkpoints" / f"iter_{it:07d}" for _, c in students]
 
 
 class SharedTeacher(nn.Module):
@@ -200,15 +200,15 @@ class CoDistillation:
         from fastdino.train import Trainer
 
         students = student_configs(cfg)
-        common_resume(students)
+        resume = common_resume(students)
         info = init_distributed()
         self.teacher = SharedTeacher(build_distillation_teacher(cfg, info.device),
                                      cfg.deepspeed.gradient_accumulation_steps)
         self.names = [n for n, _ in students]
         self.trainers, self.streams = [], []
-        for name, scfg in students:
+        for (name, scfg), path in zip(students, resume, strict=True):
             self.trainers.append(Trainer(scfg, timer, distillation_teacher=self.teacher,
-                                         name=name))
+                                         name=name, resume_from=path))
             self.streams.append(RngStream())  # its stream as seeded by its own __init__
         starts = {(t.start_iteration, t.start_micro_batch) for t in self.trainers}
         if len(starts) != 1:  # common_resume chose one iteration: a checkpoint disagrees

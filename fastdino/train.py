@@ -53,9 +53,10 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, timer=None, *, distillation_teacher=None,
-                 name: str | None = None):
-        """`distillation_teacher` / `name`: a student of a co-distillation run (codistill.py):
-        the frozen teacher it shares with the other students, its name in log lines."""
+                 name: str | None = None, resume_from: Path | None = None):
+        """`distillation_teacher` / `name` / `resume_from`: a student of a co-distillation run
+        (codistill.py): the frozen teacher it shares with the other students, its name in log
+        lines, the checkpoint all students resume from (instead of train.resume's)."""
         self.cfg, self.timer = cfg, timer or NullTimer()
         self.log_prefix = f"[{name}] " if name else ""
         self.info = init_distributed()
@@ -95,7 +96,7 @@ class Trainer:
         # (micro-batches consumed, = steps x gas); consecutive_nonfinite: skipped steps in a row
         self.start_iteration = self.start_micro_batch = self.consecutive_nonfinite = 0
         self.resume_rng, self._gram_state = None, None
-        resume = resolve_resume(cfg.train.resume, self.ckpt_dir)
+        resume = resume_from or resolve_resume(cfg.train.resume, self.ckpt_dir)
         if resume is not None:
             st = load_checkpoint(resume, self.engine)
             self.arch.load_from_checkpoint(st)

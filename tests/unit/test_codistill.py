@@ -72,6 +72,7 @@ def test_each_student_trains_as_alone_on_one_teacher_forward(tmp_path, teacher_r
         assert _losses(lines[-1:]) == _losses(solo_h)[2:]
         assert (folder / "teacher_backbone.safetensors").is_file()
         assert (folder / "checkpoints" / "iter_0000003").is_dir()
+        assert not list(folder.glob("config.*.yaml"))  # the resume changed no config key
         saved = json.loads(json.dumps(load_config(folder / "config.yaml").to_dict()))
         assert saved["distillation"]["students"] == ([str(vitb)] if folder.name == "run" else [])
 
@@ -119,8 +120,10 @@ def test_resume_takes_the_latest_iteration_every_student_has(tmp_path, teacher_r
             d = tmp_path / c.train.output_dir / "checkpoints" / f"iter_{it:07d}"
             d.mkdir(parents=True)
             torch.save({}, d / "trainer_state.pt")
-    common_resume(students)
-    assert [c.train.resume.rsplit("/", 1)[-1] for _, c in students] == ["iter_0000002"] * 2
+    paths = common_resume(students)
+    assert paths == [tmp_path / c.train.output_dir / "checkpoints" / "iter_0000002"
+                     for _, c in students]
+    assert all(c.train.resume == "auto" for _, c in students)  # the configs stay as given
     students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=auto"))
     (tmp_path / "run" / "students" / "vitb" / "checkpoints" / "iter_0000002" /
      "trainer_state.pt").unlink()
