@@ -13,7 +13,7 @@ from test_distillation import STEP, teacher_run  # noqa: F401 - the teacher run 
 from test_trainer_step import SMALL, SMOKE
 
 from fastdino.codistill import CoDistillation, common_resume, student_configs
-from fastdino.config import ConfigError, load_config
+from fastdino.config import ConfigError, config_changes, load_config
 
 LOSSES = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss",
           "koleo_loss", "backbone_grad_norm")
@@ -72,7 +72,12 @@ def test_each_student_trains_as_alone_on_one_teacher_forward(tmp_path, teacher_r
         assert _losses(lines[-1:]) == _losses(solo_h)[2:]
         assert (folder / "teacher_backbone.safetensors").is_file()
         assert (folder / "checkpoints" / "iter_0000003").is_dir()
-        assert not list(folder.glob("config.*.yaml"))  # the resume changed no config key
+        # the previous config is kept (max_iterations 2 -> 3), and that is the only change: the
+        # common resume point is not written into train.resume
+        (kept,) = folder.glob("config.*.yaml")
+        changes = config_changes(load_config(kept).to_dict(),
+                                 load_config(folder / "config.yaml").to_dict())
+        assert changes == ["train.max_iterations: 2 -> 3"]
         saved = json.loads(json.dumps(load_config(folder / "config.yaml").to_dict()))
         assert saved["distillation"]["students"] == ([str(vitb)] if folder.name == "run" else [])
 
