@@ -24,7 +24,8 @@ noisy window stays quiet:
 - grad_spike: a module's gradient norm above 10x the median of its last 20 logged values (a
   loss spike on its way; lower optim.lr or optim.clip_grad if they repeat).
 - data_stall: the loop waited on data more than 25 % of the wall time (the loader sets the
-  speed: more data.num_workers, data.loader=dali or data.torch_photometric=gpu).
+  speed; the message names the knobs of the loader in use: data.num_workers, data.loader=dali,
+  data.torch_photometric=gpu, data.dali_source_workers).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class HealthMonitor:
     n_prototypes: int  # K of the DINO head
     warmup_iterations: int  # the teacher temperature warm-up (targets sharpen until then)
     patience: int = 3
+    # what to try when data_stall holds: the knobs of the loader in use (data.loader)
+    data_remedy: str = ("more data.num_workers, data.loader=dali, or "
+                        "data.torch_photometric=gpu")
     _streak: dict = field(default_factory=dict)
     _active: dict = field(default_factory=dict)
     _grad_history: dict = field(default_factory=dict)
@@ -55,7 +59,18 @@ class HealthMonitor:
     @classmethod
     def from_config(cls, cfg) -> HealthMonitor:
         warm = int(cfg.schedules.warmup_teacher_temp_epochs * cfg.train.epoch_length)
-        return cls(cfg.dino.head.n_prototypes, warm)
+        d = cfg.data
+        if d.loader == "dali":  # decoding and augmentation already off the CPU
+            remedy = (f"more data.dali_source_workers (now {d.dali_source_workers}: file reads "
+                      "and crop plans), faster storage, or fewer local crops")
+        elif d.loader == "torch" and d.torch_photometric == "gpu":
+            remedy = f"more data.num_workers (now {d.num_workers}), or data.loader=dali"
+        elif d.loader == "torch":
+            remedy = (f"more data.num_workers (now {d.num_workers}), data.loader=dali, or "
+                      "data.torch_photometric=gpu")
+        else:  # auto: DALI where it is installed and a GPU is present
+            remedy = cls.data_remedy
+        return cls(cfg.dino.head.n_prototypes, warm, data_remedy=remedy)
 
     def update(self, iteration: int, values: dict) -> list[Finding]:
         """Findings that start or clear at this log line."""
@@ -129,8 +144,7 @@ class HealthMonitor:
         if w is not None:
             c["data_stall"] = (
                 f"data_stall: {w:.0%} of the wall time waiting for data at iteration {it}: the "
-                "loader sets the speed (more data.num_workers, data.loader=dali, or "
-                "data.torch_photometric=gpu)"
+                f"loader sets the speed ({self.data_remedy})"
             ) if w > 0.25 else None
         return c
 

@@ -71,6 +71,23 @@ def test_data_stall():
     assert _feed(m, [(3, {"data_wait_fraction": float("nan")})]) == []  # not logged: no change
 
 
+def test_data_stall_names_the_knobs_of_the_loader_in_use():
+    from test_trainer_step import SMOKE
+
+    from fastdino.config import load_config
+
+    def message(*over):
+        m = HealthMonitor.from_config(load_config(SMOKE, list(over)))
+        return _feed(m, [(i, {"data_wait_fraction": 0.6}) for i in range(3)])[0].message
+
+    dali = message("data.loader=dali", "data.dali_source_workers=3")
+    assert "data.dali_source_workers (now 3" in dali and "data.num_workers" not in dali
+    gpu = message("data.loader=torch", "data.torch_photometric=gpu", "data.num_workers=5")
+    assert "data.num_workers (now 5)" in gpu and "torch_photometric" not in gpu
+    cpu = message("data.loader=torch", "data.torch_photometric=cpu")
+    assert "data.torch_photometric=gpu" in cpu and "data.loader=dali" in cpu
+
+
 def test_report_of_a_tiny_batch_run(tmp_path, capsys):
     """4 images per step against 128 prototypes: Sinkhorn-Knopp's targets are uniform once the
     teacher temperature has warmed up (the README's learning check says so)."""
