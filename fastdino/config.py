@@ -620,7 +620,8 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint dir
     max_consecutive_nan: int = 3  # stop after this many consecutive non-finite steps
     knn_every: int = 0  # kNN probe period in iterations (0 = off)
-    knn_data: str | None = None  # labelled folder (class subfolders) for the kNN probe
+    # labelled folder (class subfolders) for the kNN probe; "digits": the embedded sklearn digits
+    knn_data: str | None = None
     # with knn_data: the query set, knn_data then the training set; both take labelled shards
     # (<key>.cls beside <key>.jpg) and patterns as well as class folders (fastdino.data.labelled)
     knn_val_data: str | None = None
@@ -662,6 +663,8 @@ class TrainConfig:
             self.max_iterations,
         )
         _check(self.knn_every >= 0, f"{p}.knn_every", "an integer >= 0", self.knn_every)
+        _check(not self.knn_every or self.knn_data is not None, f"{p}.knn_every",
+               f"0 unless {p}.knn_data names the probe's labelled data", self.knn_every)
         _check(self.teacher_snapshot_every >= 0, f"{p}.teacher_snapshot_every",
                "an integer >= 0 (0 = off)", self.teacher_snapshot_every)
         _check(self.knn_val_data is None or self.knn_data is not None, f"{p}.knn_val_data",

@@ -66,6 +66,7 @@ class Trainer:
             _keep_previous_config(cfg, self.out / "config.yaml")
             save_config(cfg, self.out / "config.yaml")
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
+        self.knn_samples = _knn_samples(cfg)  # listed and checked before any work, too
         from fastdino.loggers import build_sinks, check_sinks_available
 
         check_sinks_available(cfg)  # every rank: a missing TensorBoard / W&B stops all alike
@@ -402,7 +403,7 @@ class Trainer:
                             cfg.crops.global_crops_size, ks=cfg.eval.knn_k,
                             temperature=cfg.eval.knn_temperature,
                             batch_size=cfg.eval.batch_size, mean=cfg.crops.mean, std=cfg.crops.std,
-                            val=cfg.train.knn_val_data)
+                            val=cfg.train.knn_val_data, samples=self.knn_samples)
         fdist.barrier()
         return res
 
@@ -446,6 +447,24 @@ def _keep_previous_config(cfg: Config, path: Path) -> None:
                                        else "")
     logger.info("config changed since the last start of this output_dir (previous one kept as "
                 "%s): %s", kept.name, shown)
+
+
+def _knn_samples(cfg: Config) -> tuple[list, list] | None:
+    """train.knn_data's (train, query) samples, listed on every rank at the start, so that a
+    missing or unlabelled folder stops every rank before the first step rather than rank 0 at
+    the first probe; kept on rank 0 (the one that runs the probe)."""
+    t = cfg.train
+    if not (t.knn_every and t.knn_data):
+        return None
+    from fastdino.eval.knn import knn_samples
+
+    try:
+        samples = knn_samples(t.knn_data, t.knn_val_data)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"train.knn_data={t.knn_data!r}"
+                          + (f" / train.knn_val_data={t.knn_val_data!r}" if t.knn_val_data
+                             else "") + f": {e}") from None
+    return samples if fdist.is_main_process() else None
 
 
 def _pca_inputs(spec: tuple[str, ...] | None) -> list[Path]:

@@ -97,17 +97,30 @@ def split_samples(root: str | Path) -> tuple[list, list]:
     return train, query
 
 
+def knn_samples(root: str | Path, val: str | None = None) -> tuple[list, list]:
+    """(train, query) (path, label) lists of the probe's data: the labelled folder `root` (or
+    'digits', the embedded scikit-learn digits as eval's --data takes it), or with `val` the
+    query source `val` against the training source `root`."""
+    if str(root) == "digits":
+        from fastdino.data.sample_data import digits_labelled_dir
+
+        root = digits_labelled_dir()
+    if val is None:
+        return split_samples(root)
+    from fastdino.eval.knn_protocol import labelled_sources
+
+    train, query, _ = labelled_sources(str(root), val)
+    return train, query
+
+
 def knn_probe(backbone: nn.Module, root: str | Path, image_size: int,
               ks: tuple[int, ...] = (10, 20), temperature: float = 0.07, batch_size: int = 64,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD, val: str | None = None) -> dict[str, float]:
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, val: str | None = None,
+              samples: tuple[list, list] | None = None) -> dict[str, float]:
     """{"knn_top1_k<k>": accuracy} on the labelled folder `root`, or with `val`, of the query
-    source `val` against the training source `root` (module docstring)."""
-    if val is None:
-        train, query = split_samples(root)
-    else:
-        from fastdino.eval.knn_protocol import labelled_sources
-
-        train, query, _ = labelled_sources(str(root), val)
+    source `val` against the training source `root` (module docstring); `samples`: their
+    `knn_samples` listing, when the caller has it already."""
+    train, query = samples if samples is not None else knn_samples(root, val)
     train_f, train_y = extract_features(backbone, train, image_size, batch_size, mean, std)
     test_f, test_y = extract_features(backbone, query, image_size, batch_size, mean, std)
     acc = knn_classify(train_f, train_y, test_f, test_y, ks, temperature)

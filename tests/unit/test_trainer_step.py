@@ -259,3 +259,22 @@ def test_local_crops_may_leave_a_patch_remainder(tmp_path):
     assert batch.local_crops.shape[-1] == 40
     v = trainer.step(0, batch)
     assert math.isfinite(float(v["total_loss"])) and float(v["dino_local_crops_loss"]) > 0
+
+
+def test_knn_probe_data_is_checked_at_the_start(tmp_path):
+    """train.knn_data is listed on every rank when the trainer is built: a missing folder stops
+    the run before its first step (it stopped rank 0 at the first probe, mid-run); 'digits' is
+    the embedded labelled set, as eval's --data takes it."""
+    from fastdino.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.knn_data='/no/such/folder': labelled image "
+                                          r"folder '/no/such/folder' does not exist"):
+        make_trainer(tmp_path, "train.knn_every=2", "train.knn_data=/no/such/folder")
+    with pytest.raises(ConfigError, match=r"train.knn_every.*0 unless train.knn_data"):
+        make_trainer(tmp_path, "train.knn_every=2")
+    trainer, _ = make_trainer(tmp_path, "train.knn_every=2", "train.knn_data=digits",
+                              "train.max_iterations=2", "train.log_every=100")
+    train, query = trainer.knn_samples
+    assert len(train) > len(query) > 0 and "digits" in train[0][0]
+    history = trainer.train()
+    assert history[-1]["iteration"] == 2 and 0 <= history[-1]["knn_top1_k10"] <= 1
