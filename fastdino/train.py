@@ -399,11 +399,16 @@ class Trainer:
         if fdist.is_main_process():
             from fastdino.eval.knn import knn_probe
 
-            res = knn_probe(self.arch.teacher.backbone, cfg.train.knn_data,
-                            cfg.crops.global_crops_size, ks=cfg.eval.knn_k,
-                            temperature=cfg.eval.knn_temperature,
-                            batch_size=cfg.eval.batch_size, mean=cfg.crops.mean, std=cfg.crops.std,
-                            val=cfg.train.knn_val_data, samples=self.knn_samples)
+            try:  # a probe is a measurement, not the run (and the other ranks wait below)
+                res = knn_probe(self.arch.teacher.backbone, cfg.train.knn_data,
+                                cfg.crops.global_crops_size, ks=cfg.eval.knn_k,
+                                temperature=cfg.eval.knn_temperature,
+                                batch_size=cfg.eval.batch_size, mean=cfg.crops.mean,
+                                std=cfg.crops.std, val=cfg.train.knn_val_data,
+                                samples=self.knn_samples)
+            except Exception as e:  # noqa: BLE001 - e.g. an image of the probe set unreadable
+                logger.warning("%skNN probe at iteration %d failed, skipped: %s: %s",
+                               self.log_prefix, it, type(e).__name__, e)
         fdist.barrier()
         return res
 

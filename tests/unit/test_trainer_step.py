@@ -278,3 +278,20 @@ def test_knn_probe_data_is_checked_at_the_start(tmp_path):
     assert len(train) > len(query) > 0 and "digits" in train[0][0]
     history = trainer.train()
     assert history[-1]["iteration"] == 2 and 0 <= history[-1]["knn_top1_k10"] <= 1
+
+
+def test_a_failing_knn_probe_is_skipped_not_fatal(tmp_path, caplog):
+    """An unreadable image in the probe's data (found when the probe reads it, mid-run) costs
+    that probe, not the run: a warning, the step's metrics without kNN values, training goes on."""
+    from fastdino.data.sample_data import digits_labelled_dir
+
+    probe = tmp_path / "probe"
+    shutil.copytree(digits_labelled_dir(), probe)
+    (probe / "train" / "0" / "broken.png").write_bytes(b"not a png")
+    trainer, _ = make_trainer(tmp_path, "train.knn_every=1", f"train.knn_data={probe}",
+                              "train.max_iterations=2", "train.log_every=1")
+    with caplog.at_level("WARNING", logger="fastdino"):
+        history = trainer.train()
+    assert [h["iteration"] for h in history] == [1, 2]
+    assert not any(k.startswith("knn") for h in history for k in h)
+    assert "kNN probe at iteration 1 failed, skipped" in caplog.text
