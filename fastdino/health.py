@@ -186,20 +186,31 @@ def report(run_dir) -> tuple[list[Finding], dict[str, int], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`fastdino health RUN`: exit 0 when no condition is active at the last line, 1 otherwise."""
+    """`fastdino health RUN`: exit 0 when no condition is active at the last line (of every
+    student of a co-distillation run), 1 otherwise."""
     import argparse
 
     p = argparse.ArgumentParser(prog="fastdino health", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="training run folder (train.output_dir)")
+    p.add_argument("run", help="training run folder (train.output_dir); a co-distillation "
+                   "run's further students (<run>/students/*/) are reported after it")
     a = p.parse_args(argv)
-    findings, active, last = report(a.run)
-    for f in findings:
-        print(f"it {f.iteration:>7}  {'cleared ' if f.cleared else 'WARNING '} {f.message}")
-    if active:
-        print(f"at iteration {last}: {len(active)} condition(s) active: "
-              + ", ".join(f"{k} (since {i})" for k, i in active.items()))
-        return 1
-    print(f"at iteration {last}: no condition active"
-          + (f" ({sum(not f.cleared for f in findings)} reported and cleared earlier)"
-             if findings else ""))
-    return 0
+    from pathlib import Path
+
+    runs = [Path(a.run), *sorted(d for d in (Path(a.run) / "students").glob("*")
+                                 if (d / "metrics.jsonl").is_file())]
+    rc = 0
+    for run in runs:
+        if len(runs) > 1:
+            print(f"== {run}")
+        findings, active, last = report(run)
+        for f in findings:
+            print(f"it {f.iteration:>7}  {'cleared ' if f.cleared else 'WARNING '} {f.message}")
+        if active:
+            print(f"at iteration {last}: {len(active)} condition(s) active: "
+                  + ", ".join(f"{k} (since {i})" for k, i in active.items()))
+            rc = 1
+            continue
+        print(f"at iteration {last}: no condition active"
+              + (f" ({sum(not f.cleared for f in findings)} reported and cleared earlier)"
+                 if findings else ""))
+    return rc

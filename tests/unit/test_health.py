@@ -109,3 +109,14 @@ def test_report_of_a_tiny_batch_run(tmp_path, capsys):
     assert "uniform_teacher (since" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="training run folder"):
         report(tmp_path)
+    # a co-distillation run: its further students are reported after the main one
+    student = out / "students" / "vitb"
+    student.mkdir(parents=True)
+    (student / "config.yaml").write_text((out / "config.yaml").read_text())
+    (student / "metrics.jsonl").write_text("\n".join(
+        json.dumps({**r, "dino_teacher_entropy": 0.5 * math.log(128), "data_wait_fraction": 0.0})
+        for r in rec) + "\n")
+    assert main([str(out)]) == 1  # the main student is still uniform
+    text = capsys.readouterr().out
+    assert f"== {out}\n" in text and f"== {student}\n" in text
+    assert text.split(f"== {student}")[1].strip().endswith("no condition active")
