@@ -235,7 +235,7 @@ class CoDistillation:
                 it = lead.start_iteration
                 while it < lead.max_it and self.stopped_by is None:
                     waited = lead.data_wait_s
-                    batches = list(lead._micro_batches(loader))  # gas batches on the device
+                    batches = list(lead.micro_batches(loader))  # gas batches on the device
                     waited = lead.data_wait_s - waited
                     values = []
                     for tr, stream in pairs:

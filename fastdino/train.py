@@ -235,7 +235,7 @@ class Trainer:
             with StopOnSignal(self.cfg.train.stop_signals) as self.stop:
                 it = self.start_iteration
                 while it < self.max_it and self.stopped_by is None:
-                    values = self.step(it, self._micro_batches(loader))
+                    values = self.step(it, self.micro_batches(loader))
                     it += 1
                     path = self.after_step(it, values) or path
         finally:
@@ -331,7 +331,7 @@ class Trainer:
     def _print(self, line: str) -> None:
         logger.info("%s%s", self.log_prefix, line)
 
-    def _micro_batches(self, loader):
+    def micro_batches(self, loader):
         """The next `gas` batches of `loader`, moved to the device one at a time (lazily: the
         step consumes them one after the other)."""
         for _ in range(self.gas):
