@@ -386,8 +386,8 @@ class DistillationConfig:
     teacher_dtype: str = "auto"
     # co-distillation (fastdino/codistill.py): more students trained beside this one from the
     # same teacher in the same run, sharing its batches and the teacher's forward; each a yaml
-    # (path or preset name) of the keys in which that student differs (model, heads, optim, ...),
-    # written to <train.output_dir>/students/<yaml stem>/
+    # (a path from the working directory, or a preset name) of the keys in which that student
+    # differs (model, heads, optim, ...), written to <train.output_dir>/students/<yaml stem>/
     students: tuple[str, ...] = ()
 
     def validate(self, p: str = "distillation") -> None:
