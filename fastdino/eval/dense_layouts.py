@@ -53,6 +53,14 @@ class DenseData:
 
 
 # ------------------------------------------------------------------------------------------ lists
+def _require_files(pairs: Pairs, where: str, what: str) -> None:
+    """FileNotFoundError "<where>: <n> <what>: <the first 5>" unless every file of `pairs`
+    exists."""
+    missing = [p for pair in pairs for p in pair if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{where}: {len(missing)} {what}: " + ", ".join(missing[:5]))
+
+
 def _resolve(entry: str, root: Path) -> str:
     """An existing absolute path as written, else relative to root (leading "/" dropped)."""
     if entry.startswith("/") and Path(entry).is_file():
@@ -79,10 +87,7 @@ def read_list(path: str | Path, root: str | Path) -> Pairs:
         pairs.append(tuple(_resolve(c, root) for c in cols[:2]))
     if no_target:
         logger.info("%s: %d line(s) without a target ('None') skipped", path, no_target)
-    missing = [p for pair in pairs for p in pair if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: {len(missing)} listed file(s) do not exist under "
-                                f"{str(root)!r}: " + ", ".join(missing[:5]))
+    _require_files(pairs, f"{path}", f"listed file(s) do not exist under {str(root)!r}")
     if not pairs:
         raise ValueError(f"list file {str(path)!r} holds no (image, target) line")
     return pairs
@@ -120,10 +125,8 @@ def _voc(root: Path) -> DenseData | None:
         stems = (base / "ImageSets" / "Segmentation" / f"{name}.txt").read_text().split()
         pairs = [(str(base / "JPEGImages" / f"{s}.jpg"), str(base / "SegmentationClass" /
                                                            f"{s}.png")) for s in stems]
-        missing = [p for pair in pairs for p in pair if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{base}: {len(missing)} file(s) of ImageSets/Segmentation/"
-                                    f"{name}.txt do not exist: " + ", ".join(missing[:5]))
+        _require_files(pairs, f"{base}", f"file(s) of ImageSets/Segmentation/{name}.txt do "
+                       "not exist")
         return pairs
 
     return DenseData("voc2012", split("train"), split("val"), n_classes=21)
