@@ -44,7 +44,7 @@ from fastdino.data.datasets import decode_rgb
 from fastdino.eval import dense
 from fastdino.eval.dense import Pairs, patch_feature_map, sliding_window_logits
 from fastdino.eval.features import to_normalized_tensor
-from fastdino.eval.head_checkpoint import HeadCheckpoint
+from fastdino.eval.head_checkpoint import HeadCheckpoint, head_checkpoint
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0  # official NYU config (metres)
 N_BINS = 256
@@ -245,12 +245,9 @@ def depth_eval(backbone: nn.Module, train: Pairs, val: Pairs, *,
                          f"multiples of the patch size {backbone.patch_size}")
     if depth_scale <= 0:
         raise ValueError(f"--depth-scale {depth_scale} is invalid: allowed is a float > 0")
-    ckpt = None
-    if output_dir is not None:
-        key = dict(task="depth", weights=weights_digest, train=dense.pairs_digest(train),
-                   crop=list(crop), iterations=iterations, batch_size=batch_size, lr=lr,
-                   seed=seed, depth_scale=depth_scale)
-        ckpt = HeadCheckpoint(output_dir, key, checkpoint_every)
+    ckpt = head_checkpoint(output_dir, checkpoint_every, "depth", weights_digest,
+                           dense.pairs_digest(train), crop=list(crop), iterations=iterations,
+                           batch_size=batch_size, lr=lr, seed=seed, depth_scale=depth_scale)
     head = train_depth_head(backbone, train, crop=crop, iterations=iterations,
                             depth_scale=depth_scale, batch_size=batch_size, lr=lr,
                             num_workers=num_workers, seed=seed, progress=progress,

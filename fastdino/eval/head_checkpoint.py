@@ -59,3 +59,13 @@ class HeadCheckpoint:
         torch.save({"key": self.key, "step": step, "head": head.state_dict(),
                     "optimizer": opt.state_dict()}, tmp)
         os.replace(tmp, self.path)
+
+
+def head_checkpoint(output_dir: str | Path | None, every: int, task: str, weights: str,
+                    train_digest: str, **settings) -> HeadCheckpoint | None:
+    """The checkpoint of a probe saved under `output_dir` (None: not saved), keyed by its task,
+    its backbone's weights digest, its training pairs' digest and every setting of the fit."""
+    if output_dir is None:
+        return None
+    return HeadCheckpoint(output_dir, dict(task=task, weights=weights, train=train_digest,
+                                           **settings), every)

@@ -37,7 +37,7 @@ from fastdino.data.datasets import decode_rgb
 from fastdino.eval import dense
 from fastdino.eval.dense import Pairs, patch_feature_map, resize_short, sliding_window_logits
 from fastdino.eval.features import to_normalized_tensor
-from fastdino.eval.head_checkpoint import HeadCheckpoint
+from fastdino.eval.head_checkpoint import HeadCheckpoint, head_checkpoint
 
 IGNORE = 255
 
@@ -215,13 +215,10 @@ def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | 
         raise ValueError(f"--crop {crop} is invalid: allowed is a multiple of the patch size "
                          f"{backbone.patch_size}")
     n_classes = n_classes or count_classes(train + val, reduce_zero_label)
-    ckpt = None
-    if output_dir is not None:
-        key = dict(task="seg", weights=weights_digest, train=dense.pairs_digest(train),
-                   n_classes=n_classes, crop=crop, iterations=iterations, batch_size=batch_size,
-                   lr=lr, seed=seed, scale_range=list(scale_range),
-                   reduce_zero_label=reduce_zero_label)
-        ckpt = HeadCheckpoint(output_dir, key, checkpoint_every)
+    ckpt = head_checkpoint(output_dir, checkpoint_every, "seg", weights_digest,
+                           dense.pairs_digest(train), n_classes=n_classes, crop=crop,
+                           iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
+                           scale_range=list(scale_range), reduce_zero_label=reduce_zero_label)
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
                           scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,
