@@ -114,9 +114,17 @@ def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state:
     return final
 
 
-def _rotate(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+def checkpoint_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, directory) of every iter_N checkpoint in `ckpt_dir`, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
                   if p.is_dir() and (m := TAG_RE.match(p.name)))
+
+
+def _rotate(ckpt_dir: Path, keep: int) -> None:
+    tags = checkpoint_dirs(ckpt_dir)
     for _, p in tags[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 

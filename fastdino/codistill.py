@@ -44,7 +44,7 @@ import torch
 import yaml
 from torch import nn
 
-from fastdino.checkpoint import STATE_FILE, TAG_RE, rng_state, set_rng_state
+from fastdino.checkpoint import STATE_FILE, checkpoint_dirs, rng_state, set_rng_state
 from fastdino.config import Config, ConfigError, merge_mapping, resolve_preset
 
 logger = logging.getLogger("fastdino")
@@ -119,10 +119,8 @@ def student_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def _iterations(ckpt_dir: Path) -> set[int]:
-    if not ckpt_dir.is_dir():
-        return set()
-    return {int(m.group(1)) for p in ckpt_dir.iterdir()
-            if (m := TAG_RE.match(p.name)) and (p / STATE_FILE).is_file()}
+    """The iterations of the complete checkpoints (trainer state written) in `ckpt_dir`."""
+    return {it for it, p in checkpoint_dirs(ckpt_dir) if (p / STATE_FILE).is_file()}
 
 
 def common_resume(students: list[tuple[str, Config]]) -> list[Path | None]:
