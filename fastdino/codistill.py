@@ -214,7 +214,11 @@ class CoDistillation:
                                f"{sorted(starts)} (iteration, micro-batch)")
         logger.info("co-distillation: %d students (%s) share the batches and the teacher's "
                     "forward", len(self.trainers), ", ".join(self.names))
-        self.stopped_by: str | None = None
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The signal that ended train() early (the students stop together), as a Trainer's."""
+        return self.trainers[0].stopped_by
 
     def train(self) -> list[list[dict]]:
         """Every student's metrics history, in student order."""
@@ -248,7 +252,6 @@ class CoDistillation:
                             tr.data_wait_s += waited
                         with stream.active():
                             paths[k] = self._after_step(tr, it, v) or paths[k]
-                    self.stopped_by = lead.stopped_by
         finally:
             for tr in self.trainers:
                 tr.stop = None

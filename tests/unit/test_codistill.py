@@ -137,3 +137,27 @@ def test_resume_takes_the_latest_iteration_every_student_has(tmp_path, teacher_r
     students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=/some/ckpt"))
     with pytest.raises(ConfigError, match=r"resumes with auto"):
         common_resume(students)
+
+
+def test_a_signal_between_two_students_stops_both_at_the_same_iteration(tmp_path,
+                                                                          teacher_run):  # noqa: F811
+    """The signal lands after the main student's step of iteration 1 and before the other's:
+    both stop after that iteration, both with a checkpoint of it, no export."""
+    vitb = _write_student(tmp_path / "vitb.yaml")
+    co = CoDistillation(_cfg(tmp_path, teacher_run, [vitb], "train.max_iterations=5",
+                             "train.checkpoint_every=100"))
+    other = co.trainers[1]
+    real = other.step
+
+    def step(it, batches):
+        if it == 1:
+            other.stop.requested = "SIGUSR1"
+        return real(it, batches)
+
+    other.step = step
+    histories = co.train()
+    assert co.stopped_by == "SIGUSR1"
+    assert [h[-1]["iteration"] for h in histories] == [2, 2]
+    for tr in co.trainers:
+        assert (tr.out / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+        assert not (tr.out / "teacher_backbone.safetensors").exists()
