@@ -44,6 +44,7 @@ import torch
 import yaml
 from torch import nn
 
+from fastdino import dist as fdist
 from fastdino.checkpoint import STATE_FILE, checkpoint_dirs, rng_state, set_rng_state
 from fastdino.config import Config, ConfigError, merge_mapping, resolve_preset
 
@@ -105,7 +106,7 @@ def student_configs(cfg: Config) -> list[tuple[str, Config]]:
                 + ", ".join(a + ("*" if a.endswith(".") else "") for a in STUDENT_KEYS))
         scfg = copy.deepcopy(cfg)
         merge_mapping(scfg, data)
-        scfg.distillation.students = ()
+        scfg.distillation.students = scfg.distillation.student_ranks = ()
         scfg.train.output_dir = str(root / "students" / name)
         scfg.train.wandb_project = None  # one W&B run per process: the main student's
         scfg.validate()
@@ -164,8 +165,13 @@ class SharedTeacher(nn.Module):
                 return out
         out = self.teacher.teacher_forward(global_crops, mask_indices)
         self.forwards += 1
-        self._cache = [*self._cache, (global_crops, mask_indices, out)][-self.capacity:]
+        self.put(global_crops, mask_indices, out)
         return out
+
+    def put(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, out: dict) -> None:
+        """Keep `out` as the teacher's outputs on these tensors (computed elsewhere: the ranks
+        layout's exchange, codistill_ranks.py)."""
+        self._cache = [*self._cache, (global_crops, mask_indices, out)][-self.capacity:]
 
     def clear(self) -> None:
         self._cache = []
@@ -190,30 +196,54 @@ class RngStream:
 
 class CoDistillation:
     """Several Trainers over one loader and one teacher forward (module docstring); `train()`
-    and `stopped_by` as a Trainer's."""
+    and `stopped_by` as a Trainer's. With `distillation.student_ranks` this rank trains one of
+    them, on its own ranks (codistill_ranks.py); without, every student."""
 
     def __init__(self, cfg: Config, timer=None):
+        from fastdino.codistill_ranks import TeacherExchange, student_batch_sizes
         from fastdino.distillation import build_distillation_teacher
-        from fastdino.parallel import init_distributed
+        from fastdino.parallel import init_distributed, resolve_precision
         from fastdino.train import Trainer
 
         students = student_configs(cfg)
         resume = common_resume(students)
         info = init_distributed()
+        self.cfg, self.names = cfg, [n for n, _ in students]
         self.teacher = SharedTeacher(build_distillation_teacher(cfg, info.device),
                                      cfg.deepspeed.gradient_accumulation_steps)
-        self.names = [n for n, _ in students]
+        here = list(range(len(students)))  # the students this rank trains
+        self.exchange, sizes = None, list(cfg.distillation.student_ranks)
+        if sizes:
+            batch = student_batch_sizes(sizes, cfg.data.batch_size_per_gpu, info.world_size,
+                                        self.names)
+            self.world_rank, self.world_size = info.rank, info.world_size
+            self.index = fdist.split(sizes)  # from here on fdist works over this student's ranks
+            here = [self.index]
+            name, scfg = students[self.index]
+            scfg = copy.deepcopy(scfg)  # alone on its n ranks at G / n images per rank
+            scfg.data.batch_size_per_gpu = batch[self.index]
+            scfg.distillation.students, scfg.distillation.student_ranks = (), ()
+            students[self.index] = (name, scfg)
+            amp = resolve_precision(cfg, info.device) == torch.bfloat16
+            self.exchange = TeacherExchange(self.teacher, sizes, cfg.data.batch_size_per_gpu,
+                                            amp)
+            logger.info("co-distillation: student %s on ranks %d-%d of %d, %d images per rank "
+                        "per micro-batch", name, sum(sizes[:self.index]),
+                        sum(sizes[:self.index + 1]) - 1, info.world_size, batch[self.index])
         self.trainers, self.streams = [], []
-        for (name, scfg), path in zip(students, resume, strict=True):
+        for k in here:
+            name, scfg = students[k]
+            run_cfg = cfg if k == 0 and scfg is not cfg else None  # the run's config.yaml
             self.trainers.append(Trainer(scfg, timer, distillation_teacher=self.teacher,
-                                         name=name, resume_from=path))
+                                         name=name, resume_from=resume[k], run_config=run_cfg))
             self.streams.append(RngStream())  # its stream as seeded by its own __init__
+        self.local = [self.names[k] for k in here]
         starts = {(t.start_iteration, t.start_micro_batch) for t in self.trainers}
         if len(starts) != 1:  # common_resume chose one iteration: a checkpoint disagrees
             raise RuntimeError(f"co-distillation students resumed at different positions "
                                f"{sorted(starts)} (iteration, micro-batch)")
         logger.info("co-distillation: %d students (%s) share the batches and the teacher's "
-                    "forward", len(self.trainers), ", ".join(self.names))
+                    "forward", len(self.names), ", ".join(self.names))
 
     @property
     def stopped_by(self) -> str | None:
@@ -221,11 +251,11 @@ class CoDistillation:
         return self.trainers[0].stopped_by
 
     def train(self) -> list[list[dict]]:
-        """Every student's metrics history, in student order."""
+        """The metrics history of every student this rank trains, in student order."""
         from fastdino.stop import StopOnSignal
 
         lead, pairs = self.trainers[0], list(zip(self.trainers, self.streams, strict=True))
-        loader = lead.build_loader()
+        loader = self._build_loader(lead)
         for tr, stream in pairs:
             with stream.active():
                 tr.open_run(loader.num_images)
@@ -237,7 +267,7 @@ class CoDistillation:
                 it = lead.start_iteration
                 while it < lead.max_it and self.stopped_by is None:
                     waited = lead.data_wait_s
-                    batches = list(lead.micro_batches(loader))  # gas batches on the device
+                    batches = self._batches(lead, loader)  # gas batches on the device
                     waited = lead.data_wait_s - waited
                     values = []
                     for tr, stream in pairs:
@@ -245,13 +275,16 @@ class CoDistillation:
                             values.append(tr.step(it, batches))
                     self.teacher.clear()
                     it += 1
-                    stop_agreed = any(tr.stop_agreed for tr in self.trainers)  # same on all ranks
-                    for k, ((tr, stream), v) in enumerate(zip(pairs, values, strict=True)):
+                    stop_agreed, failed = self._agree(values)
+                    for tr in self.trainers:
                         tr.micro_batch, tr.stop_agreed = lead.micro_batch, stop_agreed
                         if tr is not lead:
                             tr.data_wait_s += waited
+                    if failed:
+                        self._stop_nonfinite(it, values, failed)  # raises
+                    for k, ((tr, stream), v) in enumerate(zip(pairs, values, strict=True)):
                         with stream.active():
-                            paths[k] = self._after_step(tr, it, v) or paths[k]
+                            paths[k] = tr.after_step(it, v) or paths[k]
         finally:
             for tr in self.trainers:
                 tr.stop = None
@@ -262,15 +295,57 @@ class CoDistillation:
                 histories.append(tr.finish(path))
         return histories
 
-    def _after_step(self, tr, it: int, values: dict | None) -> Path | None:
+    def _build_loader(self, lead):
+        """The shared loader: the lead trainer's, or (students on their own ranks) one over all
+        ranks at the run's per-rank batch, from the students' common position."""
+        if self.exchange is None:
+            return lead.build_loader()
+        from fastdino.data.loader import build_train_loader
+
+        with fdist.world(), torch.random.fork_rng(devices=[]):  # as Trainer.build_loader
+            loader = build_train_loader(self.cfg, self.world_rank, self.world_size,
+                                        lead.start_micro_batch)
+        lead.micro_batch = lead.start_micro_batch
+        return loader
+
+    def _batches(self, lead, loader) -> list:
+        local = list(lead.micro_batches(loader))
+        if self.exchange is None:
+            return local
+        with fdist.world():  # the teacher on this rank's batch; this student's slice back
+            return [self.exchange(b) for b in local]
+
+    def _agree(self, values: list[dict | None]) -> tuple[bool, list[str]]:
+        """Whether the students stop after this step (a signal on any rank), and the students
+        stopping the run on non-finite steps (train.max_consecutive_nan reached now)."""
+        stop = any(tr.stop_agreed for tr in self.trainers)  # same on every rank of a student
+        failing = [v is None and tr.consecutive_nonfinite + 1 >= tr.cfg.train.max_consecutive_nan
+                   for tr, v in zip(self.trainers, values, strict=True)]
+        if self.exchange is None:  # every student here: the flags are already the run's
+            return stop, [n for n, f in zip(self.names, failing, strict=True) if f]
+        flags = torch.zeros(1 + len(self.names), device=self.trainers[0].info.device)
+        flags[0], flags[1 + self.index] = float(stop), float(failing[0])
+        with fdist.world():  # the students on other ranks: one small reduction per step
+            flags = fdist.all_reduce_max(flags).tolist()
+        return flags[0] > 0, [n for n, f in zip(self.names, flags[1:], strict=True) if f > 0]
+
+    def _stop_nonfinite(self, it: int, values: list[dict | None], failed: list[str]) -> None:
+        """Students stop the run on non-finite steps: each saves its state of this iteration
+        (all students together: checkpoints are collective), then the run stops with the first
+        failing student's error (or, on ranks without one, an error naming them)."""
         from fastdino.train import NonFiniteLossError
 
-        try:
-            return tr.after_step(it, values)
-        except NonFiniteLossError:
-            # this student stops the run: the others keep their state of this iteration too
-            for other, stream in zip(self.trainers, self.streams, strict=True):
-                if other is not tr:
-                    with stream.active():
-                        other.save(it)
-            raise
+        errors, path = [], None
+        for tr, stream, v, name in zip(self.trainers, self.streams, values, self.local,
+                                       strict=True):
+            with stream.active():
+                if name not in failed:
+                    path = tr.save(it)
+                    continue
+                try:
+                    tr.after_step(it, v)  # saves the last good step, then raises
+                except NonFiniteLossError as e:
+                    errors.append(e)
+        raise errors[0] if errors else NonFiniteLossError(
+            f"[{self.local[0]}] stopped at iteration {it} with the co-distillation run (student "
+            f"{', '.join(failed)} stopped on non-finite steps); its state is saved in {path}")

@@ -389,11 +389,24 @@ class DistillationConfig:
     # (a path from the working directory, or a preset name) of the keys in which that student
     # differs (model, heads, optim, ...), written to <train.output_dir>/students/<yaml stem>/
     students: tuple[str, ...] = ()
+    # where the students train: empty = every rank holds every student and runs them in turn on
+    # its batch; or one rank count per student (this config's first, then `students` in order),
+    # summing to the world size: each student trains on its own consecutive ranks on the whole
+    # global batch (split over its ranks), the teacher's forward is spread over all ranks and its
+    # outputs exchanged (the official layout: size the counts so the students' steps take equally
+    # long, e.g. [4, 2, 2] for a ViT-L beside two ViT-B on 8 GPUs)
+    student_ranks: tuple[int, ...] = ()
 
     def validate(self, p: str = "distillation") -> None:
         _choice(self.teacher_dtype, f"{p}.teacher_dtype", ("auto", "fp32", "bf16"))
         _check(not self.students or self.enabled, f"{p}.students",
                "empty unless distillation.enabled is true", list(self.students))
+        _check(not self.student_ranks or len(self.student_ranks) == 1 + len(self.students),
+               f"{p}.student_ranks", f"empty, or {1 + len(self.students)} rank counts (this "
+               f"config's student, then one per distillation.students entry)",
+               list(self.student_ranks))
+        _check(all(isinstance(n, int) and n >= 1 for n in self.student_ranks),
+               f"{p}.student_ranks", "rank counts >= 1", list(self.student_ranks))
         _check(
             not self.enabled or self.teacher is not None,
             f"{p}.teacher",

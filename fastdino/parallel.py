@@ -112,8 +112,10 @@ def shutdown_distributed() -> None:
     of runs filled a 24 GB machine). No-op on one process."""
     if not fdist.is_enabled():
         return
-    rank = fdist.get_rank()
-    fdist.barrier()
+    with fdist.world():  # every rank, whatever training group is set (the buffer is per rank)
+        rank = fdist.get_rank()
+        fdist.barrier()
+    fdist.set_group(None)
     torch.distributed.destroy_process_group()
     release_shm_buffer(rank)
 
@@ -383,6 +385,43 @@ class TorchStudent(_StudentBase):
         check_frozen_params(self.module, ckpt, module_state)
 
 
+class GroupMPU:
+    """DeepSpeed's `mpu` for an engine that is data parallel over the ranks of fdist's group (a
+    co-distillation student on its own rank range, fdist.split) instead of the world: no model,
+    tensor or pipeline parallelism (their groups are this rank alone)."""
+
+    def __init__(self):
+        self.dp, self.alone = fdist.get_group(), fdist.self_group()
+
+    def get_data_parallel_group(self):
+        return self.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(self.dp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(self.dp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return torch.distributed.get_process_group_ranks(self.dp)
+
+    def get_model_parallel_group(self):
+        return self.alone
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return torch.distributed.get_rank()
+
+
 class DeepSpeedStudent(_StudentBase):
     """The student wrapped by `deepspeed.initialize` with our param groups and AdamW."""
 
@@ -394,8 +433,10 @@ class DeepSpeedStudent(_StudentBase):
         student = student.to(info.device)
         student.compute_dtype = dtype  # DeepSpeed casts the module to bf16: cast inputs too
         optimizer = _adamw(groups, cfg, info.device)
+        # data parallel over the world, or over fdist's group (a co-distillation student's ranks)
+        mpu = GroupMPU() if fdist.get_group() is not None else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=student, optimizer=optimizer, config=ds_config)
+            model=student, optimizer=optimizer, config=ds_config, mpu=mpu)
         self.module = self.engine.module
         if self.zero_stage == 3:  # fused blocks read ls1 / norm2 params without calling them
             for m in self.module.modules():

@@ -53,18 +53,21 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, timer=None, *, distillation_teacher=None,
-                 name: str | None = None, resume_from: Path | None = None):
-        """`distillation_teacher` / `name` / `resume_from`: a student of a co-distillation run
-        (codistill.py): the frozen teacher it shares with the other students, its name in log
-        lines, the checkpoint all students resume from (instead of train.resume's)."""
+                 name: str | None = None, resume_from: Path | None = None,
+                 run_config: Config | None = None):
+        """`distillation_teacher` / `name` / `resume_from` / `run_config`: a student of a
+        co-distillation run (codistill.py): the frozen teacher it shares with the other students,
+        its name in log lines, the checkpoint all students resume from (instead of
+        train.resume's), the config.yaml to write when it is not `cfg` (the run's, for the main
+        student of a run that gives it its own per-rank batch)."""
         self.cfg, self.timer = cfg, timer or NullTimer()
         self.log_prefix = f"[{name}] " if name else ""
         self.info = init_distributed()
         self.out = Path(cfg.train.output_dir)
         if fdist.is_main_process():  # the resolved config first, before anything derived
             self.out.mkdir(parents=True, exist_ok=True)
-            _keep_previous_config(cfg, self.out / "config.yaml")
-            save_config(cfg, self.out / "config.yaml")
+            _keep_previous_config(run_config or cfg, self.out / "config.yaml")
+            save_config(run_config or cfg, self.out / "config.yaml")
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.knn_samples = _knn_samples(cfg)  # listed and checked before any work, too
         from fastdino.loggers import build_sinks, check_sinks_available

@@ -170,9 +170,13 @@ def draw_mask_rows(n_images: int, n_patches_hw: tuple[int, int], generator: np.r
 
 def masks_from_rows(masks_np: np.ndarray) -> Masks:
     """The deterministic part of `sample_masks`: indices, weights and count from [2B, N] rows."""
-    masks = torch.from_numpy(np.ascontiguousarray(masks_np, dtype=bool))  # [2B, N] bool
+    return masks_from_bool(torch.from_numpy(np.ascontiguousarray(masks_np, dtype=bool)))
+
+
+def masks_from_bool(masks: torch.Tensor) -> Masks:
+    """Indices, weights and count of [2B, N] bool mask rows (any device)."""
     mask_indices = masks.reshape(-1).nonzero().reshape(-1)  # [M]
     per_image = masks.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)  # [2B, 1]
     masks_weight = (1.0 / per_image).expand_as(masks)[masks]  # [M]
-    n_masked = torch.full((1,), mask_indices.numel(), dtype=torch.long)
+    n_masked = torch.full((1,), mask_indices.numel(), dtype=torch.long, device=masks.device)
     return Masks(masks, mask_indices, masks_weight, n_masked)
