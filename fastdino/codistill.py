@@ -200,7 +200,7 @@ class CoDistillation:
     them, on its own ranks (codistill_ranks.py); without, every student."""
 
     def __init__(self, cfg: Config, timer=None):
-        from fastdino.codistill_ranks import TeacherExchange, student_batch_sizes
+        from fastdino.codistill_ranks import TeacherExchange, check_layout
         from fastdino.distillation import build_distillation_teacher
         from fastdino.parallel import init_distributed, resolve_precision
         from fastdino.train import Trainer
@@ -214,8 +214,7 @@ class CoDistillation:
         here = list(range(len(students)))  # the students this rank trains
         self.exchange, sizes = None, list(cfg.distillation.student_ranks)
         if sizes:
-            batch = student_batch_sizes(sizes, cfg.data.batch_size_per_gpu, info.world_size,
-                                        self.names)
+            batch = check_layout(students, sizes, cfg.data.batch_size_per_gpu, info.world_size)
             self.world_rank, self.world_size = info.rank, info.world_size
             self.index = fdist.split(sizes)  # from here on fdist works over this student's ranks
             here = [self.index]
@@ -333,7 +332,7 @@ class CoDistillation:
         """Students stop the run on non-finite steps: each saves its state of this iteration
         (all students together: checkpoints are collective), then the run stops with the first
         failing student's error (or, on ranks without one, an error naming them)."""
-        from fastdino.train import NonFiniteLossError
+        from fastdino.stop import NonFiniteLossError
 
         errors, path = [], None
         for tr, stream, v, name in zip(self.trainers, self.streams, values, self.local,

@@ -34,10 +34,14 @@ from fastdino.data.collate import Batch
 from fastdino.data.masking import masks_from_bool
 
 
-def student_batch_sizes(sizes: list[int], batch_size_per_gpu: int, world: int,
-                        names: list[str]) -> list[int]:
-    """Images per rank of each student (G / n_s), checked: the rank counts cover the world and
-    split the global batch evenly."""
+def check_layout(students: list[tuple[str, object]], sizes: list[int], batch_size_per_gpu: int,
+                 world: int) -> list[int]:
+    """Images per rank of each student (G / n_s), after the checks: the rank counts cover the
+    world, split the global batch evenly, and no student uses ZeRO-3 (DeepSpeed's ZeRO-3 checks
+    its parameter-fetch trace against world rank 0's, a broadcast over every rank: on ranks of
+    another student that rank holds another model; ZeRO-1/2 still partition a student's optimizer
+    states over its ranks)."""
+    names = [name for name, _ in students]
     if sum(sizes) != world:
         raise ConfigError(f"distillation.student_ranks={sizes} sum to {sum(sizes)} ranks but the "
                           f"run has {world}: give one rank count per student ({', '.join(names)})"
@@ -48,6 +52,13 @@ def student_batch_sizes(sizes: list[int], batch_size_per_gpu: int, world: int,
         raise ConfigError(f"distillation.student_ranks={sizes}: the global batch of {G} images "
                           f"(data.batch_size_per_gpu={batch_size_per_gpu} x {world} ranks) does "
                           f"not split evenly over {', '.join(bad)}")
+    zero3 = [name for name, c in students if c.deepspeed.zero_stage == 3]
+    if zero3:
+        raise ConfigError(f"distillation.student_ranks: student {', '.join(zero3)} has deepspeed."
+                          "zero_stage=3, which cannot train on a rank range of its own (DeepSpeed "
+                          "checks ZeRO-3's parameter fetches against world rank 0): use stage 1 "
+                          "or 2 (its optimizer states are still partitioned over its ranks), or "
+                          "leave distillation.student_ranks empty")
     return [G // n for n in sizes]
 
 

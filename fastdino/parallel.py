@@ -422,6 +422,35 @@ class GroupMPU:
         return torch.distributed.get_rank()
 
 
+@contextlib.contextmanager
+def deepspeed_collectives_on_group():
+    """DeepSpeed (0.19) calls a few collectives without a group, meaning every rank of the job:
+    the barriers around save_checkpoint, the all-reduce that checks a checkpoint tag, barriers
+    in ZeRO-3's setup. Under fdist's group (a co-distillation student on its own ranks) the job
+    is that group: inside this context (engine setup, save, load) those calls take it, so the
+    students' checkpoints never wait on each other. (ZeRO-3 also broadcasts from world rank 0
+    in its forward: codistill_ranks.check_layout refuses it there.) A no-op without a group."""
+    group = fdist.get_group()
+    if group is None:
+        yield
+        return
+    import deepspeed.comm as dscomm
+
+    def on_group(fn, pos: int):  # pos: the index of fn's `group` parameter
+        def call(*args, **kwargs):
+            if len(args) <= pos and kwargs.get("group") is None:
+                kwargs["group"] = group
+            return fn(*args, **kwargs)
+        return call
+
+    saved = {"barrier": dscomm.barrier, "all_reduce": dscomm.all_reduce}
+    dscomm.barrier, dscomm.all_reduce = on_group(dscomm.barrier, 0), on_group(dscomm.all_reduce, 2)
+    try:
+        yield
+    finally:
+        dscomm.barrier, dscomm.all_reduce = saved["barrier"], saved["all_reduce"]
+
+
 class DeepSpeedStudent(_StudentBase):
     """The student wrapped by `deepspeed.initialize` with our param groups and AdamW."""
 
@@ -435,8 +464,9 @@ class DeepSpeedStudent(_StudentBase):
         optimizer = _adamw(groups, cfg, info.device)
         # data parallel over the world, or over fdist's group (a co-distillation student's ranks)
         mpu = GroupMPU() if fdist.get_group() is not None else None
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=student, optimizer=optimizer, config=ds_config, mpu=mpu)
+        with deepspeed_collectives_on_group():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=student, optimizer=optimizer, config=ds_config, mpu=mpu)
         self.module = self.engine.module
         if self.zero_stage == 3:  # fused blocks read ls1 / norm2 params without calling them
             for m in self.module.modules():
@@ -545,7 +575,8 @@ class DeepSpeedStudent(_StudentBase):
         return self.engine.train_micro_batch_size_per_gpu()
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
-        self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+        with deepspeed_collectives_on_group():
+            self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
 
     def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None) -> None:
         """Collective. Same data-parallel size as the writer (or ZeRO-0: replicated optimizer
@@ -556,6 +587,10 @@ class DeepSpeedStudent(_StudentBase):
         and loaded with DeepSpeed's universal loader, which re-partitions it for this world.
         A plain torch engine checkpoint (torch_engine.pt, one process): ZeRO-0 loads its AdamW
         state directly, ZeRO-1/2/3 through a universal form written from it."""
+        with deepspeed_collectives_on_group():
+            self._load_checkpoint(load_dir, tag, saved_world_size)
+
+    def _load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None) -> None:
         ckpt = Path(load_dir) / tag
         from_torch = (ckpt / TORCH_ENGINE_FILE).is_file()  # the plain torch engine wrote it
         if not from_torch and not any(ckpt.glob("*model_states.pt")):

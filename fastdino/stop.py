@@ -28,6 +28,12 @@ import threading
 
 logger = logging.getLogger("fastdino")
 
+class NonFiniteLossError(RuntimeError):
+    """Raised after `train.max_consecutive_nan` consecutive non-finite steps. (Defined here, not
+    in train.py: run as a script that module is `__main__`, and a co-distillation run raises it
+    from the `fastdino.train` copy, which `except` in `__main__` would not match.)"""
+
+
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")  # allowed names
 
 

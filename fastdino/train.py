@@ -41,14 +41,10 @@ from fastdino.metrics import MetricsLogger
 from fastdino.parallel import CLIP_EPS, build_engine, init_distributed, shutdown_distributed
 from fastdino.param_groups import build_param_groups
 from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
-from fastdino.stop import StopOnSignal, exit_code
+from fastdino.stop import NonFiniteLossError, StopOnSignal, exit_code
 from fastdino.timing import NullTimer
 
 logger = logging.getLogger("fastdino")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after `train.max_consecutive_nan` consecutive non-finite steps."""
 
 
 class Trainer:

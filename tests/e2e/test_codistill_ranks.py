@@ -1,6 +1,12 @@
-"""Co-distillation on 2 DeepSpeed ranks (fastdino/codistill.py): two DeepSpeed engines in each
-process (the main student under ZeRO-2, the other under ZeRO-3), one teacher forward per batch.
-The second student's losses equal those of its own config trained alone on the same 2 ranks."""
+"""Co-distillation on 2 DeepSpeed ranks (fastdino/codistill.py, codistill_ranks.py).
+
+Shared layout: two DeepSpeed engines in each process (the main student under ZeRO-2, the other
+under ZeRO-3), one teacher forward per batch; the second student's losses equal those of its own
+config trained alone on the same 2 ranks.
+Own ranks (`distillation.student_ranks=[1,1]`): each student on one rank, on the whole global
+batch; both students' losses equal the shared layout's (the same global batch, teacher targets
+and gradients, summed in another order), also across a resume; a student stopping on non-finite
+steps stops the other rank's student too, each with a checkpoint of that iteration."""
 
 import math
 
@@ -9,31 +15,93 @@ from trainer_helpers import FAST, SMOKE, TRAIN, read_metrics, run_ds, run_py
 
 KEYS = ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "backbone_grad_norm")
 SMALL = ["dino.head.n_prototypes=128", "ibot.head.n_prototypes=128", "optim.warmup_epochs=0"]
+# the same losses on 1 rank x 4 images as on 2 ranks x 2: no per-rank randomness (drop-path, RoPE
+# jitter) and no per-rank KoLeo groups
+SAME_ON_ANY_SPLIT = ["model.drop_path_rate=0", "model.rope_rescale=null", "koleo.loss_weight=0",
+                     "data.batch_size_per_gpu=2"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("codistill") / "teacher"
+    run_py(["--config", str(SMOKE), *FAST, *SMALL, f"train.output_dir={out}",
+            "train.max_iterations=1", "model.depth=3"])
+    return out
+
+
+def _common(teacher, student, *extra):
+    return ["--config", str(SMOKE), *FAST, *SMALL, "distillation.enabled=true",
+            f"distillation.teacher={teacher}", f"distillation.students=[{student}]", *extra]
+
+
+def _assert_same(a: list[dict], b: list[dict], keys, rel: float) -> None:
+    assert [m["iteration"] for m in a] == [m["iteration"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        for k in keys:
+            assert math.isclose(x[k], y[k], rel_tol=rel, abs_tol=rel), (x["iteration"], k, x[k],
+                                                                        y[k])
 
 
 @pytest.mark.slow
-def test_two_students_on_two_ranks_equal_their_runs_alone(tmp_path):
-    teacher = tmp_path / "teacher"
-    run_py(["--config", str(SMOKE), *FAST, *SMALL, f"train.output_dir={teacher}",
-            "train.max_iterations=1", "model.depth=3"])
+def test_two_students_on_two_ranks_equal_their_runs_alone(tmp_path, teacher):
     student = tmp_path / "vitb.yaml"
     student.write_text("model:\n  depth: 1\ndeepspeed:\n  zero_stage: 3\noptim:\n  lr: 0.002\n")
     co = tmp_path / "co"
-    common = ["--config", str(SMOKE), *FAST, *SMALL, "train.max_iterations=3",
-              "distillation.enabled=true", f"distillation.teacher={teacher}"]
-    p = run_ds(TRAIN, [*common, f"train.output_dir={co}", f"distillation.students=[{student}]",
-                       "deepspeed.zero_stage=2"])
+    p = run_ds(TRAIN, [*_common(teacher, student, "train.max_iterations=3"),
+                       f"train.output_dir={co}", "deepspeed.zero_stage=2"])
     assert "co-distillation: 2 students (main, vitb)" in p.stderr
     alone = tmp_path / "alone"
     run_ds(TRAIN, ["--config", str(co / "students" / "vitb" / "config.yaml"),
                    f"train.output_dir={alone}", "train.resume=none"])
     a, b = read_metrics(co / "students" / "vitb"), read_metrics(alone)
-    assert [m["iteration"] for m in a] == [m["iteration"] for m in b] == [1, 2, 3]
-    for x, y in zip(a, b, strict=True):
-        for k in KEYS:
-            assert math.isclose(x[k], y[k], rel_tol=1e-6, abs_tol=1e-6), (x["iteration"], k)
+    assert [m["iteration"] for m in a] == [1, 2, 3]
+    _assert_same(a, b, KEYS, 1e-6)
     main = read_metrics(co)
     assert [m["iteration"] for m in main] == [1, 2, 3]
     assert abs(main[-1]["total_loss"] - a[-1]["total_loss"]) > 1e-4  # two different students
     for folder in (co, co / "students" / "vitb"):
         assert (folder / "teacher_backbone.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_students_on_their_own_ranks_equal_the_shared_layout_across_a_resume(tmp_path, teacher):
+    import yaml
+
+    student = tmp_path / "vitb.yaml"
+    student.write_text("model:\n  depth: 1\ndeepspeed:\n  zero_stage: 2\noptim:\n  lr: 0.002\n")
+    common = _common(teacher, student, *SAME_ON_ANY_SPLIT, "train.checkpoint_every=2")
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    run_ds(TRAIN, [*common, f"train.output_dir={shared}", "train.max_iterations=3"])
+    ranks = [*common, f"train.output_dir={own}", "distillation.student_ranks=[1,1]"]
+    p = run_ds(TRAIN, [*ranks, "train.max_iterations=2"])
+    assert "student vitb on ranks 1-1 of 2, 4 images per rank" in p.stderr
+    p = run_ds(TRAIN, [*ranks, "train.max_iterations=3"])  # train.resume=auto: from iteration 2
+    assert "[vitb] resumed from" in p.stderr and "[main] resumed from" in p.stderr
+    # (KoLeo is logged at weight 0: per-rank groups of 4 images here, 2 in the shared layout)
+    keys = [k for k in KEYS if k != "koleo_loss"] + ["dino_local_crops_loss"]
+    for sub in ("", "students/vitb"):
+        _assert_same(read_metrics(own / sub), read_metrics(shared / sub), keys, 1e-5)
+        assert [m["iteration"] for m in read_metrics(own / sub)] == [1, 2, 3]
+    # the student's folder trains it alone on its 1 rank (4 images); the main one holds the run's
+    alone = yaml.safe_load((own / "students" / "vitb" / "config.yaml").read_text())
+    assert alone["data"]["batch_size_per_gpu"] == 4
+    assert alone["distillation"]["students"] == [] and alone["distillation"]["student_ranks"] == []
+    run = yaml.safe_load((own / "config.yaml").read_text())
+    assert run["data"]["batch_size_per_gpu"] == 2 and run["distillation"]["student_ranks"] == [1, 1]
+
+
+@pytest.mark.slow
+def test_a_student_stopping_on_nonfinite_steps_stops_the_other_ranks(tmp_path, teacher):
+    student = tmp_path / "vitb.yaml"
+    # the first step is finite (its loss comes before its ~1e29 lr update); the next two are not
+    student.write_text("model:\n  depth: 1\noptim:\n  lr: 1.0e+30\n")
+    out = tmp_path / "own"
+    p = run_ds(TRAIN, [*_common(teacher, student, "distillation.student_ranks=[1,1]",
+                                "train.max_iterations=6", "train.max_consecutive_nan=2",
+                                "train.checkpoint_every=100"), f"train.output_dir={out}"],
+               check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "[vitb] 2 consecutive non-finite steps" in p.stderr
+    assert "[main] stopped at iteration 3 with the co-distillation run (student vitb" in p.stderr
+    for folder in (out, out / "students" / "vitb"):
+        assert (folder / "checkpoints" / "latest").read_text().strip() == "iter_0000003"

@@ -34,14 +34,15 @@ def _env() -> dict:
     return env
 
 
-def run_ds(script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run_ds(script: Path, args: list[str], timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
     """2 CPU ranks under the deepspeed launcher; the result carries `master_port`."""
     port = _free_port()
     cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(port),
            str(script), *args]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=timeout)
-    if p.returncode != 0:
+    if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
                              f"{p.stderr[-4000:]}")
     p.master_port = port

@@ -161,3 +161,21 @@ def test_a_signal_between_two_students_stops_both_at_the_same_iteration(tmp_path
     for tr in co.trainers:
         assert (tr.out / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
         assert not (tr.out / "teacher_backbone.safetensors").exists()
+
+
+def test_a_student_stopping_on_nonfinite_steps_saves_the_others(tmp_path, teacher_run):  # noqa: F811
+    """The second student's steps are non-finite from iteration 1 on: at the second in a row
+    (train.max_consecutive_nan=2) the run stops with its error, and both students (the main one
+    before it in the step order too) hold a checkpoint of that iteration."""
+    from fastdino.stop import NonFiniteLossError
+
+    vitb = _write_student(tmp_path / "vitb.yaml")
+    co = CoDistillation(_cfg(tmp_path, teacher_run, [vitb], "train.max_iterations=6",
+                             "train.checkpoint_every=100", "train.max_consecutive_nan=2"))
+    other = co.trainers[1]
+    real = other.step
+    other.step = lambda it, batches: real(it, batches) if it == 0 else None
+    with pytest.raises(NonFiniteLossError, match=r"\[vitb\] 2 consecutive non-finite"):
+        co.train()
+    for tr in co.trainers:
+        assert (tr.out / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
