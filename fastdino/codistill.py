@@ -21,16 +21,18 @@ normalises the targets itself (Sinkhorn-Knopp at its own teacher temperature) an
 engine, optimizer, EMA teacher, schedules, metrics and RNG stream (drop-path, RoPE jitter), so
 each student's run is the run its config would give alone, step for step (tested bit for bit).
 
-How this differs from the official layout: there each student trains on its own subgroup of
-ranks, the teacher's inference is sharded over all ranks and its outputs broadcast to the
-subgroups. Here every rank holds every student and runs them one after the other on its batch:
-the same FLOPs (the teacher once per image, each student once per image), no subgroup broadcast
-and no split of the GPUs between students to balance, at the memory cost of holding all students
-(and their ZeRO-partitioned optimizer states) on every rank. The teacher's outputs of a step's
-micro-batches are held until every student has taken them (gradient accumulation: all of them).
+Two layouts. By default every rank holds every student and runs them one after the other on
+its batch: the same FLOPs as the official layout (the teacher once per image, each student once
+per image), no exchange between ranks and no split of the GPUs between students to balance, at
+the memory cost of holding all students (and their ZeRO-partitioned optimizer states) on every
+rank. The teacher's outputs of a step's micro-batches are held until every student has taken them
+(gradient accumulation: all of them). With `distillation.student_ranks` each student trains on its
+own ranks, as the official MultiDistillationMetaArch does (codistill_ranks.py): a rank holds one
+student, the teacher's forward is spread over all ranks and its outputs are sent to the students.
 
 Checkpoints are written together (the same iterations); `train.resume=auto` continues every
-student from the latest iteration they all have. A stop signal checkpoints every student.
+student from the latest iteration they all have. A stop signal checkpoints every student; so does
+a student stopping on non-finite steps (train.max_consecutive_nan), which stops the run.
 """
 
 from __future__ import annotations
