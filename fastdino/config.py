@@ -401,6 +401,9 @@ class DistillationConfig:
         _choice(self.teacher_dtype, f"{p}.teacher_dtype", ("auto", "fp32", "bf16"))
         _check(not self.students or self.enabled, f"{p}.students",
                "empty unless distillation.enabled is true", list(self.students))
+        _check(not self.student_ranks or self.students, f"{p}.student_ranks",
+               "empty unless distillation.students lists further students (one student trains "
+               "on every rank)", list(self.student_ranks))
         _check(not self.student_ranks or len(self.student_ranks) == 1 + len(self.students),
                f"{p}.student_ranks", f"empty, or {1 + len(self.students)} rank counts (this "
                f"config's student, then one per distillation.students entry)",

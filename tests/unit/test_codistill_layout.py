@@ -52,3 +52,6 @@ def test_student_ranks_config_rule():
     with pytest.raises(ConfigError, match="rank counts >= 1"):
         load_config(SMOKE, ["distillation.enabled=true", "distillation.teacher=t",
                             "distillation.students=[a.yaml]", "distillation.student_ranks=[2,0]"])
+    with pytest.raises(ConfigError, match="empty unless distillation.students"):
+        load_config(SMOKE, ["distillation.enabled=true", "distillation.teacher=t",
+                            "distillation.student_ranks=[2]"])
