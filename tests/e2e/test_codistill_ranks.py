@@ -5,7 +5,7 @@ under ZeRO-3), one teacher forward per batch; the second student's losses equal 
 config trained alone on the same 2 ranks.
 Own ranks (`distillation.student_ranks=[1,1]`): each student on one rank, on the whole global
 batch; both students' losses equal the shared layout's (the same global batch, teacher targets
-and gradients, summed in another order), also across a resume; a student stopping on non-finite
+and gradients, summed in another order), with gradient accumulation and across a resume; a student stopping on non-finite
 steps stops the other rank's student too, each with a checkpoint of that iteration."""
 
 import math
@@ -69,7 +69,9 @@ def test_students_on_their_own_ranks_equal_the_shared_layout_across_a_resume(tmp
 
     student = tmp_path / "vitb.yaml"
     student.write_text("model:\n  depth: 1\ndeepspeed:\n  zero_stage: 2\noptim:\n  lr: 0.002\n")
-    common = _common(teacher, student, *SAME_ON_ANY_SPLIT, "train.checkpoint_every=2")
+    # gas 2: both micro-batches' exchanged outputs kept for the step
+    common = _common(teacher, student, *SAME_ON_ANY_SPLIT, "train.checkpoint_every=2",
+                     "deepspeed.gradient_accumulation_steps=2")
     shared, own = tmp_path / "shared", tmp_path / "own"
     run_ds(TRAIN, [*common, f"train.output_dir={shared}", "train.max_iterations=3"])
     ranks = [*common, f"train.output_dir={own}", "distillation.student_ranks=[1,1]"]
