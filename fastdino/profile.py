@@ -255,8 +255,10 @@ def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False,
     if cfg.distillation.students:  # codistill.py: the others add their own student steps
         logging.getLogger("fastdino").warning(
             "profile: distillation.students is set; this profiles the main student's "
-            "distillation step alone (in the co-distillation run each further student adds its "
-            "forward, backward and optimizer step, the teacher forward is shared)")
+            "distillation step alone, at data.batch_size_per_gpu (in the co-distillation run "
+            "each further student adds its forward, backward and optimizer step and the teacher "
+            "forward is shared; with distillation.student_ranks each student steps on its own "
+            "ranks at its own per-rank batch, after the exchange of the teacher's outputs)")
     trainer = Trainer(cfg, timer=timer)
     device = trainer.info.device
     loader = build_train_loader(cfg, trainer.info.rank, trainer.info.world_size, 0)
