@@ -3,10 +3,12 @@
 Shared layout: two DeepSpeed engines in each process (the main student under ZeRO-2, the other
 under ZeRO-3), one teacher forward per batch; the second student's losses equal those of its own
 config trained alone on the same 2 ranks.
-Own ranks (`distillation.student_ranks=[1,1]`): each student on one rank, on the whole global
-batch; both students' losses equal the shared layout's (the same global batch, teacher targets
-and gradients, summed in another order), with gradient accumulation and across a resume; a student stopping on non-finite
-steps stops the other rank's student too, each with a checkpoint of that iteration."""
+Own ranks (`distillation.student_ranks=[2,1]` on 3 ranks): the main student data parallel on
+ranks 0-1 at 3 images each (slices across two ranks' batches), the other on rank 2 at 6; both
+students' losses equal the shared layout's on the same 3 ranks (the same global batch, teacher
+targets and gradients, summed in another order), with gradient accumulation and across a
+resume; a student stopping on non-finite steps stops the other rank's student too, each with a
+checkpoint of that iteration."""
 
 import math
 
@@ -73,23 +75,25 @@ def test_students_on_their_own_ranks_equal_the_shared_layout_across_a_resume(tmp
     common = _common(teacher, student, *SAME_ON_ANY_SPLIT, "train.checkpoint_every=2",
                      "deepspeed.gradient_accumulation_steps=2")
     shared, own = tmp_path / "shared", tmp_path / "own"
-    run_ds(TRAIN, [*common, f"train.output_dir={shared}", "train.max_iterations=3"])
-    ranks = [*common, f"train.output_dir={own}", "distillation.student_ranks=[1,1]"]
-    p = run_ds(TRAIN, [*ranks, "train.max_iterations=2"])
-    assert "student vitb on ranks 1-1 of 2, 4 images per rank" in p.stderr
-    p = run_ds(TRAIN, [*ranks, "train.max_iterations=3"])  # train.resume=auto: from iteration 2
+    run_ds(TRAIN, [*common, f"train.output_dir={shared}", "train.max_iterations=3"], ranks=3)
+    ranks = [*common, f"train.output_dir={own}", "distillation.student_ranks=[2,1]"]
+    p = run_ds(TRAIN, [*ranks, "train.max_iterations=2"], ranks=3)
+    assert "student vitb on ranks 2-2 of 3, 6 images per rank" in p.stderr
+    assert "student main on ranks 0-1 of 3, 3 images per rank" in p.stderr
+    # train.resume=auto: from iteration 2
+    p = run_ds(TRAIN, [*ranks, "train.max_iterations=3"], ranks=3)
     assert "[vitb] resumed from" in p.stderr and "[main] resumed from" in p.stderr
-    # (KoLeo is logged at weight 0: per-rank groups of 4 images here, 2 in the shared layout)
+    # (KoLeo is logged at weight 0: per-rank groups of 3 or 6 images here, 2 in the shared one)
     keys = [k for k in KEYS if k != "koleo_loss"] + ["dino_local_crops_loss"]
     for sub in ("", "students/vitb"):
         _assert_same(read_metrics(own / sub), read_metrics(shared / sub), keys, 1e-5)
         assert [m["iteration"] for m in read_metrics(own / sub)] == [1, 2, 3]
-    # the student's folder trains it alone on its 1 rank (4 images); the main one holds the run's
+    # the student's folder trains it alone on its 1 rank (6 images); the main one holds the run's
     alone = yaml.safe_load((own / "students" / "vitb" / "config.yaml").read_text())
-    assert alone["data"]["batch_size_per_gpu"] == 4
+    assert alone["data"]["batch_size_per_gpu"] == 6
     assert alone["distillation"]["students"] == [] and alone["distillation"]["student_ranks"] == []
     run = yaml.safe_load((own / "config.yaml").read_text())
-    assert run["data"]["batch_size_per_gpu"] == 2 and run["distillation"]["student_ranks"] == [1, 1]
+    assert run["data"]["batch_size_per_gpu"] == 2 and run["distillation"]["student_ranks"] == [2, 1]
 
 
 @pytest.mark.slow

@@ -34,11 +34,11 @@ def _env() -> dict:
     return env
 
 
-def run_ds(script: Path, args: list[str], timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """2 CPU ranks under the deepspeed launcher; the result carries `master_port`."""
+def run_ds(script: Path, args: list[str], timeout: int = 300, check: bool = True,
+           ranks: int = 2) -> subprocess.CompletedProcess:
+    """`ranks` CPU ranks under the deepspeed launcher; the result carries `master_port`."""
     port = _free_port()
-    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(port),
+    cmd = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(port),
            str(script), *args]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=timeout)
