@@ -221,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "pca":
             raise SystemExit("eval pca takes one --weights (its images would overwrite each "
                              "other's): run it per checkpoint with its own --out")
-        result, rows = [], []
+        result, rows, listed = [], [], {}
         for k, w in enumerate(weights):  # a fresh copy each time: _evaluate fills some in
             one = {**vars(args), "weights": w}
             if getattr(args, "output_dir", None) is not None:  # one head per backbone
                 one["output_dir"] = str(Path(args.output_dir) / f"{k:03d}_{Path(w).parent.name}")
-            r = _evaluate(argparse.Namespace(**one))
+            r = _evaluate(argparse.Namespace(**one), listed)
             result.append(r)
             label, value = _HEADLINE[args.cmd](r, args)
             rows.append((w, value))
@@ -237,7 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> dict:
+def _listed(listed: dict | None, fn, *fn_args):
+    """fn(*fn_args) (a dataset listing), once per sweep: every weight of a --weights pattern is
+    evaluated on the same data, listed (and checked) on the first."""
+    if listed is None:
+        return fn(*fn_args)
+    key = (fn.__qualname__, fn_args)
+    if key not in listed:
+        listed[key] = fn(*fn_args)
+    return listed[key]
+
+
+def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
+    """One evaluation; `listed`: the dataset listings of a sweep's earlier weights (_listed)."""
     from fastdino.eval.weights import load_eval_backbone
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -259,10 +271,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
             from fastdino.data.sample_data import digits_labelled_dir
             args.data = str(digits_labelled_dir())
         if args.data is not None:
-            train, val, classes = labelled_splits(args.data, args.split_file)
+            train, val, classes = _listed(listed, labelled_splits, args.data,
+                                          args.split_file)
         else:
             from fastdino.eval.knn_protocol import labelled_sources
-            train, val, classes = labelled_sources(args.train_data, args.val_data)
+            train, val, classes = _listed(listed, labelled_sources, args.train_data,
+                                          args.val_data)
             args.data = f"{args.train_data} + {args.val_data}"
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
                                       args.num_workers, progress)
@@ -307,7 +321,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     elif args.cmd == "seg":
         from fastdino.eval.dense_layouts import seg_data
         from fastdino.eval.seg import seg_eval
-        data = seg_data(args.data, args.train_list, args.val_list)
+        data = _listed(listed, seg_data, args.data, args.train_list, args.val_list)
         train, val = data.train, data.val
         reduce_zero = _first_set(args.reduce_zero_label, data.reduce_zero_label, False)
         res = seg_eval(backbone, train, val, n_classes=args.num_classes or data.n_classes,
@@ -326,7 +340,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     elif args.cmd == "depth":
         from fastdino.eval.dense_layouts import depth_data
         from fastdino.eval.depth import depth_eval
-        data = depth_data(args.data, args.train_list, args.val_list)
+        data = _listed(listed, depth_data, args.data, args.train_list, args.val_list)
         train, val = data.train, data.val
         res = depth_eval(backbone, train, val, crop=args.crop, iterations=args.iterations,
                          batch_size=args.batch_size, lr=args.lr,

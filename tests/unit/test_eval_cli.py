@@ -76,12 +76,19 @@ def test_depth_command(tmp_path, capsys):
     assert "RMSE (m)" in capsys.readouterr().out
 
 
-def test_knn_over_a_pattern_of_snapshots(digits_subset, tmp_path, capsys):
+def test_knn_over_a_pattern_of_snapshots(digits_subset, tmp_path, capsys, monkeypatch):
     """--weights with a pattern (a run's teacher snapshots): one evaluation per match, ordered by
-    iteration, each equal to evaluating that file alone; a summary table; --json a list."""
+    iteration, each equal to evaluating that file alone, the data listed once; a summary table;
+    --json a list."""
     import torch
 
+    from fastdino.eval import knn_protocol
     from fastdino.models.backbones import vit_test
+
+    listings = []
+    real = knn_protocol.labelled_splits
+    monkeypatch.setattr(knn_protocol, "labelled_splits",
+                        lambda *a: listings.append(a) or real(*a))
 
     for it, seed in ((12500, 1), (2500, 2)):
         torch.manual_seed(seed)
@@ -94,6 +101,7 @@ def test_knn_over_a_pattern_of_snapshots(digits_subset, tmp_path, capsys):
     pattern = str(tmp_path / "eval" / "training_*" / "teacher_checkpoint.pth")
     assert main(["knn", "--weights", pattern, *common, "--json", str(tmp_path / "s.json")]) == 0
     runs = json.loads((tmp_path / "s.json").read_text())
+    assert len(listings) == 1  # the data of every weight of the sweep, listed once
     assert ["training_2500" in r["weights"] for r in runs] == [True, False]  # by iteration
     out = capsys.readouterr().out
     assert "knn over 2 weights" in out and out.index("training_2500") < out.index("training_12500")
