@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -196,6 +197,68 @@ class RngStream:
             self.state = rng_state()
 
 
+class StepTimer:
+    """The time of the enclosed student steps when `on`: CUDA events on a GPU (device time; read
+    once, by `seconds`, which waits for them), wall time on the CPU; None when off."""
+
+    def __init__(self, on: bool):
+        self.on, self.total = on, 0.0
+        self.cuda = on and torch.cuda.is_available()
+        self.events: list = []
+
+    def __enter__(self):
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        elif self.on:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        elif self.on:
+            self.total += time.perf_counter() - self._t0
+
+    def seconds(self) -> float | None:
+        if not self.on:
+            return None
+        if self.cuda:
+            self.events[-1].synchronize()
+            return sum(a.elapsed_time(b) for a, b in zip(self.events[::2], self.events[1::2],
+                                                         strict=True)) / 1000
+        return self.total
+
+
+def balance_report(names: list[str], sizes: list[int], seconds: list[float],
+                   tolerance: float = 0.1) -> str | None:
+    """A log line when the students' step times on their own ranks differ by more than
+    `tolerance`: every step waits for the slowest student (the teacher outputs' exchange), so the
+    others idle. Suggests rank counts in proportion to each student's work (time x ranks); they
+    must still split the global batch evenly (codistill_ranks.check_layout)."""
+    slow = max(seconds)
+    if slow <= 0 or min(seconds) >= slow * (1 - tolerance):
+        return None
+    world, work = sum(sizes), [t * n for t, n in zip(seconds, sizes, strict=True)]
+    ideal = [world * w / sum(work) for w in work]
+    suggest = [max(1, int(x)) for x in ideal]
+    for k in sorted(range(len(ideal)), key=lambda k: int(ideal[k]) - ideal[k]):
+        if sum(suggest) >= world:
+            break
+        suggest[k] += 1
+    while sum(suggest) > world:  # the max(1, .) floors overshot: take from the largest
+        suggest[suggest.index(max(suggest))] -= 1
+    times = ", ".join(f"{n} {t:.3f} s on {r} rank{'s' * (r > 1)}"
+                      for n, t, r in zip(names, seconds, sizes, strict=True))
+    idle = 1 - sum(work) / (slow * world)
+    advice = (f"in proportion to the work: about {suggest}" if suggest != sizes else
+              f"the counts already follow the work as closely as {world} ranks allow")
+    return (f"co-distillation step times: {times}; each step waits for the slowest "
+            f"({names[seconds.index(slow)]}): {100 * idle:.0f}% of the ranks' time idles. "
+            f"distillation.student_ranks={sizes}: {advice}")
+
+
 class CoDistillation:
     """Several Trainers over one loader and one teacher forward (module docstring); `train()`
     and `stopped_by` as a Trainer's. With `distillation.student_ranks` this rank trains one of
@@ -231,7 +294,7 @@ class CoDistillation:
             logger.info("co-distillation: student %s on ranks %d-%d of %d, %d images per rank "
                         "per micro-batch", name, sum(sizes[:self.index]),
                         sum(sizes[:self.index + 1]) - 1, info.world_size, batch[self.index])
-        self.trainers, self.streams = [], []
+        self.trainers, self.streams, self._balance_advice = [], [], None
         for k in here:
             name, scfg = students[k]
             run_cfg = cfg if k == 0 and scfg is not cfg else None  # the run's config.yaml
@@ -271,12 +334,13 @@ class CoDistillation:
                     batches = self._batches(lead, loader)  # gas batches on the device
                     waited = lead.data_wait_s - waited
                     values = []
+                    timer = StepTimer(self.exchange is not None and self._reports(it + 1))
                     for tr, stream in pairs:
-                        with stream.active():
+                        with stream.active(), timer:
                             values.append(tr.step(it, batches))
                     self.teacher.clear()
                     it += 1
-                    stop_agreed, failed = self._agree(values)
+                    stop_agreed, failed = self._agree(values, timer.seconds())
                     for tr in self.trainers:
                         tr.micro_batch, tr.stop_agreed = lead.micro_batch, stop_agreed
                         if tr is not lead:
@@ -316,19 +380,36 @@ class CoDistillation:
         with fdist.world():  # the teacher on this rank's batch; this student's slice back
             return [self.exchange(b) for b in local]
 
-    def _agree(self, values: list[dict | None]) -> tuple[bool, list[str]]:
+    def _reports(self, it: int) -> bool:
+        """Whether iteration `it` (steps done) reports the students' step times (ranks layout:
+        at the main config's log iterations)."""
+        return it % self.cfg.train.log_every == 0 or it == self.trainers[0].max_it
+
+    def _agree(self, values: list[dict | None],
+               seconds: float | None = None) -> tuple[bool, list[str]]:
         """Whether the students stop after this step (a signal on any rank), and the students
-        stopping the run on non-finite steps (train.max_consecutive_nan reached now)."""
+        stopping the run on non-finite steps (train.max_consecutive_nan reached now). Students
+        on their own ranks: with `seconds` (this rank's step time, on report iterations) every
+        student's step time is gathered too and the balance logged (balance_report)."""
         stop = any(tr.stop_agreed for tr in self.trainers)  # same on every rank of a student
         failing = [v is None and tr.consecutive_nonfinite + 1 >= tr.cfg.train.max_consecutive_nan
                    for tr, v in zip(self.trainers, values, strict=True)]
         if self.exchange is None:  # every student here: the flags are already the run's
             return stop, [n for n, f in zip(self.names, failing, strict=True) if f]
-        flags = torch.zeros(1 + len(self.names), device=self.trainers[0].info.device)
+        S = len(self.names)
+        flags = torch.zeros(1 + 2 * S, dtype=torch.float64, device=self.trainers[0].info.device)
         flags[0], flags[1 + self.index] = float(stop), float(failing[0])
+        flags[1 + S + self.index] = seconds or 0.0  # a student's slowest rank
         with fdist.world():  # the students on other ranks: one small reduction per step
             flags = fdist.all_reduce_max(flags).tolist()
-        return flags[0] > 0, [n for n, f in zip(self.names, flags[1:], strict=True) if f > 0]
+            if seconds is not None and fdist.get_rank() == 0:
+                line = balance_report(self.names, list(self.cfg.distillation.student_ranks),
+                                      flags[1 + S:])
+                advice = line and line[line.index("distillation.student_ranks="):]
+                if line and advice != self._balance_advice:  # again when the advice changes
+                    logger.info("%s", line)
+                self._balance_advice = advice
+        return flags[0] > 0, [n for n, f in zip(self.names, flags[1:1 + S], strict=True) if f > 0]
 
     def _stop_nonfinite(self, it: int, values: list[dict | None], failed: list[str]) -> None:
         """Students stop the run on non-finite steps: each saves its state of this iteration

@@ -55,3 +55,15 @@ def test_student_ranks_config_rule():
     with pytest.raises(ConfigError, match="empty unless distillation.students"):
         load_config(SMOKE, ["distillation.enabled=true", "distillation.teacher=t",
                             "distillation.student_ranks=[2]"])
+
+
+def test_balance_report_names_the_slowest_student_and_proportional_ranks():
+    from fastdino.codistill import balance_report
+
+    assert balance_report(["main", "b"], [4, 4], [0.40, 0.38]) is None  # within 10 %
+    line = balance_report(["main", "b", "s"], [4, 2, 2], [0.40, 0.20, 0.20])
+    # work (time x ranks) 1.6 : 0.4 : 0.4 of 8 ranks -> 5.33 : 1.33 : 1.33 -> [6, 1, 1]; the
+    # two fast students idle half of their 4 ranks' time: 25 % of the GPU time
+    assert "waits for the slowest (main)" in line and "25% of the ranks' time idles" in line
+    assert "about [6, 1, 1]" in line and "main 0.400 s on 4 ranks" in line
+    assert "already follow the work" in balance_report(["a", "b"], [1, 1], [1.0, 0.1])  # >= 1
