@@ -56,12 +56,20 @@ ARCHS = (
     "dinov2_vitb14",
     "dinov2_vitl14",
     "dinov2_vitg14",
+    # ConvNeXt distillation students (fastdino/models/convnext.py; distillation runs only)
+    "convnext_test",
+    "convnext_tiny",
+    "convnext_small",
+    "convnext_base",
+    "convnext_large",
 )
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    arch: str = "vit_small"  # backbone factory in fastdino.models (SPEC.md §2.1)
+    # backbone factory in fastdino.models (SPEC.md §2.1); convnext_* (distillation students,
+    # models/convnext.py) take only patch_size, drop_path_rate and activation_checkpointing
+    arch: str = "vit_small"
     patch_size: int = 16  # patch side in pixels
     embed_dim: int | None = None  # override of the arch's width (None = the arch's)
     depth: int | None = None  # override of the arch's number of blocks
@@ -151,6 +159,14 @@ class ModelConfig:
                 _check(getattr(self, key) == want, f"{p}.{key}",
                        f"{want} for model.arch={self.arch} (configs/{self.arch}.yaml sets the "
                        "DINOv2 fields)", getattr(self, key))
+        if self.arch.startswith("convnext_"):
+            # a ConvNeXt has its own stage sizes and no attention, tokens or compile of blocks
+            for key in ("embed_dim", "depth", "num_heads", "ffn_layer", "ffn_ratio"):
+                _check(getattr(self, key) is None, f"{p}.{key}",
+                       f"null for model.arch={self.arch} (a ConvNeXt's stages are fixed by its "
+                       "size)", getattr(self, key))
+            _check(not self.compile, f"{p}.compile", f"false for model.arch={self.arch} (per-"
+                   "block compile is built for the ViT blocks)", self.compile)
         _check(
             self.pretrained_weights is None or self.pretrained_weights.strip() != "",
             f"{p}.pretrained_weights",
@@ -753,6 +769,12 @@ class Config:
                "0 when data.batch_size_per_gpu is 1 (KoLeo takes each image's nearest neighbour "
                "among the rank's images; or raise the batch, or koleo.distributed=true)",
                self.koleo.loss_weight)
+        if self.model.arch.startswith("convnext_"):  # no mask token: the student is unmasked
+            _check(self.distillation.enabled, "model.arch", "a ViT unless distillation.enabled "
+                   "(ConvNeXt students learn from a frozen teacher, as the official ConvNeXt "
+                   "family; self-distillation masks the student's patch tokens)", self.model.arch)
+            _check(self.optim.lora_rank == 0, "optim.lora_rank", "0 for a ConvNeXt student "
+                   "(LoRA adapts the ViT's attention and MLP layers)", self.optim.lora_rank)
         _check(
             not (self.distillation.enabled and self.gram.use),
             "gram.use",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fastdino.models.convnext import is_convnext_state_dict, to_official_state_dict
 from fastdino.models.state_dict_io import extract_backbone_state_dict, to_dinov2_names
 
 
@@ -37,6 +38,8 @@ def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     sd = teacher_backbone_state_dict(run_or_ckpt)
     if "pos_embed" in sd:  # a DINOv2-architecture run: the official DINOv2 names
         sd = to_dinov2_names(sd)
+    if is_convnext_state_dict(sd):  # the official ConvNeXt's duplicate final norm
+        sd = to_official_state_dict(sd)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     targets = [out] if out.suffix in (".pth", ".pt", ".safetensors") else \
@@ -98,6 +101,15 @@ def _teacher_backbone(run_or_ckpt: str | Path, config: str | None = None):
     return backbone.eval(), load_config(run_cfg)
 
 
+def _vit_only(backbone, fmt: str) -> None:
+    from fastdino.models.convnext import ConvNeXt
+
+    if isinstance(backbone, ConvNeXt):
+        raise ValueError(f"--format {fmt} converts ViT backbones; this run's is a ConvNeXt: "
+                         "export it in the official layout (the default format), which the "
+                         "official dinov3 ConvNeXt loads as it is")
+
+
 def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = None) -> list[Path]:
     """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, or Dinov2 for
     learned positions)."""
@@ -108,6 +120,7 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
     from fastdino.models import hf_convert, hf_dinov2
 
     backbone, _ = _teacher_backbone(run_or_ckpt, config=config)
+    _vit_only(backbone, "hf")
     if backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
         hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
         cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
@@ -138,6 +151,7 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = N
     from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
 
     backbone, run_cfg = _teacher_backbone(run_or_ckpt, config=config)
+    _vit_only(backbone, "timm")
     config = timm_config_from_backbone(backbone, mean=run_cfg.crops.mean, std=run_cfg.crops.std)
     sd = {k: v.contiguous() for k, v in to_timm_state_dict(backbone.state_dict()).items()}
     out = Path(out)

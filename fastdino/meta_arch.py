@@ -185,7 +185,8 @@ class SSLMetaArch:
         if cfg.distillation.enabled:
             self.distillation_teacher = (distillation_teacher if distillation_teacher is not None
                                          else build_distillation_teacher(cfg, device))
-            self.student.backbone.mask_token.requires_grad_(False)
+            if hasattr(self.student.backbone, "mask_token"):  # (a ConvNeXt student has none)
+                self.student.backbone.mask_token.requires_grad_(False)
         # The teacher starts as the student (official: teacher.load_state_dict(student)); the
         # copy is taken before DeepSpeed partitions the student under ZeRO-3. In distillation
         # runs it is the student's EMA, kept for export and evaluation, not a target.

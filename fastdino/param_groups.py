@@ -21,20 +21,30 @@ from torch import nn
 _LAYER0 = ("patch_embed", "cls_token", "storage_tokens", "mask_token", "pos_embed")
 
 
-def layer_id(name: str, n_blocks: int) -> int:
-    """Layer index of backbone-relative parameter `name` (0 .. n_blocks + 1)."""
-    if name.split(".")[0] in _LAYER0:
+def layer_id(name: str, n_blocks: int, depths: tuple[int, ...] | None = None) -> int:
+    """Layer index of backbone-relative parameter `name` (0 .. n_blocks + 1). `depths`: a
+    ConvNeXt's blocks per stage (models/convnext.py), numbered in stage order: `stages.i.j` is
+    block sum(depths[:i]) + j; the stem (`downsample_layers.0`) is layer 0 as a ViT's patch
+    embedding, the downsampling before stage i shares its first block's layer."""
+    parts = name.split(".")
+    if depths is not None:
+        if parts[0] == "stages":
+            return sum(depths[:int(parts[1])]) + int(parts[2]) + 1
+        if parts[0] == "downsample_layers":
+            return 0 if parts[1] == "0" else sum(depths[:int(parts[1])]) + 1
+        return n_blocks + 1
+    if parts[0] in _LAYER0:
         return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
+    if parts[0] == "blocks":
+        return int(parts[1]) + 1
     return n_blocks + 1
 
 
 def param_multipliers(full_name: str, n_blocks: int, layerwise_decay: float,
-                      patch_embed_lr_mult: float) -> dict:
+                      patch_embed_lr_mult: float, depths: tuple[int, ...] | None = None) -> dict:
     """{lr_multiplier, wd_multiplier, is_last_layer, is_backbone} of one student parameter."""
     module, _, name = full_name.partition(".")
-    lid = layer_id(name, n_blocks) if module == "backbone" else n_blocks + 1
+    lid = layer_id(name, n_blocks, depths) if module == "backbone" else n_blocks + 1
     lr_mult = layerwise_decay ** (n_blocks + 1 - lid)
     if module == "backbone" and name.startswith("patch_embed"):
         lr_mult *= patch_embed_lr_mult
@@ -50,10 +60,11 @@ def build_param_groups(student: nn.Module, n_blocks: int, layerwise_decay: float
     "is_backbone", "lr", "weight_decay"}; lr and weight_decay are overwritten every step by the
     schedules."""
     groups: dict[tuple, dict] = {}
+    depths = getattr(student.backbone, "depths", None)  # a ConvNeXt's stages
     for full_name, p in student.named_parameters():
         if not p.requires_grad:
             continue
-        m = param_multipliers(full_name, n_blocks, layerwise_decay, patch_embed_lr_mult)
+        m = param_multipliers(full_name, n_blocks, layerwise_decay, patch_embed_lr_mult, depths)
         key = (m["lr_multiplier"], m["wd_multiplier"], m["is_last_layer"], m["is_backbone"])
         g = groups.setdefault(key, {"params": [], "names": [], **m, "lr": 0.0, "weight_decay": 0.0})
         g["params"].append(p)
@@ -74,7 +85,7 @@ def freeze_layers(backbone: nn.Module, frozen_blocks: int) -> int:
     last = n_blocks + 1 if frozen_blocks == -1 else frozen_blocks
     n = 0
     for name, p in backbone.named_parameters():
-        if layer_id(name, n_blocks) <= last:
+        if layer_id(name, n_blocks, getattr(backbone, "depths", None)) <= last:
             p.requires_grad_(False)
             n += p.numel()
     return n

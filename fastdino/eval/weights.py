@@ -98,6 +98,8 @@ def describe_arch(backbone: nn.Module) -> str:
     """Architecture summary from the module itself (every shape-relevant hyperparameter)."""
     shapes = sorted((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
     h = hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]
+    if hasattr(backbone, "depths"):  # a ConvNeXt (models/convnext.py)
+        return f"convnext-D{backbone.embed_dim}-L{backbone.n_blocks}-p{backbone.patch_size}-{h}"
     return (
         f"D{backbone.embed_dim}-L{backbone.n_blocks}-H{backbone.num_heads}-"
         f"p{backbone.patch_size}-reg{backbone.n_storage_tokens}-{h}"
@@ -291,6 +293,11 @@ def load_eval_backbone(
         from fastdino.models.timm_convert import backbone_from_timm_config
 
         backbone = backbone_from_timm_config(folder_config, device=build_on)
+    elif folder_config is not None and "convnext" in folder_config.model_type:
+        raise ValueError(f"--weights {weights!r} is a Hugging Face {folder_config.model_type} "
+                         "folder: fastdino reads ConvNeXt weights in the official layout (the "
+                         "released dinov3_convnext_*.pth, or a fastdino run) with --arch "
+                         "convnext_<size>")
     elif folder_config is not None and folder_config.model_type != "dinov3_vit":
         from fastdino.models.hf_dinov2 import backbone_from_hf_dinov2_config
 

@@ -102,9 +102,16 @@ def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
     `fuse_pointwise` (config `kernels.fuse_pointwise`, off by default) also routes each block's
     ls1 + residual + norm2 (kernels/layernorm_residual.py) and SwiGLU gate (kernels/swiglu.py)
     through Triton where `kernels_impl` allows it."""
+    from fastdino.models.convnext import CONVNEXT_ARCHS, build_convnext
+
+    if model_cfg.arch in CONVNEXT_ARCHS:  # a distillation student (models/convnext.py)
+        return build_convnext(model_cfg.arch, patch_size=model_cfg.patch_size,
+                              drop_path_rate=model_cfg.drop_path_rate,
+                              activation_checkpointing=model_cfg.activation_checkpointing,
+                              device=device)
     if model_cfg.arch not in ARCH_TABLE:
         raise ValueError(f"model.arch = {model_cfg.arch!r} is invalid: allowed is one of "
-                         + " | ".join(ARCH_TABLE))
+                         + " | ".join([*ARCH_TABLE, *CONVNEXT_ARCHS]))
     overrides = {k: getattr(model_cfg, k) for k in
                  ("embed_dim", "depth", "num_heads", "ffn_layer", "ffn_ratio")
                  if getattr(model_cfg, k) is not None}

@@ -97,6 +97,9 @@ def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]
     """Load `sd` (any layout above) into `backbone` strictly; raise ValueError naming every
     missing key, unexpected key and shape mismatch."""
     sd = extract_backbone_state_dict(sd)
+    if hasattr(backbone, "depths"):  # a ConvNeXt: the official file's duplicate final norm
+        from fastdino.models.convnext import from_official_state_dict
+        sd = from_official_state_dict(sd)
     if is_timm_state_dict(sd):
         sd = complete_from_timm(from_timm_state_dict(sd), backbone)
     expected = backbone.state_dict()
