@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastdino.models.backbone_api import BackboneCalls, pack_intermediates
+
 # arch -> (depths, dims): the official sizes (dinov3 `convnext_sizes`); convnext_test for CPU tests
 CONVNEXT_ARCHS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "convnext_test": ((1, 1, 1, 1), (16, 24, 32, 48)),
@@ -90,7 +92,7 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(BackboneCalls, nn.Module):
     def __init__(self, *, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), patch_size: int = 16,
                  drop_path_rate: float = 0.0, layer_scale_init: float = 1e-6,
                  activation_checkpointing: bool = False, in_chans: int = 3, device=None):
@@ -168,15 +170,6 @@ class ConvNeXt(nn.Module):
                         "x_prenorm": fmap, "masks": masks})
         return out
 
-    def forward_features(self, x, masks=None):
-        if isinstance(x, torch.Tensor):
-            return self.forward_features_list([x], [masks])[0]
-        return self.forward_features_list(x, masks if masks is not None else [None] * len(x))
-
-    def forward(self, x, masks=None, *, is_training: bool = False):
-        ret = self.forward_features(x, masks)
-        return ret if is_training else self.head(ret["x_norm_clstoken"])
-
     def get_intermediate_layers(self, x: torch.Tensor, *, n=1, reshape: bool = False,
                                 return_class_token: bool = False,
                                 return_extra_tokens: bool = False, norm: bool = True):
@@ -194,14 +187,8 @@ class ConvNeXt(nn.Module):
         if reshape:
             h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
             patches = patches.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-        extra = tokens[:, 1:1]
-        if return_class_token and return_extra_tokens:
-            return ((patches, cls, extra),)
-        if return_class_token:
-            return ((patches, cls),)
-        if return_extra_tokens:
-            return ((patches, extra),)
-        return (patches,)
+        return pack_intermediates([patches], [cls], [tokens[:, 1:1]], return_class_token,
+                                  return_extra_tokens)
 
 
 def build_convnext(arch: str, *, patch_size: int = 16, drop_path_rate: float = 0.0,

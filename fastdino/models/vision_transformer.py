@@ -28,13 +28,14 @@ from fastdino.layers.layer_scale import LayerScale
 from fastdino.layers.patch_embed import PatchEmbed
 from fastdino.layers.pos_embed import interpolate_pos_embed
 from fastdino.layers.rope_position_encoding import RopePositionEmbedding
+from fastdino.models.backbone_api import BackboneCalls, pack_intermediates
 
 
 def _is_meta(device) -> bool:
     return device is not None and torch.device(device).type == "meta"
 
 
-class DinoVisionTransformer(nn.Module):
+class DinoVisionTransformer(BackboneCalls, nn.Module):
     def __init__(self, *, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, ffn_ratio: float = 4.0,
                  ffn_layer: str = "mlp", qkv_bias: bool = True, proj_bias: bool = True,
@@ -212,15 +213,6 @@ class DinoVisionTransformer(nn.Module):
             })
         return outputs
 
-    def forward_features(self, x: torch.Tensor | list[torch.Tensor], masks=None):
-        if isinstance(x, torch.Tensor):
-            return self.forward_features_list([x], [masks])[0]
-        return self.forward_features_list(x, masks if masks is not None else [None] * len(x))
-
-    def forward(self, x, masks=None, *, is_training: bool = False):
-        ret = self.forward_features(x, masks)
-        return ret if is_training else self.head(ret["x_norm_clstoken"])
-
     # ------------------------------------------------------------------------------ intermediates
     def _get_intermediate_layers_not_chunked(self, x: torch.Tensor, n: int | Sequence[int] = 1
                                              ) -> list[torch.Tensor]:
@@ -255,10 +247,5 @@ class DinoVisionTransformer(nn.Module):
             B, _, H, W = x.shape
             h, w = H // self.patch_size, W // self.patch_size
             outputs = [o.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for o in outputs]
-        if return_class_token and return_extra_tokens:
-            return tuple(zip(outputs, class_tokens, extra_tokens, strict=True))
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens, strict=True))
-        if return_extra_tokens:
-            return tuple(zip(outputs, extra_tokens, strict=True))
-        return tuple(outputs)
+        return pack_intermediates(outputs, class_tokens, extra_tokens, return_class_token,
+                                  return_extra_tokens)
