@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastdino.models.convnext import is_convnext_state_dict, to_official_state_dict
+from fastdino.models.convnext import ConvNeXt, is_convnext_state_dict, to_official_state_dict
 from fastdino.models.state_dict_io import extract_backbone_state_dict, to_dinov2_names
 
 
@@ -102,17 +102,15 @@ def _teacher_backbone(run_or_ckpt: str | Path, config: str | None = None):
 
 
 def _vit_only(backbone, fmt: str) -> None:
-    from fastdino.models.convnext import ConvNeXt
-
     if isinstance(backbone, ConvNeXt):
         raise ValueError(f"--format {fmt} converts ViT backbones; this run's is a ConvNeXt: "
                          "export it in the official layout (the default format), which the "
-                         "official dinov3 ConvNeXt loads as it is")
+                         "official dinov3 ConvNeXt loads as it is, or as --format hf")
 
 
 def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = None) -> list[Path]:
-    """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, or Dinov2 for
-    learned positions)."""
+    """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, Dinov2 for
+    learned positions, DINOv3ConvNextModel for a ConvNeXt student)."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - optional extra
@@ -120,8 +118,13 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
     from fastdino.models import hf_convert, hf_dinov2
 
     backbone, _ = _teacher_backbone(run_or_ckpt, config=config)
-    _vit_only(backbone, "hf")
-    if backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
+    if isinstance(backbone, ConvNeXt):  # DINOv3ConvNextModel
+        from fastdino.models import hf_convnext
+
+        model = transformers.DINOv3ConvNextModel(
+            hf_convnext.hf_convnext_config_from_backbone(backbone))
+        hf_sd = hf_convnext.to_hf_convnext_state_dict(backbone.state_dict())
+    elif backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
         hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
         cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
                else transformers.Dinov2Model)

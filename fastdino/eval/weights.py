@@ -53,7 +53,7 @@ logger = logging.getLogger("fastdino.eval")
 
 CONFIG_DIR = PRESET_DIR  # configs/
 TRAINER_STATE = "trainer_state.pt"  # fastdino.checkpoint.STATE_FILE
-HF_MODEL_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
+HF_MODEL_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers", "dinov3_convnext")
 
 
 @dataclass
@@ -169,7 +169,7 @@ def _load_hf_folder(path: Path):
         raise ValueError(
             f"--weights {str(path)!r}: config.json has model_type "
             f"{hf_config.model_type!r}; allowed is one of {', '.join(HF_MODEL_TYPES)} "
-            "(DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel)"
+            "(DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ConvNextModel)"
         )
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -182,6 +182,10 @@ def _load_hf_folder(path: Path):
         hf_sd.update(load_file(str(f), device="cpu"))
     # A model saved by itself has no prefix; one saved inside a wrapper may carry one.
     hf_sd = {k.removeprefix("dinov3_vit.").removeprefix("backbone."): v for k, v in hf_sd.items()}
+    if hf_config.model_type == "dinov3_convnext":
+        from fastdino.models.hf_convnext import from_hf_convnext_state_dict
+
+        return from_hf_convnext_state_dict(hf_sd), hf_config
     if hf_config.model_type != "dinov3_vit":
         from fastdino.models.hf_dinov2 import from_hf_dinov2_state_dict
 
@@ -225,7 +229,7 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
         if "architecture" in cfg and "model_type" not in cfg:
             return _load_timm_folder(path, cfg), f"timm {cfg['architecture']} {path}", cfg, None
         sd, hf_config = _load_hf_folder(path)
-        return sd, f"Hugging Face DINOv3ViTModel {path}", hf_config, None
+        return sd, f"Hugging Face {hf_config.model_type} model {path}", hf_config, None
     if path.is_dir():
         ckpt = _find_checkpoint(path)
         if ckpt is None:
@@ -293,11 +297,10 @@ def load_eval_backbone(
         from fastdino.models.timm_convert import backbone_from_timm_config
 
         backbone = backbone_from_timm_config(folder_config, device=build_on)
-    elif folder_config is not None and "convnext" in folder_config.model_type:
-        raise ValueError(f"--weights {weights!r} is a Hugging Face {folder_config.model_type} "
-                         "folder: fastdino reads ConvNeXt weights in the official layout (the "
-                         "released dinov3_convnext_*.pth, or a fastdino run) with --arch "
-                         "convnext_<size>")
+    elif folder_config is not None and folder_config.model_type == "dinov3_convnext":
+        from fastdino.models.hf_convnext import backbone_from_hf_convnext_config
+
+        backbone = backbone_from_hf_convnext_config(folder_config, device=build_on)
     elif folder_config is not None and folder_config.model_type != "dinov3_vit":
         from fastdino.models.hf_dinov2 import backbone_from_hf_dinov2_config
 

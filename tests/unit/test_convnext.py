@@ -1,7 +1,8 @@
 """ConvNeXt distillation students (fastdino/models/convnext.py): the official parameter layout (so
 the released dinov3_convnext_* weights load and an exported student loads in the official code),
 CLS and patch tokens on the teacher's patch grid, the layer-wise decay numbering, the config
-rules, and a distillation run from a ViT teacher that exports and evaluates."""
+rules, a distillation run from a ViT teacher that exports (official layout, Hugging Face) and
+evaluates, and the Hugging Face DINOv3ConvNextModel names."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_config_rules_name_the_key():
 def test_a_convnext_student_distils_from_a_vit_teacher_and_evaluates(tmp_path,
                                                                      teacher_run):  # noqa: F811
     from fastdino.eval.weights import load_eval_backbone
-    from fastdino.export import export_hf
+    from fastdino.export import export_hf, export_timm
     from fastdino.train import Trainer
 
     out = tmp_path / "run"
@@ -124,8 +125,21 @@ def test_a_convnext_student_distils_from_a_vit_teacher_and_evaluates(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(backbone.forward_features(x)["x_norm_clstoken"],
                                    ema.eval().forward_features(x)["x_norm_clstoken"])
-    with pytest.raises(ValueError, match="--format hf converts ViT backbones"):
-        export_hf(out, tmp_path / "hf")
+    # Hugging Face: a DINOv3ConvNextModel folder whose CLS (pooler output) is ours, and which
+    # fastdino evaluates again
+    pytest.importorskip("transformers", reason="the Hugging Face export is the interop extra")
+    import transformers
+
+    export_hf(out, tmp_path / "hf")
+    hf = transformers.DINOv3ConvNextModel.from_pretrained(tmp_path / "hf").eval()
+    again, info = load_eval_backbone(tmp_path / "hf", device="cpu")
+    assert "dinov3_convnext" in info.source
+    with torch.no_grad():
+        want = ema.forward_features(x)["x_norm_clstoken"]
+        torch.testing.assert_close(hf(pixel_values=x).pooler_output, want)
+        torch.testing.assert_close(again.forward_features(x)["x_norm_clstoken"], want)
+    with pytest.raises(ValueError, match="--format timm converts ViT backbones"):
+        export_timm(out, tmp_path / "timm")
     # the exported file in the official layout: the official ConvNeXt also registers its final
     # norm as norms[3], so its state dict (and the released weights) hold it twice
     official = build_convnext("convnext_test")
@@ -141,3 +155,30 @@ def test_a_convnext_student_distils_from_a_vit_teacher_and_evaluates(tmp_path,
     sd["norms.3.weight"] = sd["norms.3.weight"] + 1
     with pytest.raises(ValueError, match="norms.3.weight differs from norm.weight"):
         load_backbone_state_dict(mine, sd)
+
+
+def test_hugging_face_names_cover_every_parameter_both_ways():
+    transformers = pytest.importorskip("transformers", reason="the interop extra")
+    from fastdino.models.hf_convnext import (
+        from_hf_convnext_state_dict,
+        hf_convnext_config_from_backbone,
+        to_hf_convnext_state_dict,
+    )
+
+    ours = build_convnext("convnext_test")
+    hf = transformers.DINOv3ConvNextModel(hf_convnext_config_from_backbone(ours))
+    hf_sd = to_hf_convnext_state_dict(ours.state_dict())
+    assert set(hf_sd) == set(hf.state_dict())  # every HF parameter, none left over
+    hf.load_state_dict(hf_sd, strict=True)
+    back = from_hf_convnext_state_dict(hf.state_dict())
+    assert set(back) == set(ours.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+    # patch size 32: our patch grid is the map, so the patch tokens match too
+    ours32 = build_convnext("convnext_test")
+    ours32.patch_size = 32
+    ours32.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = ours32.eval().forward_features(x)
+        want = torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1)
+        torch.testing.assert_close(hf.eval()(pixel_values=x).last_hidden_state, want)
