@@ -101,13 +101,6 @@ def _teacher_backbone(run_or_ckpt: str | Path, config: str | None = None):
     return backbone.eval(), load_config(run_cfg)
 
 
-def _vit_only(backbone, fmt: str) -> None:
-    if isinstance(backbone, ConvNeXt):
-        raise ValueError(f"--format {fmt} converts ViT backbones; this run's is a ConvNeXt: "
-                         "export it in the official layout (the default format), which the "
-                         "official dinov3 ConvNeXt loads as it is, or as --format hf")
-
-
 def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = None) -> list[Path]:
     """A Hugging Face model folder of the run's teacher backbone (DINOv3ViTModel, Dinov2 for
     learned positions, DINOv3ConvNextModel for a ConvNeXt student)."""
@@ -145,8 +138,9 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
 def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = None
                 ) -> list[Path]:
     """A timm model folder (config.json + model.safetensors, the hub layout) of the run's teacher
-    backbone: `timm.create_model("local-dir:OUT", pretrained=True)` builds timm's DINOv3 Eva with
-    these weights. Needs safetensors only (timm is not imported)."""
+    backbone: `timm.create_model("local-dir:OUT", pretrained=True)` builds timm's DINOv3 Eva (or
+    its ConvNeXt, for a ConvNeXt student) with these weights. Needs safetensors only (timm is not
+    imported)."""
     import json
 
     from safetensors.torch import save_file
@@ -154,9 +148,16 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = N
     from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
 
     backbone, run_cfg = _teacher_backbone(run_or_ckpt, config=config)
-    _vit_only(backbone, "timm")
-    config = timm_config_from_backbone(backbone, mean=run_cfg.crops.mean, std=run_cfg.crops.std)
-    sd = {k: v.contiguous() for k, v in to_timm_state_dict(backbone.state_dict()).items()}
+    if isinstance(backbone, ConvNeXt):  # timm's ConvNeXt (the hub's DINOv3 ConvNeXt layout)
+        from fastdino.models.timm_convnext import timm_convnext_config, to_timm_convnext_state_dict
+
+        config = timm_convnext_config(backbone, mean=run_cfg.crops.mean, std=run_cfg.crops.std)
+        sd = to_timm_convnext_state_dict(backbone.state_dict())
+    else:
+        config = timm_config_from_backbone(backbone, mean=run_cfg.crops.mean,
+                                           std=run_cfg.crops.std)
+        sd = to_timm_state_dict(backbone.state_dict())
+    sd = {k: v.contiguous() for k, v in sd.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"),

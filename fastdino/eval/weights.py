@@ -196,11 +196,12 @@ def _load_hf_folder(path: Path):
 def _load_timm_folder(path: Path, cfg: dict) -> dict[str, torch.Tensor]:
     """The state dict (timm names) of a timm model folder; load_backbone_state_dict converts it."""
     from fastdino.models.timm_convert import TIMM_DINOV3_ARCHS
+    from fastdino.models.timm_convnext import TIMM_CONVNEXT_ARCHS
 
-    if cfg["architecture"] not in TIMM_DINOV3_ARCHS:
+    if cfg["architecture"] not in (*TIMM_DINOV3_ARCHS, *TIMM_CONVNEXT_ARCHS):
         raise ValueError(
             f"--weights {str(path)!r}: a timm folder of {cfg['architecture']!r}; allowed are "
-            "timm's DINOv3 models: " + ", ".join(TIMM_DINOV3_ARCHS)
+            "timm's DINOv3 models: " + ", ".join((*TIMM_DINOV3_ARCHS, *TIMM_CONVNEXT_ARCHS))
         )
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
@@ -293,6 +294,10 @@ def load_eval_backbone(
     build_on = None if sd is None else "meta"
     if model_cfg is not None:
         backbone = build_backbone(model_cfg, device=build_on)
+    elif isinstance(folder_config, dict) and folder_config["architecture"].startswith("convnext"):
+        from fastdino.models.timm_convnext import backbone_from_timm_convnext_config
+
+        backbone = backbone_from_timm_convnext_config(folder_config, device=build_on)
     elif isinstance(folder_config, dict):
         from fastdino.models.timm_convert import backbone_from_timm_config
 

@@ -97,8 +97,14 @@ def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]
     """Load `sd` (any layout above) into `backbone` strictly; raise ValueError naming every
     missing key, unexpected key and shape mismatch."""
     sd = extract_backbone_state_dict(sd)
-    if hasattr(backbone, "depths"):  # a ConvNeXt: the official file's duplicate final norm
+    if hasattr(backbone, "depths"):  # a ConvNeXt: timm's names, or the official duplicate norm
         from fastdino.models.convnext import from_official_state_dict
+        from fastdino.models.timm_convnext import (
+            from_timm_convnext_state_dict,
+            is_timm_convnext_state_dict,
+        )
+        if is_timm_convnext_state_dict(sd):
+            sd = from_timm_convnext_state_dict(sd)
         sd = from_official_state_dict(sd)
     if is_timm_state_dict(sd):
         sd = complete_from_timm(from_timm_state_dict(sd), backbone)
