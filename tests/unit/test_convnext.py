@@ -180,3 +180,29 @@ def test_hugging_face_names_cover_every_parameter_both_ways():
         out = ours32.eval().forward_features(x)
         want = torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1)
         torch.testing.assert_close(hf.eval()(pixel_values=x).last_hidden_state, want)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_convnext("convnext_test", drop_path_rate=0.0).train()
+    ckpt = build_convnext("convnext_test", activation_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for m in (plain, ckpt):
+        out = m.forward_features(x)
+        (out["x_norm_clstoken"].square().sum() + out["x_norm_patchtokens"].sum()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)
+    # and it recomputes: the checkpointed forward keeps no block activations for the backward
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        ckpt.forward_features(x)["x_norm_clstoken"].sum()
+    n_ckpt = sum(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        plain.forward_features(x)["x_norm_clstoken"].sum()
+    assert n_ckpt < sum(saved) / 2
