@@ -365,13 +365,8 @@ class CoDistillation:
         ranks at the run's per-rank batch, from the students' common position."""
         if self.exchange is None:
             return lead.build_loader()
-        from fastdino.data.loader import build_train_loader
-
-        with fdist.world(), torch.random.fork_rng(devices=[]):  # as Trainer.build_loader
-            loader = build_train_loader(self.cfg, self.world_rank, self.world_size,
-                                        lead.start_micro_batch)
-        lead.micro_batch = lead.start_micro_batch
-        return loader
+        with fdist.world():
+            return lead.build_loader(self.cfg, self.world_rank, self.world_size)
 
     def _batches(self, lead, loader) -> list:
         local = list(lead.micro_batches(loader))

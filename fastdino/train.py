@@ -245,13 +245,19 @@ class Trainer:
     # ---------------------------------------------------------------------------------- the run
     # train() = build_loader, open_run, then step + after_step per iteration, then finish; a
     # co-distillation run (codistill.py) drives several trainers over one loader the same way.
-    def build_loader(self):
+    def build_loader(self, cfg: Config | None = None, rank: int | None = None,
+                     world_size: int | None = None):
         """This rank's loader from the resume position. Built in a forked torch RNG: whatever it
         draws does not shift the training stream (drop-path, RoPE jitter), which is then the same
-        whether this trainer owns the loader or shares another's (co-distillation)."""
-        cfg, info = self.cfg, self.info
+        whether this trainer owns the loader or shares another's (co-distillation). `cfg`,
+        `rank`, `world_size`: another loader than this trainer's own (co-distillation with the
+        students on their own ranks: the run's, over all ranks)."""
+        info = self.info
+        cfg = cfg or self.cfg
+        rank = info.rank if rank is None else rank
+        world_size = info.world_size if world_size is None else world_size
         with torch.random.fork_rng(devices=[]):
-            loader = build_train_loader(cfg, info.rank, info.world_size, self.start_micro_batch)
+            loader = build_train_loader(cfg, rank, world_size, self.start_micro_batch)
         self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
         return loader
 
