@@ -98,7 +98,9 @@ def describe_arch(backbone: nn.Module) -> str:
     """Architecture summary from the module itself (every shape-relevant hyperparameter)."""
     shapes = sorted((k, tuple(v.shape)) for k, v in backbone.state_dict().items())
     h = hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]
-    if hasattr(backbone, "depths"):  # a ConvNeXt (models/convnext.py)
+    from fastdino.models.convnext import ConvNeXt
+
+    if isinstance(backbone, ConvNeXt):
         return f"convnext-D{backbone.embed_dim}-L{backbone.n_blocks}-p{backbone.patch_size}-{h}"
     return (
         f"D{backbone.embed_dim}-L{backbone.n_blocks}-H{backbone.num_heads}-"

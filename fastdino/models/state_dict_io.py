@@ -97,7 +97,9 @@ def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]
     """Load `sd` (any layout above) into `backbone` strictly; raise ValueError naming every
     missing key, unexpected key and shape mismatch."""
     sd = extract_backbone_state_dict(sd)
-    if hasattr(backbone, "depths"):  # a ConvNeXt: timm's names, or the official duplicate norm
+    from fastdino.models.convnext import ConvNeXt
+
+    if isinstance(backbone, ConvNeXt):  # timm's names, or the official duplicate final norm
         from fastdino.models.convnext import from_official_state_dict
         from fastdino.models.timm_convnext import (
             from_timm_convnext_state_dict,
