@@ -6,11 +6,12 @@ config trained alone on the same 2 ranks.
 Own ranks (`distillation.student_ranks=[2,1]` on 3 ranks): the main student data parallel on
 ranks 0-1 at 3 images each (slices across two ranks' batches), the other on rank 2 at 6; both
 students' losses equal the shared layout's on the same 3 ranks (the same global batch, teacher
-targets and gradients, summed in another order), with gradient accumulation and across a
-resume; a student stopping on non-finite steps stops the other rank's student too, each with a
+targets and gradients, summed in another order), with gradient accumulation, across a
+resume and when a run of the shared layout continues in this one; a student stopping on non-finite steps stops the other rank's student too, each with a
 checkpoint of that iteration."""
 
 import math
+import shutil
 
 import pytest
 from trainer_helpers import FAST, SMOKE, TRAIN, read_metrics, run_ds, run_py
@@ -74,8 +75,15 @@ def test_students_on_their_own_ranks_equal_the_shared_layout_across_a_resume(tmp
     # gas 2: both micro-batches' exchanged outputs kept for the step
     common = _common(teacher, student, *SAME_ON_ANY_SPLIT, "train.checkpoint_every=2",
                      "deepspeed.gradient_accumulation_steps=2")
-    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared, own, switch = tmp_path / "shared", tmp_path / "own", tmp_path / "switch"
+    run_ds(TRAIN, [*common, f"train.output_dir={shared}", "train.max_iterations=2"], ranks=3)
+    shutil.copytree(shared, switch)
     run_ds(TRAIN, [*common, f"train.output_dir={shared}", "train.max_iterations=3"], ranks=3)
+    # a run of the shared layout continued in the ranks layout: each student's checkpoint of 3
+    # ranks loads on its own 2 or 1 ranks, at the same data position
+    p = run_ds(TRAIN, [*common, f"train.output_dir={switch}", "train.max_iterations=3",
+                       "distillation.student_ranks=[2,1]"], ranks=3)
+    assert "distillation.student_ranks: [] -> [2, 1]" in p.stderr
     ranks = [*common, f"train.output_dir={own}", "distillation.student_ranks=[2,1]"]
     p = run_ds(TRAIN, [*ranks, "train.max_iterations=2"], ranks=3)
     assert "student vitb on ranks 2-2 of 3, 6 images per rank" in p.stderr
@@ -86,8 +94,9 @@ def test_students_on_their_own_ranks_equal_the_shared_layout_across_a_resume(tmp
     # (KoLeo is logged at weight 0: per-rank groups of 3 or 6 images here, 2 in the shared one)
     keys = [k for k in KEYS if k != "koleo_loss"] + ["dino_local_crops_loss"]
     for sub in ("", "students/vitb"):
-        _assert_same(read_metrics(own / sub), read_metrics(shared / sub), keys, 1e-5)
-        assert [m["iteration"] for m in read_metrics(own / sub)] == [1, 2, 3]
+        for run in (own, switch):
+            _assert_same(read_metrics(run / sub), read_metrics(shared / sub), keys, 1e-5)
+            assert [m["iteration"] for m in read_metrics(run / sub)] == [1, 2, 3]
     # the student's folder trains it alone on its 1 rank (6 images); the main one holds the run's
     alone = yaml.safe_load((own / "students" / "vitb" / "config.yaml").read_text())
     assert alone["data"]["batch_size_per_gpu"] == 6
