@@ -486,7 +486,7 @@ def _dino_soft_ce_bwd_op(grad_row: torch.Tensor, s: torch.Tensor, t: torch.Tenso
 
 @_dino_soft_ce_bwd_op.register_fake
 def _(grad_row, s, t, col_shift, row_shift, tidx, stats, inv_ts, inv_tt):
-    return torch.empty_like(s)
+    return torch.empty_like(s, memory_format=torch.contiguous_format)  # as _prep's copy
 
 
 @torch.library.custom_op("fastdino::dino_soft_ce_sum_fwd", mutates_args=())
@@ -520,7 +520,7 @@ def _dino_soft_ce_sum_bwd_op(grad: torch.Tensor, s: torch.Tensor, t: torch.Tenso
 
 @_dino_soft_ce_sum_bwd_op.register_fake
 def _(grad, s, t, col_shift, row_shift, tidx, stats, weights, scale, inv_ts, inv_tt):
-    return torch.empty_like(s)
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,14 +575,25 @@ class DinoSoftCESumFn(torch.autograd.Function):
         return ds, None, None, None, None, None, None, None, None
 
 
+def _saveable(student_logits: torch.Tensor, *saved: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Targets made under torch.inference_mode() cannot be saved for backward: copies of them
+    when the loss is to be differentiated (the trainer makes them under no_grad: no copy)."""
+    if (torch.compiler.is_compiling()  # dynamo cannot trace is_inference()
+            or not (student_logits.requires_grad and torch.is_grad_enabled())):
+        return saved
+    return tuple(x.clone() if x.is_inference() else x for x in saved)
+
+
 def dino_soft_ce(student_logits: torch.Tensor, targets: TeacherTargets,
                  teacher_index: torch.Tensor, student_temp: float) -> torch.Tensor:
     """Fused per-row soft cross-entropy [R] fp32, differentiable in `student_logits`; same
     semantics as `dino_soft_ce_ref(student_logits, targets.materialize(), teacher_index, τ_s)`.
     teacher_index entries must lie in [-1, N) (not checked on device: no host sync)."""
     f = targets.factorised()
-    return DinoSoftCEFn.apply(student_logits, f.logits.detach(), f.col_shift, f.row_shift,
-                              teacher_index, 1.0 / student_temp, f.inv_temp)
+    t, col_shift, row_shift, tidx = _saveable(student_logits, f.logits.detach(), f.col_shift,
+                                              f.row_shift, teacher_index)
+    return DinoSoftCEFn.apply(student_logits, t, col_shift, row_shift, tidx, 1.0 / student_temp,
+                              f.inv_temp)
 
 
 def dino_soft_ce_sum(student_logits: torch.Tensor, targets: TeacherTargets,
@@ -594,9 +605,10 @@ def dino_soft_ce_sum(student_logits: torch.Tensor, targets: TeacherTargets,
     kernel), where the per-row form needs the caller's torch reductions and their autograd
     nodes besides: the DINO CLS loss is host-bound (module header)."""
     f = targets.factorised()
-    return DinoSoftCESumFn.apply(student_logits, f.logits.detach(), f.col_shift, f.row_shift,
-                                 teacher_index, weights, float(scale), 1.0 / student_temp,
-                                 f.inv_temp)
+    t, col_shift, row_shift, tidx, weights = _saveable(
+        student_logits, f.logits.detach(), f.col_shift, f.row_shift, teacher_index, weights)
+    return DinoSoftCESumFn.apply(student_logits, t, col_shift, row_shift, tidx, weights,
+                                 float(scale), 1.0 / student_temp, f.inv_temp)
 
 
 # ------------------------------------------------------------------------------------------------

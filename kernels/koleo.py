@@ -1220,9 +1220,9 @@ def _no_fma() -> dict:
 
 
 def _check_x(x: torch.Tensor) -> None:
-    if x.dim() != 3 or x.dtype not in _DTYPES or x.stride(-1) != 1:
-        raise ValueError(f"koleo kernel: x must be a [G, n, D] fp32/bf16 tensor with contiguous "
-                         f"last dim, got shape {tuple(x.shape)}, dtype {x.dtype}, "
+    if x.dim() != 3 or x.dtype not in _DTYPES or x.stride(-1) != 1 or x.shape[-1] < 1:
+        raise ValueError(f"koleo kernel: x must be a [G, n, D] fp32/bf16 tensor with D >= 1 and "
+                         f"a contiguous last dim, got shape {tuple(x.shape)}, dtype {x.dtype}, "
                          f"strides {x.stride()}")
 
 

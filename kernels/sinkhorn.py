@@ -203,7 +203,11 @@ def sinkhorn_knopp_ref(teacher_logits: torch.Tensor, teacher_temp: float, n_iter
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     x = teacher_logits.float() / teacher_temp
-    shift = dist.all_reduce_max(x.amax(dim=0, keepdim=True))  # [1, K] per-prototype max
+    # [1, K] per-prototype max; a rank without rows (no masked patches) still joins the
+    # collectives, with -inf
+    local_max = (x.amax(dim=0, keepdim=True) if x.shape[0] else
+                 x.new_full((1, x.shape[1]), float("-inf")))
+    shift = dist.all_reduce_max(local_max)
     Q = torch.exp(x - shift).t()  # [K, N]: the paper's layout
     K = Q.shape[0]
     B = float(Q.shape[1] * dist.get_world_size()) if n_total is None else n_total
@@ -1101,6 +1105,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     dev = t.device
     if n_total is None:
         n_total = float(n * world)
+    if not torch.is_tensor(n_total) and not n_total:
+        n_total = 1.0  # no rows on any rank (no masked patches): log(K/N) is never read
     if torch.is_tensor(n_total):  # a 0-d device tensor (iBOT's all-reduced count): no host sync
         log_scale = torch.log(k / n_total.float().reshape(1))
     elif torch.compiler.is_compiling():
@@ -1148,6 +1154,10 @@ def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor,
     column sum of t [K] fp32 (for the center's EMA; atomics: summation order not fixed)."""
     _check_teacher(teacher_logits)
     t = teacher_logits.contiguous()
+    k = t.shape[1]
+    if tuple(center.shape) not in ((k,), (1, k)):  # the kernel reads K entries, unchecked
+        raise ValueError(f"softmax_center: center must be [{k}] or [1, {k}] (K of the teacher "
+                         f"logits), got shape {tuple(center.shape)}")
     inv_temp = 1.0 / teacher_temp
     col_shift = center.reshape(-1).float() * inv_temp
     row_shift, entropy, col_sum = _ops()[1](t, col_shift, inv_temp, True, True,

@@ -120,6 +120,10 @@ class TeacherCentering(nn.Module):
             targets = sk.TeacherTargets(
                 probs=sk.softmax_center_ref(teacher_logits, self.center, teacher_temp))
             col_sum = sk.center_batch_sum_ref(teacher_logits)
+        if not teacher_logits.shape[0]:
+            # no rows (no masked patches; the count is fixed by the config, so on every rank):
+            # no mean to record, the center stays as it is (a 0/0 would make it NaN for good)
+            return targets
         # mean over this rank's rows; averaged over ranks at the update (DINOv2: sum / (N·world))
         row_mean = (col_sum.float() / teacher_logits.shape[0]).reshape(1, -1)
         self._pending_sum = row_mean if self._pending_sum is None else self._pending_sum + row_mean

@@ -7,7 +7,8 @@ Own ranks (`distillation.student_ranks=[2,1]` on 3 ranks): the main student data
 ranks 0-1 at 3 images each (slices across two ranks' batches), the other on rank 2 at 6; both
 students' losses equal the shared layout's on the same 3 ranks (the same global batch, teacher
 targets and gradients, summed in another order), with gradient accumulation, across a
-resume and when a run of the shared layout continues in this one; a student stopping on non-finite steps stops the other rank's student too, each with a
+resume and when a run of the shared layout continues in this one; a student stopping on
+non-finite steps stops the other rank's student too, each with a
 checkpoint of that iteration."""
 
 import math

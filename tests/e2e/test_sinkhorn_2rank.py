@@ -1,8 +1,9 @@
 """Sinkhorn-Knopp across ranks (SPEC.md §1.1): 2 CPU ranks over gloo, each holding half of the
 teacher rows, must give exactly the targets of 1 rank holding the concatenated batch, for the DINO
 SK (n_total = N_local·world), the iBOT SK (n_total = all-reduced masked counts, unequal per rank)
-and the softmax center's batch mean; through the references (impl=torch) and through the Triton
-kernels (under the interpreter on CPU), whose K-vector sums and max go through fastdino.dist."""
+and the softmax center's batch mean, and the iBOT SK with no masked patch on one rank; through
+the references (impl=torch) and through the Triton kernels (under the interpreter on CPU), whose
+K-vector sums and max go through fastdino.dist."""
 
 from __future__ import annotations
 
@@ -26,17 +27,21 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return dino, dino_next, ibot
 
 
-def _run(dino, dino_next, ibot, rank, impl, ibot_rows):
-    """The quantities compared: DINO SK targets, iBOT SK targets, softmax center after 2 calls."""
+def _run(dino, dino_next, ibot, ibot_one_sided, rank, impl, ibot_rows):
+    """The quantities compared: DINO SK targets, iBOT SK targets (also with rank 0 holding no
+    rows: it still joins every all-reduce), softmax center after 2 calls."""
     from fastdino.losses.dino_clstoken_loss import DINOLoss
     from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
 
     dino_sk = DINOLoss(K, impl=impl).teacher_targets(dino, TAU_T).materialize()
     ibot_sk = iBOTPatchLoss(K, impl=impl).teacher_targets(ibot, TAU_T, ibot_rows).materialize()
+    one_sided = iBOTPatchLoss(K, impl=impl).teacher_targets(
+        ibot_one_sided, TAU_T, ibot_one_sided.shape[0]).materialize()
     centered = DINOLoss(K, centering="softmax", impl=impl)
     centered.teacher_targets(dino, TAU_T)
     p_next = centered.teacher_targets(dino_next, TAU_T).materialize()
-    return {"dino": dino_sk, "ibot": ibot_sk, "center": centered.center.clone(), "p_next": p_next}
+    return {"dino": dino_sk, "ibot": ibot_sk, "one_sided": one_sided,
+            "center": centered.center.clone(), "p_next": p_next}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -49,7 +54,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dino, dino_next, ibot = _inputs()
         lo = sum(M_IBOT[:rank])
         mine = dict(dino=dino.chunk(world)[rank], dino_next=dino_next.chunk(world)[rank],
-                    ibot=ibot[lo:lo + M_IBOT[rank]])
+                    ibot=ibot[lo:lo + M_IBOT[rank]],
+                    ibot_one_sided=ibot[M_IBOT[0]:] if rank else ibot[:0])
         res = {impl: _run(**mine, rank=rank, impl=impl, ibot_rows=M_IBOT[rank])
                for impl in ("torch", "triton")}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -84,6 +90,9 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(two_rank_results, im
                                sk.sinkhorn_knopp_ref(dino, TAU_T), **tol)
     torch.testing.assert_close(torch.cat([r0["ibot"], r1["ibot"]]),
                                sk.sinkhorn_knopp_ref(ibot, TAU_T, n_total=sum(M_IBOT)), **tol)
+    assert r0["one_sided"].shape == (0, K)
+    torch.testing.assert_close(r1["one_sided"], sk.sinkhorn_knopp_ref(
+        ibot[M_IBOT[0]:], TAU_T, n_total=M_IBOT[1]), **tol)
     center = 0.1 * dino.mean(dim=0, keepdim=True)  # 0.9·0 + 0.1·(mean over both ranks' rows)
     for r in (r0, r1):
         torch.testing.assert_close(r["center"], center, rtol=1e-5, atol=1e-6)

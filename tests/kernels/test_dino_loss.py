@@ -355,8 +355,54 @@ def test_ibot_loss_module_triton_matches_torch(centering, dtype):
         _assert_rule(grad, grad32, grad_lp, atol=1e-4)
 
 
-def test_soft_ce_opcheck():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+@pytest.mark.parametrize("count", [0, "tensor"])
+def test_ibot_loss_without_masked_patches(impl, centering, count):
+    """ibot.mask_sample_probability = 0 (or too few images to mask one): no teacher rows. The
+    loss is 0 with an empty gradient, and softmax centering keeps its center (a mean over no rows
+    would make it NaN for the rest of the run)."""
+    k = 64
+    mod = iBOTPatchLoss(k, centering=centering, impl=impl).to(DEV)
+    n_masked = torch.zeros(1, dtype=torch.long, device=DEV) if count == "tensor" else 0
+    targets = mod.teacher_targets(_randn(0, k, seed=60), TAU_T, n_masked_patches=n_masked)
+    s = _randn(0, k, seed=61).requires_grad_(True)
+    loss = mod(s, targets, torch.zeros(0, device=DEV), n_images=4)
+    loss.backward()
+    assert float(loss) == 0.0 and s.grad.shape == (0, k)
+    mod.teacher_targets(_randn(5, k, seed=62), TAU_T, n_masked_patches=5)
+    mod.apply_center_update()
+    assert torch.isfinite(mod.center).all()
+    if centering == "softmax":
+        expected = 0.1 * _randn(5, k, seed=62).float().mean(dim=0, keepdim=True)
+        torch.testing.assert_close(mod.center, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+def test_targets_made_under_inference_mode(centering):
+    """Teacher targets made under torch.inference_mode() (not no_grad) give the same loss and
+    gradients: the fused Functions save copies of them (inference tensors cannot be saved)."""
+    k, b = 96, 2
+    t, sg = _randn(2 * b, k, seed=70), _randn(4 * b, k, seed=71)
+    results = []
+    for ctx in (torch.no_grad, torch.inference_mode):
+        mod = DINOLoss(k, centering=centering, impl="triton").to(DEV)
+        with ctx():
+            targets = mod.teacher_targets(t, TAU_T)
+        x = sg.clone().requires_grad_(True)
+        loss = mod.forward_joint(x, targets, local_loss_weight=0.5)["dino_loss"]
+        results.append((loss, *torch.autograd.grad(loss, x)))
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_soft_ce_opcheck(transposed):
+    """The fake impls' outputs match the real ops' in shape, dtype and strides: a transposed
+    student (dense, not contiguous) gets a contiguous gradient from both."""
     s, t = _randn(3, 300, seed=40), _randn(2, 300, seed=41)
+    if transposed:
+        s = s.t().contiguous().t()
     cs, rs = torch.zeros(300, device=DEV), torch.full((2,), 7.0, device=DEV)
     idx = _index(3, 2, 2, seed=42)
     torch.library.opcheck(torch.ops.fastdino.dino_soft_ce_fwd.default,

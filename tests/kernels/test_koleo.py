@@ -240,3 +240,5 @@ def test_bad_input_is_rejected():
         koleo_loss(torch.randn(1, 8, device=DEVICE))
     with pytest.raises(ValueError, match=r"fp32/bf16"):
         koleo_loss(torch.randn(4, 8, device=DEVICE, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"D >= 1"):  # not a ZeroDivisionError in the launcher
+        koleo_loss(torch.randn(4, 0, device=DEVICE))

@@ -155,6 +155,13 @@ def test_sinkhorn_max_splits(monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 48), (1, 80), (2, 64), (64, 1)])
+def test_softmax_center_rejects_a_center_of_another_shape(shape):
+    """The kernel reads K entries of the center: a short one would be read out of bounds."""
+    with pytest.raises(ValueError, match=r"center must be \[64\] or \[1, 64\]"):
+        sk.softmax_center(_logits(3, 64, seed=12), torch.zeros(shape, device=DEV), 0.04)
+
+
 def test_sinkhorn_no_rows():
     """A rank with no teacher rows (e.g. no masked patch) gets empty targets, not a crash."""
     targets = sk.sinkhorn_knopp(_logits(0, 300, seed=9), 0.04, n_total=4.0)
