@@ -36,7 +36,9 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
     g.add_argument("--weights", required=True,
                    help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
                         "DINOv3ViTModel or timm DINOv3 folder, or 'random'")
-    g.add_argument("--arch", default=None, help="factory name, e.g. vit_small (overrides --config)")
+    g.add_argument("--arch", default=None,
+                   help="factory name, e.g. vit_small, dinov2_vitb14 or convnext_tiny "
+                        "(overrides --config)")
     g.add_argument("--config", default=None, help="preset name in configs/ or a yaml file")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="init seed for --weights random, and "

@@ -22,9 +22,11 @@
                                             its teacher (official_dcp; architecture from --arch)
     "random"                                the architecture's own init under `seed` (baselines)
 
-The architecture comes from `arch` (a factory name such as vit_small), or from `config` (a preset
-name such as `smoke` or a yaml path: its `model:` section); for a training run with neither, from
-the run's own config.yaml; for a Hugging Face or timm folder with neither, from its config.json.
+The architecture comes from `arch` (a factory name such as vit_small, or convnext_tiny for the
+released ConvNeXt weights), or from `config` (a preset name such as `smoke` or a yaml path: its
+`model:` section; a ConvNeXt one need not be a distillation config); for a training run with
+neither, from the run's own config.yaml; for a Hugging Face or timm folder with neither, from its
+config.json.
 Loading is strict (fastdino.models.load_backbone_state_dict): a missing, unexpected or mis-shaped
 key raises and names the key, never a partial load. User files are read with
 `torch.load(weights_only=True)` or safetensors, so loading never runs code from them.
@@ -45,8 +47,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdino.config import PRESET_DIR, ModelConfig, find_preset, load_config, preset_names
+from fastdino.config import (
+    PRESET_DIR,
+    Config,
+    ConfigError,
+    ModelConfig,
+    _apply_file,
+    find_preset,
+    load_config,
+    preset_names,
+)
 from fastdino.models.backbones import ARCH_TABLE, build_backbone
+from fastdino.models.convnext import CONVNEXT_ARCHS
 from fastdino.models.state_dict_io import load_backbone_state_dict
 
 logger = logging.getLogger("fastdino.eval")
@@ -54,6 +66,8 @@ logger = logging.getLogger("fastdino.eval")
 CONFIG_DIR = PRESET_DIR  # configs/
 TRAINER_STATE = "trainer_state.pt"  # fastdino.checkpoint.STATE_FILE
 HF_MODEL_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers", "dinov3_convnext")
+# --arch: the ViT factories and the ConvNeXt sizes (the released dinov3_convnext_*.pth)
+EVAL_ARCHS = (*ARCH_TABLE, *CONVNEXT_ARCHS)
 
 
 @dataclass
@@ -77,21 +91,37 @@ def resolve_model_config(
                 f"--config {str(config)!r} is neither a yaml file nor a preset "
                 f"name: presets are {preset_names()}"
             )
-        model_cfg = load_config(path).model
+        model_cfg = _model_section(path)
     elif arch is not None:
         model_cfg = ModelConfig()
     else:
         return None
     if arch is not None:
-        if arch not in ARCH_TABLE:
+        if arch not in EVAL_ARCHS:
             raise ValueError(
-                f"--arch {arch!r} is invalid: allowed is one of " + " | ".join(ARCH_TABLE)
+                f"--arch {arch!r} is invalid: allowed is one of " + " | ".join(EVAL_ARCHS)
             )
         model_cfg.arch = arch
     model_cfg.drop_path_rate = 0.0  # eval: no stochastic depth, no checkpointing, no compile
     model_cfg.activation_checkpointing = False
     model_cfg.compile = False
     return model_cfg
+
+
+def _model_section(path: Path) -> ModelConfig:
+    """The validated `model:` section of a config yaml. A ConvNeXt config is read even where the
+    whole config is refused: training allows model.arch=convnext_* only with distillation.enabled
+    (a ConvNeXt is a distillation student), a rule about training that says nothing about
+    evaluating the backbone (the released dinov3_convnext_* weights)."""
+    try:
+        return load_config(path).model
+    except ConfigError:
+        cfg = Config()
+        _apply_file(cfg, Path(path), ())  # the yaml (and its base:) without the whole-config rules
+        if not cfg.model.arch.startswith("convnext_"):
+            raise
+        cfg.model.validate()  # the model section's own rules still hold
+        return cfg.model
 
 
 def describe_arch(backbone: nn.Module) -> str:
@@ -319,7 +349,7 @@ def load_eval_backbone(
     else:
         raise ValueError(
             f"--weights {weights!r}: the architecture is unknown; pass --arch "
-            f"(one of {' | '.join(ARCH_TABLE)}) or --config (a preset or yaml)"
+            f"(one of {' | '.join(EVAL_ARCHS)}) or --config (a preset or yaml)"
         )
     if sd is not None:
         backbone = backbone.to_empty(device="cpu")

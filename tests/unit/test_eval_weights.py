@@ -154,3 +154,31 @@ def test_preset_names_resolve_and_unknown_presets_list_the_choices():
     assert cfg.arch == "vit_test" and cfg.embed_dim == 64  # --arch overrides only the arch
     with pytest.raises(FileNotFoundError, match="presets are .*smoke"):
         resolve_model_config(config="no_such_preset")
+
+
+def test_official_convnext_file_loads_with_arch_and_a_convnext_config(tmp_path):
+    """The released dinov3_convnext_*.pth layout (the final norm also as `norms.3.*`) loads with
+    --arch convnext_* and with a config naming a ConvNeXt (training allows one only as a
+    distillation student; eval builds the backbone all the same)."""
+    from fastdino.models.convnext import build_convnext, to_official_state_dict
+
+    torch.manual_seed(0)
+    ref = build_convnext("convnext_test").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    official = to_official_state_dict(ref.state_dict())
+    assert "norms.3.weight" in official
+    torch.save(official, tmp_path / "dinov3_convnext_test.pth")
+    (tmp_path / "convnext.yaml").write_text("model:\n  arch: convnext_test\n")
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want = ref.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+    for kwargs in ({"arch": "convnext_test"}, {"config": tmp_path / "convnext.yaml"}):
+        model, info = load_eval_backbone(tmp_path / "dinov3_convnext_test.pth", **kwargs)
+        assert info.arch.startswith("convnext-D48")
+        with torch.no_grad():
+            got = model.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--arch 'convnext_nano' is invalid.*convnext_tiny"):
+        load_eval_backbone(tmp_path / "dinov3_convnext_test.pth", arch="convnext_nano")
