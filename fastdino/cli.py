@@ -43,7 +43,9 @@ def _export(argv: list[str]) -> int:
             paths = (export.export_with_heads if a.with_heads else export.export_backbone)(
                 a.run, a.out)
     except (FileNotFoundError, ValueError, KeyError) as e:  # a bad --run / --out: no traceback
-        p.error(str(e))
+        from fastdino.eval.cli import error_message
+
+        p.error(error_message(e))  # a KeyError's message, not the repr of it
     for path in paths:
         print(f"wrote {path}")
     return 0

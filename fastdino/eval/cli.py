@@ -209,12 +209,32 @@ _HEADLINE = {  # (label, value) of one evaluation, for the sweep's summary table
 }
 
 
+def error_message(e: BaseException) -> str:
+    """The one line of a user-input error: str() of the exception, except KeyError, whose str()
+    is the repr of its argument (quotes, escaped newlines)."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     """One evaluation, or with a --weights pattern (e.g. a run's teacher snapshots
     'runs/L/eval/training_*/teacher_checkpoint.pth') one per match, the same data and settings,
-    and a summary table; --json then holds the list of results."""
+    and a summary table; --json then holds the list of results. A bad path, file or flag value
+    (FileNotFoundError, ValueError, KeyError, a refused pickle) is one line on stderr and exit
+    status 2, as argparse's usage errors."""
+    import pickle
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _main(args)
+    except (FileNotFoundError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        print(f"fastdino eval {args.cmd}: error: {error_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     weights = expand_weights(args.weights)
     if len(weights) == 1:
         args.weights = weights[0]

@@ -41,6 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,13 +173,58 @@ def _run_config(ckpt: Path) -> Path | None:
     return None
 
 
+def _unreadable(path: Path, kind: str, e: BaseException) -> ValueError:
+    """One line naming the file, for whatever torch / safetensors raised on it (a truncated file
+    gives OSError, KeyError numbers or EOFError; torch's weights-only refusal advises
+    weights_only=False, which would run the file's code: never the advice to give)."""
+    text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if isinstance(e, pickle.UnpicklingError) and refused:
+        return ValueError(f"{str(path)!r} holds objects other than tensors and plain containers "
+                          f"({refused.group(1)}): refused, weight files are read with "
+                          "weights_only=True so that loading never runs code from them; save a "
+                          "state dict (tensors only)")
+    if "WeightsUnpickler error:" in text:  # not torch's advice, only what it found
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    detail = (text.strip().splitlines() or [""])[0][:200]
+    name = type(e).__qualname__
+    if type(e).__module__ != "builtins":  # struct.error, not a bare "error"
+        name = f"{type(e).__module__.split('.')[0].lstrip('_')}.{name}"
+    return ValueError(f"{str(path)!r} is not a readable {kind} file (truncated or corrupt?): "
+                      f"{name}{': ' + detail if detail else ''}")
+
+
+def _torch_load(path: Path) -> dict:
+    """torch.load(weights_only=True) of a user file; a file it cannot read is a ValueError
+    naming it (_unreadable)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:
+        raise _unreadable(path, "torch", e) from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict (a dict "
+                         "of tensors)")
+    return obj
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:
+        raise _unreadable(path, "safetensors", e) from e
+
+
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return _safetensors_load(path)
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path)
     raise ValueError(
         f"--weights {str(path)!r}: unknown file type {path.suffix!r}; allowed are "
         ".pth / .pt / .bin / .ckpt (torch) and .safetensors"
@@ -192,8 +239,6 @@ def _load_hf_folder(path: Path):
         raise ImportError(
             "loading a Hugging Face folder needs transformers: pip install 'fastdino[interop]'"
         ) from e
-    from safetensors.torch import load_file
-
     from fastdino.models.hf_convert import from_hf_state_dict
 
     hf_config = AutoConfig.from_pretrained(str(path))  # reads config.json only, runs no code
@@ -211,7 +256,7 @@ def _load_hf_folder(path: Path):
         )
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
-        hf_sd.update(load_file(str(f), device="cpu"))
+        hf_sd.update(_safetensors_load(f))
     # A model saved by itself has no prefix; one saved inside a wrapper may carry one.
     hf_sd = {k.removeprefix("dinov3_vit.").removeprefix("backbone."): v for k, v in hf_sd.items()}
     if hf_config.model_type == "dinov3_convnext":
@@ -277,7 +322,7 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
                 "checkpoints/latest (a training run), config.json (Hugging Face, timm) nor "
                 "an official DINOv3 DCP checkpoint (.metadata, or ckpt/<iteration>/)"
             )
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = _torch_load(ckpt / TRAINER_STATE)
         if "teacher" not in state:
             raise KeyError(
                 f"{ckpt / TRAINER_STATE} has no 'teacher' entry (keys: {', '.join(sorted(state))})"

@@ -55,10 +55,31 @@ def test_pca_command_writes_images(tmp_path):
         "a_pca.png", "a_side.png", "b_pca.png", "b_side.png", "grid.png"]
 
 
-def test_bad_weights_exit_with_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["knn", "--weights", str(tmp_path / "none.pth"), "--arch", "vit_test",
-              "--data", str(tmp_path)])
+def test_bad_weights_exit_with_a_clear_error(tmp_path, capsys):
+    """A bad --weights path, file or --arch is one line on stderr and exit status 2 (as argparse's
+    errors), never a traceback."""
+    import torch
+
+    (tmp_path / "cut.pth").write_bytes(b"\x80\x02junk")
+    torch.save({"cls_token": torch.zeros(1, 1, 32)}, tmp_path / "small.pth")
+    tag = tmp_path / "run" / "checkpoints" / "iter_1"
+    tag.mkdir(parents=True)
+    torch.save({"iteration": 1}, tag / "trainer_state.pt")  # no teacher: a KeyError
+    cases = [
+        (["--weights", str(tmp_path / "none.pth"), "--arch", "vit_test"], "does not exist"),
+        (["--weights", str(tmp_path / "cut.pth"), "--arch", "vit_test"],
+         "cut.pth' is not a readable torch file"),
+        (["--weights", str(tmp_path / "small.pth"), "--arch", "vit_nope"],
+         "--arch 'vit_nope' is invalid: allowed is one of vit_test"),
+        (["--weights", str(tmp_path / "small.pth")], "the architecture is unknown; pass --arch"),
+        (["--weights", str(tag), "--arch", "vit_test"],  # a KeyError: its message, no repr
+         f"error: {tag / 'trainer_state.pt'} has no 'teacher' entry (keys: iteration)\n"),
+    ]
+    for args, message in cases:
+        assert main(["knn", *args, "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastdino eval knn: error: ") and message in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_depth_command(tmp_path, capsys):

@@ -134,8 +134,42 @@ class _NotATensor:
 
 def test_files_are_read_with_weights_only(tmp_path):
     torch.save({"cls_token": _NotATensor()}, tmp_path / "code.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    # refused, naming the file, and never with torch's advice to pass weights_only=False
+    with pytest.raises(ValueError, match="code.pth.*objects other than tensors.*refused") as e:
         load_eval_backbone(tmp_path / "code.pth", arch="vit_test")
+    assert "weights_only=False" not in str(e.value)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
+
+
+def test_truncated_or_corrupt_files_are_one_error_naming_the_file(tmp_path):
+    """torch.load / safetensors on a cut or garbage file raise OSError without the name, KeyError
+    of a number, EOFError, SafetensorError: each is a ValueError naming the file."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _perturbed_vit_test().state_dict().items()}
+    torch.save(sd, tmp_path / "ok.pth")
+    save_file(sd, str(tmp_path / "ok.safetensors"))
+    for suffix in (".pth", ".safetensors"):
+        data = (tmp_path / f"ok{suffix}").read_bytes()
+        (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+        (tmp_path / f"junk{suffix}").write_bytes(b"hello world" * 10)
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+    for name in ("cut", "junk", "empty"):
+        for suffix, kind in ((".pth", "torch"), (".safetensors", "safetensors")):
+            path = tmp_path / f"{name}{suffix}"
+            with pytest.raises(ValueError, match=f"{name}{suffix}' is not a readable {kind} file "
+                                                 r"\(truncated or corrupt\?\)") as e:
+                load_eval_backbone(path, arch="vit_test")
+            assert "\n" not in str(e.value)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # not a dict
+    with pytest.raises(ValueError, match="tensor.pth' holds a Tensor, not a state dict"):
+        load_eval_backbone(tmp_path / "tensor.pth", arch="vit_test")
+    # a training checkpoint's trainer_state.pt too
+    tag = tmp_path / "run" / "checkpoints" / "iter_1"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.pt").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="trainer_state.pt' is not a readable torch file"):
+        load_eval_backbone(tag, arch="vit_test")
 
 
 def test_random_init_is_seeded_and_needs_an_arch():

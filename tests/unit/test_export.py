@@ -111,3 +111,14 @@ def test_a_bad_run_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--run", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pth")])
     assert "checkpoints/latest (a training run)" in capsys.readouterr().err
+
+
+def test_a_key_error_prints_its_message_not_its_repr(tmp_path, capsys):
+    tag = tmp_path / "run" / "checkpoints" / "iter_1"
+    tag.mkdir(parents=True)
+    torch.save({"iteration": 1}, tag / "trainer_state.pt")  # read_weights: KeyError, no teacher
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--run", str(tag), "--out", str(tmp_path / "x.pth")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {tag / 'trainer_state.pt'} has no 'teacher' entry (keys: iteration)\n" in err
