@@ -412,7 +412,11 @@ class DALITrainLoader:
                                    seed=seed, exact_hue=self.exact_hue,
                                    host_jitter=self.host_jitter, photometric=self.photometric,
                                    source_workers=self.source_workers)
-        self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False)
+        # prepare_first_batch=False: DALI's default runs the pipeline in the constructor, outside
+        # __next__'s recovery, so a bad file in the first step (of a run, a resume or a rebuilt
+        # pipeline) would stop the run instead of being skipped
+        self._it = DALIGenericIterator([self.pipe], self._names(), auto_reset=False,
+                                       prepare_first_batch=False)
 
     @property
     def iteration(self) -> int:

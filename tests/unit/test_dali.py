@@ -452,6 +452,36 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch, photometri
                                                  for p in recovering.images.skipped}
 
 
+def _bogus_huffman_jpeg(path, seed=0):
+    """A JPEG whose header and end marker are fine (the probe passes it) but whose first Huffman
+    table is invalid: PIL and DALI both fail to decode it."""
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, format="JPEG")
+    data = buf.getvalue()
+    dht = data.find(b"\xff\xc4")  # marker, length (2), table class/id (1), 16 code counts
+    path.write_bytes(data[:dht + 5] + b"\xff" * 16 + data[dht + 21:])
+    return path
+
+
+@needs_dali
+@pytest.mark.parametrize("start", [0, 1])
+def test_bad_file_in_the_first_step_is_skipped(tmp_path, start):
+    """A file that passes the probe but that DALI cannot decode, in the very first step of a run
+    or of a resume: skipped and replaced as in any later step (DALI's iterator fetched its first
+    batch in its constructor, outside the recovery, and the run stopped)."""
+    root = _write_images(tmp_path / "imgs", 3)
+    bad = _bogus_huffman_jpeg(root / "bogus_huffman.jpg")
+    P.probe_image(bad.read_bytes())  # the probe lets it through
+    cfg = _cfg(root, batch=4)  # each step holds all 4 files
+    loader = _dali(cfg, start_iteration=start)
+    for _ in range(2):
+        b = next(loader)
+        assert b.global_crops.shape == (8, 3, 32, 32) and torch.isfinite(b.global_crops).all()
+    assert loader.images.skipped == {str(bad)}
+    assert loader.skipped == {str(bad)}
+
+
 @needs_dali
 @PHOTOMETRIC
 def test_resume_yields_exactly_the_uninterrupted_batches(image_dir, photometric):
