@@ -447,8 +447,11 @@ class DALITrainLoader:
                     self.images.skipped.add(path)
                     found.append(path)
                     logger.warning("skipping image DALI could not decode: %s (%s)", path, e)
-        if not found:
-            raise error
+        if not found:  # PIL decodes every one of them: a variant DALI's decoder cannot read
+            raise RuntimeError(
+                f"DALI loader: DALI's decoder failed on a file of steps {self.iteration} to "
+                f"{self.steps(self.served + depth - 1)} that PIL decodes (a format DALI cannot "
+                "read that the probe let through); data.loader=torch reads it") from error
         del self._it, self.pipe
         self._start()
 

@@ -129,10 +129,17 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Cheap validity probe. DALI's decoders fail the whole pipeline on one bad file, and decoding on the
 # host to check would cost what DALI saves. The probe reads the bytes (DALI needs them anyway),
-# parses the header with PIL (no pixel decoding) and checks that the file is not truncated, the
-# common corruption: a JPEG must end with its EOI marker, a PNG with its IEND chunk, a WebP's RIFF
-# size must match the file, a BMP's declared size must fit. A file corrupt in the middle passes the
-# probe; the loader catches DALI's error for it and recovers (see `dali.py`).
+# parses the header with PIL (no pixel decoding), rejects the formats DALI's decoder cannot read
+# (PIL reads more: a GIF saved as .jpg decodes in the torch loader, not in DALI) and checks that the
+# file is not truncated, the common corruption: a JPEG must end with its EOI marker, a PNG with its
+# IEND chunk, a WebP's RIFF size must match the file, a BMP's declared size must fit. A file corrupt
+# in the middle passes the probe; the loader catches DALI's error for it and recovers (see
+# `dali.py`).
+
+# PIL's format names of what `fn.decoders.image` decodes (DALI 2.x, nvImageCodec: JPEG, PNG, BMP,
+# TIFF, PNM, JPEG 2000, WebP; checked on the CPU decoder with each format PIL writes, MPO, i.e. a
+# camera's multi-picture JPEG, included). GIF, ICO, TGA, PCX, SGI, ... fail DALI's whole pipeline.
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP"})
 
 
 class UnreadableImage(ValueError):
@@ -152,8 +159,9 @@ def _check_complete(data: bytes, fmt: str) -> None:
 
 
 def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
-    """(the encoded bytes as uint8 [n], width, height) of an image that looks decodable; raises
-    UnreadableImage otherwise."""
+    """(the encoded bytes as uint8 [n], width, height) of an image that looks decodable by DALI;
+    raises UnreadableImage otherwise (with the reason: not an image, a format DALI cannot decode,
+    truncated)."""
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
             width, height, fmt = img.width, img.height, img.format
@@ -161,5 +169,9 @@ def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
     if width <= 0 or height <= 0:
         raise UnreadableImage(f"empty image {width}x{height}")
+    if fmt not in DALI_FORMATS:
+        raise UnreadableImage(
+            f"{fmt} data, which DALI's decoder cannot read (it reads JPEG, PNG, BMP, TIFF, PNM, "
+            "JPEG 2000 and WebP); the torch loader (data.loader=torch) would train on it")
     _check_complete(data, fmt)
     return np.frombuffer(data, dtype=np.uint8), width, height

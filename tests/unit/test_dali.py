@@ -168,6 +168,61 @@ def test_probe_rejects_non_images_and_truncated_files(tmp_path):
             P.probe_image((tmp_path / name).read_bytes())
 
 
+# (format PIL writes, save options, in DALI_FORMATS)
+_FORMATS = [("JPEG", {}, True), ("MPO", {"save_all": True}, True), ("PNG", {}, True),
+            ("BMP", {}, True), ("TIFF", {"compression": "tiff_lzw"}, True), ("PPM", {}, True),
+            ("JPEG2000", {}, True), ("WEBP", {}, True), ("GIF", {}, False), ("ICO", {}, False),
+            ("TGA", {}, False), ("PCX", {}, False)]
+
+
+def _encode(fmt, kw, seed=0):
+    arr = np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    image = Image.fromarray(arr)
+    if fmt == "MPO":  # a camera's multi-picture JPEG: two frames
+        kw = {**kw, "append_images": [Image.fromarray(255 - arr)]}
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_probe_rejects_formats_dali_cannot_decode():
+    """PIL parses GIF, ICO, TGA, ... (the torch loader trains on them, e.g. a GIF saved as .jpg);
+    DALI's decoder fails its whole pipeline on them: the probe skips them, saying why."""
+    for fmt, kw, ok in _FORMATS:
+        data = _encode(fmt, kw)
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == fmt
+        if ok:
+            assert P.probe_image(data)[1:] == (30, 20), fmt
+        else:
+            with pytest.raises(P.UnreadableImage, match="DALI's decoder cannot read.*torch"):
+                P.probe_image(data)
+
+
+@needs_dali
+def test_dali_decodes_every_format_the_probe_accepts():
+    """The probe's DALI_FORMATS, checked against DALI's own decoder (CPU): each decodes to PIL's
+    size; the rejected ones fail (if a DALI release learns one, widen DALI_FORMATS)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB,
+                                 adjust_orientation=False)
+
+    for fmt, kw, ok in _FORMATS:
+        assert (fmt in P.DALI_FORMATS) == ok, fmt
+        pipe = decode()
+        pipe.build()
+        pipe.feed_input("encoded", [np.frombuffer(_encode(fmt, kw), dtype=np.uint8)])
+        if ok:
+            assert np.array(pipe.run()[0][0]).shape == (20, 30, 3), fmt
+        else:
+            with pytest.raises(RuntimeError):
+                pipe.run()
+
+
 # ------------------------------------------------------------------------------------------------
 # The pipeline (CPU-only DALI)
 
@@ -480,6 +535,19 @@ def test_bad_file_in_the_first_step_is_skipped(tmp_path, start):
         assert b.global_crops.shape == (8, 3, 32, 32) and torch.isfinite(b.global_crops).all()
     assert loader.images.skipped == {str(bad)}
     assert loader.skipped == {str(bad)}
+
+
+@needs_dali
+def test_format_dali_cannot_decode_is_skipped(tmp_path):
+    """GIF data saved as .jpg (PIL reads it, DALI's decoder does not): skipped with the reason
+    instead of stopping the run (the recovery's PIL decode found nothing wrong with it)."""
+    root = _write_images(tmp_path / "imgs", 3)
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(root / "gif_data.jpg", format="GIF")
+    loader = _dali(_cfg(root, batch=4))
+    for _ in range(2):
+        b = next(loader)
+        assert b.global_crops.shape == (8, 3, 32, 32) and torch.isfinite(b.global_crops).all()
+    assert loader.skipped == {str(root / "gif_data.jpg")}
 
 
 @needs_dali
