@@ -67,6 +67,36 @@ def load_mask(path: str, reduce_zero_label: bool = False) -> np.ndarray:
     return mask
 
 
+class MaskClassError(ValueError):
+    """A mask id outside 0..n_classes-1 (and IGNORE). Raised in a DataLoader worker, torch
+    re-raises it in the main process as MaskClassError("Caught ... Original Traceback ..."):
+    the message is cut back to the original one line, so the CLI prints that line alone."""
+
+    def __init__(self, msg: str):
+        if "Original Traceback" in msg:
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            msg = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(msg)
+
+
+def check_mask_ids(mask: np.ndarray, path: str, n_classes: int,
+                   reduce_zero_label: bool = False) -> None:
+    """MaskClassError naming the mask file, the offending id and --num-classes when `mask` (as
+    load_mask returns it) holds an id the head has no class for (cross-entropy would fail with
+    torch's "Target N is out of bounds", a device assert on CUDA)."""
+    bad = (mask != IGNORE) & ((mask < 0) | (mask >= n_classes))
+    if not bool(bad.any()):
+        return
+    got = int(mask[bad].max()) if bool((mask[bad] >= n_classes).any()) else int(mask[bad].min())
+    shown = (f"id {got + 1} ({got} after --reduce-zero-label)" if reduce_zero_label
+             else f"id {got}")
+    fix = (f"; pass --num-classes {got + 1} or more (or leave it unset: the max mask id + 1)"
+           if got >= n_classes else "")
+    raise MaskClassError(
+        f"mask {path!r} holds class {shown}: with --num-classes {n_classes} allowed are "
+        f"0..{n_classes - 1} and {IGNORE} (ignore){fix}")
+
+
 def count_classes(pairs: Pairs, reduce_zero_label: bool = False) -> int:
     masks = (load_mask(m, reduce_zero_label) for _, m in pairs)
     return max(int(np.where(m == IGNORE, -1, m).max()) for m in masks) + 1
@@ -76,9 +106,9 @@ class SegTrainSet(torch.utils.data.Dataset):
     """Random scale jitter + crop + flip of (image, mask): [3, crop, crop] fp32, [crop, crop]."""
 
     def __init__(self, pairs: Pairs, crop: int, scale_range=(0.5, 2.0), flip: bool = True,
-                 reduce_zero_label: bool = False):
+                 reduce_zero_label: bool = False, n_classes: int | None = None):
         self.pairs, self.crop, self.scale_range, self.flip = pairs, crop, scale_range, flip
-        self.reduce_zero_label = reduce_zero_label
+        self.reduce_zero_label, self.n_classes = reduce_zero_label, n_classes
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -86,6 +116,8 @@ class SegTrainSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img_path, mask_path = self.pairs[i]
         mask = load_mask(mask_path, self.reduce_zero_label)
+        if self.n_classes is not None:  # every id a class of the head (or ignored)
+            check_mask_ids(mask, mask_path, self.n_classes, self.reduce_zero_label)
         img, mask = decode_rgb(img_path), Image.fromarray(mask.astype(np.int32))
         if img.size != mask.size:
             raise ValueError(f"{img_path} is {img.size} but its mask {mask_path} is {mask.size}")
@@ -171,8 +203,8 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
         logits = seg_logits(backbone, head, x)  # [B, C, crop, crop]
         return F.cross_entropy(logits, y, ignore_index=IGNORE)
 
-    return dense.fit_head(head, SegTrainSet(train, crop, scale_range, flip, reduce_zero_label),
-                          loss_fn,
+    data = SegTrainSet(train, crop, scale_range, flip, reduce_zero_label, n_classes=n_classes)
+    return dense.fit_head(head, data, loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, num_workers=num_workers, seed=seed,
                           desc="seg head", progress=progress, checkpoint=checkpoint)
@@ -190,7 +222,9 @@ def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: in
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
     for img_path, mask_path in tqdm(val, desc="seg val", unit="img",
                                     disable=None if progress else True):
-        target = torch.from_numpy(load_mask(mask_path, reduce_zero_label))  # [H, W]
+        mask = load_mask(mask_path, reduce_zero_label)
+        check_mask_ids(mask, mask_path, n_classes, reduce_zero_label)  # names the file
+        target = torch.from_numpy(mask)  # [H, W]
         img = resize_short(decode_rgb(img_path), crop, Image.Resampling.BILINEAR)
         x = to_normalized_tensor(img)[None].to(device)  # [1, 3, h, w]
         logits = sliding_window_logits(lambda w: seg_logits(backbone, head, w), x, crop, stride,

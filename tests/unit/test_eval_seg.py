@@ -103,3 +103,31 @@ def test_missing_masks_are_named(tmp_path):
     (tmp_path / "masks" / "s01.png").unlink()
     with pytest.raises(FileNotFoundError, match="s01.jpg"):
         seg_splits(tmp_path)
+
+
+def test_a_mask_id_beyond_num_classes_is_named_before_training(tmp_path, capsys):
+    """--num-classes 2 on masks holding id 2: cross-entropy would fail with torch's "Target 2 is
+    out of bounds" (a device assert on CUDA); the training set names the mask file, the id and
+    --num-classes, also from a DataLoader worker (one line, not the worker's traceback)."""
+    from fastdino.eval.cli import main
+    from fastdino.eval.seg import MaskClassError
+
+    _synthetic_seg(tmp_path / "d", n=4)
+    train, val = seg_splits(tmp_path / "d")
+    backbone, _ = load_eval_backbone("random", arch="vit_test")
+    for workers in (0, 1):
+        with pytest.raises(MaskClassError) as e:
+            seg_eval(backbone, train, val, n_classes=2, crop=64, iterations=2, batch_size=1,
+                     num_workers=workers, progress=False)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("mask '"), msg
+        assert ".png' holds class id 2: with --num-classes 2 allowed are 0..1 and 255" in msg
+        assert "pass --num-classes 3 or more" in msg
+    with pytest.raises(MaskClassError, match=r"class id 2 \(1 after --reduce-zero-label\)"):
+        seg_eval(backbone, train, val, n_classes=1, crop=64, iterations=2, batch_size=1,
+                 reduce_zero_label=True, progress=False)
+    assert main(["seg", "--weights", "random", "--arch", "vit_test", "--data",
+                 str(tmp_path / "d"), "--num-classes", "2", "--crop", "64", "--iterations", "2",
+                 "--batch-size", "1", "--num-workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdino eval seg: error: mask '") and err.count("\n") == 1, err
