@@ -131,10 +131,10 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
 # host to check would cost what DALI saves. The probe reads the bytes (DALI needs them anyway),
 # parses the header with PIL (no pixel decoding), rejects the formats DALI's decoder cannot read
 # (PIL reads more: a GIF saved as .jpg decodes in the torch loader, not in DALI) and checks that the
-# file is not truncated, the common corruption: a JPEG must end with its EOI marker, a PNG with its
-# IEND chunk, a WebP's RIFF size must match the file, a BMP's declared size must fit. A file corrupt
-# in the middle passes the probe; the loader catches DALI's error for it and recovers (see
-# `dali.py`).
+# file is not truncated, the common corruption: a JPEG must hold its EOI marker after its scan
+# data, a PNG its IEND chunk (anywhere: trailing data after them is legal), a WebP's RIFF size must
+# match the file, a BMP's declared size must fit. A file corrupt in the middle passes the probe;
+# the loader catches DALI's error for it and recovers (see `dali.py`).
 
 # PIL's format names of what `fn.decoders.image` decodes (DALI 2.x, nvImageCodec: JPEG, PNG, BMP,
 # TIFF, PNM, JPEG 2000, WebP; checked on the CPU decoder with each format PIL writes, MPO, i.e. a
@@ -146,11 +146,36 @@ class UnreadableImage(ValueError):
     pass
 
 
+def _jpeg_scan_start(data: bytes) -> int:
+    """Where a JPEG's first scan (SOS marker) starts: its header segments walked by their lengths
+    (an EXIF thumbnail's own end marker lies in them); len(data) when the header is cut short."""
+    pos, n = 2, len(data)  # after SOI
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return pos  # not a marker where one must be: search from here
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in (0xDA, 0xD9):  # start of scan (or an image without one)
+            return pos
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers: no length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return n
+
+
+# a PNG's IEND chunk: length 0, type (its CRC is not checked: PIL does not either)
+_PNG_IEND = b"\x00\x00\x00\x00IEND"
+
+
 def _check_complete(data: bytes, fmt: str) -> None:
-    tail = data[-64:]
-    if fmt == "JPEG" and b"\xff\xd9" not in tail:
-        raise UnreadableImage("JPEG has no end-of-image marker (truncated)")
-    if fmt == "PNG" and b"IEND" not in tail:
+    """Truncated = the end marker is absent from the whole file: data after it (a motion photo's
+    video, zero padding, any trailer) is legal and decoders ignore it. Searched from the end with
+    bytes.rfind (C speed; the bytes are in memory anyway: DALI decodes them)."""
+    if fmt in ("JPEG", "MPO") and data.rfind(b"\xff\xd9", _jpeg_scan_start(data)) < 0:
+        raise UnreadableImage("JPEG has no end-of-image marker after its scan data (truncated)")
+    if fmt == "PNG" and data.rfind(_PNG_IEND, 8) < 0:
         raise UnreadableImage("PNG has no IEND chunk (truncated)")
     if fmt == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
         raise UnreadableImage("WebP is shorter than its RIFF header says (truncated)")

@@ -168,6 +168,32 @@ def test_probe_rejects_non_images_and_truncated_files(tmp_path):
             P.probe_image((tmp_path / name).read_bytes())
 
 
+def test_probe_accepts_trailing_data_after_the_end_marker():
+    """JPEG / PNG with data after their end marker (a motion photo's video, zero padding) are
+    valid, and decoders read them: accepted. Truncated ones still fail, also when an end marker
+    lies earlier in the file (an embedded thumbnail's, before the scan data)."""
+    arr = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    trailers = (b"\x00" * 5000, b"\x00" * 16 + b"ftypmp42" + bytes(range(256)) * 400)
+    for fmt, kw in (("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}),
+                    ("MPO", {"save_all": True})):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt, **kw)
+        data = buf.getvalue()
+        for trailer in trailers:
+            assert P.probe_image(data + trailer)[1:] == (60, 40), fmt
+        with pytest.raises(P.UnreadableImage, match="truncated"):
+            P.probe_image(data[: len(data) * 2 // 3])
+    # a JPEG with an end marker in a header segment (as an EXIF thumbnail's), cut in its scan
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    data = buf.getvalue()
+    comment = b"thumbnail \xff\xd8...\xff\xd9"
+    data = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+    assert P.probe_image(data)[1:] == (60, 40)
+    with pytest.raises(P.UnreadableImage, match="truncated"):
+        P.probe_image(data[: len(data) * 2 // 3])
+
+
 # (format PIL writes, save options, in DALI_FORMATS)
 _FORMATS = [("JPEG", {}, True), ("MPO", {"save_all": True}, True), ("PNG", {}, True),
             ("BMP", {}, True), ("TIFF", {"compression": "tiff_lzw"}, True), ("PPM", {}, True),
