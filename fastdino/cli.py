@@ -21,8 +21,11 @@ def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fastdino export", description=export.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run dir (its latest checkpoint) or checkpoint dir")
-    p.add_argument("--out", required=True, help="official: FILE.pth | FILE.safetensors | FILE "
-                   "(both); --with-heads: FILE.pth; --format hf / timm: a folder")
+    p.add_argument("--out", required=True, help="official: FILE.pth | FILE.pt | "
+                   "FILE.safetensors | FILE (both, the suffixes appended: model.v1 -> "
+                   "model.v1.pth + model.v1.safetensors) | DIR/ or an existing folder "
+                   "(teacher_backbone.pth + .safetensors inside); .bin, .ckpt and other weight "
+                   "suffixes are refused; --with-heads: FILE.pth; --format hf / timm: a folder")
     p.add_argument("--format", choices=("official", "hf", "timm"), default="official",
                    help="official DINOv3 backbone keys, a Hugging Face DINOv3ViTModel folder, or "
                    "a timm folder (timm.create_model('local-dir:OUT', pretrained=True))")

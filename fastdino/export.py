@@ -1,7 +1,10 @@
 """`fastdino export --run DIR --out FILE`: the EMA teacher backbone of a training run as a plain
 state dict with the official DINOv3 key names (SPEC.md §4: `cls_token`, `storage_tokens`,
 `mask_token`, `patch_embed.proj.*`, `rope_embed.periods`, `blocks.{i}.*`, `norm.*`), written as
-`.pth` (torch.save) or `.safetensors` (by the suffix of FILE; both when FILE has no suffix).
+`.pth` (torch.save) or `.safetensors` (by the suffix of FILE .pth / .pt / .safetensors; both
+when FILE has another or no suffix, appended to the whole name: `model.v1` -> `model.v1.pth` +
+`model.v1.safetensors`; an existing folder, or `DIR/`: `teacher_backbone.pth` + `.safetensors`
+inside it; weight suffixes it does not write, such as `.bin` or `.ckpt`, are an error).
 A DINOv2-architecture run (`model.arch: dinov2_*`) is written with DINOv2's names
 (`pos_embed`, `register_tokens`, ViT-g's fused `mlp.w12`), which its hub code loads.
 `--with-heads` writes the whole teacher ({"teacher": backbone.*, dino_head.*, ibot_head.*}) to
@@ -34,18 +37,43 @@ def teacher_backbone_state_dict(run_or_ckpt: str | Path) -> dict[str, torch.Tens
     return {k: v.contiguous().clone() for k, v in sd.items()}
 
 
+BACKBONE_SUFFIXES = (".pth", ".pt", ".safetensors")
+# suffixes of weight files fastdino does not write: an error, not FILE.bin.pth
+OTHER_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".h5", ".hdf5",
+                         ".onnx", ".msgpack", ".gguf", ".tar", ".zip")
+DIR_STEM = "teacher_backbone"  # the file names inside an --out folder
+
+
+def backbone_targets(out: str | Path) -> list[Path]:
+    """The files `--out` names (official format): FILE.pth / FILE.pt / FILE.safetensors itself;
+    an existing folder (or one written with a trailing slash): DIR/teacher_backbone.pth and
+    .safetensors inside it; any other name: both suffixes appended to the whole name (`model.v1` ->
+    model.v1.pth + model.v1.safetensors). A weights suffix fastdino does not write (.bin, .ckpt,
+    ...) is a ValueError listing the allowed ones."""
+    text = str(out)
+    out = Path(out).expanduser()
+    if out.is_dir() or text.endswith(("/", "\\")):
+        return [out / f"{DIR_STEM}.pth", out / f"{DIR_STEM}.safetensors"]
+    suffix = out.suffix.lower()
+    if suffix in BACKBONE_SUFFIXES:
+        return [out]
+    if suffix in OTHER_WEIGHT_SUFFIXES:
+        raise ValueError(f"--out {text!r}: fastdino does not write {out.suffix} files; allowed are "
+                         "FILE.pth / FILE.pt (torch), FILE.safetensors, FILE without those (both "
+                         "written), or a folder (teacher_backbone.pth + .safetensors inside)")
+    return [out.with_name(out.name + ".pth"), out.with_name(out.name + ".safetensors")]
+
+
 def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     sd = teacher_backbone_state_dict(run_or_ckpt)
     if "pos_embed" in sd:  # a DINOv2-architecture run: the official DINOv2 names
         sd = to_dinov2_names(sd)
     if is_convnext_state_dict(sd):  # the official ConvNeXt's duplicate final norm
         sd = to_official_state_dict(sd)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    targets = [out] if out.suffix in (".pth", ".pt", ".safetensors") else \
-        [out.with_suffix(".pth"), out.with_suffix(".safetensors")]
+    targets = backbone_targets(out)
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
     for t in targets:
-        if t.suffix == ".safetensors":
+        if t.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(sd, str(t), metadata={"format": "pt", "source": "fastdino teacher backbone"})

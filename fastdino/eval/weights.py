@@ -221,9 +221,9 @@ def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return _safetensors_load(path)
-    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
         return _torch_load(path)
     raise ValueError(
         f"--weights {str(path)!r}: unknown file type {path.suffix!r}; allowed are "

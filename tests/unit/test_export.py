@@ -122,3 +122,41 @@ def test_a_key_error_prints_its_message_not_its_repr(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {tag / 'trainer_state.pt'} has no 'teacher' entry (keys: iteration)\n" in err
+
+
+def test_out_suffixes_folders_and_refused_weight_formats(run, tmp_path, capsys):
+    """--out model.v1 keeps .v1 (model.v1.pth + .safetensors, not model.pth); an existing folder
+    (or DIR/) gets teacher_backbone.{pth,safetensors} inside, not DIR.pth beside it; .bin / .ckpt
+    are refused, naming the allowed forms."""
+    from fastdino.eval.weights import load_eval_backbone
+    from fastdino.export import backbone_targets
+
+    out, teacher = run
+    assert backbone_targets(tmp_path / "a.pt") == [tmp_path / "a.pt"]
+    assert backbone_targets(tmp_path / "a.SAFETENSORS") == [tmp_path / "a.SAFETENSORS"]
+    new = tmp_path / "new"
+    assert backbone_targets(f"{new}/") == [new / "teacher_backbone.pth",
+                                           new / "teacher_backbone.safetensors"]
+    main(["export", "--run", str(out), "--out", str(tmp_path / "ex" / "model.v1")])
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
+        "model.v1.pth", "model.v1.safetensors"]
+    (tmp_path / "folder").mkdir()
+    main(["export", "--run", str(out), "--out", str(tmp_path / "folder")])
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == [
+        "teacher_backbone.pth", "teacher_backbone.safetensors"]
+    assert not (tmp_path / "folder.pth").exists()
+    want = teacher.backbone.state_dict()
+    main(["export", "--run", str(out), "--out", str(tmp_path / "upper.SAFETENSORS")])
+    for f in ("folder/teacher_backbone.safetensors", "upper.SAFETENSORS"):
+        got, _ = load_eval_backbone(tmp_path / f, config=out / "config.yaml")
+        for k, v in got.state_dict().items():
+            torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    capsys.readouterr()
+    for bad in ("x.bin", "x.ckpt"):
+        with pytest.raises(SystemExit) as e:
+            main(["export", "--run", str(out), "--out", str(tmp_path / bad)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out '{tmp_path / bad}': fastdino does not write {bad[1:]} files" in err, err
+        assert "allowed are FILE.pth / FILE.pt (torch), FILE.safetensors" in err, err
+        assert not (tmp_path / bad).exists() and not (tmp_path / f"{bad}.pth").exists()
