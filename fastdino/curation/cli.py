@@ -135,7 +135,7 @@ def _cluster(a: argparse.Namespace) -> int:
 
 
 def _sample(a: argparse.Namespace) -> int:
-    from fastdino.curation.embed import read_files
+    from fastdino.curation.embed import read_files, write_names
     from fastdino.curation.hierarchical import load_levels
     from fastdino.curation.sampling import format_summary, hierarchical_sample, size_summary
 
@@ -144,7 +144,7 @@ def _sample(a: argparse.Namespace) -> int:
     picked = hierarchical_sample(levels, a.n, np.random.default_rng(a.seed), a.strategy)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(files[i] + "\n" for i in picked))
+    write_names(out, (files[i] for i in picked))
     summary = size_summary(levels, picked)
     Path(f"{out}.summary.json").write_text(json.dumps(
         {"n": int(len(picked)), "requested": a.n, "strategy": a.strategy, "seed": a.seed,
@@ -184,9 +184,11 @@ def _two_sets(first: str, second: str) -> tuple[np.ndarray, list[str], np.ndarra
 
 
 def _write_lines(path: str, lines: list[str]) -> Path:
+    from fastdino.curation.embed import write_names
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(line + "\n" for line in lines))
+    write_names(out, lines)  # (image names: surrogateescape, as files.txt)
     return out
 
 
@@ -234,9 +236,7 @@ def _contamination(a: argparse.Namespace) -> int:
     train, files, evaluation, eval_files = _two_sets(a.embeddings, a.eval)
     hits = contamination(train, evaluation, a.threshold, k=a.k, device=_device(a.device),
                          chunk=a.chunk_rows, progress=not a.quiet)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(f"{files[t]}\t{eval_files[e]}\t{s:.4f}\n" for t, e, s in hits))
+    out = _write_lines(a.out, [f"{files[t]}\t{eval_files[e]}\t{s:.4f}" for t, e, s in hits])
     print(f"{len(hits)} of {len(files)} training images near-duplicate one of {len(eval_files)} "
           f"evaluation images (cosine >= {a.threshold}): {out}")
     if a.clean:

@@ -70,8 +70,20 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the old or the new progress, never half
 
 
+def write_names(path: str | Path, names) -> None:
+    """Image names, one a line. UTF-8 with surrogateescape: a file name that is not UTF-8
+    (b'caf\\xe9.jpg', a str with surrogates to os) is written as its own bytes, and read back
+    (`read_names`) as the same str."""
+    Path(path).write_text("".join(name + "\n" for name in names), encoding="utf-8",
+                          errors="surrogateescape")
+
+
+def read_names(path: str | Path) -> list[str]:
+    return Path(path).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+
+
 def read_files(out: str | Path) -> list[str]:
-    return (Path(out) / FILES).read_text().splitlines()
+    return read_names(Path(out) / FILES)
 
 
 @torch.no_grad()
@@ -109,7 +121,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
         pat = np.lib.format.open_memmap(out / PATCHES, mode="r+") if patches else None
         logger.info("embed: resuming at row %d of %d", done, len(paths))
     else:
-        (out / FILES).write_text("".join(p + "\n" for p in paths))
+        write_names(out / FILES, paths)
         emb = np.lib.format.open_memmap(matrix, mode="w+", dtype=np.float16,
                                         shape=(len(paths), dim))
         pat = (np.lib.format.open_memmap(out / PATCHES, mode="w+", dtype=np.float16,
@@ -117,7 +129,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
                if patches else None)
         _write_json(state_file, {"done": 0, "key": full_key, "complete": False})
     skipped_file = out / SKIPPED
-    skipped = skipped_file.read_text().splitlines() if skipped_file.is_file() else []
+    skipped = read_names(skipped_file) if skipped_file.is_file() else []
 
     backbone.eval()
     loader = torch.utils.data.DataLoader(_Images(locations, done, image_size),
@@ -142,7 +154,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
         bad = [paths[row + i] for i in np.nonzero(~ok.numpy())[0]]
         if bad:
             skipped += bad
-            skipped_file.write_text("".join(p + "\n" for p in skipped))
+            write_names(skipped_file, skipped)
             logger.warning("embed: %d unreadable image(s), e.g. %s", len(bad), bad[0])
         row += b
         _write_json(state_file, {"done": row, "key": full_key, "complete": row == len(paths)})

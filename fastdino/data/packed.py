@@ -54,10 +54,13 @@ class _Table(Sequence):
 
 
 class PackedStrings(_Table):
-    """An immutable sequence of str kept as one UTF-8 buffer and the end offset of each item."""
+    """An immutable sequence of str kept as one UTF-8 buffer and the end offset of each item.
+    surrogateescape both ways: a file name that is not UTF-8 (b'caf\\xe9.jpg') comes from os as a
+    str with surrogates ('caf\\udce9.jpg'), which round-trips unchanged, as os.fsencode does."""
 
     def __init__(self, items: Iterable[str]) -> None:
-        encoded = [s.encode() for s in items]  # transient: freed when the buffer is built
+        # transient: freed when the buffer is built
+        encoded = [s.encode("utf-8", "surrogateescape") for s in items]
         self._ends = np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64,
                                            count=len(encoded)))
         self._buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -67,7 +70,7 @@ class PackedStrings(_Table):
 
     def _item(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i else 0
-        return self._buf[start:int(self._ends[i])].tobytes().decode()
+        return self._buf[start:int(self._ends[i])].tobytes().decode("utf-8", "surrogateescape")
 
     def __repr__(self) -> str:
         head = ", ".join(repr(s) for s in self[:3])

@@ -75,6 +75,28 @@ def test_embed_resumes_after_interruption(tmp_path):
                      progress=False)
 
 
+def test_file_names_that_are_not_utf8(tmp_path, capsys):
+    """A file named b'caf\\xe9.png' (Latin-1): embedded (files.txt holds its bytes), the rerun
+    reads files.txt back as the same names (resume check), and dedup's file list names it by its
+    bytes (UnicodeEncodeError before)."""
+    import os
+
+    data = _images(tmp_path / "imgs", n=3)
+    raw = os.path.join(os.fsencode(data), b"caf\xe9.png")
+    Image.fromarray(np.full((40, 36, 3), 7, np.uint8)).save(raw.decode("utf-8",
+                                                                      "surrogateescape"))
+    E = tmp_path / "E"
+    args = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test", "--out",
+            str(E), "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
+            "--device", "cpu", "--quiet"]
+    assert main(args) == 0 and main(args) == 0  # the rerun compares files.txt with the folder
+    assert raw + b"\n" in (E / "files.txt").read_bytes()
+    assert os.fsdecode(raw) in read_files(E)
+    assert main(["dedup", str(E), "--threshold", "0.9999", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "unique.txt")]) == 0
+    assert raw + b"\n" in (tmp_path / "unique.txt").read_bytes()
+
+
 def test_pipeline_on_sample_images_writes_a_training_file_list(tmp_path, capsys):
     from fastdino.data import sample_images_dir
 

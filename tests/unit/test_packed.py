@@ -23,6 +23,20 @@ def test_packed_strings_behave_as_the_list():
             p[bad]
 
 
+def test_packed_strings_keep_file_names_that_are_not_utf8(tmp_path):
+    """A file named b'caf\\xe9.jpg' (Latin-1) is 'caf\\udce9.jpg' to os: packed and read back
+    unchanged, still naming the file (its UTF-8 encoding raised UnicodeEncodeError)."""
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    name = next(e.path for e in os.scandir(tmp_path))
+    assert "\udce9" in name
+    p = PackedStrings(["/a.jpg", name, "ünï.png"])
+    assert list(p) == ["/a.jpg", name, "ünï.png"]
+    with open(p[1], "rb") as f:
+        assert f.read() == b"x"
+
+
 def test_packed_locations_give_back_files_and_members():
     names = PackedStrings(["/d/a.jpg", "/s1.tar/x.png", "/d/b.jpg", "/s0.tar/y.png"])
     locs = ["/d/a.jpg", Member("/s1.tar", 512, 7), "/d/b.jpg", Member("/s0.tar", 2048, 2**40)]
