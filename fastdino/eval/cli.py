@@ -274,6 +274,9 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
     """One evaluation; `listed`: the dataset listings of a sweep's earlier weights (_listed)."""
     from fastdino.eval.weights import load_eval_backbone
 
+    if args.cmd == "knn":  # a bad --k / --temperature before the backbone and the features
+        from fastdino.eval.knn_protocol import check_knn_args
+        check_knn_args(args.k, args.temperature)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, info = load_eval_backbone(args.weights, args.arch, args.config, device, args.seed)
     result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,

@@ -16,6 +16,7 @@ labelled sources, WebDataset tar shards with `.cls` members included (`labelled_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,6 +87,20 @@ def labelled_splits(root: str | Path, split_file: str | Path | None = None
     return train, val, classes
 
 
+def check_knn_args(ks: Sequence[int], temperature: float) -> None:
+    """ValueError naming the flag for a k below 1 (k = 0 votes with no neighbour; topk rejects
+    k < 0) or a temperature that is not a finite number > 0 (T = 0 divides by zero, T < 0
+    weights the farthest of the k neighbours most)."""
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"--k {k!r} is invalid: allowed are integers >= 1 (the number of "
+                             "nearest neighbours that vote)")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"--temperature {temperature!r} is invalid: allowed is a number > 0 "
+                         "(the softmax temperature of the neighbours' similarities; official 0.07)")
+
+
 def knn_scores(train_f: torch.Tensor, train_y: torch.Tensor, query_f: torch.Tensor, k: int,
                temperature: float, n_classes: int, chunk: int | None = None) -> torch.Tensor:
     """Class scores [Q, C] of the softmax-weighted vote of the k nearest training features
@@ -115,6 +130,7 @@ def knn_from_features(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch
                       temperature: float = 0.07, n_classes: int | None = None,
                       device: str | torch.device = "cpu") -> dict:
     """{"k<k>": {"top1", "top5"}, "best_k"} from raw (un-normalised) CLS features."""
+    check_knn_args(ks, temperature)
     train_f = F.normalize(train_f.float().to(device), dim=-1)
     val_f = F.normalize(val_f.float().to(device), dim=-1)
     train_y, val_y = train_y.to(device), val_y.to(device)
@@ -136,6 +152,7 @@ def knn_eval(extractor: Extractor, train: Samples, val: Samples, *,
              n_classes: int | None = None, device: str | torch.device = "cpu") -> dict:
     """Extract (or read cached) CLS features of train and val, then the kNN protocol (the
     similarity search on `device`)."""
+    check_knn_args(ks, temperature)  # before the extraction, not after
     key = cache_key or {}
     feats = {}
     for name, samples in (("train", train), ("val", val)):

@@ -133,3 +133,14 @@ def test_knn_over_a_pattern_of_snapshots(digits_subset, tmp_path, capsys, monkey
     assert runs[0]["weights_digest"] != runs[1]["weights_digest"]
     with pytest.raises(SystemExit, match="matches nothing"):
         main(["knn", "--weights", str(tmp_path / "nope_*"), *common])
+
+
+def test_knn_flags_out_of_range_exit_before_any_work(tmp_path, capsys):
+    for flags, message in ((["--k", "10", "0"], "--k 0 is invalid: allowed are integers >= 1"),
+                           (["--temperature", "0"], "--temperature 0.0 is invalid"),
+                           (["--temperature", "-1"], "--temperature -1.0 is invalid")):
+        # --weights does not exist: the flag is reported first, before the backbone loads
+        assert main(["knn", "--weights", str(tmp_path / "none.pth"), "--arch", "vit_test",
+                     "--data", str(tmp_path), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastdino eval knn: error: {message}"), err

@@ -114,3 +114,16 @@ def test_splits_by_subfolder_and_by_split_file(tmp_path):
     split.write_text("train cat/9.png\nval dog/4.png\n")
     with pytest.raises(FileNotFoundError, match="cat/9.png"):
         labelled_splits(b, split)
+
+
+def test_k_below_one_and_a_temperature_not_above_zero_are_refused_naming_the_flag():
+    """k = 0 / T = 0 / T < 0 printed plausible accuracies; k < 0 crashed in topk."""
+    g = torch.Generator().manual_seed(0)
+    tf, vf = torch.randn(20, 8, generator=g), torch.randn(6, 8, generator=g)
+    ty, vy = torch.arange(20) % 3, torch.arange(6) % 3
+    knn_from_features(tf, ty, vf, vy, ks=(1,), temperature=0.07)  # the smallest allowed k
+    for ks, t, flag in (((0,), 0.07, "--k 0"), ((10, -1), 0.07, "--k -1"),
+                        ((10,), 0.0, "--temperature 0.0"), ((10,), -0.07, "--temperature -0.07"),
+                        ((10,), float("nan"), "--temperature nan")):
+        with pytest.raises(ValueError, match=f"{flag} is invalid: allowed"):
+            knn_from_features(tf, ty, vf, vy, ks=ks, temperature=t)
