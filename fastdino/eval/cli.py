@@ -184,11 +184,14 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def expand_weights(spec: str) -> list[str]:
     """`--weights` with glob characters: every match, ordered by the last number in the path
-    (iterations: training_2500 before training_12500); otherwise [spec]."""
+    (iterations: training_2500 before training_12500); otherwise, or when the path exists as
+    written (a folder named 'exp[1]' is not a pattern), [spec]."""
     import glob
     import re
 
     if spec == "random" or not any(ch in spec for ch in "*?["):
+        return [spec]
+    if Path(spec).expanduser().exists():  # an existing path is itself, not a pattern
         return [spec]
     matches = glob.glob(os.path.expanduser(spec))
     if not matches:

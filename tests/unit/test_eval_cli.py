@@ -144,3 +144,19 @@ def test_knn_flags_out_of_range_exit_before_any_work(tmp_path, capsys):
                      "--data", str(tmp_path), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"fastdino eval knn: error: {message}"), err
+
+
+def test_an_existing_weights_path_with_glob_characters_is_not_a_pattern(tmp_path):
+    """'exp[1]/teacher_backbone.pth' exists: evaluated as written, not globbed (as a pattern
+    '[1]' is a character class: it matched nothing)."""
+    from fastdino.eval.cli import expand_weights
+
+    path = tmp_path / "exp[1]" / "teacher_backbone.pth"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    assert expand_weights(str(path)) == [str(path)]
+    (tmp_path / "exp1").mkdir()  # what the class [1] matches
+    (tmp_path / "exp1" / "teacher_backbone.pth").write_bytes(b"")
+    assert expand_weights(str(path)) == [str(path)]
+    assert expand_weights(str(tmp_path / "exp[0-9]" / "teacher_backbone.pth")) == [
+        str(tmp_path / "exp1" / "teacher_backbone.pth")]  # a pattern still globs
