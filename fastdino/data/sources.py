@@ -2,7 +2,7 @@
 
 A *source* is
 - a folder: its images and the images inside its `.tar` shards, recursively (symlinked folders
-  followed);
+  followed, each folder once: a link loop or a second link to a folder is not followed);
 - an image file;
 - an uncompressed `.tar` shard: its members with an image extension. WebDataset writes a sample
   as `<key>.jpg` beside `<key>.json`, `<key>.cls`, ...; those other members are ignored.
@@ -200,15 +200,41 @@ class _Progress:
 
 def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
     """(image files, tar shards) under `folder`, recursively (symlinked folders followed), in
-    walk order with sorted subfolders."""
+    walk order with sorted subfolders. Each folder is walked once: a symlink to a folder already
+    walked (a loop such as `sub/loop -> ..`, or a second link to the same folder) is not
+    followed, with one warning naming the links skipped, so no image is counted twice."""
     images, shards = [], []
+    visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders walked
+    repeats: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        if not visited:
+            st = os.stat(dirpath)
+            visited.add((st.st_dev, st.st_ino))
         dirnames.sort()
+        keep = set()
+        # a folder and a link to it side by side: the folder is walked, under its own name
+        for d in sorted(dirnames, key=lambda d: os.path.islink(os.path.join(dirpath, d))):
+            path = os.path.join(dirpath, d)
+            try:
+                st = os.stat(path)
+            except OSError:  # vanished since listed: os.walk would not list its files either
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                repeats.append(path)
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            keep.add(d)
+        dirnames[:] = [d for d in dirnames if d in keep]
         for f in filenames:
             if is_image(f):
                 images.append(os.path.join(dirpath, f))
             elif is_shard(f):
                 shards.append(os.path.join(dirpath, f))
+    if repeats:
+        logger.warning("%s: %d symlinked folder(s) lead to folders already walked (a link loop, "
+                       "or a second link to one folder) and were not followed, so that no image "
+                       "is counted twice: %s", folder, len(repeats),
+                       ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else ""))
     return images, shards
 
 
