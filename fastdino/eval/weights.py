@@ -337,11 +337,17 @@ def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
 
 
 def _snapshot_run_config(path: Path) -> Path | None:
-    """The run's config.yaml for a teacher snapshot `<run>/eval/training_N/teacher_checkpoint.pth`
-    (train.teacher_snapshot_every), so the snapshot evaluates without --arch; None otherwise."""
+    """The run's config.yaml for a file the trainer wrote into its run, so that it evaluates
+    without --arch: a teacher snapshot `<run>/eval/training_N/teacher_checkpoint.pth`
+    (train.teacher_snapshot_every), or the final export `<run>/teacher_backbone.{pth,safetensors}`
+    beside `<run>/config.yaml`; None otherwise (a file of another name is not taken to be the
+    model a config.yaml beside it describes)."""
     if (path.name == "teacher_checkpoint.pth" and path.parent.name.startswith("training_")
             and path.parent.parent.name == "eval"):
         return _run_config(path.parent)  # training_N/, eval/, <run>/
+    if path.name in ("teacher_backbone.pth", "teacher_backbone.safetensors") and (
+            path.parent / "config.yaml").is_file():
+        return path.parent / "config.yaml"
     return None
 
 
@@ -356,6 +362,7 @@ def load_eval_backbone(
     model_cfg = resolve_model_config(arch, config)
     weights = str(weights)
     folder_config = None  # a Hugging Face config, or a timm config.json dict
+    run_cfg = None  # the run's config.yaml that came with the weights, when not used
     if weights == "random":
         if model_cfg is None:
             raise ValueError("--weights random needs --arch or --config to know what to build")
@@ -366,6 +373,7 @@ def load_eval_backbone(
         if model_cfg is None and run_cfg is not None:
             model_cfg = resolve_model_config(config=run_cfg)
             source += f", architecture from {run_cfg}"
+            run_cfg = None  # used: no hint below
     # With weights to load, build on the meta device (no init cost for a large model): the strict
     # load below writes every parameter and buffer, or raises.
     build_on = None if sd is None else "meta"
@@ -401,9 +409,13 @@ def load_eval_backbone(
         try:
             load_backbone_state_dict(backbone, sd)
         except ValueError as e:
+            given = " / ".join(f"--{k} {v}" for k, v in (("arch", arch), ("config", config))
+                               if v is not None)
+            hint = (f" (the run's {run_cfg} describes these weights: leave out {given} to use it)"
+                    if run_cfg is not None else "")
             raise ValueError(
                 f"--weights {weights!r} does not fit the architecture "
-                f"{describe_arch(backbone)} ({source}): {e}"
+                f"{describe_arch(backbone)} ({source}): {e}{hint}"
             ) from None
     backbone.eval().requires_grad_(False)
     info = WeightsInfo(

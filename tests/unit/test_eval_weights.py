@@ -216,3 +216,39 @@ def test_official_convnext_file_loads_with_arch_and_a_convnext_config(tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="--arch 'convnext_nano' is invalid.*convnext_tiny"):
         load_eval_backbone(tmp_path / "dinov3_convnext_test.pth", arch="convnext_nano")
+
+
+def test_the_runs_final_export_takes_the_config_beside_it(tmp_path):
+    """The trainer writes <run>/teacher_backbone.{pth,safetensors} beside <run>/config.yaml:
+    README's `eval pca --weights teacher_backbone.safetensors` inside a run folder needs no
+    --arch. An --arch given wins; one that does not fit says that the run's config would."""
+    from fastdino.export import export_backbone
+
+    cfg = load_config(CONFIG_DIR / "smoke.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(4)
+    backbone = build_backbone(cfg.model).eval()  # the smoke arch: D 64, depth 4
+    tag = run / "checkpoints" / "iter_0000001"
+    tag.mkdir(parents=True)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}},
+               tag / "trainer_state.pt")
+    (run / "checkpoints" / "latest").write_text("iter_0000001\n")
+    files = export_backbone(run, run / "teacher_backbone")  # as Trainer.finish does
+    assert [f.name for f in files] == ["teacher_backbone.pth", "teacher_backbone.safetensors"]
+    for f in files:
+        model, info = load_eval_backbone(f)
+        assert f"architecture from {run / 'config.yaml'}" in info.source
+        _same(model, backbone)
+        with pytest.raises(ValueError, match=r"does not fit the architecture .*the run's "
+                                             r".*config.yaml describes these weights: leave out "
+                                             r"--arch vit_test to use it"):
+            load_eval_backbone(f, arch="vit_test")
+    # an --arch that fits is used as given (the same weights, not a second reading of the config)
+    model, info = load_eval_backbone(files[0], arch="vit_small", config=run / "config.yaml")
+    assert "architecture from" not in info.source
+    # another file name beside a config.yaml is not taken to be that config's model
+    torch.save(backbone.state_dict(), run / "other.pth")
+    with pytest.raises(ValueError, match="the architecture is unknown; pass --arch"):
+        load_eval_backbone(run / "other.pth")
