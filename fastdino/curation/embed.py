@@ -97,10 +97,12 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    found = find_images(os.path.abspath(os.path.expanduser(str(data))), what="--data")
+    # absolute names: each piece of the pattern made so after its brace expansion (the whole
+    # pattern made absolute turned `{/a,/b}` into `/cwd/{/a,/b}`)
+    found = find_images(str(data), what="--data", absolute=True)
     if not found:
         raise FileNotFoundError(f"--data {str(data)!r} holds no images")
-    paths = PackedStrings(name for name, _ in found)  # absolute: the pattern was made so
+    paths = PackedStrings(name for name, _ in found)
     locations = PackedLocations(paths, (loc for _, loc in found))
     del found
     device = next(backbone.parameters()).device

@@ -290,14 +290,18 @@ def _index(images: list[str], shards: list[str], ranks: Ranks | None = None
     return sorted(found.items())
 
 
-def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None = None
-                ) -> list[tuple[str, Location]]:
+def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None = None,
+                absolute: bool = False) -> list[tuple[str, Location]]:
     """(name, location) of every image that `spec` (a source or a pattern of sources) names,
     sorted by name. Raises FileNotFoundError when a path or pattern names nothing that exists.
-    `ranks`: (rank, world) when every rank calls this together (shared first indexing)."""
-    spec = os.path.expanduser(str(spec))
+    `ranks`: (rank, world) when every rank calls this together (shared first indexing).
+    `absolute`: every piece of the pattern made absolute (after the brace expansion: `{a,/b}`
+    is two paths), so the names are too."""
     images, shards = [], []
-    for piece in expand_braces(spec):
+    for piece in expand_braces(str(spec)):
+        piece = os.path.expanduser(piece)  # `~` of each alternative, as the shell does
+        if absolute:
+            piece = os.path.abspath(piece)
         if _PATTERN_CHARS.search(piece):
             paths = sorted(glob.glob(piece, recursive=True))
             if not paths:

@@ -97,6 +97,21 @@ def test_file_names_that_are_not_utf8(tmp_path, capsys):
     assert raw + b"\n" in (tmp_path / "unique.txt").read_bytes()
 
 
+def test_brace_patterns_of_absolute_and_relative_paths(tmp_path, monkeypatch):
+    """--data '{/abs/a,/abs/b}' failed: the whole pattern was made absolute before its brace
+    expansion ('/cwd/{/abs/a,/abs/b}'). Each piece is made absolute after it; names absolute."""
+    a, b = _images(tmp_path / "a", n=2), _images(tmp_path / "b", n=2)
+    backbone, info = load_eval_backbone("random", arch="vit_test")
+    kw = dict(key={"weights": info.digest}, image_size=32, batch_size=4, progress=False)
+    embed_folder(f"{{{a},{b}}}", backbone, tmp_path / "E", **kw)
+    files = read_files(tmp_path / "E")
+    assert len(files) == 2 * 3 and all(f.startswith((f"{a}/", f"{b}/")) for f in files)
+    monkeypatch.chdir(tmp_path)
+    embed_folder("{a,b/sub}", backbone, tmp_path / "Erel", **kw)
+    assert read_files(tmp_path / "Erel") == [f for f in files
+                                             if f.startswith(f"{a}/") or f"{b}/sub/" in f]
+
+
 def test_pipeline_on_sample_images_writes_a_training_file_list(tmp_path, capsys):
     from fastdino.data import sample_images_dir
 
