@@ -17,12 +17,18 @@ signalled, and all stop after that step. No extra collective and no extra host s
 
 DataLoader workers ignore these signals (`ignore_in_worker`, their worker_init): a terminal's
 Ctrl-C and the launcher's SIGTERM reach the workers too, and a worker that dies makes the main
-process fail at its next batch; the workers end with the main process instead.
+process fail at its next batch; the workers end with the main process instead. That has one
+cost: at interpreter exit, multiprocessing stops the children still alive with SIGTERM and waits
+for them, forever for workers that ignore it (a run that crashed with its loader's workers
+running would never exit, and hold its GPUs until the job's time limit). `reap_workers_at_exit`,
+called by the process that starts such workers, kills them first.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 import threading
 
@@ -92,3 +98,28 @@ def ignore_in_worker() -> None:
     """For DataLoader workers: leave every stop signal to the main process (module docstring)."""
     for s in parse_signals(STOP_SIGNALS):
         signal.signal(s, signal.SIG_IGN)
+
+
+_reaper_registered = False
+
+
+def reap_workers_at_exit() -> None:
+    """In the process that starts workers calling `ignore_in_worker`: at interpreter exit, kill
+    its multiprocessing children that are still alive (module docstring). Registered once, after
+    multiprocessing's own exit hook (atexit runs hooks last-in first-out: this one first).
+    A loader closed on the way out (a normal end) has no workers left for it."""
+    global _reaper_registered
+    if not _reaper_registered:
+        atexit.register(_kill_children)
+        _reaper_registered = True
+
+
+def _kill_children() -> None:
+    children = multiprocessing.active_children()
+    if children and hasattr(signal, "SIGCHLD"):
+        # torch's DataLoader handler would raise "worker killed by signal" into this hook
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout=10)

@@ -34,7 +34,7 @@ from fastdino.data.datasets import ImageFolderUnlabeled
 from fastdino.data.gpu_photometric import geometric_crops
 from fastdino.data.masking import MaskingGenerator, max_num_patches_for
 from fastdino.data.transforms import DataAugmentationDINO
-from fastdino.stop import ignore_in_worker
+from fastdino.stop import ignore_in_worker, reap_workers_at_exit
 
 logger = logging.getLogger("fastdino.data")
 
@@ -270,6 +270,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
 
     data.loader: torch -> this loader; dali -> `fastdino.data.dali` (an error if it cannot run);
     auto -> DALI when it is importable and CUDA is present, else this loader."""
+    reap_workers_at_exit()  # both loaders' workers ignore the stop signals (fastdino/stop.py)
     if cfg.data.loader in ("dali", "auto"):
         try:  # imported lazily: dali.py builds on this module
             from fastdino.data import dali

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -60,6 +63,28 @@ def test_loader_workers_ignore_stop_signals(tmp_path):
     assert all(w.is_alive() for w in workers)
     next(loader)
     next(loader)
+
+
+def test_a_crash_with_loader_workers_running_exits(tmp_path):
+    """Workers that ignore SIGTERM would keep a crashed run from exiting: multiprocessing's exit
+    hook stops live children with SIGTERM and joins them (forever). The loader's process kills
+    them first (stop.reap_workers_at_exit); the crash's own exit code and traceback stay."""
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent("""
+        from fastdino.config import load_config
+        from fastdino.data import build_train_loader
+
+        cfg = load_config(None, ["data.num_workers=2", "data.batch_size_per_gpu=2",
+                                 "data.loader=torch", "crops.local_crops_number=2",
+                                 "crops.global_crops_size=32", "crops.local_crops_size=16",
+                                 "model.arch=vit_test"])
+        loader = build_train_loader(cfg, 0, 1, 0)  # a global: alive when the exit hooks run
+        next(loader)
+        raise RuntimeError("crashed mid-run")
+    """))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "RuntimeError: crashed mid-run" in p.stderr, p.stderr[-2000:]
+    assert "Exception ignored" not in p.stderr  # no noise from the workers' deaths
 
 
 def test_config_names_the_allowed_signals():
