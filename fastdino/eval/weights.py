@@ -289,19 +289,27 @@ def _load_timm_folder(path: Path, cfg: dict) -> dict[str, torch.Tensor]:
     )
 
 
-def read_weights(weights: str | Path) -> tuple[dict, str, object, Path | None]:
+def read_weights(weights: str | Path, key: str | None = None
+                 ) -> tuple[dict, str, object, Path | None]:
     """(state dict, description, the folder's model config or None, the run's config.yaml or
     None) of a training run / checkpoint folder (its EMA teacher, as {"teacher": ...} with the
     heads), an exported backbone file, or a Hugging Face (config: a transformers config) or timm
-    (config: its config.json as a dict) model folder. Used by evaluation (`--weights`) and by
-    training (`model.pretrained_weights`)."""
+    (config: its config.json as a dict) model folder. Used by evaluation (`--weights`, the `key`
+    load_eval_backbone passes) and by training (`model.pretrained_weights`, `gram.ckpt`,
+    `distillation.teacher`); `key` names the setting in the error for a missing path."""
     path = Path(weights).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"weights {str(weights)!r}: the path does not exist; give a training run "
-            "or checkpoint folder, a .pth/.safetensors backbone, a "
-            "Hugging Face DINOv3ViTModel or timm DINOv3 folder, or 'random'"
-        )
+        sources = ("a training run or checkpoint folder, a .pth/.safetensors backbone, a "
+                   "Hugging Face DINOv3ViTModel or timm DINOv3 folder")
+        if key == "--weights":  # eval's own random init
+            raise FileNotFoundError(f"--weights {str(weights)!r}: the path does not exist; "
+                                    f"give {sources}, or 'random'")
+        name = f"{key}={str(weights)!r}" if key else f"weights {str(weights)!r}"
+        # 'random' is a --weights of evaluation only: training's random init is no weights
+        hint = ("; 'random' is evaluation's --weights only: for a random init leave "
+                "model.pretrained_weights unset (null, or `model.pretrained_weights=` on the "
+                "command line)") if str(weights).strip().lower() == "random" else ""
+        raise FileNotFoundError(f"{name}: the path does not exist; give {sources}{hint}")
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         if "architecture" in cfg and "model_type" not in cfg:
@@ -369,7 +377,7 @@ def load_eval_backbone(
         torch.manual_seed(seed)
         sd, source = None, f"random init (seed {seed})"
     else:
-        sd, source, folder_config, run_cfg = read_weights(weights)
+        sd, source, folder_config, run_cfg = read_weights(weights, key="--weights")
         if model_cfg is None and run_cfg is not None:
             model_cfg = resolve_model_config(config=run_cfg)
             source += f", architecture from {run_cfg}"

@@ -252,3 +252,23 @@ def test_the_runs_final_export_takes_the_config_beside_it(tmp_path):
     torch.save(backbone.state_dict(), run / "other.pth")
     with pytest.raises(ValueError, match="the architecture is unknown; pass --arch"):
         load_eval_backbone(run / "other.pth")
+
+
+def test_random_is_suggested_for_eval_weights_only(tmp_path):
+    """'random' is eval's --weights; model.pretrained_weights=random said "... or 'random'"."""
+    from fastdino.eval.weights import read_weights
+    from fastdino.meta_arch import load_pretrained
+
+    with pytest.raises(FileNotFoundError) as e:
+        load_eval_backbone(tmp_path / "none.pth", arch="vit_test")
+    assert str(e.value).startswith(f"--weights '{tmp_path / 'none.pth'}': the path does not "
+                                   "exist") and str(e.value).endswith(", or 'random'")
+    with pytest.raises(FileNotFoundError) as e:
+        load_pretrained(None, "random")  # training: model.pretrained_weights=random
+    msg = str(e.value)
+    assert "or 'random'" not in msg and "leave model.pretrained_weights unset (null" in msg, msg
+    with pytest.raises(FileNotFoundError) as e:  # a wrong path in training: no random advice
+        read_weights(tmp_path / "none.pth")
+    assert str(e.value).endswith("timm DINOv3 folder"), str(e.value)
+    with pytest.raises(FileNotFoundError, match=r"^gram.ckpt='x': the path does not exist"):
+        read_weights("x", key="gram.ckpt")
