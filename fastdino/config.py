@@ -896,7 +896,31 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
     value = yaml.safe_load(raw) if raw != "" else None
-    return key.split("."), value
+    keys = key.split(".")
+    if value is not None and not isinstance(value, str) and _is_string_key(keys):
+        # a path or name that yaml reads as something else (data.root=2024, =yes, =1e5, the brace
+        # pattern {/a,/b} as a mapping, *.[tT]ar as a list): the key takes text, keep it as given
+        value = raw
+    return keys, value
+
+
+def _is_string_key(keys: list[str]) -> bool:
+    """Whether the dotted key names a field typed str or str | None (False if unknown: the
+    merge reports it)."""
+    obj: Any = Config
+    for k in keys:
+        if not dataclasses.is_dataclass(obj):
+            return False
+        hints = typing.get_type_hints(obj)
+        if k not in hints:
+            return False
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            obj = tp
+            continue
+        return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                             and {a for a in typing.get_args(tp)} <= {str, type(None)})
+    return False
 
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"

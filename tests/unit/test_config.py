@@ -129,6 +129,18 @@ def test_invalid_value_names_the_key_and_what_is_allowed(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("raw", ["2024", "yes", "1e5", "{/a/imgs,/b/imgs}", "/d/*.[tT]ar"])
+def test_a_text_key_keeps_values_yaml_reads_otherwise(raw):
+    """Paths and names that yaml would read as a number, a bool, a mapping or a list reach a
+    str key as typed; other keys keep yaml's types, and null still unsets."""
+    cfg = load_config(None, [f"data.root={raw}", f"train.output_dir={raw}"])
+    assert cfg.data.root == raw and cfg.train.output_dir == raw
+    assert load_config(None, ["data.root=null"]).data.root is None
+    assert load_config(None, ["data.root='2024'"]).data.root == "2024"
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=yes"])
+
+
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
