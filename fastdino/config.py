@@ -919,7 +919,7 @@ def _is_string_key(keys: list[str]) -> bool:
             obj = tp
             continue
         return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                             and {a for a in typing.get_args(tp)} <= {str, type(None)})
+                             and set(typing.get_args(tp)) <= {str, type(None)})
     return False
 
 
