@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fastdino.curation.progress import Progress
 from fastdino.data.datasets import decode_location
 from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import find_images
@@ -93,8 +94,6 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     """Embed every image under `data` into `out` (module docstring); returns the matrix path.
     `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one.
     `patches`: also the patch-token matrix (patches.npy), written and resumed in lockstep."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # absolute names: each piece of the pattern made so after its brace expansion (the whole
@@ -137,8 +136,8 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     loader = torch.utils.data.DataLoader(_Images(locations, done, image_size),
                                          batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(paths), initial=done, desc="embed", unit="img",
-               disable=None if progress else True)
+    # a bar on a terminal, else a log line every ~10 s (tqdm alone showed nothing in a job's log)
+    bar = Progress(len(paths), "embed", "images", "img", initial=done, enabled=progress)
     row = done
     for x, ok in loader:
         with autocast_for(device):

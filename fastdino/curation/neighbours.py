@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastdino.curation.progress import Progress
+
 
 def _rows(x: np.ndarray, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor,
                                                                             torch.Tensor]:
@@ -42,14 +44,13 @@ def top_k_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *,
     ids [Q, k] int64), best first, ties to the lower id; -inf / -1 where fewer than k keys are
     finite, and for non-finite queries. `exclude_self`: queries and keys are the same set and a
     row is not its own neighbour."""
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     nq, nk = len(queries), len(keys)
     k_eff = min(k, nk)
     sims = np.full((nq, k), -np.inf, dtype=np.float32)
     ids = np.full((nq, k), -1, dtype=np.int64)
-    bar = tqdm(total=nq, desc="neighbours", unit="row", disable=None if progress else True)
+    # a bar on a terminal, else a log line every ~10 s
+    bar = Progress(nq, "neighbours", "rows", "rows", enabled=progress)
     for q0 in range(0, nq, chunk):
         q, q_ok = _rows(queries, q0, min(nq, q0 + chunk), device)
         best_s = torch.full((len(q), k_eff), -torch.inf, device=device)
