@@ -54,6 +54,7 @@ SHARD_EXTENSION = ".tar"
 COMPRESSED_TAR_EXTENSIONS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz",
                              ".tar.zst", ".tar.lz4")
 _PATTERN_CHARS = re.compile(r"[*?\[{]")
+_MEMBER_HINT = re.compile(re.escape(SHARD_EXTENSION) + "/", re.IGNORECASE)  # "<shard>.tar/..."
 _LOG_EVERY_S = 10.0
 
 
@@ -200,10 +201,11 @@ class _Progress:
 
 def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
     """(image files, tar shards) under `folder`, recursively (symlinked folders followed), in
-    walk order with sorted subfolders. Each folder is walked once: a symlink to a folder already
-    walked (a loop such as `sub/loop -> ..`, or a second link to the same folder) is not
-    followed, with one warning naming the links skipped, so no image is counted twice."""
-    images, shards = [], []
+    walk order with sorted subfolders; compressed tars are left out with a warning. Each folder
+    is walked once: a symlink to a folder already walked (a loop such as `sub/loop -> ..`, or a
+    second link to the same folder) is not followed, with one warning naming the links skipped,
+    so no image is counted twice."""
+    images, shards, compressed = [], [], []
     visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders walked
     repeats: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -230,6 +232,13 @@ def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
                 images.append(os.path.join(dirpath, f))
             elif is_shard(f):
                 shards.append(os.path.join(dirpath, f))
+            elif _is_compressed_tar(f):
+                compressed.append(os.path.join(dirpath, f))
+    if compressed:
+        logger.warning("%s: %d compressed tar file(s) left out (e.g. %s): shards must be "
+                       "uncompressed .tar, whose members are read in place at an offset; "
+                       "decompress them (e.g. gunzip x.tar.gz) to train on their images",
+                       folder, len(compressed), compressed[0])
     if repeats:
         logger.warning("%s: %d symlinked folder(s) lead to folders already walked (a link loop, "
                        "or a second link to one folder) and were not followed, so that no image "
@@ -334,18 +343,30 @@ def find_listed_images(lines: list[str], ranks: Ranks | None = None
                        ) -> list[tuple[str, Location]]:
     """(name, location) of the images of a file list's entries, in the list's order: image files,
     shards (expanded in place, their members sorted by name) and single members of shards
-    (`<shard>/<member>`); other entries are ignored. A listed image file that does not exist is
-    kept (it is skipped, and counted, when read); a listed member that its shard does not hold is
-    dropped with a warning (it has no location). `ranks`: as find_images."""
-    # one pass classifies the entries (a stat per image line), so that every shard the list
-    # names can be indexed once, shared by the ranks, before the second pass builds the table
+    (`<shard>/<member>`); other entries (folders, other extensions) are left out, with one
+    warning. A listed image file that does not exist is kept (it is skipped, and counted, when
+    read); a listed member that its shard does not hold is dropped with a warning (it has no
+    location). `ranks`: as find_images."""
+    # one pass classifies the entries, so that every shard the list names can be indexed once,
+    # shared by the ranks, before the second pass builds the table. An image line is stat'ed
+    # only when it may be a shard's member (holds ".tar/"): a list of millions of files is not
+    # stat'ed line by line on a network file system
     entries: list[tuple[str, str, tuple[str, str] | None]] = []  # (line, kind, (shard, member))
+    ignored: list[str] = []
     for path in lines:
         if is_shard(path) or _is_compressed_tar(path):
             entries.append((path, "shard", None))
         elif is_image(path):
-            ref = None if os.path.isfile(path) else member_reference(path)
+            ref = (member_reference(path) if _MEMBER_HINT.search(path) and not
+                   os.path.isfile(path) else None)
             entries.append((path, "file" if ref is None else "member", ref))
+        else:
+            ignored.append(path)
+    if ignored:
+        logger.warning("file list: %d line(s) left out that are neither an image (%s, "
+                       "case-insensitive), a %s shard nor a shard's member, e.g. %s (a folder "
+                       "is not walked in a file list: give it as data.root)", len(ignored),
+                       ", ".join(IMAGE_EXTENSIONS), SHARD_EXTENSION, ignored[0])
     named = {path for path, kind, _ in entries if kind == "shard"}
     named |= {ref[0] for _, kind, ref in entries if kind == "member"}
     _share_indexing(sorted(named), ranks)
