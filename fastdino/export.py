@@ -10,10 +10,13 @@ A DINOv2-architecture run (`model.arch: dinov2_*`) is written with DINOv2's name
 `--with-heads` writes the whole teacher ({"teacher": backbone.*, dino_head.*, ibot_head.*}) to
 one `.pth`, which `model.pretrained_weights` takes with its heads (continued pretraining).
 `--format hf` writes a Hugging Face `DINOv3ViTModel` folder (config.json + model.safetensors;
-`Dinov2Model` / `Dinov2WithRegistersModel` for a DINOv2-architecture run), the architecture from
-the run's config.yaml, loaded into transformers' own class strictly before it is saved (needs the
-`interop` extra). `--format timm` writes a timm model folder (config.json + model.safetensors:
-timm's DINOv3 `Eva`, loaded by `timm.create_model("local-dir:OUT", pretrained=True)`).
+`Dinov2Model` / `Dinov2WithRegistersModel` for a DINOv2-architecture run: HF resizes the position
+table by size, antialiased for the register models, so a teacher with DINOv2's 0.1
+interpolate_offset is exported with a warning, its outputs matching HF's at the trained grid
+only), the architecture from the run's config.yaml, loaded into transformers' own class strictly
+before it is saved (needs the `interop` extra). `--format timm` writes a timm model folder
+(config.json + model.safetensors: timm's DINOv3 `Eva`, loaded by
+`timm.create_model("local-dir:OUT", pretrained=True)`).
 
 The teacher is replicated, so rank 0's `trainer_state.pt` holds it whole: no ZeRO consolidation
 is needed. Loadable with `fastdino.models.state_dict_io.load_backbone_state_dict` (strict) or the
@@ -22,12 +25,15 @@ official `DinoVisionTransformer.load_state_dict`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from fastdino.models.convnext import ConvNeXt, is_convnext_state_dict, to_official_state_dict
 from fastdino.models.state_dict_io import extract_backbone_state_dict, to_dinov2_names
+
+logger = logging.getLogger("fastdino.export")
 
 
 def teacher_backbone_state_dict(run_or_ckpt: str | Path) -> dict[str, torch.Tensor]:
@@ -146,6 +152,9 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
             hf_convnext.hf_convnext_config_from_backbone(backbone))
         hf_sd = hf_convnext.to_hf_convnext_state_dict(backbone.state_dict())
     elif backbone.rope_embed is None:  # DINOv2 architecture: Dinov2(WithRegisters)Model
+        note = hf_dinov2.hf_resize_difference(backbone)  # HF has no interpolate_offset
+        if note is not None:
+            logger.warning(note)
         hf_config = hf_dinov2.hf_dinov2_config_from_backbone(backbone)
         cls = (transformers.Dinov2WithRegistersModel if backbone.n_storage_tokens
                else transformers.Dinov2Model)

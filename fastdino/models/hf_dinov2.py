@@ -143,6 +143,27 @@ def hf_dinov2_config_from_backbone(backbone: DinoVisionTransformer):
     return transformers.Dinov2Config(**fields)
 
 
+def hf_resize_difference(backbone: DinoVisionTransformer) -> str | None:
+    """One line saying how Hugging Face's Dinov2Model / Dinov2WithRegistersModel (which the
+    export picks by `n_storage_tokens`) resizes the position table differently from `backbone`
+    (HF: by size, no offset; antialias only in the register models; neither is a config field,
+    so the export cannot carry the backbone's), or None when both resize alike. They agree at the
+    trained grid (the table untouched) and differ at every other input resolution."""
+    offset = float(getattr(backbone, "interpolate_offset", 0.0))
+    antialias = bool(getattr(backbone, "interpolate_antialias", False))
+    hf_antialias = backbone.n_storage_tokens > 0
+    if offset == 0 and antialias == hf_antialias:
+        return None
+    cls = "Dinov2WithRegistersModel" if hf_antialias else "Dinov2Model"
+    grid = int(round((backbone.pos_embed.shape[1] - 1) ** 0.5))
+    on_off = {True: "on", False: "off"}
+    return (f"export --format hf: the teacher resizes its position table with interpolate_offset="
+            f"{offset:g} (antialias {on_off[antialias]}), Hugging Face's {cls} by size without "
+            f"offset (antialias {on_off[hf_antialias]}): outputs match at the trained "
+            f"{grid} x {grid} grid ({grid * backbone.patch_size} px) and differ at other "
+            "resolutions (the official-format export keeps the teacher's rule)")
+
+
 def backbone_from_hf_dinov2_config(hf_config, **kwargs) -> DinoVisionTransformer:
     """Our DINOv2-architecture backbone for a Dinov2 / Dinov2WithRegisters config (weights:
     `from_hf_dinov2_state_dict`), with HF's position-table resize (by size; antialiased for the

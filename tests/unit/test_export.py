@@ -160,3 +160,43 @@ def test_out_suffixes_folders_and_refused_weight_formats(run, tmp_path, capsys):
         assert f"--out '{tmp_path / bad}': fastdino does not write {bad[1:]} files" in err, err
         assert "allowed are FILE.pth / FILE.pt (torch), FILE.safetensors" in err, err
         assert not (tmp_path / bad).exists() and not (tmp_path / f"{bad}.pth").exists()
+
+
+@pytest.mark.parametrize("registers,offset,antialias,warned", [
+    (0, 0.1, False, True),  # DINOv2's plain models: the 0.1 offset HF does not take
+    (4, 0.0, False, True),  # a register model without antialias: HF's register model has it
+    (4, 0.0, True, False),  # the released register models' rule = HF's
+])
+def test_hf_export_of_dinov2_warns_where_hf_resizes_otherwise(tmp_path, monkeypatch, caplog,
+                                                              registers, offset, antialias,
+                                                              warned):
+    """HF's Dinov2 configs have no interpolate_offset / antialias field: an export whose teacher
+    resizes otherwise says so (one line), and the outputs indeed differ off the trained grid."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the interop extra")
+    from fastdino import export
+    from fastdino.models.vision_transformer import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    bb = DinoVisionTransformer(
+        patch_size=14, embed_dim=32, depth=2, num_heads=2, ffn_ratio=4.0, mask_k_bias=False,
+        layerscale_init=0.5, n_storage_tokens=registers, pos_embed="learned", pos_embed_grid=4,
+        interpolate_offset=offset, interpolate_antialias=antialias)
+    bb.init_weights()
+    bb.eval()
+    monkeypatch.setattr(export, "_teacher_backbone", lambda run, config=None: (bb, None))
+    with caplog.at_level("WARNING", logger="fastdino.export"):
+        export.export_hf("unused", tmp_path / "hf")
+    notes = [r.getMessage() for r in caplog.records if "export --format hf" in r.getMessage()]
+    assert len(notes) == int(warned), notes
+    if warned:
+        assert "\n" not in notes[0] and f"interpolate_offset={offset:g}" in notes[0]
+        assert "match at the trained 4 x 4 grid (56 px) and differ at other resolutions" \
+            in notes[0]
+    cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    hf = cls.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for size, same in ((56, True), (84, not warned)):
+            x = torch.randn(1, 3, size, size)
+            ours = bb.forward_features(x)["x_norm_patchtokens"]
+            theirs = hf(pixel_values=x).last_hidden_state[:, 1 + registers:]
+            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4) == same, size
