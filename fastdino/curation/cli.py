@@ -52,12 +52,16 @@ def _device(name: str | None) -> torch.device:
 
 
 def _embed(a: argparse.Namespace) -> int:
-    from fastdino.curation.embed import embed_folder
+    from fastdino.curation.embed import check_image_size, embed_folder
     from fastdino.eval.weights import load_eval_backbone
 
     device = _device(a.device)
     backbone, info = load_eval_backbone(a.weights, arch=a.arch, config=a.config, device=device,
                                         seed=a.seed)
+    try:
+        check_image_size(a.image_size, int(backbone.patch_size), what="--image-size")
+    except ValueError as e:
+        raise SystemExit(f"{e} ({info.arch})") from None
     path = embed_folder(a.data, backbone, a.out, key={"weights": info.digest, "arch": info.arch},
                         image_size=a.image_size, batch_size=a.batch_size,
                         num_workers=a.num_workers, progress=not a.quiet, patches=a.patches)
@@ -263,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="factory name, e.g. vit_small")
     p.add_argument("--config", default=None, help="preset name in configs/ or a yaml file")
     p.add_argument("--out", required=True, help="output folder E")
-    p.add_argument("--image-size", type=int, default=224, help="centre crop, a multiple of 16")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="centre crop, a multiple of the backbone's patch size (16; 14 for the "
+                        "DINOv2 archs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")

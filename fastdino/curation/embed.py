@@ -87,6 +87,14 @@ def read_files(out: str | Path) -> list[str]:
     return read_names(Path(out) / FILES)
 
 
+def check_image_size(image_size: int, patch: int, what: str = "image_size") -> None:
+    """The centre crop must be whole patches (the patch grid, and patches.npy's h = w)."""
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"{what} {image_size}: must be a positive multiple of the "
+                         f"backbone's patch size {patch} (e.g. "
+                         f"{max(1, round(image_size / patch)) * patch})")
+
+
 @torch.no_grad()
 def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: dict,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
@@ -94,6 +102,8 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     """Embed every image under `data` into `out` (module docstring); returns the matrix path.
     `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one.
     `patches`: also the patch-token matrix (patches.npy), written and resumed in lockstep."""
+    patch = int(backbone.patch_size)
+    check_image_size(image_size, patch)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # absolute names: each piece of the pattern made so after its brace expansion (the whole
@@ -107,7 +117,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     device = next(backbone.parameters()).device
     dim = int(backbone.embed_dim)
     full_key = {**key, "image_size": image_size, "n": len(paths), "dim": dim}
-    grid = image_size // int(backbone.patch_size)
+    grid = image_size // patch
     if patches:  # (only then: folders embedded before this option keep their key)
         full_key["patches"] = [grid, grid]
     state_file, matrix = out / PROGRESS, out / EMBEDDINGS
