@@ -136,7 +136,7 @@ def index_shard(path: str) -> list[tuple[str, Member]]:
 def _index_cache_file(path: str) -> tuple[Path, list[int]]:
     """The cache file of a shard and the key it must hold: [size, mtime_ns] of the shard."""
     st = os.stat(path)
-    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()
+    digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()  # (any file name)
     return cache_dir() / "tar_index" / f"{digest}.json", [st.st_size, st.st_mtime_ns]
 
 

@@ -93,3 +93,19 @@ def test_file_list_stats_only_lines_that_may_be_members(tmp_path, monkeypatch):
     assert [name for name, _ in found] == lines
     assert isinstance(found[-1][1], sources.Member) and found[0][1] == lines[0]
     assert not any(p.startswith(str(tmp_path / "img")) for p in stats)
+
+
+def test_shard_whose_name_is_not_utf8(tmp_path, monkeypatch):
+    """A shard named b'caf\\xe9.tar': its index cache key hashed the name's strict UTF-8 encoding
+    (UnicodeEncodeError); its members are named and read like any other shard's."""
+    import tarfile
+
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))
+    member = _save(tmp_path / "m" / "0.png")
+    shard = os.fsdecode(os.path.join(os.fsencode(tmp_path / "d"), b"caf\xe9.tar"))
+    os.mkdir(tmp_path / "d")
+    with tarfile.open(shard, "w") as tar:
+        tar.add(member, arcname="0.png")
+    for _ in range(2):  # indexed, then read through the cache
+        ds = ImageFolderUnlabeled(root=tmp_path / "d")
+        assert ds.paths == [f"{shard}/0.png"] and ds.read(0) == member.read_bytes()
