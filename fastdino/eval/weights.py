@@ -13,7 +13,9 @@
                                             teacher_checkpoint.pth takes the run's architecture
     a Hugging Face model folder             config.json + *.safetensors: DINOv3ViTModel (converted
                                             by hf_convert), Dinov2Model / Dinov2WithRegistersModel
-                                            (hf_dinov2)
+                                            (hf_dinov2); saved inside a wrapper too (e.g.
+                                            Dinov2ForImageClassification: the base model's
+                                            prefix stripped, classifier.* dropped and logged)
     a timm model folder                     config.json with `architecture` (vit_*_dinov3*) +
                                             model.safetensors, as on the hub or from
                                             `fastdino export --format timm` (timm_convert)
@@ -231,6 +233,28 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+# transformers' base_model_prefix of the models a wrapper (…ForImageClassification, a user's
+# model holding one) keeps under that attribute: "model" (DINOv3ViT, DINOv3ConvNext), "dinov2",
+# "dinov2_with_registers"; and older names of ours
+HF_WRAPPER_PREFIXES = ("dinov2_with_registers.", "dinov2.", "dinov3_vit.", "model.", "backbone.")
+HF_HEAD_PREFIXES = ("classifier.",)  # an image-classification head: not part of the backbone
+
+
+def _hf_backbone_keys(hf_sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The base model's keys of a Hugging Face state dict: a wrapper's classification head
+    dropped (logged), and the prefix its base model sits under stripped (one a model saved by
+    itself lacks: stripped only when every remaining key carries it)."""
+    head = sorted(k for k in hf_sd if k.startswith(HF_HEAD_PREFIXES))
+    if head:
+        logger.info("--weights %s: dropped %d classification-head key(s) (%s): only the backbone "
+                    "is loaded", path, len(head), ", ".join(head[:4]))
+        hf_sd = {k: v for k, v in hf_sd.items() if not k.startswith(HF_HEAD_PREFIXES)}
+    for prefix in HF_WRAPPER_PREFIXES:
+        if hf_sd and all(k.startswith(prefix) for k in hf_sd):
+            return {k.removeprefix(prefix): v for k, v in hf_sd.items()}
+    return hf_sd
+
+
 def _load_hf_folder(path: Path):
     """(our state dict, transformers config) from a DINOv3ViTModel folder."""
     try:
@@ -257,8 +281,7 @@ def _load_hf_folder(path: Path):
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
         hf_sd.update(_safetensors_load(f))
-    # A model saved by itself has no prefix; one saved inside a wrapper may carry one.
-    hf_sd = {k.removeprefix("dinov3_vit.").removeprefix("backbone."): v for k, v in hf_sd.items()}
+    hf_sd = _hf_backbone_keys(hf_sd, path)
     if hf_config.model_type == "dinov3_convnext":
         from fastdino.models.hf_convnext import from_hf_convnext_state_dict
 

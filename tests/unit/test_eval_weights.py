@@ -272,3 +272,49 @@ def test_random_is_suggested_for_eval_weights_only(tmp_path):
     assert str(e.value).endswith("timm DINOv3 folder"), str(e.value)
     with pytest.raises(FileNotFoundError, match=r"^gram.ckpt='x': the path does not exist"):
         read_weights("x", key="gram.ckpt")
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers", "dinov3_wrapped"])
+def test_hugging_face_wrapper_folders_load_their_backbone(tmp_path, kind, caplog):
+    """A Dinov2(WithRegisters)ForImageClassification folder (the base model under transformers'
+    base_model_prefix 'dinov2' / 'dinov2_with_registers', plus classifier.*) failed with
+    "no fastdino name for key 'classifier.bias'"; a DINOv3ViTModel inside a wrapper sits under
+    'model.' (DINOv3's base_model_prefix). The backbone loads, the head is dropped and logged."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the interop extra")
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    if kind == "dinov3_wrapped":
+        cfg = transformers.DINOv3ViTConfig(
+            hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_register_tokens=4, layerscale_value=0.5, rope_theta=100.0, image_size=32,
+            patch_size=16)
+        base = transformers.DINOv3ViTModel(cfg).eval()
+        base.save_pretrained(tmp_path / "hf", safe_serialization=True)
+        sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+        wrapped = {f"model.{k}": v for k, v in sd.items()}
+        wrapped.update({"classifier.weight": torch.zeros(5, 64), "classifier.bias": torch.zeros(5)})
+        save_file(wrapped, str(tmp_path / "hf" / "model.safetensors"))
+        x, skip = torch.randn(2, 3, 32, 48), 5
+    else:
+        registers = kind == "dinov2_registers"
+        fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                      patch_size=14, num_labels=3, layerscale_value=0.5)
+        if registers:
+            cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **fields)
+            model = transformers.Dinov2WithRegistersForImageClassification(cfg).eval()
+            base = model.dinov2_with_registers
+        else:
+            model = transformers.Dinov2ForImageClassification(
+                transformers.Dinov2Config(**fields)).eval()
+            base = model.dinov2
+        model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+        x, skip = torch.randn(2, 3, 56, 56), 1 + 4 * registers
+    with caplog.at_level("INFO", logger="fastdino.eval"):
+        ours, info = load_eval_backbone(tmp_path / "hf")
+    assert any("dropped 2 classification-head key(s) (classifier.bias, classifier.weight)"
+               in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        want = base(pixel_values=x).last_hidden_state[:, skip:]
+        got = ours.forward_features(x)["x_norm_patchtokens"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
