@@ -9,8 +9,9 @@ W [L, F, C] and trained together on the same batches: a step costs one einsum fo
 SGD, momentum 0.9, no weight decay, lr = base_lr * batch_size / 256 (the official scaling),
 cosine decay to 0 over `iterations` steps (default 12,500 = the official 10 "epochs" of 1,250
 iterations; reshuffled passes over the train set), capped at `max_epochs` (100) passes for
-small sets. Gradients are written out (softmax - one-hot), no autograd: a step is 2 einsums.
-Init N(0, 0.01), bias 0 (official).
+small sets (logged when it applies; the result's `iterations` is the steps taken,
+`iterations_requested` the ones asked for). Gradients are written out (softmax - one-hot), no
+autograd: a step is 2 einsums. Init N(0, 0.01), bias 0 (official).
 
 Not done here (the cached features are fixed): the official random-resized-crop + flip training
 augmentation. On a small set this makes the probe somewhat optimistic on train, not on val. The
@@ -20,10 +21,13 @@ official probe does when it is given one eval set.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
+
+logger = logging.getLogger("fastdino.eval")
 
 # dinov3/eval/linear.py: 13 base learning rates, scaled by batch/256
 OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -88,6 +92,10 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
     # a small train set does not need 12.5k steps: cap at `max_epochs` passes
     total = iterations if max_epochs is None else min(
         iterations, max(1, math.ceil(max_epochs * n / batch_size)))
+    if total < iterations:  # said, not silent: the probe trains fewer steps than asked
+        logger.info("linear probe: --iterations %d capped at %d (%g passes over the %d training "
+                    "images at batch %d; a small set needs no more)", iterations, total,
+                    max_epochs, n, batch_size)
     step = 0
     while step < total:  # reshuffled passes over the train set until `iterations` steps
         order = torch.randperm(n, generator=gen).to(device)
@@ -122,6 +130,7 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
         "per_lr": {float(lr): float(a) for lr, a in zip(lrs, top1.tolist(), strict=True)},
         "confused": most_confused(conf, 5, classes),
         "confusion": conf.tolist(),
-        "iterations": total, "epochs": total * batch_size / n, "batch_size": batch_size,
+        "iterations": total, "iterations_requested": iterations,
+        "epochs": total * batch_size / n, "batch_size": batch_size,
         "n_train": n, "n_val": int(x_val.shape[0]), "feature_dim": f,
     }

@@ -58,3 +58,20 @@ def test_confusion_summary_by_hand():
 def test_linear_features_are_cls_then_patch_mean():
     f = linear_features({"cls": torch.ones(2, 3), "patch_mean": torch.zeros(2, 3)})
     assert f.shape == (2, 6) and f[:, :3].eq(1).all() and f[:, 3:].eq(0).all()
+
+
+def test_the_epoch_cap_is_logged_when_it_applies(caplog):
+    """--iterations 12500 on 50 images trained 10 steps without a word."""
+    x, y = _blobs(10)
+    with caplog.at_level("INFO", logger="fastdino.eval"):
+        res = train_linear_probes(x, y, x, y, 5, lrs=(0.1,), iterations=12500, max_epochs=3,
+                                  batch_size=16)
+    assert (res["iterations"], res["iterations_requested"]) == (10, 12500)
+    notes = [r.getMessage() for r in caplog.records]
+    assert ("linear probe: --iterations 12500 capped at 10 (3 passes over the 50 training "
+            "images at batch 16; a small set needs no more)") in notes, notes
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fastdino.eval"):
+        res = train_linear_probes(x, y, x, y, 5, lrs=(0.1,), iterations=5, max_epochs=3,
+                                  batch_size=16)
+    assert res["iterations"] == 5 and not any("capped" in r.getMessage() for r in caplog.records)
