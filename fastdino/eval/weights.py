@@ -188,7 +188,10 @@ def _unreadable(path: Path, kind: str, e: BaseException) -> ValueError:
                           "state dict (tensors only)")
     if "WeightsUnpickler error:" in text:  # not torch's advice, only what it found
         text = text.split("WeightsUnpickler error:", 1)[1]
-    detail = (text.strip().splitlines() or [""])[0][:200]
+    detail = (text.strip().splitlines() or [""])[0]
+    if len(detail) > 160 and ". " in detail:  # torch's long advice after the first sentence
+        detail = detail.split(". ", 1)[0] + "."
+    detail = detail[:200]
     name = type(e).__qualname__
     if type(e).__module__ != "builtins":  # struct.error, not a bare "error"
         name = f"{type(e).__module__.split('.')[0].lstrip('_')}.{name}"
