@@ -37,7 +37,7 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     from fastdino.meta_arch import build_student, head_state_dicts
 
     path = cfg.distillation.teacher
-    sd, source, _, run_cfg = read_weights(path)
+    sd, source, _, run_cfg = read_weights(path, key="distillation.teacher")
     if cfg.distillation.teacher_config is not None:
         run_cfg = resolve_preset(cfg.distillation.teacher_config, "distillation.teacher_config")
     if "teacher" not in sd:

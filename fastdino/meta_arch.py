@@ -110,7 +110,7 @@ def load_pretrained(student: Student, weights: str) -> None:
     heads then keep their fresh init, which is logged."""
     from fastdino.eval.weights import read_weights
 
-    sd, source, _, _ = read_weights(weights)
+    sd, source, _, _ = read_weights(weights, key="model.pretrained_weights")
     try:
         load_backbone_state_dict(student.backbone, sd)
     except ValueError as e:
@@ -215,7 +215,7 @@ class SSLMetaArch:
             if g.ckpt is not None:  # anything --weights takes: a snapshot, a run, an official
                 from fastdino.eval.weights import read_weights  # DCP checkpoint, HF / timm
 
-                sd, source, _, _ = read_weights(g.ckpt)
+                sd, source, _, _ = read_weights(g.ckpt, key="gram.ckpt")
                 try:
                     load_backbone_state_dict(self.gram_teacher, sd)
                 except ValueError as e:

@@ -523,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("config error: %s", e)
         shutdown_distributed()  # no-op unless the process group had started
         return 2
+    except (FileNotFoundError, ValueError) as e:  # weights the config names: missing, unfit
+        logger.error("%s", e)
+        logger.debug("where it was raised", exc_info=True)
+        shutdown_distributed()
+        return 2
     if not fdist.is_main_process():
         logger.setLevel(logging.WARNING)
     try:

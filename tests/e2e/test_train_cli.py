@@ -19,6 +19,14 @@ def test_bad_config_key_names_it(tmp_path):
     assert "Traceback" not in p.stderr  # the message, not a stack
 
 
+def test_missing_pretrained_weights_name_the_key(tmp_path):
+    p = run_py(["--config", str(SMOKE), f"train.output_dir={tmp_path}",
+                f"model.pretrained_weights={tmp_path / 'nope.pth'}"], check=False)
+    assert p.returncode == 2
+    assert "model.pretrained_weights=" in p.stderr and "does not exist" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_corrupt_image_is_skipped_and_knn_probe_logged_and_export(tmp_path):
     from fastdino.data import digits_labelled_dir, sample_images_dir
 
