@@ -108,7 +108,7 @@ def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state:
         _fsync_path(tmp)
         os.replace(tmp, ckpt_dir / "latest")
         _fsync_path(ckpt_dir)
-        _rotate(ckpt_dir, keep)
+        _rotate(ckpt_dir, keep, iteration)
         logger.info("checkpoint %s written", final)
     fdist.barrier()
     return final
@@ -123,16 +123,33 @@ def checkpoint_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
                   if p.is_dir() and (m := TAG_RE.match(p.name)))
 
 
-def _rotate(ckpt_dir: Path, keep: int) -> None:
-    tags = checkpoint_dirs(ckpt_dir)
-    for _, p in tags[:-keep] if keep > 0 else []:
+def _rotate(ckpt_dir: Path, keep: int, iteration: int) -> None:
+    """Keep the checkpoint just written at `iteration` and the keep - 1 before it. Checkpoints
+    beyond it (an earlier run in this folder that went further: train.resume=none) are not this
+    run's to delete; it replaces each when it reaches its iteration."""
+    if keep <= 0:
+        return
+    mine = [p for it, p in checkpoint_dirs(ckpt_dir) if it <= iteration]
+    for p in mine[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """checkpoint_dirs with their trainer state written (the last file a save writes)."""
+    return [(it, p) for it, p in checkpoint_dirs(ckpt_dir) if (p / STATE_FILE).is_file()]
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names; without a `latest` pointer (iter_N folders copied without
+    it), the newest complete iter_N, with a warning; None if there is none."""
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / "latest"
     if not pointer.is_file():
+        found = complete_checkpoints(ckpt_dir)
+        if found:
+            logger.warning("%s: no 'latest' pointer, resuming from the newest complete "
+                           "checkpoint %s", ckpt_dir, found[-1][1].name)
+            return found[-1][1]
         return None
     path = ckpt_dir / pointer.read_text().strip()
     if not (path / STATE_FILE).is_file():
@@ -143,6 +160,12 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
     """train.resume: auto (latest in output_dir, if any) | none | a checkpoint directory."""
     if resume == "none":
+        found = checkpoint_dirs(ckpt_dir)
+        if found:
+            logger.warning("train.resume=none: starting from scratch in a folder holding "
+                           "checkpoints (%s ... %s); this run replaces each of them when it "
+                           "reaches its iteration. Another train.output_dir keeps them.",
+                           found[0][1].name, found[-1][1].name)
         return None
     if resume == "auto":
         return latest_checkpoint(ckpt_dir)

@@ -48,7 +48,7 @@ import yaml
 from torch import nn
 
 from fastdino import dist as fdist
-from fastdino.checkpoint import STATE_FILE, checkpoint_dirs, rng_state, set_rng_state
+from fastdino.checkpoint import complete_checkpoints, rng_state, set_rng_state
 from fastdino.config import Config, ConfigError, merge_mapping, resolve_preset
 
 logger = logging.getLogger("fastdino")
@@ -124,7 +124,7 @@ def student_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 def _iterations(ckpt_dir: Path) -> set[int]:
     """The iterations of the complete checkpoints (trainer state written) in `ckpt_dir`."""
-    return {it for it, p in checkpoint_dirs(ckpt_dir) if (p / STATE_FILE).is_file()}
+    return {it for it, _ in complete_checkpoints(ckpt_dir)}
 
 
 def common_resume(students: list[tuple[str, Config]]) -> list[Path | None]:

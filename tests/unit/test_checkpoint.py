@@ -61,6 +61,33 @@ def test_rotation_keeps_newest(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "iter_0000020"
 
 
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, caplog):
+    """A fresh start (train.resume=none) in the folder of a run that went further: the old
+    iter_20 is not this run's to rotate away, and must not make it delete its own new ones."""
+    eng = _engine()
+    ck.save_checkpoint(tmp_path, 20, eng, {"data_iteration": 20}, keep=1)
+    assert ck.resolve_resume("none", tmp_path) is None
+    assert "starting from scratch in a folder holding checkpoints" in caplog.text
+    for it in (5, 10):
+        ck.save_checkpoint(tmp_path, it, eng, {"data_iteration": it}, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000010", "iter_0000020"]
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "iter_0000010"
+    ck.save_checkpoint(tmp_path, 20, eng, {"data_iteration": 20}, keep=1)  # replaces the old
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000020"]
+
+
+def test_auto_resume_without_latest_takes_the_newest_complete_checkpoint(tmp_path, caplog):
+    """iter_N folders copied without their 'latest' pointer: resume, not a silent restart that
+    overwrites them."""
+    eng = _engine()
+    for it in (5, 10):
+        ck.save_checkpoint(tmp_path, it, eng, {"data_iteration": it}, keep=3)
+    (tmp_path / "latest").unlink()
+    (tmp_path / "iter_0000015").mkdir()  # incomplete: no trainer state
+    assert ck.resolve_resume("auto", tmp_path) == tmp_path / "iter_0000010"
+    assert "no 'latest' pointer" in caplog.text
+
+
 def test_kill_during_save_keeps_previous_latest(tmp_path, monkeypatch):
     eng = _engine()
     ck.save_checkpoint(tmp_path, 5, eng, {"data_iteration": 5}, keep=3)
