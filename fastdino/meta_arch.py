@@ -348,6 +348,8 @@ class SSLMetaArch:
         cls = s["global_cls"].view(2, B, -1)  # [2, B, D]
         if cfg.koleo.distributed:
             koleo_sum = self.koleo_loss(cls[0]) + self.koleo_loss(cls[1])
+        elif B < 2:  # one image per rank: no neighbour (config: only with koleo.loss_weight 0)
+            koleo_sum = cls.new_zeros((), dtype=torch.float32)
         else:
             koleo_sum = self.koleo_loss(cls).sum()  # per crop, summed over the 2 global crops
         # official: koleo_loss = Σ_g KoLeo_g / n_g is logged, w·n_g·koleo_loss = w·Σ_g is added

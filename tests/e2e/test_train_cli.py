@@ -27,6 +27,15 @@ def test_missing_pretrained_weights_name_the_key(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def test_one_image_per_rank_trains_with_koleo_off(tmp_path):
+    """What the config error for batch 1 advises (koleo.loss_weight=0) trains; the iBOT loss
+    still has its one masked image of the two global crops."""
+    run_py(["--config", str(SMOKE), *FAST, f"train.output_dir={tmp_path}",
+            "train.max_iterations=1", "data.batch_size_per_gpu=1", "koleo.loss_weight=0"])
+    (m,) = read_metrics(tmp_path)
+    assert m["koleo_loss"] == 0.0 and math.isfinite(m["total_loss"]) and m["ibot_loss"] > 0
+
+
 def test_corrupt_image_is_skipped_and_knn_probe_logged_and_export(tmp_path):
     from fastdino.data import digits_labelled_dir, sample_images_dir
 
