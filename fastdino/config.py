@@ -438,7 +438,7 @@ class DistillationConfig:
 class OptimConfig:
     lr: float = 1e-3  # base lr before the sqrt scaling rule
     min_lr: float = 1e-6  # end of the cosine
-    warmup_epochs: float = 10  # linear warm-up from 0, in epochs of `train.epoch_length` iterations
+    warmup_epochs: float = 10.0  # linear warm-up from 0, in epochs (train.epoch_length its)
     weight_decay: float = 0.04  # start of the cosine wd schedule
     weight_decay_end: float = 0.4  # end of the cosine wd schedule
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
@@ -446,12 +446,12 @@ class OptimConfig:
     clip_grad: float = 3.0  # max grad norm per module (backbone, dino head, ibot head); 0 = off
     layerwise_decay: float = 0.9  # lr multiplier lambda^(L+1-layer_id)
     patch_embed_lr_mult: float = 0.2  # extra lr multiplier of patch_embed
-    freeze_last_layer_epochs: float = 1  # last_layer lr = 0 during this many epochs
+    freeze_last_layer_epochs: float = 1.0  # last_layer lr = 0 during this many epochs
     # Continued pretraining (README "Continued pretraining"). Head warm-up: the backbone's lr is 0
     # during this many epochs while the DINO / iBOT heads train against a teacher whose backbone
     # is the loaded one, so that gradients through fresh heads do not wreck pretrained features.
     # The backbone's gradients are still computed (AdamW moments warm up, both engines alike).
-    freeze_backbone_epochs: float = 0
+    freeze_backbone_epochs: float = 0.0
     # Partial fine-tuning: the patch embedding, the cls / storage / mask tokens and the first N
     # blocks never train (no gradient, no optimizer state, no activations kept for the backward
     # below block N); -1 = the whole backbone (only the heads train, e.g. to fit heads to a
@@ -522,7 +522,7 @@ class OptimConfig:
 class SchedulesConfig:
     teacher_temp: float = 0.07  # tau_t after warm-up
     warmup_teacher_temp: float = 0.04  # tau_t at iteration 0
-    warmup_teacher_temp_epochs: float = 30  # linear tau_t ramp length, in epochs
+    warmup_teacher_temp_epochs: float = 30.0  # linear tau_t ramp length, in epochs
     momentum_teacher: float = 0.992  # EMA momentum at iteration 0 (cosine to the final value)
     final_momentum_teacher: float = 1.0  # EMA momentum at the last iteration
     # EMA scaling rule for other global batches (Busbridge et al. 2023, "How to scale your EMA"):

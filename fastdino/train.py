@@ -22,6 +22,7 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -29,20 +30,24 @@ import time
 
 import torch
 
-from fastdino import dist as fdist
-from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
-from fastdino.config import Config, ConfigError, config_changes, load_config, save_config
-from fastdino.data import build_train_loader
-from fastdino.data.collate import Batch
-from fastdino.export import export_backbone
-from fastdino.health import HealthMonitor
-from fastdino.meta_arch import SSLMetaArch
-from fastdino.metrics import MetricsLogger
-from fastdino.parallel import CLIP_EPS, build_engine, init_distributed, shutdown_distributed
-from fastdino.param_groups import build_param_groups
-from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
-from fastdino.stop import NonFiniteLossError, StopOnSignal, exit_code
-from fastdino.timing import NullTimer
+# DeepSpeed's logger writes to stdout, from its import on (accelerator detection): stdout is
+# --print-config's yaml. Its handler keeps the stream it finds here: its logs go to stderr,
+# with fastdino's.
+with contextlib.redirect_stdout(sys.stderr):
+    from fastdino import dist as fdist
+    from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+    from fastdino.config import Config, ConfigError, config_changes, load_config, save_config
+    from fastdino.data import build_train_loader
+    from fastdino.data.collate import Batch
+    from fastdino.export import export_backbone
+    from fastdino.health import HealthMonitor
+    from fastdino.meta_arch import SSLMetaArch
+    from fastdino.metrics import MetricsLogger
+    from fastdino.parallel import CLIP_EPS, build_engine, init_distributed, shutdown_distributed
+    from fastdino.param_groups import build_param_groups
+    from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
+    from fastdino.stop import NonFiniteLossError, StopOnSignal, exit_code
+    from fastdino.timing import NullTimer
 
 logger = logging.getLogger("fastdino")
 

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import torch
+import yaml
 from trainer_helpers import FAST, SMOKE, read_metrics, run_py
 
 
@@ -17,6 +18,15 @@ def test_bad_config_key_names_it(tmp_path):
     assert p.returncode == 2
     assert "optim.lrr" in p.stderr and "unknown config key" in p.stderr
     assert "Traceback" not in p.stderr  # the message, not a stack
+
+
+def test_print_config_writes_a_config_that_reads_back_the_same(tmp_path):
+    """stdout is the yaml alone (DeepSpeed's import-time log line goes to stderr), and the
+    printed config, given back as --config, resolves to itself."""
+    first = run_py(["--config", str(SMOKE), "--print-config"]).stdout
+    assert yaml.safe_load(first)["model"]["arch"] == "vit_test"
+    (tmp_path / "c.yaml").write_text(first)
+    assert run_py(["--config", str(tmp_path / "c.yaml"), "--print-config"]).stdout == first
 
 
 def test_missing_pretrained_weights_name_the_key(tmp_path):
