@@ -65,10 +65,24 @@ class Trainer:
         self.log_prefix = f"[{name}] " if name else ""
         self.info = init_distributed()
         self.out = Path(cfg.train.output_dir)
+        kept = None
         if fdist.is_main_process():  # the resolved config first, before anything derived
             self.out.mkdir(parents=True, exist_ok=True)
-            _keep_previous_config(run_config or cfg, self.out / "config.yaml")
+            kept = _keep_previous_config(run_config or cfg, self.out / "config.yaml")
             save_config(run_config or cfg, self.out / "config.yaml")
+        try:
+            self._build(cfg, distillation_teacher, resume_from)
+        except BaseException:
+            # a start that fails (a resume whose checkpoint does not fit the changed config)
+            # leaves the run's config.yaml as it was: export and eval read the run by it
+            if kept is not None:
+                os.replace(kept, self.out / "config.yaml")
+                logger.error("the run did not start: %s restored from %s",
+                             self.out / "config.yaml", kept.name)
+            raise
+
+    def _build(self, cfg: Config, distillation_teacher, resume_from: Path | None) -> None:
+        """__init__ after the config is written: the model, engine, schedules and resume."""
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.knn_samples = _knn_samples(cfg)  # listed and checked before any work, too
         from fastdino.loggers import build_sinks, check_sinks_available
@@ -103,8 +117,18 @@ class Trainer:
         self.resume_rng, self._gram_state = None, None
         resume = resume_from or resolve_resume(cfg.train.resume, self.ckpt_dir)
         if resume is not None:
-            st = load_checkpoint(resume, self.engine)
-            self.arch.load_from_checkpoint(st)
+            try:
+                st = load_checkpoint(resume, self.engine)
+                self.arch.load_from_checkpoint(st)
+            except RuntimeError as e:
+                if "Error(s) in loading state_dict" not in str(e):
+                    raise
+                lines = str(e).splitlines()
+                raise ValueError(
+                    f"checkpoint {resume} does not fit this run's model (a changed model.* or "
+                    f"head key? the config changes are logged above): "
+                    + " ".join(x.strip() for x in lines[:4])
+                    + (f" ... ({len(lines) - 4} more lines)" if len(lines) > 4 else "")) from e
             self.start_iteration, self.resume_rng = st["iteration"], st["rng"]
             self.start_micro_batch = st["data_iteration"]
             self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
@@ -438,11 +462,11 @@ def schedule_in_data_passes(cfg: Config, iterations: int, global_batch: int,
             f"{per_epoch:.3g} passes{stop})")
 
 
-def _keep_previous_config(cfg: Config, path: Path) -> None:
+def _keep_previous_config(cfg: Config, path: Path) -> Path | None:
     """A run continued with another config (the next DINOv3 stage, a changed lr): the previous
-    config.yaml is kept as config.<date-time>.yaml and the changed keys are logged."""
+    config.yaml is kept as config.<date-time>.yaml (returned) and the changed keys are logged."""
     if not path.is_file():
-        return
+        return None
     import yaml
 
     try:
@@ -451,7 +475,7 @@ def _keep_previous_config(cfg: Config, path: Path) -> None:
         old = {}
     changes = config_changes(old, cfg.to_dict())
     if not changes:
-        return
+        return None
     stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
     kept = path.with_name(f"config.{stamp}.yaml")
     while kept.exists():  # two starts within a second
@@ -462,6 +486,7 @@ def _keep_previous_config(cfg: Config, path: Path) -> None:
                                        else "")
     logger.info("config changed since the last start of this output_dir (previous one kept as "
                 "%s): %s", kept.name, shown)
+    return kept
 
 
 def _knn_samples(cfg: Config) -> tuple[list, list] | None:

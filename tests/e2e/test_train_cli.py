@@ -37,6 +37,19 @@ def test_missing_pretrained_weights_name_the_key(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def test_a_resume_that_does_not_fit_keeps_the_runs_config(tmp_path):
+    """A resume with a changed architecture: one line naming the checkpoint, exit 2, and the
+    run's config.yaml as it was (export and eval read the run by it)."""
+    run_py(["--config", str(SMOKE), *FAST, f"train.output_dir={tmp_path}",
+            "train.max_iterations=1"])
+    before = (tmp_path / "config.yaml").read_text()
+    p = run_py(["--config", str(SMOKE), *FAST, f"train.output_dir={tmp_path}",
+                "train.max_iterations=2", "model.embed_dim=128"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "does not fit this run's model" in p.stderr and "iter_0000001" in p.stderr
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
 def test_one_image_per_rank_trains_with_koleo_off(tmp_path):
     """What the config error for batch 1 advises (koleo.loss_weight=0) trains; the iBOT loss
     still has its one masked image of the two global crops."""
