@@ -609,6 +609,7 @@ class DataConfig:
             self.batch_size_per_gpu,
         )
         _check(self.num_workers >= 0, f"{p}.num_workers", "an integer >= 0", self.num_workers)
+        _check(self.seed >= 0, f"{p}.seed", "an integer >= 0", self.seed)
 
 
 @dataclass(kw_only=True)
@@ -676,6 +677,7 @@ class TrainConfig:
     wandb_run_name: str | None = None  # default: W&B's own
 
     def validate(self, p: str = "train") -> None:
+        _check(self.seed >= 0, f"{p}.seed", "an integer >= 0", self.seed)
         for name in (
             "epochs",
             "epoch_length",
@@ -764,6 +766,10 @@ class Config:
             _check(
                 v is None or v % ps == 0, f"crops.{key}", f"a multiple of model.patch_size={ps}", v
             )
+        _check(not self.koleo.distributed or self.koleo.loss_weight == 0
+               or self.koleo.group_size % self.data.batch_size_per_gpu == 0, "koleo.group_size",
+               f"a multiple of data.batch_size_per_gpu={self.data.batch_size_per_gpu} (a group "
+               "is whole ranks' batches)", self.koleo.group_size)
         _check(self.koleo.loss_weight == 0 or self.koleo.distributed
                or self.data.batch_size_per_gpu >= 2, "koleo.loss_weight",
                "0 when data.batch_size_per_gpu is 1 (KoLeo takes each image's nearest neighbour "
@@ -895,8 +901,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
-    value = yaml.safe_load(raw) if raw != "" else None
     keys = key.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:  # data.root=*.tar, optim.betas=[0.9,0.99
+        if _is_string_key(keys):
+            return keys, raw
+        raise ConfigError(f"override {item!r} is not a yaml value: "
+                          f"{str(e).splitlines()[0]}") from None
     if value is not None and not isinstance(value, str) and _is_string_key(keys):
         # a path or name that yaml reads as something else (data.root=2024, =yes, =1e5, the brace
         # pattern {/a,/b} as a mapping, *.[tT]ar as a list): the key takes text, keep it as given
@@ -967,7 +979,10 @@ def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> None:
     if path in chain:
         raise ConfigError("config 'base' chain loops: " + " -> ".join(
             str(p) for p in (*chain, path)))
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid yaml: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file holds a mapping of sections, got {data!r}")
     if "base" in data:
@@ -982,10 +997,11 @@ def load_config(
     """Defaults <- yaml file at `path` (if any) <- `overrides` ("a.b=c"); validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        _apply_file(cfg, path, ())
+        found = find_preset(path)  # a yaml file, or a preset's name (smoke, vitl16, ...)
+        if found is None:
+            raise ConfigError(f"config file {str(path)!r} does not exist (nor is it a preset: "
+                              f"{preset_names()})")
+        _apply_file(cfg, found, ())
     for item in overrides:
         keys, value = _parse_override(item)
         nested: Any = value

@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from pathlib import Path
 
+    if not (Path(a.run) / "metrics.jsonl").is_file():
+        p.error(f"{Path(a.run) / 'metrics.jsonl'} does not exist: give a training run folder "
+                "(train.output_dir)")
     runs = [Path(a.run), *sorted(d for d in (Path(a.run) / "students").glob("*")
                                  if (d / "metrics.jsonl").is_file())]
     rc = 0

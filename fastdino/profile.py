@@ -381,12 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
 
-    from fastdino.config import load_config
+    from fastdino.config import ConfigError, load_config
 
     out_dir = tempfile.mkdtemp(prefix="fastdino-profile-")
     overrides = [f"train.output_dir={out_dir}", "train.resume=none", "train.knn_every=0",
                  *args.overrides]
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        p.error(f"config error: {e}")
     r = profile(cfg, args.steps, args.warmup, args.fixed_batch)
     from fastdino import dist as fdist
 

@@ -286,7 +286,11 @@ class Trainer:
         rank = info.rank if rank is None else rank
         world_size = info.world_size if world_size is None else world_size
         with torch.random.fork_rng(devices=[]):
-            loader = build_train_loader(cfg, rank, world_size, self.start_micro_batch)
+            try:
+                loader = build_train_loader(cfg, rank, world_size, self.start_micro_batch)
+            except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+                # data.root / data.file_list: missing, not a folder, a bad pattern, no images
+                raise ConfigError(str(e)) from e
         self.micro_batch = self.start_micro_batch  # loader position, saved as data_iteration
         return loader
 
@@ -565,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = 0 if trainer.stopped_by is None else exit_code(trainer.stopped_by)
     except NonFiniteLossError as e:  # every rank takes this decision together
         logger.error("%s", e)
+        rc = 2
+    except ConfigError as e:  # the data the config names (every rank lists it)
+        logger.error("config error: %s", e)
         rc = 2
     shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return rc

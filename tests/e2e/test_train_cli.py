@@ -29,6 +29,13 @@ def test_print_config_writes_a_config_that_reads_back_the_same(tmp_path):
     assert run_py(["--config", str(tmp_path / "c.yaml"), "--print-config"]).stdout == first
 
 
+def test_missing_data_root_is_one_line(tmp_path):
+    p = run_py(["--config", str(SMOKE), *FAST, f"train.output_dir={tmp_path}",
+                f"data.root={tmp_path / 'no_images_here'}"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "config error: data.root" in p.stderr and "does not exist" in p.stderr
+
+
 def test_missing_pretrained_weights_name_the_key(tmp_path):
     p = run_py(["--config", str(SMOKE), f"train.output_dir={tmp_path}",
                 f"model.pretrained_weights={tmp_path / 'nope.pth'}"], check=False)

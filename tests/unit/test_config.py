@@ -141,6 +141,44 @@ def test_a_text_key_keeps_values_yaml_reads_otherwise(raw):
         load_config(None, ["train.epochs=yes"])
 
 
+@pytest.mark.parametrize("raw", ["*.tar", "{a,b}.tar", "["])
+def test_a_text_key_takes_values_that_are_not_yaml(raw):
+    assert load_config(None, [f"data.root={raw}"]).data.root == raw
+
+
+def test_an_override_that_is_not_yaml_names_it():
+    with pytest.raises(ConfigError, match=r"override 'optim.betas=\[0.9,0.99' is not a yaml"):
+        load_config(None, ["optim.betas=[0.9,0.99"])
+
+
+def test_a_config_file_that_is_not_yaml_names_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid yaml"):
+        load_config(bad)
+
+
+def test_config_takes_a_preset_name():
+    assert load_config("smoke").model.arch == "vit_test"
+    with pytest.raises(ConfigError, match="nor is it a preset: .*smoke"):
+        load_config("no_such_preset")
+
+
+@pytest.mark.parametrize("override, key", [("data.seed=-1", "data.seed"),
+                                           ("train.seed=-2", "train.seed")])
+def test_negative_seeds_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_distributed_koleo_groups_are_whole_ranks_batches():
+    with pytest.raises(ConfigError, match="koleo.group_size.*batch_size_per_gpu=8"):
+        load_config(None, ["koleo.distributed=true", "koleo.group_size=12",
+                           "data.batch_size_per_gpu=8"])
+    load_config(None, ["koleo.distributed=true", "koleo.group_size=16",
+                       "data.batch_size_per_gpu=8"])
+
+
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

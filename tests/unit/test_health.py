@@ -120,3 +120,10 @@ def test_report_of_a_tiny_batch_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"== {out}\n" in text and f"== {student}\n" in text
     assert text.split(f"== {student}")[1].strip().endswith("no condition active")
+
+
+def test_a_folder_without_metrics_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing")])
+    assert e.value.code == 2
+    assert "metrics.jsonl does not exist: give a training run folder" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastdino.config import load_config
-from fastdino.profile import PHASES, format_report, profile
+from fastdino.profile import PHASES, format_report, main, profile
 
 SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
 
@@ -27,3 +27,9 @@ def test_profile_reports_steps_and_throughput(tmp_path):
     assert r["phases_s"]["student_forward"] > 0 and r["phases_s"]["backward"] > 0
     assert r["mfu"] is None and r["peak_mem_gib"] is None  # no GPU: n/a, not zero
     assert "n/a" in format_report(r)
+
+
+def test_a_bad_override_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "smoke", "train.epochs=x"])
+    assert e.value.code == 2 and "train.epochs" in capsys.readouterr().err
