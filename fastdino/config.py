@@ -1012,6 +1012,14 @@ def load_config(
     return cfg
 
 
+def load_unvalidated(path: str | Path) -> Config:
+    """Defaults <- the yaml at `path` (and its base: chain), type-checked but without the
+    whole-config rules (`validate`): for readers of one section (evaluation reads `model:`)."""
+    cfg = Config()
+    _apply_file(cfg, Path(path), ())
+    return cfg
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`key: old -> new` for every dotted key whose value differs between two config dicts (as
     `Config.to_dict` / a saved config.yaml give them); keys only one side has count as changed."""

@@ -53,12 +53,11 @@ from torch import nn
 
 from fastdino.config import (
     PRESET_DIR,
-    Config,
     ConfigError,
     ModelConfig,
-    _apply_file,
     find_preset,
     load_config,
+    load_unvalidated,
     preset_names,
 )
 from fastdino.models.backbones import ARCH_TABLE, build_backbone
@@ -120,8 +119,7 @@ def _model_section(path: Path) -> ModelConfig:
     try:
         return load_config(path).model
     except ConfigError:
-        cfg = Config()
-        _apply_file(cfg, Path(path), ())  # the yaml (and its base:) without the whole-config rules
+        cfg = load_unvalidated(path)
         if not cfg.model.arch.startswith("convnext_"):
             raise
         cfg.model.validate()  # the model section's own rules still hold
