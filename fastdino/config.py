@@ -426,6 +426,9 @@ class DistillationConfig:
                list(self.student_ranks))
         _check(all(isinstance(n, int) and n >= 1 for n in self.student_ranks),
                f"{p}.student_ranks", "rank counts >= 1", list(self.student_ranks))
+        _check(self.enabled or self.teacher is None, f"{p}.teacher",
+               "null unless distillation.enabled is true (a teacher alone would be ignored: the "
+               "run would self-distil)", self.teacher)
         _check(
             not self.enabled or self.teacher is not None,
             f"{p}.teacher",

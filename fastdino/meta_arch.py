@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from fastdino.config import Config
+from fastdino.config import Config, ConfigError
 from fastdino.distillation import build_distillation_teacher
 from fastdino.ema import copy_params, ema_update, gram_refresh_due
 from fastdino.layers.lora import add_lora
@@ -135,6 +135,10 @@ def freeze_backbone_layers(backbone: nn.Module, cfg: Config) -> None:
     continued pretraining will do."""
     o = cfg.optim
     n = freeze_layers(backbone, o.frozen_blocks)
+    if o.lora_rank > 0 and o.frozen_blocks >= backbone.n_blocks:
+        raise ConfigError(f"optim.frozen_blocks={o.frozen_blocks} freezes all {backbone.n_blocks} "
+                          f"blocks: LoRA (optim.lora_rank={o.lora_rank}) adapts blocks "
+                          f">= optim.frozen_blocks; allowed is at most {backbone.n_blocks - 1}")
     if o.lora_rank > 0:
         # after the weights are loaded: the adapters start at B = 0, the loaded function exactly
         before = sum(p.numel() for p in backbone.parameters() if p.requires_grad)

@@ -120,15 +120,11 @@ class Trainer:
             try:
                 st = load_checkpoint(resume, self.engine)
                 self.arch.load_from_checkpoint(st)
-            except RuntimeError as e:
-                if "Error(s) in loading state_dict" not in str(e):
+            except (RuntimeError, ValueError) as e:
+                unfit = _unfit_checkpoint(e, resume)
+                if unfit is None:
                     raise
-                lines = str(e).splitlines()
-                raise ValueError(
-                    f"checkpoint {resume} does not fit this run's model (a changed model.* or "
-                    f"head key? the config changes are logged above): "
-                    + " ".join(x.strip() for x in lines[:4])
-                    + (f" ... ({len(lines) - 4} more lines)" if len(lines) > 4 else "")) from e
+                raise unfit from e
             self.start_iteration, self.resume_rng = st["iteration"], st["rng"]
             self.start_micro_batch = st["data_iteration"]
             self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
@@ -464,6 +460,24 @@ def schedule_in_data_passes(cfg: Config, iterations: int, global_batch: int,
             f"= {seen / max(num_images, 1):.2f} passes over the {num_images:,} images (an "
             f"'epoch' is train.epoch_length={cfg.train.epoch_length} iterations = "
             f"{per_epoch:.3g} passes{stop})")
+
+
+def _unfit_checkpoint(e: Exception, resume: Path) -> ValueError | None:
+    """A resume whose checkpoint does not fit this run: one line saying which and what may have
+    changed (the config changes are logged just before); None for any other error."""
+    msg = str(e)
+    if "Error(s) in loading state_dict" in msg:  # the model's parameters (torch's message)
+        what = "model (a changed model.* or head key?)"
+    elif "parameter group" in msg:  # the optimizer's (torch's messages)
+        what = ("trainable parameters (a changed optim.frozen_blocks, optim.lora_* or "
+                "distillation.enabled? such a change is a new run: another train.output_dir "
+                "with model.pretrained_weights=<this run>)")
+    else:
+        return None
+    lines = msg.splitlines()
+    return ValueError(f"checkpoint {resume} does not fit this run's {what}; the config changes "
+                      f"are logged above: " + " ".join(x.strip() for x in lines[:4])
+                      + (f" ... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""))
 
 
 def _keep_previous_config(cfg: Config, path: Path) -> Path | None:

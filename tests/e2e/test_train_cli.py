@@ -55,6 +55,11 @@ def test_a_resume_that_does_not_fit_keeps_the_runs_config(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "does not fit this run's model" in p.stderr and "iter_0000001" in p.stderr
     assert (tmp_path / "config.yaml").read_text() == before
+    # other trainable parameters: the optimizer state does not fit (torch's message, named)
+    p = run_py(["--config", str(SMOKE), *FAST, f"train.output_dir={tmp_path}",
+                "train.max_iterations=2", "optim.frozen_blocks=2"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "does not fit this run's trainable parameters" in p.stderr
 
 
 def test_one_image_per_rank_trains_with_koleo_off(tmp_path):

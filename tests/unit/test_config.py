@@ -179,6 +179,12 @@ def test_distributed_koleo_groups_are_whole_ranks_batches():
                        "data.batch_size_per_gpu=8"])
 
 
+def test_a_teacher_without_distillation_enabled_is_refused():
+    """It would be ignored: the run would self-distil while the user thinks it distils."""
+    with pytest.raises(ConfigError, match="distillation.teacher.*unless distillation.enabled"):
+        load_config(None, ["distillation.teacher=/runs/t"])
+
+
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -79,6 +79,10 @@ def test_lora_respects_frozen_blocks_and_rejects_bad_settings(tmp_path):
         load_config(None, ["optim.lora_rank=4", "optim.frozen_blocks=-1"])
     with pytest.raises(ValueError, match=r"lora_targets: \['qkvv'\] unknown"):
         add_lora(bb, 2, 2.0, ("qkvv",))
+    depth = len(bb.blocks)  # every block frozen leaves LoRA nothing to adapt: named as such
+    with pytest.raises(ConfigError, match=f"optim.frozen_blocks={depth} freezes all {depth} "
+                                          f"blocks.*at most {depth - 1}"):
+        make_trainer(tmp_path / "all", *STEP, "optim.lora_rank=2", f"optim.frozen_blocks={depth}")
 
 
 @pytest.mark.parametrize("mode", ["activation_checkpointing", "compile"])
