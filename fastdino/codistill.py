@@ -298,8 +298,18 @@ class CoDistillation:
         for k in here:
             name, scfg = students[k]
             run_cfg = cfg if k == 0 and scfg is not cfg else None  # the run's config.yaml
-            self.trainers.append(Trainer(scfg, timer, distillation_teacher=self.teacher,
-                                         name=name, resume_from=resume[k], run_config=run_cfg))
+            try:
+                self.trainers.append(Trainer(scfg, timer, distillation_teacher=self.teacher,
+                                             name=name, resume_from=resume[k],
+                                             run_config=run_cfg))
+            except (ConfigError, FileNotFoundError, ValueError) as e:
+                if k == 0:
+                    raise
+                # a student inherits the main config's keys its yaml does not set (e.g.
+                # model.pretrained_weights): which student, and where to change it
+                yaml_file = cfg.distillation.students[k - 1]
+                raise type(e)(f"student {name} ({yaml_file}; keys it does not set are the main "
+                              f"config's): {e}") from e
             self.streams.append(RngStream())  # its stream as seeded by its own __init__
         self.local = [self.names[k] for k in here]
         starts = {(t.start_iteration, t.start_micro_batch) for t in self.trainers}

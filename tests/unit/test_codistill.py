@@ -117,6 +117,18 @@ def test_student_config_rules(tmp_path, teacher_run):  # noqa: F811
         load_config(SMOKE, [f"distillation.students=[{ok}]"])
 
 
+def test_a_student_failing_on_an_inherited_key_is_named(tmp_path, teacher_run):  # noqa: F811
+    """The main student (the teacher's architecture here) starts from the teacher run's
+    weights; the 1-block student inherits model.pretrained_weights, which does not fit it: the
+    error says which student and where its keys come from."""
+    small = _write_student(tmp_path / "small.yaml")
+    cfg = _cfg(tmp_path, teacher_run, [small], "model.depth=3", "model.embed_dim=96",
+               "model.num_heads=3", f"model.pretrained_weights={teacher_run}")
+    with pytest.raises(ValueError, match=r"student small \(.*small.yaml; keys it does not set "
+                                         r"are the main config's\): model.pretrained_weights"):
+        CoDistillation(cfg)
+
+
 def test_resume_takes_the_latest_iteration_every_student_has(tmp_path, teacher_run):  # noqa: F811
     vitb = _write_student(tmp_path / "vitb.yaml")
     students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=auto"))
