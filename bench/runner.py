@@ -16,19 +16,58 @@ from bench.parity import check_case
 from bench.roofline import Roofline, derived_metric, measure
 
 
-def _cases(ops: list[str], args: argparse.Namespace, on_gpu: bool):
-    """Yield (op, cases or None, error): an op whose module fails to import is reported, not
-    fatal."""
+def _load(ops: list[str], args: argparse.Namespace, on_gpu: bool
+          ) -> list[tuple[str, list | None, str | None]]:
+    """(op, all its cases or None, error) per op: an op whose module fails to import is
+    reported, not fatal."""
+    out = []
     for op in ops:
         try:
-            cases = load_cases(op, quick=args.quick, on_gpu=on_gpu)
+            out.append((op, load_cases(op, quick=args.quick, on_gpu=on_gpu), None))
         except Exception as e:
             traceback.print_exc()
-            yield op, None, f"{type(e).__name__}: {e}"
-            continue
-        if args.cases:
-            cases = [c for c in cases if case_selected(c.name, args.cases)]
-        yield op, cases, None
+            out.append((op, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def _names(spec: str | None) -> list[str]:
+    return [s for s in (spec or "").split(",") if s]
+
+
+def provider_names(case) -> list[str]:
+    """Every provider name a case knows: its own, `torch_compile` (the harness adds it) and the
+    ones left out on this machine (`params["unsupported"]`: a known backend, not a typo)."""
+    names = [*case.providers, "torch_compile",
+             *((case.params or {}).get("unsupported") or {})]
+    return list(dict.fromkeys(names))
+
+
+def selection_problems(loaded, cases_spec: str | None, providers_spec: str | None,
+                       quick: bool, on_gpu: bool) -> list[str]:
+    """--cases texts that no case of the run's ops contains, and --providers names that no
+    selected case has: one message each, naming them and listing what exists (a typo would
+    otherwise select nothing and read as a pass)."""
+    msgs = []
+    where = (f"{'--quick' if quick else 'full'} cases, "
+             f"{'GPU' if on_gpu else 'CPU interpreter'} sizes")
+    ok = [(op, cases) for op, cases, _ in loaded if cases is not None]
+    names = [c.name for _, cases in ok for c in cases]
+    missing = [t for t in _names(cases_spec) if not any(t in n for n in names)]
+    if missing:
+        listing = "; ".join(f"{op}: {', '.join(c.name for c in cases) or '(none)'}"
+                            for op, cases in ok)
+        msgs.append(f"--cases {', '.join(map(repr, missing))} "
+                    f"{'matches' if len(missing) == 1 else 'match'} no case of this run "
+                    f"({where}); the cases are {listing or '(none)'}")
+    selected = [c for _, cases in ok for c in cases if case_selected(c.name, cases_spec)]
+    known = list(dict.fromkeys(n for c in selected for n in provider_names(c)))
+    missing = [p for p in _names(providers_spec) if p not in known]
+    if missing:
+        msgs.append(f"--providers {', '.join(map(repr, missing))} "
+                    f"{'matches' if len(missing) == 1 else 'match'} no provider of the "
+                    f"{len(selected)} selected case(s) ({where}); their providers are "
+                    f"{', '.join(known) or '(none)'}")
+    return msgs
 
 
 def bench_records(cases, args, device, env, roof: Roofline) -> list[dict]:
@@ -101,6 +140,17 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
         # one intra-op thread: on a shared CPU an OpenMP barrier waiting for a descheduled worker
         # turns a 50 µs op into a 10-25 ms outlier; single-threaded numbers are reproducible
         torch.set_num_threads(1)
+    # the budget counts from here: loading every op's cases first (to check --cases and
+    # --providers before any work) and the roofline are inside it, as the stage's timeout is
+    budget = OpBudget(getattr(args, "time_budget", None), len(ops))
+    loaded = _load(ops, args, on_gpu)
+    problems = selection_problems(loaded, args.cases, args.providers, args.quick, on_gpu)
+    if problems and not any(cases is None for _, cases, _ in loaded):
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+    for msg in problems:  # the names may belong to an op that failed to load
+        print(f"# warning: {msg} (or of the op(s) that failed to load)", flush=True)
     env = results.environment()
     print(f"# bench on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | "
           f"commit {env['commit']} | interpreter={env['interpreter']}", flush=True)
@@ -111,13 +161,14 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
               f"GiB / t), bf16 GEMM {roof.gemm_tflops:.0f} TFLOP/s ({roof.gemm_mnk}^3)", flush=True)
     all_records, failed_ops, over_budget = [], [], 0
     path = results.results_path(args.out, env)
-    budget = OpBudget(getattr(args, "time_budget", None), len(ops))
-    for op, cases, err in _cases(ops, args, on_gpu):
+    for op, cases, err in loaded:
         deadline = budget.start_op()
         if cases is None:
             print(f"# {op}: skipped, module failed to load: {err}", flush=True)
             failed_ops.append(op)
             continue
+        if args.cases:
+            cases = [c for c in cases if case_selected(c.name, args.cases)]
         if not cases:
             print(f"# {op}: no cases", flush=True)
             continue
@@ -144,6 +195,11 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
         bad = [r for r in all_records if not r["passed"]]
         print(f"# check: {len(all_records) - len(bad)} passed, {len(bad)} failed"
               + (f", {len(failed_ops)} op(s) failed to load" if failed_ops else ""), flush=True)
+        if not all_records:  # nothing judged is no pass
+            why = (f"{over_budget} case(s) skipped by --time-budget" if over_budget
+                   else "no case selected")
+            print(f"# check: FAILED: no quantity was checked ({why})", flush=True)
+            return 1
         return 1 if bad or failed_ops else 0
     errors = [r for r in all_records if r["error"]]
     if errors or failed_ops:

@@ -338,3 +338,53 @@ def test_cli_time_budget_skips_and_counts_cases(tmp_path):
     assert "median ms" not in proc.stdout, proc.stdout
     bad = _bench("selftest", "--time-budget", "0", env=env)
     assert bad.returncode == 2 and "--time-budget must be > 0" in bad.stderr
+
+
+def test_cli_cases_and_providers_that_match_nothing_are_errors():
+    """A typo in --cases or --providers selects nothing: before, the run printed an empty table
+    (or `# check: 0 passed, 0 failed`) and exited 0. Now it is exit 2 before any work, naming the
+    texts that match nothing and listing what exists; names that do match are not named."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = _bench("selftest", "--check", "--cases", "selftest-cpu,zzz", "--no-save", env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--cases 'zzz' matches no case" in proc.stderr, proc.stderr
+    assert "selftest-cpu-odd" in proc.stderr and "'selftest-cpu'" not in proc.stderr
+    assert "PASS" not in proc.stdout and "# check:" not in proc.stdout, proc.stdout
+    proc = _bench("selftest", "--quick", "--providers", "tritn,torch", "--no-save", env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--providers 'tritn' matches no provider" in proc.stderr, proc.stderr
+    assert "torch, triton, torch_compile" in proc.stderr and "median ms" not in proc.stdout
+
+
+def test_selection_problems_know_left_out_providers_and_every_op():
+    """A --cases text may match another op of the run (device_check passes one list to every
+    op); a provider the machine leaves out (`params["unsupported"]`) is known, not a typo."""
+    from bench.runner import selection_problems
+
+    def case(name, providers, unsupported=None):
+        return BenchCase(op="x", name=name, params={"unsupported": unsupported or {}},
+                         dtype=torch.float32, make_inputs=lambda d, t: {},
+                         providers=dict.fromkeys(providers))
+
+    loaded = [("a", [case("a-big", ["torch", "triton"], {"flash_attn": "not importable"})],
+               None),
+              ("b", [case("b-small", ["torch", "triton", "peer"])], None)]
+    assert selection_problems(loaded, "a-big,b-", "flash_attn,peer", True, False) == []
+    assert selection_problems(loaded, "a-", "torch_compile", True, False) == []
+    msgs = selection_problems(loaded, "a-,nope", "peer,trtion", False, True)
+    assert len(msgs) == 2, msgs
+    assert msgs[0].startswith("--cases 'nope' matches no case") and "b: b-small" in msgs[0]
+    assert "full cases, GPU sizes" in msgs[0]
+    # only a-big is selected: `peer` (b's) and the typo both time nothing
+    assert msgs[1].startswith("--providers 'peer', 'trtion' match no provider of the 1 selected")
+    assert selection_problems([("a", None, "ImportError")], "x", None, True, False)
+
+
+def test_cli_check_that_checks_nothing_fails(tmp_path):
+    """--check with no quantity judged (every case skipped by --time-budget) is a failure, not
+    `0 passed, 0 failed` and exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = _bench("selftest", "--check", "--quick", "--time-budget", "1e-9", "--no-save", env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "# check: FAILED: no quantity was checked (1 case(s) skipped by --time-budget)" \
+        in proc.stdout, proc.stdout
