@@ -71,6 +71,7 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     dtype = teacher_dtype(cfg, device)
     teacher = teacher.to(device, dtype).eval().requires_grad_(False)
     teacher.compute_dtype = dtype  # teacher_forward casts the crops to it
+    teacher.config = tcfg  # its architecture, for FLOP counts (fastdino.profile)
     n = sum(p.numel() for p in teacher.backbone.parameters())
     logger.info("distillation: the targets come from the frozen teacher %s (%s, %.1fM backbone "
                 "parameters, held in %s); the student's EMA is kept for export and evaluation",

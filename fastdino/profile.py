@@ -124,20 +124,25 @@ def masked_rows(batch: int, n_patches: int, probability: float, ratio_min_max) -
     return sum(int(n_patches * (lo + step * (i + 1))) for i in range(n))
 
 
-def step_flops(cfg) -> dict[str, int]:
+def step_flops(cfg, teacher_cfg=None) -> dict[str, int] | None:
     """FLOPs of one training step (an optimizer step: gas micro-batches) on one GPU (see the
-    module docstring), by part; with crops.resolution_mix, the expectation over its triples."""
+    module docstring), by part; with crops.resolution_mix, the expectation over its triples.
+    `teacher_cfg`: the distillation teacher's config (its architecture and heads), None for the
+    EMA teacher (the student's). None for a ConvNeXt student or teacher (no FLOP model)."""
+    teacher_cfg = teacher_cfg or cfg
+    if any(c.model.arch.startswith("convnext_") for c in (cfg, teacher_cfg)):
+        return None
     variants = cfg.crops.variants()
     if len(variants) == 1:
-        return _step_flops_at(cfg, cfg.crops)
-    parts = [(_step_flops_at(cfg, c), r) for c, r in variants]
+        return _step_flops_at(cfg, cfg.crops, teacher_cfg)
+    parts = [(_step_flops_at(cfg, c, teacher_cfg), r) for c, r in variants]
     return {k: round(sum(p[k] * r for p, r in parts)) for k in parts[0][0]}
 
 
-def _step_flops_at(cfg, c) -> dict[str, int]:
+def _step_flops_at(cfg, c, teacher_cfg) -> dict[str, int]:
     """step_flops at the crop sizes of `c` (a CropsConfig)."""
-    B, m = cfg.data.batch_size_per_gpu, cfg.model
-    D = arch_dims(m)["D"]
+    B, m, tm = cfg.data.batch_size_per_gpu, cfg.model, teacher_cfg.model
+    D, tD = arch_dims(m)["D"], arch_dims(tm)["D"]
     n_glob, n_loc = 2 * B, c.local_crops_number * B
     P = (c.global_crops_size // m.patch_size) ** 2
     M = masked_rows(B, P, cfg.ibot.mask_sample_probability, cfg.ibot.mask_ratio_min_max)
@@ -145,8 +150,9 @@ def _step_flops_at(cfg, c) -> dict[str, int]:
     student_fwd = (vit_flops(m, c.global_crops_size, n_glob, dp)
                    + vit_flops(m, c.local_crops_size, n_loc, dp)
                    + head_flops(cfg.dino.head, D, n_glob + n_loc) + head_flops(cfg.ibot.head, D, M))
-    teacher = (vit_flops(m, c.global_crops_size, n_glob) + head_flops(cfg.dino.head, D, n_glob)
-               + head_flops(cfg.ibot.head, D, M))
+    teacher = (vit_flops(tm, c.global_crops_size, n_glob)
+               + head_flops(teacher_cfg.dino.head, tD, n_glob)
+               + head_flops(teacher_cfg.ibot.head, tD, M))
     gram = 0
     if cfg.gram.use:
         gram = vit_flops(m, c.gram_teacher_crops_size or c.global_crops_size, n_glob)
@@ -296,22 +302,25 @@ def profile(cfg, steps: int = 20, warmup: int = 5, fixed_batch: bool = False,
         timer.sync = True
         phase_wall = run(warmup + steps, n_phase, count_skips=False)
         timer.sync = False
+    teacher = trainer.arch.distillation_teacher
     return report(cfg, steps, wall, timer.totals, state["skipped"], sampler, device, fixed_batch,
-                  phase_wall / n_phase, n_phase)
+                  phase_wall / n_phase, n_phase,
+                  teacher_cfg=None if teacher is None else teacher.config)
 
 
 def report(cfg, steps: int, wall: float, totals: dict[str, float], skipped: int,
            sampler: NvmlSampler | None, device: torch.device, fixed_batch: bool,
-           phase_step_s: float | None = None, phase_steps: int | None = None) -> dict[str, Any]:
+           phase_step_s: float | None = None, phase_steps: int | None = None,
+           teacher_cfg=None) -> dict[str, Any]:
     """`totals`: phase seconds over `phase_steps` steps of `phase_step_s` each (default: the
-    timed steps themselves)."""
+    timed steps themselves). `teacher_cfg`: a distillation teacher's config (step_flops)."""
     step_s = wall / steps
     phase_step_s = step_s if phase_step_s is None else phase_step_s
     phase_steps = steps if phase_steps is None else phase_steps
     phases = {k: totals.get(k, 0.0) / phase_steps for k in PHASES}
     phases["other"] = max(0.0, phase_step_s - sum(phases.values()))
-    flops = step_flops(cfg)
-    achieved = flops["total"] / step_s / 1e12
+    flops = step_flops(cfg, teacher_cfg)
+    achieved = None if flops is None else flops["total"] / step_s / 1e12
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_bf16_tflops(gpu) if device.type == "cuda" else None
     nvml = sampler.summary() if sampler is not None else None
@@ -326,7 +335,8 @@ def report(cfg, steps: int, wall: float, totals: dict[str, float], skipped: int,
         "images_per_s_per_gpu": (cfg.data.batch_size_per_gpu
                                  * cfg.deepspeed.gradient_accumulation_steps / step_s),
         "phases_s": phases, "flops_per_step": flops, "achieved_tflops": achieved,
-        "peak_bf16_tflops": peak, "mfu": None if peak is None else achieved / peak,
+        "peak_bf16_tflops": peak,
+        "mfu": None if peak is None or achieved is None else achieved / peak,
         "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                          if device.type == "cuda" else None),
         "nvml": nvml, "nvml_note": None if nvml else (sampler.why if sampler else "not sampled"),
@@ -343,8 +353,10 @@ def format_report(r: dict[str, Any]) -> str:
              + (" (fixed batch)" if r["fixed_batch"] else ""),
              f"  images/s per GPU   {r['images_per_s_per_gpu']:.1f}",
              f"  step               {r['step_s'] * 1e3:.1f} ms",
-             f"  achieved           {r['achieved_tflops']:.4g} TFLOP/s "
-             f"({r['flops_per_step']['total'] / 1e12:.4g} TFLOP/step)",
+             (f"  achieved           {r['achieved_tflops']:.4g} TFLOP/s "
+              f"({r['flops_per_step']['total'] / 1e12:.4g} TFLOP/step)"
+              if r["flops_per_step"] is not None else
+              "  achieved           n/a (no FLOP model for a ConvNeXt)"),
              f"  MFU                {na(r['mfu'] and 100 * r['mfu'], '.1f')} % of "
              f"{na(r['peak_bf16_tflops'], '.0f')} TFLOP/s bf16 peak",
              f"  peak memory        {na(r['peak_mem_gib'], '.2f')} GiB",

@@ -85,6 +85,29 @@ def test_step_flops_parts():
     assert f["gram_teacher_fwd"] == 0 and f["total"] == 3 * student + teacher
 
 
+def test_a_distillation_teacher_is_counted_with_its_own_architecture():
+    """The frozen teacher's forward is its model's (a wider, deeper one here), not the
+    student's; the student's part is unchanged; a ConvNeXt has no FLOP model: n/a."""
+    base = ["model.arch=vit_test", "data.batch_size_per_gpu=2", "crops.global_crops_size=32",
+            "crops.local_crops_size=16", "crops.local_crops_number=2", "model.drop_path_rate=0.0"]
+    cfg = load_config(None, base)
+    tcfg = load_config(None, [*base, "model.embed_dim=128", "model.depth=6", "model.num_heads=4",
+                              "dino.head.hidden_dim=512"])
+    own, distilled = step_flops(cfg), step_flops(cfg, tcfg)
+    assert distilled["student_fwd_bwd"] == own["student_fwd_bwd"]
+    M = own["masked_rows"]
+    assert distilled["teacher_fwd"] == (vit_flops(tcfg.model, 32, 4)
+                                        + head_flops(tcfg.dino.head, 128, 4)
+                                        + head_flops(tcfg.ibot.head, 128, M))
+    assert distilled["teacher_fwd"] > own["teacher_fwd"]
+    cnx = load_config(None, ["model.arch=convnext_tiny", "distillation.enabled=true",
+                             "distillation.teacher=/runs/t"])
+    assert step_flops(cnx, cfg) is None
+    r = report(cnx, 2, 1.0, {}, 0, None, torch.device("cpu"), True, teacher_cfg=cfg)
+    assert r["achieved_tflops"] is None and r["mfu"] is None
+    assert "n/a (no FLOP model for a ConvNeXt)" in format_report({**r, "nvml": None})
+
+
 def test_peak_table_and_na_report():
     assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
