@@ -49,3 +49,23 @@ def test_prepared_run_names_only_cases_and_providers_that_exist():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+def _prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_no_dali_says_when_the_command_is_over_the_device_limit():
+    """The device tool takes 2,000 characters a command; the --no-dali branch printed a longer
+    one without a word (it exited before the length check). --print-only: nothing is made."""
+    long_args = "--budget 420 --cases " + ",".join(f"case-{i:04d}" for i in range(250))
+    proc = _prepare("--no-dali", "--print-only", "--check-args", long_args)
+    assert proc.returncode == 0, proc.stderr
+    cmd = next(x.strip() for x in proc.stdout.splitlines() if "device_check.sh" in x)
+    assert len(cmd) > 2000
+    assert f"that command is {len(cmd)} characters: over the 2,000" in proc.stderr, proc.stderr
+    short = _prepare("--no-dali", "--print-only", "--check-args", "--budget 420")
+    assert short.returncode == 0, short.stderr
+    assert "bench/device_check.sh --out $OUT --budget 420" in short.stdout
+    assert "characters" not in short.stderr, short.stderr
