@@ -429,6 +429,13 @@ class DALITrainLoader:
     def __iter__(self) -> "DALITrainLoader":
         return self
 
+    def _stop_workers(self) -> None:
+        """Stop the source's worker processes now (DALI would at interpreter exit, through a
+        weakref finalizer that can deadlock there once a worker has raised)."""
+        pool = getattr(getattr(self, "pipe", None), "_py_pool", None)
+        if pool is not None:
+            pool.close()
+
     def _recover(self, error: Exception) -> None:
         """DALI stopped on a file the probe let through: find it by a full decode of the files
         of the steps in flight, skip it, and restart the pipeline at the current step."""
@@ -452,20 +459,25 @@ class DALITrainLoader:
                 f"DALI loader: DALI's decoder failed on a file of steps {self.iteration} to "
                 f"{self.steps(self.served + depth - 1)} that PIL decodes (a format DALI cannot "
                 "read that the probe let through); data.loader=torch reads it") from error
+        self._stop_workers()
         del self._it, self.pipe
         self._start()
 
     def __next__(self) -> Batch:
-        for _ in range(8):  # each round removes at least one bad file
-            try:
-                out = next(self._it)[0]
-                break
-            except StopIteration:
-                raise
-            except RuntimeError as e:
-                self._recover(e)
-        else:
-            raise RuntimeError("DALI loader: too many undecodable files in a row")
+        try:
+            for _ in range(8):  # each round removes at least one bad file
+                try:
+                    out = next(self._it)[0]
+                    break
+                except StopIteration:
+                    raise
+                except RuntimeError as e:
+                    self._recover(e)
+            else:
+                raise RuntimeError("DALI loader: too many undecodable files in a row")
+        except BaseException:  # the loader is done: its workers too (see _stop_workers)
+            self._stop_workers()
+            raise
         batch = self._to_batch(out)
         self.served += 1
         return batch

@@ -577,6 +577,34 @@ def test_format_dali_cannot_decode_is_skipped(tmp_path):
 
 
 @needs_dali
+def test_source_workers_stopped_on_rebuild_and_on_a_fatal_error(tmp_path):
+    """A rebuilt pipeline's old source workers are stopped at once (they lived until exit, 2 more
+    processes per recovery), and so are the workers of a loader that gives up (all files bad):
+    left to DALI's finalizer at interpreter exit, the training process hung there in about
+    half the runs (the pool's observer thread waiting on a worker's semaphore)."""
+    psutil = pytest.importorskip("psutil", reason="psutil (the bench extra) finds the worker "
+                                 "processes; the GPU image may lack it")
+    root = _write_images(tmp_path / "imgs", 3)
+    _bogus_huffman_jpeg(root / "bogus_huffman.jpg")
+    loader = _dali(_cfg(root, batch=4), photometric="triton", source_workers=2)
+    first = loader.pipe._py_pool.pids()  # started by build: the first step's workers
+    next(loader)  # DALI fails on the bad file; the loader rebuilds its pipeline
+    assert loader.skipped == {str(root / "bogus_huffman.jpg")}
+    assert not any(psutil.pid_exists(pid) for pid in first)
+    assert all(psutil.pid_exists(pid) for pid in loader.pipe._py_pool.pids())
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"{i}.jpg").write_bytes(b"not an image")
+    failing = _dali(_cfg(bad, batch=2), photometric="triton", source_workers=2)
+    pids = failing.pipe._py_pool.pids()
+    with pytest.raises(Exception, match="could be read as images"):
+        next(failing)
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+@needs_dali
 @PHOTOMETRIC
 def test_resume_yields_exactly_the_uninterrupted_batches(image_dir, photometric):
     cfg = _cfg(image_dir)
