@@ -52,11 +52,14 @@ Data flow, per rank:
                ~5-10 ms of Python at B = 64, in the worker processes, once per step each), each
                image bringing its two rows, assembled and moved here.
 
-Corrupt files. The probe catches non-images and truncated files before DALI sees them. A file that
-passes it but still fails to decode stops the DALI pipeline; the loader then fully decodes (PIL) the
-files of the steps in flight, adds the bad ones to the skip set, and rebuilds the pipeline at the
-current step. Because every choice is a function of (seed, epoch, index, step), the rebuilt
-pipeline yields exactly the batches the broken one would have (with the bad file replaced).
+Corrupt files. The probe catches non-images and truncated files before DALI sees them, and files of
+a format DALI's decoder cannot read (GIF, ICO, TGA, ... under an image extension): those are
+skipped here though the torch loader trains on them, so there the two loaders' image sets
+differ. A file that passes it but still fails to decode stops the DALI pipeline; the loader then
+fully decodes (PIL) the files of the steps in flight, adds the bad ones to the skip set, and
+rebuilds the pipeline at the current step (the first step of a run or a resume included).
+Because every choice is a function of (seed, epoch, index, step), the rebuilt pipeline yields
+exactly the batches the broken one would have (with the bad file replaced).
 """
 
 from __future__ import annotations
