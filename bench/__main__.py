@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown mode(s) {bad}: allowed is {', '.join(MODES)}", file=sys.stderr)
         return 2
+    from bench.results import out_dir_problem
+
+    if not args.no_save and (problem := out_dir_problem(args.out)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     on_gpu = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)

@@ -16,6 +16,7 @@ psutil (live worker processes included). Results are appended as JSON lines to
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import results
-    from fastdino.config import load_config
+    from fastdino.config import ConfigError, load_config
     from fastdino.data.dali import build_dali_loader, dali_available, graph_operators
     from fastdino.data.loader import build_train_loader
+    from fastdino.data.sources import find_images
+
+    def error(msg: str) -> int:
+        print(f"{p.prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+    # what would fail later with a traceback (or after the runs: --out), as one line now
+    out = args.out or Path(__file__).resolve().parent / "results"
+    if problem := results.out_dir_problem(out):
+        return error(problem)
+    if args.root:
+        try:  # a folder, shard or pattern, as data.root takes it
+            if not find_images(args.root, what="--root"):
+                return error(f"--root {args.root}: no images")
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            return error(str(e))
 
     overrides = [f"data.batch_size_per_gpu={args.batch}", f"data.num_workers={args.workers}",
                  f"crops.global_crops_size={args.global_size}",
@@ -132,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.torch_photometric={args.torch_photometric}")
     if args.source_workers is not None:
         overrides.append(f"data.dali_source_workers={args.source_workers}")
-    cfg = load_config(None, overrides)
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        return error(f"config error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = results.environment()
     records = []
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = by["dali"]["images_per_s"] / by["torch"]["images_per_s"]
         print(f"dali / torch images/s: {ratio:.2f}x")
     if records:
-        path = results.results_path(args.out or Path(__file__).resolve().parent / "results", env)
+        path = results.results_path(out, env)
         results.append_jsonl(path, records)
         print(f"results appended to {path}")
     return 0

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the full reports here")
     p.add_argument("--no-save", action="store_true", help="append no JSON lines")
     args = p.parse_args(argv)
+    if not args.no_save and (problem := results.out_dir_problem(args.out)):
+        # before any model is built, not at the append after the runs
+        print(f"{p.prog}: error: {problem}", file=sys.stderr)
+        return 2
 
     from fastdino.profile import format_report, profile
 

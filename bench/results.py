@@ -72,6 +72,22 @@ def environment() -> dict[str, Any]:
             "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")}
 
 
+def out_dir_problem(out_dir: str | Path) -> str | None:
+    """Why `out_dir` cannot take the results (checked before any work: else a run fails at its
+    first append), or None: it, or the nearest part of it that exists (the rest is made), must be
+    a writable folder."""
+    path = Path(out_dir)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "" if probe == path else f": {probe} in it"
+        return f"--out {out_dir}{where} is a file, not a folder"
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out_dir}: {probe} is not writable"
+    return None
+
+
 def results_path(out_dir: str | Path, env: dict[str, Any]) -> Path:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     return Path(out_dir) / f"{slug(env['gpu'])}-{date}.jsonl"

@@ -388,3 +388,35 @@ def test_cli_check_that_checks_nothing_fails(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "# check: FAILED: no quantity was checked (1 case(s) skipped by --time-budget)" \
         in proc.stdout, proc.stdout
+
+
+def test_out_dir_problem(tmp_path):
+    f = tmp_path / "f.jsonl"
+    f.write_text("")
+    assert results.out_dir_problem(tmp_path) is None
+    assert results.out_dir_problem(tmp_path / "new" / "deeper") is None  # made at the append
+    assert results.out_dir_problem(f) == f"--out {f} is a file, not a folder"
+    assert results.out_dir_problem(f / "sub") == (f"--out {f / 'sub'}: {f} in it is a file, "
+                                                  "not a folder")
+
+
+def test_cli_bad_out_and_data_root_are_one_line_errors_before_any_work(tmp_path):
+    """--out naming a file: the sweep ran its first case, then raised FileExistsError at the
+    append (bench step: after every model). bench data --root naming nothing: a
+    FileNotFoundError traceback. Now one line, exit 2, before any work."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    f = tmp_path / "results.jsonl"
+    f.write_text("")
+    for args in (("selftest", "--check", "--quick"), ("step", "--quick"), ("data", "--quick")):
+        proc = _bench(*args, "--out", str(f), env=env)
+        assert proc.returncode == 2, (args, proc.stdout + proc.stderr)
+        assert proc.stderr.strip().splitlines() == [
+            f"{'error' if args[0] == 'selftest' else f'python -m bench {args[0]}: error'}: "
+            f"--out {f} is a file, not a folder"], (args, proc.stderr)
+        assert "# bench on" not in proc.stdout and "## step" not in proc.stdout, proc.stdout
+    proc = _bench("data", "--quick", "--root", str(tmp_path / "nope"), "--out", str(tmp_path),
+                  env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"python -m bench data: error: --root "
+                                   f"{str(tmp_path / 'nope')!r} does not exist"), proc.stderr
+    assert not list(tmp_path.glob("*-*.jsonl"))
