@@ -210,6 +210,26 @@ def problems(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def not_built(specs: list[tuple[str, Any]], archs: list[int]) -> dict[int, int]:
+    """Per asked arch, how many specs its `archs` leave out (compile_all builds no row for
+    them)."""
+    return {cc: n for cc in archs
+            if (n := sum(cc not in getattr(s, "archs", (90, 80)) for _, s in specs))}
+
+
+def summary(specs: list[tuple[str, Any]], archs: list[int], rows: list[dict[str, Any]],
+            n_import_errors: int) -> str:
+    """The last line: every spec x arch pair is ok, has problems or is not built (the spec is
+    limited to other archs), so the numbers add up."""
+    n_bad = sum(bool(problems(r)) for r in rows)
+    skipped = not_built(specs, archs)
+    where = ", ".join(f"{n} for sm_{cc}" for cc, n in skipped.items())
+    return (f"# {len(specs)} spec(s) x {len(archs)} arch(s) = {len(specs) * len(archs)}: "
+            f"{len(rows) - n_bad} ok, {n_bad} with problems, {sum(skipped.values())} not built "
+            f"for an arch their spec leaves out{' (' + where + ')' if where else ''}, "
+            f"{n_import_errors} module(s) failed to import")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'kernel spec':<58} {'arch':>5} {'warps':>5} {'stages':>6} {'regs':>5} "
             f"{'stack':>6} {'local':>6} {'shared KB':>9} {'limit KB':>8}  status")
@@ -262,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for ref, err in errors:
         print(f"import error in {ref}: {err}")
     n_bad = sum(bool(problems(r)) for r in rows)
-    print(f"# {len(specs)} spec(s) x {len(args.arch)} arch(s): {len(rows) - n_bad} ok, "
-          f"{n_bad} with problems, {len(errors)} module(s) failed to import")
+    print(summary(specs, args.arch, rows, len(errors)))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "import_errors": errors}, indent=1))
     return 1 if n_bad or errors else 0

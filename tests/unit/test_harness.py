@@ -420,3 +420,27 @@ def test_cli_bad_out_and_data_root_are_one_line_errors_before_any_work(tmp_path)
     assert proc.stderr.strip() == (f"python -m bench data: error: --root "
                                    f"{str(tmp_path / 'nope')!r} does not exist"), proc.stderr
     assert not list(tmp_path.glob("*-*.jsonl"))
+
+
+def test_compile_report_summary_counts_specs_not_built_for_an_arch():
+    """`compile-report --only rope --arch 90` printed `27 spec(s) x 1 arch(s): 18 ok, 0 with
+    problems`: the 9 specs limited to sm_80 went uncounted. Every spec x arch pair is ok, has
+    problems or is not built, and the line says which."""
+    from types import SimpleNamespace
+
+    from bench.compile_report import summary
+
+    def row(arch, shared=0):
+        return {"arch": arch, "error": None, "stack": 0, "local": 0, "shared": shared,
+                "shared_limit": 1000}
+
+    specs = [("m", SimpleNamespace(name=f"s{i}", archs=archs))
+             for i, archs in enumerate([(90, 80), (90,), (80,), (80,)])]
+    line = summary(specs, [90], [row(90), row(90, shared=2000)], 0)
+    assert line.startswith("# 4 spec(s) x 1 arch(s) = 4: 1 ok, 1 with problems, 2 not built "
+                           "for an arch their spec leaves out (2 for sm_90),"), line
+    line = summary(specs, [90, 80], [row(90), row(80), row(90), row(80), row(80)], 1)
+    assert "= 8: 5 ok, 0 with problems, 3 not built for an arch their spec leaves out (2 for " \
+           "sm_90, 1 for sm_80), 1 module(s) failed to import" in line, line
+    one = summary(specs[:1], [90], [row(90)], 0)
+    assert "1 ok, 0 with problems, 0 not built for an arch their spec leaves out, " in one, one
