@@ -51,7 +51,7 @@ def read_file_list(file_list: str | Path) -> list[str]:
     if not file_list.is_file():
         raise FileNotFoundError(f"file list {str(file_list)!r} does not exist")
     paths = []
-    for line in file_list.read_text().splitlines():
+    for line in file_list.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -79,6 +79,17 @@ def test_file_list(tmp_path):
         ImageFolderUnlabeled(root=tmp_path, file_list=lst)
 
 
+def test_file_list_of_names_that_are_not_utf8(tmp_path):
+    """A listed file whose name is not UTF-8 (Latin-1 bytes; curation's lists keep them as
+    written) is read and found, as the folder walk finds it."""
+    name = os.fsdecode(b"caf\xe9.png")  # a surrogate escape on a UTF-8 file system
+    _save(tmp_path / name)
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"caf\xe9.png\n")
+    ds = ImageFolderUnlabeled(file_list=lst)
+    assert ds.paths == [str(tmp_path / name)] and ds.load(0)[1] == 0
+
+
 def test_labelled_folder(tmp_path):
     _save(tmp_path / "cat" / "1.png")
     _save(tmp_path / "cat" / "sub" / "2.png")
