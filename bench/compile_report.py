@@ -276,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     ensure_importable()
     specs, errors = collect_specs(args.module, kernels=not args.no_kernels)
     if args.only:
-        specs = [(m, s) for m, s in specs if args.only in s.name]
+        chosen = [(m, s) for m, s in specs if args.only in s.name]
+        if not chosen and specs:  # else `0 spec(s) ... 0 ok` and exit 0 for a typo
+            kernels = sorted({s.name.split("[")[0] for _, s in specs})
+            print(f"error: --only {args.only!r} is in no spec name; the specs are of "
+                  f"{', '.join(kernels)}", file=sys.stderr)
+            return 2
+        specs = chosen
     rows = compile_all(specs, args.arch, args.jobs)
     print(format_table(rows))
     for ref, err in errors:

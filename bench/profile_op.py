@@ -180,7 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print(f"error: no case of {args.op} matches --cases {args.cases!r}", file=sys.stderr)
         return 2
-    wanted = args.providers.split(",")
+    wanted = [w for w in args.providers.split(",") if w]
+    from bench.runner import provider_names
+
+    known = list(dict.fromkeys(n for c in cases for n in provider_names(c)))
+    missing = [w for w in wanted if w not in known]
+    if missing:  # else it profiled nothing and exited 0
+        print(f"error: --providers {', '.join(map(repr, missing))}: no selected case of "
+              f"{args.op} has {'it' if len(missing) == 1 else 'them'}; their providers are "
+              f"{', '.join(known)}", file=sys.stderr)
+        return 2
     for case in cases:
         base = case.make_inputs(device, case.dtype)
         provs = {k: v for k, v in providers_for(case).items() if k in wanted}

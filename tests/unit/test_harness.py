@@ -444,3 +444,18 @@ def test_compile_report_summary_counts_specs_not_built_for_an_arch():
            "sm_90, 1 for sm_80), 1 module(s) failed to import" in line, line
     one = summary(specs[:1], [90], [row(90)], 0)
     assert "1 ok, 0 with problems, 0 not built for an arch their spec leaves out, " in one, one
+
+
+def test_cli_profile_providers_and_compile_report_only_that_match_nothing_are_errors():
+    """As --cases / --providers of the sweeps: `profile --providers tritn` profiled nothing and
+    `compile-report --only zzz` compiled nothing, both exit 0. Now exit 2 naming what exists."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = _bench("profile", "selftest", "--quick", "--providers", "tritn", "--calls", "1",
+                  env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--providers 'tritn': no selected case of selftest has it" in proc.stderr
+    assert "torch, triton" in proc.stderr, proc.stderr
+    proc = _bench("compile-report", "--only", "no-such-spec", "--no-kernels", "--module",
+                  "bench.bench_selftest", env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--only 'no-such-spec' is in no spec name; the specs are of " in proc.stderr
