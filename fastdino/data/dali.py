@@ -554,8 +554,9 @@ class MixedResolutionLoader:
     loader's choice of sizes, the same on every rank and on a resume. Each pipeline prefetches
     its own next batches: memory and threads grow with the number of triples."""
 
-    def __init__(self, loaders: list[DALITrainLoader], seed: int, ratios, start_iteration: int):
-        self.loaders, self.seed, self.ratios = loaders, seed, ratios
+    def __init__(self, loaders: list[DALITrainLoader], seed: int, ratios, start_iteration: int,
+                 gas: int = 1):
+        self.loaders, self.seed, self.ratios, self.gas = loaders, seed, ratios, gas
         self.iteration = start_iteration
         self.skipped: set[str] = set()
 
@@ -567,7 +568,7 @@ class MixedResolutionLoader:
         return self
 
     def __next__(self) -> Batch:
-        loader = self.loaders[resolution_of(self.seed, self.iteration, self.ratios)]
+        loader = self.loaders[resolution_of(self.seed, self.iteration, self.ratios, self.gas)]
         assert loader.iteration == self.iteration  # its next batch is this step's
         batch = next(loader)
         self.iteration += 1
@@ -609,12 +610,14 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
         return DALITrainLoader(images, cfg, rank, world_size, start_iteration, device_id, debug,
                                exact_hue, host_jitter, photometric, source_workers)
     ratios = np.array([r for _, r in variants])
+    gas = cfg.deepspeed.gradient_accumulation_steps  # one triple per optimizer step
     loaders = [DALITrainLoader(images, dataclasses.replace(cfg, crops=crops), rank, world_size,
                                start_iteration, device_id, debug, exact_hue, host_jitter,
                                photometric, source_workers,
-                               steps=StepsOfResolution(cfg.data.seed, ratios, k, start_iteration))
+                               steps=StepsOfResolution(cfg.data.seed, ratios, k, start_iteration,
+                                                       gas))
                for k, (crops, _) in enumerate(variants)]
     logger.info("DALI loader: crops.resolution_mix, one pipeline per triple: %s",
                 ", ".join(f"{c.global_crops_size}/{c.local_crops_size}/"
                           f"{c.gram_teacher_crops_size} ({r:.0%})" for c, r in variants))
-    return MixedResolutionLoader(loaders, cfg.data.seed, ratios, start_iteration)
+    return MixedResolutionLoader(loaders, cfg.data.seed, ratios, start_iteration, gas)

@@ -78,12 +78,14 @@ class ShardedInfiniteOrder:
         return [self.sample(k) for k in range(step * batch_size, (step + 1) * batch_size)]
 
 
-def resolution_of(seed: int, step: int, ratios) -> int:
-    """The crops.resolution_mix entry of `step`: drawn from the data seed and the step, not the
-    rank, so every rank and every loader (torch, DALI) picks the same one, and a resume too; 0
-    without a mix."""
+def resolution_of(seed: int, micro_batch: int, ratios, gas: int = 1) -> int:
+    """The crops.resolution_mix entry of the loader's `micro_batch`: drawn from the data seed and
+    the optimizer step (micro_batch // gas: the gas micro-batches of a step share one size), not
+    the rank, so every rank and every loader (torch, DALI) picks the same one, and a resume too;
+    0 without a mix."""
     if len(ratios) == 1:
         return 0
+    step = micro_batch // gas
     return int(np.random.default_rng([seed, _RESOLUTION, step]).choice(len(ratios), p=ratios))
 
 
@@ -92,14 +94,14 @@ class StepsOfResolution:
     loader of that one resolution serves (DALI keeps one pipeline per entry). Picklable for
     DALI's worker processes; the scan is memoised."""
 
-    def __init__(self, seed: int, ratios, k: int, start: int) -> None:
-        self.seed, self.ratios, self.k, self.start = seed, list(ratios), k, start
+    def __init__(self, seed: int, ratios, k: int, start: int, gas: int = 1) -> None:
+        self.seed, self.ratios, self.k, self.start, self.gas = seed, list(ratios), k, start, gas
         self._steps: list[int] = []
         self._next = start
 
     def __call__(self, j: int) -> int:
         while len(self._steps) <= j:
-            if resolution_of(self.seed, self._next, np.asarray(self.ratios)) == self.k:
+            if resolution_of(self.seed, self._next, np.asarray(self.ratios), self.gas) == self.k:
                 self._steps.append(self._next)
             self._next += 1
         return self._steps[j]
@@ -140,6 +142,7 @@ class MultiCropBatches(Dataset):
         self.raw = cfg.data.torch_photometric == "gpu"
         self.batch_size = cfg.data.batch_size_per_gpu
         self.seed, self.rank = cfg.data.seed, rank
+        self.gas = cfg.deepspeed.gradient_accumulation_steps  # one resolution per optimizer step
         self.patch_size = cfg.model.patch_size
         self.mask_probability = cfg.ibot.mask_sample_probability
         self.ratio_min_max = cfg.ibot.mask_ratio_min_max
@@ -149,7 +152,7 @@ class MultiCropBatches(Dataset):
 
     def resolution(self, step: int) -> int:
         """The crops.resolution_mix entry of `step` (`resolution_of`)."""
-        return resolution_of(self.seed, step, self.ratios)
+        return resolution_of(self.seed, step, self.ratios, self.gas)
 
     def sample(self, epoch: int, index: int, variant: int = 0) -> dict:
         crops_cfg, augment, _ = self.variants[variant]

@@ -787,6 +787,12 @@ def test_resolution_mix_one_pipeline_per_triple(image_dir):
     for s in range(3, 6):
         b = _cpu(next(resumed))
         assert torch.equal(b.global_crops, got[s].global_crops), s
+    # gradient accumulation 2: the micro-batches of a step share its triple, as the torch loader
+    gas = _cfg(image_dir, mix, "data.loader=dali", "deepspeed.gradient_accumulation_steps=2",
+               batch=2)
+    loader = _dali(gas, photometric="triton")
+    sizes = [next(loader).global_crops.shape[-1] for _ in range(8)]
+    assert all(sizes[i] == sizes[i + 1] for i in range(0, 8, 2)) and len(set(sizes)) > 1, sizes
 
 
 @needs_dali

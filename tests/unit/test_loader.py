@@ -246,6 +246,18 @@ def test_resolution_mix_picks_one_triple_per_step_on_every_rank(image_dir):
         _assert_equal_batches(next(full), next(resumed))
 
 
+def test_resolution_mix_with_gradient_accumulation_draws_per_optimizer_step(image_dir):
+    """The gas micro-batches of an optimizer step share its triple (README: one size triple per
+    step); different steps still differ."""
+    cfg = _cfg(image_dir, MIX, "crops.gram_teacher_crops_size=48",
+               "deepspeed.gradient_accumulation_steps=3")
+    loader = build_train_loader(cfg, 0, 1, 0)
+    sizes = [next(loader).global_crops.shape[-1] for _ in range(24)]
+    per_step = [set(sizes[i:i + 3]) for i in range(0, 24, 3)]
+    assert all(len(s) == 1 for s in per_step), sizes
+    assert len(set.union(*per_step)) > 1
+
+
 def test_resolution_mix_rules(image_dir):
     from fastdino.config import ConfigError
 
