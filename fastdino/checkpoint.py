@@ -4,10 +4,13 @@
         iter_0000100/                   one checkpoint ("tag")
             <DeepSpeed files>           student + optimizer (ZeRO partitions), or torch_engine.pt
             trainer_state.pt            teacher, Gram teacher, loss state (centers), iteration,
-                                        data position, Gram refresh count (rank 0)
+                                        data position, Gram refresh count; the ranks, images per
+                                        rank per micro-batch and engine layout (ZeRO stage,
+                                        precision) that wrote it (rank 0)
             rng_rank<r>.pt              python / numpy / torch / cuda RNG states of rank r
-            universal/                  only after a resume with another rank count or engine:
-                                        DeepSpeed's universal form (parallel.universal_checkpoint)
+            universal/                  only after a resume with another rank count, ZeRO stage,
+                                        precision or engine: DeepSpeed's universal form
+                                        (parallel.universal_checkpoint)
         latest                          text file naming the newest complete tag (written last)
 
 Atomicity: everything is written into `checkpoints/.partial/<tag>/`, fsync'ed, then renamed to
@@ -92,8 +95,12 @@ def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state:
     engine.save_checkpoint(str(partial_root), tag)
     torch.save(rng_state(), partial / f"rng_rank{fdist.get_rank()}.pt")
     if fdist.is_main_process():
+        # what a resume needs to read the engine files and continue the data: the ranks, the
+        # images per rank per micro-batch, and the engine's on-disk layout (ZeRO stage,
+        # precision, optimizer; parallel.checkpoint_format)
         torch.save({**trainer_state, "iteration": iteration, "world_size": fdist.get_world_size(),
-                    "micro_batch_size": getattr(engine, "micro_batch_size", None)},
+                    "micro_batch_size": getattr(engine, "micro_batch_size", None),
+                    "engine_layout": getattr(engine, "checkpoint_layout", None)},
                    partial / STATE_FILE)
     fdist.barrier()
     final = ckpt_dir / tag
@@ -185,14 +192,18 @@ def load_checkpoint(path: Path, engine) -> dict:
     as the very last thing before the first step (building a DataLoader iterator draws from the
     global torch RNG, so restoring earlier would shift the stream).
 
-    Another number of ranks than the writer's (USERS.md §5): the engine re-partitions the ZeRO
-    state (parallel.py: DeepSpeed universal checkpoint; student weights, AdamW moments and step
-    count carry over), the teachers and loss state are replicated anyway, and the data position
-    is remapped by `remap_data_position`. Not restored: the RNG streams (per rank) — the run
-    continues correctly but not bit-exactly as any run of fixed size would."""
+    Another number of ranks than the writer's (USERS.md §5), or another engine layout (ZeRO
+    stage, precision, the plain torch engine): the engine re-partitions the ZeRO state
+    (parallel.py: DeepSpeed universal checkpoint; student weights, AdamW moments and step count
+    carry over), the teachers and loss state are replicated anyway. Another number of ranks or
+    another per-rank batch (data.batch_size_per_gpu): the data position is remapped by
+    `remap_data_position` to the same global image count. Not restored on another number of
+    ranks: the RNG streams (per rank) — the run continues correctly but not bit-exactly as any
+    run of fixed size would."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     saved, world = state.get("world_size"), fdist.get_world_size()
-    engine.load_checkpoint(str(path.parent), path.name, saved_world_size=saved)
+    engine.load_checkpoint(str(path.parent), path.name, saved_world_size=saved,
+                           saved_layout=state.get("engine_layout"))
     rng_file = path / f"rng_rank{fdist.get_rank()}.pt"
     state["rng"] = None
     if saved == world and rng_file.is_file():
@@ -200,11 +211,30 @@ def load_checkpoint(path: Path, engine) -> dict:
     else:
         logger.warning("checkpoint %s was written by %s ranks, this run has %d: RNG states not "
                        "restored (the run continues, but not bit-exactly)", path, saved, world)
-    if saved is not None and saved != world and "data_iteration" in state:
-        state["data_iteration"] = remap_data_position(
-            state["data_iteration"], saved, state.get("micro_batch_size"), world,
-            getattr(engine, "micro_batch_size", None), path)
+    if "data_iteration" in state:
+        batch = getattr(engine, "micro_batch_size", None)
+        if needs_data_remap(saved, state.get("micro_batch_size"), world, batch, path):
+            state["data_iteration"] = remap_data_position(
+                state["data_iteration"], saved, state.get("micro_batch_size"), world, batch, path)
     return state
+
+
+def needs_data_remap(saved_world: int | None, saved_batch: int | None, world: int,
+                     batch: int | None, path: Path | str = "checkpoint") -> bool:
+    """Whether the loader position (micro-batches of this rank) must be converted: the ranks or
+    the images per rank per micro-batch differ from the writer's. A checkpoint without the
+    world size (the oldest) or without the per-rank batch (written before it was recorded,
+    or by the plain torch engine before it recorded it) is taken as written by this run's
+    batch, as before, with a warning when that assumption decides the position."""
+    if saved_world is None:
+        return False
+    if saved_batch is None and batch is not None:
+        logger.warning("%s does not record the images per rank per micro-batch (an older "
+                       "checkpoint): the data position assumes it was data.batch_size_per_gpu = "
+                       "%d, this run's; if it was not, images are repeated or skipped", path,
+                       batch)
+        return saved_world != world
+    return saved_world != world or (batch is not None and saved_batch != batch)
 
 
 def remap_data_position(micro_batches: int, saved_world: int, saved_batch: int | None,

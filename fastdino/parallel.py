@@ -311,6 +311,9 @@ class TorchStudent(_StudentBase):
         self.dtype = dtype  # bf16: autocast in __call__ (params stay fp32 master weights)
         self.device = info.device
         self.gas = cfg.deepspeed.gradient_accumulation_steps
+        # images per micro-batch, recorded in checkpoints for the data position (a DeepSpeed run
+        # of any size, or a run with another batch, may continue this one)
+        self.micro_batch_size = cfg.data.batch_size_per_gpu
         self.optimizer = _adamw(groups, cfg, info.device)
 
     @property
@@ -333,7 +336,11 @@ class TorchStudent(_StudentBase):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    micro_batch_size = None  # not known here (and one process: the world size never changes)
+    @property
+    def checkpoint_layout(self) -> dict:
+        """How save_checkpoint lays the student out on disk (recorded in the trainer state)."""
+        return {"engine": "torch", "zero_stage": None, "precision": _precision_name(self.dtype),
+                "optimizer": type(self.optimizer).__name__, "format": FORMAT_TORCH}
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         if fdist.is_main_process():
@@ -341,27 +348,23 @@ class TorchStudent(_StudentBase):
                         "optimizer": self.optimizer.state_dict()},
                        Path(save_dir) / tag / TORCH_ENGINE_FILE)
 
-    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None) -> None:
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None,
+                        saved_layout: dict | None = None) -> None:
         """Its own checkpoint (torch_engine.pt), or a DeepSpeed one written by any number of ranks:
-        ZeRO-0 holds the full AdamW state in its model file; ZeRO-1/2/3 partitions are read
-        through their universal form (`universal_checkpoint`, needs deepspeed installed)."""
+        ZeRO-0 holds the full AdamW state in its model file (fp32 masters: bf16 runs keep them
+        beside it); ZeRO-1/2/3 partitions are read through their universal form
+        (`universal_checkpoint`, needs deepspeed installed). `saved_layout`: unused (the files
+        say which)."""
         ckpt = Path(load_dir) / tag
-        path = ckpt / TORCH_ENGINE_FILE
-        if path.is_file():
-            sd = torch.load(path, map_location=self.device, weights_only=True)
-            self.module.load_state_dict(sd["module"])
-            self.optimizer.load_state_dict(sd["optimizer"])
-            return
-        model_files = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))
-        if not model_files:
-            raise FileNotFoundError(f"{ckpt}: neither {TORCH_ENGINE_FILE} (plain torch engine) nor "
-                                    "DeepSpeed checkpoint files (*model_states.pt)")
-        logger.info("checkpoint %s was written by the DeepSpeed engine (%s rank(s)); this run uses "
-                    "the plain torch engine", ckpt, saved_world_size or "?")
-        if not any(ckpt.glob("*optim_states.pt")):  # ZeRO-0: replicated, full AdamW state
-            sd = torch.load(model_files[0], map_location=self.device, weights_only=True)
-            self.module.load_state_dict(sd["module"])
-            self.optimizer.load_state_dict(sd["optimizer"])
+        if not (ckpt / TORCH_ENGINE_FILE).is_file():
+            if not any(ckpt.glob("*model_states.pt")):
+                checkpoint_format(ckpt)  # raises: no engine files at all
+            logger.info("checkpoint %s was written by the DeepSpeed engine (%s rank(s)); this run "
+                        "uses the plain torch engine", ckpt, saved_world_size or "?")
+        if _holds_full_state(ckpt):  # the full AdamW state in one file
+            module_state, optim_state = _replicated_state(ckpt, self.device)
+            self.module.load_state_dict(module_state)
+            self.optimizer.load_state_dict(optim_state)
             return
         if deepspeed is None:
             raise RuntimeError(
@@ -574,50 +577,65 @@ class DeepSpeedStudent(_StudentBase):
         """Images per rank per micro-batch (recorded in checkpoints for the data position)."""
         return self.engine.train_micro_batch_size_per_gpu()
 
+    @property
+    def checkpoint_layout(self) -> dict:
+        """How save_checkpoint lays the student out on disk (recorded in the trainer state): the
+        ZeRO stage and DeepSpeed's optimizer wrapper decide the files and what they hold."""
+        opt, precision = type(self.engine.optimizer).__name__, _precision_name(self.dtype)
+        if opt == "BF16_Optimizer":  # ZeRO-1 bf16 with fp32 gradient accumulation (user json)
+            fmt = FORMAT_BF16_OPTIMIZER
+        elif self.zero_stage > 0:
+            fmt = _zero_format(self.zero_stage, precision == "bf16")
+        else:  # ZeRO-0: torch's AdamW (fp32), or DeepSpeed's FP16_UnfusedOptimizer around it
+            fmt = FORMAT_ZERO0 if self.engine.optimizer is self.engine.basic_optimizer \
+                else FORMAT_ZERO0_WRAPPED
+        return {"engine": "deepspeed", "zero_stage": self.zero_stage, "precision": precision,
+                "optimizer": opt, "format": fmt}
+
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         with deepspeed_collectives_on_group():
             self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
 
-    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None) -> None:
-        """Collective. Same data-parallel size as the writer (or ZeRO-0: replicated optimizer
-        state): DeepSpeed's own loader. Another size: DeepSpeed refuses ZeRO-1/2/3 partitions
-        written by another world size (ZeRORuntimeException, 0.19: elastic_checkpoint does not
-        lift it), so the checkpoint is converted once into a universal checkpoint (per-parameter
-        fp32 master, exp_avg, exp_avg_sq, step: `<ckpt>/universal/`, see `universal_checkpoint`)
-        and loaded with DeepSpeed's universal loader, which re-partitions it for this world.
-        A plain torch engine checkpoint (torch_engine.pt, one process): ZeRO-0 loads its AdamW
-        state directly, ZeRO-1/2/3 through a universal form written from it."""
+    def load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None = None,
+                        saved_layout: dict | None = None) -> None:
+        """Collective. DeepSpeed's own loader reads only what this engine would have written: the
+        same data-parallel size and the same layout (`checkpoint_format`: ZeRO-1 and 2 share one;
+        ZeRO-3, ZeRO-0 and the plain torch engine each their own; a ZeRO-0 engine keeps the full
+        optimizer state, so any size). Otherwise DeepSpeed fails (ZeRO partitions of another
+        world size: ZeRORuntimeException; ZeRO-3 <-> 1/2: an assertion in its state-dict
+        factory) or, worse, silently restarts the AdamW moments (no partition files of its
+        kind: ZeRO-0 -> 1/2), so the checkpoint is converted once into a universal checkpoint
+        (per-parameter fp32 master, exp_avg, exp_avg_sq, step: `<ckpt>/universal/`, see
+        `universal_checkpoint`) and loaded with DeepSpeed's universal loader, which partitions it
+        for this world and stage. A ZeRO-0 engine (DeepSpeed has no universal loader for it) is
+        given the full state directly (`_load_full_state`). `saved_layout`: the writer's
+        `checkpoint_layout` from the trainer state (None in older checkpoints: the files say)."""
         with deepspeed_collectives_on_group():
-            self._load_checkpoint(load_dir, tag, saved_world_size)
+            self._load_checkpoint(load_dir, tag, saved_world_size, saved_layout)
 
-    def _load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None) -> None:
+    def _load_checkpoint(self, load_dir: str, tag: str, saved_world_size: int | None,
+                         saved_layout: dict | None) -> None:
         ckpt = Path(load_dir) / tag
-        from_torch = (ckpt / TORCH_ENGINE_FILE).is_file()  # the plain torch engine wrote it
-        if not from_torch and not any(ckpt.glob("*model_states.pt")):
-            raise FileNotFoundError(f"{ckpt}: neither DeepSpeed checkpoint files "
-                                    f"(*model_states.pt) nor {TORCH_ENGINE_FILE} (torch engine)")
-        world = fdist.get_world_size()
-        if from_torch and self.zero_stage == 0:  # DeepSpeed steps our torch AdamW itself
-            sd = torch.load(ckpt / TORCH_ENGINE_FILE, map_location=self.device, weights_only=True)
-            self.module.load_state_dict(sd["module"])
-            base = self.engine.optimizer
-            if not isinstance(base, torch.optim.Optimizer):
-                raise RuntimeError(f"{ckpt} was written by the plain torch engine; this run's "
-                                   f"DeepSpeed ZeRO-0 optimizer ({type(base).__name__}) cannot "
-                                   "take its AdamW state: resume with deepspeed.zero_stage>=1")
-            base.load_state_dict(sd["optimizer"])
-            return
-        if not from_torch and (saved_world_size in (None, world) or self.zero_stage == 0):
+        saved = (saved_layout or {}).get("format") or checkpoint_format(ckpt)
+        fmt, world = self.checkpoint_layout["format"], fdist.get_world_size()
+        replicated_here = fmt in REPLICATED_FORMATS
+        if saved == fmt and (replicated_here or saved_world_size in (None, world)):
             path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {load_dir}")
             return
+        writer = (f"{saved_world_size or '?'} DeepSpeed rank(s), {saved}" if saved
+                  != FORMAT_TORCH else "the plain torch engine")
+        if replicated_here:
+            logger.info("checkpoint %s was written by %s; this run is %s on %d rank(s): loading "
+                        "the full optimizer state", ckpt, writer, fmt, world)
+            self._load_full_state(ckpt, saved)
+            return
         uni = universal_checkpoint(ckpt, self.device)
-        logger.info("checkpoint %s was written by %s, this run has %d DeepSpeed rank(s): loading "
-                    "its universal form %s (ZeRO-%d partitions built for %d ranks)", ckpt,
-                    "the plain torch engine" if from_torch else f"{saved_world_size} ranks", world,
-                    uni, self.zero_stage, world)
+        logger.info("checkpoint %s was written by %s; this run is %s on %d rank(s): loading its "
+                    "universal form %s (ZeRO-%d partitions built for %d ranks)", ckpt, writer,
+                    fmt, world, uni, self.zero_stage, world)
         cfg = self.engine._config  # DeepSpeed reads the flag at load time only
         before = cfg.load_universal_checkpoint
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
@@ -642,6 +660,36 @@ class DeepSpeedStudent(_StudentBase):
         check_frozen_params(self.module, ckpt, module_state,
                             gather=self._gathered_values if self.zero_stage == 3 else None)
 
+    def _load_full_state(self, ckpt: Path, saved: str) -> None:
+        """A ZeRO-0 engine (replicated: torch's AdamW, in bf16 inside DeepSpeed's
+        FP16_UnfusedOptimizer with fp32 masters) from a checkpoint of another layout: the full
+        module and AdamW state of a replicated checkpoint (the plain torch engine's, or ZeRO-0 of
+        the other precision), or each parameter's from the universal form of ZeRO partitions."""
+        opt = self.engine.optimizer
+        base = opt.optimizer if hasattr(opt, "fp32_groups") else opt  # torch AdamW either way
+        if not isinstance(base, torch.optim.Optimizer):
+            raise RuntimeError(f"{ckpt} ({saved}) cannot be loaded into this run's DeepSpeed "
+                               f"ZeRO-0 optimizer {type(opt).__name__}: resume with "
+                               "deepspeed.zero_stage>=1")
+        if saved in REPLICATED_FORMATS:
+            module_state, optim_state = _replicated_state(ckpt, self.device)
+            self.module.load_state_dict(module_state)  # (cast to bf16 in a bf16 engine)
+            masters = module_state
+        else:
+            zero = universal_checkpoint(ckpt, self.device) / "zero"
+            masters, optim_state = _full_state_from_universal(zero, base.param_groups)
+            module_state = _module_state(ckpt)
+            load_buffers(self.module, ckpt, module_state)
+        base.load_state_dict(optim_state)
+        with torch.no_grad():
+            for gi, g in enumerate(base.param_groups):
+                for i, (name, master) in enumerate(zip(g["names"], g["params"], strict=True)):
+                    master.copy_(masters[name].reshape(master.shape))
+                    if hasattr(opt, "fp16_groups"):  # the bf16 compute copy of the master
+                        opt.fp16_groups[gi][i].copy_(master)
+        if saved not in REPLICATED_FORMATS:
+            check_frozen_params(self.module, ckpt, module_state)
+
     def _fix_adam_steps(self) -> None:
         """DeepSpeed 0.19.8's ZeRO-3 universal loader gives every sub-group's AdamW state the
         *same* `step` tensor, which torch's AdamW then increments in place once per sub-group
@@ -657,6 +705,91 @@ TORCH_ENGINE_FILE = "torch_engine.pt"
 UNIVERSAL_DIR = "universal"
 _MODEL_FILES = ("mp_rank_00_model_states.pt",  # what DeepSpeed's universal loader reads:
                 "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
+# on-disk layouts of the student (`checkpoint_layout()["format"]`): DeepSpeed's own loader reads
+# only its own (0.19.8: ZeRO partitions of the other precision, named bf16_zero_pp_rank_* in
+# bf16 and zero_pp_rank_* in fp32, are not found); any two are bridged by the universal form
+# (or, for ZeRO-0, the full state)
+FORMAT_TORCH = "torch"  # torch_engine.pt: module + torch AdamW state
+FORMAT_ZERO0 = "zero0"  # mp_rank_00_model_states.pt: module + torch AdamW state
+FORMAT_ZERO0_WRAPPED = "zero0-bf16"  # the same, AdamW inside FP16_UnfusedOptimizer (fp32 masters)
+# "zero1-2" ([bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt partitions), "zero3" (also
+# zero_pp_rank_<r>_mp_rank_00_model_states.pt), each with "-bf16" in bf16: _zero_format
+FORMAT_BF16_OPTIMIZER = "bf16-optimizer"  # ZeRO-1/2 bf16 file names, DeepSpeed's BF16_Optimizer
+REPLICATED_FORMATS = (FORMAT_TORCH, FORMAT_ZERO0, FORMAT_ZERO0_WRAPPED)
+
+
+def _zero_format(stage: int, bf16: bool) -> str:
+    return ("zero3" if stage == 3 else "zero1-2") + ("-bf16" if bf16 else "")
+
+
+def _precision_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def _holds_full_state(ckpt: Path) -> bool:
+    """The checkpoint holds the whole AdamW state in one file (REPLICATED_FORMATS)."""
+    return (ckpt / TORCH_ENGINE_FILE).is_file() or (
+        (ckpt / "mp_rank_00_model_states.pt").is_file() and not any(ckpt.glob("*zero_pp_rank_*")))
+
+
+def checkpoint_format(ckpt: Path) -> str:
+    """The layout of checkpoint `ckpt`'s student files, read from the files themselves (for
+    checkpoints that predate `engine_layout` in the trainer state). ZeRO-1/2 partitions of
+    DeepSpeed's BF16_Optimizer have the same names as the ZeRO optimizer's in bf16: taken as
+    "zero1-2-bf16"."""
+    ckpt = Path(ckpt)
+    if (ckpt / TORCH_ENGINE_FILE).is_file():
+        return FORMAT_TORCH
+    if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
+        return _zero_format(3 if any(ckpt.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")) else 1,
+                            any(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")))
+    model = ckpt / "mp_rank_00_model_states.pt"
+    if model.is_file():  # ZeRO-0: its optimizer state says which
+        opt = torch.load(model, map_location="cpu", weights_only=True).get("optimizer")
+        return FORMAT_ZERO0_WRAPPED if isinstance(opt, dict) and "fp32_groups" in opt \
+            else FORMAT_ZERO0
+    raise FileNotFoundError(f"{ckpt}: neither DeepSpeed checkpoint files (*model_states.pt) nor "
+                            f"{TORCH_ENGINE_FILE} (plain torch engine)")
+
+
+def _replicated_state(ckpt: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """(module state, torch AdamW state dict) of a checkpoint that holds the full optimizer state
+    (REPLICATED_FORMATS). The module state's trainable entries are the fp32 masters: a bf16
+    ZeRO-0 engine keeps them in its optimizer (`fp32_groups`, in the order of the AdamW groups'
+    `names`), beside the bf16 module."""
+    if (ckpt / TORCH_ENGINE_FILE).is_file():
+        sd = torch.load(ckpt / TORCH_ENGINE_FILE, map_location=device, weights_only=True)
+        return sd["module"], sd["optimizer"]
+    sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location=device, weights_only=True)
+    module, opt = dict(sd["module"]), sd["optimizer"]
+    if not isinstance(opt, dict):
+        raise FileNotFoundError(f"{ckpt}: the DeepSpeed model file holds no optimizer state "
+                                "(and there are no ZeRO partition files)")
+    if "fp32_groups" in opt:  # DeepSpeed's FP16_UnfusedOptimizer (ZeRO-0 bf16)
+        from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+        masters, opt = opt["fp32_groups"], opt[OPTIMIZER_STATE_DICT]
+        for g, group_masters in zip(opt["param_groups"], masters, strict=True):
+            for name, m in zip(g["names"], group_masters, strict=True):
+                module[name] = m.detach().float()
+    return module, opt
+
+
+def _full_state_from_universal(zero: Path, groups: list[dict]) -> tuple[dict, dict]:
+    """({name: fp32 master}, torch AdamW state dict for `groups`, the optimizer's own groups) from
+    a universal checkpoint's per-parameter files."""
+    masters, state, saved_groups, idx = {}, {}, [], 0
+    for g in groups:
+        ids = []
+        for name, p in zip(g["names"], g["params"], strict=True):
+            masters[name] = _read_universal(zero / name, "fp32").reshape(p.shape)
+            state[idx] = {"step": _read_universal(zero / name, "step").float().reshape(()),
+                          **{k: _read_universal(zero / name, k).reshape(p.shape)
+                             for k in ("exp_avg", "exp_avg_sq")}}
+            ids.append(idx)
+            idx += 1
+        saved_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+    return masters, {"state": state, "param_groups": saved_groups}
 
 
 def adam_step_tensor(value, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -723,12 +856,21 @@ def check_frozen_params(module: nn.Module, ckpt: Path, sd: dict | None = None,
         values = dict(zip([n for n, _ in partitioned], full, strict=True))
         for name, p in frozen:
             value = values.get(name, p.detach())
-            if value.numel() != saved[name].numel() or not torch.equal(
-                    saved[name].to(value.device, value.dtype).view(value.shape), value):
+            if value.numel() != saved[name].numel() or not _equal_at_coarser(
+                    saved[name].to(value.device).view(value.shape), value):
                 raise ValueError(
                     f"{ckpt}: frozen parameter {name!r} (optim.frozen_blocks) differs from the "
                     "value this run was built with: resume with the model.pretrained_weights "
                     "(and train.seed) of the run that wrote the checkpoint")
+
+
+def _equal_at_coarser(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal once both are rounded to the coarser of their dtypes: a bf16 run saves its frozen
+    parameters in bf16, a fp32 run resumed from it holds them in fp32 (the same values)."""
+    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
+        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        a, b = a.to(low), b.to(low)
+    return torch.equal(a, b.to(a.dtype))
 
 
 def _read_universal(param_dir: Path, key: str) -> torch.Tensor:
@@ -745,38 +887,99 @@ def _read_universal(param_dir: Path, key: str) -> torch.Tensor:
 def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
     """Collective. `<ckpt>/universal`: DeepSpeed's universal form of checkpoint `ckpt`
     (per parameter: fp32 master, exp_avg, exp_avg_sq, step), which DeepSpeed's universal loader
-    partitions for any number of ranks. Written by rank 0 the first time, reused after:
-    a ZeRO checkpoint through deepspeed.checkpoint.ds_to_universal, a plain torch one
-    (torch_engine.pt) by `_universal_from_torch`. Atomic: written into
-    `<ckpt>/.universal.partial/`, fsync'ed, renamed (its presence = complete); derived data
-    (delete it to convert again). Every rank must see `ckpt` (a shared filesystem)."""
+    partitions for any number of ranks and any ZeRO stage (`_make_any_stage`). Written by rank 0
+    the first time, reused after: a ZeRO checkpoint through deepspeed.checkpoint.ds_to_universal,
+    one holding the full AdamW state (torch_engine.pt, ZeRO-0) by `_universal_from_torch`.
+    Atomic: written into `<ckpt>/.universal.partial/`, fsync'ed, renamed (its presence =
+    complete); derived data (delete it to convert again). A universal form converted before it
+    was made readable by every stage is completed in place. Every rank must see `ckpt` (a shared
+    filesystem)."""
     from fastdino.checkpoint import fsync_tree
 
     out = ckpt / UNIVERSAL_DIR
     err = ""
-    if fdist.is_main_process() and not out.is_dir():
+    if fdist.is_main_process() and not (out / ANY_STAGE_MARK).is_file():
         partial = ckpt / ".universal.partial"
         try:
-            if partial.exists():  # a conversion killed half-way
-                shutil.rmtree(partial)
-            if (ckpt / TORCH_ENGINE_FILE).is_file():
-                _universal_from_torch(ckpt, partial / UNIVERSAL_DIR)
+            if out.is_dir():  # converted by an earlier fastdino: readable by its own stage only
+                _make_any_stage(out)
+                fsync_tree(out)
             else:
-                _convert_to_universal(ckpt, partial / UNIVERSAL_DIR)
-            fsync_tree(partial)
-            os.rename(partial / UNIVERSAL_DIR, out)
-            shutil.rmtree(partial)  # ds_to_universal also wrote partial/latest_universal
+                if partial.exists():  # a conversion killed half-way
+                    shutil.rmtree(partial)
+                if _holds_full_state(ckpt):
+                    _universal_from_torch(ckpt, partial / UNIVERSAL_DIR)
+                else:
+                    _convert_to_universal(ckpt, partial / UNIVERSAL_DIR)
+                _make_any_stage(partial / UNIVERSAL_DIR)
+                fsync_tree(partial)
+                os.rename(partial / UNIVERSAL_DIR, out)
+                shutil.rmtree(partial)  # ds_to_universal also wrote partial/latest_universal
         except Exception as e:  # every rank raises below, none hangs in a collective
             err = f"{type(e).__name__}: {e}"
             logger.error("universal conversion of %s failed: %s", ckpt, err)
     failed = fdist.all_reduce_max(torch.tensor([1.0 if err else 0.0], device=device))
     if failed.item() > 0:
         raise RuntimeError(
-            f"could not convert {ckpt} (written by another number of ranks or the other engine) "
-            f"into a universal checkpoint in {out}: {err or 'failed on rank 0 (see its log)'}. "
-            "The directory must be writable (copy the checkpoint directory somewhere writable "
-            "and resume from there), or resume with the ranks and engine that wrote it")
+            f"could not convert {ckpt} (written by another number of ranks, ZeRO stage or "
+            f"engine) into a universal checkpoint in {out}: "
+            f"{err or 'failed on rank 0 (see its log)'}. The directory must be writable (copy the "
+            "checkpoint directory somewhere writable and resume from there), or resume with the "
+            "ranks, ZeRO stage and engine that wrote it")
     return out
+
+
+ANY_STAGE_MARK = "any_stage"  # in a universal dir: `_make_any_stage` completed
+
+
+def _save_replacing(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _make_any_stage(uni: Path) -> None:
+    """Make universal dir `uni` readable by DeepSpeed's universal loaders of every stage
+    (0.19.8), whatever stage wrote it: ds_to_universal writes only what the writer's own stage
+    reads back. ZeRO-1/2's loader reads `mp_rank_00_model_states.pt`, per-parameter files
+    {"param": tensor of the parameter's shape, "cat_dim": 0} and `ds_version` in
+    zero/optimizer_state.pt; ZeRO-3's reads `zero_pp_rank_0_mp_rank_00_model_states.pt`
+    (metadata only: the weights come from zero/) and the step from zero/optimizer_state.pt's
+    `optimizer_state_dict`; ZeRO-3 output has flat per-parameter tensors. Idempotent (each
+    file replaced whole), marked done by ANY_STAGE_MARK."""
+    from deepspeed.checkpoint.constants import CAT_DIM, OPTIMIZER_STATE_DICT, PARAM
+
+    have = [uni / f for f in _MODEL_FILES if (uni / f).is_file()]
+    if not have:
+        raise FileNotFoundError(f"{uni}: no DeepSpeed model file ({' or '.join(_MODEL_FILES)})")
+    from_zero3 = have[0].name == _MODEL_FILES[1]
+    for f in _MODEL_FILES:  # the same metadata under both names (DeepSpeed reads one of them)
+        if not (uni / f).is_file():
+            try:
+                os.link(have[0], uni / f)
+            except OSError:
+                shutil.copy2(have[0], uni / f)
+    zero = uni / "zero"
+    if from_zero3:  # flat per-parameter tensors: shaped, as ZeRO-1/2's loader reads them
+        meta = torch.load(have[0], map_location="cpu", weights_only=True)
+        shapes = {n: tuple(s) for g in meta.get("param_shapes") or [] for n, s in g.items()}
+        for name, shape in shapes.items():
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                f = zero / name / f"{key}.pt"
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+                if not isinstance(obj, dict):
+                    _save_replacing({PARAM: obj.view(shape), CAT_DIM: 0}, f)
+    osd_file = zero / "optimizer_state.pt"
+    osd = torch.load(osd_file, map_location="cpu", weights_only=False)  # DeepSpeed objects
+    if "ds_version" not in osd or OPTIMIZER_STATE_DICT not in osd:
+        osd.setdefault("ds_version", deepspeed.__version__)
+        if OPTIMIZER_STATE_DICT not in osd:
+            step = next((torch.load(f, map_location="cpu", weights_only=True)
+                         for f in sorted(zero.glob("*/step.pt"))), torch.tensor(0.0))
+            osd[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": torch.tensor(float(step))}},
+                                         "param_groups": osd["param_groups"]}
+        _save_replacing(osd, osd_file)
+    (uni / ANY_STAGE_MARK).write_text("readable by the universal loaders of ZeRO-1, 2 and 3\n")
 
 
 def _convert_to_universal(ckpt: Path, out: Path) -> None:
@@ -803,15 +1006,15 @@ def _convert_to_universal(ckpt: Path, out: Path) -> None:
 
 
 def _universal_from_torch(ckpt: Path, out: Path) -> None:
-    """Universal form of the plain torch engine's torch_engine.pt: the files DeepSpeed's
+    """Universal form of a checkpoint holding the full AdamW state (the plain torch engine's
+    torch_engine.pt, a DeepSpeed ZeRO-0 model file: `_replicated_state`): the files DeepSpeed's
     universal loaders read (ZeRO-1/2: base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir,
     ZeRO-3: stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), as ds_to_universal writes
     them. A parameter torch's AdamW never stepped (no gradient yet) gets zero moments; every
     parameter gets the largest step (DeepSpeed steps all partitions together)."""
     from deepspeed.checkpoint.constants import CAT_DIM, OPTIMIZER_STATE_DICT, PARAM
 
-    sd = torch.load(ckpt / TORCH_ENGINE_FILE, map_location="cpu", weights_only=True)
-    module, optim = sd["module"], sd["optimizer"]
+    module, optim = _replicated_state(ckpt)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
     step = max((float(st["step"]) for st in optim["state"].values() if "step" in st), default=0.0)
     zero = out / "zero"

@@ -12,12 +12,22 @@ after the next step; the data continues at the same global image count. The plai
 (one process, `python fastdino/train.py`) reads and writes checkpoints the other side can resume
 too."""
 
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
-from trainer_helpers import REPO, _env, _free_port, deepspeed_launcher, read_metrics
+from trainer_helpers import (
+    FAST,
+    REPO,
+    SMOKE,
+    _env,
+    _free_port,
+    deepspeed_launcher,
+    read_metrics,
+    run_py,
+)
 
 from fastdino.checkpoint import remap_data_position
 from fastdino.data.loader import ShardedInfiniteOrder
@@ -137,7 +147,68 @@ def test_zero2_universal_resume_refuses_other_frozen_values(tmp_path):
         _resume(tmp_path, "other_seed", 2, ckpts, 1, [*frozen, "train.seed=1"])
 
 
+# ---------------------------------------------- the same ranks, another ZeRO stage or precision
+
+KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss",
+        "koleo_loss", "backbone_grad_norm", "dino_head_grad_norm", "ibot_head_grad_norm")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tmp_path_factory):
+    """The 2-rank ZeRO-2 run of 3 iterations that nobody interrupted: its iteration 3 is what a
+    run resumed at 2 must log (another ZeRO stage computes the same step up to fp32 rounding)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _launch(2, ["--out", str(out), "deepspeed.zero_stage=2", "train.checkpoint_every=2",
+                "train.max_iterations=3"])
+    return {m["iteration"]: m for m in read_metrics(out / "run")}
+
+
+@pytest.mark.parametrize(("writer", "reader"), [(2, 3), pytest.param(3, 1, marks=pytest.mark.slow)])
+def test_same_ranks_other_zero_stage(tmp_path, uninterrupted_two_ranks, writer, reader):
+    """2 ranks, ZeRO-2 -> ZeRO-3 and ZeRO-3 -> ZeRO-1: the data-parallel size is the writer's,
+    but not the layout of the partitions (DeepSpeed's own loader failed an assertion in its
+    state-dict factory on every rank). The resume goes through the universal form, made readable
+    by every stage (ds_to_universal writes only what the writer's stage reads back); the state
+    carries over bit for bit and the next step logs what the uninterrupted run logged."""
+    ckpts, saved = _write(tmp_path, writer, 2)
+    loaded, after, run = _resume(tmp_path, f"zero{reader}", reader, ckpts, 2)
+    _check(saved, loaded, after, run, 2, 2)
+    assert (ckpts / "iter_0000002" / "universal" / "any_stage").is_file()
+    state = torch.load(ckpts / "iter_0000002" / "trainer_state.pt", weights_only=True)
+    assert state["engine_layout"]["zero_stage"] == writer  # recorded for the next resume
+    got, ref = read_metrics(run)[0], uninterrupted_two_ranks
+    for k in KEYS:
+        assert math.isclose(got[k], ref[3][k], rel_tol=1e-4, abs_tol=1e-6), (k, got[k], ref[3][k])
+    assert ref[3]["total_loss"] != ref[2]["total_loss"]  # the step does move the metrics
+
+
+def test_same_ranks_other_precision(tmp_path):
+    """bf16 -> fp32 on one rank, ZeRO-2 both: DeepSpeed 0.19.8's own loader looks for the
+    partitions under this precision's names (zero_pp_rank_*; bf16 writes bf16_zero_pp_rank_*)
+    and stops; through the universal form the fp32 masters and AdamW moments carry over."""
+    ckpts, saved = _write(tmp_path, 2, 1, ["deepspeed.precision=bf16"])
+    _check(saved, *_resume(tmp_path, "fp32", 2, ckpts, 1, ["deepspeed.precision=fp32"]), 1, 1)
+
+
 # ------------------------------------------------------------------- the data position (no ranks)
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_image(tmp_path):
+    """One process, 2 iterations of 4 images, resumed with data.batch_size_per_gpu=2: the 8
+    images seen are 4 micro-batches of 2, so the data continues at micro-batch 4 (it continued at
+    2: images 4..7 seen twice)."""
+    out = tmp_path / "run"
+    args = ["--config", str(SMOKE), *FAST, f"train.output_dir={out}", "train.checkpoint_every=2",
+            "dino.head.n_prototypes=128", "ibot.head.n_prototypes=128"]
+    run_py([*args, "data.batch_size_per_gpu=4", "train.max_iterations=2"])
+    first = torch.load(out / "checkpoints" / "iter_0000002" / "trainer_state.pt",
+                       weights_only=True)
+    assert (first["data_iteration"], first["micro_batch_size"]) == (2, 4)
+    p = run_py([*args, "data.batch_size_per_gpu=2", "train.max_iterations=3"])
+    assert "-> 4 micro-batches x 1 ranks x 2 images (global image 8)" in p.stdout + p.stderr
+    last = torch.load(out / "checkpoints" / "iter_0000003" / "trainer_state.pt",
+                      weights_only=True)
+    assert (last["data_iteration"], last["micro_batch_size"]) == (5, 2)  # 4 + this step's one
 
 
 def test_loader_stream_does_not_depend_on_world_size():

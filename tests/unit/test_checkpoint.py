@@ -1,5 +1,6 @@
 """Atomic, rotated checkpoints and exact RNG / engine round trips (single process, torch engine)."""
 
+import logging
 import random
 
 import numpy as np
@@ -129,3 +130,65 @@ def test_user_files_are_loaded_weights_only(tmp_path):
     torch.save({"data_iteration": 1, "x": Evil()}, path / ck.STATE_FILE)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         ck.load_checkpoint(path, _engine())
+
+
+# ------------------------------------------------ the data position when the per-rank batch changes
+
+
+@pytest.mark.parametrize(("saved_world", "saved_batch", "world", "batch", "want"), [
+    (2, 8, 2, 8, False),     # the writer's ranks and batch: the position is this run's as it is
+    (2, 8, 1, 8, True),      # other ranks
+    (1, 8, 1, 4, True),      # same ranks, other batch: 8 images per micro-batch became 4
+    (2, 8, 4, 4, True),      # both
+    (1, None, 1, 4, False),  # an older checkpoint without the batch: assumed this run's, as before
+    (1, None, 2, 4, True),   # ... still remapped for the ranks
+    (None, 8, 2, 4, False),  # the oldest, without the world size: left as it is
+])
+def test_needs_data_remap(saved_world, saved_batch, world, batch, want, caplog):
+    assert ck.needs_data_remap(saved_world, saved_batch, world, batch) is want
+    warned = "does not record the images per rank" in caplog.text
+    assert warned == (saved_batch is None and saved_world is not None)
+
+
+def _engine_b(batch: int):
+    eng = _engine()
+    eng.micro_batch_size = batch  # data.batch_size_per_gpu of the run that built it
+    return eng
+
+
+def test_resume_with_another_batch_continues_at_the_same_image(tmp_path, caplog):
+    """The per-rank batch is recorded for every engine (the plain torch engine recorded None) and
+    a resume with another data.batch_size_per_gpu on the same ranks remaps the loader position:
+    8 micro-batches of 8 images = 64 images -> micro-batch 16 of 4 images (not 8: 32 images
+    would be seen twice)."""
+    caplog.set_level(logging.INFO, logger="fastdino")
+    eng = _engine_b(8)
+    path = ck.save_checkpoint(tmp_path, 8, eng, {"data_iteration": 8}, keep=3)
+    saved = torch.load(path / ck.STATE_FILE, weights_only=True)
+    assert saved["micro_batch_size"] == 8 and saved["world_size"] == 1
+    assert saved["engine_layout"]["format"] == "torch"
+    assert ck.load_checkpoint(path, _engine_b(4))["data_iteration"] == 16
+    assert "-> 16 micro-batches x 1 ranks x 4 images (global image 64)" in caplog.text
+    assert ck.load_checkpoint(path, _engine_b(8))["data_iteration"] == 8  # unchanged batch
+    assert ck.load_checkpoint(path, _engine_b(16))["data_iteration"] == 4
+    # B = 8 -> 3 images: 64 is not a multiple; restart at image 63 (one image seen again)
+    assert ck.load_checkpoint(path, _engine_b(3))["data_iteration"] == 21
+
+
+def test_torch_engine_records_its_batch(tmp_path):
+    eng = TorchStudent(nn.Linear(2, 2), [{"params": [], "names": []}],
+                       load_config(None, ["data.batch_size_per_gpu=5"]),
+                       DistInfo(0, 1, 0, torch.device("cpu"), False), torch.float32)
+    assert eng.micro_batch_size == 5
+    assert eng.checkpoint_layout == {"engine": "torch", "zero_stage": None, "precision": "fp32",
+                                     "optimizer": "AdamW", "format": "torch"}
+
+
+def test_old_checkpoint_without_the_batch_keeps_the_position_and_warns(tmp_path, caplog):
+    eng = _engine_b(8)
+    path = ck.save_checkpoint(tmp_path, 8, eng, {"data_iteration": 8}, keep=3)
+    st = torch.load(path / ck.STATE_FILE, weights_only=True)
+    del st["micro_batch_size"], st["engine_layout"]  # as written before they were recorded
+    torch.save(st, path / ck.STATE_FILE)
+    assert ck.load_checkpoint(path, _engine_b(4))["data_iteration"] == 8
+    assert "does not record the images per rank per micro-batch" in caplog.text

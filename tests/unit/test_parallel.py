@@ -106,3 +106,96 @@ def test_check_frozen_params_refuses_a_run_built_from_other_weights(tmp_path):
     name = next(n for n, p in m.named_parameters() if p is first)
     with pytest.raises(ValueError, match=rf"frozen parameter '{name}'.*pretrained_weights"):
         check_frozen_params(m, ckpt)
+
+
+# ------------------------------------------------- checkpoint layouts (which loader reads which)
+
+
+def _touch(d, *names):
+    d.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (d / n).write_bytes(b"")
+
+
+def test_checkpoint_format_from_the_files(tmp_path):
+    """Checkpoints written before the layout was recorded in the trainer state: the files say
+    which (ZeRO-3 writes per-rank model files; bf16 names the partitions bf16_zero_pp_rank_*;
+    ZeRO-0 keeps the whole optimizer in the model file, inside FP16_UnfusedOptimizer's dict in
+    bf16)."""
+    from fastdino.parallel import TORCH_ENGINE_FILE, checkpoint_format
+
+    cases = {
+        "torch": [TORCH_ENGINE_FILE],
+        "zero1-2": ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    "zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+        "zero1-2-bf16": ["mp_rank_00_model_states.pt",
+                         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+        "zero3": ["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                  "zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+        "zero3-bf16": ["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+    }
+    for fmt, files in cases.items():
+        _touch(tmp_path / fmt, *files)
+        assert checkpoint_format(tmp_path / fmt) == fmt
+    w = torch.zeros(2)
+    for fmt, opt in (("zero0", {"state": {}, "param_groups": []}),
+                     ("zero0-bf16", {"optimizer_state_dict": {}, "fp32_groups": [[w]]})):
+        (tmp_path / fmt).mkdir()
+        torch.save({"module": {}, "optimizer": opt}, tmp_path / fmt / "mp_rank_00_model_states.pt")
+        assert checkpoint_format(tmp_path / fmt) == fmt
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither DeepSpeed checkpoint files"):
+        checkpoint_format(tmp_path / "empty")
+
+
+def test_torch_engine_reads_zero0_bf16_masters_not_the_bf16_module(tmp_path):
+    """A bf16 ZeRO-0 DeepSpeed checkpoint holds the bf16 module and, in its optimizer
+    (FP16_UnfusedOptimizer), the fp32 masters and the AdamW state over them: a run continuing it
+    takes the masters (the bf16 module is their rounding)."""
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    names = [n for n, _ in m.named_parameters()]
+    masters = [p.detach().clone() + 1e-4 for p in m.parameters()]  # not bf16-representable
+    adam = {i: {"step": torch.tensor(2.0), "exp_avg": torch.full_like(v, 0.1),
+                "exp_avg_sq": torch.full_like(v, 0.01)} for i, v in enumerate(masters)}
+    group = {"lr": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+             "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+             "differentiable": False, "fused": None, "decoupled_weight_decay": True,
+             "names": names, "params": [0, 1]}
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    torch.save({"module": {n: v.bfloat16() for n, v in zip(names, masters, strict=True)},
+                "optimizer": {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": 2,
+                              "optimizer_state_dict": {"state": adam, "param_groups": [group]},
+                              "fp32_groups": [masters]}},
+               ckpt / "mp_rank_00_model_states.pt")
+    reader = nn.Linear(3, 2)
+    eng = TorchStudent(reader, [{"params": list(reader.parameters()), "names": names}],
+                       load_config(None, []), DistInfo(0, 1, 0, torch.device("cpu"), False),
+                       torch.float32)
+    eng.load_checkpoint(str(tmp_path), ckpt.name)
+    for p, want in zip(reader.parameters(), masters, strict=True):
+        assert torch.equal(p.detach(), want)
+        assert torch.equal(eng.optimizer.state[p]["exp_avg"], torch.full_like(want, 0.1))
+        assert float(eng.optimizer.state[p]["step"]) == 2.0
+
+
+def test_check_frozen_params_across_precisions(tmp_path):
+    """A bf16 run saves its frozen layers in bf16: a fp32 run resumed from it (built from the
+    same weights) holds them unrounded, and is the same model."""
+    from fastdino.parallel import TORCH_ENGINE_FILE, check_frozen_params
+
+    torch.manual_seed(0)
+    m = _Student()
+    first = next(m.parameters())
+    first.requires_grad_(False)
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    torch.save({"module": {k: v.bfloat16() for k, v in m.state_dict().items()}, "optimizer": {}},
+               ckpt / TORCH_ENGINE_FILE)
+    check_frozen_params(m, ckpt)  # equal in bf16
+    with torch.no_grad():
+        first.add_(0.5)  # another model: differs in bf16 too
+    with pytest.raises(ValueError, match="frozen parameter"):
+        check_frozen_params(m, ckpt)
