@@ -129,8 +129,11 @@ class Trainer:
             self.start_micro_batch = st["data_iteration"]
             self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
             same_ranks = st.get("world_size", self.info.world_size) == self.info.world_size
-            # (another rank count: load_checkpoint remapped the data position and logged it)
-            if same_ranks and self.start_micro_batch != self.start_iteration * self.gas:
+            same_batch = st.get("micro_batch_size") in (None, cfg.data.batch_size_per_gpu)
+            # (another rank count or per-rank batch: load_checkpoint remapped the data position
+            # and logged it)
+            if (same_ranks and same_batch
+                    and self.start_micro_batch != self.start_iteration * self.gas):
                 logger.warning("checkpoint %s: %d optimizer steps over %d micro-batches, this run "
                                "accumulates %d per step: the data continues at micro-batch %d "
                                "(not bit-exactly the run that wrote it)", resume,

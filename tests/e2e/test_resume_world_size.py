@@ -206,6 +206,7 @@ def test_resume_with_another_batch_size_continues_at_the_same_image(tmp_path):
     assert (first["data_iteration"], first["micro_batch_size"]) == (2, 4)
     p = run_py([*args, "data.batch_size_per_gpu=2", "train.max_iterations=3"])
     assert "-> 4 micro-batches x 1 ranks x 2 images (global image 8)" in p.stdout + p.stderr
+    assert "not bit-exactly the run that wrote it" not in p.stderr  # the remap's line only
     last = torch.load(out / "checkpoints" / "iter_0000003" / "trainer_state.pt",
                       weights_only=True)
     assert (last["data_iteration"], last["micro_batch_size"]) == (5, 2)  # 4 + this step's one
