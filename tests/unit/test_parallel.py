@@ -85,10 +85,10 @@ def test_torch_engine_per_module_clip_matches_torch():
     assert norms["dino_head"] > 0.5 > norms["ibot_head"]  # one clipped, one left alone
 
 
-def test_check_frozen_params_refuses_a_run_built_from_other_weights(tmp_path):
-    """A resume through the universal form keeps the frozen layers' built values
-    (optim.frozen_blocks): they must be the checkpoint's, else the run mixes two models."""
-    from fastdino.parallel import TORCH_ENGINE_FILE, check_frozen_params
+def _frozen_first_checkpoint(tmp_path, dtype=None):
+    """A _Student with its first parameter frozen, and a torch-engine checkpoint of it (its
+    module state cast to `dtype`, as a run of that precision saves it)."""
+    from fastdino.parallel import TORCH_ENGINE_FILE
 
     torch.manual_seed(0)
     m = _Student()
@@ -96,7 +96,17 @@ def test_check_frozen_params_refuses_a_run_built_from_other_weights(tmp_path):
     first.requires_grad_(False)
     ckpt = tmp_path / "iter_0000002"
     ckpt.mkdir()
-    torch.save({"module": m.state_dict(), "optimizer": {}}, ckpt / TORCH_ENGINE_FILE)
+    module = {k: v if dtype is None else v.to(dtype) for k, v in m.state_dict().items()}
+    torch.save({"module": module, "optimizer": {}}, ckpt / TORCH_ENGINE_FILE)
+    return m, first, ckpt
+
+
+def test_check_frozen_params_refuses_a_run_built_from_other_weights(tmp_path):
+    """A resume through the universal form keeps the frozen layers' built values
+    (optim.frozen_blocks): they must be the checkpoint's, else the run mixes two models."""
+    from fastdino.parallel import check_frozen_params
+
+    m, first, ckpt = _frozen_first_checkpoint(tmp_path)
     check_frozen_params(m, ckpt)  # same values: fine
     with torch.no_grad():
         list(m.parameters())[1].add_(1e-3)  # a trained one differs: its value comes from the
@@ -184,16 +194,9 @@ def test_torch_engine_reads_zero0_bf16_masters_not_the_bf16_module(tmp_path):
 def test_check_frozen_params_across_precisions(tmp_path):
     """A bf16 run saves its frozen layers in bf16: a fp32 run resumed from it (built from the
     same weights) holds them unrounded, and is the same model."""
-    from fastdino.parallel import TORCH_ENGINE_FILE, check_frozen_params
+    from fastdino.parallel import check_frozen_params
 
-    torch.manual_seed(0)
-    m = _Student()
-    first = next(m.parameters())
-    first.requires_grad_(False)
-    ckpt = tmp_path / "iter_0000002"
-    ckpt.mkdir()
-    torch.save({"module": {k: v.bfloat16() for k, v in m.state_dict().items()}, "optimizer": {}},
-               ckpt / TORCH_ENGINE_FILE)
+    m, first, ckpt = _frozen_first_checkpoint(tmp_path, torch.bfloat16)
     check_frozen_params(m, ckpt)  # equal in bf16
     with torch.no_grad():
         first.add_(0.5)  # another model: differs in bf16 too
