@@ -31,7 +31,9 @@ the optimizer are not counted — the usual MFU convention; attention's two T×T
   DINO/iBOT head forward, per row: 2·(D·H + (nlayers−2)·H·H + H·bn + bn·K) (nlayers ≥ 2;
     nlayers = 1: 2·(D·bn + bn·K)).
   One training step per GPU (B images):
-    student = 3 × forward (backward = 2 × forward) of: backbone on 2B global + n_local·B local
+    student = 3 × forward (backward = 2 × forward; continued pretraining: 1 × for a LoRA block,
+              0 × for the patch embedding and blocks below optim.frozen_blocks, whole backbone
+              at -1: backbone_backward_factors) of: backbone on 2B global + n_local·B local
               crops, DINO head on (2 + n_local)·B CLS rows, iBOT head on M masked patch rows;
     teacher = 1 × forward of: backbone on 2B global crops, DINO head on 2B rows, iBOT head on M;
     Gram teacher (gram.use) = 1 × backbone forward on 2B crops at the Gram crop size.
@@ -97,14 +99,36 @@ def vit_block_flops(D: int, T: int, ffn_hidden: int, ffn_mats: int) -> int:
 def vit_flops(model_cfg, image_size: int, batch: int, drop_path_rate: float = 0.0) -> int:
     """Forward FLOPs of the backbone on `batch` square images of side `image_size`; with
     `drop_path_rate` p, the blocks run on ⌊batch·(1−p)⌋ (≥ 1) of the images (student only)."""
+    embed, block = vit_parts(model_cfg, image_size, batch, drop_path_rate)
+    return embed + arch_dims(model_cfg)["depth"] * block
+
+
+def vit_parts(model_cfg, image_size: int, batch: int, drop_path_rate: float = 0.0
+              ) -> tuple[int, int]:
+    """vit_flops as (patch embedding, one block): the parts the backward counts apart."""
     d = arch_dims(model_cfg)
     D, p = d["D"], d["patch"]
     P = (image_size // p) ** 2
     T = 1 + d["n_storage"] + P
     kept = batch if drop_path_rate <= 0 else max(1, math.floor(batch * (1 - drop_path_rate)))
-    patch_embed = 2 * P * 3 * p * p * D
-    return batch * patch_embed + kept * d["depth"] * vit_block_flops(D, T, d["ffn_hidden"],
-                                                                     d["ffn_mats"])
+    return (batch * 2 * P * 3 * p * p * D,
+            kept * vit_block_flops(D, T, d["ffn_hidden"], d["ffn_mats"]))
+
+
+def backbone_backward_factors(cfg) -> tuple[float, list[float]]:
+    """Backward FLOPs of the student's patch embedding and of each block, in forwards: 2 where
+    its weights train (input and weight gradients); 1 for a LoRA block (input gradients through
+    the frozen base; the rank-r adapters are not counted); 0 before optim.frozen_blocks (nothing
+    below needs a gradient) and for the whole backbone at -1. The patch embedding counts 2 when
+    it trains, as the blocks (its input gradient, to the images, is not computed; kept so that
+    the plain count stays 3 forwards)."""
+    o, depth = cfg.optim, arch_dims(cfg.model)["depth"]
+    if o.frozen_blocks == -1:
+        return 0.0, [0.0] * depth
+    first = max(o.frozen_blocks, 0)
+    trained = 1.0 if o.lora_rank > 0 else 2.0
+    embed = 2.0 if first == 0 and o.lora_rank == 0 else 0.0
+    return embed, [0.0 if i < first else trained for i in range(depth)]
 
 
 def head_flops(head_cfg, in_dim: int, rows: int) -> int:
@@ -147,9 +171,13 @@ def _step_flops_at(cfg, c, teacher_cfg) -> dict[str, int]:
     P = (c.global_crops_size // m.patch_size) ** 2
     M = masked_rows(B, P, cfg.ibot.mask_sample_probability, cfg.ibot.mask_ratio_min_max)
     dp = m.drop_path_rate
-    student_fwd = (vit_flops(m, c.global_crops_size, n_glob, dp)
-                   + vit_flops(m, c.local_crops_size, n_loc, dp)
-                   + head_flops(cfg.dino.head, D, n_glob + n_loc) + head_flops(cfg.ibot.head, D, M))
+    embed_g, block_g = vit_parts(m, c.global_crops_size, n_glob, dp)
+    embed_l, block_l = vit_parts(m, c.local_crops_size, n_loc, dp)
+    heads = head_flops(cfg.dino.head, D, n_glob + n_loc) + head_flops(cfg.ibot.head, D, M)
+    embed_bwd, block_bwd = backbone_backward_factors(cfg)
+    student_fwd = embed_g + embed_l + len(block_bwd) * (block_g + block_l) + heads
+    student_bwd = (embed_bwd * (embed_g + embed_l) + sum(block_bwd) * (block_g + block_l)
+                   + 2 * heads)
     teacher = (vit_flops(tm, c.global_crops_size, n_glob)
                + head_flops(teacher_cfg.dino.head, tD, n_glob)
                + head_flops(teacher_cfg.ibot.head, tD, M))
@@ -157,7 +185,8 @@ def _step_flops_at(cfg, c, teacher_cfg) -> dict[str, int]:
     if cfg.gram.use:
         gram = vit_flops(m, c.gram_teacher_crops_size or c.global_crops_size, n_glob)
     gas = cfg.deepspeed.gradient_accumulation_steps  # every micro-batch pays the same
-    parts = {"student_fwd_bwd": 3 * student_fwd * gas, "teacher_fwd": teacher * gas,
+    parts = {"student_fwd_bwd": round(student_fwd + student_bwd) * gas,
+             "teacher_fwd": teacher * gas,
              "gram_teacher_fwd": gram * gas}
     parts["total"] = sum(parts.values())
     parts["masked_rows"] = M

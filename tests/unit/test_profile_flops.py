@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastdino.config import HeadConfig, ModelConfig, load_config
 from fastdino.profile import (
     NvmlSampler,
+    arch_dims,
+    backbone_backward_factors,
     format_report,
     head_flops,
     masked_rows,
@@ -18,6 +21,7 @@ from fastdino.profile import (
     report,
     step_flops,
     vit_flops,
+    vit_parts,
 )
 
 
@@ -83,6 +87,28 @@ def test_step_flops_parts():
         head_flops(cfg.dino.head, 32, 8) + head_flops(cfg.ibot.head, 32, 3)
     assert f["student_fwd_bwd"] == 3 * student
     assert f["gram_teacher_fwd"] == 0 and f["total"] == 3 * student + teacher
+
+
+@pytest.mark.parametrize("extra, embed, blocks", [
+    ([], 2, [2, 2, 2, 2]),                                          # everything trains: 3 fwd
+    (["optim.frozen_blocks=2"], 0, [0, 0, 2, 2]),                   # no backward below block 2
+    (["optim.frozen_blocks=-1"], 0, [0, 0, 0, 0]),                  # heads only
+    (["optim.lora_rank=4", "optim.frozen_blocks=1"], 0, [0, 1, 1, 1]),  # input gradients only
+])
+def test_student_backward_counts_only_what_continued_pretraining_computes(extra, embed, blocks):
+    base = ["model.arch=vit_test", "model.depth=4", "data.batch_size_per_gpu=2",
+            "crops.global_crops_size=32", "crops.local_crops_size=16",
+            "crops.local_crops_number=2", "model.drop_path_rate=0.0"]
+    cfg = load_config(None, [*base, *extra])
+    assert backbone_backward_factors(cfg) == (embed, blocks)
+    (eg, bg), (el, bl) = vit_parts(cfg.model, 32, 4), vit_parts(cfg.model, 16, 4)
+    D = arch_dims(cfg.model)["D"]
+    heads = head_flops(cfg.dino.head, D, 8) + head_flops(cfg.ibot.head, D, 3)
+    fwd = eg + el + 4 * (bg + bl) + heads
+    bwd = embed * (eg + el) + sum(blocks) * (bg + bl) + 2 * heads
+    assert step_flops(cfg)["student_fwd_bwd"] == fwd + bwd
+    if not extra:
+        assert fwd + bwd == 3 * fwd
 
 
 def test_a_distillation_teacher_is_counted_with_its_own_architecture():
