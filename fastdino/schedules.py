@@ -10,8 +10,12 @@ Closed-form per iteration (no 1M-entry arrays), value-for-value equal to the off
                ++ final + ½(base − final)(1 + cos(π·i/n)),  i = 0..n−1, n = total − warmup − freeze
     schedule[it] = final for it >= total
 
-lr scaling (`optim.scaling_rule: sqrt_wrt_1024`): lr ← lr·4·√(global_batch/1024); as in v1 only the
-peak lr is scaled, not min_lr. "epoch" = `train.epoch_length` iterations, not a pass over the data.
+lr scaling (`optim.scaling_rule: sqrt_wrt_1024`): lr ← lr·4·√(global_batch/1024). min_lr: a decaying
+schedule (min_lr < lr, the v1 ImageNet recipe) keeps min_lr as written, as v1 scales only
+`optim.lr`; a constant or rising one (min_lr >= lr: the 7B, Gram, high-res and distillation
+recipes, official v2 `schedules:` whose peak and end are both scaled, `build_schedulers_v2`) scales
+min_lr by the same factor, so "lr = min_lr" is a constant lr after the warm-up at every batch.
+"epoch" = `train.epoch_length` iterations, not a pass over the data.
 EMA scaling (`schedules.momentum_reference_batch: B_ref`, off by default): both momenta
 m ← m^(global_batch/B_ref) before the cosine (Busbridge et al. 2023): an EMA over the same number
 of images, not of steps, when the global batch differs from the recipe's.
@@ -52,19 +56,39 @@ class CosineScheduler:
 
 
 def cosine_ramp(it: int, start: int, length: int, peak: float) -> float:
-    """0 before `start`, cosine 0 -> peak over `length` iterations, then `peak` (Gram weight)."""
+    """0 before `start`, cosine 0 -> peak over `length` iterations, then `peak` (Gram weight).
+
+    The official v2 `linear_warmup_cosine_decay(start=0, peak=0, end=w, warmup=start,
+    cosine_iterations=length)` (dinov3/train/cosine_lr_scheduler.py): its cosine part is
+    cos(np.linspace(0, π, length)), endpoint included, so the ramp's last iteration
+    (start + length - 1) already holds `peak` (7B Gram stage: w_gram = 2.0 at 1,000,999)."""
     if it < start:
         return 0.0
     if length <= 0 or it >= start + length:
         return peak
-    return peak * 0.5 * (1 - math.cos(math.pi * (it - start) / length))
+    if length == 1:  # np.linspace(0, π, 1) = [0]: one iteration at the start value
+        return 0.0
+    return peak * 0.5 * (1 - math.cos(math.pi * (it - start) / (length - 1)))
+
+
+def lr_scale(cfg: Config, global_batch_size: int) -> float:
+    """The factor of `optim.scaling_rule` (SPEC.md §3.2): 4·√(global_batch/1024), or 1."""
+    if cfg.optim.scaling_rule == "sqrt_wrt_1024":
+        return 4.0 * math.sqrt(global_batch_size / 1024.0)
+    return 1.0
 
 
 def scaled_lr(cfg: Config, global_batch_size: int) -> float:
     """Peak lr after `optim.scaling_rule` (SPEC.md §3.2)."""
-    if cfg.optim.scaling_rule == "sqrt_wrt_1024":
-        return cfg.optim.lr * 4.0 * math.sqrt(global_batch_size / 1024.0)
-    return cfg.optim.lr
+    return cfg.optim.lr * lr_scale(cfg, global_batch_size)
+
+
+def scaled_min_lr(cfg: Config, global_batch_size: int) -> float:
+    """End lr: `optim.min_lr` as written below `optim.lr` (v1 scales only the peak: the ImageNet
+    recipe ends at 1e-6), scaled like the peak at or above it (v2 scales peak and end:
+    `build_schedulers_v2`; 7B pretrain lr = min_lr = 5e-5 -> 4e-4 constant at 4,096 images)."""
+    o = cfg.optim
+    return o.min_lr * lr_scale(cfg, global_batch_size) if o.min_lr >= o.lr else o.min_lr
 
 
 def scaled_momenta(cfg: Config, global_batch_size: int) -> tuple[float, float]:
@@ -93,8 +117,8 @@ class Schedules:
         ep = cfg.train.epoch_length
         total = cfg.train.total_iterations
         warmup = int(cfg.optim.warmup_epochs * ep)
-        lr = scaled_lr(cfg, global_batch_size)
-        self.lr = CosineScheduler(lr, cfg.optim.min_lr, total, warmup_iters=min(warmup, total))
+        lr, lr_end = scaled_lr(cfg, global_batch_size), scaled_min_lr(cfg, global_batch_size)
+        self.lr = CosineScheduler(lr, lr_end, total, warmup_iters=min(warmup, total))
         self.wd = CosineScheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
         m0, m1 = scaled_momenta(cfg, global_batch_size)
         self.momentum = CosineScheduler(m0, m1, total)

@@ -86,7 +86,9 @@ def test_backbone_freeze_head_warmup():
 
 def test_gram_weight_ramp_and_momentum():
     assert cosine_ramp(9, 10, 4, 2.0) == 0.0
-    assert [cosine_ramp(i, 10, 4, 2.0) for i in (10, 12, 14, 99)] == pytest.approx([0, 1, 2, 2])
+    # official np.linspace(0, π, 4) endpoint: 2.0 at the ramp's last iteration (13)
+    assert [cosine_ramp(i, 10, 4, 2.0) for i in (10, 12, 13, 14, 99)] == \
+        pytest.approx([0, 1.5, 2, 2, 2])
     cfg = load_config(None, ["train.epoch_length=10", "train.epochs=2"])
     s = build_schedules(cfg, 1024)
     assert s.at(0).momentum == pytest.approx(0.992) and s.at(20).momentum == 1.0
