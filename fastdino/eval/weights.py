@@ -97,6 +97,12 @@ def resolve_model_config(
         model_cfg = _model_section(path)
     elif arch is not None:
         model_cfg = ModelConfig()
+        # The arch's own official settings, not ModelConfig's defaults, which build_backbone
+        # applies over them: --arch vit_7b is the released layout (no qkv bias, local_cls_norm)
+        if arch in ARCH_TABLE:
+            for name, value in ARCH_TABLE[arch][5].items():
+                if hasattr(model_cfg, name):
+                    setattr(model_cfg, name, value)
     else:
         return None
     if arch is not None:

@@ -7,6 +7,7 @@ from fastdino.models.backbones import (
     vit_base,
     vit_huge_plus,
     vit_large,
+    vit_large_plus,
     vit_small,
     vit_small_plus,
     vit_test,
@@ -19,6 +20,6 @@ from fastdino.models.vision_transformer import DinoVisionTransformer
 __all__ = [
     "ARCH_TABLE", "DINOHead", "DinoVisionTransformer", "build_backbone", "build_head",
     "extract_backbone_state_dict", "load_backbone_state_dict", "vit_7b",
-    "vit_base", "vit_huge_plus", "vit_large", "vit_small", "vit_small_plus", "vit_test",
-    "vit_tiny",
+    "vit_base", "vit_huge_plus", "vit_large", "vit_large_plus", "vit_small", "vit_small_plus",
+    "vit_test", "vit_tiny",
 ]

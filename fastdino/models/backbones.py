@@ -8,6 +8,7 @@
 | vit_small_plus | 384  | 12    | 6     | SwiGLU r6 align 8 | 28.7M                              |
 | vit_base       | 768  | 12    | 12    | MLP x4            | 85.7M                              |
 | vit_large      | 1024 | 24    | 16    | MLP x4            | 303M                               |
+| vit_large_plus | 1024 | 24    | 16    | SwiGLU r6 align 8 | 404M (hub dinov3_vitl16plus)       |
 | vit_huge_plus  | 1280 | 32    | 20    | SwiGLU r6 align 8 | 841M                               |
 | vit_7b         | 4096 | 40    | 32    | SwiGLU r3 align64 | 6716M, no qkv bias, local_cls_norm |
 
@@ -32,6 +33,7 @@ ARCH_TABLE: dict[str, tuple[int, int, int, str, float, dict[str, Any]]] = {
     "vit_small_plus": (384, 12, 6, "swiglu", 6.0, {}),
     "vit_base": (768, 12, 12, "mlp", 4.0, {}),
     "vit_large": (1024, 24, 16, "mlp", 4.0, {}),
+    "vit_large_plus": (1024, 24, 16, "swiglu", 6.0, {}),  # hubconf's dinov3_vitl16plus
     "vit_huge_plus": (1280, 32, 20, "swiglu", 6.0, {}),
     "vit_7b": (4096, 40, 32, "swiglu64", 3.0,
                {"qkv_bias": False, "untie_global_and_local_cls_norm": True}),
@@ -77,6 +79,10 @@ def vit_base(**kwargs) -> DinoVisionTransformer:
 
 def vit_large(**kwargs) -> DinoVisionTransformer:
     return _make("vit_large", **kwargs)
+
+
+def vit_large_plus(**kwargs) -> DinoVisionTransformer:
+    return _make("vit_large_plus", **kwargs)
 
 
 def vit_huge_plus(**kwargs) -> DinoVisionTransformer:

@@ -177,6 +177,11 @@ def backbone_from_hf_config(hf_config, **kwargs) -> DinoVisionTransformer:
         ffn_layer, ratio = ffn_for_width(D, hf_config.intermediate_size, hf_config.use_gated_mlp)
     except ValueError as e:
         raise ValueError(f"backbone_from_hf_config: intermediate_size: {e}") from None
+    act = "silu" if hf_config.use_gated_mlp else "gelu"  # fastdino's SwiGLU / exact-GELU MLP
+    if hf_config.hidden_act != act:
+        raise ValueError(f"backbone_from_hf_config: hidden_act {hf_config.hidden_act!r} with "
+                         f"use_gated_mlp={hf_config.use_gated_mlp} is not a DINOv3 FFN: allowed "
+                         f"is {act!r}")
     if hf_config.query_bias != hf_config.value_bias:
         raise ValueError("backbone_from_hf_config: fastdino's fused qkv needs query_bias == "
                          f"value_bias, got {hf_config.query_bias} / {hf_config.value_bias}")

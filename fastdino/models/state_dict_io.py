@@ -93,6 +93,32 @@ def to_dinov2_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_LOCAL_CLS_NORM = ("local_cls_norm.weight", "local_cls_norm.bias")
+
+
+def _match_local_cls_norm(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
+    """`local_cls_norm` (untie_global_and_local_cls_norm: ViT-7B, the SAT ViT-L) normalises the
+    local crops' CLS + storage tokens in training only; Hugging Face and timm files drop it.
+    Weights with it into a backbone without it: dropped (the backbone normalises every crop
+    with `norm`); weights without it into a backbone with it: started from the weights' `norm`,
+    which is what normalised those tokens in the model they come from. Both logged."""
+    has = all(k in sd for k in _LOCAL_CLS_NORM)
+    wants = all(k in expected for k in _LOCAL_CLS_NORM)
+    if has and not any(k in expected for k in _LOCAL_CLS_NORM):
+        logger.info("the weights' local_cls_norm (a training-only norm of the local crops' CLS "
+                    "and storage tokens) is dropped: this backbone has none "
+                    "(model.untie_global_and_local_cls_norm false)")
+        return {k: v for k, v in sd.items() if k not in _LOCAL_CLS_NORM}
+    if wants and not any(k in sd for k in _LOCAL_CLS_NORM) and all(
+            f"norm.{p}" in sd for p in ("weight", "bias")):
+        logger.info("the weights hold no local_cls_norm (Hugging Face and timm files drop it): "
+                    "started from their final norm")
+        return {**sd, **{f"local_cls_norm.{p}": sd[f"norm.{p}"].clone()
+                         for p in ("weight", "bias")}}
+    return sd
+
+
 def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     """Load `sd` (any layout above) into `backbone` strictly; raise ValueError naming every
     missing key, unexpected key and shape mismatch."""
@@ -116,6 +142,7 @@ def load_backbone_state_dict(backbone: nn.Module, sd: Mapping[str, torch.Tensor]
         # models): zeros, the official init; it matters only when continued pretraining masks
         sd = {**sd, "mask_token": torch.zeros(expected["mask_token"].shape)}
         logger.info("the weights hold no mask token: set to zeros (the official init)")
+    sd = _match_local_cls_norm(sd, expected)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"

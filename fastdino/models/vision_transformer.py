@@ -114,6 +114,14 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None
                                   ) -> tuple[torch.Tensor, tuple[int, int]]:
         """image [B, 3, H, W], masks [B, N] bool or None -> tokens [B, 1 + n + N, D], (h, w)."""
+        p, c = self.patch_size, self.patch_embed.in_chans
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] < p or x.shape[3] < p:
+            # one line naming the input, not the convolution's (or a later permute's) message
+            raise ValueError(f"images have shape {tuple(x.shape)}: expected [B, {c}, H, W] with "
+                             f"H, W >= the patch size {p}")
+        if masks is not None and masks.dtype != torch.bool:
+            raise ValueError(f"masks have dtype {masks.dtype}: expected a bool tensor [B, N] "
+                             "(True = masked patch)")
         x = self.patch_embed(x)  # [B, h, w, D]
         B, h, w, D = x.shape
         x = x.flatten(1, 2)  # [B, N, D]
