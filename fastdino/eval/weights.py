@@ -389,6 +389,20 @@ def _snapshot_run_config(path: Path) -> Path | None:
     return None
 
 
+def _add_cls_norm_if_untied(backbone: nn.Module, sd: dict) -> None:
+    """Weights of an official run with untie_cls_and_patch_norms hold `cls_norm.*`, the final norm
+    of the CLS and storage tokens (used in evaluation too): give the backbone that norm, which no
+    arch, preset or config.json describes, so that the strict load takes them."""
+    flat = sd["teacher"] if isinstance(sd.get("teacher"), dict) else sd
+    names = {k.removeprefix("module.").removeprefix("backbone.") for k in flat}
+    if "cls_norm.weight" in names and getattr(backbone, "cls_norm", False) is None:
+        norm = backbone.norm
+        backbone.cls_norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps,
+                                         device=norm.weight.device)
+        logger.info("the weights hold cls_norm (untie_cls_and_patch_norms): the CLS and storage "
+                    "tokens get their own final norm")
+
+
 def load_eval_backbone(
     weights: str | Path,
     arch: str | None = None,
@@ -443,6 +457,7 @@ def load_eval_backbone(
             f"(one of {' | '.join(EVAL_ARCHS)}) or --config (a preset or yaml)"
         )
     if sd is not None:
+        _add_cls_norm_if_untied(backbone, sd)
         backbone = backbone.to_empty(device="cpu")
         try:
             load_backbone_state_dict(backbone, sd)

@@ -133,6 +133,8 @@ def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
         rope_base=model_cfg.rope_base,
         rope_rescale=model_cfg.rope_rescale,
         untie_global_and_local_cls_norm=model_cfg.untie_global_and_local_cls_norm,
+        # the official option; a config without the field (ModelConfig has none yet) keeps it off
+        untie_cls_and_patch_norms=getattr(model_cfg, "untie_cls_and_patch_norms", False),
         attn_impl=model_cfg.attn_impl,
         activation_checkpointing=model_cfg.activation_checkpointing,
         pos_embed_grid=model_cfg.pos_embed_grid,

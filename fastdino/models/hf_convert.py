@@ -148,6 +148,10 @@ def hf_config_from_backbone(backbone: DinoVisionTransformer, **overrides):
     if backbone.rope_embed is None:
         raise ValueError("the Hugging Face export writes DINOv3ViTModel (RoPE); this backbone "
                          "has DINOv2's learned position embedding: export the official format")
+    if getattr(backbone, "cls_norm", None) is not None:
+        raise ValueError("DINOv3ViTModel has one final norm; this backbone normalises CLS and "
+                         "storage tokens with its own cls_norm (untie_cls_and_patch_norms): "
+                         "export the official format")
     blk = backbone.blocks[0]
     gated = hasattr(blk.mlp, "w1")
     qkv = blk.attn.qkv

@@ -99,6 +99,9 @@ def to_timm_state_dict(our_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         m = _BLOCK.fullmatch(key)
         if key in _DROPPED or (m and m.group(2) == "attn.qkv.bias_mask"):
             continue
+        if key.startswith("cls_norm."):
+            raise ValueError(f"{key}: timm's DINOv3 Eva has one final norm, no separate CLS norm "
+                             "(untie_cls_and_patch_norms)")
         if m and m.group(2) == "attn.qkv.bias":
             q, k, v = value.chunk(3)
             mask = our_sd.get(f"blocks.{m.group(1)}.attn.qkv.bias_mask")
@@ -197,6 +200,10 @@ def timm_config_from_backbone(backbone: DinoVisionTransformer,
     if backbone.rope_embed is None:
         raise ValueError("timm's DINOv3 models use RoPE; this backbone has DINOv2's learned "
                          "position embedding")
+    if getattr(backbone, "cls_norm", None) is not None:
+        raise ValueError("timm's DINOv3 Eva has one final norm; this backbone normalises CLS and "
+                         "storage tokens with its own cls_norm (untie_cls_and_patch_norms): "
+                         "export the official format")
     blk = backbone.blocks[0]
     gated = hasattr(blk.mlp, "w1")
     hidden = (blk.mlp.w1 if gated else blk.mlp.fc1).out_features

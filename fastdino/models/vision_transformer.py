@@ -42,7 +42,8 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
                  ffn_bias: bool = True, mask_k_bias: bool = True, layerscale_init: float = 1e-5,
                  norm_eps: float = 1e-5, drop_path_rate: float = 0.0, n_storage_tokens: int = 4,
                  rope_base: float = 100.0, rope_rescale: float | None = 2.0,
-                 untie_global_and_local_cls_norm: bool = False, attn_impl: str = "auto",
+                 untie_global_and_local_cls_norm: bool = False,
+                 untie_cls_and_patch_norms: bool = False, attn_impl: str = "auto",
                  activation_checkpointing: bool = False, pos_embed: str = "rope",
                  pos_embed_grid: int = 37, interpolate_offset: float = 0.1,
                  interpolate_antialias: bool = False, device=None) -> None:
@@ -80,6 +81,10 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
                                device=device)
             for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, device=device)
+        # Final norm of the CLS + storage tokens, `norm` then only of the patches (the official
+        # untie_cls_and_patch_norms, off in every released model; eval too).
+        self.cls_norm = (nn.LayerNorm(embed_dim, eps=norm_eps, device=device)
+                         if untie_cls_and_patch_norms else None)
         # Final norm of the local crops' CLS + storage tokens (list element 1), training only.
         self.local_cls_norm = (nn.LayerNorm(embed_dim, eps=norm_eps, device=device)
                                if untie_global_and_local_cls_norm else None)
@@ -209,6 +214,9 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
             if self.local_cls_norm is not None and self.training and idx == 1:
                 x_norm_cls_reg = self.local_cls_norm(x[:, :n_prefix])
                 x_norm_patch = self.norm(x[:, n_prefix:])
+            elif self.cls_norm is not None:
+                x_norm_cls_reg = self.cls_norm(x[:, :n_prefix])
+                x_norm_patch = self.norm(x[:, n_prefix:])
             else:
                 x_norm = self.norm(x)
                 x_norm_cls_reg, x_norm_patch = x_norm[:, :n_prefix], x_norm[:, n_prefix:]
@@ -245,9 +253,12 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
         """Outputs of the last n blocks (or the listed ones): patch tokens [B, N, D] or, with
         reshape, [B, D, h, w]; optionally zipped with CLS [B, D] and storage tokens [B, n, D]."""
         outputs = self._get_intermediate_layers_not_chunked(x, n)
-        if norm:
-            outputs = [self.norm(o) for o in outputs]
         n_prefix = 1 + self.n_storage_tokens
+        if norm and self.cls_norm is not None:
+            outputs = [torch.cat((self.cls_norm(o[:, :n_prefix]), self.norm(o[:, n_prefix:])),
+                                 dim=1) for o in outputs]
+        elif norm:
+            outputs = [self.norm(o) for o in outputs]
         class_tokens = [o[:, 0] for o in outputs]
         extra_tokens = [o[:, 1:n_prefix] for o in outputs]
         outputs = [o[:, n_prefix:] for o in outputs]

@@ -127,3 +127,36 @@ def test_hf_parity_of_intermediate_layers_at_floored_sizes(H, W):
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cls, r[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(regs, r[:, 1:5], rtol=1e-5, atol=1e-5)
+
+
+def test_untie_cls_and_patch_norms_is_the_official_option(tmp_path):
+    """The official untie_cls_and_patch_norms: `cls_norm` normalises CLS + storage tokens, `norm`
+    the patches, in eval and in get_intermediate_layers. Such weights once failed to load
+    (unexpected cls_norm keys); they now load under --arch, and HF / timm exports refuse them."""
+    from fastdino.models.hf_convert import hf_config_from_backbone
+    from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
+
+    ref = _perturbed(vit_test(untie_cls_and_patch_norms=True))
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        out = ref.forward_features(x)
+        (patches, cls), = ref.get_intermediate_layers(x, n=1, return_class_token=True)
+    pre = out["x_prenorm"]
+    torch.testing.assert_close(out["x_norm_clstoken"], ref.cls_norm(pre[:, 0]))
+    torch.testing.assert_close(out["x_norm_patchtokens"], ref.norm(pre[:, 5:]))
+    assert not torch.allclose(out["x_norm_clstoken"], ref.norm(pre[:, 0]), atol=1e-3)
+    torch.testing.assert_close(cls, out["x_norm_clstoken"], rtol=0, atol=0)
+    torch.testing.assert_close(patches, out["x_norm_patchtokens"], rtol=0, atol=0)
+
+    torch.save(ref.state_dict(), tmp_path / "untied.pth")
+    model, _ = load_eval_backbone(tmp_path / "untied.pth", arch="vit_test")
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)["x_norm_clstoken"],
+                                   out["x_norm_clstoken"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cls_norm"):
+        to_timm_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="cls_norm"):
+        timm_config_from_backbone(ref)
+    pytest.importorskip("transformers", reason="transformers is the interop extra")
+    with pytest.raises(ValueError, match="cls_norm"):
+        hf_config_from_backbone(ref)
