@@ -6,9 +6,9 @@
     feats["patch_mean"]  [N, D]  mean of x_norm_patchtokens over the patches, fp32
 
 Transform (SPEC.md §6, the official kNN/linear eval): resize the shorter side to 256/224 of the
-crop (bicubic), centre-crop `image_size` x `image_size`, ImageNet normalisation. Decoding runs in
-DataLoader workers; the forward runs under bf16 autocast on CUDA (fp32 on CPU). The progress
-bar (tqdm) shows on a terminal and stays quiet in logs.
+crop (bicubic, torchvision's output size), centre-crop `image_size` x `image_size`, ImageNet
+normalisation. Decoding runs in DataLoader workers; the forward runs under bf16 autocast on CUDA
+(fp32 on CPU). The progress bar (tqdm) shows on a terminal and stays quiet in logs.
 
 Cache: one file per (weights digest, architecture, image size, data file list with sizes and
 mtimes, transform version) under `cache_dir`, written atomically (temp + rename) and read with
@@ -35,19 +35,21 @@ from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("fastdino.eval")
 
-TRANSFORM_VERSION = "resize256-center224-bicubic-imagenet-v1"
+TRANSFORM_VERSION = "resize256-center224-bicubic-imagenet-v2"  # v2: torchvision's rounding
 # An extractor maps image paths to {"cls": [N, D], "patch_mean": [N, D]} (tests use stubs).
 Extractor = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> round(size * 256 / 224) (bicubic), then the centre size x size crop."""
-    short = round(size * 256 / 224)
+    """The official eval transform's geometry (torchvision Resize(short) + CenterCrop(size)):
+    the shorter side to short = int(size * 256 / 224) (256 for 224, the official
+    RESIZE_DEFAULT_SIZE formula), the longer to int(short * longer / shorter) (truncated, as
+    torchvision), bicubic; then the size x size crop at int(round((side - size) / 2))."""
+    short = int(size * 256 / 224)
     w, h = img.size
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
