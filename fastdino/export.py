@@ -163,13 +163,23 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
         model = transformers.DINOv3ViTModel(hf_convert.hf_config_from_backbone(backbone))
         hf_sd = hf_convert.to_hf_state_dict(backbone.state_dict())
     model.eval()
-    missing, unexpected = model.load_state_dict(hf_sd, strict=False)
+    missing, unexpected = model.load_state_dict(hf_names_of(model, hf_sd), strict=False)
     if missing or unexpected:
         raise ValueError(f"the Hugging Face model does not take the converted teacher: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     return sorted(out.iterdir())
+
+
+def hf_names_of(model: torch.nn.Module, hf_sd: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """`hf_sd` (transformers 5 names: `model.layer.i` / `model.stages.i`) in the names of
+    `model` itself: transformers 4.x (the interop extra allows >= 4.56) has the encoder's layers
+    at the top (`layer.i`, `stages.i`), and the strict load would miss every one of them."""
+    own = set(model.state_dict())
+    return {k.removeprefix("model.") if k not in own and k.removeprefix("model.") in own else k: v
+            for k, v in hf_sd.items()}
 
 
 def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = None

@@ -160,3 +160,31 @@ def test_untie_cls_and_patch_norms_is_the_official_option(tmp_path):
     pytest.importorskip("transformers", reason="transformers is the interop extra")
     with pytest.raises(ValueError, match="cls_norm"):
         hf_config_from_backbone(ref)
+
+
+def test_hf_export_names_fit_transformers_4():
+    """transformers 4.x (the interop extra allows >= 4.56) keeps DINOv3ViTModel's layers at the
+    top (`layer.i`), 5.x under `model.`: the export once loaded 5.x names only, so every layer
+    was missing on 4.x. A 4.x-shaped stand-in (the same modules, `layer` at the top) now takes
+    the converted weights strictly and gives the backbone's outputs."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the interop extra")
+    from fastdino.export import hf_names_of
+    from fastdino.models.hf_convert import hf_config_from_backbone, to_hf_state_dict
+
+    ours = _perturbed(vit_test())
+    v5 = transformers.DINOv3ViTModel(hf_config_from_backbone(ours)).eval()
+
+    class V4(torch.nn.Module):  # transformers 4.x's attribute layout of DINOv3ViTModel
+        def __init__(self):
+            super().__init__()
+            self.embeddings, self.rope_embeddings = v5.embeddings, v5.rope_embeddings
+            self.layer, self.norm = v5.model.layer, v5.norm
+
+    v4 = V4()
+    hf_sd = to_hf_state_dict(ours.state_dict())
+    v4.load_state_dict(hf_names_of(v4, hf_sd), strict=True)
+    assert hf_names_of(v5, hf_sd) == hf_sd  # 5.x: unchanged
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(v5(pixel_values=x).pooler_output, ours(x),
+                                   rtol=1e-5, atol=1e-5)
