@@ -48,6 +48,11 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
                  pos_embed_grid: int = 37, interpolate_offset: float = 0.1,
                  interpolate_antialias: bool = False, device=None) -> None:
         super().__init__()
+        if layerscale_init is None or not layerscale_init > 0:
+            # the official null / 0 means no LayerScale at all (nn.Identity, no ls1/ls2 keys);
+            # here 0 would zero every residual branch and null fail deep in the init
+            raise ValueError(f"layerscale_init = {layerscale_init!r} is invalid: allowed is a "
+                             "float > 0 (blocks without LayerScale are not supported)")
         self.num_features = self.embed_dim = embed_dim
         self.n_blocks = depth
         self.num_heads = num_heads

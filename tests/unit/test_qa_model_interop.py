@@ -188,3 +188,11 @@ def test_hf_export_names_fit_transformers_4():
     with torch.no_grad():
         torch.testing.assert_close(v5(pixel_values=x).pooler_output, ours(x),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0.0, None, -1e-5])
+def test_layerscale_init_must_be_positive(value):
+    """The official layerscale null / 0 means no LayerScale (Identity); fastdino always has one,
+    so 0 silently zeroed every residual branch and None failed deep inside the init."""
+    with pytest.raises(ValueError, match="layerscale_init = .* allowed is a float > 0"):
+        vit_test(layerscale_init=value)
