@@ -103,18 +103,24 @@ def init_distributed() -> DistInfo:
     return DistInfo(fdist.get_rank(), fdist.get_world_size(), local_rank, device, use_ds)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = True) -> None:
     """End of a distributed run, on every rank: barrier (ZeRO-3 can abort at exit without it),
     destroy the process group, then unlink this rank's DeepSpeed CPU shared-memory all-reduce
     buffer. DeepSpeed's shm comm op (CPU accelerator, 0.19.8) creates
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (~66 MB) at
     init and never unlinks it, so every CPU run left its buffers in RAM-backed /dev/shm (hundreds
-    of runs filled a 24 GB machine). No-op on one process."""
+    of runs filled a 24 GB machine). No-op on one process.
+
+    `barrier=False`: a rank that stops on an error the other ranks may not share (a data.root or
+    weights file missing on one node only) must not wait for them: they are inside a training
+    collective and never reach the barrier, so both would hang until the backend's timeout
+    (30 min). It exits instead, and the launcher ends the others (a non-zero exit)."""
     if not fdist.is_enabled():
         return
     with fdist.world():  # every rank, whatever training group is set (the buffer is per rank)
         rank = fdist.get_rank()
-        fdist.barrier()
+        if barrier:
+            fdist.barrier()
     fdist.set_group(None)
     torch.distributed.destroy_process_group()
     release_shm_buffer(rank)

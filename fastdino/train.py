@@ -558,6 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if os.environ.get("RANK", "0") != "0":  # progress lines once (rank 0), warnings from all
+        logger.setLevel(logging.WARNING)
     try:  # a bad key, value or teacher run: its message, not a traceback (same on every rank)
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -570,26 +572,31 @@ def main(argv: list[str] | None = None) -> int:
             trainer = CoDistillation(cfg)
         else:
             trainer = Trainer(cfg)
+    # The error paths below end the process group without its barrier: the error may be this
+    # rank's alone (a file missing on one node), the others then wait in a collective of the
+    # start or of the first step, never in the barrier, and all would hang until the backend's
+    # timeout; this rank exits with 2 and the launcher ends the others.
     except ConfigError as e:
         logger.error("config error: %s", e)
-        shutdown_distributed()  # no-op unless the process group had started
+        shutdown_distributed(barrier=False)  # no-op unless the process group had started
         return 2
     except (FileNotFoundError, ValueError) as e:  # weights the config names: missing, unfit
         logger.error("%s", e)
         logger.debug("where it was raised", exc_info=True)
-        shutdown_distributed()
+        shutdown_distributed(barrier=False)
         return 2
-    if not fdist.is_main_process():
-        logger.setLevel(logging.WARNING)
+    # rank 0 of the training group logs progress (a co-distillation student's own rank 0 too)
+    logger.setLevel(logging.NOTSET if fdist.is_main_process() else logging.WARNING)
     try:
         trainer.train()
         rc = 0 if trainer.stopped_by is None else exit_code(trainer.stopped_by)
     except NonFiniteLossError as e:  # every rank takes this decision together
         logger.error("%s", e)
         rc = 2
-    except ConfigError as e:  # the data the config names (every rank lists it)
+    except ConfigError as e:  # the data the config names (every rank lists it, maybe not alike)
         logger.error("config error: %s", e)
-        rc = 2
+        shutdown_distributed(barrier=False)
+        return 2
     shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return rc
 
