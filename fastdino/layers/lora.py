@@ -10,7 +10,7 @@ rank, A [r, in] Kaiming-uniform, B [out, r] zero: the wrapped layer starts as th
 state dict holds `<layer>.base.weight` (and `.base.bias`, `.base.bias_mask`), `<layer>.lora_A`,
 `<layer>.lora_B` and `<layer>.lora_scale`; `merge_lora_state_dict` folds them back into
 `<layer>.weight` = base + s · B @ A, so exports, evaluation and continued pretraining read LoRA
-runs as plain backbones (fp32 merge, cast back to the base's dtype).
+runs as plain backbones (float64 merge, cast back to the base's dtype).
 """
 
 from __future__ import annotations
