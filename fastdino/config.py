@@ -74,7 +74,7 @@ class ModelConfig:
     embed_dim: int | None = None  # override of the arch's width (None = the arch's)
     depth: int | None = None  # override of the arch's number of blocks
     num_heads: int | None = None  # override of the arch's number of heads
-    ffn_layer: str | None = None  # "mlp" | "swiglu" | "swiglu64"; None = the arch's
+    ffn_layer: str | None = None  # mlp | swiglu | swiglu32 | swiglu64; None = the arch's
     ffn_ratio: float | None = None  # hidden = ratio * D (SwiGLU: align_up(int(D*r*2/3), align))
     n_storage_tokens: int = 4  # register tokens after CLS
     qkv_bias: bool = True  # bias on the fused qkv projection
@@ -429,6 +429,9 @@ class DistillationConfig:
         _check(self.enabled or self.teacher is None, f"{p}.teacher",
                "null unless distillation.enabled is true (a teacher alone would be ignored: the "
                "run would self-distil)", self.teacher)
+        _check(self.enabled or self.teacher_config is None, f"{p}.teacher_config",
+               "null unless distillation.enabled is true (it names the teacher's architecture)",
+               self.teacher_config)
         _check(
             not self.enabled or self.teacher is not None,
             f"{p}.teacher",
@@ -595,7 +598,7 @@ class DataConfig:
     # ImageNet-1k batches): each step, with probability homogeneous_ratio (drawn from the seed and
     # the step, the same on every rank), the whole global batch comes from it (data/mixing.py)
     homogeneous_root: str | None = None
-    homogeneous_ratio: float = 0.1
+    homogeneous_ratio: float = 0.1  # share of the steps read from homogeneous_root, in (0, 1)
 
     def validate(self, p: str = "data") -> None:
         _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
@@ -681,6 +684,10 @@ class TrainConfig:
 
     def validate(self, p: str = "train") -> None:
         _check(self.seed >= 0, f"{p}.seed", "an integer >= 0", self.seed)
+        # '' would be the working directory (output_dir) or no checkpoint anywhere (resume)
+        _check(self.output_dir.strip() != "", f"{p}.output_dir", "a folder path", self.output_dir)
+        _check(self.resume.strip() != "", f"{p}.resume", "auto, none or a checkpoint path",
+               self.resume)
         for name in (
             "epochs",
             "epoch_length",
@@ -718,6 +725,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    # the in-training kNN probe (train.knn_every, train.knn_data); `fastdino eval` has its own flags
     knn_k: tuple[int, ...] = (10, 20, 100, 200)  # k values of the kNN protocol
     knn_temperature: float = 0.07  # softmax temperature of the weighted vote
     batch_size: int = 64  # feature extraction batch
@@ -769,6 +777,17 @@ class Config:
             _check(
                 v is None or v % ps == 0, f"crops.{key}", f"a multiple of model.patch_size={ps}", v
             )
+        # a local crop holds at least one patch (a ConvNeXt: one cell of its stride-32 map); a
+        # smaller one fails in the patch embedding's convolution at the first step
+        convnext = self.model.arch.startswith("convnext_")
+        least = max(ps, 32) if convnext else ps
+        mix = self.crops.resolution_mix
+        for c, _ in self.crops.variants():
+            _check(c.local_crops_size >= least,
+                   "crops.resolution_mix" if mix else "crops.local_crops_size",
+                   f"local crop sizes >= {least} (at least " + ("one cell of a ConvNeXt's "
+                   "stride-32 map" if convnext else f"one patch of model.patch_size={ps}") + ")",
+                   list(mix) if mix else c.local_crops_size)
         _check(not self.koleo.distributed or self.koleo.loss_weight == 0
                or self.koleo.group_size % self.data.batch_size_per_gpu == 0, "koleo.group_size",
                f"a multiple of data.batch_size_per_gpu={self.data.batch_size_per_gpu} (a group "
@@ -790,6 +809,10 @@ class Config:
             "false when distillation.enabled is true (distillation has no Gram loss)",
             self.gram.use,
         )
+        _check(not self.gram.use or self.gram.tokens_used != "masked"
+               or self.ibot.mask_sample_probability > 0, "gram.tokens_used",
+               "all or unmasked when ibot.mask_sample_probability is 0 (no patch is masked: the "
+               "Gram loss would be 0)", self.gram.tokens_used)
         if self.gram.use and self.gram.ckpt is None and not self.gram.ema_teacher:
             _check(
                 self.gram.it_load_ema_teacher >= 0,

@@ -1,0 +1,51 @@
+"""Config keys that interact, checked when the config loads (one line naming the key), not at the
+first step: a local crop smaller than one patch, a Gram loss on masked tokens with nothing
+masked, a distillation teacher_config without distillation, an empty output_dir / resume."""
+
+import pytest
+
+from fastdino.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("overrides, key", [
+    # the patch embedding's 16 x 16 convolution cannot run on an 8 px crop
+    (["crops.local_crops_size=8"], "crops.local_crops_size"),
+    (["crops.resolution_mix=[[64, 8, null, 1.0]]"], "crops.resolution_mix"),
+    # a ConvNeXt student: its stride-32 map needs >= 32 px
+    (["model.arch=convnext_test", "model.embed_dim=null", "model.depth=null",
+      "model.num_heads=null", "distillation.enabled=true", "distillation.teacher=/t",
+      "crops.local_crops_size=16"], "crops.local_crops_size"),
+])
+def test_a_local_crop_smaller_than_a_patch_is_refused(overrides, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*>= (16|32)"):
+        load_config("smoke", overrides)
+
+
+def test_a_local_crop_of_one_patch_and_a_remainder_still_loads():
+    """The official high-res local crop (168 px at patch 16) leaves a remainder: allowed."""
+    assert load_config("smoke", ["crops.local_crops_size=16"]).crops.local_crops_size == 16
+    assert load_config("smoke", ["crops.local_crops_size=40"]).crops.local_crops_size == 40
+
+
+def test_gram_on_masked_tokens_needs_masks():
+    base = ["gram.use=true", "gram.it_load_ema_teacher=0", "gram.img_level=false",
+            "gram.tokens_used=masked"]
+    with pytest.raises(ConfigError, match=r"'gram.tokens_used'.*mask_sample_probability"):
+        load_config("smoke", [*base, "ibot.mask_sample_probability=0"])
+    assert load_config("smoke", base).gram.tokens_used == "masked"
+
+
+def test_a_teacher_config_without_distillation_is_refused():
+    """It would be ignored: the run self-distils."""
+    with pytest.raises(ConfigError, match=r"'distillation.teacher_config'.*distillation.enabled"):
+        load_config("smoke", ["distillation.teacher_config=vitl16"])
+
+
+@pytest.mark.parametrize("key", ["train.output_dir", "train.resume"])
+def test_empty_output_dir_and_resume_are_refused(tmp_path, key):
+    """'' reads as the working directory (output_dir) or no checkpoint at all (resume)."""
+    cfg_file = tmp_path / "c.yaml"
+    section, name = key.split(".")
+    cfg_file.write_text(f"{section}:\n  {name}: ''\n")
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        load_config(cfg_file)
