@@ -1,12 +1,13 @@
-"""`fastdino train|export|profile|eval|curate ...` (the console script of pyproject.toml).
+"""`fastdino train|export|profile|eval|curate|health ...` (the console script of pyproject.toml).
 
     fastdino train --config configs/smoke.yaml data.root=/imgs     (= python fastdino/train.py)
     fastdino export --run runs/smoke --out teacher.safetensors [--format hf|timm | --with-heads]
-    fastdino profile ...                                            (fastdino/profile.py)
+    fastdino profile --config configs/vits16.yaml [--steps 20] [k=v ...] (fastdino/profile.py)
     fastdino eval knn|linear|seg|depth|pca --weights W --data DIR ... (fastdino/eval/cli.py)
     fastdino curate embed|cluster|sample|dedup|retrieve|contamination ... (fastdino/curation/cli.py)
     fastdino health runs/smoke            (collapse, uniform targets, stalls: fastdino/health.py)
 Multi-GPU training goes through the DeepSpeed launcher: `deepspeed --num_gpus N fastdino/train.py`.
+`fastdino <command> --help` describes each command's options.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def _export(argv: list[str]) -> int:
                    "(teacher_backbone.pth + .safetensors inside); .bin, .ckpt and other weight "
                    "suffixes are refused; --with-heads: FILE.pth; --format hf / timm: a folder")
     p.add_argument("--format", choices=("official", "hf", "timm"), default="official",
-                   help="official DINOv3 backbone keys, a Hugging Face DINOv3ViTModel folder, or "
-                   "a timm folder (timm.create_model('local-dir:OUT', pretrained=True))")
+                   help="official DINOv3 backbone keys (the default), a Hugging Face "
+                   "DINOv3ViTModel folder, or a timm folder (timm.create_model('local-dir:OUT', "
+                   "pretrained=True))")
     p.add_argument("--with-heads", action="store_true",
                    help="the whole teacher (backbone + DINO / iBOT heads) in one .pth")
     p.add_argument("--config", default=None,
@@ -57,8 +59,22 @@ def _export(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = ("train", "export", "profile", "eval", "curate", "health")
+    usage = f"usage: fastdino {{{'|'.join(commands)}}} ...\n{__doc__}"
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, success
+        print(usage, end="")
+        return 0
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"fastdino {version('fastdino')}")
+        except PackageNotFoundError:  # a source tree that was not installed
+            print("fastdino (not installed: no version)")
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage: fastdino {{{'|'.join(commands)}}} ...\n{__doc__}", file=sys.stderr)
+        what = f"unknown command {argv[0]!r}; " if argv else ""
+        print(f"{usage}fastdino: error: {what}give one of {', '.join(commands)}",
+              file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdino.eval.cli import HelpFormatter, count, error_message, positive_int
+
 logger = logging.getLogger("fastdino.curation")
 
 
@@ -106,6 +108,8 @@ def _cluster(a: argparse.Namespace) -> int:
         raise SystemExit(f"--levels {a.levels} but --clusters has {len(a.clusters)} values")
     n_levels = len(a.clusters)
     emb_dir = Path(a.embeddings)
+    if not (emb_dir / EMBEDDINGS).is_file():
+        raise SystemExit(f"{emb_dir} is not a `fastdino curate embed` folder (no {EMBEDDINGS})")
     state = emb_dir / PROGRESS
     if state.is_file() and not json.loads(state.read_text()).get("complete", False):
         raise SystemExit(f"{emb_dir} is not fully embedded yet: rerun `fastdino curate embed` "
@@ -251,7 +255,7 @@ def _contamination(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(prog="fastdino curate", description=__doc__.split("\n\n")[0],
                                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -263,15 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard, or a glob / brace pattern of them (as data.root)")
     p.add_argument("--weights", required=True,
                    help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
-                        "DINOv3ViTModel or timm DINOv3 folder, or 'random'")
-    p.add_argument("--arch", default=None, help="factory name, e.g. vit_small")
+                        "DINOv3ViTModel or timm DINOv3 folder, an official DINOv3 DCP checkpoint "
+                        "(with --arch), or 'random'")
+    p.add_argument("--arch", default=None, help="factory name, e.g. vit_small (overrides "
+                   "--config; default: the run's config.yaml or the folder's config.json)")
     p.add_argument("--config", default=None, help="preset name in configs/ or a yaml file")
     p.add_argument("--out", required=True, help="output folder E")
-    p.add_argument("--image-size", type=int, default=224,
+    p.add_argument("--image-size", type=int, default=224,  # checked against the patch size
                    help="centre crop, a multiple of the backbone's patch size (16; 14 for the "
                         "DINOv2 archs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per forward of the backbone")
+    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="init seed for --weights random")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -284,35 +291,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", help="folder E written by `curate embed`")
     p.add_argument("--clusters", type=_ints, required=True,
                    help="clusters per level, bottom to top, e.g. 100,20,5")
-    p.add_argument("--levels", type=int, default=None, help="number of levels (checks --clusters)")
+    p.add_argument("--levels", type=positive_int, default=None,
+                   help="number of levels (checks --clusters; default: as many as it lists)")
     p.add_argument("--resampling-steps", type=_ints, default=[10],
                    help="resampling steps per level (one value: every level)")
     p.add_argument("--sample-size", type=_ints, default=None,
                    help="points per cluster in a resampling step, per level (default: half the "
                         "average cluster size; <= 1: no resampling)")
-    p.add_argument("--iters", type=int, default=50, help="Lloyd iterations per k-means")
+    p.add_argument("--iters", type=positive_int, default=50,
+                   help="Lloyd iterations per k-means")
     p.add_argument("--strategy", choices=["c", "r"], default="c",
                    help="resampling: c = closest to the centroid, r = random")
     p.add_argument("--impl", choices=["auto", "triton", "torch"], default="auto",
                    help="assignment kernel: auto = Triton on CUDA")
-    p.add_argument("--chunk-rows", type=int, default=1 << 16,
+    p.add_argument("--chunk-rows", type=positive_int, default=1 << 16,
                    help="embeddings read per chunk when they do not fit in memory")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="k-means++ init and resampling seed")
     p.add_argument("--out", required=True, help="output folder C")
 
     p = sub.add_parser("sample", help="balanced hierarchical sampling -> file list",
                        formatter_class=fmt)
     p.add_argument("clusters_dir", metavar="C", help="folder C written by `curate cluster`")
-    p.add_argument("--n", type=int, required=True, help="number of images to select")
+    p.add_argument("--n", type=positive_int, required=True, help="number of images to select")
     p.add_argument("--strategy", choices=["c", "r"], default="r",
                    help="inside a level-1 cluster: c = closest to the centroid, r = random")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="file list to write (data.file_list)")
 
     def search_options(p, k: int) -> None:
-        p.add_argument("--k", type=int, default=k, help="neighbours searched per row")
-        p.add_argument("--chunk-rows", type=int, default=8192,
+        p.add_argument("--k", type=positive_int, default=k, help="neighbours searched per row")
+        p.add_argument("--chunk-rows", type=positive_int, default=8192,
                        help="rows per similarity block (memory: chunk^2 x 4 bytes)")
         p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -331,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", required=True, help="seed images' folder from `curate embed` "
                    "(same --weights and --image-size)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="keep only neighbours at least this similar")
+                   help="keep only neighbours at least this similar (cosine; default: all "
+                        "--k)")
     p.add_argument("--out", required=True, help="file list of the retrieved images (+ .tsv)")
     search_options(p, 4)
 
@@ -350,10 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One command; a bad path, file or value (FileNotFoundError, ValueError, KeyError, a refused
+    pickle) is one line on stderr and exit status 2, as argparse's usage errors."""
+    import pickle
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return {"embed": _embed, "cluster": _cluster, "sample": _sample, "dedup": _dedup,
-            "retrieve": _retrieve, "contamination": _contamination}[a.cmd](a)
+    command = {"embed": _embed, "cluster": _cluster, "sample": _sample, "dedup": _dedup,
+               "retrieve": _retrieve, "contamination": _contamination}[a.cmd]
+    try:
+        return command(a)
+    except (FileNotFoundError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        print(f"fastdino curate {a.cmd}: error: {error_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

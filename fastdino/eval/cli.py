@@ -31,11 +31,52 @@ import torch
 logger = logging.getLogger("fastdino.eval")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, where there is one to show: not for required
+    options, flags that are off, None (the help says what happens then) or a help text that
+    already states its default (argparse.ArgumentDefaultsHelpFormatter prints all of those)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.required or default is None
+                or default is False or default is argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def _number(kind: type, least: float, strict: bool):
+    """An argparse type: a `kind` > least (strict) or >= least; otherwise argparse's one-line
+    usage error names the option and the value."""
+    what = (f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} "
+            f"{least:g}")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= least or (strict and value == least):  # (NaN fails the first)
+            raise argparse.ArgumentTypeError(f"{text} is invalid: allowed is {what}")
+        return value
+
+    parse.__name__ = f"{kind.__name__}_{'gt' if strict else 'ge'}_{least:g}"
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+count = _number(int, 0, strict=False)  # >= 0 (workers)
+positive_float = _number(float, 0, strict=True)
+
+
 def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--weights", required=True,
                    help="training run/checkpoint folder, .pth/.safetensors backbone, Hugging Face "
-                        "DINOv3ViTModel or timm DINOv3 folder, or 'random'")
+                        "DINOv3ViTModel or timm DINOv3 folder, an official DINOv3 DCP checkpoint "
+                        "(with --arch), or 'random'; a glob pattern (quoted) evaluates each match "
+                        "with a summary table, e.g. 'runs/L/eval/training_*/"
+                        "teacher_checkpoint.pth' (not pca)")
     g.add_argument("--arch", default=None,
                    help="factory name, e.g. vit_small, dinov2_vitb14 or convnext_tiny "
                         "(overrides --config)")
@@ -55,10 +96,12 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
         f.add_argument("--val-data", default=None, help="the validation images, as --train-data")
         f.add_argument("--split-file", default=None,
                        help="lines 'train <class>/<file>' or 'val <class>/<file>' under --data")
-        f.add_argument("--image-size", type=int, default=224,
-                       help="centre crop (resize to 256/224 of it first); a multiple of 16")
-        f.add_argument("--batch-size", type=int, default=64, help="extraction batch")
-        f.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
+        f.add_argument("--image-size", type=positive_int, default=224,
+                       help="centre crop (resize to 256/224 of it first); a multiple of the "
+                            "backbone's patch size (16; 14 for the DINOv2 archs)")
+        f.add_argument("--batch-size", type=positive_int, default=64,
+                       help="images per feature-extraction batch")
+        f.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
         f.add_argument("--cache-dir", default=None,
                        help="feature cache (default $FASTDINO_CACHE/features); 'none' disables")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -76,29 +119,35 @@ def _add_lists(p: argparse.ArgumentParser) -> None:
                         "end); the same command resumes an interrupted fit, and re-evaluates a "
                         "finished one without training. With a --weights pattern: one "
                         "subfolder per match")
-    p.add_argument("--checkpoint-every", type=int, default=500,
+    p.add_argument("--checkpoint-every", type=positive_int, default=500,
                    help="head checkpoint period in iterations (with --output-dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdino eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = sub.add_parser("knn", help="weighted kNN on L2-normalised CLS (SPEC.md §6)",
                        formatter_class=fmt)
     _add_common(p)
-    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
+                   help="neighbour counts: one result per k, each query voted on by its k "
+                        "nearest training images (the default: the official protocol's)")
+    p.add_argument("--temperature", type=float, default=0.07,
+                   help="softmax temperature of the neighbours' weighted vote, as in the "
+                        "official protocol")
 
     p = sub.add_parser("linear", help="linear probes (one per lr) on CLS + mean patch",
                        formatter_class=fmt)
     _add_common(p)
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="base lrs (x batch/256); default the official 13, 1e-5 .. 0.1")
-    p.add_argument("--iterations", type=int, default=12500, help="official: 10 x 1250")
-    p.add_argument("--probe-batch-size", type=int, default=128)
+    p.add_argument("--iterations", type=positive_int, default=12500,
+                   help="training steps of the probes (official: 10 x 1250)")
+    p.add_argument("--probe-batch-size", type=positive_int, default=128,
+                   help="feature rows per training step of the probes")
 
     p = sub.add_parser("seg", help="dense linear probe (BN + 1x1 conv), mIoU",
                        formatter_class=fmt)
@@ -107,17 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "downloaded, or a folder with images/ + masks/ (or train/ and val/ each "
                    "holding them); masks: integer PNGs, 255 = ignore (dense_layouts.py)")
     _add_lists(p)
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=positive_int, default=None,
                    help="default: the benchmark's (ADE20K 150, VOC 21, Cityscapes 19), else the "
                         "max mask id + 1")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
                    help="ignore mask id 0 and shift the others down by one (default: on for "
                         "ADE20K, off otherwise)")
-    p.add_argument("--crop", type=int, default=512, help="training crop = sliding window")
-    p.add_argument("--iterations", type=int, default=2000, help="official ADE20k: 40000")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--crop", type=positive_int, default=512,
+                   help="training crop = sliding window, a multiple of the patch size")
+    p.add_argument("--iterations", type=positive_int, default=2000,
+                   help="training steps of the head (official ADE20k: 40000)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="training crops per step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW lr of the head")
+    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
 
     p = sub.add_parser("depth", help="dense linear depth probe (BN + 1x1 conv to 256 bins), "
                        "RMSE / AbsRel / delta1", formatter_class=fmt)
@@ -127,14 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "and val/ each holding them); depth: 16-bit PNGs or float .npy metres, 0 = "
                    "none (dense_layouts.py)")
     _add_lists(p)
-    p.add_argument("--depth-scale", type=float, default=None,
+    p.add_argument("--depth-scale", type=positive_float, default=None,
                    help="PNG value / scale = metres (NYU-v2 mm: 1000, KITTI: 256; default 1000)")
-    p.add_argument("--crop", type=int, nargs=2, default=[416, 544], metavar=("H", "W"),
-                   help="training crop = sliding window (official NYU: 416 544)")
-    p.add_argument("--iterations", type=int, default=2000, help="official NYU: 38400")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--crop", type=positive_int, nargs=2, default=[416, 544],
+                   metavar=("H", "W"), help="training crop = sliding window, multiples of the "
+                   "patch size (official NYU: 416 544)")
+    p.add_argument("--iterations", type=positive_int, default=2000,
+                   help="training steps of the head (official NYU: 38400)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="training crops per step")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW lr of the head")
+    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
     p.add_argument("--no-flip-tta", action="store_true",
                    help="do not average with the flipped image's prediction")
     p.add_argument("--eigen-crop", action=argparse.BooleanOptionalAction, default=None,
@@ -146,17 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, features=False)
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resolution", type=int, default=448, help="image height (multiple of 16)")
+    p.add_argument("--resolution", type=positive_int, default=448,
+                   help="image height, a multiple of the patch size (the width keeps the aspect "
+                        "ratio)")
     p.add_argument("--shared", action="store_true", help="one PCA basis across all images")
     p.add_argument("--fg", choices=("threshold", "none"), default="threshold",
                    help="foreground = first component > --threshold, background black")
-    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="with --fg threshold: a patch whose first component is above this is "
+                        "foreground")
     p.add_argument("--color", choices=("sigmoid", "minmax"), default="sigmoid",
                    help="sigmoid(2 x whitened projection) as the official notebook, or min-max")
     p.add_argument("--norms", action="store_true",
                    help="also <stem>_norms.png + norms.json: token norms before the final norm, "
                         "high-norm (artifact) tokens in red")
-    p.add_argument("--norm-factor", type=float, default=2.0,
+    p.add_argument("--norm-factor", type=positive_float, default=2.0,
                    help="high-norm = above this x the image's median token norm")
     return parser
 
