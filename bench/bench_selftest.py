@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastdino.kernels._rounding import to_stored
 from fastdino.kernels._utils import CompileSpec, next_pow2
 
 from bench.harness import BenchCase
@@ -69,7 +70,7 @@ def _softmax_ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, dx_ptr, g_ptr, K, stride, inv_
         x = tl.load(x_ptr + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
         dx = (tl.exp(x - lse) * t_sum - t) * scale
-        tl.store(dx_ptr + row * stride + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row * stride + offs, to_stored(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_k(K: int) -> int:

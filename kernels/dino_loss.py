@@ -122,6 +122,7 @@ import dataclasses  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from fastdino.kernels._rounding import to_stored  # noqa: E402
 from fastdino.kernels._utils import (  # noqa: E402
     CompileSpec,
     cdiv,
@@ -305,7 +306,7 @@ def _dino_soft_ce_bwd_kernel(s_ptr, t_ptr, col_shift_ptr, row_shift_ptr, tidx_pt
             p += _teacher_p(t_ptr, off1, b1, ok1, cols, cmask, a, inv_tt)
         sm = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
         ds = (coef[:, None] * sm - g[:, None] * p) * inv_ts
-        tl.store(ds_ptr + ds_off[:, None] + cols[None, :], ds.to(ds_ptr.dtype.element_ty),
+        tl.store(ds_ptr + ds_off[:, None] + cols[None, :], to_stored(ds, ds_ptr.dtype.element_ty),
                  mask=m2d)
 
 

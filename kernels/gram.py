@@ -110,6 +110,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from fastdino.kernels._rounding import rne_bf16
 from fastdino.kernels._utils import (
     CompileSpec,
     _cuda_arch_family,
@@ -229,9 +230,7 @@ def _round(x, dtype: tl.constexpr, RNE_FIX: tl.constexpr):
     which shrinks |S| by ~2⁻⁸ on average and biases the loss. RNE_FIX (interpreter + bf16 only)
     rounds the fp32 bits to nearest even first, so the truncation is exact."""
     if RNE_FIX:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        x = rne_bf16(x)
     return x.to(dtype)
 
 

@@ -161,6 +161,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from fastdino.kernels._rounding import to_stored
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 
@@ -366,7 +367,7 @@ def _store_dx(DX_ptr, Nn_ptr, Dist_ptr, T_ptr, Rinv_ptr, x_g, stride_x_g, stride
     proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
     dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
     tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
-             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
+             to_stored(dx, DX_ptr.dtype.element_ty), mask=m_j)
 
 
 @triton.jit
@@ -691,7 +692,7 @@ def _koleo_small_bwd_kernel(
     proj = tl.where(r_j * eps < 1.0, s_j * t_j - pu, 0.0)  # ‖x‖ <= eps: normalize is linear
     dx = (dxh - xh_j * proj[:, None]) * r_j[:, None]
     tl.store(DX_ptr + g * stride_x_g + j[:, None] * stride_x_row + kk[None, :],
-             dx.to(DX_ptr.dtype.element_ty), mask=m_j)
+             to_stored(dx, DX_ptr.dtype.element_ty), mask=m_j)
 
 
 # ---- the split path (large groups): norms, column-split search, merge + distances, sorted bwd --

@@ -38,6 +38,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from fastdino.kernels._rounding import to_stored
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 MAX_D = 4096  # the widest shipped model (7B); wider rows are not compile-checked
@@ -104,7 +105,7 @@ def _layernorm_residual_fwd_kernel(
     x = tl.load(X_ptr + r * stride_x + c, mask=mask, other=0.0).to(tl.float32)
     h = tl.load(H_ptr + r * stride_h + c, mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(Gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = (x + gamma[None, :] * h).to(Y_ptr.dtype.element_ty)
+    y = to_stored(x + gamma[None, :] * h, Y_ptr.dtype.element_ty)
     tl.store(Y_ptr + r * stride_y + c, y, mask=mask)
     y = y.to(tl.float32)  # normalise the stream as stored
     mean = tl.sum(y, axis=1) / D
@@ -113,7 +114,7 @@ def _layernorm_residual_fwd_kernel(
     w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = yc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Out_ptr + r * stride_o + c, out.to(Out_ptr.dtype.element_ty), mask=mask)
+    tl.store(Out_ptr + r * stride_o + c, to_stored(out, Out_ptr.dtype.element_ty), mask=mask)
     row_ok = rows < T
     tl.store(Mean_ptr + rows, mean, mask=row_ok)
     tl.store(Rstd_ptr + rows, rstd, mask=row_ok)
@@ -170,8 +171,9 @@ def _layernorm_residual_bwd_kernel(
         dln = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
         dx = tl.load(DY_ptr + r * stride_dy + c, mask=mask, other=0.0).to(tl.float32) + dln
         dx = tl.where(mask, dx, 0.0)
-        tl.store(DX_ptr + r * stride_dx + c, dx.to(DX_ptr.dtype.element_ty), mask=mask)
-        tl.store(DH_ptr + r * stride_dh + c, (dx * gamma).to(DH_ptr.dtype.element_ty), mask=mask)
+        tl.store(DX_ptr + r * stride_dx + c, to_stored(dx, DX_ptr.dtype.element_ty), mask=mask)
+        tl.store(DH_ptr + r * stride_dh + c, to_stored(dx * gamma, DH_ptr.dtype.element_ty),
+                 mask=mask)
         h = tl.load(H_ptr + r * stride_h + c, mask=mask, other=0.0).to(tl.float32)
         acc_gamma += dx * h
     p = pid.to(tl.int64) * D + cols

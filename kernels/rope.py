@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastdino.kernels._rounding import to_stored
 from fastdino.kernels._utils import (
     CompileSpec,
     arch_family,
@@ -130,8 +131,8 @@ def _rotate_part(dst, src, mask, c1, c2, s1, s2, keep, HALF: tl.constexpr):
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     y1 = tl.where(keep, x1, x1 * c1 - x2 * s1)
     y2 = tl.where(keep, x2, x2 * c2 + x1 * s2)
-    tl.store(dst, y1.to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, y2.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst, to_stored(y1, dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, to_stored(y2, dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastdino.kernels._rounding import to_stored
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -74,7 +75,7 @@ def _swiglu_fwd_kernel(
     a = tl.load(X1_ptr + r * stride_x1 + c, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(X2_ptr + r * stride_x2 + c, mask=mask, other=0.0).to(tl.float32)
     out = a * tl.sigmoid(a) * b
-    tl.store(Out_ptr + r * H + c, out.to(Out_ptr.dtype.element_ty), mask=mask)
+    tl.store(Out_ptr + r * H + c, to_stored(out, Out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,8 +101,8 @@ def _swiglu_bwd_kernel(
     s = tl.sigmoid(a)
     silu = a * s
     dx1 = dout * b * s * (1.0 + a * (1.0 - s))
-    tl.store(DX1_ptr + r * H + c, dx1.to(DX1_ptr.dtype.element_ty), mask=mask)
-    tl.store(DX2_ptr + r * H + c, (dout * silu).to(DX2_ptr.dtype.element_ty), mask=mask)
+    tl.store(DX1_ptr + r * H + c, to_stored(dx1, DX1_ptr.dtype.element_ty), mask=mask)
+    tl.store(DX2_ptr + r * H + c, to_stored(dout * silu, DX2_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
