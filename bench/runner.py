@@ -43,10 +43,10 @@ def provider_names(case) -> list[str]:
 
 
 def selection_problems(loaded, cases_spec: str | None, providers_spec: str | None,
-                       quick: bool, on_gpu: bool) -> list[str]:
-    """--cases texts that no case of the run's ops contains, and --providers names that no
-    selected case has: one message each, naming them and listing what exists (a typo would
-    otherwise select nothing and read as a pass)."""
+                       quick: bool, on_gpu: bool, modes_spec: str | None = None) -> list[str]:
+    """--cases texts that no case of the run's ops contains, --providers names that no selected
+    case has, and --modes (timing runs) that no selected case runs: one message each, naming
+    them and listing what exists (a typo would otherwise select nothing and read as a pass)."""
     msgs = []
     where = (f"{'--quick' if quick else 'full'} cases, "
              f"{'GPU' if on_gpu else 'CPU interpreter'} sizes")
@@ -67,6 +67,13 @@ def selection_problems(loaded, cases_spec: str | None, providers_spec: str | Non
                     f"{'matches' if len(missing) == 1 else 'match'} no provider of the "
                     f"{len(selected)} selected case(s) ({where}); their providers are "
                     f"{', '.join(known) or '(none)'}")
+    # --modes that no selected case runs (e.g. bwd on ops without a gradient) time nothing: an
+    # error; a case that runs none of them while others do is reported as it comes (bench_records)
+    asked = set(_names(modes_spec))
+    if asked and selected and not any(asked & set(c.modes) for c in selected):
+        have = sorted({m for c in selected for m in c.modes})
+        msgs.append(f"--modes {modes_spec} matches no mode of the {len(selected)} selected "
+                    f"case(s) ({where}); their modes are {', '.join(have)}")
     return msgs
 
 
@@ -75,6 +82,10 @@ def bench_records(cases, args, device, env, roof: Roofline) -> list[dict]:
     records = []
     for case in cases:
         rows = run_case(case, device, tuple(args.modes.split(",")), providers, args.quick)
+        if not rows:
+            print(f"# {case.name}: not timed, it runs none of --modes {args.modes} "
+                  f"(only {', '.join(case.modes)})", flush=True)
+            continue
         by_mode: dict[str, dict[str, float]] = {}
         for m in rows:
             if m.timing is not None:
@@ -144,7 +155,8 @@ def run(ops: list[str], args: argparse.Namespace, on_gpu: bool) -> int:
     # --providers before any work) and the roofline are inside it, as the stage's timeout is
     budget = OpBudget(getattr(args, "time_budget", None), len(ops))
     loaded = _load(ops, args, on_gpu)
-    problems = selection_problems(loaded, args.cases, args.providers, args.quick, on_gpu)
+    problems = selection_problems(loaded, args.cases, args.providers, args.quick, on_gpu,
+                                  None if args.check else args.modes)
     if problems and not any(cases is None for _, cases, _ in loaded):
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)
