@@ -49,6 +49,7 @@ ARCHS = (
     "vit_small_plus",
     "vit_base",
     "vit_large",
+    "vit_large_plus",  # the hub's dinov3_vitl16plus
     "vit_huge_plus",
     "vit_7b",
     # DINOv2 backbones (SPEC.md §2.6): patch 14, learned position embedding (configs/dinov2_*)

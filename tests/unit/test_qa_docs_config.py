@@ -49,3 +49,14 @@ def test_empty_output_dir_and_resume_are_refused(tmp_path, key):
     cfg_file.write_text(f"{section}:\n  {name}: ''\n")
     with pytest.raises(ConfigError, match=rf"'{key}'"):
         load_config(cfg_file)
+
+
+def test_every_backbone_the_models_build_is_a_model_arch():
+    """vit_large_plus (the hub's dinov3_vitl16plus) loaded in `fastdino eval --arch` but
+    model.arch refused it, so its released weights could not be trained on."""
+    from fastdino.config import ARCHS
+    from fastdino.models.backbones import ARCH_TABLE
+    from fastdino.models.convnext import CONVNEXT_ARCHS
+
+    assert set(ARCHS) == set(ARCH_TABLE) | set(CONVNEXT_ARCHS)
+    assert load_config(None, ["model.arch=vit_large_plus"]).model.arch == "vit_large_plus"
