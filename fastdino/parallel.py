@@ -505,7 +505,20 @@ class DeepSpeedStudent(_StudentBase):
             return self._master_values(list(params))
         if self.zero_stage == 3:
             return self._gathered_values(list(params))
+        if self.dtype == torch.bfloat16:  # ZeRO-0 bf16: replicated fp32 masters beside the module
+            masters = self._zero0_masters()
+            return module_values([masters.get(p, p) for p in params])
         return module_values(params)
+
+    def _zero0_masters(self) -> dict:
+        """ZeRO-0 bf16 (DeepSpeed's FP16_UnfusedOptimizer): {bf16 module parameter: its fp32
+        master}. The module holds the bf16 rounding of the master, so the EMA must read the
+        master, as under ZeRO-1/2/3 (frozen parameters have none: their module value is all)."""
+        opt = self.engine.optimizer
+        if not hasattr(opt, "fp32_groups"):
+            return {}
+        return {p: m for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                for p, m in zip(g16, g32, strict=True)}
 
     @contextlib.contextmanager
     def _gathered_values(self, params):

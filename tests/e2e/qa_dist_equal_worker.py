@@ -91,6 +91,43 @@ def _scenario(name: str, out: Path, rank: int, world: int) -> dict:
             "lr": float(trainer.sched.at(0).lr)}
 
 
+def _zero0_bf16_ema(out: Path) -> dict:
+    """ZeRO-0 bf16 (DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters beside the bf16
+    module): after each of STEPS steps the teacher must be the EMA of the fp32 masters, read here
+    from the optimizer's own groups, as under ZeRO-1/2/3 (before: of the bf16 module weights)."""
+    from fastdino.config import load_config
+    from fastdino.data import build_train_loader
+    from fastdino.train import Trainer
+
+    cfg = load_config(SMOKE, [*COMMON, f"data.batch_size_per_gpu={B}", "deepspeed.zero_stage=0",
+                              "deepspeed.precision=bf16", f"train.output_dir={out / 'bf16'}"])
+    trainer = Trainer(cfg)
+    opt = trainer.engine.engine.optimizer
+    names = {p: n for n, p in trainer.engine.module.named_parameters()}
+
+    def masters() -> dict[str, torch.Tensor]:
+        return {names[p]: m.detach().float().clone()
+                for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                for p, m in zip(g16, g32, strict=True)}
+
+    teacher = dict(trainer.arch.teacher.named_parameters())
+    ref = {n: teacher[n].detach().clone() for n in masters()}
+    teacher0 = {n: v.clone() for n, v in ref.items()}
+    loader = build_train_loader(cfg, trainer.info.rank, trainer.info.world_size, 0)
+    for it in range(STEPS):
+        assert trainer.step(it, next(loader)) is not None
+        m = trainer.sched.at(it).momentum
+        for n, v in masters().items():
+            ref[n].mul_(m).add_(v, alpha=1 - m)
+    module = {n: p.detach().float() for n, p in trainer.engine.module.named_parameters()}
+    return {"optimizer": type(opt).__name__,
+            "ema_err": max((teacher[n].detach() - ref[n]).abs().max().item() for n in ref),
+            "teacher_moved": max((teacher[n].detach() - teacher0[n]).abs().max().item()
+                                 for n in ref),
+            "bf16_rounding": max((module[n] - v).abs().max().item()
+                                 for n, v in masters().items())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -106,6 +143,10 @@ def main() -> int:
         res = _scenario(name, out, info.rank, info.world_size)
         if info.rank == 0:
             torch.save(res, out / f"{mode}_{name}.pt")
+    if mode == "dist":
+        res = _zero0_bf16_ema(out)
+        if info.rank == 0:
+            torch.save(res, out / "dist_zero0_bf16_ema.pt")
     shutdown_distributed()
     return 0
 
