@@ -80,16 +80,45 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only or vanished folder): the message
+    is one line naming the folder, what failed, the free space there and the checkpoint a
+    resume continues from (the previous one: a failed save never touches it)."""
+
+
 def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state: dict,
                     keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. Any failure
+    (on this rank) is a CheckpointWriteError."""
     ckpt_dir = Path(ckpt_dir)
+    try:
+        return _save(ckpt_dir, iteration, engine, trainer_state, keep)
+    except Exception as e:  # noqa: BLE001 - torch.save's disk-full error is a RuntimeError
+        try:
+            free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "its free space unknown"
+        try:
+            previous = latest_checkpoint(ckpt_dir)
+        except OSError:
+            previous = None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointWriteError(
+            f"checkpoint {tag_for(iteration)} could not be written in {ckpt_dir} (rank "
+            f"{fdist.get_rank()}): {type(e).__name__}: {first} ({free}); "
+            + (f"the previous checkpoint {previous} is intact: train.resume=auto continues from "
+               "it" if previous is not None else "no earlier checkpoint")) from e
+
+
+def _save(ckpt_dir: Path, iteration: int, engine, trainer_state: dict, keep: int) -> Path:
     tag = tag_for(iteration)
     partial_root = ckpt_dir / ".partial"
     partial = partial_root / tag
     if fdist.is_main_process():
-        if partial.exists():
-            shutil.rmtree(partial)
+        # a save killed or failed half-way left its files here (of any tag): they may be what
+        # filled the disk
+        if partial_root.exists():
+            shutil.rmtree(partial_root)
         partial.mkdir(parents=True)
     fdist.barrier()
     engine.save_checkpoint(str(partial_root), tag)
@@ -106,10 +135,13 @@ def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state:
     final = ckpt_dir / tag
     if fdist.is_main_process():
         fsync_tree(partial)
-        if final.exists():  # e.g. the end-of-run save at a periodic-save iteration
-            shutil.rmtree(final)
+        old = partial_root / (tag + ".replaced")
+        if final.exists():  # an earlier run's (train.resume=none): moved aside, deleted after
+            os.rename(final, old)  # (no rmtree while `latest` may name a missing folder)
         os.rename(partial, final)
         _fsync_path(ckpt_dir)
+        if old.exists():
+            shutil.rmtree(old)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag + "\n")
         _fsync_path(tmp)
@@ -160,7 +192,17 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
         return None
     path = ckpt_dir / pointer.read_text().strip()
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name} but {path / STATE_FILE} is missing")
+        # deleted by hand, or a save killed between replacing an earlier run's folder of that
+        # name and updating `latest`: the newest complete one up to it
+        m = TAG_RE.match(path.name)
+        found = [(it, p) for it, p in complete_checkpoints(ckpt_dir)
+                 if m is not None and it <= int(m.group(1))]
+        if not found:
+            raise FileNotFoundError(f"{pointer} names {path.name} but {path / STATE_FILE} is "
+                                    "missing, and no complete checkpoint up to it is there")
+        logger.warning("%s names %s, which is missing or incomplete: resuming from the newest "
+                       "complete checkpoint up to it, %s", pointer, path.name, found[-1][1].name)
+        return found[-1][1]
     return path
 
 

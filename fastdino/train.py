@@ -35,7 +35,13 @@ import torch
 # with fastdino's.
 with contextlib.redirect_stdout(sys.stderr):
     from fastdino import dist as fdist
-    from fastdino.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+    from fastdino.checkpoint import (
+        CheckpointWriteError,
+        load_checkpoint,
+        resolve_resume,
+        save_checkpoint,
+        set_rng_state,
+    )
     from fastdino.config import Config, ConfigError, config_changes, load_config, save_config
     from fastdino.data import build_train_loader
     from fastdino.data.collate import Batch
@@ -597,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("config error: %s", e)
         shutdown_distributed(barrier=False)
         return 2
+    except CheckpointWriteError as e:  # disk full, read-only: the folder, the resume point
+        logger.error("%s", e)
+        shutdown_distributed(barrier=False)
+        return 1
     shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return rc
 

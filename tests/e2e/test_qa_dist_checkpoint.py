@@ -1,0 +1,79 @@
+"""Checkpoint writes that fail or are cut short (single process, plain torch engine; the same
+code runs on every rank): nothing already saved is lost, the error is one line naming the folder,
+and what a failed save left behind does not stay on a full disk."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastdino import checkpoint as ck
+from fastdino.config import load_config
+from fastdino.parallel import DistInfo, TorchStudent
+
+
+def _engine():
+    torch.manual_seed(0)
+    m = nn.Linear(4, 2)
+    groups = [{"params": list(m.parameters()), "lr": 0.1, "weight_decay": 0.0,
+               "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False,
+               "is_backbone": False}]
+    return TorchStudent(m, groups, load_config(None, []),
+                        DistInfo(0, 1, 0, torch.device("cpu"), False), torch.float32)
+
+
+def test_disk_full_during_save_is_one_line_and_the_previous_checkpoint_stays(tmp_path,
+                                                                               monkeypatch):
+    eng = _engine()
+    ck.save_checkpoint(tmp_path, 5, eng, {"data_iteration": 5}, keep=3)
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):  # torch.save's own message when the disk fills
+        if str(f).endswith(ck.STATE_FILE):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "3234752 vs 3234640")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(ck.CheckpointWriteError) as err:
+        ck.save_checkpoint(tmp_path, 10, eng, {"data_iteration": 10}, keep=3)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"checkpoint iter_0000010 could not be written in {tmp_path}" in msg
+    assert "unexpected pos" in msg and "MiB free there" in msg
+    assert f"the previous checkpoint {tmp_path / 'iter_0000005'} is intact" in msg
+    monkeypatch.undo()
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "iter_0000005"
+    assert (tmp_path / ".partial" / "iter_0000010").exists()
+    # the next save (another iteration: a resume with another checkpoint_every, a stop signal)
+    # clears what the failed one left
+    ck.save_checkpoint(tmp_path, 7, eng, {"data_iteration": 7}, keep=3)
+    assert not (tmp_path / ".partial" / "iter_0000010").exists()
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "iter_0000007"
+
+
+def test_killed_while_replacing_an_earlier_runs_checkpoint_still_resumes(tmp_path, monkeypatch,
+                                                                         caplog):
+    """train.resume=none in a folder whose run ended at iter_10 (`latest` names it): this run's
+    save of iter_10 replaces that folder. Killed between the replacement and the new `latest`,
+    `latest` names a folder that is gone: resume=auto takes the newest complete one up to it
+    (this run's iter_5) instead of failing on the missing folder."""
+    eng = _engine()
+    ck.save_checkpoint(tmp_path, 10, eng, {"data_iteration": 10}, keep=3)  # the earlier run
+    ck.save_checkpoint(tmp_path, 5, eng, {"data_iteration": 5}, keep=3)  # this run
+    (tmp_path / "latest").write_text("iter_0000010\n")  # as the earlier run left it
+    real_rename, calls = ck.os.rename, []
+
+    def killed(src, dst):
+        calls.append(src)
+        if str(src).endswith("/.partial/iter_0000010"):  # publishing the new folder
+            raise KeyboardInterrupt("killed during save")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ck.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, 10, eng, {"data_iteration": 10}, keep=3)
+    monkeypatch.undo()
+    assert not (tmp_path / "iter_0000010").exists() and calls
+    assert ck.resolve_resume("auto", tmp_path) == tmp_path / "iter_0000005"
+    assert "latest names iter_0000010, which is missing" in caplog.text.replace(
+        str(tmp_path / "latest"), "latest")
