@@ -132,7 +132,7 @@ class Trainer:
                     raise
                 raise unfit from e
             self.start_iteration, self.resume_rng = st["iteration"], st["rng"]
-            self.start_micro_batch = st["data_iteration"]
+            self.start_micro_batch = _step_aligned(st["data_iteration"], self.gas, resume)
             self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
             same_ranks = st.get("world_size", self.info.world_size) == self.info.world_size
             same_batch = st.get("micro_batch_size") in (None, cfg.data.batch_size_per_gpu)
@@ -469,6 +469,23 @@ def schedule_in_data_passes(cfg: Config, iterations: int, global_batch: int,
             f"= {seen / max(num_images, 1):.2f} passes over the {num_images:,} images (an "
             f"'epoch' is train.epoch_length={cfg.train.epoch_length} iterations = "
             f"{per_epoch:.3g} passes{stop})")
+
+
+def _step_aligned(micro_batch: int, gas: int, resume: Path) -> int:
+    """The resumed loader position (micro-batches of this rank) moved back to an optimizer
+    step's boundary. The loaders draw per optimizer step (micro_batch // gas: the
+    crops.resolution_mix size, data/loader.py), so a position that is not a multiple of gas (a
+    resume with another deepspeed.gradient_accumulation_steps, or a position remapped for
+    another rank count or per-rank batch) would make every later step straddle two draws: two
+    sizes in one optimizer step. Up to gas - 1 micro-batches are seen again instead."""
+    aligned = micro_batch - micro_batch % gas
+    if aligned != micro_batch:
+        logger.warning("checkpoint %s: data position %d micro-batches is not a multiple of "
+                       "deepspeed.gradient_accumulation_steps=%d: the data continues at "
+                       "micro-batch %d, an optimizer step's boundary (%d micro-batches are seen "
+                       "again), so that each step's micro-batches share one draw of the loader",
+                       resume, micro_batch, gas, aligned, micro_batch - aligned)
+    return aligned
 
 
 def _unfit_checkpoint(e: Exception, resume: Path) -> ValueError | None:

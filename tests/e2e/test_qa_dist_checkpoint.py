@@ -77,3 +77,30 @@ def test_killed_while_replacing_an_earlier_runs_checkpoint_still_resumes(tmp_pat
     assert ck.resolve_resume("auto", tmp_path) == tmp_path / "iter_0000005"
     assert "latest names iter_0000010, which is missing" in caplog.text.replace(
         str(tmp_path / "latest"), "latest")
+
+
+def test_resume_with_another_gas_starts_at_a_step_boundary(tmp_path, caplog):
+    """A checkpoint at data position 3 micro-batches (gas 1) resumed with gas 2 and
+    crops.resolution_mix: the loader draws one size per optimizer step (micro_batch // gas), so
+    the resumed position must be a multiple of gas (2, one micro-batch seen again); from 3 every
+    later step would straddle two draws and mix two crop sizes in one optimizer step."""
+    from pathlib import Path
+
+    from fastdino.train import Trainer
+
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    common = ["data.num_workers=0", "data.loader=torch", "model.depth=1", "kernels.impl=torch",
+              "dino.head.n_prototypes=64", "ibot.head.n_prototypes=64", "dino.head.hidden_dim=64",
+              "ibot.head.hidden_dim=64", "data.batch_size_per_gpu=2", "train.log_every=100",
+              "crops.resolution_mix=[[32,16,null,1],[64,32,null,1]]",
+              f"train.output_dir={tmp_path}", "train.checkpoint_every=3"]
+    Trainer(load_config(smoke, [*common, "train.max_iterations=3"])).train()
+    resumed = Trainer(load_config(smoke, [*common, "train.max_iterations=12",
+                                          "deepspeed.gradient_accumulation_steps=2"]))
+    assert resumed.start_iteration == 3
+    assert resumed.start_micro_batch == 2, resumed.start_micro_batch
+    assert "data position 3 micro-batches is not a multiple" in caplog.text
+    loader = resumed.build_loader()
+    sizes = [[next(loader).global_crops.shape[-1] for _ in range(2)] for _ in range(8)]
+    assert all(a == b for a, b in sizes), sizes  # one size per optimizer step
+    assert len({a for a, _ in sizes}) == 2, sizes  # and the mix is real
