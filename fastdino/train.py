@@ -138,6 +138,15 @@ class Trainer:
             same_batch = st.get("micro_batch_size") in (None, cfg.data.batch_size_per_gpu)
             # (another rank count or per-rank batch: load_checkpoint remapped the data position
             # and logged it)
+            if not (same_ranks and same_batch) and cfg.data.homogeneous_root is not None:
+                # the remap keeps the global image count of one stream; the mixed loader's two
+                # sources advance by which steps drew them (data/mixing.py), and the remapped
+                # step index has another history of draws
+                logger.warning("checkpoint %s: with data.homogeneous_root the remapped data "
+                               "position is approximate: each source continues near, not at, "
+                               "its position (off by about batch x ranks x sqrt(ratio x steps) "
+                               "images, seen again or skipped); resume with the writer's ranks "
+                               "and data.batch_size_per_gpu to continue it exactly", resume)
             if (same_ranks and same_batch
                     and self.start_micro_batch != self.start_iteration * self.gas):
                 logger.warning("checkpoint %s: %d optimizer steps over %d micro-batches, this run "

@@ -104,3 +104,26 @@ def test_resume_with_another_gas_starts_at_a_step_boundary(tmp_path, caplog):
     sizes = [[next(loader).global_crops.shape[-1] for _ in range(2)] for _ in range(8)]
     assert all(a == b for a, b in sizes), sizes  # one size per optimizer step
     assert len({a for a, _ in sizes}) == 2, sizes  # and the mix is real
+
+
+def test_resume_with_another_batch_and_homogeneous_batches_says_the_position_is_approximate(
+        tmp_path, caplog):
+    """The remap keeps the global image count of one image stream; with data.homogeneous_root
+    the two sources' positions depend on which earlier steps drew them, so a remapped step index
+    continues each source only approximately: said, not silent."""
+    from pathlib import Path
+
+    from fastdino.data.sample_data import sample_images_dir
+    from fastdino.train import Trainer
+
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    common = ["data.num_workers=0", "data.loader=torch", "model.depth=1", "kernels.impl=torch",
+              "dino.head.n_prototypes=64", "ibot.head.n_prototypes=64", "dino.head.hidden_dim=64",
+              "ibot.head.hidden_dim=64", "train.log_every=100", f"train.output_dir={tmp_path}",
+              f"data.homogeneous_root={sample_images_dir()}", "data.homogeneous_ratio=0.5",
+              "train.checkpoint_every=2"]
+    Trainer(load_config(smoke, [*common, "train.max_iterations=2",
+                                "data.batch_size_per_gpu=4"])).train()
+    assert "approximate" not in caplog.text
+    Trainer(load_config(smoke, [*common, "train.max_iterations=4", "data.batch_size_per_gpu=2"]))
+    assert "with data.homogeneous_root the remapped data position is approximate" in caplog.text
