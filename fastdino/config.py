@@ -839,31 +839,64 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("true or false", "true / false values"), str: ("a string", "strings"),
+          type(None): ("null", "nulls")}
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    """A field type in words, for errors: `int | None` -> 'an integer or null'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        words = [_describe(a, plural) for a in args if a is not type(None)]
+        return " or ".join(words + (["null"] if type(None) in args else []))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            text = f"list of {_describe(args[0], plural=True)}"
+        elif len(set(args)) == 1:
+            text = f"list of {len(args)} {_describe(args[0], plural=True)}"
+        else:
+            text = "list [" + ", ".join(_describe(a) for a in args) + "]"
+        return text.replace("list", "lists", 1) if plural else f"a {text}"
+    return _NAMES[tp][plural] if tp in _NAMES else str(tp)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    """Return `value` as type `tp`, or raise ConfigError naming `key`, the value as given and
+    the type in words."""
+    try:
+        return _coerce_value(value, tp)
+    except (TypeError, ValueError) as e:
+        if value is None:  # (an override `key=` reads as null too)
+            raise ConfigError(f"config key '{key}' is null: expected {_describe(tp)}") from None
+        raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected "
+                          f"{_describe(tp)}{f' ({e})' if str(e) else ''}") from None
+
+
+def _coerce_value(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`; TypeError / ValueError (with a reason or none) otherwise."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected {tp}")
+                return _coerce_value(value, a)
+            except (TypeError, ValueError):
+                pass
+        raise TypeError()
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a list")
+            raise TypeError()
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
+            return tuple(_coerce_value(v, args[0]) for v in value)
         if len(value) != len(args):
-            raise ConfigError(f"config key '{key}' = {value!r} needs exactly {len(args)} values")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+            raise ValueError(f"got {len(value)}")
+        return tuple(_coerce_value(v, a) for v, a in zip(value, args, strict=True))
     if tp is float:
         if isinstance(value, str):  # yaml 1.1 reads "1e-3" (no dot) as a string
             try:
@@ -871,31 +904,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(
-                f"config key '{key}' = {value!r} has the wrong type: expected a float"
-            )
+            raise TypeError()
         if not math.isfinite(float(value)):
-            raise ConfigError(f"config key '{key}' = {value!r} must be finite")
+            raise ValueError("it is not finite")
         return float(value)
     if tp is int:
+        if isinstance(value, str):  # 1e6 iterations: yaml 1.1 reads it as a string
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = math.nan
+            if math.isfinite(as_float) and as_float.is_integer() and "e" in value.lower():
+                return int(as_float)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(
-                f"config key '{key}' = {value!r} has the wrong type: expected an integer"
-            )
+            raise TypeError()
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(
-                f"config key '{key}' = {value!r} has the wrong type: expected true/false"
-            )
+            raise TypeError()
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(
-                f"config key '{key}' = {value!r} has the wrong type: expected a string"
-            )
+            raise TypeError()
         return value
-    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
+    raise TypeError(f"unsupported field type {tp}")
 
 
 def _merge(obj: Any, updates: dict, prefix: str) -> None:

@@ -60,3 +60,33 @@ def test_every_backbone_the_models_build_is_a_model_arch():
 
     assert set(ARCHS) == set(ARCH_TABLE) | set(CONVNEXT_ARCHS)
     assert load_config(None, ["model.arch=vit_large_plus"]).model.arch == "vit_large_plus"
+
+
+@pytest.mark.parametrize("override, expected", [
+    # the type in words, not Python's `int | None` / `tuple[str, ...] | None`
+    ("model.embed_dim=abc", "'model.embed_dim' = 'abc' has the wrong type: expected an integer "
+                            "or null"),
+    ("train.pca_images=5", "expected a list of strings or null"),
+    # the whole value as given, not the one element that failed ('a')
+    ("crops.global_crops_scale=[a, b]", "'crops.global_crops_scale' = ['a', 'b'] has the wrong "
+                                        "type: expected a list of 2 numbers"),
+    ("crops.mean=[1, 2]", "expected a list of 3 numbers (got 2)"),
+    ("crops.resolution_mix=[[1, 2]]", "expected a list of lists [an integer, an integer, an "
+                                      "integer or null, a number] (got 2)"),
+    ("model.qkv_bias=3", "expected true or false"),
+    ("train.output_dir=", "'train.output_dir' is null: expected a string"),
+])
+def test_type_errors_say_the_type_in_words(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert expected in str(e.value)
+
+
+def test_integer_keys_take_scientific_notation_of_integers():
+    """`train.max_iterations=1e6`: yaml 1.1 reads 1e6 as a string; an integer key takes it when
+    it is a whole number, and still refuses a fraction."""
+    cfg = load_config(None, ["train.max_iterations=1e6", "gram.start_iteration=1.25E5"])
+    assert cfg.train.max_iterations == 1_000_000 and isinstance(cfg.train.max_iterations, int)
+    assert cfg.gram.start_iteration == 125_000
+    with pytest.raises(ConfigError, match="'train.epochs' = '2.5e0'.*expected an integer"):
+        load_config(None, ["train.epochs=2.5e0"])
