@@ -157,13 +157,51 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+# the config keys HealthMonitor.from_config reads
+_KEYS = ("dino.head.n_prototypes", "schedules.warmup_teacher_temp_epochs", "train.epoch_length",
+         "data.loader", "data.torch_photometric", "data.num_workers", "data.dali_source_workers")
+
+
+def run_config(path):
+    """A run's config.yaml for the health checks. A finished run is read as it was written: no
+    whole-config rules (a run is not refused by a check added since), and a file that no longer
+    loads at all (a key renamed since) gives the keys the checks need, with a warning."""
+    import sys
+
+    import yaml
+
+    from fastdino.config import Config, ConfigError, load_unvalidated, merge_mapping
+
+    try:
+        return load_unvalidated(path)
+    except ConfigError as e:
+        data = yaml.safe_load(path.read_text()) or {}
+        cfg, missing = Config(), []
+        for key in _KEYS:
+            node = data
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                missing.append(key)
+                continue
+            nested = node
+            for part in reversed(key.split(".")):
+                nested = {part: nested}
+            try:
+                merge_mapping(cfg, nested)
+            except ConfigError:
+                missing.append(key)
+        print(f"warning: {path} does not load ({e}); the checks read only "
+              + ", ".join(k for k in _KEYS if k not in missing)
+              + (f" (defaults for {', '.join(missing)})" if missing else ""), file=sys.stderr)
+        return cfg
+
+
 def report(run_dir) -> tuple[list[Finding], dict[str, int], int]:
     """(every finding in order, the conditions still active at the end, the last iteration) of
     a run folder's metrics.jsonl, with the thresholds from its config.yaml."""
     import json
     from pathlib import Path
-
-    from fastdino.config import load_config
 
     run = Path(run_dir)
     metrics, config = run / "metrics.jsonl", run / "config.yaml"
@@ -171,7 +209,7 @@ def report(run_dir) -> tuple[list[Finding], dict[str, int], int]:
         if not f.is_file():
             raise FileNotFoundError(f"{f} does not exist: give a training run folder "
                                     "(train.output_dir)")
-    monitor = HealthMonitor.from_config(load_config(config))
+    monitor = HealthMonitor.from_config(run_config(config))
     findings, last = [], 0
     for n, line in enumerate(metrics.read_text().splitlines(), 1):
         if not line.strip():
@@ -205,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if len(runs) > 1:
             print(f"== {run}")
-        findings, active, last = report(run)
+        try:
+            findings, active, last = report(run)
+        except (FileNotFoundError, ValueError) as e:  # (a ConfigError is a ValueError)
+            p.error(str(e))
         for f in findings:
             print(f"it {f.iteration:>7}  {'cleared ' if f.cleared else 'WARNING '} {f.message}")
         if active:
