@@ -53,19 +53,40 @@ def _paired(teacher: nn.Module, student: nn.Module) -> list[tuple[torch.Tensor, 
     return [(t_params[k], s_params[k]) for k in s_params]
 
 
+class EMAPlan:
+    """The (teacher, student) parameter pairs an EMA updates, in `chunk_numel` chunks: built once
+    (the owner keeps it, SSLMetaArch) instead of at every step. Pairing by name walks both
+    modules (named_parameters, dict building: ~2-5 ms of host time at ViT-L's ~400 parameters),
+    right after the step's one host sync, while the GPU has little queued. Valid while neither
+    module gains or loses parameters and no `requires_grad` changes: all of that happens when
+    the model is built (freezing, LoRA, distillation), never during training."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, chunk_numel: int = 1 << 26):
+        pairs = [(t, s) for t, s in _paired(teacher, student) if s.requires_grad]
+        self.chunks = [([t for t, _ in c], [s for _, s in c]) for c in _chunks(pairs, chunk_numel)]
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
-               full_values: FullValues = module_values, chunk_numel: int = 1 << 26) -> None:
+               full_values: FullValues = module_values, chunk_numel: int = 1 << 26,
+               plan: EMAPlan | None = None) -> None:
     """teacher ← momentum·teacher + (1 − momentum)·student, parameter by parameter. Frozen
     student parameters (requires_grad False: `optim.frozen_blocks`, DINOv2 `weight_g`) are
-    skipped: they never change, so the teacher keeps their copy bit for bit (m·x + (1 − m)·x is
-    not always x in floating point) and no gather is spent on them."""
-    pairs = [(t, s) for t, s in _paired(teacher, student) if s.requires_grad]
-    for chunk in _chunks(pairs, chunk_numel):
-        with full_values([s for _, s in chunk]) as values:
-            t = [t for t, _ in chunk]
-            torch._foreach_mul_(t, momentum)
-            torch._foreach_add_(t, [v.to(t[0].dtype) for v in values], alpha=1.0 - momentum)
+    skipped: they never change, so the teacher keeps their copy and no gather is spent on them.
+    `plan`: the pairs of `EMAPlan(teacher, student, chunk_numel)`, built here when not given.
+
+    One `_foreach_lerp_` (t + (1 − m)·(s − t), as torch's AveragedModel EMA) instead of the
+    official `_foreach_mul_` + `_foreach_add_`: the same value within fp32 rounding (one
+    rounding of t plus a tiny term, where mul + add round twice), one launch per chunk instead of
+    two and 12 instead of 20 bytes of traffic per parameter (~0.9 ms per step on an H100 at
+    ViT-L's 350 M fp32 parameters). m = 1 keeps the teacher and m = 0 copies the student
+    exactly."""
+    plan = plan or EMAPlan(teacher, student, chunk_numel)
+    for t, s in plan.chunks:
+        with full_values(s) as values:
+            dt = t[0].dtype
+            torch._foreach_lerp_(t, [v if v.dtype == dt else v.to(dt) for v in values],
+                                 1.0 - momentum)
 
 
 @torch.no_grad()

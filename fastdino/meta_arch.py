@@ -26,7 +26,7 @@ from torch import nn
 
 from fastdino.config import Config, ConfigError
 from fastdino.distillation import build_distillation_teacher
-from fastdino.ema import copy_params, ema_update, gram_refresh_due
+from fastdino.ema import EMAPlan, copy_params, ema_update, gram_refresh_due
 from fastdino.layers.lora import add_lora
 from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.gram_loss import GramLoss
@@ -58,7 +58,7 @@ class Student(nn.Module):
                                is_training=True)
         cls_g, cls_l = g["x_norm_clstoken"], loc["x_norm_clstoken"]  # [2B, D], [nL·B, D]
         patches = g["x_norm_patchtokens"]  # [2B, N, D]
-        masked = patches.flatten(0, 1).index_select(0, mask_indices)  # [M, D]
+        masked = masked_tokens(patches, mask_indices)  # [M, D]
         dino_logits = self.dino_head(torch.cat([cls_g, cls_l]))  # [2B + nL·B, K]
         return {"global_cls": cls_g,  # [2B, D] pre-head CLS of the masked global crops (KoLeo)
                 "global_patches": patches,  # [2B, N, D] (Gram)
@@ -72,9 +72,21 @@ class Student(nn.Module):
         dtype a distillation teacher is held in.)"""
         g = self.backbone.forward_features(global_crops.to(self.compute_dtype))
         patches = g["x_norm_patchtokens"]  # [2B, N, D]
-        masked = patches.flatten(0, 1).index_select(0, mask_indices)  # [M, D]
+        masked = masked_tokens(patches, mask_indices)  # [M, D]
         return {"cls_logits": self.dino_head(g["x_norm_clstoken"]),
                 "patch_logits": self.ibot_head(masked), "patches": patches}
+
+
+def masked_tokens(patches: torch.Tensor, mask_indices: torch.Tensor) -> torch.Tensor:
+    """The rows [M, D] of `patches` [n, N, D] at the flat indices `mask_indices` [M] into
+    [n·N]. The ViT's patch tokens are a slice of its [n, 1 + storage + N, D] output, not
+    contiguous: `flatten(0, 1)` would copy all of them (a [2B, N, D] fp32 write and read per
+    forward, 103 MB at ViT-L B = 64, student and teacher) to pick M rows; indexing the two
+    dimensions reads only those rows (same values; the backward writes the same gradient)."""
+    if patches.is_contiguous():
+        return patches.flatten(0, 1).index_select(0, mask_indices)
+    n = patches.shape[1]
+    return patches[mask_indices // n, mask_indices % n]
 
 
 def loss_logits(x: torch.Tensor) -> torch.Tensor:
@@ -228,11 +240,13 @@ class SSLMetaArch:
         else:
             self.gram_ready = g.use
         self.engine = None
+        self._ema_plan: EMAPlan | None = None  # the teacher / student pairs, built at the 1st EMA
 
     def attach(self, engine) -> None:
         """The engine that owns the student (its `full_values` is ZeRO-3 / bf16 aware). Under
         DeepSpeed bf16 the fp32 master is the bf16-rounded init: the teacher starts from it."""
         self.engine = engine
+        self._ema_plan = None  # pairs with this engine's module
         if engine.dtype == torch.bfloat16 and getattr(engine, "zero_stage", -1) >= 0:
             copy_params(self.teacher, engine.module, full_values=engine.full_values)
             if self.gram_teacher is not None and self.cfg.gram.ckpt is None:
@@ -278,8 +292,10 @@ class SSLMetaArch:
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
+        if self._ema_plan is None:
+            self._ema_plan = EMAPlan(self.teacher, self.engine.module)
         ema_update(self.teacher, self.engine.module, momentum,
-                   full_values=self.engine.full_values)
+                   full_values=self.engine.full_values, plan=self._ema_plan)
 
     @torch.no_grad()
     def update_centers(self) -> None:
@@ -395,6 +411,7 @@ class SSLMetaArch:
 
     def load_from_checkpoint(self, st: dict) -> None:
         self.teacher.load_state_dict(st["teacher"])
+        self._ema_plan = None  # (load_state_dict copies in place; re-paired once, to be safe)
         self.gram_updates, self.gram_ready = st["gram_updates"], st["gram_ready"]
         if self.gram_teacher is None:  # Gram off, or gram.ema_teacher: nothing to restore
             self.gram_ready = self.cfg.gram.use
