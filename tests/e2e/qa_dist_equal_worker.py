@@ -33,7 +33,8 @@ COMMON = ["data.num_workers=0", "data.loader=torch", "model.depth=2", "kernels.i
 # name: overrides of both runs. A small clip (most module gradients are clipped) and a high lr
 # make the parameter comparison see the clip and several steps.
 SCENARIOS = {
-    "zero0_clip": ["deepspeed.zero_stage=0", "optim.clip_grad=0.05"],
+    "zero0_gas2_clip": ["deepspeed.zero_stage=0", "deepspeed.gradient_accumulation_steps=2",
+                        "optim.clip_grad=0.05"],
     "zero1_gas2_softmax": ["deepspeed.zero_stage=1", "deepspeed.gradient_accumulation_steps=2",
                            "dino.centering=softmax", "optim.clip_grad=0.05"],
     "zero2_frozen_gram": ["deepspeed.zero_stage=2", "optim.frozen_blocks=1", "gram.use=true",

@@ -10,8 +10,9 @@ KoLeo enters with weight 0 (logged, not trained): at the random init the CLS emb
 collapsed (nearest-neighbour distance ~1e-5), so float rounding of the features, which differs with
 the per-rank batch size, moves -log(d) by ~1e-2 and Adam's first steps (update ~ lr·sign(g)) turn
 that into parameter differences of order lr. Its logged value is compared once the embeddings
-have spread (koleo < 8): the 2-rank run's distributed KoLeo over both ranks (group 2B) equals the
-1-process per-rank KoLeo over its 2B (tests/e2e/test_koleo_distributed.py checks the gradients).
+have spread (koleo < 8, to 1e-3): the 2-rank run's distributed KoLeo over both ranks (group
+2B) equals the 1-process per-rank KoLeo over its 2B (tests/e2e/test_koleo_distributed.py checks
+the gradients).
 """
 
 import math
@@ -49,12 +50,15 @@ def test_two_ranks_equal_one_process_on_twice_the_batch(runs):
             keys = [k for k in KEYS if k in a]
             assert set(keys) <= set(b), (name, it)
             for k in keys:
+                rel = 2e-5
                 if k == "koleo_loss":
                     if a[k] >= 8:  # collapsed embeddings: ill-conditioned (module docstring)
                         continue
-                    koleo_checked += 1
-                assert math.isclose(a[k], b[k], rel_tol=2e-5, abs_tol=1e-7), (name, it, k, a[k],
-                                                                              b[k])
+                    # still -log of distances ~1e-3: feature rounding moves it ~1e-4 (a wrong
+                    # neighbour group moves it by ~10 %)
+                    koleo_checked, rel = koleo_checked + 1, 1e-3
+                assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=1e-7), (name, it, k, a[k],
+                                                                             b[k])
         # the clip is active in every scenario: the check above covers norms it divides by
         assert any(v[k] > 0.05 for v in ref["values"] for k in v if k.endswith("_grad_norm")), name
         for part in ("student", "teacher"):
