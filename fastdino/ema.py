@@ -27,8 +27,10 @@ FullValues = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
 @contextlib.contextmanager
 def module_values(params: list[nn.Parameter]):
-    """Default `full_values`: the parameters as they are (one process, replicated params)."""
-    yield [p.detach() for p in params]
+    """Default `full_values`: the parameters as they are (one process, replicated params), read
+    only, under no_grad (as `ema_update` and `copy_params` call it: no `.detach()` per
+    parameter, ~1 µs of host time each, per step)."""
+    yield params if isinstance(params, list) else list(params)
 
 
 def _chunks(pairs: list[tuple[torch.Tensor, nn.Parameter]], chunk_numel: int
