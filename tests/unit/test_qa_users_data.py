@@ -62,3 +62,18 @@ def test_a_folder_with_fewer_images_than_a_batch_fills_every_batch(tmp_path):
         b = next(loader)
         assert b.n_images == 8 and b.global_crops.shape == (16, 3, 32, 32)
     assert loader.num_images == 3 and loader.iteration == 3
+
+
+def test_several_folders_and_an_image_glob_as_one_data_root(tmp_path):
+    """Data spread over several folders (v2#243 users merge datasets by hand): a brace pattern
+    takes their union, sorted, each image once even when two alternatives name it."""
+    g = np.random.default_rng(3)
+    for sub, names in {"a": ["0.jpg", "x/1.png"], "b": ["2.jpg"], "c": ["3.png"]}.items():
+        for name in names:
+            (tmp_path / sub / name).parent.mkdir(parents=True, exist_ok=True)
+            arr = g.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / sub / name)
+    ds = ImageFolderUnlabeled(root=str(tmp_path / "{a,b,a/x/1.png}"))
+    assert list(ds.paths) == [str(tmp_path / p) for p in ("a/0.jpg", "a/x/1.png", "b/2.jpg")]
+    ds = ImageFolderUnlabeled(root=str(tmp_path / "**" / "*.png"))  # recursive image glob
+    assert list(ds.paths) == [str(tmp_path / p) for p in ("a/x/1.png", "c/3.png")]
