@@ -69,7 +69,7 @@ def _sync_recorder(launch_counter_cls):
         def __enter__(self):
             for name in _HOST_READS:
                 real = getattr(torch.Tensor, name)
-                self._patched.append((name, real))
+                self._patched.append((name, vars(torch.Tensor).get(name)))  # None: inherited
 
                 def read(t, *a, _real=real, **k):
                     self._record()
@@ -79,8 +79,11 @@ def _sync_recorder(launch_counter_cls):
             return super().__enter__()
 
         def __exit__(self, *exc):
-            for name, real in self._patched:
-                setattr(torch.Tensor, name, real)
+            for name, own in self._patched:
+                if own is None:
+                    delattr(torch.Tensor, name)
+                else:
+                    setattr(torch.Tensor, name, own)
             self._patched.clear()
             return super().__exit__(*exc)
 
@@ -133,6 +136,7 @@ def test_recorder_sees_a_host_read(count_launches):
         with _sync_recorder(count_launches)() as rec:
             read()
         assert rec.reads, "a host read went unseen"
+    assert not set(_HOST_READS) & set(vars(torch.Tensor))  # torch.Tensor restored as it was
 
 
 def test_a_read_in_the_step_is_caught(tmp_path, monkeypatch, count_launches):
