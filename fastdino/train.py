@@ -575,6 +575,15 @@ def _pca_inputs(spec: tuple[str, ...] | None) -> list[Path]:
                           "allowed are image files, folders of them, or 'sample'") from None
 
 
+class MainRankInfo(logging.Filter):
+    """Info lines (start-up, progress) from rank 0 of the training group only, asked at each
+    line: every rank before the process group starts, then world rank 0, then each
+    co-distillation student's own rank 0 (fdist.split); warnings and errors from every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or fdist.is_main_process()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="DINOv3 training (fastdino)")
     p.add_argument("--config", default=None, help="yaml preset, e.g. configs/smoke.yaml")
@@ -590,8 +599,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if os.environ.get("RANK", "0") != "0":  # progress lines once (rank 0), warnings from all
-        logger.setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MainRankInfo) for f in handler.filters):
+            handler.addFilter(MainRankInfo())
     try:  # a bad key, value or teacher run: its message, not a traceback (same on every rank)
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -617,8 +627,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("where it was raised", exc_info=True)
         shutdown_distributed(barrier=False)
         return 2
-    # rank 0 of the training group logs progress (a co-distillation student's own rank 0 too)
-    logger.setLevel(logging.NOTSET if fdist.is_main_process() else logging.WARNING)
     try:
         trainer.train()
         rc = 0 if trainer.stopped_by is None else exit_code(trainer.stopped_by)
