@@ -575,6 +575,22 @@ def _pca_inputs(spec: tuple[str, ...] | None) -> list[Path]:
                           "allowed are image files, folders of them, or 'sample'") from None
 
 
+def _resume_point(trainer) -> str:
+    """Where `train.resume=auto` would continue this run from, in words."""
+    from fastdino.checkpoint import latest_checkpoint
+
+    ckpt_dir = getattr(trainer, "ckpt_dir", None)  # (a co-distillation run: one per student)
+    if ckpt_dir is None:
+        return "the same command continues from the run's last checkpoint (train.resume=auto)"
+    try:
+        last = latest_checkpoint(ckpt_dir)
+    except OSError:
+        last = None
+    if last is None:
+        return "no checkpoint was written yet: the same command starts over"
+    return f"the same command continues from the last checkpoint, {last} (train.resume=auto)"
+
+
 class MainRankInfo(logging.Filter):
     """Info lines (start-up, progress) from rank 0 of the training group only, asked at each
     line: every rank before the process group starts, then world rank 0, then each
@@ -641,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", e)
         shutdown_distributed(barrier=False)
         return 1
+    except KeyboardInterrupt as e:  # a second Ctrl-C (stop.py): what is left to resume from
+        logger.error("%s; %s", e or "interrupted", _resume_point(trainer))
+        shutdown_distributed(barrier=False)
+        return 128 + 2  # the shell's code for SIGINT
     shutdown_distributed()  # barrier, destroy the group, release DeepSpeed's CPU shm buffer
     return rc
 

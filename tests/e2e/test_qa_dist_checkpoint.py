@@ -127,3 +127,26 @@ def test_resume_with_another_batch_and_homogeneous_batches_says_the_position_is_
     assert "approximate" not in caplog.text
     Trainer(load_config(smoke, [*common, "train.max_iterations=4", "data.batch_size_per_gpu=2"]))
     assert "with data.homogeneous_root the remapped data position is approximate" in caplog.text
+
+
+def test_second_ctrl_c_during_a_save_is_one_line_naming_the_checkpoint_left(tmp_path):
+    """Ctrl-C twice while iteration 4's checkpoint is written: the run stops at once (exit 130),
+    iteration 2's checkpoint is untouched and named in one line, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    run = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, str(repo / "tests" / "e2e" / "qa_dist_sigint_worker.py"), "--at", "4",
+         "--", "--config", str(repo / "configs" / "smoke.yaml"), "data.num_workers=0",
+         "model.depth=1", "data.batch_size_per_gpu=2", "train.max_iterations=6",
+         "train.checkpoint_every=2", f"train.output_dir={run}"],
+        cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = run / "checkpoints" / "iter_0000002"
+    assert (f"second SIGINT: stopping without a checkpoint; the same command continues from the "
+            f"last checkpoint, {last} (train.resume=auto)") in p.stderr, p.stderr[-3000:]
+    assert ck.latest_checkpoint(run / "checkpoints") == last
