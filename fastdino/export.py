@@ -26,6 +26,7 @@ official `DinoVisionTransformer.load_state_dict`.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -70,6 +71,27 @@ def backbone_targets(out: str | Path) -> list[Path]:
     return [out.with_name(out.name + ".pth"), out.with_name(out.name + ".safetensors")]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_umask(path: Path) -> None:
+    """Give `path` the mode a plain `open()` would (0o666 minus the umask). safetensors >= 0.7
+    writes through a private temporary file and keeps its 0600 mode (huggingface/safetensors#782),
+    so an exported model was readable by its writer only: not by teammates, nor by a container
+    running as another user, while the .pth beside it was."""
+    path.chmod(0o666 & ~_umask())
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata={"format": "pt", "source": "fastdino teacher backbone"})
+    readable_by_umask(path)
+
+
 def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     sd = teacher_backbone_state_dict(run_or_ckpt)
     if "pos_embed" in sd:  # a DINOv2-architecture run: the official DINOv2 names
@@ -80,9 +102,7 @@ def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     for t in targets:
         if t.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(sd, str(t), metadata={"format": "pt", "source": "fastdino teacher backbone"})
+            save_safetensors(sd, t)
         else:
             torch.save(sd, t)
     return targets
@@ -169,6 +189,8 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = Non
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
+    for f in out.glob("*.safetensors"):
+        readable_by_umask(f)
     return sorted(out.iterdir())
 
 
@@ -190,8 +212,6 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = N
     imported)."""
     import json
 
-    from safetensors.torch import save_file
-
     from fastdino.models.timm_convert import timm_config_from_backbone, to_timm_state_dict
 
     backbone, run_cfg = _teacher_backbone(run_or_ckpt, config=config)
@@ -207,7 +227,6 @@ def export_timm(run_or_ckpt: str | Path, out: str | Path, config: str | None = N
     sd = {k: v.contiguous() for k, v in sd.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": "fastdino teacher backbone"})
+    save_safetensors(sd, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return [out / "config.json", out / "model.safetensors"]

@@ -200,3 +200,28 @@ def test_hf_export_of_dinov2_warns_where_hf_resizes_otherwise(tmp_path, monkeypa
             ours = bb.forward_features(x)["x_norm_patchtokens"]
             theirs = hf(pixel_values=x).last_hidden_state[:, 1 + registers:]
             assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4) == same, size
+
+
+@pytest.mark.parametrize("fmt", ["official", "hf", "timm"])
+def test_exported_files_are_readable_by_others(run, tmp_path, fmt):
+    """safetensors writes 0600 files (a private temp file renamed; huggingface/safetensors#782):
+    an exported model, the run's teacher_backbone.safetensors included, was unreadable by anyone
+    but its writer while the .pth beside it was 0644. Every file gets 0666 minus the umask."""
+    import os
+    import stat
+
+    if fmt == "hf":
+        pytest.importorskip("transformers", reason="transformers is the interop extra")
+    out, _ = run
+    old = os.umask(0o027)  # a group-readable umask: the files must follow it, not be 0600
+    try:
+        args = ["export", "--run", str(out), "--out", str(tmp_path / "m")]
+        assert main(args + ([] if fmt == "official" else ["--format", fmt])) == 0
+    finally:
+        os.umask(old)
+    files = list(tmp_path.glob("m*")) if fmt == "official" else list((tmp_path / "m").iterdir())
+    assert any(f.suffix == ".safetensors" for f in files), files
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, (f.name, oct(f.stat().st_mode))
+    # the end-of-run export of the fixture's run too (the default umask 022 here)
+    assert stat.S_IMODE((out / "teacher_backbone.safetensors").stat().st_mode) == 0o666 & ~old
