@@ -14,6 +14,7 @@ every rank there (the shared loader, the teacher outputs' exchange, the stop agr
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -114,7 +115,10 @@ def all_gather_autograd(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous(), group=_group or dist.group.WORLD), dim=0)
+    with warnings.catch_warnings():  # its deprecation names a private API as the replacement:
+        warnings.simplefilter("ignore", FutureWarning)  # noise printed once by every rank
+        parts = all_gather(x.contiguous(), group=_group or dist.group.WORLD)
+    return torch.cat(parts, dim=0)
 
 
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ def runs(tmp_path_factory):
     p = subprocess.run([sys.executable, str(WORKER), "--out", str(out)], cwd=REPO,
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
-    run_ds(WORKER, ["--out", str(out)])
+    d = run_ds(WORKER, ["--out", str(out)])
+    (out / "dist.log").write_text(d.stdout + d.stderr)
     return out
 
 
@@ -80,3 +81,12 @@ def test_zero0_bf16_teacher_is_the_ema_of_the_fp32_masters(runs):
     assert r["optimizer"] == "FP16_UnfusedOptimizer"
     assert r["teacher_moved"] > 1e-4 and r["bf16_rounding"] > 1e-5, r  # not vacuous
     assert r["ema_err"] <= 1e-6, r
+
+
+@pytest.mark.slow
+def test_distributed_koleo_prints_no_deprecation_noise_on_every_rank(runs):
+    """The autograd all-gather of distributed KoLeo (fastdino/dist.py) printed torch's
+    FutureWarning, which names a private API as the replacement, once per rank."""
+    log = (runs / "dist.log").read_text()
+    assert "launch.py" in log  # the launcher's and the ranks' output is there
+    assert "functional.all_gather is deprecated" not in log
