@@ -175,7 +175,10 @@ def run_config(path):
     try:
         return load_unvalidated(path)
     except ConfigError as e:
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:  # not yaml at all: the defaults, said so below
+            data = {}
         cfg, missing = Config(), []
         for key in _KEYS:
             node = data
