@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1003,7 +1004,7 @@ def preset_names() -> str:
 
 def find_preset(spec: str | Path) -> Path | None:
     """A yaml path, or the preset of that name in configs/; None if neither."""
-    for path in (Path(spec), PRESET_DIR / f"{spec}.yaml"):
+    for path in (Path(spec).expanduser(), PRESET_DIR / f"{spec}.yaml"):
         if path.is_file():
             return path
     return None
@@ -1050,6 +1051,30 @@ def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> None:
     _merge(cfg, data, "")
 
 
+# Keys that hold file or folder paths (or lists of them). A leading `~` in them is the user's home:
+# the shell expands `~` only at the start of a word, so `train.output_dir=~/runs/x` reached the
+# config as written and the run wrote into a folder literally named `~` in the working directory
+# (and `~/...` in a yaml file is never expanded by anyone).
+PATH_KEYS = (
+    ("model", "pretrained_weights"), ("gram", "ckpt"), ("distillation", "teacher"),
+    ("distillation", "teacher_config"), ("distillation", "students"), ("data", "root"),
+    ("data", "file_list"), ("data", "homogeneous_root"), ("deepspeed", "config_file"),
+    ("train", "output_dir"), ("train", "resume"), ("train", "knn_data"),
+    ("train", "knn_val_data"), ("train", "pca_images"),
+)
+
+
+def _expand_user(cfg: Config) -> None:
+    for section, key in PATH_KEYS:
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if isinstance(value, str):
+            setattr(obj, key, os.path.expanduser(value))
+        elif isinstance(value, tuple):
+            setattr(obj, key, tuple(os.path.expanduser(v) if isinstance(v, str) else v
+                                    for v in value))
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
@@ -1067,6 +1092,7 @@ def load_config(
         for k in reversed(keys):
             nested = {k: nested}
         _merge(cfg, nested, "")
+    _expand_user(cfg)
     cfg.validate()
     return cfg
 
@@ -1075,7 +1101,8 @@ def load_unvalidated(path: str | Path) -> Config:
     """Defaults <- the yaml at `path` (and its base: chain), type-checked but without the
     whole-config rules (`validate`): for readers of one section (evaluation reads `model:`)."""
     cfg = Config()
-    _apply_file(cfg, Path(path), ())
+    _apply_file(cfg, Path(path).expanduser(), ())
+    _expand_user(cfg)
     return cfg
 
 

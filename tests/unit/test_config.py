@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdino.config import Config, ConfigError, load_config, save_config
+from fastdino.config import Config, ConfigError, load_config, load_unvalidated, save_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -272,3 +272,25 @@ def test_koleo_at_batch_one_is_a_config_error():
         load_config(None, ["data.batch_size_per_gpu=1"])
     for ok in (["koleo.loss_weight=0"], ["koleo.distributed=true"]):
         assert load_config(None, ["data.batch_size_per_gpu=1", *ok]).data.batch_size_per_gpu == 1
+
+
+def test_a_leading_tilde_in_path_keys_is_the_home_folder(tmp_path, monkeypatch):
+    """`train.output_dir=~/runs/x` reaches the config as written (the shell expands ~ only at the
+    start of a word): the run wrote into a folder named `~` in the working directory, and its
+    end-of-run export (which expanded it) failed. Every path key expands it, in yaml files too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "imgs").mkdir()
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train:\n  output_dir: ~/runs/a\n  pca_images: [~/p.jpg]\n")
+    cfg = load_config("~/c.yaml", ["data.root=~/imgs", "data.file_list=~/list.txt",
+                                   "model.pretrained_weights=~/w.pth", "train.resume=~/ck"])
+    assert cfg.train.output_dir == str(tmp_path / "runs/a")
+    assert cfg.train.pca_images == (str(tmp_path / "p.jpg"),)
+    assert cfg.data.root == str(tmp_path / "imgs")
+    assert cfg.data.file_list == str(tmp_path / "list.txt")
+    assert cfg.model.pretrained_weights == str(tmp_path / "w.pth")
+    assert cfg.train.resume == str(tmp_path / "ck")
+    # not a path key, and not a leading ~: unchanged
+    assert load_config(None, ["train.wandb_run_name=~x", "data.root=/a/~b"]).data.root == "/a/~b"
+    assert load_config(None, ["train.wandb_run_name=~x"]).train.wandb_run_name == "~x"
+    assert load_unvalidated(yml).train.output_dir == str(tmp_path / "runs/a")
