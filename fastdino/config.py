@@ -89,6 +89,9 @@ class ModelConfig:
     untie_global_and_local_cls_norm: bool = (
         False  # separate final norm for local-crop CLS/registers
     )
+    # the official untie_cls_and_patch_norms: CLS + registers take their own final norm
+    # (`cls_norm`), patches `norm` (no released DINOv3 model uses it; HF / timm exports refuse it)
+    untie_cls_and_patch_norms: bool = False
     attn_impl: str = "auto"  # auto | flash_attn | sdpa | torch
     # position encoding: rope (DINOv3) | learned (DINOv2's absolute table, bicubically resized
     # to each crop's grid: layers/pos_embed.py) | null = the arch's (learned for dinov2_*)
@@ -141,6 +144,9 @@ class ModelConfig:
             self.drop_path_rate,
         )
         _check(self.norm_eps > 0, f"{p}.norm_eps", "a float > 0", self.norm_eps)
+        # 0 is not "no LayerScale" (the official null): it zeroes every residual branch
+        _check(self.layerscale_init > 0, f"{p}.layerscale_init", "a float > 0",
+               self.layerscale_init)
         _check(self.rope_base > 0, f"{p}.rope_base", "a float > 0", self.rope_base)
         _check(
             self.rope_rescale is None or self.rope_rescale >= 1.0,

@@ -294,3 +294,17 @@ def test_a_leading_tilde_in_path_keys_is_the_home_folder(tmp_path, monkeypatch):
     assert load_config(None, ["train.wandb_run_name=~x", "data.root=/a/~b"]).data.root == "/a/~b"
     assert load_config(None, ["train.wandb_run_name=~x"]).train.wandb_run_name == "~x"
     assert load_unvalidated(yml).train.output_dir == str(tmp_path / "runs/a")
+
+
+def test_untie_cls_and_patch_norms_and_layerscale_init_keys():
+    """model.untie_cls_and_patch_norms (the official option; the model had it, the config did
+    not, so no run could train one) builds a backbone with a `cls_norm`; layerscale_init 0 (which
+    zeroed every residual branch) is refused by name."""
+    from fastdino.models.backbones import build_backbone
+
+    cfg = load_config("smoke", ["model.untie_cls_and_patch_norms=true"])
+    assert any(k.startswith("cls_norm.") for k in build_backbone(cfg.model).state_dict())
+    assert not any(k.startswith("cls_norm.")
+                   for k in build_backbone(load_config("smoke").model).state_dict())
+    with pytest.raises(ConfigError, match="model.layerscale_init.*a float > 0"):
+        load_config("smoke", ["model.layerscale_init=0"])
