@@ -274,6 +274,12 @@ class DinoConfig:
     sk_iterations: int = 3  # Sinkhorn-Knopp iterations
     student_temp: float = 0.1  # tau_s
     local_loss_weight: float = 1.0  # w_local (7B Gram stage 0.5; SPEC.md §1.2)
+    # w_local's schedule (official `dino.local_loss_weight_schedule`): 1 before
+    # local_loss_weight_start_iteration, then a cosine from 1 to local_loss_weight over
+    # local_loss_weight_ramp_iterations (its last iteration at local_loss_weight), then constant.
+    # 0 and 0 (default): local_loss_weight throughout. 7B Gram stage: 1,000,000 and 1,000
+    local_loss_weight_start_iteration: int = 0
+    local_loss_weight_ramp_iterations: int = 0
 
     def validate(self, p: str = "dino") -> None:
         _check(self.loss_weight >= 0, f"{p}.loss_weight", "a float >= 0", self.loss_weight)
@@ -295,6 +301,9 @@ class DinoConfig:
             "a float >= 0",
             self.local_loss_weight,
         )
+        for name in ("local_loss_weight_start_iteration", "local_loss_weight_ramp_iterations"):
+            _check(getattr(self, name) >= 0, f"{p}.{name}", "an integer >= 0",
+                   getattr(self, name))
 
 
 @dataclass(kw_only=True)

@@ -139,7 +139,19 @@ class Schedules:
             lr=lr, wd=self.wd[it], momentum=self.momentum[it], teacher_temp=self.teacher_temp[it],
             last_layer_lr=0.0 if it < self.freeze_last_layer else lr,
             backbone_lr=0.0 if it < self.freeze_backbone else lr, gram_weight=gram_w,
-            local_loss_weight=self.cfg.dino.local_loss_weight)
+            local_loss_weight=local_loss_weight_at(self.cfg.dino, it))
+
+
+def local_loss_weight_at(dino, it: int) -> float:
+    """w_local: 1 before `local_loss_weight_start_iteration`, a cosine 1 -> `local_loss_weight`
+    over `local_loss_weight_ramp_iterations`, then `local_loss_weight`. The official 7B Gram stage
+    `linear_warmup_cosine_decay(start=1, peak=1, end=0.5, warmup=1M, cosine_iterations=1000)`: a
+    constant 1 for 1M iterations, then end + ½(peak - end)(1 + cos(np.linspace(0, π, 1000)))
+    (endpoint included: 0.5 at 1,000,999), i.e. 1 minus cosine_ramp's 0 -> 0.5."""
+    w = dino.local_loss_weight
+    r = cosine_ramp(it, dino.local_loss_weight_start_iteration,
+                    dino.local_loss_weight_ramp_iterations, 1.0 - w)
+    return w if r == 1.0 - w else 1.0 - r  # w itself at the end: 1 - (1 - w) may not be w
 
 
 def build_schedules(cfg: Config, global_batch_size: int) -> Schedules:

@@ -84,3 +84,25 @@ def test_gram_weight_ramp_equals_official_v2():
     assert s.at(1_000_999).gram_weight == 2.0
     ref = official_v2(0.0, 0.0, 2.0, warmup=0, total=1, cosine=1)  # one-iteration ramp
     assert cosine_ramp(5, 5, 1, 2.0) == ref[0] == 0.0 and cosine_ramp(6, 5, 1, 2.0) == 2.0
+
+
+def test_local_loss_weight_ramp_equals_official_v2():
+    """dinov3_vit7b16_gram_anchor.yaml dino.local_loss_weight_schedule: start 1, peak 1, end 0.5,
+    warmup 1000 epochs, cosine 1 epoch: w_local is 1 up to 1M, then a cosine to 0.5 reached at
+    1,000,999. The preset used a constant 0.5 (an approximation its header admitted)."""
+    from fastdino.schedules import local_loss_weight_at
+
+    start, length, total = 50, 10, 80
+    ref = official_v2(1.0, 1.0, 0.5, warmup=start, total=total, cosine=length)
+    cfg = load_config("smoke", ["dino.local_loss_weight=0.5",
+                                f"dino.local_loss_weight_start_iteration={start}",
+                                f"dino.local_loss_weight_ramp_iterations={length}"])
+    got = [build_schedules(cfg, 8).at(i).local_loss_weight for i in range(total)]
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    s = build_schedules(load_config("vit7b16_gram"), 4096)
+    assert s.at(999_999).local_loss_weight == 1.0 and s.at(1_000_000).local_loss_weight == 1.0
+    assert 0.5 < s.at(1_000_500).local_loss_weight < 1.0
+    assert s.at(1_000_999).local_loss_weight == 0.5 == s.at(1_199_999).local_loss_weight
+    # without a ramp: the weight as written at every iteration, exactly (0.3, not 1 - 0.7)
+    flat = load_config("smoke", ["dino.local_loss_weight=0.3"]).dino
+    assert local_loss_weight_at(flat, 0) == 0.3 == local_loss_weight_at(flat, 10**6)
