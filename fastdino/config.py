@@ -460,7 +460,10 @@ class DistillationConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 1e-3  # base lr before the sqrt scaling rule
-    min_lr: float = 1e-6  # end of the cosine
+    # end of the cosine; optim.scaling_rule scales it like lr when min_lr >= lr (a constant lr
+    # after the warm-up: the official v2 recipes scale peak and end), not below lr (v1 scales the
+    # peak only)
+    min_lr: float = 1e-6
     warmup_epochs: float = 10.0  # linear warm-up from 0, in epochs (train.epoch_length its)
     weight_decay: float = 0.04  # start of the cosine wd schedule
     weight_decay_end: float = 0.4  # end of the cosine wd schedule

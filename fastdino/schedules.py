@@ -23,10 +23,13 @@ of images, not of steps, when the global batch differs from the recipe's.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from fastdino.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 class CosineScheduler:
@@ -155,6 +158,15 @@ def local_loss_weight_at(dino, it: int) -> float:
 
 
 def build_schedules(cfg: Config, global_batch_size: int) -> Schedules:
+    """The run's schedules; logs the lr the scaling rule gives at this global batch (the number
+    users compare with the paper's, and the one that changes with the GPU count)."""
+    o = cfg.optim
+    peak, end = scaled_lr(cfg, global_batch_size), scaled_min_lr(cfg, global_batch_size)
+    how = (f"optim.lr {o.lr:g} x {lr_scale(cfg, global_batch_size):.4g} "
+           f"({o.scaling_rule} at global batch {global_batch_size})"
+           if o.scaling_rule != "none" else "optim.lr, unscaled")
+    logger.info("lr: %.4g after %g warm-up epochs (%s), %.4g at the end%s", peak, o.warmup_epochs,
+                how, end, " (constant)" if end == peak else "")
     return Schedules(cfg, global_batch_size)
 
 

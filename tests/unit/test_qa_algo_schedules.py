@@ -106,3 +106,14 @@ def test_local_loss_weight_ramp_equals_official_v2():
     # without a ramp: the weight as written at every iteration, exactly (0.3, not 1 - 0.7)
     flat = load_config("smoke", ["dino.local_loss_weight=0.3"]).dino
     assert local_loss_weight_at(flat, 0) == 0.3 == local_loss_weight_at(flat, 10**6)
+
+
+def test_the_scaled_lr_is_logged(caplog):
+    """The lr a run uses depends on its global batch (the GPU count): it is logged at start, with
+    the rule and the factor, not only the optim.lr a user wrote."""
+    with caplog.at_level("INFO", logger="fastdino"):
+        build_schedules(load_config("vit7b16_pretrain"), 4096)
+        build_schedules(load_config("smoke"), 8)
+    assert "lr: 0.0004 after 100 warm-up epochs (optim.lr 5e-05 x 8 (sqrt_wrt_1024 at global " \
+        "batch 4096)), 0.0004 at the end (constant)" in caplog.text, caplog.text
+    assert "lr: 0.0003536 after" in caplog.text and "1e-06 at the end\n" in caplog.text + "\n"
