@@ -5,13 +5,12 @@
       -> last_layer: Linear(bottleneck, K, no bias) -> [M, K]
 
 Keys: `mlp.{0,2,4}.{weight,bias}`, `last_layer.weight` (DINOv3, no weight norm) or, with
-`weight_norm_last_layer` (DINOv2), `last_layer.weight_g` (filled with 1 and frozen: unit-norm
-prototypes) and `last_layer.weight_v`.
+`weight_norm_last_layer` (DINOv2), `last_layer.weight_g` (filled with 1: unit-norm prototypes at
+init) and `last_layer.weight_v`. Both train and both are EMA'd, as in DINOv2, whose head is
+`torch.nn.utils.weight_norm(Linear)`.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,32 @@ def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int,
     return nn.Sequential(*layers)
 
 
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear with weight = g · v / ‖v‖ (norm per output row), the function and the
+    state-dict keys (`weight_g` [out, 1], `weight_v` [out, in]) of DINOv2's
+    `torch.nn.utils.weight_norm(nn.Linear(in, out, bias=False))`. Own module rather than that
+    hook: its `weight` is a non-leaf tensor attribute that `copy.deepcopy` refuses (the teacher
+    and Gram teacher are deep copies of the student), and the parametrizations API would rename
+    the keys to `parametrizations.weight.original{0,1}`."""
+
+    def __init__(self, in_features: int, out_features: int, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_g = nn.Parameter(torch.empty(out_features, 1, device=device))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features, device=device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # torch's _weight_norm(v, g, dim=0), spelled out
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight_norm"
+
+
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, nlayers: int = 3,
@@ -38,13 +63,9 @@ class DINOHead(nn.Module):
             raise ValueError(f"DINOHead nlayers = {nlayers} is invalid: allowed is >= 1")
         self.weight_norm_last_layer = weight_norm_last_layer
         self.mlp = _build_mlp(nlayers, in_dim, bottleneck_dim, hidden_dim, device=device)
-        last = nn.Linear(bottleneck_dim, out_dim, bias=False, device=device)
-        if weight_norm_last_layer:
-            with warnings.catch_warnings():  # the old API keeps DINOv2's weight_g/weight_v keys
-                warnings.simplefilter("ignore", FutureWarning)
-                last = nn.utils.weight_norm(last)
-            last.weight_g.requires_grad = False
-        self.last_layer = last
+        self.last_layer = (WeightNormLinear(bottleneck_dim, out_dim, device=device)
+                           if weight_norm_last_layer else
+                           nn.Linear(bottleneck_dim, out_dim, bias=False, device=device))
         if device is None or torch.device(device).type != "meta":
             self.init_weights()
 

@@ -123,7 +123,7 @@ def test_dino_head_weight_norm_variant():
     assert set(sd) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
                        "last_layer.weight_g", "last_layer.weight_v"}
     assert torch.equal(sd["last_layer.weight_g"], torch.ones(50, 1))
-    assert not head.last_layer.weight_g.requires_grad
+    assert head.last_layer.weight_g.requires_grad  # trains and is EMA'd, as in DINOv2
     for name, t in head.named_parameters():
         assert not torch.isnan(t).any(), name
     z = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
