@@ -27,7 +27,9 @@ from torch import nn
 from fastdino.config import Config, ConfigError
 from fastdino.distillation import build_distillation_teacher
 from fastdino.ema import EMAPlan, copy_params, ema_update, gram_refresh_due
+from fastdino.layers.attn_backend import check_attn_impl
 from fastdino.layers.lora import add_lora
+from fastdino.layers.select import check_kernels_impl
 from fastdino.losses.dino_clstoken_loss import DINOLoss
 from fastdino.losses.gram_loss import GramLoss
 from fastdino.losses.ibot_patch_loss import iBOTPatchLoss
@@ -189,6 +191,9 @@ class SSLMetaArch:
         """`distillation_teacher`: the frozen teacher when a co-distillation run shares one
         between its students (codistill.py); built from distillation.teacher otherwise."""
         self.cfg = cfg
+        # backends this machine cannot run: a one-line ConfigError now, not at the first step
+        check_kernels_impl(cfg.kernels.impl, device)
+        check_attn_impl(cfg.model.attn_impl, device)
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         self.student = build_student(cfg)
         if cfg.model.pretrained_weights is not None:

@@ -22,6 +22,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from fastdino.config import ConfigError
+
 logger = logging.getLogger("fastdino")
 
 ATTN_IMPLS = ("auto", "sdpa", "torch", "flash_attn")
@@ -63,15 +65,20 @@ def flash_attn_available() -> bool:
     return bool(flash_attn_versions())
 
 
-def check_attn_impl(impl: str) -> None:
-    """Raise on an unknown `model.attn_impl`, or on flash_attn when it is not installed."""
+def check_attn_impl(impl: str, device: torch.device | str | None = None) -> None:
+    """ConfigError (one line, at model build) on an unknown `model.attn_impl`, on flash_attn
+    when it is not installed, or, given the run's `device`, on flash_attn off CUDA."""
     if impl not in ATTN_IMPLS:
-        raise ValueError(f"model.attn_impl = {impl!r} is invalid: allowed is one of "
-                         + " | ".join(ATTN_IMPLS))
+        raise ConfigError(f"config key 'model.attn_impl' = {impl!r} is invalid: allowed is one "
+                          "of " + " | ".join(ATTN_IMPLS))
     if impl == "flash_attn" and not flash_attn_available():
-        raise RuntimeError("model.attn_impl=flash_attn but neither flash_attn_interface (FA3) nor "
-                           "flash_attn (FA2) is importable: install the `flash` extra or use "
-                           "attn_impl=sdpa")
+        raise ConfigError("config key 'model.attn_impl' = 'flash_attn' is invalid here: neither "
+                          "flash_attn_interface (FA3) nor flash_attn (FA2) is installed (the "
+                          "`flash` extra): allowed here is auto | sdpa | torch")
+    if impl == "flash_attn" and device is not None and torch.device(device).type != "cuda":
+        raise ConfigError(f"config key 'model.attn_impl' = 'flash_attn' is invalid here: "
+                          f"flash-attn runs on CUDA only, this run is on "
+                          f"{torch.device(device).type}: allowed here is auto | sdpa | torch")
 
 
 @functools.lru_cache(maxsize=None)

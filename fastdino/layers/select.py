@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from fastdino.config import ConfigError
 from fastdino.kernels._utils import can_run_triton
 
 logger = logging.getLogger("fastdino")
@@ -19,17 +20,27 @@ _logged: set[tuple[str, str]] = set()
 IMPLS = ("auto", "triton", "torch")
 
 
+def check_kernels_impl(impl: str, device: torch.device) -> None:
+    """At build time, not at the first step: `kernels.impl=triton` where Triton cannot run (no
+    triton package, or a CPU device without TRITON_INTERPRET=1) is a one-line ConfigError."""
+    if impl == "triton" and not can_run_triton(torch.empty(0, device=device)):
+        raise ConfigError(
+            f"config key 'kernels.impl' = 'triton' is invalid here: Triton cannot run on the "
+            f"{torch.device(device).type} device (needs CUDA and the triton package, or "
+            "TRITON_INTERPRET=1 set before start on CPU): allowed here is auto | torch")
+
+
 def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
     """Whether op `op` runs its Triton kernel on tensor `x` under `impl`."""
     if impl not in IMPLS:
-        raise ValueError(
+        raise ConfigError(
             f"kernels.impl = {impl!r} is invalid: allowed is one of {' | '.join(IMPLS)}"
         )
     if impl == "torch":
         choice = False
     elif impl == "triton":
         if not can_run_triton(x):
-            raise RuntimeError(
+            raise ConfigError(
                 f"kernels.impl=triton but op '{op}' got a {x.device.type} tensor and Triton cannot "
                 "run there (needs CUDA, or TRITON_INTERPRET=1 set before import on CPU)"
             )

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastdino.config import ModelConfig
+from fastdino.config import ConfigError, ModelConfig
 from fastdino.models import build_backbone, vit_test
 
 B_G, B_L = 4, 6  # global / local crops per step
@@ -231,7 +231,7 @@ def test_attn_impls_agree_and_flash_attn_is_explicit():
     with torch.no_grad():
         torch.testing.assert_close(sdpa(g), ref(g), rtol=1e-5, atol=1e-5)
     if not flash_attn_available():
-        with pytest.raises(RuntimeError, match="flash_attn"):
+        with pytest.raises(ConfigError, match=r"'model.attn_impl' = 'flash_attn'.*installed"):
             vit_test(attn_impl="flash_attn")
     with pytest.raises(ValueError, match="attn_impl"):
         vit_test(attn_impl="xformers")
