@@ -241,6 +241,17 @@ class TrainLoader:
         return batch
 
 
+def _naming(key: str, build):
+    """`build()`, its source errors naming `key`: the dataset's finder says `data.root` for
+    whatever source it is given, and "no images found in ..." names no key at all."""
+    try:
+        return build()
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        msg = str(e)
+        msg = key + msg[len("data.root"):] if msg.startswith("data.root") else f"{key}: {msg}"
+        raise type(e)(msg) from None
+
+
 def build_dataset(cfg: Config, ranks: tuple[int, int] | None = None) -> ImageFolderUnlabeled:
     """The training images of `cfg.data`. `ranks` = (rank, world size) when every rank builds
     it at once (the train loaders): they share the first indexing of tar shards (collective)."""
@@ -261,7 +272,8 @@ def build_dataset(cfg: Config, ranks: tuple[int, int] | None = None) -> ImageFol
         return main
     from fastdino.data.mixing import ConcatImages
 
-    homogeneous = ImageFolderUnlabeled(root=d.homogeneous_root, ranks=ranks)
+    homogeneous = _naming("data.homogeneous_root",
+                          lambda: ImageFolderUnlabeled(root=d.homogeneous_root, ranks=ranks))
     logger.info("data.homogeneous_root: %.0f%% of the steps read only %s (%d images)",
                 100 * d.homogeneous_ratio, homogeneous.source, len(homogeneous))
     return ConcatImages(main, homogeneous)
