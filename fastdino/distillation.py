@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from fastdino.config import Config, ConfigError, load_config, resolve_preset
+from fastdino.config import Config, ConfigError, load_unvalidated, resolve_preset
 from fastdino.models.state_dict_io import load_backbone_state_dict
 
 logger = logging.getLogger("fastdino")
@@ -51,7 +51,12 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
             f"distillation.teacher={path!r} ({source}) has no config.yaml beside it: give the "
             "teacher's architecture as distillation.teacher_config (a preset name or a yaml "
             "with its model and head sizes)")
-    tcfg = load_config(run_cfg)
+    # only the sections the teacher is built from are validated: the whole-config rules are the
+    # teacher run's training rules (a rule added since must not refuse an older run's config)
+    tcfg = load_unvalidated(run_cfg)
+    tcfg.model.validate()
+    tcfg.dino.head.validate("dino.head")
+    tcfg.ibot.head.validate("ibot.head")
     _check_compatible(cfg, tcfg, path)
     # the student's kernels; no stochastic depth, checkpointing or compile in a frozen model
     tcfg.kernels = cfg.kernels

@@ -137,7 +137,7 @@ def _teacher_backbone(run_or_ckpt: str | Path, config: str | None = None):
     """(the run's EMA teacher backbone as a module of the run's own architecture (strict load),
     or of `config`: a preset name or yaml, for sources without a config.yaml, e.g. an official
     DINOv3 checkpoint; that resolved Config)."""
-    from fastdino.config import load_config, resolve_preset
+    from fastdino.config import load_unvalidated, resolve_preset
     from fastdino.eval.weights import resolve_model_config
     from fastdino.models.backbones import build_backbone
     from fastdino.models.state_dict_io import load_backbone_state_dict
@@ -152,7 +152,9 @@ def _teacher_backbone(run_or_ckpt: str | Path, config: str | None = None):
     backbone = build_backbone(resolve_model_config(config=run_cfg), device="meta")
     backbone = backbone.to_empty(device="cpu")
     load_backbone_state_dict(backbone, {"teacher": teacher})
-    return backbone.eval(), load_config(run_cfg)
+    # unvalidated: the training rules (a preset's unset distillation.teacher, a rule added
+    # since an older run) say nothing about export; its model section was validated above
+    return backbone.eval(), load_unvalidated(run_cfg)
 
 
 def export_hf(run_or_ckpt: str | Path, out: str | Path, config: str | None = None) -> list[Path]:

@@ -53,10 +53,8 @@ from torch import nn
 
 from fastdino.config import (
     PRESET_DIR,
-    ConfigError,
     ModelConfig,
     find_preset,
-    load_config,
     load_unvalidated,
     preset_names,
 )
@@ -118,18 +116,14 @@ def resolve_model_config(
 
 
 def _model_section(path: Path) -> ModelConfig:
-    """The validated `model:` section of a config yaml. A ConvNeXt config is read even where the
-    whole config is refused: training allows model.arch=convnext_* only with distillation.enabled
-    (a ConvNeXt is a distillation student), a rule about training that says nothing about
-    evaluating the backbone (the released dinov3_convnext_* weights)."""
-    try:
-        return load_config(path).model
-    except ConfigError:
-        cfg = load_unvalidated(path)
-        if not cfg.model.arch.startswith("convnext_"):
-            raise
-        cfg.model.validate()  # the model section's own rules still hold
-        return cfg.model
+    """The validated `model:` section of a config yaml (a preset or a run's config.yaml), read
+    without the whole-config rules: those are about training (distillation.teacher set when
+    distillation is enabled, a ConvNeXt only as a distillation student, ...), say nothing about
+    the backbone an evaluation builds, and a rule added since must not refuse an older run's
+    saved config."""
+    cfg = load_unvalidated(path)
+    cfg.model.validate()  # the model section's own rules still hold
+    return cfg.model
 
 
 def describe_arch(backbone: nn.Module) -> str:
