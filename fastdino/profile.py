@@ -1,5 +1,5 @@
-"""`python -m fastdino.profile --config configs/vits16.yaml [--steps 20] [k=v ...]` (later
-`fastdino profile`): throughput of the training step on this GPU.
+"""`fastdino profile --config configs/vits16.yaml [--steps 20] [k=v ...]` (or
+`python -m fastdino.profile ...`): throughput of the training step on this GPU.
 
 Runs `warmup + steps` iterations of the real `Trainer.step` (one process, the engine the trainer
 picks) and reports:
@@ -408,7 +408,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastdino.profile", description=__doc__,
+    p = argparse.ArgumentParser(prog="fastdino profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="yaml preset, e.g. configs/vits16.yaml")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
