@@ -431,7 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         p.error(f"config error: {e}")
-    r = profile(cfg, args.steps, args.warmup, args.fixed_batch)
+    try:  # what the build finds: a backend this machine lacks, a data folder that is not there
+        r = profile(cfg, args.steps, args.warmup, args.fixed_batch)
+    except ConfigError as e:
+        p.error(f"config error: {e}")
+    except FileNotFoundError as e:
+        p.error(str(e))
     from fastdino import dist as fdist
 
     if not fdist.is_main_process():  # under a launcher every rank measures; rank 0 reports
