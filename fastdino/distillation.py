@@ -54,9 +54,13 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
     # only the sections the teacher is built from are validated: the whole-config rules are the
     # teacher run's training rules (a rule added since must not refuse an older run's config)
     tcfg = load_unvalidated(run_cfg)
-    tcfg.model.validate()
-    tcfg.dino.head.validate("dino.head")
-    tcfg.ibot.head.validate("ibot.head")
+    try:
+        tcfg.model.validate()
+        tcfg.dino.head.validate("dino.head")
+        tcfg.ibot.head.validate("ibot.head")
+    except ConfigError as e:  # the teacher's key, not the student's of the same name
+        raise ConfigError(f"distillation.teacher={path!r}: its config {str(run_cfg)!r}: {e}") \
+            from None
     _check_compatible(cfg, tcfg, path)
     # the student's kernels; no stochastic depth, checkpointing or compile in a frozen model
     tcfg.kernels = cfg.kernels

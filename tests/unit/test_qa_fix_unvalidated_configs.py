@@ -55,3 +55,13 @@ def test_distillation_teacher_from_such_a_config(saved):
     teacher = build_distillation_teacher(cfg, torch.device("cpu"))
     want = torch.load(saved / "teacher.pth", weights_only=True)["teacher"]
     assert all(torch.equal(want[k], v.float()) for k, v in teacher.state_dict().items())
+
+
+def test_a_bad_teacher_model_section_is_named_as_the_teachers(saved):
+    bad = (saved / "config.yaml").read_text().replace("patch_size: 16", "patch_size: 0")
+    (saved / "bad.yaml").write_text(bad)
+    cfg = load_config(None, SMALL)
+    cfg.distillation.teacher = str(saved / "teacher.pth")
+    cfg.distillation.teacher_config = str(saved / "bad.yaml")
+    with pytest.raises(ConfigError, match=r"^distillation.teacher=.*bad.yaml.*model.patch_size"):
+        build_distillation_teacher(cfg, torch.device("cpu"))
