@@ -58,6 +58,23 @@ with contextlib.redirect_stdout(sys.stderr):
 logger = logging.getLogger("fastdino")
 
 
+def check_rank_count(cfg: Config, world_size: int) -> None:
+    """The config rules that only the rank count decides, before any work (the yaml check sees the
+    per-rank batch only): distributed KoLeo splits the gathered batch into groups of
+    koleo.group_size, so that batch must be a multiple of it. The high-res presets (8 images per
+    GPU, groups of 16) stopped with a traceback at the first step on 1, 3, 5 or 7 GPUs."""
+    k, B = cfg.koleo, cfg.data.batch_size_per_gpu
+    gathered = B * world_size
+    if k.distributed and k.loss_weight > 0 and gathered % k.group_size:
+        fits = [g for g in range(max(2, B), gathered + 1, B) if gathered % g == 0]
+        raise ConfigError(
+            f"koleo.group_size = {k.group_size} does not divide the gathered batch of {gathered} "
+            f"images (data.batch_size_per_gpu={B} x {world_size} ranks): allowed here are "
+            f"{', '.join(map(str, fits)) or 'none (one image in all: koleo.loss_weight=0)'}, or "
+            f"a rank count that makes {gathered // world_size} x ranks a multiple of "
+            f"{k.group_size}")
+
+
 class Trainer:
     def __init__(self, cfg: Config, timer=None, *, distillation_teacher=None,
                  name: str | None = None, resume_from: Path | None = None,
@@ -89,6 +106,7 @@ class Trainer:
 
     def _build(self, cfg: Config, distillation_teacher, resume_from: Path | None) -> None:
         """__init__ after the config is written: the model, engine, schedules and resume."""
+        check_rank_count(cfg, fdist.get_world_size())
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.knn_samples = _knn_samples(cfg)  # listed and checked before any work, too
         from fastdino.loggers import build_sinks, check_sinks_available
@@ -591,6 +609,24 @@ def _resume_point(trainer) -> str:
     return f"the same command continues from the last checkpoint, {last} (train.resume=auto)"
 
 
+def _out_of_memory(e: BaseException, cfg: Config, trainer=None) -> str:
+    """One error line for a GPU out-of-memory: torch's first line (what it tried to allocate,
+    what the GPU holds) and the settings that trade memory for time, with their values now."""
+    d, m = cfg.deepspeed, cfg.model
+    what = (str(e).splitlines() or ["out of memory"])[0]
+    tips = [f"lower data.batch_size_per_gpu (now {cfg.data.batch_size_per_gpu}) and raise "
+            f"deepspeed.gradient_accumulation_steps (now {d.gradient_accumulation_steps}) to keep "
+            "the global batch"]
+    if not m.activation_checkpointing:
+        tips.append("model.activation_checkpointing=true (recomputes each block in backward)")
+    if d.zero_stage < 3:
+        tips.append(f"deepspeed.zero_stage=3 (now {d.zero_stage}: it shards the parameters "
+                    "too)")
+    tips.append("`fastdino profile` shows the step's peak memory")
+    where = _resume_point(trainer) if trainer is not None else "the run did not start"
+    return f"out of GPU memory: {what} To fit: {'; '.join(tips)}. {where}"
+
+
 class MainRankInfo(logging.Filter):
     """Info lines (start-up, progress) from rank 0 of the training group only, asked at each
     line: every rank before the process group starts, then world rank 0, then each
@@ -643,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("where it was raised", exc_info=True)
         shutdown_distributed(barrier=False)
         return 2
+    except torch.cuda.OutOfMemoryError as e:  # the model, optimizer or teacher do not fit
+        logger.error("%s", _out_of_memory(e, cfg))
+        logger.debug("where it was raised", exc_info=True)
+        shutdown_distributed(barrier=False)
+        return 1
     try:
         trainer.train()
         rc = 0 if trainer.stopped_by is None else exit_code(trainer.stopped_by)
@@ -655,6 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointWriteError as e:  # disk full, read-only: the folder, the resume point
         logger.error("%s", e)
+        shutdown_distributed(barrier=False)
+        return 1
+    except torch.cuda.OutOfMemoryError as e:  # a step does not fit: what to change, where to
+        logger.error("%s", _out_of_memory(e, cfg, trainer))  # continue from
+        logger.debug("where it was raised", exc_info=True)
         shutdown_distributed(barrier=False)
         return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C (stop.py): what is left to resume from

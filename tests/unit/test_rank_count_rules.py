@@ -1,0 +1,31 @@
+"""Config rules that only the rank count decides are checked when the trainer starts, as one
+ConfigError, not at the first step: distributed KoLeo's groups must divide the gathered batch
+(the high-res presets, 8 images per GPU in groups of 16, stopped with a ValueError traceback from
+the KoLeo loss on 1, 3, 5 or 7 GPUs)."""
+
+import pytest
+from test_trainer_step import SMALL, SMOKE
+
+from fastdino.config import ConfigError, load_config
+from fastdino.train import Trainer, check_rank_count
+
+
+def test_distributed_koleo_groups_must_divide_the_gathered_batch():
+    cfg = load_config(SMOKE, ["koleo.distributed=true", "koleo.group_size=16",
+                              "data.batch_size_per_gpu=8"])
+    check_rank_count(cfg, 2)  # 16 images: one group
+    check_rank_count(cfg, 4)
+    with pytest.raises(ConfigError, match=r"koleo.group_size = 16 does not divide the gathered "
+                       r"batch of 24 images \(data.batch_size_per_gpu=8 x 3 ranks\): allowed "
+                       r"here are 8, 24"):
+        check_rank_count(cfg, 3)
+    # weight 0: no KoLeo is computed, nothing to check
+    check_rank_count(load_config(SMOKE, ["koleo.distributed=true", "koleo.group_size=16",
+                                         "data.batch_size_per_gpu=8", "koleo.loss_weight=0"]), 1)
+
+
+def test_the_trainer_refuses_before_building_anything(tmp_path):
+    cfg = load_config(SMOKE, [*SMALL, f"train.output_dir={tmp_path}", "koleo.distributed=true",
+                              "koleo.group_size=16", "data.batch_size_per_gpu=8"])
+    with pytest.raises(ConfigError, match="allowed here are 8, or a rank count"):
+        Trainer(cfg)
