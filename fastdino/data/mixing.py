@@ -4,16 +4,18 @@ the second source and `data.homogeneous_ratio` the share of steps whose whole gl
 from it.
 
     images = ConcatImages(main, homogeneous)       # one index space: main first
-    order = MixedOrder(main_order, homo_order, seed, ratio, batch_size, offset=len(main))
+    order = MixedOrder(main_order, homo_order, seed, ratio, batch_size, offset=len(main), gas=gas)
 
-Which source a step reads is drawn from the data seed and the step (`homogeneous_steps`, a
-counter-based hash: vectorised, so positions far into a run are counted in milliseconds), not the
-rank: every rank and both loaders (torch, DALI) agree, and a resume repeats it. Each source keeps
-its own epoch order (`ShardedInfiniteOrder`) and advances only on the steps that read it: its
-j-th step reads its images j·B .. (j+1)·B - 1 (per rank, rank-strided as always). So an epoch of
-each source is still a permutation of it, and the augmentation of an image is a function of
-(seed, its source epoch, its index in the combined space). An unreadable file is replaced by the
-next readable one of the same source.
+Which source a step reads is drawn from the data seed and the optimizer step (`homogeneous_steps`
+of micro_batch // gas, a counter-based hash: vectorised, so positions far into a run are counted
+in milliseconds), not the rank: every rank and both loaders (torch, DALI) agree, a resume repeats
+it, and the gas micro-batches of one optimizer step (deepspeed.gradient_accumulation_steps) all
+read the same source, as crops.resolution_mix's draw (loader.resolution_of). Each source keeps
+its own epoch order (`ShardedInfiniteOrder`) and advances only on the micro-batches that read
+it: its j-th micro-batch reads its images j·B .. (j+1)·B - 1 (per rank, rank-strided as always).
+So an epoch of each source is still a permutation of it, and the augmentation of an image is a
+function of (seed, its source epoch, its index in the combined space). An unreadable file is
+replaced by the next readable one of the same source.
 """
 
 from __future__ import annotations
@@ -100,20 +102,23 @@ class ConcatImages:
 
 
 class MixedOrder:
-    """The ShardedInfiniteOrder interface (`sample`, `step`, `rank`) over two sources: step s
-    reads the homogeneous source where `homogeneous_steps` says so, the main one otherwise, each
-    from its own position (the steps before s that read it)."""
+    """The ShardedInfiniteOrder interface (`sample`, `step`, `rank`) over two sources, in loader
+    micro-batches: micro-batch m reads the homogeneous source where `homogeneous_steps` says so of
+    its optimizer step m // gas (all gas micro-batches of a step alike), the main one otherwise,
+    each from its own position (the micro-batches before m that read it)."""
 
     _CHUNK = 1 << 16
 
     def __init__(self, main_order, homogeneous_order, seed: int, ratio: float, batch_size: int,
-                 offset: int) -> None:
+                 offset: int, gas: int = 1) -> None:
         self.orders = (main_order, homogeneous_order)
         self.seed, self.ratio, self.batch_size, self.offset = seed, ratio, batch_size, offset
+        self.gas = gas
         self.rank = main_order.rank
-        self._homo_before = np.zeros(1, dtype=np.int64)  # [s] = homogeneous steps before s
+        self._homo_before = np.zeros(1, dtype=np.int64)  # [s] = homogeneous optimizer steps < s
 
     def _count_before(self, step: int) -> int:
+        """Homogeneous optimizer steps before optimizer step `step`."""
         while len(self._homo_before) <= step:  # extend the cumulative count a chunk at a time
             n = len(self._homo_before) - 1
             draws = homogeneous_steps(self.seed, np.arange(n, n + self._CHUNK), self.ratio)
@@ -121,17 +126,23 @@ class MixedOrder:
                 [self._homo_before, self._homo_before[-1] + np.cumsum(draws)])
         return int(self._homo_before[step])
 
-    def source(self, step: int) -> int:
-        """1 where step `step` reads the homogeneous source, else 0."""
+    def source(self, micro_batch: int) -> int:
+        """1 where loader micro-batch `micro_batch` reads the homogeneous source, else 0: the
+        draw of its optimizer step, micro_batch // gas."""
+        step = micro_batch // self.gas
         return int(homogeneous_steps(self.seed, np.array([step]), self.ratio)[0])
 
     def sample(self, k: int) -> tuple[int, int]:
-        step, slot = divmod(k, self.batch_size)
-        homo = self.source(step)
-        before = self._count_before(step)
-        j = before if homo else step - before  # the steps before this one that read the source
+        micro_batch, slot = divmod(k, self.batch_size)
+        step, within = divmod(micro_batch, self.gas)
+        homo = self.source(micro_batch)
+        # homogeneous micro-batches before this one: gas per earlier homogeneous step, plus the
+        # earlier micro-batches of this step where it is one
+        before = self.gas * self._count_before(step) + (within if homo else 0)
+        j = before if homo else micro_batch - before  # micro-batches before this that read it
         epoch, index = self.orders[homo].sample(j * self.batch_size + slot)
         return epoch, index + (self.offset if homo else 0)
 
     def step(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        """The (epoch, index) pairs of loader micro-batch `step` (the loaders' name for it)."""
         return [self.sample(k) for k in range(step * batch_size, (step + 1) * batch_size)]
