@@ -207,7 +207,8 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
-    """train.resume: auto (latest in output_dir, if any) | none | a checkpoint directory."""
+    """train.resume: auto (latest in output_dir, if any) | none | a checkpoint directory, a folder
+    of them (checkpoints/: its latest, or its newest complete one) or a run's output_dir."""
     if resume == "none":
         found = checkpoint_dirs(ckpt_dir)
         if found:
@@ -219,12 +220,16 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(ckpt_dir)
     path = Path(resume)
-    if (path / "latest").is_file():
-        return latest_checkpoint(path)
+    if not (path / "latest").is_file() and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"  # a run's output_dir: its newest checkpoint
+    if (path / "latest").is_file() or checkpoint_dirs(path):  # a folder of iter_N checkpoints
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"train.resume = {resume!r}: no {STATE_FILE} there; give a "
-                                "checkpoint directory (…/checkpoints/iter_N), its parent, auto "
-                                "or none")
+                                "checkpoint directory (…/checkpoints/iter_N), its parent "
+                                "checkpoints/, a run's output_dir, auto or none")
     return path
 
 

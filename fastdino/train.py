@@ -107,6 +107,9 @@ class Trainer:
     def _build(self, cfg: Config, distillation_teacher, resume_from: Path | None) -> None:
         """__init__ after the config is written: the model, engine, schedules and resume."""
         check_rank_count(cfg, fdist.get_world_size())
+        self.ckpt_dir = self.out / "checkpoints"
+        # before the model and engine are built: a wrong train.resume path stops at once
+        resume = resume_from or resolve_resume(cfg.train.resume, self.ckpt_dir)
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.knn_samples = _knn_samples(cfg)  # listed and checked before any work, too
         from fastdino.loggers import build_sinks, check_sinks_available
@@ -134,12 +137,10 @@ class Trainer:
                         s.momentum_teacher, m0, s.final_momentum_teacher, m1)
         self.total = cfg.train.total_iterations
         self.max_it = min(self.total, cfg.train.max_iterations or self.total)
-        self.ckpt_dir = self.out / "checkpoints"
         # start_iteration: optimizer steps done; start_micro_batch: this rank's loader position
         # (micro-batches consumed, = steps x gas); consecutive_nonfinite: skipped steps in a row
         self.start_iteration = self.start_micro_batch = self.consecutive_nonfinite = 0
         self.resume_rng, self._gram_state = None, None
-        resume = resume_from or resolve_resume(cfg.train.resume, self.ckpt_dir)
         if resume is not None:
             try:
                 st = load_checkpoint(resume, self.engine)

@@ -119,6 +119,22 @@ def test_resolve_resume_modes(tmp_path):
     assert ck.resolve_resume(str(tmp_path / "iter_0000003"), "x") == tmp_path / "iter_0000003"
 
 
+def test_resume_from_a_run_folder_or_copied_checkpoints(tmp_path):
+    """train.resume=<a run's output_dir> (what users type) was refused: only checkpoints/ or
+    iter_N were; a checkpoints/ folder copied without its `latest` was refused too."""
+    run = tmp_path / "run"
+    eng = _engine()
+    for it in (3, 6):
+        ck.save_checkpoint(run / "checkpoints", it, eng, {"data_iteration": it}, keep=3)
+    assert ck.resolve_resume(str(run), "x") == run / "checkpoints" / "iter_0000006"
+    (run / "checkpoints" / "latest").unlink()
+    assert ck.resolve_resume(str(run), "x") == run / "checkpoints" / "iter_0000006"
+    assert ck.resolve_resume(str(run / "checkpoints"), "x") == run / "checkpoints" / "iter_0000006"
+    (run / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="a run's output_dir"):
+        ck.resolve_resume(str(run / "empty"), "x")
+
+
 def test_user_files_are_loaded_weights_only(tmp_path):
     eng = _engine()
     path = ck.save_checkpoint(tmp_path, 1, eng, {"data_iteration": 1}, keep=3)
