@@ -10,8 +10,8 @@ Per parameter (full name `backbone.*`, `dino_head.*`, `ibot_head.*`):
 - `is_backbone` for `backbone.*` (lr 0 during the head warm-up, `optim.freeze_backbone_epochs`).
 Parameters with equal (lr_multiplier, wd_multiplier, is_last_layer, is_backbone) are fused into one
 group, in first-seen order, so the optimizer sees a few large groups (as the official
-`fuse_params_groups`). Frozen parameters (requires_grad False: DINOv2 `weight_g`, the layers of
-`optim.frozen_blocks`) are left out.
+`fuse_params_groups`). Frozen parameters (requires_grad False: the layers of
+`optim.frozen_blocks`, LoRA's base weights) are left out.
 """
 
 from __future__ import annotations

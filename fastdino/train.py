@@ -88,20 +88,24 @@ class Trainer:
         self.log_prefix = f"[{name}] " if name else ""
         self.info = init_distributed()
         self.out = Path(cfg.train.output_dir)
-        kept = None
+        kept, fresh = None, False
         if fdist.is_main_process():  # the resolved config first, before anything derived
             self.out.mkdir(parents=True, exist_ok=True)
+            fresh = not (self.out / "config.yaml").exists()
             kept = _keep_previous_config(run_config or cfg, self.out / "config.yaml")
             save_config(run_config or cfg, self.out / "config.yaml")
         try:
             self._build(cfg, distillation_teacher, resume_from)
         except BaseException:
             # a start that fails (a resume whose checkpoint does not fit the changed config)
-            # leaves the run's config.yaml as it was: export and eval read the run by it
+            # leaves the run's config.yaml as it was: export and eval read the run by it; a
+            # first start leaves none (the next start would keep it as a previous config)
             if kept is not None:
                 os.replace(kept, self.out / "config.yaml")
                 logger.error("the run did not start: %s restored from %s",
                              self.out / "config.yaml", kept.name)
+            elif fresh:
+                (self.out / "config.yaml").unlink(missing_ok=True)
             raise
 
     def _build(self, cfg: Config, distillation_teacher, resume_from: Path | None) -> None:

@@ -29,3 +29,14 @@ def test_the_trainer_refuses_before_building_anything(tmp_path):
                               "koleo.group_size=16", "data.batch_size_per_gpu=8"])
     with pytest.raises(ConfigError, match="allowed here are 8, or a rank count"):
         Trainer(cfg)
+
+
+def test_a_first_start_that_fails_leaves_no_config(tmp_path):
+    """The config is written before the build; a first start that fails (here the KoLeo rule)
+    removed nothing, and the next start in that folder kept the failed one as a 'previous'
+    config.<date>.yaml and logged its keys as changes."""
+    cfg = load_config(SMOKE, [*SMALL, f"train.output_dir={tmp_path}", "koleo.distributed=true",
+                              "koleo.group_size=16", "data.batch_size_per_gpu=8"])
+    with pytest.raises(ConfigError):
+        Trainer(cfg)
+    assert list(tmp_path.iterdir()) == []
