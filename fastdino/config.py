@@ -19,6 +19,7 @@ file's own keys, then the overrides (chains allowed, loops are an error):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -949,7 +950,8 @@ def _coerce_value(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported field type {tp}")
 
 
-def _merge(obj: Any, updates: dict, prefix: str) -> None:
+def _merge(obj: Any, updates: dict, prefix: str, unknown: list[str] | None = None) -> None:
+    """`unknown`: collect keys this version does not have there instead of refusing them."""
     if not isinstance(updates, dict):
         raise ConfigError(f"config key '{prefix}' must be a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
@@ -957,12 +959,15 @@ def _merge(obj: Any, updates: dict, prefix: str) -> None:
     for k, v in updates.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
+            if unknown is not None:
+                unknown.append(key)
+                continue
             raise ConfigError(
                 f"unknown config key '{key}': allowed keys here are {', '.join(names)}"
             )
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
-            _merge(cur, v, key)
+            _merge(cur, v, key, unknown)
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
 
@@ -1051,7 +1056,8 @@ def _resolve_base(base: Any, path: Path) -> Path:
                       f"(configs/: {preset_names()})")
 
 
-def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> None:
+def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...],
+                unknown: list[str] | None = None) -> None:
     """Apply the yaml at `path` onto `cfg`, its `base:` first."""
     path = path.resolve()
     if path in chain:
@@ -1065,8 +1071,8 @@ def _apply_file(cfg: Config, path: Path, chain: tuple[Path, ...]) -> None:
         raise ConfigError(f"{path}: a config file holds a mapping of sections, got {data!r}")
     if "base" in data:
         data = dict(data)
-        _apply_file(cfg, _resolve_base(data.pop("base"), path), (*chain, path))
-    _merge(cfg, data, "")
+        _apply_file(cfg, _resolve_base(data.pop("base"), path), (*chain, path), unknown)
+    _merge(cfg, data, "", unknown)
 
 
 # Keys that hold file or folder paths (or lists of them). A leading `~` in them is the user's home:
@@ -1117,9 +1123,15 @@ def load_config(
 
 def load_unvalidated(path: str | Path) -> Config:
     """Defaults <- the yaml at `path` (and its base: chain), type-checked but without the
-    whole-config rules (`validate`): for readers of one section (evaluation reads `model:`)."""
+    whole-config rules (`validate`), and keys this version does not have dropped with a warning:
+    for readers of a run's saved config.yaml and of one section (evaluation reads `model:`)."""
     cfg = Config()
-    _apply_file(cfg, Path(path).expanduser(), ())
+    unknown: list[str] = []
+    _apply_file(cfg, Path(path).expanduser(), (), unknown)
+    if unknown:  # a run saved by another version (a key removed or renamed since): not fatal
+        logging.getLogger(__name__).warning(
+            "%s: ignoring keys this version of fastdino does not have: %s", path,
+            ", ".join(unknown))
     _expand_user(cfg)
     return cfg
 
