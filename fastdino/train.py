@@ -263,7 +263,8 @@ class Trainer:
             arch.update_gram_teacher(it)
         if not ok:
             return None
-        terms = {k: x / gas if torch.is_tensor(x) else x for k, x in sums.items()}
+        terms = sums if gas == 1 else {k: x / gas if torch.is_tensor(x) else x
+                                       for k, x in sums.items()}
         clip = cfg.optim.clip_grad  # the norms are pre-clip; what the optimizer used is logged too
         return {"lr": v.lr, "wd": v.wd, "mom": v.momentum, "last_layer_lr": v.last_layer_lr,
                 "backbone_lr": v.backbone_lr,
@@ -458,8 +459,9 @@ class Trainer:
 
     def _average(self, values: dict) -> dict:
         keys = sorted(values)
-        vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                           device=self.info.device)
+        # one device-side stack and one read (the all-reduce's), not a host sync per logged term
+        vec = torch.stack([torch.as_tensor(values[k], device=self.info.device).to(torch.float64)
+                           .reshape(()) for k in keys])
         vec = fdist.all_reduce_mean(vec).tolist()
         out = dict(zip(keys, vec, strict=True))
         out.update(local_batch_size=self.cfg.data.batch_size_per_gpu,

@@ -281,3 +281,17 @@ def test_trainer_pairs_teacher_and_student_once(tmp_path, monkeypatch):
         if student[n].requires_grad:  # within half an ulp of the exact EMA (fp64)
             ulp = eps * torch.maximum(t0.abs(), s.abs())
             assert ((p.detach().double() - (m * t0 + (1 - m) * s)).abs() <= 0.5 * ulp).all(), n
+
+
+def test_a_log_step_averages_the_terms_with_one_read(tmp_path, count_launches):
+    """The logged terms of a log step are averaged over the ranks with one stack, one all-reduce
+    and one read (`.tolist()`), not a `float()` sync per term (~20 per log step)."""
+    trainer, batches = _trainer(tmp_path, "kernels.impl=torch")
+    values = trainer.step(0, batches)
+    with _sync_recorder(count_launches)() as rec:
+        out = trainer._average(values)
+    assert len(rec.reads) == 1 and "_average" in rec.reads[0], rec.reads
+    tensors = [k for k, x in values.items() if torch.is_tensor(x)]
+    assert len(tensors) > 5  # several device terms: one read for all of them
+    for k in tensors:
+        assert out[k] == pytest.approx(float(values[k]), rel=1e-12), k
