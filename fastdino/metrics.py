@@ -11,8 +11,10 @@ and appends the same values, plus every other term, as one JSON object per line 
 `<output_dir>/metrics.jsonl` (`iteration`, `time`, official names: lr, wd, mom, last_layer_lr,
 total_loss, dino_local_crops_loss, ..., backbone_grad_norm, ...; `<module>_grad_norm` is the norm
 before the per-module clip, `<module>_grad_norm_clipped` what the optimizer stepped with). Values
-are averaged over ranks by the caller before they reach here. The same records go to the optional
-TensorBoard and W&B sinks (fastdino/loggers.py).
+are averaged over ranks by the caller before they reach here, except `max_mem_gib` (GPU only: the
+peak of memory allocated by tensors since the previous line, the largest over ranks; shown as
+"mem 61.2 GiB"). The same records go to the optional TensorBoard and W&B sinks
+(fastdino/loggers.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,25 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 SHORT = (("total_loss", "total_loss"), ("dino_local_crops_loss", "dino_local"),
          ("dino_global_crops_loss", "dino_global"), ("ibot_loss", "ibot"),
          ("koleo_loss", "koleo"), ("gram_loss", "gram"))
+
+
+# logged terms reduced over ranks by their maximum, not their mean
+MAX_OVER_RANKS = ("max_mem_gib",)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The peak GPU memory allocated by tensors since the last call (then reset), in GiB; None
+    off CUDA. Reads the caching allocator's counters: no device sync."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 class MetricsLogger:
@@ -53,6 +71,8 @@ class MetricsLogger:
         if "data_wait_s" in values:
             rec["data_wait_fraction"] = min(1.0, float(values["data_wait_s"]) / window)
             data = f" | data {rec['data_wait_fraction']:.0%}"
+        if "max_mem_gib" in values:
+            data += f" | mem {float(values['max_mem_gib']):.1f} GiB"
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

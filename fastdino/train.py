@@ -48,7 +48,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from fastdino.export import export_backbone
     from fastdino.health import HealthMonitor
     from fastdino.meta_arch import SSLMetaArch
-    from fastdino.metrics import MetricsLogger
+    from fastdino.metrics import MAX_OVER_RANKS, MetricsLogger, peak_memory_gib
     from fastdino.parallel import CLIP_EPS, build_engine, init_distributed, shutdown_distributed
     from fastdino.param_groups import build_param_groups
     from fastdino.schedules import apply_to_param_groups, build_schedules, scaled_momenta
@@ -383,6 +383,9 @@ class Trainer:
         if values is not None and (knn or it % cfg.train.log_every == 0 or it == self.max_it):
             values["data_wait_s"] = self.data_wait_s  # averaged over ranks below
             self.data_wait_s = 0.0
+            peak = peak_memory_gib(self.info.device)  # GPU: the peak since the last line
+            if peak is not None:
+                values["max_mem_gib"] = peak
             self.history.append(self.metrics.log(it, {**self._average(values), **knn}))
             if fdist.is_main_process():  # fastdino/health.py: collapse, stalls, spikes
                 for f in self.health.update(it, self.history[-1]):
@@ -462,8 +465,13 @@ class Trainer:
         # one device-side stack and one read (the all-reduce's), not a host sync per logged term
         vec = torch.stack([torch.as_tensor(values[k], device=self.info.device).to(torch.float64)
                            .reshape(()) for k in keys])
-        vec = fdist.all_reduce_mean(vec).tolist()
-        out = dict(zip(keys, vec, strict=True))
+        peaks = [i for i, k in enumerate(keys) if k in MAX_OVER_RANKS]
+        if peaks:  # the largest rank's peak (the one that runs out of memory), not the mean
+            top = fdist.all_reduce_max(vec[peaks].clone())
+        vec = fdist.all_reduce_mean(vec)
+        if peaks:
+            vec[peaks] = top
+        out = dict(zip(keys, vec.tolist(), strict=True))
         out.update(local_batch_size=self.cfg.data.batch_size_per_gpu,
                    global_batch_size=self.global_batch)
         return out
