@@ -130,6 +130,35 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def all_gather_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out` (contiguous, world_size × x.numel() elements) ← every rank's `x` in rank order, in
+    place (no autograd, no list of outputs, no concatenation copy); returns `out`. Equal sizes on
+    every rank. Moves (world − 1) × x's bytes into each rank: half an all-reduce of `out`."""
+    n = get_world_size()
+    if out.numel() != n * x.numel():
+        raise ValueError(f"all_gather_into: out holds {out.numel()} elements, {n} ranks x "
+                         f"{x.numel()} needed")
+    x = x.contiguous().view(-1)
+    if n == 1:
+        return out.view(-1).copy_(x).view_as(out)
+    # torch >= 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    try:
+        gather(out.view(-1), x, group=_group)
+    except (RuntimeError, NotImplementedError) as e:  # a backend without it (older gloo):
+        if "support" not in str(e).lower():  # raised on every rank before any transfer
+            raise
+        dist.all_gather(list(out.view(n, -1).unbind(0)), x, group=_group)
+    return out
+
+
+def group_ranks() -> list[int]:
+    """The global ranks of the group, in group-rank order (one rank: [0] without a group)."""
+    if not is_enabled():
+        return [0]
+    return dist.get_process_group_ranks(_group or dist.group.WORLD)
+
+
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier(group=_group)

@@ -8,10 +8,12 @@ parameter, never an empty ZeRO-3 placeholder:
 - plain torch engine, DeepSpeed fp32 ZeRO-0/1/2: the module parameters themselves (replicated and
   equal to the optimizer's values after the step);
 - DeepSpeed fp32 ZeRO-3: the parameters inside `GatheredParameters` (read only);
-- DeepSpeed bf16 (any stage): the module holds bf16 compute weights, so each rank contributes the
-  fp32 master slices its optimizer owns and one all-reduce assembles them (exactly the master,
-  as the official FSDP EMA reads the fp32 shards).
-Chunk by chunk (about `chunk_numel` elements) to bound the transient memory.
+- DeepSpeed bf16 ZeRO-1/2/3: the module holds bf16 compute weights, so the fp32 master
+  partitions the optimizers own are all-gathered, one flat partition (a "unit": a param group's
+  under ZeRO-1/2, a sub-group's under ZeRO-3) at a time (exactly the masters, as the official
+  FSDP EMA reads the fp32 shards); ZeRO-0 bf16: the replicated fp32 masters.
+Chunk by chunk (about `chunk_numel` elements) to bound the transient memory; chunks never split
+a unit the engine gathers whole (`EMAPlan.chunks_for`).
 """
 
 from __future__ import annotations
@@ -64,8 +66,44 @@ class EMAPlan:
     the model is built (freezing, LoRA, distillation), never during training."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, chunk_numel: int = 1 << 26):
-        pairs = [(t, s) for t, s in _paired(teacher, student) if s.requires_grad]
-        self.chunks = [([t for t, _ in c], [s for _, s in c]) for c in _chunks(pairs, chunk_numel)]
+        self.pairs = [(t, s) for t, s in _paired(teacher, student) if s.requires_grad]
+        self.chunk_numel = chunk_numel
+        self.chunks = self._split(_chunks(self.pairs, chunk_numel))
+        self._by_units: dict[int, list] = {}  # id(engine) -> its unit-aligned chunks
+
+    @staticmethod
+    def _split(chunks) -> list[tuple[list[torch.Tensor], list[nn.Parameter]]]:
+        return [([t for t, _ in c], [s for _, s in c]) for c in chunks]
+
+    def chunks_for(self, full_values: FullValues) -> list:
+        """The chunks to read through `full_values`. An engine whose `full_values` gathers whole
+        units (DeepSpeed bf16: one flat fp32 partition per param group, parallel.py
+        `value_units`) gets chunks that never split a unit, so no unit is gathered twice per
+        step (a chunk then exceeds `chunk_numel` by at most one unit); any other gets
+        `chunks`."""
+        engine = getattr(full_values, "__self__", None)
+        units_of = getattr(engine, "value_units", None)
+        if units_of is None:
+            return self.chunks
+        if id(engine) not in self._by_units:
+            units = units_of([s for _, s in self.pairs])
+            if units is None:
+                self._by_units[id(engine)] = self.chunks
+            else:
+                by_unit: dict = {}  # first-seen order; a parameter outside every unit: alone
+                for i, (pair, u) in enumerate(zip(self.pairs, units, strict=True)):
+                    by_unit.setdefault(("alone", i) if u is None else u, []).append(pair)
+                chunks, chunk, n = [], [], 0
+                for group in by_unit.values():
+                    chunk += group
+                    n += sum(t.numel() for t, _ in group)
+                    if n >= self.chunk_numel:
+                        chunks.append(chunk)
+                        chunk, n = [], 0
+                if chunk:
+                    chunks.append(chunk)
+                self._by_units[id(engine)] = self._split(chunks)
+        return self._by_units[id(engine)]
 
 
 @torch.no_grad()
@@ -84,7 +122,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
     ViT-L's 350 M fp32 parameters). m = 1 keeps the teacher and m = 0 copies the student
     exactly."""
     plan = plan or EMAPlan(teacher, student, chunk_numel)
-    for t, s in plan.chunks:
+    for t, s in plan.chunks_for(full_values):
         with full_values(s) as values:
             dt = t[0].dtype
             torch._foreach_lerp_(t, [v if v.dtype == dt else v.to(dt) for v in values],

@@ -184,6 +184,14 @@ def build_ds_config(cfg: Config, world_size: int, dtype: torch.dtype) -> dict:
             raise ConfigError(
                 f"{path}: '{'.'.join(keys)}' = {node!r} conflicts with the yaml ({yaml_key} "
                 f"gives {want!r}); remove it from the json or change the yaml")
+    if (user.get("zero_optimization") or {}).get("round_robin_gradients"):
+        # DeepSpeed (0.19.8) lays the flat buffers out in round-robin order but maps each
+        # parameter's fp32 master and gradient fragments (`_hp_mapping`) in group order: the
+        # per-module clip, safe_get_full_fp32_param and universal checkpoints read other
+        # parameters' values
+        raise ConfigError(f"{path}: 'zero_optimization.round_robin_gradients' = true is not "
+                          "supported (DeepSpeed maps the fp32 masters to the wrong parameters "
+                          "under it); remove it or set it to false")
     for k in ("optimizer", "scheduler"):
         if k in user:
             raise ConfigError(f"{path}: section '{k}' is not allowed: fastdino owns the AdamW "
@@ -460,6 +468,24 @@ def deepspeed_collectives_on_group():
         dscomm.barrier, dscomm.all_reduce = saved["barrier"], saved["all_reduce"]
 
 
+@dataclass(frozen=True)
+class _MasterSlot:
+    """Where one trainable parameter's fp32 master lies in its unit (`_master_layout`)."""
+    unit: int  # ZeRO-1/2: the param group's flat buffer; ZeRO-3: the sub-group
+    offset: int  # ZeRO-1/2: in the whole flat buffer; ZeRO-3: in each rank's partition
+    numel: int  # ZeRO-1/2: the parameter's; ZeRO-3: its partition's (partition_numel)
+    shape: torch.Size
+    full_numel: int
+
+
+@dataclass
+class _MasterLayout:
+    slots: dict  # {trainable parameter: _MasterSlot}
+    partition: object  # unit -> this rank's fp32 flat partition of it (read at every call)
+    world: int
+    zero3: bool
+
+
 class DeepSpeedStudent(_StudentBase):
     """The student wrapped by `deepspeed.initialize` with our param groups and AdamW."""
 
@@ -477,6 +503,7 @@ class DeepSpeedStudent(_StudentBase):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=student, optimizer=optimizer, config=ds_config, mpu=mpu)
         self.module = self.engine.module
+        self._layout = False  # _master_layout: not built yet
         if self.zero_stage == 3:  # fused blocks read ls1 / norm2 params without calling them
             for m in self.module.modules():
                 for p in getattr(m, "external_parameters", list)():
@@ -502,7 +529,11 @@ class DeepSpeedStudent(_StudentBase):
 
     def full_values(self, params):
         if self.dtype == torch.bfloat16 and self.zero_stage > 0:
-            return self._master_values(list(params))
+            params = list(params)
+            layout = self._master_layout()
+            if layout is not None and all(p in layout.slots for p in params if p.requires_grad):
+                return self._gathered_masters(params, layout)
+            return self._master_values_allreduce(params)
         if self.zero_stage == 3:
             return self._gathered_values(list(params))
         if self.dtype == torch.bfloat16:  # ZeRO-0 bf16: replicated fp32 masters beside the module
@@ -540,9 +571,11 @@ class DeepSpeedStudent(_StudentBase):
         return mapping.lp_fragment_address.start, mapping.get_hp_fragment().view(-1)
 
     @contextlib.contextmanager
-    def _master_values(self, params):
+    def _master_values_allreduce(self, params):
         """The fp32 masters of `params`: owned slices placed in a zero buffer, summed over ranks
-        (each element has exactly one owner, so the sum is exact)."""
+        (each element has exactly one owner, so the sum is exact). The fallback of
+        `_gathered_masters` (2x its traffic, a memset and a per-parameter loop), for optimizer
+        layouts `_master_layout` does not know, and its reference in the tests."""
         numels = [p.ds_numel if self.zero_stage == 3 else p.numel() for p in params]
         flat = torch.zeros(sum(numels), dtype=torch.float32, device=self.device)
         offset = 0
@@ -560,6 +593,164 @@ class DeepSpeedStudent(_StudentBase):
         fdist.all_reduce_sum(flat)
         shapes = [p.ds_shape if self.zero_stage == 3 else p.shape for p in params]
         yield [v.view(s) for v, s in zip(flat.split(numels), shapes, strict=True)]
+
+    # --------------------------------------------------------- fp32 masters by all-gather (bf16)
+
+    def value_units(self, params) -> list[int] | None:
+        """For each of `params`, the flat fp32 partition (`_master_layout`) `full_values` gathers
+        whole to read it (None for a frozen parameter), or None when `full_values` does not
+        gather by units: ema.EMAPlan keeps the parameters of one unit in one chunk, so no unit
+        is gathered twice per step."""
+        if self.dtype != torch.bfloat16 or self.zero_stage == 0:
+            return None
+        layout = self._master_layout()
+        if layout is None:
+            return None
+        slots = [layout.slots.get(p) for p in params]
+        if any(s is None and p.requires_grad for s, p in zip(slots, params, strict=True)):
+            return None
+        return [None if s is None else s.unit for s in slots]
+
+    def _master_layout(self) -> _MasterLayout | None:
+        """Where each trainable parameter's fp32 master lies in the optimizer's flat fp32
+        partitions, built once (the layout never changes after `deepspeed.initialize`; collective
+        the first time), or None for an optimizer this does not know (then
+        `_master_values_allreduce`), on every rank alike. Every rank holds
+        an equal-sized, contiguous partition of each unit, in rank order of fdist's group, so
+        one all-gather of a unit's partitions is the whole unit."""
+        if self._layout is False:
+            try:
+                built = self._build_master_layout()
+            except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+                logger.warning("full_values: reading DeepSpeed's layout failed: %s", e)
+                built = None  # another DeepSpeed version's internals: the fallback is exact
+            # every rank must take the same path (all-gathers here, an all-reduce there would
+            # pair wrong collectives): one rank's unknown layout sends all to the fallback
+            failed = torch.tensor([float(built is None)], device=self.device)
+            if fdist.all_reduce_max(failed).item() > 0:
+                built = None
+            if built is None:
+                logger.warning("full_values: unknown DeepSpeed optimizer layout (%s): the fp32 "
+                               "masters are read through an all-reduce (2x the traffic)",
+                               type(self.engine.optimizer).__name__)
+            self._layout = built
+        return self._layout
+
+    def _build_master_layout(self) -> _MasterLayout | None:
+        opt, ranks = self.engine.optimizer, fdist.group_ranks()
+
+        def same_group(g) -> bool:  # DeepSpeed's partition group is fdist's, in the same order
+            try:
+                return torch.distributed.get_process_group_ranks(g) == ranks
+            except (ValueError, RuntimeError, AttributeError, TypeError):
+                return False
+
+        if self.zero_stage == 3:
+            return self._build_zero3_layout(opt, same_group)
+        if hasattr(opt, "bit16_groups_flat"):  # DeepSpeedZeroOptimizer (ZeRO-1/2)
+            flats, name = opt.bit16_groups_flat, "single_partition_of_fp32_groups"
+        elif hasattr(opt, "bf16_groups_flat"):  # BF16_Optimizer (ZeRO-1, fp32 grad accumulation)
+            flats, name = opt.bf16_groups_flat, "fp32_groups_flat_partition"
+        else:
+            return None
+        parts, world, rank = getattr(opt, name), len(ranks), fdist.get_rank()
+        groups = getattr(opt, "real_dp_process_group", None)
+        if groups is None or not len(flats) == len(parts) == len(groups):
+            return None
+        # each rank's partition: [rank·P, (rank + 1)·P) of the flat bf16 buffer, P equal on every
+        # rank (the flat is padded to a multiple of 2·world), padding included
+        for flat, part, group in zip(flats, parts, groups, strict=True):
+            if (part.dtype != torch.float32 or part.numel() * world != flat.numel()
+                    or not same_group(group)):
+                return None
+        # the offsets DeepSpeed laid the flat buffers out with (ZeRO-1/2: round-robin order
+        # included; BF16_Optimizer: none kept, its `_hp_mapping`s agree with the flat order)
+        laid = {id(q): off for grp, offs in zip(getattr(opt, "round_robin_bit16_groups", []),
+                                                getattr(opt, "round_robin_bit16_offsets", []),
+                                                strict=True) for q, off in zip(grp, offs,
+                                                                               strict=True)}
+        by_storage = {f.untyped_storage().data_ptr(): i for i, f in enumerate(flats)}
+        slots = {}
+        for p in self.module.parameters():
+            if not p.requires_grad or p.numel() == 0:
+                continue
+            i = by_storage.get(p.untyped_storage().data_ptr())
+            if i is None or not p.is_contiguous():
+                return None
+            delta = p.data_ptr() - flats[i].data_ptr()  # p is a view into the flat buffer
+            offset = delta // p.element_size()
+            if delta % p.element_size() or offset < 0 or offset + p.numel() > flats[i].numel():
+                return None
+            if laid:
+                if laid.get(id(p)) != offset:
+                    return None
+            else:  # this rank's fragment as the optimizer maps it agrees with the layout
+                m = getattr(p, "_hp_mapping", None)
+                if m is not None and (m.hp_fragment_address.start + rank * parts[i].numel()
+                                      != offset + m.lp_fragment_address.start):
+                    return None
+            slots[p] = _MasterSlot(i, offset, p.numel(), p.shape, p.numel())
+        return _MasterLayout(slots, lambda i: getattr(opt, name)[i], world, zero3=False)
+
+    def _build_zero3_layout(self, opt, same_group) -> _MasterLayout | None:
+        """ZeRO-3: parameter p's rank-r partition (partition_numel elements, the last rank's
+        padded) is elements [r·n, (r + 1)·n) of p; each sub-group's fp32 flat partition is its
+        parameters' partitions back to back (`grad_position`: sub-group, offset, n)."""
+        needed = ("fp16_groups", "fp32_partitioned_groups_flat", "grad_position", "get_param_id")
+        if not all(hasattr(opt, a) for a in needed):
+            return None
+        flats, world = opt.fp32_partitioned_groups_flat, fdist.get_world_size()
+        swappable = getattr(opt, "_swappable_optimizer_subgroup", lambda g: False)
+        slots = {}
+        for g, params in enumerate(opt.fp16_groups):
+            if swappable(g) or flats[g].dtype != torch.float32:  # NVMe: not in memory
+                return None
+            used = 0
+            for p in params:
+                unit, offset, n = opt.grad_position[opt.get_param_id(p)]
+                if (unit != g or n != p.partition_numel() or n * world < p.ds_numel
+                        or not same_group(opt._get_param_partition_group(p))):
+                    return None
+                slots[p] = _MasterSlot(g, offset, n, p.ds_shape, p.ds_numel)
+                used += n
+            if used != flats[g].numel():
+                return None
+        if any(p.requires_grad and p not in slots for p in self.module.parameters()):
+            return None
+        return _MasterLayout(slots, lambda g: opt.fp32_partitioned_groups_flat[g], world,
+                             zero3=True)
+
+    @contextlib.contextmanager
+    def _gathered_masters(self, params, layout: _MasterLayout):
+        """The fp32 masters of `params`: each unit they lie in all-gathered once into a fresh
+        buffer (half the bytes of `_master_values_allreduce`'s all-reduce, no memset); ZeRO-1/2
+        values are views into it (the flat layout is the parameters'), ZeRO-3 values one copy
+        each out of the [world, partition] rows. Frozen parameters (not in the optimizer) as
+        today: replicated, read locally (gathered under ZeRO-3), identical on every rank."""
+        units = list(dict.fromkeys(layout.slots[p].unit for p in params if p.requires_grad))
+        full = {}
+        for u in units:
+            part = layout.partition(u).to(self.device)  # an offloaded optimizer's: on the host
+            out = torch.empty(layout.world * part.numel(), dtype=torch.float32,
+                              device=self.device)
+            full[u] = fdist.all_gather_into(out, part)
+        frozen = [p for p in params if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None) \
+                if layout.zero3 and frozen else contextlib.nullcontext():
+            values = {p: p.detach().to(torch.float32, copy=layout.zero3) for p in frozen}
+        out = []
+        for p in params:
+            if not p.requires_grad:
+                out.append(values[p])
+                continue
+            s = layout.slots[p]
+            if layout.zero3:  # rows: ranks; columns [offset, offset + n): p's partitions
+                v = full[s.unit].view(layout.world, -1).narrow(1, s.offset, s.numel)
+                out.append(v.reshape(-1)[:s.full_numel].view(s.shape))
+            else:
+                out.append(full[s.unit].narrow(0, s.offset, s.numel).view(s.shape))
+        del full  # ZeRO-3: the copies are all that is left
+        yield out
 
     def _fragments_are_partitions(self) -> bool:
         return self.zero_stage > 0
