@@ -185,10 +185,10 @@ def build_ds_config(cfg: Config, world_size: int, dtype: torch.dtype) -> dict:
                 f"{path}: '{'.'.join(keys)}' = {node!r} conflicts with the yaml ({yaml_key} "
                 f"gives {want!r}); remove it from the json or change the yaml")
     if (user.get("zero_optimization") or {}).get("round_robin_gradients"):
-        # DeepSpeed (0.19.8) lays the flat buffers out in round-robin order but maps each
-        # parameter's fp32 master and gradient fragments (`_hp_mapping`) in group order: the
-        # per-module clip, safe_get_full_fp32_param and universal checkpoints read other
-        # parameters' values
+        # DeepSpeed (0.19.8) lays the flat buffers out in round-robin order but, without
+        # per-parameter padding, maps each parameter's fp32 master (`_hp_mapping`) in group
+        # order: safe_get_full_fp32_param, and whatever is built on that mapping (the universal
+        # checkpoint's slice mappings, the clip's fragments), read other parameters' values
         raise ConfigError(f"{path}: 'zero_optimization.round_robin_gradients' = true is not "
                           "supported (DeepSpeed maps the fp32 masters to the wrong parameters "
                           "under it); remove it or set it to false")
