@@ -272,7 +272,7 @@ class CoDistillation:
 
         students = student_configs(cfg)
         resume = common_resume(students)
-        info = init_distributed()
+        info = init_distributed(cfg.deepspeed.timeout_minutes)
         self.cfg, self.names = cfg, [n for n, _ in students]
         self.teacher = SharedTeacher(build_distillation_teacher(cfg, info.device),
                                      cfg.deepspeed.gradient_accumulation_steps)

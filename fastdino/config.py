@@ -655,6 +655,10 @@ class DeepSpeedConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     config_file: str | None = None  # user DeepSpeed json; conflicts with this yaml are errors
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    # process-group timeout: a rank waiting longer in a collective (a hung or crashed rank, rank 0
+    # busy with a long kNN probe or export) fails instead of waiting; null = DeepSpeed's (10 min,
+    # or $DEEPSPEED_TIMEOUT minutes)
+    timeout_minutes: float | None = None
 
     def validate(self, p: str = "deepspeed") -> None:
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "0, 1, 2 or 3", self.zero_stage)
@@ -665,6 +669,8 @@ class DeepSpeedConfig:
             "an integer >= 1",
             self.gradient_accumulation_steps,
         )
+        _check(self.timeout_minutes is None or self.timeout_minutes > 0, f"{p}.timeout_minutes",
+               "null or a number of minutes > 0", self.timeout_minutes)
 
 
 @dataclass(kw_only=True)

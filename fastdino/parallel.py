@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import json
 import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +86,9 @@ def launched_distributed() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_distributed() -> DistInfo:
-    """Start the process group (gloo on CPU, nccl on GPU) when launched by a launcher."""
+def init_distributed(timeout_minutes: float | None = None) -> DistInfo:
+    """Start the process group (gloo on CPU, nccl on GPU) when launched by a launcher;
+    `timeout_minutes` (deepspeed.timeout_minutes): its collective timeout, None = DeepSpeed's."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -93,7 +96,10 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     use_ds = deepspeed is not None and launched_distributed()
     if use_ds and not fdist.is_enabled():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        extra = {} if timeout_minutes is None else {
+            "timeout": datetime.timedelta(minutes=timeout_minutes)}
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   **extra)
     elif launched_distributed() and not fdist.is_enabled():
         # torchrun without deepspeed: plain torch engine, still one process per rank is
         # not supported (no gradient all-reduce in the plain engine)
@@ -1108,7 +1114,12 @@ def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
 
     out = ckpt / UNIVERSAL_DIR
     err = ""
-    if fdist.is_main_process() and not (out / ANY_STAGE_MARK).is_file():
+    failed_mark = ckpt / ".universal.failed"
+    convert = fdist.is_main_process() and not (out / ANY_STAGE_MARK).is_file()
+    if convert:
+        failed_mark.unlink(missing_ok=True)  # an earlier attempt's
+    fdist.barrier()  # (quick) no rank reads a stale failure mark below
+    if convert:
         partial = ckpt / ".universal.partial"
         try:
             if out.is_dir():  # converted by an earlier fastdino: readable by its own stage only
@@ -1128,6 +1139,9 @@ def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
         except Exception as e:  # every rank raises below, none hangs in a collective
             err = f"{type(e).__name__}: {e}"
             logger.error("universal conversion of %s failed: %s", ckpt, err)
+            failed_mark.write_text(err)
+    elif not fdist.is_main_process():
+        _wait_for_conversion(out / ANY_STAGE_MARK, failed_mark)
     failed = fdist.all_reduce_max(torch.tensor([1.0 if err else 0.0], device=device))
     if failed.item() > 0:
         raise RuntimeError(
@@ -1140,6 +1154,22 @@ def universal_checkpoint(ckpt: Path, device: torch.device) -> Path:
 
 
 ANY_STAGE_MARK = "any_stage"  # in a universal dir: `_make_any_stage` completed
+
+
+def _wait_for_conversion(done: Path, failed: Path, poll_s: float = 2.0) -> None:
+    """The other ranks wait for rank 0's conversion on the shared filesystem, not in a
+    collective: a 7B checkpoint (~80 GB of masters and moments) takes longer than the process
+    group's timeout (DeepSpeed's default 10 min), and ranks waiting in the all-reduce would be
+    killed by the NCCL watchdog while rank 0 was still writing. Rank 0 writes `done` (the
+    universal form's completion mark) or `failed` (its error); if rank 0 dies, the launcher
+    ends this rank."""
+    t0 = last = time.monotonic()
+    while not done.is_file() and not failed.is_file():
+        time.sleep(poll_s)
+        if time.monotonic() - last > 60:
+            last = time.monotonic()
+            logger.warning("waiting for rank 0 to convert the checkpoint into %s (%.0f min so "
+                           "far)", done.parent, (last - t0) / 60)
 
 
 def _save_replacing(obj, path: Path) -> None:

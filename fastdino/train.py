@@ -86,7 +86,7 @@ class Trainer:
         student of a run that gives it its own per-rank batch)."""
         self.cfg, self.timer = cfg, timer or NullTimer()
         self.log_prefix = f"[{name}] " if name else ""
-        self.info = init_distributed()
+        self.info = init_distributed(cfg.deepspeed.timeout_minutes)
         self.out = Path(cfg.train.output_dir)
         kept, fresh = None, False
         if fdist.is_main_process():  # the resolved config first, before anything derived

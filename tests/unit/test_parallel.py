@@ -202,3 +202,63 @@ def test_check_frozen_params_across_precisions(tmp_path):
         first.add_(0.5)  # another model: differs in bf16 too
     with pytest.raises(ValueError, match="frozen parameter"):
         check_frozen_params(m, ckpt)
+
+
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_other_ranks_wait_for_the_universal_conversion_on_the_filesystem(tmp_path, monkeypatch,
+                                                                         outcome):
+    """A rank other than 0 waits for rank 0's universal conversion by polling its marks, and
+    enters the closing all-reduce only after it: a 7B conversion outlasts the process group's
+    timeout (DeepSpeed's 10 min), and ranks waiting inside the collective were killed."""
+    import threading
+
+    import fastdino.dist as fdist
+    import fastdino.parallel as par
+
+    ckpt = tmp_path / "iter_0000010"
+    (ckpt / par.UNIVERSAL_DIR).mkdir(parents=True)
+    entered = []
+    monkeypatch.setattr(fdist, "is_main_process", lambda: False)
+    monkeypatch.setattr(fdist, "barrier", lambda: None)
+
+    def all_reduce_max(x):  # the collective: what rank 0 has written by then
+        entered.append(sorted(p.name for p in ckpt.rglob("*")))
+        return x + (1.0 if outcome == "failed" else 0.0)
+
+    monkeypatch.setattr(fdist, "all_reduce_max", all_reduce_max)
+
+    def rank0():
+        if outcome == "done":
+            (ckpt / par.UNIVERSAL_DIR / par.ANY_STAGE_MARK).write_text("")
+        else:
+            (ckpt / ".universal.failed").write_text("OSError: disk full")
+
+    timer = threading.Timer(0.5, rank0)
+    timer.start()
+    if outcome == "done":
+        assert par.universal_checkpoint(ckpt, torch.device("cpu")) == ckpt / par.UNIVERSAL_DIR
+        assert par.ANY_STAGE_MARK in entered[0]
+    else:
+        with pytest.raises(RuntimeError, match="could not convert"):
+            par.universal_checkpoint(ckpt, torch.device("cpu"))
+        assert ".universal.failed" in entered[0]
+    timer.join()
+
+
+def test_deepspeed_timeout_minutes_reaches_the_process_group(monkeypatch):
+    """deepspeed.timeout_minutes is the process group's collective timeout (DeepSpeed's own
+    default, 10 min, killed ranks waiting on rank 0's long kNN probe or export)."""
+    import datetime
+
+    import fastdino.parallel as par
+
+    seen = []
+    monkeypatch.setattr(par, "launched_distributed", lambda: True)
+    monkeypatch.setattr(par.fdist, "is_enabled", lambda: False)
+    monkeypatch.setattr(par.deepspeed, "init_distributed", lambda **kw: seen.append(kw))
+    par.init_distributed(45)
+    par.init_distributed(None)
+    assert seen[0]["timeout"] == datetime.timedelta(minutes=45) and "timeout" not in seen[1]
+    assert load_config(None, ["deepspeed.timeout_minutes=45"]).deepspeed.timeout_minutes == 45
+    with pytest.raises(ConfigError, match="deepspeed.timeout_minutes"):
+        load_config(None, ["deepspeed.timeout_minutes=0"])
