@@ -111,7 +111,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
                full_values: FullValues = module_values, chunk_numel: int = 1 << 26,
                plan: EMAPlan | None = None) -> None:
     """teacher ← momentum·teacher + (1 − momentum)·student, parameter by parameter. Frozen
-    student parameters (requires_grad False: `optim.frozen_blocks`, DINOv2 `weight_g`) are
+    student parameters (requires_grad False: `optim.frozen_blocks`, LoRA base weights) are
     skipped: they never change, so the teacher keeps their copy and no gather is spent on them.
     `plan`: the pairs of `EMAPlan(teacher, student, chunk_numel)`, built here when not given.
 
