@@ -118,7 +118,8 @@ def build_order(images, cfg: Config, rank: int, world_size: int):
     main = ShardedInfiniteOrder(images.offset, seed, rank, world_size)
     homo = ShardedInfiniteOrder(len(images) - images.offset, seed, rank, world_size, stream=1)
     return MixedOrder(main, homo, seed, cfg.data.homogeneous_ratio,
-                      cfg.data.batch_size_per_gpu, images.offset)
+                      cfg.data.batch_size_per_gpu, images.offset,
+                      gas=cfg.deepspeed.gradient_accumulation_steps)  # one source per step
 
 
 class MultiCropBatches(Dataset):
