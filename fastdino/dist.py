@@ -159,6 +159,15 @@ def group_ranks() -> list[int]:
     return dist.get_process_group_ranks(_group or dist.group.WORLD)
 
 
+def broadcast_object(obj):
+    """`obj` (picklable) as the group's rank 0 has it, on every rank of the group."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=group_ranks()[0], group=_group)
+    return box[0]
+
+
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier(group=_group)

@@ -36,6 +36,7 @@ import torch
 with contextlib.redirect_stdout(sys.stderr):
     from fastdino import dist as fdist
     from fastdino.checkpoint import (
+        STATE_FILE,
         CheckpointWriteError,
         load_checkpoint,
         resolve_resume,
@@ -56,6 +57,22 @@ with contextlib.redirect_stdout(sys.stderr):
     from fastdino.timing import NullTimer
 
 logger = logging.getLogger("fastdino")
+
+
+def same_checkpoint_on_every_rank(resume: Path | None) -> Path | None:
+    """The checkpoint rank 0 resolved, on every rank. Each rank reads `latest` itself; on a shared
+    filesystem with stale client caches (NFS attribute caching) one rank could read an older
+    pointer and load another iteration than the others: a silently diverged run. Rank 0's choice
+    is broadcast; a rank that cannot see that checkpoint stops, naming it."""
+    chosen = fdist.broadcast_object(None if resume is None else str(resume))
+    if chosen != (None if resume is None else str(resume)):
+        logger.warning("rank %d resolved the checkpoint to %s, rank 0 to %s: using rank 0's",
+                       fdist.get_rank(), resume, chosen)
+    if chosen is not None and not (Path(chosen) / STATE_FILE).is_file():
+        raise FileNotFoundError(f"rank {fdist.get_rank()} cannot read the checkpoint rank 0 "
+                                f"resumes from, {chosen}: the checkpoint folder must be on a "
+                                "filesystem every rank sees")
+    return None if chosen is None else Path(chosen)
 
 
 def check_rank_count(cfg: Config, world_size: int) -> None:
@@ -114,6 +131,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         # before the model and engine are built: a wrong train.resume path stops at once
         resume = resume_from or resolve_resume(cfg.train.resume, self.ckpt_dir)
+        resume = same_checkpoint_on_every_rank(resume)
         self.pca_inputs = _pca_inputs(cfg.train.pca_images)  # checked before any work
         self.knn_samples = _knn_samples(cfg)  # listed and checked before any work, too
         from fastdino.loggers import build_sinks, check_sinks_available

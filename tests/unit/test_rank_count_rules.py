@@ -40,3 +40,25 @@ def test_a_first_start_that_fails_leaves_no_config(tmp_path):
     with pytest.raises(ConfigError):
         Trainer(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_rank_resumes_rank_0s_checkpoint(tmp_path, monkeypatch, caplog):
+    """Each rank resolves `latest` itself; a rank with a stale view of a shared filesystem could
+    load another iteration than the others. Rank 0's resolution is broadcast and used; a rank
+    that cannot see it stops naming it."""
+    import fastdino.dist as fdist
+    from fastdino.train import same_checkpoint_on_every_rank
+
+    ck0, ck1 = tmp_path / "iter_0000020", tmp_path / "iter_0000010"
+    for ck in (ck0, ck1):
+        ck.mkdir()
+        (ck / "trainer_state.pt").write_bytes(b"")
+    assert same_checkpoint_on_every_rank(ck1) == ck1  # one process: its own
+    assert same_checkpoint_on_every_rank(None) is None
+    monkeypatch.setattr(fdist, "broadcast_object", lambda obj: str(ck0))  # rank 0 saw iter 20
+    with caplog.at_level("WARNING", logger="fastdino"):
+        assert same_checkpoint_on_every_rank(ck1) == ck0
+    assert "using rank 0's" in caplog.text
+    (ck0 / "trainer_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="cannot read the checkpoint rank 0 resumes from"):
+        same_checkpoint_on_every_rank(ck1)
