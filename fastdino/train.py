@@ -179,17 +179,21 @@ class Trainer:
             same_batch = st.get("micro_batch_size") in (None, cfg.data.batch_size_per_gpu)
             # (another rank count or per-rank batch: load_checkpoint remapped the data position
             # and logged it)
-            if not (same_ranks and same_batch) and cfg.data.homogeneous_root is not None:
+            same_gas = self.start_micro_batch == self.start_iteration * self.gas
+            if not (same_ranks and same_batch and same_gas) \
+                    and cfg.data.homogeneous_root is not None:
                 # the remap keeps the global image count of one stream; the mixed loader's two
                 # sources advance by which steps drew them (data/mixing.py), and the remapped
                 # step index has another history of draws
                 logger.warning("checkpoint %s: with data.homogeneous_root the remapped data "
                                "position is approximate: each source continues near, not at, "
                                "its position (off by about batch x ranks x sqrt(ratio x steps) "
-                               "images, seen again or skipped); resume with the writer's ranks "
-                               "and data.batch_size_per_gpu to continue it exactly", resume)
-            if (same_ranks and same_batch
-                    and self.start_micro_batch != self.start_iteration * self.gas):
+                               "images, seen again or skipped; the steps that drew each source "
+                               "depend on the rank count, batch and gradient accumulation); "
+                               "resume with the writer's ranks, data.batch_size_per_gpu and "
+                               "deepspeed.gradient_accumulation_steps to continue it exactly",
+                               resume)
+            if same_ranks and same_batch and not same_gas:
                 logger.warning("checkpoint %s: %d optimizer steps over %d micro-batches, this run "
                                "accumulates %d per step: the data continues at micro-batch %d "
                                "(not bit-exactly the run that wrote it)", resume,

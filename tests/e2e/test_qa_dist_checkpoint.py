@@ -127,6 +127,12 @@ def test_resume_with_another_batch_and_homogeneous_batches_says_the_position_is_
     assert "approximate" not in caplog.text
     Trainer(load_config(smoke, [*common, "train.max_iterations=4", "data.batch_size_per_gpu=2"]))
     assert "with data.homogeneous_root the remapped data position is approximate" in caplog.text
+    caplog.clear()
+    # another gradient accumulation: the steps that drew each source differ too (draws are per
+    # optimizer step), on the same ranks and batch
+    Trainer(load_config(smoke, [*common, "train.max_iterations=4", "data.batch_size_per_gpu=4",
+                                "deepspeed.gradient_accumulation_steps=2"]))
+    assert "with data.homogeneous_root the remapped data position is approximate" in caplog.text
 
 
 def test_second_ctrl_c_during_a_save_is_one_line_naming_the_checkpoint_left(tmp_path):
