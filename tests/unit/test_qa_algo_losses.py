@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dino_losses import _official_sk_fp64
 
 from fastdino.config import load_config
 from fastdino.data.masking import sample_masks
@@ -24,17 +25,9 @@ SMALL = ["model.arch=vit_test", "crops.global_crops_size=64", "crops.local_crops
 
 
 def official_sk(t, temp, n_total=None, n_iterations=3):
-    q = torch.exp(t.float() / temp).t()
-    b = q.shape[1] if n_total is None else n_total
-    k = q.shape[0]
-    q /= q.sum()
-    for _ in range(n_iterations):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    q *= b
-    return q.t()
+    """The official sinkhorn_knopp_teacher (test_dino_losses' literal transcription, in fp64)."""
+    b = t.shape[0] if n_total is None else n_total
+    return _official_sk_fp64(t, temp, n_iterations, b).float()
 
 
 def official_dino(student_logits, teacher_probs, ignore_diagonal=False):
