@@ -123,6 +123,17 @@ def _add_lists(p: argparse.ArgumentParser) -> None:
                    help="head checkpoint period in iterations (with --output-dir)")
 
 
+def _add_head_training(p: argparse.ArgumentParser, *, batch_size: int, lr: float,
+                       official: str) -> None:
+    """The training options of a dense probe's head (seg, depth)."""
+    p.add_argument("--iterations", type=positive_int, default=2000,
+                   help=f"training steps of the head (official {official})")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help="training crops per step")
+    p.add_argument("--lr", type=positive_float, default=lr, help="AdamW lr of the head")
+    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdino eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -164,12 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ADE20K, off otherwise)")
     p.add_argument("--crop", type=positive_int, default=512,
                    help="training crop = sliding window, a multiple of the patch size")
-    p.add_argument("--iterations", type=positive_int, default=2000,
-                   help="training steps of the head (official ADE20k: 40000)")
-    p.add_argument("--batch-size", type=positive_int, default=16,
-                   help="training crops per step")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW lr of the head")
-    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
+    _add_head_training(p, batch_size=16, lr=1e-3, official="ADE20k: 40000")
 
     p = sub.add_parser("depth", help="dense linear depth probe (BN + 1x1 conv to 256 bins), "
                        "RMSE / AbsRel / delta1", formatter_class=fmt)
@@ -184,12 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=positive_int, nargs=2, default=[416, 544],
                    metavar=("H", "W"), help="training crop = sliding window, multiples of the "
                    "patch size (official NYU: 416 544)")
-    p.add_argument("--iterations", type=positive_int, default=2000,
-                   help="training steps of the head (official NYU: 38400)")
-    p.add_argument("--batch-size", type=positive_int, default=8,
-                   help="training crops per step")
-    p.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW lr of the head")
-    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
+    _add_head_training(p, batch_size=8, lr=3e-4, official="NYU: 38400")
     p.add_argument("--no-flip-tta", action="store_true",
                    help="do not average with the flipped image's prediction")
     p.add_argument("--eigen-crop", action=argparse.BooleanOptionalAction, default=None,
