@@ -40,7 +40,10 @@ def test_config_error_on_one_rank_ends_the_run_instead_of_hanging(tmp_path):
                  "train.max_iterations=6", "train.checkpoint_every=100",
                  f"train.output_dir={run}"], timeout=240)
     out = p.stdout
-    assert p.returncode == 2, out[-3000:]
+    # DeepSpeed's launcher exits with the code of the first failed rank it polls: rank 1 (2, the
+    # config error) or rank 0, whose collective then fails on the closed connection (1); seen both
+    # ways in CI. The run ending (no hang) and rank 1's one error line are what is asserted.
+    assert p.returncode in (1, 2), out[-3000:]
     assert out.count(f"config error: {MESSAGE}") == 1, out[-3000:]  # rank 1's, one line
     # rank 0 alone logs the start-up and the progress, and writes the metrics
     assert out.count("engine: DeepSpeed ZeRO-1") == 1, out[-3000:]
