@@ -35,6 +35,7 @@ import torch
 # with fastdino's.
 with contextlib.redirect_stdout(sys.stderr):
     from fastdino import dist as fdist
+    from fastdino import rank_logging
     from fastdino.checkpoint import (
         STATE_FILE,
         CheckpointWriteError,
@@ -67,7 +68,7 @@ def same_checkpoint_on_every_rank(resume: Path | None) -> Path | None:
     chosen = fdist.broadcast_object(None if resume is None else str(resume))
     if chosen != (None if resume is None else str(resume)):
         logger.warning("rank %d resolved the checkpoint to %s, rank 0 to %s: using rank 0's",
-                       fdist.get_rank(), resume, chosen)
+                       fdist.get_rank(), resume, chosen, extra=rank_logging.EVERY_RANK)
     if chosen is not None and not (Path(chosen) / STATE_FILE).is_file():
         raise FileNotFoundError(f"rank {fdist.get_rank()} cannot read the checkpoint rank 0 "
                                 f"resumes from, {chosen}: the checkpoint folder must be on a "
@@ -664,15 +665,6 @@ def _out_of_memory(e: BaseException, cfg: Config, trainer=None) -> str:
     return f"out of GPU memory: {what} To fit: {'; '.join(tips)}. {where}"
 
 
-class MainRankInfo(logging.Filter):
-    """Info lines (start-up, progress) from rank 0 of the training group only, asked at each
-    line: every rank before the process group starts, then world rank 0, then each
-    co-distillation student's own rank 0 (fdist.split); warnings and errors from every rank."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or fdist.is_main_process()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="DINOv3 training (fastdino)")
     p.add_argument("--config", default=None, help="yaml preset, e.g. configs/smoke.yaml")
@@ -688,9 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, MainRankInfo) for f in handler.filters):
-            handler.addFilter(MainRankInfo())
+    rank_logging.install()  # rank 0's lines once; a rank's own warnings and errors tagged
     try:  # a bad key, value or teacher run: its message, not a traceback (same on every rank)
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

@@ -34,6 +34,7 @@ from fastdino.data.datasets import ImageFolderUnlabeled
 from fastdino.data.gpu_photometric import geometric_crops
 from fastdino.data.masking import MaskingGenerator, max_num_patches_for
 from fastdino.data.transforms import DataAugmentationDINO
+from fastdino.rank_logging import EVERY_RANK
 from fastdino.stop import ignore_in_worker, reap_workers_at_exit
 
 logger = logging.getLogger("fastdino.data")
@@ -238,7 +239,8 @@ class TrainLoader:
             if path not in self.skipped:
                 self.skipped.add(path)
                 logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
-                               len(self.skipped), self.num_images)
+                               len(self.skipped), self.num_images,
+                               extra=EVERY_RANK)  # this rank's shard: only it sees the file
         return batch
 
 

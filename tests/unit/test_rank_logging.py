@@ -1,0 +1,83 @@
+"""fastdino/rank_logging.py: rank 0 prints what holds on every rank; the other ranks print only
+errors and the warnings about their own condition, tagged with their rank."""
+
+import io
+import logging
+
+import pytest
+
+from fastdino import rank_logging
+
+
+@pytest.fixture
+def capture():
+    """A logger whose one handler carries the filter, as train.main() installs it."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(rank_logging.MainRankInfo())
+    log = logging.getLogger("fastdino.test_rank_logging")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    yield log, stream
+    log.removeHandler(handler)
+
+
+def _as_rank(monkeypatch, rank: int):
+    monkeypatch.setattr(rank_logging.fdist, "is_main_process", lambda: rank == 0)
+    monkeypatch.setattr(rank_logging, "_world_rank", lambda: rank)
+
+
+def _emit_all(log):
+    log.info("schedule: 10 iterations")
+    log.warning("train.resume=none: starting over checkpoints")
+    log.warning("skipped unreadable image a.jpg", extra=rank_logging.EVERY_RANK)
+    log.error("out of GPU memory")
+
+
+def test_rank_zero_prints_every_line_untagged(capture, monkeypatch):
+    log, stream = capture
+    _as_rank(monkeypatch, 0)
+    _emit_all(log)
+    assert stream.getvalue().splitlines() == [
+        "INFO schedule: 10 iterations",
+        "WARNING train.resume=none: starting over checkpoints",
+        "WARNING skipped unreadable image a.jpg",
+        "ERROR out of GPU memory",
+    ]
+
+
+def test_other_ranks_print_their_own_warnings_and_errors_tagged(capture, monkeypatch):
+    log, stream = capture
+    _as_rank(monkeypatch, 5)
+    _emit_all(log)
+    # the info line and the warning that holds on every rank alike are rank 0's to print
+    assert stream.getvalue().splitlines() == [
+        "WARNING [rank 5] skipped unreadable image a.jpg",
+        "ERROR [rank 5] out of GPU memory",
+    ]
+
+
+def test_a_record_through_two_handlers_is_tagged_once(capture, monkeypatch):
+    log, stream = capture
+    second = io.StringIO()
+    handler = logging.StreamHandler(second)
+    handler.addFilter(rank_logging.MainRankInfo())
+    log.addHandler(handler)
+    try:
+        _as_rank(monkeypatch, 3)
+        log.error("disk full")
+    finally:
+        log.removeHandler(handler)
+    assert stream.getvalue() == "ERROR [rank 3] disk full\n"
+    assert second.getvalue() == "[rank 3] disk full\n"
+
+
+def test_install_adds_the_filter_once(monkeypatch):
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    monkeypatch.setattr(root, "handlers", [handler])
+    rank_logging.install()
+    rank_logging.install()
+    assert sum(isinstance(f, rank_logging.MainRankInfo) for f in handler.filters) == 1
