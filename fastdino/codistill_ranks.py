@@ -18,7 +18,9 @@ ranks: fastdino.dist's group).
 
 Traffic per micro-batch: each rank sends its batch once per student and receives its student's
 slice (G / n_s images' crops: ~1.5 MB per 224 px image with 8 local crops in fp32), instead of an
-all-gather of the global batch to every rank.
+all-gather of the global batch to every rank. No host read: when a rank receives whole batches
+(n_s divides the world, e.g. [4, 2, 2]) its slice's mask indices are rebuilt at a known count
+(`TeacherExchange._count`); other layouts count them with `nonzero`, one sync per micro-batch.
 """
 
 from __future__ import annotations
@@ -104,6 +106,13 @@ class TeacherExchange:
         with fdist.world():
             self.rank = fdist.get_rank()
         self.pieces = plan(sizes, batch_size_per_gpu)
+        # Whole batches only (every piece this rank receives is a sending rank's whole batch,
+        # e.g. student_ranks [4, 2, 2]: n_s divides the world): the slice holds n_whole x M masked
+        # tokens, M being every rank's own (a constant of the config, data/masking.py), so its
+        # mask indices need no host read of the received masks (`_count`).
+        mine = [p for p in self.pieces if p.dst == self.rank]
+        self.n_whole = len(mine) if all(p.hi - p.lo == self.B for p in mine) else None
+        self._checked: set[int] = set()  # the local M values whose slice count was verified
 
     @torch.no_grad()
     def bottlenecks(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +138,14 @@ class TeacherExchange:
         got = self._send_receive(fields)
         global_crops, local_crops, masks, cls, patch = (torch.cat(parts, 1).flatten(0, 1)
                                                         for parts in got)
-        m = masks_from_bool(masks.bool())
+        count = self._count(batch)
+        m = masks_from_bool(masks.bool(), count)
+        if count is None and self.n_whole is not None:  # first slice at this M: count verified
+            M = batch.mask_indices.numel()
+            if m.mask_indices.numel() == self.n_whole * M:
+                self._checked.add(M)
+            else:  # ranks with different M (not a loader's batches): read the count each time
+                self.n_whole = None
         teacher = self.shared.teacher
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
                                              enabled=global_crops.is_cuda and self.amp):
@@ -143,6 +159,12 @@ class TeacherExchange:
                      n_images=global_crops.shape[0] // 2, skipped_files=batch.skipped_files)
         self.shared.put(mine.global_crops, mine.mask_indices, out)
         return mine
+
+    def _count(self, batch: Batch) -> int | None:
+        """The slice's number of masked tokens when known without reading the device (whole
+        batches, at a local M already verified once); None: `nonzero` counts them (a sync)."""
+        M = batch.mask_indices.numel()
+        return self.n_whole * M if self.n_whole is not None and M in self._checked else None
 
     def _send_receive(self, fields: list[tuple[torch.Tensor, int]]) -> list[list[torch.Tensor]]:
         """For each (crop-major tensor, crops per image) of `fields`, the [crops, n, ...] pieces

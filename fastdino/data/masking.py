@@ -173,10 +173,24 @@ def masks_from_rows(masks_np: np.ndarray) -> Masks:
     return masks_from_bool(torch.from_numpy(np.ascontiguousarray(masks_np, dtype=bool)))
 
 
-def masks_from_bool(masks: torch.Tensor) -> Masks:
-    """Indices, weights and count of [2B, N] bool mask rows (any device)."""
-    mask_indices = masks.reshape(-1).nonzero().reshape(-1)  # [M]
-    per_image = masks.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)  # [2B, 1]
-    masks_weight = (1.0 / per_image).expand_as(masks)[masks]  # [M]
-    n_masked = torch.full((1,), mask_indices.numel(), dtype=torch.long, device=masks.device)
-    return Masks(masks, mask_indices, masks_weight, n_masked)
+def masks_from_bool(masks: torch.Tensor, n_masked: int | None = None) -> Masks:
+    """Indices, weights and count of [2B, N] bool mask rows (any device).
+
+    `n_masked`: the number of True entries, when the caller knows it without reading `masks`
+    (M is a constant of the config, module docstring). Then nothing here reads the device: the
+    indices come from `nonzero_static` (a fixed-size output; `nonzero`'s data-dependent shape is a
+    host sync on a GPU) and a wrong count fails an asynchronous device assert instead of padding
+    the indices. The weights are gathered by row either way (a boolean-mask index is another
+    sync)."""
+    flat = masks.reshape(-1)
+    if n_masked is None:
+        mask_indices = flat.nonzero().reshape(-1)  # [M]
+    else:
+        torch._assert_async(flat.sum() == n_masked,
+                            f"masks_from_bool: the masks do not hold n_masked={n_masked} entries")
+        mask_indices = torch.nonzero_static(flat, size=n_masked).reshape(-1)
+    per_image = masks.sum(-1).clamp(min=1).to(torch.float32)  # [2B]
+    rows = mask_indices // max(masks.shape[-1], 1)  # the image of each masked token
+    masks_weight = (1.0 / per_image).index_select(0, rows)  # [M], same values as [masks]
+    n = torch.full((1,), mask_indices.numel(), dtype=torch.long, device=masks.device)
+    return Masks(masks, mask_indices, masks_weight, n)
