@@ -87,6 +87,11 @@ class ModelConfig:
     drop_path_rate: float = 0.3  # sample-subset stochastic depth rate, uniform over depth
     rope_base: float = 100.0  # RoPE period base
     rope_rescale: float | None = 2.0  # train-time coordinate rescale s in [1/r, r]; None = off
+    # dtype of the RoPE periods buffer and sin/cos tables: bf16 | fp32. bf16 is what the official
+    # trainer runs (its build_model never passes student.pos_embed_rope_dtype, so every official
+    # run, the 7B's "fp32" yamls included, gets DinoVisionTransformer's default bf16; released
+    # checkpoints hold bf16-rounded periods). fp32 = the official hub's inference setting.
+    pos_embed_rope_dtype: str = "bf16"
     untie_global_and_local_cls_norm: bool = (
         False  # separate final norm for local-crop CLS/registers
     )
@@ -155,6 +160,7 @@ class ModelConfig:
             "null or a float >= 1",
             self.rope_rescale,
         )
+        _choice(self.pos_embed_rope_dtype, f"{p}.pos_embed_rope_dtype", ("bf16", "fp32"))
         _choice(self.attn_impl, f"{p}.attn_impl", ("auto", "flash_attn", "sdpa", "torch"))
         if self.pos_embed is not None:
             _choice(self.pos_embed, f"{p}.pos_embed", ("rope", "learned"))
