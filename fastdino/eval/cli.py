@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base lrs (x batch/256); default the official 13, 1e-5 .. 0.1")
     p.add_argument("--iterations", type=positive_int, default=12500,
                    help="training steps of the probes (official: 10 x 1250)")
-    p.add_argument("--probe-batch-size", type=positive_int, default=128,
-                   help="feature rows per training step of the probes")
+    p.add_argument("--probe-batch-size", type=positive_int, default=1024,
+                   help="feature rows per training step of the probes; the lrs scale with it "
+                        "(x batch/256). Default: the official global batch, 128 per GPU x the 8 "
+                        "GPUs of its launcher (12,500 steps = 10 passes over ImageNet-1k)")
 
     p = sub.add_parser("seg", help="dense linear probe (BN + 1x1 conv), mIoU",
                        formatter_class=fmt)

@@ -8,10 +8,13 @@ only is split deterministically (every 4th image of each class is a query). With
 `root` and `val` are the training and query sources, anything `data.root` takes that carries labels
 (class folders, WebDataset shards with `.cls` members, patterns: fastdino.data.labelled).
 
-Features are the L2-normalised `x_norm_clstoken` of the backbone in eval mode on the centre image
-resized to `image_size` and normalised. Vote: for each query, the k most similar training features
-vote for their class with weight exp(sim / T); the class with the largest sum wins (ties: lowest
-id).
+Features are the L2-normalised `x_norm_clstoken` of the backbone in eval mode on the official eval
+transform (`fastdino eval knn`'s: shorter side to 256/224 of `image_size`, bicubic, centre crop
+`image_size` x `image_size`, normalised), so that the logged `knn_top1_k<k>` is the number `eval
+knn` gives for the teacher (a squashed whole image would give another). Vote: for each query,
+the k most similar training features vote for their class with weight exp(sim / T); the class
+with the largest sum wins (ties: lowest id). The official softmax over the neighbours divides
+every weight of a query by the same sum: the same winner (knn_protocol.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:
-    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    """The official classification eval transform (features.resize_center_crop): not a resize
+    of the whole image to size x size, which changes the aspect ratio and the object's scale."""
+    from fastdino.eval.features import resize_center_crop  # (features imports this module)
+
+    img = resize_center_crop(img.convert("RGB"), size)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3,H,W]
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 

@@ -8,9 +8,11 @@ official probe). One linear classifier per learning rate, all held in one batche
 W [L, F, C] and trained together on the same batches: a step costs one einsum for all L heads.
 SGD, momentum 0.9, no weight decay, lr = base_lr * batch_size / 256 (the official scaling),
 cosine decay to 0 over `iterations` steps (default 12,500 = the official 10 "epochs" of 1,250
-iterations; reshuffled passes over the train set), capped at `max_epochs` (100) passes for
-small sets (logged when it applies; the result's `iterations` is the steps taken,
-`iterations_requested` the ones asked for). Gradients are written out (softmax - one-hot), no
+iterations), batches of 1024 rows (the official global batch: 128 per GPU on the 8 GPUs its
+launcher starts by default, so 12,500 steps = 10 passes over ImageNet-1k; lrs x 4), full
+batches cut from reshuffled passes back to back (`stream_batches`), capped at `max_epochs`
+(100) passes for small sets (logged when it applies; the result's `iterations` is the steps
+taken, `iterations_requested` the ones asked for). Gradients are written out (softmax - one-hot), no
 autograd: a step is 2 einsums. Init N(0, 0.01), bias 0 (official).
 
 Not done here (the cached features are fixed): the official random-resized-crop + flip training
@@ -71,11 +73,28 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        + bias[:, None]).argmax(-1) for i in range(0, x.shape[0], chunk)], dim=1)
 
 
+def stream_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+    """`steps` index batches [batch_size] of the official training stream (dinov3 linear.py:
+    an infinite sampler, drop_last): reshuffled passes over the n rows, back to back, cut into
+    full batches; a batch may straddle two passes, and holds a row more than once when
+    n < batch_size. Every step thus sees batch_size rows, as the lr scaling (x batch / 256)
+    and the passes counted by `max_epochs` assume (never a short last batch of a pass)."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for _ in range(steps):
+        while have < batch_size:
+            pending.append(torch.randperm(n, generator=gen))
+            have += n
+        stream = torch.cat(pending)
+        yield stream[:batch_size]
+        pending, have = [stream[batch_size:]], have - batch_size
+
+
 @torch.no_grad()
 def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                         y_val: torch.Tensor, n_classes: int, *,
                         lrs: Sequence[float] = OFFICIAL_LRS, iterations: int = 12500,
-                        max_epochs: float | None = 100, batch_size: int = 128,
+                        max_epochs: float | None = 100, batch_size: int = 1024,
                         momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
                         classes: Sequence[str] | None = None) -> dict:
     """Train one linear head per lr on (x_train [N, F], y_train [N]); evaluate all on val."""
@@ -96,27 +115,21 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
         logger.info("linear probe: --iterations %d capped at %d (%g passes over the %d training "
                     "images at batch %d; a small set needs no more)", iterations, total,
                     max_epochs, n, batch_size)
-    step = 0
-    while step < total:  # reshuffled passes over the train set until `iterations` steps
-        order = torch.randperm(n, generator=gen).to(device)
-        for i in range(0, n, batch_size):
-            if step >= total:
-                break
-            idx = order[i:i + batch_size]
-            xb, yb = x_train[idx], y_train[idx]  # [B, F], [B]
-            logits = torch.einsum("bf,lfc->lbc", xb, weight) + bias[:, None]  # [L, B, C]
-            # d(mean CE)/d logits = (softmax - onehot) / B, for each head independently
-            g = torch.softmax(logits, dim=-1)
-            g[:, torch.arange(len(yb), device=device), yb] -= 1.0
-            g /= len(yb)
-            gw = torch.einsum("bf,lbc->lfc", xb, g)  # [L, F, C]
-            gb = g.sum(1)  # [L, C]
-            lr = base * 0.5 * (1 + math.cos(math.pi * step / total))  # [L] cosine to 0
-            buf_w.mul_(momentum).add_(gw)
-            buf_b.mul_(momentum).add_(gb)
-            weight.sub_(lr[:, None, None] * buf_w)
-            bias.sub_(lr[:, None] * buf_b)
-            step += 1
+    for step, idx in enumerate(stream_batches(n, batch_size, total, gen)):
+        idx = idx.to(device)
+        xb, yb = x_train[idx], y_train[idx]  # [B, F], [B]
+        logits = torch.einsum("bf,lfc->lbc", xb, weight) + bias[:, None]  # [L, B, C]
+        # d(mean CE)/d logits = (softmax - onehot) / B, for each head independently
+        g = torch.softmax(logits, dim=-1)
+        g[:, torch.arange(len(yb), device=device), yb] -= 1.0
+        g /= len(yb)
+        gw = torch.einsum("bf,lbc->lfc", xb, g)  # [L, F, C]
+        gb = g.sum(1)  # [L, C]
+        lr = base * 0.5 * (1 + math.cos(math.pi * step / total))  # [L] cosine to 0
+        buf_w.mul_(momentum).add_(gw)
+        buf_b.mul_(momentum).add_(gb)
+        weight.sub_(lr[:, None, None] * buf_w)
+        bias.sub_(lr[:, None] * buf_b)
     val_pred = _predict(x_val, weight, bias)  # [L, Nv]
     top1 = (val_pred == y_val).float().mean(1)  # [L]
     train_top1 = (_predict(x_train, weight, bias) == y_train).float().mean(1)
