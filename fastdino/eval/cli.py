@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ADE20K, off otherwise)")
     p.add_argument("--crop", type=positive_int, default=512,
                    help="training crop = sliding window, a multiple of the patch size")
+    p.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
+                   help="the official training augmentation's photometric distortion "
+                        "(brightness, contrast, saturation, hue) of the training crops")
     _add_head_training(p, batch_size=16, lr=1e-3, official="ADE20k: 40000")
 
     p = sub.add_parser("depth", help="dense linear depth probe (BN + 1x1 conv to 256 bins), "
@@ -417,7 +420,8 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         res = seg_eval(backbone, train, val, n_classes=args.num_classes or data.n_classes,
                        crop=args.crop, iterations=args.iterations, batch_size=args.batch_size,
                        lr=args.lr, num_workers=args.num_workers, seed=args.seed,
-                       reduce_zero_label=reduce_zero, progress=progress,
+                       reduce_zero_label=reduce_zero, photometric=args.photometric,
+                       progress=progress,
                        output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
                        weights_digest=info.digest)
         result.update(res, layout=data.layout)

@@ -12,9 +12,12 @@ The CLI also reads ADE20K, Pascal VOC 2012 and Cityscapes as downloaded, and lis
 Head (official linear config): last-layer patch tokens after the backbone's final norm
 [B, D, h, w] -> BatchNorm2d -> Dropout2d(0.1) -> 1x1 conv -> C logits at patch resolution,
 bilinearly upsampled to the crop. Frozen backbone (bf16 autocast on CUDA), head in fp32.
-Training: random scale jitter 0.5-2 of "shorter side = crop", random crop x crop (image padded
-with 0, mask with 255), horizontal flip; AdamW lr 1e-3, wd 1e-3, linear warmup over the first
-3.75% of iterations (1.5k of the official 40k), then cosine to 0; cross-entropy, ignore 255.
+Training (the official transforms, dinov3/eval/segmentation/transforms.py): random scale jitter
+0.5-2 of "shorter side = crop", random crop x crop redrawn (up to 10 times) while one class
+covers >= 75% of it (cat_max_ratio), horizontal flip, photometric distortion (brightness,
+contrast, saturation, hue; `photometric=False` / `--no-photometric` leaves it out), padding
+(image 0, mask 255); AdamW lr 1e-3, wd 1e-3, linear warmup over the first 3.75% of iterations
+(1.5k of the official 40k), then cosine to 0; cross-entropy, ignore 255.
 Inference (official): the image resized so its shorter side is the crop, then sliding windows of
 crop x crop with stride round(2/3 crop) (512 / 341), logits averaged where windows overlap,
 bilinearly resized to the mask's size, argmax. mIoU = mean over classes that occur in the ground
@@ -102,13 +105,117 @@ def count_classes(pairs: Pairs, reduce_zero_label: bool = False) -> int:
     return max(int(np.where(m == IGNORE, -1, m).max()) for m in masks) + 1
 
 
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand(()))
+
+
+def _coin() -> bool:
+    return float(torch.rand(())) < 0.5
+
+
+def _grey(img: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] uint8 -> [1, H, W] uint8 luma (torchvision's rgb_to_grayscale, truncated)."""
+    r, g, b = img.float().unbind(0)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).to(torch.uint8)[None]
+
+
+def adjust_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision.transforms.functional.adjust_saturation of a uint8 [3, H, W] image (a blend
+    with its grey version, clipped, truncated)."""
+    out = factor * img.float() + (1.0 - factor) * _grey(img).float()
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def adjust_hue(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision.transforms.functional.adjust_hue of a uint8 [3, H, W] image: the hue turned
+    by `factor` (in turns, -0.5..0.5) in HSV, back to uint8 as convert_image_dtype does."""
+    rgb = img.float() / 255.0
+    r, g, b = rgb.unbind(0)
+    maxc, minc = rgb.max(0).values, rgb.min(0).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    sat = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hue = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+           + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    hue = torch.fmod(torch.fmod(hue / 6.0 + 1.0, 1.0) + factor, 1.0)
+    hue = torch.where(hue < 0, hue + 1.0, hue)  # Python's %: into [0, 1)
+    i = torch.floor(hue * 6.0)
+    f = hue * 6.0 - i
+    i = i.long() % 6
+    v = maxc
+    p = (v * (1.0 - sat)).clamp(0, 1)
+    q = (v * (1.0 - sat * f)).clamp(0, 1)
+    t = (v * (1.0 - sat * (1.0 - f))).clamp(0, 1)
+    table = torch.stack([torch.stack([v, q, p, p, t, v]), torch.stack([t, v, v, q, p, p]),
+                         torch.stack([p, p, t, v, v, q])])  # [3 channels, 6 sectors, H, W]
+    out = table.gather(1, i[None, None].expand(3, 1, *i.shape))[:, 0]  # [3, H, W]
+    return (out * (255.0 + 1.0 - 1e-3)).to(torch.uint8)
+
+
+def photometric_distortion(img: torch.Tensor) -> torch.Tensor:
+    """The official seg training's PhotoMetricDistortion (dinov3/eval/segmentation/transforms.py,
+    mmseg's) on a uint8 [3, H, W] image: each step with probability 1/2, brightness + U(-32, 32),
+    contrast x U(0.5, 1.5) (first or last, a coin decides), saturation x U(0.5, 1.5), hue +
+    U(-0.5, 0.5) turns; clipped to 0..255 and truncated to uint8 after each step, as the official
+    code. Torch's RNG: seeded per DataLoader worker (numpy's is not)."""
+
+    def affine(x, alpha=1.0, beta=0.0):
+        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+
+    if _coin():
+        img = affine(img, beta=_uniform(-32, 32))
+    contrast_first = _coin()
+    if contrast_first and _coin():
+        img = affine(img, alpha=_uniform(0.5, 1.5))
+    if _coin():
+        img = adjust_saturation(img, _uniform(0.5, 1.5))
+    if _coin():
+        img = adjust_hue(img, _uniform(-0.5, 0.5))
+    if not contrast_first and _coin():
+        img = affine(img, alpha=_uniform(0.5, 1.5))
+    return img
+
+
+def crop_box(mask: torch.Tensor, crop: int, cat_max_ratio: float = 0.75,
+             tries: int = 10) -> tuple[int, int]:
+    """(top, left) of the official RandomCropWithLabel: a uniform crop x crop window (the whole
+    side where the image is smaller), redrawn up to `tries` times while one class covers
+    `cat_max_ratio` or more of its labelled pixels or it holds a single class (then the last
+    draw stands)."""
+    H, W = mask.shape
+
+    def draw():
+        return (int(torch.randint(0, max(H - crop, 0) + 1, ())),
+                int(torch.randint(0, max(W - crop, 0) + 1, ())))
+
+    top, left = draw()
+    if cat_max_ratio >= 1.0:
+        return top, left
+    for _ in range(tries):
+        window = mask[top:top + crop, left:left + crop]
+        counts = torch.bincount(window[window != IGNORE].flatten())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio:
+            break
+        top, left = draw()
+    return top, left
+
+
 class SegTrainSet(torch.utils.data.Dataset):
-    """Random scale jitter + crop + flip of (image, mask): [3, crop, crop] fp32, [crop, crop]."""
+    """The official training transform of (image, mask) -> [3, crop, crop] fp32, [crop, crop]:
+    shorter side to crop x U(scale_range) (bilinear; mask nearest), random crop (`crop_box`,
+    cat_max_ratio 0.75), horizontal flip 1/2, photometric distortion (`photometric`), ImageNet
+    normalisation, padding to crop x crop (image 0, mask IGNORE)."""
 
     def __init__(self, pairs: Pairs, crop: int, scale_range=(0.5, 2.0), flip: bool = True,
-                 reduce_zero_label: bool = False, n_classes: int | None = None):
+                 reduce_zero_label: bool = False, n_classes: int | None = None,
+                 photometric: bool = True, cat_max_ratio: float = 0.75):
         self.pairs, self.crop, self.scale_range, self.flip = pairs, crop, scale_range, flip
         self.reduce_zero_label, self.n_classes = reduce_zero_label, n_classes
+        self.photometric, self.cat_max_ratio = photometric, cat_max_ratio
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -122,21 +229,22 @@ class SegTrainSet(torch.utils.data.Dataset):
         if img.size != mask.size:
             raise ValueError(f"{img_path} is {img.size} but its mask {mask_path} is {mask.size}")
         lo, hi = self.scale_range
-        short = round(self.crop * (lo + (hi - lo) * float(torch.rand(()))))
+        short = round(self.crop * _uniform(lo, hi))
         img = resize_short(img, short, Image.Resampling.BILINEAR)
         mask = resize_short(mask, short, Image.Resampling.NEAREST)
-        x = to_normalized_tensor(img)  # [3, H, W]
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8
         y = torch.from_numpy(np.asarray(mask, dtype=np.int64))  # [H, W]
-        H, W = y.shape
-        ph, pw = max(0, self.crop - H), max(0, self.crop - W)
-        x = F.pad(x, (0, pw, 0, ph), value=0.0)
-        y = F.pad(y, (0, pw, 0, ph), value=IGNORE)
-        top = int(torch.randint(0, y.shape[0] - self.crop + 1, ()))
-        left = int(torch.randint(0, y.shape[1] - self.crop + 1, ()))
+        top, left = crop_box(y, self.crop, self.cat_max_ratio)
         x = x[:, top:top + self.crop, left:left + self.crop]
         y = y[top:top + self.crop, left:left + self.crop]
-        if self.flip and float(torch.rand(())) < 0.5:
+        if self.flip and _coin():
             x, y = x.flip(-1), y.flip(-1)
+        if self.photometric:
+            x = photometric_distortion(x.contiguous())
+        x = to_normalized_tensor(Image.fromarray(x.permute(1, 2, 0).numpy()))
+        ph, pw = self.crop - y.shape[0], self.crop - y.shape[1]
+        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        y = F.pad(y, (0, pw, 0, ph), value=IGNORE)
         return x.contiguous(), y.contiguous()
 
 
@@ -192,8 +300,8 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
                    iterations: int, batch_size: int = 16, lr: float = 1e-3,
                    weight_decay: float = 1e-3, num_workers: int = 0, seed: int = 0,
                    scale_range=(0.5, 2.0), flip: bool = True, reduce_zero_label: bool = False,
-                   progress: bool = True, checkpoint: HeadCheckpoint | None = None
-                   ) -> LinearSegHead:
+                   photometric: bool = True, progress: bool = True,
+                   checkpoint: HeadCheckpoint | None = None) -> LinearSegHead:
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
@@ -203,7 +311,8 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
         logits = seg_logits(backbone, head, x)  # [B, C, crop, crop]
         return F.cross_entropy(logits, y, ignore_index=IGNORE)
 
-    data = SegTrainSet(train, crop, scale_range, flip, reduce_zero_label, n_classes=n_classes)
+    data = SegTrainSet(train, crop, scale_range, flip, reduce_zero_label, n_classes=n_classes,
+                       photometric=photometric)
     return dense.fit_head(head, data, loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, num_workers=num_workers, seed=seed,
@@ -239,7 +348,7 @@ def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: in
 def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | None = None,
              crop: int = 512, iterations: int = 2000, batch_size: int = 16, lr: float = 1e-3,
              num_workers: int = 0, seed: int = 0, scale_range: Sequence[float] = (0.5, 2.0),
-             reduce_zero_label: bool = False, progress: bool = True,
+             reduce_zero_label: bool = False, photometric: bool = True, progress: bool = True,
              output_dir: str | Path | None = None, checkpoint_every: int = 500,
              weights_digest: str = "") -> dict:
     """Train the linear head on `train`, report mIoU on `val` (module docstring). With
@@ -252,12 +361,14 @@ def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | 
     ckpt = head_checkpoint(output_dir, checkpoint_every, "seg", weights_digest,
                            dense.pairs_digest(train), n_classes=n_classes, crop=crop,
                            iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
-                           scale_range=list(scale_range), reduce_zero_label=reduce_zero_label)
+                           scale_range=list(scale_range), reduce_zero_label=reduce_zero_label,
+                           photometric=photometric)
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
                           scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,
-                          progress=progress, checkpoint=ckpt)
+                          photometric=photometric, progress=progress, checkpoint=ckpt)
     res = evaluate_seg(backbone, head, val, n_classes, crop=crop,
                        reduce_zero_label=reduce_zero_label, progress=progress)
-    res.update(n_classes=n_classes, n_train=len(train), iterations=iterations)
+    res.update(n_classes=n_classes, n_train=len(train), iterations=iterations,
+               photometric=photometric)
     return res

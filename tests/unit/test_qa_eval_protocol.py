@@ -92,3 +92,80 @@ def test_linear_probe_default_batch_is_the_official_global_batch():
     args = build_parser().parse_args(["linear", "--weights", "random", "--data", "digits"])
     assert args.probe_batch_size == 1024 and args.iterations == 12500
     assert inspect.signature(train_linear_probes).parameters["batch_size"].default == 1024
+
+
+def _seg_pair(tmp_path, img: np.ndarray, mask: np.ndarray):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "masks").mkdir(exist_ok=True)
+    Image.fromarray(img).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(tmp_path / "masks" / "a.png")
+    return [(str(tmp_path / "images" / "a.png"), str(tmp_path / "masks" / "a.png"))]
+
+
+def test_seg_training_crops_avoid_single_class_windows(tmp_path):
+    """The official RandomCropWithLabel redraws a crop (up to 10 times) while one class covers
+    >= 75% of it: on a 32 x 128 mask of class 0 with class 1 in its last 32 columns, a uniform
+    crop of 32 x 32 holds both classes in balance (each < 75%) for 15 of its 97 positions (15%);
+    the official crop does in most draws."""
+    from fastdino.eval.seg import SegTrainSet
+
+    mask = np.zeros((32, 128), dtype=np.int64)
+    mask[:, 96:] = 1
+    pairs = _seg_pair(tmp_path, np.full((32, 128, 3), 128, dtype=np.uint8), mask)
+    data = SegTrainSet(pairs, 32, scale_range=(1.0, 1.0), flip=False)
+    torch.manual_seed(0)
+    balanced = 0
+    for _ in range(100):
+        _, y = data[0]
+        share = float((y == 1).float().mean())
+        balanced += 0.25 < share < 0.75
+    assert balanced >= 60, balanced
+
+
+def test_seg_training_applies_the_official_photometric_distortion(tmp_path):
+    """PhotoMetricDistortion (brightness, contrast, saturation, hue, each with probability 1/2)
+    changes all but ~1/16 of the training crops' colours, never the mask; --no-photometric (and
+    the official transform's other steps alone) keeps the colour."""
+    from fastdino.eval.features import to_normalized_tensor
+    from fastdino.eval.seg import SegTrainSet
+
+    colour = np.array([200, 60, 30], dtype=np.uint8)
+    mask = np.zeros((32, 32), dtype=np.int64)
+    mask[:, 16:] = 1
+    pairs = _seg_pair(tmp_path, np.broadcast_to(colour, (32, 32, 3)).copy(), mask)
+    plain = to_normalized_tensor(Image.new("RGB", (32, 32), tuple(int(c) for c in colour)))
+    torch.manual_seed(0)
+    data = SegTrainSet(pairs, 32, scale_range=(1.0, 1.0), flip=False)
+    changed = 0
+    for _ in range(64):
+        x, y = data[0]
+        assert torch.equal(y, torch.from_numpy(mask))
+        changed += not torch.allclose(x, plain, atol=1e-6)
+    assert 50 <= changed <= 63, changed  # expected 60 of 64
+    data.photometric = False
+    assert all(torch.allclose(data[0][0], plain, atol=1e-6) for _ in range(8))
+
+
+def test_adjust_hue_matches_the_hsv_turn():
+    """fastdino's adjust_hue (torchvision's, which the official transform calls) turns the HSV
+    hue: checked pixel by pixel against Python's colorsys."""
+    import colorsys
+
+    from fastdino.eval.seg import adjust_hue
+
+    img = torch.randint(0, 256, (3, 4, 6), generator=torch.Generator().manual_seed(0),
+                        dtype=torch.uint8)
+    for turn in (0.1, -0.3, 0.5):
+        out = adjust_hue(img, turn)
+        for yx in np.ndindex(4, 6):
+            h, s, v = colorsys.rgb_to_hsv(*(img[(slice(None), *yx)].float() / 255).tolist())
+            ref = [int(c * (256 - 1e-3)) for c in colorsys.hsv_to_rgb((h + turn) % 1.0, s, v)]
+            assert out[(slice(None), *yx)].tolist() == ref
+
+
+def test_seg_cli_takes_no_photometric():
+    from fastdino.eval.cli import build_parser
+
+    base = ["seg", "--weights", "random", "--data", "x"]
+    assert build_parser().parse_args(base).photometric is True
+    assert build_parser().parse_args([*base, "--no-photometric"]).photometric is False
