@@ -87,11 +87,13 @@ class ModelConfig:
     drop_path_rate: float = 0.3  # sample-subset stochastic depth rate, uniform over depth
     rope_base: float = 100.0  # RoPE period base
     rope_rescale: float | None = 2.0  # train-time coordinate rescale s in [1/r, r]; None = off
-    # dtype of the RoPE periods buffer and sin/cos tables: bf16 | fp32. bf16 is what the official
-    # trainer runs (its build_model never passes student.pos_embed_rope_dtype, so every official
-    # run, the 7B's "fp32" yamls included, gets DinoVisionTransformer's default bf16; released
-    # checkpoints hold bf16-rounded periods). fp32 = the official hub's inference setting.
-    pos_embed_rope_dtype: str = "bf16"
+    # dtype of the RoPE periods buffer and sin/cos tables: bf16 | fp32 | null. null (default) =
+    # the official code's in each context: bf16 for training (a validated training config sets
+    # it: the official build_model never passes student.pos_embed_rope_dtype, so every official
+    # run, the 7B's "fp32" yamls included, ran DinoVisionTransformer's default bf16; a run's
+    # config.yaml records it), fp32 for a backbone evaluated or exported from --arch or a preset
+    # (the official hub's; the released files hold bf16-rounded periods, used as they are)
+    pos_embed_rope_dtype: str | None = None
     untie_global_and_local_cls_norm: bool = (
         False  # separate final norm for local-crop CLS/registers
     )
@@ -160,7 +162,8 @@ class ModelConfig:
             "null or a float >= 1",
             self.rope_rescale,
         )
-        _choice(self.pos_embed_rope_dtype, f"{p}.pos_embed_rope_dtype", ("bf16", "fp32"))
+        _check(self.pos_embed_rope_dtype in (None, "bf16", "fp32"), f"{p}.pos_embed_rope_dtype",
+               "one of bf16 | fp32 | null", self.pos_embed_rope_dtype)
         _choice(self.attn_impl, f"{p}.attn_impl", ("auto", "flash_attn", "sdpa", "torch"))
         if self.pos_embed is not None:
             _choice(self.pos_embed, f"{p}.pos_embed", ("rope", "learned"))
@@ -796,6 +799,8 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.model.pos_embed_rope_dtype is None:  # a training config: the official trainer's
+            self.model.pos_embed_rope_dtype = "bf16"
         ps = self.model.patch_size
         if self.crops.resolution_mix:
             _check(self.data.loader == "dali" or self.data.torch_photometric == "cpu",

@@ -13,6 +13,9 @@
 | vit_7b         | 4096 | 40    | 32    | SwiGLU r3 align64 | 6716M, no qkv bias, local_cls_norm |
 
 Patch 16, 4 storage tokens, LayerScale 1e-5, LN eps 1e-5, RoPE base 100 for all (released models).
+RoPE dtype: the factories build fp32 RoPE (the official hub's inference setting); build_backbone
+takes `model.pos_embed_rope_dtype` (bf16 in a validated training config, the official trainer's;
+null, a model section read for evaluation or export, is fp32).
 dinov2_vits14 / vitb14 / vitl14 / vitg14: the DINOv2 backbones (patch 14, learned positions).
 """
 
@@ -132,6 +135,8 @@ def build_backbone(model_cfg, *, device=None, kernels_impl: str = "torch",
         drop_path_rate=model_cfg.drop_path_rate,
         rope_base=model_cfg.rope_base,
         rope_rescale=model_cfg.rope_rescale,
+        # null (a model section read for evaluation / export): fp32, the official hub's
+        rope_dtype=getattr(model_cfg, "pos_embed_rope_dtype", None) or "fp32",
         untie_global_and_local_cls_norm=model_cfg.untie_global_and_local_cls_norm,
         # the official option; a config without the field (ModelConfig has none yet) keeps it off
         untie_cls_and_patch_norms=getattr(model_cfg, "untie_cls_and_patch_norms", False),

@@ -6,7 +6,9 @@
     storage_tokens [1,n,D]                 embeddings.register_tokens
     mask_token [1,D]                       embeddings.mask_token [1,1,D]
     patch_embed.proj.*                     embeddings.patch_embeddings.*
-    rope_embed.periods [d_h/4]             (none: HF recomputes inv_freq = 1/periods, rope_theta)
+    rope_embed.periods [d_h/4]             (none: HF recomputes inv_freq = 1/periods from rope_theta
+                                           in fp32; bf16-rounded periods, a bf16 run's or the
+                                           released files', cannot travel: logged on export)
     blocks.i.attn.qkv.weight [3D,D]        model.layer.i.attention.{q,k,v}_proj.weight
     blocks.i.attn.qkv.bias * bias_mask     ...{q,v}_proj.bias (k bias dropped: masked to zero)
     blocks.i.attn.proj.*                   model.layer.i.attention.o_proj.*
@@ -22,12 +24,16 @@ transformers is imported lazily (it is an optional extra).
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 
 from fastdino.layers.ffn_layers import ffn_for_width
+from fastdino.layers.rope_position_encoding import periods_shift_note
 from fastdino.models.vision_transformer import DinoVisionTransformer
+
+logger = logging.getLogger("fastdino.models")
 
 HF_LAYER_PREFIX = "model.layer."
 
@@ -152,6 +158,9 @@ def hf_config_from_backbone(backbone: DinoVisionTransformer, **overrides):
         raise ValueError("DINOv3ViTModel has one final norm; this backbone normalises CLS and "
                          "storage tokens with its own cls_norm (untie_cls_and_patch_norms): "
                          "export the official format")
+    note = periods_shift_note(backbone.rope_embed, "Hugging Face", "rope_theta")
+    if note is not None:
+        logger.warning(note)
     blk = backbone.blocks[0]
     gated = hasattr(blk.mlp, "w1")
     qkv = blk.attn.qkv

@@ -6,7 +6,8 @@ tests/unit/test_timm_parity.py.
     cls_token / storage_tokens             cls_token / reg_token
     mask_token [1,D]                       (none: timm drops it as pretrain-only)
     patch_embed.proj.*                     patch_embed.proj.*
-    rope_embed.periods                     (none: timm computes them from rope_temperature)
+    rope_embed.periods                     (none: timm computes them from rope_temperature in
+                                           fp32; bf16-rounded ones cannot travel: logged)
     blocks.i.attn.qkv.weight               blocks.i.attn.qkv.weight
     blocks.i.attn.qkv.bias (k part masked) blocks.i.attn.q_bias / v_bias (`_qkvb` models; timm's
                                            k_bias is a zero buffer)
@@ -41,6 +42,7 @@ from collections.abc import Mapping
 import torch
 
 from fastdino.layers.ffn_layers import ffn_for_width
+from fastdino.layers.rope_position_encoding import periods_shift_note
 from fastdino.models.vision_transformer import DinoVisionTransformer
 
 logger = logging.getLogger("fastdino.models")
@@ -204,6 +206,9 @@ def timm_config_from_backbone(backbone: DinoVisionTransformer,
         raise ValueError("timm's DINOv3 Eva has one final norm; this backbone normalises CLS and "
                          "storage tokens with its own cls_norm (untie_cls_and_patch_norms): "
                          "export the official format")
+    note = periods_shift_note(backbone.rope_embed, "timm", "rope_temperature")
+    if note is not None:
+        logger.warning(note)
     blk = backbone.blocks[0]
     gated = hasattr(blk.mlp, "w1")
     hidden = (blk.mlp.w1 if gated else blk.mlp.fc1).out_features

@@ -42,7 +42,7 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
                  ffn_bias: bool = True, mask_k_bias: bool = True, layerscale_init: float = 1e-5,
                  norm_eps: float = 1e-5, drop_path_rate: float = 0.0, n_storage_tokens: int = 4,
                  rope_base: float = 100.0, rope_rescale: float | None = 2.0,
-                 untie_global_and_local_cls_norm: bool = False,
+                 rope_dtype: str = "fp32", untie_global_and_local_cls_norm: bool = False,
                  untie_cls_and_patch_norms: bool = False, attn_impl: str = "auto",
                  activation_checkpointing: bool = False, pos_embed: str = "rope",
                  pos_embed_grid: int = 37, interpolate_offset: float = 0.1,
@@ -69,9 +69,13 @@ class DinoVisionTransformer(BackboneCalls, nn.Module):
         if pos_embed not in ("rope", "learned"):
             raise ValueError(f"pos_embed={pos_embed!r} is invalid: allowed is rope | learned")
         # DINOv3: RoPE in every attention (no weights); DINOv2: a learned absolute table added
-        # to the tokens once (layers/pos_embed.py), no RoPE
+        # to the tokens once (layers/pos_embed.py), no RoPE. rope_dtype (the official
+        # pos_embed_rope_dtype): the periods buffer's and the tables' dtype; this constructor
+        # defaults to fp32 as the official hub factories do, training configs to bf16 as the
+        # official trainer runs (config.py ModelConfig.pos_embed_rope_dtype)
         self.rope_embed = (RopePositionEmbedding(embed_dim, num_heads, base=rope_base,
-                                                 rescale_coords=rope_rescale, device=device)
+                                                 rescale_coords=rope_rescale, dtype=rope_dtype,
+                                                 device=device)
                            if pos_embed == "rope" else None)
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(
