@@ -21,6 +21,9 @@ Data flow, per rank:
                "cpu"; every crop is then resized from the decoded image. Decoding per crop with
                `fn.decoders.image_random_crop` would run the CPU Huffman stage 2+N times per image
                (DALI#5274: Huffman decoding is what keeps CPU cores busy in "mixed" mode).
+               A TIFF DALI would not decode as PIL does (16-bit, float, bilevel, CMYK, grey +
+               alpha, planar, ...: `dali_plan._dali_reads_tiff`) is decoded by the source with
+               the torch loader's decode and reaches the decoder as PPM: same pixels, no stop.
   crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
   photometric  data.dali_jitter picks where the photometric ops run.
                triton (default): the graph ends at crop + resize (120 operators at 2 x 224 +

@@ -141,6 +141,45 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
 # camera's multi-picture JPEG, included). GIF, ICO, TGA, PCX, SGI, ... fail DALI's whole pipeline.
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP"})
 
+# TIFF is many formats in one. DALI's decoder (nvImageCodec: libtiff, OpenCV as its fallback)
+# reads 8-bit chunky greyscale / RGB TIFFs byte for byte as PIL does (checked on the CPU decoder,
+# DALI 2.4, with every compression PIL writes, tiled, multi-page: first page, BigTIFF). The rest
+# it fails on, which stops the whole pipeline (bilevel, signed 16-bit, 32-bit integer), or reads
+# otherwise than the torch loader (grey + alpha: wrong pixels; float: its own scaling; 16-bit:
+# not `decode_rgb`'s rule), or reads only after an error line per image (CMYK, planar). Such a
+# TIFF is decoded on the host by the torch loader's own `decode_rgb` and handed to DALI as binary
+# PPM: the same pixels under both loaders, the run never stopped. GPU ("mixed") decoder: DALI's
+# documentation says GPU decoding is for JPEG and JPEG 2000, other formats, TIFF included, being
+# decoded on the CPU by the same decoders, so the checks above hold; where an nvImageCodec build
+# decodes TIFF on the GPU (nvTIFF), the TIFFs passed to it are still lossless 8-bit data (JPEG-
+# compressed ones may differ by a level or two, as nvJPEG does). Not run on a GPU here.
+_DALI_TIFF_MODES = frozenset({"L", "RGB"})
+_DALI_TIFF_PHOTOMETRIC = frozenset({1, 2, 6})  # min-is-black, RGB, YCbCr (JPEG-compressed)
+# none, LZW, JPEG, deflate (both codes), PackBits: libtiff's built-in codecs
+_DALI_TIFF_COMPRESSION = frozenset({1, 5, 7, 8, 32946, 32773})
+
+
+def _dali_reads_tiff(img: Image.Image) -> bool:
+    """Whether DALI decodes this TIFF (header already parsed) to the pixels PIL decodes."""
+    tags = img.tag_v2
+    bits = tags.get(258, 1)  # BitsPerSample: one per sample
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return (img.mode in _DALI_TIFF_MODES and all(b == 8 for b in bits)
+            and tags.get(262) in _DALI_TIFF_PHOTOMETRIC
+            and tags.get(284, 1) == 1  # chunky, not planar
+            and tags.get(259, 1) in _DALI_TIFF_COMPRESSION)
+
+
+def _host_decoded_ppm(data: bytes) -> bytes:
+    """The image decoded as the torch loader decodes it, as binary PPM (DALI reads it as is)."""
+    from fastdino.data.datasets import _DECODE_ERRORS, decode_rgb
+
+    try:
+        rgb = decode_rgb(data)
+    except _DECODE_ERRORS as e:
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+    return b"P6\n%d %d\n255\n" % rgb.size + rgb.tobytes()
+
 
 class UnreadableImage(ValueError):
     pass
@@ -186,10 +225,12 @@ def _check_complete(data: bytes, fmt: str) -> None:
 def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
     """(the encoded bytes as uint8 [n], width, height) of an image that looks decodable by DALI;
     raises UnreadableImage otherwise (with the reason: not an image, a format DALI cannot decode,
-    truncated)."""
+    truncated). A TIFF that DALI would not decode as PIL does (`_dali_reads_tiff`) is decoded here
+    and its bytes are a PPM of the RGB image."""
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
             width, height, fmt = img.width, img.height, img.format
+            on_host = fmt == "TIFF" and not _dali_reads_tiff(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
     if width <= 0 or height <= 0:
@@ -198,5 +239,7 @@ def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
         raise UnreadableImage(
             f"{fmt} data, which DALI's decoder cannot read (it reads JPEG, PNG, BMP, TIFF, PNM, "
             "JPEG 2000 and WebP); the torch loader (data.loader=torch) would train on it")
+    if on_host:
+        return np.frombuffer(_host_decoded_ppm(data), dtype=np.uint8), width, height
     _check_complete(data, fmt)
     return np.frombuffer(data, dtype=np.uint8), width, height

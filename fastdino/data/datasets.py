@@ -24,6 +24,7 @@ from fastdino.data.sources import (
     Location,
     find_images,
     find_listed_images,
+    log_left_out,
     read_bytes,
     walk_folder,
 )
@@ -33,15 +34,16 @@ logger = logging.getLogger("fastdino.data")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def list_images(root: str | Path) -> list[str]:
+def list_images(root: str | Path, left_out: list[str] | None = None) -> list[str]:
     """Sorted image files under the folder `root` (recursive, symlinked folders followed; not the
-    members of tar shards: for labelled evaluation folders)."""
+    members of tar shards: for labelled evaluation folders). Files of other extensions: appended
+    to `left_out`, or said in one log line when it is None (`sources.walk_folder`)."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is not a folder")
-    return sorted(walk_folder(root)[0])
+    return sorted(walk_folder(root, left_out)[0])
 
 
 def read_file_list(file_list: str | Path) -> list[str]:
@@ -61,22 +63,40 @@ def read_file_list(file_list: str | Path) -> list[str]:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float greyscale (medical, satellite) -> 8-bit "L". PIL's own convert would clip
-    every value above 255 to white. Range: 16-bit modes 0..65535; "I"/"F" 0..255 if the data fits,
-    else 0..65535 if it fits, else 0..max of the image."""
-    arr = np.asarray(img, dtype=np.float64)
+    """16-bit, 32-bit and float greyscale (medical, satellite: 16-bit PNG / TIFF, float TIFF) ->
+    8-bit "L". PIL's own convert would clip every value above 255 to white. The range mapped to
+    0..255: 16-bit modes 0..65535 (their bit depth); "I" / "F", whose range the mode does not
+    say, from the data: 0..255 if the data fits, else for "I" 0..65535 if it fits (16-bit data
+    read as 32-bit), else 0..max; a float image within 0..1 (reflectance, normalised data) 0..1;
+    data with negative values (signed 16-bit CT in Hounsfield units, SAR in dB) min..max. NaN ->
+    the range's low end, +-inf -> its ends."""
+    arr = np.asarray(img).astype(np.float32)  # (float32: a large image stays affordable)
+    finite = np.isfinite(arr)
+    values = arr if finite.all() else arr[finite]
     if img.mode.startswith("I;16"):
-        hi = 65535.0
+        lo, hi = 0.0, 65535.0
+    elif values.size == 0:
+        lo, hi = 0.0, 1.0
     else:
-        top = float(np.nanmax(arr)) if arr.size else 0.0
-        hi = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
-    arr = np.nan_to_num(arr, nan=0.0)
-    return Image.fromarray(np.clip(arr * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8), "L")
+        lo, top = float(values.min()), float(values.max())
+        if lo < 0:
+            hi = top
+        else:
+            lo = 0.0
+            hi = (1.0 if img.mode == "F" and top <= 1 else 255.0 if top <= 255
+                  else 65535.0 if top <= 65535 and img.mode != "F" else top)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    return Image.fromarray(np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def decode_rgb(path: str | bytes) -> Image.Image:
     """Fully decode a file (`path`) or encoded bytes as an RGB PIL image (raises on unreadable or
-    corrupt data)."""
+    corrupt data). Every PIL mode: greyscale and palette expanded, alpha dropped, CMYK converted,
+    16-bit / 32-bit / float greyscale scaled to 8 bits (`_to_8bit`); a multi-page TIFF gives its
+    first page, an RGB TIFF with extra bands its RGB. What PIL cannot open (a TIFF of 4+ grey
+    bands, of float RGB, of an unknown compression) raises OSError: skipped and counted by the
+    dataset, as any unreadable file."""
     with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
         img.load()  # decode now, so truncated files fail here and not inside a transform
         if img.mode.startswith("I") or img.mode == "F":
@@ -172,8 +192,10 @@ class LabelledImageFolder:
         self.root = str(root)
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
         self.samples: list[tuple[str, int]] = []
+        left_out: list[str] = []  # said once for the whole folder, not once per class
         for label, cls in enumerate(self.classes):
-            self.samples.extend((p, label) for p in list_images(root / cls))
+            self.samples.extend((p, label) for p in list_images(root / cls, left_out))
+        log_left_out(self.root, left_out)
         if not self.samples:
             raise FileNotFoundError(
                 f"no labelled images found in {self.root!r}: expected <root>/<class>/<image> with "

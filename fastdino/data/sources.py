@@ -42,6 +42,7 @@ import re
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,13 @@ from fastdino.data.sample_data import cache_dir
 
 logger = logging.getLogger("fastdino.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# image formats a folder may hold that are not read here: a folder walk leaving them out says so
+# as a warning (other files, notes / labels / sidecars, only at info level)
+OTHER_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jp2", ".j2k", ".jpx", ".heic", ".heif", ".avif",
+                          ".jxl", ".ico", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".psd",
+                          ".dng", ".cr2", ".nef", ".arw", ".exr", ".hdr", ".dcm", ".dicom",
+                          ".nii", ".svg")
 SHARD_EXTENSION = ".tar"
 COMPRESSED_TAR_EXTENSIONS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz",
                              ".tar.zst", ".tar.lz4")
@@ -133,11 +140,14 @@ def index_shard(path: str) -> list[tuple[str, Member]]:
     return out
 
 
-def _index_cache_file(path: str) -> tuple[Path, list[int]]:
-    """The cache file of a shard and the key it must hold: [size, mtime_ns] of the shard."""
+def _index_cache_file(path: str) -> tuple[Path, list]:
+    """The cache file of a shard and the key it must hold: [size, mtime_ns] of the shard and the
+    image extensions indexed (a shard indexed before .tif was an image extension lists no .tif
+    member: that table is stale, not a cache hit)."""
     st = os.stat(path)
     digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()  # (any file name)
-    return cache_dir() / "tar_index" / f"{digest}.json", [st.st_size, st.st_mtime_ns]
+    return (cache_dir() / "tar_index" / f"{digest}.json",
+            [st.st_size, st.st_mtime_ns, list(IMAGE_EXTENSIONS)])
 
 
 def index_shard_cached(path: str) -> list[tuple[str, Member]]:
@@ -199,13 +209,32 @@ class _Progress:
                         self.total, self.images, now - self.t0)
 
 
-def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
+def log_left_out(where: str, files: list[str]) -> None:
+    """One line for the files a listing left out for their extension: a warning when some look
+    like images of a format not read here (.gif, .jp2, ...: probably meant as data), else info
+    (notes, labels, sidecars). Counted per extension; one example."""
+    if not files:
+        return
+    images = [f for f in files if f.lower().endswith(OTHER_IMAGE_EXTENSIONS)]
+    by_ext = Counter(os.path.splitext(f)[1].lower() or "(none)" for f in files).most_common()
+    kinds = ", ".join(f"{n} {ext}" for ext, n in by_ext[:6]) + (", ..." if len(by_ext) > 6 else "")
+    logger.log(logging.WARNING if images else logging.INFO,
+               "%s: left out %d file(s) whose extension is not an image type read here (%s), "
+               "e.g. %s; allowed: %s (case-insensitive)%s", where, len(files), kinds,
+               min(images or files), ", ".join(IMAGE_EXTENSIONS),
+               "; convert those images (e.g. to .png) to train on them" if images else "")
+
+
+def walk_folder(folder: str | Path, left_out: list[str] | None = None
+                ) -> tuple[list[str], list[str]]:
     """(image files, tar shards) under `folder`, recursively (symlinked folders followed), in
     walk order with sorted subfolders; compressed tars are left out with a warning. Each folder
     is walked once: a symlink to a folder already walked (a loop such as `sub/loop -> ..`, or a
     second link to the same folder) is not followed, with one warning naming the links skipped,
-    so no image is counted twice."""
-    images, shards, compressed = [], [], []
+    so no image is counted twice. Files of other extensions are appended to `left_out`, or, when
+    it is None, said here in one line (`log_left_out`): a caller walking many folders gathers
+    them and says them once."""
+    images, shards, compressed, others = [], [], [], []
     visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders walked
     repeats: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -234,6 +263,12 @@ def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
                 shards.append(os.path.join(dirpath, f))
             elif _is_compressed_tar(f):
                 compressed.append(os.path.join(dirpath, f))
+            else:
+                others.append(os.path.join(dirpath, f))
+    if left_out is None:
+        log_left_out(str(folder), others)
+    else:
+        left_out += others
     if compressed:
         logger.warning("%s: %d compressed tar file(s) left out (e.g. %s): shards must be "
                        "uncompressed .tar, whose members are read in place at an offset; "
@@ -247,10 +282,12 @@ def walk_folder(folder: str | Path) -> tuple[list[str], list[str]]:
     return images, shards
 
 
-def _classify(path: str, what: str) -> tuple[list[str], list[str]]:
-    """(image files, shards) named by one existing path; raises for anything else."""
+def _classify(path: str, what: str, left_out: list[str] | None = None
+              ) -> tuple[list[str], list[str]]:
+    """(image files, shards) named by one existing path; raises for anything else. A folder's
+    files of other extensions go to `left_out` (see walk_folder)."""
     if os.path.isdir(path):
-        return walk_folder(path)
+        return walk_folder(path, left_out)
     if is_image(path):
         return [path], []
     if is_shard(path) or _is_compressed_tar(path):
@@ -306,7 +343,7 @@ def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None =
     `ranks`: (rank, world) when every rank calls this together (shared first indexing).
     `absolute`: every piece of the pattern made absolute (after the brace expansion: `{a,/b}`
     is two paths), so the names are too."""
-    images, shards = [], []
+    images, shards, left_out = [], [], []
     for piece in expand_braces(str(spec)):
         piece = os.path.expanduser(piece)  # `~` of each alternative, as the shell does
         if absolute:
@@ -316,6 +353,8 @@ def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None =
             if not paths:
                 raise FileNotFoundError(f"{what} pattern {piece!r} matches no file or folder")
             # a pattern may also match other files (notes, labels): those are not sources
+            left_out += [m for m in paths if os.path.isfile(m) and not (
+                is_image(m) or is_shard(m) or _is_compressed_tar(m))]
             paths = [m for m in paths if os.path.isdir(m) or is_image(m) or is_shard(m)
                      or _is_compressed_tar(m)]
         elif not os.path.exists(piece):
@@ -323,9 +362,10 @@ def find_images(spec: str | Path, what: str = "data.root", ranks: Ranks | None =
         else:
             paths = [piece]
         for path in paths:
-            i, s = _classify(path, what)
+            i, s = _classify(path, what, left_out)
             images += i
             shards += s
+    log_left_out(f"{what} {str(spec)!r}", left_out)  # once for the whole spec
     return _index(images, shards, ranks)
 
 
