@@ -10,7 +10,8 @@ The CLI also reads ADE20K, Pascal VOC 2012 and Cityscapes as downloaded, and lis
 (dense_layouts.py). `reduce_zero_label` (ADE20K's protocol): id 0 is ignored, ids 1.. become 0..
 
 Head (official linear config): last-layer patch tokens after the backbone's final norm
-[B, D, h, w] -> BatchNorm2d -> Dropout2d(0.1) -> 1x1 conv -> C logits at patch resolution,
+[B, D, h, w] -> Dropout2d(0.1) -> BatchNorm2d -> 1x1 conv -> C logits at patch resolution (the
+official LinearHead's order: BN's running variance is that of the dropped-out features),
 bilinearly upsampled to the crop. Frozen backbone (bf16 autocast on CUDA), head in fp32.
 Training (the official transforms, dinov3/eval/segmentation/transforms.py): random scale jitter
 0.5-2 of "shorter side = crop", random crop x crop redrawn (up to 10 times) while one class
@@ -250,7 +251,8 @@ class SegTrainSet(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------ model
 class LinearSegHead(nn.Module):
-    """[B, D, h, w] patch features -> [B, C, h, w] logits (BN + dropout + 1x1 conv)."""
+    """[B, D, h, w] patch features -> [B, C, h, w] logits (dropout + BN + 1x1 conv, the order of
+    dinov3/eval/segmentation/models/heads/linear_head.py)."""
 
     def __init__(self, embed_dim: int, n_classes: int, dropout: float = 0.1):
         super().__init__()
@@ -261,7 +263,7 @@ class LinearSegHead(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.dropout(self.bn(feats)))
+        return self.conv(self.bn(self.dropout(feats)))
 
 
 def seg_logits(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +364,7 @@ def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | 
                            dense.pairs_digest(train), n_classes=n_classes, crop=crop,
                            iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
                            scale_range=list(scale_range), reduce_zero_label=reduce_zero_label,
-                           photometric=photometric)
+                           photometric=photometric, head="dropout-bn-conv")
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
                           scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,

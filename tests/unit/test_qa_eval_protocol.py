@@ -169,3 +169,16 @@ def test_seg_cli_takes_no_photometric():
     base = ["seg", "--weights", "random", "--data", "x"]
     assert build_parser().parse_args(base).photometric is True
     assert build_parser().parse_args([*base, "--no-photometric"]).photometric is False
+
+
+def test_seg_head_drops_out_before_its_batch_norm():
+    """The official LinearHead runs dropout -> BN -> conv: in training, BN's running variance
+    is that of the dropped-out features (a channel-constant input has variance 0 only if BN
+    comes first), the statistics it then normalises with at evaluation."""
+    from fastdino.eval.seg import LinearSegHead
+
+    torch.manual_seed(0)
+    head = LinearSegHead(16, 3).train()
+    head(torch.ones(8, 16, 4, 4))
+    # running_var = 0.9 * 1 + 0.1 * batch variance: above 0.9 once dropout zeroes channels
+    assert bool((head.bn.running_var > 0.9).any()), head.bn.running_var
