@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("linear", help="linear probes (one per lr) on CLS + mean patch",
                        formatter_class=fmt)
     _add_common(p)
-    p.add_argument("--lrs", type=float, nargs="+", default=None,
+    p.add_argument("--lrs", type=positive_float, nargs="+", default=None,
                    help="base lrs (x batch/256); default the official 13, 1e-5 .. 0.1")
     p.add_argument("--iterations", type=positive_int, default=12500,
                    help="training steps of the probes (official: 10 x 1250)")
@@ -338,6 +338,23 @@ def _listed(listed: dict | None, fn, *fn_args):
     return listed[key]
 
 
+def check_data_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flags when knn / linear get neither --data nor both --train-data
+    and --val-data, both forms, or --split-file without --data (it would be ignored)."""
+    sources = (args.train_data, args.val_data)
+    if args.data is not None and sources != (None, None):
+        raise ValueError("--data and --train-data / --val-data are exclusive: give either "
+                         "--data, or both --train-data and --val-data")
+    if args.data is None and None in sources:
+        given = [f for f, v in (("--train-data", args.train_data),
+                                ("--val-data", args.val_data)) if v is not None]
+        raise ValueError(f"{' and '.join(given) or 'no data flag'} given: give either --data, "
+                         "or both --train-data and --val-data")
+    if args.split_file is not None and args.data is None:
+        raise ValueError("--split-file lists the images of --data: it does not apply to "
+                         "--train-data / --val-data")
+
+
 def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
     """One evaluation; `listed`: the dataset listings of a sweep's earlier weights (_listed)."""
     from fastdino.eval.weights import load_eval_backbone
@@ -345,6 +362,8 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
     if args.cmd == "knn":  # a bad --k / --temperature before the backbone and the features
         from fastdino.eval.knn_protocol import check_knn_args
         check_knn_args(args.k, args.temperature)
+    if args.cmd in ("knn", "linear"):  # the data flags too: one line, exit 2, nothing loaded
+        check_data_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, info = load_eval_backbone(args.weights, args.arch, args.config, device, args.seed)
     result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,
@@ -355,11 +374,6 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         from fastdino.eval.features import BackboneExtractor
         from fastdino.eval.knn_protocol import labelled_splits
 
-        sources = (args.train_data, args.val_data)
-        folder_form = args.data is not None and sources == (None, None)
-        sources_form = args.data is None and None not in sources
-        if not (folder_form or sources_form):
-            raise SystemExit("give either --data, or both --train-data and --val-data")
         if args.data == "digits":
             from fastdino.data.sample_data import digits_labelled_dir
             args.data = str(digits_labelled_dir())

@@ -98,6 +98,10 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
                         momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
                         classes: Sequence[str] | None = None) -> dict:
     """Train one linear head per lr on (x_train [N, F], y_train [N]); evaluate all on val."""
+    bad = [lr for lr in lrs if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0)]
+    if bad or not lrs:  # lr 0 never moves the head, lr < 0 ascends the loss
+        raise ValueError(f"--lrs {bad or list(lrs)} is invalid: allowed are numbers > 0 (base "
+                         "learning rates, scaled by batch/256)")
     device = torch.device(device)
     x_train, y_train = x_train.float().to(device), y_train.long().to(device)
     x_val, y_val = x_val.float().to(device), y_val.long().to(device)

@@ -182,3 +182,43 @@ def test_seg_head_drops_out_before_its_batch_norm():
     head(torch.ones(8, 16, 4, 4))
     # running_var = 0.9 * 1 + 0.1 * batch variance: above 0.9 once dropout zeroes channels
     assert bool((head.bn.running_var > 0.9).any()), head.bn.running_var
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train-data", "t"], "--train-data given: give either --data, or both"),
+    (["--val-data", "v"], "--val-data given: give either --data, or both"),
+    ([], "no data flag given"),
+    (["--data", "d", "--train-data", "t", "--val-data", "v"], "are exclusive"),
+    (["--train-data", "t", "--val-data", "v", "--split-file", "s"],
+     "--split-file lists the images of --data"),
+])
+def test_knn_and_linear_data_flags_are_one_line_errors(flags, message, capsys, monkeypatch):
+    """A wrong combination of data flags is one line naming them and exit status 2 (as every
+    other bad input), before any backbone is loaded; --split-file with --train-data was
+    silently ignored."""
+    import fastdino.eval.weights as weights
+    from fastdino.eval.cli import main
+
+    def no_backbone(*a, **k):
+        raise AssertionError("the backbone is loaded before the flags are checked")
+
+    monkeypatch.setattr(weights, "load_eval_backbone", no_backbone)
+    for cmd in ("knn", "linear"):
+        assert main([cmd, "--weights", "random", "--arch", "vit_test", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastdino eval {cmd}: error: ") and message in err, err
+        assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("lr", ["0", "-0.1", "nan"])
+def test_linear_lrs_must_be_positive(lr, capsys):
+    """--lrs 0 trains nothing and a negative lr ascends the loss: refused by argparse (exit 2,
+    one line), and by train_linear_probes for library callers."""
+    from fastdino.eval.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["linear", "--weights", "random", "--data", "digits", "--lrs", "0.1", lr])
+    assert e.value.code == 2 and "--lrs" in capsys.readouterr().err
+    x, y = torch.randn(6, 4), torch.arange(6) % 2
+    with pytest.raises(ValueError, match="--lrs .* allowed are numbers > 0"):
+        train_linear_probes(x, y, x, y, 2, lrs=(0.1, float(lr)), iterations=2)
