@@ -24,7 +24,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fastdino.config import CropsConfig
 from fastdino.data.transforms import (
@@ -170,6 +170,16 @@ def _dali_reads_tiff(img: Image.Image) -> bool:
             and tags.get(259, 1) in _DALI_TIFF_COMPRESSION)
 
 
+def _tiff_data_end(img: Image.Image) -> int:
+    """Where the first page's last strip or tile ends (0 if the header does not say)."""
+    tags = img.tag_v2
+    offsets = tags.get(273, tags.get(324, ()))  # StripOffsets, else TileOffsets
+    counts = tags.get(279, tags.get(325, ()))  # StripByteCounts / TileByteCounts
+    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+    counts = counts if isinstance(counts, tuple) else (counts,)
+    return max((o + c for o, c in zip(offsets, counts, strict=False)), default=0)
+
+
 def _host_decoded_ppm(data: bytes) -> bytes:
     """The image decoded as the torch loader decodes it, as binary PPM (DALI reads it as is)."""
     from fastdino.data.datasets import _DECODE_ERRORS, decode_rgb
@@ -231,8 +241,12 @@ def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
             width, height, fmt = img.width, img.height, img.format
             on_host = fmt == "TIFF" and not _dali_reads_tiff(img)
+            tiff_end = _tiff_data_end(img) if fmt == "TIFF" else 0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+        from fastdino.data.datasets import UNREADABLE_TIFF, is_tiff
+
+        raise UnreadableImage(UNREADABLE_TIFF if isinstance(e, UnidentifiedImageError)
+                              and is_tiff(data) else f"{type(e).__name__}: {e}") from e
     if width <= 0 or height <= 0:
         raise UnreadableImage(f"empty image {width}x{height}")
     if fmt not in DALI_FORMATS:
@@ -241,5 +255,7 @@ def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
             "JPEG 2000 and WebP); the torch loader (data.loader=torch) would train on it")
     if on_host:
         return np.frombuffer(_host_decoded_ppm(data), dtype=np.uint8), width, height
+    if tiff_end > len(data):
+        raise UnreadableImage("TIFF is shorter than its strips / tiles say (truncated)")
     _check_complete(data, fmt)
     return np.frombuffer(data, dtype=np.uint8), width, height

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import (
@@ -90,18 +90,42 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8), "L")
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both orders
+UNREADABLE_TIFF = ("a TIFF that PIL cannot read (more bands than RGB + alpha, as multispectral "
+                   "data; float or 64-bit RGB; an unknown compression): save it as 8- or 16-bit "
+                   "greyscale or RGB (TIFF or PNG) to train on it")
+
+
+def is_tiff(path: str | bytes) -> bool:
+    """Whether a file (`path`) or encoded bytes start as a TIFF does."""
+    if isinstance(path, bytes):
+        return path[:4] in _TIFF_MAGIC
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
 def decode_rgb(path: str | bytes) -> Image.Image:
     """Fully decode a file (`path`) or encoded bytes as an RGB PIL image (raises on unreadable or
     corrupt data). Every PIL mode: greyscale and palette expanded, alpha dropped, CMYK converted,
     16-bit / 32-bit / float greyscale scaled to 8 bits (`_to_8bit`); a multi-page TIFF gives its
     first page, an RGB TIFF with extra bands its RGB. What PIL cannot open (a TIFF of 4+ grey
     bands, of float RGB, of an unknown compression) raises OSError: skipped and counted by the
-    dataset, as any unreadable file."""
-    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
-        img.load()  # decode now, so truncated files fail here and not inside a transform
-        if img.mode.startswith("I") or img.mode == "F":
-            return _to_8bit(img).convert("RGB")
-        return img.convert("RGB")
+    dataset, as any unreadable file, saying why (`UNREADABLE_TIFF`)."""
+    try:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
+            img.load()  # decode now, so truncated files fail here and not inside a transform
+            if img.mode.startswith("I") or img.mode == "F":
+                return _to_8bit(img).convert("RGB")
+            return img.convert("RGB")
+    except UnidentifiedImageError as e:
+        if not is_tiff(path):
+            raise
+        # PIL's own message names a BytesIO or the path only: say what such a TIFF is
+        name = "" if isinstance(path, bytes) else f"{path}: "
+        raise UnidentifiedImageError(f"{name}{UNREADABLE_TIFF}") from e
 
 
 def decode_location(location: Location) -> Image.Image:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fastdino.config import load_config
+from fastdino.data import dali_plan as P
 from fastdino.data import sources
 from fastdino.data.datasets import ImageFolderUnlabeled, LabelledImageFolder, decode_rgb
 from fastdino.data.labelled import labelled_images
@@ -160,8 +161,15 @@ def test_tiffs_pil_cannot_read_are_skipped_and_counted(tmp_path):
            "f_truncated.tif": good[:len(good) // 2]}
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises((OSError, ValueError, SyntaxError)):
+        # what such a TIFF is, said (PIL: "cannot identify image file <_io.BytesIO ...>")
+        why = "image file is truncated" if "truncated" in name else "TIFF that PIL cannot read"
+        with pytest.raises(OSError, match=why):
             decode_rgb(data)
+        with pytest.raises(OSError, match=f"{tmp_path / name}: .*{why}" if "truncated" not in
+                           name else why):
+            decode_rgb(str(tmp_path / name))
+        with pytest.raises(P.UnreadableImage, match=why if "truncated" not in name else "short"):
+            P.probe_image(data)  # the DALI loader's probe says it too
     loader = build_train_loader(_cfg(tmp_path, batch=3))
     for _ in range(4):  # 12 draws from 6 files: every file is met
         b = next(loader)
@@ -259,8 +267,6 @@ def test_dali_cpu_decoder_gives_every_tiff_the_torch_loaders_pixels():
     recovery found that PIL reads it and stopped the run), grey + alpha came out wrong, 16-bit and
     float by DALI's own scaling."""
     from nvidia.dali import fn, pipeline_def, types
-
-    from fastdino.data import dali_plan as P
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def decode():
