@@ -12,8 +12,10 @@ each rounded to bf16), and so are the coordinates, the rescale draw, the angles 
 dtype is the module's, not the buffer's (a wrapper casting buffers, DeepSpeed bf16, must not
 change it; an fp32 module then uses its bf16-rounded periods in fp32 math, as the hub does with
 the released files' periods). bf16 is the official trainer's (its build_model never passes the
-config key, so DinoVisionTransformer's default bf16 applies to every official run); fp32 is
-the official hub's inference setting (released backbones, dinov3/hub/backbones.py).
+config key, so DinoVisionTransformer's default bf16 applies to every official run; its FSDP2
+blocks would cast fp32 tables to bf16 anyway: MixedPrecisionPolicy casts every float input of a
+block to param_dtype bf16); fp32 is the official hub's inference setting (released backbones,
+dinov3/hub/backbones.py).
 The tables are handed out in fp32 (bf16 ones upcast, exactly) and the caller rotates q, k in
 fp32 and casts back once: the official training compiles its blocks, and inductor computes the
 bf16 rotation chain in fp32 with one rounding at the end (its eager bf16 path rounds each op).
