@@ -25,6 +25,8 @@ student (backbone, dino_head, ibot_head) ourselves, between backward and step:
   place (ZeRO-1/2) or through `safe_set_local_grad` (ZeRO-3).
 The norms returned (and logged as `<module>_grad_norm`) are the pre-clip norms, as the official
 `clip_grad_norm_` return value. ZeRO stage 0 (fp32) keeps replicated full `.grad`s: no reduction.
+DeepSpeed's own per-step overflow check and global norm, which would repeat this work, are
+switched off where DeepSpeed allows it (`with_step_defaults`).
 
 Gradient accumulation (gas micro-batches per optimizer step). DeepSpeed: `engine.backward`
 divides the loss by gas (`scale_wrt_gas=True`, its default); the boundary is set explicitly
