@@ -60,6 +60,22 @@ results: JSON lines appended to <out>/<gpu-slug>-<date>.jsonl (schema in bench/r
 # targets that are scripts of their own (their own --help), not kernel-case sweeps
 SCRIPTS = {"step": "bench.bench_step", "compile-report": "bench.compile_report",
            "data": "bench.bench_data", "profile": "bench.profile_op", "floors": "bench.floors"}
+# the targets that run without triton (kernels.impl=torch without a GPU; the data loaders):
+# every other one times, checks or compiles the Triton kernels
+NO_TRITON = ("step", "data")
+
+
+def triton_missing(target: str) -> str | None:
+    """The one-line error for a target that needs triton where it is not installed (CPU-only,
+    macOS and Windows torch wheels ship none), else None."""
+    if target in NO_TRITON:
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return (f"error: python -m bench {target} needs triton, which is not installed (the Linux "
+                f"CUDA torch wheels ship it): without it only {' and '.join(NO_TRITON)} run")
+    return None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -93,11 +109,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SCRIPTS:
+        # their --help needs no triton, except floors' (it imports triton at the top)
+        if not {"-h", "--help"} & set(argv[1:]) or argv[0] == "floors":
+            if problem := triton_missing(argv[0]):
+                print(problem, file=sys.stderr)
+                return 2
         ensure_importable()
         import importlib
 
         return importlib.import_module(SCRIPTS[argv[0]]).main(argv[1:])
     args = parse_args(argv)
+    if problem := triton_missing(args.target):
+        print(problem, file=sys.stderr)
+        return 2
 
     import torch
 

@@ -9,8 +9,7 @@ GPU, `INTERPRETED` is a False constexpr and the branch is not emitted, so the GP
 cast. Kernels cast every fp32 result they store in the caller's dtype through it.
 """
 
-import triton
-import triton.language as tl
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import is_interpreter
 
 # a global constexpr: triton folds it at compile time (and keys its cache on it)

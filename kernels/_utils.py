@@ -17,7 +17,10 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """triton imports (cached: without it, a failed import searches sys.path on every call,
+    and `kernels.impl=auto` asks once per op call on CUDA)."""
     try:
         import triton  # noqa: F401
     except ImportError:

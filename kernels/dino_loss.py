@@ -120,9 +120,8 @@ def dino_soft_ce_sum_ref(student_logits: torch.Tensor, teacher_probs: torch.Tens
 
 import dataclasses  # noqa: E402
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from fastdino.kernels._rounding import to_stored  # noqa: E402
+from fastdino.kernels._triton import tl, triton  # noqa: E402
 from fastdino.kernels._utils import (  # noqa: E402
     CompileSpec,
     cdiv,

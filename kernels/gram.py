@@ -108,9 +108,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from fastdino.kernels._rounding import rne_bf16
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import (
     CompileSpec,
     _cuda_arch_family,

@@ -33,8 +33,7 @@ op -> `KMeansAssignFn` -> `kmeans_assign`.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -159,9 +159,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from fastdino.kernels._rounding import to_stored
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 

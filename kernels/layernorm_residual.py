@@ -36,9 +36,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 from fastdino.kernels._rounding import to_stored
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 MAX_D = 4096  # the widest shipped model (7B); wider rows are not compile-checked

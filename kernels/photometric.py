@@ -55,8 +55,7 @@ a data op, run in the data loader outside any compiled graph, with no gradient.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import CompileSpec, is_interpreter
 
 # ---- the per-crop parameters: float32 [N, N_PARAMS], one row per crop

@@ -34,9 +34,8 @@ ViT-S..7B shapes, so eager timings with a backward (bench "bwd", "fwd+bwd") are 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from fastdino.kernels._rounding import to_stored
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import (
     CompileSpec,
     arch_family,

@@ -260,8 +260,7 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from fastdino.kernels._triton import tl, triton  # noqa: E402
 from fastdino.kernels._utils import CompileSpec, cdiv, is_interpreter, next_pow2  # noqa: E402
 
 _M0 = -1.0e30  # initial running max (the kernels spell it out): finite, below any t/τ

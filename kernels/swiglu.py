@@ -25,9 +25,8 @@ pointwise chain, so the kernel has to beat that, not eager.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from fastdino.kernels._rounding import to_stored
+from fastdino.kernels._triton import tl, triton
 from fastdino.kernels._utils import CompileSpec, cdiv, eager_or_op, is_interpreter, next_pow2
 
 _DTYPES = (torch.float32, torch.bfloat16)

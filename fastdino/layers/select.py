@@ -12,7 +12,7 @@ import logging
 import torch
 
 from fastdino.config import ConfigError
-from fastdino.kernels._utils import can_run_triton
+from fastdino.kernels._utils import can_run_triton, triton_available
 
 logger = logging.getLogger("fastdino")
 _logged: set[tuple[str, str]] = set()
@@ -25,9 +25,18 @@ def check_kernels_impl(impl: str, device: torch.device) -> None:
     triton package, or a CPU device without TRITON_INTERPRET=1) is a one-line ConfigError."""
     if impl == "triton" and not can_run_triton(torch.empty(0, device=device)):
         raise ConfigError(
-            f"config key 'kernels.impl' = 'triton' is invalid here: Triton cannot run on the "
-            f"{torch.device(device).type} device (needs CUDA and the triton package, or "
-            "TRITON_INTERPRET=1 set before start on CPU): allowed here is auto | torch")
+            f"config key 'kernels.impl' = 'triton' is invalid here: {_why_not(device)}: "
+            "allowed here is auto | torch")
+
+
+def _why_not(device: torch.device | str) -> str:
+    """Why Triton cannot run on `device`: triton is absent (CPU-only torch wheels, macOS and
+    Windows have none), or the device is neither CUDA nor the CPU under the interpreter."""
+    if not triton_available():
+        return ("triton is not installed (CPU-only, macOS and Windows torch wheels do not ship "
+                "it; `pip install triton` on Linux with CUDA)")
+    return (f"Triton cannot run on the {torch.device(device).type} device (needs CUDA, or "
+            "TRITON_INTERPRET=1 set before start on CPU)")
 
 
 def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
@@ -41,9 +50,8 @@ def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
     elif impl == "triton":
         if not can_run_triton(x):
             raise ConfigError(
-                f"kernels.impl=triton but op '{op}' got a {x.device.type} tensor and Triton cannot "
-                "run there (needs CUDA, or TRITON_INTERPRET=1 set before import on CPU)"
-            )
+                f"kernels.impl=triton but op '{op}' got a {x.device.type} tensor: "
+                f"{_why_not(x.device)}")
         choice = True
     else:
         choice = x.is_cuda and can_run_triton(x)
