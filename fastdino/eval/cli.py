@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature rows per training step of the probes; the lrs scale with it "
                         "(x batch/256). Default: the official global batch, 128 per GPU x the 8 "
                         "GPUs of its launcher (12,500 steps = 10 passes over ImageNet-1k)")
+    p.add_argument("--augment", action="store_true",
+                   help="train the heads on fresh random-resized-crop + flip views of the "
+                        "training images in every pass, as the official probe (one feature "
+                        "extraction per pass instead of one cached centre crop)")
 
     p = sub.add_parser("seg", help="dense linear probe (BN + 1x1 conv), mIoU",
                        formatter_class=fmt)
@@ -338,6 +342,19 @@ def _listed(listed: dict | None, fn, *fn_args):
     return listed[key]
 
 
+class UsageExit(SystemExit):
+    """A usage error as argparse's: the one line on stderr, exit status 2; str() is the line
+    (a SystemExit carrying its message, as callers of main() catch it)."""
+
+    def __init__(self, message: str):
+        print(message, file=sys.stderr)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def check_data_args(args: argparse.Namespace) -> None:
     """ValueError naming the flags when knn / linear get neither --data nor both --train-data
     and --val-data, both forms, or --split-file without --data (it would be ignored)."""
@@ -363,7 +380,10 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         from fastdino.eval.knn_protocol import check_knn_args
         check_knn_args(args.k, args.temperature)
     if args.cmd in ("knn", "linear"):  # the data flags too: one line, exit 2, nothing loaded
-        check_data_args(args)
+        try:
+            check_data_args(args)
+        except ValueError as e:
+            raise UsageExit(f"fastdino eval {args.cmd}: error: {e}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, info = load_eval_backbone(args.weights, args.arch, args.config, device, args.seed)
     result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,
@@ -411,10 +431,13 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
                                                           cache, key))
             y = {name: torch.tensor([lab for _, lab in s]) for name, s in
                  (("train", train), ("val", val))}
+            train_paths = [p for p, _ in train]
+            views = (None if not args.augment else  # one extraction per pass, not cached
+                     lambda q: linear_features(extractor.views(train_paths, args.seed, q)))
             res = train_linear_probes(x["train"], y["train"], x["val"], y["val"], len(classes),
                                       lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,
                                       batch_size=args.probe_batch_size, seed=args.seed,
-                                      device=device, classes=classes)
+                                      device=device, classes=classes, train_views=views)
             result.update(res)
             rows = [(f"lr {lr:g}", f"top1 {100 * a:6.2f}") for lr, a in res["per_lr"].items()]
             rows.append(("best", f"lr {res['best']['lr']:g}: top1 "
@@ -423,8 +446,9 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
             rows += [(f"confused {c['true']} -> {c['pred']}",
                       f"{c['count']} ({100 * c['frac_of_true']:.1f}% of {c['true']})")
                      for c in res["confused"]]
-            _print_table(f"linear probe on {args.data}: {len(train)} train, {len(val)} val",
-                         rows)
+            views = "random-resized-crop + flip views" if args.augment else "centre crops"
+            _print_table(f"linear probe on {args.data}: {len(train)} train ({views}), "
+                         f"{len(val)} val", rows)
     elif args.cmd == "seg":
         from fastdino.eval.dense_layouts import seg_data
         from fastdino.eval.seg import seg_eval

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,16 +61,57 @@ def to_normalized_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+def random_resized_crop(img: Image.Image, size: int, gen: torch.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop (the official linear probe's training view): a box of
+    U(scale) of the area and log-uniform aspect ratio (10 tries, else the centre box of the
+    closest allowed ratio), resized to size x size, bicubic."""
+    W, H = img.size
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    for _ in range(10):
+        area = W * H * uniform(*scale)
+        aspect = math.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, (), generator=gen))
+            left = int(torch.randint(0, W - w + 1, (), generator=gen))
+            break
+    else:
+        if W / H < min(ratio):
+            w, h = W, round(W / min(ratio))
+        elif W / H > max(ratio):
+            w, h = round(H * max(ratio)), H
+        else:
+            w, h = W, H
+        top, left = (H - h) // 2, (W - w) // 2
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+
+
 class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[str], image_size: int):
-        self.paths, self.image_size = list(paths), image_size
+    """The eval transform of each image; with `view` = (seed, pass) the official linear
+    training view instead (random resized crop + horizontal flip 1/2), drawn from a generator
+    seeded by (seed, pass, index): the same views in every worker layout and on a rerun."""
+
+    def __init__(self, paths: Sequence[str], image_size: int,
+                 view: tuple[int, int] | None = None):
+        self.paths, self.image_size, self.view = list(paths), image_size, view
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         img = decode_location(locate(self.paths[i]))  # a file, or a `<shard>/<member>` name
-        return to_normalized_tensor(resize_center_crop(img, self.image_size))
+        if self.view is None:
+            return to_normalized_tensor(resize_center_crop(img, self.image_size))
+        seed, pass_ = self.view
+        gen = torch.Generator().manual_seed(hash((seed, pass_, i)) & (2**63 - 1))
+        img = random_resized_crop(img.convert("RGB"), self.image_size, gen)
+        if float(torch.rand((), generator=gen)) < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img)
 
 
 def autocast_for(device: torch.device):
@@ -89,18 +131,28 @@ class BackboneExtractor:
         self.backbone, self.image_size = backbone, image_size
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
 
-    @torch.no_grad()
     def __call__(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._features(_EvalImages(paths, self.image_size),
+                              f"features {self.image_size}px")
+
+    def views(self, paths: Sequence[str], seed: int, pass_: int) -> dict[str, torch.Tensor]:
+        """The features of one random-resized-crop + flip view of each image (`_EvalImages`),
+        the views of training pass `pass_` of the linear probe (`--augment`)."""
+        return self._features(_EvalImages(paths, self.image_size, view=(seed, pass_)),
+                              f"train views, pass {pass_}")
+
+    @torch.no_grad()
+    def _features(self, dataset: torch.utils.data.Dataset, desc: str
+                  ) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
         self.backbone.eval()
         device = next(self.backbone.parameters()).device
         loader = torch.utils.data.DataLoader(
-            _EvalImages(paths, self.image_size), batch_size=self.batch_size,
+            dataset, batch_size=self.batch_size,
             num_workers=self.num_workers, pin_memory=device.type == "cuda")
         cls, patch_mean = [], []
-        bar = tqdm(loader, desc=f"features {self.image_size}px", unit="batch",
-                   disable=None if self.progress else True)
+        bar = tqdm(loader, desc=desc, unit="batch", disable=None if self.progress else True)
         for x in bar:
             with autocast_for(device):
                 out = self.backbone.forward_features(x.to(device, non_blocking=True))

@@ -15,17 +15,19 @@ batches cut from reshuffled passes back to back (`stream_batches`), capped at `m
 taken, `iterations_requested` the ones asked for). Gradients are written out (softmax - one-hot), no
 autograd: a step is 2 einsums. Init N(0, 0.01), bias 0 (official).
 
-Not done here (the cached features are fixed): the official random-resized-crop + flip training
-augmentation. On a small set this makes the probe somewhat optimistic on train, not on val. The
-best lr is chosen on val and the same val top-1 is reported (no separate test split), as the
-official probe does when it is given one eval set.
+Training views: by default the heads train on the cached features of the centre crop (one
+feature extraction); with `train_views` (`fastdino eval linear --augment`) on the official
+random-resized-crop + flip views instead, fresh in every pass over the train set (one feature
+extraction per pass: each row is visited once per pass, so this is the official protocol's
+distribution of views). The best lr is chosen on val and the same val top-1 is reported (no
+separate test split), as the official probe does when it is given one eval set.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,21 +75,26 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        + bias[:, None]).argmax(-1) for i in range(0, x.shape[0], chunk)], dim=1)
 
 
-def stream_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+def stream_batches(n: int, batch_size: int, steps: int, gen: torch.Generator,
+                   with_pass: bool = False):
     """`steps` index batches [batch_size] of the official training stream (dinov3 linear.py:
     an infinite sampler, drop_last): reshuffled passes over the n rows, back to back, cut into
     full batches; a batch may straddle two passes, and holds a row more than once when
     n < batch_size. Every step thus sees batch_size rows, as the lr scaling (x batch / 256)
-    and the passes counted by `max_epochs` assume (never a short last batch of a pass)."""
+    and the passes counted by `max_epochs` assume (never a short last batch of a pass).
+    `with_pass`: (indices, pass number of each) pairs instead."""
     pending: list[torch.Tensor] = []
-    have = 0
+    pass_of: list[torch.Tensor] = []
+    have = passes = 0
     for _ in range(steps):
         while have < batch_size:
             pending.append(torch.randperm(n, generator=gen))
-            have += n
-        stream = torch.cat(pending)
-        yield stream[:batch_size]
-        pending, have = [stream[batch_size:]], have - batch_size
+            pass_of.append(torch.full((n,), passes, dtype=torch.long))
+            have, passes = have + n, passes + 1
+        stream, stream_pass = torch.cat(pending), torch.cat(pass_of)
+        yield (stream[:batch_size], stream_pass[:batch_size]) if with_pass else stream[:batch_size]
+        pending, pass_of = [stream[batch_size:]], [stream_pass[batch_size:]]
+        have -= batch_size
 
 
 @torch.no_grad()
@@ -96,8 +103,12 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
                         lrs: Sequence[float] = OFFICIAL_LRS, iterations: int = 12500,
                         max_epochs: float | None = 100, batch_size: int = 1024,
                         momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
-                        classes: Sequence[str] | None = None) -> dict:
-    """Train one linear head per lr on (x_train [N, F], y_train [N]); evaluate all on val."""
+                        classes: Sequence[str] | None = None,
+                        train_views: Callable[[int], torch.Tensor] | None = None) -> dict:
+    """Train one linear head per lr on (x_train [N, F], y_train [N]); evaluate all on val.
+    `train_views(p)`: the [N, F] features of the rows in training pass p (0, 1, ...; asked for
+    once each, in order), e.g. of fresh random-resized-crop + flip views as the official probe
+    trains on; None: x_train in every pass. x_train gives the reported train top-1."""
     bad = [lr for lr in lrs if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0)]
     if bad or not lrs:  # lr 0 never moves the head, lr < 0 ascends the loss
         raise ValueError(f"--lrs {bad or list(lrs)} is invalid: allowed are numbers > 0 (base "
@@ -119,9 +130,23 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
         logger.info("linear probe: --iterations %d capped at %d (%g passes over the %d training "
                     "images at batch %d; a small set needs no more)", iterations, total,
                     max_epochs, n, batch_size)
-    for step, idx in enumerate(stream_batches(n, batch_size, total, gen)):
+    views: dict[int, torch.Tensor] = {}  # pass -> its features (at most the two a batch spans)
+    for step, (idx, pass_of) in enumerate(stream_batches(n, batch_size, total, gen, True)):
         idx = idx.to(device)
-        xb, yb = x_train[idx], y_train[idx]  # [B, F], [B]
+        yb = y_train[idx]  # [B]
+        if train_views is None:
+            xb = x_train[idx]  # [B, F]
+        else:
+            for p in pass_of.unique().tolist():
+                if p not in views:
+                    views[p] = train_views(p).float().to(device)
+            for p in [p for p in views if p < int(pass_of.min())]:
+                del views[p]  # a finished pass
+            pass_of = pass_of.to(device)
+            xb = torch.empty(len(idx), f, device=device)
+            for p, feats in views.items():
+                here = pass_of == p
+                xb[here] = feats[idx[here]]
         logits = torch.einsum("bf,lfc->lbc", xb, weight) + bias[:, None]  # [L, B, C]
         # d(mean CE)/d logits = (softmax - onehot) / B, for each head independently
         g = torch.softmax(logits, dim=-1)
@@ -150,4 +175,5 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
         "iterations": total, "iterations_requested": iterations,
         "epochs": total * batch_size / n, "batch_size": batch_size,
         "n_train": n, "n_val": int(x_val.shape[0]), "feature_dim": f,
+        "augment": train_views is not None,
     }

@@ -20,26 +20,13 @@ def test_training_knn_probe_sees_what_eval_knn_sees(tmp_path):
     from fastdino.eval.features import BackboneExtractor
     from fastdino.eval.knn import extract_features
 
-    class Pixels(torch.nn.Module):
-        """CLS = the input pixels themselves: any change of the transform changes it (a random
-        init ViT's CLS barely depends on its input)."""
-
-        patch_size = 16
-
-        def __init__(self):
-            super().__init__()
-            self.unused = torch.nn.Parameter(torch.zeros(1))  # the extractors' device
-
-        def forward_features(self, x):
-            return {"x_norm_clstoken": x.flatten(1), "x_norm_patchtokens": x.flatten(2).mT}
-
     rng = np.random.default_rng(0)
     samples = []
     for i, (w, h) in enumerate([(64, 32), (30, 70), (48, 48)]):
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         samples.append((str(path), i))
-    backbone = Pixels()
+    backbone = _Pixels()  # (a random init ViT's CLS barely depends on its input)
     probe_f, probe_y = extract_features(backbone, samples, image_size=32)
     cls = BackboneExtractor(backbone, 32, progress=False)([p for p, _ in samples])["cls"]
     torch.testing.assert_close(probe_f, torch.nn.functional.normalize(cls, dim=-1))
@@ -204,7 +191,9 @@ def test_knn_and_linear_data_flags_are_one_line_errors(flags, message, capsys, m
 
     monkeypatch.setattr(weights, "load_eval_backbone", no_backbone)
     for cmd in ("knn", "linear"):
-        assert main([cmd, "--weights", "random", "--arch", "vit_test", *flags]) == 2
+        with pytest.raises(SystemExit) as e:  # as argparse's usage errors
+            main([cmd, "--weights", "random", "--arch", "vit_test", *flags])
+        assert e.value.code == 2 and message in str(e.value)
         err = capsys.readouterr().err
         assert err.startswith(f"fastdino eval {cmd}: error: ") and message in err, err
         assert err.count("\n") == 1
@@ -222,3 +211,101 @@ def test_linear_lrs_must_be_positive(lr, capsys):
     x, y = torch.randn(6, 4), torch.arange(6) % 2
     with pytest.raises(ValueError, match="--lrs .* allowed are numbers > 0"):
         train_linear_probes(x, y, x, y, 2, lrs=(0.1, float(lr)), iterations=2)
+
+
+class _Pixels(torch.nn.Module):
+    """A stub backbone whose CLS is the input pixels: any change of the view changes it."""
+
+    patch_size = 16
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the extractors' device
+
+    def forward_features(self, x):
+        return {"x_norm_clstoken": x.flatten(1), "x_norm_patchtokens": x.flatten(2).mT}
+
+
+def test_random_resized_crop_is_torchvisions():
+    """RandomResizedCrop's parameters: a box of U(0.08, 1) of the area, log-uniform aspect in
+    [3/4, 4/3]; the whole image when the box must be all of it; the centre box of the closest
+    allowed ratio when no draw fits (a very wide image at full area)."""
+    from fastdino.eval.features import random_resized_crop
+
+    rng = np.random.default_rng(0)
+    square = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    gen = torch.Generator().manual_seed(0)
+    whole = random_resized_crop(square, 16, gen, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert np.array_equal(np.asarray(whole),
+                          np.asarray(square.resize((16, 16), Image.Resampling.BICUBIC)))
+    wide = Image.fromarray(rng.integers(0, 256, (10, 60, 3), dtype=np.uint8))
+    centre = random_resized_crop(wide, 8, gen, scale=(1.0, 1.0))  # no 3/4..4/3 box of all of it
+    box = (23, 0, 36, 10)  # 10 high, round(10 * 4/3) = 13 wide, left (60 - 13) // 2
+    assert np.array_equal(np.asarray(centre), np.asarray(
+        wide.resize((8, 8), Image.Resampling.BICUBIC, box=box)))
+    views = {np.asarray(random_resized_crop(square, 16, gen)).tobytes() for _ in range(8)}
+    assert len(views) == 8  # random boxes
+
+
+def test_train_views_are_fresh_per_pass_and_reproducible(tmp_path):
+    """--augment: each pass of the linear probe sees other random-resized-crop + flip views of
+    the same images (not the centre crop), and the same (seed, pass) gives the same views."""
+    from fastdino.eval.features import BackboneExtractor
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(paths[-1])
+    ex = BackboneExtractor(_Pixels(), 32, progress=False)
+    centre = ex(paths)["cls"]
+    p0, p1 = ex.views(paths, 0, 0)["cls"], ex.views(paths, 0, 1)["cls"]
+    assert p0.shape == centre.shape
+    assert not torch.allclose(p0, centre) and not torch.allclose(p0, p1)
+    torch.testing.assert_close(ex.views(paths, 0, 0)["cls"], p0, rtol=0, atol=0)
+
+
+def test_linear_probe_trains_each_pass_on_its_views():
+    """train_views(p) is asked once per pass, in order, and its rows are what the heads train
+    on: views equal to x_train give x_train's result exactly; views whose labels are scrambled
+    (each class's rows swapped with the next class's) teach the wrong classes."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat_interleave(10)
+    x = torch.randn(30, 6, generator=gen)
+    x[torch.arange(30), y] += 4.0
+    kw = dict(lrs=(0.1,), iterations=12, batch_size=16, seed=0)
+    asked = []
+
+    def same(p):
+        asked.append(p)
+        return x
+
+    plain = train_linear_probes(x, y, x, y, 3, **kw)
+    viewed = train_linear_probes(x, y, x, y, 3, train_views=same, **kw)
+    assert viewed["per_lr"] == plain["per_lr"] and viewed["augment"] and not plain["augment"]
+    assert asked == list(range(-(-12 * 16 // 30)))  # 7 passes: 0..6, once each
+    swapped = x[(torch.arange(30) + 10) % 30]  # the rows of class (c + 1) labelled c
+    wrong = train_linear_probes(x, y, x, y, 3, train_views=lambda p: swapped, **kw)
+    assert plain["per_lr"][0.1] > 0.9 and wrong["per_lr"][0.1] < 0.1
+
+
+def test_linear_cli_augment(tmp_path):
+    from fastdino.eval.cli import build_parser, main
+
+    base = ["linear", "--weights", "random", "--arch", "vit_test", "--data", "digits"]
+    assert build_parser().parse_args(base).augment is False
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / split / c / f"{i}.png")
+    out = tmp_path / "r.json"
+    assert main(["linear", "--weights", "random", "--arch", "vit_test", "--data",
+                 str(tmp_path), "--image-size", "32", "--num-workers", "0", "--cache-dir",
+                 "none", "--quiet", "--augment", "--iterations", "3", "--probe-batch-size", "8",
+                 "--json", str(out)]) == 0
+    import json
+    res = json.loads(out.read_text())
+    assert res["augment"] is True and res["iterations"] == 3
