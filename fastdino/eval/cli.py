@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature rows per training step of the probes; the lrs scale with it "
                         "(x batch/256). Default: the official global batch, 128 per GPU x the 8 "
                         "GPUs of its launcher (12,500 steps = 10 passes over ImageNet-1k)")
+    p.add_argument("--n-last-blocks", type=positive_int, nargs="+", default=[1],
+                   help="features: the CLS of the last N blocks concatenated (+ the patch mean, "
+                        "--avgpool); several values: one grid point each, the best on val "
+                        "reported. DINOv3's probe: 1; DINOv2's: 1 4 with --avgpool both")
+    p.add_argument("--avgpool", choices=("on", "off", "both"), default="on",
+                   help="append the last block's mean patch token to the features")
     p.add_argument("--augment", action="store_true",
                    help="train the heads on fresh random-resized-crop + flip views of the "
                         "training images in every pass, as the official probe (one feature "
@@ -355,6 +361,51 @@ class UsageExit(SystemExit):
         return self.message
 
 
+def _features_label(best: dict) -> str:
+    """", CLS of the last 4 blocks + patch mean" for a grid's winner; "" for the default."""
+    if best.get("n_last_blocks", 1) == 1 and best.get("avgpool", True):
+        return ""
+    n = best["n_last_blocks"]
+    return (f", CLS of the last {n} block{'s' if n > 1 else ''}"
+            f"{' + patch mean' if best['avgpool'] else ''}")
+
+
+def run_linear_probes(extractor, train, val, classes, args, cache, key, device) -> dict:
+    """The linear probes of every feature set of the grid (--n-last-blocks x --avgpool), each
+    with every lr; the result of the feature set with the best val top-1 (ties: the first, in
+    the official order: fewer blocks first, without the patch mean first), its winner's
+    feature set in "best", and with more than one set a "grid" summary."""
+    from fastdino.eval.features import cached_features
+    from fastdino.eval.linear import OFFICIAL_LRS, linear_features, train_linear_probes
+
+    feats = {name: cached_features(extractor, [p for p, _ in samples], cache, key)
+             for name, samples in (("train", train), ("val", val))}
+    y = {name: torch.tensor([lab for _, lab in s]) for name, s in
+         (("train", train), ("val", val))}
+    train_paths = [p for p, _ in train]
+    pools = {"on": (True,), "off": (False,), "both": (False, True)}[args.avgpool]
+    grid = [(n, pool) for n in sorted(set(args.n_last_blocks)) for pool in pools]
+    results = {}
+    for n, pool in grid:
+        views = (None if not args.augment else  # one extraction per pass, not cached
+                 lambda q, n=n, pool=pool: linear_features(
+                     extractor.views(train_paths, args.seed, q), n, pool))
+        results[n, pool] = train_linear_probes(
+            linear_features(feats["train"], n, pool), y["train"],
+            linear_features(feats["val"], n, pool), y["val"], len(classes),
+            lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,
+            batch_size=args.probe_batch_size, seed=args.seed, device=device, classes=classes,
+            train_views=views)
+    n, pool = max(grid, key=lambda c: results[c]["best"]["top1"])
+    res = dict(results[n, pool])
+    res["best"] = {**res["best"], "n_last_blocks": n, "avgpool": pool}
+    if len(grid) > 1:
+        res["grid"] = {f"blocks {m}, patch mean {'on' if q else 'off'}":
+                       {"best": results[m, q]["best"], "per_lr": results[m, q]["per_lr"]}
+                       for m, q in grid}
+    return res
+
+
 def check_data_args(args: argparse.Namespace) -> None:
     """ValueError naming the flags when knn / linear get neither --data nor both --train-data
     and --val-data, both forms, or --split-file without --data (it would be ignored)."""
@@ -408,6 +459,9 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
                                       args.num_workers, progress)
         key = {"weights": info.digest, "arch": info.arch, "image_size": args.image_size}
+        n_blocks = max(getattr(args, "n_last_blocks", [1]))
+        if n_blocks > 1:  # the features then hold more (and a cache of n = 1 stays valid)
+            extractor.n_last_blocks = key["n_last_blocks"] = n_blocks
         cache = _cache_dir(args.cache_dir)
         result.update(data=str(args.data), image_size=args.image_size, classes=classes)
         if args.cmd == "knn":
@@ -423,26 +477,15 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
                          f"{len(val)} val, {len(classes)} classes, chance "
                          f"{100 / len(classes):.1f}%", rows)
         else:
-            from fastdino.eval.features import cached_features
-            from fastdino.eval.linear import OFFICIAL_LRS, linear_features, train_linear_probes
-            x = {}
-            for name, samples in (("train", train), ("val", val)):
-                x[name] = linear_features(cached_features(extractor, [p for p, _ in samples],
-                                                          cache, key))
-            y = {name: torch.tensor([lab for _, lab in s]) for name, s in
-                 (("train", train), ("val", val))}
-            train_paths = [p for p, _ in train]
-            views = (None if not args.augment else  # one extraction per pass, not cached
-                     lambda q: linear_features(extractor.views(train_paths, args.seed, q)))
-            res = train_linear_probes(x["train"], y["train"], x["val"], y["val"], len(classes),
-                                      lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,
-                                      batch_size=args.probe_batch_size, seed=args.seed,
-                                      device=device, classes=classes, train_views=views)
+            res = run_linear_probes(extractor, train, val, classes, args, cache, key, device)
             result.update(res)
             rows = [(f"lr {lr:g}", f"top1 {100 * a:6.2f}") for lr, a in res["per_lr"].items()]
-            rows.append(("best", f"lr {res['best']['lr']:g}: top1 "
-                                 f"{100 * res['best']['top1']:.2f} (train "
-                                 f"{100 * res['best']['train_top1']:.2f})"))
+            rows += [(f"{name} (its best lr)", f"top1 {100 * g['best']['top1']:6.2f}")
+                     for name, g in res.get("grid", {}).items()]
+            best = res["best"]
+            rows.append(("best", f"lr {best['lr']:g}{_features_label(best)}: top1 "
+                                 f"{100 * best['top1']:.2f} (train "
+                                 f"{100 * best['train_top1']:.2f})"))
             rows += [(f"confused {c['true']} -> {c['pred']}",
                       f"{c['count']} ({100 * c['frac_of_true']:.1f}% of {c['true']})")
                      for c in res["confused"]]

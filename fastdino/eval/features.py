@@ -4,6 +4,8 @@
     feats = cached_features(extractor, paths, cache_dir, key={"weights": info.digest, ...})
     feats["cls"]         [N, D]  x_norm_clstoken (last block + final norm), fp32, not normalised
     feats["patch_mean"]  [N, D]  mean of x_norm_patchtokens over the patches, fp32
+    feats["cls_blocks"]  [N, n, D]  with n_last_blocks = n > 1: the normed CLS of the last n
+                         blocks (get_intermediate_layers; DINOv2's linear grid), the last one last
 
 Transform (SPEC.md §6, the official kNN/linear eval): resize the shorter side to 256/224 of the
 crop (bicubic, torchvision's output size), centre-crop `image_size` x `image_size`, ImageNet
@@ -123,13 +125,14 @@ class BackboneExtractor:
     """Callable: image paths -> {"cls", "patch_mean"} of a frozen backbone (module docstring)."""
 
     def __init__(self, backbone: nn.Module, image_size: int = 224, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True):
+                 num_workers: int = 0, progress: bool = True, n_last_blocks: int = 1):
         patch = backbone.patch_size
         if image_size % patch != 0:
             raise ValueError(f"--image-size {image_size} is invalid: allowed is a multiple of the "
                              f"patch size {patch}")
         self.backbone, self.image_size = backbone, image_size
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.n_last_blocks = n_last_blocks  # > 1: also "cls_blocks" (DINOv2's linear grid)
 
     def __call__(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
         return self._features(_EvalImages(paths, self.image_size),
@@ -151,14 +154,23 @@ class BackboneExtractor:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size,
             num_workers=self.num_workers, pin_memory=device.type == "cuda")
-        cls, patch_mean = [], []
+        cls, patch_mean, blocks = [], [], []
         bar = tqdm(loader, desc=desc, unit="batch", disable=None if self.progress else True)
         for x in bar:
+            x = x.to(device, non_blocking=True)
             with autocast_for(device):
-                out = self.backbone.forward_features(x.to(device, non_blocking=True))
+                out = self.backbone.forward_features(x)
+                if self.n_last_blocks > 1:  # the normed CLS of each of the last n blocks
+                    layers = self.backbone.get_intermediate_layers(
+                        x, n=self.n_last_blocks, return_class_token=True, norm=True)
             cls.append(out["x_norm_clstoken"].float().cpu())  # [b, D]
             patch_mean.append(out["x_norm_patchtokens"].float().mean(1).cpu())  # [b, D]
-        return {"cls": torch.cat(cls), "patch_mean": torch.cat(patch_mean)}
+            if self.n_last_blocks > 1:
+                blocks.append(torch.stack([c for _, c in layers], 1).float().cpu())  # [b, n, D]
+        feats = {"cls": torch.cat(cls), "patch_mean": torch.cat(patch_mean)}
+        if self.n_last_blocks > 1:
+            feats["cls_blocks"] = torch.cat(blocks)  # [N, n, D], the last block last
+        return feats
 
 
 def files_fingerprint(paths: Sequence[str]) -> str:

@@ -37,9 +37,25 @@ logger = logging.getLogger("fastdino.eval")
 OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
 
-def linear_features(feats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """{"cls": [N, D], "patch_mean": [N, D]} -> [N, 2D]."""
-    return torch.cat([feats["cls"], feats["patch_mean"]], dim=1).float()
+def linear_features(feats: dict[str, torch.Tensor], n_last_blocks: int = 1,
+                    avgpool: bool = True) -> torch.Tensor:
+    """The official create_linear_input: the CLS of the last `n_last_blocks` blocks
+    concatenated (oldest first), then with `avgpool` the last block's mean patch token:
+    {"cls": [N, D], "patch_mean": [N, D], "cls_blocks": [N, n, D]} -> [N, (n + avgpool) D].
+    DINOv3's probe: n = 1 with avgpool; DINOv2's searched n in {1, 4} x avgpool on / off."""
+    if n_last_blocks == 1:
+        parts = [feats["cls"]]
+    else:
+        blocks = feats.get("cls_blocks")
+        if blocks is None or blocks.shape[1] < n_last_blocks:
+            have = 1 if blocks is None else blocks.shape[1]
+            raise ValueError(f"n_last_blocks {n_last_blocks}: the features hold the CLS of the "
+                             f"last {have} block(s) only (extract with n_last_blocks >= "
+                             f"{n_last_blocks})")
+        parts = list(blocks[:, -n_last_blocks:].unbind(1))
+    if avgpool:
+        parts.append(feats["patch_mean"])
+    return torch.cat(parts, dim=1).float()
 
 
 def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -309,3 +309,69 @@ def test_linear_cli_augment(tmp_path):
     import json
     res = json.loads(out.read_text())
     assert res["augment"] is True and res["iterations"] == 3
+
+
+def test_linear_features_are_the_official_create_linear_input():
+    """The CLS of the last n blocks (oldest first), then with avgpool the last block's mean
+    patch token (dinov2 / dinov3 eval/linear.py create_linear_input)."""
+    from fastdino.eval.linear import linear_features
+
+    blocks = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)  # [N, n, D]
+    feats = {"cls": blocks[:, -1], "patch_mean": -torch.ones(2, 3), "cls_blocks": blocks}
+    torch.testing.assert_close(linear_features(feats),
+                               torch.cat([blocks[:, -1], -torch.ones(2, 3)], 1))
+    torch.testing.assert_close(linear_features(feats, 4, avgpool=False), blocks.reshape(2, 12))
+    torch.testing.assert_close(linear_features(feats, 2, avgpool=True), torch.cat(
+        [blocks[:, 2], blocks[:, 3], -torch.ones(2, 3)], 1))
+    with pytest.raises(ValueError, match="n_last_blocks 4: the features hold the CLS of the "
+                                         "last 1 block"):
+        linear_features({"cls": blocks[:, -1], "patch_mean": -torch.ones(2, 3)}, 4)
+
+
+def test_extractor_gives_the_last_blocks_cls(tmp_path):
+    """n_last_blocks > 1: the normed CLS of each of the last n blocks; the last one is the CLS
+    the default features hold (x_norm_clstoken)."""
+    from fastdino.eval.features import BackboneExtractor
+    from fastdino.models.backbones import vit_test
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40, 36), (60 * i, 100, 200 - 50 * i)).save(paths[-1])
+    torch.manual_seed(0)
+    backbone = vit_test()
+    feats = BackboneExtractor(backbone, 32, progress=False, n_last_blocks=2)(paths)
+    assert feats["cls_blocks"].shape == (3, 2, backbone.embed_dim)
+    torch.testing.assert_close(feats["cls_blocks"][:, -1], feats["cls"])
+    assert not torch.allclose(feats["cls_blocks"][:, 0], feats["cls"])
+
+
+def test_linear_cli_searches_the_dinov2_grid(tmp_path):
+    """--n-last-blocks 1 2 --avgpool both: one probe per feature set (DINOv2's protocol), the best
+    on val reported with its feature set; the cache of the default features is not mistaken
+    for the grid's (which hold more)."""
+    import json
+
+    from fastdino.eval.cli import main
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / "d" / split / c / f"{i}.png")
+    common = ["linear", "--weights", "random", "--arch", "vit_test", "--data",
+              str(tmp_path / "d"), "--image-size", "32", "--num-workers", "0", "--cache-dir",
+              str(tmp_path / "cache"), "--quiet", "--iterations", "3", "--probe-batch-size", "8"]
+    assert main([*common, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--n-last-blocks", "1", "2", "--avgpool", "both",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    a, g = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "g.json"))
+    assert "grid" not in a and a["feature_dim"] == 64  # CLS + patch mean, D = 32
+    assert len(g["grid"]) == 4
+    assert g["best"]["top1"] == max(v["best"]["top1"] for v in g["grid"].values())
+    assert (g["best"]["n_last_blocks"], g["best"]["avgpool"]) in {(1, False), (1, True),
+                                                                 (2, False), (2, True)}
+    dims = {(1, False): 32, (1, True): 64, (2, False): 64, (2, True): 96}
+    assert g["feature_dim"] == dims[g["best"]["n_last_blocks"], g["best"]["avgpool"]]
