@@ -16,4 +16,4 @@ python -m pip install -q -c constraints.txt -e ".[train,bench,eval,dali,dev]"
 # is built against CUDA torch and does not import beside the CPU wheel (tests/unit/timm_helpers.py
 # stands in for the names timm imports from it). Not an extra: fastdino itself never imports timm.
 python -m pip install -q -c constraints.txt --no-deps timm
-python -c "import torch, triton, fastdino.kernels; print(f'fastdino ready: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.cuda.is_available()}')"
+python -c "import importlib.util, torch, fastdino.kernels; t = importlib.util.find_spec('triton') and __import__('triton').__version__; print(f'fastdino ready: torch {torch.__version__}, triton {t or \"not installed (PyTorch references)\"}, cuda {torch.cuda.is_available()}')"

@@ -103,6 +103,8 @@ def _cluster(a: argparse.Namespace) -> int:
         save_levels,
     )
     from fastdino.curation.rows import Rows
+    from fastdino.kernels._utils import can_run_triton
+    from fastdino.layers.select import why_triton_cannot_run
 
     if a.levels is not None and a.levels != len(a.clusters):
         raise SystemExit(f"--levels {a.levels} but --clusters has {len(a.clusters)} values")
@@ -116,6 +118,9 @@ def _cluster(a: argparse.Namespace) -> int:
                          "with the same arguments to finish it")
     emb = np.load(emb_dir / EMBEDDINGS, mmap_mode="r")  # [N, D] fp16, streamed in chunks
     device = _device(a.device)
+    if a.impl == "triton" and not can_run_triton(torch.empty(0, device=device)):
+        raise ValueError(f"--impl triton cannot run here: {why_triton_cannot_run(device)}; "
+                         "allowed here is --impl auto | torch")
     distributed = _init_distributed(device)
     try:
         rows = Rows(emb, device, chunk_rows=a.chunk_rows)

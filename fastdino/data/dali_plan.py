@@ -104,7 +104,7 @@ def photometric_params(plan: np.ndarray) -> np.ndarray:
     greyscale / blur / solarize / flip flags and the blur taps of the row's sigma, computed as the
     torch loader computes them). Called per image by the loaders' worker processes (the DALI
     source, the torch loader's workers); vectorised over rows."""
-    from fastdino.kernels import photometric as K  # (imports triton: only when asked)
+    from fastdino.kernels import photometric as K  # (its constants; no launch here)
 
     rows = np.asarray(plan, dtype=np.float32).reshape(-1, N_PARAMS)
     out = np.zeros((rows.shape[0], K.N_PARAMS), dtype=np.float32)

@@ -25,11 +25,11 @@ def check_kernels_impl(impl: str, device: torch.device) -> None:
     triton package, or a CPU device without TRITON_INTERPRET=1) is a one-line ConfigError."""
     if impl == "triton" and not can_run_triton(torch.empty(0, device=device)):
         raise ConfigError(
-            f"config key 'kernels.impl' = 'triton' is invalid here: {_why_not(device)}: "
-            "allowed here is auto | torch")
+            "config key 'kernels.impl' = 'triton' is invalid here: "
+            f"{why_triton_cannot_run(device)}: allowed here is auto | torch")
 
 
-def _why_not(device: torch.device | str) -> str:
+def why_triton_cannot_run(device: torch.device | str) -> str:
     """Why Triton cannot run on `device`: triton is absent (CPU-only torch wheels, macOS and
     Windows have none), or the device is neither CUDA nor the CPU under the interpreter."""
     if not triton_available():
@@ -51,7 +51,7 @@ def use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
         if not can_run_triton(x):
             raise ConfigError(
                 f"kernels.impl=triton but op '{op}' got a {x.device.type} tensor: "
-                f"{_why_not(x.device)}")
+                f"{why_triton_cannot_run(x.device)}")
         choice = True
     else:
         choice = x.is_cuda and can_run_triton(x)
