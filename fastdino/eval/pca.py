@@ -165,13 +165,14 @@ def pca_rgb(feats: Sequence[torch.Tensor], *, shared: bool = False, fg: str = "t
 
 # ----------------------------------------------------------------------------------------- images
 def resize_for_pca(img: Image.Image, resolution: int, patch: int) -> Image.Image:
-    """Height = resolution, width keeps the aspect ratio floored to a multiple of `patch`."""
+    """Height = resolution, width keeps the aspect ratio floored to a multiple of `patch`;
+    bilinear, as the official notebook's TF.resize (torchvision's default interpolation)."""
     if resolution % patch != 0:
         raise ValueError(f"--resolution {resolution} is invalid: allowed is a multiple of the "
                          f"patch size {patch}")
     w, h = img.size
     new_w = max(patch, int(w * resolution / h) // patch * patch)
-    return img.resize((new_w, resolution), Image.Resampling.BICUBIC)
+    return img.resize((new_w, resolution), Image.Resampling.BILINEAR)
 
 
 @torch.no_grad()

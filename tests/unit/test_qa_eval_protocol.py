@@ -375,3 +375,15 @@ def test_linear_cli_searches_the_dinov2_grid(tmp_path):
                                                                  (2, False), (2, True)}
     dims = {(1, False): 32, (1, True): 64, (2, False): 64, (2, True): 96}
     assert g["feature_dim"] == dims[g["best"]["n_last_blocks"], g["best"]["avgpool"]]
+
+
+def test_pca_resize_is_the_official_notebooks():
+    """dinov3 notebooks/pca.ipynb: TF.resize(img, (768 // 16 * 16, int(w * 768 / (h * 16)) *
+    16)), torchvision's default (bilinear) interpolation."""
+    from fastdino.eval.pca import resize_for_pca
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    out = resize_for_pca(img, 32, 16)
+    assert out.size == (int(90 * 32 / (50 * 16)) * 16, 32)
+    assert np.array_equal(np.asarray(out),
+                          np.asarray(img.resize(out.size, Image.Resampling.BILINEAR)))
