@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps of the probes (official: 10 x 1250)")
     p.add_argument("--probe-batch-size", type=positive_int, default=1024,
                    help="feature rows per training step of the probes; the lrs scale with it "
-                        "(x batch/256). Default: the official global batch, 128 per GPU x the 8 "
+                        "(x batch/256). 1024 is the official global batch, 128 per GPU x the 8 "
                         "GPUs of its launcher (12,500 steps = 10 passes over ImageNet-1k)")
     p.add_argument("--n-last-blocks", type=positive_int, nargs="+", default=[1],
                    help="features: the CLS of the last N blocks concatenated (+ the patch mean, "
