@@ -2,7 +2,8 @@
 (parallel.py `with_step_defaults`): ZeRO-1/2 bf16 no longer run `bf16.check_grad_overflow` (an
 inf/NaN pass over the owned gradients, an all-reduce, a host read) nor the global norm
 (`zero_optimization.compute_grad_norm`: an fp64 copy and norm of every owned gradient, an
-all-reduce, a host read); the same parameters bit for bit; a user's json still decides; and the
+all-reduce, a host read); the same parameters bit for bit; bf16 gradients are reduced in fp32
+(the official reduce_dtype); a user's json still decides; and the
 configurations where DeepSpeed refuses the switch (ZeRO-3, ZeRO-1's BF16_Optimizer, optimizer
 offload) never get it.
 
@@ -78,18 +79,33 @@ def test_the_norm_is_kept_where_deepspeed_refuses_to_skip_it(ds):
             DeepSpeedZeroConfig(stage=3, compute_grad_norm=False)
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_gradients_are_reduced_in_fp32_as_the_official(stage):
+    """SPEC.md §3.5: FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); DeepSpeed
+    reduces bf16 gradients in bf16 unless told otherwise."""
+    from fastdino.parallel import with_step_defaults
+
+    assert with_step_defaults(_ds(stage))["communication_data_type"] == "fp32"
+    assert "communication_data_type" not in with_step_defaults(_ds(stage, bf16=False))
+    from deepspeed.runtime.config import get_communication_data_type
+
+    assert get_communication_data_type(with_step_defaults(_ds(stage))) == torch.float32
+
+
 def test_a_users_json_decides(tmp_path):
     """The user's json keys win over these defaults (they are not the yaml's)."""
     from fastdino.config import load_config
     from fastdino.parallel import build_ds_config, with_step_defaults
 
     user = {"zero_optimization": {"compute_grad_norm": True}, "bf16": {"check_grad_overflow":
-                                                                       True}}
+                                                                       True},
+            "communication_data_type": "bf16"}
     (tmp_path / "ds.json").write_text(json.dumps(user))
     cfg = load_config(None, ["deepspeed.zero_stage=2", f"deepspeed.config_file={tmp_path}/ds.json"])
     got = with_step_defaults(build_ds_config(cfg, 2, torch.bfloat16))
     assert got["zero_optimization"]["compute_grad_norm"] is True
     assert got["bf16"]["check_grad_overflow"] is True
+    assert got["communication_data_type"] == "bf16"
 
 
 # ------------------------------------------------------------------------ 2 DeepSpeed CPU ranks
@@ -99,6 +115,7 @@ SCENARIOS = {  # name: (stage, user json)
                             "bf16": {"check_grad_overflow": True}}),
     "zero1_bf16_optimizer": (1, {"data_types": {"grad_accum_dtype": "fp32"}}),
     "zero3": (3, {}),
+    "zero2_bf16_reduce": (2, {"communication_data_type": "bf16"}),
 }
 
 
@@ -125,6 +142,10 @@ def test_deepspeed_steps_without_its_checks_give_the_same_parameters(tmp_path):
         for name in ("zero1_bf16_optimizer", "zero3"):  # built and stepped as before
             assert len(res[name]["values"]) == len(on["values"]), name
         assert res["zero1_bf16_optimizer"]["optimizer"] == "BF16_Optimizer"
+        for name in ("zero2", "zero2_checks_on", "zero3"):  # reduced in fp32, as the official
+            assert res[name]["reduce_dtype"] == [torch.float32] * 2, name
+        assert res["zero1_bf16_optimizer"]["reduce_dtype"][0] == torch.float32
+        assert res["zero2_bf16_reduce"]["reduce_dtype"] == [torch.bfloat16] * 2  # the user's
 
 
 class _Student(nn.Module):
@@ -186,6 +207,8 @@ def _worker(out: Path) -> None:
             values = [v.detach().clone() for v in vals]
         opt = engine.engine.optimizer
         res[name] = {"values": values, "checks": counts["n"], "optimizer": type(opt).__name__,
+                     "reduce_dtype": [engine.engine.communication_data_type,
+                                      getattr(opt, "communication_data_type", None)],
                      "flags": [getattr(opt, "check_grad_overflow", None),
                                getattr(opt, "compute_grad_norm", None)]}
         res["initial"] = initial
