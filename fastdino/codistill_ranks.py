@@ -156,7 +156,8 @@ class TeacherExchange:
         mine = Batch(global_crops=global_crops, local_crops=local_crops, masks=m.masks,
                      mask_indices=m.mask_indices, masks_weight=m.masks_weight,
                      n_masked_patches=m.n_masked_patches, gram_crops=None,
-                     n_images=global_crops.shape[0] // 2, skipped_files=batch.skipped_files)
+                     n_images=global_crops.shape[0] // 2, skipped_files=batch.skipped_files,
+                     skipped_reasons=batch.skipped_reasons)
         self.shared.put(mine.global_crops, mine.mask_indices, out)
         return mine
 

@@ -63,6 +63,7 @@ from torch import nn
 from fastdino import dist as fdist
 from fastdino.config import Config, ConfigError
 from fastdino.ema import module_values
+from fastdino.rank_logging import EVERY_RANK
 
 logger = logging.getLogger("fastdino")
 
@@ -1218,8 +1219,9 @@ def _wait_for_conversion(done: Path, failed: Path, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
         if time.monotonic() - last > 60:
             last = time.monotonic()
-            logger.warning("waiting for rank 0 to convert the checkpoint into %s (%.0f min so "
-                           "far)", done.parent, (last - t0) / 60)
+            if fdist.get_rank() == 1:  # one line for all the waiting ranks (rank_logging)
+                logger.warning("waiting for rank 0 to convert the checkpoint into %s (%.0f min "
+                               "so far)", done.parent, (last - t0) / 60, extra=EVERY_RANK)
 
 
 def _save_replacing(obj, path: Path) -> None:

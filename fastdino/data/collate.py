@@ -32,8 +32,10 @@ class Batch:
     gram_crops: torch.Tensor | None  # [2B, 3, Hgr, Wgr] float32, crop-major, or None
     n_images: int  # B
     # Bookkeeping outside the tensor contract: paths replaced because they could not be decoded
-    # while this batch was built (the loader counts and reports them in the main process).
+    # while this batch was built (the loader counts and reports them in the main process), and
+    # why each could not be (the decoder's exception, from the worker that met it; "" if unknown).
     skipped_files: tuple[str, ...] = ()
+    skipped_reasons: tuple[str, ...] = ()
 
     def _map(self, fn) -> "Batch":
         out = {}
@@ -62,10 +64,12 @@ class RawBatch:
     n_masked_patches: torch.Tensor
     n_images: int
     skipped_files: tuple[str, ...] = ()
+    skipped_reasons: tuple[str, ...] = ()
 
     def _map(self, fn) -> "RawBatch":
         return RawBatch(crops=fn(self.crops), **{f: fn(getattr(self, f)) for f in _MASK_FIELDS},
-                        n_images=self.n_images, skipped_files=self.skipped_files)
+                        n_images=self.n_images, skipped_files=self.skipped_files,
+                        skipped_reasons=self.skipped_reasons)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "RawBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -79,7 +83,16 @@ class RawBatch:
         return Batch(global_crops=global_crops, local_crops=local_crops, masks=self.masks,
                      mask_indices=self.mask_indices, masks_weight=self.masks_weight,
                      n_masked_patches=self.n_masked_patches, gram_crops=gram_crops,
-                     n_images=self.n_images, skipped_files=self.skipped_files)
+                     n_images=self.n_images, skipped_files=self.skipped_files,
+                     skipped_reasons=self.skipped_reasons)
+
+
+def _skips(samples: list[dict]) -> dict:
+    """The samples' skipped files and their reasons, in order (Batch bookkeeping fields)."""
+    files = tuple(p for s in samples for p in s.get("skipped_files", ()))
+    reasons = tuple(r for s in samples
+                    for r in s.get("skipped_reasons", ("",) * len(s.get("skipped_files", ()))))
+    return {"skipped_files": files, "skipped_reasons": reasons}
 
 
 _MASK_FIELDS = ("masks", "mask_indices", "masks_weight", "n_masked_patches")
@@ -111,10 +124,9 @@ def collate_raw(samples: list[dict], patch_size: int, global_size: int,
     g = global_size // patch_size
     m = sample_masks(2 * len(samples), (g, g), generator, mask_probability=mask_probability,
                      ratio_min_max=ratio_min_max, mask_generator=mask_generator)
-    skipped = tuple(p for s in samples for p in s.get("skipped_files", ()))
     return RawBatch(crops=crops, masks=m.masks, mask_indices=m.mask_indices,
                     masks_weight=m.masks_weight, n_masked_patches=m.n_masked_patches,
-                    n_images=len(samples), skipped_files=skipped)
+                    n_images=len(samples), **_skips(samples))
 
 
 def collate_fn(samples: list[dict], patch_size: int, generator: np.random.Generator,
@@ -146,8 +158,7 @@ def collate_fn(samples: list[dict], patch_size: int, generator: np.random.Genera
                      max_num_patches=None if mask_generator else
                      int(0.5 * hg // patch_size * wg // patch_size),  # official precedence
                      mask_generator=mask_generator)
-    skipped = tuple(p for s in samples for p in s.get("skipped_files", ()))
     return Batch(global_crops=global_crops, local_crops=local_crops, masks=m.masks,
                  mask_indices=m.mask_indices, masks_weight=m.masks_weight,
                  n_masked_patches=m.n_masked_patches, gram_crops=gram_crops, n_images=n_images,
-                 skipped_files=skipped)
+                 **_skips(samples))

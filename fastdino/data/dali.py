@@ -96,6 +96,7 @@ from fastdino.data.masking import (
     masks_from_rows,
     max_num_patches_for,
 )
+from fastdino.rank_logging import EVERY_RANK
 from fastdino.stop import ignore_in_worker
 
 logger = logging.getLogger("fastdino.data")
@@ -177,7 +178,8 @@ class _Source:
                 return (*P.probe_image(self.images.read(i)), i)
             except (OSError, P.UnreadableImage) as e:
                 self.images.skipped.add(paths[i])
-                logger.warning("skipping unreadable image %s (%s)", paths[i], e)
+                logger.warning("skipping unreadable image %s (%s)", paths[i], e,
+                               extra=EVERY_RANK)  # this rank's shard: only it sees the file
         raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as "
                            "images")
 
@@ -459,7 +461,8 @@ class DALITrainLoader:
                 except (OSError, ValueError, SyntaxError) as e:
                     self.images.skipped.add(path)
                     found.append(path)
-                    logger.warning("skipping image DALI could not decode: %s (%s)", path, e)
+                    logger.warning("skipping image DALI could not decode: %s (%s)", path, e,
+                                   extra=EVERY_RANK)
         if not found:  # PIL decodes every one of them: a variant DALI's decoder cannot read
             raise RuntimeError(
                 f"DALI loader: DALI's decoder failed on a file of steps {self.iteration} to "
@@ -546,7 +549,7 @@ class DALITrainLoader:
             if path not in self.skipped:
                 self.skipped.add(path)
                 logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
-                               len(self.skipped), self.num_images)
+                               len(self.skipped), self.num_images, extra=EVERY_RANK)
         return tuple(out)
 
 

@@ -161,6 +161,7 @@ class ImageFolderUnlabeled:
                 f"{', '.join(IMAGE_EXTENSIONS)} (case-insensitive), searched recursively, "
                 "inside uncompressed .tar shards too")
         self.skipped: set[str] = set()  # names found unreadable by this process
+        self.skip_reasons: dict[str, str] = {}  # name -> why (the exception), for the log line
         self.log_skipped = True  # the train loader turns this off and reports skips itself
 
     def read(self, index: int) -> bytes:
@@ -199,6 +200,7 @@ class ImageFolderUnlabeled:
                 return self.decode(i), i, tuple(bad)
             except _DECODE_ERRORS as e:
                 self.skipped.add(path)
+                self.skip_reasons[path] = f"{type(e).__name__}: {e}"
                 bad.append(path)
                 if self.log_skipped:
                     logger.warning("skipping unreadable image %s (%s: %s)", path,

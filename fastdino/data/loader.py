@@ -165,6 +165,8 @@ class MultiCropBatches(Dataset):
         else:
             crops = augment(image, rng)
         crops["skipped_files"] = skipped
+        reasons = getattr(self.images, "skip_reasons", {})
+        crops["skipped_reasons"] = tuple(reasons.get(p, "") for p in skipped)
         return crops
 
     def __getitem__(self, step: int) -> Batch | RawBatch:
@@ -235,11 +237,12 @@ class TrainLoader:
         if isinstance(batch, RawBatch):
             batch = self.finish(batch)
         self.iteration += 1
-        for path in batch.skipped_files:
+        reasons = batch.skipped_reasons or ("",) * len(batch.skipped_files)
+        for path, why in zip(batch.skipped_files, reasons, strict=True):
             if path not in self.skipped:
                 self.skipped.add(path)
-                logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
-                               len(self.skipped), self.num_images,
+                logger.warning("skipped unreadable image %s (%s%d skipped so far of %d)", path,
+                               f"{why}; " if why else "", len(self.skipped), self.num_images,
                                extra=EVERY_RANK)  # this rank's shard: only it sees the file
         return batch
 

@@ -63,6 +63,8 @@ class ConcatImages:
         self.source = f"{main.source} + {homogeneous.source} (homogeneous batches)"
         self.skipped: set[str] = set()
         main.skipped = homogeneous.skipped = self.skipped  # one set: the loaders add to it
+        self.skip_reasons: dict[str, str] = {}
+        main.skip_reasons = homogeneous.skip_reasons = self.skip_reasons
 
     @property
     def log_skipped(self) -> bool:

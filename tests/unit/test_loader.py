@@ -90,6 +90,22 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
     assert loader.skipped == {str(root / "bad.jpg")}
 
 
+@pytest.mark.parametrize("extra", [["data.num_workers=1"], ["data.torch_photometric=gpu"]],
+                         ids=["worker", "raw-batch"])
+def test_the_skip_line_says_why_the_file_could_not_be_read(tmp_path, caplog, extra):
+    """The file is met in a loader worker (or collated into a RawBatch), the line is logged once
+    by the main process: the decoder's reason travels with the batch."""
+    root = _write_images(tmp_path / "d", 3)
+    (root / "bad.jpg").write_bytes(b"this is not a jpeg" * 10)
+    loader = build_train_loader(_cfg(root, "data.batch_size_per_gpu=4", *extra))
+    with caplog.at_level("WARNING", logger="fastdino"):
+        b = next(loader)
+    lines = [r.getMessage() for r in caplog.records if "skipped unreadable image" in r.getMessage()]
+    assert b.skipped_reasons and b.skipped_reasons[0].startswith("UnidentifiedImageError: ")
+    assert lines == [f"skipped unreadable image {root / 'bad.jpg'} ({b.skipped_reasons[0]}; "
+                     "1 skipped so far of 4)"]
+
+
 def test_missing_and_empty_folders_error_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         build_train_loader(_cfg(tmp_path / "nope"))

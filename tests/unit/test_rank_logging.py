@@ -81,3 +81,32 @@ def test_install_adds_the_filter_once(monkeypatch):
     rank_logging.install()
     rank_logging.install()
     assert sum(isinstance(f, rank_logging.MainRankInfo) for f in handler.filters) == 1
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_one_waiting_rank_says_it_waits_for_rank_zeros_conversion(tmp_path, monkeypatch, caplog,
+                                                                   rank):
+    """Ranks 1..N-1 wait on the filesystem while rank 0 converts a checkpoint (parallel.py): rank
+    1 says so for all of them (an EVERY_RANK line, or the filter would drop it), the others
+    stay quiet."""
+    from fastdino import parallel
+
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    clock = iter(range(0, 10_000, 61))  # a minute passes between polls
+    monkeypatch.setattr(parallel.time, "monotonic", lambda: next(clock))
+    polls = []
+
+    def sleep(_s):
+        polls.append(1)
+        if len(polls) == 3:
+            done.write_text("")
+
+    monkeypatch.setattr(parallel.time, "sleep", sleep)
+    monkeypatch.setattr(parallel.fdist, "get_rank", lambda: rank)
+    with caplog.at_level(logging.WARNING, logger="fastdino"):
+        parallel._wait_for_conversion(done, failed)
+    said = [r for r in caplog.records if "waiting for rank 0" in r.getMessage()]
+    if rank == 1:
+        assert len(said) == 3 and all(getattr(r, "every_rank", False) for r in said)
+    else:
+        assert said == []
