@@ -70,8 +70,9 @@ QUICK = ("torch", "sdpa", "triton", "torch_compile", "flash_attn")
 
 
 def model_config(arch: str, attn_impl: str, compiled: bool) -> ModelConfig:
+    # bf16 RoPE: the training default (Config.validate resolves null to it), as the trainer runs
     return ModelConfig(arch=arch, attn_impl=attn_impl, compile=compiled, drop_path_rate=0.0,
-                       layerscale_init=1.0)
+                       layerscale_init=1.0, pos_embed_rope_dtype="bf16")
 
 
 def student_flops(arch: str, images: int, global_size: int, local_size: int, n_local: int
