@@ -89,12 +89,17 @@ def build_distillation_teacher(cfg: Config, device: torch.device) -> nn.Module:
 
 
 def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    return resolve_teacher_dtype(cfg.distillation.teacher_dtype, cfg, device)
+
+
+def resolve_teacher_dtype(choice: str, cfg: Config, device: torch.device) -> torch.dtype:
+    """A frozen teacher's dtype setting (`distillation.teacher_dtype`, `gram.teacher_dtype`):
+    auto = the run's precision (bf16 when training in bf16), else the named one."""
     from fastdino.parallel import resolve_precision
 
-    d = cfg.distillation.teacher_dtype
-    if d == "auto":
+    if choice == "auto":
         return resolve_precision(cfg, device)
-    return torch.bfloat16 if d == "bf16" else torch.float32
+    return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
 def _check_compatible(cfg: Config, tcfg: Config, path: str) -> None:

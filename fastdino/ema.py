@@ -2,9 +2,10 @@
 
     θ_t ← m·θ_t + (1 − m)·θ_s      over every parameter of backbone + both heads (buffers not EMA'd)
 
-The teachers are plain replicated fp32 modules outside the DeepSpeed engine. The student's values
-come from `full_values(params)` (parallel.py), a context yielding the *full fp32* value of each
-parameter, never an empty ZeRO-3 placeholder:
+The teachers are plain replicated fp32 modules outside the DeepSpeed engine (the Gram teacher's
+Linear / Conv weights in bf16 when training in bf16: `gram.teacher_dtype`; it is only copied
+into). The student's values come from `full_values(params)` (parallel.py), a context yielding
+the *full fp32* value of each parameter, never an empty ZeRO-3 placeholder:
 - plain torch engine, DeepSpeed fp32 ZeRO-0/1/2: the module parameters themselves (replicated and
   equal to the optimizer's values after the step);
 - DeepSpeed fp32 ZeRO-3: the parameters inside `GatheredParameters` (read only);
@@ -132,10 +133,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
 @torch.no_grad()
 def copy_params(dst: nn.Module, src: nn.Module, full_values: FullValues = module_values,
                 chunk_numel: int = 1 << 26) -> None:
-    """dst ← src, parameter by parameter (teacher init from the student, Gram refresh)."""
+    """dst ← src, parameter by parameter (teacher init from the student, Gram refresh). Each
+    value is cast to its own destination's dtype: the Gram teacher holds its Linear / Conv
+    weights in bf16 beside fp32 norms and LayerScales (meta_arch.py), and the fp32 -> bf16 cast
+    rounds to nearest even, as autocast's does. (Casting a chunk to its first tensor's dtype
+    rounded the fp32 norms of a chunk that began with a bf16 weight.)"""
     for chunk in _chunks(_paired(dst, src), chunk_numel):
         with full_values([s for _, s in chunk]) as values:
-            torch._foreach_copy_([t for t, _ in chunk], [v.to(chunk[0][0].dtype) for v in values])
+            dsts = [t for t, _ in chunk]
+            torch._foreach_copy_(dsts, [v if v.dtype == t.dtype else v.to(t.dtype)
+                                        for t, v in zip(dsts, values, strict=True)])
 
 
 def gram_refresh_due(it: int, rep_update: bool, it_first_update: int, update_frequency: int,

@@ -12,12 +12,14 @@ Legend: B images per rank, nL local crops, N patches of a global crop, M masked 
 rank, D width, K prototypes. Crops are crop-major ([crop 0 of all images, crop 1 ...]).
 The teacher and Gram teacher (and, in distillation runs, the frozen teacher that gives the targets
 instead of the EMA teacher: fastdino/distillation.py) are replicated plain modules in eval mode (no
-drop-path, no RoPE jitter: SPEC.md §9.4), outside the engine. The student forward is
-`Student.forward`, so that DeepSpeed's engine (ZeRO-3 hooks) sees one forward per step.
+drop-path, no RoPE jitter: SPEC.md §9.4), outside the engine; the Gram teacher holds its Linear /
+Conv weights in bf16 when training in bf16 (`gram.teacher_dtype`, `_frozen_copy`). The student
+forward is `Student.forward`, so that DeepSpeed's engine (ZeRO-3 hooks) sees one forward per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from fastdino.config import Config, ConfigError
-from fastdino.distillation import build_distillation_teacher
+from fastdino.distillation import build_distillation_teacher, resolve_teacher_dtype
 from fastdino.ema import EMAPlan, copy_params, ema_update, gram_refresh_due
 from fastdino.layers.attn_backend import check_attn_impl
 from fastdino.layers.lora import add_lora
@@ -178,8 +180,28 @@ def freeze_backbone_layers(backbone: nn.Module, cfg: Config) -> None:
                        "its random initialisation", "frozen" if n else "held (head warm-up)")
 
 
-def _frozen_copy(m: nn.Module) -> nn.Module:
-    m = copy.deepcopy(m).eval()
+def matmul_params(m: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of `m`'s Linear and Conv layers (a LoRA layer's base included, its
+    adapters not): exactly the tensors bf16 autocast casts to bf16 at every call (F.linear,
+    F.conv*). Everything else (LayerNorm weights and biases, LayerScale gammas, the cls /
+    storage / mask tokens, a learned position table, LoRA adapters) enters elementwise ops or
+    ops autocast keeps in fp32, and buffers (RoPE periods, the qkv bias mask) are not listed.
+    LinearKMaskedBias multiplies its bias by its 0/1 mask before F.linear: exact in bf16 too.
+    The fused Triton paths (kernels.fuse_pointwise, kernels.impl=triton) read only activations
+    and the fp32 LayerScale / LayerNorm parameters (layernorm_residual), never a Linear weight."""
+    return [p for sub in m.modules() if isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd))
+            for p in (sub.weight, sub.bias) if p is not None]
+
+
+def _frozen_copy(m: nn.Module, matmul_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A frozen eval-mode copy of `m`, with `matmul_params` held in `matmul_dtype`: bf16 for the
+    Gram teacher of a bf16 run, the values autocast would cast them to (round to nearest even),
+    so its outputs under autocast are bit-identical to an fp32 copy's at half the memory and
+    without the per-forward weight casts. Cast while copying (deepcopy memo): no transient fp32
+    copy of those weights."""
+    memo = {id(p): nn.Parameter(p.detach().to(matmul_dtype), requires_grad=False)
+            for p in matmul_params(m) if p.dtype != matmul_dtype}
+    m = copy.deepcopy(m, memo).eval()
     for p in m.parameters():
         p.requires_grad_(False)
     return m
@@ -230,8 +252,16 @@ class SSLMetaArch:
         # Gram teacher: a frozen backbone copy, or the EMA teacher itself (gram.ema_teacher)
         self.gram_teacher: nn.Module | None = None
         self.gram_updates = 0
+        # gram.teacher_dtype: the dtype of the Gram teacher's Linear / Conv weights (_frozen_copy)
+        self.gram_dtype = resolve_teacher_dtype(g.teacher_dtype, cfg, device)
         if g.use and not g.ema_teacher:
-            self.gram_teacher = _frozen_copy(self.teacher.backbone)
+            self.gram_teacher = _frozen_copy(self.teacher.backbone, self.gram_dtype)
+            held = sum(p.numel() for p in matmul_params(self.gram_teacher))
+            logger.info("Gram teacher: a frozen backbone copy, its Linear / Conv weights (%.1fM "
+                        "parameters) held in %s (gram.teacher_dtype=%s), %.2f GB per rank",
+                        held / 1e6, str(self.gram_dtype).removeprefix("torch."), g.teacher_dtype,
+                        sum(t.nbytes for t in (*self.gram_teacher.parameters(),
+                                               *self.gram_teacher.buffers())) / 1e9)
             # it_load_ema_teacher = 0: the Gram teacher is the initial teacher
             self.gram_ready = g.ckpt is not None or g.it_load_ema_teacher == 0
             if g.ckpt is not None:  # anything --weights takes: a snapshot, a run, an official
@@ -280,10 +310,20 @@ class SSLMetaArch:
                     out["gram_patches"] = t["patches"]
                 else:
                     crops = batch.gram_crops if batch.gram_crops is not None else batch.global_crops
-                    out["gram_patches"] = self.gram_teacher.forward_features(crops)[
-                        "x_norm_patchtokens"]
+                    with self._gram_autocast(crops):
+                        out["gram_patches"] = self.gram_teacher.forward_features(crops)[
+                            "x_norm_patchtokens"]
                     out["gram_hw"] = tuple(s // self.cfg.model.patch_size for s in crops.shape[-2:])
         return out
+
+    def _gram_autocast(self, crops: torch.Tensor):
+        """bf16 Linear / Conv weights compute under bf16 autocast. A CUDA bf16 run's teacher
+        forward already runs under it (this one is then a no-op); it is opened here for the Gram
+        forward where that one is not: gram.teacher_dtype=bf16 in an fp32 run, and a CPU bf16
+        run (whose teachers otherwise run in fp32)."""
+        if self.gram_dtype != torch.bfloat16:
+            return contextlib.nullcontext()
+        return torch.autocast(crops.device.type, dtype=torch.bfloat16)
 
     @property
     def target_model(self) -> nn.Module:
@@ -422,6 +462,8 @@ class SSLMetaArch:
         if self.gram_teacher is None:  # Gram off, or gram.ema_teacher: nothing to restore
             self.gram_ready = self.cfg.gram.use
         elif "gram_teacher" in st:
+            # saved in the dtypes it is held in; load_state_dict copies into ours, casting (an
+            # fp32 Gram teacher of an older checkpoint or an fp32 run: rounded as autocast would)
             self.gram_teacher.load_state_dict(st["gram_teacher"])
         else:  # written without the Gram loss: the Gram stage starts here
             self._start_gram_stage(st["iteration"])
