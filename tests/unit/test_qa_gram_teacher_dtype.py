@@ -142,6 +142,19 @@ def test_refresh_from_ema_teacher_rounds_as_autocast():
         assert torch.equal(p, teacher[n].to(p.dtype)), n
 
 
+def test_gram_ckpt_loads_rounded_as_autocast(tmp_path):
+    """gram.ckpt (here an fp32 backbone file) loads into the bf16-held Gram teacher rounded to
+    nearest even, the fp32 parameters exactly."""
+    src = _arch("gram.teacher_dtype=fp32").teacher.backbone
+    _randomize(src, 7)
+    torch.save(src.state_dict(), tmp_path / "backbone.pth")
+    arch = _arch(f"gram.ckpt={tmp_path / 'backbone.pth'}")
+    want = dict(src.named_parameters())
+    for n, p in arch.gram_teacher.named_parameters():
+        assert p.dtype == (torch.bfloat16 if MATMUL.search(n) else torch.float32), n
+        assert torch.equal(p, want[n].to(p.dtype)), n
+
+
 def test_copy_params_casts_each_tensor_to_its_own_dtype():
     """A chunk that starts with a bf16 weight and goes on with an fp32 LayerNorm: the norm is
     copied exactly (casting the chunk to its first tensor's dtype rounded it to bf16)."""
