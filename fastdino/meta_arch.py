@@ -446,7 +446,7 @@ class SSLMetaArch:
     def state_for_checkpoint(self) -> dict:
         st = {"teacher": self.teacher.state_dict(), "gram_updates": self.gram_updates,
               "gram_ready": self.gram_ready}
-        if self.gram_teacher is not None:
+        if self.gram_teacher is not None:  # in the dtypes it is held in (bf16 weights: half)
             st["gram_teacher"] = self.gram_teacher.state_dict()
         for name in ("dino_loss", "ibot_patch_loss"):
             loss = getattr(self, name)
