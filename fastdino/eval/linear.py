@@ -99,6 +99,11 @@ def stream_batches(n: int, batch_size: int, steps: int, gen: torch.Generator,
     n < batch_size. Every step thus sees batch_size rows, as the lr scaling (x batch / 256)
     and the passes counted by `max_epochs` assume (never a short last batch of a pass).
     `with_pass`: (indices, pass number of each) pairs instead."""
+    if n < 1:  # every pass would be empty: the batch would never fill
+        raise ValueError("linear probe: no training rows (the train split is empty)")
+    if batch_size < 1:
+        raise ValueError(f"linear probe batch_size {batch_size} is invalid: allowed is an "
+                         "integer >= 1")
     pending: list[torch.Tensor] = []
     pass_of: list[torch.Tensor] = []
     have = passes = 0

@@ -387,3 +387,16 @@ def test_pca_resize_is_the_official_notebooks():
     assert out.size == (int(90 * 32 / (50 * 16)) * 16, 32)
     assert np.array_equal(np.asarray(out),
                           np.asarray(img.resize(out.size, Image.Resampling.BILINEAR)))
+
+
+def test_linear_probe_without_training_rows_is_an_error_not_a_hang():
+    """No training row (a library caller's empty split): the stream of full batches can never be
+    filled (it drew empty passes forever); a one-line ValueError instead. A batch of 0 rows
+    would divide the gradient by 0."""
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="no training rows"):
+        train_linear_probes(x[:0], y[:0], x, y, 2, lrs=(0.1,), iterations=3)
+    with pytest.raises(ValueError, match="batch_size 0 is invalid"):
+        next(stream_batches(4, 0, 3, torch.Generator()))
+    with pytest.raises(ValueError, match="no training rows"):
+        next(stream_batches(0, 4, 3, torch.Generator()))
