@@ -149,6 +149,10 @@ class BackboneExtractor:
                   ) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
+        depth = len(getattr(self.backbone, "blocks", ()))  # (a ConvNeXt says n=1 itself)
+        if self.n_last_blocks > 1 and depth and self.n_last_blocks > depth:
+            raise ValueError(f"--n-last-blocks {self.n_last_blocks} is invalid: the backbone has "
+                             f"{depth} blocks, allowed is 1 .. {depth}")
         self.backbone.eval()
         device = next(self.backbone.parameters()).device
         loader = torch.utils.data.DataLoader(

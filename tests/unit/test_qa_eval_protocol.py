@@ -400,3 +400,18 @@ def test_linear_probe_without_training_rows_is_an_error_not_a_hang():
         next(stream_batches(4, 0, 3, torch.Generator()))
     with pytest.raises(ValueError, match="no training rows"):
         next(stream_batches(0, 4, 3, torch.Generator()))
+
+
+def test_more_last_blocks_than_the_backbone_has_names_the_flag(tmp_path):
+    """--n-last-blocks above the backbone's depth: one line naming the flag and the allowed
+    range, before any image is read (was get_intermediate_layers' "only 2 of the requested
+    blocks [-7, ..., 1] exist" after the first batch)."""
+    from fastdino.eval.features import BackboneExtractor
+    from fastdino.models.backbones import vit_test
+
+    backbone = vit_test()
+    depth = len(backbone.blocks)
+    ex = BackboneExtractor(backbone, 32, progress=False, n_last_blocks=depth + 1)
+    with pytest.raises(ValueError, match=rf"^--n-last-blocks {depth + 1} is invalid: .* "
+                                         rf"allowed is 1 \.\. {depth}"):
+        ex([str(tmp_path / "never_read.png")])
