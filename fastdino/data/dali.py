@@ -132,6 +132,11 @@ class SampleMeta:
     used: int  # dataset index actually decoded (differs when files were skipped)
 
 
+def _why(e: Exception) -> str:
+    """A skip's reason, as the torch loader words it (an UnreadableImage names its cause)."""
+    return str(e) if isinstance(e, P.UnreadableImage) else f"{type(e).__name__}: {e}"
+
+
 class _Source:
     """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta, the
     image's two rows of the step's iBOT masks[, its crops' photometric kernel parameters])."""
@@ -177,9 +182,11 @@ class _Source:
             try:
                 return (*P.probe_image(self.images.read(i)), i)
             except (OSError, P.UnreadableImage) as e:
+                # said by the loader, once, from the training process (`_skipped_paths`): a
+                # spawned source worker has no logging set up (its line came untagged, on
+                # every rank, beside the loader's)
                 self.images.skipped.add(paths[i])
-                logger.warning("skipping unreadable image %s (%s)", paths[i], e,
-                               extra=EVERY_RANK)  # this rank's shard: only it sees the file
+                self.images.skip_reasons[paths[i]] = _why(e)
         raise RuntimeError(f"none of the {n} files in {self.images.source!r} could be read as "
                            "images")
 
@@ -401,6 +408,7 @@ class DALITrainLoader:
         self.steps = steps if steps is not None else _Consecutive(start_iteration)
         self.served = 0  # batches this loader has returned
         self.skipped: set[str] = set()  # reported so far (same bookkeeping as TrainLoader)
+        self._reasons: dict[str, str] = {}  # why each of them was skipped
         self.last_debug: dict | None = None  # with debug: plan/meta/decoded shape of the last batch
         self._start()
 
@@ -459,10 +467,9 @@ class DALITrainLoader:
                 try:
                     self.images.decode(index)
                 except (OSError, ValueError, SyntaxError) as e:
-                    self.images.skipped.add(path)
+                    self.images.skipped.add(path)  # said when a batch passes it over
+                    self.images.skip_reasons[path] = f"DALI's decoder failed on it; {_why(e)}"
                     found.append(path)
-                    logger.warning("skipping image DALI could not decode: %s (%s)", path, e,
-                                   extra=EVERY_RANK)
         if not found:  # PIL decodes every one of them: a variant DALI's decoder cannot read
             raise RuntimeError(
                 f"DALI loader: DALI's decoder failed on a file of steps {self.iteration} to "
@@ -502,7 +509,7 @@ class DALITrainLoader:
             gram_crops = (torch.cat([out["gram0"], out["gram1"]])
                           if c.gram_teacher_crops_size is not None else None)
         meta = out["meta"].cpu()  # [B, 3] (epoch, index, used): tiny bookkeeping only
-        skipped = self._skipped_paths(meta)
+        skipped, reasons = self._skipped_paths(meta)
         # the step's iBOT masks, drawn by the source (worker processes): image i brought rows
         # i and B + i (its two global crops, crop-major)
         rows = out["mask_rows"].cpu()  # [B, 2, N] bool
@@ -516,7 +523,8 @@ class DALITrainLoader:
                      mask_indices=m.mask_indices.to(self.device, non_blocking=nb),
                      masks_weight=m.masks_weight.to(self.device, non_blocking=nb),
                      n_masked_patches=m.n_masked_patches.to(self.device, non_blocking=nb),
-                     gram_crops=gram_crops, n_images=b, skipped_files=skipped)
+                     gram_crops=gram_crops, n_images=b, skipped_files=skipped,
+                     skipped_reasons=reasons)
 
     def _photometric(self, out: dict):
         """The uint8 crops of photometric="triton" -> normalised (global, local, gram) crops
@@ -541,16 +549,37 @@ class DALITrainLoader:
             local_params=rows[2:2 + n_local].reshape(-1, rows.shape[-1]))
         return finish_crops(raw, self.cfg)
 
-    def _skipped_paths(self, meta: torch.Tensor) -> tuple[str, ...]:
-        out = []
+    def _skipped_paths(self, meta: torch.Tensor) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(files passed over for the batch's images, why each), each file said once, as the
+        torch loader says it (TrainLoader.__next__)."""
+        files, reasons = [], []
         for _, index, used in meta.tolist():
-            out += self.images.between(index, used)
-        for path in out:
-            if path not in self.skipped:
-                self.skipped.add(path)
-                logger.warning("skipped unreadable image %s (%d skipped so far of %d)", path,
-                               len(self.skipped), self.num_images, extra=EVERY_RANK)
-        return tuple(out)
+            for i in self.images.candidates(index):  # index, then the next ones, up to used
+                if i == used:
+                    break
+                path = self.images.paths[i]
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    self._reasons[path] = self._reason(i, path)
+                    why = self._reasons[path]
+                    logger.warning("skipped unreadable image %s (%s%d skipped so far of %d)", path,
+                                   f"{why}; " if why else "", len(self.skipped), self.num_images,
+                                   extra=EVERY_RANK)  # this rank's shard: only it sees the file
+                files.append(path)
+                reasons.append(self._reasons[path])
+        return tuple(files), tuple(reasons)
+
+    def _reason(self, index: int, path: str) -> str:
+        """Why the source skipped file `index`: recorded here when the source runs in this
+        process (or the recovery found it), else the probe's answer again (a spawned worker's
+        record stays in the worker; once per file); "" if it now passes (a transient error)."""
+        if path in self.images.skip_reasons:
+            return self.images.skip_reasons[path]
+        try:
+            P.probe_image(self.images.read(index))
+        except (OSError, P.UnreadableImage) as e:
+            return _why(e)
+        return ""
 
 
 class MixedResolutionLoader:

@@ -106,6 +106,31 @@ def test_the_skip_line_says_why_the_file_could_not_be_read(tmp_path, caplog, ext
                      "1 skipped so far of 4)"]
 
 
+@pytest.mark.parametrize("source_workers", [0, 1], ids=["in-process", "spawned-worker"])
+def test_dali_skip_line_says_why_as_the_torch_loaders(tmp_path, caplog, source_workers):
+    """The DALI loader reports an unreadable file as the torch loader does: one line from the
+    training process (per rank: EVERY_RANK) saying why, and the batch carries the reason beside
+    the path. Its source used to log the reason itself, in a spawned worker process that has no
+    logging set up (untagged, on every rank), and the loader a second line without it."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (fastdino[dali])")
+    from fastdino.data.dali import build_dali_loader
+
+    root = _write_images(tmp_path / "d", 3)
+    (root / "bad.jpg").write_bytes(b"this is not a jpeg" * 10)
+    cfg = _cfg(root, "data.batch_size_per_gpu=4", "data.loader=dali")
+    with caplog.at_level("WARNING", logger="fastdino"):
+        loader = build_dali_loader(cfg, source_workers=source_workers)
+        b = next(loader)
+    said = [r for r in caplog.records if "bad.jpg" in r.getMessage()]
+    assert b.skipped_files == (str(root / "bad.jpg"),)
+    assert len(b.skipped_reasons) == 1 and b.skipped_reasons[0].startswith(
+        "UnidentifiedImageError: ")
+    assert [r.getMessage() for r in said] == [
+        f"skipped unreadable image {root / 'bad.jpg'} ({b.skipped_reasons[0]}; 1 skipped so far "
+        "of 4)"]
+    assert getattr(said[0], "every_rank", False)
+
+
 def test_missing_and_empty_folders_error_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         build_train_loader(_cfg(tmp_path / "nope"))
