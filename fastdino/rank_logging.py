@@ -32,15 +32,18 @@ def _world_rank() -> int:
 class MainRankInfo(logging.Filter):
     """Passes every line on rank 0 of the training group (world rank 0, or each co-distillation
     student's own rank 0 after `fdist.split`); on the other ranks only errors and EVERY_RANK
-    warnings, tagged with the world rank. Asked at each line, so the group in force decides."""
+    warnings. Those are tagged with the world rank wherever it is not 0, a student's rank 0
+    included (two students' lines about their own shards must not read the same). Asked at
+    each line, so the group in force decides."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if fdist.is_main_process():
-            return True
-        if record.levelno < logging.ERROR and not getattr(record, "every_rank", False):
-            return False
+        own = record.levelno >= logging.ERROR or getattr(record, "every_rank", False)
+        if not own:
+            return fdist.is_main_process()
         if not getattr(record, "rank_tagged", False):  # one record can pass several handlers
-            record.msg = f"[rank {_world_rank()}] {record.msg}"
+            rank = _world_rank()
+            if rank != 0:
+                record.msg = f"[rank {rank}] {record.msg}"
             record.rank_tagged = True
         return True
 

@@ -110,3 +110,20 @@ def test_one_waiting_rank_says_it_waits_for_rank_zeros_conversion(tmp_path, monk
         assert len(said) == 3 and all(getattr(r, "every_rank", False) for r in said)
     else:
         assert said == []
+
+
+def test_a_students_rank_zero_tags_its_own_warnings_and_errors(capture, monkeypatch):
+    """Co-distillation: each student's rank 0 (world rank 4 here) is a main process and prints
+    its info lines, but its own warnings (an unreadable image in its shard) and its errors are
+    tagged with the world rank as any other rank's: two students' skip lines must not read the
+    same."""
+    log, stream = capture
+    monkeypatch.setattr(rank_logging.fdist, "is_main_process", lambda: True)
+    monkeypatch.setattr(rank_logging, "_world_rank", lambda: 4)
+    _emit_all(log)
+    assert stream.getvalue().splitlines() == [
+        "INFO schedule: 10 iterations",
+        "WARNING train.resume=none: starting over checkpoints",
+        "WARNING [rank 4] skipped unreadable image a.jpg",
+        "ERROR [rank 4] out of GPU memory",
+    ]
