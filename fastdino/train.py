@@ -164,6 +164,8 @@ class Trainer:
         # (micro-batches consumed, = steps x gas); consecutive_nonfinite: skipped steps in a row
         self.start_iteration = self.start_micro_batch = self.consecutive_nonfinite = 0
         self.resume_rng, self._gram_state = None, None
+        self.resume_num_images = None  # the images the checkpoint's data position counts in
+        self.num_images = None
         if resume is not None:
             try:
                 st = load_checkpoint(resume, self.engine)
@@ -176,6 +178,7 @@ class Trainer:
             self.start_iteration, self.resume_rng = st["iteration"], st["rng"]
             self.start_micro_batch = _step_aligned(st["data_iteration"], self.gas, resume)
             self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
+            self.resume_num_images = st.get("num_images")  # (None: an older checkpoint)
             same_ranks = st.get("world_size", self.info.world_size) == self.info.world_size
             same_batch = st.get("micro_batch_size") in (None, cfg.data.batch_size_per_gpu)
             # (another rank count or per-rank batch: load_checkpoint remapped the data position
@@ -358,6 +361,14 @@ class Trainer:
     def open_run(self, num_images: int) -> None:
         """Metrics, health monitor and history of the run about to start; the resumed RNG last."""
         cfg = self.cfg
+        self.num_images = num_images
+        if self.resume_num_images not in (None, num_images):
+            # the data position is an index into the sorted listing: over another listing (files
+            # added or removed, a new image type listed) it names other images
+            logger.warning("%sthe checkpoint's data position counts %d images, the data now lists "
+                           "%d: the run continues at the same position in the new listing (the "
+                           "current pass may repeat or miss some images; the passes after it are "
+                           "whole)", self.log_prefix, self.resume_num_images, num_images)
         logger.info("%s%s", self.log_prefix, schedule_in_data_passes(
             cfg, self.max_it, self.global_batch, num_images))
         self.metrics = MetricsLogger(self.out, self.max_it, self.start_iteration,
@@ -448,7 +459,8 @@ class Trainer:
 
     def save(self, it: int) -> Path:
         state = {**self.arch.state_for_checkpoint(), "data_iteration": self.micro_batch,
-                 "consecutive_nonfinite": self.consecutive_nonfinite}
+                 "consecutive_nonfinite": self.consecutive_nonfinite,
+                 "num_images": self.num_images}
         return save_checkpoint(self.ckpt_dir, it, self.engine, state,
                                self.cfg.train.keep_checkpoints)
 
@@ -582,6 +594,14 @@ def _keep_previous_config(cfg: Config, path: Path) -> Path | None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         old = {}
+    old_model = old.get("model") if isinstance(old, dict) else None
+    if isinstance(old_model, dict) and "pos_embed_rope_dtype" not in old_model \
+            and cfg.model.pos_embed_rope_dtype != "fp32":
+        # (config.yaml of a run started before the key existed: RoPE was computed in fp32)
+        logger.warning("this run started with fp32 RoPE (its config.yaml predates "
+                       "model.pos_embed_rope_dtype); it continues with %s RoPE, the training "
+                       "default now; model.pos_embed_rope_dtype=fp32 continues it as it was",
+                       cfg.model.pos_embed_rope_dtype)
     changes = config_changes(old, cfg.to_dict())
     if not changes:
         return None
