@@ -210,7 +210,7 @@ class Trainer:
         # stop.py: this rank's signal (while train() runs), and what the ranks agreed in the
         # last step's reduction; stopped_by: the signal that ended train() early, if one did
         self.stop: StopOnSignal | None = None
-        self.stop_agreed = False
+        self.stop_agreed = self.stop_on_main = False
         self.stopped_by: str | None = None
 
     # ---------------------------------------------------------------------------------- the step
@@ -268,11 +268,13 @@ class Trainer:
         if n != gas:
             raise ValueError(f"step {it}: {n} micro-batches given, deepspeed."
                              f"gradient_accumulation_steps={gas} expected")
-        # a stop signal on any rank rides on the same reduction (stop.py)
-        flags = {"stop": self.stop is not None and self.stop.requested is not None}
+        # a stop signal on any rank rides on the same reduction (stop.py), and whether rank 0
+        # had one (then its line names the signal, and the other ranks need not say theirs)
+        mine = self.stop is not None and self.stop.requested is not None
+        flags = {"stop": mine, "stop_on_main": mine and fdist.is_main_process()}
         norms = engine.clip_grad_norms(cfg.optim.clip_grad, finite_check=torch.stack(losses),
                                        flags=flags)
-        self.stop_agreed = flags["stop"]
+        self.stop_agreed, self.stop_on_main = flags["stop"], flags["stop_on_main"]
         ok = all(math.isfinite(x) for x in norms.values())
         if ok:
             with timer("optimizer"):
@@ -436,9 +438,12 @@ class Trainer:
             self.stopped_by = (self.stop.requested if self.stop is not None else None) or "SIGTERM"
             who = (self.stop.requested if self.stop is not None and self.stop.requested
                    else "a stop signal on another rank")
+            # rank 0 always says it; a rank that had the signal rank 0 did not have says which
+            # one it was (under Slurm every rank has it: one line, not one per rank)
+            own = self.stop is not None and self.stop.requested and not self.stop_on_main
             logger.warning("%sstopped by %s at iteration %d of %d: checkpoint %s; the same "
                            "command continues from it (train.resume=auto)", self.log_prefix, who,
-                           it, self.max_it, path)
+                           it, self.max_it, path, extra=rank_logging.EVERY_RANK if own else None)
         return path
 
     def _print(self, line: str) -> None:
