@@ -50,10 +50,11 @@ from fastdino.data.sample_data import cache_dir
 
 logger = logging.getLogger("fastdino.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# .jfif is a JPEG under the name some browsers save it with
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # image formats a folder may hold that are not read here: a folder walk leaving them out says so
 # as a warning (other files, notes / labels / sidecars, only at info level)
-OTHER_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jp2", ".j2k", ".jpx", ".heic", ".heif", ".avif",
+OTHER_IMAGE_EXTENSIONS = (".gif", ".jp2", ".j2k", ".jpx", ".heic", ".heif", ".avif",
                           ".jxl", ".ico", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".psd",
                           ".dng", ".cr2", ".nef", ".arw", ".exr", ".hdr", ".dcm", ".dicom",
                           ".nii", ".svg")

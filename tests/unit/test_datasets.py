@@ -23,11 +23,12 @@ def test_recursive_listing_extensions_and_order(tmp_path):
     _save(tmp_path / "d.webp", "WEBP")
     _save(tmp_path / "e.bmp")
     _save(tmp_path / "f.tiff", "TIFF")
+    _save(tmp_path / "f2.jfif", "JPEG")  # what some browsers name a saved JPEG
     _save(tmp_path / "g.gif", "GIF")  # not an allowed extension
     (tmp_path / "notes.txt").write_text("x")
     ds = ImageFolderUnlabeled(root=tmp_path)
     names = [p[len(str(tmp_path)) + 1:] for p in ds.paths]
-    assert names == ["a.png", "b/deep/x.JPG", "c.Jpeg", "d.webp", "e.bmp", "f.tiff"]
+    assert names == ["a.png", "b/deep/x.JPG", "c.Jpeg", "d.webp", "e.bmp", "f.tiff", "f2.jfif"]
     for i in range(len(ds)):
         img, used, skipped = ds.load(i)
         assert img.mode == "RGB" and img.size == (12, 10) and used == i and skipped == ()
