@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true",
                    help="train the heads on fresh random-resized-crop + flip views of the "
                         "training images in every pass, as the official probe (one feature "
-                        "extraction per pass instead of one cached centre crop)")
+                        "extraction per pass, for the whole --n-last-blocks x --avgpool grid, "
+                        "instead of one cached centre crop)")
 
     p = sub.add_parser("seg", help="dense linear probe (BN + 1x1 conv), mIoU",
                        formatter_class=fmt)
@@ -376,7 +377,7 @@ def run_linear_probes(extractor, train, val, classes, args, cache, key, device) 
     the official order: fewer blocks first, without the patch mean first), its winner's
     feature set in "best", and with more than one set a "grid" summary."""
     from fastdino.eval.features import cached_features
-    from fastdino.eval.linear import OFFICIAL_LRS, linear_features, train_linear_probes
+    from fastdino.eval.linear import OFFICIAL_LRS, train_linear_probe_grid
 
     feats = {name: cached_features(extractor, [p for p, _ in samples], cache, key)
              for name, samples in (("train", train), ("val", val))}
@@ -385,17 +386,15 @@ def run_linear_probes(extractor, train, val, classes, args, cache, key, device) 
     train_paths = [p for p, _ in train]
     pools = {"on": (True,), "off": (False,), "both": (False, True)}[args.avgpool]
     grid = [(n, pool) for n in sorted(set(args.n_last_blocks)) for pool in pools]
-    results = {}
-    for n, pool in grid:
-        views = (None if not args.augment else  # one extraction per pass, not cached
-                 lambda q, n=n, pool=pool: linear_features(
-                     extractor.views(train_paths, args.seed, q), n, pool))
-        results[n, pool] = train_linear_probes(
-            linear_features(feats["train"], n, pool), y["train"],
-            linear_features(feats["val"], n, pool), y["val"], len(classes),
-            lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,
-            batch_size=args.probe_batch_size, seed=args.seed, device=device, classes=classes,
-            train_views=views)
+    # --augment: one extraction per pass (not cached) for the whole grid; every feature set
+    # is cut from its CLS of the last max(n) blocks + patch mean
+    views = (None if not args.augment else
+             lambda q: extractor.views(train_paths, args.seed, q))
+    results = train_linear_probe_grid(
+        feats["train"], y["train"], feats["val"], y["val"], len(classes), grid,
+        lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,
+        batch_size=args.probe_batch_size, seed=args.seed, device=device, classes=classes,
+        train_views=views)
     n, pool = max(grid, key=lambda c: results[c]["best"]["top1"])
     res = dict(results[n, pool])
     res["best"] = {**res["best"], "n_last_blocks": n, "avgpool": pool}

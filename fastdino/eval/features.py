@@ -138,6 +138,20 @@ class BackboneExtractor:
         return self._features(_EvalImages(paths, self.image_size),
                               f"features {self.image_size}px")
 
+    def _forward(self, x: torch.Tensor) -> tuple:
+        """One backbone forward of a batch -> (normed CLS [b, D], normed patch tokens [b, N, D],
+        the last n blocks' (patches, CLS) or None when n_last_blocks = 1). With n > 1,
+        get_intermediate_layers(norm=True) alone: its last block, normed by the final norm, is
+        forward_features' x_norm_clstoken and x_norm_patchtokens bit for bit (the same blocks,
+        the same norm), so a second forward for those would only repeat the work."""
+        if self.n_last_blocks == 1:
+            out = self.backbone.forward_features(x)
+            return out["x_norm_clstoken"], out["x_norm_patchtokens"], None
+        layers = self.backbone.get_intermediate_layers(
+            x, n=self.n_last_blocks, return_class_token=True, norm=True)
+        patches, cls = layers[-1]
+        return cls, patches, layers
+
     def views(self, paths: Sequence[str], seed: int, pass_: int) -> dict[str, torch.Tensor]:
         """The features of one random-resized-crop + flip view of each image (`_EvalImages`),
         the views of training pass `pass_` of the linear probe (`--augment`)."""
@@ -149,8 +163,13 @@ class BackboneExtractor:
                   ) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
-        depth = len(getattr(self.backbone, "blocks", ()))  # (a ConvNeXt says n=1 itself)
-        if self.n_last_blocks > 1 and depth and self.n_last_blocks > depth:
+        blocks_of = getattr(self.backbone, "blocks", None)
+        if self.n_last_blocks > 1 and blocks_of is None:  # a ConvNeXt: stages of other widths
+            raise ValueError(f"--n-last-blocks {self.n_last_blocks} is invalid: a "
+                             f"{type(self.backbone).__name__} backbone gives its last stage's "
+                             "features only, allowed is 1")
+        depth = len(blocks_of or ())
+        if self.n_last_blocks > 1 and self.n_last_blocks > depth:
             raise ValueError(f"--n-last-blocks {self.n_last_blocks} is invalid: the backbone has "
                              f"{depth} blocks, allowed is 1 .. {depth}")
         self.backbone.eval()
@@ -163,13 +182,10 @@ class BackboneExtractor:
         for x in bar:
             x = x.to(device, non_blocking=True)
             with autocast_for(device):
-                out = self.backbone.forward_features(x)
-                if self.n_last_blocks > 1:  # the normed CLS of each of the last n blocks
-                    layers = self.backbone.get_intermediate_layers(
-                        x, n=self.n_last_blocks, return_class_token=True, norm=True)
-            cls.append(out["x_norm_clstoken"].float().cpu())  # [b, D]
-            patch_mean.append(out["x_norm_patchtokens"].float().mean(1).cpu())  # [b, D]
-            if self.n_last_blocks > 1:
+                cls_b, patches, layers = self._forward(x)
+            cls.append(cls_b.float().cpu())  # [b, D]
+            patch_mean.append(patches.float().mean(1).cpu())  # [b, D]
+            if layers is not None:
                 blocks.append(torch.stack([c for _, c in layers], 1).float().cpu())  # [b, n, D]
         feats = {"cls": torch.cat(cls), "patch_mean": torch.cat(patch_mean)}
         if self.n_last_blocks > 1:

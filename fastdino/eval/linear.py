@@ -21,6 +21,11 @@ random-resized-crop + flip views instead, fresh in every pass over the train set
 extraction per pass: each row is visited once per pass, so this is the official protocol's
 distribution of views). The best lr is chosen on val and the same val top-1 is reported (no
 separate test split), as the official probe does when it is given one eval set.
+
+Feature grid (`train_linear_probe_grid`, `--n-last-blocks 1 4 --avgpool both`): every feature
+set is cut from the same extracted features (the CLS of the last max(n) blocks + the last
+block's patch mean), and all sets' heads train in one loop, as the official probe trains its
+grid's classifiers on one forward: one extraction per pass for the whole grid, not per set.
 """
 
 from __future__ import annotations
@@ -130,19 +135,76 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
     `train_views(p)`: the [N, F] features of the rows in training pass p (0, 1, ...; asked for
     once each, in order), e.g. of fresh random-resized-crop + flip views as the official probe
     trains on; None: x_train in every pass. x_train gives the reported train top-1."""
+    views = None if train_views is None else (lambda p: {"x": train_views(p)})
+    return _train_heads([lambda f: f["x"]], {"x": x_train}, y_train, {"x": x_val}, y_val,
+                        n_classes, lrs=lrs, iterations=iterations, max_epochs=max_epochs,
+                        batch_size=batch_size, momentum=momentum, seed=seed, device=device,
+                        classes=classes, train_views=views)[0]
+
+
+@torch.no_grad()
+def train_linear_probe_grid(train: dict[str, torch.Tensor], y_train: torch.Tensor,
+                            val: dict[str, torch.Tensor], y_val: torch.Tensor, n_classes: int,
+                            grid: Sequence[tuple[int, bool]], *,
+                            train_views: Callable[[int], dict[str, torch.Tensor]] | None = None,
+                            **kwargs) -> dict[tuple[int, bool], dict]:
+    """The probes of every feature set (n_last_blocks, avgpool) of `grid` built from the same
+    extracted features (`linear_features` of the dicts `train`, `val`), all trained in one loop
+    over the passes, as the official probe trains its whole grid on one forward: with
+    `train_views(p)` (the feature dict of pass p's views, `BackboneExtractor.views`) each
+    pass's views are extracted once for the grid, not once per feature set. Each set's heads
+    draw their init and batches from their own generator seeded `seed`: a set's result is
+    train_linear_probes' on its features alone, whatever else the grid holds.
+    kwargs: train_linear_probes'. Returns {(n, avgpool): its result}."""
+    grid = list(grid)
+    makes = [lambda f, n=n, pool=pool: linear_features(f, n, pool) for n, pool in grid]
+    results = _train_heads(makes, train, y_train, val, y_val, n_classes,
+                           train_views=train_views, **kwargs)
+    return dict(zip(grid, results, strict=True))
+
+
+def _rows(feats: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in feats.items()}
+
+
+def _predict_sets(make: Callable, feats: dict[str, torch.Tensor], weight: torch.Tensor,
+                  bias: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """_predict on make(feats), built chunk by chunk (one feature set of the grid at a time,
+    never all of them in memory): the same chunks, hence the same numbers."""
+    n = next(iter(feats.values())).shape[0]
+    return torch.cat([_predict(make(_rows(feats, slice(i, i + chunk))), weight, bias, chunk)
+                      for i in range(0, n, chunk)], dim=1)
+
+
+def _train_heads(makes: Sequence[Callable[[dict], torch.Tensor]], train: dict[str, torch.Tensor],
+                 y_train: torch.Tensor, val: dict[str, torch.Tensor], y_val: torch.Tensor,
+                 n_classes: int, *, lrs: Sequence[float] = OFFICIAL_LRS,
+                 iterations: int = 12500, max_epochs: float | None = 100,
+                 batch_size: int = 1024, momentum: float = 0.9, seed: int = 0,
+                 device: str | torch.device = "cpu", classes: Sequence[str] | None = None,
+                 train_views: Callable[[int], dict[str, torch.Tensor]] | None = None
+                 ) -> list[dict]:
+    """The heads of every feature set make(feats) -> [rows, F] (one result each, as
+    train_linear_probes'), trained side by side on the rows of `train` (a dict of [N, ...]
+    tensors) or of `train_views(p)` in pass p; each set has its own generator (its init, then
+    its stream of batches), so that its result is the one it would have trained alone."""
     bad = [lr for lr in lrs if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0)]
     if bad or not lrs:  # lr 0 never moves the head, lr < 0 ascends the loss
         raise ValueError(f"--lrs {bad or list(lrs)} is invalid: allowed are numbers > 0 (base "
                          "learning rates, scaled by batch/256)")
     device = torch.device(device)
-    x_train, y_train = x_train.float().to(device), y_train.long().to(device)
-    x_val, y_val = x_val.float().to(device), y_val.long().to(device)
-    n, f = x_train.shape
+    train = {k: v.float().to(device) for k, v in train.items()}
+    val = {k: v.float().to(device) for k, v in val.items()}
+    y_train, y_val = y_train.long().to(device), y_val.long().to(device)
+    n = y_train.shape[0]
+    dims = [make(_rows(train, slice(0, 0))).shape[1] for make in makes]  # F of each set
     L = len(lrs)
-    gen = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(L, f, n_classes, generator=gen) * 0.01).to(device)  # [L, F, C]
-    bias = torch.zeros(L, n_classes, device=device)  # [L, C]
-    buf_w, buf_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    gens = [torch.Generator().manual_seed(seed) for _ in makes]
+    weights = [(torch.randn(L, f, n_classes, generator=gen) * 0.01).to(device)  # [L, F, C]
+               for f, gen in zip(dims, gens, strict=True)]
+    biases = [torch.zeros(L, n_classes, device=device) for _ in makes]  # [L, C]
+    bufs_w = [torch.zeros_like(w) for w in weights]
+    bufs_b = [torch.zeros_like(b) for b in biases]
     base = torch.tensor(lrs, dtype=torch.float32, device=device) * batch_size / 256  # [L]
     # a small train set does not need 12.5k steps: cap at `max_epochs` passes
     total = iterations if max_epochs is None else min(
@@ -151,50 +213,60 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
         logger.info("linear probe: --iterations %d capped at %d (%g passes over the %d training "
                     "images at batch %d; a small set needs no more)", iterations, total,
                     max_epochs, n, batch_size)
-    views: dict[int, torch.Tensor] = {}  # pass -> its features (at most the two a batch spans)
-    for step, (idx, pass_of) in enumerate(stream_batches(n, batch_size, total, gen, True)):
-        idx = idx.to(device)
-        yb = y_train[idx]  # [B]
-        if train_views is None:
-            xb = x_train[idx]  # [B, F]
-        else:
-            for p in pass_of.unique().tolist():
+    views: dict[int, dict] = {}  # pass -> its features (at most the two a batch spans)
+    streams = [stream_batches(n, batch_size, total, gen, True) for gen in gens]
+    for step, batches in enumerate(zip(*streams, strict=True)):
+        # every set's stream has the same pass boundaries (its own order inside each pass)
+        if train_views is not None:
+            for p in sorted(set().union(*(b[1].unique().tolist() for b in batches))):
                 if p not in views:
-                    views[p] = train_views(p).float().to(device)
-            for p in [p for p in views if p < int(pass_of.min())]:
+                    views[p] = {k: v.float().to(device) for k, v in train_views(p).items()}
+            first = min(int(b[1].min()) for b in batches)
+            for p in [p for p in views if p < first]:
                 del views[p]  # a finished pass
-            pass_of = pass_of.to(device)
-            xb = torch.empty(len(idx), f, device=device)
-            for p, feats in views.items():
-                here = pass_of == p
-                xb[here] = feats[idx[here]]
-        logits = torch.einsum("bf,lfc->lbc", xb, weight) + bias[:, None]  # [L, B, C]
-        # d(mean CE)/d logits = (softmax - onehot) / B, for each head independently
-        g = torch.softmax(logits, dim=-1)
-        g[:, torch.arange(len(yb), device=device), yb] -= 1.0
-        g /= len(yb)
-        gw = torch.einsum("bf,lbc->lfc", xb, g)  # [L, F, C]
-        gb = g.sum(1)  # [L, C]
         lr = base * 0.5 * (1 + math.cos(math.pi * step / total))  # [L] cosine to 0
-        buf_w.mul_(momentum).add_(gw)
-        buf_b.mul_(momentum).add_(gb)
-        weight.sub_(lr[:, None, None] * buf_w)
-        bias.sub_(lr[:, None] * buf_b)
-    val_pred = _predict(x_val, weight, bias)  # [L, Nv]
-    top1 = (val_pred == y_val).float().mean(1)  # [L]
-    train_top1 = (_predict(x_train, weight, bias) == y_train).float().mean(1)
-    # best on val; ties -> the smaller lr (first in the list)
-    best = int(torch.argmax(top1).item())
-    pred = val_pred[best]
-    conf = confusion_matrix(pred.cpu(), y_val.cpu(), n_classes)
-    return {
-        "best": {"lr": float(lrs[best]), "top1": float(top1[best]),
-                 "train_top1": float(train_top1[best])},
-        "per_lr": {float(lr): float(a) for lr, a in zip(lrs, top1.tolist(), strict=True)},
-        "confused": most_confused(conf, 5, classes),
-        "confusion": conf.tolist(),
-        "iterations": total, "iterations_requested": iterations,
-        "epochs": total * batch_size / n, "batch_size": batch_size,
-        "n_train": n, "n_val": int(x_val.shape[0]), "feature_dim": f,
-        "augment": train_views is not None,
-    }
+        for s, (idx, pass_of) in enumerate(batches):
+            make, weight, bias = makes[s], weights[s], biases[s]
+            idx = idx.to(device)
+            yb = y_train[idx]  # [B]
+            if train_views is None:
+                xb = make(_rows(train, idx))  # [B, F]
+            else:
+                pass_of = pass_of.to(device)
+                xb = torch.empty(len(idx), dims[s], device=device)
+                for p, feats in views.items():
+                    here = pass_of == p
+                    xb[here] = make(_rows(feats, idx[here]))
+            logits = torch.einsum("bf,lfc->lbc", xb, weight) + bias[:, None]  # [L, B, C]
+            # d(mean CE)/d logits = (softmax - onehot) / B, for each head independently
+            g = torch.softmax(logits, dim=-1)
+            g[:, torch.arange(len(yb), device=device), yb] -= 1.0
+            g /= len(yb)
+            gw = torch.einsum("bf,lbc->lfc", xb, g)  # [L, F, C]
+            gb = g.sum(1)  # [L, C]
+            bufs_w[s].mul_(momentum).add_(gw)
+            bufs_b[s].mul_(momentum).add_(gb)
+            weight.sub_(lr[:, None, None] * bufs_w[s])
+            bias.sub_(lr[:, None] * bufs_b[s])
+    views.clear()
+    results = []
+    for make, f, weight, bias in zip(makes, dims, weights, biases, strict=True):
+        val_pred = _predict_sets(make, val, weight, bias)  # [L, Nv]
+        top1 = (val_pred == y_val).float().mean(1)  # [L]
+        train_top1 = (_predict_sets(make, train, weight, bias) == y_train).float().mean(1)
+        # best on val; ties -> the smaller lr (first in the list)
+        best = int(torch.argmax(top1).item())
+        pred = val_pred[best]
+        conf = confusion_matrix(pred.cpu(), y_val.cpu(), n_classes)
+        results.append({
+            "best": {"lr": float(lrs[best]), "top1": float(top1[best]),
+                     "train_top1": float(train_top1[best])},
+            "per_lr": {float(lr): float(a) for lr, a in zip(lrs, top1.tolist(), strict=True)},
+            "confused": most_confused(conf, 5, classes),
+            "confusion": conf.tolist(),
+            "iterations": total, "iterations_requested": iterations,
+            "epochs": total * batch_size / n, "batch_size": batch_size,
+            "n_train": n, "n_val": int(y_val.shape[0]), "feature_dim": f,
+            "augment": train_views is not None,
+        })
+    return results
