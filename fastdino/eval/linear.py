@@ -172,8 +172,8 @@ def _predict_sets(make: Callable, feats: dict[str, torch.Tensor], weight: torch.
     """_predict on make(feats), built chunk by chunk (one feature set of the grid at a time,
     never all of them in memory): the same chunks, hence the same numbers."""
     n = next(iter(feats.values())).shape[0]
-    return torch.cat([_predict(make(_rows(feats, slice(i, i + chunk))), weight, bias, chunk)
-                      for i in range(0, n, chunk)], dim=1)
+    return torch.cat([_predict(make(_rows(feats, slice(i, i + chunk))).to(weight.device),
+                               weight, bias, chunk) for i in range(0, n, chunk)], dim=1)
 
 
 def _train_heads(makes: Sequence[Callable[[dict], torch.Tensor]], train: dict[str, torch.Tensor],
@@ -193,7 +193,9 @@ def _train_heads(makes: Sequence[Callable[[dict], torch.Tensor]], train: dict[st
         raise ValueError(f"--lrs {bad or list(lrs)} is invalid: allowed are numbers > 0 (base "
                          "learning rates, scaled by batch/256)")
     device = torch.device(device)
-    train = {k: v.float().to(device) for k, v in train.items()}
+    # with train_views the centre crops' features only give the reported train top-1: they
+    # stay on the host (moved a chunk at a time), the device holds the passes' views
+    train = {k: v.float().to(device if train_views is None else "cpu") for k, v in train.items()}
     val = {k: v.float().to(device) for k, v in val.items()}
     y_train, y_val = y_train.long().to(device), y_val.long().to(device)
     n = y_train.shape[0]
