@@ -157,6 +157,9 @@ def train_linear_probe_grid(train: dict[str, torch.Tensor], y_train: torch.Tenso
     train_linear_probes' on its features alone, whatever else the grid holds.
     kwargs: train_linear_probes'. Returns {(n, avgpool): its result}."""
     grid = list(grid)
+    if not grid:  # nothing would train, and nothing be reported
+        raise ValueError("linear probe grid is empty: give at least one (n_last_blocks, "
+                         "avgpool) feature set")
     makes = [lambda f, n=n, pool=pool: linear_features(f, n, pool) for n, pool in grid]
     results = _train_heads(makes, train, y_train, val, y_val, n_classes,
                            train_views=train_views, **kwargs)

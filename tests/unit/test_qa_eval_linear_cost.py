@@ -184,3 +184,10 @@ def test_convnext_last_blocks_names_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"^--n-last-blocks 2 is invalid: a ConvNeXt backbone "
                                          r".*allowed is 1$"):
         ex([str(tmp_path / "never_read.png")])
+
+
+def test_empty_grid_is_an_error():
+    """No feature set: a one-line ValueError, not an empty result (nothing trained)."""
+    feats = {"cls": torch.randn(4, 3), "patch_mean": torch.randn(4, 3)}
+    with pytest.raises(ValueError, match="grid is empty"):
+        train_linear_probe_grid(feats, torch.arange(4) % 2, feats, torch.arange(4) % 2, 2, [])
