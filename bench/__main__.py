@@ -70,9 +70,14 @@ def triton_missing(target: str) -> str | None:
     macOS and Windows torch wheels ship none), else None."""
     if target in NO_TRITON:
         return None
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    # find_spec, not import: triton must be imported after TRITON_INTERPRET is set (main() sets
+    # it on CPU), or its @triton.jit functions are made for the compiler, not the interpreter
+    # (sys.modules["triton"] = None is how Python spells a module that must not import)
+    present = (sys.modules["triton"] is not None if "triton" in sys.modules
+               else importlib.util.find_spec("triton") is not None)
+    if not present:
         return (f"error: python -m bench {target} needs triton, which is not installed (the Linux "
                 f"CUDA torch wheels ship it): without it only {' and '.join(NO_TRITON)} run")
     return None
