@@ -17,7 +17,7 @@ set -eu
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DALI=yes
 MAKE=yes
-CHECK_ARGS='--budget 420 --full --stages pytest,bench,profile,data --ops sk_pass,gram,dino_loss,koleo,photometric --cases vitl16-ibot-row-bf,vitl16-ibot-bf,vitl16-dino-bf,vitl16-224-img,vitl16-512,vitl16-1024,koleo-B,koleo-gathered256,photometric- --providers torch,torch_compile,triton,triton_two_calls,triton_rows,triton_row_loop,triton_bwd_gemm_triton,triton_pp_recompute,row_first,col_mode0,col_mode1,triton_old,triton_ks1,triton_fused --tests "tests/unit/test_dali.py tests/unit/test_dali_jitter.py tests/unit/test_floors.py tests/kernels/test_photometric.py tests/unit/test_loader.py tests/kernels/test_gram.py tests/kernels/test_sinkhorn.py tests/kernels/test_dino_loss_gpu.py tests/kernels/test_dino_loss.py tests/kernels/test_koleo.py tests/gpu/test_model_cuda.py"'
+CHECK_ARGS='--budget 420 --full --stages pytest,bench,profile,data --ops sk_pass,gram,dino_loss,koleo,photometric --cases vitl16-ibot-row-bf,vitl16-ibot-bf,vitl16-dino-bf,vitl16-224-img,vitl16-512,vitl16-1024,koleo-B,koleo-gathered256,photometric- --providers torch,torch_compile,triton,triton_two_calls,triton_rows,triton_row_loop,triton_bwd_gemm_triton,triton_pp_recompute,row_first,col_mode0,col_mode1,triton_old,triton_ks1,triton_fused --tests "tests/unit/test_dali.py tests/unit/test_dali_jitter.py tests/unit/test_floors.py tests/kernels/test_photometric.py tests/unit/test_loader.py tests/kernels/test_gram.py tests/kernels/test_sinkhorn.py tests/kernels/test_dino_loss_gpu.py tests/kernels/test_dino_loss.py tests/kernels/test_koleo.py tests/gpu/test_model_cuda.py tests/gpu/test_gram_teacher_cuda.py"'
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-dali) DALI=no; shift ;;
