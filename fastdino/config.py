@@ -602,6 +602,12 @@ class SchedulesConfig:
             )
 
 
+# data.white_level (and eval's --white-level): what is allowed
+WHITE_LEVEL_ALLOWED = ("null (a 16-bit image's 0..65535 maps to 0..255), or an integer in "
+                       "256..65535: the value that maps to white for integer images deeper than "
+                       "8 bits, e.g. 4095 for 12-bit data (values above it clip to white)")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     # where the images are: a folder (recursive; the images inside its .tar shards too), an
@@ -635,6 +641,16 @@ class DataConfig:
     # the step, the same on every rank), the whole global batch comes from it (data/mixing.py)
     homogeneous_root: str | None = None
     homogeneous_ratio: float = 0.1  # share of the steps read from homogeneous_root, in (0, 1)
+    # the value that maps to white for integer images deeper than 8 bits (16-bit greyscale PNG /
+    # TIFF): 10/12/14-bit data (scientific cameras, CT / X-ray, microscopy) is stored in 16-bit
+    # files, and scaled from 0..65535 a 12-bit image (max 4095) trains on 8-bit levels 0..16,
+    # nearly black. 4095 for 12-bit data, 1023 / 16383 for 10 / 14-bit; values above it clip to
+    # white. Integer images only (16-bit, and 32-bit without negative values); float and signed
+    # data keep their own range, 16-bit RGB is read as 8 bits by PIL (its high byte). Applies to
+    # both loaders (DALI: such images are decoded on the host). null = the 16-bit range 0..65535
+    # (a warning says it once when an image uses at most 14 bits). Eval / curate embed:
+    # --white-level.
+    white_level: int | None = None
 
     def validate(self, p: str = "data") -> None:
         _choice(self.loader, f"{p}.loader", ("auto", "torch", "dali"))
@@ -652,6 +668,8 @@ class DataConfig:
         )
         _check(self.num_workers >= 0, f"{p}.num_workers", "an integer >= 0", self.num_workers)
         _check(self.seed >= 0, f"{p}.seed", "an integer >= 0", self.seed)
+        _check(self.white_level is None or 255 < self.white_level <= 65535, f"{p}.white_level",
+               WHITE_LEVEL_ALLOWED, self.white_level)
 
 
 @dataclass(kw_only=True)

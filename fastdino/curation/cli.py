@@ -33,7 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdino.eval.cli import HelpFormatter, count, error_message, positive_int
+from fastdino.eval.cli import (
+    WHITE_LEVEL_HELP,
+    HelpFormatter,
+    count,
+    error_message,
+    positive_int,
+    run_white_level,
+    white_level,
+)
 
 logger = logging.getLogger("fastdino.curation")
 
@@ -66,7 +74,8 @@ def _embed(a: argparse.Namespace) -> int:
         raise SystemExit(f"{e} ({info.arch})") from None
     path = embed_folder(a.data, backbone, a.out, key={"weights": info.digest, "arch": info.arch},
                         image_size=a.image_size, batch_size=a.batch_size,
-                        num_workers=a.num_workers, progress=not a.quiet, patches=a.patches)
+                        num_workers=a.num_workers, progress=not a.quiet, patches=a.patches,
+                        white_level=run_white_level(a.white_level, info.run_config))
     print(f"wrote {path} ({info.source})")
     return 0
 
@@ -290,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", action="store_true",
                    help="also E/patches.npy: [N, h, w, D] fp16 patch tokens (after the final "
                         "norm) for your own dense heads or retrieval")
+    p.add_argument("--white-level", type=white_level, default=None, metavar="N",
+                   help=WHITE_LEVEL_HELP)
 
     p = sub.add_parser("cluster", help="hierarchical k-means with resampling steps",
                        formatter_class=fmt)

@@ -51,15 +51,17 @@ class _Images(torch.utils.data.Dataset):
     """(image tensor, ok) of images start, start + 1, ...: an unreadable file gives zeros and
     ok=False (never fatal). `locations` is packed: the loader's forked workers share it."""
 
-    def __init__(self, locations: PackedLocations, start: int, image_size: int):
+    def __init__(self, locations: PackedLocations, start: int, image_size: int,
+                 white_level: int | None = None):
         self.locations, self.start, self.image_size = locations, start, image_size
+        self.white_level = white_level  # --white-level (decode_rgb's)
 
     def __len__(self) -> int:
         return len(self.locations) - self.start
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            img = decode_location(self.locations[self.start + i])
+            img = decode_location(self.locations[self.start + i], self.white_level)
         except DECODE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False
         return to_normalized_tensor(resize_center_crop(img, self.image_size)), True
@@ -98,10 +100,13 @@ def check_image_size(image_size: int, patch: int, what: str = "image_size") -> N
 @torch.no_grad()
 def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: dict,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
-                 progress: bool = True, patches: bool = False) -> Path:
+                 progress: bool = True, patches: bool = False,
+                 white_level: int | None = None) -> Path:
     """Embed every image under `data` into `out` (module docstring); returns the matrix path.
     `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one.
-    `patches`: also the patch-token matrix (patches.npy), written and resumed in lockstep."""
+    `patches`: also the patch-token matrix (patches.npy), written and resumed in lockstep.
+    `white_level`: 16-bit images' white (--white-level, data.white_level: datasets._to_8bit),
+    in the key where it is set (a rerun with another is refused)."""
     patch = int(backbone.patch_size)
     check_image_size(image_size, patch)
     out = Path(out)
@@ -120,6 +125,8 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     grid = image_size // patch
     if patches:  # (only then: folders embedded before this option keep their key)
         full_key["patches"] = [grid, grid]
+    if white_level is not None:  # (the same)
+        full_key["white_level"] = white_level
     state_file, matrix = out / PROGRESS, out / EMBEDDINGS
     done = 0
     if state_file.is_file() and matrix.is_file():
@@ -143,7 +150,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     skipped = read_names(skipped_file) if skipped_file.is_file() else []
 
     backbone.eval()
-    loader = torch.utils.data.DataLoader(_Images(locations, done, image_size),
+    loader = torch.utils.data.DataLoader(_Images(locations, done, image_size, white_level),
                                          batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     # a bar on a terminal, else a log line every ~10 s (tqdm alone showed nothing in a job's log)

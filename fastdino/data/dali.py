@@ -24,6 +24,8 @@ Data flow, per rank:
                A TIFF DALI would not decode as PIL does (16-bit, float, bilevel, CMYK, grey +
                alpha, planar, ...: `dali_plan._dali_reads_tiff`) is decoded by the source with
                the torch loader's decode and reaches the decoder as PPM: same pixels, no stop.
+               So is, with data.white_level set, a 16-bit greyscale image of any format (a 16-bit
+               PNG: DALI's decoder would scale 0..65535, not 0..white_level, to 0..255).
   crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
   photometric  data.dali_jitter picks where the photometric ops run.
                triton (default): the graph ends at crop + resize (120 operators at 2 x 224 +
@@ -68,6 +70,7 @@ exactly the batches the broken one would have (with the bad file replaced).
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -79,7 +82,11 @@ import torch
 from fastdino.config import Config
 from fastdino.data import dali_plan as P
 from fastdino.data.collate import Batch
-from fastdino.data.datasets import ImageFolderUnlabeled
+from fastdino.data.datasets import (
+    _DECODE_ERRORS,
+    ImageFolderUnlabeled,
+    silence_shallow_16bit_warning,
+)
 from fastdino.data.gpu_photometric import RawCrops, finish_crops
 from fastdino.data.loader import (
     ShardedInfiniteOrder,
@@ -137,6 +144,14 @@ def _why(e: Exception) -> str:
     return str(e) if isinstance(e, P.UnreadableImage) else f"{type(e).__name__}: {e}"
 
 
+def _probe(data: bytes, white_level: int | None) -> tuple[np.ndarray, int, int]:
+    """`dali_plan.probe_image`, given data.white_level only when it is set (stand-ins for the
+    probe written before it, as tests', take the bytes alone)."""
+    if white_level is None:
+        return P.probe_image(data)
+    return P.probe_image(data, white_level)
+
+
 class _Source:
     """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta, the
     image's two rows of the step's iBOT masks[, its crops' photometric kernel parameters])."""
@@ -145,6 +160,7 @@ class _Source:
                  start_iteration: int, photometric_params: bool = False,
                  steps: Callable[[int], int] | None = None) -> None:
         self.images, self.order, self.crops = images, order, cfg.crops
+        self.white_level = cfg.data.white_level  # the probe's host decode applies it
         # photometric="triton": the kernel's per-crop parameters (blur taps included) are made
         # here too, in the worker processes, not on the training process's main thread
         self.photometric_params = photometric_params
@@ -180,7 +196,7 @@ class _Source:
             if paths[i] in self.images.skipped:
                 continue
             try:
-                return (*P.probe_image(self.images.read(i)), i)
+                return (*_probe(self.images.read(i), self.white_level), i)
             except (OSError, P.UnreadableImage) as e:
                 # said by the loader, once, from the training process (`_skipped_paths`): a
                 # spawned source worker has no logging set up (its line came untagged, on
@@ -212,6 +228,9 @@ class _Source:
         self.__dict__.update(state)
         if os.getpid() != state["_creator_pid"]:
             ignore_in_worker()
+            # the 16-bit depth warning is the training process's (`_say_bit_depth`): a spawned
+            # worker has no logging set up and would print it bare, on every rank
+            silence_shallow_16bit_warning()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,7 +595,7 @@ class DALITrainLoader:
         if path in self.images.skip_reasons:
             return self.images.skip_reasons[path]
         try:
-            P.probe_image(self.images.read(index))
+            _probe(self.images.read(index), self.cfg.data.white_level)
         except (OSError, P.UnreadableImage) as e:
             return _why(e)
         return ""
@@ -610,6 +629,24 @@ class MixedResolutionLoader:
         return batch
 
 
+def _say_bit_depth(images: ImageFolderUnlabeled) -> None:
+    """data.white_level null: the warning of a 16-bit image that uses at most 14 bits
+    (datasets._to_8bit), from the training process. DALI decodes 16-bit PNGs itself and the
+    source's workers are spawned without logging, so the torch loader's way (each worker says
+    it at its first such image) says nothing here: the first image of the dataset is looked at
+    instead, decoded (on the host, once) only when its header says 16-bit greyscale."""
+    from PIL import Image
+
+    try:
+        data = images.read(0)
+        with Image.open(io.BytesIO(data)) as img:  # header only
+            deep = img.mode.startswith("I")
+        if deep:
+            images.decode(0)  # _to_8bit warns (once per process) when it is shallow
+    except _DECODE_ERRORS:
+        pass  # an unreadable first file: the loader skips and reports it
+
+
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
                       exact_hue: bool | None = None,
@@ -632,6 +669,8 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
     images = build_dataset(cfg, ranks=(rank, world_size))  # collective: every rank calls this
+    if cfg.data.white_level is None:
+        _say_bit_depth(images)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d; "
                 "photometric ops: %s; source: %s)",

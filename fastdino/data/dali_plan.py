@@ -153,6 +153,9 @@ DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000"
 # decoded on the CPU by the same decoders, so the checks above hold; where an nvImageCodec build
 # decodes TIFF on the GPU (nvTIFF), the TIFFs passed to it are still lossless 8-bit data (JPEG-
 # compressed ones may differ by a level or two, as nvJPEG does). Not run on a GPU here.
+# 16-bit greyscale PNGs: DALI's decoder scales 0..65535 to 0..255 itself, which ignores
+# data.white_level; with a white level set they are decoded on the host as those TIFFs are
+# (`_host_decoded`), so that both loaders map 0..white_level to 0..255.
 _DALI_TIFF_MODES = frozenset({"L", "RGB"})
 _DALI_TIFF_PHOTOMETRIC = frozenset({1, 2, 6})  # min-is-black, RGB, YCbCr (JPEG-compressed)
 # none, LZW, JPEG, deflate (both codes), PackBits: libtiff's built-in codecs
@@ -180,12 +183,22 @@ def _tiff_data_end(img: Image.Image) -> int:
     return max((o + c for o, c in zip(offsets, counts, strict=False)), default=0)
 
 
-def _host_decoded_ppm(data: bytes) -> bytes:
-    """The image decoded as the torch loader decodes it, as binary PPM (DALI reads it as is)."""
+def _host_decoded(img: Image.Image, white_level: int | None) -> bool:
+    """Whether an image (header parsed) is decoded on the host rather than by DALI: a TIFF DALI
+    reads otherwise than PIL, and with data.white_level an integer greyscale image deeper than 8
+    bits (a 16-bit PNG: DALI's own scaling is 0..65535)."""
+    if img.format == "TIFF" and not _dali_reads_tiff(img):
+        return True
+    return white_level is not None and img.mode.startswith("I")
+
+
+def _host_decoded_ppm(data: bytes, white_level: int | None = None) -> bytes:
+    """The image decoded as the torch loader decodes it (`white_level`: data.white_level), as
+    binary PPM (DALI reads it as is)."""
     from fastdino.data.datasets import _DECODE_ERRORS, decode_rgb
 
     try:
-        rgb = decode_rgb(data)
+        rgb = decode_rgb(data, white_level)
     except _DECODE_ERRORS as e:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
     return b"P6\n%d %d\n255\n" % rgb.size + rgb.tobytes()
@@ -232,15 +245,16 @@ def _check_complete(data: bytes, fmt: str) -> None:
         raise UnreadableImage("BMP is shorter than its header says (truncated)")
 
 
-def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
+def probe_image(data: bytes, white_level: int | None = None) -> tuple[np.ndarray, int, int]:
     """(the encoded bytes as uint8 [n], width, height) of an image that looks decodable by DALI;
     raises UnreadableImage otherwise (with the reason: not an image, a format DALI cannot decode,
-    truncated). A TIFF that DALI would not decode as PIL does (`_dali_reads_tiff`) is decoded here
-    and its bytes are a PPM of the RGB image."""
+    truncated). A TIFF that DALI would not decode as PIL does (`_dali_reads_tiff`), and with
+    `white_level` (data.white_level) a 16-bit greyscale image, is decoded here and its bytes are
+    a PPM of the RGB image."""
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
             width, height, fmt = img.width, img.height, img.format
-            on_host = fmt == "TIFF" and not _dali_reads_tiff(img)
+            on_host = fmt in DALI_FORMATS and _host_decoded(img, white_level)
             tiff_end = _tiff_data_end(img) if fmt == "TIFF" else 0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         from fastdino.data.datasets import UNREADABLE_TIFF, is_tiff
@@ -254,7 +268,7 @@ def probe_image(data: bytes) -> tuple[np.ndarray, int, int]:
             f"{fmt} data, which DALI's decoder cannot read (it reads JPEG, PNG, BMP, TIFF, PNM, "
             "JPEG 2000 and WebP); the torch loader (data.loader=torch) would train on it")
     if on_host:
-        return np.frombuffer(_host_decoded_ppm(data), dtype=np.uint8), width, height
+        return np.frombuffer(_host_decoded_ppm(data, white_level), dtype=np.uint8), width, height
     if tiff_end > len(data):
         raise UnreadableImage("TIFF is shorter than its strips / tiles say (truncated)")
     _check_complete(data, fmt)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fastdino.config import WHITE_LEVEL_ALLOWED
 from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import (
     IMAGE_EXTENSIONS,
@@ -62,29 +63,77 @@ def read_file_list(file_list: str | Path) -> list[str]:
     return paths
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+# a 16-bit image whose maximum is at most this uses at most 14 of its bits: scaled from
+# 0..65535 it trains on 64 grey levels or fewer (a 12-bit one on 16), which is worth a warning
+SHALLOW_16BIT_MAX = 16383
+_shallow_warned = False  # the warning below, once per process (each loader worker says it once)
+
+
+def check_white_level(value, key: str = "data.white_level") -> None:
+    """ValueError naming `key` unless `value` is None or an integer in 256..65535."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 255 < value <= 65535):
+        raise ValueError(f"{key} = {value!r} is invalid: allowed is {WHITE_LEVEL_ALLOWED}")
+
+
+def _warn_shallow_16bit(top: float, name: str | None) -> None:
+    """Once per process: a 16-bit image (`name`) whose maximum `top` leaves it nearly black
+    under the default 0..65535 scaling, and the data.white_level that would use its range."""
+    global _shallow_warned
+    if _shallow_warned or not 0 < top <= SHALLOW_16BIT_MAX:
+        return
+    _shallow_warned = True
+    bits = next(b for b in (10, 12, 14) if top < 2**b)
+    logger.warning(
+        "16-bit image %s has maximum %d (at most %d of its 16 bits used): scaled from 0..65535 "
+        "it becomes 8-bit levels 0..%d only, nearly black. If the data is %d-bit (a camera, "
+        "CT / X-ray, microscopy), set data.white_level=%d (eval / curate embed: --white-level "
+        "%d). Said once per process, for the first such image", name or "(bytes)", top, bits,
+        round(top * 255 / 65535), bits, 2**bits - 1, 2**bits - 1)
+
+
+def silence_shallow_16bit_warning() -> None:
+    """This process does not say the 16-bit depth warning (a DALI source worker: the training
+    process says it)."""
+    global _shallow_warned
+    _shallow_warned = True
+
+
+def _to_8bit(img: Image.Image, white_level: int | None = None,
+             name: str | None = None) -> Image.Image:
     """16-bit, 32-bit and float greyscale (medical, satellite: 16-bit PNG / TIFF, float TIFF) ->
     8-bit "L". PIL's own convert would clip every value above 255 to white. The range mapped to
     0..255: 16-bit modes 0..65535 (their bit depth); "I" / "F", whose range the mode does not
     say, from the data: 0..255 if the data fits, else for "I" 0..65535 if it fits (16-bit data
     read as 32-bit), else 0..max; a float image within 0..1 (reflectance, normalised data) 0..1;
     data with negative values (signed 16-bit CT in Hounsfield units, SAR in dB) min..max. NaN ->
-    the range's low end, +-inf -> its ends."""
+    the range's low end, +-inf -> its ends.
+
+    `white_level` (data.white_level; 10/12/14-bit data in 16-bit files): integer images (16-bit
+    modes, and "I" without negative values, whatever its maximum) map 0..white_level instead,
+    values above it clipping to white; float and signed data keep the rules above. Without it,
+    a 16-bit image that uses at most 14 bits is said once per process (`name`: its file)."""
     arr = np.asarray(img).astype(np.float32)  # (float32: a large image stays affordable)
     finite = np.isfinite(arr)
     values = arr if finite.all() else arr[finite]
     if img.mode.startswith("I;16"):
-        lo, hi = 0.0, 65535.0
+        lo, hi = 0.0, float(white_level or 65535)
+        if white_level is None and not _shallow_warned and values.size:
+            _warn_shallow_16bit(float(values.max()), name)
     elif values.size == 0:
         lo, hi = 0.0, 1.0
     else:
         lo, top = float(values.min()), float(values.max())
         if lo < 0:
             hi = top
+        elif white_level is not None and img.mode != "F":
+            lo, hi = 0.0, float(white_level)
         else:
             lo = 0.0
             hi = (1.0 if img.mode == "F" and top <= 1 else 255.0 if top <= 255
                   else 65535.0 if top <= 65535 and img.mode != "F" else top)
+            if hi == 65535.0:  # 16-bit data read as 32-bit
+                _warn_shallow_16bit(top, name)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
     return Image.fromarray(np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8), "L")
@@ -107,10 +156,13 @@ def is_tiff(path: str | bytes) -> bool:
         return False
 
 
-def decode_rgb(path: str | bytes) -> Image.Image:
+def decode_rgb(path: str | bytes, white_level: int | None = None,
+               name: str | None = None) -> Image.Image:
     """Fully decode a file (`path`) or encoded bytes as an RGB PIL image (raises on unreadable or
     corrupt data). Every PIL mode: greyscale and palette expanded, alpha dropped, CMYK converted,
-    16-bit / 32-bit / float greyscale scaled to 8 bits (`_to_8bit`); a multi-page TIFF gives its
+    16-bit / 32-bit / float greyscale scaled to 8 bits (`_to_8bit`: `white_level` is
+    data.white_level, `name` the file its warning names, default `path`; PIL reads 16-bit RGB
+    as 8 bits itself, its high byte, so white_level is for greyscale); a multi-page TIFF gives its
     first page, an RGB TIFF with extra bands its RGB. What PIL cannot open (a TIFF of 4+ grey
     bands, of float RGB, of an unknown compression) raises OSError: skipped and counted by the
     dataset, as any unreadable file, saying why (`UNREADABLE_TIFF`)."""
@@ -118,7 +170,9 @@ def decode_rgb(path: str | bytes) -> Image.Image:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             img.load()  # decode now, so truncated files fail here and not inside a transform
             if img.mode.startswith("I") or img.mode == "F":
-                return _to_8bit(img).convert("RGB")
+                if name is None and isinstance(path, str):
+                    name = path
+                return _to_8bit(img, white_level, name).convert("RGB")
             return img.convert("RGB")
     except UnidentifiedImageError as e:
         if not is_tiff(path):
@@ -128,9 +182,14 @@ def decode_rgb(path: str | bytes) -> Image.Image:
         raise UnidentifiedImageError(f"{name}{UNREADABLE_TIFF}") from e
 
 
-def decode_location(location: Location) -> Image.Image:
-    """The RGB image at a file path or tar member (raises on unreadable or corrupt data)."""
-    return decode_rgb(location if isinstance(location, str) else read_bytes(location))
+def decode_location(location: Location, white_level: int | None = None,
+                    name: str | None = None) -> Image.Image:
+    """The RGB image at a file path or tar member (raises on unreadable or corrupt data);
+    `white_level`, `name`: as decode_rgb's."""
+    if isinstance(location, str):
+        return decode_rgb(location, white_level, name)
+    return decode_rgb(read_bytes(location), white_level,
+                      name or f"{location.shard} (member at byte {location.offset})")
 
 
 class ImageFolderUnlabeled:
@@ -140,11 +199,15 @@ class ImageFolderUnlabeled:
     `<shard>/<member>`), `read(i)` its encoded bytes, `decode(i)` the RGB image."""
 
     def __init__(self, root: str | Path | None = None, file_list: str | Path | None = None,
-                 ranks: tuple[int, int] | None = None) -> None:
+                 ranks: tuple[int, int] | None = None, white_level: int | None = None) -> None:
         """`ranks` = (rank, world size) when every rank builds this dataset at once: the
-        ranks share the first indexing of tar shards (collective; sources.py)."""
+        ranks share the first indexing of tar shards (collective; sources.py). `white_level`:
+        data.white_level, which `decode` applies (`_to_8bit`); an attribute, so it travels
+        with the dataset into forked or spawned loader workers."""
         if (root is None) == (file_list is None):
             raise ValueError("ImageFolderUnlabeled needs exactly one of root= or file_list=")
+        check_white_level(white_level)
+        self.white_level = white_level
         if root is not None:
             self.source = str(root)
             found = find_images(root, ranks=ranks)
@@ -170,7 +233,7 @@ class ImageFolderUnlabeled:
 
     def decode(self, index: int) -> Image.Image:
         """Image `index`, fully decoded as RGB (raises on unreadable or corrupt data)."""
-        return decode_location(self.locations[index])
+        return decode_location(self.locations[index], self.white_level, self.paths[index])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -211,11 +274,12 @@ class ImageFolderUnlabeled:
 class LabelledImageFolder:
     """`root/<class>/**/<image>`: the class is the first-level subfolder (sorted -> label id)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, white_level: int | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"labelled image folder {str(root)!r} does not exist")
-        self.root = str(root)
+        check_white_level(white_level)
+        self.root, self.white_level = str(root), white_level  # (decode_rgb's)
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
         self.samples: list[tuple[str, int]] = []
         left_out: list[str] = []  # said once for the whole folder, not once per class
@@ -232,4 +296,4 @@ class LabelledImageFolder:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return decode_rgb(path), label
+        return decode_rgb(path, self.white_level), label

@@ -260,26 +260,30 @@ def _naming(key: str, build):
 
 def build_dataset(cfg: Config, ranks: tuple[int, int] | None = None) -> ImageFolderUnlabeled:
     """The training images of `cfg.data`. `ranks` = (rank, world size) when every rank builds
-    it at once (the train loaders): they share the first indexing of tar shards (collective)."""
+    it at once (the train loaders): they share the first indexing of tar shards (collective).
+    Both sources decode with data.white_level (the datasets carry it into the workers)."""
     d = cfg.data
+    wl = d.white_level
     if d.root is not None and d.file_list is not None:
         raise ValueError(f"set only one of data.root={d.root!r} and data.file_list={d.file_list!r}")
     if d.file_list is not None:
-        main = ImageFolderUnlabeled(file_list=d.file_list, ranks=ranks)
+        main = ImageFolderUnlabeled(file_list=d.file_list, ranks=ranks, white_level=wl)
     elif d.root is None:
         from fastdino.data.sample_data import sample_images_dir
 
         root = sample_images_dir()
         logger.info("data.root is not set: using the embedded sample images in %s", root)
-        main = ImageFolderUnlabeled(root=root)
+        main = ImageFolderUnlabeled(root=root, white_level=wl)
     else:
-        main = ImageFolderUnlabeled(root=d.root, ranks=ranks)  # folder, shard or pattern
+        main = ImageFolderUnlabeled(root=d.root, ranks=ranks,  # folder, shard or pattern
+                                    white_level=wl)
     if d.homogeneous_root is None:
         return main
     from fastdino.data.mixing import ConcatImages
 
     homogeneous = _naming("data.homogeneous_root",
-                          lambda: ImageFolderUnlabeled(root=d.homogeneous_root, ranks=ranks))
+                          lambda: ImageFolderUnlabeled(root=d.homogeneous_root, ranks=ranks,
+                                                       white_level=wl))
     logger.info("data.homogeneous_root: %.0f%% of the steps read only %s (%d images)",
                 100 * d.homogeneous_ratio, homogeneous.source, len(homogeneous))
     return ConcatImages(main, homogeneous)

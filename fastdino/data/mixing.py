@@ -58,6 +58,10 @@ class ConcatImages:
 
     def __init__(self, main: ImageFolderUnlabeled, homogeneous: ImageFolderUnlabeled) -> None:
         self.parts = (main, homogeneous)
+        if main.white_level != homogeneous.white_level:  # one data.white_level for the run
+            raise ValueError(f"the main and homogeneous sources decode with other white levels "
+                             f"({main.white_level} and {homogeneous.white_level})")
+        self.white_level = main.white_level  # data.white_level, as its parts
         self.offset = len(main)
         self.paths = _ConcatNames(main.paths, homogeneous.paths)
         self.source = f"{main.source} + {homogeneous.source} (homogeneous batches)"

@@ -68,6 +68,45 @@ positive_int = _number(int, 0, strict=True)
 count = _number(int, 0, strict=False)  # >= 0 (workers)
 positive_float = _number(float, 0, strict=True)
 
+WHITE_LEVEL_HELP = ("16-bit greyscale images (PNG, TIFF): the value that maps to white, e.g. 4095 "
+                    "for 12-bit data (10/12/14-bit cameras, CT / X-ray, microscopy), higher "
+                    "values white; an integer in 256..65535, as data.white_level. Default: the "
+                    "training run's data.white_level when --weights is a run (or its snapshot "
+                    "or export) that sets it, else 0..65535 maps to 0..255")
+
+
+def white_level(text: str) -> int:
+    """An argparse type: --white-level's integer in 256..65535 (argparse's one-line usage
+    error otherwise)."""
+    from fastdino.config import WHITE_LEVEL_ALLOWED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 255 < value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is an integer in "
+                                         f"256..65535, {WHITE_LEVEL_ALLOWED.split(': ', 1)[1]}")
+    return value
+
+
+def run_white_level(flag: int | None, run_config: Path | None) -> int | None:
+    """--white-level, else the data.white_level of the training run the weights came from
+    (`run_config`, its saved config.yaml: WeightsInfo.run_config), else None."""
+    if flag is not None or run_config is None:
+        return flag
+    import yaml
+
+    from fastdino.data.datasets import check_white_level
+
+    saved = yaml.safe_load(Path(run_config).read_text()) or {}
+    value = (saved.get("data") or {}).get("white_level") if isinstance(saved, dict) else None
+    check_white_level(value, f"{run_config}: data.white_level")
+    if value is not None:
+        logger.info("white level %d (16-bit images): the run's data.white_level, from %s",
+                    value, run_config)
+    return value
+
 
 def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
     g = p.add_argument_group("backbone")
@@ -104,6 +143,8 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
         f.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
         f.add_argument("--cache-dir", default=None,
                        help="feature cache (default $FASTDINO_CACHE/features); 'none' disables")
+    p.add_argument("--white-level", type=white_level, default=None, metavar="N",
+                   help=WHITE_LEVEL_HELP)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -439,6 +480,9 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
     result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,
                     "arch": info.arch}
     progress = not args.quiet
+    wl = run_white_level(args.white_level, info.run_config)
+    if wl is not None:
+        result["white_level"] = wl
 
     if args.cmd in ("knn", "linear"):
         from fastdino.eval.features import BackboneExtractor
@@ -456,8 +500,10 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
                                           args.val_data)
             args.data = f"{args.train_data} + {args.val_data}"
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
-                                      args.num_workers, progress)
+                                      args.num_workers, progress, white_level=wl)
         key = {"weights": info.digest, "arch": info.arch, "image_size": args.image_size}
+        if wl is not None:  # other pixels, other features (a cache without it stays valid)
+            key["white_level"] = wl
         n_blocks = max(getattr(args, "n_last_blocks", [1]))
         if n_blocks > 1:  # the features then hold more (and a cache of n = 1 stays valid)
             extractor.n_last_blocks = key["n_last_blocks"] = n_blocks
@@ -503,7 +549,7 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
                        reduce_zero_label=reduce_zero, photometric=args.photometric,
                        progress=progress,
                        output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
-                       weights_digest=info.digest)
+                       weights_digest=info.digest, white_level=wl)
         result.update(res, layout=data.layout)
         rows = [("mIoU", f"{100 * res['miou']:.2f}"),
                 ("pixel acc", f"{100 * res['pixel_acc']:.2f}")]
@@ -523,7 +569,8 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
                          flip_tta=not args.no_flip_tta,
                          eigen_crop=_first_set(args.eigen_crop, data.eigen_crop, False),
                          progress=progress, output_dir=args.output_dir,
-                         checkpoint_every=args.checkpoint_every, weights_digest=info.digest)
+                         checkpoint_every=args.checkpoint_every, weights_digest=info.digest,
+                         white_level=wl)
         result.update(res, layout=data.layout)
         rows = [("RMSE (m)", f"{res['rmse']:.4f}"), ("AbsRel", f"{res['abs_rel']:.4f}"),
                 ("log10", f"{res['log10']:.4f}")]
@@ -535,7 +582,7 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         files = write_pca_images(backbone, args.images, args.out, resolution=args.resolution,
                                  shared=args.shared, fg=args.fg, threshold=args.threshold,
                                  color=args.color, norms=args.norms,
-                                 norm_factor=args.norm_factor)
+                                 norm_factor=args.norm_factor, white_level=wl)
         result.update(files=[str(f) for f in files], color=args.color, fg=args.fg)
         print("\n".join(str(f) for f in files))
     if getattr(args, "output_dir", None) is not None:  # seg / depth: beside the head

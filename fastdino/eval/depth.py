@@ -84,15 +84,16 @@ class DepthTrainSet(torch.utils.data.Dataset):
     """Random crop + flip of (image, depth): [3, ch, cw] fp32, [ch, cw] metres (0 = none)."""
 
     def __init__(self, pairs: Pairs, crop: tuple[int, int], depth_scale: float,
-                 flip: bool = True):
+                 flip: bool = True, white_level: int | None = None):
         self.pairs, self.crop, self.depth_scale, self.flip = pairs, crop, depth_scale, flip
+        self.white_level = white_level  # --white-level (decode_rgb's)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img_path, depth_path = self.pairs[i]
-        img = decode_rgb(img_path)
+        img = decode_rgb(img_path, self.white_level)
         y = torch.from_numpy(load_depth(depth_path, self.depth_scale))  # [H, W]
         if (img.size[1], img.size[0]) != tuple(y.shape):
             raise ValueError(f"{img_path} is {img.size[0]}x{img.size[1]} but its depth map "
@@ -177,7 +178,8 @@ def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int]
                      iterations: int, depth_scale: float, batch_size: int = 8, lr: float = 3e-4,
                      weight_decay: float = 1e-4, clip: float = 35.0, num_workers: int = 0,
                      seed: int = 0, progress: bool = True,
-                     checkpoint: HeadCheckpoint | None = None) -> LinearDepthHead:
+                     checkpoint: HeadCheckpoint | None = None,
+                     white_level: int | None = None) -> LinearDepthHead:
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
@@ -187,7 +189,8 @@ def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int]
         pred = depth_map(backbone, head, x)[:, 0]  # [B, ch, cw]
         return sigloss(pred, y, warm_up=step < SIGLOSS_WARMUP)
 
-    return dense.fit_head(head, DepthTrainSet(train, crop, depth_scale), loss_fn,
+    return dense.fit_head(head, DepthTrainSet(train, crop, depth_scale,
+                                              white_level=white_level), loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, clip=clip, num_workers=num_workers,
                           seed=seed, desc="depth head", progress=progress,
@@ -197,7 +200,7 @@ def train_depth_head(backbone: nn.Module, train: Pairs, *, crop: tuple[int, int]
 @torch.no_grad()
 def evaluate_depth(backbone: nn.Module, head: nn.Module, val: Pairs, *, crop: tuple[int, int],
                    depth_scale: float, flip_tta: bool = True, eigen_crop: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, white_level: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     device = next(backbone.parameters()).device
@@ -208,7 +211,7 @@ def evaluate_depth(backbone: nn.Module, head: nn.Module, val: Pairs, *, crop: tu
     for img_path, depth_path in tqdm(val, desc="depth val", unit="img",
                                      disable=None if progress else True):
         gt = torch.from_numpy(load_depth(depth_path, depth_scale))  # [H, W]
-        x = to_normalized_tensor(decode_rgb(img_path))[None].to(device)  # [1, 3, H, W]
+        x = to_normalized_tensor(decode_rgb(img_path, white_level))[None].to(device)  # [1,3,H,W]
 
         def predict(img):
             return sliding_window_logits(lambda w: depth_map(backbone, head, w), img, window,
@@ -235,10 +238,12 @@ def depth_eval(backbone: nn.Module, train: Pairs, val: Pairs, *,
                lr: float = 3e-4, depth_scale: float = 1000.0, num_workers: int = 0,
                seed: int = 0, flip_tta: bool = True, eigen_crop: bool = False,
                progress: bool = True, output_dir: str | Path | None = None,
-               checkpoint_every: int = 500, weights_digest: str = "") -> dict:
+               checkpoint_every: int = 500, weights_digest: str = "",
+               white_level: int | None = None) -> dict:
     """Train the linear depth head on `train`, report the depth metrics on `val` (module
     docstring). With `output_dir` the head is saved there while it trains and resumed from it
-    (head_checkpoint.py; `weights_digest` names the backbone in its key)."""
+    (head_checkpoint.py; `weights_digest` names the backbone in its key). `white_level`:
+    --white-level, 16-bit images' white (datasets._to_8bit)."""
     crop = tuple(crop)
     if len(crop) != 2 or any(c % backbone.patch_size for c in crop):
         raise ValueError(f"--crop {' '.join(map(str, crop))} is invalid: allowed is H W, both "
@@ -247,12 +252,14 @@ def depth_eval(backbone: nn.Module, train: Pairs, val: Pairs, *,
         raise ValueError(f"--depth-scale {depth_scale} is invalid: allowed is a float > 0")
     ckpt = head_checkpoint(output_dir, checkpoint_every, "depth", weights_digest,
                            dense.pairs_digest(train), crop=list(crop), iterations=iterations,
-                           batch_size=batch_size, lr=lr, seed=seed, depth_scale=depth_scale)
+                           batch_size=batch_size, lr=lr, seed=seed, depth_scale=depth_scale,
+                           **({} if white_level is None else {"white_level": white_level}))
     head = train_depth_head(backbone, train, crop=crop, iterations=iterations,
                             depth_scale=depth_scale, batch_size=batch_size, lr=lr,
                             num_workers=num_workers, seed=seed, progress=progress,
-                            checkpoint=ckpt)
+                            checkpoint=ckpt, white_level=white_level)
     res = evaluate_depth(backbone, head, val, crop=crop, depth_scale=depth_scale,
-                         flip_tta=flip_tta, eigen_crop=eigen_crop, progress=progress)
+                         flip_tta=flip_tta, eigen_crop=eigen_crop, progress=progress,
+                         white_level=white_level)
     res.update(n_train=len(train), iterations=iterations, crop=list(crop))
     return res

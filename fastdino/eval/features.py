@@ -98,14 +98,16 @@ class _EvalImages(torch.utils.data.Dataset):
     seeded by (seed, pass, index): the same views in every worker layout and on a rerun."""
 
     def __init__(self, paths: Sequence[str], image_size: int,
-                 view: tuple[int, int] | None = None):
+                 view: tuple[int, int] | None = None, white_level: int | None = None):
         self.paths, self.image_size, self.view = list(paths), image_size, view
+        self.white_level = white_level  # --white-level (data.white_level): decode_rgb's
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = decode_location(locate(self.paths[i]))  # a file, or a `<shard>/<member>` name
+        # a file, or a `<shard>/<member>` name
+        img = decode_location(locate(self.paths[i]), self.white_level, self.paths[i])
         if self.view is None:
             return to_normalized_tensor(resize_center_crop(img, self.image_size))
         seed, pass_ = self.view
@@ -125,7 +127,8 @@ class BackboneExtractor:
     """Callable: image paths -> {"cls", "patch_mean"} of a frozen backbone (module docstring)."""
 
     def __init__(self, backbone: nn.Module, image_size: int = 224, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True, n_last_blocks: int = 1):
+                 num_workers: int = 0, progress: bool = True, n_last_blocks: int = 1,
+                 white_level: int | None = None):
         patch = backbone.patch_size
         if image_size % patch != 0:
             raise ValueError(f"--image-size {image_size} is invalid: allowed is a multiple of the "
@@ -133,9 +136,12 @@ class BackboneExtractor:
         self.backbone, self.image_size = backbone, image_size
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.n_last_blocks = n_last_blocks  # > 1: also "cls_blocks" (DINOv2's linear grid)
+        # --white-level: 16-bit images' white (datasets._to_8bit); part of the features' cache
+        # key where it is set (the CLI's)
+        self.white_level = white_level
 
     def __call__(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self._features(_EvalImages(paths, self.image_size),
+        return self._features(_EvalImages(paths, self.image_size, white_level=self.white_level),
                               f"features {self.image_size}px")
 
     def _forward(self, x: torch.Tensor) -> tuple:
@@ -155,7 +161,8 @@ class BackboneExtractor:
     def views(self, paths: Sequence[str], seed: int, pass_: int) -> dict[str, torch.Tensor]:
         """The features of one random-resized-crop + flip view of each image (`_EvalImages`),
         the views of training pass `pass_` of the linear probe (`--augment`)."""
-        return self._features(_EvalImages(paths, self.image_size, view=(seed, pass_)),
+        return self._features(_EvalImages(paths, self.image_size, view=(seed, pass_),
+                                          white_level=self.white_level),
                               f"train views, pass {pass_}")
 
     @torch.no_grad()

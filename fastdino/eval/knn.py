@@ -46,9 +46,10 @@ def _to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_size: int,
-                     batch_size: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D] L2-normalised fp32, labels [N] long) of (path, label) samples."""
+                     batch_size: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     white_level: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D] L2-normalised fp32, labels [N] long) of (path, label) samples;
+    `white_level`: data.white_level (16-bit images' white, datasets._to_8bit)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -56,7 +57,8 @@ def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_
     try:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            x = torch.stack([_to_tensor(decode_location(locate(p)), image_size, mean, std)
+            x = torch.stack([_to_tensor(decode_location(locate(p), white_level, p), image_size,
+                                        mean, std)
                              for p, _ in chunk])  # a file, or a `<shard>/<member>` name
             cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]  # [b, D]
             feats.append(F.normalize(cls.float(), dim=-1).cpu())
@@ -123,12 +125,16 @@ def knn_samples(root: str | Path, val: str | None = None) -> tuple[list, list]:
 def knn_probe(backbone: nn.Module, root: str | Path, image_size: int,
               ks: tuple[int, ...] = (10, 20), temperature: float = 0.07, batch_size: int = 64,
               mean=IMAGENET_MEAN, std=IMAGENET_STD, val: str | None = None,
-              samples: tuple[list, list] | None = None) -> dict[str, float]:
+              samples: tuple[list, list] | None = None,
+              white_level: int | None = None) -> dict[str, float]:
     """{"knn_top1_k<k>": accuracy} on the labelled folder `root`, or with `val`, of the query
     source `val` against the training source `root` (module docstring); `samples`: their
-    `knn_samples` listing, when the caller has it already."""
+    `knn_samples` listing, when the caller has it already; `white_level`: the run's
+    data.white_level (its images are decoded as the training images are)."""
     train, query = samples if samples is not None else knn_samples(root, val)
-    train_f, train_y = extract_features(backbone, train, image_size, batch_size, mean, std)
-    test_f, test_y = extract_features(backbone, query, image_size, batch_size, mean, std)
+    train_f, train_y = extract_features(backbone, train, image_size, batch_size, mean, std,
+                                        white_level)
+    test_f, test_y = extract_features(backbone, query, image_size, batch_size, mean, std,
+                                      white_level)
     acc = knn_classify(train_f, train_y, test_f, test_y, ks, temperature)
     return {f"knn_top1_k{k}": a for k, a in acc.items()}

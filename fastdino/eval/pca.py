@@ -253,16 +253,18 @@ def _grid(rows: list[Image.Image], height: int = 256) -> Image.Image:
 def write_pca_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir: str | Path, *,
                      resolution: int = 448, shared: bool = False, fg: str = "threshold",
                      threshold: float = 0.0, color: str = "sigmoid", norms: bool = False,
-                     norm_factor: float = 2.0) -> list[Path]:
+                     norm_factor: float = 2.0, white_level: int | None = None) -> list[Path]:
     """For each input <stem>: <out>/<stem>_pca.png (the PCA map at the resized image's size) and
     <out>/<stem>_side.png (image | map); with several inputs also <out>/grid.png. With `norms`:
     <out>/<stem>_norms.png (token norms before the final norm, grey, and in red the tokens above
     `norm_factor` x the image's median) and <out>/norms.json (per image: median, max, the
-    high-norm tokens' (row, column) patch positions)."""
+    high-norm tokens' (row, column) patch positions). `white_level`: 16-bit images' white
+    (--white-level, data.white_level: datasets._to_8bit)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(inputs)
-    images = [resize_for_pca(decode_rgb(str(p)), resolution, backbone.patch_size) for p in paths]
+    images = [resize_for_pca(decode_rgb(str(p), white_level), resolution, backbone.patch_size)
+              for p in paths]
     feats = [image_patch_features(backbone, img) for img in images]
     maps = pca_rgb(feats, shared=shared, fg=fg, threshold=threshold, color=color)
     written, sides, used, report = [], [], set(), {}

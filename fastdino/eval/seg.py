@@ -213,8 +213,10 @@ class SegTrainSet(torch.utils.data.Dataset):
 
     def __init__(self, pairs: Pairs, crop: int, scale_range=(0.5, 2.0), flip: bool = True,
                  reduce_zero_label: bool = False, n_classes: int | None = None,
-                 photometric: bool = True, cat_max_ratio: float = 0.75):
+                 photometric: bool = True, cat_max_ratio: float = 0.75,
+                 white_level: int | None = None):
         self.pairs, self.crop, self.scale_range, self.flip = pairs, crop, scale_range, flip
+        self.white_level = white_level  # --white-level (decode_rgb's)
         self.reduce_zero_label, self.n_classes = reduce_zero_label, n_classes
         self.photometric, self.cat_max_ratio = photometric, cat_max_ratio
 
@@ -226,7 +228,8 @@ class SegTrainSet(torch.utils.data.Dataset):
         mask = load_mask(mask_path, self.reduce_zero_label)
         if self.n_classes is not None:  # every id a class of the head (or ignored)
             check_mask_ids(mask, mask_path, self.n_classes, self.reduce_zero_label)
-        img, mask = decode_rgb(img_path), Image.fromarray(mask.astype(np.int32))
+        img = decode_rgb(img_path, self.white_level)
+        mask = Image.fromarray(mask.astype(np.int32))
         if img.size != mask.size:
             raise ValueError(f"{img_path} is {img.size} but its mask {mask_path} is {mask.size}")
         lo, hi = self.scale_range
@@ -303,7 +306,8 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
                    weight_decay: float = 1e-3, num_workers: int = 0, seed: int = 0,
                    scale_range=(0.5, 2.0), flip: bool = True, reduce_zero_label: bool = False,
                    photometric: bool = True, progress: bool = True,
-                   checkpoint: HeadCheckpoint | None = None) -> LinearSegHead:
+                   checkpoint: HeadCheckpoint | None = None,
+                   white_level: int | None = None) -> LinearSegHead:
     device = next(backbone.parameters()).device
     backbone.eval()
     torch.manual_seed(seed)
@@ -314,7 +318,7 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
         return F.cross_entropy(logits, y, ignore_index=IGNORE)
 
     data = SegTrainSet(train, crop, scale_range, flip, reduce_zero_label, n_classes=n_classes,
-                       photometric=photometric)
+                       photometric=photometric, white_level=white_level)
     return dense.fit_head(head, data, loss_fn,
                           iterations=iterations, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, num_workers=num_workers, seed=seed,
@@ -324,7 +328,7 @@ def train_seg_head(backbone: nn.Module, train: Pairs, n_classes: int, *, crop: i
 @torch.no_grad()
 def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: int, *,
                  crop: int, stride: int | None = None, reduce_zero_label: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, white_level: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     device = next(backbone.parameters()).device
@@ -336,7 +340,7 @@ def evaluate_seg(backbone: nn.Module, head: nn.Module, val: Pairs, n_classes: in
         mask = load_mask(mask_path, reduce_zero_label)
         check_mask_ids(mask, mask_path, n_classes, reduce_zero_label)  # names the file
         target = torch.from_numpy(mask)  # [H, W]
-        img = resize_short(decode_rgb(img_path), crop, Image.Resampling.BILINEAR)
+        img = resize_short(decode_rgb(img_path, white_level), crop, Image.Resampling.BILINEAR)
         x = to_normalized_tensor(img)[None].to(device)  # [1, 3, h, w]
         logits = sliding_window_logits(lambda w: seg_logits(backbone, head, w), x, crop, stride,
                                        n_classes)
@@ -352,10 +356,11 @@ def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | 
              num_workers: int = 0, seed: int = 0, scale_range: Sequence[float] = (0.5, 2.0),
              reduce_zero_label: bool = False, photometric: bool = True, progress: bool = True,
              output_dir: str | Path | None = None, checkpoint_every: int = 500,
-             weights_digest: str = "") -> dict:
+             weights_digest: str = "", white_level: int | None = None) -> dict:
     """Train the linear head on `train`, report mIoU on `val` (module docstring). With
     `output_dir` the head is saved there while it trains and resumed from it
-    (head_checkpoint.py; `weights_digest` names the backbone in its key)."""
+    (head_checkpoint.py; `weights_digest` names the backbone in its key). `white_level`:
+    --white-level, 16-bit images' white (datasets._to_8bit)."""
     if crop % backbone.patch_size != 0:
         raise ValueError(f"--crop {crop} is invalid: allowed is a multiple of the patch size "
                          f"{backbone.patch_size}")
@@ -364,13 +369,16 @@ def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | 
                            dense.pairs_digest(train), n_classes=n_classes, crop=crop,
                            iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
                            scale_range=list(scale_range), reduce_zero_label=reduce_zero_label,
-                           photometric=photometric, head="dropout-bn-conv")
+                           photometric=photometric, head="dropout-bn-conv",
+                           **({} if white_level is None else {"white_level": white_level}))
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
                           scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,
-                          photometric=photometric, progress=progress, checkpoint=ckpt)
+                          photometric=photometric, progress=progress, checkpoint=ckpt,
+                          white_level=white_level)
     res = evaluate_seg(backbone, head, val, n_classes, crop=crop,
-                       reduce_zero_label=reduce_zero_label, progress=progress)
+                       reduce_zero_label=reduce_zero_label, progress=progress,
+                       white_level=white_level)
     res.update(n_classes=n_classes, n_train=len(train), iterations=iterations,
                photometric=photometric)
     return res

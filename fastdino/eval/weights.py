@@ -76,6 +76,9 @@ class WeightsInfo:
     source: str  # human-readable: what was loaded from where
     digest: str  # sha256 of the backbone tensors (cache key)
     arch: str  # description of the architecture (cache key, reports)
+    # the training run's config.yaml that came with the weights (a run / checkpoint folder, a
+    # teacher snapshot, the final export), else None: eval takes its data.white_level
+    run_config: Path | None = None
 
 
 def resolve_model_config(
@@ -409,6 +412,7 @@ def load_eval_backbone(
     weights = str(weights)
     folder_config = None  # a Hugging Face config, or a timm config.json dict
     run_cfg = None  # the run's config.yaml that came with the weights, when not used
+    run_config = None  # the same, used or not (WeightsInfo.run_config)
     if weights == "random":
         if model_cfg is None:
             raise ValueError("--weights random needs --arch or --config to know what to build")
@@ -416,6 +420,7 @@ def load_eval_backbone(
         sd, source = None, f"random init (seed {seed})"
     else:
         sd, source, folder_config, run_cfg = read_weights(weights, key="--weights")
+        run_config = run_cfg
         if model_cfg is None and run_cfg is not None:
             model_cfg = resolve_model_config(config=run_cfg)
             source += f", architecture from {run_cfg}"
@@ -466,7 +471,8 @@ def load_eval_backbone(
             ) from None
     backbone.eval().requires_grad_(False)
     info = WeightsInfo(
-        source=source, digest=state_dict_digest(backbone.state_dict()), arch=describe_arch(backbone)
+        source=source, digest=state_dict_digest(backbone.state_dict()),
+        arch=describe_arch(backbone), run_config=run_config,
     )
     logger.info("eval backbone: %s [%s]", source, info.arch)
     return backbone.to(device), info
