@@ -325,3 +325,27 @@ def test_curate_embed_decodes_with_the_flag_and_keys_the_folder(tmp_path, monkey
                  "--num-workers", "0", "--quiet", "--white-level", "4095"]) == 0
     assert seen == [4095, 4095]
     assert json.loads((tmp_path / "E" / "progress.json").read_text())["key"]["white_level"] == 4095
+
+
+def test_eval_seg_and_depth_decode_their_images_with_the_flag(tmp_path, monkeypatch):
+    """The dense probes' training crops and validation images (the masks and depth maps are
+    read as values, not as images to scale)."""
+    from fastdino.eval.cli import main
+
+    for task, target in (("seg", "masks"), ("depth", "depth")):
+        (tmp_path / task / "images").mkdir(parents=True)
+        (tmp_path / task / target).mkdir()
+        for i in range(4):
+            img = np.full((64, 64), 1000 * (i + 1), np.uint16)
+            Image.fromarray(img).save(tmp_path / task / "images" / f"s{i}.png")
+            values = (np.arange(64 * 64).reshape(64, 64) % 2).astype(np.uint8)  # classes 0, 1
+            Image.fromarray(values if task == "seg" else (values + 1).astype(np.uint16) * 1000
+                            ).save(tmp_path / task / target / f"s{i}.png")
+    seen = _spy_white_levels(monkeypatch)
+    common = ["--weights", "random", "--arch", "vit_test", "--iterations", "1",
+              "--batch-size", "1", "--num-workers", "0", "--quiet", "--white-level", "4095"]
+    assert main(["seg", "--data", str(tmp_path / "seg"), "--crop", "64", *common]) == 0
+    assert len(seen) >= 2 and set(seen) == {4095}  # a training crop and the validation images
+    seen.clear()
+    assert main(["depth", "--data", str(tmp_path / "depth"), "--crop", "48", "64", *common]) == 0
+    assert len(seen) >= 2 and set(seen) == {4095}
