@@ -70,7 +70,6 @@ exactly the batches the broken one would have (with the bad file replaced).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -83,8 +82,8 @@ from fastdino.config import Config
 from fastdino.data import dali_plan as P
 from fastdino.data.collate import Batch
 from fastdino.data.datasets import (
-    _DECODE_ERRORS,
     ImageFolderUnlabeled,
+    say_bit_depth,
     silence_shallow_16bit_warning,
 )
 from fastdino.data.gpu_photometric import RawCrops, finish_crops
@@ -228,7 +227,7 @@ class _Source:
         self.__dict__.update(state)
         if os.getpid() != state["_creator_pid"]:
             ignore_in_worker()
-            # the 16-bit depth warning is the training process's (`_say_bit_depth`): a spawned
+            # the 16-bit depth warning is the training process's (`say_bit_depth`): a spawned
             # worker has no logging set up and would print it bare, on every rank
             silence_shallow_16bit_warning()
 
@@ -629,24 +628,6 @@ class MixedResolutionLoader:
         return batch
 
 
-def _say_bit_depth(images: ImageFolderUnlabeled) -> None:
-    """data.white_level null: the warning of a 16-bit image that uses at most 14 bits
-    (datasets._to_8bit), from the training process. DALI decodes 16-bit PNGs itself and the
-    source's workers are spawned without logging, so the torch loader's way (each worker says
-    it at its first such image) says nothing here: the first image of the dataset is looked at
-    instead, decoded (on the host, once) only when its header says 16-bit greyscale."""
-    from PIL import Image
-
-    try:
-        data = images.read(0)
-        with Image.open(io.BytesIO(data)) as img:  # header only
-            deep = img.mode.startswith("I")
-        if deep:
-            images.decode(0)  # _to_8bit warns (once per process) when it is shallow
-    except _DECODE_ERRORS:
-        pass  # an unreadable first file: the loader skips and reports it
-
-
 def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                       start_iteration: int = 0, debug: bool = False,
                       exact_hue: bool | None = None,
@@ -669,8 +650,8 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
     images = build_dataset(cfg, ranks=(rank, world_size))  # collective: every rank calls this
-    if cfg.data.white_level is None:
-        _say_bit_depth(images)
+    if cfg.data.white_level is None:  # DALI decodes 16-bit PNGs itself: said from here
+        say_bit_depth(images)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d; "
                 "photometric ops: %s; source: %s)",

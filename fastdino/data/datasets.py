@@ -92,6 +92,22 @@ def _warn_shallow_16bit(top: float, name: str | None) -> None:
         round(top * 255 / 65535), bits, 2**bits - 1, 2**bits - 1)
 
 
+def say_bit_depth(images) -> None:
+    """data.white_level null: the warning of a 16-bit image that uses at most 14 bits
+    (`_to_8bit`), from the training process, about the first image of `images` (an
+    ImageFolderUnlabeled), decoded only when its header says integer greyscale deeper than 8
+    bits. Said before the loaders start their workers: forked ones inherit that it was said
+    (else each says it at its first such image); DALI decodes 16-bit PNGs itself and its
+    spawned source workers have no logging, so there this is the only place it is said."""
+    try:
+        with Image.open(io.BytesIO(images.read(0))) as img:  # header only
+            deep = img.mode.startswith("I")
+        if deep:
+            images.decode(0)  # _to_8bit warns when it is shallow
+    except _DECODE_ERRORS:
+        pass  # an unreadable first file: the loader skips and reports it
+
+
 def silence_shallow_16bit_warning() -> None:
     """This process does not say the 16-bit depth warning (a DALI source worker: the training
     process says it)."""

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastdino.config import Config
 from fastdino.data.collate import Batch, RawBatch, collate_fn, collate_raw
-from fastdino.data.datasets import ImageFolderUnlabeled
+from fastdino.data.datasets import ImageFolderUnlabeled, say_bit_depth
 from fastdino.data.gpu_photometric import geometric_crops
 from fastdino.data.masking import MaskingGenerator, max_num_patches_for
 from fastdino.data.transforms import DataAugmentationDINO
@@ -310,6 +310,8 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
     logger.info("found %d images in %s (rank %d/%d, %d per step, %d workers, from step %d)",
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
                 cfg.data.num_workers, start_iteration)
+    if cfg.data.white_level is None:  # before the workers fork (they inherit that it was said)
+        say_bit_depth(images)
     batches = MultiCropBatches(images, cfg, rank, world_size)
     finish = None
     if cfg.data.torch_photometric == "gpu":

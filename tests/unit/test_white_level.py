@@ -151,9 +151,11 @@ def _max_level(batch) -> float:
     return max(float(((c * std + mean) * 255).amax()) for c in crops)
 
 
-def test_the_config_white_level_reaches_the_training_datasets(tmp_path):
+def test_the_config_white_level_reaches_the_training_datasets(tmp_path, caplog):
     """As the trainer builds them (build_dataset / build_train_loader from the config), both
-    sources of data.homogeneous_root included, and in the loader's worker process."""
+    sources of data.homogeneous_root included, and in the loader's worker process. Without it
+    the training process says the warning (before the workers fork: they inherit that it was
+    said, instead of each saying it)."""
     main = _flat_12bit_folder(tmp_path / "main")
     homo = _flat_12bit_folder(tmp_path / "homo")
     cfg = _cfg(main, "data.white_level=4095", f"data.homogeneous_root={homo}")
@@ -162,7 +164,10 @@ def test_the_config_white_level_reaches_the_training_datasets(tmp_path):
     for i in range(len(images)):  # main, then the homogeneous source
         assert np.asarray(images.load(i)[0]).min() == 255
     bright = next(build_train_loader(_cfg(main, "data.white_level=4095")))
-    dark = next(build_train_loader(_cfg(main)))
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="fastdino.data"):
+        dark = next(build_train_loader(_cfg(main)))
+    assert "data.white_level=4095" in caplog.text and str(main / "0.png") in caplog.text
     # a flat white image stays >= 0.6 x 255 under the brightness jitter (or solarizes to 0);
     # read as 16-bit it is level 16, x 1.4 at most
     assert _max_level(bright) > 150 and _max_level(dark) < 30
