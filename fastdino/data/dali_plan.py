@@ -153,9 +153,11 @@ DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000"
 # decoded on the CPU by the same decoders, so the checks above hold; where an nvImageCodec build
 # decodes TIFF on the GPU (nvTIFF), the TIFFs passed to it are still lossless 8-bit data (JPEG-
 # compressed ones may differ by a level or two, as nvJPEG does). Not run on a GPU here.
-# 16-bit greyscale PNGs: DALI's decoder scales 0..65535 to 0..255 itself, which ignores
-# data.white_level; with a white level set they are decoded on the host as those TIFFs are
-# (`_host_decoded`), so that both loaders map 0..white_level to 0..255.
+# 16-bit greyscale PNGs: DALI's decoder scales them itself, round(v * 255 / 65535), the torch
+# loader's default pixels (checked on the CPU decoder, DALI 2.4: test_white_level.py), which
+# would ignore data.white_level; with a white level set they (and any integer greyscale image
+# deeper than 8 bits) are decoded on the host as those TIFFs are (`_host_decoded`), so that both
+# loaders map 0..white_level to 0..255.
 _DALI_TIFF_MODES = frozenset({"L", "RGB"})
 _DALI_TIFF_PHOTOMETRIC = frozenset({1, 2, 6})  # min-is-black, RGB, YCbCr (JPEG-compressed)
 # none, LZW, JPEG, deflate (both codes), PackBits: libtiff's built-in codecs
