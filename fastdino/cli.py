@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train":
         from fastdino.train import main as train_main
 
-        return train_main(rest)
+        return train_main(rest, prog="fastdino train")  # its usage line names the command
     if cmd == "export":
         return _export(rest)
     if cmd == "profile":

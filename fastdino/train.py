@@ -690,9 +690,13 @@ def _out_of_memory(e: BaseException, cfg: Config, trainer=None) -> str:
     return f"out of GPU memory: {what} To fit: {'; '.join(tips)}. {where}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="DINOv3 training (fastdino)")
-    p.add_argument("--config", default=None, help="yaml preset, e.g. configs/smoke.yaml")
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """`prog`: the name usage lines give (`fastdino train` from the console script; default
+    argparse's, the script's file name)."""
+    p = argparse.ArgumentParser(prog=prog, description="DINOv3 training (fastdino)")
+    p.add_argument("--config", default=None,
+                   help="a yaml file (e.g. configs/smoke.yaml) or a preset's name in configs/ "
+                        "(e.g. smoke, vitl16)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (the LOCAL_RANK env var is what is used)")
     p.add_argument("--print-config", action="store_true",
@@ -702,8 +706,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     rank_logging.install()  # rank 0's lines once; a rank's own warnings and errors tagged
     try:  # a bad key, value or teacher run: its message, not a traceback (same on every rank)
