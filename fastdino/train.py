@@ -493,7 +493,8 @@ class Trainer:
         out = self.out / "pca" / f"iter_{it:07d}"
         try:
             write_pca_images(backbone, self.pca_inputs, out, shared=True, norms=True,
-                             resolution=self.cfg.train.pca_resolution)
+                             resolution=self.cfg.train.pca_resolution,
+                             white_level=self.cfg.data.white_level)
             logger.info("PCA maps of the teacher written to %s", out)
         except Exception as e:  # noqa: BLE001 - e.g. an image removed since the start
             logger.warning("PCA maps at iteration %d failed: %s: %s", it, type(e).__name__, e)
@@ -530,7 +531,7 @@ class Trainer:
                                 temperature=cfg.eval.knn_temperature,
                                 batch_size=cfg.eval.batch_size, mean=cfg.crops.mean,
                                 std=cfg.crops.std, val=cfg.train.knn_val_data,
-                                samples=self.knn_samples)
+                                samples=self.knn_samples, white_level=cfg.data.white_level)
             except Exception as e:  # noqa: BLE001 - e.g. an image of the probe set unreadable
                 logger.warning("%skNN probe at iteration %d failed, skipped: %s: %s",
                                self.log_prefix, it, type(e).__name__, e)

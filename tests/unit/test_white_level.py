@@ -8,6 +8,7 @@ is said once per process."""
 import io
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ except ImportError:
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
                                 "(pip install 'fastdino[dali]'): the DALI decode is not testable")
 
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 TWELVE_BIT = np.array([[0, 2048, 4095, 5000]], dtype=np.uint16)  # 5000: above 12 bits' white
 # (v * 255 / white + 0.5) truncated: _to_8bit's rounding
 AT_4095 = [0, 128, 255, 255]  # 2048 -> 127.5 + 0.5; 5000 clips to white
@@ -354,3 +356,31 @@ def test_eval_seg_and_depth_decode_their_images_with_the_flag(tmp_path, monkeypa
     seen.clear()
     assert main(["depth", "--data", str(tmp_path / "depth"), "--crop", "48", "64", *common]) == 0
     assert len(seen) >= 2 and set(seen) == {4095}
+
+
+def test_trainer_probe_and_pca_maps_use_data_white_level(tmp_path, monkeypatch):
+    """A run with data.white_level: its in-training kNN probe (train.knn_every) and the PCA maps
+    written with each checkpoint (train.pca_images) decode their 16-bit images as its training
+    images are, not from 0..65535."""
+    from fastdino.train import Trainer
+
+    probe = tmp_path / "probe"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (probe / split / cls).mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray(np.full((32, 32), 1000 * k + 500, np.uint16)).save(
+                    probe / split / cls / f"{k}.png")
+    pca_image = probe / "val" / "a" / "0.png"
+    cfg = load_config(SMOKE, ["dino.head.n_prototypes=128", "ibot.head.n_prototypes=128",
+                              "data.num_workers=0", f"train.output_dir={tmp_path / 'run'}",
+                              "train.resume=none", "train.max_iterations=1", "train.log_every=1",
+                              "train.knn_every=1", f"train.knn_data={probe}",
+                              f"train.pca_images=[{pca_image}]", "train.pca_resolution=32",
+                              "data.white_level=4095"])
+    trainer = Trainer(cfg)
+    seen = _spy_white_levels(monkeypatch)
+    history = trainer.train()
+    assert "knn_top1_k10" in history[-1]
+    assert len(seen) >= 13 and set(seen) == {4095}  # 12 probe images + the PCA image
+    assert any((tmp_path / "run").rglob("*.png"))  # the PCA maps were written
