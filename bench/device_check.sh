@@ -81,6 +81,13 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+# The stages append to their logs (data, step and ds share step.log), so the logs this run
+# writes start empty: in a reused --out (the default bench/results) an earlier run's lines would
+# otherwise count in this run's summary (its PASS / FAIL counts, its pytest result)
+want pytest && rm -f "$OUT/pytest.log"
+want check && rm -f "$OUT/check.log"
+{ want bench || want profile; } && rm -f "$OUT/bench.log"
+{ want data || want step || want ds; } && rm -f "$OUT/step.log"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 START=$SECONDS
 cd "$REPO"
@@ -339,12 +346,15 @@ fi
 
 # ---- summary: parity verdicts and the step table
 {
-  if [ -f "$OUT/check.log" ]; then
+  # only the stages of this run: logs of stages it did not run may lie in a reused --out
+  if want check && [ -f "$OUT/check.log" ]; then
     echo "check:  $(grep -c ' PASS' "$OUT/check.log") PASS, $(grep -c ' FAIL' "$OUT/check.log") FAIL"
     grep ' FAIL' "$OUT/check.log" | head -20
   fi
-  echo "pytest: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest.log" 2>/dev/null | tail -1)"
-  grep -E '^FAILED|^ERROR' "$OUT/pytest.log" 2>/dev/null | head -20
+  if want pytest && [ -f "$OUT/pytest.log" ]; then
+    echo "pytest: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest.log" | tail -1)"
+    grep -E '^FAILED|^ERROR' "$OUT/pytest.log" | head -20
+  fi
   sed -n '/^model    impl/,$p' "$OUT/step.log" 2>/dev/null | head -8
   sed -n '/^## stage ds/,$p' "$OUT/step.log" 2>/dev/null | grep -E 'engine:| it [0-9]+/|Error|error' | tail -5
   echo "total $(( SECONDS - START ))s of ${BUDGET}s budget; files in $OUT:"; ls "$OUT"

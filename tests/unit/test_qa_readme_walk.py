@@ -16,3 +16,28 @@ def test_train_help_names_the_fastdino_train_command(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: fastdino train [-h]")
     assert "preset's name" in " ".join(out.split())  # --config: yaml or preset name
+
+
+def test_device_check_summary_is_this_runs_alone(tmp_path):
+    # README: `bash bench/device_check.sh --out DIR`. Its stages append to their logs, so in a
+    # reused --out (the default bench/results) a second run's summary counted the first run's
+    # parity lines too (a FAIL fixed since stayed in it) and gave a "pytest:" line of a stage
+    # it did not run
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[2]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "check.log").write_text("dino_loss  case  triton  float32  forward  1  2  3  4  FAIL\n")
+    (out / "pytest.log").write_text("3 failed, 1 passed in 1.00s\n")
+    proc = subprocess.run(
+        ["bash", str(repo / "bench/device_check.sh"), "--out", str(out), "--budget", "120",
+         "--python", sys.executable, "--stages", "check", "--ops", "selftest"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    check = next(line for line in summary.splitlines() if line.startswith("check: "))
+    assert " 0 FAIL" in check and " 0 PASS" not in check, summary
+    assert "pytest:" not in summary and "FAIL" not in (out / "check.log").read_text()
