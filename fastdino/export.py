@@ -110,11 +110,20 @@ def export_backbone(run_or_ckpt: str | Path, out: str | Path) -> list[Path]:
 
 def teacher_state(run_or_ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The whole EMA teacher (backbone and heads) of a run or checkpoint, and that checkpoint."""
+    from fastdino.checkpoint import STATE_FILE, complete_checkpoints
     from fastdino.eval.weights import read_weights
 
     if not Path(run_or_ckpt).expanduser().exists():
         raise FileNotFoundError(f"--run {str(run_or_ckpt)!r} does not exist: give a training "
                                 "run's output_dir or one of its checkpoints/iter_N folders")
+    path = Path(run_or_ckpt).expanduser()
+    if (path / "config.yaml").is_file() and not (path / STATE_FILE).is_file() \
+            and not complete_checkpoints(path / "checkpoints"):
+        # the config is written first: a run stopped early, or still before its first save
+        raise FileNotFoundError(f"--run {str(run_or_ckpt)!r} is a training run without a "
+                                f"checkpoint yet (none in {path / 'checkpoints'}): it writes one "
+                                "every train.checkpoint_every iterations, at its last iteration "
+                                "and when a signal stops it")
     sd, source, _, run_cfg = read_weights(run_or_ckpt)
     if "teacher" not in sd:
         raise ValueError(f"--run {str(run_or_ckpt)!r} is a {source}, not a training run or "

@@ -41,3 +41,18 @@ def test_device_check_summary_is_this_runs_alone(tmp_path):
     check = next(line for line in summary.splitlines() if line.startswith("check: "))
     assert " 0 FAIL" in check and " 0 PASS" not in check, summary
     assert "pytest:" not in summary and "FAIL" not in (out / "check.log").read_text()
+
+
+def test_export_of_a_run_without_a_checkpoint_yet_says_so(tmp_path, capsys):
+    # README: "fastdino export --run <output_dir>"; a run writes its config.yaml first, so a run
+    # stopped before its first checkpoint (a second Ctrl-C) is a folder of config.yaml and
+    # metrics.jsonl: the error named "weights" and the formats a folder could hold instead
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  arch: vit_test\n")
+    (run / "metrics.jsonl").write_text('{"iteration": 3}\n')
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--run", str(run), "--out", str(tmp_path / "t.pth")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--run {str(run)!r} is a training run without a checkpoint yet" in err
