@@ -47,6 +47,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -424,19 +425,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastdino.config import ConfigError, load_config
 
+    # the run's folder (its config.yaml) is the measurement's scratch: removed however it ends
     out_dir = tempfile.mkdtemp(prefix="fastdino-profile-")
     overrides = [f"train.output_dir={out_dir}", "train.resume=none", "train.knn_every=0",
                  *args.overrides]
     try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        p.error(f"config error: {e}")
-    try:  # what the build finds: a backend this machine lacks, a data folder that is not there
-        r = profile(cfg, args.steps, args.warmup, args.fixed_batch)
-    except ConfigError as e:
-        p.error(f"config error: {e}")
-    except FileNotFoundError as e:
-        p.error(str(e))
+        try:
+            cfg = load_config(args.config, overrides)
+        except ConfigError as e:
+            p.error(f"config error: {e}")
+        try:  # what the build finds: a backend this machine lacks, a data folder not there
+            r = profile(cfg, args.steps, args.warmup, args.fixed_batch)
+        except ConfigError as e:
+            p.error(f"config error: {e}")
+        except FileNotFoundError as e:
+            p.error(str(e))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     from fastdino import dist as fdist
 
     if not fdist.is_main_process():  # under a launcher every rank measures; rank 0 reports

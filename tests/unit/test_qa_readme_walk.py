@@ -56,3 +56,29 @@ def test_export_of_a_run_without_a_checkpoint_yet_says_so(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--run {str(run)!r} is a training run without a checkpoint yet" in err
+
+
+@pytest.mark.parametrize("outcome", ["report", "error"])
+def test_profile_leaves_no_run_folder_behind(tmp_path, monkeypatch, capsys, outcome):
+    # README: `python -m fastdino.profile --config ...`; each profile made a run folder
+    # (train.output_dir, its config.yaml) under the temp dir and left it there
+    import tempfile
+
+    from fastdino import profile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def fake_profile(cfg, steps, warmup, fixed_batch):
+        assert list(tmp_path.glob("fastdino-profile-*")) == [tmp_path / cfg.train.output_dir]
+        if outcome == "error":
+            raise FileNotFoundError("data.root='/nowhere' does not exist")
+        return {}
+
+    monkeypatch.setattr(profile, "profile", fake_profile)
+    monkeypatch.setattr(profile, "format_report", lambda r: "report")
+    if outcome == "error":
+        with pytest.raises(SystemExit):
+            profile.main(["--config", "smoke", "--steps", "1"])
+    else:
+        assert profile.main(["--config", "smoke", "--steps", "1"]) == 0
+    assert list(tmp_path.glob("fastdino-profile-*")) == []
