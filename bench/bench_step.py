@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import traceback
@@ -44,11 +45,12 @@ def _parse_impl(impl: str) -> tuple[str, bool]:
     return base, bool(plus)
 
 
-def _config(name: str, impl: str, on_gpu: bool):
+def _config(name: str, impl: str, on_gpu: bool, out: str | None = None):
+    """The run config of one row; `out` its train.output_dir (default: a new temp folder)."""
     from fastdino.config import load_config
 
     base, compile_blocks = _parse_impl(impl)
-    out = tempfile.mkdtemp(prefix=f"bench-step-{name}-")
+    out = out or tempfile.mkdtemp(prefix=f"bench-step-{name}-")
     common = [f"train.output_dir={out}", "train.resume=none", "train.knn_every=0",
               f"kernels.impl={base}", f"model.compile={str(compile_blocks).lower()}"]
     if not on_gpu:
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls:
             print(f"## step {name} kernels.impl={impl} ({steps} steps after {warmup} warm-up)",
                   flush=True)
+            out = tempfile.mkdtemp(prefix=f"bench-step-{name}-")  # the row's run folder
             try:
-                cfg = _config(name, impl, on_gpu)
+                cfg = _config(name, impl, on_gpu, out)
                 r = profile(cfg, steps, warmup, fixed_batch=not args.loader)
                 r["model"], r["impl"] = name, impl
                 print(format_report(r), flush=True)
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 failed += 1
                 r = {"model": name, "impl": impl, "error": f"{type(e).__name__}: {e}"[:300]}
+            finally:  # scratch (its config.yaml): each row left one under the temp dir
+                shutil.rmtree(out, ignore_errors=True)
             runs.append(r)
             gc.collect()
             if on_gpu:

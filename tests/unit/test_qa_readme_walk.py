@@ -82,3 +82,24 @@ def test_profile_leaves_no_run_folder_behind(tmp_path, monkeypatch, capsys, outc
     else:
         assert profile.main(["--config", "smoke", "--steps", "1"]) == 0
     assert list(tmp_path.glob("fastdino-profile-*")) == []
+
+
+def test_bench_step_leaves_no_run_folder_behind(tmp_path, monkeypatch, capsys):
+    # README: `python -m bench step`; each row made a run folder under the temp dir and left it
+    import tempfile
+
+    import fastdino.profile
+    from bench import bench_step
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+
+    def fake_profile(cfg, steps, warmup, fixed_batch):
+        seen.append(cfg.train.output_dir)
+        assert list(tmp_path.glob("bench-step-*")) == [tmp_path / cfg.train.output_dir]
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(fastdino.profile, "profile", fake_profile)
+    monkeypatch.setattr(bench_step.torch.cuda, "is_available", lambda: False)
+    assert bench_step.main(["--no-save", "--steps", "1"]) == 1  # the row's error, reported
+    assert len(seen) == 1 and list(tmp_path.glob("bench-step-*")) == []
