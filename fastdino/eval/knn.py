@@ -12,9 +12,9 @@ Features are the L2-normalised `x_norm_clstoken` of the backbone in eval mode on
 transform (`fastdino eval knn`'s: shorter side to 256/224 of `image_size`, bicubic, centre crop
 `image_size` x `image_size`, normalised), so that the logged `knn_top1_k<k>` is the number `eval
 knn` gives for the teacher (a squashed whole image would give another). Vote: for each query,
-the k most similar training features vote for their class with weight exp(sim / T); the class
-with the largest sum wins (ties: lowest id). The official softmax over the neighbours divides
-every weight of a query by the same sum: the same winner (knn_protocol.py).
+the k most similar training features vote for their class with weight softmax(sim / T) over
+the k; the class with the largest sum wins (ties: lowest id), scored by `eval knn`'s own
+functions (knn_protocol.py) so that near-ties resolve alike.
 """
 
 from __future__ import annotations
@@ -71,21 +71,17 @@ def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
                  test_y: torch.Tensor, ks: tuple[int, ...], temperature: float = 0.07,
                  chunk: int = 1024) -> dict[int, float]:
-    """Top-1 accuracy of the weighted kNN vote for each k (features already normalised)."""
+    """Top-1 accuracy of the weighted kNN vote for each k (features already normalised), scored
+    by `eval knn`'s own functions (knn_protocol.knn_scores / topk_accuracy: its neighbours per
+    k, softmax weights, tie order). A vote of its own (exp weights over the top max(ks)) has the
+    same winner in exact arithmetic, but not where similarities tie or nearly tie (collapsed
+    or early features): there the two disagreed by several points on identical features."""
+    from fastdino.eval.knn_protocol import knn_scores, topk_accuracy  # (it imports this module)
+
     n_classes = int(max(train_y.max(), test_y.max())) + 1
-    kmax = min(max(ks), train_f.shape[0])
-    correct = {k: 0 for k in ks}
-    for i in range(0, test_f.shape[0], chunk):
-        sim = test_f[i:i + chunk] @ train_f.T  # [q, Ntrain] cosine
-        top_sim, top_idx = sim.topk(kmax, dim=1)  # [q, kmax], sorted descending
-        top_y = train_y[top_idx]  # [q, kmax]
-        w = (top_sim / temperature).exp()
-        for k in ks:
-            kk = min(k, kmax)
-            votes = torch.zeros(top_y.shape[0], n_classes)
-            votes.scatter_add_(1, top_y[:, :kk], w[:, :kk])  # [q, C]
-            correct[k] += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
-    return {k: correct[k] / test_f.shape[0] for k in ks}
+    return {k: topk_accuracy(knn_scores(train_f, train_y, test_f, k, temperature, n_classes,
+                                        chunk), test_y, 1)
+            for k in ks}
 
 
 def split_samples(root: str | Path) -> tuple[list, list]:
