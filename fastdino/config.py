@@ -715,7 +715,7 @@ class TrainConfig:
     seed: int = 0  # model init / masking / RoPE seed
     log_every: int = 10  # metrics line period, in iterations
     checkpoint_every: int = 3750  # checkpoint period, in iterations
-    keep_checkpoints: int = 3  # number of periodic checkpoints kept
+    keep_checkpoints: int = 3  # checkpoints kept (periodic, last-iteration and signal alike)
     resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint dir
     max_consecutive_nan: int = 3  # stop after this many consecutive non-finite steps
     knn_every: int = 0  # kNN probe period in iterations (0 = off)

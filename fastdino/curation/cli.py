@@ -256,7 +256,7 @@ def _contamination(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import contamination
 
     train, files, evaluation, eval_files = _two_sets(a.embeddings, a.eval)
-    hits = contamination(train, evaluation, a.threshold, k=a.k, device=_device(a.device),
+    hits = contamination(train, evaluation, a.threshold, device=_device(a.device),
                          chunk=a.chunk_rows, progress=not a.quiet)
     out = _write_lines(a.out, [f"{files[t]}\t{eval_files[e]}\t{s:.4f}" for t, e, s in hits])
     print(f"{len(hits)} of {len(files)} training images near-duplicate one of {len(eval_files)} "
@@ -335,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="file list to write (data.file_list)")
 
-    def search_options(p, k: int) -> None:
-        p.add_argument("--k", type=positive_int, default=k, help="neighbours searched per row")
+    def search_options(p, k: int | None) -> None:
+        if k is not None:  # (contamination searches each training row's best match: no k)
+            p.add_argument("--k", type=positive_int, default=k,
+                           help="neighbours searched per row")
         p.add_argument("--chunk-rows", type=positive_int, default=8192,
                        help="rows per similarity block (memory: chunk^2 x 4 bytes)")
         p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
@@ -371,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="TSV: training image, eval image, similarity")
     p.add_argument("--clean", default=None, help="also write the training list without them")
     p.add_argument("--fail-on-hits", action="store_true", help="exit 1 when any is found")
-    search_options(p, 8)
+    search_options(p, None)
     return parser
 
 

@@ -125,15 +125,13 @@ def retrieve(pool: np.ndarray, seeds: np.ndarray, k: int, threshold: float | Non
     return picked, best[picked]
 
 
-def contamination(train: np.ndarray, evaluation: np.ndarray, threshold: float, k: int = 8,
+def contamination(train: np.ndarray, evaluation: np.ndarray, threshold: float,
                   **kw) -> list[tuple[int, int, float]]:
-    """Training rows that near-duplicate an evaluation row (similarity >= threshold among the k
-    nearest of each evaluation row): [(train row, eval row, similarity)], by train row; a
-    training row matched by several evaluation rows is listed once, with its best match."""
-    sims, ids = top_k_cosine(evaluation, train, k, **kw)
-    best: dict[int, tuple[int, float]] = {}
-    for e, j in zip(*np.nonzero(sims >= threshold), strict=True):
-        t, s = int(ids[e, j]), float(sims[e, j])
-        if t not in best or s > best[t][1]:
-            best[t] = (int(e), s)
-    return [(t, e, s) for t, (e, s) in sorted(best.items())]
+    """Training rows that near-duplicate an evaluation row: [(train row, its most similar
+    evaluation row, similarity)] for every training row whose best match reaches `threshold`,
+    by train row. Searched from the training side (each training row's nearest evaluation
+    row), so every copy is found: searching the k nearest training rows of each evaluation row
+    missed the copies beyond k of an image copied more than k times."""
+    sims, ids = top_k_cosine(train, evaluation, 1, **kw)
+    hit = np.nonzero(sims[:, 0] >= threshold)[0]
+    return [(int(t), int(ids[t, 0]), float(sims[t, 0])) for t in hit]

@@ -76,6 +76,19 @@ def test_retrieve_and_contamination():
     assert contamination(pool, _unit(rng, 5), threshold=0.99) == []
 
 
+def test_contamination_finds_every_copy_of_an_image_copied_many_times():
+    """An evaluation image copied 12 times into the training set: all 12 copies are flagged
+    (the old search took the 8 nearest training rows of each evaluation row and missed 4)."""
+    rng = np.random.default_rng(5)
+    evaluation = _unit(rng, 3)
+    copies = evaluation[[1] * 12] + 0.01 * _unit(rng, 12)
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    train = np.concatenate([_unit(rng, 20), copies])  # rows 20..31 copy evaluation row 1
+    hits = contamination(train, evaluation, threshold=0.99)
+    assert [(t, e) for t, e, _ in hits] == [(t, 1) for t in range(20, 32)]
+    assert all(s >= 0.99 for _, _, s in hits)
+
+
 def _pool(root, n=12):
     """n random images, then copies of images 0 and 3 re-saved as JPEG (near-duplicates)."""
     rng = np.random.default_rng(0)
