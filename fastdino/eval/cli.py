@@ -30,6 +30,14 @@ import torch
 
 logger = logging.getLogger("fastdino.eval")
 
+# image decoding workers: 4, or one per core on smaller machines (more only contend, and torch
+# warns that they may freeze the loader)
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+WORKERS_HELP = "image decoding workers (default: 4, or the CPU cores when fewer)"
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """Each option's default after its help, where there is one to show: not for required
@@ -140,7 +148,8 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
                             "backbone's patch size (16; 14 for the DINOv2 archs)")
         f.add_argument("--batch-size", type=positive_int, default=64,
                        help="images per feature-extraction batch")
-        f.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
+        f.add_argument("--num-workers", type=count, default=default_workers(),
+                       help=WORKERS_HELP)
         f.add_argument("--cache-dir", default=None,
                        help="feature cache (default $FASTDINO_CACHE/features); 'none' disables")
     p.add_argument("--white-level", type=white_level, default=None, metavar="N",
@@ -172,7 +181,7 @@ def _add_head_training(p: argparse.ArgumentParser, *, batch_size: int, lr: float
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="training crops per step")
     p.add_argument("--lr", type=positive_float, default=lr, help="AdamW lr of the head")
-    p.add_argument("--num-workers", type=count, default=4, help="image decoding workers")
+    p.add_argument("--num-workers", type=count, default=default_workers(), help=WORKERS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,3 +160,18 @@ def test_an_existing_weights_path_with_glob_characters_is_not_a_pattern(tmp_path
     assert expand_weights(str(path)) == [str(path)]
     assert expand_weights(str(tmp_path / "exp[0-9]" / "teacher_backbone.pth")) == [
         str(tmp_path / "exp1" / "teacher_backbone.pth")]  # a pattern still globs
+
+
+@pytest.mark.parametrize("cores, want", [(2, 2), (1, 1), (16, 4), (None, 1)])
+def test_num_workers_default_is_at_most_the_cores(monkeypatch, cores, want):
+    """--num-workers defaults to 4, or to the CPU cores on a smaller machine (torch warns that
+    more workers than cores may freeze the loader, and they only contend)."""
+    import os
+
+    from fastdino.eval.cli import build_parser
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    parser = build_parser()
+    for cmd in ("knn", "linear", "seg", "depth"):
+        args = parser.parse_args([cmd, "--data", "x", "--weights", "random", "--arch", "vit_test"])
+        assert args.num_workers == want, cmd
