@@ -46,11 +46,36 @@ from fastdino.eval.cli import (
 logger = logging.getLogger("fastdino.curation")
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, least: int | None = None) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not values or (least is not None and min(values) < least):
+        at_least = "" if least is None else f" >= {least}"
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is a comma list of "
+                                         f"integers{at_least}")
+    return values
+
+
+def _positive_ints(text: str) -> list[int]:  # --clusters (0 divided by zero further on)
+    return _ints(text, 1)
+
+
+def _counts(text: str) -> list[int]:  # --resampling-steps (a negative one was run as 0)
+    return _ints(text, 0)
+
+
+def _cosine(text: str) -> float:
+    """A cosine similarity threshold in [-1, 1] (above 1 nothing could ever match)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not -1.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is a cosine similarity "
+                                         "in [-1, 1]")
+    return v
 
 
 def _device(name: str | None) -> torch.device:
@@ -305,11 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="hierarchical k-means with resampling steps",
                        formatter_class=fmt)
     p.add_argument("embeddings", help="folder E written by `curate embed`")
-    p.add_argument("--clusters", type=_ints, required=True,
+    p.add_argument("--clusters", type=_positive_ints, required=True,
                    help="clusters per level, bottom to top, e.g. 100,20,5")
     p.add_argument("--levels", type=positive_int, default=None,
                    help="number of levels (checks --clusters; default: as many as it lists)")
-    p.add_argument("--resampling-steps", type=_ints, default=[10],
+    p.add_argument("--resampling-steps", type=_counts, default=[10],
                    help="resampling steps per level (one value: every level)")
     p.add_argument("--sample-size", type=_ints, default=None,
                    help="points per cluster in a resampling step, per level (default: half the "
@@ -347,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dedup", help="near-duplicate removal by embedding similarity",
                        formatter_class=fmt)
     p.add_argument("embeddings", help="folder E written by `curate embed`")
-    p.add_argument("--threshold", type=float, default=0.95,
+    p.add_argument("--threshold", type=_cosine, default=0.95,
                    help="cosine similarity at which two images are duplicates")
     p.add_argument("--out", required=True, help="file list of the kept images (+ .removed.tsv)")
     search_options(p, 16)
@@ -357,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", help="pool: folder E written by `curate embed`")
     p.add_argument("--seeds", required=True, help="seed images' folder from `curate embed` "
                    "(same --weights and --image-size)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=_cosine, default=None,
                    help="keep only neighbours at least this similar (cosine; default: all "
                         "--k)")
     p.add_argument("--out", required=True, help="file list of the retrieved images (+ .tsv)")
@@ -368,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", help="training set: folder E written by `curate embed`")
     p.add_argument("--eval", required=True, help="evaluation images' folder from `curate embed` "
                    "(same --weights and --image-size)")
-    p.add_argument("--threshold", type=float, default=0.9,
+    p.add_argument("--threshold", type=_cosine, default=0.9,
                    help="cosine similarity at which a training image copies an eval image")
     p.add_argument("--out", required=True, help="TSV: training image, eval image, similarity")
     p.add_argument("--clean", default=None, help="also write the training list without them")

@@ -14,6 +14,8 @@ memory stays O((q + c)·D + q·c) whatever N is. Work: 2·Q·N·D FLOP for the s
 at D = 1024: 2 PFLOP, seconds of bf16 matmul on one H100; hours on a CPU, where 100k x 100k
 takes minutes) plus an O(c) top-k per row and chunk. Ties: equal similarities go to the lower
 key id (exact duplicates tie exactly) unless they straddle the k-th place inside one chunk.
+Thresholds are met up to SIM_TOL (~0.002, the fp16 resolution of the rows): `1.0` finds exact
+copies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ import numpy as np
 import torch
 
 from fastdino.curation.progress import Progress
+
+# A similarity this close below a threshold reaches it: the rows are fp16 unit vectors, whose
+# norms are 1 only to fp16's rounding (up to ~1e-3 off, plus the fp16 matmul's rounding on CUDA),
+# so an exact copy's cosine came out as 0.9999 and `--threshold 1.0` kept every exact copy.
+SIM_TOL = 2.0**-9
+
+
+def reaches(sims: np.ndarray, threshold: float) -> np.ndarray:
+    """sims >= threshold, up to the fp16 resolution of the stored embeddings (SIM_TOL)."""
+    return sims >= threshold - SIM_TOL
 
 
 def _rows(x: np.ndarray, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor,
@@ -100,7 +112,7 @@ def deduplicate(emb: np.ndarray, threshold: float, k: int = 16, **kw) -> tuple[n
             a = parent[a]
         return a
 
-    rows, cols = np.nonzero(sims >= threshold)
+    rows, cols = np.nonzero(reaches(sims, threshold))
     for a, b in zip(rows.tolist(), ids[rows, cols].tolist(), strict=True):
         ra, rb = find(a), find(b)
         if ra != rb:
@@ -120,7 +132,7 @@ def retrieve(pool: np.ndarray, seeds: np.ndarray, k: int, threshold: float | Non
     sims, ids = top_k_cosine(seeds, pool, k, **kw)
     ok = ids >= 0
     if threshold is not None:
-        ok &= sims >= threshold
+        ok &= reaches(sims, threshold)
     best = np.full(len(pool), -np.inf, dtype=np.float32)
     np.maximum.at(best, ids[ok], sims[ok])
     picked = np.nonzero(np.isfinite(best))[0]
@@ -135,5 +147,5 @@ def contamination(train: np.ndarray, evaluation: np.ndarray, threshold: float,
     row), so every copy is found: searching the k nearest training rows of each evaluation row
     missed the copies beyond k of an image copied more than k times."""
     sims, ids = top_k_cosine(train, evaluation, 1, **kw)
-    hit = np.nonzero(sims[:, 0] >= threshold)[0]
+    hit = np.nonzero(reaches(sims[:, 0], threshold))[0]
     return [(int(t), int(ids[t, 0]), float(sims[t, 0])) for t in hit]

@@ -1,0 +1,71 @@
+"""`fastdino curate` edge cases found by driving it as a user: exact copies at --threshold 1.0
+(fp16 unit rows whose cosine with themselves is below 1), and bad flag values refused in one
+line naming the flag instead of a traceback or a silently different run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastdino.curation.cli import main
+from fastdino.curation.neighbours import contamination, deduplicate, retrieve
+
+
+def _short_fp16_rows(n: int, d: int = 64) -> np.ndarray:
+    """n fp16 unit rows whose stored norm is visibly below 1 (as `curate embed` writes them)."""
+    rng = np.random.default_rng(0)
+    out = []
+    while len(out) < n:
+        x = rng.normal(size=d)
+        x = (x / np.linalg.norm(x)).astype(np.float16)
+        if float((x.astype(np.float32) ** 2).sum()) < 1 - 2e-5:  # its cosine with a copy < 1
+            out.append(x)
+    return np.stack(out)
+
+
+def test_threshold_one_finds_exact_copies():
+    x = _short_fp16_rows(12)
+    x[7] = x[2]
+    x[9] = x[2]
+    keep, dup_of = deduplicate(x, 1.0, k=4)
+    assert keep.tolist() == [i not in (7, 9) for i in range(12)]
+    assert dup_of[[7, 9]].tolist() == [2, 2]
+    assert [(t, e) for t, e, _ in contamination(x, x[[2]], 1.0)] == [(2, 0), (7, 0), (9, 0)]
+    picked, sims = retrieve(x, x[[2]], k=3, threshold=1.0)
+    assert picked.tolist() == [2, 7, 9] and (sims <= 1).all()
+    # other rows stay apart at 1.0 (random unit rows in 64 dimensions are far below it)
+    assert deduplicate(_short_fp16_rows(12), 1.0, k=4)[0].all()
+
+
+def _embeddings(folder, x):
+    folder.mkdir()
+    np.save(folder / "embeddings.npy", x.astype(np.float16))
+    (folder / "files.txt").write_text("".join(f"/img/{i}.jpg\n" for i in range(len(x))))
+    (folder / "progress.json").write_text(json.dumps(
+        {"done": len(x), "complete": True,
+         "key": {"weights": "w", "arch": "a", "image_size": 224, "n": len(x), "dim": 8}}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["cluster", "E", "--clusters", "0", "--out", "C"], "--clusters"),  # was ZeroDivisionError
+    (["cluster", "E", "--clusters", "4,0", "--out", "C"], "--clusters"),
+    (["cluster", "E", "--clusters", "4", "--resampling-steps", "-1", "--out", "C"],
+     "--resampling-steps"),  # was run as 0 steps
+    (["dedup", "E", "--threshold", "1.5", "--out", "u.txt"], "--threshold"),  # removed nothing
+    (["contamination", "E", "--eval", "E", "--threshold", "nan", "--out", "h.tsv"],
+     "--threshold"),
+    (["retrieve", "E", "--seeds", "E", "--threshold", "-2", "--out", "r.txt"], "--threshold"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, monkeypatch, capsys, argv, flag):
+    rng = np.random.default_rng(0)
+    _embeddings(tmp_path / "E", rng.normal(size=(20, 8)) / 3)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}:" in err and "allowed is" in err
+    assert not (tmp_path / "C").exists() and not (tmp_path / "u.txt").exists()
