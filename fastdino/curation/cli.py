@@ -187,7 +187,18 @@ def _sample(a: argparse.Namespace) -> int:
     from fastdino.curation.sampling import format_summary, hierarchical_sample, size_summary
 
     levels, meta = load_levels(a.clusters_dir)
-    files = read_files(meta["embeddings"])
+    # the image names come from the embeddings folder the clusters were made of: moved, it
+    # gave a bare "No such file" on files.txt; re-embedded with other images, it named the
+    # picked rows after the wrong images
+    emb = Path(meta["embeddings"])
+    if not (emb / "files.txt").is_file():
+        raise FileNotFoundError(f"{a.clusters_dir} was clustered from {emb}, which holds no "
+                                "files.txt (moved or deleted?): rerun `fastdino curate "
+                                "cluster` on the embeddings folder")
+    files = read_files(emb)
+    if len(files) != meta["n"] or len(files) != len(levels[0].assignment):
+        raise ValueError(f"{emb} now lists {len(files)} images but {a.clusters_dir} clustered "
+                         f"{meta['n']} (re-embedded since?): rerun `fastdino curate cluster`")
     picked = hierarchical_sample(levels, a.n, np.random.default_rng(a.seed), a.strategy)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

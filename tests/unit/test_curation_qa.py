@@ -69,3 +69,24 @@ def test_bad_values_are_one_line_errors(tmp_path, monkeypatch, capsys, argv, fla
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {flag}:" in err and "allowed is" in err
     assert not (tmp_path / "C").exists() and not (tmp_path / "u.txt").exists()
+
+
+def test_sample_refuses_moved_or_changed_embeddings(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    emb = _embeddings(tmp_path / "E", rng.normal(size=(20, 8)) / 3)
+    clusters = str(tmp_path / "C")
+    assert main(["cluster", emb, "--clusters", "4", "--iters", "2", "--resampling-steps", "0",
+                 "--device", "cpu", "--out", clusters]) == 0
+    out = str(tmp_path / "list.txt")
+    # re-embedded with more images: the picked rows would be named after other images
+    names = (tmp_path / "E" / "files.txt").read_text()
+    (tmp_path / "E" / "files.txt").write_text("/img/new.jpg\n" + names)
+    capsys.readouterr()
+    assert main(["sample", clusters, "--n", "5", "--out", out]) == 2
+    assert "lists 21 images but" in capsys.readouterr().err
+    # moved away: the error names where the clusters were made from
+    (tmp_path / "E").rename(tmp_path / "E_moved")
+    assert main(["sample", clusters, "--n", "5", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "was clustered from" in err and str(tmp_path / "E") in err
+    assert not (tmp_path / "list.txt").exists()
