@@ -160,7 +160,7 @@ def _cluster(a: argparse.Namespace) -> int:
         rows = Rows(emb, device, chunk_rows=a.chunk_rows)
         steps = _per_level(a.resampling_steps, n_levels, "--resampling-steps")
         sizes = (_per_level(a.sample_size, n_levels, "--sample-size")
-                 or default_sample_sizes(rows.n, a.clusters))
+                 or default_sample_sizes(rows.n_finite(), a.clusters))
         levels = hierarchical_kmeans(rows, a.clusters, steps, sizes, np.random.default_rng(a.seed),
                                      n_iters=a.iters, strategy=a.strategy, impl=a.impl)
         if dist.is_main_process():

@@ -90,10 +90,14 @@ def hierarchical_kmeans(rows: Rows, clusters: Sequence[int], resampling_steps: S
         raise ValueError(f"--clusters, --resampling-steps and --sample-size need one value per "
                          f"level, got {list(clusters)}, {list(resampling_steps)}, "
                          f"{list(sample_sizes)}")
-    sizes = [rows.n, *clusters]
+    # checked before any k-means runs: with unreadable images (NaN rows, never clustered) a k
+    # between the finite and the total count failed only at the first resampling step
+    n = rows.n_finite()
+    sizes = [n, *clusters]
     if any(b > a for a, b in zip(sizes, sizes[1:], strict=False)):
+        unreadable = f", {rows.n - n} unreadable images left out" if n < rows.n else ""
         raise ValueError(f"--clusters {list(clusters)}: each level needs at most as many clusters "
-                         f"as points below it ({rows.n} embeddings at level 0)")
+                         f"as points below it ({n} embeddings at level 0{unreadable})")
     levels: list[KMeansResult] = []
     per_level = zip(clusters, resampling_steps, sample_sizes, strict=True)
     for level, (k, steps, size) in enumerate(per_level, 1):

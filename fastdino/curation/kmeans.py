@@ -148,8 +148,9 @@ def kmeans(rows: Rows, k: int, rng: np.random.Generator, n_iters: int = 50,
     """k-means++ (or `init` [k, D]), up to `n_iters` Lloyd updates, the final assignment."""
     if k < 1:
         raise ValueError(f"k-means: the number of clusters must be >= 1, got {k}")
-    if k > rows.n:
-        raise ValueError(f"k-means: {k} clusters for only {rows.n} points: use at most {rows.n}")
+    if k > rows.n_finite():  # (non-finite rows, undecodable images, are never clustered)
+        raise ValueError(f"k-means: {k} clusters for only {rows.n_finite()} points: use at most "
+                         f"{rows.n_finite()}")
     c = kmeans_plusplus(rows, k, rng) if init is None else init.float().to(rows.device).clone()
     done = 0
     while done < n_iters:

@@ -56,6 +56,7 @@ class Rows:
         self.start, self.stop, self.shard = shard_bounds(self.n)
         nbytes = (self.stop - self.start) * self.dim * torch.empty(0, dtype=self.dtype).itemsize
         self._resident = None
+        self._n_finite: int | None = None
         if nbytes <= resident_bytes:
             self._resident = list(self._read_chunks(self.stop - self.start or 1))
 
@@ -81,6 +82,16 @@ class Rows:
             yield from self._resident
         else:
             yield from self._read_chunks(self.chunk_rows)
+
+    def n_finite(self) -> int:
+        """Rows that can be clustered (finite), over all ranks (collective: call on every
+        rank); counted once."""
+        if self._n_finite is None:
+            n = torch.zeros(1, dtype=torch.float64, device=self.device)
+            for ids, _ in self.chunks():
+                n += len(ids)
+            self._n_finite = int(dist.all_reduce_sum(n).item())
+        return self._n_finite
 
     def gather(self, ids: np.ndarray) -> torch.Tensor:
         """Rows `ids` (global, any rank's) as fp32 on the device: sorted reads, original order."""

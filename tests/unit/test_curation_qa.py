@@ -90,3 +90,19 @@ def test_sample_refuses_moved_or_changed_embeddings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was clustered from" in err and str(tmp_path / "E") in err
     assert not (tmp_path / "list.txt").exists()
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_more_clusters_than_readable_images_is_refused_up_front(steps):
+    import torch
+
+    from fastdino.curation.hierarchical import hierarchical_kmeans
+    from fastdino.curation.rows import Rows
+
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    x[[3, 8]] = np.nan  # two images that could not be decoded: 10 points to cluster
+    rows = Rows(x, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"--clusters \[11\].*10 embeddings.*2 unreadable"):
+        hierarchical_kmeans(rows, [11], [steps], [2], np.random.default_rng(0), n_iters=2)
+    levels = hierarchical_kmeans(rows, [10], [steps], [2], np.random.default_rng(0), n_iters=2)
+    assert (levels[0].assignment[[3, 8]] == -1).all()
