@@ -14,7 +14,7 @@ memory stays O((q + c)·D + q·c) whatever N is. Work: 2·Q·N·D FLOP for the s
 at D = 1024: 2 PFLOP, seconds of bf16 matmul on one H100; hours on a CPU, where 100k x 100k
 takes minutes) plus an O(c) top-k per row and chunk. Ties: equal similarities go to the lower
 key id (exact duplicates tie exactly) unless they straddle the k-th place inside one chunk.
-Thresholds are met up to SIM_TOL (~0.002, the fp16 resolution of the rows): `1.0` finds exact
+Thresholds are met up to SIM_TOL (~0.001, the fp16 resolution of the rows): `1.0` finds exact
 copies.
 """
 
@@ -25,10 +25,10 @@ import torch
 
 from fastdino.curation.progress import Progress
 
-# A similarity this close below a threshold reaches it: the rows are fp16 unit vectors, whose
-# norms are 1 only to fp16's rounding (up to ~1e-3 off, plus the fp16 matmul's rounding on CUDA),
-# so an exact copy's cosine came out as 0.9999 and `--threshold 1.0` kept every exact copy.
-SIM_TOL = 2.0**-9
+# A similarity this close below a threshold reaches it: on CUDA the rows stay fp16, whose norms
+# are 1 only to fp16's rounding, and the fp16 matmul rounds its result (spacing 2^-11 below 1);
+# an exact copy's cosine came out as 0.9999 and `--threshold 1.0` kept every exact copy.
+SIM_TOL = 2.0**-10
 
 
 def reaches(sims: np.ndarray, threshold: float) -> np.ndarray:
@@ -42,9 +42,13 @@ def _rows(x: np.ndarray, start: int, stop: int, device: torch.device) -> tuple[t
     t = torch.from_numpy(np.array(x[start:stop], copy=True)).to(device)  # (memmaps: read-only)
     dtype = t.dtype if device.type == "cuda" and t.dtype in (torch.float16,
                                                              torch.bfloat16) else torch.float32
-    t = t.to(dtype)
+    t = t.float()
     ok = torch.isfinite(t).all(dim=1)
-    return torch.where(ok[:, None], t, torch.zeros_like(t)), ok
+    t = torch.where(ok[:, None], t, torch.zeros_like(t))
+    # unit rows again, in fp32: stored as fp16 their norms are 1 only to ~1e-4 (an exact copy's
+    # cosine read 0.9999); the dot product is then the cosine to fp32 on the CPU
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return t.to(dtype), ok
 
 
 @torch.no_grad()
