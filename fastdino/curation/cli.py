@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("embeddings", help="folder E written by `curate embed`")
     p.add_argument("--threshold", type=_cosine, default=0.95,
-                   help="cosine similarity at which two images are duplicates")
+                   help="cosine similarity at which two images are duplicates (1.0: exact "
+                        "copies). Duplicates chain: a~b and b~c remove b and c for a even "
+                        "where a and c are less similar (one group, its first image kept)")
     p.add_argument("--out", required=True, help="file list of the kept images (+ .removed.tsv)")
     search_options(p, 16)
 
