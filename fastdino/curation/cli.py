@@ -429,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, pickle.UnpicklingError) as e:
         print(f"fastdino curate {a.cmd}: error: {error_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what happens next, not a traceback
+        then = ("the rows on disk are kept: rerun the same command to continue"
+                if a.cmd == "embed" else "its output may be incomplete: rerun it")
+        print(f"fastdino curate {a.cmd}: interrupted; {then}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -106,3 +106,39 @@ def test_more_clusters_than_readable_images_is_refused_up_front(steps):
         hierarchical_kmeans(rows, [11], [steps], [2], np.random.default_rng(0), n_iters=2)
     levels = hierarchical_kmeans(rows, [10], [steps], [2], np.random.default_rng(0), n_iters=2)
     assert (levels[0].assignment[[3, 8]] == -1).all()
+
+
+def test_ctrl_c_in_embed_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import fastdino.curation.embed as embed_mod
+    from fastdino.curation.progress import Progress
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+
+    class CtrlC(Progress):  # the user presses Ctrl-C once the first batch is on disk
+        def update(self, n):
+            raise KeyboardInterrupt
+
+    argv = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test",
+            "--out", str(tmp_path / "E"), "--image-size", "32", "--batch-size", "2",
+            "--num-workers", "0", "--device", "cpu", "--quiet"]
+    monkeypatch.setattr(embed_mod, "Progress", CtrlC)
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:  # (so that it does not stop the whole pytest session)
+        pytest.fail("Ctrl-C escaped `curate embed` as a traceback")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the rows on disk are kept: rerun the same command" in err
+    assert "Traceback" not in err
+    assert json.loads((tmp_path / "E" / "progress.json").read_text())["done"] == 2
+    monkeypatch.setattr(embed_mod, "Progress", Progress)
+    assert main(argv) == 0
+    state = json.loads((tmp_path / "E" / "progress.json").read_text())
+    assert state["done"] == 6 and state["complete"]
+    assert np.isfinite(np.load(tmp_path / "E" / "embeddings.npy")).all()
