@@ -142,3 +142,14 @@ def test_ctrl_c_in_embed_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
     state = json.loads((tmp_path / "E" / "progress.json").read_text())
     assert state["done"] == 6 and state["complete"]
     assert np.isfinite(np.load(tmp_path / "E" / "embeddings.npy")).all()
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])  # cuda:99: absent on any machine
+@pytest.mark.parametrize("cmd", [["cluster", "E", "--clusters", "2", "--out", "C"],
+                                 ["dedup", "E", "--out", "u.txt"]])
+def test_bad_device_is_one_line_error(tmp_path, monkeypatch, capsys, device, cmd):
+    _embeddings(tmp_path / "E", np.random.default_rng(0).normal(size=(6, 8)))
+    monkeypatch.chdir(tmp_path)
+    assert main([*cmd, "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--device {device!r}" in err[0]
