@@ -122,7 +122,11 @@ def deduplicate(emb: np.ndarray, threshold: float, k: int = 16, **kw) -> tuple[n
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)  # the root is the group's lowest row
     roots = np.array([find(a) for a in range(n)])
-    finite = np.isfinite(np.asarray(emb, dtype=np.float32)).all(axis=1)
+    # read in chunks, as the search: the whole memory map as fp32 at once was 4 GB per
+    # million 1024-d rows (out of memory on the pools dedup is for)
+    step = kw.get("chunk", 8192)
+    finite = np.concatenate([np.isfinite(np.asarray(emb[i:i + step])).all(axis=1)
+                             for i in range(0, n, step)] or [np.zeros(0, dtype=bool)])
     keep = (roots == np.arange(n)) & finite
     dup_of = np.where(keep | ~finite, -1, roots)
     return keep, dup_of

@@ -153,3 +153,28 @@ def test_bad_device_is_one_line_error(tmp_path, monkeypatch, capsys, device, cmd
     assert main([*cmd, "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--device {device!r}" in err[0]
+
+
+class _SlicesOnly:
+    """An [N, D] matrix read only in row slices, as a memory map too big for memory is."""
+
+    def __init__(self, x):
+        self.x, self.shape, self.dtype = x, x.shape, x.dtype
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice) and key.stop - key.start <= 4, "read more than a chunk"
+        return self.x[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole matrix was read at once")
+
+
+def test_dedup_streams_the_embeddings():
+    x = _short_fp16_rows(10)
+    x[6] = x[1]
+    x[8] = np.nan
+    keep, dup_of = deduplicate(_SlicesOnly(x), 0.99, k=3, chunk=4)
+    assert np.flatnonzero(~keep).tolist() == [6, 8] and dup_of[[6, 8]].tolist() == [1, -1]
