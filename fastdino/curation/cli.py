@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """One command; a bad path, file or value (FileNotFoundError, ValueError, KeyError, a refused
-    pickle) is one line on stderr and exit status 2, as argparse's usage errors."""
+    pickle, an output path that is a file or unwritable) is one line on stderr and exit status
+    2, as argparse's usage errors."""
     import pickle
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -439,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                "retrieve": _retrieve, "contamination": _contamination}[a.cmd]
     try:
         return command(a)
-    except (FileNotFoundError, ValueError, KeyError, pickle.UnpicklingError) as e:
+    except (FileNotFoundError, ValueError, KeyError, pickle.UnpicklingError,
+            # an --out that is a file, or unwritable: the OSError names the path
+            NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError) as e:
         print(f"fastdino curate {a.cmd}: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying what happens next, not a traceback

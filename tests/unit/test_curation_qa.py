@@ -178,3 +178,16 @@ def test_dedup_streams_the_embeddings():
     x[8] = np.nan
     keep, dup_of = deduplicate(_SlicesOnly(x), 0.99, k=3, chunk=4)
     assert np.flatnonzero(~keep).tolist() == [6, 8] and dup_of[[6, 8]].tolist() == [1, -1]
+
+
+@pytest.mark.parametrize("cmd", [["cluster", "E", "--clusters", "2", "--out", "taken"],
+                                 ["cluster", "E", "--clusters", "2", "--out", "taken/C"],
+                                 ["dedup", "E", "--out", "taken/u.txt"]])
+def test_output_path_that_is_a_file_is_one_line_error(tmp_path, monkeypatch, capsys, cmd):
+    _embeddings(tmp_path / "E", np.random.default_rng(0).normal(size=(6, 8)))
+    (tmp_path / "taken").write_text("a file, not a folder\n")
+    monkeypatch.chdir(tmp_path)
+    assert main([*cmd, "--device", "cpu", "--iters", "1"] if cmd[0] == "cluster"
+                else [*cmd, "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "taken" in err[0]
