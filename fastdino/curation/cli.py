@@ -168,6 +168,9 @@ def _cluster(a: argparse.Namespace) -> int:
     if a.impl == "triton" and not can_run_triton(torch.empty(0, device=device)):
         raise ValueError(f"--impl triton cannot run here: {why_triton_cannot_run(device)}; "
                          "allowed here is --impl auto | torch")
+    # the output folder before the hours of k-means: an --out that was a file failed only when
+    # the levels were saved
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     distributed = _init_distributed(device)
     try:
         rows = Rows(emb, device, chunk_rows=a.chunk_rows)

@@ -191,3 +191,17 @@ def test_output_path_that_is_a_file_is_one_line_error(tmp_path, monkeypatch, cap
                 else [*cmd, "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "taken" in err[0]
+
+
+def test_cluster_checks_out_before_clustering(tmp_path, monkeypatch, capsys):
+    import fastdino.curation.hierarchical as hierarchical
+
+    def never(*args, **kwargs):
+        raise AssertionError("clustered before finding that --out cannot be written")
+
+    _embeddings(tmp_path / "E", np.random.default_rng(0).normal(size=(6, 8)))
+    (tmp_path / "taken").write_text("a file\n")
+    monkeypatch.setattr(hierarchical, "hierarchical_kmeans", never)
+    assert main(["cluster", str(tmp_path / "E"), "--clusters", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "taken")]) == 2
+    assert "taken" in capsys.readouterr().err
