@@ -257,6 +257,16 @@ def _two_sets(first: str, second: str) -> tuple[np.ndarray, list[str], np.ndarra
     return x, x_files, y, y_files
 
 
+def _writable(*paths: str | None) -> None:
+    """Output files' folders made, and none of them a folder, before a search that may take
+    hours (a bad --out failed only when the results were written)."""
+    for path in filter(None, paths):
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give a file name")
+
+
 def _write_lines(path: str, lines: list[str]) -> Path:
     from fastdino.curation.embed import write_names
 
@@ -279,6 +289,7 @@ def _dedup(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import deduplicate
 
     emb, files, _ = _embeddings(a.embeddings)
+    _writable(a.out)
     keep, dup_of = deduplicate(emb, a.threshold, k=a.k, device=_device(a.device),
                                chunk=a.chunk_rows, progress=not a.quiet)
     removed = np.nonzero(dup_of >= 0)[0]
@@ -295,6 +306,7 @@ def _retrieve(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import retrieve
 
     pool, files, seeds, _ = _two_sets(a.embeddings, a.seeds)
+    _writable(a.out)
     picked, sims = retrieve(pool, seeds, a.k, a.threshold, device=_device(a.device),
                             chunk=a.chunk_rows, progress=not a.quiet)
     _write_file_list(a.out, [files[i] for i in picked], ".tsv",
@@ -308,6 +320,7 @@ def _contamination(a: argparse.Namespace) -> int:
     from fastdino.curation.neighbours import contamination
 
     train, files, evaluation, eval_files = _two_sets(a.embeddings, a.eval)
+    _writable(a.out, a.clean)
     hits = contamination(train, evaluation, a.threshold, device=_device(a.device),
                          chunk=a.chunk_rows, progress=not a.quiet)
     out = _write_lines(a.out, [f"{files[t]}\t{eval_files[e]}\t{s:.4f}" for t, e, s in hits])

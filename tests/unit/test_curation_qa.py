@@ -205,3 +205,24 @@ def test_cluster_checks_out_before_clustering(tmp_path, monkeypatch, capsys):
     assert main(["cluster", str(tmp_path / "E"), "--clusters", "2", "--device", "cpu",
                  "--out", str(tmp_path / "taken")]) == 2
     assert "taken" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [["dedup", "E", "--out", "taken/u.txt"],
+                                 ["dedup", "E", "--out", "folder"],
+                                 ["retrieve", "E", "--seeds", "E", "--out", "taken/r.txt"],
+                                 ["contamination", "E", "--eval", "E", "--out", "h.tsv",
+                                  "--clean", "taken/c.txt"]])
+def test_searches_check_out_before_searching(tmp_path, monkeypatch, capsys, cmd):
+    import fastdino.curation.neighbours as neighbours
+
+    def never(*args, **kwargs):
+        raise AssertionError("searched before finding that --out cannot be written")
+
+    _embeddings(tmp_path / "E", np.random.default_rng(0).normal(size=(6, 8)))
+    (tmp_path / "taken").write_text("a file\n")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(neighbours, "top_k_cosine", never)
+    monkeypatch.chdir(tmp_path)
+    assert main([*cmd, "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert ("taken" in err) != ("folder is a folder" in err)
