@@ -131,9 +131,16 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     done = 0
     if state_file.is_file() and matrix.is_file():
         state = json.loads(state_file.read_text())
-        if state.get("key") != full_key or read_files(out) != paths:
-            raise ValueError(f"{out} holds embeddings of other images, weights or image size "
-                             f"({state.get('key')} vs {full_key}): use a new --out folder")
+        old = state.get("key") or {}
+        # name what differs (adding --patches to a rerun was "other images, weights or size")
+        differ = [k for k in {**old, **full_key} if old.get(k) != full_key.get(k)]
+        if not differ and read_files(out) != paths:
+            differ = ["image list"]
+        if differ:
+            raise ValueError(f"{out} holds embeddings made otherwise ({', '.join(differ)} "
+                             f"differ: {({k: old.get(k) for k in differ if k in old})} on disk, "
+                             f"{({k: full_key.get(k) for k in differ if k in full_key})} now): "
+                             "use a new --out folder, or the same arguments to resume")
         done = int(state["done"])
         emb = np.lib.format.open_memmap(matrix, mode="r+")
         pat = np.lib.format.open_memmap(out / PATCHES, mode="r+") if patches else None

@@ -70,7 +70,7 @@ def test_embed_resumes_after_interruption(tmp_path):
                                1.0, atol=2e-3)
     assert (tmp_path / "E" / "skipped.txt").read_text().strip() == str(data / "broken.jpg")
     assert json.loads((tmp_path / "E" / "progress.json").read_text())["complete"]
-    with pytest.raises(ValueError, match="other images, weights or image size"):
+    with pytest.raises(ValueError, match=r"made otherwise \(image_size differ"):
         embed_folder(data, backbone, tmp_path / "E", key, image_size=48, batch_size=3,
                      progress=False)
 
@@ -218,6 +218,6 @@ def test_patch_features_resume_in_lockstep(tmp_path):
             want = forward(x)["x_norm_patchtokens"].reshape(2, 2, 32).numpy()
         np.testing.assert_allclose(pat[i], want, atol=2e-3, rtol=2e-3)
     embed_folder(data, backbone, tmp_path / "plain", key, image_size=32, progress=False)
-    with pytest.raises(ValueError, match="other images, weights or image size"):
+    with pytest.raises(ValueError, match=r"made otherwise \(patches differ"):
         embed_folder(data, backbone, tmp_path / "plain", key, image_size=32, progress=False,
                      patches=True)

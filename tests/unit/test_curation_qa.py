@@ -226,3 +226,24 @@ def test_searches_check_out_before_searching(tmp_path, monkeypatch, capsys, cmd)
     assert main([*cmd, "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert ("taken" in err) != ("folder is a folder" in err)
+
+
+def test_embed_refusal_names_what_differs(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    argv = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test", "--out",
+            str(tmp_path / "E"), "--image-size", "32", "--num-workers", "0", "--device", "cpu",
+            "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--patches"]) == 2  # only the flag added: not "other images/weights"
+    err = capsys.readouterr().err
+    assert "(patches differ:" in err and "weights" not in err
+    (data / "3.png").write_bytes((data / "0.png").read_bytes())  # one more image
+    assert main(argv) == 2
+    assert "(n differ:" in capsys.readouterr().err
