@@ -177,8 +177,8 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
             pat[row:row + b] = t.numpy().astype(np.float16)
             pat.flush()
         bad = [paths[row + i] for i in np.nonzero(~ok.numpy())[0]]
-        if bad:
-            skipped += bad
+        if bad:  # (once each: a batch redone after an interruption lists its own again)
+            skipped = list(dict.fromkeys(skipped + bad))
             write_names(skipped_file, skipped)
             logger.warning("embed: %d unreadable image(s), e.g. %s", len(bad), bad[0])
         row += b

@@ -247,3 +247,32 @@ def test_embed_refusal_names_what_differs(tmp_path, capsys):
     (data / "3.png").write_bytes((data / "0.png").read_bytes())  # one more image
     assert main(argv) == 2
     assert "(n differ:" in capsys.readouterr().err
+
+
+def test_embed_resumed_lists_a_skipped_image_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import fastdino.curation.embed as embed_mod
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    (data / "a_broken.png").write_bytes(b"not an image")
+    for name in ("b.png", "c.png"):
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(data / name)
+    argv = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test", "--out",
+            str(tmp_path / "E"), "--image-size", "32", "--batch-size", "1", "--num-workers", "0",
+            "--device", "cpu", "--quiet"]
+    write_json, calls = embed_mod._write_json, []
+
+    def interrupted(path, obj):  # Ctrl-C after skipped.txt, before progress.json says so
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr(embed_mod, "_write_json", interrupted)
+    assert main(argv) == 130
+    monkeypatch.setattr(embed_mod, "_write_json", write_json)
+    assert main(argv) == 0
+    skipped = (tmp_path / "E" / "skipped.txt").read_text().splitlines()
+    assert skipped == [str(data / "a_broken.png")]
