@@ -224,6 +224,8 @@ def _sample(a: argparse.Namespace) -> int:
         {"n": int(len(picked)), "requested": a.n, "strategy": a.strategy, "seed": a.seed,
          "levels": summary}, indent=2))
     print(format_summary(summary))
+    if len(picked) < a.n:  # said, not only visible in the counts
+        print(f"--n {a.n} is more than the {len(picked)} clustered images: all of them taken")
     print(f"wrote {out} ({len(picked)} images; train with data.file_list={out})")
     return 0
 

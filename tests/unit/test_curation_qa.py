@@ -276,3 +276,17 @@ def test_embed_resumed_lists_a_skipped_image_once(tmp_path, monkeypatch):
     assert main(argv) == 0
     skipped = (tmp_path / "E" / "skipped.txt").read_text().splitlines()
     assert skipped == [str(data / "a_broken.png")]
+
+
+def test_sample_says_when_fewer_images_than_asked(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(20, 8))
+    x[4] = np.nan  # an unreadable image is never sampled
+    emb = _embeddings(tmp_path / "E", x)
+    assert main(["cluster", emb, "--clusters", "4,2", "--iters", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "C")]) == 0
+    out = tmp_path / "list.txt"
+    assert main(["sample", str(tmp_path / "C"), "--n", "500", "--out", str(out)]) == 0
+    assert "--n 500 is more than the 19 clustered images" in capsys.readouterr().out
+    assert len(set(out.read_text().splitlines())) == 19 and "/img/4.jpg" not in out.read_text()
+    assert main(["sample", str(tmp_path / "C"), "--n", "7", "--out", str(out)]) == 0
+    assert "more than" not in capsys.readouterr().out and len(out.read_text().split()) == 7
