@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdino.devices import parse_device
 from fastdino.eval.cli import (
     WHITE_LEVEL_HELP,
     HelpFormatter,
@@ -80,20 +81,7 @@ def _cosine(text: str) -> float:
 
 def _device(name: str | None) -> torch.device:
     if name:  # a bad or absent device was a RuntimeError / AssertionError traceback
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name!r} is invalid: allowed is cpu, cuda or cuda:N"
-                             ) from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device {name!r} is invalid: allowed is cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name!r}: no CUDA GPU is available here; allowed is "
-                             "--device cpu")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA "
-                             "device(s) here")
-        return device
+        return parse_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

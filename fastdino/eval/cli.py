@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fastdino.devices import parse_device
+
 logger = logging.getLogger("fastdino.eval")
 
 # image decoding workers: 4, or one per core on smaller machines (more only contend, and torch
@@ -484,7 +486,11 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
             check_data_args(args)
         except ValueError as e:
             raise UsageExit(f"fastdino eval {args.cmd}: error: {e}") from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:  # a bad or absent device: one line, not a traceback from the first tensor move
+        device = (parse_device(args.device) if args.device
+                  else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:
+        raise UsageExit(f"fastdino eval {args.cmd}: error: {e}") from None
     backbone, info = load_eval_backbone(args.weights, args.arch, args.config, device, args.seed)
     result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,
                     "arch": info.arch}

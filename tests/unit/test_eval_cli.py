@@ -175,3 +175,24 @@ def test_num_workers_default_is_at_most_the_cores(monkeypatch, cores, want):
     for cmd in ("knn", "linear", "seg", "depth"):
         args = parser.parse_args([cmd, "--data", "x", "--weights", "random", "--arch", "vit_test"])
         assert args.num_workers == want, cmd
+
+
+@pytest.mark.parametrize("device, says", [("bogus", "invalid: allowed is cpu, cuda or cuda:N"),
+                                          ("cuda:99", "cuda")])
+def test_bad_device_is_one_line_usage_error(device, says, capsys, monkeypatch):
+    """--device that does not exist here (a typo, CUDA on a CPU machine, an index past the GPU
+    count): one line naming the flag, exit 2, before any weights load (was a RuntimeError /
+    AssertionError traceback from the first tensor move)."""
+    import fastdino.eval.weights as weights
+
+    def never(*a, **k):
+        raise AssertionError("loaded weights for a bad --device")
+
+    monkeypatch.setattr(weights, "load_eval_backbone", never)
+    with pytest.raises(SystemExit) as e:
+        main(["knn", "--data", "digits", "--weights", "random", "--arch", "vit_test",
+              "--device", device])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastdino eval knn: error: --device")
+    assert says in err[0]
