@@ -608,6 +608,13 @@ WHITE_LEVEL_ALLOWED = ("null (a 16-bit image's 0..65535 maps to 0..255), or an i
                        "8 bits, e.g. 4095 for 12-bit data (values above it clip to white)")
 
 
+def white_level_ok(value) -> bool:
+    """data.white_level's rule (the config, the datasets, eval's --white-level): None, or an
+    integer (not a bool) in 256..65535."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)
+                             and 255 < value <= 65535)
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     # where the images are: a folder (recursive; the images inside its .tar shards too), an
@@ -668,8 +675,8 @@ class DataConfig:
         )
         _check(self.num_workers >= 0, f"{p}.num_workers", "an integer >= 0", self.num_workers)
         _check(self.seed >= 0, f"{p}.seed", "an integer >= 0", self.seed)
-        _check(self.white_level is None or 255 < self.white_level <= 65535, f"{p}.white_level",
-               WHITE_LEVEL_ALLOWED, self.white_level)
+        _check(white_level_ok(self.white_level), f"{p}.white_level", WHITE_LEVEL_ALLOWED,
+               self.white_level)
 
 
 @dataclass(kw_only=True)

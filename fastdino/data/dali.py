@@ -143,14 +143,6 @@ def _why(e: Exception) -> str:
     return str(e) if isinstance(e, P.UnreadableImage) else f"{type(e).__name__}: {e}"
 
 
-def _probe(data: bytes, white_level: int | None) -> tuple[np.ndarray, int, int]:
-    """`dali_plan.probe_image`, given data.white_level only when it is set (stand-ins for the
-    probe written before it, as tests', take the bytes alone)."""
-    if white_level is None:
-        return P.probe_image(data)
-    return P.probe_image(data, white_level)
-
-
 class _Source:
     """Per-sample callback of `fn.external_source` (batch=False): -> (bytes, plan, meta, the
     image's two rows of the step's iBOT masks[, its crops' photometric kernel parameters])."""
@@ -195,7 +187,7 @@ class _Source:
             if paths[i] in self.images.skipped:
                 continue
             try:
-                return (*_probe(self.images.read(i), self.white_level), i)
+                return (*P.probe_image(self.images.read(i), self.white_level), i)
             except (OSError, P.UnreadableImage) as e:
                 # said by the loader, once, from the training process (`_skipped_paths`): a
                 # spawned source worker has no logging set up (its line came untagged, on
@@ -594,7 +586,7 @@ class DALITrainLoader:
         if path in self.images.skip_reasons:
             return self.images.skip_reasons[path]
         try:
-            _probe(self.images.read(index), self.cfg.data.white_level)
+            P.probe_image(self.images.read(index), self.cfg.data.white_level)
         except (OSError, P.UnreadableImage) as e:
             return _why(e)
         return ""
@@ -650,8 +642,7 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
     images = build_dataset(cfg, ranks=(rank, world_size))  # collective: every rank calls this
-    if cfg.data.white_level is None:  # DALI decodes 16-bit PNGs itself: said from here
-        say_bit_depth(images)
+    say_bit_depth(images)  # DALI decodes 16-bit PNGs itself: said from here
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d; "
                 "photometric ops: %s; source: %s)",

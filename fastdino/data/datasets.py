@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fastdino.config import WHITE_LEVEL_ALLOWED
+from fastdino.config import WHITE_LEVEL_ALLOWED, white_level_ok
 from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import (
     IMAGE_EXTENSIONS,
@@ -71,8 +71,7 @@ _shallow_warned = False  # the warning below, once per process (each loader work
 
 def check_white_level(value, key: str = "data.white_level") -> None:
     """ValueError naming `key` unless `value` is None or an integer in 256..65535."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or not 255 < value <= 65535):
+    if not white_level_ok(value):
         raise ValueError(f"{key} = {value!r} is invalid: allowed is {WHITE_LEVEL_ALLOWED}")
 
 
@@ -98,7 +97,10 @@ def say_bit_depth(images) -> None:
     ImageFolderUnlabeled), decoded only when its header says integer greyscale deeper than 8
     bits. Said before the loaders start their workers: forked ones inherit that it was said
     (else each says it at its first such image); DALI decodes 16-bit PNGs itself and its
-    spawned source workers have no logging, so there this is the only place it is said."""
+    spawned source workers have no logging, so there this is the only place it is said.
+    Nothing to say when the dataset has a white level."""
+    if images.white_level is not None:
+        return
     try:
         with Image.open(io.BytesIO(images.read(0))) as img:  # header only
             deep = img.mode.startswith("I")

@@ -310,8 +310,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
     logger.info("found %d images in %s (rank %d/%d, %d per step, %d workers, from step %d)",
                 len(images), images.source, rank, world_size, cfg.data.batch_size_per_gpu,
                 cfg.data.num_workers, start_iteration)
-    if cfg.data.white_level is None:  # before the workers fork (they inherit that it was said)
-        say_bit_depth(images)
+    say_bit_depth(images)  # before the workers fork (they inherit that it was said)
     batches = MultiCropBatches(images, cfg, rank, world_size)
     finish = None
     if cfg.data.torch_photometric == "gpu":

@@ -32,9 +32,10 @@ from fastdino.devices import parse_device
 
 logger = logging.getLogger("fastdino.eval")
 
-# image decoding workers: 4, or one per core on smaller machines (more only contend, and torch
-# warns that they may freeze the loader)
+
 def default_workers() -> int:
+    """Image decoding workers: 4, or one per core on smaller machines (more only contend, and
+    torch warns that they may freeze the loader)."""
     return min(4, os.cpu_count() or 1)
 
 
@@ -88,13 +89,13 @@ WHITE_LEVEL_HELP = ("16-bit greyscale images (PNG, TIFF): the value that maps to
 def white_level(text: str) -> int:
     """An argparse type: --white-level's integer in 256..65535 (argparse's one-line usage
     error otherwise)."""
-    from fastdino.config import WHITE_LEVEL_ALLOWED
+    from fastdino.config import WHITE_LEVEL_ALLOWED, white_level_ok
 
     try:
         value = int(text)
     except ValueError:
         value = None
-    if value is None or not 255 < value <= 65535:
+    if value is None or not white_level_ok(value):
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is an integer in "
                                          f"256..65535, {WHITE_LEVEL_ALLOWED.split(': ', 1)[1]}")
     return value

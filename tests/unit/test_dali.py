@@ -517,7 +517,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, monkeypatch, photometri
     # at the same step and yields what a clean run yields (bad file replaced by the next one).
     from fastdino.data import dali as dali_mod
 
-    def probe_nothing(data):
+    def probe_nothing(data, white_level=None):
         try:
             w, h = Image.open(io.BytesIO(data)).size
         except OSError:
