@@ -113,10 +113,10 @@ def teacher_state(run_or_ckpt: str | Path) -> tuple[dict[str, torch.Tensor], Pat
     from fastdino.checkpoint import STATE_FILE, complete_checkpoints
     from fastdino.eval.weights import read_weights
 
-    if not Path(run_or_ckpt).expanduser().exists():
+    path = Path(run_or_ckpt).expanduser()
+    if not path.exists():
         raise FileNotFoundError(f"--run {str(run_or_ckpt)!r} does not exist: give a training "
                                 "run's output_dir or one of its checkpoints/iter_N folders")
-    path = Path(run_or_ckpt).expanduser()
     if (path / "config.yaml").is_file() and not (path / STATE_FILE).is_file() \
             and not complete_checkpoints(path / "checkpoints"):
         # the config is written first: a run stopped early, or still before its first save
