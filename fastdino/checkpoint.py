@@ -8,6 +8,8 @@
                                         rank per micro-batch and engine layout (ZeRO stage,
                                         precision) that wrote it (rank 0)
             rng_rank<r>.pt              python / numpy / torch / cuda RNG states of rank r
+            files.json                  every file above with its size (rank 0, last): a resume
+                                        checks them before it trusts the folder
             universal/                  only after a resume with another rank count, ZeRO stage,
                                         precision or engine: DeepSpeed's universal form
                                         (parallel.universal_checkpoint)
@@ -17,17 +19,25 @@ Atomicity: everything is written into `checkpoints/.partial/<tag>/`, fsync'ed, t
 `checkpoints/<tag>` (one rename on one filesystem), and only then `latest` is replaced through a
 temp file + os.replace. A kill at any point leaves either the previous `latest` (pointing to a
 complete checkpoint) or the new one; a stale `.partial` is deleted at the next save.
+What a rename cannot guard against, a node or filesystem crash that leaves files of a published
+checkpoint cut short, empty or missing (data not yet on disk on a network filesystem), a resume
+finds through `files.json` (`checkpoint_problem`): `train.resume=auto` then continues from the
+newest whole checkpoint before it, with a warning, and an explicit `train.resume=<folder>` is a
+one-line error naming the file.
 Every file we read back is loaded with `torch.load(..., weights_only=True)` (tensors, numbers,
 strings, lists, dicts only: the numpy RNG state is stored as a tensor for that reason).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +49,7 @@ logger = logging.getLogger("fastdino")
 
 TAG_RE = re.compile(r"^iter_(\d+)$")
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "files.json"  # {relative path: size in bytes} of every file a save wrote
 
 
 def tag_for(iteration: int) -> str:
@@ -134,6 +145,7 @@ def _save(ckpt_dir: Path, iteration: int, engine, trainer_state: dict, keep: int
     fdist.barrier()
     final = ckpt_dir / tag
     if fdist.is_main_process():
+        _write_manifest(partial)
         fsync_tree(partial)
         old = partial_root / (tag + ".replaced")
         if final.exists():  # an earlier run's (train.resume=none): moved aside, deleted after
@@ -151,6 +163,44 @@ def _save(ckpt_dir: Path, iteration: int, engine, trainer_state: dict, keep: int
         logger.info("checkpoint %s written", final)
     fdist.barrier()
     return final
+
+
+def _write_manifest(folder: Path) -> None:
+    """files.json: the size of every file the save wrote (all ranks' files: after the barrier)."""
+    sizes = {f.relative_to(folder).as_posix(): f.stat().st_size
+             for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps(sizes, indent=0) + "\n")
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from, found without reading its tensors; None
+    when it looks whole. A file its save listed in files.json missing or of another size (a node
+    or filesystem crash before the data reached the disk, an interrupted copy, a file deleted);
+    in a checkpoint written before files.json, a .pt file that is not a whole zip archive
+    (torch.save's format: a file cut short or empty has no end record)."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    listed = path / MANIFEST_FILE
+    if listed.exists():
+        try:
+            sizes = json.loads(listed.read_text())
+            if not isinstance(sizes, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError) as e:
+            return f"{MANIFEST_FILE} unreadable ({e})"
+        for name, size in sizes.items():
+            try:
+                got = (path / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if got != size:
+                return f"{name} has {got} bytes, the save wrote {size}"
+        return None
+    for f in sorted(path.glob("*.pt")):
+        if not zipfile.is_zipfile(f):
+            return f"{f.name} is cut short or not a torch file ({f.stat().st_size} bytes)"
+    return None
 
 
 def checkpoint_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
@@ -174,34 +224,55 @@ def _rotate(ckpt_dir: Path, keep: int, iteration: int) -> None:
 
 
 def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """checkpoint_dirs with their trainer state written (the last file a save writes)."""
-    return [(it, p) for it, p in checkpoint_dirs(ckpt_dir) if (p / STATE_FILE).is_file()]
+    """checkpoint_dirs that a resume can continue from: whole (`checkpoint_problem`)."""
+    return [(it, p) for it, p in checkpoint_dirs(ckpt_dir) if checkpoint_problem(p) is None]
+
+
+def _no_complete_checkpoint(ckpt_dir: Path) -> None:
+    """Raise if `ckpt_dir` holds checkpoint folders but none a resume can continue from: starting
+    over would replace them one by one, so the user decides (train.resume=none)."""
+    found = checkpoint_dirs(ckpt_dir)
+    if found:
+        newest = found[-1][1]
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no complete checkpoint to resume from ({len(found)} incomplete, the "
+            f"newest {newest.name}: {checkpoint_problem(newest)}); train.resume=none starts over "
+            "and replaces them, another train.output_dir keeps them")
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names; without a `latest` pointer (iter_N folders copied without
-    it), the newest complete iter_N, with a warning; None if there is none."""
+    it), the newest complete iter_N, with a warning; None if there is none. A `latest` naming a
+    missing, incomplete or damaged folder (`checkpoint_problem`): the newest complete one up to
+    it, with a warning. Checkpoint folders none of which is complete: FileNotFoundError."""
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / "latest"
-    if not pointer.is_file():
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    m = TAG_RE.match(named) if named is not None else None
+    if m is None:  # no pointer, or an empty / damaged one (a filesystem crash)
         found = complete_checkpoints(ckpt_dir)
         if found:
-            logger.warning("%s: no 'latest' pointer, resuming from the newest complete "
-                           "checkpoint %s", ckpt_dir, found[-1][1].name)
+            logger.warning("%s: %s, resuming from the newest complete checkpoint %s", ckpt_dir,
+                           "no 'latest' pointer" if named is None else
+                           f"'latest' holds {named[:40]!r}, not a checkpoint name",
+                           found[-1][1].name)
             return found[-1][1]
+        _no_complete_checkpoint(ckpt_dir)
         return None
-    path = ckpt_dir / pointer.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        # deleted by hand, or a save killed between replacing an earlier run's folder of that
-        # name and updating `latest`: the newest complete one up to it
-        m = TAG_RE.match(path.name)
-        found = [(it, p) for it, p in complete_checkpoints(ckpt_dir)
-                 if m is not None and it <= int(m.group(1))]
+    path = ckpt_dir / named
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        # deleted by hand, cut short by a node crash, or a save killed between replacing an
+        # earlier run's folder of that name and updating `latest`: the newest complete one up
+        # to it
+        found = [(it, p) for it, p in complete_checkpoints(ckpt_dir) if it <= int(m.group(1))]
         if not found:
-            raise FileNotFoundError(f"{pointer} names {path.name} but {path / STATE_FILE} is "
-                                    "missing, and no complete checkpoint up to it is there")
-        logger.warning("%s names %s, which is missing or incomplete: resuming from the newest "
-                       "complete checkpoint up to it, %s", pointer, path.name, found[-1][1].name)
+            raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or "
+                                    f"incomplete ({problem}), and no complete checkpoint up to "
+                                    "it is there; train.resume=none starts over")
+        logger.warning("%s names %s, which is missing or incomplete (%s): resuming from the newest "
+                       "complete checkpoint up to it, %s", pointer, path.name, problem,
+                       found[-1][1].name)
         return found[-1][1]
     return path
 
@@ -230,6 +301,14 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
         raise FileNotFoundError(f"train.resume = {resume!r}: no {STATE_FILE} there; give a "
                                 "checkpoint directory (…/checkpoints/iter_N), its parent "
                                 "checkpoints/, a run's output_dir, auto or none")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        others = [p.name for _, p in complete_checkpoints(path.parent) if p != path]
+        raise FileNotFoundError(
+            f"train.resume = {resume!r}: that checkpoint is incomplete or damaged ({problem}: "
+            "a save or copy cut short); "
+            + (f"complete ones beside it: {', '.join(others[-3:])}" if others else
+               "no complete checkpoint beside it"))
     return path
 
 
@@ -247,14 +326,17 @@ def load_checkpoint(path: Path, engine) -> dict:
     `remap_data_position` to the same global image count. Not restored on another number of
     ranks: the RNG streams (per rank) — the run continues correctly but not bit-exactly as any
     run of fixed size would."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    with _damaged_files(path, STATE_FILE):
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     saved, world = state.get("world_size"), fdist.get_world_size()
-    engine.load_checkpoint(str(path.parent), path.name, saved_world_size=saved,
-                           saved_layout=state.get("engine_layout"))
+    with _damaged_files(path, "the student / optimizer files"):
+        engine.load_checkpoint(str(path.parent), path.name, saved_world_size=saved,
+                               saved_layout=state.get("engine_layout"))
     rng_file = path / f"rng_rank{fdist.get_rank()}.pt"
     state["rng"] = None
     if saved == world and rng_file.is_file():
-        state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
+        with _damaged_files(path, rng_file.name):
+            state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
     else:
         logger.warning("checkpoint %s was written by %s ranks, this run has %d: RNG states not "
                        "restored (the run continues, but not bit-exactly)", path, saved, world)
@@ -264,6 +346,23 @@ def load_checkpoint(path: Path, engine) -> dict:
             state["data_iteration"] = remap_data_position(
                 state["data_iteration"], saved, state.get("micro_batch_size"), world, batch, path)
     return state
+
+
+@contextlib.contextmanager
+def _damaged_files(path: Path, what: str):
+    """A torch file of checkpoint `path` that cannot be read (damaged with its size intact, or a
+    checkpoint from before files.json): one line naming the checkpoint and the file, a
+    ValueError, instead of torch's traceback. Other errors (a checkpoint that does not fit the
+    model) pass through."""
+    try:
+        yield
+    except (EOFError, RuntimeError, zipfile.BadZipFile) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is damaged: {what} cannot be read "
+                         f"({type(e).__name__}: {first}); resume from an earlier checkpoint "
+                         "(train.resume=<its folder>) or start over (train.resume=none)") from e
 
 
 def needs_data_remap(saved_world: int | None, saved_batch: int | None, world: int,
