@@ -14,6 +14,9 @@ embed: CLS embeddings (L2-normalised, fp16 memory map), resumable (rerun the sam
 cluster: hierarchical k-means with k-means++ init, Lloyd iterations and resampling steps, streamed
   in chunks from the memory map; GPU when present (the fused Triton assignment kernel), CPU
   otherwise; several GPUs with `torchrun --nproc_per_node G -m fastdino.curation.cli cluster ...`.
+  Resumable: each finished level, and every few minutes the k-means within a level, is saved in
+  --out; the same command continues a killed run (to the uninterrupted result), other arguments
+  or embeddings are refused (--overwrite starts over).
 sample: balanced hierarchical sampling (water-filling cap per cluster at every level); writes the
   file list and prints the cluster sizes before and after (also <LIST>.summary.json).
 dedup / retrieve / contamination: exact cosine nearest neighbours of the embeddings, streamed in
@@ -132,10 +135,12 @@ def _cluster(a: argparse.Namespace) -> int:
     from fastdino import dist
     from fastdino.curation.embed import EMBEDDINGS, PROGRESS
     from fastdino.curation.hierarchical import (
+        ClusterStore,
+        check_levels,
         default_sample_sizes,
         hierarchical_kmeans,
         leaf_sizes,
-        save_levels,
+        write_meta,
     )
     from fastdino.curation.rows import Rows
     from fastdino.kernels._utils import can_run_triton
@@ -144,11 +149,13 @@ def _cluster(a: argparse.Namespace) -> int:
     if a.levels is not None and a.levels != len(a.clusters):
         raise SystemExit(f"--levels {a.levels} but --clusters has {len(a.clusters)} values")
     n_levels = len(a.clusters)
+    steps = _per_level(a.resampling_steps, n_levels, "--resampling-steps")
     emb_dir = Path(a.embeddings)
     if not (emb_dir / EMBEDDINGS).is_file():
         raise SystemExit(f"{emb_dir} is not a `fastdino curate embed` folder (no {EMBEDDINGS})")
     state = emb_dir / PROGRESS
-    if state.is_file() and not json.loads(state.read_text()).get("complete", False):
+    embedded = json.loads(state.read_text()) if state.is_file() else {}
+    if not embedded.get("complete", True):
         raise SystemExit(f"{emb_dir} is not fully embedded yet: rerun `fastdino curate embed` "
                          "with the same arguments to finish it")
     emb = np.load(emb_dir / EMBEDDINGS, mmap_mode="r")  # [N, D] fp16, streamed in chunks
@@ -156,22 +163,31 @@ def _cluster(a: argparse.Namespace) -> int:
     if a.impl == "triton" and not can_run_triton(torch.empty(0, device=device)):
         raise ValueError(f"--impl triton cannot run here: {why_triton_cannot_run(device)}; "
                          "allowed here is --impl auto | torch")
-    # the output folder before the hours of k-means: an --out that was a file failed only when
-    # the levels were saved
-    Path(a.out).mkdir(parents=True, exist_ok=True)
     distributed = _init_distributed(device)
     try:
         rows = Rows(emb, device, chunk_rows=a.chunk_rows)
-        steps = _per_level(a.resampling_steps, n_levels, "--resampling-steps")
         sizes = (_per_level(a.sample_size, n_levels, "--sample-size")
                  or default_sample_sizes(rows.n_finite(), a.clusters))
+        # every argument checked before --out is touched (a refused --clusters left an empty
+        # --out folder behind)
+        check_levels(a.clusters, steps, sizes, rows.n_finite(), rows.n)
+        # what the progress in --out must have been made with to be continued
+        key = {"embeddings": str(emb_dir.resolve()), "n": rows.n, "dim": rows.dim,
+               "embedded_with": embedded.get("key"), "clusters": a.clusters,
+               "resampling_steps": steps, "sample_sizes": sizes, "iters": a.iters,
+               "strategy": a.strategy, "seed": a.seed}
+        store = _agreed(ClusterStore.open, a.out, key, a.overwrite, dist.is_main_process())
+        said = store.describe()
+        if said and dist.is_main_process():
+            print(said, flush=True)
         levels = hierarchical_kmeans(rows, a.clusters, steps, sizes, np.random.default_rng(a.seed),
-                                     n_iters=a.iters, strategy=a.strategy, impl=a.impl)
+                                     n_iters=a.iters, strategy=a.strategy, impl=a.impl,
+                                     store=store)
         if dist.is_main_process():
-            meta = {"embeddings": str(emb_dir.resolve()), "n": rows.n, "dim": rows.dim,
+            meta = {"embeddings": key["embeddings"], "n": rows.n, "dim": rows.dim,
                     "resampling_steps": steps, "sample_sizes": sizes, "iters": a.iters,
                     "strategy": a.strategy, "seed": a.seed, "world_size": dist.get_world_size()}
-            save_levels(levels, a.out, meta)
+            write_meta(levels, a.out, meta)
             for i, s in enumerate(leaf_sizes(levels), 1):
                 print(f"level {i}: {len(s)} clusters, sizes min {s.min()} median "
                       f"{np.median(s):.0f} max {s.max()}")
@@ -183,6 +199,35 @@ def _cluster(a: argparse.Namespace) -> int:
 
             tdist.destroy_process_group()
     return 0
+
+
+def _agreed(open_store, *args):
+    """open_store(*args) on every rank, and the ranks agree on where they continue (under
+    torchrun, a rank that saw another --out, e.g. a folder that is not shared, would wait for
+    the others forever); an error on one rank is raised on every rank."""
+    from fastdino import dist
+
+    try:
+        store, error = open_store(*args), None
+        pos = [1.0, *map(float, store.position())]
+    except (OSError, ValueError) as e:
+        store, error, pos = None, e, [0.0, 0.0, 0.0, 0.0]
+    if dist.get_world_size() > 1:
+        x = torch.tensor(pos, dtype=torch.float64)
+        sums = dist.all_reduce_sum(torch.stack([x, x * x]).to(_collective_device()))
+        world = dist.get_world_size()
+        if error is None and not torch.equal(sums[0].cpu() ** 2, world * sums[1].cpu()):
+            error = ValueError(f"--out {args[0]}: the ranks found different progress in it: "
+                               "give a folder every rank sees (a shared file system)")
+    if error is not None:
+        raise error
+    return store
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as tdist
+
+    return torch.device("cuda") if tdist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _sample(a: argparse.Namespace) -> int:
@@ -379,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embeddings read per chunk when they do not fit in memory")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="k-means++ init and resampling seed")
-    p.add_argument("--out", required=True, help="output folder C")
+    p.add_argument("--out", required=True,
+                   help="output folder C; an interrupted run continues from it when rerun with "
+                        "the same arguments")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the clustering progress or result in --out")
 
     p = sub.add_parser("sample", help="balanced hierarchical sampling -> file list",
                        formatter_class=fmt)
@@ -452,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastdino curate {a.cmd}: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying what happens next, not a traceback
-        then = ("the rows on disk are kept: rerun the same command to continue"
-                if a.cmd == "embed" else "its output may be incomplete: rerun it")
+        then = {"embed": "the rows on disk are kept: rerun the same command to continue",
+                "cluster": "the progress saved in --out is kept: rerun the same command to "
+                           "continue"}.get(a.cmd, "its output may be incomplete: rerun it")
         print(f"fastdino curate {a.cmd}: interrupted; {then}", file=sys.stderr)
         return 130
 

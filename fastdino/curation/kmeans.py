@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,15 +145,23 @@ def assign_all(rows: Rows, centroids: torch.Tensor, impl: str = "auto"
 
 
 def kmeans(rows: Rows, k: int, rng: np.random.Generator, n_iters: int = 50,
-           impl: str = "auto", init: torch.Tensor | None = None) -> KMeansResult:
-    """k-means++ (or `init` [k, D]), up to `n_iters` Lloyd updates, the final assignment."""
+           impl: str = "auto", init: torch.Tensor | None = None, done: int = 0,
+           on_update: Callable[[torch.Tensor, int], None] | None = None) -> KMeansResult:
+    """k-means++ (or `init` [k, D]), up to `n_iters` Lloyd updates, the final assignment.
+    Resuming: `init` = the centroids after `done` updates continues exactly where they were.
+    `on_update(centroids, done)` after the k-means++ init (done = 0) and each update that moved
+    them (`curate cluster` saves its progress there)."""
     if k < 1:
         raise ValueError(f"k-means: the number of clusters must be >= 1, got {k}")
     if k > rows.n_finite():  # (non-finite rows, undecodable images, are never clustered)
         raise ValueError(f"k-means: {k} clusters for only {rows.n_finite()} points: use at most "
                          f"{rows.n_finite()}")
-    c = kmeans_plusplus(rows, k, rng) if init is None else init.float().to(rows.device).clone()
-    done = 0
+    if init is None:
+        c = kmeans_plusplus(rows, k, rng)
+        if on_update is not None:
+            on_update(c, 0)
+    else:
+        c = init.float().to(rows.device).clone()
     while done < n_iters:
         done += 1
         sums, counts, _ = _lloyd_pass(rows, c, impl)
@@ -161,6 +170,8 @@ def kmeans(rows: Rows, k: int, rng: np.random.Generator, n_iters: int = 50,
         if torch.equal(new, c):  # exact fixed point: further iterations change nothing
             break
         c = new
+        if on_update is not None and done < n_iters:
+            on_update(c, done)
     assignment, dist2 = assign_all(rows, c, impl)
     ok = assignment >= 0
     return KMeansResult(c, assignment, dist2, float(dist2[ok].astype(np.float64).sum()), done)
