@@ -276,7 +276,10 @@ def _embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
     if not state.get("complete", False):
         raise SystemExit(f"{d} is not fully embedded yet: rerun `fastdino curate embed` with the "
                          "same arguments to finish it")
-    return np.load(d / EMBEDDINGS, mmap_mode="r"), read_files(d), state["key"]
+    emb = np.load(d / EMBEDDINGS, mmap_mode="r")
+    if len(emb) == 0:  # (a search over nothing "found" nothing and wrote empty lists)
+        raise ValueError(f"{d} holds no embeddings (0 images): embed a folder of images")
+    return emb, read_files(d), state["key"]
 
 
 def _two_sets(first: str, second: str) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
@@ -289,7 +292,17 @@ def _two_sets(first: str, second: str) -> tuple[np.ndarray, list[str], np.ndarra
                          f"size ({ {f: a.get(f) for f in fields} } vs "
                          f"{ {f: b.get(f) for f in fields} }): embed both with the same --weights "
                          "and --image-size")
+    # 16-bit images scaled from another white are other pixels (missing: folders embedded before
+    # the white level was recorded, which was then the default, none)
+    wa, wb = a.get("white_level"), b.get("white_level")
+    if wa != wb:
+        raise ValueError(f"{first} was embedded with --white-level {_white(wa)} but {second} with "
+                         f"--white-level {_white(wb)}: embed both with the same --white-level")
     return x, x_files, y, y_files
+
+
+def _white(level: int | None) -> str:
+    return "none (the default: 16-bit images scaled from 0..65535)" if level is None else str(level)
 
 
 def _writable(*paths: str | None) -> None:
@@ -344,6 +357,14 @@ def _retrieve(a: argparse.Namespace) -> int:
     _writable(a.out)
     picked, sims = retrieve(pool, seeds, a.k, a.threshold, device=_device(a.device),
                             chunk=a.chunk_rows, progress=not a.quiet)
+    if len(picked) == 0:  # (an empty training list was written as if all were well)
+        if a.threshold is None:  # (only rows without an embedding find nothing)
+            raise ValueError(f"no pool image found near the {len(seeds)} seeds: the seeds' or "
+                             "the pool's images are all unreadable (no embeddings); no list "
+                             "written")
+        raise ValueError(f"--threshold {a.threshold}: none of the {len(seeds)} seeds' {a.k} "
+                         "nearest pool images is that similar: no list written (lower "
+                         "--threshold)")
     _write_file_list(a.out, [files[i] for i in picked], ".tsv",
                      [f"{files[i]}\t{s:.4f}" for i, s in zip(picked, sims, strict=True)],
                      f"{len(seeds)} seeds x {a.k} neighbours -> {len(picked)} of {len(files)} "
@@ -363,7 +384,13 @@ def _contamination(a: argparse.Namespace) -> int:
           f"evaluation images (cosine >= {a.threshold}): {out}")
     if a.clean:
         flagged = {t for t, _, _ in hits}
-        clean = _write_lines(a.clean, [f for i, f in enumerate(files) if i not in flagged])
+        kept = [f for i, f in enumerate(files) if i not in flagged]
+        if not kept:  # an empty training list, written as if all were well
+            raise ValueError(f"--clean {a.clean}: all {len(files)} training images "
+                             "near-duplicate an evaluation image: nothing left to train on, no "
+                             f"list written (the pairs are in {out}; a higher --threshold finds "
+                             "fewer)")
+        clean = _write_lines(a.clean, kept)
         print(f"wrote {clean} without them (train with data.file_list={clean})")
     return 1 if hits and a.fail_on_hits else 0
 

@@ -1,0 +1,113 @@
+"""`fastdino curate` searches never write an empty training list as if all were well (every
+training image contaminated, a --threshold nobody reaches, empty embedding folders), and two
+embedding folders are comparable only when embedded with the same white level."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastdino.curation.cli import main
+
+
+def _units(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _embeddings(folder, x, **key):
+    folder.mkdir()
+    np.save(folder / "embeddings.npy", x.astype(np.float16))
+    (folder / "files.txt").write_text("".join(f"/img/{folder.name}/{i}.jpg\n"
+                                              for i in range(len(x))))
+    (folder / "progress.json").write_text(json.dumps(
+        {"done": len(x), "complete": True,
+         "key": {"weights": "w", "arch": "a", "image_size": 224, "n": len(x), "dim": x.shape[1],
+                 **key}}))
+    return str(folder)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_clean_list_of_nothing_is_refused(tmp_path, capsys):
+    x = _units(3)
+    train = _embeddings(tmp_path / "T", x[[0, 0, 1, 2, 2]])  # every one a copy of an eval image
+    evaluation = _embeddings(tmp_path / "V", x)
+    hits, clean = tmp_path / "hits.tsv", tmp_path / "clean.txt"
+    argv = ["contamination", train, "--eval", evaluation, "--out", str(hits), "--clean",
+            str(clean), "--device", "cpu", "--quiet"]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert "5 of 5 training images" in out.out  # the search's report, and its pairs, are kept
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "--clean" in err[0] and "all 5 training images" in err[0]
+    assert len(hits.read_text().splitlines()) == 5
+    assert not clean.exists()
+    # one image left: written as before
+    train2 = _embeddings(tmp_path / "T2", np.concatenate([x[[0, 1]], _units(1, seed=5)]))
+    assert main([*argv[:1], train2, *argv[2:]]) == 0
+    assert clean.read_text() == "/img/T2/2.jpg\n"
+
+
+def test_retrieve_that_finds_nothing_is_refused(tmp_path, capsys):
+    pool = _embeddings(tmp_path / "P", _units(20))
+    seeds = _embeddings(tmp_path / "S", _units(2, seed=1))
+    out = tmp_path / "r.txt"
+    argv = ["retrieve", pool, "--seeds", seeds, "--k", "2", "--out", str(out), "--device", "cpu",
+            "--quiet"]
+    assert main([*argv, "--threshold", "0.9999"]) == 2  # random unit rows: none that close
+    err = _one_error_line(capsys)
+    assert "--threshold 0.9999" in err and "no list written" in err
+    assert not out.exists()
+    assert main(argv) == 0 and len(out.read_text().splitlines()) in (2, 3, 4)
+
+
+@pytest.mark.parametrize("cmd", [["dedup", "Z", "--out", "u.txt"],
+                                 ["retrieve", "Z", "--seeds", "E", "--out", "r.txt"],
+                                 ["retrieve", "E", "--seeds", "Z", "--out", "r.txt"],
+                                 ["contamination", "Z", "--eval", "E", "--out", "h.tsv"],
+                                 ["contamination", "E", "--eval", "Z", "--out", "h.tsv"]])
+def test_empty_embedding_folder_is_refused(tmp_path, monkeypatch, capsys, cmd):
+    _embeddings(tmp_path / "E", _units(5))
+    _embeddings(tmp_path / "Z", np.zeros((0, 8)))
+    monkeypatch.chdir(tmp_path)
+    assert main([*cmd, "--device", "cpu", "--quiet"]) == 2
+    assert "Z holds no embeddings (0 images)" in _one_error_line(capsys)
+    assert not (tmp_path / cmd[-1]).exists()
+
+
+@pytest.mark.parametrize("levels, said", [
+    ((4095, None), ("--white-level 4095 but", "--white-level none")),
+    ((None, 1023), ("--white-level none (the default", "--white-level 1023")),
+    ((4095, 1023), ("--white-level 4095 but", "--white-level 1023")),
+])
+@pytest.mark.parametrize("cmd", ["retrieve", "contamination"])
+def test_other_white_level_is_not_comparable(tmp_path, capsys, levels, said, cmd):
+    x = _units(6)
+    # a folder embedded before the white level was recorded has no such key: none, the default
+    a = _embeddings(tmp_path / "A", x, **({} if levels[0] is None else {"white_level": levels[0]}))
+    b = _embeddings(tmp_path / "B", x, **({} if levels[1] is None else {"white_level": levels[1]}))
+    other = {"retrieve": "--seeds", "contamination": "--eval"}[cmd]
+    argv = [cmd, a, other, b, "--out", str(tmp_path / "o.txt"), "--device", "cpu", "--quiet"]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert all(s in err for s in said) and "embed both with the same --white-level" in err
+    assert not (tmp_path / "o.txt").exists()
+
+
+def test_same_white_level_or_none_recorded_is_comparable(tmp_path):
+    x = _units(6)
+    old = _embeddings(tmp_path / "old", x)  # none recorded
+    new = _embeddings(tmp_path / "new", x)
+    assert main(["contamination", old, "--eval", new, "--out", str(tmp_path / "h.tsv"),
+                 "--device", "cpu", "--quiet"]) == 0
+    a = _embeddings(tmp_path / "A", x, white_level=4095)
+    b = _embeddings(tmp_path / "B", x, white_level=4095)
+    assert main(["retrieve", a, "--seeds", b, "--out", str(tmp_path / "r.txt"), "--device",
+                 "cpu", "--quiet"]) == 0
