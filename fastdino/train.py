@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -47,7 +48,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from fastdino.config import Config, ConfigError, config_changes, load_config, save_config
     from fastdino.data import build_train_loader
     from fastdino.data.collate import Batch
-    from fastdino.export import export_backbone
+    from fastdino.export import backbone_targets, export_backbone
     from fastdino.health import HealthMonitor
     from fastdino.meta_arch import SSLMetaArch
     from fastdino.metrics import MAX_OVER_RANKS, MetricsLogger, peak_memory_gib
@@ -166,6 +167,7 @@ class Trainer:
         self.resume_rng, self._gram_state = None, None
         self.resume_num_images = None  # the images the checkpoint's data position counts in
         self.num_images = None
+        self.resume_path = resume  # (finish: a missing export is redone from it)
         if resume is not None:
             try:
                 st = load_checkpoint(resume, self.engine)
@@ -386,14 +388,41 @@ class Trainer:
         unless the run stopped early (it comes at the end of the resumed run)."""
         if self.stopped_by is not None:
             return self.history
+        out = self.out / "teacher_backbone"
         if self.start_iteration >= self.max_it:
             logger.info("%snothing to do: the checkpoint is at iteration %d, train.max_iterations "
                         "/ the schedule end is %d", self.log_prefix, self.start_iteration,
                         self.max_it)
-        elif fdist.is_main_process():
-            for f in export_backbone(path, self.out / "teacher_backbone"):
+            # the run that reached it was stopped or failed during its export: export it now
+            if all(t.is_file() for t in backbone_targets(out)):
+                return self.history
+            path = self.resume_path
+        if fdist.is_main_process():
+            for f in self._export(path, out):
                 logger.info("%sexported the teacher backbone to %s", self.log_prefix, f)
         return self.history
+
+    def _export(self, ckpt: Path, out: Path) -> list[Path]:
+        """The teacher backbone of checkpoint `ckpt` exported to `out` (.pth, .safetensors), each
+        file whole or absent: written in a hidden folder beside it, then renamed into place (a
+        stop or a crash half-way leaves no truncated file that a rerun would take as the export;
+        the rerun, "nothing to do", exports it again). A failure is one CheckpointWriteError."""
+        partial = out.parent / ".teacher_backbone.partial"
+        try:
+            shutil.rmtree(partial, ignore_errors=True)  # an earlier export cut short
+            written = export_backbone(ckpt, partial / out.name)
+            final = [out.parent / f.name for f in written]
+            for f, g in zip(written, final, strict=True):
+                os.replace(f, g)
+            shutil.rmtree(partial, ignore_errors=True)
+            return final
+        except Exception as e:  # noqa: BLE001 - torch.save's disk-full error is a RuntimeError
+            shutil.rmtree(partial, ignore_errors=True)  # (what may have filled the disk)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointWriteError(
+                f"the teacher backbone could not be exported to {out}.*: {type(e).__name__}: "
+                f"{first}; the checkpoint {ckpt} is complete: the same command exports it again "
+                f"(or fastdino export --run {ckpt} --out {out})") from e
 
     def after_step(self, it: int, values: dict | None) -> Path | None:
         """Everything after optimizer step `it` - 1 (`it` steps done): the non-finite count,
@@ -474,10 +503,18 @@ class Trainer:
         layout ({"teacher": EMA teacher with backbone. / dino_head. / ibot_head. keys}), written
         atomically (rank 0: the teacher is replicated)."""
         out = self.out / "eval" / f"training_{it}"
-        out.mkdir(parents=True, exist_ok=True)
         tmp = out / "teacher_checkpoint.pth.tmp"
-        torch.save({"teacher": self.arch.teacher.state_dict()}, tmp)
-        os.replace(tmp, out / "teacher_checkpoint.pth")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"teacher": self.arch.teacher.state_dict()}, tmp)
+            os.replace(tmp, out / "teacher_checkpoint.pth")
+        except Exception as e:  # noqa: BLE001 - torch.save's disk-full error is a RuntimeError
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # (what may have filled the disk)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointWriteError(
+                f"teacher snapshot {out / 'teacher_checkpoint.pth'} could not be written: "
+                f"{type(e).__name__}: {first}; {_resume_point(self)}") from e
         logger.info("teacher snapshot %s written", out / "teacher_checkpoint.pth")
         return out / "teacher_checkpoint.pth"
 
