@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("fastdino")
 
 SHORT = (("total_loss", "total_loss"), ("dino_local_crops_loss", "dino_local"),
          ("dino_global_crops_loss", "dino_global"), ("ibot_loss", "ibot"),
@@ -46,10 +51,52 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return peak
 
 
+def drop_redone_lines(path: Path, start_iteration: int) -> int:
+    """A run that starts at `start_iteration` (a resume after a crash or kill -9: from the last
+    checkpoint; a first start: 0) does again the iterations after it: their lines in metrics.jsonl,
+    and a line cut short by the kill, are dropped, so that each iteration has one line and a plot
+    of the file shows the run that continues, not two overlapping curves. The file as it was is
+    kept whole beside it as metrics.<date-time>.jsonl (said in the log). Returns the lines
+    dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with path.open() as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                keep = line.endswith("\n") and int(rec["iteration"]) <= start_iteration
+            except (ValueError, TypeError, KeyError):  # cut short by a kill, or not ours
+                keep = not line.strip()
+            if keep:
+                kept.append(line)
+            else:
+                dropped += line.strip() != ""
+    if not dropped:
+        return 0
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    backup = path.with_name(f"metrics.{stamp}.jsonl")
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"metrics.{stamp}-{n}.jsonl")
+    try:
+        os.link(path, backup)  # the same data under a second name: no copy, and no moment
+    except OSError:            # without a metrics.jsonl
+        shutil.copy2(path, backup)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    logger.info("%s: %d line(s) after iteration %d dropped (this run does those iterations again; "
+                "the file as it was is kept as %s)", path, dropped, start_iteration, backup.name)
+    return dropped
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, total_iterations: int, start_iteration: int,
                  images_per_step: int, enabled: bool, printer=print, sinks=()):
         self.path = Path(output_dir) / "metrics.jsonl"
+        if enabled:
+            drop_redone_lines(self.path, start_iteration)
         self.sinks = list(sinks)  # fastdino/loggers.py: TensorBoard, W&B (rank 0)
         self.total, self.enabled, self.printer = total_iterations, enabled, printer
         self.images_per_step = images_per_step
