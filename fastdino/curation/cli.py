@@ -21,7 +21,7 @@ sample: balanced hierarchical sampling (water-filling cap per cluster at every l
   file list and prints the cluster sizes before and after (also <LIST>.summary.json).
 dedup / retrieve / contamination: exact cosine nearest neighbours of the embeddings, streamed in
   blocks (fastdino/curation/neighbours.py); the two-set commands refuse embeddings made with
-  other weights or image size.
+  other weights, image size or white level.
 """
 
 from __future__ import annotations
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "retrieval)", formatter_class=fmt)
     p.add_argument("embeddings", help="pool: folder E written by `curate embed`")
     p.add_argument("--seeds", required=True, help="seed images' folder from `curate embed` "
-                   "(same --weights and --image-size)")
+                   "(same --weights, --image-size and --white-level)")
     p.add_argument("--threshold", type=_cosine, default=None,
                    help="keep only neighbours at least this similar (cosine; default: all "
                         "--k)")
@@ -500,11 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("embeddings", help="training set: folder E written by `curate embed`")
     p.add_argument("--eval", required=True, help="evaluation images' folder from `curate embed` "
-                   "(same --weights and --image-size)")
+                   "(same --weights, --image-size and --white-level)")
     p.add_argument("--threshold", type=_cosine, default=0.9,
                    help="cosine similarity at which a training image copies an eval image")
     p.add_argument("--out", required=True, help="TSV: training image, eval image, similarity")
-    p.add_argument("--clean", default=None, help="also write the training list without them")
+    p.add_argument("--clean", default=None, help="also write the training list without them "
+                   "(refused, exit 2, when none is left)")
     p.add_argument("--fail-on-hits", action="store_true", help="exit 1 when any is found")
     search_options(p, None)
     return parser
