@@ -373,7 +373,7 @@ def _retrieve(a: argparse.Namespace) -> int:
 
 
 def _contamination(a: argparse.Namespace) -> int:
-    from fastdino.curation.neighbours import contamination
+    from fastdino.curation.neighbours import contamination, finite_rows
 
     train, files, evaluation, eval_files = _two_sets(a.embeddings, a.eval)
     _writable(a.out, a.clean)
@@ -383,15 +383,19 @@ def _contamination(a: argparse.Namespace) -> int:
     print(f"{len(hits)} of {len(files)} training images near-duplicate one of {len(eval_files)} "
           f"evaluation images (cosine >= {a.threshold}): {out}")
     if a.clean:
-        flagged = {t for t, _, _ in hits}
-        kept = [f for i, f in enumerate(files) if i not in flagged]
-        if not kept:  # an empty training list, written as if all were well
-            raise ValueError(f"--clean {a.clean}: all {len(files)} training images "
-                             "near-duplicate an evaluation image: nothing left to train on, no "
-                             f"list written (the pairs are in {out}; a higher --threshold finds "
-                             "fewer)")
-        clean = _write_lines(a.clean, kept)
-        print(f"wrote {clean} without them (train with data.file_list={clean})")
+        # an image without an embedding (unreadable) was not checked: it was listed as clean
+        # (dedup leaves it out too)
+        ok = finite_rows(train, a.chunk_rows)
+        unread = int((~ok).sum())
+        unread = f" and the {unread} without an embedding (unreadable)" if unread else ""
+        ok[[t for t, _, _ in hits]] = False
+        if not ok.any():  # an empty training list, written as if all were well
+            raise ValueError(f"--clean {a.clean}: no training image is left without the "
+                             f"{len(hits)} that near-duplicate an evaluation image{unread}: "
+                             f"nothing to train on, no list written (the pairs are in {out}; a "
+                             "higher --threshold finds fewer)")
+        clean = _write_lines(a.clean, [files[i] for i in np.nonzero(ok)[0]])
+        print(f"wrote {clean} without them{unread} (train with data.file_list={clean})")
     return 1 if hits and a.fail_on_hits else 0
 
 

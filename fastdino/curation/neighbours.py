@@ -100,6 +100,15 @@ def top_k_cosine(queries: np.ndarray, keys: np.ndarray, k: int, *,
     return sims, ids
 
 
+def finite_rows(emb: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """[N] bool: the rows that hold an embedding (not the NaN of an undecodable image). Read in
+    chunks, as the search: the whole memory map as fp32 at once was 4 GB per million 1024-d
+    rows (out of memory on the pools dedup is for)."""
+    n = len(emb)
+    return np.concatenate([np.isfinite(np.asarray(emb[i:i + chunk])).all(axis=1)
+                           for i in range(0, n, chunk)] or [np.zeros(0, dtype=bool)])
+
+
 def deduplicate(emb: np.ndarray, threshold: float, k: int = 16, **kw) -> tuple[np.ndarray,
                                                                              np.ndarray]:
     """Near-duplicate removal: rows joined by a similarity >= threshold (among each row's k
@@ -122,11 +131,7 @@ def deduplicate(emb: np.ndarray, threshold: float, k: int = 16, **kw) -> tuple[n
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)  # the root is the group's lowest row
     roots = np.array([find(a) for a in range(n)])
-    # read in chunks, as the search: the whole memory map as fp32 at once was 4 GB per
-    # million 1024-d rows (out of memory on the pools dedup is for)
-    step = kw.get("chunk", 8192)
-    finite = np.concatenate([np.isfinite(np.asarray(emb[i:i + step])).all(axis=1)
-                             for i in range(0, n, step)] or [np.zeros(0, dtype=bool)])
+    finite = finite_rows(emb, kw.get("chunk", 8192))
     keep = (roots == np.arange(n)) & finite
     dup_of = np.where(keep | ~finite, -1, roots)
     return keep, dup_of

@@ -46,13 +46,30 @@ def test_clean_list_of_nothing_is_refused(tmp_path, capsys):
     out = capsys.readouterr()
     assert "5 of 5 training images" in out.out  # the search's report, and its pairs, are kept
     err = out.err.strip().splitlines()
-    assert len(err) == 1 and "--clean" in err[0] and "all 5 training images" in err[0]
+    assert len(err) == 1 and "--clean" in err[0] and "no training image is left" in err[0]
     assert len(hits.read_text().splitlines()) == 5
     assert not clean.exists()
     # one image left: written as before
     train2 = _embeddings(tmp_path / "T2", np.concatenate([x[[0, 1]], _units(1, seed=5)]))
     assert main([*argv[:1], train2, *argv[2:]]) == 0
     assert clean.read_text() == "/img/T2/2.jpg\n"
+
+
+def test_clean_list_leaves_out_images_without_an_embedding(tmp_path, capsys):
+    """An unreadable training image was never checked: it is not listed as clean (dedup leaves
+    it out too), and a list of only such images is an empty one."""
+    x = _units(3)
+    rows = np.concatenate([x[[0]], np.full((1, 8), np.nan), _units(1, seed=5)])
+    evaluation = _embeddings(tmp_path / "V", x)
+    clean = tmp_path / "clean.txt"
+    argv = ["--eval", evaluation, "--out", str(tmp_path / "h.tsv"), "--clean", str(clean),
+            "--device", "cpu", "--quiet"]
+    assert main(["contamination", _embeddings(tmp_path / "T", rows), *argv]) == 0
+    assert clean.read_text() == "/img/T/2.jpg\n"
+    assert "and the 1 without an embedding (unreadable)" in capsys.readouterr().out
+    clean.unlink()
+    assert main(["contamination", _embeddings(tmp_path / "T2", rows[:2]), *argv]) == 2
+    assert "no training image is left" in _one_error_line(capsys) and not clean.exists()
 
 
 def test_retrieve_that_finds_nothing_is_refused(tmp_path, capsys):
