@@ -37,6 +37,8 @@ import os
 import random
 import re
 import shutil
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -128,8 +130,8 @@ def _save(ckpt_dir: Path, iteration: int, engine, trainer_state: dict, keep: int
     if fdist.is_main_process():
         # a save killed or failed half-way left its files here (of any tag): they may be what
         # filled the disk
-        if partial_root.exists():
-            shutil.rmtree(partial_root)
+        if partial_root.is_dir() and any(partial_root.iterdir()):
+            _discard(ckpt_dir, partial_root, "an earlier save's unfinished files")
         partial.mkdir(parents=True)
     fdist.barrier()
     engine.save_checkpoint(str(partial_root), tag)
@@ -152,8 +154,7 @@ def _save(ckpt_dir: Path, iteration: int, engine, trainer_state: dict, keep: int
             os.rename(final, old)  # (no rmtree while `latest` may name a missing folder)
         os.rename(partial, final)
         _fsync_path(ckpt_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        _discard(ckpt_dir, old, f"an earlier run's {tag}")
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag + "\n")
         _fsync_path(tmp)
@@ -197,6 +198,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
             if got != size:
                 return f"{name} has {got} bytes, the save wrote {size}"
         return None
+    if not (path / "torch_engine.pt").is_file() and not any(path.glob("*model_states.pt")):
+        return "no student files (torch_engine.pt or DeepSpeed's *model_states.pt)"
     for f in sorted(path.glob("*.pt")):
         if not zipfile.is_zipfile(f):
             return f"{f.name} is cut short or not a torch file ({f.stat().st_size} bytes)"
@@ -220,7 +223,43 @@ def _rotate(ckpt_dir: Path, keep: int, iteration: int) -> None:
         return
     mine = [p for it, p in checkpoint_dirs(ckpt_dir) if it <= iteration]
     for p in mine[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        _discard(ckpt_dir, p, f"checkpoint {p.name} (train.keep_checkpoints={keep})")
+
+
+TRASH = ".deleted"  # in checkpoints/: folders being deleted (never taken for a checkpoint)
+
+
+def _discard(ckpt_dir: Path, folder: Path, what: str) -> None:
+    """Delete `folder` (a rotated checkpoint, a stale .partial, a replaced earlier one): renamed
+    into checkpoints/.deleted/ first, so that what a failed delete leaves (files held open on a
+    network filesystem, a read-only subfolder) is never taken for a checkpoint, then removed.
+    A delete that fails is a warning naming the folder and the cause, not an error: the run goes
+    on (the checkpoints are written), and the next save tries again."""
+    trash = ckpt_dir / TRASH
+    if trash.is_dir():
+        for left in trash.iterdir():  # what an earlier delete could not remove
+            shutil.rmtree(left, ignore_errors=True)
+    if not folder.exists():
+        return
+    target = folder
+    try:
+        trash.mkdir(exist_ok=True)
+        target = trash / f"{folder.name}.{time.time_ns()}"
+        os.rename(folder, target)
+    except OSError:
+        target = folder  # deleted where it is (a half-deleted checkpoint fails checkpoint_problem)
+    errors: list[tuple[str, BaseException]] = []
+
+    def failed(func, path, exc):  # onerror passes sys.exc_info(), onexc the exception
+        errors.append((path, exc[1] if isinstance(exc, tuple) else exc))
+
+    kw = {"onexc": failed} if sys.version_info >= (3, 12) else {"onerror": failed}
+    shutil.rmtree(target, **kw)
+    if errors:
+        _, e = errors[0]
+        logger.warning("could not delete %s: %s: %s (%d path(s) left in %s); the run goes on, the "
+                       "next checkpoint tries again; delete it by hand if it stays", what,
+                       type(e).__name__, e, len(errors), target)
 
 
 def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:

@@ -98,3 +98,50 @@ def test_a_damaged_file_found_while_loading_is_one_line_naming_the_checkpoint(tm
     _cut(newest / ck.STATE_FILE, 500)
     with pytest.raises(ValueError, match=f"damaged: {ck.STATE_FILE} cannot be read"):
         ck.load_checkpoint(newest, _engine())
+
+
+def test_a_rotated_checkpoint_that_cannot_be_deleted_is_a_warning_and_never_a_checkpoint(
+        tmp_path, monkeypatch, caplog):
+    """train.keep_checkpoints deleting a folder whose files cannot go (held open on a network
+    filesystem, read-only): the run goes on with one warning naming it, and what is left is not
+    an iter_N folder a resume could fall back to (a trainer_state.pt without its engine file)."""
+    eng = _engine()
+    ck.save_checkpoint(tmp_path, 5, eng, {"data_iteration": 5}, keep=1)
+    real = ck.os.unlink
+
+    def held(path, *a, **k):
+        if str(path).endswith(ck.STATE_FILE):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ck.os, "unlink", held)
+    with caplog.at_level(logging.WARNING, logger="fastdino"):
+        ck.save_checkpoint(tmp_path, 10, eng, {"data_iteration": 10}, keep=1)
+    monkeypatch.undo()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "could not delete checkpoint iter_0000005" in warned[0], warned
+    assert "PermissionError" in warned[0]
+    assert [p.name for _, p in ck.checkpoint_dirs(tmp_path)] == ["iter_0000010"]
+    # the next save removes what is left
+    ck.save_checkpoint(tmp_path, 15, eng, {"data_iteration": 15}, keep=1)
+    assert not any((tmp_path / ck.TRASH).iterdir())
+
+
+def test_a_stale_partial_that_cannot_be_deleted_does_not_stop_the_saves(tmp_path, monkeypatch,
+                                                                         caplog):
+    eng = _engine()
+    stale = tmp_path / ".partial" / "iter_0000003"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.pt").write_bytes(b"x")
+    real = ck.os.unlink
+
+    def held(path, *a, **k):
+        if str(path).endswith(ck.STATE_FILE) and k.get("dir_fd") is not None:
+            raise OSError(16, "Device or resource busy", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ck.os, "unlink", held)
+    path = ck.save_checkpoint(tmp_path, 5, eng, {"data_iteration": 5}, keep=3)
+    monkeypatch.undo()
+    assert ck.resolve_resume("auto", tmp_path) == path
+    assert "could not delete an earlier save's unfinished files" in caplog.text
