@@ -649,13 +649,15 @@ class DataConfig:
     homogeneous_root: str | None = None
     homogeneous_ratio: float = 0.1  # share of the steps read from homogeneous_root, in (0, 1)
     # the value that maps to white for integer images deeper than 8 bits (16-bit greyscale PNG /
-    # TIFF): 10/12/14-bit data (scientific cameras, CT / X-ray, microscopy) is stored in 16-bit
-    # files, and scaled from 0..65535 a 12-bit image (max 4095) trains on 8-bit levels 0..16,
-    # nearly black. 4095 for 12-bit data, 1023 / 16383 for 10 / 14-bit; values above it clip to
-    # white. Integer images only (16-bit, and 32-bit without negative values); float and signed
-    # data keep their own range, 16-bit RGB is read as 8 bits by PIL (its high byte). Applies to
-    # both loaders (DALI: such images are decoded on the host). null = the 16-bit range 0..65535
-    # (a warning says it once when an image uses at most 14 bits). Eval / curate embed:
+    # TIFF, 16-bit RGB TIFF): 10/12/14-bit data (scientific cameras, satellites, CT / X-ray,
+    # microscopy) is stored in 16-bit files, and scaled from 0..65535 a 12-bit image (max 4095)
+    # trains on 8-bit levels 0..16, nearly black. 4095 for 12-bit data, 1023 / 16383 for 10 /
+    # 14-bit, 10000 for reflectance 0..10000; values above it clip to white. Integer images only
+    # (16-bit, and 32-bit without negative values); float and signed data keep their own range.
+    # Not for 16-bit colour PNGs (PIL reads them as 8 bits, their high byte; save them as TIFF)
+    # nor for TIFFs whose compression tifffile needs imagecodecs for (LZW, JPEG), said once each.
+    # Applies to both loaders (DALI: such images are decoded on the host). null = the 16-bit range
+    # 0..65535 (a warning says it once when an image uses at most 14 bits). Eval / curate embed:
     # --white-level.
     white_level: int | None = None
 

@@ -24,8 +24,9 @@ Data flow, per rank:
                A TIFF DALI would not decode as PIL does (16-bit, float, bilevel, CMYK, grey +
                alpha, planar, ...: `dali_plan._dali_reads_tiff`) is decoded by the source with
                the torch loader's decode and reaches the decoder as PPM: same pixels, no stop.
-               So is, with data.white_level set, a 16-bit greyscale image of any format (a 16-bit
-               PNG: DALI's decoder would scale 0..65535, not 0..white_level, to 0..255).
+               So is a 16-bit colour PNG (PIL's high byte), a TIFF PIL cannot open (tifffile
+               may), and, with data.white_level set, a 16-bit greyscale image of any format (a
+               16-bit PNG: DALI's decoder would scale 0..65535, not 0..white_level, to 0..255).
   crops        `dali_ops.CropGraph` executes each plan row; outputs stay on the GPU.
   photometric  data.dali_jitter picks where the photometric ops run.
                triton (default): the graph ends at crop + resize (120 operators at 2 x 224 +
@@ -642,7 +643,7 @@ def build_dali_loader(cfg: Config, rank: int = 0, world_size: int = 1,
         raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
                            "pip install 'fastdino[dali]' (or set data.loader=torch|auto)")
     images = build_dataset(cfg, ranks=(rank, world_size))  # collective: every rank calls this
-    say_bit_depth(images)  # DALI decodes 16-bit PNGs itself: said from here
+    say_bit_depth(images)  # its source workers have no logging: said from here
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     logger.info("DALI loader: %d images in %s (rank %d/%d, %d per step, %s, from step %d; "
                 "photometric ops: %s; source: %s)",

@@ -157,7 +157,12 @@ DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000"
 # loader's default pixels (checked on the CPU decoder, DALI 2.4: test_white_level.py), which
 # would ignore data.white_level; with a white level set they (and any integer greyscale image
 # deeper than 8 bits) are decoded on the host as those TIFFs are (`_host_decoded`), so that both
-# loaders map 0..white_level to 0..255.
+# loaders map 0..white_level to 0..255. 16-bit colour PNGs (RGB, RGBA, grey + alpha) always are:
+# PIL reads them as their high byte, floor(v / 256), and DALI's decoder reads them otherwise (up
+# to a level apart: checked on the CPU decoder, DALI 2.4, test_tiff16_rgb.py). TIFFs PIL cannot
+# open at all (grey + alpha, float / 32-bit RGB: tifffile
+# reads them, `datasets._decode_deep_tiff`) are decoded on the host too, or skipped with
+# decode_rgb's reason.
 _DALI_TIFF_MODES = frozenset({"L", "RGB"})
 _DALI_TIFF_PHOTOMETRIC = frozenset({1, 2, 6})  # min-is-black, RGB, YCbCr (JPEG-compressed)
 # none, LZW, JPEG, deflate (both codes), PackBits: libtiff's built-in codecs
@@ -187,23 +192,26 @@ def _tiff_data_end(img: Image.Image) -> int:
 
 def _host_decoded(img: Image.Image, white_level: int | None) -> bool:
     """Whether an image (header parsed) is decoded on the host rather than by DALI: a TIFF DALI
-    reads otherwise than PIL, and with data.white_level an integer greyscale image deeper than 8
-    bits (a 16-bit PNG: DALI's own scaling is 0..65535)."""
-    if img.format == "TIFF" and not _dali_reads_tiff(img):
+    reads otherwise than PIL (16-bit RGB among them: tifffile reads it at full depth), a 16-bit
+    colour PNG (PIL's high byte), and with data.white_level an integer greyscale image deeper
+    than 8 bits (a 16-bit PNG: DALI's own scaling is 0..65535)."""
+    from fastdino.data.datasets import _png16_colour
+
+    if (img.format == "TIFF" and not _dali_reads_tiff(img)) or _png16_colour(img):
         return True
     return white_level is not None and img.mode.startswith("I")
 
 
-def _host_decoded_ppm(data: bytes, white_level: int | None = None) -> bytes:
-    """The image decoded as the torch loader decodes it (`white_level`: data.white_level), as
-    binary PPM (DALI reads it as is)."""
+def _host_decoded_ppm(data: bytes, white_level: int | None = None) -> tuple[bytes, int, int]:
+    """(the image decoded as the torch loader decodes it, as binary PPM: DALI reads it as is;
+    its width; its height). `white_level`: data.white_level."""
     from fastdino.data.datasets import _DECODE_ERRORS, decode_rgb
 
     try:
         rgb = decode_rgb(data, white_level)
     except _DECODE_ERRORS as e:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-    return b"P6\n%d %d\n255\n" % rgb.size + rgb.tobytes()
+    return b"P6\n%d %d\n255\n" % rgb.size + rgb.tobytes(), *rgb.size
 
 
 class UnreadableImage(ValueError):
@@ -250,7 +258,8 @@ def _check_complete(data: bytes, fmt: str) -> None:
 def probe_image(data: bytes, white_level: int | None = None) -> tuple[np.ndarray, int, int]:
     """(the encoded bytes as uint8 [n], width, height) of an image that looks decodable by DALI;
     raises UnreadableImage otherwise (with the reason: not an image, a format DALI cannot decode,
-    truncated). A TIFF that DALI would not decode as PIL does (`_dali_reads_tiff`), and with
+    truncated). A TIFF that DALI would not decode as PIL does (`_dali_reads_tiff`) or that PIL
+    cannot open (tifffile may: `datasets.decode_rgb`), a 16-bit colour PNG, and with
     `white_level` (data.white_level) a 16-bit greyscale image, is decoded here and its bytes are
     a PPM of the RGB image."""
     try:
@@ -259,10 +268,14 @@ def probe_image(data: bytes, white_level: int | None = None) -> tuple[np.ndarray
             on_host = fmt in DALI_FORMATS and _host_decoded(img, white_level)
             tiff_end = _tiff_data_end(img) if fmt == "TIFF" else 0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        from fastdino.data.datasets import UNREADABLE_TIFF, is_tiff
+        from fastdino.data.datasets import is_tiff
 
-        raise UnreadableImage(UNREADABLE_TIFF if isinstance(e, UnidentifiedImageError)
-                              and is_tiff(data) else f"{type(e).__name__}: {e}") from e
+        if not (isinstance(e, UnidentifiedImageError) and is_tiff(data)):
+            raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+        # a TIFF PIL cannot open: decoded as the torch loader does (tifffile), or skipped with
+        # decode_rgb's reason
+        ppm, width, height = _host_decoded_ppm(data, white_level)
+        return np.frombuffer(ppm, dtype=np.uint8), width, height
     if width <= 0 or height <= 0:
         raise UnreadableImage(f"empty image {width}x{height}")
     if fmt not in DALI_FORMATS:
@@ -270,7 +283,7 @@ def probe_image(data: bytes, white_level: int | None = None) -> tuple[np.ndarray
             f"{fmt} data, which DALI's decoder cannot read (it reads JPEG, PNG, BMP, TIFF, PNM, "
             "JPEG 2000 and WebP); the torch loader (data.loader=torch) would train on it")
     if on_host:
-        return np.frombuffer(_host_decoded_ppm(data, white_level), dtype=np.uint8), width, height
+        return np.frombuffer(_host_decoded_ppm(data, white_level)[0], dtype=np.uint8), width, height
     if tiff_end > len(data):
         raise UnreadableImage("TIFF is shorter than its strips / tiles say (truncated)")
     _check_complete(data, fmt)

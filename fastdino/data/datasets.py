@@ -67,6 +67,7 @@ def read_file_list(file_list: str | Path) -> list[str]:
 # 0..65535 it trains on 64 grey levels or fewer (a 12-bit one on 16), which is worth a warning
 SHALLOW_16BIT_MAX = 16383
 _shallow_warned = False  # the warning below, once per process (each loader worker says it once)
+_said: set[str] = set()  # the once-per-process notes about 16-bit data read at 8 bits, said
 
 
 def check_white_level(value, key: str = "data.white_level") -> None:
@@ -75,9 +76,10 @@ def check_white_level(value, key: str = "data.white_level") -> None:
         raise ValueError(f"{key} = {value!r} is invalid: allowed is {WHITE_LEVEL_ALLOWED}")
 
 
-def _warn_shallow_16bit(top: float, name: str | None) -> None:
+def _warn_shallow_16bit(top: float, name: str | None, level: int | None = None) -> None:
     """Once per process: a 16-bit image (`name`) whose maximum `top` leaves it nearly black
-    under the default 0..65535 scaling, and the data.white_level that would use its range."""
+    under the default 0..65535 scaling (`top` becomes 8-bit `level`, by default rounded), and
+    the data.white_level that would use its range."""
     global _shallow_warned
     if _shallow_warned or not 0 < top <= SHALLOW_16BIT_MAX:
         return
@@ -86,35 +88,77 @@ def _warn_shallow_16bit(top: float, name: str | None) -> None:
     logger.warning(
         "16-bit image %s has maximum %d (at most %d of its 16 bits used): scaled from 0..65535 "
         "it becomes 8-bit levels 0..%d only, nearly black. If the data is %d-bit (a camera, "
-        "CT / X-ray, microscopy), set data.white_level=%d (eval / curate embed: --white-level "
-        "%d). Said once per process, for the first such image", name or "(bytes)", top, bits,
-        round(top * 255 / 65535), bits, 2**bits - 1, 2**bits - 1)
+        "CT / X-ray, microscopy, satellite), set data.white_level=%d (eval / curate embed: "
+        "--white-level %d). Said once per process, for the first such image", name or "(bytes)",
+        top, bits, round(top * 255 / 65535) if level is None else level, bits, 2**bits - 1,
+        2**bits - 1)
+
+
+def _say_once(key: str, message: str, *args) -> None:
+    """A warning said once per process per `key` (each loader worker says it once)."""
+    if key not in _said:
+        _said.add(key)
+        logger.warning(message + ". Said once per process, for the first such image", *args)
 
 
 def say_bit_depth(images) -> None:
-    """data.white_level null: the warning of a 16-bit image that uses at most 14 bits
-    (`_to_8bit`), from the training process, about the first image of `images` (an
-    ImageFolderUnlabeled), decoded only when its header says integer greyscale deeper than 8
-    bits. Said before the loaders start their workers: forked ones inherit that it was said
-    (else each says it at its first such image); DALI decodes 16-bit PNGs itself and its
-    spawned source workers have no logging, so there this is the only place it is said.
-    Nothing to say when the dataset has a white level."""
-    if images.white_level is not None:
-        return
+    """The once-per-process notes about the bit depth (a 16-bit image that uses at most 14 bits
+    under data.white_level null; 16-bit data that is read at 8 bits), from the training
+    process, about the first image of `images` (an ImageFolderUnlabeled), decoded only when its
+    header says it is deeper than 8 bits (or is a TIFF PIL cannot read, which tifffile may).
+    Said before the loaders start their workers: forked ones inherit that it was said (else each
+    says it at its first such image); DALI decodes 16-bit PNGs itself and its spawned source
+    workers have no logging, so there this is the only place it is said."""
     try:
-        with Image.open(io.BytesIO(images.read(0))) as img:  # header only
-            deep = img.mode.startswith("I")
+        data = images.read(0)
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # header only
+                deep = img.mode.startswith("I") or _deep_tiff(img) or _png16_colour(img)
+        except UnidentifiedImageError:
+            deep = is_tiff(data)
         if deep:
-            images.decode(0)  # _to_8bit warns when it is shallow
+            images.decode(0)  # decode_rgb says what applies
     except _DECODE_ERRORS:
         pass  # an unreadable first file: the loader skips and reports it
 
 
 def silence_shallow_16bit_warning() -> None:
-    """This process does not say the 16-bit depth warning (a DALI source worker: the training
-    process says it)."""
+    """This process does not say the bit-depth warnings (a DALI source worker: the training
+    process says them)."""
     global _shallow_warned
     _shallow_warned = True
+    _said.update(("png16", "tiff_codec"))
+
+
+def _scale_to_8bit(arr: np.ndarray, kind: str, white_level: int | None = None,
+                   name: str | None = None) -> np.ndarray:
+    """Integer / float data -> uint8 levels, one range for the whole image (all its channels:
+    colours keep their balance). `kind`: "16" (16-bit unsigned: 0..65535, its bit depth),
+    "int" (32-bit, or data whose depth is unknown), "float". The rules: `_to_8bit`'s."""
+    arr = arr.astype(np.float32)  # (float32: a large image stays affordable)
+    finite = np.isfinite(arr)
+    values = arr if finite.all() else arr[finite]
+    if kind == "16":
+        lo, hi = 0.0, float(white_level or 65535)
+        if white_level is None and not _shallow_warned and values.size:
+            _warn_shallow_16bit(float(values.max()), name)
+    elif values.size == 0:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, top = float(values.min()), float(values.max())
+        if lo < 0:
+            hi = top
+        elif white_level is not None and kind != "float":
+            lo, hi = 0.0, float(white_level)
+        else:
+            lo = 0.0
+            hi = (1.0 if kind == "float" and top <= 1 else 255.0 if top <= 255
+                  else 65535.0 if top <= 65535 and kind != "float" else top)
+            if hi == 65535.0:  # 16-bit data read as 32-bit
+                _warn_shallow_16bit(top, name)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    return np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def _to_8bit(img: Image.Image, white_level: int | None = None,
@@ -125,42 +169,17 @@ def _to_8bit(img: Image.Image, white_level: int | None = None,
     say, from the data: 0..255 if the data fits, else for "I" 0..65535 if it fits (16-bit data
     read as 32-bit), else 0..max; a float image within 0..1 (reflectance, normalised data) 0..1;
     data with negative values (signed 16-bit CT in Hounsfield units, SAR in dB) min..max. NaN ->
-    the range's low end, +-inf -> its ends.
+    the range's low end, +-inf -> its ends. Rounded: level = floor(v * 255 / range + 0.5).
 
     `white_level` (data.white_level; 10/12/14-bit data in 16-bit files): integer images (16-bit
     modes, and "I" without negative values, whatever its maximum) map 0..white_level instead,
     values above it clipping to white; float and signed data keep the rules above. Without it,
     a 16-bit image that uses at most 14 bits is said once per process (`name`: its file)."""
-    arr = np.asarray(img).astype(np.float32)  # (float32: a large image stays affordable)
-    finite = np.isfinite(arr)
-    values = arr if finite.all() else arr[finite]
-    if img.mode.startswith("I;16"):
-        lo, hi = 0.0, float(white_level or 65535)
-        if white_level is None and not _shallow_warned and values.size:
-            _warn_shallow_16bit(float(values.max()), name)
-    elif values.size == 0:
-        lo, hi = 0.0, 1.0
-    else:
-        lo, top = float(values.min()), float(values.max())
-        if lo < 0:
-            hi = top
-        elif white_level is not None and img.mode != "F":
-            lo, hi = 0.0, float(white_level)
-        else:
-            lo = 0.0
-            hi = (1.0 if img.mode == "F" and top <= 1 else 255.0 if top <= 255
-                  else 65535.0 if top <= 65535 and img.mode != "F" else top)
-            if hi == 65535.0:  # 16-bit data read as 32-bit
-                _warn_shallow_16bit(top, name)
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
-    return Image.fromarray(np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    kind = "16" if img.mode.startswith("I;16") else "float" if img.mode == "F" else "int"
+    return Image.fromarray(_scale_to_8bit(np.asarray(img), kind, white_level, name), "L")
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both orders
-UNREADABLE_TIFF = ("a TIFF that PIL cannot read (more bands than RGB + alpha, as multispectral "
-                   "data; float or 64-bit RGB; an unknown compression): save it as 8- or 16-bit "
-                   "greyscale or RGB (TIFF or PNG) to train on it")
 
 
 def is_tiff(path: str | bytes) -> bool:
@@ -174,30 +193,170 @@ def is_tiff(path: str | bytes) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------------
+# TIFFs of several samples per pixel deeper than 8 bits (16-bit RGB from satellites and scientific
+# cameras, often 12-bit data or reflectance 0..10000 in uint16). PIL reads 16-bit RGB(A) as its
+# high byte (12-bit data becomes levels 0..15, nearly black, and data.white_level could not
+# help) and cannot open the others (grey + alpha, 32-bit / signed / float RGB), so tifffile reads
+# them at full depth. Decided from PIL's header (photometric, samples, bits), so an ordinary
+# 8-bit image is decoded once, by PIL, as before.
+_MINISBLACK, _RGB = 1, 2  # TIFF photometric interpretations tifffile's path takes
+_ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
+
+
+def _deep_tiff(img: Image.Image) -> bool:
+    """A TIFF (header parsed by PIL) that tifffile reads: greyscale or RGB with several samples
+    per pixel (alpha or extra bands included), deeper than 8 bits."""
+    if img.format != "TIFF":
+        return False
+    tags = img.tag_v2
+    bits = tags.get(258, 1)  # BitsPerSample: one per sample
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return (tags.get(262) in (_MINISBLACK, _RGB) and tags.get(277, 1) > 1
+            and max(bits, default=1) > 8)
+
+
+def _png16_colour(img: Image.Image) -> bool:
+    """A 16-bit PNG with colour or alpha (header parsed by PIL): PIL reads it at 8 bits, its
+    high byte (only 16-bit greyscale has a 16-bit PIL mode)."""
+    return (img.format == "PNG" and not img.mode.startswith("I") and bool(img.tile)
+            and str(img.tile[0][3]).endswith(";16B"))  # the rawmode, e.g. "RGB;16B"
+
+
+def _tiff_layout(photometric: int, samples: int, extras: tuple) -> str | None:
+    """Why tifffile's path does not take a TIFF of this layout (None: it does). RGB: its R, G, B
+    (extra samples, alpha or other bands, dropped, as PIL does for 8-bit RGB TIFFs); greyscale:
+    one band, or one band + alpha. Multi-band greyscale (multispectral, e.g. GDAL's default for
+    16-bit data) has no colours to take: its bands are never silently used as RGB."""
+    if photometric == _RGB and samples >= 3:
+        return None
+    if photometric == _MINISBLACK and (samples == 1 or samples == 2 and extras[:1]
+                                       and extras[0] in _ALPHA):
+        return None
+    if photometric == _MINISBLACK:
+        return (f"{samples} bands of greyscale photometric (multispectral data; not RGB, not "
+                "grey + alpha): save 3 of its bands as RGB (photometric RGB; GDAL: -co "
+                "PHOTOMETRIC=RGB) to train on it")
+    return f"photometric {photometric} with {samples} samples per pixel, which is not taken"
+
+
+def _codec_missing(page) -> str | None:
+    """The compression (or predictor) of a tifffile page that tifffile cannot decode here
+    (without the imagecodecs package: LZW, JPEG, the float predictor, ...), None when it can.
+    tifffile 2026.3 decodes uncompressed, deflate / zlib, PackBits and LZMA data itself, and the
+    integer (horizontal) predictor. (Membership resolves the codec: False when it is missing.)"""
+    from tifffile import TIFF
+
+    if page.compression not in TIFF.DECOMPRESSORS:
+        return f"{getattr(page.compression, 'name', page.compression)} compression"
+    if page.predictor not in TIFF.PREDICTORS:
+        return f"predictor {getattr(page.predictor, 'name', page.predictor)}"
+    return None
+
+
+def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | None,
+                      pil: Image.Image | None) -> Image.Image:
+    """A TIFF read at full depth by tifffile and scaled to 8-bit RGB (`_deep_tiff`, or a TIFF
+    PIL cannot open: `pil` None). 16-bit RGB: data.white_level maps 0..white_level to 0..255
+    rounded (the greyscale rule); without it each value keeps PIL's level, its high byte
+    floor(v / 256), so full-range data decodes exactly as it did when PIL read it; the warning
+    of a 16-bit image using at most 14 bits applies. Grey + alpha: the greyscale image (16-bit:
+    rounded, as a 16-bit greyscale file). 32-bit, signed and float data: `_to_8bit`'s rules.
+    A compression tifffile cannot decode here: PIL's 8-bit reading, said once per process;
+    an unusable layout or damaged data raises OSError, naming the file and why."""
+    import tifffile
+
+    label = name or "(bytes)"
+    prefix = f"{name}: " if name else ""
+    why = codec = arr = None
+    try:
+        with tifffile.TiffFile(io.BytesIO(path) if isinstance(path, bytes) else path) as tif:
+            page = tif.pages[0]
+            photometric, axes = int(page.photometric), page.axes
+            why = _tiff_layout(photometric, page.samplesperpixel, tuple(page.extrasamples))
+            codec = None if why else _codec_missing(page)
+            if not (why or codec):
+                arr = page.asarray(maxworkers=1)  # (one thread: a loader worker's decode)
+    except ImportError as e:  # a codec tifffile lists but cannot load (zstd before Python 3.14)
+        codec = f"a codec tifffile cannot load ({type(e).__name__}: {e})"
+    except Exception as e:  # tifffile on damaged data: ValueError, zlib.error, IndexError, ...
+        raise OSError(f"{prefix}a TIFF that tifffile cannot read ({type(e).__name__}: {e})") from e
+    if why:
+        raise UnidentifiedImageError(f"{prefix}a TIFF that PIL cannot read and fastdino does "
+                                     f"not take: {why}")
+    if codec:
+        if pil is None:
+            raise UnidentifiedImageError(
+                f"{prefix}a TIFF that PIL cannot read, with {codec}, which tifffile decodes only "
+                "with the imagecodecs package, if at all: pip install imagecodecs, or re-save "
+                "it uncompressed or deflate-compressed")
+        _say_once("tiff_codec", "TIFF %s has %s, which tifffile decodes only with the imagecodecs "
+                  "package: read by PIL, its bit depth reduced to 8 bits (the high byte; "
+                  "data.white_level does not apply). pip install imagecodecs, or re-save such "
+                  "files uncompressed or deflate-compressed (tifffile.imwrite(..., "
+                  "compression='zlib'))", label, codec)
+        pil.load()
+        return pil.convert("RGB")
+    if axes.startswith("S"):  # planar (separate) samples: [S, Y, X] -> [Y, X, S]
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise UnidentifiedImageError(f"{prefix}a TIFF page of axes {axes}, not an image")
+    arr = arr[..., :3] if photometric == _RGB else arr[..., :1]
+    u16 = arr.dtype.kind == "u" and arr.dtype.itemsize == 2  # (either byte order)
+    if arr.dtype == np.uint8:
+        out = arr
+    elif u16 and photometric == _RGB and white_level is None:
+        if not _shallow_warned and arr.size:
+            top = int(arr.max())
+            _warn_shallow_16bit(top, label, top >> 8)
+        out = (arr >> 8).astype(np.uint8)  # PIL's 16-bit RGB level: unchanged pixels
+    else:
+        kind = "16" if u16 else "float" if arr.dtype.kind == "f" else "int"
+        out = _scale_to_8bit(arr, kind, white_level, label)
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(out))
+
+
 def decode_rgb(path: str | bytes, white_level: int | None = None,
                name: str | None = None) -> Image.Image:
     """Fully decode a file (`path`) or encoded bytes as an RGB PIL image (raises on unreadable or
     corrupt data). Every PIL mode: greyscale and palette expanded, alpha dropped, CMYK converted,
     16-bit / 32-bit / float greyscale scaled to 8 bits (`_to_8bit`: `white_level` is
-    data.white_level, `name` the file its warning names, default `path`; PIL reads 16-bit RGB
-    as 8 bits itself, its high byte, so white_level is for greyscale); a multi-page TIFF gives its
-    first page, an RGB TIFF with extra bands its RGB. What PIL cannot open (a TIFF of 4+ grey
-    bands, of float RGB, of an unknown compression) raises OSError: skipped and counted by the
-    dataset, as any unreadable file, saying why (`UNREADABLE_TIFF`)."""
+    data.white_level, `name` the file its warnings name, default `path`). TIFFs of several
+    samples deeper than 8 bits (16-bit RGB, grey + alpha, float / 32-bit RGB) are read at full
+    depth by tifffile and scaled alike (`_decode_deep_tiff`); a 16-bit colour PNG is read at 8
+    bits (PIL's high byte; said once per process when data.white_level is set or the data uses
+    at most 14 bits). A multi-page TIFF gives its first page, an RGB TIFF with extra bands its
+    RGB. A TIFF that neither reads as an image (multi-band greyscale, an unknown compression)
+    raises OSError: skipped and counted by the dataset, as any unreadable file, saying why."""
+    if name is None and isinstance(path, str):
+        name = path
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
+            if _deep_tiff(img):
+                return _decode_deep_tiff(path, white_level, name, img)
+            png16 = _png16_colour(img)
             img.load()  # decode now, so truncated files fail here and not inside a transform
             if img.mode.startswith("I") or img.mode == "F":
-                if name is None and isinstance(path, str):
-                    name = path
                 return _to_8bit(img, white_level, name).convert("RGB")
+            if png16 and "png16" not in _said:
+                top = max(hi for _, hi in img.getextrema()[:3])  # high bytes of R, G, B
+                if white_level is not None or top <= SHALLOW_16BIT_MAX >> 8:
+                    _say_once("png16", "16-bit PNG %s (colour or alpha) is read at 8 bits (its "
+                              "high byte, here at most %d: PIL has no such 16-bit mode), so "
+                              "data.white_level does not apply to it: save such images as "
+                              "16-bit TIFF (tifffile.imwrite) to train on their full depth",
+                              name or "(bytes)", top)
             return img.convert("RGB")
-    except UnidentifiedImageError as e:
+    except UnidentifiedImageError:
         if not is_tiff(path):
             raise
-        # PIL's own message names a BytesIO or the path only: say what such a TIFF is
-        name = "" if isinstance(path, bytes) else f"{path}: "
-        raise UnidentifiedImageError(f"{name}{UNREADABLE_TIFF}") from e
+    # PIL cannot open this TIFF: tifffile may (grey + alpha, 32-bit / float RGB); if not, its
+    # error names the file and says why
+    return _decode_deep_tiff(path, white_level, name, None)
 
 
 def decode_location(location: Location, white_level: int | None = None,
