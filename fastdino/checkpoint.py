@@ -255,6 +255,8 @@ def _discard(ckpt_dir: Path, folder: Path, what: str) -> None:
 
     kw = {"onexc": failed} if sys.version_info >= (3, 12) else {"onerror": failed}
     shutil.rmtree(target, **kw)
+    with contextlib.suppress(OSError):
+        trash.rmdir()  # (only when empty)
     if errors:
         _, e = errors[0]
         logger.warning("could not delete %s: %s: %s (%d path(s) left in %s); the run goes on, the "

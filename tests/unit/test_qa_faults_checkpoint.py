@@ -124,7 +124,7 @@ def test_a_rotated_checkpoint_that_cannot_be_deleted_is_a_warning_and_never_a_ch
     assert [p.name for _, p in ck.checkpoint_dirs(tmp_path)] == ["iter_0000010"]
     # the next save removes what is left
     ck.save_checkpoint(tmp_path, 15, eng, {"data_iteration": 15}, keep=1)
-    assert not any((tmp_path / ck.TRASH).iterdir())
+    assert not (tmp_path / ck.TRASH).exists()
 
 
 def test_a_stale_partial_that_cannot_be_deleted_does_not_stop_the_saves(tmp_path, monkeypatch,
