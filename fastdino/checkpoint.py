@@ -96,7 +96,9 @@ def set_rng_state(st: dict) -> None:
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, read-only or vanished folder): the message
     is one line naming the folder, what failed, the free space there and the checkpoint a
-    resume continues from (the previous one: a failed save never touches it)."""
+    resume continues from (the previous one: a failed save never touches it). Also raised for
+    the run's other outputs (metrics.jsonl, the teacher snapshots, the final export): train.py
+    ends the run with that one line, exit 1."""
 
 
 def save_checkpoint(ckpt_dir: str | Path, iteration: int, engine, trainer_state: dict,

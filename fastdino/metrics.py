@@ -121,8 +121,16 @@ class MetricsLogger:
         if "max_mem_gib" in values:
             data += f" | mem {float(values['max_mem_gib']):.1f} GiB"
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:  # disk full, folder gone: one line, not a traceback
+                from fastdino.checkpoint import CheckpointWriteError
+
+                raise CheckpointWriteError(
+                    f"{self.path}: the line of iteration {iteration} could not be written "
+                    f"({type(e).__name__}: {e}); the run stops, the same command continues from "
+                    "its last checkpoint (train.resume=auto)") from e
             terms = " ".join(f"{short} {values[k]:.4g}" for k, short in SHORT if k in values)
             lr = values.get("lr", math.nan)
             # the head warm-up (optim.freeze_backbone_epochs) holds the backbone: say so

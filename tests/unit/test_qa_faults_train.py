@@ -116,3 +116,24 @@ def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
     assert path.read_text() == '{"iteration": 1}\n{"iteration": 2}\n'
     assert drop_redone_lines(path, 2) == 0  # nothing to drop: no second copy
     assert len(list(tmp_path.glob("metrics.*.jsonl"))) == 1
+
+
+def test_a_metrics_line_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fastdino.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, 10, 0, 8, True, printer=lambda line: None)
+    real = Path.open
+
+    def full(self, mode="r", *a, **k):
+        if self.name == "metrics.jsonl" and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real(self, mode, *a, **k)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(CheckpointWriteError) as err:
+        log.log(1, {"total_loss": 1.0})
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "metrics.jsonl") in msg
+    assert "No space left on device" in msg and "train.resume=auto" in msg
