@@ -70,6 +70,20 @@ _shallow_warned = False  # the warning below, once per process (each loader work
 _said: set[str] = set()  # the once-per-process notes about 16-bit data read at 8 bits, said
 
 
+# the version of what a white level does to pixels: 2 since 16-bit RGB TIFFs are read at full
+# depth (f34746f; version 1 took PIL's high byte of them)
+WHITE_LEVEL_DECODE = 2
+
+
+def white_level_key(white_level: int | None) -> dict:
+    """What a cache key (eval features, probe heads, curation embeddings) holds of the white
+    level: nothing for None (pixels as ever: caches made before white levels stay valid), else
+    the level and the decoding's version, so a cache of pixels decoded otherwise is redone."""
+    if white_level is None:
+        return {}
+    return {"white_level": white_level, "white_level_decode": WHITE_LEVEL_DECODE}
+
+
 def check_white_level(value, key: str = "data.white_level") -> None:
     """ValueError naming `key` unless `value` is None or an integer in 256..65535."""
     if not white_level_ok(value):

@@ -501,6 +501,7 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         result["white_level"] = wl
 
     if args.cmd in ("knn", "linear"):
+        from fastdino.data.datasets import white_level_key
         from fastdino.eval.features import BackboneExtractor
         from fastdino.eval.knn_protocol import labelled_splits
 
@@ -518,8 +519,7 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
                                       args.num_workers, progress, white_level=wl)
         key = {"weights": info.digest, "arch": info.arch, "image_size": args.image_size}
-        if wl is not None:  # other pixels, other features (a cache without it stays valid)
-            key["white_level"] = wl
+        key.update(white_level_key(wl))  # other pixels, other features
         n_blocks = max(getattr(args, "n_last_blocks", [1]))
         if n_blocks > 1:  # the features then hold more (and a cache of n = 1 stays valid)
             extractor.n_last_blocks = key["n_last_blocks"] = n_blocks

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import decode_rgb
+from fastdino.data.datasets import decode_rgb, white_level_key
 from fastdino.eval import dense
 from fastdino.eval.dense import Pairs, patch_feature_map, sliding_window_logits
 from fastdino.eval.features import to_normalized_tensor
@@ -253,7 +253,7 @@ def depth_eval(backbone: nn.Module, train: Pairs, val: Pairs, *,
     ckpt = head_checkpoint(output_dir, checkpoint_every, "depth", weights_digest,
                            dense.pairs_digest(train), crop=list(crop), iterations=iterations,
                            batch_size=batch_size, lr=lr, seed=seed, depth_scale=depth_scale,
-                           **({} if white_level is None else {"white_level": white_level}))
+                           **white_level_key(white_level))
     head = train_depth_head(backbone, train, crop=crop, iterations=iterations,
                             depth_scale=depth_scale, batch_size=batch_size, lr=lr,
                             num_workers=num_workers, seed=seed, progress=progress,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import decode_rgb
+from fastdino.data.datasets import decode_rgb, white_level_key
 from fastdino.eval import dense
 from fastdino.eval.dense import Pairs, patch_feature_map, resize_short, sliding_window_logits
 from fastdino.eval.features import to_normalized_tensor
@@ -370,7 +370,7 @@ def seg_eval(backbone: nn.Module, train: Pairs, val: Pairs, *, n_classes: int | 
                            iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
                            scale_range=list(scale_range), reduce_zero_label=reduce_zero_label,
                            photometric=photometric, head="dropout-bn-conv",
-                           **({} if white_level is None else {"white_level": white_level}))
+                           **white_level_key(white_level))
     head = train_seg_head(backbone, train, n_classes, crop=crop, iterations=iterations,
                           batch_size=batch_size, lr=lr, num_workers=num_workers, seed=seed,
                           scale_range=tuple(scale_range), reduce_zero_label=reduce_zero_label,

@@ -305,6 +305,29 @@ def test_eval_knn_decodes_with_the_flag_and_keys_its_cache(tmp_path, monkeypatch
     assert json.loads((tmp_path / "r.json").read_text())["white_level"] == 4095
 
 
+def test_eval_feature_cache_with_a_white_level_is_redone_when_its_decoding_changes(
+        tmp_path, monkeypatch):
+    """A cache made with a white level names the white-level decoding's version: features of
+    pixels decoded otherwise (16-bit RGB TIFFs before WHITE_LEVEL_DECODE 2) are computed again,
+    not reused; the same version is a cache hit."""
+    from fastdino.eval.cli import main
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            arr = np.full((32, 32), 1000 + (cls == "b") * 2000, np.uint16)
+            Image.fromarray(arr).save(tmp_path / "data" / split / cls / "0.png")
+    seen = _spy_white_levels(monkeypatch)
+    args = ["knn", "--weights", "random", "--arch", "vit_test", "--data", str(tmp_path / "data"),
+            "--image-size", "32", "--num-workers", "0", "--k", "1", "--white-level", "4095",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 0 and seen
+    seen.clear()
+    assert main(args) == 0 and seen == []  # the same decoding: read from the cache
+    monkeypatch.setattr(datasets, "WHITE_LEVEL_DECODE", datasets.WHITE_LEVEL_DECODE + 1)
+    assert main(args) == 0 and seen and set(seen) == {4095}
+
+
 def test_knn_probe_decodes_with_the_runs_white_level(tmp_path, monkeypatch):
     """The in-training kNN probe's decode takes the white level it is given (train.py passes
     data.white_level)."""
