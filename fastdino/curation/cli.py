@@ -534,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying what happens next, not a traceback
         then = {"embed": "the rows on disk are kept: rerun the same command to continue",
-                "cluster": "the progress saved in --out is kept: rerun the same command to "
-                           "continue"}.get(a.cmd, "its output may be incomplete: rerun it")
+                "cluster": "rerun the same command to continue from what --out holds (the "
+                           "finished levels, the k-means saved every 5 minutes)"
+                }.get(a.cmd, "its output may be incomplete: rerun it")
         print(f"fastdino curate {a.cmd}: interrupted; {then}", file=sys.stderr)
         return 130
 

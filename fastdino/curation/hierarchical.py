@@ -240,7 +240,10 @@ def _writable_folder(out: Path) -> None:
 
 class ClusterStore:
     """The --out folder of `curate cluster` while it fills, so that a killed run (preemption,
-    Ctrl-C, out of memory) loses at most SAVE_EVERY_S of work:
+    Ctrl-C, out of memory) keeps its finished levels and, within a level, the k-means progress
+    saved at the first point past SAVE_EVERY_S since the last save (after the k-means++ init,
+    a Lloyd iteration or a resampling step; at least 10 times as long as a save takes, so that
+    millions of centroids, gigabytes, cost at most 10% of the time):
 
         <out>/progress.json        {"key": the arguments and embeddings, "levels": per finished
                                     level its inertia and the random generator's state after it,
@@ -261,6 +264,7 @@ class ClusterStore:
         self.root, self.key, self.write = Path(out), key, write
         self.state = state or {"key": key, "levels": [], "partial": None}
         self.last_save = time.monotonic()
+        self.save_s = 0.0  # how long the last partial save took
 
     @classmethod
     def open(cls, out: str | Path, key: dict, overwrite: bool = False,
@@ -371,14 +375,18 @@ class ClusterStore:
         SAVE_EVERY_S (stage "lloyd": `done` updates of the first k-means; "resampling": `done`
         steps finished)."""
         def save(stage: str, done: int, centroids: torch.Tensor, n_iters: int) -> None:
-            if not self.write or time.monotonic() - self.last_save < SAVE_EVERY_S:
+            # (at most 10% of the time in saves: millions of centroids are gigabytes)
+            every = max(SAVE_EVERY_S, 10 * self.save_s)
+            if not self.write or time.monotonic() - self.last_save < every:
                 return
+            t0 = time.monotonic()
             self.root.mkdir(parents=True, exist_ok=True)
             _save_npy(self.root / f"level{level}.partial.npy",
                       centroids.cpu().numpy().astype(np.float32))
             self.state["partial"] = {"level": level, "stage": stage, "done": done,
                                      "n_iters": n_iters, "rng": rng.bit_generator.state}
             self._commit()
+            self.save_s = time.monotonic() - t0
         return save
 
     def save_level(self, level: int, res: KMeansResult, rng: np.random.Generator) -> None:

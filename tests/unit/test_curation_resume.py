@@ -76,7 +76,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, c
     capsys.readouterr()
     assert _cluster(emb, tmp_path / "C") == 130
     err = capsys.readouterr().err
-    assert "interrupted; the progress saved in --out is kept: rerun the same command" in err
+    assert "interrupted; rerun the same command to continue from what --out holds" in err
     assert not (tmp_path / "C" / "meta.json").exists()  # not a finished clustering
     assert main(["sample", str(tmp_path / "C"), "--n", "5", "--out",
                  str(tmp_path / "l.txt")]) == 2
@@ -234,3 +234,19 @@ def test_two_ranks_resume_and_agree_on_the_progress(tmp_path, monkeypatch):
     for name, a in whole.items():  # (2 ranks sum in another order: centroids to rounding)
         np.testing.assert_allclose(resumed[name], a, rtol=1e-5, atol=1e-6, err_msg=name)
     assert not (tmp_path / "other").exists()
+
+
+def test_slow_saves_are_spaced_out(tmp_path, monkeypatch):
+    """Within a level, a save that takes long (millions of centroids) is not repeated sooner
+    than 10 times its duration, whatever SAVE_EVERY_S says."""
+    import torch
+
+    monkeypatch.setattr(hierarchical, "SAVE_EVERY_S", 0.0)
+    store = hierarchical.ClusterStore(tmp_path / "C", {"clusters": [2], "iters": 5})
+    save = store.saver(1, np.random.default_rng(0))
+    save("lloyd", 1, torch.zeros(2, 3), 1)
+    assert store.state["partial"]["done"] == 1
+    store.save_s = 1e6  # as if that save had taken 11 days
+    save("lloyd", 2, torch.ones(2, 3), 2)
+    assert store.state["partial"]["done"] == 1
+    assert np.load(tmp_path / "C" / "level1.partial.npy").sum() == 0
