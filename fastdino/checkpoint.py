@@ -137,7 +137,14 @@ def _save(ckpt_dir: Path, iteration: int, engine, trainer_state: dict, keep: int
         partial.mkdir(parents=True)
     fdist.barrier()
     engine.save_checkpoint(str(partial_root), tag)
-    torch.save(rng_state(), partial / f"rng_rank{fdist.get_rank()}.pt")
+    rank = fdist.get_rank()
+    torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+    # this rank's own files durable before the barrier: rank 0's fsync below reaches only what
+    # its own node caches; a shared filesystem that caches writes on the writer's node (Lustre,
+    # GPFS) would lose another node's shard in a crash after rank 0 published the checkpoint
+    # and rotated the previous one away
+    for f in (partial / f"rng_rank{rank}.pt", *partial.glob(f"*zero_pp_rank_{rank}_*")):
+        _fsync_path(f)
     if fdist.is_main_process():
         # what a resume needs to read the engine files and continue the data: the ranks, the
         # images per rank per micro-batch, and the engine's on-disk layout (ZeRO stage,

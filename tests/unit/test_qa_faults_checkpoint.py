@@ -145,3 +145,25 @@ def test_a_stale_partial_that_cannot_be_deleted_does_not_stop_the_saves(tmp_path
     monkeypatch.undo()
     assert ck.resolve_resume("auto", tmp_path) == path
     assert "could not delete an earlier save's unfinished files" in caplog.text
+
+
+def test_every_rank_makes_its_own_files_durable_before_the_checkpoint_is_published(
+        tmp_path, monkeypatch):
+    """Rank 0's fsync reaches only its own node's cache: on a filesystem that caches writes on
+    the writer's node, another node's shard would be lost in a crash after the publication (and
+    the rotation of the previous checkpoint). Here as rank 1 of 2 (no rank 0 part)."""
+    from fastdino import dist as fdist
+
+    partial = tmp_path / ".partial" / "iter_0000005"
+    partial.mkdir(parents=True)  # (rank 0 makes it before the first barrier)
+
+    class Engine:  # DeepSpeed's file names for rank 1's partition
+        def save_checkpoint(self, save_dir, tag):
+            torch.save({}, partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+
+    synced = []
+    monkeypatch.setattr(fdist, "get_rank", lambda: 1)
+    monkeypatch.setattr(fdist, "is_main_process", lambda: False)
+    monkeypatch.setattr(ck, "_fsync_path", lambda p: synced.append(p.name))
+    ck.save_checkpoint(tmp_path, 5, Engine(), {"data_iteration": 5}, keep=3)
+    assert sorted(synced) == ["rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
