@@ -219,8 +219,11 @@ def _load_level(root: Path, i: int, inertia: float, n_iters: int) -> KMeansResul
                         np.load(d / "assignment.npy"), np.load(d / "dist2.npy"), inertia, n_iters)
 
 
-PROGRESS = "progress.json"  # in --out: what is done, and the arguments it was done with
+# in --out: what is done, and the arguments it was done with (not "progress.json", the name of
+# `curate embed`'s: an --out that is the embeddings folder lost it to --overwrite)
+PROGRESS = "cluster_progress.json"
 SAVE_EVERY_S = 300.0  # within a level, the k-means progress is saved at most this often
+SAVE_SHARE = 0.1  # and at most this share of the time goes to such saves
 # key entries that are options (the other entries describe the embeddings clustered)
 OPTIONS = {"clusters": "--clusters", "resampling_steps": "--resampling-steps",
            "sample_sizes": "--sample-size", "iters": "--iters", "strategy": "--strategy",
@@ -242,8 +245,8 @@ class ClusterStore:
     """The --out folder of `curate cluster` while it fills, so that a killed run (preemption,
     Ctrl-C, out of memory) keeps its finished levels and, within a level, the k-means progress
     saved at the first point past SAVE_EVERY_S since the last save (after the k-means++ init,
-    a Lloyd iteration or a resampling step; at least 10 times as long as a save takes, so that
-    millions of centroids, gigabytes, cost at most 10% of the time):
+    a Lloyd iteration or a resampling step; and at least a save's duration / SAVE_SHARE
+    later, so that millions of centroids, gigabytes, cost at most 10% of the time):
 
         <out>/progress.json        {"key": the arguments and embeddings, "levels": per finished
                                     level its inertia and the random generator's state after it,
@@ -315,7 +318,8 @@ class ClusterStore:
             if d.is_dir() and d.name[5:].isdigit():
                 shutil.rmtree(d)
         for f in [root / "meta.json", root / PROGRESS, *root.glob("level*.partial.npy"),
-                  *root.glob(".*.tmp")]:
+                  *root.glob(".level*.partial.npy.tmp"), root / f".{PROGRESS}.tmp",
+                  root / ".meta.json.tmp"]:
             f.unlink(missing_ok=True)
 
     def position(self) -> tuple[int, int, int]:
@@ -375,8 +379,8 @@ class ClusterStore:
         SAVE_EVERY_S (stage "lloyd": `done` updates of the first k-means; "resampling": `done`
         steps finished)."""
         def save(stage: str, done: int, centroids: torch.Tensor, n_iters: int) -> None:
-            # (at most 10% of the time in saves: millions of centroids are gigabytes)
-            every = max(SAVE_EVERY_S, 10 * self.save_s)
+            # (millions of centroids are gigabytes)
+            every = max(SAVE_EVERY_S, self.save_s / SAVE_SHARE)
             if not self.write or time.monotonic() - self.last_save < every:
                 return
             t0 = time.monotonic()

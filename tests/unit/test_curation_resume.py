@@ -40,6 +40,12 @@ def _levels(out):
             for i in (1, 2, 3) for n in ("centroids", "assignment", "dist2")}
 
 
+def _save_always(monkeypatch):
+    """Every point of progress within a level saved (not every 5 minutes)."""
+    monkeypatch.setattr(hierarchical, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(hierarchical, "SAVE_SHARE", float("inf"))
+
+
 def _kill_when(monkeypatch, stop):
     """Ctrl-C right after the progress file that `stop(state)` is true of is on disk."""
     commit = hierarchical.ClusterStore._commit
@@ -68,7 +74,7 @@ def _partial(level, stage, done):
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys, stop,
                                                          said):
-    monkeypatch.setattr(hierarchical, "SAVE_EVERY_S", 0.0)  # every step saved
+    _save_always(monkeypatch)
     emb = _embeddings(tmp_path / "E")
     assert _cluster(emb, tmp_path / "whole") == 0
     whole = _levels(tmp_path / "whole")
@@ -90,7 +96,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, c
     a_meta, b_meta = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("whole", "C"))
     assert a_meta == b_meta
     # and the same Lloyd iteration counts and random generator state after every level
-    a_prog, b_prog = (json.loads((tmp_path / d / "progress.json").read_text())
+    a_prog, b_prog = (json.loads((tmp_path / d / hierarchical.PROGRESS).read_text())
                       for d in ("whole", "C"))
     assert a_prog["levels"] == b_prog["levels"]
     assert not list((tmp_path / "C").glob("*.partial.npy"))
@@ -124,20 +130,20 @@ def test_finished_rerun_computes_nothing(tmp_path, monkeypatch, capsys):
     (["--strategy", "r"], "--strategy c (now r)"),
 ])
 def test_rerun_with_other_arguments_is_refused(tmp_path, monkeypatch, capsys, extra, said):
-    monkeypatch.setattr(hierarchical, "SAVE_EVERY_S", 0.0)
+    _save_always(monkeypatch)
     emb = _embeddings(tmp_path / "E")
     _kill_when(monkeypatch, lambda s: len(s["levels"]) == 1)
     assert _cluster(emb, tmp_path / "C") == 130
-    progress = (tmp_path / "C" / "progress.json").read_text()
+    progress = (tmp_path / "C" / hierarchical.PROGRESS).read_text()
     capsys.readouterr()
     assert _cluster(emb, tmp_path / "C", *extra) == 2  # (argparse: the last --clusters wins)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0] and "--overwrite" in err[0], err
-    assert (tmp_path / "C" / "progress.json").read_text() == progress  # untouched
+    assert (tmp_path / "C" / hierarchical.PROGRESS).read_text() == progress  # untouched
 
 
 def test_other_embeddings_are_refused_and_overwrite_starts_over(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(hierarchical, "SAVE_EVERY_S", 0.0)
+    _save_always(monkeypatch)
     emb = _embeddings(tmp_path / "E")
     commit = _kill_when(monkeypatch, lambda s: len(s["levels"]) == 1)
     assert _cluster(emb, tmp_path / "C") == 130
@@ -159,14 +165,29 @@ def test_other_embeddings_are_refused_and_overwrite_starts_over(tmp_path, monkey
         np.testing.assert_array_equal(a, fresh[name], err_msg=name)
 
 
+def test_out_in_the_embeddings_folder_leaves_them_alone(tmp_path, capsys):
+    """--out E (the embeddings folder itself): the clustering's files beside the embeddings;
+    --overwrite deletes only them (it deleted `curate embed`'s progress.json, and the folder
+    was no longer an embeddings folder for dedup / retrieve / contamination)."""
+    emb = _embeddings(tmp_path / "E")
+    before = sorted(p.name for p in (tmp_path / "E").iterdir())
+    assert _cluster(emb, tmp_path / "E") == 0
+    assert _cluster(emb, tmp_path / "E", "--overwrite") == 0
+    assert main(["dedup", emb, "--out", str(tmp_path / "u.txt"), "--device", "cpu",
+                 "--quiet"]) == 0
+    assert main(["sample", emb, "--n", "5", "--out", str(tmp_path / "s.txt")]) == 0
+    after = {p.name for p in (tmp_path / "E").iterdir()}
+    assert set(before) <= after
+
+
 def test_folder_without_progress_is_refused(tmp_path, capsys):
     emb = _embeddings(tmp_path / "E")
     assert _cluster(emb, tmp_path / "C") == 0
-    (tmp_path / "C" / "progress.json").unlink()  # as written before clustering was resumable
+    (tmp_path / "C" / hierarchical.PROGRESS).unlink()  # as made before clustering resumed
     capsys.readouterr()
     assert _cluster(emb, tmp_path / "C") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "without progress.json" in err[0] and "--overwrite" in err[0]
+    assert len(err) == 1 and "without cluster_progress.json" in err[0] and "--overwrite" in err[0]
     assert _cluster(emb, tmp_path / "C", "--overwrite") == 0
 
 
@@ -213,7 +234,7 @@ def test_two_ranks_resume_and_agree_on_the_progress(tmp_path, monkeypatch):
 
     import torch.multiprocessing as mp
 
-    monkeypatch.setattr(hierarchical, "SAVE_EVERY_S", 0.0)
+    _save_always(monkeypatch)
     emb = _embeddings(tmp_path / "E")
     assert _cluster(emb, tmp_path / "whole") == 0
     commit = _kill_when(monkeypatch, lambda s: len(s["levels"]) == 1 and s["partial"] is None)
