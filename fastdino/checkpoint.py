@@ -207,8 +207,6 @@ def checkpoint_problem(path: str | Path) -> str | None:
             if got != size:
                 return f"{name} has {got} bytes, the save wrote {size}"
         return None
-    if not (path / "torch_engine.pt").is_file() and not any(path.glob("*model_states.pt")):
-        return "no student files (torch_engine.pt or DeepSpeed's *model_states.pt)"
     for f in sorted(path.glob("*.pt")):
         if not zipfile.is_zipfile(f):
             return f"{f.name} is cut short or not a torch file ({f.stat().st_size} bytes)"
