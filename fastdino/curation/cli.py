@@ -172,11 +172,13 @@ def _cluster(a: argparse.Namespace) -> int:
         # --out folder behind)
         check_levels(a.clusters, steps, sizes, rows.n_finite(), rows.n)
         # what the progress in --out must have been made with to be continued
-        key = {"embeddings": str(emb_dir.resolve()), "n": rows.n, "dim": rows.dim,
-               "embedded_with": embedded.get("key"), "clusters": a.clusters,
+        key = {"n": rows.n, "dim": rows.dim, "embedded_with": embedded.get("key"),
+               "content": _content_digest(emb_dir), "clusters": a.clusters,
                "resampling_steps": steps, "sample_sizes": sizes, "iters": a.iters,
                "strategy": a.strategy, "seed": a.seed}
-        store = _agreed(ClusterStore.open, a.out, key, a.overwrite, dist.is_main_process())
+        where = str(emb_dir.resolve())
+        store = _agreed(ClusterStore.open, a.out, key, a.overwrite, dist.is_main_process(),
+                        where)
         said = store.describe()
         if said and dist.is_main_process():
             print(said, flush=True)
@@ -184,7 +186,7 @@ def _cluster(a: argparse.Namespace) -> int:
                                      n_iters=a.iters, strategy=a.strategy, impl=a.impl,
                                      store=store)
         if dist.is_main_process():
-            meta = {"embeddings": key["embeddings"], "n": rows.n, "dim": rows.dim,
+            meta = {"embeddings": where, "n": rows.n, "dim": rows.dim,
                     "resampling_steps": steps, "sample_sizes": sizes, "iters": a.iters,
                     "strategy": a.strategy, "seed": a.seed, "world_size": dist.get_world_size()}
             write_meta(levels, a.out, meta)
@@ -199,6 +201,28 @@ def _cluster(a: argparse.Namespace) -> int:
 
             tdist.destroy_process_group()
     return 0
+
+
+def _content_digest(folder: Path, block: int = 1 << 20) -> str:
+    """What identifies an embeddings folder's content, read in O(1): the size and the first,
+    middle and last MiB of embeddings.npy and files.txt (re-embedded with other images or
+    weights, they differ; a folder moved elsewhere keeps it)."""
+    import hashlib
+
+    from fastdino.curation.embed import EMBEDDINGS, FILES
+
+    h = hashlib.sha256()
+    for name in (EMBEDDINGS, FILES):
+        path = folder / name
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        h.update(f"{name} {size}".encode())
+        with open(path, "rb") as f:
+            for at in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
+                f.seek(at)
+                h.update(f.read(block))
+    return h.hexdigest()[:16]
 
 
 def _agreed(open_store, *args):

@@ -248,7 +248,7 @@ class ClusterStore:
     a Lloyd iteration or a resampling step; and at least a save's duration / SAVE_SHARE
     later, so that millions of centroids, gigabytes, cost at most 10% of the time):
 
-        <out>/progress.json        {"key": the arguments and embeddings, "levels": per finished
+        <out>/cluster_progress.json {"key": the arguments and embeddings, "levels": per finished
                                     level its inertia and the random generator's state after it,
                                     "partial": where the current level's k-means is}
         <out>/level{l}/*.npy       each finished level (as save_levels)
@@ -263,36 +263,40 @@ class ClusterStore:
     every rank sees."""
 
     def __init__(self, out: str | Path, key: dict, state: dict | None = None,
-                 write: bool = True) -> None:
+                 write: bool = True, source: str | None = None) -> None:
         self.root, self.key, self.write = Path(out), key, write
         self.state = state or {"key": key, "levels": [], "partial": None}
+        self.state["embeddings"] = source  # where they are now (not in the key: may move)
         self.last_save = time.monotonic()
         self.save_s = 0.0  # how long the last partial save took
 
     @classmethod
-    def open(cls, out: str | Path, key: dict, overwrite: bool = False,
-             write: bool = True) -> ClusterStore:
+    def open(cls, out: str | Path, key: dict, overwrite: bool = False, write: bool = True,
+             source: str | None = None) -> ClusterStore:
         """The store of `out`: its progress when made with `key`; refused (ValueError) when made
-        otherwise, unless `overwrite` (its clustering files are then deleted, others kept)."""
+        otherwise, unless `overwrite` (its clustering files are then deleted, others kept).
+        `source`: the embeddings folder, named in the refusal (the key identifies it by its
+        content: a folder moved, e.g. another mount after a preemption, continues)."""
         root = Path(out)
         _writable_folder(root)
         progress = root / PROGRESS
         if overwrite:
             if write:
                 cls._clear(root)
-            return cls(root, key, write=write)
+            return cls(root, key, write=write, source=source)
         if progress.is_file():
             state = json.loads(progress.read_text())
-            cls._check_key(out, state.get("key") or {}, key)
-            return cls(root, key, state, write)
+            cls._check_key(out, state.get("key") or {}, key, state.get("embeddings"), source)
+            return cls(root, key, state, write, source)
         if (root / "meta.json").is_file() or any(root.glob("level[0-9]*")):
             raise ValueError(f"--out {out} holds a clustering without {PROGRESS} (made before "
                              "clustering was resumable, or by other means): start over with "
                              "--overwrite, or give a new --out")
-        return cls(root, key, write=write)
+        return cls(root, key, write=write, source=source)
 
     @staticmethod
-    def _check_key(out: str | Path, old: dict, new: dict) -> None:
+    def _check_key(out: str | Path, old: dict, new: dict, was: str | None,
+                   now: str | None) -> None:
         differ = [k for k in {**old, **new} if old.get(k) != new.get(k)]
         if not differ:
             return
@@ -300,11 +304,10 @@ class ClusterStore:
         if options:
             what = ", ".join(f"{OPTIONS[k]} {_flag(old.get(k))} (now {_flag(new.get(k))})"
                              for k in options)
-        elif "embeddings" in differ:
-            what = f"the embeddings of {old.get('embeddings')} (now {new.get('embeddings')})"
-        else:  # the same folder, embedded again since
-            what = (f"the embeddings of {new.get('embeddings')} as they were then ("
-                    + ", ".join(f"{k} {old.get(k)}, now {new.get(k)}" for k in differ) + ")")
+        else:  # another folder, or the same one embedded again since
+            where = was if was == now else f"{was} (now {now})"
+            what = (f"the embeddings of {where} as they were then ("
+                    + ", ".join(_change(k, old.get(k), new.get(k)) for k in differ) + ")")
         raise ValueError(f"--out {out} holds clustering progress made with {what}: rerun with "
                          "the same arguments to resume, or start over with --overwrite or a new "
                          "--out")
@@ -403,6 +406,16 @@ class ClusterStore:
         _save_level(self.root, level, res)
         self._commit()
         (self.root / f"level{level}.partial.npy").unlink(missing_ok=True)
+
+
+def _change(k: str, old, new) -> str:
+    if k == "content":  # (digests say nothing to a user)
+        return "other content"
+    if k == "embedded_with":  # `curate embed`'s key: its entries that differ
+        old, new = old or {}, new or {}
+        return ", ".join(f"{e} {old.get(e)}, now {new.get(e)}" for e in {**old, **new}
+                         if old.get(e) != new.get(e))
+    return f"{k} {old}, now {new}"
 
 
 def _flag(v) -> str:

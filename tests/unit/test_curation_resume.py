@@ -153,8 +153,13 @@ def test_other_embeddings_are_refused_and_overwrite_starts_over(tmp_path, monkey
     assert _cluster(emb, tmp_path / "C") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "n 160, now 150" in err[0] and "--overwrite" in err[0]
-    assert _cluster(_embeddings(tmp_path / "E2"), tmp_path / "C") == 2  # another folder
-    assert "the embeddings of" in capsys.readouterr().err
+    _embeddings(tmp_path / "E", seed=2)  # as many rows, with the same key: other values
+    assert _cluster(emb, tmp_path / "C") == 2
+    assert "the embeddings of" in (err := _one_line(capsys)) and "other content" in err
+    other = _embeddings(tmp_path / "E2", seed=3)  # another folder
+    assert _cluster(other, tmp_path / "C") == 2
+    was, now = (str((tmp_path / d).resolve()) for d in ("E", "E2"))
+    assert f"{was} (now {now}) as they were then (other content)" in _one_line(capsys)
     (tmp_path / "C" / "notes.txt").write_text("mine\n")
     assert _cluster(emb, tmp_path / "C", "--overwrite") == 0
     assert "resuming" not in capsys.readouterr().out
@@ -163,6 +168,32 @@ def test_other_embeddings_are_refused_and_overwrite_starts_over(tmp_path, monkey
     fresh = _levels(tmp_path / "fresh")
     for name, a in _levels(tmp_path / "C").items():
         np.testing.assert_array_equal(a, fresh[name], err_msg=name)
+
+
+def test_moved_embeddings_resume(tmp_path, monkeypatch, capsys):
+    """The embeddings are identified by their content, not their path: after a preemption the
+    job may see them under another mount."""
+    _save_always(monkeypatch)
+    emb = _embeddings(tmp_path / "E")
+    assert _cluster(emb, tmp_path / "whole") == 0
+    commit = _kill_when(monkeypatch, lambda s: len(s["levels"]) == 1)
+    assert _cluster(emb, tmp_path / "C") == 130
+    monkeypatch.setattr(hierarchical.ClusterStore, "_commit", commit)
+    (tmp_path / "E").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert _cluster(str(tmp_path / "moved"), tmp_path / "C") == 0
+    assert "resuming: level 1 of 3 done" in capsys.readouterr().out
+    whole = _levels(tmp_path / "whole")
+    for name, a in _levels(tmp_path / "C").items():
+        np.testing.assert_array_equal(a, whole[name], err_msg=name)
+    meta = json.loads((tmp_path / "C" / "meta.json").read_text())
+    assert meta["embeddings"] == str((tmp_path / "moved").resolve())  # sample's files.txt
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
 
 
 def test_out_in_the_embeddings_folder_leaves_them_alone(tmp_path, capsys):
