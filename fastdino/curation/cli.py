@@ -186,7 +186,8 @@ def _cluster(a: argparse.Namespace) -> int:
                                      n_iters=a.iters, strategy=a.strategy, impl=a.impl,
                                      store=store)
         if dist.is_main_process():
-            meta = {"embeddings": where, "n": rows.n, "dim": rows.dim,
+            meta = {"embeddings": where, "files": _content_digest(emb_dir, ("files.txt",)),
+                    "n": rows.n, "dim": rows.dim,
                     "resampling_steps": steps, "sample_sizes": sizes, "iters": a.iters,
                     "strategy": a.strategy, "seed": a.seed, "world_size": dist.get_world_size()}
             write_meta(levels, a.out, meta)
@@ -203,16 +204,15 @@ def _cluster(a: argparse.Namespace) -> int:
     return 0
 
 
-def _content_digest(folder: Path, block: int = 1 << 20) -> str:
+def _content_digest(folder: Path, names: tuple[str, ...] = ("embeddings.npy", "files.txt"),
+                    block: int = 1 << 20) -> str:
     """What identifies an embeddings folder's content, read in O(1): the size and the first,
     middle and last MiB of embeddings.npy and files.txt (re-embedded with other images or
     weights, they differ; a folder moved elsewhere keeps it)."""
     import hashlib
 
-    from fastdino.curation.embed import EMBEDDINGS, FILES
-
     h = hashlib.sha256()
-    for name in (EMBEDDINGS, FILES):
+    for name in names:
         path = folder / name
         if not path.is_file():
             continue
@@ -272,6 +272,11 @@ def _sample(a: argparse.Namespace) -> int:
     if len(files) != meta["n"] or len(files) != len(levels[0].assignment):
         raise ValueError(f"{emb} now lists {len(files)} images but {a.clusters_dir} clustered "
                          f"{meta['n']} (re-embedded since?): rerun `fastdino curate cluster`")
+    # as many other images: the picked rows were named after them (no digest: clustered before
+    # it was recorded)
+    if meta.get("files", None) not in (None, _content_digest(emb, ("files.txt",))):
+        raise ValueError(f"{emb} lists other images than when {a.clusters_dir} was clustered "
+                         "(re-embedded since?): rerun `fastdino curate cluster`")
     picked = hierarchical_sample(levels, a.n, np.random.default_rng(a.seed), a.strategy)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

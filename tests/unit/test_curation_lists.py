@@ -128,3 +128,23 @@ def test_same_white_level_or_none_recorded_is_comparable(tmp_path):
     b = _embeddings(tmp_path / "B", x, white_level=4095)
     assert main(["retrieve", a, "--seeds", b, "--out", str(tmp_path / "r.txt"), "--device",
                  "cpu", "--quiet"]) == 0
+
+
+def test_sample_refuses_embeddings_of_other_images_as_many(tmp_path, capsys):
+    """Re-embedded since the clustering with as many other images: the picked rows were named
+    after the new images (only the count was checked)."""
+    emb = _embeddings(tmp_path / "E", _units(30))
+    clusters, out = str(tmp_path / "C"), str(tmp_path / "list.txt")
+    assert main(["cluster", emb, "--clusters", "4", "--iters", "2", "--device", "cpu",
+                 "--out", clusters]) == 0
+    assert main(["sample", clusters, "--n", "5", "--out", out]) == 0
+    names = (tmp_path / "E" / "files.txt").read_text().replace("/img/", "/other/")
+    (tmp_path / "E" / "files.txt").write_text(names)
+    capsys.readouterr()
+    assert main(["sample", clusters, "--n", "5", "--out", out]) == 2
+    assert "lists other images than when" in _one_error_line(capsys)
+    # a clustering made before the digest was recorded: sampled as before
+    meta = json.loads((tmp_path / "C" / "meta.json").read_text())
+    del meta["files"]
+    (tmp_path / "C" / "meta.json").write_text(json.dumps(meta))
+    assert main(["sample", clusters, "--n", "5", "--out", out]) == 0
