@@ -340,7 +340,9 @@ class ClusterStore:
         parts = []
         if n_done:
             parts.append(f"level{'s 1-' if n_done > 1 else ' '}{n_done} of {n_levels} done")
-        if p is not None:
+        if p is not None and p["stage"] == "lloyd" and p["done"] == 0:
+            parts.append(f"level {p['level']} after its k-means++ init")
+        elif p is not None:
             what = "Lloyd iteration" if p["stage"] == "lloyd" else "resampling step"
             total = (self.key["iters"] if p["stage"] == "lloyd"
                      else self.key["resampling_steps"][p["level"] - 1])

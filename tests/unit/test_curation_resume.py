@@ -68,7 +68,7 @@ def _partial(level, stage, done):
     (lambda s: len(s["levels"]) == 1 and s["partial"] is None, "resuming: level 1 of 3 done"),
     (lambda s: len(s["levels"]) == 2 and s["partial"] is None, "resuming: levels 1-2 of 3 done"),
     (_partial(1, "lloyd", 2), "resuming: level 1 at Lloyd iteration 2/4"),
-    (_partial(1, "lloyd", 0), "resuming: level 1 at Lloyd iteration 0/4"),  # after k-means++
+    (_partial(1, "lloyd", 0), "resuming: level 1 after its k-means++ init"),
     (_partial(2, "resampling", 1),
      "resuming: level 1 of 3 done, level 2 at resampling step 1/2"),
 ])
