@@ -98,6 +98,8 @@ class MetricsLogger:
         if enabled:
             drop_redone_lines(self.path, start_iteration)
         self.sinks = list(sinks)  # fastdino/loggers.py: TensorBoard, W&B (rank 0)
+        for sink in self.sinks:
+            sink.start(start_iteration)
         self.total, self.enabled, self.printer = total_iterations, enabled, printer
         self.images_per_step = images_per_step
         self._t0, self._it0 = time.perf_counter(), start_iteration

@@ -92,3 +92,45 @@ def test_a_missing_package_is_a_config_error(tmp_path, monkeypatch):
     for key in ("train.tensorboard=true", "train.wandb_project=p"):
         with pytest.raises(ConfigError, match=r"needs the \w+ package: pip install 'fastdino\[log"):
             _trainer(tmp_path, key)
+
+
+def test_a_resume_purges_the_tensorboard_steps_it_redoes(tmp_path):
+    """A resume from iteration 1 redoes 2 and 3: TensorBoard then holds one value per step, the
+    resumed run's (an earlier start's events after the checkpoint are purged), not two."""
+    pytest.importorskip("tensorboard", reason="tensorboard is the `log` extra (CI: dev)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastdino.loggers import TensorBoardSink
+
+    for start, value in ((0, 1.0), (1, 2.0)):  # the first start, then the resume
+        sink = TensorBoardSink(tmp_path)
+        sink.start(start)
+        for it in range(start + 1, 4):
+            sink.log(it, {"iteration": it, "total_loss": value * it})
+        sink.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("total_loss")]
+    assert got == [(1, 1.0), (2, 4.0), (3, 6.0)]
+
+
+def test_wandb_says_the_redone_steps_it_drops_and_never_keeps_an_empty_id(tmp_path, monkeypatch,
+                                                                          caplog):
+    from fastdino.loggers import WandbSink
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(SMOKE, ["train.wandb_project=p"])
+    (tmp_path / WandbSink.ID_FILE).write_text("")  # a crash while it was first written
+    sink = WandbSink(cfg, tmp_path)
+    assert fake.inits[0]["id"] == "abc123"
+    assert (tmp_path / WandbSink.ID_FILE).read_text().strip() == "abc123"
+    sink.run.step = 8  # the W&B run logged up to iteration 7; the checkpoint was at 4
+    with caplog.at_level("WARNING", logger="fastdino.loggers"):
+        sink.start(4)
+    assert "iterations 5 to 7" in caplog.text and "abc123" in caplog.text
+    caplog.clear()
+    sink.run.step = 5  # nothing redone below W&B's step: nothing to say
+    with caplog.at_level("WARNING", logger="fastdino.loggers"):
+        sink.start(4)
+    assert caplog.text == ""
