@@ -15,8 +15,8 @@ holds one value, as metrics.jsonl holds one line (metrics.drop_redone_lines). We
 `<output_dir>/wandb_run_id`, so a resumed run continues the same W&B run (`resume="allow"`). W&B
 drops steps below a run's current step and cannot purge them (its "rewind" is a private preview),
 so the redone iterations below it are said once and left out there. WANDB_MODE=offline works
-without a network, as W&B documents. Neither is imported unless asked for; a missing package is a config
-error that names the extra.
+without a network, as W&B documents. Neither is imported unless asked for; a missing package is
+a config error that names the extra.
 """
 
 from __future__ import annotations
