@@ -137,10 +137,13 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
         if not differ and read_files(out) != paths:
             differ = ["image list"]
         if differ:
+            # (an option not given shows as None: "{} now" said nothing)
+            keys = [k for k in differ if k != "image list"]
+            values = (f": { {k: old.get(k) for k in keys} } on disk, "
+                      f"{ {k: full_key.get(k) for k in keys} } now" if keys else "")
             raise ValueError(f"{out} holds embeddings made otherwise ({', '.join(differ)} "
-                             f"differ: {({k: old.get(k) for k in differ if k in old})} on disk, "
-                             f"{({k: full_key.get(k) for k in differ if k in full_key})} now): "
-                             "use a new --out folder, or the same arguments to resume")
+                             f"differ{values}): use a new --out folder, or the same arguments "
+                             "to resume")
         done = int(state["done"])
         emb = np.lib.format.open_memmap(matrix, mode="r+")
         pat = np.lib.format.open_memmap(out / PATCHES, mode="r+") if patches else None

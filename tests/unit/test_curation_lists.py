@@ -148,3 +148,21 @@ def test_sample_refuses_embeddings_of_other_images_as_many(tmp_path, capsys):
     del meta["files"]
     (tmp_path / "C" / "meta.json").write_text(json.dumps(meta))
     assert main(["sample", clusters, "--n", "5", "--out", out]) == 0
+
+
+def test_embed_refusal_shows_an_option_not_given_as_none(tmp_path, capsys):
+    """Resumed without the --white-level the folder was embedded with: the refusal said
+    "{'white_level': 4095} on disk, {} now"."""
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(data / "a.png")
+    argv = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test", "--out",
+            str(tmp_path / "E"), "--image-size", "32", "--num-workers", "0", "--device", "cpu",
+            "--quiet"]
+    assert main([*argv, "--white-level", "4095"]) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert "{'white_level': 4095} on disk, {'white_level': None} now" in err
