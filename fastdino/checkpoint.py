@@ -300,7 +300,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     if m is None:  # no pointer, or an empty / damaged one (a filesystem crash)
         found = complete_checkpoints(ckpt_dir)
         if found:
-            logger.warning("%s: %s, resuming from the newest complete checkpoint %s", ckpt_dir,
+            logger.warning("%s: %s, taking the newest complete checkpoint %s", ckpt_dir,
                            "no 'latest' pointer" if named is None else
                            f"'latest' holds {named[:40]!r}, not a checkpoint name",
                            found[-1][1].name)
@@ -318,7 +318,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
             raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or "
                                     f"incomplete ({problem}), and no complete checkpoint up to "
                                     "it is there; train.resume=none starts over")
-        logger.warning("%s names %s, which is missing or incomplete (%s): resuming from the newest "
+        logger.warning("%s names %s, which is missing or incomplete (%s): taking the newest "
                        "complete checkpoint up to it, %s", pointer, path.name, problem,
                        found[-1][1].name)
         return found[-1][1]

@@ -153,18 +153,17 @@ def state_dict_digest(sd: dict[str, torch.Tensor]) -> str:
 
 
 def _find_checkpoint(path: Path) -> Path | None:
-    """The checkpoint tag dir holding trainer_state.pt for a run / checkpoints / tag dir."""
+    """The checkpoint tag dir holding trainer_state.pt for a run / checkpoints / tag dir: a folder
+    of checkpoints gives the one its `latest` names, or its newest complete one when `latest` is
+    missing, damaged or names an incomplete checkpoint (checkpoint.latest_checkpoint, which says
+    so), as a resume would take."""
+    from fastdino.checkpoint import checkpoint_dirs, latest_checkpoint
+
     for cand in (path, path / "checkpoints"):
         if (cand / TRAINER_STATE).is_file():
             return cand
-        latest = cand / "latest"
-        if latest.is_file():
-            tag = cand / latest.read_text().strip()
-            if not (tag / TRAINER_STATE).is_file():
-                raise FileNotFoundError(
-                    f"{latest} names {tag.name} but {tag / TRAINER_STATE} is missing"
-                )
-            return tag
+        if (cand / "latest").is_file() or checkpoint_dirs(cand):
+            return latest_checkpoint(cand)
     return None
 
 

@@ -172,6 +172,31 @@ def test_truncated_or_corrupt_files_are_one_error_naming_the_file(tmp_path):
         load_eval_backbone(tag, arch="vit_test")
 
 
+def test_a_run_whose_latest_checkpoint_is_damaged_gives_its_newest_complete_one(tmp_path, caplog):
+    """eval / export --weights RUN take the checkpoint a resume would: `latest` naming a checkpoint
+    cut short by a crash, or no `latest` at all, gives the newest complete one, with a warning
+    (was: the damaged one's error, or 'neither trainer_state.pt nor checkpoints/latest')."""
+    good, other = _perturbed_vit_test(1), _perturbed_vit_test(2)
+    ckpts = tmp_path / "checkpoints"
+    for it, model in ((1, good), (2, other)):
+        tag = ckpts / f"iter_{it:07d}"
+        tag.mkdir(parents=True)
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                    "iteration": it}, tag / "trainer_state.pt")
+    state = ckpts / "iter_0000002" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # a node crash before the data reached the disk
+    for pointer in ("iter_0000002\n", None):
+        if pointer is None:
+            (ckpts / "latest").unlink()
+        else:
+            (ckpts / "latest").write_text(pointer)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model, info = load_eval_backbone(tmp_path, arch="vit_test")
+        _same(model, good)
+        assert "iter_0000001" in info.source and "iter_0000001" in caplog.text
+
+
 def test_random_init_is_seeded_and_needs_an_arch():
     a, ia = load_eval_backbone("random", arch="vit_test", seed=1)
     b, ib = load_eval_backbone("random", arch="vit_test", seed=1)
