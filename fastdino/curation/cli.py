@@ -234,7 +234,7 @@ def _agreed(open_store, *args):
     try:
         store, error = open_store(*args), None
         pos = [1.0, *map(float, store.position())]
-    except (OSError, ValueError) as e:
+    except Exception as e:  # (any: raised on one rank alone, the others waited forever)
         store, error, pos = None, e, [0.0, 0.0, 0.0, 0.0]
     if dist.get_world_size() > 1:
         x = torch.tensor(pos, dtype=torch.float64)
