@@ -745,6 +745,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from fastdino.runlock import RunLocks
+
+    with RunLocks() as locks:  # train.output_dir, for as long as this call runs (runlock.py)
+        return _main(argv, prog, locks)
+
+
+def _main(argv: list[str] | None, prog: str | None, locks) -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     rank_logging.install()  # rank 0's lines once; a rank's own warnings and errors tagged
@@ -755,6 +762,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
+        locks.hold(cfg.train.output_dir)  # before config.yaml: a second run changes nothing
         if cfg.distillation.students:  # several students, one teacher forward (codistill.py)
             from fastdino.codistill import CoDistillation
             trainer = CoDistillation(cfg)

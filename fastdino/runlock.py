@@ -1,0 +1,83 @@
+"""One training run per output_dir at a time.
+
+Two runs writing the same `train.output_dir` (the same command started twice, in two terminals or
+two queued jobs) would each write checkpoints, `latest` and metrics.jsonl over the other's, and a
+resume would then mix the two: a silently corrupted run. The training CLI's rank 0 therefore
+holds an exclusive `flock` on `<output_dir>/.run.lock` for as long as it runs; a second run is
+refused at its start with one line naming the holder (pid, host, start time, written into the
+file by the holder).
+
+The lock belongs to the open file, so it ends with the process however the process ends (a
+crash or kill -9 leaves no stale lock to clean up). Linux NFS clients carry flock over to the
+server's byte-range locks; a filesystem that cannot lock at all (ENOLCK, EOPNOTSUPP) gets a
+warning and the run goes on unlocked. Platforms without fcntl (Windows) run unlocked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import os
+import socket
+from pathlib import Path
+
+from fastdino.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".run.lock"
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+class RunLocks:
+    """The run locks one CLI call holds, released when it returns (an in-process caller, such as a
+    test or a notebook, may then start the same run again, or another process may)."""
+
+    def __init__(self) -> None:
+        self._files: list = []
+
+    def __enter__(self) -> RunLocks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self._files:
+            f.close()  # (closing the file releases its flock)
+        self._files.clear()
+
+    def hold(self, output_dir: str | Path) -> None:
+        """Lock `output_dir` for this run (rank 0 only: the launchers' RANK variable; the other
+        ranks share rank 0's run); ConfigError naming the holder if another run has it."""
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if e.errno in _UNSUPPORTED:
+                logger.warning("%s: the filesystem cannot lock files (%s), so nothing stops a "
+                               "second run from writing this output_dir at the same time",
+                               out / LOCK_FILE, os.strerror(e.errno))
+                return
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(
+                f"train.output_dir = {str(out)!r} is in use by another run ({holder}): two runs "
+                "writing the same checkpoints overwrite each other's; wait for it to end, stop "
+                "it, or give another train.output_dir") from None
+        f.seek(0)
+        f.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        f.flush()
+        self._files.append(f)
+
