@@ -14,6 +14,10 @@ what moves centroids from the dense modes of the data towards a uniform cover of
 A sample size <= 1 means no resampling at that level (as the reference code). If the sample holds
 fewer than k points (many tiny or empty clusters) it is topped up with random other points, so the
 level always keeps exactly k centroids.
+
+Resumable (`store`, a ClusterStore over `curate cluster --out`): each finished level, and within a
+level the k-means progress every SAVE_EVERY_S, is saved with the random generator's state, so a
+rerun continues a killed run to the uninterrupted run's result.
 """
 
 from __future__ import annotations
