@@ -48,7 +48,7 @@ import yaml
 from torch import nn
 
 from fastdino import dist as fdist
-from fastdino.checkpoint import complete_checkpoints, rng_state, set_rng_state
+from fastdino.checkpoint import checkpoint_dirs, checkpoint_problem, rng_state, set_rng_state
 from fastdino.config import Config, ConfigError, merge_mapping, resolve_preset
 
 logger = logging.getLogger("fastdino")
@@ -122,14 +122,24 @@ def student_configs(cfg: Config) -> list[tuple[str, Config]]:
     return out
 
 
-def _iterations(ckpt_dir: Path) -> set[int]:
-    """The iterations of the complete checkpoints (trainer state written) in `ckpt_dir`."""
-    return {it for it, _ in complete_checkpoints(ckpt_dir)}
+def _iterations(ckpt_dir: Path, damaged: list[str]) -> set[int]:
+    """The iterations of the complete checkpoints in `ckpt_dir` (checkpoint.checkpoint_problem);
+    the incomplete ones (a crash while one was written) are appended to `damaged`, described."""
+    whole = set()
+    for it, path in checkpoint_dirs(ckpt_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            whole.add(it)
+        else:
+            damaged.append(f"{path} ({problem})")
+    return whole
 
 
 def common_resume(students: list[tuple[str, Config]]) -> list[Path | None]:
     """train.resume=auto for all: the checkpoint of each student at the latest iteration that
-    every student has one of; None for all when no student has any (a fresh start)."""
+    every student has a complete one of; None for all when no student has any (a fresh start).
+    Incomplete checkpoints are passed over with a warning; only incomplete ones: an error, as a
+    single run's resume (starting over would replace them)."""
     resume = students[0][1].train.resume
     fresh: list[Path | None] = [None] * len(students)
     if resume == "none":
@@ -137,8 +147,14 @@ def common_resume(students: list[tuple[str, Config]]) -> list[Path | None]:
     if resume != "auto":
         raise ConfigError(f"train.resume={resume!r}: a co-distillation run resumes with auto (the "
                           "latest iteration every student has) or none")
-    have = {name: _iterations(Path(c.train.output_dir) / "checkpoints") for name, c in students}
+    damaged: list[str] = []
+    have = {name: _iterations(Path(c.train.output_dir) / "checkpoints", damaged)
+            for name, c in students}
     if not any(have.values()):
+        if damaged:
+            raise ConfigError(f"train.resume=auto: no complete checkpoint to resume from "
+                              f"({len(damaged)} incomplete: {damaged[-1]}); train.resume=none "
+                              "starts over and replaces them")
         return fresh
     common = set.intersection(*have.values())
     if not common:
@@ -147,6 +163,9 @@ def common_resume(students: list[tuple[str, Config]]) -> list[Path | None]:
             + "; ".join(f"{n}: {sorted(its) or 'none'}" for n, its in have.items())
             + "): remove the students' checkpoints to start over, or train.resume=none")
     it = max(common)
+    if damaged:
+        logger.warning("incomplete checkpoints passed over: %s; the students resume from "
+                       "iteration %d", "; ".join(damaged), it)
     return [Path(c.train.output_dir) / "checkpoints" / f"iter_{it:07d}" for _, c in students]
 
 

@@ -151,6 +151,31 @@ def test_resume_takes_the_latest_iteration_every_student_has(tmp_path, teacher_r
         common_resume(students)
 
 
+def test_resume_passes_over_incomplete_checkpoints_saying_so(tmp_path, teacher_run,  # noqa: F811
+                                                               caplog):
+    """A checkpoint cut short by a crash (an empty trainer_state.pt) is not taken for the common
+    iteration, with a warning naming it; only incomplete ones stop the start (as a single run)."""
+    vitb = _write_student(tmp_path / "vitb.yaml")
+    students = student_configs(_cfg(tmp_path, teacher_run, [vitb], "train.resume=auto"))
+    for _, c in students:
+        for it in (2, 4):
+            d = tmp_path / c.train.output_dir / "checkpoints" / f"iter_{it:07d}"
+            d.mkdir(parents=True)
+            torch.save({}, d / "trainer_state.pt")
+    cut = tmp_path / students[1][1].train.output_dir / "checkpoints" / "iter_0000004"
+    (cut / "trainer_state.pt").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        paths = common_resume(students)
+    assert [p.name for p in paths] == ["iter_0000002", "iter_0000002"]
+    assert "incomplete checkpoints passed over" in caplog.text and str(cut) in caplog.text
+    for _, c in students:
+        for it in (2, 4):
+            d = tmp_path / c.train.output_dir / "checkpoints" / f"iter_{it:07d}"
+            (d / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no complete checkpoint to resume from \(4 incomplete"):
+        common_resume(students)
+
+
 def test_a_signal_between_two_students_stops_both_at_the_same_iteration(tmp_path,
                                                                           teacher_run):  # noqa: F811
     """The signal lands after the main student's step of iteration 1 and before the other's:
