@@ -164,6 +164,7 @@ def _cluster(a: argparse.Namespace) -> int:
         raise ValueError(f"--impl triton cannot run here: {why_triton_cannot_run(device)}; "
                          "allowed here is --impl auto | torch")
     distributed = _init_distributed(device)
+    store = None
     try:
         rows = Rows(emb, device, chunk_rows=a.chunk_rows)
         sizes = (_per_level(a.sample_size, n_levels, "--sample-size")
@@ -197,6 +198,8 @@ def _cluster(a: argparse.Namespace) -> int:
             print(f"wrote {a.out}")
         dist.barrier()  # no rank tears the group down while another has a pending op
     finally:
+        if store is not None:
+            store.close()
         if distributed:
             import torch.distributed as tdist
 

@@ -245,6 +245,47 @@ def _writable_folder(out: Path) -> None:
         raise PermissionError(f"--out {out}: {p} is not writable")
 
 
+LOCK = ".cluster.lock"  # in --out: held by the run writing it (the pid, host and start in it)
+
+
+def _lock(root: Path):
+    """An exclusive flock on <root>/.cluster.lock, held (the open file) while this run writes
+    --out: two runs writing one --out (two terminals, a job queued twice) mixed their levels.
+    It ends with its process however that ends. None where nothing can be locked (no fcntl, a
+    filesystem without locks: a warning)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    import datetime
+    import errno
+    import socket
+
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / LOCK, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            logger.warning("%s: the filesystem cannot lock files (%s): nothing stops a second "
+                           "run from writing this --out at the same time", root / LOCK,
+                           os.strerror(e.errno))
+            return None
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise ValueError(f"--out {root} is being written by another `curate cluster` ({holder}): "
+                         "wait for it to end, stop it, or give another --out") from None
+    f.seek(0)
+    f.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    f.flush()
+    return f
+
+
 class ClusterStore:
     """The --out folder of `curate cluster` while it fills, so that a killed run (preemption,
     Ctrl-C, out of memory) keeps its finished levels and, within a level, the k-means progress
@@ -262,9 +303,9 @@ class ClusterStore:
     Every file is written to a temporary name and renamed; progress.json, renamed last, is what
     counts. A rerun with the same key continues from it, exactly as the uninterrupted run
     (the generator's state is restored, and a resampling step's assignment is recomputed from
-    its centroids); another key is refused. Nothing is created before the first save. Only the
-    main process writes (`write`); every rank reads, so under torchrun --out must be a folder
-    every rank sees."""
+    its centroids); another key is refused. The writer holds a lock on --out (.cluster.lock)
+    until `close()`: a second run on the same --out is refused. Only the main process writes
+    (`write`); every rank reads, so under torchrun --out must be a folder every rank sees."""
 
     def __init__(self, out: str | Path, key: dict, state: dict | None = None,
                  write: bool = True, source: str | None = None) -> None:
@@ -273,6 +314,7 @@ class ClusterStore:
         self.state["embeddings"] = source  # where they are now (not in the key: may move)
         self.last_save = time.monotonic()
         self.save_s = 0.0  # how long the last partial save took
+        self.lock = None  # (open: the writer's lock on --out)
 
     @classmethod
     def open(cls, out: str | Path, key: dict, overwrite: bool = False, write: bool = True,
@@ -283,6 +325,19 @@ class ClusterStore:
         content: a folder moved, e.g. another mount after a preemption, continues)."""
         root = Path(out)
         _writable_folder(root)
+        lock = _lock(root) if write else None  # (before reading: another run may be writing)
+        try:
+            store = cls._open(root, key, overwrite, write, source)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+        store.lock = lock
+        return store
+
+    @classmethod
+    def _open(cls, root: Path, key: dict, overwrite: bool, write: bool,
+              source: str | None) -> ClusterStore:
         progress = root / PROGRESS
         if overwrite:
             if write:
@@ -290,13 +345,19 @@ class ClusterStore:
             return cls(root, key, write=write, source=source)
         if progress.is_file():
             state = json.loads(progress.read_text())
-            cls._check_key(out, state.get("key") or {}, key, state.get("embeddings"), source)
+            cls._check_key(root, state.get("key") or {}, key, state.get("embeddings"), source)
             return cls(root, key, state, write, source)
         if (root / "meta.json").is_file() or any(root.glob("level[0-9]*")):
-            raise ValueError(f"--out {out} holds a clustering without {PROGRESS} (made before "
+            raise ValueError(f"--out {root} holds a clustering without {PROGRESS} (made before "
                              "clustering was resumable, or by other means): start over with "
                              "--overwrite, or give a new --out")
         return cls(root, key, write=write, source=source)
+
+    def close(self) -> None:
+        """Release --out for another run (the lock)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     @staticmethod
     def _check_key(out: str | Path, old: dict, new: dict, was: str | None,

@@ -302,3 +302,21 @@ def test_slow_saves_are_spaced_out(tmp_path, monkeypatch):
     save("lloyd", 2, torch.ones(2, 3), 2)
     assert store.state["partial"]["done"] == 1
     assert np.load(tmp_path / "C" / "level1.partial.npy").sum() == 0
+
+
+def test_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    """Two runs writing one --out (two terminals, a job queued twice) mixed their levels: the
+    writer holds a lock, a second run is refused naming it, and the lock ends with the run."""
+    import os
+
+    emb = _embeddings(tmp_path / "E")
+    other = hierarchical.ClusterStore.open(tmp_path / "C", {"clusters": [2]})
+    try:
+        assert _cluster(emb, tmp_path / "C") == 2
+        err = _one_line(capsys)
+        assert "is being written by another `curate cluster`" in err
+        assert f"pid {os.getpid()}" in err
+    finally:
+        other.close()
+    assert _cluster(emb, tmp_path / "C") == 0
+    assert _cluster(emb, tmp_path / "C") == 0  # (released at the end of the call)
