@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from fastdino.curation.progress import Progress
-from fastdino.data.datasets import decode_location
+from fastdino.data.datasets import decode_location, white_level_key
 from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import find_images
 from fastdino.eval.features import autocast_for, resize_center_crop, to_normalized_tensor
@@ -125,8 +125,7 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     grid = image_size // patch
     if patches:  # (only then: folders embedded before this option keep their key)
         full_key["patches"] = [grid, grid]
-    if white_level is not None:  # (the same)
-        full_key["white_level"] = white_level
+    full_key.update(white_level_key(white_level))  # (the same: nothing when None)
     state_file, matrix = out / PROGRESS, out / EMBEDDINGS
     done = 0
     if state_file.is_file() and matrix.is_file():

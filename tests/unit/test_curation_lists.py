@@ -165,4 +165,26 @@ def test_embed_refusal_shows_an_option_not_given_as_none(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     err = _one_error_line(capsys)
-    assert "{'white_level': 4095} on disk, {'white_level': None} now" in err
+    assert ("{'white_level': 4095, 'white_level_decode': 2} on disk, {'white_level': None, "
+            "'white_level_decode': None} now") in err
+
+
+def test_embed_refuses_to_resume_over_pixels_decoded_otherwise(tmp_path, capsys, monkeypatch):
+    """A folder embedded with a white level before its decoding changed (16-bit RGB TIFFs read
+    at full depth: datasets.WHITE_LEVEL_DECODE 2) is not continued with other pixels."""
+    from PIL import Image
+
+    from fastdino.data import datasets
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(data / "a.png")
+    argv = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test", "--out",
+            str(tmp_path / "E"), "--image-size", "32", "--num-workers", "0", "--device", "cpu",
+            "--quiet", "--white-level", "4095"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same decoding: nothing to do
+    capsys.readouterr()
+    monkeypatch.setattr(datasets, "WHITE_LEVEL_DECODE", datasets.WHITE_LEVEL_DECODE + 1)
+    assert main(argv) == 2
+    assert "white_level_decode" in _one_error_line(capsys)
