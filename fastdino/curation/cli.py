@@ -100,7 +100,7 @@ def _embed(a: argparse.Namespace) -> int:
     try:
         check_image_size(a.image_size, int(backbone.patch_size), what="--image-size")
     except ValueError as e:
-        raise SystemExit(f"{e} ({info.arch})") from None
+        raise ValueError(f"{e} ({info.arch})") from None
     path = embed_folder(a.data, backbone, a.out, key={"weights": info.digest, "arch": info.arch},
                         image_size=a.image_size, batch_size=a.batch_size,
                         num_workers=a.num_workers, progress=not a.quiet, patches=a.patches,
@@ -115,7 +115,7 @@ def _per_level(values: list[int] | None, n_levels: int, name: str) -> list[int] 
     if len(values) == 1:
         return values * n_levels
     if len(values) != n_levels:
-        raise SystemExit(f"{name} needs 1 or {n_levels} values (one per level), got {values}")
+        raise ValueError(f"{name} needs 1 or {n_levels} values (one per level), got {values}")
     return values
 
 
@@ -147,16 +147,17 @@ def _cluster(a: argparse.Namespace) -> int:
     from fastdino.layers.select import why_triton_cannot_run
 
     if a.levels is not None and a.levels != len(a.clusters):
-        raise SystemExit(f"--levels {a.levels} but --clusters has {len(a.clusters)} values")
+        raise ValueError(f"--levels {a.levels} but --clusters has {len(a.clusters)} values")
     n_levels = len(a.clusters)
     steps = _per_level(a.resampling_steps, n_levels, "--resampling-steps")
     emb_dir = Path(a.embeddings)
     if not (emb_dir / EMBEDDINGS).is_file():
-        raise SystemExit(f"{emb_dir} is not a `fastdino curate embed` folder (no {EMBEDDINGS})")
+        raise FileNotFoundError(f"{emb_dir} is not a `fastdino curate embed` folder (no "
+                                f"{EMBEDDINGS})")
     state = emb_dir / PROGRESS
     embedded = json.loads(state.read_text()) if state.is_file() else {}
     if not embedded.get("complete", True):
-        raise SystemExit(f"{emb_dir} is not fully embedded yet: rerun `fastdino curate embed` "
+        raise ValueError(f"{emb_dir} is not fully embedded yet: rerun `fastdino curate embed` "
                          "with the same arguments to finish it")
     emb = np.load(emb_dir / EMBEDDINGS, mmap_mode="r")  # [N, D] fp16, streamed in chunks
     device = _device(a.device)
@@ -303,10 +304,10 @@ def _embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
     d = Path(folder)
     state_file = d / PROGRESS
     if not state_file.is_file():
-        raise SystemExit(f"{d} is not a `fastdino curate embed` folder (no {PROGRESS})")
+        raise FileNotFoundError(f"{d} is not a `fastdino curate embed` folder (no {PROGRESS})")
     state = json.loads(state_file.read_text())
     if not state.get("complete", False):
-        raise SystemExit(f"{d} is not fully embedded yet: rerun `fastdino curate embed` with the "
+        raise ValueError(f"{d} is not fully embedded yet: rerun `fastdino curate embed` with the "
                          "same arguments to finish it")
     emb = np.load(d / EMBEDDINGS, mmap_mode="r")
     if len(emb) == 0:  # (a search over nothing "found" nothing and wrote empty lists)
@@ -320,7 +321,7 @@ def _two_sets(first: str, second: str) -> tuple[np.ndarray, list[str], np.ndarra
     y, y_files, b = _embeddings(second)
     fields = ("weights", "arch", "image_size")
     if any(a.get(f) != b.get(f) for f in fields):
-        raise SystemExit(f"{first} and {second} were embedded with other weights or image "
+        raise ValueError(f"{first} and {second} were embedded with other weights or image "
                          f"size ({ {f: a.get(f) for f in fields} } vs "
                          f"{ {f: b.get(f) for f in fields} }): embed both with the same --weights "
                          "and --image-size")

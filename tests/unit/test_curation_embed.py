@@ -112,15 +112,17 @@ def test_brace_patterns_of_absolute_and_relative_paths(tmp_path, monkeypatch):
                                              if f.startswith(f"{a}/") or f"{b}/sub/" in f]
 
 
-def test_image_size_must_be_whole_patches(tmp_path):
+def test_image_size_must_be_whole_patches(tmp_path, capsys):
     """--image-size 30 was accepted (help: a multiple of 16): one-line error, nothing written."""
     data = _images(tmp_path / "imgs", n=2)
     for size in (30, 0):
-        with pytest.raises(SystemExit, match=f"--image-size {size}: must be a positive multiple "
-                           "of the backbone's patch size 16"):
-            main(["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test",
-                  "--out", str(tmp_path / "E"), "--image-size", str(size), "--num-workers", "0",
-                  "--device", "cpu", "--quiet"])
+        assert main(["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test",
+                     "--out", str(tmp_path / "E"), "--image-size", str(size), "--num-workers",
+                     "0", "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastdino curate embed: error: --image-size "
+                              f"{size}: must be a positive multiple of the backbone's patch size "
+                              "16"), err
     backbone, info = load_eval_backbone("random", arch="vit_test")
     with pytest.raises(ValueError, match="image_size 44: .* 16 \\(e.g. 48\\)"):
         embed_folder(data, backbone, tmp_path / "E", {"weights": info.digest}, image_size=44)

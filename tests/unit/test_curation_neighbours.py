@@ -156,6 +156,9 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert len((tmp_path / "clean.txt").read_text().splitlines()) == len(files) - 4
     # embeddings of other weights are refused
     _embed(seeds, tmp_path / "S1", config, seed=1)
-    with pytest.raises(SystemExit, match="other weights or image size"):
-        main(["retrieve", str(tmp_path / "E"), "--seeds", str(tmp_path / "S1"), "--out",
-              str(tmp_path / "x.txt"), "--device", "cpu", "--quiet"])
+    capsys.readouterr()
+    assert main(["retrieve", str(tmp_path / "E"), "--seeds", str(tmp_path / "S1"), "--out",
+                 str(tmp_path / "x.txt"), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdino curate retrieve: error: ")
+    assert "other weights or image size" in err
