@@ -281,9 +281,9 @@ def _sample(a: argparse.Namespace) -> int:
     if meta.get("files", None) not in (None, _content_digest(emb, ("files.txt",))):
         raise ValueError(f"{emb} lists other images than when {a.clusters_dir} was clustered "
                          "(re-embedded since?): rerun `fastdino curate cluster`")
+    _writable(a.out)
     picked = hierarchical_sample(levels, a.n, np.random.default_rng(a.seed), a.strategy)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_names(out, (files[i] for i in picked))
     summary = size_summary(levels, picked)
     Path(f"{out}.summary.json").write_text(json.dumps(
@@ -342,6 +342,9 @@ def _writable(*paths: str | None) -> None:
     """Output files' folders made, and none of them a folder, before a search that may take
     hours (a bad --out failed only when the results were written)."""
     for path in filter(None, paths):
+        # (Path drops a trailing slash: `--out lists/` wrote a file named `lists`)
+        if str(path).endswith(("/", os.sep)):
+            raise IsADirectoryError(f"{path} names a folder: give a file name")
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():

@@ -188,3 +188,16 @@ def test_embed_refuses_to_resume_over_pixels_decoded_otherwise(tmp_path, capsys,
     monkeypatch.setattr(datasets, "WHITE_LEVEL_DECODE", datasets.WHITE_LEVEL_DECODE + 1)
     assert main(argv) == 2
     assert "white_level_decode" in _one_error_line(capsys)
+
+
+def test_sample_out_naming_a_folder_is_refused(tmp_path, capsys):
+    """`--out lists/` (a trailing slash) wrote a file named `lists`; an existing folder too."""
+    emb = _embeddings(tmp_path / "E", _units(30))
+    clusters = str(tmp_path / "C")
+    assert main(["cluster", emb, "--clusters", "4", "--iters", "2", "--device", "cpu",
+                 "--out", clusters]) == 0
+    capsys.readouterr()
+    for out in (f"{tmp_path / 'lists'}/", str(tmp_path / "C")):
+        assert main(["sample", clusters, "--n", "5", "--out", out]) == 2
+        assert "give a file name" in _one_error_line(capsys)
+    assert not (tmp_path / "lists").exists()
