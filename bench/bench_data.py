@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the torch loader's photometric ops (data.torch_photometric; default: "
                    "the config's, cpu): gpu = the workers cut, resize and flip, "
                    "kernels/photometric.py does the rest on the GPU")
+    p.add_argument("--jpeg-draft", choices=("on", "off"), default=None,
+                   help="the torch loader's reduced JPEG decoding (data.jpeg_draft; default: "
+                   "the config's, on): off = every JPEG decoded at full size")
     p.add_argument("--source-workers", type=int, default=None,
                    help="DALI source processes (data.dali_source_workers; default: the "
                    "config's, 2; 0 = file reads, plans and masks in this process)")
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.dali_jitter={args.jitter}")
     if args.torch_photometric:
         overrides.append(f"data.torch_photometric={args.torch_photometric}")
+    if args.jpeg_draft:
+        overrides.append(f"data.jpeg_draft={'true' if args.jpeg_draft == 'on' else 'false'}")
     if args.source_workers is not None:
         overrides.append(f"data.dali_source_workers={args.source_workers}")
     try:
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.workers} workers/threads, {device.type}"
               + (f", {operators} DALI operators, photometric {cfg.data.dali_jitter}, "
                  f"{cfg.data.dali_source_workers} source processes" if operators else
-                 f", photometric on {cfg.data.torch_photometric}") + ")")
+                 f", photometric on {cfg.data.torch_photometric}, JPEG draft "
+                 f"{'on' if cfg.data.jpeg_draft else 'off'}") + ")")
         if abs(m["images_per_s_2nd_half"] / m["images_per_s"] - 1) > 0.25:
             print(f"{name:5s}  not steady state (halves differ by >25%): use more --steps, a "
                   "multiple of --workers")
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         "loader": name, "dali_jitter": cfg.data.dali_jitter,
                         "exact_hue": cfg.data.dali_jitter == "exact",
                         "dali_source_workers": cfg.data.dali_source_workers,
-                        "torch_photometric": cfg.data.torch_photometric, "batch": args.batch,
+                        "torch_photometric": cfg.data.torch_photometric,
+                        "jpeg_draft": cfg.data.jpeg_draft, "batch": args.batch,
                         "workers": args.workers,
                         "crops": [args.global_size, args.local_size, args.local_number],
                         "root": args.root or "sample", "setup_s": setup_s,

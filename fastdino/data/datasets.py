@@ -7,6 +7,12 @@ every rank and every run (a file list keeps its own order). An image that cannot
 never fatal: `load(i)` returns the next readable one in that order (i+1, i+2, ... wrapping
 around), which is the same whichever process asks; the bad name is counted in `skipped` and
 logged once per process.
+
+Reduced JPEG decoding (data.jpeg_draft): `decode_rgb(..., draft=f)` decodes a JPEG of W x H at
+1/k of its size, k = f(W, H) in 1, 2, 4, 8 (libjpeg's DCT scaling, Pillow's `Image.draft`: several
+times faster than the full decode), and records (W, H, k) in the image's `info[DRAFT_INFO]`: the
+crops are planned on the full size (`full_size`), their boxes scaled by 1/k (`draft_of`). `f` is
+the crops' or the eval transform's rule, which never reduces below what a crop needs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,49 @@ from fastdino.data.sources import (
 logger = logging.getLogger("fastdino.data")
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# image.info key of a JPEG decoded reduced: (full width, full height, reduction k). PIL copies
+# `info` through convert / crop / copy, so it travels with the decoded image to the transforms.
+DRAFT_INFO = "fastdino_jpeg_draft"
+JPEG_REDUCTIONS = (8, 4, 2)  # libjpeg's DCT scalings Pillow's draft offers (and 1: none)
+
+
+def draft_of(img: Image.Image) -> tuple[int, int, int]:
+    """(full width, full height, reduction k) of a decoded image: k = 1 (its own size) unless
+    `decode_rgb` decoded it reduced. Pixel edges map exactly: x in the full image = k * x here
+    (libjpeg's 1/k IDCT of each 8 x 8 block; the last pixel of a side not divisible by k also
+    covers the block padding, so the side is ceil(W / k))."""
+    return img.info.get(DRAFT_INFO, (*img.size, 1))
+
+
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the file's full decode: what crop plans and resizes are drawn and
+    computed from, whether or not it was decoded reduced."""
+    return draft_of(img)[:2]
+
+
+def largest_reduction(room: float) -> int:
+    """The largest JPEG reduction (8, 4, 2, else 1) not above `room`: how many times the
+    smallest crop's side in the full image exceeds the side it is resized to."""
+    return next((k for k in JPEG_REDUCTIONS if room >= k), 1)
+
+
+def _draft(img: Image.Image, draft) -> int:
+    """Set up the reduced decode of an opened (not yet loaded) JPEG by `draft(W, H)` = k; the
+    reduction Pillow took (1 = none: another format, or draft declined)."""
+    if draft is None or img.format != "JPEG":
+        return 1
+    w, h = img.size
+    k = draft(w, h)
+    if k <= 1:
+        return 1
+    # Pillow takes the largest of 8, 4, 2, 1 not above min(W // w', H // h'): for (W // k,
+    # H // k) that is k itself (W // (W // k) lies in [k, 2k))
+    img.draft(None, (max(1, w // k), max(1, h // k)))
+    took = next((s for s in (1, 2, 4, 8) if img.size == (-(-w // s), -(-h // s))), None)
+    if took is None or took > k:  # (not Pillow 13's rule: never reduce more than allowed)
+        raise RuntimeError(f"Pillow's JPEG draft of {w} x {h} to 1/{k} gave {img.size}")
+    return took
 
 
 def list_images(root: str | Path, left_out: list[str] | None = None) -> list[str]:
@@ -335,7 +384,7 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
 
 
 def decode_rgb(path: str | bytes, white_level: int | None = None,
-               name: str | None = None) -> Image.Image:
+               name: str | None = None, draft=None) -> Image.Image:
     """Fully decode a file (`path`) or encoded bytes as an RGB PIL image (raises on unreadable or
     corrupt data). Every PIL mode: greyscale and palette expanded, alpha dropped, CMYK converted,
     16-bit / 32-bit / float greyscale scaled to 8 bits (`_to_8bit`: `white_level` is
@@ -345,7 +394,11 @@ def decode_rgb(path: str | bytes, white_level: int | None = None,
     bits (PIL's high byte; said once per process when data.white_level is set or the data uses
     at most 14 bits). A multi-page TIFF gives its first page, an RGB TIFF with extra bands its
     RGB. A TIFF that neither reads as an image (multi-band greyscale, an unknown compression)
-    raises OSError: skipped and counted by the dataset, as any unreadable file, saying why."""
+    raises OSError: skipped and counted by the dataset, as any unreadable file, saying why.
+
+    `draft`: None (a full decode), or (W, H) -> the reduction k (1, 2, 4, 8) a JPEG of W x H
+    may be decoded at (data.jpeg_draft; module docstring); other formats are decoded in full.
+    A reduced image holds (W, H, k) in its info (`draft_of`, `full_size`)."""
     if name is None and isinstance(path, str):
         name = path
     try:
@@ -353,6 +406,8 @@ def decode_rgb(path: str | bytes, white_level: int | None = None,
             if _deep_tiff(img):
                 return _decode_deep_tiff(path, white_level, name, img)
             png16 = _png16_colour(img)
+            full = img.size
+            k = _draft(img, draft)  # (before load: the decoder is set up reduced)
             img.load()  # decode now, so truncated files fail here and not inside a transform
             if img.mode.startswith("I") or img.mode == "F":
                 return _to_8bit(img, white_level, name).convert("RGB")
@@ -364,7 +419,10 @@ def decode_rgb(path: str | bytes, white_level: int | None = None,
                               "data.white_level does not apply to it: save such images as "
                               "16-bit TIFF (tifffile.imwrite) to train on their full depth",
                               name or "(bytes)", top)
-            return img.convert("RGB")
+            rgb = img.convert("RGB")
+            if k > 1:
+                rgb.info[DRAFT_INFO] = (*full, k)
+            return rgb
     except UnidentifiedImageError:
         if not is_tiff(path):
             raise
@@ -374,13 +432,13 @@ def decode_rgb(path: str | bytes, white_level: int | None = None,
 
 
 def decode_location(location: Location, white_level: int | None = None,
-                    name: str | None = None) -> Image.Image:
+                    name: str | None = None, draft=None) -> Image.Image:
     """The RGB image at a file path or tar member (raises on unreadable or corrupt data);
-    `white_level`, `name`: as decode_rgb's."""
+    `white_level`, `name`, `draft`: as decode_rgb's."""
     if isinstance(location, str):
-        return decode_rgb(location, white_level, name)
+        return decode_rgb(location, white_level, name, draft)
     return decode_rgb(read_bytes(location), white_level,
-                      name or f"{location.shard} (member at byte {location.offset})")
+                      name or f"{location.shard} (member at byte {location.offset})", draft)
 
 
 class ImageFolderUnlabeled:
@@ -399,6 +457,9 @@ class ImageFolderUnlabeled:
             raise ValueError("ImageFolderUnlabeled needs exactly one of root= or file_list=")
         check_white_level(white_level)
         self.white_level = white_level
+        # (W, H) -> JPEG reduction for `decode` (decode_rgb's draft): the torch loader sets its
+        # crops' rule here (data.jpeg_draft); None = full decodes
+        self.draft = None
         if root is not None:
             self.source = str(root)
             found = find_images(root, ranks=ranks)
@@ -423,8 +484,10 @@ class ImageFolderUnlabeled:
         return read_bytes(self.locations[index])
 
     def decode(self, index: int) -> Image.Image:
-        """Image `index`, fully decoded as RGB (raises on unreadable or corrupt data)."""
-        return decode_location(self.locations[index], self.white_level, self.paths[index])
+        """Image `index` decoded as RGB (raises on unreadable or corrupt data): in full, or a
+        JPEG reduced as `self.draft` allows (decode_rgb)."""
+        return decode_location(self.locations[index], self.white_level, self.paths[index],
+                               self.draft)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -33,7 +33,7 @@ from fastdino.data.collate import Batch, RawBatch, collate_fn, collate_raw
 from fastdino.data.datasets import ImageFolderUnlabeled, say_bit_depth
 from fastdino.data.gpu_photometric import geometric_crops
 from fastdino.data.masking import MaskingGenerator, max_num_patches_for
-from fastdino.data.transforms import DataAugmentationDINO
+from fastdino.data.transforms import CropNeeds, DataAugmentationDINO
 from fastdino.rank_logging import EVERY_RANK
 from fastdino.stop import ignore_in_worker, reap_workers_at_exit
 
@@ -142,6 +142,13 @@ class MultiCropBatches(Dataset):
         # data.torch_photometric=gpu: workers do the geometry only (PIL), the trainer's device the
         # photometric ops (TrainLoader finishes the RawBatch)
         self.raw = cfg.data.torch_photometric == "gpu"
+        # data.jpeg_draft: JPEGs decoded at 1/2, 1/4 or 1/8 where every crop of every resolution
+        # keeps at least its output side (CropNeeds); the boxes are drawn from the full size.
+        # Not with torch_photometric=gpu: its geometric_crops plans on the decoded size.
+        if cfg.data.jpeg_draft and not self.raw:
+            needs = CropNeeds.of(c for c, _ in variants)
+            for part in getattr(images, "parts", (images,)):  # (mixing.ConcatImages' sources)
+                part.draft = needs
         self.batch_size = cfg.data.batch_size_per_gpu
         self.seed, self.rank = cfg.data.seed, rank
         self.gas = cfg.deepspeed.gradient_accumulation_steps  # one resolution per optimizer step

@@ -27,6 +27,12 @@ two 1-D correlations (numpy) on the float image with reflect padding, rounded ba
 
 All randomness comes from one `numpy.random.Generator` per image, which the loader seeds from
 (data.seed, epoch, index): an image's crops are a pure function of that triple (exact resume).
+
+A JPEG decoded reduced (data.jpeg_draft: `datasets.decode_rgb`'s draft, the rule `CropNeeds`)
+gets the same boxes, drawn from its full size; each box is cut from the reduced pixels at 1/k of
+its coordinates (`crop_resize`). `CropNeeds` allows k only when the smallest box any crop can get
+still has at least its output side in reduced pixels: every crop stays a downscale, as with the
+full decode.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from fastdino.config import CropsConfig
+from fastdino.data.datasets import draft_of, full_size, largest_reduction
 
 BLUR_PROBABILITIES = {
     # (global crop 1, global crop 2, local crops)
@@ -80,13 +87,71 @@ def random_resized_crop_params(width: int, height: int, scale: tuple[float, floa
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """Box (top, left, h, w), in the coordinates of the image's full decode, bicubic-resized to
+    size x size. A full decode: crop, then resize, as torchvision's resized_crop does for PIL
+    (PIL's `resize(box=...)` would let the bicubic filter read pixels outside the box). A JPEG
+    decoded at 1/k (`datasets.draft_of`): the box is [x / k] of the reduced image, to the
+    sub-pixel; the whole pixels holding it are cut and resized with the box's fractional
+    offsets (so the filter reads at most the pixels the box partly covers)."""
+    top, left, h, w = box
+    _, _, k = draft_of(img)
+    if k == 1:
+        return img.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
+    x0, y0 = left / k, top / k
+    x1, y1 = min((left + w) / k, img.width), min((top + h) / k, img.height)  # (<= W / k anyway)
+    cx, cy = math.floor(x0), math.floor(y0)
+    piece = img.crop((cx, cy, math.ceil(x1), math.ceil(y1)))
+    return piece.resize((size, size), BICUBIC, box=(x0 - cx, y0 - cy, x1 - cx, y1 - cy))
+
+
 def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
                         rng: np.random.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    top, left, h, w = random_resized_crop_params(img.width, img.height, scale, ratio, rng)
-    # crop, then resize, as torchvision's resized_crop does for PIL (PIL's `resize(box=...)` would
-    # let the bicubic filter read pixels outside the box)
-    return img.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
+    """The box drawn from the full decode's size (the same draws whether or not a JPEG was
+    decoded reduced), cut and resized (`crop_resize`)."""
+    box = random_resized_crop_params(*full_size(img), scale, ratio, rng)
+    return crop_resize(img, box, size)
+
+
+def min_crop_side(width: int, height: int, min_scale: float,
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> float:
+    """A lower bound of the shorter side of every box `random_resized_crop_params` can return for
+    a width x height image: a drawn box has area >= min_scale of the image and an aspect ratio
+    within `ratio` (its shorter side >= sqrt(area * 3/4) at 3/4..4/3), less 0.5 for round();
+    the fallback box (the image clamped to `ratio`) has shorter side min(width, height)."""
+    elongated = min(ratio[0], 1 / ratio[1])  # the most elongated aspect, as a ratio <= 1
+    drawn = math.sqrt(width * height * min_scale * elongated) - 0.5
+    return min(width, height, drawn)
+
+
+@dataclass(frozen=True)
+class CropNeeds:
+    """What crops need of an image's resolution (data.jpeg_draft): per crop kind, (smallest area
+    scale, output side). Called with a JPEG's full (W, H): the largest reduction k (1, 2, 4, 8)
+    after which the smallest box of every kind (`min_crop_side`: minimum scale, most elongated
+    aspect) still spans at least its output side, so no crop is upscaled that a full decode
+    would have downscaled. Decided from the image size and the config only (the boxes are
+    drawn after decoding, from the unchanged random stream). Picklable: loader workers."""
+
+    needs: tuple[tuple[float, int], ...]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @classmethod
+    def of(cls, crops_configs) -> CropNeeds:
+        """The needs of every crop of these CropsConfigs (each entry of crops.resolution_mix):
+        the global crops at max(global, Gram teacher) size, the local ones."""
+        needs = set()
+        for c in crops_configs:
+            needs.add((c.global_crops_scale[0],
+                       max(c.global_crops_size, c.gram_teacher_crops_size or 0)))
+            if c.local_crops_number > 0:
+                needs.add((c.local_crops_scale[0], c.local_crops_size))
+        return cls(tuple(sorted(needs)))
+
+    def __call__(self, width: int, height: int) -> int:
+        room = min(min_crop_side(width, height, s, self.ratio) / size for s, size in self.needs)
+        return largest_reduction(room)
 
 
 def resize(img: Image.Image, size: int) -> Image.Image:

@@ -12,6 +12,11 @@ crop (bicubic, torchvision's output size), centre-crop `image_size` x `image_siz
 normalisation. Decoding runs in DataLoader workers; the forward runs under bf16 autocast on CUDA
 (fp32 on CPU). The progress bar (tqdm) shows on a terminal and stays quiet in logs.
 
+A large JPEG is decoded at 1/2, 1/4 or 1/8 of its size (`jpeg_draft`, on by default: libjpeg's DCT
+scaling, several times faster) when its shorter side still spans the resize target (`EvalDraft`);
+the output geometry is computed from the full size as before, the pixels within a resampling's
+difference. The cache key says which decoding made the features.
+
 Cache: one file per (weights digest, architecture, image size, data file list with sizes and
 mtimes, transform version) under `cache_dir`, written atomically (temp + rename) and read with
 `torch.load(weights_only=True)`. Anything that could change the features changes the key.
@@ -25,6 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,26 +38,49 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import decode_location
+from fastdino.data.datasets import decode_location, draft_of, largest_reduction
 from fastdino.data.labelled import locate
+from fastdino.data.transforms import CropNeeds
 from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("fastdino.eval")
 
 TRANSFORM_VERSION = "resize256-center224-bicubic-imagenet-v2"  # v2: torchvision's rounding
+# the transform's version with reduced JPEG decoding (the features differ within resampling)
+DRAFT_TRANSFORM_VERSION = TRANSFORM_VERSION + "+jpeg-draft"
 # An extractor maps image paths to {"cls": [N, D], "patch_mean": [N, D]} (tests use stubs).
 Extractor = Callable[[Sequence[str]], dict[str, torch.Tensor]]
+
+
+def resize_short(size: int) -> int:
+    """The shorter side the eval transform resizes to before its size x size centre crop."""
+    return int(size * 256 / 224)
+
+
+@dataclass(frozen=True)
+class EvalDraft:
+    """decode_rgb's draft rule for the eval transform: (W, H) -> the largest JPEG reduction k
+    (1, 2, 4, 8) with min(W, H) / k >= the resize target's shorter side (so the resize stays a
+    downscale). Picklable (DataLoader workers)."""
+
+    short: int
+
+    def __call__(self, width: int, height: int) -> int:
+        return largest_reduction(min(width, height) / self.short)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """The official eval transform's geometry (torchvision Resize(short) + CenterCrop(size)):
     the shorter side to short = int(size * 256 / 224) (256 for 224, the official
     RESIZE_DEFAULT_SIZE formula), the longer to int(short * longer / shorter) (truncated, as
-    torchvision), bicubic; then the size x size crop at int(round((side - size) / 2))."""
-    short = int(size * 256 / 224)
-    w, h = img.size
+    torchvision), bicubic; then the size x size crop at int(round((side - size) / 2)). A JPEG
+    decoded at 1/k (`EvalDraft`): the sizes come from its full size, and the resize reads the
+    reduced image's [0, W / k) x [0, H / k) (its last pixel may cover block padding)."""
+    short = resize_short(size)
+    w, h, k = draft_of(img)
     nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC,
+                     box=None if k == 1 else (0, 0, w / k, h / k))
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
@@ -67,8 +96,9 @@ def random_resized_crop(img: Image.Image, size: int, gen: torch.Generator,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
     """torchvision's RandomResizedCrop (the official linear probe's training view): a box of
     U(scale) of the area and log-uniform aspect ratio (10 tries, else the centre box of the
-    closest allowed ratio), resized to size x size, bicubic."""
-    W, H = img.size
+    closest allowed ratio), resized to size x size, bicubic. Drawn from the full size of a JPEG
+    decoded reduced (the box then read at 1/k)."""
+    W, H, k = draft_of(img)
 
     def uniform(lo, hi):
         return lo + (hi - lo) * float(torch.rand((), generator=gen))
@@ -89,7 +119,9 @@ def random_resized_crop(img: Image.Image, size: int, gen: torch.Generator,
         else:
             w, h = W, H
         top, left = (H - h) // 2, (W - w) // 2
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    box = (left, top, left + w, top + h)
+    return img.resize((size, size), Image.Resampling.BICUBIC,
+                      box=box if k == 1 else tuple(v / k for v in box))
 
 
 class _EvalImages(torch.utils.data.Dataset):
@@ -98,16 +130,22 @@ class _EvalImages(torch.utils.data.Dataset):
     seeded by (seed, pass, index): the same views in every worker layout and on a rerun."""
 
     def __init__(self, paths: Sequence[str], image_size: int,
-                 view: tuple[int, int] | None = None, white_level: int | None = None):
+                 view: tuple[int, int] | None = None, white_level: int | None = None,
+                 jpeg_draft: bool = True):
         self.paths, self.image_size, self.view = list(paths), image_size, view
         self.white_level = white_level  # --white-level (data.white_level): decode_rgb's
+        # reduced JPEG decoding: down to the resize target, or for the training views to the
+        # smallest box (scale 0.08) at image_size
+        self.draft = None if not jpeg_draft else (
+            EvalDraft(resize_short(image_size)) if view is None
+            else CropNeeds(((0.08, image_size),)))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         # a file, or a `<shard>/<member>` name
-        img = decode_location(locate(self.paths[i]), self.white_level, self.paths[i])
+        img = decode_location(locate(self.paths[i]), self.white_level, self.paths[i], self.draft)
         if self.view is None:
             return to_normalized_tensor(resize_center_crop(img, self.image_size))
         seed, pass_ = self.view
@@ -128,7 +166,7 @@ class BackboneExtractor:
 
     def __init__(self, backbone: nn.Module, image_size: int = 224, batch_size: int = 64,
                  num_workers: int = 0, progress: bool = True, n_last_blocks: int = 1,
-                 white_level: int | None = None):
+                 white_level: int | None = None, jpeg_draft: bool = True):
         patch = backbone.patch_size
         if image_size % patch != 0:
             raise ValueError(f"--image-size {image_size} is invalid: allowed is a multiple of the "
@@ -139,9 +177,17 @@ class BackboneExtractor:
         # --white-level: 16-bit images' white (datasets._to_8bit); part of the features' cache
         # key where it is set (the CLI's)
         self.white_level = white_level
+        # large JPEGs decoded reduced (module docstring); part of the cache key (`transform`)
+        self.jpeg_draft = jpeg_draft
+
+    @property
+    def transform(self) -> str:
+        """The transform's version, for the features' cache key (`cached_features`)."""
+        return DRAFT_TRANSFORM_VERSION if self.jpeg_draft else TRANSFORM_VERSION
 
     def __call__(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self._features(_EvalImages(paths, self.image_size, white_level=self.white_level),
+        return self._features(_EvalImages(paths, self.image_size, white_level=self.white_level,
+                                          jpeg_draft=self.jpeg_draft),
                               f"features {self.image_size}px")
 
     def _forward(self, x: torch.Tensor) -> tuple:
@@ -162,7 +208,8 @@ class BackboneExtractor:
         """The features of one random-resized-crop + flip view of each image (`_EvalImages`),
         the views of training pass `pass_` of the linear probe (`--augment`)."""
         return self._features(_EvalImages(paths, self.image_size, view=(seed, pass_),
-                                          white_level=self.white_level),
+                                          white_level=self.white_level,
+                                          jpeg_draft=self.jpeg_draft),
                               f"train views, pass {pass_}")
 
     @torch.no_grad()
@@ -212,9 +259,9 @@ def files_fingerprint(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def cache_key(key: dict, paths: Sequence[str]) -> str:
+def cache_key(key: dict, paths: Sequence[str], transform: str = TRANSFORM_VERSION) -> str:
     full = {**key, "files": files_fingerprint(paths), "n_files": len(paths),
-            "transform": TRANSFORM_VERSION}
+            "transform": transform}
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -225,7 +272,8 @@ def cached_features(extractor: Extractor, paths: Sequence[str], cache_dir: str |
     if cache_dir is None:
         return extractor(paths)
     cache_dir = Path(cache_dir)
-    name = cache_key(key, paths)
+    # (an extractor's `transform`: BackboneExtractor's says whether JPEGs were decoded reduced)
+    name = cache_key(key, paths, getattr(extractor, "transform", TRANSFORM_VERSION))
     file = cache_dir / f"{name}.pt"
     if file.is_file():
         feats = torch.load(file, map_location="cpu", weights_only=True)
