@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from fastdino.config import CropsConfig
-from fastdino.data.datasets import draft_of, full_size, largest_reduction
+from fastdino.data.datasets import DRAFT_INFO, draft_of, full_size, largest_reduction
 
 BLUR_PROBABILITIES = {
     # (global crop 1, global crop 2, local crops)
@@ -102,7 +102,9 @@ def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> 
     x1, y1 = min((left + w) / k, img.width), min((top + h) / k, img.height)  # (<= W / k anyway)
     cx, cy = math.floor(x0), math.floor(y0)
     piece = img.crop((cx, cy, math.ceil(x1), math.ceil(y1)))
-    return piece.resize((size, size), BICUBIC, box=(x0 - cx, y0 - cy, x1 - cx, y1 - cy))
+    out = piece.resize((size, size), BICUBIC, box=(x0 - cx, y0 - cy, x1 - cx, y1 - cy))
+    out.info.pop(DRAFT_INFO, None)  # (PIL copies info: the crop is its own full size)
+    return out
 
 
 def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],

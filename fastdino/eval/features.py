@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import decode_location, draft_of, largest_reduction
+from fastdino.data.datasets import DRAFT_INFO, decode_location, draft_of, largest_reduction
 from fastdino.data.labelled import locate
 from fastdino.data.transforms import CropNeeds
 from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
@@ -81,6 +81,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     img = img.resize((nw, nh), Image.Resampling.BICUBIC,
                      box=None if k == 1 else (0, 0, w / k, h / k))
+    img.info.pop(DRAFT_INFO, None)  # (PIL copies info: the resized image is its own full size)
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
@@ -120,8 +121,10 @@ def random_resized_crop(img: Image.Image, size: int, gen: torch.Generator,
             w, h = W, H
         top, left = (H - h) // 2, (W - w) // 2
     box = (left, top, left + w, top + h)
-    return img.resize((size, size), Image.Resampling.BICUBIC,
-                      box=box if k == 1 else tuple(v / k for v in box))
+    out = img.resize((size, size), Image.Resampling.BICUBIC,
+                     box=box if k == 1 else tuple(v / k for v in box))
+    out.info.pop(DRAFT_INFO, None)  # (PIL copies info: the crop is its own full size)
+    return out
 
 
 class _EvalImages(torch.utils.data.Dataset):

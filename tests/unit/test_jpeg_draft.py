@@ -107,6 +107,7 @@ def test_drafted_crops_are_close_to_the_full_decode_crops(large_jpeg):
             box = random_resized_crop_params(W, H, scale, (3 / 4, 4 / 3), rng)
             a, b = crop_resize(full, box, size), crop_resize(reduced, box, size)
             assert a.size == b.size == (size, size)
+            assert DRAFT_INFO not in b.info  # a crop is its own full size (its resizes after)
             assert psnr(a, b) > PSNR_MIN, box
 
 
@@ -249,6 +250,7 @@ def test_eval_transform_drafts_close_to_the_full_decode(tmp_path, large_jpeg):
     assert draft_of(reduced)[2] == 4
     a, b = resize_center_crop(full, 224), resize_center_crop(reduced, 224)
     assert a.size == b.size == (224, 224) and psnr(a, b) > PSNR_MIN
+    assert DRAFT_INFO not in b.info
     # the dataset: drafted by default, the old pixels exactly with jpeg_draft=False
     x_on = _EvalImages([str(path)], 224)[0]
     x_off = _EvalImages([str(path)], 224, jpeg_draft=False)[0]
