@@ -44,6 +44,9 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 # `info` through convert / crop / copy, so it travels with the decoded image to the transforms.
 DRAFT_INFO = "fastdino_jpeg_draft"
 JPEG_REDUCTIONS = (8, 4, 2)  # libjpeg's DCT scalings Pillow's draft offers (and 1: none)
+# what PIL names a JPEG: MPO is a JPEG with more pictures appended (many phone and camera photos:
+# depth maps, previews), the first one the image
+_DRAFT_FORMATS = ("JPEG", "MPO")
 
 
 def draft_of(img: Image.Image) -> tuple[int, int, int]:
@@ -69,7 +72,7 @@ def largest_reduction(room: float) -> int:
 def _draft(img: Image.Image, draft) -> int:
     """Set up the reduced decode of an opened (not yet loaded) JPEG by `draft(W, H)` = k; the
     reduction Pillow took (1 = none: another format, or draft declined)."""
-    if draft is None or img.format != "JPEG":
+    if draft is None or img.format not in _DRAFT_FORMATS:
         return 1
     w, h = img.size
     k = draft(w, h)

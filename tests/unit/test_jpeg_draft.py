@@ -195,10 +195,16 @@ def test_non_jpeg_is_decoded_in_full():
     assert np.array_equal(np.asarray(out), np.asarray(img))
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_greyscale_and_cmyk_jpegs_are_reduced_alike(mode):
-    src = smooth_rgb().convert(mode)
-    data = jpeg_bytes(src)
+@pytest.mark.parametrize("mode", ["L", "CMYK", "MPO"])
+def test_greyscale_cmyk_and_mpo_jpegs_are_reduced_alike(mode):
+    """MPO: a phone / camera JPEG with more pictures appended, which PIL opens as format MPO."""
+    if mode == "MPO":
+        src, buf = smooth_rgb(), io.BytesIO()
+        src.save(buf, "MPO", save_all=True, append_images=[src.resize((320, 240))], quality=90)
+        data = buf.getvalue()
+        assert Image.open(io.BytesIO(data)).format == "MPO"
+    else:
+        data = jpeg_bytes(smooth_rgb().convert(mode))
     full, reduced = decode_rgb(data), decode_rgb(data, draft=NEEDS)
     assert reduced.mode == "RGB" and draft_of(reduced) == (W, H, 4)
     box = random_resized_crop_params(W, H, (0.05, 0.32), (3 / 4, 4 / 3),
