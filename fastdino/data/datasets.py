@@ -9,10 +9,12 @@ around), which is the same whichever process asks; the bad name is counted in `s
 logged once per process.
 
 Reduced JPEG decoding (data.jpeg_draft): `decode_rgb(..., draft=f)` decodes a JPEG of W x H at
-1/k of its size, k = f(W, H) in 1, 2, 4, 8 (libjpeg's DCT scaling, Pillow's `Image.draft`: several
-times faster than the full decode), and records (W, H, k) in the image's `info[DRAFT_INFO]`: the
-crops are planned on the full size (`full_size`), their boxes scaled by 1/k (`draft_of`). `f` is
-the crops' or the eval transform's rule, which never reduces below what a crop needs.
+1/k of its size, k in 1, 2, 4, 8 (libjpeg's DCT scaling, Pillow's `Image.draft`: several times
+faster than the full decode), and records (W, H, k) in the image's `info[DRAFT_INFO]`: the crops
+are planned on the full size (`full_size`), their boxes scaled by 1/k (`draft_of`). `f(W, H)` is
+the crops' or the eval transform's room (how many times the smallest crop's side exceeds its
+output side); k is the largest reduction within it (`_draft`: less for non-square chroma
+subsampling), so no crop gets fewer pixels than it is resized to.
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ def full_size(img: Image.Image) -> tuple[int, int]:
     return draft_of(img)[:2]
 
 
+def chroma_factor(img: Image.Image) -> int:
+    """How many times a reduced decode of this JPEG (PIL opened) must be smaller than the luma
+    alone allows, so its chroma keeps the resolution a full decode gives a crop: libjpeg(-turbo)
+    scales chroma by square IDCTs only, so with non-square subsampling (4:2:2, 4:4:0: 2; 4:1:1:
+    4) the chroma at 1/k keeps 1/(2k) (1/(4k)) of its full resolution in one direction, where
+    4:2:0 and 4:4:4 keep 1/k or more. 1 for greyscale."""
+    layers = getattr(img, "layer", None) or []  # (id, h, v, table) sampling per component
+    if len(layers) < 2:
+        return 1
+    mh, mv = max(c[1] for c in layers), max(c[2] for c in layers)
+    factor = 1
+    for _, h, v, _ in layers:
+        rh, rv = mh // max(h, 1), mv // max(v, 1)  # its subsampling in each direction
+        factor = max(factor, max(rh, rv) // max(min(rh, rv), 1))
+    return factor
+
+
 def largest_reduction(room: float) -> int:
     """The largest JPEG reduction (8, 4, 2, else 1) not above `room`: how many times the
     smallest crop's side in the full image exceeds the side it is resized to."""
@@ -70,12 +89,13 @@ def largest_reduction(room: float) -> int:
 
 
 def _draft(img: Image.Image, draft) -> int:
-    """Set up the reduced decode of an opened (not yet loaded) JPEG by `draft(W, H)` = k; the
-    reduction Pillow took (1 = none: another format, or draft declined)."""
+    """Set up the reduced decode of an opened (not yet loaded) JPEG within the room `draft(W, H)`
+    (module docstring); the reduction Pillow took (1 = none: another format, too little room, or
+    draft declined)."""
     if draft is None or img.format not in _DRAFT_FORMATS:
         return 1
     w, h = img.size
-    k = draft(w, h)
+    k = largest_reduction(draft(w, h) / chroma_factor(img))
     if k <= 1:
         return 1
     # Pillow takes the largest of 8, 4, 2, 1 not above min(W // w', H // h'): for (W // k,
@@ -399,8 +419,9 @@ def decode_rgb(path: str | bytes, white_level: int | None = None,
     RGB. A TIFF that neither reads as an image (multi-band greyscale, an unknown compression)
     raises OSError: skipped and counted by the dataset, as any unreadable file, saying why.
 
-    `draft`: None (a full decode), or (W, H) -> the reduction k (1, 2, 4, 8) a JPEG of W x H
-    may be decoded at (data.jpeg_draft; module docstring); other formats are decoded in full.
+    `draft`: None (a full decode), or (W, H) -> the room of a JPEG of W x H, how many times its
+    smallest crop's side exceeds the crop's output side (data.jpeg_draft; module docstring): it
+    is decoded at the largest reduction 1/2, 1/4, 1/8 within it; other formats in full.
     A reduced image holds (W, H, k) in its info (`draft_of`, `full_size`)."""
     if name is None and isinstance(path, str):
         name = path
@@ -460,7 +481,7 @@ class ImageFolderUnlabeled:
             raise ValueError("ImageFolderUnlabeled needs exactly one of root= or file_list=")
         check_white_level(white_level)
         self.white_level = white_level
-        # (W, H) -> JPEG reduction for `decode` (decode_rgb's draft): the torch loader sets its
+        # (W, H) -> room for a reduced JPEG decode (decode_rgb's draft): the torch loader sets its
         # crops' rule here (data.jpeg_draft); None = full decodes
         self.draft = None
         if root is not None:

@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from fastdino.config import CropsConfig
-from fastdino.data.datasets import DRAFT_INFO, draft_of, full_size, largest_reduction
+from fastdino.data.datasets import DRAFT_INFO, draft_of, full_size
 
 BLUR_PROBABILITIES = {
     # (global crop 1, global crop 2, local crops)
@@ -130,11 +130,12 @@ def min_crop_side(width: int, height: int, min_scale: float,
 @dataclass(frozen=True)
 class CropNeeds:
     """What crops need of an image's resolution (data.jpeg_draft): per crop kind, (smallest area
-    scale, output side). Called with a JPEG's full (W, H): the largest reduction k (1, 2, 4, 8)
-    after which the smallest box of every kind (`min_crop_side`: minimum scale, most elongated
-    aspect) still spans at least its output side, so no crop is upscaled that a full decode
-    would have downscaled. Decided from the image size and the config only (the boxes are
-    drawn after decoding, from the unchanged random stream). Picklable: loader workers."""
+    scale, output side). Called with a JPEG's full (W, H): its room, the least over the kinds of
+    (side of the smallest box, `min_crop_side`: minimum scale, most elongated aspect) / output
+    side; decode_rgb reduces by at most that (datasets.largest_reduction), so every box still
+    spans at least its output side: no crop is upscaled that a full decode would have
+    downscaled. Decided from the image size and the config only (the boxes are drawn after
+    decoding, from the unchanged random stream). Picklable: loader workers."""
 
     needs: tuple[tuple[float, int], ...]
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -151,9 +152,8 @@ class CropNeeds:
                 needs.add((c.local_crops_scale[0], c.local_crops_size))
         return cls(tuple(sorted(needs)))
 
-    def __call__(self, width: int, height: int) -> int:
-        room = min(min_crop_side(width, height, s, self.ratio) / size for s, size in self.needs)
-        return largest_reduction(room)
+    def __call__(self, width: int, height: int) -> float:
+        return min(min_crop_side(width, height, s, self.ratio) / size for s, size in self.needs)
 
 
 def resize(img: Image.Image, size: int) -> Image.Image:

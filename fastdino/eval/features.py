@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import DRAFT_INFO, decode_location, draft_of, largest_reduction
+from fastdino.data.datasets import DRAFT_INFO, decode_location, draft_of
 from fastdino.data.labelled import locate
 from fastdino.data.transforms import CropNeeds
 from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
@@ -59,14 +59,14 @@ def resize_short(size: int) -> int:
 
 @dataclass(frozen=True)
 class EvalDraft:
-    """decode_rgb's draft rule for the eval transform: (W, H) -> the largest JPEG reduction k
-    (1, 2, 4, 8) with min(W, H) / k >= the resize target's shorter side (so the resize stays a
-    downscale). Picklable (DataLoader workers)."""
+    """decode_rgb's draft rule for the eval transform: (W, H) -> its room, min(W, H) / the
+    resize target's shorter side (a JPEG reduced by at most that still gets a downscale).
+    Picklable (DataLoader workers)."""
 
     short: int
 
-    def __call__(self, width: int, height: int) -> int:
-        return largest_reduction(min(width, height) / self.short)
+    def __call__(self, width: int, height: int) -> float:
+        return min(width, height) / self.short
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
