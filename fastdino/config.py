@@ -660,7 +660,7 @@ class DataConfig:
     # 0..65535 (a warning says it once when an image uses at most 14 bits). Eval / curate embed:
     # --white-level.
     white_level: int | None = None
-    # torch loader (torch_photometric=cpu): decode a JPEG at 1/2, 1/4 or 1/8 of its size
+    # torch loader (either torch_photometric): decode a JPEG at 1/2, 1/4 or 1/8 of its size
     # (libjpeg's DCT scaling: on 12 MP photos at 2 x 224 + 8 x 96, 5.7 -> 32.9 images/s with 2
     # workers on a 2-core CPU) when even the smallest crop of every kind still has at least its
     # output side in pixels; the crop boxes and random draws are unchanged (drawn from the full

@@ -113,18 +113,19 @@ def geometric_crops(image, crops, rng) -> dict:
     from PIL import Image
 
     from fastdino.data import dali_plan as P
-    from fastdino.data.transforms import BICUBIC, resize
+    from fastdino.data.datasets import full_size
+    from fastdino.data.transforms import crop_resize, resize
     from fastdino.kernels.photometric import FLIP
 
     if image.mode != "RGB":
         image = image.convert("RGB")
-    plan = P.plan_image(image.width, image.height, crops, rng)
+    plan = P.plan_image(*full_size(image), crops, rng)  # (a JPEG decoded reduced: its full size)
     gram = crops.gram_teacher_crops_size
     global_max = max(crops.global_crops_size, gram or 0)
 
     def window(row, size: int):
         top, left, h, w = (int(v) for v in row[[P.TOP, P.LEFT, P.HEIGHT, P.WIDTH]])
-        out = image.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
+        out = crop_resize(image, (top, left, h, w), size)
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if row[P.FLIP] else out
 
     out = {"global": [], "local": [], "gram": []}

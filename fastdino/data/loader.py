@@ -143,9 +143,9 @@ class MultiCropBatches(Dataset):
         # photometric ops (TrainLoader finishes the RawBatch)
         self.raw = cfg.data.torch_photometric == "gpu"
         # data.jpeg_draft: JPEGs decoded at 1/2, 1/4 or 1/8 where every crop of every resolution
-        # keeps at least its output side (CropNeeds); the boxes are drawn from the full size.
-        # Not with torch_photometric=gpu: its geometric_crops plans on the decoded size.
-        if cfg.data.jpeg_draft and not self.raw:
+        # keeps at least its output side (CropNeeds); the boxes are drawn from the full size
+        # (transforms.crop_resize; gpu_photometric.geometric_crops alike)
+        if cfg.data.jpeg_draft:
             needs = CropNeeds.of(c for c, _ in variants)
             for part in getattr(images, "parts", (images,)):  # (mixing.ConcatImages' sources)
                 part.draft = needs

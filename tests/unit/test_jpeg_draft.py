@@ -247,12 +247,24 @@ def test_loader_key_on_drafts_and_off_gives_the_full_decode_pixels(tmp_path, lar
             assert (a - b).abs().gt(0.1).float().mean() < 0.02
 
 
-def test_loader_gpu_photometric_keeps_full_decodes(tmp_path, large_jpeg):
-    """torch_photometric=gpu's geometric_crops plans on the decoded size: no draft there."""
+def test_loader_gpu_photometric_drafts_with_the_same_plan(tmp_path, large_jpeg):
+    """torch_photometric=gpu's workers cut the crops (gpu_photometric.geometric_crops) from a
+    reduced decode too: the same plan (boxes drawn from the full size, the same photometric
+    parameters), pixels close to the full decode's."""
+    from fastdino.data.gpu_photometric import geometric_crops
+
     (tmp_path / "a.jpg").write_bytes(large_jpeg)
     images = ImageFolderUnlabeled(root=tmp_path)
-    MultiCropBatches(images, _loader_cfg(tmp_path, "data.torch_photometric=gpu"), 0, 1)
-    assert images.draft is None
+    cfg = _loader_cfg(tmp_path, "data.torch_photometric=gpu")
+    MultiCropBatches(images, cfg, 0, 1)
+    assert images.draft == NEEDS
+    full = geometric_crops(decode_rgb(large_jpeg), cfg.crops, augmentation_rng(0, 0, 0))
+    reduced = geometric_crops(decode_rgb(large_jpeg, draft=NEEDS), cfg.crops,
+                              augmentation_rng(0, 0, 0))
+    np.testing.assert_array_equal(full["params"], reduced["params"])
+    for key in ("global", "local"):
+        for a, b in zip(full[key], reduced[key], strict=True):
+            assert a.shape == b.shape and psnr(a, b) > 40, key
 
 
 def test_eval_transform_drafts_close_to_the_full_decode(tmp_path, large_jpeg):
