@@ -568,7 +568,8 @@ class Trainer:
                                 temperature=cfg.eval.knn_temperature,
                                 batch_size=cfg.eval.batch_size, mean=cfg.crops.mean,
                                 std=cfg.crops.std, val=cfg.train.knn_val_data,
-                                samples=self.knn_samples, white_level=cfg.data.white_level)
+                                samples=self.knn_samples, white_level=cfg.data.white_level,
+                                jpeg_draft=cfg.data.jpeg_draft)
             except Exception as e:  # noqa: BLE001 - e.g. an image of the probe set unreadable
                 logger.warning("%skNN probe at iteration %d failed, skipped: %s: %s",
                                self.log_prefix, it, type(e).__name__, e)

@@ -155,6 +155,11 @@ def _add_common(p: argparse.ArgumentParser, *, features: bool = True) -> None:
                        help=WORKERS_HELP)
         f.add_argument("--cache-dir", default=None,
                        help="feature cache (default $FASTDINO_CACHE/features); 'none' disables")
+        f.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
+                       help="decode every JPEG in full (default: a large JPEG is decoded at 1/2, "
+                            "1/4 or 1/8 of its size, down to the resize target: several times "
+                            "faster, the features within a resampling's difference; as "
+                            "data.jpeg_draft)")
     p.add_argument("--white-level", type=white_level, default=None, metavar="N",
                    help=WHITE_LEVEL_HELP)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -517,7 +522,8 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
                                           args.val_data)
             args.data = f"{args.train_data} + {args.val_data}"
         extractor = BackboneExtractor(backbone, args.image_size, args.batch_size,
-                                      args.num_workers, progress, white_level=wl)
+                                      args.num_workers, progress, white_level=wl,
+                                      jpeg_draft=args.jpeg_draft)
         key = {"weights": info.digest, "arch": info.arch, "image_size": args.image_size}
         key.update(white_level_key(wl))  # other pixels, other features
         n_blocks = max(getattr(args, "n_last_blocks", [1]))

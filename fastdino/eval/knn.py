@@ -47,9 +47,14 @@ def _to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_size: int,
                      batch_size: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     white_level: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     white_level: int | None = None,
+                     jpeg_draft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] L2-normalised fp32, labels [N] long) of (path, label) samples;
-    `white_level`: data.white_level (16-bit images' white, datasets._to_8bit)."""
+    `white_level`: data.white_level (16-bit images' white, datasets._to_8bit); `jpeg_draft`:
+    large JPEGs decoded reduced down to the resize target, as `eval knn` decodes them."""
+    from fastdino.eval.features import EvalDraft, resize_short  # (features imports this module)
+
+    draft = EvalDraft(resize_short(image_size)) if jpeg_draft else None
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -57,8 +62,8 @@ def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_
     try:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            x = torch.stack([_to_tensor(decode_location(locate(p), white_level, p), image_size,
-                                        mean, std)
+            x = torch.stack([_to_tensor(decode_location(locate(p), white_level, p, draft),
+                                        image_size, mean, std)
                              for p, _ in chunk])  # a file, or a `<shard>/<member>` name
             cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]  # [b, D]
             feats.append(F.normalize(cls.float(), dim=-1).cpu())
@@ -122,15 +127,16 @@ def knn_probe(backbone: nn.Module, root: str | Path, image_size: int,
               ks: tuple[int, ...] = (10, 20), temperature: float = 0.07, batch_size: int = 64,
               mean=IMAGENET_MEAN, std=IMAGENET_STD, val: str | None = None,
               samples: tuple[list, list] | None = None,
-              white_level: int | None = None) -> dict[str, float]:
+              white_level: int | None = None, jpeg_draft: bool = True) -> dict[str, float]:
     """{"knn_top1_k<k>": accuracy} on the labelled folder `root`, or with `val`, of the query
     source `val` against the training source `root` (module docstring); `samples`: their
-    `knn_samples` listing, when the caller has it already; `white_level`: the run's
-    data.white_level (its images are decoded as the training images are)."""
+    `knn_samples` listing, when the caller has it already; `white_level`, `jpeg_draft`: the
+    run's data.white_level and data.jpeg_draft (its images are decoded as the training images
+    are; `eval knn` drafts by default, --no-jpeg-draft not)."""
     train, query = samples if samples is not None else knn_samples(root, val)
     train_f, train_y = extract_features(backbone, train, image_size, batch_size, mean, std,
-                                        white_level)
+                                        white_level, jpeg_draft)
     test_f, test_y = extract_features(backbone, query, image_size, batch_size, mean, std,
-                                      white_level)
+                                      white_level, jpeg_draft)
     acc = knn_classify(train_f, train_y, test_f, test_y, ks, temperature)
     return {f"knn_top1_k{k}": a for k, a in acc.items()}

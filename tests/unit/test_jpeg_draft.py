@@ -35,6 +35,7 @@ from fastdino.eval.features import (
     EvalDraft,
     _EvalImages,
     resize_center_crop,
+    resize_short,
     to_normalized_tensor,
 )
 
@@ -331,3 +332,63 @@ def test_non_square_chroma_subsampling_is_reduced_less(subsampling, k):
     for _ in range(5):
         box = random_resized_crop_params(W, H, (0.05, 0.32), (3 / 4, 4 / 3), rng)
         assert psnr(crop_resize(full, box, 96), crop_resize(reduced, box, 96)) > PSNR_MIN
+
+
+@pytest.mark.parametrize("cmd", ["knn", "linear"])
+def test_eval_no_jpeg_draft_flag_reaches_the_extractor(cmd):
+    from fastdino.eval.cli import build_parser
+
+    base = [cmd, "--data", "x", "--weights", "random"]
+    assert build_parser().parse_args(base).jpeg_draft is True
+    assert build_parser().parse_args([*base, "--no-jpeg-draft"]).jpeg_draft is False
+
+
+def _spy_drafts(monkeypatch) -> list:
+    """The draft rule of every decode the kNN probe makes (fastdino.eval.knn's decode_location)."""
+    from fastdino.eval import knn
+
+    seen, real = [], knn.decode_location
+
+    def spy(location, white_level=None, name=None, draft=None):
+        seen.append(draft)
+        return real(location, white_level, name, draft)
+
+    monkeypatch.setattr(knn, "decode_location", spy)
+    return seen
+
+
+def test_knn_probe_drafts_as_eval_knn_unless_the_run_says_not(tmp_path, monkeypatch, large_jpeg):
+    """The in-training probe's features are eval knn's: its large JPEGs are decoded down to the
+    same resize target (EvalDraft), and the run's data.jpeg_draft=false decodes them in full."""
+    from fastdino.eval.knn import extract_features
+    from fastdino.models import vit_test
+
+    (tmp_path / "a.jpg").write_bytes(large_jpeg)
+    samples = [(str(tmp_path / "a.jpg"), 0)]
+    seen, model = _spy_drafts(monkeypatch), vit_test()
+    on, _ = extract_features(model, samples, 32)
+    assert seen == [EvalDraft(resize_short(32))]
+    seen.clear()
+    off, _ = extract_features(model, samples, 32, jpeg_draft=False)
+    assert seen == [None]
+    assert torch.nn.functional.cosine_similarity(on, off).item() > 0.99
+
+
+def test_trainer_probe_takes_data_jpeg_draft(tmp_path, monkeypatch):
+    from fastdino.train import Trainer
+
+    probe = tmp_path / "probe"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (probe / split / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (40 * len(cls), 90, 200)).save(probe / split / cls / "0.png")
+    base = ["dino.head.n_prototypes=128", "ibot.head.n_prototypes=128", "data.num_workers=0",
+            "train.resume=none", "train.max_iterations=1", "train.log_every=1",
+            "train.knn_every=1", f"train.knn_data={probe}"]
+    seen = _spy_drafts(monkeypatch)
+    for on in (True, False):
+        seen.clear()
+        cfg = load_config("smoke", [*base, f"train.output_dir={tmp_path / str(on)}",
+                                    f"data.jpeg_draft={str(on).lower()}"])
+        assert "knn_top1_k10" in Trainer(cfg).train()[-1]
+        assert seen and all((d is not None) == on for d in seen)
