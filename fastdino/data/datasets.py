@@ -187,25 +187,56 @@ def _say_once(key: str, message: str, *args) -> None:
         logger.warning(message + ". Said once per process, for the first such image", *args)
 
 
+# say_bit_depth looks at this many images' headers, spread evenly over the dataset (the first
+# included): a folder that starts with an 8-bit quicklook or an unreadable file still has its
+# 16-bit data said; it decodes the first deep image of each kind (format, mode, compression) and
+# a few more (for the note on values above the white level), headers being cheap and decodes not
+_BIT_DEPTH_SAMPLE = 32
+_BIT_DEPTH_DECODES = 4
+
+
+def _depth_kind(images, index: int) -> tuple | None:
+    """What kind of image deeper than 8 bits image `index` is, from its header (None: 8 bits,
+    nothing to say); a file is opened by its path (a large TIFF is not read whole)."""
+    locations = getattr(images, "locations", None)
+    location = locations[index] if locations is not None else None
+    source = location if isinstance(location, str) else io.BytesIO(images.read(index))
+    try:
+        with Image.open(source) as img:  # header only
+            if img.mode.startswith("I") or _deep_tiff(img) or _png16_colour(img):
+                return (img.format, img.mode, getattr(img, "tag_v2", {}).get(259))
+            return None
+    except UnidentifiedImageError:
+        if isinstance(source, str):
+            return ("TIFF?",) if is_tiff(source) else None
+        return ("TIFF?",) if is_tiff(source.getvalue()) else None
+
+
 def say_bit_depth(images) -> None:
     """The once-per-process notes about the bit depth (a 16-bit image that uses at most 14 bits
-    under data.white_level null; 16-bit data that is read at 8 bits), from the training
-    process, about the first image of `images` (an ImageFolderUnlabeled), decoded only when its
-    header says it is deeper than 8 bits (or is a TIFF PIL cannot read, which tifffile may).
-    Said before the loaders start their workers: forked ones inherit that it was said (else each
-    says it at its first such image); DALI decodes 16-bit PNGs itself and its spawned source
-    workers have no logging, so there this is the only place it is said."""
-    try:
-        data = images.read(0)
+    under data.white_level null; 16-bit data that is read at 8 bits; values above the white
+    level), from the training process, about a sample of `images` (an ImageFolderUnlabeled):
+    up to _BIT_DEPTH_SAMPLE headers spread over the dataset, the images among them deeper than
+    8 bits (or TIFFs PIL cannot read, which tifffile may) decoded, a few. Said before the
+    loaders start their workers: forked ones inherit that it was said (else each says it at
+    its first such image); DALI decodes 16-bit PNGs itself and its spawned source workers have
+    no logging, so there this is the only place it is said (image 0 alone missed it when it
+    was an 8-bit quicklook or unreadable)."""
+    n = len(images)
+    picks = sorted(set(np.linspace(0, n - 1, min(n, _BIT_DEPTH_SAMPLE)).round().astype(int)))
+    kinds, decoded = set(), 0
+    # more images of a kind only for the note on values above the white level
+    more = _BIT_DEPTH_DECODES if getattr(images, "white_level", None) is not None else 0
+    for i in picks:
         try:
-            with Image.open(io.BytesIO(data)) as img:  # header only
-                deep = img.mode.startswith("I") or _deep_tiff(img) or _png16_colour(img)
-        except UnidentifiedImageError:
-            deep = is_tiff(data)
-        if deep:
-            images.decode(0)  # decode_rgb says what applies
-    except _DECODE_ERRORS:
-        pass  # an unreadable first file: the loader skips and reports it
+            kind = _depth_kind(images, int(i))
+            if kind is None or (kind in kinds and decoded >= more):
+                continue
+            kinds.add(kind)
+            decoded += 1
+            images.decode(int(i))  # decode_rgb says what applies
+        except _DECODE_ERRORS:
+            pass  # an unreadable file: the loader skips and reports it
 
 
 def silence_shallow_16bit_warning() -> None:
@@ -213,7 +244,7 @@ def silence_shallow_16bit_warning() -> None:
     process says them)."""
     global _shallow_warned
     _shallow_warned = True
-    _said.update(("png16", "tiff_codec"))
+    _said.update(("png16", "tiff_codec", "clip"))
 
 
 def _scale_to_8bit(arr: np.ndarray, kind: str, white_level: int | None = None,
@@ -242,9 +273,28 @@ def _scale_to_8bit(arr: np.ndarray, kind: str, white_level: int | None = None,
                   else 65535.0 if top <= 65535 and kind != "float" else top)
             if hi == 65535.0:  # 16-bit data read as 32-bit
                 _warn_shallow_16bit(top, name)
+    if (white_level is not None and (lo, hi) == (0.0, float(white_level)) and "clip" not in _said
+            and values.size and float(values.max()) > white_level):
+        _say_clipped(values, white_level, name)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
     return np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def _say_clipped(values: np.ndarray, white_level: int, name: str | None) -> None:
+    """Once per process (info: clipping is data.white_level's rule, e.g. bright clouds above
+    Sentinel-2's 10000): an image whose values above `white_level` clip to white, how many,
+    and the white level of their bits, for a white level set below the data's depth (4095 for
+    14-bit data whitens three quarters of its range)."""
+    _said.add("clip")
+    top = float(values.max())
+    bits = next(b for b in (10, 12, 14, 16) if top < 2**b)
+    logger.info("image %s has values up to %d, above data.white_level=%d: they clip to white "
+                "(%.3g%% of its values). If the data is deeper (%d-bit: white level %d), raise "
+                "data.white_level (eval / curate embed: --white-level). Said once per process, "
+                "for the first such image", name or "(bytes)", top, white_level,
+                100.0 * float(np.count_nonzero(values > white_level)) / values.size, bits,
+                2**bits - 1)
 
 
 def _to_8bit(img: Image.Image, white_level: int | None = None,
@@ -376,13 +426,17 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
                 f"{prefix}a TIFF that PIL cannot read, with {codec}, which tifffile decodes only "
                 "with the imagecodecs package, if at all: pip install imagecodecs, or re-save "
                 "it uncompressed or deflate-compressed")
-        _say_once("tiff_codec", "TIFF %s has %s, which tifffile decodes only with the imagecodecs "
-                  "package: read by PIL, its bit depth reduced to 8 bits (the high byte; "
-                  "data.white_level does not apply). pip install imagecodecs, or re-save such "
-                  "files uncompressed or deflate-compressed (tifffile.imwrite(..., "
-                  "compression='zlib'))", label, codec)
         pil.load()
-        return pil.convert("RGB")
+        rgb = pil.convert("RGB")
+        if "tiff_codec" not in _said:  # (its levels: 12-bit data is 0..15, nearly black)
+            top = max(hi for _, hi in rgb.getextrema())
+            _say_once("tiff_codec", "TIFF %s has %s, which tifffile decodes only with the "
+                      "imagecodecs package: read by PIL, its bit depth reduced to 8 bits (the "
+                      "high byte, here levels 0..%d%s; data.white_level does not apply). pip "
+                      "install imagecodecs, or re-save such files uncompressed or "
+                      "deflate-compressed (tifffile.imwrite(..., compression='zlib'))", label,
+                      codec, top, ": nearly black" if top <= SHALLOW_16BIT_MAX >> 8 else "")
+        return rgb
     if axes.startswith("S"):  # planar (separate) samples: [S, Y, X] -> [Y, X, S]
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 2:
