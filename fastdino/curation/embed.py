@@ -37,7 +37,13 @@ from fastdino.curation.progress import Progress
 from fastdino.data.datasets import decode_location, white_level_key
 from fastdino.data.packed import PackedLocations, PackedStrings
 from fastdino.data.sources import find_images
-from fastdino.eval.features import autocast_for, resize_center_crop, to_normalized_tensor
+from fastdino.eval.features import (
+    EvalDraft,
+    autocast_for,
+    resize_center_crop,
+    resize_short,
+    to_normalized_tensor,
+)
 
 logger = logging.getLogger("fastdino.curation")
 
@@ -52,16 +58,19 @@ class _Images(torch.utils.data.Dataset):
     ok=False (never fatal). `locations` is packed: the loader's forked workers share it."""
 
     def __init__(self, locations: PackedLocations, start: int, image_size: int,
-                 white_level: int | None = None):
+                 white_level: int | None = None, jpeg_draft: bool = True):
         self.locations, self.start, self.image_size = locations, start, image_size
         self.white_level = white_level  # --white-level (decode_rgb's)
+        # large JPEGs decoded reduced down to the resize target, as eval's features
+        self.draft = EvalDraft(resize_short(image_size)) if jpeg_draft else None
 
     def __len__(self) -> int:
         return len(self.locations) - self.start
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            img = decode_location(self.locations[self.start + i], self.white_level)
+            img = decode_location(self.locations[self.start + i], self.white_level,
+                                  draft=self.draft)
         except DECODE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False
         return to_normalized_tensor(resize_center_crop(img, self.image_size)), True
@@ -101,12 +110,15 @@ def check_image_size(image_size: int, patch: int, what: str = "image_size") -> N
 def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: dict,
                  image_size: int = 224, batch_size: int = 64, num_workers: int = 0,
                  progress: bool = True, patches: bool = False,
-                 white_level: int | None = None) -> Path:
+                 white_level: int | None = None, jpeg_draft: bool = True) -> Path:
     """Embed every image under `data` into `out` (module docstring); returns the matrix path.
     `key` names the weights (e.g. {"weights": digest}): a rerun must present the same one.
     `patches`: also the patch-token matrix (patches.npy), written and resumed in lockstep.
     `white_level`: 16-bit images' white (--white-level, data.white_level: datasets._to_8bit),
-    in the key where it is set (a rerun with another is refused)."""
+    in the key where it is set (a rerun with another is refused). `jpeg_draft`: large JPEGs
+    decoded at 1/2, 1/4 or 1/8 down to the resize target (eval's features alike; --no-jpeg-draft
+    off), in the key when on (a folder embedded before it, or with it off, is continued only
+    with it off: no matrix mixes rows decoded both ways)."""
     patch = int(backbone.patch_size)
     check_image_size(image_size, patch)
     out = Path(out)
@@ -126,6 +138,8 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     if patches:  # (only then: folders embedded before this option keep their key)
         full_key["patches"] = [grid, grid]
     full_key.update(white_level_key(white_level))  # (the same: nothing when None)
+    if jpeg_draft:
+        full_key["decode"] = "jpeg-draft"
     state_file, matrix = out / PROGRESS, out / EMBEDDINGS
     done = 0
     if state_file.is_file() and matrix.is_file():
@@ -159,7 +173,8 @@ def embed_folder(data: str | Path, backbone: nn.Module, out: str | Path, key: di
     skipped = read_names(skipped_file) if skipped_file.is_file() else []
 
     backbone.eval()
-    loader = torch.utils.data.DataLoader(_Images(locations, done, image_size, white_level),
+    loader = torch.utils.data.DataLoader(_Images(locations, done, image_size, white_level,
+                                                 jpeg_draft),
                                          batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     # a bar on a terminal, else a log line every ~10 s (tqdm alone showed nothing in a job's log)

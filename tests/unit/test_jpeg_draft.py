@@ -392,3 +392,29 @@ def test_trainer_probe_takes_data_jpeg_draft(tmp_path, monkeypatch):
                                     f"data.jpeg_draft={str(on).lower()}"])
         assert "knn_top1_k10" in Trainer(cfg).train()[-1]
         assert seen and all((d is not None) == on for d in seen)
+
+
+def test_curate_embed_drafts_and_never_mixes_decodings_in_one_folder(tmp_path, large_jpeg,
+                                                                      capsys):
+    """curate embed decodes large JPEGs reduced (as eval's features) unless --no-jpeg-draft; the
+    folder's key says which, so a folder embedded one way is not continued the other way."""
+    import json
+
+    from fastdino.curation.cli import main
+    from fastdino.curation.embed import EMBEDDINGS, PROGRESS
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(large_jpeg)
+    common = ["embed", "--data", str(data), "--weights", "random", "--arch", "vit_test",
+              "--image-size", "32", "--num-workers", "0", "--device", "cpu", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "on")]) == 0
+    assert main([*common, "--out", str(tmp_path / "off"), "--no-jpeg-draft"]) == 0
+    keys = {d: json.loads((tmp_path / d / PROGRESS).read_text())["key"] for d in ("on", "off")}
+    assert keys["on"].get("decode") == "jpeg-draft" and "decode" not in keys["off"]
+    on, off = (np.load(tmp_path / d / EMBEDDINGS).astype(np.float32) for d in ("on", "off"))
+    assert float((on * off).sum()) > 0.99  # unit rows of one image, decoded two ways
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "off")]) == 2  # the other decoding: refused
+    assert "decode" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "off"), "--no-jpeg-draft"]) == 0
