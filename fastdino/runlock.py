@@ -1,11 +1,12 @@
-"""One training run per output_dir at a time.
+"""One writer per output folder at a time.
 
 Two runs writing the same `train.output_dir` (the same command started twice, in two terminals or
 two queued jobs) would each write checkpoints, `latest` and metrics.jsonl over the other's, and a
 resume would then mix the two: a silently corrupted run. The training CLI's rank 0 therefore
-holds an exclusive `flock` on `<output_dir>/.run.lock` for as long as it runs; a second run is
-refused at its start with one line naming the holder (pid, host, start time, written into the
-file by the holder).
+holds an exclusive `flock` on `<output_dir>/.run.lock` for as long as it runs (`RunLocks`); a
+second run is refused at its start with one line naming the holder (pid, host, start time,
+written into the file by the holder). `curate cluster` locks its --out the same way
+(`lock_file`).
 
 The lock belongs to the open file, so it ends with the process however the process ends (a
 crash or kill -9 leaves no stale lock to clean up). Linux NFS clients carry flock over to the
@@ -20,7 +21,9 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from fastdino.config import ConfigError
 
@@ -30,12 +33,45 @@ LOCK_FILE = ".run.lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
+def lock_file(path: Path, refused: Callable[[str], BaseException], what: str) -> IO | None:
+    """An exclusive flock on `path` (created, with its folder), held by the returned open file
+    until it is closed or the process ends; the holder's pid, host and start are written into
+    it. Held elsewhere: raises `refused(<the holder's line>)`. None where nothing can be locked
+    (no fcntl; a filesystem without locks, with a warning that no second `what` is stopped)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        if e.errno in _UNSUPPORTED:
+            logger.warning("%s: the filesystem cannot lock files (%s), so nothing stops a second "
+                           "%s from writing there at the same time", path, os.strerror(e.errno),
+                           what)
+            return None
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise refused(holder) from None
+    f.seek(0)
+    f.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    f.flush()
+    return f
+
+
 class RunLocks:
     """The run locks one CLI call holds, released when it returns (an in-process caller, such as a
     test or a notebook, may then start the same run again, or another process may)."""
 
     def __init__(self) -> None:
-        self._files: list = []
+        self._files: list[IO] = []
 
     def __enter__(self) -> RunLocks:
         return self
@@ -50,34 +86,14 @@ class RunLocks:
         ranks share rank 0's run); ConfigError naming the holder if another run has it."""
         if int(os.environ.get("RANK", "0") or 0) != 0:
             return
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock
-            return
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            if e.errno in _UNSUPPORTED:
-                logger.warning("%s: the filesystem cannot lock files (%s), so nothing stops a "
-                               "second run from writing this output_dir at the same time",
-                               out / LOCK_FILE, os.strerror(e.errno))
-                return
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConfigError(
+
+        def refused(holder: str) -> ConfigError:
+            return ConfigError(
                 f"train.output_dir = {str(out)!r} is in use by another run ({holder}): two runs "
                 "writing the same checkpoints overwrite each other's; wait for it to end, stop "
-                "it, or give another train.output_dir") from None
-        f.seek(0)
-        f.truncate()
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        f.flush()
-        self._files.append(f)
+                "it, or give another train.output_dir")
 
+        f = lock_file(out / LOCK_FILE, refused, "run")
+        if f is not None:
+            self._files.append(f)

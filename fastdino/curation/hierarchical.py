@@ -251,39 +251,15 @@ LOCK = ".cluster.lock"  # in --out: held by the run writing it (the pid, host an
 def _lock(root: Path):
     """An exclusive flock on <root>/.cluster.lock, held (the open file) while this run writes
     --out: two runs writing one --out (two terminals, a job queued twice) mixed their levels.
-    It ends with its process however that ends. None where nothing can be locked (no fcntl, a
-    filesystem without locks: a warning)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return None
-    import datetime
-    import errno
-    import socket
+    It ends with its process however that ends (runlock.lock_file). None where nothing can be
+    locked."""
+    from fastdino.runlock import lock_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    f = open(root / LOCK, "a+")  # noqa: SIM115 - held open for the whole run
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            logger.warning("%s: the filesystem cannot lock files (%s): nothing stops a second "
-                           "run from writing this --out at the same time", root / LOCK,
-                           os.strerror(e.errno))
-            return None
-        if e.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        raise ValueError(f"--out {root} is being written by another `curate cluster` ({holder}): "
-                         "wait for it to end, stop it, or give another --out") from None
-    f.seek(0)
-    f.truncate()
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-    f.flush()
-    return f
+    def refused(holder: str) -> ValueError:
+        return ValueError(f"--out {root} is being written by another `curate cluster` "
+                          f"({holder}): wait for it to end, stop it, or give another --out")
+
+    return lock_file(root / LOCK, refused, "`curate cluster`")
 
 
 class ClusterStore:
