@@ -45,10 +45,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import IMAGE_EXTENSIONS, decode_rgb
+from fastdino.data.datasets import _DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb
 from fastdino.eval.features import autocast_for, to_normalized_tensor
 
 logger = logging.getLogger("fastdino.eval")
+# unreadable inputs said, once per process (train.pca_images writes maps at every checkpoint)
+_skipped_said: set[str] = set()
 
 
 @dataclass
@@ -211,22 +213,57 @@ def _norm_map(norms: torch.Tensor, high: torch.Tensor, size: tuple[int, int]) ->
     return _to_pil(rgb, size)
 
 
+def _is_image(q: Path) -> bool:
+    return q.is_file() and q.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files, and the images inside given folders (sorted, non-recursive)."""
+    """Image files, and the images inside given folders (sorted, non-recursive). A folder whose
+    images are all in subfolders (patient / study folders) is said, naming one: it gives none."""
     paths: list[Path] = []
+    nested: list[str] = []  # folders with images in subfolders only
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths.extend(sorted(q for q in p.iterdir()
-                                if q.is_file() and q.name.lower().endswith(IMAGE_EXTENSIONS)))
+            found = sorted(q for q in p.iterdir() if _is_image(q))
+            if not found:
+                deeper = next((q for q in sorted(p.rglob("*")) if _is_image(q)), None)
+                if deeper is not None:
+                    nested.append(f"{p} (e.g. {deeper})")
+            paths.extend(found)
         elif p.is_file():
             paths.append(p)
         else:
             raise FileNotFoundError(f"pca input {str(p)!r} is neither an image file nor a folder")
     if not paths:
-        raise FileNotFoundError("pca: no input images (extensions: "
-                                + ", ".join(IMAGE_EXTENSIONS) + ")")
+        raise FileNotFoundError(
+            "pca: no input images (extensions: " + ", ".join(IMAGE_EXTENSIONS) + ")"
+            + (f"; folders are not searched recursively and {'; '.join(nested)} hold images "
+               "only in subfolders: name those folders or files" if nested else ""))
+    for folder in nested:
+        logger.warning("pca: %s holds images only in its subfolders, which are not searched: "
+                       "name those folders or files", folder)
     return paths
+
+
+def _readable(paths: list[Path], white_level: int | None) -> tuple[list[Path], list[Image.Image]]:
+    """The inputs that decode, and their RGB images: an unreadable one (a corrupt scan in a
+    folder) is left out with a warning naming it and why, once per process, instead of
+    failing every map; none readable raises ValueError naming the first and why."""
+    kept, images, first = [], [], None
+    for p in paths:
+        try:
+            images.append(decode_rgb(str(p), white_level))
+            kept.append(p)
+        except _DECODE_ERRORS as e:
+            why = f"{type(e).__name__}: {e}"
+            first = first or f"{p}: {why}"
+            if str(p) not in _skipped_said:
+                _skipped_said.add(str(p))
+                logger.warning("pca: skipped unreadable image %s (%s)", p, why)
+    if not kept:
+        raise ValueError(f"pca: none of the {len(paths)} input images could be read ({first})")
+    return kept, images
 
 
 def _to_pil(rgb: torch.Tensor, size: tuple[int, int]) -> Image.Image:
@@ -259,12 +296,12 @@ def write_pca_images(backbone: nn.Module, inputs: Sequence[str | Path], out_dir:
     <out>/<stem>_norms.png (token norms before the final norm, grey, and in red the tokens above
     `norm_factor` x the image's median) and <out>/norms.json (per image: median, max, the
     high-norm tokens' (row, column) patch positions). `white_level`: 16-bit images' white
-    (--white-level, data.white_level: datasets._to_8bit)."""
+    (--white-level, data.white_level: datasets._to_8bit). Unreadable inputs are left out,
+    said once (`_readable`); none readable raises ValueError."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = expand_inputs(inputs)
-    images = [resize_for_pca(decode_rgb(str(p), white_level), resolution, backbone.patch_size)
-              for p in paths]
+    paths, images = _readable(expand_inputs(inputs), white_level)
+    images = [resize_for_pca(img, resolution, backbone.patch_size) for img in images]
     feats = [image_patch_features(backbone, img) for img in images]
     maps = pca_rgb(feats, shared=shared, fg=fg, threshold=threshold, color=color)
     written, sides, used, report = [], [], set(), {}
