@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from dali_helpers import needs_dali
 from data_helpers import pack_shards
 from PIL import Image
 
@@ -22,15 +23,6 @@ from fastdino.data.collate import Batch
 from fastdino.data.loader import augmentation_rng, build_train_loader
 from fastdino.data.masking import mask_counts
 from fastdino.data.transforms import BLUR_PROBABILITIES, DataAugmentationDINO
-
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
-needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
-                                "(pip install 'fastdino[dali]'); the plan tests still run")
 
 
 def _write_images(folder, n, seed=0):

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from dali_helpers import needs_dali
 from PIL import Image
 
 from fastdino.config import load_config
@@ -17,15 +18,6 @@ from fastdino.data import sources
 from fastdino.data.datasets import ImageFolderUnlabeled, LabelledImageFolder, decode_rgb
 from fastdino.data.labelled import labelled_images
 from fastdino.data.loader import build_train_loader
-
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
-needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
-                                "(pip install 'fastdino[dali]'): the DALI decode is not testable")
 
 RGB = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
 RAMP16 = np.array([[0, 32768, 65535]], dtype=np.uint16)

@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import tifffile
+from dali_helpers import cpu_decode, needs_dali
 from PIL import Image
 
 from fastdino.data import dali_plan as P
@@ -26,15 +27,6 @@ from fastdino.data.datasets import (
     decode_rgb,
     say_bit_depth,
 )
-
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
-needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
-                                "(pip install 'fastdino[dali]'): the DALI decode is not testable")
 
 RNG = np.random.default_rng(0)
 # 12-bit data in a 16-bit file, with values above 4095 (they clip to white at 4095)
@@ -314,28 +306,14 @@ def test_dali_cpu_decoder_gives_the_torch_loaders_pixels():
     """What the probe hands DALI's decoder decodes to decode_rgb's pixels: 16-bit RGB(A) TIFFs
     with and without a white level, and a 16-bit colour PNG, which DALI's decoder alone reads
     up to a level away from PIL's high byte."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def decode():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB,
-                                 adjust_orientation=False)
-
-    def dali(encoded):
-        pipe = decode()
-        pipe.build()
-        pipe.feed_input("encoded", [np.frombuffer(bytes(encoded), np.uint8)])
-        return np.array(pipe.run()[0][0])
-
     png = _png16(FULL)
-    assert not np.array_equal(dali(np.frombuffer(png, np.uint8)), (FULL >> 8).astype(np.uint8))
-    assert np.array_equal(dali(P.probe_image(png)[0]), np.asarray(decode_rgb(png)))
+    assert not np.array_equal(cpu_decode(png), (FULL >> 8).astype(np.uint8))
+    assert np.array_equal(cpu_decode(P.probe_image(png)[0]), np.asarray(decode_rgb(png)))
     rgba = np.concatenate([TWELVE, TWELVE[..., :1]], -1)
     for arr, kw in ((TWELVE, {}), (FULL, {"compression": "zlib"}), (rgba, {})):
         data = _tiff(arr, photometric="rgb", **kw)
         for white in (None, 4095):
-            assert np.array_equal(dali(P.probe_image(data, white)[0]),
+            assert np.array_equal(cpu_decode(P.probe_image(data, white)[0]),
                                   np.asarray(decode_rgb(data, white)))
 
 

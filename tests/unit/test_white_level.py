@@ -13,21 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dali_helpers import cpu_decode, needs_dali
 from PIL import Image
 
 from fastdino.config import ConfigError, load_config, save_config
 from fastdino.data import datasets
 from fastdino.data.datasets import ImageFolderUnlabeled, decode_rgb
 from fastdino.data.loader import build_dataset, build_train_loader
-
-try:
-    import nvidia.dali  # noqa: F401
-
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
-needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed "
-                                "(pip install 'fastdino[dali]'): the DALI decode is not testable")
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 TWELVE_BIT = np.array([[0, 2048, 4095, 5000]], dtype=np.uint16)  # 5000: above 12 bits' white
@@ -180,29 +172,15 @@ def test_dali_decodes_16bit_pngs_on_the_host_with_a_white_level():
     """DALI's own decoder reads a 16-bit PNG as 0..65535, round(v * 255 / 65535): the torch
     loader's default pixels; with a white level the probe decodes it on the host, and DALI's
     CPU decoder gives the torch loader's pixels again."""
-    from nvidia.dali import fn, pipeline_def, types
-
     from fastdino.data import dali_plan as P
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def decode():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB,
-                                 adjust_orientation=False)
-
-    def dali(encoded):
-        pipe = decode()
-        pipe.build()
-        pipe.feed_input("encoded", [encoded])
-        return np.array(pipe.run()[0][0])
 
     data = _encoded(np.tile(TWELVE_BIT, (3, 1)), "PNG")
     encoded, _, _ = P.probe_image(data)
     assert bytes(encoded) == data  # no white level: DALI decodes the PNG itself
-    assert np.array_equal(dali(encoded), np.asarray(decode_rgb(data)))
+    assert np.array_equal(cpu_decode(encoded), np.asarray(decode_rgb(data)))
     encoded, width, height = P.probe_image(data, 4095)
     assert bytes(encoded[:2]) == b"P6"  # decoded on the host, handed over as PPM
-    out = dali(encoded)
+    out = cpu_decode(encoded)
     assert out.shape == (height, width, 3)
     assert np.array_equal(out, np.asarray(decode_rgb(data, 4095)))
     assert out[0, :, 0].tolist() == AT_4095
