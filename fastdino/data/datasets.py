@@ -336,7 +336,7 @@ def is_tiff(path: str | bytes) -> bool:
 # help) and cannot open the others (grey + alpha, 32-bit / signed / float RGB), so tifffile reads
 # them at full depth. Decided from PIL's header (photometric, samples, bits), so an ordinary
 # 8-bit image is decoded once, by PIL, as before.
-_MINISBLACK, _RGB = 1, 2  # TIFF photometric interpretations tifffile's path takes
+_MINISBLACK, _RGB, _PALETTE = 1, 2, 3  # TIFF photometric interpretations tifffile's path takes
 _ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
 
 
@@ -362,9 +362,10 @@ def _png16_colour(img: Image.Image) -> bool:
 def _tiff_layout(photometric: int, samples: int, extras: tuple) -> str | None:
     """Why tifffile's path does not take a TIFF of this layout (None: it does). RGB: its R, G, B
     (extra samples, alpha or other bands, dropped, as PIL does for 8-bit RGB TIFFs); greyscale:
-    one band, or one band + alpha. Multi-band greyscale (multispectral, e.g. GDAL's default for
-    16-bit data) has no colours to take: its bands are never silently used as RGB."""
-    if photometric == _RGB and samples >= 3:
+    one band, or one band + alpha; palette: one band of indices (16-bit ones: PIL reads 8-bit
+    palettes itself). Multi-band greyscale (multispectral, e.g. GDAL's default for 16-bit data)
+    has no colours to take: its bands are never silently used as RGB."""
+    if photometric == _RGB and samples >= 3 or photometric == _PALETTE and samples == 1:
         return None
     if photometric == _MINISBLACK and (samples == 1 or samples == 2 and extras[:1]
                                        and extras[0] in _ALPHA):
@@ -398,13 +399,15 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
     floor(v / 256), so full-range data decodes exactly as it did when PIL read it; the warning
     of a 16-bit image using at most 14 bits applies. Grey + alpha: the greyscale image (16-bit:
     rounded, as a 16-bit greyscale file). 32-bit, signed and float data: `_to_8bit`'s rules.
+    16-bit palette (PIL cannot open it): the colours of its colormap, each entry's high byte as
+    PIL takes an 8-bit palette TIFF's (data.white_level does not apply: indices, not levels).
     A compression tifffile cannot decode here: PIL's 8-bit reading, said once per process;
     an unusable layout or damaged data raises OSError, naming the file and why."""
     import tifffile
 
     label = name or "(bytes)"
     prefix = f"{name}: " if name else ""
-    why = codec = arr = None
+    why = codec = arr = colormap = None
     try:
         with tifffile.TiffFile(io.BytesIO(path) if isinstance(path, bytes) else path) as tif:
             page = tif.pages[0]
@@ -413,6 +416,7 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
             codec = None if why else _codec_missing(page)
             if not (why or codec):
                 arr = page.asarray(maxworkers=1)  # (one thread: a loader worker's decode)
+                colormap = page.colormap if photometric == _PALETTE else None
     except ImportError as e:  # a codec tifffile lists but cannot load (zstd before Python 3.14)
         codec = f"a codec tifffile cannot load ({type(e).__name__}: {e})"
     except Exception as e:  # tifffile on damaged data: ValueError, zlib.error, IndexError, ...
@@ -444,6 +448,13 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
     if arr.ndim != 3:
         raise UnidentifiedImageError(f"{prefix}a TIFF page of axes {axes}, not an image")
     arr = arr[..., :3] if photometric == _RGB else arr[..., :1]
+    if photometric == _PALETTE:
+        if colormap is None:
+            raise UnidentifiedImageError(f"{prefix}a palette TIFF without a colormap")
+        colormap = np.asarray(colormap)  # [3, 2**bits] 16-bit entries
+        index = np.clip(arr[..., 0], 0, colormap.shape[1] - 1)
+        return Image.fromarray(np.ascontiguousarray(
+            np.moveaxis(colormap[:, index] >> 8, 0, -1).astype(np.uint8)))
     u16 = arr.dtype.kind == "u" and arr.dtype.itemsize == 2  # (either byte order)
     if arr.dtype == np.uint8:
         out = arr
