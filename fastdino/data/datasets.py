@@ -310,9 +310,14 @@ def _to_8bit(img: Image.Image, white_level: int | None = None,
     `white_level` (data.white_level; 10/12/14-bit data in 16-bit files): integer images (16-bit
     modes, and "I" without negative values, whatever its maximum) map 0..white_level instead,
     values above it clipping to white; float and signed data keep the rules above. Without it,
-    a 16-bit image that uses at most 14 bits is said once per process (`name`: its file)."""
+    a 16-bit image that uses at most 14 bits is said once per process (`name`: its file).
+    A min-is-white TIFF (photometric 0: X-rays as MONOCHROME1) is inverted after the scaling,
+    0 white, as PIL inverts an 8-bit one itself but not a 16-bit or float one."""
     kind = "16" if img.mode.startswith("I;16") else "float" if img.mode == "F" else "int"
-    return Image.fromarray(_scale_to_8bit(np.asarray(img), kind, white_level, name), "L")
+    levels = _scale_to_8bit(np.asarray(img), kind, white_level, name)
+    if img.format == "TIFF" and img.tag_v2.get(262) == _MINISWHITE:
+        levels = 255 - levels
+    return Image.fromarray(levels, "L")
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both orders
@@ -336,7 +341,9 @@ def is_tiff(path: str | bytes) -> bool:
 # help) and cannot open the others (grey + alpha, 32-bit / signed / float RGB), so tifffile reads
 # them at full depth. Decided from PIL's header (photometric, samples, bits), so an ordinary
 # 8-bit image is decoded once, by PIL, as before.
-_MINISBLACK, _RGB, _PALETTE = 1, 2, 3  # TIFF photometric interpretations tifffile's path takes
+# TIFF photometric interpretations tifffile's path takes
+_MINISWHITE, _MINISBLACK, _RGB, _PALETTE = 0, 1, 2, 3
+_GREY = (_MINISWHITE, _MINISBLACK)
 _ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
 
 
@@ -348,7 +355,7 @@ def _deep_tiff(img: Image.Image) -> bool:
     tags = img.tag_v2
     bits = tags.get(258, 1)  # BitsPerSample: one per sample
     bits = bits if isinstance(bits, tuple) else (bits,)
-    return (tags.get(262) in (_MINISBLACK, _RGB) and tags.get(277, 1) > 1
+    return (tags.get(262) in (*_GREY, _RGB) and tags.get(277, 1) > 1
             and max(bits, default=1) > 8)
 
 
@@ -367,10 +374,10 @@ def _tiff_layout(photometric: int, samples: int, extras: tuple) -> str | None:
     has no colours to take: its bands are never silently used as RGB."""
     if photometric == _RGB and samples >= 3 or photometric == _PALETTE and samples == 1:
         return None
-    if photometric == _MINISBLACK and (samples == 1 or samples == 2 and extras[:1]
-                                       and extras[0] in _ALPHA):
+    if photometric in _GREY and (samples == 1 or samples == 2 and extras[:1]
+                                 and extras[0] in _ALPHA):
         return None
-    if photometric == _MINISBLACK:
+    if photometric in _GREY:
         return (f"{samples} bands of greyscale photometric (multispectral data; not RGB, not "
                 "grey + alpha): save 3 of its bands as RGB (photometric RGB; GDAL: -co "
                 "PHOTOMETRIC=RGB) to train on it")
@@ -466,6 +473,8 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
     else:
         kind = "16" if u16 else "float" if arr.dtype.kind == "f" else "int"
         out = _scale_to_8bit(arr, kind, white_level, label)
+    if photometric == _MINISWHITE:  # 0 is white: inverted, as PIL does 8-bit ones
+        out = 255 - out
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)
     return Image.fromarray(np.ascontiguousarray(out))

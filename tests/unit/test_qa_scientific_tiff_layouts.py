@@ -43,3 +43,22 @@ def test_a_16bit_palette_tiff_decodes_to_its_colormap_as_pil_does_an_8bit_one(tm
     img, used, skipped = ImageFolderUnlabeled(root=tmp_path).load(0)
     assert skipped == () and np.array_equal(np.asarray(img), pil)
 
+
+
+def test_a_deep_min_is_white_tiff_is_inverted_as_pil_inverts_an_8bit_one():
+    """Photometric 0 (min-is-white: X-rays exported as MONOCHROME1) means 0 is white. PIL
+    inverts 8-bit ones but read 16-bit ones as min-is-black (and cannot open big-endian, signed
+    or 32-bit ones, which were skipped): every depth now decodes as the inverse of the same
+    data stored min-is-black, with and without a white level, under both loaders."""
+    xray = (np.arange(12 * 10).reshape(12, 10) * 34).astype(np.uint16)  # 0..4046
+    eight = (xray >> 4).astype(np.uint8)
+    pil8 = np.asarray(Image.open(io.BytesIO(_tiff(eight, photometric="miniswhite"))).convert("RGB"))
+    assert np.array_equal(pil8, 255 - np.asarray(decode_rgb(_tiff(eight))))  # PIL's own rule
+    for arr, kw in ((xray, {}), (xray, {"byteorder": ">"}), (xray.astype(np.int16), {}),
+                    (xray.astype(np.uint32), {}), (xray.astype(np.float32), {})):
+        white_data = _tiff(arr, photometric="miniswhite", **kw)
+        for white in (None, 4095):
+            black = np.asarray(decode_rgb(_tiff(arr, **kw), white))
+            assert np.array_equal(np.asarray(decode_rgb(white_data, white)), 255 - black), (
+                arr.dtype, kw, white)
+            assert np.array_equal(_ppm_pixels(P.probe_image(white_data, white)[0]), 255 - black)
