@@ -244,7 +244,7 @@ def silence_shallow_16bit_warning() -> None:
     process says them)."""
     global _shallow_warned
     _shallow_warned = True
-    _said.update(("png16", "tiff_codec", "clip"))
+    _said.update(("png16", "tiff_codec", "clip", "own_range"))
 
 
 def _scale_to_8bit(arr: np.ndarray, kind: str, white_level: int | None = None,
@@ -273,6 +273,14 @@ def _scale_to_8bit(arr: np.ndarray, kind: str, white_level: int | None = None,
                   else 65535.0 if top <= 65535 and kind != "float" else top)
             if hi == 65535.0:  # 16-bit data read as 32-bit
                 _warn_shallow_16bit(top, name)
+        if white_level is not None and (lo < 0 or kind == "float" and hi > 1):
+            # the user set a white level that this image does not take: say what it took
+            _say_once("own_range", "image %s (%s data, values %g..%g) is scaled from %g..%g, "
+                      "not 0..data.white_level=%d: the white level applies to unsigned "
+                      "integer data only (signed data: its own min..max; float data: 0..1 when "
+                      "it fits, else its range); store such data as unsigned integers to give "
+                      "every image one scale", name or "(bytes)",
+                      "signed" if lo < 0 else "float", lo, top, lo, hi, white_level)
     if (white_level is not None and (lo, hi) == (0.0, float(white_level)) and "clip" not in _said
             and values.size and float(values.max()) > white_level):
         _say_clipped(values, white_level, name)

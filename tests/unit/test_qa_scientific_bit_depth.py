@@ -90,18 +90,36 @@ def _png(arr) -> bytes:
     return buf.getvalue()
 
 
-def test_signed_and_float_data_do_not_take_the_white_level_nor_say_it_clips(caplog):
-    """A white level only maps unsigned integer data: HU-like signed data (min..max) and float
-    reflectance (0..1) are scaled from their own range, nothing clipped, nothing said."""
-    hu = RAMP.astype(np.int16) - 1024
-    refl = np.stack([RAMP / 4095 * 0.4] * 3, -1).astype(np.float32)
-    with caplog.at_level(logging.INFO, logger="fastdino.data"):
-        for arr, kw in ((hu, {}), (refl, {"photometric": "rgb"})):
-            buf = io.BytesIO()
-            tifffile.imwrite(buf, arr, **kw)
-            decode_rgb(buf.getvalue(), 1023)
-    assert caplog.records == []
+def _tif(arr, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
 
+
+@pytest.mark.parametrize("arr,kw,what", [
+    (RAMP.astype(np.int16) - 1024, {}, "signed data, values -1024..3071"),  # CT in HU
+    (np.stack([RAMP * 2.5] * 3, -1).astype(np.float32), {"photometric": "rgb"},
+     "float data, values 0..10237.5"),  # reflectance x 10000 as float
+])
+def test_a_white_level_that_signed_or_float_data_do_not_take_is_said_once(arr, kw, what, caplog):
+    """data.white_level maps unsigned integer data only: signed data keeps its min..max and
+    float data its range, silently before although the user set a white level for them (each
+    image then gets its own scale); said once, and nothing clips."""
+    own = np.asarray(decode_rgb(_tif(arr, **kw)))
+    with caplog.at_level(logging.INFO, logger="fastdino.data"):
+        for _ in range(2):
+            assert np.array_equal(np.asarray(decode_rgb(_tif(arr, **kw), 1023, name="s.tif")),
+                                  own)
+    (record,) = caplog.records
+    msg = record.getMessage()
+    assert "s.tif" in msg and what in msg and "not 0..data.white_level=1023" in msg
+
+
+def test_float_data_within_0_to_1_says_nothing_under_a_white_level(caplog):
+    refl = np.stack([RAMP / 4095 * 0.4] * 3, -1).astype(np.float32)  # reflectance 0..0.4
+    with caplog.at_level(logging.INFO, logger="fastdino.data"):
+        decode_rgb(_tif(refl, photometric="rgb"), 1023)
+    assert caplog.records == []
 
 def _lzw_literal(data: bytes) -> bytes:
     """Valid TIFF LZW of `data` from literal codes only (9 bits, a Clear code every 250 codes),
