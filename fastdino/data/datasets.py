@@ -406,6 +406,19 @@ def _codec_missing(page) -> str | None:
     return None
 
 
+class _TifffileSays(logging.Filter):
+    """Holds back tifffile's log records during one read (`messages`): they name an object
+    address, not the file ("<tifffile.TiffPages @...> invalid offset to first page")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage().split("> ", 1)[-1])
+        return False
+
+
 def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | None,
                       pil: Image.Image | None) -> Image.Image:
     """A TIFF read at full depth by tifffile and scaled to 8-bit RGB (`_deep_tiff`, or a TIFF
@@ -423,6 +436,9 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
     label = name or "(bytes)"
     prefix = f"{name}: " if name else ""
     why = codec = arr = colormap = None
+    said = _TifffileSays()  # its own warnings name no file: kept for our message instead
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addFilter(said)
     try:
         with tifffile.TiffFile(io.BytesIO(path) if isinstance(path, bytes) else path) as tif:
             page = tif.pages[0]
@@ -435,7 +451,12 @@ def _decode_deep_tiff(path: str | bytes, white_level: int | None, name: str | No
     except ImportError as e:  # a codec tifffile lists but cannot load (zstd before Python 3.14)
         codec = f"a codec tifffile cannot load ({type(e).__name__}: {e})"
     except Exception as e:  # tifffile on damaged data: ValueError, zlib.error, IndexError, ...
-        raise OSError(f"{prefix}a TIFF that tifffile cannot read ({type(e).__name__}: {e})") from e
+        raise OSError(f"{prefix}a TIFF that tifffile cannot read ({type(e).__name__}: {e}"
+                      f"{''.join(f'; tifffile: {m}' for m in said.messages)})") from e
+    finally:
+        tiff_log.removeFilter(said)
+    for message in said.messages[:1]:  # read anyway: its first complaint, naming the file
+        logger.warning("TIFF %s: tifffile says: %s", label, message)
     if why:
         raise UnidentifiedImageError(f"{prefix}a TIFF that PIL cannot read and fastdino does "
                                      f"not take: {why}")

@@ -4,8 +4,10 @@ with a colormap (a palette image: class maps, false-colour products) was skipped
 colormap's colours (each entry's high byte, PIL's 8-bit palette rule), under both loaders."""
 
 import io
+import logging
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 
@@ -62,3 +64,15 @@ def test_a_deep_min_is_white_tiff_is_inverted_as_pil_inverts_an_8bit_one():
             assert np.array_equal(np.asarray(decode_rgb(white_data, white)), 255 - black), (
                 arr.dtype, kw, white)
             assert np.array_equal(_ppm_pixels(P.probe_image(white_data, white)[0]), 255 - black)
+
+
+def test_a_damaged_tiff_names_tifffiles_complaint_in_its_error_not_in_a_line_of_its_own(caplog):
+    """A corrupt scan with a TIFF header (offset to its first page past the end): tifffile logged
+    "<tifffile.TiffPages @...> invalid offset to first page ..." on its own line, naming no file,
+    beside the skip's "IndexError: index 0 out of range(0)"; its complaint is now in the error
+    that names the file (what the loaders' skip line and eval say)."""
+    bad = b"II*\x00" + (811886408).to_bytes(4, "little") + bytes(64)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(OSError, match=r"scan\.tif: .*tifffile: invalid offset to first page"):
+            decode_rgb(bad, name="scan.tif")
+    assert [r for r in caplog.records if r.name == "tifffile"] == []
