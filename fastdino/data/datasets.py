@@ -203,7 +203,7 @@ def _depth_kind(images, index: int) -> tuple | None:
     source = location if isinstance(location, str) else io.BytesIO(images.read(index))
     try:
         with Image.open(source) as img:  # header only
-            if img.mode.startswith("I") or _deep_tiff(img) or _png16_colour(img):
+            if img.mode[0] in "IF" or _deep_tiff(img) or _png16_colour(img):
                 return (img.format, img.mode, getattr(img, "tag_v2", {}).get(259))
             return None
     except UnidentifiedImageError:

@@ -160,3 +160,15 @@ def test_the_lzw_fallback_note_names_the_levels_12bit_tiles_are_left_with(tmp_pa
     (record,) = caplog.records
     assert "tile.tif" in record.getMessage()
     assert "levels 0..15: nearly black" in record.getMessage()
+
+
+def test_say_bit_depth_says_a_white_level_float_data_does_not_take(tmp_path, caplog):
+    """DALI's source workers say nothing: the training process's sample says it for float
+    TIFFs too (PIL mode F), not only for integer ones."""
+    root = tmp_path / "tiles"
+    root.mkdir()
+    for k in range(3):
+        tifffile.imwrite(root / f"{k}.tif", (RAMP * 2.5).astype(np.float32))
+    with caplog.at_level(logging.WARNING, logger="fastdino.data"):
+        say_bit_depth(ImageFolderUnlabeled(root=root, white_level=10000))
+    assert "float data" in caplog.text and "not 0..data.white_level=10000" in caplog.text
