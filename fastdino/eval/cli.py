@@ -434,20 +434,29 @@ def run_linear_probes(extractor, train, val, classes, args, cache, key, device) 
     with every lr; the result of the feature set with the best val top-1 (ties: the first, in
     the official order: fewer blocks first, without the patch mean first), its winner's
     feature set in "best", and with more than one set a "grid" summary."""
-    from fastdino.eval.features import cached_features
+    from fastdino.eval.features import cached_features, drop_unreadable
     from fastdino.eval.linear import OFFICIAL_LRS, train_linear_probe_grid
 
-    feats = {name: cached_features(extractor, [p for p, _ in samples], cache, key)
-             for name, samples in (("train", train), ("val", val))}
-    y = {name: torch.tensor([lab for _, lab in s]) for name, s in
-         (("train", train), ("val", val))}
+    feats, y, ok = {}, {}, {}
+    for name, samples in (("train", train), ("val", val)):
+        got = cached_features(extractor, [p for p, _ in samples], cache, key)
+        ok[name] = got.get("ok")  # (an image that cannot be decoded: left out)
+        feats[name], y[name] = drop_unreadable(got, torch.tensor([lab for _, lab in samples]),
+                                               f"the {name} images")
     train_paths = [p for p, _ in train]
     pools = {"on": (True,), "off": (False,), "both": (False, True)}[args.avgpool]
     grid = [(n, pool) for n in sorted(set(args.n_last_blocks)) for pool in pools]
     # --augment: one extraction per pass (not cached) for the whole grid; every feature set
     # is cut from its CLS of the last max(n) blocks + patch mean
-    views = (None if not args.augment else
-             lambda q: extractor.views(train_paths, args.seed, q))
+
+    def train_views(q: int) -> dict:
+        """Pass q's views, of the training images kept above (the rows of y["train"])."""
+        v = dict(extractor.views(train_paths, args.seed, q))
+        v.pop("ok", None)
+        keep = ok["train"]
+        return v if keep is None else {k: t[keep] for k, t in v.items()}
+
+    views = train_views if args.augment else None
     results = train_linear_probe_grid(
         feats["train"], y["train"], feats["val"], y["val"], len(classes), grid,
         lrs=args.lrs or OFFICIAL_LRS, iterations=args.iterations,

@@ -6,6 +6,9 @@
     feats["patch_mean"]  [N, D]  mean of x_norm_patchtokens over the patches, fp32
     feats["cls_blocks"]  [N, n, D]  with n_last_blocks = n > 1: the normed CLS of the last n
                          blocks (get_intermediate_layers; DINOv2's linear grid), the last one last
+    feats["ok"]          [N] bool  False for an image that could not be decoded (corrupt,
+                         truncated, not an image: its rows are zeros, and it is named in a warning)
+    feats, labels = drop_unreadable(feats, labels, "--data train")   # the probes' rows
 
 Transform (SPEC.md §6, the official kNN/linear eval): resize the shorter side to 256/224 of the
 crop (bicubic, torchvision's output size), centre-crop `image_size` x `image_size`, ImageNet
@@ -38,7 +41,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import DRAFT_INFO, decode_location, draft_of
+from fastdino.data.datasets import _DECODE_ERRORS, DRAFT_INFO, decode_location, draft_of
 from fastdino.data.labelled import locate
 from fastdino.data.transforms import CropNeeds
 from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
@@ -146,17 +149,23 @@ class _EvalImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        # a file, or a `<shard>/<member>` name
-        img = decode_location(locate(self.paths[i]), self.white_level, self.paths[i], self.draft)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        """(the image's tensor, True), or (zeros, False) for an image that cannot be decoded:
+        one bad file in a labelled folder (a corrupt scan, a macOS ._ file) must not end the
+        evaluation (`drop_unreadable` leaves its row out)."""
+        try:  # a file, or a `<shard>/<member>` name
+            img = decode_location(locate(self.paths[i]), self.white_level, self.paths[i],
+                                  self.draft)
+        except _DECODE_ERRORS:
+            return torch.zeros(3, self.image_size, self.image_size), False
         if self.view is None:
-            return to_normalized_tensor(resize_center_crop(img, self.image_size))
+            return to_normalized_tensor(resize_center_crop(img, self.image_size)), True
         seed, pass_ = self.view
         gen = torch.Generator().manual_seed(hash((seed, pass_, i)) & (2**63 - 1))
         img = random_resized_crop(img.convert("RGB"), self.image_size, gen)
         if float(torch.rand((), generator=gen)) < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(img)
+        return to_normalized_tensor(img), True
 
 
 def autocast_for(device: torch.device):
@@ -234,9 +243,10 @@ class BackboneExtractor:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size,
             num_workers=self.num_workers, pin_memory=device.type == "cuda")
-        cls, patch_mean, blocks = [], [], []
+        cls, patch_mean, blocks, oks = [], [], [], []
         bar = tqdm(loader, desc=desc, unit="batch", disable=None if self.progress else True)
-        for x in bar:
+        for x, ok in bar:
+            oks.append(ok)
             x = x.to(device, non_blocking=True)
             with autocast_for(device):
                 cls_b, patches, layers = self._forward(x)
@@ -244,10 +254,30 @@ class BackboneExtractor:
             patch_mean.append(patches.float().mean(1).cpu())  # [b, D]
             if layers is not None:
                 blocks.append(torch.stack([c for _, c in layers], 1).float().cpu())  # [b, n, D]
-        feats = {"cls": torch.cat(cls), "patch_mean": torch.cat(patch_mean)}
+        feats = {"cls": torch.cat(cls), "patch_mean": torch.cat(patch_mean),
+                 "ok": torch.cat(oks)}
         if self.n_last_blocks > 1:
             feats["cls_blocks"] = torch.cat(blocks)  # [N, n, D], the last block last
+        bad = [dataset.paths[i] for i in (~feats["ok"]).nonzero().flatten().tolist()]
+        if bad:
+            logger.warning("%s: %d image(s) could not be decoded and are left out of the probe: "
+                           "%s%s", desc, len(bad), ", ".join(bad[:3]),
+                           f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
         return feats
+
+
+def drop_unreadable(feats: dict[str, torch.Tensor], labels: torch.Tensor, what: str
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The rows of the images that were decoded (feats["ok"]; features without it, such as an
+    older cache's or a stand-in extractor's: all), and their labels; "ok" itself dropped.
+    ValueError naming `what` when none is left."""
+    feats = dict(feats)
+    ok = feats.pop("ok", None)
+    if ok is None or bool(ok.all()):
+        return feats, labels
+    if not bool(ok.any()):
+        raise ValueError(f"{what}: none of its {len(ok)} images could be decoded")
+    return {k: v[ok] for k, v in feats.items()}, labels[ok]
 
 
 def files_fingerprint(paths: Sequence[str]) -> str:

@@ -19,6 +19,7 @@ functions (knn_protocol.py) so that near-ties resolve alike.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import LabelledImageFolder, decode_location
+from fastdino.data.datasets import _DECODE_ERRORS, LabelledImageFolder, decode_location
 from fastdino.data.labelled import locate
+
+logger = logging.getLogger("fastdino.eval")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,25 +54,38 @@ def extract_features(backbone: nn.Module, samples: list[tuple[str, int]], image_
                      jpeg_draft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] L2-normalised fp32, labels [N] long) of (path, label) samples;
     `white_level`: data.white_level (16-bit images' white, datasets._to_8bit); `jpeg_draft`:
-    large JPEGs decoded reduced down to the resize target, as `eval knn` decodes them."""
+    large JPEGs decoded reduced down to the resize target, as `eval knn` decodes them. An image
+    that cannot be decoded is left out (with its label), named in a warning: one corrupt file
+    of the probe's folder disabled the probe for the whole run."""
     from fastdino.eval.features import EvalDraft, resize_short  # (features imports this module)
 
     draft = EvalDraft(resize_short(image_size)) if jpeg_draft else None
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    feats, labels = [], []
+    feats, labels, bad = [], [], []
     try:
         for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            x = torch.stack([_to_tensor(decode_location(locate(p), white_level, p, draft),
-                                        image_size, mean, std)
-                             for p, _ in chunk])  # a file, or a `<shard>/<member>` name
-            cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]  # [b, D]
-            feats.append(F.normalize(cls.float(), dim=-1).cpu())
-            labels.extend(label for _, label in chunk)
+            xs = []
+            for p, label in samples[i:i + batch_size]:  # a file, or a `<shard>/<member>` name
+                try:
+                    img = decode_location(locate(p), white_level, p, draft)
+                except _DECODE_ERRORS:
+                    bad.append(p)
+                    continue
+                xs.append(_to_tensor(img, image_size, mean, std))
+                labels.append(label)
+            if xs:
+                cls = backbone.forward_features(torch.stack(xs).to(device))["x_norm_clstoken"]
+                feats.append(F.normalize(cls.float(), dim=-1).cpu())  # [b, D]
     finally:
         backbone.train(was_training)
+    if bad:
+        logger.warning("kNN probe: %d image(s) could not be decoded and are left out: %s%s",
+                       len(bad), ", ".join(bad[:3]), f" (+{len(bad) - 3} more)" if len(bad) > 3
+                       else "")
+    if not feats:
+        raise ValueError(f"none of the {len(samples)} kNN probe images could be decoded")
     return torch.cat(feats), torch.tensor(labels, dtype=torch.long)
 
 

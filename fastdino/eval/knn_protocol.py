@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdino.data.datasets import IMAGE_EXTENSIONS
-from fastdino.eval.features import Extractor, cached_features
+from fastdino.eval.features import Extractor, cached_features, drop_unreadable
 from fastdino.eval.knn import split_samples
 
 Samples = list[tuple[str, int]]
@@ -154,12 +154,13 @@ def knn_eval(extractor: Extractor, train: Samples, val: Samples, *,
     similarity search on `device`)."""
     check_knn_args(ks, temperature)  # before the extraction, not after
     key = cache_key or {}
-    feats = {}
+    feats, labels = {}, {}
     for name, samples in (("train", train), ("val", val)):
-        feats[name] = cached_features(extractor, [p for p, _ in samples], cache_dir, key)["cls"]
-    train_y = torch.tensor([y for _, y in train], dtype=torch.long)
-    val_y = torch.tensor([y for _, y in val], dtype=torch.long)
-    res = knn_from_features(feats["train"], train_y, feats["val"], val_y, ks, temperature,
-                            n_classes, device)
-    res.update(n_train=len(train), n_val=len(val), temperature=temperature)
+        got = cached_features(extractor, [p for p, _ in samples], cache_dir, key)
+        got, labels[name] = drop_unreadable(  # (an image that cannot be decoded: left out)
+            got, torch.tensor([y for _, y in samples], dtype=torch.long), f"the {name} images")
+        feats[name] = got["cls"]
+    res = knn_from_features(feats["train"], labels["train"], feats["val"], labels["val"], ks,
+                            temperature, n_classes, device)
+    res.update(n_train=len(labels["train"]), n_val=len(labels["val"]), temperature=temperature)
     return res

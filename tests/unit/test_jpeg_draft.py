@@ -278,13 +278,13 @@ def test_eval_transform_drafts_close_to_the_full_decode(tmp_path, large_jpeg):
     assert a.size == b.size == (224, 224) and psnr(a, b) > PSNR_MIN
     assert DRAFT_INFO not in b.info
     # the dataset: drafted by default, the old pixels exactly with jpeg_draft=False
-    x_on = _EvalImages([str(path)], 224)[0]
-    x_off = _EvalImages([str(path)], 224, jpeg_draft=False)[0]
+    x_on = _EvalImages([str(path)], 224)[0][0]
+    x_off = _EvalImages([str(path)], 224, jpeg_draft=False)[0][0]
     assert torch.equal(x_off, to_normalized_tensor(resize_center_crop(full, 224)))
     assert torch.equal(x_on, to_normalized_tensor(b))
     # the linear probe's random views: boxes drawn from the full size
-    v_on = _EvalImages([str(path)], 224, view=(0, 1))[0]
-    v_off = _EvalImages([str(path)], 224, view=(0, 1), jpeg_draft=False)[0]
+    v_on = _EvalImages([str(path)], 224, view=(0, 1))[0][0]
+    v_off = _EvalImages([str(path)], 224, view=(0, 1), jpeg_draft=False)[0][0]
     assert (v_on - v_off).abs().mean() < 0.02
 
 
