@@ -104,7 +104,7 @@ def _embed(a: argparse.Namespace) -> int:
     path = embed_folder(a.data, backbone, a.out, key={"weights": info.digest, "arch": info.arch},
                         image_size=a.image_size, batch_size=a.batch_size,
                         num_workers=a.num_workers, progress=not a.quiet, patches=a.patches,
-                        white_level=run_white_level(a.white_level, info.run_config),
+                        white_level=run_white_level(a.white_level, info.run_config, a.config),
                         jpeg_draft=a.jpeg_draft)
     print(f"wrote {path} ({info.source})")
     return 0

@@ -143,8 +143,9 @@ _said: set[str] = set()  # the once-per-process notes about 16-bit data read at 
 
 
 # the version of what a white level does to pixels: 2 since 16-bit RGB TIFFs are read at full
-# depth (f34746f; version 1 took PIL's high byte of them)
-WHITE_LEVEL_DECODE = 2
+# depth (f34746f; version 1 took PIL's high byte of them), 3 since 16-bit palette TIFFs give
+# their colormap's colours and 16-bit min-is-white ones are inverted (d2b7522, 551bb78)
+WHITE_LEVEL_DECODE = 3
 
 
 def white_level_key(white_level: int | None) -> dict:

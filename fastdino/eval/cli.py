@@ -79,7 +79,8 @@ positive_int = _number(int, 0, strict=True)
 count = _number(int, 0, strict=False)  # >= 0 (workers)
 positive_float = _number(float, 0, strict=True)
 
-WHITE_LEVEL_HELP = ("16-bit greyscale images (PNG, TIFF): the value that maps to white, e.g. 4095 "
+WHITE_LEVEL_HELP = ("16-bit images (greyscale PNG / TIFF, RGB TIFF): the value that maps to white, "
+                    "e.g. 4095 "
                     "for 12-bit data (10/12/14-bit cameras, CT / X-ray, microscopy), higher "
                     "values white; an integer in 256..65535, as data.white_level. Default: the "
                     "training run's data.white_level when --weights is a run (or its snapshot "
@@ -101,9 +102,14 @@ def white_level(text: str) -> int:
     return value
 
 
-def run_white_level(flag: int | None, run_config: Path | None) -> int | None:
+def run_white_level(flag: int | None, run_config: Path | None,
+                    config: str | None = None) -> int | None:
     """--white-level, else the data.white_level of the training run the weights came from
-    (`run_config`, its saved config.yaml: WeightsInfo.run_config), else None."""
+    (`run_config`, its saved config.yaml: WeightsInfo.run_config), else that of --config when
+    it is a yaml file (an exported backbone evaluated with `--config <run>/config.yaml`: the
+    export holds no config), else None."""
+    if run_config is None and config is not None and Path(config).is_file():
+        run_config = Path(config)
     if flag is not None or run_config is None:
         return flag
     import yaml
@@ -510,7 +516,7 @@ def _evaluate(args: argparse.Namespace, listed: dict | None = None) -> dict:
     result: dict = {"command": args.cmd, "weights": info.source, "weights_digest": info.digest,
                     "arch": info.arch}
     progress = not args.quiet
-    wl = run_white_level(args.white_level, info.run_config)
+    wl = run_white_level(args.white_level, info.run_config, args.config)
     if wl is not None:
         result["white_level"] = wl
 

@@ -155,6 +155,8 @@ def test_embed_refusal_shows_an_option_not_given_as_none(tmp_path, capsys):
     "{'white_level': 4095} on disk, {} now"."""
     from PIL import Image
 
+    from fastdino.data import datasets
+
     data = tmp_path / "imgs"
     data.mkdir()
     Image.new("RGB", (32, 32), (10, 200, 30)).save(data / "a.png")
@@ -165,8 +167,8 @@ def test_embed_refusal_shows_an_option_not_given_as_none(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     err = _one_error_line(capsys)
-    assert ("{'white_level': 4095, 'white_level_decode': 2} on disk, {'white_level': None, "
-            "'white_level_decode': None} now") in err
+    assert (f"{{'white_level': 4095, 'white_level_decode': {datasets.WHITE_LEVEL_DECODE}}} on "
+            "disk, {'white_level': None, 'white_level_decode': None} now") in err
 
 
 def test_embed_refuses_to_resume_over_pixels_decoded_otherwise(tmp_path, capsys, monkeypatch):

@@ -262,6 +262,30 @@ def test_eval_pca_decodes_with_the_flag_or_the_runs_white_level(tmp_path, monkey
     assert seen == [4095]
 
 
+def test_eval_takes_the_white_level_of_a_config_file_given_with_an_export(tmp_path,
+                                                                          monkeypatch):
+    """An exported backbone holds no config: `--config <run>/config.yaml` (how its architecture
+    is given) also gives the run's data.white_level; a preset name or the flag as before."""
+    from fastdino.eval.cli import main
+    from fastdino.models.backbones import vit_test
+
+    img = tmp_path / "scan.png"
+    Image.fromarray(np.full((32, 32), 4095, np.uint16)).save(img)
+    torch.save(vit_test().state_dict(), tmp_path / "export.pth")
+    save_config(load_config(None, ["model.arch=vit_test", "data.white_level=1023"]),
+                tmp_path / "config.yaml")
+    seen = _spy_white_levels(monkeypatch)
+    common = ["pca", "--weights", str(tmp_path / "export.pth"), str(img), "--resolution", "32",
+              "--quiet"]
+    assert main([*common, "--config", str(tmp_path / "config.yaml"), "--out",
+                 str(tmp_path / "a")]) == 0
+    assert seen == [1023]
+    seen.clear()
+    assert main([*common, "--config", str(tmp_path / "config.yaml"), "--white-level", "4095",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert seen == [4095]
+
+
 def test_eval_knn_decodes_with_the_flag_and_keys_its_cache(tmp_path, monkeypatch):
     from fastdino.eval.cli import main
 
