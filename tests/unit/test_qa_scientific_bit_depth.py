@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from test_tiff16_rgb import _lzw_tiff  # (an LZW TIFF written by hand: no codec here)
 
 from fastdino.data import datasets
 from fastdino.data.datasets import ImageFolderUnlabeled, decode_rgb, say_bit_depth
@@ -120,33 +121,6 @@ def test_float_data_within_0_to_1_says_nothing_under_a_white_level(caplog):
     with caplog.at_level(logging.INFO, logger="fastdino.data"):
         decode_rgb(_tif(refl, photometric="rgb"), 1023)
     assert caplog.records == []
-
-def _lzw_literal(data: bytes) -> bytes:
-    """Valid TIFF LZW of `data` from literal codes only (9 bits, a Clear code every 250 codes),
-    MSB first: tifffile writes LZW only with imagecodecs (as test_tiff16_rgb.py)."""
-    codes = []
-    for i in range(0, len(data), 250):
-        codes += [256, *data[i:i + 250]]
-    bits = "".join(format(c, "09b") for c in [*codes, 257])
-    bits += "0" * (-len(bits) % 8)
-    return int(bits, 2).to_bytes(len(bits) // 8, "big")
-
-
-def _lzw_tiff(arr, **kw) -> bytes:
-    """`arr` as a one-strip LZW TIFF: written uncompressed, its strip re-encoded."""
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, rowsperstrip=arr.shape[0], **kw)
-    data = bytearray(buf.getvalue())
-    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
-        tags = tif.pages[0].tags
-        start, size = tags["StripOffsets"].value[0], tags["StripByteCounts"].value[0]
-        packed = _lzw_literal(bytes(data[start:start + size]))
-        for tag, value, width in (("Compression", 5, 2), ("StripOffsets", len(data), 4),
-                                  ("StripByteCounts", len(packed), 4)):
-            at = tags[tag].valueoffset
-            data[at:at + width] = value.to_bytes(width, "little")
-    return bytes(data) + packed
-
 
 def test_the_lzw_fallback_note_names_the_levels_12bit_tiles_are_left_with(tmp_path, caplog):
     """Without imagecodecs an LZW 12-bit RGB tile is PIL's high byte, levels 0..15 even with
