@@ -78,8 +78,15 @@ class Member:
 Location = str | Member  # a file path, or a tar member
 
 
+def is_apple_double(name: str) -> bool:
+    """A macOS AppleDouble file (`._photo.jpg`: the resource fork and metadata a Mac writes beside
+    each file on a non-Mac disk, in zips' __MACOSX/ and in tars made with macOS tar): never an
+    image, whatever its extension."""
+    return os.path.basename(name).startswith("._")
+
+
 def is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_apple_double(name)
 
 
 def is_shard(name: str) -> bool:
@@ -235,7 +242,7 @@ def walk_folder(folder: str | Path, left_out: list[str] | None = None
     so no image is counted twice. Files of other extensions are appended to `left_out`, or, when
     it is None, said here in one line (`log_left_out`): a caller walking many folders gathers
     them and says them once."""
-    images, shards, compressed, others = [], [], [], []
+    images, shards, compressed, others, apple = [], [], [], [], []
     visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders walked
     repeats: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -258,7 +265,9 @@ def walk_folder(folder: str | Path, left_out: list[str] | None = None
             keep.add(d)
         dirnames[:] = [d for d in dirnames if d in keep]
         for f in filenames:
-            if is_image(f):
+            if is_apple_double(f):
+                apple.append(os.path.join(dirpath, f))
+            elif is_image(f):
                 images.append(os.path.join(dirpath, f))
             elif is_shard(f):
                 shards.append(os.path.join(dirpath, f))
@@ -270,6 +279,9 @@ def walk_folder(folder: str | Path, left_out: list[str] | None = None
         log_left_out(str(folder), others)
     else:
         left_out += others
+    if apple:  # (each was an unreadable image, a warning apiece, and ended eval)
+        logger.info("%s: left out %d macOS AppleDouble file(s) (._*: metadata, not images), "
+                    "e.g. %s", folder, len(apple), apple[0])
     if compressed:
         logger.warning("%s: %d compressed tar file(s) left out (e.g. %s): shards must be "
                        "uncompressed .tar, whose members are read in place at an offset; "
