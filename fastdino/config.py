@@ -1076,7 +1076,14 @@ def _is_string_key(keys: list[str]) -> bool:
     return False
 
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+def _preset_dir() -> Path:
+    """The presets: inside the package where pip installed it (fastdino/configs: pyproject
+    ships configs/ there), else the repository's configs/ (a clone, an editable install)."""
+    here = Path(__file__).resolve().parent
+    return here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
+
+
+PRESET_DIR = _preset_dir()
 
 
 def preset_names() -> str:
