@@ -41,8 +41,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fastdino.data.datasets import _DECODE_ERRORS, DRAFT_INFO, decode_location, draft_of
+from fastdino.data.datasets import (
+    _DECODE_ERRORS,
+    DRAFT_INFO,
+    decode_location,
+    draft_of,
+    say_bit_depth,
+)
 from fastdino.data.labelled import locate
+from fastdino.data.sources import read_bytes
 from fastdino.data.transforms import CropNeeds
 from fastdino.eval.knn import IMAGENET_MEAN, IMAGENET_STD
 
@@ -130,6 +137,19 @@ def random_resized_crop(img: Image.Image, size: int, gen: torch.Generator,
     return out
 
 
+class _Located:
+    """The images' locations, found as asked (say_bit_depth looks at a few of them)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return locate(self.paths[i])
+
+
 class _EvalImages(torch.utils.data.Dataset):
     """The eval transform of each image; with `view` = (seed, pass) the official linear
     training view instead (random resized crop + horizontal flip 1/2), drawn from a generator
@@ -145,6 +165,13 @@ class _EvalImages(torch.utils.data.Dataset):
         self.draft = None if not jpeg_draft else (
             EvalDraft(resize_short(image_size)) if view is None
             else CropNeeds(((0.08, image_size),)))
+        self.locations = _Located(self.paths)  # (datasets.say_bit_depth's view)
+
+    def read(self, i: int) -> bytes:
+        return read_bytes(self.locations[i])
+
+    def decode(self, i: int) -> Image.Image:
+        return decode_location(self.locations[i], self.white_level, self.paths[i], self.draft)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,8 +181,7 @@ class _EvalImages(torch.utils.data.Dataset):
         one bad file in a labelled folder (a corrupt scan, a macOS ._ file) must not end the
         evaluation (`drop_unreadable` leaves its row out)."""
         try:  # a file, or a `<shard>/<member>` name
-            img = decode_location(locate(self.paths[i]), self.white_level, self.paths[i],
-                                  self.draft)
+            img = self.decode(i)
         except _DECODE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False
         if self.view is None:
@@ -240,6 +266,10 @@ class BackboneExtractor:
                              f"{depth} blocks, allowed is 1 .. {depth}")
         self.backbone.eval()
         device = next(self.backbone.parameters()).device
+        if self.num_workers > 0:
+            # the bit-depth notes (a 16-bit image without --white-level, ...) said here once:
+            # forked workers inherit that they were said, instead of each saying them
+            say_bit_depth(dataset)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size,
             num_workers=self.num_workers, pin_memory=device.type == "cuda")

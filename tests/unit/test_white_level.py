@@ -409,3 +409,24 @@ def test_trainer_probe_and_pca_maps_use_data_white_level(tmp_path, monkeypatch):
     assert "knn_top1_k10" in history[-1]
     assert len(seen) >= 13 and set(seen) == {4095}  # 12 probe images + the PCA image
     assert any((tmp_path / "run").rglob("*.png"))  # the PCA maps were written
+
+
+def test_eval_with_loader_workers_says_the_shallow_data_warning_once(tmp_path):
+    """Each DataLoader worker said it (4 lines for knn's two extractions on 2 workers): the main
+    process now says it before the workers start, and they inherit that it was said."""
+    import subprocess
+    import sys
+
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(4):
+                Image.fromarray(np.full((32, 32), 250 + 500 * k + 1000 * c, np.uint16)).save(
+                    tmp_path / split / cls / f"{k}.png")
+    run = subprocess.run(
+        [sys.executable, "-m", "fastdino", "eval", "knn", "--weights", "random", "--arch",
+         "vit_test", "--data", str(tmp_path), "--image-size", "32", "--num-workers", "2",
+         "--k", "1", "--quiet", "--cache-dir", "none"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (run.stdout + run.stderr).count("set data.white_level=") == 1
