@@ -1,4 +1,4 @@
-"""One image that cannot be decoded (a corrupt scan, a truncated download, a macOS `._` file) in a
+"""One image that cannot be decoded (a corrupt scan, a truncated download) in a
 labelled folder is left out of eval knn / linear and of the in-training kNN probe, named in a
 warning: it ended `fastdino eval` with a traceback and disabled the probe for a whole run."""
 
@@ -26,7 +26,7 @@ def _labelled(root, bad_in=("train",)):
                 arr = np.clip(rng.normal(60 + 120 * c, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(arr).save(root / split / cls / f"{k}.png")
         if split in bad_in:
-            (root / split / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+            (root / split / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     return root
 
 
@@ -40,7 +40,7 @@ def test_eval_leaves_an_undecodable_image_out_naming_it(tmp_path, caplog, cmd):
                    "--image-size", "32", "--num-workers", "0", "--cache-dir", "none",
                    "--quiet", "--json", str(out)])
     assert rc == 0
-    assert "1 image(s) could not be decoded" in caplog.text and "._0.png" in caplog.text
+    assert "1 image(s) could not be decoded" in caplog.text and "broken.png" in caplog.text
     res = json.loads(out.read_text())
     if cmd[0] == "knn":
         assert (res["n_train"], res["n_val"]) == (6, 6)
@@ -63,4 +63,4 @@ def test_the_training_probe_leaves_an_undecodable_image_out(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         feats, labels = extract_features(vit_test(), samples, 32)
     assert len(samples) == 7 and feats.shape[0] == labels.shape[0] == 6
-    assert "._0.png" in caplog.text
+    assert "broken.png" in caplog.text
