@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -31,6 +32,27 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+# The lock files held by this process. A forked child (a DataLoader worker, a multiprocessing
+# "fork" process) inherits their descriptors, and an flock lasts until the last descriptor of
+# its open file is closed: after a kill -9 of the holder, its orphaned workers (which notice the
+# parent's death only every few seconds, or after a slow read) kept the run locked, and an
+# immediate rerun was refused naming the dead pid. Children close their copies at once (this
+# releases nothing: the parent's descriptor still holds the lock).
+_held: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for f in list(_held):
+        try:
+            f.close()
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def lock_file(path: Path, refused: Callable[[str], BaseException], what: str) -> IO | None:
@@ -63,6 +85,7 @@ def lock_file(path: Path, refused: Callable[[str], BaseException], what: str) ->
     started = datetime.datetime.now().isoformat(timespec="seconds")
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
     f.flush()
+    _held.add(f)
     return f
 
 
