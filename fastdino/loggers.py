@@ -50,9 +50,10 @@ class TensorBoardSink:
         self.writer = None  # opened by start(), which knows the iteration the run starts at
 
     def start(self, start_iteration: int) -> None:
-        # a resume from iteration N redoes N+1, ...: hide what an earlier start logged there
-        purge = start_iteration + 1 if start_iteration > 0 else None
-        self.writer = self._writer_class(log_dir=str(self.dir), purge_step=purge)
+        # a resume from iteration N redoes N+1, ...: hide what an earlier start logged there;
+        # also from 0 (a run killed before its first checkpoint, train.resume=none in a used
+        # folder), whose earlier lines metrics.jsonl drops too (purging nothing is harmless)
+        self.writer = self._writer_class(log_dir=str(self.dir), purge_step=start_iteration + 1)
 
     def log(self, iteration: int, record: dict) -> None:
         for key, value in _scalars(record).items():
