@@ -117,6 +117,12 @@ class RunLocks:
                 "writing the same checkpoints overwrite each other's; wait for it to end, stop "
                 "it, or give another train.output_dir")
 
-        f = lock_file(out / LOCK_FILE, refused, "run")
+        try:
+            f = lock_file(out / LOCK_FILE, refused, "run")
+        except OSError as e:  # a file in the way, read-only: one line, not mkdir's traceback
+            raise ConfigError(
+                f"train.output_dir = {str(out)!r} cannot be used: {type(e).__name__}: "
+                f"{e.strerror or e} ({e.filename or out / LOCK_FILE}); give a writable "
+                "folder") from None
         if f is not None:
             self._files.append(f)

@@ -30,3 +30,14 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
         os.waitpid(pid, 0)
         for fd in (started_r, started_w, end_r, end_w):
             os.close(fd)
+
+
+def test_an_output_dir_that_is_a_file_is_one_config_error(tmp_path):
+    import pytest
+
+    from fastdino.config import ConfigError
+
+    (tmp_path / "taken").write_text("not a folder")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError, match=r"train.output_dir = .*taken.* cannot be used: "):
+            RunLocks().hold(out)
