@@ -338,6 +338,21 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
         return None
     if resume == "auto":
         return latest_checkpoint(ckpt_dir)
+    path = _explicit_resume(resume, ckpt_dir)
+    m = TAG_RE.match(path.name)
+    later = [p for it, p in complete_checkpoints(ckpt_dir) if m is None or it > int(m.group(1))]
+    if later and path.resolve() != later[-1].resolve():
+        # the same command started again (a requeued job, a restart after a crash) goes back to
+        # that checkpoint each time: the run's own later checkpoints and metrics lines are
+        # replaced as it redoes them, progress lost without a word
+        logger.warning("train.resume = %r (%s): this output_dir holds later checkpoints (up to "
+                       "%s), which this run replaces as it reaches their iterations; "
+                       "train.resume=auto continues from them", resume, path, later[-1].name)
+    return path
+
+
+def _explicit_resume(resume: str, ckpt_dir: str | Path) -> Path:
+    """resolve_resume's checkpoint for a train.resume naming a folder."""
     path = Path(resume)
     if not (path / "latest").is_file() and (path / "checkpoints").is_dir():
         path = path / "checkpoints"  # a run's output_dir: its newest checkpoint
