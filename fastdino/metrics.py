@@ -61,7 +61,9 @@ def drop_redone_lines(path: Path, start_iteration: int) -> int:
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    with path.open() as f:
+    # (errors="replace": a crash can leave any bytes in the last blocks; they are dropped as a
+    # line cut short, where a UnicodeDecodeError stopped every resume of the run)
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)
@@ -84,7 +86,7 @@ def drop_redone_lines(path: Path, start_iteration: int) -> int:
     except OSError:            # without a metrics.jsonl
         shutil.copy2(path, backup)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
     logger.info("%s: %d line(s) after iteration %d dropped (this run does those iterations again; "
                 "the file as it was is kept as %s)", path, dropped, start_iteration, backup.name)
