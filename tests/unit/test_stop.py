@@ -54,6 +54,7 @@ def test_loader_workers_ignore_stop_signals(tmp_path):
                              "model.arch=vit_test"])
     loader = build_train_loader(cfg, 0, 1, 0)
     next(loader)
+    next(loader)  # one batch from each worker: both have run their init (a signal before it kills)
     workers = loader._it._workers  # the DataLoader iterator's worker processes
     assert len(workers) == 2
     for w in workers:
