@@ -214,12 +214,13 @@ def report(run_dir) -> tuple[list[Finding], dict[str, int], int]:
                                     "(train.output_dir)")
     monitor = HealthMonitor.from_config(run_config(config))
     findings, last = [], 0
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
+    # (errors="replace": bytes a crash left at the end are a line that does not parse, skipped)
+    for n, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:  # a line being written by a live run
+        except json.JSONDecodeError:  # a line being written by a live run, or cut by a crash
             continue
         last = int(rec.get("iteration", n))
         findings += monitor.update(last, rec)

@@ -127,3 +127,15 @@ def test_a_folder_without_metrics_is_a_usage_error(tmp_path, capsys):
         main([str(tmp_path / "missing")])
     assert e.value.code == 2
     assert "metrics.jsonl does not exist: give a training run folder" in capsys.readouterr().err
+
+
+def test_report_reads_past_bytes_a_crash_left_in_metrics(tmp_path):
+    """A crash can leave undecodable bytes at the end of metrics.jsonl: the report skips that
+    line (as a line cut short), it said "'utf-8' codec can't decode byte 0xff"."""
+    from fastdino.config import Config, save_config
+
+    save_config(Config(), tmp_path / "config.yaml")
+    line = json.dumps({"iteration": 1, "total_loss": 1.0})
+    (tmp_path / "metrics.jsonl").write_bytes(line.encode() + b"\n\xff\xfe\x00garbage")
+    findings, active, last = report(tmp_path)
+    assert last == 1 and not active
