@@ -226,12 +226,13 @@ def say_bit_depth(images) -> None:
     n = len(images)
     picks = sorted(set(np.linspace(0, n - 1, min(n, _BIT_DEPTH_SAMPLE)).round().astype(int)))
     kinds, decoded = set(), 0
-    # more images of a kind only for the note on values above the white level
-    more = _BIT_DEPTH_DECODES if getattr(images, "white_level", None) is not None else 0
     for i in picks:
         try:
             kind = _depth_kind(images, int(i))
-            if kind is None or (kind in kinds and decoded >= more):
+            # the first _BIT_DEPTH_DECODES deep images whatever their kind (one of a kind could
+            # say nothing: a black scan says no shallow data, one within the white level no
+            # clipping), then one of each further kind
+            if kind is None or (kind in kinds and decoded >= _BIT_DEPTH_DECODES):
                 continue
             kinds.add(kind)
             decoded += 1

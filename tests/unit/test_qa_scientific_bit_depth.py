@@ -46,6 +46,20 @@ def test_say_bit_depth_finds_12bit_data_behind_a_first_file_that_is_not(tmp_path
     assert "data.white_level=4095" in caplog.text and "scan_" in caplog.text
 
 
+def test_say_bit_depth_looks_past_a_black_first_scan(tmp_path, caplog):
+    """The first 16-bit image of a folder all black (an empty frame) says nothing of the data's
+    depth: the next ones of its kind are decoded too (only one of a kind was, without a white
+    level)."""
+    root = tmp_path / "p"
+    root.mkdir()
+    Image.fromarray(np.zeros_like(RAMP)).save(root / "0_dark.png")
+    for k in range(5):
+        Image.fromarray(RAMP).save(root / f"scan_{k}.png")
+    with caplog.at_level(logging.WARNING, logger="fastdino.data"):
+        say_bit_depth(ImageFolderUnlabeled(root=root))
+    assert "data.white_level=4095" in caplog.text and "scan_" in caplog.text
+
+
 def test_say_bit_depth_reads_headers_not_every_image(tmp_path, monkeypatch):
     """A sample of headers and a few decodes, whatever the dataset's size."""
     _xray_folder(tmp_path / "p", "jpeg")
@@ -56,7 +70,8 @@ def test_say_bit_depth_reads_headers_not_every_image(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFolderUnlabeled, "decode",
                         lambda self, i: decoded.append(i) or real(self, i))
     say_bit_depth(ImageFolderUnlabeled(root=tmp_path / "p"))
-    assert len(decoded) == 1  # one kind of deep image, no white level: one decode
+    # the first few deep images (one could say nothing: a black frame), not 200
+    assert len(decoded) == datasets._BIT_DEPTH_DECODES
     decoded.clear()
     say_bit_depth(ImageFolderUnlabeled(root=tmp_path / "p", white_level=4095))
     assert 1 <= len(decoded) <= datasets._BIT_DEPTH_DECODES
