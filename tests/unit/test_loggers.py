@@ -94,15 +94,21 @@ def test_a_missing_package_is_a_config_error(tmp_path, monkeypatch):
             _trainer(tmp_path, key)
 
 
-def test_a_resume_purges_the_tensorboard_steps_it_redoes(tmp_path):
-    """A resume from iteration 1 redoes 2 and 3: TensorBoard then holds one value per step, the
-    resumed run's (an earlier start's events after the checkpoint are purged), not two."""
+@pytest.mark.parametrize(("starts", "want"), [
+    ((0, 1), [(1, 1.0), (2, 4.0), (3, 6.0)]),  # a resume from iteration 1 redoes 2 and 3
+    # a run killed before its first checkpoint (or train.resume=none in a used folder) starts
+    # again from 0: metrics.jsonl drops all the earlier start's lines, TensorBoard purges them
+    ((0, 0), [(1, 2.0), (2, 4.0), (3, 6.0)]),
+])
+def test_a_restart_purges_the_tensorboard_steps_it_redoes(tmp_path, starts, want):
+    """TensorBoard then holds one value per step, the later start's (an earlier start's events
+    after the restart point are purged), not two."""
     pytest.importorskip("tensorboard", reason="tensorboard is the `log` extra (CI: dev)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from fastdino.loggers import TensorBoardSink
 
-    for start, value in ((0, 1.0), (1, 2.0)):  # the first start, then the resume
+    for start, value in zip(starts, (1.0, 2.0), strict=True):
         sink = TensorBoardSink(tmp_path)
         sink.start(start)
         for it in range(start + 1, 4):
@@ -110,8 +116,7 @@ def test_a_resume_purges_the_tensorboard_steps_it_redoes(tmp_path):
         sink.close()
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
-    got = [(e.step, e.value) for e in acc.Scalars("total_loss")]
-    assert got == [(1, 1.0), (2, 4.0), (3, 6.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("total_loss")] == want
 
 
 def test_wandb_says_the_redone_steps_it_drops_and_never_keeps_an_empty_id(tmp_path, monkeypatch,
